@@ -1,0 +1,210 @@
+"""One mechanism for mapping PyTorch checkpoint tensors onto Flax NNX state and back.
+
+A key table is a list of `Rule`s. Each rule pairs a PyTorch key template with a Flax state path
+template (`"model.layers.{i}.mlp.up_proj.weight"` <-> `"layers.{i}.mlp.up.kernel"`) and a
+`Transform` that converts the tensor layout in both directions. Placeholders match integers.
+Import walks the checkpoint's keys, export walks the model's state, so both directions stay in sync
+with one table per component and per on-disk naming.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+  """Layout change from the checkpoint's tensor to the Flax parameter (and its inverse)."""
+  name: str
+  to_flax: Callable[[np.ndarray], np.ndarray]
+  to_torch: Callable[[np.ndarray], np.ndarray]
+
+
+IDENTITY = Transform("identity", lambda x: x, lambda x: x)
+# torch.nn.Linear stores (out, in); a Flax kernel is (in, out).
+LINEAR = Transform("linear", lambda x: x.T, lambda x: x.T)
+# torch.nn.Conv2d stores (out, in, kh, kw); Flax convs use (kh, kw, in, out).
+CONV2D = Transform(
+    "conv2d", lambda x: x.transpose(2, 3, 1, 0), lambda x: x.transpose(3, 2, 0, 1))
+
+
+def conv_as_linear(patch: int, channels: int = 3) -> Transform:
+  """A Conv2d patch embedding stored as (out, in, kh, kw) -> Linear kernel over (kh, kw, in)."""
+  def to_flax(w):
+    out = w.shape[0]
+    return w.transpose(2, 3, 1, 0).reshape(patch * patch * channels, out)
+
+  def to_torch(k):
+    out = k.shape[1]
+    return k.reshape(patch, patch, channels, out).transpose(3, 2, 0, 1)
+
+  return Transform(f"conv_as_linear{patch}", to_flax, to_torch)
+
+
+def reshape_linear(flax_shape_fn: Callable[[tuple[int, ...]], tuple[int, ...]]) -> Transform:
+  """Linear (out, in) -> transposed then reshaped, e.g. (in, heads, head_dim) attention kernels."""
+  return Transform(
+      "reshape_linear",
+      lambda x: x.T.reshape(flax_shape_fn(x.T.shape)),
+      lambda k: k.reshape(k.shape[0], -1).T if k.ndim > 2 else k.T)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  torch: str
+  flax: str
+  transform: Transform = IDENTITY
+
+  def torch_regex(self) -> re.Pattern[str]:
+    return _template_regex(self.torch)
+
+  def flax_regex(self) -> re.Pattern[str]:
+    return _template_regex(self.flax)
+
+
+def _template_regex(template: str) -> re.Pattern[str]:
+  parts = re.split(r"\{(\w+)\}", template)
+  pattern = "".join(
+      re.escape(p) if i % 2 == 0 else rf"(?P<{p}>\d+)" for i, p in enumerate(parts))
+  return re.compile(pattern)
+
+
+def prefixed(rules: Iterable[Rule], torch_prefix: str = "", flax_prefix: str = "") -> list[Rule]:
+  """The same rules for a sub-model that lives under a prefix on either side."""
+  return [dataclasses.replace(r, torch=torch_prefix + r.torch, flax=flax_prefix + r.flax)
+          for r in rules]
+
+
+class CheckpointError(ValueError):
+  """A checkpoint does not fit the model: the message names the key, file and shapes."""
+
+
+class KeyTable:
+  """Compiled rules: finds the rule for a checkpoint key or a Flax path."""
+
+  def __init__(self, rules: Iterable[Rule]):
+    self.rules = list(rules)
+    self._torch = [(r.torch_regex(), r) for r in self.rules]
+    self._flax = [(r.flax_regex(), r) for r in self.rules]
+
+  def to_flax_path(self, torch_key: str) -> tuple[str, Transform] | None:
+    for regex, rule in self._torch:
+      m = regex.fullmatch(torch_key)
+      if m:
+        return rule.flax.format(**m.groupdict()), rule.transform
+    return None
+
+  def to_torch_key(self, flax_path: str) -> tuple[str, Transform] | None:
+    for regex, rule in self._flax:
+      m = regex.fullmatch(flax_path)
+      if m:
+        return rule.torch.format(**m.groupdict()), rule.transform
+    return None
+
+
+def flat_paths(state: Any) -> dict[str, Any]:
+  """Flattens an nnx.State (or nested dict) to {'a.b.0.kernel': leaf}."""
+  from flax import nnx  # local: keeps this module importable for pure-numpy tools
+
+  if isinstance(state, nnx.State):
+    items = state.flat_state()
+  else:
+    items = _flatten_dict(state)
+  out = {}
+  for path, leaf in items:
+    out[".".join(str(p) for p in path)] = leaf
+  return out
+
+
+def _flatten_dict(tree: Mapping, prefix: tuple = ()) -> list[tuple[tuple, Any]]:
+  items = []
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      items.extend(_flatten_dict(v, prefix + (k,)))
+    else:
+      items.append((prefix + (k,), v))
+  return items
+
+
+def leaf_value(leaf: Any) -> Any:
+  """The array held by an nnx.Variable (or the leaf itself)."""
+  return leaf.get_value() if hasattr(leaf, "get_value") else leaf
+
+
+def convert_to_flax(
+    tensors: Mapping[str, Callable[[], np.ndarray]],
+    table: KeyTable,
+    expected: Mapping[str, tuple[tuple[int, ...], Any]],
+    *,
+    source: str,
+    source_of: Mapping[str, str] | None = None,
+    optional: Iterable[str] = (),
+    ignore: Iterable[str] = (),
+) -> Iterable[tuple[str, np.ndarray]]:
+  """Yields (flax_path, array) for every checkpoint tensor, converted and checked.
+
+  Args:
+    tensors: checkpoint key -> loader (called once, so memory-mapped files load one tensor at a time).
+    table: the rules for this checkpoint's naming.
+    expected: flax path -> (shape, dtype) of the model's parameters.
+    source: the checkpoint's file name(s), for error messages.
+    source_of: optional key -> file name, for multi-file checkpoints.
+    optional: regexes of Flax paths the checkpoint may omit (rebuilt by the model, e.g. fixed
+      sin-cos tables).
+    ignore: regexes of checkpoint keys to skip (e.g. buffers such as rotary inv_freq).
+  """
+  ignore_re = [re.compile(p) for p in ignore]
+  optional_re = [re.compile(p) for p in optional]
+  unexpected, seen = [], set()
+  for key in tensors:
+    if any(r.fullmatch(key) for r in ignore_re):
+      continue
+    hit = table.to_flax_path(key)
+    where = (source_of or {}).get(key, source)
+    if hit is None or hit[0] not in expected:
+      unexpected.append(f"{key} (in {where})")
+      continue
+    path, transform = hit
+    array = transform.to_flax(np.asarray(tensors[key]()))
+    shape, dtype = expected[path]
+    if tuple(array.shape) != tuple(shape):
+      raise CheckpointError(
+          f"{where}: tensor {key!r} has shape {tuple(array.shape)} after the {transform.name} "
+          f"transform, but the model's {path!r} expects {tuple(shape)}.")
+    seen.add(path)
+    yield path, array.astype(dtype)
+  if unexpected:
+    raise CheckpointError(
+        f"{source}: {len(unexpected)} unexpected tensor(s) that the model has no place for: "
+        + ", ".join(unexpected[:20]) + (" ..." if len(unexpected) > 20 else ""))
+  missing = [p for p in expected if p not in seen and not any(r.fullmatch(p) for r in optional_re)]
+  if missing:
+    names = []
+    for p in missing[:20]:
+      hit = table.to_torch_key(p)
+      names.append(f"{hit[0] if hit else '?'} (model path {p})")
+    raise CheckpointError(
+        f"{source}: {len(missing)} tensor(s) missing from the checkpoint: " + ", ".join(names)
+        + (" ..." if len(missing) > 20 else ""))
+
+
+def convert_to_torch(
+    flat_state: Mapping[str, Any], table: KeyTable, *, skip: Iterable[str] = ()
+) -> dict[str, np.ndarray]:
+  """Flat Flax state -> {checkpoint key: numpy array in PyTorch layout}."""
+  skip_re = [re.compile(p) for p in skip]
+  out = {}
+  for path, leaf in flat_state.items():
+    if any(r.fullmatch(path) for r in skip_re):
+      continue
+    hit = table.to_torch_key(path)
+    if hit is None:
+      raise CheckpointError(f"no checkpoint key for model parameter {path!r}: add a rule to the key table.")
+    key, transform = hit
+    out[key] = np.ascontiguousarray(transform.to_torch(np.asarray(leaf_value(leaf))))
+  return out

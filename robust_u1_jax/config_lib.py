@@ -1,0 +1,203 @@
+"""Fields shared by every stage config: data, mesh, optimizer, checkpointing, logging.
+
+Stage configs (`sft.py`, `rl.py`, `reason.py`) start from `get_base_config()` and state only what
+differs. Every field has a typed default so `--config.x=y` overrides are type-checked and unknown
+names are refused by the locked ConfigDict.
+"""
+
+import ml_collections
+
+
+def get_data_config() -> ml_collections.ConfigDict:
+  d = ml_collections.ConfigDict()
+  # shapes | folder | tfds | jsonl | vqa_tsv | vqa_parquet
+  d.source = "shapes"
+  d.path = ""  # folder, .jsonl, .tsv or .parquet path; TFDS dataset name for source=tfds
+  d.tfds_data_dir = ""  # empty: $TFDS_DATA_DIR
+  d.split = "train"
+  d.image_size = 64  # side of the built-in shapes world's images
+  d.shapes_size = 100_000  # records per shapes-world split (train; val and test are smaller)
+  # BAGEL resize rules (DESIGN section 4); the tiny configs scale them down.
+  d.vae_max_side = 1024
+  d.vae_min_side = 512
+  d.vae_stride = 16
+  d.vit_max_side = 980
+  d.vit_min_side = 224
+  d.vit_patch = 14
+  # Corruption applied on the fly: robust_r1_pipeline | imagenet_c | any single corruption name | none.
+  d.corruption = "robust_r1_pipeline"
+  d.severity = 3  # ImageNet-C severity 1..5 (0: draw uniformly per record)
+  d.intensity = -1.0  # Robust-R1 intensity in [0, 1] (negative: draw uniformly per record)
+  d.tokenizer_dir = ""  # empty: the built-in world's tokenizer
+  d.batch_size = 8  # global batch, in samples
+  d.token_budget = 0  # packing budget in tokens per row (0: no packing)
+  d.shuffle = True
+  d.num_epochs = 0  # 0: repeat forever
+  d.worker_count = 0  # Grain worker processes (0: in the main process)
+  d.max_skip_ratio = 0.01  # stop when more than this fraction of records is unreadable
+  return d
+
+
+def get_mesh_config() -> ml_collections.ConfigDict:
+  m = ml_collections.ConfigDict()
+  # Axis sizes; -1 takes all remaining devices.
+  m.data = 1
+  m.fsdp = -1
+  m.tensor = 1
+  return m
+
+
+def get_optimizer_config() -> ml_collections.ConfigDict:
+  o = ml_collections.ConfigDict()
+  o.learning_rate = 2e-5
+  o.end_learning_rate = 1e-7
+  o.warmup_steps = 2000
+  o.b1 = 0.9
+  o.b2 = 0.95
+  o.eps = 1e-15
+  o.weight_decay = 0.0
+  o.grad_clip = 1.0
+  o.ema_decay = 0.999
+  o.grad_accum_steps = 1
+  return o
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.stage = ""
+  c.seed = 0
+  c.model = "tiny"  # preset name in robust_u1_jax.models.presets
+  c.init_from = "random"  # random | a BAGEL/Robust-U1 model directory | an Orbax checkpoint dir
+  c.param_dtype = "float32"
+  c.compute_dtype = "float32"
+  c.remat = "none"  # none | full | dots
+  c.total_steps = 1000
+  c.data = get_data_config()
+  c.eval_data = get_data_config()
+  c.eval_data.split = "validation"
+  c.eval_data.shuffle = False
+  c.mesh = get_mesh_config()
+  c.optimizer = get_optimizer_config()
+  c.checkpoint_every = 500
+  c.keep_checkpoints = 3
+  c.log_every = 10
+  c.eval_every = 500
+  c.tensorboard = True
+  return c
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation: every stage entry calls `validate(config)` before doing work, so an impossible value
+# stops the run at start-up with the field's name and what it may be, not deep inside a jit trace.
+
+SOURCES = ("shapes", "folder", "tfds", "jsonl", "vqa_tsv", "vqa_parquet")
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT = ("none", "full", "dots")
+
+
+class ConfigError(ValueError):
+  """A config field holds a value the project cannot run with."""
+
+
+def _check(ok: bool, field: str, value, allowed: str) -> None:
+  if not ok:
+    raise ConfigError(f"config field {field} = {value!r} is invalid: allowed {allowed}")
+
+
+def _corruption_names() -> list[str]:
+  from robust_u1_jax.data import corruptions  # deferred: configs load without JAX initialised
+
+  short = sorted({name.split("/", 1)[1] for name, _ in corruptions.list_corruptions()})
+  return ["none", "imagenet_c", "robust_r1_pipeline"] + short
+
+
+def validate_data(d: ml_collections.ConfigDict, prefix: str = "data") -> None:
+  _check(d.source in SOURCES, f"{prefix}.source", d.source, f"one of {', '.join(SOURCES)}")
+  if d.source != "shapes":
+    _check(bool(d.path), f"{prefix}.path", d.path, f"a path or dataset name for source={d.source!r}")
+  _check(d.image_size >= 32, f"{prefix}.image_size", d.image_size, "an integer >= 32")
+  for kind, stride in (("vae", d.vae_stride), ("vit", d.vit_patch)):
+    lo, hi = d[f"{kind}_min_side"], d[f"{kind}_max_side"]
+    stride_name = f"{prefix}.{kind}_stride" if kind == "vae" else f"{prefix}.vit_patch"
+    _check(stride > 0, stride_name, stride, "a positive integer")
+    _check(0 < lo <= hi, f"{prefix}.{kind}_min_side", lo,
+           f"a positive integer <= {prefix}.{kind}_max_side ({hi})")
+    _check(hi % stride == 0, f"{prefix}.{kind}_max_side", hi,
+           f"a multiple of {stride_name} ({stride})")
+  if d.source == "shapes":
+    _check(d.image_size % d.vae_stride == 0 and d.image_size % d.vit_patch == 0,
+           f"{prefix}.image_size", d.image_size,
+           f"a multiple of {prefix}.vae_stride ({d.vae_stride}) and {prefix}.vit_patch "
+           f"({d.vit_patch})")
+  _check(0 <= d.severity <= 5, f"{prefix}.severity", d.severity,
+         "0 (drawn per record) or an ImageNet-C severity 1..5")
+  _check(d.intensity <= 1.0, f"{prefix}.intensity", d.intensity,
+         "a Robust-R1 intensity in [0, 1], or negative to draw per record")
+  names = _corruption_names()
+  _check(d.corruption in names, f"{prefix}.corruption", d.corruption, ", ".join(names))
+  _check(d.batch_size > 0, f"{prefix}.batch_size", d.batch_size, "a positive integer")
+  _check(d.token_budget >= 0, f"{prefix}.token_budget", d.token_budget, "0 (no packing) or > 0")
+  _check(d.num_epochs >= 0, f"{prefix}.num_epochs", d.num_epochs, "0 (forever) or > 0")
+  _check(d.worker_count >= 0, f"{prefix}.worker_count", d.worker_count, "an integer >= 0")
+  _check(0.0 <= d.max_skip_ratio < 1.0, f"{prefix}.max_skip_ratio", d.max_skip_ratio,
+         "a fraction in [0, 1)")
+
+
+def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks every field a run depends on; returns the config for chaining."""
+  validate_data(c.data, "data")
+  if "eval_data" in c:
+    validate_data(c.eval_data, "eval_data")
+  for axis in ("data", "fsdp", "tensor"):
+    _check(c.mesh[axis] == -1 or c.mesh[axis] > 0, f"mesh.{axis}", c.mesh[axis],
+           "a positive size, or -1 to take the remaining devices")
+  _check([c.mesh[a] for a in ("data", "fsdp", "tensor")].count(-1) <= 1, "mesh", c.mesh.to_dict(),
+         "at most one axis of size -1")
+  o = c.optimizer
+  _check(o.learning_rate > 0, "optimizer.learning_rate", o.learning_rate, "a positive number")
+  _check(0 <= o.end_learning_rate <= o.learning_rate, "optimizer.end_learning_rate",
+         o.end_learning_rate, "in [0, optimizer.learning_rate]")
+  _check(o.warmup_steps >= 0, "optimizer.warmup_steps", o.warmup_steps, "an integer >= 0")
+  _check(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optimizer.b1/b2", (o.b1, o.b2), "values in [0, 1)")
+  _check(o.grad_clip >= 0, "optimizer.grad_clip", o.grad_clip, ">= 0 (0 disables clipping)")
+  _check(0 <= o.ema_decay < 1, "optimizer.ema_decay", o.ema_decay, "in [0, 1) (0 disables EMA)")
+  _check(o.grad_accum_steps >= 1, "optimizer.grad_accum_steps", o.grad_accum_steps, ">= 1")
+  _check(c.param_dtype in DTYPES, "param_dtype", c.param_dtype, ", ".join(DTYPES))
+  _check(c.compute_dtype in DTYPES, "compute_dtype", c.compute_dtype, ", ".join(DTYPES))
+  _check(c.remat in REMAT, "remat", c.remat, ", ".join(REMAT))
+  _check(c.total_steps > 0, "total_steps", c.total_steps, "a positive integer")
+  for field in ("checkpoint_every", "keep_checkpoints", "log_every", "eval_every"):
+    _check(c[field] > 0, field, c[field], "a positive integer")
+  if "rl" in c:
+    _check(c.rl.group_size >= 2, "rl.group_size", c.rl.group_size,
+           "an integer >= 2 (advantages are normalised within a group)")
+  return c
+
+
+def load(spec: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
+  """Loads `path.py[:variant]` like --config does, applies {'a.b': value} overrides, validates.
+
+  For library use and tests; entry modules use ml_collections.config_flags instead.
+  """
+  import importlib.util
+  import os
+
+  path, _, variant = spec.partition(":")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"config file not found: {path}")
+  module_spec = importlib.util.spec_from_file_location(
+      f"_config_{os.path.basename(path)[:-3]}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  config = module.get_config(variant) if variant else module.get_config()
+  config.lock()
+  for dotted, value in (overrides or {}).items():
+    parent = config
+    *head, leaf = dotted.split(".")
+    for part in head:
+      parent = parent[part]
+    if leaf not in parent:
+      raise ConfigError(f"{spec}: unknown config field {dotted!r}; fields here: "
+                        f"{', '.join(sorted(parent.keys()))}")
+    parent[leaf] = value
+  return validate(config)
