@@ -1,0 +1,163 @@
+"""Samplers shared by inference (`recover`, `answer`) and RL rollouts: one implementation each of
+the timestep schedule, the Euler ODE step, the Flow-GRPO SDE step and its log-probability,
+classifier-free guidance with BAGEL's `text_channel` renorm, and temperature sampling of text.
+
+Conventions (DESIGN section 4): `x_t = (1 - t) x0 + t eps`, so t runs from 1 (noise) to 0 (data) and
+the model predicts the velocity `v = eps - x0`. Latents are token-major: (..., tokens, channels).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+LOG_SQRT_2PI = 0.5 * jnp.log(2 * jnp.pi)
+
+
+def shift_timesteps(t: jax.Array, shift: float) -> jax.Array:
+  """t' = s t / (1 + (s - 1) t): s > 1 spends more steps at high noise."""
+  return shift * t / (1 + (shift - 1) * t)
+
+
+def timesteps(num_steps: int, shift: float) -> jax.Array:
+  """The `num_steps` points from 1 to 0 (inclusive) the sampler visits; num_steps - 1 moves."""
+  if num_steps < 2:
+    raise ValueError(f"num_steps must be >= 2 (got {num_steps}): the schedule includes both ends")
+  return shift_timesteps(jnp.linspace(1.0, 0.0, num_steps), shift)
+
+
+def euler_step(x: jax.Array, v: jax.Array, t: jax.Array, t_next: jax.Array) -> jax.Array:
+  """Deterministic ODE step from t to t_next < t."""
+  return x + v * (t_next - t)
+
+
+class SDEStep(NamedTuple):
+  x_next: jax.Array
+  mean: jax.Array  # the Gaussian's mean; the KL to a reference policy is taken between means
+  std: jax.Array  # per-sample std of x_next (std_s * sqrt(-dt))
+  log_prob: jax.Array  # (batch,), averaged over latent elements
+
+
+def sde_std(s: jax.Array, s_max: jax.Array, noise_level: float) -> jax.Array:
+  """a sqrt(s / (1 - s)), with the s = 1 singularity moved to the schedule's second point."""
+  return noise_level * jnp.sqrt(s / (1 - jnp.where(s >= 1.0, s_max, s)))
+
+
+def sde_mean(x: jax.Array, v: jax.Array, s: jax.Array, s_next: jax.Array, std: jax.Array):
+  """Mean of the Flow-GRPO reverse SDE step (same marginals as the ODE for any noise level)."""
+  dt = s_next - s
+  return x * (1 + std**2 / (2 * s) * dt) + v * (1 + std**2 * (1 - s) / (2 * s)) * dt
+
+
+def gaussian_log_prob(x: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
+  """Log-density of x under N(mean, std^2), averaged over all but the leading (batch) axis."""
+  std = jnp.broadcast_to(std, x.shape)
+  logp = -((x - mean) ** 2) / (2 * std**2) - jnp.log(std) - LOG_SQRT_2PI
+  return logp.reshape(x.shape[0], -1).mean(axis=-1)
+
+
+def _per_sample(a: jax.Array, x: jax.Array) -> jax.Array:
+  a = jnp.asarray(a, x.dtype)
+  return a.reshape(a.shape + (1,) * (x.ndim - a.ndim))
+
+
+def sde_step(x: jax.Array, v: jax.Array, s: jax.Array, s_next: jax.Array, s_max: jax.Array,
+             noise_level: float, key: jax.Array | None = None,
+             x_next: jax.Array | None = None) -> SDEStep:
+  """One stochastic step with its log-probability.
+
+  With `key`, draws x_next; with `x_next` given (a recorded rollout), scores it under the current
+  velocity instead — the policy-ratio computation of Flow-GRPO. s, s_next: scalars or (batch,).
+  """
+  s, s_next = _per_sample(s, x), _per_sample(s_next, x)
+  std_s = sde_std(s, jnp.asarray(s_max, x.dtype), noise_level)
+  mean = sde_mean(x, v, s, s_next, std_s)
+  std = std_s * jnp.sqrt(s - s_next)
+  if x_next is None:
+    if key is None:
+      raise ValueError("sde_step needs a PRNG key to sample, or x_next to score")
+    x_next = mean + std * jax.random.normal(key, x.shape, x.dtype)
+  return SDEStep(x_next, mean, std, gaussian_log_prob(x_next, mean, std))
+
+
+def cfg_velocity(v: jax.Array, v_no_text: jax.Array | None, v_no_image: jax.Array | None,
+                 text_scale: float, image_scale: float, renorm_min: float = 0.0) -> jax.Array:
+  """BAGEL's `text_channel` guidance: text CFG, per-token renorm, then image CFG.
+
+  v_t = v_notext + s_t (v - v_notext), scaled per token by clamp(|v| / |v_t|, renorm_min, 1),
+  then v = v_noimg + s_i (v_t - v_noimg). A scale of 1 skips its pass (None allowed there).
+  """
+  if text_scale != 1.0:
+    v_text = v_no_text + text_scale * (v - v_no_text)
+    norm_v = jnp.linalg.norm(v, axis=-1, keepdims=True)
+    norm_text = jnp.linalg.norm(v_text, axis=-1, keepdims=True)
+    v_text = v_text * jnp.clip(norm_v / (norm_text + 1e-8), renorm_min, 1.0)
+  else:
+    v_text = v
+  if image_scale != 1.0:
+    return v_no_image + image_scale * (v_text - v_no_image)
+  return v_text
+
+
+class Rollout(NamedTuple):
+  """What a Flow-GRPO update needs from one sampling run (window steps only)."""
+  x_final: jax.Array  # (B, N, C) clean latent estimate at t = 0
+  window_x: jax.Array  # (W, B, N, C) latents entering each stochastic step
+  window_x_next: jax.Array  # (W, B, N, C) latents leaving it
+  window_t: jax.Array  # (W,) step start times
+  window_t_next: jax.Array  # (W,)
+  window_log_prob: jax.Array  # (W, B) log-probs under the sampling policy
+  window_mean: jax.Array  # (W, B, N, C)
+
+
+VelocityFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x_bnc, t_b) -> v_bnc
+
+
+def sample(velocity: VelocityFn, x_init: jax.Array, schedule: jax.Array, key: jax.Array, *,
+           window_start: jax.Array | int = 0, window_size: int = 0,
+           noise_level: float = 0.7) -> Rollout:
+  """Runs the sampler over `schedule` (from timesteps()); steps in
+  [window_start, window_start + window_size) are SDE steps whose transitions are recorded, the rest
+  are Euler steps. window_size 0 is plain ODE sampling. jit-friendly: one lax.scan over steps.
+  """
+  num_moves = schedule.shape[0] - 1
+  batch = x_init.shape[0]
+  s_max = schedule[1]
+  keys = jax.random.split(key, num_moves)
+  window_start = jnp.asarray(window_start, jnp.int32)
+
+  def body(carry, inputs):
+    x, rec = carry
+    i, step_key = inputs
+    t, t_next = schedule[i], schedule[i + 1]
+    v = velocity(x, jnp.full((batch,), t, x.dtype))
+    in_window = (i >= window_start) & (i < window_start + window_size)
+    sde = sde_step(x, v, t, t_next, s_max, noise_level, key=step_key)
+    x_next = jnp.where(in_window, sde.x_next, euler_step(x, v, t, t_next))
+    if window_size:
+      slot = jnp.clip(i - window_start, 0, window_size - 1)
+      write = lambda buf, val: jnp.where(in_window, buf.at[slot].set(val), buf)
+      rec = dict(x=write(rec["x"], x), x_next=write(rec["x_next"], x_next),
+                 t=write(rec["t"], t), t_next=write(rec["t_next"], t_next),
+                 log_prob=write(rec["log_prob"], sde.log_prob), mean=write(rec["mean"], sde.mean))
+    return (x_next, rec), None
+
+  w = max(window_size, 1)
+  rec0 = dict(x=jnp.zeros((w,) + x_init.shape, x_init.dtype),
+              x_next=jnp.zeros((w,) + x_init.shape, x_init.dtype),
+              t=jnp.zeros((w,), x_init.dtype), t_next=jnp.zeros((w,), x_init.dtype),
+              log_prob=jnp.zeros((w, batch), x_init.dtype),
+              mean=jnp.zeros((w,) + x_init.shape, x_init.dtype))
+  (x_final, rec), _ = jax.lax.scan(body, (x_init, rec0), (jnp.arange(num_moves), keys))
+  return Rollout(x_final, rec["x"], rec["x_next"], rec["t"], rec["t_next"], rec["log_prob"],
+                 rec["mean"])
+
+
+def sample_token(logits: jax.Array, key: jax.Array, temperature: float) -> jax.Array:
+  """Greedy at temperature 0, otherwise a draw from softmax(logits / temperature)."""
+  if temperature <= 0:
+    return jnp.argmax(logits, axis=-1)
+  return jax.random.categorical(key, logits / temperature, axis=-1)

@@ -1,0 +1,83 @@
+"""Config files, variants, overrides and validation errors."""
+
+import glob
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from robust_u1_jax import config_lib
+
+CONFIGS = sorted(glob.glob("configs/*.py"))
+
+
+def _variants(path):
+  text = open(path).read()
+  return [v for v in ("tiny", "bagel_7b") if f'"{v}"' in text]
+
+
+@pytest.mark.parametrize("path", CONFIGS)
+def test_every_variant_loads_and_validates(path):
+  variants = _variants(path)
+  assert variants, f"{path} names no variant"
+  for variant in variants:
+    config = config_lib.load(f"{path}:{variant}")
+    assert isinstance(config, ml_collections.ConfigDict)
+    assert config.is_locked
+
+
+def test_unknown_variant_names_the_choices():
+  with pytest.raises(ValueError, match="tiny, bagel_7b"):
+    config_lib.load("configs/sft.py:huge")
+
+
+def test_override_and_unknown_field():
+  c = config_lib.load("configs/sft.py:tiny", {"data.batch_size": 3})
+  assert c.data.batch_size == 3
+  with pytest.raises(config_lib.ConfigError, match="data.batchsize.*batch_size"):
+    config_lib.load("configs/sft.py:tiny", {"data.batchsize": 3})
+
+
+def test_wrong_type_is_refused():
+  with pytest.raises(TypeError):
+    config_lib.load("configs/sft.py:tiny", {"data.batch_size": "many"})
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("data.severity", -1, "data.severity"),
+    ("data.severity", 6, "1..5"),
+    ("data.intensity", 1.5, "data.intensity"),
+    ("data.image_size", 72, "multiple of data.vae_stride"),
+    ("data.image_size", 16, ">= 32"),
+    ("data.source", "webdataset", "shapes, folder, tfds"),
+    ("data.corruption", "rain", "gaussian_noise"),
+    ("data.vae_max_side", 70, "multiple of data.vae_stride"),
+    ("data.max_skip_ratio", 1.5, "fraction"),
+    ("mesh.fsdp", 0, "mesh.fsdp"),
+    ("optimizer.learning_rate", -1.0, "positive"),
+    ("remat", "some", "none, full, dots"),
+])
+def test_impossible_values_name_the_field(field, value, message):
+  with pytest.raises(config_lib.ConfigError, match=message) as info:
+    config_lib.load("configs/sft.py:tiny", {field: value})
+  assert field.split(".")[-1] in str(info.value)
+
+
+def test_folder_source_needs_a_path():
+  with pytest.raises(config_lib.ConfigError, match="data.path"):
+    config_lib.load("configs/sft.py:tiny", {"data.source": "folder"})
+
+
+def test_config_flags_override_on_the_command_line(tmp_path):
+  script = tmp_path / "show.py"
+  script.write_text(
+      "from absl import app\n"
+      "from ml_collections import config_flags\n"
+      "C = config_flags.DEFINE_config_file('config', lock_config=True)\n"
+      "app.run(lambda _: print(C.value.data.batch_size, C.value.optimizer.learning_rate))\n")
+  out = subprocess.run(
+      [sys.executable, str(script), "--config", "configs/sft.py:tiny",
+       "--config.data.batch_size=5", "--config.optimizer.learning_rate=0.5"],
+      capture_output=True, text=True, check=True)
+  assert out.stdout.split() == ["5", "0.5"]
