@@ -1,0 +1,146 @@
+"""Checkpoints of a training run: train state, data iterator position and run metadata, via Orbax.
+
+- Saves are asynchronous (training continues while arrays are written) every `every` steps, and on
+  SIGTERM/SIGINT at the end of the current step, so a preempted TPU job loses nothing.
+- The data iterator's state is saved next to the train state, one JSON file per process (through
+  Grain's Orbax handler), so a resumed run reads exactly the batches an uninterrupted one would.
+- Restoring places every array onto the current mesh (the target's shardings), so a run can resume
+  on a different topology.
+- A checkpoint that cannot be read (truncated files) is reported by path and the previous one used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from grain import checkpoint as grain_checkpoint
+
+
+class _IteratorAdapter:
+  """Lets Grain's Orbax handler save any iterator with dict get_state()/set_state()."""
+
+  def __init__(self, iterator):
+    self.iterator = iterator
+
+  def get_state(self) -> bytes:
+    return json.dumps(self.iterator.get_state()).encode()
+
+  def set_state(self, state: bytes) -> None:
+    self.iterator.set_state(json.loads(state.decode()))
+
+  def start_prefetch(self) -> None:
+    pass
+
+
+class Checkpointer:
+  """Orbax CheckpointManager over items 'state', 'data' and 'meta' in `workdir/checkpoints`."""
+
+  def __init__(self, workdir: str, *, every: int, keep: int, async_save: bool = True):
+    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.every = every
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=every, max_to_keep=keep, create=True,
+        enable_async_checkpointing=async_save)
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "data": grain_checkpoint.CheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()})
+    self.stop_requested = False
+    self._previous_handlers = {}
+
+  # -- preemption ---------------------------------------------------------------------------------
+
+  def install_signal_handlers(self) -> None:
+    """SIGTERM (preemption) and SIGINT ask for a save and a clean stop after the current step."""
+    def request_stop(signum, frame):
+      del frame
+      logging.warning("signal %d received: saving a checkpoint after this step, then stopping",
+                      signum)
+      self.stop_requested = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous_handlers[sig] = signal.signal(sig, request_stop)
+
+  def restore_signal_handlers(self) -> None:
+    for sig, handler in self._previous_handlers.items():
+      signal.signal(sig, handler)
+    self._previous_handlers.clear()
+
+  # -- save ---------------------------------------------------------------------------------------
+
+  def save(self, step: int, state: Any, iterator: Any, meta: dict, *, force: bool = False) -> bool:
+    """Saves when the interval says so (or `force`); never call with a non-finite state."""
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=grain_checkpoint.CheckpointSave(_IteratorAdapter(iterator)),
+        meta=ocp.args.JsonSave(meta))
+    return self.manager.save(step, args=args, force=force)
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+    self.restore_signal_handlers()
+
+  # -- restore ------------------------------------------------------------------------------------
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def restore(self, abstract_state: Any, iterator: Any) -> tuple[int, Any, dict] | None:
+    """Restores the newest readable checkpoint onto `abstract_state`'s shardings.
+
+    Returns (step, state, meta), or None when there is no checkpoint. A checkpoint that fails to
+    load is logged with its path and skipped in favour of the one before it.
+    """
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=grain_checkpoint.CheckpointRestore(_IteratorAdapter(iterator)),
+            meta=ocp.args.JsonRestore()))
+      except Exception as e:  # Orbax/tensorstore raise many types for damaged files.
+        path = os.path.join(self.directory, str(step))
+        logging.error("checkpoint %s cannot be restored (%s: %s); trying the previous one",
+                      path, type(e).__name__, e)
+        print(f"checkpoint {path} cannot be restored ({type(e).__name__}); "
+              "falling back to the previous one", flush=True)
+        continue
+      return step, restored["state"], dict(restored["meta"])
+    return None
+
+
+def abstract_like(state: Any) -> Any:
+  """ShapeDtypeStructs with shardings: the restore target for a state on the current mesh."""
+  def one(x):
+    if isinstance(x, jax.Array):
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    if isinstance(x, np.ndarray):
+      return jax.ShapeDtypeStruct(x.shape, x.dtype)
+    return x
+  return jax.tree.map(one, state)
+
+
+class NonFiniteLoss(FloatingPointError):
+  """A loss went NaN or infinite: the run stops before it can overwrite a good checkpoint."""
+
+
+def check_finite(step: int, metrics: dict[str, Any], keys: Callable[[str], bool] | None = None):
+  keys = keys or (lambda k: "loss" in k)
+  bad = {k: float(v) for k, v in metrics.items() if keys(k) and not np.isfinite(float(v))}
+  if bad:
+    shown = {k: float(v) for k, v in metrics.items() if keys(k)}
+    raise NonFiniteLoss(
+        f"non-finite loss at step {step}: {shown}. The last good checkpoint is kept; lower the "
+        "learning rate or enable gradient clipping (optimizer.grad_clip) and resume.")

@@ -1,0 +1,90 @@
+"""Train state as one pytree, and the optimizer built from a config.
+
+The model's graph definition stays outside the state (static under jit); the state holds the
+trainable parameters, the frozen rest, the optimizer state, an EMA of the trainable parameters, the
+step and the RNG key, so `step(state, batch) -> (state, metrics)` is a pure function and the whole
+state is one Orbax item.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: nnx.State  # trainable subset
+  frozen: nnx.State  # everything else the model holds
+  opt_state: Any
+  ema: nnx.State | None
+  rng: jax.Array
+
+
+def trainable_filter(patterns: Sequence[str]):
+  """An nnx filter selecting parameters whose dotted path matches any regex in `patterns`."""
+  compiled = [re.compile(p) for p in patterns]
+
+  def select(path, value) -> bool:
+    if not isinstance(value, nnx.Param):
+      return False
+    dotted = ".".join(str(p) for p in path)
+    return any(r.search(dotted) for r in compiled)
+
+  return select
+
+
+def split_model(model: nnx.Module, patterns: Sequence[str]):
+  """(graphdef, trainable, frozen); raises if the patterns select nothing (a typo in a config)."""
+  graphdef, params, frozen = nnx.split(model, trainable_filter(patterns), ...)
+  if not jax.tree.leaves(params):
+    raise ValueError(f"trainable patterns {list(patterns)} select no parameter of the model")
+  return graphdef, params, frozen
+
+
+def learning_rate_schedule(o: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """Linear warmup to `learning_rate`, then cosine decay to `end_learning_rate`."""
+  warmup = min(o.warmup_steps, max(total_steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0 if warmup else o.learning_rate, peak_value=o.learning_rate,
+      warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1),
+      end_value=o.end_learning_rate)
+
+
+def make_optimizer(o: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+  parts = []
+  if o.grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(o.grad_clip))
+  parts.append(optax.adamw(learning_rate_schedule(o, total_steps), b1=o.b1, b2=o.b2, eps=o.eps,
+                           weight_decay=o.weight_decay))
+  tx = optax.chain(*parts)
+  if o.grad_accum_steps > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=o.grad_accum_steps)
+  return tx
+
+
+def create_state(params: nnx.State, frozen: nnx.State, tx: optax.GradientTransformation,
+                 rng: jax.Array, ema: bool) -> TrainState:
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, frozen=frozen, opt_state=tx.init(params),
+      ema=jax.tree.map(jnp.copy, params) if ema else None, rng=rng)
+
+
+def apply_gradients(state: TrainState, grads: nnx.State, tx: optax.GradientTransformation,
+                    ema_decay: float) -> tuple[TrainState, dict[str, jax.Array]]:
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  ema = state.ema
+  if ema is not None:
+    ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
+  metrics = {"grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(params)}
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
