@@ -25,7 +25,7 @@ INSTALL_REQUIRES = JAX_STACK + [
     "scipy>=1.11",
     "tqdm>=4.66",
     "pyarrow>=15",
-    "tensorboardX>=2.6",
+    "tensorboardX==2.6.4",
 ]
 
 EXTRAS = {

@@ -1,0 +1,134 @@
+"""What a training run reports: TensorBoard events, a summary line every N steps, a progress bar
+with ETA, throughput (samples/s, tokens/s, TFLOP/s per device from the compiled step's cost
+analysis, MFU against the accelerator's peak) and image grids at evaluation steps.
+
+Only process 0 writes; every process computes the same global metrics.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+import tqdm
+
+# Dense bf16 peak FLOP/s per chip (vendor figures); MFU is reported only on these devices.
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,  # v5e
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,  # v6e (Trillium)
+    "TPU v6e": 918e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+}
+
+
+def peak_flops(device: jax.Device | None = None) -> float | None:
+  kind = (device or jax.devices()[0]).device_kind
+  for name, flops in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
+    if kind.startswith(name):
+      return flops
+  return None
+
+
+def compiled_flops(compiled) -> float | None:
+  """FLOPs of one call of a compiled jit function (whole program, all devices), if XLA says."""
+  try:
+    analysis = compiled.cost_analysis()
+  except Exception:  # Not every backend implements cost analysis.
+    return None
+  if isinstance(analysis, Sequence) and analysis:
+    analysis = analysis[0]
+  flops = (analysis or {}).get("flops")
+  return float(flops) if flops and flops > 0 else None
+
+
+class MetricsLogger:
+  """Accumulates step metrics and writes them out every `every` steps."""
+
+  def __init__(self, workdir: str, *, total_steps: int, every: int, start_step: int = 0,
+               tensorboard: bool = True, step_flops: float | None = None,
+               show_progress: bool = True):
+    self.every = every
+    self.is_writer = jax.process_index() == 0
+    self.writer = None
+    if tensorboard and self.is_writer:
+      from tensorboardX import SummaryWriter
+
+      self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self.step_flops = step_flops
+    self.peak = peak_flops()
+    self.bar = tqdm.tqdm(total=total_steps, initial=start_step, dynamic_ncols=True,
+                         disable=not (show_progress and self.is_writer), unit="step")
+    self._window: list[Mapping[str, float]] = []
+    self._t0 = time.perf_counter()
+    self.history: list[dict[str, float]] = []
+
+  def log_step(self, step: int, metrics: Mapping[str, jax.Array], *, samples: int,
+               tokens: int = 0) -> dict[str, float] | None:
+    """Records one step; every `every` steps writes the averaged window and returns it."""
+    self._window.append(metrics)
+    self.bar.update(1)
+    if step % self.every:
+      return None
+    host = jax.device_get(self._window)
+    row = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+    seconds = (time.perf_counter() - self._t0) / len(host)
+    row["steps_per_s"] = 1.0 / seconds
+    row["samples_per_s"] = samples / seconds
+    if tokens:
+      row["tokens_per_s"] = tokens / seconds
+    if self.step_flops:
+      per_device = self.step_flops / seconds / jax.device_count()
+      row["tflops_per_device"] = per_device / 1e12
+      if self.peak:
+        row["mfu"] = per_device / self.peak
+    self._window, self._t0 = [], time.perf_counter()
+    self.history.append({"step": step, **row})
+    if self.is_writer:
+      for k, v in row.items():
+        if self.writer:
+          self.writer.add_scalar(k, v, step)
+      shown = "  ".join(f"{k}={v:.4g}" for k, v in row.items())
+      self.bar.write(f"step {step}: {shown}")
+      self.bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if "loss" in k})
+    return row
+
+  def log_images(self, step: int, name: str, grid_hwc: np.ndarray, path: str | None = None):
+    """Writes an image grid (uint8 or [0, 1] float) to TensorBoard and optionally a PNG."""
+    if not self.is_writer:
+      return
+    grid = np.asarray(grid_hwc)
+    if grid.dtype != np.uint8:
+      grid = (np.clip(grid, 0, 1) * 255).round().astype(np.uint8)
+    if self.writer:
+      self.writer.add_image(name, grid, step, dataformats="HWC")
+    if path:
+      from PIL import Image
+
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      Image.fromarray(grid).save(path)
+
+  def close(self):
+    self.bar.close()
+    if self.writer:
+      self.writer.close()
+
+
+def image_grid(columns: Sequence[np.ndarray], pad: int = 2) -> np.ndarray:
+  """Rows of samples, one column per image kind (e.g. corrupted | recovered | clean)."""
+  cols = [np.asarray(c, np.float32) / (255.0 if np.asarray(c).dtype == np.uint8 else 1.0)
+          for c in columns]
+  n, h, w, _ = cols[0].shape
+  grid = np.ones((n * (h + pad) + pad, len(cols) * (w + pad) + pad, 3), np.float32)
+  for j, col in enumerate(cols):
+    for i in range(n):
+      y, x = pad + i * (h + pad), pad + j * (w + pad)
+      grid[y:y + h, x:x + w] = np.clip(col[i, :h, :w], 0, 1)
+  return grid

@@ -1,0 +1,45 @@
+"""Run reporting: averaged windows, throughput fields, TensorBoard events, image grids."""
+
+import glob
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from robust_u1_jax.training import metrics_log
+
+
+def test_windows_are_averaged_and_written(tmp_path):
+  log = metrics_log.MetricsLogger(str(tmp_path), total_steps=4, every=2, step_flops=1e9,
+                                  show_progress=False)
+  assert log.log_step(1, {"loss": jnp.asarray(1.0)}, samples=8, tokens=100) is None
+  row = log.log_step(2, {"loss": jnp.asarray(3.0)}, samples=8, tokens=100)
+  assert row["loss"] == 2.0
+  assert row["samples_per_s"] > 0 and row["tokens_per_s"] == row["samples_per_s"] * 100 / 8
+  assert row["tflops_per_device"] > 0
+  log.log_images(2, "grid", np.zeros((8, 8, 3)), path=str(tmp_path / "g" / "grid.png"))
+  log.close()
+  assert glob.glob(os.path.join(tmp_path, "tensorboard", "events.out.tfevents.*"))
+  assert os.path.exists(tmp_path / "g" / "grid.png")
+
+
+def test_compiled_flops_from_cost_analysis():
+  compiled = jax.jit(lambda a, b: a @ b).lower(jnp.ones((64, 32)), jnp.ones((32, 16))).compile()
+  flops = metrics_log.compiled_flops(compiled)
+  assert flops is not None and abs(flops - 2 * 64 * 32 * 16) / (2 * 64 * 32 * 16) < 0.1
+
+
+def test_peak_table_knows_accelerators_not_cpu():
+  assert metrics_log.peak_flops(jax.devices("cpu")[0]) is None
+  class Fake:
+    device_kind = "TPU v5 lite"
+  assert metrics_log.peak_flops(Fake()) == 197e12
+
+
+def test_image_grid_layout():
+  a = np.zeros((2, 4, 5, 3), np.uint8)
+  b = np.full((2, 4, 5, 3), 255, np.uint8)
+  grid = metrics_log.image_grid([a, b], pad=1)
+  assert grid.shape == (2 * 5 + 1, 2 * 6 + 1, 3)
+  assert grid[1, 1, 0] == 0.0 and grid[1, 7, 0] == 1.0
