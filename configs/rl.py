@@ -1,0 +1,67 @@
+"""Stage II, visual quality alignment: Flow-GRPO on the recovery sampler (DESIGN section 5).
+
+Variants: `configs/rl.py:tiny` (built-in shapes world, CPU) and `configs/rl.py:bagel_7b`.
+"""
+
+import ml_collections
+
+from robust_u1_jax import config_lib
+
+
+def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
+  c = config_lib.get_base_config()
+  c.stage = "rl"
+  c.variant = variant
+  c.instruction = "Please restore this corrupted image to its clean version."
+  rl = c.rl = ml_collections.ConfigDict()
+  rl.group_size = 8  # recoveries drawn per corrupted image
+  rl.num_steps = 15  # sampler steps during training (evaluation uses eval_num_steps)
+  rl.eval_num_steps = 50
+  rl.window_size = 2  # stochastic, trained SDE steps; start drawn in [0, num_steps/2 - window]
+  rl.noise_level = 1.3
+  rl.timestep_shift = 3.0
+  rl.cfg_text_scale = 4.0
+  rl.cfg_img_scale = 2.0
+  rl.cfg_renorm_min = 0.0
+  rl.clip_low = 1e-4
+  rl.clip_high = 1e-4
+  rl.adv_clip = 5.0
+  rl.beta = 0.0  # KL weight to the frozen reference; 0 keeps no reference copy
+  rl.reward_weights = ml_collections.ConfigDict({"ssim": 1.0, "clip": 0.2})
+  rl.clip_alpha = 5.0
+  rl.clip_checkpoint = ""  # CLIP ViT-B/32 weights (open_clip or transformers naming)
+  rl.lora_rank = 0  # 0: train the generation expert fully
+  c.optimizer.learning_rate = 1e-5
+  c.optimizer.warmup_steps = 0
+  c.optimizer.ema_decay = 0.0
+  if variant == "tiny":
+    c.model = "tiny"
+    c.init_from = ""  # an SFT checkpoint of the tiny model (workdir of configs/sft.py:tiny)
+    c.total_steps = 100
+    rl.group_size = 4
+    rl.num_steps = 10
+    rl.eval_num_steps = 20
+    rl.clip_low = rl.clip_high = 0.2
+    c.data.source = "shapes"
+    c.data.vae_max_side, c.data.vae_min_side, c.data.vae_stride = 64, 32, 16
+    c.data.vit_max_side, c.data.vit_min_side, c.data.vit_patch = 64, 32, 8
+    c.data.batch_size = 2  # corrupted images per step; x group_size recoveries
+    c.optimizer.learning_rate = 1e-4
+    c.checkpoint_every = 25
+    c.eval_every = 25
+  elif variant == "bagel_7b":
+    c.model = "bagel_7b"
+    c.init_from = ""  # required: the SFT model directory or checkpoint
+    c.compute_dtype = "bfloat16"
+    c.remat = "full"
+    c.total_steps = 2_000
+    rl.clip_checkpoint = ""  # required for the semantic reward
+    c.data.source = "jsonl"
+    c.data.path = ""  # Robust-R1 pairs {"prompt", "image", "target_image"}
+    c.data.corruption = "none"  # the pairs are already degraded
+    c.data.batch_size = 32
+    c.data.worker_count = 8
+  else:
+    raise ValueError(f"configs/rl.py: unknown variant {variant!r}; choose one of: tiny, bagel_7b")
+  c.eval_data.update({k: v for k, v in c.data.items() if k not in ("split", "shuffle")})
+  return c
