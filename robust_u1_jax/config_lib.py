@@ -165,6 +165,9 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check(c.param_dtype in DTYPES, "param_dtype", c.param_dtype, ", ".join(DTYPES))
   _check(c.compute_dtype in DTYPES, "compute_dtype", c.compute_dtype, ", ".join(DTYPES))
   _check(c.remat in REMAT, "remat", c.remat, ", ".join(REMAT))
+  _check(bool(c.init_from), "init_from", c.init_from,
+         "'random', a BAGEL/Robust-U1 model directory, or an Orbax checkpoint directory of an "
+         "earlier stage")
   _check(c.total_steps > 0, "total_steps", c.total_steps, "a positive integer")
   for field in ("checkpoint_every", "keep_checkpoints", "log_every", "eval_every"):
     _check(c[field] > 0, field, c[field], "a positive integer")

@@ -1,6 +1,7 @@
 """Config files, variants, overrides and validation errors."""
 
 import glob
+import os
 import subprocess
 import sys
 
@@ -9,7 +10,11 @@ import pytest
 
 from robust_u1_jax import config_lib
 
-CONFIGS = sorted(glob.glob("configs/*.py"))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+SFT = os.path.join(ROOT, "configs", "sft.py")
+# Paths a user passes on the command line for the variants that read real data.
+USER_PATHS = {"init_from": "/data/model", "data.path": "/data/set", "eval_data.path": "/data/set"}
 
 
 def _variants(path):
@@ -22,26 +27,26 @@ def test_every_variant_loads_and_validates(path):
   variants = _variants(path)
   assert variants, f"{path} names no variant"
   for variant in variants:
-    config = config_lib.load(f"{path}:{variant}")
+    config = config_lib.load(f"{path}:{variant}", USER_PATHS)
     assert isinstance(config, ml_collections.ConfigDict)
     assert config.is_locked
 
 
 def test_unknown_variant_names_the_choices():
   with pytest.raises(ValueError, match="tiny, bagel_7b"):
-    config_lib.load("configs/sft.py:huge")
+    config_lib.load(f"{SFT}:huge")
 
 
 def test_override_and_unknown_field():
-  c = config_lib.load("configs/sft.py:tiny", {"data.batch_size": 3})
+  c = config_lib.load(f"{SFT}:tiny", {"data.batch_size": 3})
   assert c.data.batch_size == 3
   with pytest.raises(config_lib.ConfigError, match="data.batchsize.*batch_size"):
-    config_lib.load("configs/sft.py:tiny", {"data.batchsize": 3})
+    config_lib.load(f"{SFT}:tiny", {"data.batchsize": 3})
 
 
 def test_wrong_type_is_refused():
   with pytest.raises(TypeError):
-    config_lib.load("configs/sft.py:tiny", {"data.batch_size": "many"})
+    config_lib.load(f"{SFT}:tiny", {"data.batch_size": "many"})
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -60,13 +65,13 @@ def test_wrong_type_is_refused():
 ])
 def test_impossible_values_name_the_field(field, value, message):
   with pytest.raises(config_lib.ConfigError, match=message) as info:
-    config_lib.load("configs/sft.py:tiny", {field: value})
+    config_lib.load(f"{SFT}:tiny", {field: value})
   assert field.split(".")[-1] in str(info.value)
 
 
 def test_folder_source_needs_a_path():
   with pytest.raises(config_lib.ConfigError, match="data.path"):
-    config_lib.load("configs/sft.py:tiny", {"data.source": "folder"})
+    config_lib.load(f"{SFT}:tiny", {"data.source": "folder"})
 
 
 def test_config_flags_override_on_the_command_line(tmp_path):
@@ -77,7 +82,7 @@ def test_config_flags_override_on_the_command_line(tmp_path):
       "C = config_flags.DEFINE_config_file('config', lock_config=True)\n"
       "app.run(lambda _: print(C.value.data.batch_size, C.value.optimizer.learning_rate))\n")
   out = subprocess.run(
-      [sys.executable, str(script), "--config", "configs/sft.py:tiny",
+      [sys.executable, str(script), "--config", f"{SFT}:tiny",
        "--config.data.batch_size=5", "--config.optimizer.learning_rate=0.5"],
       capture_output=True, text=True, check=True)
   assert out.stdout.split() == ["5", "0.5"]
