@@ -14,7 +14,7 @@ Logical names:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -132,16 +132,34 @@ def _fits(shape: Sequence[int], spec: P, mesh: Mesh) -> P:
   return P(*out)
 
 
-def state_shardings(state: nnx.State, component: str, mesh: Mesh) -> nnx.State:
-  """NamedSharding for every variable of a component's state, from its logical names."""
-  rules = RULES[component]
+def state_shardings(state: nnx.State, component: str | Mapping[str, str], mesh: Mesh
+                    ) -> nnx.State:
+  """NamedSharding for every variable of a state, from its logical names.
 
-  def one(variable):
+  `component` names one rule set, or maps a model's top-level attribute names to rule sets (a
+  composite model such as BAGEL: {'language_model': 'llm', 'vit_model': 'vit', 'vae': 'vae'});
+  attributes not in the mapping use its '*' entry, or 'llm'.
+  """
+  def rules_for(path) -> Rules:
+    if isinstance(component, str):
+      return RULES[component]
+    return RULES[component.get(str(path[0]), component.get("*", "llm"))]
+
+  def one(path, variable):
     names = variable.get_metadata().get("out_sharding")
-    spec = _fits(variable.shape, logical_to_spec(names, rules, mesh), mesh)
+    spec = _fits(variable.shape, logical_to_spec(names, rules_for(path), mesh), mesh)
     return NamedSharding(mesh, spec)
 
-  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return jax.tree_util.tree_map_with_path(
+      lambda kp, v: one(tuple(_key_name(k) for k in kp), v), state,
+      is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _key_name(key) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
 
 
 def abstract_model(create: Callable[[], nnx.Module]) -> tuple[nnx.GraphDef, nnx.State]:
@@ -150,7 +168,8 @@ def abstract_model(create: Callable[[], nnx.Module]) -> tuple[nnx.GraphDef, nnx.
   return nnx.split(abstract)
 
 
-def create_sharded(create: Callable[[], nnx.Module], component: str, mesh: Mesh) -> nnx.Module:
+def create_sharded(create: Callable[[], nnx.Module], component: str | Mapping[str, str],
+                   mesh: Mesh) -> nnx.Module:
   """Initialises a model directly into its sharding: no host ever holds the whole model."""
   graphdef, abstract_state = abstract_model(create)
   shardings = state_shardings(abstract_state, component, mesh)

@@ -1,0 +1,243 @@
+"""The unified BAGEL model: one Qwen2 Mixture-of-Transformers over text, ViT and VAE-latent tokens.
+
+A packed row of the LLM interleaves three kinds of tokens:
+  text    token ids (the `<|vision_start|>` / `<|vision_end|>` markers around images included),
+          embedded by `embed_tokens`; understanding expert;
+  vit     SigLIP NaViT features of an image through the connector plus `vit_pos_embed`;
+          understanding expert;
+  latent  2x2 patches of normalised VAE latents: `vae2llm(x) + time_embedder(t) +
+          latent_pos_embed`; generation expert. Clean conditioning images carry t = 0, noisy
+          generation targets their flow time.
+Each token says which kind it is and where its features come from (`source_index` into the row's
+ViT or latent tokens), so the sequence is assembled with gathers of static shape, inside jit.
+The velocity head `llm2vae` reads the generation tokens; `lm_head` the text tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from robust_u1_jax.models import attention_mask, layers
+from robust_u1_jax.models.kv_cache import KVCache
+from robust_u1_jax.models.qwen2_mot import LLMConfig, Qwen2MoT
+from robust_u1_jax.models.siglip import Connector, SiglipConfig, SiglipVisionTower
+from robust_u1_jax.models.vae import AutoEncoder, VAEConfig
+
+Array = jax.Array
+
+TEXT, VIT, LATENT, PAD = 0, 1, 2, -1
+
+# Rule set of sharding.RULES per top-level attribute of `Bagel`.
+COMPONENTS = {"language_model": "llm", "vit_model": "vit", "connector": "vit", "vae": "vae",
+              "*": "llm"}
+
+
+@dataclasses.dataclass(frozen=True)
+class BagelConfig:
+  llm: LLMConfig
+  vit: SiglipConfig
+  vae: VAEConfig
+  latent_patch_size: int = 2
+  max_latent_size: int = 64  # latent patches per side: 64 x 16 px = 1024 px images at most
+
+  @property
+  def latent_channels(self) -> int:
+    """Width of one latent token: a p x p patch of VAE channels."""
+    return self.latent_patch_size ** 2 * self.vae.z_channels
+
+  @property
+  def latent_downsample(self) -> int:
+    """Pixels per latent token along each side (VAE downsample x patch)."""
+    return self.vae.downsample * self.latent_patch_size
+
+  @classmethod
+  def tiny(cls, **llm_overrides) -> BagelConfig:
+    return cls(llm=LLMConfig.tiny(**llm_overrides), vit=SiglipConfig.tiny(), vae=VAEConfig.tiny(),
+               max_latent_size=8)
+
+  @classmethod
+  def bagel_7b(cls, **llm_overrides) -> BagelConfig:
+    return cls(llm=LLMConfig.bagel_7b(**llm_overrides), vit=SiglipConfig.so400m(),
+               vae=VAEConfig.flux())
+
+  @classmethod
+  def from_model_dir(cls, path: str, **llm_overrides) -> BagelConfig:
+    """Reads `llm_config.json` and `vit_config.json` of a BAGEL / Robust-U1 model directory."""
+    files = {name: os.path.join(path, name) for name in ("llm_config.json", "vit_config.json")}
+    for name, file in files.items():
+      if not os.path.exists(file):
+        raise FileNotFoundError(f"{path}: missing {name} (a BAGEL model directory holds "
+                                "llm_config.json, vit_config.json, ema.safetensors, ae.safetensors)")
+    with open(files["llm_config.json"]) as f:
+      llm = LLMConfig.from_hf_config(json.load(f), source=files["llm_config.json"], **llm_overrides)
+    vit = SiglipConfig.from_hf_config(files["vit_config.json"], drop_last_layer=True,
+                                      max_patches_per_side=70)
+    return cls(llm=llm, vit=vit, vae=VAEConfig.flux())
+
+
+@functools.lru_cache(maxsize=8)
+def _sincos_table(dim: int, grid: int) -> np.ndarray:
+  return layers.sincos_2d_table(dim, grid)
+
+
+@flax.struct.dataclass
+class SequenceInputs:
+  """One batch of packed rows, everything but the latent values (which depend on the step).
+
+  Shapes: B rows of T tokens; Nv ViT patches and Nl latent tokens per row.
+  """
+  text_ids: Array  # (B, T) int32: ids at TEXT tokens, anything elsewhere
+  token_kind: Array  # (B, T) int32: TEXT, VIT, LATENT or PAD
+  source_index: Array  # (B, T) int32: index into the row's ViT or latent tokens
+  positions: Array  # (B, T) int32 RoPE positions
+  layout: attention_mask.Layout  # (B, T) fields for the packed mask
+  vit_patches: Array  # (B, Nv, 3 p p) float
+  vit_position_ids: Array  # (B, Nv) int32, h * S + w
+  vit_segment_ids: Array  # (B, Nv) int32, 1.. per image, 0 padding
+  latent_position_ids: Array  # (B, Nl) int32, h * max_latent_size + w
+  latent_seq_index: Array  # (B, Nl) int32: where each latent token sits in the row
+
+
+class Bagel(nnx.Module):
+  """Language model + SigLIP + connector + generation heads + (always frozen) FLUX VAE."""
+
+  def __init__(self, config: BagelConfig, *, rngs: nnx.Rngs):
+    self.config = c = config
+    dtype, param_dtype = c.llm.dtype, c.llm.param_dtype
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    hidden = c.llm.hidden_size
+    self.language_model = Qwen2MoT(c.llm, rngs=rngs)
+    self.vit_model = SiglipVisionTower(c.vit, **kw)
+    self.connector = Connector(c.vit.hidden_size, hidden, c.vit.max_patches_per_side, **kw)
+    self.time_embedder = layers.TimestepEmbedder(hidden, **kw)
+    self.vae2llm = layers.dense(c.latent_channels, hidden, (None, "embed"), **kw)
+    # Zero-initialised as in BAGEL: a fresh generation head predicts zero velocity.
+    self.llm2vae = layers.dense(hidden, c.latent_channels, ("embed", None),
+                                kernel_init=nnx.initializers.zeros_init(), **kw)
+    self.vae = AutoEncoder(c.vae, param_dtype=param_dtype, rngs=rngs)
+
+  # -- token embeddings ---------------------------------------------------------------------------
+
+  def embed_latents(self, latents_bnc: Array, timesteps_bn: Array, position_ids_bn: Array) -> Array:
+    b, n, _ = latents_bnc.shape
+    time = self.time_embedder(timesteps_bn.reshape(-1)).reshape(b, n, -1)
+    table = jnp.asarray(_sincos_table(self.config.llm.hidden_size, self.config.max_latent_size))
+    pos = jnp.take(table, position_ids_bn, axis=0)
+    x = self.vae2llm(latents_bnc.astype(self.config.llm.dtype))
+    return x + time.astype(x.dtype) + pos.astype(x.dtype)
+
+  def embed_vit(self, patches_bnp: Array, position_ids_bn: Array, segment_ids_bn: Array) -> Array:
+    features = self.vit_model(patches_bnp, position_ids_bn, segment_ids_bn)
+    return self.connector(features, position_ids_bn)
+
+  def embed_sequence(self, inputs: SequenceInputs, latents_bnc: Array | None,
+                     timesteps_bn: Array | None) -> Array:
+    """(B, T, hidden) input embeddings of packed rows (see the module docstring)."""
+    kind = inputs.token_kind
+    x = self.language_model.embed(jnp.where(kind == TEXT, inputs.text_ids, 0))
+    if inputs.vit_patches.shape[1]:
+      vit = self.embed_vit(inputs.vit_patches, inputs.vit_position_ids, inputs.vit_segment_ids)
+      x = jnp.where((kind == VIT)[..., None], _gather(vit, inputs.source_index).astype(x.dtype), x)
+    if latents_bnc is not None and latents_bnc.shape[1]:
+      lat = self.embed_latents(latents_bnc, timesteps_bn, inputs.latent_position_ids)
+      x = jnp.where((kind == LATENT)[..., None], _gather(lat, inputs.source_index).astype(x.dtype),
+                    x)
+    return jnp.where((kind == PAD)[..., None], 0, x)
+
+  # -- training forward ---------------------------------------------------------------------------
+
+  def __call__(self, inputs: SequenceInputs, latents_bnc: Array | None = None,
+               timesteps_bn: Array | None = None) -> Array:
+    """Final hidden states (B, T, hidden) over packed rows with the BAGEL mask."""
+    x = self.embed_sequence(inputs, latents_bnc, timesteps_bn)
+    mask = attention_mask.packed_mask(inputs.layout)
+    return self.language_model(x, inputs.positions, mask, inputs.token_kind == LATENT)
+
+  def velocity(self, hidden_btd: Array, latent_seq_index_bn: Array) -> Array:
+    """Predicted velocity (B, Nl, latent_channels) at the latent tokens."""
+    return self.llm2vae(_gather(hidden_btd, latent_seq_index_bn)).astype(jnp.float32)
+
+  def text_logits(self, hidden_btd: Array) -> Array:
+    return self.language_model.logits(hidden_btd).astype(jnp.float32)
+
+  # -- KV-cached inference ------------------------------------------------------------------------
+
+  def init_cache(self, batch: int, max_length: int) -> KVCache:
+    return self.language_model.init_cache(batch, max_length)
+
+  def prefill(self, cache: KVCache, inputs: SequenceInputs, latents_bnc: Array | None = None,
+              timesteps_bn: Array | None = None) -> KVCache:
+    """Appends context tokens (text, ViT and clean-latent blocks) to the cache.
+
+    `inputs.positions` are offsets from the cache's next position (start at 0 for a new block
+    run), so the same block inputs serve every CFG context.
+    """
+    x = self.embed_sequence(inputs, latents_bnc, timesteps_bn)
+    positions = inputs.positions + cache.next_position[:, None]
+    mask = attention_mask.packed_mask(inputs.layout)
+    _, cache = self.language_model.extend(cache, x, positions, mask,
+                                          inputs.token_kind == LATENT,
+                                          valid_bt=inputs.token_kind != PAD)
+    return cache
+
+  def denoise_velocity(self, cache: KVCache, inputs: SequenceInputs, x_t_bnc: Array,
+                       t_b: Array) -> Array:
+    """Velocity of a noisy latent block (markers + latent tokens) against a cached context.
+
+    The block attends the whole valid context of its row and itself bidirectionally; the cache
+    is left unchanged, so every denoising step reuses the one prefill.
+    """
+    n = x_t_bnc.shape[1]
+    timesteps = jnp.broadcast_to(t_b[:, None], (t_b.shape[0], n))
+    x = self.embed_sequence(inputs, x_t_bnc, timesteps)
+    positions = inputs.positions + cache.next_position[:, None]
+    valid = inputs.token_kind != PAD
+    block = valid[:, :, None] & valid[:, None, :]
+    hidden, _ = self.language_model.extend(cache, x, positions, block,
+                                           inputs.token_kind == LATENT, valid_bt=valid,
+                                           write=False)
+    return self.velocity(hidden, inputs.latent_seq_index)
+
+
+def _gather(values_bnd: Array, index_bt: Array) -> Array:
+  """values[b, index[b, t]] with out-of-range indices clamped (masked by the caller)."""
+  index = jnp.clip(index_bt, 0, values_bnd.shape[1] - 1)
+  return jnp.take_along_axis(values_bnd, index[..., None], axis=1)
+
+
+# -- latents <-> tokens ---------------------------------------------------------------------------
+
+
+def patchify_latents(z_bhwc: Array, p: int) -> Array:
+  """(B, h, w, C) VAE latents -> (B, (h/p)(w/p), p p C) tokens, row-major, each (p, q, c) as BAGEL."""
+  b, h, w, c = z_bhwc.shape
+  x = z_bhwc.reshape(b, h // p, p, w // p, p, c)
+  return jnp.einsum("bhpwqc->bhwpqc", x).reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify_latents(tokens_bnc: Array, h: int, w: int, p: int) -> Array:
+  """Inverse of `patchify_latents` for a latent grid of h x w (VAE resolution)."""
+  b, _, pc = tokens_bnc.shape
+  c = pc // (p * p)
+  x = tokens_bnc.reshape(b, h // p, w // p, p, p, c)
+  return jnp.einsum("bhwpqc->bhpwqc", x).reshape(b, h, w, c)
+
+
+def latent_position_ids(height: int, width: int, downsample: int, max_latent_size: int
+                        ) -> np.ndarray:
+  """h * max_latent_size + w over the latent-token grid of an image of height x width pixels."""
+  gh, gw = height // downsample, width // downsample
+  if gh > max_latent_size or gw > max_latent_size:
+    raise ValueError(f"image {height}x{width} has a {gh}x{gw} latent grid; the model supports "
+                     f"at most {max_latent_size} per side")
+  hh, ww = np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")
+  return (hh * max_latent_size + ww).reshape(-1).astype(np.int32)

@@ -1,0 +1,176 @@
+"""Host-side construction of packed BAGEL rows (`bagel.SequenceInputs`) from block lists.
+
+A sample is a list of blocks, in order:
+  Text(ids)          causal text; RoPE advances one position per token
+  Vit(image)         `<|vision_start|>` + SigLIP patches + `<|vision_end|>`, bidirectional
+  Latent(h, w)       `<|vision_start|>` + VAE latent tokens + `<|vision_end|>` of an image of
+                     h x w pixels, clean conditioning (t = 0), bidirectional
+  Latent(h, w, noisy=True)  the same as a generation target: nothing else attends to it
+An image block shares one RoPE position, then the counter advances by one (DESIGN section 4).
+Latent values are not built here: the train step encodes the images with the VAE and feeds the
+tokens in block order, so rows only carry where each latent token goes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from robust_u1_jax.models import attention_mask, siglip
+from robust_u1_jax.models.bagel import LATENT, PAD, TEXT, VIT, BagelConfig, SequenceInputs
+from robust_u1_jax.models.bagel import latent_position_ids
+
+
+@dataclasses.dataclass(frozen=True)
+class Text:
+  ids: Sequence[int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Vit:
+  image: np.ndarray  # (H, W, 3) float in [-1, 1], sides multiples of the ViT patch
+
+
+@dataclasses.dataclass(frozen=True)
+class Latent:
+  height: int
+  width: int
+  noisy: bool = False
+
+
+Block = Text | Vit | Latent
+
+
+@dataclasses.dataclass(frozen=True)
+class Markers:
+  """Token ids that wrap image blocks."""
+  vision_start: int
+  vision_end: int
+
+
+@dataclasses.dataclass
+class _Sample:
+  text_ids: list
+  kind: list
+  source_index: list
+  positions: list
+  layout_blocks: list  # (attention kind, length)
+  vit_patches: list
+  vit_position_ids: list
+  vit_segment_ids: list
+  latent_position_ids: list
+  latent_seq_offsets: list
+
+
+def _build(blocks: Sequence[Block], config: BagelConfig, markers: Markers, position0: int):
+  s = _Sample([], [], [], [], [], [], [], [], [], [])
+  pos, n_vit, n_lat, images = position0, 0, 0, 0
+
+  def image_block(kind_id, count, source_start, attention_kind):
+    nonlocal pos
+    start = len(s.kind)
+    s.text_ids += [markers.vision_start] + [0] * count + [markers.vision_end]
+    s.kind += [TEXT] + [kind_id] * count + [TEXT]
+    s.source_index += [0] + list(range(source_start, source_start + count)) + [0]
+    s.positions += [pos] * (count + 2)
+    s.layout_blocks.append((attention_kind, count + 2))
+    pos += 1
+    return start + 1
+
+  for block in blocks:
+    if isinstance(block, Text):
+      ids = list(block.ids)
+      s.text_ids += ids
+      s.kind += [TEXT] * len(ids)
+      s.source_index += [0] * len(ids)
+      s.positions += list(range(pos, pos + len(ids)))
+      s.layout_blocks.append(("text", len(ids)))
+      pos += len(ids)
+    elif isinstance(block, Vit):
+      patches, pos_ids = siglip.patchify(block.image, config.vit.patch_size,
+                                         config.vit.max_patches_per_side)
+      images += 1
+      image_block(VIT, len(patches), n_vit, "image")
+      s.vit_patches.append(np.asarray(patches, np.float32))
+      s.vit_position_ids.append(np.asarray(pos_ids, np.int32))
+      s.vit_segment_ids.append(np.full(len(patches), images, np.int32))
+      n_vit += len(patches)
+    elif isinstance(block, Latent):
+      ids = latent_position_ids(block.height, block.width, config.latent_downsample,
+                                config.max_latent_size)
+      first = image_block(LATENT, len(ids), n_lat, "noisy" if block.noisy else "image")
+      s.latent_position_ids.append(ids)
+      s.latent_seq_offsets.append(np.arange(first, first + len(ids), dtype=np.int32))
+      n_lat += len(ids)
+    else:
+      raise TypeError(f"unknown block {block!r}; use Text, Vit or Latent")
+  return s
+
+
+def build_rows(rows: Sequence[Sequence[Sequence[Block]]], config: BagelConfig, markers: Markers,
+               *, seq_len: int, max_vit: int, max_latent: int) -> SequenceInputs:
+  """Packs rows (each a list of samples, each a list of blocks) into numpy `SequenceInputs`.
+
+  Samples in a row are isolated from each other by the mask and their positions restart at 0
+  (`Bagel.prefill` adds the cache's next position, so block inputs serve any context).
+  """
+  patch_dim = 3 * config.vit.patch_size ** 2
+  out = {k: [] for k in ("text_ids", "token_kind", "source_index", "positions", "layout",
+                         "vit_patches", "vit_position_ids", "vit_segment_ids",
+                         "latent_position_ids", "latent_seq_index")}
+  for r, samples in enumerate(rows):
+    built = [_build(blocks, config, markers, 0) for blocks in samples]
+    layout, _ = attention_mask.pack_samples([b.layout_blocks for b in built], seq_len)
+    text_ids, kind, source, positions = [], [], [], []
+    vit_p, vit_pos, vit_seg, lat_pos, lat_idx = [], [], [], [], []
+    vit_offset = lat_offset = seg_offset = 0
+    for b in built:
+      offset = len(kind)
+      text_ids += b.text_ids
+      kind += b.kind
+      positions += b.positions
+      source += [i + (vit_offset if k == VIT else lat_offset if k == LATENT else 0)
+                 for i, k in zip(b.source_index, b.kind)]
+      vit_p += b.vit_patches
+      vit_pos += b.vit_position_ids
+      vit_seg += [seg + seg_offset for seg in b.vit_segment_ids]
+      seg_offset += len(b.vit_segment_ids)
+      lat_pos += b.latent_position_ids
+      lat_idx += [o + offset for o in b.latent_seq_offsets]
+      vit_offset += sum(len(p) for p in b.vit_patches)
+      lat_offset += sum(len(p) for p in b.latent_position_ids)
+    if len(kind) > seq_len or vit_offset > max_vit or lat_offset > max_latent:
+      raise ValueError(f"row {r}: {len(kind)} tokens, {vit_offset} ViT patches and {lat_offset} "
+                       f"latent tokens exceed seq_len={seq_len}, max_vit={max_vit}, "
+                       f"max_latent={max_latent}")
+    pad = seq_len - len(kind)
+    out["text_ids"].append(np.asarray(text_ids + [0] * pad, np.int32))
+    out["token_kind"].append(np.asarray(kind + [PAD] * pad, np.int32))
+    out["source_index"].append(np.asarray(source + [0] * pad, np.int32))
+    out["positions"].append(np.asarray(positions + [0] * pad, np.int32))
+    out["layout"].append(layout)
+    out["vit_patches"].append(_pad(vit_p, max_vit, (patch_dim,), np.float32))
+    out["vit_position_ids"].append(_pad(vit_pos, max_vit, (), np.int32))
+    out["vit_segment_ids"].append(_pad(vit_seg, max_vit, (), np.int32))
+    out["latent_position_ids"].append(_pad(lat_pos, max_latent, (), np.int32))
+    out["latent_seq_index"].append(_pad(lat_idx, max_latent, (), np.int32))
+  stacked = {k: (attention_mask.stack_layouts(v) if k == "layout" else np.stack(v))
+             for k, v in out.items()}
+  return SequenceInputs(**stacked)
+
+
+def _pad(parts: list, length: int, tail: tuple, dtype) -> np.ndarray:
+  out = np.zeros((length,) + tail, dtype)
+  if parts:
+    joined = np.concatenate(parts).astype(dtype)
+    out[:len(joined)] = joined
+  return out
+
+
+def lengths(blocks: Sequence[Block], config: BagelConfig) -> tuple[int, int, int]:
+  """(tokens, ViT patches, latent tokens) a sample occupies."""
+  s = _build(blocks, config, Markers(0, 0), 0)
+  return (len(s.kind), sum(len(p) for p in s.vit_patches),
+          sum(len(p) for p in s.latent_position_ids))
