@@ -105,6 +105,9 @@ class SequenceInputs:
   vit_segment_ids: Array  # (B, Nv) int32, 1.. per image, 0 padding
   latent_position_ids: Array  # (B, Nl) int32, h * max_latent_size + w
   latent_seq_index: Array  # (B, Nl) int32: where each latent token sits in the row
+  # (B, Nl) int32: which token of the row's VAE-encoded images (stacked, all of one size) feeds
+  # each latent token; training gathers the encoded latents with it.
+  latent_image_index: Array
 
 
 class Bagel(nnx.Module):

@@ -38,6 +38,7 @@ class Latent:
   height: int
   width: int
   noisy: bool = False
+  image: int = 0  # which of the row's VAE-encoded images (all of one size) feeds this block
 
 
 Block = Text | Vit | Latent
@@ -62,10 +63,11 @@ class _Sample:
   vit_segment_ids: list
   latent_position_ids: list
   latent_seq_offsets: list
+  latent_image_index: list
 
 
 def _build(blocks: Sequence[Block], config: BagelConfig, markers: Markers, position0: int):
-  s = _Sample([], [], [], [], [], [], [], [], [], [])
+  s = _Sample([], [], [], [], [], [], [], [], [], [], [])
   pos, n_vit, n_lat, images = position0, 0, 0, 0
 
   def image_block(kind_id, count, source_start, attention_kind):
@@ -103,6 +105,7 @@ def _build(blocks: Sequence[Block], config: BagelConfig, markers: Markers, posit
       first = image_block(LATENT, len(ids), n_lat, "noisy" if block.noisy else "image")
       s.latent_position_ids.append(ids)
       s.latent_seq_offsets.append(np.arange(first, first + len(ids), dtype=np.int32))
+      s.latent_image_index.append(block.image * len(ids) + np.arange(len(ids), dtype=np.int32))
       n_lat += len(ids)
     else:
       raise TypeError(f"unknown block {block!r}; use Text, Vit or Latent")
@@ -119,13 +122,13 @@ def build_rows(rows: Sequence[Sequence[Sequence[Block]]], config: BagelConfig, m
   patch_dim = 3 * config.vit.patch_size ** 2
   out = {k: [] for k in ("text_ids", "token_kind", "source_index", "positions", "layout",
                          "vit_patches", "vit_position_ids", "vit_segment_ids",
-                         "latent_position_ids", "latent_seq_index")}
+                         "latent_position_ids", "latent_seq_index", "latent_image_index")}
   for r, samples in enumerate(rows):
     built = [_build(blocks, config, markers, 0) for blocks in samples]
     layout, _ = attention_mask.pack_samples([b.layout_blocks for b in built], seq_len)
     text_ids, kind, source, positions = [], [], [], []
-    vit_p, vit_pos, vit_seg, lat_pos, lat_idx = [], [], [], [], []
-    vit_offset = lat_offset = seg_offset = 0
+    vit_p, vit_pos, vit_seg, lat_pos, lat_idx, lat_img = [], [], [], [], [], []
+    vit_offset = lat_offset = seg_offset = image_token_offset = 0
     for b in built:
       offset = len(kind)
       text_ids += b.text_ids
@@ -139,6 +142,9 @@ def build_rows(rows: Sequence[Sequence[Sequence[Block]]], config: BagelConfig, m
       seg_offset += len(b.vit_segment_ids)
       lat_pos += b.latent_position_ids
       lat_idx += [o + offset for o in b.latent_seq_offsets]
+      lat_img += [i + image_token_offset for i in b.latent_image_index]
+      # The next sample's images follow this sample's in the row's stack of encoded images.
+      image_token_offset += max((int(i.max()) + 1 for i in b.latent_image_index), default=0)
       vit_offset += sum(len(p) for p in b.vit_patches)
       lat_offset += sum(len(p) for p in b.latent_position_ids)
     if len(kind) > seq_len or vit_offset > max_vit or lat_offset > max_latent:
@@ -156,6 +162,7 @@ def build_rows(rows: Sequence[Sequence[Sequence[Block]]], config: BagelConfig, m
     out["vit_segment_ids"].append(_pad(vit_seg, max_vit, (), np.int32))
     out["latent_position_ids"].append(_pad(lat_pos, max_latent, (), np.int32))
     out["latent_seq_index"].append(_pad(lat_idx, max_latent, (), np.int32))
+    out["latent_image_index"].append(_pad(lat_img, max_latent, (), np.int32))
   stacked = {k: (attention_mask.stack_layouts(v) if k == "layout" else np.stack(v))
              for k, v in out.items()}
   return SequenceInputs(**stacked)

@@ -1,0 +1,629 @@
+"""The built-in procedural shapes world (DESIGN section 8): images, captions, multiple-choice VQA.
+
+Every record is a pure function of (split, index, seed), so Grain can shuffle, shard and resume
+over it without storing anything. A record holds 1 to 4 small anti-aliased objects (5 shapes,
+6 colours) on a muted textured background, a caption, and one question of each kind that the scene
+supports (colour, shape, count, position, existence) with 2 to 4 lettered options.
+
+The world is built so that corruption matters: objects are 9-20 px at 64 x 64 (heavy blur or
+pixelation merges them and rounds their outlines), object colours are saturated hues about 60
+degrees apart (a strong hue shift or colour noise turns one named colour into its neighbour), and
+backgrounds are low-saturation so they are never mistaken for an object colour. Colour and shape
+options are runs of neighbours on those confusion cycles with the answer at a uniform place in the
+run, and count answers are about uniform over 0..4, so the options alone give a blind model little
+more than chance.
+
+`answer_text(question, corruption_name)` renders the Robust-R1 answer format
+`<TYPE>..<TYPE_END>` `<INFLUENCE>..<INFLUENCE_END>` `<REASONING>..<REASONING_END>`
+`<CONCLUSION>..<CONCLUSION_END>` `<ANSWER>X<ANSWER_END>`; the pipeline calls it after corrupting,
+when the corruption is known.
+"""
+
+from collections.abc import Sequence
+import colorsys
+import functools
+import hashlib
+import math
+import random
+import re
+
+import numpy as np
+
+# Hue order matters: neighbours in this tuple are what a strong hue shift confuses.
+COLORS = {
+    "red": (0.88, 0.14, 0.14),
+    "yellow": (0.93, 0.83, 0.12),
+    "green": (0.14, 0.70, 0.22),
+    "cyan": (0.10, 0.78, 0.86),
+    "blue": (0.14, 0.30, 0.92),
+    "purple": (0.66, 0.20, 0.86),
+}
+COLOR_NAMES = tuple(COLORS)
+SHAPES = ("circle", "square", "triangle", "star", "cross")
+PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars",
+           "cross": "crosses"}
+# Outlines ordered so that neighbours are what blur or pixelation confuse (the cycle closes:
+# triangle next to circle); colour distractors use the hue order of COLOR_NAMES the same way.
+SHAPE_CYCLE = ("circle", "square", "cross", "star", "triangle")
+# Circumradius of each outline in units of the nominal radius (size / 2): bounding boxes, spacing.
+_EXTENT = {"circle": 1.0, "square": 1.14, "triangle": 1.15, "star": 1.1, "cross": 1.0}
+QUESTION_KINDS = ("color", "shape", "count", "position", "existence")
+BACKGROUNDS = ("mottled", "striped", "checkered", "gradient")
+QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
+MAX_OBJECTS = 4
+NUMBER_WORDS = ("no", "one", "two", "three", "four")
+# Count-question weights by answer; fitted so that answers 0..4 come out about equally often.
+_COUNT_WEIGHTS = (1.0, 1.0, 2.5, 8.0, 20.0)
+LETTERS = "ABCD"
+SPLITS = ("train", "validation", "test")
+DEFAULT_SIZES = {"train": 100_000, "validation": 1_000, "test": 1_000}
+MIN_IMAGE_SIDE = 32
+
+# What each known corruption does to the scene: (effect sentence, question kinds it makes harder).
+_EFFECTS = {
+    "noise": ("Random noise speckles every pixel and hides fine detail.",
+              ("color", "shape", "existence")),
+    "blur": ("Blur smears the edges, so outlines soften and nearby objects run together.",
+             ("shape", "count", "existence")),
+    "blocks": ("Blocky artifacts break the outlines into coarse squares.",
+               ("shape", "count", "existence")),
+    "color": ("The colors and brightness are shifted away from their true values.",
+              ("color", "existence")),
+    "occlusion": ("Overlays cover parts of the image and can hide objects.", QUESTION_KINDS),
+    "warp": ("The image is warped, which bends the outlines.", ("shape", "existence")),
+    "sharpen": ("Sharpening adds halos and ringing around the edges.", ("shape",)),
+}
+# Every ImageNet-C and Robust-R1 corruption of DESIGN section 6, by effect.
+CORRUPTION_EFFECTS = {
+    "gaussian_noise": "noise", "shot_noise": "noise", "impulse_noise": "noise",
+    "speckle_noise": "noise", "defocus_blur": "blur", "glass_blur": "blur", "motion_blur": "blur",
+    "zoom_blur": "blur", "gaussian_blur": "blur", "lens_blur": "blur",
+    "atmospheric_turbulence": "blur", "pixelate": "blocks", "jpeg_compression": "blocks",
+    "block_exchange": "blocks", "saturate": "color", "hsv_saturation": "color",
+    "brightness": "color", "contrast": "color", "mean_shift": "color", "color_diffusion": "color",
+    "dark_illumination": "color", "snow": "occlusion", "frost": "occlusion", "fog": "occlusion",
+    "spatter": "occlusion", "lens_flare": "occlusion", "dirty_lens": "occlusion",
+    "graffiti": "occlusion", "watermark_damage": "occlusion", "scan_lines": "occlusion",
+    "elastic_transform": "warp", "sharpness_change": "sharpen",
+}
+_ATTRIBUTE_WORDS = {"color": "the colors", "shape": "the shapes", "count": "the number of objects",
+                    "position": "the positions", "existence": "colors and shapes"}
+
+
+# ------------------------------------------------------------------------------------ randomness
+
+class _Draws:
+  """Scalar draws built only on `random.Random.random`, whose sequence for an int seed Python
+  guarantees across versions (its randint/choice/shuffle are not). Python's generator is also an
+  order of magnitude cheaper per scalar draw than numpy's, which matters at 0.5 ms per record."""
+
+  def __init__(self, key: int):
+    self.random = random.Random(key).random
+
+  def uniform(self, lo: float, hi: float) -> float:
+    return lo + (hi - lo) * self.random()
+
+  def randint(self, n: int) -> int:
+    return min(int(self.random() * n), n - 1)
+
+  def choice(self, seq):
+    return seq[self.randint(len(seq))]
+
+  def weighted_choice(self, items: Sequence, weights: Sequence[float]):
+    u = self.random() * sum(weights)
+    for item, w in zip(items, weights):
+      u -= w
+      if u < 0:
+        return item
+    return items[-1]
+
+  def shuffled(self, seq) -> list:
+    out = list(seq)
+    for i in range(len(out) - 1, 0, -1):
+      j = self.randint(i + 1)
+      out[i], out[j] = out[j], out[i]
+    return out
+
+
+def record_key(split: str, index: int, seed: int) -> int:
+  """The 128-bit seed of one record's stream: a hash of (split, seed, index), so streams of
+  different splits, seeds and indices are unrelated and any record is reachable directly."""
+  digest = hashlib.blake2b(f"robust_u1_jax.shapes|{split}|{seed}|{index}".encode(),
+                           digest_size=16).digest()
+  return int.from_bytes(digest, "little")
+
+
+# ---------------------------------------------------------------------------------------- scene
+
+def _quadrant(cx: float, cy: float, h: int, w: int) -> str:
+  return ("top " if cy < h / 2 else "bottom ") + ("left" if cx < w / 2 else "right")
+
+
+def _sample_objects(d: _Draws, h: int, w: int) -> list[dict]:
+  scale = min(h, w) / 64
+  gap = max(2.0, 0.05 * min(h, w))  # centres stay off the midlines, so quadrants are well defined
+  objects: list[dict] = []
+  for _ in range(1 + d.randint(MAX_OBJECTS)):
+    # Repeats make counting subsets ("how many blue squares") non-trivial.
+    color = objects[-1]["color"] if objects and d.random() < 0.3 else d.choice(COLOR_NAMES)
+    shape = objects[-1]["shape"] if objects and d.random() < 0.3 else d.choice(SHAPES)
+    size = d.uniform(9.0, 20.0) * scale
+    ext = _EXTENT[shape] * size / 2
+    for _ in range(100):
+      cx, cy = d.uniform(ext + 1, w - ext - 1), d.uniform(ext + 1, h - ext - 1)
+      if abs(cx - w / 2) < gap or abs(cy - h / 2) < gap:
+        continue
+      if all(math.hypot(cx - o["center"][0], cy - o["center"][1])
+             >= ext + _EXTENT[o["shape"]] * o["size"] / 2 + 1.5 for o in objects):
+        break
+    else:
+      continue  # no room: fewer objects, so every count stays true
+    objects.append({"shape": shape, "color": color, "center": (round(cx, 2), round(cy, 2)),
+                    "size": round(size, 2), "rotation": round(d.uniform(-15.0, 15.0), 1),
+                    "quadrant": _quadrant(cx, cy, h, w)})
+  return objects
+
+
+@functools.lru_cache(maxsize=64)
+def _upsample_matrix(n_in: int, n_out: int) -> np.ndarray:
+  """(n_out, n_in) linear-interpolation weights with both ends aligned."""
+  pos = np.linspace(0.0, n_in - 1, n_out)
+  lo = np.minimum(np.floor(pos).astype(int), n_in - 2)
+  frac = (pos - lo).astype(np.float32)
+  m = np.zeros((n_out, n_in), np.float32)
+  m[np.arange(n_out), lo] = 1 - frac
+  m[np.arange(n_out), lo + 1] = frac
+  return m
+
+
+@functools.lru_cache(maxsize=64)
+def _pixel_centers(n: int) -> np.ndarray:
+  return np.arange(n, dtype=np.float32) + 0.5
+
+
+def _hsv255(h: float, s: float, v: float) -> np.ndarray:
+  return np.asarray(colorsys.hsv_to_rgb(h % 1.0, s, v), np.float32) * 255.0
+
+
+def _render_background(kind: str, d: _Draws, h: int, w: int) -> np.ndarray:
+  """3 x H x W float32 in [0, 255] + 0.5 (the rounding offset, so the end is one truncation).
+
+  Every kind is `offset + gain * pattern` with a pattern built from 1-D axes. Channels come first
+  while drawing because numpy loops over a trailing axis of 3 several times slower.
+  """
+  hue, sat, val = d.random(), d.uniform(0.04, 0.2), d.uniform(0.35, 0.72)
+  base = _hsv255(hue, sat, val) + 0.5
+  tint = np.asarray([d.uniform(0.7, 1.3) for _ in range(3)], np.float32) * 255.0
+  theta = d.uniform(0.0, math.pi)
+  ys, xs = _pixel_centers(h), _pixel_centers(w)
+  if kind == "gradient":
+    other = _hsv255(hue + d.uniform(-0.15, 0.15), sat, val + d.uniform(-0.2, 0.2)) + 0.5
+    ty, tx = (math.sin(theta) / h) * ys, (math.cos(theta) / w) * xs
+    lo = float(min(ty[0], ty[-1]) + min(tx[0], tx[-1]))
+    span = max(float(max(ty[0], ty[-1]) + max(tx[0], tx[-1])) - lo, 1e-6)
+    pattern = ty[:, None] + tx[None, :]
+    gain = (other - base) / span
+    offset = base - lo * gain
+  elif kind == "mottled":
+    gh, gw = 3 + d.randint(4), 3 + d.randint(4)
+    grid = np.asarray([2.0 * d.random() - 1.0 for _ in range(gh * gw)], np.float32)
+    pattern = _upsample_matrix(gh, h) @ grid.reshape(gh, gw) @ _upsample_matrix(gw, w).T
+    gain, offset = d.uniform(0.05, 0.1) * tint, base
+  elif kind == "striped":
+    k = 2 * math.pi / (d.uniform(5.0, 14.0) * min(h, w) / 64)
+    phase = d.uniform(0.0, 2 * math.pi)
+    pattern = np.sin((k * math.sin(theta)) * ys[:, None] + ((k * math.cos(theta)) * xs + phase))
+    gain, offset = d.uniform(0.03, 0.07) * tint, base
+  elif kind == "checkered":
+    cell = max(2, round(d.uniform(5.0, 12.0) * min(h, w) / 64))
+    parity = (np.arange(h) // cell % 2)[:, None] ^ (np.arange(w) // cell % 2)[None, :]
+    pattern = parity.astype(np.float32)
+    amp = d.uniform(0.025, 0.05) * tint
+    gain, offset = 2.0 * amp, base - amp
+  else:
+    raise ValueError(f"unknown background {kind!r}: allowed {', '.join(BACKGROUNDS)}")
+  return (gain.astype(np.float32)[:, None, None] * pattern
+          + offset.astype(np.float32)[:, None, None])
+
+
+# Outlines as half-planes in the object's frame (normal angle in degrees, offset in units of the
+# nominal radius r), combined in `_signed_distance`; y grows downwards, triangle and star point up.
+_C72 = math.cos(math.radians(72))
+_HALF_PLANES = {
+    "square": [(a, 0.8) for a in (0, 90, 180, 270)],
+    "triangle": [(a, 0.575) for a in (90, 210, 330)],  # equilateral, circumradius 1.15 r
+    "star": [(-18 + 72 * k, _EXTENT["star"] * _C72) for k in range(5)],
+    # Plus sign: two overlapping bars (overlap, not abutment, so the union has no seam).
+    "cross": [(0, 0.95), (180, 0.95), (90, 0.32), (270, 0.32),
+              (0, 0.32), (180, 0.32), (90, 0.95), (270, 0.95)],
+}
+_HALF_PLANE_ARRAYS = {k: (np.radians([a for a, _ in v]), np.asarray([o for _, o in v], np.float32))
+                      for k, v in _HALF_PLANES.items()}
+
+
+def _signed_distance(shape: str, dx: np.ndarray, dy: np.ndarray, r: float,
+                     rotation_deg: float) -> np.ndarray:
+  """Approximate signed distance in pixels (negative inside) on the grid dy[:, None], dx[None, :].
+
+  Exact near the outline, which is all the one-pixel anti-aliasing ramp looks at.
+  """
+  if shape == "circle":
+    return np.sqrt((dy * dy)[:, None] + (dx * dx)[None, :]) - r
+  if shape not in _HALF_PLANE_ARRAYS:
+    raise ValueError(f"unknown shape {shape!r}: allowed {', '.join(SHAPES)}")
+  phi, offsets = _HALF_PLANE_ARRAYS[shape]
+  phi = (phi + math.radians(rotation_deg)).astype(np.float32)
+  # Distance past each edge line, (lines, y, x): rotating the frame rotates the normals.
+  s = (np.cos(phi)[:, None, None] * dx[None, None, :]
+       + (np.sin(phi)[:, None] * dy[None, :] - (offsets * r)[:, None])[:, :, None])
+  if shape == "star":
+    # A pentagram is the set of points outside at most one of its five edge half-planes.
+    return np.partition(s, 3, axis=0)[3]
+  if shape == "cross":
+    return s.reshape(2, 4, *s.shape[1:]).max(axis=1).min(axis=0)
+  return s.max(axis=0)
+
+
+def _draw_object(img_chw: np.ndarray, obj: dict, d: _Draws) -> None:
+  _, h, w = img_chw.shape
+  cx, cy = obj["center"]
+  r = obj["size"] / 2
+  ext = _EXTENT[obj["shape"]] * r + 1.0
+  x0, x1 = max(0, int(cx - ext)), min(w, int(math.ceil(cx + ext)) + 1)
+  y0, y1 = max(0, int(cy - ext)), min(h, int(math.ceil(cy + ext)) + 1)
+  dist = _signed_distance(obj["shape"], _pixel_centers(w)[x0:x1] - cx,
+                          _pixel_centers(h)[y0:y1] - cy, r, obj["rotation"])
+  # Coverage from the signed distance: a one-pixel ramp approximates the box-filtered edge.
+  # (In-place ufuncs: np.clip's Python wrapper costs more than the arithmetic at this size.)
+  alpha = np.subtract(0.5, dist, out=dist)
+  np.minimum(np.maximum(alpha, 0.0, out=alpha), 1.0, out=alpha)
+  bright = d.uniform(0.85, 1.0)
+  color = np.asarray([min(255.0, 255.0 * c * bright + d.uniform(-8.0, 8.0)) + 0.5
+                      for c in COLORS[obj["color"]]], np.float32)[:, None, None]
+  region = img_chw[:, y0:y1, x0:x1]
+  region += (color - region) * alpha
+
+
+# ------------------------------------------------------------------------------------- language
+
+def _a(word: str) -> str:
+  return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+def _count_phrase(n: int, singular: str, plural: str) -> str:
+  return f"{NUMBER_WORDS[n]} {singular if n == 1 else plural}"
+
+
+def _caption(objects: list[dict], background: str) -> str:
+  groups: dict[tuple[str, str], list[dict]] = {}
+  for o in objects:
+    groups.setdefault((o["color"], o["shape"]), []).append(o)
+  parts = []
+  for (color, shape), members in groups.items():
+    if len(members) == 1:
+      parts.append(f"{_a(color)} {shape} at the {members[0]['quadrant']}")
+    else:
+      part = f"{NUMBER_WORDS[len(members)]} {color} {PLURALS[shape]}"
+      for axis in (0, 1):  # a shared half is worth saying ("two blue squares on the left")
+        halves = {m["quadrant"].split()[1 - axis] for m in members}
+        if len(halves) == 1:
+          part += (" on the " if axis == 0 else " at the ") + halves.pop()
+          break
+      parts.append(part)
+  text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+  text = f"{text} on {_a(background)} background."
+  return text[0].upper() + text[1:]
+
+
+def _mcq(d: _Draws, kind: str, question: str, correct: str, distractors: list[str],
+         subject: str, target: dict) -> dict:
+  options = d.shuffled([correct, *distractors])  # shuffling makes the correct letter uniform
+  idx = options.index(correct)
+  return {"kind": kind, "question": question, "options": options, "answer": LETTERS[idx],
+          "answer_index": idx, "answer_option": correct, "subject": subject, "target": target}
+
+
+def _referent(o: dict, objects: list[dict], key: str) -> str | None:
+  """'the circle' / 'the red object' when unique, else with its quadrant, else None."""
+  noun = o["shape"] if key == "shape" else f"{o['color']} object"
+  if sum(p[key] == o[key] for p in objects) == 1:
+    return f"the {noun}"
+  if sum(p[key] == o[key] and p["quadrant"] == o["quadrant"] for p in objects) == 1:
+    return f"the {noun} at the {o['quadrant']}"
+  return None
+
+
+def _attribute_question(d: _Draws, objects: list[dict], kind: str) -> dict | None:
+  # A colour question names the object by shape and vice versa.
+  ref_key = "shape" if kind == "color" else "color"
+  cands = [(o, ref) for o in objects if (ref := _referent(o, objects, ref_key))]
+  if not cands:
+    return None
+  o, subject = d.choice(cands)
+  # Options are a run of neighbours on the confusion cycle (hues, or outlines) with the answer at
+  # a uniform place in the run: the distractors are what corruption confuses, yet the option set
+  # says nothing about which one is right (weighting distractors toward the answer's neighbours
+  # would let a blind model pick the option in the middle).
+  cycle = COLOR_NAMES if kind == "color" else SHAPE_CYCLE
+  correct = o[kind]
+  k = 3 + d.randint(2)
+  start = cycle.index(correct) - d.randint(k)
+  distractors = [v for j in range(k) if (v := cycle[(start + j) % len(cycle)]) != correct]
+  question = (f"What color is {subject}?" if kind == "color" else f"What shape is {subject}?")
+  target = {f: o[f] for f in ("color", "shape", "quadrant")}
+  return _mcq(d, kind, question, correct, distractors, subject, target)
+
+
+def _count_question(d: _Draws, objects: list[dict]) -> dict:
+  # Every category the scene can be asked about, by its count: picking the count first keeps
+  # answers near-uniform over 0..4 (subsets of a small scene would otherwise be mostly "1").
+  by_count: dict[int, list[tuple[str, str, list[dict]]]] = {}
+  categories = [("object", "objects", lambda o: True)]
+  categories += [(f"{c} object", f"{c} objects", lambda o, c=c: o["color"] == c)
+                 for c in COLOR_NAMES]
+  categories += [(s, PLURALS[s], lambda o, s=s: o["shape"] == s) for s in SHAPES]
+  categories += [(f"{c} {s}", f"{c} {PLURALS[s]}",
+                  lambda o, c=c, s=s: o["color"] == c and o["shape"] == s)
+                 for c, s in dict.fromkeys((o["color"], o["shape"]) for o in objects)]
+  for singular, plural, keep in categories:
+    members = [o for o in objects if keep(o)]
+    by_count.setdefault(len(members), []).append((singular, plural, members))
+  # Large counts are rarely available (a count of 4 needs 4 objects), so they are preferred when
+  # they are: answers end up about uniform over 0..4 and "guess a small number" does not pay.
+  counts = sorted(by_count)
+  n = d.weighted_choice(counts, [_COUNT_WEIGHTS[c] for c in counts])
+  singular, plural, members = d.choice(by_count[n])
+  # Uniform distractors: preferring nearby counts would make the middle option a blind guess.
+  distractors = [str(k) for k in d.shuffled([k for k in range(MAX_OBJECTS + 1) if k != n])
+                 [:2 + d.randint(2)]]
+  target = {"count": n, "singular": singular, "plural": plural,
+            "quadrants": [p["quadrant"] for p in members]}
+  return _mcq(d, "count", f"How many {plural} are there?", str(n), distractors, plural, target)
+
+
+def _position_question(d: _Draws, objects: list[dict]) -> dict | None:
+  cands = [o for o in objects
+           if sum(p["color"] == o["color"] and p["shape"] == o["shape"] for p in objects) == 1]
+  if not cands:
+    return None
+  o = d.choice(cands)
+  subject = f"the {o['color']} {o['shape']}"
+  vertical, horizontal = o["quadrant"].split()
+  axis = d.choice(("quadrant", "quadrant", "horizontal", "vertical"))
+  if axis == "quadrant":
+    question = f"Where is {subject}?"
+    correct, distractors = o["quadrant"], [q for q in QUADRANTS if q != o["quadrant"]]
+  elif axis == "horizontal":
+    question = f"Is {subject} on the left or on the right?"
+    correct, distractors = horizontal, ["right" if horizontal == "left" else "left"]
+  else:
+    question = f"Is {subject} in the top half or in the bottom half?"
+    correct, distractors = vertical, ["bottom" if vertical == "top" else "top"]
+  target = {"color": o["color"], "shape": o["shape"], "quadrant": o["quadrant"], "axis": axis}
+  return _mcq(d, "position", question, correct, distractors, subject, target)
+
+
+def _existence_question(d: _Draws, objects: list[dict]) -> dict:
+  present = {(o["color"], o["shape"]) for o in objects}
+  if d.random() < 0.5:
+    o = d.choice(objects)
+    color, shape = o["color"], o["shape"]
+  else:
+    # A plausible absent object shares a colour or a shape with one that is there (there is
+    # always one: at most 4 of the 30 combinations are present).
+    colors, outlines = {c for c, _ in present}, {s for _, s in present}
+    color, shape = d.choice([(c, s) for c in COLOR_NAMES for s in SHAPES
+                             if (c, s) not in present and (c in colors or s in outlines)])
+  found = [o for o in objects if o["color"] == color and o["shape"] == shape]
+  correct = "yes" if found else "no"
+  target = {"color": color, "shape": shape, "present": bool(found),
+            "quadrant": found[0]["quadrant"] if found else None}
+  return _mcq(d, "existence", f"Is there {_a(color)} {shape}?", correct,
+              ["no" if found else "yes"], f"{_a(color)} {shape}", target)
+
+
+def _questions(d: _Draws, objects: list[dict]) -> list[dict]:
+  qs = [_attribute_question(d, objects, "color"), _attribute_question(d, objects, "shape"),
+        _count_question(d, objects), _position_question(d, objects),
+        _existence_question(d, objects)]
+  return [q for q in qs if q is not None]
+
+
+def format_question(q: dict) -> str:
+  """The VQA prompt: the question and its lettered options, one per line (no instruction)."""
+  lines = [q["question"]] + [f"{LETTERS[i]}. {opt}" for i, opt in enumerate(q["options"])]
+  return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------- answer text
+
+def _corruption_words(name: str) -> str:
+  return name.split("/")[-1].replace("_", " ")
+
+
+def _format_strength(s) -> str:
+  # Integers are ImageNet-C severities, floats Robust-R1 intensities.
+  return str(int(s)) if np.issubdtype(np.asarray(s).dtype, np.integer) else f"{float(s):.2f}"
+
+
+def _type_and_influence(kind: str, corruption_name, strength) -> tuple[str, str]:
+  names = ([corruption_name] if isinstance(corruption_name, str) else list(corruption_name or []))
+  names = [n for n in names if n and n != "none"]
+  if not names:
+    return "none", "The image is clean, so colors, shapes and counts can be read directly."
+  strengths = list(strength) if np.ndim(strength) > 0 else [strength] * len(names)
+  if len(strengths) != len(names):
+    raise ValueError(f"answer_text: {len(strengths)} strengths for {len(names)} corruptions "
+                     f"{names}: give one strength per corruption name")
+  types, sentences, hurt = [], [], set()
+  for name, s in zip(names, strengths):
+    words = _corruption_words(name)
+    types.append(words if s is None else f"{words}({_format_strength(s)})")
+    effect = CORRUPTION_EFFECTS.get(name.split("/")[-1])
+    sentence, attrs = (_EFFECTS[effect] if effect else
+                       (f"The {words} degrades the image and hides detail.", QUESTION_KINDS))
+    if sentence not in sentences:
+      sentences.append(sentence)
+    hurt.update(attrs)
+  attribute = _ATTRIBUTE_WORDS[kind]
+  if kind in hurt:
+    sentences.append(f"This makes {attribute} harder to judge, so I check the recovered image.")
+  else:
+    verb = "is" if kind == "count" else "are"
+    sentences.append(f"{attribute[0].upper() + attribute[1:]} {verb} still reliable.")
+  return ", ".join(types), " ".join(sentences)
+
+
+def _reasoning_and_conclusion(q: dict) -> tuple[str, str]:
+  t, kind, subject = q["target"], q["kind"], q["subject"]
+  option = f"which is option {q['answer']}."
+  if kind in ("color", "shape"):
+    where = "" if "at the" in subject else f" It is at the {t['quadrant']}."
+    if kind == "color":
+      return (f"I look for {subject}.{where} Its color is closest to {t['color']}.",
+              f"{subject[0].upper() + subject[1:]} is {t['color']}, {option}")
+    return (f"I look for {subject}.{where} Its outline matches {_a(t['shape'])}.",
+            f"{subject[0].upper() + subject[1:]} is {_a(t['shape'])}, {option}")
+  if kind == "count":
+    n = t["count"]
+    if n == 0:
+      return (f"I check every object and find no {t['plural']}.",
+              f"There are no {t['plural']}, {option}")
+    quads = list(dict.fromkeys(t["quadrants"]))
+    where = quads[0] if len(quads) == 1 else ", ".join(quads[:-1]) + " and " + quads[-1]
+    verb = "is" if n == 1 else "are"
+    return (f"I count the {t['plural']} one by one and find {NUMBER_WORDS[n]}, at the {where}.",
+            f"There {verb} {_count_phrase(n, t['singular'], t['plural'])}, {option}")
+  if kind == "position":
+    vertical, horizontal = t["quadrant"].split()
+    where = {"quadrant": f"at the {t['quadrant']}", "horizontal": f"on the {horizontal}",
+             "vertical": f"in the {vertical} half"}[t["axis"]]
+    return (f"I find {subject}. Its center is in the {vertical} half and the {horizontal} half "
+            f"of the image.", f"{subject[0].upper() + subject[1:]} is {where}, {option}")
+  if kind == "existence":
+    thing = f"{t['color']} {t['shape']}"
+    if t["present"]:
+      return (f"I check each object for {_a(thing)}. There is one at the {t['quadrant']}.",
+              f"Yes, there is {_a(thing)}, {option}")
+    return (f"I check each object for {_a(thing)}. None of the objects is {_a(thing)}.",
+            f"No, there is no {thing}, {option}")
+  raise ValueError(f"question kind {kind!r} is unknown: allowed {', '.join(QUESTION_KINDS)}")
+
+
+def answer_text(question: dict, corruption_name: str | Sequence[str] | None = None, *,
+                strength: float | Sequence[float] | None = None) -> str:
+  """The Robust-R1 answer for `question`, ending exactly with `<ANSWER>X<ANSWER_END>`.
+
+  Args:
+    question: a question dict of a shapes-world record.
+    corruption_name: the applied corruption ("gaussian_noise", "imagenet_c/pixelate"), a list of
+      them (pipeline stages), or None / "none" for a clean image.
+    strength: optional intensity or severity per corruption, written as `name(0.45)` in TYPE.
+  """
+  type_text, influence = _type_and_influence(question["kind"], corruption_name, strength)
+  reasoning, conclusion = _reasoning_and_conclusion(question)
+  return (f"<TYPE>{type_text}<TYPE_END>\n<INFLUENCE>{influence}<INFLUENCE_END>\n"
+          f"<REASONING>{reasoning}<REASONING_END>\n<CONCLUSION>{conclusion}<CONCLUSION_END>\n"
+          f"<ANSWER>{question['answer']}<ANSWER_END>")
+
+
+_ANSWER_RE = re.compile(r"<ANSWER>\s*([A-Da-d])\s*<ANSWER_END>")
+
+
+def parse_answer(text: str) -> str | None:
+  """The letter of the last `<ANSWER>X<ANSWER_END>` in a generated text, or None."""
+  found = _ANSWER_RE.findall(text)
+  return found[-1].upper() if found else None
+
+
+# ------------------------------------------------------------------------------------- the world
+
+def _image_hw(image_size) -> tuple[int, int]:
+  hw = (image_size, image_size) if isinstance(image_size, (int, np.integer)) else tuple(image_size)
+  if len(hw) != 2 or not all(isinstance(s, (int, np.integer)) and s >= MIN_IMAGE_SIDE for s in hw):
+    raise ValueError(f"ShapesWorld image_size={image_size!r} is invalid: use an int or an "
+                     f"(height, width) pair of ints, each >= {MIN_IMAGE_SIDE}")
+  return int(hw[0]), int(hw[1])
+
+
+class ShapesWorld:
+  """Random-access source of shapes-world records: record i is a function of (split, i, seed).
+
+  Record keys: image (uint8 H x W x 3, absent when rendered with render=False), caption, objects
+  (dicts: shape, color, center (x, y) in pixels with y down, size (nominal diameter, px), rotation
+  (degrees), quadrant), questions (dicts: kind, question, options, answer (letter), answer_index,
+  answer_option, subject, target), background, split, index, id.
+  """
+
+  def __init__(self, split: str = "train", size: int | None = None, image_size=64, seed: int = 0):
+    if split not in SPLITS:
+      raise ValueError(f"ShapesWorld split={split!r} is unknown: allowed {', '.join(SPLITS)}")
+    if size is not None and size < 1:
+      raise ValueError(f"ShapesWorld size={size!r} is invalid: use a positive int or None")
+    if seed < 0:
+      raise ValueError(f"ShapesWorld seed={seed!r} is invalid: use an int >= 0")
+    self.split, self.seed = split, int(seed)
+    self.size = DEFAULT_SIZES[split] if size is None else int(size)
+    self.height, self.width = _image_hw(image_size)
+
+  def __len__(self) -> int:
+    return self.size
+
+  def __repr__(self) -> str:
+    return (f"ShapesWorld(split={self.split!r}, size={self.size}, "
+            f"image_size=({self.height}, {self.width}), seed={self.seed})")
+
+  def __getitem__(self, index: int) -> dict:
+    return self.record(index)
+
+  def record(self, index: int, render: bool = True) -> dict:
+    """Record `index`; render=False skips the image (texts are identical)."""
+    i = int(index)
+    if i < 0:
+      i += self.size
+    if not 0 <= i < self.size:
+      raise IndexError(
+          f"ShapesWorld({self.split!r}) index {index} is out of range [0, {self.size})")
+    d = _Draws(record_key(self.split, i, self.seed))
+    h, w = self.height, self.width
+    objects = _sample_objects(d, h, w)
+    background = d.choice(BACKGROUNDS)
+    rec = {"caption": _caption(objects, background), "objects": objects,
+           "questions": _questions(d, objects), "background": background, "split": self.split,
+           "index": i, "id": f"shapes/{self.split}/{self.seed}/{i}"}
+    if render:  # drawn last, so the texts do not depend on whether the image is rendered
+      img_chw = _render_background(background, d, h, w)
+      for o in objects:
+        _draw_object(img_chw, o, d)
+      # Values carry a +0.5 offset, so truncation rounds.
+      np.minimum(np.maximum(img_chw, 0.0, out=img_chw), 255.99, out=img_chw)
+      img_chw = img_chw.astype(np.uint8)
+      image = np.empty((h, w, 3), np.uint8)
+      for c in range(3):  # per-channel copies beat a transposing copy several times over
+        image[:, :, c] = img_chw[c]
+      rec["image"] = image
+    return rec
+
+
+def text_corpus(corruption_names: Sequence[str] = (), num_records: int = 200) -> list[str]:
+  """Every kind of text the world produces, deterministically (the tokenizer's training corpus).
+
+  Captions, prompts and answer texts of `num_records` validation records (answers cycle through
+  `corruption_names` with and without a strength), plus every vocabulary word on its own.
+  """
+  names = ["none", *sorted(set(corruption_names) | set(CORRUPTION_EFFECTS))]
+  world = ShapesWorld("validation", size=num_records, seed=0)
+  texts, k = [], 0
+  for i in range(num_records):
+    rec = world.record(i, render=False)
+    texts.append(rec["caption"])
+    for q in rec["questions"]:
+      texts.append(format_question(q))
+      name = names[k % len(names)]
+      texts.append(answer_text(q, name, strength=(k % 5) / 4 if k % 2 else None))
+      k += 1
+  words = [*COLOR_NAMES, *SHAPES, *PLURALS.values(), *BACKGROUNDS, *QUADRANTS, *NUMBER_WORDS,
+           *QUESTION_KINDS, "yes", "no", "left", "right", "top", "bottom", "half", "center",
+           *(_corruption_words(n) for n in names)]
+  texts.extend(" ".join(words[i:i + 8]) for i in range(0, len(words), 8))
+  return texts

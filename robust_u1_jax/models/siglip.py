@@ -1,0 +1,211 @@
+"""SigLIP NaViT vision tower and the BAGEL connector (the understanding path's image encoder).
+
+NaViT packing: several images of different sizes share one sequence row. Each image contributes
+its patches (row-major), each patch flattened as (row, column, channel); a patch at grid cell
+(h, w) has position id `h * S + w` with S = `max_patches_per_side` (70 in BAGEL), which indexes a
+learned S x S position table, so any image up to S x S patches needs no interpolation. Segment ids
+(1, 2, ... per image, 0 for padding) restrict attention to patches of the same image.
+
+The connector maps ViT features to the LLM width (Linear, GELU-tanh, Linear) and adds the fixed 2-D
+sin-cos `vit_pos_embed` at the same position ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from robust_u1_jax import sharding
+from robust_u1_jax.models import layers
+from robust_u1_jax.models import vit
+
+Array = jax.Array
+COMPONENT = "vit"
+
+
+@dataclasses.dataclass(frozen=True)
+class SiglipConfig:
+  hidden_size: int = 1152
+  mlp_dim: int = 4304
+  num_heads: int = 16
+  num_layers: int = 26
+  patch_size: int = 14
+  max_patches_per_side: int = 70
+  layer_norm_eps: float = 1e-6
+  activation: str = "gelu_tanh"
+
+  def __post_init__(self):
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f"SiglipConfig: hidden_size {self.hidden_size} is not divisible by "
+                       f"num_heads {self.num_heads}")
+    vit.activation(self.activation)  # validates the name
+
+  @property
+  def patch_dim(self) -> int:
+    return 3 * self.patch_size * self.patch_size
+
+  @classmethod
+  def so400m(cls) -> "SiglipConfig":
+    """SigLIP so400m/14 as used by BAGEL: 26 of its 27 layers, 70 x 70 positions."""
+    return cls()
+
+  @classmethod
+  def tiny(cls) -> "SiglipConfig":
+    return cls(hidden_size=32, mlp_dim=64, num_heads=4, num_layers=2, patch_size=8,
+               max_patches_per_side=8)
+
+  @classmethod
+  def from_hf_config(cls, config: Mapping[str, Any] | str, *, drop_last_layer: bool,
+                     max_patches_per_side: int | None = None) -> "SiglipConfig":
+    """From a transformers SigLIP (vision) config dict or a config.json path.
+
+    Args:
+      config: the dict, or a path to `vit_config.json` / `config.json` (a full SiglipConfig's
+        `vision_config` is used).
+      drop_last_layer: BAGEL's `vit_config.json` states 27 layers but the model removes the last
+        one before loading weights: pass True for a BAGEL checkpoint, False for a plain SigLIP.
+      max_patches_per_side: defaults to `image_size // patch_size` (980 // 14 = 70 for BAGEL).
+    """
+    source = "config"
+    if isinstance(config, str):
+      source = config
+      with open(config) as f:
+        config = json.load(f)
+    config = dict(config.get("vision_config", config))
+    required = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers",
+                "patch_size")
+    missing = [k for k in required if k not in config]
+    if missing:
+      raise ValueError(f"{source}: SigLIP vision config is missing {missing}")
+    patch = int(config["patch_size"])
+    layers_ = int(config["num_hidden_layers"]) - (1 if drop_last_layer else 0)
+    if max_patches_per_side is None:
+      if "image_size" not in config:
+        raise ValueError(f"{source}: no image_size; pass max_patches_per_side explicitly")
+      max_patches_per_side = int(config["image_size"]) // patch
+    return cls(
+        hidden_size=int(config["hidden_size"]), mlp_dim=int(config["intermediate_size"]),
+        num_heads=int(config["num_attention_heads"]), num_layers=layers_, patch_size=patch,
+        max_patches_per_side=int(max_patches_per_side),
+        layer_norm_eps=float(config.get("layer_norm_eps", 1e-6)),
+        activation=vit.activation_from_hf(config.get("hidden_act", "gelu_pytorch_tanh")))
+
+
+# ---------------------------------------------------------------------------------------------
+# Input preparation (numpy or jax, no model state).
+
+
+def patchify(image_hw3, patch_size: int, max_patches_per_side: int):
+  """One (H, W, 3) image, sides multiples of p -> (patches (N, 3*p*p), position ids (N,)).
+
+  Position ids are `h * S + w` over the image's patch grid, row-major, as in BAGEL.
+  """
+  if image_hw3.ndim != 3 or image_hw3.shape[-1] != 3:
+    raise ValueError(f"patchify expects one (H, W, 3) image, got shape {image_hw3.shape}")
+  h, w = image_hw3.shape[0] // patch_size, image_hw3.shape[1] // patch_size
+  if h > max_patches_per_side or w > max_patches_per_side:
+    raise ValueError(f"image of {image_hw3.shape[0]}x{image_hw3.shape[1]} pixels has {h}x{w} "
+                     f"patches; at most {max_patches_per_side} per side are supported")
+  patches = vit.images_to_patches(image_hw3, patch_size)
+  position_ids = (np.arange(h)[:, None] * max_patches_per_side + np.arange(w)[None, :]).reshape(-1)
+  return patches, position_ids.astype(np.int32)
+
+
+def pack_images(images: Sequence[Any], patch_size: int, max_patches_per_side: int,
+                length: int | None = None) -> dict[str, np.ndarray]:
+  """Packs several (H, W, 3) images into one NaViT row.
+
+  Returns numpy `patches` (L, 3*p*p), `position_ids` (L,), `segment_ids` (L,) with image k (from 1)
+  marked k and padding 0, and `num_patches` (K,). L = `length` (padded) or the total patch count.
+  """
+  parts = [patchify(np.asarray(im, np.float32), patch_size, max_patches_per_side) for im in images]
+  counts = np.array([len(p) for p, _ in parts], np.int32)
+  total = int(counts.sum())
+  length = total if length is None else int(length)
+  if total > length:
+    raise ValueError(f"{len(images)} images have {total} patches, more than length {length}")
+  dim = 3 * patch_size * patch_size
+  patches = np.zeros((length, dim), np.float32)
+  position_ids = np.zeros((length,), np.int32)
+  segment_ids = np.zeros((length,), np.int32)
+  start = 0
+  for k, (p, pos) in enumerate(parts):
+    patches[start:start + len(p)] = p
+    position_ids[start:start + len(p)] = pos
+    segment_ids[start:start + len(p)] = k + 1
+    start += len(p)
+  return dict(patches=patches, position_ids=position_ids, segment_ids=segment_ids,
+              num_patches=counts)
+
+
+def segment_mask(segment_ids_bn: Array) -> Array:
+  """(B, N) segment ids -> (B, N, N) bidirectional within-image mask.
+
+  Padding (id 0) attends to padding only, so no softmax row is empty; its outputs are discarded.
+  """
+  return segment_ids_bn[:, :, None] == segment_ids_bn[:, None, :]
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules.
+
+
+class SiglipVisionTower(nnx.Module):
+  """Patch embedding (Linear over flattened patches) + learned positions + encoder + post-LN."""
+
+  def __init__(self, config: SiglipConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    self.config = config
+    c = config
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.patch_embed = layers.dense(c.patch_dim, c.hidden_size, ("patch", "embed"), **kw)
+    init = nnx.with_partitioning(nnx.initializers.normal(0.02), ("pos", "embed"))
+    self.pos_embedding = nnx.Param(
+        init(rngs.params(), (c.max_patches_per_side ** 2, c.hidden_size), param_dtype))
+    self.encoder = vit.Encoder(
+        c.num_layers, c.hidden_size, c.mlp_dim, c.num_heads, act=c.activation,
+        eps=c.layer_norm_eps, component=COMPONENT, **kw)
+    self.post_ln = vit.layer_norm(c.hidden_size, c.layer_norm_eps, **kw)
+
+  def __call__(self, patches_bnp: Array, position_ids_bn: Array, segment_ids_bn: Array) -> Array:
+    """(B, N, 3*p*p) patches -> (B, N, hidden) features; padded positions (segment 0) are zero."""
+    if patches_bnp.shape[-1] != self.config.patch_dim:
+      raise ValueError(f"patches have {patches_bnp.shape[-1]} values, the model expects "
+                       f"3 * {self.config.patch_size}^2 = {self.config.patch_dim}")
+    x = self.patch_embed(patches_bnp)
+    x = x + jnp.take(self.pos_embedding[...], position_ids_bn, axis=0).astype(x.dtype)
+    x = sharding.activation_constraint(x, ("batch", "length", "act_embed"), COMPONENT)
+    x = self.encoder(x, segment_mask(segment_ids_bn))
+    x = self.post_ln(x)
+    return jnp.where((segment_ids_bn > 0)[..., None], x, 0).astype(x.dtype)
+
+
+class Connector(nnx.Module):
+  """ViT features -> LLM width: fc1, GELU(tanh), fc2, plus the fixed 2-D sin-cos `vit_pos_embed`."""
+
+  def __init__(self, vit_hidden: int, llm_hidden: int, max_patches_per_side: int, *,
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.fc1 = layers.dense(vit_hidden, llm_hidden, ("embed", "mlp"), **kw)
+    self.fc2 = layers.dense(llm_hidden, llm_hidden, ("mlp", "embed"), **kw)
+    self.llm_hidden = llm_hidden
+    self.max_patches_per_side = max_patches_per_side
+
+  def __call__(self, x_bnd: Array, position_ids_bn: Array) -> Array:
+    h = self.fc2(jax.nn.gelu(self.fc1(x_bnd), approximate=True))
+    table = _sincos_table(self.llm_hidden, self.max_patches_per_side)
+    return h + jnp.take(jnp.asarray(table, h.dtype), position_ids_bn, axis=0)
+
+
+@functools.lru_cache(maxsize=4)
+def _sincos_table(dim: int, grid: int) -> np.ndarray:
+  # Built once per shape in numpy (not per trace); the checkpoint never needs to carry it.
+  return layers.sincos_2d_table(dim, grid)
