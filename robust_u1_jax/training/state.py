@@ -28,6 +28,8 @@ class TrainState:
   opt_state: Any
   ema: nnx.State | None
   rng: jax.Array
+  # Frozen states a step reads besides the model: the RL reference policy, the reward model.
+  aux: dict[str, Any] = flax.struct.field(default_factory=dict)
 
 
 def trainable_filter(patterns: Sequence[str]):
@@ -73,10 +75,10 @@ def make_optimizer(o: ml_collections.ConfigDict, total_steps: int) -> optax.Grad
 
 
 def create_state(params: nnx.State, frozen: nnx.State, tx: optax.GradientTransformation,
-                 rng: jax.Array, ema: bool) -> TrainState:
+                 rng: jax.Array, ema: bool, aux: dict[str, Any] | None = None) -> TrainState:
   return TrainState(
       step=jnp.zeros((), jnp.int32), params=params, frozen=frozen, opt_state=tx.init(params),
-      ema=jax.tree.map(jnp.copy, params) if ema else None, rng=rng)
+      ema=jax.tree.map(jnp.copy, params) if ema else None, rng=rng, aux=aux or {})
 
 
 def apply_gradients(state: TrainState, grads: nnx.State, tx: optax.GradientTransformation,
