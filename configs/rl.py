@@ -30,6 +30,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   rl.reward_weights = ml_collections.ConfigDict({"ssim": 1.0, "clip": 0.2})
   rl.clip_alpha = 5.0
   rl.clip_checkpoint = ""  # CLIP ViT-B/32 weights (open_clip or transformers naming)
+  rl.clip_model = "vit_b32"  # vit_b32 | tiny: the shapes of the checkpoint's model
   rl.lora_rank = 0  # 0: train the generation expert fully
   c.optimizer.learning_rate = 1e-5
   c.optimizer.warmup_steps = 0
@@ -42,6 +43,8 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     rl.num_steps = 10
     rl.eval_num_steps = 20
     rl.clip_low = rl.clip_high = 0.2
+    # The built-in world ships no trained CLIP: SSIM only unless rl.clip_checkpoint is given.
+    rl.reward_weights.clip = 0.0
     c.data.source = "shapes"
     c.data.vae_max_side, c.data.vae_min_side, c.data.vae_stride = 64, 32, 16
     c.data.vit_max_side, c.data.vit_min_side, c.data.vit_patch = 64, 32, 8

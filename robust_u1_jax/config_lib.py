@@ -172,8 +172,20 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for field in ("checkpoint_every", "keep_checkpoints", "log_every", "eval_every"):
     _check(c[field] > 0, field, c[field], "a positive integer")
   if "rl" in c:
-    _check(c.rl.group_size >= 2, "rl.group_size", c.rl.group_size,
+    rl = c.rl
+    _check(rl.group_size >= 2, "rl.group_size", rl.group_size,
            "an integer >= 2 (advantages are normalised within a group)")
+    _check(rl.num_steps >= 2, "rl.num_steps", rl.num_steps, "an integer >= 2")
+    _check(0 <= rl.window_size <= rl.num_steps // 2, "rl.window_size", rl.window_size,
+           f"in [0, rl.num_steps // 2 = {rl.num_steps // 2}]")
+    _check(rl.clip_model in ("vit_b32", "tiny"), "rl.clip_model", rl.clip_model, "vit_b32, tiny")
+    unknown = sorted(set(rl.reward_weights) - {"ssim", "clip"})
+    _check(not unknown, "rl.reward_weights", unknown, "the rewards ssim, clip")
+    _check(rl.reward_weights.get("clip", 0.0) == 0 or bool(rl.clip_checkpoint),
+           "rl.clip_checkpoint", rl.clip_checkpoint,
+           "a CLIP .safetensors file when rl.reward_weights.clip > 0")
+    _check(rl.beta >= 0 and rl.clip_low > 0 and rl.clip_high > 0, "rl.beta/clip_low/clip_high",
+           (rl.beta, rl.clip_low, rl.clip_high), "beta >= 0 and positive clip ranges")
   return c
 
 

@@ -7,6 +7,7 @@ Only process 0 writes; every process computes the same global metrics.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -62,6 +63,8 @@ class MetricsLogger:
       from tensorboardX import SummaryWriter
 
       self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    # One JSON line per logged window: machine-readable history that survives restarts.
+    self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if self.is_writer else None
     self.step_flops = step_flops
     self.peak = peak_flops()
     self.bar = tqdm.tqdm(total=total_steps, initial=start_step, dynamic_ncols=True,
@@ -92,6 +95,8 @@ class MetricsLogger:
     self._window, self._t0 = [], time.perf_counter()
     self.history.append({"step": step, **row})
     if self.is_writer:
+      self.jsonl.write(json.dumps({"step": step, **row}) + "\n")
+      self.jsonl.flush()
       for k, v in row.items():
         if self.writer:
           self.writer.add_scalar(k, v, step)
@@ -117,6 +122,8 @@ class MetricsLogger:
 
   def close(self):
     self.bar.close()
+    if self.jsonl:
+      self.jsonl.close()
     if self.writer:
       self.writer.close()
 

@@ -23,6 +23,7 @@ from robust_u1_jax import sampling
 from robust_u1_jax.models import bagel as bagel_lib
 from robust_u1_jax.models import sequence
 from robust_u1_jax.training import flow_matching, grpo, sft
+from robust_u1_jax.training import rewards as rewards_lib
 from robust_u1_jax.training.state import TrainState, apply_gradients
 
 
@@ -62,13 +63,14 @@ class RecoveryInputs:
 
 
 def recovery_inputs(corrupted_vae: np.ndarray, corrupted_vit: np.ndarray, clean: np.ndarray,
-                    instruction_ids: Sequence[int], config: bagel_lib.BagelConfig,
+                    instruction_ids: Sequence[Sequence[int]], config: bagel_lib.BagelConfig,
                     markers: sequence.Markers) -> RecoveryInputs:
   """Host side: numpy rows of the three CFG contexts and the noisy block for B images."""
   def rows(**use):
-    per_image = [[sft.recovery_blocks(corrupted_vae[i], corrupted_vit[i], instruction_ids,
+    per_image = [[sft.recovery_blocks(corrupted_vae[i], corrupted_vit[i], instruction_ids[i],
                                       target=False, **use)] for i in range(len(corrupted_vae))]
-    seq_len, max_vit, max_latent = sequence.lengths(per_image[0][0], config)
+    seq_len, max_vit, max_latent = (max(x) for x in zip(
+        *(sequence.lengths(r[0], config) for r in per_image)))
     return sequence.build_rows(per_image, config, markers, seq_len=seq_len, max_vit=max_vit,
                                max_latent=max_latent)
 
@@ -202,3 +204,58 @@ def make_step(graphdef: nnx.GraphDef, tx, s: RLSettings,
     return state, metrics
 
   return step
+
+
+def reward_fn_from_config(rl_config, clip_graphdef: nnx.GraphDef | None):
+  """(recovered, clean, aux) -> rewards; the frozen CLIP tower's state rides in aux['clip']."""
+  weights = dict(rl_config.reward_weights)
+
+  def reward_fn(recovered, clean, aux):
+    embed = None
+    if clip_graphdef is not None:
+      from robust_u1_jax.models import clip as clip_lib
+
+      clip_model = nnx.merge(clip_graphdef, aux["clip"])
+      embed = lambda images: clip_model.encode_image(clip_lib.preprocess(images))
+    return rewards_lib.build_rewards(weights, alpha=rl_config.clip_alpha, embed_image=embed)(
+        recovered, clean)
+
+  return reward_fn
+
+
+def load_clip_tower(rl_config):
+  """The frozen CLIP model of the semantic reward, from `rl.clip_checkpoint`."""
+  from robust_u1_jax.checkpoints import clip_keys
+  from robust_u1_jax.models import clip as clip_lib
+
+  if not rl_config.clip_checkpoint:
+    raise ValueError("rl.reward_weights.clip > 0 needs rl.clip_checkpoint: a CLIP ViT-B/32 "
+                     ".safetensors file (open_clip or transformers naming)")
+  configs = {"vit_b32": clip_lib.CLIPConfig.vit_b32, "tiny": clip_lib.CLIPConfig.tiny}
+  model = clip_lib.CLIP(configs[rl_config.clip_model](), rngs=nnx.Rngs(0))
+  clip_keys.load_clip(rl_config.clip_checkpoint, model)
+  return nnx.split(model)
+
+
+def build(ctx):
+  """The Flow-GRPO stage for `trainer.train`."""
+  from robust_u1_jax.training import trainer
+
+  c = ctx.config
+  settings = RLSettings.from_config(c.rl, c.optimizer.ema_decay)
+  aux, clip_graphdef = {}, None
+  if c.rl.reward_weights.get("clip", 0.0) > 0:
+    clip_graphdef, aux["clip"] = load_clip_tower(c.rl)
+  reward_fn = reward_fn_from_config(c.rl, clip_graphdef)
+  model_config = ctx.model.config
+
+  def host_inputs(batch, rng):
+    del rng  # the rollout's randomness lives in the train state's key
+    return recovery_inputs(batch["corrupted"], batch.get("corrupted_vit", batch["corrupted"]),
+                           batch["clean"], sft.instruction_ids(batch), model_config, ctx.markers)
+
+  return trainer.StageSpec(
+      trainable=sft.GENERATION_PARAMS, host_inputs=host_inputs,
+      make_step=lambda graphdef, tx: make_step(graphdef, tx, settings, reward_fn),
+      samples_per_step=c.data.batch_size * settings.group_size, aux=aux,
+      reference=settings.beta > 0)

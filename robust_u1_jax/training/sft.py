@@ -44,23 +44,30 @@ def recovery_blocks(corrupted_vae: np.ndarray, corrupted_vit: np.ndarray,
   return blocks
 
 
+def instruction_ids(batch: Mapping[str, np.ndarray]) -> list[list[int]]:
+  """Per-sample instruction token ids (the pipeline right-pads them)."""
+  return [list(ids[:n]) for ids, n in zip(batch["instruction_ids"], batch["instruction_lengths"])]
+
+
 def sft_rows(batch: Mapping[str, np.ndarray], config: BagelConfig, markers: sequence.Markers,
-             instruction_ids: Sequence[int], rng: np.random.Generator,
-             dropout: tuple[float, float, float]) -> tuple[Any, np.ndarray]:
+             rng: np.random.Generator, dropout: tuple[float, float, float]
+             ) -> tuple[Any, np.ndarray]:
   """Host side: a pipeline batch -> (SequenceInputs, VAE images (B, 2, H, W, 3) uint8).
 
-  Rows are padded to the no-dropout length, so every step has the same shapes.
+  Rows are padded to the longest no-dropout sample, so shapes only change with the text length
+  bucket the pipeline pads to.
   """
   corrupted, clean = batch["corrupted"], batch["clean"]
   corrupted_vit = batch.get("corrupted_vit", corrupted)
-  p_text, p_vit, p_vae = dropout
-  rows = []
+  texts = instruction_ids(batch)
+  rows, full = [], []
   for i in range(len(corrupted)):
-    keep = rng.uniform(size=3) >= np.array([p_text, p_vit, p_vae])
-    rows.append([recovery_blocks(corrupted[i], corrupted_vit[i], instruction_ids,
+    keep = rng.uniform(size=3) >= np.asarray(dropout)
+    rows.append([recovery_blocks(corrupted[i], corrupted_vit[i], texts[i],
                                  use_text=keep[0], use_vit=keep[1], use_vae=keep[2])])
-  full = recovery_blocks(corrupted[0], corrupted_vit[0], instruction_ids)
-  seq_len, max_vit, max_latent = sequence.lengths(full, config)
+    full.append(sequence.lengths(recovery_blocks(corrupted[i], corrupted_vit[i], texts[i]),
+                                 config))
+  seq_len, max_vit, max_latent = (max(x) for x in zip(*full))
   inputs = sequence.build_rows(rows, config, markers, seq_len=seq_len, max_vit=max_vit,
                                max_latent=max_latent)
   return inputs, np.stack([corrupted, clean], axis=1)
@@ -87,3 +94,21 @@ def make_step(graphdef: nnx.GraphDef, tx, *, timestep_shift: float, ema_decay: f
 # Trainable parameters of stages I and II: the generation expert and the generation heads.
 GENERATION_PARAMS = (r"^language_model\.layers\.\d+\.gen\.", r"^language_model\.final_norm\.gen\.",
                      r"^time_embedder\.", r"^vae2llm\.", r"^llm2vae\.")
+
+
+def build(ctx) -> "trainer.StageSpec":
+  """The SFT stage for `trainer.train`."""
+  from robust_u1_jax.training import trainer
+
+  c = ctx.config
+  model_config = ctx.model.config
+  dropout = (c.text_dropout, c.vit_dropout, c.vae_dropout)
+
+  def host_inputs(batch, rng):
+    return sft_rows(batch, model_config, ctx.markers, rng, dropout)
+
+  return trainer.StageSpec(
+      trainable=GENERATION_PARAMS, host_inputs=host_inputs,
+      make_step=lambda graphdef, tx: make_step(graphdef, tx, timestep_shift=c.timestep_shift,
+                                               ema_decay=c.optimizer.ema_decay),
+      samples_per_step=c.data.batch_size)

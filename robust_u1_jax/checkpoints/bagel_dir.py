@@ -1,0 +1,513 @@
+"""Import and export of a whole BAGEL / Robust-U1 model directory.
+
+A model directory (the format of BAGEL-7B-MoT and of the Robust-U1 SFT / RL / final releases):
+  ema.safetensors   every non-VAE tensor in BAGEL naming (or model.safetensors, or a sharded
+                    `*.safetensors.index.json`; pytorch_model.bin only with allow_pickle)
+  ae.safetensors    the FLUX autoencoder (FLUX / LDM naming)
+  llm_config.json   a Qwen2 config plus `qk_norm` and `layer_module`
+  vit_config.json   a SigLIP vision config stating one more layer than the checkpoint holds
+  tokenizer files   tokenizer.json, tokenizer_config.json, vocab.json, merges.txt, ...
+  robust_u1_config.json  (ours, optional) what the BAGEL files cannot state: the VAE shapes, the
+                    latent patch / grid sizes and the ViT position grid. BAGEL ignores it; a
+                    directory without it gets BAGEL-7B's values (FLUX VAE, 2, 64, 70).
+
+Import builds the model abstractly (no parameter is ever initialised), gives every parameter its
+mesh sharding, and streams the tensors through ONE key table (`model_rules`) straight onto their
+shards, one tensor at a time. Export streams the other way: each parameter is gathered, converted
+and written before the next one is touched, so neither direction holds a second copy of the model.
+
+The fixed sin-cos tables `latent_pos_embed.pos_embed` and `vit_pos_embed.pos_embed` are accepted
+but not required on import (the model rebuilds them; a table's value at grid cell (h, w) does not
+depend on the grid size, so a file made for another `max_latent_size` fits too). They ARE written
+on export: BAGEL's trainer saves them (they are `nn.Parameter`s with requires_grad False), its
+resume path `pop`s them without a default (train/fsdp_utils.py), and its inference path builds
+the model on the meta device and fills it from the file, so a directory without them would break
+both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import os
+import shutil
+import struct
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from robust_u1_jax import sharding
+from robust_u1_jax.checkpoints import key_table as kt
+from robust_u1_jax.checkpoints import llm_keys, loader, tensor_files, vae_keys, vit_keys
+from robust_u1_jax.models import layers
+from robust_u1_jax.models.bagel import COMPONENTS, Bagel, BagelConfig
+from robust_u1_jax.models.qwen2_mot import LLMConfig
+from robust_u1_jax.models.siglip import SiglipConfig
+from robust_u1_jax.models.vae import VAEConfig
+
+LLM_CONFIG = "llm_config.json"
+VIT_CONFIG = "vit_config.json"
+EXTRA_CONFIG = "robust_u1_config.json"
+VAE_FILE = "ae.safetensors"
+# Preference order: BAGEL releases the EMA weights; its trainer also writes the raw ones.
+WEIGHT_FILES = ("ema.safetensors", "ema.safetensors.index.json", "model.safetensors",
+                "model.safetensors.index.json", "pytorch_model.bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
+                   "chat_template.json", "generation_config.json")
+LATENT_POS_KEY = "latent_pos_embed.pos_embed"
+VIT_POS_KEY = "vit_pos_embed.pos_embed"
+# Keys a checkpoint may carry that the model rebuilds itself.
+IGNORE = tuple(llm_keys.IGNORE) + (r"latent_pos_embed\.pos_embed", r"vit_pos_embed\.pos_embed")
+LLM_PREFIX = "language_model."
+VAE_PREFIX = "vae."
+_HF_ACTIVATIONS = {"gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu", "quick_gelu": "quick_gelu"}
+
+
+# -- key table -------------------------------------------------------------------------------------
+
+
+def model_rules(config: BagelConfig) -> list[kt.Rule]:
+  """The one table of a model directory: checkpoint keys (ema + ae) <-> `Bagel` state paths."""
+  v = config.vit
+  rules = kt.prefixed(llm_keys.llm_rules(config.llm.mot, config.llm.qk_norm), LLM_PREFIX,
+                      LLM_PREFIX)
+  rules += kt.prefixed(vit_keys.siglip_rules("bagel", v.patch_size, v.max_patches_per_side),
+                       "", "vit_model.")
+  rules += kt.prefixed(vit_keys.connector_rules(), "", "connector.")
+  rules += vit_keys.linear_rules("time_embedder.mlp.0", "time_embedder.fc1")
+  rules += vit_keys.linear_rules("time_embedder.mlp.2", "time_embedder.fc2")
+  rules += vit_keys.linear_rules("vae2llm", "vae2llm") + vit_keys.linear_rules("llm2vae", "llm2vae")
+  rules += kt.prefixed(vae_keys.flux_rules(), "", VAE_PREFIX)
+  return rules
+
+
+# -- configs ---------------------------------------------------------------------------------------
+
+
+def _dtype_name(dtype) -> str:
+  return jnp.dtype(dtype).name
+
+
+def config_to_dict(config: BagelConfig) -> dict[str, Any]:
+  """JSON-ready dict of a BagelConfig (dtypes by name), inverse of `config_from_dict`."""
+  llm = dataclasses.asdict(config.llm)
+  llm["dtype"], llm["param_dtype"] = _dtype_name(llm["dtype"]), _dtype_name(llm["param_dtype"])
+  vae = dataclasses.asdict(config.vae)
+  vae["ch_mult"] = list(vae["ch_mult"])
+  return {"llm": llm, "vit": dataclasses.asdict(config.vit), "vae": vae,
+          "latent_patch_size": config.latent_patch_size,
+          "max_latent_size": config.max_latent_size}
+
+
+def _fields(cls, values: Mapping[str, Any], source: str, section: str) -> dict[str, Any]:
+  allowed = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - allowed)
+  if unknown:
+    raise ValueError(f"{source}: unknown field(s) {unknown} in {section!r}; allowed: "
+                     f"{sorted(allowed)}")
+  return dict(values)
+
+
+def config_from_dict(d: Mapping[str, Any], *, source: str = "config", **llm_overrides
+                     ) -> BagelConfig:
+  """BagelConfig from `config_to_dict`'s output; `llm_overrides` (dtype, remat, ...) win."""
+  missing = [k for k in ("llm", "vit", "vae") if k not in d]
+  if missing:
+    raise ValueError(f"{source}: missing section(s) {missing}")
+  llm = _fields(LLMConfig, d["llm"], source, "llm")
+  for key in ("dtype", "param_dtype"):
+    if key in llm:
+      llm[key] = jnp.dtype(llm[key])
+  vae = _fields(VAEConfig, d["vae"], source, "vae")
+  if "ch_mult" in vae:
+    vae["ch_mult"] = tuple(vae["ch_mult"])
+  top = _fields(BagelConfig, {k: v for k, v in d.items() if k not in ("llm", "vit", "vae")},
+                source, "top level")
+  return BagelConfig(llm=LLMConfig(**{**llm, **_llm_overrides(llm_overrides)}),
+                     vit=SiglipConfig(**_fields(SiglipConfig, d["vit"], source, "vit")),
+                     vae=VAEConfig(**vae), **top)
+
+
+def _llm_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
+  out = {k: v for k, v in overrides.items() if v is not None}
+  for key in ("dtype", "param_dtype"):
+    if key in out:
+      out[key] = jnp.dtype(out[key])
+  return out
+
+
+def llm_flags_from_keys(llm_json: Mapping[str, Any], keys) -> dict[str, bool]:
+  """`mot` / `qk_norm` from the checkpoint's keys where `llm_config.json` does not state them.
+
+  BAGEL-7B-MoT's llm_config.json is the plain Qwen2.5 config: its code sets `qk_norm` and
+  `layer_module` programmatically (app.py, the training flags), so the file alone would describe
+  a model without the generation expert and QK-norm.
+  """
+  keys = list(keys)
+  flags = {}
+  if "layer_module" not in llm_json:
+    flags["mot"] = any("_moe_gen." in k for k in keys)
+  if "qk_norm" not in llm_json:
+    flags["qk_norm"] = any(".self_attn.q_norm" in k for k in keys)
+  return flags
+
+
+def read_config(path: str, *, keys=None, **llm_overrides) -> BagelConfig:
+  """The BagelConfig of a model directory (llm/vit configs, plus our extra file if present).
+
+  `keys`: the checkpoint's tensor names, to settle what a plain Qwen2 llm_config.json leaves out
+  (see `llm_flags_from_keys`).
+  """
+  overrides = _llm_overrides(llm_overrides)
+  llm_path = os.path.join(path, LLM_CONFIG)
+  if keys is not None and os.path.exists(llm_path):
+    with open(llm_path) as f:
+      overrides = {**llm_flags_from_keys(json.load(f), keys), **overrides}
+  config = BagelConfig.from_model_dir(path, **overrides)
+  extra_path = os.path.join(path, EXTRA_CONFIG)
+  if not os.path.exists(extra_path):
+    return config
+  with open(extra_path) as f:
+    extra = json.load(f)
+  allowed = ("vae", "latent_patch_size", "max_latent_size", "vit_max_patches_per_side")
+  unknown = sorted(set(extra) - set(allowed))
+  if unknown:
+    raise ValueError(f"{extra_path}: unknown field(s) {unknown}; allowed: {list(allowed)}")
+  changes = {k: int(extra[k]) for k in ("latent_patch_size", "max_latent_size") if k in extra}
+  if "vae" in extra:
+    vae = _fields(VAEConfig, extra["vae"], extra_path, "vae")
+    if "ch_mult" in vae:
+      vae["ch_mult"] = tuple(vae["ch_mult"])
+    changes["vae"] = VAEConfig(**vae)
+  if "vit_max_patches_per_side" in extra:
+    changes["vit"] = dataclasses.replace(
+        config.vit, max_patches_per_side=int(extra["vit_max_patches_per_side"]))
+  return dataclasses.replace(config, **changes)
+
+
+def llm_config_json(c: LLMConfig, torch_dtype: str) -> dict[str, Any]:
+  """BAGEL's `llm_config.json`: a transformers Qwen2Config plus `qk_norm` and `layer_module`."""
+  return {
+      "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+      "vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
+      "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_layers,
+      "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads,
+      "head_dim": c.head_dim, "hidden_act": "silu", "rms_norm_eps": c.rms_eps,
+      "rope_theta": c.rope_theta, "rope_scaling": None, "max_position_embeddings": 32768,
+      "attention_bias": c.attention_bias, "attention_dropout": 0.0,
+      "tie_word_embeddings": c.tie_word_embeddings, "use_sliding_window": False,
+      "sliding_window": None, "use_cache": True, "torch_dtype": torch_dtype,
+      "qk_norm": c.qk_norm,
+      "layer_module": "Qwen2MoTDecoderLayer" if c.mot else "Qwen2DecoderLayer",
+  }
+
+
+def vit_config_json(c: SiglipConfig) -> dict[str, Any]:
+  """BAGEL's `vit_config.json`: a SigLIP vision config with one layer more than the model uses
+  (BAGEL drops the last one before loading) and image_size = S * patch (980 = 70 x 14)."""
+  return {
+      "model_type": "siglip_vision_model", "hidden_size": c.hidden_size,
+      "intermediate_size": c.mlp_dim, "num_attention_heads": c.num_heads,
+      "num_hidden_layers": c.num_layers + 1, "patch_size": c.patch_size,
+      "image_size": c.max_patches_per_side * c.patch_size, "num_channels": 3,
+      "layer_norm_eps": c.layer_norm_eps, "hidden_act": _HF_ACTIVATIONS[c.activation],
+  }
+
+
+def extra_config_json(config: BagelConfig) -> dict[str, Any]:
+  vae = dataclasses.asdict(config.vae)
+  vae["ch_mult"] = list(vae["ch_mult"])
+  return {"vae": vae, "latent_patch_size": config.latent_patch_size,
+          "max_latent_size": config.max_latent_size,
+          "vit_max_patches_per_side": config.vit.max_patches_per_side}
+
+
+# -- abstract, sharded model -----------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=8)
+def _abstract_split(config: BagelConfig) -> tuple[nnx.GraphDef, nnx.State]:
+  # Tracing the initialisers costs seconds (each RNG draw is staged), so it is done once per config.
+  return nnx.split(nnx.eval_shape(lambda: Bagel(config, rngs=nnx.Rngs(0))))
+
+
+def abstract_bagel(config: BagelConfig, mesh: jax.sharding.Mesh | None = None) -> Bagel:
+  """A shape-only Bagel whose parameters are ShapeDtypeStructs carrying their target sharding
+  (the mesh sharding from the logical axis names, or device 0 without a mesh)."""
+  graphdef, state = _abstract_split(config)
+  model = nnx.merge(graphdef, jax.tree.map(lambda x: x, state))  # fresh Variables per call
+  everything = kt.flat_paths(nnx.state(model))
+  params = loader.param_variables(model)
+  others = sorted(set(everything) - set(params))
+  if others:
+    # Only parameters come from a checkpoint; anything else would stay abstract.
+    raise TypeError(f"Bagel state {others[:5]} is not an nnx.Param; model import cannot fill it")
+  if mesh is not None:
+    shardings = kt.flat_paths(sharding.state_shardings(nnx.state(model, nnx.Param), COMPONENTS,
+                                                       mesh))
+  for path, variable in params.items():
+    target = (shardings[path] if mesh is not None
+              else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    variable.set_value(jax.ShapeDtypeStruct(variable.shape, variable.dtype, sharding=target))
+  return model
+
+
+# -- import ----------------------------------------------------------------------------------------
+
+
+def find_weight_file(path: str) -> str:
+  """The non-VAE weight file of a model directory, in `WEIGHT_FILES` order."""
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"model directory not found: {path}")
+  for name in WEIGHT_FILES:
+    file = os.path.join(path, name)
+    if os.path.exists(file):
+      return file
+  raise FileNotFoundError(f"{path}: no weight file; expected one of {list(WEIGHT_FILES)}")
+
+
+def open_model_files(path: str, *, allow_pickle: bool = False) -> tensor_files.TensorFiles:
+  """The weight file and ae.safetensors of a directory as one lazy key -> tensor view."""
+  weights = tensor_files.open_tensor_files(find_weight_file(path), allow_pickle=allow_pickle)
+  vae_path = os.path.join(path, VAE_FILE)
+  if not os.path.exists(vae_path):
+    raise FileNotFoundError(f"{path}: missing {VAE_FILE} (the FLUX autoencoder)")
+  ae = tensor_files.open_tensor_files(vae_path)
+  both = sorted(set(weights.keys()) & set(ae.keys()))
+  if both:
+    raise kt.CheckpointError(f"{path}: tensor(s) {both[:5]} appear in both {weights.files} and "
+                             f"{VAE_FILE}")
+  return tensor_files.TensorFiles({**weights.loaders, **ae.loaders},
+                                  {**weights.file_of, **ae.file_of})
+
+
+def _progress(total: int, desc: str, enabled: bool):
+  from tqdm.auto import tqdm  # deferred: only conversions show progress
+
+  return tqdm(total=total, desc=desc, unit="tensor",
+              disable=not enabled or jax.process_index() != 0)
+
+
+def _counted(files: tensor_files.TensorFiles, bar) -> tensor_files.TensorFiles:
+  def wrap(load):
+    def counted():
+      value = load()
+      bar.update(1)
+      return value
+    return counted
+
+  return tensor_files.TensorFiles({k: wrap(v) for k, v in files.loaders.items()}, files.file_of)
+
+
+def load_model_dir(path: str, *, mesh: jax.sharding.Mesh | None = None, dtype=None,
+                   param_dtype=None, remat: str | None = None, allow_pickle: bool = False,
+                   progress: bool = False) -> Bagel:
+  """Builds `Bagel` from a BAGEL / Robust-U1 model directory, sharded onto `mesh`.
+
+  Args:
+    path: the directory (see the module docstring).
+    mesh: parameters are placed by the logical rules of `bagel.COMPONENTS`; None: device 0.
+    dtype, param_dtype, remat: overrides of the LLM config (compute dtype, parameter dtype,
+      rematerialisation); checkpoint tensors are cast to the parameter dtype.
+    allow_pickle: accept `pytorch_model.bin` (loaded with torch.load(weights_only=True)).
+    progress: show a tqdm bar over tensors.
+  Raises:
+    FileNotFoundError for a missing directory or file; CheckpointError naming key, file and
+    shapes for a missing, unexpected or misshapen tensor.
+  """
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"model directory not found: {path}")
+  for name in (LLM_CONFIG, VIT_CONFIG):  # named before the weights are opened
+    if not os.path.exists(os.path.join(path, name)):
+      raise FileNotFoundError(f"{path}: missing {name} (a BAGEL model directory holds "
+                              f"{LLM_CONFIG}, {VIT_CONFIG}, ema.safetensors, {VAE_FILE})")
+  files = open_model_files(path, allow_pickle=allow_pickle)
+  config = read_config(path, keys=files.keys(), dtype=dtype, param_dtype=param_dtype, remat=remat)
+  model = abstract_bagel(config, mesh)
+  with _progress(len(files.loaders), f"loading {os.path.basename(path.rstrip('/'))}",
+                 progress) as bar:
+    loader.load_into(model, _counted(files, bar), model_rules(config), ignore=IGNORE)
+  return model
+
+
+# -- export ----------------------------------------------------------------------------------------
+
+_SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+                       "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8",
+                       "uint8": "U8", "bool": "BOOL"}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+  key: str
+  shape: tuple[int, ...]
+  dtype: np.dtype
+  fetch: Callable[[], np.ndarray]
+
+
+def write_safetensors_streaming(path: str, entries: list[_Entry], *, bar=None) -> None:
+  """Writes a .safetensors file one tensor at a time (header first, from shapes alone), so a
+  model larger than host memory can be exported; temp file + rename, as `save_safetensors`."""
+  header, offset = {}, 0
+  for e in entries:
+    name = np.dtype(e.dtype).name
+    if name not in _SAFETENSORS_DTYPES:
+      raise ValueError(f"{path}: tensor {e.key!r} has dtype {name}, which safetensors cannot "
+                       f"store; allowed: {sorted(_SAFETENSORS_DTYPES)}")
+    size = int(np.prod(e.shape, dtype=np.int64)) * np.dtype(e.dtype).itemsize
+    header[e.key] = {"dtype": _SAFETENSORS_DTYPES[name], "shape": list(e.shape),
+                     "data_offsets": [offset, offset + size]}
+    offset += size
+  header["__metadata__"] = {"format": "pt"}
+  blob = json.dumps(header, separators=(",", ":")).encode()
+  blob += b" " * (-len(blob) % 8)  # the tensor data starts 8-byte aligned
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    f.write(struct.pack("<Q", len(blob)))
+    f.write(blob)
+    for e in entries:
+      array = np.ascontiguousarray(np.asarray(e.fetch()).astype(e.dtype, copy=False))
+      if tuple(array.shape) != tuple(e.shape):
+        raise kt.CheckpointError(f"{path}: tensor {e.key!r} has shape {array.shape}, the header "
+                                 f"says {e.shape}")
+      f.write(array.tobytes())
+      if bar is not None:
+        bar.update(1)
+  os.replace(tmp, path)
+
+
+def _host_value(value: jax.Array) -> np.ndarray:
+  if isinstance(value, jax.Array) and not value.is_fully_addressable:
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+  return np.asarray(jax.device_get(value))
+
+
+def _export_entries(model: Bagel, out_dtype) -> tuple[list[_Entry], list[_Entry]]:
+  """(ema entries, ae entries): every parameter under its checkpoint key and layout."""
+  table = kt.KeyTable(model_rules(model.config))
+  ema, ae = [], []
+  for path, variable in loader.param_variables(model).items():
+    hit = table.to_torch_key(path)
+    if hit is None:
+      raise kt.CheckpointError(f"no checkpoint key for model parameter {path!r}: add a rule to "
+                               "bagel_dir.model_rules.")
+    key, transform = hit
+    value = variable.get_value()
+    shape = jax.eval_shape(transform.to_torch, jax.ShapeDtypeStruct(value.shape, value.dtype)).shape
+    dtype = np.dtype(out_dtype or value.dtype)
+    fetch = lambda value=value, transform=transform: transform.to_torch(_host_value(value))
+    (ae if path.startswith(VAE_PREFIX) else ema).append(_Entry(key, tuple(shape), dtype, fetch))
+  c = model.config
+  table_dtype = np.dtype(out_dtype or c.llm.param_dtype)
+  for key, grid in ((LATENT_POS_KEY, c.max_latent_size), (VIT_POS_KEY, c.vit.max_patches_per_side)):
+    ema.append(_Entry(key, (grid * grid, c.llm.hidden_size), table_dtype,
+                      lambda grid=grid: layers.sincos_2d_table(c.llm.hidden_size, grid)))
+  return ema, ae
+
+
+def check_destination(path: str, overwrite: bool) -> None:
+  if os.path.exists(path) and not overwrite:
+    raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
+
+
+def _sync(name: str, all_processes: bool) -> None:
+  if all_processes and jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str, *, overwrite: bool = False, all_processes: bool = False
+                     ) -> Iterator[str]:
+  """Yields `<path>.partial`, which replaces `path` only if the block succeeds.
+
+  `all_processes`: every process enters (e.g. Orbax writes each one's shards into the directory);
+  the name is the same on all of them and process 0 alone creates, renames and deletes.
+  Otherwise only process 0 may call it.
+  """
+  path = os.path.abspath(path)
+  check_destination(path, overwrite)
+  tmp, old = path + ".partial", path + ".replaced"
+  main = jax.process_index() == 0
+  if main:
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted write
+    os.makedirs(tmp)
+  _sync(f"atomic_directory:start:{path}", all_processes)
+  try:
+    yield tmp
+  except BaseException:
+    if main:
+      shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  _sync(f"atomic_directory:written:{path}", all_processes)
+  if main:
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(path):
+      os.rename(path, old)
+    os.rename(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+  _sync(f"atomic_directory:done:{path}", all_processes)
+
+
+def copy_tokenizer_files(src_dir: str, dst_dir: str, *, required: bool = True) -> list[str]:
+  """Copies the tokenizer files (`TOKENIZER_FILES`) present in `src_dir`; returns their names."""
+  if not os.path.isdir(src_dir):
+    raise FileNotFoundError(f"tokenizer directory not found: {src_dir}")
+  names = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(src_dir, n))]
+  if required and not {"tokenizer.json", "vocab.json"} & set(names):
+    raise FileNotFoundError(f"{src_dir}: no tokenizer files (needs tokenizer.json or vocab.json + "
+                            f"merges.txt; copied names: {list(TOKENIZER_FILES)})")
+  for name in names:
+    shutil.copy2(os.path.join(src_dir, name), os.path.join(dst_dir, name))
+  return names
+
+
+def _write_json(path: str, content: Mapping[str, Any]) -> None:
+  with open(path, "w") as f:
+    json.dump(content, f, indent=2, sort_keys=True)
+    f.write("\n")
+
+
+def save_model_dir(model: Bagel, path: str, *, tokenizer_dir: str | None = None,
+                   overwrite: bool = False, save_dtype=None, progress: bool = False) -> str:
+  """Writes `model` as a BAGEL model directory (atomically: temp dir, then rename).
+
+  Args:
+    model: the model; its parameters may be sharded over any mesh.
+    path: the directory to create.
+    tokenizer_dir: a directory whose tokenizer files are copied alongside.
+    overwrite: replace an existing `path` (otherwise FileExistsError).
+    save_dtype: cast every tensor (e.g. 'bfloat16', as BAGEL releases); default: parameter dtype.
+    progress: show a tqdm bar over tensors.
+  Returns the absolute path. Only process 0 writes; every process must call (to gather shards).
+  """
+  check_destination(os.path.abspath(path), overwrite)  # on every process, before any gather
+  ema, ae = _export_entries(model, save_dtype)
+  if jax.process_index() != 0:
+    for e in ema + ae:
+      e.fetch()  # the gathers are collective: take part in each
+    return os.path.abspath(path)
+  torch_dtype = np.dtype(save_dtype or model.config.llm.param_dtype).name
+  with atomic_directory(path, overwrite=overwrite) as tmp:
+    with _progress(len(ema) + len(ae), f"writing {os.path.basename(path.rstrip('/'))}",
+                   progress) as bar:
+      write_safetensors_streaming(os.path.join(tmp, WEIGHT_FILES[0]), ema, bar=bar)
+      write_safetensors_streaming(os.path.join(tmp, VAE_FILE), ae, bar=bar)
+    c = model.config
+    _write_json(os.path.join(tmp, LLM_CONFIG), llm_config_json(c.llm, torch_dtype))
+    _write_json(os.path.join(tmp, VIT_CONFIG), vit_config_json(c.vit))
+    _write_json(os.path.join(tmp, EXTRA_CONFIG), extra_config_json(c))
+    if tokenizer_dir is not None:
+      copy_tokenizer_files(tokenizer_dir, tmp)
+  return os.path.abspath(path)
+

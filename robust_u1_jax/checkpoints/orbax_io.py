@@ -1,0 +1,159 @@
+"""Orbax checkpoints of a whole `Bagel` model, and conversion to and from a BAGEL model directory.
+
+An Orbax model checkpoint is a directory:
+  params/             `ocp.StandardCheckpointer` of the parameters (a nested dict of arrays, keyed
+                      by the model's state path, so it does not depend on Flax's Variable classes)
+  bagel_config.json   the full BagelConfig (`bagel_dir.config_to_dict`), enough to rebuild the model
+  tokenizer files     copied from the source, so the directory is self-contained
+Restoring places every array directly onto its mesh sharding; nothing is initialised first.
+`load_pretrained` accepts either kind of directory, so training can start from a released BAGEL /
+Robust-U1 model or from a converted checkpoint alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from robust_u1_jax.checkpoints import bagel_dir, loader
+from robust_u1_jax.models.bagel import Bagel
+
+PARAMS = "params"
+CONFIG = "bagel_config.json"
+
+
+def _nested(flat: dict[str, Any]) -> dict[str, Any]:
+  out: dict[str, Any] = {}
+  for path, value in flat.items():
+    node = out
+    *parents, leaf = path.split(".")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return out
+
+
+def _flat(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in nested.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def is_orbax_model(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, CONFIG)) and os.path.isdir(os.path.join(path, PARAMS))
+
+
+def save_orbax(model: Bagel, path: str, *, tokenizer_dir: str | None = None,
+               overwrite: bool = False) -> str:
+  """Writes `model`'s parameters and config as an Orbax model checkpoint (atomically).
+
+  Every process must call it (Orbax writes each process's shards); returns the absolute path.
+  """
+  params = {p: v.get_value() for p, v in loader.param_variables(model).items()}
+  with bagel_dir.atomic_directory(path, overwrite=overwrite, all_processes=True) as tmp:
+    with ocp.StandardCheckpointer() as checkpointer:
+      checkpointer.save(os.path.join(tmp, PARAMS), _nested(params))
+      checkpointer.wait_until_finished()
+    if jax.process_index() == 0:
+      with open(os.path.join(tmp, CONFIG), "w") as f:
+        json.dump(bagel_dir.config_to_dict(model.config), f, indent=2, sort_keys=True)
+        f.write("\n")
+      if tokenizer_dir is not None:
+        bagel_dir.copy_tokenizer_files(tokenizer_dir, tmp)
+  return os.path.abspath(path)
+
+
+def read_orbax_config(path: str, **llm_overrides):
+  file = os.path.join(path, CONFIG)
+  if not os.path.isfile(file):
+    raise FileNotFoundError(f"{path}: missing {CONFIG}; not an Orbax model checkpoint written by "
+                            "save_orbax (a BAGEL model directory has llm_config.json instead)")
+  with open(file) as f:
+    return bagel_dir.config_from_dict(json.load(f), source=file, **llm_overrides)
+
+
+def load_orbax(path: str, *, mesh: jax.sharding.Mesh | None = None, dtype=None, param_dtype=None,
+               remat: str | None = None) -> Bagel:
+  """Restores a `save_orbax` checkpoint onto `mesh` (device 0 without one).
+
+  `dtype`, `param_dtype`, `remat` override the saved LLM config; Orbax casts the stored arrays to
+  the parameter dtype while reading.
+  """
+  path = os.path.abspath(path)
+  config = read_orbax_config(path, dtype=dtype, param_dtype=param_dtype, remat=remat)
+  params_dir = os.path.join(path, PARAMS)
+  if not os.path.isdir(params_dir):
+    raise FileNotFoundError(f"{path}: missing the {PARAMS}/ directory of the Orbax checkpoint")
+  model = bagel_dir.abstract_bagel(config, mesh)
+  variables = loader.param_variables(model)
+  target = _nested({p: v.get_value() for p, v in variables.items()})
+  with ocp.StandardCheckpointer() as checkpointer:
+    stored = set(_flat(checkpointer.metadata(params_dir).item_metadata.tree))
+    missing, extra = sorted(set(variables) - stored), sorted(stored - set(variables))
+    if missing or extra:
+      raise ValueError(f"{params_dir}: checkpoint does not fit the model of {CONFIG}: missing "
+                       f"{missing[:10]}, unexpected {extra[:10]}")
+    restored = _flat(checkpointer.restore(params_dir, target))
+  for p, variable in variables.items():
+    variable.set_value(restored[p])
+  return model
+
+
+def load_pretrained(path: str, *, mesh: jax.sharding.Mesh | None = None, dtype=None,
+                    param_dtype=None, remat: str | None = None, allow_pickle: bool = False,
+                    progress: bool = False) -> Bagel:
+  """A model from a BAGEL / Robust-U1 model directory or an Orbax model checkpoint."""
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"model not found: {path}")
+  if is_orbax_model(path):
+    return load_orbax(path, mesh=mesh, dtype=dtype, param_dtype=param_dtype, remat=remat)
+  if os.path.isfile(os.path.join(path, bagel_dir.LLM_CONFIG)):
+    return bagel_dir.load_model_dir(path, mesh=mesh, dtype=dtype, param_dtype=param_dtype,
+                                    remat=remat, allow_pickle=allow_pickle, progress=progress)
+  raise FileNotFoundError(
+      f"{path} is neither a BAGEL model directory ({bagel_dir.LLM_CONFIG}, "
+      f"{bagel_dir.VIT_CONFIG}, ema.safetensors, {bagel_dir.VAE_FILE}) nor an Orbax model "
+      f"checkpoint ({CONFIG}, {PARAMS}/)")
+
+
+def hf_to_orbax(src: str, dst: str, *, overwrite: bool = False, allow_pickle: bool = False,
+                param_dtype=None, mesh: jax.sharding.Mesh | None = None,
+                progress: bool = False) -> str:
+  """BAGEL model directory -> Orbax model checkpoint (tokenizer files copied along)."""
+  _check_paths(src, dst, overwrite)
+  model = bagel_dir.load_model_dir(src, mesh=mesh, param_dtype=param_dtype,
+                                   allow_pickle=allow_pickle, progress=progress)
+  return save_orbax(model, dst, overwrite=overwrite, tokenizer_dir=_tokenizer_source(src))
+
+
+def orbax_to_hf(src: str, dst: str, *, overwrite: bool = False, save_dtype=None,
+                mesh: jax.sharding.Mesh | None = None, progress: bool = False) -> str:
+  """Orbax model checkpoint -> BAGEL model directory (tokenizer files copied along)."""
+  _check_paths(src, dst, overwrite)
+  model = load_orbax(src, mesh=mesh)
+  return bagel_dir.save_model_dir(model, dst, overwrite=overwrite, save_dtype=save_dtype,
+                                  tokenizer_dir=_tokenizer_source(src), progress=progress)
+
+
+def _check_paths(src: str, dst: str, overwrite: bool) -> None:
+  # Checked before the (long) import, so a wrong flag fails at once.
+  if not os.path.isdir(src):
+    raise FileNotFoundError(f"source directory not found: {src}")
+  if os.path.abspath(src) == os.path.abspath(dst):
+    raise ValueError(f"source and destination are the same directory: {src}")
+  if os.path.exists(dst) and not overwrite:
+    raise FileExistsError(f"{dst} already exists; pass overwrite=True (--overwrite) to replace it")
+
+
+def _tokenizer_source(src: str) -> str | None:
+  present = any(os.path.isfile(os.path.join(src, n)) for n in ("tokenizer.json", "vocab.json"))
+  return src if present else None
+

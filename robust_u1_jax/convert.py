@@ -1,0 +1,78 @@
+"""Convert between a BAGEL / Robust-U1 model directory and an Orbax model checkpoint.
+
+  python -m robust_u1_jax.convert --from hf --src BAGEL-7B-MoT --dst ckpt/bagel_orbax
+  python -m robust_u1_jax.convert --to hf --src ckpt/bagel_orbax --dst out/Robust-U1 \
+      --save_dtype bfloat16
+
+`--from hf` reads ema.safetensors (or model.safetensors / a sharded index), ae.safetensors,
+llm_config.json and vit_config.json and writes an Orbax checkpoint (params/, bagel_config.json,
+tokenizer files). `--to hf` writes the model directory back. Parameters are sharded over the
+devices while converting (`--fsdp`), so a model larger than one accelerator converts too. An
+existing destination is refused unless --overwrite; errors exit with status 1 and say why.
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+
+from robust_u1_jax import sharding
+from robust_u1_jax.checkpoints import orbax_io
+
+FORMATS = ("hf",)
+_FROM = flags.DEFINE_enum("from", None, FORMATS, "Import this format into an Orbax checkpoint.")
+_TO = flags.DEFINE_enum("to", None, FORMATS, "Export an Orbax checkpoint to this format.")
+_SRC = flags.DEFINE_string("src", None, "Source directory.")
+_DST = flags.DEFINE_string("dst", None, "Destination directory (must not exist).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing destination.")
+_ALLOW_PICKLE = flags.DEFINE_bool(
+    "allow_pickle", False, "Accept pytorch_model.bin (loaded with torch.load(weights_only=True)).")
+_PARAM_DTYPE = flags.DEFINE_enum(
+    "param_dtype", "float32", ("float32", "bfloat16"), "--from hf: dtype of the stored params.")
+_SAVE_DTYPE = flags.DEFINE_enum(
+    "save_dtype", None, ("float32", "bfloat16", "float16"),
+    "--to hf: cast tensors on write (BAGEL releases bfloat16); default: the parameter dtype.")
+_FSDP = flags.DEFINE_integer(
+    "fsdp", -1, "Shard parameters over this many devices while converting (-1: all).")
+_PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar over tensors.")
+
+
+def _mesh():
+  if _FSDP.value == 1 or jax.device_count() == 1:
+    return None
+  fsdp = _FSDP.value
+  devices = jax.devices()[: fsdp] if fsdp > 0 else jax.devices()
+  return sharding.make_mesh({"data": 1, "fsdp": len(devices), "tensor": 1}, devices)
+
+
+def main(argv) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every file at INFO
+  missing = [f"--{f.name}" for f in (_SRC, _DST) if not f.value]
+  if missing:
+    raise app.UsageError(f"missing {', '.join(missing)}")
+  if (_FROM.value is None) == (_TO.value is None):
+    raise app.UsageError("give exactly one of --from hf (model dir -> Orbax) or --to hf "
+                         "(Orbax -> model dir)")
+  try:
+    if _FROM.value:
+      out = orbax_io.hf_to_orbax(_SRC.value, _DST.value, overwrite=_OVERWRITE.value,
+                                 allow_pickle=_ALLOW_PICKLE.value, param_dtype=_PARAM_DTYPE.value,
+                                 mesh=_mesh(), progress=_PROGRESS.value)
+    else:
+      out = orbax_io.orbax_to_hf(_SRC.value, _DST.value, overwrite=_OVERWRITE.value,
+                                 save_dtype=_SAVE_DTYPE.value, mesh=_mesh(),
+                                 progress=_PROGRESS.value)
+  except (FileNotFoundError, FileExistsError, ValueError) as e:  # CheckpointError included
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  print(f"wrote {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,1 @@
+"""Data: corruption library, built-in shapes world, sources, transforms and Grain pipelines."""

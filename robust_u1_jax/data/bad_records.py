@@ -1,0 +1,162 @@
+"""Bad-input accounting: skip markers, and a Grain filter that counts them and stops a bad run.
+
+Sources and transforms never raise on a broken input (unreadable, truncated, empty or non-image
+file, malformed JSONL or table row). They return a *skip marker* instead,
+
+  {'_skip': reason, 'path': file or table, 'index': record index}
+
+and every later transform passes a marker through untouched. `SkipTracker` is the Grain filter
+step that drops the markers, so no bad record is dropped silently: each is logged (absl, with its
+path and reason), counted, and the run stops with `TooManyBadRecords` naming the worst files once
+more than `max_skip_ratio` of the records seen were bad.
+
+The ratio is checked once `min_seen` records (default 100) have been seen, so a single early bad
+file does not stop a run on a noisy first few records, and always at the end of an epoch (after
+`epoch_size` records, or when the pipeline calls `end_epoch()`), so a small dataset with too many
+bad files is still caught.
+
+Place the filter where the main process runs it (after Grain's multiprocess prefetch): a tracker
+inside a worker process counts only that worker's records.
+"""
+
+from collections.abc import Iterable, Iterator, Mapping
+import collections
+import threading
+from typing import Any
+
+from absl import logging
+import grain
+
+SKIP = "_skip"
+DEFAULT_MIN_SEEN = 100
+
+
+class TooManyBadRecords(RuntimeError):
+  """More than `max_skip_ratio` of the records seen were unreadable."""
+
+
+def skip_record(reason: str, path: str | None, index: int | None) -> dict:
+  """The marker a source or transform returns instead of raising on bad input."""
+  return {SKIP: str(reason), "path": "" if path is None else str(path),
+          "index": -1 if index is None else int(index)}
+
+
+def is_skip(record: Any) -> bool:
+  """Whether `record` is a skip marker (a bad input that the tracker will drop and count)."""
+  return isinstance(record, Mapping) and SKIP in record
+
+
+class SkipTracker(grain.transforms.Filter):
+  """Counts and drops skip markers; raises `TooManyBadRecords` past `max_skip_ratio`.
+
+  `filter(record)` returns False for a marker (Grain drops it) and True otherwise. Thread-safe.
+  `metrics()` gives {'skipped', 'seen', 'skip_ratio'} for the run's logs.
+
+  Args:
+    max_skip_ratio: largest tolerated fraction of bad records (data.max_skip_ratio).
+    min_seen: records to see before the ratio is enforced mid-epoch.
+    epoch_size: records per epoch as this tracker sees them (the per-process slice); every
+      `epoch_size` records the ratio is enforced regardless of `min_seen`. None: only when
+      `end_epoch()` is called.
+    keep: how many worst files and most recent skips an error message names.
+    name: what the data is, for messages (e.g. "train data").
+  """
+
+  def __init__(self, max_skip_ratio: float = 0.01, *, min_seen: int = DEFAULT_MIN_SEEN,
+               epoch_size: int | None = None, keep: int = 10, name: str = "data"):
+    if not 0.0 <= max_skip_ratio < 1.0:
+      raise ValueError(f"max_skip_ratio={max_skip_ratio!r} is invalid: use a fraction in [0, 1)")
+    if min_seen < 1:
+      raise ValueError(f"min_seen={min_seen!r} is invalid: use an integer >= 1")
+    if epoch_size is not None and epoch_size < 1:
+      raise ValueError(f"epoch_size={epoch_size!r} is invalid: use a positive integer or None")
+    self.max_skip_ratio = float(max_skip_ratio)
+    self.min_seen = int(min_seen)
+    self.epoch_size = epoch_size
+    self.keep = int(keep)
+    self.name = name
+    self._lock = threading.Lock()
+    self.seen = 0
+    self.skipped = 0
+    # Per file: how many of its records were bad, and the latest (index, reason). A TSV or
+    # parquet file with many bad rows counts as one file with a high count.
+    self._per_path: dict[str, int] = collections.Counter()
+    self._last_reason: dict[str, tuple[int, str]] = {}
+    self._recent: collections.deque = collections.deque(maxlen=self.keep)
+
+  # Locks do not pickle; Grain may copy transforms into worker processes.
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    del state["_lock"]
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+
+  def filter(self, element) -> bool:
+    bad = is_skip(element)
+    with self._lock:
+      self.seen += 1
+      if bad:
+        self.skipped += 1
+        path, index, reason = element.get("path", ""), element.get("index", -1), element[SKIP]
+        self._per_path[path] += 1
+        self._last_reason[path] = (index, reason)
+        self._recent.append((path, index, reason))
+      epoch_done = self.epoch_size is not None and self.seen % self.epoch_size == 0
+      seen, skipped = self.seen, self.skipped
+    if bad:
+      logging.warning("%s: skipping bad record %s (index %s): %s", self.name, path or "<no path>",
+                      index, reason)
+    # Good records only lower the ratio, so checking at each bad record, on reaching min_seen and
+    # at each epoch end catches every crossing.
+    if bad or epoch_done or seen == self.min_seen:
+      self._check(final=epoch_done, seen=seen, skipped=skipped)
+    return not bad
+
+  __call__ = filter
+
+  def end_epoch(self) -> None:
+    """Enforces the ratio now, however few records were seen (call at the end of an epoch)."""
+    with self._lock:
+      seen, skipped = self.seen, self.skipped
+    self._check(final=True, seen=seen, skipped=skipped)
+
+  def metrics(self) -> dict[str, float]:
+    with self._lock:
+      return {"skipped": self.skipped, "seen": self.seen,
+              "skip_ratio": self.skipped / self.seen if self.seen else 0.0}
+
+  def worst(self, n: int | None = None) -> list[tuple[str, int, int, str]]:
+    """Files with the most bad records: (path, bad count, latest index, latest reason)."""
+    with self._lock:
+      ranked = sorted(self._per_path.items(), key=lambda kv: (-kv[1], kv[0]))[:n or self.keep]
+      return [(p, c, *self._last_reason[p]) for p, c in ranked]
+
+  def recent(self) -> list[tuple[str, int, str]]:
+    """The most recent skips, oldest first: (path, index, reason)."""
+    with self._lock:
+      return list(self._recent)
+
+  def _check(self, *, final: bool, seen: int, skipped: int) -> None:
+    if not seen or (seen < self.min_seen and not final):
+      return
+    if skipped / seen <= self.max_skip_ratio:
+      return
+    worst = "\n".join(f"  {p or '<no path>'}: {c} bad record(s), latest index {i}: {r}"
+                      for p, c, i, r in self.worst())
+    recent = "\n".join(f"  {p or '<no path>'} (index {i}): {r}" for p, i, r in self.recent())
+    raise TooManyBadRecords(
+        f"{self.name}: {skipped} of {seen} records were unreadable "
+        f"({skipped / seen:.2%} > max_skip_ratio {self.max_skip_ratio:.2%}"
+        f"{'' if final else f', checked after at least {self.min_seen} records'}). "
+        f"Fix or remove these inputs, or raise data.max_skip_ratio.\n"
+        f"Worst files:\n{worst}\nMost recent skips:\n{recent}")
+
+  def track(self, records: Iterable) -> Iterator:
+    """Filters an iterable through the tracker and enforces the ratio when it ends."""
+    for record in records:
+      if self.filter(record):
+        yield record
+    self.end_epoch()

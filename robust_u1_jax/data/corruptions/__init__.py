@@ -1,0 +1,264 @@
+"""Corruption registry: one entry point for ImageNet-C and Robust-R1 corruptions.
+
+  corrupt(image, name, key, *, severity=None, intensity=None) -> image
+  corrupt_batch(images_bhwc, name, keys_b, *, severity=None, intensity=None) -> images_bhwc
+  list_corruptions() -> [(qualified_name, family), ...]
+  is_host_side(name, *, severity=None, intensity=None) -> bool
+
+Names are qualified ("imagenet_c/fog", "robust_r1/lens_flare") or short ("fog"). A short name
+resolves by which level is given: `severity` (int 1..5) selects ImageNet-C, `intensity` (float in
+[0, 1]) selects Robust-R1 (gaussian_noise, motion_blur and jpeg_compression exist in both).
+"robust_r1_pipeline" applies the four-stage Robust-R1 pipeline (intensity optional: drawn from
+the key when omitted). Families: "imagenet_c/{noise,blur,weather,digital}" and
+"robust_r1/<stage>".
+
+Images are H x W x 3, uint8 [0, 255] or float [0, 1], numpy or jax; the result has the input's
+dtype, shape and array kind (numpy in, numpy out). Same image, name, level and key give the same
+result. JAX corruptions run jitted with the level as a traced argument (one compilation per
+name and image shape serves every severity or intensity); host-side ones (`is_host_side`, and
+the pipeline, which draws its plan on the host and runs the four drawn degradations jitted one
+by one) run in Python.
+"""
+
+from collections.abc import Callable
+import dataclasses
+import functools
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from robust_u1_jax.data.corruptions import imagenet_c
+from robust_u1_jax.data.corruptions import ops
+
+PIPELINE = "robust_r1_pipeline"
+SEVERITIES = imagenet_c.SEVERITIES
+
+
+@dataclasses.dataclass(frozen=True)
+class Corruption:
+  """One registered corruption. `fn(x_hwc_float01, key, level) -> x_hwc_float01`."""
+  name: str  # qualified, e.g. "imagenet_c/fog"
+  family: str  # e.g. "imagenet_c/weather", "robust_r1/capture"
+  level: str  # "severity" (int 1..5) or "intensity" (float in [0, 1])
+  fn: Callable
+  host_side: bool = False
+  # The level enters the jitted program as a traced argument (one compilation for all levels)
+  # rather than as a compile-time constant.
+  traced_level: bool = False
+
+
+def _imagenet_c_entries() -> dict[str, Corruption]:
+  return {f"imagenet_c/{name}": Corruption(f"imagenet_c/{name}", f"imagenet_c/{c.group}",
+                                           "severity", c.fn, traced_level=True)
+          for name, c in imagenet_c.CORRUPTIONS.items()}
+
+
+def _robust_r1():
+  # Imported on first use: robust_r1 builds on this package's ops and jpeg modules.
+  return importlib.import_module("robust_u1_jax.data.corruptions.robust_r1")
+
+
+def _robust_r1_entries() -> dict[str, Corruption]:
+  # Robust-R1 degradations take a traced intensity unless they are host-side.
+  return {f"robust_r1/{name}": Corruption(f"robust_r1/{name}", f"robust_r1/{d.stage}",
+                                          "intensity", d.fn, d.host_side,
+                                          traced_level=not d.host_side)
+          for name, d in _robust_r1().DEGRADATIONS.items()}
+
+
+@functools.cache
+def registry() -> dict[str, Corruption]:
+  """Every single corruption by qualified name (the pipeline is not one of them)."""
+  return {**_imagenet_c_entries(), **_robust_r1_entries()}
+
+
+def list_corruptions() -> list[tuple[str, str]]:
+  """(qualified_name, family) of every single corruption, ImageNet-C first."""
+  return [(c.name, c.family) for c in registry().values()]
+
+
+def _valid_names() -> str:
+  qualified = list(registry())
+  short = sorted({q.split("/", 1)[1] for q in qualified})
+  return ", ".join(qualified + [PIPELINE]) + "; short names: " + ", ".join(short)
+
+
+def _check_severity(name: str, severity) -> int:
+  if (isinstance(severity, bool) or not isinstance(severity, (int, np.integer))
+      or int(severity) not in SEVERITIES):
+    raise ValueError(f"severity {severity!r} for {name} is invalid: allowed 1, 2, 3, 4, 5")
+  return int(severity)
+
+
+def _check_intensity(name: str, intensity) -> float:
+  try:
+    value = float(intensity)
+  except (TypeError, ValueError):
+    value = float("nan")
+  if isinstance(intensity, bool) or not 0.0 <= value <= 1.0:
+    raise ValueError(f"intensity {intensity!r} for {name} is invalid: allowed a float in [0, 1]")
+  return value
+
+
+def resolve(name: str, *, severity=None, intensity=None) -> tuple[str, int | float | None]:
+  """(qualified name or PIPELINE, validated level) for a name and the level given.
+
+  Raises ValueError naming the valid names or the allowed levels.
+  """
+  if not isinstance(name, str):
+    raise ValueError(f"corruption name {name!r} is not a string: valid names are {_valid_names()}")
+  if name == PIPELINE:
+    if severity is not None:
+      raise ValueError(f"{PIPELINE} takes an intensity in [0, 1] (or none), not a severity")
+    return PIPELINE, None if intensity is None else _check_intensity(name, intensity)
+  reg = registry()
+  if severity is not None and intensity is not None:
+    raise ValueError(f"give either severity (ImageNet-C, 1..5) or intensity (Robust-R1, [0, 1]) "
+                     f"for {name}, not both")
+  if "/" in name:
+    if name not in reg:
+      raise ValueError(f"unknown corruption {name!r}: valid names are {_valid_names()}")
+    qualified = name
+  else:
+    candidates = [q for q in reg if q.split("/", 1)[1] == name]
+    if not candidates:
+      raise ValueError(f"unknown corruption {name!r}: valid names are {_valid_names()}")
+    wanted = "severity" if severity is not None else "intensity" if intensity is not None else None
+    matching = [q for q in candidates if reg[q].level == wanted]
+    if not matching:
+      needs = " or ".join(f"{reg[q].level} (for {q})" for q in candidates)
+      raise ValueError(f"corruption {name!r} needs {needs}")
+    qualified = matching[0]
+  entry = reg[qualified]
+  if entry.level == "severity":
+    if intensity is not None or severity is None:
+      raise ValueError(f"{qualified} takes severity=1..5, not intensity")
+    return qualified, _check_severity(qualified, severity)
+  if severity is not None or intensity is None:
+    raise ValueError(f"{qualified} takes intensity= a float in [0, 1], not severity")
+  return qualified, _check_intensity(qualified, intensity)
+
+
+def is_host_side(name: str, *, severity=None, intensity=None) -> bool:
+  """Whether the corruption runs in Python/numpy on the host (not jit/vmap-able).
+
+  A short name given without a level counts as host-side if any family's variant is.
+  """
+  if name == PIPELINE:
+    return bool(getattr(_robust_r1(), "PIPELINE_HOST_SIDE", False))
+  reg = registry()
+  if name in reg:
+    return reg[name].host_side
+  if "/" not in name and severity is None and intensity is None:
+    candidates = [c for q, c in reg.items() if q.split("/", 1)[1] == name]
+    if not candidates:
+      raise ValueError(f"unknown corruption {name!r}: valid names are {_valid_names()}")
+    return any(c.host_side for c in candidates)
+  qualified, _ = resolve(name, severity=severity, intensity=intensity)
+  return reg[qualified].host_side
+
+
+def _check_image(image) -> tuple[tuple[int, ...], np.dtype]:
+  shape = tuple(np.shape(image))
+  if len(shape) != 3 or shape[-1] != 3:
+    raise ValueError(f"image shape {shape} is not H x W x 3")
+  dtype = np.dtype(image.dtype)
+  if dtype != np.uint8 and not np.issubdtype(dtype, np.floating):
+    raise ValueError(f"image dtype {dtype} is not supported: use uint8 or float in [0, 1]")
+  return shape, dtype
+
+
+def _float_fn(qualified: str, level) -> Callable:
+  """fn(x_float, key) with the level bound (as a Python constant)."""
+  if qualified == PIPELINE:
+    r1 = _robust_r1()
+    return lambda x, key: r1.apply_pipeline(x, key, intensity=level)
+  entry = registry()[qualified]
+  if entry.host_side:
+    return lambda x, key: jnp.asarray(entry.fn(np.asarray(x, np.float32), key, level), jnp.float32)
+  return lambda x, key: entry.fn(x, key, level)
+
+
+def _level_array(qualified: str, level) -> jax.Array:
+  dtype = jnp.int32 if registry()[qualified].level == "severity" else jnp.float32
+  return jnp.asarray(level, dtype)
+
+
+def _traced(qualified: str) -> bool:
+  return qualified != PIPELINE and registry()[qualified].traced_level
+
+
+@functools.lru_cache(maxsize=512)
+def _jitted(qualified: str, level) -> Callable:
+  """jit(fn(x, key, level)); for traced-level corruptions `level` is None and passed at call."""
+  if level is None:
+    return jax.jit(registry()[qualified].fn)
+  return jax.jit(_float_fn(qualified, level))
+
+
+@functools.lru_cache(maxsize=512)
+def _jitted_batch(qualified: str, level, per_image_level: bool) -> Callable:
+  if level is None:
+    in_axes = (0, 0, 0 if per_image_level else None)
+    return jax.jit(jax.vmap(registry()[qualified].fn, in_axes=in_axes))
+  return jax.jit(jax.vmap(_float_fn(qualified, level)))
+
+
+def _restore(x_float, like, dtype):
+  out = ops.from_float(x_float, dtype)
+  return np.asarray(out) if isinstance(like, np.ndarray) else out
+
+
+def corrupt(image, name: str, key, *, severity=None, intensity=None):
+  """Corrupts one H x W x 3 image (uint8 or float [0, 1]); returns the same dtype, shape, kind."""
+  qualified, level = resolve(name, severity=severity, intensity=intensity)
+  _, dtype = _check_image(image)
+  x = ops.to_float(image)
+  if is_host_side(qualified):
+    out = _float_fn(qualified, level)(x, key)
+  elif _traced(qualified):
+    out = _jitted(qualified, None)(x, key, _level_array(qualified, level))
+  else:
+    out = _jitted(qualified, level)(x, key)
+  return _restore(out, image, dtype)
+
+
+def corrupt_batch(images_bhwc, name: str, keys_b, *, severity=None, intensity=None):
+  """`corrupt` over a batch (B x H x W x 3) with one key per image (keys_b: B keys).
+
+  JAX corruptions are vmapped and jitted as one program; host-side ones (and the pipeline) loop
+  in Python. `severity` or `intensity` may also be a length-B sequence (one level per image).
+  """
+  shape = tuple(np.shape(images_bhwc))
+  if len(shape) != 4:
+    raise ValueError(f"images shape {shape} is not B x H x W x 3")
+  per_image = np.ndim(severity) == 1 or np.ndim(intensity) == 1
+  if per_image:
+    given = severity if np.ndim(severity) == 1 else intensity
+    if len(given) != shape[0]:
+      raise ValueError(f"{len(given)} levels for a batch of {shape[0]} images: need one per image")
+    if np.ndim(severity) == 1:
+      levels = [resolve(name, severity=s, intensity=intensity) for s in list(severity)]
+    else:
+      levels = [resolve(name, severity=severity, intensity=i) for i in list(intensity)]
+    qualified = levels[0][0]
+    level = [lv for _, lv in levels]
+    if not (_traced(qualified) or is_host_side(qualified)):
+      raise ValueError(f"{qualified} takes one level per batch, not one per image")
+  else:
+    qualified, level = resolve(name, severity=severity, intensity=intensity)
+  _check_image(images_bhwc[0])
+  if len(keys_b) != shape[0]:
+    raise ValueError(f"{len(keys_b)} keys for a batch of {shape[0]} images: need one key per image")
+  dtype = np.dtype(images_bhwc.dtype)
+  x = ops.to_float(images_bhwc)
+  if is_host_side(qualified):
+    per_level = level if per_image else [level] * shape[0]
+    out = jnp.stack([_float_fn(qualified, lv)(x[i], keys_b[i]) for i, lv in enumerate(per_level)])
+  elif _traced(qualified):
+    out = _jitted_batch(qualified, None, per_image)(x, keys_b, _level_array(qualified, level))
+  else:
+    out = _jitted_batch(qualified, level, False)(x, keys_b)
+  return _restore(out, images_bhwc, dtype)

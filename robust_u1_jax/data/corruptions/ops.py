@@ -1,0 +1,498 @@
+"""Image primitives shared by the corruption families (ImageNet-C, Robust-R1).
+
+Everything here is a pure JAX function on one H x W x C image (`x_hwc`, float32 in [0, 1] unless
+stated), so callers can `jax.jit` it and `jax.vmap` it over a batch. Parameters that set array
+shapes (kernel radii, output sizes) must be Python numbers; parameters that only enter arithmetic
+(a gaussian sigma with an explicit radius, a motion-blur angle, a zoom centre) may be traced.
+
+Boundary modes use scipy.ndimage names throughout: 'reflect' (d c b a | a b c d | d c b a),
+'mirror' (d c b | a b c d | c b a, OpenCV's BORDER_REFLECT_101), 'nearest' (edge replication),
+'wrap' and 'constant' (zeros).
+
+Resizing reproduces Pillow's separable resampling (the same support, centre and normalisation
+rules, computed here as static matrices), so box / bilinear / bicubic / nearest results match
+`PIL.Image.resize` up to Pillow's 8-bit rounding.
+"""
+
+from collections.abc import Callable
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# ImageNet-C parameters were tuned for 224 x 224 crops; size-dependent parameters scale with
+# min(H, W) / REFERENCE_SIZE (see `size_scale`).
+REFERENCE_SIZE = 224
+
+_PAD_MODES = {"reflect": "symmetric", "mirror": "reflect", "nearest": "edge", "wrap": "wrap",
+              "constant": "constant"}
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+# ----------------------------------------------------------------------------------- dtypes
+
+def to_float(image) -> jax.Array:
+  """uint8 [0, 255] or float [0, 1] image -> float32 [0, 1] (floats are not clipped)."""
+  image = jnp.asarray(image)
+  if image.dtype == jnp.uint8:
+    return image.astype(jnp.float32) / 255.0
+  if not jnp.issubdtype(image.dtype, jnp.floating):
+    raise ValueError(f"image dtype {image.dtype} is not supported: use uint8 or float32 in [0, 1]")
+  return image.astype(jnp.float32)
+
+
+def from_float(x: jax.Array, dtype) -> jax.Array:
+  """float [0, 1] -> `dtype`: uint8 rounds to the nearest level, floats are clipped to [0, 1]."""
+  x = clip01(x)
+  if jnp.dtype(dtype) == jnp.uint8:
+    return jnp.round(x * 255.0).astype(jnp.uint8)
+  return x.astype(dtype)
+
+
+def clip01(x: jax.Array) -> jax.Array:
+  return jnp.clip(x, 0.0, 1.0)
+
+
+def quantize_uint8(x: jax.Array) -> jax.Array:
+  """Rounds a float [0, 1] image to the 256 levels an 8-bit image can hold (stays float)."""
+  return jnp.round(clip01(x) * 255.0) / 255.0
+
+
+def size_scale(height: int, width: int, reference_size: int | None = REFERENCE_SIZE) -> float:
+  """Factor by which a pixel-size parameter tuned at `reference_size` scales to this image.
+
+  min(H, W) / reference_size: ImageNet crops are taken at the short side, so a 448 x 600 image
+  needs twice the blur radius of a 224 x 224 crop to look the same. None disables scaling (1.0).
+  """
+  if reference_size is None:
+    return 1.0
+  return min(height, width) / float(reference_size)
+
+
+# ------------------------------------------------------------------------------ convolution
+
+def pad(x_hwc: jax.Array, pad_y: int | tuple[int, int], pad_x: int | tuple[int, int],
+        mode: str = "reflect") -> jax.Array:
+  """Pads the two spatial axes with a scipy.ndimage boundary mode."""
+  if mode not in _PAD_MODES:
+    raise ValueError(f"boundary mode {mode!r} is not one of {sorted(_PAD_MODES)}")
+  py = (pad_y, pad_y) if isinstance(pad_y, int) else tuple(pad_y)
+  px = (pad_x, pad_x) if isinstance(pad_x, int) else tuple(pad_x)
+  widths = (py, px) + ((0, 0),) * (x_hwc.ndim - 2)
+  np_mode = _PAD_MODES[mode]
+  # numpy's 'reflect'/'symmetric' need the pad to be smaller than the axis; tile for big pads.
+  too_big = max(py) >= x_hwc.shape[0] or max(px) >= x_hwc.shape[1]
+  if np_mode in ("reflect", "symmetric") and too_big:
+    return _pad_by_index(x_hwc, py, px, mode)
+  return jnp.pad(x_hwc, widths, mode=np_mode)
+
+
+def _reflect_index(i: np.ndarray, n: int, mode: str) -> np.ndarray:
+  if mode == "reflect":
+    period = 2 * n
+    i = np.mod(i, period)
+    return np.where(i < n, i, period - 1 - i)
+  period = max(2 * n - 2, 1)  # mirror
+  i = np.mod(i, period)
+  return np.where(i < n, i, period - i)
+
+
+def _pad_by_index(x_hwc, py, px, mode):
+  iy = _reflect_index(np.arange(-py[0], x_hwc.shape[0] + py[1]), x_hwc.shape[0], mode)
+  ix = _reflect_index(np.arange(-px[0], x_hwc.shape[1] + px[1]), x_hwc.shape[1], mode)
+  return x_hwc[iy][:, ix]
+
+
+def conv2d(x_hwc: jax.Array, kernel_kk, mode: str = "reflect") -> jax.Array:
+  """Same-size depthwise correlation of every channel with one 2-D kernel (cv2.filter2D's sense).
+
+  The kernel centre is (kh // 2, kw // 2); the image is padded with `mode`, so the output keeps
+  H x W. Kernel values may be traced; its shape must be static.
+  """
+  kernel_kk = jnp.asarray(kernel_kk, jnp.float32)
+  kh, kw = kernel_kk.shape
+  squeeze = x_hwc.ndim == 2
+  if squeeze:
+    x_hwc = x_hwc[..., None]
+  c = x_hwc.shape[-1]
+  xp = pad(x_hwc, (kh // 2, kh - 1 - kh // 2), (kw // 2, kw - 1 - kw // 2), mode)
+  if min(kh, kw) == 1 and max(kh, kw) <= 129 or kh * kw <= 9:
+    # Line and tiny kernels: a fused sum of shifted slices runs ~30x faster on CPU than XLA's
+    # grouped convolution and compiles quickly.
+    h, w = x_hwc.shape[:2]
+    y = sum(kernel_kk[i, j] * xp[i:i + h, j:j + w].astype(jnp.float32)
+            for i in range(kh) for j in range(kw))
+    return y[..., 0] if squeeze else y
+  kernel_hwio = jnp.broadcast_to(kernel_kk[:, :, None, None], (kh, kw, 1, c))
+  y = jax.lax.conv_general_dilated(
+      xp[None].astype(jnp.float32), kernel_hwio, window_strides=(1, 1), padding="VALID",
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c, precision=_HIGHEST)[0]
+  return y[..., 0] if squeeze else y
+
+
+def separable_conv(x_hwc: jax.Array, kernel_y, kernel_x, mode: str = "reflect") -> jax.Array:
+  """Correlation with the outer product kernel_y (rows) x kernel_x (columns), done as two passes."""
+  ky = jnp.asarray(kernel_y, jnp.float32)
+  kx = jnp.asarray(kernel_x, jnp.float32)
+  x_hwc = conv2d(x_hwc, ky[:, None], mode)
+  return conv2d(x_hwc, kx[None, :], mode)
+
+
+def gaussian_kernel1d(sigma, radius: int | None = None, truncate: float = 4.0) -> jax.Array:
+  """Normalised gaussian taps at offsets -radius..radius, equal to scipy.ndimage's kernel.
+
+  scipy keeps int(truncate * sigma + 0.5) taps each side. With `radius=None`, sigma must be a
+  Python number and that is the radius. With an explicit (static) radius, sigma may be traced:
+  taps beyond scipy's radius are zeroed, so a radius sized for the largest sigma in use gives
+  scipy's result for every smaller one.
+  """
+  if radius is None:
+    radius = int(truncate * float(sigma) + 0.5)
+  offsets = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
+  sigma = jnp.maximum(jnp.asarray(sigma, jnp.float32), 1e-6)
+  taps = jnp.exp(-0.5 * (offsets / sigma) ** 2)
+  taps = jnp.where(jnp.abs(offsets) <= jnp.floor(truncate * sigma + 0.5), taps, 0.0)
+  return taps / jnp.sum(taps)
+
+
+def gaussian_radius(sigma_max: float, truncate: float = 4.0) -> int:
+  """The static radius that covers every sigma <= sigma_max (scipy's rule)."""
+  return int(truncate * float(sigma_max) + 0.5)
+
+
+def gaussian_blur(x_hwc: jax.Array, sigma, *, mode: str = "reflect", truncate: float = 4.0,
+                  radius: int | None = None) -> jax.Array:
+  """Per-channel gaussian filter, equal to scipy.ndimage.gaussian_filter(sigma=(s, s, 0)).
+
+  skimage.filters.gaussian (used by the ImageNet-C reference) is the same with mode='nearest'.
+  """
+  if radius is None and float(sigma) <= 0.0:
+    return x_hwc
+  k = gaussian_kernel1d(sigma, radius, truncate)
+  return separable_conv(x_hwc, k, k, mode)
+
+
+def box_blur(x_hwc: jax.Array, size: int, mode: str = "mirror") -> jax.Array:
+  """size x size mean filter (cv2.blur's default border is 'mirror')."""
+  k = jnp.full((size,), 1.0 / size, jnp.float32)
+  return separable_conv(x_hwc, k, k, mode)
+
+
+def disk_kernel(radius: float, alias_blur: float = 0.1, supersample: int = 8) -> np.ndarray:
+  """Normalised defocus disk of (possibly fractional) `radius`, softened by a gaussian.
+
+  Each tap is the fraction of its pixel covered by the disk (supersample^2 subsamples), not a
+  0/1 test of the pixel centre, so radii scaled to small images (e.g. 3 * 64/224) still blur.
+  The footprint is at least 17 x 17 like the ImageNet-C reference; `alias_blur` is the sigma of
+  the anti-aliasing gaussian (3 x 3 up to radius 8, 5 x 5 above, as in the reference).
+  """
+  half = max(8, int(math.ceil(radius)))
+  sub = (np.arange(supersample) + 0.5) / supersample - 0.5
+  centres = np.arange(-half, half + 1, dtype=np.float64)
+  fine = (centres[:, None] + sub[None, :]).reshape(-1)
+  inside = (fine[:, None] ** 2 + fine[None, :] ** 2) <= radius ** 2
+  n = 2 * half + 1
+  disk = inside.reshape(n, supersample, n, supersample).mean(axis=(1, 3))
+  if disk.sum() == 0:
+    disk[half, half] = 1.0
+  disk /= disk.sum()
+  if alias_blur > 0:
+    ksize = 3 if radius <= 8 else 5
+    r = ksize // 2
+    g = np.exp(-0.5 * (np.arange(-r, r + 1) / alias_blur) ** 2)
+    g /= g.sum()
+    padded = np.pad(disk, r)  # the disk is zero at its border, so zero padding is exact enough
+    disk = sum(g[i] * g[j] * padded[i:i + n, j:j + n] for i in range(ksize) for j in range(ksize))
+  return (disk / disk.sum()).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------ motion blur
+
+def motion_offsets(radius: int, sigma, angle_deg, active_radius=None
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Taps of a one-sided gaussian line kernel (ImageNet-C / ImageMagick motion blur).
+
+  Returns integer offsets (dy, dx) and weights, each of length 2 * radius + 1: tap i samples the
+  pixel i steps along the direction (sin a, cos a), rounded to the grid, with weight
+  exp(-i^2 / (2 sigma^2)) normalised. `radius` is static; `sigma`, `angle_deg` and
+  `active_radius` (<= radius: only taps i <= 2 * active_radius count, so one static size serves
+  several radii) may be traced.
+  """
+  width = 2 * radius + 1
+  i = jnp.arange(width, dtype=jnp.float32)
+  theta = jnp.deg2rad(jnp.asarray(angle_deg, jnp.float32))
+  # ceil(v - 0.5) is the reference's rounding (ties go down).
+  dy = jnp.ceil(i * jnp.sin(theta) - 0.5).astype(jnp.int32)
+  dx = jnp.ceil(i * jnp.cos(theta) - 0.5).astype(jnp.int32)
+  w = jnp.exp(-(i ** 2) / (2.0 * jnp.maximum(jnp.asarray(sigma, jnp.float32), 1e-6) ** 2))
+  if active_radius is not None:
+    w = jnp.where(i <= 2 * jnp.asarray(active_radius, jnp.float32), w, 0.0)
+  return dy, dx, w / jnp.sum(w)
+
+
+def sample_shifted(x_hwc: jax.Array, dy, dx) -> jax.Array:
+  """out[y, x] = x_hwc[clip(y + dy), clip(x + dx)]: an integer shift with edge replication."""
+  x_hwc = jnp.asarray(x_hwc)
+  h, w = x_hwc.shape[:2]
+  iy = jnp.clip(jnp.arange(h) + dy, 0, h - 1)
+  ix = jnp.clip(jnp.arange(w) + dx, 0, w - 1)
+  return x_hwc[iy][:, ix]
+
+
+def line_filter(x_hwc: jax.Array, dy: jax.Array, dx: jax.Array, weights: jax.Array) -> jax.Array:
+  """sum_i weights[i] * sample_shifted(x, dy[i], dx[i]) for traced offsets (a sparse conv)."""
+
+  x_hwc = jnp.asarray(x_hwc, jnp.float32)
+
+  def body(acc, tap):
+    ty, tx, tw = tap
+    return acc + tw * sample_shifted(x_hwc, ty, tx), None
+
+  out, _ = jax.lax.scan(body, jnp.zeros_like(x_hwc, jnp.float32), (dy, dx, weights))
+  return out
+
+
+def motion_blur(x_hwc: jax.Array, radius: int, sigma, angle_deg, active_radius=None) -> jax.Array:
+  """Linear motion blur: the line kernel of `motion_offsets` applied with edge replication."""
+  return line_filter(x_hwc, *motion_offsets(radius, sigma, angle_deg, active_radius))
+
+
+def motion_blur_kernel(radius: int, sigma, angle_deg) -> jax.Array:
+  """The same line kernel as a dense (4r+1) x (4r+1) correlation kernel for `conv2d`."""
+  dy, dx, w = motion_offsets(radius, sigma, angle_deg)
+  size = 4 * radius + 1
+  c = 2 * radius
+  return jnp.zeros((size, size), jnp.float32).at[c + dy, c + dx].add(w)
+
+
+# ------------------------------------------------------------------------------ resampling
+
+def _fold_index(i: jax.Array, n: int, mode: str) -> tuple[jax.Array, jax.Array]:
+  """Maps integer sample indices outside 0..n-1 back inside; also returns a validity mask."""
+  if mode == "nearest":
+    return jnp.clip(i, 0, n - 1), jnp.ones(i.shape, bool)
+  if mode == "wrap":
+    return jnp.mod(i, n), jnp.ones(i.shape, bool)
+  if mode == "constant":
+    return jnp.clip(i, 0, n - 1), (i >= 0) & (i <= n - 1)
+  if mode == "reflect":
+    i = jnp.mod(i, 2 * n)
+    return jnp.where(i < n, i, 2 * n - 1 - i), jnp.ones(i.shape, bool)
+  if mode == "mirror":
+    period = max(2 * n - 2, 1)
+    i = jnp.mod(i, period)
+    return jnp.where(i < n, i, period - i), jnp.ones(i.shape, bool)
+  raise ValueError(f"boundary mode {mode!r} is not one of {sorted(_PAD_MODES)}")
+
+
+def warp(x_hwc: jax.Array, coords_y: jax.Array, coords_x: jax.Array, *, order: int = 1,
+         mode: str = "reflect", cval: float = 0.0) -> jax.Array:
+  """Samples every channel at (coords_y, coords_x) (any equal shapes), like map_coordinates.
+
+  order 0 (nearest) or 1 (bilinear); the boundary modes follow jax.scipy.ndimage.map_coordinates
+  ('constant' is scipy's 'grid-constant'). Written as four gathers over all channels at once,
+  which compiles much faster than map_coordinates per channel.
+  """
+  if order not in (0, 1):
+    raise ValueError(f"warp order {order} is not 0 or 1")
+  h, w = x_hwc.shape[:2]
+  x = jnp.asarray(x_hwc, jnp.float32)
+  cy = jnp.asarray(coords_y, jnp.float32)
+  cx = jnp.asarray(coords_x, jnp.float32)
+  if order == 0:
+    # Nearest sample, ties rounded up.
+    iy, vy = _fold_index(jnp.floor(cy + 0.5).astype(jnp.int32), h, mode)
+    ix, vx = _fold_index(jnp.floor(cx + 0.5).astype(jnp.int32), w, mode)
+    v = (vy & vx)
+    out = x[iy, ix]
+    return jnp.where(v.reshape(v.shape + (1,) * (x.ndim - 2)), out, cval)
+  y0 = jnp.floor(cy)
+  x0 = jnp.floor(cx)
+  fy = cy - y0
+  fx = cx - x0
+  y0 = y0.astype(jnp.int32)
+  x0 = x0.astype(jnp.int32)
+  out = 0.0
+  for dy, wy in ((0, 1.0 - fy), (1, fy)):
+    iy, vy = _fold_index(y0 + dy, h, mode)
+    for dx, wx in ((0, 1.0 - fx), (1, fx)):
+      ix, vx = _fold_index(x0 + dx, w, mode)
+      weight = wy * wx
+      sample = x[iy, ix]
+      if mode == "constant":
+        sample = jnp.where((vy & vx).reshape(weight.shape + (1,) * (x.ndim - 2)), sample, cval)
+      out = out + weight.reshape(weight.shape + (1,) * (x.ndim - 2)) * sample
+  return out
+
+
+def affine_warp(x_hwc: jax.Array, matrix_2x2, offset_2, *,
+                output_shape: tuple[int, int] | None = None, order: int = 1,
+                mode: str = "reflect", cval: float = 0.0) -> jax.Array:
+  """scipy.ndimage.affine_transform: output (y, x) samples the input at matrix @ (y, x) + offset."""
+  h, w = output_shape or x_hwc.shape[:2]
+  yy, xx = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32),
+                        indexing="ij")
+  m = jnp.asarray(matrix_2x2, jnp.float32)
+  o = jnp.asarray(offset_2, jnp.float32)
+  cy = m[0, 0] * yy + m[0, 1] * xx + o[0]
+  cx = m[1, 0] * yy + m[1, 1] * xx + o[1]
+  return warp(x_hwc, cy, cx, order=order, mode=mode, cval=cval)
+
+
+def center_zoom_params(n: int, factor: float) -> tuple[float, float]:
+  """(first sample position, step) of ImageNet-C's clipped zoom along an axis of n samples.
+
+  The reference crops the centre ceil(n / f) samples, zooms them with scipy.ndimage.zoom(order=1)
+  (corner-aligned grid, round(crop * f) outputs) and keeps the first n; output i therefore samples
+  the input at top + i * step. Computed on the host in float64 so the integer crop matches.
+  """
+  crop = int(math.ceil(n / float(factor)))
+  top = (n - crop) // 2
+  out_len = max(int(round(crop * factor)), 1)
+  step = (crop - 1) / (out_len - 1) if out_len > 1 else 0.0
+  return float(top), float(step)
+
+
+def _interp_axis(x: jax.Array, axis: int, top, step) -> jax.Array:
+  n = x.shape[axis]
+  pos = jnp.clip(top + jnp.arange(n, dtype=jnp.float32) * step, 0.0, n - 1.0)
+  lo = jnp.floor(pos).astype(jnp.int32)
+  hi = jnp.minimum(lo + 1, n - 1)
+  shape = [1] * x.ndim
+  shape[axis] = n
+  frac = (pos - lo).reshape(shape)
+  return jnp.take(x, lo, axis=axis) * (1.0 - frac) + jnp.take(x, hi, axis=axis) * frac
+
+
+def center_zoom_with(x_hwc: jax.Array, params_y, params_x) -> jax.Array:
+  """Bilinear centre zoom given (top, step) per axis (from `center_zoom_params`; may be traced)."""
+  x = _interp_axis(x_hwc.astype(jnp.float32), 0, *params_y)
+  return _interp_axis(x, 1, *params_x)
+
+
+def center_zoom(x_hwc: jax.Array, factor: float) -> jax.Array:
+  """ImageNet-C's clipped zoom: crop the centre ceil(H / f) x ceil(W / f), zoom it by f, keep H x W.
+
+  Bilinear like scipy.ndimage.zoom(order=1) on the crop; `factor` is a static number >= 1.
+  """
+  return center_zoom_with(x_hwc, center_zoom_params(x_hwc.shape[0], factor),
+                          center_zoom_params(x_hwc.shape[1], factor))
+
+
+def _apply_axis_matrices(x_hwc: jax.Array, my: jax.Array, mx: jax.Array) -> jax.Array:
+  x = x_hwc.astype(jnp.float32)
+  if x.ndim == 2:
+    return jnp.einsum("oh,hw,pw->op", my, x, mx, precision=_HIGHEST)
+  return jnp.einsum("oh,hwc,pw->opc", my, x, mx, precision=_HIGHEST)
+
+
+def _pil_filter(name: str) -> tuple[Callable[[np.ndarray], np.ndarray], float]:
+  if name == "box":
+    return (lambda t: ((t > -0.5) & (t <= 0.5)).astype(np.float64)), 0.5
+  if name == "bilinear":
+    return (lambda t: np.maximum(1.0 - np.abs(t), 0.0)), 1.0
+  if name == "bicubic":
+    a = -0.5
+
+    def cubic(t):
+      t = np.abs(t)
+      return np.where(t < 1.0, ((a + 2.0) * t - (a + 3.0)) * t * t + 1.0,
+                      np.where(t < 2.0, (((t - 5.0) * t + 8.0) * t - 4.0) * a, 0.0))
+
+    return cubic, 2.0
+  raise ValueError(
+      f"resize method {name!r} is not one of ['bicubic', 'bilinear', 'box', 'nearest']")
+
+
+@functools.lru_cache(maxsize=256)
+def resize_matrix(in_size: int, out_size: int, method: str) -> np.ndarray:
+  """(out_size, in_size) matrix M with resized = M @ signal, as Pillow resamples one axis."""
+  scale = in_size / out_size
+  m = np.zeros((out_size, in_size), np.float64)
+  if method == "nearest":
+    # Pillow's NEAREST (ImagingScaleAffine) steps a double by `scale` from 0.5 * scale and
+    # truncates; the repeated addition's rounding decides ties, so repeat it exactly.
+    src = np.empty(out_size, int)
+    pos = 0.5 * scale
+    for i in range(out_size):
+      src[i] = min(int(pos), in_size - 1)
+      pos += scale
+    m[np.arange(out_size), src] = 1.0
+    return m.astype(np.float32)
+  fn, support = _pil_filter(method)
+  filterscale = max(scale, 1.0)
+  support *= filterscale
+  for i in range(out_size):
+    centre = (i + 0.5) * scale
+    lo = max(int(centre - support + 0.5), 0)
+    hi = min(int(centre + support + 0.5), in_size)
+    taps = fn((np.arange(lo, hi) - centre + 0.5) / filterscale)
+    if taps.sum() != 0:
+      taps = taps / taps.sum()
+    m[i, lo:hi] = taps
+  return m.astype(np.float32)
+
+
+def resize(x_hwc: jax.Array, height: int, width: int, method: str = "bilinear") -> jax.Array:
+  """Resizes to height x width like PIL.Image.resize (box, bilinear, bicubic or nearest)."""
+  my = jnp.asarray(resize_matrix(x_hwc.shape[0], height, method))
+  mx = jnp.asarray(resize_matrix(x_hwc.shape[1], width, method))
+  return _apply_axis_matrices(x_hwc, my, mx)
+
+
+# ------------------------------------------------------------------------------ colour
+
+def rgb_to_gray(x_hwc: jax.Array) -> jax.Array:
+  """ITU-R 601 luma (PIL 'L', cv2 RGB2GRAY): H x W x 3 -> H x W."""
+  return x_hwc[..., 0] * 0.299 + x_hwc[..., 1] * 0.587 + x_hwc[..., 2] * 0.114
+
+
+def rgb_to_hsv(x_hwc: jax.Array) -> jax.Array:
+  """RGB [0, 1] -> HSV with hue in [0, 1), as skimage.color.rgb2hsv."""
+  r, g, b = x_hwc[..., 0], x_hwc[..., 1], x_hwc[..., 2]
+  v = jnp.max(x_hwc, axis=-1)
+  delta = v - jnp.min(x_hwc, axis=-1)
+  safe_v = jnp.where(v > 0, v, 1.0)
+  s = jnp.where(v > 0, delta / safe_v, 0.0)
+  safe_d = jnp.where(delta > 0, delta, 1.0)
+  h = jnp.where(r == v, (g - b) / safe_d, 0.0)
+  h = jnp.where(g == v, 2.0 + (b - r) / safe_d, h)
+  h = jnp.where(b == v, 4.0 + (r - g) / safe_d, h)
+  h = jnp.where(delta > 0, jnp.mod(h / 6.0, 1.0), 0.0)
+  return jnp.stack([h, s, v], axis=-1)
+
+
+def hsv_to_rgb(hsv_hwc: jax.Array) -> jax.Array:
+  """HSV (hue in [0, 1)) -> RGB, as skimage.color.hsv2rgb."""
+  h, s, v = hsv_hwc[..., 0], hsv_hwc[..., 1], hsv_hwc[..., 2]
+  h6 = jnp.mod(h, 1.0) * 6.0
+  i = jnp.floor(h6)
+  f = h6 - i
+  p = v * (1.0 - s)
+  q = v * (1.0 - f * s)
+  t = v * (1.0 - (1.0 - f) * s)
+  i = i.astype(jnp.int32) % 6
+  r = jnp.choose(i, [v, q, p, p, t, v], mode="clip")
+  g = jnp.choose(i, [t, v, v, q, p, p], mode="clip")
+  b = jnp.choose(i, [p, p, t, v, v, q], mode="clip")
+  return jnp.stack([r, g, b], axis=-1)
+
+
+def rgb_to_ycbcr(x_hwc: jax.Array) -> jax.Array:
+  """JFIF full-range YCbCr, all in [0, 1] (chroma centred at 0.5) from RGB [0, 1]."""
+  r, g, b = x_hwc[..., 0], x_hwc[..., 1], x_hwc[..., 2]
+  y = 0.299 * r + 0.587 * g + 0.114 * b
+  cb = -0.168735892 * r - 0.331264108 * g + 0.5 * b + 0.5
+  cr = 0.5 * r - 0.418687589 * g - 0.081312411 * b + 0.5
+  return jnp.stack([y, cb, cr], axis=-1)
+
+
+def ycbcr_to_rgb(ycc_hwc: jax.Array) -> jax.Array:
+  """Inverse of `rgb_to_ycbcr` (not clipped)."""
+  y, cb, cr = ycc_hwc[..., 0], ycc_hwc[..., 1] - 0.5, ycc_hwc[..., 2] - 0.5
+  r = y + 1.402 * cr
+  g = y - 0.344136286 * cb - 0.714136286 * cr
+  b = y + 1.772 * cb
+  return jnp.stack([r, g, b], axis=-1)

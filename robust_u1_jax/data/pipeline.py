@@ -1,0 +1,465 @@
+"""Grain input pipelines for every stage: source -> shuffled per-process slice -> batches.
+
+`make_pipeline(data_config, seed=..., process_index=..., process_count=..., stage=...)` builds
+
+  source (data.source)                            random access, record i = f(i)
+  -> shuffle (seeded; reshuffled every epoch)     grain MapDataset.shuffle + repeat
+  -> this process's slice                         positions process_index::process_count of the
+                                                  epoch (the remainder of len % count is dropped,
+                                                  so processes stay in lock-step)
+  -> load, tag 'epoch'                            transforms.AddEpoch
+  -> decode                                       transforms.DecodeImages (skip marker if broken)
+  -> resize by BAGEL's VAE rule                   before corrupting: the pair stays pixel-aligned
+                                                  at the training size, and jitted corruptions
+                                                  compile once per (rounded) size, not per file
+  -> corrupt on the fly                           transforms.corrupt_image; key = f(seed, index,
+                                                  epoch), so a resumed run redraws the same
+  -> ViT-size copy of the corrupted image          BAGEL's ViT rule
+  -> stage texts + tokenisation                   instruction / question / answer
+  -> skip tracking                                bad_records.SkipTracker, in the main process
+  -> batch (per-process batch = data.batch_size / process_count)
+     or, with data.token_budget > 0, first-fit packing into rows (packing.py)
+
+Checkpointing: `Pipeline.get_state()` is a JSON-able dict (Grain's iterator state plus the skip
+counters); `set_state` on a NEW pipeline built with the same config and seed continues with
+exactly the batches the uninterrupted run would have read. The training loop saves it through
+Grain's Orbax handler (training/checkpoint.py).
+
+Batch schema (unpacked, token_budget == 0): a dict of numpy arrays, B = per-process batch.
+
+  clean            (B, H, W, 3) uint8   the clean image at its VAE size (the recovery target)
+  corrupted        (B, H, W, 3) uint8   the corrupted image, pixel-aligned with clean
+  corrupted_vit    (B, Hv, Wv, 3) uint8 corrupted, resized by the ViT rule (ViT input)
+  clean_hw, corrupted_hw, corrupted_vit_hw  (B, 2) int32  valid (height, width) of each image
+  index            (B,) int32           record index in the source
+  epoch            (B,) int32
+  corruption       (B,) str             name given to corrupt ('robust_r1_pipeline', 'none', a
+                                        qualified name, or 'dataset' for stored pairs)
+  corruption_steps (B,) str             what was applied, e.g. 'robust_r1/defocus_blur(0.42)+...'
+  stage 'sft'/'rl':
+    instruction_ids      (B, L) int32   `<|im_start|>instruction<|im_end|>`, right-padded with
+    instruction_lengths  (B,) int32     the pad id; L = text_pad_to, or the next power of two
+                                        >= 16 that fits the batch (few distinct shapes to jit)
+  stage 'reason'/'vqa' (one question per record, drawn from (seed, index, epoch)):
+    question_ids, question_lengths      the question, its lettered options and (reason) the
+                                        recovery instruction, as one text block
+    answer_ids, answer_lengths          the answer: the Robust-R1 format `<TYPE>..<ANSWER>X
+                                        <ANSWER_END>` for the shapes world (corruption named),
+                                        `<ANSWER>X<ANSWER_END>` for VQA tables
+    question_text, answer_text, answer_letter  (B,) str
+
+Strings are host-side: `multihost.host_fields` splits them off before `multihost.global_batch`.
+
+Image sizes: the shapes world has one image size, so images are stacked as they are. Other
+sources (folders, TFDS, tables) hold many sizes: BAGEL's rules resize each to multiples of the
+patch stride, and unpacked batches place each image top-left on a canvas of the rule's maximum
+side (vae_max_side or vit_max_side), with `*_hw` giving the valid region. The efficient way for
+variable sizes is packing by token budget (data.token_budget > 0): samples of different sizes
+share rows of a fixed token count, each image in a slot; see packing.py for that schema. With
+packing, data.batch_size counts packed rows (MaxText's convention), not samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+from absl import flags
+
+from robust_u1_jax.data import bad_records
+from robust_u1_jax.data import multihost
+from robust_u1_jax.data import packing
+from robust_u1_jax.data import shapes
+from robust_u1_jax.data import sources
+from robust_u1_jax.data import tokenizer as tokenizer_lib
+from robust_u1_jax.data import transforms
+
+STAGES = ("sft", "rl", "reason", "vqa")
+IMAGE_FIELDS = ("clean", "corrupted", "corrupted_vit")
+TEXT_FIELDS = {"sft": ("instruction",), "rl": ("instruction",),
+               "reason": ("question", "answer"), "vqa": ("question", "answer")}
+HOST_FIELDS = {"sft": (), "rl": (), "reason": ("question_text", "answer_text", "answer_letter"),
+               "vqa": ("question_text", "answer_text", "answer_letter")}
+MIN_TEXT_PAD = 16
+# Mixed into the question draw so it is independent of the corruption draw of the same record.
+_QUESTION_STREAM = 0x9_0E57
+
+
+# ------------------------------------------------------------------------------- record transforms
+
+class LoadRecord(grain.transforms.Map):
+  """Source position -> the source's record (a dict, or a skip marker)."""
+
+  def __init__(self, source):
+    self.source = source
+
+  def map(self, index):
+    return self.source[int(index)]
+
+
+def _steps_and_levels(record: Mapping[str, Any]) -> tuple[list[str], list[int | float]]:
+  """Applied corruption names with their levels: ImageNet-C severities as ints."""
+  steps = list(record.get("corruption_steps", []))
+  levels = [int(v) if name.startswith("imagenet_c/") else float(v)
+            for name, v in zip(steps, record.get("corruption_levels", []))]
+  return steps, levels
+
+
+def _steps_text(record: Mapping[str, Any]) -> str:
+  steps, levels = _steps_and_levels(record)
+  if not steps:
+    return str(record.get("corruption", "none"))
+  return "+".join(f"{name}({level})" if isinstance(level, int) else f"{name}({level:.2f})"
+                  for name, level in zip(steps, levels))
+
+
+def _answer_text(question: Mapping[str, Any], record: Mapping[str, Any]) -> str:
+  """The reasoning target: Robust-R1 format for the shapes world, the bare answer otherwise."""
+  if "target" in question:  # a shapes-world question: its reasoning text is known
+    steps, levels = _steps_and_levels(record)
+    return shapes.answer_text(question, steps or None, strength=levels or None)
+  return f"<ANSWER>{question['answer']}<ANSWER_END>"
+
+
+def _question_text(question: Mapping[str, Any]) -> str:
+  if question.get("options"):
+    return shapes.format_question(question)
+  return str(question["question"])
+
+
+class StageFields(grain.transforms.Map):
+  """Adds the stage's texts, the ViT-size corrupted image and the corruption description."""
+
+  def __init__(self, stage: str, *, seed: int, instruction: str, vit_rule: Mapping[str, int]):
+    self.stage, self.seed, self.instruction = stage, int(seed), instruction
+    self.vit_rule = dict(vit_rule)
+
+  def map(self, element):
+    if bad_records.is_skip(element):
+      return element
+    out = dict(element)
+    if out["corrupted"].shape != out["clean"].shape:  # stored pairs of different sizes
+      out["corrupted"] = transforms.resize_image(out["corrupted"], out["clean"].shape[:2])
+    out["corrupted_vit"], _ = transforms.bagel_resize(out["corrupted"], **self.vit_rule)
+    if self.stage not in ("sft", "rl"):
+      out = self._question(out)
+    else:
+      prompt = out.get("prompt")  # Robust-R1 pairs carry their own instruction
+      out["instruction"] = prompt if isinstance(prompt, str) and prompt else self.instruction
+    if not bad_records.is_skip(out):
+      out["corruption_steps"] = _steps_text(out)
+    return out
+
+  def _question(self, out: dict) -> dict:
+    questions = out.get("questions")
+    if not questions:
+      return bad_records.skip_record(
+          f"stage {self.stage!r} needs a record with 'questions'; this one has {sorted(out)}",
+          out.get("path"), out.get("index"))
+    rng = np.random.default_rng([self.seed, int(out["index"]), int(out.get("epoch", 0)),
+                                 _QUESTION_STREAM])
+    q = questions[int(rng.integers(len(questions)))]
+    question = _question_text(q)
+    if self.stage == "reason":
+      question = f"{question}\n{self.instruction}"
+    out.update(question=question, answer=_answer_text(q, out), question_text=question,
+               answer_letter=str(q["answer"]))
+    out["answer_text"] = out["answer"]
+    return out
+
+
+class Tokenize(grain.transforms.Map):
+  """Tokenises text fields into '<field>_ids', memoising repeated texts (instructions, prompts).
+
+  Given a tokenizer directory instead of an object, it pickles as the path (Grain workers) and
+  loads the tokenizer once per process.
+  """
+
+  def __init__(self, fields: Sequence[str], tok=None, tokenizer_dir: str = "",
+               cache_size: int = 4096):
+    self.fields, self.tokenizer_dir, self.cache_size = tuple(fields), tokenizer_dir, cache_size
+    self._tok, self._cache = tok, {}
+    self._picklable_tok = tok is None
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state["_cache"] = {}
+    if state["_picklable_tok"]:
+      state["_tok"] = None
+    return state
+
+  def _ids(self, text: str) -> np.ndarray:
+    ids = self._cache.get(text)
+    if ids is None:
+      if self._tok is None:
+        self._tok = _load_tokenizer(self.tokenizer_dir)
+      ids = transforms.tokenize_text(self._tok, text)
+      if len(self._cache) < self.cache_size:
+        self._cache[text] = ids
+    return ids
+
+  def map(self, element):
+    if bad_records.is_skip(element):
+      return element
+    out = dict(element)
+    for field in self.fields:
+      out[f"{field}_ids"] = self._ids(out[field])
+    return out
+
+
+_TOKENIZER_LOCK = threading.Lock()
+
+
+def _load_tokenizer(tokenizer_dir: str):
+  # Grain's reader threads would otherwise race through transformers' lazy imports.
+  with _TOKENIZER_LOCK:
+    return _load_tokenizer_cached(tokenizer_dir)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_tokenizer_cached(tokenizer_dir: str):
+  return tokenizer_lib.load_tokenizer(tokenizer_dir or None)
+
+
+class KeepFields(grain.transforms.Map):
+  """Drops everything the batch does not carry (encoded bytes, object lists, raw texts)."""
+
+  def __init__(self, fields: Sequence[str]):
+    self.fields = tuple(fields)
+
+  def map(self, element):
+    if bad_records.is_skip(element):
+      return element
+    return {k: element[k] for k in self.fields}
+
+
+# ---------------------------------------------------------------------------------------- collate
+
+def _next_pow2(n: int) -> int:
+  return 1 << max(0, int(n) - 1).bit_length()
+
+
+@dataclasses.dataclass(frozen=True)
+class Collate:
+  """Stacks per-sample records into the batch schema (module docstring)."""
+  text_fields: tuple[str, ...]
+  pad_id: int
+  image_canvas: Mapping[str, tuple[int, int]] | None  # None: the source has one image size
+  text_pad_to: int | None = None
+
+  def _images(self, key: str, images: list[np.ndarray]) -> np.ndarray:
+    if self.image_canvas is None:
+      shapes_seen = {im.shape for im in images}
+      if len(shapes_seen) > 1:
+        raise ValueError(f"batch field {key!r} holds images of sizes {sorted(shapes_seen)} from "
+                         "a source declared to have one size")
+      return np.stack(images)
+    hc, wc = self.image_canvas[key]
+    out = np.zeros((len(images), hc, wc, 3), np.uint8)
+    for i, im in enumerate(images):
+      out[i, :im.shape[0], :im.shape[1]] = im
+    return out
+
+  def _texts(self, key: str, seqs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    lengths = np.asarray([len(s) for s in seqs], np.int32)
+    width = self.text_pad_to or max(MIN_TEXT_PAD, _next_pow2(int(lengths.max())))
+    if lengths.max() > width:
+      raise ValueError(f"{key} of {int(lengths.max())} tokens exceeds text_pad_to={width}")
+    out = np.full((len(seqs), width), self.pad_id, np.int32)
+    for i, s in enumerate(seqs):
+      out[i, :len(s)] = s
+    return out, lengths
+
+  def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+    batch = {}
+    for key in samples[0]:
+      values = [s[key] for s in samples]
+      if key in IMAGE_FIELDS:
+        batch[key] = self._images(key, values)
+        batch[f"{key}_hw"] = np.asarray([v.shape[:2] for v in values], np.int32)
+      elif key.endswith("_ids") and key[:-4] in self.text_fields:
+        batch[key], batch[f"{key[:-4]}_lengths"] = self._texts(key, values)
+      elif isinstance(values[0], str):
+        batch[key] = np.asarray(values)
+      else:
+        batch[key] = np.asarray(values, np.int32 if key in ("index", "epoch") else None)
+    return batch
+
+
+# --------------------------------------------------------------------------------------- pipeline
+
+def _canvas(data_config, kind: str) -> tuple[int, int]:
+  rule = transforms.resize_rule(data_config, kind)
+  if data_config.source == "shapes":  # one size: the world's, resized once by the rule
+    return transforms.bagel_size(data_config.image_size, data_config.image_size, **rule)
+  return rule["max_side"], rule["max_side"]
+
+
+def image_canvas(data_config) -> dict[str, tuple[int, int]]:
+  """{image field: (H, W)} of the batch arrays for this data config."""
+  vae, vit = _canvas(data_config, "vae"), _canvas(data_config, "vit")
+  return {"clean": vae, "corrupted": vae, "corrupted_vit": vit}
+
+
+def _default_read_options(per_process_batch: int) -> grain.ReadOptions:
+  # A bounded buffer: Grain's default of 500 records is gigabytes at BAGEL's 1024-pixel sides.
+  # Few threads: the work is Python (GIL) and JAX dispatch, which more threads only contend
+  # for (2 beat 4 and 16 on 2 cores); worker_count > 0 adds processes for real parallelism.
+  threads = max(2, min(8, os.cpu_count() or 2))
+  return grain.ReadOptions(num_threads=threads,
+                           prefetch_buffer_size=max(2 * per_process_batch, 2 * threads))
+
+
+class Pipeline:
+  """Iterator over batches; checkpointable (get_state/set_state), with skip metrics.
+
+  Attributes: num_records (source length), epoch_size (records per process per epoch),
+  batch_size (per-process batch), stage, dataset (the Grain IterDataset).
+  """
+
+  def __init__(self, dataset: grain.IterDataset, tracker: bad_records.SkipTracker, *,
+               num_records: int, epoch_size: int, batch_size: int, stage: str):
+    self.dataset, self.tracker = dataset, tracker
+    self.num_records, self.epoch_size, self.batch_size = num_records, epoch_size, batch_size
+    self.stage = stage
+    self._iterator = iter(dataset)
+
+  def __iter__(self) -> "Pipeline":
+    return self
+
+  def __enter__(self) -> "Pipeline":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return next(self._iterator)
+
+  def get_state(self) -> dict[str, Any]:
+    """JSON-able position: Grain's iterator state and the skip counters.
+
+    The counters are restored as totals (per-file details restart). With packing, Grain resumes
+    an open packing round by re-reading its records, which the counters then see again.
+    """
+    m = self.tracker.metrics()
+    return {"grain": self._iterator.get_state(),
+            "skips": {"seen": int(m["seen"]), "skipped": int(m["skipped"])}}
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    if "grain" not in state:
+      raise ValueError(f"pipeline state has keys {sorted(state)}: expected 'grain' and 'skips' "
+                       "(a state from Pipeline.get_state)")
+    self._iterator.set_state(state["grain"])
+    with self.tracker._lock:  # pylint: disable=protected-access
+      self.tracker.seen = int(state.get("skips", {}).get("seen", 0))
+      self.tracker.skipped = int(state.get("skips", {}).get("skipped", 0))
+
+  def metrics(self) -> dict[str, float]:
+    """{'skipped', 'seen', 'skip_ratio'} of the records this process has read."""
+    return self.tracker.metrics()
+
+  def close(self) -> None:
+    close = getattr(self._iterator, "close", None)
+    if close is not None:
+      close()
+
+
+def _check_stage(stage: str) -> None:
+  if stage not in STAGES:
+    raise ValueError(f"stage={stage!r} is unknown: allowed {', '.join(STAGES)}")
+
+
+def make_pipeline(data_config, *, seed: int, process_index: int = 0, process_count: int = 1,
+                  tokenizer=None, stage: str = "sft", split: str | None = None,
+                  instruction: str | None = None, text_pad_to: int | None = None,
+                  read_options: grain.ReadOptions | None = None) -> Pipeline:
+  """The batch iterator of one process (module docstring for the stages and the schema).
+
+  Args:
+    data_config: a `config_lib.get_data_config()` ConfigDict (config.data or config.eval_data).
+    seed: run seed: shuffling, corruption and question draws are pure functions of it.
+    process_index, process_count: this process's data shard (`multihost.data_shard(mesh)`).
+    tokenizer: a loaded tokenizer; None loads data.tokenizer_dir ('' = the built-in one).
+    stage: 'sft', 'rl', 'reason' or 'vqa'.
+    split: overrides data.split.
+    instruction: the recovery instruction (default: the paper's).
+    text_pad_to: fixed text width; None pads to a power-of-two bucket per batch.
+    read_options: Grain thread prefetch options (default: bounded, see _default_read_options).
+  """
+  _check_stage(stage)
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} is outside [0, process_count="
+                     f"{process_count})")
+  batch_size = multihost.per_process_batch_size(data_config.batch_size, process_count)
+  source = sources.make_source(data_config, split)
+  num_records = len(source)
+  epoch_size = num_records // process_count
+  if epoch_size < 1:
+    raise ValueError(f"data source {source!r} has {num_records} records, fewer than the "
+                     f"{process_count} processes reading it")
+  tok = tokenizer if tokenizer is not None else _load_tokenizer(data_config.tokenizer_dir)
+  special = tokenizer_lib.special_token_ids(tok)
+
+  ds = grain.MapDataset.range(num_records)
+  if data_config.shuffle:
+    ds = ds.shuffle(seed=seed)
+  ds = ds[process_index:epoch_size * process_count:process_count]
+  ds = ds.repeat(data_config.num_epochs or None)
+  ds = ds.map(LoadRecord(source))
+  ds = ds.map_with_index(transforms.AddEpoch(epoch_size))
+  ds = ds.map(transforms.DecodeImages())
+  ds = ds.map(transforms.ResizeImages.from_config(data_config, "vae",
+                                                  keys=("image", "target_image")))
+  ds = ds.map(transforms.CorruptOnTheFly.from_config(data_config, seed))
+  ds = ds.map(StageFields(stage, seed=seed, instruction=instruction or
+                          tokenizer_lib.RECOVERY_INSTRUCTION,
+                          vit_rule=transforms.resize_rule(data_config, "vit")))
+  text_fields = TEXT_FIELDS[stage]
+  ds = ds.map(Tokenize(text_fields, tokenizer, data_config.tokenizer_dir))
+  keep = (*IMAGE_FIELDS, "index", "epoch", "corruption", "corruption_steps",
+          *(f"{f}_ids" for f in text_fields), *HOST_FIELDS[stage])
+  packed = data_config.token_budget > 0
+  canvas = image_canvas(data_config)
+  if packed:
+    ds = ds.map(packing.SampleLayout(
+        stage, vit_patch=data_config.vit_patch, vae_stride=data_config.vae_stride,
+        vision_start=special["vision_start"], vision_end=special["vision_end"],
+        pad=special["pad"], token_budget=data_config.token_budget))
+    keep = keep + ("token_ids", "token_types")
+  ds = ds.map(KeepFields(keep))
+
+  it = ds.to_iter_dataset(read_options or _default_read_options(batch_size))
+  if data_config.worker_count > 0:
+    if not flags.FLAGS.is_parsed():
+      # Grain's workers read their absl flags' defaults; outside an absl app (notebooks, tests)
+      # nothing has marked them readable. No argv is parsed here.
+      flags.FLAGS.mark_as_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_config.worker_count))
+  # After the worker processes, so one tracker in the main process counts every record.
+  tracker = bad_records.SkipTracker(data_config.max_skip_ratio, epoch_size=epoch_size,
+                                    name=f"{data_config.source} data ({stage})")
+  it = it.filter(tracker)
+  if packed:
+    min_tokens = packing.min_sample_tokens(
+        stage, vit_min_side=data_config.vit_min_side, vit_patch=data_config.vit_patch,
+        vae_min_side=data_config.vae_min_side, vae_stride=data_config.vae_stride)
+    max_per_row = max(1, data_config.token_budget // min_tokens)
+    layout_images = {f: canvas[f] for _, f in packing.stage_layout(stage) if f in canvas}
+    scalars = ("index", "epoch", "corruption", "corruption_steps", *HOST_FIELDS[stage])
+    it = packing.pack(it, token_budget=data_config.token_budget, num_rows=batch_size,
+                      max_per_row=max_per_row, image_canvas=layout_images,
+                      scalar_fields=scalars, pad_id=special["pad"])
+    it = it.batch(batch_size, drop_remainder=True)
+  else:
+    collate = Collate(text_fields, special["pad"],
+                      None if data_config.source == "shapes" else canvas, text_pad_to)
+    it = it.batch(batch_size, drop_remainder=True, batch_fn=collate)
+  return Pipeline(it, tracker, num_records=num_records, epoch_size=epoch_size,
+                  batch_size=batch_size, stage=stage)

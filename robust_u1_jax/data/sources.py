@@ -1,0 +1,322 @@
+"""Random-access data sources (Grain `RandomAccessDataSource`s): __len__ and __getitem__ -> dict.
+
+Every record carries 'index' (its position in the source) and, where it comes from a file or a
+table, 'path'. Images are returned encoded ('image_bytes', decoded by `transforms.DecodeImages`),
+except the shapes world's, which are rendered arrays ('image'). A source never raises on a bad
+input: an unreadable file or a malformed row gives a skip marker (`bad_records.skip_record`).
+Problems with the whole source (no such folder, no images in it, a table without a required
+column, an unknown TFDS dataset) raise at construction, naming the path and what is allowed.
+
+  shapes       robust_u1_jax.data.shapes.ShapesWorld (rendered image, caption, questions)
+  folder       ImageFolderSource: *.jpg/*.jpeg/*.png/*.webp under a folder, recursively, sorted
+  tfds         TfdsSource: any prepared TFDS dataset via tfds.data_source (ArrayRecord, no TF)
+  jsonl        JsonlSource: Robust-R1 pairs {"prompt", "image", "target_image"}
+  vqa_tsv      sources_vqa.VqaTsvSource: VLMEvalKit TSV with base64 images
+  vqa_parquet  sources_vqa.VqaParquetSource: Hugging Face parquet (MMStar, RealWorldQA, ...)
+
+Sources pickle without open file handles (Grain copies them into worker processes); files are
+opened lazily in each process.
+"""
+
+import json
+import os
+import pathlib
+import threading
+
+import numpy as np
+
+from robust_u1_jax import config_lib
+from robust_u1_jax.data import shapes
+from robust_u1_jax.data.bad_records import skip_record
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+PAIR_KEYS = ("prompt", "image", "target_image")
+
+
+def check_index(i, length: int, name: str) -> int:
+  i = int(i)
+  if i < 0:
+    i += length
+  if not 0 <= i < length:
+    raise IndexError(f"{name} index {i} is out of range [0, {length})")
+  return i
+
+
+class LazyFile:
+  """A read-only file descriptor opened on first use in each process, read with pread.
+
+  pread takes an offset, so threads share the descriptor without seeking over each other.
+  """
+
+  def __init__(self, path: str):
+    self.path = path
+    self._fd = None
+    self._pid = None
+    self._lock = threading.Lock()
+
+  def __getstate__(self):
+    return {"path": self.path}
+
+  def __setstate__(self, state):
+    self.__init__(state["path"])
+
+  def read(self, offset: int, length: int) -> bytes:
+    with self._lock:
+      if self._fd is None or self._pid != os.getpid():
+        self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+    return os.pread(self._fd, length, offset)
+
+  def __del__(self):
+    if self._fd is not None and self._pid == os.getpid():
+      os.close(self._fd)
+
+
+def line_spans(path: str, *, quoted: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(byte offsets, byte lengths, 1-based first line numbers) of the non-blank records of a file.
+
+  With quoted=True a record continues over newlines inside double-quoted fields (CSV/TSV as
+  pandas writes them: a newline ends a record only when the record's quote count is even).
+  """
+  offsets, lengths, lines = [], [], []
+  start, start_line, quotes, pos = 0, 1, 0, 0
+  with open(path, "rb") as f:
+    for lineno, line in enumerate(f, 1):
+      if quoted:
+        quotes += line.count(b'"')
+      pos += len(line)
+      if quoted and quotes % 2:
+        continue  # inside a quoted field: the record goes on
+      if line.strip() or pos - start > len(line):
+        offsets.append(start)
+        lengths.append(pos - start)
+        lines.append(start_line)
+      start, start_line, quotes = pos, lineno + 1, 0
+  if start < pos:  # an unterminated quote up to the end of the file: still one (bad) record
+    offsets.append(start)
+    lengths.append(pos - start)
+    lines.append(start_line)
+  return (np.asarray(offsets, np.int64), np.asarray(lengths, np.int64),
+          np.asarray(lines, np.int64))
+
+
+# ---------------------------------------------------------------------------------------- folder
+
+class ImageFolderSource:
+  """Every *.jpg, *.jpeg, *.png, *.webp (any case) under `root`, recursively, sorted by path.
+
+  Record: image_bytes, path, relpath (POSIX, relative to root), index.
+  """
+
+  def __init__(self, root: str | os.PathLike):
+    self.root = pathlib.Path(root)
+    if not self.root.is_dir():
+      raise FileNotFoundError(f"image folder {self.root} does not exist or is not a directory")
+    rel = []
+    for dirpath, _, filenames in os.walk(self.root, followlinks=True):
+      base = pathlib.Path(dirpath).relative_to(self.root)
+      rel.extend((base / f).as_posix() for f in filenames
+                 if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
+    if not rel:
+      raise FileNotFoundError(f"image folder {self.root} holds no images: looked for "
+                              f"{', '.join('*' + e for e in IMAGE_EXTENSIONS)} (any case), "
+                              "recursively")
+    self.relpaths = sorted(rel)  # sorted, so record i is the same file on every host
+
+  def __len__(self) -> int:
+    return len(self.relpaths)
+
+  def __repr__(self) -> str:
+    return f"ImageFolderSource({str(self.root)!r}, {len(self)} images)"
+
+  def __getitem__(self, i) -> dict:
+    i = check_index(i, len(self), "ImageFolderSource")
+    path = self.root / self.relpaths[i]
+    try:
+      data = path.read_bytes()
+    except OSError as e:
+      return skip_record(f"unreadable file: {e.strerror or e}", path, i)
+    return {"image_bytes": data, "path": str(path), "relpath": self.relpaths[i], "index": i}
+
+
+# ------------------------------------------------------------------------------------------ tfds
+
+class TfdsSource:
+  """A split of a prepared TFDS dataset through `tfds.data_source` (ArrayRecord; no TensorFlow).
+
+  The image feature `image_key` (a tfds.features.Image) is left encoded and returned as
+  'image_bytes', so `DecodeImages` applies the same decoding and bad-input rules as for files;
+  the other features are passed through. 'path' names the dataset and split ("tfds:name/split").
+  `data_dir` None or "" means TFDS's default ($TFDS_DATA_DIR, else ~/tensorflow_datasets).
+  """
+
+  def __init__(self, name: str, split: str = "train", data_dir: str | None = None,
+               image_key: str = "image"):
+    self.name, self.split, self.image_key = name, split, image_key
+    self.data_dir = data_dir or None
+    self.path = f"tfds:{name}/{split}"
+    self._ds = None
+    self._lock = threading.Lock()
+    self.length = len(self._source())
+
+  def _source(self):
+    with self._lock:
+      if self._ds is None:
+        self._ds = self._open()
+      return self._ds
+
+  def _open(self):
+    import tensorflow_datasets as tfds  # deferred: slow to import, only needed for this source
+
+    where = self.data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+    try:
+      builder = tfds.builder(self.name, data_dir=self.data_dir)
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f"TFDS dataset {self.name!r} is unknown or unreadable in {where}: "
+                       f"{e}") from e
+    features = builder.info.features
+    if self.image_key not in features:
+      raise ValueError(f"TFDS dataset {self.name!r} has no feature {self.image_key!r}: its "
+                       f"features are {', '.join(features.keys())}")
+    if not isinstance(features[self.image_key], tfds.features.Image):
+      raise ValueError(f"TFDS feature {self.name}:{self.image_key} is a "
+                       f"{type(features[self.image_key]).__name__}, not a tfds.features.Image")
+    try:
+      return tfds.data_source(self.name, split=self.split, data_dir=self.data_dir,
+                              download=False,
+                              decoders={self.image_key: tfds.decode.SkipDecoding()})
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f"TFDS dataset {self.name!r} split {self.split!r} cannot be opened from "
+                       f"{where} (prepare it there first, e.g. ImageNet from its manual "
+                       f"download; splits: {', '.join(builder.info.splits.keys()) or 'none'}): "
+                       f"{e}") from e
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state["_ds"], state["_lock"] = None, None
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+
+  def __len__(self) -> int:
+    return self.length
+
+  def __repr__(self) -> str:
+    return f"TfdsSource({self.path!r}, {self.length} records, data_dir={self.data_dir!r})"
+
+  def __getitem__(self, i) -> dict:
+    i = check_index(i, self.length, repr(self))
+    try:
+      example = dict(self._source()[i])
+    except Exception as e:  # pylint: disable=broad-except
+      # A damaged ArrayRecord chunk or example: this record is lost, not the run.
+      return skip_record(f"unreadable TFDS record ({type(e).__name__}: {e})", self.path, i)
+    record = {k: v for k, v in example.items() if k != self.image_key}
+    record.update(image_bytes=example[self.image_key], path=self.path, index=i)
+    return record
+
+
+# ----------------------------------------------------------------------------------------- jsonl
+
+class JsonlSource:
+  """Rows of a JSONL file whose image fields are paths relative to the file's directory.
+
+  Defaults are the Robust-R1 pairs {"prompt", "image", "target_image"}. Record: the row's fields,
+  with each image field f replaced by f + '_bytes' (the file's bytes) and its resolved path in
+  'path' (for 'image') or f + '_path'; plus index and line (1-based). Blank lines are not rows.
+  A row that is not JSON, not an object, lacks a required key, or names a missing or unreadable
+  file gives a skip marker.
+  """
+
+  def __init__(self, path: str | os.PathLike, *, required: tuple[str, ...] = PAIR_KEYS,
+               image_keys: tuple[str, ...] = ("image", "target_image")):
+    self.path = str(path)
+    if not os.path.isfile(self.path):
+      raise FileNotFoundError(f"JSONL file {self.path} does not exist")
+    self.base = os.path.dirname(os.path.abspath(self.path))
+    self.required, self.image_keys = tuple(required), tuple(image_keys)
+    self.offsets, self.lengths, self.lines = line_spans(self.path)
+    if not len(self.offsets):
+      raise ValueError(f"JSONL file {self.path} has no rows")
+    self._file = LazyFile(self.path)
+
+  def __len__(self) -> int:
+    return len(self.offsets)
+
+  def __repr__(self) -> str:
+    return f"JsonlSource({self.path!r}, {len(self)} rows)"
+
+  def __getitem__(self, i) -> dict:
+    i = check_index(i, len(self), repr(self))
+    line = int(self.lines[i])
+
+    def skip(reason, path=self.path):
+      return skip_record(f"line {line}: {reason}", path, i)
+
+    try:
+      raw = self._file.read(int(self.offsets[i]), int(self.lengths[i]))
+      row = json.loads(raw)
+    except OSError as e:
+      return skip(f"unreadable ({e.strerror or e})")
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+      return skip(f"bad JSON: {e}")
+    if not isinstance(row, dict):
+      return skip(f"a JSON {type(row).__name__}, not an object with keys "
+                  f"{', '.join(self.required)}")
+    missing = [k for k in self.required if k not in row]
+    if missing:
+      return skip(f"missing key(s) {', '.join(missing)} (row has: {', '.join(row) or 'none'})")
+    record = {k: v for k, v in row.items() if k not in self.image_keys}
+    for key in self.image_keys:
+      if key not in row:
+        continue
+      rel = row[key]
+      if not isinstance(rel, str) or not rel:
+        return skip(f"{key!r} is {rel!r}, not a file path")
+      file = os.path.join(self.base, rel)
+      try:
+        with open(file, "rb") as f:
+          record[f"{key}_bytes"] = f.read()
+      except FileNotFoundError:
+        return skip(f"missing file for {key!r}: {file}", file)
+      except OSError as e:
+        return skip(f"unreadable file for {key!r}: {e.strerror or e}", file)
+      record["path" if key == "image" else f"{key}_path"] = file
+    record.update(index=i, line=line)
+    record.setdefault("path", self.path)
+    return record
+
+
+# --------------------------------------------------------------------------------------- factory
+
+def make_source(data_config, split: str | None = None):
+  """The source data_config.source names. `split` overrides data_config.split.
+
+  The split selects the shapes world's split and the TFDS split; folder, jsonl and table sources
+  are selected by data_config.path alone. The shapes world's train split has data.shapes_size
+  records (validation and test keep the world's default sizes) and a fixed world seed 0, so every
+  run sees the same world.
+  """
+  source, split = data_config.source, split or data_config.split
+  if source not in config_lib.SOURCES:
+    raise ValueError(f"data.source={source!r} is unknown: valid sources are "
+                     f"{', '.join(config_lib.SOURCES)}")
+  if source == "shapes":
+    size = data_config.shapes_size if split == "train" else None
+    return shapes.ShapesWorld(split, size=size, image_size=data_config.image_size)
+  if not data_config.path:
+    raise ValueError(f"data.source={source!r} needs data.path (a "
+                     f"{'TFDS dataset name' if source == 'tfds' else 'file or folder path'})")
+  if source == "folder":
+    return ImageFolderSource(data_config.path)
+  if source == "tfds":
+    image_key = data_config.get("tfds_image_key", "image")
+    return TfdsSource(data_config.path, split, data_config.tfds_data_dir, image_key)
+  if source == "jsonl":
+    return JsonlSource(data_config.path)
+  from robust_u1_jax.data import sources_vqa  # deferred: it builds on this module's helpers
+
+  if source == "vqa_tsv":
+    return sources_vqa.VqaTsvSource(data_config.path)
+  return sources_vqa.VqaParquetSource(data_config.path)

@@ -1,0 +1,338 @@
+"""VQA benchmark tables as random-access sources: VLMEvalKit TSV and Hugging Face parquet.
+
+Both give records shaped like the shapes world's, so one pipeline serves all of them:
+
+  {'image_bytes', 'questions': [{'question', 'options', 'answer', 'kind', 'hint'}], 'id',
+   'category', 'path' (the table), 'index' (row position)}
+
+Options come from single-letter columns A, B, C, ... (empty or NaN ones dropped; the rest are
+re-lettered in order, and the answer with them) or from a list column 'options' / 'choices'.
+Without options (MMStar and RealWorldQA write them into the question), 'options' is empty and the
+answer is kept as written. A hint (VLMEvalKit's `hint` column) is put before the question as
+"Hint: ...". The answer may be a letter, a 0-based index into a list of options, or an option's
+text; anything else in a multiple-choice row is a bad row.
+
+A bad row (bad base64, missing or empty field, too few TSV fields, an answer that is no option)
+gives a skip marker naming the table, the row and the reason. A table without a required column
+raises at construction, listing the columns it has.
+"""
+
+import base64
+import binascii
+import csv
+import io
+import math
+import os
+import pathlib
+import string
+import sys
+import threading
+
+import numpy as np
+
+from robust_u1_jax.data.bad_records import skip_record
+from robust_u1_jax.data.sources import LazyFile, check_index, line_spans
+
+LETTERS = string.ascii_uppercase
+OPTION_LIST_COLUMNS = ("options", "choices")
+# VLMEvalKit stores a repeated image once; other rows hold that row's `index` (<= 64 characters).
+_MAX_IMAGE_REFERENCE = 64
+
+
+class BadRow(ValueError):
+  """A table row that cannot become a record; the message says why."""
+
+
+def _missing(value) -> bool:
+  if value is None:
+    return True
+  if isinstance(value, float) and math.isnan(value):
+    return True
+  return isinstance(value, str) and value.strip().lower() in ("", "nan", "none")
+
+
+def _text(value) -> str:
+  return "" if _missing(value) else str(value).strip()
+
+
+def vqa_record(*, image_bytes: bytes, question, options: list[tuple[str, str]], answer,
+               hint=None, category=None, row_id=None, path: str, index: int,
+               require_answer: bool = True) -> dict:
+  """The record of one VQA row. `options` are (original letter, text); raises BadRow.
+
+  Without require_answer a missing answer is kept as "" (benchmark test splits).
+  """
+  question = _text(question)
+  if not question:
+    raise BadRow("empty question")
+  texts = [t for _, t in options]
+  answer_text = _text(answer)
+  if _missing(answer):
+    if require_answer:
+      raise BadRow("missing answer")
+  elif texts:
+    if isinstance(answer, (int, np.integer)) and not isinstance(answer, bool):
+      if not 0 <= int(answer) < len(texts):
+        raise BadRow(f"answer index {answer} is outside the {len(texts)} options")
+      answer_text = LETTERS[int(answer)]
+    elif answer_text in [letter for letter, _ in options]:
+      answer_text = LETTERS[[letter for letter, _ in options].index(answer_text)]
+    elif answer_text in texts:
+      answer_text = LETTERS[texts.index(answer_text)]
+    else:
+      raise BadRow(f"answer {answer_text!r} is neither a letter of the options "
+                   f"({', '.join(letter for letter, _ in options)}) nor one of their texts")
+  hint = _text(hint)
+  category = _text(category)
+  q = {"question": f"Hint: {hint}\n{question}" if hint else question, "options": texts,
+       "answer": answer_text, "kind": category or "vqa", "hint": hint}
+  return {"image_bytes": image_bytes, "questions": [q], "id": _text(row_id) or str(index),
+          "category": category, "path": path, "index": index}
+
+
+def _b64(value: str) -> bytes:
+  data = base64.b64decode("".join(value.split()), validate=True)
+  if not data:
+    raise BadRow("empty image")
+  return data
+
+
+def _check_columns(path: str, columns: list[str], needed: list[str]) -> None:
+  missing = [c for c in needed if c not in columns]
+  if missing:
+    raise ValueError(f"VQA table {path} lacks required column(s) {', '.join(missing)}; its "
+                     f"columns are {', '.join(columns)}")
+
+
+def _letter_columns(columns: list[str]) -> list[str]:
+  return [c for c in LETTERS if c in columns]
+
+
+# ------------------------------------------------------------------------------------------- TSV
+
+class VqaTsvSource:
+  """A VLMEvalKit benchmark TSV: index, image (base64), question, A..D, answer[, category, hint].
+
+  Records are located by one scan of the file (quote-aware, so quoted fields may hold newlines
+  and tabs, as pandas writes them; a stray unbalanced quote merges rows, exactly as pandas, which
+  VLMEvalKit reads these files with, would) and parsed on access. Rows whose image is a short reference use the image of the row
+  with that index, as VLMEvalKit does. require_answer=False accepts test splits without answers.
+  """
+
+  def __init__(self, path: str | os.PathLike, *, require_answer: bool = True):
+    self.path = str(path)
+    if not os.path.isfile(self.path):
+      raise FileNotFoundError(f"VQA TSV file {self.path} does not exist")
+    offsets, lengths, lines = line_spans(self.path, quoted=True)
+    if len(offsets) < 2:
+      what = "a header but no rows" if len(offsets) else "no header"
+      raise ValueError(f"VQA TSV file {self.path} has {what}")
+    self._file = LazyFile(self.path)
+    self.offsets, self.lengths, self.lines = offsets[1:], lengths[1:], lines[1:]
+    self.columns = self._parse(offsets[0], lengths[0])
+    _check_columns(self.path, self.columns, ["question", "image"] + (["answer"] * require_answer))
+    self.option_columns = _letter_columns(self.columns)
+    self.require_answer = require_answer
+    self._by_id = None
+    self._lock = threading.Lock()
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state["_by_id"], state["_lock"] = None, None
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+
+  def __len__(self) -> int:
+    return len(self.offsets)
+
+  def __repr__(self) -> str:
+    return f"VqaTsvSource({self.path!r}, {len(self)} rows)"
+
+  def _parse(self, offset, length) -> list[str]:
+    text = self._file.read(int(offset), int(length)).decode("utf-8")
+    if csv.field_size_limit() < sys.maxsize // 2:
+      csv.field_size_limit(sys.maxsize // 2)  # base64 images are far beyond csv's 128 KiB default
+    rows = list(csv.reader(io.StringIO(text), delimiter="\t"))
+    return rows[0] if rows else []
+
+  def _row(self, i: int) -> dict[str, str]:
+    fields = self._parse(self.offsets[i], self.lengths[i])
+    if len(fields) != len(self.columns):
+      missing = self.columns[len(fields):]
+      raise BadRow(f"{len(fields)} fields for {len(self.columns)} columns"
+                   + (f" (missing column(s) {', '.join(missing)})" if missing else ""))
+    return dict(zip(self.columns, fields))
+
+  def _image_of(self, row_id: str) -> str:
+    with self._lock:
+      if self._by_id is None:
+        if "index" not in self.columns:
+          raise BadRow(f"image is a {len(row_id)}-character reference, but the table has no "
+                       "index column to resolve it")
+        by_id = {}
+        for j in range(len(self)):
+          try:
+            by_id.setdefault(self._row(j)["index"], j)
+          except (BadRow, UnicodeDecodeError, OSError):
+            continue  # a bad row is reported when it is read itself
+        self._by_id = by_id
+    if row_id not in self._by_id:
+      raise BadRow(f"image refers to row index {row_id!r}, which is not in the table")
+    image = self._row(self._by_id[row_id])["image"]
+    if len(image) <= _MAX_IMAGE_REFERENCE:
+      raise BadRow(f"image refers to row index {row_id!r}, whose image is itself a reference")
+    return image
+
+  def __getitem__(self, i) -> dict:
+    i = check_index(i, len(self), repr(self))
+    where = f"row {i} (line {int(self.lines[i])})"
+    try:
+      row = self._row(i)
+      image = row["image"].strip()
+      if not image:
+        raise BadRow("empty image")
+      if image.startswith("["):
+        raise BadRow("several images in one row are not supported")
+      if len(image) <= _MAX_IMAGE_REFERENCE:
+        image = self._image_of(image)
+      try:
+        image_bytes = _b64(image)
+      except (binascii.Error, ValueError) as e:
+        raise BadRow(f"bad base64 in column 'image' ({e})") from None
+      options = [(c, _text(row[c])) for c in self.option_columns if not _missing(row[c])]
+      return vqa_record(image_bytes=image_bytes, question=row["question"], options=options,
+                        answer=row.get("answer"), hint=row.get("hint"),
+                        category=row.get("category"), row_id=row.get("index"), path=self.path,
+                        index=i, require_answer=self.require_answer)
+    except BadRow as e:
+      return skip_record(f"{where}: {e}", self.path, i)
+    except UnicodeDecodeError as e:
+      return skip_record(f"{where}: not UTF-8 text ({e})", self.path, i)
+    except OSError as e:
+      return skip_record(f"{where}: unreadable ({e.strerror or e})", self.path, i)
+
+
+# --------------------------------------------------------------------------------------- parquet
+
+class VqaParquetSource:
+  """Hugging Face parquet VQA tables: one .parquet file, or every .parquet under a folder.
+
+  Columns: image ({'bytes', 'path'} struct as `datasets` writes it, raw bytes, or base64 text),
+  question, answer, options as A..D columns or a list column 'options' / 'choices', optional
+  index/id, category, hint. Reads one row group at a time (the last two stay cached per process),
+  so sequential access to a large file touches each group once.
+  """
+
+  def __init__(self, path: str | os.PathLike, *, require_answer: bool = True):
+    import pyarrow.parquet as pq  # deferred: only this source needs pyarrow
+
+    self.path = str(path)
+    p = pathlib.Path(self.path)
+    if p.is_dir():
+      self.files = [str(f) for f in sorted(p.rglob("*.parquet"))]
+      if not self.files:
+        raise FileNotFoundError(f"folder {self.path} holds no .parquet files")
+    elif p.is_file():
+      self.files = [self.path]
+    else:
+      raise FileNotFoundError(f"VQA parquet path {self.path} does not exist")
+    groups, columns = [], None
+    for f in self.files:
+      meta = pq.ParquetFile(f).metadata
+      names = list(meta.schema.to_arrow_schema().names)
+      _check_columns(f, names, ["question", "image"] + (["answer"] * require_answer))
+      if columns is not None and names != columns:
+        raise ValueError(f"parquet files of {self.path} differ in columns: {self.files[0]} has "
+                         f"{', '.join(columns)}; {f} has {', '.join(names)}")
+      columns = columns or names
+      groups += [(f, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
+    self.columns = columns
+    self.require_answer = require_answer
+    self.option_columns = _letter_columns(columns)
+    self.list_column = next((c for c in OPTION_LIST_COLUMNS if c in columns), None)
+    wanted = ["image", "question", "answer", "hint", "category", "index", "id",
+              *self.option_columns, self.list_column]
+    self.read_columns = [c for c in wanted if c and c in columns]
+    self.groups = [(f, g) for f, g, n in groups if n]
+    self.starts = np.cumsum([0] + [n for _, _, n in groups if n]).astype(np.int64)
+    self._cache: dict[int, object] = {}
+    self._lock = threading.Lock()
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state["_cache"], state["_lock"] = {}, None
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+
+  def __len__(self) -> int:
+    return int(self.starts[-1])
+
+  def __repr__(self) -> str:
+    return f"VqaParquetSource({self.path!r}, {len(self)} rows in {len(self.files)} file(s))"
+
+  def _group(self, k: int):
+    import pyarrow.parquet as pq
+
+    with self._lock:
+      if k in self._cache:
+        return self._cache[k]
+    file, g = self.groups[k]
+    table = pq.ParquetFile(file).read_row_group(g, columns=self.read_columns)
+    with self._lock:
+      while len(self._cache) >= 2:
+        self._cache.pop(next(iter(self._cache)))
+      self._cache[k] = table
+    return table
+
+  def _image_bytes(self, value, file: str) -> bytes:
+    if isinstance(value, dict):
+      if value.get("bytes"):
+        return bytes(value["bytes"])
+      if value.get("path"):
+        image_path = os.path.join(os.path.dirname(os.path.abspath(file)), value["path"])
+        try:
+          with open(image_path, "rb") as f:
+            return f.read()
+        except OSError as e:
+          raise BadRow(f"image file {image_path}: {e.strerror or e}") from None
+      raise BadRow("image struct has neither bytes nor path")
+    if isinstance(value, (bytes, bytearray)):
+      if not value:
+        raise BadRow("empty image")
+      return bytes(value)
+    if isinstance(value, str) and value.strip():
+      try:
+        return _b64(value)
+      except (binascii.Error, ValueError) as e:
+        raise BadRow(f"bad base64 in column 'image' ({e})") from None
+    raise BadRow(f"missing image ({type(value).__name__})")
+
+  def __getitem__(self, i) -> dict:
+    i = check_index(i, len(self), repr(self))
+    k = int(np.searchsorted(self.starts, i, side="right") - 1)
+    file, group = self.groups[k]
+    where = f"row {i} (row group {group} of {os.path.basename(file)})"
+    try:
+      row = self._group(k).slice(i - int(self.starts[k]), 1).to_pylist()[0]
+    except Exception as e:  # pylint: disable=broad-except
+      # pyarrow reports damaged pages with assorted error types; the rows are lost, not the run.
+      return skip_record(f"{where}: unreadable ({type(e).__name__}: {e})", file, i)
+    try:
+      image_bytes = self._image_bytes(row["image"], file)
+      if self.list_column and isinstance(row.get(self.list_column), (list, tuple)):
+        options = [(LETTERS[j], _text(t)) for j, t in enumerate(row[self.list_column])]
+      else:
+        options = [(c, _text(row[c])) for c in self.option_columns if not _missing(row[c])]
+      row_id = row.get("index", row.get("id"))
+      return vqa_record(image_bytes=image_bytes, question=row["question"], options=options,
+                        answer=row.get("answer"), hint=row.get("hint"),
+                        category=row.get("category"), row_id=row_id, path=file, index=i,
+                        require_answer=self.require_answer)
+    except BadRow as e:
+      return skip_record(f"{where}: {e}", file, i)

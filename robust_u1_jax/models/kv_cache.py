@@ -1,0 +1,64 @@
+"""Fixed-size key/value cache for the LLM: a pytree of arrays that passes through jit.
+
+One cache row holds one sample's context. Slots are written in order at a shared write pointer
+(`length`); a per-slot `valid` flag marks which slots hold real tokens, so rows whose prompts are
+right-padded simply carry invalid slots, and RoPE positions are tracked per row
+(`next_position`) independently of slot indices. Keys are stored after RoPE.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class KVCache:
+  k: Array  # (L, B, S, K, D) keys after RoPE and QK-norm
+  v: Array  # (L, B, S, K, D)
+  valid: Array  # (B, S) bool: slot holds a token that later queries may attend
+  length: Array  # () int32: next slot to write, shared by all rows
+  next_position: Array  # (B,) int32: RoPE position following the last valid token
+
+  @classmethod
+  def create(cls, num_layers: int, batch: int, max_length: int, kv_heads: int, head_dim: int,
+             dtype=jnp.float32) -> KVCache:
+    shape = (num_layers, batch, max_length, kv_heads, head_dim)
+    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+               valid=jnp.zeros((batch, max_length), bool), length=jnp.zeros((), jnp.int32),
+               next_position=jnp.zeros((batch,), jnp.int32))
+
+  @property
+  def max_length(self) -> int:
+    return self.k.shape[2]
+
+  def attention_mask(self, mask_btt: Array, valid_bt: Array) -> Array:
+    """(B, T, S + T): new tokens see every valid cached slot, and each other by `mask_btt`."""
+    b, t = valid_bt.shape
+    cached_bts = jnp.broadcast_to(self.valid[:, None, :], (b, t, self.max_length))
+    return jnp.concatenate([cached_bts, mask_btt & valid_bt[:, None, :]], axis=-1)
+
+  def append(self, k_lbtkd: Array, v_lbtkd: Array, valid_bt: Array, positions_bt: Array
+             ) -> KVCache:
+    """Writes T new tokens at the write pointer; the caller must keep length + T <= S.
+
+    Inside jit an overflowing write cannot raise, and XLA would clamp its start index; call
+    `check_room` outside jit where lengths are concrete.
+    """
+    start = (0, 0, self.length, 0, 0)
+    k = jax.lax.dynamic_update_slice(self.k, k_lbtkd.astype(self.k.dtype), start)
+    v = jax.lax.dynamic_update_slice(self.v, v_lbtkd.astype(self.v.dtype), start)
+    valid = jax.lax.dynamic_update_slice(self.valid, valid_bt, (0, self.length))
+    last = jnp.max(jnp.where(valid_bt, positions_bt, -1), axis=-1)
+    next_position = jnp.where(jnp.any(valid_bt, axis=-1), last + 1, self.next_position)
+    return self.replace(k=k, v=v, valid=valid, length=self.length + valid_bt.shape[1],
+                        next_position=next_position.astype(jnp.int32))
+
+  def check_room(self, new_tokens: int) -> None:
+    """Raises (outside jit) when `new_tokens` more tokens would overflow the cache."""
+    if int(self.length) + new_tokens > self.max_length:
+      raise ValueError(f"KV cache overflow: {int(self.length)} slots used + {new_tokens} new > "
+                       f"max_length {self.max_length}; create the cache with a larger max_length")

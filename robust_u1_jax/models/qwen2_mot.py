@@ -1,0 +1,322 @@
+"""Qwen2 decoder with BAGEL's Mixture-of-Transformers (MoT) experts, packed attention, KV cache.
+
+Every decoder layer holds an understanding expert (`und`: text and ViT tokens) and, when
+`config.mot`, a generation expert (`gen`: VAE latent tokens) of identical shapes. Tokens are routed
+per token with static shapes: a `route` is either the string 'und' / 'gen' (all tokens use one
+expert, one expert's compute) or a (B, T) bool array, True for generation tokens (both experts run
+on all tokens and the output is selected per token). Attention is one joint self-attention over
+the whole packed row, with RoPE from explicit per-token positions and an explicit (B, T, S) mask
+(see `attention_mask.packed_mask`).
+
+State paths: `embed_tokens.embedding`, `layers.{i}.{und,gen}.{input_norm, q_proj, k_proj, v_proj,
+o_proj, q_norm, k_norm, post_norm, mlp.{gate,up,down}_proj}`, `final_norm.{und,gen}.scale`,
+`lm_head.kernel`. Everything of the generation expert has `gen` in its path, so
+`nnx.PathContains('gen')` selects exactly the parameters stage I trains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from robust_u1_jax import sharding
+from robust_u1_jax.models import layers
+from robust_u1_jax.models.kv_cache import KVCache
+
+Array = jax.Array
+Route = Array | str | None
+COMPONENT = "llm"
+GEN_FILTER = nnx.PathContains("gen")
+
+
+@dataclasses.dataclass(frozen=True)
+class LLMConfig:
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rope_theta: float = 1e6
+  rms_eps: float = 1e-6
+  qk_norm: bool = True
+  attention_bias: bool = True  # q/k/v projections; o_proj never has a bias
+  tie_word_embeddings: bool = False
+  mot: bool = True
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  remat: str = "none"  # 'none' | 'full' | 'dots'
+
+  def __post_init__(self):
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"LLMConfig: num_heads {self.num_heads} is not a multiple of "
+                       f"num_kv_heads {self.num_kv_heads}")
+    if self.head_dim % 2:
+      raise ValueError(f"LLMConfig: head_dim must be even for RoPE, got {self.head_dim}")
+    if self.tie_word_embeddings:
+      raise ValueError("LLMConfig: tie_word_embeddings=True is not supported (BAGEL unties them)")
+    layers.remat_policy(self.remat)  # validates the name
+
+  @classmethod
+  def tiny(cls, **overrides) -> LLMConfig:
+    kw = dict(vocab_size=2048, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+              num_kv_heads=2, head_dim=16, rope_theta=10000.0)
+    return cls(**{**kw, **overrides})
+
+  @classmethod
+  def bagel_7b(cls, **overrides) -> LLMConfig:
+    """Qwen2.5-7B shapes with QK-norm and the generation expert (BAGEL-7B-MoT)."""
+    kw = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
+              num_heads=28, num_kv_heads=4, head_dim=128, rope_theta=1e6, rms_eps=1e-6,
+              qk_norm=True, attention_bias=True, mot=True)
+    return cls(**{**kw, **overrides})
+
+  @classmethod
+  def from_hf_config(cls, hf: Mapping[str, Any], *, source: str = "config", **overrides
+                     ) -> LLMConfig:
+    """From a Qwen2/Qwen3 `config.json` or BAGEL `llm_config.json` dict.
+
+    BAGEL's file is a Qwen2 config plus `qk_norm` and `layer_module` ("Qwen2MoTDecoderLayer" for
+    the MoT model). Qwen3 configs imply QK-norm and read `attention_bias` (default False).
+    """
+    def need(key):
+      if key not in hf:
+        raise ValueError(f"{source}: missing required field {key!r}")
+      return hf[key]
+
+    model_type = hf.get("model_type", "qwen2")
+    if model_type not in ("qwen2", "qwen3"):
+      raise ValueError(f"{source}: model_type {model_type!r} is not a Qwen2-family decoder; "
+                       "allowed: qwen2, qwen3")
+    if hf.get("hidden_act", "silu") != "silu":
+      raise ValueError(f"{source}: hidden_act {hf['hidden_act']!r} unsupported; only 'silu'")
+    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+      raise ValueError(f"{source}: rope scaling {rope_type!r} unsupported; only 'default'")
+    if hf.get("use_sliding_window", False):
+      raise ValueError(f"{source}: use_sliding_window=true is unsupported")
+    theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
+    hidden, heads = int(need("hidden_size")), int(need("num_attention_heads"))
+    head_dim = hf.get("head_dim") or hidden // heads
+    is_qwen3 = model_type == "qwen3"
+    kw = dict(
+        vocab_size=int(need("vocab_size")), hidden_size=hidden,
+        intermediate_size=int(need("intermediate_size")),
+        num_layers=int(need("num_hidden_layers")), num_heads=heads,
+        num_kv_heads=int(hf.get("num_key_value_heads") or heads), head_dim=int(head_dim),
+        rope_theta=float(theta), rms_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        qk_norm=bool(hf.get("qk_norm", is_qwen3)),
+        attention_bias=bool(hf.get("attention_bias", not is_qwen3)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        mot="MoT" in str(hf.get("layer_module", "")))
+    return cls(**{**kw, **overrides})
+
+
+class Expert(nnx.Module):
+  """One expert's parameters in one decoder layer (norms, attention projections, MLP)."""
+
+  def __init__(self, c: LLMConfig, *, rngs: nnx.Rngs):
+    kw = dict(dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
+    q_dim, kv_dim = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+    self.input_norm = layers.RMSNorm(c.hidden_size, c.rms_eps, **kw)
+    self.q_proj = layers.dense(c.hidden_size, q_dim, ("embed", "q_heads"),
+                               use_bias=c.attention_bias, **kw)
+    self.k_proj = layers.dense(c.hidden_size, kv_dim, ("embed", "kv_heads"),
+                               use_bias=c.attention_bias, **kw)
+    self.v_proj = layers.dense(c.hidden_size, kv_dim, ("embed", "kv_heads"),
+                               use_bias=c.attention_bias, **kw)
+    self.o_proj = layers.dense(q_dim, c.hidden_size, ("q_heads", "embed"), use_bias=False, **kw)
+    self.q_norm = layers.RMSNorm(c.head_dim, c.rms_eps, **kw) if c.qk_norm else None
+    self.k_norm = layers.RMSNorm(c.head_dim, c.rms_eps, **kw) if c.qk_norm else None
+    self.post_norm = layers.RMSNorm(c.hidden_size, c.rms_eps, **kw)
+    self.mlp = layers.SwiGLU(c.hidden_size, c.intermediate_size, **kw)
+
+  def qkv(self, x_btd: Array) -> tuple[Array, Array, Array]:
+    """Input norm, projections and QK-norm (before RoPE, as in Qwen3/BAGEL)."""
+    b, t, _ = x_btd.shape
+    h = self.input_norm(x_btd)
+    q = self.q_proj(h).reshape(b, t, self.num_heads, self.head_dim)
+    k = self.k_proj(h).reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(h).reshape(b, t, self.num_kv_heads, self.head_dim)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    return q, k, v
+
+  def out(self, attn_bthd: Array) -> Array:
+    b, t = attn_bthd.shape[:2]
+    return self.o_proj(attn_bthd.reshape(b, t, -1))
+
+  def ffn(self, x_btd: Array) -> Array:
+    return self.mlp(self.post_norm(x_btd))
+
+
+def _select(fn, und: nnx.Module, gen: nnx.Module | None, route: Route, *args):
+  """fn(expert, *args) routed per token; both experts run when `route` is a (B, T) mask."""
+  if gen is None or route is None or (isinstance(route, str) and route == "und"):
+    return fn(und, *args)
+  if isinstance(route, str):
+    if route != "gen":
+      raise ValueError(f"route must be 'und', 'gen' or a (B, T) bool array, got {route!r}")
+    return fn(gen, *args)
+  out_und, out_gen = fn(und, *args), fn(gen, *args)
+  return jax.tree.map(lambda u, g: jnp.where(layers.broadcast_mask(route, u), g, u),
+                      out_und, out_gen)
+
+
+class FinalNorm(nnx.Module):
+  """`norm` for understanding tokens, `norm_moe_gen` for generation tokens."""
+
+  def __init__(self, c: LLMConfig, *, rngs: nnx.Rngs):
+    kw = dict(dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
+    self.und = layers.RMSNorm(c.hidden_size, c.rms_eps, **kw)
+    self.gen = layers.RMSNorm(c.hidden_size, c.rms_eps, **kw) if c.mot else None
+
+  def __call__(self, x_btd: Array, route: Route) -> Array:
+    return _select(lambda norm, x: norm(x), self.und, self.gen, route, x_btd)
+
+
+class DecoderLayer(nnx.Module):
+
+  def __init__(self, c: LLMConfig, *, rngs: nnx.Rngs):
+    self.rope_theta = c.rope_theta
+    self.und = Expert(c, rngs=rngs)
+    self.gen = Expert(c, rngs=rngs) if c.mot else None
+
+  def __call__(self, x_btd: Array, positions_bt: Array, mask_bts: Array, route: Route,
+               past_kv: tuple[Array, Array] | None = None
+               ) -> tuple[Array, tuple[Array, Array]]:
+    """One layer; `past_kv` (B, S, K, D) cached keys/values come before this call's tokens.
+
+    Returns the new hidden states and this call's keys (after RoPE) and values, for the cache.
+    """
+    heads = ("batch", "length", "act_heads", None)
+    q, k, v = _select(lambda e, x: e.qkv(x), self.und, self.gen, route, x_btd)
+    q = sharding.activation_constraint(layers.apply_rope(q, positions_bt, self.rope_theta),
+                                       heads, COMPONENT)
+    k = sharding.activation_constraint(layers.apply_rope(k, positions_bt, self.rope_theta),
+                                       heads, COMPONENT)
+    v = sharding.activation_constraint(v, heads, COMPONENT)
+    k_all, v_all = k, v
+    if past_kv is not None:
+      k_all = jnp.concatenate([past_kv[0].astype(k.dtype), k], axis=1)
+      v_all = jnp.concatenate([past_kv[1].astype(v.dtype), v], axis=1)
+    attn = layers.attention(q, k_all, v_all, mask_bts)
+    x_btd = x_btd + _select(lambda e, a: e.out(a), self.und, self.gen, route, attn)
+    x_btd = x_btd + _select(lambda e, x: e.ffn(x), self.und, self.gen, route, x_btd)
+    x_btd = sharding.activation_constraint(x_btd, ("batch", "length", "act_embed"), COMPONENT)
+    return x_btd, (k, v)
+
+
+class Qwen2MoT(nnx.Module):
+  """The BAGEL language model. Inputs are embeddings so image tokens can be spliced in."""
+
+  def __init__(self, config: LLMConfig, *, rngs: nnx.Rngs):
+    c = self.config = config
+    self.embed_tokens = nnx.Embed(
+        c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype,
+        embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02), ("vocab", "embed")),
+        rngs=rngs)
+    self.layers = nnx.List([DecoderLayer(c, rngs=rngs) for _ in range(c.num_layers)])
+    self.final_norm = FinalNorm(c, rngs=rngs)
+    self.lm_head = layers.dense(c.hidden_size, c.vocab_size, ("embed", "vocab"), use_bias=False,
+                                dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
+
+  def _route(self, route: Route) -> Route:
+    return route if self.config.mot else "und"
+
+  def embed(self, tokens_bt: Array) -> Array:
+    return self.embed_tokens(tokens_bt)
+
+  def logits(self, hidden_btd: Array) -> Array:
+    return self.lm_head(hidden_btd)
+
+  def __call__(self, x_btd: Array, positions_bt: Array, mask_btt: Array,
+               route: Route = None) -> Array:
+    """Full forward over packed rows -> final hidden states (per-expert final norm).
+
+    Args:
+      x_btd: input embeddings (text from `embed`, image tokens from their towers).
+      positions_bt: RoPE positions.
+      mask_btt: bool attention mask, e.g. `attention_mask.packed_mask(layout)`.
+      route: (B, T) bool, True for generation-expert tokens; or 'und' / 'gen' for all tokens.
+    """
+    route = self._route(route)
+    x_btd = sharding.activation_constraint(x_btd, ("batch", "length", "act_embed"), COMPONENT)
+    policy = layers.remat_policy(self.config.remat)
+    for layer in self.layers:
+      x_btd = _apply_layer(layer, x_btd, positions_bt, mask_btt, route, policy)
+    return self.final_norm(x_btd, route)
+
+  # KV-cache paths. One cache row holds one sample's context.
+
+  def init_cache(self, batch: int, max_length: int, dtype=None) -> KVCache:
+    c = self.config
+    return KVCache.create(c.num_layers, batch, max_length, c.num_kv_heads, c.head_dim,
+                          dtype or c.dtype)
+
+  def extend(self, cache: KVCache, x_btd: Array, positions_bt: Array, mask_btt: Array,
+             route: Route = None, valid_bt: Array | None = None, *, write: bool = True
+             ) -> tuple[Array, KVCache]:
+    """New tokens attend every valid cached slot and each other by `mask_btt`.
+
+    With `write`, their keys/values are appended (padding tokens, `valid_bt` False, are stored
+    as invalid slots). Returns final hidden states (per-expert final norm) and the cache.
+    """
+    route = self._route(route)
+    b, t, _ = x_btd.shape
+    valid_bt = jnp.ones((b, t), bool) if valid_bt is None else valid_bt
+    mask_bts = cache.attention_mask(mask_btt, valid_bt)
+    new_k, new_v = [], []
+    for i, layer in enumerate(self.layers):
+      x_btd, (k, v) = layer(x_btd, positions_bt, mask_bts, route, (cache.k[i], cache.v[i]))
+      new_k.append(k)
+      new_v.append(v)
+    if write:
+      cache = cache.append(jnp.stack(new_k), jnp.stack(new_v), valid_bt, positions_bt)
+    return self.final_norm(x_btd, route), cache
+
+  def prefill(self, cache: KVCache, x_btd: Array, positions_bt: Array, mask_btt: Array,
+              route: Route = None, valid_bt: Array | None = None) -> tuple[Array, KVCache]:
+    """Writes a context (e.g. a prompt with its packed mask) into the cache."""
+    return self.extend(cache, x_btd, positions_bt, mask_btt, route, valid_bt)
+
+  def decode(self, cache: KVCache, x_btd: Array, route: Route = "und",
+             positions_bt: Array | None = None) -> tuple[Array, KVCache]:
+    """Appends T (usually 1) causal tokens after the cached context; positions continue."""
+    b, t, _ = x_btd.shape
+    if positions_bt is None:
+      positions_bt = cache.next_position[:, None] + jnp.arange(t, dtype=jnp.int32)
+    causal_tt = jnp.tril(jnp.ones((t, t), bool))
+    return self.extend(cache, x_btd, positions_bt, jnp.broadcast_to(causal_tt, (b, t, t)), route)
+
+  def denoise(self, cache: KVCache, x_btd: Array, positions_bt: Array,
+              valid_bt: Array | None = None) -> Array:
+    """Noisy latent tokens (generation expert) against the cached context; cache unchanged.
+
+    The latent tokens attend the whole valid context of their row and each other
+    (bidirectionally), exactly as a noisy block at the end of the packed sequence.
+    """
+    b, t, _ = x_btd.shape
+    valid_bt = jnp.ones((b, t), bool) if valid_bt is None else valid_bt
+    mask_btt = valid_bt[:, :, None] & valid_bt[:, None, :]
+    hidden, _ = self.extend(cache, x_btd, positions_bt, mask_btt, "gen", valid_bt, write=False)
+    return hidden
+
+
+def _apply_layer(layer: DecoderLayer, x_btd, positions_bt, mask_btt, route: Route, policy):
+  """One layer of the full forward, rematerialised under `policy` when it is not None."""
+  if policy is None:
+    return layer(x_btd, positions_bt, mask_btt, route)[0]
+  if isinstance(route, str) or route is None:  # static: closed over, not traced
+    fn = nnx.remat(lambda m, x, p, a: m(x, p, a, route)[0], policy=policy)
+    return fn(layer, x_btd, positions_bt, mask_btt)
+  fn = nnx.remat(lambda m, x, p, a, r: m(x, p, a, r)[0], policy=policy)
+  return fn(layer, x_btd, positions_bt, mask_btt, route)

@@ -1,0 +1,173 @@
+"""The training loop shared by every stage: mesh, model, state, data, checkpoints, reporting.
+
+A stage (sft.py, rl.py, ...) contributes three things through `StageSpec`: which parameters it
+trains, how a pipeline batch becomes the step's device inputs (host side, deterministic in
+(seed, step) so a resumed run sees the same inputs), and the jitted step
+`step(state, inputs) -> (state, metrics)`. Everything else lives here once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from robust_u1_jax import sharding
+from robust_u1_jax.data import multihost, pipeline as pipeline_lib
+from robust_u1_jax.data import tokenizer as tokenizer_lib
+from robust_u1_jax.models import bagel as bagel_lib
+from robust_u1_jax.models import sequence
+from robust_u1_jax.training import checkpoint as checkpoint_lib
+from robust_u1_jax.training import metrics_log
+from robust_u1_jax.training import state as state_lib
+
+
+@dataclasses.dataclass
+class StageSpec:
+  trainable: tuple[str, ...]
+  # (pipeline batch, numpy Generator for this step) -> device-input pytree of numpy arrays.
+  host_inputs: Callable[[dict, np.random.Generator], Any]
+  # (graphdef, optimizer) -> step(state, inputs) -> (state, metrics)
+  make_step: Callable[[nnx.GraphDef, Any], Callable]
+  samples_per_step: int
+  aux: dict[str, Any] = dataclasses.field(default_factory=dict)
+  reference: bool = False  # keep a frozen copy of the initial trainable params in aux
+
+
+@dataclasses.dataclass
+class RunContext:
+  """What a stage builder may use: the loaded model, tokenizer and run settings."""
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  model: bagel_lib.Bagel
+  tokenizer: Any
+  markers: sequence.Markers
+
+
+def preset(name: str, vocab_size: int | None = None, **llm_overrides) -> bagel_lib.BagelConfig:
+  presets = {"tiny": bagel_lib.BagelConfig.tiny, "bagel_7b": bagel_lib.BagelConfig.bagel_7b}
+  if name not in presets:
+    raise ValueError(f"config.model={name!r} is unknown; allowed: {', '.join(presets)}")
+  if vocab_size:
+    llm_overrides["vocab_size"] = vocab_size
+  return presets[name](**llm_overrides)
+
+
+def init_model(config: ml_collections.ConfigDict, mesh, tokenizer) -> bagel_lib.Bagel:
+  """`init_from`: 'random' (a preset sized to the tokenizer), a BAGEL/Robust-U1 model directory,
+  an Orbax model checkpoint, or the workdir of an earlier stage (its `model/`)."""
+  from robust_u1_jax.checkpoints import orbax_io  # heavy imports only when loading weights
+
+  source = config.init_from
+  dtype = jnp.dtype(config.compute_dtype)
+  param_dtype = jnp.dtype(config.param_dtype)
+  if source == "random":
+    vocab = max(len(tokenizer), 64) if config.model == "tiny" else None
+    model_config = preset(config.model, vocab, dtype=dtype, param_dtype=param_dtype,
+                          remat=config.remat)
+    return sharding.create_sharded(
+        lambda: bagel_lib.Bagel(model_config, rngs=nnx.Rngs(config.seed)),
+        bagel_lib.COMPONENTS, mesh)
+  if os.path.isdir(os.path.join(source, "model")):  # a workdir of an earlier stage
+    source = os.path.join(source, "model")
+  return orbax_io.load_pretrained(source, mesh=mesh, dtype=dtype, param_dtype=param_dtype,
+                                  remat=config.remat, progress=True)
+
+
+def _to_global(tree: Any, mesh) -> Any:
+  """Per-process numpy pytree -> global jax.Arrays sharded over the batch axes."""
+  sharding_ = multihost.batch_sharding(mesh)
+  _, shards = multihost.data_shard(mesh)
+  return jax.tree.map(
+      lambda v: jax.make_array_from_process_local_data(
+          sharding_, np.asarray(v), (v.shape[0] * shards,) + tuple(v.shape[1:])), tree)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str,
+          build_stage: Callable[[RunContext], StageSpec]) -> list[dict[str, float]]:
+  """Runs (or resumes) a stage in `workdir`; returns the logged metric rows of this process."""
+  os.makedirs(workdir, exist_ok=True)
+  mesh = sharding.make_mesh(config.mesh)
+  tokenizer = tokenizer_lib.load_tokenizer(config.data.tokenizer_dir or None)
+  special = tokenizer_lib.special_token_ids(tokenizer)
+  markers = sequence.Markers(special["vision_start"], special["vision_end"])
+  # The model is built outside the mesh context: parameters get their shardings from the
+  # explicit rules in `sharding`, and the logical names must not be read as mesh axes.
+  model = init_model(config, mesh, tokenizer)
+  spec = build_stage(RunContext(config, mesh, model, tokenizer, markers))
+  graphdef, params, frozen = state_lib.split_model(model, spec.trainable)
+  del model
+  tx = state_lib.make_optimizer(config.optimizer, config.total_steps)
+  if spec.reference:
+    spec.aux["reference"] = jax.tree.map(lambda x: x.copy(), params)
+  state = jax.jit(lambda p, f, r, a: state_lib.create_state(
+      p, f, tx, r, config.optimizer.ema_decay > 0, a))(
+          params, frozen, jax.random.PRNGKey(config.seed), spec.aux)
+  step_fn = jax.jit(spec.make_step(graphdef, tx), donate_argnums=0)
+  with jax.set_mesh(mesh):
+
+    process_index, process_count = multihost.data_shard(mesh)
+    data = pipeline_lib.make_pipeline(config.data, seed=config.seed, process_index=process_index,
+                                      process_count=process_count, tokenizer=tokenizer,
+                                      stage=config.stage)
+    ckpt = checkpoint_lib.Checkpointer(workdir, every=config.checkpoint_every,
+                                       keep=config.keep_checkpoints)
+    start = 0
+    restored = ckpt.restore(checkpoint_lib.abstract_like(state), data)
+    if restored is not None:
+      start, state, _ = restored
+      logging.info("resumed %s from step %d", workdir, start)
+      print(f"resuming from step {start} in {workdir}", flush=True)
+    ckpt.install_signal_handlers()
+
+    def device_inputs(step: int):
+      batch = next(data)
+      host = spec.host_inputs(batch, np.random.default_rng([config.seed, step]))
+      return _to_global(host, mesh)
+
+    inputs = device_inputs(start)
+    compiled = step_fn.lower(state, inputs).compile()
+    log = metrics_log.MetricsLogger(
+        workdir, total_steps=config.total_steps, every=config.log_every, start_step=start,
+        tensorboard=config.tensorboard, step_flops=metrics_log.compiled_flops(compiled))
+    meta = {"stage": config.stage, "config": config.to_json_best_effort()}
+    try:
+      for step in range(start + 1, config.total_steps + 1):
+        state, metrics = compiled(state, inputs)
+        row = log.log_step(step, metrics, samples=spec.samples_per_step)
+        if row is not None:
+          checkpoint_lib.check_finite(step, row)
+        if step % config.checkpoint_every == 0 or ckpt.stop_requested or \
+            step == config.total_steps:
+          checkpoint_lib.check_finite(step, jax.device_get(metrics))
+          ckpt.save(step, state, data, {**meta, "step": step}, force=True)
+        if ckpt.stop_requested:
+          print(f"stopped at step {step}; checkpoint saved in {ckpt.directory}", flush=True)
+          break
+        if step < config.total_steps:
+          inputs = device_inputs(step)
+      ckpt.wait()
+      save_model(workdir, graphdef, state)
+    finally:
+      log.close()
+      ckpt.close()
+      data.close()
+  return log.history
+
+
+def save_model(workdir: str, graphdef: nnx.GraphDef, state: state_lib.TrainState) -> None:
+  """The final model (EMA weights when kept) as an Orbax checkpoint in `workdir/model`, the form
+  later stages' `init_from` and `convert --to hf` read."""
+  from robust_u1_jax.checkpoints import orbax_io
+
+  params = state.ema if state.ema is not None else state.params
+  model = nnx.merge(graphdef, params, state.frozen)
+  orbax_io.save_orbax(model, os.path.join(workdir, "model"), overwrite=True)

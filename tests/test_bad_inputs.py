@@ -1,0 +1,280 @@
+"""Bad input never crashes a run and is never dropped silently: real broken files and rows become
+skip markers, and SkipTracker counts them, logs them, and stops a run past max_skip_ratio naming
+the worst files."""
+
+import base64
+import csv
+import io
+import json
+import logging
+import pickle
+
+import grain
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from robust_u1_jax.data import bad_records
+from robust_u1_jax.data import sources
+from robust_u1_jax.data import sources_vqa
+from robust_u1_jax.data import transforms
+
+
+def _png(seed=0, h=8, w=8) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), np.uint8)).save(
+      buf, format="PNG")
+  return buf.getvalue()
+
+
+def _jpeg(seed=0, h=64, w=64) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), np.uint8)).save(
+      buf, format="JPEG", quality=90)
+  return buf.getvalue()
+
+
+@pytest.fixture
+def broken_folder(tmp_path):
+  """Four good images and six broken ones, as files."""
+  for i in range(4):
+    (tmp_path / f"good{i}.png").write_bytes(_png(i))
+  (tmp_path / "truncated.jpg").write_bytes(_jpeg()[:300])  # cut just after the headers
+  (tmp_path / "truncated_late.JPEG").write_bytes(_jpeg()[:2 * len(_jpeg()) // 3])  # mid-scan
+  (tmp_path / "empty.png").write_bytes(b"")
+  (tmp_path / "text.png").write_text("this is not a PNG, just text\n")
+  (tmp_path / "header_only.png").write_bytes(_png()[:40])
+  (tmp_path / "fake.webp").write_bytes(b"RIFF\x10\x00\x00\x00WEBPVP8 garbage")
+  return tmp_path
+
+
+def _reason_of(marker) -> str:
+  assert bad_records.is_skip(marker), marker
+  return marker[bad_records.SKIP]
+
+
+# ---------------------------------------------------------------------------------- broken files
+
+def test_broken_image_files_become_markers(broken_folder):
+  src = sources.ImageFolderSource(broken_folder)
+  decode = transforms.DecodeImages()
+  out = {src.relpaths[i]: decode.map(src[i]) for i in range(len(src))}
+  for i in range(4):
+    assert out[f"good{i}.png"]["image"].shape == (8, 8, 3)
+  assert "empty file (0 bytes)" in _reason_of(out["empty.png"])
+  assert "not an image" in _reason_of(out["text.png"])
+  for name in ("truncated.jpg", "truncated_late.JPEG"):
+    assert "cannot decode" in _reason_of(out[name]) and "truncated" in _reason_of(out[name]).lower()
+  for name in ("header_only.png", "fake.webp"):
+    reason = _reason_of(out[name])
+    assert reason.startswith("image: ")
+  for name in ("empty.png", "text.png", "truncated.jpg", "truncated_late.JPEG", "header_only.png",
+               "fake.webp"):
+    assert out[name]["path"] == str(broken_folder / name)
+    assert out[name]["index"] == src.relpaths.index(name)
+  # Later transforms pass markers through untouched.
+  marker = out["text.png"]
+  assert transforms.ResizeImages(max_side=64, min_side=32, stride=16).map(marker) is marker
+  assert transforms.CorruptOnTheFly("imagenet_c/fog", 2).map(marker) is marker
+
+
+def test_unreadable_file_becomes_marker(broken_folder):
+  src = sources.ImageFolderSource(broken_folder)
+  (broken_folder / "good0.png").unlink()  # vanished after the listing
+  rec = src[src.relpaths.index("good0.png")]
+  assert "unreadable file" in _reason_of(rec)
+
+
+# ----------------------------------------------------------------------------------- broken JSONL
+
+def test_malformed_jsonl_rows_become_markers(tmp_path):
+  (tmp_path / "c.png").write_bytes(_png(1))
+  (tmp_path / "t.png").write_bytes(_png(2))
+  good = {"prompt": "restore", "image": "c.png", "target_image": "t.png"}
+  lines = [
+      json.dumps(good),
+      '{"prompt": "restore", "image": "c.png", "target_image": ',  # bad JSON (cut short)
+      json.dumps({"prompt": "restore", "image": "c.png"}),  # missing key
+      json.dumps({**good, "target_image": "gone.png"}),  # missing target file
+      json.dumps(["c.png", "t.png"]),  # not an object
+      json.dumps({**good, "image": None}),  # not a path
+      json.dumps({**good, "image": "t.png"}),
+  ]
+  (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+  src = sources.JsonlSource(tmp_path / "d.jsonl")
+  recs = [src[i] for i in range(len(src))]
+  assert not bad_records.is_skip(recs[0]) and not bad_records.is_skip(recs[6])
+  assert _reason_of(recs[1]).startswith("line 2: bad JSON")
+  assert "line 3: missing key(s) target_image" in _reason_of(recs[2])
+  assert f"line 4: missing file for 'target_image': {tmp_path / 'gone.png'}" in _reason_of(recs[3])
+  assert recs[3]["path"] == str(tmp_path / "gone.png") and recs[3]["index"] == 3
+  assert "not an object" in _reason_of(recs[4])
+  assert "'image' is None, not a file path" in _reason_of(recs[5])
+  assert recs[1]["path"] == str(tmp_path / "d.jsonl")
+  # A row whose file exists but is not an image is caught by the decoder.
+  (tmp_path / "t.png").write_text("oops")
+  assert "target_image: not an image" in _reason_of(transforms.DecodeImages().map(src[0]))
+
+
+# ----------------------------------------------------------------------------------- broken tables
+
+def test_broken_tsv_rows_become_markers(tmp_path):
+  good = base64.b64encode(_png(3)).decode()
+  path = tmp_path / "b.tsv"
+  with open(path, "w", newline="") as f:
+    w = csv.writer(f, delimiter="\t", lineterminator="\n")
+    w.writerow(["index", "image", "question", "A", "B", "answer"])
+    w.writerow([1, good, "ok?", "yes", "no", "A"])
+    w.writerow([2, "!!not*base64" * 10, "q", "yes", "no", "A"])  # bad base64
+    w.writerow([3, good, "q", "yes"])  # missing columns B and answer
+    w.writerow([4, good, "q", "yes", "no", "E"])  # answer is no option
+    w.writerow([5, good, "", "yes", "no", "A"])  # empty question
+    w.writerow([6, "999", "q", "yes", "no", "A"])  # reference to a row that does not exist
+    w.writerow([7, good, "q", "yes", "no", ""])  # no answer
+  src = sources_vqa.VqaTsvSource(path)
+  recs = [src[i] for i in range(len(src))]
+  assert not bad_records.is_skip(recs[0])
+  assert "row 1 (line 3): bad base64 in column 'image'" in _reason_of(recs[1])
+  assert "4 fields for 6 columns (missing column(s) B, answer)" in _reason_of(recs[2])
+  assert "answer 'E' is neither a letter of the options (A, B)" in _reason_of(recs[3])
+  assert "empty question" in _reason_of(recs[4])
+  assert "row index '999', which is not in the table" in _reason_of(recs[5])
+  assert "row 6 (line 8): missing answer" in _reason_of(recs[6])
+  assert all(r["path"] == str(path) for r in recs[1:])
+  assert [r["index"] for r in recs] == list(range(7))
+
+
+def test_broken_parquet_rows_become_markers(tmp_path):
+  table = pa.table({
+      "image": [{"bytes": _png(0), "path": None}, {"bytes": None, "path": None},
+                {"bytes": None, "path": "missing.png"}, {"bytes": _png(1), "path": None},
+                {"bytes": b"", "path": None}],
+      "question": ["a", "b", "c", None, "e"],
+      "answer": ["A", "A", "A", "A", "A"]})
+  pq.write_table(table, tmp_path / "p.parquet")
+  src = sources_vqa.VqaParquetSource(tmp_path / "p.parquet")
+  recs = [src[i] for i in range(len(src))]
+  assert not bad_records.is_skip(recs[0])
+  assert "neither bytes nor path" in _reason_of(recs[1])
+  assert f"image file {tmp_path / 'missing.png'}" in _reason_of(recs[2])
+  assert "empty question" in _reason_of(recs[3])
+  assert "neither bytes nor path" in _reason_of(recs[4])  # empty bytes are no image either
+
+  b64 = pa.table({"image": ["%%%not base64%%%"], "question": ["q"], "answer": ["x"]})
+  pq.write_table(b64, tmp_path / "b.parquet")
+  assert "bad base64" in _reason_of(sources_vqa.VqaParquetSource(tmp_path / "b.parquet")[0])
+
+  no_answer = pa.table({"image": [_png(0)], "question": ["q"], "choices": [["a", "b"]]})
+  pq.write_table(no_answer, tmp_path / "n.parquet")
+  with pytest.raises(ValueError, match=r"lacks required column\(s\) answer; its columns are "
+                                       "image, question, choices"):
+    sources_vqa.VqaParquetSource(tmp_path / "n.parquet")
+  test_split = sources_vqa.VqaParquetSource(tmp_path / "n.parquet", require_answer=False)
+  assert test_split[0]["questions"][0] == {"question": "q", "options": ["a", "b"], "answer": "",
+                                           "kind": "vqa", "hint": ""}
+
+  (tmp_path / "mixed").mkdir()
+  pq.write_table(table, tmp_path / "mixed" / "0.parquet")
+  pq.write_table(b64.append_column("hint", pa.array(["h"])), tmp_path / "mixed" / "1.parquet")
+  with pytest.raises(ValueError, match="differ in columns"):
+    sources_vqa.VqaParquetSource(tmp_path / "mixed")
+
+
+# ------------------------------------------------------------------------------------ SkipTracker
+
+def _records(n_good, bad_at=(), path="data/f{}.jpg"):
+  out = []
+  for i in range(n_good + len(bad_at)):
+    if i in bad_at:
+      out.append(bad_records.skip_record(f"broken #{i}", path.format(i), i))
+    else:
+      out.append({"index": i})
+  return out
+
+
+def test_tracker_counts_logs_and_drops(caplog):
+  tracker = bad_records.SkipTracker(0.5, min_seen=10, name="train data")
+  with caplog.at_level(logging.WARNING):
+    kept = [r for r in _records(8, bad_at=(2, 5)) if tracker.filter(r)]
+  assert [r["index"] for r in kept] == [0, 1, 3, 4, 6, 7, 8, 9]
+  assert tracker.metrics() == {"skipped": 2, "seen": 10, "skip_ratio": 0.2}
+  logged = "\n".join(m.getMessage() for m in caplog.records)
+  assert "train data: skipping bad record data/f2.jpg (index 2): broken #2" in logged
+  assert "data/f5.jpg" in logged
+  assert tracker.worst()[0][:2] in (("data/f2.jpg", 1), ("data/f5.jpg", 1))
+  assert [p for p, _, _ in tracker.recent()] == ["data/f2.jpg", "data/f5.jpg"]
+  copy = pickle.loads(pickle.dumps(tracker))
+  assert copy.metrics() == tracker.metrics() and copy.filter({"index": 11})
+
+
+def test_one_early_bad_file_does_not_stop_a_run():
+  tracker = bad_records.SkipTracker(0.01, min_seen=100)
+  kept = sum(tracker.filter(r) for r in _records(499, bad_at=(0,)))
+  assert kept == 499 and tracker.metrics()["skip_ratio"] == pytest.approx(1 / 500)
+  tracker.end_epoch()  # 0.2% is fine at the end too
+
+
+def test_too_many_bad_records_names_the_worst_files():
+  tracker = bad_records.SkipTracker(0.01, min_seen=100, keep=3)
+  recs = _records(94, bad_at=())
+  # One table with many bad rows, and two single bad files.
+  recs += [bad_records.skip_record(f"row {i}: bad base64", "bench.tsv", i) for i in range(4)]
+  recs += [bad_records.skip_record("not an image", "img/a.png", 7)]
+  for r in recs:
+    tracker.filter(r)  # 5 of 99 bad: no verdict before min_seen records
+  assert tracker.seen == 99
+  with pytest.raises(bad_records.TooManyBadRecords) as e:
+    tracker.filter(bad_records.skip_record("truncated", "img/b.jpg", 9))
+  msg = str(e.value)
+  assert "6 of 100 records were unreadable" in msg and "max_skip_ratio 1.00%" in msg
+  worst = msg.split("Worst files:")[1]
+  assert worst.index("bench.tsv: 4 bad record(s), latest index 3: row 3: bad base64") < \
+      worst.index("img/")
+  assert "img/b.jpg (index 9): truncated" in msg.split("Most recent skips:")[1]
+
+
+def test_ratio_crossed_before_min_seen_is_caught_at_min_seen():
+  tracker = bad_records.SkipTracker(0.01, min_seen=100)
+  for r in _records(0, bad_at=(0, 1, 2)):
+    tracker.filter(r)
+  for i in range(96):
+    tracker.filter({"index": i})
+  with pytest.raises(bad_records.TooManyBadRecords, match="3 of 100"):
+    tracker.filter({"index": 96})
+
+
+def test_small_dataset_checked_at_end_of_epoch():
+  recs = _records(18, bad_at=(3, 11))  # 20 records: fewer than min_seen
+  tracker = bad_records.SkipTracker(0.01, min_seen=100)
+  assert sum(tracker.filter(r) for r in recs) == 18  # no verdict mid-epoch
+  with pytest.raises(bad_records.TooManyBadRecords, match="2 of 20"):
+    tracker.end_epoch()
+  with pytest.raises(bad_records.TooManyBadRecords, match="2 of 20"):
+    list(bad_records.SkipTracker(0.01, min_seen=100).track(recs))
+  auto = bad_records.SkipTracker(0.01, min_seen=100, epoch_size=20)
+  with pytest.raises(bad_records.TooManyBadRecords, match="2 of 20"):
+    for r in recs:
+      auto.filter(r)
+
+
+def test_grain_pipeline_end_to_end(broken_folder):
+  src = sources.ImageFolderSource(broken_folder)  # 4 good, 6 broken
+  tracker = bad_records.SkipTracker(0.9, min_seen=5, epoch_size=len(src))
+  ds = grain.MapDataset.source(src).map(transforms.DecodeImages()).to_iter_dataset().filter(
+      tracker)
+  images = [r["image"] for r in ds]
+  assert len(images) == 4 and tracker.metrics()["seen"] == 10
+  strict = bad_records.SkipTracker(0.01, min_seen=5)
+  ds = grain.MapDataset.source(src).map(transforms.DecodeImages()).to_iter_dataset().filter(
+      strict)
+  with pytest.raises(bad_records.TooManyBadRecords, match="Worst files"):
+    list(ds)
+
+
+def test_tracker_argument_checks():
+  with pytest.raises(ValueError, match="max_skip_ratio"):
+    bad_records.SkipTracker(1.5)
+  with pytest.raises(ValueError, match="min_seen"):
+    bad_records.SkipTracker(0.1, min_seen=0)

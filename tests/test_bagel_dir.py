@@ -1,0 +1,348 @@
+"""BAGEL model directory import/export: round trips, BAGEL file layout, errors naming key and file,
+alternative weight files (model.safetensors, sharded index, opt-in pickle), sharded import."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from robust_u1_jax import sharding
+from robust_u1_jax.checkpoints import bagel_dir, llm_keys, loader, tensor_files
+from robust_u1_jax.checkpoints import key_table as kt
+from robust_u1_jax.checkpoints.key_table import CheckpointError
+from robust_u1_jax.models import bagel, layers, qwen2_mot
+from robust_u1_jax.models import sequence as seq
+
+CFG = bagel.BagelConfig.tiny()
+
+
+def random_bagel(config: bagel.BagelConfig, seed: int = 0) -> bagel.Bagel:
+  """A Bagel with every parameter random (norm scales near 1, llm2vae nonzero), built without
+  running the initialisers (numpy draws are much faster than compiling them on CPU)."""
+  model = nnx.eval_shape(lambda: bagel.Bagel(config, rngs=nnx.Rngs(0)))
+  rng = np.random.default_rng(seed)
+  for path, variable in loader.param_variables(model).items():
+    shape, dtype = variable.shape, variable.dtype
+    if path.endswith("scale"):
+      x = 1.0 + 0.1 * rng.standard_normal(shape)
+    elif len(shape) == 1 or path.endswith("embedding"):
+      x = (0.1 if len(shape) == 1 else 1.0) * rng.standard_normal(shape)
+    else:
+      x = rng.standard_normal(shape) / np.sqrt(np.prod(shape[:-1]))
+    variable.set_value(jnp.asarray(x.astype(np.float32), dtype))
+  return model
+
+
+def params(model) -> dict[str, np.ndarray]:
+  return {p: np.asarray(jax.device_get(v.get_value()))
+          for p, v in loader.param_variables(model).items()}
+
+
+def assert_same_params(a, b):
+  pa, pb = params(a), params(b)
+  assert pa.keys() == pb.keys()
+  for k in pa:
+    assert pa[k].dtype == pb[k].dtype, k
+    np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
+
+
+def read_tensors(path: str) -> dict[str, np.ndarray]:
+  files = tensor_files.open_tensor_files(path)
+  return {k: files.load(k) for k in files.keys()}
+
+
+@pytest.fixture(scope="module")
+def source():
+  return random_bagel(CFG, seed=0)
+
+
+@pytest.fixture(scope="module")
+def exported(source, tmp_path_factory):
+  tok = tmp_path_factory.mktemp("tok")
+  (tok / "tokenizer.json").write_text('{"model": "tiny"}\n')
+  (tok / "tokenizer_config.json").write_text('{"tokenizer_class": "Qwen2Tokenizer"}\n')
+  path = str(tmp_path_factory.mktemp("export") / "model")
+  bagel_dir.save_model_dir(source, path, tokenizer_dir=str(tok))
+  return path
+
+
+@pytest.fixture(scope="module")
+def loaded(exported):
+  return bagel_dir.load_model_dir(exported)
+
+
+def variant(exported, tmp_path, edit_ema=None, edit_ae=None):
+  """A copy of the exported directory with its tensor files edited."""
+  out = str(tmp_path / "variant")
+  shutil.copytree(exported, out)
+  for name, edit in (("ema.safetensors", edit_ema), ("ae.safetensors", edit_ae)):
+    if edit is not None:
+      tensors = read_tensors(os.path.join(out, name))
+      edit(tensors)
+      tensor_files.save_safetensors(tensors, os.path.join(out, name))
+  return out
+
+
+# -- round trips -----------------------------------------------------------------------------------
+
+
+def _rows():
+  img = np.random.default_rng(1).uniform(-1, 1, (16, 24, 3)).astype(np.float32)
+  blocks = [seq.Latent(32, 32), seq.Vit(img), seq.Text([5, 6, 7]), seq.Latent(32, 32, noisy=True)]
+  t, nv, nl = seq.lengths(blocks, CFG)
+  inputs = seq.build_rows([[blocks]], CFG, seq.Markers(3, 4), seq_len=t, max_vit=nv,
+                          max_latent=nl)
+  return jax.tree.map(jnp.asarray, inputs), nl
+
+
+@nnx.jit
+def _forward(model, inputs, latents, timesteps):
+  hidden = model(inputs, latents, timesteps)
+  return model.velocity(hidden, inputs.latent_seq_index), model.text_logits(hidden)
+
+
+def test_export_import_gives_the_same_model(source, loaded):
+  assert loaded.config == CFG
+  assert_same_params(source, loaded)
+  inputs, nl = _rows()
+  latents = jax.random.normal(jax.random.key(0), (1, nl, CFG.latent_channels))
+  t = jnp.full((1, nl), 0.5)
+  v_src, logits_src = _forward(source, inputs, latents, t)
+  v_new, logits_new = _forward(loaded, inputs, latents, t)
+  assert float(jnp.abs(v_src).max()) > 1e-3  # llm2vae is not zero: the check means something
+  np.testing.assert_array_equal(np.asarray(v_src), np.asarray(v_new))
+  np.testing.assert_array_equal(np.asarray(logits_src), np.asarray(logits_new))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_import_export_is_bit_identical(source, exported, tmp_path, dtype):
+  src = exported
+  if dtype == "bfloat16":  # BAGEL releases bfloat16 files: read and written without a detour
+    src = bagel_dir.save_model_dir(source, str(tmp_path / "bf16"), save_dtype="bfloat16")
+  model = bagel_dir.load_model_dir(src, param_dtype=dtype)
+  again = bagel_dir.save_model_dir(model, str(tmp_path / "again"))
+  for name in ("ema.safetensors", "ae.safetensors"):
+    a, b = read_tensors(os.path.join(src, name)), read_tensors(os.path.join(again, name))
+    assert a.keys() == b.keys(), name
+    for k in a:
+      assert a[k].dtype == b[k].dtype == np.dtype(jnp.dtype(dtype)), (name, k)
+      np.testing.assert_array_equal(a[k].view(np.uint8), b[k].view(np.uint8), err_msg=k)
+  for name in ("llm_config.json", "vit_config.json", "robust_u1_config.json"):
+    with open(os.path.join(src, name)) as f1, open(os.path.join(again, name)) as f2:
+      assert json.load(f1) == json.load(f2), name
+
+
+def test_files_follow_bagel_layout(source, exported):
+  import torch
+  from safetensors.torch import load_file  # BAGEL's own reader validates our streamed files
+  from transformers import Qwen2Config, SiglipVisionConfig
+
+  assert sorted(os.listdir(exported)) == sorted(
+      ["ema.safetensors", "ae.safetensors", "llm_config.json", "vit_config.json",
+       "robust_u1_config.json", "tokenizer.json", "tokenizer_config.json"])
+  ema = load_file(os.path.join(exported, "ema.safetensors"))
+  ae = load_file(os.path.join(exported, "ae.safetensors"))
+  c, v = CFG.llm, CFG.vit
+  expected_shapes = {
+      "language_model.model.embed_tokens.weight": (c.vocab_size, c.hidden_size),
+      "language_model.lm_head.weight": (c.vocab_size, c.hidden_size),
+      "language_model.model.norm_moe_gen.weight": (c.hidden_size,),
+      "language_model.model.layers.1.self_attn.q_proj_moe_gen.weight":
+          (c.num_heads * c.head_dim, c.hidden_size),
+      "language_model.model.layers.0.self_attn.k_norm.weight": (c.head_dim,),
+      "language_model.model.layers.0.mlp_moe_gen.down_proj.weight":
+          (c.hidden_size, c.intermediate_size),
+      "vit_model.vision_model.embeddings.patch_embedding.weight": (v.hidden_size, v.patch_dim),
+      "vit_model.vision_model.embeddings.position_embedding.weight":
+          (v.max_patches_per_side ** 2, v.hidden_size),
+      f"vit_model.vision_model.encoder.layers.{v.num_layers - 1}.mlp.fc1.weight":
+          (v.mlp_dim, v.hidden_size),
+      "vit_model.vision_model.post_layernorm.bias": (v.hidden_size,),
+      "connector.fc1.weight": (c.hidden_size, v.hidden_size),
+      "time_embedder.mlp.0.weight": (c.hidden_size, 256),
+      "time_embedder.mlp.2.bias": (c.hidden_size,),
+      "vae2llm.weight": (c.hidden_size, CFG.latent_channels),
+      "llm2vae.weight": (CFG.latent_channels, c.hidden_size),
+      "latent_pos_embed.pos_embed": (CFG.max_latent_size ** 2, c.hidden_size),
+      "vit_pos_embed.pos_embed": (v.max_patches_per_side ** 2, c.hidden_size),
+  }
+  for key, shape in expected_shapes.items():
+    assert tuple(ema[key].shape) == shape, key
+  assert not any(k.startswith(("encoder.", "decoder.")) for k in ema)
+  assert all(k.startswith(("encoder.", "decoder.")) for k in ae)
+  assert tuple(ae["encoder.conv_in.weight"].shape) == (CFG.vae.ch, 3, 3, 3)
+  # PyTorch layout: Linear weights are (out, in).
+  np.testing.assert_array_equal(ema["llm2vae.weight"].numpy(),
+                                params(source)["llm2vae.kernel"].T)
+  np.testing.assert_array_equal(
+      ema["latent_pos_embed.pos_embed"].numpy(),
+      layers.sincos_2d_table(c.hidden_size, CFG.max_latent_size))
+  assert ema["vit_pos_embed.pos_embed"].dtype == torch.float32
+
+  llm = Qwen2Config.from_json_file(os.path.join(exported, "llm_config.json"))
+  assert (llm.hidden_size, llm.num_hidden_layers, llm.num_key_value_heads) == (
+      c.hidden_size, c.num_layers, c.num_kv_heads)
+  assert llm.qk_norm is True and llm.layer_module == "Qwen2MoTDecoderLayer"
+  vit = SiglipVisionConfig.from_json_file(os.path.join(exported, "vit_config.json"))
+  assert vit.num_hidden_layers == v.num_layers + 1  # BAGEL drops the last layer on load
+  assert vit.image_size == v.max_patches_per_side * v.patch_size
+  assert vit.hidden_act == "gelu_pytorch_tanh"
+
+
+def test_llm_subtree_equals_direct_qwen2_load(exported, loaded):
+  qwen = nnx.eval_shape(lambda: qwen2_mot.Qwen2MoT(CFG.llm, rngs=nnx.Rngs(0)))
+  llm_keys.load_llm(os.path.join(exported, "ema.safetensors"), qwen,
+                    torch_prefix="language_model.")
+  direct = params(qwen)
+  sub = {p[len("language_model."):]: a for p, a in params(loaded).items()
+         if p.startswith("language_model.")}
+  assert direct.keys() == sub.keys()
+  for k in direct:
+    np.testing.assert_array_equal(direct[k], sub[k], err_msg=k)
+
+
+def test_sharded_import_places_each_parameter(source, exported):
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
+  model = bagel_dir.load_model_dir(exported, mesh=mesh)
+  expected = sharding.state_shardings(nnx.state(model, nnx.Param), bagel.COMPONENTS, mesh)
+  flat_expected = kt.flat_paths(expected)
+  variables = loader.param_variables(model)
+  sharded = 0
+  for path, variable in variables.items():
+    value = variable.get_value()
+    assert value.sharding.is_equivalent_to(flat_expected[path], value.ndim), path
+    sharded += not value.sharding.is_fully_replicated
+  assert sharded > len(variables) // 3  # the LLM's matrices really are split
+  kernel = variables["language_model.layers.0.und.mlp.up_proj.kernel"].get_value()
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  assert_same_params(source, model)
+
+
+# -- alternative weight files ----------------------------------------------------------------------
+
+
+def test_model_safetensors_and_sharded_index_load(source, exported, tmp_path):
+  raw = variant(exported, tmp_path)
+  os.rename(os.path.join(raw, "ema.safetensors"), os.path.join(raw, "model.safetensors"))
+  assert_same_params(source, bagel_dir.load_model_dir(raw))
+
+  index_dir = str(tmp_path / "index")
+  shutil.copytree(raw, index_dir)
+  tensors = read_tensors(os.path.join(index_dir, "model.safetensors"))
+  os.remove(os.path.join(index_dir, "model.safetensors"))
+  keys = sorted(tensors)
+  weight_map = {}
+  for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:])):
+    name = f"model-{i + 1:05d}-of-00002.safetensors"
+    tensor_files.save_safetensors({k: tensors[k] for k in part}, os.path.join(index_dir, name))
+    weight_map.update({k: name for k in part})
+  with open(os.path.join(index_dir, "model.safetensors.index.json"), "w") as f:
+    json.dump({"metadata": {}, "weight_map": weight_map}, f)
+  assert_same_params(source, bagel_dir.load_model_dir(index_dir))
+
+
+def test_sincos_tables_are_optional(source, exported, tmp_path):
+  def drop(t):
+    del t["latent_pos_embed.pos_embed"], t["vit_pos_embed.pos_embed"]
+
+  assert_same_params(source, bagel_dir.load_model_dir(variant(exported, tmp_path, drop)))
+
+
+def test_plain_qwen2_llm_config_takes_mot_and_qk_norm_from_the_keys(source, exported, tmp_path):
+  # BAGEL-7B-MoT ships Qwen2.5's config unchanged; its code sets qk_norm and layer_module.
+  out = variant(exported, tmp_path)
+  file = os.path.join(out, "llm_config.json")
+  with open(file) as f:
+    llm = json.load(f)
+  del llm["qk_norm"], llm["layer_module"]
+  with open(file, "w") as f:
+    json.dump(llm, f)
+  model = bagel_dir.load_model_dir(out)
+  assert model.config.llm.mot and model.config.llm.qk_norm
+  assert_same_params(source, model)
+
+
+def test_pickle_needs_opt_in(source, exported, tmp_path):
+  import torch
+
+  out = variant(exported, tmp_path)
+  tensors = read_tensors(os.path.join(out, "ema.safetensors"))
+  os.remove(os.path.join(out, "ema.safetensors"))
+  torch.save({k: torch.from_numpy(v) for k, v in tensors.items()},
+             os.path.join(out, "pytorch_model.bin"))
+  with pytest.raises(ValueError, match="pytorch_model.bin.*allow_pickle"):
+    bagel_dir.load_model_dir(out)
+  assert_same_params(source, bagel_dir.load_model_dir(out, allow_pickle=True))
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+_KEY = "language_model.model.layers.1.mlp_moe_gen.up_proj.weight"
+
+
+def _missing(t):
+  del t[_KEY]
+
+
+def _unexpected(t):
+  t["language_model.model.layers.7.mlp.up_proj.weight"] = np.zeros((4, 4), np.float32)
+
+
+def _misshapen(t):
+  t[_KEY] = t[_KEY][:, :-1].copy()
+
+
+@pytest.mark.parametrize("edit, key, words", [
+    (_missing, _KEY, "missing"),
+    (_unexpected, "language_model.model.layers.7.mlp.up_proj.weight", "unexpected"),
+    (_misshapen, _KEY, "shape"),
+])
+def test_bad_ema_tensor_names_key_and_file(exported, tmp_path, edit, key, words):
+  with pytest.raises(CheckpointError) as e:
+    bagel_dir.load_model_dir(variant(exported, tmp_path, edit_ema=edit))
+  message = str(e.value)
+  assert key in message and "ema.safetensors" in message and words in message
+
+
+def test_bad_vae_tensor_names_key_and_file(exported, tmp_path):
+  def edit(t):
+    t["decoder.conv_out.weight"] = t["decoder.conv_out.weight"][:, :-1].copy()
+
+  with pytest.raises(CheckpointError, match=r"ae\.safetensors.*decoder\.conv_out\.weight.*shape"):
+    bagel_dir.load_model_dir(variant(exported, tmp_path, edit_ae=edit))
+
+
+@pytest.mark.parametrize("name", ["ae.safetensors", "llm_config.json", "ema.safetensors"])
+def test_missing_file_is_named(exported, tmp_path, name):
+  out = variant(exported, tmp_path)
+  os.remove(os.path.join(out, name))
+  with pytest.raises(FileNotFoundError, match=name.split(".")[0]):
+    bagel_dir.load_model_dir(out)
+
+
+def test_save_refuses_existing_and_leaves_nothing_on_failure(source, exported, tmp_path):
+  with pytest.raises(FileExistsError, match="overwrite"):
+    bagel_dir.save_model_dir(source, exported)
+  target = tmp_path / "fails"
+  with pytest.raises(FileNotFoundError, match="tokenizer"):
+    bagel_dir.save_model_dir(source, str(target), tokenizer_dir=str(tmp_path / "nowhere"))
+  assert os.listdir(tmp_path) == []  # neither the target nor a temp directory is left behind
+  copy = variant(exported, tmp_path)
+  bagel_dir.save_model_dir(source, copy, overwrite=True)
+  assert "tokenizer.json" not in os.listdir(copy)  # replaced as a whole, not merged
+  assert sorted(os.listdir(tmp_path)) == ["variant"]
+
+
+def test_config_dict_round_trip():
+  config = bagel.BagelConfig.tiny(dtype=jnp.bfloat16, remat="dots")
+  back = bagel_dir.config_from_dict(json.loads(json.dumps(bagel_dir.config_to_dict(config))))
+  assert back == config
+  with pytest.raises(ValueError, match="hidden_sise"):
+    d = bagel_dir.config_to_dict(config)
+    d["llm"]["hidden_sise"] = 3
+    bagel_dir.config_from_dict(d, source="x.json")

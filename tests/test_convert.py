@@ -1,0 +1,124 @@
+"""The convert CLI and Orbax model checkpoints: hf -> orbax -> hf is lossless, Orbax restores onto
+a mesh, `load_pretrained` takes either kind of directory, and bad paths fail with clear errors."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from absl import app, flags
+
+from robust_u1_jax import convert, sharding
+from robust_u1_jax.checkpoints import bagel_dir, loader, orbax_io
+from test_bagel_dir import CFG, assert_same_params, random_bagel, read_tensors
+
+
+@pytest.fixture(scope="module")
+def source():
+  return random_bagel(CFG, seed=5)
+
+
+@pytest.fixture(scope="module")
+def model_dir(source, tmp_path_factory):
+  tok = tmp_path_factory.mktemp("tok")
+  (tok / "tokenizer.json").write_text('{"model": "tiny"}\n')
+  (tok / "merges.txt").write_text("#version: 0.2\n")
+  path = str(tmp_path_factory.mktemp("hf") / "model")
+  return bagel_dir.save_model_dir(source, path, tokenizer_dir=str(tok))
+
+
+def run_cli(*args):
+  return subprocess.run([sys.executable, "-m", "robust_u1_jax.convert", "--noprogress", *args],
+                        capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def orbax_dir(model_dir, tmp_path_factory):
+  dst = str(tmp_path_factory.mktemp("orbax") / "ckpt")
+  result = run_cli("--from", "hf", "--src", model_dir, "--dst", dst)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return dst
+
+
+def test_cli_hf_orbax_hf_is_lossless(model_dir, orbax_dir, tmp_path):
+  assert sorted(os.listdir(orbax_dir)) == ["bagel_config.json", "merges.txt", "params",
+                                          "tokenizer.json"]
+  back = str(tmp_path / "back")
+  result = run_cli("--to", "hf", "--src", orbax_dir, "--dst", back)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"wrote {back}" in result.stdout
+  for name in ("ema.safetensors", "ae.safetensors"):
+    a, b = read_tensors(os.path.join(model_dir, name)), read_tensors(os.path.join(back, name))
+    assert a.keys() == b.keys()
+    for k in a:
+      assert a[k].dtype == b[k].dtype, k
+      np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  for name in ("llm_config.json", "vit_config.json", "robust_u1_config.json", "tokenizer.json",
+               "merges.txt"):
+    with open(os.path.join(model_dir, name)) as f1, open(os.path.join(back, name)) as f2:
+      assert f1.read() == f2.read(), name
+
+
+def test_orbax_restores_onto_a_mesh(source, orbax_dir):
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
+  model = orbax_io.load_orbax(orbax_dir, mesh=mesh)
+  assert model.config == CFG
+  kernel = model.language_model.layers[0].gen.mlp.down_proj.kernel.get_value()
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+  assert_same_params(source, model)
+  bf16 = orbax_io.load_orbax(orbax_dir, param_dtype="bfloat16")  # cast while reading
+  assert all(v.get_value().dtype == np.dtype("bfloat16")
+             for v in loader.param_variables(bf16).values())
+
+
+def test_load_pretrained_takes_either_directory(source, model_dir, orbax_dir, tmp_path):
+  assert_same_params(source, orbax_io.load_pretrained(orbax_dir))
+  assert_same_params(source, orbax_io.load_pretrained(model_dir))
+  with pytest.raises(FileNotFoundError, match="neither a BAGEL model directory"):
+    orbax_io.load_pretrained(str(tmp_path))
+
+
+def test_save_orbax_in_process_round_trip(source, tmp_path):
+  path = orbax_io.save_orbax(source, str(tmp_path / "ckpt"))
+  assert_same_params(source, orbax_io.load_orbax(path))
+  with pytest.raises(FileExistsError, match="overwrite"):
+    orbax_io.save_orbax(source, path)
+
+
+@pytest.fixture
+def main_with_flags():
+  """Runs convert.main in-process with the given flags, restoring the flag state afterwards."""
+  def run(*args):
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["convert", "--noprogress", *args])
+    return convert.main(["convert"])
+
+  yield run
+  flags.FLAGS.unparse_flags()
+
+
+def test_cli_errors(model_dir, orbax_dir, tmp_path, main_with_flags, capsys):
+  assert main_with_flags("--from", "hf", "--src", model_dir, "--dst", orbax_dir) == 1
+  assert "already exists" in capsys.readouterr().err and os.path.isdir(orbax_dir)
+  missing = str(tmp_path / "nowhere")
+  assert main_with_flags("--to", "hf", "--src", missing, "--dst", str(tmp_path / "x")) == 1
+  assert f"source directory not found: {missing}" in capsys.readouterr().err
+  # An Orbax checkpoint is not a model directory: the error says what was expected.
+  assert main_with_flags("--from", "hf", "--src", orbax_dir, "--dst", str(tmp_path / "y")) == 1
+  assert "llm_config.json" in capsys.readouterr().err
+  with pytest.raises(app.UsageError, match="exactly one of"):
+    main_with_flags("--from", "hf", "--to", "hf", "--src", model_dir, "--dst", missing)
+  with pytest.raises(app.UsageError, match="--dst"):
+    main_with_flags("--from", "hf", "--src", model_dir)
+  assert not os.path.exists(str(tmp_path / "y")) and not os.path.exists(missing)
+
+
+def test_overwrite_replaces_destination(model_dir, tmp_path, main_with_flags):
+  dst = tmp_path / "ckpt"
+  dst.mkdir()
+  (dst / "stale.txt").write_text("old")
+  assert main_with_flags("--from", "hf", "--src", model_dir, "--dst", str(dst),
+                         "--overwrite") == 0
+  assert "stale.txt" not in os.listdir(dst) and orbax_io.is_orbax_model(str(dst))

@@ -1,0 +1,205 @@
+"""Grain pipelines: batch schema, per-process slices, exact resume, bad inputs, packing."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from robust_u1_jax import config_lib
+from robust_u1_jax.data import bad_records
+from robust_u1_jax.data import packing
+from robust_u1_jax.data import pipeline
+from robust_u1_jax.data import shapes
+from robust_u1_jax.data import tokenizer as tokenizer_lib
+from robust_u1_jax.data import transforms
+
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
+
+
+@pytest.fixture(scope="module")
+def tok():
+  return tokenizer_lib.load_tokenizer()
+
+
+def _data(stage="sft", **overrides):
+  # A cheap corruption with one compilation (traced severity) unless a test names another.
+  overrides.setdefault("corruption", "gaussian_noise")
+  overrides = {f"data.{k}": v for k, v in overrides.items()}
+  overrides["init_from"] = "random"
+  config_file = {"sft": "sft.py", "rl": "rl.py", "reason": "reason.py", "vqa": "reason.py"}[stage]
+  return config_lib.load(os.path.join(CONFIGS, config_file) + ":tiny", overrides).data
+
+
+def _take(p, n):
+  return [next(p) for _ in range(n)]
+
+
+def _assert_batches_equal(got, want):
+  assert len(got) == len(want)
+  for g, w in zip(got, want):
+    assert sorted(g) == sorted(w)
+    for key in w:
+      np.testing.assert_array_equal(g[key], w[key], err_msg=key)
+
+
+def test_sft_batch_schema(tok):
+  data = _data(shapes_size=64, batch_size=4)
+  p = pipeline.make_pipeline(data, seed=0, tokenizer=tok)
+  batch = next(p)
+  b = 4
+  for key in ("clean", "corrupted", "corrupted_vit"):
+    assert batch[key].shape == (b, 64, 64, 3) and batch[key].dtype == np.uint8
+    np.testing.assert_array_equal(batch[f"{key}_hw"], np.full((b, 2), 64))
+  assert batch["index"].dtype == np.int32 and batch["epoch"].tolist() == [0] * b
+  assert (batch["corruption"] == "imagenet_c/gaussian_noise").all()
+  assert (batch["corruption_steps"] == "imagenet_c/gaussian_noise(3)").all()
+  # Corrupted on the fly from the clean world image of that index.
+  world = shapes.ShapesWorld("train", size=64, image_size=64)
+  for i, index in enumerate(batch["index"]):
+    np.testing.assert_array_equal(batch["clean"][i], world[int(index)]["image"])
+  assert np.mean([np.any(c != k) for c, k in zip(batch["clean"], batch["corrupted"])]) >= 0.5
+  ids, lengths = batch["instruction_ids"], batch["instruction_lengths"]
+  assert ids.dtype == np.int32 and ids.shape[1] >= lengths.max()
+  text = tok.decode(ids[0, :lengths[0]].tolist())
+  assert text == tokenizer_lib.text_block(tokenizer_lib.RECOVERY_INSTRUCTION)
+  assert (ids[0, lengths[0]:] == tokenizer_lib.special_token_ids(tok)["pad"]).all()
+  assert p.metrics() == {"skipped": 0, "seen": b, "skip_ratio": 0.0}
+
+
+def test_process_slices_partition_each_epoch(tok):
+  data = _data(shapes_size=42, batch_size=4, corruption="none")
+  epoch_size = 42 // 4
+  per_process = []
+  for pi in range(4):
+    p = pipeline.make_pipeline(data, seed=3, process_index=pi, process_count=4, tokenizer=tok)
+    assert p.batch_size == 1 and p.epoch_size == epoch_size
+    batches = _take(p, 2 * epoch_size)
+    per_process.append([(int(b["index"][0]), int(b["epoch"][0])) for b in batches])
+  for epoch in (0, 1):
+    slices = [[i for i, e in pp if e == epoch] for pp in per_process]
+    assert all(len(s) == epoch_size for s in slices)
+    union = [i for s in slices for i in s]
+    assert len(set(union)) == len(union) == 4 * epoch_size  # disjoint, 2 of 42 left over
+    assert set(union) <= set(range(42))
+  # Each epoch is shuffled anew.
+  assert [i for i, e in per_process[0] if e == 0] != [i for i, e in per_process[0] if e == 1]
+
+
+def test_resume_reads_the_same_batches_across_an_epoch(tok):
+  # 24 records, batches of 8: steps 2..5 cross into epoch 1, whose corruption keys differ.
+  data = _data(shapes_size=24, batch_size=8, severity=0)  # severity drawn per record
+  p = pipeline.make_pipeline(data, seed=7, tokenizer=tok)
+  _take(p, 2)
+  state = json.loads(json.dumps(p.get_state()))  # as the Orbax handler stores it
+  expected = _take(p, 3)
+  assert {int(e) for b in expected for e in b["epoch"]} == {0, 1}
+  resumed = pipeline.make_pipeline(data, seed=7, tokenizer=tok)
+  resumed.set_state(state)
+  _assert_batches_equal(_take(resumed, 3), expected)
+  assert resumed.metrics()["seen"] == p.metrics()["seen"] == 40
+  # Corruption is a function of (seed, index, epoch): the same record corrupts the same way
+  # when another process layout delivers it.
+  other = pipeline.make_pipeline(data, seed=7, process_index=1, process_count=2, tokenizer=tok)
+  by_key = {(int(i), int(e)): c for b in expected
+            for i, e, c in zip(b["index"], b["epoch"], b["corrupted"])}
+  matched = 0
+  for b in _take(other, 3):
+    for i, e, c in zip(b["index"], b["epoch"], b["corrupted"]):
+      if (int(i), int(e)) in by_key:
+        np.testing.assert_array_equal(c, by_key[(int(i), int(e))])
+        matched += 1
+  assert matched > 0
+
+
+def test_resume_through_orbax_checkpointer(tok, tmp_path):
+  import jax.numpy as jnp
+  from robust_u1_jax.training import checkpoint
+
+  data = _data(shapes_size=32, batch_size=4, corruption="none")
+  p = pipeline.make_pipeline(data, seed=1, tokenizer=tok)
+  _take(p, 3)
+  ckpt = checkpoint.Checkpointer(str(tmp_path), every=1, keep=1, async_save=False)
+  ckpt.save(3, {"w": jnp.zeros(2)}, p, {"step": 3}, force=True)
+  ckpt.close()
+  expected = _take(p, 2)
+  resumed = pipeline.make_pipeline(data, seed=1, tokenizer=tok)
+  ckpt = checkpoint.Checkpointer(str(tmp_path), every=1, keep=1, async_save=False)
+  step, _, _ = ckpt.restore(checkpoint.abstract_like({"w": jnp.zeros(2)}), resumed)
+  ckpt.close()
+  assert step == 3
+  _assert_batches_equal(_take(resumed, 2), expected)
+
+
+def _write_folder(root, n_good, n_bad):
+  rng = np.random.default_rng(0)
+  os.makedirs(root)
+  for i in range(n_good):
+    h, w = (40, 30) if i % 2 else (64, 96)
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(
+        os.path.join(root, f"good_{i:02d}.png"))
+  for i in range(n_bad):
+    with open(os.path.join(root, f"bad_{i:02d}.png"), "wb") as f:
+      f.write(b"\x89PNG\r\n\x1a\n-truncated" if i % 2 else b"")
+
+
+def test_bad_files_are_counted_and_stop_the_run(tok, tmp_path):
+  root = str(tmp_path / "images")
+  _write_folder(root, n_good=14, n_bad=2)
+  data = _data(source="folder", path=root, batch_size=2, corruption="none",
+               max_skip_ratio=0.2, num_epochs=1, shuffle=False)
+  p = pipeline.make_pipeline(data, seed=0, tokenizer=tok)
+  batches = list(p)
+  assert len(batches) == 7
+  assert p.metrics() == {"skipped": 2, "seen": 16, "skip_ratio": 2 / 16}
+  # Variable sizes: BAGEL's VAE rule (max 64, min 32, stride 16), placed on a 64 x 64 canvas.
+  hws = {tuple(int(v) for v in hw) for b in batches for hw in b["clean_hw"]}
+  rule = transforms.resize_rule(data, "vae")
+  assert hws == {transforms.bagel_size(40, 30, **rule), transforms.bagel_size(64, 96, **rule)}
+  for b in batches:
+    assert b["clean"].shape == (2, 64, 64, 3)
+    for img, (h, w) in zip(b["clean"], b["clean_hw"]):
+      assert not img[h:].any() and not img[:, w:].any()
+  # Past max_skip_ratio the run stops, naming the bad files.
+  strict = pipeline.make_pipeline(_data(source="folder", path=root, batch_size=2,
+                                        corruption="none", max_skip_ratio=0.05, shuffle=False),
+                                  seed=0, tokenizer=tok)
+  with pytest.raises(bad_records.TooManyBadRecords, match="bad_0"):
+    _take(strict, 10)
+
+
+def test_reason_stage_questions_and_answers(tok):
+  data = _data("reason", shapes_size=32, batch_size=4)
+  batch = next(pipeline.make_pipeline(data, seed=0, tokenizer=tok, stage="reason"))
+  for key in ("question_ids", "answer_ids"):
+    assert batch[key].shape[0] == 4 and batch[key].dtype == np.int32
+  for i in range(4):
+    answer = tok.decode(batch["answer_ids"][i, :batch["answer_lengths"][i]].tolist())
+    assert answer == tokenizer_lib.text_block(str(batch["answer_text"][i]))
+    assert shapes.parse_answer(answer) == batch["answer_letter"][i]
+    assert "<TYPE>gaussian noise(3)<TYPE_END>" in answer  # the applied corruption is named in <TYPE>
+    question = tok.decode(batch["question_ids"][i, :batch["question_lengths"][i]].tolist())
+    assert question.endswith(tokenizer_lib.RECOVERY_INSTRUCTION + tokenizer_lib.IM_END)
+    assert "\nA. " in question
+
+
+def test_packed_pipeline_rows(tok):
+  data = _data(shapes_size=64, batch_size=2, corruption="none", token_budget=256)
+  p = pipeline.make_pipeline(data, seed=0, tokenizer=tok)
+  unpacked = pipeline.make_pipeline(_data(shapes_size=64, batch_size=2, corruption="none"),
+                                    seed=0, tokenizer=tok)
+  order = [int(i) for b in _take(unpacked, 16) for i in b["index"]]
+  rows = [row for b in _take(p, 3) for row in
+          ({k: v[r] for k, v in b.items()} for r in range(2))]
+  packed_order = []
+  for row in rows:
+    assert row["token_ids"].shape == (256,)
+    n = int(row["num_samples"])
+    assert n >= 2  # 64 x 64 sft samples take 60 + instruction tokens
+    for sample in packing.unpack_row(row):
+      assert sample["clean"].shape == (64, 64, 3)
+      assert (sample["token_types"] == packing.VAE_TARGET).sum() == 16
+      packed_order.append(int(sample["index"]))
+  # Packing keeps whole samples of the same stream, in rounds of consecutive samples.
+  assert sorted(packed_order) == sorted(order[:len(packed_order)])

@@ -1,0 +1,55 @@
+"""The data preview CLI: a labelled grid of clean / corrupted pairs and one question."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+from robust_u1_jax.data import preview
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+
+
+def test_preview_cli_on_tiny_config(tmp_path):
+  out = tmp_path / "grid.png"
+  # A cheap corruption keeps the run short; everything else is the tiny config.
+  cmd = [sys.executable, "-m", "robust_u1_jax.data.preview",
+         "--config", os.path.join(ROOT, "configs", "sft.py") + ":tiny",
+         "--config.data.corruption=gaussian_noise", "--out", str(out), "--rows", "2"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  with Image.open(out) as im:
+    assert im.format == "PNG" and im.mode == "RGB"
+    # 64 x 64 shapes images drawn as 128-pixel tiles; one label line (a single corruption).
+    assert im.size == preview.grid_size(rows=2, cols=4, tile=128, label_lines=1)
+    grid = np.asarray(im)
+  # The first cell holds a picture, not background.
+  cell = grid[preview.PAD:preview.PAD + 128, preview.PAD:preview.PAD + 2 * 128]
+  assert cell.std() > 5
+  assert "question:" in result.stdout and "<ANSWER>" in result.stdout
+  assert "Please restore this corrupted image" in result.stdout
+
+
+def test_draw_grid_labels_and_size():
+  rng = np.random.default_rng(0)
+  samples = [{"clean": rng.integers(0, 255, (48, 32, 3), dtype=np.uint8),
+              "corrupted": np.zeros((48, 32, 3), np.uint8),
+              "corruption_steps": "robust_r1/lens_blur(0.50)+robust_r1/scan_lines(0.10)"}
+             for _ in range(3)]
+  grid = preview.draw_grid(samples, rows=2, cols=2)
+  tile = preview.tile_size((48, 32))
+  assert tile == 144  # 48 scaled by 3
+  assert grid.size == preview.grid_size(2, 2, tile, 2)
+  assert preview.label_lines(samples[0]["corruption_steps"]) == ["lens_blur(0.50)",
+                                                                 "scan_lines(0.10)"]
+  pixels = np.asarray(grid)
+  label_y = preview.PAD + tile + 2
+  label = pixels[label_y:label_y + 2 * preview.LINE_HEIGHT, preview.PAD:preview.PAD + tile]
+  assert (label < 128).any()  # text was drawn
+  # The fourth cell is empty (three samples): background only.
+  x4 = preview.PAD + (2 * tile + preview.GAP + preview.PAD)
+  y4 = preview.PAD + (tile + 2 * preview.LINE_HEIGHT + 4 + preview.PAD)
+  assert (pixels[y4:y4 + tile, x4:x4 + 2 * tile] == 255).all()

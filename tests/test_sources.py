@@ -1,0 +1,312 @@
+"""Tests of the random-access sources on small real files written here: image folder, TFDS
+(a real ArrayRecord dataset prepared without TensorFlow), Robust-R1 JSONL pairs, VLMEvalKit TSV,
+Hugging Face parquet, the shapes world, and the make_source factory."""
+
+import base64
+import csv
+import io
+import json
+import pickle
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from robust_u1_jax import config_lib
+from robust_u1_jax.data import shapes
+from robust_u1_jax.data import sources
+from robust_u1_jax.data import sources_vqa
+from robust_u1_jax.data import transforms
+
+
+def _img(seed: int, h: int = 8, w: int = 6) -> np.ndarray:
+  return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _png(a: np.ndarray) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(a).save(buf, format="PNG")
+  return buf.getvalue()
+
+
+def _decode(record: dict) -> dict:
+  return transforms.DecodeImages().map(record)
+
+
+def _config(source: str, path="", **kw):
+  d = config_lib.get_data_config()
+  d.source, d.path = source, str(path)
+  d.update(kw)
+  return d
+
+
+# ---------------------------------------------------------------------------------------- folder
+
+def test_image_folder_recursive_sorted_case_insensitive(tmp_path):
+  (tmp_path / "b" / "deep").mkdir(parents=True)
+  (tmp_path / "a").mkdir()
+  arrays = {"a/x.png": _img(0), "b/deep/y.PNG": _img(1), "b/z.WebP": _img(2), "c.JPG": _img(3),
+            "d.jpeg": _img(4)}
+  for rel, a in arrays.items():
+    fmt = {"png": "PNG", "webp": "WEBP", "jpg": "JPEG", "jpeg": "JPEG"}[rel.rsplit(".")[1].lower()]
+    Image.fromarray(a).save(tmp_path / rel, format=fmt, **({"lossless": True} if fmt == "WEBP"
+                                                           else {}))
+  (tmp_path / "notes.txt").write_text("not an image")
+  (tmp_path / "a" / "x.png.bak").write_bytes(b"x")
+
+  src = sources.ImageFolderSource(tmp_path)
+  assert len(src) == 5
+  assert src.relpaths == sorted(arrays)
+  for i, rel in enumerate(src.relpaths):
+    rec = src[i]
+    assert rec["index"] == i and rec["relpath"] == rel and rec["path"] == str(tmp_path / rel)
+    assert isinstance(rec["image_bytes"], bytes)
+    out = _decode(rec)
+    assert out["image"].shape == (8, 6, 3) and out["image"].dtype == np.uint8
+    if not rel.lower().endswith((".jpg", ".jpeg")):
+      np.testing.assert_array_equal(out["image"], arrays[rel])
+  assert src[-1]["relpath"] == src.relpaths[-1]
+  with pytest.raises(IndexError):
+    src[5]
+  assert pickle.loads(pickle.dumps(src))[2]["image_bytes"] == src[2]["image_bytes"]
+  assert len(sources.make_source(_config("folder", tmp_path))) == 5
+
+
+def test_image_folder_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    sources.ImageFolderSource(tmp_path / "nope")
+  (tmp_path / "readme.md").write_text("x")
+  with pytest.raises(FileNotFoundError, match=r"no images.*\*\.webp"):
+    sources.ImageFolderSource(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ tfds
+
+TFDS_IMAGES = {"train": [_img(10 + i, 6 + i, 5) for i in range(5)],
+               "validation": [_img(20 + i, 7, 4) for i in range(2)]}
+
+
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory):
+  import tensorflow_datasets as tfds
+
+  class RobustU1TinyImages(tfds.core.GeneratorBasedBuilder):
+    """Five train and two validation images with labels, stored as ArrayRecord."""
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(shape=(None, None, 3)),
+          "label": tfds.features.ClassLabel(num_classes=3)}))
+
+    def _split_generators(self, dl_manager):
+      return {split: self._generate_examples(split) for split in TFDS_IMAGES}
+
+    def _generate_examples(self, split):
+      # Encoded PNG bytes: TFDS encodes numpy images with TensorFlow, which is not installed.
+      for i, a in enumerate(TFDS_IMAGES[split]):
+        yield i, {"image": _png(a), "label": i % 3}
+
+  data_dir = tmp_path_factory.mktemp("tfds")
+  RobustU1TinyImages(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+  return str(data_dir)
+
+
+def test_tfds_source_reads_array_record_without_tensorflow(tfds_dir):
+  import importlib.util
+  assert importlib.util.find_spec("tensorflow") is None
+
+  src = sources.TfdsSource("robust_u1_tiny_images", "train", data_dir=tfds_dir)
+  assert len(src) == 5
+  seen = {}
+  for i in range(len(src)):
+    rec = src[i]
+    assert rec["index"] == i and rec["path"] == "tfds:robust_u1_tiny_images/train"
+    assert isinstance(rec["image_bytes"], bytes) and "image" not in rec
+    seen[int(rec["label"])] = seen.get(int(rec["label"]), 0) + 1
+    image = _decode(rec)["image"]
+    # TFDS shuffles examples on disk: match each to one of the written images.
+    assert any(image.shape == a.shape and np.array_equal(image, a) for a in TFDS_IMAGES["train"])
+  assert seen == {0: 2, 1: 2, 2: 1}
+  again = pickle.loads(pickle.dumps(src))
+  assert again[3]["image_bytes"] == src[3]["image_bytes"]
+
+  cfg = _config("tfds", "robust_u1_tiny_images", tfds_data_dir=tfds_dir)
+  assert len(sources.make_source(cfg, split="validation")) == 2
+  assert len(sources.make_source(cfg, split="train[:3]")) == 3
+
+
+def test_tfds_source_errors(tfds_dir):
+  with pytest.raises(ValueError, match="no feature 'img'.*image, label"):
+    sources.TfdsSource("robust_u1_tiny_images", "train", data_dir=tfds_dir, image_key="img")
+  with pytest.raises(ValueError, match="not a tfds.features.Image"):
+    sources.TfdsSource("robust_u1_tiny_images", "train", data_dir=tfds_dir, image_key="label")
+  with pytest.raises(ValueError, match="split 'test' cannot be opened"):
+    sources.TfdsSource("robust_u1_tiny_images", "test", data_dir=tfds_dir)
+  with pytest.raises(ValueError, match="no_such_dataset_xyz"):
+    sources.TfdsSource("no_such_dataset_xyz", "train", data_dir=tfds_dir)
+
+
+# ----------------------------------------------------------------------------------------- jsonl
+
+def test_jsonl_pairs_relative_paths(tmp_path):
+  (tmp_path / "imgs").mkdir()
+  rows = []
+  for i in range(3):
+    Image.fromarray(_img(i)).save(tmp_path / "imgs" / f"c{i}.png")
+    Image.fromarray(_img(100 + i)).save(tmp_path / "imgs" / f"t{i}.png")
+    rows.append({"prompt": f"restore {i}", "image": f"imgs/c{i}.png",
+                 "target_image": f"imgs/t{i}.png", "id": i})
+  rows[2]["target_image"] = str(tmp_path / "imgs" / "t2.png")  # absolute paths work too
+  lines = [json.dumps(r) for r in rows]
+  (tmp_path / "pairs.jsonl").write_text(lines[0] + "\n\n" + lines[1] + "\n  \n" + lines[2])
+
+  src = sources.JsonlSource(tmp_path / "pairs.jsonl")
+  assert len(src) == 3  # blank lines are not rows
+  rec = src[1]
+  assert rec["prompt"] == "restore 1" and rec["id"] == 1 and rec["index"] == 1 and rec["line"] == 3
+  assert rec["path"] == str(tmp_path / "imgs" / "c1.png")
+  assert rec["target_image_path"] == str(tmp_path / "imgs" / "t1.png")
+  out = _decode(rec)
+  np.testing.assert_array_equal(out["image"], _img(1))
+  np.testing.assert_array_equal(out["target_image"], _img(101))
+  np.testing.assert_array_equal(_decode(src[2])["target_image"], _img(102))
+  assert pickle.loads(pickle.dumps(src))[0]["prompt"] == "restore 0"
+  assert len(sources.make_source(_config("jsonl", tmp_path / "pairs.jsonl"))) == 3
+
+  paired = transforms.CorruptOnTheFly("none").map(out)
+  np.testing.assert_array_equal(paired["clean"], _img(101))
+  np.testing.assert_array_equal(paired["corrupted"], _img(1))
+
+
+# ------------------------------------------------------------------------------------------- TSV
+
+def _write_tsv(path, header, rows):
+  with open(path, "w", newline="") as f:
+    w = csv.writer(f, delimiter="\t", lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+
+
+def test_vqa_tsv_vlmevalkit(tmp_path):
+  b64 = [base64.b64encode(_png(_img(i))).decode() for i in range(3)]
+  header = ["index", "image", "question", "hint", "A", "B", "C", "D", "answer", "category"]
+  rows = [
+      [101, b64[0], "What colour?", "", "red", "blue", "", "", "B", "color"],
+      # A question over several lines with a tab (quoted by the writer), a hint, four options.
+      [102, b64[1], 'Which\tshape is "it"?\nPick one.', "Look left.", "a", "b", "c", "d", "D",
+       "shape"],
+      # Option C empty, D present: re-lettered A, B, C, and the answer D -> C.
+      [103, b64[2], "Count?", "nan", "one", "two", "", "four", "D", ""],
+      # VLMEvalKit image reference: the image of row index 101.
+      [104, "101", "Again?", "", "yes", "no", "", "", "A", "existence"],
+  ]
+  _write_tsv(tmp_path / "bench.tsv", header, rows)
+  src = sources_vqa.VqaTsvSource(tmp_path / "bench.tsv")
+  assert len(src) == 4 and src.option_columns == ["A", "B", "C", "D"]
+
+  r0 = src[0]
+  assert r0["id"] == "101" and r0["path"] == str(tmp_path / "bench.tsv") and r0["index"] == 0
+  assert r0["questions"] == [{"question": "What colour?", "options": ["red", "blue"],
+                              "answer": "B", "kind": "color", "hint": ""}]
+  np.testing.assert_array_equal(_decode(r0)["image"], _img(0))
+  q1 = src[1]["questions"][0]
+  assert q1["question"] == 'Hint: Look left.\nWhich\tshape is "it"?\nPick one.'
+  assert q1["options"] == ["a", "b", "c", "d"] and q1["answer"] == "D"
+  assert shapes.format_question(q1).endswith("C. c\nD. d")
+  q2 = src[2]["questions"][0]
+  assert q2["options"] == ["one", "two", "four"] and q2["answer"] == "C" and q2["kind"] == "vqa"
+  np.testing.assert_array_equal(_decode(src[3])["image"], _img(0))
+  assert pickle.loads(pickle.dumps(src))[1]["questions"] == src[1]["questions"]
+  assert len(sources.make_source(_config("vqa_tsv", tmp_path / "bench.tsv"))) == 4
+
+
+def test_vqa_tsv_missing_required_column(tmp_path):
+  _write_tsv(tmp_path / "t.tsv", ["index", "image", "A", "answer"], [[1, "aGk=", "x", "A"]])
+  with pytest.raises(ValueError, match="lacks required column.*question.*columns are index, "
+                                       "image, A, answer"):
+    sources_vqa.VqaTsvSource(tmp_path / "t.tsv")
+
+
+# --------------------------------------------------------------------------------------- parquet
+
+def test_vqa_parquet_struct_images_and_option_lists(tmp_path):
+  n = 5
+  table = pa.table({
+      "image": [{"bytes": _png(_img(i)), "path": f"{i}.png"} for i in range(n)],
+      "question": [f"q{i}" for i in range(n)],
+      "options": [["cat", "dog", "cow"]] * n,
+      "answer": ["A", "C", "dog", "B", "cow"],  # letters or an option's text
+      "category": ["animals"] * n,
+  })
+  pq.write_table(table, tmp_path / "mcq.parquet", row_group_size=2)  # 3 row groups
+  src = sources_vqa.VqaParquetSource(tmp_path / "mcq.parquet")
+  assert len(src) == n and len(src.groups) == 3
+  assert [src[i]["questions"][0]["answer"] for i in range(n)] == ["A", "C", "B", "B", "C"]
+  for i in range(n):
+    np.testing.assert_array_equal(_decode(src[i])["image"], _img(i))
+  assert src[4]["questions"][0]["options"] == ["cat", "dog", "cow"]
+
+
+def test_vqa_parquet_letter_columns_int_answers_and_folders(tmp_path):
+  (tmp_path / "ds").mkdir()
+  a = pa.table({"index": [7, 8], "image": [_png(_img(0)), _png(_img(1))],
+                "question": ["Which?", "Where?"], "hint": [None, "Outdoors."],
+                "A": ["x", "left"], "B": ["y", "right"], "C": [None, "up"], "D": [None, None],
+                "answer": ["B", "A"], "category": ["c1", None]})
+  b = pa.table({"index": [9], "image": [base64.b64encode(_png(_img(2))).decode()],
+                "question": ["Open?"], "hint": [None], "A": [None], "B": [None], "C": [None],
+                "D": [None], "answer": ["a free-form answer"], "category": [None]},
+               schema=pa.schema([("index", pa.int64()), ("image", pa.string()),
+                                 ("question", pa.string()), ("hint", pa.string()),
+                                 ("A", pa.string()), ("B", pa.string()), ("C", pa.string()),
+                                 ("D", pa.string()), ("answer", pa.string()),
+                                 ("category", pa.string())]))
+  pq.write_table(a, tmp_path / "ds" / "test-00000-of-00002.parquet")
+  pq.write_table(b, tmp_path / "ds" / "test-00001-of-00002.parquet")
+  src = sources.make_source(_config("vqa_parquet", tmp_path / "ds"))
+  assert len(src) == 3 and len(src.files) == 2
+  r0, r1, r2 = src[0], src[1], src[2]
+  assert r0["id"] == "7" and r0["questions"][0]["options"] == ["x", "y"]
+  assert r0["questions"][0]["answer"] == "B" and r0["category"] == "c1"
+  assert r1["questions"][0]["question"] == "Hint: Outdoors.\nWhere?"
+  assert r1["questions"][0]["options"] == ["left", "right", "up"]
+  assert r2["questions"][0] == {"question": "Open?", "options": [], "answer": "a free-form answer",
+                                "kind": "vqa", "hint": ""}
+  assert r2["path"].endswith("test-00001-of-00002.parquet") and r2["index"] == 2
+  for i in range(3):
+    np.testing.assert_array_equal(_decode(src[i])["image"], _img(i))
+  assert pickle.loads(pickle.dumps(src))[1]["id"] == "8"
+
+
+def test_vqa_parquet_answer_index_with_option_list(tmp_path):
+  table = pa.table({"image": [_png(_img(0))] * 2, "question": ["a", "b"],
+                    "choices": [["p", "q", "r"], ["s", "t"]], "answer": [2, 0]})
+  pq.write_table(table, tmp_path / "t.parquet")
+  src = sources_vqa.VqaParquetSource(tmp_path / "t.parquet")
+  assert [src[i]["questions"][0]["answer"] for i in range(2)] == ["C", "A"]
+
+
+# ------------------------------------------------------------------------------- shapes, factory
+
+def test_shapes_source_and_factory():
+  cfg = _config("shapes", shapes_size=50, image_size=64)
+  train = sources.make_source(cfg)
+  assert isinstance(train, shapes.ShapesWorld) and len(train) == 50
+  rec = train[7]
+  assert rec["image"].shape == (64, 64, 3) and rec["image"].dtype == np.uint8
+  assert rec["index"] == 7 and rec["caption"] and rec["questions"]
+  val = sources.make_source(cfg, split="validation")
+  assert val.split == "validation" and len(val) == shapes.DEFAULT_SIZES["validation"]
+
+
+def test_factory_errors():
+  with pytest.raises(ValueError, match="valid sources are shapes, folder, tfds, jsonl, vqa_tsv, "
+                                       "vqa_parquet"):
+    sources.make_source(_config("webdataset", "x"))
+  with pytest.raises(ValueError, match="needs data.path"):
+    sources.make_source(_config("folder", ""))
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    sources.make_source(_config("jsonl", "/no/such/file.jsonl"))
