@@ -13,10 +13,12 @@ import importlib
 from absl import app
 from absl import flags
 
-# name -> (module, one-line description). Add "model", "train" here as they are written.
+# name -> (module, one-line description).
 BENCHMARKS = {
     "data": ("robust_u1_jax.benchmarks.data",
              "Grain pipeline samples/s; JAX corruptions vs PIL/scipy/numpy"),
+    "model": ("robust_u1_jax.benchmarks.model",
+              "tiny LLM forward+backward vs PyTorch; cached denoising step at context L and 2L"),
 }
 
 _SECONDS = flags.DEFINE_float("seconds", 3.0, "Wall time of each measurement.")

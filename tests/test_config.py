@@ -27,7 +27,10 @@ def test_every_variant_loads_and_validates(path):
   variants = _variants(path)
   assert variants, f"{path} names no variant"
   for variant in variants:
-    config = config_lib.load(f"{path}:{variant}", USER_PATHS)
+    paths = dict(USER_PATHS)
+    if os.path.basename(path) == "rl.py":
+      paths["rl.clip_checkpoint"] = "/data/clip.safetensors"
+    config = config_lib.load(f"{path}:{variant}", paths)
     assert isinstance(config, ml_collections.ConfigDict)
     assert config.is_locked
 

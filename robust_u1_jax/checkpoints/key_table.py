@@ -112,7 +112,7 @@ def flat_paths(state: Any) -> dict[str, Any]:
   from flax import nnx  # local: keeps this module importable for pure-numpy tools
 
   if isinstance(state, nnx.State):
-    items = state.flat_state()
+    items = nnx.to_flat_state(state)
   else:
     items = _flatten_dict(state)
   out = {}

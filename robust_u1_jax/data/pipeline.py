@@ -12,13 +12,20 @@
   -> resize by BAGEL's VAE rule                   before corrupting: the pair stays pixel-aligned
                                                   at the training size, and jitted corruptions
                                                   compile once per (rounded) size, not per file
-  -> corrupt on the fly                           transforms.corrupt_image; key = f(seed, index,
-                                                  epoch), so a resumed run redraws the same
+  -> corrupt on the fly                           transforms.CorruptOnTheFly; key = f(seed,
+                                                  index, epoch), so a resumed run redraws the same
   -> ViT-size copy of the corrupted image          BAGEL's ViT rule
   -> stage texts + tokenisation                   instruction / question / answer
   -> skip tracking                                bad_records.SkipTracker, in the main process
   -> batch (per-process batch = data.batch_size / process_count)
      or, with data.token_budget > 0, first-fit packing into rows (packing.py)
+
+The returned `Pipeline` is an iterator of batches with `get_state()` / `set_state()`,
+`metrics()` -> {'skipped', 'seen', 'skip_ratio'} (bad_records.TooManyBadRecords is raised from
+`next()` past data.max_skip_ratio), `close()`, and attributes num_records, epoch_size (records
+per process per epoch) and batch_size (per process). On a multi-host mesh, pass
+`multihost.data_shard(mesh)` as (process_index, process_count), and turn each batch into global
+arrays with `multihost.global_batch(multihost.host_fields(batch)[0], mesh)`.
 
 Checkpointing: `Pipeline.get_state()` is a JSON-able dict (Grain's iterator state plus the skip
 counters); `set_state` on a NEW pipeline built with the same config and seed continues with
@@ -35,17 +42,19 @@ Batch schema (unpacked, token_budget == 0): a dict of numpy arrays, B = per-proc
   epoch            (B,) int32
   corruption       (B,) str             name given to corrupt ('robust_r1_pipeline', 'none', a
                                         qualified name, or 'dataset' for stored pairs)
-  corruption_steps (B,) str             what was applied, e.g. 'robust_r1/defocus_blur(0.42)+...'
+  corruption_steps (B,) str             what was applied, e.g. 'robust_r1/lens_blur(0.42)+...',
+                                        'imagenet_c/fog(3)'
   stage 'sft'/'rl':
     instruction_ids      (B, L) int32   `<|im_start|>instruction<|im_end|>`, right-padded with
     instruction_lengths  (B,) int32     the pad id; L = text_pad_to, or the next power of two
                                         >= 16 that fits the batch (few distinct shapes to jit)
   stage 'reason'/'vqa' (one question per record, drawn from (seed, index, epoch)):
-    question_ids, question_lengths      the question, its lettered options and (reason) the
-                                        recovery instruction, as one text block
+    question_ids, question_lengths      the question and its lettered options, one per line,
+                                        then (reason only) the recovery instruction
     answer_ids, answer_lengths          the answer: the Robust-R1 format `<TYPE>..<ANSWER>X
                                         <ANSWER_END>` for the shapes world (corruption named),
-                                        `<ANSWER>X<ANSWER_END>` for VQA tables
+                                        `<ANSWER>X<ANSWER_END>` for VQA tables, and the row's
+                                        own 'answer' for JSONL rows with 'question'/'answer'
     question_text, answer_text, answer_letter  (B,) str
 
 Strings are host-side: `multihost.host_fields` splits them off before `multihost.global_batch`.
@@ -56,7 +65,8 @@ patch stride, and unpacked batches place each image top-left on a canvas of the 
 side (vae_max_side or vit_max_side), with `*_hw` giving the valid region. The efficient way for
 variable sizes is packing by token budget (data.token_budget > 0): samples of different sizes
 share rows of a fixed token count, each image in a slot; see packing.py for that schema. With
-packing, data.batch_size counts packed rows (MaxText's convention), not samples.
+packing, data.batch_size counts packed rows (MaxText's convention), not samples, and a batch
+is the packed-row schema of packing.py with a leading (rows) axis.
 """
 
 from __future__ import annotations
@@ -124,6 +134,8 @@ def _answer_text(question: Mapping[str, Any], record: Mapping[str, Any]) -> str:
   if "target" in question:  # a shapes-world question: its reasoning text is known
     steps, levels = _steps_and_levels(record)
     return shapes.answer_text(question, steps or None, strength=levels or None)
+  if question.get("raw_answer"):  # written out in full by the data (Robust-R1 reasoning JSONL)
+    return str(question["answer"])
   return f"<ANSWER>{question['answer']}<ANSWER_END>"
 
 
@@ -158,9 +170,13 @@ class StageFields(grain.transforms.Map):
 
   def _question(self, out: dict) -> dict:
     questions = out.get("questions")
+    if not questions and isinstance(out.get("question"), str) and isinstance(
+        out.get("answer"), str):  # a JSONL row of reasoning data: {question, answer, ...}
+      questions = [{"question": out["question"], "answer": out["answer"], "raw_answer": True}]
     if not questions:
       return bad_records.skip_record(
-          f"stage {self.stage!r} needs a record with 'questions'; this one has {sorted(out)}",
+          f"stage {self.stage!r} needs a record with 'questions' (shapes world, VQA tables) or "
+          f"'question' and 'answer' texts (JSONL); this one has {sorted(out)}",
           out.get("path"), out.get("index"))
     rng = np.random.default_rng([self.seed, int(out["index"]), int(out.get("epoch", 0)),
                                  _QUESTION_STREAM])
@@ -168,8 +184,9 @@ class StageFields(grain.transforms.Map):
     question = _question_text(q)
     if self.stage == "reason":
       question = f"{question}\n{self.instruction}"
-    out.update(question=question, answer=_answer_text(q, out), question_text=question,
-               answer_letter=str(q["answer"]))
+    answer = _answer_text(q, out)
+    letter = (shapes.parse_answer(answer) or "") if q.get("raw_answer") else str(q["answer"])
+    out.update(question=question, answer=answer, question_text=question, answer_letter=letter)
     out["answer_text"] = out["answer"]
     return out
 

@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from robust_u1_jax import config_lib
+from robust_u1_jax.data import packing
 from robust_u1_jax.data import pipeline
 
 PAD = 8  # around cells
@@ -95,19 +96,29 @@ def draw_grid(samples: Sequence[Mapping[str, object]], rows: int, cols: int) -> 
   return canvas
 
 
+def _unbatch(batch: Mapping[str, np.ndarray]) -> list[dict]:
+  """Per-sample dicts of a batch, unpacked (packing.unpack_row) and cropped to each image."""
+  if "segment_ids" in batch:  # packed rows
+    return [s for r in range(len(batch["num_samples"]))
+            for s in packing.unpack_row({k: v[r] for k, v in batch.items()})]
+  samples = []
+  for i in range(len(batch["index"])):
+    sample = {k: v[i] for k, v in batch.items()}
+    for key in ("clean", "corrupted"):
+      h, w = batch[f"{key}_hw"][i]
+      sample[key] = batch[key][i, :h, :w]
+    samples.append(sample)
+  return samples
+
+
 def take_samples(p: pipeline.Pipeline, n: int) -> list[dict]:
-  """The first `n` samples of a pipeline, images cropped to their valid size."""
+  """The first `n` samples of a pipeline: 'clean', 'corrupted', 'corruption_steps', 'index'."""
   out = []
   while len(out) < n:
-    batch = next(p)
-    for i in range(len(batch["index"])):
-      sample = {}
-      for key in ("clean", "corrupted"):
-        h, w = batch[f"{key}_hw"][i]
-        sample[key] = batch[key][i, :h, :w]
-      sample["corruption_steps"] = str(batch["corruption_steps"][i])
-      sample["index"] = int(batch["index"][i])
-      out.append(sample)
+    for sample in _unbatch(next(p)):
+      out.append({"clean": sample["clean"], "corrupted": sample["corrupted"],
+                  "corruption_steps": str(sample["corruption_steps"]),
+                  "index": int(sample["index"])})
   return out[:n]
 
 
@@ -118,10 +129,10 @@ def question_and_answer(config) -> tuple[str, str] | None:
   stage = config.stage if config.stage in ("reason", "vqa") else "reason"
   p = pipeline.make_pipeline(config.data, seed=config.seed, stage=stage)
   try:
-    batch = next(p)
+    first = _unbatch(next(p))[0]
   finally:
     p.close()
-  return str(batch["question_text"][0]), str(batch["answer_text"][0])
+  return str(first["question_text"]), str(first["answer_text"])
 
 
 def preview(config, out_path: str, rows: int, cols: int) -> tuple[Image.Image, tuple | None]:

@@ -88,5 +88,5 @@ def apply_gradients(state: TrainState, grads: nnx.State, tx: optax.GradientTrans
   ema = state.ema
   if ema is not None:
     ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
-  metrics = {"grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(params)}
+  metrics = {"grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params)}
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics

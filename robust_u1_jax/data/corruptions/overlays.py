@@ -21,7 +21,8 @@ ATLAS_FONT_SIZE = 48  # px; stamps are resampled from this, so it bounds the sha
 
 
 @functools.lru_cache(maxsize=8)
-def text_atlas(words: tuple[str, ...], font_size: int = ATLAS_FONT_SIZE) -> tuple[np.ndarray, np.ndarray]:
+def text_atlas(words: tuple[str, ...],
+               font_size: int = ATLAS_FONT_SIZE) -> tuple[np.ndarray, np.ndarray]:
   """Host-side (PIL): white-on-black masks of `words`, stacked as (n, h, w) float32 in [0, 1].
 
   Each word is drawn at the left of its row, vertically centred on its ink; returns the masks and
@@ -108,7 +109,7 @@ def soft_disc(yy, xx, centre_yx, radius, softness=1.0) -> jax.Array:
 
 
 def rect_coverage(yy, xx, top_left_yx, size_hw) -> jax.Array:
-  """Anti-aliased coverage of an axis-aligned rectangle (pixel (y, x) covers [y, y+1) x [x, x+1))."""
+  """Anti-aliased coverage of an axis-aligned rectangle; pixel (y, x) covers [y, y+1) x [x, x+1)."""
   def axis(coord, lo, extent):
     return jnp.clip(jnp.minimum(coord + 1.0, lo + extent) - jnp.maximum(coord, lo), 0.0, 1.0)
 

@@ -49,11 +49,33 @@ def fade_in_count(count, n_max: int) -> jax.Array:
   return jnp.clip(jnp.asarray(count, jnp.float32) - jnp.arange(n_max, dtype=jnp.float32), 0.0, 1.0)
 
 
+def blur_matrix(n: int, taps, radius: int) -> jax.Array:
+  """(n, n) matrix applying the 1-D correlation `taps` (offsets -radius..radius) along an axis
+  of length n with scipy 'reflect' borders (d c b a | a b c d | d c b a). Taps may be traced."""
+  out_idx = np.arange(n)[:, None]
+  src = out_idx + np.arange(-radius, radius + 1)[None, :]
+  src = np.mod(src, 2 * n)
+  src = np.where(src < n, src, 2 * n - 1 - src)
+  rows = np.broadcast_to(out_idx, src.shape)
+  taps = jnp.broadcast_to(jnp.asarray(taps, jnp.float32)[None, :], src.shape)
+  return jnp.zeros((n, n), jnp.float32).at[rows, src].add(taps)
+
+
 def blur(x_hwc, sigma, max_sigma: float) -> jax.Array:
   """Gaussian blur (reflect borders, 3 sigma support) with a possibly traced sigma <= max_sigma;
-  the static `max_sigma` fixes the kernel footprint, so one compilation serves every I."""
+  the static `max_sigma` fixes the kernel footprint, so one compilation serves every I.
+
+  Applied as two dense banded-matrix products rather than `ops.separable_conv`: XLA's CPU
+  depthwise convolution slows linearly with the radius (7 s for radius 60 on 512 x 768 against
+  0.12 s here), while a matmul costs the same for every radius and is fast on every backend.
+  Same result as ops.gaussian_blur(x, sigma, radius=..., truncate=3.0, mode='reflect').
+  """
   radius = ops.gaussian_radius(max_sigma, truncate=3.0)
-  return ops.gaussian_blur(x_hwc, sigma, radius=radius, truncate=3.0, mode="reflect")
+  taps = ops.gaussian_kernel1d(sigma, radius, truncate=3.0)
+  h, w = x_hwc.shape[:2]
+  hi = jax.lax.Precision.HIGHEST
+  y = jnp.einsum("oh,hw...->ow...", blur_matrix(h, taps, radius), x_hwc, precision=hi)
+  return jnp.einsum("pw,ow...->op...", blur_matrix(w, taps, radius), y, precision=hi)
 
 
 def uniforms(key, n: int) -> jax.Array:
@@ -75,9 +97,10 @@ def check_image(image, what: str) -> None:
 
 
 def check_intensity(intensity, what: str) -> None:
-  """Raises a ValueError naming `what` for a concrete intensity outside [0, 1] (traced: no check)."""
+  """Raises a ValueError naming `what` for a concrete intensity outside [0, 1] (traced: none)."""
   if isinstance(intensity, jax.core.Tracer):
     return
   value = np.asarray(intensity)
-  if value.shape != () or not np.issubdtype(value.dtype, np.number) or not 0.0 <= float(value) <= 1.0:
+  valid = value.shape == () and np.issubdtype(value.dtype, np.number)
+  if not valid or not 0.0 <= float(value) <= 1.0:
     raise ValueError(f"{what}: intensity must be a scalar in [0, 1], got {intensity!r}")

@@ -36,7 +36,7 @@ def sharpness_change(x_hwc, key, intensity, *, reference_size=REFERENCE_SIZE):
   i = jnp.asarray(intensity, jnp.float32)
   s = common.scale(x_hwc, reference_size)
   sigma_unsharp = max(1.0, 2.0 * s)
-  sharpened = x_hwc + 4.0 * i * (x_hwc - ops.gaussian_blur(x_hwc, sigma_unsharp, truncate=3.0))
+  sharpened = x_hwc + 4.0 * i * (x_hwc - common.blur(x_hwc, sigma_unsharp, sigma_unsharp))
   sigma_blur = 6.0 * s
   blurred = common.blur(x_hwc, sigma_blur * i, sigma_blur)
   return ops.clip01(jnp.where(common.uniforms(key, 1)[0] < 0.5, sharpened, blurred))

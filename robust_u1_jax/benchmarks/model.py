@@ -1,0 +1,113 @@
+"""`python -m robust_u1_jax.bench model`: model speed, as ratios measured in one run.
+
+1. Forward + backward of the tiny language model (the bulk of the tiny config's FLOPs) against
+   transformers' PyTorch Qwen2 of the same shapes on the same CPU threads (goal: ours not slower).
+2. One cached denoising step (the noisy latent block against a KV-cached context) with a context
+   of L and 2L tokens (goal: at most 1.3x when L doubles: the step's cost is the latent block's,
+   and the context only adds attention keys).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from robust_u1_jax.models import bagel as bagel_lib
+from robust_u1_jax.models import sequence
+from robust_u1_jax.models.qwen2_mot import LLMConfig, Qwen2MoT
+
+
+def _time(fn: Callable[[], object], repeats: int) -> float:
+  """Median seconds of `fn` after one warm-up call."""
+  fn()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def llm_forward_backward(batch: int, length: int, repeats: int) -> dict[str, float]:
+  import torch
+  import transformers
+
+  c = LLMConfig.tiny(mot=False, qk_norm=False)
+  model = Qwen2MoT(c, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model)
+  tokens = jax.random.randint(jax.random.PRNGKey(0), (batch, length), 0, c.vocab_size)
+  positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+  causal = jnp.broadcast_to(jnp.tril(jnp.ones((length, length), bool)), (batch, length, length))
+
+  @jax.jit
+  def jax_step(params):
+    def loss(p):
+      m = nnx.merge(graphdef, p)
+      logits = m.logits(m(m.embed(tokens), positions, causal, "und"))
+      return jnp.mean(jax.nn.logsumexp(logits, -1))
+    return jax.grad(loss)(params)
+
+  jax_seconds = _time(lambda: jax.block_until_ready(jax_step(params)), repeats)
+
+  hf = transformers.Qwen2Config(
+      vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+      num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
+      num_key_value_heads=c.num_kv_heads, rope_theta=c.rope_theta, attn_implementation="sdpa")
+  torch_model = transformers.Qwen2ForCausalLM(hf)
+  torch_tokens = torch.from_numpy(np.array(tokens)).long()
+
+  def torch_step():
+    torch_model.zero_grad(set_to_none=True)
+    logits = torch_model(torch_tokens).logits
+    torch.logsumexp(logits, -1).mean().backward()
+
+  torch_seconds = _time(torch_step, repeats)
+  return {"jax_s": jax_seconds, "torch_s": torch_seconds, "torch_over_jax": torch_seconds /
+          jax_seconds}
+
+
+def denoise_step_scaling(context: int, repeats: int) -> dict[str, float]:
+  config = bagel_lib.BagelConfig.tiny()
+  model = bagel_lib.Bagel(config, rngs=nnx.Rngs(0))
+  markers = sequence.Markers(1, 2)
+  noisy = jax.tree.map(jnp.asarray, sequence.build_rows(
+      [[[sequence.Latent(64, 64, noisy=True)]]], config, markers, seq_len=18, max_vit=0,
+      max_latent=16))
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 16, config.latent_channels))
+  graphdef, state = nnx.split(model)
+
+  def seconds(length: int) -> float:
+    ids = list(np.arange(length) % 50 + 3)
+    rows = jax.tree.map(jnp.asarray, sequence.build_rows(
+        [[[sequence.Text(ids)]]], config, markers, seq_len=length, max_vit=0, max_latent=0))
+    cache = model.prefill(model.init_cache(1, length), rows)
+
+    @jax.jit
+    def step(state, cache, x):
+      return nnx.merge(graphdef, state).denoise_velocity(cache, noisy, x, jnp.array([0.5]))
+
+    return _time(lambda: jax.block_until_ready(step(state, cache, x)), repeats)
+
+  short, long = seconds(context), seconds(2 * context)
+  return {"L": context, "step_s_L": short, "step_s_2L": long, "ratio_2L_over_L": long / short}
+
+
+def run(seconds: float = 3.0, config: str = "", threads: int | None = None, *, batch: int = 4,
+        length: int = 128, context: int = 512) -> None:
+  """Prints both measurements; `seconds` scales the number of timed repeats."""
+  del config, threads  # fixed tiny shapes; the flags belong to the data benchmark
+  repeats = max(3, int(seconds * 3))
+  print(f"model benchmark on {jax.devices()[0].device_kind} ({jax.device_count()} device(s))")
+  r = llm_forward_backward(batch, length, repeats)
+  print(f"tiny LLM forward+backward, batch {batch} x {length} tokens: "
+        f"jax {r['jax_s'] * 1e3:.2f} ms, torch {r['torch_s'] * 1e3:.2f} ms, "
+        f"torch/jax = {r['torch_over_jax']:.2f} (goal >= 1)")
+  d = denoise_step_scaling(context, repeats)
+  print(f"cached denoising step: context {d['L']} -> {d['step_s_L'] * 1e3:.2f} ms, "
+        f"{2 * d['L']} -> {d['step_s_2L'] * 1e3:.2f} ms, ratio {d['ratio_2L_over_L']:.2f} "
+        "(goal <= 1.3)")
