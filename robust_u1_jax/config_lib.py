@@ -29,7 +29,7 @@ def get_data_config() -> ml_collections.ConfigDict:
   d.severity = 3  # ImageNet-C severity 1..5 (0: draw uniformly per record)
   d.intensity = -1.0  # Robust-R1 intensity in [0, 1] (negative: draw uniformly per record)
   d.tokenizer_dir = ""  # empty: the built-in world's tokenizer
-  d.batch_size = 8  # global batch, in samples
+  d.batch_size = 8  # global batch: samples, or packed rows when token_budget > 0
   d.token_budget = 0  # packing budget in tokens per row (0: no packing)
   d.shuffle = True
   d.num_epochs = 0  # 0: repeat forever

@@ -8,9 +8,7 @@ import subprocess
 import sys
 import time
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from robust_u1_jax import config_lib

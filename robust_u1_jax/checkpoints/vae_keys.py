@@ -18,7 +18,7 @@ Flax paths of `models.vae.AutoEncoder` mirror the FLUX keys: `weight` -> `kernel
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -29,7 +29,8 @@ from jax.sharding import Mesh
 
 from robust_u1_jax import sharding
 from robust_u1_jax.checkpoints import key_table as kt
-from robust_u1_jax.checkpoints.tensor_files import TensorFiles, open_tensor_files
+from robust_u1_jax.checkpoints import loader
+from robust_u1_jax.checkpoints.tensor_files import TensorFiles
 from robust_u1_jax.models.vae import COMPONENT, AutoEncoder
 
 NAMINGS = ("flux", "diffusers")
@@ -146,16 +147,6 @@ def detect_naming(keys) -> str:
       f"or diffusers AutoencoderKL); first keys: {keys[:5]}")
 
 
-def _open(path_or_tensors: str | TensorFiles | Mapping[str, Any]
-          ) -> tuple[dict[str, Callable[[], np.ndarray]], str, dict[str, str] | None]:
-  if isinstance(path_or_tensors, str):
-    files = open_tensor_files(path_or_tensors)
-    return dict(files.loaders), files.files, files.file_of
-  if isinstance(path_or_tensors, TensorFiles):
-    return dict(path_or_tensors.loaders), path_or_tensors.files, path_or_tensors.file_of
-  return ({k: (lambda v=v: np.asarray(v)) for k, v in path_or_tensors.items()}, "<tensors>", None)
-
-
 def load_vae(path_or_tensors: str | TensorFiles | Mapping[str, Any], model: AutoEncoder, *,
              naming: str | None = None, mesh: Mesh | None = None) -> str:
   """Loads FLUX or diffusers autoencoder weights into `model` in place; returns the naming used.
@@ -165,7 +156,8 @@ def load_vae(path_or_tensors: str | TensorFiles | Mapping[str, Any], model: Auto
   are placed by the "vae" sharding rules instead. Missing, unexpected or misshapen tensors raise
   `CheckpointError` naming key and file, before any parameter is changed.
   """
-  loaders, source, source_of = _open(path_or_tensors)
+  files = loader.open_tensors(path_or_tensors)
+  loaders, source, source_of = dict(files.loaders), files.files, files.file_of
   naming = naming or detect_naming(loaders)
   if naming not in NAMINGS:
     raise ValueError(f"unknown VAE naming {naming!r}; allowed: {NAMINGS}")

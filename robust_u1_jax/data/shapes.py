@@ -26,6 +26,7 @@ import hashlib
 import math
 import random
 import re
+import string
 
 import numpy as np
 
@@ -431,7 +432,9 @@ def _questions(d: _Draws, objects: list[dict]) -> list[dict]:
 
 def format_question(q: dict) -> str:
   """The VQA prompt: the question and its lettered options, one per line (no instruction)."""
-  lines = [q["question"]] + [f"{LETTERS[i]}. {opt}" for i, opt in enumerate(q["options"])]
+  # VQA tables may carry more options than the world's four.
+  lines = [q["question"]] + [f"{string.ascii_uppercase[i]}. {opt}"
+                             for i, opt in enumerate(q["options"])]
   return "\n".join(lines)
 
 

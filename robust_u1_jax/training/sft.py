@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from robust_u1_jax.models import sequence
-from robust_u1_jax.models.bagel import Bagel, BagelConfig
+from robust_u1_jax.models.bagel import BagelConfig
 from robust_u1_jax.training import flow_matching
 from robust_u1_jax.training.state import TrainState, apply_gradients
 
@@ -96,7 +96,7 @@ GENERATION_PARAMS = (r"^language_model\.layers\.\d+\.gen\.", r"^language_model\.
                      r"^time_embedder\.", r"^vae2llm\.", r"^llm2vae\.")
 
 
-def build(ctx) -> "trainer.StageSpec":
+def build(ctx):
   """The SFT stage for `trainer.train`."""
   from robust_u1_jax.training import trainer
 
