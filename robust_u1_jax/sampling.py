@@ -92,14 +92,18 @@ def cfg_velocity(v: jax.Array, v_no_text: jax.Array | None, v_no_image: jax.Arra
   """
   if text_scale != 1.0:
     v_text = v_no_text + text_scale * (v - v_no_text)
-    norm_v = jnp.linalg.norm(v, axis=-1, keepdims=True)
-    norm_text = jnp.linalg.norm(v_text, axis=-1, keepdims=True)
+    norm_v, norm_text = _norm(v), _norm(v_text)
     v_text = v_text * jnp.clip(norm_v / (norm_text + 1e-8), renorm_min, 1.0)
   else:
     v_text = v
   if image_scale != 1.0:
     return v_no_image + image_scale * (v_text - v_no_image)
   return v_text
+
+
+def _norm(x: jax.Array) -> jax.Array:
+  """Per-token L2 norm whose gradient stays finite at zero (a fresh velocity head outputs 0)."""
+  return jnp.sqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-30))
 
 
 class Rollout(NamedTuple):

@@ -73,6 +73,8 @@ def test_no_checkpoint_returns_none(tmp_path):
 
 
 def test_non_finite_loss_names_step_and_losses():
-  checkpoint.check_finite(3, {"loss": 1.0, "grad_norm": float("nan")})
+  checkpoint.check_finite(3, {"loss": 1.0, "reward_mean": float("nan")})
+  with pytest.raises(checkpoint.NonFiniteLoss, match="grad_norm"):
+    checkpoint.check_finite(3, {"loss": 1.0, "grad_norm": float("nan")})
   with pytest.raises(checkpoint.NonFiniteLoss, match=r"step 7.*'loss': nan"):
     checkpoint.check_finite(7, {"loss": float("nan"), "mse_loss": 1.0})

@@ -95,6 +95,9 @@ def test_cfg_text_channel_renorm():
   guided = sampling.cfg_velocity(v, v_nt, None, 4.0, 1.0)
   assert bool(jnp.all(jnp.linalg.norm(guided, axis=-1) <= jnp.linalg.norm(v, axis=-1) + 1e-5))
   np.testing.assert_array_equal(sampling.cfg_velocity(v, None, None, 1.0, 1.0), v)
+  # A zero velocity (a fresh head) keeps gradients finite through the renorm.
+  grad = jax.grad(lambda x: sampling.cfg_velocity(x, x, x, 4.0, 2.0).sum())(jnp.zeros((2, 3)))
+  assert bool(jnp.all(jnp.isfinite(grad)))
 
 
 def test_sample_token():

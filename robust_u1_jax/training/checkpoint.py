@@ -137,7 +137,8 @@ class NonFiniteLoss(FloatingPointError):
 
 
 def check_finite(step: int, metrics: dict[str, Any], keys: Callable[[str], bool] | None = None):
-  keys = keys or (lambda k: "loss" in k)
+  # A NaN gradient poisons the parameters before any loss shows it.
+  keys = keys or (lambda k: "loss" in k or k == "grad_norm")
   bad = {k: float(v) for k, v in metrics.items() if keys(k) and not np.isfinite(float(v))}
   if bad:
     shown = {k: float(v) for k, v in metrics.items() if keys(k)}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -136,10 +136,23 @@ def window_start(key: jax.Array, s: RLSettings) -> jax.Array:
   return jax.random.randint(key, (), 0, high + 1)
 
 
+class RLFunctions(NamedTuple):
+  rollout: Callable  # (state, inputs, key) -> (Rollout, recovered images, clean images)
+  policy_terms: Callable  # (params, frozen, inputs, Rollout) -> window SDEStep under `params`
+  step: Callable  # (state, inputs) -> (state, metrics)
+
+
 def make_step(graphdef: nnx.GraphDef, tx, s: RLSettings,
               reward_fn: Callable[[jax.Array, jax.Array, Any], Mapping[str, jax.Array]]):
   """step(state, RecoveryInputs) -> (state, metrics). `reward_fn(recovered, clean, aux)` reads the
   frozen reward models from `state.aux`."""
+  return make_functions(graphdef, tx, s, reward_fn).step
+
+
+def make_functions(graphdef: nnx.GraphDef, tx, s: RLSettings,
+                   reward_fn: Callable[[jax.Array, jax.Array, Any], Mapping[str, jax.Array]]
+                   ) -> RLFunctions:
+  """The step and the two halves it is made of (for tests and analysis)."""
   schedule = sampling.timesteps(s.num_steps, s.timestep_shift)
   g = s.group_size
 
@@ -203,7 +216,7 @@ def make_step(graphdef: nnx.GraphDef, tx, s: RLSettings,
       metrics[f"reward_{name}_std"] = value.std()
     return state, metrics
 
-  return step
+  return RLFunctions(rollout, policy_terms, step)
 
 
 def reward_fn_from_config(rl_config, clip_graphdef: nnx.GraphDef | None):
