@@ -39,7 +39,7 @@ def peak_flops(device: jax.Device | None = None) -> float | None:
 
 
 def compiled_flops(compiled) -> float | None:
-  """FLOPs of one call of a compiled jit function (whole program, all devices), if XLA says."""
+  """FLOPs of one call of a lowered or compiled jit function (whole program), if XLA says."""
   try:
     analysis = compiled.cost_analysis()
   except Exception:  # Not every backend implements cost analysis.

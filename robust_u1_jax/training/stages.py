@@ -1,8 +1,8 @@
 """Stage name -> the builder `trainer.train` runs."""
 
-from robust_u1_jax.training import rl, sft
+from robust_u1_jax.training import reasoning, rl, sft
 
-BUILDERS = {"sft": sft.build, "rl": rl.build}
+BUILDERS = {"sft": sft.build, "rl": rl.build, "reason": reasoning.build}
 
 
 def builder(stage: str):

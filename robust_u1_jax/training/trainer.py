@@ -126,6 +126,11 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       start, state, _ = restored
       logging.info("resumed %s from step %d", workdir, start)
       print(f"resuming from step {start} in {workdir}", flush=True)
+    if start >= config.total_steps:
+      print(f"{workdir} already holds the final step {start}; nothing to train", flush=True)
+      ckpt.close()
+      data.close()
+      return []
     ckpt.install_signal_handlers()
 
     def device_inputs(step: int):
@@ -134,14 +139,16 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       return _to_global(host, mesh)
 
     inputs = device_inputs(start)
-    compiled = step_fn.lower(state, inputs).compile()
+    # FLOPs from the lowered program (no second compile; the jit cache compiles on first call).
+    step_flops = metrics_log.compiled_flops(step_fn.lower(state, inputs))
     log = metrics_log.MetricsLogger(
         workdir, total_steps=config.total_steps, every=config.log_every, start_step=start,
-        tensorboard=config.tensorboard, step_flops=metrics_log.compiled_flops(compiled))
+        tensorboard=config.tensorboard, step_flops=step_flops)
     meta = {"stage": config.stage, "config": config.to_json_best_effort()}
     try:
       for step in range(start + 1, config.total_steps + 1):
-        state, metrics = compiled(state, inputs)
+        # Stages whose rows vary in length (bucketed) compile once per bucket.
+        state, metrics = step_fn(state, inputs)
         row = log.log_step(step, metrics, samples=spec.samples_per_step)
         if row is not None:
           checkpoint_lib.check_finite(step, row)
