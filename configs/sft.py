@@ -18,6 +18,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.text_dropout = 0.1
   c.vit_dropout = 0.3
   c.vae_dropout = 0.3
+  c.eval_num_steps = 20  # sampler steps of the recoveries shown at evaluation steps
   if variant == "tiny":
     c.model = "tiny"
     c.total_steps = 300

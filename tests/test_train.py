@@ -17,8 +17,7 @@ from robust_u1_jax.training import sft, trainer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SFT = os.path.join(ROOT, "configs", "sft.py") + ":tiny"
 SMALL = {"data.batch_size": 8, "log_every": 1, "checkpoint_every": 2, "mesh.data": -1,
-         "mesh.fsdp": 1,
-         "tensorboard": False}
+         "mesh.fsdp": 1, "tensorboard": False, "eval_every": 1000}
 
 
 def _config(steps, **extra):
@@ -27,7 +26,7 @@ def _config(steps, **extra):
 
 def _history(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return {row["step"]: row for row in map(json.loads, f)}
+    return {row["step"]: row for row in map(json.loads, f) if not row.get("eval")}
 
 
 def _train_command(workdir, steps):
@@ -71,6 +70,17 @@ def test_sft_lowers_its_loss(tmp_path):
                                          "checkpoint_every": 40}), str(tmp_path), sft.build)
   first, last = history[0]["loss"], history[-1]["loss"]
   assert last < 0.9 * first, (first, last)
+
+
+def test_evaluation_writes_the_recovery_grid(tmp_path):
+  trainer.train(_config(2, **{"eval_every": 2, "eval_num_steps": 3}), str(tmp_path), sft.build)
+  with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
+    evals = [row for row in map(json.loads, f) if row.get("eval")]
+  assert len(evals) == 1 and 0.0 <= evals[0]["eval_ssim"] <= 1.0
+  from PIL import Image
+  grid = Image.open(os.path.join(tmp_path, "images", "step_0000002.png"))
+  # Four validation images, three columns (corrupted | recovered | clean) of 64 px plus padding.
+  assert grid.size == (3 * 66 + 2, 4 * 66 + 2)
 
 
 def test_non_finite_loss_stops_and_keeps_the_good_checkpoint(tmp_path):

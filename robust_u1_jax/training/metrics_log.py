@@ -105,6 +105,19 @@ class MetricsLogger:
       self.bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if "loss" in k})
     return row
 
+  def log_eval(self, step: int, metrics: Mapping[str, float], grid_hwc: np.ndarray, path: str):
+    """Evaluation scalars (TensorBoard, metrics.jsonl, a summary line) and its image grid."""
+    if not self.is_writer:
+      return
+    for k, v in metrics.items():
+      if self.writer:
+        self.writer.add_scalar(k, v, step)
+    self.jsonl.write(json.dumps({"step": step, "eval": True, **metrics}) + "\n")
+    self.jsonl.flush()
+    shown = "  ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+    self.bar.write(f"eval at step {step}: {shown}  grid: {path}")
+    self.log_images(step, "recovery (corrupted | recovered | clean)", grid_hwc, path)
+
   def log_images(self, step: int, name: str, grid_hwc: np.ndarray, path: str | None = None):
     """Writes an image grid (uint8 or [0, 1] float) to TensorBoard and optionally a PNG."""
     if not self.is_writer:

@@ -252,7 +252,7 @@ def load_clip_tower(rl_config):
 
 def build(ctx):
   """The Flow-GRPO stage for `trainer.train`."""
-  from robust_u1_jax.training import trainer
+  from robust_u1_jax.training import evaluation, trainer
 
   c = ctx.config
   settings = RLSettings.from_config(c.rl, c.optimizer.ema_decay)
@@ -271,4 +271,5 @@ def build(ctx):
       trainable=sft.GENERATION_PARAMS, host_inputs=host_inputs,
       make_step=lambda graphdef, tx: make_step(graphdef, tx, settings, reward_fn),
       samples_per_step=c.data.batch_size * settings.group_size, aux=aux,
-      reference=settings.beta > 0)
+      reference=settings.beta > 0,
+      evaluate=evaluation.make_recovery_eval(ctx, c.rl.eval_num_steps))

@@ -107,8 +107,11 @@ def build(ctx):
   def host_inputs(batch, rng):
     return sft_rows(batch, model_config, ctx.markers, rng, dropout)
 
+  from robust_u1_jax.training import evaluation
+
   return trainer.StageSpec(
       trainable=GENERATION_PARAMS, host_inputs=host_inputs,
       make_step=lambda graphdef, tx: make_step(graphdef, tx, timestep_shift=c.timestep_shift,
                                                ema_decay=c.optimizer.ema_decay),
-      samples_per_step=c.data.batch_size)
+      samples_per_step=c.data.batch_size,
+      evaluate=evaluation.make_recovery_eval(ctx, c.eval_num_steps))

@@ -40,6 +40,8 @@ class StageSpec:
   samples_per_step: int
   aux: dict[str, Any] = dataclasses.field(default_factory=dict)
   reference: bool = False  # keep a frozen copy of the initial trainable params in aux
+  # (graphdef, state) -> (image columns for a grid, scalar metrics); run every eval_every steps.
+  evaluate: Callable | None = None
 
 
 @dataclasses.dataclass
@@ -152,6 +154,10 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         row = log.log_step(step, metrics, samples=spec.samples_per_step)
         if row is not None:
           checkpoint_lib.check_finite(step, row)
+        if spec.evaluate is not None and step % config.eval_every == 0:
+          columns, eval_metrics = spec.evaluate(graphdef, state)
+          log.log_eval(step, eval_metrics, metrics_log.image_grid(columns),
+                       os.path.join(workdir, "images", f"step_{step:07d}.png"))
         if step % config.checkpoint_every == 0 or ckpt.stop_requested or \
             step == config.total_steps:
           checkpoint_lib.check_finite(step, jax.device_get(metrics))
