@@ -28,10 +28,7 @@ def make_recovery_eval(ctx, num_steps: int) -> Callable:
       corrupted, take(batch.get("corrupted_vit", batch["corrupted"])), clean,
       sft.instruction_ids({k: take(batch[k]) for k in ("instruction_ids", "instruction_lengths")}),
       ctx.model.config, ctx.markers))
-  settings = rl.RLSettings(
-      group_size=1, num_steps=num_steps, window_size=0, noise_level=0.0, timestep_shift=3.0,
-      cfg_text_scale=4.0, cfg_img_scale=2.0, cfg_renorm_min=0.0, clip_low=0.0, clip_high=0.0,
-      adv_clip=0.0, beta=0.0)
+  settings = rl.RLSettings.inference(num_steps)
   recover_fns = {}
 
   def evaluate(graphdef, state):

@@ -142,10 +142,7 @@ def build(ctx):
     raise ValueError(f"reason.recovered_images={c.reason.recovered_images!r}: only 'on_the_fly' "
                      "is implemented so far")
   instruction = tokenizer_lib.encode_text_block(ctx.tokenizer, c.instruction)
-  settings = rl.RLSettings(
-      group_size=1, num_steps=c.reason.recovery_steps, window_size=0, noise_level=0.0,
-      timestep_shift=3.0, cfg_text_scale=4.0, cfg_img_scale=2.0, cfg_renorm_min=0.0,
-      clip_low=0.0, clip_high=0.0, adv_clip=0.0, beta=0.0)
+  settings = rl.RLSettings.inference(c.reason.recovery_steps)
   model_config = ctx.model.config
   vit_hw = None
 

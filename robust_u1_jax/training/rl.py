@@ -44,6 +44,13 @@ class RLSettings:
   ema_decay: float = 0.0
 
   @classmethod
+  def inference(cls, num_steps: int) -> RLSettings:
+    """Deterministic recovery with the paper's inference guidance (shift 3, s_t 4, s_i 2)."""
+    return cls(group_size=1, num_steps=num_steps, window_size=0, noise_level=0.0,
+               timestep_shift=3.0, cfg_text_scale=4.0, cfg_img_scale=2.0, cfg_renorm_min=0.0,
+               clip_low=0.0, clip_high=0.0, adv_clip=0.0, beta=0.0)
+
+  @classmethod
   def from_config(cls, rl, ema_decay: float = 0.0) -> RLSettings:
     return cls(rl.group_size, rl.num_steps, rl.window_size, rl.noise_level, rl.timestep_shift,
                rl.cfg_text_scale, rl.cfg_img_scale, rl.cfg_renorm_min, rl.clip_low, rl.clip_high,
