@@ -78,22 +78,23 @@ def data_shard(mesh: Mesh, process_index: int | None = None,
   return mine[0] // per, num_slices // per
 
 
-def global_batch(local_batch: Mapping[str, Any], mesh: Mesh,
-                 batch_axes: Sequence[str] = BATCH_AXES) -> dict[str, jax.Array]:
-  """Per-process numpy batch -> global jax.Arrays, batch axis sharded over `batch_axes`.
+def global_batch(local_batch: Any, mesh: Mesh, batch_axes: Sequence[str] = BATCH_AXES) -> Any:
+  """Per-process numpy batch (any pytree: dicts, model-input dataclasses) -> the same tree of
+  global jax.Arrays, batch axis sharded over `batch_axes`.
 
   Every leaf must be an array with a leading batch axis of the same size; the global batch is
   (that size) x (number of distinct data shards). Non-array leaves (Python lists of ids or
   strings) stay on the host and are refused here with their key, so they never reach a jit.
   """
   sharding = batch_sharding(mesh, batch_axes)
-  local_rows = None
   _, shard_count = data_shard(mesh, batch_axes=batch_axes)
-  out = {}
-  for key, value in local_batch.items():
-    if isinstance(value, Mapping):
-      out[key] = global_batch(value, mesh, batch_axes)
-      continue
+  # Lists are host data (ids, strings), refused whole rather than flattened element-wise.
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(
+      local_batch, is_leaf=lambda x: isinstance(x, list))
+  local_rows = None
+  out = []
+  for path, value in leaves:
+    key = jax.tree_util.keystr(path, simple=True, separator=".")
     if not _is_device_array(value):
       kind = (f"an array of {value.dtype}" if isinstance(value, np.ndarray)
               else f"a {type(value).__name__}")
@@ -110,8 +111,8 @@ def global_batch(local_batch: Mapping[str, Any], mesh: Mesh,
           f"batch field {key!r}: a global batch of {global_shape[0]} rows does not split over "
           f"mesh axes {tuple(batch_axes)} of sizes {[mesh.shape[a] for a in batch_axes]}; use a "
           "data.batch_size that is a multiple of their product")
-    out[key] = jax.make_array_from_process_local_data(sharding, np.asarray(value), global_shape)
-  return out
+    out.append(jax.make_array_from_process_local_data(sharding, np.asarray(value), global_shape))
+  return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def host_fields(batch: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -84,15 +84,6 @@ def init_model(config: ml_collections.ConfigDict, mesh, tokenizer) -> bagel_lib.
                                   remat=config.remat, progress=True)
 
 
-def _to_global(tree: Any, mesh) -> Any:
-  """Per-process numpy pytree -> global jax.Arrays sharded over the batch axes."""
-  sharding_ = multihost.batch_sharding(mesh)
-  _, shards = multihost.data_shard(mesh)
-  return jax.tree.map(
-      lambda v: jax.make_array_from_process_local_data(
-          sharding_, np.asarray(v), (v.shape[0] * shards,) + tuple(v.shape[1:])), tree)
-
-
 def train(config: ml_collections.ConfigDict, workdir: str,
           build_stage: Callable[[RunContext], StageSpec]) -> list[dict[str, float]]:
   """Runs (or resumes) a stage in `workdir`; returns the logged metric rows of this process."""
@@ -138,7 +129,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     def device_inputs(step: int):
       batch = next(data)
       host = spec.host_inputs(batch, np.random.default_rng([config.seed, step]))
-      return _to_global(host, mesh)
+      return multihost.global_batch(host, mesh)
 
     inputs = device_inputs(start)
     # FLOPs from the lowered program (no second compile; the jit cache compiles on first call).
