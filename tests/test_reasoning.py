@@ -10,6 +10,7 @@ from flax import nnx
 
 from robust_u1_jax import config_lib
 from robust_u1_jax.data import pipeline as pipeline_lib
+from robust_u1_jax.data import transforms
 from robust_u1_jax.data import tokenizer as tokenizer_lib
 from robust_u1_jax.models import bagel, sequence
 from robust_u1_jax.training import reasoning, rl, trainer
@@ -55,8 +56,10 @@ def test_step_overfits_one_batch():
   tx = state_lib.make_optimizer(config.optimizer, 100)
   state = state_lib.create_state(params, frozen, tx, jax.random.PRNGKey(0), False)
   settings = rl.RLSettings(1, 3, 0, 0.0, 3.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0)
-  step = jax.jit(reasoning.make_step(graphdef, tx, settings, batch["corrupted_vit"].shape[1:3],
-                                     0.0))
+  vit_rule = transforms.resize_rule(config.data, "vit")
+  assert transforms.bagel_size(*batch["corrupted"].shape[1:3], **vit_rule) == \
+      batch["corrupted_vit"].shape[1:3]
+  step = jax.jit(reasoning.make_step(graphdef, tx, settings, vit_rule, 0.0))
   inputs = jax.tree.map(jnp.asarray, reasoning.reasoning_rows(batch, cfg, markers, instruction))
   losses = []
   for _ in range(12):

@@ -46,14 +46,6 @@ def conv_as_linear(patch: int, channels: int = 3) -> Transform:
   return Transform(f"conv_as_linear{patch}", to_flax, to_torch)
 
 
-def reshape_linear(flax_shape_fn: Callable[[tuple[int, ...]], tuple[int, ...]]) -> Transform:
-  """Linear (out, in) -> transposed then reshaped, e.g. (in, heads, head_dim) attention kernels."""
-  return Transform(
-      "reshape_linear",
-      lambda x: x.T.reshape(flax_shape_fn(x.T.shape)),
-      lambda k: k.reshape(k.shape[0], -1).T if k.ndim > 2 else k.T)
-
-
 @dataclasses.dataclass(frozen=True)
 class Rule:
   torch: str

@@ -3,6 +3,7 @@ sampler and report their SSIM, plus a corrupted | recovered | clean grid to look
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -29,18 +30,16 @@ def make_recovery_eval(ctx, num_steps: int) -> Callable:
       sft.instruction_ids({k: take(batch[k]) for k in ("instruction_ids", "instruction_lengths")}),
       ctx.model.config, ctx.markers))
   settings = rl.RLSettings.inference(num_steps)
-  recover_fns = {}
+
+  @functools.partial(jax.jit, static_argnums=0)  # graph definitions hash: one compile per model
+  def recover_and_score(graphdef, params, frozen):
+    model = nnx.merge(graphdef, params, frozen)
+    recovered = reasoning.recover(model, inputs, settings, jax.random.PRNGKey(c.seed))
+    return recovered, rewards.ssim(recovered, inputs.clean.astype(jnp.float32) / 255.0)
 
   def evaluate(graphdef, state):
-    if "fn" not in recover_fns:
-      @jax.jit
-      def fn(params, frozen):
-        model = nnx.merge(graphdef, params, frozen)
-        recovered = reasoning.recover(model, inputs, settings, jax.random.PRNGKey(c.seed))
-        return recovered, rewards.ssim(recovered, inputs.clean.astype(jnp.float32) / 255.0)
-      recover_fns["fn"] = fn
     params = state.ema if state.ema is not None else state.params
-    recovered, ssim = jax.device_get(recover_fns["fn"](params, state.frozen))
+    recovered, ssim = jax.device_get(recover_and_score(graphdef, params, state.frozen))
     columns = [corrupted, np.asarray(recovered), clean]
     return columns, {"eval_ssim": float(np.mean(ssim))}
 

@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from robust_u1_jax import sampling
+from robust_u1_jax.data import transforms
 from robust_u1_jax.models import sequence
 from robust_u1_jax.models import vit as vit_lib
 from robust_u1_jax.models.bagel import BagelConfig
@@ -110,15 +111,20 @@ def answer_loss(model, inputs, labels, corrupted, recovered) -> tuple[jax.Array,
   return loss, {"ce_loss": loss, "token_accuracy": accuracy}
 
 
-def make_step(graphdef: nnx.GraphDef, tx, settings: rl.RLSettings, vit_hw: tuple[int, int],
-              ema_decay: float):
-  """step(state, (inputs, labels, recovery)) -> (state, metrics)."""
+def make_step(graphdef: nnx.GraphDef, tx, settings: rl.RLSettings,
+              vit_rule: Mapping[str, int], ema_decay: float):
+  """step(state, (inputs, labels, recovery)) -> (state, metrics).
+
+  `vit_rule` is the data config's ViT resize rule: the recovered image goes to the ViT at the size
+  the pipeline gave the corrupted one, derived from the (static) VAE image size.
+  """
 
   def step(state: TrainState, batch) -> tuple[TrainState, dict[str, Any]]:
     inputs, labels, recovery = batch
     rng, key = jax.random.split(state.rng)
     model = nnx.merge(graphdef, state.params, state.frozen)
     recovered = recover(model, recovery, settings, key)
+    vit_hw = transforms.bagel_size(*recovered.shape[1:3], **vit_rule)
     inputs = with_recovered_patches(inputs, recovered, vit_hw, model.config.vit.patch_size)
 
     def loss_fn(params):
@@ -144,18 +150,14 @@ def build(ctx):
   instruction = tokenizer_lib.encode_text_block(ctx.tokenizer, c.instruction)
   settings = rl.RLSettings.inference(c.reason.recovery_steps)
   model_config = ctx.model.config
-  vit_hw = None
+  vit_rule = transforms.resize_rule(c.data, "vit")
 
   def host_inputs(batch, rng):
-    nonlocal vit_hw
     del rng
-    vit_hw = tuple(batch.get("corrupted_vit", batch["corrupted"]).shape[1:3])
     return reasoning_rows(batch, model_config, ctx.markers, instruction)
 
-  def make(graphdef, tx):
-    def step(state, batch):
-      return make_step(graphdef, tx, settings, vit_hw, c.optimizer.ema_decay)(state, batch)
-    return step
-
-  return trainer.StageSpec(trainable=UNDERSTANDING_PARAMS, host_inputs=host_inputs,
-                           make_step=make, samples_per_step=c.data.batch_size)
+  return trainer.StageSpec(
+      trainable=UNDERSTANDING_PARAMS, host_inputs=host_inputs,
+      make_step=lambda graphdef, tx: make_step(graphdef, tx, settings, vit_rule,
+                                               c.optimizer.ema_decay),
+      samples_per_step=c.data.batch_size)
