@@ -46,6 +46,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.data.token_budget = 16_384
     c.data.worker_count = 8
     r.recovered_images = "cache"
+    r.recovery_steps = 50  # the paper's inference setting
   else:
     raise ValueError(
         f"configs/reason.py: unknown variant {variant!r}; choose one of: tiny, bagel_7b")

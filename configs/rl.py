@@ -31,7 +31,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   rl.clip_alpha = 5.0
   rl.clip_checkpoint = ""  # CLIP ViT-B/32 weights (open_clip or transformers naming)
   rl.clip_model = "vit_b32"  # vit_b32 | tiny: the shapes of the checkpoint's model
-  rl.lora_rank = 0  # 0: train the generation expert fully
+  # Full or LoRA training of the generation expert: config.lora (rank 0: full).
   c.optimizer.learning_rate = 1e-5
   c.optimizer.warmup_steps = 0
   c.optimizer.ema_decay = 0.0
@@ -62,6 +62,9 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.data.source = "jsonl"
     c.data.path = ""  # Robust-R1 pairs {"prompt", "image", "target_image"}
     c.data.corruption = "none"  # the pairs are already degraded
+    # Rollouts batch images of one size: centred squares at 512 x 512 (ViT: 518 x 518).
+    c.data.crop_square = True
+    c.data.vae_min_side = c.data.vae_max_side = 512
     c.data.batch_size = 32
     c.data.worker_count = 8
   else:

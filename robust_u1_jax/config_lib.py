@@ -5,6 +5,8 @@ differs. Every field has a typed default so `--config.x=y` overrides are type-ch
 names are refused by the locked ConfigDict.
 """
 
+import re
+
 import ml_collections
 
 
@@ -24,6 +26,9 @@ def get_data_config() -> ml_collections.ConfigDict:
   d.vit_max_side = 980
   d.vit_min_side = 224
   d.vit_patch = 14
+  # Center-crop every image to a square before resizing; with vae_min_side = vae_max_side all
+  # images get one size (the RL stage's rollouts batch images of one size).
+  d.crop_square = False
   # Corruption applied on the fly: robust_r1_pipeline | imagenet_c | any single corruption name | none.
   d.corruption = "robust_r1_pipeline"
   d.severity = 3  # ImageNet-C severity 1..5 (0: draw uniformly per record)
@@ -31,6 +36,9 @@ def get_data_config() -> ml_collections.ConfigDict:
   d.tokenizer_dir = ""  # empty: the built-in world's tokenizer
   d.batch_size = 8  # global batch: samples, or packed rows when token_budget > 0
   d.token_budget = 0  # packing budget in tokens per row (0: no packing)
+  # Width texts are padded to in unpacked batches (0: a power-of-two bucket per batch). Multi-host
+  # unpacked runs need it: every host must build rows of one length.
+  d.text_pad_to = 0
   d.shuffle = True
   d.num_epochs = 0  # 0: repeat forever
   d.worker_count = 0  # Grain worker processes (0: in the main process)
@@ -62,6 +70,21 @@ def get_optimizer_config() -> ml_collections.ConfigDict:
   return o
 
 
+# The generation expert's attention and MLP kernels (stage I/II LoRA targets).
+LORA_TARGETS = (r"^language_model\.layers\.\d+\.gen\."
+                r"(q_proj|k_proj|v_proj|o_proj|mlp\.(gate_proj|up_proj|down_proj))\.kernel$")
+
+
+def get_lora_config() -> ml_collections.ConfigDict:
+  """LoRA on the stage's trainable kernels (training/lora.py); rank 0 trains them fully."""
+  lo = ml_collections.ConfigDict()
+  lo.rank = 0  # 0: no LoRA
+  lo.alpha = 16.0  # the update is (alpha / rank) * A @ B
+  # Regex on dotted parameter paths; kernels among the stage's trainable parameters only.
+  lo.targets = LORA_TARGETS
+  return lo
+
+
 def get_base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stage = ""
@@ -78,6 +101,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.eval_data.shuffle = False
   c.mesh = get_mesh_config()
   c.optimizer = get_optimizer_config()
+  c.lora = get_lora_config()
   c.checkpoint_every = 500
   c.keep_checkpoints = 3
   c.log_every = 10
@@ -137,10 +161,25 @@ def validate_data(d: ml_collections.ConfigDict, prefix: str = "data") -> None:
   _check(d.corruption in names, f"{prefix}.corruption", d.corruption, ", ".join(names))
   _check(d.batch_size > 0, f"{prefix}.batch_size", d.batch_size, "a positive integer")
   _check(d.token_budget >= 0, f"{prefix}.token_budget", d.token_budget, "0 (no packing) or > 0")
+  _check(d.text_pad_to >= 0, f"{prefix}.text_pad_to", d.text_pad_to,
+         "0 (bucket per batch) or a token count")
   _check(d.num_epochs >= 0, f"{prefix}.num_epochs", d.num_epochs, "0 (forever) or > 0")
   _check(d.worker_count >= 0, f"{prefix}.worker_count", d.worker_count, "an integer >= 0")
   _check(0.0 <= d.max_skip_ratio < 1.0, f"{prefix}.max_skip_ratio", d.max_skip_ratio,
          "a fraction in [0, 1)")
+
+
+def validate_lora(lo: ml_collections.ConfigDict) -> None:
+  _check(lo.rank >= 0, "lora.rank", lo.rank, "0 (no LoRA) or a positive integer")
+  if lo.rank == 0:
+    return
+  _check(lo.alpha > 0, "lora.alpha", lo.alpha, "a positive number (the scale is alpha / rank)")
+  try:
+    re.compile(lo.targets)
+    ok = bool(lo.targets)
+  except re.error:
+    ok = False
+  _check(ok, "lora.targets", lo.targets, "a non-empty regular expression on parameter paths")
 
 
 def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -162,6 +201,8 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check(o.grad_clip >= 0, "optimizer.grad_clip", o.grad_clip, ">= 0 (0 disables clipping)")
   _check(0 <= o.ema_decay < 1, "optimizer.ema_decay", o.ema_decay, "in [0, 1) (0 disables EMA)")
   _check(o.grad_accum_steps >= 1, "optimizer.grad_accum_steps", o.grad_accum_steps, ">= 1")
+  if "lora" in c:
+    validate_lora(c.lora)
   _check(c.param_dtype in DTYPES, "param_dtype", c.param_dtype, ", ".join(DTYPES))
   _check(c.compute_dtype in DTYPES, "compute_dtype", c.compute_dtype, ", ".join(DTYPES))
   _check(c.remat in REMAT, "remat", c.remat, ", ".join(REMAT))
@@ -171,8 +212,16 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check(c.total_steps > 0, "total_steps", c.total_steps, "a positive integer")
   for field in ("checkpoint_every", "keep_checkpoints", "log_every", "eval_every"):
     _check(c[field] > 0, field, c[field], "a positive integer")
+  if "reason" in c:
+    _check(c.reason.recovered_images in ("on_the_fly", "cache"), "reason.recovered_images",
+           c.reason.recovered_images, "on_the_fly, cache")
+    _check(c.reason.recovered_images == "cache" or c.data.token_budget == 0, "data.token_budget",
+           c.data.token_budget, "0 with reason.recovered_images=on_the_fly (the step recovers "
+           "unpacked batches of one image size; precompute recoveries to pack)")
   if "rl" in c:
     rl = c.rl
+    _check(c.data.token_budget == 0, "data.token_budget", c.data.token_budget,
+           "0 for the RL stage (rollouts take one corrupted image per row)")
     _check(rl.group_size >= 2, "rl.group_size", rl.group_size,
            "an integer >= 2 (advantages are normalised within a group)")
     _check(rl.num_steps >= 2, "rl.num_steps", rl.num_steps, "an integer >= 2")

@@ -16,3 +16,83 @@ import tempfile  # noqa: E402
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), "robust_u1_jax_jit_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+
+
+# -- shared helpers: a tiny random BAGEL and comparisons of its parameters -------------------------
+# Test modules get these through the fixtures below, never by importing one another.
+
+# jax is imported inside the helpers, so that importing conftest never initialises a backend.
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+def _random_bagel(config, seed: int = 0):
+  """A Bagel with every parameter random (norm scales near 1, llm2vae nonzero), built without
+  running the initialisers (numpy draws are much faster than compiling them on CPU)."""
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from robust_u1_jax.checkpoints import loader
+  from robust_u1_jax.models import bagel
+
+  model = nnx.eval_shape(lambda: bagel.Bagel(config, rngs=nnx.Rngs(0)))
+  rng = np.random.default_rng(seed)
+  for path, variable in loader.param_variables(model).items():
+    shape, dtype = variable.shape, variable.dtype
+    if path.endswith("scale"):
+      x = 1.0 + 0.1 * rng.standard_normal(shape)
+    elif len(shape) == 1 or path.endswith("embedding"):
+      x = (0.1 if len(shape) == 1 else 1.0) * rng.standard_normal(shape)
+    else:
+      x = rng.standard_normal(shape) / np.sqrt(np.prod(shape[:-1]))
+    variable.set_value(jnp.asarray(x.astype(np.float32), dtype))
+  return model
+
+
+def _bagel_params(model) -> dict[str, np.ndarray]:
+  """{state path: host array} of every parameter."""
+  import jax
+
+  from robust_u1_jax.checkpoints import loader
+
+  return {p: np.asarray(jax.device_get(v.get_value()))
+          for p, v in loader.param_variables(model).items()}
+
+
+def _assert_same_params(a, b):
+  pa, pb = _bagel_params(a), _bagel_params(b)
+  assert pa.keys() == pb.keys()
+  for k in pa:
+    assert pa[k].dtype == pb[k].dtype, k
+    np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
+
+
+def _read_tensors(path: str) -> dict[str, np.ndarray]:
+  from robust_u1_jax.checkpoints import tensor_files
+
+  files = tensor_files.open_tensor_files(path)
+  return {k: files.load(k) for k in files.keys()}
+
+
+@pytest.fixture(scope="session")
+def random_bagel():
+  """random_bagel(config, seed=0) -> a Bagel with random parameters (see `_random_bagel`)."""
+  return _random_bagel
+
+
+@pytest.fixture(scope="session")
+def bagel_params():
+  """bagel_params(model) -> {state path: numpy array} of every parameter."""
+  return _bagel_params
+
+
+@pytest.fixture(scope="session")
+def assert_same_params():
+  """assert_same_params(a, b): same parameter paths, dtypes and bits."""
+  return _assert_same_params
+
+
+@pytest.fixture(scope="session")
+def read_tensors():
+  """read_tensors(path) -> {key: numpy array} of a tensor file."""
+  return _read_tensors

@@ -10,7 +10,6 @@ from flax import nnx
 from robust_u1_jax import sharding
 from robust_u1_jax.models import bagel
 from robust_u1_jax.models import sequence as seq
-from test_bagel_dir import random_bagel
 
 CFG = bagel.BagelConfig.tiny()  # LLM hidden 64, 4 heads / 2 KV heads: divisible by fsdp 4, tensor 2
 MK = seq.Markers(3, 4)
@@ -65,7 +64,7 @@ def batch():
 
 
 @pytest.fixture(scope="module")
-def model():
+def model(random_bagel):
   return random_bagel(CFG, seed=3)
 
 

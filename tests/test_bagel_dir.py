@@ -21,43 +21,8 @@ from robust_u1_jax.models import sequence as seq
 CFG = bagel.BagelConfig.tiny()
 
 
-def random_bagel(config: bagel.BagelConfig, seed: int = 0) -> bagel.Bagel:
-  """A Bagel with every parameter random (norm scales near 1, llm2vae nonzero), built without
-  running the initialisers (numpy draws are much faster than compiling them on CPU)."""
-  model = nnx.eval_shape(lambda: bagel.Bagel(config, rngs=nnx.Rngs(0)))
-  rng = np.random.default_rng(seed)
-  for path, variable in loader.param_variables(model).items():
-    shape, dtype = variable.shape, variable.dtype
-    if path.endswith("scale"):
-      x = 1.0 + 0.1 * rng.standard_normal(shape)
-    elif len(shape) == 1 or path.endswith("embedding"):
-      x = (0.1 if len(shape) == 1 else 1.0) * rng.standard_normal(shape)
-    else:
-      x = rng.standard_normal(shape) / np.sqrt(np.prod(shape[:-1]))
-    variable.set_value(jnp.asarray(x.astype(np.float32), dtype))
-  return model
-
-
-def params(model) -> dict[str, np.ndarray]:
-  return {p: np.asarray(jax.device_get(v.get_value()))
-          for p, v in loader.param_variables(model).items()}
-
-
-def assert_same_params(a, b):
-  pa, pb = params(a), params(b)
-  assert pa.keys() == pb.keys()
-  for k in pa:
-    assert pa[k].dtype == pb[k].dtype, k
-    np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
-
-
-def read_tensors(path: str) -> dict[str, np.ndarray]:
-  files = tensor_files.open_tensor_files(path)
-  return {k: files.load(k) for k in files.keys()}
-
-
 @pytest.fixture(scope="module")
-def source():
+def source(random_bagel):
   return random_bagel(CFG, seed=0)
 
 
@@ -76,16 +41,21 @@ def loaded(exported):
   return bagel_dir.load_model_dir(exported)
 
 
-def variant(exported, tmp_path, edit_ema=None, edit_ae=None):
-  """A copy of the exported directory with its tensor files edited."""
-  out = str(tmp_path / "variant")
-  shutil.copytree(exported, out)
-  for name, edit in (("ema.safetensors", edit_ema), ("ae.safetensors", edit_ae)):
-    if edit is not None:
-      tensors = read_tensors(os.path.join(out, name))
-      edit(tensors)
-      tensor_files.save_safetensors(tensors, os.path.join(out, name))
-  return out
+@pytest.fixture
+def variant(exported, tmp_path, read_tensors):
+  """variant(edit_ema=None, edit_ae=None): a copy of the exported directory under tmp_path, its
+  tensor files edited in place by the given functions of {key: array}."""
+  def make(edit_ema=None, edit_ae=None):
+    out = str(tmp_path / "variant")
+    shutil.copytree(exported, out)
+    for name, edit in (("ema.safetensors", edit_ema), ("ae.safetensors", edit_ae)):
+      if edit is not None:
+        tensors = read_tensors(os.path.join(out, name))
+        edit(tensors)
+        tensor_files.save_safetensors(tensors, os.path.join(out, name))
+    return out
+
+  return make
 
 
 # -- round trips -----------------------------------------------------------------------------------
@@ -106,7 +76,7 @@ def _forward(model, inputs, latents, timesteps):
   return model.velocity(hidden, inputs.latent_seq_index), model.text_logits(hidden)
 
 
-def test_export_import_gives_the_same_model(source, loaded):
+def test_export_import_gives_the_same_model(source, loaded, assert_same_params):
   assert loaded.config == CFG
   assert_same_params(source, loaded)
   inputs, nl = _rows()
@@ -120,7 +90,7 @@ def test_export_import_gives_the_same_model(source, loaded):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_import_export_is_bit_identical(source, exported, tmp_path, dtype):
+def test_import_export_is_bit_identical(source, exported, tmp_path, dtype, read_tensors):
   src = exported
   if dtype == "bfloat16":  # BAGEL releases bfloat16 files: read and written without a detour
     src = bagel_dir.save_model_dir(source, str(tmp_path / "bf16"), save_dtype="bfloat16")
@@ -137,7 +107,7 @@ def test_import_export_is_bit_identical(source, exported, tmp_path, dtype):
       assert json.load(f1) == json.load(f2), name
 
 
-def test_files_follow_bagel_layout(source, exported):
+def test_files_follow_bagel_layout(source, exported, bagel_params):
   import torch
   from safetensors.torch import load_file  # BAGEL's own reader validates our streamed files
   from transformers import Qwen2Config, SiglipVisionConfig
@@ -178,7 +148,7 @@ def test_files_follow_bagel_layout(source, exported):
   assert tuple(ae["encoder.conv_in.weight"].shape) == (CFG.vae.ch, 3, 3, 3)
   # PyTorch layout: Linear weights are (out, in).
   np.testing.assert_array_equal(ema["llm2vae.weight"].numpy(),
-                                params(source)["llm2vae.kernel"].T)
+                                bagel_params(source)["llm2vae.kernel"].T)
   np.testing.assert_array_equal(
       ema["latent_pos_embed.pos_embed"].numpy(),
       layers.sincos_2d_table(c.hidden_size, CFG.max_latent_size))
@@ -194,19 +164,19 @@ def test_files_follow_bagel_layout(source, exported):
   assert vit.hidden_act == "gelu_pytorch_tanh"
 
 
-def test_llm_subtree_equals_direct_qwen2_load(exported, loaded):
+def test_llm_subtree_equals_direct_qwen2_load(exported, loaded, bagel_params):
   qwen = nnx.eval_shape(lambda: qwen2_mot.Qwen2MoT(CFG.llm, rngs=nnx.Rngs(0)))
   llm_keys.load_llm(os.path.join(exported, "ema.safetensors"), qwen,
                     torch_prefix="language_model.")
-  direct = params(qwen)
-  sub = {p[len("language_model."):]: a for p, a in params(loaded).items()
+  direct = bagel_params(qwen)
+  sub = {p[len("language_model."):]: a for p, a in bagel_params(loaded).items()
          if p.startswith("language_model.")}
   assert direct.keys() == sub.keys()
   for k in direct:
     np.testing.assert_array_equal(direct[k], sub[k], err_msg=k)
 
 
-def test_sharded_import_places_each_parameter(source, exported):
+def test_sharded_import_places_each_parameter(source, exported, assert_same_params):
   mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
   model = bagel_dir.load_model_dir(exported, mesh=mesh)
   expected = sharding.state_shardings(nnx.state(model, nnx.Param), bagel.COMPONENTS, mesh)
@@ -226,8 +196,9 @@ def test_sharded_import_places_each_parameter(source, exported):
 # -- alternative weight files ----------------------------------------------------------------------
 
 
-def test_model_safetensors_and_sharded_index_load(source, exported, tmp_path):
-  raw = variant(exported, tmp_path)
+def test_model_safetensors_and_sharded_index_load(source, tmp_path, variant, read_tensors,
+                                                  assert_same_params):
+  raw = variant()
   os.rename(os.path.join(raw, "ema.safetensors"), os.path.join(raw, "model.safetensors"))
   assert_same_params(source, bagel_dir.load_model_dir(raw))
 
@@ -246,16 +217,17 @@ def test_model_safetensors_and_sharded_index_load(source, exported, tmp_path):
   assert_same_params(source, bagel_dir.load_model_dir(index_dir))
 
 
-def test_sincos_tables_are_optional(source, exported, tmp_path):
+def test_sincos_tables_are_optional(source, variant, assert_same_params):
   def drop(t):
     del t["latent_pos_embed.pos_embed"], t["vit_pos_embed.pos_embed"]
 
-  assert_same_params(source, bagel_dir.load_model_dir(variant(exported, tmp_path, drop)))
+  assert_same_params(source, bagel_dir.load_model_dir(variant(drop)))
 
 
-def test_plain_qwen2_llm_config_takes_mot_and_qk_norm_from_the_keys(source, exported, tmp_path):
+def test_plain_qwen2_llm_config_takes_mot_and_qk_norm_from_the_keys(source, variant,
+                                                                    assert_same_params):
   # BAGEL-7B-MoT ships Qwen2.5's config unchanged; its code sets qk_norm and layer_module.
-  out = variant(exported, tmp_path)
+  out = variant()
   file = os.path.join(out, "llm_config.json")
   with open(file) as f:
     llm = json.load(f)
@@ -267,10 +239,10 @@ def test_plain_qwen2_llm_config_takes_mot_and_qk_norm_from_the_keys(source, expo
   assert_same_params(source, model)
 
 
-def test_pickle_needs_opt_in(source, exported, tmp_path):
+def test_pickle_needs_opt_in(source, variant, read_tensors, assert_same_params):
   import torch
 
-  out = variant(exported, tmp_path)
+  out = variant()
   tensors = read_tensors(os.path.join(out, "ema.safetensors"))
   os.remove(os.path.join(out, "ema.safetensors"))
   torch.save({k: torch.from_numpy(v) for k, v in tensors.items()},
@@ -302,37 +274,37 @@ def _misshapen(t):
     (_unexpected, "language_model.model.layers.7.mlp.up_proj.weight", "unexpected"),
     (_misshapen, _KEY, "shape"),
 ])
-def test_bad_ema_tensor_names_key_and_file(exported, tmp_path, edit, key, words):
+def test_bad_ema_tensor_names_key_and_file(edit, key, words, variant):
   with pytest.raises(CheckpointError) as e:
-    bagel_dir.load_model_dir(variant(exported, tmp_path, edit_ema=edit))
+    bagel_dir.load_model_dir(variant(edit_ema=edit))
   message = str(e.value)
   assert key in message and "ema.safetensors" in message and words in message
 
 
-def test_bad_vae_tensor_names_key_and_file(exported, tmp_path):
+def test_bad_vae_tensor_names_key_and_file(variant):
   def edit(t):
     t["decoder.conv_out.weight"] = t["decoder.conv_out.weight"][:, :-1].copy()
 
   with pytest.raises(CheckpointError, match=r"ae\.safetensors.*decoder\.conv_out\.weight.*shape"):
-    bagel_dir.load_model_dir(variant(exported, tmp_path, edit_ae=edit))
+    bagel_dir.load_model_dir(variant(edit_ae=edit))
 
 
 @pytest.mark.parametrize("name", ["ae.safetensors", "llm_config.json", "ema.safetensors"])
-def test_missing_file_is_named(exported, tmp_path, name):
-  out = variant(exported, tmp_path)
+def test_missing_file_is_named(name, variant):
+  out = variant()
   os.remove(os.path.join(out, name))
   with pytest.raises(FileNotFoundError, match=name.split(".")[0]):
     bagel_dir.load_model_dir(out)
 
 
-def test_save_refuses_existing_and_leaves_nothing_on_failure(source, exported, tmp_path):
+def test_save_refuses_existing_and_leaves_nothing_on_failure(source, exported, tmp_path, variant):
   with pytest.raises(FileExistsError, match="overwrite"):
     bagel_dir.save_model_dir(source, exported)
   target = tmp_path / "fails"
   with pytest.raises(FileNotFoundError, match="tokenizer"):
     bagel_dir.save_model_dir(source, str(target), tokenizer_dir=str(tmp_path / "nowhere"))
   assert os.listdir(tmp_path) == []  # neither the target nor a temp directory is left behind
-  copy = variant(exported, tmp_path)
+  copy = variant()
   bagel_dir.save_model_dir(source, copy, overwrite=True)
   assert "tokenizer.json" not in os.listdir(copy)  # replaced as a whole, not merged
   assert sorted(os.listdir(tmp_path)) == ["variant"]
@@ -346,3 +318,31 @@ def test_config_dict_round_trip():
     d = bagel_dir.config_to_dict(config)
     d["llm"]["hidden_sise"] = 3
     bagel_dir.config_from_dict(d, source="x.json")
+
+
+def test_save_safetensors_streams_any_tensor(tmp_path):
+  """The one safetensors writer: a dict or (name, array) pairs, lazy tensors fetched and cast on
+  write, 0-d and Fortran-ordered arrays, bfloat16; what torch's reader gets back is the same."""
+  import ml_dtypes
+  from safetensors.torch import load_file
+
+  path = str(tmp_path / "t.safetensors")
+  fetched = []
+  lazy = tensor_files.LazyTensor((2, 2), np.dtype(ml_dtypes.bfloat16),
+                                 lambda: fetched.append(1) or np.full((2, 2), 1.5, np.float32))
+  tensors = [("scalar", np.array(2.5, np.float32)), ("lazy", lazy),
+             ("fortran", np.asfortranarray(np.arange(6, dtype=np.int64).reshape(2, 3)))]
+  tensor_files.save_safetensors(tensors, path)
+  assert fetched == [1]
+  back = load_file(path)
+  assert tuple(back["scalar"].shape) == () and float(back["scalar"]) == 2.5
+  assert str(back["lazy"].dtype) == "torch.bfloat16" and back["lazy"].float().eq(1.5).all()
+  np.testing.assert_array_equal(back["fortran"].numpy(), np.arange(6).reshape(2, 3))
+  tensor_files.save_safetensors({"x": np.zeros(3, np.float16)}, path)  # a dict; replaces the file
+  assert list(load_file(path)) == ["x"]
+  bad = tensor_files.LazyTensor((2,), np.dtype(np.float32), lambda: np.zeros(3))
+  with pytest.raises(CheckpointError, match="'bad' has shape"):
+    tensor_files.save_safetensors([("bad", bad)], path)
+  assert sorted(os.listdir(tmp_path)) == ["t.safetensors"]  # no temp file left behind
+  with pytest.raises(ValueError, match="dtype object"):
+    tensor_files.save_safetensors({"o": np.array([None])}, path)

@@ -12,11 +12,13 @@ from absl import app, flags
 
 from robust_u1_jax import convert, sharding
 from robust_u1_jax.checkpoints import bagel_dir, loader, orbax_io
-from test_bagel_dir import CFG, assert_same_params, random_bagel, read_tensors
+from robust_u1_jax.models import bagel
+
+CFG = bagel.BagelConfig.tiny()
 
 
 @pytest.fixture(scope="module")
-def source():
+def source(random_bagel):
   return random_bagel(CFG, seed=5)
 
 
@@ -42,7 +44,7 @@ def orbax_dir(model_dir, tmp_path_factory):
   return dst
 
 
-def test_cli_hf_orbax_hf_is_lossless(model_dir, orbax_dir, tmp_path):
+def test_cli_hf_orbax_hf_is_lossless(model_dir, orbax_dir, tmp_path, read_tensors):
   assert sorted(os.listdir(orbax_dir)) == ["bagel_config.json", "merges.txt", "params",
                                           "tokenizer.json"]
   back = str(tmp_path / "back")
@@ -61,7 +63,7 @@ def test_cli_hf_orbax_hf_is_lossless(model_dir, orbax_dir, tmp_path):
       assert f1.read() == f2.read(), name
 
 
-def test_orbax_restores_onto_a_mesh(source, orbax_dir):
+def test_orbax_restores_onto_a_mesh(source, orbax_dir, assert_same_params):
   mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
   model = orbax_io.load_orbax(orbax_dir, mesh=mesh)
   assert model.config == CFG
@@ -73,14 +75,15 @@ def test_orbax_restores_onto_a_mesh(source, orbax_dir):
              for v in loader.param_variables(bf16).values())
 
 
-def test_load_pretrained_takes_either_directory(source, model_dir, orbax_dir, tmp_path):
+def test_load_pretrained_takes_either_directory(source, model_dir, orbax_dir, tmp_path,
+                                                  assert_same_params):
   assert_same_params(source, orbax_io.load_pretrained(orbax_dir))
   assert_same_params(source, orbax_io.load_pretrained(model_dir))
   with pytest.raises(FileNotFoundError, match="neither a BAGEL model directory"):
     orbax_io.load_pretrained(str(tmp_path))
 
 
-def test_save_orbax_in_process_round_trip(source, tmp_path):
+def test_save_orbax_in_process_round_trip(source, tmp_path, assert_same_params):
   path = orbax_io.save_orbax(source, str(tmp_path / "ckpt"))
   assert_same_params(source, orbax_io.load_orbax(path))
   with pytest.raises(FileExistsError, match="overwrite"):

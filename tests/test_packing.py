@@ -41,12 +41,14 @@ def test_sample_layout_blocks_and_markers():
   n_vae = (h // VAE_STRIDE) * (w // VAE_STRIDE)
   types = out["token_types"]
   assert types.size == out["token_ids"].size == n_text + n_vit + 2 * n_vae + 6
-  np.testing.assert_array_equal(out["token_ids"][:n_text], rec["instruction_ids"])
+  text_start = n_vae + n_vit + 4
+  np.testing.assert_array_equal(out["token_ids"][text_start:text_start + n_text],
+                                rec["instruction_ids"])
   assert (types == packing.VIT).sum() == n_vit
   assert (types == packing.VAE).sum() == (types == packing.VAE_TARGET).sum() == n_vae
-  # Blocks in BAGEL order, each image framed by vision markers.
+  # Blocks in the SFT stage's order, each image framed by vision markers.
   order = [t for i, t in enumerate(types) if i == 0 or t != types[i - 1]]
-  assert order == [packing.TEXT, packing.VIT, packing.TEXT, packing.VAE, packing.TEXT,
+  assert order == [packing.TEXT, packing.VAE, packing.TEXT, packing.VIT, packing.TEXT,
                    packing.VAE_TARGET, packing.TEXT]
   assert (out["token_ids"] == VISION_START).sum() == 3 == (out["token_ids"] == VISION_END).sum()
   with pytest.raises(ValueError, match="record 0 .* needs .* tokens"):

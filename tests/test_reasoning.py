@@ -1,19 +1,23 @@
-"""Stage III on the tiny model: rows carry the answer labels, the step overfits one batch, and the
-stage runs through the trainer with recoveries generated on the fly."""
+"""Stage III on the tiny model: rows (packed or not) carry the answer labels, the step overfits one
+batch, and the stage runs through the trainer with recoveries generated on the fly or read from a
+cache that `recovery_cache.build` wrote."""
 
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
+from PIL import Image
 
 from robust_u1_jax import config_lib
+from robust_u1_jax.data import packing
 from robust_u1_jax.data import pipeline as pipeline_lib
 from robust_u1_jax.data import transforms
 from robust_u1_jax.data import tokenizer as tokenizer_lib
 from robust_u1_jax.models import bagel, sequence
-from robust_u1_jax.training import reasoning, rl, trainer
+from robust_u1_jax.training import reasoning, recovery_cache, rl, trainer
 from robust_u1_jax.training import state as state_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,7 +63,7 @@ def test_step_overfits_one_batch():
   vit_rule = transforms.resize_rule(config.data, "vit")
   assert transforms.bagel_size(*batch["corrupted"].shape[1:3], **vit_rule) == \
       batch["corrupted_vit"].shape[1:3]
-  step = jax.jit(reasoning.make_step(graphdef, tx, settings, vit_rule, 0.0))
+  step = jax.jit(reasoning.make_step(graphdef, tx, 0.0, (settings, vit_rule)))
   inputs = jax.tree.map(jnp.asarray, reasoning.reasoning_rows(batch, cfg, markers, instruction))
   losses = []
   for _ in range(12):
@@ -75,3 +79,55 @@ def test_reason_stage_runs_through_the_trainer(tmp_path):
       "tensorboard": False})
   history = trainer.train(config, str(tmp_path), reasoning.build)
   assert np.isfinite(history[-1]["ce_loss"]) and 0 <= history[-1]["token_accuracy"] <= 1
+
+
+def test_packed_rows_label_every_sample_answer():
+  config = config_lib.load(REASON, {"init_from": "random", "data.batch_size": 2,
+                                    "data.token_budget": 768,
+                                    "reason.recovered_images": "cache"})
+  tok, batch, markers, instruction = _batch(config)
+  cfg = bagel.BagelConfig.tiny(vocab_size=len(tok))
+  samples = packing.batch_samples(batch)
+  assert all(len(row) >= 2 for row in samples)
+  recovered = [[np.full_like(s["corrupted"], 7) for s in row] for row in samples]
+  inputs, labels, images = reasoning.reasoning_rows(batch, cfg, markers, instruction, recovered)
+  assert images.shape[:2] == (2, 2 * batch["corrupted"].shape[1])
+  for r, row in enumerate(samples):
+    # The packed rows use the token counts the packer budgeted.
+    assert (inputs.token_kind[r] != bagel.PAD).sum() == (batch["token_types"][r] != 0).sum()
+    expected = np.concatenate([s["answer_ids"][1:] for s in row])
+    np.testing.assert_array_equal(labels[r][labels[r] >= 0], expected)
+    where = np.nonzero(labels[r] >= 0)[0]
+    np.testing.assert_array_equal(inputs.text_ids[r][where + 1], labels[r][where])
+    np.testing.assert_array_equal(images[r, 1::2][:len(row)].max(axis=(1, 2, 3)), 7)
+
+
+def test_on_the_fly_recovery_refuses_packing():
+  with pytest.raises(config_lib.ConfigError, match="data.token_budget"):
+    config_lib.load(REASON, {"init_from": "random", "data.token_budget": 512})
+
+
+def test_precomputed_recoveries_feed_the_reasoning_stage(tmp_path):
+  cache = str(tmp_path / "cache")
+  overrides = {"init_from": "random", "total_steps": 2, "log_every": 1, "checkpoint_every": 2,
+               "data.batch_size": 8, "mesh.data": -1, "mesh.fsdp": 1, "tensorboard": False,
+               "reason.recovery_steps": 2, "reason.recovered_images": "cache",
+               "reason.recovery_cache": cache}
+  config = config_lib.load(REASON, overrides)
+  assert recovery_cache.build(config, cache, progress=False) == {"written": 16, "skipped": 0}
+  files = sorted(os.listdir(os.path.join(cache, "epoch_0000")))
+  assert len(files) == 16
+  image = np.asarray(Image.open(os.path.join(cache, "epoch_0000", files[0])))
+  assert image.shape == (64, 64, 3) and image.std() > 0
+  # Re-running resumes: nothing is recomputed.
+  assert recovery_cache.build(config, cache, progress=False) == {"written": 0, "skipped": 16}
+
+  history = trainer.train(config, str(tmp_path / "run"), reasoning.build)
+  assert len(history) == 2 and np.isfinite(history[-1]["ce_loss"])
+
+  opened = recovery_cache.RecoveryCache.open(cache, config)
+  with pytest.raises(FileNotFoundError, match="no recovery of record 99999 .epoch 0"):
+    opened.load({"index": 99999, "epoch": 0, "corrupted": image})
+  other = config_lib.load(REASON, {**overrides, "seed": 1})
+  with pytest.raises(ValueError, match="seed: cache 0, config 1"):
+    recovery_cache.RecoveryCache.open(cache, other)

@@ -33,7 +33,8 @@ def test_one_step_raises_the_log_prob_of_the_better_sample():
   state = state_lib.create_state(params, frozen, tx, jax.random.PRNGKey(0), False)
   image = shapes.ShapesWorld("train")[0]["image"][None]
   inputs = jax.tree.map(jnp.asarray, rl.recovery_inputs(
-      image // 2, image // 2, image, [[5, 6, 7]], model_config, sequence.Markers(3, 4)))
+      [{"corrupted": image[0] // 2, "clean": image[0], "instruction_ids": [5, 6, 7]}],
+      model_config, sequence.Markers(3, 4)))
 
   # Sample 0 of the group is the best; the others tie.
   best_first = lambda recovered, clean, aux: {"total": jnp.array([1.0, 0.0, 0.0, 0.0])}

@@ -33,8 +33,7 @@ import functools
 import json
 import os
 import shutil
-import struct
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -339,49 +338,6 @@ def load_model_dir(path: str, *, mesh: jax.sharding.Mesh | None = None, dtype=No
 
 # -- export ----------------------------------------------------------------------------------------
 
-_SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
-                       "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8",
-                       "uint8": "U8", "bool": "BOOL"}
-
-
-@dataclasses.dataclass(frozen=True)
-class _Entry:
-  key: str
-  shape: tuple[int, ...]
-  dtype: np.dtype
-  fetch: Callable[[], np.ndarray]
-
-
-def write_safetensors_streaming(path: str, entries: list[_Entry], *, bar=None) -> None:
-  """Writes a .safetensors file one tensor at a time (header first, from shapes alone), so a
-  model larger than host memory can be exported; temp file + rename, as `save_safetensors`."""
-  header, offset = {}, 0
-  for e in entries:
-    name = np.dtype(e.dtype).name
-    if name not in _SAFETENSORS_DTYPES:
-      raise ValueError(f"{path}: tensor {e.key!r} has dtype {name}, which safetensors cannot "
-                       f"store; allowed: {sorted(_SAFETENSORS_DTYPES)}")
-    size = int(np.prod(e.shape, dtype=np.int64)) * np.dtype(e.dtype).itemsize
-    header[e.key] = {"dtype": _SAFETENSORS_DTYPES[name], "shape": list(e.shape),
-                     "data_offsets": [offset, offset + size]}
-    offset += size
-  header["__metadata__"] = {"format": "pt"}
-  blob = json.dumps(header, separators=(",", ":")).encode()
-  blob += b" " * (-len(blob) % 8)  # the tensor data starts 8-byte aligned
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    f.write(struct.pack("<Q", len(blob)))
-    f.write(blob)
-    for e in entries:
-      array = np.ascontiguousarray(np.asarray(e.fetch()).astype(e.dtype, copy=False))
-      if tuple(array.shape) != tuple(e.shape):
-        raise kt.CheckpointError(f"{path}: tensor {e.key!r} has shape {array.shape}, the header "
-                                 f"says {e.shape}")
-      f.write(array.tobytes())
-      if bar is not None:
-        bar.update(1)
-  os.replace(tmp, path)
-
 
 def _host_value(value: jax.Array) -> np.ndarray:
   if isinstance(value, jax.Array) and not value.is_fully_addressable:
@@ -391,8 +347,11 @@ def _host_value(value: jax.Array) -> np.ndarray:
   return np.asarray(jax.device_get(value))
 
 
-def _export_entries(model: Bagel, out_dtype) -> tuple[list[_Entry], list[_Entry]]:
-  """(ema entries, ae entries): every parameter under its checkpoint key and layout."""
+_Entries = list[tuple[str, tensor_files.LazyTensor]]
+
+
+def _export_entries(model: Bagel, out_dtype) -> tuple[_Entries, _Entries]:
+  """(ema, ae): (checkpoint key, lazy tensor) of every parameter, in checkpoint layout."""
   table = kt.KeyTable(model_rules(model.config))
   ema, ae = [], []
   for path, variable in loader.param_variables(model).items():
@@ -405,12 +364,14 @@ def _export_entries(model: Bagel, out_dtype) -> tuple[list[_Entry], list[_Entry]
     shape = jax.eval_shape(transform.to_torch, jax.ShapeDtypeStruct(value.shape, value.dtype)).shape
     dtype = np.dtype(out_dtype or value.dtype)
     fetch = lambda value=value, transform=transform: transform.to_torch(_host_value(value))
-    (ae if path.startswith(VAE_PREFIX) else ema).append(_Entry(key, tuple(shape), dtype, fetch))
+    entry = (key, tensor_files.LazyTensor(tuple(shape), dtype, fetch))
+    (ae if path.startswith(VAE_PREFIX) else ema).append(entry)
   c = model.config
   table_dtype = np.dtype(out_dtype or c.llm.param_dtype)
   for key, grid in ((LATENT_POS_KEY, c.max_latent_size), (VIT_POS_KEY, c.vit.max_patches_per_side)):
-    ema.append(_Entry(key, (grid * grid, c.llm.hidden_size), table_dtype,
-                      lambda grid=grid: layers.sincos_2d_table(c.llm.hidden_size, grid)))
+    ema.append((key, tensor_files.LazyTensor(
+        (grid * grid, c.llm.hidden_size), table_dtype,
+        lambda grid=grid: layers.sincos_2d_table(c.llm.hidden_size, grid))))
   return ema, ae
 
 
@@ -494,15 +455,15 @@ def save_model_dir(model: Bagel, path: str, *, tokenizer_dir: str | None = None,
   check_destination(os.path.abspath(path), overwrite)  # on every process, before any gather
   ema, ae = _export_entries(model, save_dtype)
   if jax.process_index() != 0:
-    for e in ema + ae:
+    for _, e in ema + ae:
       e.fetch()  # the gathers are collective: take part in each
     return os.path.abspath(path)
   torch_dtype = np.dtype(save_dtype or model.config.llm.param_dtype).name
   with atomic_directory(path, overwrite=overwrite) as tmp:
     with _progress(len(ema) + len(ae), f"writing {os.path.basename(path.rstrip('/'))}",
                    progress) as bar:
-      write_safetensors_streaming(os.path.join(tmp, WEIGHT_FILES[0]), ema, bar=bar)
-      write_safetensors_streaming(os.path.join(tmp, VAE_FILE), ae, bar=bar)
+      tensor_files.save_safetensors(ema, os.path.join(tmp, WEIGHT_FILES[0]), bar=bar)
+      tensor_files.save_safetensors(ae, os.path.join(tmp, VAE_FILE), bar=bar)
     c = model.config
     _write_json(os.path.join(tmp, LLM_CONFIG), llm_config_json(c.llm, torch_dtype))
     _write_json(os.path.join(tmp, VIT_CONFIG), vit_config_json(c.vit))

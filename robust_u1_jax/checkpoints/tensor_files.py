@@ -7,11 +7,15 @@ loaded, so they are refused unless the caller opts in, and then loaded with `wei
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from collections.abc import Callable, Mapping
+import struct
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
+
+from robust_u1_jax.checkpoints.key_table import CheckpointError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
@@ -106,10 +110,70 @@ def _open_pickle(path: str) -> TensorFiles:
   return TensorFiles(loaders, {k: name for k in state})
 
 
-def save_safetensors(tensors: Mapping[str, np.ndarray], path: str) -> None:
-  """Writes tensors atomically (temp file + rename), so an interrupted export leaves no half file."""
-  from safetensors.numpy import save_file
+# numpy dtype name -> safetensors dtype tag.
+SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+                      "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2", "complex64": "C64",
+                      "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8",
+                      "uint64": "U64", "uint32": "U32", "uint16": "U16", "uint8": "U8",
+                      "bool": "BOOL"}
 
+
+@dataclasses.dataclass(frozen=True)
+class LazyTensor:
+  """A tensor known by shape and dtype, whose values `fetch()` produces only when written."""
+  shape: tuple[int, ...]
+  dtype: np.dtype
+  fetch: Callable[[], np.ndarray]
+
+
+def save_safetensors(tensors: Mapping[str, np.ndarray | LazyTensor]
+                     | Iterable[tuple[str, np.ndarray | LazyTensor]],
+                     path: str, *, bar=None) -> None:
+  """Writes a .safetensors file one tensor at a time, atomically (temp file + rename).
+
+  `tensors`: {name: array} or (name, array) pairs, in file order. A `LazyTensor` value is fetched
+  (and cast to its dtype) only when its bytes are written, after the header has been built from
+  shapes alone, so a model larger than host memory can be exported. `bar`: anything with
+  `update(1)`, called per tensor written. An interrupted write leaves no half file behind.
+  """
+  items = list(tensors.items() if isinstance(tensors, Mapping) else tensors)
+  entries = []
+  for key, value in items:
+    if not isinstance(value, LazyTensor):
+      array = np.asarray(value)
+      value = LazyTensor(array.shape, array.dtype, lambda array=array: array)
+    entries.append((key, value))
+  header, offset = {}, 0
+  for key, e in entries:
+    name = np.dtype(e.dtype).name
+    if name not in SAFETENSORS_DTYPES:
+      raise ValueError(f"{path}: tensor {key!r} has dtype {name}, which safetensors cannot "
+                       f"store; allowed: {sorted(SAFETENSORS_DTYPES)}")
+    if key in header:
+      raise ValueError(f"{path}: tensor {key!r} is given twice")
+    size = int(np.prod(e.shape, dtype=np.int64)) * np.dtype(e.dtype).itemsize
+    header[key] = {"dtype": SAFETENSORS_DTYPES[name], "shape": [int(n) for n in e.shape],
+                   "data_offsets": [offset, offset + size]}
+    offset += size
+  header["__metadata__"] = {"format": "pt"}
+  blob = json.dumps(header, separators=(",", ":")).encode()
+  blob += b" " * (-len(blob) % 8)  # the tensor data starts 8-byte aligned
   tmp = path + ".tmp"
-  save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp)
+  try:
+    with open(tmp, "wb") as f:
+      f.write(struct.pack("<Q", len(blob)))
+      f.write(blob)
+      for key, e in entries:
+        # order='C', not ascontiguousarray, which turns a 0-d array into shape (1,).
+        array = np.asarray(np.asarray(e.fetch()).astype(e.dtype, copy=False), order="C")
+        if tuple(array.shape) != tuple(e.shape):
+          raise CheckpointError(f"{path}: tensor {key!r} has shape {array.shape}, the header "
+                                f"says {tuple(e.shape)}")
+        f.write(array.tobytes())
+        if bar is not None:
+          bar.update(1)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
   os.replace(tmp, path)

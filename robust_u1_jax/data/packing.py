@@ -1,9 +1,12 @@
 """Packing variable-size samples into rows of a fixed token budget (data.token_budget > 0).
 
-A sample of a stage is a sequence of blocks in BAGEL's order (DESIGN sections 4 and 5):
+A sample of a stage is a sequence of blocks in the order the stage builds it (training/sft.py,
+training/reasoning.py; DESIGN sections 4 and 5):
 
-  sft, rl   [text: instruction] [ViT: corrupted] [VAE: corrupted] [VAE target: clean]
-  reason    [ViT: corrupted] [VAE: corrupted] [text: question] [VAE target: clean] [answer]
+  sft, rl   [VAE: corrupted] [ViT: corrupted] [text: instruction] [VAE target: clean]
+  reason    [VAE: corrupted] [ViT: corrupted] [text: question] [VAE: recovered] [ViT: recovered]
+            [answer]   (the recovered image has the clean image's VAE size and the corrupted
+            image's ViT size, so those fields stand in for it here)
   vqa       [ViT: corrupted] [text: question] [answer]
 
 Text blocks are the tokenised `<|im_start|>..<|im_end|>` ids. An image block is
@@ -13,6 +16,9 @@ patchify, so vae_stride 16). `sample_layout` writes a sample as two parallel 1-D
 
   token_ids    int32: text ids (markers included); the pad id at image-patch positions
   token_types  int8: TEXT, ANSWER (text trained with cross-entropy), VIT, VAE, VAE_TARGET
+
+These decide what fits in a row; the model inputs are rebuilt from the slots below by the stage
+(`batch_samples` gives each row's samples), to the same token counts.
 
 Rows are filled first-fit by Grain's `FirstFitPackIterDataset` (checkpointable: its state is the
 parent position of the open packing round), so a row holds whole samples only; a sample longer
@@ -26,6 +32,9 @@ than the budget is refused with its index. A packed row has
                                       segment id - 1), top-left on a canvas of the rule's
                                       maximum side; S = max samples per row
   <image field>_hw              (S, 2) int32: each slot's (height, width); (0, 0) when empty
+  <text field>                  (S, L) int32: the k-th sample's token ids, right-padded with the
+                                      pad id; L is the batch's longest, rounded up to a power of 2
+  <text field minus _ids>_lengths (S,) int32
   <scalar field>                (S,) (index, epoch: -1 in empty slots; strings: '')
   num_samples                   ()    int32
 
@@ -48,10 +57,10 @@ TYPE_NAMES = {PAD: "pad", TEXT: "text", ANSWER: "answer", VIT: "vit", VAE: "vae"
 
 # (token type, record field) per stage: text fields hold token ids, image fields images.
 STAGE_LAYOUTS: dict[str, tuple[tuple[int, str], ...]] = {
-    "sft": ((TEXT, "instruction_ids"), (VIT, "corrupted_vit"), (VAE, "corrupted"),
+    "sft": ((VAE, "corrupted"), (VIT, "corrupted_vit"), (TEXT, "instruction_ids"),
             (VAE_TARGET, "clean")),
-    "reason": ((VIT, "corrupted_vit"), (VAE, "corrupted"), (TEXT, "question_ids"),
-               (VAE_TARGET, "clean"), (ANSWER, "answer_ids")),
+    "reason": ((VAE, "corrupted"), (VIT, "corrupted_vit"), (TEXT, "question_ids"),
+               (VAE, "clean"), (VIT, "corrupted_vit"), (ANSWER, "answer_ids")),
     "vqa": ((VIT, "corrupted_vit"), (TEXT, "question_ids"), (ANSWER, "answer_ids")),
 }
 STAGE_LAYOUTS["rl"] = STAGE_LAYOUTS["sft"]
@@ -136,13 +145,16 @@ class SlotRow(grain.transforms.Map):
     image_canvas: {image field: (canvas height, canvas width)}.
     scalar_fields: per-sample fields kept as (S,) arrays (numbers padded -1, strings '').
     max_per_row: S, the slot count (= max_sequences_per_bin).
+    text_fields: per-sample token-id fields ('*_ids'), kept as a list per row until
+      `collate_rows` pads them to the batch's width.
   """
 
   def __init__(self, image_canvas: Mapping[str, tuple[int, int]], scalar_fields: Sequence[str],
-               max_per_row: int):
+               max_per_row: int, text_fields: Sequence[str] = ()):
     self.image_canvas = {k: tuple(v) for k, v in image_canvas.items()}
     self.scalar_fields = tuple(scalar_fields)
     self.max_per_row = int(max_per_row)
+    self.text_fields = tuple(text_fields)
 
   def map(self, row: Mapping[str, Any]) -> dict[str, Any]:
     out = {"token_ids": row["token_ids"], "token_types": row["token_types"],
@@ -168,42 +180,86 @@ class SlotRow(grain.transforms.Map):
         out[field] = np.asarray(values + [""] * (s - len(values)))
       else:
         out[field] = np.asarray(values + [-1] * (s - len(values)), np.int32)
+    for field in self.text_fields:
+      out[field] = [np.asarray(ids, np.int32).reshape(-1) for ids in row[field]]
     out["num_samples"] = np.int32(n or 0)
     return out
 
 
+class CollateRows:
+  """Stacks packed rows into a batch; text fields become (B, S, L) plus (B, S) lengths."""
+
+  def __init__(self, text_fields: Sequence[str], max_per_row: int, pad_id: int,
+               min_width: int = 16):
+    self.text_fields, self.max_per_row = tuple(text_fields), int(max_per_row)
+    self.pad_id, self.min_width = int(pad_id), int(min_width)
+
+  def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+    batch = {k: np.stack([r[k] for r in rows]) for k in rows[0] if k not in self.text_fields}
+    for field in self.text_fields:
+      longest = max((len(ids) for r in rows for ids in r[field]), default=1)
+      width = max(self.min_width, 1 << max(0, longest - 1).bit_length())
+      ids = np.full((len(rows), self.max_per_row, width), self.pad_id, np.int32)
+      lengths = np.zeros((len(rows), self.max_per_row), np.int32)
+      for b, row in enumerate(rows):
+        for k, seq in enumerate(row[field]):
+          ids[b, k, :len(seq)], lengths[b, k] = seq, len(seq)
+      batch[field], batch[f"{field[:-4]}_lengths"] = ids, lengths
+    return batch
+
+
 def pack(parent: grain.IterDataset, *, token_budget: int, num_rows: int, max_per_row: int,
          image_canvas: Mapping[str, tuple[int, int]], scalar_fields: Sequence[str],
-         pad_id: int) -> grain.IterDataset:
+         pad_id: int, text_fields: Sequence[str] = ()) -> grain.IterDataset:
   """Records with 'token_ids'/'token_types' (SampleLayout) -> packed rows (module docstring).
 
   `num_rows` is the number of bins one packing round fills (the rows of one batch), so a batch of
-  `num_rows` rows is one first-fit round over consecutive samples.
+  `num_rows` rows is one first-fit round over consecutive samples. Batch the rows with
+  `CollateRows` when `text_fields` are kept.
   """
-  meta = tuple(image_canvas) + tuple(scalar_fields)
+  meta = tuple(image_canvas) + tuple(scalar_fields) + tuple(text_fields)
   packed = grain.experimental.FirstFitPackIterDataset(
       parent, length_struct={"token_ids": token_budget, "token_types": token_budget},
       num_packing_bins=num_rows, shuffle_bins=False, meta_features=meta,
       padding_struct={"token_ids": pad_id, "token_types": PAD},
       max_sequences_per_bin=max_per_row)
-  return packed.map(SlotRow(image_canvas, scalar_fields, max_per_row))
+  return packed.map(SlotRow(image_canvas, scalar_fields, max_per_row, text_fields))
 
 
-def unpack_row(row: Mapping[str, Any]) -> list[dict[str, np.ndarray]]:
-  """The samples of one packed row: [{'token_ids', 'token_types', images cropped to hw, ...}].
-
-  For tests and debugging (the model never unpacks).
-  """
+def unpack_row(row: Mapping[str, Any]) -> list[dict[str, Any]]:
+  """The samples of one packed row: [{'token_ids', 'token_types', images cropped to their hw,
+  text ids cut to their length, scalars}]."""
   samples = []
   for k in range(int(row["num_samples"])):
     sel = row["segment_ids"] == k + 1
     sample = {"token_ids": row["token_ids"][sel], "token_types": row["token_types"][sel]}
     for key, value in row.items():
-      if f"{key}_hw" in row:
-        h, w = row[f"{key}_hw"][k]
-        sample[key] = value[k, :h, :w]
-      elif (isinstance(value, np.ndarray) and value.ndim == 1 and not key.endswith("_hw")
-            and key not in ("token_ids", "token_types", "segment_ids", "positions")):
-        sample[key] = value[k]
+      if key in sample or key in ("segment_ids", "positions", "num_samples"):
+        continue
+      sample.update(_slot(row, key, value, k))
     samples.append(sample)
   return samples
+
+
+def _slot(batch: Mapping[str, Any], key: str, value: Any, k: int) -> dict[str, Any]:
+  """Field `key` of sample k (axis 0 of `value`), cropped or cut to its valid extent."""
+  if f"{key}_hw" in batch:
+    h, w = batch[f"{key}_hw"][k]
+    return {key: value[k, :h, :w]}
+  if key.endswith("_ids") and f"{key[:-4]}_lengths" in batch:
+    return {key: value[k, :batch[f"{key[:-4]}_lengths"][k]]}
+  if key.endswith("_hw") or key.endswith("_lengths"):
+    return {}
+  return {key: value[k]}
+
+
+def batch_samples(batch: Mapping[str, Any]) -> list[list[dict[str, Any]]]:
+  """Any pipeline batch -> per row, its samples (dicts of one sample's fields, images cropped to
+  their valid size). A packed batch (data.token_budget > 0) has rows of several samples; an
+  unpacked one has a row per sample."""
+  if "num_samples" in batch:
+    rows = len(batch["num_samples"])
+    return [unpack_row({key: value[r] for key, value in batch.items()}) for r in range(rows)]
+  n = len(next(iter(batch.values())))
+  return [[{k: v for key, value in batch.items() for k, v in _slot(batch, key, value, i).items()}]
+          for i in range(n)]

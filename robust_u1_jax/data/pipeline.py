@@ -287,7 +287,7 @@ class Collate:
     lengths = np.asarray([len(s) for s in seqs], np.int32)
     width = self.text_pad_to or max(MIN_TEXT_PAD, _next_pow2(int(lengths.max())))
     if lengths.max() > width:
-      raise ValueError(f"{key} of {int(lengths.max())} tokens exceeds text_pad_to={width}")
+      raise ValueError(f"{key} of {int(lengths.max())} tokens exceeds data.text_pad_to={width}")
     out = np.full((len(seqs), width), self.pad_id, np.int32)
     for i, s in enumerate(seqs):
       out[i, :len(s)] = s
@@ -407,10 +407,13 @@ def make_pipeline(data_config, *, seed: int, process_index: int = 0, process_cou
     stage: 'sft', 'rl', 'reason' or 'vqa'.
     split: overrides data.split.
     instruction: the recovery instruction (default: the paper's).
-    text_pad_to: fixed text width; None pads to a power-of-two bucket per batch.
+    text_pad_to: fixed text width; None takes data.text_pad_to (0: a power-of-two bucket per
+      batch).
     read_options: Grain thread prefetch options (default: bounded, see _default_read_options).
   """
   _check_stage(stage)
+  if text_pad_to is None:
+    text_pad_to = data_config.get("text_pad_to", 0) or None
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} is outside [0, process_count="
                      f"{process_count})")
@@ -470,10 +473,12 @@ def make_pipeline(data_config, *, seed: int, process_index: int = 0, process_cou
     max_per_row = max(1, data_config.token_budget // min_tokens)
     layout_images = {f: canvas[f] for _, f in packing.stage_layout(stage) if f in canvas}
     scalars = ("index", "epoch", "corruption", "corruption_steps", *HOST_FIELDS[stage])
+    texts = tuple(f"{f}_ids" for f in text_fields)
     it = packing.pack(it, token_budget=data_config.token_budget, num_rows=batch_size,
                       max_per_row=max_per_row, image_canvas=layout_images,
-                      scalar_fields=scalars, pad_id=special["pad"])
-    it = it.batch(batch_size, drop_remainder=True)
+                      scalar_fields=scalars, pad_id=special["pad"], text_fields=texts)
+    it = it.batch(batch_size, drop_remainder=True,
+                  batch_fn=packing.CollateRows(texts, max_per_row, special["pad"], MIN_TEXT_PAD))
   else:
     collate = Collate(text_fields, special["pad"],
                       None if data_config.source == "shapes" else canvas, text_pad_to)

@@ -192,21 +192,34 @@ def resize_rule(data_config, kind: str) -> dict[str, int]:
   raise ValueError(f"resize kind {kind!r} is unknown: allowed 'vae', 'vit'")
 
 
+def center_square(image: np.ndarray) -> np.ndarray:
+  """The largest centred square of an H x W x C image."""
+  h, w = image.shape[:2]
+  side = min(h, w)
+  top, left = (h - side) // 2, (w - side) // 2
+  return image[top:top + side, left:left + side]
+
+
 class ResizeImages(grain.transforms.Map):
-  """Resizes image fields by a BAGEL rule; writes `key + out_suffix` (in place when empty)."""
+  """Resizes image fields by a BAGEL rule; writes `key + out_suffix` (in place when empty).
+
+  With `crop_square`, each image is first cut to its centred square (data.crop_square).
+  """
 
   def __init__(self, *, max_side: int, min_side: int, stride: int,
                keys: Sequence[str] = ("image",), out_suffix: str = "",
-               max_pixels: int = BAGEL_MAX_PIXELS):
+               max_pixels: int = BAGEL_MAX_PIXELS, crop_square: bool = False):
     bagel_size(max_side, max_side, max_side=max_side, min_side=min_side, stride=stride)  # checks
     self.rule = {"max_side": max_side, "min_side": min_side, "stride": stride,
                  "max_pixels": max_pixels}
     self.keys, self.out_suffix = tuple(keys), out_suffix
+    self.crop_square = bool(crop_square)
 
   @classmethod
   def from_config(cls, data_config, kind: str, keys: Sequence[str] = ("image",),
                   out_suffix: str = "") -> "ResizeImages":
-    return cls(**resize_rule(data_config, kind), keys=keys, out_suffix=out_suffix)
+    return cls(**resize_rule(data_config, kind), keys=keys, out_suffix=out_suffix,
+               crop_square=data_config.get("crop_square", False))
 
   def map(self, element):
     if is_skip(element):
@@ -214,7 +227,8 @@ class ResizeImages(grain.transforms.Map):
     out = dict(element)
     for key in self.keys:
       if key in out:
-        out[key + self.out_suffix], _ = bagel_resize(out[key], **self.rule)
+        image = center_square(out[key]) if self.crop_square else out[key]
+        out[key + self.out_suffix], _ = bagel_resize(image, **self.rule)
     return out
 
 

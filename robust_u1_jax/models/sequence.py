@@ -7,8 +7,10 @@ A sample is a list of blocks, in order:
                      h x w pixels, clean conditioning (t = 0), bidirectional
   Latent(h, w, noisy=True)  the same as a generation target: nothing else attends to it
 An image block shares one RoPE position, then the counter advances by one (DESIGN section 4).
-Latent values are not built here: the train step encodes the images with the VAE and feeds the
-tokens in block order, so rows only carry where each latent token goes.
+Latent values are not built here: the train step VAE-encodes a stack of images per row and gathers
+each latent token from it (`latent_image_index`), so rows only carry where each token goes. Images
+of different sizes share one stack by sitting top-left on a common canvas (BAGEL pads its VAE
+batches the same way): a block's tokens are the top-left h x w region of its canvas' latent grid.
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ class Latent:
   height: int
   width: int
   noisy: bool = False
-  image: int = 0  # which of the row's VAE-encoded images (all of one size) feeds this block
+  image: int = 0  # which of the sample's VAE-encoded images feeds this block
+  # (height, width) of the canvas that image is encoded on, top-left; None: the image's own size.
+  canvas: tuple[int, int] | None = None
 
 
 Block = Text | Vit | Latent
@@ -63,7 +67,7 @@ class _Sample:
   vit_segment_ids: list
   latent_position_ids: list
   latent_seq_offsets: list
-  latent_image_index: list
+  latent_image: list  # per latent block: (image number, token indices within its canvas grid)
 
 
 def _build(blocks: Sequence[Block], config: BagelConfig, markers: Markers, position0: int):
@@ -105,30 +109,47 @@ def _build(blocks: Sequence[Block], config: BagelConfig, markers: Markers, posit
       first = image_block(LATENT, len(ids), n_lat, "noisy" if block.noisy else "image")
       s.latent_position_ids.append(ids)
       s.latent_seq_offsets.append(np.arange(first, first + len(ids), dtype=np.int32))
-      s.latent_image_index.append(block.image * len(ids) + np.arange(len(ids), dtype=np.int32))
+      s.latent_image.append((block.image, _canvas_index(block, config.latent_downsample)))
       n_lat += len(ids)
     else:
       raise TypeError(f"unknown block {block!r}; use Text, Vit or Latent")
   return s
 
 
+def _canvas_index(block: Latent, downsample: int) -> tuple[np.ndarray, int]:
+  """(indices of the block's latent tokens in its canvas' token grid, tokens per canvas)."""
+  ch, cw = block.canvas or (block.height, block.width)
+  if block.height > ch or block.width > cw:
+    raise ValueError(f"latent block of {block.height} x {block.width} exceeds its canvas "
+                     f"{ch} x {cw}")
+  gh, gw, cgw = block.height // downsample, block.width // downsample, cw // downsample
+  rows, cols = np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")
+  return (rows * cgw + cols).reshape(-1).astype(np.int32), (ch // downsample) * cgw
+
+
 def build_rows(rows: Sequence[Sequence[Sequence[Block]]], config: BagelConfig, markers: Markers,
-               *, seq_len: int, max_vit: int, max_latent: int) -> SequenceInputs:
+               *, seq_len: int, max_vit: int, max_latent: int,
+               images_per_sample: int | None = None) -> SequenceInputs:
   """Packs rows (each a list of samples, each a list of blocks) into numpy `SequenceInputs`.
 
   Samples in a row are isolated from each other by the mask and their positions restart at 0
   (`Bagel.prefill` adds the cache's next position, so block inputs serve any context).
+
+  The row's VAE images are stacked sample after sample: sample k's image j is stacked image
+  k * images_per_sample + j (default: as many as the sample's highest `Latent.image` + 1). All
+  latent blocks of a batch must share one canvas size, the size of the stacked images.
   """
   patch_dim = 3 * config.vit.patch_size ** 2
   out = {k: [] for k in ("text_ids", "token_kind", "source_index", "positions", "layout",
                          "vit_patches", "vit_position_ids", "vit_segment_ids",
                          "latent_position_ids", "latent_seq_index", "latent_image_index")}
+  canvas_tokens: set[int] = set()
   for r, samples in enumerate(rows):
     built = [_build(blocks, config, markers, 0) for blocks in samples]
     layout, _ = attention_mask.pack_samples([b.layout_blocks for b in built], seq_len)
     text_ids, kind, source, positions = [], [], [], []
     vit_p, vit_pos, vit_seg, lat_pos, lat_idx, lat_img = [], [], [], [], [], []
-    vit_offset = lat_offset = seg_offset = image_token_offset = 0
+    vit_offset = lat_offset = seg_offset = image_offset = 0
     for b in built:
       offset = len(kind)
       text_ids += b.text_ids
@@ -142,9 +163,11 @@ def build_rows(rows: Sequence[Sequence[Sequence[Block]]], config: BagelConfig, m
       seg_offset += len(b.vit_segment_ids)
       lat_pos += b.latent_position_ids
       lat_idx += [o + offset for o in b.latent_seq_offsets]
-      lat_img += [i + image_token_offset for i in b.latent_image_index]
+      for image, (index, per_canvas) in b.latent_image:
+        canvas_tokens.add(per_canvas)
+        lat_img.append((image + image_offset) * per_canvas + index)
       # The next sample's images follow this sample's in the row's stack of encoded images.
-      image_token_offset += max((int(i.max()) + 1 for i in b.latent_image_index), default=0)
+      image_offset += images_per_sample or max((i + 1 for i, _ in b.latent_image), default=0)
       vit_offset += sum(len(p) for p in b.vit_patches)
       lat_offset += sum(len(p) for p in b.latent_position_ids)
     if len(kind) > seq_len or vit_offset > max_vit or lat_offset > max_latent:
@@ -163,6 +186,9 @@ def build_rows(rows: Sequence[Sequence[Sequence[Block]]], config: BagelConfig, m
     out["latent_position_ids"].append(_pad(lat_pos, max_latent, (), np.int32))
     out["latent_seq_index"].append(_pad(lat_idx, max_latent, (), np.int32))
     out["latent_image_index"].append(_pad(lat_img, max_latent, (), np.int32))
+  if len(canvas_tokens) > 1:
+    raise ValueError(f"latent blocks of one batch index canvases of {sorted(canvas_tokens)} "
+                     "tokens: give every Latent block the same canvas")
   stacked = {k: (attention_mask.stack_layouts(v) if k == "layout" else np.stack(v))
              for k, v in out.items()}
   return SequenceInputs(**stacked)

@@ -18,65 +18,92 @@ import numpy as np
 from flax import nnx
 
 from robust_u1_jax import sampling
-from robust_u1_jax.data import transforms
+from robust_u1_jax.data import packing, transforms
 from robust_u1_jax.models import sequence
 from robust_u1_jax.models import vit as vit_lib
 from robust_u1_jax.models.bagel import BagelConfig
-from robust_u1_jax.training import flow_matching, rl, sft
-from robust_u1_jax.training.state import TrainState, apply_gradients
+from robust_u1_jax.training import flow_matching, host_batch, rl, sft
+from robust_u1_jax.training.state import TrainState, apply_gradients, merge_model
 
 # Trainable parameters of stage III: the understanding expert, its head and the ViT connector.
 UNDERSTANDING_PARAMS = (r"^language_model\.layers\.\d+\.und\.", r"^language_model\.final_norm\.und\.",
                         r"^language_model\.embed_tokens\.", r"^language_model\.lm_head\.",
                         r"^connector\.")
 RECOVERED_SEGMENT = 2  # ViT segment id of the recovered image (the corrupted one is 1)
-LENGTH_BUCKET = 64  # rows are padded to a multiple of this many tokens
 
 
-def _ids(batch: Mapping[str, np.ndarray], field: str) -> list[list[int]]:
-  return [list(ids[:n]) for ids, n in zip(batch[f"{field}_ids"], batch[f"{field}_lengths"])]
+def reasoning_blocks(sample: Mapping[str, Any], canvas: tuple[int, int] | None,
+                     recovered_vit: np.ndarray | None = None) -> list[sequence.Block]:
+  """One sample's blocks; VAE image 0 is the corrupted image, 1 the recovered one.
+
+  Without `recovered_vit` (on-the-fly recovery) the recovered image's ViT block is a placeholder
+  the step overwrites in-graph.
+  """
+  corrupted = sample["corrupted"]
+  corrupted_vit = sample.get("corrupted_vit", corrupted)
+  h, w = corrupted.shape[:2]
+  if recovered_vit is None:
+    recovered_vit = np.zeros(corrupted_vit.shape, np.uint8)
+  return [sequence.Latent(h, w, image=0, canvas=canvas),
+          sequence.Vit(sft.vit_input(corrupted_vit)), sequence.Text(sample["question_ids"]),
+          sequence.Latent(h, w, image=1, canvas=canvas),
+          sequence.Vit(sft.vit_input(recovered_vit)), sequence.Text(sample["answer_ids"])]
 
 
-def reasoning_blocks(corrupted_vae, corrupted_vit, question_ids, answer_ids) -> list:
-  h, w = corrupted_vae.shape[:2]
-  placeholder = np.zeros(corrupted_vit.shape, np.uint8)  # replaced in-graph by the recovery
-  return [sequence.Latent(h, w, image=0), sequence.Vit(sft.vit_input(corrupted_vit)),
-          sequence.Text(question_ids), sequence.Latent(h, w, image=1),
-          sequence.Vit(sft.vit_input(placeholder)), sequence.Text(answer_ids)]
+def reasoning_rows(batch: Mapping[str, Any], config: BagelConfig, markers: sequence.Markers,
+                   instruction_ids: Sequence[int],
+                   recovered: Sequence[Sequence[np.ndarray]] | None = None):
+  """Host side: a pipeline batch, packed or not -> (SequenceInputs, next-token labels (B, T) with
+  -1 off the answers, then either
 
-
-def reasoning_rows(batch: Mapping[str, np.ndarray], config: BagelConfig,
-                   markers: sequence.Markers, instruction_ids: Sequence[int]):
-  """Host side: (SequenceInputs, next-token labels (B, T) with -1 off the answer,
-  RecoveryInputs for the on-the-fly recovery, corrupted VAE images (B, 1, H, W, 3))."""
-  corrupted = batch["corrupted"]
-  corrupted_vit = batch.get("corrupted_vit", corrupted)
-  questions, answers = _ids(batch, "question"), _ids(batch, "answer")
-  rows, lengths, answer_starts = [], [], []
-  for i in range(len(corrupted)):
-    blocks = reasoning_blocks(corrupted[i], corrupted_vit[i], questions[i], answers[i])
-    rows.append([blocks])
-    lengths.append(sequence.lengths(blocks, config))
-    answer_starts.append(sequence.lengths(blocks[:-1], config)[0])
-  seq_len, max_vit, max_latent = (max(x) for x in zip(*lengths))
-  seq_len = -(-seq_len // LENGTH_BUCKET) * LENGTH_BUCKET  # few distinct shapes to compile
+    recovered None (on the fly): RecoveryInputs for the in-step recovery (unpacked batches of one
+      image size), or
+    recovered[row][sample] uint8 images (precomputed): the VAE image stack (B, 2S, H, W, 3) of
+      each sample's corrupted and recovered image.)
+  """
+  size = host_batch.canvas(batch)
+  rows, answers = [], []
+  for r, samples in enumerate(packing.batch_samples(batch)):
+    row, offset = [], 0
+    for k, sample in enumerate(samples):
+      recovered_vit = None
+      if recovered is not None:
+        vit_hw = sample.get("corrupted_vit", sample["corrupted"]).shape[:2]
+        recovered_vit = transforms.resize_image(recovered[r][k], vit_hw)
+      blocks = reasoning_blocks(sample, size, recovered_vit)
+      answers.append((r, offset + sequence.lengths(blocks[:-1], config)[0], sample["answer_ids"]))
+      offset += sequence.lengths(blocks, config)[0]
+      row.append(blocks)
+    rows.append(row)
+  seq_len, max_vit, max_latent = host_batch.bounds(
+      batch, lambda sample: reasoning_blocks(sample, size), config)
   inputs = sequence.build_rows(rows, config, markers, seq_len=seq_len, max_vit=max_vit,
-                               max_latent=max_latent)
-  labels = np.full((len(corrupted), seq_len), -1, np.int32)
-  for i, (start, answer) in enumerate(zip(answer_starts, answers)):
+                               max_latent=max_latent, images_per_sample=2)
+  labels = np.full((len(rows), seq_len), -1, np.int32)
+  for r, start, answer in answers:
     # Position p predicts token p + 1: every answer token after the first.
-    labels[i, start:start + len(answer) - 1] = answer[1:]
-  recovery = rl.recovery_inputs(corrupted, corrupted_vit, batch.get("clean", corrupted),
-                                [instruction_ids] * len(corrupted), config, markers)
-  return inputs, labels, recovery
+    labels[r, start:start + len(answer) - 1] = answer[1:]
+  if recovered is None:
+    return inputs, labels, rl.batch_recovery_inputs(batch, config, markers, instruction_ids)
+  on_canvas = host_batch.place_like(batch["corrupted"], recovered)
+  return inputs, labels, host_batch.image_stack({**batch, "recovered": on_canvas},
+                                                ("corrupted", "recovered"))
 
 
 def recover(model, recovery: rl.RecoveryInputs, settings: rl.RLSettings, key) -> jax.Array:
-  """Recovered images in [0, 1] by the deterministic sampler (no gradient)."""
+  """Recovered images in [0, 1] by the deterministic sampler (no gradient).
+
+  `key`: one key for the batch, or one per image (B, 2), so that an image's recovery does not
+  depend on which batch it is in.
+  """
   velocity = rl.make_velocity_fn(model, recovery, settings)
   b = recovery.corrupted.shape[0]
-  n = recovery.noisy.latent_seq_index.shape[1]
-  x_init = jax.random.normal(key, (b, n, model.config.latent_channels))
+  shape = (recovery.noisy.latent_seq_index.shape[1], model.config.latent_channels)
+  if key.ndim == 2:
+    x_init = jax.vmap(lambda k: jax.random.normal(k, shape))(key)
+    key = key[0]
+  else:
+    x_init = jax.random.normal(key, (b,) + shape)
   out = sampling.sample(velocity, x_init, sampling.timesteps(settings.num_steps,
                                                              settings.timestep_shift), key)
   h, w = recovery.corrupted.shape[2:4]
@@ -96,9 +123,9 @@ def with_recovered_patches(inputs, recovered_bhwc: jax.Array, vit_hw: tuple[int,
       inputs.vit_patches.dtype), inputs.vit_patches))
 
 
-def answer_loss(model, inputs, labels, corrupted, recovered) -> tuple[jax.Array, dict]:
-  images = jnp.concatenate([corrupted.astype(jnp.float32) / 255.0, recovered[:, None]], axis=1)
-  tokens = flow_matching.encode_images(model, images)
+def answer_loss(model, inputs, labels, images_bkhwc) -> tuple[jax.Array, dict]:
+  """Cross-entropy on the answer labels; images: each sample's corrupted and recovered image."""
+  tokens = flow_matching.encode_images(model, images_bkhwc)
   latents = jnp.take_along_axis(tokens, inputs.latent_image_index[..., None], axis=1)
   hidden = model(inputs, latents, jnp.zeros(latents.shape[:2]))
   logits = model.text_logits(hidden)
@@ -111,25 +138,32 @@ def answer_loss(model, inputs, labels, corrupted, recovered) -> tuple[jax.Array,
   return loss, {"ce_loss": loss, "token_accuracy": accuracy}
 
 
-def make_step(graphdef: nnx.GraphDef, tx, settings: rl.RLSettings,
-              vit_rule: Mapping[str, int], ema_decay: float):
-  """step(state, (inputs, labels, recovery)) -> (state, metrics).
+def make_step(graphdef: nnx.GraphDef, tx, ema_decay: float,
+              on_the_fly: tuple[rl.RLSettings, Mapping[str, int]] | None = None):
+  """step(state, (inputs, labels, recovery or images)) -> (state, metrics).
 
-  `vit_rule` is the data config's ViT resize rule: the recovered image goes to the ViT at the size
-  the pipeline gave the corrupted one, derived from the (static) VAE image size.
+  `on_the_fly` = (sampler settings, the data config's ViT resize rule): the step recovers the
+  corrupted images itself and gives the recovered one to the ViT at the size the pipeline gave
+  the corrupted one, derived from the (static) VAE image size. None: the batch carries
+  precomputed recoveries in its image stack.
   """
 
   def step(state: TrainState, batch) -> tuple[TrainState, dict[str, Any]]:
-    inputs, labels, recovery = batch
+    inputs, labels, third = batch
     rng, key = jax.random.split(state.rng)
-    model = nnx.merge(graphdef, state.params, state.frozen)
-    recovered = recover(model, recovery, settings, key)
-    vit_hw = transforms.bagel_size(*recovered.shape[1:3], **vit_rule)
-    inputs = with_recovered_patches(inputs, recovered, vit_hw, model.config.vit.patch_size)
+    if on_the_fly is None:
+      images = third
+    else:
+      settings, vit_rule = on_the_fly
+      model = merge_model(graphdef, state.params, state.frozen)
+      recovered = recover(model, third, settings, key)
+      vit_hw = transforms.bagel_size(*recovered.shape[1:3], **vit_rule)
+      inputs = with_recovered_patches(inputs, recovered, vit_hw, model.config.vit.patch_size)
+      images = jnp.concatenate([third.corrupted.astype(jnp.float32) / 255.0,
+                                recovered[:, None]], axis=1)
 
     def loss_fn(params):
-      return answer_loss(nnx.merge(graphdef, params, state.frozen), inputs, labels,
-                         recovery.corrupted, recovered)
+      return answer_loss(merge_model(graphdef, params, state.frozen), inputs, labels, images)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     state, opt_metrics = apply_gradients(state.replace(rng=rng), grads, tx, ema_decay)
@@ -139,25 +173,32 @@ def make_step(graphdef: nnx.GraphDef, tx, settings: rl.RLSettings,
 
 
 def build(ctx):
-  """The reasoning stage for `trainer.train` (recoveries generated on the fly)."""
+  """The reasoning stage for `trainer.train`: recoveries on the fly, or read from the cache that
+  `python -m robust_u1_jax.recover` wrote (reason.recovered_images)."""
   from robust_u1_jax.data import tokenizer as tokenizer_lib
-  from robust_u1_jax.training import trainer
+  from robust_u1_jax.training import recovery_cache, trainer
 
   c = ctx.config
-  if c.reason.recovered_images != "on_the_fly":
-    raise ValueError(f"reason.recovered_images={c.reason.recovered_images!r}: only 'on_the_fly' "
-                     "is implemented so far")
   instruction = tokenizer_lib.encode_text_block(ctx.tokenizer, c.instruction)
-  settings = rl.RLSettings.inference(c.reason.recovery_steps)
   model_config = ctx.model.config
-  vit_rule = transforms.resize_rule(c.data, "vit")
+  if c.reason.recovered_images == "cache":
+    cache = recovery_cache.RecoveryCache.open(c.reason.recovery_cache, c)
+    on_the_fly = None
+  else:
+    if c.data.token_budget > 0:
+      raise ValueError("reason.recovered_images='on_the_fly' recovers inside the step, which "
+                       "needs unpacked batches of one image size (data.token_budget=0); "
+                       "precompute the recoveries instead (reason.recovered_images=cache)")
+    cache = None
+    on_the_fly = (rl.RLSettings.inference(c.reason.recovery_steps),
+                  transforms.resize_rule(c.data, "vit"))
 
   def host_inputs(batch, rng):
     del rng
-    return reasoning_rows(batch, model_config, ctx.markers, instruction)
+    recovered = None if cache is None else cache.load_batch(batch)
+    return reasoning_rows(batch, model_config, ctx.markers, instruction, recovered)
 
   return trainer.StageSpec(
       trainable=UNDERSTANDING_PARAMS, host_inputs=host_inputs,
-      make_step=lambda graphdef, tx: make_step(graphdef, tx, settings, vit_rule,
-                                               c.optimizer.ema_decay),
+      make_step=lambda graphdef, tx: make_step(graphdef, tx, c.optimizer.ema_decay, on_the_fly),
       samples_per_step=c.data.batch_size)

@@ -20,11 +20,12 @@ import numpy as np
 from flax import nnx
 
 from robust_u1_jax import sampling
+from robust_u1_jax.data import packing
 from robust_u1_jax.models import bagel as bagel_lib
 from robust_u1_jax.models import sequence
-from robust_u1_jax.training import flow_matching, grpo, sft
+from robust_u1_jax.training import flow_matching, grpo, host_batch, sft
 from robust_u1_jax.training import rewards as rewards_lib
-from robust_u1_jax.training.state import TrainState, apply_gradients
+from robust_u1_jax.training.state import TrainState, apply_gradients, merge_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,26 +70,53 @@ class RecoveryInputs:
   clean: jax.Array  # (B, H, W, 3) uint8, the reward's reference
 
 
-def recovery_inputs(corrupted_vae: np.ndarray, corrupted_vit: np.ndarray, clean: np.ndarray,
-                    instruction_ids: Sequence[Sequence[int]], config: bagel_lib.BagelConfig,
-                    markers: sequence.Markers) -> RecoveryInputs:
-  """Host side: numpy rows of the three CFG contexts and the noisy block for B images."""
+def recovery_inputs(samples: Sequence[Mapping[str, Any]], config: bagel_lib.BagelConfig,
+                    markers: sequence.Markers, instruction_ids: Sequence[int] | None = None
+                    ) -> RecoveryInputs:
+  """Host side: numpy rows of the three CFG contexts and the noisy block for samples of one size.
+
+  A sample is a dict of `packing.batch_samples`: 'corrupted' (VAE size), optionally
+  'corrupted_vit' and 'clean' (the reward's reference; default: corrupted), and
+  'instruction_ids' unless `instruction_ids` is given for all.
+  """
+  sizes = sorted({(s["corrupted"].shape[:2], s.get("corrupted_vit", s["corrupted"]).shape[:2])
+                  for s in samples})
+  if len(sizes) > 1:
+    raise ValueError(
+        f"recovery sampling batches images of one size, got (VAE, ViT) sizes {sizes}: for a "
+        "source of many sizes set data.crop_square=True and data.vae_min_side = "
+        "data.vae_max_side (the RL stage), or precompute recoveries (the reasoning stage's "
+        "reason.recovered_images=cache)")
+  if instruction_ids is not None:
+    samples = [{**s, "instruction_ids": instruction_ids} for s in samples]
+
   def rows(**use):
-    per_image = [[sft.recovery_blocks(corrupted_vae[i], corrupted_vit[i], instruction_ids[i],
-                                      target=False, **use)] for i in range(len(corrupted_vae))]
+    per_image = [[sft.sample_blocks(s, None, target=False, **use)] for s in samples]
     seq_len, max_vit, max_latent = (max(x) for x in zip(
         *(sequence.lengths(r[0], config) for r in per_image)))
     return sequence.build_rows(per_image, config, markers, seq_len=seq_len, max_vit=max_vit,
                                max_latent=max_latent)
 
-  h, w = corrupted_vae.shape[1:3]
+  corrupted = np.stack([s["corrupted"] for s in samples])
+  h, w = corrupted.shape[1:3]
   noisy_blocks = [sequence.Latent(h, w, noisy=True)]
   seq_len, _, max_latent = sequence.lengths(noisy_blocks, config)
-  noisy = sequence.build_rows([[noisy_blocks]] * len(corrupted_vae), config, markers,
+  noisy = sequence.build_rows([[noisy_blocks]] * len(samples), config, markers,
                               seq_len=seq_len, max_vit=0, max_latent=max_latent)
   return RecoveryInputs(full=rows(), no_text=rows(use_text=False),
                         no_image=rows(use_vit=False, use_vae=False), noisy=noisy,
-                        corrupted=corrupted_vae[:, None], clean=clean)
+                        corrupted=corrupted[:, None],
+                        clean=np.stack([s.get("clean", s["corrupted"]) for s in samples]))
+
+
+def batch_recovery_inputs(batch: Mapping[str, Any], config: bagel_lib.BagelConfig,
+                          markers: sequence.Markers,
+                          instruction_ids: Sequence[int] | None = None) -> RecoveryInputs:
+  """`recovery_inputs` of an unpacked pipeline batch (one sample per row)."""
+  if host_batch.is_packed(batch):
+    raise ValueError("recovery sampling takes unpacked batches: set data.token_budget=0")
+  samples = [row[0] for row in packing.batch_samples(batch)]
+  return recovery_inputs(samples, config, markers, instruction_ids)
 
 
 def _repeat(tree, times: int):
@@ -164,7 +192,7 @@ def make_functions(graphdef: nnx.GraphDef, tx, s: RLSettings,
   g = s.group_size
 
   def rollout(state: TrainState, inputs: RecoveryInputs, key):
-    model = nnx.merge(graphdef, state.params, state.frozen)
+    model = merge_model(graphdef, state.params, state.frozen)
     velocity = make_velocity_fn(model, inputs, s, repeat=g)
     b = inputs.clean.shape[0]
     n, c = inputs.noisy.latent_seq_index.shape[1], model.config.latent_channels
@@ -179,7 +207,7 @@ def make_functions(graphdef: nnx.GraphDef, tx, s: RLSettings,
     return jax.lax.stop_gradient(out), jax.lax.stop_gradient(recovered), clean
 
   def policy_terms(params, frozen, inputs, out: sampling.Rollout):
-    model = nnx.merge(graphdef, params, frozen)
+    model = merge_model(graphdef, params, frozen)
     velocity = make_velocity_fn(model, inputs, s, repeat=g)
 
     def one(x, x_next, t, t_next):
@@ -236,7 +264,8 @@ def reward_fn_from_config(rl_config, clip_graphdef: nnx.GraphDef | None):
       from robust_u1_jax.models import clip as clip_lib
 
       clip_model = nnx.merge(clip_graphdef, aux["clip"])
-      embed = lambda images: clip_model.encode_image(clip_lib.preprocess(images))
+      embed = lambda images: clip_model.encode_image(
+          clip_lib.preprocess(images, clip_model.config.image_size))
     return rewards_lib.build_rewards(weights, alpha=rl_config.clip_alpha, embed_image=embed)(
         recovered, clean)
 
@@ -271,8 +300,7 @@ def build(ctx):
 
   def host_inputs(batch, rng):
     del rng  # the rollout's randomness lives in the train state's key
-    return recovery_inputs(batch["corrupted"], batch.get("corrupted_vit", batch["corrupted"]),
-                           batch["clean"], sft.instruction_ids(batch), model_config, ctx.markers)
+    return batch_recovery_inputs(batch, model_config, ctx.markers)
 
   return trainer.StageSpec(
       trainable=sft.GENERATION_PARAMS, host_inputs=host_inputs,

@@ -15,10 +15,11 @@ import jax
 import numpy as np
 from flax import nnx
 
+from robust_u1_jax.data import packing
 from robust_u1_jax.models import sequence
 from robust_u1_jax.models.bagel import BagelConfig
-from robust_u1_jax.training import flow_matching
-from robust_u1_jax.training.state import TrainState, apply_gradients
+from robust_u1_jax.training import flow_matching, host_batch
+from robust_u1_jax.training.state import TrainState, apply_gradients, merge_model
 
 
 def vit_input(image_hwc: np.ndarray) -> np.ndarray:
@@ -28,56 +29,59 @@ def vit_input(image_hwc: np.ndarray) -> np.ndarray:
 
 def recovery_blocks(corrupted_vae: np.ndarray, corrupted_vit: np.ndarray,
                     instruction_ids: Sequence[int], *, use_text: bool = True,
-                    use_vit: bool = True, use_vae: bool = True, target: bool = True
-                    ) -> list[sequence.Block]:
-  """The recovery sample's blocks; image 0 is the corrupted image, image 1 the clean target."""
+                    use_vit: bool = True, use_vae: bool = True, target: bool = True,
+                    canvas: tuple[int, int] | None = None) -> list[sequence.Block]:
+  """The recovery sample's blocks; image 0 is the corrupted image, image 1 the clean target,
+  both encoded top-left on `canvas` (default: their own size)."""
   h, w = corrupted_vae.shape[:2]
   blocks: list[sequence.Block] = []
   if use_vae:
-    blocks.append(sequence.Latent(h, w, image=0))
+    blocks.append(sequence.Latent(h, w, image=0, canvas=canvas))
   if use_vit:
     blocks.append(sequence.Vit(vit_input(corrupted_vit)))
   if use_text:
     blocks.append(sequence.Text(instruction_ids))
   if target:
-    blocks.append(sequence.Latent(h, w, noisy=True, image=1))
+    blocks.append(sequence.Latent(h, w, noisy=True, image=1, canvas=canvas))
   return blocks
 
 
-def instruction_ids(batch: Mapping[str, np.ndarray]) -> list[list[int]]:
-  """Per-sample instruction token ids (the pipeline right-pads them)."""
-  return [list(ids[:n]) for ids, n in zip(batch["instruction_ids"], batch["instruction_lengths"])]
+def sample_blocks(sample: Mapping[str, Any], canvas: tuple[int, int], **use
+                  ) -> list[sequence.Block]:
+  """`recovery_blocks` of one sample of `packing.batch_samples`."""
+  return recovery_blocks(sample["corrupted"], sample.get("corrupted_vit", sample["corrupted"]),
+                         sample["instruction_ids"], canvas=canvas, **use)
 
 
 def sft_rows(batch: Mapping[str, np.ndarray], config: BagelConfig, markers: sequence.Markers,
              rng: np.random.Generator, dropout: tuple[float, float, float]
              ) -> tuple[Any, np.ndarray]:
-  """Host side: a pipeline batch -> (SequenceInputs, VAE images (B, 2, H, W, 3) uint8).
+  """Host side: a pipeline batch, packed or not -> (SequenceInputs, VAE images (B, 2S, H, W, 3)
+  uint8: each sample's corrupted and clean image on the batch's canvas, S samples per row).
 
-  Rows are padded to the longest no-dropout sample, so shapes only change with the text length
-  bucket the pipeline pads to.
+  Images keep their own sizes (the `*_hw` valid regions); row shapes are fixed per data config
+  and text bucket (host_batch.bounds), so the step compiles once.
   """
-  corrupted, clean = batch["corrupted"], batch["clean"]
-  corrupted_vit = batch.get("corrupted_vit", corrupted)
-  texts = instruction_ids(batch)
-  rows, full = [], []
-  for i in range(len(corrupted)):
-    keep = rng.uniform(size=3) >= np.asarray(dropout)
-    rows.append([recovery_blocks(corrupted[i], corrupted_vit[i], texts[i],
-                                 use_text=keep[0], use_vit=keep[1], use_vae=keep[2])])
-    full.append(sequence.lengths(recovery_blocks(corrupted[i], corrupted_vit[i], texts[i]),
-                                 config))
-  seq_len, max_vit, max_latent = (max(x) for x in zip(*full))
+  size = host_batch.canvas(batch)
+  rows = []
+  for samples in packing.batch_samples(batch):
+    row = []
+    for sample in samples:
+      keep = rng.uniform(size=3) >= np.asarray(dropout)
+      row.append(sample_blocks(sample, size, use_text=keep[0], use_vit=keep[1], use_vae=keep[2]))
+    rows.append(row)
+  seq_len, max_vit, max_latent = host_batch.bounds(
+      batch, lambda sample: sample_blocks(sample, size), config)
   inputs = sequence.build_rows(rows, config, markers, seq_len=seq_len, max_vit=max_vit,
-                               max_latent=max_latent)
-  return inputs, np.stack([corrupted, clean], axis=1)
+                               max_latent=max_latent, images_per_sample=2)
+  return inputs, host_batch.image_stack(batch, ("corrupted", "clean"))
 
 
 def make_step(graphdef: nnx.GraphDef, tx, *, timestep_shift: float, ema_decay: float):
   """step(state, (inputs, images)) -> (state, metrics): one optimizer update."""
 
   def loss_fn(params, frozen, inputs, images, key):
-    model = nnx.merge(graphdef, params, frozen)
+    model = merge_model(graphdef, params, frozen)
     return flow_matching.flow_matching_loss(model, inputs, images, key, timestep_shift)
 
   def step(state: TrainState, batch) -> tuple[TrainState, dict[str, jax.Array]]:

@@ -19,12 +19,14 @@ import ml_collections
 import optax
 from flax import nnx
 
+from robust_u1_jax.training import lora as lora_lib
+
 
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array
-  params: nnx.State  # trainable subset
-  frozen: nnx.State  # everything else the model holds
+  params: nnx.State  # trainable subset (with LoRA: the LoRA factors, see lora.py)
+  frozen: nnx.State  # everything else the model holds (with LoRA: the whole base model)
   opt_state: Any
   ema: nnx.State | None
   rng: jax.Array
@@ -51,6 +53,15 @@ def split_model(model: nnx.Module, patterns: Sequence[str]):
   if not jax.tree.leaves(params):
     raise ValueError(f"trainable patterns {list(patterns)} select no parameter of the model")
   return graphdef, params, frozen
+
+
+def merge_model(graphdef, params: nnx.State, frozen: nnx.State) -> nnx.Module:
+  """The model a step runs: `nnx.merge(graphdef, params, frozen)`, or, when the trainer runs LoRA
+  (`graphdef` a `lora.LoraGraphDef`, `params` the LoRA factors, `frozen` the whole base model),
+  the model with the merged weights W + scale * A @ B. Steps call this instead of `nnx.merge`."""
+  if isinstance(graphdef, lora_lib.LoraGraphDef):
+    return graphdef.merge_model(params, frozen)
+  return nnx.merge(graphdef, params, frozen)
 
 
 def learning_rate_schedule(o: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:

@@ -26,6 +26,7 @@ from robust_u1_jax.data import tokenizer as tokenizer_lib
 from robust_u1_jax.models import bagel as bagel_lib
 from robust_u1_jax.models import sequence
 from robust_u1_jax.training import checkpoint as checkpoint_lib
+from robust_u1_jax.training import lora as lora_lib
 from robust_u1_jax.training import metrics_log
 from robust_u1_jax.training import state as state_lib
 
@@ -35,7 +36,9 @@ class StageSpec:
   trainable: tuple[str, ...]
   # (pipeline batch, numpy Generator for this step) -> device-input pytree of numpy arrays.
   host_inputs: Callable[[dict, np.random.Generator], Any]
-  # (graphdef, optimizer) -> step(state, inputs) -> (state, metrics)
+  # (graphdef, optimizer) -> step(state, inputs) -> (state, metrics). The step builds its model
+  # with `state.merge_model(graphdef, params, frozen)`: with LoRA on, graphdef is a
+  # lora.LoraGraphDef and params the LoRA factors (training/lora.py).
   make_step: Callable[[nnx.GraphDef, Any], Callable]
   samples_per_step: int
   aux: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -98,8 +101,11 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   spec = build_stage(RunContext(config, mesh, model, tokenizer, markers))
   graphdef, params, frozen = state_lib.split_model(model, spec.trainable)
   del model
+  # With LoRA the steps get a LoraGraphDef: params become the LoRA factors, frozen the whole base.
+  graphdef, params, frozen = apply_lora(config, graphdef, params, frozen)
   tx = state_lib.make_optimizer(config.optimizer, config.total_steps)
   if spec.reference:
+    # With LoRA the initial factors (B = 0) are the base model itself.
     spec.aux["reference"] = jax.tree.map(lambda x: x.copy(), params)
   state = jax.jit(lambda p, f, r, a: state_lib.create_state(
       p, f, tx, r, config.optimizer.ema_decay > 0, a))(
@@ -108,6 +114,9 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   with jax.set_mesh(mesh):
 
     process_index, process_count = multihost.data_shard(mesh)
+    if process_count > 1 and not config.data.token_budget and not config.data.text_pad_to:
+      raise ValueError("a multi-host run of unpacked batches needs data.text_pad_to > 0 (the "
+                       "longest text in tokens), so every host builds rows of one length")
     data = pipeline_lib.make_pipeline(config.data, seed=config.seed, process_index=process_index,
                                       process_count=process_count, tokenizer=tokenizer,
                                       stage=config.stage)
@@ -146,7 +155,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         if row is not None:
           checkpoint_lib.check_finite(step, row)
         if spec.evaluate is not None and step % config.eval_every == 0:
-          columns, eval_metrics = spec.evaluate(graphdef, state)
+          columns, eval_metrics = spec.evaluate(*plain_model_state(graphdef, state))
           log.log_eval(step, eval_metrics, metrics_log.image_grid(columns),
                        os.path.join(workdir, "images", f"step_{step:07d}.png"))
         if step % config.checkpoint_every == 0 or ckpt.stop_requested or \
@@ -167,11 +176,41 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   return log.history
 
 
-def save_model(workdir: str, graphdef: nnx.GraphDef, state: state_lib.TrainState) -> None:
+def apply_lora(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, params: nnx.State,
+               frozen: nnx.State):
+  """`split_model`'s (graphdef, trainable, frozen), or with `config.lora.rank > 0` (LoraGraphDef,
+  LoRA factors of the targeted trainable kernels, the whole base model); see training/lora.py."""
+  lo = config.get("lora")
+  if lo is None or lo.rank == 0:
+    return graphdef, params, frozen
+  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x10AA)
+  view, factors, base = lora_lib.setup(graphdef, params, frozen, lo.rank, lo.alpha, key,
+                                       lo.targets)
+  total = sum(int(x.size) for x in jax.tree.leaves(params))
+  print(f"LoRA rank {lo.rank}: {lora_lib.num_params(factors):,} trainable parameters on "
+        f"{len(jax.tree.leaves(factors)) // 2} kernels (of {total:,} the stage would train "
+        "fully)", flush=True)
+  return view, factors, base
+
+
+def plain_model_state(graphdef, state: state_lib.TrainState
+                      ) -> tuple[nnx.GraphDef, state_lib.TrainState]:
+  """(graphdef, state) with a plain graph definition, as a stage's `evaluate` expects: with LoRA,
+  the state's params are the merged weights (of the EMA factors when kept) and frozen is empty."""
+  if not isinstance(graphdef, lora_lib.LoraGraphDef):
+    return graphdef, state
+  factors = state.ema if state.ema is not None else state.params
+  # Eager: only the targeted kernels get new arrays; every other one is passed through, not copied.
+  merged = graphdef.merge_state(factors, state.frozen)
+  return graphdef.graphdef, state.replace(params=merged, frozen=nnx.State({}), ema=None)
+
+
+def save_model(workdir: str, graphdef, state: state_lib.TrainState) -> None:
   """The final model (EMA weights when kept) as an Orbax checkpoint in `workdir/model`, the form
-  later stages' `init_from` and `convert --to hf` read."""
+  later stages' `init_from` and `convert --to hf` read. With LoRA (`graphdef` a LoraGraphDef) the
+  saved model holds the merged weights W + scale * A @ B: a plain model, no factors."""
   from robust_u1_jax.checkpoints import orbax_io
 
   params = state.ema if state.ema is not None else state.params
-  model = nnx.merge(graphdef, params, state.frozen)
+  model = state_lib.merge_model(graphdef, params, state.frozen)
   orbax_io.save_orbax(model, os.path.join(workdir, "model"), overwrite=True)

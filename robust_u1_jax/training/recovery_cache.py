@@ -1,0 +1,177 @@
+"""Precomputed recoveries for the reasoning stage (reason.recovered_images=cache).
+
+`build` runs the stage's own input pipeline (same config and seed, so the same records in the same
+order, corrupted the same way) for the run's steps, recovers every corrupted image with the
+deterministic sampler of the model in `init_from`, and writes each as a PNG:
+
+  <cache>/manifest.json                      what the cache was built from (checked on use)
+  <cache>/epoch_<EEEE>/<index:09d>.png       the recovery of record `index` in epoch E, at the
+                                             corrupted image's VAE size
+
+Each image's noise comes from (seed, index, epoch), so a recovery does not depend on its batch.
+Files are written atomically and existing ones are skipped: an interrupted build resumes, and
+processes of a multi-host job write their own records into one shared directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from robust_u1_jax.data import packing
+
+MANIFEST = "manifest.json"
+# Data fields that do not change which image a record index holds or how it is corrupted.
+_LAYOUT_ONLY = ("batch_size", "token_budget", "shuffle", "num_epochs", "worker_count",
+                "max_skip_ratio")
+BUILD_COMMAND = "python -m robust_u1_jax.recover --config <the reasoning config> --cache_dir {dir}"
+
+
+def record_path(directory: str, index: int, epoch: int) -> str:
+  return os.path.join(directory, f"epoch_{int(epoch):04d}", f"{int(index):09d}.png")
+
+
+def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """What the cached images depend on: the recovery model and sampler, the records' corruption."""
+  data = {k: v for k, v in config.data.to_dict().items() if k not in _LAYOUT_ONLY}
+  return {"init_from": config.init_from, "seed": config.seed, "instruction": config.instruction,
+          "recovery_steps": config.reason.recovery_steps, "data": data}
+
+
+def _differences(a: Mapping, b: Mapping, prefix: str = "") -> list[str]:
+  out = []
+  for key in sorted(set(a) | set(b)):
+    x, y = a.get(key), b.get(key)
+    if isinstance(x, Mapping) and isinstance(y, Mapping):
+      out += _differences(x, y, f"{prefix}{key}.")
+    elif x != y:
+      out.append(f"{prefix}{key}: cache {x!r}, config {y!r}")
+  return out
+
+
+def _check_manifest(directory: str, config) -> None:
+  path = os.path.join(directory, MANIFEST)
+  with open(path) as f:
+    stored = json.load(f)["fingerprint"]
+  diff = _differences(stored, json.loads(json.dumps(fingerprint(config))))
+  if diff:
+    raise ValueError(f"{path}: the recovery cache was built for another config ("
+                     + "; ".join(diff) + "); rebuild it into an empty directory")
+
+
+@dataclasses.dataclass(frozen=True)
+class RecoveryCache:
+  directory: str
+
+  @classmethod
+  def open(cls, directory: str, config) -> RecoveryCache:
+    """The cache a reasoning run reads; checks it was built for this config."""
+    if not directory:
+      raise ValueError("reason.recovered_images='cache' needs reason.recovery_cache: the directory "
+                       f"written by `{BUILD_COMMAND.format(dir='DIR')}`")
+    if not os.path.exists(os.path.join(directory, MANIFEST)):
+      raise FileNotFoundError(f"{directory}: no {MANIFEST}, so not a recovery cache; build it "
+                              f"with `{BUILD_COMMAND.format(dir=directory)}`")
+    _check_manifest(directory, config)
+    return cls(directory)
+
+  def load(self, sample: Mapping[str, Any]) -> np.ndarray:
+    path = record_path(self.directory, sample["index"], sample["epoch"])
+    if not os.path.exists(path):
+      raise FileNotFoundError(
+          f"{path}: no recovery of record {int(sample['index'])} (epoch {int(sample['epoch'])}) "
+          "in the cache; it holds the records of the steps it was built for: rebuild with "
+          f"--steps at least the run's total_steps (`{BUILD_COMMAND.format(dir=self.directory)}`"
+          " resumes, skipping what exists)")
+    image = np.asarray(Image.open(path).convert("RGB"))
+    if image.shape != sample["corrupted"].shape:
+      raise ValueError(f"{path}: recovery of {image.shape[:2]} for a corrupted image of "
+                       f"{sample['corrupted'].shape[:2]}")
+    return image
+
+  def load_batch(self, batch: Mapping[str, Any]) -> list[list[np.ndarray]]:
+    """recovered[row][sample] for a pipeline batch (packed or not)."""
+    return [[self.load(s) for s in row] for row in packing.batch_samples(batch)]
+
+
+def _write_png(path: str, image: np.ndarray) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}"
+  Image.fromarray(image).save(tmp, format="PNG")
+  os.replace(tmp, path)
+
+
+def build(config: ml_collections.ConfigDict, directory: str, *, steps: int = 0,
+          progress: bool = True) -> dict[str, int]:
+  """Writes the recoveries of every record the run reads in `steps` steps (0: total_steps).
+
+  Returns {'written', 'skipped'} counts of this process.
+  """
+  import tqdm
+  from flax import nnx
+
+  from robust_u1_jax import sharding
+  from robust_u1_jax.data import multihost, pipeline as pipeline_lib
+  from robust_u1_jax.data import tokenizer as tokenizer_lib
+  from robust_u1_jax.models import sequence
+  from robust_u1_jax.training import reasoning, rl, trainer
+
+  steps = steps or config.total_steps
+  os.makedirs(directory, exist_ok=True)
+  manifest = os.path.join(directory, MANIFEST)
+  if os.path.exists(manifest):
+    _check_manifest(directory, config)
+  elif jax.process_index() == 0:
+    with open(manifest, "w") as f:
+      json.dump({"fingerprint": fingerprint(config), "stage": config.stage}, f, indent=1)
+
+  mesh = sharding.make_mesh(config.mesh)
+  tokenizer = tokenizer_lib.load_tokenizer(config.data.tokenizer_dir or None)
+  special = tokenizer_lib.special_token_ids(tokenizer)
+  markers = sequence.Markers(special["vision_start"], special["vision_end"])
+  instruction = tokenizer_lib.encode_text_block(tokenizer, config.instruction)
+  model = trainer.init_model(config, mesh, tokenizer)
+  graphdef, weights = nnx.split(model)
+  settings = rl.RLSettings.inference(config.reason.recovery_steps)
+
+  @jax.jit
+  def recover(weights, recovery, keys):
+    images = reasoning.recover(nnx.merge(graphdef, weights), recovery, settings, keys)
+    return jnp.round(images * 255.0).astype(jnp.uint8)
+
+  base_key = jax.random.PRNGKey(config.seed)
+  process_index, process_count = multihost.data_shard(mesh)
+  counts = {"written": 0, "skipped": 0}
+  with jax.set_mesh(mesh), pipeline_lib.make_pipeline(
+      config.data, seed=config.seed, process_index=process_index, process_count=process_count,
+      tokenizer=tokenizer, stage=config.stage) as data:
+    bar = tqdm.tqdm(range(steps), desc="recovering", unit="step", disable=not progress,
+                    dynamic_ncols=True)
+    for _ in bar:
+      groups: dict[tuple, list] = {}
+      for row in packing.batch_samples(next(data)):
+        for sample in row:
+          if os.path.exists(record_path(directory, sample["index"], sample["epoch"])):
+            counts["skipped"] += 1
+            continue
+          key = (sample["corrupted"].shape, sample.get("corrupted_vit", sample["corrupted"]).shape)
+          groups.setdefault(key, []).append(sample)
+      for samples in groups.values():
+        inputs = rl.recovery_inputs(samples, model.config, markers, instruction)
+        keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(base_key, int(s["index"])),
+                                             int(s["epoch"])) for s in samples])
+        images = np.asarray(jax.device_get(recover(weights, inputs, keys)))
+        for sample, image in zip(samples, images):
+          _write_png(record_path(directory, sample["index"], sample["epoch"]), image)
+        counts["written"] += len(samples)
+      bar.set_postfix(counts)
+  return counts

@@ -1,0 +1,192 @@
+"""LoRA on the generation expert (training/lora.py): the factors, the exact merge, a step that
+learns through them only, and a trainer run whose saved model is the base plus scale * A @ B."""
+
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from robust_u1_jax import config_lib, sharding
+from robust_u1_jax.data import shapes
+from robust_u1_jax.data import tokenizer as tokenizer_lib
+from robust_u1_jax.models import bagel, sequence
+from robust_u1_jax.training import flow_matching, lora, sft, trainer
+from robust_u1_jax.training import state as state_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SFT = os.path.join(ROOT, "configs", "sft.py") + ":tiny"
+KERNELS = ("q_proj", "k_proj", "v_proj", "o_proj", "mlp.gate_proj", "mlp.up_proj",
+           "mlp.down_proj")
+
+
+@pytest.fixture(scope="module")
+def model(random_bagel):
+  """The tiny BAGEL with random parameters (llm2vae nonzero, so the generation expert matters)."""
+  return random_bagel(bagel.BagelConfig.tiny())
+
+
+def _dotted(path):
+  return ".".join(str(p) for p in path)
+
+
+def _split(model, rank=2, alpha=4.0):
+  graphdef, params, frozen = state_lib.split_model(model, sft.GENERATION_PARAMS)
+  return lora.setup(graphdef, params, frozen, rank, alpha, jax.random.PRNGKey(7))
+
+
+def _sft_inputs(cfg, n=2):
+  world = shapes.ShapesWorld("train")
+  images = np.stack([world[i]["image"] for i in range(n)])
+  batch = {"clean": images, "corrupted": images // 2,
+           "instruction_ids": np.tile(np.arange(3, 9), (n, 1)),
+           "instruction_lengths": np.full(n, 6)}
+  inputs = sft.sft_rows(batch, cfg, sequence.Markers(1, 2), np.random.default_rng(0),
+                        (0.0, 0.0, 0.0))
+  return jax.tree.map(jnp.asarray, inputs)
+
+
+def test_factors_cover_the_generation_kernels_only(model):
+  cfg = model.config
+  view, factors, base = _split(model, rank=3, alpha=6.0)
+  assert view.scale == 2.0
+  flat = {_dotted(p): v for p, v in nnx.to_flat_state(factors)}
+  layers = cfg.llm.num_layers
+  assert len(flat) == 2 * len(KERNELS) * layers
+  base_flat = {_dotted(p): v for p, v in nnx.to_flat_state(base)}
+  for i in range(layers):
+    for name in KERNELS:
+      kernel = f"language_model.layers.{i}.gen.{name}.kernel"
+      d_in, d_out = base_flat[kernel].shape
+      a, b = flat[kernel + ".lora_a"].get_value(), flat[kernel + ".lora_b"].get_value()
+      assert a.shape == (d_in, 3) and b.shape == (3, d_out)
+      assert a.dtype == b.dtype == jnp.float32
+      assert np.all(np.asarray(b) == 0) and np.std(np.asarray(a)) > 0
+  # The base holds every parameter of the model (the stage's trainable ones included).
+  model_paths = {_dotted(p) for p, _ in nnx.to_flat_state(nnx.state(model))}
+  assert set(base_flat) == model_paths
+
+
+def test_factors_follow_the_kernel_sharding(model):
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
+  _, params, _ = state_lib.split_model(model, sft.GENERATION_PARAMS)
+  params = jax.device_put(params, sharding.state_shardings(params, bagel.COMPONENTS, mesh))
+  factors = lora.init(params, 2, jax.random.PRNGKey(0))
+  gen = factors["language_model"]["layers"][0]["gen"]["mlp"]["up_proj"]["kernel"]
+  kernel = params["language_model"]["layers"][0]["gen"]["mlp"]["up_proj"]["kernel"].get_value()
+  assert tuple(kernel.sharding.spec) == ("fsdp", "tensor")
+  assert tuple(gen["lora_a"].get_value().sharding.spec) == ("fsdp", None)
+  assert tuple(gen["lora_b"].get_value().sharding.spec) == (None, "tensor")
+  assert gen["lora_a"].get_metadata()["out_sharding"] == ("embed", None)
+  assert gen["lora_b"].get_metadata()["out_sharding"] == (None, "mlp")
+
+
+def test_zero_b_merge_is_the_base_model_exactly(model):
+  cfg = model.config
+  view, factors, base = _split(model)
+  merged = view.merge_state(factors, base)
+  for (p, x), (q, y) in zip(nnx.to_flat_state(merged), nnx.to_flat_state(base)):
+    assert p == q
+    np.testing.assert_array_equal(x.get_value(), y.get_value(), err_msg=_dotted(p))
+
+  inputs, images = _sft_inputs(cfg)
+  key = jax.random.PRNGKey(3)
+  loss = lambda m: flow_matching.flow_matching_loss(m, inputs, images, key, 1.0)[0]
+  run = jax.jit(lambda state: loss(nnx.merge(view.graphdef, state)))  # one compile for both
+  assert float(run(base)) == float(run(merged))
+
+  # A nonzero B: the targeted kernels move by exactly scale * A @ B, nothing else moves.
+  factors = jax.tree.map(lambda x: x + 0.1, factors)
+  moved = {_dotted(p): v.get_value() for p, v in nnx.to_flat_state(view.merge_state(factors,
+                                                                                     base))}
+  fl = {_dotted(p): v.get_value() for p, v in nnx.to_flat_state(factors)}
+  for p, w in ((_dotted(p), v.get_value()) for p, v in nnx.to_flat_state(base)):
+    if p + ".lora_a" in fl:
+      want = np.asarray(w) + view.scale * np.asarray(fl[p + ".lora_a"]) @ np.asarray(
+          fl[p + ".lora_b"])
+      np.testing.assert_allclose(moved[p], want, rtol=1e-6, atol=1e-6, err_msg=p)
+    else:
+      np.testing.assert_array_equal(moved[p], w, err_msg=p)
+
+
+def test_lora_step_overfits_one_batch(model):
+  cfg = model.config
+  view, factors, base = _split(model, rank=4, alpha=8.0)
+  optimizer = config_lib.get_optimizer_config()
+  optimizer.learning_rate, optimizer.warmup_steps = 1e-2, 0
+  tx = state_lib.make_optimizer(optimizer, 100)
+  state = state_lib.create_state(factors, base, tx, jax.random.PRNGKey(0), False)
+  step = jax.jit(sft.make_step(view, tx, timestep_shift=1.0, ema_decay=0.0))
+  inputs = _sft_inputs(cfg)
+  key = state.rng
+  losses = []
+  for _ in range(8):
+    state, metrics = step(state.replace(rng=key), inputs)  # the same t and noise every step
+    losses.append(float(metrics["loss"]))
+  assert losses[-1] < 0.7 * losses[0], losses
+  # Only the factors moved.
+  assert jax.tree.structure(state.params) == jax.tree.structure(factors)
+  for x, y in zip(jax.tree.leaves(state.frozen), jax.tree.leaves(base)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_trainer_run_with_lora_changes_only_the_targeted_kernels(tmp_path, random_bagel,
+                                                               bagel_params):
+  from robust_u1_jax.checkpoints import orbax_io
+
+  tok = tokenizer_lib.load_tokenizer()
+  initial = random_bagel(bagel.BagelConfig.tiny(vocab_size=max(len(tok), 64)))
+  init_dir = orbax_io.save_orbax(initial, str(tmp_path / "init"))
+  workdir = str(tmp_path / "run")
+  overrides = {"init_from": init_dir, "lora.rank": 2, "data.batch_size": 8, "log_every": 1,
+               "checkpoint_every": 2, "mesh.data": -1, "mesh.fsdp": 1, "tensorboard": False,
+               "eval_every": 1000, "optimizer.learning_rate": 1e-2,
+               "optimizer.warmup_steps": 0, "optimizer.ema_decay": 0.0}
+  config = config_lib.load(SFT, {**overrides, "total_steps": 3})
+  history = trainer.train(config, workdir, sft.build)
+  assert [row["step"] for row in history] == [1, 2, 3]
+  before = bagel_params(initial)
+  after = bagel_params(orbax_io.load_orbax(os.path.join(workdir, "model")))
+  assert before.keys() == after.keys()
+  targeted = {p for p in before if p.endswith(".kernel") and ".gen." in p and
+              any(f".gen.{k}.kernel" in p for k in KERNELS)}
+  assert len(targeted) == len(KERNELS) * initial.config.llm.num_layers
+  for p in before:
+    if p not in targeted:  # untargeted generation parameters included: bit-identical
+      np.testing.assert_array_equal(after[p], before[p], err_msg=p)
+      continue
+    diff = after[p].astype(np.float64) - before[p]
+    singular = np.linalg.svd(diff, compute_uv=False)
+    assert singular[0] > 1e-4, p  # trained ...
+    assert np.all(singular[2:] < 1e-5 * singular[0]), (p, singular[:4])  # ... with rank <= 2
+
+  # Resuming from the step-2 checkpoint (LoRA factors, their Adam moments) ends in the same model.
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "3"))
+  shutil.rmtree(os.path.join(workdir, "model"))
+  history = trainer.train(config, workdir, sft.build)
+  assert [row["step"] for row in history] == [3]
+  resumed = bagel_params(orbax_io.load_orbax(os.path.join(workdir, "model")))
+  for p in after:
+    np.testing.assert_array_equal(resumed[p], after[p], err_msg=p)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("lora.rank", -1, "lora.rank"),
+    ("lora.alpha", 0.0, "lora.alpha"),
+    ("lora.targets", "(", "lora.targets"),
+])
+def test_bad_lora_config_names_the_field(field, value, message):
+  overrides = {"lora.rank": 4, field: value}
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.load(SFT, overrides)
+
+
+def test_targets_selecting_nothing_are_refused(model):
+  graphdef, params, frozen = state_lib.split_model(model, sft.GENERATION_PARAMS)
+  with pytest.raises(ValueError, match="selects no kernel"):
+    lora.setup(graphdef, params, frozen, 2, 4.0, jax.random.PRNGKey(0), r"\.und\.")
+  with pytest.raises(ValueError, match="2-D"):
+    lora.setup(graphdef, params, frozen, 2, 4.0, jax.random.PRNGKey(0), r"\.gen\..*scale$")
