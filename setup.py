@@ -42,6 +42,8 @@ EXTRAS = {
         "scikit-image==0.26.0",
     ],
     "cuda": ["jax[cuda12]==0.10.2"],
+    # jax 0.10.2's own `tpu` extra pins libtpu 0.0.42.*: on TPU VMs, and on any CPU machine for
+    # ahead-of-time compiles against a TPU topology (`python -m robust_u1_jax.bench aot`).
     "tpu": ["jax[tpu]==0.10.2"],
 }
 

@@ -3,12 +3,15 @@
   python -m robust_u1_jax.bench data                 # a few seconds per measurement
   python -m robust_u1_jax.bench data --long          # 10x longer measurements
   python -m robust_u1_jax.bench data --config configs/sft.py:tiny --threads 2
+  python -m robust_u1_jax.bench aot --config configs/sft.py:bagel_7b --topology v5p-64
 
 Subcommands are listed in BENCHMARKS: each names a module of robust_u1_jax.benchmarks whose
-`run(seconds=..., config=..., threads=...)` prints its tables.
+`run(seconds=..., config=..., threads=...)` prints its tables; a `run` that also takes topology,
+hbm_gib or overrides receives --topology, --hbm_gib and --override.
 """
 
 import importlib
+import inspect
 
 from absl import app
 from absl import flags
@@ -19,12 +22,20 @@ BENCHMARKS = {
              "Grain pipeline samples/s; JAX corruptions vs PIL/scipy/numpy"),
     "model": ("robust_u1_jax.benchmarks.model",
               "tiny LLM forward+backward vs PyTorch; cached denoising step at context L and 2L"),
+    "aot": ("robust_u1_jax.benchmarks.aot",
+            "compile a stage's train step ahead of time for a TPU topology: memory, FLOPs, fits?"),
 }
 
 _SECONDS = flags.DEFINE_float("seconds", 3.0, "Wall time of each measurement.")
 _LONG = flags.DEFINE_bool("long", False, "Measure 10x longer (steadier numbers).")
 _CONFIG = flags.DEFINE_string("config", "", "Config file[:variant] (default: the benchmark's).")
 _THREADS = flags.DEFINE_integer("threads", None, "Grain reader threads (default: automatic).")
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", "cpu:8", "aot: TPU slice (v5p-64, v6e-256), libtpu topology (v5p:2x4x4) or cpu:N.")
+_HBM_GIB = flags.DEFINE_float("hbm_gib", None, "aot: per-device memory limit in GiB (default: "
+                              "the chip's HBM).")
+_OVERRIDE = flags.DEFINE_multi_string("override", [], "aot: config override field.path=value "
+                                      "(repeatable).")
 
 
 def usage() -> str:
@@ -39,7 +50,12 @@ def main(argv) -> None:
     raise app.UsageError(f"got {given}; choose one of {', '.join(BENCHMARKS)}\n{usage()}")
   module = importlib.import_module(BENCHMARKS[argv[1]][0])
   seconds = _SECONDS.value * (10 if _LONG.value else 1)
-  module.run(seconds=seconds, config=_CONFIG.value, threads=_THREADS.value)
+  kwargs = dict(seconds=seconds, config=_CONFIG.value, threads=_THREADS.value)
+  accepted = inspect.signature(module.run).parameters
+  for name, flag in (("topology", _TOPOLOGY), ("hbm_gib", _HBM_GIB), ("overrides", _OVERRIDE)):
+    if name in accepted:
+      kwargs[name] = flag.value
+  module.run(**kwargs)
 
 
 if __name__ == "__main__":

@@ -308,3 +308,18 @@ def test_remat_keeps_values_and_gradients():
     l1, g1 = loss_and_grad(remat)
     np.testing.assert_allclose(l0, l1, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g0, g1)
+    # The training steps' form: the model merged inside jax.value_and_grad from the trainable
+    # state (traced there) and the frozen rest (traced one level up, by jit).
+    graphdef, trainable, frozen = nnx.split(remat, lambda path, _: "mlp" in path, ...)
+
+    @jax.jit
+    def functional(trainable, frozen):
+      def loss(t):
+        m = nnx.merge(graphdef, t, frozen)
+        return jnp.mean(jnp.square(m(m.embed(tokens), positions, mask, route)))
+      return jax.value_and_grad(loss)(trainable)
+
+    l2, g2 = functional(trainable, frozen)
+    np.testing.assert_allclose(l0, l2, rtol=1e-6)
+    g0_mlp = nnx.state(g0).filter(lambda path, _: "mlp" in path)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g0_mlp, g2)

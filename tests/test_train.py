@@ -141,13 +141,26 @@ def test_sharded_sft_step_matches_single_device():
   mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
   placed = lambda part: jax.device_put(
       part, sharding.state_shardings(part, bagel.COMPONENTS, mesh))
-  sharded_state = state_lib.create_state(placed(params), placed(frozen), tx,
-                                         jax.random.PRNGKey(0), False)
+  config = _config(2)
+  sharded_params = placed(params)
+  sharded_state = trainer.state_creator(config, tx, sharded_params)(
+      sharded_params, placed(frozen), jax.random.PRNGKey(0), {})
   assert "tensor" in str(sharded_state.params["language_model"]["layers"][0]["gen"]["mlp"]
                          ["up_proj"]["kernel"].get_value().sharding.spec)
+  # Adam's moments and the EMA live on the parameters' shards, not replicated.
+  want = jax.tree.leaves(jax.tree.map(lambda x: x.sharding, sharded_state.params))
+  adam = sharded_state.opt_state[1][0]
+  for tree in (adam.mu, adam.nu, sharded_state.ema):
+    got = jax.tree.leaves(jax.tree.map(lambda x: x.sharding, tree))
+    assert all(g.is_equivalent_to(w, x.ndim) for g, w, x in zip(
+        got, want, jax.tree.leaves(tree))), (got[:3], want[:3])
   batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+  spec = trainer.StageSpec(trainable=sft.GENERATION_PARAMS, host_inputs=None,
+                           make_step=lambda g, t: step, samples_per_step=8)
+  shardings = jax.tree.map(lambda x: x.sharding, sharded_state)
   with jax.set_mesh(mesh):
-    _, sharded = jax.jit(step)(sharded_state, jax.device_put(
-        jax.tree.map(jnp.asarray, inputs), batch_sharding))
+    new_state, sharded = trainer.jit_step(spec, graphdef, tx, shardings)(
+        sharded_state, jax.device_put(jax.tree.map(jnp.asarray, inputs), batch_sharding))
+  assert jax.tree.map(lambda x: x.sharding, new_state) == shardings
   for key in ("loss", "grad_norm"):
     np.testing.assert_allclose(float(sharded[key]), float(single[key]), rtol=1e-5)

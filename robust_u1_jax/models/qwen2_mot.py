@@ -312,11 +312,19 @@ class Qwen2MoT(nnx.Module):
 
 
 def _apply_layer(layer: DecoderLayer, x_btd, positions_bt, mask_btt, route: Route, policy):
-  """One layer of the full forward, rematerialised under `policy` when it is not None."""
+  """One layer of the full forward, rematerialised under `policy` when it is not None.
+
+  `jax.checkpoint` over a pure function of the layer's split state rather than `nnx.remat`:
+  the training steps merge the model inside `jax.value_and_grad`, and nnx.remat then refuses to
+  touch parameters created at that outer trace level.
+  """
   if policy is None:
     return layer(x_btd, positions_bt, mask_btt, route)[0]
-  if isinstance(route, str) or route is None:  # static: closed over, not traced
-    fn = nnx.remat(lambda m, x, p, a: m(x, p, a, route)[0], policy=policy)
-    return fn(layer, x_btd, positions_bt, mask_btt)
-  fn = nnx.remat(lambda m, x, p, a, r: m(x, p, a, r)[0], policy=policy)
-  return fn(layer, x_btd, positions_bt, mask_btt, route)
+  graphdef, state = nnx.split(layer)
+  static_route = isinstance(route, str) or route is None  # closed over, not traced
+
+  def body(state, x, p, a, r):
+    return nnx.merge(graphdef, state)(x, p, a, route if static_route else r)[0]
+
+  return jax.checkpoint(body, policy=policy)(state, x_btd, positions_bt, mask_btt,
+                                             None if static_route else route)

@@ -86,10 +86,31 @@ def make_optimizer(o: ml_collections.ConfigDict, total_steps: int) -> optax.Grad
 
 
 def create_state(params: nnx.State, frozen: nnx.State, tx: optax.GradientTransformation,
-                 rng: jax.Array, ema: bool, aux: dict[str, Any] | None = None) -> TrainState:
-  return TrainState(
-      step=jnp.zeros((), jnp.int32), params=params, frozen=frozen, opt_state=tx.init(params),
-      ema=jax.tree.map(jnp.copy, params) if ema else None, rng=rng, aux=aux or {})
+                 rng: jax.Array, ema: bool, aux: dict[str, Any] | None = None,
+                 param_shardings: Any = None) -> TrainState:
+  """A fresh state. Under jit, pass `param_shardings` (the params' shardings): every part of the
+  optimizer state shaped like the parameters (Adam moments, accumulated gradients) and the EMA are
+  constrained to them; XLA would otherwise replicate these zeros on every device."""
+  opt_state = tx.init(params)
+  ema_params = jax.tree.map(jnp.copy, params) if ema else None
+  if param_shardings is not None:
+    opt_state = like_params(opt_state, params, param_shardings)
+    ema_params = like_params(ema_params, params, param_shardings)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen,
+                    opt_state=opt_state, ema=ema_params, rng=rng, aux=aux or {})
+
+
+def like_params(tree: Any, params: nnx.State, param_shardings: Any) -> Any:
+  """Constrains each subtree of `tree` with the parameters' tree structure to their shardings."""
+  structure = jax.tree.structure(params)
+  same = lambda x: jax.tree.structure(x) == structure
+
+  def constrain(x):
+    if not same(x):
+      return x
+    return jax.tree.map(jax.lax.with_sharding_constraint, x, param_shardings)
+
+  return jax.tree.map(constrain, tree, is_leaf=same)
 
 
 def apply_gradients(state: TrainState, grads: nnx.State, tx: optax.GradientTransformation,

@@ -107,10 +107,9 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   if spec.reference:
     # With LoRA the initial factors (B = 0) are the base model itself.
     spec.aux["reference"] = jax.tree.map(lambda x: x.copy(), params)
-  state = jax.jit(lambda p, f, r, a: state_lib.create_state(
-      p, f, tx, r, config.optimizer.ema_decay > 0, a))(
-          params, frozen, jax.random.PRNGKey(config.seed), spec.aux)
-  step_fn = jax.jit(spec.make_step(graphdef, tx), donate_argnums=0)
+  state = state_creator(config, tx, params)(params, frozen, jax.random.PRNGKey(config.seed),
+                                            spec.aux)
+  step_fn = jit_step(spec, graphdef, tx, jax.tree.map(lambda x: x.sharding, state))
   with jax.set_mesh(mesh):
 
     process_index, process_count = multihost.data_shard(mesh)
@@ -174,6 +173,21 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       ckpt.close()
       data.close()
   return log.history
+
+
+def state_creator(config: ml_collections.ConfigDict, tx, params) -> Callable:
+  """jitted (params, frozen, rng, aux) -> TrainState, optimizer state and EMA sharded like the
+  parameters (`params` may be arrays or sharded ShapeDtypeStructs)."""
+  shardings = jax.tree.map(lambda x: x.sharding, params)
+  ema = config.optimizer.ema_decay > 0
+  return jax.jit(lambda p, f, r, a: state_lib.create_state(p, f, tx, r, ema, a, shardings))
+
+
+def jit_step(spec: StageSpec, graphdef, tx, state_shardings) -> Callable:
+  """The stage's step, jitted with the state donated and returned on the shardings it came in
+  with (so step 2 reuses step 1's executable and the donated buffers)."""
+  return jax.jit(spec.make_step(graphdef, tx), donate_argnums=0,
+                 out_shardings=(state_shardings, None))
 
 
 def apply_lora(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, params: nnx.State,

@@ -1,0 +1,733 @@
+"""Ahead-of-time compile of a stage's real train step for a TPU topology, on a CPU machine.
+
+  python -m robust_u1_jax.bench aot --config configs/sft.py:bagel_7b --topology v5p-64
+  python -m robust_u1_jax.bench aot --config configs/sft.py:tiny --topology cpu:8
+  python -m robust_u1_jax.bench aot --config configs/sft.py:bagel_7b --topology v5p-64 \
+      --override data.token_budget=8192 --override data.batch_size=64
+
+Nothing is allocated: the model is a shape-only `nnx.eval_shape` tree, its shardings come from the
+logical-axis rules (`sharding.state_shardings`), the train state's shardings are the ones XLA gives
+`create_state` (compiled for the same devices, as the trainer's `jax.jit(create_state)` does), and
+the batch is `jax.ShapeDtypeStruct`s split over the ('data', 'fsdp') mesh axes like
+`multihost.global_batch`. The step is the stage's own `spec.make_step(graphdef, tx)`, jitted with
+the trainer's donation, lowered under the mesh and compiled for:
+
+  v5p-64, v4-32, v5e-16, v6e-256 ...   Cloud TPU slice names (v4/v5p count TensorCores, two per
+                                       chip; v5e/v6e count chips), default slice shapes
+  v5p:2x4x4, v6e:8x8                    an explicit libtpu topology (chips per axis)
+  cpu:N                                 N fake CPU devices (XLA_FLAGS host device count): the same
+                                        code path without libtpu; memory is per fake device
+
+TPU topologies need libtpu (`pip install -e ".[tpu]"`: jax 0.10.2 pins libtpu 0.0.42.*), never a
+TPU: libtpu compiles for a described slice. The report gives XLA's per-device memory
+(`compiled.memory_analysis()`: arguments, outputs, aliased (donated) bytes, temporaries, code)
+against the chip's HBM, FLOPs per device from `compiled.cost_analysis()` and whole-program FLOPs
+from the lowered HLO, and a verdict. When a program does not fit, the TPU compiler itself refuses
+it (RESOURCE_EXHAUSTED); the verdict then quotes the compiler's numbers and largest allocations.
+
+The step's inputs are derived from the config alone (`step_input_shapes`), not from a pipeline
+batch: the packed-row inputs (data.token_budget > 0) take their static shapes from the budget.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import re
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+DEFAULT_CONFIG = os.path.normpath(
+    os.path.join(os.path.dirname(__file__), "..", "..", "configs", "sft.py")) + ":tiny"
+DEFAULT_TOPOLOGY = "cpu:8"
+BATCH_AXES = ("data", "fsdp")  # as multihost.BATCH_AXES
+GIB = 1024 ** 3
+
+# Per chip (one JAX device per chip: megacore on v4/v5p), by device_kind: HBM in GiB and peak
+# bf16 FLOP/s (Cloud TPU documentation).
+CHIPS = {
+    "TPU v4": (32.0, 275e12),
+    "TPU v5 lite": (16.0, 197e12),
+    "TPU v5": (95.0, 459e12),  # v5p
+    "TPU v5p": (95.0, 459e12),
+    "TPU v6 lite": (32.0, 918e12),
+}
+# Slice-name generation -> (libtpu name, TensorCores per chip counted in the slice name, 3-D torus).
+GENERATIONS = {"v4": ("v4", 2, True), "v5p": ("v5p", 2, True), "v5e": ("v5e", 1, False),
+               "v5litepod": ("v5e", 1, False), "v6e": ("v6e", 1, False)}
+
+
+class AotError(RuntimeError):
+  """The AOT check cannot run as asked (topology, libtpu, config); the message says why."""
+
+
+# ----------------------------------------------------------------------------------- topologies
+
+def libtpu_topology_name(topology: str) -> str:
+  """'v5p-64' -> 'v5p:2x4x4' (Cloud TPU default slice shapes); explicit 'v5p:2x4x4' passes."""
+  if ":" in topology:
+    return topology
+  m = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", topology)
+  if not m:
+    raise AotError(f"--topology {topology!r} is not understood: use a Cloud TPU slice name "
+                   "(v4-32, v5p-64, v5e-16, v6e-256), an explicit libtpu topology (v5p:2x4x4, "
+                   "v6e:8x8) or cpu:N")
+  name, per_chip, torus = GENERATIONS[m.group(1)]
+  count = int(m.group(2))
+  chips = count // per_chip
+  if count % per_chip or chips < 1 or chips & (chips - 1):
+    raise AotError(f"--topology {topology}: {count} is not a power-of-two slice size; give the "
+                   f"shape explicitly, e.g. {name}:2x2x2")
+  if torus and chips < 4:
+    raise AotError(f"--topology {topology}: the smallest {name} slice is {name}-{4 * per_chip} "
+                   "(2x2x1 chips)")
+  dims = [2, 2, 1] if torus else [1, 1]
+  while math.prod(dims) < chips:
+    # Double the smallest axis, the last one on ties: 2x2x1, 2x2x2, 2x2x4, 2x4x4, 4x4x4 ...
+    smallest = min(dims)
+    dims[max(i for i, d in enumerate(dims) if d == smallest)] *= 2
+  return f"{name}:{'x'.join(map(str, dims))}"
+
+
+def accelerator_type(name: str) -> str:
+  """'v5p:2x4x4' -> 'v5p-64', 'v5e:4x4' -> 'v5litepod-16': the slice's Cloud TPU type."""
+  generation, _, shape = name.partition(":")
+  chips = math.prod(int(d) for d in shape.split("x") if d.isdigit()) if shape else 1
+  per_chip = {"v4": 2, "v5p": 2}.get(generation, 1)
+  return f"{'v5litepod' if generation == 'v5e' else generation}-{chips * per_chip}"
+
+
+def _ensure_host_backend(cpu_devices: int = 0) -> None:
+  """The host side of an AOT run is CPU-only: never probe for a TPU (libtpu installed on a CPU
+  machine would), and give the CPU backend `cpu_devices` fake devices when it is not started."""
+  if cpu_devices:
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+      os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={cpu_devices}"
+    try:
+      jax.config.update("jax_num_cpu_devices", cpu_devices)
+    except Exception:  # backends already started; the device count check below reports it
+      pass
+  if not os.environ.get("JAX_PLATFORMS"):
+    try:
+      jax.config.update("jax_platforms", "cpu")
+    except Exception:
+      pass
+
+
+def topology_devices(topology: str) -> tuple[list, str]:
+  """(devices to compile for, a description); TPU devices come from a libtpu topology."""
+  if topology.startswith("cpu:"):
+    try:
+      n = int(topology[4:])
+    except ValueError:
+      raise AotError(f"--topology {topology!r}: use cpu:N with N an integer") from None
+    _ensure_host_backend(n)
+    devices = jax.devices("cpu")
+    if len(devices) < n:
+      raise AotError(f"--topology {topology}: the CPU backend has {len(devices)} devices; start "
+                     f"Python with XLA_FLAGS=--xla_force_host_platform_device_count={n}")
+    return devices[:n], f"{n} fake CPU devices"
+  name = libtpu_topology_name(topology)
+  _ensure_host_backend()
+  # libtpu reads these when its plugin starts: the slice being compiled for (else it probes the
+  # GCE metadata server and warns), and permission to load while another JAX process on this
+  # machine holds /tmp/libtpu_lockfile.
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", accelerator_type(name))
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  try:
+    from jax.experimental import topologies
+    desc = topologies.get_topology_desc(name, "tpu")
+  except Exception as e:  # missing libtpu, an unknown name, a libtpu/jax mismatch
+    import importlib.util
+    try:
+      have = "libtpu is installed" if importlib.util.find_spec("libtpu") else None
+    except (ImportError, ValueError):
+      have = None
+    if have is None:
+      have = "libtpu is not installed: pip install -e \".[tpu]\" (jax 0.10.2 needs libtpu 0.0.42.*)"
+    raise AotError(f"cannot describe TPU topology {name!r} ({topology}): {have}; "
+                   f"{type(e).__name__}: {e}") from e
+  return list(desc.devices), f"TPU topology {name}"
+
+
+# ----------------------------------------------------------------------------------- the config
+
+def load_config(spec: str, overrides: dict[str, Any] | None = None):
+  """The run's config; an unset `init_from` (the 7B variants) becomes 'random': no weights load."""
+  from robust_u1_jax import config_lib
+
+  overrides = dict(overrides or {})
+  try:
+    return config_lib.load(spec, overrides)
+  except config_lib.ConfigError as e:
+    if "init_from" in overrides or "init_from" not in str(e):
+      raise
+  return config_lib.load(spec, {**overrides, "init_from": "random"})
+
+
+def parse_overrides(items) -> dict[str, Any]:
+  """['a.b=1', 'c=x'] -> {'a.b': 1, 'c': 'x'} (Python literals, else strings)."""
+  import ast
+
+  out = {}
+  for item in items or ():
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+      raise AotError(f"--override {item!r}: use field.path=value")
+    try:
+      out[key.strip()] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      out[key.strip()] = value
+  return out
+
+
+def model_config(config, tokenizer):
+  """BagelConfig of the run, as trainer.init_model would build it (without its weights)."""
+  from robust_u1_jax.models import bagel as bagel_lib
+  from robust_u1_jax.training import trainer
+
+  kw = dict(dtype=jnp.dtype(config.compute_dtype), param_dtype=jnp.dtype(config.param_dtype),
+            remat=config.remat)
+  source = config.init_from
+  if source != "random" and os.path.exists(os.path.join(source, "llm_config.json")):
+    return bagel_lib.BagelConfig.from_model_dir(source, **kw)
+  vocab = max(len(tokenizer), 64) if config.model == "tiny" else None
+  return trainer.preset(config.model, vocab, **kw)
+
+
+def _builder_config(config):
+  """The config the stage builder sees: evaluation (not part of the step) reads a few built-in
+  shapes-world images instead of the run's eval data, so building needs no dataset."""
+  c = config.copy_and_resolve_references()
+  e = c.eval_data
+  if e.source != "shapes":
+    side = math.lcm(e.vae_stride, e.vit_patch)
+    side *= -(-32 // side)
+    e.update(dict(source="shapes", path="", image_size=side, vae_max_side=side,
+                  vae_min_side=side, vit_max_side=side, vit_min_side=side))
+  e.update(dict(batch_size=min(e.batch_size, 8), token_budget=0, worker_count=0,
+                shapes_size=min(e.shapes_size, 64), shuffle=False, corruption="none"))
+  return c
+
+
+def build_stage(config, mesh):
+  """(RunContext over an abstract model, the stage's StageSpec), as trainer.train builds them."""
+  from flax import nnx
+
+  from robust_u1_jax.data import tokenizer as tokenizer_lib
+  from robust_u1_jax.models import bagel as bagel_lib
+  from robust_u1_jax.models import sequence
+  from robust_u1_jax.training import stages, trainer
+
+  tokenizer = tokenizer_lib.load_tokenizer(config.data.tokenizer_dir or None)
+  special = tokenizer_lib.special_token_ids(tokenizer)
+  markers = sequence.Markers(special["vision_start"], special["vision_end"])
+  mc = model_config(config, tokenizer)
+  model = abstract_sharded_model(lambda: bagel_lib.Bagel(mc, rngs=nnx.Rngs(config.seed)), mesh)
+  ctx = trainer.RunContext(_builder_config(config), mesh, model, tokenizer, markers)
+  return ctx, stages.builder(config.stage)(ctx)
+
+
+def abstract_sharded_model(create, mesh):
+  """The model with `ShapeDtypeStruct(shape, dtype, sharding)` leaves: nothing allocated."""
+  from flax import nnx
+
+  from robust_u1_jax import sharding
+  from robust_u1_jax.models import bagel as bagel_lib
+
+  graphdef, abstract_state = sharding.abstract_model(create)
+  shardings = sharding.state_shardings(abstract_state, bagel_lib.COMPONENTS, mesh)
+  sharded = jax.tree.map(
+      lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)),
+      abstract_state, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return nnx.merge(graphdef, sharded)
+
+
+@contextlib.contextmanager
+def fast_tracer_errors():
+  """Skips the origin search in tracer error messages while tracing here.
+
+  Flax probes `getattr(tracer, 'sharding', None)` on every RNG-stream update of a parameter
+  initialiser; on a jit tracer that raises an AttributeError whose message searches every equation
+  traced so far for the value's origin, so tracing a model's initialisers is quadratic in its
+  parameter count (about 150 s for BAGEL-7B's abstract model on a 2-core machine, 12 s without the
+  search). Only the text of tracer errors changes; jax versions without this hook are left alone.
+  """
+  try:
+    from jax._src.interpreters import partial_eval as pe
+    tracer = pe.DynamicJaxprTracer
+    original = tracer.__dict__["_origin_msg"]
+  except (ImportError, AttributeError, KeyError):
+    yield
+    return
+  tracer._origin_msg = lambda self: ""
+  try:
+    yield
+  finally:
+    tracer._origin_msg = original
+
+
+# ------------------------------------------------------------------------------- the step's inputs
+
+def step_input_shapes(config, mc, instruction_tokens: int) -> dict[str, Any]:
+  """Global shapes of the step's inputs implied by the config (stage 'sft', and 'rl' rows).
+
+  Returns {'inputs': {SequenceInputs field: (shape, dtype)}, 'layout': {Layout field: ...},
+  'images': (shape, dtype), 'notes': {...}} for B = data.batch_size rows:
+
+  unpacked (data.token_budget == 0): one sample per row, padded to a no-dropout sample whose
+    images fill their canvas and whose instruction fills its padded width (a power of two >= 16,
+    the pipeline's text bucket): [VAE corrupted][ViT corrupted][instruction][VAE target]; images
+    (B, 2, H, W, 3) uint8 on the pipeline's canvas (the shapes world's size, else vae_max_side).
+  packed (data.token_budget > 0): T = token_budget tokens per row; the row's ViT patches and
+    latent tokens are bounded by T (their static shapes, since either may fill a row); images
+    (B, 2 S, H, W, 3) uint8, the corrupted and clean canvas of each of the S sample slots (S =
+    token_budget // the smallest sample: images at their min sides, a 2-token text, as the
+    pipeline's packing counts).
+  """
+  from robust_u1_jax.data import pipeline as pipeline_lib
+
+  d = config.data
+  b = int(d.batch_size)
+  ds = mc.latent_downsample
+  p = mc.vit.patch_size
+  canvas = pipeline_lib.image_canvas(d)  # {field: (H, W)}: the batch arrays' image sizes
+  hc, wc = canvas["clean"]
+  if d.token_budget > 0:
+    t = int(d.token_budget)
+    smallest = (2 + (d.vit_min_side // d.vit_patch) ** 2 + 2
+                + 2 * ((d.vae_min_side // d.vae_stride) ** 2 + 2))
+    slots = max(1, t // smallest)
+    n_vit = n_latent = t
+    images = (b, 2 * slots, hc, wc, 3)
+    notes = {"packing": f"{slots} sample slots per row (smallest sample {smallest} tokens)"}
+  else:
+    hv, wv = canvas["corrupted_vit"]
+    per_image = (hc // ds) * (wc // ds)
+    n_vit = (hv // p) * (wv // p)
+    n_latent = 2 * per_image
+    text_width = max(16, 1 << max(instruction_tokens - 1, 0).bit_length())
+    t = (per_image + 2) + (n_vit + 2) + text_width + (per_image + 2)
+    images = (b, 2, hc, wc, 3)
+    notes = {"packing": "none: one sample per row"}
+  i32 = np.int32
+  inputs = {"text_ids": ((b, t), i32), "token_kind": ((b, t), i32),
+            "source_index": ((b, t), i32), "positions": ((b, t), i32),
+            "vit_patches": ((b, n_vit, 3 * p * p), np.float32),
+            "vit_position_ids": ((b, n_vit), i32), "vit_segment_ids": ((b, n_vit), i32),
+            "latent_position_ids": ((b, n_latent), i32), "latent_seq_index": ((b, n_latent), i32),
+            "latent_image_index": ((b, n_latent), i32)}
+  layout = {"sample_id": ((b, t), i32), "block_id": ((b, t), i32),
+            "causal": ((b, t), np.bool_), "noisy": ((b, t), np.bool_)}
+  return {"inputs": inputs, "layout": layout, "images": (images, np.uint8),
+          "notes": {"rows": b, "tokens": t, "vit_patches": n_vit, "latent_tokens": n_latent,
+                    **notes}}
+
+
+def abstract_inputs(shapes: dict[str, Any], mesh) -> tuple[Any, jax.ShapeDtypeStruct]:
+  """(SequenceInputs, images) of ShapeDtypeStructs, rows split over the batch axes."""
+  from robust_u1_jax.models import attention_mask
+  from robust_u1_jax.models import bagel as bagel_lib
+
+  rows = shapes["images"][0][0]
+  split = math.prod(mesh.shape[a] for a in BATCH_AXES)
+  if rows % split:
+    raise AotError(f"data.batch_size={rows} does not split over mesh axes {BATCH_AXES} of "
+                   f"{split} devices; use a multiple of {split}")
+  batch = NamedSharding(mesh, P(BATCH_AXES))
+
+  def struct(shape_dtype):
+    shape, dtype = shape_dtype
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=batch)
+
+  def fill(cls, table, **extra):
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(names) - set(table) - set(extra))
+    if unknown:
+      raise AotError(f"{cls.__name__} has fields {unknown} that aot.step_input_shapes does not "
+                     "describe: add their shapes there")
+    return cls(**{n: extra[n] if n in extra else struct(table[n]) for n in names})
+
+  layout = fill(attention_mask.Layout, shapes["layout"])
+  inputs = fill(bagel_lib.SequenceInputs, shapes["inputs"], layout=layout)
+  return inputs, struct(shapes["images"])
+
+
+# ----------------------------------------------------------------------------------- compilation
+
+@dataclasses.dataclass
+class AotResult:
+  config: str
+  stage: str
+  topology: str
+  description: str
+  device_kind: str
+  num_devices: int
+  mesh: dict[str, int]
+  input_notes: dict[str, Any]
+  images_shape: tuple
+  params: int  # parameters of the model
+  trainable: int
+  state_bytes_per_device: int  # the train state's shards on one device
+  # Train-state leaves of 1 MiB or more that every device holds whole: (bytes, count, largest).
+  replicated_state: tuple[int, int, tuple[str, ...]]
+  batch_bytes_per_device: int
+  build_s: float  # abstract model, stage, train state shardings
+  lower_s: float
+  compile_s: float
+  memory: dict[str, int] | None  # CompiledMemoryStats fields (bytes, per device)
+  flops_per_device: float | None  # compiled.cost_analysis()
+  flops_program: float | None  # lowered.cost_analysis(): the unpartitioned program
+  optimal_seconds: float | None  # the TPU compiler's own step-time estimate, when it gives one
+  oom: dict[str, Any] | None = None  # the compiler's RESOURCE_EXHAUSTED numbers, when refused
+
+  @property
+  def device_bytes(self) -> int | None:
+    """Peak bytes one device needs: arguments + outputs - aliased (donated) + temps + code."""
+    if self.memory is None:
+      if not self.oom:
+        return None
+      if "lower bound" in self.oom["what"]:  # temporaries only: add the argument shards
+        return self.oom["used"] + self.state_bytes_per_device + self.batch_bytes_per_device
+      return self.oom["used"]
+    m = self.memory
+    return (m["argument_size_in_bytes"] + m["output_size_in_bytes"] - m["alias_size_in_bytes"]
+            + m["temp_size_in_bytes"] + m["generated_code_size_in_bytes"])
+
+
+def _shard_bytes(tree) -> int:
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    shape = leaf.shape
+    sharding = getattr(leaf, "sharding", None)
+    if sharding is not None:
+      shape = sharding.shard_shape(shape)
+    total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
+  return total
+
+
+def replicated_leaves(tree, min_bytes: int = 1 << 20) -> tuple[int, int, tuple[str, ...]]:
+  """(bytes, count, three largest paths) of leaves >= min_bytes that are fully replicated on a
+  mesh of several devices: usually a sharding the step was meant to have and did not get."""
+  found = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    sharding = getattr(leaf, "sharding", None)
+    size = math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+    if (size >= min_bytes and sharding is not None and len(sharding.device_set) > 1
+        and sharding.is_fully_replicated):
+      found.append((size, jax.tree_util.keystr(path)))
+  found.sort(reverse=True)
+  return sum(n for n, _ in found), len(found), tuple(p for _, p in found[:3])
+
+
+def _count(tree) -> int:
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+
+
+def _cost(obj) -> dict[str, float]:
+  try:
+    analysis = obj.cost_analysis()
+  except Exception:  # not every backend implements it
+    return {}
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else {}
+  return dict(analysis or {})
+
+
+def _program_cost(lowered) -> dict[str, float]:
+  """XLA's cost analysis of the unpartitioned program (whole-step FLOPs). libtpu's client has none
+  for a lowering, so the same HLO module is analysed by the CPU client instead."""
+  cost = _cost(lowered)
+  if cost.get("flops"):
+    return cost
+  try:
+    from jax._src import xla_bridge
+    from jax._src.lib import _jax
+    module = lowered._lowering.hlo().as_hlo_module()  # pylint: disable=protected-access
+    return dict(_jax.hlo_module_cost_analysis(xla_bridge.get_backend("cpu"), module) or {})
+  except Exception:  # private hooks moved: report no program FLOPs rather than fail
+    return {}
+
+
+_UNITS = {"": 1, "K": 1024, "M": 1024 ** 2, "G": GIB, "T": 1024 ** 4}
+
+
+def _size(number: str, unit: str) -> int:
+  return int(float(number) * _UNITS[unit])
+
+
+def parse_oom(message: str) -> dict[str, Any] | None:
+  """The TPU compiler's out-of-HBM refusal -> {'used', 'capacity', 'what', 'exceeded', 'details'}.
+
+  Two forms: 'Ran out of memory in memory space hbm. Used X of Y hbm. Exceeded hbm capacity by Z'
+  (the whole program, with its largest allocations listed), and 'Ran out of memory on HBM, the
+  total memory required for HLO temporaries (X) exceeds available HBM (Y)' (temporaries alone: a
+  lower bound on what a device needs).
+  """
+  size = r"([\d.]+)([KMGT]?)"
+  used = re.search(rf"Used {size} of {size} hbm", message)
+  temps = re.search(rf"required for HLO temporaries \({size}\) exceeds available HBM \({size}\)",
+                    message)
+  if used:
+    out = {"used": _size(*used.group(1, 2)), "capacity": _size(*used.group(3, 4)),
+           "what": "the whole program"}
+  elif temps:
+    out = {"used": _size(*temps.group(1, 2)), "capacity": _size(*temps.group(3, 4)),
+           "what": "HLO temporaries alone (a lower bound)"}
+  else:
+    return None
+  over = re.search(rf"[Ee]xceeded hbm capacity by {size}", message)
+  if over:
+    out["exceeded"] = _size(*over.group(1, 2))
+  lines = [ln.rstrip() for ln in message.splitlines() if ln.strip()]
+  start = next((i for i, ln in enumerate(lines) if "largest" in ln.lower()), None)
+  out["details"] = "\n".join(lines[start:start + 40] if start is not None else lines[:12])
+  return out
+
+
+def compile_step(config_spec: str = "", topology: str = DEFAULT_TOPOLOGY,
+                 overrides: dict[str, Any] | None = None, *, verbose: bool = True) -> AotResult:
+  """Lowers and compiles the config's train step for `topology` without allocating weights."""
+  from robust_u1_jax import config_lib
+  from robust_u1_jax import sharding
+
+  spec_name = config_spec or DEFAULT_CONFIG
+  devices, description = topology_devices(topology)
+  try:
+    config = load_config(spec_name, overrides)
+  except (config_lib.ConfigError, FileNotFoundError, KeyError, TypeError, ValueError) as e:
+    raise AotError(f"config {spec_name}: {e}") from e
+  if config.stage not in ("sft",):
+    raise AotError(f"stage {config.stage!r}: aot.step_input_shapes describes the sft step's "
+                   "inputs only; add this stage's input shapes there")
+  if config.get("lora") is not None and config.lora.rank > 0:
+    raise AotError("lora.rank > 0: the AOT check builds the full-training state only; LoRA "
+                   "factors are initialised from real kernels (trainer.apply_lora)")
+  mesh = sharding.make_mesh(config.mesh, devices)
+  say = print if verbose else (lambda *a, **k: None)
+  say(f"AOT: {spec_name} (stage {config.stage}) for {topology}: {description}, "
+      f"{len(devices)} x {devices[0].device_kind}, mesh {dict(mesh.shape)}", flush=True)
+  with fast_tracer_errors(), _persistent_cache(topology.startswith("cpu:")):
+    return _compile(config, spec_name, topology, description, devices, mesh, say)
+
+
+@contextlib.contextmanager
+def _persistent_cache(enabled: bool):
+  """Topology executables have no client to be loaded back from JAX's persistent compilation
+  cache (reading them only warns), so they are not written to it."""
+  try:
+    from jax.experimental.compilation_cache import compilation_cache
+    before = jax.config.jax_enable_compilation_cache
+  except (ImportError, AttributeError):
+    yield
+    return
+  if enabled or not before:
+    yield
+    return
+  # The cache decides once per process whether it is used: reset it around the change.
+  jax.config.update("jax_enable_compilation_cache", False)
+  compilation_cache.reset_cache()
+  try:
+    yield
+  finally:
+    jax.config.update("jax_enable_compilation_cache", before)
+    compilation_cache.reset_cache()
+
+
+def _compile(config, spec_name, topology, description, devices, mesh, say) -> AotResult:
+  from robust_u1_jax.data import tokenizer as tokenizer_lib
+  from robust_u1_jax.training import state as state_lib
+  from robust_u1_jax.training import trainer
+
+  t0 = time.perf_counter()
+  ctx, spec = build_stage(config, mesh)
+  instruction = config.get("instruction", tokenizer_lib.RECOVERY_INSTRUCTION)
+  n_text = len(tokenizer_lib.encode_text_block(ctx.tokenizer, instruction))
+  shapes = step_input_shapes(config, ctx.model.config, n_text)
+  inputs = abstract_inputs(shapes, mesh)
+  notes = shapes["notes"]
+  say(f"inputs (global): {notes['rows']} rows x {notes['tokens']} tokens, "
+      f"{notes['vit_patches']} ViT patches, {notes['latent_tokens']} latent tokens, images "
+      f"{'x'.join(map(str, shapes['images'][0]))} uint8; {notes['packing']}", flush=True)
+
+  graphdef, params, frozen = state_lib.split_model(ctx.model, spec.trainable)
+  tx = state_lib.make_optimizer(config.optimizer, config.total_steps)
+  replicated = NamedSharding(mesh, P())
+  aux = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                     dict(spec.aux))
+  if spec.reference:
+    aux["reference"] = params
+  rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)
+  # The trainer's own state creation (optimizer state and EMA sharded like the parameters).
+  create = trainer.state_creator(config, tx, params)
+  state_shapes = jax.eval_shape(create, params, frozen, rng, aux)
+  state_shardings = create.lower(params, frozen, rng, aux).compile().output_shardings
+  state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                       state_shapes, state_shardings)
+  build_s = time.perf_counter() - t0
+  say(f"abstract model, stage and train state in {build_s:.1f} s; lowering ...", flush=True)
+
+  # The trainer's step: its own make_step, donated state, traced under the mesh.
+  step = trainer.jit_step(spec, graphdef, tx, state_shardings)
+  t0 = time.perf_counter()
+  with jax.set_mesh(mesh):
+    lowered = step.lower(state, inputs)
+  lower_s = time.perf_counter() - t0
+  say(f"lowered in {lower_s:.1f} s; compiling ...", flush=True)
+  t0 = time.perf_counter()
+  memory, cost, oom = None, {}, None
+  try:
+    compiled = lowered.compile()
+  except Exception as e:  # the TPU compiler refuses programs that exceed HBM
+    oom = parse_oom(str(e))
+    if oom is None:
+      raise
+  else:
+    stats = compiled.memory_analysis()
+    if stats is not None:
+      memory = {f: int(getattr(stats, f)) for f in dir(stats)
+                if f.endswith("_in_bytes") and isinstance(getattr(stats, f), (int, float))}
+    cost = _cost(compiled)
+  compile_s = time.perf_counter() - t0
+  program_flops = _program_cost(lowered).get("flops")
+  return AotResult(
+      config=spec_name, stage=config.stage, topology=topology, description=description,
+      device_kind=devices[0].device_kind, num_devices=len(devices), mesh=dict(mesh.shape),
+      input_notes=notes, images_shape=shapes["images"][0],
+      params=_count(params) + _count(frozen), trainable=_count(params),
+      state_bytes_per_device=_shard_bytes(state), replicated_state=replicated_leaves(state),
+      batch_bytes_per_device=_shard_bytes(inputs),
+      build_s=build_s, lower_s=lower_s, compile_s=compile_s, memory=memory,
+      flops_per_device=float(cost["flops"]) if cost.get("flops") else None,
+      flops_program=float(program_flops) if program_flops else None,
+      optimal_seconds=cost.get("optimal_seconds"), oom=oom)
+
+
+# ----------------------------------------------------------------------------------- the verdict
+
+def device_limit(result: AotResult, hbm_gib: float | None = None) -> tuple[int, str]:
+  """(bytes one device may use, where that number comes from)."""
+  if hbm_gib is not None:
+    return int(hbm_gib * GIB), f"--hbm_gib {hbm_gib:g}"
+  if result.oom and result.oom.get("capacity"):
+    return result.oom["capacity"], f"the TPU compiler's HBM capacity of {result.device_kind}"
+  if result.device_kind in CHIPS:
+    return int(CHIPS[result.device_kind][0] * GIB), f"HBM of one {result.device_kind} chip"
+  try:
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  except (ValueError, OSError, AttributeError):
+    host = 0
+  return host // max(result.num_devices, 1), (
+      f"host memory / {result.num_devices} fake devices")
+
+
+def verdict(result: AotResult, hbm_gib: float | None = None) -> tuple[bool, str]:
+  """(fits, one line): per-device need against the chip's (or the given) memory."""
+  need = result.device_bytes
+  limit, source = device_limit(result, hbm_gib)
+  if need is None:
+    return False, "UNKNOWN: the compiler reported no memory analysis"
+  b = lambda n: _bytes(n).strip()
+  if need <= limit and (result.oom is None or hbm_gib is not None):
+    return True, (f"FITS: needs {b(need)} per device of {b(limit)} ({source}); "
+                  f"{b(limit - need)} ({1 - need / limit:.0%}) to spare")
+  refused = "the TPU compiler refused the step: " if result.oom is not None else ""
+  at_least = "at least " if result.oom and "lower bound" in result.oom["what"] else ""
+  return False, (f"DOES NOT FIT: {refused}needs {at_least}{b(need)} per device, {source} is "
+                 f"{b(limit)}: "
+                 f"over by {b(need - limit)} ({need / limit:.1f}x)")
+
+
+def _bytes(n: int | float | None) -> str:
+  if n is None:
+    return "-"
+  for unit, size in (("GiB", GIB), ("MiB", 1024 ** 2), ("KiB", 1024)):
+    if abs(n) >= size:
+      return f"{n / size:9.2f} {unit}"
+  return f"{n:9.0f} B"
+
+
+def _number(n: float) -> str:
+  for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+    if n >= size:
+      return f"{n / size:.3f} {unit}"
+  return f"{n:.0f}"
+
+
+def report(result: AotResult, hbm_gib: float | None = None) -> str:
+  r = result
+  lines = [
+      f"AOT compile of the {r.stage} train step: {r.config}",
+      f"  target: {r.topology} = {r.description}, {r.num_devices} x {r.device_kind}, "
+      f"mesh {r.mesh}",
+      f"  model: {_number(r.params)} parameters, {_number(r.trainable)} trainable; inputs "
+      f"{r.input_notes['rows']} rows x {r.input_notes['tokens']} tokens, "
+      f"{r.input_notes['vit_patches']} ViT patches, {r.input_notes['latent_tokens']} latent "
+      f"tokens, images {'x'.join(map(str, r.images_shape))} uint8",
+      f"  build {r.build_s:.1f} s, lower {r.lower_s:.1f} s, compile {r.compile_s:.1f} s",
+      "  per-device memory:",
+      f"    train state shards (from shardings) {_bytes(r.state_bytes_per_device)}",
+      f"    batch shards (from shardings)       {_bytes(r.batch_bytes_per_device)}",
+  ]
+  rep_bytes, rep_count, rep_paths = r.replicated_state
+  if rep_count:
+    lines.append(f"    of the state, replicated whole on every device: {_bytes(rep_bytes).strip()} "
+                 f"in {rep_count} leaves, largest {', '.join(rep_paths)}")
+  if r.memory is not None:
+    m = r.memory
+    lines += [
+        f"    arguments        {_bytes(m['argument_size_in_bytes'])}",
+        f"    outputs          {_bytes(m['output_size_in_bytes'])}",
+        f"    aliased (donated){_bytes(m['alias_size_in_bytes'])}",
+        f"    temporaries      {_bytes(m['temp_size_in_bytes'])}",
+        f"    generated code   {_bytes(m['generated_code_size_in_bytes'])}",
+        f"    total            {_bytes(r.device_bytes)}  (arguments + outputs - aliased + "
+        "temporaries + code)",
+    ]
+  if r.oom is not None:
+    lines += [f"    compiler refused: {r.oom['what']} {_bytes(r.oom['used']).strip()} of "
+              f"{_bytes(r.oom['capacity']).strip()} HBM"
+              + (f", exceeded by {_bytes(r.oom['exceeded']).strip()}" if "exceeded" in r.oom
+                 else ""),
+              "    " + r.oom["details"].replace("\n", "\n    ")]
+  limit, source = device_limit(r, hbm_gib)
+  lines.append(f"    limit            {_bytes(limit)}  ({source})")
+  flops = []
+  if r.flops_per_device:
+    flops.append(f"{r.flops_per_device:.4g} per device (compiled), "
+                 f"{r.flops_per_device * r.num_devices:.4g} over {r.num_devices} devices")
+  if r.flops_program:
+    flops.append(f"{r.flops_program:.4g} in the unpartitioned program (lowered)")
+  lines.append("  FLOPs per step: " + ("; ".join(flops) or "not reported"))
+  peak = CHIPS.get(r.device_kind, (None, None))[1]
+  per_device = r.flops_per_device or (r.flops_program / r.num_devices if r.flops_program else None)
+  if peak and per_device:
+    lines.append(f"  step time at 100% of the chip's {peak / 1e12:.0f} TFLOP/s: "
+                 f"{per_device / peak:.3f} s" + (f"; XLA's estimate {r.optimal_seconds:.3f} s"
+                                                 if r.optimal_seconds else ""))
+  lines.append("  VERDICT: " + verdict(r, hbm_gib)[1])
+  return "\n".join(lines)
+
+
+def run(*, seconds: float = 0.0, config: str = "", threads: int | None = None,
+        topology: str = DEFAULT_TOPOLOGY, hbm_gib: float | None = None,
+        overrides=()) -> dict:
+  """`python -m robust_u1_jax.bench aot`: compiles, prints the report, returns its numbers."""
+  del seconds, threads  # a compile, not a timed measurement
+  try:
+    result = compile_step(config, topology or DEFAULT_TOPOLOGY, parse_overrides(overrides))
+  except AotError as e:
+    raise SystemExit(f"aot: {e}") from None
+  print(report(result, hbm_gib), flush=True)
+  fits, line = verdict(result, hbm_gib)
+  return {**dataclasses.asdict(result), "device_bytes": result.device_bytes, "fits": fits,
+          "verdict": line}
