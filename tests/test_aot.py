@@ -49,12 +49,15 @@ def test_7b_inputs_follow_the_packing_budget():
   config = aot.load_config(f"{SFT}:bagel_7b")  # init_from '' becomes 'random': no weights
   assert config.init_from == "random"
   shapes = aot.step_input_shapes(config, bagel.BagelConfig.bagel_7b(), instruction_tokens=14)
-  assert shapes["inputs"]["text_ids"] == ((256, 32768), np.int32)
-  assert shapes["inputs"]["vit_patches"] == ((256, 32768, 3 * 14 * 14), np.float32)
-  assert shapes["inputs"]["latent_seq_index"][0] == (256, 32768)
-  assert shapes["layout"]["noisy"] == ((256, 32768), np.bool_)
-  # 14 slots of the smallest sample (224 px ViT, 512 px VAE): corrupted + clean canvases each.
-  assert shapes["images"] == ((256, 28, 1024, 1024, 3), np.uint8)
+  b, t = config.data.batch_size, config.data.token_budget
+  assert (b, t) == (32, 8192)
+  assert shapes["inputs"]["text_ids"] == ((b, t), np.int32)
+  assert shapes["inputs"]["vit_patches"] == ((b, t, 3 * 14 * 14), np.float32)
+  assert shapes["inputs"]["latent_seq_index"][0] == (b, t)
+  assert shapes["layout"]["noisy"] == ((b, t), np.bool_)
+  # Slots of the smallest sample (224 px ViT: 258 tokens; 512 px VAE: 2 x 1026; text 2): 2312
+  # tokens, so 3 per row; corrupted + clean canvases of the 512 px VAE side each.
+  assert shapes["images"] == ((b, 2 * (t // 2312), 512, 512, 3), np.uint8)
 
 
 @pytest.mark.parametrize("token_budget", [0, 256])
