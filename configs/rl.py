@@ -23,6 +23,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   rl.cfg_text_scale = 4.0
   rl.cfg_img_scale = 2.0
   rl.cfg_renorm_min = 0.0
+  rl.cfg_renorm_type = "text_channel"
   rl.clip_low = 1e-4
   rl.clip_high = 1e-4
   rl.adv_clip = 5.0

@@ -94,6 +94,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.param_dtype = "float32"
   c.compute_dtype = "float32"
   c.remat = "none"  # none | full | dots
+  # How an image's VAE latent enters the model: a posterior sample (BAGEL, in training and
+  # inference) or the posterior mean. Drawn from the step's key, like every random draw.
+  c.vae_posterior = "sample"
   c.total_steps = 1000
   c.data = get_data_config()
   c.eval_data = get_data_config()
@@ -206,6 +209,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check(c.param_dtype in DTYPES, "param_dtype", c.param_dtype, ", ".join(DTYPES))
   _check(c.compute_dtype in DTYPES, "compute_dtype", c.compute_dtype, ", ".join(DTYPES))
   _check(c.remat in REMAT, "remat", c.remat, ", ".join(REMAT))
+  _check(c.vae_posterior in ("sample", "mean"), "vae_posterior", c.vae_posterior, "sample, mean")
   _check(bool(c.init_from), "init_from", c.init_from,
          "'random', a BAGEL/Robust-U1 model directory, or an Orbax checkpoint directory of an "
          "earlier stage")
@@ -227,6 +231,8 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check(rl.num_steps >= 2, "rl.num_steps", rl.num_steps, "an integer >= 2")
     _check(0 <= rl.window_size <= rl.num_steps // 2, "rl.window_size", rl.window_size,
            f"in [0, rl.num_steps // 2 = {rl.num_steps // 2}]")
+    _check(rl.cfg_renorm_type in ("global", "channel", "text_channel"), "rl.cfg_renorm_type",
+           rl.cfg_renorm_type, "global, channel, text_channel")
     _check(rl.clip_model in ("vit_b32", "tiny"), "rl.clip_model", rl.clip_model, "vit_b32, tiny")
     unknown = sorted(set(rl.reward_weights) - {"ssim", "clip"})
     _check(not unknown, "rl.reward_weights", unknown, "the rewards ssim, clip")

@@ -83,22 +83,51 @@ def sde_step(x: jax.Array, v: jax.Array, s: jax.Array, s_next: jax.Array, s_max:
   return SDEStep(x_next, mean, std, gaussian_log_prob(x_next, mean, std))
 
 
-def cfg_velocity(v: jax.Array, v_no_text: jax.Array | None, v_no_image: jax.Array | None,
-                 text_scale: float, image_scale: float, renorm_min: float = 0.0) -> jax.Array:
-  """BAGEL's `text_channel` guidance: text CFG, per-token renorm, then image CFG.
+RENORM_TYPES = ("global", "channel", "text_channel")
 
-  v_t = v_notext + s_t (v - v_notext), scaled per token by clamp(|v| / |v_t|, renorm_min, 1),
-  then v = v_noimg + s_i (v_t - v_noimg). A scale of 1 skips its pass (None allowed there).
+
+def cfg_velocity(v: jax.Array, v_no_text: jax.Array | None, v_no_image: jax.Array | None,
+                 text_scale: float | jax.Array, image_scale: float | jax.Array,
+                 renorm_min: float = 0.0, renorm_type: str = "text_channel") -> jax.Array:
+  """BAGEL's three-context classifier-free guidance of (B, N, C) velocities.
+
+  `text_channel`: v_t = v_notext + s_t (v - v_notext), scaled per token by
+  clamp(|v| / |v_t|, renorm_min, 1), then v = v_noimg + s_i (v_t - v_noimg).
+  `global` / `channel`: both guidance terms first, then one renorm of the result against |v|, over
+  each sample's whole latent (`global`) or per token (`channel`).
+  As in BAGEL, guidance is on only while s_t > 1 (image guidance included), and image guidance
+  only while s_i > 1. Scales may be traced (a CFG interval switches them per step); a branch that is
+  None must have its scale statically at most 1.
   """
-  if text_scale != 1.0:
-    v_text = v_no_text + text_scale * (v - v_no_text)
-    norm_v, norm_text = _norm(v), _norm(v_text)
-    v_text = v_text * jnp.clip(norm_v / (norm_text + 1e-8), renorm_min, 1.0)
+  if renorm_type not in RENORM_TYPES:
+    raise ValueError(f"cfg renorm_type {renorm_type!r} is unknown; allowed: {RENORM_TYPES}")
+  if v_no_text is None:
+    if not isinstance(text_scale, (int, float)) or text_scale > 1.0:
+      raise ValueError("text guidance (text_scale > 1) needs the velocity without text")
+    return v
+  image_on = v_no_image is not None
+  if not image_on and (not isinstance(image_scale, (int, float)) or image_scale > 1.0):
+    raise ValueError("image guidance (image_scale > 1) needs the velocity without images")
+  v_text = v_no_text + text_scale * (v - v_no_text)
+  if renorm_type == "text_channel":
+    v_text = v_text * _renorm(_norm(v), _norm(v_text), renorm_min)
+    out = v_text
+    if image_on:
+      out = jnp.where(image_scale > 1.0, v_no_image + image_scale * (v_text - v_no_image), v_text)
   else:
-    v_text = v
-  if image_scale != 1.0:
-    return v_no_image + image_scale * (v_text - v_no_image)
-  return v_text
+    out = v_text
+    if image_on:
+      out = jnp.where(image_scale > 1.0, v_no_image + image_scale * (v_text - v_no_image), v_text)
+    if renorm_type == "global":
+      norm = lambda x: jnp.sqrt(jnp.maximum(jnp.sum(x * x, axis=(-2, -1), keepdims=True), 1e-30))
+    else:
+      norm = _norm
+    out = out * _renorm(norm(v), norm(out), renorm_min)
+  return jnp.where(text_scale > 1.0, out, v)
+
+
+def _renorm(norm_v: jax.Array, norm_guided: jax.Array, renorm_min: float) -> jax.Array:
+  return jnp.clip(norm_v / (norm_guided + 1e-8), renorm_min, 1.0)
 
 
 def _norm(x: jax.Array) -> jax.Array:

@@ -45,3 +45,9 @@ def test_image_grid_layout():
   grid = metrics_log.image_grid([a, b], pad=1)
   assert grid.shape == (2 * 5 + 1, 2 * 6 + 1, 3)
   assert grid[1, 1, 0] == 0.0 and grid[1, 7, 0] == 1.0
+  # Images of other sizes sit top-left in cells of the largest, white around them.
+  small = [np.zeros((2, 3, 3), np.uint8), np.zeros((4, 5, 3), np.uint8)]
+  grid = metrics_log.image_grid([small, [np.zeros((4, 5, 3))] * 2], pad=1)
+  assert grid.shape == (2 * 5 + 1, 2 * 6 + 1, 3)
+  assert grid[1:3, 1:4].max() == 0.0 and grid[3, 1, 0] == 1.0 and grid[1, 4, 0] == 1.0
+  assert grid[6:10, 1:6].max() == 0.0

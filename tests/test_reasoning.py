@@ -14,10 +14,10 @@ from PIL import Image
 from robust_u1_jax import config_lib
 from robust_u1_jax.data import packing
 from robust_u1_jax.data import pipeline as pipeline_lib
-from robust_u1_jax.data import transforms
 from robust_u1_jax.data import tokenizer as tokenizer_lib
+from robust_u1_jax.inference import images, recovery
 from robust_u1_jax.models import bagel, sequence
-from robust_u1_jax.training import reasoning, recovery_cache, rl, trainer
+from robust_u1_jax.training import reasoning, recovery_cache, trainer
 from robust_u1_jax.training import state as state_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,11 +59,10 @@ def test_step_overfits_one_batch():
   config.optimizer.warmup_steps = 0
   tx = state_lib.make_optimizer(config.optimizer, 100)
   state = state_lib.create_state(params, frozen, tx, jax.random.PRNGKey(0), False)
-  settings = rl.RLSettings(1, 3, 0, 0.0, 3.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0)
-  vit_rule = transforms.resize_rule(config.data, "vit")
-  assert transforms.bagel_size(*batch["corrupted"].shape[1:3], **vit_rule) == \
-      batch["corrupted_vit"].shape[1:3]
-  step = jax.jit(reasoning.make_step(graphdef, tx, 0.0, (settings, vit_rule)))
+  sampler = recovery.Sampler(num_steps=3, guidance=recovery.NO_GUIDANCE)
+  rules = images.ImageRules.from_data_config(config.data)
+  assert rules.vit_size(*batch["corrupted"].shape[1:3]) == batch["corrupted_vit"].shape[1:3]
+  step = jax.jit(reasoning.make_step(graphdef, tx, 0.0, (sampler, rules)))
   inputs = jax.tree.map(jnp.asarray, reasoning.reasoning_rows(batch, cfg, markers, instruction))
   losses = []
   for _ in range(12):

@@ -11,6 +11,7 @@ from flax import nnx
 
 from robust_u1_jax import config_lib
 from robust_u1_jax.data import shapes
+from robust_u1_jax.inference import recovery
 from robust_u1_jax.models import bagel, sequence
 from robust_u1_jax.training import rl, sft, trainer
 from robust_u1_jax.training import state as state_lib
@@ -21,9 +22,8 @@ RL = os.path.join(ROOT, "configs", "rl.py") + ":tiny"
 
 def test_one_step_raises_the_log_prob_of_the_better_sample():
   config = config_lib.load(RL, {"init_from": "random"})
-  settings = dataclasses.replace(rl.RLSettings.from_config(config.rl), group_size=4,
-                                 num_steps=6, window_size=2, cfg_text_scale=1.0,
-                                 cfg_img_scale=1.0)
+  settings = dataclasses.replace(rl.RLSettings.from_config(config), group_size=4,
+                                 num_steps=6, window_size=2, guidance=recovery.NO_GUIDANCE)
   model_config = bagel.BagelConfig.tiny()
   model = bagel.Bagel(model_config, rngs=nnx.Rngs(0))
   model.llm2vae.kernel.set_value(
@@ -32,7 +32,7 @@ def test_one_step_raises_the_log_prob_of_the_better_sample():
   tx = state_lib.make_optimizer(config.optimizer, 10)
   state = state_lib.create_state(params, frozen, tx, jax.random.PRNGKey(0), False)
   image = shapes.ShapesWorld("train")[0]["image"][None]
-  inputs = jax.tree.map(jnp.asarray, rl.recovery_inputs(
+  inputs = jax.tree.map(jnp.asarray, recovery.recovery_inputs(
       [{"corrupted": image[0] // 2, "clean": image[0], "instruction_ids": [5, 6, 7]}],
       model_config, sequence.Markers(3, 4)))
 
@@ -41,11 +41,13 @@ def test_one_step_raises_the_log_prob_of_the_better_sample():
   fns = rl.make_functions(graphdef, tx, settings, best_first)
   _, key = jax.random.split(state.rng)
   out, _, _ = jax.jit(fns.rollout)(state, inputs, key)  # the rollout the step will draw
-  before = jax.jit(fns.policy_terms)(state.params, state.frozen, inputs, out).log_prob
+  vae_key = rl.rollout_vae_key(key)
+  before = jax.jit(fns.policy_terms)(state.params, state.frozen, inputs, out, vae_key).log_prob
   np.testing.assert_allclose(before, out.window_log_prob, rtol=1e-5, atol=1e-5)
 
   new_state, metrics = jax.jit(fns.step)(state, inputs)
-  after = jax.jit(fns.policy_terms)(new_state.params, new_state.frozen, inputs, out).log_prob
+  after = jax.jit(fns.policy_terms)(new_state.params, new_state.frozen, inputs, out,
+                                    vae_key).log_prob
   change = np.asarray(after - before).sum(axis=0)  # summed over the window steps
   assert change[0] > 0, change
   assert np.all(change[1:] < change[0]), change

@@ -107,3 +107,17 @@ def test_sample_token():
       jax.random.split(jax.random.PRNGKey(0), 2000))
   freq = np.bincount(np.asarray(draws).ravel(), minlength=3) / 2000
   np.testing.assert_allclose(freq, jax.nn.softmax(logits[0]), atol=0.03)
+
+
+def test_cfg_global_and_channel_renorm_as_bagel():
+  v, v_nt, v_ni = np.asarray(jax.random.normal(jax.random.PRNGKey(4), (3, 2, 5, 8)))
+  guided = v_ni + 2.0 * ((v_nt + 4.0 * (v - v_nt)) - v_ni)  # both terms, then one renorm
+  for renorm, axes in (("global", (1, 2)), ("channel", (2,))):
+    norm = lambda x: np.sqrt((x * x).sum(axis=axes, keepdims=True))
+    expected = guided * np.clip(norm(v) / (norm(guided) + 1e-8), 0.3, 1.0)
+    out = sampling.cfg_velocity(v, v_nt, v_ni, 4.0, 2.0, 0.3, renorm)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+  # As in BAGEL, no text guidance means no guidance at all, image guidance included.
+  np.testing.assert_array_equal(sampling.cfg_velocity(v, v_nt, v_ni, 1.0, 2.0), v)
+  with pytest.raises(ValueError, match="renorm_type"):
+    sampling.cfg_velocity(v, v_nt, v_ni, 4.0, 2.0, 0.0, "spatial")

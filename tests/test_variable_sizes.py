@@ -16,7 +16,8 @@ from robust_u1_jax.data import packing
 from robust_u1_jax.data import pipeline as pipeline_lib
 from robust_u1_jax.data import tokenizer as tokenizer_lib
 from robust_u1_jax.models import bagel, sequence
-from robust_u1_jax.training import flow_matching, host_batch, rl, sft, trainer
+from robust_u1_jax.inference import context
+from robust_u1_jax.training import host_batch, sft, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SFT = os.path.join(ROOT, "configs", "sft.py") + ":tiny"
@@ -68,7 +69,7 @@ def test_packed_rows_hold_each_sample_as_it_is_alone(tmp_path):
   @jax.jit
   def hidden(weights, rows, stack):
     model = nnx.merge(graphdef, weights)
-    tokens = flow_matching.encode_images(model, stack)
+    tokens = context.encode_images(model, stack)
     latents = jnp.take_along_axis(tokens, rows.latent_image_index[..., None], axis=1)
     return model(rows, latents, jnp.full(latents.shape[:2], 0.5))
 
@@ -86,6 +87,10 @@ def test_packed_rows_hold_each_sample_as_it_is_alone(tmp_path):
   bound = [max(x) for x in zip(*(sequence.lengths(b[0], cfg) for b in alone_blocks))]
   alone = sequence.build_rows(alone_blocks, cfg, markers, seq_len=bound[0], max_vit=bound[1],
                               max_latent=bound[2])
+  # `sequence.lengths` counts exactly what the rows hold.
+  for j, (_, _, n) in enumerate(where):
+    assert (alone.token_kind[j] != bagel.PAD).sum() == n
+    assert (alone.vit_segment_ids[j] > 0).sum() == sequence.lengths(alone_blocks[j][0], cfg)[1]
   packed = np.asarray(hidden(weights, inputs, images))
   expected = np.asarray(hidden(weights, alone, np.stack(alone_images)))
   for j, (r, offset, n) in enumerate(where):
@@ -142,10 +147,10 @@ def test_rl_rollouts_take_one_size_cut_from_mixed_sources(tmp_path):
 
   mixed = first_batch(**{"data.vae_min_side": 16})
   with pytest.raises(ValueError, match="one size.*data.crop_square"):
-    rl.batch_recovery_inputs(mixed, cfg, markers)
+    host_batch.recovery_inputs(mixed, cfg, markers)
   square = first_batch(**{"data.crop_square": True, "data.vae_min_side": 64})
   assert {tuple(hw) for hw in square["corrupted_hw"]} == {(64, 64)}
-  inputs = rl.batch_recovery_inputs(square, cfg, markers)
+  inputs = host_batch.recovery_inputs(square, cfg, markers)
   assert inputs.corrupted.shape == (6, 1, 64, 64, 3)
   with pytest.raises(config_lib.ConfigError, match="data.token_budget"):
     config_lib.load(rl_config, {**common, "data.token_budget": 512})

@@ -186,6 +186,12 @@ class SlotRow(grain.transforms.Map):
     return out
 
 
+def text_width(longest: int, min_width: int = 16) -> int:
+  """The padded width of a batch's texts: the next power of two >= longest, at least min_width
+  (few distinct shapes to compile)."""
+  return max(min_width, 1 << max(0, int(longest) - 1).bit_length())
+
+
 class CollateRows:
   """Stacks packed rows into a batch; text fields become (B, S, L) plus (B, S) lengths."""
 
@@ -197,8 +203,8 @@ class CollateRows:
   def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
     batch = {k: np.stack([r[k] for r in rows]) for k in rows[0] if k not in self.text_fields}
     for field in self.text_fields:
-      longest = max((len(ids) for r in rows for ids in r[field]), default=1)
-      width = max(self.min_width, 1 << max(0, longest - 1).bit_length())
+      width = text_width(max((len(ids) for r in rows for ids in r[field]), default=1),
+                         self.min_width)
       ids = np.full((len(rows), self.max_per_row, width), self.pad_id, np.int32)
       lengths = np.zeros((len(rows), self.max_per_row), np.int32)
       for b, row in enumerate(rows):

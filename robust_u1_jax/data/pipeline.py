@@ -258,10 +258,6 @@ class KeepFields(grain.transforms.Map):
 
 # ---------------------------------------------------------------------------------------- collate
 
-def _next_pow2(n: int) -> int:
-  return 1 << max(0, int(n) - 1).bit_length()
-
-
 @dataclasses.dataclass(frozen=True)
 class Collate:
   """Stacks per-sample records into the batch schema (module docstring)."""
@@ -285,7 +281,7 @@ class Collate:
 
   def _texts(self, key: str, seqs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     lengths = np.asarray([len(s) for s in seqs], np.int32)
-    width = self.text_pad_to or max(MIN_TEXT_PAD, _next_pow2(int(lengths.max())))
+    width = self.text_pad_to or packing.text_width(int(lengths.max()), MIN_TEXT_PAD)
     if lengths.max() > width:
       raise ValueError(f"{key} of {int(lengths.max())} tokens exceeds data.text_pad_to={width}")
     out = np.full((len(seqs), width), self.pad_id, np.int32)

@@ -57,8 +57,49 @@ class KVCache:
     return self.replace(k=k, v=v, valid=valid, length=self.length + valid_bt.shape[1],
                         next_position=next_position.astype(jnp.int32))
 
+  def grow(self, min_free: int, multiple: int = 256) -> KVCache:
+    """The same cache with room for at least `min_free` more tokens (host side, outside jit).
+
+    Grows to a multiple of `multiple` slots, so a long conversation recompiles its steps at a few
+    cache sizes only; returns `self` when there is room already.
+    """
+    need = int(self.length) + min_free
+    if need <= self.max_length:
+      return self
+    new_max = -(-need // multiple) * multiple
+    pad = new_max - self.max_length
+    return self.replace(k=_pad_axis(self.k, 2, pad), v=_pad_axis(self.v, 2, pad),
+                        valid=_pad_axis(self.valid, 1, pad))
+
   def check_room(self, new_tokens: int) -> None:
     """Raises (outside jit) when `new_tokens` more tokens would overflow the cache."""
     if int(self.length) + new_tokens > self.max_length:
       raise ValueError(f"KV cache overflow: {int(self.length)} slots used + {new_tokens} new > "
                        f"max_length {self.max_length}; create the cache with a larger max_length")
+
+
+def concatenate(caches: list[KVCache]) -> KVCache:
+  """Caches stacked along the batch (rows of the first, then the second, ...): the contexts of
+  several guidance branches answered by one model call. Shorter caches are padded with invalid
+  slots to the longest."""
+  longest = max(c.max_length for c in caches)
+  pad = lambda x, axis: _pad_axis(x, axis, longest - x.shape[axis])
+  return KVCache(k=jnp.concatenate([pad(c.k, 2) for c in caches], axis=1),
+                 v=jnp.concatenate([pad(c.v, 2) for c in caches], axis=1),
+                 valid=jnp.concatenate([pad(c.valid, 1) for c in caches], axis=0),
+                 length=jnp.max(jnp.stack([c.length for c in caches])),
+                 next_position=jnp.concatenate([c.next_position for c in caches], axis=0))
+
+
+def repeat_rows(cache: KVCache, times: int) -> KVCache:
+  """Each row `times` times in a row: one prefill serves a group of samples of one context."""
+  return cache.replace(k=jnp.repeat(cache.k, times, axis=1), v=jnp.repeat(cache.v, times, axis=1),
+                       valid=jnp.repeat(cache.valid, times, axis=0),
+                       next_position=jnp.repeat(cache.next_position, times, axis=0))
+
+
+def _pad_axis(x: Array, axis: int, extra: int) -> Array:
+  """x with `extra` zeros (invalid slots) appended along `axis`."""
+  if not extra:
+    return x
+  return jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])

@@ -203,7 +203,19 @@ def _pad(parts: list, length: int, tail: tuple, dtype) -> np.ndarray:
 
 
 def lengths(blocks: Sequence[Block], config: BagelConfig) -> tuple[int, int, int]:
-  """(tokens, ViT patches, latent tokens) a sample occupies."""
-  s = _build(blocks, config, Markers(0, 0), 0)
-  return (len(s.kind), sum(len(p) for p in s.vit_patches),
-          sum(len(p) for p in s.latent_position_ids))
+  """(tokens, ViT patches, latent tokens) a sample occupies, from the block sizes alone."""
+  tokens = vit = latent = 0
+  for block in blocks:
+    if isinstance(block, Text):
+      tokens += len(block.ids)
+    elif isinstance(block, Vit):
+      p = config.vit.patch_size
+      n = (block.image.shape[0] // p) * (block.image.shape[1] // p)
+      vit, tokens = vit + n, tokens + n + 2
+    elif isinstance(block, Latent):
+      d = config.latent_downsample
+      n = (block.height // d) * (block.width // d)
+      latent, tokens = latent + n, tokens + n + 2
+    else:
+      raise TypeError(f"unknown block {block!r}; use Text, Vit or Latent")
+  return tokens, vit, latent

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from robust_u1_jax import sampling
+from robust_u1_jax.inference import context as context_lib
 from robust_u1_jax.models import bagel as bagel_lib
 
 Array = jax.Array
@@ -20,22 +21,6 @@ def train_timesteps(key: Array, shape: tuple[int, ...], shift: float) -> Array:
   return sampling.shift_timesteps(jax.nn.sigmoid(jax.random.normal(key, shape)), shift)
 
 
-def to_model_range(images: Array) -> Array:
-  """uint8 [0, 255] or float [0, 1] images -> float32 [-1, 1] (the VAE's and ViT's input range)."""
-  x = images.astype(jnp.float32)
-  if images.dtype == jnp.uint8:
-    x = x / 255.0
-  return x * 2.0 - 1.0
-
-
-def encode_images(model: bagel_lib.Bagel, images_bkhwc: Array) -> Array:
-  """K images per row -> (B, K * N, latent_channels) tokens, image-major; the VAE is frozen."""
-  b, k, h, w, c = images_bkhwc.shape
-  z = model.vae.encode(to_model_range(images_bkhwc).reshape(b * k, h, w, c))
-  tokens = bagel_lib.patchify_latents(z, model.config.latent_patch_size)
-  return jax.lax.stop_gradient(tokens.reshape(b, k * tokens.shape[1], tokens.shape[2]))
-
-
 def noisy_token_mask(inputs: bagel_lib.SequenceInputs) -> Array:
   """(B, Nl) True where a latent token belongs to a noisy (generation target) block."""
   noisy = jnp.take_along_axis(inputs.layout.noisy, inputs.latent_seq_index, axis=1)
@@ -44,13 +29,14 @@ def noisy_token_mask(inputs: bagel_lib.SequenceInputs) -> Array:
 
 
 def flow_matching_loss(model: bagel_lib.Bagel, inputs: bagel_lib.SequenceInputs,
-                       images_bkhwc: Array, key: Array, shift: float
+                       images_bkhwc: Array, key: Array, shift: float, posterior: str = "sample"
                        ) -> tuple[Array, dict[str, Array]]:
   """Mean squared velocity error over the noisy latent tokens of the batch."""
-  image_tokens = encode_images(model, images_bkhwc)
-  x0 = jnp.take_along_axis(image_tokens, inputs.latent_image_index[..., None], axis=1)
+  t_key, eps_key, vae_key = jax.random.split(key, 3)
+  image_tokens = context_lib.encode_images(model, images_bkhwc,
+                                           context_lib.posterior_key(posterior, vae_key))
+  x0 = context_lib.gather_latents(image_tokens, inputs)
   noisy = noisy_token_mask(inputs)
-  t_key, eps_key = jax.random.split(key)
   # One t per packed sample: the noisy tokens of one target image share it.
   sample_bn = jnp.take_along_axis(inputs.layout.sample_id, inputs.latent_seq_index, axis=1)
   t_bs = train_timesteps(t_key, inputs.layout.sample_id.shape, shift)

@@ -58,3 +58,15 @@ def place_like(canvas_array: np.ndarray, images: Sequence[Sequence[np.ndarray]])
       target = out[r, k] if out.ndim == 5 else out[r]
       target[:image.shape[0], :image.shape[1]] = image
   return out
+
+
+def recovery_inputs(batch: Mapping[str, Any], config: BagelConfig, markers: sequence.Markers,
+                    instruction_ids: Sequence[int] | None = None):
+  """`inference.recovery.recovery_inputs` of an unpacked pipeline batch (one sample per row)."""
+  from robust_u1_jax.data import packing
+  from robust_u1_jax.inference import recovery as recovery_lib
+
+  if is_packed(batch):
+    raise ValueError("recovery sampling takes unpacked batches: set data.token_budget=0")
+  samples = [row[0] for row in packing.batch_samples(batch)]
+  return recovery_lib.recovery_inputs(samples, config, markers, instruction_ids)

@@ -141,14 +141,20 @@ class MetricsLogger:
       self.writer.close()
 
 
-def image_grid(columns: Sequence[np.ndarray], pad: int = 2) -> np.ndarray:
-  """Rows of samples, one column per image kind (e.g. corrupted | recovered | clean)."""
-  cols = [np.asarray(c, np.float32) / (255.0 if np.asarray(c).dtype == np.uint8 else 1.0)
-          for c in columns]
-  n, h, w, _ = cols[0].shape
+def image_grid(columns: Sequence[Sequence[np.ndarray]], pad: int = 2) -> np.ndarray:
+  """Rows of samples, one column per image kind (e.g. corrupted | recovered | clean).
+
+  Images (uint8, or float in [0, 1]) may differ in size: each sits top-left in a cell of the
+  largest; the rest of the grid is white.
+  """
+  cols = [[np.asarray(im, np.float32) / (255.0 if np.asarray(im).dtype == np.uint8 else 1.0)
+           for im in col] for col in columns]
+  n = len(cols[0])
+  h = max(im.shape[0] for col in cols for im in col)
+  w = max(im.shape[1] for col in cols for im in col)
   grid = np.ones((n * (h + pad) + pad, len(cols) * (w + pad) + pad, 3), np.float32)
   for j, col in enumerate(cols):
-    for i in range(n):
+    for i, im in enumerate(col):
       y, x = pad + i * (h + pad), pad + j * (w + pad)
-      grid[y:y + h, x:x + w] = np.clip(col[i, :h, :w], 0, 1)
+      grid[y:y + im.shape[0], x:x + im.shape[1]] = np.clip(im, 0, 1)
   return grid

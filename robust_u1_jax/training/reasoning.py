@@ -17,12 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from robust_u1_jax import sampling
-from robust_u1_jax.data import packing, transforms
+from robust_u1_jax.data import packing
+from robust_u1_jax.inference import context as context_lib
+from robust_u1_jax.inference import images as images_lib
+from robust_u1_jax.inference import recovery as recovery_lib
 from robust_u1_jax.models import sequence
 from robust_u1_jax.models import vit as vit_lib
 from robust_u1_jax.models.bagel import BagelConfig
-from robust_u1_jax.training import flow_matching, host_batch, rl, sft
+from robust_u1_jax.training import host_batch
 from robust_u1_jax.training.state import TrainState, apply_gradients, merge_model
 
 # Trainable parameters of stage III: the understanding expert, its head and the ViT connector.
@@ -45,9 +47,9 @@ def reasoning_blocks(sample: Mapping[str, Any], canvas: tuple[int, int] | None,
   if recovered_vit is None:
     recovered_vit = np.zeros(corrupted_vit.shape, np.uint8)
   return [sequence.Latent(h, w, image=0, canvas=canvas),
-          sequence.Vit(sft.vit_input(corrupted_vit)), sequence.Text(sample["question_ids"]),
+          sequence.Vit(images_lib.vit_input(corrupted_vit)), sequence.Text(sample["question_ids"]),
           sequence.Latent(h, w, image=1, canvas=canvas),
-          sequence.Vit(sft.vit_input(recovered_vit)), sequence.Text(sample["answer_ids"])]
+          sequence.Vit(images_lib.vit_input(recovered_vit)), sequence.Text(sample["answer_ids"])]
 
 
 def reasoning_rows(batch: Mapping[str, Any], config: BagelConfig, markers: sequence.Markers,
@@ -69,7 +71,7 @@ def reasoning_rows(batch: Mapping[str, Any], config: BagelConfig, markers: seque
       recovered_vit = None
       if recovered is not None:
         vit_hw = sample.get("corrupted_vit", sample["corrupted"]).shape[:2]
-        recovered_vit = transforms.resize_image(recovered[r][k], vit_hw)
+        recovered_vit = np.asarray(images_lib.vit_resize(recovered[r][k], vit_hw))
       blocks = reasoning_blocks(sample, size, recovered_vit)
       answers.append((r, offset + sequence.lengths(blocks[:-1], config)[0], sample["answer_ids"]))
       offset += sequence.lengths(blocks, config)[0]
@@ -84,38 +86,18 @@ def reasoning_rows(batch: Mapping[str, Any], config: BagelConfig, markers: seque
     # Position p predicts token p + 1: every answer token after the first.
     labels[r, start:start + len(answer) - 1] = answer[1:]
   if recovered is None:
-    return inputs, labels, rl.batch_recovery_inputs(batch, config, markers, instruction_ids)
+    return inputs, labels, host_batch.recovery_inputs(batch, config, markers, instruction_ids)
   on_canvas = host_batch.place_like(batch["corrupted"], recovered)
   return inputs, labels, host_batch.image_stack({**batch, "recovered": on_canvas},
                                                 ("corrupted", "recovered"))
 
 
-def recover(model, recovery: rl.RecoveryInputs, settings: rl.RLSettings, key) -> jax.Array:
-  """Recovered images in [0, 1] by the deterministic sampler (no gradient).
-
-  `key`: one key for the batch, or one per image (B, 2), so that an image's recovery does not
-  depend on which batch it is in.
-  """
-  velocity = rl.make_velocity_fn(model, recovery, settings)
-  b = recovery.corrupted.shape[0]
-  shape = (recovery.noisy.latent_seq_index.shape[1], model.config.latent_channels)
-  if key.ndim == 2:
-    x_init = jax.vmap(lambda k: jax.random.normal(k, shape))(key)
-    key = key[0]
-  else:
-    x_init = jax.random.normal(key, (b,) + shape)
-  out = sampling.sample(velocity, x_init, sampling.timesteps(settings.num_steps,
-                                                             settings.timestep_shift), key)
-  h, w = recovery.corrupted.shape[2:4]
-  return jax.lax.stop_gradient(rl.decode_tokens(model, out.x_final, h, w))
-
-
 def with_recovered_patches(inputs, recovered_bhwc: jax.Array, vit_hw: tuple[int, int],
                            patch: int):
-  """Writes the recovered image's ViT patches over the placeholder segment."""
-  images = jax.image.resize(recovered_bhwc, (recovered_bhwc.shape[0],) + vit_hw + (3,),
-                            "bilinear") * 2.0 - 1.0
-  patches = vit_lib.images_to_patches(images, patch)
+  """Writes the recovered image's ViT patches over the placeholder segment; uint8 images through
+  the ViT resize every recovered image goes through (`inference.images.vit_resize`)."""
+  vit = images_lib.vit_resize(recovered_bhwc, vit_hw)
+  patches = vit_lib.images_to_patches(images_lib.to_model_range(vit), patch)
   segment = inputs.vit_segment_ids == RECOVERED_SEGMENT
   index = jnp.clip(jnp.cumsum(segment, axis=1) - 1, 0, patches.shape[1] - 1)
   gathered = jnp.take_along_axis(patches, index[..., None], axis=1)
@@ -123,10 +105,11 @@ def with_recovered_patches(inputs, recovered_bhwc: jax.Array, vit_hw: tuple[int,
       inputs.vit_patches.dtype), inputs.vit_patches))
 
 
-def answer_loss(model, inputs, labels, images_bkhwc) -> tuple[jax.Array, dict]:
-  """Cross-entropy on the answer labels; images: each sample's corrupted and recovered image."""
-  tokens = flow_matching.encode_images(model, images_bkhwc)
-  latents = jnp.take_along_axis(tokens, inputs.latent_image_index[..., None], axis=1)
+def answer_loss(model, inputs, labels, images_bkhwc, vae_key=None) -> tuple[jax.Array, dict]:
+  """Cross-entropy on the answer labels; images: each sample's corrupted and recovered image
+  (uint8), their latents posterior samples under `vae_key` (None: the means)."""
+  tokens = context_lib.encode_images(model, images_bkhwc, vae_key)
+  latents = context_lib.gather_latents(tokens, inputs)
   hidden = model(inputs, latents, jnp.zeros(latents.shape[:2]))
   logits = model.text_logits(hidden)
   mask = labels >= 0
@@ -139,31 +122,35 @@ def answer_loss(model, inputs, labels, images_bkhwc) -> tuple[jax.Array, dict]:
 
 
 def make_step(graphdef: nnx.GraphDef, tx, ema_decay: float,
-              on_the_fly: tuple[rl.RLSettings, Mapping[str, int]] | None = None):
+              on_the_fly: tuple[recovery_lib.Sampler, images_lib.ImageRules] | None = None,
+              vae_posterior: str = "sample"):
   """step(state, (inputs, labels, recovery or images)) -> (state, metrics).
 
-  `on_the_fly` = (sampler settings, the data config's ViT resize rule): the step recovers the
-  corrupted images itself and gives the recovered one to the ViT at the size the pipeline gave
-  the corrupted one, derived from the (static) VAE image size. None: the batch carries
-  precomputed recoveries in its image stack.
+  `on_the_fly` = (sampler, the data config's resize rules): the step recovers the corrupted
+  images itself, as 8-bit images like the cached ones, and gives the recovered one to the ViT at
+  the size the pipeline gave the corrupted one, derived from the (static) VAE image size. None:
+  the batch carries precomputed recoveries in its image stack.
   """
 
   def step(state: TrainState, batch) -> tuple[TrainState, dict[str, Any]]:
     inputs, labels, third = batch
     rng, key = jax.random.split(state.rng)
+    recover_key, vae_key = jax.random.split(key)
+    vae_key = context_lib.posterior_key(vae_posterior, vae_key)
     if on_the_fly is None:
       images = third
     else:
-      settings, vit_rule = on_the_fly
+      sampler, rules = on_the_fly
       model = merge_model(graphdef, state.params, state.frozen)
-      recovered = recover(model, third, settings, key)
-      vit_hw = transforms.bagel_size(*recovered.shape[1:3], **vit_rule)
+      _, recovered = recovery_lib.recover(model, third, sampler, recover_key)
+      recovered = images_lib.quantize(recovered)
+      vit_hw = rules.vit_size(*recovered.shape[1:3])
       inputs = with_recovered_patches(inputs, recovered, vit_hw, model.config.vit.patch_size)
-      images = jnp.concatenate([third.corrupted.astype(jnp.float32) / 255.0,
-                                recovered[:, None]], axis=1)
+      images = jnp.concatenate([third.corrupted, recovered[:, None]], axis=1)
 
     def loss_fn(params):
-      return answer_loss(merge_model(graphdef, params, state.frozen), inputs, labels, images)
+      return answer_loss(merge_model(graphdef, params, state.frozen), inputs, labels, images,
+                         vae_key)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     state, opt_metrics = apply_gradients(state.replace(rng=rng), grads, tx, ema_decay)
@@ -190,8 +177,8 @@ def build(ctx):
                        "needs unpacked batches of one image size (data.token_budget=0); "
                        "precompute the recoveries instead (reason.recovered_images=cache)")
     cache = None
-    on_the_fly = (rl.RLSettings.inference(c.reason.recovery_steps),
-                  transforms.resize_rule(c.data, "vit"))
+    on_the_fly = (recovery_lib.Sampler(num_steps=c.reason.recovery_steps),
+                  images_lib.ImageRules.from_data_config(c.data))
 
   def host_inputs(batch, rng):
     del rng
@@ -200,5 +187,6 @@ def build(ctx):
 
   return trainer.StageSpec(
       trainable=UNDERSTANDING_PARAMS, host_inputs=host_inputs,
-      make_step=lambda graphdef, tx: make_step(graphdef, tx, c.optimizer.ema_decay, on_the_fly),
+      make_step=lambda graphdef, tx: make_step(graphdef, tx, c.optimizer.ema_decay, on_the_fly,
+                                               c.vae_posterior),
       samples_per_step=c.data.batch_size)

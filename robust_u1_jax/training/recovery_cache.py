@@ -123,7 +123,9 @@ def build(config: ml_collections.ConfigDict, directory: str, *, steps: int = 0,
   from robust_u1_jax.data import multihost, pipeline as pipeline_lib
   from robust_u1_jax.data import tokenizer as tokenizer_lib
   from robust_u1_jax.models import sequence
-  from robust_u1_jax.training import reasoning, rl, trainer
+  from robust_u1_jax.inference import images as images_lib
+  from robust_u1_jax.inference import recovery as recovery_lib
+  from robust_u1_jax.training import trainer
 
   steps = steps or config.total_steps
   os.makedirs(directory, exist_ok=True)
@@ -141,12 +143,13 @@ def build(config: ml_collections.ConfigDict, directory: str, *, steps: int = 0,
   instruction = tokenizer_lib.encode_text_block(tokenizer, config.instruction)
   model = trainer.init_model(config, mesh, tokenizer)
   graphdef, weights = nnx.split(model)
-  settings = rl.RLSettings.inference(config.reason.recovery_steps)
+  sampler = recovery_lib.Sampler(num_steps=config.reason.recovery_steps)
 
   @jax.jit
   def recover(weights, recovery, keys):
-    images = reasoning.recover(nnx.merge(graphdef, weights), recovery, settings, keys)
-    return jnp.round(images * 255.0).astype(jnp.uint8)
+    # Noise from (seed, index, epoch) per image; the posterior mean of the corrupted image.
+    _, images = recovery_lib.recover(nnx.merge(graphdef, weights), recovery, sampler, keys)
+    return images_lib.quantize(images)
 
   base_key = jax.random.PRNGKey(config.seed)
   process_index, process_count = multihost.data_shard(mesh)
@@ -157,16 +160,13 @@ def build(config: ml_collections.ConfigDict, directory: str, *, steps: int = 0,
     bar = tqdm.tqdm(range(steps), desc="recovering", unit="step", disable=not progress,
                     dynamic_ncols=True)
     for _ in bar:
-      groups: dict[tuple, list] = {}
-      for row in packing.batch_samples(next(data)):
-        for sample in row:
-          if os.path.exists(record_path(directory, sample["index"], sample["epoch"])):
-            counts["skipped"] += 1
-            continue
-          key = (sample["corrupted"].shape, sample.get("corrupted_vit", sample["corrupted"]).shape)
-          groups.setdefault(key, []).append(sample)
-      for samples in groups.values():
-        inputs = rl.recovery_inputs(samples, model.config, markers, instruction)
+      samples = [s for row in packing.batch_samples(next(data)) for s in row]
+      pending = [s for s in samples
+                 if not os.path.exists(record_path(directory, s["index"], s["epoch"]))]
+      counts["skipped"] += len(samples) - len(pending)
+      for members in recovery_lib.size_groups(pending):
+        samples = [pending[i] for i in members]
+        inputs = recovery_lib.recovery_inputs(samples, model.config, markers, instruction)
         keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(base_key, int(s["index"])),
                                              int(s["epoch"])) for s in samples])
         images = np.asarray(jax.device_get(recover(weights, inputs, keys)))

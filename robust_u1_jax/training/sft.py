@@ -8,7 +8,7 @@ classifier-free guidance needs at inference.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -16,40 +16,17 @@ import numpy as np
 from flax import nnx
 
 from robust_u1_jax.data import packing
+from robust_u1_jax.inference import recovery as recovery_lib
 from robust_u1_jax.models import sequence
 from robust_u1_jax.models.bagel import BagelConfig
 from robust_u1_jax.training import flow_matching, host_batch
 from robust_u1_jax.training.state import TrainState, apply_gradients, merge_model
 
 
-def vit_input(image_hwc: np.ndarray) -> np.ndarray:
-  """uint8 image -> the SigLIP input range [-1, 1] (BAGEL's ViT transform: mean 0.5, std 0.5)."""
-  return image_hwc.astype(np.float32) / 127.5 - 1.0
-
-
-def recovery_blocks(corrupted_vae: np.ndarray, corrupted_vit: np.ndarray,
-                    instruction_ids: Sequence[int], *, use_text: bool = True,
-                    use_vit: bool = True, use_vae: bool = True, target: bool = True,
-                    canvas: tuple[int, int] | None = None) -> list[sequence.Block]:
-  """The recovery sample's blocks; image 0 is the corrupted image, image 1 the clean target,
-  both encoded top-left on `canvas` (default: their own size)."""
-  h, w = corrupted_vae.shape[:2]
-  blocks: list[sequence.Block] = []
-  if use_vae:
-    blocks.append(sequence.Latent(h, w, image=0, canvas=canvas))
-  if use_vit:
-    blocks.append(sequence.Vit(vit_input(corrupted_vit)))
-  if use_text:
-    blocks.append(sequence.Text(instruction_ids))
-  if target:
-    blocks.append(sequence.Latent(h, w, noisy=True, image=1, canvas=canvas))
-  return blocks
-
-
 def sample_blocks(sample: Mapping[str, Any], canvas: tuple[int, int], **use
                   ) -> list[sequence.Block]:
-  """`recovery_blocks` of one sample of `packing.batch_samples`."""
-  return recovery_blocks(sample["corrupted"], sample.get("corrupted_vit", sample["corrupted"]),
+  """`recovery.recovery_blocks` of one sample of `packing.batch_samples`."""
+  return recovery_lib.recovery_blocks(sample["corrupted"], sample.get("corrupted_vit", sample["corrupted"]),
                          sample["instruction_ids"], canvas=canvas, **use)
 
 
@@ -77,12 +54,14 @@ def sft_rows(batch: Mapping[str, np.ndarray], config: BagelConfig, markers: sequ
   return inputs, host_batch.image_stack(batch, ("corrupted", "clean"))
 
 
-def make_step(graphdef: nnx.GraphDef, tx, *, timestep_shift: float, ema_decay: float):
+def make_step(graphdef: nnx.GraphDef, tx, *, timestep_shift: float, ema_decay: float,
+              vae_posterior: str = "sample"):
   """step(state, (inputs, images)) -> (state, metrics): one optimizer update."""
 
   def loss_fn(params, frozen, inputs, images, key):
     model = merge_model(graphdef, params, frozen)
-    return flow_matching.flow_matching_loss(model, inputs, images, key, timestep_shift)
+    return flow_matching.flow_matching_loss(model, inputs, images, key, timestep_shift,
+                                            vae_posterior)
 
   def step(state: TrainState, batch) -> tuple[TrainState, dict[str, jax.Array]]:
     inputs, images = batch
@@ -116,6 +95,7 @@ def build(ctx):
   return trainer.StageSpec(
       trainable=GENERATION_PARAMS, host_inputs=host_inputs,
       make_step=lambda graphdef, tx: make_step(graphdef, tx, timestep_shift=c.timestep_shift,
-                                               ema_decay=c.optimizer.ema_decay),
+                                               ema_decay=c.optimizer.ema_decay,
+                                               vae_posterior=c.vae_posterior),
       samples_per_step=c.data.batch_size,
       evaluate=evaluation.make_recovery_eval(ctx, c.eval_num_steps))

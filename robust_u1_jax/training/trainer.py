@@ -167,7 +167,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         if step < config.total_steps:
           inputs = device_inputs(step)
       ckpt.wait()
-      save_model(workdir, graphdef, state)
+      save_model(workdir, graphdef, state, config)
     finally:
       log.close()
       ckpt.close()
@@ -219,12 +219,19 @@ def plain_model_state(graphdef, state: state_lib.TrainState
   return graphdef.graphdef, state.replace(params=merged, frozen=nnx.State({}), ema=None)
 
 
-def save_model(workdir: str, graphdef, state: state_lib.TrainState) -> None:
+def save_model(workdir: str, graphdef, state: state_lib.TrainState,
+               config: ml_collections.ConfigDict) -> None:
   """The final model (EMA weights when kept) as an Orbax checkpoint in `workdir/model`, the form
-  later stages' `init_from` and `convert --to hf` read. With LoRA (`graphdef` a LoraGraphDef) the
-  saved model holds the merged weights W + scale * A @ B: a plain model, no factors."""
+  later stages' `init_from`, `convert --to hf`, `recover` and `answer` read: with the tokenizer
+  files and the image resize rules of the run beside it. With LoRA (`graphdef` a LoraGraphDef)
+  the saved model holds the merged weights W + scale * A @ B: a plain model, no factors."""
   from robust_u1_jax.checkpoints import orbax_io
+  from robust_u1_jax.inference import images as images_lib
 
   params = state.ema if state.ema is not None else state.params
   model = state_lib.merge_model(graphdef, params, state.frozen)
-  orbax_io.save_orbax(model, os.path.join(workdir, "model"), overwrite=True)
+  path = os.path.join(workdir, "model")
+  tokenizer_dir = config.data.tokenizer_dir or tokenizer_lib.default_tokenizer_dir()
+  orbax_io.save_orbax(model, path, tokenizer_dir=tokenizer_dir, overwrite=True)
+  if jax.process_index() == 0:
+    images_lib.ImageRules.from_data_config(config.data).save(path)

@@ -1,0 +1,278 @@
+"""A loaded model ready to recover images and hold conversations: the front door of inference.
+
+`Engine.load` takes a BAGEL / Robust-U1 model directory as released, an Orbax model checkpoint
+(`convert`), or a stage's workdir, on a device mesh (the parameters sharded over it, so a 7B model
+runs on chips smaller than the model). Every model computation is a jitted function of
+(graph definition, weights, ...), compiled once per shape: text blocks are padded to a few
+bucket lengths and the caches grow by whole blocks of slots.
+
+`Conversation` is BAGEL's `interleave_inference` state: the full context and the two guidance
+contexts (`context.Contexts`), to which images and texts are added in order, and from which text
+is decoded and images are generated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from robust_u1_jax.inference import context as context_lib
+from robust_u1_jax.inference import images as images_lib
+from robust_u1_jax.inference import recovery as recovery_lib
+from robust_u1_jax.inference import text as text_lib
+from robust_u1_jax.models import bagel as bagel_lib
+from robust_u1_jax.models import sequence
+
+Array = jax.Array
+CONTEXT_SLOTS = 1024  # initial cache size; caches grow in blocks of 256 slots
+
+
+class ModelError(ValueError):
+  """A model directory that cannot be used: the message names the file or token."""
+
+
+def resolve_model_dir(path: str) -> str:
+  """A stage's workdir stands for its `model/`."""
+  if not os.path.exists(path):
+    raise ModelError(f"{path}: no such model directory")
+  if not os.path.isdir(path):
+    raise ModelError(f"{path}: not a directory (give a BAGEL / Robust-U1 model directory, an "
+                     "Orbax model checkpoint or a stage's workdir)")
+  if os.path.isdir(os.path.join(path, "model")):
+    return os.path.join(path, "model")
+  return path
+
+
+def load_tokenizer(model_dir: str, tokenizer_dir: str | None = None):
+  """The tokenizer beside the model (or `tokenizer_dir`), with BAGEL's special tokens checked."""
+  from robust_u1_jax.data import tokenizer as tokenizer_lib
+
+  path = tokenizer_dir or model_dir
+  files = set(os.listdir(path)) if os.path.isdir(path) else set()
+  if not files & {"tokenizer.json", "vocab.json"}:
+    raise ModelError(f"{path}: missing tokenizer.json (or vocab.json + merges.txt); copy the "
+                     "tokenizer files of the model there or pass --tokenizer DIR")
+  tok = tokenizer_lib.load_tokenizer(path)
+  try:
+    tokenizer_lib.special_token_ids(tok)
+  except KeyError as e:
+    raise ModelError(f"{path}: {e.args[0]}") from None
+  return tok
+
+
+@dataclasses.dataclass
+class Engine:
+  graphdef: nnx.GraphDef
+  weights: nnx.State
+  config: bagel_lib.BagelConfig
+  tokenizer: Any
+  rules: images_lib.ImageRules
+  mesh: jax.sharding.Mesh | None = None
+
+  @classmethod
+  def load(cls, path: str, *, dtype: str = "float32", mesh: jax.sharding.Mesh | None = None,
+           tokenizer_dir: str | None = None, progress: bool = False) -> Engine:
+    from robust_u1_jax.checkpoints import orbax_io
+
+    model_dir = resolve_model_dir(path)
+    tokenizer = load_tokenizer(model_dir, tokenizer_dir)
+    model = orbax_io.load_pretrained(model_dir, mesh=mesh, dtype=jnp.dtype(dtype),
+                                     param_dtype=jnp.dtype(dtype), progress=progress)
+    return cls.from_model(model, tokenizer, images_lib.ImageRules.for_model_dir(model_dir), mesh)
+
+  @classmethod
+  def from_model(cls, model: bagel_lib.Bagel, tokenizer, rules: images_lib.ImageRules,
+                 mesh: jax.sharding.Mesh | None = None) -> Engine:
+    graphdef, weights = nnx.split(model)
+    return cls(graphdef, weights, model.config, tokenizer, rules, mesh)
+
+  @functools.cached_property
+  def special(self) -> dict[str, int]:
+    from robust_u1_jax.data import tokenizer as tokenizer_lib
+
+    return tokenizer_lib.special_token_ids(self.tokenizer)
+
+  @property
+  def markers(self) -> sequence.Markers:
+    return sequence.Markers(self.special["vision_start"], self.special["vision_end"])
+
+  def encode_block(self, text: str) -> list[int]:
+    """`<|im_start|>text<|im_end|>` ids, BAGEL's text block."""
+    return [self.special["im_start"], *self.tokenizer.encode(text, add_special_tokens=False),
+            self.special["im_end"]]
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
+  def run(self, fn, *args, **static):
+    """Calls a jitted function of this module on the engine's weights, inside its mesh."""
+    if self.mesh is None:
+      return fn(self.graphdef, self.weights, *args, **static)
+    with jax.set_mesh(self.mesh):
+      return fn(self.graphdef, self.weights, *args, **static)
+
+  def conversation(self, seed: int = 0, posterior: str = "sample") -> Conversation:
+    return Conversation(self, jax.random.PRNGKey(seed), posterior)
+
+  def recover(self, corrupted: Sequence[np.ndarray], *, sampler: recovery_lib.Sampler,
+              keys: Array, instruction: str = recovery_lib.INSTRUCTION,
+              posterior: str = "sample") -> tuple[np.ndarray, np.ndarray]:
+    """Corrupted uint8 images of one VAE size -> (recovered uint8 images, their latents).
+
+    `keys` (B, 2): one per image, so an image's recovery does not depend on its batch.
+    """
+    samples = [{"corrupted": image,
+                "corrupted_vit": np.asarray(images_lib.vit_resize(
+                    image, self.rules.vit_size(*image.shape[:2])))} for image in corrupted]
+    inputs = recovery_lib.recovery_inputs(samples, self.config, self.markers,
+                                          self.encode_block(instruction))
+    latents, images = self.run(_recover, inputs, keys, sampler=sampler, posterior=posterior)
+    return np.asarray(images), np.asarray(latents)
+
+
+class Conversation:
+  """Images and texts in, in order; text and images out. One sample (batch of one)."""
+
+  def __init__(self, engine: Engine, key: Array, posterior: str = "sample"):
+    context_lib.posterior_key(posterior, key)  # validates the name
+    self.engine, self.key, self.posterior = engine, key, posterior
+    self.contexts = engine.run(_new_contexts, batch=1, length=CONTEXT_SLOTS)
+    self.image_hw: tuple[int, int] | None = None  # the last input image's VAE size
+
+  def _next_key(self) -> Array:
+    self.key, key = jax.random.split(self.key)
+    return key
+
+  def _grow(self, tokens: int) -> None:
+    self.contexts = self.contexts.grow(tokens)
+
+  def _text_rows(self, ids: Sequence[int]):
+    return context_lib.rows([[sequence.Text(list(ids))]], self.engine.config,
+                            self.engine.markers, min_length=context_lib.text_bucket(len(ids)))
+
+  def add_text(self, text: str) -> None:
+    self.add_text_ids(self.engine.encode_block(text))
+
+  def add_text_ids(self, ids: Sequence[int], *, generated: bool = False) -> None:
+    rows = self._text_rows(ids)
+    self._grow(rows.token_kind.shape[1])
+    self.contexts = self.engine.run(_add_text, self.contexts, rows, generated=generated)
+
+  def add_image(self, image: np.ndarray, *, generated: bool = False) -> np.ndarray:
+    """Adds an image (VAE tokens, then ViT tokens) and returns it at its VAE size.
+
+    A generated image (already at a VAE size) re-enters through the same resize as an input.
+    """
+    rules = self.engine.rules
+    vae_image = image if generated else rules.prepare(image)[0]
+    vit_image = np.asarray(images_lib.vit_resize(vae_image, rules.vit_size(*vae_image.shape[:2])))
+    rows = context_lib.rows([context_lib.image_blocks(vae_image, vit_image)], self.engine.config,
+                            self.engine.markers)
+    self._grow(rows.token_kind.shape[1])
+    key = context_lib.posterior_key(self.posterior, self._next_key())
+    self.contexts = self.engine.run(_add_image, self.contexts, rows, vae_image[None, None], key,
+                                    generated=generated)
+    if not generated:
+      self.image_hw = vae_image.shape[:2]
+    return vae_image
+
+  def generate_text(self, *, max_new_tokens: int = 512, temperature: float = 0.0,
+                    stop_ids: Sequence[int] = (), start: str = "im_start", keep: bool = False
+                    ) -> tuple[list[int], int]:
+    """(token ids before the stop token, the stop token or -1 when out of tokens).
+
+    Feeds `start` (a special token's name), then decodes until a token of `stop_ids` (default:
+    BAGEL's `<|im_end|>`). With `keep`, the fed tokens stay in the full context (the reasoner's
+    way); otherwise the context is unchanged and `add_text_ids` puts the text in (BAGEL's).
+    """
+    special = self.engine.special
+    stops = tuple(sorted(set(stop_ids) or {special["im_end"]}))
+    self._grow(max_new_tokens + 1)
+    first = jnp.full((1,), special[start], jnp.int32)
+    out = self.engine.run(_generate_text, self.contexts.full, first, self._next_key(),
+                          max_new_tokens=max_new_tokens, temperature=float(temperature),
+                          stop_ids=stops)
+    if keep:
+      self.contexts = self.contexts.replace(full=out.cache)
+    n, stop = int(out.length[0]), int(out.stop[0])
+    ids = [int(t) for t in np.asarray(out.tokens[0, :n])]
+    return (ids[:-1] if stop >= 0 else ids), stop
+
+  def generate_image(self, size_hw: tuple[int, int] | None = None, *,
+                     sampler: recovery_lib.Sampler = recovery_lib.Sampler(),
+                     x_init: Array | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 image, latent tokens) generated from the three contexts; default size: the last
+    input image's VAE size."""
+    h, w = size_hw or self.image_hw or (None, None)
+    if h is None:
+      raise ValueError("generate_image needs a size: no input image to take it from")
+    noisy = context_lib.rows([[sequence.Latent(h, w, noisy=True)]], self.engine.config,
+                             self.engine.markers)
+    if x_init is None:
+      n = noisy.latent_seq_index.shape[1]
+      x_init = jax.random.normal(self._next_key(), (1, n, self.engine.config.latent_channels))
+    latents, image = self.engine.run(_generate_image, self.contexts, noisy, x_init,
+                                     self._next_key(), sampler=sampler, size_hw=(h, w))
+    return np.asarray(images_lib.quantize(image))[0], np.asarray(latents)
+
+
+# -- jitted computations: (graphdef, weights, ...) with the graph definition static ---------------
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("batch", "length"))
+def _new_contexts(graphdef, weights, *, batch: int, length: int) -> context_lib.Contexts:
+  return context_lib.Contexts.create(nnx.merge(graphdef, weights), batch, length)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("generated",))
+def _add_text(graphdef, weights, contexts, rows, *, generated: bool):
+  model = nnx.merge(graphdef, weights)
+  if generated:
+    return contexts.add_generated_text(model, rows)
+  return contexts.add_text(model, rows)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("generated",))
+def _add_image(graphdef, weights, contexts, rows, image_11hwc, key, *, generated: bool):
+  model = nnx.merge(graphdef, weights)
+  latents = context_lib.gather_latents(context_lib.encode_images(model, image_11hwc, key), rows)
+  if generated:
+    return contexts.add_generated_image(model, rows, latents)
+  return contexts.add_image(model, rows, latents)
+
+
+@functools.partial(jax.jit, static_argnums=0,
+                   static_argnames=("max_new_tokens", "temperature", "stop_ids"))
+def _generate_text(graphdef, weights, cache, start, key, *, max_new_tokens, temperature,
+                   stop_ids):
+  return text_lib.generate(nnx.merge(graphdef, weights), cache, start, key,
+                           max_new_tokens=max_new_tokens, temperature=temperature,
+                           stop_ids=stop_ids)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("sampler", "size_hw"))
+def _generate_image(graphdef, weights, contexts, noisy, x_init, key, *, sampler, size_hw):
+  model = nnx.merge(graphdef, weights)
+  g = sampler.guidance
+  velocity = recovery_lib.guided_velocity(model, contexts.full, contexts.no_text,
+                                          contexts.no_image, noisy, g)
+  latents = recovery_lib.sample_latents(velocity, x_init, sampler, key).x_final
+  return latents, context_lib.decode_latents(model, latents, *size_hw)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("sampler", "posterior"))
+def _recover(graphdef, weights, inputs, keys, *, sampler, posterior):
+  posterior_keys = None
+  if posterior == "sample":
+    posterior_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+  latents, images = recovery_lib.recover(nnx.merge(graphdef, weights), inputs, sampler, keys,
+                                         posterior_key=posterior_keys)
+  return latents, images_lib.quantize(images)

@@ -1,0 +1,172 @@
+"""The released Robust-U1 reasoner: text, a self-generated recovery, more text, an answer.
+
+Behaviour of `inference/reasoner.py` in the Robust-U1 release (DESIGN section 5), rebuilt on this
+package: the corrupted image and the prompt enter the contexts in order; then, for at most
+`max_iterations` steps, the model writes text, and the token it stops on chooses the next step:
+`<|vision_start|>` generates an image of the input image's VAE size from the three contexts and
+appends it (VAE + ViT tokens) to the full and `cfg_text` contexts; `<|im_start|>` writes more
+text; `<|endoftext|>` (or running out of tokens) stops. The text stays in the context as written.
+From a third `<ANSWER>` tag on, the answer text is dropped, as the release does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+import string
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from robust_u1_jax.inference import engine as engine_lib
+from robust_u1_jax.inference import recovery as recovery_lib
+
+RESTORE = "Please restore this corrupted image to its clean version."
+ANSWER_FROM_RESTORED = ("Based on what you observe in the restored image, please select the "
+                        "correct answer from the options above.")
+ANSWER_TAG = "<ANSWER>"
+ANSWER_RE = re.compile(r"<ANSWER>(.*?)(?:<ANSWER_END>|$)", re.S)
+
+
+def prompt(question: str, options: Sequence[str] = (), *, recover: bool = True) -> str:
+  """The release's prompt: question, lettered options, restore instruction, answer instruction."""
+  lines = [f"Question: {question}"]
+  if options:
+    lines.append("Options:")
+    lines += [format_option(i, o) for i, o in enumerate(options)]
+  if recover:
+    lines += [RESTORE, ANSWER_FROM_RESTORED]
+  elif options:
+    lines.append("Please select the correct answer from the options above.")
+  return "\n".join(lines) + "\n"
+
+
+def format_option(i: int, option: str) -> str:
+  """'A. text' (an option given as 'A. text' already keeps its letter)."""
+  if re.match(r"^[A-Z][.)]\s", option):
+    return option
+  return f"{string.ascii_uppercase[i]}. {option}"
+
+
+def cut_answers(text: str, keep: int = 2) -> str:
+  """The text before the (keep + 1)-th `<ANSWER>` tag."""
+  start = -1
+  for _ in range(keep + 1):
+    start = text.find(ANSWER_TAG, start + 1)
+    if start < 0:
+      return text
+  return text[:start]
+
+
+def extract_answer(text: str, options: Sequence[str] = ()) -> str:
+  """The final answer: the last `<ANSWER>...` content (else the whole text), reduced to its
+  option letter when options are given and one can be found."""
+  found = ANSWER_RE.findall(text)
+  answer = (found[-1] if found else text).strip()
+  if not options:
+    return answer
+  letters = string.ascii_uppercase[:len(options)]
+  m = re.match(rf"^\(?([{letters}])\b", answer) or re.search(rf"\b([{letters}])[.)]", answer)
+  if m:
+    return m.group(1)
+  for i, option in enumerate(options):
+    body = format_option(i, option)[3:].strip().lower()
+    if body and body in answer.lower():
+      return letters[i]
+  return answer
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  max_iterations: int = 5
+  max_new_tokens: int = 512
+  temperature: float = 0.3  # 0: greedy
+  recover: bool = True  # False: answer from the corrupted image alone (no recovery instruction)
+  sampler: recovery_lib.Sampler = recovery_lib.Sampler()
+
+
+@dataclasses.dataclass
+class Step:
+  kind: str  # 'text' | 'image'
+  text: str = ""
+  image: np.ndarray | None = None
+  seconds: float = 0.0
+
+
+@dataclasses.dataclass
+class Exchange:
+  prompt: str
+  steps: list[Step]
+  answer_text: str  # every text step joined, cut after the answers
+  answer: str  # the option letter, or the extracted answer
+  stopped_by: str  # 'end_of_text' | 'no_stop_token' | 'max_iterations'
+  seconds: dict[str, float]  # time per phase: context, text, image
+
+  def record(self, image_paths: Sequence[str]) -> dict[str, Any]:
+    """A JSON-ready record; `image_paths` for the image steps, in order."""
+    paths = iter(image_paths)
+    steps = [{"type": s.kind, "seconds": round(s.seconds, 3),
+              **({"text": s.text} if s.kind == "text" else {"image": next(paths)})}
+             for s in self.steps]
+    return {"prompt": self.prompt, "steps": steps, "answer_text": self.answer_text,
+            "answer": self.answer, "stopped_by": self.stopped_by,
+            "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
+
+
+def answer(engine: engine_lib.Engine, image: np.ndarray, question: str,
+           options: Sequence[str] = (), settings: Settings = Settings(), *, seed: int = 0,
+           posterior: str = "sample") -> Exchange:
+  """Runs the interleaved loop on one uint8 image and a question."""
+  special = engine.special
+  seconds: dict[str, float] = {}
+  text_prompt = prompt(question, options, recover=settings.recover)
+  with _timed(seconds, "context"):
+    conv = engine.conversation(seed, posterior)
+    conv.add_image(image)
+    conv.add_text(text_prompt)
+  steps: list[Step] = []
+  stops = (special["vision_start"], special["im_start"], special["endoftext"])
+  start, stopped_by = "im_start", "max_iterations"
+  for _ in range(settings.max_iterations):
+    t0 = time.perf_counter()
+    with _timed(seconds, "text"):
+      ids, stop = conv.generate_text(max_new_tokens=settings.max_new_tokens,
+                                     temperature=settings.temperature, stop_ids=stops,
+                                     start=start, keep=True)
+    text = _clean(engine.decode(ids), special, engine)
+    if text:
+      steps.append(Step("text", text=text, seconds=time.perf_counter() - t0))
+    if stop == special["vision_start"] and settings.recover:
+      t0 = time.perf_counter()
+      with _timed(seconds, "image"):
+        generated, _ = conv.generate_image(sampler=settings.sampler)
+        conv.add_image(generated, generated=True)
+      steps.append(Step("image", image=generated, seconds=time.perf_counter() - t0))
+      start = "im_start"
+    elif stop == special["im_start"] or (stop == special["vision_start"] and not settings.recover):
+      start = "im_start"
+    else:
+      stopped_by = "end_of_text" if stop == special["endoftext"] else "no_stop_token"
+      break
+  answer_text = cut_answers("\n".join(s.text for s in steps if s.kind == "text"))
+  return Exchange(text_prompt, steps, answer_text, extract_answer(answer_text, options),
+                  stopped_by, seconds)
+
+
+def _clean(text: str, special: dict[str, int], engine: engine_lib.Engine) -> str:
+  """Generated text without its block markers."""
+  for name in ("im_start", "im_end"):
+    text = text.replace(engine.decode([special[name]]), "")
+  return text.strip()
+
+
+@contextlib.contextmanager
+def _timed(totals: dict[str, float], phase: str):
+  t0 = time.perf_counter()
+  try:
+    yield
+  finally:
+    totals[phase] = totals.get(phase, 0.0) + time.perf_counter() - t0

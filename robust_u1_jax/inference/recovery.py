@@ -1,0 +1,246 @@
+"""Recovery sampling: a corrupted image (+ the instruction) -> a generated clean image.
+
+The one implementation every user shares: the `recover` CLI and the conversation's image step,
+evaluation grids, the reasoning stage's recoveries (on the fly or cached) and the RL rollouts, which
+add an SDE window and score it again under the policy (`velocity_fn` is what they differentiate).
+
+BAGEL's image-editing defaults (DESIGN section 4): 50 steps, timestep shift 3, text guidance 4,
+image guidance 2, guidance on over the whole schedule, `text_channel` renorm with minimum 0. The
+three guidance branches are answered by one batched model call per step against their caches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from robust_u1_jax import sampling
+from robust_u1_jax.inference import context as context_lib
+from robust_u1_jax.inference import images as images_lib
+from robust_u1_jax.models import bagel as bagel_lib
+from robust_u1_jax.models import kv_cache, sequence
+from robust_u1_jax.models.kv_cache import KVCache
+
+Array = jax.Array
+INSTRUCTION = "Please restore this corrupted image to its clean version."
+
+
+@dataclasses.dataclass(frozen=True)
+class Guidance:
+  """BAGEL's `cfg_text_scale`, `cfg_img_scale`, `cfg_interval`, `cfg_renorm_min/type`."""
+  text_scale: float = 4.0
+  image_scale: float = 2.0
+  interval: tuple[float, float] = (0.0, 1.0)  # guided while interval[0] < t <= interval[1]
+  renorm_min: float = 0.0
+  renorm_type: str = "text_channel"
+
+  def __post_init__(self):
+    if self.renorm_type not in sampling.RENORM_TYPES:
+      raise ValueError(f"cfg renorm type {self.renorm_type!r} is unknown; allowed: "
+                       f"{', '.join(sampling.RENORM_TYPES)}")
+    lo, hi = self.interval
+    if not 0.0 <= lo <= hi <= 1.0:
+      raise ValueError(f"cfg interval {self.interval} must satisfy 0 <= low <= high <= 1")
+
+  @property
+  def uses_no_text(self) -> bool:
+    return self.text_scale > 1.0
+
+  @property
+  def uses_no_image(self) -> bool:
+    # As in BAGEL, image guidance only acts together with text guidance.
+    return self.text_scale > 1.0 and self.image_scale > 1.0
+
+
+NO_GUIDANCE = Guidance(text_scale=1.0, image_scale=1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+  """Euler sampling over the shifted schedule; optionally one stochastic step (the released
+  Robust-U1 sampler: an SDE step at index 3 with noise level 0.7)."""
+  num_steps: int = 50
+  shift: float = 3.0
+  guidance: Guidance = Guidance()
+  sde_step: int = -1  # index of the stochastic step; -1: deterministic
+  sde_noise_level: float = 0.7
+
+  def __post_init__(self):
+    if self.num_steps < 2:
+      raise ValueError(f"recovery steps must be >= 2, got {self.num_steps}")
+    if not -1 <= self.sde_step < self.num_steps - 1:
+      raise ValueError(f"sde_step {self.sde_step} is outside the {self.num_steps - 1} moves "
+                       "(-1 turns it off)")
+
+
+RELEASED_SDE_STEP = 3
+
+
+# -- inputs ---------------------------------------------------------------------------------------
+
+
+def recovery_blocks(corrupted_vae: np.ndarray, corrupted_vit: np.ndarray,
+                    instruction_ids: Sequence[int], *, use_text: bool = True,
+                    use_vit: bool = True, use_vae: bool = True, target: bool = True,
+                    canvas: tuple[int, int] | None = None) -> list[sequence.Block]:
+  """`[VAE of the corrupted image] [its ViT] [instruction] [noisy target]`; image 0 is the
+  corrupted image, image 1 the clean target, both encoded top-left on `canvas` (default: their
+  own size). The SFT stage trains on these blocks; recovery samples the target."""
+  h, w = corrupted_vae.shape[:2]
+  blocks: list[sequence.Block] = []
+  if use_vae:
+    blocks.append(sequence.Latent(h, w, image=0, canvas=canvas))
+  if use_vit:
+    blocks.append(sequence.Vit(images_lib.vit_input(corrupted_vit)))
+  if use_text:
+    blocks.append(sequence.Text(instruction_ids))
+  if target:
+    blocks.append(sequence.Latent(h, w, noisy=True, image=1, canvas=canvas))
+  return blocks
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class RecoveryInputs:
+  """Everything the sampler needs for a batch of corrupted images of one size (host-built)."""
+  full: bagel_lib.SequenceInputs  # [VAE, ViT, text] context
+  no_text: bagel_lib.SequenceInputs  # [VAE, ViT]
+  no_image: bagel_lib.SequenceInputs  # [text]
+  noisy: bagel_lib.SequenceInputs  # the generation block alone
+  corrupted: Array  # (B, 1, H, W, 3) uint8, VAE size
+  clean: Array  # (B, H, W, 3) uint8, the reward's reference
+
+
+def size_groups(samples: Sequence[Mapping[str, Any]]) -> list[list[int]]:
+  """Indices of the samples, grouped by (VAE, ViT) image size: one recovery batch each."""
+  groups: dict[tuple, list[int]] = {}
+  for i, s in enumerate(samples):
+    key = (s["corrupted"].shape, s.get("corrupted_vit", s["corrupted"]).shape)
+    groups.setdefault(key, []).append(i)
+  return list(groups.values())
+
+
+def recovery_inputs(samples: Sequence[Mapping[str, Any]], config: bagel_lib.BagelConfig,
+                    markers: sequence.Markers, instruction_ids: Sequence[int] | None = None
+                    ) -> RecoveryInputs:
+  """Numpy rows of the three guidance contexts and the noisy block, for samples of one size.
+
+  A sample is a dict: 'corrupted' (uint8, VAE size), optionally 'corrupted_vit' (ViT size;
+  default: the VAE-size image) and 'clean' (the reward's reference; default: corrupted), and
+  'instruction_ids' unless `instruction_ids` is given for all.
+  """
+  sizes = sorted({(s["corrupted"].shape[:2], s.get("corrupted_vit", s["corrupted"]).shape[:2])
+                  for s in samples})
+  if len(sizes) > 1:
+    raise ValueError(
+        f"recovery sampling batches images of one size, got (VAE, ViT) sizes {sizes}: for a "
+        "source of many sizes set data.crop_square=True and data.vae_min_side = "
+        "data.vae_max_side (the RL stage), or precompute recoveries (the reasoning stage's "
+        "reason.recovered_images=cache)")
+  if instruction_ids is not None:
+    samples = [{**s, "instruction_ids": instruction_ids} for s in samples]
+
+  def rows(**use):
+    return context_lib.rows([recovery_blocks(
+        s["corrupted"], s.get("corrupted_vit", s["corrupted"]), s["instruction_ids"],
+        target=False, **use) for s in samples], config, markers)
+
+  corrupted = np.stack([s["corrupted"] for s in samples])
+  noisy = context_lib.rows([[sequence.Latent(*corrupted.shape[1:3], noisy=True)]] * len(samples),
+                           config, markers)
+  return RecoveryInputs(full=rows(), no_text=rows(use_text=False),
+                        no_image=rows(use_vit=False, use_vae=False), noisy=noisy,
+                        corrupted=corrupted[:, None],
+                        clean=np.stack([s.get("clean", s["corrupted"]) for s in samples]))
+
+
+# -- guided velocity ------------------------------------------------------------------------------
+
+VelocityFn = Callable[[Array, Array], Array]  # (x_bnc, t_b) -> v_bnc
+
+
+def guided_velocity(model: bagel_lib.Bagel, full: KVCache, no_text: KVCache | None,
+                    no_image: KVCache | None, noisy: bagel_lib.SequenceInputs,
+                    guidance: Guidance) -> VelocityFn:
+  """v(x_t, t) of the noisy block against cached contexts, guided: the branches in use answer in
+  one model call (their caches stacked along the batch)."""
+  caches = [full] + [no_text] * guidance.uses_no_text + [no_image] * guidance.uses_no_image
+  branches = len(caches)
+  cache = kv_cache.concatenate(caches) if branches > 1 else full
+  tiled = jax.tree.map(lambda x: jnp.concatenate([x] * branches, axis=0), noisy)
+  lo, hi = guidance.interval
+
+  def velocity(x_bnc: Array, t_b: Array) -> Array:
+    v_all = model.denoise_velocity(cache, tiled, jnp.concatenate([x_bnc] * branches),
+                                   jnp.concatenate([t_b] * branches))
+    v = jnp.split(v_all, branches)
+    if branches == 1:
+      return v[0]
+    guided = ((t_b > lo) & (t_b <= hi))[:, None, None]
+    text_scale = jnp.where(guided, guidance.text_scale, 1.0)
+    image_scale = jnp.where(guided, guidance.image_scale, 1.0)
+    return sampling.cfg_velocity(v[0], v[1], v[2] if branches == 3 else None, text_scale,
+                                 image_scale if branches == 3 else 1.0, guidance.renorm_min,
+                                 guidance.renorm_type)
+
+  return velocity
+
+
+def velocity_fn(model: bagel_lib.Bagel, inputs: RecoveryInputs, guidance: Guidance, *,
+                repeat: int = 1, posterior_key: Array | None = None) -> VelocityFn:
+  """Prefills the guidance contexts of `inputs` once (each row's context serving `repeat`
+  samples in a row) and returns their guided velocity."""
+  cond = context_lib.encode_images(model, inputs.corrupted, posterior_key)
+
+  def context(rows: bagel_lib.SequenceInputs) -> KVCache:
+    cache = model.init_cache(rows.token_kind.shape[0], rows.token_kind.shape[1])
+    cache = context_lib.prefill(model, cache, rows, context_lib.gather_latents(cond, rows))
+    return kv_cache.repeat_rows(cache, repeat) if repeat > 1 else cache
+
+  no_text = context(inputs.no_text) if guidance.uses_no_text else None
+  no_image = context(inputs.no_image) if guidance.uses_no_image else None
+  noisy = jax.tree.map(lambda x: jnp.repeat(x, repeat, axis=0), inputs.noisy)
+  return guided_velocity(model, context(inputs.full), no_text, no_image, noisy, guidance)
+
+
+def initial_noise(key: Array, batch: int, shape: tuple[int, ...]) -> Array:
+  """x at t = 1: from one key, or from one key per row (B, 2) so that a sample's noise does not
+  depend on its batch."""
+  if key.ndim == 2 and key.dtype == jnp.uint32:
+    return jax.vmap(lambda k: jax.random.normal(k, shape))(key)
+  return jax.random.normal(key, (batch,) + shape)
+
+
+def sample_latents(velocity: VelocityFn, x_init: Array, sampler: Sampler, key: Array
+                   ) -> sampling.Rollout:
+  """Runs `sampler` from x_init (Euler, plus its stochastic step if it has one)."""
+  return sampling.sample(velocity, x_init, sampling.timesteps(sampler.num_steps, sampler.shift),
+                         key, window_start=max(sampler.sde_step, 0),
+                         window_size=int(sampler.sde_step >= 0),
+                         noise_level=sampler.sde_noise_level)
+
+
+def recover(model: bagel_lib.Bagel, inputs: RecoveryInputs, sampler: Sampler, key: Array, *,
+            x_init: Array | None = None, posterior_key: Array | None = None
+            ) -> tuple[Array, Array]:
+  """(latent tokens (B, N, C), recovered images in [0, 1] (B, H, W, 3)); no gradient.
+
+  `key`: one key, or one per image (B, 2); it draws the initial noise unless `x_init` is given,
+  and the stochastic step's noise. `posterior_key` None encodes the corrupted image by the
+  posterior mean, else by a sample.
+  """
+  velocity = velocity_fn(model, inputs, sampler.guidance, posterior_key=posterior_key)
+  b = inputs.corrupted.shape[0]
+  shape = (inputs.noisy.latent_seq_index.shape[1], model.config.latent_channels)
+  if x_init is None:
+    x_init = initial_noise(key, b, shape)
+  step_key = key[0] if key.ndim == 2 and key.dtype == jnp.uint32 else key
+  latents = sample_latents(velocity, x_init, sampler, step_key).x_final
+  h, w = inputs.corrupted.shape[2:4]
+  images = context_lib.decode_latents(model, latents, h, w)
+  return jax.lax.stop_gradient(latents), jax.lax.stop_gradient(images)

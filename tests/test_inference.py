@@ -1,0 +1,291 @@
+"""The inference package against its own references: cached decoding equals an uncached forward,
+a batch equals its samples one by one, guidance with scales of 1 equals no guidance, the batched
+guidance branches equal separate calls, and one ViT resize for every path."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from robust_u1_jax import sampling
+from robust_u1_jax.data import shapes
+from robust_u1_jax.data import tokenizer as tokenizer_lib
+from robust_u1_jax.inference import context, engine, images, reasoner, recovery, text
+from robust_u1_jax.models import bagel, sequence
+
+RULES = images.ImageRules(64, 32, 16, 64, 32, 8)  # the tiny world's resize rules
+FEW_STEPS = recovery.Sampler(num_steps=4)
+
+
+@pytest.fixture(scope="module")
+def tiny(random_bagel):
+  tok = tokenizer_lib.load_tokenizer()
+  model = random_bagel(bagel.BagelConfig.tiny(vocab_size=len(tok)))
+  return engine.Engine.from_model(model, tok, RULES), model
+
+
+@pytest.fixture(scope="module")
+def world_images():
+  world = shapes.ShapesWorld("validation")
+  return [world[i]["image"] for i in range(3)]
+
+
+def test_cached_greedy_decode_equals_uncached_argmax(tiny, world_images):
+  eng, model = tiny
+  image = world_images[0]
+  conv = eng.conversation(seed=0, posterior="mean")
+  vae_image = conv.add_image(image)
+  prompt = "What colour is the largest shape?"
+  conv.add_text(prompt)
+  # A stop token the random model never reaches: all 12 tokens are decoded.
+  ids, stop = conv.generate_text(max_new_tokens=12, stop_ids=(len(eng.tokenizer) + 7,))
+  assert stop == -1 and len(ids) == 12
+
+  # One uncached forward over [image][prompt][<|im_start|> + the generated tokens].
+  vit_image = np.asarray(images.vit_resize(vae_image, RULES.vit_size(*vae_image.shape[:2])))
+  fed = [eng.special["im_start"]] + ids[:-1]
+  blocks = context.image_blocks(vae_image, vit_image) + [
+      sequence.Text(eng.encode_block(prompt)), sequence.Text(fed)]
+  rows = context.rows([blocks], model.config, eng.markers)
+  latents = context.gather_latents(
+      context.encode_images(model, jnp.asarray(vae_image)[None, None]), rows)
+  hidden = model(jax.tree.map(jnp.asarray, rows), latents, jnp.zeros(latents.shape[:2]))
+  logits = model.text_logits(hidden)[0, -len(fed):]
+  np.testing.assert_array_equal(np.argmax(np.asarray(logits), -1), ids)
+
+
+def test_text_generation_stops_at_a_stop_token(tiny, world_images):
+  eng, _ = tiny
+  conv = eng.conversation(seed=0, posterior="mean")
+  conv.add_image(world_images[0])
+  conv.add_text("Describe the image.")
+  ids, _ = conv.generate_text(max_new_tokens=6, stop_ids=(len(eng.tokenizer) + 7,))
+  short, stop = conv.generate_text(max_new_tokens=6, stop_ids=(ids[2],))
+  first = ids.index(ids[2])
+  assert stop == ids[2] and short == ids[:first]
+
+
+def test_generate_rows_stop_independently(tiny):
+  _, model = tiny
+  cache = model.init_cache(2, 64)
+  start = jnp.asarray([5, 9], jnp.int32)
+  free = text.generate(model, cache, start, jax.random.PRNGKey(0), max_new_tokens=5,
+                       temperature=0.0, stop_ids=(10**6,))
+  stop_token = int(free.tokens[0, 1])
+  out = text.generate(model, cache, start, jax.random.PRNGKey(0), max_new_tokens=5,
+                      temperature=0.0, stop_ids=(stop_token,))
+  first_hit = int(np.argmax(np.asarray(free.tokens[0]) == stop_token))
+  assert int(out.length[0]) == first_hit + 1 and int(out.stop[0]) == stop_token
+  assert np.all(np.asarray(out.tokens[0, first_hit + 1:]) == -1)
+  # The other row goes on as if alone (unless it meets the stop token itself).
+  row1 = np.asarray(free.tokens[1])
+  n1 = int(np.argmax(row1 == stop_token)) + 1 if stop_token in row1 else 5
+  np.testing.assert_array_equal(np.asarray(out.tokens[1, :n1]), row1[:n1])
+
+
+def test_contexts_follow_bagel_bookkeeping(tiny, world_images):
+  eng, _ = tiny
+  conv = eng.conversation(seed=0, posterior="mean")
+  conv.add_text("First a caption.")  # text before the image stays in no_text, as in BAGEL
+  n_text = int(conv.contexts.full.valid.sum())
+  conv.add_image(world_images[1])
+  n_image = int(conv.contexts.full.valid.sum()) - n_text
+  conv.add_text("Then a question.")
+  n_second = int(conv.contexts.full.valid.sum()) - n_text - n_image
+  c = conv.contexts
+  assert int(c.no_text.valid.sum()) == n_text + n_image
+  assert int(c.no_image.valid.sum()) == n_text + n_second
+  # The VAE and ViT blocks of the image take one RoPE position each.
+  assert int(c.full.next_position[0]) == n_text + 2 + n_second
+  # A generated image joins the full and no_text contexts.
+  conv.add_image(world_images[2], generated=True)
+  assert int(conv.contexts.no_text.valid.sum()) == n_text + 2 * n_image
+  assert int(conv.contexts.no_image.valid.sum()) == n_text + n_second
+
+
+def test_recovery_batch_equals_one_by_one(tiny, world_images):
+  eng, _ = tiny
+  keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(3), i) for i in range(3)])
+  together, latents = eng.recover(world_images, sampler=FEW_STEPS, keys=keys)
+  assert together.shape == (3, 64, 64, 3) and together.dtype == np.uint8
+  for i, image in enumerate(world_images):
+    alone, alone_latents = eng.recover([image], sampler=FEW_STEPS, keys=keys[i:i + 1])
+    np.testing.assert_allclose(alone_latents[0], latents[i], rtol=1e-4, atol=1e-4)
+    assert np.abs(alone[0].astype(int) - together[i].astype(int)).max() <= 1
+  # The posterior sample moves the recovery; the mean is deterministic.
+  mean, _ = eng.recover(world_images[:1], sampler=FEW_STEPS, keys=keys[:1], posterior="mean")
+  assert not np.array_equal(mean[0], together[0])
+
+
+def _inputs(eng, model, image):
+  vit = np.asarray(images.vit_resize(image, RULES.vit_size(64, 64)))
+  rows = recovery.recovery_inputs([{"corrupted": image, "corrupted_vit": vit}], model.config,
+                                  eng.markers, eng.encode_block(recovery.INSTRUCTION))
+  return jax.tree.map(jnp.asarray, rows)
+
+
+def test_guidance_off_equals_no_guidance_and_branches_batch(tiny, world_images):
+  eng, model = tiny
+  inputs = _inputs(eng, model, world_images[0])
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 16, model.config.latent_channels))
+  t = jnp.full((1,), 0.7)
+  plain = recovery.velocity_fn(model, inputs, recovery.NO_GUIDANCE)(x, t)
+  # Three branches in one call, but the interval switches guidance off: the full branch alone.
+  never = recovery.Guidance(interval=(1.0, 1.0))
+  np.testing.assert_allclose(recovery.velocity_fn(model, inputs, never)(x, t), plain,
+                             rtol=1e-5, atol=1e-6)
+  # One batched call equals three separate calls combined, for each renorm type.
+  for renorm in sampling.RENORM_TYPES:
+    g = recovery.Guidance(renorm_type=renorm, renorm_min=0.2)
+    batched = recovery.velocity_fn(model, inputs, g)(x, t)
+    single = lambda rows: recovery.velocity_fn(
+        model, dataclasses.replace(inputs, full=rows), recovery.NO_GUIDANCE)(x, t)
+    expected = sampling.cfg_velocity(single(inputs.full), single(inputs.no_text),
+                                      single(inputs.no_image), 4.0, 2.0, 0.2, renorm)
+    np.testing.assert_allclose(batched, expected, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(batched, plain, atol=1e-3)
+
+
+def test_conversation_image_equals_recovery_of_the_same_context(tiny, world_images):
+  """[image][instruction] in a conversation generates what `recover` does from the same noise."""
+  eng, model = tiny
+  image = world_images[1]
+  conv = eng.conversation(seed=0, posterior="mean")
+  conv.add_image(image)
+  conv.add_text(recovery.INSTRUCTION)
+  x0 = jax.random.normal(jax.random.PRNGKey(5), (1, 16, model.config.latent_channels))
+  generated, latents = conv.generate_image(sampler=FEW_STEPS, x_init=x0)
+  ref_latents, ref_images = recovery.recover(model, _inputs(eng, model, image), FEW_STEPS,
+                                             jax.random.PRNGKey(0), x_init=x0)
+  np.testing.assert_allclose(latents, ref_latents, rtol=1e-4, atol=1e-4)
+  reference = np.asarray(images.quantize(ref_images))[0]
+  assert np.abs(generated.astype(int) - reference.astype(int)).max() <= 1
+
+
+def test_released_stochastic_step_changes_only_with_its_key(tiny, world_images):
+  eng, _ = tiny
+  sde = dataclasses.replace(FEW_STEPS, sde_step=1)
+  key = jax.random.PRNGKey(1)[None]
+  a, _ = eng.recover(world_images[:1], sampler=sde, keys=key, posterior="mean")
+  b, _ = eng.recover(world_images[:1], sampler=sde, keys=key, posterior="mean")
+  ode, _ = eng.recover(world_images[:1], sampler=FEW_STEPS, keys=key, posterior="mean")
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, ode)
+  with pytest.raises(ValueError, match="sde_step"):
+    recovery.Sampler(num_steps=4, sde_step=3)
+
+
+def test_posterior_sample_and_mean(tiny, world_images):
+  _, model = tiny
+  batch = jnp.asarray(np.stack(world_images[:2]))[:, None]
+  mean = context.encode_images(model, batch)
+  np.testing.assert_allclose(mean, bagel.patchify_latents(
+      model.vae.encode(images.to_model_range(batch[:, 0])), 2).reshape(mean.shape), atol=1e-6)
+  keys = jax.random.split(jax.random.PRNGKey(0), 2)
+  drawn = context.encode_images(model, batch, keys)
+  assert not np.allclose(drawn, mean)
+  # Per-row keys: a row's draw does not depend on the rest of the batch.
+  np.testing.assert_array_equal(context.encode_images(model, batch[1:], keys[1:])[0], drawn[1])
+  with pytest.raises(ValueError, match="vae_posterior"):
+    context.posterior_key("median", keys[0])
+
+
+def test_vit_resize_is_pil_bicubic_and_one_function_in_and_out_of_jit():
+  rng = np.random.default_rng(0)
+  image = (rng.uniform(size=(64, 48, 3)) * 255).astype(np.uint8)
+  for size in ((32, 24), (40, 32), (96, 72)):
+    ours = np.asarray(images.vit_resize(image, size)).astype(int)
+    pil = np.asarray(Image.fromarray(image).resize(size[::-1], Image.Resampling.BICUBIC)).astype(
+        int)
+    assert np.abs(ours - pil).mean() < 1.5, size
+    jitted = jax.jit(images.vit_resize, static_argnums=1)(image, size)
+    np.testing.assert_array_equal(np.asarray(jitted), ours)
+
+
+def test_reasoning_paths_feed_the_vit_the_same_recovered_pixels():
+  from robust_u1_jax.models import vit as vit_lib
+  from robust_u1_jax.training import reasoning
+
+  rng = np.random.default_rng(1)
+  recovered = (rng.uniform(size=(2, 64, 64, 3)) * 255).astype(np.uint8)
+  vit_hw, patch = RULES.vit_size(64, 64), 8
+  cached = [np.asarray(images.vit_resize(r, vit_hw)) for r in recovered]
+  placeholder = jnp.zeros((2, 2 * (vit_hw[0] // patch) * (vit_hw[1] // patch), 3 * patch ** 2))
+  segments = jnp.repeat(jnp.asarray([1, 2]), placeholder.shape[1] // 2)[None].repeat(2, 0)
+  inputs = bagel.SequenceInputs(*[None] * 5, placeholder, None, segments, *[None] * 3)
+  on_the_fly = reasoning.with_recovered_patches(inputs, jnp.asarray(recovered), vit_hw, patch)
+  for i in range(2):
+    expected = vit_lib.images_to_patches(images.to_model_range(jnp.asarray(cached[i])[None]),
+                                         patch)[0]
+    np.testing.assert_array_equal(on_the_fly.vit_patches[i, placeholder.shape[1] // 2:], expected)
+
+
+def test_reasoner_loop_follows_the_stop_tokens(tiny, world_images, monkeypatch):
+  """A scripted model: text ending at <|vision_start|>, then an answer repeated past the cut."""
+  eng, _ = tiny
+  sp = eng.special
+  script = [(eng.tokenizer.encode("<TYPE>noise", add_special_tokens=False), sp["vision_start"]),
+            (eng.tokenizer.encode("<ANSWER>B<ANSWER_END> <ANSWER>B<ANSWER_END> <ANSWER>C",
+                                  add_special_tokens=False), sp["im_start"]),
+            ([], sp["endoftext"])]
+  calls = []
+
+  def scripted(self, **kw):
+    calls.append(kw)
+    return script[len(calls) - 1]
+
+  added = []
+  real_add = engine.Conversation.add_image
+
+  def add_image(self, image, *, generated=False):
+    added.append(generated)
+    return real_add(self, image, generated=generated)
+
+  monkeypatch.setattr(engine.Conversation, "generate_text", scripted)
+  monkeypatch.setattr(engine.Conversation, "add_image", add_image)
+  settings = reasoner.Settings(max_iterations=5, sampler=FEW_STEPS)
+  ex = reasoner.answer(eng, world_images[0], "Which shape?", ["circle", "square", "star"],
+                       settings)
+  assert [s.kind for s in ex.steps] == ["text", "image", "text"]
+  assert added == [False, True] and ex.steps[1].image.shape == (64, 64, 3)
+  assert ex.stopped_by == "end_of_text" and len(calls) == 3
+  assert ex.answer_text.count("<ANSWER>") == 2 and ex.answer == "B"
+  record = ex.record(["step_02.png"])
+  assert record["steps"][1] == {"type": "image", "image": "step_02.png",
+                                "seconds": round(ex.steps[1].seconds, 3)}
+  assert "Please restore this corrupted image" in record["prompt"]
+  assert "B. square" in record["prompt"]
+
+
+def test_reasoner_runs_on_the_random_model(tiny, world_images):
+  eng, _ = tiny
+  ex = reasoner.answer(eng, world_images[0], "Which colour?", ["red", "blue"],
+                       reasoner.Settings(max_iterations=2, max_new_tokens=6, temperature=0.3,
+                                         sampler=FEW_STEPS))
+  assert ex.steps and set(ex.seconds) >= {"context", "text"}
+
+
+def test_prompt_and_answer_extraction():
+  p = reasoner.prompt("How many?", ["one", "B. two"])
+  assert p.splitlines() == ["Question: How many?", "Options:", "A. one", "B. two",
+                            reasoner.RESTORE, reasoner.ANSWER_FROM_RESTORED]
+  assert reasoner.extract_answer("<REASONING>x<ANSWER>(B) two<ANSWER_END>", ["a", "b"]) == "B"
+  assert reasoner.extract_answer("it is two", ["one", "two"]) == "B"
+  assert reasoner.extract_answer("<ANSWER>blue<ANSWER_END>") == "blue"
+  assert reasoner.cut_answers("a<ANSWER>1<ANSWER>2<ANSWER>3") == "a<ANSWER>1<ANSWER>2"
+
+
+def test_cache_grows_without_changing_results(tiny):
+  _, model = tiny
+  cache = model.init_cache(1, 8)
+  grown = cache.grow(20)
+  assert grown.max_length == 256 and cache.grow(4) is cache
+  start = jnp.asarray([5], jnp.int32)
+  a = text.generate(model, grown, start, jax.random.PRNGKey(0), max_new_tokens=6,
+                    temperature=0.0, stop_ids=(10**6,))
+  b = text.generate(model, model.init_cache(1, 6), start, jax.random.PRNGKey(0),
+                    max_new_tokens=6, temperature=0.0, stop_ids=(10**6,))
+  np.testing.assert_array_equal(a.tokens, b.tokens)
