@@ -79,11 +79,24 @@ def sde_step(x: jax.Array, v: jax.Array, s: jax.Array, s_next: jax.Array, s_max:
   if x_next is None:
     if key is None:
       raise ValueError("sde_step needs a PRNG key to sample, or x_next to score")
-    x_next = mean + std * jax.random.normal(key, x.shape, x.dtype)
+    x_next = mean + std * normal(key, x.shape, x.dtype)
   return SDEStep(x_next, mean, std, gaussian_log_prob(x_next, mean, std))
 
 
 RENORM_TYPES = ("global", "channel", "text_channel")
+
+
+def normal(key: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
+  """Standard normal draws from one key, or from one key per row (B, 2)."""
+  if is_per_row(key):
+    return jax.vmap(lambda k: jax.random.normal(k, shape[1:], dtype))(key)
+  return jax.random.normal(key, shape, dtype)
+
+
+def is_per_row(key: jax.Array) -> bool:
+  """True for a batch of raw uint32 keys (B, 2): one per sample, so that a sample's draws do not
+  depend on the batch it is in."""
+  return key.ndim == 2 and key.dtype == jnp.uint32
 
 
 def cfg_velocity(v: jax.Array, v_no_text: jax.Array | None, v_no_image: jax.Array | None,
@@ -155,11 +168,15 @@ def sample(velocity: VelocityFn, x_init: jax.Array, schedule: jax.Array, key: ja
   """Runs the sampler over `schedule` (from timesteps()); steps in
   [window_start, window_start + window_size) are SDE steps whose transitions are recorded, the rest
   are Euler steps. window_size 0 is plain ODE sampling. jit-friendly: one lax.scan over steps.
+  `key`: one key, or one per row (B, 2).
   """
   num_moves = schedule.shape[0] - 1
   batch = x_init.shape[0]
   s_max = schedule[1]
-  keys = jax.random.split(key, num_moves)
+  if is_per_row(key):
+    keys = jnp.swapaxes(jax.vmap(lambda k: jax.random.split(k, num_moves))(key), 0, 1)
+  else:
+    keys = jax.random.split(key, num_moves)
   window_start = jnp.asarray(window_start, jnp.int32)
 
   def body(carry, inputs):

@@ -174,6 +174,11 @@ def test_released_stochastic_step_changes_only_with_its_key(tiny, world_images):
   ode, _ = eng.recover(world_images[:1], sampler=FEW_STEPS, keys=key, posterior="mean")
   np.testing.assert_array_equal(a, b)
   assert not np.array_equal(a, ode)
+  # With one key per image, the stochastic step's noise does not depend on the batch either.
+  keys = jnp.stack([jax.random.fold_in(key[0], i) for i in range(2)])
+  pair, _ = eng.recover(world_images[:2], sampler=sde, keys=keys, posterior="mean")
+  alone, _ = eng.recover(world_images[1:2], sampler=sde, keys=keys[1:], posterior="mean")
+  assert np.abs(pair[1].astype(int) - alone[0].astype(int)).max() <= 1
   with pytest.raises(ValueError, match="sde_step"):
     recovery.Sampler(num_steps=4, sde_step=3)
 
@@ -289,3 +294,30 @@ def test_cache_grows_without_changing_results(tiny):
   b = text.generate(model, model.init_cache(1, 6), start, jax.random.PRNGKey(0),
                     max_new_tokens=6, temperature=0.0, stop_ids=(10**6,))
   np.testing.assert_array_equal(a.tokens, b.tokens)
+
+
+def test_engine_loads_a_released_directory(tiny, world_images, tmp_path):
+  """A BAGEL-format directory whose weights are Robust-U1's `model_bf16.safetensors`."""
+  import os
+
+  from robust_u1_jax.checkpoints import bagel_dir
+
+  eng, model = tiny
+  path = str(tmp_path / "release")
+  bagel_dir.save_model_dir(model, path, tokenizer_dir=tokenizer_lib.default_tokenizer_dir(),
+                           save_dtype="bfloat16")
+  os.rename(os.path.join(path, "ema.safetensors"), os.path.join(path, "model_bf16.safetensors"))
+  RULES.save(path)
+  loaded = engine.Engine.load(path)
+  assert loaded.rules == RULES
+  keys = jax.random.PRNGKey(0)[None]
+  ours, _ = loaded.recover(world_images[:1], sampler=FEW_STEPS, keys=keys, posterior="mean")
+  # The same model rounded to bfloat16 recovers nearly the same image.
+  ref, _ = eng.recover(world_images[:1], sampler=FEW_STEPS, keys=keys, posterior="mean")
+  assert np.abs(ours.astype(float) - ref.astype(float)).mean() < 8.0
+  os.remove(os.path.join(path, "ae.safetensors"))
+  with pytest.raises(FileNotFoundError, match="ae.safetensors"):
+    engine.Engine.load(path)
+  os.remove(os.path.join(path, "tokenizer.json"))
+  with pytest.raises(engine.ModelError, match="tokenizer.json"):
+    engine.Engine.load(path)

@@ -1,8 +1,9 @@
 """Import and export of a whole BAGEL / Robust-U1 model directory.
 
 A model directory (the format of BAGEL-7B-MoT and of the Robust-U1 SFT / RL / final releases):
-  ema.safetensors   every non-VAE tensor in BAGEL naming (or model.safetensors, or a sharded
-                    `*.safetensors.index.json`; pytorch_model.bin only with allow_pickle)
+  ema.safetensors   every non-VAE tensor in BAGEL naming (or model.safetensors, a sharded
+                    `*.safetensors.index.json`, Robust-U1's model_bf16.safetensors;
+                    pytorch_model.bin only with allow_pickle)
   ae.safetensors    the FLUX autoencoder (FLUX / LDM naming)
   llm_config.json   a Qwen2 config plus `qk_norm` and `layer_module`
   vit_config.json   a SigLIP vision config stating one more layer than the checkpoint holds
@@ -55,8 +56,9 @@ VIT_CONFIG = "vit_config.json"
 EXTRA_CONFIG = "robust_u1_config.json"
 VAE_FILE = "ae.safetensors"
 # Preference order: BAGEL releases the EMA weights; its trainer also writes the raw ones.
+# Robust-U1's demo also reads `model_bf16.safetensors`, a bfloat16 copy of the final weights.
 WEIGHT_FILES = ("ema.safetensors", "ema.safetensors.index.json", "model.safetensors",
-                "model.safetensors.index.json", "pytorch_model.bin")
+                "model.safetensors.index.json", "model_bf16.safetensors", "pytorch_model.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
                    "chat_template.json", "generation_config.json")

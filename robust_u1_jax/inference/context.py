@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from robust_u1_jax import sampling as sampling_lib
 from robust_u1_jax.inference import images as images_lib
 from robust_u1_jax.models import bagel as bagel_lib
 from robust_u1_jax.models import kv_cache, sequence, vae as vae_lib
@@ -45,10 +46,7 @@ def encode_images(model: bagel_lib.Bagel, images_bkhwc: Array, key: Array | None
   z = mean
   if key is not None:
     row_shape = (k,) + mean.shape[1:]
-    if key.ndim == 2 and key.dtype == jnp.uint32:
-      noise = jax.vmap(lambda r: jax.random.normal(r, row_shape, jnp.float32))(key)
-    else:
-      noise = jax.random.normal(key, (b,) + row_shape, jnp.float32)
+    noise = sampling_lib.normal(key, (b,) + row_shape, jnp.float32)
     std = jnp.exp(0.5 * jnp.clip(logvar.astype(jnp.float32), -30.0, 20.0))
     z = mean + (std * noise.reshape(mean.shape)).astype(mean.dtype)
   tokens = bagel_lib.patchify_latents(vae_lib.normalize_latent(z, model.vae.config),

@@ -211,9 +211,8 @@ def velocity_fn(model: bagel_lib.Bagel, inputs: RecoveryInputs, guidance: Guidan
 def initial_noise(key: Array, batch: int, shape: tuple[int, ...]) -> Array:
   """x at t = 1: from one key, or from one key per row (B, 2) so that a sample's noise does not
   depend on its batch."""
-  if key.ndim == 2 and key.dtype == jnp.uint32:
-    return jax.vmap(lambda k: jax.random.normal(k, shape))(key)
-  return jax.random.normal(key, (batch,) + shape)
+  fold = jax.vmap(jax.random.fold_in, (0, None)) if sampling.is_per_row(key) else jax.random.fold_in
+  return sampling.normal(fold(key, 0), (batch,) + shape, jnp.float32)
 
 
 def sample_latents(velocity: VelocityFn, x_init: Array, sampler: Sampler, key: Array
@@ -239,8 +238,7 @@ def recover(model: bagel_lib.Bagel, inputs: RecoveryInputs, sampler: Sampler, ke
   shape = (inputs.noisy.latent_seq_index.shape[1], model.config.latent_channels)
   if x_init is None:
     x_init = initial_noise(key, b, shape)
-  step_key = key[0] if key.ndim == 2 and key.dtype == jnp.uint32 else key
-  latents = sample_latents(velocity, x_init, sampler, step_key).x_final
+  latents = sample_latents(velocity, x_init, sampler, key).x_final
   h, w = inputs.corrupted.shape[2:4]
   images = context_lib.decode_latents(model, latents, h, w)
   return jax.lax.stop_gradient(latents), jax.lax.stop_gradient(images)

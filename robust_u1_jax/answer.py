@@ -1,0 +1,156 @@
+r"""Asks the model a question about a (corrupted) image: the released Robust-U1 reasoner.
+
+  python -m robust_u1_jax.answer --model /disks/Robust-U1 --image photo.jpg \
+      --question "Which animal is in the picture?" --options "A. cat" --options "B. dog" \
+      --out answers/photo
+
+The model writes text, may generate a recovered image of its input and continue from it, and ends
+with `<ANSWER>...`; every step is printed, then a last line `answer: X` (the option letter when
+options are given). With --out, the generated images are written as `step_NN.png` (NN: the step's
+number) and the whole exchange as `exchange.json`: each step's text or image file, the prompt, the
+settings, the seconds of each phase and the model. --model takes what `recover` takes; an
+unreadable image or an unusable model directory is one `error:` line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+
+from absl import app, flags, logging
+
+from robust_u1_jax import recover as recover_cli
+
+EXCHANGE_FILE = "exchange.json"
+
+
+def define_flags(values: flags.FlagValues = flags.FLAGS) -> None:
+  recover_cli.define_model_flags(values)
+  flags.DEFINE_string("image", None, "The image the question is about.", flag_values=values)
+  flags.DEFINE_string("question", None, "The question.", flag_values=values)
+  flags.DEFINE_multi_string(
+      "options", [], "An answer option; repeat it for each ('A. cat' or 'cat': letters are added "
+      "in order).", flag_values=values)
+  flags.DEFINE_integer("max_iterations", 5, "Most text / image steps of the model.",
+                       flag_values=values)
+  flags.DEFINE_integer("max_new_tokens", 512, "Most tokens of one text step.", flag_values=values)
+  flags.DEFINE_float("temperature", 0.3, "Text sampling temperature.", flag_values=values)
+  flags.DEFINE_bool("greedy", False, "Greedy text decoding (temperature 0).", flag_values=values)
+  flags.DEFINE_bool("no_recover", False, "Answer from the corrupted image alone: no restore "
+                    "instruction, no generated image.", flag_values=values)
+  flags.DEFINE_integer("steps", 50, "Sampling steps of a generated image.", flag_values=values)
+  recover_cli.define_sampler_flags(values)
+  flags.DEFINE_integer("seed", 0, "Seed of the text sampling and the image noise.",
+                       flag_values=values)
+  flags.DEFINE_string("out", None, "Folder for step_NN.png and exchange.json (created if missing).",
+                      flag_values=values)
+  # The shared flags are defined in `recover`; without this --help would list them only in full.
+  flags.adopt_module_key_flags(recover_cli, flag_values=values)
+
+
+def printable(text: str) -> str:
+  """Model text for a terminal: control characters escaped (an untrained model writes any token,
+  and a raw carriage return or escape sequence would garble or restyle the terminal)."""
+  return "".join(c if c.isprintable() or c in "\n\t" else ascii(c)[1:-1] for c in text)
+
+
+def settings_record(values: flags.FlagValues, settings) -> dict:
+  return {"max_iterations": settings.max_iterations, "max_new_tokens": settings.max_new_tokens,
+          "temperature": settings.temperature, "recover": settings.recover, "seed": values.seed,
+          "dtype": values.dtype, "mesh": values.mesh, "posterior": "sample",
+          "sampler": dataclasses.asdict(settings.sampler)}
+
+
+def _answer(values: flags.FlagValues) -> int:
+  from robust_u1_jax.inference import reasoner
+
+  if values.greedy and values["temperature"].present:
+    raise app.UsageError("give --greedy or --temperature, not both")
+  temperature = 0.0 if values.greedy else values.temperature
+  if temperature < 0:
+    raise app.UsageError(f"--temperature must be >= 0, got {temperature}")
+  if values.max_iterations < 1 or values.max_new_tokens < 1:
+    raise app.UsageError("--max_iterations and --max_new_tokens must be >= 1")
+  image = recover_cli.read_image(values.image)  # a bad image fails before the model loads
+  settings = reasoner.Settings(max_iterations=values.max_iterations,
+                               max_new_tokens=values.max_new_tokens, temperature=temperature,
+                               recover=not values.no_recover,
+                               sampler=recover_cli.make_sampler(values, values.steps))
+  engine = recover_cli.load_engine(values)
+  if values.out:
+    recover_cli.make_dirs(values.out)  # before the generation: a bad --out fails fast
+  exchange = reasoner.answer(engine, image, values.question, values.options, settings,
+                             seed=values.seed)
+  image_files = [f"step_{n:02d}.png" for n, step in enumerate(exchange.steps, 1)
+                 if step.kind == "image"]
+  if values.out:
+    images = [s.image for s in exchange.steps if s.kind == "image"]
+    for name, generated in zip(image_files, images):
+      try:
+        recover_cli.write_image(os.path.join(values.out, name), generated)
+      except OSError as e:
+        raise recover_cli.InputError(f"{os.path.join(values.out, name)}: {e.strerror or e}"
+                                     ) from None
+
+  files = iter(image_files)
+  for n, step in enumerate(exchange.steps, 1):
+    if step.kind == "text":
+      print(f"[{n}] text ({step.seconds:.2f} s)\n{printable(step.text)}")
+    else:
+      h, w = step.image.shape[:2]
+      where = os.path.join(values.out, next(files)) if values.out else "not saved (give --out)"
+      print(f"[{n}] image {w}x{h} ({step.seconds:.2f} s): {where}")
+  phases = ", ".join(f"{k} {v:.2f}" for k, v in exchange.seconds.items())
+  print(f"stopped by {exchange.stopped_by} after {len(exchange.steps)} steps; seconds: {phases}")
+
+  if values.out:
+    record = {"model": os.path.abspath(values.model), "image": os.path.abspath(values.image),
+              "question": values.question, "options": list(values.options),
+              **exchange.record(image_files),
+              "settings": settings_record(values, settings)}
+    path = os.path.join(values.out, EXCHANGE_FILE)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+      json.dump(record, f, indent=1, ensure_ascii=False)
+    os.replace(tmp, path)  # a half-written record is never taken for a finished one
+    print(f"wrote {path}")
+  # One line whatever the model wrote, so scripts can take the last line.
+  print(f"answer: {printable(' '.join(exchange.answer.split()))}", flush=True)
+  return 0
+
+
+def _run(values: flags.FlagValues) -> int:
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every file at INFO
+  missing = [f"--{n}" for n in ("model", "image", "question") if not values[n].value]
+  if missing:
+    raise app.UsageError(f"missing {', '.join(missing)}")
+  try:
+    return _answer(values)
+  except recover_cli.InputError as e:
+    recover_cli.error(str(e))
+    return recover_cli.EXIT_BAD_INPUT
+
+
+def run(argv: Sequence[str]) -> int:
+  """The command line `argv` (program name first), on flags of its own: for callers in one
+  process (tests), where the global flags may hold another entry point's."""
+  values = flags.FlagValues()
+  define_flags(values)
+  rest = values(list(argv))
+  if len(rest) > 1:
+    raise app.UsageError(f"unexpected arguments: {rest[1:]}")
+  return _run(values)
+
+
+def main(argv) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  return _run(flags.FLAGS)
+
+
+if __name__ == "__main__":
+  define_flags()
+  recover_cli.run_program(main)

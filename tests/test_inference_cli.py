@@ -1,0 +1,241 @@
+"""`python -m robust_u1_jax.recover --model` and `python -m robust_u1_jax.answer` on a tiny random
+model: what they write, what they print, and how they refuse bad input.
+
+The CLIs run in process through their `run(argv)` (a subprocess pays the JAX import and every
+compile again); one test goes through the real entry points for --help and the exit status.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+from absl import app
+import numpy as np
+from PIL import Image
+import pytest
+
+from robust_u1_jax import answer as answer_cli
+from robust_u1_jax import recover as recover_cli
+from robust_u1_jax.inference import engine as engine_lib
+from robust_u1_jax.inference import images
+
+RULES = images.ImageRules(64, 32, 16, 64, 32, 8)
+FAST = ("--steps=3", "--noprogress")  # three sampler steps: every code path, little compute
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, random_bagel):
+  from robust_u1_jax.checkpoints import orbax_io
+  from robust_u1_jax.data import tokenizer as tl
+  from robust_u1_jax.models import bagel
+
+  tok = tl.load_tokenizer()
+  model = random_bagel(bagel.BagelConfig.tiny(vocab_size=len(tok)))
+  path = str(tmp_path_factory.mktemp("cli") / "model")
+  orbax_io.save_orbax(model, path, tokenizer_dir=tl.default_tokenizer_dir())
+  RULES.save(path)
+  return path
+
+
+def _image(height: int, width: int, seed: int) -> np.ndarray:
+  rng = np.random.default_rng(seed)
+  return rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+  """A folder: two 64x64 images, a 60 x 100 one, a truncated PNG and a text file."""
+  folder = tmp_path_factory.mktemp("cli") / "photos"
+  folder.mkdir()
+  Image.fromarray(_image(64, 64, 0)).save(folder / "a.png")
+  Image.fromarray(_image(64, 64, 1)).save(folder / "b.jpg", quality=95)
+  Image.fromarray(_image(60, 100, 2)).save(folder / "wide.png")
+  whole = (folder / "a.png").read_bytes()
+  (folder / "truncated.png").write_bytes(whole[:len(whole) // 2])
+  (folder / "notes.txt").write_text("not an image\n")
+  return folder
+
+
+def _run(cli, capsys, *args: str) -> tuple[int, str, str]:
+  rc = cli.run([cli.__name__, *args])
+  out = capsys.readouterr()
+  return rc, out.out, out.err
+
+
+def _pixels(path) -> np.ndarray:
+  with Image.open(path) as im:
+    return np.asarray(im.convert("RGB"))
+
+
+def test_recover_file_writes_the_vae_size_beside_the_input(capsys, model_dir, inputs, tmp_path):
+  photo = tmp_path / "photo.png"
+  photo.write_bytes((inputs / "a.png").read_bytes())
+  rc, out, err = _run(recover_cli, capsys, f"--model={model_dir}", f"--image={photo}", *FAST)
+  assert rc == 0, err
+  written = tmp_path / "photo_recovered.png"
+  assert out.strip() == f"wrote {written} (64x64)"
+  assert _pixels(written).shape == (64, 64, 3)
+
+  out_path = tmp_path / "new" / "wide.png"  # a missing parent folder is created
+  rc, _, err = _run(recover_cli, capsys, f"--model={model_dir}",
+                    f"--image={inputs / 'wide.png'}", f"--out={out_path}", *FAST)
+  assert rc == 0, err
+  assert _pixels(out_path).shape[:2] == RULES.vae_size(60, 100) == (32, 64)
+
+
+def test_recover_folder_goes_past_bad_files_and_resumes(capsys, model_dir, inputs, tmp_path):
+  out_dir = tmp_path / "out" / "recovered"
+  args = (f"--model={model_dir}", f"--image={inputs}", f"--out={out_dir}", "--batch=2", *FAST)
+  rc, out, err = _run(recover_cli, capsys, *args)
+  assert rc == 1
+  assert sorted(os.listdir(out_dir)) == ["a.png", "b.png", "wide.png"]
+  assert _pixels(out_dir / "wide.png").shape[:2] == RULES.vae_size(60, 100)
+  assert _pixels(out_dir / "a.png").shape[:2] == (64, 64)
+  errors = [line for line in err.splitlines() if line.startswith("error:")]
+  assert len(errors) == 2
+  assert any(f"{inputs / 'notes.txt'}: not an image" in line for line in errors)
+  assert any(f"{inputs / 'truncated.png'}: cannot decode image" in line for line in errors)
+  assert (f"{out_dir}: 3 written, 0 skipped (already there), 2 failed "
+          "(notes.txt, truncated.png)") in out
+
+  # a.png is image 0 of the listing, as a single file is: same noise, so the same recovery
+  # whether it was recovered alone or in a batch of two.
+  alone = tmp_path / "alone.png"
+  assert _run(recover_cli, capsys, f"--model={model_dir}", f"--image={inputs / 'a.png'}",
+              f"--out={alone}", *FAST)[0] == 0
+  diff = np.abs(_pixels(alone).astype(int) - _pixels(out_dir / "a.png"))
+  assert diff.max() <= 2 and diff.mean() < 0.05
+
+  before = {n: os.stat(out_dir / n).st_mtime_ns for n in os.listdir(out_dir)}
+  rc, out, err = _run(recover_cli, capsys, *args)
+  assert rc == 1
+  assert "0 written, 3 skipped (already there), 2 failed (notes.txt, truncated.png)" in out
+  assert {n: os.stat(out_dir / n).st_mtime_ns for n in os.listdir(out_dir)} == before
+
+
+@pytest.fixture(scope="module")
+def broken_models(model_dir, tmp_path_factory):
+  """{case: (model path, what its error line must say)}."""
+  root = tmp_path_factory.mktemp("broken")
+  no_config = root / "no_config"
+  no_config.mkdir()
+  for name in os.listdir(model_dir):
+    if name != "bagel_config.json":
+      os.symlink(os.path.join(model_dir, name), no_config / name)
+  (root / "empty").mkdir()
+  return {"no_config": (no_config, "bagel_config.json"),
+          "empty": (root / "empty", "missing tokenizer.json"),
+          "absent": (root / "absent", "no such model directory")}
+
+
+@pytest.mark.parametrize("cli", [recover_cli, answer_cli], ids=["recover", "answer"])
+@pytest.mark.parametrize("case", ["no_config", "empty", "absent", "missing_image",
+                                  "truncated_image", "bad_mesh"])
+def test_bad_input_is_one_error_line_and_status_2(capsys, cli, case, model_dir, inputs,
+                                                  broken_models, tmp_path):
+  image, model, extra = inputs / "a.png", model_dir, []
+  if case in broken_models:
+    model, message = broken_models[case]
+  elif case == "missing_image":
+    image, message = tmp_path / "nope.png", f"{tmp_path / 'nope.png'}: No such file or directory"
+  elif case == "truncated_image":
+    image, message = inputs / "truncated.png", f"{inputs / 'truncated.png'}: cannot decode image"
+  else:
+    extra, message = ["--mesh=fsdp=two"], "--mesh 'fsdp=two': expected axis=size pairs"
+  args = [f"--model={model}", f"--image={image}", f"--out={tmp_path / 'out.png'}", *extra, *FAST]
+  if cli is answer_cli:
+    args[2] = f"--out={tmp_path / 'out'}"
+    args.append("--question=What is it?")
+  rc, out, err = _run(cli, capsys, *args)
+  assert rc == 2
+  assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+  assert message in err
+  assert not os.listdir(tmp_path) and not out
+
+
+def _fake_model_text(scripts):
+  """Conversation.generate_text answering from `scripts`: (text, stop token name) per call (a
+  random model almost never writes the reasoner's action tokens)."""
+  calls = iter(scripts)
+
+  def generate_text(self, **kwargs):
+    text, stop = next(calls)
+    return self.engine.tokenizer.encode(text, add_special_tokens=False), self.engine.special[stop]
+
+  return generate_text
+
+
+def test_answer_with_a_generated_image(capsys, model_dir, inputs, tmp_path, monkeypatch):
+  monkeypatch.setattr(engine_lib.Conversation, "generate_text", _fake_model_text(
+      [("The image is noisy.", "vision_start"), ("<ANSWER>B<ANSWER_END>", "endoftext")]))
+  out_dir = tmp_path / "run"
+  rc, out, err = _run(answer_cli, capsys, f"--model={model_dir}", f"--image={inputs / 'wide.png'}",
+                      "--question=Which colour?", "--options=red", "--options=blue",
+                      f"--out={out_dir}", *FAST)
+  assert rc == 0, err
+  lines = out.strip().splitlines()
+  assert lines[-1] == "answer: B"
+  assert lines[0].startswith("[1] text (") and lines[1] == "The image is noisy."
+  assert lines[2].startswith("[2] image 64x32 (") and lines[2].endswith(f"{out_dir}/step_02.png")
+  assert lines[3].startswith("[3] text (") and lines[4] == "<ANSWER>B<ANSWER_END>"
+  assert _pixels(out_dir / "step_02.png").shape[:2] == RULES.vae_size(60, 100)
+  record = json.loads((out_dir / "exchange.json").read_text())
+  assert [(s["type"], s.get("text"), s.get("image")) for s in record["steps"]] == [
+      ("text", "The image is noisy.", None), ("image", None, "step_02.png"),
+      ("text", "<ANSWER>B<ANSWER_END>", None)]
+  assert record["answer"] == "B" and record["stopped_by"] == "end_of_text"
+  assert set(record["seconds"]) == {"context", "text", "image"}
+  assert "A. red\nB. blue" in record["prompt"] and record["model"] == model_dir
+  assert record["settings"]["sampler"]["num_steps"] == 3
+  assert sorted(os.listdir(out_dir)) == ["exchange.json", "step_02.png"]
+
+
+def test_answer_from_the_model_matches_its_record(capsys, model_dir, inputs, tmp_path):
+  out_dir = tmp_path / "run"
+  rc, out, err = _run(answer_cli, capsys, f"--model={model_dir}", f"--image={inputs / 'a.png'}",
+                      "--question=What is it?", "--greedy", "--max_iterations=2",
+                      "--max_new_tokens=8", "--no_recover", f"--out={out_dir}", *FAST)
+  assert rc == 0, err
+  record = json.loads((out_dir / "exchange.json").read_text())
+  texts = [s["text"] for s in record["steps"] if s["type"] == "text"]
+  assert len(texts) == len(record["steps"]) >= 1  # --no_recover: no image step
+  for n, text in enumerate(texts, 1):
+    assert f"[{n}] text (" in out and answer_cli.printable(text) in out
+  assert out.strip().splitlines()[-1].startswith("answer: ")
+  assert f"wrote {out_dir / 'exchange.json'}" in out
+  assert record["settings"]["temperature"] == 0.0 and record["settings"]["recover"] is False
+  assert record["settings"]["max_new_tokens"] == 8
+  assert "restore" not in record["prompt"]
+
+
+def test_usage_errors(capsys, model_dir, inputs, tmp_path):
+  image = f"--image={inputs / 'a.png'}"
+  with pytest.raises(app.UsageError, match="--greedy or --temperature"):
+    _run(answer_cli, capsys, f"--model={model_dir}", image, "--question=q", "--greedy",
+         "--temperature=0.5")
+  with pytest.raises(app.UsageError, match="--model .* or --config"):
+    _run(recover_cli, capsys, image)
+  with pytest.raises(app.UsageError, match="--cache_dir: only used with --config"):
+    _run(recover_cli, capsys, f"--model={model_dir}", image, f"--cache_dir={tmp_path}")
+  # The cache mode reads its config (with overrides) from the same command line.
+  config = os.path.join(os.path.dirname(__file__), "..", "configs", "sft.py")
+  with pytest.raises(app.UsageError, match="'sft' config; recoveries are precomputed for the "
+                     "reasoning stage"):
+    _run(recover_cli, capsys, f"--config={config}:tiny", "--config.seed=3",
+         f"--cache_dir={tmp_path}")
+
+
+def test_entry_points_help_and_exit_status(tmp_path):
+  """Through `python -m`: --help exits 0 (absl's own exits 1), an error exits 2."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-m", "robust_u1_jax.answer", "--help"],
+                        capture_output=True, text=True, env=env, timeout=120, check=False)
+  assert proc.returncode == 0, proc.stderr
+  assert "--question" in proc.stdout and "--model" in proc.stdout and "--mesh" in proc.stdout
+  missing = tmp_path / "missing.png"
+  proc = subprocess.run([sys.executable, "-m", "robust_u1_jax.recover", f"--model={tmp_path}",
+                         f"--image={missing}"],
+                        capture_output=True, text=True, env=env, timeout=120, check=False)
+  assert proc.returncode == 2
+  assert proc.stderr.strip() == f"error: {missing}: No such file or directory"
