@@ -26,6 +26,7 @@ INSTALL_REQUIRES = JAX_STACK + [
     "tqdm>=4.66",
     "pyarrow>=15",
     "tensorboardX==2.6.4",
+    "matplotlib>=3.9",  # evaluation report figures
 ]
 
 EXTRAS = {

@@ -119,6 +119,27 @@ class Engine:
     with jax.set_mesh(self.mesh):
       return fn(self.graphdef, self.weights, *args, **static)
 
+  def generate_batch(self, blocks_per_row: Sequence[Sequence[sequence.Block]],
+                     images_bkhwc: np.ndarray, *, max_new_tokens: int, temperature: float = 0.0,
+                     seed: int = 0, posterior: str = "mean") -> list[list[int]]:
+    """Text after each row's context, all rows in one batch (BAGEL's `gen_text` per row).
+
+    Every row holds K images of one VAE size: `images_bkhwc` (B, K, H, W, 3) uint8, the row's
+    `Latent(image=k)` blocks reading image k. Rows are padded to a multiple of 64 tokens (few
+    shapes to compile). Returns each row's ids up to (without) `<|im_end|>`.
+    """
+    longest = max(sequence.lengths(b, self.config)[0] for b in blocks_per_row)
+    rows = context_lib.rows(blocks_per_row, self.config, self.markers,
+                            min_length=-(-longest // 64) * 64)
+    key = jax.random.PRNGKey(seed)
+    start = jnp.full((len(blocks_per_row),), self.special["im_start"], jnp.int32)
+    out = jax.device_get(self.run(
+        _prefill_and_generate, rows, jnp.asarray(images_bkhwc), start, key,
+        max_new_tokens=max_new_tokens, temperature=float(temperature),
+        stop_ids=(self.special["im_end"],), posterior=posterior))
+    return [[int(t) for t in out.tokens[i, :max(int(out.length[i]) - (out.stop[i] >= 0), 0)]]
+            for i in range(len(blocks_per_row))]
+
   def conversation(self, seed: int = 0, posterior: str = "sample") -> Conversation:
     return Conversation(self, jax.random.PRNGKey(seed), posterior)
 
@@ -276,3 +297,17 @@ def _recover(graphdef, weights, inputs, keys, *, sampler, posterior):
   latents, images = recovery_lib.recover(nnx.merge(graphdef, weights), inputs, sampler, keys,
                                          posterior_key=posterior_keys)
   return latents, images_lib.quantize(images)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=(
+    "max_new_tokens", "temperature", "stop_ids", "posterior"))
+def _prefill_and_generate(graphdef, weights, rows, images_bkhwc, start, key, *, max_new_tokens,
+                          temperature, stop_ids, posterior):
+  model = nnx.merge(graphdef, weights)
+  vae_key, text_key = jax.random.split(key)
+  tokens = context_lib.encode_images(model, images_bkhwc,
+                                     context_lib.posterior_key(posterior, vae_key))
+  cache = model.init_cache(rows.token_kind.shape[0], rows.token_kind.shape[1] + max_new_tokens)
+  cache = context_lib.prefill(model, cache, rows, context_lib.gather_latents(tokens, rows))
+  return text_lib.generate(model, cache, start, text_key, max_new_tokens=max_new_tokens,
+                           temperature=temperature, stop_ids=stop_ids)

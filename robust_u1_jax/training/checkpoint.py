@@ -121,6 +121,15 @@ class Checkpointer:
     return None
 
 
+def latest_step(workdir: str) -> int | None:
+  """The newest complete checkpoint's step in `workdir`, without building any model."""
+  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  if not os.path.isdir(directory):
+    return None
+  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False)) as m:
+    return m.latest_step()
+
+
 def abstract_like(state: Any) -> Any:
   """ShapeDtypeStructs with shardings: the restore target for a state on the current mesh."""
   def one(x):

@@ -90,6 +90,13 @@ def init_model(config: ml_collections.ConfigDict, mesh, tokenizer) -> bagel_lib.
 def train(config: ml_collections.ConfigDict, workdir: str,
           build_stage: Callable[[RunContext], StageSpec]) -> list[dict[str, float]]:
   """Runs (or resumes) a stage in `workdir`; returns the logged metric rows of this process."""
+  done = checkpoint_lib.latest_step(workdir)
+  if done is not None and done >= config.total_steps and os.path.isdir(
+      os.path.join(workdir, "model")):
+    # Before building or compiling anything: a finished stage answers at once.
+    print(f"{workdir} is already at the final step {done}; nothing to train (model: "
+          f"{os.path.join(workdir, 'model')})", flush=True)
+    return []
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh)
   tokenizer = tokenizer_lib.load_tokenizer(config.data.tokenizer_dir or None)

@@ -1,0 +1,52 @@
+"""Evaluation of a trained model (`python -m robust_u1_jax.evaluate`), DESIGN section 6.
+
+Variants: `configs/eval.py:tiny` (the built-in world's held-out test split, a few minutes on a CPU)
+and `configs/eval.py:bagel_7b` (the paper's settings; benchmark files from local paths).
+"""
+
+import ml_collections
+
+
+def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.stage = "eval"
+  c.variant = variant
+  c.model = ""  # required: a model directory, Orbax checkpoint or stage workdir (--model)
+  c.out = ""  # report directory (default: <model's parent>/eval)
+  c.dtype = "float32"
+  c.seed = 0
+  c.split = "test"  # the built-in world's held-out split: never trained or tuned on
+  c.num_samples = 64
+  c.intensities = ("25%", "50%", "100%")  # Robust-R1 pipeline at I = 0.23 / 0.45 / 0.9
+  c.imagenet_c_types = ("all",)  # ImageNet-C corruptions (short or qualified names), or all
+  c.severities = (3, 5)
+  c.robust_r1_types = ()  # Robust-R1 degradations one by one (recovery quality), or all
+  c.recovery_on_clean = True  # also answer clean images with recovery on (the "does no harm" row)
+  c.recovery_steps = 50
+  c.batch_size = 32
+  c.max_new_tokens = 160  # the world's answers in the Robust-R1 format take about 100 tokens
+  # The semantic similarity of recoveries: a CLIP checkpoint (open_clip or transformers naming).
+  c.clip_checkpoint = ""
+  c.clip_model = "vit_b32"  # vit_b32 | tiny
+  # Recovery quality of other models on the same conditions (e.g. the SFT and RL stages' models),
+  # for the "RL above SFT" comparison; empty entries are skipped.
+  c.compare = ml_collections.ConfigDict({"sft": "", "rl": ""})
+  c.rl_workdir = ""  # an RL stage's workdir: its metrics.jsonl gives the reward curves
+  # Benchmark tables (VLMEvalKit TSV or Hugging Face parquet) by name: R-Bench, MMStar,
+  # RealWorldQA, MMMB ... each evaluated at the pipeline's three intensities.
+  c.benchmarks = ml_collections.ConfigDict()
+  c.benchmark_samples = 0  # rows per benchmark (0: all)
+  if variant == "tiny":
+    c.clip_model = "tiny"
+    c.recovery_steps = 20
+    c.imagenet_c_types = ("gaussian_noise", "defocus_blur", "fog", "contrast", "pixelate",
+                          "jpeg_compression")
+  elif variant == "bagel_7b":
+    c.dtype = "bfloat16"
+    c.batch_size = 8
+    c.max_new_tokens = 1024
+    c.num_samples = 500
+  else:
+    raise ValueError(f"configs/eval.py: unknown variant {variant!r}; choose one of: tiny, "
+                     "bagel_7b")
+  return c

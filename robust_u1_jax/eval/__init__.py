@@ -1,0 +1,1 @@
+"""Evaluation: recovery quality and answer accuracy under corruption, and the report."""

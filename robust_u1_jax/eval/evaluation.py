@@ -1,0 +1,299 @@
+"""Evaluation of a Robust-U1 model: recovery quality and answer accuracy under corruption.
+
+For every corruption condition (the Robust-R1 pipeline at the paper's 25 / 50 / 100 % intensities,
+each ImageNet-C corruption at chosen severities, each Robust-R1 degradation at those intensities),
+the same held-out images are corrupted deterministically (key from (seed, record index)), then:
+
+  recovery quality  PSNR, SSIM and CLIP similarity to the clean image of the recovery, next to the
+                    same figures for the corrupted image itself (a recovery must beat doing
+                    nothing);
+  answer accuracy   in four modes: the clean image; the corrupted image only; corrupted plus the
+                    model's own recovery (Robust-U1, the reasoning stage's input format); the
+                    recovery only. Answers are generated greedily and reduced to an option letter
+                    (`inference.reasoner.extract_answer`), scored by letter match; questions
+                    without options by normalised exact match.
+
+Every batch is one jitted call (recoveries: `Engine.recover`; answers: `Engine.generate_batch`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import string
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from robust_u1_jax.data import corruptions
+from robust_u1_jax.inference import engine as engine_lib
+from robust_u1_jax.inference import images as images_lib
+from robust_u1_jax.inference import reasoner
+from robust_u1_jax.inference import recovery as recovery_lib
+from robust_u1_jax.models import sequence
+
+MODES = ("clean", "corrupted", "corrupted+recovered", "recovered")
+# The paper's evaluation intensities 25 / 50 / 100 % of the Robust-R1 pipeline (DESIGN section 6).
+INTENSITIES = {"25%": 0.23, "50%": 0.45, "100%": 0.9}
+
+
+@dataclasses.dataclass(frozen=True)
+class Condition:
+  family: str  # 'robust_r1_pipeline' | 'imagenet_c' | 'robust_r1'
+  name: str  # what `corruptions.corrupt` takes
+  level: str  # '25%' | '50%' | '100%' | 's3' | 's5'
+  severity: int | None = None
+  intensity: float | None = None
+
+  @property
+  def label(self) -> str:
+    return f"{self.name.split('/')[-1]} {self.level}"
+
+
+def conditions(intensities: Sequence[str], imagenet_c_types: Sequence[str],
+               severities: Sequence[int], robust_r1_types: Sequence[str] = ()
+               ) -> list[Condition]:
+  """The pipeline at each intensity, each ImageNet-C type at each severity, each Robust-R1
+  degradation at each intensity. Types may be 'all'."""
+  names = [n for n, _ in corruptions.list_corruptions()]
+  expand = lambda types, family: (
+      [n for n in names if n.startswith(family + "/")] if list(types) == ["all"]
+      else [t if "/" in t else f"{family}/{t}" for t in types])
+  out = [Condition(corruptions.PIPELINE, corruptions.PIPELINE, level,
+                   intensity=INTENSITIES[level]) for level in intensities]
+  out += [Condition("imagenet_c", n, f"s{s}", severity=s)
+          for n in expand(imagenet_c_types, "imagenet_c") for s in severities]
+  out += [Condition("robust_r1", n, level, intensity=INTENSITIES[level])
+          for n in expand(robust_r1_types, "robust_r1") for level in intensities]
+  return out
+
+
+def corrupt(images: Sequence[np.ndarray], indices: Sequence[int], condition: Condition,
+            seed: int) -> list[np.ndarray]:
+  """Each image corrupted with a key from (seed, its record index): the same for every model."""
+  base = jax.random.PRNGKey(seed)
+  return [np.asarray(corruptions.corrupt(image, condition.name, jax.random.fold_in(base, int(i)),
+                                         severity=condition.severity,
+                                         intensity=condition.intensity))
+          for image, i in zip(images, indices)]
+
+
+# -- quality --------------------------------------------------------------------------------------
+
+
+def psnr(images: np.ndarray, clean: np.ndarray) -> np.ndarray:
+  """Per image, data range 255."""
+  mse = ((images.astype(np.float64) - clean.astype(np.float64)) ** 2).mean(axis=(1, 2, 3))
+  return 10.0 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-10))
+
+
+def ssim(images: np.ndarray, clean: np.ndarray) -> np.ndarray:
+  """The RL reward's SSIM (Gaussian window 11, sigma 1.5), per image."""
+  from robust_u1_jax.training import rewards
+
+  return np.asarray(rewards.ssim(jnp.asarray(images, jnp.float32) / 255.0,
+                                 jnp.asarray(clean, jnp.float32) / 255.0))
+
+
+def clip_similarity_fn(clip_model) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+  """Cosine of CLIP image embeddings, per image pair (the semantic reward's similarity)."""
+  from robust_u1_jax.models import clip as clip_lib
+
+  @jax.jit
+  def similarity(a, b):
+    embed = lambda x: clip_lib.l2_normalize(clip_model.encode_image(
+        clip_lib.preprocess(x.astype(jnp.float32) / 255.0, clip_model.config.image_size)))
+    return jnp.sum(embed(a) * embed(b), axis=-1)
+
+  return lambda a, b: np.asarray(similarity(jnp.asarray(a), jnp.asarray(b)))
+
+
+# -- answers --------------------------------------------------------------------------------------
+
+
+def question_text(question: Mapping[str, Any]) -> str:
+  """The VQA prompt the stages train with: the question, then lettered options, one per line."""
+  lines = [str(question["question"])] + [f"{string.ascii_uppercase[i]}. {o}"
+                                         for i, o in enumerate(question.get("options") or [])]
+  return "\n".join(lines)
+
+
+def mode_blocks(mode: str, question_ids: list[int], instructed_ids: list[int], vae: dict,
+                vit: dict) -> list[sequence.Block]:
+  """A row's context in `mode`; images: {'clean'|'corrupted'|'recovered': uint8}. The image
+  stack of the row is (corrupted or clean, recovered)."""
+  def image(kind, slot):
+    return [sequence.Latent(*vae[kind].shape[:2], image=slot),
+            sequence.Vit(images_lib.vit_input(vit[kind]))]
+
+  if mode == "clean":
+    return image("clean", 0) + [sequence.Text(question_ids)]
+  if mode == "corrupted":
+    return image("corrupted", 0) + [sequence.Text(question_ids)]
+  if mode == "recovered":
+    return image("recovered", 1) + [sequence.Text(question_ids)]
+  if mode == "corrupted+recovered":  # the reasoning stage's [corrupted][question][recovered]
+    return image("corrupted", 0) + [sequence.Text(instructed_ids)] + image("recovered", 1)
+  raise ValueError(f"evaluation mode {mode!r} is unknown; allowed: {', '.join(MODES)}")
+
+
+def normalise(text: str) -> str:
+  return re.sub(r"\s+", " ", re.sub(r"[^\w\s]", " ", text.lower())).strip()
+
+
+def score(answer_text: str, question: Mapping[str, Any]) -> tuple[str, bool]:
+  """(the extracted answer, whether it is right): option letter match for multiple choice,
+  normalised exact match otherwise."""
+  options = question.get("options") or []
+  extracted = reasoner.extract_answer(answer_text, options)
+  if options:
+    return extracted, extracted == str(question["answer"]).strip().upper()
+  return extracted, normalise(extracted) == normalise(str(question["answer"]))
+
+
+@dataclasses.dataclass
+class Sample:
+  index: int  # record index: the corruption key
+  image: np.ndarray  # clean, uint8 at the model's VAE size
+  question: dict  # {'question', 'options', 'answer'}
+  kind: str = ""
+
+
+class Evaluator:
+  """Recovers and answers held-out samples under corruption conditions with one model."""
+
+  def __init__(self, engine: engine_lib.Engine, *, recovery_steps: int, batch_size: int,
+               max_new_tokens: int, seed: int = 0, instruction: str = recovery_lib.INSTRUCTION,
+               clip_similarity: Callable | None = None):
+    self.engine, self.batch_size, self.seed = engine, batch_size, seed
+    self.max_new_tokens = max_new_tokens
+    self.sampler = recovery_lib.Sampler(num_steps=recovery_steps)
+    self.instruction = instruction
+    self.clip_similarity = clip_similarity
+
+  def _batches(self, n: int):
+    for start in range(0, n, self.batch_size):
+      yield slice(start, min(start + self.batch_size, n))
+
+  def recover(self, corrupted: Sequence[np.ndarray], indices: Sequence[int]) -> np.ndarray:
+    """Deterministic recoveries (posterior mean, noise from (seed, index))."""
+    out = []
+    base = jax.random.PRNGKey(self.seed + 1)
+    for part in self._batches(len(corrupted)):
+      keys = jnp.stack([jax.random.fold_in(base, int(i)) for i in indices[part]])
+      images, _ = self.engine.recover(corrupted[part], sampler=self.sampler, keys=keys,
+                                      instruction=self.instruction, posterior="mean")
+      out.append(images)
+    return np.concatenate(out)
+
+  def quality(self, images: np.ndarray, clean: np.ndarray) -> dict[str, np.ndarray]:
+    out = {"psnr": psnr(images, clean), "ssim": ssim(images, clean)}
+    if self.clip_similarity is not None:
+      out["clip"] = self.clip_similarity(images, clean)
+    return out
+
+  def answers(self, mode: str, samples: Sequence[Sample], corrupted=None, recovered=None
+              ) -> list[dict[str, Any]]:
+    """Greedy answers of every sample in `mode`, scored."""
+    eng = self.engine
+    rules = eng.rules
+    results = []
+    for part in self._batches(len(samples)):
+      rows, stacks = [], []
+      for j, sample in enumerate(samples[part], start=part.start):
+        vae = {"clean": sample.image}
+        if corrupted is not None:
+          vae["corrupted"] = corrupted[j]
+        if recovered is not None:
+          vae["recovered"] = recovered[j]
+        vit = {k: np.asarray(images_lib.vit_resize(v, rules.vit_size(*v.shape[:2])))
+               for k, v in vae.items()}
+        text = question_text(sample.question)
+        rows.append(mode_blocks(mode, eng.encode_block(text),
+                                eng.encode_block(f"{text}\n{self.instruction}"), vae, vit))
+        first = vae["corrupted"] if "corrupted" in vae else vae["clean"]
+        stacks.append([first, vae.get("recovered", first)])
+      ids = eng.generate_batch(rows, np.asarray(stacks), max_new_tokens=self.max_new_tokens)
+      for sample, row_ids in zip(samples[part], ids):
+        text = eng.decode(row_ids)
+        extracted, right = score(text, sample.question)
+        results.append({"index": sample.index, "kind": sample.kind, "answer": extracted,
+                        "truth": sample.question["answer"], "correct": bool(right),
+                        "text": text})
+    return results
+
+  def evaluate(self, samples: Sequence[Sample], conds: Sequence[Condition], *,
+               modes: Sequence[str] = MODES, progress: Callable[[str], None] = lambda _: None
+               ) -> dict[str, Any]:
+    """{'clean': {accuracy}, 'conditions': [per condition: quality and accuracy per mode],
+    'examples': a few (condition, corrupted, recovered, clean) images for grids}."""
+    clean = np.stack([s.image for s in samples])
+    indices = [s.index for s in samples]
+    out: dict[str, Any] = {"num_samples": len(samples), "conditions": [], "examples": []}
+    if "clean" in modes:
+      progress("clean images")
+      answers = self.answers("clean", samples)
+      out["clean"] = {"accuracy": _accuracy(answers), "answers": answers}
+    for cond in conds:
+      progress(cond.label)
+      corrupted = np.stack(corrupt(clean, indices, cond, self.seed))
+      recovered = self.recover(corrupted, indices)
+      row = {"family": cond.family, "name": cond.name, "level": cond.level, "label": cond.label,
+             "corrupted": _means(self.quality(corrupted, clean)),
+             "recovered": _means(self.quality(recovered, clean)), "accuracy": {}}
+      for mode in modes:
+        if mode != "clean":
+          answers = self.answers(mode, samples, corrupted, recovered)
+          row["accuracy"][mode] = _accuracy(answers)
+      out["conditions"].append(row)
+      out["examples"].append((cond.label, corrupted[:3], recovered[:3], clean[:3]))
+    return out
+
+
+def _means(metrics: Mapping[str, np.ndarray]) -> dict[str, float]:
+  return {k: float(np.mean(v)) for k, v in metrics.items()}
+
+
+def _accuracy(answers: Sequence[Mapping[str, Any]]) -> float:
+  return float(np.mean([a["correct"] for a in answers])) if answers else float("nan")
+
+
+def shapes_samples(split: str, count: int, rules: images_lib.ImageRules, seed: int = 0
+                   ) -> list[Sample]:
+  """`count` held-out records of the built-in world, one question each (drawn by index)."""
+  from robust_u1_jax.data import shapes
+
+  world = shapes.ShapesWorld(split, seed=seed)
+  out = []
+  for i in range(count):
+    record = world[i]
+    q = record["questions"][int(np.random.default_rng([seed, i]).integers(
+        len(record["questions"])))]
+    out.append(Sample(i, rules.prepare(record["image"])[0], dict(q), q.get("kind", "")))
+  return out
+
+
+def table_samples(path: str, count: int, rules: images_lib.ImageRules) -> list[Sample]:
+  """Records of a VLMEvalKit TSV or Hugging Face parquet benchmark file (bad rows skipped).
+
+  Recovery batches images of one size, so each image is cut to its centred square at the VAE
+  rule's largest side (the RL stage's `crop_square` does the same).
+  """
+  from robust_u1_jax.data import bad_records, sources_vqa, transforms
+
+  source = (sources_vqa.VqaParquetSource(path) if path.endswith(".parquet")
+            else sources_vqa.VqaTsvSource(path))
+  out = []
+  for i in range(min(count, len(source)) if count > 0 else len(source)):
+    record = source[i]
+    if bad_records.is_skip(record):
+      continue
+    side = rules.vae_max_side
+    image = transforms.resize_image(transforms.center_square(
+        transforms.decode_image(record["image_bytes"])), (side, side))
+    q = record["questions"][0]
+    out.append(Sample(i, rules.prepare(image)[0], dict(q), record.get("category", "")))
+  return out

@@ -1,0 +1,178 @@
+"""The evaluation report: report.json (every number), report.md (tables and the paper's claims in
+miniature, each with its measured margin) and PNG figures (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from robust_u1_jax.eval import evaluation
+from robust_u1_jax.training import metrics_log
+
+
+def _pct(x: float) -> str:
+  return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
+def claims(result: Mapping[str, Any], compare: Mapping[str, Mapping[str, Any]] | None = None,
+           clean_with_recovery: float | None = None) -> list[dict[str, Any]]:
+  """The paper's claims in miniature, each {'claim', 'measured', 'holds'}; never tuned on."""
+  out = []
+  pipeline = [c for c in result["conditions"] if c["family"] == "robust_r1_pipeline"]
+  for c in pipeline:
+    gain_ssim = c["recovered"]["ssim"] - c["corrupted"]["ssim"]
+    gain_psnr = c["recovered"]["psnr"] - c["corrupted"]["psnr"]
+    out.append({"claim": f"recovery beats the corrupted image at {c['level']} (SSIM, PSNR)",
+                "measured": f"SSIM {c['corrupted']['ssim']:.3f} -> {c['recovered']['ssim']:.3f}, "
+                            f"PSNR {c['corrupted']['psnr']:.2f} -> {c['recovered']['psnr']:.2f} dB",
+                "holds": bool(gain_ssim > 0 and gain_psnr > 0)})
+  full = [c for c in pipeline if c["level"] == "100%"]
+  if full and "corrupted+recovered" in full[0]["accuracy"]:
+    acc = full[0]["accuracy"]
+    gain = acc["corrupted+recovered"] - acc["corrupted"]
+    out.append({"claim": "at 100 % intensity, corrupted + recovered answers >= 10 points above "
+                         "corrupted only",
+                "measured": f"{_pct(acc['corrupted'])} -> {_pct(acc['corrupted+recovered'])} "
+                            f"({100 * gain:+.1f} points)",
+                "holds": bool(gain >= 0.10)})
+  if compare and {"sft", "rl"} <= set(compare):
+    for metric in ("ssim", "clip"):
+      sft, rl = compare["sft"].get(metric), compare["rl"].get(metric)
+      if sft is not None and rl is not None:
+        out.append({"claim": f"RL's mean {metric.upper()} above SFT's",
+                    "measured": f"SFT {sft:.4f}, RL {rl:.4f} ({rl - sft:+.4f})",
+                    "holds": bool(rl > sft)})
+  if clean_with_recovery is not None and "clean" in result:
+    off = result["clean"]["accuracy"]
+    out.append({"claim": "recovery always on keeps clean accuracy within 2 points",
+                "measured": f"off {_pct(off)}, on {_pct(clean_with_recovery)} "
+                            f"({100 * (clean_with_recovery - off):+.1f} points)",
+                "holds": bool(abs(clean_with_recovery - off) <= 0.02)})
+  return out
+
+
+def figures(result: Mapping[str, Any], out_dir: str, *,
+            compare_by_type: Mapping[str, Mapping[str, float]] | None = None,
+            rl_metrics: str | None = None) -> list[str]:
+  """Writes the report's figures; returns their file names."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  written = []
+
+  def save(fig, name):
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, name), dpi=110)
+    plt.close(fig)
+    written.append(name)
+
+  pipeline = [c for c in result["conditions"] if c["family"] == "robust_r1_pipeline"]
+  if pipeline and pipeline[0]["accuracy"]:
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    levels = [c["level"] for c in pipeline]
+    for mode in evaluation.MODES[1:]:
+      if mode in pipeline[0]["accuracy"]:
+        ax.plot(levels, [100 * c["accuracy"][mode] for c in pipeline], marker="o", label=mode)
+    if "clean" in result:
+      ax.axhline(100 * result["clean"]["accuracy"], color="gray", ls="--", label="clean image")
+    ax.set_xlabel("Robust-R1 pipeline intensity")
+    ax.set_ylabel("answer accuracy (%)")
+    ax.legend(fontsize=8)
+    save(fig, "accuracy_vs_intensity.png")
+  by_type = [c for c in result["conditions"] if c["family"] != "robust_r1_pipeline"]
+  if by_type:
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(by_type)), 3.8))
+    x = np.arange(len(by_type))
+    ax.bar(x - 0.2, [c["corrupted"]["ssim"] for c in by_type], 0.4, label="corrupted")
+    ax.bar(x + 0.2, [c["recovered"]["ssim"] for c in by_type], 0.4, label="recovered")
+    ax.set_xticks(x, [c["label"] for c in by_type], rotation=70, fontsize=7)
+    ax.set_ylabel("SSIM to the clean image")
+    ax.legend(fontsize=8)
+    save(fig, "ssim_per_type.png")
+  if compare_by_type:
+    labels = sorted(set().union(*[set(v) for v in compare_by_type.values()]))
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(labels)), 3.8))
+    x = np.arange(len(labels))
+    width = 0.8 / len(compare_by_type)
+    for k, (name, values) in enumerate(compare_by_type.items()):
+      ax.bar(x + (k - (len(compare_by_type) - 1) / 2) * width,
+             [values.get(lab, np.nan) for lab in labels], width, label=name)
+    ax.set_xticks(x, labels, rotation=70, fontsize=7)
+    ax.set_ylabel("SSIM of the recovery")
+    ax.legend(fontsize=8)
+    save(fig, "ssim_sft_vs_rl.png")
+  if rl_metrics and os.path.isfile(rl_metrics):
+    rows = [json.loads(line) for line in open(rl_metrics) if line.strip()]
+    rows = [r for r in rows if "reward_total_mean" in r]
+    if rows:
+      fig, ax = plt.subplots(figsize=(5.5, 3.4))
+      for key in sorted(k for k in rows[0] if k.startswith("reward_") and k.endswith("_mean")):
+        ax.plot([r["step"] for r in rows], [r.get(key, np.nan) for r in rows],
+                label=key[len("reward_"):-len("_mean")])
+      ax.set_xlabel("RL step")
+      ax.set_ylabel("mean reward of the rollouts")
+      ax.legend(fontsize=8)
+      save(fig, "rl_rewards.png")
+  for k, (label, corrupted, recovered, clean) in enumerate(result.get("examples", [])[:6]):
+    grid = metrics_log.image_grid([list(corrupted), list(recovered), list(clean)])
+    name = f"grid_{k:02d}_{label.replace(' ', '_').replace('%', 'pct')}.png"
+    Image.fromarray((grid * 255).round().astype(np.uint8)).save(os.path.join(out_dir, name))
+    written.append(name)
+  return written
+
+
+def write(out_dir: str, result: Mapping[str, Any], *, title: str,
+          settings: Mapping[str, Any], claim_rows: Sequence[Mapping[str, Any]],
+          figure_names: Sequence[str], benchmarks: Mapping[str, Any] | None = None) -> str:
+  """report.json and report.md in `out_dir`; returns the markdown's path."""
+  os.makedirs(out_dir, exist_ok=True)
+  public = {k: v for k, v in result.items() if k != "examples"}
+  with open(os.path.join(out_dir, "report.json"), "w") as f:
+    json.dump({"settings": dict(settings), "result": public, "claims": list(claim_rows),
+               "benchmarks": benchmarks or {}}, f, indent=1, default=str)
+  lines = [f"# {title}", "", f"{result['num_samples']} held-out samples per condition.", ""]
+  if claim_rows:
+    lines += ["## The paper's claims in miniature", "", "| claim | measured | holds |",
+              "| --- | --- | --- |"]
+    lines += [f"| {c['claim']} | {c['measured']} | {'yes' if c['holds'] else '**no**'} |"
+              for c in claim_rows]
+    lines.append("")
+  modes = [m for m in evaluation.MODES[1:]
+           if result["conditions"] and m in result["conditions"][0]["accuracy"]]
+  lines += ["## Per condition", ""]
+  if "clean" in result:
+    lines += [f"Accuracy on clean images: {_pct(result['clean']['accuracy'])} %.", ""]
+  has_clip = bool(result["conditions"]) and "clip" in result["conditions"][0]["recovered"]
+  head = ["condition", "PSNR corrupted", "PSNR recovered", "SSIM corrupted", "SSIM recovered"]
+  head += ["CLIP corrupted", "CLIP recovered"] if has_clip else []
+  head += [f"acc. {m} (%)" for m in modes]
+  lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+  for c in result["conditions"]:
+    cells = [c["label"], f"{c['corrupted']['psnr']:.2f}", f"{c['recovered']['psnr']:.2f}",
+             f"{c['corrupted']['ssim']:.3f}", f"{c['recovered']['ssim']:.3f}"]
+    if has_clip:
+      cells += [f"{c['corrupted']['clip']:.3f}", f"{c['recovered']['clip']:.3f}"]
+    cells += [_pct(c["accuracy"][m]) for m in modes]
+    lines.append("| " + " | ".join(cells) + " |")
+  for name, bench in (benchmarks or {}).items():
+    lines += ["", f"## {name}", "", "| intensity | " + " | ".join(bench["modes"]) + " |",
+              "|" + " --- |" * (len(bench["modes"]) + 1)]
+    for level, accs in bench["accuracy"].items():
+      lines.append(f"| {level} | " + " | ".join(_pct(accs.get(m, float("nan")))
+                                                for m in bench["modes"]) + " |")
+  if figure_names:
+    lines += ["", "## Figures", ""] + [f"![{n}]({n})" for n in figure_names]
+  lines += ["", "## Settings", "", "```json", json.dumps(dict(settings), indent=1, default=str),
+            "```", ""]
+  path = os.path.join(out_dir, "report.md")
+  with open(path, "w") as f:
+    f.write("\n".join(lines))
+  return path

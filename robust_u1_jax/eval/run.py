@@ -1,0 +1,99 @@
+"""One evaluation run from a config (`configs/eval.py`): models loaded, conditions evaluated, the
+report written. The `evaluate` entry module and the demo's last stage call `run`."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from robust_u1_jax.eval import evaluation, report
+from robust_u1_jax.inference import engine as engine_lib
+
+def _clip_similarity(c: ml_collections.ConfigDict):
+  if not c.clip_checkpoint:
+    return None
+  from flax import nnx
+
+  from robust_u1_jax.training import rl
+
+  graphdef, state = rl.load_clip_tower(ml_collections.ConfigDict(
+      {"clip_checkpoint": c.clip_checkpoint, "clip_model": c.clip_model}))
+  return evaluation.clip_similarity_fn(nnx.merge(graphdef, state))
+
+
+def _evaluator(engine, c, clip_similarity) -> evaluation.Evaluator:
+  return evaluation.Evaluator(engine, recovery_steps=c.recovery_steps, batch_size=c.batch_size,
+                              max_new_tokens=c.max_new_tokens, seed=c.seed,
+                              clip_similarity=clip_similarity)
+
+
+def run(c: ml_collections.ConfigDict, *, say: Callable[[str], None] = print) -> str:
+  """Evaluates `c.model`; returns the path of report.md (in `c.out`)."""
+  t0 = time.perf_counter()
+  out_dir = c.out or os.path.join(os.path.dirname(os.path.abspath(c.model.rstrip("/"))), "eval")
+  os.makedirs(out_dir, exist_ok=True)
+  engine = engine_lib.Engine.load(c.model, dtype=c.dtype)
+  clip_similarity = _clip_similarity(c)
+  evaluator = _evaluator(engine, c, clip_similarity)
+  samples = evaluation.shapes_samples(c.split, c.num_samples, engine.rules, c.seed)
+  conds = evaluation.conditions(c.intensities, c.imagenet_c_types, c.severities,
+                                c.robust_r1_types)
+  say(f"evaluating {c.model}: {len(samples)} samples x {len(conds)} conditions")
+  result = evaluator.evaluate(samples, conds, progress=lambda label: say(f"  {label}"))
+  clean_on = None
+  if c.recovery_on_clean:
+    say("  clean images, recovery on")
+    recovered = evaluator.recover(np.stack([s.image for s in samples]),
+                                  [s.index for s in samples])
+    answers = evaluator.answers("corrupted+recovered", samples,
+                                np.stack([s.image for s in samples]), recovered)
+    clean_on = float(np.mean([a["correct"] for a in answers]))
+    result["clean_with_recovery"] = {"accuracy": clean_on}
+
+  compare, by_type = {}, {}
+  for name, path in c.compare.items():
+    if not path:
+      continue
+    say(f"  recovery quality of {name}: {path}")
+    other = _evaluator(engine_lib.Engine.load(path, dtype=c.dtype), c, clip_similarity)
+    rows = other.evaluate(samples, conds, modes=())["conditions"]
+    compare[name] = {m: float(np.mean([r["recovered"][m] for r in rows]))
+                     for m in rows[0]["recovered"]}
+    by_type[name] = {r["label"]: r["recovered"]["ssim"] for r in rows}
+
+  benchmarks = {}
+  for name, path in c.benchmarks.items():
+    say(f"  benchmark {name}: {path}")
+    bench_samples = evaluation.table_samples(path, c.benchmark_samples, engine.rules)
+    bench = evaluator.evaluate(bench_samples, evaluation.conditions(
+        ("25%", "50%", "100%"), (), ()), modes=evaluation.MODES)
+    accuracy = {"clean image": {"clean": bench["clean"]["accuracy"]}}
+    accuracy.update({r["level"]: r["accuracy"] for r in bench["conditions"]})
+    benchmarks[name] = {"path": path, "samples": len(bench_samples),
+                        "modes": list(evaluation.MODES), "accuracy": accuracy}
+
+  claim_rows = report.claims(result, compare, clean_on)
+  names = report.figures(result, out_dir, compare_by_type=by_type or None,
+                         rl_metrics=os.path.join(c.rl_workdir, "metrics.jsonl")
+                         if c.rl_workdir else None)
+  settings = {**c.to_dict(), "seconds": round(time.perf_counter() - t0, 1)}
+  path = report.write(out_dir, result, title=f"Evaluation of {c.model}", settings=settings,
+                      claim_rows=claim_rows, figure_names=names, benchmarks=benchmarks)
+  for row in claim_rows:
+    say(f"  {'holds' if row['holds'] else 'FAILS'}: {row['claim']}: {row['measured']}")
+  say(f"report: {path}")
+  return path
+
+
+def claims_of(report_dir: str) -> list[dict[str, Any]]:
+  """The claims recorded in a report directory's report.json."""
+  import json
+
+  with open(os.path.join(report_dir, "report.json")) as f:
+    return json.load(f)["claims"]
+

@@ -1,0 +1,108 @@
+"""Evaluation: the report of a tiny random model (every number finite, claims stated), scoring,
+conditions, and benchmark tables read from VLMEvalKit TSV and parquet files."""
+
+import base64
+import csv
+import io
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from robust_u1_jax.checkpoints import orbax_io
+from robust_u1_jax.data import tokenizer as tokenizer_lib
+from robust_u1_jax.eval import evaluation, report
+from robust_u1_jax.eval import run as eval_run
+from robust_u1_jax.inference import images
+from robust_u1_jax.models import bagel
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def model_dir(random_bagel, tmp_path_factory):
+  tok = tokenizer_lib.load_tokenizer()
+  path = str(tmp_path_factory.mktemp("eval") / "model")
+  orbax_io.save_orbax(random_bagel(bagel.BagelConfig.tiny(vocab_size=len(tok))), path,
+                      tokenizer_dir=tokenizer_lib.default_tokenizer_dir())
+  images.ImageRules(64, 32, 16, 64, 32, 8).save(path)
+  return path
+
+
+def _png(seed: int, size=(40, 56)) -> bytes:
+  pixels = (np.random.default_rng(seed).uniform(size=size + (3,)) * 255).astype(np.uint8)
+  buf = io.BytesIO()
+  Image.fromarray(pixels).save(buf, format="PNG")
+  return buf.getvalue()
+
+
+def _benchmarks(tmp_path):
+  tsv = tmp_path / "rbench.tsv"
+  with open(tsv, "w", newline="") as f:
+    w = csv.writer(f, delimiter="\t", lineterminator="\n")
+    w.writerow(["index", "image", "question", "A", "B", "answer", "category"])
+    for i in range(3):
+      w.writerow([i, base64.b64encode(_png(i)).decode(), f"Is it {i}?", "yes", "no", "A", "mcq"])
+  parquet = tmp_path / "mmstar.parquet"
+  pq.write_table(pa.table({"image": [{"bytes": _png(10 + i), "path": f"{i}.png"} for i in range(2)],
+                           "question": ["Which?", "What?"], "options": [["x", "y", "z"]] * 2,
+                           "answer": ["B", "C"]}), parquet)
+  return str(tsv), str(parquet)
+
+
+def test_evaluate_writes_a_complete_report(model_dir, tmp_path):
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location("eval_cfg", os.path.join(ROOT, "configs",
+                                                                          "eval.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config("tiny")
+  tsv, parquet = _benchmarks(tmp_path)
+  c.model, c.out, c.num_samples, c.batch_size = model_dir, str(tmp_path / "report"), 4, 4
+  c.recovery_steps, c.max_new_tokens = 3, 8
+  c.imagenet_c_types, c.severities, c.robust_r1_types = ("fog",), (3,), ("lens_blur",)
+  c.intensities = ("25%", "100%")
+  c.compare.sft = model_dir  # the same model twice: its recoveries must score the same
+  c.benchmarks = {"rbench": tsv, "mmstar": parquet}
+  lines = []
+  path = eval_run.run(c, say=lines.append)
+  with open(os.path.join(c.out, "report.json")) as f:
+    data = json.load(f)
+  conds = data["result"]["conditions"]
+  assert [r["label"] for r in conds] == ["robust_r1_pipeline 25%", "robust_r1_pipeline 100%",
+                                         "fog s3", "lens_blur 25%", "lens_blur 100%"]
+  for row in conds:
+    for kind in ("corrupted", "recovered"):
+      assert np.isfinite(row[kind]["psnr"]) and 0 <= row[kind]["ssim"] <= 1
+    assert set(row["accuracy"]) == set(evaluation.MODES[1:])
+    assert all(0 <= a <= 1 for a in row["accuracy"].values())
+  # Stronger corruption moves the corrupted image further from the clean one.
+  assert conds[0]["corrupted"]["psnr"] > conds[1]["corrupted"]["psnr"]
+  claims = {c["claim"]: c for c in data["claims"]}
+  assert any("100 % intensity" in k for k in claims) and any("clean accuracy" in k for k in claims)
+  assert data["benchmarks"]["rbench"]["samples"] == 3
+  assert data["benchmarks"]["mmstar"]["samples"] == 2
+  for name in ("accuracy_vs_intensity.png", "ssim_per_type.png", "ssim_sft_vs_rl.png"):
+    assert os.path.getsize(os.path.join(c.out, name)) > 1000, name
+  markdown = open(path).read()
+  assert "## The paper's claims in miniature" in markdown and "## rbench" in markdown
+  assert lines[-1] == f"report: {path}"
+
+
+def test_scoring_and_conditions():
+  q = {"question": "Colour?", "options": ["red", "blue"], "answer": "B"}
+  assert evaluation.score("<ANSWER>B<ANSWER_END>", q) == ("B", True)
+  assert evaluation.score("<ANSWER>red<ANSWER_END>", q) == ("A", False)
+  assert evaluation.score("The Cat.", {"question": "?", "answer": "the cat"})[1]
+  conds = evaluation.conditions(("50%",), ("all",), (5,))
+  assert conds[0].name == "robust_r1_pipeline" and conds[0].intensity == 0.45
+  assert len(conds) == 1 + 19 and conds[1].label == "gaussian_noise s5"
+  image = np.full((8, 8, 3), 100, np.uint8)
+  assert evaluation.psnr(image[None], image[None])[0] > 90
+  rows = report.claims({"conditions": [], "clean": {"accuracy": 0.5}}, None, 0.49)
+  assert rows[0]["holds"] and "within 2 points" in rows[0]["claim"]
