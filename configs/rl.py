@@ -28,6 +28,15 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   rl.clip_high = 1e-4
   rl.adv_clip = 5.0
   rl.beta = 0.0  # KL weight to the frozen reference; 0 keeps no reference copy
+  # Optimizer updates made on one rollout's B*G*W transitions (B images, G recoveries each, W
+  # window steps). Each inner epoch shuffles the transitions and cuts them into
+  # updates_per_rollout / inner_epochs mini-batches of about B*G*W*inner_epochs /
+  # updates_per_rollout transitions, one update each; updates after the first are off-policy, so
+  # the PPO clip and approx_kl engage. 1 and 1: one update on every transition (ratio = 1).
+  # The learning-rate schedule (warmup too) is stretched to total_steps * updates_per_rollout
+  # updates; optimizer.grad_accum_steps and EMA count updates, not trainer steps.
+  rl.updates_per_rollout = 1
+  rl.inner_epochs = 1  # passes over the rollout's transitions; must divide updates_per_rollout
   rl.reward_weights = ml_collections.ConfigDict({"ssim": 1.0, "clip": 0.2})
   rl.clip_alpha = 5.0
   rl.clip_checkpoint = ""  # CLIP ViT-B/32 weights (open_clip or transformers naming)
@@ -44,6 +53,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     rl.num_steps = 10
     rl.eval_num_steps = 20
     rl.clip_low = rl.clip_high = 0.2
+    rl.updates_per_rollout = 2  # one pass, two mini-batches of half the transitions each
     # The built-in world ships no trained CLIP: SSIM only unless rl.clip_checkpoint is given.
     rl.reward_weights.clip = 0.0
     c.data.source = "shapes"
@@ -60,6 +70,13 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.remat = "full"
     c.total_steps = 2_000
     rl.clip_checkpoint = ""  # required for the semantic reward
+    # Flow-GRPO's released configs (yifan123/flow_grpo config/grpo.py) set
+    # gradient_accumulation_steps = num_batches_per_epoch // 2 "so that gradients are updated
+    # twice per epoch", with num_inner_epochs = 1: two updates per sampling round, one pass. We
+    # keep that count; mini-batches here are shuffled (sample, window step) transitions of one
+    # step's rollout rather than Flow-GRPO's whole-sample batches (our choice).
+    rl.updates_per_rollout = 2
+    rl.inner_epochs = 1
     c.data.source = "jsonl"
     c.data.path = ""  # Robust-R1 pairs {"prompt", "image", "target_image"}
     c.data.corruption = "none"  # the pairs are already degraded

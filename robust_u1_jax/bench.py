@@ -4,6 +4,7 @@
   python -m robust_u1_jax.bench data --long          # 10x longer measurements
   python -m robust_u1_jax.bench data --config configs/sft.py:tiny --threads 2
   python -m robust_u1_jax.bench aot --config configs/sft.py:bagel_7b --topology v5p-64
+  python -m robust_u1_jax.bench recover --topology v5p-8
 
 Subcommands are listed in BENCHMARKS: each names a module of robust_u1_jax.benchmarks whose
 `run(seconds=..., config=..., threads=...)` prints its tables; a `run` that also takes topology,
@@ -24,6 +25,9 @@ BENCHMARKS = {
               "tiny LLM forward+backward vs PyTorch; cached denoising step at context L and 2L"),
     "aot": ("robust_u1_jax.benchmarks.aot",
             "compile a stage's train step ahead of time for a TPU topology: memory, FLOPs, fits?"),
+    "recover": ("robust_u1_jax.benchmarks.recover",
+                "recovery: cached vs uncached step, context 2k->4k, batched CFG, compile; "
+                "7B AOT with --topology"),
 }
 
 _SECONDS = flags.DEFINE_float("seconds", 3.0, "Wall time of each measurement.")

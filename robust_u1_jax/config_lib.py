@@ -185,8 +185,79 @@ def validate_lora(lo: ml_collections.ConfigDict) -> None:
   _check(ok, "lora.targets", lo.targets, "a non-empty regular expression on parameter paths")
 
 
+BOOTSTRAP_STAGES = ("bootstrap_vae", "bootstrap_clip", "pretrain")  # configs/demo.py
+CLIP_MODELS = ("tiny", "vit_b32")
+
+
+def _fraction(value, field: str) -> None:
+  _check(0.0 <= value <= 1.0, field, value, "a fraction in [0, 1]")
+
+
+def validate_bootstrap(c: ml_collections.ConfigDict) -> None:
+  """The bootstrap stages: clean images of unpacked batches; the sections of each stage."""
+  if c.stage in BOOTSTRAP_STAGES:
+    for prefix in ("data", "eval_data"):
+      d = c.get(prefix)
+      if d is not None:
+        _check(d.corruption == "none", f"{prefix}.corruption", d.corruption,
+               f"none for stage {c.stage!r} (the bootstrap stages never see a corruption)")
+    _check(c.data.token_budget == 0, "data.token_budget", c.data.token_budget,
+           f"0 for stage {c.stage!r} (its rows are built one sample each)")
+  if c.stage in ("bootstrap_clip", "pretrain"):
+    _check(c.data.source == "shapes", "data.source", c.data.source,
+           f"shapes for stage {c.stage!r} (captions and questions come from the built-in world)")
+  if "autoencoder" in c:
+    a = c.autoencoder
+    for name in ("l1_weight", "l2_weight", "kl_weight", "contrast_weight"):
+      _check(a[name] >= 0, f"autoencoder.{name}", a[name], "a weight >= 0")
+    _check(a.l1_weight + a.l2_weight > 0, "autoencoder.l1_weight/l2_weight",
+           (a.l1_weight, a.l2_weight), "weights with a positive sum (a reconstruction loss)")
+  if "clip" in c:
+    _check(c.clip.model in CLIP_MODELS, "clip.model", c.clip.model, ", ".join(CLIP_MODELS))
+    _check(c.clip.max_logit_scale > 1, "clip.max_logit_scale", c.clip.max_logit_scale,
+           "a number > 1 (the cap of the learned exp(logit_scale); open_clip's is 100)")
+  if "pretrain" in c:
+    p = c.pretrain
+    for name in ("caption_fraction", "text_to_image_fraction", "text_dropout", "vit_dropout",
+                 "vae_dropout"):
+      _fraction(p[name], f"pretrain.{name}")
+    for name in ("understanding_weight", "generation_weight"):
+      _check(p[name] >= 0, f"pretrain.{name}", p[name], "a weight >= 0")
+    _check(p.understanding_weight + p.generation_weight > 0,
+           "pretrain.understanding_weight/generation_weight",
+           (p.understanding_weight, p.generation_weight), "weights with a positive sum")
+    for name in ("caption_prompt", "reconstruction_instruction"):
+      _check(bool(p[name].strip()), f"pretrain.{name}", p[name], "a non-empty text")
+    _check(p.timestep_shift > 0, "pretrain.timestep_shift", p.timestep_shift, "a number > 0")
+    _check(p.eval_num_steps >= 2, "pretrain.eval_num_steps", p.eval_num_steps, "an integer >= 2")
+
+
+def validate_eval(c: ml_collections.ConfigDict) -> None:
+  """configs/eval.py (the model itself is checked when it loads)."""
+  from robust_u1_jax.eval import evaluation
+
+  levels = tuple(evaluation.INTENSITIES)
+  _check(set(c.intensities) <= set(levels), "intensities", c.intensities,
+         f"a subset of {', '.join(levels)}")
+  _check(all(1 <= s <= 5 for s in c.severities), "severities", c.severities,
+         "ImageNet-C severities in 1..5")
+  for field in ("num_samples", "batch_size", "max_new_tokens"):
+    _check(c[field] > 0, field, c[field], "a positive integer")
+  _check(c.recovery_steps >= 2, "recovery_steps", c.recovery_steps, "an integer >= 2")
+  _check(c.dtype in ("float32", "bfloat16"), "dtype", c.dtype, "float32, bfloat16")
+  _check(c.clip_model in CLIP_MODELS, "clip_model", c.clip_model, ", ".join(CLIP_MODELS))
+  _check(c.split in ("train", "validation", "test"), "split", c.split, "train, validation, test")
+
+
 def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks every field a run depends on; returns the config for chaining."""
+  if c.get("stage") == "eval":
+    validate_eval(c)
+    return c
+  if c.get("stage") == "demo":
+    from robust_u1_jax.training import demo  # each part is a stage config of its own
+
+    return demo.validate(c)
   validate_data(c.data, "data")
   if "eval_data" in c:
     validate_data(c.eval_data, "eval_data")
@@ -206,6 +277,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check(o.grad_accum_steps >= 1, "optimizer.grad_accum_steps", o.grad_accum_steps, ">= 1")
   if "lora" in c:
     validate_lora(c.lora)
+  validate_bootstrap(c)
   _check(c.param_dtype in DTYPES, "param_dtype", c.param_dtype, ", ".join(DTYPES))
   _check(c.compute_dtype in DTYPES, "compute_dtype", c.compute_dtype, ", ".join(DTYPES))
   _check(c.remat in REMAT, "remat", c.remat, ", ".join(REMAT))
@@ -241,6 +313,17 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
            "a CLIP .safetensors file when rl.reward_weights.clip > 0")
     _check(rl.beta >= 0 and rl.clip_low > 0 and rl.clip_high > 0, "rl.beta/clip_low/clip_high",
            (rl.beta, rl.clip_low, rl.clip_high), "beta >= 0 and positive clip ranges")
+    _check(rl.inner_epochs >= 1, "rl.inner_epochs", rl.inner_epochs, "an integer >= 1")
+    _check(rl.updates_per_rollout >= 1 and rl.updates_per_rollout % rl.inner_epochs == 0,
+           "rl.updates_per_rollout", rl.updates_per_rollout,
+           f"a positive multiple of rl.inner_epochs = {rl.inner_epochs} (updates = inner epochs "
+           "x mini-batches per epoch)")
+    # Each mini-batch must hold a transition: B*G*W of them (the sampler records one slot when
+    # the window is empty).
+    transitions = c.data.batch_size * rl.group_size * max(rl.window_size, 1)
+    _check(rl.updates_per_rollout // rl.inner_epochs <= transitions, "rl.updates_per_rollout",
+           rl.updates_per_rollout, f"at most rl.inner_epochs x {transitions} transitions "
+           "(data.batch_size x rl.group_size x rl.window_size): one per mini-batch")
   return c
 
 

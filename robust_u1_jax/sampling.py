@@ -8,13 +8,14 @@ the model predicts the velocity `v = eps - x0`. Latents are token-major: (..., t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-LOG_SQRT_2PI = 0.5 * jnp.log(2 * jnp.pi)
+LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)  # a Python float: importing starts no backend
 
 
 def shift_timesteps(t: jax.Array, shift: float) -> jax.Array:

@@ -3,8 +3,10 @@
   python -m robust_u1_jax.train --config configs/sft.py:tiny --workdir /tmp/sft
   python -m robust_u1_jax.train --config configs/rl.py:tiny --workdir /tmp/rl \
       --config.init_from=/tmp/sft
+  python -m robust_u1_jax.train --config configs/demo.py --workdir runs/demo  # every stage
 
-Re-running with the same workdir resumes from its newest checkpoint.
+Re-running with the same workdir resumes from its newest checkpoint (the demo: skips finished
+parts and resumes the interrupted one).
 """
 
 from absl import app, flags, logging
@@ -20,12 +22,15 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
-  from robust_u1_jax.training import trainer, stages  # after flags: keeps --help fast
+  from robust_u1_jax.training import demo, stages, trainer  # after flags: keeps --help fast
 
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
   config = config_lib.validate(_CONFIG.value)
-  trainer.train(config, _WORKDIR.value, stages.builder(config.stage))
+  if config.stage == "demo":
+    demo.run(config, _WORKDIR.value)
+  else:
+    trainer.train(config, _WORKDIR.value, stages.builder(config.stage))
 
 
 if __name__ == "__main__":

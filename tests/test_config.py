@@ -18,8 +18,23 @@ USER_PATHS = {"init_from": "/data/model", "data.path": "/data/set", "eval_data.p
 
 
 def _variants(path):
+  if os.path.basename(path) == "demo.py":
+    return ["default", "quick"]
   text = open(path).read()
   return [v for v in ("tiny", "bagel_7b") if f'"{v}"' in text]
+
+
+def _user_paths(path):
+  """What a user gives on the command line for the variants that read real data."""
+  name = os.path.basename(path)
+  if name == "eval.py":
+    return {"model": "/data/model"}
+  if name == "demo.py":
+    return {}
+  paths = dict(USER_PATHS)
+  if name == "rl.py":
+    paths["rl.clip_checkpoint"] = "/data/clip.safetensors"
+  return paths
 
 
 @pytest.mark.parametrize("path", CONFIGS)
@@ -27,10 +42,7 @@ def test_every_variant_loads_and_validates(path):
   variants = _variants(path)
   assert variants, f"{path} names no variant"
   for variant in variants:
-    paths = dict(USER_PATHS)
-    if os.path.basename(path) == "rl.py":
-      paths["rl.clip_checkpoint"] = "/data/clip.safetensors"
-    config = config_lib.load(f"{path}:{variant}", paths)
+    config = config_lib.load(f"{path}:{variant}", _user_paths(path))
     assert isinstance(config, ml_collections.ConfigDict)
     assert config.is_locked
 

@@ -49,3 +49,30 @@ def test_kl_is_zero_when_policy_equals_reference():
   out = grpo.flow_grpo_loss(jnp.zeros(3), jnp.zeros(3), jnp.ones(3), clip_low=0.1, clip_high=0.1,
                             beta=0.04, mean=mean + 0.1, ref_mean=mean, std=std)
   np.testing.assert_allclose(out.loss, out.policy_loss + 0.04 * shifted, rtol=1e-6)
+
+
+def test_approx_kl_survives_tiny_log_ratios():
+  # Off-policy log-ratios of the RL step are ~1e-4: k3 ~ x^2 / 2 must not round to 0.
+  x = jnp.array([1e-4, -1e-4, 2e-4])
+  out = grpo.flow_grpo_loss(x, jnp.zeros(3), jnp.ones(3), clip_low=0.2, clip_high=0.2)
+  np.testing.assert_allclose(out.approx_kl, np.mean(np.asarray(x, np.float64) ** 2 / 2), rtol=1e-3)
+
+
+def test_mask_takes_the_loss_and_statistics_of_the_selected_transitions():
+  log_prob = jnp.array([0.1, -0.3, 0.02, 0.5, -0.01])
+  old = jnp.zeros(5)
+  adv = jnp.array([1.0, -1.0, 0.5, 2.0, -0.5])
+  mean = jax.random.normal(jax.random.PRNGKey(0), (5, 3, 2))
+  std = jnp.full((5,), 0.3)
+  mask = jnp.array([True, False, True, False, True])
+  kw = {"clip_low": 0.05, "clip_high": 0.05, "beta": 0.1}
+  masked = grpo.flow_grpo_loss(log_prob, old, adv, mean=mean, ref_mean=mean + 0.1, std=std,
+                               mask=mask, **kw)
+  idx = jnp.array([0, 2, 4])
+  subset = grpo.flow_grpo_loss(log_prob[idx], old[idx], adv[idx], mean=mean[idx],
+                               ref_mean=mean[idx] + 0.1, std=std[idx], **kw)
+  for got, want in zip(masked, subset):
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+  grad = jax.grad(lambda lp: grpo.flow_grpo_loss(lp, old, adv, mask=mask, clip_low=1.0,
+                                                 clip_high=1.0).loss)(log_prob)
+  np.testing.assert_array_equal(grad[jnp.array([1, 3])], 0.0)  # unselected: no gradient

@@ -1,5 +1,7 @@
-"""Flow-GRPO on the tiny model: one step moves the policy toward the better-rewarded sample; the
-stage runs through the trainer and reports every metric."""
+"""Flow-GRPO on the tiny model: one step moves the policy toward the better-rewarded sample;
+updates after the first on a rollout are off-policy (ratio away from 1, clip and approx-KL act);
+a single update is the plain PPO-clip update; the stage runs through the trainer and reports every
+metric."""
 
 import dataclasses
 import os
@@ -7,13 +9,14 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from robust_u1_jax import config_lib
 from robust_u1_jax.data import shapes
 from robust_u1_jax.inference import recovery
 from robust_u1_jax.models import bagel, sequence
-from robust_u1_jax.training import rl, sft, trainer
+from robust_u1_jax.training import grpo, rl, sft, trainer
 from robust_u1_jax.training import state as state_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,7 +66,128 @@ def test_rl_stage_runs_through_the_trainer(tmp_path):
   history = trainer.train(config, str(tmp_path), rl.build)
   row = history[-1]
   for key in ("loss", "clip_fraction", "approx_kl", "log_prob_drift", "advantage_mean",
-              "advantage_std", "reward_ssim_mean", "reward_ssim_std", "reward_total_mean"):
+              "advantage_std", "reward_ssim_mean", "reward_ssim_std", "reward_total_mean",
+              "clip_fraction_last", "approx_kl_last", "ratio_mean_last", "ratio_min_last",
+              "ratio_max_last"):
     assert np.isfinite(row[key]), key
   assert 0.0 <= row["reward_ssim_mean"] <= 1.0
   assert os.path.isdir(tmp_path / "model")
+
+
+def _tiny_rl(num_images: int, **settings_overrides):
+  """The random tiny Bagel (nonzero llm2vae, so the velocity depends on the trained expert), its
+  fresh train state and `num_images` shapes-world recovery inputs."""
+  config = config_lib.load(RL, {"init_from": "random"})
+  settings = dataclasses.replace(rl.RLSettings.from_config(config),
+                                 guidance=recovery.NO_GUIDANCE, **settings_overrides)
+  model_config = bagel.BagelConfig.tiny()
+  model = bagel.Bagel(model_config, rngs=nnx.Rngs(0))
+  model.llm2vae.kernel.set_value(
+      0.05 * jax.random.normal(jax.random.PRNGKey(1), model.llm2vae.kernel.shape))
+  graphdef, params, frozen = state_lib.split_model(model, sft.GENERATION_PARAMS)
+  tx = state_lib.make_optimizer(config.optimizer, 10)
+  state = state_lib.create_state(params, frozen, tx, jax.random.PRNGKey(0), False)
+  world = shapes.ShapesWorld("train")
+  rows = [{"corrupted": world[i]["image"] // 2, "clean": world[i]["image"],
+           "instruction_ids": [5, 6, 7]} for i in range(num_images)]
+  inputs = jax.tree.map(jnp.asarray, recovery.recovery_inputs(rows, model_config,
+                                                              sequence.Markers(3, 4)))
+  return settings, graphdef, tx, state, inputs
+
+
+def test_updates_after_the_first_are_off_policy():
+  # 2 images x 2 recoveries x 1 window step = 4 transitions; two updates of 2 each. The clip range
+  # sits between the first update's recompute rounding (~4e-7 measured) and the second update's
+  # departure (~1e-4 measured).
+  settings, graphdef, tx, state, inputs = _tiny_rl(
+      2, group_size=2, num_steps=4, window_size=1, updates_per_rollout=2, inner_epochs=1,
+      clip_low=1e-5, clip_high=1e-5)
+  rewards = jnp.array([1.0, 0.0, 0.3, 0.5])
+  fns = rl.make_functions(graphdef, tx, settings, lambda r, c, aux: {"total": rewards})
+  key, shuffle_key = jax.random.split(jax.random.PRNGKey(3))
+  out, _, _ = jax.jit(fns.rollout)(state, inputs, key)
+  advantages = grpo.group_advantages(rewards.reshape(-1, 2)).reshape(-1)
+  _, per_update = jax.jit(fns.updates)(state, inputs, out, advantages, rl.rollout_vae_key(key),
+                                       shuffle_key)
+  per_update = jax.device_get(per_update)
+  departure = np.maximum(np.abs(per_update["ratio_max"] - 1), np.abs(per_update["ratio_min"] - 1))
+  assert per_update["clip_fraction"].shape == (2,)
+  # First update: the rollout's own parameters, ratio 1 up to rounding, nothing clipped.
+  assert departure[0] < 1e-5, departure
+  assert per_update["clip_fraction"][0] == 0.0
+  # Second update: the first moved the policy, so the ratio leaves 1 and the clip acts.
+  assert departure[1] > 1e-5 and departure[1] > 10 * departure[0], departure
+  assert per_update["clip_fraction"][1] > 0.0
+  approx_kl = per_update["approx_kl"]
+  assert approx_kl[1] > 0.0 and approx_kl[1] > approx_kl[0], approx_kl
+
+
+def test_a_single_update_is_the_plain_ppo_update():
+  # updates_per_rollout = inner_epochs = 1: the step is one PPO-clip update on every transition,
+  # as before mini-batching existed; compared with that update written out here.
+  settings, graphdef, tx, state, inputs = _tiny_rl(
+      1, group_size=2, num_steps=4, window_size=2, updates_per_rollout=1, inner_epochs=1)
+  rewards = jnp.array([1.0, 0.0])
+  fns = rl.make_functions(graphdef, tx, settings, lambda r, c, aux: {"total": rewards})
+  new_state, metrics = jax.jit(fns.step)(state, inputs)
+
+  _, key = jax.random.split(state.rng)
+  out, _, _ = jax.jit(fns.rollout)(state, inputs, key)
+  advantages = grpo.group_advantages(rewards.reshape(1, 2)).reshape(-1)
+
+  def loss(params):
+    steps = fns.policy_terms(params, state.frozen, inputs, out, rl.rollout_vae_key(key))
+    adv = jnp.broadcast_to(advantages, out.window_log_prob.shape)
+    return grpo.flow_grpo_loss(steps.log_prob.reshape(-1), out.window_log_prob.reshape(-1),
+                               adv.reshape(-1), clip_low=settings.clip_low,
+                               clip_high=settings.clip_high).loss
+
+  value, grads = jax.jit(jax.value_and_grad(loss))(state.params)
+  expected, _ = jax.jit(lambda st, g: state_lib.apply_gradients(st, g, tx, 0.0))(state, grads)
+  # At ratio 1 the loss is -mean(advantage) = 0 up to rounding (~3e-8 apart measured).
+  np.testing.assert_allclose(metrics["loss"], value, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+               new_state.params, expected.params)
+  assert int(new_state.step) == 1
+  assert float(metrics["clip_fraction"]) == 0.0
+
+
+def test_minibatch_masks_partition_each_epoch():
+  masks = np.asarray(rl.minibatch_masks(jax.random.PRNGKey(0), 10, updates_per_rollout=6,
+                                        inner_epochs=2))
+  assert masks.shape == (6, 10)
+  for epoch in masks.reshape(2, 3, 10):
+    np.testing.assert_array_equal(epoch.sum(axis=0), 1)  # every transition once per epoch
+    assert sorted(epoch.sum(axis=1)) == [3, 3, 4]  # near-even mini-batches
+  assert not np.array_equal(masks[:3], masks[3:])  # each epoch reshuffles
+
+
+@pytest.mark.parametrize("overrides,field", [
+    ({"rl.inner_epochs": 0}, "rl.inner_epochs"),
+    ({"rl.updates_per_rollout": 3, "rl.inner_epochs": 2}, "rl.updates_per_rollout"),
+    ({"rl.updates_per_rollout": 0}, "rl.updates_per_rollout"),
+    # 1 image x 2 recoveries x 1 window step: 2 transitions cannot fill 3 mini-batches.
+    ({"rl.updates_per_rollout": 3, "data.batch_size": 1, "rl.group_size": 2,
+      "rl.window_size": 1}, "rl.updates_per_rollout"),
+])
+def test_update_fields_are_validated(overrides, field):
+  with pytest.raises(config_lib.ConfigError, match=field.replace(".", r"\.")):
+    config_lib.load(RL, {"init_from": "random", **overrides})
+
+
+def test_learning_rate_follows_the_trainer_step_with_several_updates():
+  config = config_lib.load(RL, {"init_from": "random", "total_steps": 6,
+                                "optimizer.warmup_steps": 2, "optimizer.grad_clip": 0.0,
+                                "optimizer.end_learning_rate": 0.0, "rl.updates_per_rollout": 2})
+  plain_tx = state_lib.make_optimizer(config.optimizer, config.total_steps)
+  tx = rl.update_optimizer(config, plain_tx)
+  params = {"w": jnp.zeros(())}
+  opt_state = tx.init(params)
+  sizes = []
+  for _ in range(12):  # constant gradients: Adam's update is the learning rate
+    update, opt_state = tx.update({"w": jnp.ones(())}, opt_state, params)
+    sizes.append(-float(update["w"]))
+  schedule = state_lib.learning_rate_schedule(config.optimizer, config.total_steps)
+  # Update 2n (the first of trainer step n + 1) runs at the trainer schedule's step-n rate.
+  np.testing.assert_allclose(sizes[::2], [float(schedule(n)) for n in range(6)], rtol=1e-5,
+                             atol=1e-12)

@@ -56,6 +56,11 @@ Batch schema (unpacked, token_budget == 0): a dict of numpy arrays, B = per-proc
                                         `<ANSWER>X<ANSWER_END>` for VQA tables, and the row's
                                         own 'answer' for JSONL rows with 'question'/'answer'
     question_text, answer_text, answer_letter  (B,) str
+  stage 'pretrain' (the bootstrap stages, training/bootstrap_clip.py and pretrain.py): the 'vqa'
+    fields, plus
+    caption_ids, caption_lengths        the record's caption (shapes world; records without one
+                                        are skipped)
+    caption_text                        (B,) str
 
 Strings are host-side: `multihost.host_fields` splits them off before `multihost.global_batch`.
 
@@ -90,12 +95,14 @@ from robust_u1_jax.data import sources
 from robust_u1_jax.data import tokenizer as tokenizer_lib
 from robust_u1_jax.data import transforms
 
-STAGES = ("sft", "rl", "reason", "vqa")
+STAGES = ("sft", "rl", "reason", "vqa", "pretrain")
 IMAGE_FIELDS = ("clean", "corrupted", "corrupted_vit")
 TEXT_FIELDS = {"sft": ("instruction",), "rl": ("instruction",),
-               "reason": ("question", "answer"), "vqa": ("question", "answer")}
+               "reason": ("question", "answer"), "vqa": ("question", "answer"),
+               "pretrain": ("question", "answer", "caption")}
 HOST_FIELDS = {"sft": (), "rl": (), "reason": ("question_text", "answer_text", "answer_letter"),
-               "vqa": ("question_text", "answer_text", "answer_letter")}
+               "vqa": ("question_text", "answer_text", "answer_letter"),
+               "pretrain": ("question_text", "answer_text", "answer_letter", "caption_text")}
 MIN_TEXT_PAD = 16
 # Mixed into the question draw so it is independent of the corruption draw of the same record.
 _QUESTION_STREAM = 0x9_0E57
@@ -161,11 +168,22 @@ class StageFields(grain.transforms.Map):
     out["corrupted_vit"], _ = transforms.bagel_resize(out["corrupted"], **self.vit_rule)
     if self.stage not in ("sft", "rl"):
       out = self._question(out)
+      if self.stage == "pretrain" and not bad_records.is_skip(out):
+        out = self._caption(out)
     else:
       prompt = out.get("prompt")  # Robust-R1 pairs carry their own instruction
       out["instruction"] = prompt if isinstance(prompt, str) and prompt else self.instruction
     if not bad_records.is_skip(out):
       out["corruption_steps"] = _steps_text(out)
+    return out
+
+  def _caption(self, out: dict) -> dict:
+    caption = out.get("caption")
+    if not isinstance(caption, str) or not caption:
+      return bad_records.skip_record(
+          f"stage {self.stage!r} needs a record with a 'caption' text (the shapes world has "
+          f"one); this one has {sorted(out)}", out.get("path"), out.get("index"))
+    out["caption_text"] = caption
     return out
 
   def _question(self, out: dict) -> dict:
@@ -400,7 +418,7 @@ def make_pipeline(data_config, *, seed: int, process_index: int = 0, process_cou
     seed: run seed: shuffling, corruption and question draws are pure functions of it.
     process_index, process_count: this process's data shard (`multihost.data_shard(mesh)`).
     tokenizer: a loaded tokenizer; None loads data.tokenizer_dir ('' = the built-in one).
-    stage: 'sft', 'rl', 'reason' or 'vqa'.
+    stage: 'sft', 'rl', 'reason', 'vqa' or 'pretrain'.
     split: overrides data.split.
     instruction: the recovery instruction (default: the paper's).
     text_pad_to: fixed text width; None takes data.text_pad_to (0: a power-of-two bucket per

@@ -1,11 +1,17 @@
-"""Stage II, Flow-GRPO on the recovery sampler: rollout, rewards, advantages and the policy update
-in one jitted step (DESIGN section 5).
+"""Stage II, Flow-GRPO on the recovery sampler: rollout, rewards, advantages and the policy
+updates in one jitted step (DESIGN section 5).
 
 Per corrupted image the step draws G recoveries with the inference package's sampler
 (`inference/recovery.py`): the three CFG contexts are prefilled once per image and shared by its
 group; the sampler runs Euler steps except a window of W stochastic SDE steps, whose transitions
 are scored again under the current policy for the PPO-clip ratio. The context is recomputed
 inside the loss because its clean-latent tokens pass through the generation expert being trained.
+
+As in Flow-GRPO, one rollout feeds several optimizer updates: its B*G*W transitions (sample,
+window step) are shuffled once per inner epoch and cut into mini-batches, one update each
+(`rl.updates_per_rollout` updates over `rl.inner_epochs` passes). Every update after the first
+scores transitions under parameters that have moved since the rollout, so the PPO ratio leaves 1
+and the clip and the approximate KL act; with a single update the ratio is 1 up to rounding.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from robust_u1_jax.inference import recovery as recovery_lib
 from robust_u1_jax.inference.recovery import RecoveryInputs
 from robust_u1_jax.training import grpo, host_batch, sft
 from robust_u1_jax.training import rewards as rewards_lib
+from robust_u1_jax.training import state as state_lib
 from robust_u1_jax.training.state import TrainState, apply_gradients, merge_model
 
 
@@ -41,6 +48,15 @@ class RLSettings:
   beta: float
   ema_decay: float = 0.0
   vae_posterior: str = "sample"
+  # Optimizer updates per rollout = inner_epochs x mini-batches per epoch; each mini-batch holds
+  # about B*G*W / (updates_per_rollout / inner_epochs) transitions. 1 and 1: today's single
+  # update on every transition.
+  updates_per_rollout: int = 1
+  inner_epochs: int = 1
+
+  @property
+  def minibatches_per_epoch(self) -> int:
+    return self.updates_per_rollout // self.inner_epochs
 
   @classmethod
   def from_config(cls, c) -> RLSettings:
@@ -50,7 +66,7 @@ class RLSettings:
                                      renorm_type=rl.cfg_renorm_type)
     return cls(rl.group_size, rl.num_steps, rl.window_size, rl.noise_level, rl.timestep_shift,
                guidance, rl.clip_low, rl.clip_high, rl.adv_clip, rl.beta,
-               c.optimizer.ema_decay, c.vae_posterior)
+               c.optimizer.ema_decay, c.vae_posterior, rl.updates_per_rollout, rl.inner_epochs)
 
 
 def window_start(key: jax.Array, s: RLSettings) -> jax.Array:
@@ -64,10 +80,32 @@ def rollout_vae_key(key: jax.Array) -> jax.Array:
   return jax.random.split(key, 4)[3]
 
 
+def minibatch_masks(key: jax.Array, num_transitions: int, updates_per_rollout: int,
+                    inner_epochs: int) -> jax.Array:
+  """(updates_per_rollout, num_transitions) bool: the transitions each update takes, in order.
+
+  Each inner epoch draws its own permutation from `key` and cuts the shuffled order into
+  updates_per_rollout / inner_epochs contiguous mini-batches whose sizes differ by at most one, so
+  every epoch takes every transition exactly once (sizes need not divide the transition count).
+  """
+  k = updates_per_rollout // inner_epochs
+
+  def epoch(key):
+    # A uniform permutation read as each transition's place in the shuffled order.
+    position_t = jax.random.permutation(key, num_transitions)
+    batch_t = position_t * k // num_transitions
+    return batch_t[None, :] == jnp.arange(k)[:, None]  # (K, T)
+
+  return jax.vmap(epoch)(jax.random.split(key, inner_epochs)).reshape(updates_per_rollout, -1)
+
+
 class RLFunctions(NamedTuple):
   rollout: Callable  # (state, inputs, key) -> (Rollout, recovered images, clean images)
   # (params, frozen, inputs, Rollout, rollout_vae_key(key)) -> window SDEStep under `params`
   policy_terms: Callable
+  # (state, inputs, Rollout, advantages (B*G,), vae_key, shuffle_key) -> (state, per-update
+  # metrics, each (updates_per_rollout,)): the optimizer updates on one rollout
+  updates: Callable
   step: Callable  # (state, inputs) -> (state, metrics)
 
 
@@ -81,7 +119,7 @@ def make_step(graphdef: nnx.GraphDef, tx, s: RLSettings,
 def make_functions(graphdef: nnx.GraphDef, tx, s: RLSettings,
                    reward_fn: Callable[[jax.Array, jax.Array, Any], Mapping[str, jax.Array]]
                    ) -> RLFunctions:
-  """The step and the two halves it is made of (for tests and analysis)."""
+  """The step and the parts it is made of (for tests and analysis)."""
   schedule = sampling.timesteps(s.num_steps, s.timestep_shift)
   g = s.group_size
 
@@ -117,42 +155,84 @@ def make_functions(graphdef: nnx.GraphDef, tx, s: RLSettings,
 
     return jax.vmap(one)(out.window_x, out.window_x_next, out.window_t, out.window_t_next)
 
-  def loss_fn(params, state: TrainState, inputs, out, advantages, vae_key):
+  def loss_fn(params, state: TrainState, inputs, out, advantages, vae_key, mask_t=None):
+    # Every transition is scored and the mini-batch's are kept by `mask_t` (None: all). Gathering
+    # the mini-batch instead would save the masked transitions' forward and backward passes, but
+    # a mini-batch mixes samples and window steps, so it would need the group-repeated KV caches
+    # gathered per sample inside the guided velocity; the mask keeps one static shape, the
+    # contexts' one prefill per image, and exactly the mini-batch's gradient. The cost: every
+    # update runs the forward and backward of all B*G*W transitions (W window steps against the
+    # rollout's num_steps sampler steps, so small while updates_per_rollout is).
     steps = policy_terms(params, state.frozen, inputs, out, vae_key)
     ref_mean = None
     if s.beta > 0:
       ref = policy_terms(state.aux["reference"], state.frozen, inputs, out, vae_key)
       ref_mean = jax.lax.stop_gradient(ref.mean)
     adv = jnp.broadcast_to(advantages, out.window_log_prob.shape)
-    # Window steps and samples flattened into one batch of transitions.
+    # Window steps and samples flattened into one batch of transitions (window-major: the
+    # layout minibatch_masks indexes).
     flat = lambda x: x.reshape((-1,) + steps.mean.shape[2:])
     terms = grpo.flow_grpo_loss(
         steps.log_prob.reshape(-1), out.window_log_prob.reshape(-1), adv.reshape(-1),
         clip_low=s.clip_low, clip_high=s.clip_high, beta=s.beta, mean=flat(steps.mean),
         ref_mean=None if ref_mean is None else flat(ref_mean),
-        std=flat(jnp.broadcast_to(steps.std, steps.mean.shape)))
+        std=flat(jnp.broadcast_to(steps.std, steps.mean.shape)), mask=mask_t)
     return terms.loss, terms
 
+  def updates(state: TrainState, inputs: RecoveryInputs, out: sampling.Rollout,
+              advantages: jax.Array, vae_key: jax.Array, shuffle_key: jax.Array):
+    """updates_per_rollout optimizer updates on one rollout, each on its mini-batch of
+    transitions scored under the parameters of that moment against the rollout's log-probs.
+    The rollout stays on device; `vae_key` must be the rollout's own (rollout_vae_key), so
+    every update sees the contexts the samples were drawn on."""
+    num_transitions = out.window_log_prob.size
+    masks = None
+    if s.minibatches_per_epoch > 1:
+      masks = minibatch_masks(shuffle_key, num_transitions, s.updates_per_rollout,
+                              s.inner_epochs)
+    # With one mini-batch per epoch every update takes every transition: no mask, so a single
+    # update is the plain full-batch loss.
+
+    def one_update(state, mask_t):
+      (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+          state.params, state, inputs, out, advantages, vae_key, mask_t)
+      state, opt_metrics = apply_gradients(state, grads, tx, s.ema_decay)
+      return state, {**terms._asdict(), **opt_metrics}
+
+    return jax.lax.scan(one_update, state, masks, length=s.updates_per_rollout)
+
   def step(state: TrainState, inputs: RecoveryInputs):
+    # The rollout's key is split off first, as before mini-batches, so tests can redraw the
+    # step's rollout from state.rng.
     rng, key = jax.random.split(state.rng)
+    rng, shuffle_key = jax.random.split(rng)
     out, recovered, clean = rollout(state, inputs, key)
     rewards = reward_fn(recovered, clean, state.aux)
     total = rewards["total"].reshape(-1, g)
     advantages = grpo.group_advantages(total, clip=s.adv_clip).reshape(-1)
-    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state, inputs, out, advantages, rollout_vae_key(key))
-    state, opt_metrics = apply_gradients(state.replace(rng=rng), grads, tx, s.ema_decay)
-    metrics = {"loss": loss, "policy_loss": terms.policy_loss, "kl": terms.kl,
-               "clip_fraction": terms.clip_fraction, "approx_kl": terms.approx_kl,
-               "log_prob_drift": terms.log_ratio_mean,
+    new_state, per_update = updates(state, inputs, out, advantages, rollout_vae_key(key),
+                                    shuffle_key)
+    # state.step counts rollouts like the trainer's loop; the optimizer's own count (which the
+    # learning-rate schedule reads) counts updates.
+    state = new_state.replace(rng=rng, step=state.step + 1)
+    mean = lambda name: per_update[name].mean()
+    last = lambda name: per_update[name][-1]
+    metrics = {"loss": mean("loss"), "policy_loss": mean("policy_loss"), "kl": mean("kl"),
+               "clip_fraction": mean("clip_fraction"), "approx_kl": mean("approx_kl"),
+               "log_prob_drift": mean("log_ratio_mean"), "grad_norm": mean("grad_norm"),
+               "param_norm": last("param_norm"),
+               # The last update is the most off-policy: where the clip and the KL show.
+               "clip_fraction_last": last("clip_fraction"), "approx_kl_last": last("approx_kl"),
+               "ratio_mean_last": last("ratio_mean"), "ratio_min_last": last("ratio_min"),
+               "ratio_max_last": last("ratio_max"),
                "advantage_mean": advantages.mean(), "advantage_std": advantages.std(),
-               "advantage_abs_max": jnp.abs(advantages).max(), **opt_metrics}
+               "advantage_abs_max": jnp.abs(advantages).max()}
     for name, value in rewards.items():
       metrics[f"reward_{name}_mean"] = value.mean()
       metrics[f"reward_{name}_std"] = value.std()
     return state, metrics
 
-  return RLFunctions(rollout, policy_terms, step)
+  return RLFunctions(rollout, policy_terms, updates, step)
 
 
 def reward_fn_from_config(rl_config, clip_graphdef: nnx.GraphDef | None):
@@ -187,6 +267,20 @@ def load_clip_tower(rl_config):
   return nnx.split(model)
 
 
+def update_optimizer(c, tx):
+  """The optimizer of the RL step. The trainer builds `tx` with its schedule (warmup, cosine
+  decay) over total_steps optimizer updates, but this stage makes updates_per_rollout updates per
+  trainer step: the schedule is rebuilt U-fold longer, warmup included, so the learning rate
+  stays the same function of the trainer's step. Same transformation chain, so the optimizer
+  state the trainer initialised with `tx` fits it."""
+  u = c.rl.updates_per_rollout
+  if u == 1:
+    return tx
+  o = c.optimizer.copy_and_resolve_references()
+  o.warmup_steps = o.warmup_steps * u
+  return state_lib.make_optimizer(o, c.total_steps * u)
+
+
 def build(ctx):
   """The Flow-GRPO stage for `trainer.train`."""
   from robust_u1_jax.training import evaluation, trainer
@@ -205,7 +299,8 @@ def build(ctx):
 
   return trainer.StageSpec(
       trainable=sft.GENERATION_PARAMS, host_inputs=host_inputs,
-      make_step=lambda graphdef, tx: make_step(graphdef, tx, settings, reward_fn),
+      make_step=lambda graphdef, tx: make_step(graphdef, update_optimizer(c, tx), settings,
+                                               reward_fn),
       samples_per_step=c.data.batch_size * settings.group_size, aux=aux,
       reference=settings.beta > 0,
       evaluate=evaluation.make_recovery_eval(ctx, c.rl.eval_num_steps))

@@ -3,7 +3,8 @@
 A stage (sft.py, rl.py, ...) contributes three things through `StageSpec`: which parameters it
 trains, how a pipeline batch becomes the step's device inputs (host side, deterministic in
 (seed, step) so a resumed run sees the same inputs), and the jitted step
-`step(state, inputs) -> (state, metrics)`. Everything else lives here once.
+`step(state, inputs) -> (state, metrics)`. Everything else lives here once. The model is a Bagel
+unless the stage brings its own (`StageSpec.model` and `save`: the bootstrap CLIP).
 """
 
 from __future__ import annotations
@@ -45,16 +46,32 @@ class StageSpec:
   reference: bool = False  # keep a frozen copy of the initial trainable params in aux
   # (graphdef, state) -> (image columns for a grid, scalar metrics); run every eval_every steps.
   evaluate: Callable | None = None
+  # A model of the stage's own, trained instead of the Bagel (built on the run's mesh).
+  model: nnx.Module | None = None
+  # (workdir, graphdef, state, config) -> None: writes the final model; default `save_model`.
+  save: Callable | None = None
+  # The pipeline stage (data/pipeline.py STAGES) the batches come from; default config.stage.
+  data_stage: str | None = None
 
 
-@dataclasses.dataclass
 class RunContext:
-  """What a stage builder may use: the loaded model, tokenizer and run settings."""
-  config: ml_collections.ConfigDict
-  mesh: jax.sharding.Mesh
-  model: bagel_lib.Bagel
-  tokenizer: Any
-  markers: sequence.Markers
+  """What a stage builder may use: the model, tokenizer and run settings.
+
+  `model` is built on first use (from a function given in its place), so a stage that trains a
+  model of its own never pays for building the Bagel.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+               model: bagel_lib.Bagel | Callable[[], bagel_lib.Bagel], tokenizer: Any,
+               markers: sequence.Markers):
+    self.config, self.mesh, self.tokenizer, self.markers = config, mesh, tokenizer, markers
+    self._model = model
+
+  @property
+  def model(self) -> bagel_lib.Bagel:
+    if not isinstance(self._model, nnx.Module):
+      self._model = self._model()
+    return self._model
 
 
 def preset(name: str, vocab_size: int | None = None, **llm_overrides) -> bagel_lib.BagelConfig:
@@ -104,8 +121,9 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   markers = sequence.Markers(special["vision_start"], special["vision_end"])
   # The model is built outside the mesh context: parameters get their shardings from the
   # explicit rules in `sharding`, and the logical names must not be read as mesh axes.
-  model = init_model(config, mesh, tokenizer)
-  spec = build_stage(RunContext(config, mesh, model, tokenizer, markers))
+  ctx = RunContext(config, mesh, lambda: init_model(config, mesh, tokenizer), tokenizer, markers)
+  spec = build_stage(ctx)
+  model = spec.model if spec.model is not None else ctx.model
   graphdef, params, frozen = state_lib.split_model(model, spec.trainable)
   del model
   # With LoRA the steps get a LoraGraphDef: params become the LoRA factors, frozen the whole base.
@@ -125,7 +143,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                        "longest text in tokens), so every host builds rows of one length")
     data = pipeline_lib.make_pipeline(config.data, seed=config.seed, process_index=process_index,
                                       process_count=process_count, tokenizer=tokenizer,
-                                      stage=config.stage)
+                                      stage=spec.data_stage or config.stage)
     ckpt = checkpoint_lib.Checkpointer(workdir, every=config.checkpoint_every,
                                        keep=config.keep_checkpoints)
     start = 0
@@ -174,7 +192,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         if step < config.total_steps:
           inputs = device_inputs(step)
       ckpt.wait()
-      save_model(workdir, graphdef, state, config)
+      (spec.save or save_model)(workdir, graphdef, state, config)
     finally:
       log.close()
       ckpt.close()
@@ -232,11 +250,15 @@ def save_model(workdir: str, graphdef, state: state_lib.TrainState,
   later stages' `init_from`, `convert --to hf`, `recover` and `answer` read: with the tokenizer
   files and the image resize rules of the run beside it. With LoRA (`graphdef` a LoraGraphDef)
   the saved model holds the merged weights W + scale * A @ B: a plain model, no factors."""
+  params = state.ema if state.ema is not None else state.params
+  write_model(state_lib.merge_model(graphdef, params, state.frozen), workdir, config)
+
+
+def write_model(model: bagel_lib.Bagel, workdir: str, config: ml_collections.ConfigDict) -> None:
+  """`save_model`'s output for a merged model: `workdir/model` with tokenizer and image rules."""
   from robust_u1_jax.checkpoints import orbax_io
   from robust_u1_jax.inference import images as images_lib
 
-  params = state.ema if state.ema is not None else state.params
-  model = state_lib.merge_model(graphdef, params, state.frozen)
   path = os.path.join(workdir, "model")
   tokenizer_dir = config.data.tokenizer_dir or tokenizer_lib.default_tokenizer_dir()
   orbax_io.save_orbax(model, path, tokenizer_dir=tokenizer_dir, overwrite=True)

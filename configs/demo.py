@@ -1,0 +1,192 @@
+"""The built-in world's demo, `python -m robust_u1_jax.train --config configs/demo.py --workdir
+runs/demo`: `get_config` (at the end) lists every part, run in order by training/demo.py.
+
+Bootstrap of the built-in world's demo: the stand-in for the pretrained BAGEL that Robust-U1
+starts from, made with the same model code in three stages (training/bootstrap_vae.py,
+bootstrap_clip.py, pretrain.py), each run by `trainer.train`:
+
+  vae_config    stage 'bootstrap_vae': the tiny Bagel's VAE as an autoencoder of world images;
+                everything later keeps it frozen
+  clip_config   stage 'bootstrap_clip': a tiny CLIP on images and captions, written to
+                `<workdir>/model/clip.safetensors` for the RL stage's semantic reward
+                (rl.clip_checkpoint, rl.clip_model='tiny')
+  base_config   stage 'pretrain': the whole Bagel but the VAE on clean images: answering and
+                captioning, drawing from captions, reconstructing; init_from is vae_config's workdir
+
+Variants: 'default' (the demo: the three take about five minutes on a 2-core CPU) and 'quick'
+(for CI: about a minute together with a warm compilation cache; a cold start adds ~25 s of XLA
+compiling the tiny Bagel's initialisers). VAEConfig.tiny (ch 8, z 4) reaches about 25 dB PSNR
+on 64 px world images within the default budget: wider VAEs (ch 16, z 8 or 16) measured no
+better per CPU second, so there is no demo preset.
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+from robust_u1_jax import config_lib
+
+VARIANTS = ("default", "quick")
+
+
+def _check_variant(variant: str, name: str) -> None:
+  if variant not in VARIANTS:
+    raise ValueError(f"configs/demo.py:{name}: unknown variant {variant!r}; choose one of: "
+                     f"{', '.join(VARIANTS)}")
+
+
+def _world(c: ml_collections.ConfigDict, *, batch_size: int, eval_batch_size: int) -> None:
+  """The built-in world at 64 px, clean, in the tiny model's resize rules (as configs/sft.py)."""
+  c.model = "tiny"
+  c.data.source = "shapes"
+  c.data.image_size = 64
+  c.data.vae_max_side, c.data.vae_min_side, c.data.vae_stride = 64, 32, 16
+  c.data.vit_max_side, c.data.vit_min_side, c.data.vit_patch = 64, 32, 8
+  c.data.corruption = "none"
+  c.data.batch_size = batch_size
+  c.eval_data.update({k: v for k, v in c.data.items() if k not in ("split", "shuffle")})
+  c.eval_data.batch_size = eval_batch_size  # the validation images every evaluation scores
+  c.optimizer.eps = 1e-8
+  c.tensorboard = False
+
+
+def _schedule(c: ml_collections.ConfigDict, steps: int, *, checkpoints: int = 2) -> None:
+  """`steps` updates, a checkpoint every steps / checkpoints, one evaluation at the end."""
+  c.total_steps = steps
+  c.checkpoint_every = max(steps // checkpoints, 1)
+  c.eval_every = steps
+  c.log_every = max(min(steps // 10, 25), 1)
+
+
+def vae_config(variant: str = "default") -> ml_collections.ConfigDict:
+  _check_variant(variant, "vae_config")
+  c = config_lib.get_base_config()
+  c.stage = "bootstrap_vae"
+  c.variant = variant
+  a = c.autoencoder = ml_collections.ConfigDict()
+  # Mostly L2 (what PSNR scores), some L1 for edges: measured sharper outlines at equal PSNR.
+  a.l1_weight = 0.2
+  a.l2_weight = 1.0
+  # Objects over background (bootstrap_vae.py): the right hues in the same CPU time.
+  a.contrast_weight = 16.0
+  # Per latent element against per-pixel errors: enough to keep a Gaussian posterior (whose
+  # samples the decoder learns to take), little enough to leave reconstruction first.
+  a.kl_weight = 1e-4
+  quick = variant == "quick"
+  # Small batches: more updates per CPU second is what this small network needs.
+  _world(c, batch_size=8, eval_batch_size=32 if quick else 64)
+  _schedule(c, 80 if quick else 1200)
+  c.optimizer.learning_rate = 3e-3
+  c.optimizer.end_learning_rate = 1e-4
+  c.optimizer.warmup_steps = 10 if quick else 30
+  c.optimizer.b2 = 0.99
+  c.optimizer.ema_decay = 0.9 if quick else 0.99
+  return c
+
+
+def clip_config(variant: str = "default") -> ml_collections.ConfigDict:
+  _check_variant(variant, "clip_config")
+  c = config_lib.get_base_config()
+  c.stage = "bootstrap_clip"
+  c.variant = variant
+  c.clip = ml_collections.ConfigDict()
+  c.clip.model = "tiny"  # the shapes rl.clip_model='tiny' reads
+  c.clip.max_logit_scale = 100.0
+  quick = variant == "quick"
+  _world(c, batch_size=64, eval_batch_size=64)
+  _schedule(c, 120 if quick else 800)
+  c.optimizer.learning_rate = 2e-3
+  c.optimizer.end_learning_rate = 1e-5
+  c.optimizer.warmup_steps = 30
+  c.optimizer.b2 = 0.98
+  c.optimizer.ema_decay = 0.0
+  return c
+
+
+def base_config(variant: str = "default", init_from: str = "random") -> ml_collections.ConfigDict:
+  """`init_from`: the workdir of vae_config's run (its model, the trained VAE included)."""
+  _check_variant(variant, "base_config")
+  c = config_lib.get_base_config()
+  c.stage = "pretrain"
+  c.variant = variant
+  c.init_from = init_from
+  p = c.pretrain = ml_collections.ConfigDict()
+  p.caption_prompt = "Describe the image."
+  # Not the recovery instruction: the base model learns to copy an image, not to restore one.
+  p.reconstruction_instruction = "Draw this image again."
+  p.caption_fraction = 0.5  # understanding rows that caption (the rest answer a question)
+  p.text_to_image_fraction = 0.5  # generation rows drawn from captions (the rest reconstruct)
+  p.understanding_weight = 1.0
+  p.generation_weight = 1.0
+  p.timestep_shift = 1.0
+  p.text_dropout, p.vit_dropout, p.vae_dropout = 0.1, 0.3, 0.3  # as SFT: guidance contexts
+  p.eval_num_steps = 20
+  quick = variant == "quick"
+  # Samples per CPU second do not depend on the batch here (measured 8 and 32): small batches
+  # give more updates. 8 splits over the tests' 8 fake devices.
+  _world(c, batch_size=8, eval_batch_size=32)
+  # One row shape for every batch (one compile): the world's longest text is a 77-token answer.
+  c.data.text_pad_to = c.eval_data.text_pad_to = 80
+  _schedule(c, 10 if quick else 400)
+  if quick:
+    c.eval_every = 10 * c.total_steps  # its sampler and decoder compiles outlast the training
+  c.optimizer.learning_rate = 2e-3
+  c.optimizer.warmup_steps = 2 if quick else 20
+  c.optimizer.ema_decay = 0.0 if quick else 0.99
+  return c
+
+
+# -- the whole demo --------------------------------------------------------------------------------
+
+
+def _stage(name: str, variant: str) -> ml_collections.ConfigDict:
+  """configs/<name>.py:<variant> (configs is not a package: loaded from this file's folder)."""
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"_demo_{name}_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)
+
+
+def get_config(variant: str = "default") -> ml_collections.ConfigDict:
+  """Every part of `python -m robust_u1_jax.train --config configs/demo.py`, in order:
+  vae, clip, base (bootstrap), sft, rl, reason, eval (training/demo.py chains their workdirs).
+
+  'default' finishes within about 15 minutes on a 2-core CPU, 'quick' within about 4."""
+  _check_variant(variant, "get_config")
+  quick = variant == "quick"
+  c = ml_collections.ConfigDict()
+  c.stage = "demo"
+  c.variant = variant
+  c.seed = 0
+  c.vae, c.clip, c.base = vae_config(variant), clip_config(variant), base_config(variant)
+
+  c.sft = _stage("sft", "tiny")
+  _schedule(c.sft, 60 if quick else 400)
+  c.sft.eval_num_steps = 10
+  c.sft.tensorboard = False
+
+  c.rl = _stage("rl", "tiny")
+  _schedule(c.rl, 6 if quick else 60)
+  # The released weights of the two rewards, the semantic one from the bootstrapped CLIP (the
+  # demo runner points rl.clip_checkpoint at it).
+  c.rl.rl.reward_weights = ml_collections.ConfigDict({"ssim": 1.0, "clip": 0.2})
+  c.rl.rl.clip_model = "tiny"
+  c.rl.rl.clip_checkpoint = "<the clip part's model/clip.safetensors>"
+  c.rl.rl.eval_num_steps = 10
+  c.rl.tensorboard = False
+
+  c.reason = _stage("reason", "tiny")
+  _schedule(c.reason, 30 if quick else 300)
+  c.reason.reason.recovery_steps = 10
+  c.reason.tensorboard = False
+
+  c.eval = _stage("eval", "tiny")
+  c.eval.num_samples = 16 if quick else 64
+  c.eval.recovery_steps = 10 if quick else 20
+  c.eval.max_new_tokens = 128
+  if quick:
+    c.eval.imagenet_c_types = ("fog", "pixelate")
+    c.eval.severities = (5,)
+  return c

@@ -1,0 +1,82 @@
+"""`bench recover` (robust_u1_jax/benchmarks/recover.py) on a very small model: each measurement
+returns finite positive ratios, and the FLOP model counts what the implementation computes."""
+
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from robust_u1_jax.benchmarks import recover
+from robust_u1_jax.inference import recovery
+
+SIZE = (32, 48)  # latent grid 2 x 3, ViT 2 x 3 patches of 16
+
+
+@pytest.fixture(scope="module")
+def setup(random_bagel):
+  config = recover.bench_config(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                                num_kv_heads=1, head_dim=16)
+  return recover.Setup.from_model(random_bagel(config), "smoke")
+
+
+def _positive(x):
+  return math.isfinite(x) and x > 0
+
+
+def test_cached_vs_uncached(setup):
+  r = recover.cached_vs_uncached(setup, SIZE, 0.0, min_reps=1)
+  assert r["block"] == 2 * 3 + 2 and r["row"] == r["context"] + r["block"]
+  assert _positive(r["cached_s"]) and _positive(r["uncached_over_cached"])
+
+
+def test_context_scaling_pads_the_instruction(setup):
+  r = recover.context_scaling(setup, SIZE, 0.0, (64, 128), min_reps=1)
+  assert r["contexts"] == (64, 128)  # the step checked that the caches hold exactly these
+  assert _positive(r["ratio"]) and r["flop_ratio"] > 1.0
+  assert 0 < r["attention_share"][64] < r["attention_share"][128] < 1
+
+
+def test_cfg_batching(setup):
+  # cfg_batching asserts that the batched and separate guided velocities agree.
+  r = recover.cfg_batching(setup, SIZE, 0.0, min_reps=1)
+  assert r["slots"][0] > r["slots"][2]  # the text-only context is the short one
+  assert _positive(r["separate_over_batched"])
+
+
+def test_recovery_flops_floor_below_the_implementation(setup):
+  inputs = recover.recovery_rows(setup, SIZE)
+  f = recover.recovery_flops(setup.config, inputs, moves=4)
+  assert f["tokens"][0] == f["tokens"][1] + len(setup.instruction_ids)
+  assert f["tokens"][2] == len(setup.instruction_ids)
+  llm = setup.config.llm
+  # One denoising call, all three branches: each block token once per branch through its own
+  # expert, against its own context and the block.
+  per_step = sum(recover.step_flops(llm, f["block"], k + f["block"], both_experts=False)
+                 for k in f["tokens"])
+  assert np.isclose(f["denoise_linear"] + f["denoise_attention"], 4 * per_step)
+  assert 0 < f["floor"] < f["library"]
+
+
+def test_context_longer_than_the_images_is_required(setup):
+  with pytest.raises(ValueError, match="shorter than the image blocks"):
+    recover.recovery_rows(setup, SIZE, context=8)
+
+
+def test_topology_flag_default_is_not_a_request():
+  assert recover._topology_asked(None) is None
+  assert recover._topology_asked("v5p-8") == "v5p-8"  # a programmatic call asks for it
+  assert recovery.Sampler().num_steps == recover.RECOVERY_7B["steps"]
+
+
+def test_import_leaves_the_backend_unstarted():
+  """--topology cpu:N sets the CPU device count after the module is imported (bench.py imports it
+  first), which only works while no JAX backend has started."""
+  code = ("import jax; from robust_u1_jax.benchmarks import aot, recover; "
+          "aot._ensure_host_backend(3); print(jax.device_count())")
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=120, check=True)
+  assert out.stdout.split()[-1] == "3"

@@ -1,0 +1,51 @@
+"""The demo's quick variant end to end, as the README runs it (its own process, one device):
+every part trains from the previous part's output, the evaluation writes its report with every
+claim measured, and a re-run has nothing left to do."""
+
+import json
+import os
+import subprocess
+import sys
+
+from robust_u1_jax.training import demo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _train(workdir: str) -> str:
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  # One CPU device, as on a user's laptop (the test session fakes 8).
+  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                              if "force_host_platform_device_count" not in f)
+  out = subprocess.run(
+      [sys.executable, "-m", "robust_u1_jax.train", "--config",
+       os.path.join(ROOT, "configs", "demo.py") + ":quick", "--workdir", workdir],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return out.stdout
+
+
+def test_quick_demo_runs_every_part_and_resumes(tmp_path):
+  workdir = str(tmp_path / "demo")
+  first = _train(workdir)
+  for part in demo.PARTS[:-1]:
+    assert os.path.isdir(os.path.join(workdir, part, "model")), part
+    assert f"] {part} (" in first, part
+  assert os.path.isfile(os.path.join(workdir, "clip", demo.CLIP_FILE))
+  with open(os.path.join(workdir, "eval", "report.json")) as f:
+    data = json.load(f)
+  claims = " ".join(c["claim"] for c in data["claims"])
+  for claim in ("recovery beats the corrupted image at 100%", "corrupted + recovered answers",
+                "RL's mean SSIM above SFT's", "RL's mean CLIP above SFT's",
+                "clean accuracy within 2 points"):
+    assert claim in claims, claim
+  assert all(isinstance(c["holds"], bool) and c["measured"] for c in data["claims"])
+  # The RL stage used the bootstrapped CLIP for its semantic reward.
+  rl_rows = [json.loads(line) for line in open(os.path.join(workdir, "rl", "metrics.jsonl"))]
+  assert all(0.0 < row["reward_clip_mean"] <= 1.0 for row in rl_rows if "reward_clip_mean" in row)
+  assert any("reward_clip_mean" in row for row in rl_rows)
+  for name in ("accuracy_vs_intensity.png", "ssim_sft_vs_rl.png", "rl_rewards.png"):
+    assert os.path.getsize(os.path.join(workdir, "eval", name)) > 1000, name
+  # A re-run finds every part finished and the report newer than every model.
+  again = _train(workdir)
+  assert again.count("nothing to train") == len(demo.PARTS) - 1 and "nothing to evaluate" in again
