@@ -42,4 +42,6 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from robust_u1_jax import recover  # its help handling: --help exits with status 0
+
+  recover.run_program(main)
