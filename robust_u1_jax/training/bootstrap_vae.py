@@ -10,8 +10,8 @@ The reconstruction is contrast-weighted: a pixel weighs 1 + contrast_weight x it
 its image's mean colour. The world's objects, saturated colours on muted backgrounds, are a few
 percent of the pixels but all that its questions ask about; unweighted, a small autoencoder
 spends its first thousands of steps on background texture and turns red and yellow objects into
-the same orange blob (measured: same CPU time, 24.7 dB and wrong hues unweighted; 26 dB and the
-right hues at weight 16).
+the same orange blob (measured over two CPU minutes each: 24.7 dB and wrong hues unweighted,
+26 dB and the right hues at weight 16).
 
 FLUX normalises its latents with a scale and shift measured on its data; the saved model gets
 its own the same way (`fit_latent_norm`): on validation images the posterior samples, the
