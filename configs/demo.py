@@ -160,14 +160,18 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   c.stage = "demo"
   c.variant = variant
   c.seed = 0
-  c.vae, c.clip, c.base = vae_config(variant), clip_config(variant), base_config(variant)
+  # Each part starts from the previous part's output; training/demo.py fills in the paths.
+  c.vae, c.clip = vae_config(variant), clip_config(variant)
+  c.base = base_config(variant, init_from="<the vae part's workdir>")
 
   c.sft = _stage("sft", "tiny")
+  c.sft.init_from = "<the base part's workdir>"
   _schedule(c.sft, 60 if quick else 400)
   c.sft.eval_num_steps = 10
   c.sft.tensorboard = False
 
   c.rl = _stage("rl", "tiny")
+  c.rl.init_from = "<the sft part's workdir>"
   _schedule(c.rl, 6 if quick else 60)
   # The released weights of the two rewards, the semantic one from the bootstrapped CLIP (the
   # demo runner points rl.clip_checkpoint at it).
@@ -178,6 +182,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   c.rl.tensorboard = False
 
   c.reason = _stage("reason", "tiny")
+  c.reason.init_from = "<the rl part's workdir>"
   _schedule(c.reason, 30 if quick else 300)
   c.reason.reason.recovery_steps = 10
   c.reason.tensorboard = False

@@ -135,14 +135,8 @@ def _run(values: flags.FlagValues) -> int:
 
 
 def run(argv: Sequence[str]) -> int:
-  """The command line `argv` (program name first), on flags of its own: for callers in one
-  process (tests), where the global flags may hold another entry point's."""
-  values = flags.FlagValues()
-  define_flags(values)
-  rest = values(list(argv))
-  if len(rest) > 1:
-    raise app.UsageError(f"unexpected arguments: {rest[1:]}")
-  return _run(values)
+  """The command line `argv`, on flags of its own (`recover.own_flags`)."""
+  return _run(recover_cli.own_flags(argv, define_flags))
 
 
 def main(argv) -> int:

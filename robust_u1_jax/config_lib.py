@@ -232,11 +232,13 @@ def validate_bootstrap(c: ml_collections.ConfigDict) -> None:
     _check(p.eval_num_steps >= 2, "pretrain.eval_num_steps", p.eval_num_steps, "an integer >= 2")
 
 
+# The paper's evaluation intensities 25 / 50 / 100 % of the Robust-R1 pipeline (DESIGN section 6).
+EVAL_INTENSITIES = {"25%": 0.23, "50%": 0.45, "100%": 0.9}
+
+
 def validate_eval(c: ml_collections.ConfigDict) -> None:
   """configs/eval.py (the model itself is checked when it loads)."""
-  from robust_u1_jax.eval import evaluation
-
-  levels = tuple(evaluation.INTENSITIES)
+  levels = tuple(EVAL_INTENSITIES)
   _check(set(c.intensities) <= set(levels), "intensities", c.intensities,
          f"a subset of {', '.join(levels)}")
   _check(all(1 <= s <= 5 for s in c.severities), "severities", c.severities,
@@ -254,10 +256,14 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if c.get("stage") == "eval":
     validate_eval(c)
     return c
-  if c.get("stage") == "demo":
-    from robust_u1_jax.training import demo  # each part is a stage config of its own
-
-    return demo.validate(c)
+  if c.get("stage") == "demo":  # each part is a stage config of its own
+    for part, sub in c.items():
+      if isinstance(sub, ml_collections.ConfigDict) and "stage" in sub:
+        try:
+          validate(sub)
+        except ConfigError as e:
+          raise ConfigError(f"demo part {part!r} (--config.{part}.<field>): {e}") from None
+    return c
   validate_data(c.data, "data")
   if "eval_data" in c:
     validate_data(c.eval_data, "eval_data")

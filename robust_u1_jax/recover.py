@@ -395,15 +395,20 @@ def _run(values: flags.FlagValues) -> int:
   return _build_cache(values) if cache_mode else _recover_images(values)
 
 
-def run(argv: Sequence[str]) -> int:
-  """The command line `argv` (program name first), on flags of its own: for callers in one
-  process (tests), where the global flags may hold another entry point's."""
+def own_flags(argv: Sequence[str], define) -> flags.FlagValues:
+  """`argv` (program name first) parsed into a flag set of its own, defined by `define(values)`:
+  for callers in one process (tests), where the global flags may hold another entry point's."""
   values = flags.FlagValues()
-  define_flags(values, sys_argv=argv)
+  define(values)
   rest = values(list(argv))
   if len(rest) > 1:
     raise app.UsageError(f"unexpected arguments: {rest[1:]}")
-  return _run(values)
+  return values
+
+
+def run(argv: Sequence[str]) -> int:
+  """The command line `argv`, on flags of its own (`own_flags`)."""
+  return _run(own_flags(argv, lambda values: define_flags(values, sys_argv=argv)))
 
 
 def main(argv) -> int:

@@ -24,20 +24,7 @@ RL = os.path.join(ROOT, "configs", "rl.py") + ":tiny"
 
 
 def test_one_step_raises_the_log_prob_of_the_better_sample():
-  config = config_lib.load(RL, {"init_from": "random"})
-  settings = dataclasses.replace(rl.RLSettings.from_config(config), group_size=4,
-                                 num_steps=6, window_size=2, guidance=recovery.NO_GUIDANCE)
-  model_config = bagel.BagelConfig.tiny()
-  model = bagel.Bagel(model_config, rngs=nnx.Rngs(0))
-  model.llm2vae.kernel.set_value(
-      0.05 * jax.random.normal(jax.random.PRNGKey(1), model.llm2vae.kernel.shape))
-  graphdef, params, frozen = state_lib.split_model(model, sft.GENERATION_PARAMS)
-  tx = state_lib.make_optimizer(config.optimizer, 10)
-  state = state_lib.create_state(params, frozen, tx, jax.random.PRNGKey(0), False)
-  image = shapes.ShapesWorld("train")[0]["image"][None]
-  inputs = jax.tree.map(jnp.asarray, recovery.recovery_inputs(
-      [{"corrupted": image[0] // 2, "clean": image[0], "instruction_ids": [5, 6, 7]}],
-      model_config, sequence.Markers(3, 4)))
+  settings, graphdef, tx, state, inputs = _tiny_rl(1, group_size=4, num_steps=6, window_size=2)
 
   # Sample 0 of the group is the best; the others tie.
   best_first = lambda recovered, clean, aux: {"total": jnp.array([1.0, 0.0, 0.0, 0.0])}

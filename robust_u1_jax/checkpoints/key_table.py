@@ -198,5 +198,6 @@ def convert_to_torch(
     if hit is None:
       raise CheckpointError(f"no checkpoint key for model parameter {path!r}: add a rule to the key table.")
     key, transform = hit
-    out[key] = np.ascontiguousarray(transform.to_torch(np.asarray(leaf_value(leaf))))
+    # order='C', not ascontiguousarray, which turns a 0-d tensor (CLIP's logit_scale) into (1,).
+    out[key] = np.asarray(transform.to_torch(np.asarray(leaf_value(leaf))), order="C")
   return out

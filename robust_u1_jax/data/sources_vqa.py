@@ -31,7 +31,7 @@ import threading
 import numpy as np
 
 from robust_u1_jax.data.bad_records import skip_record
-from robust_u1_jax.data.sources import LazyFile, check_index, line_spans
+from robust_u1_jax.data.record_files import LazyFile, check_index, line_spans
 
 LETTERS = string.ascii_uppercase
 OPTION_LIST_COLUMNS = ("options", "choices")

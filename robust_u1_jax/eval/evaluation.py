@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from robust_u1_jax import config_lib
 from robust_u1_jax.data import corruptions
 from robust_u1_jax.inference import engine as engine_lib
 from robust_u1_jax.inference import images as images_lib
@@ -36,8 +37,7 @@ from robust_u1_jax.inference import recovery as recovery_lib
 from robust_u1_jax.models import sequence
 
 MODES = ("clean", "corrupted", "corrupted+recovered", "recovered")
-# The paper's evaluation intensities 25 / 50 / 100 % of the Robust-R1 pipeline (DESIGN section 6).
-INTENSITIES = {"25%": 0.23, "50%": 0.45, "100%": 0.9}
+INTENSITIES = config_lib.EVAL_INTENSITIES
 
 
 @dataclasses.dataclass(frozen=True)

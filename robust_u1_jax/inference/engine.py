@@ -193,8 +193,11 @@ class Conversation:
     A generated image (already at a VAE size) re-enters through the same resize as an input.
     """
     rules = self.engine.rules
-    vae_image = image if generated else rules.prepare(image)[0]
-    vit_image = np.asarray(images_lib.vit_resize(vae_image, rules.vit_size(*vae_image.shape[:2])))
+    if generated:
+      vae_image = image
+      vit_image = np.asarray(images_lib.vit_resize(image, rules.vit_size(*image.shape[:2])))
+    else:
+      vae_image, vit_image = rules.prepare(image)
     rows = context_lib.rows([context_lib.image_blocks(vae_image, vit_image)], self.engine.config,
                             self.engine.markers)
     self._grow(rows.token_kind.shape[1])

@@ -27,7 +27,7 @@ from robust_u1_jax import sharding
 from robust_u1_jax.data import pipeline as pipeline_lib
 from robust_u1_jax.data import shapes
 from robust_u1_jax.models import clip as clip_lib
-from robust_u1_jax.training.state import TrainState, apply_gradients, merge_model
+from robust_u1_jax.training.state import TrainState, loss_step, merge_model
 
 MODELS = {"tiny": clip_lib.CLIPConfig.tiny, "vit_b32": clip_lib.CLIPConfig.vit_b32}
 CLIP_FILE = "clip.safetensors"
@@ -106,18 +106,13 @@ def contrastive_loss(model: clip_lib.CLIP, images_bhwc: jax.Array, tokens_bt: ja
 def make_step(graphdef: nnx.GraphDef, tx, *, ema_decay: float, max_logit_scale: float):
   """step(state, (images (B, H, W, 3) uint8, caption tokens (B, T))) -> (state, metrics)."""
 
-  def loss_fn(params, frozen, images, tokens):
+  def loss_fn(params, frozen, batch, key):
+    del key  # the contrastive loss draws nothing
+    images, tokens = batch
     return contrastive_loss(merge_model(graphdef, params, frozen), images, tokens,
                             max_logit_scale)
 
-  def step(state: TrainState, batch) -> tuple[TrainState, dict[str, jax.Array]]:
-    images, tokens = batch
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state.frozen, images, tokens)
-    state, opt_metrics = apply_gradients(state, grads, tx, ema_decay)
-    return state, {"loss": loss, **metrics, **opt_metrics}
-
-  return step
+  return loss_step(loss_fn, tx, ema_decay)
 
 
 # -- evaluation ------------------------------------------------------------------------------------
@@ -171,9 +166,6 @@ def save(workdir: str, graphdef, state: TrainState, config) -> None:
 
   params = state.ema if state.ema is not None else state.params
   tensors = clip_keys.export_clip(merge_model(graphdef, params, state.frozen))
-  # open_clip's logit_scale is a 0-d tensor, and `load_clip` wants one back; the export returns
-  # 0-d parameters as shape (1,) (key_table.convert_to_torch's np.ascontiguousarray).
-  tensors["logit_scale"] = np.asarray(tensors["logit_scale"]).reshape(())
   if jax.process_index() == 0:
     path = os.path.join(workdir, "model")
     os.makedirs(path, exist_ok=True)

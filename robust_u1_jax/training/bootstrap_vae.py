@@ -33,7 +33,7 @@ from flax import nnx
 from robust_u1_jax.data import pipeline as pipeline_lib
 from robust_u1_jax.inference import images as images_lib
 from robust_u1_jax.models import vae as vae_lib
-from robust_u1_jax.training.state import TrainState, apply_gradients, merge_model
+from robust_u1_jax.training.state import loss_step, merge_model
 
 VAE_PARAMS = (r"^vae\.",)
 GRID_IMAGES = 8  # validation images shown in the original | reconstruction grid
@@ -72,14 +72,7 @@ def make_step(graphdef: nnx.GraphDef, tx, *, ema_decay: float, weights: dict[str
   def loss_fn(params, frozen, images, key):
     return autoencoder_loss(merge_model(graphdef, params, frozen).vae, images, key, **weights)
 
-  def step(state: TrainState, images) -> tuple[TrainState, dict[str, jax.Array]]:
-    rng, key = jax.random.split(state.rng)
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state.frozen, images, key)
-    state, opt_metrics = apply_gradients(state.replace(rng=rng), grads, tx, ema_decay)
-    return state, {"loss": loss, **metrics, **opt_metrics}
-
-  return step
+  return loss_step(loss_fn, tx, ema_decay)
 
 
 def reconstruct(vae: vae_lib.AutoEncoder, images_bhwc: jax.Array, key: jax.Array | None = None

@@ -46,16 +46,6 @@ def part_config(config: ml_collections.ConfigDict, part: str, workdir: str
   return config_lib.validate(c)
 
 
-def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Every part's config, as it will run (checked before anything trains)."""
-  for part in PARTS:
-    if part not in config:
-      raise config_lib.ConfigError(f"demo config: missing part {part!r} (parts: {PARTS})")
-    if part != "eval":
-      part_config(config, part, "/nonexistent")
-  return config
-
-
 def run(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Runs (or resumes) every part; returns the evaluation report's path."""
   from robust_u1_jax.eval import run as eval_run

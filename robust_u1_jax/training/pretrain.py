@@ -38,7 +38,7 @@ from robust_u1_jax.inference import recovery as recovery_lib
 from robust_u1_jax.models import sequence
 from robust_u1_jax.models.bagel import BagelConfig
 from robust_u1_jax.training import flow_matching, host_batch, reasoning
-from robust_u1_jax.training.state import TrainState, apply_gradients, merge_model
+from robust_u1_jax.training.state import loss_step, merge_model
 
 # Every parameter but the VAE's, which stays bit for bit as part 1 wrote it.
 BASE_PARAMS = (r"^(?!vae\.)",)
@@ -170,14 +170,7 @@ def make_step(graphdef: nnx.GraphDef, tx, *, ema_decay: float, **weights):
   def loss_fn(params, frozen, batch, key):
     return pretrain_loss(merge_model(graphdef, params, frozen), batch, key, **weights)
 
-  def step(state: TrainState, batch) -> tuple[TrainState, dict[str, jax.Array]]:
-    rng, key = jax.random.split(state.rng)
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state.frozen, batch, key)
-    state, opt_metrics = apply_gradients(state.replace(rng=rng), grads, tx, ema_decay)
-    return state, {"loss": loss, **metrics, **opt_metrics}
-
-  return step
+  return loss_step(loss_fn, tx, ema_decay)
 
 
 # -- evaluation ------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import jax
 import numpy as np
 from flax import nnx
 
@@ -20,7 +19,7 @@ from robust_u1_jax.inference import recovery as recovery_lib
 from robust_u1_jax.models import sequence
 from robust_u1_jax.models.bagel import BagelConfig
 from robust_u1_jax.training import flow_matching, host_batch
-from robust_u1_jax.training.state import TrainState, apply_gradients, merge_model
+from robust_u1_jax.training.state import loss_step, merge_model
 
 
 def sample_blocks(sample: Mapping[str, Any], canvas: tuple[int, int], **use
@@ -58,20 +57,13 @@ def make_step(graphdef: nnx.GraphDef, tx, *, timestep_shift: float, ema_decay: f
               vae_posterior: str = "sample"):
   """step(state, (inputs, images)) -> (state, metrics): one optimizer update."""
 
-  def loss_fn(params, frozen, inputs, images, key):
+  def loss_fn(params, frozen, batch, key):
+    inputs, images = batch
     model = merge_model(graphdef, params, frozen)
     return flow_matching.flow_matching_loss(model, inputs, images, key, timestep_shift,
                                             vae_posterior)
 
-  def step(state: TrainState, batch) -> tuple[TrainState, dict[str, jax.Array]]:
-    inputs, images = batch
-    rng, key = jax.random.split(state.rng)
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state.frozen, inputs, images, key)
-    state, opt_metrics = apply_gradients(state.replace(rng=rng), grads, tx, ema_decay)
-    return state, {"loss": loss, **metrics, **opt_metrics}
-
-  return step
+  return loss_step(loss_fn, tx, ema_decay)
 
 
 # Trainable parameters of stages I and II: the generation expert and the generation heads.

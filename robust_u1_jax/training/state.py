@@ -122,3 +122,18 @@ def apply_gradients(state: TrainState, grads: nnx.State, tx: optax.GradientTrans
     ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
   metrics = {"grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params)}
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
+
+
+def loss_step(loss_fn, tx: optax.GradientTransformation, ema_decay: float):
+  """step(state, batch) -> (state, metrics): one optimizer update on
+  `loss_fn(params, frozen, batch, key) -> (loss, metrics)`, the key split off the state's stream.
+  The supervised stages' step; RL builds its own (rollout, then several updates)."""
+
+  def step(state: TrainState, batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    rng, key = jax.random.split(state.rng)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, state.frozen, batch, key)
+    state, opt_metrics = apply_gradients(state.replace(rng=rng), grads, tx, ema_decay)
+    return state, {"loss": loss, **metrics, **opt_metrics}
+
+  return step
