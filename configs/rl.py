@@ -34,7 +34,8 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   # updates_per_rollout transitions, one update each; updates after the first are off-policy, so
   # the PPO clip and approx_kl engage. 1 and 1: one update on every transition (ratio = 1).
   # The learning-rate schedule (warmup too) is stretched to total_steps * updates_per_rollout
-  # updates; optimizer.grad_accum_steps and EMA count updates, not trainer steps.
+  # updates. With optimizer.grad_accum_steps = k each of these is a gradient step and every k-th
+  # applies their mean (the EMA moves then); k need not divide updates_per_rollout.
   rl.updates_per_rollout = 1
   rl.inner_epochs = 1  # passes over the rollout's transitions; must divide updates_per_rollout
   rl.reward_weights = ml_collections.ConfigDict({"ssim": 1.0, "clip": 0.2})

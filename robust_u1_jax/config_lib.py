@@ -59,13 +59,17 @@ def get_optimizer_config() -> ml_collections.ConfigDict:
   o = ml_collections.ConfigDict()
   o.learning_rate = 2e-5
   o.end_learning_rate = 1e-7
-  o.warmup_steps = 2000
+  o.warmup_steps = 2000  # trainer steps, like total_steps (state.learning_rate_schedule)
   o.b1 = 0.9
   o.b2 = 0.95
   o.eps = 1e-15
   o.weight_decay = 0.0
   o.grad_clip = 1.0
-  o.ema_decay = 0.999
+  o.ema_decay = 0.999  # per optimizer update
+  # k > 1: a trainer step (one batch of data.batch_size) makes a gradient step (RL: several) and
+  # the optimizer updates on the mean of every k of them, as one k-fold batch would; the
+  # learning-rate schedule and the EMA follow the updates. total_steps, warmup_steps and the
+  # *_every fields still count trainer steps.
   o.grad_accum_steps = 1
   return o
 
@@ -89,7 +93,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stage = ""
   c.seed = 0
-  c.model = "tiny"  # preset name in robust_u1_jax.models.presets
+  c.model = "tiny"  # preset name in robust_u1_jax.models.bagel.PRESETS (init_from='random')
   c.init_from = "random"  # random | a BAGEL/Robust-U1 model directory | an Orbax checkpoint dir
   c.param_dtype = "float32"
   c.compute_dtype = "float32"
@@ -292,6 +296,12 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
          "'random', a BAGEL/Robust-U1 model directory, or an Orbax checkpoint directory of an "
          "earlier stage")
   _check(c.total_steps > 0, "total_steps", c.total_steps, "a positive integer")
+  # Gradient steps of the run (RL makes updates_per_rollout per trainer step): an unfinished
+  # accumulation at the end would be dropped from the saved model.
+  per_step = c.rl.updates_per_rollout if "rl" in c else 1
+  _check(c.total_steps * per_step % o.grad_accum_steps == 0, "total_steps", c.total_steps,
+         f"a number whose gradient steps (x {per_step} per step) are a multiple of "
+         f"optimizer.grad_accum_steps = {o.grad_accum_steps}: one update per k gradient steps")
   for field in ("checkpoint_every", "keep_checkpoints", "log_every", "eval_every"):
     _check(c[field] > 0, field, c[field], "a positive integer")
   if "reason" in c:

@@ -14,7 +14,6 @@ import jax
 import numpy as np
 import pytest
 
-from robust_u1_jax import sharding
 from robust_u1_jax.benchmarks import aot
 from robust_u1_jax.data import pipeline as pipeline_lib
 from robust_u1_jax.data import tokenizer as tokenizer_lib
@@ -65,8 +64,8 @@ def test_input_shapes_match_the_stage_host_inputs(token_budget):
   """The config-derived shapes are those the stage's host_inputs make of a pipeline batch,
   unpacked and packed."""
   config = aot.load_config(f"{SFT}:tiny", {**FAST, "data.token_budget": token_budget})
-  mesh = sharding.make_mesh(config.mesh, jax.devices()[:8])
-  ctx, spec = aot.build_stage(config, mesh)
+  ctx, spec = aot.build_stage(config, jax.devices()[:8])
+  mesh = ctx.mesh
   with pipeline_lib.make_pipeline(config.data, seed=0, tokenizer=ctx.tokenizer,
                                   stage="sft") as data:
     batch = next(data)

@@ -13,6 +13,7 @@ import pytest
 
 from robust_u1_jax import config_lib
 from robust_u1_jax.training import sft, trainer
+from robust_u1_jax.training.stage_spec import StageSpec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SFT = os.path.join(ROOT, "configs", "sft.py") + ":tiny"
@@ -155,8 +156,8 @@ def test_sharded_sft_step_matches_single_device():
     assert all(g.is_equivalent_to(w, x.ndim) for g, w, x in zip(
         got, want, jax.tree.leaves(tree))), (got[:3], want[:3])
   batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
-  spec = trainer.StageSpec(trainable=sft.GENERATION_PARAMS, host_inputs=None,
-                           make_step=lambda g, t: step, samples_per_step=8)
+  spec = StageSpec(trainable=sft.GENERATION_PARAMS, host_inputs=None,
+                   make_step=lambda g, t: step, samples_per_step=8)
   shardings = jax.tree.map(lambda x: x.sharding, sharded_state)
   with jax.set_mesh(mesh):
     new_state, sharded = trainer.jit_step(spec, graphdef, tx, shardings)(
@@ -164,3 +165,75 @@ def test_sharded_sft_step_matches_single_device():
   assert jax.tree.map(lambda x: x.sharding, new_state) == shardings
   for key in ("loss", "grad_norm"):
     np.testing.assert_allclose(float(sharded[key]), float(single[key]), rtol=1e-5)
+
+
+def _regression_loss(params, frozen, batch, key):
+  """Mean squared error of a two-layer tanh network: a per-sample mean, so the gradient of a
+  k b batch is the mean of its k micro-batches' gradients."""
+  del frozen, key
+  x_bd, y_bo = batch
+  hidden_bh = jnp.tanh(x_bd @ params["w1"])
+  loss = jnp.mean((hidden_bh @ params["w2"] - y_bo) ** 2)
+  return loss, {}
+
+
+@pytest.mark.parametrize("k", [2, 4])
+@pytest.mark.parametrize("schedule", ["warmup_cosine", "constant"])
+def test_grad_accumulation_matches_one_k_fold_batch(k, schedule):
+  """k micro-batches of b samples per update follow, update for update, the run that takes the
+  k b samples in one batch: same losses, parameters and EMA, the learning-rate schedule (warmup
+  and cosine) and the EMA counted in updates. At a constant rate only the EMA could differ."""
+  import jax
+  import numpy as np
+
+  from robust_u1_jax.training import state as state_lib
+
+  updates, b, d, h = 6, 2, 5, 7
+  rng = np.random.default_rng(0)
+  x_nbd = rng.normal(size=(updates, k * b, d)).astype(np.float32)
+  y_nbo = rng.normal(size=(updates, k * b, 1)).astype(np.float32)
+  params = {"w1": jnp.asarray(rng.normal(size=(d, h)), jnp.float32),
+            "w2": jnp.asarray(rng.normal(size=(h, 1)), jnp.float32)}
+  ema_decay = 0.8
+
+  def run(accum, steps, batches):
+    o = config_lib.get_optimizer_config()
+    # A schedule that changes at every update and clipping that engages, so any miscount shows.
+    o.update(learning_rate=0.05, end_learning_rate=0.0, warmup_steps=2 * accum, grad_clip=0.5,
+             weight_decay=0.01, grad_accum_steps=accum)
+    if schedule == "constant":
+      o.update(end_learning_rate=o.learning_rate, warmup_steps=0)
+    tx = state_lib.make_optimizer(o, steps)
+    step = jax.jit(state_lib.loss_step(_regression_loss, tx, ema_decay))
+    state = state_lib.create_state(params, {}, tx, jax.random.PRNGKey(0), ema=True)
+    losses, states = [], []
+    for batch in batches:
+      state, metrics = step(state, batch)
+      losses.append(float(metrics["loss"]))
+      states.append(state)
+    return losses, states
+
+  big_losses, big = run(1, updates, [(x_nbd[i], y_nbo[i]) for i in range(updates)])
+  micro = [(x_nbd[i, j * b:(j + 1) * b], y_nbo[i, j * b:(j + 1) * b])
+           for i in range(updates) for j in range(k)]
+  micro_losses, small = run(k, updates * k, micro)
+  for i in range(updates):
+    np.testing.assert_allclose(np.mean(micro_losses[i * k:(i + 1) * k]), big_losses[i],
+                               rtol=1e-5)
+    done = small[(i + 1) * k - 1]  # the micro step that applied update i
+    for name, got, want in (("params", done.params, big[i].params),
+                            ("ema", done.ema, big[i].ema)):
+      for leaf in want:
+        np.testing.assert_allclose(got[leaf], want[leaf], rtol=2e-5, atol=1e-6,
+                                   err_msg=f"{name}[{leaf}] after update {i}")
+  # Between updates nothing moves: the micro steps only bank their gradients.
+  for j in range(k - 1):
+    for leaf in params:
+      np.testing.assert_array_equal(small[j].params[leaf], params[leaf])
+      np.testing.assert_array_equal(small[j].ema[leaf], params[leaf])
+
+
+def test_total_steps_must_end_on_an_update():
+  with pytest.raises(config_lib.ConfigError, match="optimizer.grad_accum_steps = 4"):
+    _config(6, **{"optimizer.grad_accum_steps": 4})
+  _config(8, **{"optimizer.grad_accum_steps": 4})

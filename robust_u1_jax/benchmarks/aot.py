@@ -5,10 +5,11 @@
   python -m robust_u1_jax.bench aot --config configs/sft.py:bagel_7b --topology v5p-64 \
       --override data.token_budget=8192 --override data.batch_size=64
 
-Nothing is allocated: the model is a shape-only `nnx.eval_shape` tree, its shardings come from the
-logical-axis rules (`sharding.state_shardings`), the train state's shardings are the ones XLA gives
-`create_state` (compiled for the same devices, as the trainer's `jax.jit(create_state)` does), and
-the batch is `jax.ShapeDtypeStruct`s split over the ('data', 'fsdp') mesh axes like
+Nothing is allocated: the run setup is the trainer's own (`run_setup.make_context`: the same
+model config, checked against the data config) with a shape-only model whose shardings come from
+the logical-axis rules (`sharding.state_shardings`); the train state's shardings are the ones XLA
+gives `create_state` (compiled for the same devices, as the trainer's `jax.jit(create_state)`
+does), and the batch is `jax.ShapeDtypeStruct`s split over the ('data', 'fsdp') mesh axes like
 `multihost.global_batch`. The step is the stage's own `spec.make_step(graphdef, tx)`, jitted with
 the trainer's donation, lowered under the mesh and compiled for:
 
@@ -190,20 +191,6 @@ def parse_overrides(items) -> dict[str, Any]:
   return out
 
 
-def model_config(config, tokenizer):
-  """BagelConfig of the run, as trainer.init_model would build it (without its weights)."""
-  from robust_u1_jax.models import bagel as bagel_lib
-  from robust_u1_jax.training import trainer
-
-  kw = dict(dtype=jnp.dtype(config.compute_dtype), param_dtype=jnp.dtype(config.param_dtype),
-            remat=config.remat)
-  source = config.init_from
-  if source != "random" and os.path.exists(os.path.join(source, "llm_config.json")):
-    return bagel_lib.BagelConfig.from_model_dir(source, **kw)
-  vocab = max(len(tokenizer), 64) if config.model == "tiny" else None
-  return trainer.preset(config.model, vocab, **kw)
-
-
 def _builder_config(config):
   """The config the stage builder sees: evaluation (not part of the step) reads a few built-in
   shapes-world images instead of the run's eval data, so building needs no dataset."""
@@ -219,37 +206,20 @@ def _builder_config(config):
   return c
 
 
-def build_stage(config, mesh):
+def abstract_context(config, devices=None):
+  """The trainer's own run setup (`run_setup.make_context`: mesh over `devices`, tokenizer,
+  markers, the model config checked against the data) with a shape-only model."""
+  from robust_u1_jax.training import run_setup
+
+  return run_setup.make_context(_builder_config(config), devices=devices, abstract=True)
+
+
+def build_stage(config, devices=None):
   """(RunContext over an abstract model, the stage's StageSpec), as trainer.train builds them."""
-  from flax import nnx
+  from robust_u1_jax.training import stages
 
-  from robust_u1_jax.data import tokenizer as tokenizer_lib
-  from robust_u1_jax.models import bagel as bagel_lib
-  from robust_u1_jax.models import sequence
-  from robust_u1_jax.training import stages, trainer
-
-  tokenizer = tokenizer_lib.load_tokenizer(config.data.tokenizer_dir or None)
-  special = tokenizer_lib.special_token_ids(tokenizer)
-  markers = sequence.Markers(special["vision_start"], special["vision_end"])
-  mc = model_config(config, tokenizer)
-  model = abstract_sharded_model(lambda: bagel_lib.Bagel(mc, rngs=nnx.Rngs(config.seed)), mesh)
-  ctx = trainer.RunContext(_builder_config(config), mesh, model, tokenizer, markers)
+  ctx = abstract_context(config, devices)
   return ctx, stages.builder(config.stage)(ctx)
-
-
-def abstract_sharded_model(create, mesh):
-  """The model with `ShapeDtypeStruct(shape, dtype, sharding)` leaves: nothing allocated."""
-  from flax import nnx
-
-  from robust_u1_jax import sharding
-  from robust_u1_jax.models import bagel as bagel_lib
-
-  graphdef, abstract_state = sharding.abstract_model(create)
-  shardings = sharding.state_shardings(abstract_state, bagel_lib.COMPONENTS, mesh)
-  sharded = jax.tree.map(
-      lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)),
-      abstract_state, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
-  return nnx.merge(graphdef, sharded)
 
 
 @contextlib.contextmanager
@@ -498,7 +468,6 @@ def compile_step(config_spec: str = "", topology: str = DEFAULT_TOPOLOGY,
                  overrides: dict[str, Any] | None = None, *, verbose: bool = True) -> AotResult:
   """Lowers and compiles the config's train step for `topology` without allocating weights."""
   from robust_u1_jax import config_lib
-  from robust_u1_jax import sharding
 
   spec_name = config_spec or DEFAULT_CONFIG
   devices, description = topology_devices(topology)
@@ -512,12 +481,15 @@ def compile_step(config_spec: str = "", topology: str = DEFAULT_TOPOLOGY,
   if config.get("lora") is not None and config.lora.rank > 0:
     raise AotError("lora.rank > 0: the AOT check builds the full-training state only; LoRA "
                    "factors are initialised from real kernels (trainer.apply_lora)")
-  mesh = sharding.make_mesh(config.mesh, devices)
+  try:
+    ctx = abstract_context(config, devices)  # cheap: the model is built when the stage asks
+  except (config_lib.ConfigError, FileNotFoundError, ValueError) as e:
+    raise AotError(f"config {spec_name}: {e}") from e
   say = print if verbose else (lambda *a, **k: None)
   say(f"AOT: {spec_name} (stage {config.stage}) for {topology}: {description}, "
-      f"{len(devices)} x {devices[0].device_kind}, mesh {dict(mesh.shape)}", flush=True)
+      f"{len(devices)} x {devices[0].device_kind}, mesh {dict(ctx.mesh.shape)}", flush=True)
   with fast_tracer_errors(), _persistent_cache(topology.startswith("cpu:")):
-    return _compile(config, spec_name, topology, description, devices, mesh, say)
+    return _compile(config, ctx, spec_name, topology, description, devices, say)
 
 
 @contextlib.contextmanager
@@ -543,16 +515,18 @@ def _persistent_cache(enabled: bool):
     compilation_cache.reset_cache()
 
 
-def _compile(config, spec_name, topology, description, devices, mesh, say) -> AotResult:
+def _compile(config, ctx, spec_name, topology, description, devices, say) -> AotResult:
   from robust_u1_jax.data import tokenizer as tokenizer_lib
+  from robust_u1_jax.training import stages
   from robust_u1_jax.training import state as state_lib
   from robust_u1_jax.training import trainer
 
+  mesh = ctx.mesh
   t0 = time.perf_counter()
-  ctx, spec = build_stage(config, mesh)
+  spec = stages.builder(config.stage)(ctx)
   instruction = config.get("instruction", tokenizer_lib.RECOVERY_INSTRUCTION)
   n_text = len(tokenizer_lib.encode_text_block(ctx.tokenizer, instruction))
-  shapes = step_input_shapes(config, ctx.model.config, n_text)
+  shapes = step_input_shapes(config, ctx.model_config, n_text)
   inputs = abstract_inputs(shapes, mesh)
   notes = shapes["notes"]
   say(f"inputs (global): {notes['rows']} rows x {notes['tokens']} tokens, "

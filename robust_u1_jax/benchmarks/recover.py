@@ -143,9 +143,10 @@ def load_setup(spec: str = "", *, model_config: bagel_lib.BagelConfig | None = N
   if spec:
     from robust_u1_jax.benchmarks import aot
     from robust_u1_jax.data import tokenizer as tokenizer_lib
+    from robust_u1_jax.training import run_setup
 
     config = aot.load_config(spec)
-    model_config = aot.model_config(config, tokenizer_lib.load_tokenizer(
+    model_config = run_setup.model_config(config, tokenizer_lib.load_tokenizer(
         config.data.tokenizer_dir or None))
   model_config = model_config or bench_config()
   create = lambda: bagel_lib.Bagel(model_config, rngs=nnx.Rngs(0))
@@ -538,6 +539,7 @@ def compile_recovery_7b(topology: str, *, height: int = RECOVERY_7B["height"],
   from robust_u1_jax.inference import engine as engine_lib
   from robust_u1_jax.inference import images as images_lib
   from robust_u1_jax.inference import recovery as recovery_lib
+  from robust_u1_jax.training import run_setup
 
   devices, description = aot.topology_devices(topology)
   mesh = sharding.make_mesh(dict(mesh_axes or _recovery_mesh({})), devices)
@@ -563,7 +565,7 @@ def compile_recovery_7b(topology: str, *, height: int = RECOVERY_7B["height"],
                          "steps": steps, "moves": moves}
   with aot.fast_tracer_errors(), aot._persistent_cache(topology.startswith("cpu:")):
     t0 = time.perf_counter()
-    model = aot.abstract_sharded_model(lambda: bagel_lib.Bagel(mc, rngs=nnx.Rngs(0)), mesh)
+    model = run_setup.abstract_model(mc, mesh)
     graphdef, weights = nnx.split(model)
     out["params"] = sum(math.prod(x.shape) for x in jax.tree.leaves(weights))
     out["weight_bytes_per_device"] = aot._shard_bytes(weights)

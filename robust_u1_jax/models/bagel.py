@@ -84,6 +84,20 @@ class BagelConfig:
     return cls(llm=llm, vit=vit, vae=VAEConfig.flux())
 
 
+# Named model sizes, as a run config's `model` field names them.
+PRESETS = {"tiny": BagelConfig.tiny, "bagel_7b": BagelConfig.bagel_7b}
+
+
+def preset(name: str, vocab_size: int | None = None, **llm_overrides) -> BagelConfig:
+  """The BagelConfig named `name` in PRESETS; `vocab_size` (when given) and `llm_overrides`
+  (dtype, param_dtype, remat, ...) replace the preset's LLM fields."""
+  if name not in PRESETS:
+    raise ValueError(f"model preset {name!r} is unknown; allowed: {', '.join(PRESETS)}")
+  if vocab_size:
+    llm_overrides["vocab_size"] = vocab_size
+  return PRESETS[name](**llm_overrides)
+
+
 @functools.lru_cache(maxsize=8)
 def _sincos_table(dim: int, grid: int) -> np.ndarray:
   return layers.sincos_2d_table(dim, grid)

@@ -27,6 +27,7 @@ from robust_u1_jax import sharding
 from robust_u1_jax.data import pipeline as pipeline_lib
 from robust_u1_jax.data import shapes
 from robust_u1_jax.models import clip as clip_lib
+from robust_u1_jax.training.stage_spec import StageSpec
 from robust_u1_jax.training.state import TrainState, loss_step, merge_model
 
 MODELS = {"tiny": clip_lib.CLIPConfig.tiny, "vit_b32": clip_lib.CLIPConfig.vit_b32}
@@ -175,8 +176,6 @@ def save(workdir: str, graphdef, state: TrainState, config) -> None:
 
 def build(ctx):
   """The contrastive CLIP stage for `trainer.train`: trains a CLIP of its own, not the Bagel."""
-  from robust_u1_jax.training import trainer
-
   c = ctx.config
   model_config = MODELS[c.clip.model]()
   if model_config.vocab_size < min_vocab_size():
@@ -189,7 +188,7 @@ def build(ctx):
     del rng
     return batch["clean"], caption_batch(batch["caption_text"], model_config)
 
-  return trainer.StageSpec(
+  return StageSpec(
       trainable=(r".",), host_inputs=host_inputs,
       make_step=lambda graphdef, tx: make_step(graphdef, tx, ema_decay=c.optimizer.ema_decay,
                                                max_logit_scale=c.clip.max_logit_scale),

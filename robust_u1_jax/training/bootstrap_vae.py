@@ -33,6 +33,8 @@ from flax import nnx
 from robust_u1_jax.data import pipeline as pipeline_lib
 from robust_u1_jax.inference import images as images_lib
 from robust_u1_jax.models import vae as vae_lib
+from robust_u1_jax.training import run_setup
+from robust_u1_jax.training.stage_spec import StageSpec
 from robust_u1_jax.training.state import loss_step, merge_model
 
 VAE_PARAMS = (r"^vae\.",)
@@ -159,8 +161,6 @@ def fit_latent_norm(vae: vae_lib.AutoEncoder, images_bhwc: np.ndarray, key: jax.
 def make_save(ctx) -> Callable:
   """save(workdir, graphdef, state, config): the trainer's model directory, with the VAE's
   latent normalisation fitted on the validation images first."""
-  from robust_u1_jax.training import trainer
-
   def save(workdir, graphdef, state, config):
     params = state.ema if state.ema is not None else state.params
     model = merge_model(graphdef, params, state.frozen)
@@ -171,15 +171,13 @@ def make_save(ctx) -> Callable:
     # Static attributes: only this instance's config changes, which is what save_orbax writes.
     model.config = dataclasses.replace(model.config, vae=vae_config)
     model.vae.config = vae_config
-    trainer.write_model(model, workdir, config)
+    run_setup.write_model(model, workdir, config)
 
   return save
 
 
 def build(ctx):
   """The autoencoder stage for `trainer.train`."""
-  from robust_u1_jax.training import trainer
-
   c = ctx.config
   a = c.autoencoder
   weights = {"l1_weight": a.l1_weight, "l2_weight": a.l2_weight, "kl_weight": a.kl_weight,
@@ -189,7 +187,7 @@ def build(ctx):
     del rng  # the posterior noise comes from the train state's key
     return batch["clean"]
 
-  return trainer.StageSpec(
+  return StageSpec(
       trainable=VAE_PARAMS, host_inputs=host_inputs,
       make_step=lambda graphdef, tx: make_step(graphdef, tx, ema_decay=c.optimizer.ema_decay,
                                                weights=weights),

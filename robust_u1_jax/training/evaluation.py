@@ -15,11 +15,12 @@ from robust_u1_jax.data import packing
 from robust_u1_jax.data import pipeline as pipeline_lib
 from robust_u1_jax.inference import recovery as recovery_lib
 from robust_u1_jax.training import rewards
+from robust_u1_jax.training.stage_spec import RunContext
 
 EVAL_IMAGES = 4
 
 
-def make_recovery_eval(ctx, num_steps: int) -> Callable:
+def make_recovery_eval(ctx: RunContext, num_steps: int) -> Callable:
   """evaluate(graphdef, state) -> ([corrupted, recovered, clean] columns, metrics).
 
   The first EVAL_IMAGES validation samples, recovered in one batch per image size.
@@ -33,7 +34,7 @@ def make_recovery_eval(ctx, num_steps: int) -> Callable:
   data.close()
   groups = recovery_lib.size_groups(samples)
   inputs = [jax.tree.map(jnp.asarray, recovery_lib.recovery_inputs(
-      [samples[i] for i in members], ctx.model.config, ctx.markers)) for members in groups]
+      [samples[i] for i in members], ctx.model_config, ctx.markers)) for members in groups]
   sampler = recovery_lib.Sampler(num_steps=num_steps)
 
   @functools.partial(jax.jit, static_argnums=0)  # graph definitions hash: one compile per model

@@ -38,6 +38,7 @@ from robust_u1_jax.inference import recovery as recovery_lib
 from robust_u1_jax.models import sequence
 from robust_u1_jax.models.bagel import BagelConfig
 from robust_u1_jax.training import flow_matching, host_batch, reasoning
+from robust_u1_jax.training.stage_spec import StageSpec
 from robust_u1_jax.training.state import loss_step, merge_model
 
 # Every parameter but the VAE's, which stays bit for bit as part 1 wrote it.
@@ -274,8 +275,6 @@ def make_eval(ctx) -> Callable:
 
 def build(ctx):
   """The base-model stage for `trainer.train`; init_from is part 1's workdir (its trained VAE)."""
-  from robust_u1_jax.training import trainer
-
   c = ctx.config
   if c.init_from == "random":
     print("warning: pretrain from init_from='random' trains on an untrained VAE's latents; pass "
@@ -286,7 +285,7 @@ def build(ctx):
   def host_inputs(batch, rng):
     return pretrain_rows(batch, model_config, ctx.markers, rng, settings)
 
-  return trainer.StageSpec(
+  return StageSpec(
       trainable=BASE_PARAMS, host_inputs=host_inputs,
       make_step=lambda graphdef, tx: make_step(graphdef, tx, ema_decay=c.optimizer.ema_decay,
                                                **loss_weights(c)),

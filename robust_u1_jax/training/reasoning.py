@@ -18,13 +18,15 @@ import numpy as np
 from flax import nnx
 
 from robust_u1_jax.data import packing
+from robust_u1_jax.data import tokenizer as tokenizer_lib
 from robust_u1_jax.inference import context as context_lib
 from robust_u1_jax.inference import images as images_lib
 from robust_u1_jax.inference import recovery as recovery_lib
 from robust_u1_jax.models import sequence
 from robust_u1_jax.models import vit as vit_lib
 from robust_u1_jax.models.bagel import BagelConfig
-from robust_u1_jax.training import host_batch
+from robust_u1_jax.training import host_batch, recovery_cache
+from robust_u1_jax.training.stage_spec import RunContext, StageSpec
 from robust_u1_jax.training.state import TrainState, apply_gradients, merge_model
 
 # Trainable parameters of stage III: the understanding expert, its head and the ViT connector.
@@ -159,15 +161,13 @@ def make_step(graphdef: nnx.GraphDef, tx, ema_decay: float,
   return step
 
 
-def build(ctx):
-  """The reasoning stage for `trainer.train`: recoveries on the fly, or read from the cache that
-  `python -m robust_u1_jax.recover` wrote (reason.recovered_images)."""
-  from robust_u1_jax.data import tokenizer as tokenizer_lib
-  from robust_u1_jax.training import recovery_cache, trainer
+def build(ctx: RunContext) -> StageSpec:
+  """The reasoning stage (stage_spec.py's contract): recoveries on the fly, or read from the cache
+  that `python -m robust_u1_jax.recover` wrote (reason.recovered_images)."""
 
   c = ctx.config
   instruction = tokenizer_lib.encode_text_block(ctx.tokenizer, c.instruction)
-  model_config = ctx.model.config
+  model_config = ctx.model_config
   if c.reason.recovered_images == "cache":
     cache = recovery_cache.RecoveryCache.open(c.reason.recovery_cache, c)
     on_the_fly = None
@@ -185,7 +185,7 @@ def build(ctx):
     recovered = None if cache is None else cache.load_batch(batch)
     return reasoning_rows(batch, model_config, ctx.markers, instruction, recovered)
 
-  return trainer.StageSpec(
+  return StageSpec(
       trainable=UNDERSTANDING_PARAMS, host_inputs=host_inputs,
       make_step=lambda graphdef, tx: make_step(graphdef, tx, c.optimizer.ema_decay, on_the_fly,
                                                c.vae_posterior),

@@ -119,15 +119,17 @@ def build(config: ml_collections.ConfigDict, directory: str, *, steps: int = 0,
   import tqdm
   from flax import nnx
 
-  from robust_u1_jax import sharding
   from robust_u1_jax.data import multihost, pipeline as pipeline_lib
   from robust_u1_jax.data import tokenizer as tokenizer_lib
-  from robust_u1_jax.models import sequence
   from robust_u1_jax.inference import images as images_lib
   from robust_u1_jax.inference import recovery as recovery_lib
-  from robust_u1_jax.training import trainer
+  from robust_u1_jax.training import run_setup
 
   steps = steps or config.total_steps
+  # The trainer's own setup: the same model (checked against the data config) on the same mesh;
+  # first, so a config that cannot run leaves no manifest behind.
+  ctx = run_setup.make_context(config)
+  mesh, tokenizer, markers = ctx.mesh, ctx.tokenizer, ctx.markers
   os.makedirs(directory, exist_ok=True)
   manifest = os.path.join(directory, MANIFEST)
   if os.path.exists(manifest):
@@ -136,13 +138,8 @@ def build(config: ml_collections.ConfigDict, directory: str, *, steps: int = 0,
     with open(manifest, "w") as f:
       json.dump({"fingerprint": fingerprint(config), "stage": config.stage}, f, indent=1)
 
-  mesh = sharding.make_mesh(config.mesh)
-  tokenizer = tokenizer_lib.load_tokenizer(config.data.tokenizer_dir or None)
-  special = tokenizer_lib.special_token_ids(tokenizer)
-  markers = sequence.Markers(special["vision_start"], special["vision_end"])
   instruction = tokenizer_lib.encode_text_block(tokenizer, config.instruction)
-  model = trainer.init_model(config, mesh, tokenizer)
-  graphdef, weights = nnx.split(model)
+  graphdef, weights = nnx.split(ctx.model)
   sampler = recovery_lib.Sampler(num_steps=config.reason.recovery_steps)
 
   @jax.jit
@@ -166,7 +163,7 @@ def build(config: ml_collections.ConfigDict, directory: str, *, steps: int = 0,
       counts["skipped"] += len(samples) - len(pending)
       for members in recovery_lib.size_groups(pending):
         samples = [pending[i] for i in members]
-        inputs = recovery_lib.recovery_inputs(samples, model.config, markers, instruction)
+        inputs = recovery_lib.recovery_inputs(samples, ctx.model_config, markers, instruction)
         keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(base_key, int(s["index"])),
                                              int(s["epoch"])) for s in samples])
         images = np.asarray(jax.device_get(recover(weights, inputs, keys)))

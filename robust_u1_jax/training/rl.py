@@ -28,9 +28,10 @@ from robust_u1_jax import sampling
 from robust_u1_jax.inference import context as context_lib
 from robust_u1_jax.inference import recovery as recovery_lib
 from robust_u1_jax.inference.recovery import RecoveryInputs
-from robust_u1_jax.training import grpo, host_batch, sft
+from robust_u1_jax.training import evaluation, grpo, host_batch, sft
 from robust_u1_jax.training import rewards as rewards_lib
 from robust_u1_jax.training import state as state_lib
+from robust_u1_jax.training.stage_spec import RunContext, StageSpec
 from robust_u1_jax.training.state import TrainState, apply_gradients, merge_model
 
 
@@ -281,23 +282,21 @@ def update_optimizer(c, tx):
   return state_lib.make_optimizer(o, c.total_steps * u)
 
 
-def build(ctx):
-  """The Flow-GRPO stage for `trainer.train`."""
-  from robust_u1_jax.training import evaluation, trainer
-
+def build(ctx: RunContext) -> StageSpec:
+  """The Flow-GRPO stage (stage_spec.py's contract)."""
   c = ctx.config
   settings = RLSettings.from_config(c)
   aux, clip_graphdef = {}, None
   if c.rl.reward_weights.get("clip", 0.0) > 0:
     clip_graphdef, aux["clip"] = load_clip_tower(c.rl)
   reward_fn = reward_fn_from_config(c.rl, clip_graphdef)
-  model_config = ctx.model.config
+  model_config = ctx.model_config
 
   def host_inputs(batch, rng):
     del rng  # the rollout's randomness lives in the train state's key
     return host_batch.recovery_inputs(batch, model_config, ctx.markers)
 
-  return trainer.StageSpec(
+  return StageSpec(
       trainable=sft.GENERATION_PARAMS, host_inputs=host_inputs,
       make_step=lambda graphdef, tx: make_step(graphdef, update_optimizer(c, tx), settings,
                                                reward_fn),

@@ -18,7 +18,8 @@ from robust_u1_jax.data import packing
 from robust_u1_jax.inference import recovery as recovery_lib
 from robust_u1_jax.models import sequence
 from robust_u1_jax.models.bagel import BagelConfig
-from robust_u1_jax.training import flow_matching, host_batch
+from robust_u1_jax.training import evaluation, flow_matching, host_batch
+from robust_u1_jax.training.stage_spec import RunContext, StageSpec
 from robust_u1_jax.training.state import loss_step, merge_model
 
 
@@ -71,20 +72,16 @@ GENERATION_PARAMS = (r"^language_model\.layers\.\d+\.gen\.", r"^language_model\.
                      r"^time_embedder\.", r"^vae2llm\.", r"^llm2vae\.")
 
 
-def build(ctx):
-  """The SFT stage for `trainer.train`."""
-  from robust_u1_jax.training import trainer
-
+def build(ctx: RunContext) -> StageSpec:
+  """The SFT stage (stage_spec.py's contract)."""
   c = ctx.config
-  model_config = ctx.model.config
+  model_config = ctx.model_config
   dropout = (c.text_dropout, c.vit_dropout, c.vae_dropout)
 
   def host_inputs(batch, rng):
     return sft_rows(batch, model_config, ctx.markers, rng, dropout)
 
-  from robust_u1_jax.training import evaluation
-
-  return trainer.StageSpec(
+  return StageSpec(
       trainable=GENERATION_PARAMS, host_inputs=host_inputs,
       make_step=lambda graphdef, tx: make_step(graphdef, tx, timestep_shift=c.timestep_shift,
                                                ema_decay=c.optimizer.ema_decay,

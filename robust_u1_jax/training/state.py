@@ -65,15 +65,29 @@ def merge_model(graphdef, params: nnx.State, frozen: nnx.State) -> nnx.Module:
 
 
 def learning_rate_schedule(o: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-  """Linear warmup to `learning_rate`, then cosine decay to `end_learning_rate`."""
-  warmup = min(o.warmup_steps, max(total_steps - 1, 0))
+  """The learning rate at each optimizer update: linear warmup to `learning_rate`, then cosine
+  decay to `end_learning_rate`.
+
+  `total_steps` and `o.warmup_steps` count gradient steps (what a trainer step makes); with
+  `o.grad_accum_steps = k` the optimizer updates once every k of them, so the schedule runs over
+  ceil(total_steps / k) updates with ceil(warmup_steps / k) of warmup: the same function of the
+  trainer step whatever k is, and a run of k micro-batches per update follows the schedule of a
+  run with k times the batch and 1/k of the steps.
+  """
+  k = o.grad_accum_steps
+  updates = -(-total_steps // k)
+  warmup = min(-(-o.warmup_steps // k), max(updates - 1, 0))
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0 if warmup else o.learning_rate, peak_value=o.learning_rate,
-      warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1),
+      warmup_steps=warmup, decay_steps=max(updates, warmup + 1),
       end_value=o.end_learning_rate)
 
 
 def make_optimizer(o: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+  """AdamW (after global-norm clipping) on `learning_rate_schedule(o, total_steps)`; with
+  `o.grad_accum_steps = k > 1`, wrapped in `optax.MultiSteps`: each call averages the gradient
+  into an accumulator, every k-th applies the average (the inner optimizer, its step count and so
+  the schedule see updates only); the others return zero updates."""
   parts = []
   if o.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(o.grad_clip))
@@ -83,6 +97,14 @@ def make_optimizer(o: ml_collections.ConfigDict, total_steps: int) -> optax.Grad
   if o.grad_accum_steps > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=o.grad_accum_steps)
   return tx
+
+
+def has_updated(opt_state: Any) -> jax.Array | bool:
+  """Whether the optimizer step that produced `opt_state` changed the parameters: always without
+  accumulation, on every k-th gradient step with it (optax.MultiSteps)."""
+  if isinstance(opt_state, optax.MultiStepsState):
+    return opt_state.mini_step == 0  # reset to 0 by the k-th call, which applied the update
+  return True
 
 
 def create_state(params: nnx.State, frozen: nnx.State, tx: optax.GradientTransformation,
@@ -115,18 +137,27 @@ def like_params(tree: Any, params: nnx.State, param_shardings: Any) -> Any:
 
 def apply_gradients(state: TrainState, grads: nnx.State, tx: optax.GradientTransformation,
                     ema_decay: float) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One gradient step: `tx` (make_optimizer's) updates the parameters, or with accumulation
+  banks `grads` until its k-th step; the EMA follows the updates. `state.step` counts gradient
+  steps."""
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema = state.ema
   if ema is not None:
     ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
+    updated = has_updated(opt_state)
+    if updated is not True:
+      # The EMA averages the parameters of each optimizer update, so it moves only when they
+      # did: with accumulation once per k gradient steps, as in a run of k-fold batches.
+      ema = jax.tree.map(lambda new, old: jnp.where(updated, new, old), ema, state.ema)
   metrics = {"grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params)}
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
 
 
 def loss_step(loss_fn, tx: optax.GradientTransformation, ema_decay: float):
-  """step(state, batch) -> (state, metrics): one optimizer update on
-  `loss_fn(params, frozen, batch, key) -> (loss, metrics)`, the key split off the state's stream.
+  """step(state, batch) -> (state, metrics): one gradient step (`apply_gradients`: an optimizer
+  update, or every k-th with accumulation) on `loss_fn(params, frozen, batch, key) -> (loss,
+  metrics)`, the key split off the state's stream.
   The supervised stages' step; RL builds its own (rollout, then several updates)."""
 
   def step(state: TrainState, batch) -> tuple[TrainState, dict[str, jax.Array]]:

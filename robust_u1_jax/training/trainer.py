@@ -1,107 +1,35 @@
-"""The training loop shared by every stage: mesh, model, state, data, checkpoints, reporting.
+"""The training loop shared by every stage: state, data, checkpoints, reporting.
 
-A stage (sft.py, rl.py, ...) contributes three things through `StageSpec`: which parameters it
-trains, how a pipeline batch becomes the step's device inputs (host side, deterministic in
-(seed, step) so a resumed run sees the same inputs), and the jitted step
-`step(state, inputs) -> (state, metrics)`. Everything else lives here once. The model is a Bagel
-unless the stage brings its own (`StageSpec.model` and `save`: the bootstrap CLIP).
+A stage (sft.py, rl.py, ...) is a builder `build(ctx: RunContext) -> StageSpec` (the contract in
+stage_spec.py): which parameters it trains, how a pipeline batch becomes the step's device inputs
+(host side, deterministic in (seed, step) so a resumed run sees the same inputs), and the jitted
+step `step(state, inputs) -> (state, metrics)`. The context (mesh, tokenizer, markers, model) comes
+from `run_setup.make_context`, as for the recovery cache and the AOT check; everything else lives
+here once. The model is a Bagel unless the stage brings its own (`StageSpec.model` and `save`: the
+bootstrap CLIP).
+
+A trainer step takes one pipeline batch and makes one gradient step; with
+`optimizer.grad_accum_steps = k` the optimizer updates the parameters (and the EMA) on every k-th
+(state.py). `total_steps` and every `*_every` count trainer steps.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Callable
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 from flax import nnx
 
-from robust_u1_jax import sharding
 from robust_u1_jax.data import multihost, pipeline as pipeline_lib
-from robust_u1_jax.data import tokenizer as tokenizer_lib
-from robust_u1_jax.models import bagel as bagel_lib
-from robust_u1_jax.models import sequence
 from robust_u1_jax.training import checkpoint as checkpoint_lib
 from robust_u1_jax.training import lora as lora_lib
-from robust_u1_jax.training import metrics_log
+from robust_u1_jax.training import metrics_log, run_setup
 from robust_u1_jax.training import state as state_lib
-
-
-@dataclasses.dataclass
-class StageSpec:
-  trainable: tuple[str, ...]
-  # (pipeline batch, numpy Generator for this step) -> device-input pytree of numpy arrays.
-  host_inputs: Callable[[dict, np.random.Generator], Any]
-  # (graphdef, optimizer) -> step(state, inputs) -> (state, metrics). The step builds its model
-  # with `state.merge_model(graphdef, params, frozen)`: with LoRA on, graphdef is a
-  # lora.LoraGraphDef and params the LoRA factors (training/lora.py).
-  make_step: Callable[[nnx.GraphDef, Any], Callable]
-  samples_per_step: int
-  aux: dict[str, Any] = dataclasses.field(default_factory=dict)
-  reference: bool = False  # keep a frozen copy of the initial trainable params in aux
-  # (graphdef, state) -> (image columns for a grid, scalar metrics); run every eval_every steps.
-  evaluate: Callable | None = None
-  # A model of the stage's own, trained instead of the Bagel (built on the run's mesh).
-  model: nnx.Module | None = None
-  # (workdir, graphdef, state, config) -> None: writes the final model; default `save_model`.
-  save: Callable | None = None
-  # The pipeline stage (data/pipeline.py STAGES) the batches come from; default config.stage.
-  data_stage: str | None = None
-
-
-class RunContext:
-  """What a stage builder may use: the model, tokenizer and run settings.
-
-  `model` is built on first use (from a function given in its place), so a stage that trains a
-  model of its own never pays for building the Bagel.
-  """
-
-  def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-               model: bagel_lib.Bagel | Callable[[], bagel_lib.Bagel], tokenizer: Any,
-               markers: sequence.Markers):
-    self.config, self.mesh, self.tokenizer, self.markers = config, mesh, tokenizer, markers
-    self._model = model
-
-  @property
-  def model(self) -> bagel_lib.Bagel:
-    if not isinstance(self._model, nnx.Module):
-      self._model = self._model()
-    return self._model
-
-
-def preset(name: str, vocab_size: int | None = None, **llm_overrides) -> bagel_lib.BagelConfig:
-  presets = {"tiny": bagel_lib.BagelConfig.tiny, "bagel_7b": bagel_lib.BagelConfig.bagel_7b}
-  if name not in presets:
-    raise ValueError(f"config.model={name!r} is unknown; allowed: {', '.join(presets)}")
-  if vocab_size:
-    llm_overrides["vocab_size"] = vocab_size
-  return presets[name](**llm_overrides)
-
-
-def init_model(config: ml_collections.ConfigDict, mesh, tokenizer) -> bagel_lib.Bagel:
-  """`init_from`: 'random' (a preset sized to the tokenizer), a BAGEL/Robust-U1 model directory,
-  an Orbax model checkpoint, or the workdir of an earlier stage (its `model/`)."""
-  from robust_u1_jax.checkpoints import orbax_io  # heavy imports only when loading weights
-
-  source = config.init_from
-  dtype = jnp.dtype(config.compute_dtype)
-  param_dtype = jnp.dtype(config.param_dtype)
-  if source == "random":
-    vocab = max(len(tokenizer), 64) if config.model == "tiny" else None
-    model_config = preset(config.model, vocab, dtype=dtype, param_dtype=param_dtype,
-                          remat=config.remat)
-    return sharding.create_sharded(
-        lambda: bagel_lib.Bagel(model_config, rngs=nnx.Rngs(config.seed)),
-        bagel_lib.COMPONENTS, mesh)
-  if os.path.isdir(os.path.join(source, "model")):  # a workdir of an earlier stage
-    source = os.path.join(source, "model")
-  return orbax_io.load_pretrained(source, mesh=mesh, dtype=dtype, param_dtype=param_dtype,
-                                  remat=config.remat, progress=True)
+from robust_u1_jax.training.stage_spec import RunContext, StageSpec
 
 
 def train(config: ml_collections.ConfigDict, workdir: str,
@@ -114,14 +42,9 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     print(f"{workdir} is already at the final step {done}; nothing to train (model: "
           f"{os.path.join(workdir, 'model')})", flush=True)
     return []
+  ctx = run_setup.make_context(config)  # checks the config against the model before building
+  mesh, tokenizer = ctx.mesh, ctx.tokenizer
   os.makedirs(workdir, exist_ok=True)
-  mesh = sharding.make_mesh(config.mesh)
-  tokenizer = tokenizer_lib.load_tokenizer(config.data.tokenizer_dir or None)
-  special = tokenizer_lib.special_token_ids(tokenizer)
-  markers = sequence.Markers(special["vision_start"], special["vision_end"])
-  # The model is built outside the mesh context: parameters get their shardings from the
-  # explicit rules in `sharding`, and the logical names must not be read as mesh axes.
-  ctx = RunContext(config, mesh, lambda: init_model(config, mesh, tokenizer), tokenizer, markers)
   spec = build_stage(ctx)
   model = spec.model if spec.model is not None else ctx.model
   graphdef, params, frozen = state_lib.split_model(model, spec.trainable)
@@ -251,16 +174,4 @@ def save_model(workdir: str, graphdef, state: state_lib.TrainState,
   files and the image resize rules of the run beside it. With LoRA (`graphdef` a LoraGraphDef)
   the saved model holds the merged weights W + scale * A @ B: a plain model, no factors."""
   params = state.ema if state.ema is not None else state.params
-  write_model(state_lib.merge_model(graphdef, params, state.frozen), workdir, config)
-
-
-def write_model(model: bagel_lib.Bagel, workdir: str, config: ml_collections.ConfigDict) -> None:
-  """`save_model`'s output for a merged model: `workdir/model` with tokenizer and image rules."""
-  from robust_u1_jax.checkpoints import orbax_io
-  from robust_u1_jax.inference import images as images_lib
-
-  path = os.path.join(workdir, "model")
-  tokenizer_dir = config.data.tokenizer_dir or tokenizer_lib.default_tokenizer_dir()
-  orbax_io.save_orbax(model, path, tokenizer_dir=tokenizer_dir, overwrite=True)
-  if jax.process_index() == 0:
-    images_lib.ImageRules.from_data_config(config.data).save(path)
+  run_setup.write_model(state_lib.merge_model(graphdef, params, state.frozen), workdir, config)

@@ -1,0 +1,145 @@
+"""One run setup: the mesh, tokenizer, image markers and model of a run, built one way.
+
+`make_context(config)` is the constructor `trainer.train`, the recovery cache
+(`recovery_cache.build`) and the AOT check (`benchmarks/aot.py`, with an abstract model) all use,
+so the three agree on the model a config means. The model's config is worked out first, without
+weights (`model_config`: a preset sized to the tokenizer, or the config stored with `init_from`),
+and checked against the data config's copies of its patch sizes before anything is built.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from robust_u1_jax import config_lib, sharding
+from robust_u1_jax.data import tokenizer as tokenizer_lib
+from robust_u1_jax.models import bagel as bagel_lib
+from robust_u1_jax.models import sequence
+from robust_u1_jax.training.stage_spec import RunContext
+
+# The tiny preset's vocabulary is the tokenizer's, never below this (a few spare ids).
+MIN_TINY_VOCAB = 64
+
+
+def markers(tokenizer) -> sequence.Markers:
+  """The token ids around image blocks, from the tokenizer's special tokens."""
+  special = tokenizer_lib.special_token_ids(tokenizer)
+  return sequence.Markers(special["vision_start"], special["vision_end"])
+
+
+def _model_source(config: ml_collections.ConfigDict) -> str:
+  """`init_from` as a model path: an earlier stage's workdir means its `model/`."""
+  source = config.init_from
+  if source != "random" and os.path.isdir(os.path.join(source, "model")):
+    return os.path.join(source, "model")
+  return source
+
+
+def _overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  return dict(dtype=jnp.dtype(config.compute_dtype), param_dtype=jnp.dtype(config.param_dtype),
+              remat=config.remat)
+
+
+def model_config(config: ml_collections.ConfigDict, tokenizer) -> bagel_lib.BagelConfig:
+  """The BagelConfig the run trains, read without loading weights: for `init_from='random'` the
+  preset `config.model` (the tiny one sized to the tokenizer), else the config stored with the
+  model `init_from` names (a BAGEL directory, an Orbax checkpoint, an earlier stage's workdir)."""
+  source = _model_source(config)
+  if source == "random":
+    if config.model not in bagel_lib.PRESETS:
+      raise config_lib.ConfigError(
+          f"config field model = {config.model!r} is invalid: allowed "
+          f"{', '.join(bagel_lib.PRESETS)} (the presets of models/bagel.py)")
+    vocab = max(len(tokenizer), MIN_TINY_VOCAB) if config.model == "tiny" else None
+    return bagel_lib.preset(config.model, vocab, **_overrides(config))
+  from robust_u1_jax.checkpoints import bagel_dir, orbax_io  # only when reading a model's files
+
+  if orbax_io.is_orbax_model(source):
+    return orbax_io.read_orbax_config(source, **_overrides(config))
+  if os.path.isfile(os.path.join(source, bagel_dir.LLM_CONFIG)):
+    return bagel_lib.BagelConfig.from_model_dir(source, **_overrides(config))
+  raise FileNotFoundError(
+      f"init_from={config.init_from!r} is neither 'random', a BAGEL model directory "
+      f"({bagel_dir.LLM_CONFIG}, ...), an Orbax model checkpoint ({orbax_io.CONFIG}, "
+      f"{orbax_io.PARAMS}/) nor the workdir of an earlier stage (its model/)")
+
+
+def check_data_fits_model(config: ml_collections.ConfigDict, mc: bagel_lib.BagelConfig,
+                          prefixes: Sequence[str] = ("data", "eval_data")) -> None:
+  """Refuses a data config whose `vit_patch` / `vae_stride` differ from the model's ViT patch
+  size and pixels per latent token: the pipeline sizes images (and packing counts tokens) with
+  the data fields, the model cuts them with its own, so a mismatch would cut images wrongly."""
+  where = (f"the preset model={config.model!r}" if _model_source(config) == "random"
+           else f"the model of init_from={config.init_from!r}")
+  for prefix in prefixes:
+    d = config.get(prefix)
+    if d is None:
+      continue
+    for field, value, model_field, model_value in (
+        ("vit_patch", d.vit_patch, "vit.patch_size", mc.vit.patch_size),
+        ("vae_stride", d.vae_stride, "latent_downsample (VAE downsample x latent_patch_size)",
+         mc.latent_downsample)):
+      if value != model_value:
+        raise config_lib.ConfigError(
+            f"config field {prefix}.{field} = {value!r} does not match {model_field} = "
+            f"{model_value} of {where}; set --config.{prefix}.{field}={model_value}")
+
+
+def init_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+               mc: bagel_lib.BagelConfig) -> bagel_lib.Bagel:
+  """The run's model with its weights, on `mesh`: `mc` initialised from `config.seed` for
+  `init_from='random'`, else loaded (a BAGEL/Robust-U1 model directory, an Orbax model
+  checkpoint, or an earlier stage's workdir)."""
+  source = _model_source(config)
+  if source == "random":
+    # Built outside any mesh context: parameters get their shardings from the explicit rules in
+    # `sharding`, and the logical names must not be read as mesh axes.
+    return sharding.create_sharded(lambda: bagel_lib.Bagel(mc, rngs=nnx.Rngs(config.seed)),
+                                   bagel_lib.COMPONENTS, mesh)
+  from robust_u1_jax.checkpoints import orbax_io  # heavy imports only when loading weights
+
+  o = _overrides(config)
+  return orbax_io.load_pretrained(source, mesh=mesh, dtype=o["dtype"],
+                                  param_dtype=o["param_dtype"], remat=o["remat"], progress=True)
+
+
+def abstract_model(mc: bagel_lib.BagelConfig, mesh: jax.sharding.Mesh) -> bagel_lib.Bagel:
+  """The model with `ShapeDtypeStruct(shape, dtype, sharding)` parameters: nothing allocated."""
+  from robust_u1_jax.checkpoints import bagel_dir
+
+  return bagel_dir.abstract_bagel(mc, mesh)
+
+
+def make_context(config: ml_collections.ConfigDict, *, devices: Sequence[Any] | None = None,
+                 abstract: bool = False) -> RunContext:
+  """The run's RunContext: mesh over `devices` (default all), tokenizer, markers, model config
+  (checked against the data config) and the model, built on first use: with its weights, or
+  shape-only when `abstract` (the AOT check)."""
+  mesh = sharding.make_mesh(config.mesh, devices)
+  tokenizer = tokenizer_lib.load_tokenizer(config.data.tokenizer_dir or None)
+  mc = model_config(config, tokenizer)
+  check_data_fits_model(config, mc)
+  build = (lambda: abstract_model(mc, mesh)) if abstract else (
+      lambda: init_model(config, mesh, mc))
+  return RunContext(config, mesh, build, tokenizer, markers(tokenizer), model_config=mc)
+
+
+def write_model(model: bagel_lib.Bagel, workdir: str, config: ml_collections.ConfigDict) -> None:
+  """A run's final model as `workdir/model`, the form later stages' `init_from`,
+  `convert --to hf`, `recover` and `answer` read: an Orbax checkpoint with the tokenizer files and
+  the run's image resize rules beside it."""
+  from robust_u1_jax.checkpoints import orbax_io
+  from robust_u1_jax.inference import images as images_lib
+
+  path = os.path.join(workdir, "model")
+  tokenizer_dir = config.data.tokenizer_dir or tokenizer_lib.default_tokenizer_dir()
+  orbax_io.save_orbax(model, path, tokenizer_dir=tokenizer_dir, overwrite=True)
+  if jax.process_index() == 0:
+    images_lib.ImageRules.from_data_config(config.data).save(path)

@@ -1,0 +1,98 @@
+"""One run setup (training/run_setup.py): the trainer, the recovery cache and the AOT check build
+the same context from a config, refuse a data config that disagrees with the model before
+building anything, and stage modules depend on the stage contract, not on the trainer."""
+
+import inspect
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from robust_u1_jax import config_lib
+from robust_u1_jax.benchmarks import aot
+from robust_u1_jax.models import bagel
+from robust_u1_jax.training import recovery_cache, run_setup, sft, stages, trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SFT = os.path.join(ROOT, "configs", "sft.py") + ":tiny"
+REASON = os.path.join(ROOT, "configs", "reason.py") + ":tiny"
+SMALL = {"data.batch_size": 8, "tensorboard": False, "mesh.data": -1, "mesh.fsdp": 1}
+
+# Values that pass the data config's own checks (sides and image size stay multiples) but
+# disagree with the tiny model: ViT patch 8, 16 pixels per latent token.
+MISMATCHES = [
+    ("data.vit_patch", 16, "vit.patch_size = 8"),
+    ("data.vae_stride", 32, "latent_downsample"),
+    ("eval_data.vit_patch", 16, "vit.patch_size = 8"),
+]
+
+
+@pytest.mark.parametrize("field,value,model_field", MISMATCHES)
+def test_trainer_refuses_data_fields_that_disagree_with_the_model(tmp_path, field, value,
+                                                                   model_field):
+  config = config_lib.load(SFT, {**SMALL, field: value, "total_steps": 1})
+  workdir = str(tmp_path / "run")
+  with pytest.raises(config_lib.ConfigError) as e:
+    trainer.train(config, workdir, sft.build)
+  assert f"{field} = {value}" in str(e.value) and model_field in str(e.value), e.value
+  assert "model='tiny'" in str(e.value)
+  assert not os.path.exists(workdir)  # refused at start-up: nothing written, nothing built
+
+
+def test_recovery_cache_and_aot_refuse_the_same_mismatch(tmp_path):
+  config = config_lib.load(REASON, {**SMALL, "init_from": "random", "data.vit_patch": 16})
+  directory = str(tmp_path / "cache")
+  with pytest.raises(config_lib.ConfigError, match=r"data\.vit_patch = 16 .*vit\.patch_size"):
+    recovery_cache.build(config, directory, steps=1, progress=False)
+  assert not os.path.exists(directory)
+  with pytest.raises(aot.AotError, match=r"data\.vit_patch = 16 .*vit\.patch_size"):
+    aot.compile_step(SFT, "cpu:8", {"data.vit_patch": 16}, verbose=False)
+
+
+def test_unknown_preset_is_refused_naming_the_field():
+  config = config_lib.load(SFT, {"model": "huge"})
+  with pytest.raises(config_lib.ConfigError, match="model = 'huge'.*tiny, bagel_7b"):
+    run_setup.make_context(config)
+
+
+def test_context_of_a_random_tiny_model():
+  config = config_lib.load(SFT, SMALL)
+  ctx = run_setup.make_context(config)
+  assert dict(ctx.mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1}
+  assert ctx.model_config == bagel.preset("tiny", max(len(ctx.tokenizer), 64))
+  assert ctx.markers == run_setup.markers(ctx.tokenizer)
+  assert ctx.markers.vision_start != ctx.markers.vision_end
+
+
+def test_abstract_and_real_models_agree_and_a_workdir_gives_its_model_config(tmp_path):
+  """The AOT's shape-only model is the trainer's (shapes, dtypes, shardings), and a stage's
+  workdir as init_from gives the config it was saved with (the AOT used to fall back to the
+  preset for Orbax checkpoints)."""
+  config = config_lib.load(SFT, SMALL)
+  real = run_setup.make_context(config)
+  abstract = run_setup.make_context(config, abstract=True)
+  describe = lambda model: jax.tree.map(
+      lambda x: (x.shape, x.dtype, x.sharding), nnx.state(model, nnx.Param))
+  assert describe(abstract.model) == describe(real.model)
+  assert isinstance(jax.tree.leaves(nnx.state(abstract.model))[0], jax.ShapeDtypeStruct)
+
+  # A different model than the preset: a wider LLM vocabulary, saved as a stage's workdir.
+  saved = bagel.Bagel(bagel.preset("tiny", 300), rngs=nnx.Rngs(1))
+  run_setup.write_model(saved, str(tmp_path), config)
+  from_workdir = config_lib.load(SFT, {**SMALL, "init_from": str(tmp_path)})
+  assert run_setup.model_config(from_workdir, real.tokenizer) == saved.config
+  loaded = run_setup.make_context(from_workdir).model
+  assert loaded.config == saved.config
+  np.testing.assert_array_equal(loaded.llm2vae.kernel.get_value(),
+                                saved.llm2vae.kernel.get_value())
+
+
+def test_stage_modules_depend_on_the_contract_not_the_trainer():
+  modules = {inspect.getmodule(build) for build in stages.BUILDERS.values()}
+  for module in modules:
+    source = inspect.getsource(module)
+    assert "training import trainer" not in source and "trainer." not in source.replace(
+        "`trainer.", ""), module.__name__
+    assert "StageSpec(" in source, module.__name__
