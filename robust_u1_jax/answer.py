@@ -9,10 +9,13 @@ with `<ANSWER>...`; every step is printed, then a last line `answer: X` (the opt
 options are given). With --out, the generated images are written as `step_NN.png` (NN: the step's
 number) and the whole exchange as `exchange.json`: each step's text or image file, the prompt, the
 settings, the seconds of each phase and the model. --model takes what `recover` takes; an
-unreadable image or an unusable model directory is one `error:` line and exit status 2.
+unreadable or too small image, an unusable model directory or an unwritable --out is one `error:`
+line and exit status 2, found before the model loads.
 """
 
 from __future__ import annotations
+
+from robust_u1_jax import cli  # first: its quiet environment is set before jax loads
 
 import dataclasses
 import json
@@ -73,14 +76,18 @@ def _answer(values: flags.FlagValues) -> int:
     raise app.UsageError(f"--temperature must be >= 0, got {temperature}")
   if values.max_iterations < 1 or values.max_new_tokens < 1:
     raise app.UsageError("--max_iterations and --max_new_tokens must be >= 1")
-  image = recover_cli.read_image(values.image)  # a bad image fails before the model loads
+  # A bad image, --model or --out fails before the model loads.
+  image = recover_cli.read_image(values.image,
+                                 recover_cli.min_side(recover_cli.model_rules(values.model)))
   settings = reasoner.Settings(max_iterations=values.max_iterations,
                                max_new_tokens=values.max_new_tokens, temperature=temperature,
                                recover=not values.no_recover,
                                sampler=recover_cli.make_sampler(values, values.steps))
+  if values.out:
+    cli.output_dir(values.out, "--out", create=False)  # created once the model has loaded
   engine = recover_cli.load_engine(values)
   if values.out:
-    recover_cli.make_dirs(values.out)  # before the generation: a bad --out fails fast
+    recover_cli.make_dirs(values.out)
   exchange = reasoner.answer(engine, image, values.question, values.options, settings,
                              seed=values.seed)
   image_files = [f"step_{n:02d}.png" for n, step in enumerate(exchange.steps, 1)
@@ -129,7 +136,7 @@ def _run(values: flags.FlagValues) -> int:
     raise app.UsageError(f"missing {', '.join(missing)}")
   try:
     return _answer(values)
-  except recover_cli.InputError as e:
+  except cli.Error as e:  # recover.InputError, cli.PathError
     recover_cli.error(str(e))
     return recover_cli.EXIT_BAD_INPUT
 
@@ -147,4 +154,4 @@ def main(argv) -> int:
 
 if __name__ == "__main__":
   define_flags()
-  recover_cli.run_program(main)
+  cli.run(main)

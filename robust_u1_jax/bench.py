@@ -11,6 +11,8 @@ Subcommands are listed in BENCHMARKS: each names a module of robust_u1_jax.bench
 hbm_gib or overrides receives --topology, --hbm_gib and --override.
 """
 
+from robust_u1_jax import cli  # first: its quiet environment is set before jax loads
+
 import importlib
 import inspect
 
@@ -63,4 +65,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)  # a bad config or topology: one `error:` line, exit status 2

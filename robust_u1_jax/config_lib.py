@@ -5,6 +5,8 @@ differs. Every field has a typed default so `--config.x=y` overrides are type-ch
 names are refused by the locked ConfigDict.
 """
 
+import difflib
+import os
 import re
 
 import ml_collections
@@ -29,7 +31,8 @@ def get_data_config() -> ml_collections.ConfigDict:
   # Center-crop every image to a square before resizing; with vae_min_side = vae_max_side all
   # images get one size (the RL stage's rollouts batch images of one size).
   d.crop_square = False
-  # Corruption applied on the fly: robust_r1_pipeline | imagenet_c | any single corruption name | none.
+  # Corruption applied on the fly: robust_r1_pipeline | imagenet_c | a single corruption's name |
+  # none.
   d.corruption = "robust_r1_pipeline"
   d.severity = 3  # ImageNet-C severity 1..5 (0: draw uniformly per record)
   d.intensity = -1.0  # Robust-R1 intensity in [0, 1] (negative: draw uniformly per record)
@@ -43,6 +46,10 @@ def get_data_config() -> ml_collections.ConfigDict:
   d.num_epochs = 0  # 0: repeat forever
   d.worker_count = 0  # Grain worker processes (0: in the main process)
   d.max_skip_ratio = 0.01  # stop when more than this fraction of records is unreadable
+  # Images with a side below this many pixels are bad records (counted, skipped): the resize rule
+  # would invent nearly every pixel the model sees. 0: transforms.default_min_side, one VAE stride
+  # or one ViT patch, whichever is larger.
+  d.min_image_side = 0
   return d
 
 
@@ -145,7 +152,8 @@ def _corruption_names() -> list[str]:
 def validate_data(d: ml_collections.ConfigDict, prefix: str = "data") -> None:
   _check(d.source in SOURCES, f"{prefix}.source", d.source, f"one of {', '.join(SOURCES)}")
   if d.source != "shapes":
-    _check(bool(d.path), f"{prefix}.path", d.path, f"a path or dataset name for source={d.source!r}")
+    _check(bool(d.path), f"{prefix}.path", d.path,
+           f"a path or dataset name for source={d.source!r}")
   _check(d.image_size >= 32, f"{prefix}.image_size", d.image_size, "an integer >= 32")
   for kind, stride in (("vae", d.vae_stride), ("vit", d.vit_patch)):
     lo, hi = d[f"{kind}_min_side"], d[f"{kind}_max_side"]
@@ -174,6 +182,8 @@ def validate_data(d: ml_collections.ConfigDict, prefix: str = "data") -> None:
   _check(d.worker_count >= 0, f"{prefix}.worker_count", d.worker_count, "an integer >= 0")
   _check(0.0 <= d.max_skip_ratio < 1.0, f"{prefix}.max_skip_ratio", d.max_skip_ratio,
          "a fraction in [0, 1)")
+  _check(d.min_image_side >= 0, f"{prefix}.min_image_side", d.min_image_side,
+         "0 (one VAE stride or ViT patch, whichever is larger) or a side in pixels")
 
 
 def validate_lora(lo: ml_collections.ConfigDict) -> None:
@@ -343,13 +353,83 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
-def load(spec: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
-  """Loads `path.py[:variant]` like --config does, applies {'a.b': value} overrides, validates.
+# --------------------------------------------------------------------------------------------------
+# Inputs: the files and folders a validated config names. Checked by the entry modules before any
+# model is built, so a wrong path stops a run at once (not after minutes of compilation).
 
-  For library use and tests; entry modules use ml_collections.config_flags instead.
-  """
+def _remote(path: str) -> bool:
+  return "://" in path  # gs://...: opened by the library that reads it
+
+
+def _check_path(field: str, path: str, kind: str, fix: str) -> None:
+  """`kind`: 'file', 'folder' or 'any'."""
+  if not path or _remote(path):
+    return
+  if not os.path.exists(path):
+    what = "file or folder" if kind == "any" else kind
+    raise ConfigError(f"config field {field} = {path!r}: no such {what}; give {fix}")
+  if kind == "folder" and not os.path.isdir(path):
+    raise ConfigError(f"config field {field} = {path!r}: a file, not a folder; give {fix}")
+  if kind == "file" and not os.path.isfile(path):
+    raise ConfigError(f"config field {field} = {path!r}: a folder, not a file; give {fix}")
+
+
+DATA_PATH_KIND = {"folder": ("folder", "a folder of images"),
+                  "jsonl": ("file", "a .jsonl file of records"),
+                  "vqa_tsv": ("file", "a VQA .tsv table"),
+                  "vqa_parquet": ("file", "a VQA .parquet table")}
+
+
+def check_data_inputs(d: ml_collections.ConfigDict, prefix: str = "data") -> None:
+  """The data source's path, TFDS data_dir and tokenizer folder exist."""
+  if d.source in DATA_PATH_KIND:
+    kind, what = DATA_PATH_KIND[d.source]
+    _check_path(f"{prefix}.path", d.path, kind, f"{what} for {prefix}.source={d.source!r}")
+  if d.source == "tfds":
+    _check_path(f"{prefix}.tfds_data_dir", d.tfds_data_dir, "folder",
+                "the TFDS data folder (empty: $TFDS_DATA_DIR)")
+  _check_path(f"{prefix}.tokenizer_dir", d.tokenizer_dir, "folder",
+              "a folder with tokenizer.json (empty: the built-in tokenizer)")
+
+
+def check_inputs(c: ml_collections.ConfigDict, *, recovery_cache: bool = True) -> None:
+  """Every file and folder a validated config reads exists (ConfigError naming the field).
+  `recovery_cache=False` leaves out reason.recovery_cache (for the command that writes it)."""
+  if c.get("stage") == "eval":
+    _check_path("model", c.model, "folder",
+                "a model directory, an Orbax checkpoint or a stage's workdir")
+    _check_path("clip_checkpoint", c.clip_checkpoint, "file",
+                "a CLIP .safetensors file (empty: no CLIP similarity)")
+    for name, path in c.compare.items():
+      _check_path(f"compare.{name}", path, "folder", "a model to compare with (or empty)")
+    for name, path in c.benchmarks.items():
+      _check_path(f"benchmarks.{name}", path, "file", "a VQA .tsv or .parquet table")
+    _check_path("rl_workdir", c.rl_workdir, "folder", "the RL stage's workdir (or empty)")
+    return
+  if c.get("stage") == "demo":
+    return  # each part reads what the earlier parts wrote
+  if c.init_from != "random":
+    _check_path("init_from", c.init_from, "any",
+                "'random', a BAGEL/Robust-U1 model directory, an Orbax checkpoint or the workdir "
+                "of an earlier stage")
+  check_data_inputs(c.data, "data")
+  if "eval_data" in c:
+    check_data_inputs(c.eval_data, "eval_data")
+  if "rl" in c:
+    _check_path("rl.clip_checkpoint", c.rl.clip_checkpoint, "file",
+                "a CLIP .safetensors file (or empty without a CLIP reward)")
+  if "reason" in c and c.reason.recovered_images == "cache" and recovery_cache:
+    _check_path("reason.recovery_cache", c.reason.recovery_cache, "folder",
+                "the folder `python -m robust_u1_jax.recover --config ... --cache_dir DIR` wrote")
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading config files (entry modules use ml_collections.config_flags; these serve library use,
+# tests and the messages of robust_u1_jax.cli).
+
+def load_file(spec: str) -> ml_collections.ConfigDict:
+  """`path.py[:variant]` -> its get_config() result, locked; no overrides, not validated."""
   import importlib.util
-  import os
 
   path, _, variant = spec.partition(":")
   if not os.path.exists(path):
@@ -360,13 +440,48 @@ def load(spec: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
   module_spec.loader.exec_module(module)
   config = module.get_config(variant) if variant else module.get_config()
   config.lock()
+  return config
+
+
+def field_value(config: ml_collections.ConfigDict, dotted: str):
+  node = config
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
+def unknown_field(config: ml_collections.ConfigDict, dotted: str) -> str | None:
+  """None when `dotted` ('data.batch_size') names a field of `config`; else 'no field X' with
+  the nearest names, or the fields there when none is near."""
+  node, done = config, []
+  for part in dotted.split("."):
+    where = ".".join(done)
+    if not isinstance(node, (ml_collections.ConfigDict, dict)):
+      return f"no field {dotted}: {where} holds a value ({node!r}), not fields"
+    if part not in node:
+      prefix = f"{where}." if where else ""
+      names = sorted(node.keys())
+      near = difflib.get_close_matches(part, names, n=3, cutoff=0.6)
+      if near:
+        return f"no field {prefix}{part}; did you mean {' or '.join(prefix + n for n in near)}?"
+      return f"no field {prefix}{part}; the fields {f'of {where} ' if where else ''}are " + \
+          ", ".join(names)
+    node = node[part]
+    done.append(part)
+  return None
+
+
+def load(spec: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
+  """Loads `path.py[:variant]` like --config does, applies {'a.b': value} overrides, validates.
+
+  For library use and tests; entry modules use ml_collections.config_flags instead.
+  """
+  config = load_file(spec)
   for dotted, value in (overrides or {}).items():
-    parent = config
+    problem = unknown_field(config, dotted)
+    if problem:
+      raise ConfigError(f"{spec}: {problem}")
     *head, leaf = dotted.split(".")
-    for part in head:
-      parent = parent[part]
-    if leaf not in parent:
-      raise ConfigError(f"{spec}: unknown config field {dotted!r}; fields here: "
-                        f"{', '.join(sorted(parent.keys()))}")
+    parent = field_value(config, ".".join(head)) if head else config
     parent[leaf] = value
   return validate(config)

@@ -8,14 +8,17 @@
 llm_config.json and vit_config.json and writes an Orbax checkpoint (params/, bagel_config.json,
 tokenizer files). `--to hf` writes the model directory back. Parameters are sharded over the
 devices while converting (`--fsdp`), so a model larger than one accelerator converts too. An
-existing destination is refused unless --overwrite; errors exit with status 1 and say why.
+existing destination is refused unless --overwrite. A bad input (a missing or unusable source, a
+stage's workdir given for its model, an unwritable destination) is one `error:` line and exit
+status 2.
 """
 
-import sys
+from robust_u1_jax import cli  # first: its quiet environment is set before jax loads
+
+import os
 
 from absl import app
 from absl import flags
-from absl import logging
 import jax
 
 from robust_u1_jax import sharding
@@ -47,32 +50,46 @@ def _mesh():
   return sharding.make_mesh({"data": 1, "fsdp": len(devices), "tensor": 1}, devices)
 
 
+def check_source(src: str, to_hf: bool) -> None:
+  """--src is what the direction reads: an Orbax model checkpoint for --to (a stage's workdir
+  holds one in model/), a BAGEL model directory for --from."""
+  if not os.path.isdir(src):
+    raise cli.PathError(f"--src {src}: no such folder" if not os.path.exists(src) else
+                        f"--src {src}: a file; give a folder")
+  has_config = os.path.isfile(os.path.join(src, orbax_io.CONFIG))
+  if to_hf and not has_config and os.path.isdir(os.path.join(src, "model")):
+    raise cli.PathError(f"--src {src}: a stage's workdir, not a model checkpoint; its model is "
+                        f"--src {os.path.join(src, 'model')}")
+  if not to_hf and has_config:
+    raise cli.PathError(f"--src {src}: an Orbax checkpoint (it has {orbax_io.CONFIG}); convert "
+                        "it with --to hf, or give a BAGEL model directory to --from hf")
+
+
 def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every file at INFO
   missing = [f"--{f.name}" for f in (_SRC, _DST) if not f.value]
   if missing:
     raise app.UsageError(f"missing {', '.join(missing)}")
   if (_FROM.value is None) == (_TO.value is None):
     raise app.UsageError("give exactly one of --from hf (model dir -> Orbax) or --to hf "
                          "(Orbax -> model dir)")
-  try:
-    if _FROM.value:
-      out = orbax_io.hf_to_orbax(_SRC.value, _DST.value, overwrite=_OVERWRITE.value,
-                                 allow_pickle=_ALLOW_PICKLE.value, param_dtype=_PARAM_DTYPE.value,
-                                 mesh=_mesh(), progress=_PROGRESS.value)
-    else:
-      out = orbax_io.orbax_to_hf(_SRC.value, _DST.value, overwrite=_OVERWRITE.value,
-                                 save_dtype=_SAVE_DTYPE.value, mesh=_mesh(),
-                                 progress=_PROGRESS.value)
-  except (FileNotFoundError, FileExistsError, ValueError) as e:  # CheckpointError included
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  check_source(_SRC.value, to_hf=bool(_TO.value))
+  if os.path.exists(_DST.value) and not _OVERWRITE.value:
+    raise cli.PathError(f"--dst {_DST.value}: already exists; give a new folder or --overwrite")
+  cli.output_dir(os.path.dirname(os.path.abspath(_DST.value)), f"--dst {_DST.value}: its folder",
+                 create=False)
+  if _FROM.value:
+    out = orbax_io.hf_to_orbax(_SRC.value, _DST.value, overwrite=_OVERWRITE.value,
+                               allow_pickle=_ALLOW_PICKLE.value, param_dtype=_PARAM_DTYPE.value,
+                               mesh=_mesh(), progress=_PROGRESS.value)
+  else:
+    out = orbax_io.orbax_to_hf(_SRC.value, _DST.value, overwrite=_OVERWRITE.value,
+                               save_dtype=_SAVE_DTYPE.value, mesh=_mesh(),
+                               progress=_PROGRESS.value)
   print(f"wrote {out}")
   return 0
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -6,9 +6,16 @@
       --seed 1 --out flare.png
   python -m robust_u1_jax.corrupt --image in.png --type robust_r1_pipeline --out degraded.png
 
-An unknown name or an out-of-range level exits with status 1 and prints the valid values.
+The image is read by the training pipeline's decoder (16-bit grey scaled, transparency composited
+on white, EXIF orientation applied; a note on stderr says when it changed something). An image
+with a side below --min_side is refused, as training skips it. A missing folder of --out is
+created. A bad input (an unknown name, an out-of-range level, an unreadable or too small image, an
+unwritable --out) is one `error:` line and exit status 2.
 """
 
+from robust_u1_jax import cli  # first: its quiet environment is set before jax loads
+
+import difflib
 import sys
 
 from absl import app
@@ -18,6 +25,12 @@ import numpy as np
 from PIL import Image
 
 from robust_u1_jax.data import corruptions
+from robust_u1_jax.data import transforms
+from robust_u1_jax.inference import images
+
+# The model's resize rule (BAGEL's) sets the default smallest side, as data.min_image_side does.
+DEFAULT_MIN_SIDE = transforms.default_min_side(images.ImageRules.vae_stride,
+                                               images.ImageRules.vit_stride)
 
 _LIST = flags.DEFINE_bool("list", False, "Print every corruption name and its family, one a line.")
 _IMAGE = flags.DEFINE_string("image", None, "Input image (any format PIL reads).")
@@ -27,7 +40,12 @@ _TYPE = flags.DEFINE_string(
 _SEVERITY = flags.DEFINE_integer("severity", None, "ImageNet-C severity 1..5.")
 _INTENSITY = flags.DEFINE_float("intensity", None, "Robust-R1 intensity in [0, 1].")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the jax.random key.")
-_OUT = flags.DEFINE_string("out", None, "Output image path (format from the extension).")
+_OUT = flags.DEFINE_string("out", None, "Output image path (format from the extension; a missing "
+                           "folder is created).")
+_MIN_SIDE = flags.DEFINE_integer(
+    "min_side", None, f"Refuse images with a side below this many pixels (default "
+    f"{DEFAULT_MIN_SIDE}, from BAGEL's resize rule, as data.min_image_side; Robust-R1 "
+    "degradations need at least 32).")
 
 
 def list_lines() -> list[str]:
@@ -35,14 +53,42 @@ def list_lines() -> list[str]:
   return lines + [f"{corruptions.PIPELINE}\trobust_r1/pipeline"]
 
 
+def smallest_side(qualified: str, min_side: int | None = None) -> int:
+  """The smallest image side `corrupt` accepts for a resolved corruption name."""
+  side = DEFAULT_MIN_SIDE if min_side is None else min_side
+  if qualified == corruptions.PIPELINE or qualified.startswith("robust_r1/"):
+    from robust_u1_jax.data.corruptions import robust_r1_common
+
+    side = max(side, robust_r1_common.MIN_SIDE)  # the Robust-R1 degradations' own limit
+  return side
+
+
 def run(image_path: str, name: str, out_path: str, *, severity=None, intensity=None,
-        seed: int = 0) -> None:
-  """Reads `image_path` as RGB, corrupts it, writes `out_path`."""
-  with Image.open(image_path) as im:
-    image = np.asarray(im.convert("RGB"))
-  out = corruptions.corrupt(image, name, jax.random.key(seed), severity=severity,
-                            intensity=intensity)
-  Image.fromarray(np.asarray(out)).save(out_path)
+        seed: int = 0, min_side: int | None = None, say=None) -> np.ndarray:
+  """Reads `image_path` (the pipeline's decoder), corrupts it, writes `out_path`; returns the
+  corrupted image. `say(line)` gets the decoder's notes. Raises cli.Error, PathError or
+  BadImageError for a bad input, before any corruption runs."""
+  try:
+    qualified, _ = corruptions.resolve(name, severity=severity, intensity=intensity)
+  except ValueError as e:
+    if not str(e).startswith("unknown corruption"):
+      raise cli.Error(str(e)) from None  # a level that does not fit the corruption
+    names = [n for line in list_lines() for n in (line.split("\t")[0],
+                                                  line.split("\t")[0].split("/")[-1])]
+    near = difflib.get_close_matches(name, sorted(set(names)), n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(near)}? " if near else ""
+    raise cli.Error(f"--type {name}: unknown corruption; {hint}`--list` prints every name"
+                    ) from None
+  cli.output_file(out_path, "--out", image=True)
+  notes: list[str] = []
+  image = transforms.read_image(image_path, min_side=smallest_side(qualified, min_side),
+                                notes=notes)
+  for note in notes:
+    (say or print)(f"note: {image_path}: {note}")
+  out = np.asarray(corruptions.corrupt(image, name, jax.random.key(seed), severity=severity,
+                                       intensity=intensity))
+  Image.fromarray(out).save(out_path, format=cli.image_format(out_path))
+  return out
 
 
 def main(argv) -> int:
@@ -54,15 +100,14 @@ def main(argv) -> int:
   missing = [f"--{f.name}" for f in (_IMAGE, _TYPE, _OUT) if f.value is None]
   if missing:
     raise app.UsageError(f"missing {', '.join(missing)} (or use --list)")
-  try:
-    run(_IMAGE.value, _TYPE.value, _OUT.value, severity=_SEVERITY.value,
-        intensity=_INTENSITY.value, seed=_SEED.value)
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  print(f"wrote {_OUT.value}")
+  if _MIN_SIDE.value is not None and _MIN_SIDE.value < 1:
+    raise app.UsageError(f"--min_side must be >= 1, got {_MIN_SIDE.value}")
+  out = run(_IMAGE.value, _TYPE.value, _OUT.value, severity=_SEVERITY.value,
+            intensity=_INTENSITY.value, seed=_SEED.value, min_side=_MIN_SIDE.value,
+            say=lambda line: print(line, file=sys.stderr))
+  print(f"wrote {_OUT.value} ({out.shape[1]} x {out.shape[0]})")
   return 0
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

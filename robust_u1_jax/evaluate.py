@@ -3,14 +3,20 @@
   python -m robust_u1_jax.evaluate --config configs/eval.py:tiny --model /tmp/robust_u1/reason \
       --config.clip_checkpoint=/tmp/demo/clip/model/clip.safetensors
 
-writes report.md, report.json and PNG figures into --out (default: <model's parent>/eval). A
-model directory or benchmark file that cannot be used is one `error:` line and exit status 2.
+writes report.md, report.json and PNG figures into --out (default: <model's parent>/eval). The
+config, the files it names (the model, the CLIP checkpoint, benchmark tables, models to compare)
+and --out are checked before any model loads; a bad one (or a model directory that cannot be used)
+is one `error:` line and exit status 2.
 """
 
-import sys
+from robust_u1_jax import cli  # first: its quiet environment is set before jax loads
 
-from absl import app, flags, logging
+import os
+
+from absl import app, flags
 from ml_collections import config_flags
+
+from robust_u1_jax import config_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/eval.py:tiny",
                                           "Evaluation config: path.py:variant.", lock_config=True)
@@ -22,26 +28,26 @@ _OUT = flags.DEFINE_string("out", None, "Report directory (overrides config.out)
 def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from robust_u1_jax.eval import run  # after flags: keeps --help fast
-
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-
   config = _CONFIG.value
   with config.unlocked():
     config.model = _MODEL.value or config.model
     config.out = _OUT.value or config.out
   if not config.model:
     raise app.UsageError("give --model (a model directory, Orbax checkpoint or stage workdir)")
-  try:
-    run.run(config)
-  except (OSError, ValueError) as e:  # missing files, unusable models and tables: named inside
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  if _MODEL.value and not os.path.isdir(_MODEL.value):
+    raise cli.PathError(f"--model {_MODEL.value}: no such model directory (give a model "
+                        "directory, an Orbax checkpoint or a stage's workdir)")
+  config_lib.validate(config)
+  config_lib.check_inputs(config)
+  with config.unlocked():  # the default report folder, checked (and created) now
+    config.out = config.out or os.path.join(
+        os.path.dirname(os.path.abspath(config.model.rstrip("/"))), "eval")
+  cli.output_dir(config.out, "--out" if _OUT.value else "the report folder (--out)")
+  from robust_u1_jax.eval import run  # after the checks: fast errors
+
+  run.run(config)  # ends with "report: <path>"
   return 0
 
 
 if __name__ == "__main__":
-  from robust_u1_jax import recover  # its help handling: --help exits with status 0
-
-  recover.run_program(main)
+  cli.run(main)

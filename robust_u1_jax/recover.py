@@ -14,7 +14,9 @@ re-run resumes. Images come out at their VAE size (BAGEL's resize rule of the mo
 folder's sorted listing draws its noise (that of --sde's step included) from
 fold_in(PRNGKey(--seed), i), so batching and resuming do not change it. An unreadable image or an
 unusable model directory is one `error:` line: exit status 2 (a folder goes on with its other
-images, lists the failures and exits with 1).
+images, lists the failures and exits with 1). An image with a side below the smallest the model's
+resize rule accepts (one VAE stride or ViT patch, 16 pixels for BAGEL) is refused, as training
+skips it. --out is checked before the model loads (a missing folder is created).
 
 Precompute the reasoning stage's recoveries (reason.recovered_images=cache): every record the run
 will read in its steps, recovered by the model in `init_from`, as PNGs in a cache directory:
@@ -25,10 +27,14 @@ will read in its steps, recovered by the model in `init_from`, as PNGs in a cach
       --config.init_from=/tmp/rl --config.reason.recovered_images=cache \
       --config.reason.recovery_cache=/tmp/recovered
 
-Re-running resumes: images already in the cache are skipped.
+Re-running resumes: images already in the cache are skipped. The config's files and the cache
+folder (created if missing; a file or a read-only folder is refused) are checked before any model
+is built.
 """
 
 from __future__ import annotations
+
+from robust_u1_jax import cli  # first: its quiet environment is set before jax loads
 
 import math
 import os
@@ -51,7 +57,7 @@ USER_ONLY = ("model", "image", "out", "prompt", "batch", "seed", "sde", "cfg_tex
              "shift", "dtype", "mesh", "tokenizer")
 
 
-class InputError(Exception):
+class InputError(cli.Error):
   """An input the command cannot use; the message starts with the path (or flag) at fault."""
 
 
@@ -117,19 +123,35 @@ def define_flags(values: flags.FlagValues = flags.FLAGS,
 # -- helpers shared with `answer` -----------------------------------------------------------------
 
 
-def read_image(path: str) -> np.ndarray:
-  """uint8 RGB pixels of an image file, through the one decoder training uses."""
+def read_image(path: str, min_side: int = 0) -> np.ndarray:
+  """uint8 RGB pixels of an image file, through the one decoder training uses; InputError for a
+  file that is missing, no image, or has a side below `min_side`."""
   from robust_u1_jax.data import transforms
 
   try:
-    with open(path, "rb") as f:
-      data = f.read()
-  except OSError as e:
-    raise InputError(f"{path}: {e.strerror or e}") from None
-  try:
-    return transforms.decode_image(data)
+    return transforms.read_image(path, min_side=min_side)
   except transforms.BadImageError as e:
-    raise InputError(f"{path}: {e}") from None
+    raise InputError(str(e)) from None
+
+
+def model_rules(model: str):
+  """The resize rules of the model `model` (a directory or a stage's workdir), read without
+  loading it; InputError for a path that is no model directory."""
+  from robust_u1_jax.inference import engine as engine_lib
+  from robust_u1_jax.inference import images as images_lib
+
+  try:
+    return images_lib.ImageRules.for_model_dir(engine_lib.resolve_model_dir(model))
+  except (OSError, ValueError) as e:
+    text = str(e)
+    raise InputError(f"--model {text}" if text.startswith(model) else text) from None
+
+
+def min_side(rules) -> int:
+  """The smallest image side a model takes (data.min_image_side's default)."""
+  from robust_u1_jax.data import transforms
+
+  return transforms.default_min_side(rules.vae_stride, rules.vit_stride)
 
 
 def write_image(path: str, image: np.ndarray) -> None:
@@ -147,21 +169,13 @@ def write_image(path: str, image: np.ndarray) -> None:
       os.remove(tmp)
 
 
-def make_dirs(path: str) -> None:
-  try:
-    os.makedirs(path, exist_ok=True)
-  except OSError as e:
-    raise InputError(f"{path}: cannot create the folder ({e.strerror or e})") from None
+def make_dirs(path: str, flag: str = "--out") -> None:
+  """Creates the folder `path` if missing and checks it can be written (cli.PathError)."""
+  cli.output_dir(path, flag)
 
 
 def image_format(path: str) -> str:
-  from PIL import Image
-
-  extension = os.path.splitext(path)[1].lower()
-  fmt = Image.registered_extensions().get(extension)
-  if fmt is None:
-    raise InputError(f"{path}: unknown image extension {extension!r}; use .png")
-  return fmt
+  return cli.image_format(path)
 
 
 def make_mesh(spec: str):
@@ -234,14 +248,14 @@ def _recover_file(values: flags.FlagValues, sampler, instruction: str) -> int:
   out = values.out or os.path.join(os.path.dirname(path), name)
   if os.path.isdir(out):
     out = os.path.join(out, name)
-  image_format(out)
-  image = read_image(path)  # a bad image fails before the model loads
+  # A bad image, --model or --out fails before the model loads.
+  image = read_image(path, min_side(model_rules(values.model)))
+  cli.output_file(out, "--out", image=True, create=False)  # created once there is a recovery
   engine = load_engine(values)
   vae_image = engine.rules.prepare(image)[0]
   recovered, _ = engine.recover([vae_image], sampler=sampler, keys=image_keys(values.seed, [0]),
                                 instruction=instruction)
-  if os.path.dirname(out):
-    make_dirs(os.path.dirname(out))
+  make_dirs(os.path.dirname(os.path.abspath(out)))
   try:
     write_image(out, recovered[0])
   except OSError as e:
@@ -264,9 +278,6 @@ def output_names(names: Sequence[str]) -> dict[str, str]:
 def _recover_folder(values: flags.FlagValues, sampler, instruction: str) -> int:
   import tqdm
 
-  from robust_u1_jax.inference import engine as engine_lib
-  from robust_u1_jax.inference import images as images_lib
-
   folder = values.image.rstrip(os.sep) or values.image
   out_dir = values.out or f"{os.path.abspath(folder)}_recovered"
   if os.path.abspath(out_dir) == os.path.abspath(folder):
@@ -275,10 +286,7 @@ def _recover_folder(values: flags.FlagValues, sampler, instruction: str) -> int:
   # Hidden files are left out: an interrupted write's temporary file is one of them.
   names = sorted(e.name for e in os.scandir(folder) if e.is_file() and not e.name.startswith("."))
   outputs = output_names(names)
-  try:
-    rules = images_lib.ImageRules.for_model_dir(engine_lib.resolve_model_dir(values.model))
-  except (OSError, ValueError) as e:
-    raise InputError(str(e)) from None
+  rules = model_rules(values.model)
   make_dirs(out_dir)
   skipped = [n for n in names if os.path.exists(os.path.join(out_dir, outputs[n]))]
   failed: dict[str, str] = {}
@@ -294,7 +302,7 @@ def _recover_folder(values: flags.FlagValues, sampler, instruction: str) -> int:
   for i in tqdm.tqdm(pending, desc="reading", unit="image", disable=not values.progress,
                      dynamic_ncols=True):
     try:
-      image = read_image(os.path.join(folder, names[i]))
+      image = read_image(os.path.join(folder, names[i]), min_side(rules))
     except InputError as e:
       fail(names[i], str(e))
       continue
@@ -312,7 +320,7 @@ def _recover_folder(values: flags.FlagValues, sampler, instruction: str) -> int:
         for i in chunk:
           path = os.path.join(folder, names[i])
           try:
-            vae_image = engine.rules.prepare(read_image(path))[0]
+            vae_image = engine.rules.prepare(read_image(path, min_side(rules)))[0]
           except InputError as e:  # changed since pass 1
             fail(names[i], str(e))
             continue
@@ -356,7 +364,7 @@ def _recover_images(values: flags.FlagValues) -> int:
     if os.path.isdir(values.image):
       return _recover_folder(values, sampler, instruction)
     return _recover_file(values, sampler, instruction)
-  except InputError as e:
+  except cli.Error as e:  # InputError, and cli.PathError of --out
     error(str(e))
     return EXIT_BAD_INPUT
 
@@ -374,6 +382,10 @@ def _build_cache(values: flags.FlagValues) -> int:
   directory = values.cache_dir or config.reason.recovery_cache
   if not directory:
     raise app.UsageError("give --cache_dir or --config.reason.recovery_cache")
+  # Checked before any model is built. The cache is what this writes, so the stage's own check
+  # of reason.recovery_cache (an existing folder) does not apply here.
+  config_lib.check_inputs(config, recovery_cache=False)
+  make_dirs(directory, "--cache_dir" if values.cache_dir else "reason.recovery_cache")
   counts = recovery_cache.build(config, directory, steps=values.steps or 0,
                                 progress=values.progress)
   print(f"{directory}: {counts['written']} recoveries written, {counts['skipped']} already there",
@@ -417,16 +429,6 @@ def main(argv) -> int:
   return _run(flags.FLAGS)
 
 
-def run_program(main_fn) -> None:
-  """app.run(main_fn), except that asking for help exits with status 0 (absl's exits with 1)."""
-  args = sys.argv[1:sys.argv.index("--")] if "--" in sys.argv else sys.argv[1:]
-  if "--helpfull" in args:
-    app.usage(shorthelp=False, writeto_stdout=True, exitcode=0)
-  if {"--help", "--helpshort", "-h", "-?"} & set(args):
-    app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)
-  app.run(main_fn)
-
-
 if __name__ == "__main__":
   define_flags()
-  run_program(main)
+  cli.run(main)

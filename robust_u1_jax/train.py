@@ -6,10 +6,16 @@
   python -m robust_u1_jax.train --config configs/demo.py --workdir runs/demo  # every stage
 
 Re-running with the same workdir resumes from its newest checkpoint (the demo: skips finished
-parts and resumes the interrupted one).
+parts and resumes the interrupted one); a finished workdir says so at once. The config, the files
+it names (init_from, the data, the recovery cache, the CLIP checkpoint) and the workdir are
+checked before any model is built: a bad one is one `error:` line and exit status 2.
 """
 
-from absl import app, flags, logging
+from robust_u1_jax import cli  # first: its quiet environment is set before jax loads
+
+import os
+
+from absl import app, flags
 from ml_collections import config_flags
 
 from robust_u1_jax import config_lib
@@ -20,18 +26,44 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and the
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def main(argv):
-  del argv
-  from robust_u1_jax.training import demo, stages, trainer  # after flags: keeps --help fast
-
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
+def main(argv) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = config_lib.validate(_CONFIG.value)
+  config_lib.check_inputs(config)  # before anything is built: a wrong path fails at once
+  workdir = cli.output_dir(_WORKDIR.value, "--workdir")
+  from robust_u1_jax.data import multihost
+  from robust_u1_jax.training import demo, stages, trainer  # after the checks: fast errors
+
+  # A multi-process run (launch/) joins its peers before anything touches a device.
+  multihost.initialize_distributed()
+
   if config.stage == "demo":
-    demo.run(config, _WORKDIR.value)
-  else:
-    trainer.train(config, _WORKDIR.value, stages.builder(config.stage))
+    report = demo.run(config, workdir)
+    print(f"results in {workdir}: a workdir per part, the report {report}", flush=True)
+    return 0
+  finished_before = finished(workdir, config.total_steps)  # the trainer says so itself
+  trainer.train(config, workdir, stages.builder(config.stage))
+  if not finished_before:
+    print(results_message(workdir, config.total_steps), flush=True)
+  return 0
+
+
+def finished(workdir: str, total_steps: int) -> bool:
+  from robust_u1_jax.training import checkpoint as checkpoint_lib
+
+  step = checkpoint_lib.latest_step(workdir)
+  return step is not None and step >= total_steps and os.path.isdir(os.path.join(workdir, "model"))
+
+
+def results_message(workdir: str, total_steps: int) -> str:
+  """Where a run's results are: the model when the run reached its last step, else how to go on."""
+  if finished(workdir, total_steps):
+    return (f"model: {os.path.join(workdir, 'model')}; metrics: "
+            f"{os.path.join(workdir, 'metrics.jsonl')}, TensorBoard: "
+            f"{os.path.join(workdir, 'tensorboard')}")
+  return f"checkpoints in {os.path.join(workdir, 'checkpoints')}: run the same command to resume"
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

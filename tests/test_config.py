@@ -99,5 +99,65 @@ def test_config_flags_override_on_the_command_line(tmp_path):
   out = subprocess.run(
       [sys.executable, str(script), "--config", f"{SFT}:tiny",
        "--config.data.batch_size=5", "--config.optimizer.learning_rate=0.5"],
-      capture_output=True, text=True, check=True)
+      capture_output=True, text=True, check=True,
+      env={**os.environ, "PYTHONPATH": ROOT})  # the configs import the package from this checkout
   assert out.stdout.split() == ["5", "0.5"]
+
+
+def test_unknown_fields_are_named_with_the_nearest_or_the_list():
+  c = config_lib.load_file(f"{SFT}:tiny")
+  assert config_lib.unknown_field(c, "data.batch_size") is None
+  assert config_lib.unknown_field(c, "data.batchsize") == (
+      "no field data.batchsize; did you mean data.batch_size?")
+  listed = config_lib.unknown_field(c, "foo")
+  assert listed.startswith("no field foo; the fields are ") and "total_steps" in listed
+  assert config_lib.unknown_field(c, "data.foo.bar").startswith(
+      "no field data.foo; the fields of data are batch_size, ")
+  assert config_lib.unknown_field(c, "seed.x") == "no field seed.x: seed holds a value (0), not " \
+      "fields"
+  with pytest.raises(config_lib.ConfigError, match="did you mean optimizer.learning_rate"):
+    config_lib.load(f"{SFT}:tiny", {"optimizer.learningrate": 0.1})
+
+
+def test_min_image_side():
+  c = config_lib.load(f"{SFT}:tiny", {"data.min_image_side": 24})
+  assert c.data.min_image_side == 24 and c.eval_data.min_image_side == 0
+  with pytest.raises(config_lib.ConfigError, match="data.min_image_side"):
+    config_lib.load(f"{SFT}:tiny", {"data.min_image_side": -1})
+
+
+def test_inputs_are_checked_before_a_run(tmp_path):
+  """check_inputs: every path a config names exists and is a file or folder as it must be."""
+  (tmp_path / "images").mkdir()
+  (tmp_path / "rows.jsonl").write_text("{}\n")
+  config_lib.check_inputs(config_lib.load(f"{SFT}:tiny"))  # the built-in world: nothing to check
+  config_lib.check_inputs(config_lib.load(f"{SFT}:tiny", {
+      "init_from": str(tmp_path), "data.source": "folder", "data.path": str(tmp_path / "images"),
+      "eval_data.source": "jsonl", "eval_data.path": str(tmp_path / "rows.jsonl")}))
+  missing = str(tmp_path / "missing")
+  cases = [
+      (SFT, {"init_from": missing}, "init_from = '.*missing': no such file or folder; give "
+       "'random'"),
+      (SFT, {"data.source": "folder", "data.path": missing}, "data.path = .*: no such folder"),
+      (SFT, {"data.source": "folder", "data.path": str(tmp_path / "rows.jsonl")},
+       "data.path = .*: a file, not a folder"),
+      (SFT, {"eval_data.source": "jsonl", "eval_data.path": str(tmp_path / "images")},
+       "eval_data.path = .*: a folder, not a file"),
+      (SFT, {"data.tokenizer_dir": missing}, "data.tokenizer_dir"),
+      (os.path.join(ROOT, "configs", "rl.py"), {"init_from": "random",
+                                                "rl.clip_checkpoint": missing},
+       "rl.clip_checkpoint"),
+      (os.path.join(ROOT, "configs", "reason.py"), {
+          "init_from": "random", "reason.recovered_images": "cache",
+          "reason.recovery_cache": missing}, "reason.recovery_cache = .*: no such folder"),
+      (os.path.join(ROOT, "configs", "eval.py"), {"model": missing}, "model = .*: no such folder"),
+  ]
+  for path, overrides, message in cases:
+    config = config_lib.load(f"{path}:tiny", overrides)
+    with pytest.raises(config_lib.ConfigError, match=message):
+      config_lib.check_inputs(config)
+  # The command that writes the recovery cache does not need it to exist yet.
+  config_lib.check_inputs(config_lib.load(f"{ROOT}/configs/reason.py:tiny", {
+      "init_from": "random", "reason.recovered_images": "cache",
+      "reason.recovery_cache": missing}), recovery_cache=False)
+  config_lib.check_inputs(config_lib.load(f"{SFT}:tiny", {"init_from": "gs://bucket/model"}))

@@ -8,9 +8,9 @@ import sys
 import jax
 import numpy as np
 import pytest
-from absl import app, flags
+from absl import flags
 
-from robust_u1_jax import convert, sharding
+from robust_u1_jax import cli, convert, sharding
 from robust_u1_jax.checkpoints import bagel_dir, loader, orbax_io
 from robust_u1_jax.models import bagel
 
@@ -96,25 +96,30 @@ def main_with_flags():
   def run(*args):
     flags.FLAGS.unparse_flags()
     flags.FLAGS(["convert", "--noprogress", *args])
-    return convert.main(["convert"])
+    return cli.call(convert.main, ["convert"])  # as the program: a bad input is exit status 2
 
   yield run
   flags.FLAGS.unparse_flags()
 
 
 def test_cli_errors(model_dir, orbax_dir, tmp_path, main_with_flags, capsys):
-  assert main_with_flags("--from", "hf", "--src", model_dir, "--dst", orbax_dir) == 1
+  assert main_with_flags("--from", "hf", "--src", model_dir, "--dst", orbax_dir) == 2
   assert "already exists" in capsys.readouterr().err and os.path.isdir(orbax_dir)
   missing = str(tmp_path / "nowhere")
-  assert main_with_flags("--to", "hf", "--src", missing, "--dst", str(tmp_path / "x")) == 1
-  assert f"source directory not found: {missing}" in capsys.readouterr().err
+  assert main_with_flags("--to", "hf", "--src", missing, "--dst", str(tmp_path / "x")) == 2
+  assert f"error: --src {missing}: no such folder" in capsys.readouterr().err
   # An Orbax checkpoint is not a model directory: the error says what was expected.
-  assert main_with_flags("--from", "hf", "--src", orbax_dir, "--dst", str(tmp_path / "y")) == 1
+  assert main_with_flags("--from", "hf", "--src", orbax_dir, "--dst", str(tmp_path / "y")) == 2
+  assert "convert it with --to hf" in capsys.readouterr().err
+  # A model directory without its LLM config: the loader names the file.
+  partial = tmp_path / "partial"
+  partial.mkdir()
+  assert main_with_flags("--from", "hf", "--src", str(partial), "--dst", str(tmp_path / "z")) == 2
   assert "llm_config.json" in capsys.readouterr().err
-  with pytest.raises(app.UsageError, match="exactly one of"):
-    main_with_flags("--from", "hf", "--to", "hf", "--src", model_dir, "--dst", missing)
-  with pytest.raises(app.UsageError, match="--dst"):
-    main_with_flags("--from", "hf", "--src", model_dir)
+  assert main_with_flags("--from", "hf", "--to", "hf", "--src", model_dir, "--dst", missing) == 2
+  assert "exactly one of" in capsys.readouterr().err
+  assert main_with_flags("--from", "hf", "--src", model_dir) == 2
+  assert "error: missing --dst" in capsys.readouterr().err
   assert not os.path.exists(str(tmp_path / "y")) and not os.path.exists(missing)
 
 

@@ -1,5 +1,7 @@
-"""`python -m robust_u1_jax.corrupt`: listing, writing corrupted images, and refusing bad input."""
+"""`python -m robust_u1_jax.corrupt`: listing, writing corrupted images through the pipeline's
+decoder, and refusing bad input (more bad inputs in test_cli_errors.py)."""
 
+import io
 import os
 import re
 import subprocess
@@ -13,16 +15,19 @@ from PIL import Image
 import pytest
 import skimage.data
 
+from robust_u1_jax import cli as cli_lib
 from robust_u1_jax import corrupt as cli
 from robust_u1_jax.data import corruptions
+from robust_u1_jax.data import transforms
 
 
 def _run_main(capsys, *args: str) -> tuple[int, str, str]:
-  """main() with these flags, in process (a JAX import per subprocess is slow); restores flags."""
+  """main() with these flags, in process (a JAX import per subprocess is slow), with the
+  program's error handling (cli.call); restores flags."""
   with flagsaver.flagsaver():
     flags.FLAGS.unparse_flags()
     flags.FLAGS(["corrupt", *args])
-    rc = cli.main(["corrupt"])
+    rc = cli_lib.call(cli.main, ["corrupt"])
   out = capsys.readouterr()
   return rc, out.out, out.err
 
@@ -50,7 +55,7 @@ def test_writes_the_library_result(capsys, image_path, tmp_path):
   out_path = tmp_path / "out.png"
   rc, out, _ = _run_main(capsys, f"--image={image_path}", "--type=jpeg_compression",
                          "--severity=4", "--seed=3", f"--out={out_path}")
-  assert rc == 0 and "wrote" in out
+  assert rc == 0 and out.strip().splitlines()[-1] == f"wrote {out_path} (80 x 48)"
   written = np.asarray(Image.open(out_path))
   clean = np.asarray(Image.open(image_path))
   expected = corruptions.corrupt(clean, "imagenet_c/jpeg_compression", jax.random.key(3),
@@ -77,23 +82,80 @@ def test_pipeline_with_intensity(capsys, image_path, tmp_path):
     (["--type=lens_flare", "--intensity=1.5"], r"allowed a float in \[0, 1\]"),
     (["--type=robust_r1_pipeline", "--severity=2"], "takes an intensity"),
 ])
-def test_bad_levels_exit_nonzero(capsys, image_path, tmp_path, args, message):
+def test_bad_levels_exit_2(capsys, image_path, tmp_path, args, message):
   out_path = tmp_path / "never.png"
   rc, _, err = _run_main(capsys, f"--image={image_path}", f"--out={out_path}", *args)
-  assert rc == 1
+  assert rc == 2
+  assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
   assert re.search(message, err), err
   assert not out_path.exists()
 
 
-def test_unknown_name_exits_nonzero_listing_names(image_path, tmp_path):
-  """Through the real entry point: app.run turns main's return value into the exit status."""
+def test_unknown_name_exits_2_with_the_nearest_names(image_path, tmp_path):
+  """Through the real entry point: cli.run turns the error into the exit status."""
   out_path = tmp_path / "never.png"
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   proc = subprocess.run(
       [sys.executable, "-m", "robust_u1_jax.corrupt", f"--image={image_path}", "--type=fogg",
        "--severity=1", f"--out={out_path}"],
       capture_output=True, text=True, env=env, timeout=120, check=False)
-  assert proc.returncode == 1
-  assert "unknown corruption 'fogg'" in proc.stderr
-  assert "imagenet_c/fog" in proc.stderr and "robust_r1_pipeline" in proc.stderr
+  assert proc.returncode == 2
+  assert proc.stderr == ("error: --type fogg: unknown corruption; did you mean fog? `--list` "
+                         "prints every name\n")
   assert not out_path.exists()
+
+
+def _png(image: Image.Image, **kw) -> bytes:
+  buf = io.BytesIO()
+  image.save(buf, format="PNG", **kw)
+  return buf.getvalue()
+
+
+def test_16_bit_grey_is_decoded_like_the_pipeline(capsys, tmp_path):
+  """Not washed out: the pipeline's decoder scales 16 bits to 8 (PIL's convert('RGB') clips)."""
+  ramp = np.linspace(0, 65535, 64 * 48).reshape(48, 64).astype(np.uint16)
+  path = tmp_path / "grey16.png"
+  path.write_bytes(_png(Image.fromarray(ramp)))
+  out_path = tmp_path / "out.png"
+  rc, _, err = _run_main(capsys, f"--image={path}", "--type=brightness", "--severity=1",
+                         f"--out={out_path}")
+  assert rc == 0, err
+  decoded = transforms.decode_image(path.read_bytes())
+  assert decoded.min() == 0 and decoded.max() == 255 and 100 < decoded.mean() < 155
+  expected = corruptions.corrupt(decoded, "imagenet_c/brightness", jax.random.key(0), severity=1)
+  np.testing.assert_array_equal(np.asarray(Image.open(out_path)), expected)
+
+
+def test_transparency_and_rotation_are_said(capsys, tmp_path):
+  rgba = np.zeros((40, 56, 4), np.uint8)
+  rgba[..., 0] = 200
+  rgba[:, :28, 3] = 255  # the right half transparent: white after compositing
+  exif = Image.Exif()
+  exif[0x0112] = 6  # stored sideways: turned 90 degrees clockwise on reading
+  path = tmp_path / "rgba.png"
+  path.write_bytes(_png(Image.fromarray(rgba, "RGBA"), exif=exif))
+  out_path = tmp_path / "out.png"
+  rc, _, err = _run_main(capsys, f"--image={path}", "--type=contrast", "--severity=1",
+                         f"--out={out_path}")
+  assert rc == 0, err
+  assert f"note: {path}: transparent pixels composited on white" in err
+  assert f"note: {path}: EXIF orientation 6 applied: turned 90 degrees clockwise" in err
+  assert Image.open(out_path).size == (40, 56)
+
+
+def test_too_small_images_are_refused(capsys, tmp_path):
+  for (h, w), kind, side in (((1, 1), "fog", 16), ((20, 40), "robust_r1_pipeline", 32)):
+    path = tmp_path / f"small_{h}x{w}.png"
+    Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(path)
+    level = "--severity=1" if kind == "fog" else "--intensity=0.5"
+    rc, _, err = _run_main(capsys, f"--image={path}", f"--type={kind}", level,
+                           f"--out={tmp_path / 'never.png'}")
+    assert rc == 2
+    assert err == (f"error: {path}: {w} x {h} pixels: a side below the smallest usable {side} "
+                   "(data.min_image_side; the resize would make up nearly every pixel)\n")
+  assert not (tmp_path / "never.png").exists()
+  # --min_side lowers the default (not the Robust-R1 degradations' own 32).
+  rc, _, err = _run_main(capsys, f"--image={tmp_path / 'small_1x1.png'}", "--type=fog",
+                         "--severity=1", "--min_side=1", f"--out={tmp_path / 'one.png'}")
+  assert rc == 0, err
+  assert cli.smallest_side("robust_r1/lens_flare", 1) == 32 and cli.smallest_side("fog", 1) == 1

@@ -3,6 +3,8 @@ the fly (seed determinism, epochs), and tokenisation."""
 
 import io
 import pickle
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -102,6 +104,61 @@ def test_decode_16_bit_grey_scaled_not_clipped(fmt):
   assert out[0, 3, 0] == 255 and out[0, 2, 0] == 128  # clipping would give 255 for both
 
 
+def _png_16_bit_rgb(a: np.ndarray) -> bytes:
+  """A 48-bit RGB PNG written by hand (PIL cannot write one)."""
+  h, w, _ = a.shape
+  raw = b"".join(b"\x00" + a[y].astype(">u2").tobytes() for y in range(h))
+
+  def chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(
+        ">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+  return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+          + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def test_decode_16_bit_rgb():
+  a = np.random.default_rng(0).integers(0, 65536, (5, 7, 3)).astype(np.uint16)
+  a[0, 0] = (0, 32896, 65535)
+  out = transforms.decode_image(_png_16_bit_rgb(a))
+  assert out.shape == (5, 7, 3) and out.dtype == np.uint8
+  np.testing.assert_array_equal(out[0, 0], [0, 128, 255])
+  assert np.abs(out - a.astype(float) * 255 / 65535).max() <= 1.0  # the high byte of each
+
+
+def test_decode_notes_say_what_changed():
+  rgba = np.full((3, 4, 4), 255, np.uint8)
+  notes = []
+  transforms.decode_image(_encode(Image.fromarray(rgba, "RGBA"), "PNG"), notes)
+  assert notes == ["transparent pixels composited on white"]
+  exif = Image.Exif()
+  exif[0x0112] = 8
+  notes = []
+  out = transforms.decode_image(_encode(Image.fromarray(_rgb(4, 6)), "PNG", exif=exif), notes)
+  assert out.shape == (6, 4, 3)
+  assert notes == ["EXIF orientation 8 applied: turned 90 degrees counter-clockwise"]
+  notes = []
+  transforms.decode_image(_encode(Image.fromarray(_rgb()), "PNG"), notes)
+  cmyk = Image.new("CMYK", (5, 4), (0, 255, 255, 0))
+  transforms.decode_image(_encode(cmyk, "JPEG"), notes)
+  assert notes == []  # plain RGB and CMYK: nothing to say
+
+
+def test_read_image_names_the_file(tmp_path):
+  good = tmp_path / "good.png"
+  Image.fromarray(_rgb(20, 30)).save(good)
+  assert transforms.read_image(str(good), min_side=16).shape == (20, 30, 3)
+  (tmp_path / "cut.png").write_bytes(good.read_bytes()[:60])
+  (tmp_path / "text.png").write_text("hello")
+  (tmp_path / "empty.png").write_bytes(b"")
+  cases = {"missing.png": "No such file or directory", "cut.png": "cannot decode image",
+           "text.png": "not an image", "empty.png": "empty file",
+           "good.png": "30 x 20 pixels: a side below the smallest usable 21"}
+  for name, reason in cases.items():
+    with pytest.raises(transforms.BadImageError, match=f"^{tmp_path / name}: {reason}"):
+      transforms.read_image(str(tmp_path / name), min_side=21)
+
+
 def test_decode_32_bit_int_and_float_modes():
   i32 = Image.fromarray(np.array([[0, 65535]], np.int32), "I")
   np.testing.assert_array_equal(transforms.pil_to_rgb(i32)[0, :, 0], [0, 255])
@@ -192,6 +249,49 @@ def test_bagel_resize_pixels_and_config():
   assert out["image"].shape == (64, 32, 3) and out["image_vit"].shape == (64, 40, 3)
   with pytest.raises(ValueError, match="'vae', 'vit'"):
     transforms.resize_rule(d, "clip")
+
+
+def test_images_below_the_smallest_side_are_counted_bad_records():
+  d = config_lib.get_data_config()  # BAGEL's rules: one VAE stride (16) > one ViT patch (14)
+  assert transforms.min_image_side(d) == 16 == transforms.default_min_side(16, 14)
+  d.min_image_side = 24
+  assert transforms.min_image_side(d) == 24
+  d.min_image_side = 0
+  d.vae_max_side, d.vae_min_side, d.vae_stride = 64, 32, 16
+  resize = transforms.ResizeImages.from_config(d, "vae", keys=("image", "target_image"))
+  records = [{"image": _rgb(1, 1), "path": "dot.png", "index": 0},
+             {"image": _rgb(64, 15), "path": "thin.png", "index": 1},
+             {"image": _rgb(16, 64), "path": "strip.png", "index": 2},
+             {"image": _rgb(40, 40), "target_image": _rgb(8, 8), "path": "pair.jsonl",
+              "target_image_path": "clean_8.png", "index": 3}]
+  out = [resize.map(r) for r in records]
+  assert [bad_records.is_skip(r) for r in out] == [True, True, False, True]
+  assert out[0][bad_records.SKIP] == ("image: 1 x 1 pixels: a side below the smallest usable 16 "
+                                      "(data.min_image_side; the resize would make up nearly "
+                                      "every pixel)")
+  assert out[3]["path"] == "clean_8.png" and out[3][bad_records.SKIP].startswith("target_image")
+  assert out[2]["image"].shape[:2] == transforms.bagel_size(16, 64, max_side=64, min_side=32,
+                                                            stride=16)  # 16 pixels is enough
+  tracker = bad_records.SkipTracker(0.9, min_seen=10)
+  kept = list(tracker.track(out))
+  assert len(kept) == 1 and tracker.metrics()["skipped"] == 3
+  assert [p for p, *_ in tracker.worst()] == ["clean_8.png", "dot.png", "thin.png"]
+
+
+def test_a_pipeline_skips_and_counts_a_tiny_image(tmp_path):
+  from robust_u1_jax.data import pipeline
+
+  for i in range(3):
+    Image.fromarray(_rgb(48, 64, seed=i)).save(tmp_path / f"good_{i}.png")
+  Image.fromarray(_rgb(1, 1)).save(tmp_path / "dot.png")
+  d = config_lib.get_data_config()
+  d.update(source="folder", path=str(tmp_path), corruption="none", batch_size=1, num_epochs=1,
+           shuffle=False, max_skip_ratio=0.5, vae_max_side=64, vae_min_side=32, vae_stride=16,
+           vit_max_side=64, vit_min_side=32, vit_patch=8)
+  p = pipeline.make_pipeline(d, seed=0)
+  batches = list(p)
+  assert len(batches) == 3
+  assert p.metrics() == {"skipped": 1, "seen": 4, "skip_ratio": 0.25}
 
 
 # -------------------------------------------------------------------------------------- corruption

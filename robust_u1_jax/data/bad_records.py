@@ -1,7 +1,8 @@
 """Bad-input accounting: skip markers, and a Grain filter that counts them and stops a bad run.
 
 Sources and transforms never raise on a broken input (unreadable, truncated, empty or non-image
-file, malformed JSONL or table row). They return a *skip marker* instead,
+file, malformed JSONL or table row, an image with a side below data.min_image_side). They return a
+*skip marker* instead,
 
   {'_skip': reason, 'path': file or table, 'index': record index}
 
@@ -32,7 +33,10 @@ DEFAULT_MIN_SEEN = 100
 
 
 class TooManyBadRecords(RuntimeError):
-  """More than `max_skip_ratio` of the records seen were unreadable."""
+  """More than `max_skip_ratio` of the records seen were unreadable or unusable.
+
+  An entry module reports it as one `error:` line (robust_u1_jax/cli.py) followed by the worst
+  files and the most recent skips, indented."""
 
 
 def skip_record(reason: str, path: str | None, index: int | None) -> dict:
@@ -148,7 +152,7 @@ class SkipTracker(grain.transforms.Filter):
                       for p, c, i, r in self.worst())
     recent = "\n".join(f"  {p or '<no path>'} (index {i}): {r}" for p, i, r in self.recent())
     raise TooManyBadRecords(
-        f"{self.name}: {skipped} of {seen} records were unreadable "
+        f"{self.name}: {skipped} of {seen} records were unreadable or unusable "
         f"({skipped / seen:.2%} > max_skip_ratio {self.max_skip_ratio:.2%}"
         f"{'' if final else f', checked after at least {self.min_seen} records'}). "
         f"Fix or remove these inputs, or raise data.max_skip_ratio.\n"

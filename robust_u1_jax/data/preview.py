@@ -8,10 +8,13 @@ The images come from the configured pipeline (`make_pipeline(config.data, seed=c
 stage=config.stage)`), so they are exactly what training reads first. Each cell shows the clean
 image, the corrupted one, and below them the applied corruptions with their levels. Then one
 question of the data with its target answer is printed (for sft/rl configs, from the same records
-through the 'reason' stage; sources without questions say so).
+through the 'reason' stage; sources without questions say so). A bad config, a missing data path or
+an unwritable --out is one `error:` line and exit status 2.
 """
 
 from __future__ import annotations
+
+from robust_u1_jax import cli  # first: its quiet environment is set before jax loads
 
 import math
 from collections.abc import Mapping, Sequence
@@ -31,7 +34,6 @@ GAP = 2  # between the clean and the corrupted tile of a cell
 LINE_HEIGHT = 12  # PIL's default bitmap font is about 11 px tall
 MIN_TILE = 128
 QUESTION_SOURCES = ("shapes", "vqa_tsv", "vqa_parquet")  # sources whose records hold questions
-
 
 
 def _define_flags() -> dict:
@@ -149,23 +151,29 @@ def preview(config, out_path: str, rows: int, cols: int) -> tuple[Image.Image, t
   return grid, question_and_answer(config)
 
 
-def main(argv, flag_values: Mapping) -> None:
+def main(argv, flag_values: Mapping) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = flag_values["config"].value
   if config is None:
     raise app.UsageError("--config is required, e.g. --config configs/sft.py:tiny")
   config_lib.validate_data(config.data, "data")
+  config_lib.check_data_inputs(config.data, "data")
   out, rows, cols = (flag_values[k].value for k in ("out", "rows", "cols"))
+  if rows < 1 or cols < 1:
+    raise app.UsageError(f"--rows {rows} --cols {cols}: both must be >= 1")
+  cli.output_file(out, "--out", image=True)
   grid, qa = preview(config, out, rows, cols)
-  print(f"wrote {out} ({grid.width} x {grid.height}): {rows * cols} clean / corrupted pairs "
-        f"from {config.data.source} ({config.data.corruption})")
   if qa is None:
     print(f"{config.data.source} records carry no questions")
   else:
     print(f"question:\n{qa[0]}\nanswer:\n{qa[1]}")
+  # Last, where it is seen: the file written.
+  print(f"wrote {out} ({grid.width} x {grid.height}): {rows * cols} clean / corrupted pairs "
+        f"from {config.data.source} ({config.data.corruption})")
+  return 0
 
 
 if __name__ == "__main__":
   _flag_values = _define_flags()
-  app.run(lambda argv: main(argv, _flag_values))
+  cli.run(lambda argv: main(argv, _flag_values))

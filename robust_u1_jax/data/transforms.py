@@ -4,11 +4,18 @@ Each transform is a pure function of one record (a dict) and a Grain `Map` (or `
 the pipeline can run it in worker processes. Every transform passes a skip marker
 (`bad_records.is_skip`) through untouched, and turns a bad input into a marker instead of raising.
 
-Decoding (`decode_image`): PIL, any mode to RGB uint8 H x W x 3, EXIF orientation applied first.
-Transparency (RGBA, LA, PA, P or L/RGB with a transparent colour) is composited on white, as BAGEL's
-`pil_img2rgb` does. 16-bit grey (I;16*, and I, read as 16-bit data) is scaled to 8 bits with
-rounding (v * 255 / 65535), not clipped; F (float) images are read as [0, 1] when their maximum is
-at most 1, else as [0, 255]. Everything else uses PIL's own conversion (1, L, P, CMYK, YCbCr, ...).
+Decoding (`decode_image`, and `read_image` for a file): PIL, any mode to RGB uint8 H x W x 3, EXIF
+orientation applied first. It is the one decoder of every entry point (pipelines, `corrupt`,
+`recover`, `answer`). Transparency (RGBA, LA, PA, P or L/RGB with a transparent colour) is
+composited on white, as BAGEL's `pil_img2rgb` does; 16-bit grey (I;16*, and I, read as 16-bit data)
+is scaled to 8 bits with rounding (v * 255 / 65535), not clipped; 16-bit RGB keeps its high byte
+(PIL's reading); F (float) images are read as [0, 1] when their maximum is at most 1, else as
+[0, 255]. Everything else uses PIL's own conversion (1, L, P, CMYK, YCbCr, ...). A `notes` list
+collects what a user should be told (transparency composited, an EXIF rotation applied).
+
+Smallest side (`default_min_side`, data.min_image_side): an image with a side below it is a bad
+record (a skip marker, counted by bad_records.SkipTracker), and `read_image` refuses it: the resize
+rule would blow it up to hundreds of pixels of interpolation (a 1 x 1 image becomes a flat square).
 
 Resizing (`bagel_size`, `bagel_resize`) follows BAGEL's `MaxLongEdgeMinShortEdgeResize`: scale so
 the long side is at most `max_side` (never upscaling for that), then so the short side is at least
@@ -51,6 +58,10 @@ IMAGENET_C_NAMES = tuple(imagenet_c.CORRUPTIONS)
 _CORRUPTION_STREAM = 0x5EED_C0DE
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+EXIF_ORIENTATION = 0x0112
+EXIF_TURNS = {2: "mirrored", 3: "turned 180 degrees", 4: "flipped", 5: "transposed",
+              6: "turned 90 degrees clockwise", 7: "transversed", 8: "turned 90 degrees "
+              "counter-clockwise"}
 
 
 class BadImageError(ValueError):
@@ -59,12 +70,19 @@ class BadImageError(ValueError):
 
 # ------------------------------------------------------------------------------------------ decode
 
-def pil_to_rgb(img: Image.Image) -> np.ndarray:
-  """A PIL image of any mode as uint8 H x W x 3 (see the module docstring for the rules)."""
+def pil_to_rgb(img: Image.Image, notes: list[str] | None = None) -> np.ndarray:
+  """A PIL image of any mode as uint8 H x W x 3 (see the module docstring for the rules).
+
+  `notes`, when given, gets a line for each change a user should hear of (transparency, rotation).
+  """
+  notes = [] if notes is None else notes
   try:
+    orientation = img.getexif().get(EXIF_ORIENTATION, 1)
     img = ImageOps.exif_transpose(img)
   except Exception:  # pylint: disable=broad-except
-    pass  # a malformed EXIF block: keep the pixels as stored rather than lose the image
+    orientation = 1  # a malformed EXIF block: keep the pixels as stored rather than lose the image
+  if orientation in EXIF_TURNS:
+    notes.append(f"EXIF orientation {orientation} applied: {EXIF_TURNS[orientation]}")
   mode = img.mode
   if mode in _SIXTEEN_BIT_MODES:
     grey = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
@@ -76,6 +94,7 @@ def pil_to_rgb(img: Image.Image) -> np.ndarray:
     grey8 = np.clip(np.rint(grey * scale), 0, 255).astype(np.uint8)
     return np.repeat(grey8[:, :, None], 3, axis=2)
   if mode in _ALPHA_MODES or "transparency" in img.info:
+    notes.append("transparent pixels composited on white")
     rgba = img.convert("RGBA")
     white = Image.new("RGB", rgba.size, (255, 255, 255))
     white.paste(rgba.convert("RGB"), mask=rgba.getchannel("A"))
@@ -85,17 +104,17 @@ def pil_to_rgb(img: Image.Image) -> np.ndarray:
   return np.ascontiguousarray(np.asarray(img, np.uint8))
 
 
-def decode_image(data: bytes) -> np.ndarray:
+def decode_image(data: bytes, notes: list[str] | None = None) -> np.ndarray:
   """Encoded image bytes (JPEG, PNG, WEBP, ... as PIL reads) -> uint8 H x W x 3.
 
-  Raises BadImageError saying why the bytes are not a usable image.
+  Raises BadImageError saying why the bytes are not a usable image. `notes`: see `pil_to_rgb`.
   """
   if data is None or len(data) == 0:
     raise BadImageError("empty file (0 bytes)")
   try:
     with Image.open(io.BytesIO(data)) as img:
       img.load()
-      rgb = pil_to_rgb(img)
+      rgb = pil_to_rgb(img, notes)
   except Image.UnidentifiedImageError:
     raise BadImageError(f"not an image: PIL cannot identify the format of {len(data)} bytes "
                         f"starting {bytes(data[:8])!r}") from None
@@ -106,6 +125,46 @@ def decode_image(data: bytes) -> np.ndarray:
   if rgb.ndim != 3 or rgb.shape[2] != 3 or 0 in rgb.shape:
     raise BadImageError(f"decoded image has unusable shape {rgb.shape}")
   return rgb
+
+
+def default_min_side(vae_stride: int, vit_patch: int) -> int:
+  """The smallest image side accepted by default: one VAE stride or one ViT patch, whichever is
+  larger (16 pixels for BAGEL). A smaller side holds less than one latent cell or patch, so
+  nearly every pixel the model would see is made up by the resize."""
+  return max(int(vae_stride), int(vit_patch))
+
+
+def min_image_side(data_config) -> int:
+  """data.min_image_side, or `default_min_side` of the data config's resize rules when 0."""
+  side = data_config.get("min_image_side", 0)
+  return int(side) if side else default_min_side(data_config.vae_stride, data_config.vit_patch)
+
+
+def size_problem(image: np.ndarray, min_side: int) -> str | None:
+  """Why an image is too small to use ('W x H pixels ...'), or None."""
+  h, w = image.shape[:2]
+  if min(h, w) >= min_side:
+    return None
+  return (f"{w} x {h} pixels: a side below the smallest usable {min_side} (data.min_image_side; "
+          "the resize would make up nearly every pixel)")
+
+
+def read_image(path: str, *, min_side: int = 0, notes: list[str] | None = None) -> np.ndarray:
+  """The file `path` decoded by `decode_image`; BadImageError starting with the path for a file
+  that cannot be read, is no image, or has a side below `min_side` pixels."""
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+  except OSError as e:
+    raise BadImageError(f"{path}: {e.strerror or e}") from None
+  try:
+    image = decode_image(data, notes)
+  except BadImageError as e:
+    raise BadImageError(f"{path}: {e}") from None
+  problem = size_problem(image, min_side)
+  if problem:
+    raise BadImageError(f"{path}: {problem}")
+  return image
 
 
 class DecodeImages(grain.transforms.Map):
@@ -203,23 +262,27 @@ def center_square(image: np.ndarray) -> np.ndarray:
 class ResizeImages(grain.transforms.Map):
   """Resizes image fields by a BAGEL rule; writes `key + out_suffix` (in place when empty).
 
-  With `crop_square`, each image is first cut to its centred square (data.crop_square).
+  With `crop_square`, each image is first cut to its centred square (data.crop_square). A record
+  with an image whose side is below `min_image_side` pixels becomes a skip marker (a bad record).
   """
 
   def __init__(self, *, max_side: int, min_side: int, stride: int,
                keys: Sequence[str] = ("image",), out_suffix: str = "",
-               max_pixels: int = BAGEL_MAX_PIXELS, crop_square: bool = False):
+               max_pixels: int = BAGEL_MAX_PIXELS, crop_square: bool = False,
+               min_image_side: int = 0):
     bagel_size(max_side, max_side, max_side=max_side, min_side=min_side, stride=stride)  # checks
     self.rule = {"max_side": max_side, "min_side": min_side, "stride": stride,
                  "max_pixels": max_pixels}
     self.keys, self.out_suffix = tuple(keys), out_suffix
     self.crop_square = bool(crop_square)
+    self.min_image_side = int(min_image_side)
 
   @classmethod
   def from_config(cls, data_config, kind: str, keys: Sequence[str] = ("image",),
                   out_suffix: str = "") -> "ResizeImages":
     return cls(**resize_rule(data_config, kind), keys=keys, out_suffix=out_suffix,
-               crop_square=data_config.get("crop_square", False))
+               crop_square=data_config.get("crop_square", False),
+               min_image_side=min_image_side(data_config))
 
   def map(self, element):
     if is_skip(element):
@@ -227,6 +290,10 @@ class ResizeImages(grain.transforms.Map):
     out = dict(element)
     for key in self.keys:
       if key in out:
+        problem = size_problem(out[key], self.min_image_side)
+        if problem:
+          path = element.get(f"{key}_path") or element.get("path")
+          return skip_record(f"{key}: {problem}", path, element.get("index"))
         image = center_square(out[key]) if self.crop_square else out[key]
         out[key + self.out_suffix], _ = bagel_resize(image, **self.rule)
     return out

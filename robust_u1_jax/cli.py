@@ -1,0 +1,347 @@
+"""What every entry module (`python -m robust_u1_jax.<command>`) does the same way.
+
+  from robust_u1_jax import cli  # before the modules that import jax or transformers
+  ...
+  if __name__ == "__main__":
+    cli.run(main)
+
+- A bad input is one line on stderr, `error: <the file, field or flag>: <what is wrong and what
+  would fix it>`, and exit status 2. Bad inputs are the project's own error types
+  (`BAD_INPUT_TYPES`: config errors, unusable checkpoints and model directories, undecodable or
+  too small images, too many bad records, refused AOT configurations, `Error` and `PathError`
+  raised by the entry modules), usage and flag errors, file-system errors about a path (missing,
+  unreadable, read-only, a folder where a file belongs) and `sys.exit("message")` of a library.
+  `--verbosity=1` or ROBUST_U1_TRACEBACK=1 prints the traceback above the line.
+- Anything else is a bug, and Python prints its traceback as usual (exit status 1).
+- `--help`, `--helpshort` and `--helpfull` print the help on stdout and exit 0 (absl exits 1).
+- A quiet start: importing this module silences the start-up messages of libraries that are not
+  the project's (`QUIET_ENV`; set a variable yourself to override it), and absl logging shows
+  warnings and errors only unless --verbosity is given (Orbax logs every file at INFO).
+- `--config` overrides: an unknown field is named, with the nearest field names (or the fields
+  there); a wrong type names the field's type; a missing config file names the config files
+  beside it.
+
+`output_dir` and `output_file` check an output location before any work is done (creating a
+missing folder), so a bad --out or --workdir fails at once, not after a model has been built.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import sys
+import tempfile
+import traceback
+from collections.abc import Callable, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+
+# Set before jax or transformers is imported by an entry module (both read them at import or at
+# backend start): libtpu's C++ INFO lines, and transformers' "PyTorch was not found" advisory.
+QUIET_ENV = {
+    "TF_CPP_MIN_LOG_LEVEL": "1",  # XLA and libtpu C++ logging: warnings and errors only
+    "TPU_STDERR_LOG_LEVEL": "2",  # libtpu on stderr: errors only (its log files keep the rest)
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+}
+for _name, _value in QUIET_ENV.items():
+  os.environ.setdefault(_name, _value)
+
+EXIT_BAD_INPUT = 2
+TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+              tuple: "a tuple, e.g. '(1, 2)'"}
+TRACEBACK_ENV = "ROBUST_U1_TRACEBACK"
+HELP_FLAGS = ("--help", "-help", "--helpshort", "-helpshort", "-h", "-?")
+# The project's bad-input exceptions, by the module that defines them: matched by name along the
+# exception's class hierarchy, so this module imports none of them (it loads before jax).
+BAD_INPUT_TYPES = (
+    "robust_u1_jax.cli.Error",
+    "robust_u1_jax.config_lib.ConfigError",
+    "robust_u1_jax.checkpoints.key_table.CheckpointError",
+    "robust_u1_jax.inference.engine.ModelError",
+    "robust_u1_jax.data.transforms.BadImageError",
+    "robust_u1_jax.data.bad_records.TooManyBadRecords",
+    "robust_u1_jax.benchmarks.aot.AotError",
+)
+# File-system errors that are about the user's paths, not the program.
+BAD_PATH_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
+                   NotADirectoryError)
+BAD_PATH_ERRNOS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM,
+                   errno.ENAMETOOLONG, errno.ELOOP}
+_ERRNO_HINTS = {
+    errno.EROFS: "a read-only file system; give a writable location",
+    errno.EACCES: "permission denied; give a location you can write (or read)",
+    errno.EPERM: "permission denied; give a location you can write (or read)",
+    errno.EISDIR: "a folder, where a file belongs",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.ENOSPC: "no space left on the device; free some or give another location",
+    errno.EDQUOT: "the disk quota is exceeded; free some space or give another location",
+}
+
+
+class Error(Exception):
+  """A bad input found by an entry module; the message names the flag or path and the fix."""
+
+
+class PathError(Error):
+  """A path given on the command line cannot be used (missing, a file for a folder, unwritable)."""
+
+
+# ------------------------------------------------------------------------------------ the program
+
+def run(main: Callable[[list[str]], int | None],
+        flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """absl's app.run(main), with this module's help, flag, logging and error behaviour."""
+  if "--helpfull" in _flag_args(sys.argv):
+    app.usage(shorthelp=False, writeto_stdout=True, exitcode=0)
+  if set(HELP_FLAGS) & set(_flag_args(sys.argv)):
+    app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)
+  app.run(lambda argv: call(main, argv),
+          flags_parser=lambda argv: parse_flags(argv, flag_values))
+
+
+def call(main: Callable[[list[str]], int | None], argv: Sequence[str]) -> int:
+  """main(argv) as the program runs it: its exit status, a bad input reported as one line (2).
+  For tests that run an entry module in process."""
+  try:
+    return main(list(argv)) or 0
+  except app.UsageError as e:
+    first, _, rest = str(e).partition("\n")
+    return report(f"{first} (--help lists the flags)\n{rest}", e)
+  except SystemExit as e:
+    if not isinstance(e.code, str):
+      raise
+    return report(e.code, e)  # sys.exit("message"): a library's own way of refusing an input
+  except Exception as e:  # pylint: disable=broad-except
+    if not is_bad_input(e):
+      raise
+    return report(message(e), e)
+
+
+def is_bad_input(e: BaseException) -> bool:
+  """Whether `e` is about the user's input (reported in a line) rather than a bug (traceback)."""
+  names = {f"{c.__module__}.{c.__qualname__}" for c in type(e).__mro__}
+  if names & set(BAD_INPUT_TYPES):
+    return True
+  return isinstance(e, BAD_PATH_ERRORS) or (isinstance(e, OSError) and e.errno in BAD_PATH_ERRNOS)
+
+
+def message(e: BaseException) -> str:
+  """The text of an error line: the path and the reason for file-system errors, else the
+  exception's own message."""
+  if isinstance(e, OSError) and e.filename is not None and e.strerror:
+    where = f"{e.filename} -> {e.filename2}" if e.filename2 else f"{e.filename}"
+    hint = _ERRNO_HINTS.get(e.errno)
+    return f"{where}: {e.strerror}" + (f" ({hint})" if hint and hint != e.strerror else "")
+  text = str(e)
+  if isinstance(e, KeyError) and len(e.args) == 1:
+    text = str(e.args[0])
+  return text or type(e).__name__
+
+
+def report(text: str, e: BaseException | None = None) -> int:
+  """Prints `error: text` on stderr (the traceback first when asked for); returns exit status 2.
+  A message of several lines (the bad-record tracker's list of files) keeps them, indented."""
+  sys.stdout.flush()
+  if e is not None and show_traceback():
+    traceback.print_exception(e)
+  first, *rest = text.strip().splitlines() or [""]
+  lines = [f"error: {first}"] + [f"  {line}" for line in rest if line.strip()]
+  print("\n".join(lines), file=sys.stderr, flush=True)
+  return EXIT_BAD_INPUT
+
+
+def show_traceback() -> bool:
+  if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+    return True
+  try:
+    return flags.FLAGS["verbosity"].present and flags.FLAGS.verbosity >= 1
+  except (KeyError, flags.Error):
+    return False
+
+
+# ---------------------------------------------------------------------------------------- flags
+
+def _flag_args(argv: Sequence[str]) -> list[str]:
+  """The flags of a command line: everything after the program, up to a `--`."""
+  args = list(argv[1:])
+  return args[:args.index("--")] if "--" in args else args
+
+
+def parse_flags(argv: Sequence[str], values: flags.FlagValues = flags.FLAGS) -> list[str]:
+  """Parses `argv` into `values` (absl's parse_flags_with_usage, with one-line errors)."""
+  argv = list(argv)
+  try:
+    rest = values(argv)
+  except flags.Error as e:
+    sys.exit(report(flag_error_text(str(e), values, argv), e))
+  except (AttributeError, KeyError, OSError) as e:
+    # ml_collections applies --config.a.b overrides while parsing, and raises these for an unknown
+    # field or an unloadable file.
+    text = config_flag_problem(values, argv)
+    if text is None:
+      raise
+    sys.exit(report(text, e))
+  text = config_flag_problem(values, argv, only_failed=True)  # ml_collections defers this one
+  if text is not None:
+    sys.exit(report(text))
+  if not values["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  return rest
+
+
+def _config_flag_names(values: flags.FlagValues) -> list[str]:
+  from ml_collections.config_flags import config_flags as config_flags_lib
+
+  return [name for name in values if config_flags_lib.is_config_flag(values[name])]
+
+
+def config_spec(values: flags.FlagValues, name: str, argv: Sequence[str]) -> str:
+  """The `path.py[:variant]` the config flag `name` was given (its default if absent)."""
+  args = _flag_args(argv)
+  spec = None
+  for i, arg in enumerate(args):
+    match = re.fullmatch(rf"--?{re.escape(name)}(=(.*))?", arg)
+    if match:
+      spec = match.group(2) if match.group(1) else (args[i + 1] if i + 1 < len(args) else "")
+  if spec is None:
+    spec = str(values[name].default_as_str or "").strip("'\"")
+  return spec
+
+
+def config_flag_problem(values: flags.FlagValues, argv: Sequence[str], *,
+                        only_failed: bool = False) -> str | None:
+  """What is wrong with a config flag of this command line (None: nothing found): a config file
+  that does not exist or failed to load, or an override of a field the config does not have.
+  `only_failed`: look only at config flags whose file failed to load (after a parse)."""
+  from ml_collections.config_flags import config_flags as config_flags_lib
+
+  from robust_u1_jax import config_lib
+
+  # ml_collections' stand-in for a config file that failed to load (its error comes on first use).
+  error_config = getattr(config_flags_lib, "_ErrorConfig", ())
+  for name in _config_flag_names(values):
+    failed = isinstance(values[name].value, error_config)
+    if only_failed and not failed:
+      continue
+    spec = config_spec(values, name, argv)
+    path = spec.partition(":")[0]
+    if not spec:
+      continue
+    if not os.path.isfile(path):
+      return f"--{name} {spec}: {missing_config_file(path)}"
+    try:
+      config = config_lib.load_file(spec)
+    except (ValueError, TypeError, OSError) as e:
+      return f"--{name} {spec}: cannot load the config: {message(e).splitlines()[0]}"
+    for arg in _flag_args(argv):
+      match = re.match(rf"--?(?:no)?{re.escape(name)}\.([^=]+)", arg)
+      problem = match and config_lib.unknown_field(config, match.group(1))
+      if problem:
+        return f"--{name}.{match.group(1)}: {spec} has {problem}"
+  return None
+
+
+def missing_config_file(path: str) -> str:
+  folder = os.path.dirname(path) or "."
+  found = sorted(n for n in os.listdir(folder) if n.endswith(".py") and not n.startswith("_")
+                 ) if os.path.isdir(folder) else []
+  beside = (f"; config files in {folder}: {', '.join(found)}" if found else
+            " (give path.py:variant, e.g. configs/sft.py:tiny)")
+  return f"no such config file {path}{beside}"
+
+
+def flag_error_text(text: str, values: flags.FlagValues, argv: Sequence[str]) -> str:
+  """absl's flag error, on one line and with what a --config.x override takes."""
+  if "Error whilst parsing config file" in text:  # get_config raised: its last line says why
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    reason = re.sub(r"^\w+(Error|Exception): ", "", lines[-1])
+    match = re.match(r"flag (--\S+?)=(\S+):", text)
+    return f"{match.group(1)} {match.group(2)}: {reason}" if match else reason
+  match = re.match(r"flag --(\w+)\.([\w.]+)=(.*?): (.*)", text, re.S)
+  if match and match.group(1) in _config_flag_names(values):
+    name, field, value, reason = match.groups()
+    from robust_u1_jax import config_lib
+
+    try:
+      current = config_lib.field_value(config_lib.load_file(config_spec(values, name, argv)),
+                                       field)
+      kind = f" takes {TYPE_WORDS.get(type(current), type(current).__name__)} (now {current!r})"
+    except Exception:  # pylint: disable=broad-except
+      kind = ""
+    return f"--{name}.{field}={value}: {field}{kind}; {reason.splitlines()[0]}"
+  return f"{text.splitlines()[0]} (--help lists the flags)"
+
+
+# -------------------------------------------------------------------------------------- outputs
+
+def _remote(path: str) -> bool:
+  return "://" in path  # gs://, s3://...: checked by the library that writes there
+
+
+def output_dir(path: str, flag: str, *, create: bool = True) -> str:
+  """Checks a file can be written in the folder `path`, creating it (and its parents) if missing;
+  PathError naming `flag` otherwise. `create=False` creates nothing: the nearest existing folder
+  on the path must be writable (for a command that creates its output only once it has one).
+  Returns `path`."""
+  if _remote(path):
+    return path
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise PathError(f"{flag} {path}: a file, not a folder; give a folder (created if missing)")
+  if not create and not os.path.exists(path):
+    existing = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(existing):
+      existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+      raise PathError(f"{flag} {path}: {existing} is a file, not a folder; give a folder")
+    _check_writable(existing, f"{flag} {path}: its parent {existing}")
+    return path
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise PathError(f"{flag} {path}: cannot create the folder ({e.strerror or e}); give a "
+                    "writable location") from None
+  _check_writable(path, f"{flag} {path}")
+  return path
+
+
+def _check_writable(folder: str, where: str) -> None:
+  try:
+    fd, probe = tempfile.mkstemp(prefix=".write_check_", dir=folder)
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    raise PathError(f"{where}: cannot write there ({e.strerror or e}); give a writable "
+                    "folder") from None
+
+
+def output_file(path: str, flag: str, *, image: bool = False, create: bool = True) -> str:
+  """Checks `path` can be written as a file, creating its folder if missing (not with
+  `create=False`); with `image`, that its extension names an image format. PathError naming
+  `flag` otherwise. Returns `path`."""
+  if _remote(path):
+    return path
+  if os.path.isdir(path) or path.endswith(os.sep):
+    raise PathError(f"{flag} {path}: a folder; give a file name, e.g. "
+                    f"{os.path.join(path, 'out.png' if image else 'out')}")
+  if image:
+    image_format(path, flag)
+  folder = os.path.dirname(os.path.abspath(path))
+  output_dir(folder, f"{flag} {path}: its folder", create=create)
+  return path
+
+
+def image_format(path: str, flag: str = "") -> str:
+  """PIL's format name for the extension of `path`; PathError listing common ones if unknown."""
+  from PIL import Image
+
+  extension = os.path.splitext(path)[1].lower()
+  fmt = Image.registered_extensions().get(extension)
+  if fmt is None or fmt not in Image.SAVE:
+    where = f"{flag} {path}" if flag else path
+    what = f"unknown image extension {extension!r}" if extension else "no file extension"
+    raise PathError(f"{where}: {what}; use .png, .jpg, .webp, .bmp or .tif")
+  return fmt
+

@@ -1,0 +1,404 @@
+"""Every entry module answers a bad input with one `error:` line naming the file, field or flag,
+exit status 2 and no traceback (robust_u1_jax/cli.py), before any model is built or compiled.
+
+The table runs each bad input against its entry module in a subprocess, as a user would. Each
+case fails in the command's checks, so a case costs an import of the module (a few seconds), never
+a compile. The helpers of cli.py are tested in process below.
+"""
+
+import errno
+import json
+import os
+import subprocess
+import sys
+
+from absl import app
+import numpy as np
+from PIL import Image
+import pytest
+
+from robust_u1_jax import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SFT = os.path.join(ROOT, "configs", "sft.py") + ":tiny"
+REASON = os.path.join(ROOT, "configs", "reason.py") + ":tiny"
+EVAL = os.path.join(ROOT, "configs", "eval.py") + ":tiny"
+ENTRY_MODULES = ("train", "corrupt", "convert", "recover", "answer", "evaluate", "bench",
+                 "data.preview")
+
+
+def _unwritable(root) -> str | None:
+  """A folder nobody may create files in: a read-only one, or /sys for root (whom permission bits
+  do not stop); None when neither works here."""
+  folder = root / "read_only"
+  folder.mkdir(exist_ok=True)
+  folder.chmod(0o555)
+  for candidate in (str(folder), "/sys"):
+    try:
+      with open(os.path.join(candidate, ".probe"), "w"):
+        pass
+      os.remove(os.path.join(candidate, ".probe"))
+    except OSError:
+      return candidate
+  return None
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+  root = tmp_path_factory.mktemp("bad_inputs")
+  rng = np.random.default_rng(0)
+  Image.fromarray(rng.integers(0, 256, (64, 64, 3), np.uint8)).save(root / "good.png")
+  whole = (root / "good.png").read_bytes()
+  (root / "truncated.png").write_bytes(whole[:len(whole) // 2])
+  (root / "notes.txt").write_text("not an image\n")
+  Image.fromarray(np.zeros((1, 1, 3), np.uint8)).save(root / "tiny.png")
+  (root / "a_file").write_text("a file where a folder belongs\n")
+  (root / "workdir" / "model").mkdir(parents=True)  # a stage's workdir, for its model/
+  (root / "existing").mkdir()
+  return {"root": str(root), "good": str(root / "good.png"),
+          "truncated": str(root / "truncated.png"), "notes": str(root / "notes.txt"),
+          "tiny": str(root / "tiny.png"), "file": str(root / "a_file"),
+          "missing": str(root / "missing"), "workdir": str(root / "workdir"),
+          "existing": str(root / "existing"), "ro": _unwritable(root)}
+
+
+CORRUPT = ("--type=fog", "--severity=3")
+CASES = {
+    # corrupt: the input image, the corruption, --out
+    "corrupt/missing image": ("corrupt", ["--image={missing}.png", *CORRUPT, "--out={root}/o.png"],
+                              ["{missing}.png", "No such file"]),
+    "corrupt/truncated image": ("corrupt", ["--image={truncated}", *CORRUPT, "--out={root}/o.png"],
+                                ["{truncated}", "cannot decode"]),
+    "corrupt/not an image": ("corrupt", ["--image={notes}", *CORRUPT, "--out={root}/o.png"],
+                             ["{notes}", "not an image"]),
+    "corrupt/1x1 image": ("corrupt", ["--image={tiny}", *CORRUPT, "--out={root}/o.png"],
+                          ["{tiny}", "1 x 1 pixels", "smallest usable 16"]),
+    "corrupt/--out a folder": ("corrupt", ["--image={good}", *CORRUPT, "--out={root}"],
+                               ["--out {root}", "a folder"]),
+    "corrupt/--out extension": ("corrupt", ["--image={good}", *CORRUPT, "--out={root}/o.xyz"],
+                                ["--out {root}/o.xyz", "unknown image extension '.xyz'"]),
+    "corrupt/--out read-only": ("corrupt", ["--image={good}", *CORRUPT, "--out={ro}/o.png"],
+                                ["--out {ro}/o.png", "cannot"]),
+    "corrupt/unknown corruption": ("corrupt", ["--image={good}", "--type=fogg", "--severity=1",
+                                               "--out={root}/o.png"],
+                                   ["--type fogg", "did you mean fog"]),
+    "corrupt/severity 9": ("corrupt", ["--image={good}", "--type=fog", "--severity=9",
+                                       "--out={root}/o.png"], ["severity 9", "1, 2, 3, 4, 5"]),
+    "corrupt/flag type": ("corrupt", ["--image={good}", "--type=fog", "--severity=high",
+                                      "--out={root}/o.png"], ["--severity=high"]),
+    "corrupt/missing flag": ("corrupt", ["--image={good}", "--out={root}/o.png"],
+                             ["missing --type"]),
+    # train: the config file, its fields and values, the paths it names, the workdir
+    "train/no config file": ("train", ["--config=configs/nope.py:tiny", "--workdir={root}/w"],
+                             ["--config configs/nope.py:tiny", "no such config file",
+                              "sft.py"]),
+    "train/unknown variant": ("train", [f"--config={SFT[:-5]}:huge", "--workdir={root}/w"],
+                              ["unknown variant 'huge'", "tiny, bagel_7b"]),
+    "train/unknown field": ("train", [f"--config={SFT}", "--config.foo=1", "--workdir={root}/w"],
+                            ["--config.foo", "no field foo", "total_steps"]),
+    "train/misspelt field": ("train", [f"--config={SFT}", "--config.data.batchsize=2",
+                                       "--workdir={root}/w"],
+                             ["--config.data.batchsize", "did you mean data.batch_size"]),
+    "train/wrong type": ("train", [f"--config={SFT}", "--config.data.batch_size=many",
+                                   "--workdir={root}/w"],
+                         ["--config.data.batch_size=many", "an integer"]),
+    "train/total_steps=-5": ("train", [f"--config={SFT}", "--config.total_steps=-5",
+                                       "--workdir={root}/w"], ["total_steps", "-5", "positive"]),
+    "train/severity 9": ("train", [f"--config={SFT}", "--config.data.severity=9",
+                                   "--workdir={root}/w"], ["data.severity", "1..5"]),
+    "train/unknown corruption": ("train", [f"--config={SFT}", "--config.data.corruption=rain",
+                                           "--workdir={root}/w"], ["data.corruption", "'rain'"]),
+    "train/workdir a file": ("train", [f"--config={SFT}", "--workdir={file}"],
+                             ["--workdir {file}", "a file, not a folder"]),
+    "train/workdir read-only": ("train", [f"--config={SFT}", "--workdir={ro}/w"],
+                                ["--workdir {ro}/w", "cannot"]),
+    "train/init_from missing": ("train", [f"--config={SFT}", "--config.init_from={missing}",
+                                          "--workdir={root}/w"], ["init_from", "{missing}"]),
+    "train/data folder missing": ("train", [f"--config={SFT}", "--config.data.source=folder",
+                                            "--config.data.path={missing}",
+                                            "--workdir={root}/w"],
+                                  ["data.path", "{missing}", "no such folder"]),
+    "train/no --workdir": ("train", [f"--config={SFT}"], ["--workdir"]),
+    # recover: the cache mode's config and cache folder, the user mode's model, image and --out
+    "recover/cache dir a file": ("recover", [f"--config={REASON}", "--config.init_from=random",
+                                             "--cache_dir={file}"],
+                                 ["--cache_dir {file}", "a file, not a folder"]),
+    "recover/cache dir read-only": ("recover", [f"--config={REASON}", "--config.init_from=random",
+                                                "--cache_dir={ro}/cache"],
+                                    ["--cache_dir {ro}/cache", "cannot"]),
+    "recover/init_from missing": ("recover", [f"--config={REASON}",
+                                              "--config.init_from={missing}",
+                                              "--cache_dir={root}/cache"],
+                                  ["init_from", "{missing}"]),
+    "recover/model missing": ("recover", ["--model={missing}", "--image={good}"],
+                              ["--model {missing}", "no such model directory"]),
+    "recover/image missing": ("recover", ["--model={workdir}", "--image={missing}.png"],
+                              ["{missing}.png", "No such file"]),
+    "recover/1x1 image": ("recover", ["--model={workdir}", "--image={tiny}"],
+                          ["{tiny}", "1 x 1 pixels"]),
+    "recover/--out extension": ("recover", ["--model={workdir}", "--image={good}",
+                                            "--out={root}/r.xyz"], ["--out {root}/r.xyz"]),
+    # answer
+    "answer/not an image": ("answer", ["--model={workdir}", "--image={notes}", "--question=q"],
+                            ["{notes}", "not an image"]),
+    "answer/--out a file": ("answer", ["--model={workdir}", "--image={good}", "--question=q",
+                                       "--out={file}"], ["--out {file}", "a file, not a folder"]),
+    # convert
+    "convert/workdir as --src": ("convert", ["--to=hf", "--src={workdir}", "--dst={root}/hf"],
+                                 ["--src {workdir}", "{workdir}/model"]),
+    "convert/--src missing": ("convert", ["--from=hf", "--src={missing}", "--dst={root}/o"],
+                              ["--src {missing}", "no such folder"]),
+    "convert/--dst exists": ("convert", ["--to=hf", "--src={workdir}/model",
+                                         "--dst={existing}"],
+                             ["--dst {existing}", "already exists", "--overwrite"]),
+    # evaluate
+    "evaluate/model missing": ("evaluate", [f"--config={EVAL}", "--model={missing}"],
+                               ["--model {missing}", "no such model directory"]),
+    "evaluate/clip missing": ("evaluate", [f"--config={EVAL}", "--model={workdir}",
+                                           "--config.clip_checkpoint={missing}.safetensors"],
+                              ["clip_checkpoint", "{missing}.safetensors"]),
+    "evaluate/--out a file": ("evaluate", [f"--config={EVAL}", "--model={workdir}",
+                                           "--out={file}"], ["--out {file}", "a file"]),
+    "evaluate/severities": ("evaluate", [f"--config={EVAL}", "--model={workdir}",
+                                         "--config.severities=(9,)"], ["severities", "1..5"]),
+    # bench
+    "bench/unknown benchmark": ("bench", ["nope"], ["got nope", "choose one of data"]),
+    "bench/aot topology": ("bench", ["aot", "--topology=v9x-3"], ["--topology 'v9x-3'"]),
+    # data.preview
+    "preview/data folder missing": ("data.preview", [f"--config={SFT}",
+                                                     "--config.data.source=folder",
+                                                     "--config.data.path={missing}",
+                                                     "--out={root}/p.png"],
+                                    ["data.path", "{missing}"]),
+    "preview/--out a folder": ("data.preview", [f"--config={SFT}", "--out={root}"],
+                               ["--out {root}", "a folder"]),
+    "preview/unknown field": ("data.preview", [f"--config={SFT}", "--config.data.sevrity=2",
+                                               "--out={root}/p.png"],
+                              ["--config.data.sevrity", "did you mean data.severity"]),
+}
+
+
+def _run(module: str, args: list[str], **env) -> subprocess.CompletedProcess:
+  """`python -m robust_u1_jax.<module> args` in a new interpreter."""
+  return subprocess.run([sys.executable, "-m", f"robust_u1_jax.{module}", *args], cwd=ROOT,
+                        env={**_clean_env(), **env}, capture_output=True, text=True, timeout=300,
+                        check=False)
+
+
+def _clean_env() -> dict[str, str]:
+  """This environment without what importing cli here set: the command must set it itself."""
+  return {**{k: v for k, v in os.environ.items() if k not in cli.QUIET_ENV},
+          "JAX_PLATFORMS": "cpu"}
+
+
+# The forked runner. A command's checks take a fraction of a second, its interpreter's start (jax
+# alone: about 1.5 s of CPU) much longer. So one helper process per test process imports the heavy
+# third-party libraries, nothing of the project and no jax backend, and forks a child per command:
+# the child runs the entry module as __main__, exactly as `python -m` does from there on.
+_ZYGOTE = r"""
+import io, json, os, runpy, signal, sys, tempfile, traceback
+for name in ("jax", "jax.numpy", "flax.nnx", "numpy", "PIL.Image", "scipy.ndimage",
+             "ml_collections.config_flags", "absl.app", "absl.flags", "absl.logging"):
+  __import__(name)
+requests, replies = sys.stdin, os.fdopen(os.dup(1), "w")
+for line in requests:
+  request = json.loads(line)
+  with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    pid = os.fork()
+    if pid == 0:
+      code = 1
+      try:
+        signal.alarm(240)  # a hung command fails its case, not the test run
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        sys.stdout, sys.stderr = open(1, "w", closefd=False), open(2, "w", closefd=False)
+        os.chdir(request["cwd"])
+        os.environ.update(request["env"])
+        module = "robust_u1_jax." + request["module"]
+        sys.argv = [module.replace(".", "/") + ".py", *request["args"]]
+        try:
+          runpy.run_module(module, run_name="__main__", alter_sys=True)
+          code = 0
+        except SystemExit as e:  # as the interpreter treats it
+          if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+          code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        except BaseException:
+          traceback.print_exc()
+      finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    out.seek(0)
+    err.seek(0)
+    replies.write(json.dumps({"rc": os.waitstatus_to_exitcode(status),
+                              "out": out.read().decode(errors="replace"),
+                              "err": err.read().decode(errors="replace")}) + "\n")
+    replies.flush()
+"""
+
+
+@pytest.fixture(scope="module")
+def zygote():
+  proc = subprocess.Popen([sys.executable, "-c", _ZYGOTE], cwd=ROOT, stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True, env=_clean_env())
+  yield proc
+  proc.stdin.close()
+  proc.wait(timeout=60)
+
+
+def _run_forked(zygote, module: str, args: list[str], **env) -> subprocess.CompletedProcess:
+  """`python -m robust_u1_jax.<module> args`, run by the forked runner."""
+  zygote.stdin.write(json.dumps({"module": module, "args": args, "env": env, "cwd": ROOT}) + "\n")
+  zygote.stdin.flush()
+  reply = json.loads(zygote.stdout.readline())
+  return subprocess.CompletedProcess([module, *args], reply["rc"], reply["out"], reply["err"])
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_one_error_line(case, paths, zygote):
+  module, args, expected = CASES[case]
+  if any("{ro}" in a for a in args) and paths["ro"] is None:
+    pytest.skip("no unwritable folder on this machine")
+  proc = _run_forked(zygote, module, [a.format(**paths) for a in args])
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert len(errors) == 1, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  for text in expected:
+    assert text.format(**paths) in errors[0], errors[0]
+
+
+@pytest.mark.parametrize("module", ENTRY_MODULES)
+def test_help_exits_zero(module, zygote):
+  proc = _run_forked(zygote, module, ["--help"])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "--" in proc.stdout and not proc.stderr.strip()
+
+
+def test_the_forked_runner_is_the_command(paths, zygote):
+  """One case through a new interpreter: the same status and line as through the forked runner."""
+  module, args, _ = CASES["train/unknown field"]
+  args = [a.format(**paths) for a in args]
+  real, forked = _run(module, args), _run_forked(zygote, module, args)
+  assert (real.returncode, real.stderr) == (forked.returncode, forked.stderr) == (
+      2, forked.stderr)
+  assert forked.stderr.startswith("error: --config.foo")
+
+
+def test_traceback_on_request(paths, zygote):
+  args = [f"--config={SFT}", "--config.total_steps=-5", f"--workdir={paths['root']}/w"]
+  for extra, env in (([], {cli.TRACEBACK_ENV: "1"}), (["--verbosity=1"], {})):
+    proc = _run_forked(zygote, "train", args + extra, **env)
+    assert proc.returncode == 2
+    assert "Traceback" in proc.stderr and "ConfigError" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: config field total_steps")
+
+
+def test_a_good_run_is_quiet_and_says_where_its_output_is(paths):
+  out = os.path.join(paths["root"], "new_folder", "fog.png")
+  proc = _run("corrupt", [f"--image={paths['good']}", *CORRUPT, f"--out={out}"])
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stderr == ""  # no start-up INFO lines or advisories
+  assert proc.stdout.strip().splitlines()[-1] == f"wrote {out} (64 x 64)"
+  assert os.path.isfile(out)  # the missing folder was created
+
+
+# ---------------------------------------------------------------------------------- in process
+
+def test_quiet_environment_is_set_on_import():
+  for name, value in cli.QUIET_ENV.items():
+    assert os.environ.get(name) is not None, name
+    if name != "TF_CPP_MIN_LOG_LEVEL":  # jax sets its own default first in this process
+      assert os.environ[name] == value
+
+
+def test_every_bad_input_type_exists():
+  import importlib
+
+  for qualified in cli.BAD_INPUT_TYPES:
+    module, _, name = qualified.rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    assert isinstance(cls, type) and issubclass(cls, Exception), qualified
+    assert cli.is_bad_input(cls("x")), qualified
+
+
+def test_bad_input_or_bug():
+  from robust_u1_jax import config_lib
+  from robust_u1_jax.data import transforms
+
+  assert cli.is_bad_input(config_lib.ConfigError("x"))
+  assert cli.is_bad_input(transforms.BadImageError("x"))
+  assert cli.is_bad_input(FileNotFoundError(errno.ENOENT, "No such file or directory", "/x"))
+  assert cli.is_bad_input(OSError(errno.EROFS, "Read-only file system", "/x"))
+  assert not cli.is_bad_input(ValueError("a bug"))
+  assert not cli.is_bad_input(KeyError("a bug"))
+  assert not cli.is_bad_input(OSError(errno.EIO, "Input/output error"))
+
+
+def test_messages_name_the_path_and_the_fix():
+  text = cli.message(OSError(errno.EROFS, "Read-only file system", "/mnt/out.png"))
+  assert text == "/mnt/out.png: Read-only file system (a read-only file system; give a writable " \
+      "location)"
+  assert cli.message(FileNotFoundError("config file not found: c.py")) == \
+      "config file not found: c.py"
+
+
+def test_call_reports_bad_input_and_raises_bugs(capsys):
+  def bad(argv):
+    raise cli.PathError("--out /x: a folder")
+
+  assert cli.call(bad, ["prog"]) == 2
+  assert capsys.readouterr().err == "error: --out /x: a folder\n"
+
+  def usage(argv):
+    raise app.UsageError("missing --image\nmore detail")
+
+  assert cli.call(usage, ["prog"]) == 2
+  assert capsys.readouterr().err == ("error: missing --image (--help lists the flags)\n"
+                                     "  more detail\n")
+
+  def exits(argv):
+    raise SystemExit("aot: --topology 'v9': not understood")
+
+  assert cli.call(exits, ["prog"]) == 2
+  assert capsys.readouterr().err == "error: aot: --topology 'v9': not understood\n"
+
+  def bug(argv):
+    raise ValueError("a bug keeps its traceback")
+
+  with pytest.raises(ValueError, match="a bug"):
+    cli.call(bug, ["prog"])
+  assert cli.call(lambda argv: None, ["prog"]) == 0
+
+
+def test_output_dir_and_file(tmp_path, monkeypatch):
+  new = tmp_path / "a" / "b"
+  assert cli.output_dir(str(new), "--workdir") == str(new) and new.is_dir()
+  assert os.listdir(new) == []  # the write check leaves nothing behind
+  (tmp_path / "f").write_text("x")
+  with pytest.raises(cli.PathError, match=r"--workdir .*/f: a file, not a folder"):
+    cli.output_dir(str(tmp_path / "f"), "--workdir")
+  with pytest.raises(cli.PathError, match="cannot create the folder"):
+    cli.output_dir(str(tmp_path / "f" / "sub"), "--workdir")
+  out = tmp_path / "c" / "x.png"
+  assert cli.output_file(str(out), "--out", image=True) == str(out) and out.parent.is_dir()
+  with pytest.raises(cli.PathError, match="a folder; give a file name"):
+    cli.output_file(str(tmp_path), "--out", image=True)
+  with pytest.raises(cli.PathError, match="no file extension"):
+    cli.output_file(str(tmp_path / "noext"), "--out", image=True)
+  later = tmp_path / "later" / "deeper"  # checked now, created once there is something to write
+  assert cli.output_dir(str(later), "--out", create=False) == str(later)
+  assert cli.output_file(str(later / "x.png"), "--out", create=False) and not later.parent.exists()
+  with pytest.raises(cli.PathError, match=r"--out .*/f/sub: .*/f is a file, not a folder"):
+    cli.output_dir(str(tmp_path / "f" / "sub"), "--out", create=False)
+
+  def read_only(*args, **kwargs):
+    raise OSError(errno.EROFS, "Read-only file system")
+
+  monkeypatch.setattr(cli.tempfile, "mkstemp", read_only)
+  with pytest.raises(cli.PathError, match=r"--workdir .*: cannot write there \(Read-only file "
+                     r"system\); give a writable folder"):
+    cli.output_dir(str(tmp_path), "--workdir")
+  assert cli.output_dir("gs://bucket/run", "--workdir") == "gs://bucket/run"  # not checked here
