@@ -86,3 +86,80 @@ def test_per_process_batch_size():
   assert multihost.per_process_batch_size(32, 4) == 8
   with pytest.raises(ValueError, match="multiple of 3"):
     multihost.per_process_batch_size(8, 3)
+
+
+# -- one run, any process count: data slices, per-sample draws, joining -------------------------
+
+@pytest.mark.parametrize("length,count,chunk", [(20, 2, 3), (16, 4, 2), (7, 2, 2), (12, 3, 1)])
+def test_process_slice_gives_each_shard_its_rows_of_every_global_batch(length, count, chunk):
+  import grain
+
+  ds = grain.MapDataset.range(length)
+  parts = [list(multihost.process_slice(ds, p, count, chunk)) for p in range(count)]
+  assert all(len(part) == length // count for part in parts)
+  # Shard 0's run, shard 1's run, ...: the stream in order, the remainder of length % count
+  # dropped (the last runs are split evenly too).
+  order = [x for k in range(0, length // count, chunk) for part in parts for x in part[k:k + chunk]]
+  assert order == list(range(count * (length // count)))
+  assert multihost.process_slice(ds, 0, 1, chunk) is ds
+  with pytest.raises(ValueError, match="outside"):
+    multihost.process_slice(ds, 2, 2, 1)
+
+
+def test_pipelines_of_two_processes_read_the_batches_of_one():
+  from robust_u1_jax import config_lib
+  from robust_u1_jax.data import pipeline
+
+  configs = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
+  data = config_lib.load(os.path.join(configs, "sft.py") + ":tiny", {
+      "data.shapes_size": 20, "data.batch_size": 4, "data.corruption": "none",
+      "data.text_pad_to": 32}).data
+
+  def batches(index, count):
+    p = pipeline.make_pipeline(data, seed=5, process_index=index, process_count=count)
+    out = [next(p) for _ in range(12 // count)]  # across the epoch boundary (5 batches of 4)
+    p.close()
+    return out
+
+  one = batches(0, 1)
+  halves = [batches(0, 2), batches(1, 2)]
+  for k, want in enumerate(one[:6]):
+    for key in ("index", "epoch", "clean", "instruction_ids"):
+      got = np.concatenate([halves[0][k][key], halves[1][k][key]])
+      np.testing.assert_array_equal(got, want[key], err_msg=f"batch {k}: {key}")
+  assert {int(e) for b in one[:6] for e in b["epoch"]} == {0, 1}
+
+
+def test_sample_rng_draws_by_record_not_by_position():
+  step = lambda: np.random.default_rng([3, 7])  # the trainer's generator of one step
+  a, b = multihost.SampleRng(step()), multihost.SampleRng(step())
+  sample = {"index": np.int32(11), "epoch": np.int32(2)}
+  first = a(sample, position=0).uniform(size=3)
+  np.testing.assert_array_equal(b(sample, position=5).uniform(size=3), first)
+  assert not np.array_equal(a({"index": 11, "epoch": 3}).uniform(size=3), first)
+  assert not np.array_equal(a({"index": 12, "epoch": 2}).uniform(size=3), first)
+  # Hand-made batches without record indices: keyed by position.
+  assert not np.array_equal(a({}, 0).uniform(size=3), a({}, 1).uniform(size=3))
+  np.testing.assert_array_equal(a({}, 1).uniform(size=3), b({}, 1).uniform(size=3))
+
+
+def test_initialize_distributed_reads_the_launch_environment(monkeypatch):
+  calls = []
+  monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+  monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
+  assert multihost.initialize_distributed({}) is False  # one process: nothing to start
+  assert calls == []
+  explicit = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4",
+              "JAX_PROCESS_ID": "3"}
+  assert multihost.initialize_distributed(explicit) is True
+  assert calls.pop() == (("10.0.0.1:1234",), {"num_processes": 4, "process_id": 3})
+  assert multihost.initialize_distributed({"ROBUST_U1_DISTRIBUTED": "1"}) is True
+  assert calls.pop() == ((), {})  # jax detects the TPU slice or SLURM job itself
+  with pytest.raises(ValueError, match="go together"):
+    multihost.initialize_distributed({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
+  with pytest.raises(ValueError, match="must be integers"):
+    multihost.initialize_distributed({**explicit, "JAX_NUM_PROCESSES": "four"})
+  with pytest.raises(ValueError, match="outside"):
+    multihost.initialize_distributed({**explicit, "JAX_PROCESS_ID": "4"})
+  monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
+  assert multihost.initialize_distributed(explicit) is True and calls == []

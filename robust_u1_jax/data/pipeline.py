@@ -3,11 +3,13 @@
 `make_pipeline(data_config, seed=..., process_index=..., process_count=..., stage=...)` builds
 
   source (data.source)                            random access, record i = f(i)
-  -> shuffle (seeded; reshuffled every epoch)     grain MapDataset.shuffle + repeat
-  -> this process's slice                         positions process_index::process_count of the
-                                                  epoch (the remainder of len % count is dropped,
+  -> shuffle (seeded; reshuffled every epoch)     grain MapDataset.shuffle + repeat (the
+                                                  remainder of len % process_count is dropped,
                                                   so processes stay in lock-step)
   -> load, tag 'epoch'                            transforms.AddEpoch
+  -> this process's slice                         multihost.process_slice: its rows of every
+                                                  global batch, so n processes read the batches
+                                                  of one (packed rows: every n-th record)
   -> decode                                       transforms.DecodeImages (skip marker if broken)
   -> resize by BAGEL's VAE rule                   before corrupting: the pair stays pixel-aligned
                                                   at the training size, and jitted corruptions
@@ -441,13 +443,18 @@ def make_pipeline(data_config, *, seed: int, process_index: int = 0, process_cou
   tok = tokenizer if tokenizer is not None else _load_tokenizer(data_config.tokenizer_dir)
   special = tokenizer_lib.special_token_ids(tok)
 
+  packed = data_config.token_budget > 0
   ds = grain.MapDataset.range(num_records)
   if data_config.shuffle:
     ds = ds.shuffle(seed=seed)
-  ds = ds[process_index:epoch_size * process_count:process_count]
+  # Every process walks the same record stream and tags epochs on it (record i of the stream is
+  # loaded only by the process that reads it), then keeps its share: a run of its batch rows per
+  # global batch, so a run's batches and corruption keys do not depend on the process count.
+  ds = ds[:epoch_size * process_count]
   ds = ds.repeat(data_config.num_epochs or None)
   ds = ds.map(LoadRecord(source))
-  ds = ds.map_with_index(transforms.AddEpoch(epoch_size))
+  ds = ds.map_with_index(transforms.AddEpoch(epoch_size * process_count))
+  ds = multihost.process_slice(ds, process_index, process_count, 1 if packed else batch_size)
   ds = ds.map(transforms.DecodeImages())
   ds = ds.map(transforms.ResizeImages.from_config(data_config, "vae",
                                                   keys=("image", "target_image")))
@@ -459,7 +466,6 @@ def make_pipeline(data_config, *, seed: int, process_index: int = 0, process_cou
   ds = ds.map(Tokenize(text_fields, tokenizer, data_config.tokenizer_dir))
   keep = (*IMAGE_FIELDS, "index", "epoch", "corruption", "corruption_steps",
           *(f"{f}_ids" for f in text_fields), *HOST_FIELDS[stage])
-  packed = data_config.token_budget > 0
   canvas = image_canvas(data_config)
   if packed:
     ds = ds.map(packing.SampleLayout(

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from robust_u1_jax.data import packing
+from robust_u1_jax.data import multihost, packing
 from robust_u1_jax.inference import recovery as recovery_lib
 from robust_u1_jax.models import sequence
 from robust_u1_jax.models.bagel import BagelConfig
@@ -37,14 +37,17 @@ def sft_rows(batch: Mapping[str, np.ndarray], config: BagelConfig, markers: sequ
   uint8: each sample's corrupted and clean image on the batch's canvas, S samples per row).
 
   Images keep their own sizes (the `*_hw` valid regions); row shapes are fixed per data config
-  and text bucket (host_batch.bounds), so the step compiles once.
+  and text bucket (host_batch.bounds), so the step compiles once. Dropout is drawn per sample
+  (multihost.SampleRng), so a sample is dropped the same way in a run of any process count.
   """
   size = host_batch.canvas(batch)
-  rows = []
+  sample_rng = multihost.SampleRng(rng)
+  rows, position = [], 0
   for samples in packing.batch_samples(batch):
     row = []
     for sample in samples:
-      keep = rng.uniform(size=3) >= np.asarray(dropout)
+      keep = sample_rng(sample, position).uniform(size=3) >= np.asarray(dropout)
+      position += 1
       row.append(sample_blocks(sample, size, use_text=keep[0], use_vit=keep[1], use_vae=keep[2]))
     rows.append(row)
   seq_len, max_vit, max_latent = host_batch.bounds(

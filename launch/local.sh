@@ -1,0 +1,171 @@
+#!/usr/bin/env bash
+# Trains on one machine, any backend (CPU, one or more GPUs, a single-host TPU VM).
+#
+#   launch/local.sh [options] -- --config configs/sft.py:tiny --workdir /tmp/robust_u1/sft \
+#       [--config.field=value ...]
+#
+# Everything after `--` goes to `python -m robust_u1_jax.train` unchanged. With --processes N > 1
+# it starts N processes on localhost joined through jax.distributed (JAX_COORDINATOR_ADDRESS,
+# JAX_NUM_PROCESSES, JAX_PROCESS_ID, read by robust_u1_jax.data.multihost), each reading its own
+# slice of the data: on CPU, a rehearsal of a multi-host run with fake devices (it computes what
+# one process does: tests/test_multihost_processes.py); on GPUs, one process per group of GPUs.
+#
+# Options:
+#   --processes N            processes (default 1)
+#   --devices_per_process K  CPU: fake devices per process (default 4 when N > 1); GPU: GPUs per
+#                            process (default: all GPUs / N)
+#   --backend B              cpu | gpu | tpu | auto (default auto: what jax finds)
+#   --port P                 coordinator port on localhost when N > 1 (default 12355)
+#   --cache DIR              persistent compilation cache (default ~/.cache/robust_u1_jax/jit):
+#                            a re-run skips compiling
+#   --logs DIR               one log per process (default WORKDIR/logs)
+#   --python PY              the interpreter (default $PYTHON or python3)
+#   --dry-run                print the environment and commands, run nothing
+#
+# Ctrl-C (or SIGTERM) is passed on: every process saves a checkpoint and stops; re-running the
+# same command resumes. When one process fails, the others are stopped (they would wait for it).
+set -euo pipefail
+
+usage() {
+  sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+}
+die() {
+  echo "error: $*" >&2
+  echo "usage: launch/local.sh [options] -- --config FILE.py:VARIANT --workdir DIR [...]" >&2
+  exit 2
+}
+is_int() { [[ "$1" =~ ^[1-9][0-9]*$ ]]; }
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+processes=1 devices="" backend=auto port=12355 cache="${HOME}/.cache/robust_u1_jax/jit"
+logs="" python="${PYTHON:-python3}" dry_run=0
+while (($#)); do
+  case "$1" in
+    --processes) processes="${2-}"; shift 2 || die "--processes needs a value" ;;
+    --devices_per_process) devices="${2-}"; shift 2 || die "--devices_per_process needs a value" ;;
+    --backend) backend="${2-}"; shift 2 || die "--backend needs a value" ;;
+    --port) port="${2-}"; shift 2 || die "--port needs a value" ;;
+    --cache) cache="${2-}"; shift 2 || die "--cache needs a value" ;;
+    --logs) logs="${2-}"; shift 2 || die "--logs needs a value" ;;
+    --python) python="${2-}"; shift 2 || die "--python needs a value" ;;
+    --dry-run|--dry_run) dry_run=1; shift ;;
+    -h|--help) usage; exit 0 ;;
+    --) shift; break ;;
+    *) die "unknown option $1 (the trainer's flags go after --)" ;;
+  esac
+done
+train_args=("$@")
+
+is_int "$processes" || die "--processes must be a positive integer, got '$processes'"
+[[ -z "$devices" ]] || is_int "$devices" || \
+  die "--devices_per_process must be a positive integer, got '$devices'"
+is_int "$port" && ((port < 65536)) || die "--port must be a port number, got '$port'"
+case "$backend" in cpu|gpu|tpu|auto) ;; *) die "--backend must be cpu, gpu, tpu or auto" ;; esac
+if ((processes > 1)); then
+  [[ "$backend" != tpu ]] || \
+    die "a TPU VM runs one process per host; for a multi-host slice use launch/tpu_pod.sh"
+  [[ "$backend" != auto ]] || die "--processes $processes needs --backend cpu or gpu"
+fi
+
+# The trainer's --config and --workdir, checked here so a typo fails before anything starts.
+config="" workdir=""
+for ((i = 0; i < ${#train_args[@]}; i++)); do
+  case "${train_args[i]}" in
+    --config=*) config="${train_args[i]#--config=}" ;;
+    --config) config="${train_args[i+1]-}" ;;
+    --workdir=*) workdir="${train_args[i]#--workdir=}" ;;
+    --workdir) workdir="${train_args[i+1]-}" ;;
+  esac
+done
+[[ -n "$config" ]] || die "the trainer needs --config FILE.py:VARIANT after --"
+[[ -n "$workdir" ]] || die "the trainer needs --workdir DIR after --"
+config_file="${config%%:*}"
+[[ -f "$config_file" ]] || die "config file $config_file not found (paths are relative to $PWD)"
+logs="${logs:-$workdir/logs}"
+
+if ((processes > 1)) && [[ -z "$devices" ]]; then
+  if [[ "$backend" == cpu ]]; then
+    devices=4
+  elif command -v nvidia-smi > /dev/null; then
+    gpus="$(nvidia-smi -L | grep -c '^GPU')"
+    ((gpus % processes == 0 && gpus > 0)) || \
+      die "$gpus GPUs do not split over $processes processes: give --devices_per_process"
+    devices=$((gpus / processes))
+  else
+    die "no nvidia-smi to count the GPUs: give --devices_per_process"
+  fi
+fi
+
+# Environment of every process.
+common_env=("JAX_COMPILATION_CACHE_DIR=$cache")
+[[ "$backend" == auto ]] || common_env+=("JAX_PLATFORMS=$backend")
+process_env() {  # process_env INDEX -> the variables of process INDEX, one per line
+  local i="$1"
+  printf '%s\n' "${common_env[@]}"
+  if ((processes > 1)); then
+    printf '%s\n' "JAX_COORDINATOR_ADDRESS=localhost:$port" "JAX_NUM_PROCESSES=$processes" \
+      "JAX_PROCESS_ID=$i"
+    if [[ "$backend" == cpu ]]; then  # this count replaces one already in XLA_FLAGS
+      local flags
+      flags="$(sed -E 's/--xla_force_host_platform_device_count=[0-9]+//g; s/  +/ /g; s/^ | $//g' \
+        <<< "${XLA_FLAGS-}")"
+      echo "XLA_FLAGS=${flags:+$flags }--xla_force_host_platform_device_count=$devices"
+    fi
+    if [[ "$backend" == gpu && -n "$devices" ]]; then
+      local ids=() d
+      for ((d = i * devices; d < (i + 1) * devices; d++)); do ids+=("$d"); done
+      echo "JAX_LOCAL_DEVICE_IDS=$(IFS=,; echo "${ids[*]}")"
+    fi
+  fi
+}
+command_line=("$python" -m robust_u1_jax.train "${train_args[@]}")
+
+if ((dry_run)); then
+  echo "# launch/local.sh: $processes process(es), backend $backend, logs in $logs"
+  for ((i = 0; i < processes; i++)); do
+    mapfile -t env_i < <(process_env "$i")
+    printf 'env'
+    printf ' %q' "${env_i[@]}" "${command_line[@]}"
+    printf ' > %q 2>&1\n' "$logs/process_$i.log"
+  done
+  exit 0
+fi
+
+mkdir -p "$logs" "$cache"
+# The package is installed (pip install -e .); the checkout also works without installing.
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+pids=()
+stop() {  # passes a stop request on: the trainer saves and exits
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+}
+trap stop INT TERM
+for ((i = 0; i < processes; i++)); do
+  mapfile -t env_i < <(process_env "$i")
+  if ((i == 0)); then  # process 0 reports progress: on the terminal and in its log
+    env "${env_i[@]}" "${command_line[@]}" > >(tee "$logs/process_$i.log") 2>&1 &
+  else
+    env "${env_i[@]}" "${command_line[@]}" > "$logs/process_$i.log" 2>&1 &
+  fi
+  pids+=("$!")
+done
+echo "launch/local.sh: ${#pids[@]} process(es) started, logs in $logs" >&2
+status=0
+running=("${pids[@]}")
+while ((${#running[@]})); do
+  sleep 1
+  still=()
+  for pid in "${running[@]}"; do
+    if kill -0 "$pid" 2>/dev/null; then still+=("$pid"); continue; fi
+    code=0
+    wait "$pid" || code=$?
+    if ((code != 0 && status == 0)); then
+      status=$code
+      if ((${#pids[@]} > 1)); then
+        echo "launch/local.sh: process $pid failed ($code); stopping the others" >&2
+        stop
+      fi
+    fi
+  done
+  running=("${still[@]}")
+done
+exit "$status"

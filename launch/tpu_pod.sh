@@ -1,0 +1,271 @@
+#!/usr/bin/env bash
+# Trains on a Cloud TPU VM slice (v4, v5p, v5e, v6e; one process per host): creates the slice or
+# reuses it, installs this checkout on every worker, and runs the trainer on all of them at once.
+#
+#   launch/tpu_pod.sh --name NAME --zone ZONE --accelerator v5p-64 [options] -- \
+#       --config configs/sft.py:bagel_7b --workdir /mnt/shared/runs/sft \
+#       --config.init_from=/mnt/shared/BAGEL-7B-MoT [--config.field=value ...]
+#
+# Everything after `--` goes to `python -m robust_u1_jax.train` unchanged. Steps, each printed
+# before it runs (--dry-run prints them all and runs nothing, not even gcloud):
+#   1. `gcloud compute tpus tpu-vm describe`: the slice is reused when it exists, else created
+#      (--version: the TPU software version, by default the one for the generation; --spot).
+#   2. This checkout (the files git tracks, and untracked ones it does not ignore) is copied to
+#      every worker and installed there with `pip install -e ".[tpu]"` (jax 0.10.2 and the libtpu
+#      it pins); --no_install skips the step.
+#   3. `python -m robust_u1_jax.train` starts on every worker, with
+#        ROBUST_U1_DISTRIBUTED=1     jax.distributed.initialize() finds the coordinator, the
+#                                    process count and this host's index in the TPU VM metadata
+#        JAX_COMPILATION_CACHE_DIR   the persistent compilation cache: give --cache
+#                                    gs://BUCKET/jax_cache so every host reads what process 0
+#                                    compiled (the default, a directory on each worker, is only
+#                                    filled on worker 0: JAX writes the cache from process 0)
+#        LIBTPU_INIT_ARGS            the XLA TPU flags below (--libtpu_args replaces them)
+#        TPU_STDERR_LOG_LEVEL=2, TPU_MIN_LOG_LEVEL=0  libtpu: errors on stderr, the rest in its
+#                                    log files (/tmp/tpu_logs)
+#      One log per worker: LOGS/worker_<i>.log on this machine (default logs/tpu/NAME), worker 0's
+#      also on the terminal. With --detach the trainers run on under nohup (closing this terminal
+#      does not stop them) and log to ~/robust_u1_jax/logs/worker_<i>.log on each worker.
+#   Ctrl-C here, or `--stop` later, sends SIGTERM to every trainer: each saves a checkpoint and
+#   exits; the same command resumes.
+#
+# The workdir (and init_from) must be one shared path on every worker (a Filestore NFS mount, or
+# a bucket mounted with gcsfuse): all hosts write the checkpoint together, process 0 the logs.
+#
+# LIBTPU_INIT_ARGS defaults (all known to libtpu 0.0.42; tests/test_launch.py checks them):
+#   --xla_tpu_enable_async_collective_fusion=true                FSDP's all-gathers and reduce-
+#   --xla_tpu_enable_async_collective_fusion_fuse_all_gather=true  scatters run asynchronously,
+#   --xla_tpu_enable_async_collective_fusion_multiple_steps=true   fused with and spread over
+#   --xla_tpu_overlap_compute_collective_tc=true                   the layers' compute
+#   --xla_enable_async_all_gather=true                             (MaxText's FSDP settings)
+#   --xla_tpu_enable_data_parallel_all_reduce_opt=true           the gradient all-reduce over a
+#   --xla_tpu_data_parallel_opt_different_sized_ops=true           data axis overlaps backprop
+#
+# Options:
+#   --name NAME --zone ZONE --accelerator TYPE   the slice (TYPE: v4-32, v5p-64, v5litepod-16,
+#                                                v6e-256, ...); all three required
+#   --project P       gcloud project (default: gcloud's)
+#   --version V       TPU software version (default: tpu-ubuntu2204-base for v4, v2-alpha-tpuv5
+#                     for v5p, v2-alpha-tpuv5-lite for v5e, v2-alpha-tpuv6e for v6e)
+#   --spot            create the slice on Spot capacity
+#   --cache DIR       JAX_COMPILATION_CACHE_DIR on the workers (default ~/.cache/robust_u1_jax/jit)
+#   --logs DIR        where the workers' logs go here (default logs/tpu/NAME)
+#   --libtpu_args S   LIBTPU_INIT_ARGS instead of the defaults above
+#   --workers N       hosts of the slice, for --dry-run (default: from TYPE; a real run asks gcloud)
+#   --no_install      skip step 2 (the checkout is already installed on every worker)
+#   --detach          start the trainers under nohup and return
+#   --stop            send SIGTERM to the trainers of a running job and exit (no `--` needed)
+#   --dry-run         print every command, run nothing
+set -euo pipefail
+
+LIBTPU_DEFAULT="--xla_tpu_enable_async_collective_fusion=true \
+--xla_tpu_enable_async_collective_fusion_fuse_all_gather=true \
+--xla_tpu_enable_async_collective_fusion_multiple_steps=true \
+--xla_tpu_overlap_compute_collective_tc=true \
+--xla_enable_async_all_gather=true \
+--xla_tpu_enable_data_parallel_all_reduce_opt=true \
+--xla_tpu_data_parallel_opt_different_sized_ops=true"
+REMOTE_DIR='~/robust_u1_jax'  # expanded by the worker's shell
+
+usage() {
+  sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+}
+die() {
+  echo "error: $*" >&2
+  echo "usage: launch/tpu_pod.sh --name NAME --zone ZONE --accelerator TYPE [options] -- \
+--config FILE.py:VARIANT --workdir DIR [...]" >&2
+  exit 2
+}
+is_int() { [[ "$1" =~ ^[1-9][0-9]*$ ]]; }
+quote() { printf '%q ' "$@" | sed 's/ $//'; }
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+name="" zone="" accelerator="" project="" version="" spot=0 cache="~/.cache/robust_u1_jax/jit"
+logs="" libtpu_args="$LIBTPU_DEFAULT" workers="" install=1 detach=0 stop_job=0 dry_run=0
+while (($#)); do
+  case "$1" in
+    --name) name="${2-}"; shift 2 || die "--name needs a value" ;;
+    --zone) zone="${2-}"; shift 2 || die "--zone needs a value" ;;
+    --accelerator) accelerator="${2-}"; shift 2 || die "--accelerator needs a value" ;;
+    --project) project="${2-}"; shift 2 || die "--project needs a value" ;;
+    --version) version="${2-}"; shift 2 || die "--version needs a value" ;;
+    --spot) spot=1; shift ;;
+    --cache) cache="${2-}"; shift 2 || die "--cache needs a value" ;;
+    --logs) logs="${2-}"; shift 2 || die "--logs needs a value" ;;
+    --libtpu_args) libtpu_args="${2-}"; shift 2 || die "--libtpu_args needs a value" ;;
+    --workers) workers="${2-}"; shift 2 || die "--workers needs a value" ;;
+    --no_install) install=0; shift ;;
+    --detach) detach=1; shift ;;
+    --stop) stop_job=1; shift ;;
+    --dry-run|--dry_run) dry_run=1; shift ;;
+    -h|--help) usage; exit 0 ;;
+    --) shift; break ;;
+    *) die "unknown option $1 (the trainer's flags go after --)" ;;
+  esac
+done
+train_args=("$@")
+
+[[ -n "$name" ]] || die "--name is required (the TPU VM slice to create or reuse)"
+[[ "$name" =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] || \
+  die "--name '$name' is not a valid TPU name (lowercase letters, digits, hyphens)"
+[[ -n "$zone" ]] || die "--zone is required (e.g. us-east5-a)"
+[[ -n "$accelerator" ]] || die "--accelerator is required (e.g. v5p-64)"
+[[ "$accelerator" =~ ^(v2|v3|v4|v5p|v5litepod|v5e|v6e)-([1-9][0-9]*)$ ]] || \
+  die "--accelerator '$accelerator' is not a TPU type (v4-32, v5p-64, v5litepod-16, v6e-256)"
+generation="${BASH_REMATCH[1]}" size="${BASH_REMATCH[2]}"
+[[ -z "$workers" ]] || is_int "$workers" || die "--workers must be a positive integer"
+logs="${logs:-logs/tpu/$name}"
+if [[ -z "$version" ]]; then
+  case "$generation" in
+    v2|v3|v4) version=tpu-ubuntu2204-base ;;
+    v5p) version=v2-alpha-tpuv5 ;;
+    v5litepod|v5e) version=v2-alpha-tpuv5-lite ;;
+    v6e) version=v2-alpha-tpuv6e ;;
+  esac
+fi
+
+gcloud_tpu=(gcloud compute tpus tpu-vm)
+where=(--zone "$zone")
+[[ -z "$project" ]] || where+=(--project "$project")
+
+if ((stop_job)); then
+  stop_cmd=("${gcloud_tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command
+            "kill -TERM \$(cat $REMOTE_DIR/logs/train.pid) 2>/dev/null || true")
+  if ((dry_run)); then quote "${stop_cmd[@]}"; echo; else "${stop_cmd[@]}"; fi
+  exit 0
+fi
+
+config="" workdir=""
+for ((i = 0; i < ${#train_args[@]}; i++)); do
+  case "${train_args[i]}" in
+    --config=*) config="${train_args[i]#--config=}" ;;
+    --config) config="${train_args[i+1]-}" ;;
+    --workdir=*) workdir="${train_args[i]#--workdir=}" ;;
+    --workdir) workdir="${train_args[i+1]-}" ;;
+  esac
+done
+[[ -n "$config" ]] || die "the trainer needs --config FILE.py:VARIANT after --"
+[[ -n "$workdir" ]] || die "the trainer needs --workdir DIR after --"
+config_file="${config%%:*}"
+[[ -f "$ROOT/$config_file" ]] || \
+  die "config file $config_file not found in the checkout (give it relative to $ROOT)"
+[[ "$config_file" != /* ]] || die "give --config relative to the checkout: it is copied to the workers"
+[[ "$workdir" == /* ]] || die "--workdir must be an absolute path shared by every worker"
+[[ "$workdir" != gs://* ]] || \
+  die "--workdir $workdir: mount the bucket on every worker (gcsfuse) and give the mount's path"
+
+hosts_of() {  # hosts of a slice type: chips per host are 4 (v4, v5p, v5e/v6e beyond 8 chips)
+  case "$generation" in
+    v2|v3) echo $(( (size + 7) / 8 )) ;;  # TensorCores, 8 a host
+    v4|v5p) echo $(( (size / 2 + 3) / 4 )) ;;  # TensorCores, 2 a chip
+    *) if ((size <= 8)); then echo 1; else echo $((size / 4)); fi ;;  # chips
+  esac
+}
+
+run() {  # prints a step's command, then runs it unless --dry-run
+  quote "$@"
+  echo
+  ((dry_run)) || "$@"
+}
+
+# 1. The slice.
+describe=("${gcloud_tpu[@]}" describe "$name" "${where[@]}" --format='value(state)')
+create=("${gcloud_tpu[@]}" create "$name" "${where[@]}" --accelerator-type "$accelerator"
+        --version "$version")
+((spot)) && create+=(--spot)
+if ((dry_run)); then
+  echo "# 1. reuse the slice if it exists, else create it"
+  echo "$(quote "${describe[@]}") || $(quote "${create[@]}")"
+  workers="${workers:-$(hosts_of)}"
+else
+  if state="$("${describe[@]}" 2>/dev/null)"; then
+    echo "# 1. reusing TPU $name ($state)"
+  else
+    echo "# 1. creating TPU $name ($accelerator, $version)"
+    run "${create[@]}"
+  fi
+  endpoints="$("${gcloud_tpu[@]}" describe "$name" "${where[@]}" \
+    --format='value(networkEndpoints[].ipAddress)')"
+  workers="$(tr ';,' '\n\n' <<< "$endpoints" | grep -c .)"
+  ((workers > 0)) || die "gcloud lists no workers for TPU $name"
+fi
+
+# 2. The project on every worker.
+if ((install)); then
+  echo "# 2. copy this checkout to the $workers worker(s) and install it"
+  archive="${TMPDIR:-/tmp}/robust_u1_jax_$name.tar.gz"
+  if git -C "$ROOT" rev-parse --is-inside-work-tree > /dev/null 2>&1; then
+    # Files deleted from the working tree are still in git's index: skipped.
+    pack="cd $(quote "$ROOT") && git ls-files -co --exclude-standard | \
+while read -r f; do [[ -e \"\$f\" ]] && printf '%s\\0' \"\$f\"; done | \
+tar --null -czf $(quote "$archive") -T -"
+  else  # not a git checkout: everything but caches and build outputs
+    pack="tar -czf $(quote "$archive") -C $(quote "$ROOT") --exclude=.git --exclude=__pycache__ \
+--exclude='*.egg-info' --exclude=logs ."
+  fi
+  echo "$pack"
+  ((dry_run)) || bash -c "$pack"
+  run "${gcloud_tpu[@]}" scp "$archive" "$name:robust_u1_jax.tar.gz" "${where[@]}" --worker=all
+  install_cmd="set -e; rm -rf $REMOTE_DIR; mkdir -p $REMOTE_DIR; \
+tar xzf ~/robust_u1_jax.tar.gz -C $REMOTE_DIR; cd $REMOTE_DIR; \
+python3 -m pip install -q -e '.[tpu]'"
+  run "${gcloud_tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command "$install_cmd"
+fi
+
+# 3. The trainer on every worker.
+remote_path() {  # a path for the worker's shell: a leading ~/ becomes its $HOME
+  if [[ "$1" == "~/"* ]]; then echo "\"\$HOME\"/$(quote "${1#\~/}")"; else quote "$1"; fi
+}
+train="env ROBUST_U1_DISTRIBUTED=1 JAX_COMPILATION_CACHE_DIR=$(remote_path "$cache") \
+LIBTPU_INIT_ARGS=$(quote "$libtpu_args") TPU_STDERR_LOG_LEVEL=2 TPU_MIN_LOG_LEVEL=0 \
+python3 -m robust_u1_jax.train $(quote "${train_args[@]}")"
+remote_command() {  # remote_command WORKER -> the shell command worker WORKER runs
+  local start="echo \$\$ > logs/train.pid && exec $train"
+  if ((detach)); then
+    echo "cd $REMOTE_DIR && mkdir -p logs && nohup bash -c $(quote "$start") \
+> logs/worker_$1.log 2>&1 < /dev/null &"
+  else
+    echo "cd $REMOTE_DIR && mkdir -p logs && $start"
+  fi
+}
+echo "# 3. the trainer on the $workers worker(s)$( ((detach)) && echo ", detached")"
+pids=()
+stop() {
+  echo "launch/tpu_pod.sh: asking every trainer to save and stop" >&2
+  "${gcloud_tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command \
+    "kill -TERM \$(cat $REMOTE_DIR/logs/train.pid) 2>/dev/null || true" || true
+}
+((dry_run)) || mkdir -p "$logs"
+for ((i = 0; i < workers; i++)); do
+  ssh_cmd=("${gcloud_tpu[@]}" ssh "$name" "${where[@]}" "--worker=$i" --command
+           "$(remote_command "$i")")
+  if ((detach)); then
+    run "${ssh_cmd[@]}"
+    continue
+  fi
+  echo "$(quote "${ssh_cmd[@]}") > $(quote "$logs/worker_$i.log") 2>&1 &"
+  ((dry_run)) && continue
+  if ((i == 0)); then
+    "${ssh_cmd[@]}" > >(tee "$logs/worker_$i.log") 2>&1 &
+  else
+    "${ssh_cmd[@]}" > "$logs/worker_$i.log" 2>&1 &
+  fi
+  pids+=("$!")
+done
+if ((dry_run)); then
+  exit 0
+fi
+if ((detach)); then
+  echo "started; logs: ${gcloud_tpu[*]} ssh $name ${where[*]} --worker=0 --command" \
+    "'tail -f $REMOTE_DIR/logs/worker_0.log'; stop: $0 --name $name ${where[*]} --stop"
+  exit 0
+fi
+trap 'stop' INT TERM
+echo "launch/tpu_pod.sh: logs in $logs/worker_<i>.log" >&2
+status=0
+for pid in "${pids[@]}"; do
+  code=0
+  wait "$pid" || code=$?
+  ((code == 0 || status != 0)) || status=$code
+done
+exit "$status"

@@ -1,0 +1,342 @@
+"""launch/: every script checks its arguments, prints what it would run with --dry-run, and runs it
+(here with stand-ins for python, gcloud and srun that record what they were given)."""
+
+import json
+import os
+import shlex
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOCAL = os.path.join(ROOT, "launch", "local.sh")
+TPU = os.path.join(ROOT, "launch", "tpu_pod.sh")
+SLURM = os.path.join(ROOT, "launch", "gpu_slurm.sbatch")
+TRAIN = ["--config", "configs/sft.py:tiny", "--workdir", "/shared/runs/sft",
+         "--config.total_steps=3", "--config.data.path=a file with spaces.jsonl"]
+TPU_ARGS = ["--name", "robust-u1", "--zone", "us-east5-a", "--accelerator", "v5p-32"]
+
+# A stand-in interpreter: records its arguments and the launch environment as JSON, one file per
+# process, then exits with FAKE_EXIT (or sleeps FAKE_SLEEP seconds first).
+FAKE_PYTHON = r"""#!/usr/bin/env python3
+import json, os, sys, time
+name = os.environ.get("JAX_PROCESS_ID") or os.environ.get("FAKE_WORKER") or "0"
+if sys.argv[1:3] == ["-m", "pip"]:
+  name = "pip_" + name
+keys = ("JAX_", "XLA_", "LIBTPU_", "ROBUST_U1_", "TPU_", "HOME", "PYTHONPATH")
+with open(os.path.join(os.environ["FAKE_OUT"], name + ".json"), "w") as f:
+  json.dump({"argv": sys.argv[1:], "cwd": os.getcwd(), "pid": os.getpid(),
+             "env": {k: v for k, v in os.environ.items() if k.startswith(keys)}}, f)
+time.sleep(float(os.environ.get("FAKE_SLEEP_" + name, "0")))
+sys.exit(int(os.environ.get("FAKE_EXIT_" + name, "0")))
+"""
+
+
+def _script(path, text):
+  with open(path, "w") as f:
+    f.write(text)
+  os.chmod(path, os.stat(path).st_mode | stat.S_IEXEC)
+  return str(path)
+
+
+@pytest.fixture
+def fakes(tmp_path):
+  """(bin dir with a fake `python3`, the folder the fakes record into)."""
+  bin_dir, out = tmp_path / "bin", tmp_path / "out"
+  bin_dir.mkdir()
+  out.mkdir()
+  _script(bin_dir / "python3", FAKE_PYTHON.replace("/usr/bin/env python3", sys.executable))
+  return bin_dir, out
+
+
+def _run(command, env=None, cwd=ROOT, timeout=120):
+  return subprocess.run(command, cwd=cwd, env={**os.environ, **(env or {})}, timeout=timeout,
+                        capture_output=True, text=True)
+
+
+def _records(out):
+  return {p[:-5]: json.load(open(os.path.join(out, p))) for p in os.listdir(out)
+          if p.endswith(".json")}
+
+
+def _lines(stdout):
+  """The printed commands, split into words the way bash would (comments skipped)."""
+  return [shlex.split(line) for line in stdout.splitlines() if line and not line.startswith("#")]
+
+
+@pytest.mark.parametrize("script", [LOCAL, TPU, SLURM])
+def test_scripts_parse_and_explain_themselves(script):
+  assert _run(["bash", "-n", script]).returncode == 0
+  shown = _run(["bash", script, "--help"])
+  assert shown.returncode == 0 and "--dry-run" in shown.stdout
+  assert os.access(script, os.X_OK)
+
+
+@pytest.mark.parametrize("script,before", [(LOCAL, []), (TPU, TPU_ARGS), (SLURM, [])])
+def test_bad_arguments_are_one_error_line_and_status_2(script, before):
+  cases = [
+      [*before, "--dry-run", "--", "--workdir", "/shared/w"],  # no --config
+      [*before, "--dry-run", "--", "--config", "configs/sft.py:tiny"],  # no --workdir
+      [*before, "--dry-run", "--", "--config", "configs/nope.py:tiny", "--workdir", "/shared/w"],
+      [*before, "--frobnicate", "--dry-run", "--", *TRAIN],
+  ]
+  for args in cases:
+    result = _run(["bash", script, *args])
+    assert result.returncode == 2, (args, result.stdout, result.stderr)
+    assert result.stderr.startswith("error: "), result.stderr
+    assert "usage:" in result.stderr
+
+
+def test_local_dry_run_prints_each_process(tmp_path):
+  result = _run([LOCAL, "--dry-run", "--processes", "2", "--backend", "cpu", "--port", "23456",
+                 "--", *TRAIN])
+  assert result.returncode == 0, result.stderr
+  lines = _lines(result.stdout)
+  assert len(lines) == 2
+  for i, words in enumerate(lines):
+    assert words[0] == "env"
+    assert {"JAX_PLATFORMS=cpu", "JAX_COORDINATOR_ADDRESS=localhost:23456",
+            "JAX_NUM_PROCESSES=2", f"JAX_PROCESS_ID={i}",
+            "XLA_FLAGS=--xla_force_host_platform_device_count=4"} <= set(words)
+    assert words[-len(TRAIN) - 6:] == [
+        "python3", "-m", "robust_u1_jax.train", *TRAIN, ">",
+        f"/shared/runs/sft/logs/process_{i}.log", "2>&1"]
+  # GPUs: each process its own devices.
+  result = _run([LOCAL, "--dry-run", "--processes", "2", "--backend", "gpu",
+                 "--devices_per_process", "4", "--", *TRAIN])
+  ids = [w for words in _lines(result.stdout) for w in words if w.startswith("JAX_LOCAL")]
+  assert ids == ["JAX_LOCAL_DEVICE_IDS=0,1,2,3", "JAX_LOCAL_DEVICE_IDS=4,5,6,7"]
+  for args in (["--processes", "2"], ["--processes", "2", "--backend", "tpu"],
+               ["--backend", "npu"], ["--processes", "-1"]):
+    assert _run([LOCAL, "--dry-run", *args, "--", *TRAIN]).returncode == 2, args
+
+
+def test_local_starts_the_processes_and_stops_them_when_one_fails(tmp_path, fakes):
+  bin_dir, out = fakes
+  workdir = tmp_path / "work"
+  train = ["--config", "configs/sft.py:tiny", "--workdir", str(workdir)]
+  env = {"FAKE_OUT": str(out)}
+  result = _run([LOCAL, "--processes", "2", "--backend", "cpu", "--python",
+                 str(bin_dir / "python3"), "--cache", str(tmp_path / "cache"), "--", *train],
+                env=env)
+  assert result.returncode == 0, result.stderr
+  records = _records(out)
+  assert sorted(records) == ["0", "1"]
+  for i in ("0", "1"):
+    assert records[i]["argv"] == ["-m", "robust_u1_jax.train", *train]
+    assert records[i]["env"]["JAX_NUM_PROCESSES"] == "2"
+    assert records[i]["env"]["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path / "cache")
+    assert os.path.exists(workdir / "logs" / f"process_{i}.log")
+  # Process 1 fails at once while process 0 would run for a minute: the script stops it and
+  # exits with process 1's status.
+  start = time.time()
+  result = _run([LOCAL, "--processes", "2", "--backend", "cpu", "--python",
+                 str(bin_dir / "python3"), "--", *train],
+                env={**env, "FAKE_EXIT_1": "3", "FAKE_SLEEP_0": "60"})
+  assert result.returncode == 3, (result.stdout, result.stderr)
+  assert time.time() - start < 30
+  assert "stopping the others" in result.stderr
+
+
+def _sandbox_worker(tmp_path, command, worker, fake_bin, out, wait_for=None):
+  """Runs a worker's --command under bash, as the TPU VM's login shell would: HOME is a fresh
+  folder holding ~/robust_u1_jax, `python3` is the fake."""
+  home = tmp_path / f"worker_{worker}"
+  (home / "robust_u1_jax").mkdir(parents=True, exist_ok=True)
+  env = {"HOME": str(home), "PATH": f"{fake_bin}:{os.environ['PATH']}", "FAKE_OUT": str(out),
+         "FAKE_WORKER": str(worker)}
+  result = _run(["bash", "-c", command], env=env, cwd=home)
+  assert result.returncode == 0, result.stderr
+  if wait_for:  # a detached trainer
+    deadline = time.time() + 30
+    while not os.path.exists(wait_for) and time.time() < deadline:
+      time.sleep(0.1)
+  return home
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_tpu_pod_dry_run_and_what_each_worker_runs(tmp_path, fakes, detach):
+  bin_dir, out = fakes
+  result = _run([TPU, *TPU_ARGS, "--dry-run", *(["--detach"] if detach else []), "--", *TRAIN])
+  assert result.returncode == 0, result.stderr
+  text = result.stdout
+  assert "gcloud compute tpus tpu-vm describe robust-u1 --zone us-east5-a" in text
+  assert ("gcloud compute tpus tpu-vm create robust-u1 --zone us-east5-a --accelerator-type "
+          "v5p-32 --version v2-alpha-tpuv5") in text
+  assert "git ls-files -co --exclude-standard" in text
+  words = [w for w in _lines(text) if w[:4] == ["gcloud", "compute", "tpus", "tpu-vm"]]
+  assert any(w[4] == "scp" and "--worker=all" in w for w in words)
+  install = [w for w in words if w[4] == "ssh" and "--worker=all" in w]
+  assert install and "pip install -q -e '.[tpu]'" in install[0][install[0].index("--command") + 1]
+  runs = [w for w in words if w[4] == "ssh" and any(x[len("--worker="):].isdigit() for x in w)]
+  assert len(runs) == 4  # v5p-32: 16 chips, 4 hosts
+  for i, run in enumerate(runs):
+    assert f"--worker={i}" in run
+    command = run[run.index("--command") + 1]
+    pid_file = tmp_path / f"worker_{i}" / "robust_u1_jax" / "logs" / "train.pid"
+    home = _sandbox_worker(tmp_path, command, i, bin_dir, out,
+                           wait_for=out / f"{i}.json" if detach else None)
+    record = _records(out)[str(i)]
+    assert record["argv"] == ["-m", "robust_u1_jax.train", *TRAIN]
+    assert record["cwd"] == str(home / "robust_u1_jax")
+    env = record["env"]
+    assert env["ROBUST_U1_DISTRIBUTED"] == "1"
+    assert env["JAX_COMPILATION_CACHE_DIR"] == str(home / ".cache" / "robust_u1_jax" / "jit")
+    assert env["LIBTPU_INIT_ARGS"].split() == _libtpu_default()
+    assert int(pid_file.read_text()) == record["pid"]  # what --stop signals
+    if detach:
+      assert (home / "robust_u1_jax" / "logs" / f"worker_{i}.log").exists()
+
+
+def _libtpu_default():
+  with open(TPU) as f:
+    text = f.read()
+  block = text.split('LIBTPU_DEFAULT="', 1)[1].split('"', 1)[0]
+  return block.replace("\\\n", " ").split()
+
+
+FAKE_GCLOUD = r"""#!/usr/bin/env bash
+# gcloud compute tpus tpu-vm {describe,create,scp,ssh} on a fake slice of FAKE_HOSTS workers,
+# each a folder FAKE_ROOT/worker_<i> used as its HOME.
+echo "gcloud $*" >> "$FAKE_ROOT/gcloud.log"
+shift 3  # compute tpus tpu-vm
+action="$1"; shift
+worker="" command="" format=""
+args=()
+while (($#)); do
+  case "$1" in
+    --worker=*) worker="${1#--worker=}"; shift ;;
+    --command) command="$2"; shift 2 ;;
+    --format=*) format="${1#--format=}"; shift ;;
+    --zone|--project|--accelerator-type|--version) shift 2 ;;
+    *) args+=("$1"); shift ;;
+  esac
+done
+workers() { if [[ "$worker" == all ]]; then seq 0 $((FAKE_HOSTS - 1)); else echo "$worker"; fi; }
+case "$action" in
+  describe)
+    [[ -f "$FAKE_ROOT/created" ]] || exit 1
+    if [[ "$format" == *ipAddress* ]]; then
+      seq -s ';' 1 "$FAKE_HOSTS" | sed 's/[0-9][0-9]*/10.0.0.&/g'
+    else
+      echo READY
+    fi ;;
+  create) touch "$FAKE_ROOT/created" ;;
+  scp)
+    for i in $(workers); do
+      mkdir -p "$FAKE_ROOT/worker_$i"
+      cp "${args[0]}" "$FAKE_ROOT/worker_$i/${args[1]#*:}"
+    done ;;
+  ssh)
+    for i in $(workers); do
+      mkdir -p "$FAKE_ROOT/worker_$i"
+      (cd "$FAKE_ROOT/worker_$i" && HOME="$FAKE_ROOT/worker_$i" FAKE_WORKER="$i" \
+        bash -c "$command") || exit $?
+    done ;;
+esac
+"""
+
+
+def test_tpu_pod_creates_installs_and_runs_on_every_worker(tmp_path, fakes):
+  bin_dir, out = fakes
+  _script(bin_dir / "gcloud", FAKE_GCLOUD)
+  env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_ROOT": str(tmp_path),
+         "FAKE_HOSTS": "2", "FAKE_OUT": str(out), "TMPDIR": str(tmp_path)}
+  logs = tmp_path / "logs"
+  result = _run([TPU, *TPU_ARGS, "--logs", str(logs), "--", *TRAIN], env=env, timeout=300)
+  assert result.returncode == 0, (result.stdout, result.stderr)
+  calls = (tmp_path / "gcloud.log").read_text()
+  assert "tpu-vm create robust-u1" in calls  # describe failed: created
+  records = _records(out)
+  assert sorted(records) == ["0", "1", "pip_0", "pip_1"]
+  for i in ("0", "1"):
+    assert records[f"pip_{i}"]["argv"] == ["-m", "pip", "install", "-q", "-e", ".[tpu]"]
+    checkout = tmp_path / f"worker_{i}" / "robust_u1_jax"
+    assert (checkout / "setup.py").exists() and (checkout / "launch" / "tpu_pod.sh").exists()
+    assert records[i]["argv"] == ["-m", "robust_u1_jax.train", *TRAIN]
+    assert records[i]["env"]["ROBUST_U1_DISTRIBUTED"] == "1"
+    assert (logs / f"worker_{i}.log").exists()
+  # Run again: the slice is reused; a failing worker's status is the script's.
+  (out / "0.json").unlink()
+  result = _run([TPU, *TPU_ARGS, "--no_install", "--logs", str(logs), "--", *TRAIN],
+                env={**env, "FAKE_EXIT_1": "4"}, timeout=300)
+  assert result.returncode == 4
+  assert "reusing TPU robust-u1" in result.stdout
+  assert (tmp_path / "gcloud.log").read_text().count("tpu-vm create") == 1
+
+
+def test_gpu_slurm_dry_run(tmp_path):
+  result = _run(["bash", SLURM, "--dry-run", "--", *TRAIN])
+  assert result.returncode == 0, result.stderr
+  lines = _lines(result.stdout)
+  install, train = lines
+  assert install[:3] == ["srun", "--nodes=1", "--ntasks=1"]
+  assert install[-4:] == ["install", "-q", "-e", f"{ROOT}[cuda]"]
+  assert train[:3] == ["srun", "--kill-on-bad-exit=1", "--output=logs/slurm/JOBID/task_%t.log"]
+  assert "ROBUST_U1_DISTRIBUTED=1" in train and "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9" in train
+  assert train[-len(TRAIN) - 3:] == ["python3", "-m", "robust_u1_jax.train", *TRAIN]
+  assert "2 node(s) x 8 GPU process(es)" in result.stdout
+  per_node = _run(["bash", SLURM, "--dry-run", "--install", "per_node", "--", *TRAIN])
+  assert _lines(per_node.stdout)[0][:3] == ["srun", "--ntasks-per-node=1", "--nodes=2"]
+  assert _run(["bash", SLURM, "--", *TRAIN]).returncode == 2  # not in a job: use sbatch
+
+
+FAKE_SRUN = r"""#!/usr/bin/env bash
+# srun OPTIONS... COMMAND...: runs COMMAND once (as task 0), options logged.
+opts=()
+while [[ "$1" == --* ]]; do opts+=("$1"); shift; done
+echo "srun ${opts[*]}" >> "$FAKE_OUT/srun.log"
+exec "$@"
+"""
+
+
+def test_gpu_slurm_job_installs_and_trains(tmp_path, fakes):
+  bin_dir, out = fakes
+  _script(bin_dir / "srun", FAKE_SRUN)
+  slurm = {"SLURM_JOB_ID": "77", "SLURM_JOB_NUM_NODES": "2", "SLURM_NTASKS_PER_NODE": "4(x2)",
+           "SLURM_GPUS_ON_NODE": "4", "SLURM_SUBMIT_DIR": ROOT}
+  env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_OUT": str(out), **slurm}
+  logs = tmp_path / "logs"
+  result = _run(["bash", SLURM, "--logs", str(logs), "--cache", str(tmp_path / "cache"), "--",
+                 *TRAIN], env=env)
+  assert result.returncode == 0, (result.stdout, result.stderr)
+  records = _records(out)
+  assert records["pip_0"]["argv"] == ["-m", "pip", "install", "-q", "-e", f"{ROOT}[cuda]"]
+  assert records["0"]["argv"] == ["-m", "robust_u1_jax.train", *TRAIN]
+  job_env = records["0"]["env"]
+  assert job_env["ROBUST_U1_DISTRIBUTED"] == "1"
+  assert job_env["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path / "cache")
+  assert job_env["XLA_FLAGS"] == "--xla_gpu_enable_latency_hiding_scheduler=true"
+  srun = (out / "srun.log").read_text().splitlines()
+  assert srun == ["srun --nodes=1 --ntasks=1",
+                  f"srun --kill-on-bad-exit=1 --output={logs}/task_%t.log"]
+  # Tasks must match GPUs: jax.distributed gives each task one GPU.
+  bad = _run(["bash", SLURM, "--", *TRAIN], env={**env, "SLURM_GPUS_ON_NODE": "8"})
+  assert bad.returncode == 2 and "--ntasks-per-node=8" in bad.stderr
+
+
+@pytest.mark.slow  # four interpreters start jax (and libtpu)
+def test_the_scripts_flags_are_known_to_xla_and_libtpu():
+  """XLA aborts on an unknown XLA_FLAGS entry, libtpu on an unknown LIBTPU_INIT_ARGS one."""
+  slurm = _lines(_run(["bash", SLURM, "--dry-run", "--", *TRAIN]).stdout)[1]
+  xla_flags = next(w for w in slurm if w.startswith("XLA_FLAGS="))[len("XLA_FLAGS="):]
+  check = _run([sys.executable, "-c", "import jax; jax.numpy.zeros(2).block_until_ready()"],
+               env={"XLA_FLAGS": xla_flags, "JAX_PLATFORMS": "cpu"})
+  assert check.returncode == 0, check.stderr[-2000:]
+  bogus = _run([sys.executable, "-c", "import jax; jax.numpy.zeros(2).block_until_ready()"],
+               env={"XLA_FLAGS": "--xla_gpu_no_such_flag=true", "JAX_PLATFORMS": "cpu"})
+  assert bogus.returncode != 0  # the check above can fail
+  pytest.importorskip("libtpu")
+  probe = ("from jax.experimental import topologies; "
+           "print(len(topologies.get_topology_desc('v5p:2x2x1', 'tpu').devices))")
+  tpu_env = {"JAX_PLATFORMS": "cpu", "TPU_ACCELERATOR_TYPE": "v5p-8",
+             "TPU_WORKER_HOSTNAMES": "localhost", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+  check = _run([sys.executable, "-c", probe],
+               env={**tpu_env, "LIBTPU_INIT_ARGS": " ".join(_libtpu_default())})
+  assert check.returncode == 0 and check.stdout.strip() == "4", check.stderr[-2000:]
+  bogus = _run([sys.executable, "-c", probe],
+               env={**tpu_env, "LIBTPU_INIT_ARGS": "--xla_tpu_no_such_flag=true"})
+  assert bogus.returncode != 0

@@ -1,0 +1,157 @@
+"""Multi-host training proven on one machine.
+
+Two processes on localhost, 4 fake CPU devices each, join through `jax.distributed` (gloo
+collectives) from the environment `launch/local.sh --processes 2` sets, train a tiny config with
+per-process data slices, checkpoint, and restore the checkpoint through the trainer's
+Checkpointer (tests/multihost_worker.py). The same run as one process with 8 fake devices is the
+reference: the losses, the other logged metrics and every restored array (parameters, EMA, Adam
+moments, step, key) agree. Not bit for bit: the gradients' sum over the 8 devices is added in
+another order by gloo across processes than inside one process, so they agree to float32
+rounding (measured: losses within 1e-7; parameters within 3e-9 but for a few entries of about
+3e-7, see ARRAY_ATOL). Reading other rows, or drawing other noise or dropout, would move the
+losses by about 1e-2 and the parameters by about lr = 1e-4.
+"""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow  # minutes: three processes compile the tiny model's steps
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(ROOT, "tests", "multihost_worker.py")
+# Both groups compile cold on 2 shared cores (process 1 never reads the persistent cache).
+TIMEOUT_S = 1500
+
+COMMON = {
+    "log_every": 1, "tensorboard": False, "eval_every": 1000,
+    # A multi-process run of unpacked batches needs one text width on every process.
+    "data.text_pad_to": 32,
+    # One cheap corruption instead of the Robust-R1 pipeline, whose program only adds compile
+    # time here: corruption is keyed by record either way (test_pipeline).
+    "data.corruption": "gaussian_noise",
+}
+SFT = {**COMMON, "total_steps": 3, "checkpoint_every": 3}
+RL = {**COMMON, "total_steps": 1, "checkpoint_every": 1, "init_from": "random",
+      # 8 images, one per device of the 8-way FSDP mesh; small groups and few sampler steps.
+      "data.batch_size": 8, "rl.group_size": 2, "rl.num_steps": 4, "rl.window_size": 1,
+      # No guidance branches: fewer contexts to compile, the same multi-process paths.
+      "rl.cfg_text_scale": 1.0, "rl.cfg_img_scale": 1.0,
+      # Adam's first step is about lr * sign(g): with the base eps (1e-15) a gradient entry that
+      # is rounding noise moves its parameter by the full lr, in the direction the summation
+      # order picks. The SFT config's 1e-8 leaves such entries still.
+      "optimizer.eps": 1e-8}
+
+
+# Adam divides by sqrt(v) + eps: a gradient entry near zero turns its rounding difference d into
+# about lr * d / eps, 1e-4 * 1e-11 / 1e-8 = 1e-7 here (measured up to 2.6e-7).
+ARRAY_ATOL = 1e-6
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _env(devices: int, process_id: int | None = None, num_processes: int = 1, port: int = 0):
+  env = dict(os.environ)
+  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
+  env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+  for key in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
+              "ROBUST_U1_DISTRIBUTED"):
+    env.pop(key, None)
+  if num_processes > 1:
+    env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(num_processes),
+               JAX_PROCESS_ID=str(process_id))
+  return env
+
+
+def _run(tmp_path, config: str, overrides: dict):
+  """Starts the reference (1 process x 8 devices) and the pair (2 x 4) side by side; returns
+  (reference, pair), each {"meta": worker JSON, "arrays": restored arrays}."""
+  args = [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
+  config = os.path.join(ROOT, "configs", config)
+  port = _free_port()
+  runs = {"one": [(8, None, 1)], "two": [(4, 0, 2), (4, 1, 2)]}
+  procs = []
+  for name, members in runs.items():
+    for devices, process_id, count in members:
+      log = open(tmp_path / f"{name}_{process_id or 0}.log", "w")
+      command = [sys.executable, WORKER, config, str(tmp_path / name / "work"),
+                 str(tmp_path / name), *args]
+      procs.append((log.name, log, subprocess.Popen(
+          command, cwd=ROOT, env=_env(devices, process_id, count, port), stdout=log,
+          stderr=subprocess.STDOUT)))
+  deadline = time.time() + TIMEOUT_S
+  failed = []
+  try:
+    for path, log, proc in procs:
+      try:
+        code = proc.wait(timeout=max(1.0, deadline - time.time()))
+      except subprocess.TimeoutExpired:
+        code = "timeout"
+      if code != 0:
+        failed.append((path, code))
+        break  # a lone peer of a failed process would wait for it: stop them all
+  finally:
+    for _, log, proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+      log.close()
+  if failed:
+    path, code = failed[0]
+    with open(path) as f:
+      tail = f.read()[-6000:]
+    pytest.fail(f"{os.path.basename(path)} ended with {code}:\n{tail}")
+  out = {}
+  for name in runs:
+    with open(tmp_path / f"{name}.json") as f:
+      meta = json.load(f)
+    with np.load(tmp_path / f"{name}.npz") as arrays:
+      out[name] = {"meta": meta, "arrays": dict(arrays)}
+  return out["one"], out["two"]
+
+
+def _assert_same_run(one, two, total_steps, *, metric_atol, array_atol):
+  assert (one["meta"]["process_count"], two["meta"]["process_count"]) == (1, 2)
+  assert one["meta"]["device_count"] == two["meta"]["device_count"] == 8
+  for run in (one, two):
+    assert run["meta"]["restored_step"] == total_steps
+    assert run["meta"]["data_state"], "the data position was not restored"
+  rows_one, rows_two = one["meta"]["history"], two["meta"]["history"]
+  assert [r["step"] for r in rows_one] == [r["step"] for r in rows_two] == list(
+      range(1, total_steps + 1))
+  for a, b in zip(rows_one, rows_two):
+    for key in a:
+      if key.endswith("_per_s") or key.startswith("tflops"):  # wall-clock rates
+        continue
+      np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=metric_atol,
+                                 err_msg=f"step {a['step']}: {key}")
+  assert one["arrays"].keys() == two["arrays"].keys()
+  assert any(k.startswith("params.") for k in one["arrays"])
+  for key, expected in one["arrays"].items():
+    got = two["arrays"][key]
+    assert got.dtype == expected.dtype and got.shape == expected.shape, key
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=array_atol, err_msg=key)
+
+
+def test_sft_on_two_processes_equals_one_process(tmp_path):
+  one, two = _run(tmp_path, "sft.py:tiny", SFT)
+  _assert_same_run(one, two, SFT["total_steps"], metric_atol=1e-6, array_atol=ARRAY_ATOL)
+
+
+def test_rl_on_two_processes_equals_one_process(tmp_path):
+  one, two = _run(tmp_path, "rl.py:tiny", RL)
+  # The policy loss is a sum of terms that cancel to ~1e-7: its rounding is absolute.
+  _assert_same_run(one, two, RL["total_steps"], metric_atol=1e-6, array_atol=ARRAY_ATOL)
