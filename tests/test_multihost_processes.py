@@ -123,7 +123,7 @@ def _run(tmp_path, config: str, overrides: dict):
   return out["one"], out["two"]
 
 
-def _assert_same_run(one, two, total_steps, *, metric_atol, array_atol):
+def _assert_same_run(one, two, total_steps, *, metric_rtol, metric_atol, array_atol):
   assert (one["meta"]["process_count"], two["meta"]["process_count"]) == (1, 2)
   assert one["meta"]["device_count"] == two["meta"]["device_count"] == 8
   for run in (one, two):
@@ -136,7 +136,7 @@ def _assert_same_run(one, two, total_steps, *, metric_atol, array_atol):
     for key in a:
       if key.endswith("_per_s") or key.startswith("tflops"):  # wall-clock rates
         continue
-      np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=metric_atol,
+      np.testing.assert_allclose(b[key], a[key], rtol=metric_rtol, atol=metric_atol,
                                  err_msg=f"step {a['step']}: {key}")
   assert one["arrays"].keys() == two["arrays"].keys()
   assert any(k.startswith("params.") for k in one["arrays"])
@@ -148,10 +148,15 @@ def _assert_same_run(one, two, total_steps, *, metric_atol, array_atol):
 
 def test_sft_on_two_processes_equals_one_process(tmp_path):
   one, two = _run(tmp_path, "sft.py:tiny", SFT)
-  _assert_same_run(one, two, SFT["total_steps"], metric_atol=1e-6, array_atol=ARRAY_ATOL)
+  _assert_same_run(one, two, SFT["total_steps"], metric_rtol=1e-5, metric_atol=1e-6,
+                   array_atol=ARRAY_ATOL)
 
 
 def test_rl_on_two_processes_equals_one_process(tmp_path):
   one, two = _run(tmp_path, "rl.py:tiny", RL)
-  # The policy loss is a sum of terms that cancel to ~1e-7: its rounding is absolute.
-  _assert_same_run(one, two, RL["total_steps"], metric_atol=1e-6, array_atol=ARRAY_ATOL)
+  # Group-normalised advantages divide reward differences by the group's spread (about 1e-2):
+  # the rewards' rounding (1e-7) becomes 1e-5 in the advantages and what follows from them
+  # (measured: advantage_std and grad_norm 1.5e-5 apart). The policy loss and the advantages'
+  # mean are sums that cancel to about 1e-7: their rounding is absolute.
+  _assert_same_run(one, two, RL["total_steps"], metric_rtol=1e-4, metric_atol=1e-6,
+                   array_atol=ARRAY_ATOL)

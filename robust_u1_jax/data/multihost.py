@@ -16,7 +16,8 @@ s-th run of rows of every global batch (the rows its devices hold), so the globa
 processes is row for row the batch of one; `SampleRng` keys a stage's host-side draws (condition
 dropout) by sample, not by position in a process's batch; device-side draws come from global keys.
 `tests/test_multihost_processes.py` checks it: 2 processes x 4 CPU devices train, checkpoint and
-resume exactly like 1 process x 8 devices.
+restore like 1 process x 8 devices (to the float32 rounding of sums whose order differs). Packed
+rows (data.token_budget > 0) are packed per process, so they depend on the process count.
 
 `initialize_distributed()` starts `jax.distributed` from the environment a launcher sets
 (launch/*.sh, launch/gpu_slurm.sbatch); entry points call it before anything touches a device.
