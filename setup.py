@@ -30,11 +30,13 @@ INSTALL_REQUIRES = JAX_STACK + [
 ]
 
 EXTRAS = {
-    # PyTorch reference implementations for the parity tests. open_clip needs torchvision, and
-    # torchvision 0.29.1 only imports beside its own torch build (2.14.1), so the pair is pinned.
+    # Test tools, the linter, and the PyTorch reference implementations of the parity tests.
+    # open_clip needs torchvision, and torchvision 0.29.1 only imports beside its own torch build
+    # (2.14.1), so the pair is pinned.
     "test": [
         "pytest>=8",
         "pytest-xdist>=3.5",
+        "ruff==0.17.6",  # lint (ruff.toml), run by .ci/run before the tests
         "torch==2.14.1",
         "torchvision==0.29.1",
         "diffusers==0.42.1",

@@ -1,4 +1,4 @@
-"""Evaluation of a trained model (`python -m robust_u1_jax.evaluate`), DESIGN section 6.
+"""Evaluation of a trained model (`python -m robust_u1_jax.evaluate`), docs/design.md#corruptions.
 
 Variants: `configs/eval.py:tiny` (the built-in world's held-out test split, a few minutes on a CPU)
 and `configs/eval.py:bagel_7b` (the paper's settings; benchmark files from local paths).

@@ -1,4 +1,5 @@
-"""Stage II, visual quality alignment: Flow-GRPO on the recovery sampler (DESIGN section 5).
+"""Stage II, visual quality alignment: Flow-GRPO on the recovery sampler
+(docs/design.md#flow-grpo).
 
 Variants: `configs/rl.py:tiny` (built-in shapes world, CPU) and `configs/rl.py:bagel_7b`.
 """

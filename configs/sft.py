@@ -1,4 +1,5 @@
-"""Stage I, self-recovery SFT: flow matching on the generation path (DESIGN section 5).
+"""Stage I, self-recovery SFT: flow matching on the generation path
+(docs/design.md#flow-matching-and-guidance).
 
 Variants: `configs/sft.py:tiny` (built-in shapes world, CPU, minutes) and
 `configs/sft.py:bagel_7b` (BAGEL-7B-MoT on ImageNet with on-the-fly ImageNet-C corruption).

@@ -21,7 +21,7 @@ def get_data_config() -> ml_collections.ConfigDict:
   d.split = "train"
   d.image_size = 64  # side of the built-in shapes world's images
   d.shapes_size = 100_000  # records per shapes-world split (train; val and test are smaller)
-  # BAGEL resize rules (DESIGN section 4); the tiny configs scale them down.
+  # BAGEL resize rules (docs/design.md#model-bagel-7b-mot); the tiny configs scale them down.
   d.vae_max_side = 1024
   d.vae_min_side = 512
   d.vae_stride = 16
@@ -246,7 +246,8 @@ def validate_bootstrap(c: ml_collections.ConfigDict) -> None:
     _check(p.eval_num_steps >= 2, "pretrain.eval_num_steps", p.eval_num_steps, "an integer >= 2")
 
 
-# The paper's evaluation intensities 25 / 50 / 100 % of the Robust-R1 pipeline (DESIGN section 6).
+# The paper's evaluation intensities 25 / 50 / 100 % of the Robust-R1 pipeline
+# (docs/design.md#corruptions).
 EVAL_INTENSITIES = {"25%": 0.23, "50%": 0.45, "100%": 0.9}
 
 

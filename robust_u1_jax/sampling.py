@@ -2,8 +2,9 @@
 the timestep schedule, the Euler ODE step, the Flow-GRPO SDE step and its log-probability,
 classifier-free guidance with BAGEL's `text_channel` renorm, and temperature sampling of text.
 
-Conventions (DESIGN section 4): `x_t = (1 - t) x0 + t eps`, so t runs from 1 (noise) to 0 (data) and
-the model predicts the velocity `v = eps - x0`. Latents are token-major: (..., tokens, channels).
+Conventions (docs/design.md#flow-matching-and-guidance): `x_t = (1 - t) x0 + t eps`, so t runs
+from 1 (noise) to 0 (data) and the model predicts the velocity `v = eps - x0`. Latents are
+token-major: (..., tokens, channels).
 """
 
 from __future__ import annotations

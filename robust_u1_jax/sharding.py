@@ -1,8 +1,8 @@
 """Device mesh and logical-to-mesh sharding rules, one rule set per model component.
 
 Parameters carry logical axis names (`nnx.with_partitioning(init, ("embed", "mlp"))`), never mesh
-axes, so the same module code shards as FSDP on a pod, tensor-parallel on a GPU box, or not at all on
-a laptop. Which mesh axis a logical name maps to is decided here, per component: the LLM and ViT
+axes, so the same module code shards as FSDP on a pod, tensor-parallel on a GPU box, or not at all
+on a laptop. Which mesh axis a logical name maps to is decided here, per component: the LLM and ViT
 shard their large matrices over `fsdp` and `tensor`; the small frozen VAE and CLIP towers only over
 `fsdp` so they never pay for tensor-parallel collectives.
 

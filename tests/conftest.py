@@ -1,29 +1,38 @@
-"""Test-wide setup: 8 fake CPU devices so sharding tests run on any machine."""
+"""Test-wide setup: 8 fake CPU devices so sharding tests run on any machine.
+
+Markers (pytest.ini): `torch_ref` for comparisons with PyTorch reference implementations, `slow`
+for tests of tens of seconds or more; the README's command runs them all.
+"""
 
 import os
+import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "")
-if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
-  os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Everything must work offline: no hub lookups from transformers/diffusers in tests.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Compiled programs are shared between test processes and runs: the tiny model's steps compile
 # once per machine instead of once per test.
-import tempfile  # noqa: E402
-
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), "robust_u1_jax_jit_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+
+# After the environment above (importing jax reads it); importing starts no backend.
+import chex
+
+# chex sets the XLA flag for fake CPU devices; a device count already in XLA_FLAGS is kept. It is
+# an environment variable, so the commands tests run in subprocesses see the same devices.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  chex.set_n_cpu_devices(8)
 
 
 # -- shared helpers: a tiny random BAGEL and comparisons of its parameters -------------------------
 # Test modules get these through the fixtures below, never by importing one another.
 
-# jax is imported inside the helpers, so that importing conftest never initialises a backend.
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+# The project's modules are imported inside the helpers, so that importing conftest starts no
+# backend and loads no model code.
+import numpy as np
+import pytest
 
 
 def _random_bagel(config, seed: int = 0):

@@ -127,6 +127,7 @@ def test_cli_passes_flags_and_explains_errors():
   assert "Traceback" not in out.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                     reason='libtpu is not installed (pip install -e ".[tpu]")')
 def test_tpu_topology_compiles_the_tiny_step():

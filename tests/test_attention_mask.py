@@ -1,5 +1,6 @@
 """BAGEL packed mask: brute force from the rules, and packing equals running samples alone."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +12,8 @@ from robust_u1_jax.models import qwen2_mot
 
 
 def _brute_force(samples, length):
-  """The DESIGN rules, token pair by token pair, from the block lists directly."""
+  """The rules of docs/design.md#packed-sequences-and-the-attention-mask, token pair by token pair,
+  from the block lists directly."""
   tokens = []  # (sample, block index within the sample, kind, offset within block)
   for s, blocks in enumerate(samples):
     for j, (kind, n) in enumerate(blocks):
@@ -40,26 +42,32 @@ def _random_samples(rng, length):
     used += n
 
 
-def test_packed_mask_equals_brute_force_on_random_layouts():
-  rng = np.random.RandomState(0)
-  length = 40
-  rows = [_random_samples(rng, length) for _ in range(12)]
-  layouts = am.stack_layouts([am.pack_samples(s, length)[0] for s in rows])
-  mask = np.asarray(jax.jit(am.packed_mask)(jax.tree.map(jnp.asarray, layouts)))
-  assert mask.shape == (12, length, length)
-  for i, samples in enumerate(rows):
-    np.testing.assert_array_equal(mask[i], _brute_force(samples, length), err_msg=str(samples))
-  assert any(sum(n for b in s for _, n in b) < length for s in rows)  # padding was exercised
+class PackedMaskTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_packed_mask_equals_brute_force_on_random_layouts(self):
+    rng = np.random.RandomState(0)
+    length = 40
+    rows = [_random_samples(rng, length) for _ in range(12)]
+    layouts = am.stack_layouts([am.pack_samples(s, length)[0] for s in rows])
+    mask = self.variant(am.packed_mask)(jax.tree.map(jnp.asarray, layouts))
+    chex.assert_shape(mask, (12, length, length))
+    chex.assert_type(mask, bool)
+    for i, samples in enumerate(rows):
+      np.testing.assert_array_equal(mask[i], _brute_force(samples, length), err_msg=str(samples))
+    assert any(sum(n for b in s for _, n in b) < length for s in rows)  # padding was exercised
 
 
 def test_positions_and_layout_fields():
   blocks = [("text", 3), ("image", 4), ("noisy", 2), ("text", 2)]
-  np.testing.assert_array_equal(am.positions_from_blocks(blocks), [0, 1, 2, 3, 3, 3, 3, 4, 4, 5, 6])
+  chex.assert_trees_all_equal(am.positions_from_blocks(blocks),
+                              np.array([0, 1, 2, 3, 3, 3, 3, 4, 4, 5, 6]))
   layout, positions = am.pack_samples([blocks, [("text", 2)]], 16)
-  np.testing.assert_array_equal(layout.sample_id, [0] * 11 + [1] * 2 + [-1] * 3)
-  np.testing.assert_array_equal(layout.block_id, [0] * 3 + [1] * 4 + [2] * 2 + [3] * 2 + [4] * 2
-                                + [5] * 3)
-  np.testing.assert_array_equal(positions[11:13], [0, 1])
+  chex.assert_shape([positions, *jax.tree.leaves(layout)], (16,))
+  chex.assert_trees_all_equal(layout.sample_id, np.array([0] * 11 + [1] * 2 + [-1] * 3))
+  chex.assert_trees_all_equal(layout.block_id, np.array([0] * 3 + [1] * 4 + [2] * 2 + [3] * 2
+                                                        + [4] * 2 + [5] * 3))
+  chex.assert_trees_all_equal(positions[11:13], np.array([0, 1]))
   assert layout.noisy.sum() == 2 and layout.causal.sum() == 7
 
 
@@ -87,5 +95,6 @@ def test_packing_matches_each_sample_alone():
   x = x.at[1, :18].set(x[0, :18]).at[2, :12].set(x[0, 18:30])
   gen = gen.at[1, :18].set(gen[0, :18]).at[2, :12].set(gen[0, 18:30])
   out = nnx.jit(lambda m, *args: m(*args))(model, x, positions, am.packed_mask(layout), gen)
-  np.testing.assert_allclose(out[0, :18], out[1, :18], atol=1e-5)
-  np.testing.assert_allclose(out[0, 18:30], out[2, :12], atol=1e-5)
+  chex.assert_shape(out, x.shape)
+  chex.assert_trees_all_close(out[0, :18], out[1, :18], atol=1e-5)
+  chex.assert_trees_all_close(out[0, 18:30], out[2, :12], atol=1e-5)

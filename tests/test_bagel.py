@@ -95,6 +95,35 @@ def test_cached_denoising_equals_full_forward(model, batch, outputs):
   assert_close(got[0], full, rel=1e-5)
 
 
+@pytest.mark.parametrize("field,bad", [
+    ("positions", lambda x: x[:, :-1]),  # a row one token short
+    ("vit_patches", lambda x: x[..., :-1]),  # patches of another ViT patch size
+    ("latent_image_index", lambda x: x[:1]),  # one batch row only
+    ("layout", lambda layout: layout.replace(noisy=layout.noisy[:, :-2])),
+])
+def test_wrong_input_shapes_fail_at_the_model_naming_the_field(model, batch, field, bad):
+  inputs, latents, timesteps = batch
+  wrong = inputs.replace(**{field: bad(getattr(inputs, field))})
+  with pytest.raises(AssertionError, match=rf"SequenceInputs\.{field}"):
+    model(wrong, latents, timesteps)
+  with pytest.raises(AssertionError, match="latents_bnc"):
+    model(inputs, latents[:, :-1], timesteps)
+
+
+def test_step_images_of_the_wrong_layout_fail_before_the_vae(model, batch):
+  from robust_u1_jax.inference import context
+
+  inputs, _, _ = batch
+  images = jnp.zeros((4, 2, 32, 48, 3), jnp.uint8)  # (B, K, H, W, 3): K images per row
+  with pytest.raises(AssertionError, match="images_bkhwc"):
+    context.encode_images(model, images[:, 0])  # the K axis left out
+  with pytest.raises(AssertionError, match="images_bkhwc"):
+    context.encode_images(model, jnp.moveaxis(images, -1, 2))  # channels first
+  tokens = jax.eval_shape(lambda: context.encode_images(model, images))
+  with pytest.raises(AssertionError, match="one image stack per row"):
+    context.gather_latents(jnp.zeros((3,) + tokens.shape[1:]), inputs)
+
+
 def test_packed_samples_match_running_each_alone(outputs):
   hidden, velocity, logits = outputs
   assert_close(velocity[0, :NL_A], velocity[1, :NL_A], rel=1e-5)

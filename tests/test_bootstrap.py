@@ -106,6 +106,7 @@ def test_demo_configs_validate():
     config_lib.validate(bad)
 
 
+@pytest.mark.slow
 def test_vae_part_learns_and_beats_an_untrained_vae(vae_run):
   workdir, config, history = vae_run
   first = _mean(history, "l1_loss", lambda r: r[:2])
@@ -124,6 +125,7 @@ def test_vae_part_learns_and_beats_an_untrained_vae(vae_run):
   assert saved["ch"] == vae_lib.VAEConfig.tiny().ch
 
 
+@pytest.mark.slow
 def test_finished_part_rerun_has_nothing_to_train(vae_run, capsys):
   workdir, config, _ = vae_run
   assert _train(config, workdir) == []
@@ -151,6 +153,7 @@ def test_caption_tokens_fit_the_tiny_tower():
   assert all(len(v) == 1 for v in rows.values())
 
 
+@pytest.mark.slow
 def test_clip_part_beats_chance_and_loads_as_the_reward_tower(tmp_path):
   config = _config("clip")
   _train(config, tmp_path)
@@ -170,6 +173,7 @@ def test_clip_part_beats_chance_and_loads_as_the_reward_tower(tmp_path):
   assert embedding.shape == (2, 16) and bool(jnp.all(jnp.isfinite(embedding)))
 
 
+@pytest.mark.slow
 def test_clip_part_resumes_exactly_after_a_crash(tmp_path):
   steps = {"total_steps": 12, "checkpoint_every": 4, "log_every": 1, "eval_every": 1000,
            "data.batch_size": 16, "optimizer.warmup_steps": 2}
@@ -202,6 +206,7 @@ def test_clip_part_resumes_exactly_after_a_crash(tmp_path):
     assert row["grad_norm"] == reference[row["step"]]["grad_norm"], row["step"]
 
 
+@pytest.mark.slow
 def test_pretrain_part_learns_and_keeps_the_vae_frozen(vae_run, tmp_path, bagel_params):
   vae_dir, _, _ = vae_run
   # Long enough for the zero-initialised velocity head to move (the flow loss is flat before).

@@ -78,6 +78,7 @@ def close(got, want):
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-4 * np.abs(want).max(), rtol=0)
 
 
+@pytest.mark.torch_ref
 def test_matches_open_clip(tmp_path):
   ref = open_clip_model()
   model, naming = load(ref.state_dict(), tmp_path)
@@ -100,6 +101,7 @@ def test_matches_open_clip(tmp_path):
     np.testing.assert_allclose(v, state[k].numpy(), atol=1e-7, err_msg=k)
 
 
+@pytest.mark.torch_ref
 @pytest.mark.parametrize("hidden_act,eos", [("gelu", CFG.vocab_size - 1), ("quick_gelu", 2)])
 def test_matches_transformers(hidden_act, eos, tmp_path):
   ref, hf_config = hf_model(hidden_act, eos)
@@ -144,6 +146,7 @@ def test_eos_pooling_takes_first_eos_not_argmax():
   np.testing.assert_allclose(got, want, atol=1e-6)
 
 
+@pytest.mark.torch_ref
 def test_preprocess_matches_open_clip_transform():
   from open_clip.transform import image_transform
   rng = np.random.default_rng(0)

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from robust_u1_jax.training import demo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,6 +27,7 @@ def _train(workdir: str) -> str:
   return out.stdout
 
 
+@pytest.mark.slow
 def test_quick_demo_runs_every_part_and_resumes(tmp_path):
   workdir = str(tmp_path / "demo")
   first = _train(workdir)

@@ -54,6 +54,7 @@ def _benchmarks(tmp_path):
   return str(tsv), str(parquet)
 
 
+@pytest.mark.slow
 def test_evaluate_writes_a_complete_report(model_dir, tmp_path):
   import importlib.util
 

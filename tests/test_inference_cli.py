@@ -68,6 +68,7 @@ def _pixels(path) -> np.ndarray:
     return np.asarray(im.convert("RGB"))
 
 
+@pytest.mark.slow
 def test_recover_file_writes_the_vae_size_beside_the_input(capsys, model_dir, inputs, tmp_path):
   photo = tmp_path / "photo.png"
   photo.write_bytes((inputs / "a.png").read_bytes())
@@ -84,6 +85,7 @@ def test_recover_file_writes_the_vae_size_beside_the_input(capsys, model_dir, in
   assert _pixels(out_path).shape[:2] == RULES.vae_size(60, 100) == (32, 64)
 
 
+@pytest.mark.slow
 def test_recover_folder_goes_past_bad_files_and_resumes(capsys, model_dir, inputs, tmp_path):
   out_dir = tmp_path / "out" / "recovered"
   args = (f"--model={model_dir}", f"--image={inputs}", f"--out={out_dir}", "--batch=2", *FAST)
@@ -166,6 +168,7 @@ def _fake_model_text(scripts):
   return generate_text
 
 
+@pytest.mark.slow
 def test_answer_with_a_generated_image(capsys, model_dir, inputs, tmp_path, monkeypatch):
   monkeypatch.setattr(engine_lib.Conversation, "generate_text", _fake_model_text(
       [("The image is noisy.", "vision_start"), ("<ANSWER>B<ANSWER_END>", "endoftext")]))

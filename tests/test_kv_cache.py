@@ -1,5 +1,6 @@
 """KV cache: prefill + incremental decoding and cached denoising equal the uncached forward."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,7 +68,8 @@ def test_prefill_then_decode_equals_full_forward(model):
   layout, positions = _rows([[[("text", n)]] for n in prompt_lens], 10)
   cache = model.init_cache(2, s_max)
   hidden, cache = prefill(model, cache, prompt, positions, layout, jnp.zeros((2, 10), bool))
-  np.testing.assert_array_equal(cache.next_position, prompt_lens)
+  chex.assert_shape([cache.next_position, cache.length], [(2,), ()])
+  chex.assert_trees_all_equal(cache.next_position, np.asarray(prompt_lens, np.int32))
   img_pos = cache.next_position[:, None] + jnp.zeros((1, img), jnp.int32)
   img_hidden, cache = extend(model, cache, image, img_pos, jnp.ones((2, img, img), bool),
                                  route="gen")
@@ -76,7 +78,7 @@ def test_prefill_then_decode_equals_full_forward(model):
     h, cache = decode(model, cache, text[:, i:i + 1])
     step_hidden.append(h[:, 0])
   assert int(cache.length) == 10 + img + steps
-  np.testing.assert_array_equal(cache.next_position, np.asarray(prompt_lens) + 1 + steps)
+  chex.assert_trees_all_equal(cache.next_position, np.asarray(prompt_lens, np.int32) + 1 + steps)
 
   # Uncached reference: each row as one packed sample [text, image, text] without padding.
   blocks = [[("text", n), ("image", img), ("text", steps)] for n in prompt_lens]
@@ -84,11 +86,11 @@ def test_prefill_then_decode_equals_full_forward(model):
   ref, _ = reference(model, blocks, xs)
   decoded = jnp.stack(step_hidden, 1)
   for row, n in enumerate(prompt_lens):
-    np.testing.assert_allclose(hidden[row, :n], ref[row, :n], atol=1e-5)
-    np.testing.assert_allclose(img_hidden[row], ref[row, n:n + img], atol=1e-5)
-    np.testing.assert_allclose(decoded[row], ref[row, n + img:n + img + steps], atol=1e-5)
+    chex.assert_trees_all_close(hidden[row, :n], ref[row, :n], atol=1e-5)
+    chex.assert_trees_all_close(img_hidden[row], ref[row, n:n + img], atol=1e-5)
+    chex.assert_trees_all_close(decoded[row], ref[row, n + img:n + img + steps], atol=1e-5)
     # Logits too (the decoding path uses them).
-    np.testing.assert_allclose(model.logits(decoded[row]),
+    chex.assert_trees_all_close(model.logits(decoded[row]),
                                model.logits(ref[row, n + img:n + img + steps]), atol=1e-4)
 
 
@@ -107,6 +109,7 @@ def test_denoise_equals_full_forward_with_noisy_block(model):
   denoise = nnx.jit(lambda m, c, x, p: m.denoise(c, x, p))
   got = denoise(model, cache, noisy, noisy_pos)
   got_again = denoise(model, cache, noisy * 0.5, noisy_pos)  # the cache was not modified
+  chex.assert_shape([got, got_again], (2, n_noisy, D))
 
   lens = [sum(length for _, length in blocks) for blocks in ctx_blocks]
   full_blocks = [blocks + [("noisy", n_noisy)] for blocks in ctx_blocks]
@@ -114,8 +117,8 @@ def test_denoise_equals_full_forward_with_noisy_block(model):
     xs = [jnp.concatenate([ctx[r, :n], x_noisy[r]]) for r, n in enumerate(lens)]
     ref, ref_positions = reference(model, full_blocks, xs)
     for row, n in enumerate(lens):
-      np.testing.assert_array_equal(ref_positions[row, n:n + n_noisy], noisy_pos[row])
-      np.testing.assert_allclose(out[row], ref[row, n:n + n_noisy], atol=1e-5)
+      chex.assert_trees_all_equal(ref_positions[row, n:n + n_noisy], noisy_pos[row])
+      chex.assert_trees_all_close(out[row], ref[row, n:n + n_noisy], atol=1e-5)
 
 
 def test_cache_is_a_pytree_and_checks_room():
@@ -124,5 +127,6 @@ def test_cache_is_a_pytree_and_checks_room():
   assert len(leaves) == 5 and cache.max_length == 4
   moved = jax.jit(lambda c: c.replace(length=c.length + 1))(cache)
   assert int(moved.length) == 1 and isinstance(moved, KVCache)
+  chex.assert_trees_all_equal_shapes_and_dtypes(moved, cache)  # a jitted update keeps its type
   with pytest.raises(ValueError, match="KV cache overflow: 1 slots used \\+ 4 new > max_length 4"):
     moved.check_room(4)

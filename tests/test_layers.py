@@ -1,5 +1,7 @@
-"""Shared layers against their PyTorch references (transformers Qwen2, diffusers, brute force)."""
+"""Shared layers against their PyTorch references (transformers Qwen2, diffusers, brute force),
+each jitted and eager."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,33 +19,50 @@ def _np(t: torch.Tensor) -> np.ndarray:
   return t.detach().numpy()
 
 
-def test_rmsnorm_matches_qwen2():
-  x = np.random.RandomState(0).randn(2, 5, 16).astype(np.float32) * 3
-  ref = modeling_qwen2.Qwen2RMSNorm(16, eps=1e-6)
-  with torch.no_grad():
-    ref.weight.copy_(torch.randn(16))
-  norm = layers.RMSNorm(16, 1e-6)
-  norm.scale.set_value(jnp.asarray(_np(ref.weight)))
-  np.testing.assert_allclose(norm(jnp.asarray(x)), _np(ref(torch.from_numpy(x))), atol=1e-5)
+@pytest.mark.torch_ref
+class Qwen2ReferenceTest(chex.TestCase):
+  """RMSNorm, RoPE and the SwiGLU MLP against transformers' Qwen2, jitted and eager."""
 
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_rmsnorm_matches_qwen2(self):
+    x = np.random.RandomState(0).randn(2, 5, 16).astype(np.float32) * 3
+    ref = modeling_qwen2.Qwen2RMSNorm(16, eps=1e-6)
+    with torch.no_grad():
+      ref.weight.copy_(torch.randn(16))
+    norm = layers.RMSNorm(16, 1e-6)
+    norm.scale.set_value(jnp.asarray(_np(ref.weight)))
+    out = self.variant(lambda x: norm(x))(jnp.asarray(x))
+    chex.assert_shape(out, x.shape)
+    chex.assert_trees_all_close(out, _np(ref(torch.from_numpy(x))), atol=1e-5)
 
-def test_rope_matches_qwen2_with_explicit_positions():
-  config = Qwen2Config(hidden_size=64, num_attention_heads=4, rope_theta=1e4)
-  rotary = modeling_qwen2.Qwen2RotaryEmbedding(config)
-  # Non-monotone positions: packed samples restart, image blocks repeat a position.
-  positions = np.array([[0, 1, 2, 3, 3, 3, 4, 0, 1, 1]], np.int64)
-  rng = np.random.RandomState(1)
-  q = rng.randn(1, 10, 4, 16).astype(np.float32)
-  k = rng.randn(1, 10, 2, 16).astype(np.float32)
-  cos, sin = rotary(torch.from_numpy(q), torch.from_numpy(positions))
-  # transformers works on (B, H, T, D).
-  q_ref, k_ref = modeling_qwen2.apply_rotary_pos_emb(
-      torch.from_numpy(q).transpose(1, 2), torch.from_numpy(k).transpose(1, 2), cos, sin)
-  pos = jnp.asarray(positions, jnp.int32)
-  np.testing.assert_allclose(layers.apply_rope(jnp.asarray(q), pos, 1e4),
-                             _np(q_ref.transpose(1, 2)), atol=1e-5)
-  np.testing.assert_allclose(layers.apply_rope(jnp.asarray(k), pos, 1e4),
-                             _np(k_ref.transpose(1, 2)), atol=1e-5)
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_rope_matches_qwen2_with_explicit_positions(self):
+    config = Qwen2Config(hidden_size=64, num_attention_heads=4, rope_theta=1e4)
+    rotary = modeling_qwen2.Qwen2RotaryEmbedding(config)
+    # Non-monotone positions: packed samples restart, image blocks repeat a position.
+    positions = np.array([[0, 1, 2, 3, 3, 3, 4, 0, 1, 1]], np.int64)
+    rng = np.random.RandomState(1)
+    q = rng.randn(1, 10, 4, 16).astype(np.float32)
+    k = rng.randn(1, 10, 2, 16).astype(np.float32)
+    cos, sin = rotary(torch.from_numpy(q), torch.from_numpy(positions))
+    # transformers works on (B, H, T, D).
+    q_ref, k_ref = modeling_qwen2.apply_rotary_pos_emb(
+        torch.from_numpy(q).transpose(1, 2), torch.from_numpy(k).transpose(1, 2), cos, sin)
+    rope = self.variant(lambda x, pos: layers.apply_rope(x, pos, 1e4))
+    pos = jnp.asarray(positions, jnp.int32)
+    chex.assert_trees_all_close(rope(jnp.asarray(q), pos), _np(q_ref.transpose(1, 2)), atol=1e-5)
+    chex.assert_trees_all_close(rope(jnp.asarray(k), pos), _np(k_ref.transpose(1, 2)), atol=1e-5)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_swiglu_matches_qwen2_mlp(self):
+    config = Qwen2Config(hidden_size=16, intermediate_size=24)
+    ref = modeling_qwen2.Qwen2MLP(config)
+    mlp = layers.SwiGLU(16, 24, rngs=nnx.Rngs(0))
+    for name in ("gate_proj", "up_proj", "down_proj"):
+      getattr(mlp, name).kernel.set_value(jnp.asarray(_np(getattr(ref, name).weight).T))
+    x = np.random.RandomState(3).randn(2, 3, 16).astype(np.float32)
+    chex.assert_trees_all_close(self.variant(lambda x: mlp(x))(jnp.asarray(x)),
+                                _np(ref(torch.from_numpy(x))), atol=1e-5)
 
 
 def _attention_reference(q, k, v, mask):
@@ -63,59 +82,64 @@ def _attention_reference(q, k, v, mask):
   return out
 
 
-def test_attention_gqa_masked_and_empty_rows():
-  rng = np.random.RandomState(2)
-  q = rng.randn(2, 6, 4, 8).astype(np.float32)
-  k = rng.randn(2, 9, 2, 8).astype(np.float32)
-  v = rng.randn(2, 9, 2, 8).astype(np.float32)
-  mask = rng.rand(2, 6, 9) > 0.4
-  mask[1, 3] = False  # a padding query: must give zeros, not NaN
-  out = layers.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask))
-  ref = _attention_reference(q, k, v, mask)
-  np.testing.assert_allclose(out, ref, atol=1e-5)
-  assert np.all(np.asarray(out)[1, 3] == 0)
-  unmasked = layers.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), None)
-  np.testing.assert_allclose(unmasked, _attention_reference(q, k, v, np.ones((2, 6, 9), bool)),
-                             atol=1e-5)
+class AttentionTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_attention_gqa_masked_and_empty_rows(self):
+    rng = np.random.RandomState(2)
+    q = rng.randn(2, 6, 4, 8).astype(np.float32)
+    k = rng.randn(2, 9, 2, 8).astype(np.float32)
+    v = rng.randn(2, 9, 2, 8).astype(np.float32)
+    mask = rng.rand(2, 6, 9) > 0.4
+    mask[1, 3] = False  # a padding query: must give zeros, not NaN
+    attention = self.variant(layers.attention)
+    out = attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask))
+    chex.assert_shape(out, q.shape)
+    chex.assert_tree_all_finite(out)
+    chex.assert_trees_all_close(out, _attention_reference(q, k, v, mask), atol=1e-5)
+    chex.assert_trees_all_equal(out[1, 3], jnp.zeros((4, 8)))
+    unmasked = self.variant(lambda q, k, v: layers.attention(q, k, v, None))(
+        jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
+    chex.assert_trees_all_close(unmasked,
+                                _attention_reference(q, k, v, np.ones((2, 6, 9), bool)),
+                                atol=1e-5)
+
+  def test_attention_rejects_bad_head_counts(self):
+    with self.assertRaisesRegex(ValueError, "not a multiple"):
+      layers.attention(jnp.zeros((1, 2, 3, 4)), jnp.zeros((1, 2, 2, 4)), jnp.zeros((1, 2, 2, 4)))
 
 
-def test_attention_rejects_bad_head_counts():
-  with pytest.raises(ValueError, match="not a multiple"):
-    layers.attention(jnp.zeros((1, 2, 3, 4)), jnp.zeros((1, 2, 2, 4)), jnp.zeros((1, 2, 2, 4)))
-
-
-def test_swiglu_matches_qwen2_mlp():
-  config = Qwen2Config(hidden_size=16, intermediate_size=24)
-  ref = modeling_qwen2.Qwen2MLP(config)
-  mlp = layers.SwiGLU(16, 24, rngs=nnx.Rngs(0))
-  for name in ("gate_proj", "up_proj", "down_proj"):
-    getattr(mlp, name).kernel.set_value(jnp.asarray(_np(getattr(ref, name).weight).T))
-  x = np.random.RandomState(3).randn(2, 3, 16).astype(np.float32)
-  np.testing.assert_allclose(mlp(jnp.asarray(x)), _np(ref(torch.from_numpy(x))), atol=1e-5)
-
-
+@pytest.mark.torch_ref
 @pytest.mark.parametrize("dim,grid", [(32, 5), (64, 8)])
 def test_sincos_2d_matches_diffusers(dim, grid):
   ref = diffusers_embeddings.get_2d_sincos_pos_embed(dim, grid, base_size=grid)
   table = layers.sincos_2d_table(dim, grid)
-  assert table.shape == (grid * grid, dim)
-  np.testing.assert_allclose(table, _np(ref), atol=1e-5)
+  chex.assert_shape(table, (grid * grid, dim))
+  chex.assert_trees_all_close(table, _np(ref), atol=1e-5)
   # Row h*grid + w; first half encodes the column.
-  np.testing.assert_allclose(table[2 * grid + 3, : dim // 2], table[3, : dim // 2], atol=0)
+  chex.assert_trees_all_equal(table[2 * grid + 3, : dim // 2], table[3, : dim // 2])
 
 
-def test_timestep_embedder_matches_dit_reference():
-  t = np.array([0.0, 0.25, 0.5, 1.0], np.float32)
-  ref_freq = diffusers_embeddings.get_timestep_embedding(
-      torch.from_numpy(t), 256, flip_sin_to_cos=True, downscale_freq_shift=0)
-  np.testing.assert_allclose(layers.timestep_sinusoid(jnp.asarray(t)), _np(ref_freq), atol=1e-6)
-  torch.manual_seed(0)
-  ref_mlp = torch.nn.Sequential(torch.nn.Linear(256, 32), torch.nn.SiLU(), torch.nn.Linear(32, 32))
-  emb = layers.TimestepEmbedder(32, rngs=nnx.Rngs(0))
-  for ours, theirs in ((emb.fc1, ref_mlp[0]), (emb.fc2, ref_mlp[2])):
-    ours.kernel.set_value(jnp.asarray(_np(theirs.weight).T))
-    ours.bias.set_value(jnp.asarray(_np(theirs.bias)))
-  np.testing.assert_allclose(emb(jnp.asarray(t)), _np(ref_mlp(ref_freq)), atol=1e-5)
+@pytest.mark.torch_ref
+class TimestepEmbedderTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_timestep_embedder_matches_dit_reference(self):
+    t = np.array([0.0, 0.25, 0.5, 1.0], np.float32)
+    ref_freq = diffusers_embeddings.get_timestep_embedding(
+        torch.from_numpy(t), 256, flip_sin_to_cos=True, downscale_freq_shift=0)
+    sinusoid = self.variant(layers.timestep_sinusoid)(jnp.asarray(t))
+    chex.assert_shape(sinusoid, (4, 256))
+    chex.assert_trees_all_close(sinusoid, _np(ref_freq), atol=1e-6)
+    torch.manual_seed(0)
+    ref_mlp = torch.nn.Sequential(torch.nn.Linear(256, 32), torch.nn.SiLU(),
+                                  torch.nn.Linear(32, 32))
+    emb = layers.TimestepEmbedder(32, rngs=nnx.Rngs(0))
+    for ours, theirs in ((emb.fc1, ref_mlp[0]), (emb.fc2, ref_mlp[2])):
+      ours.kernel.set_value(jnp.asarray(_np(theirs.weight).T))
+      ours.bias.set_value(jnp.asarray(_np(theirs.bias)))
+    chex.assert_trees_all_close(self.variant(lambda t: emb(t))(jnp.asarray(t)),
+                                _np(ref_mlp(ref_freq)), atol=1e-5)
 
 
 def test_dense_and_norm_carry_logical_names():

@@ -84,6 +84,7 @@ def test_factors_follow_the_kernel_sharding(model):
   assert gen["lora_b"].get_metadata()["out_sharding"] == (None, "mlp")
 
 
+@pytest.mark.slow
 def test_zero_b_merge_is_the_base_model_exactly(model):
   cfg = model.config
   view, factors, base = _split(model)
@@ -133,6 +134,7 @@ def test_lora_step_overfits_one_batch(model):
     np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow
 def test_trainer_run_with_lora_changes_only_the_targeted_kernels(tmp_path, random_bagel,
                                                                bagel_params):
   from robust_u1_jax.checkpoints import orbax_io

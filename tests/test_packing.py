@@ -1,7 +1,11 @@
-"""First-fit packing of variable-size samples into rows of a token budget."""
+"""First-fit packing of variable-size samples into rows of a token budget.
+
+Packing is host-side NumPy run in Grain workers (no JAX), so its checks are chex's tree and shape
+assertions without jit variants."""
 
 import json
 
+import chex
 import grain
 import numpy as np
 import pytest
@@ -40,10 +44,11 @@ def test_sample_layout_blocks_and_markers():
   n_vit = (hv // VIT_PATCH) * (wv // VIT_PATCH)
   n_vae = (h // VAE_STRIDE) * (w // VAE_STRIDE)
   types = out["token_types"]
-  assert types.size == out["token_ids"].size == n_text + n_vit + 2 * n_vae + 6
+  chex.assert_shape([types, out["token_ids"]], (n_text + n_vit + 2 * n_vae + 6,))
+  chex.assert_type([types, out["token_ids"]], [np.int8, np.int32])
   text_start = n_vae + n_vit + 4
-  np.testing.assert_array_equal(out["token_ids"][text_start:text_start + n_text],
-                                rec["instruction_ids"])
+  chex.assert_trees_all_equal(out["token_ids"][text_start:text_start + n_text],
+                              rec["instruction_ids"])
   assert (types == packing.VIT).sum() == n_vit
   assert (types == packing.VAE).sum() == (types == packing.VAE_TARGET).sum() == n_vae
   # Blocks in the SFT stage's order, each image framed by vision markers.
@@ -89,8 +94,12 @@ def test_pack_rows_hold_whole_samples_first_fit():
   assert [list(r["index"][:int(r["num_samples"])]) for r in rows] == expected
   seen = []
   for row in rows:
-    assert row["token_ids"].shape == row["segment_ids"].shape == (budget,)
-    assert row["clean"].shape == (max_per_row, 48, 48, 3)
+    chex.assert_shape([row[k] for k in ("token_ids", "token_types", "segment_ids", "positions")],
+                      (budget,))
+    chex.assert_shape([row["clean"], row["corrupted"], row["corrupted_vit"]],
+                      (max_per_row, 48, 48, 3))
+    chex.assert_shape([row["index"], row["corruption"]], (max_per_row,))
+    chex.assert_shape(row["clean_hw"], (max_per_row, 2))
     n = int(row["num_samples"])
     seg = row["segment_ids"]
     used = int((seg > 0).sum())
@@ -101,12 +110,10 @@ def test_pack_rows_hold_whole_samples_first_fit():
     for k, sample in enumerate(packing.unpack_row(row)):
       rec = records[int(sample["index"])]
       ref = _layout(budget).map(rec)
-      np.testing.assert_array_equal(sample["token_ids"], ref["token_ids"])
-      np.testing.assert_array_equal(sample["token_types"], ref["token_types"])
-      np.testing.assert_array_equal(row["positions"][seg == k + 1], np.arange(ref["token_ids"].size))
-      for field in ("clean", "corrupted", "corrupted_vit"):
-        np.testing.assert_array_equal(sample[field], rec[field])
-      assert sample["corruption"] == rec["corruption"]
+      fields = ("token_ids", "token_types", "clean", "corrupted", "corrupted_vit", "corruption")
+      chex.assert_trees_all_equal({k: sample[k] for k in fields}, {k: ref[k] for k in fields})
+      chex.assert_trees_all_equal(row["positions"][seg == k + 1],
+                                  np.arange(ref["token_ids"].size, dtype=np.int32))
       seen.append(int(sample["index"]))
     # Empty slots are marked.
     assert (row["index"][n:] == -1).all() and (row["clean_hw"][n:] == 0).all()
@@ -123,9 +130,7 @@ def test_packed_iterator_resumes_exactly():
   resumed = iter(_packed(records, 96, 3, 4))
   resumed.set_state(state)
   for want in expected:
-    got = next(resumed)
-    for key in want:
-      np.testing.assert_array_equal(got[key], want[key])
+    chex.assert_trees_all_equal(next(resumed), want)
 
 
 def test_min_sample_tokens_bounds_every_layout():

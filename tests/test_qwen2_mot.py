@@ -107,6 +107,7 @@ def assert_close(ours, ref, rel=1e-4):
   np.testing.assert_allclose(ours, ref, atol=rel * scale, rtol=0)
 
 
+@pytest.mark.torch_ref
 @pytest.mark.parametrize("qk_norm", [False, True], ids=["qwen2", "qwen3_qk_norm"])
 def test_understanding_path_matches_transformers(tmp_path, qk_norm):
   ref = hf_model(qk_norm, seed=0)
@@ -117,6 +118,7 @@ def test_understanding_path_matches_transformers(tmp_path, qk_norm):
                reference_logits(ref, tokens))
 
 
+@pytest.mark.torch_ref
 def test_mot_understanding_route_ignores_generation_weights(tmp_path):
   und, gen = hf_model(True, seed=0), hf_model(True, seed=1)
   model = load(TINY, bagel_state(und, gen), tmp_path, prefix="language_model.")
@@ -125,6 +127,7 @@ def test_mot_understanding_route_ignores_generation_weights(tmp_path):
                reference_logits(und, tokens))
 
 
+@pytest.mark.torch_ref
 def test_mot_with_equal_experts_equals_plain_model(tmp_path):
   und = hf_model(True, seed=0)
   model = load(TINY, bagel_state(und, und), tmp_path, prefix="language_model.")
@@ -170,6 +173,7 @@ def brute_force_mot(und, gen, tokens, positions, mask, route):
     return und.lm_head(out).numpy()
 
 
+@pytest.mark.torch_ref
 def test_mot_routes_each_token_to_its_own_expert(tmp_path):
   und, gen = hf_model(True, seed=0), hf_model(True, seed=1)
   model = load(TINY, bagel_state(und, gen), tmp_path, prefix="language_model.")

@@ -71,6 +71,7 @@ def test_step_overfits_one_batch():
   assert losses[-1] < 0.5 * losses[0], losses
 
 
+@pytest.mark.slow
 def test_reason_stage_runs_through_the_trainer(tmp_path):
   config = config_lib.load(REASON, {
       "init_from": "random", "total_steps": 2, "log_every": 1, "checkpoint_every": 2,
@@ -106,6 +107,7 @@ def test_on_the_fly_recovery_refuses_packing():
     config_lib.load(REASON, {"init_from": "random", "data.token_budget": 512})
 
 
+@pytest.mark.slow
 def test_precomputed_recoveries_feed_the_reasoning_stage(tmp_path):
   cache = str(tmp_path / "cache")
   overrides = {"init_from": "random", "total_steps": 2, "log_every": 1, "checkpoint_every": 2,

@@ -3,12 +3,14 @@ CLIP reward end to end (checkpoint file -> RL loader -> reward) against open_cli
 
 import os
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from absl.testing import parameterized
 from PIL import Image
 from pytorch_msssim import ssim as torch_ssim
 from skimage import data as skdata
@@ -36,59 +38,79 @@ def _to_jax(*tensors):
   return [jnp.asarray(t.permute(1, 2, 0).numpy())[None] for t in tensors]
 
 
-@pytest.mark.parametrize("name,size", [("astronaut", (64, 64)), ("chelsea", (96, 128)),
-                                       ("coffee", (150, 200))])
-def test_ssim_matches_pytorch_msssim(name, size):
-  clean = _photo(name, size)
-  recovered = _degrade(clean, 0)
-  expected = torch_ssim(recovered[None], clean[None], data_range=1.0, size_average=False,
-                        win_size=11, win_sigma=1.5, K=(0.01, 0.03)).numpy()
-  r, c = _to_jax(recovered, clean)
-  ours = np.asarray(rewards.ssim(r, c))
-  assert 0.2 < expected[0] < 0.95
-  np.testing.assert_allclose(ours, expected, atol=1e-4)
+@pytest.mark.torch_ref
+class SsimTest(chex.TestCase):
+  """SSIM jitted (as the RL step runs it) and eager, against pytorch_msssim."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(("astronaut", (64, 64)), ("chelsea", (96, 128)),
+                            ("coffee", (150, 200)))
+  def test_ssim_matches_pytorch_msssim(self, name, size):
+    clean = _photo(name, size)
+    recovered = _degrade(clean, 0)
+    expected = torch_ssim(recovered[None], clean[None], data_range=1.0, size_average=False,
+                          win_size=11, win_sigma=1.5, K=(0.01, 0.03)).numpy()
+    r, c = _to_jax(recovered, clean)
+    ours = self.variant(rewards.ssim)(r, c)
+    chex.assert_shape(ours, (1,))
+    assert 0.2 < expected[0] < 0.95
+    chex.assert_trees_all_close(ours, expected, atol=1e-4)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_ssim_resizes_a_reference_of_another_size(self):
+    clean_big = _photo("astronaut", (128, 96))
+    clean = F.interpolate(clean_big[None], size=(64, 48), mode="bilinear", align_corners=False)[0]
+    recovered = _degrade(clean, 1)
+    expected = torch_ssim(recovered[None], clean[None], data_range=1.0, size_average=False).numpy()
+    r, c_big = _to_jax(recovered, clean_big)
+    chex.assert_trees_all_close(self.variant(rewards.ssim)(r, c_big), expected, atol=1e-4)
 
 
-def test_ssim_resizes_a_reference_of_another_size():
-  clean_big = _photo("astronaut", (128, 96))
-  clean = F.interpolate(clean_big[None], size=(64, 48), mode="bilinear", align_corners=False)[0]
-  recovered = _degrade(clean, 1)
-  expected = torch_ssim(recovered[None], clean[None], data_range=1.0, size_average=False).numpy()
-  r, c_big = _to_jax(recovered, clean_big)
-  np.testing.assert_allclose(np.asarray(rewards.ssim(r, c_big)), expected, atol=1e-4)
+class RewardTest(chex.TestCase):
 
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_ssim_is_one_per_image_batch(self):
+    clean = _photo("chelsea", (48, 64))
+    batch = jnp.concatenate(_to_jax(clean, _degrade(clean, 2)), axis=0)
+    ref = jnp.concatenate(_to_jax(clean, clean), axis=0)
+    values = self.variant(rewards.ssim)(batch, ref)
+    chex.assert_shape(values, (2,))
+    chex.assert_tree_all_finite(values)
+    chex.assert_trees_all_close(values[0], 1.0, atol=1e-5)
+    assert values[1] < 0.9
 
-def test_ssim_is_one_per_image_batch():
-  clean = _photo("chelsea", (48, 64))
-  batch = jnp.concatenate(_to_jax(clean, _degrade(clean, 2)), axis=0)
-  ref = jnp.concatenate(_to_jax(clean, clean), axis=0)
-  values = np.asarray(jax.jit(rewards.ssim)(batch, ref))
-  assert values.shape == (2,)
-  np.testing.assert_allclose(values[0], 1.0, atol=1e-5)
-  assert values[1] < 0.9
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_semantic_reward_formula(self):
+    # The embedding is a lookup by the image's first pixel: cosines 0.6, -1 (clamped to 0) and 1.
+    table = jnp.array([[1.0, 0.0], [0.6, 0.8], [-1.0, 0.0]])
+    embed = lambda imgs: table[imgs[:, 0, 0, 0].astype(jnp.int32)] * 3.0
+    reward = self.variant(rewards.semantic_similarity(embed, alpha=5.0))
+    imgs = lambda *ids: jnp.asarray(ids, jnp.float32)[:, None, None, None] * jnp.ones((1, 2, 2, 3))
+    out = reward(imgs(1, 2, 0), imgs(0, 0, 0))
+    chex.assert_shape(out, (3,))
+    chex.assert_trees_all_close(out, np.asarray([np.exp(-5 * 0.4), np.exp(-5.0), 1.0]),
+                                rtol=1e-6)
 
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_reward_set_weights_and_registry(self):
+    clean = _photo("astronaut", (48, 48))
+    r, c = _to_jax(_degrade(clean, 3), clean)
+    rs = rewards.build_rewards({"ssim": 1.0, "clip": 0.2}, embed_image=lambda x: x.mean((1, 2)))
+    parts = self.variant(lambda r, c: rs(r, c))(r, c)  # as the RL step calls it, in its jit
+    assert set(parts) == {"ssim", "clip", "total"}
+    chex.assert_shape(list(parts.values()), (1,))
+    chex.assert_trees_all_close(parts["total"], parts["ssim"] + 0.2 * parts["clip"], rtol=1e-6)
+    ssim_only_set = rewards.build_rewards({"ssim": 1.0, "clip": 0.0})
+    ssim_only = self.variant(lambda r, c: ssim_only_set(r, c))(r, c)
+    assert set(ssim_only) == {"ssim", "total"}
 
-def test_semantic_reward_formula():
-  table = {0: jnp.array([1.0, 0.0]), 1: jnp.array([0.6, 0.8]), 2: jnp.array([-1.0, 0.0])}
-  embed = lambda imgs: jnp.stack([table[int(i)] for i in imgs[:, 0, 0, 0]]) * 3.0
-  reward = rewards.semantic_similarity(embed, alpha=5.0)
-  imgs = lambda *ids: jnp.asarray(ids, jnp.float32)[:, None, None, None] * jnp.ones((1, 2, 2, 3))
-  out = np.asarray(reward(imgs(1, 2, 0), imgs(0, 0, 0)))
-  np.testing.assert_allclose(out, [np.exp(-5 * 0.4), np.exp(-5.0), 1.0], rtol=1e-6)
-
-
-def test_reward_set_weights_and_registry():
-  clean = _photo("astronaut", (48, 48))
-  r, c = _to_jax(_degrade(clean, 3), clean)
-  rs = rewards.build_rewards({"ssim": 1.0, "clip": 0.2}, embed_image=lambda x: x.mean((1, 2)))
-  parts = rs(r, c)
-  assert set(parts) == {"ssim", "clip", "total"}
-  np.testing.assert_allclose(parts["total"], parts["ssim"] + 0.2 * parts["clip"], rtol=1e-6)
-  assert set(rewards.build_rewards({"ssim": 1.0, "clip": 0.0})(r, c)) == {"ssim", "total"}
-  with pytest.raises(ValueError, match="available: ssim, clip"):
-    rewards.build_rewards({"lpips": 1.0})
-  with pytest.raises(ValueError, match="CLIP image tower"):
-    rewards.build_rewards({"clip": 1.0})
+  def test_registry_refuses_unknown_and_unbuildable_rewards(self):
+    with self.assertRaisesRegex(ValueError, "available: ssim, clip"):
+      rewards.build_rewards({"lpips": 1.0})
+    with self.assertRaisesRegex(ValueError, "CLIP image tower"):
+      rewards.build_rewards({"clip": 1.0})
+    with self.assertRaisesRegex(ValueError, "every reward weight is zero"):
+      rewards.build_rewards({"ssim": 0.0})
 
 
 # -- the CLIP reward against open_clip -------------------------------------------------------------
@@ -186,6 +208,7 @@ def _our_clip_reward(graphdef, state, recovered_u8, clean_u8):
   return np.asarray(reward_set(to_float(recovered_u8), to_float(clean_u8))["clip"])
 
 
+@pytest.mark.torch_ref
 def test_clip_reward_matches_open_clip(clip_setup):
   ref, _, (graphdef, state) = clip_setup
   recovered, clean = _clip_pairs()
@@ -205,6 +228,7 @@ def test_clip_reward_matches_open_clip(clip_setup):
   np.testing.assert_allclose(ours, want_pil, atol=3e-3, rtol=0)
 
 
+@pytest.mark.torch_ref
 def test_rl_reward_fn_gives_the_same_clip_reward(clip_setup):
   ref, config, (graphdef, state) = clip_setup
   recovered, clean = _clip_pairs()

@@ -6,6 +6,7 @@ metric."""
 import dataclasses
 import os
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,6 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RL = os.path.join(ROOT, "configs", "rl.py") + ":tiny"
 
 
+@pytest.mark.slow
 def test_one_step_raises_the_log_prob_of_the_better_sample():
   settings, graphdef, tx, state, inputs = _tiny_rl(1, group_size=4, num_steps=6, window_size=2)
 
@@ -33,9 +35,11 @@ def test_one_step_raises_the_log_prob_of_the_better_sample():
   out, _, _ = jax.jit(fns.rollout)(state, inputs, key)  # the rollout the step will draw
   vae_key = rl.rollout_vae_key(key)
   before = jax.jit(fns.policy_terms)(state.params, state.frozen, inputs, out, vae_key).log_prob
-  np.testing.assert_allclose(before, out.window_log_prob, rtol=1e-5, atol=1e-5)
+  chex.assert_shape([before, out.window_log_prob], (2, 4))  # (window steps, recoveries)
+  chex.assert_trees_all_close(before, out.window_log_prob, rtol=1e-5, atol=1e-5)
 
   new_state, metrics = jax.jit(fns.step)(state, inputs)
+  chex.assert_tree_all_finite((new_state.params, metrics))
   after = jax.jit(fns.policy_terms)(new_state.params, new_state.frozen, inputs, out,
                                     vae_key).log_prob
   change = np.asarray(after - before).sum(axis=0)  # summed over the window steps
@@ -44,6 +48,7 @@ def test_one_step_raises_the_log_prob_of_the_better_sample():
   assert float(metrics["advantage_abs_max"]) > 1.0
 
 
+@pytest.mark.slow
 def test_rl_stage_runs_through_the_trainer(tmp_path):
   config = config_lib.load(RL, {"init_from": "random", "total_steps": 2, "log_every": 1,
                                 "checkpoint_every": 2, "data.batch_size": 8, "mesh.data": -1,
@@ -64,9 +69,7 @@ def test_rl_stage_runs_through_the_trainer(tmp_path):
 def _tiny_rl(num_images: int, **settings_overrides):
   """The random tiny Bagel (nonzero llm2vae, so the velocity depends on the trained expert), its
   fresh train state and `num_images` shapes-world recovery inputs."""
-  config = config_lib.load(RL, {"init_from": "random"})
-  settings = dataclasses.replace(rl.RLSettings.from_config(config),
-                                 guidance=recovery.NO_GUIDANCE, **settings_overrides)
+  settings, config = _tiny_settings(**settings_overrides)
   model_config = bagel.BagelConfig.tiny()
   model = bagel.Bagel(model_config, rngs=nnx.Rngs(0))
   model.llm2vae.kernel.set_value(
@@ -132,21 +135,43 @@ def test_a_single_update_is_the_plain_ppo_update():
   value, grads = jax.jit(jax.value_and_grad(loss))(state.params)
   expected, _ = jax.jit(lambda st, g: state_lib.apply_gradients(st, g, tx, 0.0))(state, grads)
   # At ratio 1 the loss is -mean(advantage) = 0 up to rounding (~3e-8 apart measured).
-  np.testing.assert_allclose(metrics["loss"], value, atol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
-               new_state.params, expected.params)
+  chex.assert_trees_all_close(metrics["loss"], value, atol=1e-6)
+  chex.assert_trees_all_close(new_state.params, expected.params, rtol=1e-6, atol=1e-7)
   assert int(new_state.step) == 1
   assert float(metrics["clip_fraction"]) == 0.0
 
 
-def test_minibatch_masks_partition_each_epoch():
-  masks = np.asarray(rl.minibatch_masks(jax.random.PRNGKey(0), 10, updates_per_rollout=6,
-                                        inner_epochs=2))
-  assert masks.shape == (6, 10)
-  for epoch in masks.reshape(2, 3, 10):
-    np.testing.assert_array_equal(epoch.sum(axis=0), 1)  # every transition once per epoch
-    assert sorted(epoch.sum(axis=1)) == [3, 3, 4]  # near-even mini-batches
-  assert not np.array_equal(masks[:3], masks[3:])  # each epoch reshuffles
+class MinibatchTest(chex.TestCase):
+  """The pure parts of the step that pick transitions and windows, jitted (as in the step) and
+  eager."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_minibatch_masks_partition_each_epoch(self):
+    masks_fn = self.variant(lambda key: rl.minibatch_masks(key, 10, updates_per_rollout=6,
+                                                           inner_epochs=2))
+    masks = masks_fn(jax.random.PRNGKey(0))
+    chex.assert_shape(masks, (6, 10))
+    chex.assert_type(masks, bool)
+    masks = np.asarray(masks)
+    for epoch in masks.reshape(2, 3, 10):
+      chex.assert_trees_all_equal(epoch.sum(axis=0), np.ones(10, int))  # each once per epoch
+      assert sorted(epoch.sum(axis=1)) == [3, 3, 4]  # near-even mini-batches
+    assert not np.array_equal(masks[:3], masks[3:])  # each epoch reshuffles
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_window_start_stays_in_the_noisier_half(self):
+    settings, *_ = _tiny_settings(num_steps=10, window_size=3)
+    starts = self.variant(jax.vmap(lambda k: rl.window_start(k, settings)))(
+        jax.random.split(jax.random.PRNGKey(1), 400))
+    chex.assert_shape(starts, (400,))
+    # Uniform over [0, N/2 - W] = [0, 2]: every start drawn, none later.
+    chex.assert_trees_all_equal(np.unique(np.asarray(starts)), np.arange(3))
+
+
+def _tiny_settings(**overrides):
+  config = config_lib.load(RL, {"init_from": "random"})
+  return (dataclasses.replace(rl.RLSettings.from_config(config), guidance=recovery.NO_GUIDANCE,
+                              **overrides), config)
 
 
 @pytest.mark.parametrize("overrides,field", [
@@ -176,5 +201,6 @@ def test_learning_rate_follows_the_trainer_step_with_several_updates():
     sizes.append(-float(update["w"]))
   schedule = state_lib.learning_rate_schedule(config.optimizer, config.total_steps)
   # Update 2n (the first of trainer step n + 1) runs at the trainer schedule's step-n rate.
-  np.testing.assert_allclose(sizes[::2], [float(schedule(n)) for n in range(6)], rtol=1e-5,
-                             atol=1e-12)
+  chex.assert_trees_all_close(np.asarray(sizes[::2]),
+                              np.asarray([float(schedule(n)) for n in range(6)]), rtol=1e-5,
+                              atol=1e-12)

@@ -8,6 +8,7 @@ import pytest
 import tokenizers
 import transformers
 
+from robust_u1_jax.data import answer_format
 from robust_u1_jax.data import shapes
 from robust_u1_jax.data import tokenizer as tokenizer_lib
 
@@ -32,7 +33,7 @@ def _texts(num_records: int = 25) -> list[str]:
       rec = world.record(i, render=False)
       texts.append(rec["caption"])
       for j, q in enumerate(rec["questions"]):
-        prompt = shapes.format_question(q)
+        prompt = answer_format.format_question(q)
         texts += [prompt, f"{prompt}\n{tokenizer_lib.RECOVERY_INSTRUCTION}",
                   shapes.answer_text(q, names[j % 4], strength=0.23 if j % 2 else None)]
   return texts

@@ -36,6 +36,7 @@ def _train_command(workdir, steps):
           *overrides]
 
 
+@pytest.mark.slow
 def test_sft_resumes_exactly_after_sigkill(tmp_path):
   """Every run is a fresh process, as a user's would be: uninterrupted; killed with SIGKILL once
   its step-4 checkpoint is complete; restarted from the killed run's workdir."""
@@ -66,6 +67,7 @@ def test_sft_resumes_exactly_after_sigkill(tmp_path):
     assert resumed[s]["grad_norm"] == reference[s]["grad_norm"]
 
 
+@pytest.mark.slow
 def test_sft_lowers_its_loss(tmp_path):
   history = trainer.train(_config(40, **{"optimizer.warmup_steps": 5, "log_every": 10,
                                          "checkpoint_every": 40}), str(tmp_path), sft.build)
@@ -73,6 +75,7 @@ def test_sft_lowers_its_loss(tmp_path):
   assert last < 0.9 * first, (first, last)
 
 
+@pytest.mark.slow
 def test_evaluation_writes_the_recovery_grid(tmp_path):
   trainer.train(_config(2, **{"eval_every": 2, "eval_num_steps": 3}), str(tmp_path), sft.build)
   with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
@@ -84,6 +87,7 @@ def test_evaluation_writes_the_recovery_grid(tmp_path):
   assert grid.size == (3 * 66 + 2, 4 * 66 + 2)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_good_checkpoint(tmp_path):
   workdir = str(tmp_path)
 
@@ -110,6 +114,7 @@ def test_non_finite_loss_stops_and_keeps_the_good_checkpoint(tmp_path):
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
 
 
+@pytest.mark.slow
 def test_sharded_sft_step_matches_single_device():
   """The same SFT step on 8 fake devices (fsdp 4 x tensor 2) and on one device."""
   import jax

@@ -97,6 +97,7 @@ def model(ae_file):
   return m
 
 
+@pytest.mark.torch_ref
 @pytest.mark.parametrize("hw", SIZES)
 def test_encoder_moments_match_diffusers(reference, model, hw):
   x = images(B, *hw, seed=hw[1])
@@ -109,6 +110,7 @@ def test_encoder_moments_match_diffusers(reference, model, hw):
   assert_close(logvar, to_nhwc(dist.logvar))
 
 
+@pytest.mark.torch_ref
 @pytest.mark.parametrize("hw", SIZES)
 def test_decoder_matches_diffusers(reference, model, hw):
   z = np.random.default_rng(1).normal(size=(B, hw[0] // 8, hw[1] // 8, CFG.z_channels))
@@ -120,6 +122,7 @@ def test_decoder_matches_diffusers(reference, model, hw):
   assert_close(got, want)
 
 
+@pytest.mark.torch_ref
 def test_scale_and_shift_follow_the_flux_convention(reference, model):
   """encode = scale * (mean - shift); decode = decoder(z / scale + shift), as FLUX pipelines do."""
   x = images(B, *SIZES[1], seed=3)
@@ -156,6 +159,7 @@ def test_export_round_trips_the_file(ae_file, model):
     np.testing.assert_array_equal(exported[key], value, err_msg=key)
 
 
+@pytest.mark.torch_ref
 def test_diffusers_naming_loads_directly(reference, model, tmp_path):
   path = str(tmp_path / "diffusion_pytorch_model.safetensors")
   save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, path)

@@ -120,6 +120,7 @@ def test_latent_tokens_come_from_the_top_left_of_their_canvas(tmp_path):
                       (0.1, 0.3, 0.3))[0].token_kind.shape[1] == seq_len
 
 
+@pytest.mark.slow
 def test_sft_trains_on_packed_images_of_many_sizes(tmp_path):
   (tmp_path / "data").mkdir()
   config = _config(_folder(tmp_path / "data"), **{

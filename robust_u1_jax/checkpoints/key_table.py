@@ -141,7 +141,8 @@ def convert_to_flax(
   """Yields (flax_path, array) for every checkpoint tensor, converted and checked.
 
   Args:
-    tensors: checkpoint key -> loader (called once, so memory-mapped files load one tensor at a time).
+    tensors: checkpoint key -> loader (called once, so memory-mapped files load one tensor at a
+      time).
     table: the rules for this checkpoint's naming.
     expected: flax path -> (shape, dtype) of the model's parameters.
     source: the checkpoint's file name(s), for error messages.
@@ -196,7 +197,8 @@ def convert_to_torch(
       continue
     hit = table.to_torch_key(path)
     if hit is None:
-      raise CheckpointError(f"no checkpoint key for model parameter {path!r}: add a rule to the key table.")
+      raise CheckpointError(f"no checkpoint key for model parameter {path!r}: add a rule to the "
+                            "key table.")
     key, transform = hit
     # order='C', not ascontiguousarray, which turns a 0-d tensor (CLIP's logit_scale) into (1,).
     out[key] = np.asarray(transform.to_torch(np.asarray(leaf_value(leaf))), order="C")

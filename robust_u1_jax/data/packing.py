@@ -1,7 +1,7 @@
 """Packing variable-size samples into rows of a fixed token budget (data.token_budget > 0).
 
 A sample of a stage is a sequence of blocks in the order the stage builds it (training/sft.py,
-training/reasoning.py; DESIGN sections 4 and 5):
+training/reasoning.py; docs/design.md#packed-sequences-and-the-attention-mask):
 
   sft, rl   [VAE: corrupted] [ViT: corrupted] [text: instruction] [VAE target: clean]
   reason    [VAE: corrupted] [ViT: corrupted] [text: question] [VAE: recovered] [ViT: recovered]
@@ -52,8 +52,6 @@ import numpy as np
 
 # Token types of a packed row.
 PAD, TEXT, ANSWER, VIT, VAE, VAE_TARGET = 0, 1, 2, 3, 4, 5
-TYPE_NAMES = {PAD: "pad", TEXT: "text", ANSWER: "answer", VIT: "vit", VAE: "vae",
-              VAE_TARGET: "vae_target"}
 
 # (token type, record field) per stage: text fields hold token ids, image fields images.
 STAGE_LAYOUTS: dict[str, tuple[tuple[int, str], ...]] = {

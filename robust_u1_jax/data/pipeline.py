@@ -89,6 +89,7 @@ import grain
 import numpy as np
 from absl import flags
 
+from robust_u1_jax.data import answer_format
 from robust_u1_jax.data import bad_records
 from robust_u1_jax.data import multihost
 from robust_u1_jax.data import packing
@@ -145,12 +146,12 @@ def _answer_text(question: Mapping[str, Any], record: Mapping[str, Any]) -> str:
     return shapes.answer_text(question, steps or None, strength=levels or None)
   if question.get("raw_answer"):  # written out in full by the data (Robust-R1 reasoning JSONL)
     return str(question["answer"])
-  return f"<ANSWER>{question['answer']}<ANSWER_END>"
+  return answer_format.bare_answer(question["answer"])
 
 
 def _question_text(question: Mapping[str, Any]) -> str:
   if question.get("options"):
-    return shapes.format_question(question)
+    return answer_format.format_question(question)
   return str(question["question"])
 
 
@@ -205,7 +206,7 @@ class StageFields(grain.transforms.Map):
     if self.stage == "reason":
       question = f"{question}\n{self.instruction}"
     answer = _answer_text(q, out)
-    letter = (shapes.parse_answer(answer) or "") if q.get("raw_answer") else str(q["answer"])
+    letter = (answer_format.parse_answer(answer) or "") if q.get("raw_answer") else str(q["answer"])
     out.update(question=question, answer=answer, question_text=question, answer_letter=letter)
     out["answer_text"] = out["answer"]
     return out

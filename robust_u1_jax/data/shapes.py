@@ -1,4 +1,5 @@
-"""The built-in procedural shapes world (DESIGN section 8): images, captions, multiple-choice VQA.
+"""The built-in procedural shapes world: images, captions, multiple-choice VQA
+(docs/design.md#the-built-in-shapes-world).
 
 Every record is a pure function of (split, index, seed), so Grain can shuffle, shard and resume
 over it without storing anything. A record holds 1 to 4 small anti-aliased objects (5 shapes,
@@ -13,9 +14,9 @@ options are runs of neighbours on those confusion cycles with the answer at a un
 run, and count answers are about uniform over 0..4, so the options alone give a blind model little
 more than chance.
 
-`answer_text(question, corruption_name)` renders the Robust-R1 answer format
-`<TYPE>..<TYPE_END>` `<INFLUENCE>..<INFLUENCE_END>` `<REASONING>..<REASONING_END>`
-`<CONCLUSION>..<CONCLUSION_END>` `<ANSWER>X<ANSWER_END>`; the pipeline calls it after corrupting,
+`answer_text(question, corruption_name)` fills the Robust-R1 answer format
+(`answer_format.py`) from what the world knows about a question: which corruptions hurt which
+question kinds, and how the answer is found in the scene. The pipeline calls it after corrupting,
 when the corruption is known.
 """
 
@@ -25,10 +26,10 @@ import functools
 import hashlib
 import math
 import random
-import re
-import string
 
 import numpy as np
+
+from robust_u1_jax.data import answer_format
 
 # Hue order matters: neighbours in this tuple are what a strong hue shift confuses.
 COLORS = {
@@ -74,7 +75,7 @@ _EFFECTS = {
     "warp": ("The image is warped, which bends the outlines.", ("shape", "existence")),
     "sharpen": ("Sharpening adds halos and ringing around the edges.", ("shape",)),
 }
-# Every ImageNet-C and Robust-R1 corruption of DESIGN section 6, by effect.
+# Every ImageNet-C and Robust-R1 corruption of docs/design.md#corruptions, by effect.
 CORRUPTION_EFFECTS = {
     "gaussian_noise": "noise", "shot_noise": "noise", "impulse_noise": "noise",
     "speckle_noise": "noise", "defocus_blur": "blur", "glass_blur": "blur", "motion_blur": "blur",
@@ -430,38 +431,15 @@ def _questions(d: _Draws, objects: list[dict]) -> list[dict]:
   return [q for q in qs if q is not None]
 
 
-def format_question(q: dict) -> str:
-  """The VQA prompt: the question and its lettered options, one per line (no instruction)."""
-  # VQA tables may carry more options than the world's four.
-  lines = [q["question"]] + [f"{string.ascii_uppercase[i]}. {opt}"
-                             for i, opt in enumerate(q["options"])]
-  return "\n".join(lines)
-
-
 # ---------------------------------------------------------------------------------- answer text
 
-def _corruption_words(name: str) -> str:
-  return name.split("/")[-1].replace("_", " ")
-
-
-def _format_strength(s) -> str:
-  # Integers are ImageNet-C severities, floats Robust-R1 intensities.
-  return str(int(s)) if np.issubdtype(np.asarray(s).dtype, np.integer) else f"{float(s):.2f}"
-
-
-def _type_and_influence(kind: str, corruption_name, strength) -> tuple[str, str]:
-  names = ([corruption_name] if isinstance(corruption_name, str) else list(corruption_name or []))
-  names = [n for n in names if n and n != "none"]
-  if not names:
-    return "none", "The image is clean, so colors, shapes and counts can be read directly."
-  strengths = list(strength) if np.ndim(strength) > 0 else [strength] * len(names)
-  if len(strengths) != len(names):
-    raise ValueError(f"answer_text: {len(strengths)} strengths for {len(names)} corruptions "
-                     f"{names}: give one strength per corruption name")
-  types, sentences, hurt = [], [], set()
-  for name, s in zip(names, strengths):
-    words = _corruption_words(name)
-    types.append(words if s is None else f"{words}({_format_strength(s)})")
+def _influence(kind: str, applied: Sequence[tuple[str, object]]) -> str:
+  """The INFLUENCE field: what the applied corruptions do to questions of `kind`."""
+  if not applied:
+    return "The image is clean, so colors, shapes and counts can be read directly."
+  sentences, hurt = [], set()
+  for name, _ in applied:
+    words = answer_format.corruption_words(name)
     effect = CORRUPTION_EFFECTS.get(name.split("/")[-1])
     sentence, attrs = (_EFFECTS[effect] if effect else
                        (f"The {words} degrades the image and hides detail.", QUESTION_KINDS))
@@ -474,7 +452,7 @@ def _type_and_influence(kind: str, corruption_name, strength) -> tuple[str, str]
   else:
     verb = "is" if kind == "count" else "are"
     sentences.append(f"{attribute[0].upper() + attribute[1:]} {verb} still reliable.")
-  return ", ".join(types), " ".join(sentences)
+  return " ".join(sentences)
 
 
 def _reasoning_and_conclusion(q: dict) -> tuple[str, str]:
@@ -523,20 +501,16 @@ def answer_text(question: dict, corruption_name: str | Sequence[str] | None = No
       them (pipeline stages), or None / "none" for a clean image.
     strength: optional intensity or severity per corruption, written as `name(0.45)` in TYPE.
   """
-  type_text, influence = _type_and_influence(question["kind"], corruption_name, strength)
+  applied = answer_format.applied_corruptions(corruption_name, strength)
   reasoning, conclusion = _reasoning_and_conclusion(question)
-  return (f"<TYPE>{type_text}<TYPE_END>\n<INFLUENCE>{influence}<INFLUENCE_END>\n"
-          f"<REASONING>{reasoning}<REASONING_END>\n<CONCLUSION>{conclusion}<CONCLUSION_END>\n"
-          f"<ANSWER>{question['answer']}<ANSWER_END>")
+  return answer_format.format_answer(answer_format.type_text(applied),
+                                     _influence(question["kind"], applied), reasoning, conclusion,
+                                     question["answer"])
 
 
-_ANSWER_RE = re.compile(r"<ANSWER>\s*([A-Da-d])\s*<ANSWER_END>")
-
-
-def parse_answer(text: str) -> str | None:
-  """The letter of the last `<ANSWER>X<ANSWER_END>` in a generated text, or None."""
-  found = _ANSWER_RE.findall(text)
-  return found[-1].upper() if found else None
+# An alias for callers written before the format had its own module (tests/test_pipeline.py);
+# new code reads answers with answer_format.parse_answer.
+parse_answer = answer_format.parse_answer
 
 
 # ------------------------------------------------------------------------------------- the world
@@ -621,12 +595,12 @@ def text_corpus(corruption_names: Sequence[str] = (), num_records: int = 200) ->
     rec = world.record(i, render=False)
     texts.append(rec["caption"])
     for q in rec["questions"]:
-      texts.append(format_question(q))
+      texts.append(answer_format.format_question(q))
       name = names[k % len(names)]
       texts.append(answer_text(q, name, strength=(k % 5) / 4 if k % 2 else None))
       k += 1
   words = [*COLOR_NAMES, *SHAPES, *PLURALS.values(), *BACKGROUNDS, *QUADRANTS, *NUMBER_WORDS,
            *QUESTION_KINDS, "yes", "no", "left", "right", "top", "bottom", "half", "center",
-           *(_corruption_words(n) for n in names)]
+           *(answer_format.corruption_words(n) for n in names)]
   texts.extend(" ".join(words[i:i + 8]) for i in range(0, len(words), 8))
   return texts

@@ -25,7 +25,7 @@ import threading
 
 
 from robust_u1_jax import config_lib
-from robust_u1_jax.data import shapes
+from robust_u1_jax.data import shapes, sources_vqa
 from robust_u1_jax.data.bad_records import skip_record
 from robust_u1_jax.data.record_files import LazyFile, check_index, line_spans
 
@@ -249,8 +249,6 @@ def make_source(data_config, split: str | None = None):
     return TfdsSource(data_config.path, split, data_config.tfds_data_dir, image_key)
   if source == "jsonl":
     return JsonlSource(data_config.path)
-  from robust_u1_jax.data import sources_vqa  # deferred: it builds on this module's helpers
-
   if source == "vqa_tsv":
     return sources_vqa.VqaTsvSource(data_config.path)
   return sources_vqa.VqaParquetSource(data_config.path)

@@ -115,8 +115,9 @@ class VqaTsvSource:
 
   Records are located by one scan of the file (quote-aware, so quoted fields may hold newlines
   and tabs, as pandas writes them; a stray unbalanced quote merges rows, exactly as pandas, which
-  VLMEvalKit reads these files with, would) and parsed on access. Rows whose image is a short reference use the image of the row
-  with that index, as VLMEvalKit does. require_answer=False accepts test splits without answers.
+  VLMEvalKit reads these files with, would) and parsed on access. Rows whose image is a short
+  reference use the image of the row with that index, as VLMEvalKit does. require_answer=False
+  accepts test splits without answers.
   """
 
   def __init__(self, path: str | os.PathLike, *, require_answer: bool = True):

@@ -73,7 +73,7 @@ def _byte_alphabet() -> list[str]:
 
 def corruption_names() -> list[str]:
   """Corruption names for TYPE/INFLUENCE text: the registry's when importable, else the list of
-  DESIGN section 6 that the shapes world knows."""
+  docs/design.md#corruptions that the shapes world knows."""
   names = set(shapes.CORRUPTION_EFFECTS)
   try:
     from robust_u1_jax.data import corruptions  # deferred: imports JAX

@@ -5,9 +5,10 @@ A context is a `KVCache` row per sample. Blocks are built on the host (`models/s
 appended by one prefill each, so text and images can follow one another and be decoded after.
 An image enters as VAE tokens then ViT tokens, as BAGEL's `update_context_image` adds them.
 
-Classifier-free guidance of image generation reads three contexts (DESIGN section 4): the full one;
-`no_text` (BAGEL's `cfg_text` context: the images, without the text that follows them) and
-`no_image` (BAGEL's `cfg_img` context: the texts only). `Contexts` keeps the three side by side with
+Classifier-free guidance of image generation reads three contexts
+(docs/design.md#flow-matching-and-guidance): the full one; `no_text` (BAGEL's `cfg_text` context:
+the images, without the text that follows them) and `no_image` (BAGEL's `cfg_img` context: the
+texts only). `Contexts` keeps the three side by side with
 BAGEL's `interleave_inference` bookkeeping: a text goes into the full and text-only contexts after
 the full one is copied to `no_text`; an image goes into the full context, which is then copied to
 `no_text`.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import chex
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -40,6 +42,11 @@ def encode_images(model: bagel_lib.Bagel, images_bkhwc: Array, key: Array | None
   `mean + exp(logvar / 2) noise`, as BAGEL's `AutoEncoder.encode` draws it. `key` may be one key,
   or one per row (B, 2) so that a row's draw does not depend on its batch.
   """
+  # The step's image stack is the input most easily shipped in the wrong layout (one image per
+  # row without the K axis, channels first): name it here, not in the VAE's first convolution.
+  chex.assert_rank(images_bkhwc, 5,
+                   custom_message="images_bkhwc: K images per row, (B, K, H, W, 3)")
+  chex.assert_axis_dimension(images_bkhwc, 4, 3, custom_message="images_bkhwc: RGB channels last")
   b, k, h, w, c = images_bkhwc.shape
   x = images_lib.to_model_range(images_bkhwc).reshape(b * k, h, w, c)
   mean, logvar = model.vae.latent_dist(x)
@@ -79,6 +86,8 @@ def prefill(model: bagel_lib.Bagel, cache: KVCache, rows: bagel_lib.SequenceInpu
 
 def gather_latents(tokens_bnc: Array, rows: bagel_lib.SequenceInputs) -> Array:
   """Each latent token of the rows, from the stacked encodings of the row's images."""
+  chex.assert_equal_shape_prefix([tokens_bnc, rows.latent_image_index], 1,
+                                 custom_message="encoded images and rows: one image stack per row")
   return jnp.take_along_axis(tokens_bnc, rows.latent_image_index[..., None], axis=1)
 
 

@@ -1,11 +1,12 @@
 """Images into and out of the model: BAGEL's resize rules and the one ViT resize.
 
-An image enters a context twice (DESIGN section 4): as VAE latent tokens at its VAE size (longest
-side at most 1024, shortest at least 512, sides multiples of 16) and as SigLIP patches at a ViT
-size computed from the VAE-size image (at most 980, at least 224, multiples of 14), the way BAGEL's
-`interleave_inference` resizes. A generated image re-enters the same way: `vit_resize` is the one
-function that takes a VAE-size image to its ViT size, on the host (inputs, cached recoveries) and
-inside a jitted step (recoveries made on the fly), so every path feeds the ViT the same pixels.
+An image enters a context twice (docs/design.md#model-bagel-7b-mot): as VAE latent tokens at its
+VAE size (longest side at most 1024, shortest at least 512, sides multiples of 16) and as SigLIP
+patches at a ViT size computed from the VAE-size image (at most 980, at least 224, multiples of
+14), the way BAGEL's `interleave_inference` resizes. A generated image re-enters the same way:
+`vit_resize` is the one function that takes a VAE-size image to its ViT size, on the host (inputs,
+cached recoveries) and inside a jitted step (recoveries made on the fly), so every path feeds the
+ViT the same pixels.
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
 """The released Robust-U1 reasoner: text, a self-generated recovery, more text, an answer.
 
-Behaviour of `inference/reasoner.py` in the Robust-U1 release (DESIGN section 5), rebuilt on this
-package: the corrupted image and the prompt enter the contexts in order; then, for at most
-`max_iterations` steps, the model writes text, and the token it stops on chooses the next step:
-`<|vision_start|>` generates an image of the input image's VAE size from the three contexts and
-appends it (VAE + ViT tokens) to the full and `cfg_text` contexts; `<|im_start|>` writes more
-text; `<|endoftext|>` (or running out of tokens) stops. The text stays in the context as written.
+Behaviour of `inference/reasoner.py` in the Robust-U1 release
+(docs/design.md#reasoning-and-the-answer-format), rebuilt on this package: the corrupted image and
+the prompt enter the contexts in order; then, for at most `max_iterations` steps, the model
+writes text, and the token it stops on chooses the next step: `<|vision_start|>` generates an
+image of the input image's VAE size from the three contexts and appends it (VAE + ViT tokens) to
+the full and `cfg_text` contexts; `<|im_start|>` writes more text; `<|endoftext|>` (or running out
+of tokens) stops. The text stays in the context as written.
 From a third `<ANSWER>` tag on, the answer text is dropped, as the release does.
 """
 

@@ -4,9 +4,10 @@ The one implementation every user shares: the `recover` CLI and the conversation
 evaluation grids, the reasoning stage's recoveries (on the fly or cached) and the RL rollouts, which
 add an SDE window and score it again under the policy (`velocity_fn` is what they differentiate).
 
-BAGEL's image-editing defaults (DESIGN section 4): 50 steps, timestep shift 3, text guidance 4,
-image guidance 2, guidance on over the whole schedule, `text_channel` renorm with minimum 0. The
-three guidance branches are answered by one batched model call per step against their caches.
+BAGEL's image-editing defaults (docs/design.md#flow-matching-and-guidance): 50 steps, timestep
+shift 3, text guidance 4, image guidance 2, guidance on over the whole schedule, `text_channel`
+renorm with minimum 0. The three guidance branches are answered by one batched model call per
+step against their caches.
 """
 
 from __future__ import annotations

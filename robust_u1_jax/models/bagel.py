@@ -20,6 +20,7 @@ import functools
 import json
 import os
 
+import chex
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -76,7 +77,8 @@ class BagelConfig:
     for name, file in files.items():
       if not os.path.exists(file):
         raise FileNotFoundError(f"{path}: missing {name} (a BAGEL model directory holds "
-                                "llm_config.json, vit_config.json, ema.safetensors, ae.safetensors)")
+                                "llm_config.json, vit_config.json, ema.safetensors, "
+                                "ae.safetensors)")
     with open(files["llm_config.json"]) as f:
       llm = LLMConfig.from_hf_config(json.load(f), source=files["llm_config.json"], **llm_overrides)
     vit = SiglipConfig.from_hf_config(files["vit_config.json"], drop_last_layer=True,
@@ -159,6 +161,7 @@ class Bagel(nnx.Module):
   def embed_sequence(self, inputs: SequenceInputs, latents_bnc: Array | None,
                      timesteps_bn: Array | None) -> Array:
     """(B, T, hidden) input embeddings of packed rows (see the module docstring)."""
+    self._check_inputs(inputs, latents_bnc, timesteps_bn)
     kind = inputs.token_kind
     x = self.language_model.embed(jnp.where(kind == TEXT, inputs.text_ids, 0))
     if inputs.vit_patches.shape[1]:
@@ -169,6 +172,28 @@ class Bagel(nnx.Module):
       x = jnp.where((kind == LATENT)[..., None], _gather(lat, inputs.source_index).astype(x.dtype),
                     x)
     return jnp.where((kind == PAD)[..., None], 0, x)
+
+  def _check_inputs(self, inputs: SequenceInputs, latents_bnc: Array | None,
+                    timesteps_bn: Array | None) -> None:
+    """Shape checks at the model's door, static so free under jit: a row field of the wrong width
+    or latents of the wrong size fail here, naming the field, instead of as a broadcast error in a
+    gather or an attention layer far below."""
+    chex.assert_rank(inputs.token_kind, 2, custom_message="SequenceInputs.token_kind (B, T)")
+    b, t = inputs.token_kind.shape
+    nv, nl = inputs.vit_patches.shape[1], inputs.latent_seq_index.shape[1]
+    fields = {"text_ids": (b, t), "source_index": (b, t), "positions": (b, t),
+              "vit_patches": (b, nv, self.config.vit.patch_dim), "vit_position_ids": (b, nv),
+              "vit_segment_ids": (b, nv), "latent_position_ids": (b, nl),
+              "latent_seq_index": (b, nl), "latent_image_index": (b, nl)}
+    for name, shape in fields.items():
+      chex.assert_shape(getattr(inputs, name), shape, custom_message=f"SequenceInputs.{name}")
+    for f in dataclasses.fields(inputs.layout):
+      chex.assert_shape(getattr(inputs.layout, f.name), (b, t),
+                        custom_message=f"SequenceInputs.layout.{f.name}")
+    if latents_bnc is not None:
+      chex.assert_shape(latents_bnc, (b, nl, self.config.latent_channels),
+                        custom_message="latents_bnc: one latent token per latent_seq_index")
+      chex.assert_shape(timesteps_bn, (b, nl), custom_message="timesteps_bn")
 
   # -- training forward ---------------------------------------------------------------------------
 
@@ -235,7 +260,8 @@ def _gather(values_bnd: Array, index_bt: Array) -> Array:
 
 
 def patchify_latents(z_bhwc: Array, p: int) -> Array:
-  """(B, h, w, C) VAE latents -> (B, (h/p)(w/p), p p C) tokens, row-major, each (p, q, c) as BAGEL."""
+  """(B, h, w, C) VAE latents -> (B, (h/p)(w/p), p p C) tokens, row-major, each (p, q, c) as
+  BAGEL."""
   b, h, w, c = z_bhwc.shape
   x = z_bhwc.reshape(b, h // p, p, w // p, p, c)
   return jnp.einsum("bhpwqc->bhwpqc", x).reshape(b, (h // p) * (w // p), p * p * c)

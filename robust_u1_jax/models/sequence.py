@@ -6,7 +6,8 @@ A sample is a list of blocks, in order:
   Latent(h, w)       `<|vision_start|>` + VAE latent tokens + `<|vision_end|>` of an image of
                      h x w pixels, clean conditioning (t = 0), bidirectional
   Latent(h, w, noisy=True)  the same as a generation target: nothing else attends to it
-An image block shares one RoPE position, then the counter advances by one (DESIGN section 4).
+An image block shares one RoPE position, then the counter advances by one
+(docs/design.md#packed-sequences-and-the-attention-mask).
 Latent values are not built here: the train step VAE-encodes a stack of images per row and gathers
 each latent token from it (`latent_image_index`), so rows only carry where each token goes. Images
 of different sizes share one stack by sitting top-left on a common canvas (BAGEL pads its VAE

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -117,33 +117,6 @@ def patchify(image_hw3, patch_size: int, max_patches_per_side: int):
   patches = vit.images_to_patches(image_hw3, patch_size)
   position_ids = (np.arange(h)[:, None] * max_patches_per_side + np.arange(w)[None, :]).reshape(-1)
   return patches, position_ids.astype(np.int32)
-
-
-def pack_images(images: Sequence[Any], patch_size: int, max_patches_per_side: int,
-                length: int | None = None) -> dict[str, np.ndarray]:
-  """Packs several (H, W, 3) images into one NaViT row.
-
-  Returns numpy `patches` (L, 3*p*p), `position_ids` (L,), `segment_ids` (L,) with image k (from 1)
-  marked k and padding 0, and `num_patches` (K,). L = `length` (padded) or the total patch count.
-  """
-  parts = [patchify(np.asarray(im, np.float32), patch_size, max_patches_per_side) for im in images]
-  counts = np.array([len(p) for p, _ in parts], np.int32)
-  total = int(counts.sum())
-  length = total if length is None else int(length)
-  if total > length:
-    raise ValueError(f"{len(images)} images have {total} patches, more than length {length}")
-  dim = 3 * patch_size * patch_size
-  patches = np.zeros((length, dim), np.float32)
-  position_ids = np.zeros((length,), np.int32)
-  segment_ids = np.zeros((length,), np.int32)
-  start = 0
-  for k, (p, pos) in enumerate(parts):
-    patches[start:start + len(p)] = p
-    position_ids[start:start + len(p)] = pos
-    segment_ids[start:start + len(p)] = k + 1
-    start += len(p)
-  return dict(patches=patches, position_ids=position_ids, segment_ids=segment_ids,
-              num_patches=counts)
 
 
 def segment_mask(segment_ids_bn: Array) -> Array:

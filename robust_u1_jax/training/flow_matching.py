@@ -1,4 +1,5 @@
-"""Flow-matching objective of the generation path (stage I, DESIGN sections 4-5).
+"""Flow-matching objective of the generation path, stage I
+(docs/design.md#flow-matching-and-guidance).
 
 `x_t = (1 - t) x0 + t eps`, target velocity `eps - x0`, MSE of `llm2vae(h)` on the noisy latent
 tokens; training t = shift(sigmoid(N(0, 1))). Clean conditioning latents enter with t = 0.

@@ -1,4 +1,5 @@
-"""Flow-GRPO objective pieces (DESIGN section 5): group advantages, PPO-clip, KL to a reference.
+"""Flow-GRPO objective pieces (docs/design.md#flow-grpo): group advantages, PPO-clip, KL to
+a reference.
 
 Pure functions of arrays, so the RL step composes them inside one jitted loss.
 """

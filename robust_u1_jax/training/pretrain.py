@@ -28,9 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from robust_u1_jax.data import packing
+from robust_u1_jax.data import answer_format, packing
 from robust_u1_jax.data import pipeline as pipeline_lib
-from robust_u1_jax.data import shapes
 from robust_u1_jax.data import tokenizer as tokenizer_lib
 from robust_u1_jax.inference import context as context_lib
 from robust_u1_jax.inference import images as images_lib
@@ -246,7 +245,7 @@ def make_eval(ctx) -> Callable:
     texts = [engine.decode(ids) for ids in engine.generate_batch(
         ask, ask_images, max_new_tokens=MAX_ANSWER_TOKENS, seed=c.seed)]
     answers, said = texts[:len(samples)], texts[len(samples):]
-    letters = [shapes.parse_answer(t) for t in answers]
+    letters = [answer_format.parse_answer(t) for t in answers]
     truth = [str(s["answer_letter"]) for s in samples]
     reconstructed = np.asarray(jax.device_get(_reconstruct(
         graphdef, params, state.frozen, recon, x_init, key, sampler)))

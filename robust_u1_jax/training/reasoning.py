@@ -1,6 +1,6 @@
 """Stage III, joint reasoning: cross-entropy on the answer of
 `[corrupted image (VAE + ViT)] [question + options + instruction] [recovered image (VAE + ViT)]
-[answer]`, training the understanding side (DESIGN section 5).
+[answer]`, training the understanding side (docs/design.md#reasoning-and-the-answer-format).
 
 The recovered image comes from the current (frozen) recovery path, generated on the fly inside the
 step with the same sampler as inference: its pixels are re-encoded by the VAE and patchified for
@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,7 +31,8 @@ from robust_u1_jax.training.stage_spec import RunContext, StageSpec
 from robust_u1_jax.training.state import TrainState, apply_gradients, merge_model
 
 # Trainable parameters of stage III: the understanding expert, its head and the ViT connector.
-UNDERSTANDING_PARAMS = (r"^language_model\.layers\.\d+\.und\.", r"^language_model\.final_norm\.und\.",
+UNDERSTANDING_PARAMS = (r"^language_model\.layers\.\d+\.und\.",
+                        r"^language_model\.final_norm\.und\.",
                         r"^language_model\.embed_tokens\.", r"^language_model\.lm_head\.",
                         r"^connector\.")
 RECOVERED_SEGMENT = 2  # ViT segment id of the recovered image (the corrupted one is 1)
@@ -110,6 +112,8 @@ def with_recovered_patches(inputs, recovered_bhwc: jax.Array, vit_hw: tuple[int,
 def answer_loss(model, inputs, labels, images_bkhwc, vae_key=None) -> tuple[jax.Array, dict]:
   """Cross-entropy on the answer labels; images: each sample's corrupted and recovered image
   (uint8), their latents posterior samples under `vae_key` (None: the means)."""
+  chex.assert_equal_shape([labels, inputs.token_kind],
+                          custom_message="labels: one per token of the rows (B, T)")
   tokens = context_lib.encode_images(model, images_bkhwc, vae_key)
   latents = context_lib.gather_latents(tokens, inputs)
   hidden = model(inputs, latents, jnp.zeros(latents.shape[:2]))

@@ -1,4 +1,4 @@
-"""Recovery rewards for Flow-GRPO (DESIGN section 5), chosen by name from a registry.
+"""Recovery rewards for Flow-GRPO (docs/design.md#rewards), chosen by name from a registry.
 
 Every reward maps (recovered, clean) image batches, float in [0, 1] and (B, H, W, 3), to one value
 per image; `RewardSet` weights and sums them and reports each part for logging.
@@ -27,7 +27,8 @@ def match_size(reference: jax.Array, like: jax.Array) -> jax.Array:
 
 def ssim(recovered: jax.Array, clean: jax.Array) -> jax.Array:
   """Per-image SSIM: Gaussian window 11, sigma 1.5, valid convolution, K = (0.01, 0.03), data
-  range 1, averaged over pixels and RGB channels; the clean image is resized to the recovery's size."""
+  range 1, averaged over pixels and RGB channels; the clean image is resized to the recovery's
+  size."""
   recovered = recovered.astype(jnp.float32)
   clean = match_size(clean.astype(jnp.float32), recovered)
   return dm_pix.ssim(recovered, clean, max_val=1.0, filter_size=11, filter_sigma=1.5,

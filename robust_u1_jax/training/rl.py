@@ -1,5 +1,5 @@
 """Stage II, Flow-GRPO on the recovery sampler: rollout, rewards, advantages and the policy
-updates in one jitted step (DESIGN section 5).
+updates in one jitted step (docs/design.md#flow-grpo).
 
 Per corrupted image the step draws G recoveries with the inference package's sampler
 (`inference/recovery.py`): the three CFG contexts are prefilled once per image and shared by its

@@ -2,8 +2,8 @@
 
 A sample is `[clean VAE latents of the corrupted image] [ViT of the corrupted image]
 [instruction] [noisy latents of the clean image]`; condition dropout removes the text, ViT or VAE
-block per sample (DESIGN: 0.1 / 0.3 / 0.3), which also teaches the unconditional velocities that
-classifier-free guidance needs at inference.
+block per sample (0.1 / 0.3 / 0.3: docs/design.md#flow-matching-and-guidance), which also
+teaches the unconditional velocities that classifier-free guidance needs at inference.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ from robust_u1_jax.training.state import loss_step, merge_model
 def sample_blocks(sample: Mapping[str, Any], canvas: tuple[int, int], **use
                   ) -> list[sequence.Block]:
   """`recovery.recovery_blocks` of one sample of `packing.batch_samples`."""
-  return recovery_lib.recovery_blocks(sample["corrupted"], sample.get("corrupted_vit", sample["corrupted"]),
-                         sample["instruction_ids"], canvas=canvas, **use)
+  return recovery_lib.recovery_blocks(sample["corrupted"],
+                                      sample.get("corrupted_vit", sample["corrupted"]),
+                                      sample["instruction_ids"], canvas=canvas, **use)
 
 
 def sft_rows(batch: Mapping[str, np.ndarray], config: BagelConfig, markers: sequence.Markers,

@@ -1,0 +1,87 @@
+"""The question and answer texts every source goes through
+(docs/design.md#reasoning-and-the-answer-format).
+
+A multiple-choice prompt is the question, then one `X. option` line per option. An answer is the
+Robust-R1 format, five tagged fields:
+
+  <TYPE>..<TYPE_END>              the corruptions seen, `name(strength)` each, or `none`
+  <INFLUENCE>..<INFLUENCE_END>    what they do to what the question asks about
+  <REASONING>..<REASONING_END>    how the answer is found
+  <CONCLUSION>..<CONCLUSION_END>  the answer in words
+  <ANSWER>X<ANSWER_END>           the option letter
+
+Data without reasoning (VQA tables) trains on the last field alone. What the fields say is the
+business of the source that knows the scene (`shapes.answer_text` for the built-in world); this
+module only writes and reads the format, so sources and the pipeline need nothing of the shapes
+world to use it.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+FIELDS = ("TYPE", "INFLUENCE", "REASONING", "CONCLUSION", "ANSWER")
+_ANSWER_RE = re.compile(r"<ANSWER>\s*([A-Da-d])\s*<ANSWER_END>")
+
+
+def format_question(q: Mapping[str, Any]) -> str:
+  """The VQA prompt: the question and its lettered options, one per line (no instruction)."""
+  # VQA tables may carry more options than the shapes world's four.
+  lines = [q["question"]] + [f"{string.ascii_uppercase[i]}. {opt}"
+                             for i, opt in enumerate(q["options"])]
+  return "\n".join(lines)
+
+
+def format_answer(type_text: str, influence: str, reasoning: str, conclusion: str,
+                  letter: str) -> str:
+  """The five fields, one per line, ending exactly with `<ANSWER>X<ANSWER_END>`."""
+  values = (type_text, influence, reasoning, conclusion)
+  return "\n".join([*(f"<{f}>{v}<{f}_END>" for f, v in zip(FIELDS[:4], values)),
+                    bare_answer(letter)])
+
+
+def bare_answer(letter: str) -> str:
+  """The answer field alone: the target of data that carries no reasoning."""
+  return f"<ANSWER>{letter}<ANSWER_END>"
+
+
+def parse_answer(text: str) -> str | None:
+  """The letter of the last `<ANSWER>X<ANSWER_END>` in a generated text, or None."""
+  found = _ANSWER_RE.findall(text)
+  return found[-1].upper() if found else None
+
+
+def corruption_words(name: str) -> str:
+  """'imagenet_c/gaussian_noise' -> 'gaussian noise': a corruption as the TYPE field says it."""
+  return name.split("/")[-1].replace("_", " ")
+
+
+def _format_strength(s) -> str:
+  # Integers are ImageNet-C severities, floats Robust-R1 intensities.
+  return str(int(s)) if np.issubdtype(np.asarray(s).dtype, np.integer) else f"{float(s):.2f}"
+
+
+def applied_corruptions(corruption_name: str | Sequence[str] | None,
+                        strength=None) -> list[tuple[str, Any]]:
+  """[(name, strength or None)] of the corruptions applied to an image, `none` and empty names
+  dropped; one strength for all of them, or one each."""
+  names = ([corruption_name] if isinstance(corruption_name, str) else list(corruption_name or []))
+  names = [n for n in names if n and n != "none"]
+  strengths = list(strength) if np.ndim(strength) > 0 else [strength] * len(names)
+  if names and len(strengths) != len(names):
+    raise ValueError(f"answer_text: {len(strengths)} strengths for {len(names)} corruptions "
+                     f"{names}: give one strength per corruption name")
+  return list(zip(names, strengths))
+
+
+def type_text(applied: Sequence[tuple[str, Any]]) -> str:
+  """The TYPE field: `gaussian noise(0.45), saturate(3)`, or `none` for a clean image."""
+  if not applied:
+    return "none"
+  return ", ".join(corruption_words(name) if s is None
+                   else f"{corruption_words(name)}({_format_strength(s)})" for name, s in applied)
