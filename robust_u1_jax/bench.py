@@ -3,6 +3,7 @@
   python -m robust_u1_jax.bench data                 # a few seconds per measurement
   python -m robust_u1_jax.bench data --long          # 10x longer measurements
   python -m robust_u1_jax.bench data --config configs/sft.py:tiny --threads 2
+  python -m robust_u1_jax.bench corrupt              # JAX corruptions vs host references
   python -m robust_u1_jax.bench aot --config configs/sft.py:bagel_7b --topology v5p-64
   python -m robust_u1_jax.bench recover --topology v5p-8
 
@@ -22,7 +23,9 @@ from absl import flags
 # name -> (module, one-line description).
 BENCHMARKS = {
     "data": ("robust_u1_jax.benchmarks.data",
-             "Grain pipeline samples/s; JAX corruptions vs PIL/scipy/numpy"),
+             "Grain pipeline samples/s, corrupted vs clean; Robust-R1 degradations per image"),
+    "corrupt": ("robust_u1_jax.benchmarks.corrupt",
+                "each ImageNet-C corruption on 32 x 224^2 images: JAX vs NumPy/SciPy/PIL"),
     "model": ("robust_u1_jax.benchmarks.model",
               "tiny LLM forward+backward vs PyTorch; cached denoising step at context L and 2L"),
     "aot": ("robust_u1_jax.benchmarks.aot",

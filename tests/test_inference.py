@@ -226,6 +226,14 @@ def test_reasoning_paths_feed_the_vit_the_same_recovered_pixels():
     expected = vit_lib.images_to_patches(images.to_model_range(jnp.asarray(cached[i])[None]),
                                          patch)[0]
     np.testing.assert_array_equal(on_the_fly.vit_patches[i, placeholder.shape[1] // 2:], expected)
+  # Rows as the data path builds them carry uint8 patches: the recovered ones stay uint8 too.
+  as_uint8 = reasoning.with_recovered_patches(
+      inputs.replace(vit_patches=placeholder.astype(jnp.uint8)), jnp.asarray(recovered), vit_hw,
+      patch)
+  assert as_uint8.vit_patches.dtype == jnp.uint8
+  for i in range(2):
+    np.testing.assert_array_equal(as_uint8.vit_patches[i, placeholder.shape[1] // 2:],
+                                  vit_lib.images_to_patches(cached[i][None], patch)[0])
 
 
 def test_reasoner_loop_follows_the_stop_tokens(tiny, world_images, monkeypatch):

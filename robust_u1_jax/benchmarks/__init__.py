@@ -2,11 +2,17 @@
 
 Each module exposes `run(*, seconds: float, config: str = "") -> dict` that prints a small table
 as it measures and returns the numbers, so a test or notebook can call it without flags.
+
+Every comparison of two sides (JAX vs a host library, JAX vs PyTorch, corrupted vs clean
+pipeline) is measured with `alternate`: the sides take turns, round after round, in one process,
+so load from other processes on a shared machine lands on both alike; the ratio printed is the
+median of the per-round ratios with its spread (`Ratio`), never one call of each side.
 """
 
+import dataclasses
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 
 def median_time(fn: Callable[[], object], seconds: float, *, min_reps: int = 3,
@@ -24,6 +30,72 @@ def median_time(fn: Callable[[], object], seconds: float, *, min_reps: int = 3,
     fn()
     times.append(time.perf_counter() - t0)
   return statistics.median(times)
+
+
+@dataclasses.dataclass(frozen=True)
+class Ratio:
+  """Per-round ratios of two alternated sides: median and spread (quartiles, extremes)."""
+  median: float
+  low: float  # 25th percentile
+  high: float  # 75th percentile
+  minimum: float
+  maximum: float
+  rounds: int
+
+  @classmethod
+  def of(cls, values) -> "Ratio":
+    v = sorted(float(x) for x in values)
+    if not v:
+      raise ValueError("a ratio needs at least one round")
+    q = statistics.quantiles(v, n=4, method="inclusive") if len(v) > 1 else [v[0]] * 3
+    return cls(statistics.median(v), q[0], q[2], v[0], v[-1], len(v))
+
+  def __str__(self) -> str:
+    return (f"{self.median:.3g} (quartiles {self.low:.3g}-{self.high:.3g}, range "
+            f"{self.minimum:.3g}-{self.maximum:.3g}, {self.rounds} rounds)")
+
+  def short(self) -> str:
+    """'median [q1-q3]' for a table cell."""
+    return f"{self.median:.3g} [{self.low:.3g}-{self.high:.3g}]"
+
+
+@dataclasses.dataclass(frozen=True)
+class Alternated:
+  """Wall times of alternated sides: times[name][k] is that side's k-th round, in seconds."""
+  times: dict[str, list[float]]
+
+  def median(self, name: str) -> float:
+    return statistics.median(self.times[name])
+
+  def ratio(self, numerator: str, denominator: str) -> Ratio:
+    """numerator time / denominator time, round by round."""
+    return Ratio.of(a / b for a, b in zip(self.times[numerator], self.times[denominator]))
+
+
+def alternate(fns: Mapping[str, Callable[[], object]], seconds: float, *, min_reps: int = 5,
+              warmup: int = 1, max_reps: int | None = None) -> Alternated:
+  """Times each fn once per round, the sides in turn, for about `seconds` of wall time in all
+  (at least `min_reps` rounds, at most `max_reps`).
+
+  Odd rounds run the sides in reverse order, so neither always goes first (after the other's
+  cache traffic, or just after a pause). Each fn must block until its result is ready.
+  """
+  for fn in fns.values():
+    for _ in range(warmup):  # compilation and first-touch costs are not what we measure
+      fn()
+  names = list(fns)
+  times: dict[str, list[float]] = {name: [] for name in names}
+  start = time.perf_counter()
+  rounds = 0
+  while rounds < min_reps or time.perf_counter() - start < seconds:
+    if max_reps is not None and rounds >= max_reps:
+      break
+    for name in (names if rounds % 2 == 0 else names[::-1]):
+      t0 = time.perf_counter()
+      fns[name]()
+      times[name].append(time.perf_counter() - t0)
+    rounds += 1
+  return Alternated(times)
 
 
 def table(header: tuple[str, ...], rows: list[tuple]) -> str:

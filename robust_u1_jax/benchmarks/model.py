@@ -5,35 +5,27 @@
 2. One cached denoising step (the noisy latent block against a KV-cached context) with a context
    of L and 2L tokens (goal: at most 1.3x when L doubles: the step's cost is the latent block's,
    and the context only adds attention keys).
+
+Both sides of each ratio take turns call by call (`benchmarks.alternate`), and the ratio printed
+is the median of the per-round ratios with its quartiles: timing JAX and then PyTorch once each
+swung from 2.0 to 19.7 between two runs on a loaded machine.
 """
 
 from __future__ import annotations
-
-import time
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from robust_u1_jax.benchmarks import alternate
 from robust_u1_jax.models import bagel as bagel_lib
 from robust_u1_jax.models import sequence
 from robust_u1_jax.models.qwen2_mot import LLMConfig, Qwen2MoT
 
 
-def _time(fn: Callable[[], object], repeats: int) -> float:
-  """Median seconds of `fn` after one warm-up call."""
-  fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
-
-
-def llm_forward_backward(batch: int, length: int, repeats: int) -> dict[str, float]:
+def llm_forward_backward(batch: int, length: int, seconds: float, *,
+                         min_reps: int = 5) -> dict:
   import torch
   import transformers
 
@@ -52,8 +44,6 @@ def llm_forward_backward(batch: int, length: int, repeats: int) -> dict[str, flo
       return jnp.mean(jax.nn.logsumexp(logits, -1))
     return jax.grad(loss)(params)
 
-  jax_seconds = _time(lambda: jax.block_until_ready(jax_step(params)), repeats)
-
   hf = transformers.Qwen2Config(
       vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
       num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
@@ -66,12 +56,13 @@ def llm_forward_backward(batch: int, length: int, repeats: int) -> dict[str, flo
     logits = torch_model(torch_tokens).logits
     torch.logsumexp(logits, -1).mean().backward()
 
-  torch_seconds = _time(torch_step, repeats)
-  return {"jax_s": jax_seconds, "torch_s": torch_seconds, "torch_over_jax": torch_seconds /
-          jax_seconds}
+  timed = alternate({"jax": lambda: jax.block_until_ready(jax_step(params)),
+                     "torch": torch_step}, seconds, min_reps=min_reps)
+  return {"jax_s": timed.median("jax"), "torch_s": timed.median("torch"),
+          "torch_over_jax": timed.ratio("torch", "jax")}
 
 
-def denoise_step_scaling(context: int, repeats: int) -> dict[str, float]:
+def denoise_step_scaling(context: int, seconds: float, *, min_reps: int = 5) -> dict:
   config = bagel_lib.BagelConfig.tiny()
   model = bagel_lib.Bagel(config, rngs=nnx.Rngs(0))
   markers = sequence.Markers(1, 2)
@@ -81,7 +72,7 @@ def denoise_step_scaling(context: int, repeats: int) -> dict[str, float]:
   x = jax.random.normal(jax.random.PRNGKey(0), (1, 16, config.latent_channels))
   graphdef, state = nnx.split(model)
 
-  def seconds(length: int) -> float:
+  def step_fn(length: int):
     ids = list(np.arange(length) % 50 + 3)
     rows = jax.tree.map(jnp.asarray, sequence.build_rows(
         [[[sequence.Text(ids)]]], config, markers, seq_len=length, max_vit=0, max_latent=0))
@@ -91,23 +82,26 @@ def denoise_step_scaling(context: int, repeats: int) -> dict[str, float]:
     def step(state, cache, x):
       return nnx.merge(graphdef, state).denoise_velocity(cache, noisy, x, jnp.array([0.5]))
 
-    return _time(lambda: jax.block_until_ready(step(state, cache, x)), repeats)
+    return lambda: jax.block_until_ready(step(state, cache, x))
 
-  short, long = seconds(context), seconds(2 * context)
-  return {"L": context, "step_s_L": short, "step_s_2L": long, "ratio_2L_over_L": long / short}
+  timed = alternate({"L": step_fn(context), "2L": step_fn(2 * context)}, seconds,
+                    min_reps=min_reps)
+  return {"L": context, "step_s_L": timed.median("L"), "step_s_2L": timed.median("2L"),
+          "ratio_2L_over_L": timed.ratio("2L", "L")}
 
 
 def run(seconds: float = 3.0, config: str = "", threads: int | None = None, *, batch: int = 4,
-        length: int = 128, context: int = 512) -> None:
-  """Prints both measurements; `seconds` scales the number of timed repeats."""
+        length: int = 128, context: int = 512) -> dict:
+  """Prints both measurements; `seconds` is the wall time of each alternated measurement."""
   del config, threads  # fixed tiny shapes; the flags belong to the data benchmark
-  repeats = max(3, int(seconds * 3))
-  print(f"model benchmark on {jax.devices()[0].device_kind} ({jax.device_count()} device(s))")
-  r = llm_forward_backward(batch, length, repeats)
+  print(f"model benchmark on {jax.devices()[0].device_kind} ({jax.device_count()} device(s)); "
+        f"{seconds:g} s per alternated measurement", flush=True)
+  r = llm_forward_backward(batch, length, seconds)
   print(f"tiny LLM forward+backward, batch {batch} x {length} tokens: "
-        f"jax {r['jax_s'] * 1e3:.2f} ms, torch {r['torch_s'] * 1e3:.2f} ms, "
-        f"torch/jax = {r['torch_over_jax']:.2f} (goal >= 1)")
-  d = denoise_step_scaling(context, repeats)
+        f"jax {r['jax_s'] * 1e3:.2f} ms, torch {r['torch_s'] * 1e3:.2f} ms (medians); "
+        f"torch/jax = {r['torch_over_jax']} (goal >= 1)", flush=True)
+  d = denoise_step_scaling(context, seconds)
   print(f"cached denoising step: context {d['L']} -> {d['step_s_L'] * 1e3:.2f} ms, "
-        f"{2 * d['L']} -> {d['step_s_2L'] * 1e3:.2f} ms, ratio {d['ratio_2L_over_L']:.2f} "
-        "(goal <= 1.3)")
+        f"{2 * d['L']} -> {d['step_s_2L'] * 1e3:.2f} ms (medians); 2L/L = "
+        f"{d['ratio_2L_over_L']} (goal <= 1.3)", flush=True)
+  return {"llm": r, "denoise": d}

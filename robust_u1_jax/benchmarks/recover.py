@@ -5,8 +5,9 @@
   python -m robust_u1_jax.bench recover --config /path/to/model_dir   # a BAGEL / Robust-U1 dir
   python -m robust_u1_jax.bench recover --topology v5p-8      # + the 7B recovery, compiled AOT
 
-Measured on the host, each ratio's two sides alternated call by call (median of each side), so a
-machine shared with other work slows both alike:
+Measured on the host, each ratio's two sides alternated call by call (`benchmarks.alternate`;
+printed: the median of the per-round ratios with its quartiles), so a machine shared with other
+work slows both alike:
   a. one denoising step against the prefilled KV cache (`Bagel.denoise_velocity`) vs recomputing
      the context each step (the uncached forward over context + noisy block with the packed mask,
      `Bagel.__call__`, as training runs it);
@@ -46,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from robust_u1_jax.benchmarks import table
+from robust_u1_jax.benchmarks import alternate, table
 from robust_u1_jax.models import bagel as bagel_lib
 from robust_u1_jax.models import sequence
 from robust_u1_jax.models.qwen2_mot import LLMConfig
@@ -264,28 +265,6 @@ def _separate_cfg(graphdef, state, full, no_text, no_image, noisy, guidance, x_b
 
 # ------------------------------------------------------------------------------------ timing
 
-def alternate(fns: Mapping[str, Callable[[], object]], seconds: float, *, min_reps: int = 5,
-              warmup: int = 1) -> dict[str, float]:
-  """Median seconds of each fn, called in turn (a, b, a, b, ...) for about `seconds` of wall time
-  (at least `min_reps` rounds): load from other processes lands on every side alike.
-
-  Each fn must block until its result is ready.
-  """
-  for fn in fns.values():
-    for _ in range(warmup):  # compilation and first-touch costs are not what we measure
-      fn()
-  times: dict[str, list[float]] = {name: [] for name in fns}
-  start = time.perf_counter()
-  rounds = 0
-  while rounds < min_reps or time.perf_counter() - start < seconds:
-    for name, fn in fns.items():
-      t0 = time.perf_counter()
-      fn()
-      times[name].append(time.perf_counter() - t0)
-    rounds += 1
-  return {name: float(np.median(t)) for name, t in times.items()}
-
-
 def _blocking(fn, *args):
   return lambda: jax.block_until_ready(fn(*args))
 
@@ -311,14 +290,15 @@ def cached_vs_uncached(setup: Setup, size: tuple[int, int], seconds: float, *,
   if not noisy_tokens[-n:].all() or noisy_tokens[:-n].any():
     raise AssertionError("the training row's last latent tokens are not its noisy block")
   x, t = _noise(setup, inputs.noisy)
-  times = alternate({
+  timed = alternate({
       "cached": _blocking(_cached_step, setup.graphdef, setup.state, full, inputs.noisy, x, t),
       "uncached": _blocking(_uncached_step, setup.graphdef, setup.state, rows, cond, x, t),
   }, seconds, min_reps=min_reps)
+  ratio = timed.ratio("uncached", "cached")
   return {"size": size, "block": int(inputs.noisy.token_kind.shape[1]),
           "context": _context_tokens(inputs.full), "row": int(rows.token_kind.shape[1]),
-          "cached_s": times["cached"], "uncached_s": times["uncached"],
-          "uncached_over_cached": times["uncached"] / times["cached"]}
+          "cached_s": timed.median("cached"), "uncached_s": timed.median("uncached"),
+          "uncached_over_cached": ratio.median, "uncached_over_cached_spread": ratio}
 
 
 def context_scaling(setup: Setup, size: tuple[int, int], seconds: float,
@@ -334,7 +314,7 @@ def context_scaling(setup: Setup, size: tuple[int, int], seconds: float,
     noisy = inputs.noisy
     x, t = _noise(setup, noisy)
     steps[length] = _blocking(_cached_step, setup.graphdef, setup.state, full, noisy, x, t)
-  times = alternate({str(k): fn for k, fn in steps.items()}, seconds, min_reps=min_reps)
+  timed = alternate({str(k): fn for k, fn in steps.items()}, seconds, min_reps=min_reps)
   short, long = contexts[0], contexts[-1]
   block = int(noisy.token_kind.shape[1])
   model = {k: step_flops(setup.config.llm, block, k + block, both_experts=True)
@@ -344,8 +324,9 @@ def context_scaling(setup: Setup, size: tuple[int, int], seconds: float,
   model_7b = {k: step_flops(llm_7b, BLOCK_7B, k + BLOCK_7B, both_experts=True)
               for k in (short, long)}
   return {"size": size, "block": block, "contexts": tuple(contexts),
-          "step_s": {k: times[str(k)] for k in contexts},
-          "ratio": times[str(long)] / times[str(short)],
+          "step_s": {k: timed.median(str(k)) for k in contexts},
+          "ratio": timed.ratio(str(long), str(short)).median,
+          "ratio_spread": timed.ratio(str(long), str(short)),
           "flop_ratio": model[long] / model[short],
           "flop_ratio_7b": model_7b[long] / model_7b[short],
           "attention_share": {k: attention_share(setup.config.llm, block, k + block)
@@ -370,12 +351,13 @@ def cfg_batching(setup: Setup, size: tuple[int, int], seconds: float, *,
   batched, separate = _batched_cfg(*args), _separate_cfg(*args)
   # The two must be one computation: a ratio of different work would mean nothing.
   np.testing.assert_allclose(np.asarray(batched), np.asarray(separate), rtol=2e-3, atol=2e-4)
-  times = alternate({"batched": _blocking(_batched_cfg, *args),
+  timed = alternate({"batched": _blocking(_batched_cfg, *args),
                      "separate": _blocking(_separate_cfg, *args)}, seconds, min_reps=min_reps)
   return {"size": size, "block": int(inputs.noisy.token_kind.shape[1]),
           "slots": tuple(int(c.max_length) for c in (full, no_text, no_image)),
-          "batched_s": times["batched"], "separate_s": times["separate"],
-          "separate_over_batched": times["separate"] / times["batched"]}
+          "batched_s": timed.median("batched"), "separate_s": timed.median("separate"),
+          "separate_over_batched": timed.ratio("separate", "batched").median,
+          "separate_over_batched_spread": timed.ratio("separate", "batched")}
 
 
 def compile_times(setup: Setup, sizes: Sequence[tuple[int, int]] = COMPILE_SIZES, *,
@@ -777,14 +759,14 @@ def run(*, seconds: float = 3.0, config: str = "", threads: int | None = None,
        a["block"], a["context"] + a["block"], a["cached_s"] * 1e3),
       ("uncached: model(row) with the packed mask", f"{size[0]}x{size[1]}", a["context"],
        a["block"], a["row"], a["uncached_s"] * 1e3)]))
-  print(f"   uncached / cached = {a['uncached_over_cached']:.2f}x", flush=True)
+  print(f"   uncached / cached = {a['uncached_over_cached_spread']}", flush=True)
 
   b = results["b"] = context_scaling(setup, size, seconds)
   lo, hi = b["contexts"]
   print(table(("b. cached step vs context", "context", "noisy block", "attention share", "ms"),
               [(f"instruction padded to {k} tokens", k, b["block"], b["attention_share"][k],
                 b["step_s"][k] * 1e3) for k in b["contexts"]]))
-  print(f"   {hi} / {lo} = {b['ratio']:.2f}x (goal <= {SCALING_GOAL}); the FLOP model predicts "
+  print(f"   {hi} / {lo} = {b['ratio_spread']} (goal <= {SCALING_GOAL}); the FLOP model predicts "
         f"{b['flop_ratio']:.2f}x for these shapes, {b['flop_ratio_7b']:.2f}x for BAGEL-7B's "
         f"(width 3584, a {BLOCK_7B}-token block)", flush=True)
 
@@ -794,7 +776,7 @@ def run(*, seconds: float = 3.0, config: str = "", threads: int | None = None,
        c["batched_s"] * 1e3),
       ("separate: 3 x denoise_velocity + cfg_velocity", " / ".join(map(str, c["slots"])),
        c["block"], c["separate_s"] * 1e3)]))
-  print(f"   separate / batched = {c['separate_over_batched']:.2f}x", flush=True)
+  print(f"   separate / batched = {c['separate_over_batched_spread']}", flush=True)
 
   d = results["d"] = compile_times(setup)
   print(table(("d. jitted recovery, cold compile", "context", "noisy block", "steps", "lower s",

@@ -14,8 +14,11 @@
   -> resize by BAGEL's VAE rule                   before corrupting: the pair stays pixel-aligned
                                                   at the training size, and jitted corruptions
                                                   compile once per (rounded) size, not per file
-  -> corrupt on the fly                           transforms.CorruptOnTheFly; key = f(seed,
-                                                  index, epoch), so a resumed run redraws the same
+  -> corrupt on the fly                           corrupt_groups.CorruptGroup (what
+                                                  transforms.CorruptOnTheFly does per record, one
+                                                  jitted call per group of GROUP records, on the
+                                                  host CPU); key = f(seed, index, epoch), so a
+                                                  resumed run redraws the same
   -> ViT-size copy of the corrupted image          BAGEL's ViT rule
   -> stage texts + tokenisation                   instruction / question / answer
   -> skip tracking                                bad_records.SkipTracker, in the main process
@@ -91,6 +94,7 @@ from absl import flags
 
 from robust_u1_jax.data import answer_format
 from robust_u1_jax.data import bad_records
+from robust_u1_jax.data import corrupt_groups
 from robust_u1_jax.data import multihost
 from robust_u1_jax.data import packing
 from robust_u1_jax.data import shapes
@@ -346,8 +350,10 @@ def _default_read_options(per_process_batch: int) -> grain.ReadOptions:
   # Few threads: the work is Python (GIL) and JAX dispatch, which more threads only contend
   # for (2 beat 4 and 16 on 2 cores); worker_count > 0 adds processes for real parallelism.
   threads = max(2, min(8, os.cpu_count() or 2))
+  records = max(2 * per_process_batch, 2 * threads)
+  # Grain's elements are groups of records here (corrupt_groups.GROUP each).
   return grain.ReadOptions(num_threads=threads,
-                           prefetch_buffer_size=max(2 * per_process_batch, 2 * threads))
+                           prefetch_buffer_size=max(2, -(-records // corrupt_groups.GROUP)))
 
 
 class Pipeline:
@@ -459,22 +465,27 @@ def make_pipeline(data_config, *, seed: int, process_index: int = 0, process_cou
   ds = ds.map(transforms.DecodeImages())
   ds = ds.map(transforms.ResizeImages.from_config(data_config, "vae",
                                                   keys=("image", "target_image")))
-  ds = ds.map(transforms.CorruptOnTheFly.from_config(data_config, seed))
-  ds = ds.map(StageFields(stage, seed=seed, instruction=instruction or
-                          tokenizer_lib.RECOVERY_INSTRUCTION,
-                          vit_rule=transforms.resize_rule(data_config, "vit")))
+  # Records are corrupted a group at a time (one jitted call per group of one image size); the
+  # per-record steps after it map over each group's records, and `Ungroup` below restores the
+  # record stream once Grain's readers are done.
+  ds = ds.batch(corrupt_groups.GROUP, batch_fn=list)
+  ds = ds.map(corrupt_groups.CorruptGroup.from_config(data_config, seed))
+  each = corrupt_groups.EachRecord
+  ds = ds.map(each(StageFields(stage, seed=seed, instruction=instruction or
+                               tokenizer_lib.RECOVERY_INSTRUCTION,
+                               vit_rule=transforms.resize_rule(data_config, "vit"))))
   text_fields = TEXT_FIELDS[stage]
-  ds = ds.map(Tokenize(text_fields, tokenizer, data_config.tokenizer_dir))
+  ds = ds.map(each(Tokenize(text_fields, tokenizer, data_config.tokenizer_dir)))
   keep = (*IMAGE_FIELDS, "index", "epoch", "corruption", "corruption_steps",
           *(f"{f}_ids" for f in text_fields), *HOST_FIELDS[stage])
   canvas = image_canvas(data_config)
   if packed:
-    ds = ds.map(packing.SampleLayout(
+    ds = ds.map(each(packing.SampleLayout(
         stage, vit_patch=data_config.vit_patch, vae_stride=data_config.vae_stride,
         vision_start=special["vision_start"], vision_end=special["vision_end"],
-        pad=special["pad"], token_budget=data_config.token_budget))
+        pad=special["pad"], token_budget=data_config.token_budget)))
     keep = keep + ("token_ids", "token_types")
-  ds = ds.map(KeepFields(keep))
+  ds = ds.map(each(KeepFields(keep)))
 
   it = ds.to_iter_dataset(read_options or _default_read_options(batch_size))
   if data_config.worker_count > 0:
@@ -483,6 +494,7 @@ def make_pipeline(data_config, *, seed: int, process_index: int = 0, process_cou
       # nothing has marked them readable. No argv is parsed here.
       flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_config.worker_count))
+  it = grain.experimental.FlatMapIterDataset(it, corrupt_groups.Ungroup())
   # After the worker processes, so one tracker in the main process counts every record.
   tracker = bad_records.SkipTracker(data_config.max_skip_ratio, epoch_size=epoch_size,
                                     name=f"{data_config.source} data ({stage})")

@@ -307,7 +307,10 @@ def record_rng(seed: int, index: int, epoch: int) -> tuple[np.random.Generator, 
     raise ValueError(f"seed={seed}, index={index}, epoch={epoch}: all must be >= 0")
   seq = np.random.SeedSequence([int(seed), int(index), int(epoch), _CORRUPTION_STREAM])
   words = seq.generate_state(2, np.uint32)
-  key = jax.random.wrap_key_data(words, impl="threefry2x32")
+  # Made on the host CPU, where data-side corruption runs (corruptions.data_device): a key on an
+  # accelerator would be one more round trip per record.
+  with jax.default_device(jax.local_devices(backend="cpu")[0]):  # this process's CPU
+    key = jax.random.wrap_key_data(words, impl="threefry2x32")
   return np.random.default_rng(seq.spawn(1)[0]), key
 
 

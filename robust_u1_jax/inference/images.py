@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from robust_u1_jax import pixels
 from robust_u1_jax.data import transforms
 
 RULES_FILE = "image_rules.json"  # written beside a trained model by the trainer
@@ -79,7 +80,7 @@ class ImageRules:
 
 def quantize(images: jax.Array) -> jax.Array:
   """Float images in [0, 1] -> uint8, as a PNG on disk holds them."""
-  return jnp.round(jnp.clip(images, 0.0, 1.0) * 255.0).astype(jnp.uint8)
+  return pixels.to_uint8(jnp.asarray(images))
 
 
 def vit_resize(images: np.ndarray | jax.Array, size_hw: tuple[int, int]) -> jax.Array:
@@ -97,12 +98,13 @@ def vit_resize(images: np.ndarray | jax.Array, size_hw: tuple[int, int]) -> jax.
 
 def to_model_range(images: jax.Array) -> jax.Array:
   """uint8 [0, 255] or float [0, 1] images -> float32 [-1, 1] (the VAE's and ViT's input range)."""
-  x = images.astype(jnp.float32)
-  if images.dtype == jnp.uint8:
-    x = x / 255.0
-  return x * 2.0 - 1.0
+  return pixels.to_float(images, model_range=True)
 
 
 def vit_input(image_hwc: np.ndarray) -> np.ndarray:
-  """uint8 image -> the SigLIP input range [-1, 1] (BAGEL's ViT transform: mean 0.5, std 0.5)."""
-  return np.asarray(image_hwc).astype(np.float32) / 127.5 - 1.0
+  """A ViT block's image as it travels: uint8, 8 bits a value (the model maps it to SigLIP's
+  [-1, 1] range, BAGEL's mean 0.5 / std 0.5, inside the step: `pixels.to_float`)."""
+  image = np.asarray(image_hwc)
+  if image.dtype != np.uint8:
+    raise TypeError(f"vit_input takes a uint8 image, got {image.dtype}: quantize() it first")
+  return image

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from robust_u1_jax import pixels
 from robust_u1_jax.models import attention_mask, layers
 from robust_u1_jax.models.kv_cache import KVCache
 from robust_u1_jax.models.qwen2_mot import LLMConfig, Qwen2MoT
@@ -116,7 +117,7 @@ class SequenceInputs:
   source_index: Array  # (B, T) int32: index into the row's ViT or latent tokens
   positions: Array  # (B, T) int32 RoPE positions
   layout: attention_mask.Layout  # (B, T) fields for the packed mask
-  vit_patches: Array  # (B, Nv, 3 p p) float
+  vit_patches: Array  # (B, Nv, 3 p p) uint8 pixels (or float already in [-1, 1])
   vit_position_ids: Array  # (B, Nv) int32, h * S + w
   vit_segment_ids: Array  # (B, Nv) int32, 1.. per image, 0 padding
   latent_position_ids: Array  # (B, Nl) int32, h * max_latent_size + w
@@ -155,6 +156,8 @@ class Bagel(nnx.Module):
     return x + time.astype(x.dtype) + pos.astype(x.dtype)
 
   def embed_vit(self, patches_bnp: Array, position_ids_bn: Array, segment_ids_bn: Array) -> Array:
+    if patches_bnp.dtype == jnp.uint8:  # pixels as the data path ships them -> SigLIP's [-1, 1]
+      patches_bnp = pixels.to_float(patches_bnp, model_range=True)
     features = self.vit_model(patches_bnp, position_ids_bn, segment_ids_bn)
     return self.connector(features, position_ids_bn)
 

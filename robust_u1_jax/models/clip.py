@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from robust_u1_jax import pixels
 from robust_u1_jax import sharding
 from robust_u1_jax.models import layers
 from robust_u1_jax.models import vit
@@ -126,7 +127,7 @@ def preprocess(images_hwc: Array, size: int = 224) -> Array:
   (larger at sharp edges, where the cubic overshoot is not clipped).
   """
   x = jnp.asarray(images_hwc)
-  x = x.astype(jnp.float32) / 255.0 if x.dtype == jnp.uint8 else x.astype(jnp.float32)
+  x = pixels.to_float(x)
   *lead, h, w, c = x.shape
   if c != 3:
     raise ValueError(f"CLIP preprocess expects (..., H, W, 3) images, got shape {x.shape}")

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from robust_u1_jax import pixels
 from robust_u1_jax.models import attention_mask, siglip
 from robust_u1_jax.models.bagel import LATENT, PAD, TEXT, VIT, BagelConfig, SequenceInputs
 from robust_u1_jax.models.bagel import latent_position_ids
@@ -33,7 +34,9 @@ class Text:
 
 @dataclasses.dataclass(frozen=True)
 class Vit:
-  image: np.ndarray  # (H, W, 3) float in [-1, 1], sides multiples of the ViT patch
+  # (H, W, 3) uint8 pixels (shipped as such; the model maps them to [-1, 1]), or float already in
+  # [-1, 1]; sides multiples of the ViT patch.
+  image: np.ndarray
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +74,8 @@ class _Sample:
   latent_image: list  # per latent block: (image number, token indices within its canvas grid)
 
 
-def _build(blocks: Sequence[Block], config: BagelConfig, markers: Markers, position0: int):
+def _build(blocks: Sequence[Block], config: BagelConfig, markers: Markers, position0: int,
+           patch_dtype=np.uint8):
   s = _Sample([], [], [], [], [], [], [], [], [], [], [])
   pos, n_vit, n_lat, images = position0, 0, 0, 0
 
@@ -96,11 +100,14 @@ def _build(blocks: Sequence[Block], config: BagelConfig, markers: Markers, posit
       s.layout_blocks.append(("text", len(ids)))
       pos += len(ids)
     elif isinstance(block, Vit):
-      patches, pos_ids = siglip.patchify(block.image, config.vit.patch_size,
+      image = np.asarray(block.image)
+      if patch_dtype != np.uint8:  # a batch with float images: all go as floats in [-1, 1]
+        image = pixels.to_float(image, model_range=True) if image.dtype == np.uint8 else image
+      patches, pos_ids = siglip.patchify(image.astype(patch_dtype), config.vit.patch_size,
                                          config.vit.max_patches_per_side)
       images += 1
       image_block(VIT, len(patches), n_vit, "image")
-      s.vit_patches.append(np.asarray(patches, np.float32))
+      s.vit_patches.append(patches)
       s.vit_position_ids.append(np.asarray(pos_ids, np.int32))
       s.vit_segment_ids.append(np.full(len(patches), images, np.int32))
       n_vit += len(patches)
@@ -141,12 +148,17 @@ def build_rows(rows: Sequence[Sequence[Sequence[Block]]], config: BagelConfig, m
   latent blocks of a batch must share one canvas size, the size of the stacked images.
   """
   patch_dim = 3 * config.vit.patch_size ** 2
+  # ViT patches travel as uint8 pixels (a quarter of float32's bytes; the model maps them to
+  # [-1, 1]), unless some block of the batch holds a float image: then all go as float32.
+  floats = any(isinstance(b, Vit) and np.asarray(b.image).dtype != np.uint8
+               for samples in rows for blocks in samples for b in blocks)
+  patch_dtype = np.float32 if floats else np.uint8
   out = {k: [] for k in ("text_ids", "token_kind", "source_index", "positions", "layout",
                          "vit_patches", "vit_position_ids", "vit_segment_ids",
                          "latent_position_ids", "latent_seq_index", "latent_image_index")}
   canvas_tokens: set[int] = set()
   for r, samples in enumerate(rows):
-    built = [_build(blocks, config, markers, 0) for blocks in samples]
+    built = [_build(blocks, config, markers, 0, patch_dtype) for blocks in samples]
     layout, _ = attention_mask.pack_samples([b.layout_blocks for b in built], seq_len)
     text_ids, kind, source, positions = [], [], [], []
     vit_p, vit_pos, vit_seg, lat_pos, lat_idx, lat_img = [], [], [], [], [], []
@@ -181,7 +193,7 @@ def build_rows(rows: Sequence[Sequence[Sequence[Block]]], config: BagelConfig, m
     out["source_index"].append(np.asarray(source + [0] * pad, np.int32))
     out["positions"].append(np.asarray(positions + [0] * pad, np.int32))
     out["layout"].append(layout)
-    out["vit_patches"].append(_pad(vit_p, max_vit, (patch_dim,), np.float32))
+    out["vit_patches"].append(_pad(vit_p, max_vit, (patch_dim,), patch_dtype))
     out["vit_position_ids"].append(_pad(vit_pos, max_vit, (), np.int32))
     out["vit_segment_ids"].append(_pad(vit_seg, max_vit, (), np.int32))
     out["latent_position_ids"].append(_pad(lat_pos, max_latent, (), np.int32))

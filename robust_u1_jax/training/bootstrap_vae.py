@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from robust_u1_jax import pixels
 from robust_u1_jax.data import pipeline as pipeline_lib
 from robust_u1_jax.inference import images as images_lib
 from robust_u1_jax.models import vae as vae_lib
@@ -91,9 +92,7 @@ def reconstruct(vae: vae_lib.AutoEncoder, images_bhwc: jax.Array, key: jax.Array
 
 def psnr(reconstructed: jax.Array, images_bhwc: jax.Array) -> jax.Array:
   """Per-image PSNR in dB of [0, 1] reconstructions against uint8 (or [0, 1]) originals."""
-  reference = images_bhwc.astype(jnp.float32)
-  if images_bhwc.dtype == jnp.uint8:
-    reference = reference / 255.0
+  reference = pixels.to_float(images_bhwc)
   mse = jnp.mean((reconstructed.astype(jnp.float32) - reference) ** 2, axis=(1, 2, 3))
   return 10.0 * jnp.log10(1.0 / jnp.maximum(mse, 1e-10))
 

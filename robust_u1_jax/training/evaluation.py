@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from robust_u1_jax import pixels
 from robust_u1_jax.data import packing
 from robust_u1_jax.data import pipeline as pipeline_lib
 from robust_u1_jax.inference import recovery as recovery_lib
@@ -42,7 +43,7 @@ def make_recovery_eval(ctx: RunContext, num_steps: int) -> Callable:
     model = nnx.merge(graphdef, params, frozen)
     # The posterior mean and a fixed noise: the same recoveries at every evaluation.
     _, recovered = recovery_lib.recover(model, recovery, sampler, jax.random.PRNGKey(c.seed))
-    return recovered, rewards.ssim(recovered, recovery.clean.astype(jnp.float32) / 255.0)
+    return recovered, rewards.ssim(recovered, pixels.to_float(recovery.clean))
 
   def evaluate(graphdef, state):
     params = state.ema if state.ema is not None else state.params

@@ -16,6 +16,8 @@ import jax
 import numpy as np
 import tqdm
 
+from robust_u1_jax import pixels
+
 # Dense bf16 peak FLOP/s per chip (vendor figures); MFU is reported only on these devices.
 PEAK_FLOPS = {
     "TPU v4": 275e12,
@@ -124,7 +126,7 @@ class MetricsLogger:
       return
     grid = np.asarray(grid_hwc)
     if grid.dtype != np.uint8:
-      grid = (np.clip(grid, 0, 1) * 255).round().astype(np.uint8)
+      grid = pixels.to_uint8(grid)
     if self.writer:
       self.writer.add_image(name, grid, step, dataformats="HWC")
     if path:
@@ -147,8 +149,7 @@ def image_grid(columns: Sequence[Sequence[np.ndarray]], pad: int = 2) -> np.ndar
   Images (uint8, or float in [0, 1]) may differ in size: each sits top-left in a cell of the
   largest; the rest of the grid is white.
   """
-  cols = [[np.asarray(im, np.float32) / (255.0 if np.asarray(im).dtype == np.uint8 else 1.0)
-           for im in col] for col in columns]
+  cols = [[pixels.to_float(np.asarray(im)) for im in col] for col in columns]
   n = len(cols[0])
   h = max(im.shape[0] for col in cols for im in col)
   w = max(im.shape[1] for col in cols for im in col)

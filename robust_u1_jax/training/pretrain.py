@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from robust_u1_jax import pixels
 from robust_u1_jax.data import answer_format, packing
 from robust_u1_jax.data import pipeline as pipeline_lib
 from robust_u1_jax.data import tokenizer as tokenizer_lib
@@ -251,7 +252,7 @@ def make_eval(ctx) -> Callable:
         graphdef, params, state.frozen, recon, x_init, key, sampler)))
     drawn = np.asarray(jax.device_get(_draw(graphdef, params, state.frozen, captions, noisy,
                                             x_init, key, draw_sampler, (h, w))))
-    clean = np.stack([s["clean"] for s in shown]).astype(np.float32) / 255.0
+    clean = pixels.to_float(np.stack([s["clean"] for s in shown]))
     mse = np.mean((reconstructed - clean) ** 2, axis=(1, 2, 3))
     for s, text in zip(shown, said):
       print(f"  caption {s['caption_text']!r} -> said {text!r}", flush=True)

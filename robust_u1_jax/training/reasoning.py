@@ -101,7 +101,9 @@ def with_recovered_patches(inputs, recovered_bhwc: jax.Array, vit_hw: tuple[int,
   """Writes the recovered image's ViT patches over the placeholder segment; uint8 images through
   the ViT resize every recovered image goes through (`inference.images.vit_resize`)."""
   vit = images_lib.vit_resize(recovered_bhwc, vit_hw)
-  patches = vit_lib.images_to_patches(images_lib.to_model_range(vit), patch)
+  patches = vit_lib.images_to_patches(vit, patch)  # uint8, as the rows carry patches
+  if inputs.vit_patches.dtype != jnp.uint8:  # rows built from float images
+    patches = images_lib.to_model_range(patches)
   segment = inputs.vit_segment_ids == RECOVERED_SEGMENT
   index = jnp.clip(jnp.cumsum(segment, axis=1) - 1, 0, patches.shape[1] - 1)
   gathered = jnp.take_along_axis(patches, index[..., None], axis=1)

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from robust_u1_jax import pixels
 from robust_u1_jax import sampling
 from robust_u1_jax.inference import context as context_lib
 from robust_u1_jax.inference import recovery as recovery_lib
@@ -141,7 +142,7 @@ def make_functions(graphdef: nnx.GraphDef, tx, s: RLSettings,
                           noise_level=s.noise_level)
     h, w = inputs.clean.shape[1:3]
     recovered = context_lib.decode_latents(model, out.x_final, h, w)
-    clean = jnp.repeat(inputs.clean, g, axis=0).astype(jnp.float32) / 255.0
+    clean = pixels.to_float(jnp.repeat(inputs.clean, g, axis=0))
     return jax.lax.stop_gradient(out), jax.lax.stop_gradient(recovered), clean
 
   def policy_terms(params, frozen, inputs, out: sampling.Rollout, vae_key):

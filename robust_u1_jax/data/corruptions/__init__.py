@@ -1,9 +1,11 @@
 """Corruption registry: one entry point for ImageNet-C and Robust-R1 corruptions.
 
   corrupt(image, name, key, *, severity=None, intensity=None) -> image
-  corrupt_batch(images_bhwc, name, keys_b, *, severity=None, intensity=None) -> images_bhwc
+  corrupt_batch(images_bhwc, name, keys_b, *, severity=None, intensity=None, batch=None)
+      -> images_bhwc
   list_corruptions() -> [(qualified_name, family), ...]
   is_host_side(name, *, severity=None, intensity=None) -> bool
+  data_device() -> the host CPU device data-side corruption runs on
 
 Names are qualified ("imagenet_c/fog", "robust_r1/lens_flare") or short ("fog"). A short name
 resolves by which level is given: `severity` (int 1..5) selects ImageNet-C, `intensity` (float in
@@ -14,10 +16,17 @@ the key when omitted). Families: "imagenet_c/{noise,blur,weather,digital}" and
 
 Images are H x W x 3, uint8 [0, 255] or float [0, 1], numpy or jax; the result has the input's
 dtype, shape and array kind (numpy in, numpy out). Same image, name, level and key give the same
-result. JAX corruptions run jitted with the level as a traced argument (one compilation per
-name and image shape serves every severity or intensity); host-side ones (`is_host_side`, and
-the pipeline, which draws its plan on the host and runs the four drawn degradations jitted one
-by one) run in Python.
+result, and a uint8 image gives exactly its float image's result, rounded.
+
+Where it runs: a numpy image (the data path's) is corrupted on the host CPU (`data_device`),
+whatever the default backend, so a TPU host never sends records to the chip and back; a jax array
+is corrupted on the device holding it. Each call is one jitted program, pixel conversions
+(`robust_u1_jax.pixels`) included: uint8 goes in and comes out. A single image's program takes
+its level as a traced argument (one compilation per name and image shape serves every level);
+`corrupt_batch` binds one severity for the whole batch into its program (constant kernel sizes
+and tables run faster) and loops over the images inside it ('map', on a CPU: each image runs only
+its own branches), or vectorises them ('vmap', on accelerators). Host-side corruptions
+(`is_host_side`) run in Python.
 """
 
 from collections.abc import Callable
@@ -29,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from robust_u1_jax import pixels
 from robust_u1_jax.data.corruptions import imagenet_c
 from robust_u1_jax.data.corruptions import ops
 
@@ -170,66 +180,103 @@ def _check_image(image) -> tuple[tuple[int, ...], np.dtype]:
   return shape, dtype
 
 
-def _float_fn(qualified: str, level) -> Callable:
-  """fn(x_float, key) with the level bound (as a Python constant)."""
-  if qualified == PIPELINE:
-    r1 = _robust_r1()
-    return lambda x, key: r1.apply_pipeline(x, key, intensity=level)
+def data_device() -> jax.Device:
+  """The device data-side corruption runs on: the host's first CPU device (see `corrupt`)."""
+  # This process's own: in a multi-process run jax.devices() lists every process's devices.
+  return jax.local_devices(backend="cpu")[0]
+
+
+def _placement(images):
+  """numpy images are corrupted on the host CPU; jax arrays where they live."""
+  return data_device() if isinstance(images, np.ndarray) else None
+
+
+def _put(args, device):
+  return args if device is None else jax.device_put(args, device)
+
+
+def _host_fn(qualified: str, level) -> Callable:
+  """fn(x_float, key) of a host-side corruption, level bound."""
   entry = registry()[qualified]
-  if entry.host_side:
-    return lambda x, key: jnp.asarray(entry.fn(np.asarray(x, np.float32), key, level), jnp.float32)
-  return lambda x, key: entry.fn(x, key, level)
+  return lambda x, key: jnp.asarray(entry.fn(np.asarray(x, np.float32), key, level), jnp.float32)
 
 
-def _level_array(qualified: str, level) -> jax.Array:
-  dtype = jnp.int32 if registry()[qualified].level == "severity" else jnp.float32
-  return jnp.asarray(level, dtype)
+def _level_array(qualified: str, level) -> np.ndarray:
+  dtype = np.int32 if registry()[qualified].level == "severity" else np.float32
+  return np.asarray(level, dtype)
 
 
 def _traced(qualified: str) -> bool:
-  return qualified != PIPELINE and registry()[qualified].traced_level
+  return registry()[qualified].traced_level
 
 
 @functools.lru_cache(maxsize=512)
-def _jitted(qualified: str, level) -> Callable:
-  """jit(fn(x, key, level)); for traced-level corruptions `level` is None and passed at call."""
-  if level is None:
-    return jax.jit(registry()[qualified].fn)
-  return jax.jit(_float_fn(qualified, level))
+def _program(qualified: str, level, out_dtype: np.dtype, batch: str) -> Callable:
+  """jit(images, keys, levels) -> images in `out_dtype`: the pixel conversions run inside the
+  program, not as separate dispatches around it. `level` is None for traced-level corruptions
+  (passed at call time; a scalar, or with batch one per image), else a bound constant.
+
+  batch: '' (one image), 'map' (a loop over the batch: each image runs only its own branches
+  and its own kernel sizes; the fastest form on a CPU) or 'vmap' (one vectorised program, for
+  accelerators, where a loop of small kernels would leave the chip idle).
+  """
+  fn = registry()[qualified].fn
+  one = (lambda x, key, lv: fn(x, key, lv)) if level is None else (
+      lambda x, key, lv: fn(x, key, level))
+
+  def convert(image, key, lv):  # per image: float copies of the whole batch cost 2x on a CPU
+    # The barriers keep the conversions out of the corruption's fusions, so a uint8 image gets
+    # exactly the float image's result, rounded (fused, XLA may round differently in between).
+    x = jax.lax.optimization_barrier(pixels.to_float(image))
+    return ops.from_float(jax.lax.optimization_barrier(one(x, key, lv)), out_dtype)
+
+  def program(images, keys, levels):
+    if batch == "map":
+      if jnp.ndim(levels) == 1:
+        return jax.lax.map(lambda a: convert(*a), (images, keys, levels))
+      return jax.lax.map(lambda a: convert(a[0], a[1], levels), (images, keys))
+    if batch == "vmap":
+      return jax.vmap(convert, in_axes=(0, 0, 0 if jnp.ndim(levels) == 1 else None))(
+          images, keys, levels)
+    return convert(images, keys, levels)
+
+  return jax.jit(program)
 
 
-@functools.lru_cache(maxsize=512)
-def _jitted_batch(qualified: str, level, per_image_level: bool) -> Callable:
-  if level is None:
-    in_axes = (0, 0, 0 if per_image_level else None)
-    return jax.jit(jax.vmap(registry()[qualified].fn, in_axes=in_axes))
-  return jax.jit(jax.vmap(_float_fn(qualified, level)))
-
-
-def _restore(x_float, like, dtype):
-  out = ops.from_float(x_float, dtype)
+def _restore(out, like):
   return np.asarray(out) if isinstance(like, np.ndarray) else out
 
 
 def corrupt(image, name: str, key, *, severity=None, intensity=None):
-  """Corrupts one H x W x 3 image (uint8 or float [0, 1]); returns the same dtype, shape, kind."""
+  """Corrupts one H x W x 3 image (uint8 or float [0, 1]); returns the same dtype, shape, kind.
+
+  A numpy image is corrupted on the host CPU (`data_device`), whatever the default backend: data
+  preparation must not send every record to the accelerator and back. A jax array is corrupted
+  on the device that holds it.
+  """
   qualified, level = resolve(name, severity=severity, intensity=intensity)
   _, dtype = _check_image(image)
-  x = ops.to_float(image)
-  if is_host_side(qualified):
-    out = _float_fn(qualified, level)(x, key)
-  elif _traced(qualified):
-    out = _jitted(qualified, None)(x, key, _level_array(qualified, level))
+  device = _placement(image)
+  if qualified == PIPELINE:
+    out = _robust_r1().apply_pipeline(image, key, level)
+  elif is_host_side(qualified):
+    out = ops.from_float(_host_fn(qualified, level)(ops.to_float(image), key), dtype)
   else:
-    out = _jitted(qualified, level)(x, key)
-  return _restore(out, image, dtype)
+    traced = _traced(qualified)
+    program = _program(qualified, None if traced else level, dtype, "")
+    out = program(*_put((image, key, _level_array(qualified, level) if traced else 0), device))
+  return _restore(out, image)
 
 
-def corrupt_batch(images_bhwc, name: str, keys_b, *, severity=None, intensity=None):
+def corrupt_batch(images_bhwc, name: str, keys_b, *, severity=None, intensity=None,
+                  batch: str | None = None):
   """`corrupt` over a batch (B x H x W x 3) with one key per image (keys_b: B keys).
 
-  JAX corruptions are vmapped and jitted as one program; host-side ones (and the pipeline) loop
-  in Python. `severity` or `intensity` may also be a length-B sequence (one level per image).
+  JAX corruptions run as one jitted program over the batch; `batch` picks its form ('map': a
+  loop over the images, 'vmap': vectorised; default 'map' on a CPU, 'vmap' on an accelerator).
+  The Robust-R1 pipeline runs each image's four drawn degradations only (`robust_r1.
+  apply_pipeline_batch`); host-side corruptions loop in Python. `severity` or `intensity` may
+  also be a length-B sequence (one level per image).
   """
   shape = tuple(np.shape(images_bhwc))
   if len(shape) != 4:
@@ -245,7 +292,7 @@ def corrupt_batch(images_bhwc, name: str, keys_b, *, severity=None, intensity=No
       levels = [resolve(name, severity=severity, intensity=i) for i in list(intensity)]
     qualified = levels[0][0]
     level = [lv for _, lv in levels]
-    if not (_traced(qualified) or is_host_side(qualified)):
+    if not (qualified == PIPELINE or _traced(qualified) or is_host_side(qualified)):
       raise ValueError(f"{qualified} takes one level per batch, not one per image")
   else:
     qualified, level = resolve(name, severity=severity, intensity=intensity)
@@ -253,12 +300,26 @@ def corrupt_batch(images_bhwc, name: str, keys_b, *, severity=None, intensity=No
   if len(keys_b) != shape[0]:
     raise ValueError(f"{len(keys_b)} keys for a batch of {shape[0]} images: need one key per image")
   dtype = np.dtype(images_bhwc.dtype)
-  x = ops.to_float(images_bhwc)
-  if is_host_side(qualified):
+  device = _placement(images_bhwc)
+  if batch is None:
+    platform = device.platform if device is not None else next(
+        iter(images_bhwc.devices())).platform
+    batch = "map" if platform == "cpu" else "vmap"
+  if batch not in ("map", "vmap"):
+    raise ValueError(f"batch={batch!r} is not 'map' or 'vmap'")
+  if qualified == PIPELINE:
+    out = _robust_r1().apply_pipeline_batch(images_bhwc, keys_b, level, batch=batch)
+  elif is_host_side(qualified):
     per_level = level if per_image else [level] * shape[0]
-    out = jnp.stack([_float_fn(qualified, lv)(x[i], keys_b[i]) for i, lv in enumerate(per_level)])
-  elif _traced(qualified):
-    out = _jitted_batch(qualified, None, per_image)(x, keys_b, _level_array(qualified, level))
+    x = ops.to_float(images_bhwc)
+    out = ops.from_float(jnp.stack([_host_fn(qualified, lv)(x[i], keys_b[i])
+                                    for i, lv in enumerate(per_level)]), dtype)
   else:
-    out = _jitted_batch(qualified, level, False)(x, keys_b)
-  return _restore(out, images_bhwc, dtype)
+    # One severity for the whole batch is bound into the program (one compilation per severity
+    # used): its kernel sizes and tables become constants, which runs up to twice as fast as
+    # choosing them at run time. Intensities (continuous) and per-image levels stay traced.
+    traced = _traced(qualified) and (per_image or registry()[qualified].level != "severity")
+    program = _program(qualified, None if traced else level, dtype, batch)
+    levels = _level_array(qualified, level) if traced else 0
+    out = program(*_put((images_bhwc, keys_b, levels), device))
+  return _restore(out, images_bhwc)

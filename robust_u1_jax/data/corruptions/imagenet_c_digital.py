@@ -14,6 +14,8 @@ alpha * s, with s = min(H, W) / 224: identical to the reference at 224, and the 
 to the image at any other size.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,15 +68,55 @@ def pixelate_matrices(n: int) -> np.ndarray:
                    @ ops.resize_matrix(n, max(1, int(n * c)), "box") for c in PIXELATE])
 
 
+@functools.lru_cache(maxsize=64)
+def pixelate_tables(n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+  """Per severity, along an axis of n: PIL's BOX downscale to int(n * c) followed by its NEAREST
+  upscale, as windows: output pixel o is the mean of input pixels lo[o]..hi[o]-1 ((n,) int32
+  each; BOX weights are 0 or 1 at these scales, so a window is contiguous). Read off
+  `ops.resize_matrix`, so they are Pillow's rules exactly."""
+  tables = []
+  for c in PIXELATE:
+    m = max(1, int(n * c))
+    down = ops.resize_matrix(n, m, "box")
+    windows = [np.flatnonzero(row) for row in down]
+    for i, taps in enumerate(windows):
+      if taps.size == 0 or np.any(np.diff(taps) != 1) or np.ptp(down[i, taps]) > 1e-6:
+        raise AssertionError(f"PIL BOX row {i} of {n} -> {m} is not a uniform window")
+    src = np.argmax(ops.resize_matrix(m, n, "nearest"), axis=1)
+    tables.append((np.asarray([windows[i][0] for i in src], np.int32),
+                   np.asarray([windows[i][-1] + 1 for i in src], np.int32)))
+  return tables
+
+
+def _window_means(x: jax.Array, axis: int, lo: np.ndarray, hi: np.ndarray) -> jax.Array:
+  """Mean of x over [lo[o], hi[o]) along `axis` for each output o: a few whole-row gathers with
+  constant indices, fused, instead of a dense (n x n) resampling matrix."""
+  shape = [1] * x.ndim
+  shape[axis] = lo.shape[0]
+  width = (hi - lo).reshape(shape)
+  total = 0.0
+  for k in range(int(np.max(hi - lo))):
+    row = jnp.take(x, np.minimum(lo + k, hi - 1), axis=axis)
+    total = total + (row if np.all(k < width) else jnp.where(k < width, row, 0.0))
+  return total / width.astype(np.float32)
+
+
 def pixelate(x_hwc, key, severity, *, reference_size=ops.REFERENCE_SIZE):
-  """PIL BOX downscale to int(size * c), then PIL NEAREST back up (both axes as one matrix each)."""
+  """PIL BOX downscale to int(size * c), then PIL NEAREST back up (`pixelate_tables`), per axis.
+
+  One branch per severity: constant windows let XLA copy rows where traced ones would gather.
+  """
   del key, reference_size
   check_severity(severity, "pixelate")
-  index = jnp.clip(jnp.asarray(severity, jnp.int32) - 1, 0, len(PIXELATE) - 1)
-  my = jnp.asarray(pixelate_matrices(x_hwc.shape[0]))[index]
-  mx = jnp.asarray(pixelate_matrices(x_hwc.shape[1]))[index]
-  x = jnp.einsum("oh,hwc,pw->opc", my, x_hwc, mx, precision=jax.lax.Precision.HIGHEST)
-  return ops.clip01(x)
+  x = jnp.asarray(x_hwc, jnp.float32)
+  tables = [pixelate_tables(x.shape[axis]) for axis in (0, 1)]
+
+  def branch(s, x):
+    for axis in (0, 1):
+      x = _window_means(x, axis, *tables[axis][s])
+    return ops.clip01(x)
+
+  return ops.by_level(severity, [functools.partial(branch, s) for s in range(len(PIXELATE))], x)
 
 
 def elastic_transform(x_hwc, key, severity, *, reference_size=ops.REFERENCE_SIZE):
@@ -85,7 +127,7 @@ def elastic_transform(x_hwc, key, severity, *, reference_size=ops.REFERENCE_SIZE
   ref = ops.REFERENCE_SIZE if reference_size is not None else min(h, w)
   sigma = ELASTIC_SIGMA_FRACTION * ref * s
   amplitude = ELASTIC_AMPLITUDE_FRACTION * ref * s
-  raw = jax.random.uniform(key, (h, w, 2), minval=-amplitude, maxval=amplitude)
+  raw = ops.uniform(key, (h, w, 2), minval=-amplitude, maxval=amplitude)
   dyx = ops.gaussian_blur(raw, sigma, mode="reflect", truncate=3.0) * (alpha * s)
   yy, xx = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32),
                         indexing="ij")

@@ -12,21 +12,25 @@ is generated on the next power of two of max(H, W) as in the reference, which al
 relative to the image. reference_size=None builds every layer at the image's own size.
 
 Departures from the reference, all because its inputs or tools cannot be used here:
-  * frost: ImageNet-C blends crops of six frost photographs that cannot be shipped. A
-    procedural frost texture (`frost_texture`) is generated instead: a plasma-fractal haze plus
-    crystalline needles (sparse seeds drawn out along a few random directions), tinted blue-white.
-    The published blend weights are kept; the texture's look differs from the photographs.
+  * frost: ImageNet-C blends random crops of six frost photographs that cannot be shipped. Six
+    procedural frost textures (`frost_texture`: a plasma-fractal haze plus crystalline needles,
+    sparse seeds drawn out along a few random directions, tinted blue-white) are made once per
+    layer size and cropped at random instead. The published blend weights are kept; the
+    texture's look differs from the photographs.
   * spatter (water): OpenCV's Canny, distance transform and histogram equalisation are replaced
     by JAX equivalents: the liquid mask's boundary as the edge map (the liquid layer is 0 or
     >= the threshold, so Canny's edges are that boundary), a 3 x 3 chamfer distance truncated at
     20 px, and a 256-bin equalisation with OpenCV's look-up rule.
 """
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from robust_u1_jax import pixels
 from robust_u1_jax.data.corruptions import ops
 from robust_u1_jax.data.corruptions.imagenet_c_noise_blur import pick
 
@@ -67,27 +71,28 @@ def plasma_fractal(key, mapsize: int, wibble_decay) -> jax.Array:
   centres, then the diamond centres, get the mean of their four neighbours at distance step / 2
   (wrapping around) plus noise wibble * U(-wibble, wibble); wibble starts at 100 and is divided
   by `wibble_decay` per level. Here every level works on the full map with masks, so the levels
-  are one `fori_loop` (compiles once, any mapsize); `wibble_decay` may be traced.
+  are one `fori_loop` (compiles once, any mapsize); `wibble_decay` may be traced. Every cell is
+  set at exactly one level, so one uniform per cell, drawn once, serves all levels.
   """
   if mapsize < 2 or mapsize & (mapsize - 1):
     raise ValueError(f"plasma_fractal mapsize {mapsize} is not a power of two >= 2")
   levels = mapsize.bit_length() - 1
   idx = jnp.arange(mapsize)
+  noise = ops.uniform(key, (mapsize, mapsize), minval=-1.0, maxval=1.0)
 
   def level(k, m):
     step = jnp.right_shift(mapsize, k)
     half = step // 2
     wibble = 100.0 / jnp.asarray(wibble_decay, jnp.float32) ** k.astype(jnp.float32)
-    u_sq, u_dia = jax.random.uniform(jax.random.fold_in(key, k), (2, mapsize, mapsize),
-                                     minval=-1.0, maxval=1.0) * wibble * wibble
+    u = noise * wibble * wibble
     on_half = (idx % step) == half
     on_grid = (idx % step) == 0
     shift = lambda a, dy, dx: jnp.roll(a, (dy, dx), axis=(0, 1))
     squares = (shift(m, half, half) + shift(m, half, -half) + shift(m, -half, half)
-               + shift(m, -half, -half)) / 4.0 + u_sq
+               + shift(m, -half, -half)) / 4.0 + u
     m = jnp.where(on_half[:, None] & on_half[None, :], squares, m)
     diamonds = (shift(m, half, 0) + shift(m, -half, 0) + shift(m, 0, half)
-                + shift(m, 0, -half)) / 4.0 + u_dia
+                + shift(m, 0, -half)) / 4.0 + u
     is_diamond = (on_grid[:, None] & on_half[None, :]) | (on_half[:, None] & on_grid[None, :])
     return jnp.where(is_diamond, diamonds, m)
 
@@ -124,7 +129,7 @@ def snow(x_hwc, key, severity, *, reference_size=ops.REFERENCE_SIZE):
   loc, scale, top_y, step_y, top_x, step_x, threshold, radius, sigma, blend = pick(
       table, severity, "snow")
   k_flakes, k_angle = jax.random.split(key)
-  layer = loc + scale * jax.random.normal(k_flakes, (hr, wr))
+  layer = loc + scale * ops.normal(k_flakes, (hr, wr))
   layer = ops.center_zoom_with(layer, (top_y, step_y), (top_x, step_x))
   layer = ops.clip01(jnp.where(layer < threshold, 0.0, layer))
   angle = jax.random.uniform(k_angle, (), minval=-135.0, maxval=-45.0)
@@ -176,12 +181,36 @@ def frost_texture(key, height: int, width: int) -> jax.Array:
   return texture[..., None] * jnp.asarray(FROST_TINT, jnp.float32)
 
 
+FROST_PICTURES = 6  # as the reference's six frost photographs
+FROST_MARGIN = 0.5  # each picture is this much larger than the layer per side: room to crop
+
+
+@functools.lru_cache(maxsize=16)
+def frost_pictures(height: int, width: int) -> np.ndarray:
+  """(FROST_PICTURES, H', W', 3) uint8: fixed procedural frost textures, a little larger than
+  height x width, made once per layer size (a constant of every program that uses them)."""
+  ph, pw = (int(round(n * (1.0 + FROST_MARGIN))) for n in (height, width))
+  make = jax.jit(lambda key: pixels.to_uint8(frost_texture(key, ph, pw)))
+  # Concrete even when first asked for while a corruption is being traced.
+  with jax.ensure_compile_time_eval():
+    return np.stack([np.asarray(make(jax.random.key(1000 + i))) for i in range(FROST_PICTURES)])
+
+
 def frost(x_hwc, key, severity, *, reference_size=ops.REFERENCE_SIZE):
-  """c_img * image + c_frost * procedural frost texture (see the module docstring)."""
+  """c_img * image + c_frost * frost: like the reference, which blends a random crop of one of
+  six frost photographs, the frost is a random crop of one of six stored pictures
+  (`frost_pictures`: procedural textures, see the module docstring), so a corruption costs a
+  crop, not a texture synthesis."""
   c_img, c_frost = pick(FROST, severity, "frost")
   h, w = x_hwc.shape[:2]
   hr, wr = _layer_shape(h, w, reference_size)
-  texture = _to_image_size(frost_texture(key, hr, wr), h, w)
+  pictures = jnp.asarray(frost_pictures(hr, wr))
+  u = jax.random.uniform(key, (3,))
+  which = jnp.minimum((u[0] * FROST_PICTURES).astype(jnp.int32), FROST_PICTURES - 1)
+  top = (u[1] * (pictures.shape[1] - hr + 1)).astype(jnp.int32)
+  left = (u[2] * (pictures.shape[2] - wr + 1)).astype(jnp.int32)
+  crop = jax.lax.dynamic_slice(pictures, (which, top, left, 0), (1, hr, wr, 3))[0]
+  texture = _to_image_size(pixels.to_float(crop), h, w)
   return ops.clip01(c_img * x_hwc + c_frost * texture)
 
 
@@ -241,7 +270,7 @@ def spatter(x_hwc, key, severity, *, reference_size=ops.REFERENCE_SIZE):
   loc, scale, sigma, threshold, strength, is_mud = pick(SPATTER, severity, "spatter")
   h, w = x_hwc.shape[:2]
   hr, wr = _layer_shape(h, w, reference_size)
-  liquid = loc + scale * jax.random.normal(key, (hr, wr))
+  liquid = loc + scale * ops.normal(key, (hr, wr))
   radius = ops.gaussian_radius(max(row[2] for row in SPATTER))
   liquid = ops.gaussian_blur(liquid, sigma, mode="nearest", radius=radius)
   liquid = jnp.where(liquid < threshold, 0.0, liquid)

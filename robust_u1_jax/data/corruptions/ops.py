@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from robust_u1_jax import pixels
+
 # ImageNet-C parameters were tuned for 224 x 224 crops; size-dependent parameters scale with
 # min(H, W) / REFERENCE_SIZE (see `size_scale`).
 REFERENCE_SIZE = 224
@@ -35,20 +37,14 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 def to_float(image) -> jax.Array:
   """uint8 [0, 255] or float [0, 1] image -> float32 [0, 1] (floats are not clipped)."""
-  image = jnp.asarray(image)
-  if image.dtype == jnp.uint8:
-    return image.astype(jnp.float32) / 255.0
-  if not jnp.issubdtype(image.dtype, jnp.floating):
-    raise ValueError(f"image dtype {image.dtype} is not supported: use uint8 or float32 in [0, 1]")
-  return image.astype(jnp.float32)
+  return pixels.to_float(jnp.asarray(image))
 
 
 def from_float(x: jax.Array, dtype) -> jax.Array:
   """float [0, 1] -> `dtype`: uint8 rounds to the nearest level, floats are clipped to [0, 1]."""
-  x = clip01(x)
   if jnp.dtype(dtype) == jnp.uint8:
-    return jnp.round(x * 255.0).astype(jnp.uint8)
-  return x.astype(dtype)
+    return pixels.to_uint8(jnp.asarray(x))
+  return clip01(x).astype(dtype)
 
 
 def clip01(x: jax.Array) -> jax.Array:
@@ -57,7 +53,39 @@ def clip01(x: jax.Array) -> jax.Array:
 
 def quantize_uint8(x: jax.Array) -> jax.Array:
   """Rounds a float [0, 1] image to the 256 levels an 8-bit image can hold (stays float)."""
-  return jnp.round(clip01(x) * 255.0) / 255.0
+  return pixels.to_float(pixels.to_uint8(x))
+
+
+# ------------------------------------------------------------------------------ random draws
+# JAX's partitionable threefry (the default) costs more per number the higher the rank of the
+# drawn shape (2.5x for H x W x 3 against the same count drawn flat, on a CPU), so image-sized
+# draws are made flat and reshaped.
+
+def normal(key, shape) -> jax.Array:
+  return jax.random.normal(key, (math.prod(shape),)).reshape(shape)
+
+
+def uniform(key, shape, minval=0.0, maxval=1.0) -> jax.Array:
+  return jax.random.uniform(key, (math.prod(shape),), minval=minval, maxval=maxval).reshape(shape)
+
+
+def bits16(key, shape) -> jax.Array:
+  """Random 16-bit words (as int32), two from every 32-bit draw: half the random-number work
+  where 16 bits of resolution are plenty (per-pixel coin flips)."""
+  n = math.prod(shape)
+  words = jax.random.bits(key, ((n + 1) // 2,), jnp.uint32)
+  halves = jnp.concatenate([words >> 16, words & 0xFFFF])[:n]
+  return halves.astype(jnp.int32).reshape(shape)
+
+
+def by_level(severity, branches, *args):
+  """branches[severity - 1](*args): a Python call for a concrete severity (the branch's constants
+  then fold into the program), `lax.switch` for a traced one (only the chosen branch runs,
+  except under vmap with one severity per image)."""
+  if isinstance(severity, (int, np.integer)) and not isinstance(severity, bool):
+    return branches[min(max(int(severity), 1), len(branches)) - 1](*args)
+  index = jnp.clip(jnp.asarray(severity, jnp.int32) - 1, 0, len(branches) - 1)
+  return jax.lax.switch(index, branches, *args)
 
 
 def size_scale(height: int, width: int, reference_size: int | None = REFERENCE_SIZE) -> float:
@@ -130,6 +158,30 @@ def conv2d(x_hwc: jax.Array, kernel_kk, mode: str = "reflect") -> jax.Array:
       xp[None].astype(jnp.float32), kernel_hwio, window_strides=(1, 1), padding="VALID",
       dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c, precision=_HIGHEST)[0]
   return y[..., 0] if squeeze else y
+
+
+def conv2d_fft(x_hwc: jax.Array, kernels_nkk: np.ndarray, index=0,
+               mode: str = "reflect") -> jax.Array:
+  """`conv2d(x, kernels_nkk[index], mode)` computed through FFTs, for big 2-D kernels.
+
+  A direct K x K correlation costs K^2 multiply-adds per value (XLA's CPU grouped convolution
+  makes that slower still); the FFT's cost does not grow with K. `kernels_nkk` (N, K, K) is a
+  static numpy stack, transformed once when the program is traced; `index` may be traced (one
+  program serves every kernel of the stack). Same result as conv2d up to float32 rounding.
+  """
+  kernels = np.asarray(kernels_nkk, np.float64)
+  _, kh, kw = kernels.shape
+  h, w = x_hwc.shape[:2]
+  xp = pad(jnp.asarray(x_hwc, jnp.float32), (kh // 2, kh - 1 - kh // 2),
+           (kw // 2, kw - 1 - kw // 2), mode)
+  ph, pw = xp.shape[:2]  # h + kh - 1: the circular correlation below never wraps around
+  spectra = np.conj(np.fft.rfft2(kernels, s=(ph, pw))).astype(np.complex64)
+  spectrum = jnp.asarray(spectra)[jnp.clip(jnp.asarray(index, jnp.int32), 0, len(spectra) - 1)]
+  rest = (None,) * (xp.ndim - 2)
+  xf = jnp.fft.rfft2(xp, axes=(0, 1))
+  # out[n] = sum_m k[m] xp[n + m]: the product with the kernel's conjugate spectrum.
+  y = jnp.fft.irfft2(xf * spectrum[(...,) + rest], s=(ph, pw), axes=(0, 1))
+  return y[:h, :w]
 
 
 def separable_conv(x_hwc: jax.Array, kernel_y, kernel_x, mode: str = "reflect") -> jax.Array:
@@ -241,10 +293,31 @@ def sample_shifted(x_hwc: jax.Array, dy, dx) -> jax.Array:
   return x_hwc[iy][:, ix]
 
 
-def line_filter(x_hwc: jax.Array, dy: jax.Array, dx: jax.Array, weights: jax.Array) -> jax.Array:
-  """sum_i weights[i] * sample_shifted(x, dy[i], dx[i]) for traced offsets (a sparse conv)."""
+MAX_UNROLLED_TAPS = 128
 
+
+def line_filter(x_hwc: jax.Array, dy: jax.Array, dx: jax.Array, weights: jax.Array,
+                max_shift: int | None = None) -> jax.Array:
+  """sum_i weights[i] * sample_shifted(x, dy[i], dx[i]) for traced offsets (a sparse conv).
+
+  With a static bound `max_shift` >= every |dy|, |dx|, the image is edge-padded once and each
+  tap is a dynamic slice of it, unrolled: XLA fuses all taps into one pass over the image
+  (several times faster on CPU than a loop of gathers). Without it, or with more than
+  MAX_UNROLLED_TAPS taps (the program would grow too large to compile quickly), taps run in a
+  loop.
+  """
   x_hwc = jnp.asarray(x_hwc, jnp.float32)
+  if max_shift is not None and int(weights.shape[0]) <= MAX_UNROLLED_TAPS:
+    h, w = x_hwc.shape[:2]
+    p = int(max_shift)
+    rest = x_hwc.shape[2:]
+    padded = jnp.pad(x_hwc, ((p, p), (p, p)) + ((0, 0),) * len(rest), mode="edge")
+    zeros = (0,) * len(rest)
+    out = 0.0
+    for i in range(int(weights.shape[0])):
+      tap = jax.lax.dynamic_slice(padded, (p + dy[i], p + dx[i]) + zeros, (h, w) + rest)
+      out = out + weights[i] * tap
+    return out
 
   def body(acc, tap):
     ty, tx, tw = tap
@@ -256,7 +329,9 @@ def line_filter(x_hwc: jax.Array, dy: jax.Array, dx: jax.Array, weights: jax.Arr
 
 def motion_blur(x_hwc: jax.Array, radius: int, sigma, angle_deg, active_radius=None) -> jax.Array:
   """Linear motion blur: the line kernel of `motion_offsets` applied with edge replication."""
-  return line_filter(x_hwc, *motion_offsets(radius, sigma, angle_deg, active_radius))
+  # Tap i lies i pixels along the direction, i <= 2 * radius.
+  return line_filter(x_hwc, *motion_offsets(radius, sigma, angle_deg, active_radius),
+                     max_shift=2 * radius)
 
 
 def motion_blur_kernel(radius: int, sigma, angle_deg) -> jax.Array:

@@ -18,9 +18,12 @@ reworked to be, and pixel sizes scaled to the image (`robust_r1_common`).
 
 All 16 are pure JAX with a traced intensity (`host_side=False`): jit them once per image shape
 and vmap them over a batch. `pipeline` is the whole four-stage pipeline as one pure JAX function
-(a `lax.switch` per stage; under vmap every branch is computed, so it costs all 16). The host
-entry points `degrade`, `sample_plan` and `apply_pipeline` take uint8 or float32 [0, 1]
-images, return the same dtype, and would run any `host_side=True` degradation outside jit.
+(a `lax.switch` per stage: jitted on one image only the drawn branch runs; under vmap every
+branch is computed, so it costs all 16). The host entry points `degrade`, `sample_plan`,
+`apply_pipeline` (one image: one jitted program with the plan, the four drawn degradations and the
+pixel conversions, on the host CPU for numpy images) and `apply_pipeline_batch` (a batch, each
+image paying only its own four degradations) take uint8 or float32 [0, 1] images, return the
+same dtype, and would run any `host_side=True` degradation outside jit.
 """
 
 from collections.abc import Callable, Mapping
@@ -31,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from robust_u1_jax import pixels
 from robust_u1_jax.data.corruptions import ops
 from robust_u1_jax.data.corruptions import robust_r1_capture as _capture
 from robust_u1_jax.data.corruptions import robust_r1_common as _common
@@ -75,10 +79,8 @@ DEGRADATIONS: dict[str, Degradation] = {
     for stage, table in _WEIGHTS.items() for name, weight in table.items()
 }
 PlanStep = tuple[str, str, float]  # (stage, degradation name, intensity)
-# For the registry: `apply_pipeline` draws its plan on the host and then runs only the four
-# drawn degradations (each jitted on its own), which compiles far less than `pipeline`, whose
-# jit holds all 16. Called under a trace it falls back to `pipeline`.
-PIPELINE_HOST_SIDE = True
+# For the registry: the pipeline is one jitted program (`apply_pipeline`), not host code.
+PIPELINE_HOST_SIDE = False
 
 
 def _stage_members(table: Mapping[str, Degradation]) -> list[list[Degradation]]:
@@ -148,6 +150,11 @@ def _jitted(fn: Callable, reference_size: int | None) -> Callable:
   return jax.jit(functools.partial(fn, reference_size=reference_size))
 
 
+def _data_device(image):
+  """numpy images are degraded on the host CPU (see corruptions.corrupt); jax arrays in place."""
+  return jax.local_devices(backend="cpu")[0] if isinstance(image, np.ndarray) else None
+
+
 def _run(deg: Degradation, x_hwc, key, intensity, reference_size) -> jax.Array:
   if deg.host_side:
     out = deg.fn(np.asarray(x_hwc, np.float32), key, float(intensity),
@@ -169,17 +176,70 @@ def degrade(image, name: str, key, intensity, *, reference_size: int | None = RE
   return ops.from_float(out, dtype)
 
 
+def _planned(x_hwc, key, intensity, members, reference_size):
+  """(degraded x, stage-local indices, intensities): the pipeline of one float image. Under jit
+  and without vmap each `lax.switch` runs only the drawn branch."""
+  idx, intens = _draw(key, intensity, members)
+  x = x_hwc.astype(jnp.float32)
+  for s, (m, k_apply) in enumerate(zip(members, stage_keys(key))):
+    branches = [functools.partial(d.fn, reference_size=reference_size) for d in m]
+    x = jax.lax.switch(idx[s], branches, x, k_apply, intens[s])
+  return x, idx, intens
+
+
+@functools.lru_cache(maxsize=64)
+def _pipeline_program(table_values: tuple[Degradation, ...], reference_size: int | None,
+                      intensity_kind: str, out_dtype: np.dtype, batch: str) -> Callable:
+  """jit(images, keys, intensity) -> (images in out_dtype, indices, intensities).
+
+  intensity_kind: 'drawn' (per stage from the key; the argument is ignored), 'fixed' (one
+  scalar) or 'per_image' (B values). batch: '' (one image) or 'map' (a loop over the batch:
+  each image runs its own four degradations, where vmap would run all 16 branches for all).
+  """
+  members = _stage_members({d.name: d for d in table_values})
+
+  def one(image, key, intensity):  # pixels converted per image (see corruptions._program)
+    x = jax.lax.optimization_barrier(pixels.to_float(image))
+    x, idx, intens = _planned(x, key, None if intensity_kind == "drawn" else intensity, members,
+                              reference_size)
+    return ops.from_float(jax.lax.optimization_barrier(x), out_dtype), idx, intens
+
+  def program(images, keys, intensity):
+    if batch != "map":
+      return one(images, keys, intensity)
+    if intensity_kind == "per_image":
+      return jax.lax.map(lambda a: one(*a), (images, keys, intensity))
+    return jax.lax.map(lambda a: one(a[0], a[1], intensity), (images, keys))
+
+  return jax.jit(program)
+
+
+def _plan_list(members, idx, intens) -> list[PlanStep]:
+  return [(stage, m[int(j)].name, float(v)) for stage, m, j, v in zip(STAGES, members, idx, intens)]
+
+
+def _intensity_kind(intensity) -> str:
+  if intensity is None:
+    return "drawn"
+  return "per_image" if np.ndim(intensity) == 1 else "fixed"
+
+
 def apply_pipeline(image, key, intensity=None, *, reference_size: int | None = REFERENCE_SIZE,
                    return_plan: bool = False, table: Mapping[str, Degradation] = DEGRADATIONS):
   """Four-stage Robust-R1 pipeline on one uint8 or float [0, 1] H x W x 3 image.
 
   One degradation per stage (drawn by weight), intensity `intensity` for all stages or, when
   None, drawn uniformly in [0, 1] per stage. Returns the degraded image in the input dtype, and
-  with return_plan=True also the list of (stage, name, intensity) applied. Equal to `pipeline`
-  for the same key (JAX degradations are jitted one by one; host-side ones run in between);
-  under jit or vmap (traced inputs) it is `pipeline`.
+  with return_plan=True also the list of (stage, name, intensity) applied.
+
+  One jitted program (plan, the four drawn degradations, the pixel conversions) per image
+  shape: a record costs one dispatch. A numpy image runs on the host CPU. Equal to `pipeline`
+  for the same key; under jit or vmap (traced inputs) it is `pipeline`. A table holding
+  host-side degradations runs the plan step by step instead.
   """
   _common.check_image(image, "robust_r1 pipeline")
+  if intensity is not None:
+    _common.check_intensity(intensity, "robust_r1 pipeline")
   dtype = jnp.asarray(image).dtype
   if any(isinstance(v, jax.core.Tracer) for v in (image, key, intensity)):
     if return_plan:
@@ -187,13 +247,129 @@ def apply_pipeline(image, key, intensity=None, *, reference_size: int | None = R
                        "use plan_arrays under jit")
     out = pipeline(ops.to_float(image), key, intensity, reference_size=reference_size, table=table)
     return ops.from_float(out, dtype)
-  plan = sample_plan(key, intensity, table=table)
-  x = ops.to_float(image)
-  for k_apply, (_, name, value) in zip(stage_keys(key), plan):
-    step_intensity = value if intensity is None else intensity
-    x = _run(table[name], x, k_apply, step_intensity, reference_size)
-  out = ops.from_float(x, dtype)
-  return (out, plan) if return_plan else out
+  if any(d.host_side for d in table.values()):
+    plan = sample_plan(key, intensity, table=table)
+    x = ops.to_float(image)
+    for k_apply, (_, name, value) in zip(stage_keys(key), plan):
+      step_intensity = value if intensity is None else intensity
+      x = _run(table[name], x, k_apply, step_intensity, reference_size)
+    out = ops.from_float(x, dtype)
+    return (out, plan) if return_plan else out
+  program = _pipeline_program(tuple(table.values()), reference_size,
+                              _intensity_kind(intensity), np.dtype(dtype), "")
+  args = (image, key, np.float32(0.0 if intensity is None else intensity))
+  device = _data_device(image)
+  out, idx, intens = program(*(args if device is None else jax.device_put(args, device)))
+  if isinstance(image, np.ndarray):
+    out = np.asarray(out)
+  if not return_plan:
+    return out
+  idx, intens = jax.device_get((idx, intens))
+  return out, _plan_list(_stage_members(table), idx, intens)
+
+
+def apply_pipeline_batch(images_bhwc, keys_b, intensity=None, *, batch: str = "map",
+                         reference_size: int | None = REFERENCE_SIZE, return_plans: bool = False,
+                         table: Mapping[str, Degradation] = DEGRADATIONS):
+  """`apply_pipeline` over a batch (B x H x W x 3, one key per image); `intensity` None, one
+  value, or B values. Returns the images (and with return_plans, one plan per image).
+
+  Every image costs its own four degradations, however the batch's plans differ:
+    'map'   one program looping over the images (the default; the fastest form on a CPU);
+    'vmap'  the plans are drawn first, then per stage the images are grouped by their drawn
+            degradation and each group runs vmapped (for accelerators, where a loop of small
+            kernels would leave the chip idle). A vmapped `pipeline` would instead run all 16
+            degradations on every image (its `lax.switch` becomes a select).
+  """
+  if np.ndim(images_bhwc) != 4:
+    raise ValueError(f"images shape {np.shape(images_bhwc)} is not B x H x W x 3")
+  _common.check_image(images_bhwc[0], "robust_r1 pipeline")
+  n = int(np.shape(images_bhwc)[0])
+  if intensity is not None:
+    for value in np.atleast_1d(np.asarray(intensity, np.float64)):
+      _common.check_intensity(float(value), "robust_r1 pipeline")
+    if np.ndim(intensity) == 1 and len(intensity) != n:
+      raise ValueError(f"{len(intensity)} intensities for a batch of {n} images")
+  if any(d.host_side for d in table.values()):
+    levels = list(intensity) if np.ndim(intensity) == 1 else [intensity] * n
+    results = [apply_pipeline(images_bhwc[i], keys_b[i], levels[i], reference_size=
+                              reference_size, return_plan=True, table=table) for i in range(n)]
+    out = np.stack([np.asarray(o) for o, _ in results])
+    if not isinstance(images_bhwc, np.ndarray):
+      out = jnp.asarray(out)
+    return (out, [p for _, p in results]) if return_plans else out
+  dtype = np.dtype(images_bhwc.dtype)
+  kind = _intensity_kind(intensity)
+  level = np.asarray(0.0 if intensity is None else intensity, np.float32)
+  device = _data_device(images_bhwc)
+  args = (images_bhwc, keys_b, level)
+  args = args if device is None else jax.device_put(args, device)
+  members = _stage_members(table)
+  if batch == "map":
+    program = _pipeline_program(tuple(table.values()), reference_size, kind, dtype, "map")
+    out, idx, intens = program(*args)
+  elif batch == "vmap":
+    out, idx, intens = _grouped(*args, kind, members, reference_size, dtype)
+  else:
+    raise ValueError(f"batch={batch!r} is not 'map' or 'vmap'")
+  if isinstance(images_bhwc, np.ndarray):
+    out = np.asarray(out)
+  if not return_plans:
+    return out
+  idx, intens = jax.device_get((idx, intens))
+  return out, [_plan_list(members, idx[i], intens[i]) for i in range(n)]
+
+
+@functools.lru_cache(maxsize=16)
+def _batch_plan_drawer(table_values: tuple[Degradation, ...], kind: str) -> Callable:
+  members = _stage_members({d.name: d for d in table_values})
+  if kind == "drawn":
+    return jax.jit(jax.vmap(lambda key, _: _draw(key, None, members), in_axes=(0, None)))
+  axis = 0 if kind == "per_image" else None
+  return jax.jit(jax.vmap(lambda key, i: _draw(key, i, members), in_axes=(0, axis)))
+
+
+@functools.lru_cache(maxsize=256)
+def _group_program(fn: Callable, reference_size: int | None, first: bool, last: bool,
+                   out_dtype: np.dtype) -> Callable:
+  """jit(vmap(degradation)) over a group, converting pixels on the way in (first stage) and out
+  (last stage)."""
+  one = functools.partial(fn, reference_size=reference_size)
+
+  def program(x, keys, intens):
+    y = jax.vmap(one)(pixels.to_float(x) if first else x, keys, intens)
+    return ops.from_float(y, out_dtype) if last else y
+
+  return jax.jit(program)
+
+
+def _bucket(n: int) -> int:
+  """Group sizes are padded to powers of two: a few compilations serve every group size."""
+  return 1 << max(0, n - 1).bit_length()
+
+
+def _grouped(images, keys, level, kind, members, reference_size, out_dtype):
+  """The 'vmap' form of apply_pipeline_batch: plans first, then stage by stage one vmapped call
+  per drawn degradation over the images that drew it."""
+  table_values = tuple(d for m in members for d in m)
+  idx, intens = _batch_plan_drawer(table_values, kind)(keys, level)
+  idx_host = np.asarray(jax.device_get(idx))
+  stage_k = jax.vmap(stage_keys)(keys)  # (B, stages)
+  x = images
+  for s, m in enumerate(members):
+    first, last = s == 0, s == len(members) - 1
+    parts = []
+    for j, deg in enumerate(m):
+      chosen = np.flatnonzero(idx_host[:, s] == j)
+      if not chosen.size:
+        continue
+      padded = np.resize(chosen, _bucket(chosen.size))  # repeats members: same work, no new size
+      program = _group_program(deg.fn, reference_size, first, last, out_dtype)
+      y = program(x[padded], stage_k[padded, s], intens[padded, s])
+      parts.append((chosen, y[:chosen.size]))
+    order = np.argsort(np.concatenate([c for c, _ in parts]))
+    x = jnp.concatenate([y for _, y in parts])[order]
+  return x, idx, intens
 
 
 def pipeline(x_hwc, key, intensity=None, *, reference_size: int | None = REFERENCE_SIZE,
@@ -201,16 +377,11 @@ def pipeline(x_hwc, key, intensity=None, *, reference_size: int | None = REFEREN
   """The four-stage pipeline as one pure JAX function of a float [0, 1] image (jit + vmap).
 
   Same draws and result as `apply_pipeline` for the same key. Every degradation of `table`
-  must be JAX (host_side=False).
+  must be JAX (host_side=False). Under vmap each stage's `lax.switch` runs every branch for
+  every image; `apply_pipeline_batch` runs only the drawn ones.
   """
   host = sorted(d.name for d in table.values() if d.host_side)
   if host:
     raise ValueError(f"pipeline runs inside jit; host-side degradations {host} need "
                      "apply_pipeline")
-  members = _stage_members(table)
-  idx, intens = _draw(key, intensity, members)
-  x = x_hwc.astype(jnp.float32)
-  for s, (m, k_apply) in enumerate(zip(members, stage_keys(key))):
-    branches = [functools.partial(d.fn, reference_size=reference_size) for d in m]
-    x = jax.lax.switch(idx[s], branches, x, k_apply, intens[s])
-  return x
+  return _planned(x_hwc, key, intensity, _stage_members(table), reference_size)[0]

@@ -82,7 +82,9 @@ def motion_blur(x_hwc, key, intensity, *, reference_size=REFERENCE_SIZE):
   dy = jnp.concatenate([y0, y0 + 1, y0, y0 + 1]).astype(jnp.int32)
   dx = jnp.concatenate([x0, x0, x0 + 1, x0 + 1]).astype(jnp.int32)
   wts = jnp.concatenate([(1 - wy) * (1 - wx), wy * (1 - wx), (1 - wy) * wx, wy * wx]) / n_taps
-  return ops.clip01(ops.line_filter(x_hwc, dy, dx, wts))
+  # |along| <= length / 2, and a bilinear tap reaches one pixel further.
+  max_shift = math.ceil(MOTION_BLUR_LENGTH * s / 2) + 1
+  return ops.clip01(ops.line_filter(x_hwc, dy, dx, wts, max_shift=max_shift))
 
 
 def dirty_lens(x_hwc, key, intensity, *, reference_size=REFERENCE_SIZE):

@@ -55,7 +55,7 @@ def atmospheric_turbulence(x_hwc, key, intensity, *, reference_size=REFERENCE_SI
 def gaussian_noise(x_hwc, key, intensity, *, reference_size=REFERENCE_SIZE):
   del reference_size
   i = jnp.asarray(intensity, jnp.float32)
-  return ops.clip01(x_hwc + NOISE_SIGMA * i * jax.random.normal(key, x_hwc.shape))
+  return ops.clip01(x_hwc + NOISE_SIGMA * i * ops.normal(key, x_hwc.shape))
 
 
 def color_diffusion(x_hwc, key, intensity, *, reference_size=REFERENCE_SIZE):
