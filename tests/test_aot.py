@@ -51,7 +51,7 @@ def test_7b_inputs_follow_the_packing_budget():
   b, t = config.data.batch_size, config.data.token_budget
   assert (b, t) == (32, 8192)
   assert shapes["inputs"]["text_ids"] == ((b, t), np.int32)
-  assert shapes["inputs"]["vit_patches"] == ((b, t, 3 * 14 * 14), np.float32)
+  assert shapes["inputs"]["vit_patches"] == ((b, t, 3 * 14 * 14), np.uint8)
   assert shapes["inputs"]["latent_seq_index"][0] == (b, t)
   assert shapes["layout"]["noisy"] == ((b, t), np.bool_)
   # Slots of the smallest sample (224 px ViT: 258 tokens; 512 px VAE: 2 x 1026; text 2): 2312

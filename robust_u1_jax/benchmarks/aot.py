@@ -292,7 +292,7 @@ def step_input_shapes(config, mc, instruction_tokens: int) -> dict[str, Any]:
   i32 = np.int32
   inputs = {"text_ids": ((b, t), i32), "token_kind": ((b, t), i32),
             "source_index": ((b, t), i32), "positions": ((b, t), i32),
-            "vit_patches": ((b, n_vit, 3 * p * p), np.float32),
+            "vit_patches": ((b, n_vit, 3 * p * p), np.uint8),
             "vit_position_ids": ((b, n_vit), i32), "vit_segment_ids": ((b, n_vit), i32),
             "latent_position_ids": ((b, n_latent), i32), "latent_seq_index": ((b, n_latent), i32),
             "latent_image_index": ((b, n_latent), i32)}
