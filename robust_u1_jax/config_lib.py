@@ -82,7 +82,7 @@ def get_optimizer_config() -> ml_collections.ConfigDict:
 
 
 # The generation expert's attention and MLP kernels (stage I/II LoRA targets).
-LORA_TARGETS = (r"^language_model\.layers\.\d+\.gen\."
+LORA_TARGETS = (r"^language_model\.layers\.gen\."
                 r"(q_proj|k_proj|v_proj|o_proj|mlp\.(gate_proj|up_proj|down_proj))\.kernel$")
 
 
@@ -104,7 +104,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.init_from = "random"  # random | a BAGEL/Robust-U1 model directory | an Orbax checkpoint dir
   c.param_dtype = "float32"
   c.compute_dtype = "float32"
-  c.remat = "none"  # none | full | dots
+  c.remat = "none"  # none | full | dots | minimal (layers.remat_policy)
   # How an image's VAE latent enters the model: a posterior sample (BAGEL, in training and
   # inference) or the posterior mean. Drawn from the step's key, like every random draw.
   c.vae_posterior = "sample"
@@ -130,7 +130,7 @@ def get_base_config() -> ml_collections.ConfigDict:
 
 SOURCES = ("shapes", "folder", "tfds", "jsonl", "vqa_tsv", "vqa_parquet")
 DTYPES = ("float32", "bfloat16", "float16")
-REMAT = ("none", "full", "dots")
+REMAT = ("none", "full", "dots", "minimal")  # models/layers.py: remat_policy
 
 
 class ConfigError(ValueError):

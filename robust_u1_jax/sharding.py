@@ -8,7 +8,7 @@ shard their large matrices over `fsdp` and `tensor`; the small frozen VAE and CL
 
 Logical names:
   parameters: vocab, embed, mlp, q_heads, kv_heads, heads, head_dim, patch, pos, conv_in, conv_out,
-              norm
+              norm; layers (the leading axis of stacked layer parameters, `models.layers.stack`)
   activations: batch, length, act_embed, act_heads, act_mlp, act_vocab
 """
 
@@ -34,6 +34,10 @@ _ACTIVATIONS: Rules = (
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
 )
+# The layer axis of stacked parameters stays whole on every device: `lax.scan` slices one layer
+# per step from each device's shard (FSDP gathers that layer only), so sharding it would make
+# every step move a layer between devices.
+_STACKED: Rules = (("layers", None),)
 
 RULES: dict[str, Rules] = {
     "llm": (
@@ -47,7 +51,7 @@ RULES: dict[str, Rules] = {
         ("patch", None),
         ("pos", None),
         ("norm", None),
-    ) + _ACTIVATIONS,
+    ) + _STACKED + _ACTIVATIONS,
     "vit": (
         ("embed", "fsdp"),
         ("mlp", "tensor"),
@@ -56,7 +60,7 @@ RULES: dict[str, Rules] = {
         ("patch", None),
         ("pos", None),
         ("norm", None),
-    ) + _ACTIVATIONS,
+    ) + _STACKED + _ACTIVATIONS,
     "vae": (
         ("conv_in", None),
         ("conv_out", "fsdp"),
@@ -64,7 +68,7 @@ RULES: dict[str, Rules] = {
         ("heads", None),
         ("head_dim", None),
         ("norm", None),
-    ) + _ACTIVATIONS,
+    ) + _STACKED + _ACTIVATIONS,
     "clip": (
         ("vocab", None),
         ("embed", "fsdp"),
@@ -74,7 +78,7 @@ RULES: dict[str, Rules] = {
         ("patch", None),
         ("pos", None),
         ("norm", None),
-    ) + _ACTIVATIONS,
+    ) + _STACKED + _ACTIVATIONS,
 }
 
 

@@ -48,12 +48,14 @@ def _random_bagel(config, seed: int = 0):
   rng = np.random.default_rng(seed)
   for path, variable in loader.param_variables(model).items():
     shape, dtype = variable.shape, variable.dtype
+    # Stacked layers (leading layer axis): each layer drawn as an unstacked parameter would be.
+    one = shape[1:] if loader.is_stacked(variable) else shape
     if path.endswith("scale"):
       x = 1.0 + 0.1 * rng.standard_normal(shape)
-    elif len(shape) == 1 or path.endswith("embedding"):
-      x = (0.1 if len(shape) == 1 else 1.0) * rng.standard_normal(shape)
+    elif len(one) == 1 or path.endswith("embedding"):
+      x = (0.1 if len(one) == 1 else 1.0) * rng.standard_normal(shape)
     else:
-      x = rng.standard_normal(shape) / np.sqrt(np.prod(shape[:-1]))
+      x = rng.standard_normal(shape) / np.sqrt(np.prod(one[:-1]))
     variable.set_value(jnp.asarray(x.astype(np.float32), dtype))
   return model
 

@@ -186,8 +186,8 @@ def test_sharded_forward_matches_single_device(model, batch, outputs):
   graphdef, state = nnx.split(model)
   sharded = nnx.merge(graphdef, jax.device_put(
       state, sharding.state_shardings(state, bagel.COMPONENTS, mesh)))
-  kernel = sharded.language_model.layers[0].und.mlp.up_proj.kernel.get_value()
-  assert tuple(kernel.sharding.spec) == ("fsdp", "tensor")
+  kernel = sharded.language_model.layers.und.mlp.up_proj.kernel.get_value()
+  assert tuple(kernel.sharding.spec) == (None, "fsdp", "tensor")  # (layers, embed, mlp)
   assert len(kernel.addressable_shards) == 8 and not kernel.sharding.is_fully_replicated
   with jax.set_mesh(mesh):
     got = forward(sharded, *batch)

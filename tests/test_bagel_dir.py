@@ -189,9 +189,60 @@ def test_sharded_import_places_each_parameter(source, exported, assert_same_para
     assert value.sharding.is_equivalent_to(flat_expected[path], value.ndim), path
     sharded += not value.sharding.is_fully_replicated
   assert sharded > len(variables) // 3  # the LLM's matrices really are split
-  kernel = variables["language_model.layers.0.und.mlp.up_proj.kernel"].get_value()
-  assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  kernel = variables["language_model.layers.und.mlp.up_proj.kernel"].get_value()
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
   assert_same_params(source, model)
+
+
+def test_stacked_layers_are_addressed_per_layer(source):
+  """Key tables see layer i of a stacked parameter at its per-layer path."""
+  slots = loader.layer_slots(loader.param_variables(source))
+  last = CFG.llm.num_layers - 1
+  assert slots[f"language_model.layers.{last}.gen.mlp.up_proj.kernel"] == loader.Slot(
+      "language_model.layers.gen.mlp.up_proj.kernel", last)
+  assert slots["vit_model.encoder.layers.1.attn.q.kernel"] == loader.Slot(
+      "vit_model.encoder.layers.attn.q.kernel", 1)
+  assert slots["language_model.lm_head.kernel"] == loader.Slot("language_model.lm_head.kernel")
+  assert "language_model.layers.gen.mlp.up_proj.kernel" not in slots
+
+
+def test_export_from_a_mesh_is_bit_identical(source, exported, tmp_path, read_tensors):
+  """Each layer of a sharded stacked parameter is cut out on the devices and gathered alone."""
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
+  model = bagel_dir.load_model_dir(exported, mesh=mesh)
+  back = bagel_dir.save_model_dir(model, str(tmp_path / "back"))
+  for name in ("ema.safetensors", "ae.safetensors"):
+    a, b = read_tensors(os.path.join(exported, name)), read_tensors(os.path.join(back, name))
+    assert a.keys() == b.keys()
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_orbax_checkpoint_of_unstacked_layers_restores(source, tmp_path, assert_same_params):
+  """An Orbax model checkpoint written before the layers were stacked (one array per layer)
+  restores into the stacked model, with and without a mesh."""
+  import orbax.checkpoint as ocp
+
+  from robust_u1_jax.checkpoints import orbax_io
+
+  stacked = orbax_io.save_orbax(source, str(tmp_path / "stacked"))
+  variables = loader.param_variables(source)
+  per_layer = {}
+  for p, s in loader.layer_slots(variables).items():
+    value = np.asarray(variables[s.path].get_value())
+    per_layer[p] = value if s.layer is None else value[s.layer]
+  legacy = tmp_path / "legacy"
+  shutil.copytree(stacked, legacy)
+  shutil.rmtree(legacy / orbax_io.PARAMS)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(str(legacy / orbax_io.PARAMS), orbax_io._nested(per_layer))
+    checkpointer.wait_until_finished()
+  assert_same_params(source, orbax_io.load_orbax(str(legacy)))
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
+  restored = orbax_io.load_orbax(str(legacy), mesh=mesh)
+  kernel = restored.language_model.layers.und.mlp.up_proj.kernel.get_value()
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+  assert_same_params(source, restored)
 
 
 # -- alternative weight files ----------------------------------------------------------------------

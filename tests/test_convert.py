@@ -67,8 +67,8 @@ def test_orbax_restores_onto_a_mesh(source, orbax_dir, assert_same_params):
   mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
   model = orbax_io.load_orbax(orbax_dir, mesh=mesh)
   assert model.config == CFG
-  kernel = model.language_model.layers[0].gen.mlp.down_proj.kernel.get_value()
-  assert kernel.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+  kernel = model.language_model.layers.gen.mlp.down_proj.kernel.get_value()
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "tensor", "fsdp")
   assert_same_params(source, model)
   bf16 = orbax_io.load_orbax(orbax_dir, param_dtype="bfloat16")  # cast while reading
   assert all(v.get_value().dtype == np.dtype("bfloat16")

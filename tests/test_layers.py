@@ -152,5 +152,36 @@ def test_dense_and_norm_carry_logical_names():
 def test_remat_policy_names():
   assert layers.remat_policy("none") is None
   assert layers.remat_policy("full") is jax.checkpoint_policies.nothing_saveable
-  with pytest.raises(ValueError, match="'none', 'full', 'dots'"):
+  assert callable(layers.remat_policy("minimal"))
+  with pytest.raises(ValueError, match="'none', 'full', 'dots', 'minimal'"):
     layers.remat_policy("sometimes")
+
+
+def test_stack_and_scan_match_a_loop_over_layers():
+  """`stack` draws each layer on its own (as separate layers would be), puts the layer axis in
+  front of the logical names, and `scan` runs the layers in order, under every remat policy."""
+  stacked = layers.stack(lambda r: layers.SwiGLU(4, 8, rngs=r), 3, nnx.Rngs(0))
+  kernel = stacked.up_proj.kernel
+  assert kernel.shape == (3, 4, 8)
+  assert kernel.get_metadata()["out_sharding"] == (layers.LAYER_AXIS, "embed", "mlp")
+  assert not np.array_equal(kernel[0], kernel[1])
+  x = jax.random.normal(jax.random.key(0), (2, 5, 4))
+
+  def loop(x):
+    for i in range(3):
+      w = {n: getattr(stacked, n).kernel[i] for n in ("gate_proj", "up_proj", "down_proj")}
+      x = x + (jax.nn.silu(x @ w["gate_proj"]) * (x @ w["up_proj"])) @ w["down_proj"]
+    return x
+
+  def step(layer, x, scale):
+    return x + layer(x), scale * jnp.sum(x)
+
+  want = loop(x)
+  for remat in layers.REMAT_POLICIES:
+    got, ys = layers.scan(stacked, step, x, jnp.arange(3.0), remat=remat)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert ys.shape == (3,) and ys[0] == 0
+    run = lambda x: layers.scan(stacked, step, x, jnp.arange(3.0), remat=remat)[0]  # noqa: E731
+    grad = jax.grad(lambda x: jnp.sum(run(x) ** 2))(x)
+    np.testing.assert_allclose(grad, jax.grad(lambda x: jnp.sum(loop(x) ** 2))(x), rtol=1e-4,
+                               atol=1e-5)

@@ -232,8 +232,8 @@ def test_loader_errors_name_key_and_file(tmp_path):
 def test_sharded_forward_matches_single_device():
   mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
   sharded = sharding.create_sharded(new_tower, "vit", mesh)
-  fc1 = sharded.encoder.layers[0].mlp.fc1.kernel[...]
-  assert fc1.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  fc1 = sharded.encoder.layers.mlp.fc1.kernel[...]  # (layers, embed, mlp)
+  assert fc1.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
   rows = [pack_row([image(3, 2, seed=5 + i), image(2, 2, seed=6 + i)]) for i in range(4)]
   args = [np.stack([r[k] for r in rows]) for k in ("patches", "position_ids", "segment_ids")]
   want = FORWARD(new_tower(), *args)

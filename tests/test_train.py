@@ -151,7 +151,7 @@ def test_sharded_sft_step_matches_single_device():
   sharded_params = placed(params)
   sharded_state = trainer.state_creator(config, tx, sharded_params)(
       sharded_params, placed(frozen), jax.random.PRNGKey(0), {})
-  assert "tensor" in str(sharded_state.params["language_model"]["layers"][0]["gen"]["mlp"]
+  assert "tensor" in str(sharded_state.params["language_model"]["layers"]["gen"]["mlp"]
                          ["up_proj"]["kernel"].get_value().sharding.spec)
   # Adam's moments and the EMA live on the parameters' shards, not replicated.
   want = jax.tree.leaves(jax.tree.map(lambda x: x.sharding, sharded_state.params))

@@ -14,8 +14,10 @@ A model directory (the format of BAGEL-7B-MoT and of the Robust-U1 SFT / RL / fi
 
 Import builds the model abstractly (no parameter is ever initialised), gives every parameter its
 mesh sharding, and streams the tensors through ONE key table (`model_rules`) straight onto their
-shards, one tensor at a time. Export streams the other way: each parameter is gathered, converted
-and written before the next one is touched, so neither direction holds a second copy of the model.
+shards, one parameter at a time (the layers of a stacked parameter are stacked on the host first,
+`loader.load_into`). Export streams the other way: each parameter (each layer of a stacked one) is
+gathered, converted and written before the next one is touched, so neither direction holds a
+second copy of the model.
 
 The fixed sin-cos tables `latent_pos_embed.pos_embed` and `vit_pos_embed.pos_embed` are accepted
 but not required on import (the model rebuilds them; a table's value at grid cell (h, w) does not
@@ -356,16 +358,23 @@ def _export_entries(model: Bagel, out_dtype) -> tuple[_Entries, _Entries]:
   """(ema, ae): (checkpoint key, lazy tensor) of every parameter, in checkpoint layout."""
   table = kt.KeyTable(model_rules(model.config))
   ema, ae = [], []
-  for path, variable in loader.param_variables(model).items():
+  variables = loader.param_variables(model)
+  for path, slot in loader.layer_slots(variables).items():
     hit = table.to_torch_key(path)
     if hit is None:
       raise kt.CheckpointError(f"no checkpoint key for model parameter {path!r}: add a rule to "
                                "bagel_dir.model_rules.")
     key, transform = hit
-    value = variable.get_value()
-    shape = jax.eval_shape(transform.to_torch, jax.ShapeDtypeStruct(value.shape, value.dtype)).shape
+    value = variables[slot.path].get_value()
+    layer_shape = loader.slot_shape(variables[slot.path], slot)
+    shape = jax.eval_shape(transform.to_torch, jax.ShapeDtypeStruct(layer_shape, value.dtype)).shape
     dtype = np.dtype(out_dtype or value.dtype)
-    fetch = lambda value=value, transform=transform: transform.to_torch(_host_value(value))
+
+    def fetch(value=value, layer=slot.layer, transform=transform):
+      # One layer of a stacked parameter is cut out on its devices, then gathered alone.
+      part = value if layer is None else loader.take_layer(value, layer)
+      return transform.to_torch(_host_value(part))
+
     entry = (key, tensor_files.LazyTensor(tuple(shape), dtype, fetch))
     (ae if path.startswith(VAE_PREFIX) else ema).append(entry)
   c = model.config

@@ -6,6 +6,9 @@ An Orbax model checkpoint is a directory:
   bagel_config.json   the full BagelConfig (`bagel_dir.config_to_dict`), enough to rebuild the model
   tokenizer files     copied from the source, so the directory is self-contained
 Restoring places every array directly onto its mesh sharding; nothing is initialised first.
+Checkpoints written before the decoder and ViT layers were stacked (`models.layers.stack`) hold one
+array per layer (`...layers.{i}....`); they restore too, each layer onto its shards, and are
+stacked on the devices one parameter at a time.
 `load_pretrained` accepts either kind of directory, so training can start from a released BAGEL /
 Robust-U1 model or from a converted checkpoint alike.
 """
@@ -94,14 +97,34 @@ def load_orbax(path: str, *, mesh: jax.sharding.Mesh | None = None, dtype=None, 
     raise FileNotFoundError(f"{path}: missing the {PARAMS}/ directory of the Orbax checkpoint")
   model = bagel_dir.abstract_bagel(config, mesh)
   variables = loader.param_variables(model)
-  target = _nested({p: v.get_value() for p, v in variables.items()})
+  slots = loader.layer_slots(variables)
   with ocp.StandardCheckpointer() as checkpointer:
     stored = set(_flat(checkpointer.metadata(params_dir).item_metadata.tree))
-    missing, extra = sorted(set(variables) - stored), sorted(stored - set(variables))
-    if missing or extra:
-      raise ValueError(f"{params_dir}: checkpoint does not fit the model of {CONFIG}: missing "
-                       f"{missing[:10]}, unexpected {extra[:10]}")
-    restored = _flat(checkpointer.restore(params_dir, target))
+    per_layer = stored != set(variables) and stored == set(slots)  # written before stacking
+    if per_layer:
+      target = {}
+      for p, s in slots.items():
+        like = variables[s.path].get_value()
+        sharding = like.sharding if s.layer is None else loader.layer_sharding(like.sharding)
+        target[p] = jax.ShapeDtypeStruct(loader.slot_shape(variables[s.path], s), like.dtype,
+                                         sharding=sharding)
+    else:
+      missing, extra = sorted(set(variables) - stored), sorted(stored - set(variables))
+      if missing or extra:
+        raise ValueError(f"{params_dir}: checkpoint does not fit the model of {CONFIG}: missing "
+                         f"{missing[:10]}, unexpected {extra[:10]}")
+      target = {p: v.get_value() for p, v in variables.items()}
+    restored = _flat(checkpointer.restore(params_dir, _nested(target)))
+  if per_layer:
+    layers_of: dict[str, list[str]] = {}
+    for p, s in slots.items():
+      layers_of.setdefault(s.path, []).append(p)
+    for path, parts in layers_of.items():
+      if slots[parts[0]].layer is None:
+        continue
+      parts.sort(key=lambda p: slots[p].layer)
+      restored[path] = loader.stack_layers([restored.pop(p) for p in parts],
+                                           variables[path].get_value().sharding)
   for p, variable in variables.items():
     variable.set_value(restored[p])
   return model

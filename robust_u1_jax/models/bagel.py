@@ -136,7 +136,7 @@ class Bagel(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     hidden = c.llm.hidden_size
     self.language_model = Qwen2MoT(c.llm, rngs=rngs)
-    self.vit_model = SiglipVisionTower(c.vit, **kw)
+    self.vit_model = SiglipVisionTower(c.vit, remat=c.llm.remat, **kw)
     self.connector = Connector(c.vit.hidden_size, hidden, c.vit.max_patches_per_side, **kw)
     self.time_embedder = layers.TimestepEmbedder(hidden, **kw)
     self.vae2llm = layers.dense(c.latent_channels, hidden, (None, "embed"), **kw)

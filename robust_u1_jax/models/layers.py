@@ -9,12 +9,22 @@ rotate-half RoPE, softmax in float32, MAE/BAGEL sin-cos tables, DiT timestep emb
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 Array = jax.Array
+# Logical name of the leading axis of stacked layer parameters (see `stack`). The attribute that
+# holds a stack is named the same (`layers`): checkpoint key tables address layer i of a stack as
+# `...layers.{i}....`, and `checkpoints/loader.py` maps that onto row i of the stacked parameter.
+LAYER_AXIS = "layers"
+# What `remat='minimal'` keeps of a layer: the attention's inputs and output (`attention`).
+MINIMAL_SAVED = ("attention_q", "attention_k", "attention_v", "attention_out")
 
 
 def dense(in_features: int, out_features: int, names: tuple[str | None, str | None], *,
@@ -92,6 +102,10 @@ def attention(q_bthd: Array, k_bshd: Array, v_bshd: Array, mask_bts: Array | Non
   if v_bshd.shape != k_bshd.shape:
     raise ValueError(f"attention: keys {k_bshd.shape} and values {v_bshd.shape} differ in shape")
   scale = d ** -0.5 if scale is None else scale
+  # Named for remat='minimal', which keeps them and recomputes the rest of a layer.
+  q_bthd = checkpoint_name(q_bthd, "attention_q")
+  k_bshd = checkpoint_name(k_bshd, "attention_k")
+  v_bshd = checkpoint_name(v_bshd, "attention_v")
   q_btkgd = q_bthd.reshape(b, t, kh, h // kh, d)
   logits = jnp.einsum("btkgd,bskd->bkgts", q_btkgd, k_bshd,
                       preferred_element_type=jnp.float32) * scale
@@ -103,7 +117,7 @@ def attention(q_bthd: Array, k_bshd: Array, v_bshd: Array, mask_bts: Array | Non
   if mask_bts is not None:
     probs = jnp.where(jnp.any(mask, axis=-1, keepdims=True), probs, 0.0)
   out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v_bshd.dtype), v_bshd)
-  return out.reshape(b, t, h, d).astype(q_bthd.dtype)
+  return checkpoint_name(out.reshape(b, t, h, d).astype(q_bthd.dtype), "attention_out")
 
 
 class SwiGLU(nnx.Module):
@@ -173,15 +187,71 @@ class TimestepEmbedder(nnx.Module):
     return self.fc2(jax.nn.silu(self.fc1(timestep_sinusoid(t_b, self.freq_dim))))
 
 
+REMAT_POLICIES = ("none", "full", "dots", "minimal")
+
+
 def remat_policy(name: str):
-  """'none' -> no remat (None returned), 'full' -> save nothing, 'dots' -> save weight matmuls."""
+  """The `jax.checkpoint` policy of a layer for a config's `remat` name (None: no remat).
+
+  From most to least memory: 'none' keeps every intermediate for the backward pass; 'dots' keeps
+  the outputs of the weight matmuls (projections and MLP, not the attention's batched einsums)
+  and recomputes the elementwise work and the attention; 'minimal' keeps only the attention's
+  inputs and output (q, k, v after RoPE and the attention context: a few hidden widths per
+  token, none of the MLP's wide intermediates) and recomputes projections, norms and MLP;
+  'full' keeps nothing but each layer's input (the scan carry) and recomputes the whole layer.
+  """
   policies = {"full": jax.checkpoint_policies.nothing_saveable,
-              "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+              "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+              "minimal": jax.checkpoint_policies.save_only_these_names(*MINIMAL_SAVED)}
   if name == "none":
     return None
   if name not in policies:
-    raise ValueError(f"unknown remat policy {name!r}; allowed: 'none', 'full', 'dots'")
+    raise ValueError(f"unknown remat policy {name!r}; allowed: "
+                     + ", ".join(repr(p) for p in REMAT_POLICIES))
   return policies[name]
+
+
+def stack(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rngs
+          ) -> nnx.Module:
+  """`num_layers` layers as one module whose parameters are stacked along a leading axis.
+
+  `make_layer(rngs)` builds one layer; it is traced once (`nnx.vmap` over split RNG streams), so
+  each layer still gets its own draw, and every parameter's logical axis names gain LAYER_AXIS
+  in front (unsharded by every rule set in `sharding.py`: each device holds its shard of every
+  layer, and `scan` slices one layer per step). Assign the result to an attribute named
+  LAYER_AXIS (see there).
+  """
+  @nnx.split_rngs(splits=num_layers)
+  @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYER_AXIS})
+  def make(layer_rngs: nnx.Rngs) -> nnx.Module:
+    return make_layer(layer_rngs)
+
+  return make(rngs)
+
+
+def scan(layer_stack: nnx.Module, step: Callable[[nnx.Module, Any, Any], tuple[Any, Any]],
+         carry: Any, xs: Any = None, *, remat: str = "none") -> tuple[Any, Any]:
+  """`step(layer, carry, x) -> (carry, y)` over the layers of a `stack`, in order, as ONE
+  `lax.scan`: the program holds a single layer body, so its compile time does not grow with depth.
+
+  `xs` (optional) is sliced along its leading (layer) axis like the parameters; the per-layer
+  outputs `y` come back stacked. Each step runs under `jax.checkpoint` with `remat`'s policy.
+  `jax.checkpoint` and `lax.scan` of a pure function of the split state, not `nnx.scan` /
+  `nnx.remat`: the training steps merge the model inside `jax.value_and_grad`, and nnx's
+  transforms refuse to touch parameters created at that outer trace level.
+  """
+  graphdef, state = nnx.split(layer_stack)
+  policy = remat_policy(remat)
+
+  def body(carry, inputs):
+    layer_state, x = inputs
+    return step(nnx.merge(graphdef, layer_state), carry, x)
+
+  if policy is not None:
+    # prevent_cse=False: a scan body is not merged with its neighbours, so the CSE guard only
+    # costs (JAX's advice for remat under scan).
+    body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+  return jax.lax.scan(body, carry, (state, xs))
 
 
 def broadcast_mask(mask_bt: Array, like: Array) -> Array:

@@ -8,10 +8,17 @@ on all tokens and the output is selected per token). Attention is one joint self
 the whole packed row, with RoPE from explicit per-token positions and an explicit (B, T, S) mask
 (see `attention_mask.packed_mask`).
 
-State paths: `embed_tokens.embedding`, `layers.{i}.{und,gen}.{input_norm, q_proj, k_proj, v_proj,
-o_proj, q_norm, k_norm, post_norm, mlp.{gate,up,down}_proj}`, `final_norm.{und,gen}.scale`,
-`lm_head.kernel`. Everything of the generation expert has `gen` in its path, so
-`nnx.PathContains('gen')` selects exactly the parameters stage I trains.
+The decoder layers are one `layers.stack`: every layer parameter is stacked along a leading layer
+axis (logical name `layers`, never sharded), and the forward and KV-cache paths run them as one
+`lax.scan` (`layers.scan`) under the config's remat policy, so a 28-layer model compiles one layer
+body. The KV cache is stacked the same way, (L, B, S, K, D), and is scanned alongside.
+
+State paths: `embed_tokens.embedding`, `layers.{und,gen}.{input_norm, q_proj, k_proj, v_proj,
+o_proj, q_norm, k_norm, post_norm, mlp.{gate,up,down}_proj}` (each of shape (L, ...)),
+`final_norm.{und,gen}.scale`, `lm_head.kernel`. Checkpoint key tables address layer i as
+`layers.{i}.<rest>` (`checkpoints/loader.py` stacks and unstacks). Everything of the generation
+expert has `gen` in its path, so `nnx.PathContains('gen')` selects exactly the parameters stage I
+trains.
 """
 
 from __future__ import annotations
@@ -51,7 +58,7 @@ class LLMConfig:
   mot: bool = True
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  remat: str = "none"  # 'none' | 'full' | 'dots'
+  remat: str = "none"  # layers.REMAT_POLICIES: 'none' | 'full' | 'dots' | 'minimal'
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -224,7 +231,7 @@ class Qwen2MoT(nnx.Module):
         c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype,
         embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02), ("vocab", "embed")),
         rngs=rngs)
-    self.layers = nnx.List([DecoderLayer(c, rngs=rngs) for _ in range(c.num_layers)])
+    self.layers = layers.stack(lambda r: DecoderLayer(c, rngs=r), c.num_layers, rngs)
     self.final_norm = FinalNorm(c, rngs=rngs)
     self.lm_head = layers.dense(c.hidden_size, c.vocab_size, ("embed", "vocab"), use_bias=False,
                                 dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
@@ -250,9 +257,11 @@ class Qwen2MoT(nnx.Module):
     """
     route = self._route(route)
     x_btd = sharding.activation_constraint(x_btd, ("batch", "length", "act_embed"), COMPONENT)
-    policy = layers.remat_policy(self.config.remat)
-    for layer in self.layers:
-      x_btd = _apply_layer(layer, x_btd, positions_bt, mask_btt, route, policy)
+
+    def step(layer, x_btd, _):
+      return layer(x_btd, positions_bt, mask_btt, route)[0], None
+
+    x_btd, _ = layers.scan(self.layers, step, x_btd, remat=self.config.remat)
     return self.final_norm(x_btd, route)
 
   # KV-cache paths. One cache row holds one sample's context.
@@ -274,13 +283,17 @@ class Qwen2MoT(nnx.Module):
     b, t, _ = x_btd.shape
     valid_bt = jnp.ones((b, t), bool) if valid_bt is None else valid_bt
     mask_bts = cache.attention_mask(mask_btt, valid_bt)
-    new_k, new_v = [], []
-    for i, layer in enumerate(self.layers):
-      x_btd, (k, v) = layer(x_btd, positions_bt, mask_bts, route, (cache.k[i], cache.v[i]))
-      new_k.append(k)
-      new_v.append(v)
+
+    def step(layer, x_btd, past_kv):
+      x_btd, kv = layer(x_btd, positions_bt, mask_bts, route, past_kv)
+      return x_btd, kv if write else None  # unwritten keys are not stacked
+
+    # The cache's (L, B, S, K, D) keys and values are scanned with the layers; the new tokens'
+    # keys and values come back stacked the same way, ready for `append`.
+    x_btd, new_kv = layers.scan(self.layers, step, x_btd, (cache.k, cache.v),
+                                remat=self.config.remat)
     if write:
-      cache = cache.append(jnp.stack(new_k), jnp.stack(new_v), valid_bt, positions_bt)
+      cache = cache.append(new_kv[0], new_kv[1], valid_bt, positions_bt)
     return self.final_norm(x_btd, route), cache
 
   def prefill(self, cache: KVCache, x_btd: Array, positions_bt: Array, mask_btt: Array,
@@ -310,21 +323,3 @@ class Qwen2MoT(nnx.Module):
     hidden, _ = self.extend(cache, x_btd, positions_bt, mask_btt, "gen", valid_bt, write=False)
     return hidden
 
-
-def _apply_layer(layer: DecoderLayer, x_btd, positions_bt, mask_btt, route: Route, policy):
-  """One layer of the full forward, rematerialised under `policy` when it is not None.
-
-  `jax.checkpoint` over a pure function of the layer's split state rather than `nnx.remat`:
-  the training steps merge the model inside `jax.value_and_grad`, and nnx.remat then refuses to
-  touch parameters created at that outer trace level.
-  """
-  if policy is None:
-    return layer(x_btd, positions_bt, mask_btt, route)[0]
-  graphdef, state = nnx.split(layer)
-  static_route = isinstance(route, str) or route is None  # closed over, not traced
-
-  def body(state, x, p, a, r):
-    return nnx.merge(graphdef, state)(x, p, a, route if static_route else r)[0]
-
-  return jax.checkpoint(body, policy=policy)(state, x_btd, positions_bt, mask_btt,
-                                             None if static_route else route)

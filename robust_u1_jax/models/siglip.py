@@ -135,7 +135,9 @@ class SiglipVisionTower(nnx.Module):
   """Patch embedding (Linear over flattened patches) + learned positions + encoder + post-LN."""
 
   def __init__(self, config: SiglipConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               remat: str = "none", rngs: nnx.Rngs):
+    """`remat`: the encoder's rematerialisation policy by name (`layers.remat_policy`); a run's
+    `remat` field sets it with the LLM's (`bagel.Bagel`)."""
     self.config = config
     c = config
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -145,7 +147,7 @@ class SiglipVisionTower(nnx.Module):
         init(rngs.params(), (c.max_patches_per_side ** 2, c.hidden_size), param_dtype))
     self.encoder = vit.Encoder(
         c.num_layers, c.hidden_size, c.mlp_dim, c.num_heads, act=c.activation,
-        eps=c.layer_norm_eps, component=COMPONENT, **kw)
+        eps=c.layer_norm_eps, component=COMPONENT, remat=remat, **kw)
     self.post_ln = vit.layer_norm(c.hidden_size, c.layer_norm_eps, **kw)
 
   def __call__(self, patches_bnp: Array, position_ids_bn: Array, segment_ids_bn: Array) -> Array:

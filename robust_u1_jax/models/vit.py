@@ -5,8 +5,11 @@ SigLIP (transformers), OpenAI CLIP and open_clip. Only the MLP activation differ
 tanh-approximated GELU for SigLIP, QuickGELU for OpenAI CLIP, and whatever a transformers config
 names. The attention core itself lives in `layers.attention`; this module only projects heads.
 
-State paths: `layers.{i}.{ln1,ln2}.{scale,bias}`, `layers.{i}.attn.{q,k,v,o}.{kernel,bias}`,
-`layers.{i}.mlp.{fc1,fc2}.{kernel,bias}`; kernels are (in, out).
+The blocks are one `layers.stack` run as one `lax.scan` (`layers.scan`), parameters stacked along
+a leading layer axis. State paths: `layers.{ln1,ln2}.{scale,bias}`,
+`layers.attn.{q,k,v,o}.{kernel,bias}`, `layers.mlp.{fc1,fc2}.{kernel,bias}`, each (L, ...);
+kernels are (L, in, out). Checkpoint key tables address block i as `layers.{i}.<rest>`
+(`checkpoints/loader.py` stacks and unstacks).
 """
 
 from __future__ import annotations
@@ -148,17 +151,23 @@ class EncoderBlock(nnx.Module):
 
 
 class Encoder(nnx.Module):
-  """A stack of pre-LN blocks (no final norm: each tower places its own)."""
+  """A stack of pre-LN blocks (no final norm: each tower places its own), scanned.
+
+  `remat`: the blocks' rematerialisation policy by name (`layers.remat_policy`).
+  """
 
   def __init__(self, num_layers: int, width: int, mlp_dim: int, num_heads: int, *, act: str,
                eps: float, component: str, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
-    self.layers = nnx.List([
-        EncoderBlock(width, mlp_dim, num_heads, act=act, eps=eps, component=component,
-                     dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        for _ in range(num_layers)])
+               remat: str = "none", rngs: nnx.Rngs):
+    layers.remat_policy(remat)  # validates the name
+    self.remat = remat
+    self.layers = layers.stack(
+        lambda r: EncoderBlock(width, mlp_dim, num_heads, act=act, eps=eps, component=component,
+                               dtype=dtype, param_dtype=param_dtype, rngs=r),
+        num_layers, rngs)
 
   def __call__(self, x_btd: Array, mask_btt: Array | None = None) -> Array:
-    for layer in self.layers:
-      x_btd = layer(x_btd, mask_btt)
-    return x_btd
+    def step(block, x_btd, _):
+      return block(x_btd, mask_btt), None
+
+    return layers.scan(self.layers, step, x_btd, remat=self.remat)[0]

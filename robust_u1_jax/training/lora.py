@@ -7,8 +7,10 @@ builds its model with `state.merge_model(graphdef, params, frozen)`.
 
 With `config.lora.rank > 0` the trainer (`trainer.train`) lays the train state out as:
 - `params`: the LoRA factors only, an `nnx.State` at `<kernel path>.lora_a` / `.lora_b` for every
-  2-D kernel among the stage's trainable parameters whose dotted path matches `config.lora.targets`
-  (default: the attention and MLP kernels of the generation expert);
+  (in, out) kernel among the stage's trainable parameters whose dotted path matches
+  `config.lora.targets` (default: the attention and MLP kernels of the generation expert); a
+  kernel of stacked layers (L, in, out) gets stacked factors (L, in, rank) and (L, rank, out), one
+  independent pair per layer;
 - `frozen`: the whole base model (the stage's trainable parameters included), never updated. As in
   PEFT's default, nothing else trains: biases, norms, the time embedder and the latent connectors
   stay at their initial values.
@@ -34,6 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from robust_u1_jax import config_lib
+from robust_u1_jax.models.layers import LAYER_AXIS
 
 DEFAULT_TARGETS = config_lib.LORA_TARGETS
 
@@ -42,17 +45,25 @@ def _dotted(path) -> str:
   return ".".join(str(p) for p in path)
 
 
+def _layer_dims(variable: nnx.Variable) -> int:
+  """1 for a parameter of stacked layers (leading axis named LAYER_AXIS), else 0."""
+  names = variable.get_metadata().get("out_sharding") or ()
+  return int(len(names) > 0 and names[0] == LAYER_AXIS)
+
+
 def target_paths(params: nnx.State, targets: str = DEFAULT_TARGETS) -> list[tuple]:
   """State paths of the kernels in `params` that get LoRA factors: parameters whose dotted path
-  matches the regex `targets`; each must be a 2-D (in, out) kernel."""
+  matches the regex `targets`; each must be an (in, out) kernel, or (L, in, out) for stacked
+  layers."""
   pattern = re.compile(targets)
   paths = []
   for path, variable in nnx.to_flat_state(params):
     if not isinstance(variable, nnx.Param) or not pattern.search(_dotted(path)):
       continue
-    if len(variable.shape) != 2:
+    if len(variable.shape) != 2 + _layer_dims(variable):
       raise ValueError(f"lora.targets={targets!r} selects {_dotted(path)} of shape "
-                       f"{variable.shape}; LoRA applies to 2-D (in, out) kernels only")
+                       f"{variable.shape}; LoRA applies to (in, out) kernels only (with a "
+                       "leading layer axis for stacked layers)")
     paths.append(tuple(path))
   if not paths:
     raise ValueError(f"lora.targets={targets!r} selects no kernel among the stage's trainable "
@@ -60,20 +71,22 @@ def target_paths(params: nnx.State, targets: str = DEFAULT_TARGETS) -> list[tupl
   return paths
 
 
-def _factor_sharding(kernel, dim: int):
-  """The kernel's sharding along `dim` (0: input axis for A, 1: output axis for B)."""
+def _factor_sharding(kernel, which: str):
+  """The kernel's sharding kept along its leading (layer) axes and its input axis for A
+  (`which` 'a'), its output axis for B ('b')."""
   sharding = getattr(kernel, "sharding", None)
   if not isinstance(sharding, jax.sharding.NamedSharding):
     return None
-  spec = tuple(sharding.spec) + (None,) * (2 - len(sharding.spec))
-  kept = (spec[0], None) if dim == 0 else (None, spec[1])
+  spec = tuple(sharding.spec) + (None,) * (kernel.ndim - len(sharding.spec))
+  kept = spec[:-2] + ((spec[-2], None) if which == "a" else (None, spec[-1]))
   return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*kept))
 
 
 def init(params: nnx.State, rank: int, key: jax.Array, targets: str = DEFAULT_TARGETS
          ) -> nnx.State:
   """LoRA factors for the targeted kernels of `params`: A ~ N(0, 1/in) (in, rank), B = 0
-  (rank, out), float32, carrying the kernel's logical axis names and sharding."""
+  (rank, out) (with the kernel's leading layer axis, if stacked), float32, carrying the kernel's
+  logical axis names and sharding."""
   if rank <= 0:
     raise ValueError(f"LoRA rank must be positive, got {rank}")
   flat = dict(nnx.to_flat_state(params))
@@ -82,16 +95,17 @@ def init(params: nnx.State, rank: int, key: jax.Array, targets: str = DEFAULT_TA
   factors = {}
   for path, k in zip(paths, keys):
     kernel = flat[path]
-    d_in, d_out = kernel.shape
-    names = kernel.get_metadata().get("out_sharding") or (None, None)
-    make_a = lambda k, d_in=d_in: (jax.random.normal(k, (d_in, rank), jnp.float32)
-                                   / jnp.sqrt(jnp.float32(d_in)))
-    make_b = lambda k, d_out=d_out: jnp.zeros((rank, d_out), jnp.float32)
+    *lead, d_in, d_out = kernel.shape
+    names = kernel.get_metadata().get("out_sharding") or (None,) * kernel.ndim
+    lead, lead_names = tuple(lead), tuple(names[:-2])
+    make_a = lambda k, d_in=d_in, lead=lead: (
+        jax.random.normal(k, lead + (d_in, rank), jnp.float32) / jnp.sqrt(jnp.float32(d_in)))
+    make_b = lambda k, d_out=d_out, lead=lead: jnp.zeros(lead + (rank, d_out), jnp.float32)
     value = kernel.get_value()
-    for name, make, dim, axes in (("lora_a", make_a, 0, (names[0], None)),
-                                  ("lora_b", make_b, 1, (None, names[1]))):
+    for name, make, which, axes in (("lora_a", make_a, "a", lead_names + (names[-2], None)),
+                                    ("lora_b", make_b, "b", lead_names + (None, names[-1]))):
       # Created straight into the kernel's layout (jit out_shardings: fine on many hosts).
-      x = jax.jit(make, out_shardings=_factor_sharding(value, dim))(k)
+      x = jax.jit(make, out_shardings=_factor_sharding(value, which))(k)
       factors[path + (name,)] = nnx.Param(x, out_sharding=axes, eager_sharding=False)
   return nnx.from_flat_state(factors)
 
@@ -111,7 +125,9 @@ def merge(base: nnx.State, lora: nnx.State, scale_: float) -> nnx.State:
     ab = factors.pop(tuple(path), None)
     if ab is not None:
       w = variable.get_value()
-      d = scale_ * jnp.dot(ab["lora_a"].astype(jnp.float32), ab["lora_b"].astype(jnp.float32))
+      # (..., in, rank) @ (..., rank, out): per layer for stacked kernels.
+      d = scale_ * jnp.matmul(ab["lora_a"].astype(jnp.float32),
+                              ab["lora_b"].astype(jnp.float32))
       merged = (w.astype(jnp.promote_types(w.dtype, jnp.float32)) + d).astype(w.dtype)
       if isinstance(w, jax.Array) and not isinstance(w, jax.core.Tracer):
         merged = jax.device_put(merged, w.sharding)  # eager (saving): keep the kernel's layout

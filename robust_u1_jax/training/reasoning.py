@@ -31,7 +31,7 @@ from robust_u1_jax.training.stage_spec import RunContext, StageSpec
 from robust_u1_jax.training.state import TrainState, apply_gradients, merge_model
 
 # Trainable parameters of stage III: the understanding expert, its head and the ViT connector.
-UNDERSTANDING_PARAMS = (r"^language_model\.layers\.\d+\.und\.",
+UNDERSTANDING_PARAMS = (r"^language_model\.layers\.und\.",
                         r"^language_model\.final_norm\.und\.",
                         r"^language_model\.embed_tokens\.", r"^language_model\.lm_head\.",
                         r"^connector\.")

@@ -72,7 +72,7 @@ def make_step(graphdef: nnx.GraphDef, tx, *, timestep_shift: float, ema_decay: f
 
 
 # Trainable parameters of stages I and II: the generation expert and the generation heads.
-GENERATION_PARAMS = (r"^language_model\.layers\.\d+\.gen\.", r"^language_model\.final_norm\.gen\.",
+GENERATION_PARAMS = (r"^language_model\.layers\.gen\.", r"^language_model\.final_norm\.gen\.",
                      r"^time_embedder\.", r"^vae2llm\.", r"^llm2vae\.")
 
 
