@@ -8,8 +8,8 @@ import pytest
 from flax import nnx
 
 from robust_u1_jax import sharding
+from robust_u1_jax.data import sequence as seq
 from robust_u1_jax.models import bagel
-from robust_u1_jax.models import sequence as seq
 
 CFG = bagel.BagelConfig.tiny()  # LLM hidden 64, 4 heads / 2 KV heads: divisible by fsdp 4, tensor 2
 MK = seq.Markers(3, 4)
@@ -21,9 +21,9 @@ NOISY_A = seq.Latent(32, 48, noisy=True)
 # Text after the generation target: it must not see the noisy block.
 SAMPLE_A = CONTEXT_A + [NOISY_A, seq.Text([9, 10, 11])]
 SAMPLE_B = [seq.Text([12, 13]), seq.Vit(IMG_B), seq.Latent(48, 32, noisy=True)]
-T_A, NV_A, NL_A = seq.lengths(SAMPLE_A, CFG)
-T_B, NV_B, NL_B = seq.lengths(SAMPLE_B, CFG)
-NL_CLEAN_A = seq.lengths(CONTEXT_A, CFG)[2]
+T_A, NV_A, NL_A = seq.lengths(SAMPLE_A, *seq.strides(CFG))
+T_B, NV_B, NL_B = seq.lengths(SAMPLE_B, *seq.strides(CFG))
+NL_CLEAN_A = seq.lengths(CONTEXT_A, *seq.strides(CFG))[2]
 T_NOISY = 0.7
 
 
@@ -78,7 +78,7 @@ def test_cached_denoising_equals_full_forward(model, batch, outputs):
   _, velocity, _ = outputs
   full = velocity[1, NL_CLEAN_A:NL_A]  # A alone: its noisy block, computed over the whole row
 
-  t, nv, nl = seq.lengths(CONTEXT_A, CFG)
+  t, nv, nl = seq.lengths(CONTEXT_A, *seq.strides(CFG))
   context = jax.tree.map(jnp.asarray, seq.build_rows([[CONTEXT_A]], CFG, MK, seq_len=t + 2,
                                                      max_vit=nv, max_latent=nl))
   n_noisy = NL_A - NL_CLEAN_A

@@ -15,8 +15,8 @@ from robust_u1_jax import sharding
 from robust_u1_jax.checkpoints import bagel_dir, llm_keys, loader, tensor_files
 from robust_u1_jax.checkpoints import key_table as kt
 from robust_u1_jax.checkpoints.key_table import CheckpointError
+from robust_u1_jax.data import sequence as seq
 from robust_u1_jax.models import bagel, layers, qwen2_mot
-from robust_u1_jax.models import sequence as seq
 
 CFG = bagel.BagelConfig.tiny()
 
@@ -64,7 +64,7 @@ def variant(exported, tmp_path, read_tensors):
 def _rows():
   img = np.random.default_rng(1).uniform(-1, 1, (16, 24, 3)).astype(np.float32)
   blocks = [seq.Latent(32, 32), seq.Vit(img), seq.Text([5, 6, 7]), seq.Latent(32, 32, noisy=True)]
-  t, nv, nl = seq.lengths(blocks, CFG)
+  t, nv, nl = seq.lengths(blocks, *seq.strides(CFG))
   inputs = seq.build_rows([[blocks]], CFG, seq.Markers(3, 4), seq_len=t, max_vit=nv,
                           max_latent=nl)
   return jax.tree.map(jnp.asarray, inputs), nl

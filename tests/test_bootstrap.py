@@ -59,7 +59,7 @@ def _mean(rows, key, part):
 def _pretrain_losses(model, config) -> dict[str, float]:
   """pretrain_loss's parts on the first 32 validation records, with fixed draws."""
   from robust_u1_jax.data import pipeline
-  from robust_u1_jax.models import sequence
+  from robust_u1_jax.data import sequence
   from robust_u1_jax.training import pretrain
 
   tok = tokenizer_lib.load_tokenizer(None)

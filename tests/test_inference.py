@@ -11,10 +11,11 @@ import pytest
 from PIL import Image
 
 from robust_u1_jax import sampling
+from robust_u1_jax.data import sequence
 from robust_u1_jax.data import shapes
 from robust_u1_jax.data import tokenizer as tokenizer_lib
 from robust_u1_jax.inference import context, engine, images, reasoner, recovery, text
-from robust_u1_jax.models import bagel, sequence
+from robust_u1_jax.models import bagel
 
 RULES = images.ImageRules(64, 32, 16, 64, 32, 8)  # the tiny world's resize rules
 FEW_STEPS = recovery.Sampler(num_steps=4)

@@ -8,9 +8,11 @@ import pytest
 from PIL import Image
 
 from robust_u1_jax import config_lib
+from robust_u1_jax.data import answer_format
 from robust_u1_jax.data import bad_records
 from robust_u1_jax.data import packing
 from robust_u1_jax.data import pipeline
+from robust_u1_jax.data import sequence
 from robust_u1_jax.data import shapes
 from robust_u1_jax.data import tokenizer as tokenizer_lib
 from robust_u1_jax.data import transforms
@@ -181,7 +183,7 @@ def test_reason_stage_questions_and_answers(tok):
   for i in range(4):
     answer = tok.decode(batch["answer_ids"][i, :batch["answer_lengths"][i]].tolist())
     assert answer == tokenizer_lib.text_block(str(batch["answer_text"][i]))
-    assert shapes.parse_answer(answer) == batch["answer_letter"][i]
+    assert answer_format.parse_answer(answer) == batch["answer_letter"][i]
     assert "<TYPE>gaussian noise(3)<TYPE_END>" in answer  # the applied corruption is named in <TYPE>
     question = tok.decode(batch["question_ids"][i, :batch["question_lengths"][i]].tolist())
     assert question.endswith(tokenizer_lib.RECOVERY_INSTRUCTION + tokenizer_lib.IM_END)
@@ -198,12 +200,15 @@ def test_packed_pipeline_rows(tok):
           ({k: v[r] for k, v in b.items()} for r in range(2))]
   packed_order = []
   for row in rows:
-    assert row["token_ids"].shape == (256,)
+    assert row["segment_ids"].shape == (256,)
     n = int(row["num_samples"])
-    assert n >= 2  # 64 x 64 sft samples take 60 + instruction tokens
-    for sample in packing.unpack_row(row):
+    assert n >= 2  # 64 x 64 sft samples take about 110 tokens
+    for k, sample in enumerate(packing.unpack_row(row)):
       assert sample["clean"].shape == (64, 64, 3)
-      assert (sample["token_types"] == packing.VAE_TARGET).sum() == 16
+      # The packer measured each sample with the blocks the SFT rows are built from.
+      blocks = sequence.sft_blocks(sample)
+      assert (row["segment_ids"] == k + 1).sum() == sequence.lengths(
+          blocks, data.vit_patch, data.vae_stride)[0]
       packed_order.append(int(sample["index"]))
   # Packing keeps whole samples of the same stream, in rounds of consecutive samples.
   assert sorted(packed_order) == sorted(order[:len(packed_order)])
@@ -214,6 +219,28 @@ def test_packed_pipeline_rows(tok):
   resumed.set_state(state)
   _assert_batches_equal(_take(resumed, 2), expected)
 
+
+
+def test_format_rows_is_the_last_map_seeded_by_batch_number(tok):
+  """The step's inputs come out of the pipeline, batch n formatted with (seed, n), so a resumed
+  run formats its batches as the uninterrupted run did."""
+  def format_rows(batch, rng):
+    return {"index": batch["index"], "draw": rng.integers(1 << 30, size=1)}
+
+  data = _data(shapes_size=24, batch_size=4, corruption="none")
+  plain = _take(pipeline.make_pipeline(data, seed=3, tokenizer=tok), 4)
+  p = pipeline.make_pipeline(data, seed=3, tokenizer=tok, format_rows=format_rows)
+  got = _take(p, 2)
+  state = json.loads(json.dumps(p.get_state()))
+  got += _take(p, 2)
+  for n, (rows, batch) in enumerate(zip(got, plain)):
+    np.testing.assert_array_equal(rows["index"], batch["index"])
+    assert rows["draw"] == np.random.default_rng([3, n]).integers(1 << 30, size=1)
+  resumed = pipeline.make_pipeline(data, seed=3, tokenizer=tok, format_rows=format_rows)
+  resumed.set_state(state)
+  _assert_batches_equal(_take(resumed, 2), got[2:])
+  p.close()
+  resumed.close()
 
 def test_reason_stage_on_jsonl_pairs(tok, tmp_path):
   rng = np.random.default_rng(0)

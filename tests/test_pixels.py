@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 
 from robust_u1_jax import pixels
-from robust_u1_jax.inference import images as images_lib
+from robust_u1_jax.data import sequence as seq
 from robust_u1_jax.models import bagel
-from robust_u1_jax.models import sequence as seq
 
 LEVELS = np.arange(256, dtype=np.uint8).reshape(16, 16)
 CFG = bagel.BagelConfig.tiny()
@@ -68,7 +67,7 @@ def test_array_kinds_and_dtypes():
 def test_vit_rows_ship_uint8_and_the_model_sees_the_old_values(random_bagel):
   rng = np.random.default_rng(0)
   image = rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)
-  blocks = [seq.Text([5, 6]), seq.Vit(images_lib.vit_input(image)), seq.Text([7])]
+  blocks = [seq.Text([5, 6]), seq.Vit(seq.vit_input(image)), seq.Text([7])]
   old = [seq.Text([5, 6]), seq.Vit(image.astype(np.float32) / 127.5 - 1.0), seq.Text([7])]
   kw = dict(seq_len=16, max_vit=8, max_latent=0)
   rows = seq.build_rows([[blocks]], CFG, MK, **kw)
@@ -91,4 +90,4 @@ def test_vit_rows_ship_uint8_and_the_model_sees_the_old_values(random_bagel):
 
 def test_vit_input_refuses_floats():
   with pytest.raises(TypeError, match="uint8"):
-    images_lib.vit_input(np.zeros((14, 14, 3), np.float32))
+    seq.vit_input(np.zeros((14, 14, 3), np.float32))

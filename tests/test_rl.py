@@ -14,9 +14,10 @@ import pytest
 from flax import nnx
 
 from robust_u1_jax import config_lib
+from robust_u1_jax.data import sequence
 from robust_u1_jax.data import shapes
 from robust_u1_jax.inference import recovery
-from robust_u1_jax.models import bagel, sequence
+from robust_u1_jax.models import bagel
 from robust_u1_jax.training import grpo, rl, sft, trainer
 from robust_u1_jax.training import state as state_lib
 

@@ -123,7 +123,8 @@ def test_sharded_sft_step_matches_single_device():
 
   from robust_u1_jax import sharding
   from robust_u1_jax.data import shapes
-  from robust_u1_jax.models import bagel, sequence
+  from robust_u1_jax.data import sequence
+  from robust_u1_jax.models import bagel
   from robust_u1_jax.training import state as state_lib
 
   cfg = bagel.BagelConfig.tiny()

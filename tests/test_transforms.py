@@ -410,8 +410,3 @@ def test_tokenize_text_frames_with_im_start_end():
   assert out[0] == ids["im_start"] and out[-1] == ids["im_end"]
   assert tok.decode(out[1:-1].tolist()) == (
       "Please restore this corrupted image to its clean version.")
-  rec = transforms.TokenizeText({"prompt": "prompt_ids"}).map({"prompt": "a red circle",
-                                                                "index": 0})
-  np.testing.assert_array_equal(rec["prompt_ids"], transforms.tokenize_text(tok, "a red circle"))
-  with pytest.raises(KeyError, match="prompt"):
-    transforms.TokenizeText({"prompt": "ids"}).map({"index": 0})

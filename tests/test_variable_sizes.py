@@ -14,10 +14,12 @@ from PIL import Image
 from robust_u1_jax import config_lib
 from robust_u1_jax.data import packing
 from robust_u1_jax.data import pipeline as pipeline_lib
+from robust_u1_jax.data import sequence
 from robust_u1_jax.data import tokenizer as tokenizer_lib
-from robust_u1_jax.models import bagel, sequence
+from robust_u1_jax.models import bagel
 from robust_u1_jax.inference import context
-from robust_u1_jax.training import host_batch, sft, trainer
+from robust_u1_jax.inference import recovery as recovery_lib
+from robust_u1_jax.training import sft, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SFT = os.path.join(ROOT, "configs", "sft.py") + ":tiny"
@@ -58,13 +60,12 @@ def test_packed_rows_hold_each_sample_as_it_is_alone(tmp_path):
   samples = packing.batch_samples(batch)
   assert max(len(row) for row in samples) > 1, "the budget should pack several samples a row"
   assert len({s["corrupted"].shape for row in samples for s in row}) > 1
-  # The rows the stage builds use the token counts the packer budgeted.
-  for r in range(len(samples)):
-    assert (inputs.token_kind[r] != bagel.PAD).sum() == (batch["token_types"][r] != 0).sum()
+  # The rows the stage builds hold the samples where the packer put them.
+  np.testing.assert_array_equal(inputs.layout.sample_id + 1, batch["segment_ids"])
 
   model = bagel.Bagel(cfg, rngs=nnx.Rngs(0))
   graphdef, weights = nnx.split(model)
-  size = host_batch.canvas(batch)
+  size = sequence.canvas(batch)
 
   @jax.jit
   def hidden(weights, rows, stack):
@@ -75,22 +76,23 @@ def test_packed_rows_hold_each_sample_as_it_is_alone(tmp_path):
 
   # Every sample alone in its own row (padded to a common length), next to the packed rows.
   alone_blocks, alone_images, where = [], [], []
+  strides = sequence.strides(cfg)
   for r, row in enumerate(samples):
     offset = 0
     for k, sample in enumerate(row):
-      blocks = sft.sample_blocks(sample, size)
-      n = sequence.lengths(blocks, cfg)[0]
+      blocks = sequence.sft_blocks(sample, size)
+      n = sequence.lengths(blocks, *strides)[0]
       alone_blocks.append([blocks])
       alone_images.append(images[r, 2 * k:2 * k + 2])
       where.append((r, offset, n))
       offset += n
-  bound = [max(x) for x in zip(*(sequence.lengths(b[0], cfg) for b in alone_blocks))]
+  bound = [max(x) for x in zip(*(sequence.lengths(b[0], *strides) for b in alone_blocks))]
   alone = sequence.build_rows(alone_blocks, cfg, markers, seq_len=bound[0], max_vit=bound[1],
                               max_latent=bound[2])
   # `sequence.lengths` counts exactly what the rows hold.
   for j, (_, _, n) in enumerate(where):
     assert (alone.token_kind[j] != bagel.PAD).sum() == n
-    assert (alone.vit_segment_ids[j] > 0).sum() == sequence.lengths(alone_blocks[j][0], cfg)[1]
+    assert (alone.vit_segment_ids[j] > 0).sum() == sequence.lengths(alone_blocks[j][0], *strides)[1]
   packed = np.asarray(hidden(weights, inputs, images))
   expected = np.asarray(hidden(weights, alone, np.stack(alone_images)))
   for j, (r, offset, n) in enumerate(where):
@@ -103,7 +105,7 @@ def test_latent_tokens_come_from_the_top_left_of_their_canvas(tmp_path):
   tok, batch, markers = _batch(config)
   cfg = bagel.BagelConfig.tiny(vocab_size=len(tok))
   inputs, images = sft.sft_rows(batch, cfg, markers, np.random.default_rng(0), (0.0, 0.0, 0.0))
-  hc, wc = host_batch.canvas(batch)
+  hc, wc = sequence.canvas(batch)
   grid_w, per_image = wc // 16, (hc // 16) * (wc // 16)
   assert images.shape[1:] == (2, hc, wc, 3)
   for i, [sample] in enumerate(packing.batch_samples(batch)):
@@ -148,10 +150,10 @@ def test_rl_rollouts_take_one_size_cut_from_mixed_sources(tmp_path):
 
   mixed = first_batch(**{"data.vae_min_side": 16})
   with pytest.raises(ValueError, match="one size.*data.crop_square"):
-    host_batch.recovery_inputs(mixed, cfg, markers)
+    recovery_lib.batch_recovery_inputs(mixed, cfg, markers)
   square = first_batch(**{"data.crop_square": True, "data.vae_min_side": 64})
   assert {tuple(hw) for hw in square["corrupted_hw"]} == {(64, 64)}
-  inputs = host_batch.recovery_inputs(square, cfg, markers)
+  inputs = recovery_lib.batch_recovery_inputs(square, cfg, markers)
   assert inputs.corrupted.shape == (6, 1, 64, 64, 3)
   with pytest.raises(config_lib.ConfigError, match="data.token_budget"):
     config_lib.load(rl_config, {**common, "data.token_budget": 512})

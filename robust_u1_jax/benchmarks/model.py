@@ -19,8 +19,8 @@ import numpy as np
 from flax import nnx
 
 from robust_u1_jax.benchmarks import alternate
+from robust_u1_jax.data import sequence
 from robust_u1_jax.models import bagel as bagel_lib
-from robust_u1_jax.models import sequence
 from robust_u1_jax.models.qwen2_mot import LLMConfig, Qwen2MoT
 
 

@@ -48,8 +48,8 @@ import numpy as np
 from flax import nnx
 
 from robust_u1_jax.benchmarks import alternate, table
+from robust_u1_jax.data import sequence
 from robust_u1_jax.models import bagel as bagel_lib
-from robust_u1_jax.models import sequence
 from robust_u1_jax.models.qwen2_mot import LLMConfig
 from robust_u1_jax.models.siglip import SiglipConfig
 from robust_u1_jax.models.vae import VAEConfig
@@ -178,9 +178,9 @@ def recovery_rows(setup: Setup, size: tuple[int, int], context: int | None = Non
   sample = _images(setup, size)
   ids = setup.instruction_ids
   if context is not None:
-    blocks = recovery_lib.recovery_blocks(sample["corrupted"], sample["corrupted_vit"], [],
-                                          use_text=False, target=False)
-    images = sequence.lengths(blocks, setup.config)[0]
+    blocks = sequence.recovery_blocks(sample["corrupted"], sample["corrupted_vit"], [],
+                                      use_text=False, target=False)
+    images = sequence.lengths(blocks, *sequence.strides(setup.config))[0]
     if context < images + len(ids):
       raise ValueError(f"context {context} is shorter than the image blocks ({images} tokens) "
                        "and the instruction")
@@ -191,11 +191,10 @@ def recovery_rows(setup: Setup, size: tuple[int, int], context: int | None = Non
 def training_rows(setup: Setup, size: tuple[int, int]) -> bagel_lib.SequenceInputs:
   """[VAE][ViT][instruction][noisy target]: the row the SFT step trains on, one sample."""
   from robust_u1_jax.inference import context as context_lib
-  from robust_u1_jax.inference import recovery as recovery_lib
 
   sample = _images(setup, size)
-  blocks = recovery_lib.recovery_blocks(sample["corrupted"], sample["corrupted_vit"],
-                                        setup.instruction_ids)
+  blocks = sequence.recovery_blocks(sample["corrupted"], sample["corrupted_vit"],
+                                    setup.instruction_ids)
   return context_lib.rows([blocks], setup.config, setup.markers)
 
 

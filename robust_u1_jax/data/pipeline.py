@@ -23,14 +23,20 @@
   -> stage texts + tokenisation                   instruction / question / answer
   -> skip tracking                                bad_records.SkipTracker, in the main process
   -> batch (per-process batch = data.batch_size / process_count)
-     or, with data.token_budget > 0, first-fit packing into rows (packing.py)
+     or, with data.token_budget > 0, first-fit packing into rows (packing.py), each sample
+     measured by the stage's own block list (data/sequence.py)
+  -> the model's rows (format_rows, given by      the stage's host_inputs: SequenceInputs and
+     the trainer)                                 whatever else its step reads, built from the
+                                                  same block lists; in a Grain thread ahead of
+                                                  the training thread
 
-The returned `Pipeline` is an iterator of batches with `get_state()` / `set_state()`,
-`metrics()` -> {'skipped', 'seen', 'skip_ratio'} (bad_records.TooManyBadRecords is raised from
-`next()` past data.max_skip_ratio), `close()`, and attributes num_records, epoch_size (records
-per process per epoch) and batch_size (per process). On a multi-host mesh, pass
-`multihost.data_shard(mesh)` as (process_index, process_count), and turn each batch into global
-arrays with `multihost.global_batch(multihost.host_fields(batch)[0], mesh)`.
+The returned `Pipeline` is an iterator of batches (of the step's inputs with format_rows) with
+`get_state()` / `set_state()`, `metrics()` -> {'skipped', 'seen', 'skip_ratio'}
+(bad_records.TooManyBadRecords is raised from `next()` past data.max_skip_ratio), `close()`, and
+attributes num_records, epoch_size (records per process per epoch) and batch_size (per process).
+On a multi-host mesh, pass `multihost.data_shard(mesh)` as (process_index, process_count), and
+turn each batch into global arrays with `multihost.global_batch(multihost.host_fields(batch)[0],
+mesh)`.
 
 Checkpointing: `Pipeline.get_state()` is a JSON-able dict (Grain's iterator state plus the skip
 counters); `set_state` on a NEW pipeline built with the same config and seed continues with
@@ -85,7 +91,7 @@ import dataclasses
 import functools
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grain
@@ -111,6 +117,7 @@ HOST_FIELDS = {"sft": (), "rl": (), "reason": ("question_text", "answer_text", "
                "vqa": ("question_text", "answer_text", "answer_letter"),
                "pretrain": ("question_text", "answer_text", "answer_letter", "caption_text")}
 MIN_TEXT_PAD = 16
+FORMAT_AHEAD = 2  # batches of model rows kept ready ahead of the training thread
 # Mixed into the question draw so it is independent of the corruption draw of the same record.
 _QUESTION_STREAM = 0x9_0E57
 
@@ -330,6 +337,16 @@ class Collate:
     return batch
 
 
+class FormatRows(grain.transforms.MapWithIndex):
+  """Batch n -> `format_rows(batch, numpy Generator seeded with (seed, n))`."""
+
+  def __init__(self, format_rows: Callable[[dict, np.random.Generator], Any], seed: int):
+    self.format_rows, self.seed = format_rows, int(seed)
+
+  def map_with_index(self, index: int, element):
+    return self.format_rows(element, np.random.default_rng([self.seed, index]))
+
+
 # --------------------------------------------------------------------------------------- pipeline
 
 def _canvas(data_config, kind: str) -> tuple[int, int]:
@@ -386,7 +403,8 @@ class Pipeline:
     """JSON-able position: Grain's iterator state and the skip counters.
 
     The counters are restored as totals (per-file details restart). With packing, Grain resumes
-    an open packing round by re-reading its records, which the counters then see again.
+    an open packing round by re-reading its records, which the counters then see again; with
+    format_rows, they include the records of the FORMAT_AHEAD batches formatted ahead.
     """
     m = self.tracker.metrics()
     return {"grain": self._iterator.get_state(),
@@ -419,7 +437,9 @@ def _check_stage(stage: str) -> None:
 def make_pipeline(data_config, *, seed: int, process_index: int = 0, process_count: int = 1,
                   tokenizer=None, stage: str = "sft", split: str | None = None,
                   instruction: str | None = None, text_pad_to: int | None = None,
-                  read_options: grain.ReadOptions | None = None) -> Pipeline:
+                  read_options: grain.ReadOptions | None = None,
+                  format_rows: Callable[[dict, np.random.Generator], Any] | None = None
+                  ) -> Pipeline:
   """The batch iterator of one process (module docstring for the stages and the schema).
 
   Args:
@@ -433,6 +453,10 @@ def make_pipeline(data_config, *, seed: int, process_index: int = 0, process_cou
     text_pad_to: fixed text width; None takes data.text_pad_to (0: a power-of-two bucket per
       batch).
     read_options: Grain thread prefetch options (default: bounded, see _default_read_options).
+    format_rows: (batch, generator) -> the step's inputs (a stage's `host_inputs`): the last map,
+      given batch n a generator seeded with (seed, n) (the batch's step number), so a resumed run
+      formats its batches as the uninterrupted run did. It runs in a Grain thread that keeps
+      FORMAT_AHEAD batches ready, so the training thread only moves them to the devices.
   """
   _check_stage(stage)
   if text_pad_to is None:
@@ -480,11 +504,10 @@ def make_pipeline(data_config, *, seed: int, process_index: int = 0, process_cou
           *(f"{f}_ids" for f in text_fields), *HOST_FIELDS[stage])
   canvas = image_canvas(data_config)
   if packed:
-    ds = ds.map(each(packing.SampleLayout(
+    ds = ds.map(each(packing.SampleTokens(
         stage, vit_patch=data_config.vit_patch, vae_stride=data_config.vae_stride,
-        vision_start=special["vision_start"], vision_end=special["vision_end"],
-        pad=special["pad"], token_budget=data_config.token_budget)))
-    keep = keep + ("token_ids", "token_types")
+        token_budget=data_config.token_budget)))
+    keep = keep + ("tokens",)
   ds = ds.map(each(KeepFields(keep)))
 
   it = ds.to_iter_dataset(read_options or _default_read_options(batch_size))
@@ -504,17 +527,19 @@ def make_pipeline(data_config, *, seed: int, process_index: int = 0, process_cou
         stage, vit_min_side=data_config.vit_min_side, vit_patch=data_config.vit_patch,
         vae_min_side=data_config.vae_min_side, vae_stride=data_config.vae_stride)
     max_per_row = max(1, data_config.token_budget // min_tokens)
-    layout_images = {f: canvas[f] for _, f in packing.stage_layout(stage) if f in canvas}
     scalars = ("index", "epoch", "corruption", "corruption_steps", *HOST_FIELDS[stage])
     texts = tuple(f"{f}_ids" for f in text_fields)
     it = packing.pack(it, token_budget=data_config.token_budget, num_rows=batch_size,
-                      max_per_row=max_per_row, image_canvas=layout_images,
-                      scalar_fields=scalars, pad_id=special["pad"], text_fields=texts)
+                      max_per_row=max_per_row, image_canvas=canvas, scalar_fields=scalars,
+                      text_fields=texts)
     it = it.batch(batch_size, drop_remainder=True,
                   batch_fn=packing.CollateRows(texts, max_per_row, special["pad"], MIN_TEXT_PAD))
   else:
     collate = Collate(text_fields, special["pad"],
                       None if data_config.source == "shapes" else canvas, text_pad_to)
     it = it.batch(batch_size, drop_remainder=True, batch_fn=collate)
+  if format_rows is not None:
+    it = it.map_with_index(FormatRows(format_rows, seed))
+    it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=FORMAT_AHEAD)
   return Pipeline(it, tracker, num_records=num_records, epoch_size=epoch_size,
                   batch_size=batch_size, stage=stage)

@@ -508,11 +508,6 @@ def answer_text(question: dict, corruption_name: str | Sequence[str] | None = No
                                      question["answer"])
 
 
-# An alias for callers written before the format had its own module (tests/test_pipeline.py);
-# new code reads answers with answer_format.parse_answer.
-parse_answer = answer_format.parse_answer
-
-
 # ------------------------------------------------------------------------------------- the world
 
 def _image_hw(image_size) -> tuple[int, int]:

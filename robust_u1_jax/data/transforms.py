@@ -31,9 +31,8 @@ corrupted image, and each epoch a new one. The pipeline puts the epoch into the 
 e.g. with `AddEpoch` after repeat; 0 when absent).
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 import dataclasses
-import functools
 import io
 from typing import Any
 
@@ -468,32 +467,3 @@ class AddEpoch(grain.transforms.MapWithIndex):
 def tokenize_text(tok, text: str) -> np.ndarray:
   """int32 ids of `<|im_start|>text<|im_end|>` (BAGEL's text block) with a HF tokenizer."""
   return np.asarray(tokenizer_lib.encode_text_block(tok, text), np.int32)
-
-
-@functools.lru_cache(maxsize=8)
-def _tokenizer(tokenizer_dir: str):
-  return tokenizer_lib.load_tokenizer(tokenizer_dir or None)
-
-
-class TokenizeText(grain.transforms.Map):
-  """Adds int32 token ids for text fields: {source field: output field}.
-
-  The tokenizer is loaded from `tokenizer_dir` ("" = built-in) on first use in each process, so
-  the transform pickles into Grain workers as a path.
-  """
-
-  def __init__(self, fields: Mapping[str, str], tokenizer_dir: str = ""):
-    self.fields = dict(fields)
-    self.tokenizer_dir = str(tokenizer_dir)
-
-  def map(self, element):
-    if is_skip(element):
-      return element
-    tok = _tokenizer(self.tokenizer_dir)
-    out = dict(element)
-    for src, dst in self.fields.items():
-      if not isinstance(out.get(src), str):
-        raise KeyError(f"TokenizeText: record field {src!r} is missing or not text (record "
-                       f"fields: {sorted(out)})")
-      out[dst] = tokenize_text(tok, out[src])
-    return out

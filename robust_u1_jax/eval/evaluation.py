@@ -30,11 +30,11 @@ import numpy as np
 
 from robust_u1_jax import config_lib
 from robust_u1_jax.data import corruptions
+from robust_u1_jax.data import sequence
 from robust_u1_jax.inference import engine as engine_lib
 from robust_u1_jax.inference import images as images_lib
 from robust_u1_jax.inference import reasoner
 from robust_u1_jax.inference import recovery as recovery_lib
-from robust_u1_jax.models import sequence
 
 MODES = ("clean", "corrupted", "corrupted+recovered", "recovered")
 INTENSITIES = config_lib.EVAL_INTENSITIES
@@ -127,7 +127,7 @@ def mode_blocks(mode: str, question_ids: list[int], instructed_ids: list[int], v
   stack of the row is (corrupted or clean, recovered)."""
   def image(kind, slot):
     return [sequence.Latent(*vae[kind].shape[:2], image=slot),
-            sequence.Vit(images_lib.vit_input(vit[kind]))]
+            sequence.Vit(sequence.vit_input(vit[kind]))]
 
   if mode == "clean":
     return image("clean", 0) + [sequence.Text(question_ids)]

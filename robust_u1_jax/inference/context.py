@@ -1,6 +1,6 @@
 """KV-cached contexts: images and texts in, in any order, with BAGEL's three guidance contexts.
 
-A context is a `KVCache` row per sample. Blocks are built on the host (`models/sequence.py`:
+A context is a `KVCache` row per sample. Blocks are built on the host (`data/sequence.py`:
 `<|vision_start|>` + tokens + `<|vision_end|>` per image, with one shared RoPE position) and
 appended by one prefill each, so text and images can follow one another and be decoded after.
 An image enters as VAE tokens then ViT tokens, as BAGEL's `update_context_image` adds them.
@@ -25,9 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from robust_u1_jax import sampling as sampling_lib
+from robust_u1_jax.data import sequence
 from robust_u1_jax.inference import images as images_lib
 from robust_u1_jax.models import bagel as bagel_lib
-from robust_u1_jax.models import kv_cache, sequence, vae as vae_lib
+from robust_u1_jax.models import kv_cache, vae as vae_lib
 from robust_u1_jax.models.kv_cache import KVCache
 
 Array = jax.Array
@@ -98,7 +99,7 @@ def rows(blocks_per_row: Sequence[Sequence[sequence.Block]], config: bagel_lib.B
          markers: sequence.Markers, *, min_length: int = 0) -> bagel_lib.SequenceInputs:
   """Numpy rows, one sample each, padded to the longest (and at least `min_length` tokens)."""
   seq_len, max_vit, max_latent = (max(x) for x in zip(
-      *(sequence.lengths(b, config) for b in blocks_per_row)))
+      *(sequence.lengths(b, *sequence.strides(config)) for b in blocks_per_row)))
   return sequence.build_rows([[b] for b in blocks_per_row], config, markers,
                              seq_len=max(seq_len, min_length), max_vit=max_vit,
                              max_latent=max_latent)
@@ -111,7 +112,7 @@ def image_blocks(vae_image: np.ndarray, vit_image: np.ndarray, *, vae: bool = Tr
   if vae:
     out.append(sequence.Latent(*vae_image.shape[:2]))
   if vit:
-    out.append(sequence.Vit(images_lib.vit_input(vit_image)))
+    out.append(sequence.Vit(sequence.vit_input(vit_image)))
   return out
 
 

@@ -24,12 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from robust_u1_jax.data import sequence
 from robust_u1_jax.inference import context as context_lib
 from robust_u1_jax.inference import images as images_lib
 from robust_u1_jax.inference import recovery as recovery_lib
 from robust_u1_jax.inference import text as text_lib
 from robust_u1_jax.models import bagel as bagel_lib
-from robust_u1_jax.models import sequence
 
 Array = jax.Array
 CONTEXT_SLOTS = 1024  # initial cache size; caches grow in blocks of 256 slots
@@ -128,7 +128,7 @@ class Engine:
     `Latent(image=k)` blocks reading image k. Rows are padded to a multiple of 64 tokens (few
     shapes to compile). Returns each row's ids up to (without) `<|im_end|>`.
     """
-    longest = max(sequence.lengths(b, self.config)[0] for b in blocks_per_row)
+    longest = max(sequence.lengths(b, *sequence.strides(self.config))[0] for b in blocks_per_row)
     rows = context_lib.rows(blocks_per_row, self.config, self.markers,
                             min_length=-(-longest // 64) * 64)
     key = jax.random.PRNGKey(seed)

@@ -99,12 +99,3 @@ def vit_resize(images: np.ndarray | jax.Array, size_hw: tuple[int, int]) -> jax.
 def to_model_range(images: jax.Array) -> jax.Array:
   """uint8 [0, 255] or float [0, 1] images -> float32 [-1, 1] (the VAE's and ViT's input range)."""
   return pixels.to_float(images, model_range=True)
-
-
-def vit_input(image_hwc: np.ndarray) -> np.ndarray:
-  """A ViT block's image as it travels: uint8, 8 bits a value (the model maps it to SigLIP's
-  [-1, 1] range, BAGEL's mean 0.5 / std 0.5, inside the step: `pixels.to_float`)."""
-  image = np.asarray(image_hwc)
-  if image.dtype != np.uint8:
-    raise TypeError(f"vit_input takes a uint8 image, got {image.dtype}: quantize() it first")
-  return image

@@ -21,10 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from robust_u1_jax import sampling
+from robust_u1_jax.data import packing, sequence
 from robust_u1_jax.inference import context as context_lib
-from robust_u1_jax.inference import images as images_lib
 from robust_u1_jax.models import bagel as bagel_lib
-from robust_u1_jax.models import kv_cache, sequence
+from robust_u1_jax.models import kv_cache
 from robust_u1_jax.models.kv_cache import KVCache
 
 Array = jax.Array
@@ -85,26 +85,6 @@ RELEASED_SDE_STEP = 3
 # -- inputs ---------------------------------------------------------------------------------------
 
 
-def recovery_blocks(corrupted_vae: np.ndarray, corrupted_vit: np.ndarray,
-                    instruction_ids: Sequence[int], *, use_text: bool = True,
-                    use_vit: bool = True, use_vae: bool = True, target: bool = True,
-                    canvas: tuple[int, int] | None = None) -> list[sequence.Block]:
-  """`[VAE of the corrupted image] [its ViT] [instruction] [noisy target]`; image 0 is the
-  corrupted image, image 1 the clean target, both encoded top-left on `canvas` (default: their
-  own size). The SFT stage trains on these blocks; recovery samples the target."""
-  h, w = corrupted_vae.shape[:2]
-  blocks: list[sequence.Block] = []
-  if use_vae:
-    blocks.append(sequence.Latent(h, w, image=0, canvas=canvas))
-  if use_vit:
-    blocks.append(sequence.Vit(images_lib.vit_input(corrupted_vit)))
-  if use_text:
-    blocks.append(sequence.Text(instruction_ids))
-  if target:
-    blocks.append(sequence.Latent(h, w, noisy=True, image=1, canvas=canvas))
-  return blocks
-
-
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class RecoveryInputs:
@@ -147,7 +127,7 @@ def recovery_inputs(samples: Sequence[Mapping[str, Any]], config: bagel_lib.Bage
     samples = [{**s, "instruction_ids": instruction_ids} for s in samples]
 
   def rows(**use):
-    return context_lib.rows([recovery_blocks(
+    return context_lib.rows([sequence.recovery_blocks(
         s["corrupted"], s.get("corrupted_vit", s["corrupted"]), s["instruction_ids"],
         target=False, **use) for s in samples], config, markers)
 
@@ -159,6 +139,16 @@ def recovery_inputs(samples: Sequence[Mapping[str, Any]], config: bagel_lib.Bage
                         corrupted=corrupted[:, None],
                         clean=np.stack([s.get("clean", s["corrupted"]) for s in samples]))
 
+
+
+def batch_recovery_inputs(batch: Mapping[str, Any], config: bagel_lib.BagelConfig,
+                          markers: sequence.Markers, instruction_ids: Sequence[int] | None = None
+                          ) -> RecoveryInputs:
+  """`recovery_inputs` of an unpacked pipeline batch (one sample per row)."""
+  if sequence.is_packed(batch):
+    raise ValueError("recovery sampling takes unpacked batches: set data.token_budget=0")
+  samples = [row[0] for row in packing.batch_samples(batch)]
+  return recovery_inputs(samples, config, markers, instruction_ids)
 
 # -- guided velocity ------------------------------------------------------------------------------
 

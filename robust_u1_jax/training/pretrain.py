@@ -31,13 +31,13 @@ from flax import nnx
 from robust_u1_jax import pixels
 from robust_u1_jax.data import answer_format, packing
 from robust_u1_jax.data import pipeline as pipeline_lib
+from robust_u1_jax.data import sequence
 from robust_u1_jax.data import tokenizer as tokenizer_lib
 from robust_u1_jax.inference import context as context_lib
 from robust_u1_jax.inference import images as images_lib
 from robust_u1_jax.inference import recovery as recovery_lib
-from robust_u1_jax.models import sequence
 from robust_u1_jax.models.bagel import BagelConfig
-from robust_u1_jax.training import flow_matching, host_batch, reasoning
+from robust_u1_jax.training import flow_matching, reasoning
 from robust_u1_jax.training.stage_spec import StageSpec
 from robust_u1_jax.training.state import loss_step, merge_model
 
@@ -60,7 +60,7 @@ def understanding_blocks(sample: Mapping[str, Any], prompt_ids: Sequence[int],
   """
   clean = sample["clean"]
   return [sequence.Latent(*clean.shape[:2], image=0, canvas=canvas),
-          sequence.Vit(images_lib.vit_input(sample.get("corrupted_vit", clean))),
+          sequence.Vit(sequence.vit_input(sample.get("corrupted_vit", clean))),
           sequence.Text(prompt_ids), sequence.Text(answer_ids)]
 
 
@@ -75,13 +75,14 @@ def text_to_image_blocks(sample: Mapping[str, Any], canvas: tuple[int, int] | No
 def reconstruction_blocks(sample: Mapping[str, Any], instruction_ids: Sequence[int],
                           canvas: tuple[int, int] | None, **use) -> list[sequence.Block]:
   """`recovery_blocks` with the clean image in the corrupted image's place."""
-  return recovery_lib.recovery_blocks(sample["clean"], sample.get("corrupted_vit", sample["clean"]),
-                                      instruction_ids, canvas=canvas, **use)
+  return sequence.recovery_blocks(sample["clean"], sample.get("corrupted_vit", sample["clean"]),
+                                  instruction_ids, canvas=canvas, **use)
 
 
 def _bounds(block_lists: Sequence[Sequence[sequence.Block]], config: BagelConfig
             ) -> tuple[int, int, int]:
-  return tuple(max(x) for x in zip(*(sequence.lengths(b, config) for b in block_lists)))
+  strides = sequence.strides(config)
+  return tuple(max(x) for x in zip(*(sequence.lengths(b, *strides) for b in block_lists)))
 
 
 def pretrain_rows(batch: Mapping[str, Any], config: BagelConfig, markers: sequence.Markers,
@@ -94,7 +95,7 @@ def pretrain_rows(batch: Mapping[str, Any], config: BagelConfig, markers: sequen
   Row shapes are fixed by the batch's padded text widths (data.text_pad_to fixes them for good),
   so the step compiles once.
   """
-  size = host_batch.canvas(batch, "clean")
+  size = sequence.canvas(batch, "clean")
   prompt, instruction = settings["caption_prompt_ids"], settings["instruction_ids"]
   und, gen, answers = [], [], []
   for r, (sample,) in enumerate(packing.batch_samples(batch)):
@@ -102,7 +103,7 @@ def pretrain_rows(batch: Mapping[str, Any], config: BagelConfig, markers: sequen
       blocks = understanding_blocks(sample, prompt, sample["caption_ids"], size)
     else:
       blocks = understanding_blocks(sample, sample["question_ids"], sample["answer_ids"], size)
-    answers.append((r, sequence.lengths(blocks[:-1], config)[0], blocks[-1].ids))
+    answers.append((r, sequence.lengths(blocks[:-1], *sequence.strides(config))[0], blocks[-1].ids))
     und.append([blocks])
     keep = rng.uniform(size=3) >= np.asarray(settings["dropout"])
     if rng.uniform() < settings["text_to_image_fraction"]:
@@ -125,8 +126,8 @@ def pretrain_rows(batch: Mapping[str, Any], config: BagelConfig, markers: sequen
   gen_inputs = sequence.build_rows(gen, config, markers, seq_len=gen_bounds[0],
                                    max_vit=gen_bounds[1], max_latent=gen_bounds[2],
                                    images_per_sample=2)
-  return (und_inputs, labels, host_batch.image_stack(batch, ("clean",)), gen_inputs,
-          host_batch.image_stack(batch, ("clean", "clean")))
+  return (und_inputs, labels, sequence.image_stack(batch, ("clean",)), gen_inputs,
+          sequence.image_stack(batch, ("clean", "clean")))
 
 
 # -- the step --------------------------------------------------------------------------------------

@@ -18,15 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from robust_u1_jax.data import packing
+from robust_u1_jax.data import packing, sequence
 from robust_u1_jax.data import tokenizer as tokenizer_lib
 from robust_u1_jax.inference import context as context_lib
 from robust_u1_jax.inference import images as images_lib
 from robust_u1_jax.inference import recovery as recovery_lib
-from robust_u1_jax.models import sequence
 from robust_u1_jax.models import vit as vit_lib
 from robust_u1_jax.models.bagel import BagelConfig
-from robust_u1_jax.training import host_batch, recovery_cache
+from robust_u1_jax.training import recovery_cache
 from robust_u1_jax.training.stage_spec import RunContext, StageSpec
 from robust_u1_jax.training.state import TrainState, apply_gradients, merge_model
 
@@ -36,24 +35,6 @@ UNDERSTANDING_PARAMS = (r"^language_model\.layers\.und\.",
                         r"^language_model\.embed_tokens\.", r"^language_model\.lm_head\.",
                         r"^connector\.")
 RECOVERED_SEGMENT = 2  # ViT segment id of the recovered image (the corrupted one is 1)
-
-
-def reasoning_blocks(sample: Mapping[str, Any], canvas: tuple[int, int] | None,
-                     recovered_vit: np.ndarray | None = None) -> list[sequence.Block]:
-  """One sample's blocks; VAE image 0 is the corrupted image, 1 the recovered one.
-
-  Without `recovered_vit` (on-the-fly recovery) the recovered image's ViT block is a placeholder
-  the step overwrites in-graph.
-  """
-  corrupted = sample["corrupted"]
-  corrupted_vit = sample.get("corrupted_vit", corrupted)
-  h, w = corrupted.shape[:2]
-  if recovered_vit is None:
-    recovered_vit = np.zeros(corrupted_vit.shape, np.uint8)
-  return [sequence.Latent(h, w, image=0, canvas=canvas),
-          sequence.Vit(images_lib.vit_input(corrupted_vit)), sequence.Text(sample["question_ids"]),
-          sequence.Latent(h, w, image=1, canvas=canvas),
-          sequence.Vit(images_lib.vit_input(recovered_vit)), sequence.Text(sample["answer_ids"])]
 
 
 def reasoning_rows(batch: Mapping[str, Any], config: BagelConfig, markers: sequence.Markers,
@@ -67,7 +48,7 @@ def reasoning_rows(batch: Mapping[str, Any], config: BagelConfig, markers: seque
     recovered[row][sample] uint8 images (precomputed): the VAE image stack (B, 2S, H, W, 3) of
       each sample's corrupted and recovered image.)
   """
-  size = host_batch.canvas(batch)
+  size, strides = sequence.canvas(batch), sequence.strides(config)
   rows, answers = [], []
   for r, samples in enumerate(packing.batch_samples(batch)):
     row, offset = [], 0
@@ -76,13 +57,13 @@ def reasoning_rows(batch: Mapping[str, Any], config: BagelConfig, markers: seque
       if recovered is not None:
         vit_hw = sample.get("corrupted_vit", sample["corrupted"]).shape[:2]
         recovered_vit = np.asarray(images_lib.vit_resize(recovered[r][k], vit_hw))
-      blocks = reasoning_blocks(sample, size, recovered_vit)
-      answers.append((r, offset + sequence.lengths(blocks[:-1], config)[0], sample["answer_ids"]))
-      offset += sequence.lengths(blocks, config)[0]
+      blocks = sequence.reasoning_blocks(sample, size, recovered_vit)
+      answers.append((r, offset + sequence.lengths(blocks[:-1], *strides)[0], sample["answer_ids"]))
+      offset += sequence.lengths(blocks, *strides)[0]
       row.append(blocks)
     rows.append(row)
-  seq_len, max_vit, max_latent = host_batch.bounds(
-      batch, lambda sample: reasoning_blocks(sample, size), config)
+  seq_len, max_vit, max_latent = sequence.bounds(
+      batch, lambda sample: sequence.reasoning_blocks(sample, size), config)
   inputs = sequence.build_rows(rows, config, markers, seq_len=seq_len, max_vit=max_vit,
                                max_latent=max_latent, images_per_sample=2)
   labels = np.full((len(rows), seq_len), -1, np.int32)
@@ -90,10 +71,11 @@ def reasoning_rows(batch: Mapping[str, Any], config: BagelConfig, markers: seque
     # Position p predicts token p + 1: every answer token after the first.
     labels[r, start:start + len(answer) - 1] = answer[1:]
   if recovered is None:
-    return inputs, labels, host_batch.recovery_inputs(batch, config, markers, instruction_ids)
-  on_canvas = host_batch.place_like(batch["corrupted"], recovered)
-  return inputs, labels, host_batch.image_stack({**batch, "recovered": on_canvas},
-                                                ("corrupted", "recovered"))
+    return inputs, labels, recovery_lib.batch_recovery_inputs(batch, config, markers,
+                                                              instruction_ids)
+  on_canvas = sequence.place_like(batch["corrupted"], recovered)
+  return inputs, labels, sequence.image_stack({**batch, "recovered": on_canvas},
+                                              ("corrupted", "recovered"))
 
 
 def with_recovered_patches(inputs, recovered_bhwc: jax.Array, vit_hw: tuple[int, int],

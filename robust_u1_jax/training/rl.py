@@ -29,7 +29,7 @@ from robust_u1_jax import sampling
 from robust_u1_jax.inference import context as context_lib
 from robust_u1_jax.inference import recovery as recovery_lib
 from robust_u1_jax.inference.recovery import RecoveryInputs
-from robust_u1_jax.training import evaluation, grpo, host_batch, sft
+from robust_u1_jax.training import evaluation, grpo, sft
 from robust_u1_jax.training import rewards as rewards_lib
 from robust_u1_jax.training import state as state_lib
 from robust_u1_jax.training.stage_spec import RunContext, StageSpec
@@ -295,7 +295,7 @@ def build(ctx: RunContext) -> StageSpec:
 
   def host_inputs(batch, rng):
     del rng  # the rollout's randomness lives in the train state's key
-    return host_batch.recovery_inputs(batch, model_config, ctx.markers)
+    return recovery_lib.batch_recovery_inputs(batch, model_config, ctx.markers)
 
   return StageSpec(
       trainable=sft.GENERATION_PARAMS, host_inputs=host_inputs,

@@ -19,9 +19,9 @@ import ml_collections
 from flax import nnx
 
 from robust_u1_jax import config_lib, sharding
+from robust_u1_jax.data import sequence
 from robust_u1_jax.data import tokenizer as tokenizer_lib
 from robust_u1_jax.models import bagel as bagel_lib
-from robust_u1_jax.models import sequence
 from robust_u1_jax.training.stage_spec import RunContext
 
 # The tiny preset's vocabulary is the tokenizer's, never below this (a few spare ids).

@@ -15,20 +15,11 @@ import numpy as np
 from flax import nnx
 
 from robust_u1_jax.data import multihost, packing
-from robust_u1_jax.inference import recovery as recovery_lib
-from robust_u1_jax.models import sequence
+from robust_u1_jax.data import sequence
 from robust_u1_jax.models.bagel import BagelConfig
-from robust_u1_jax.training import evaluation, flow_matching, host_batch
+from robust_u1_jax.training import evaluation, flow_matching
 from robust_u1_jax.training.stage_spec import RunContext, StageSpec
 from robust_u1_jax.training.state import loss_step, merge_model
-
-
-def sample_blocks(sample: Mapping[str, Any], canvas: tuple[int, int], **use
-                  ) -> list[sequence.Block]:
-  """`recovery.recovery_blocks` of one sample of `packing.batch_samples`."""
-  return recovery_lib.recovery_blocks(sample["corrupted"],
-                                      sample.get("corrupted_vit", sample["corrupted"]),
-                                      sample["instruction_ids"], canvas=canvas, **use)
 
 
 def sft_rows(batch: Mapping[str, np.ndarray], config: BagelConfig, markers: sequence.Markers,
@@ -38,10 +29,10 @@ def sft_rows(batch: Mapping[str, np.ndarray], config: BagelConfig, markers: sequ
   uint8: each sample's corrupted and clean image on the batch's canvas, S samples per row).
 
   Images keep their own sizes (the `*_hw` valid regions); row shapes are fixed per data config
-  and text bucket (host_batch.bounds), so the step compiles once. Dropout is drawn per sample
+  and text bucket (sequence.bounds), so the step compiles once. Dropout is drawn per sample
   (multihost.SampleRng), so a sample is dropped the same way in a run of any process count.
   """
-  size = host_batch.canvas(batch)
+  size = sequence.canvas(batch)
   sample_rng = multihost.SampleRng(rng)
   rows, position = [], 0
   for samples in packing.batch_samples(batch):
@@ -49,13 +40,14 @@ def sft_rows(batch: Mapping[str, np.ndarray], config: BagelConfig, markers: sequ
     for sample in samples:
       keep = sample_rng(sample, position).uniform(size=3) >= np.asarray(dropout)
       position += 1
-      row.append(sample_blocks(sample, size, use_text=keep[0], use_vit=keep[1], use_vae=keep[2]))
+      row.append(sequence.sft_blocks(sample, size, use_text=keep[0], use_vit=keep[1],
+                                     use_vae=keep[2]))
     rows.append(row)
-  seq_len, max_vit, max_latent = host_batch.bounds(
-      batch, lambda sample: sample_blocks(sample, size), config)
+  seq_len, max_vit, max_latent = sequence.bounds(
+      batch, lambda sample: sequence.sft_blocks(sample, size), config)
   inputs = sequence.build_rows(rows, config, markers, seq_len=seq_len, max_vit=max_vit,
                                max_latent=max_latent, images_per_sample=2)
-  return inputs, host_batch.image_stack(batch, ("corrupted", "clean"))
+  return inputs, sequence.image_stack(batch, ("corrupted", "clean"))
 
 
 def make_step(graphdef: nnx.GraphDef, tx, *, timestep_shift: float, ema_decay: float,

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
   import ml_collections
 
   from robust_u1_jax.models import bagel as bagel_lib
-  from robust_u1_jax.models import sequence
+  from robust_u1_jax.data import sequence
 
 
 @dataclasses.dataclass
@@ -28,7 +28,9 @@ class StageSpec:
   """What a stage contributes to the shared training loop; everything else is the trainer's."""
   trainable: tuple[str, ...]  # regexes on dotted parameter paths (state.trainable_filter)
   # (pipeline batch, numpy Generator for this step) -> device-input pytree of numpy arrays; host
-  # side and deterministic in (seed, step), so a resumed run sees the same inputs.
+  # side and deterministic in (seed, step), so a resumed run sees the same inputs. The trainer
+  # runs it as the pipeline's last map (data/pipeline.py `format_rows`), in a Grain thread beside
+  # the training thread: it builds rows from `data/sequence.py` block lists and nothing else.
   host_inputs: Callable[[dict, np.random.Generator], Any]
   # (graphdef, optimizer) -> step(state, inputs) -> (state, metrics), jitted by the trainer. The
   # step builds its model with `state.merge_model(graphdef, params, frozen)`: with LoRA on,

@@ -20,7 +20,6 @@ from collections.abc import Callable
 
 import jax
 import ml_collections
-import numpy as np
 from absl import logging
 from flax import nnx
 
@@ -66,7 +65,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                        "longest text in tokens), so every host builds rows of one length")
     data = pipeline_lib.make_pipeline(config.data, seed=config.seed, process_index=process_index,
                                       process_count=process_count, tokenizer=tokenizer,
-                                      stage=spec.data_stage or config.stage)
+                                      stage=spec.data_stage or config.stage,
+                                      format_rows=spec.host_inputs)
     ckpt = checkpoint_lib.Checkpointer(workdir, every=config.checkpoint_every,
                                        keep=config.keep_checkpoints)
     start = 0
@@ -82,12 +82,12 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       return []
     ckpt.install_signal_handlers()
 
-    def device_inputs(step: int):
-      batch = next(data)
-      host = spec.host_inputs(batch, np.random.default_rng([config.seed, step]))
-      return multihost.global_batch(host, mesh)
+    def device_inputs():
+      # The pipeline's last map made the step's inputs of batch n (= the step about to run)
+      # with a generator seeded (config.seed, n), in a Grain thread.
+      return multihost.global_batch(next(data), mesh)
 
-    inputs = device_inputs(start)
+    inputs = device_inputs()
     # FLOPs from the lowered program (no second compile; the jit cache compiles on first call).
     step_flops = metrics_log.compiled_flops(step_fn.lower(state, inputs))
     log = metrics_log.MetricsLogger(
@@ -113,7 +113,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
           print(f"stopped at step {step}; checkpoint saved in {ckpt.directory}", flush=True)
           break
         if step < config.total_steps:
-          inputs = device_inputs(step)
+          inputs = device_inputs()
       ckpt.wait()
       (spec.save or save_model)(workdir, graphdef, state, config)
     finally:

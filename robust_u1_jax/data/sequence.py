@@ -1,4 +1,4 @@
-"""Host-side construction of packed BAGEL rows (`bagel.SequenceInputs`) from block lists.
+"""The model's inputs as the data side emits them: block lists -> packed `bagel.SequenceInputs`.
 
 A sample is a list of blocks, in order:
   Text(ids)          causal text; RoPE advances one position per token
@@ -12,12 +12,18 @@ Latent values are not built here: the train step VAE-encodes a stack of images p
 each latent token from it (`latent_image_index`), so rows only carry where each token goes. Images
 of different sizes share one stack by sitting top-left on a common canvas (BAGEL pads its VAE
 batches the same way): a block's tokens are the top-left h x w region of its canvas' latent grid.
-"""
 
+A stage's sample layout (`STAGE_BLOCKS`: a pipeline sample -> its blocks) is the one source of a
+sample's size: the packer measures samples with it (`lengths`), and the stage's row function
+builds the rows from the same blocks, as the pipeline's last map (data/pipeline.py), so the
+model's inputs are computed once, in Grain, with the token kinds of `bagel` (TEXT, VIT, LATENT,
+PAD) as the only token-type numbering.
+"""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -215,20 +221,153 @@ def _pad(parts: list, length: int, tail: tuple, dtype) -> np.ndarray:
   return out
 
 
-def lengths(blocks: Sequence[Block], config: BagelConfig) -> tuple[int, int, int]:
+def strides(config: BagelConfig) -> tuple[int, int]:
+  """(pixels per ViT patch, pixels per latent token) along a side: `lengths`' strides of a model
+  (a data config's `vit_patch`, `vae_stride`, checked equal at start-up by run_setup)."""
+  return config.vit.patch_size, config.latent_downsample
+
+
+def lengths(blocks: Sequence[Block], vit_patch: int, vae_stride: int) -> tuple[int, int, int]:
   """(tokens, ViT patches, latent tokens) a sample occupies, from the block sizes alone."""
   tokens = vit = latent = 0
   for block in blocks:
     if isinstance(block, Text):
       tokens += len(block.ids)
     elif isinstance(block, Vit):
-      p = config.vit.patch_size
-      n = (block.image.shape[0] // p) * (block.image.shape[1] // p)
+      n = (block.image.shape[0] // vit_patch) * (block.image.shape[1] // vit_patch)
       vit, tokens = vit + n, tokens + n + 2
     elif isinstance(block, Latent):
-      d = config.latent_downsample
-      n = (block.height // d) * (block.width // d)
+      n = (block.height // vae_stride) * (block.width // vae_stride)
       latent, tokens = latent + n, tokens + n + 2
     else:
       raise TypeError(f"unknown block {block!r}; use Text, Vit or Latent")
   return tokens, vit, latent
+
+
+# -- pipeline batches ------------------------------------------------------------------------------
+# A stage turns each sample of `packing.batch_samples(batch)` into blocks; these give the static
+# shapes of the rows and the images the step VAE-encodes, the same way for unpacked batches (one
+# sample per row) and packed ones (data.token_budget > 0, S slots per row).
+
+
+def is_packed(batch: Mapping[str, Any]) -> bool:
+  return "num_samples" in batch
+
+
+def canvas(batch: Mapping[str, Any], field: str = "corrupted") -> tuple[int, int]:
+  """(height, width) every image of `field` sits on, top-left."""
+  return tuple(int(x) for x in batch[field].shape[-3:-1])
+
+
+def bounds(batch: Mapping[str, Any], canvas_blocks: Callable[[dict], Sequence[Block]],
+           config: BagelConfig) -> tuple[int, int, int]:
+  """(seq_len, max_vit, max_latent) of the batch's rows, fixed for a data config.
+
+  Packed rows have the token budget for each. Unpacked rows take the length of a sample whose
+  images fill their canvas and whose texts fill their padded width (`canvas_blocks` of that
+  sample): an upper bound for every batch of the same text bucket, so the step compiles once
+  even when the source's images vary in size.
+  """
+  if is_packed(batch):
+    budget = int(batch["segment_ids"].shape[-1])
+    return budget, budget, budget
+  return lengths(canvas_blocks({k: v[0] for k, v in batch.items()}), *strides(config))
+
+
+def image_stack(batch: Mapping[str, Any], fields: Sequence[str]) -> np.ndarray:
+  """(B, S * K, H, W, 3): per row, sample k's image of fields[j] at k * K + j (S = 1 unpacked)."""
+  if not is_packed(batch):
+    return np.stack([batch[f] for f in fields], axis=1)
+  stacked = np.stack([batch[f] for f in fields], axis=2)  # (B, S, K, H, W, 3)
+  b, s, k = stacked.shape[:3]
+  return stacked.reshape((b, s * k) + stacked.shape[3:])
+
+
+def place_like(canvas_array: np.ndarray, images: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
+  """images[row][sample] top-left on zero canvases shaped like `canvas_array` ((B, H, W, 3)
+  unpacked, (B, S, H, W, 3) packed)."""
+  out = np.zeros_like(canvas_array)
+  for r, row in enumerate(images):
+    for k, image in enumerate(row):
+      target = out[r, k] if out.ndim == 5 else out[r]
+      target[:image.shape[0], :image.shape[1]] = image
+  return out
+
+
+# -- the stages' sample layouts --------------------------------------------------------------------
+
+
+def vit_input(image_hwc: np.ndarray) -> np.ndarray:
+  """A ViT block's image as it travels: uint8, 8 bits a value (the model maps it to SigLIP's
+  [-1, 1] range, BAGEL's mean 0.5 / std 0.5, inside the step: `pixels.to_float`)."""
+  image = np.asarray(image_hwc)
+  if image.dtype != np.uint8:
+    raise TypeError(f"vit_input takes a uint8 image, got {image.dtype}: quantize() it first")
+  return image
+
+
+def recovery_blocks(corrupted_vae: np.ndarray, corrupted_vit: np.ndarray,
+                    instruction_ids: Sequence[int], *, use_text: bool = True,
+                    use_vit: bool = True, use_vae: bool = True, target: bool = True,
+                    canvas: tuple[int, int] | None = None) -> list[Block]:
+  """`[VAE of the corrupted image] [its ViT] [instruction] [noisy target]`; image 0 is the
+  corrupted image, image 1 the clean target, both encoded top-left on `canvas` (default: their
+  own size). The SFT and RL stages train on these blocks; recovery samples the target."""
+  h, w = corrupted_vae.shape[:2]
+  blocks: list[Block] = []
+  if use_vae:
+    blocks.append(Latent(h, w, image=0, canvas=canvas))
+  if use_vit:
+    blocks.append(Vit(vit_input(corrupted_vit)))
+  if use_text:
+    blocks.append(Text(instruction_ids))
+  if target:
+    blocks.append(Latent(h, w, noisy=True, image=1, canvas=canvas))
+  return blocks
+
+
+def sft_blocks(sample: Mapping[str, Any], canvas: tuple[int, int] | None = None, **use
+               ) -> list[Block]:
+  """`recovery_blocks` of one pipeline sample (stages 'sft' and 'rl')."""
+  return recovery_blocks(sample["corrupted"], sample.get("corrupted_vit", sample["corrupted"]),
+                         sample["instruction_ids"], canvas=canvas, **use)
+
+
+def reasoning_blocks(sample: Mapping[str, Any], canvas: tuple[int, int] | None = None,
+                     recovered_vit: np.ndarray | None = None) -> list[Block]:
+  """`[VAE][ViT] of the corrupted image [question] [VAE][ViT] of the recovered image [answer]`
+  (stage 'reason'); VAE image 0 is the corrupted image, 1 the recovered one, which has the clean
+  image's VAE size and the corrupted image's ViT size.
+
+  Without `recovered_vit` (on-the-fly recovery) the recovered image's ViT block is a placeholder
+  the step overwrites in-graph.
+  """
+  corrupted = sample["corrupted"]
+  corrupted_vit = sample.get("corrupted_vit", corrupted)
+  h, w = corrupted.shape[:2]
+  if recovered_vit is None:
+    recovered_vit = np.zeros(corrupted_vit.shape, np.uint8)
+  return [Latent(h, w, image=0, canvas=canvas), Vit(vit_input(corrupted_vit)),
+          Text(sample["question_ids"]), Latent(h, w, image=1, canvas=canvas),
+          Vit(vit_input(recovered_vit)), Text(sample["answer_ids"])]
+
+
+def vqa_blocks(sample: Mapping[str, Any], canvas: tuple[int, int] | None = None
+               ) -> list[Block]:
+  """`[ViT of the image] [question] [answer]` (stage 'vqa')."""
+  del canvas  # no VAE image
+  return [Vit(vit_input(sample.get("corrupted_vit", sample["corrupted"]))),
+          Text(sample["question_ids"]), Text(sample["answer_ids"])]
+
+
+# (pipeline sample, VAE canvas) -> the sample's blocks, per pipeline stage that packs ('pretrain'
+# rows are two per sample, unpacked: training/pretrain.py).
+STAGE_BLOCKS: dict[str, Callable[..., list[Block]]] = {
+    "sft": sft_blocks, "rl": sft_blocks, "reason": reasoning_blocks, "vqa": vqa_blocks}
+
+
+def stage_blocks(stage: str) -> Callable[..., list[Block]]:
+  if stage not in STAGE_BLOCKS:
+    raise ValueError(f"stage {stage!r} has no sample layout to pack: allowed "
+                     f"{', '.join(STAGE_BLOCKS)}")
+  return STAGE_BLOCKS[stage]
