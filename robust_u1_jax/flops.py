@@ -277,8 +277,8 @@ def mfu(model_flops: float, seconds: float, peak_flops: float) -> float:
 
 
 def describe(counts: Mapping[str, Any]) -> str:
-  """One line: total and its parts, in PFLOP."""
-  p = lambda key: f"{counts[key] / 1e15:.3g}"
-  return (f"{p('total')} PFLOP (forward {p('forward')}, backward {p('backward')}; LLM matmuls "
+  """One line: total and its parts."""
+  p = lambda key: f"{counts[key]:.3g}"
+  return (f"{p('total')} FLOP (forward {p('forward')}, backward {p('backward')}; LLM matmuls "
           f"{p('llm')}, attention {p('attention')} over {counts['pairs']:.3g} attended pairs, "
           f"ViT {p('vit')}, VAE {p('vae')}, heads {p('heads')})")

@@ -11,16 +11,17 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from robust_u1_jax.benchmarks import aot
-from robust_u1_jax.data import pipeline as pipeline_lib
-from robust_u1_jax.data import tokenizer as tokenizer_lib
-from robust_u1_jax.models import bagel
+from robust_u1_jax.benchmarks import aot, aot_steps, hlo_flops
+from robust_u1_jax.training import recovery_cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SFT = os.path.join(ROOT, "configs", "sft.py")
+RL = os.path.join(ROOT, "configs", "rl.py")
+REASON = os.path.join(ROOT, "configs", "reason.py")
 # The step's shapes do not depend on the corruption; skipping it keeps the eval batch cheap.
 FAST = {"data.corruption": "none"}
 
@@ -44,36 +45,46 @@ def test_topology_names():
     aot.libtpu_topology_name("v5p-4")
 
 
-def test_7b_inputs_follow_the_packing_budget():
+def test_builder_config_puts_the_run_on_the_shapes_world():
+  """A 7B run's own source becomes the shapes world at its sides; packing and batch stay."""
   config = aot.load_config(f"{SFT}:bagel_7b")  # init_from '' becomes 'random': no weights
-  assert config.init_from == "random"
-  shapes = aot.step_input_shapes(config, bagel.BagelConfig.bagel_7b(), instruction_tokens=14)
-  b, t = config.data.batch_size, config.data.token_budget
-  assert (b, t) == (32, 8192)
-  assert shapes["inputs"]["text_ids"] == ((b, t), np.int32)
-  assert shapes["inputs"]["vit_patches"] == ((b, t, 3 * 14 * 14), np.uint8)
-  assert shapes["inputs"]["latent_seq_index"][0] == (b, t)
-  assert shapes["layout"]["noisy"] == ((b, t), np.bool_)
-  # Slots of the smallest sample (224 px ViT: 258 tokens; 512 px VAE: 2 x 1026; text 2): 2312
-  # tokens, so 3 per row; corrupted + clean canvases of the 512 px VAE side each.
-  assert shapes["images"] == ((b, 2 * (t // 2312), 512, 512, 3), np.uint8)
+  assert config.init_from == "random" and config.data.source == "tfds"
+  with aot_steps.stage_environment(config) as workdir:
+    c = aot_steps.builder_config(config, workdir)
+  d = c.data
+  assert (d.source, d.image_size) == ("shapes", 560)  # 5 x lcm(16, 14), nearest 512
+  assert (d.batch_size, d.vae_max_side, d.vit_max_side) == (32, 512, 518)
+  assert d.token_budget == config.data.token_budget > 0
+  assert c.eval_data.source == "shapes" and c.eval_data.batch_size == 8
+  assert config.data.source == "tfds"  # the caller's config is left alone
 
 
-@pytest.mark.parametrize("token_budget", [0, 256])
-def test_input_shapes_match_the_stage_host_inputs(token_budget):
-  """The config-derived shapes are those the stage's host_inputs make of a pipeline batch,
-  unpacked and packed."""
-  config = aot.load_config(f"{SFT}:tiny", {**FAST, "data.token_budget": token_budget})
-  ctx, spec = aot.build_stage(config, jax.devices()[:8])
-  mesh = ctx.mesh
-  with pipeline_lib.make_pipeline(config.data, seed=0, tokenizer=ctx.tokenizer,
-                                  stage="sft") as data:
-    batch = next(data)
-  host = spec.host_inputs(batch, np.random.default_rng(0))
-  n_text = len(tokenizer_lib.encode_text_block(ctx.tokenizer, config.instruction))
-  expected = aot.abstract_inputs(aot.step_input_shapes(config, ctx.model.config, n_text), mesh)
-  describe = lambda tree: jax.tree.map(lambda x: (tuple(x.shape), np.dtype(x.dtype).name), tree)
-  assert describe(host) == describe(expected)
+def test_reasoning_builder_config_opens_as_a_recovery_cache():
+  config = aot.load_config(f"{REASON}:bagel_7b")
+  assert config.reason.recovered_images == "cache"
+  with aot_steps.stage_environment(config) as workdir:
+    c = aot_steps.builder_config(config, workdir)
+    cache = recovery_cache.RecoveryCache.open(c.reason.recovery_cache, c)
+    assert cache.directory.startswith(workdir)
+  assert not os.path.exists(workdir)  # the scratch directory goes with the environment
+
+
+def test_abstract_inputs_take_the_batch_size_and_split_rows():
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(1, 8, 1), ("data", "fsdp", "tensor"))
+  host = {"rows": np.zeros((2, 5, 3), np.int32), "images": np.zeros((2, 1, 4, 4, 3), np.uint8)}
+  inputs = aot_steps.abstract_inputs(host, 16, mesh)
+  assert inputs["rows"].shape == (16, 5, 3) and inputs["images"].dtype == np.uint8
+  assert inputs["rows"].sharding.shard_shape((16, 5, 3)) == (2, 5, 3)
+  with pytest.raises(aot_steps.StageError, match="multiple of 8"):
+    aot_steps.abstract_inputs(host, 12, mesh)
+
+
+def test_unknown_stage_is_refused_with_one_line():
+  config = aot.load_config(f"{SFT}:tiny")
+  config.stage = "pretrain"
+  with pytest.raises(aot_steps.StageError, match="sft, rl, reason"):
+    with aot_steps.stage_environment(config):
+      pass
 
 
 @pytest.fixture(scope="module")
@@ -93,12 +104,21 @@ def test_cpu_topology_reports_memory_flops_and_verdict(tiny_cpu):
   assert r.device_bytes > 0
   assert r.flops_per_device > 0 and r.flops_program > 0
   assert r.trainable < r.params
+  # The model FLOPs count the real tokens of the compiled rows; the compiled program computes
+  # padding, both experts on every token and the remat recompute besides, and its loop bodies
+  # (the layer scans) run their trip counts, so it counts more than XLA's cost analysis.
+  model = r.model_flops["total"] / r.num_devices
+  assert 0 < model < r.hlo.flops
+  assert r.hlo.flops_once < r.hlo.flops and r.hlo.unknown_trip_counts == 0
+  assert r.flops_per_device == pytest.approx(r.hlo.flops_once, rel=0.5)
+  assert r.model_flops["backward"] > 0 and "gen" in r.model_flops["trainable_parts"]
   fits, line = aot.verdict(r)
   assert fits and line.startswith("FITS"), line
   fits, line = aot.verdict(r, hbm_gib=r.device_bytes / 2 / aot.GIB)
   assert not fits and line.startswith("DOES NOT FIT") and "2.0x" in line, line
   text = aot.report(r, hbm_gib=1e-6)
   assert "VERDICT: DOES NOT FIT" in text and "FLOPs per step" in text
+  assert "model (flops.py)" in text and "loop bodies times their trip counts" in text
 
 
 def test_parse_oom_reads_the_tpu_compiler_refusal():
@@ -137,3 +157,69 @@ def test_tpu_topology_compiles_the_tiny_step():
   assert r.flops_per_device > 0
   fits, line = aot.verdict(r)
   assert fits and "HBM of one TPU v5" in line, line
+
+
+# -- compiled FLOPs with loop trip counts (hlo_flops) --------------------------------------------
+
+def test_hlo_flops_counts_loop_bodies_by_their_trip_counts():
+  def f(w, x):
+    x, _ = jax.lax.scan(lambda x, w: (jnp.tanh(x @ w), None), x, w)
+    return jnp.sum(x)
+
+  w = jax.ShapeDtypeStruct((7, 64, 64), jnp.float32)
+  x = jax.ShapeDtypeStruct((32, 64), jnp.float32)
+  compiled = jax.jit(jax.grad(f)).lower(w, x).compile()
+  counted = hlo_flops.count(compiled.as_text())
+  matmul = 2 * 32 * 64 * 64
+  assert counted.flops == 7 * 3 * matmul  # forward, and the backward's two matmuls per layer
+  assert counted.flops_once == 3 * matmul and counted.unknown_trip_counts == 0
+  assert sorted(n for _, n, _ in counted.loops) == [7, 7]
+  # XLA's cost analysis counts each loop body once (its elementwise work besides).
+  assert counted.flops_once <= compiled.cost_analysis()["flops"] < 1.1 * counted.flops_once
+
+
+def test_hlo_flops_counts_convolutions_as_xla_does():
+  def f(image, kernel, a, b):
+    y = jax.lax.conv_general_dilated(image, kernel, (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jnp.sum(y) + jnp.sum(jnp.einsum("bij,bjk->bik", a, b))
+
+  args = (jax.ShapeDtypeStruct((2, 16, 16, 8), jnp.float32),
+          jax.ShapeDtypeStruct((3, 3, 8, 4), jnp.float32),
+          jax.ShapeDtypeStruct((3, 8, 16), jnp.float32),
+          jax.ShapeDtypeStruct((3, 16, 4), jnp.float32))
+  compiled = jax.jit(f).lower(*args).compile()
+  counted = hlo_flops.count(compiled.as_text())
+  assert counted.flops == pytest.approx(compiled.cost_analysis()["flops"], rel=0.05)
+
+
+def test_hlo_flops_reads_tpu_loops_and_batched_convolutions():
+  """TPU programs state no trip count (the condition's `i < 28` gives it) and write a batched
+  matmul (here 4 x [8, 16] @ [16, 8]) as a convolution whose dilated windows mostly hit holes."""
+  text = """HloModule m
+
+%cond (p: (s32[], f32[8,16])) -> pred[] {
+  %c = s32[]{:T(128)} constant(28)
+  %p = (s32[]{:T(128)}, f32[8,16]) parameter(0)
+  %i = s32[]{:T(128)} get-tuple-element(%p), index=0
+  ROOT %lt = pred[]{:T(512)} compare(%i, %c), direction=LT
+}
+
+%body (q: (s32[], f32[8,16])) -> (s32[], f32[8,16]) {
+  %q = (s32[], f32[8,16]) parameter(0)
+  %lhs = f32[8,4,16,1]{3,2,1,0} get-tuple-element(%q), index=1
+  %rhs = f32[8,4,1,16]{3,2,1,0} get-tuple-element(%q), index=1
+  CONV
+  ROOT %t = (s32[], f32[8,16]) tuple(%i, %conv)
+}
+
+ENTRY %main (x: f32[8,16]) -> f32[8,16] {
+  %x = f32[8,16] parameter(0)
+  %w = (s32[], f32[8,16]) while(%x), condition=%cond, body=%body
+  ROOT %r = f32[8,16] get-tuple-element(%w), index=1
+}
+""".replace("CONV", "%conv = f32[4,8,8,1]{3,2,1,0} convolution(%lhs, %rhs), "
+              "window={size=4x1 stride=3x1 lhs_dilate=4x1}, dim_labels=b0f1_o01i->0bf1")
+  counted = hlo_flops.count(text)
+  assert counted.flops_once == 4 * 2 * 8 * 16 * 8
+  assert counted.flops == 28 * counted.flops_once and counted.unknown_trip_counts == 0

@@ -1,6 +1,8 @@
 """Ahead-of-time compile of a stage's real train step for a TPU topology, on a CPU machine.
 
   python -m robust_u1_jax.bench aot --config configs/sft.py:bagel_7b --topology v5p-64
+  python -m robust_u1_jax.bench aot --config configs/rl.py:bagel_7b --topology v5p-64
+  python -m robust_u1_jax.bench aot --config configs/reason.py:bagel_7b --topology v5p-64
   python -m robust_u1_jax.bench aot --config configs/sft.py:tiny --topology cpu:8
   python -m robust_u1_jax.bench aot --config configs/sft.py:bagel_7b --topology v5p-64 \
       --override data.token_budget=8192 --override data.batch_size=64
@@ -9,9 +11,10 @@ Nothing is allocated: the run setup is the trainer's own (`run_setup.make_contex
 model config, checked against the data config) with a shape-only model whose shardings come from
 the logical-axis rules (`sharding.state_shardings`); the train state's shardings are the ones XLA
 gives `create_state` (compiled for the same devices, as the trainer's `jax.jit(create_state)`
-does), and the batch is `jax.ShapeDtypeStruct`s split over the ('data', 'fsdp') mesh axes like
-`multihost.global_batch`. The step is the stage's own `spec.make_step(graphdef, tx)`, jitted with
-the trainer's donation, lowered under the mesh and compiled for:
+does). The step's inputs are what the stage's own `host_inputs` makes of a batch of its pipeline,
+as sharded shapes (`aot_steps.py`: SFT rows, RL rollout contexts, reasoning rows with their
+precomputed recoveries). The step is the stage's own `spec.make_step(graphdef, tx)`, jitted with
+the trainer's donation (`trainer.jit_step`), lowered under the mesh and compiled for:
 
   v5p-64, v4-32, v5e-16, v6e-256 ...   Cloud TPU slice names (v4/v5p count TensorCores, two per
                                        chip; v5e/v6e count chips), default slice shapes
@@ -22,12 +25,16 @@ the trainer's donation, lowered under the mesh and compiled for:
 TPU topologies need libtpu (`pip install -e ".[tpu]"`: jax 0.10.2 pins libtpu 0.0.42.*), never a
 TPU: libtpu compiles for a described slice. The report gives XLA's per-device memory
 (`compiled.memory_analysis()`: arguments, outputs, aliased (donated) bytes, temporaries, code)
-against the chip's HBM, FLOPs per device from `compiled.cost_analysis()` and whole-program FLOPs
-from the lowered HLO, and a verdict. When a program does not fit, the TPU compiler itself refuses
-it (RESOURCE_EXHAUSTED); the verdict then quotes the compiler's numbers and largest allocations.
+against the chip's HBM and a verdict; when a program does not fit, the TPU compiler itself refuses
+it (RESOURCE_EXHAUSTED) and the verdict quotes the compiler's numbers and largest allocations.
 
-The step's inputs are derived from the config alone (`step_input_shapes`), not from a pipeline
-batch: the packed-row inputs (data.token_budget > 0) take their static shapes from the budget.
+FLOPs, three ways: the model FLOPs of the step's useful work (`flops.py`: each token through its
+own expert, the mask's attended pairs, the backward the trainable set needs); the compiled
+program's matmul FLOPs per device with every loop body counted as often as it runs
+(`hlo_flops.py`); and XLA's cost analysis, which counts each loop body (the layer scans, the
+sampler) once. The compiler's step-time estimate counts loop bodies once as well, so it is
+scaled by the compiled program's FLOPs with and without trip counts (an estimate, stated as one);
+the MFU printed is model FLOPs / (that time x peak).
 """
 
 from __future__ import annotations
@@ -48,7 +55,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 DEFAULT_CONFIG = os.path.normpath(
     os.path.join(os.path.dirname(__file__), "..", "..", "configs", "sft.py")) + ":tiny"
 DEFAULT_TOPOLOGY = "cpu:8"
-BATCH_AXES = ("data", "fsdp")  # as multihost.BATCH_AXES
 GIB = 1024 ** 3
 
 # Per chip (one JAX device per chip: megacore on v4/v5p), by device_kind: HBM in GiB and peak
@@ -162,17 +168,26 @@ def topology_devices(topology: str) -> tuple[list, str]:
 
 # ----------------------------------------------------------------------------------- the config
 
+# Fields a 7B variant leaves for the user to fill that an AOT compile does not read: no weights
+# load, and the batch comes from the shapes world (aot_steps.builder_config).
+PLACEHOLDERS = {"init_from": "random", "data.path": "unused", "eval_data.path": "unused"}
+
+
 def load_config(spec: str, overrides: dict[str, Any] | None = None):
-  """The run's config; an unset `init_from` (the 7B variants) becomes 'random': no weights load."""
+  """The run's config; the PLACEHOLDERS fields it leaves unset (the 7B variants' init_from and
+  dataset paths) are filled in, since nothing is loaded."""
   from robust_u1_jax import config_lib
 
   overrides = dict(overrides or {})
-  try:
-    return config_lib.load(spec, overrides)
-  except config_lib.ConfigError as e:
-    if "init_from" in overrides or "init_from" not in str(e):
-      raise
-  return config_lib.load(spec, {**overrides, "init_from": "random"})
+  while True:
+    try:
+      return config_lib.load(spec, overrides)
+    except config_lib.ConfigError as e:
+      field = next((f for f in PLACEHOLDERS
+                    if f not in overrides and re.search(rf"\b{re.escape(f)}\b", str(e))), None)
+      if field is None:
+        raise
+      overrides[field] = PLACEHOLDERS[field]
 
 
 def parse_overrides(items) -> dict[str, Any]:
@@ -189,37 +204,6 @@ def parse_overrides(items) -> dict[str, Any]:
     except (ValueError, SyntaxError):
       out[key.strip()] = value
   return out
-
-
-def _builder_config(config):
-  """The config the stage builder sees: evaluation (not part of the step) reads a few built-in
-  shapes-world images instead of the run's eval data, so building needs no dataset."""
-  c = config.copy_and_resolve_references()
-  e = c.eval_data
-  if e.source != "shapes":
-    side = math.lcm(e.vae_stride, e.vit_patch)
-    side *= -(-32 // side)
-    e.update(dict(source="shapes", path="", image_size=side, vae_max_side=side,
-                  vae_min_side=side, vit_max_side=side, vit_min_side=side))
-  e.update(dict(batch_size=min(e.batch_size, 8), token_budget=0, worker_count=0,
-                shapes_size=min(e.shapes_size, 64), shuffle=False, corruption="none"))
-  return c
-
-
-def abstract_context(config, devices=None):
-  """The trainer's own run setup (`run_setup.make_context`: mesh over `devices`, tokenizer,
-  markers, the model config checked against the data) with a shape-only model."""
-  from robust_u1_jax.training import run_setup
-
-  return run_setup.make_context(_builder_config(config), devices=devices, abstract=True)
-
-
-def build_stage(config, devices=None):
-  """(RunContext over an abstract model, the stage's StageSpec), as trainer.train builds them."""
-  from robust_u1_jax.training import stages
-
-  ctx = abstract_context(config, devices)
-  return ctx, stages.builder(config.stage)(ctx)
 
 
 @contextlib.contextmanager
@@ -246,92 +230,6 @@ def fast_tracer_errors():
     tracer._origin_msg = original
 
 
-# ------------------------------------------------------------------------------- the step's inputs
-
-def step_input_shapes(config, mc, instruction_tokens: int) -> dict[str, Any]:
-  """Global shapes of the step's inputs implied by the config (stage 'sft', and 'rl' rows).
-
-  Returns {'inputs': {SequenceInputs field: (shape, dtype)}, 'layout': {Layout field: ...},
-  'images': (shape, dtype), 'notes': {...}} for B = data.batch_size rows:
-
-  unpacked (data.token_budget == 0): one sample per row, padded to a no-dropout sample whose
-    images fill their canvas and whose instruction fills its padded width (a power of two >= 16,
-    the pipeline's text bucket): [VAE corrupted][ViT corrupted][instruction][VAE target]; images
-    (B, 2, H, W, 3) uint8 on the pipeline's canvas (the shapes world's size, else vae_max_side).
-  packed (data.token_budget > 0): T = token_budget tokens per row; the row's ViT patches and
-    latent tokens are bounded by T (their static shapes, since either may fill a row); images
-    (B, 2 S, H, W, 3) uint8, the corrupted and clean canvas of each of the S sample slots (S =
-    token_budget // the smallest sample: images at their min sides, a 2-token text, as the
-    pipeline's packing counts).
-  """
-  from robust_u1_jax.data import pipeline as pipeline_lib
-
-  d = config.data
-  b = int(d.batch_size)
-  ds = mc.latent_downsample
-  p = mc.vit.patch_size
-  canvas = pipeline_lib.image_canvas(d)  # {field: (H, W)}: the batch arrays' image sizes
-  hc, wc = canvas["clean"]
-  if d.token_budget > 0:
-    t = int(d.token_budget)
-    smallest = (2 + (d.vit_min_side // d.vit_patch) ** 2 + 2
-                + 2 * ((d.vae_min_side // d.vae_stride) ** 2 + 2))
-    slots = max(1, t // smallest)
-    n_vit = n_latent = t
-    images = (b, 2 * slots, hc, wc, 3)
-    notes = {"packing": f"{slots} sample slots per row (smallest sample {smallest} tokens)"}
-  else:
-    hv, wv = canvas["corrupted_vit"]
-    per_image = (hc // ds) * (wc // ds)
-    n_vit = (hv // p) * (wv // p)
-    n_latent = 2 * per_image
-    text_width = max(16, 1 << max(instruction_tokens - 1, 0).bit_length())
-    t = (per_image + 2) + (n_vit + 2) + text_width + (per_image + 2)
-    images = (b, 2, hc, wc, 3)
-    notes = {"packing": "none: one sample per row"}
-  i32 = np.int32
-  inputs = {"text_ids": ((b, t), i32), "token_kind": ((b, t), i32),
-            "source_index": ((b, t), i32), "positions": ((b, t), i32),
-            "vit_patches": ((b, n_vit, 3 * p * p), np.uint8),
-            "vit_position_ids": ((b, n_vit), i32), "vit_segment_ids": ((b, n_vit), i32),
-            "latent_position_ids": ((b, n_latent), i32), "latent_seq_index": ((b, n_latent), i32),
-            "latent_image_index": ((b, n_latent), i32)}
-  layout = {"sample_id": ((b, t), i32), "block_id": ((b, t), i32),
-            "causal": ((b, t), np.bool_), "noisy": ((b, t), np.bool_)}
-  return {"inputs": inputs, "layout": layout, "images": (images, np.uint8),
-          "notes": {"rows": b, "tokens": t, "vit_patches": n_vit, "latent_tokens": n_latent,
-                    **notes}}
-
-
-def abstract_inputs(shapes: dict[str, Any], mesh) -> tuple[Any, jax.ShapeDtypeStruct]:
-  """(SequenceInputs, images) of ShapeDtypeStructs, rows split over the batch axes."""
-  from robust_u1_jax.models import attention_mask
-  from robust_u1_jax.models import bagel as bagel_lib
-
-  rows = shapes["images"][0][0]
-  split = math.prod(mesh.shape[a] for a in BATCH_AXES)
-  if rows % split:
-    raise AotError(f"data.batch_size={rows} does not split over mesh axes {BATCH_AXES} of "
-                   f"{split} devices; use a multiple of {split}")
-  batch = NamedSharding(mesh, P(BATCH_AXES))
-
-  def struct(shape_dtype):
-    shape, dtype = shape_dtype
-    return jax.ShapeDtypeStruct(shape, dtype, sharding=batch)
-
-  def fill(cls, table, **extra):
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(names) - set(table) - set(extra))
-    if unknown:
-      raise AotError(f"{cls.__name__} has fields {unknown} that aot.step_input_shapes does not "
-                     "describe: add their shapes there")
-    return cls(**{n: extra[n] if n in extra else struct(table[n]) for n in names})
-
-  layout = fill(attention_mask.Layout, shapes["layout"])
-  inputs = fill(bagel_lib.SequenceInputs, shapes["inputs"], layout=layout)
-  return inputs, struct(shapes["images"])
-
-
 # ----------------------------------------------------------------------------------- compilation
 
 @dataclasses.dataclass
@@ -343,8 +241,7 @@ class AotResult:
   device_kind: str
   num_devices: int
   mesh: dict[str, int]
-  input_notes: dict[str, Any]
-  images_shape: tuple
+  inputs: str  # the step's input arrays, global shapes
   params: int  # parameters of the model
   trainable: int
   state_bytes_per_device: int  # the train state's shards on one device
@@ -358,7 +255,21 @@ class AotResult:
   flops_per_device: float | None  # compiled.cost_analysis()
   flops_program: float | None  # lowered.cost_analysis(): the unpartitioned program
   optimal_seconds: float | None  # the TPU compiler's own step-time estimate, when it gives one
+  model_flops: dict[str, Any]  # flops.step_flops of the step's work, over all devices
+  work_note: str  # what the model-FLOPs count assumes
+  # hlo_flops.count of one device's compiled program (None when refused or not readable)
+  hlo: Any = None
   oom: dict[str, Any] | None = None  # the compiler's RESOURCE_EXHAUSTED numbers, when refused
+
+  @property
+  def estimated_seconds(self) -> float | None:
+    """The compiler's step-time estimate with its loop bodies run their trip counts: scaled by
+    the compiled matmul FLOPs with / without trip counts (loops hold nearly all of them)."""
+    if not self.optimal_seconds:
+      return None
+    if self.hlo is None or not self.hlo.flops_once:
+      return self.optimal_seconds
+    return self.optimal_seconds * self.hlo.flops / self.hlo.flops_once
 
   @property
   def device_bytes(self) -> int | None:
@@ -468,6 +379,8 @@ def compile_step(config_spec: str = "", topology: str = DEFAULT_TOPOLOGY,
                  overrides: dict[str, Any] | None = None, *, verbose: bool = True) -> AotResult:
   """Lowers and compiles the config's train step for `topology` without allocating weights."""
   from robust_u1_jax import config_lib
+  from robust_u1_jax.benchmarks import aot_steps
+  from robust_u1_jax.training import run_setup
 
   spec_name = config_spec or DEFAULT_CONFIG
   devices, description = topology_devices(topology)
@@ -475,21 +388,24 @@ def compile_step(config_spec: str = "", topology: str = DEFAULT_TOPOLOGY,
     config = load_config(spec_name, overrides)
   except (config_lib.ConfigError, FileNotFoundError, KeyError, TypeError, ValueError) as e:
     raise AotError(f"config {spec_name}: {e}") from e
-  if config.stage not in ("sft",):
-    raise AotError(f"stage {config.stage!r}: aot.step_input_shapes describes the sft step's "
-                   "inputs only; add this stage's input shapes there")
   if config.get("lora") is not None and config.lora.rank > 0:
     raise AotError("lora.rank > 0: the AOT check builds the full-training state only; LoRA "
                    "factors are initialised from real kernels (trainer.apply_lora)")
-  try:
-    ctx = abstract_context(config, devices)  # cheap: the model is built when the stage asks
-  except (config_lib.ConfigError, FileNotFoundError, ValueError) as e:
-    raise AotError(f"config {spec_name}: {e}") from e
   say = print if verbose else (lambda *a, **k: None)
-  say(f"AOT: {spec_name} (stage {config.stage}) for {topology}: {description}, "
-      f"{len(devices)} x {devices[0].device_kind}, mesh {dict(ctx.mesh.shape)}", flush=True)
-  with fast_tracer_errors(), _persistent_cache(topology.startswith("cpu:")):
-    return _compile(config, ctx, spec_name, topology, description, devices, say)
+  try:
+    with aot_steps.stage_environment(config) as workdir:
+      try:
+        build_config = aot_steps.builder_config(config, workdir)
+        # Cheap: the model is built when the stage asks for it.
+        ctx = run_setup.make_context(build_config, devices=devices, abstract=True)
+      except (config_lib.ConfigError, FileNotFoundError, ValueError) as e:
+        raise AotError(f"config {spec_name}: {e}") from e
+      say(f"AOT: {spec_name} (stage {config.stage}) for {topology}: {description}, "
+          f"{len(devices)} x {devices[0].device_kind}, mesh {dict(ctx.mesh.shape)}", flush=True)
+      with fast_tracer_errors(), _persistent_cache(topology.startswith("cpu:")):
+        return _compile(build_config, ctx, spec_name, topology, description, devices, say)
+  except aot_steps.StageError as e:
+    raise AotError(f"config {spec_name}: {e}") from e
 
 
 @contextlib.contextmanager
@@ -516,7 +432,9 @@ def _persistent_cache(enabled: bool):
 
 
 def _compile(config, ctx, spec_name, topology, description, devices, say) -> AotResult:
-  from robust_u1_jax.data import tokenizer as tokenizer_lib
+  """`config`: the builder config (aot_steps.builder_config), the one `ctx` was made from."""
+  from robust_u1_jax import flops
+  from robust_u1_jax.benchmarks import aot_steps
   from robust_u1_jax.training import stages
   from robust_u1_jax.training import state as state_lib
   from robust_u1_jax.training import trainer
@@ -524,14 +442,13 @@ def _compile(config, ctx, spec_name, topology, description, devices, say) -> Aot
   mesh = ctx.mesh
   t0 = time.perf_counter()
   spec = stages.builder(config.stage)(ctx)
-  instruction = config.get("instruction", tokenizer_lib.RECOVERY_INSTRUCTION)
-  n_text = len(tokenizer_lib.encode_text_block(ctx.tokenizer, instruction))
-  shapes = step_input_shapes(config, ctx.model_config, n_text)
-  inputs = abstract_inputs(shapes, mesh)
-  notes = shapes["notes"]
-  say(f"inputs (global): {notes['rows']} rows x {notes['tokens']} tokens, "
-      f"{notes['vit_patches']} ViT patches, {notes['latent_tokens']} latent tokens, images "
-      f"{'x'.join(map(str, shapes['images'][0]))} uint8; {notes['packing']}", flush=True)
+  _, host = aot_steps.host_batch(config, ctx, spec)
+  rows = int(config.data.batch_size)
+  inputs = aot_steps.abstract_inputs(host, rows, mesh)
+  work, work_note = aot_steps.stage_work(config, ctx.model_config, host, rows)
+  model_flops = flops.step_flops(ctx.model_config, work, spec.trainable)
+  described = describe_inputs(inputs)
+  say(f"inputs (global): {described}", flush=True)
 
   graphdef, params, frozen = state_lib.split_model(ctx.model, spec.trainable)
   tx = state_lib.make_optimizer(config.optimizer, config.total_steps)
@@ -558,7 +475,7 @@ def _compile(config, ctx, spec_name, topology, description, devices, say) -> Aot
   lower_s = time.perf_counter() - t0
   say(f"lowered in {lower_s:.1f} s; compiling ...", flush=True)
   t0 = time.perf_counter()
-  memory, cost, oom = None, {}, None
+  memory, cost, oom, hlo = None, {}, None, None
   try:
     compiled = lowered.compile()
   except Exception as e:  # the TPU compiler refuses programs that exceed HBM
@@ -571,19 +488,42 @@ def _compile(config, ctx, spec_name, topology, description, devices, say) -> Aot
       memory = {f: int(getattr(stats, f)) for f in dir(stats)
                 if f.endswith("_in_bytes") and isinstance(getattr(stats, f), (int, float))}
     cost = _cost(compiled)
+    hlo = compiled_matmul_flops(compiled)
   compile_s = time.perf_counter() - t0
   program_flops = _program_cost(lowered).get("flops")
   return AotResult(
       config=spec_name, stage=config.stage, topology=topology, description=description,
       device_kind=devices[0].device_kind, num_devices=len(devices), mesh=dict(mesh.shape),
-      input_notes=notes, images_shape=shapes["images"][0],
-      params=_count(params) + _count(frozen), trainable=_count(params),
+      inputs=described, params=_count(params) + _count(frozen), trainable=_count(params),
       state_bytes_per_device=_shard_bytes(state), replicated_state=replicated_leaves(state),
       batch_bytes_per_device=_shard_bytes(inputs),
       build_s=build_s, lower_s=lower_s, compile_s=compile_s, memory=memory,
       flops_per_device=float(cost["flops"]) if cost.get("flops") else None,
       flops_program=float(program_flops) if program_flops else None,
-      optimal_seconds=cost.get("optimal_seconds"), oom=oom)
+      optimal_seconds=cost.get("optimal_seconds"), model_flops=model_flops,
+      work_note=work_note, hlo=hlo, oom=oom)
+
+
+def compiled_matmul_flops(compiled):
+  """hlo_flops.count of one device's compiled program; None when its text is not available."""
+  from robust_u1_jax.benchmarks import hlo_flops
+
+  try:
+    return hlo_flops.count(compiled.as_text())
+  except Exception:  # a backend without HLO text, or a format the parser does not know
+    return None
+
+
+def describe_inputs(inputs) -> str:
+  """'name shape dtype' of the step's input arrays of two or more dimensions (global shapes)."""
+  parts = []
+  for path, x in jax.tree_util.tree_flatten_with_path(inputs)[0]:
+    if len(x.shape) >= 2 and not jax.tree_util.keystr(path).endswith(
+        ("source_index", "positions", "position_ids", "segment_ids", "seq_index", "image_index",
+         "block_id", "causal", "noisy", "sample_id", "text_ids")):
+      parts.append(f"{jax.tree_util.keystr(path).lstrip('.')} "
+                   f"{'x'.join(map(str, x.shape))} {np.dtype(x.dtype).name}")
+  return ", ".join(parts)
 
 
 # ----------------------------------------------------------------------------------- the verdict
@@ -643,10 +583,8 @@ def report(result: AotResult, hbm_gib: float | None = None) -> str:
       f"AOT compile of the {r.stage} train step: {r.config}",
       f"  target: {r.topology} = {r.description}, {r.num_devices} x {r.device_kind}, "
       f"mesh {r.mesh}",
-      f"  model: {_number(r.params)} parameters, {_number(r.trainable)} trainable; inputs "
-      f"{r.input_notes['rows']} rows x {r.input_notes['tokens']} tokens, "
-      f"{r.input_notes['vit_patches']} ViT patches, {r.input_notes['latent_tokens']} latent "
-      f"tokens, images {'x'.join(map(str, r.images_shape))} uint8",
+      f"  model: {_number(r.params)} parameters, {_number(r.trainable)} trainable",
+      f"  inputs: {r.inputs}",
       f"  build {r.build_s:.1f} s, lower {r.lower_s:.1f} s, compile {r.compile_s:.1f} s",
       "  per-device memory:",
       f"    train state shards (from shardings) {_bytes(r.state_bytes_per_device)}",
@@ -675,21 +613,45 @@ def report(result: AotResult, hbm_gib: float | None = None) -> str:
               "    " + r.oom["details"].replace("\n", "\n    ")]
   limit, source = device_limit(r, hbm_gib)
   lines.append(f"    limit            {_bytes(limit)}  ({source})")
-  flops = []
-  if r.flops_per_device:
-    flops.append(f"{r.flops_per_device:.4g} per device (compiled), "
-                 f"{r.flops_per_device * r.num_devices:.4g} over {r.num_devices} devices")
-  if r.flops_program:
-    flops.append(f"{r.flops_program:.4g} in the unpartitioned program (lowered)")
-  lines.append("  FLOPs per step: " + ("; ".join(flops) or "not reported"))
-  peak = CHIPS.get(r.device_kind, (None, None))[1]
-  per_device = r.flops_per_device or (r.flops_program / r.num_devices if r.flops_program else None)
-  if peak and per_device:
-    lines.append(f"  step time at 100% of the chip's {peak / 1e12:.0f} TFLOP/s: "
-                 f"{per_device / peak:.3f} s" + (f"; XLA's estimate {r.optimal_seconds:.3f} s"
-                                                 if r.optimal_seconds else ""))
+  lines += flops_report(r)
   lines.append("  VERDICT: " + verdict(r, hbm_gib)[1])
   return "\n".join(lines)
+
+
+def flops_report(r: AotResult) -> list[str]:
+  """The FLOPs, step-time and MFU lines of the report (per device)."""
+  from robust_u1_jax import flops
+
+  n = r.num_devices
+  model = r.model_flops["total"] / n
+  lines = ["  FLOPs per step, per device:",
+           f"    model (flops.py)          {model:.4g}: " + flops.describe(r.model_flops)
+           + f" over {n} devices",
+           f"      {r.work_note}"]
+  if r.hlo is not None:
+    unknown = (f"; {r.hlo.unknown_trip_counts} loops of unknown trip count counted once"
+               if r.hlo.unknown_trip_counts else "")
+    lines.append(f"    compiled matmuls          {r.hlo.flops:.4g} ({r.hlo.flops / model:.2f}x the "
+                 f"model FLOPs), loop bodies times their trip counts{unknown}")
+  if r.flops_per_device:
+    lines.append(f"    XLA cost analysis         {r.flops_per_device:.4g}, every loop body "
+                 "counted once" + (f"; whole program before partitioning {r.flops_program:.4g}"
+                                   if r.flops_program else ""))
+  peak = CHIPS.get(r.device_kind, (None, None))[1]
+  if not peak:
+    return lines
+  lines.append(f"  step time per device at 100% of {peak / 1e12:.0f} TFLOP/s: model FLOPs "
+               f"{model / peak:.3f} s" + (f", compiled matmuls {r.hlo.flops / peak:.3f} s"
+                                          if r.hlo is not None else ""))
+  if r.optimal_seconds:
+    est = r.estimated_seconds
+    lines.append(f"  compiler's estimate {r.optimal_seconds:.3f} s with loop bodies once -> "
+                 f"{est:.3f} s with their trip counts (scaled by the compiled matmul FLOPs)")
+    compiled = (f", compiled-FLOPs utilisation {r.hlo.flops / (est * peak):.0%}"
+                if r.hlo is not None else "")
+    lines.append(f"  MFU at that estimate: {flops.mfu(model, est, peak):.1%} (model FLOPs)"
+                 + compiled)
+  return lines
 
 
 def run(*, seconds: float = 0.0, config: str = "", threads: int | None = None,
