@@ -244,6 +244,14 @@ def lengths(blocks: Sequence[Block], vit_patch: int, vae_stride: int) -> tuple[i
   return tokens, vit, latent
 
 
+def max_lengths(block_lists: Sequence[Sequence[Block]], config: BagelConfig
+                ) -> tuple[int, int, int]:
+  """(tokens, ViT patches, latent tokens) of the longest of `block_lists` in each: rows that
+  hold any of them."""
+  vit_patch, vae_stride = strides(config)
+  return tuple(max(x) for x in zip(*(lengths(b, vit_patch, vae_stride) for b in block_lists)))
+
+
 # -- pipeline batches ------------------------------------------------------------------------------
 # A stage turns each sample of `packing.batch_samples(batch)` into blocks; these give the static
 # shapes of the rows and the images the step VAE-encodes, the same way for unpacked batches (one
@@ -360,8 +368,36 @@ def vqa_blocks(sample: Mapping[str, Any], canvas: tuple[int, int] | None = None
           Text(sample["question_ids"]), Text(sample["answer_ids"])]
 
 
+def understanding_blocks(sample: Mapping[str, Any], prompt_ids: Sequence[int],
+                         answer_ids: Sequence[int], canvas: tuple[int, int] | None = None
+                         ) -> list[Block]:
+  """[VAE] [ViT] [prompt] [answer] of the sample's clean image (VAE image 0; stage 'pretrain').
+
+  With data.corruption='none' the pipeline's 'corrupted_vit' is the clean image at its ViT size.
+  """
+  clean = sample["clean"]
+  return [Latent(*clean.shape[:2], image=0, canvas=canvas),
+          Vit(vit_input(sample.get("corrupted_vit", clean))), Text(prompt_ids), Text(answer_ids)]
+
+
+def text_to_image_blocks(sample: Mapping[str, Any], canvas: tuple[int, int] | None = None, *,
+                         use_text: bool = True) -> list[Block]:
+  """[caption] [noisy image] (stage 'pretrain'); the target is VAE image 1, as in
+  `recovery_blocks`."""
+  h, w = sample["clean"].shape[:2]
+  text = [Text(sample["caption_ids"])] if use_text else []
+  return text + [Latent(h, w, noisy=True, image=1, canvas=canvas)]
+
+
+def reconstruction_blocks(sample: Mapping[str, Any], instruction_ids: Sequence[int],
+                          canvas: tuple[int, int] | None = None, **use) -> list[Block]:
+  """`recovery_blocks` with the clean image in the corrupted image's place (stage 'pretrain')."""
+  return recovery_blocks(sample["clean"], sample.get("corrupted_vit", sample["clean"]),
+                         instruction_ids, canvas=canvas, **use)
+
+
 # (pipeline sample, VAE canvas) -> the sample's blocks, per pipeline stage that packs ('pretrain'
-# rows are two per sample, unpacked: training/pretrain.py).
+# makes two rows of a sample, from the three layouts above, and does not pack).
 STAGE_BLOCKS: dict[str, Callable[..., list[Block]]] = {
     "sft": sft_blocks, "rl": sft_blocks, "reason": reasoning_blocks, "vqa": vqa_blocks}
 

@@ -98,8 +98,7 @@ def gather_latents(tokens_bnc: Array, rows: bagel_lib.SequenceInputs) -> Array:
 def rows(blocks_per_row: Sequence[Sequence[sequence.Block]], config: bagel_lib.BagelConfig,
          markers: sequence.Markers, *, min_length: int = 0) -> bagel_lib.SequenceInputs:
   """Numpy rows, one sample each, padded to the longest (and at least `min_length` tokens)."""
-  seq_len, max_vit, max_latent = (max(x) for x in zip(
-      *(sequence.lengths(b, *sequence.strides(config)) for b in blocks_per_row)))
+  seq_len, max_vit, max_latent = sequence.max_lengths(blocks_per_row, config)
   return sequence.build_rows([[b] for b in blocks_per_row], config, markers,
                              seq_len=max(seq_len, min_length), max_vit=max_vit,
                              max_latent=max_latent)

@@ -2,7 +2,7 @@
 
 Everything but the VAE trains (the VAE comes frozen from part 1, `bootstrap_vae`), on CLEAN images
 only, so the model can describe and draw the world but has never seen a corruption. Each record
-of a batch gives one row of each kind, in BAGEL's block formats:
+of a batch gives one row of each kind, in BAGEL's block formats (data/sequence.py):
 
   understanding  [VAE: image] [ViT: image] [prompt] [answer]: cross-entropy on the answer
                  (`reasoning.answer_loss`); the prompt is one of the world's multiple-choice
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -51,40 +51,6 @@ MAX_ANSWER_TOKENS = 96  # the world's answers are at most 77 tokens, its caption
 # -- host side: blocks and rows --------------------------------------------------------------------
 
 
-def understanding_blocks(sample: Mapping[str, Any], prompt_ids: Sequence[int],
-                         answer_ids: Sequence[int], canvas: tuple[int, int] | None
-                         ) -> list[sequence.Block]:
-  """[VAE] [ViT] [prompt] [answer] of the sample's clean image (VAE image 0).
-
-  With data.corruption='none' the pipeline's 'corrupted_vit' is the clean image at its ViT size.
-  """
-  clean = sample["clean"]
-  return [sequence.Latent(*clean.shape[:2], image=0, canvas=canvas),
-          sequence.Vit(sequence.vit_input(sample.get("corrupted_vit", clean))),
-          sequence.Text(prompt_ids), sequence.Text(answer_ids)]
-
-
-def text_to_image_blocks(sample: Mapping[str, Any], canvas: tuple[int, int] | None, *,
-                         use_text: bool = True) -> list[sequence.Block]:
-  """[caption] [noisy image]; the target is VAE image 1, as in `recovery_blocks`."""
-  h, w = sample["clean"].shape[:2]
-  text = [sequence.Text(sample["caption_ids"])] if use_text else []
-  return text + [sequence.Latent(h, w, noisy=True, image=1, canvas=canvas)]
-
-
-def reconstruction_blocks(sample: Mapping[str, Any], instruction_ids: Sequence[int],
-                          canvas: tuple[int, int] | None, **use) -> list[sequence.Block]:
-  """`recovery_blocks` with the clean image in the corrupted image's place."""
-  return sequence.recovery_blocks(sample["clean"], sample.get("corrupted_vit", sample["clean"]),
-                                  instruction_ids, canvas=canvas, **use)
-
-
-def _bounds(block_lists: Sequence[Sequence[sequence.Block]], config: BagelConfig
-            ) -> tuple[int, int, int]:
-  strides = sequence.strides(config)
-  return tuple(max(x) for x in zip(*(sequence.lengths(b, *strides) for b in block_lists)))
-
-
 def pretrain_rows(batch: Mapping[str, Any], config: BagelConfig, markers: sequence.Markers,
                   rng: np.random.Generator, settings: Mapping[str, Any]):
   """Host side: an unpacked 'pretrain' pipeline batch -> (understanding SequenceInputs, their
@@ -100,23 +66,26 @@ def pretrain_rows(batch: Mapping[str, Any], config: BagelConfig, markers: sequen
   und, gen, answers = [], [], []
   for r, (sample,) in enumerate(packing.batch_samples(batch)):
     if rng.uniform() < settings["caption_fraction"]:
-      blocks = understanding_blocks(sample, prompt, sample["caption_ids"], size)
+      blocks = sequence.understanding_blocks(sample, prompt, sample["caption_ids"], size)
     else:
-      blocks = understanding_blocks(sample, sample["question_ids"], sample["answer_ids"], size)
-    answers.append((r, sequence.lengths(blocks[:-1], *sequence.strides(config))[0], blocks[-1].ids))
+      blocks = sequence.understanding_blocks(sample, sample["question_ids"],
+                                             sample["answer_ids"], size)
+    answers.append((r, sequence.lengths(blocks[:-1], *sequence.strides(config))[0],
+                    blocks[-1].ids))
     und.append([blocks])
     keep = rng.uniform(size=3) >= np.asarray(settings["dropout"])
     if rng.uniform() < settings["text_to_image_fraction"]:
-      gen.append([text_to_image_blocks(sample, size, use_text=keep[0])])
+      gen.append([sequence.text_to_image_blocks(sample, size, use_text=keep[0])])
     else:
-      gen.append([reconstruction_blocks(sample, instruction, size, use_text=keep[0],
-                                        use_vit=keep[1], use_vae=keep[2])])
+      gen.append([sequence.reconstruction_blocks(sample, instruction, size, use_text=keep[0],
+                                                 use_vit=keep[1], use_vae=keep[2])])
   widest = {k: v[0] for k, v in batch.items()}  # texts at the batch's padded width
-  und_bounds = _bounds([understanding_blocks(widest, widest["question_ids"],
-                                             widest["answer_ids"], size),
-                        understanding_blocks(widest, prompt, widest["caption_ids"], size)], config)
-  gen_bounds = _bounds([text_to_image_blocks(widest, size),
-                        reconstruction_blocks(widest, instruction, size)], config)
+  und_bounds = sequence.max_lengths(
+      [sequence.understanding_blocks(widest, widest["question_ids"], widest["answer_ids"], size),
+       sequence.understanding_blocks(widest, prompt, widest["caption_ids"], size)], config)
+  gen_bounds = sequence.max_lengths([sequence.text_to_image_blocks(widest, size),
+                                     sequence.reconstruction_blocks(widest, instruction, size)],
+                                    config)
   und_inputs = sequence.build_rows(und, config, markers, seq_len=und_bounds[0],
                                    max_vit=und_bounds[1], max_latent=und_bounds[2],
                                    images_per_sample=1)
@@ -221,8 +190,8 @@ def make_eval(ctx) -> Callable:
   shown = samples[:GRID_IMAGES]
   h, w = shown[0]["clean"].shape[:2]
   # Understanding: every question, then every caption prompt, as one batch of rows.
-  ask = [understanding_blocks(s, s["question_ids"], [], None)[:-1] for s in samples]
-  ask += [understanding_blocks(s, prompt, [], None)[:-1] for s in samples]
+  ask = [sequence.understanding_blocks(s, s["question_ids"], [], None)[:-1] for s in samples]
+  ask += [sequence.understanding_blocks(s, prompt, [], None)[:-1] for s in samples]
   ask_images = np.stack([s["clean"] for s in samples] * 2)[:, None]
   recon = jax.tree.map(jnp.asarray, recovery_lib.recovery_inputs(
       [{"corrupted": s["clean"], "corrupted_vit": s["corrupted_vit"]} for s in shown], config,
