@@ -4,6 +4,7 @@
   python -m robust_u1_jax.bench data --long          # 10x longer measurements
   python -m robust_u1_jax.bench data --config configs/sft.py:tiny --threads 2
   python -m robust_u1_jax.bench corrupt              # JAX corruptions vs host references
+  python -m robust_u1_jax.bench experts              # routed experts vs both on every token
   python -m robust_u1_jax.bench aot --config configs/sft.py:bagel_7b --topology v5p-64
   python -m robust_u1_jax.bench recover --topology v5p-8
 
@@ -28,6 +29,8 @@ BENCHMARKS = {
                 "each ImageNet-C corruption on 32 x 224^2 images: JAX vs NumPy/SciPy/PIL"),
     "model": ("robust_u1_jax.benchmarks.model",
               "tiny LLM forward+backward vs PyTorch; cached denoising step at context L and 2L"),
+    "experts": ("robust_u1_jax.benchmarks.experts",
+                "MoT forward+backward on mixed packed rows: each token's expert vs both experts"),
     "aot": ("robust_u1_jax.benchmarks.aot",
             "compile a stage's train step ahead of time for a TPU topology: memory, FLOPs, fits?"),
     "recover": ("robust_u1_jax.benchmarks.recover",

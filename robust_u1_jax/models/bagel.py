@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from robust_u1_jax import pixels
-from robust_u1_jax.models import attention_mask, layers
+from robust_u1_jax.models import attention_mask, layers, qwen2_mot
 from robust_u1_jax.models.kv_cache import KVCache
 from robust_u1_jax.models.qwen2_mot import LLMConfig, Qwen2MoT
 from robust_u1_jax.models.siglip import Connector, SiglipConfig, SiglipVisionTower
@@ -125,6 +125,29 @@ class SequenceInputs:
   # (B, Nl) int32: which token of the row's VAE-encoded images (stacked, all of one size) feeds
   # each latent token; training gathers the encoded latents with it.
   latent_image_index: Array
+  # Static: at most this many understanding-expert tokens (TEXT and VIT) per row, the capacity of
+  # that expert's buffer (`bound_experts` declares it); None: T. The generation expert's is Nl.
+  max_und: int | None = flax.struct.field(pytree_node=False, default=None)
+
+  def routing(self) -> qwen2_mot.Routing:
+    """Each token to its expert (latent tokens: generation; padding: none), with capacities
+    `max_und` and Nl."""
+    kind = self.token_kind
+    return qwen2_mot.route_tokens(kind == LATENT, kind != PAD, und_capacity=self.max_und,
+                                  gen_capacity=min(self.latent_seq_index.shape[1], kind.shape[1]))
+
+
+def bound_experts(inputs: SequenceInputs) -> SequenceInputs:
+  """Host side (rows of numpy arrays): declares `max_und` = T - Nl when every row holds at most
+  that many understanding tokens, so the two experts' buffers together are one row. Rows sized by
+  a sample that fills its canvases always do; packed rows, whose latent slots are the whole row,
+  keep None (both buffers a row) until the packer budgets each expert's tokens."""
+  kind = np.asarray(inputs.token_kind)
+  t, nl = kind.shape[1], inputs.latent_seq_index.shape[1]
+  und = ((kind == TEXT) | (kind == VIT)).sum(axis=1)
+  if nl < t and int(und.max(initial=0)) <= t - nl:
+    return inputs.replace(max_und=t - nl)
+  return inputs
 
 
 class Bagel(nnx.Module):
@@ -205,7 +228,7 @@ class Bagel(nnx.Module):
     """Final hidden states (B, T, hidden) over packed rows with the BAGEL mask."""
     x = self.embed_sequence(inputs, latents_bnc, timesteps_bn)
     mask = attention_mask.packed_mask(inputs.layout)
-    return self.language_model(x, inputs.positions, mask, inputs.token_kind == LATENT)
+    return self.language_model(x, inputs.positions, mask, inputs.routing())
 
   def velocity(self, hidden_btd: Array, latent_seq_index_bn: Array) -> Array:
     """Predicted velocity (B, Nl, latent_channels) at the latent tokens."""
@@ -229,8 +252,7 @@ class Bagel(nnx.Module):
     x = self.embed_sequence(inputs, latents_bnc, timesteps_bn)
     positions = inputs.positions + cache.next_position[:, None]
     mask = attention_mask.packed_mask(inputs.layout)
-    _, cache = self.language_model.extend(cache, x, positions, mask,
-                                          inputs.token_kind == LATENT,
+    _, cache = self.language_model.extend(cache, x, positions, mask, inputs.routing(),
                                           valid_bt=inputs.token_kind != PAD)
     return cache
 
@@ -247,9 +269,8 @@ class Bagel(nnx.Module):
     positions = inputs.positions + cache.next_position[:, None]
     valid = inputs.token_kind != PAD
     block = valid[:, :, None] & valid[:, None, :]
-    hidden, _ = self.language_model.extend(cache, x, positions, block,
-                                           inputs.token_kind == LATENT, valid_bt=valid,
-                                           write=False)
+    hidden, _ = self.language_model.extend(cache, x, positions, block, inputs.routing(),
+                                           valid_bt=valid, write=False)
     return self.velocity(hidden, inputs.latent_seq_index)
 
 

@@ -252,9 +252,3 @@ def scan(layer_stack: nnx.Module, step: Callable[[nnx.Module, Any, Any], tuple[A
     # costs (JAX's advice for remat under scan).
     body = jax.checkpoint(body, policy=policy, prevent_cse=False)
   return jax.lax.scan(body, carry, (state, xs))
-
-
-def broadcast_mask(mask_bt: Array, like: Array) -> Array:
-  """A (B, T) bool mask reshaped to broadcast over `like` (B, T, ...)."""
-  return mask_bt.reshape(mask_bt.shape + (1,) * (like.ndim - mask_bt.ndim))
-

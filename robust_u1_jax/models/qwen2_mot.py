@@ -1,12 +1,21 @@
 """Qwen2 decoder with BAGEL's Mixture-of-Transformers (MoT) experts, packed attention, KV cache.
 
 Every decoder layer holds an understanding expert (`und`: text and ViT tokens) and, when
-`config.mot`, a generation expert (`gen`: VAE latent tokens) of identical shapes. Tokens are routed
-per token with static shapes: a `route` is either the string 'und' / 'gen' (all tokens use one
-expert, one expert's compute) or a (B, T) bool array, True for generation tokens (both experts run
-on all tokens and the output is selected per token). Attention is one joint self-attention over
-the whole packed row, with RoPE from explicit per-token positions and an explicit (B, T, S) mask
-(see `attention_mask.packed_mask`).
+`config.mot`, a generation expert (`gen`: VAE latent tokens) of identical shapes. Each token is
+computed by its own expert only, with static shapes. A `route` is the string 'und' / 'gen' (all
+tokens use one expert), a `Routing` (each expert's tokens gathered into a buffer of static
+capacity, see `route_tokens`), or a (B, T) bool array, True for generation tokens (a `Routing` with
+both capacities T: exact for any mask, but each expert's buffer is the whole row). Attention is
+one joint self-attention over the whole packed row, with RoPE from explicit per-token positions
+and an explicit (B, T, S) mask (see `attention_mask.packed_mask`).
+
+Why capacities: a dense matmul needs its token count at trace time, so an expert's buffer must
+hold the most tokens a row can give it; the sum of the two capacities is the work. A row's
+generation tokens are its latent tokens, at most the row's latent slots (`SequenceInputs`
+`latent_seq_index` width Nl, which the row builder enforces), and its understanding tokens are at
+most `SequenceInputs.max_und` when the rows declare it (rows sized by a sample filling its canvas
+hold at most T - Nl: then the two buffers together are one row, half today's both-experts work).
+Padding tokens (attending nothing, attended by nothing, read by no loss) go to neither expert.
 
 The decoder layers are one `layers.stack`: every layer parameter is stacked along a leading layer
 axis (logical name `layers`, never sharded), and the forward and KV-cache paths run them as one
@@ -27,8 +36,10 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from robust_u1_jax import sharding
@@ -36,7 +47,7 @@ from robust_u1_jax.models import layers
 from robust_u1_jax.models.kv_cache import KVCache
 
 Array = jax.Array
-Route = Array | str | None
+Route = Any  # 'und' | 'gen' | None (= 'und') | Routing | (B, T) bool array
 COMPONENT = "llm"
 GEN_FILTER = nnx.PathContains("gen")
 
@@ -164,18 +175,73 @@ class Expert(nnx.Module):
   def ffn(self, x_btd: Array) -> Array:
     return self.mlp(self.post_norm(x_btd))
 
+  def out_ffn(self, x_btd: Array, attn_bthd: Array) -> Array:
+    """The rest of the layer after attention, both residual branches (one gather per expert)."""
+    x_btd = x_btd + self.out(attn_bthd)
+    return x_btd + self.ffn(x_btd)
 
-def _select(fn, und: nnx.Module, gen: nnx.Module | None, route: Route, *args):
-  """fn(expert, *args) routed per token; both experts run when `route` is a (B, T) mask."""
+
+@flax.struct.dataclass
+class Routing:
+  """Where each expert's tokens sit in the row: (B, C) positions, C the expert's static capacity;
+  unused slots hold T (out of the row: gathered clamped, dropped when scattered back)."""
+  und_index: Array  # (B, Cu) int32
+  gen_index: Array  # (B, Cg) int32
+
+
+def route_tokens(is_gen_bt: Array, valid_bt: Array | None = None, *,
+                 und_capacity: int | None = None, gen_capacity: int | None = None) -> Routing:
+  """Routing of a (B, T) token-to-expert mask (True: generation expert) by one stable sort per
+  row: understanding tokens first, then invalid ones (`valid_bt` False: padding, no expert), then
+  generation tokens; the first `und_capacity` and the last `gen_capacity` sorted slots (default T
+  each) are the experts' buffers. A capacity below an expert's token count of a row drops its
+  extra tokens, so capacities must be bounds the rows guarantee (module docstring)."""
+  b, t = is_gen_bt.shape
+  cu = t if und_capacity is None else int(und_capacity)
+  cg = t if gen_capacity is None else int(gen_capacity)
+  if not (0 <= cu <= t and 0 <= cg <= t):
+    raise ValueError(f"expert capacities ({cu}, {cg}) must lie in [0, T={t}]")
+  valid = jnp.ones((b, t), bool) if valid_bt is None else valid_bt
+  expert_bt = jnp.where(valid, jnp.where(is_gen_bt, 2, 0), 1)  # sort key: und, none, gen
+  order_bt = jnp.argsort(expert_bt, axis=1, stable=True).astype(jnp.int32)
+
+  def slots(order, expert):
+    mine = jnp.take_along_axis(expert_bt, order, axis=1) == expert
+    return jnp.where(mine, order, t)
+
+  return Routing(slots(order_bt[:, :cu], 0), slots(order_bt[:, t - cg:], 2))
+
+
+def _gather(x_btd: Array, index_bn: Array) -> Array:
+  index = jnp.minimum(index_bn, x_btd.shape[1] - 1)
+  return jnp.take_along_axis(x_btd, index.reshape(index.shape + (1,) * (x_btd.ndim - 2)), axis=1)
+
+
+def _scatter(base_btd: Array, index_bn: Array, values_bnd: Array) -> Array:
+  rows = jnp.arange(index_bn.shape[0])[:, None]
+  return base_btd.at[rows, index_bn].set(values_bnd.astype(base_btd.dtype), mode="drop")
+
+
+def _routed(fn, und: nnx.Module, gen: nnx.Module | None, route: Route, base, *args):
+  """fn(expert, *args) with each token through its own expert only.
+
+  `args` are (B, T, ...) arrays; `fn`'s outputs are (B, T, ...) like `base` (a pytree): with a
+  `Routing`, each expert runs on its gathered tokens and its outputs are written over `base` at
+  those tokens (tokens of neither expert keep `base`).
+  """
   if gen is None or route is None or (isinstance(route, str) and route == "und"):
     return fn(und, *args)
   if isinstance(route, str):
     if route != "gen":
-      raise ValueError(f"route must be 'und', 'gen' or a (B, T) bool array, got {route!r}")
+      raise ValueError(f"route must be 'und', 'gen', a Routing or a (B, T) bool array, got "
+                       f"{route!r}")
     return fn(gen, *args)
-  out_und, out_gen = fn(und, *args), fn(gen, *args)
-  return jax.tree.map(lambda u, g: jnp.where(layers.broadcast_mask(route, u), g, u),
-                      out_und, out_gen)
+  out = base
+  for expert, index_bn in ((und, route.und_index), (gen, route.gen_index)):
+    if index_bn.shape[1]:
+      values = fn(expert, *(_gather(a, index_bn) for a in args))
+      out = jax.tree.map(lambda o, v, i=index_bn: _scatter(o, i, v), out, values)
+  return out
 
 
 class FinalNorm(nnx.Module):
@@ -187,7 +253,7 @@ class FinalNorm(nnx.Module):
     self.gen = layers.RMSNorm(c.hidden_size, c.rms_eps, **kw) if c.mot else None
 
   def __call__(self, x_btd: Array, route: Route) -> Array:
-    return _select(lambda norm, x: norm(x), self.und, self.gen, route, x_btd)
+    return _routed(lambda norm, x: norm(x), self.und, self.gen, route, x_btd, x_btd)
 
 
 class DecoderLayer(nnx.Module):
@@ -205,7 +271,11 @@ class DecoderLayer(nnx.Module):
     Returns the new hidden states and this call's keys (after RoPE) and values, for the cache.
     """
     heads = ("batch", "length", "act_heads", None)
-    q, k, v = _select(lambda e, x: e.qkv(x), self.und, self.gen, route, x_btd)
+    b, t, _ = x_btd.shape
+    c = self.und
+    base = tuple(jnp.zeros((b, t, n, c.head_dim), x_btd.dtype)
+                 for n in (c.num_heads, c.num_kv_heads, c.num_kv_heads))
+    q, k, v = _routed(lambda e, x: e.qkv(x), self.und, self.gen, route, base, x_btd)
     q = sharding.activation_constraint(layers.apply_rope(q, positions_bt, self.rope_theta),
                                        heads, COMPONENT)
     k = sharding.activation_constraint(layers.apply_rope(k, positions_bt, self.rope_theta),
@@ -216,8 +286,8 @@ class DecoderLayer(nnx.Module):
       k_all = jnp.concatenate([past_kv[0].astype(k.dtype), k], axis=1)
       v_all = jnp.concatenate([past_kv[1].astype(v.dtype), v], axis=1)
     attn = layers.attention(q, k_all, v_all, mask_bts)
-    x_btd = x_btd + _select(lambda e, a: e.out(a), self.und, self.gen, route, attn)
-    x_btd = x_btd + _select(lambda e, x: e.ffn(x), self.und, self.gen, route, x_btd)
+    x_btd = _routed(lambda e, x, a: e.out_ffn(x, a), self.und, self.gen, route, x_btd, x_btd,
+                    attn)
     x_btd = sharding.activation_constraint(x_btd, ("batch", "length", "act_embed"), COMPONENT)
     return x_btd, (k, v)
 
@@ -237,7 +307,11 @@ class Qwen2MoT(nnx.Module):
                                 dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
 
   def _route(self, route: Route) -> Route:
-    return route if self.config.mot else "und"
+    if not self.config.mot:
+      return "und"
+    if isinstance(route, jax.Array | np.ndarray):  # a per-token mask: full capacities, exact
+      return route_tokens(jnp.asarray(route, bool))
+    return route
 
   def embed(self, tokens_bt: Array) -> Array:
     return self.embed_tokens(tokens_bt)
@@ -253,7 +327,8 @@ class Qwen2MoT(nnx.Module):
       x_btd: input embeddings (text from `embed`, image tokens from their towers).
       positions_bt: RoPE positions.
       mask_btt: bool attention mask, e.g. `attention_mask.packed_mask(layout)`.
-      route: (B, T) bool, True for generation-expert tokens; or 'und' / 'gen' for all tokens.
+      route: a `Routing`; a (B, T) bool mask, True for generation-expert tokens; or 'und' /
+        'gen' for all tokens.
     """
     route = self._route(route)
     x_btd = sharding.activation_constraint(x_btd, ("batch", "length", "act_embed"), COMPONENT)

@@ -24,7 +24,7 @@ from robust_u1_jax.inference import context as context_lib
 from robust_u1_jax.inference import images as images_lib
 from robust_u1_jax.inference import recovery as recovery_lib
 from robust_u1_jax.models import vit as vit_lib
-from robust_u1_jax.models.bagel import BagelConfig
+from robust_u1_jax.models.bagel import BagelConfig, bound_experts
 from robust_u1_jax.training import recovery_cache
 from robust_u1_jax.training.stage_spec import RunContext, StageSpec
 from robust_u1_jax.training.state import TrainState, apply_gradients, merge_model
@@ -64,8 +64,10 @@ def reasoning_rows(batch: Mapping[str, Any], config: BagelConfig, markers: seque
     rows.append(row)
   seq_len, max_vit, max_latent = sequence.bounds(
       batch, lambda sample: sequence.reasoning_blocks(sample, size), config)
-  inputs = sequence.build_rows(rows, config, markers, seq_len=seq_len, max_vit=max_vit,
-                               max_latent=max_latent, images_per_sample=2)
+  # Declares each expert's token capacity where the rows' bounds give one (bagel.bound_experts).
+  inputs = bound_experts(sequence.build_rows(rows, config, markers, seq_len=seq_len,
+                                             max_vit=max_vit, max_latent=max_latent,
+                                             images_per_sample=2))
   labels = np.full((len(rows), seq_len), -1, np.int32)
   for r, start, answer in answers:
     # Position p predicts token p + 1: every answer token after the first.

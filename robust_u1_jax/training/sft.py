@@ -16,7 +16,7 @@ from flax import nnx
 
 from robust_u1_jax.data import multihost, packing
 from robust_u1_jax.data import sequence
-from robust_u1_jax.models.bagel import BagelConfig
+from robust_u1_jax.models.bagel import BagelConfig, bound_experts
 from robust_u1_jax.training import evaluation, flow_matching
 from robust_u1_jax.training.stage_spec import RunContext, StageSpec
 from robust_u1_jax.training.state import loss_step, merge_model
@@ -45,8 +45,10 @@ def sft_rows(batch: Mapping[str, np.ndarray], config: BagelConfig, markers: sequ
     rows.append(row)
   seq_len, max_vit, max_latent = sequence.bounds(
       batch, lambda sample: sequence.sft_blocks(sample, size), config)
-  inputs = sequence.build_rows(rows, config, markers, seq_len=seq_len, max_vit=max_vit,
-                               max_latent=max_latent, images_per_sample=2)
+  # Declares each expert's token capacity where the rows' bounds give one (bagel.bound_experts).
+  inputs = bound_experts(sequence.build_rows(rows, config, markers, seq_len=seq_len,
+                                             max_vit=max_vit, max_latent=max_latent,
+                                             images_per_sample=2))
   return inputs, sequence.image_stack(batch, ("corrupted", "clean"))
 
 
