@@ -26,6 +26,19 @@ def test_windows_are_averaged_and_written(tmp_path):
   assert os.path.exists(tmp_path / "g" / "grid.png")
 
 
+def test_model_flops_give_mfu_against_the_peak(tmp_path, monkeypatch):
+  monkeypatch.setattr(metrics_log, "peak_flops", lambda: 1e12)  # as on a known accelerator
+  log = metrics_log.MetricsLogger(str(tmp_path), total_steps=2, every=2, tensorboard=False,
+                                  show_progress=False)
+  log.log_step(1, {"loss": jnp.asarray(1.0)}, samples=8, model_flops=2e12)
+  row = log.log_step(2, {"loss": jnp.asarray(1.0)}, samples=8, model_flops=4e12)
+  log.close()
+  assert row["model_tflops_per_step"] == pytest.approx(3.0)
+  seconds = 1 / row["steps_per_s"]
+  assert row["mfu"] == pytest.approx(3e12 / seconds / (jax.device_count() * 1e12))
+  assert "compiled_util" not in row  # no compiled figure given
+
+
 def test_compiled_flops_from_cost_analysis():
   compiled = jax.jit(lambda a, b: a @ b).lower(jnp.ones((64, 32)), jnp.ones((32, 16))).compile()
   flops = metrics_log.compiled_flops(compiled)

@@ -1,6 +1,11 @@
 """What a training run reports: TensorBoard events, a summary line every N steps, a progress bar
-with ETA, throughput (samples/s, tokens/s, TFLOP/s per device from the compiled step's cost
-analysis, MFU against the accelerator's peak) and image grids at evaluation steps.
+with ETA, throughput and image grids at evaluation steps.
+
+Throughput: samples/s, tokens/s; `model_tflops_per_step`, the step's useful work (`flops.py`: each
+token through its own expert, the attention the mask allows, the backward the trainable set
+needs) and `mfu`, that work per second against the devices' peak; `tflops_per_device` and
+`compiled_util` from the compiled step's cost analysis, which counts whatever the program computes
+(and each loop body, such as the layer scan, once), so it is a check, not the utilisation.
 
 Only process 0 writes; every process computes the same global metrics.
 """
@@ -72,13 +77,19 @@ class MetricsLogger:
     self.bar = tqdm.tqdm(total=total_steps, initial=start_step, dynamic_ncols=True,
                          disable=not (show_progress and self.is_writer), unit="step")
     self._window: list[Mapping[str, float]] = []
+    self._model_flops: list[float] = []
     self._t0 = time.perf_counter()
     self.history: list[dict[str, float]] = []
 
   def log_step(self, step: int, metrics: Mapping[str, jax.Array], *, samples: int,
-               tokens: int = 0) -> dict[str, float] | None:
-    """Records one step; every `every` steps writes the averaged window and returns it."""
+               tokens: int = 0, model_flops: float | None = None) -> dict[str, float] | None:
+    """Records one step; every `every` steps writes the averaged window and returns it.
+
+    `model_flops`: the step's model FLOPs over all devices (`flops.step_flops(...)['total']`).
+    """
     self._window.append(metrics)
+    if model_flops:
+      self._model_flops.append(model_flops)
     self.bar.update(1)
     if step % self.every:
       return None
@@ -89,12 +100,17 @@ class MetricsLogger:
     row["samples_per_s"] = samples / seconds
     if tokens:
       row["tokens_per_s"] = tokens / seconds
+    if self._model_flops:
+      work = float(np.mean(self._model_flops))
+      row["model_tflops_per_step"] = work / 1e12
+      if self.peak:
+        row["mfu"] = work / seconds / (jax.device_count() * self.peak)
     if self.step_flops:
       per_device = self.step_flops / seconds / jax.device_count()
       row["tflops_per_device"] = per_device / 1e12
       if self.peak:
-        row["mfu"] = per_device / self.peak
-    self._window, self._t0 = [], time.perf_counter()
+        row["compiled_util"] = per_device / self.peak
+    self._window, self._model_flops, self._t0 = [], [], time.perf_counter()
     self.history.append({"step": step, **row})
     if self.is_writer:
       self.jsonl.write(json.dumps({"step": step, **row}) + "\n")

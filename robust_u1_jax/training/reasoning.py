@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from robust_u1_jax import flops
 from robust_u1_jax.data import packing, sequence
 from robust_u1_jax.data import tokenizer as tokenizer_lib
 from robust_u1_jax.inference import context as context_lib
@@ -179,4 +180,7 @@ def build(ctx: RunContext) -> StageSpec:
       trainable=UNDERSTANDING_PARAMS, host_inputs=host_inputs,
       make_step=lambda graphdef, tx: make_step(graphdef, tx, c.optimizer.ema_decay, on_the_fly,
                                                c.vae_posterior),
-      samples_per_step=c.data.batch_size)
+      samples_per_step=c.data.batch_size,
+      # The rows' work with the answer tokens' logits; an on-the-fly recovery is not counted.
+      work=lambda host: [flops.rows_work(host[0], model_config.latent_downsample ** 2,
+                                         logit_tokens=int((np.asarray(host[1]) >= 0).sum()))])

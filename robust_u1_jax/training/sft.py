@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
+from robust_u1_jax import flops
 from robust_u1_jax.data import multihost, packing
 from robust_u1_jax.data import sequence
 from robust_u1_jax.models.bagel import BagelConfig, bound_experts
@@ -85,4 +86,5 @@ def build(ctx: RunContext) -> StageSpec:
                                                ema_decay=c.optimizer.ema_decay,
                                                vae_posterior=c.vae_posterior),
       samples_per_step=c.data.batch_size,
-      evaluate=evaluation.make_recovery_eval(ctx, c.eval_num_steps))
+      evaluate=evaluation.make_recovery_eval(ctx, c.eval_num_steps),
+      work=lambda host: [flops.rows_work(host[0], model_config.latent_downsample ** 2)])

@@ -49,6 +49,9 @@ class StageSpec:
   save: Callable | None = None
   # The pipeline stage (data/pipeline.py STAGES) the batches come from; default config.stage.
   data_stage: str | None = None
+  # (one step's host inputs) -> that step's work as `flops.Work` items, for the model FLOPs and
+  # MFU the trainer logs (`flops.step_flops` with `trainable`); None: not counted.
+  work: Callable[[Any], list] | None = None
 
 
 class RunContext:

@@ -23,6 +23,7 @@ import ml_collections
 from absl import logging
 from flax import nnx
 
+from robust_u1_jax import flops
 from robust_u1_jax.data import multihost, pipeline as pipeline_lib
 from robust_u1_jax.training import checkpoint as checkpoint_lib
 from robust_u1_jax.training import lora as lora_lib
@@ -84,10 +85,14 @@ def train(config: ml_collections.ConfigDict, workdir: str,
 
     def device_inputs():
       # The pipeline's last map made the step's inputs of batch n (= the step about to run)
-      # with a generator seeded (config.seed, n), in a Grain thread.
-      return multihost.global_batch(next(data), mesh)
+      # with a generator seeded (config.seed, n), in a Grain thread. With them, the step's model
+      # FLOPs: this process's rows' work times the process count (their rows alike on average).
+      host = next(data)
+      work = None if spec.work is None else jax.process_count() * flops.step_flops(
+          ctx.model_config, spec.work(host), spec.trainable)["total"]
+      return multihost.global_batch(host, mesh), work
 
-    inputs = device_inputs()
+    inputs, work = device_inputs()
     # FLOPs from the lowered program (no second compile; the jit cache compiles on first call).
     step_flops = metrics_log.compiled_flops(step_fn.lower(state, inputs))
     log = metrics_log.MetricsLogger(
@@ -98,7 +103,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       for step in range(start + 1, config.total_steps + 1):
         # Stages whose rows vary in length (bucketed) compile once per bucket.
         state, metrics = step_fn(state, inputs)
-        row = log.log_step(step, metrics, samples=spec.samples_per_step)
+        row = log.log_step(step, metrics, samples=spec.samples_per_step, model_flops=work)
         if row is not None:
           checkpoint_lib.check_finite(step, row)
         if spec.evaluate is not None and step % config.eval_every == 0:
@@ -113,7 +118,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
           print(f"stopped at step {step}; checkpoint saved in {ckpt.directory}", flush=True)
           break
         if step < config.total_steps:
-          inputs = device_inputs()
+          inputs, work = device_inputs()
       ckpt.wait()
       (spec.save or save_model)(workdir, graphdef, state, config)
     finally:
