@@ -121,6 +121,23 @@ def test_cpu_topology_reports_memory_flops_and_verdict(tiny_cpu):
   assert "model (flops.py)" in text and "loop bodies times their trip counts" in text
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("spec, topology, overrides, trains", [
+    # RL: the rollout plus 2 updates; a batch of 2 images splits over 2 devices.
+    (f"{RL}:tiny", "cpu:2", {}, "gen"),
+    # Reasoning on precomputed recoveries, as configs/reason.py:bagel_7b runs.
+    (f"{REASON}:tiny", "cpu:8", {"reason.recovered_images": "cache"}, "und"),
+])
+def test_rl_and_reasoning_steps_compile(spec, topology, overrides, trains):
+  r = aot.compile_step(spec, topology, overrides, verbose=False)
+  assert r.oom is None and r.memory["temp_size_in_bytes"] > 0
+  assert r.memory["alias_size_in_bytes"] > 0  # the state is donated
+  assert aot.verdict(r)[0]
+  assert trains in r.model_flops["trainable_parts"] and r.model_flops["backward"] > 0
+  assert 0 < r.model_flops["total"] / r.num_devices < r.hlo.flops
+  assert r.hlo.unknown_trip_counts == 0
+
+
 def test_parse_oom_reads_the_tpu_compiler_refusal():
   message = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory "
              "space hbm. Used 1.50T of 95.74G hbm. Exceeded hbm capacity by 1.41T.\n\n"
@@ -194,8 +211,9 @@ def test_hlo_flops_counts_convolutions_as_xla_does():
 
 
 def test_hlo_flops_reads_tpu_loops_and_batched_convolutions():
-  """TPU programs state no trip count (the condition's `i < 28` gives it) and write a batched
-  matmul (here 4 x [8, 16] @ [16, 8]) as a convolution whose dilated windows mostly hit holes."""
+  """TPU programs state no trip count: the condition's `i < 28`, the body's `i + 2` and the
+  initial 0 give it (windowed einsums step their counter by 2). They write a batched matmul (here
+  4 x [8, 16] @ [16, 8]) as a convolution whose dilated windows mostly hit holes."""
   text = """HloModule m
 
 %cond (p: (s32[], f32[8,16])) -> pred[] {
@@ -207,19 +225,24 @@ def test_hlo_flops_reads_tpu_loops_and_batched_convolutions():
 
 %body (q: (s32[], f32[8,16])) -> (s32[], f32[8,16]) {
   %q = (s32[], f32[8,16]) parameter(0)
+  %j = s32[]{:T(128)} get-tuple-element(%q), index=0
+  %two = s32[]{:T(128)} constant(2)
+  %next = s32[]{:T(128)} add(%j, %two)
   %lhs = f32[8,4,16,1]{3,2,1,0} get-tuple-element(%q), index=1
   %rhs = f32[8,4,1,16]{3,2,1,0} get-tuple-element(%q), index=1
   CONV
-  ROOT %t = (s32[], f32[8,16]) tuple(%i, %conv)
+  ROOT %t = (s32[], f32[8,16]) tuple(%next, %conv)
 }
 
 ENTRY %main (x: f32[8,16]) -> f32[8,16] {
   %x = f32[8,16] parameter(0)
-  %w = (s32[], f32[8,16]) while(%x), condition=%cond, body=%body
+  %zero = s32[]{:T(128)} constant(0)
+  %init = (s32[], f32[8,16]) tuple(%zero, %x)
+  %w = (s32[], f32[8,16]) while(%init), condition=%cond, body=%body
   ROOT %r = f32[8,16] get-tuple-element(%w), index=1
 }
 """.replace("CONV", "%conv = f32[4,8,8,1]{3,2,1,0} convolution(%lhs, %rhs), "
               "window={size=4x1 stride=3x1 lhs_dilate=4x1}, dim_labels=b0f1_o01i->0bf1")
   counted = hlo_flops.count(text)
   assert counted.flops_once == 4 * 2 * 8 * 16 * 8
-  assert counted.flops == 28 * counted.flops_once and counted.unknown_trip_counts == 0
+  assert counted.flops == 14 * counted.flops_once and counted.unknown_trip_counts == 0

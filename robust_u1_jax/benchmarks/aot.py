@@ -32,9 +32,9 @@ FLOPs, three ways: the model FLOPs of the step's useful work (`flops.py`: each t
 own expert, the mask's attended pairs, the backward the trainable set needs); the compiled
 program's matmul FLOPs per device with every loop body counted as often as it runs
 (`hlo_flops.py`); and XLA's cost analysis, which counts each loop body (the layer scans, the
-sampler) once. The compiler's step-time estimate counts loop bodies once as well, so it is
-scaled by the compiled program's FLOPs with and without trip counts (an estimate, stated as one);
-the MFU printed is model FLOPs / (that time x peak).
+sampler) once. The compiler's step-time estimate (`optimal_seconds`) counts loop bodies once as
+well, so it is printed but is no step time; what the compile does bound is the model-FLOPs MFU:
+at most model FLOPs / compiled matmul FLOPs, reached if every compiled matmul ran at peak.
 """
 
 from __future__ import annotations
@@ -113,11 +113,12 @@ def accelerator_type(name: str) -> str:
 
 def _ensure_host_backend(cpu_devices: int = 0) -> None:
   """The host side of an AOT run is CPU-only: never probe for a TPU (libtpu installed on a CPU
-  machine would), and give the CPU backend `cpu_devices` fake devices when it is not started."""
-  if cpu_devices:
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" not in flags:
-      os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={cpu_devices}"
+  machine would), and give the CPU backend `cpu_devices` fake devices when it is not started.
+  A device count the environment already asks for is kept (a cpu:N topology takes the first N),
+  so a process that compiles for cpu:2 can still compile for cpu:8 later."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  if cpu_devices and "xla_force_host_platform_device_count" not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={cpu_devices}"
     try:
       jax.config.update("jax_num_cpu_devices", cpu_devices)
     except Exception:  # backends already started; the device count check below reports it
@@ -169,13 +170,15 @@ def topology_devices(topology: str) -> tuple[list, str]:
 # ----------------------------------------------------------------------------------- the config
 
 # Fields a 7B variant leaves for the user to fill that an AOT compile does not read: no weights
-# load, and the batch comes from the shapes world (aot_steps.builder_config).
-PLACEHOLDERS = {"init_from": "random", "data.path": "unused", "eval_data.path": "unused"}
+# load, the batch comes from the shapes world (aot_steps.builder_config) and a CLIP reward tower
+# without its file is built shape-only (aot_steps.stage_environment).
+PLACEHOLDERS = {"init_from": "random", "data.path": "unused", "eval_data.path": "unused",
+                "rl.clip_checkpoint": "unused"}
 
 
 def load_config(spec: str, overrides: dict[str, Any] | None = None):
-  """The run's config; the PLACEHOLDERS fields it leaves unset (the 7B variants' init_from and
-  dataset paths) are filled in, since nothing is loaded."""
+  """The run's config; the PLACEHOLDERS fields it leaves unset (the 7B variants' init_from,
+  dataset paths and reward model) are filled in, since nothing is loaded."""
   from robust_u1_jax import config_lib
 
   overrides = dict(overrides or {})
@@ -260,16 +263,6 @@ class AotResult:
   # hlo_flops.count of one device's compiled program (None when refused or not readable)
   hlo: Any = None
   oom: dict[str, Any] | None = None  # the compiler's RESOURCE_EXHAUSTED numbers, when refused
-
-  @property
-  def estimated_seconds(self) -> float | None:
-    """The compiler's step-time estimate with its loop bodies run their trip counts: scaled by
-    the compiled matmul FLOPs with / without trip counts (loops hold nearly all of them)."""
-    if not self.optimal_seconds:
-      return None
-    if self.hlo is None or not self.hlo.flops_once:
-      return self.optimal_seconds
-    return self.optimal_seconds * self.hlo.flops / self.hlo.flops_once
 
   @property
   def device_bytes(self) -> int | None:
@@ -644,13 +637,12 @@ def flops_report(r: AotResult) -> list[str]:
                f"{model / peak:.3f} s" + (f", compiled matmuls {r.hlo.flops / peak:.3f} s"
                                           if r.hlo is not None else ""))
   if r.optimal_seconds:
-    est = r.estimated_seconds
-    lines.append(f"  compiler's estimate {r.optimal_seconds:.3f} s with loop bodies once -> "
-                 f"{est:.3f} s with their trip counts (scaled by the compiled matmul FLOPs)")
-    compiled = (f", compiled-FLOPs utilisation {r.hlo.flops / (est * peak):.0%}"
-                if r.hlo is not None else "")
-    lines.append(f"  MFU at that estimate: {flops.mfu(model, est, peak):.1%} (model FLOPs)"
-                 + compiled)
+    loops = f" ({len(r.hlo.loops)} loops)" if r.hlo is not None else ""
+    lines.append(f"  compiler's estimate {r.optimal_seconds:.3f} s: it counts each loop body once"
+                 f"{loops}, so with scanned layers it is not the step's time")
+  if r.hlo is not None:
+    lines.append(f"  model-FLOPs MFU at most {model / r.hlo.flops:.1%}: every compiled matmul at "
+                 "peak (the rest is padding, both experts on every token, rematerialisation)")
   return lines
 
 

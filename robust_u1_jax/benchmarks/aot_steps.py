@@ -80,7 +80,7 @@ def stage_environment(config):
     if config.stage not in STAGES:
       raise StageError(f"stage {config.stage!r}: the AOT check compiles the steps of "
                        f"{', '.join(STAGES)}")
-    if config.stage == "rl" and not config.rl.clip_checkpoint:
+    if config.stage == "rl" and not os.path.isfile(config.rl.clip_checkpoint):
       from robust_u1_jax.training import rl
 
       patched = rl.load_clip_tower

@@ -108,19 +108,72 @@ def _convolution_flops(out_shape: str, args: str, operands: list[list[int]]) -> 
   return 2.0 * out[out_l.index("b")] * out[out_l.index("f")] * rhs[rhs_l.index("i")] * pairs
 
 
+@dataclasses.dataclass
+class _Computation:
+  flops: float = 0.0
+  calls: list = dataclasses.field(default_factory=list)  # (callee, 1 or the while instruction)
+  # name -> (op, operand names, argument text), for reading loop counters
+  instructions: dict = dataclasses.field(default_factory=dict)
+  root: str = ""
+
+
+def _constant(comp: _Computation, name: str) -> int | None:
+  op, _, args = comp.instructions.get(name, ("", [], ""))
+  m = re.match(r"\s*(-?\d+)", args) if op == "constant" else None
+  return int(m.group(1)) if m else None
+
+
+def _tuple_index(comp: _Computation, name: str) -> int | None:
+  op, _, args = comp.instructions.get(name, ("", [], ""))
+  m = re.search(r"index=(\d+)", args) if op == "get-tuple-element" else None
+  return int(m.group(1)) if m else None
+
+
+def _trip_count(comps: dict[str, _Computation], caller: _Computation, args: str) -> int | None:
+  """A while loop's trip count: XLA's own when it states one (CPU, GPU); else read from the loop
+  (TPU): the condition's ROOT `counter < N`, the counter's step in the body's ROOT tuple
+  (`counter + s`) and its initial value in the loop's operand (a constant; 0 otherwise)."""
+  stated = _TRIP.search(args)
+  if stated:
+    return int(stated.group(1))
+  names = {k: re.search(rf"\b{k}=%?([\w.\-]+)", args) for k in ("condition", "body")}
+  if not all(names.values()):
+    return None
+  cond, body = (comps.get(names[k].group(1)) for k in ("condition", "body"))
+  if cond is None or body is None:
+    return None
+  op, operands, cmp_args = cond.instructions.get(cond.root, ("", [], ""))
+  if op != "compare" or "direction=LT" not in cmp_args or len(operands) != 2:
+    return None
+  index, limit = _tuple_index(cond, operands[0]), _constant(cond, operands[1])
+  if index is None or limit is None:
+    return None
+  step = 1
+  root_op, root_operands, _ = body.instructions.get(body.root, ("", [], ""))
+  if root_op == "tuple" and index < len(root_operands):
+    add_op, add_operands, _ = body.instructions.get(root_operands[index], ("", [], ""))
+    if add_op == "add":
+      steps = [_constant(body, o) for o in add_operands]
+      step = next((v for v in steps if v is not None), 1)
+  start = 0
+  init = _operands(args)[0] if _operands(args) else ""
+  init_op, init_operands, _ = caller.instructions.get(init, ("", [], ""))
+  if init_op == "tuple" and index < len(init_operands):
+    start = _constant(caller, init_operands[index]) or 0
+  return max(0, -(-(limit - start) // max(step, 1)))
+
+
 def count(hlo_text: str) -> HloFlops:
   """Dot and convolution FLOPs of an HLO module's text, loops counted by their trip counts."""
-  own: dict[str, float] = {}
-  calls: dict[str, list[tuple[str, int | str]]] = {}  # (callee, trip count or its condition)
-  bounds: dict[str, int] = {}  # loop condition -> N of its `i < N` (a scan's counter from 0)
-  entry, current, shapes, constants = None, None, {}, {}
+  comps: dict[str, _Computation] = {}
+  entry, current, shapes = None, None, {}
   for line in hlo_text.splitlines():
     header = _COMPUTATION.match(line)
     if header and "=" not in line.split("(")[0]:
-      current = header.group(2)
-      own[current], calls[current], shapes, constants = 0.0, [], {}, {}
+      current = comps.setdefault(header.group(2), _Computation())
+      shapes = {}
       if header.group(1):
-        entry = current
+        entry = header.group(2)
       for name, shape in re.findall(r"([\w.\-]+):\s*([^,)]+\[[\d,]*\])", header.group(3) or ""):
         shapes[name] = _dims(shape)
       continue
@@ -129,38 +182,32 @@ def count(hlo_text: str) -> HloFlops:
       continue
     name, out_shape, op, args = m.groups()
     shapes[name] = _dims(out_shape)
-    own[current] += _instruction_flops(op, out_shape, args, shapes)
-    if op == "constant" and out_shape.startswith("s32[]"):
-      constants[name] = int(re.match(r"\s*(-?\d+)", args).group(1))
-    if op == "compare" and "direction=LT" in args and line.lstrip().startswith("ROOT"):
-      limit = [constants[o] for o in _operands(args) if o in constants]
-      if limit:
-        bounds[current] = limit[0]
-    trip: int | str = 1
-    if op == "while":
-      # XLA's own count when it states one (CPU, GPU), else the condition's bound (TPU).
-      t = _TRIP.search(args)
-      cond = re.search(r"condition=%?([\w.\-]+)", args)
-      trip = int(t.group(1)) if t else cond.group(1) if cond else 1
+    current.flops += _instruction_flops(op, out_shape, args, shapes)
+    current.instructions[name] = (op, _operands(args), args)
+    if line.lstrip().startswith("ROOT"):
+      current.root = name
     for kind, listed, single in _CALLS.findall(args):
       for target in (listed or single).split(","):
         target = target.strip().lstrip("%")
         if target:
-          calls[current].append((target, trip if kind == "body" else 1))
+          current.calls.append((target, args if kind == "body" else 1))
   if entry is None:
     raise ValueError("no ENTRY computation in the HLO text")
   unknown = 0
-  for comp, callees in calls.items():
-    for k, (callee, trip) in enumerate(callees):
+  for comp in comps.values():
+    for k, (callee, trip) in enumerate(comp.calls):
       if isinstance(trip, str):
-        unknown += trip not in bounds
-        callees[k] = (callee, bounds.get(trip, 1))
+        n = _trip_count(comps, comp, trip)
+        unknown += n is None
+        comp.calls[k] = (callee, 1 if n is None else n)
 
-  def total(comp: str, trips: bool, seen: tuple[str, ...] = ()) -> float:
-    if comp in seen or comp not in own:
+  def total(name: str, trips: bool, seen: tuple[str, ...] = ()) -> float:
+    if name in seen or name not in comps:
       return 0.0
-    return own[comp] + sum((n if trips else 1) * total(c, trips, seen + (comp,))
-                           for c, n in calls[comp])
+    c = comps[name]
+    return c.flops + sum((n if trips else 1) * total(callee, trips, seen + (name,))
+                         for callee, n in c.calls)
 
-  loops = tuple((c, n, total(c, True)) for comp in own for c, n in calls[comp] if n > 1)
+  loops = tuple((callee, n, total(callee, True)) for c in comps.values()
+                for callee, n in c.calls if n > 1)
   return HloFlops(total(entry, True), total(entry, False), loops, unknown)
