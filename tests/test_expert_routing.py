@@ -2,13 +2,18 @@
 the rule it replaces, both experts on every token and a per-token select, on packed rows of every
 block type: hidden states and parameter gradients."""
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from robust_u1_jax import sharding
 from robust_u1_jax.benchmarks import experts
 from robust_u1_jax.data import sequence as seq
 from robust_u1_jax.models import attention_mask, bagel, qwen2_mot
@@ -70,6 +75,35 @@ def test_routed_experts_equal_both_experts_with_select(model, rows):
     chex.assert_trees_all_close(got, expected, rtol=1e-5, atol=1e-5)
   gen_grad = expected[1]["layers"]["gen"]["mlp"]["up_proj"]["kernel"]
   assert float(jnp.abs(gen_grad).max()) > 0  # latent tokens reach the generation expert
+
+
+def test_batch_sharded_rows_are_routed_on_their_devices():
+  """The gathers and scatters run per row: on a batch-sharded mesh the routed step all-gathers no
+  more than the both-experts rule, whose collectives are the FSDP weight gathers."""
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+  config = dataclasses.replace(qwen2_mot.LLMConfig.tiny(), num_layers=1)
+  llm = sharding.create_sharded(lambda: qwen2_mot.Qwen2MoT(config, rngs=nnx.Rngs(0)), "llm", mesh)
+  graphdef, params = nnx.split(llm)
+  b, t = 8, 32
+  rows = NamedSharding(mesh, P(("data", "fsdp")))
+  x = jax.device_put(jnp.ones((b, t, config.hidden_size)), rows)
+  positions = jax.device_put(jnp.broadcast_to(jnp.arange(t), (b, t)), rows)
+  mask = jax.device_put(jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t)), rows)
+  is_gen = jax.device_put(jnp.asarray(np.random.default_rng(0).random((b, t)) > 0.5), rows)
+
+  def all_gathers():
+    def grads(params, x, positions, mask, is_gen):
+      route = qwen2_mot.route_tokens(is_gen, und_capacity=24, gen_capacity=24)
+      loss = lambda p: jnp.sum(nnx.merge(graphdef, p)(x, positions, mask, route) ** 2)  # noqa: E731
+      return jax.grad(loss)(params)
+    hlo = jax.jit(grads).lower(params, x, positions, mask, is_gen).compile().as_text()
+    return hlo.count("all-gather(") + hlo.count("all-gather-start(")
+
+  with jax.set_mesh(mesh):
+    routed = all_gathers()
+    with experts.both_experts_rule():
+      both = all_gathers()
+  assert 0 < routed <= both, (routed, both)
 
 
 def test_route_tokens_buffers_hold_each_experts_tokens_in_order():

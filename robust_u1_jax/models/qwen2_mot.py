@@ -212,14 +212,16 @@ def route_tokens(is_gen_bt: Array, valid_bt: Array | None = None, *,
   return Routing(slots(order_bt[:, :cu], 0), slots(order_bt[:, t - cg:], 2))
 
 
+# Per row (vmapped: gathers and scatters with a batch dimension), so rows sharded over devices stay
+# on theirs; an explicit row index makes XLA's partitioner all-gather the activations.
 def _gather(x_btd: Array, index_bn: Array) -> Array:
-  index = jnp.minimum(index_bn, x_btd.shape[1] - 1)
-  return jnp.take_along_axis(x_btd, index.reshape(index.shape + (1,) * (x_btd.ndim - 2)), axis=1)
+  index_bn = jnp.minimum(index_bn, x_btd.shape[1] - 1)
+  return jax.vmap(lambda x_td, index_n: x_td[index_n])(x_btd, index_bn)
 
 
 def _scatter(base_btd: Array, index_bn: Array, values_bnd: Array) -> Array:
-  rows = jnp.arange(index_bn.shape[0])[:, None]
-  return base_btd.at[rows, index_bn].set(values_bnd.astype(base_btd.dtype), mode="drop")
+  return jax.vmap(lambda base_td, index_n, values_nd: base_td.at[index_n].set(
+      values_nd.astype(base_td.dtype), mode="drop"))(base_btd, index_bn, values_bnd)
 
 
 def _routed(fn, und: nnx.Module, gen: nnx.Module | None, route: Route, base, *args):
