@@ -47,13 +47,15 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.data.path = "imagenet2012"
     c.data.corruption = "imagenet_c"
     c.data.severity = 0
-    # Measured to fit a v5p-64 slice (`bench aot`, README): rows of 8k tokens, one per chip, at
-    # 512-pixel sides; 1024-pixel images (13k tokens a sample) need a flash-attention kernel.
+    # Packed rows of 32k tokens, one per chip of a v5p-64 slice, at 512-pixel sides: attention
+    # runs on the platform's fused kernel (`attention`: splash on TPU), which never holds a
+    # row's (T, T) scores (docs/design.md#fused-attention). With the XLA kernel only 8k-token
+    # rows fit (`bench aot`, README).
     c.data.vae_max_side = 512
     c.data.vit_max_side = 518
     c.data.vit_min_side = 224
     c.data.batch_size = 32
-    c.data.token_budget = 8_192
+    c.data.token_budget = 32_768
     c.data.worker_count = 16
     c.mesh.fsdp = -1
   else:

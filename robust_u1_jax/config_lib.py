@@ -105,6 +105,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.param_dtype = "float32"
   c.compute_dtype = "float32"
   c.remat = "none"  # none | full | dots | minimal (layers.remat_policy)
+  # The attention kernel (models/attention.py): auto (by platform: TPU splash, GPU cuDNN, else
+  # XLA) | xla | splash | cudnn; a kernel that cannot take a mask or shape falls back to xla.
+  c.attention = "auto"
   # How an image's VAE latent enters the model: a posterior sample (BAGEL, in training and
   # inference) or the posterior mean. Drawn from the step's key, like every random draw.
   c.vae_posterior = "sample"
@@ -131,6 +134,7 @@ def get_base_config() -> ml_collections.ConfigDict:
 SOURCES = ("shapes", "folder", "tfds", "jsonl", "vqa_tsv", "vqa_parquet")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "full", "dots", "minimal")  # models/layers.py: remat_policy
+ATTENTION = ("auto", "xla", "splash", "cudnn")  # models/attention.py: IMPLEMENTATIONS
 
 
 class ConfigError(ValueError):
@@ -302,6 +306,8 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check(c.param_dtype in DTYPES, "param_dtype", c.param_dtype, ", ".join(DTYPES))
   _check(c.compute_dtype in DTYPES, "compute_dtype", c.compute_dtype, ", ".join(DTYPES))
   _check(c.remat in REMAT, "remat", c.remat, ", ".join(REMAT))
+  _check(c.get("attention", "auto") in ATTENTION, "attention", c.get("attention"),
+         ", ".join(ATTENTION))
   _check(c.vae_posterior in ("sample", "mean"), "vae_posterior", c.vae_posterior, "sample, mean")
   _check(bool(c.init_from), "init_from", c.init_from,
          "'random', a BAGEL/Robust-U1 model directory, or an Orbax checkpoint directory of an "

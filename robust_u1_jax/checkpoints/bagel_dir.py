@@ -102,6 +102,9 @@ def config_to_dict(config: BagelConfig) -> dict[str, Any]:
   """JSON-ready dict of a BagelConfig (dtypes by name), inverse of `config_from_dict`."""
   llm = dataclasses.asdict(config.llm)
   llm["dtype"], llm["param_dtype"] = _dtype_name(llm["dtype"]), _dtype_name(llm["param_dtype"])
+  # The attention kernel is the platform's business, not the model's: a model saved on a TPU run
+  # loads as 'auto' (its run's `attention` field, when given, overrides it).
+  llm.pop("attention", None)
   vae = dataclasses.asdict(config.vae)
   vae["ch_mult"] = list(vae["ch_mult"])
   return {"llm": llm, "vit": dataclasses.asdict(config.vit), "vae": vae,
@@ -310,15 +313,16 @@ def _counted(files: tensor_files.TensorFiles, bar) -> tensor_files.TensorFiles:
 
 
 def load_model_dir(path: str, *, mesh: jax.sharding.Mesh | None = None, dtype=None,
-                   param_dtype=None, remat: str | None = None, allow_pickle: bool = False,
-                   progress: bool = False) -> Bagel:
+                   param_dtype=None, remat: str | None = None, attention: str | None = None,
+                   allow_pickle: bool = False, progress: bool = False) -> Bagel:
   """Builds `Bagel` from a BAGEL / Robust-U1 model directory, sharded onto `mesh`.
 
   Args:
     path: the directory (see the module docstring).
     mesh: parameters are placed by the logical rules of `bagel.COMPONENTS`; None: device 0.
-    dtype, param_dtype, remat: overrides of the LLM config (compute dtype, parameter dtype,
-      rematerialisation); checkpoint tensors are cast to the parameter dtype.
+    dtype, param_dtype, remat, attention: overrides of the LLM config (compute dtype, parameter
+      dtype, rematerialisation, attention kernel); checkpoint tensors are cast to the parameter
+      dtype.
     allow_pickle: accept `pytorch_model.bin` (loaded with torch.load(weights_only=True)).
     progress: show a tqdm bar over tensors.
   Raises:
@@ -332,7 +336,8 @@ def load_model_dir(path: str, *, mesh: jax.sharding.Mesh | None = None, dtype=No
       raise FileNotFoundError(f"{path}: missing {name} (a BAGEL model directory holds "
                               f"{LLM_CONFIG}, {VIT_CONFIG}, ema.safetensors, {VAE_FILE})")
   files = open_model_files(path, allow_pickle=allow_pickle)
-  config = read_config(path, keys=files.keys(), dtype=dtype, param_dtype=param_dtype, remat=remat)
+  config = read_config(path, keys=files.keys(), dtype=dtype, param_dtype=param_dtype, remat=remat,
+                       attention=attention)
   model = abstract_bagel(config, mesh)
   with _progress(len(files.loaders), f"loading {os.path.basename(path.rstrip('/'))}",
                  progress) as bar:

@@ -84,14 +84,15 @@ def read_orbax_config(path: str, **llm_overrides):
 
 
 def load_orbax(path: str, *, mesh: jax.sharding.Mesh | None = None, dtype=None, param_dtype=None,
-               remat: str | None = None) -> Bagel:
+               remat: str | None = None, attention: str | None = None) -> Bagel:
   """Restores a `save_orbax` checkpoint onto `mesh` (device 0 without one).
 
-  `dtype`, `param_dtype`, `remat` override the saved LLM config; Orbax casts the stored arrays to
-  the parameter dtype while reading.
+  `dtype`, `param_dtype`, `remat`, `attention` override the saved LLM config; Orbax casts the
+  stored arrays to the parameter dtype while reading.
   """
   path = os.path.abspath(path)
-  config = read_orbax_config(path, dtype=dtype, param_dtype=param_dtype, remat=remat)
+  config = read_orbax_config(path, dtype=dtype, param_dtype=param_dtype, remat=remat,
+                             attention=attention)
   params_dir = os.path.join(path, PARAMS)
   if not os.path.isdir(params_dir):
     raise FileNotFoundError(f"{path}: missing the {PARAMS}/ directory of the Orbax checkpoint")
@@ -131,16 +132,18 @@ def load_orbax(path: str, *, mesh: jax.sharding.Mesh | None = None, dtype=None, 
 
 
 def load_pretrained(path: str, *, mesh: jax.sharding.Mesh | None = None, dtype=None,
-                    param_dtype=None, remat: str | None = None, allow_pickle: bool = False,
-                    progress: bool = False) -> Bagel:
+                    param_dtype=None, remat: str | None = None, attention: str | None = None,
+                    allow_pickle: bool = False, progress: bool = False) -> Bagel:
   """A model from a BAGEL / Robust-U1 model directory or an Orbax model checkpoint."""
   if not os.path.isdir(path):
     raise FileNotFoundError(f"model not found: {path}")
   if is_orbax_model(path):
-    return load_orbax(path, mesh=mesh, dtype=dtype, param_dtype=param_dtype, remat=remat)
+    return load_orbax(path, mesh=mesh, dtype=dtype, param_dtype=param_dtype, remat=remat,
+                      attention=attention)
   if os.path.isfile(os.path.join(path, bagel_dir.LLM_CONFIG)):
     return bagel_dir.load_model_dir(path, mesh=mesh, dtype=dtype, param_dtype=param_dtype,
-                                    remat=remat, allow_pickle=allow_pickle, progress=progress)
+                                    remat=remat, attention=attention, allow_pickle=allow_pickle,
+                                    progress=progress)
   raise FileNotFoundError(
       f"{path} is neither a BAGEL model directory ({bagel_dir.LLM_CONFIG}, "
       f"{bagel_dir.VIT_CONFIG}, ema.safetensors, {bagel_dir.VAE_FILE}) nor an Orbax model "

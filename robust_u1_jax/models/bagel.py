@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from robust_u1_jax import pixels
-from robust_u1_jax.models import attention_mask, layers, qwen2_mot
+from robust_u1_jax.models import attention, attention_mask, layers, qwen2_mot
 from robust_u1_jax.models.kv_cache import KVCache
 from robust_u1_jax.models.qwen2_mot import LLMConfig, Qwen2MoT
 from robust_u1_jax.models.siglip import Connector, SiglipConfig, SiglipVisionTower
@@ -159,7 +159,7 @@ class Bagel(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     hidden = c.llm.hidden_size
     self.language_model = Qwen2MoT(c.llm, rngs=rngs)
-    self.vit_model = SiglipVisionTower(c.vit, remat=c.llm.remat, **kw)
+    self.vit_model = SiglipVisionTower(c.vit, remat=c.llm.remat, attention=c.llm.attention, **kw)
     self.connector = Connector(c.vit.hidden_size, hidden, c.vit.max_patches_per_side, **kw)
     self.time_embedder = layers.TimestepEmbedder(hidden, **kw)
     self.vae2llm = layers.dense(c.latent_channels, hidden, (None, "embed"), **kw)
@@ -227,7 +227,8 @@ class Bagel(nnx.Module):
                timesteps_bn: Array | None = None) -> Array:
     """Final hidden states (B, T, hidden) over packed rows with the BAGEL mask."""
     x = self.embed_sequence(inputs, latents_bnc, timesteps_bn)
-    mask = attention_mask.packed_mask(inputs.layout)
+    # Described per token: the platform's fused kernel takes it without a (T, T) mask.
+    mask = attention.PackedMask(inputs.layout)
     return self.language_model(x, inputs.positions, mask, inputs.routing())
 
   def velocity(self, hidden_btd: Array, latent_seq_index_bn: Array) -> Array:

@@ -43,7 +43,7 @@ import numpy as np
 from flax import nnx
 
 from robust_u1_jax import sharding
-from robust_u1_jax.models import layers
+from robust_u1_jax.models import attention, layers
 from robust_u1_jax.models.kv_cache import KVCache
 
 Array = jax.Array
@@ -70,6 +70,7 @@ class LLMConfig:
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   remat: str = "none"  # layers.REMAT_POLICIES: 'none' | 'full' | 'dots' | 'minimal'
+  attention: str = "auto"  # attention.IMPLEMENTATIONS: 'auto' | 'xla' | 'splash' | 'cudnn'
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -80,6 +81,7 @@ class LLMConfig:
     if self.tie_word_embeddings:
       raise ValueError("LLMConfig: tie_word_embeddings=True is not supported (BAGEL unties them)")
     layers.remat_policy(self.remat)  # validates the name
+    attention.check_implementation(self.attention, "LLMConfig.attention")
 
   @classmethod
   def tiny(cls, **overrides) -> LLMConfig:
@@ -262,6 +264,7 @@ class DecoderLayer(nnx.Module):
 
   def __init__(self, c: LLMConfig, *, rngs: nnx.Rngs):
     self.rope_theta = c.rope_theta
+    self.attention = c.attention
     self.und = Expert(c, rngs=rngs)
     self.gen = Expert(c, rngs=rngs) if c.mot else None
 
@@ -287,7 +290,7 @@ class DecoderLayer(nnx.Module):
     if past_kv is not None:
       k_all = jnp.concatenate([past_kv[0].astype(k.dtype), k], axis=1)
       v_all = jnp.concatenate([past_kv[1].astype(v.dtype), v], axis=1)
-    attn = layers.attention(q, k_all, v_all, mask_bts)
+    attn = attention.attention(q, k_all, v_all, mask_bts, implementation=self.attention)
     x_btd = _routed(lambda e, x, a: e.out_ffn(x, a), self.und, self.gen, route, x_btd, x_btd,
                     attn)
     x_btd = sharding.activation_constraint(x_btd, ("batch", "length", "act_embed"), COMPONENT)
@@ -328,7 +331,8 @@ class Qwen2MoT(nnx.Module):
     Args:
       x_btd: input embeddings (text from `embed`, image tokens from their towers).
       positions_bt: RoPE positions.
-      mask_btt: bool attention mask, e.g. `attention_mask.packed_mask(layout)`.
+      mask_btt: bool attention mask, e.g. `attention_mask.packed_mask(layout)`, or an
+        `attention.PackedMask` (the fused kernels take it without a (T, T) array).
       route: a `Routing`; a (B, T) bool mask, True for generation-expert tokens; or 'und' /
         'gen' for all tokens.
     """

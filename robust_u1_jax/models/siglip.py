@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from robust_u1_jax import sharding
+from robust_u1_jax.models import attention as attention_lib
 from robust_u1_jax.models import layers
 from robust_u1_jax.models import vit
 
@@ -135,9 +136,10 @@ class SiglipVisionTower(nnx.Module):
   """Patch embedding (Linear over flattened patches) + learned positions + encoder + post-LN."""
 
   def __init__(self, config: SiglipConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               remat: str = "none", rngs: nnx.Rngs):
-    """`remat`: the encoder's rematerialisation policy by name (`layers.remat_policy`); a run's
-    `remat` field sets it with the LLM's (`bagel.Bagel`)."""
+               remat: str = "none", attention: str = "auto", rngs: nnx.Rngs):
+    """`remat`: the encoder's rematerialisation policy by name (`layers.remat_policy`);
+    `attention`: its attention kernel (`attention.IMPLEMENTATIONS`). A run's `remat` and
+    `attention` fields set them with the LLM's (`bagel.Bagel`)."""
     self.config = config
     c = config
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -147,7 +149,7 @@ class SiglipVisionTower(nnx.Module):
         init(rngs.params(), (c.max_patches_per_side ** 2, c.hidden_size), param_dtype))
     self.encoder = vit.Encoder(
         c.num_layers, c.hidden_size, c.mlp_dim, c.num_heads, act=c.activation,
-        eps=c.layer_norm_eps, component=COMPONENT, remat=remat, **kw)
+        eps=c.layer_norm_eps, component=COMPONENT, remat=remat, attention=attention, **kw)
     self.post_ln = vit.layer_norm(c.hidden_size, c.layer_norm_eps, **kw)
 
   def __call__(self, patches_bnp: Array, position_ids_bn: Array, segment_ids_bn: Array) -> Array:
@@ -158,7 +160,9 @@ class SiglipVisionTower(nnx.Module):
     x = self.patch_embed(patches_bnp)
     x = x + jnp.take(self.pos_embedding[...], position_ids_bn, axis=0).astype(x.dtype)
     x = sharding.activation_constraint(x, ("batch", "length", "act_embed"), COMPONENT)
-    x = self.encoder(x, segment_mask(segment_ids_bn))
+    # Each image one bidirectional block, described per token (as the fused kernels take it);
+    # padding attends nothing, and its features are zeroed below.
+    x = self.encoder(x, attention_lib.PackedMask.from_segments(segment_ids_bn))
     x = self.post_ln(x)
     return jnp.where((segment_ids_bn > 0)[..., None], x, 0).astype(x.dtype)
 

@@ -3,7 +3,8 @@
 One block is `x + attn(ln1(x))` then `x + mlp(ln2(x))`, with biases on every projection, as in
 SigLIP (transformers), OpenAI CLIP and open_clip. Only the MLP activation differs between them:
 tanh-approximated GELU for SigLIP, QuickGELU for OpenAI CLIP, and whatever a transformers config
-names. The attention core itself lives in `layers.attention`; this module only projects heads.
+names. The attention core is `attention.attention` (the platform's kernel, chosen by the
+`attention` argument); this module only projects heads.
 
 The blocks are one `layers.stack` run as one `lax.scan` (`layers.scan`), parameters stacked along
 a leading layer axis. State paths: `layers.{ln1,ln2}.{scale,bias}`,
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from robust_u1_jax import sharding
+from robust_u1_jax.models import attention as attention_lib
 from robust_u1_jax.models import layers
 
 Array = jax.Array
@@ -88,14 +90,16 @@ def layer_norm(width: int, eps: float, *, dtype, param_dtype, rngs: nnx.Rngs) ->
 
 
 class MultiHeadAttention(nnx.Module):
-  """Self-attention with biased q/k/v/o projections; the softmax core is `layers.attention`."""
+  """Self-attention with biased q/k/v/o projections; the softmax core is `attention.attention`
+  on the kernel `attention` names ('auto': the platform's)."""
 
   def __init__(self, width: int, num_heads: int, *, component: str, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               param_dtype=jnp.float32, attention: str = "auto", rngs: nnx.Rngs):
     if width % num_heads:
       raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
     self.num_heads = num_heads
     self.component = component
+    self.attention = attention_lib.check_implementation(attention)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     # Kernels keep PyTorch's flat (embed, heads * head_dim) layout, so checkpoints map with a plain
     # transpose; sharding the flat axis over `tensor` still splits whole heads.
@@ -104,7 +108,7 @@ class MultiHeadAttention(nnx.Module):
     self.v = layers.dense(width, width, ("embed", "heads"), **kw)
     self.o = layers.dense(width, width, ("heads", "embed"), **kw)
 
-  def __call__(self, x_btd: Array, mask_btt: Array | None) -> Array:
+  def __call__(self, x_btd: Array, mask_btt: attention_lib.Mask) -> Array:
     b, t, d = x_btd.shape
     names = ("batch", "length", "act_heads", None)
 
@@ -112,7 +116,8 @@ class MultiHeadAttention(nnx.Module):
       y_bthd = proj(x_btd).reshape(b, t, self.num_heads, d // self.num_heads)
       return sharding.activation_constraint(y_bthd, names, self.component)
 
-    out_bthd = layers.attention(heads(self.q), heads(self.k), heads(self.v), mask_btt)
+    out_bthd = attention_lib.attention(heads(self.q), heads(self.k), heads(self.v), mask_btt,
+                                       implementation=self.attention)
     return self.o(out_bthd.reshape(b, t, d))
 
 
@@ -136,15 +141,17 @@ class Mlp(nnx.Module):
 class EncoderBlock(nnx.Module):
 
   def __init__(self, width: int, mlp_dim: int, num_heads: int, *, act: str, eps: float,
-               component: str, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               component: str, dtype=jnp.float32, param_dtype=jnp.float32,
+               attention: str = "auto", rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.ln1 = layer_norm(width, eps, **kw)
-    self.attn = MultiHeadAttention(width, num_heads, component=component, **kw)
+    self.attn = MultiHeadAttention(width, num_heads, component=component, attention=attention,
+                                   **kw)
     self.ln2 = layer_norm(width, eps, **kw)
     self.mlp = Mlp(width, mlp_dim, act, component=component, **kw)
     self.component = component
 
-  def __call__(self, x_btd: Array, mask_btt: Array | None) -> Array:
+  def __call__(self, x_btd: Array, mask_btt: attention_lib.Mask) -> Array:
     x_btd = x_btd + self.attn(self.ln1(x_btd), mask_btt)
     x_btd = x_btd + self.mlp(self.ln2(x_btd))
     return sharding.activation_constraint(x_btd, ("batch", "length", "act_embed"), self.component)
@@ -153,20 +160,21 @@ class EncoderBlock(nnx.Module):
 class Encoder(nnx.Module):
   """A stack of pre-LN blocks (no final norm: each tower places its own), scanned.
 
-  `remat`: the blocks' rematerialisation policy by name (`layers.remat_policy`).
+  `remat`: the blocks' rematerialisation policy by name (`layers.remat_policy`); `attention`:
+  their attention kernel (`attention.IMPLEMENTATIONS`).
   """
 
   def __init__(self, num_layers: int, width: int, mlp_dim: int, num_heads: int, *, act: str,
                eps: float, component: str, dtype=jnp.float32, param_dtype=jnp.float32,
-               remat: str = "none", rngs: nnx.Rngs):
+               remat: str = "none", attention: str = "auto", rngs: nnx.Rngs):
     layers.remat_policy(remat)  # validates the name
     self.remat = remat
     self.layers = layers.stack(
         lambda r: EncoderBlock(width, mlp_dim, num_heads, act=act, eps=eps, component=component,
-                               dtype=dtype, param_dtype=param_dtype, rngs=r),
+                               dtype=dtype, param_dtype=param_dtype, attention=attention, rngs=r),
         num_layers, rngs)
 
-  def __call__(self, x_btd: Array, mask_btt: Array | None = None) -> Array:
+  def __call__(self, x_btd: Array, mask_btt: attention_lib.Mask = None) -> Array:
     def step(block, x_btd, _):
       return block(x_btd, mask_btt), None
 

@@ -44,7 +44,7 @@ def _model_source(config: ml_collections.ConfigDict) -> str:
 
 def _overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return dict(dtype=jnp.dtype(config.compute_dtype), param_dtype=jnp.dtype(config.param_dtype),
-              remat=config.remat)
+              remat=config.remat, attention=config.get("attention", "auto"))
 
 
 def model_config(config: ml_collections.ConfigDict, tokenizer) -> bagel_lib.BagelConfig:
@@ -107,7 +107,8 @@ def init_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
 
   o = _overrides(config)
   return orbax_io.load_pretrained(source, mesh=mesh, dtype=o["dtype"],
-                                  param_dtype=o["param_dtype"], remat=o["remat"], progress=True)
+                                  param_dtype=o["param_dtype"], remat=o["remat"],
+                                  attention=o["attention"], progress=True)
 
 
 def abstract_model(mc: bagel_lib.BagelConfig, mesh: jax.sharding.Mesh) -> bagel_lib.Bagel:
