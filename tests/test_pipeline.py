@@ -184,7 +184,8 @@ def test_reason_stage_questions_and_answers(tok):
     answer = tok.decode(batch["answer_ids"][i, :batch["answer_lengths"][i]].tolist())
     assert answer == tokenizer_lib.text_block(str(batch["answer_text"][i]))
     assert answer_format.parse_answer(answer) == batch["answer_letter"][i]
-    assert "<TYPE>gaussian noise(3)<TYPE_END>" in answer  # the applied corruption is named in <TYPE>
+    # The applied corruption is named in <TYPE>.
+    assert "<TYPE>gaussian noise(3)<TYPE_END>" in answer
     question = tok.decode(batch["question_ids"][i, :batch["question_lengths"][i]].tolist())
     assert question.endswith(tokenizer_lib.RECOVERY_INSTRUCTION + tokenizer_lib.IM_END)
     assert "\nA. " in question

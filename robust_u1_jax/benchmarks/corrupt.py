@@ -287,7 +287,8 @@ def _saturate(x, rng):
 @_per_image
 def _elastic_transform(x, rng):
   alpha = _c(digital.ELASTIC_ALPHA)
-  sigma, amplitude = digital.ELASTIC_SIGMA_FRACTION * SIZE, digital.ELASTIC_AMPLITUDE_FRACTION * SIZE
+  sigma = digital.ELASTIC_SIGMA_FRACTION * SIZE
+  amplitude = digital.ELASTIC_AMPLITUDE_FRACTION * SIZE
   dy, dx = (ndimage.gaussian_filter(rng.uniform(-amplitude, amplitude, x.shape[:2]), sigma,
                                     mode="reflect", truncate=3.0) * alpha for _ in range(2))
   yy, xx = np.meshgrid(np.arange(SIZE), np.arange(SIZE), indexing="ij")

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from robust_u1_jax import config_lib
+from robust_u1_jax import config_lib, pixels
 from robust_u1_jax.data import corruptions
 from robust_u1_jax.data import sequence
 from robust_u1_jax.inference import engine as engine_lib
@@ -94,8 +94,8 @@ def ssim(images: np.ndarray, clean: np.ndarray) -> np.ndarray:
   """The RL reward's SSIM (Gaussian window 11, sigma 1.5), per image."""
   from robust_u1_jax.training import rewards
 
-  return np.asarray(rewards.ssim(jnp.asarray(images, jnp.float32) / 255.0,
-                                 jnp.asarray(clean, jnp.float32) / 255.0))
+  return np.asarray(rewards.ssim(pixels.to_float(jnp.asarray(images)),
+                                 pixels.to_float(jnp.asarray(clean))))
 
 
 def clip_similarity_fn(clip_model) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
@@ -105,7 +105,7 @@ def clip_similarity_fn(clip_model) -> Callable[[np.ndarray, np.ndarray], np.ndar
   @jax.jit
   def similarity(a, b):
     embed = lambda x: clip_lib.l2_normalize(clip_model.encode_image(
-        clip_lib.preprocess(x.astype(jnp.float32) / 255.0, clip_model.config.image_size)))
+        clip_lib.preprocess(pixels.to_float(x), clip_model.config.image_size)))
     return jnp.sum(embed(a) * embed(b), axis=-1)
 
   return lambda a, b: np.asarray(similarity(jnp.asarray(a), jnp.asarray(b)))

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from robust_u1_jax import pixels
 from robust_u1_jax.eval import evaluation
 from robust_u1_jax.training import metrics_log
 
@@ -124,7 +125,7 @@ def figures(result: Mapping[str, Any], out_dir: str, *,
   for k, (label, corrupted, recovered, clean) in enumerate(result.get("examples", [])[:6]):
     grid = metrics_log.image_grid([list(corrupted), list(recovered), list(clean)])
     name = f"grid_{k:02d}_{label.replace(' ', '_').replace('%', 'pct')}.png"
-    Image.fromarray((grid * 255).round().astype(np.uint8)).save(os.path.join(out_dir, name))
+    Image.fromarray(pixels.to_uint8(grid)).save(os.path.join(out_dir, name))
     written.append(name)
   return written
 
