@@ -116,7 +116,13 @@ def base_config(variant: str = "default", init_from: str = "random") -> ml_colle
   p.caption_prompt = "Describe the image."
   # Not the recovery instruction: the base model learns to copy an image, not to restore one.
   p.reconstruction_instruction = "Draw this image again."
-  p.caption_fraction = 0.5  # understanding rows that caption (the rest answer a question)
+  # Understanding rows that caption (the rest answer a question). Captions are what teaches the
+  # base to look at the image: teacher-forced NLL of the answers' image-dependent tokens with the
+  # true image against another sample's (1,200 steps, 128 held-out questions) is 0.83 vs 0.96 at
+  # 0.5, 0.88 vs 0.89 at 0 (answers from the text prior alone). More captions do not help the
+  # answers (0.8: greedy accuracy 34 %, chance 37 %), nor does weighting the answer loss 3x
+  # (accuracy 37 %; the copy is delayed: reconstruction 17.5 dB).
+  p.caption_fraction = 0.5
   # Generation rows drawn from captions (the rest reconstruct: there the model learns to copy an
   # image from its context, the skill every recovery builds on). None in the demo: rows without
   # an image to copy delay the copy past the budget (measured, 800 steps, answer rows included:
