@@ -2,7 +2,9 @@
 (docs/design.md#flow-matching-and-guidance).
 
 Variants: `configs/sft.py:tiny` (built-in shapes world, CPU, minutes) and
-`configs/sft.py:bagel_7b` (BAGEL-7B-MoT on ImageNet with on-the-fly ImageNet-C corruption).
+`configs/sft.py:bagel_7b` (BAGEL-7B-MoT on ImageNet with on-the-fly ImageNet-C corruption) and
+`configs/sft.py:gpu_1p5b` (BAGEL's design at about 1.5B parameters per expert, random weights,
+shapes world at 512 pixels: one H200, `bench train_step`).
 """
 
 import ml_collections
@@ -58,7 +60,31 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.data.token_budget = 32_768
     c.data.worker_count = 16
     c.mesh.fsdp = -1
+  elif variant == "gpu_1p5b":
+    # One H200 (141 GB), random weights, no download: `bench train_step` times its step
+    # (docs/PERFORMANCE.md, "One H200"). BAGEL's design at Qwen2.5-1.5B's shapes (3.58 B
+    # parameters: 1.31 B per expert's decoder layers, the ViT, the VAE), the built-in shapes
+    # world at 512 pixels.
+    c.model = "bagel_1p5b"
+    c.param_dtype = "float32"
+    c.compute_dtype = "bfloat16"
+    c.attention = "cudnn"
+    # Two packed rows of 16k tokens a step. 'dots' keeps the matmul outputs (about 1.3 MB a token
+    # over the 28 layers, 42 GB here, beside 36 GB of weights, gradients, Adam moments and EMA)
+    # and recomputes the elementwise work and the attention; 'none' would keep about 3 MB a
+    # token, so it fits at one row only (--override remat=none --override data.batch_size=1).
+    c.remat = "dots"
+    c.total_steps = 30_000
+    c.data.source = "shapes"
+    c.data.image_size = 560  # a multiple of 16 and 14, resized to 512 (VAE) and 518 (ViT)
+    c.data.vae_max_side = 512
+    c.data.vit_max_side = 518
+    c.data.vit_min_side = 224
+    c.data.batch_size = 2
+    c.data.token_budget = 16_384
+    c.data.worker_count = 8
   else:
-    raise ValueError(f"configs/sft.py: unknown variant {variant!r}; choose one of: tiny, bagel_7b")
+    raise ValueError(f"configs/sft.py: unknown variant {variant!r}; choose one of: tiny, "
+                     "bagel_7b, gpu_1p5b")
   c.eval_data.update({k: v for k, v in c.data.items() if k not in ("split", "shuffle")})
   return c

@@ -7,6 +7,7 @@
   python -m robust_u1_jax.bench experts              # routed experts vs both on every token
   python -m robust_u1_jax.bench aot --config configs/sft.py:bagel_7b --topology v5p-64
   python -m robust_u1_jax.bench recover --topology v5p-8
+  python -m robust_u1_jax.bench train_step --config configs/sft.py:gpu_1p5b   # one H200
 
 Subcommands are listed in BENCHMARKS: each names a module of robust_u1_jax.benchmarks whose
 `run(seconds=..., config=..., threads=...)` prints its tables; a `run` that also takes topology,
@@ -36,6 +37,9 @@ BENCHMARKS = {
     "recover": ("robust_u1_jax.benchmarks.recover",
                 "recovery: cached vs uncached step, context 2k->4k, batched CFG, compile; "
                 "7B AOT with --topology"),
+    "train_step": ("robust_u1_jax.benchmarks.train_step",
+                   "the SFT step on one device (step time, tokens/s, model-FLOPs MFU, memory) "
+                   "and a 50-step recovery"),
 }
 
 _SECONDS = flags.DEFINE_float("seconds", 3.0, "Wall time of each measurement.")
@@ -46,12 +50,12 @@ _TOPOLOGY = flags.DEFINE_string(
     "topology", "cpu:8", "aot: TPU slice (v5p-64, v6e-256), libtpu topology (v5p:2x4x4) or cpu:N.")
 _HBM_GIB = flags.DEFINE_float("hbm_gib", None, "aot: per-device memory limit in GiB (default: "
                               "the chip's HBM).")
-_OVERRIDE = flags.DEFINE_multi_string("override", [], "aot: config override field.path=value "
-                                      "(repeatable).")
+_OVERRIDE = flags.DEFINE_multi_string("override", [], "aot, train_step: config override "
+                                      "field.path=value (repeatable).")
 
 
 def usage() -> str:
-  lines = [f"  {name:8s} {description}" for name, (_, description) in BENCHMARKS.items()]
+  lines = [f"  {name:10s} {description}" for name, (_, description) in BENCHMARKS.items()]
   return "usage: python -m robust_u1_jax.bench <benchmark> [flags]\nbenchmarks:\n" + "\n".join(
       lines)
 

@@ -72,6 +72,12 @@ class BagelConfig:
                vae=VAEConfig.flux())
 
   @classmethod
+  def bagel_1p5b(cls, **llm_overrides) -> BagelConfig:
+    """BAGEL-7B's ViT and VAE around an LLM of Qwen2.5-1.5B's shapes (LLMConfig.bagel_1p5b)."""
+    return cls(llm=LLMConfig.bagel_1p5b(**llm_overrides), vit=SiglipConfig.so400m(),
+               vae=VAEConfig.flux())
+
+  @classmethod
   def from_model_dir(cls, path: str, **llm_overrides) -> BagelConfig:
     """Reads `llm_config.json` and `vit_config.json` of a BAGEL / Robust-U1 model directory."""
     files = {name: os.path.join(path, name) for name in ("llm_config.json", "vit_config.json")}
@@ -88,7 +94,8 @@ class BagelConfig:
 
 
 # Named model sizes, as a run config's `model` field names them.
-PRESETS = {"tiny": BagelConfig.tiny, "bagel_7b": BagelConfig.bagel_7b}
+PRESETS = {"tiny": BagelConfig.tiny, "bagel_1p5b": BagelConfig.bagel_1p5b,
+           "bagel_7b": BagelConfig.bagel_7b}
 
 
 def preset(name: str, vocab_size: int | None = None, **llm_overrides) -> BagelConfig:

@@ -98,6 +98,16 @@ class LLMConfig:
     return cls(**{**kw, **overrides})
 
   @classmethod
+  def bagel_1p5b(cls, **overrides) -> LLMConfig:
+    """Qwen2.5-1.5B shapes with QK-norm and the generation expert, BAGEL's design at about 1.5B
+    parameters per expert (no released checkpoint: trained from random weights, e.g. to measure
+    one GPU). Qwen2.5-1.5B ties its embeddings; here they are untied, as in BAGEL."""
+    kw = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28,
+              num_heads=12, num_kv_heads=2, head_dim=128, rope_theta=1e6, rms_eps=1e-6,
+              qk_norm=True, attention_bias=True, mot=True)
+    return cls(**{**kw, **overrides})
+
+  @classmethod
   def from_hf_config(cls, hf: Mapping[str, Any], *, source: str = "config", **overrides
                      ) -> LLMConfig:
     """From a Qwen2/Qwen3 `config.json` or BAGEL `llm_config.json` dict.

@@ -46,18 +46,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   mesh, tokenizer = ctx.mesh, ctx.tokenizer
   os.makedirs(workdir, exist_ok=True)
   spec = build_stage(ctx)
-  model = spec.model if spec.model is not None else ctx.model
-  graphdef, params, frozen = state_lib.split_model(model, spec.trainable)
-  del model
-  # With LoRA the steps get a LoraGraphDef: params become the LoRA factors, frozen the whole base.
-  graphdef, params, frozen = apply_lora(config, graphdef, params, frozen)
-  tx = state_lib.make_optimizer(config.optimizer, config.total_steps)
-  if spec.reference:
-    # With LoRA the initial factors (B = 0) are the base model itself.
-    spec.aux["reference"] = jax.tree.map(lambda x: x.copy(), params)
-  state = state_creator(config, tx, params)(params, frozen, jax.random.PRNGKey(config.seed),
-                                            spec.aux)
-  step_fn = jit_step(spec, graphdef, tx, jax.tree.map(lambda x: x.sharding, state))
+  graphdef, state, step_fn = initial_state(config, ctx, spec)
   with jax.set_mesh(mesh):
 
     process_index, process_count = multihost.data_shard(mesh)
@@ -126,6 +115,25 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       ckpt.close()
       data.close()
   return log.history
+
+
+def initial_state(config: ml_collections.ConfigDict, ctx: RunContext, spec: StageSpec
+                  ) -> tuple[nnx.GraphDef, state_lib.TrainState, Callable]:
+  """(graphdef, initial TrainState, jitted step) of a built stage: its model (the stage's own or
+  the context's) split into trainable and frozen parts, LoRA applied, the optimizer's state
+  created; `bench train_step` times the same."""
+  model = spec.model if spec.model is not None else ctx.model
+  graphdef, params, frozen = state_lib.split_model(model, spec.trainable)
+  del model
+  # With LoRA the steps get a LoraGraphDef: params become the LoRA factors, frozen the whole base.
+  graphdef, params, frozen = apply_lora(config, graphdef, params, frozen)
+  tx = state_lib.make_optimizer(config.optimizer, config.total_steps)
+  if spec.reference:
+    # With LoRA the initial factors (B = 0) are the base model itself.
+    spec.aux["reference"] = jax.tree.map(lambda x: x.copy(), params)
+  state = state_creator(config, tx, params)(params, frozen, jax.random.PRNGKey(config.seed),
+                                            spec.aux)
+  return graphdef, state, jit_step(spec, graphdef, tx, jax.tree.map(lambda x: x.sharding, state))
 
 
 def state_creator(config: ml_collections.ConfigDict, tx, params) -> Callable:
