@@ -125,7 +125,8 @@ def time_train_step(config, device, seconds: float, min_steps: int, batches: int
     inputs = [multihost.global_batch(host, ctx.mesh) for host in hosts]
     t0 = time.perf_counter()
     # Every batch once (rows of another text bucket would compile again), at least WARMUP_STEPS.
-    for k in range(max(WARMUP_STEPS, batches)):
+    out["warmup_steps"] = max(WARMUP_STEPS, batches)
+    for k in range(out["warmup_steps"]):
       state, metrics = jax.block_until_ready(step_fn(state, inputs[k % batches]))
     out["warmup_s"] = time.perf_counter() - t0
     losses, times, work = [float(metrics["loss"])], [], 0.0
@@ -162,7 +163,7 @@ def report_step(r: dict[str, Any]) -> str:
       f"  compute {r['dtype']}, remat {r['remat']}, attention {r['attention']}; {packing}: "
       f"{r['tokens']:,.0f} tokens in {r['slots']:,} slots (mean of {r['batches']} pipeline "
       "batches, fed in turn)",
-      f"  build {r['build_s']:.1f} s, compile + {WARMUP_STEPS - 1} warm-up step(s) "
+      f"  build {r['build_s']:.1f} s, {r['warmup_steps']} warm-up steps with the compile "
       f"{r['warmup_s']:.1f} s; loss {r['losses'][0]:.4g} -> {r['losses'][1]:.4g}",
       f"  step time: {s.median * 1e3:.4g} ms median (quartiles {s.low * 1e3:.4g}-"
       f"{s.high * 1e3:.4g}, range {s.minimum * 1e3:.4g}-{s.maximum * 1e3:.4g}, {s.rounds} steps)",
