@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 import jax
 import numpy as np
 import tqdm
+from jax.experimental import multihost_utils
 
 from robust_u1_jax import pixels
 
@@ -85,7 +86,8 @@ class MetricsLogger:
                tokens: int = 0, model_flops: float | None = None) -> dict[str, float] | None:
     """Records one step; every `every` steps writes the averaged window and returns it.
 
-    `model_flops`: the step's model FLOPs over all devices (`flops.step_flops(...)['total']`).
+    `model_flops`: the model FLOPs of this process's rows of the step
+    (`flops.step_flops(...)['total']`); the written window sums them over processes.
     """
     self._window.append(metrics)
     if model_flops:
@@ -102,6 +104,8 @@ class MetricsLogger:
       row["tokens_per_s"] = tokens / seconds
     if self._model_flops:
       work = float(np.mean(self._model_flops))
+      if jax.process_count() > 1:  # each process counted its own rows: the step is their sum
+        work = float(np.sum(multihost_utils.process_allgather(np.float32(work))))
       row["model_tflops_per_step"] = work / 1e12
       if self.peak:
         row["mfu"] = work / seconds / (jax.device_count() * self.peak)

@@ -74,10 +74,10 @@ def train(config: ml_collections.ConfigDict, workdir: str,
 
     def device_inputs():
       # The pipeline's last map made the step's inputs of batch n (= the step about to run)
-      # with a generator seeded (config.seed, n), in a Grain thread. With them, the step's model
-      # FLOPs: this process's rows' work times the process count (their rows alike on average).
+      # with a generator seeded (config.seed, n), in a Grain thread. With them, the model FLOPs
+      # of this process's rows (the logger sums the processes' counts when it writes).
       host = next(data)
-      work = None if spec.work is None else jax.process_count() * flops.step_flops(
+      work = None if spec.work is None else flops.step_flops(
           ctx.model_config, spec.work(host), spec.trainable)["total"]
       return multihost.global_batch(host, mesh), work
 
