@@ -12,6 +12,12 @@ import ml_collections
 from robust_u1_jax import config_lib
 
 
+def _bagel_precision_and_sides(c: ml_collections.ConfigDict) -> None:
+  """float32 weights computed in bfloat16; images at 512-pixel sides (VAE), ViT 224 to 518."""
+  c.param_dtype, c.compute_dtype = "float32", "bfloat16"
+  c.data.vae_max_side, c.data.vit_max_side, c.data.vit_min_side = 512, 518, 224
+
+
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c = config_lib.get_base_config()
   c.stage = "sft"
@@ -40,8 +46,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   elif variant == "bagel_7b":
     c.model = "bagel_7b"
     c.init_from = ""  # required: path to the BAGEL-7B-MoT model directory
-    c.param_dtype = "float32"
-    c.compute_dtype = "bfloat16"
+    _bagel_precision_and_sides(c)
     c.remat = "full"
     c.total_steps = 30_000
     c.timestep_shift = 1.0
@@ -53,9 +58,6 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     # runs on the platform's fused kernel (`attention`: splash on TPU), which never holds a
     # row's (T, T) scores (docs/design.md#fused-attention). With the XLA kernel only 8k-token
     # rows fit (`bench aot`, README).
-    c.data.vae_max_side = 512
-    c.data.vit_max_side = 518
-    c.data.vit_min_side = 224
     c.data.batch_size = 32
     c.data.token_budget = 32_768
     c.data.worker_count = 16
@@ -66,8 +68,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     # parameters: 1.31 B per expert's decoder layers, the ViT, the VAE), the built-in shapes
     # world at 512 pixels.
     c.model = "bagel_1p5b"
-    c.param_dtype = "float32"
-    c.compute_dtype = "bfloat16"
+    _bagel_precision_and_sides(c)
     c.attention = "cudnn"
     # Two packed rows of 16k tokens a step. 'dots' keeps the matmul outputs (about 1.3 MB a token
     # over the 28 layers, 42 GB here, beside 36 GB of weights, gradients, Adam moments and EMA)
@@ -77,9 +78,6 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.total_steps = 30_000
     c.data.source = "shapes"
     c.data.image_size = 560  # a multiple of 16 and 14, resized to 512 (VAE) and 518 (ViT)
-    c.data.vae_max_side = 512
-    c.data.vit_max_side = 518
-    c.data.vit_min_side = 224
     c.data.batch_size = 2
     c.data.token_budget = 16_384
     c.data.worker_count = 8
