@@ -53,7 +53,7 @@ def test_recovery_cache_and_aot_refuse_the_same_mismatch(tmp_path):
 
 def test_unknown_preset_is_refused_naming_the_field():
   config = config_lib.load(SFT, {"model": "huge"})
-  with pytest.raises(config_lib.ConfigError, match="model = 'huge'.*tiny, bagel_7b"):
+  with pytest.raises(config_lib.ConfigError, match="model = 'huge'.*tiny, bagel_1p5b, bagel_7b"):
     run_setup.make_context(config)
 
 
