@@ -177,8 +177,8 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   """Every part of `python -m robust_u1_jax.train --config configs/demo.py`, in order:
   vae, clip, base (bootstrap), sft, rl, reason, eval (training/demo.py chains their workdirs).
 
-  'default' is sized for about 15 minutes on an idle 2-core CPU (11.6 measured before the base
-  part grew by 800 steps, about two minutes), 'quick' for about 4."""
+  'default' is sized for about 15 minutes on an idle 2-core CPU (14.2 measured on 2026-12-02,
+  all seven parts), 'quick' for about 4."""
   _check_variant(variant, "get_config")
   quick = variant == "quick"
   c = ml_collections.ConfigDict()
