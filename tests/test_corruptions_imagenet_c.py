@@ -14,6 +14,7 @@ import skimage.color
 import skimage.data
 from skimage.metrics import structural_similarity
 
+from robust_u1_jax.benchmarks import corrupt as corrupt_bench
 from robust_u1_jax.data import corruptions
 from robust_u1_jax.data.corruptions import imagenet_c
 from robust_u1_jax.data.corruptions import imagenet_c_noise_blur
@@ -205,18 +206,10 @@ def test_motion_blur_matches_shift_sum_reference():
 
 
 def _glass_reference(x, severity, rng):
-  """Hendrycks & Dietterich's glass blur (corruptions.py), transcribed with numpy at 224 x 224.
-  Its loop is kept as written: with numpy views the tuple "swap" copies the neighbour in."""
+  """Hendrycks & Dietterich's glass blur (corruptions.py) at 224 x 224: the loop as written,
+  shared with `bench corrupt`'s host reference."""
   sigma, delta, iterations = imagenet_c_noise_blur.GLASS_BLUR[severity - 1]
-  size = x.shape[0]
-  x = np.uint8(scipy.ndimage.gaussian_filter(x, (sigma, sigma, 0), mode="nearest") * 255)
-  for _ in range(iterations):
-    for h in range(size - delta, delta, -1):
-      for w in range(size - delta, delta, -1):
-        dx, dy = rng.integers(-delta, delta, size=(2,))
-        h_prime, w_prime = h + dy, w + dx
-        x[h, w], x[h_prime, w_prime] = x[h_prime, w_prime], x[h, w]
-  return np.clip(scipy.ndimage.gaussian_filter(x / 255.0, (sigma, sigma, 0), mode="nearest"), 0, 1)
+  return np.clip(corrupt_bench.glass_reference(x, rng, sigma, delta, iterations), 0, 1)
 
 
 def _high_frequency_share(image) -> float:
