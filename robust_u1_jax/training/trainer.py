@@ -56,7 +56,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     data = pipeline_lib.make_pipeline(config.data, seed=config.seed, process_index=process_index,
                                       process_count=process_count, tokenizer=tokenizer,
                                       stage=spec.data_stage or config.stage,
-                                      format_rows=spec.host_inputs)
+                                      format_rows=inputs_and_work(ctx, spec))
     ckpt = checkpoint_lib.Checkpointer(workdir, every=config.checkpoint_every,
                                        keep=config.keep_checkpoints)
     start = 0
@@ -73,12 +73,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     ckpt.install_signal_handlers()
 
     def device_inputs():
-      # The pipeline's last map made the step's inputs of batch n (= the step about to run)
-      # with a generator seeded (config.seed, n), in a Grain thread. With them, the model FLOPs
-      # of this process's rows (the logger sums the processes' counts when it writes).
-      host = next(data)
-      work = None if spec.work is None else flops.step_flops(
-          ctx.model_config, spec.work(host), spec.trainable)["total"]
+      host, work = next(data)
       return multihost.global_batch(host, mesh), work
 
     inputs, work = device_inputs()
@@ -115,6 +110,21 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       ckpt.close()
       data.close()
   return log.history
+
+
+def inputs_and_work(ctx: RunContext, spec: StageSpec) -> Callable:
+  """The pipeline's last map: (batch n, generator seeded (seed, n)) -> (the step's host inputs,
+  the model FLOPs of this process's rows or None). It runs in a Grain thread ahead of the step,
+  so counting the FLOPs costs the training thread nothing; the logger sums the processes'
+  counts when it writes."""
+
+  def format_rows(batch, rng):
+    host = spec.host_inputs(batch, rng)
+    if spec.work is None:
+      return host, None
+    return host, flops.step_flops(ctx.model_config, spec.work(host), spec.trainable)["total"]
+
+  return format_rows
 
 
 def initial_state(config: ml_collections.ConfigDict, ctx: RunContext, spec: StageSpec
