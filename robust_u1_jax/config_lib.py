@@ -39,6 +39,10 @@ def get_data_config() -> ml_collections.ConfigDict:
   d.tokenizer_dir = ""  # empty: the built-in world's tokenizer
   d.batch_size = 8  # global batch: samples, or packed rows when token_budget > 0
   d.token_budget = 0  # packing budget in tokens per row (0: no packing)
+  # Of token_budget, the slots of the generation expert's (VAE latent) tokens; the rest hold the
+  # understanding expert's (text, ViT): rows are filled within both, so each expert computes
+  # only its share of a row (bagel.bound_experts). 0: no split, each expert gets the whole row.
+  d.latent_budget = 0
   # Width texts are padded to in unpacked batches (0: a power-of-two bucket per batch). Multi-host
   # unpacked runs need it: every host must build rows of one length.
   d.text_pad_to = 0
@@ -180,6 +184,9 @@ def validate_data(d: ml_collections.ConfigDict, prefix: str = "data") -> None:
   _check(d.corruption in names, f"{prefix}.corruption", d.corruption, ", ".join(names))
   _check(d.batch_size > 0, f"{prefix}.batch_size", d.batch_size, "a positive integer")
   _check(d.token_budget >= 0, f"{prefix}.token_budget", d.token_budget, "0 (no packing) or > 0")
+  _check(d.latent_budget == 0 or 0 < d.latent_budget < d.token_budget, f"{prefix}.latent_budget",
+         d.latent_budget, f"0 (no split) or between 0 and {prefix}.token_budget "
+         f"({d.token_budget}), exclusive")
   _check(d.text_pad_to >= 0, f"{prefix}.text_pad_to", d.text_pad_to,
          "0 (bucket per batch) or a token count")
   _check(d.num_epochs >= 0, f"{prefix}.num_epochs", d.num_epochs, "0 (forever) or > 0")

@@ -107,6 +107,40 @@ def test_pack_rows_hold_whole_samples_first_fit():
   assert sorted(seen) == list(range(len(records)))
 
 
+def test_split_rows_hold_each_experts_tokens_within_its_budget():
+  records = _records(40, seed=2)
+  budget, latent_budget = 96, 40
+  measure = packing.SampleTokens("sft", vit_patch=VIT_PATCH, vae_stride=VAE_STRIDE,
+                                 token_budget=budget, latent_budget=latent_budget)
+  ds = grain.MapDataset.source(records).map(measure).to_iter_dataset()
+  canvas = {"clean": (48, 48), "corrupted": (48, 48), "corrupted_vit": (48, 48)}
+  rows = list(packing.pack(ds, token_budget=budget, num_rows=3, max_per_row=4,
+                           image_canvas=canvas, scalar_fields=("index",),
+                           latent_budget=latent_budget))
+  seen, fuller = [], 0
+  for row in rows:
+    chex.assert_shape(row["latent_segment_ids"], (latent_budget,))
+    n = int(row["num_samples"])
+    latent_used = 0
+    for k, sample in enumerate(packing.unpack_row(row)):
+      _, _, latent = sequence.lengths(sequence.sft_blocks(records[int(sample["index"])]),
+                                      VIT_PATCH, VAE_STRIDE)
+      assert (row["latent_segment_ids"] == k + 1).sum() == latent
+      latent_used += latent
+      seen.append(int(sample["index"]))
+    # Each expert's tokens within its share: latent ones within L, the others within T - L.
+    assert latent_used <= latent_budget
+    assert int((row["segment_ids"] > 0).sum()) - latent_used <= budget - latent_budget
+    fuller += n > 1
+  assert sorted(seen) == list(range(len(records))) and fuller > 0
+  rec = records[0]
+  _, _, latent = sequence.lengths(sequence.sft_blocks(rec), VIT_PATCH, VAE_STRIDE)
+  with pytest.raises(ValueError, match=f"record 0 .* needs {latent} latent .* "
+                                       "data.latent_budget=1 "):
+    packing.SampleTokens("sft", vit_patch=VIT_PATCH, vae_stride=VAE_STRIDE, token_budget=budget,
+                         latent_budget=1).map(rec)
+
+
 def test_packed_iterator_resumes_exactly():
   records = _records(30, seed=1)
   it = iter(_packed(records, 96, 3, 4))

@@ -51,8 +51,10 @@ def _batch(config):
   return tok, batch, sequence.Markers(special["vision_start"], special["vision_end"])
 
 
-def test_packed_rows_hold_each_sample_as_it_is_alone(tmp_path):
-  config = _config(_folder(tmp_path), **{"data.token_budget": 160, "data.batch_size": 2})
+@pytest.mark.parametrize("latent_budget", [0, 48])
+def test_packed_rows_hold_each_sample_as_it_is_alone(tmp_path, latent_budget):
+  config = _config(_folder(tmp_path), **{"data.token_budget": 160, "data.batch_size": 2,
+                                         "data.latent_budget": latent_budget})
   tok, batch, markers = _batch(config)
   cfg = bagel.BagelConfig.tiny(vocab_size=len(tok))
   no_dropout = (0.0, 0.0, 0.0)
@@ -62,6 +64,12 @@ def test_packed_rows_hold_each_sample_as_it_is_alone(tmp_path):
   assert len({s["corrupted"].shape for row in samples for s in row}) > 1
   # The rows the stage builds hold the samples where the packer put them.
   np.testing.assert_array_equal(inputs.layout.sample_id + 1, batch["segment_ids"])
+  if latent_budget:
+    # Split rows: latent slots and the understanding expert's buffer share one row.
+    assert inputs.latent_seq_index.shape[1] == latent_budget
+    assert inputs.max_und == 160 - latent_budget
+  else:
+    assert inputs.latent_seq_index.shape[1] == 160 and inputs.max_und is None
 
   model = bagel.Bagel(cfg, rngs=nnx.Rngs(0))
   graphdef, weights = nnx.split(model)

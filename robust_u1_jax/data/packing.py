@@ -8,10 +8,14 @@ to a record as a 'tokens' feature of ones, the only feature Grain packs.
 
 Rows are filled first-fit by Grain's `FirstFitPackIterDataset` (checkpointable: its state is the
 parent position of the open packing round), so a row holds whole samples only; a sample longer
-than the budget is refused with its index. A packed row has
+than the budget is refused with its index. With data.latent_budget = L > 0 a row also holds
+at most L latent (generation-expert) tokens and at most T - L others, so the two experts'
+buffers together are one row (`bagel.bound_experts`). A packed row has
 
   segment_ids                   (T,)  int32, 1..n where the row's samples go, 0 after them;
                                       T = token_budget
+  latent_segment_ids            (L,)  int32, the same for the row's latent tokens (only with
+                                      latent_budget > 0: its length gives the rows' split)
   <image field>                 (S, Hc, Wc, 3) uint8: the k-th sample's image in slot k (k =
                                       segment id - 1), top-left on a canvas of the rule's
                                       maximum side; S = max samples per row
@@ -44,13 +48,17 @@ class SampleTokens(grain.transforms.Map):
     stage: a stage of `sequence.STAGE_BLOCKS`.
     vit_patch, vae_stride: pixels per ViT patch / per VAE latent token along a side.
     token_budget: refuses samples longer than one row, naming the record index.
+    latent_budget: > 0 adds 'latent_tokens' and 'und_tokens' (ones, the sample's latent tokens
+      and the rest), packed within latent_budget and token_budget - latent_budget.
   """
 
-  def __init__(self, stage: str, *, vit_patch: int, vae_stride: int, token_budget: int):
+  def __init__(self, stage: str, *, vit_patch: int, vae_stride: int, token_budget: int,
+               latent_budget: int = 0):
     self.stage = stage
     self.blocks = sequence.stage_blocks(stage)
     self.strides = int(vit_patch), int(vae_stride)
     self.token_budget = int(token_budget)
+    self.latent_budget = int(latent_budget)
 
   def map(self, element: Mapping[str, Any]) -> dict[str, Any]:
     try:
@@ -58,13 +66,24 @@ class SampleTokens(grain.transforms.Map):
     except KeyError as e:
       raise KeyError(f"stage {self.stage!r} needs record field {e}; the record has "
                      f"{sorted(element)}") from None
-    n = sequence.lengths(blocks, *self.strides)[0]
+    n, _, latent = sequence.lengths(blocks, *self.strides)
+    record = f"record {element.get('index', '?')} ({element.get('path', '')})"
     if n > self.token_budget:
       raise ValueError(
-          f"record {element.get('index', '?')} ({element.get('path', '')}) needs {n} tokens, "
-          f"more than data.token_budget={self.token_budget}: raise the budget or lower "
-          "data.vae_max_side / data.vit_max_side")
-    return {**element, "tokens": np.ones(n, np.int8)}
+          f"{record} needs {n} tokens, more than data.token_budget={self.token_budget}: raise "
+          "the budget or lower data.vae_max_side / data.vit_max_side")
+    out = {**element, "tokens": np.ones(n, np.int8)}
+    if self.latent_budget:
+      und_budget = self.token_budget - self.latent_budget
+      if latent > self.latent_budget or n - latent > und_budget:
+        raise ValueError(
+            f"{record} needs {latent} latent and {n - latent} other tokens, more than "
+            f"data.latent_budget={self.latent_budget} / the {und_budget} left of "
+            f"data.token_budget={self.token_budget}: move the split or lower data.vae_max_side "
+            "/ data.vit_max_side")
+      out["latent_tokens"] = np.ones(latent, np.int8)
+      out["und_tokens"] = np.ones(n - latent, np.int8)
+    return out
 
 
 def min_sample_tokens(stage: str, *, vit_min_side: int, vit_patch: int, vae_min_side: int,
@@ -103,6 +122,8 @@ class SlotRow(grain.transforms.Map):
 
   def map(self, row: Mapping[str, Any]) -> dict[str, Any]:
     out = {"segment_ids": row["tokens_segment_ids"]}
+    if "latent_tokens_segment_ids" in row:
+      out["latent_segment_ids"] = row["latent_tokens_segment_ids"]
     s = self.max_per_row
     n = None
     for field, (hc, wc) in self.image_canvas.items():
@@ -160,17 +181,21 @@ class CollateRows:
 
 def pack(parent: grain.IterDataset, *, token_budget: int, num_rows: int, max_per_row: int,
          image_canvas: Mapping[str, tuple[int, int]], scalar_fields: Sequence[str],
-         text_fields: Sequence[str] = ()) -> grain.IterDataset:
+         text_fields: Sequence[str] = (), latent_budget: int = 0) -> grain.IterDataset:
   """Records with 'tokens' (SampleTokens) -> packed rows (module docstring).
 
   `num_rows` is the number of bins one packing round fills (the rows of one batch), so a batch of
   `num_rows` rows is one first-fit round over consecutive samples. Batch the rows with
-  `CollateRows` when `text_fields` are kept.
+  `CollateRows` when `text_fields` are kept. `latent_budget` > 0: a sample goes to a row only
+  where its latent tokens and its other tokens both fit (SampleTokens with the same budget).
   """
   meta = tuple(image_canvas) + tuple(scalar_fields) + tuple(text_fields)
+  lengths = {"tokens": token_budget}
+  if latent_budget:
+    lengths.update(latent_tokens=latent_budget, und_tokens=token_budget - latent_budget)
   packed = grain.experimental.FirstFitPackIterDataset(
-      parent, length_struct={"tokens": token_budget}, num_packing_bins=num_rows,
-      shuffle_bins=False, meta_features=meta, padding_struct={"tokens": 0},
+      parent, length_struct=lengths, num_packing_bins=num_rows, shuffle_bins=False,
+      meta_features=meta, padding_struct={k: 0 for k in lengths},
       max_sequences_per_bin=max_per_row)
   return packed.map(SlotRow(image_canvas, scalar_fields, max_per_row, text_fields))
 
@@ -182,7 +207,7 @@ def unpack_row(row: Mapping[str, Any]) -> list[dict[str, Any]]:
   for k in range(int(row["num_samples"])):
     sample = {}
     for key, value in row.items():
-      if key in ("segment_ids", "num_samples"):
+      if key in ("segment_ids", "latent_segment_ids", "num_samples"):
         continue
       sample.update(_slot(row, key, value, k))
     samples.append(sample)

@@ -506,8 +506,9 @@ def make_pipeline(data_config, *, seed: int, process_index: int = 0, process_cou
   if packed:
     ds = ds.map(each(packing.SampleTokens(
         stage, vit_patch=data_config.vit_patch, vae_stride=data_config.vae_stride,
-        token_budget=data_config.token_budget)))
-    keep = keep + ("tokens",)
+        token_budget=data_config.token_budget, latent_budget=data_config.latent_budget)))
+    keep = keep + (("tokens", "latent_tokens", "und_tokens") if data_config.latent_budget
+                   else ("tokens",))
   ds = ds.map(each(KeepFields(keep)))
 
   it = ds.to_iter_dataset(read_options or _default_read_options(batch_size))
@@ -531,7 +532,7 @@ def make_pipeline(data_config, *, seed: int, process_index: int = 0, process_cou
     texts = tuple(f"{f}_ids" for f in text_fields)
     it = packing.pack(it, token_budget=data_config.token_budget, num_rows=batch_size,
                       max_per_row=max_per_row, image_canvas=canvas, scalar_fields=scalars,
-                      text_fields=texts)
+                      text_fields=texts, latent_budget=data_config.latent_budget)
     it = it.batch(batch_size, drop_remainder=True,
                   batch_fn=packing.CollateRows(texts, max_per_row, special["pad"], MIN_TEXT_PAD))
   else:

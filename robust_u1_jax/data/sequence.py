@@ -271,13 +271,18 @@ def bounds(batch: Mapping[str, Any], canvas_blocks: Callable[[dict], Sequence[Bl
            config: BagelConfig) -> tuple[int, int, int]:
   """(seq_len, max_vit, max_latent) of the batch's rows, fixed for a data config.
 
-  Packed rows have the token budget for each. Unpacked rows take the length of a sample whose
-  images fill their canvas and whose texts fill their padded width (`canvas_blocks` of that
-  sample): an upper bound for every batch of the same text bucket, so the step compiles once
-  even when the source's images vary in size.
+  Packed rows have the token budget for each, or, split by data.latent_budget = L (the
+  packer's `latent_segment_ids`), L latent slots and T - L for the ViT patches (a share of the
+  understanding tokens). Unpacked rows take the length of a sample whose images fill their
+  canvas and whose texts fill their padded width (`canvas_blocks` of that sample): an upper bound
+  for every batch of the same text bucket, so the step compiles once even when the source's
+  images vary in size.
   """
   if is_packed(batch):
     budget = int(batch["segment_ids"].shape[-1])
+    if "latent_segment_ids" in batch:
+      latent = int(batch["latent_segment_ids"].shape[-1])
+      return budget, budget - latent, latent
     return budget, budget, budget
   return lengths(canvas_blocks({k: v[0] for k, v in batch.items()}), *strides(config))
 

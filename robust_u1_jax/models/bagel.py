@@ -147,8 +147,9 @@ class SequenceInputs:
 def bound_experts(inputs: SequenceInputs) -> SequenceInputs:
   """Host side (rows of numpy arrays): declares `max_und` = T - Nl when every row holds at most
   that many understanding tokens, so the two experts' buffers together are one row. Rows sized by
-  a sample that fills its canvases always do; packed rows, whose latent slots are the whole row,
-  keep None (both buffers a row) until the packer budgets each expert's tokens."""
+  a sample that fills its canvases always do, as do packed rows split by data.latent_budget (the
+  packer fills each expert's share); packed rows without the split, whose latent slots are the
+  whole row, keep None (both buffers a row)."""
   kind = np.asarray(inputs.token_kind)
   t, nl = kind.shape[1], inputs.latent_seq_index.shape[1]
   und = ((kind == TEXT) | (kind == VIT)).sum(axis=1)
