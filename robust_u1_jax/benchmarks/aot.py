@@ -642,7 +642,8 @@ def flops_report(r: AotResult) -> list[str]:
                  f"{loops}, so with scanned layers it is not the step's time")
   if r.hlo is not None:
     lines.append(f"  model-FLOPs MFU at most {model / r.hlo.flops:.1%}: every compiled matmul at "
-                 "peak (the rest is padding, both experts on every token, rematerialisation)")
+                 "peak (the rest is padding, expert buffers beyond their tokens, "
+                 "rematerialisation)")
   return lines
 
 
