@@ -125,8 +125,9 @@ def base_config(variant: str = "default", init_from: str = "random") -> ml_colle
   # (96 held-out questions, chance 36 %: 28 % as is, 41 % at 4 layers of width 128, 25 % with a
   # ViT of 4 layers of width 64 too; 31 % without the generation loss). What fails is the option
   # letter: the conclusions name the right colour for 59 % of colour questions, yet the letter
-  # matches the conclusion for 28 %. That lookup is a text skill (README, "What these numbers
-  # say"): on the world's texts alone the tiny LLM learns it to 47 % in 1,200 steps, 46 % in 3,000.
+  # matches the conclusion for 37 % of questions with word options (about chance). That lookup
+  # is a text skill (README, "What these numbers say"): on the world's texts alone the tiny LLM
+  # learns it to 47 % in 1,200 steps, 46 % in 3,000 (chance 36 %).
   p.caption_fraction = 0.5
   # Generation rows drawn from captions (the rest reconstruct: there the model learns to copy an
   # image from its context, the skill every recovery builds on). None in the demo: rows without
