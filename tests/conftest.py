@@ -17,6 +17,14 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), "robust_u1_jax_jit_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
+# XLA:CPU's concurrency-optimised scheduler lets one program's independent all-reduces start in a
+# different order on each fake device; with 8 devices on 2 cores they then wait on each other
+# until the rendezvous times out and aborts the process (about half the runs of
+# test_sft_trains_on_packed_images_of_many_sizes; none of 6 with it off). Subprocesses inherit it.
+_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+if "xla_cpu_enable_concurrency_optimized_scheduler" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_SCHEDULER_FLAG}".strip()
+
 # After the environment above (importing jax reads it); importing starts no backend.
 import chex
 
