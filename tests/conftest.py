@@ -21,9 +21,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 # different order on each fake device; with 8 devices on 2 cores they then wait on each other
 # until the rendezvous times out and aborts the process (about half the runs of
 # test_sft_trains_on_packed_images_of_many_sizes; none of 6 with it off). Subprocesses inherit it.
-_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
-if "xla_cpu_enable_concurrency_optimized_scheduler" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_SCHEDULER_FLAG}".strip()
+os.environ["XLA_FLAGS"] = " ".join(filter(None, (
+    os.environ.get("XLA_FLAGS", ""), "--xla_cpu_enable_concurrency_optimized_scheduler=false")))
 
 # After the environment above (importing jax reads it); importing starts no backend.
 import chex
