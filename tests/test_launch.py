@@ -91,8 +91,9 @@ def test_bad_arguments_are_one_error_line_and_status_2(script, before):
 
 
 def test_local_dry_run_prints_each_process(tmp_path):
+  # XLA_FLAGS empty (the test session's own flags would be kept in front of the device count).
   result = _run([LOCAL, "--dry-run", "--processes", "2", "--backend", "cpu", "--port", "23456",
-                 "--", *TRAIN])
+                 "--", *TRAIN], env={"XLA_FLAGS": ""})
   assert result.returncode == 0, result.stderr
   lines = _lines(result.stdout)
   assert len(lines) == 2
