@@ -109,10 +109,9 @@ def time_train_step(config, device, seconds: float, min_steps: int, batches: int
   build_s = time.perf_counter() - t0
   with pipeline_lib.make_pipeline(config.data, seed=config.seed, tokenizer=ctx.tokenizer,
                                   stage=spec.data_stage or config.stage,
-                                  format_rows=spec.host_inputs) as data:
-    hosts = [next(data) for _ in range(batches)]
-  # Each batch's model FLOPs as the trainer counts them (its `model_tflops_per_step`).
-  counts = [flops.step_flops(ctx.model_config, spec.work(host), spec.trainable) for host in hosts]
+                                  format_rows=trainer.inputs_and_work(ctx, spec)) as data:
+    # Each batch with its model FLOPs, counted as the trainer counts them.
+    hosts, counts = zip(*(next(data) for _ in range(batches)))
   mean = {k: float(np.mean([c[k] for c in counts])) for k in FLOP_KEYS}
   count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
   out = {"params": count(state.params) + count(state.frozen), "trainable": count(state.params),

@@ -86,6 +86,14 @@ class SampleTokens(grain.transforms.Map):
     return out
 
 
+def length_features(token_budget: int, latent_budget: int = 0) -> dict[str, int]:
+  """The features `SampleTokens` adds and first-fit packs, with each one's budget per row."""
+  if not latent_budget:
+    return {"tokens": token_budget}
+  return {"tokens": token_budget, "latent_tokens": latent_budget,
+          "und_tokens": token_budget - latent_budget}
+
+
 def min_sample_tokens(stage: str, *, vit_min_side: int, vit_patch: int, vae_min_side: int,
                       vae_stride: int, min_text_tokens: int = 2) -> int:
   """A lower bound on one sample's tokens: the stage's blocks of images at their minimum side and
@@ -190,9 +198,7 @@ def pack(parent: grain.IterDataset, *, token_budget: int, num_rows: int, max_per
   where its latent tokens and its other tokens both fit (SampleTokens with the same budget).
   """
   meta = tuple(image_canvas) + tuple(scalar_fields) + tuple(text_fields)
-  lengths = {"tokens": token_budget}
-  if latent_budget:
-    lengths.update(latent_tokens=latent_budget, und_tokens=token_budget - latent_budget)
+  lengths = length_features(token_budget, latent_budget)
   packed = grain.experimental.FirstFitPackIterDataset(
       parent, length_struct=lengths, num_packing_bins=num_rows, shuffle_bins=False,
       meta_features=meta, padding_struct={k: 0 for k in lengths},

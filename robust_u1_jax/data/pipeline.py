@@ -507,8 +507,8 @@ def make_pipeline(data_config, *, seed: int, process_index: int = 0, process_cou
     ds = ds.map(each(packing.SampleTokens(
         stage, vit_patch=data_config.vit_patch, vae_stride=data_config.vae_stride,
         token_budget=data_config.token_budget, latent_budget=data_config.latent_budget)))
-    keep = keep + (("tokens", "latent_tokens", "und_tokens") if data_config.latent_budget
-                   else ("tokens",))
+    keep = keep + tuple(packing.length_features(data_config.token_budget,
+                                                data_config.latent_budget))
   ds = ds.map(each(KeepFields(keep)))
 
   it = ds.to_iter_dataset(read_options or _default_read_options(batch_size))

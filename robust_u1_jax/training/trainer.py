@@ -73,8 +73,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     ckpt.install_signal_handlers()
 
     def device_inputs():
-      host, work = next(data)
-      return multihost.global_batch(host, mesh), work
+      host, counts = next(data)
+      return multihost.global_batch(host, mesh), None if counts is None else counts["total"]
 
     inputs, work = device_inputs()
     # FLOPs from the lowered program (no second compile; the jit cache compiles on first call).
@@ -114,15 +114,15 @@ def train(config: ml_collections.ConfigDict, workdir: str,
 
 def inputs_and_work(ctx: RunContext, spec: StageSpec) -> Callable:
   """The pipeline's last map: (batch n, generator seeded (seed, n)) -> (the step's host inputs,
-  the model FLOPs of this process's rows or None). It runs in a Grain thread ahead of the step,
-  so counting the FLOPs costs the training thread nothing; the logger sums the processes'
-  counts when it writes."""
+  `flops.step_flops` of this process's rows or None). It runs in a Grain thread ahead of the
+  step, so counting the FLOPs costs the training thread nothing; the logger sums the processes'
+  totals when it writes, `bench train_step` reads the same counts."""
 
   def format_rows(batch, rng):
     host = spec.host_inputs(batch, rng)
     if spec.work is None:
       return host, None
-    return host, flops.step_flops(ctx.model_config, spec.work(host), spec.trainable)["total"]
+    return host, flops.step_flops(ctx.model_config, spec.work(host), spec.trainable)
 
   return format_rows
 
