@@ -20,7 +20,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 # XLA:CPU's concurrency-optimised scheduler lets one program's independent all-reduces start in a
 # different order on each fake device; with 8 devices on 2 cores they then wait on each other
 # until the rendezvous times out and aborts the process (about half the runs of
-# test_sft_trains_on_packed_images_of_many_sizes; none of 6 with it off). Subprocesses inherit it.
+# test_sft_trains_on_packed_images_of_many_sizes; none of 6 with it off). Subprocesses inherit it,
+# but the two-process runs drop it (tests/test_multihost_processes.py says why).
 os.environ["XLA_FLAGS"] = " ".join(filter(None, (
     os.environ.get("XLA_FLAGS", ""), "--xla_cpu_enable_concurrency_optimized_scheduler=false")))
 
