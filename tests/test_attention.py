@@ -15,7 +15,7 @@ from robust_u1_jax import config_lib
 from robust_u1_jax.data import sequence
 from robust_u1_jax.models import attention as attn
 from robust_u1_jax.models import attention_mask as am
-from robust_u1_jax.models import bagel, layers, qwen2_mot
+from robust_u1_jax.models import bagel, kv_cache, layers, qwen2_mot, splash
 
 T = 384  # three 128-token tiles of queries, six of keys (two copies)
 SFT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
@@ -95,14 +95,98 @@ def test_splash_equals_xla_on_packed_rows(mesh_shape):
   np.testing.assert_array_equal(np.asarray(ours[0])[~valid], 0)  # padding attends nothing
 
 
+def _key_mask(b, t, s, seed=0):
+  """Valid queries and keys at random, every row with some of each; the last rows' queries all
+  valid (the no-padding case)."""
+  rng = np.random.RandomState(seed)
+  q_valid = rng.rand(b, t) < 0.8
+  k_valid = rng.rand(b, s) < 0.6
+  q_valid[-1] = True
+  k_valid[:, 0] = q_valid[:, 0] = True
+  return attn.KeyMask(jnp.asarray(q_valid), jnp.asarray(k_valid))
+
+
+@pytest.mark.parametrize("mesh_shape", [None, (1, 2, 2)])
+@pytest.mark.parametrize("t,s", [(100, 300), (128, 384), (6, 133)])
+def test_splash_key_mask_equals_xla(mesh_shape, t, s):
+  """The KV-cache mask (valid queries see valid keys) on splash at lengths that are and are not
+  multiples of 128, forward and gradients, grouped-query heads, also sharded; invalid queries
+  return zeros."""
+  mask = _key_mask(4, t, s)
+  q, _, _, cotangent = _qkv(4, t, heads=4, kv_heads=2)
+  _, k, v, _ = _qkv(4, s, heads=4, kv_heads=2, seed=1)
+  xla = _output_and_grads(lambda q, k, v: layers.attention(q, k, v, mask.dense()), q, k, v,
+                          cotangent)
+  fused = lambda q, k, v: attn.attention(q, k, v, mask, platform="tpu", interpret=True)
+  if mesh_shape is None:
+    ours = _output_and_grads(fused, q, k, v, cotangent)
+  else:
+    mesh = jax.make_mesh(mesh_shape, ("data", "fsdp", "tensor"),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 3,
+                         devices=jax.devices()[:4])
+    with jax.set_mesh(mesh):
+      ours = _output_and_grads(fused, q, k, v, cotangent)
+  _assert_close(ours, xla)
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(ours))
+  assert float(jnp.abs(xla[1][1]).max()) > 0.1
+  np.testing.assert_array_equal(np.asarray(ours[0])[~np.asarray(mask.q_valid)], 0)
+
+
+def test_key_mask_tiles_skip_all_invalid_key_tiles():
+  """A row whose valid keys sit in the first tile (the short no-image context padded to the
+  longest) runs its valid query tiles against that tile only."""
+  blocks = splash.SplashBlocks.for_lengths(256, 512)
+  assert (blocks.block_q, blocks.block_kv) == (256, 512)
+  blocks = splash.SplashBlocks(128, 128, 128)
+  q_seg = jnp.asarray([1] * 128 + [2] * 128, jnp.int32)
+  kv_seg = jnp.asarray([1] * 12 + [2] * 116 + [2] * 256 + [1] * 100 + [2] * 28, jnp.int32)
+  tiles = np.asarray(splash.key_mask_tiles(q_seg, kv_seg, blocks))
+  np.testing.assert_array_equal(tiles, [[True, False, False, True],
+                                        [True, True, True, True]])
+
+
+def test_denoise_on_splash_equals_xla():
+  """The noisy block against cached contexts of different lengths (the guidance branches
+  concatenated, shorter ones padded with invalid slots), padding latents in one row: the
+  language model's denoising hidden states on splash equal xla's."""
+  config = qwen2_mot.LLMConfig.tiny(num_layers=2)
+  rng = np.random.RandomState(0)
+
+  def hidden(implementation):
+    model = qwen2_mot.Qwen2MoT(dataclasses.replace(config, attention=implementation),
+                               rngs=nnx.Rngs(0))
+
+    @nnx.jit
+    def run(model):
+      caches = []
+      for length in (40, 7):
+        cache = model.init_cache(2, length)
+        tokens = jnp.asarray(rng.randint(0, config.vocab_size, (2, length)))
+        positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (2, length))
+        causal = jnp.broadcast_to(jnp.tril(jnp.ones((length, length), bool)), (2, length, length))
+        caches.append(model.prefill(cache, model.embed(tokens), positions, causal)[1])
+      cache = kv_cache.concatenate(caches)
+      x = jax.random.normal(jax.random.key(1), (4, 20, config.hidden_size))
+      positions = jnp.broadcast_to(40 + jnp.arange(20, dtype=jnp.int32), (4, 20))
+      valid = jnp.ones((4, 20), bool).at[1, 15:].set(False)
+      return model.denoise(cache, x, positions, valid) * valid[..., None]
+    rng.seed(0)
+    return run(model)
+
+  xla = hidden("xla")
+  with attn.emulate("tpu"):
+    fused = hidden("splash")
+  _assert_close(fused, xla, atol=1e-5)
+
+
 def test_splash_tiles_cover_every_visible_pair_and_skip_others():
   layout = _packed_rows()
   dense = np.asarray(am.packed_mask(layout))
-  blocks = attn.SplashBlocks.for_length(T)
+  blocks = splash.SplashBlocks.for_length(T)
   assert (blocks.block_q, blocks.block_kv) == (128, 128)
   for r in range(2):
     row = jax.tree.map(lambda x: x[r], layout)
-    tiles = np.asarray(attn.splash_tiles(attn.splash_row_inputs(row), T, blocks))
+    tiles = np.asarray(splash.splash_tiles(splash.splash_row_inputs(row), T, blocks))
     noisy = np.asarray(row.noisy)
     pad = np.diag(np.asarray(row.sample_id) < 0)  # padding sees itself
     visible = np.concatenate([(dense[r] & ~noisy[None]) | pad, dense[r] & noisy[None]], axis=1)
@@ -130,11 +214,11 @@ def test_segment_ids_and_mask_function_express_the_packed_mask():
   length = 48
   layouts = am.stack_layouts([_random_layout(rng, length) for _ in range(16)])
   dense = np.asarray(am.packed_mask(jax.tree.map(jnp.asarray, layouts)))
-  function = attn.PackedMaskFunction(length)
+  function = splash.PackedMaskFunction(length)
   keys = jnp.arange(2 * length, dtype=jnp.int32)
   for r in range(16):
     row = jax.tree.map(lambda x: jnp.asarray(x[r]), layouts)
-    inputs = attn.splash_row_inputs(row)
+    inputs = splash.splash_row_inputs(row)
     seen = ((inputs["q_seg"][:, None] == inputs["kv_seg"][None, :])
             & function(inputs["packed"][:, None], keys[None, :]))
     seen = np.asarray(seen)
@@ -159,7 +243,8 @@ def test_kernel_choice_by_platform_mask_and_inputs():
   # splash: packed self-attention over rows of a multiple of 128 tokens, up to 65,535
   assert choose(kind="dense") == choose(kind="none") == "xla"
   assert choose(q_len=32768 + 64) == "xla"
-  assert choose(q_len=1, kv_len=512) == "xla"  # a KV cache
+  assert choose(q_len=1, kv_len=512) == "xla"  # a KV cache's dense mask
+  assert choose(kind="keys", q_len=1026, kv_len=3435) == "splash"  # a noisy block's, any length
   assert choose(q_len=65536) == "xla" and choose(q_len=65408) == "splash"
   assert choose(dtype=jnp.float32) == "splash"
   # cuDNN: half precision, head_dim a multiple of 8 up to 128, even lengths under a mask

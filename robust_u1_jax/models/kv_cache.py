@@ -12,6 +12,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from robust_u1_jax.models import attention
+
 Array = jax.Array
 
 
@@ -35,8 +37,14 @@ class KVCache:
   def max_length(self) -> int:
     return self.k.shape[2]
 
-  def attention_mask(self, mask_btt: Array, valid_bt: Array) -> Array:
-    """(B, T, S + T): new tokens see every valid cached slot, and each other by `mask_btt`."""
+  def attention_mask(self, mask_btt: Array | None, valid_bt: Array):
+    """(B, T, S + T): new tokens see every valid cached slot, and each other by `mask_btt`.
+
+    `mask_btt` None: valid new tokens see every valid cached slot and each other, invalid ones
+    nothing, as an `attention.KeyMask` (which the fused kernels take without a (T, S) array).
+    """
+    if mask_btt is None:
+      return attention.KeyMask(valid_bt, jnp.concatenate([self.valid, valid_bt], axis=1))
     b, t = valid_bt.shape
     cached_bts = jnp.broadcast_to(self.valid[:, None, :], (b, t, self.max_length))
     return jnp.concatenate([cached_bts, mask_btt & valid_bt[:, None, :]], axis=-1)

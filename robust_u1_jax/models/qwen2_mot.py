@@ -362,10 +362,11 @@ class Qwen2MoT(nnx.Module):
     return KVCache.create(c.num_layers, batch, max_length, c.num_kv_heads, c.head_dim,
                           dtype or c.dtype)
 
-  def extend(self, cache: KVCache, x_btd: Array, positions_bt: Array, mask_btt: Array,
+  def extend(self, cache: KVCache, x_btd: Array, positions_bt: Array, mask_btt: Array | None,
              route: Route = None, valid_bt: Array | None = None, *, write: bool = True
              ) -> tuple[Array, KVCache]:
-    """New tokens attend every valid cached slot and each other by `mask_btt`.
+    """New tokens attend every valid cached slot and each other by `mask_btt` (None: valid
+    tokens all of each other, `KVCache.attention_mask`).
 
     With `write`, their keys/values are appended (padding tokens, `valid_bt` False, are stored
     as invalid slots). Returns final hidden states (per-expert final norm) and the cache.
@@ -406,11 +407,9 @@ class Qwen2MoT(nnx.Module):
     """Noisy latent tokens (generation expert) against the cached context; cache unchanged.
 
     The latent tokens attend the whole valid context of their row and each other
-    (bidirectionally), exactly as a noisy block at the end of the packed sequence.
+    (bidirectionally), exactly as a noisy block at the end of the packed sequence; padding
+    tokens (`valid_bt` False) attend nothing.
     """
-    b, t, _ = x_btd.shape
-    valid_bt = jnp.ones((b, t), bool) if valid_bt is None else valid_bt
-    mask_btt = valid_bt[:, :, None] & valid_bt[:, None, :]
-    hidden, _ = self.extend(cache, x_btd, positions_bt, mask_btt, "gen", valid_bt, write=False)
+    hidden, _ = self.extend(cache, x_btd, positions_bt, None, "gen", valid_bt, write=False)
     return hidden
 
