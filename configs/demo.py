@@ -123,12 +123,18 @@ def base_config(variant: str = "default", init_from: str = "random") -> ml_colle
   # answers (0.8: greedy accuracy 34 %, chance 37 %), nor does weighting the answer loss 3x
   # (accuracy 37 %; the copy is delayed: reconstruction 17.5 dB). Nor does a larger LLM or ViT
   # (96 held-out questions, chance 36 %: 28 % as is, 41 % at 4 layers of width 128, 25 % with a
-  # ViT of 4 layers of width 64 too; 31 % without the generation loss). What fails is the option
-  # letter: the conclusions name the right colour for 59 % of colour questions, yet the letter
-  # matches the conclusion for 37 % of questions with word options (about chance). That lookup
-  # is a text skill (README, "What these numbers say"): on the world's texts alone the tiny LLM
-  # learns it to 47 % in 1,200 steps, 46 % in 3,000 (chance 36 %).
+  # ViT of 4 layers of width 64 too; 31 % without the generation loss). What failed was the
+  # option letter, an in-context lookup while the world shuffled its options (its conclusions
+  # named the right colour for 59 % of colour questions, its letters matched them for 37 %);
+  # with fixed options (data/shapes.py) the same 1,200 steps answer 36 to 44 % (chance 25 %).
   p.caption_fraction = 0.5
+  # Question rows in the reasoning stage's two-image layout, the clean image in both places (the
+  # stand-in for BAGEL's interleaved multi-image pretraining). Without them the base had never
+  # answered after a second image: the reasoning stage's answer loss started at 7.3 nats (near a
+  # uniform guess over the vocabulary), and after its 300 steps the corrupted + recovered mode
+  # still wrote broken answers (14 % at 100 % intensity, against 36 % from the corrupted image
+  # alone; 2026-12-02, 64 held-out samples).
+  p.two_image_fraction = 0.5
   # Generation rows drawn from captions (the rest reconstruct: there the model learns to copy an
   # image from its context, the skill every recovery builds on). None in the demo: rows without
   # an image to copy delay the copy past the budget (measured, 800 steps, answer rows included:
@@ -183,7 +189,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   """Every part of `python -m robust_u1_jax.train --config configs/demo.py`, in order:
   vae, clip, base (bootstrap), sft, rl, reason, eval (training/demo.py chains their workdirs).
 
-  'default' is sized for about 15 minutes on an idle 2-core CPU (14.2 measured on 2026-12-02,
+  'default' is sized for about 15 minutes on an idle 2-core CPU (12.0 measured on 2026-12-02,
   all seven parts), 'quick' for about 4."""
   _check_variant(variant, "get_config")
   quick = variant == "quick"

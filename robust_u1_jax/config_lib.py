@@ -243,8 +243,8 @@ def validate_bootstrap(c: ml_collections.ConfigDict) -> None:
            "a number > 1 (the cap of the learned exp(logit_scale); open_clip's is 100)")
   if "pretrain" in c:
     p = c.pretrain
-    for name in ("caption_fraction", "text_to_image_fraction", "text_dropout", "vit_dropout",
-                 "vae_dropout"):
+    for name in ("caption_fraction", "two_image_fraction", "text_to_image_fraction",
+                 "text_dropout", "vit_dropout", "vae_dropout"):
       _fraction(p[name], f"pretrain.{name}")
     for name in ("understanding_weight", "generation_weight"):
       _check(p[name] >= 0, f"pretrain.{name}", p[name], "a weight >= 0")

@@ -78,6 +78,47 @@ def _pretrain_losses(model, config) -> dict[str, float]:
   return {k: float(v) for k, v in loss(state, jax.tree.map(jnp.asarray, rows)).items()}
 
 
+def test_two_image_rows_take_the_reasoning_layout():
+  """With two_image_fraction = 1 every question row is the reasoning stage's layout (`sequence.
+  reasoning_blocks`: [VAE][ViT] [question] [VAE][ViT] [answer]) with the clean image in both
+  places, its answer labelled after the second image; with 0 the rows hold one image."""
+  from robust_u1_jax.data import packing, pipeline
+  from robust_u1_jax.data import sequence
+  from robust_u1_jax.models import bagel
+  from robust_u1_jax.training import pretrain
+
+  config = _config("base")
+  tok = tokenizer_lib.load_tokenizer(None)
+  special = tokenizer_lib.special_token_ids(tok)
+  markers = sequence.Markers(special["vision_start"], special["vision_end"])
+  model_config = bagel.BagelConfig.tiny()
+  with pipeline.make_pipeline(config.eval_data, seed=0, tokenizer=tok, stage="pretrain") as data:
+    batch = next(data)
+  settings = {**pretrain.row_settings(config, tok), "caption_fraction": 0.0}
+  und, labels, images = pretrain.pretrain_rows(batch, model_config, markers,
+                                               np.random.default_rng(0),
+                                               {**settings, "two_image_fraction": 1.0})[:3]
+  np.testing.assert_array_equal(images[:, 0], images[:, 1])  # the clean image twice
+  np.testing.assert_array_equal(images[:, 0], batch["clean"])
+  (sample,) = packing.batch_samples(batch)[0]  # texts cut to their lengths, as the rows take them
+  size = sequence.canvas(batch, "clean")
+  blocks = sequence.reasoning_blocks({**sample, "corrupted": sample["clean"]}, size,
+                                     recovered_vit=sample["corrupted_vit"])
+  ref = sequence.build_rows([[blocks]], model_config, markers, seq_len=und.token_kind.shape[1],
+                            max_vit=und.vit_patches.shape[1],
+                            max_latent=und.latent_seq_index.shape[1], images_per_sample=2)
+  for name in ("token_kind", "text_ids", "positions", "vit_patches", "vit_segment_ids",
+               "latent_image_index"):
+    np.testing.assert_array_equal(getattr(und, name)[0], getattr(ref, name)[0], err_msg=name)
+  start = sequence.lengths(blocks[:-1], *sequence.strides(model_config))[0]
+  answer = blocks[-1].ids
+  np.testing.assert_array_equal(labels[0, start:start + len(answer) - 1], answer[1:])
+  assert (labels[0, :start] == -1).all()
+  one = pretrain.pretrain_rows(batch, model_config, markers, np.random.default_rng(0),
+                               {**settings, "two_image_fraction": 0.0})
+  assert one[2].shape[1] == 1 and set(np.unique(one[0].vit_segment_ids[0])) <= {0, 1}
+
+
 @pytest.fixture(scope="module")
 def vae_run(tmp_path_factory):
   """Part 1 once for the module: (workdir, config, logged rows)."""

@@ -26,12 +26,11 @@ from typing import Any
 import numpy as np
 
 FIELDS = ("TYPE", "INFLUENCE", "REASONING", "CONCLUSION", "ANSWER")
-_ANSWER_RE = re.compile(r"<ANSWER>\s*([A-Da-d])\s*<ANSWER_END>")
+_ANSWER_RE = re.compile(r"<ANSWER>\s*([A-Za-z])\s*<ANSWER_END>")
 
 
 def format_question(q: Mapping[str, Any]) -> str:
   """The VQA prompt: the question and its lettered options, one per line (no instruction)."""
-  # VQA tables may carry more options than the shapes world's four.
   lines = [q["question"]] + [f"{string.ascii_uppercase[i]}. {opt}"
                              for i, opt in enumerate(q["options"])]
   return "\n".join(lines)

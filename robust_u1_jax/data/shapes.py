@@ -4,15 +4,22 @@
 Every record is a pure function of (split, index, seed), so Grain can shuffle, shard and resume
 over it without storing anything. A record holds 1 to 4 small anti-aliased objects (5 shapes,
 6 colours) on a muted textured background, a caption, and one question of each kind that the scene
-supports (colour, shape, count, position, existence) with 2 to 4 lettered options.
+supports (colour, shape, count, position, existence) with 2 to 6 lettered options.
 
 The world is built so that corruption matters: objects are 9-20 px at 64 x 64 (heavy blur or
 pixelation merges them and rounds their outlines), object colours are saturated hues about 60
 degrees apart (a strong hue shift or colour noise turns one named colour into its neighbour), and
-backgrounds are low-saturation so they are never mistaken for an object colour. Colour and shape
-options are runs of neighbours on those confusion cycles with the answer at a uniform place in the
-run, and count answers are about uniform over 0..4, so the options alone give a blind model little
-more than chance.
+backgrounds are low-saturation so they are never mistaken for an object colour.
+
+Every question of a kind lists the same options in the same order (all six colours, all five
+shapes, counts 0..4, the four quadrants, left / right, top / bottom, yes / no), so the option
+letter is a fixed function of the answer. Answers are about uniform over each kind's options
+(count answers by weighting the counts), so the options alone give a blind model little more than
+chance. Fixed options keep what the world tests (reading the image) apart from a text skill it
+does not: with options drawn and shuffled per question, the letter is an in-context lookup of the
+concluded word among the options, which BAGEL brings from Qwen2.5's language pretraining and the
+tiny from-scratch LLM did not learn in the demo's budget (its letters matched its own conclusions
+no more often than random letters; docs/design.md#the-built-in-shapes-world).
 
 `answer_text(question, corruption_name)` fills the Robust-R1 answer format
 (`answer_format.py`) from what the world knows about a question: which corruptions hurt which
@@ -44,9 +51,6 @@ COLOR_NAMES = tuple(COLORS)
 SHAPES = ("circle", "square", "triangle", "star", "cross")
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars",
            "cross": "crosses"}
-# Outlines ordered so that neighbours are what blur or pixelation confuse (the cycle closes:
-# triangle next to circle); colour distractors use the hue order of COLOR_NAMES the same way.
-SHAPE_CYCLE = ("circle", "square", "cross", "star", "triangle")
 # Circumradius of each outline in units of the nominal radius (size / 2): bounding boxes, spacing.
 _EXTENT = {"circle": 1.0, "square": 1.14, "triangle": 1.15, "star": 1.1, "cross": 1.0}
 QUESTION_KINDS = ("color", "shape", "count", "position", "existence")
@@ -56,7 +60,12 @@ MAX_OBJECTS = 4
 NUMBER_WORDS = ("no", "one", "two", "three", "four")
 # Count-question weights by answer; fitted so that answers 0..4 come out about equally often.
 _COUNT_WEIGHTS = (1.0, 1.0, 2.5, 8.0, 20.0)
-LETTERS = "ABCD"
+# The options of each question kind (position questions: by axis), in the order they are listed.
+OPTIONS = {"color": COLOR_NAMES, "shape": SHAPES,
+           "count": tuple(str(n) for n in range(MAX_OBJECTS + 1)), "quadrant": QUADRANTS,
+           "horizontal": ("left", "right"), "vertical": ("top", "bottom"),
+           "existence": ("yes", "no")}
+LETTERS = "ABCDEF"
 SPLITS = ("train", "validation", "test")
 DEFAULT_SIZES = {"train": 100_000, "validation": 1_000, "test": 1_000}
 MIN_IMAGE_SIDE = 32
@@ -118,13 +127,6 @@ class _Draws:
       if u < 0:
         return item
     return items[-1]
-
-  def shuffled(self, seq) -> list:
-    out = list(seq)
-    for i in range(len(out) - 1, 0, -1):
-      j = self.randint(i + 1)
-      out[i], out[j] = out[j], out[i]
-    return out
 
 
 def record_key(split: str, index: int, seed: int) -> int:
@@ -317,9 +319,10 @@ def _caption(objects: list[dict], background: str) -> str:
   return text[0].upper() + text[1:]
 
 
-def _mcq(d: _Draws, kind: str, question: str, correct: str, distractors: list[str],
-         subject: str, target: dict) -> dict:
-  options = d.shuffled([correct, *distractors])  # shuffling makes the correct letter uniform
+def _mcq(kind: str, question: str, correct: str, subject: str, target: dict,
+         options: str | None = None) -> dict:
+  """A question with the fixed options of `options` (default: its kind's)."""
+  options = list(OPTIONS[options or kind])
   idx = options.index(correct)
   return {"kind": kind, "question": question, "options": options, "answer": LETTERS[idx],
           "answer_index": idx, "answer_option": correct, "subject": subject, "target": target}
@@ -342,18 +345,9 @@ def _attribute_question(d: _Draws, objects: list[dict], kind: str) -> dict | Non
   if not cands:
     return None
   o, subject = d.choice(cands)
-  # Options are a run of neighbours on the confusion cycle (hues, or outlines) with the answer at
-  # a uniform place in the run: the distractors are what corruption confuses, yet the option set
-  # says nothing about which one is right (weighting distractors toward the answer's neighbours
-  # would let a blind model pick the option in the middle).
-  cycle = COLOR_NAMES if kind == "color" else SHAPE_CYCLE
-  correct = o[kind]
-  k = 3 + d.randint(2)
-  start = cycle.index(correct) - d.randint(k)
-  distractors = [v for j in range(k) if (v := cycle[(start + j) % len(cycle)]) != correct]
   question = (f"What color is {subject}?" if kind == "color" else f"What shape is {subject}?")
   target = {f: o[f] for f in ("color", "shape", "quadrant")}
-  return _mcq(d, kind, question, correct, distractors, subject, target)
+  return _mcq(kind, question, o[kind], subject, target)
 
 
 def _count_question(d: _Draws, objects: list[dict]) -> dict:
@@ -375,12 +369,9 @@ def _count_question(d: _Draws, objects: list[dict]) -> dict:
   counts = sorted(by_count)
   n = d.weighted_choice(counts, [_COUNT_WEIGHTS[c] for c in counts])
   singular, plural, members = d.choice(by_count[n])
-  # Uniform distractors: preferring nearby counts would make the middle option a blind guess.
-  distractors = [str(k) for k in d.shuffled([k for k in range(MAX_OBJECTS + 1) if k != n])
-                 [:2 + d.randint(2)]]
   target = {"count": n, "singular": singular, "plural": plural,
             "quadrants": [p["quadrant"] for p in members]}
-  return _mcq(d, "count", f"How many {plural} are there?", str(n), distractors, plural, target)
+  return _mcq("count", f"How many {plural} are there?", str(n), plural, target)
 
 
 def _position_question(d: _Draws, objects: list[dict]) -> dict | None:
@@ -393,16 +384,13 @@ def _position_question(d: _Draws, objects: list[dict]) -> dict | None:
   vertical, horizontal = o["quadrant"].split()
   axis = d.choice(("quadrant", "quadrant", "horizontal", "vertical"))
   if axis == "quadrant":
-    question = f"Where is {subject}?"
-    correct, distractors = o["quadrant"], [q for q in QUADRANTS if q != o["quadrant"]]
+    question, correct = f"Where is {subject}?", o["quadrant"]
   elif axis == "horizontal":
-    question = f"Is {subject} on the left or on the right?"
-    correct, distractors = horizontal, ["right" if horizontal == "left" else "left"]
+    question, correct = f"Is {subject} on the left or on the right?", horizontal
   else:
-    question = f"Is {subject} in the top half or in the bottom half?"
-    correct, distractors = vertical, ["bottom" if vertical == "top" else "top"]
+    question, correct = f"Is {subject} in the top half or in the bottom half?", vertical
   target = {"color": o["color"], "shape": o["shape"], "quadrant": o["quadrant"], "axis": axis}
-  return _mcq(d, "position", question, correct, distractors, subject, target)
+  return _mcq("position", question, correct, subject, target, options=axis)
 
 
 def _existence_question(d: _Draws, objects: list[dict]) -> dict:
@@ -420,8 +408,8 @@ def _existence_question(d: _Draws, objects: list[dict]) -> dict:
   correct = "yes" if found else "no"
   target = {"color": color, "shape": shape, "present": bool(found),
             "quadrant": found[0]["quadrant"] if found else None}
-  return _mcq(d, "existence", f"Is there {_a(color)} {shape}?", correct,
-              ["no" if found else "yes"], f"{_a(color)} {shape}", target)
+  return _mcq("existence", f"Is there {_a(color)} {shape}?", correct, f"{_a(color)} {shape}",
+              target)
 
 
 def _questions(d: _Draws, objects: list[dict]) -> list[dict]:

@@ -7,7 +7,12 @@ of a batch gives one row of each kind, in BAGEL's block formats (data/sequence.p
   understanding  [VAE: image] [ViT: image] [prompt] [answer]: cross-entropy on the answer
                  (`reasoning.answer_loss`); the prompt is one of the world's multiple-choice
                  questions (answer: its Robust-R1 answer text, TYPE none) or the caption prompt
-                 (answer: the record's caption), drawn per record
+                 (answer: the record's caption), drawn per record. A question row may instead
+                 take the reasoning stage's two-image layout with the clean image in both places,
+                 [image] [question] [image] [answer] (`two_image_fraction`): the stand-in for
+                 BAGEL's interleaved multi-image pretraining, without which the reasoning
+                 stage's [corrupted] [question] [recovered] rows start from a layout the base
+                 has never answered in
   generation     flow matching (`flow_matching.flow_matching_loss`) of the image's latents:
                  [caption] [noisy image] (text to image), or `recovery_blocks` of the clean image
                  with the reconstruction instruction (the image from its own VAE and ViT tokens);
@@ -54,7 +59,8 @@ MAX_ANSWER_TOKENS = 96  # the world's answers are at most 77 tokens, its caption
 def pretrain_rows(batch: Mapping[str, Any], config: BagelConfig, markers: sequence.Markers,
                   rng: np.random.Generator, settings: Mapping[str, Any]):
   """Host side: an unpacked 'pretrain' pipeline batch -> (understanding SequenceInputs, their
-  next-token labels (B, T) with -1 off the answers, their VAE images (B, 1, H, W, 3), generation
+  next-token labels (B, T) with -1 off the answers, their VAE images (B, K, H, W, 3): the clean
+  image once, or twice with two-image rows (`two_image_fraction` > 0), generation
   SequenceInputs, their VAE images (B, 2, H, W, 3): the condition and the target, both the clean
   image, each encoded with its own posterior draw).
 
@@ -63,10 +69,13 @@ def pretrain_rows(batch: Mapping[str, Any], config: BagelConfig, markers: sequen
   """
   size = sequence.canvas(batch, "clean")
   prompt, instruction = settings["caption_prompt_ids"], settings["instruction_ids"]
+  two_images = settings["two_image_fraction"] > 0
   und, gen, answers = [], [], []
   for r, (sample,) in enumerate(packing.batch_samples(batch)):
     if rng.uniform() < settings["caption_fraction"]:
       blocks = sequence.understanding_blocks(sample, prompt, sample["caption_ids"], size)
+    elif two_images and rng.uniform() < settings["two_image_fraction"]:
+      blocks = two_image_blocks(sample, size)
     else:
       blocks = sequence.understanding_blocks(sample, sample["question_ids"],
                                              sample["answer_ids"], size)
@@ -80,23 +89,37 @@ def pretrain_rows(batch: Mapping[str, Any], config: BagelConfig, markers: sequen
       gen.append([sequence.reconstruction_blocks(sample, instruction, size, use_text=keep[0],
                                                  use_vit=keep[1], use_vae=keep[2])])
   widest = {k: v[0] for k, v in batch.items()}  # texts at the batch's padded width
-  und_bounds = sequence.max_lengths(
-      [sequence.understanding_blocks(widest, widest["question_ids"], widest["answer_ids"], size),
-       sequence.understanding_blocks(widest, prompt, widest["caption_ids"], size)], config)
+  und_layouts = [
+      sequence.understanding_blocks(widest, widest["question_ids"], widest["answer_ids"], size),
+      sequence.understanding_blocks(widest, prompt, widest["caption_ids"], size)]
+  if two_images:
+    und_layouts.append(two_image_blocks(widest, size))
+  und_bounds = sequence.max_lengths(und_layouts, config)
   gen_bounds = sequence.max_lengths([sequence.text_to_image_blocks(widest, size),
                                      sequence.reconstruction_blocks(widest, instruction, size)],
                                     config)
+  und_images = ("clean", "clean") if two_images else ("clean",)
   und_inputs = sequence.build_rows(und, config, markers, seq_len=und_bounds[0],
                                    max_vit=und_bounds[1], max_latent=und_bounds[2],
-                                   images_per_sample=1)
+                                   images_per_sample=len(und_images))
   labels = np.full((len(und), und_bounds[0]), -1, np.int32)
   for r, start, answer in answers:
     labels[r, start:start + len(answer) - 1] = answer[1:]  # position p predicts token p + 1
   gen_inputs = sequence.build_rows(gen, config, markers, seq_len=gen_bounds[0],
                                    max_vit=gen_bounds[1], max_latent=gen_bounds[2],
                                    images_per_sample=2)
-  return (und_inputs, labels, sequence.image_stack(batch, ("clean",)), gen_inputs,
+  return (und_inputs, labels, sequence.image_stack(batch, und_images), gen_inputs,
           sequence.image_stack(batch, ("clean", "clean")))
+
+
+def two_image_blocks(sample: Mapping[str, Any], canvas: tuple[int, int] | None
+                     ) -> list[sequence.Block]:
+  """The reasoning stage's layout (`sequence.reasoning_blocks`) of a question on the clean image
+  alone: [VAE][ViT] of the image [question] [VAE][ViT] of the image again (VAE image 1) [answer]."""
+  clean = sample["clean"]
+  vit = sample.get("corrupted_vit", clean)  # the clean image at its ViT size
+  return sequence.reasoning_blocks({**sample, "corrupted": clean, "corrupted_vit": vit}, canvas,
+                                   recovered_vit=vit)
 
 
 # -- the step --------------------------------------------------------------------------------------
@@ -130,6 +153,7 @@ def row_settings(config, tokenizer) -> dict[str, Any]:
           "instruction_ids": tokenizer_lib.encode_text_block(tokenizer,
                                                              p.reconstruction_instruction),
           "caption_fraction": p.caption_fraction,
+          "two_image_fraction": p.two_image_fraction,
           "text_to_image_fraction": p.text_to_image_fraction,
           "dropout": (p.text_dropout, p.vit_dropout, p.vae_dropout)}
 
