@@ -44,6 +44,11 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.data.corruption = "none"
     c.data.batch_size = 64
     c.data.token_budget = 16_384
+    # Each expert computes its share of a row only. A reasoning sample is two images as VAE
+    # latents and ViT patches (BAGEL's rules: about 0.8 latents per patch at any image size) and
+    # its text, so latents are 40 to 44 % of it; 7,168 latents fit two samples of 560-pixel
+    # images and one of 1,024 x 768.
+    c.data.latent_budget = 7_168
     c.data.worker_count = 8
     r.recovered_images = "cache"
     r.recovery_steps = 50  # the paper's inference setting

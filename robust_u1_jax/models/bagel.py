@@ -269,17 +269,18 @@ class Bagel(nnx.Module):
                        t_b: Array) -> Array:
     """Velocity of a noisy latent block (markers + latent tokens) against a cached context.
 
-    The block attends the whole valid context of its row and itself bidirectionally; the cache
-    is left unchanged, so every denoising step reuses the one prefill.
+    The block attends the whole valid context of its row and itself bidirectionally (padding
+    tokens attend nothing); the cache is left unchanged, so every denoising step reuses the one
+    prefill.
     """
     n = x_t_bnc.shape[1]
     timesteps = jnp.broadcast_to(t_b[:, None], (t_b.shape[0], n))
     x = self.embed_sequence(inputs, x_t_bnc, timesteps)
     positions = inputs.positions + cache.next_position[:, None]
-    valid = inputs.token_kind != PAD
-    block = valid[:, :, None] & valid[:, None, :]
-    hidden, _ = self.language_model.extend(cache, x, positions, block, inputs.routing(),
-                                           valid_bt=valid, write=False)
+    # mask None: the valid tokens see each other and the valid context (an attention.KeyMask,
+    # which splash takes without a (T, S) array); padding sees nothing.
+    hidden, _ = self.language_model.extend(cache, x, positions, None, inputs.routing(),
+                                           valid_bt=inputs.token_kind != PAD, write=False)
     return self.velocity(hidden, inputs.latent_seq_index)
 
 

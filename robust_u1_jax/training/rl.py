@@ -141,7 +141,12 @@ def make_functions(graphdef: nnx.GraphDef, tx, s: RLSettings,
                           window_start=window_start(k_win, s), window_size=s.window_size,
                           noise_level=s.noise_level)
     h, w = inputs.clean.shape[1:3]
-    recovered = context_lib.decode_latents(model, out.x_final, h, w)
+    # One recovery of each image at a time (B images, sharded like the batch): the VAE decoder's
+    # activations at full resolution are the rollout's largest buffers (16 images of 512 x 512
+    # per chip decoded at once were about 50 GiB at G = 16 on v5p, docs/PERFORMANCE.md).
+    x_gbnc = jnp.swapaxes(out.x_final.reshape((b, g) + out.x_final.shape[1:]), 0, 1)
+    recovered_gb = jax.lax.map(lambda x: context_lib.decode_latents(model, x, h, w), x_gbnc)
+    recovered = jnp.swapaxes(recovered_gb, 0, 1).reshape((b * g,) + recovered_gb.shape[2:])
     clean = pixels.to_float(jnp.repeat(inputs.clean, g, axis=0))
     return jax.lax.stop_gradient(out), jax.lax.stop_gradient(recovered), clean
 
@@ -155,7 +160,11 @@ def make_functions(graphdef: nnx.GraphDef, tx, s: RLSettings,
       v = velocity(x, jnp.full((x.shape[0],), t))
       return sampling.sde_step(x, v, t, t_next, schedule[1], s.noise_level, x_next=x_next)
 
-    return jax.vmap(one)(out.window_x, out.window_x_next, out.window_t, out.window_t_next)
+    # The window's steps one after the other, each rematerialised: the forward keeps only each
+    # step's inputs, and the backward recomputes one step's layers at a time (at G = 16 on v5p
+    # one step's saved layer inputs are 10 GiB per chip, docs/PERFORMANCE.md).
+    return jax.lax.map(jax.checkpoint(lambda a: one(*a)),
+                       (out.window_x, out.window_x_next, out.window_t, out.window_t_next))
 
   def loss_fn(params, state: TrainState, inputs, out, advantages, vae_key, mask_t=None):
     # Every transition is scored and the mini-batch's are kept by `mask_t` (None: all). Gathering
