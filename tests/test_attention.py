@@ -71,6 +71,25 @@ def _assert_close(a, b, atol=2e-5):
                                                        rtol=0), a, b)
 
 
+def _splash_against_xla(mask, q, k, v, cotangent, mesh_shape):
+  """Output and gradients on splash (interpret mode), alone or under a mesh of `mesh_shape` on 4
+  devices, checked equal to xla's on the dense mask; returns splash's."""
+  xla = _output_and_grads(lambda q, k, v: layers.attention(q, k, v, mask.dense()), q, k, v,
+                          cotangent)
+  fused = lambda q, k, v: attn.attention(q, k, v, mask, platform="tpu", interpret=True)
+  if mesh_shape is None:
+    ours = _output_and_grads(fused, q, k, v, cotangent)
+  else:
+    mesh = jax.make_mesh(mesh_shape, ("data", "fsdp", "tensor"),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 3,
+                         devices=jax.devices()[:4])
+    with jax.set_mesh(mesh):
+      ours = _output_and_grads(fused, q, k, v, cotangent)
+  _assert_close(ours, xla)
+  assert float(jnp.abs(xla[1][1]).max()) > 0.1  # the gradients are not trivially zero
+  return ours
+
+
 @pytest.mark.parametrize("mesh_shape", [None, (1, 2, 2)])
 def test_splash_equals_xla_on_packed_rows(mesh_shape):
   """Forward and gradients, grouped-query heads; also sharded (rows over fsdp, heads over
@@ -78,19 +97,7 @@ def test_splash_equals_xla_on_packed_rows(mesh_shape):
   layout = _packed_rows()
   mask = attn.PackedMask(layout)
   q, k, v, cotangent = _qkv(2, T, heads=4, kv_heads=2)
-  xla = _output_and_grads(lambda q, k, v: layers.attention(q, k, v, mask.dense()), q, k, v,
-                          cotangent)
-  splash = lambda q, k, v: attn.attention(q, k, v, mask, platform="tpu", interpret=True)
-  if mesh_shape is None:
-    ours = _output_and_grads(splash, q, k, v, cotangent)
-  else:
-    mesh = jax.make_mesh(mesh_shape, ("data", "fsdp", "tensor"),
-                         axis_types=(jax.sharding.AxisType.Auto,) * 3,
-                         devices=jax.devices()[:4])
-    with jax.set_mesh(mesh):
-      ours = _output_and_grads(splash, q, k, v, cotangent)
-  _assert_close(ours, xla)
-  assert float(jnp.abs(xla[1][1]).max()) > 0.1  # the gradients are not trivially zero
+  ours = _splash_against_xla(mask, q, k, v, cotangent, mesh_shape)
   valid = np.asarray(mask.valid())
   np.testing.assert_array_equal(np.asarray(ours[0])[~valid], 0)  # padding attends nothing
 
@@ -115,20 +122,8 @@ def test_splash_key_mask_equals_xla(mesh_shape, t, s):
   mask = _key_mask(4, t, s)
   q, _, _, cotangent = _qkv(4, t, heads=4, kv_heads=2)
   _, k, v, _ = _qkv(4, s, heads=4, kv_heads=2, seed=1)
-  xla = _output_and_grads(lambda q, k, v: layers.attention(q, k, v, mask.dense()), q, k, v,
-                          cotangent)
-  fused = lambda q, k, v: attn.attention(q, k, v, mask, platform="tpu", interpret=True)
-  if mesh_shape is None:
-    ours = _output_and_grads(fused, q, k, v, cotangent)
-  else:
-    mesh = jax.make_mesh(mesh_shape, ("data", "fsdp", "tensor"),
-                         axis_types=(jax.sharding.AxisType.Auto,) * 3,
-                         devices=jax.devices()[:4])
-    with jax.set_mesh(mesh):
-      ours = _output_and_grads(fused, q, k, v, cotangent)
-  _assert_close(ours, xla)
+  ours = _splash_against_xla(mask, q, k, v, cotangent, mesh_shape)
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(ours))
-  assert float(jnp.abs(xla[1][1]).max()) > 0.1
   np.testing.assert_array_equal(np.asarray(ours[0])[~np.asarray(mask.q_valid)], 0)
 
 
