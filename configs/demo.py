@@ -130,10 +130,11 @@ def base_config(variant: str = "default", init_from: str = "random") -> ml_colle
   p.caption_fraction = 0.5
   # Question rows in the reasoning stage's two-image layout, the clean image in both places (the
   # stand-in for BAGEL's interleaved multi-image pretraining). Without them the base had never
-  # answered after a second image: the reasoning stage's answer loss started at 7.3 nats (near a
-  # uniform guess over the vocabulary), and after its 300 steps the corrupted + recovered mode
-  # still wrote broken answers (14 % at 100 % intensity, against 36 % from the corrupted image
-  # alone; 2026-12-02, 64 held-out samples).
+  # answered after a second image, and after the reasoning stage's 300 steps the corrupted +
+  # recovered mode still wrote broken answers (14 % at 100 % intensity, against 36 % from the
+  # corrupted image alone; with them 25 % against 30 %; 2026-12-02, 64 held-out samples). (That
+  # stage's first answer loss, 7.3 nats either way, is its TYPE field's corruption names, which
+  # the base never writes.)
   p.two_image_fraction = 0.5
   # Generation rows drawn from captions (the rest reconstruct: there the model learns to copy an
   # image from its context, the skill every recovery builds on). None in the demo: rows without

@@ -214,7 +214,6 @@ def test_fixed_options_with_answers_a_blind_model_cannot_guess():
     freq = np.bincount([q["answer_index"] for q in qs], minlength=len(options)) / len(qs)
     chance = 1 / len(options)
     np.testing.assert_allclose(freq, chance, atol=0.07, err_msg=str(options))
-    assert freq.max() < chance + 0.07, (options, freq)
 
 
 def test_answer_text(sample):

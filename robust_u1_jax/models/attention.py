@@ -107,9 +107,6 @@ class KeyMask:
     """(B, T, S) bool."""
     return self.q_valid[:, :, None] & self.k_valid[:, None, :]
 
-  def valid(self) -> Array:
-    return self.q_valid
-
 
 Mask = Array | PackedMask | KeyMask | None
 

@@ -69,6 +69,7 @@ def pretrain_rows(batch: Mapping[str, Any], config: BagelConfig, markers: sequen
   """
   size = sequence.canvas(batch, "clean")
   prompt, instruction = settings["caption_prompt_ids"], settings["instruction_ids"]
+  # Without two-image rows no draw is spent on them, and rows keep their one-image shapes.
   two_images = settings["two_image_fraction"] > 0
   und, gen, answers = [], [], []
   for r, (sample,) in enumerate(packing.batch_samples(batch)):
@@ -117,9 +118,8 @@ def two_image_blocks(sample: Mapping[str, Any], canvas: tuple[int, int] | None
   """The reasoning stage's layout (`sequence.reasoning_blocks`) of a question on the clean image
   alone: [VAE][ViT] of the image [question] [VAE][ViT] of the image again (VAE image 1) [answer]."""
   clean = sample["clean"]
-  vit = sample.get("corrupted_vit", clean)  # the clean image at its ViT size
-  return sequence.reasoning_blocks({**sample, "corrupted": clean, "corrupted_vit": vit}, canvas,
-                                   recovered_vit=vit)
+  return sequence.reasoning_blocks({**sample, "corrupted": clean}, canvas,
+                                   recovered_vit=sample.get("corrupted_vit", clean))
 
 
 # -- the step --------------------------------------------------------------------------------------
