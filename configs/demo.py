@@ -2,16 +2,18 @@
 runs/demo`: `get_config` (at the end) lists every part, run in order by training/demo.py.
 
 Bootstrap of the built-in world's demo: the stand-in for the pretrained BAGEL that Robust-U1
-starts from, made with the same model code in three stages (training/bootstrap_vae.py,
-bootstrap_clip.py, pretrain.py), each run by `trainer.train`:
+starts from, made with the same model code in four stages (training/bootstrap_vae.py,
+bootstrap_clip.py, bootstrap_vit.py, pretrain.py), each run by `trainer.train`:
 
   vae_config    stage 'bootstrap_vae': the tiny Bagel's VAE as an autoencoder of world images;
                 everything later keeps it frozen
   clip_config   stage 'bootstrap_clip': a tiny CLIP on images and captions, written to
                 `<workdir>/model/clip.safetensors` for the RL stage's semantic reward
                 (rl.clip_checkpoint, rl.clip_model='tiny')
+  vit_config    stage 'bootstrap_vit': the Bagel's own ViT trained contrastively on the same
+                captions (the stand-in for SigLIP's pretraining), written into vae_config's model
   base_config   stage 'pretrain': the whole Bagel but the VAE on clean images: answering and
-                captioning, drawing from captions, reconstructing; init_from is vae_config's workdir
+                captioning, drawing from captions, reconstructing; init_from is vit_config's workdir
 
 Variants: 'default' (the demo: the three took about five minutes on an idle 2-core CPU with
 the base part at 400 steps; it is 1,200 now, at 8-13 steps/s) and 'quick'
@@ -77,7 +79,8 @@ def vae_config(variant: str = "default") -> ml_collections.ConfigDict:
   quick = variant == "quick"
   # Small batches: more updates per CPU second is what this small network needs.
   _world(c, batch_size=8, eval_batch_size=32 if quick else 64)
-  _schedule(c, 80 if quick else 1200)
+  # 1,000 steps: 25.2 dB PSNR (25.8 after 1,200, whose 0.7 min the demo's 15 minutes needed).
+  _schedule(c, 80 if quick else 1000)
   c.optimizer.learning_rate = 3e-3
   c.optimizer.end_learning_rate = 1e-4
   c.optimizer.warmup_steps = 10 if quick else 30
@@ -105,8 +108,22 @@ def clip_config(variant: str = "default") -> ml_collections.ConfigDict:
   return c
 
 
+def vit_config(variant: str = "default", init_from: str = "random"
+               ) -> ml_collections.ConfigDict:
+  """The Bagel's ViT against a text tower of clip.model's shapes, as clip_config trains its CLIP;
+  `init_from`: the workdir of vae_config's run, whose model the trained ViT is written into."""
+  _check_variant(variant, "vit_config")
+  c = clip_config(variant)
+  c.stage = "bootstrap_vit"
+  c.init_from = init_from
+  # Measured (batch 64, 2026-12-02): caption retrieval among 64 validation images 31 % after 200
+  # steps, 55 % after 600 and after 1,200 (the CLIP part: 50 % after 800); 600 take 1.0 min.
+  _schedule(c, 120 if variant == "quick" else 600)
+  return c
+
+
 def base_config(variant: str = "default", init_from: str = "random") -> ml_collections.ConfigDict:
-  """`init_from`: the workdir of vae_config's run (its model, the trained VAE included)."""
+  """`init_from`: the workdir of vit_config's run (its model: the trained VAE and ViT)."""
   _check_variant(variant, "base_config")
   c = config_lib.get_base_config()
   c.stage = "pretrain"
@@ -136,6 +153,13 @@ def base_config(variant: str = "default", init_from: str = "random") -> ml_colle
   # stage's first answer loss, 7.3 nats either way, is its TYPE field's corruption names, which
   # the base never writes.)
   p.two_image_fraction = 0.5
+  # Three in four one-image answer rows without the VAE tokens (pretrain.py), so the base reads
+  # through the ViT the vit part pretrained. Its VAE tokens pass through the generation expert,
+  # which SFT trains alone: a base that reads through them loses its answers there (256
+  # validation questions, 2026-12-02: without this and the vit part, base 47.7 % (colour 74 %,
+  # count 42 %) -> after SFT 36.3 % (52 %, 16 %); with both, 43.4 % -> 42.6 % (68 %, 40 %);
+  # with this alone the base reads poorly, 33.2 %, its ViT trained only here).
+  p.answer_vae_dropout = 0.75
   # Generation rows drawn from captions (the rest reconstruct: there the model learns to copy an
   # image from its context, the skill every recovery builds on). None in the demo: rows without
   # an image to copy delay the copy past the budget (measured, 800 steps, answer rows included:
@@ -188,10 +212,12 @@ def _stage(name: str, variant: str) -> ml_collections.ConfigDict:
 
 def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   """Every part of `python -m robust_u1_jax.train --config configs/demo.py`, in order:
-  vae, clip, base (bootstrap), sft, rl, reason, eval (training/demo.py chains their workdirs).
+  vae, clip, vit, base (bootstrap), sft, rl, reason, eval (training/demo.py chains their
+  workdirs).
 
-  'default' is sized for about 15 minutes on an idle 2-core CPU (12.0 measured on 2026-12-02,
-  all seven parts), 'quick' for about 4."""
+  'default' is sized for about 15 minutes on an idle 2-core CPU (14.8 measured on 2026-12-02,
+  all eight parts: vae 2.1, clip 0.9, vit 1.0, base 5.3, sft 0.7, rl 1.0, reason 2.1, eval
+  1.7), 'quick' for about 4."""
   _check_variant(variant, "get_config")
   quick = variant == "quick"
   c = ml_collections.ConfigDict()
@@ -200,7 +226,8 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   c.seed = 0
   # Each part starts from the previous part's output; training/demo.py fills in the paths.
   c.vae, c.clip = vae_config(variant), clip_config(variant)
-  c.base = base_config(variant, init_from="<the vae part's workdir>")
+  c.vit = vit_config(variant, init_from="<the vae part's workdir>")
+  c.base = base_config(variant, init_from="<the vit part's workdir>")
 
   c.sft = _stage("sft", "tiny")
   c.sft.init_from = "<the base part's workdir>"

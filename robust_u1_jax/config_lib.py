@@ -210,7 +210,7 @@ def validate_lora(lo: ml_collections.ConfigDict) -> None:
   _check(ok, "lora.targets", lo.targets, "a non-empty regular expression on parameter paths")
 
 
-BOOTSTRAP_STAGES = ("bootstrap_vae", "bootstrap_clip", "pretrain")  # configs/demo.py
+BOOTSTRAP_STAGES = ("bootstrap_vae", "bootstrap_clip", "bootstrap_vit", "pretrain")  # demo.py
 CLIP_MODELS = ("tiny", "vit_b32")
 
 
@@ -228,7 +228,7 @@ def validate_bootstrap(c: ml_collections.ConfigDict) -> None:
                f"none for stage {c.stage!r} (the bootstrap stages never see a corruption)")
     _check(c.data.token_budget == 0, "data.token_budget", c.data.token_budget,
            f"0 for stage {c.stage!r} (its rows are built one sample each)")
-  if c.stage in ("bootstrap_clip", "pretrain"):
+  if c.stage in ("bootstrap_clip", "bootstrap_vit", "pretrain"):
     _check(c.data.source == "shapes", "data.source", c.data.source,
            f"shapes for stage {c.stage!r} (captions and questions come from the built-in world)")
   if "autoencoder" in c:
@@ -244,7 +244,7 @@ def validate_bootstrap(c: ml_collections.ConfigDict) -> None:
   if "pretrain" in c:
     p = c.pretrain
     for name in ("caption_fraction", "two_image_fraction", "text_to_image_fraction",
-                 "text_dropout", "vit_dropout", "vae_dropout"):
+                 "answer_vae_dropout", "text_dropout", "vit_dropout", "vae_dropout"):
       _fraction(p[name], f"pretrain.{name}")
     for name in ("understanding_weight", "generation_weight"):
       _check(p[name] >= 0, f"pretrain.{name}", p[name], "a weight >= 0")

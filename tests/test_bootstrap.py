@@ -78,14 +78,12 @@ def _pretrain_losses(model, config) -> dict[str, float]:
   return {k: float(v) for k, v in loss(state, jax.tree.map(jnp.asarray, rows)).items()}
 
 
-def test_two_image_rows_take_the_reasoning_layout():
-  """With two_image_fraction = 1 every question row is the reasoning stage's layout (`sequence.
-  reasoning_blocks`: [VAE][ViT] [question] [VAE][ViT] [answer]) with the clean image in both
-  places, its answer labelled after the second image; with 0 the rows hold one image."""
-  from robust_u1_jax.data import packing, pipeline
+def _row_inputs():
+  """(base config, tokenizer, markers, tiny BagelConfig, the first validation batch) for
+  `pretrain_rows`."""
+  from robust_u1_jax.data import pipeline
   from robust_u1_jax.data import sequence
   from robust_u1_jax.models import bagel
-  from robust_u1_jax.training import pretrain
 
   config = _config("base")
   tok = tokenizer_lib.load_tokenizer(None)
@@ -94,6 +92,18 @@ def test_two_image_rows_take_the_reasoning_layout():
   model_config = bagel.BagelConfig.tiny()
   with pipeline.make_pipeline(config.eval_data, seed=0, tokenizer=tok, stage="pretrain") as data:
     batch = next(data)
+  return config, tok, markers, model_config, batch
+
+
+def test_two_image_rows_take_the_reasoning_layout():
+  """With two_image_fraction = 1 every question row is the reasoning stage's layout (`sequence.
+  reasoning_blocks`: [VAE][ViT] [question] [VAE][ViT] [answer]) with the clean image in both
+  places, its answer labelled after the second image; with 0 the rows hold one image."""
+  from robust_u1_jax.data import packing
+  from robust_u1_jax.data import sequence
+  from robust_u1_jax.training import pretrain
+
+  config, tok, markers, model_config, batch = _row_inputs()
   settings = {**pretrain.row_settings(config, tok), "caption_fraction": 0.0}
   und, labels, images = pretrain.pretrain_rows(batch, model_config, markers,
                                                np.random.default_rng(0),
@@ -119,6 +129,36 @@ def test_two_image_rows_take_the_reasoning_layout():
   assert one[2].shape[1] == 1 and set(np.unique(one[0].vit_segment_ids[0])) <= {0, 1}
 
 
+def test_answer_vae_dropout_leaves_the_vae_tokens_out_of_one_image_rows():
+  """answer_vae_dropout = 1: every one-image answer row is [ViT] [prompt] [answer] (no latent
+  token, its answer labelled right after the prompt); 0 keeps them in every row."""
+  from robust_u1_jax.data import packing
+  from robust_u1_jax.data import sequence
+  from robust_u1_jax.models import bagel
+  from robust_u1_jax.training import pretrain
+
+  config, tok, markers, model_config, batch = _row_inputs()
+  settings = {**pretrain.row_settings(config, tok), "two_image_fraction": 0.0}
+
+  def rows(dropout, caption_fraction):
+    return pretrain.pretrain_rows(batch, model_config, markers, np.random.default_rng(0),
+                                  {**settings, "answer_vae_dropout": dropout,
+                                   "caption_fraction": caption_fraction})
+
+  for caption_fraction in (0.0, 1.0):
+    und, labels = rows(1.0, caption_fraction)[:2]
+    assert not (und.token_kind == bagel.LATENT).any()
+    (sample,) = packing.batch_samples(batch)[0]
+    prompt = (settings["caption_prompt_ids"] if caption_fraction else sample["question_ids"])
+    answer = sample["caption_ids"] if caption_fraction else sample["answer_ids"]
+    blocks = sequence.understanding_blocks(sample, prompt, answer, sequence.canvas(batch, "clean"),
+                                           use_vae=False)
+    start = sequence.lengths(blocks[:-1], *sequence.strides(model_config))[0]
+    np.testing.assert_array_equal(labels[0, start:start + len(answer) - 1], answer[1:])
+  kept = rows(0.0, 0.0)[0]
+  assert (kept.token_kind == bagel.LATENT).sum(axis=1).min() > 0  # every row holds its image
+
+
 @pytest.fixture(scope="module")
 def vae_run(tmp_path_factory):
   """Part 1 once for the module: (workdir, config, logged rows)."""
@@ -131,7 +171,7 @@ def vae_run(tmp_path_factory):
 def test_demo_configs_validate():
   demo = _demo()
   for variant in demo.VARIANTS:
-    for make in (demo.vae_config, demo.clip_config, demo.base_config):
+    for make in (demo.vae_config, demo.clip_config, demo.vit_config, demo.base_config):
       config = make(variant)
       config.lock()
       config_lib.validate(config)
@@ -248,6 +288,33 @@ def test_clip_part_resumes_exactly_after_a_crash(tmp_path):
 
 
 @pytest.mark.slow
+def test_vit_part_beats_chance_and_changes_only_the_vit(vae_run, tmp_path, bagel_params):
+  """The contrastive ViT part retrieves captions above chance, and its model is the VAE part's
+  with the ViT replaced: every other weight and the config as they were."""
+  vae_dir, _, _ = vae_run
+  config = _config("vit", init_from=str(vae_dir))
+  history = _train(config, tmp_path)
+  assert history[-1]["loss"] < 0.85 * history[0]["loss"], (history[0], history[-1])
+  result = _rows(tmp_path, evals=True)[-1]
+  # Either direction of retrieval: 120 steps leave few images retrieved right (4 of 64 here).
+  retrieved = max(result["eval_retrieval_accuracy"], result["eval_text_retrieval_accuracy"])
+  assert retrieved > 3 * result["eval_retrieval_chance"], result
+  from robust_u1_jax.checkpoints import orbax_io
+
+  before = bagel_params(orbax_io.load_pretrained(os.path.join(vae_dir, "model")))
+  after = bagel_params(orbax_io.load_pretrained(os.path.join(tmp_path, "model")))
+  assert before.keys() == after.keys()
+  vit_keys = [k for k in before if k.startswith("vit_model.")]
+  assert vit_keys and all(not np.array_equal(after[k], before[k]) for k in vit_keys
+                          if k.endswith("kernel"))
+  for k in before.keys() - set(vit_keys):
+    np.testing.assert_array_equal(after[k], before[k], err_msg=k)
+  with open(os.path.join(vae_dir, "model", "bagel_config.json")) as f:
+    expected = json.load(f)
+  with open(os.path.join(tmp_path, "model", "bagel_config.json")) as f:
+    assert json.load(f) == expected
+
+
 def test_pretrain_part_learns_and_keeps_the_vae_frozen(vae_run, tmp_path, bagel_params):
   vae_dir, _, _ = vae_run
   # Long enough for the zero-initialised velocity head to move (the flow loss is flat before).

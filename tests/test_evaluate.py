@@ -82,6 +82,15 @@ def test_evaluate_writes_a_complete_report(model_dir, tmp_path):
       assert np.isfinite(row[kind]["psnr"]) and 0 <= row[kind]["ssim"] <= 1
     assert set(row["accuracy"]) == set(evaluation.MODES[1:])
     assert all(0 <= a <= 1 for a in row["accuracy"].values())
+    # Per question kind: each kind's accuracy over its own questions; their question-weighted
+    # mean is the mode's accuracy.
+    assert set(row["by_kind"]) == set(evaluation.MODES[1:])
+    answers = data["result"]["clean"]["answers"]
+    kinds = {a["kind"] for a in answers}
+    for mode, by_kind in row["by_kind"].items():
+      assert set(by_kind) == kinds
+      weighted = sum(by_kind[k] * sum(a["kind"] == k for a in answers) for k in kinds)
+      assert np.isclose(weighted / len(answers), row["accuracy"][mode])
   # Stronger corruption moves the corrupted image further from the clean one.
   assert conds[0]["corrupted"]["psnr"] > conds[1]["corrupted"]["psnr"]
   claims = {c["claim"]: c for c in data["claims"]}
@@ -92,6 +101,9 @@ def test_evaluate_writes_a_complete_report(model_dir, tmp_path):
     assert os.path.getsize(os.path.join(c.out, name)) > 1000, name
   markdown = open(path).read()
   assert "## The paper's claims in miniature" in markdown and "## rbench" in markdown
+  kind_rows = [line for line in markdown.split("## Per question kind")[1].split("\n\n## ")[0]
+               .splitlines() if line.startswith("| ") and not line.startswith(("| kind", "| ---"))]
+  assert sorted(r.split(" | ")[0][2:] for r in kind_rows) == sorted(kinds)
   assert lines[-1] == f"report: {path}"
 
 

@@ -374,15 +374,17 @@ def vqa_blocks(sample: Mapping[str, Any], canvas: tuple[int, int] | None = None
 
 
 def understanding_blocks(sample: Mapping[str, Any], prompt_ids: Sequence[int],
-                         answer_ids: Sequence[int], canvas: tuple[int, int] | None = None
-                         ) -> list[Block]:
-  """[VAE] [ViT] [prompt] [answer] of the sample's clean image (VAE image 0; stage 'pretrain').
+                         answer_ids: Sequence[int], canvas: tuple[int, int] | None = None, *,
+                         use_vae: bool = True) -> list[Block]:
+  """[VAE] [ViT] [prompt] [answer] of the sample's clean image (VAE image 0; stage 'pretrain');
+  without `use_vae`, [ViT] [prompt] [answer].
 
   With data.corruption='none' the pipeline's 'corrupted_vit' is the clean image at its ViT size.
   """
   clean = sample["clean"]
-  return [Latent(*clean.shape[:2], image=0, canvas=canvas),
-          Vit(vit_input(sample.get("corrupted_vit", clean))), Text(prompt_ids), Text(answer_ids)]
+  vae = [Latent(*clean.shape[:2], image=0, canvas=canvas)] if use_vae else []
+  return vae + [Vit(vit_input(sample.get("corrupted_vit", clean))), Text(prompt_ids),
+                Text(answer_ids)]
 
 
 def text_to_image_blocks(sample: Mapping[str, Any], canvas: tuple[int, int] | None = None, *,

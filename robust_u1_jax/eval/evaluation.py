@@ -236,18 +236,21 @@ class Evaluator:
     if "clean" in modes:
       progress("clean images")
       answers = self.answers("clean", samples)
-      out["clean"] = {"accuracy": _accuracy(answers), "answers": answers}
+      out["clean"] = {"accuracy": _accuracy(answers), "by_kind": _accuracy_by_kind(answers),
+                      "answers": answers}
     for cond in conds:
       progress(cond.label)
       corrupted = np.stack(corrupt(clean, indices, cond, self.seed))
       recovered = self.recover(corrupted, indices)
       row = {"family": cond.family, "name": cond.name, "level": cond.level, "label": cond.label,
              "corrupted": _means(self.quality(corrupted, clean)),
-             "recovered": _means(self.quality(recovered, clean)), "accuracy": {}}
+             "recovered": _means(self.quality(recovered, clean)), "accuracy": {},
+             "by_kind": {}}
       for mode in modes:
         if mode != "clean":
           answers = self.answers(mode, samples, corrupted, recovered)
           row["accuracy"][mode] = _accuracy(answers)
+          row["by_kind"][mode] = _accuracy_by_kind(answers)
       out["conditions"].append(row)
       out["examples"].append((cond.label, corrupted[:3], recovered[:3], clean[:3]))
     return out
@@ -259,6 +262,12 @@ def _means(metrics: Mapping[str, np.ndarray]) -> dict[str, float]:
 
 def _accuracy(answers: Sequence[Mapping[str, Any]]) -> float:
   return float(np.mean([a["correct"] for a in answers])) if answers else float("nan")
+
+
+def _accuracy_by_kind(answers: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+  """Accuracy per question kind (the world's colour, shape, ...; a benchmark's category)."""
+  kinds = sorted({a["kind"] for a in answers})
+  return {k: _accuracy([a for a in answers if a["kind"] == k]) for k in kinds}
 
 
 def shapes_samples(split: str, count: int, rules: images_lib.ImageRules, seed: int = 0

@@ -130,6 +130,27 @@ def figures(result: Mapping[str, Any], out_dir: str, *,
   return written
 
 
+def by_kind_table(result: Mapping[str, Any], modes: Sequence[str]) -> list[str]:
+  """Markdown lines: accuracy per question kind on clean images and, per mode, its mean over
+  the conditions: which kinds the model reads from the image at all, and which a recovery
+  gives back."""
+  if "by_kind" not in result.get("clean", {}):
+    return []
+  clean = result["clean"]["by_kind"]
+  counts = {k: sum(a["kind"] == k for a in result["clean"]["answers"]) for k in clean}
+  conds = [c for c in result["conditions"] if c.get("by_kind")]
+  lines = ["", "## Per question kind", "",
+           "Accuracy (%) on clean images, and per mode its mean over the conditions above.", "",
+           "| kind | questions | clean | " + " | ".join(modes) + " |",
+           "|" + " --- |" * (len(modes) + 3)]
+  for kind, acc in clean.items():
+    cells = [kind, str(counts[kind]), _pct(acc)]
+    cells += [_pct(float(np.mean([c["by_kind"][m][kind] for c in conds]))) if conds else "-"
+              for m in modes]
+    lines.append("| " + " | ".join(cells) + " |")
+  return lines
+
+
 def write(out_dir: str, result: Mapping[str, Any], *, title: str,
           settings: Mapping[str, Any], claim_rows: Sequence[Mapping[str, Any]],
           figure_names: Sequence[str], benchmarks: Mapping[str, Any] | None = None) -> str:
@@ -163,6 +184,7 @@ def write(out_dir: str, result: Mapping[str, Any], *, title: str,
       cells += [f"{c['corrupted']['clip']:.3f}", f"{c['recovered']['clip']:.3f}"]
     cells += [_pct(c["accuracy"][m]) for m in modes]
     lines.append("| " + " | ".join(cells) + " |")
+  lines += by_kind_table(result, modes)
   for name, bench in (benchmarks or {}).items():
     lines += ["", f"## {name}", "", "| intensity | " + " | ".join(bench["modes"]) + " |",
               "|" + " --- |" * (len(bench["modes"]) + 1)]

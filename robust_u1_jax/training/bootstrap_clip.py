@@ -17,6 +17,7 @@ import functools
 import os
 import re
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -86,15 +87,28 @@ def caption_batch(captions: Sequence[str], config: clip_lib.CLIPConfig) -> np.nd
 # -- loss, step ------------------------------------------------------------------------------------
 
 
+def embed(model: clip_lib.CLIP, images_bhwc: jax.Array, tokens_bt: jax.Array
+          ) -> tuple[jax.Array, jax.Array]:
+  """(B, E) L2-normalised image and caption embeddings of uint8 images and caption tokens."""
+  img = model.encode_image(clip_lib.preprocess(images_bhwc, model.config.image_size))
+  return img, model.encode_text(tokens_bt)
+
+
 def contrastive_loss(model: clip_lib.CLIP, images_bhwc: jax.Array, tokens_bt: jax.Array,
                      max_logit_scale: float) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Symmetric InfoNCE over the batch. Identical captions (two scenes the caption language
-  cannot tell apart) are all positives, so no pair is pushed apart for being the same text."""
-  img = model.encode_image(clip_lib.preprocess(images_bhwc, model.config.image_size))
-  txt = model.encode_text(tokens_bt)
+  """`info_nce` of the CLIP's embeddings."""
+  img, txt = embed(model, images_bhwc, tokens_bt)
+  return info_nce(img, txt, tokens_bt, model.logit_scale[...], max_logit_scale)
+
+
+def info_nce(img_be: jax.Array, txt_be: jax.Array, tokens_bt: jax.Array, log_scale: jax.Array,
+             max_logit_scale: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Symmetric InfoNCE over the batch of normalised embeddings. Identical captions (two scenes
+  the caption language cannot tell apart) are all positives, so no pair is pushed apart for being
+  the same text."""
   # open_clip clamps the learned temperature at 100 so the logits cannot blow up.
-  scale = jnp.exp(jnp.minimum(model.logit_scale[...], np.log(max_logit_scale)))
-  logits = scale * img @ txt.T
+  scale = jnp.exp(jnp.minimum(log_scale, np.log(max_logit_scale)))
+  logits = scale * img_be @ txt_be.T
   same = jnp.all(tokens_bt[:, None, :] == tokens_bt[None, :, :], axis=-1).astype(jnp.float32)
   targets = same / same.sum(axis=-1, keepdims=True)  # symmetric, so it serves both directions
   image_to_text = -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(logits, axis=-1), axis=-1))
@@ -119,11 +133,10 @@ def make_step(graphdef: nnx.GraphDef, tx, *, ema_decay: float, max_logit_scale: 
 # -- evaluation ------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _similarity(graphdef, params, frozen, images, tokens):
-  model = nnx.merge(graphdef, params, frozen)
-  img = model.encode_image(clip_lib.preprocess(images, model.config.image_size))
-  return img @ model.encode_text(tokens).T
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _similarity(embed_fn, graphdef, params, frozen, images, tokens):
+  img, txt = embed_fn(nnx.merge(graphdef, params, frozen), images, tokens)
+  return img @ txt.T
 
 
 def retrieval(similarity: np.ndarray, tokens: np.ndarray) -> dict[str, float]:
@@ -136,20 +149,23 @@ def retrieval(similarity: np.ndarray, tokens: np.ndarray) -> dict[str, float]:
           "eval_retrieval_chance": float(same.mean(1).mean())}
 
 
-def make_eval(ctx, model_config: clip_lib.CLIPConfig) -> Callable:
+def make_eval(ctx, model_config: clip_lib.CLIPConfig, embed_fn: Callable = embed,
+              image_inputs: Callable[[dict], Any] = lambda batch: batch["clean"]) -> Callable:
   """evaluate(graphdef, state) -> ([query image, image of the retrieved caption] columns,
-  retrieval metrics on the eval_data.batch_size first validation records)."""
+  retrieval metrics on the eval_data.batch_size first validation records); `embed_fn(model,
+  image_inputs(batch), tokens)` embeds as `embed` does."""
   c = ctx.config
   data = pipeline_lib.make_pipeline(c.eval_data, seed=c.seed, tokenizer=ctx.tokenizer,
                                     stage=DATA_STAGE)
   batch = next(data)
   data.close()
   images, tokens = batch["clean"], caption_batch(batch["caption_text"], model_config)
+  inputs = jax.tree.map(jnp.asarray, image_inputs(batch))
 
   def evaluate(graphdef, state):
     params = state.ema if state.ema is not None else state.params
     similarity = np.asarray(jax.device_get(_similarity(
-        graphdef, params, state.frozen, jnp.asarray(images), jnp.asarray(tokens))))
+        embed_fn, graphdef, params, state.frozen, inputs, jnp.asarray(tokens))))
     n = min(GRID_IMAGES, len(images))
     retrieved = similarity.argmax(1)[:n]
     return [list(images[:n]), [images[j] for j in retrieved]], retrieval(similarity, tokens)

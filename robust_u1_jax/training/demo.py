@@ -1,7 +1,7 @@
 """The built-in world's whole recipe in one command (`configs/demo.py`):
 
-  vae -> clip -> base (bootstrap: the stand-in for BAGEL's pretraining) -> sft -> rl -> reason
-  -> eval
+  vae -> clip -> vit -> base (bootstrap: the stand-in for BAGEL's pretraining) -> sft -> rl
+  -> reason -> eval
 
 Each part runs in `<workdir>/<part>` from the previous part's output (`init_from`), through the
 same trainer as every stage, so re-running skips finished parts and resumes an interrupted one
@@ -18,10 +18,10 @@ import ml_collections
 
 from robust_u1_jax import config_lib
 
-PARTS = ("vae", "clip", "base", "sft", "rl", "reason", "eval")
+PARTS = ("vae", "clip", "vit", "base", "sft", "rl", "reason", "eval")
 # What each part starts from (None: random weights).
-INIT_FROM = {"vae": None, "clip": None, "base": "vae", "sft": "base", "rl": "sft",
-             "reason": "rl"}
+INIT_FROM = {"vae": None, "clip": None, "vit": "vae", "base": "vit", "sft": "base",
+             "rl": "sft", "reason": "rl"}
 CLIP_FILE = os.path.join("model", "clip.safetensors")
 
 

@@ -12,7 +12,10 @@ of a batch gives one row of each kind, in BAGEL's block formats (data/sequence.p
                  [image] [question] [image] [answer] (`two_image_fraction`): the stand-in for
                  BAGEL's interleaved multi-image pretraining, without which the reasoning
                  stage's [corrupted] [question] [recovered] rows start from a layout the base
-                 has never answered in
+                 has never answered in. With `answer_vae_dropout` a one-image row leaves out
+                 the VAE tokens ([ViT] [prompt] [answer], as BAGEL's understanding data), so the
+                 model learns to read the image through the ViT: the VAE tokens pass through the
+                 generation expert, which SFT and RL go on to train
   generation     flow matching (`flow_matching.flow_matching_loss`) of the image's latents:
                  [caption] [noisy image] (text to image), or `recovery_blocks` of the clean image
                  with the reconstruction instruction (the image from its own VAE and ViT tokens);
@@ -73,13 +76,16 @@ def pretrain_rows(batch: Mapping[str, Any], config: BagelConfig, markers: sequen
   two_images = settings["two_image_fraction"] > 0
   und, gen, answers = [], [], []
   for r, (sample,) in enumerate(packing.batch_samples(batch)):
+    # No draw without the dropout, so the rows (and a run's data) stay as they were.
+    use_vae = not settings["answer_vae_dropout"] or rng.uniform() >= settings["answer_vae_dropout"]
     if rng.uniform() < settings["caption_fraction"]:
-      blocks = sequence.understanding_blocks(sample, prompt, sample["caption_ids"], size)
+      blocks = sequence.understanding_blocks(sample, prompt, sample["caption_ids"], size,
+                                             use_vae=use_vae)
     elif two_images and rng.uniform() < settings["two_image_fraction"]:
       blocks = two_image_blocks(sample, size)
     else:
       blocks = sequence.understanding_blocks(sample, sample["question_ids"],
-                                             sample["answer_ids"], size)
+                                             sample["answer_ids"], size, use_vae=use_vae)
     answers.append((r, sequence.lengths(blocks[:-1], *sequence.strides(config))[0],
                     blocks[-1].ids))
     und.append([blocks])
@@ -154,6 +160,7 @@ def row_settings(config, tokenizer) -> dict[str, Any]:
                                                              p.reconstruction_instruction),
           "caption_fraction": p.caption_fraction,
           "two_image_fraction": p.two_image_fraction,
+          "answer_vae_dropout": p.answer_vae_dropout,
           "text_to_image_fraction": p.text_to_image_fraction,
           "dropout": (p.text_dropout, p.vit_dropout, p.vae_dropout)}
 

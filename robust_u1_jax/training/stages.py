@@ -1,11 +1,12 @@
 """Stage name -> the builder `trainer.train` runs."""
 
-from robust_u1_jax.training import bootstrap_clip, bootstrap_vae, pretrain, reasoning, rl, sft
+from robust_u1_jax.training import (bootstrap_clip, bootstrap_vae, bootstrap_vit, pretrain,
+                                    reasoning, rl, sft)
 
 BUILDERS = {"sft": sft.build, "rl": rl.build, "reason": reasoning.build,
             # The built-in world's stand-in for a pretrained BAGEL (configs/demo.py).
             "bootstrap_vae": bootstrap_vae.build, "bootstrap_clip": bootstrap_clip.build,
-            "pretrain": pretrain.build}
+            "bootstrap_vit": bootstrap_vit.build, "pretrain": pretrain.build}
 
 
 def builder(stage: str):
