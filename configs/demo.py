@@ -15,12 +15,10 @@ bootstrap_clip.py, bootstrap_vit.py, pretrain.py), each run by `trainer.train`:
   base_config   stage 'pretrain': the whole Bagel but the VAE on clean images: answering and
                 captioning, drawing from captions, reconstructing; init_from is vit_config's workdir
 
-Variants: 'default' (the demo: the three took about five minutes on an idle 2-core CPU with
-the base part at 400 steps; it is 1,200 now, at 8-13 steps/s) and 'quick'
-(for CI: about a minute together with a warm compilation cache; a cold start adds ~25 s of XLA
-compiling the tiny Bagel's initialisers). VAEConfig.tiny (ch 8, z 4) reaches about 25 dB PSNR
-on 64 px world images within the default budget: wider VAEs (ch 16, z 8 or 16) measured no
-better per CPU second, so there is no demo preset.
+Variants: 'default' (the demo; its parts' minutes in `get_config`) and 'quick' (for CI: all
+eight parts in 3.8 minutes on an idle 2-core CPU, 2026-12-02). VAEConfig.tiny (ch 8, z 4)
+reaches about 25 dB PSNR on 64 px world images within the default budget: wider VAEs (ch 16,
+z 8 or 16) measured no better per CPU second, so there is no demo preset.
 """
 
 import importlib.util
@@ -157,7 +155,7 @@ def base_config(variant: str = "default", init_from: str = "random") -> ml_colle
   # through the ViT the vit part pretrained. Its VAE tokens pass through the generation expert,
   # which SFT trains alone: a base that reads through them loses its answers there (256
   # validation questions, 2026-12-02: without this and the vit part, base 47.7 % (colour 74 %,
-  # count 42 %) -> after SFT 36.3 % (52 %, 16 %); with both, 43.4 % -> 42.6 % (68 %, 40 %);
+  # count 42 %) -> after SFT 36.3 % (52 %, 16 %); with both, 43.4 % -> 42.6 % (66 %, 40 %);
   # with this alone the base reads poorly, 33.2 %, its ViT trained only here).
   p.answer_vae_dropout = 0.75
   # Generation rows drawn from captions (the rest reconstruct: there the model learns to copy an

@@ -79,6 +79,15 @@ def caption_tokens(caption: str, context_length: int, vocab_size: int) -> np.nda
   return out
 
 
+def caption_model_config(name: str) -> clip_lib.CLIPConfig:
+  """CLIPConfig `name` (clip.model), checked to hold the caption vocabulary."""
+  config = MODELS[name]()
+  if config.vocab_size < min_vocab_size():
+    raise ValueError(f"clip.model={name!r} has a vocabulary of {config.vocab_size}, fewer than "
+                     f"the {min_vocab_size()} caption tokens")
+  return config
+
+
 def caption_batch(captions: Sequence[str], config: clip_lib.CLIPConfig) -> np.ndarray:
   return np.stack([caption_tokens(str(c), config.context_length, config.vocab_size)
                    for c in captions])
@@ -193,10 +202,7 @@ def save(workdir: str, graphdef, state: TrainState, config) -> None:
 def build(ctx):
   """The contrastive CLIP stage for `trainer.train`: trains a CLIP of its own, not the Bagel."""
   c = ctx.config
-  model_config = MODELS[c.clip.model]()
-  if model_config.vocab_size < min_vocab_size():
-    raise ValueError(f"clip.model={c.clip.model!r} has a vocabulary of {model_config.vocab_size}, "
-                     f"fewer than the {min_vocab_size()} caption tokens")
+  model_config = caption_model_config(c.clip.model)
   model = sharding.create_sharded(
       lambda: clip_lib.CLIP(model_config, rngs=nnx.Rngs(c.seed)), clip_lib.COMPONENT, ctx.mesh)
 

@@ -21,7 +21,7 @@ from flax import nnx
 
 from robust_u1_jax import pixels, sharding
 from robust_u1_jax.models import clip as clip_lib
-from robust_u1_jax.models import layers, siglip, vit
+from robust_u1_jax.models import layers, siglip
 from robust_u1_jax.training import bootstrap_clip, run_setup
 from robust_u1_jax.training.stage_spec import StageSpec
 from robust_u1_jax.training.state import loss_step, merge_model
@@ -42,21 +42,13 @@ class ImageTextPair(nnx.Module):
     # CLIP's initial temperature 1 / 0.07, stored as its log.
     self.logit_scale = nnx.Param(jnp.asarray(np.log(1 / 0.07), jnp.float32), out_sharding=())
 
-  def encode_image(self, images_bhwc: jax.Array, hw_b2: jax.Array) -> jax.Array:
-    """uint8 images on a canvas of whole patches, valid (height, width) each -> (B, E) float32
-    unit vectors: the mean of the ViT's features over each image's own patches."""
-    c = self.vit_model.config
-    p, side = c.patch_size, c.max_patches_per_side
-    b, h, w, _ = images_bhwc.shape
-    patches_bnp = pixels.to_float(vit.images_to_patches(images_bhwc, p), model_range=True)
-    rows, cols = np.meshgrid(np.arange(h // p), np.arange(w // p), indexing="ij")
-    position_n = jnp.asarray((rows * side + cols).reshape(-1), jnp.int32)
-    cells_hw = -(-hw_b2 // p)  # patches an image covers along each side (its last may be partial)
-    valid_bn = ((rows.reshape(-1)[None] < cells_hw[:, :1])
-                & (cols.reshape(-1)[None] < cells_hw[:, 1:]))
-    features_bnd = self.vit_model(patches_bnp, jnp.broadcast_to(position_n, valid_bn.shape),
-                                  valid_bn.astype(jnp.int32))  # padding: segment 0, zeroed
-    pooled_bd = features_bnd.sum(1) / valid_bn.sum(1, keepdims=True)
+  def encode_image(self, patches_bnp: jax.Array, position_ids_bn: jax.Array,
+                   segment_ids_bn: jax.Array) -> jax.Array:
+    """`vit_inputs` -> (B, E) float32 unit vectors: the mean of the ViT's features over each
+    image's own patches."""
+    patches_bnp = pixels.to_float(patches_bnp, model_range=True)
+    features_bnd = self.vit_model(patches_bnp, position_ids_bn, segment_ids_bn)  # padding: 0
+    pooled_bd = features_bnd.sum(1) / (segment_ids_bn > 0).sum(1, keepdims=True)
     return clip_lib.l2_normalize(self.head(pooled_bd))
 
   def encode_text(self, tokens_bt: jax.Array) -> jax.Array:
@@ -64,23 +56,34 @@ class ImageTextPair(nnx.Module):
 
 
 def embed(model: ImageTextPair, images, tokens_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """`bootstrap_clip.embed`'s contract; `images`: (uint8 images, valid (height, width))."""
+  """`bootstrap_clip.embed`'s contract; `images`: `vit_inputs`."""
   return model.encode_image(*images), model.encode_text(tokens_bt)
 
 
-def vit_images(batch: dict) -> tuple[np.ndarray, np.ndarray]:
-  """The batch's images at the ViT size (the clean ones: the bootstrap data is never corrupted)."""
-  return batch["corrupted_vit"], batch["corrupted_vit_hw"]
+def vit_inputs(batch: dict, config: siglip.SiglipConfig
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Host side: the batch's images at the ViT size (clean: the bootstrap data is never corrupted)
+  as (B, N) patches (uint8), position ids and segment ids (1 on an image's own patches, 0 on the
+  canvas's padding), each image patchified as every stage's ViT blocks are (`siglip.patchify`)."""
+  images, hw = batch["corrupted_vit"], batch["corrupted_vit_hw"]
+  p = config.patch_size
+  n = (images.shape[1] // p) * (images.shape[2] // p)
+  patches = np.zeros((len(images), n, config.patch_dim), np.uint8)
+  positions, segments = np.zeros((2, len(images), n), np.int32)
+  for i, (image, (h, w)) in enumerate(zip(images, hw)):
+    own, position_ids = siglip.patchify(image[:h, :w], p, config.max_patches_per_side)
+    patches[i, :len(own)], positions[i, :len(own)], segments[i, :len(own)] = own, position_ids, 1
+  return patches, positions, segments
 
 
 def make_step(graphdef: nnx.GraphDef, tx, *, ema_decay: float, max_logit_scale: float):
-  """step(state, (ViT images, their sizes, caption tokens)) -> (state, metrics)."""
+  """step(state, (*vit_inputs, caption tokens)) -> (state, metrics)."""
 
   def loss_fn(params, frozen, batch, key):
     del key  # the contrastive loss draws nothing
-    images, hw, tokens = batch
+    *images, tokens = batch
     model = merge_model(graphdef, params, frozen)
-    img, txt = embed(model, (images, hw), tokens)
+    img, txt = embed(model, images, tokens)
     return bootstrap_clip.info_nce(img, txt, tokens, model.logit_scale[...], max_logit_scale)
 
   return loss_step(loss_fn, tx, ema_decay)
@@ -104,10 +107,7 @@ def build(ctx):
   """The contrastive ViT stage for `trainer.train`: trains an ImageTextPair around a fresh ViT of
   the Bagel's shapes (the ViT `init_from` holds has never been trained), saves the Bagel."""
   c = ctx.config
-  text_config = bootstrap_clip.MODELS[c.clip.model]()
-  if text_config.vocab_size < bootstrap_clip.min_vocab_size():
-    raise ValueError(f"clip.model={c.clip.model!r} has a vocabulary of {text_config.vocab_size}, "
-                     f"fewer than the {bootstrap_clip.min_vocab_size()} caption tokens")
+  text_config = bootstrap_clip.caption_model_config(c.clip.model)
   vit_config = ctx.model_config.vit
   model = sharding.create_sharded(
       lambda: ImageTextPair(vit_config, text_config, rngs=nnx.Rngs(c.seed)), COMPONENTS,
@@ -115,12 +115,15 @@ def build(ctx):
 
   def host_inputs(batch, rng):
     del rng
-    return (*vit_images(batch), bootstrap_clip.caption_batch(batch["caption_text"], text_config))
+    return (*vit_inputs(batch, vit_config),
+            bootstrap_clip.caption_batch(batch["caption_text"], text_config))
 
   return StageSpec(
       trainable=(r".",), host_inputs=host_inputs,
       make_step=lambda graphdef, tx: make_step(graphdef, tx, ema_decay=c.optimizer.ema_decay,
                                                max_logit_scale=c.clip.max_logit_scale),
       samples_per_step=c.data.batch_size,
-      evaluate=bootstrap_clip.make_eval(ctx, text_config, embed, vit_images), model=model,
+      evaluate=bootstrap_clip.make_eval(ctx, text_config, embed,
+                                        lambda batch: vit_inputs(batch, vit_config)),
+      model=model,
       save=make_save(ctx), data_stage=DATA_STAGE)
