@@ -149,7 +149,11 @@ def base_config(variant: str = "default", init_from: str = "random") -> ml_colle
   # recovered mode still wrote broken answers (14 % at 100 % intensity, against 36 % from the
   # corrupted image alone; with them 25 % against 30 %; 2026-12-02, 64 held-out samples). (That
   # stage's first answer loss, 7.3 nats either way, is its TYPE field's corruption names, which
-  # the base never writes.)
+  # the base never writes.) Their text is the reasoning stage's: question, options, recovery
+  # instruction. With the question alone there, the instruction the evaluation puts after it cut
+  # that layout's accuracy over the 15 test conditions to 26.1 % (46.4 % from the corrupted image
+  # alone), and with recovery always on clean accuracy from 50.0 % to 23.4 %; with it, 42.1 %
+  # against 44.5 %, and 43.8 % both ways (2026-12-02, 64 samples a condition).
   p.two_image_fraction = 0.5
   # Three in four one-image answer rows without the VAE tokens (pretrain.py), so the base reads
   # through the ViT the vit part pretrained. Its VAE tokens pass through the generation expert,
@@ -213,9 +217,10 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   vae, clip, vit, base (bootstrap), sft, rl, reason, eval (training/demo.py chains their
   workdirs).
 
-  'default' is sized for about 15 minutes on an idle 2-core CPU (14.8 measured on 2026-12-02,
-  all eight parts: vae 2.1, clip 0.9, vit 1.0, base 5.3, sft 0.7, rl 1.0, reason 2.1, eval
-  1.7), 'quick' for about 4."""
+  'default' is sized for about 15 minutes on an idle 2-core CPU (14.1 measured on 2026-12-02,
+  all eight parts: vae 2.2, clip 0.8, vit 0.8, base 5.0, sft 0.7, rl 1.1, reason 1.9, eval
+  1.6; the same machine ran the recipe with 60 RL steps in 12.8 earlier that day), 'quick' for
+  about 4."""
   _check_variant(variant, "get_config")
   quick = variant == "quick"
   c = ml_collections.ConfigDict()
@@ -235,7 +240,9 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
 
   c.rl = _stage("rl", "tiny")
   c.rl.init_from = "<the sft part's workdir>"
-  _schedule(c.rl, 6 if quick else 60)
+  # Chosen on validation (64 samples x the 15 conditions, mean over recoveries, 2026-12-02): SFT
+  # SSIM 0.5286 / CLIP 0.4967; 60 RL steps 0.5298 / 0.5015; 120 steps 0.5330 / 0.5073 (1.3 min).
+  _schedule(c.rl, 6 if quick else 120)
   # The released weights of the two rewards, the semantic one from the bootstrapped CLIP (the
   # demo runner points rl.clip_checkpoint at it).
   c.rl.rl.reward_weights = ml_collections.ConfigDict({"ssim": 1.0, "clip": 0.2})

@@ -98,12 +98,20 @@ def _row_inputs():
 def test_two_image_rows_take_the_reasoning_layout():
   """With two_image_fraction = 1 every question row is the reasoning stage's layout (`sequence.
   reasoning_blocks`: [VAE][ViT] [question] [VAE][ViT] [answer]) with the clean image in both
-  places, its answer labelled after the second image; with 0 the rows hold one image."""
+  places, the question followed by the recovery instruction token for token as the reasoning
+  stage's pipeline writes it, its answer labelled after the second image; with 0 the rows hold
+  one image."""
   from robust_u1_jax.data import packing
+  from robust_u1_jax.data import pipeline
   from robust_u1_jax.data import sequence
   from robust_u1_jax.training import pretrain
 
   config, tok, markers, model_config, batch = _row_inputs()
+  with pipeline.make_pipeline(config.eval_data, seed=0, tokenizer=tok, stage="reason") as data:
+    reason = next(data)
+  np.testing.assert_array_equal(batch["index"], reason["index"])
+  np.testing.assert_array_equal(batch["recovery_question_ids"], reason["question_ids"])
+  assert not np.array_equal(batch["recovery_question_ids"], batch["question_ids"])
   settings = {**pretrain.row_settings(config, tok), "caption_fraction": 0.0}
   und, labels, images = pretrain.pretrain_rows(batch, model_config, markers,
                                                np.random.default_rng(0),
@@ -112,8 +120,9 @@ def test_two_image_rows_take_the_reasoning_layout():
   np.testing.assert_array_equal(images[:, 0], batch["clean"])
   (sample,) = packing.batch_samples(batch)[0]  # texts cut to their lengths, as the rows take them
   size = sequence.canvas(batch, "clean")
-  blocks = sequence.reasoning_blocks({**sample, "corrupted": sample["clean"]}, size,
-                                     recovered_vit=sample["corrupted_vit"])
+  blocks = sequence.reasoning_blocks(
+      {**sample, "corrupted": sample["clean"], "question_ids": sample["recovery_question_ids"]},
+      size, recovered_vit=sample["corrupted_vit"])
   ref = sequence.build_rows([[blocks]], model_config, markers, seq_len=und.token_kind.shape[1],
                             max_vit=und.vit_patches.shape[1],
                             max_latent=und.latent_seq_index.shape[1], images_per_sample=2)

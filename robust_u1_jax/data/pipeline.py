@@ -71,6 +71,9 @@ Batch schema (unpacked, token_budget == 0): a dict of numpy arrays, B = per-proc
     fields, plus
     caption_ids, caption_lengths        the record's caption (shapes world; records without one
                                         are skipped)
+    recovery_question_ids, recovery_question_lengths  the question followed by the recovery
+                                        instruction, as stage 'reason' writes it (the base's
+                                        two-image rows)
     caption_text                        (B,) str
 
 Strings are host-side: `multihost.host_fields` splits them off before `multihost.global_batch`.
@@ -112,7 +115,7 @@ STAGES = ("sft", "rl", "reason", "vqa", "pretrain")
 IMAGE_FIELDS = ("clean", "corrupted", "corrupted_vit")
 TEXT_FIELDS = {"sft": ("instruction",), "rl": ("instruction",),
                "reason": ("question", "answer"), "vqa": ("question", "answer"),
-               "pretrain": ("question", "answer", "caption")}
+               "pretrain": ("question", "answer", "caption", "recovery_question")}
 HOST_FIELDS = {"sft": (), "rl": (), "reason": ("question_text", "answer_text", "answer_letter"),
                "vqa": ("question_text", "answer_text", "answer_letter"),
                "pretrain": ("question_text", "answer_text", "answer_letter", "caption_text")}
@@ -220,6 +223,8 @@ class StageFields(grain.transforms.Map):
     letter = (answer_format.parse_answer(answer) or "") if q.get("raw_answer") else str(q["answer"])
     out.update(question=question, answer=answer, question_text=question, answer_letter=letter)
     out["answer_text"] = out["answer"]
+    if self.stage == "pretrain":  # the text of the reasoning layout's rows, as 'reason' has it
+      out["recovery_question"] = f"{question}\n{self.instruction}"
     return out
 
 

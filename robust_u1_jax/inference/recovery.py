@@ -22,13 +22,14 @@ import numpy as np
 
 from robust_u1_jax import sampling
 from robust_u1_jax.data import packing, sequence
+from robust_u1_jax.data import tokenizer as tokenizer_lib
 from robust_u1_jax.inference import context as context_lib
 from robust_u1_jax.models import bagel as bagel_lib
 from robust_u1_jax.models import kv_cache
 from robust_u1_jax.models.kv_cache import KVCache
 
 Array = jax.Array
-INSTRUCTION = "Please restore this corrupted image to its clean version."
+INSTRUCTION = tokenizer_lib.RECOVERY_INSTRUCTION  # the paper's, as the data pipeline writes it
 
 
 @dataclasses.dataclass(frozen=True)
