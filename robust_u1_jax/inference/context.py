@@ -49,8 +49,12 @@ def encode_images(model: bagel_lib.Bagel, images_bkhwc: Array, key: Array | None
                    custom_message="images_bkhwc: K images per row, (B, K, H, W, 3)")
   chex.assert_axis_dimension(images_bkhwc, 4, 3, custom_message="images_bkhwc: RGB channels last")
   b, k, h, w, c = images_bkhwc.shape
-  x = images_lib.to_model_range(images_bkhwc).reshape(b * k, h, w, c)
-  mean, logvar = model.vae.latent_dist(x)
+  # One image slot at a time (every row's k-th image together): the encoder's float32 activations
+  # at full resolution are then those of B images, not B * K. At K = 28 canvases of 512 x 512 per
+  # row they set the 7B SFT step's peak on v5p-64 (docs/PERFORMANCE.md, "Memory").
+  x_kbhwc = jnp.swapaxes(images_lib.to_model_range(images_bkhwc), 0, 1)
+  mean, logvar = (jnp.swapaxes(m, 0, 1).reshape((b * k,) + m.shape[2:])
+                  for m in jax.lax.map(model.vae.latent_dist, x_kbhwc))
   z = mean
   if key is not None:
     row_shape = (k,) + mean.shape[1:]
