@@ -181,7 +181,10 @@ class TimestepEmbedder(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.freq_dim = freq_dim
     self.fc1 = dense(freq_dim, hidden, (None, "mlp"), **kw)
-    self.fc2 = dense(hidden, hidden, ("mlp", "embed"), **kw)
+    # Replicated (51 MB in float32 at 7B): it runs on every latent token, and with its shard on
+    # the fsdp axis the partitioner all-gathered the global batch's tokens instead (4.2 GiB per
+    # chip at 32k-token rows on v5p-64; docs/PERFORMANCE.md, "Memory").
+    self.fc2 = dense(hidden, hidden, (None, None), **kw)
 
   def __call__(self, t_b: Array) -> Array:
     return self.fc2(jax.nn.silu(self.fc1(timestep_sinusoid(t_b, self.freq_dim))))
