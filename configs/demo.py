@@ -152,8 +152,8 @@ def base_config(variant: str = "default", init_from: str = "random") -> ml_colle
   # the base never writes.) Their text is the reasoning stage's: question, options, recovery
   # instruction. With the question alone there, the instruction the evaluation puts after it cut
   # that layout's accuracy over the 15 test conditions to 26.1 % (46.4 % from the corrupted image
-  # alone), and with recovery always on clean accuracy from 50.0 % to 23.4 %; with it, 42.1 %
-  # against 44.5 %, and 43.8 % both ways (2026-12-02, 64 samples a condition).
+  # alone), and with recovery always on clean accuracy from 50.0 % to 23.4 %; with it (and RL's
+  # 120 steps), 42.0 % against 44.4 %, and 42.2 % both ways (2026-12-02, 64 samples a condition).
   p.two_image_fraction = 0.5
   # Three in four one-image answer rows without the VAE tokens (pretrain.py), so the base reads
   # through the ViT the vit part pretrained. Its VAE tokens pass through the generation expert,

@@ -30,10 +30,18 @@ _ANSWER_RE = re.compile(r"<ANSWER>\s*([A-Za-z])\s*<ANSWER_END>")
 
 
 def format_question(q: Mapping[str, Any]) -> str:
-  """The VQA prompt: the question and its lettered options, one per line (no instruction)."""
-  lines = [q["question"]] + [f"{string.ascii_uppercase[i]}. {opt}"
-                             for i, opt in enumerate(q["options"])]
+  """The VQA prompt: the question and its lettered options (if any), one per line (no
+  instruction)."""
+  lines = [str(q["question"])] + [f"{string.ascii_uppercase[i]}. {opt}"
+                                  for i, opt in enumerate(q.get("options") or [])]
   return "\n".join(lines)
+
+
+def with_instruction(question_text: str, instruction: str) -> str:
+  """The text between the two images of the reasoning layout (the reasoning stage's rows, the
+  base's two-image rows, the evaluation's corrupted + recovered mode): the question, then the
+  recovery instruction."""
+  return f"{question_text}\n{instruction}"
 
 
 def format_answer(type_text: str, influence: str, reasoning: str, conclusion: str,

@@ -163,12 +163,6 @@ def _answer_text(question: Mapping[str, Any], record: Mapping[str, Any]) -> str:
   return answer_format.bare_answer(question["answer"])
 
 
-def _question_text(question: Mapping[str, Any]) -> str:
-  if question.get("options"):
-    return answer_format.format_question(question)
-  return str(question["question"])
-
-
 class StageFields(grain.transforms.Map):
   """Adds the stage's texts, the ViT-size corrupted image and the corruption description."""
 
@@ -216,15 +210,16 @@ class StageFields(grain.transforms.Map):
     rng = np.random.default_rng([self.seed, int(out["index"]), int(out.get("epoch", 0)),
                                  _QUESTION_STREAM])
     q = questions[int(rng.integers(len(questions)))]
-    question = _question_text(q)
+    question = answer_format.format_question(q)
+    recovery_question = answer_format.with_instruction(question, self.instruction)
     if self.stage == "reason":
-      question = f"{question}\n{self.instruction}"
+      question = recovery_question
     answer = _answer_text(q, out)
     letter = (answer_format.parse_answer(answer) or "") if q.get("raw_answer") else str(q["answer"])
     out.update(question=question, answer=answer, question_text=question, answer_letter=letter)
     out["answer_text"] = out["answer"]
-    if self.stage == "pretrain":  # the text of the reasoning layout's rows, as 'reason' has it
-      out["recovery_question"] = f"{question}\n{self.instruction}"
+    if self.stage == "pretrain":  # the base's two-image rows
+      out["recovery_question"] = recovery_question
     return out
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import string
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -29,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from robust_u1_jax import config_lib, pixels
-from robust_u1_jax.data import corruptions
+from robust_u1_jax.data import answer_format, corruptions
 from robust_u1_jax.data import sequence
 from robust_u1_jax.inference import engine as engine_lib
 from robust_u1_jax.inference import images as images_lib
@@ -112,13 +111,6 @@ def clip_similarity_fn(clip_model) -> Callable[[np.ndarray, np.ndarray], np.ndar
 
 
 # -- answers --------------------------------------------------------------------------------------
-
-
-def question_text(question: Mapping[str, Any]) -> str:
-  """The VQA prompt the stages train with: the question, then lettered options, one per line."""
-  lines = [str(question["question"])] + [f"{string.ascii_uppercase[i]}. {o}"
-                                         for i, o in enumerate(question.get("options") or [])]
-  return "\n".join(lines)
 
 
 def mode_blocks(mode: str, question_ids: list[int], instructed_ids: list[int], vae: dict,
@@ -211,9 +203,9 @@ class Evaluator:
           vae["recovered"] = recovered[j]
         vit = {k: np.asarray(images_lib.vit_resize(v, rules.vit_size(*v.shape[:2])))
                for k, v in vae.items()}
-        text = question_text(sample.question)
-        rows.append(mode_blocks(mode, eng.encode_block(text),
-                                eng.encode_block(f"{text}\n{self.instruction}"), vae, vit))
+        text = answer_format.format_question(sample.question)
+        rows.append(mode_blocks(mode, eng.encode_block(text), eng.encode_block(
+            answer_format.with_instruction(text, self.instruction)), vae, vit))
         first = vae["corrupted"] if "corrupted" in vae else vae["clean"]
         stacks.append([first, vae.get("recovered", first)])
       ids = eng.generate_batch(rows, np.asarray(stacks), max_new_tokens=self.max_new_tokens)
