@@ -65,6 +65,7 @@ def test_evaluate_writes_a_complete_report(model_dir, tmp_path):
   c = module.get_config("tiny")
   tsv, parquet = _benchmarks(tmp_path)
   c.model, c.out, c.num_samples, c.batch_size = model_dir, str(tmp_path / "report"), 4, 4
+  c.clean_samples = 6  # the clean-image figures on more questions, the first 4 shared
   c.recovery_steps, c.max_new_tokens = 3, 8
   c.imagenet_c_types, c.severities, c.robust_r1_types = ("fog",), (3,), ("lens_blur",)
   c.intensities = ("25%", "100%")
@@ -85,12 +86,16 @@ def test_evaluate_writes_a_complete_report(model_dir, tmp_path):
     # Per question kind: each kind's accuracy over its own questions; their question-weighted
     # mean is the mode's accuracy.
     assert set(row["by_kind"]) == set(evaluation.MODES[1:])
-    answers = data["result"]["clean"]["answers"]
+    answers = data["result"]["clean"]["answers"][:c.num_samples]  # the conditions' samples
     kinds = {a["kind"] for a in answers}
     for mode, by_kind in row["by_kind"].items():
       assert set(by_kind) == kinds
       weighted = sum(by_kind[k] * sum(a["kind"] == k for a in answers) for k in kinds)
       assert np.isclose(weighted / len(answers), row["accuracy"][mode])
+  clean = data["result"]["clean"]
+  assert [a["index"] for a in clean["answers"]] == list(range(6))
+  assert np.isclose(clean["accuracy"], np.mean([a["correct"] for a in clean["answers"]]))
+  assert 0 <= data["result"]["clean_with_recovery"]["accuracy"] <= 1
   # Stronger corruption moves the corrupted image further from the clean one.
   assert conds[0]["corrupted"]["psnr"] > conds[1]["corrupted"]["psnr"]
   claims = {c["claim"]: c for c in data["claims"]}
@@ -103,7 +108,9 @@ def test_evaluate_writes_a_complete_report(model_dir, tmp_path):
   assert "## The paper's claims in miniature" in markdown and "## rbench" in markdown
   kind_rows = [line for line in markdown.split("## Per question kind")[1].split("\n\n## ")[0]
                .splitlines() if line.startswith("| ") and not line.startswith(("| kind", "| ---"))]
-  assert sorted(r.split(" | ")[0][2:] for r in kind_rows) == sorted(kinds)
+  assert sorted(r.split(" | ")[0][2:] for r in kind_rows) == sorted(
+      {a["kind"] for a in clean["answers"]})
+  assert "4 held-out samples per condition, 6 for the clean-image figures." in markdown
   assert lines[-1] == f"report: {path}"
 
 

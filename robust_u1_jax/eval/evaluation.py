@@ -217,6 +217,18 @@ class Evaluator:
                         "text": text})
     return results
 
+  def clean(self, samples: Sequence[Sample], *, recovery: bool = False) -> dict[str, Any]:
+    """Accuracy on clean images (`recovery`: with recovery always on, the clean image in the
+    corrupted image's place and its recovery beside it), by kind, and the answers."""
+    if recovery:
+      clean = np.stack([s.image for s in samples])
+      answers = self.answers("corrupted+recovered", samples, clean,
+                             self.recover(clean, [s.index for s in samples]))
+    else:
+      answers = self.answers("clean", samples)
+    return {"accuracy": _accuracy(answers), "by_kind": _accuracy_by_kind(answers),
+            "answers": answers}
+
   def evaluate(self, samples: Sequence[Sample], conds: Sequence[Condition], *,
                modes: Sequence[str] = MODES, progress: Callable[[str], None] = lambda _: None
                ) -> dict[str, Any]:
@@ -227,9 +239,7 @@ class Evaluator:
     out: dict[str, Any] = {"num_samples": len(samples), "conditions": [], "examples": []}
     if "clean" in modes:
       progress("clean images")
-      answers = self.answers("clean", samples)
-      out["clean"] = {"accuracy": _accuracy(answers), "by_kind": _accuracy_by_kind(answers),
-                      "answers": answers}
+      out["clean"] = self.clean(samples)
     for cond in conds:
       progress(cond.label)
       corrupted = np.stack(corrupt(clean, indices, cond, self.seed))

@@ -137,16 +137,22 @@ def by_kind_table(result: Mapping[str, Any], modes: Sequence[str]) -> list[str]:
   if "by_kind" not in result.get("clean", {}):
     return []
   clean = result["clean"]["by_kind"]
-  counts = {k: sum(a["kind"] == k for a in result["clean"]["answers"]) for k in clean}
+  answers = result["clean"]["answers"]
+  counts = {k: str(sum(a["kind"] == k for a in answers)) for k in clean}
+  more_clean = len(answers) > result["num_samples"]  # the conditions' samples are the first
+  if more_clean:
+    counts = {k: f"{n} / {sum(a['kind'] == k for a in answers[:result['num_samples']])}"
+              for k, n in counts.items()}
   conds = [c for c in result["conditions"] if c.get("by_kind")]
+  questions = "questions (clean / per condition)" if more_clean else "questions"
   lines = ["", "## Per question kind", "",
            "Accuracy (%) on clean images, and per mode its mean over the conditions above.", "",
-           "| kind | questions | clean | " + " | ".join(modes) + " |",
+           f"| kind | {questions} | clean | " + " | ".join(modes) + " |",
            "|" + " --- |" * (len(modes) + 3)]
   for kind, acc in clean.items():
-    cells = [kind, str(counts[kind]), _pct(acc)]
-    cells += [_pct(float(np.mean([c["by_kind"][m][kind] for c in conds]))) if conds else "-"
-              for m in modes]
+    cells = [kind, counts[kind], _pct(acc)]
+    cells += [_pct(float(np.mean([c["by_kind"][m][kind] for c in conds])))
+              if conds and kind in conds[0]["by_kind"][m] else "-" for m in modes]
     lines.append("| " + " | ".join(cells) + " |")
   return lines
 
@@ -160,7 +166,10 @@ def write(out_dir: str, result: Mapping[str, Any], *, title: str,
   with open(os.path.join(out_dir, "report.json"), "w") as f:
     json.dump({"settings": dict(settings), "result": public, "claims": list(claim_rows),
                "benchmarks": benchmarks or {}}, f, indent=1, default=str)
-  lines = [f"# {title}", "", f"{result['num_samples']} held-out samples per condition.", ""]
+  n_clean = result.get("num_clean_samples", result["num_samples"])
+  lines = [f"# {title}", "", f"{result['num_samples']} held-out samples per condition"
+           + (f", {n_clean} for the clean-image figures." if n_clean != result["num_samples"]
+              else "."), ""]
   if claim_rows:
     lines += ["## The paper's claims in miniature", "", "| claim | measured | holds |",
               "| --- | --- | --- |"]
