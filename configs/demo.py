@@ -267,10 +267,10 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
 
   c.eval = _stage("eval", "tiny")
   c.eval.num_samples = 16 if quick else 64
-  c.eval.clean_samples = 0 if quick else 256
   c.eval.recovery_steps = 10 if quick else 20
   c.eval.max_new_tokens = 128
   if quick:
+    c.eval.clean_samples = 0  # the conditions' 16
     c.eval.imagenet_c_types = ("fog", "pixelate")
     c.eval.severities = (5,)
   return c

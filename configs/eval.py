@@ -18,7 +18,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.split = "test"  # the built-in world's held-out split: never trained or tuned on
   c.num_samples = 64
   # Samples of the clean-image figures (accuracy; with recovery always on), the first num_samples
-  # of them the conditions' (0 or fewer: the same num_samples).
+  # of them the conditions' (at most num_samples: the conditions' samples alone).
   c.clean_samples = 0
   c.intensities = ("25%", "50%", "100%")  # Robust-R1 pipeline at I = 0.23 / 0.45 / 0.9
   c.imagenet_c_types = ("all",)  # ImageNet-C corruptions (short or qualified names), or all

@@ -40,14 +40,14 @@ def run(c: ml_collections.ConfigDict, *, say: Callable[[str], None] = print) -> 
   engine = engine_lib.Engine.load(c.model, dtype=c.dtype)
   clip_similarity = _clip_similarity(c)
   evaluator = _evaluator(engine, c, clip_similarity)
-  samples = evaluation.shapes_samples(c.split, c.num_samples, engine.rules, c.seed)
+  # The clean-image figures cost one condition's work, so they can afford more questions: the
+  # "recovery does no harm" claim's 2-point margin is 1.3 questions of 64. The conditions take the
+  # first num_samples of them.
+  clean_samples = evaluation.shapes_samples(c.split, max(c.clean_samples, c.num_samples),
+                                            engine.rules, c.seed)
+  samples = clean_samples[:c.num_samples]
   conds = evaluation.conditions(c.intensities, c.imagenet_c_types, c.severities,
                                 c.robust_r1_types)
-  # The clean-image figures cost one condition's work, so they can afford more questions: the
-  # "recovery does no harm" claim's 2-point margin is 1.3 questions of 64. The first num_samples
-  # of them are the conditions' samples.
-  clean_samples = (evaluation.shapes_samples(c.split, c.clean_samples, engine.rules, c.seed)
-                   if c.clean_samples > c.num_samples else samples)
   say(f"evaluating {c.model}: {len(samples)} samples x {len(conds)} conditions, "
       f"{len(clean_samples)} clean")
   result = evaluator.evaluate(samples, conds, modes=evaluation.MODES[1:],
