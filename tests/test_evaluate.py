@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from robust_u1_jax.checkpoints import orbax_io
+from robust_u1_jax.data import sequence
 from robust_u1_jax.data import tokenizer as tokenizer_lib
 from robust_u1_jax.eval import evaluation, report
 from robust_u1_jax.eval import run as eval_run
@@ -92,6 +93,12 @@ def test_evaluate_writes_a_complete_report(model_dir, tmp_path):
       assert set(by_kind) == kinds
       weighted = sum(by_kind[k] * sum(a["kind"] == k for a in answers) for k in kinds)
       assert np.isclose(weighted / len(answers), row["accuracy"][mode])
+  # The bounds: the pipeline's conditions also answer with the clean image in the recovery's
+  # place; the VAE's round trip of the clean images is scored like a recovery.
+  assert [0 <= r["oracle_accuracy"] <= 1 for r in conds if "oracle_accuracy" in r] == [True] * 2
+  assert "oracle_accuracy" not in conds[2]
+  round_trip = data["result"]["vae_round_trip"]
+  assert np.isfinite(round_trip["psnr"]) and 0 <= round_trip["ssim"] <= 1
   clean = data["result"]["clean"]
   assert [a["index"] for a in clean["answers"]] == list(range(6))
   assert np.isclose(clean["accuracy"], np.mean([a["correct"] for a in clean["answers"]]))
@@ -100,6 +107,8 @@ def test_evaluate_writes_a_complete_report(model_dir, tmp_path):
   assert conds[0]["corrupted"]["psnr"] > conds[1]["corrupted"]["psnr"]
   claims = {c["claim"]: c for c in data["claims"]}
   assert any("100 % intensity" in k for k in claims) and any("clean accuracy" in k for k in claims)
+  plus_ten = next(c for k, c in claims.items() if "100 % intensity" in k)
+  assert "the clean image in the recovery's place" in plus_ten["bound"]
   assert data["benchmarks"]["rbench"]["samples"] == 3
   assert data["benchmarks"]["mmstar"]["samples"] == 2
   for name in ("accuracy_vs_intensity.png", "ssim_per_type.png", "ssim_sft_vs_rl.png"):
@@ -126,3 +135,31 @@ def test_scoring_and_conditions():
   assert evaluation.psnr(image[None], image[None])[0] > 90
   rows = report.claims({"conditions": [], "clean": {"accuracy": 0.5}}, None, 0.49)
   assert rows[0]["holds"] and "within 2 points" in rows[0]["claim"]
+
+
+def test_claims_state_what_a_perfect_recovery_reaches():
+  quality = lambda psnr, ssim: {"psnr": psnr, "ssim": ssim}
+  full = {"family": "robust_r1_pipeline", "level": "100%", "corrupted": quality(13.0, 0.27),
+          "recovered": quality(16.0, 0.39), "oracle_accuracy": 0.375,
+          "accuracy": {"corrupted": 0.348, "corrupted+recovered": 0.363}}
+  rows = report.claims({"conditions": [full], "clean": {"accuracy": 0.422},
+                        "vae_round_trip": quality(25.23, 0.701)})
+  recovery, answers = rows
+  assert recovery["holds"] and recovery["bound"] == (
+      "the VAE's round trip of the clean image: SSIM 0.701, PSNR 25.23 dB")
+  assert not answers["holds"] and answers["bound"] == (
+      "the clean image in the recovery's place: 37.5 (+2.7 points); the clean image alone: 42.2")
+
+
+def test_the_oracle_mode_puts_the_clean_image_where_the_recovery_goes():
+  vae = {k: np.full((16, 16, 3), v, np.uint8) for k, v in (("clean", 1), ("corrupted", 2),
+                                                           ("recovered", 3))}
+  vit = {k: np.full((8, 8, 3), v[0, 0, 0], np.uint8) for k, v in vae.items()}
+  oracle = evaluation.mode_blocks(evaluation.ORACLE, [1, 2], [1, 2, 3], vae, vit)
+  ours = evaluation.mode_blocks("corrupted+recovered", [1, 2], [1, 2, 3], vae, vit)
+  assert [type(b) for b in oracle] == [type(b) for b in ours]
+  assert [b.image for b in oracle if isinstance(b, sequence.Latent)] == [0, 1]
+  assert [s[0, 0, 0] for s in evaluation.image_stack(evaluation.ORACLE, vae)] == [2, 1]
+  assert [s[0, 0, 0] for s in evaluation.image_stack("corrupted+recovered", vae)] == [2, 3]
+  # The ViT reads the slot's own image too.
+  assert (oracle[4].image[0, 0, 0], ours[4].image[0, 0, 0]) == (1, 3)

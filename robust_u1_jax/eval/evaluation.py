@@ -12,6 +12,10 @@ the same held-out images are corrupted deterministically (key from (seed, record
                     recovery only. Answers are generated greedily and reduced to an option letter
                     (`inference.reasoner.extract_answer`), scored by letter match; questions
                     without options by normalised exact match.
+  bounds            what the model could reach with a perfect recovery, for the report to say
+                    why a claim fails: the VAE's round trip of the clean image (the nearest a
+                    decoded recovery gets), and the pipeline conditions' answers with the clean
+                    image in the recovery's place (ORACLE).
 
 Every batch is one jitted call (recoveries: `Engine.recover`; answers: `Engine.generate_batch`).
 """
@@ -36,6 +40,8 @@ from robust_u1_jax.inference import reasoner
 from robust_u1_jax.inference import recovery as recovery_lib
 
 MODES = ("clean", "corrupted", "corrupted+recovered", "recovered")
+# The Robust-U1 layout with a perfect recovery: the clean image where the model's recovery goes.
+ORACLE = "corrupted+clean"
 INTENSITIES = config_lib.EVAL_INTENSITIES
 
 
@@ -116,7 +122,7 @@ def clip_similarity_fn(clip_model) -> Callable[[np.ndarray, np.ndarray], np.ndar
 def mode_blocks(mode: str, question_ids: list[int], instructed_ids: list[int], vae: dict,
                 vit: dict) -> list[sequence.Block]:
   """A row's context in `mode`; images: {'clean'|'corrupted'|'recovered': uint8}. The image
-  stack of the row is (corrupted or clean, recovered)."""
+  stack of the row is `image_stack`'s."""
   def image(kind, slot):
     return [sequence.Latent(*vae[kind].shape[:2], image=slot),
             sequence.Vit(sequence.vit_input(vit[kind]))]
@@ -127,9 +133,18 @@ def mode_blocks(mode: str, question_ids: list[int], instructed_ids: list[int], v
     return image("corrupted", 0) + [sequence.Text(question_ids)]
   if mode == "recovered":
     return image("recovered", 1) + [sequence.Text(question_ids)]
-  if mode == "corrupted+recovered":  # the reasoning stage's [corrupted][question][recovered]
-    return image("corrupted", 0) + [sequence.Text(instructed_ids)] + image("recovered", 1)
-  raise ValueError(f"evaluation mode {mode!r} is unknown; allowed: {', '.join(MODES)}")
+  if mode in ("corrupted+recovered", ORACLE):  # the reasoning stage's layout
+    second = "clean" if mode == ORACLE else "recovered"
+    return image("corrupted", 0) + [sequence.Text(instructed_ids)] + image(second, 1)
+  raise ValueError(f"evaluation mode {mode!r} is unknown; allowed: "
+                   f"{', '.join(MODES + (ORACLE,))}")
+
+
+def image_stack(mode: str, vae: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+  """The row's two image slots in `mode`: (corrupted, or clean without one; the image in slot
+  1: the clean one in ORACLE, else the recovery, else the first again)."""
+  first = vae["corrupted"] if "corrupted" in vae else vae["clean"]
+  return [first, vae["clean"] if mode == ORACLE else vae.get("recovered", first)]
 
 
 def normalise(text: str) -> str:
@@ -181,6 +196,11 @@ class Evaluator:
       out.append(images)
     return np.concatenate(out)
 
+  def round_trip(self, clean: np.ndarray) -> dict[str, float]:
+    """Quality of the VAE's own reconstruction of the clean images: a recovery's ceiling."""
+    out = [self.engine.round_trip(clean[part]) for part in self._batches(len(clean))]
+    return _means(self.quality(np.concatenate(out), clean))
+
   def quality(self, images: np.ndarray, clean: np.ndarray) -> dict[str, np.ndarray]:
     out = {"psnr": psnr(images, clean), "ssim": ssim(images, clean)}
     if self.clip_similarity is not None:
@@ -206,8 +226,7 @@ class Evaluator:
         text = answer_format.format_question(sample.question)
         rows.append(mode_blocks(mode, eng.encode_block(text), eng.encode_block(
             answer_format.with_instruction(text, self.instruction)), vae, vit))
-        first = vae["corrupted"] if "corrupted" in vae else vae["clean"]
-        stacks.append([first, vae.get("recovered", first)])
+        stacks.append(image_stack(mode, vae))
       ids = eng.generate_batch(rows, np.asarray(stacks), max_new_tokens=self.max_new_tokens)
       for sample, row_ids in zip(samples[part], ids):
         text = eng.decode(row_ids)
@@ -232,8 +251,9 @@ class Evaluator:
   def evaluate(self, samples: Sequence[Sample], conds: Sequence[Condition], *,
                modes: Sequence[str] = MODES, progress: Callable[[str], None] = lambda _: None
                ) -> dict[str, Any]:
-    """{'clean': {accuracy}, 'conditions': [per condition: quality and accuracy per mode],
-    'examples': a few (condition, corrupted, recovered, clean) images for grids}."""
+    """{'clean': {accuracy}, 'conditions': [per condition: quality and accuracy per mode; the
+    pipeline's: ORACLE's accuracy too], 'examples': a few (condition, corrupted, recovered,
+    clean) images for grids}."""
     clean = np.stack([s.image for s in samples])
     indices = [s.index for s in samples]
     out: dict[str, Any] = {"num_samples": len(samples), "conditions": [], "examples": []}
@@ -253,6 +273,8 @@ class Evaluator:
           answers = self.answers(mode, samples, corrupted, recovered)
           row["accuracy"][mode] = _accuracy(answers)
           row["by_kind"][mode] = _accuracy_by_kind(answers)
+      if "corrupted+recovered" in modes and cond.family == corruptions.PIPELINE:
+        row["oracle_accuracy"] = _accuracy(self.answers(ORACLE, samples, corrupted, recovered))
       out["conditions"].append(row)
       out["examples"].append((cond.label, corrupted[:3], recovered[:3], clean[:3]))
     return out

@@ -52,6 +52,7 @@ def run(c: ml_collections.ConfigDict, *, say: Callable[[str], None] = print) -> 
       f"{len(clean_samples)} clean")
   result = evaluator.evaluate(samples, conds, modes=evaluation.MODES[1:],
                               progress=lambda label: say(f"  {label}"))
+  result["vae_round_trip"] = evaluator.round_trip(np.stack([s.image for s in samples]))
   say("  clean images")
   result["clean"] = evaluator.clean(clean_samples)
   result["num_clean_samples"] = len(clean_samples)
@@ -92,7 +93,8 @@ def run(c: ml_collections.ConfigDict, *, say: Callable[[str], None] = print) -> 
   path = report.write(out_dir, result, title=f"Evaluation of {c.model}", settings=settings,
                       claim_rows=claim_rows, figure_names=names, benchmarks=benchmarks)
   for row in claim_rows:
-    say(f"  {'holds' if row['holds'] else 'FAILS'}: {row['claim']}: {row['measured']}")
+    bound = f" (with a perfect recovery: {row['bound']})" if row["bound"] else ""
+    say(f"  {'holds' if row['holds'] else 'FAILS'}: {row['claim']}: {row['measured']}{bound}")
   say(f"report: {path}")
   return path
 

@@ -158,6 +158,11 @@ class Engine:
     latents, images = self.run(_recover, inputs, keys, sampler=sampler, posterior=posterior)
     return np.asarray(images), np.asarray(latents)
 
+  def round_trip(self, images: np.ndarray) -> np.ndarray:
+    """uint8 (B, H, W, 3) images -> the VAE's own reconstructions of them (posterior mean), uint8:
+    what a recovery decoded by this VAE gets nearest to, given the clean image's latents."""
+    return np.asarray(self.run(_round_trip, jnp.asarray(images)))
+
 
 class Conversation:
   """Images and texts in, in order; text and images out. One sample (batch of one)."""
@@ -300,6 +305,13 @@ def _recover(graphdef, weights, inputs, keys, *, sampler, posterior):
   latents, images = recovery_lib.recover(nnx.merge(graphdef, weights), inputs, sampler, keys,
                                          posterior_key=posterior_keys)
   return latents, images_lib.quantize(images)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _round_trip(graphdef, weights, images_bhwc):
+  model = nnx.merge(graphdef, weights)
+  latents = context_lib.encode_images(model, images_bhwc[:, None])
+  return images_lib.quantize(context_lib.decode_latents(model, latents, *images_bhwc.shape[1:3]))
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=(
