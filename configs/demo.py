@@ -270,7 +270,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   c.eval.recovery_steps = 10 if quick else 20
   c.eval.max_new_tokens = 128
   if quick:
-    c.eval.clean_samples = 0  # the conditions' 16
+    c.eval.claim_samples = 0  # the conditions' 16
     c.eval.imagenet_c_types = ("fog", "pixelate")
     c.eval.severities = (5,)
   return c

@@ -66,7 +66,7 @@ def test_evaluate_writes_a_complete_report(model_dir, tmp_path):
   c = module.get_config("tiny")
   tsv, parquet = _benchmarks(tmp_path)
   c.model, c.out, c.num_samples, c.batch_size = model_dir, str(tmp_path / "report"), 4, 4
-  c.clean_samples = 6  # the clean-image figures on more questions, the first 4 shared
+  c.claim_samples = 6  # the claims' figures on more questions, the first 4 shared
   c.recovery_steps, c.max_new_tokens = 3, 8
   c.imagenet_c_types, c.severities, c.robust_r1_types = ("fog",), (3,), ("lens_blur",)
   c.intensities = ("25%", "100%")
@@ -87,7 +87,9 @@ def test_evaluate_writes_a_complete_report(model_dir, tmp_path):
     # Per question kind: each kind's accuracy over its own questions; their question-weighted
     # mean is the mode's accuracy.
     assert set(row["by_kind"]) == set(evaluation.MODES[1:])
-    answers = data["result"]["clean"]["answers"][:c.num_samples]  # the conditions' samples
+    # The pipeline's conditions (the claims') on all 6 samples, the others on the first 4.
+    assert row["num_samples"] == (6 if row["family"] == "robust_r1_pipeline" else 4)
+    answers = data["result"]["clean"]["answers"][:row["num_samples"]]
     kinds = {a["kind"] for a in answers}
     for mode, by_kind in row["by_kind"].items():
       assert set(by_kind) == kinds
@@ -119,7 +121,8 @@ def test_evaluate_writes_a_complete_report(model_dir, tmp_path):
                .splitlines() if line.startswith("| ") and not line.startswith(("| kind", "| ---"))]
   assert sorted(r.split(" | ")[0][2:] for r in kind_rows) == sorted(
       {a["kind"] for a in clean["answers"]})
-  assert "4 held-out samples per condition, 6 for the clean-image figures." in markdown
+  assert ("4 held-out samples per condition, 6 for the figures the claims read (the Robust-R1 "
+          "pipeline's conditions and the clean images).") in markdown
   assert lines[-1] == f"report: {path}"
 
 

@@ -40,6 +40,7 @@ from robust_u1_jax.inference import reasoner
 from robust_u1_jax.inference import recovery as recovery_lib
 
 MODES = ("clean", "corrupted", "corrupted+recovered", "recovered")
+PIPELINE = corruptions.PIPELINE  # the family of the claims' conditions
 # The Robust-U1 layout with a perfect recovery: the clean image where the model's recovery goes.
 ORACLE = "corrupted+clean"
 INTENSITIES = config_lib.EVAL_INTENSITIES
@@ -265,6 +266,7 @@ class Evaluator:
       corrupted = np.stack(corrupt(clean, indices, cond, self.seed))
       recovered = self.recover(corrupted, indices)
       row = {"family": cond.family, "name": cond.name, "level": cond.level, "label": cond.label,
+             "num_samples": len(samples),
              "corrupted": _means(self.quality(corrupted, clean)),
              "recovered": _means(self.quality(recovered, clean)), "accuracy": {},
              "by_kind": {}}
@@ -273,7 +275,7 @@ class Evaluator:
           answers = self.answers(mode, samples, corrupted, recovered)
           row["accuracy"][mode] = _accuracy(answers)
           row["by_kind"][mode] = _accuracy_by_kind(answers)
-      if "corrupted+recovered" in modes and cond.family == corruptions.PIPELINE:
+      if "corrupted+recovered" in modes and cond.family == PIPELINE:
         row["oracle_accuracy"] = _accuracy(self.answers(ORACLE, samples, corrupted, recovered))
       out["conditions"].append(row)
       out["examples"].append((cond.label, corrupted[:3], recovered[:3], clean[:3]))

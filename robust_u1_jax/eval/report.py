@@ -155,20 +155,22 @@ def by_kind_table(result: Mapping[str, Any], modes: Sequence[str]) -> list[str]:
   clean = result["clean"]["by_kind"]
   answers = result["clean"]["answers"]
   counts = {k: str(sum(a["kind"] == k for a in answers)) for k in clean}
-  more_clean = len(answers) > result["num_samples"]  # the conditions' samples are the first
+  more_clean = len(answers) > result["num_samples"]  # the other conditions' are the first
   if more_clean:
     counts = {k: f"{n} / {sum(a['kind'] == k for a in answers[:result['num_samples']])}"
               for k, n in counts.items()}
   conds = [c for c in result["conditions"] if c.get("by_kind")]
-  questions = "questions (clean / per condition)" if more_clean else "questions"
+  questions = ("questions (clean and pipeline / other conditions)" if more_clean
+               else "questions")
   lines = ["", "## Per question kind", "",
            "Accuracy (%) on clean images, and per mode its mean over the conditions above.", "",
            f"| kind | {questions} | clean | " + " | ".join(modes) + " |",
            "|" + " --- |" * (len(modes) + 3)]
   for kind, acc in clean.items():
     cells = [kind, counts[kind], _pct(acc)]
-    cells += [_pct(float(np.mean([c["by_kind"][m][kind] for c in conds])))
-              if conds and kind in conds[0]["by_kind"][m] else "-" for m in modes]
+    for m in modes:  # a kind may be missing from the conditions on fewer samples
+      accs = [c["by_kind"][m][kind] for c in conds if kind in c["by_kind"].get(m, {})]
+      cells.append(_pct(float(np.mean(accs))) if accs else "-")
     lines.append("| " + " | ".join(cells) + " |")
   return lines
 
@@ -182,9 +184,10 @@ def write(out_dir: str, result: Mapping[str, Any], *, title: str,
   with open(os.path.join(out_dir, "report.json"), "w") as f:
     json.dump({"settings": dict(settings), "result": public, "claims": list(claim_rows),
                "benchmarks": benchmarks or {}}, f, indent=1, default=str)
-  n_clean = result.get("num_clean_samples", result["num_samples"])
+  n_claims = result.get("num_claim_samples", result["num_samples"])
   lines = [f"# {title}", "", f"{result['num_samples']} held-out samples per condition"
-           + (f", {n_clean} for the clean-image figures." if n_clean != result["num_samples"]
+           + (f", {n_claims} for the figures the claims read (the Robust-R1 pipeline's "
+              "conditions and the clean images)." if n_claims != result["num_samples"]
               else "."), ""]
   if claim_rows:
     lines += ["## The paper's claims in miniature", "",
