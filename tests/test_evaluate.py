@@ -165,4 +165,5 @@ def test_the_oracle_mode_puts_the_clean_image_where_the_recovery_goes():
   assert [s[0, 0, 0] for s in evaluation.image_stack(evaluation.ORACLE, vae)] == [2, 1]
   assert [s[0, 0, 0] for s in evaluation.image_stack("corrupted+recovered", vae)] == [2, 3]
   # The ViT reads the slot's own image too.
-  assert (oracle[4].image[0, 0, 0], ours[4].image[0, 0, 0]) == (1, 3)
+  vit_images = lambda blocks: [b.image[0, 0, 0] for b in blocks if isinstance(b, sequence.Vit)]
+  assert (vit_images(oracle), vit_images(ours)) == ([2, 1], [2, 3])
