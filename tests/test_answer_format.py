@@ -9,11 +9,17 @@ import pytest
 from robust_u1_jax.data import answer_format
 
 
-def test_format_question_letters_every_option():
+def test_format_question_is_the_release_prompt_with_every_option_lettered():
   q = {"question": "What color is the circle?", "options": ["red", "blue", "green", "cyan", "pink"]}
   lines = answer_format.format_question(q).split("\n")
-  assert lines == ["What color is the circle?", "A. red", "B. blue", "C. green", "D. cyan",
-                   "E. pink"]  # VQA tables may carry more options than the shapes world's four
+  # VQA tables may carry more options than the shapes world's four.
+  options = ["A. red", "B. blue", "C. green", "D. cyan", "E. pink"]
+  assert lines == ["Question: What color is the circle?", "Options:", *options,
+                   answer_format.SELECT, ""]
+  lines = answer_format.format_question(q, answer_format.RESTORE).split("\n")
+  assert lines == ["Question: What color is the circle?", "Options:", *options,
+                   answer_format.RESTORE, answer_format.ANSWER_FROM_RESTORED, ""]
+  assert answer_format.format_question({"question": "Why?"}) == "Question: Why?\n"
 
 
 def test_format_answer_has_the_five_fields_in_order():

@@ -82,13 +82,12 @@ def _row_inputs():
   """(base config, tokenizer, markers, tiny BagelConfig, the first validation batch) for
   `pretrain_rows`."""
   from robust_u1_jax.data import pipeline
-  from robust_u1_jax.data import sequence
   from robust_u1_jax.models import bagel
+  from robust_u1_jax.training import run_setup
 
   config = _config("base")
   tok = tokenizer_lib.load_tokenizer(None)
-  special = tokenizer_lib.special_token_ids(tok)
-  markers = sequence.Markers(special["vision_start"], special["vision_end"])
+  markers = run_setup.markers(tok)
   model_config = bagel.BagelConfig.tiny()
   with pipeline.make_pipeline(config.eval_data, seed=0, tokenizer=tok, stage="pretrain") as data:
     batch = next(data)
@@ -132,7 +131,12 @@ def test_two_image_rows_take_the_reasoning_layout():
   start = sequence.lengths(blocks[:-1], *sequence.strides(model_config))[0]
   answer = blocks[-1].ids
   np.testing.assert_array_equal(labels[0, start:start + len(answer) - 1], answer[1:])
-  assert (labels[0, :start] == -1).all()
+  assert labels[0, start + len(answer) - 1] == markers.end_of_text >= 0  # the reply ends
+  # Before the answer, only the lone <|im_start|> after the question is labelled: with the
+  # <|vision_start|> that opens the second image, as the release's loop asks of the model.
+  opener = sequence.lengths(blocks[:3], *sequence.strides(model_config))[0]
+  assert isinstance(blocks[3], sequence.Open) and labels[0, opener] == markers.vision_start
+  assert (np.delete(labels[0, :start], opener) == -1).all()
   one = pretrain.pretrain_rows(batch, model_config, markers, np.random.default_rng(0),
                                {**settings, "two_image_fraction": 0.0})
   assert one[2].shape[1] == 1 and set(np.unique(one[0].vit_segment_ids[0])) <= {0, 1}

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from robust_u1_jax import sampling
-from robust_u1_jax.data import sequence
+from robust_u1_jax.data import answer_format, sequence
 from robust_u1_jax.data import shapes
 from robust_u1_jax.data import tokenizer as tokenizer_lib
 from robust_u1_jax.inference import context, engine, images, reasoner, recovery, text
@@ -285,7 +285,9 @@ def test_reasoner_runs_on_the_random_model(tiny, world_images):
 def test_prompt_and_answer_extraction():
   p = reasoner.prompt("How many?", ["one", "B. two"])
   assert p.splitlines() == ["Question: How many?", "Options:", "A. one", "B. two",
-                            reasoner.RESTORE, reasoner.ANSWER_FROM_RESTORED]
+                            answer_format.RESTORE, answer_format.ANSWER_FROM_RESTORED]
+  assert reasoner.prompt("How many?", ["one"], recover=False).splitlines()[-1] == (
+      answer_format.SELECT)
   assert reasoner.extract_answer("<REASONING>x<ANSWER>(B) two<ANSWER_END>", ["a", "b"]) == "B"
   assert reasoner.extract_answer("it is two", ["one", "two"]) == "B"
   assert reasoner.extract_answer("<ANSWER>blue<ANSWER_END>") == "blue"

@@ -187,8 +187,9 @@ def test_reason_stage_questions_and_answers(tok):
     # The applied corruption is named in <TYPE>.
     assert "<TYPE>gaussian noise(3)<TYPE_END>" in answer
     question = tok.decode(batch["question_ids"][i, :batch["question_lengths"][i]].tolist())
-    assert question.endswith(tokenizer_lib.RECOVERY_INSTRUCTION + tokenizer_lib.IM_END)
-    assert "\nA. " in question
+    assert question.endswith(f"{tokenizer_lib.RECOVERY_INSTRUCTION}\n"
+                             f"{answer_format.ANSWER_FROM_RESTORED}\n{tokenizer_lib.IM_END}")
+    assert question.startswith(f"{tokenizer_lib.IM_START}Question: ") and "\nA. " in question
 
 
 def test_packed_pipeline_rows(tok):
@@ -264,7 +265,7 @@ def test_reason_stage_on_jsonl_pairs(tok, tmp_path):
     answer = tok.decode(batch["answer_ids"][i, :batch["answer_lengths"][i]].tolist())
     assert answer == tokenizer_lib.text_block(rows[i]["answer"])
     question = tok.decode(batch["question_ids"][i, :batch["question_lengths"][i]].tolist())
-    assert question.startswith(f"{tokenizer_lib.IM_START}Question {i}?\n")
+    assert question.startswith(f"{tokenizer_lib.IM_START}Question: Question {i}?\n")
     # The stored pair: the clean target and the degraded input, resized together.
     h, w = batch["clean_hw"][i]
     clean, corrupted = batch["clean"][i, :h, :w], batch["corrupted"][i, :h, :w]

@@ -14,11 +14,10 @@ from PIL import Image
 from robust_u1_jax import config_lib
 from robust_u1_jax.data import packing
 from robust_u1_jax.data import pipeline as pipeline_lib
-from robust_u1_jax.data import sequence
 from robust_u1_jax.data import tokenizer as tokenizer_lib
 from robust_u1_jax.inference import images, recovery
 from robust_u1_jax.models import bagel
-from robust_u1_jax.training import reasoning, recovery_cache, trainer
+from robust_u1_jax.training import reasoning, recovery_cache, run_setup, trainer
 from robust_u1_jax.training import state as state_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,8 +29,7 @@ def _batch(config):
   data = pipeline_lib.make_pipeline(config.data, seed=0, tokenizer=tok, stage="reason")
   batch = next(data)
   data.close()
-  special = tokenizer_lib.special_token_ids(tok)
-  markers = sequence.Markers(special["vision_start"], special["vision_end"])
+  markers = run_setup.markers(tok)
   instruction = tokenizer_lib.encode_text_block(tok, config.instruction)
   return tok, batch, markers, instruction
 
@@ -41,12 +39,17 @@ def test_labels_are_the_answer_tokens():
   tok, batch, markers, instruction = _batch(config)
   cfg = bagel.BagelConfig.tiny(vocab_size=len(tok))
   inputs, labels, _ = reasoning.reasoning_rows(batch, cfg, markers, instruction)
+  im_start = tokenizer_lib.special_token_ids(tok)["im_start"]
   for i in range(2):
     answer = batch["answer_ids"][i][:batch["answer_lengths"][i]]
-    np.testing.assert_array_equal(labels[i][labels[i] >= 0], answer[1:])
-    # Each label is the text token right after its position.
+    # The release's loop: the model opens the recovery after the prompt (`<|vision_start|>`
+    # after a lone `<|im_start|>`), then writes the answer and ends the reply.
+    np.testing.assert_array_equal(labels[i][labels[i] >= 0],
+                                  [markers.vision_start, *answer[1:], markers.end_of_text])
     where = np.nonzero(labels[i] >= 0)[0]
-    np.testing.assert_array_equal(inputs.text_ids[i][where + 1], labels[i][where])
+    assert inputs.text_ids[i][where[0]] == im_start and inputs.text_ids[i][where[0] - 1] != im_start
+    # Each label but the last is the text token right after its position.
+    np.testing.assert_array_equal(inputs.text_ids[i][where[:-1] + 1], labels[i][where[:-1]])
   assert "<ANSWER>" in tok.decode(labels[0][labels[0] >= 0])
 
 
@@ -96,9 +99,10 @@ def test_packed_rows_label_every_sample_answer():
   # The rows hold the samples where the packer put them.
   np.testing.assert_array_equal(inputs.layout.sample_id + 1, batch["segment_ids"])
   for r, row in enumerate(samples):
-    expected = np.concatenate([s["answer_ids"][1:] for s in row])
+    expected = np.concatenate([[markers.vision_start, *s["answer_ids"][1:], markers.end_of_text]
+                               for s in row])
     np.testing.assert_array_equal(labels[r][labels[r] >= 0], expected)
-    where = np.nonzero(labels[r] >= 0)[0]
+    where = np.nonzero((labels[r] >= 0) & (labels[r] != markers.end_of_text))[0]
     np.testing.assert_array_equal(inputs.text_ids[r][where + 1], labels[r][where])
     np.testing.assert_array_equal(images[r, 1::2][:len(row)].max(axis=(1, 2, 3)), 7)
 

@@ -29,19 +29,42 @@ FIELDS = ("TYPE", "INFLUENCE", "REASONING", "CONCLUSION", "ANSWER")
 _ANSWER_RE = re.compile(r"<ANSWER>\s*([A-Za-z])\s*<ANSWER_END>")
 
 
-def format_question(q: Mapping[str, Any]) -> str:
-  """The VQA prompt: the question and its lettered options (if any), one per line (no
-  instruction)."""
-  lines = [str(q["question"])] + [f"{string.ascii_uppercase[i]}. {opt}"
-                                  for i, opt in enumerate(q.get("options") or [])]
-  return "\n".join(lines)
+def format_question(q: Mapping[str, Any], instruction: str | None = None) -> str:
+  """`prompt` of a question record ({'question', 'options'?}): answered from the image as given,
+  or after the recovery `instruction`."""
+  return prompt(str(q["question"]), q.get("options") or (), instruction=instruction)
 
 
-def with_instruction(question_text: str, instruction: str) -> str:
-  """The text between the two images of the reasoning layout (the reasoning stage's rows, the
-  base's two-image rows, the evaluation's corrupted + recovered mode): the question, then the
-  recovery instruction."""
-  return f"{question_text}\n{instruction}"
+RESTORE = "Please restore this corrupted image to its clean version."
+ANSWER_FROM_RESTORED = ("Based on what you observe in the restored image, please select the "
+                        "correct answer from the options above.")
+SELECT = "Please select the correct answer from the options above."
+
+
+def format_option(i: int, option: str) -> str:
+  """'A. text' (an option given as 'A. text' already keeps its letter)."""
+  if re.match(r"^[A-Z][.)]\s", option):
+    return option
+  return f"{string.ascii_uppercase[i]}. {option}"
+
+
+def prompt(question: str, options: Sequence[str] = (), *, instruction: str | None = RESTORE
+           ) -> str:
+  """The Robust-U1 release's prompt (docs/design.md#reasoning-and-the-answer-format): the
+  question, its lettered options, then the recovery `instruction` and the request to answer from
+  the restored image (`instruction=None`: answer from the image as given). The text between the
+  two images of the reasoning layout (the reasoning stage's rows, the base's two-image rows, the
+  evaluation's corrupted + recovered mode) and the `answer` command's prompt, so a model trained
+  on the built-in world runs the release's loop."""
+  lines = [f"Question: {question}"]
+  if options:
+    lines.append("Options:")
+    lines += [format_option(i, o) for i, o in enumerate(options)]
+  if instruction is not None:
+    lines += [instruction, ANSWER_FROM_RESTORED]
+  elif options:
+    lines.append(SELECT)
+  return "\n".join(lines) + "\n"
 
 
 def format_answer(type_text: str, influence: str, reasoning: str, conclusion: str,

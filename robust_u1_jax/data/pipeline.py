@@ -211,7 +211,7 @@ class StageFields(grain.transforms.Map):
                                  _QUESTION_STREAM])
     q = questions[int(rng.integers(len(questions)))]
     question = answer_format.format_question(q)
-    recovery_question = answer_format.with_instruction(question, self.instruction)
+    recovery_question = answer_format.format_question(q, self.instruction)
     if self.stage == "reason":
       question = recovery_question
     answer = _answer_text(q, out)

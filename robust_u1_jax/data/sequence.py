@@ -55,14 +55,23 @@ class Latent:
   canvas: tuple[int, int] | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class Open(Text):
+  """The `<|im_start|>` alone, before an image the model makes itself: the release's reasoner
+  opens a text block after the prompt, and the model's first token there, `<|vision_start|>`,
+  starts the recovery (docs/design.md#reasoning-and-the-answer-format)."""
+
+
 Block = Text | Vit | Latent
 
 
 @dataclasses.dataclass(frozen=True)
 class Markers:
-  """Token ids that wrap image blocks."""
+  """Token ids that wrap image blocks, and the one that ends a reply (`<|endoftext|>`, where the
+  release's reasoner stops; -1: not trained)."""
   vision_start: int
   vision_end: int
+  end_of_text: int = -1
 
 
 @dataclasses.dataclass
@@ -244,6 +253,24 @@ def lengths(blocks: Sequence[Block], vit_patch: int, vae_stride: int) -> tuple[i
   return tokens, vit, latent
 
 
+def write_labels(labels_t: np.ndarray, start: int, blocks: Sequence[Block], config: BagelConfig,
+                 markers: Markers) -> None:
+  """Writes the next-token targets of a sample that starts at `start` of its row (position p
+  predicts token p + 1): its answer (the last block, a `Text` from `<|im_start|>` to
+  `<|im_end|>`) after the first token, `<|endoftext|>` after the answer, and `<|vision_start|>`
+  after each `Open` block, the steps of the release's reasoner loop."""
+  vit_patch, vae_stride = strides(config)
+  pos = start
+  for block in blocks[:-1]:
+    if isinstance(block, Open):
+      labels_t[pos + len(block.ids) - 1] = markers.vision_start
+    pos += lengths([block], vit_patch, vae_stride)[0]
+  answer = list(blocks[-1].ids)
+  labels_t[pos:pos + len(answer) - 1] = answer[1:]
+  if markers.end_of_text >= 0:
+    labels_t[pos + len(answer) - 1] = markers.end_of_text
+
+
 def max_lengths(block_lists: Sequence[Sequence[Block]], config: BagelConfig
                 ) -> tuple[int, int, int]:
   """(tokens, ViT patches, latent tokens) of the longest of `block_lists` in each: rows that
@@ -361,8 +388,9 @@ def reasoning_blocks(sample: Mapping[str, Any], canvas: tuple[int, int] | None =
   if recovered_vit is None:
     recovered_vit = np.zeros(corrupted_vit.shape, np.uint8)
   return [Latent(h, w, image=0, canvas=canvas), Vit(vit_input(corrupted_vit)),
-          Text(sample["question_ids"]), Latent(h, w, image=1, canvas=canvas),
-          Vit(vit_input(recovered_vit)), Text(sample["answer_ids"])]
+          Text(sample["question_ids"]), Open(sample["question_ids"][:1]),
+          Latent(h, w, image=1, canvas=canvas), Vit(vit_input(recovered_vit)),
+          Text(sample["answer_ids"])]
 
 
 def vqa_blocks(sample: Mapping[str, Any], canvas: tuple[int, int] | None = None

@@ -27,7 +27,7 @@ import tempfile
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
-from robust_u1_jax.data import shapes
+from robust_u1_jax.data import answer_format, shapes
 
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -36,7 +36,7 @@ VISION_START = "<|vision_start|>"
 VISION_END = "<|vision_end|>"
 PAD = ENDOFTEXT  # as in Qwen2: packing masks padding explicitly, so it needs no token of its own
 SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END, VISION_START, VISION_END)
-RECOVERY_INSTRUCTION = "Please restore this corrupted image to its clean version."
+RECOVERY_INSTRUCTION = answer_format.RESTORE
 MAX_VOCAB = 2000
 _BUILD_VERSION = "1"  # bump when the construction (not the corpus) changes
 
@@ -89,6 +89,7 @@ def corruption_names() -> list[str]:
 def corpus_texts() -> list[str]:
   """The deterministic training corpus."""
   return [*shapes.text_corpus(corruption_names()), RECOVERY_INSTRUCTION,
+          answer_format.ANSWER_FROM_RESTORED,
           string.ascii_letters, string.digits, string.punctuation,
           " ".join(string.ascii_uppercase), " ".join(string.digits)]
 

@@ -136,7 +136,8 @@ def mode_blocks(mode: str, question_ids: list[int], instructed_ids: list[int], v
     return image("recovered", 1) + [sequence.Text(question_ids)]
   if mode in ("corrupted+recovered", ORACLE):  # the reasoning stage's layout
     second = "clean" if mode == ORACLE else "recovered"
-    return image("corrupted", 0) + [sequence.Text(instructed_ids)] + image(second, 1)
+    return (image("corrupted", 0) + [sequence.Text(instructed_ids),
+                                     sequence.Open(instructed_ids[:1])] + image(second, 1))
   raise ValueError(f"evaluation mode {mode!r} is unknown; allowed: "
                    f"{', '.join(MODES + (ORACLE,))}")
 
@@ -224,9 +225,10 @@ class Evaluator:
           vae["recovered"] = recovered[j]
         vit = {k: np.asarray(images_lib.vit_resize(v, rules.vit_size(*v.shape[:2])))
                for k, v in vae.items()}
-        text = answer_format.format_question(sample.question)
-        rows.append(mode_blocks(mode, eng.encode_block(text), eng.encode_block(
-            answer_format.with_instruction(text, self.instruction)), vae, vit))
+        rows.append(mode_blocks(
+            mode, eng.encode_block(answer_format.format_question(sample.question)),
+            eng.encode_block(answer_format.format_question(sample.question, self.instruction)),
+            vae, vit))
         stacks.append(image_stack(mode, vae))
       ids = eng.generate_batch(rows, np.asarray(stacks), max_new_tokens=self.max_new_tokens)
       for sample, row_ids in zip(samples[part], ids):

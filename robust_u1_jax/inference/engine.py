@@ -102,7 +102,8 @@ class Engine:
 
   @property
   def markers(self) -> sequence.Markers:
-    return sequence.Markers(self.special["vision_start"], self.special["vision_end"])
+    return sequence.Markers(self.special["vision_start"], self.special["vision_end"],
+                            self.special["endoftext"])
 
   def encode_block(self, text: str) -> list[int]:
     """`<|im_start|>text<|im_end|>` ids, BAGEL's text block."""

@@ -22,34 +22,18 @@ from typing import Any
 
 import numpy as np
 
+from robust_u1_jax.data import answer_format
 from robust_u1_jax.inference import engine as engine_lib
 from robust_u1_jax.inference import recovery as recovery_lib
 
-RESTORE = "Please restore this corrupted image to its clean version."
-ANSWER_FROM_RESTORED = ("Based on what you observe in the restored image, please select the "
-                        "correct answer from the options above.")
 ANSWER_TAG = "<ANSWER>"
 ANSWER_RE = re.compile(r"<ANSWER>(.*?)(?:<ANSWER_END>|$)", re.S)
 
 
 def prompt(question: str, options: Sequence[str] = (), *, recover: bool = True) -> str:
   """The release's prompt: question, lettered options, restore instruction, answer instruction."""
-  lines = [f"Question: {question}"]
-  if options:
-    lines.append("Options:")
-    lines += [format_option(i, o) for i, o in enumerate(options)]
-  if recover:
-    lines += [RESTORE, ANSWER_FROM_RESTORED]
-  elif options:
-    lines.append("Please select the correct answer from the options above.")
-  return "\n".join(lines) + "\n"
-
-
-def format_option(i: int, option: str) -> str:
-  """'A. text' (an option given as 'A. text' already keeps its letter)."""
-  if re.match(r"^[A-Z][.)]\s", option):
-    return option
-  return f"{string.ascii_uppercase[i]}. {option}"
+  return answer_format.prompt(question, options,
+                              instruction=answer_format.RESTORE if recover else None)
 
 
 def cut_answers(text: str, keep: int = 2) -> str:
@@ -74,7 +58,7 @@ def extract_answer(text: str, options: Sequence[str] = ()) -> str:
   if m:
     return m.group(1)
   for i, option in enumerate(options):
-    body = format_option(i, option)[3:].strip().lower()
+    body = answer_format.format_option(i, option)[3:].strip().lower()
     if body and body in answer.lower():
       return letters[i]
   return answer

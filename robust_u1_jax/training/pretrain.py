@@ -87,8 +87,7 @@ def pretrain_rows(batch: Mapping[str, Any], config: BagelConfig, markers: sequen
     else:
       blocks = sequence.understanding_blocks(sample, sample["question_ids"],
                                              sample["answer_ids"], size, use_vae=use_vae)
-    answers.append((r, sequence.lengths(blocks[:-1], *sequence.strides(config))[0],
-                    blocks[-1].ids))
+    answers.append((r, blocks))
     und.append([blocks])
     keep = rng.uniform(size=3) >= np.asarray(settings["dropout"])
     if rng.uniform() < settings["text_to_image_fraction"]:
@@ -111,8 +110,8 @@ def pretrain_rows(batch: Mapping[str, Any], config: BagelConfig, markers: sequen
                                    max_vit=und_bounds[1], max_latent=und_bounds[2],
                                    images_per_sample=len(und_images))
   labels = np.full((len(und), und_bounds[0]), -1, np.int32)
-  for r, start, answer in answers:
-    labels[r, start:start + len(answer) - 1] = answer[1:]  # position p predicts token p + 1
+  for r, blocks in answers:
+    sequence.write_labels(labels[r], 0, blocks, config, markers)
   gen_inputs = sequence.build_rows(gen, config, markers, seq_len=gen_bounds[0],
                                    max_vit=gen_bounds[1], max_latent=gen_bounds[2],
                                    images_per_sample=2)

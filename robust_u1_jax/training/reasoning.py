@@ -59,7 +59,7 @@ def reasoning_rows(batch: Mapping[str, Any], config: BagelConfig, markers: seque
         vit_hw = sample.get("corrupted_vit", sample["corrupted"]).shape[:2]
         recovered_vit = np.asarray(images_lib.vit_resize(recovered[r][k], vit_hw))
       blocks = sequence.reasoning_blocks(sample, size, recovered_vit)
-      answers.append((r, offset + sequence.lengths(blocks[:-1], *strides)[0], sample["answer_ids"]))
+      answers.append((r, offset, blocks))
       offset += sequence.lengths(blocks, *strides)[0]
       row.append(blocks)
     rows.append(row)
@@ -70,9 +70,8 @@ def reasoning_rows(batch: Mapping[str, Any], config: BagelConfig, markers: seque
                                              max_vit=max_vit, max_latent=max_latent,
                                              images_per_sample=2))
   labels = np.full((len(rows), seq_len), -1, np.int32)
-  for r, start, answer in answers:
-    # Position p predicts token p + 1: every answer token after the first.
-    labels[r, start:start + len(answer) - 1] = answer[1:]
+  for r, start, blocks in answers:
+    sequence.write_labels(labels[r], start, blocks, config, markers)
   if recovered is None:
     return inputs, labels, recovery_lib.batch_recovery_inputs(batch, config, markers,
                                                               instruction_ids)

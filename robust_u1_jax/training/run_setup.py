@@ -31,7 +31,7 @@ MIN_TINY_VOCAB = 64
 def markers(tokenizer) -> sequence.Markers:
   """The token ids around image blocks, from the tokenizer's special tokens."""
   special = tokenizer_lib.special_token_ids(tokenizer)
-  return sequence.Markers(special["vision_start"], special["vision_end"])
+  return sequence.Markers(special["vision_start"], special["vision_end"], special["endoftext"])
 
 
 def _model_source(config: ml_collections.ConfigDict) -> str:
