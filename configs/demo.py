@@ -149,11 +149,12 @@ def base_config(variant: str = "default", init_from: str = "random") -> ml_colle
   # recovered mode still wrote broken answers (14 % at 100 % intensity, against 36 % from the
   # corrupted image alone; with them 25 % against 30 %; 2026-12-02, 64 held-out samples). (That
   # stage's first answer loss, 7.3 nats either way, is its TYPE field's corruption names, which
-  # the base never writes.) Their text is the reasoning stage's: question, options, recovery
-  # instruction. With the question alone there, the instruction the evaluation puts after it cut
-  # that layout's accuracy over the 15 test conditions to 26.1 % (46.4 % from the corrupted image
-  # alone), and with recovery always on clean accuracy from 50.0 % to 23.4 %; with it (and RL's
-  # 120 steps), 42.0 % against 44.4 %, and 42.2 % both ways (2026-12-02, 64 samples a condition).
+  # the base never writes.) Their text is the reasoning stage's: the release's prompt with the
+  # recovery instruction (answer_format.prompt). With the question alone there, the instruction
+  # the evaluation puts after it cut that layout's accuracy over the 15 test conditions to 26.1 %
+  # (46.4 % from the corrupted image alone), and with recovery always on clean accuracy from
+  # 50.0 % to 23.4 %; with it (and RL's 120 steps), 42.0 % against 44.4 %, and 42.2 % both ways
+  # (2026-12-02, 64 samples a condition).
   p.two_image_fraction = 0.5
   # Three in four one-image answer rows without the VAE tokens (pretrain.py), so the base reads
   # through the ViT the vit part pretrained. Its VAE tokens pass through the generation expert,
@@ -217,9 +218,9 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   vae, clip, vit, base (bootstrap), sft, rl, reason, eval (training/demo.py chains their
   workdirs).
 
-  'default' is sized for about 15 minutes on an idle 2-core CPU (13.5 measured on 2026-12-02,
-  all eight parts: vae 1.7, clip 0.7, vit 0.8, base 5.0, sft 0.7, rl 1.0, reason 2.0, eval
-  1.6; the same machine took 14.1 for them earlier that day), 'quick' for about 4."""
+  'default' is sized for about 15 minutes on an idle 2-core CPU (12.5 measured on 2026-12-02,
+  all eight parts: vae 1.5, clip 0.6, vit 0.7, base 4.4, sft 0.6, rl 0.9, reason 2.1, eval
+  1.7), 'quick' for about 4."""
   _check_variant(variant, "get_config")
   quick = variant == "quick"
   c = ml_collections.ConfigDict()

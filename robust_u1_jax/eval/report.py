@@ -84,13 +84,13 @@ def figures(result: Mapping[str, Any], out_dir: str, *,
 
   def save(fig, name):
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, name), dpi=110)
+    fig.savefig(os.path.join(out_dir, name), dpi=110, bbox_inches="tight")
     plt.close(fig)
     written.append(name)
 
   pipeline = [c for c in result["conditions"] if c["family"] == "robust_r1_pipeline"]
   if pipeline and pipeline[0]["accuracy"]:
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
     levels = [c["level"] for c in pipeline]
     for mode in evaluation.MODES[1:]:
       if mode in pipeline[0]["accuracy"]:
@@ -102,7 +102,7 @@ def figures(result: Mapping[str, Any], out_dir: str, *,
       ax.axhline(100 * result["clean"]["accuracy"], color="gray", ls="--", label="clean image")
     ax.set_xlabel("Robust-R1 pipeline intensity")
     ax.set_ylabel("answer accuracy (%)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))  # off the lines
     save(fig, "accuracy_vs_intensity.png")
   by_type = [c for c in result["conditions"] if c["family"] != "robust_r1_pipeline"]
   if by_type:
