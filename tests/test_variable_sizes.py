@@ -12,6 +12,7 @@ from flax import nnx
 from PIL import Image
 
 from robust_u1_jax import config_lib
+from robust_u1_jax.benchmarks import aot
 from robust_u1_jax.data import packing
 from robust_u1_jax.data import pipeline as pipeline_lib
 from robust_u1_jax.data import sequence
@@ -132,17 +133,11 @@ def test_latent_tokens_come_from_the_top_left_of_their_canvas(tmp_path):
 
 @pytest.fixture
 def no_persistent_cache():
-  """Off for one test: writing this test's evaluation program to the persistent compilation
-  cache segfaulted inside jax's cache write (compilation_cache.put_executable_and_time) in two
-  runs of the whole suite on 2 cores, 2026-12-02 (CI) and 2026-12-03; it compiles afresh."""
-  from jax.experimental.compilation_cache import compilation_cache
-
-  before = jax.config.jax_enable_compilation_cache
-  jax.config.update("jax_enable_compilation_cache", False)
-  compilation_cache.reset_cache()
-  yield
-  jax.config.update("jax_enable_compilation_cache", before)
-  compilation_cache.reset_cache()
+  """Off for one test: the whole suite on 2 cores segfaulted in this test twice (CI, 2026-12-02;
+  here, 2026-12-03), the second time inside jax's cache write
+  (compilation_cache.put_executable_and_time) of its evaluation program; it compiles afresh."""
+  with aot.persistent_cache(False):
+    yield
 
 
 @pytest.mark.slow

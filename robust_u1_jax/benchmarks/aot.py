@@ -395,16 +395,17 @@ def compile_step(config_spec: str = "", topology: str = DEFAULT_TOPOLOGY,
         raise AotError(f"config {spec_name}: {e}") from e
       say(f"AOT: {spec_name} (stage {config.stage}) for {topology}: {description}, "
           f"{len(devices)} x {devices[0].device_kind}, mesh {dict(ctx.mesh.shape)}", flush=True)
-      with fast_tracer_errors(), _persistent_cache(topology.startswith("cpu:")):
+      with fast_tracer_errors(), persistent_cache(topology.startswith("cpu:")):
         return _compile(build_config, ctx, spec_name, topology, description, devices, say)
   except aot_steps.StageError as e:
     raise AotError(f"config {spec_name}: {e}") from e
 
 
 @contextlib.contextmanager
-def _persistent_cache(enabled: bool):
-  """Topology executables have no client to be loaded back from JAX's persistent compilation
-  cache (reading them only warns), so they are not written to it."""
+def persistent_cache(enabled: bool):
+  """JAX's persistent compilation cache left on, or off for the block when `enabled` is False.
+  Off here for topology executables: they have no client to be loaded back from the cache
+  (reading them only warns), so they are not written to it."""
   try:
     from jax.experimental.compilation_cache import compilation_cache
     before = jax.config.jax_enable_compilation_cache

@@ -371,7 +371,7 @@ def compile_times(setup: Setup, sizes: Sequence[tuple[int, int]] = COMPILE_SIZES
   sampler = sampler or recovery_lib.Sampler()
   out = []
   keys = jax.random.split(jax.random.PRNGKey(0), 1)  # (1, 2): one key per image
-  with aot._persistent_cache(False):
+  with aot.persistent_cache(False):
     for size in dict.fromkeys(setup.image_size(s) for s in sizes):
       inputs = _device(recovery_rows(setup, size))
       t0 = time.perf_counter()
@@ -544,7 +544,7 @@ def compile_recovery_7b(topology: str, *, height: int = RECOVERY_7B["height"],
                          "device_kind": devices[0].device_kind, "num_devices": len(devices),
                          "mesh": dict(mesh.shape), "size": (height, width), "vit_size": vit_hw,
                          "steps": steps, "moves": moves}
-  with aot.fast_tracer_errors(), aot._persistent_cache(topology.startswith("cpu:")):
+  with aot.fast_tracer_errors(), aot.persistent_cache(topology.startswith("cpu:")):
     t0 = time.perf_counter()
     model = run_setup.abstract_model(mc, mesh)
     graphdef, weights = nnx.split(model)
