@@ -70,7 +70,8 @@ def test_evaluate_writes_a_complete_report(model_dir, tmp_path):
   c.recovery_steps, c.max_new_tokens = 3, 8
   c.imagenet_c_types, c.severities, c.robust_r1_types = ("fog",), (3,), ("lens_blur",)
   c.intensities = ("25%", "100%")
-  c.compare.sft = model_dir  # the same model twice: its recoveries must score the same
+  # The same model as SFT and as RL: its recoveries score the same, sample by sample.
+  c.compare.sft = c.compare.rl = model_dir
   c.benchmarks = {"rbench": tsv, "mmstar": parquet}
   lines = []
   path = eval_run.run(c, say=lines.append)
@@ -111,6 +112,13 @@ def test_evaluate_writes_a_complete_report(model_dir, tmp_path):
   assert any("100 % intensity" in k for k in claims) and any("clean accuracy" in k for k in claims)
   plus_ten = next(c for k, c in claims.items() if "100 % intensity" in k)
   assert "the clean image in the recovery's place" in plus_ten["bound"]
+  # Each difference a claim reads carries its paired standard error.
+  for row in conds:
+    assert set(row["gain_se"]) == {"psnr", "ssim", "accuracy"}
+    assert all(np.isfinite(v) and v >= 0 for v in row["gain_se"].values())
+  assert all(" ± " in c["measured"] for c in claims.values())
+  same = claims["RL's mean SSIM above SFT's"]  # (no CLIP checkpoint here)
+  assert same["measured"].endswith("(+0.0000 ± 0.0000)") and not same["holds"]
   assert data["benchmarks"]["rbench"]["samples"] == 3
   assert data["benchmarks"]["mmstar"]["samples"] == 2
   for name in ("accuracy_vs_intensity.png", "ssim_per_type.png", "ssim_sft_vs_rl.png"):
@@ -136,8 +144,18 @@ def test_scoring_and_conditions():
   assert len(conds) == 1 + 19 and conds[1].label == "gaussian_noise s5"
   image = np.full((8, 8, 3), 100, np.uint8)
   assert evaluation.psnr(image[None], image[None])[0] > 90
-  rows = report.claims({"conditions": [], "clean": {"accuracy": 0.5}}, None, 0.49)
+  rows = report.claims({"conditions": [], "clean": {"accuracy": 0.5},
+                        "clean_with_recovery": {"accuracy": 0.49, "minus_off_se": 0.031}})
   assert rows[0]["holds"] and "within 2 points" in rows[0]["claim"]
+  assert rows[0]["measured"] == "off 50.0, on 49.0 (-1.0 ± 3.1 points)"
+
+
+def test_paired_standard_error():
+  # Differences 1, 2, 3: sample standard deviation 1, over the root of 3 samples.
+  assert np.isclose(evaluation.paired_se([1.0, 3.0, 5.0], [0.0, 1.0, 2.0]), 1 / np.sqrt(3))
+  # Answers right / wrong per question: the pairing removes what both modes share.
+  assert evaluation.paired_se([True, False, True, False], [True, False, True, False]) == 0.0
+  assert np.isnan(evaluation.paired_se([1.0], [0.0]))
 
 
 def test_claims_state_what_a_perfect_recovery_reaches():

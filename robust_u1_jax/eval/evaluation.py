@@ -252,11 +252,13 @@ class Evaluator:
             "answers": answers}
 
   def evaluate(self, samples: Sequence[Sample], conds: Sequence[Condition], *,
-               modes: Sequence[str] = MODES, progress: Callable[[str], None] = lambda _: None
-               ) -> dict[str, Any]:
-    """{'clean': {accuracy}, 'conditions': [per condition: quality and accuracy per mode; the
-    pipeline's: ORACLE's accuracy too], 'examples': a few (condition, corrupted, recovered,
-    clean) images for grids}."""
+               modes: Sequence[str] = MODES, progress: Callable[[str], None] = lambda _: None,
+               per_sample: bool = False) -> dict[str, Any]:
+    """{'clean': {accuracy}, 'conditions': [per condition: quality and accuracy per mode,
+    'gain_se' (the standard errors of recovered - corrupted quality and of corrupted+recovered -
+    corrupted accuracy); the pipeline's: ORACLE's accuracy too; `per_sample`: each sample's
+    recovered quality, 'recovered_per_sample'], 'examples': a few (condition, corrupted,
+    recovered, clean) images for grids}."""
     clean = np.stack([s.image for s in samples])
     indices = [s.index for s in samples]
     out: dict[str, Any] = {"num_samples": len(samples), "conditions": [], "examples": []}
@@ -267,21 +269,37 @@ class Evaluator:
       progress(cond.label)
       corrupted = np.stack(corrupt(clean, indices, cond, self.seed))
       recovered = self.recover(corrupted, indices)
+      quality = {"corrupted": self.quality(corrupted, clean),
+                 "recovered": self.quality(recovered, clean)}
       row = {"family": cond.family, "name": cond.name, "level": cond.level, "label": cond.label,
-             "num_samples": len(samples),
-             "corrupted": _means(self.quality(corrupted, clean)),
-             "recovered": _means(self.quality(recovered, clean)), "accuracy": {},
-             "by_kind": {}}
+             "num_samples": len(samples), "corrupted": _means(quality["corrupted"]),
+             "recovered": _means(quality["recovered"]), "accuracy": {}, "by_kind": {},
+             "gain_se": {m: paired_se(v, quality["corrupted"][m])
+                         for m, v in quality["recovered"].items()}}
+      if per_sample:
+        row["recovered_per_sample"] = quality["recovered"]
+      correct = {}
       for mode in modes:
         if mode != "clean":
           answers = self.answers(mode, samples, corrupted, recovered)
           row["accuracy"][mode] = _accuracy(answers)
           row["by_kind"][mode] = _accuracy_by_kind(answers)
+          correct[mode] = [a["correct"] for a in answers]
+      if {"corrupted", "corrupted+recovered"} <= set(correct):
+        row["gain_se"]["accuracy"] = paired_se(correct["corrupted+recovered"],
+                                               correct["corrupted"])
       if "corrupted+recovered" in modes and cond.family == PIPELINE:
         row["oracle_accuracy"] = _accuracy(self.answers(ORACLE, samples, corrupted, recovered))
       out["conditions"].append(row)
       out["examples"].append((cond.label, corrupted[:3], recovered[:3], clean[:3]))
     return out
+
+
+def paired_se(a: Sequence[float], b: Sequence[float]) -> float:
+  """The standard error of mean(a) - mean(b) when a[i] and b[i] come from the same sample i: how
+  far that difference would move on another draw of as many samples (nan below two)."""
+  d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+  return float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else float("nan")
 
 
 def _means(metrics: Mapping[str, np.ndarray]) -> dict[str, float]:

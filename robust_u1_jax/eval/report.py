@@ -21,21 +21,30 @@ def _pct(x: float) -> str:
   return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
 
 
-def claims(result: Mapping[str, Any], compare: Mapping[str, Mapping[str, Any]] | None = None,
-           clean_with_recovery: float | None = None) -> list[dict[str, Any]]:
+def _pm(se: float | None, scale: float = 1.0, digits: int = 1) -> str:
+  """' ± se' (scaled) where a standard error was measured."""
+  return "" if se is None or math.isnan(se) else f" ± {scale * se:.{digits}f}"
+
+
+def claims(result: Mapping[str, Any], compare: Mapping[str, Mapping[str, Any]] | None = None
+           ) -> list[dict[str, Any]]:
   """The paper's claims in miniature, each {'claim', 'measured', 'holds', 'bound'}; never tuned
-  on. 'bound' (may be empty) is what the model reaches with a perfect recovery, measured in the
-  same run: where a claim fails, whether the recovery or the model's reading is short."""
+  on. 'measured' states each difference with its standard error (± one, paired over the same
+  samples) where the result has one; 'holds' compares the difference itself. 'bound' (may be
+  empty) is what the model reaches with a perfect recovery, measured in the same run: where a
+  claim fails, whether the recovery or the model's reading is short."""
   out = []
   pipeline = [c for c in result["conditions"] if c["family"] == "robust_r1_pipeline"]
   round_trip = result.get("vae_round_trip")
   for c in pipeline:
-    gain_ssim = c["recovered"]["ssim"] - c["corrupted"]["ssim"]
-    gain_psnr = c["recovered"]["psnr"] - c["corrupted"]["psnr"]
+    gain = {m: c["recovered"][m] - c["corrupted"][m] for m in ("ssim", "psnr")}
+    se = c.get("gain_se", {})
     out.append({"claim": f"recovery beats the corrupted image at {c['level']} (SSIM, PSNR)",
-                "measured": f"SSIM {c['corrupted']['ssim']:.3f} -> {c['recovered']['ssim']:.3f}, "
-                            f"PSNR {c['corrupted']['psnr']:.2f} -> {c['recovered']['psnr']:.2f} dB",
-                "holds": bool(gain_ssim > 0 and gain_psnr > 0),
+                "measured": f"SSIM {c['corrupted']['ssim']:.3f} -> {c['recovered']['ssim']:.3f} "
+                            f"({gain['ssim']:+.3f}{_pm(se.get('ssim'), digits=3)}), "
+                            f"PSNR {c['corrupted']['psnr']:.2f} -> {c['recovered']['psnr']:.2f} dB "
+                            f"({gain['psnr']:+.2f}{_pm(se.get('psnr'), digits=2)})",
+                "holds": bool(gain["ssim"] > 0 and gain["psnr"] > 0),
                 "bound": (f"the VAE's round trip of the clean image: SSIM "
                           f"{round_trip['ssim']:.3f}, PSNR {round_trip['psnr']:.2f} dB"
                           if round_trip else "")})
@@ -50,24 +59,27 @@ def claims(result: Mapping[str, Any], compare: Mapping[str, Mapping[str, Any]] |
                    f"({100 * (oracle - acc['corrupted']):+.1f} points)")
     if "clean" in result:
       bound.append(f"the clean image alone: {_pct(result['clean']['accuracy'])}")
+    se = full[0].get("gain_se", {}).get("accuracy")
     out.append({"claim": "at 100 % intensity, corrupted + recovered answers >= 10 points above "
                          "corrupted only",
                 "measured": f"{_pct(acc['corrupted'])} -> {_pct(acc['corrupted+recovered'])} "
-                            f"({100 * gain:+.1f} points)",
+                            f"({100 * gain:+.1f}{_pm(se, 100)} points)",
                 "holds": bool(gain >= 0.10), "bound": "; ".join(bound)})
   if compare and {"sft", "rl"} <= set(compare):
     for metric in ("ssim", "clip"):
       sft, rl = compare["sft"].get(metric), compare["rl"].get(metric)
       if sft is not None and rl is not None:
+        se = result.get("rl_minus_sft_se", {}).get(metric)
         out.append({"claim": f"RL's mean {metric.upper()} above SFT's",
-                    "measured": f"SFT {sft:.4f}, RL {rl:.4f} ({rl - sft:+.4f})",
+                    "measured": f"SFT {sft:.4f}, RL {rl:.4f} ({rl - sft:+.4f}{_pm(se, digits=4)})",
                     "holds": bool(rl > sft), "bound": ""})
-  if clean_with_recovery is not None and "clean" in result:
-    off = result["clean"]["accuracy"]
+  if "clean_with_recovery" in result and "clean" in result:
+    off, on = result["clean"]["accuracy"], result["clean_with_recovery"]["accuracy"]
+    se = result["clean_with_recovery"].get("minus_off_se")
     out.append({"claim": "recovery always on keeps clean accuracy within 2 points",
-                "measured": f"off {_pct(off)}, on {_pct(clean_with_recovery)} "
-                            f"({100 * (clean_with_recovery - off):+.1f} points)",
-                "holds": bool(abs(clean_with_recovery - off) <= 0.02), "bound": ""})
+                "measured": f"off {_pct(off)}, on {_pct(on)} "
+                            f"({100 * (on - off):+.1f}{_pm(se, 100)} points)",
+                "holds": bool(abs(on - off) <= 0.02), "bound": ""})
   return out
 
 
@@ -194,7 +206,9 @@ def write(out_dir: str, result: Mapping[str, Any], *, title: str,
               "| claim | measured | holds | with a perfect recovery |", "| --- | --- | --- | --- |"]
     lines += [f"| {c['claim']} | {c['measured']} | {'yes' if c['holds'] else '**no**'} | "
               f"{c.get('bound') or '-'} |" for c in claim_rows]
-    lines.append("")
+    lines += ["", "In brackets: the difference, ± one standard error of it, paired over the same "
+              "samples (the spread another draw of as many samples would show); a claim holds on "
+              "the difference itself.", ""]
   modes = [m for m in evaluation.MODES[1:]
            if result["conditions"] and m in result["conditions"][0]["accuracy"]]
   lines += ["## Per condition", ""]

@@ -64,23 +64,30 @@ def run(c: ml_collections.ConfigDict, *, say: Callable[[str], None] = print) -> 
   result["vae_round_trip"] = evaluator.round_trip(np.stack([s.image for s in claim_samples]))
   say("  clean images")
   result["clean"] = evaluator.clean(claim_samples)
-  clean_on = None
   if c.recovery_on_clean:
     say("  clean images, recovery on")
     on = evaluator.clean(claim_samples, recovery=True)
-    clean_on = on["accuracy"]
-    result["clean_with_recovery"] = {"accuracy": clean_on, "by_kind": on["by_kind"]}
+    result["clean_with_recovery"] = {
+        "accuracy": on["accuracy"], "by_kind": on["by_kind"],
+        "minus_off_se": evaluation.paired_se([a["correct"] for a in on["answers"]],
+                                             [a["correct"] for a in result["clean"]["answers"]])}
 
-  compare, by_type = {}, {}
+  compare, by_type, per_sample = {}, {}, {}
   for name, path in c.compare.items():
     if not path:
       continue
     say(f"  recovery quality of {name}: {path}")
     other = _evaluator(engine_lib.Engine.load(path, dtype=c.dtype), c, clip_similarity)
-    rows = other.evaluate(samples, conds, modes=())["conditions"]
-    compare[name] = {m: float(np.mean([r["recovered"][m] for r in rows]))
-                     for m in rows[0]["recovered"]}
+    rows = other.evaluate(samples, conds, modes=(), per_sample=True)["conditions"]
+    # Each sample's mean over the conditions: the samples, not their 15 corruptions, are the
+    # independent draws a standard error counts.
+    per_sample[name] = {m: np.mean([r["recovered_per_sample"][m] for r in rows], axis=0)
+                        for m in rows[0]["recovered"]}
+    compare[name] = {m: float(v.mean()) for m, v in per_sample[name].items()}
     by_type[name] = {r["label"]: r["recovered"]["ssim"] for r in rows}
+  if {"sft", "rl"} <= set(per_sample):
+    result["rl_minus_sft_se"] = {m: evaluation.paired_se(v, per_sample["sft"][m])
+                                 for m, v in per_sample["rl"].items()}
 
   benchmarks = {}
   for name, path in c.benchmarks.items():
@@ -93,7 +100,7 @@ def run(c: ml_collections.ConfigDict, *, say: Callable[[str], None] = print) -> 
     benchmarks[name] = {"path": path, "samples": len(bench_samples),
                         "modes": list(evaluation.MODES), "accuracy": accuracy}
 
-  claim_rows = report.claims(result, compare, clean_on)
+  claim_rows = report.claims(result, compare)
   names = report.figures(result, out_dir, compare_by_type=by_type or None,
                          rl_metrics=os.path.join(c.rl_workdir, "metrics.jsonl")
                          if c.rl_workdir else None)
