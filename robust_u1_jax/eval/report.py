@@ -103,16 +103,21 @@ def figures(result: Mapping[str, Any], out_dir: str, *,
   pipeline = [c for c in result["conditions"] if c["family"] == "robust_r1_pipeline"]
   if pipeline and pipeline[0]["accuracy"]:
     fig, ax = plt.subplots(figsize=(7.5, 3.6))
-    levels = [c["level"] for c in pipeline]
-    for mode in evaluation.MODES[1:]:
-      if mode in pipeline[0]["accuracy"]:
-        ax.plot(levels, [100 * c["accuracy"][mode] for c in pipeline], marker="o", label=mode)
+    x = np.arange(len(pipeline), dtype=float)
+    lines = [(mode, [c["accuracy"][mode] for c in pipeline], {})
+             for mode in evaluation.MODES[1:] if mode in pipeline[0]["accuracy"]]
     if "oracle_accuracy" in pipeline[0]:
-      ax.plot(levels, [100 * c["oracle_accuracy"] for c in pipeline], marker="o", ls=":",
-              color="gray", label=f"{evaluation.ORACLE} (a perfect recovery)")
+      lines.append((f"{evaluation.ORACLE} (a perfect recovery)",
+                    [c["oracle_accuracy"] for c in pipeline], {"ls": ":", "color": "gray"}))
+    for k, (label, acc, style) in enumerate(lines):
+      # Bars: one binomial standard error; the lines sit side by side so the bars stay apart.
+      se = [math.sqrt(a * (1 - a) / c["num_samples"]) for a, c in zip(acc, pipeline)]
+      ax.errorbar(x + 0.06 * (k - (len(lines) - 1) / 2), [100 * a for a in acc],
+                  yerr=[100 * e for e in se], marker="o", capsize=3, label=label, **style)
     if "clean" in result:
       ax.axhline(100 * result["clean"]["accuracy"], color="gray", ls="--", label="clean image")
-    ax.set_xlabel("Robust-R1 pipeline intensity")
+    ax.set_xticks(x, [c["level"] for c in pipeline])
+    ax.set_xlabel("Robust-R1 pipeline intensity (bars: ± one standard error)")
     ax.set_ylabel("answer accuracy (%)")
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))  # off the lines
     save(fig, "accuracy_vs_intensity.png")
