@@ -129,6 +129,14 @@ def test_evaluate_writes_a_complete_report(model_dir, tmp_path):
                .splitlines() if line.startswith("| ") and not line.startswith(("| kind", "| ---"))]
   assert sorted(r.split(" | ")[0][2:] for r in kind_rows) == sorted(
       {a["kind"] for a in clean["answers"]})
+  # Chance beside each kind: a random option's accuracy on that kind's questions (the world
+  # lists each kind's fixed options: 6 colours, 5 shapes, counts 0..4, ...).
+  world_options = {"color": 6, "shape": 5, "count": 5, "existence": 2}
+  for row in kind_rows:
+    kind, _, chance = row[2:].split(" | ")[:3]
+    ours = [a for a in clean["answers"] if a["kind"] == kind]
+    assert all(a["options"] == world_options[kind] for a in ours if kind in world_options)
+    assert chance == f"{100 * np.mean([1 / a['options'] for a in ours]):.1f}"
   assert ("4 held-out samples per condition, 6 for the figures the claims read (the Robust-R1 "
           "pipeline's conditions and the clean images).") in markdown
   assert lines[-1] == f"report: {path}"

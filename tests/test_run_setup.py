@@ -12,6 +12,7 @@ from flax import nnx
 
 from robust_u1_jax import config_lib
 from robust_u1_jax.benchmarks import aot
+from robust_u1_jax.data import tokenizer as tokenizer_lib
 from robust_u1_jax.models import bagel
 from robust_u1_jax.training import recovery_cache, run_setup, sft, stages, trainer
 
@@ -79,7 +80,7 @@ def test_abstract_and_real_models_agree_and_a_workdir_gives_its_model_config(tmp
   assert isinstance(jax.tree.leaves(nnx.state(abstract.model))[0], jax.ShapeDtypeStruct)
 
   # A different model than the preset: a wider LLM vocabulary, saved as a stage's workdir.
-  saved = bagel.Bagel(bagel.preset("tiny", 300), rngs=nnx.Rngs(1))
+  saved = bagel.Bagel(bagel.preset("tiny", 2048), rngs=nnx.Rngs(1))
   run_setup.write_model(saved, str(tmp_path), config)
   from_workdir = config_lib.load(SFT, {**SMALL, "init_from": str(tmp_path)})
   assert run_setup.model_config(from_workdir, real.tokenizer) == saved.config
@@ -87,6 +88,50 @@ def test_abstract_and_real_models_agree_and_a_workdir_gives_its_model_config(tmp
   assert loaded.config == saved.config
   np.testing.assert_array_equal(loaded.llm2vae.kernel.get_value(),
                                 saved.llm2vae.kernel.get_value())
+
+
+def test_a_model_continues_with_the_tokenizer_it_was_saved_with(tmp_path):
+  """A stage started from a model reads its text with the tokenizer saved beside it, and writes
+  that one on with its own model (the built-in one is rebuilt from the world's texts, so an older
+  model's ids are not the current built-in tokenizer's); data.tokenizer_dir still overrides."""
+  other = tmp_path / "tokenizer"
+  tokenizer_lib._write(other, tokenizer_lib.corpus_texts() + ["zebra okapi giraffe " * 40])
+  theirs, builtin = tokenizer_lib.load_tokenizer(str(other)), tokenizer_lib.load_tokenizer()
+  encode = lambda tok: tok("the zebra is red")["input_ids"]
+  assert encode(theirs) != encode(builtin)
+
+  first = config_lib.load(SFT, {**SMALL, "data.tokenizer_dir": str(other)})
+  model = bagel.Bagel(bagel.preset("tiny", len(theirs)), rngs=nnx.Rngs(0))
+  run_setup.write_model(model, str(tmp_path / "first"), first)
+  later = config_lib.load(SFT, {**SMALL, "init_from": str(tmp_path / "first")})
+  ctx = run_setup.make_context(later)
+  assert encode(ctx.tokenizer) == encode(theirs)
+  assert ctx.markers == run_setup.markers(theirs)
+  run_setup.write_model(ctx.model, str(tmp_path / "later"), later)
+  assert (tmp_path / "later" / "model" / "tokenizer.json").read_text() == (
+      other / "tokenizer.json").read_text()
+  override = config_lib.load(SFT, {**SMALL, "init_from": str(tmp_path / "first"),
+                                   "data.tokenizer_dir": tokenizer_lib.default_tokenizer_dir()})
+  assert encode(run_setup.make_context(override).tokenizer) == encode(builtin)
+
+
+def test_a_tokenizer_past_the_model_vocabulary_is_refused(tmp_path):
+  """Ids past the embedding table read as NaN at the first step: refused before anything is
+  built, naming the tokenizer and the model."""
+  config = config_lib.load(SFT, SMALL)
+  small = bagel.Bagel(bagel.preset("tiny", 64), rngs=nnx.Rngs(0))
+  run_setup.write_model(small, str(tmp_path / "small"), config)
+  later = config_lib.load(SFT, {**SMALL, "init_from": str(tmp_path / "small")})
+  n = len(tokenizer_lib.load_tokenizer())
+  with pytest.raises(config_lib.ConfigError,
+                     match=rf"tokenizer in .*small/model has {n} tokens, more than the "
+                           rf"vocab_size 64 of the model of init_from="):
+    run_setup.make_context(later)
+  workdir = tmp_path / "run"
+  with pytest.raises(config_lib.ConfigError, match="vocab_size 64"):
+    trainer.train(config_lib.load(SFT, {**SMALL, "init_from": str(tmp_path / "small"),
+                                        "total_steps": 1}), str(workdir), sft.build)
+  assert not workdir.exists()
 
 
 def test_stage_modules_depend_on_the_contract_not_the_trainer():

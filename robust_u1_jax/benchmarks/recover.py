@@ -148,7 +148,7 @@ def load_setup(spec: str = "", *, model_config: bagel_lib.BagelConfig | None = N
 
     config = aot.load_config(spec)
     model_config = run_setup.model_config(config, tokenizer_lib.load_tokenizer(
-        config.data.tokenizer_dir or None))
+        run_setup.tokenizer_dir(config)))
   model_config = model_config or bench_config()
   create = lambda: bagel_lib.Bagel(model_config, rngs=nnx.Rngs(0))
   params = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(nnx.eval_shape(create))))

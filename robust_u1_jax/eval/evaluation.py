@@ -236,7 +236,7 @@ class Evaluator:
         extracted, right = score(text, sample.question)
         results.append({"index": sample.index, "kind": sample.kind, "answer": extracted,
                         "truth": sample.question["answer"], "correct": bool(right),
-                        "text": text})
+                        "options": len(sample.question.get("options") or ()), "text": text})
     return results
 
   def clean(self, samples: Sequence[Sample], *, recovery: bool = False) -> dict[str, Any]:

@@ -163,6 +163,12 @@ def figures(result: Mapping[str, Any], out_dir: str, *,
   return written
 
 
+def _chance(answers: Sequence[Mapping[str, Any]]) -> str:
+  """The accuracy of a random option per question, as a percentage; '-' for open questions."""
+  options = [a.get("options", 0) for a in answers]
+  return _pct(float(np.mean([1 / n for n in options]))) if all(options) else "-"
+
+
 def by_kind_table(result: Mapping[str, Any], modes: Sequence[str]) -> list[str]:
   """Markdown lines: accuracy per question kind on clean images and, per mode, its mean over
   the conditions: which kinds the model reads from the image at all, and which a recovery
@@ -180,11 +186,13 @@ def by_kind_table(result: Mapping[str, Any], modes: Sequence[str]) -> list[str]:
   questions = ("questions (clean and pipeline / other conditions)" if more_clean
                else "questions")
   lines = ["", "## Per question kind", "",
-           "Accuracy (%) on clean images, and per mode its mean over the conditions above.", "",
-           f"| kind | {questions} | clean | " + " | ".join(modes) + " |",
-           "|" + " --- |" * (len(modes) + 3)]
+           "Accuracy (%) on clean images, and per mode its mean over the conditions above. "
+           "Chance: what guessing an option at random scores on the same questions (a kind at "
+           "chance on clean images is one the model does not read from the image).", "",
+           f"| kind | {questions} | chance | clean | " + " | ".join(modes) + " |",
+           "|" + " --- |" * (len(modes) + 4)]
   for kind, acc in clean.items():
-    cells = [kind, counts[kind], _pct(acc)]
+    cells = [kind, counts[kind], _chance([a for a in answers if a["kind"] == kind]), _pct(acc)]
     for m in modes:  # a kind may be missing from the conditions on fewer samples
       accs = [c["by_kind"][m][kind] for c in conds if kind in c["by_kind"].get(m, {})]
       cells.append(_pct(float(np.mean(accs))) if accs else "-")

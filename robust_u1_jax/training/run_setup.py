@@ -4,7 +4,9 @@
 (`recovery_cache.build`) and the AOT check (`benchmarks/aot.py`, with an abstract model) all use,
 so the three agree on the model a config means. The model's config is worked out first, without
 weights (`model_config`: a preset sized to the tokenizer, or the config stored with `init_from`),
-and checked against the data config's copies of its patch sizes before anything is built.
+and checked against the tokenizer (`tokenizer_dir`: the one saved with `init_from`'s model unless
+data.tokenizer_dir names another) and the data config's copies of its patch sizes before anything
+is built.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from robust_u1_jax.training.stage_spec import RunContext
 
 # The tiny preset's vocabulary is the tokenizer's, never below this (a few spare ids).
 MIN_TINY_VOCAB = 64
+# A folder holding one of these holds a tokenizer (`tokenizer.load_tokenizer`).
+TOKENIZER_FILES = frozenset({"tokenizer.json", "vocab.json"})
 
 
 def markers(tokenizer) -> sequence.Markers:
@@ -69,6 +73,33 @@ def model_config(config: ml_collections.ConfigDict, tokenizer) -> bagel_lib.Bage
       f"init_from={config.init_from!r} is neither 'random', a BAGEL model directory "
       f"({bagel_dir.LLM_CONFIG}, ...), an Orbax model checkpoint ({orbax_io.CONFIG}, "
       f"{orbax_io.PARAMS}/) nor the workdir of an earlier stage (its model/)")
+
+
+def tokenizer_dir(config: ml_collections.ConfigDict) -> str:
+  """The run's tokenizer folder: `data.tokenizer_dir` when set, else the one saved beside
+  init_from's model, else the built-in world's. A model's token ids are its own tokenizer's: the
+  built-in tokenizer is rebuilt from the world's texts whenever they change, and a BAGEL
+  directory carries Qwen2's, so continuing from a model with any other would feed it other ids
+  (or ids past its vocabulary, whose embeddings read as NaN)."""
+  if config.data.tokenizer_dir:
+    return config.data.tokenizer_dir
+  source = _model_source(config)
+  if source != "random" and os.path.isdir(source) and TOKENIZER_FILES & set(os.listdir(source)):
+    return source
+  return tokenizer_lib.default_tokenizer_dir()
+
+
+def check_tokenizer_fits_model(config: ml_collections.ConfigDict, tokenizer,
+                               mc: bagel_lib.BagelConfig) -> None:
+  """Refuses a tokenizer with ids past the model's vocabulary (their embeddings would read as
+  NaN at the first step)."""
+  if len(tokenizer) > mc.llm.vocab_size:
+    where = (f"the preset model={config.model!r}" if _model_source(config) == "random"
+             else f"the model of init_from={config.init_from!r}")
+    raise config_lib.ConfigError(
+        f"the tokenizer in {tokenizer_dir(config)} has {len(tokenizer)} tokens, more than the "
+        f"vocab_size {mc.llm.vocab_size} of {where}; set --config.data.tokenizer_dir to the "
+        "tokenizer the model was trained with")
 
 
 def check_data_fits_model(config: ml_collections.ConfigDict, mc: bagel_lib.BagelConfig,
@@ -124,8 +155,9 @@ def make_context(config: ml_collections.ConfigDict, *, devices: Sequence[Any] | 
   (checked against the data config) and the model, built on first use: with its weights, or
   shape-only when `abstract` (the AOT check)."""
   mesh = sharding.make_mesh(config.mesh, devices)
-  tokenizer = tokenizer_lib.load_tokenizer(config.data.tokenizer_dir or None)
+  tokenizer = tokenizer_lib.load_tokenizer(tokenizer_dir(config))
   mc = model_config(config, tokenizer)
+  check_tokenizer_fits_model(config, tokenizer, mc)
   check_data_fits_model(config, mc)
   build = (lambda: abstract_model(mc, mesh)) if abstract else (
       lambda: init_model(config, mesh, mc))
@@ -140,7 +172,6 @@ def write_model(model: bagel_lib.Bagel, workdir: str, config: ml_collections.Con
   from robust_u1_jax.inference import images as images_lib
 
   path = os.path.join(workdir, "model")
-  tokenizer_dir = config.data.tokenizer_dir or tokenizer_lib.default_tokenizer_dir()
-  orbax_io.save_orbax(model, path, tokenizer_dir=tokenizer_dir, overwrite=True)
+  orbax_io.save_orbax(model, path, tokenizer_dir=tokenizer_dir(config), overwrite=True)
   if jax.process_index() == 0:
     images_lib.ImageRules.from_data_config(config.data).save(path)
