@@ -24,13 +24,13 @@ from collections.abc import Sequence
 
 from absl import app, flags, logging
 
-from robust_u1_jax import recover as recover_cli
+from robust_u1_jax import model_cli
 
 EXCHANGE_FILE = "exchange.json"
 
 
 def define_flags(values: flags.FlagValues = flags.FLAGS) -> None:
-  recover_cli.define_model_flags(values)
+  model_cli.define_model_flags(values)
   flags.DEFINE_string("image", None, "The image the question is about.", flag_values=values)
   flags.DEFINE_string("question", None, "The question.", flag_values=values)
   flags.DEFINE_multi_string(
@@ -44,13 +44,13 @@ def define_flags(values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_bool("no_recover", False, "Answer from the corrupted image alone: no restore "
                     "instruction, no generated image.", flag_values=values)
   flags.DEFINE_integer("steps", 50, "Sampling steps of a generated image.", flag_values=values)
-  recover_cli.define_sampler_flags(values)
+  model_cli.define_sampler_flags(values)
   flags.DEFINE_integer("seed", 0, "Seed of the text sampling and the image noise.",
                        flag_values=values)
   flags.DEFINE_string("out", None, "Folder for step_NN.png and exchange.json (created if missing).",
                       flag_values=values)
-  # The shared flags are defined in `recover`; without this --help would list them only in full.
-  flags.adopt_module_key_flags(recover_cli, flag_values=values)
+  # The shared flags are defined in `model_cli`; without this --help would list them only in full.
+  flags.adopt_module_key_flags(model_cli, flag_values=values)
 
 
 def printable(text: str) -> str:
@@ -77,17 +77,17 @@ def _answer(values: flags.FlagValues) -> int:
   if values.max_iterations < 1 or values.max_new_tokens < 1:
     raise app.UsageError("--max_iterations and --max_new_tokens must be >= 1")
   # A bad image, --model or --out fails before the model loads.
-  image = recover_cli.read_image(values.image,
-                                 recover_cli.min_side(recover_cli.model_rules(values.model)))
+  image = model_cli.read_image(values.image,
+                               model_cli.min_side(model_cli.model_rules(values.model)))
   settings = reasoner.Settings(max_iterations=values.max_iterations,
                                max_new_tokens=values.max_new_tokens, temperature=temperature,
                                recover=not values.no_recover,
-                               sampler=recover_cli.make_sampler(values, values.steps))
+                               sampler=model_cli.make_sampler(values, values.steps))
   if values.out:
     cli.output_dir(values.out, "--out", create=False)  # created once the model has loaded
-  engine = recover_cli.load_engine(values)
+  engine = model_cli.load_engine(values)
   if values.out:
-    recover_cli.make_dirs(values.out)
+    cli.output_dir(values.out, "--out")
   exchange = reasoner.answer(engine, image, values.question, values.options, settings,
                              seed=values.seed)
   image_files = [f"step_{n:02d}.png" for n, step in enumerate(exchange.steps, 1)
@@ -96,9 +96,9 @@ def _answer(values: flags.FlagValues) -> int:
     images = [s.image for s in exchange.steps if s.kind == "image"]
     for name, generated in zip(image_files, images):
       try:
-        recover_cli.write_image(os.path.join(values.out, name), generated)
+        model_cli.write_image(os.path.join(values.out, name), generated)
       except OSError as e:
-        raise recover_cli.InputError(f"{os.path.join(values.out, name)}: {e.strerror or e}"
+        raise model_cli.InputError(f"{os.path.join(values.out, name)}: {e.strerror or e}"
                                      ) from None
 
   files = iter(image_files)
@@ -136,14 +136,14 @@ def _run(values: flags.FlagValues) -> int:
     raise app.UsageError(f"missing {', '.join(missing)}")
   try:
     return _answer(values)
-  except cli.Error as e:  # recover.InputError, cli.PathError
-    recover_cli.error(str(e))
-    return recover_cli.EXIT_BAD_INPUT
+  except cli.Error as e:  # model_cli.InputError, cli.PathError
+    model_cli.error(str(e))
+    return model_cli.EXIT_BAD_INPUT
 
 
 def run(argv: Sequence[str]) -> int:
-  """The command line `argv`, on flags of its own (`recover.own_flags`)."""
-  return _run(recover_cli.own_flags(argv, define_flags))
+  """The command line `argv`, on flags of its own (`model_cli.own_flags`)."""
+  return _run(model_cli.own_flags(argv, define_flags))
 
 
 def main(argv) -> int:

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 from robust_u1_jax import cli  # first: its quiet environment is set before jax loads
 
-import math
 import os
 import sys
 import time
@@ -44,56 +43,19 @@ from collections.abc import Sequence
 
 from absl import app, flags, logging
 from ml_collections import config_flags
-import numpy as np
 
-from robust_u1_jax import config_lib
+from robust_u1_jax import config_lib, model_cli
 
-EXIT_BAD_INPUT = 2  # an unreadable image or an unusable model directory
 EXIT_SOME_FAILED = 1  # folder mode: some images could not be recovered
-DTYPES = ("float32", "bfloat16")
 # Flags of one mode only: refused in the other, so a mistyped command does not silently do less.
 CACHE_ONLY = ("cache_dir",)
 USER_ONLY = ("model", "image", "out", "prompt", "batch", "seed", "sde", "cfg_text", "cfg_img",
              "shift", "dtype", "mesh", "tokenizer")
 
 
-class InputError(cli.Error):
-  """An input the command cannot use; the message starts with the path (or flag) at fault."""
-
-
 # -- flags ----------------------------------------------------------------------------------------
-# Defined when run as a program (or by `run`), so importing this module (tests, `answer`) never
-# collides with another entry module's --config / --image / --out.
-
-
-def define_model_flags(values: flags.FlagValues) -> None:
-  """The flags that load a model: shared with `answer`."""
-  flags.DEFINE_string(
-      "model", None, "BAGEL / Robust-U1 model directory (ema.safetensors or model.safetensors, "
-      "ae.safetensors, llm_config.json, vit_config.json, tokenizer files), an Orbax model "
-      "checkpoint (`convert`), or a stage's workdir (its model/).", flag_values=values)
-  flags.DEFINE_enum("dtype", "float32", DTYPES,
-                    "Parameter and compute dtype (bfloat16 halves the memory of a 7B model).",
-                    flag_values=values)
-  flags.DEFINE_string(
-      "mesh", "", "Shard the parameters over devices: axis=size pairs, e.g. fsdp=-1 (all devices) "
-      "or data=1,fsdp=4,tensor=2; unnamed axes are 1. Default: one device.", flag_values=values)
-  flags.DEFINE_string("tokenizer", None,
-                      "Tokenizer directory, when the model directory has no tokenizer files.",
-                      flag_values=values)
-  flags.DEFINE_bool("progress", True, "Show progress bars.", flag_values=values)
-
-
-def define_sampler_flags(values: flags.FlagValues) -> None:
-  """The recovery sampler's settings beyond its step count: shared with `answer`."""
-  flags.DEFINE_float("cfg_text", 4.0, "Text guidance scale (BAGEL's cfg_text_scale).",
-                     flag_values=values)
-  flags.DEFINE_float("cfg_img", 2.0, "Image guidance scale (BAGEL's cfg_img_scale).",
-                     flag_values=values)
-  flags.DEFINE_float("shift", 3.0, "Timestep shift of the schedule.", flag_values=values)
-  flags.DEFINE_bool("sde", False, "The released Robust-U1 sampler: one stochastic step (index 3, "
-                    "noise level 0.7) among the Euler steps; needs --steps >= 5.",
-                    flag_values=values)
+# Defined when run as a program (or by `run`), so importing this module (tests) never collides
+# with another entry module's --config / --image / --out.
 
 
 def define_flags(values: flags.FlagValues = flags.FLAGS,
@@ -107,136 +69,19 @@ def define_flags(values: flags.FlagValues = flags.FLAGS,
   flags.DEFINE_integer(
       "steps", None, "With --model: sampling steps of each recovery (default 50). Cache mode: "
       "training steps to cover (default 0: the config's total_steps).", flag_values=values)
-  define_model_flags(values)
+  model_cli.define_model_flags(values)
   flags.DEFINE_string("image", None, "A corrupted image, or a folder of them.", flag_values=values)
   flags.DEFINE_string(
       "out", None, "Output image (a file in) or folder (a folder in); default: "
       "<stem>_recovered.png beside the image, or <folder>_recovered.", flag_values=values)
-  define_sampler_flags(values)
+  model_cli.define_sampler_flags(values)
   flags.DEFINE_string("prompt", None, "Instruction (default: the one the SFT stage trains with, "
                       "inference/recovery.py INSTRUCTION).", flag_values=values)
   flags.DEFINE_integer("seed", 0, "Seed of the noise.", flag_values=values)
   flags.DEFINE_integer("batch", 8, "Images of one size recovered together (folder mode).",
                        flag_values=values)
-
-
-# -- helpers shared with `answer` -----------------------------------------------------------------
-
-
-def read_image(path: str, min_side: int = 0) -> np.ndarray:
-  """uint8 RGB pixels of an image file, through the one decoder training uses; InputError for a
-  file that is missing, no image, or has a side below `min_side`."""
-  from robust_u1_jax.data import transforms
-
-  try:
-    return transforms.read_image(path, min_side=min_side)
-  except transforms.BadImageError as e:
-    raise InputError(str(e)) from None
-
-
-def model_rules(model: str):
-  """The resize rules of the model `model` (a directory or a stage's workdir), read without
-  loading it; InputError for a path that is no model directory."""
-  from robust_u1_jax.inference import engine as engine_lib
-  from robust_u1_jax.inference import images as images_lib
-
-  try:
-    return images_lib.ImageRules.for_model_dir(engine_lib.resolve_model_dir(model))
-  except (OSError, ValueError) as e:
-    text = str(e)
-    raise InputError(f"--model {text}" if text.startswith(model) else text) from None
-
-
-def min_side(rules) -> int:
-  """The smallest image side a model takes (data.min_image_side's default)."""
-  from robust_u1_jax.data import transforms
-
-  return transforms.default_min_side(rules.vae_stride, rules.vit_stride)
-
-
-def write_image(path: str, image: np.ndarray) -> None:
-  """Writes atomically (a temporary file, then a rename): an interrupted run leaves no half image
-  that a resumed run would take for done. The format follows the extension."""
-  from PIL import Image
-
-  directory, name = os.path.split(os.path.abspath(path))
-  tmp = os.path.join(directory, f".{name}.tmp{os.getpid()}")
-  try:
-    Image.fromarray(image).save(tmp, format=image_format(path))
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
-def make_dirs(path: str, flag: str = "--out") -> None:
-  """Creates the folder `path` if missing and checks it can be written (cli.PathError)."""
-  cli.output_dir(path, flag)
-
-
-def image_format(path: str) -> str:
-  return cli.image_format(path)
-
-
-def make_mesh(spec: str):
-  """'fsdp=-1' or 'data=1,fsdp=4,tensor=2' -> a mesh (None for ''); unnamed axes are 1."""
-  if not spec:
-    return None
-  import jax
-
-  from robust_u1_jax import sharding
-
-  sizes = dict.fromkeys(sharding.MESH_AXES, 1)
-  for part in spec.split(","):
-    axis, _, size = (s.strip() for s in part.partition("="))
-    if axis not in sizes or not size.lstrip("-").isdigit():
-      raise InputError(f"--mesh {spec!r}: expected axis=size pairs separated by commas, axes "
-                       f"{', '.join(sharding.MESH_AXES)} (e.g. fsdp=-1)")
-    sizes[axis] = int(size)
-  devices = jax.devices()
-  if -1 not in sizes.values():
-    devices = devices[:math.prod(sizes.values())]  # fixed sizes may use fewer devices than exist
-  try:
-    return sharding.make_mesh(sizes, devices)
-  except ValueError as e:
-    raise InputError(f"--mesh {spec!r}: {e}") from None
-
-
-def make_sampler(values: flags.FlagValues, steps: int):
-  from robust_u1_jax.inference import recovery
-
-  try:
-    return recovery.Sampler(
-        num_steps=steps, shift=values.shift,
-        guidance=recovery.Guidance(text_scale=values.cfg_text, image_scale=values.cfg_img),
-        sde_step=recovery.RELEASED_SDE_STEP if values.sde else -1)
-  except ValueError as e:
-    raise InputError(f"sampler: {e}") from None
-
-
-def load_engine(values: flags.FlagValues):
-  """The model of --model; InputError naming the file for a directory that cannot be used."""
-  from robust_u1_jax.inference import engine
-
-  mesh = make_mesh(values.mesh)
-  try:
-    return engine.Engine.load(values.model, dtype=values.dtype, mesh=mesh,
-                              tokenizer_dir=values.tokenizer, progress=values.progress)
-  except (OSError, ValueError) as e:  # ModelError and CheckpointError are ValueErrors
-    raise InputError(str(e)) from None
-
-
-def image_keys(seed: int, indices: Sequence[int]):
-  """(B, 2) keys, image i's from (seed, i): its noise does not depend on its batch."""
-  import jax
-  import jax.numpy as jnp
-
-  base = jax.random.PRNGKey(seed)
-  return jnp.stack([jax.random.fold_in(base, i) for i in indices])
-
-
-def error(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr, flush=True)
+  # The shared flags are defined in `model_cli`; without this --help would list them only in full.
+  flags.adopt_module_key_flags(model_cli, flag_values=values)
 
 
 # -- user mode: files and folders -----------------------------------------------------------------
@@ -249,17 +94,18 @@ def _recover_file(values: flags.FlagValues, sampler, instruction: str) -> int:
   if os.path.isdir(out):
     out = os.path.join(out, name)
   # A bad image, --model or --out fails before the model loads.
-  image = read_image(path, min_side(model_rules(values.model)))
+  image = model_cli.read_image(path, model_cli.min_side(model_cli.model_rules(values.model)))
   cli.output_file(out, "--out", image=True, create=False)  # created once there is a recovery
-  engine = load_engine(values)
+  engine = model_cli.load_engine(values)
   vae_image = engine.rules.prepare(image)[0]
-  recovered, _ = engine.recover([vae_image], sampler=sampler, keys=image_keys(values.seed, [0]),
+  recovered, _ = engine.recover([vae_image], sampler=sampler,
+                                keys=model_cli.image_keys(values.seed, [0]),
                                 instruction=instruction)
-  make_dirs(os.path.dirname(os.path.abspath(out)))
+  cli.output_dir(os.path.dirname(os.path.abspath(out)), "--out")
   try:
-    write_image(out, recovered[0])
+    model_cli.write_image(out, recovered[0])
   except OSError as e:
-    raise InputError(f"{out}: {e.strerror or e}") from None
+    raise model_cli.InputError(f"{out}: {e.strerror or e}") from None
   h, w = recovered.shape[1:3]
   print(f"wrote {out} ({w}x{h})", flush=True)
   return 0
@@ -281,13 +127,13 @@ def _recover_folder(values: flags.FlagValues, sampler, instruction: str) -> int:
   folder = values.image.rstrip(os.sep) or values.image
   out_dir = values.out or f"{os.path.abspath(folder)}_recovered"
   if os.path.abspath(out_dir) == os.path.abspath(folder):
-    raise InputError(f"--out {out_dir}: the input folder itself; give another folder")
+    raise model_cli.InputError(f"--out {out_dir}: the input folder itself; give another folder")
   t0 = time.perf_counter()
   # Hidden files are left out: an interrupted write's temporary file is one of them.
   names = sorted(e.name for e in os.scandir(folder) if e.is_file() and not e.name.startswith("."))
   outputs = output_names(names)
-  rules = model_rules(values.model)
-  make_dirs(out_dir)
+  rules = model_cli.model_rules(values.model)
+  cli.output_dir(out_dir, "--out")
   skipped = [n for n in names if os.path.exists(os.path.join(out_dir, outputs[n]))]
   failed: dict[str, str] = {}
 
@@ -302,15 +148,15 @@ def _recover_folder(values: flags.FlagValues, sampler, instruction: str) -> int:
   for i in tqdm.tqdm(pending, desc="reading", unit="image", disable=not values.progress,
                      dynamic_ncols=True):
     try:
-      image = read_image(os.path.join(folder, names[i]), min_side(rules))
-    except InputError as e:
+      image = model_cli.read_image(os.path.join(folder, names[i]), model_cli.min_side(rules))
+    except model_cli.InputError as e:
       fail(names[i], str(e))
       continue
     groups.setdefault(rules.vae_size(*image.shape[:2]), []).append(i)
 
   written = 0
   if groups:
-    engine = load_engine(values)
+    engine = model_cli.load_engine(values)
     bar = tqdm.tqdm(total=sum(map(len, groups.values())), desc="recovering", unit="image",
                     disable=not values.progress, dynamic_ncols=True)
     for size, members in groups.items():
@@ -320,8 +166,9 @@ def _recover_folder(values: flags.FlagValues, sampler, instruction: str) -> int:
         for i in chunk:
           path = os.path.join(folder, names[i])
           try:
-            vae_image = engine.rules.prepare(read_image(path, min_side(rules)))[0]
-          except InputError as e:  # changed since pass 1
+            image = model_cli.read_image(path, model_cli.min_side(rules))
+            vae_image = engine.rules.prepare(image)[0]
+          except model_cli.InputError as e:  # changed since pass 1
             fail(names[i], str(e))
             continue
           if vae_image.shape[:2] != size:
@@ -331,12 +178,12 @@ def _recover_folder(values: flags.FlagValues, sampler, instruction: str) -> int:
           images.append(vae_image)
         if batch:
           recovered, _ = engine.recover(images, sampler=sampler,
-                                        keys=image_keys(values.seed, batch),
+                                        keys=model_cli.image_keys(values.seed, batch),
                                         instruction=instruction)
           for i, image in zip(batch, recovered):
             out = os.path.join(out_dir, outputs[names[i]])
             try:
-              write_image(out, image)
+              model_cli.write_image(out, image)
               written += 1
             except OSError as e:
               fail(names[i], f"{out}: {e.strerror or e}")
@@ -359,14 +206,14 @@ def _recover_images(values: flags.FlagValues) -> int:
   if values.batch < 1:
     raise app.UsageError(f"--batch must be >= 1, got {values.batch}")
   try:
-    sampler = make_sampler(values, 50 if values.steps is None else values.steps)
+    sampler = model_cli.make_sampler(values, 50 if values.steps is None else values.steps)
     instruction = recovery.INSTRUCTION if values.prompt is None else values.prompt
     if os.path.isdir(values.image):
       return _recover_folder(values, sampler, instruction)
     return _recover_file(values, sampler, instruction)
-  except cli.Error as e:  # InputError, and cli.PathError of --out
-    error(str(e))
-    return EXIT_BAD_INPUT
+  except cli.Error as e:  # model_cli.InputError, and cli.PathError of --out
+    model_cli.error(str(e))
+    return model_cli.EXIT_BAD_INPUT
 
 
 # -- cache mode: the reasoning stage's recoveries -------------------------------------------------
@@ -385,7 +232,7 @@ def _build_cache(values: flags.FlagValues) -> int:
   # Checked before any model is built. The cache is what this writes, so the stage's own check
   # of reason.recovery_cache (an existing folder) does not apply here.
   config_lib.check_inputs(config, recovery_cache=False)
-  make_dirs(directory, "--cache_dir" if values.cache_dir else "reason.recovery_cache")
+  cli.output_dir(directory, "--cache_dir" if values.cache_dir else "reason.recovery_cache")
   counts = recovery_cache.build(config, directory, steps=values.steps or 0,
                                 progress=values.progress)
   print(f"{directory}: {counts['written']} recoveries written, {counts['skipped']} already there",
@@ -407,20 +254,9 @@ def _run(values: flags.FlagValues) -> int:
   return _build_cache(values) if cache_mode else _recover_images(values)
 
 
-def own_flags(argv: Sequence[str], define) -> flags.FlagValues:
-  """`argv` (program name first) parsed into a flag set of its own, defined by `define(values)`:
-  for callers in one process (tests), where the global flags may hold another entry point's."""
-  values = flags.FlagValues()
-  define(values)
-  rest = values(list(argv))
-  if len(rest) > 1:
-    raise app.UsageError(f"unexpected arguments: {rest[1:]}")
-  return values
-
-
 def run(argv: Sequence[str]) -> int:
   """The command line `argv`, on flags of its own (`own_flags`)."""
-  return _run(own_flags(argv, lambda values: define_flags(values, sys_argv=argv)))
+  return _run(model_cli.own_flags(argv, lambda values: define_flags(values, sys_argv=argv)))
 
 
 def main(argv) -> int:

@@ -1,0 +1,181 @@
+"""The flags and helpers of the commands that run a model on a user's images (`recover`,
+`answer`): loading the model (--model, --dtype, --mesh, --tokenizer), the recovery sampler's
+settings, reading and writing images, and the one `error:` line with exit status 2 for an input
+they cannot use.
+
+Flags are defined by the entry modules (`define_model_flags`, `define_sampler_flags`) when run as
+programs, or on a flag set of their own (`own_flags`), so importing this module defines nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections.abc import Sequence
+
+from absl import app, flags
+import numpy as np
+
+from robust_u1_jax import cli
+
+EXIT_BAD_INPUT = 2  # an unreadable image or an unusable model directory
+DTYPES = ("float32", "bfloat16")
+
+
+class InputError(cli.Error):
+  """An input the command cannot use; the message starts with the path (or flag) at fault."""
+
+
+# -- flags ----------------------------------------------------------------------------------------
+
+
+def define_model_flags(values: flags.FlagValues) -> None:
+  """The flags that load a model: shared with `answer`."""
+  flags.DEFINE_string(
+      "model", None, "BAGEL / Robust-U1 model directory (ema.safetensors or model.safetensors, "
+      "ae.safetensors, llm_config.json, vit_config.json, tokenizer files), an Orbax model "
+      "checkpoint (`convert`), or a stage's workdir (its model/).", flag_values=values)
+  flags.DEFINE_enum("dtype", "float32", DTYPES,
+                    "Parameter and compute dtype (bfloat16 halves the memory of a 7B model).",
+                    flag_values=values)
+  flags.DEFINE_string(
+      "mesh", "", "Shard the parameters over devices: axis=size pairs, e.g. fsdp=-1 (all devices) "
+      "or data=1,fsdp=4,tensor=2; unnamed axes are 1. Default: one device.", flag_values=values)
+  flags.DEFINE_string("tokenizer", None,
+                      "Tokenizer directory, when the model directory has no tokenizer files.",
+                      flag_values=values)
+  flags.DEFINE_bool("progress", True, "Show progress bars.", flag_values=values)
+
+
+def define_sampler_flags(values: flags.FlagValues) -> None:
+  """The recovery sampler's settings beyond its step count: shared with `answer`."""
+  flags.DEFINE_float("cfg_text", 4.0, "Text guidance scale (BAGEL's cfg_text_scale).",
+                     flag_values=values)
+  flags.DEFINE_float("cfg_img", 2.0, "Image guidance scale (BAGEL's cfg_img_scale).",
+                     flag_values=values)
+  flags.DEFINE_float("shift", 3.0, "Timestep shift of the schedule.", flag_values=values)
+  flags.DEFINE_bool("sde", False, "The released Robust-U1 sampler: one stochastic step (index 3, "
+                    "noise level 0.7) among the Euler steps; needs --steps >= 5.",
+                    flag_values=values)
+
+
+# -- model, sampler and images -------------------------------------------------------------------
+
+
+def read_image(path: str, min_side: int = 0) -> np.ndarray:
+  """uint8 RGB pixels of an image file, through the one decoder training uses; InputError for a
+  file that is missing, no image, or has a side below `min_side`."""
+  from robust_u1_jax.data import transforms
+
+  try:
+    return transforms.read_image(path, min_side=min_side)
+  except transforms.BadImageError as e:
+    raise InputError(str(e)) from None
+
+
+def model_rules(model: str):
+  """The resize rules of the model `model` (a directory or a stage's workdir), read without
+  loading it; InputError for a path that is no model directory."""
+  from robust_u1_jax.inference import engine as engine_lib
+  from robust_u1_jax.inference import images as images_lib
+
+  try:
+    return images_lib.ImageRules.for_model_dir(engine_lib.resolve_model_dir(model))
+  except (OSError, ValueError) as e:
+    text = str(e)
+    raise InputError(f"--model {text}" if text.startswith(model) else text) from None
+
+
+def min_side(rules) -> int:
+  """The smallest image side a model takes (data.min_image_side's default)."""
+  from robust_u1_jax.data import transforms
+
+  return transforms.default_min_side(rules.vae_stride, rules.vit_stride)
+
+
+def write_image(path: str, image: np.ndarray) -> None:
+  """Writes atomically (a temporary file, then a rename): an interrupted run leaves no half image
+  that a resumed run would take for done. The format follows the extension."""
+  from PIL import Image
+
+  directory, name = os.path.split(os.path.abspath(path))
+  tmp = os.path.join(directory, f".{name}.tmp{os.getpid()}")
+  try:
+    Image.fromarray(image).save(tmp, format=cli.image_format(path))
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def make_mesh(spec: str):
+  """'fsdp=-1' or 'data=1,fsdp=4,tensor=2' -> a mesh (None for ''); unnamed axes are 1."""
+  if not spec:
+    return None
+  import jax
+
+  from robust_u1_jax import sharding
+
+  sizes = dict.fromkeys(sharding.MESH_AXES, 1)
+  for part in spec.split(","):
+    axis, _, size = (s.strip() for s in part.partition("="))
+    if axis not in sizes or not size.lstrip("-").isdigit():
+      raise InputError(f"--mesh {spec!r}: expected axis=size pairs separated by commas, axes "
+                       f"{', '.join(sharding.MESH_AXES)} (e.g. fsdp=-1)")
+    sizes[axis] = int(size)
+  devices = jax.devices()
+  if -1 not in sizes.values():
+    devices = devices[:math.prod(sizes.values())]  # fixed sizes may use fewer devices than exist
+  try:
+    return sharding.make_mesh(sizes, devices)
+  except ValueError as e:
+    raise InputError(f"--mesh {spec!r}: {e}") from None
+
+
+def make_sampler(values: flags.FlagValues, steps: int):
+  from robust_u1_jax.inference import recovery
+
+  try:
+    return recovery.Sampler(
+        num_steps=steps, shift=values.shift,
+        guidance=recovery.Guidance(text_scale=values.cfg_text, image_scale=values.cfg_img),
+        sde_step=recovery.RELEASED_SDE_STEP if values.sde else -1)
+  except ValueError as e:
+    raise InputError(f"sampler: {e}") from None
+
+
+def load_engine(values: flags.FlagValues):
+  """The model of --model; InputError naming the file for a directory that cannot be used."""
+  from robust_u1_jax.inference import engine
+
+  mesh = make_mesh(values.mesh)
+  try:
+    return engine.Engine.load(values.model, dtype=values.dtype, mesh=mesh,
+                              tokenizer_dir=values.tokenizer, progress=values.progress)
+  except (OSError, ValueError) as e:  # ModelError and CheckpointError are ValueErrors
+    raise InputError(str(e)) from None
+
+
+def image_keys(seed: int, indices: Sequence[int]):
+  """(B, 2) keys, image i's from (seed, i): its noise does not depend on its batch."""
+  import jax
+  import jax.numpy as jnp
+
+  base = jax.random.PRNGKey(seed)
+  return jnp.stack([jax.random.fold_in(base, i) for i in indices])
+
+
+def error(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr, flush=True)
+
+
+def own_flags(argv: Sequence[str], define) -> flags.FlagValues:
+  """`argv` (program name first) parsed into a flag set of its own, defined by `define(values)`:
+  for callers in one process (tests), where the global flags may hold another entry point's."""
+  values = flags.FlagValues()
+  define(values)
+  rest = values(list(argv))
+  if len(rest) > 1:
+    raise app.UsageError(f"unexpected arguments: {rest[1:]}")
+  return values
