@@ -4,6 +4,7 @@ building anything, and stage modules depend on the stage contract, not on the tr
 
 import inspect
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -93,7 +94,8 @@ def test_abstract_and_real_models_agree_and_a_workdir_gives_its_model_config(tmp
 def test_a_model_continues_with_the_tokenizer_it_was_saved_with(tmp_path):
   """A stage started from a model reads its text with the tokenizer saved beside it, and writes
   that one on with its own model (the built-in one is rebuilt from the world's texts, so an older
-  model's ids are not the current built-in tokenizer's); data.tokenizer_dir still overrides."""
+  model's ids are not the current built-in tokenizer's); data.tokenizer_dir still overrides it
+  with a tokenizer whose special tokens have the same ids."""
   other = tmp_path / "tokenizer"
   tokenizer_lib._write(other, tokenizer_lib.corpus_texts() + ["zebra okapi giraffe " * 40])
   theirs, builtin = tokenizer_lib.load_tokenizer(str(other)), tokenizer_lib.load_tokenizer()
@@ -110,9 +112,18 @@ def test_a_model_continues_with_the_tokenizer_it_was_saved_with(tmp_path):
   run_setup.write_model(ctx.model, str(tmp_path / "later"), later)
   assert (tmp_path / "later" / "model" / "tokenizer.json").read_text() == (
       other / "tokenizer.json").read_text()
+  # data.tokenizer_dir names the tokenizer to read with (here a copy elsewhere), as long as its
+  # special tokens keep their ids; the built-in one's image markers are other ids: refused.
+  copy = shutil.copytree(other, tmp_path / "copy")
   override = config_lib.load(SFT, {**SMALL, "init_from": str(tmp_path / "first"),
-                                   "data.tokenizer_dir": tokenizer_lib.default_tokenizer_dir()})
-  assert encode(run_setup.make_context(override).tokenizer) == encode(builtin)
+                                   "data.tokenizer_dir": str(copy)})
+  assert run_setup.make_context(override).tokenizer.name_or_path == str(copy)
+  wrong = config_lib.load(SFT, {**SMALL, "init_from": str(tmp_path / "first"),
+                                "data.tokenizer_dir": tokenizer_lib.default_tokenizer_dir()})
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"data\.tokenizer_dir = .* gives the special tokens other ids than the "
+                           r"tokenizer saved with the model of init_from=.*: im_start \d+ \(saved"):
+    run_setup.make_context(wrong)
 
 
 def test_a_tokenizer_past_the_model_vocabulary_is_refused(tmp_path):

@@ -75,31 +75,51 @@ def model_config(config: ml_collections.ConfigDict, tokenizer) -> bagel_lib.Bage
       f"{orbax_io.PARAMS}/) nor the workdir of an earlier stage (its model/)")
 
 
+def _saved_tokenizer_dir(config: ml_collections.ConfigDict) -> str | None:
+  """The tokenizer folder beside init_from's model, if it has one."""
+  source = _model_source(config)
+  if source != "random" and os.path.isdir(source) and TOKENIZER_FILES & set(os.listdir(source)):
+    return source
+  return None
+
+
 def tokenizer_dir(config: ml_collections.ConfigDict) -> str:
   """The run's tokenizer folder: `data.tokenizer_dir` when set, else the one saved beside
   init_from's model, else the built-in world's. A model's token ids are its own tokenizer's: the
   built-in tokenizer is rebuilt from the world's texts whenever they change, and a BAGEL
   directory carries Qwen2's, so continuing from a model with any other would feed it other ids
   (or ids past its vocabulary, whose embeddings read as NaN)."""
-  if config.data.tokenizer_dir:
-    return config.data.tokenizer_dir
-  source = _model_source(config)
-  if source != "random" and os.path.isdir(source) and TOKENIZER_FILES & set(os.listdir(source)):
-    return source
-  return tokenizer_lib.default_tokenizer_dir()
+  return (config.data.tokenizer_dir or _saved_tokenizer_dir(config)
+          or tokenizer_lib.default_tokenizer_dir())
 
 
 def check_tokenizer_fits_model(config: ml_collections.ConfigDict, tokenizer,
                                mc: bagel_lib.BagelConfig) -> None:
   """Refuses a tokenizer with ids past the model's vocabulary (their embeddings would read as
-  NaN at the first step)."""
+  NaN at the first step), and a `data.tokenizer_dir` whose special tokens (the image markers,
+  BAGEL's bos / eos) have other ids than in the tokenizer saved with init_from's model."""
+  where = (f"the preset model={config.model!r}" if _model_source(config) == "random"
+           else f"the model of init_from={config.init_from!r}")
   if len(tokenizer) > mc.llm.vocab_size:
-    where = (f"the preset model={config.model!r}" if _model_source(config) == "random"
-             else f"the model of init_from={config.init_from!r}")
     raise config_lib.ConfigError(
         f"the tokenizer in {tokenizer_dir(config)} has {len(tokenizer)} tokens, more than the "
         f"vocab_size {mc.llm.vocab_size} of {where}; set --config.data.tokenizer_dir to the "
         "tokenizer the model was trained with")
+  saved = _saved_tokenizer_dir(config)
+  if not config.data.tokenizer_dir or saved is None:
+    return
+  ours = tokenizer_lib.special_token_ids(tokenizer)
+  try:
+    theirs = tokenizer_lib.special_token_ids(tokenizer_lib.load_tokenizer(saved))
+  except KeyError:  # a saved tokenizer without BAGEL's special tokens: nothing to compare
+    return
+  differ = [f"{name} {ours[name]} (saved: {theirs[name]})" for name in ours
+            if name != "pad" and ours[name] != theirs[name]]  # padding is never read
+  if differ:
+    raise config_lib.ConfigError(
+        f"config field data.tokenizer_dir = {config.data.tokenizer_dir!r} gives the special "
+        f"tokens other ids than the tokenizer saved with {where}: {', '.join(differ)}; leave "
+        "data.tokenizer_dir empty to read with the model's own")
 
 
 def check_data_fits_model(config: ml_collections.ConfigDict, mc: bagel_lib.BagelConfig,
