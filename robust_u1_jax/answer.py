@@ -99,7 +99,7 @@ def _answer(values: flags.FlagValues) -> int:
         model_cli.write_image(os.path.join(values.out, name), generated)
       except OSError as e:
         raise model_cli.InputError(f"{os.path.join(values.out, name)}: {e.strerror or e}"
-                                     ) from None
+                                   ) from None
 
   files = iter(image_files)
   for n, step in enumerate(exchange.steps, 1):

@@ -31,7 +31,7 @@ class InputError(cli.Error):
 
 
 def define_model_flags(values: flags.FlagValues) -> None:
-  """The flags that load a model: shared with `answer`."""
+  """The flags that load a model."""
   flags.DEFINE_string(
       "model", None, "BAGEL / Robust-U1 model directory (ema.safetensors or model.safetensors, "
       "ae.safetensors, llm_config.json, vit_config.json, tokenizer files), an Orbax model "
@@ -49,7 +49,7 @@ def define_model_flags(values: flags.FlagValues) -> None:
 
 
 def define_sampler_flags(values: flags.FlagValues) -> None:
-  """The recovery sampler's settings beyond its step count: shared with `answer`."""
+  """The recovery sampler's settings beyond its step count (each command has its own --steps)."""
   flags.DEFINE_float("cfg_text", 4.0, "Text guidance scale (BAGEL's cfg_text_scale).",
                      flag_values=values)
   flags.DEFINE_float("cfg_img", 2.0, "Image guidance scale (BAGEL's cfg_img_scale).",

@@ -83,6 +83,13 @@ def _saved_tokenizer_dir(config: ml_collections.ConfigDict) -> str | None:
   return None
 
 
+def _model_description(config: ml_collections.ConfigDict) -> str:
+  """The run's model as an error line names it."""
+  if _model_source(config) == "random":
+    return f"the preset model={config.model!r}"
+  return f"the model of init_from={config.init_from!r}"
+
+
 def tokenizer_dir(config: ml_collections.ConfigDict) -> str:
   """The run's tokenizer folder: `data.tokenizer_dir` when set, else the one saved beside
   init_from's model, else the built-in world's. A model's token ids are its own tokenizer's: the
@@ -98,16 +105,16 @@ def check_tokenizer_fits_model(config: ml_collections.ConfigDict, tokenizer,
   """Refuses a tokenizer with ids past the model's vocabulary (their embeddings would read as
   NaN at the first step), and a `data.tokenizer_dir` whose special tokens (the image markers,
   BAGEL's bos / eos) have other ids than in the tokenizer saved with init_from's model."""
-  where = (f"the preset model={config.model!r}" if _model_source(config) == "random"
-           else f"the model of init_from={config.init_from!r}")
+  where = _model_description(config)
   if len(tokenizer) > mc.llm.vocab_size:
     raise config_lib.ConfigError(
         f"the tokenizer in {tokenizer_dir(config)} has {len(tokenizer)} tokens, more than the "
         f"vocab_size {mc.llm.vocab_size} of {where}; set --config.data.tokenizer_dir to the "
         "tokenizer the model was trained with")
   saved = _saved_tokenizer_dir(config)
-  if not config.data.tokenizer_dir or saved is None:
-    return
+  if (not config.data.tokenizer_dir or saved is None
+      or os.path.abspath(saved) == os.path.abspath(config.data.tokenizer_dir)):
+    return  # the model's own tokenizer
   ours = tokenizer_lib.special_token_ids(tokenizer)
   try:
     theirs = tokenizer_lib.special_token_ids(tokenizer_lib.load_tokenizer(saved))
@@ -127,8 +134,7 @@ def check_data_fits_model(config: ml_collections.ConfigDict, mc: bagel_lib.Bagel
   """Refuses a data config whose `vit_patch` / `vae_stride` differ from the model's ViT patch
   size and pixels per latent token: the pipeline sizes images (and packing counts tokens) with
   the data fields, the model cuts them with its own, so a mismatch would cut images wrongly."""
-  where = (f"the preset model={config.model!r}" if _model_source(config) == "random"
-           else f"the model of init_from={config.init_from!r}")
+  where = _model_description(config)
   for prefix in prefixes:
     d = config.get(prefix)
     if d is None:
