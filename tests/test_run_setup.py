@@ -3,6 +3,7 @@ the same context from a config, refuse a data config that disagrees with the mod
 building anything, and stage modules depend on the stage contract, not on the trainer."""
 
 import inspect
+import json
 import os
 import shutil
 
@@ -124,6 +125,16 @@ def test_a_model_continues_with_the_tokenizer_it_was_saved_with(tmp_path):
                      match=r"data\.tokenizer_dir = .* gives the special tokens other ids than the "
                            r"tokenizer saved with the model of init_from=.*: im_start \d+ \(saved"):
     run_setup.make_context(wrong)
+  # Special tokens in place but two words' ids swapped: the model would read 'red' as 'blue'.
+  data = json.loads((copy / "tokenizer.json").read_text())
+  vocab = data["model"]["vocab"]
+  vocab["Ġred"], vocab["Ġblue"] = vocab["Ġblue"], vocab["Ġred"]
+  (copy / "tokenizer.json").write_text(json.dumps(data))
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"data\.tokenizer_dir = .* reads text other than the tokenizer saved "
+                           r"with the model of init_from=.*: 2 of its \d+ tokens have other ids "
+                           r"in the saved one \(the first: 'Ġ(red|blue)' is \d+"):
+    run_setup.make_context(override)
 
 
 def test_a_tokenizer_past_the_model_vocabulary_is_refused(tmp_path):

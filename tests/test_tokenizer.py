@@ -123,6 +123,45 @@ def test_vocab_and_merges_directory_without_special_tokens(tok_dir, tmp_path):
     tokenizer_lib.special_token_ids(plain)
 
 
+def _edited_copy(tok_dir: pathlib.Path, out: pathlib.Path, edit) -> pathlib.Path:
+  out.mkdir()
+  for name in ("tokenizer_config.json", "special_tokens_map.json"):
+    (out / name).write_bytes((tok_dir / name).read_bytes())
+  data = json.loads((tok_dir / "tokenizer.json").read_text())
+  edit(data["model"])
+  (out / "tokenizer.json").write_text(json.dumps(data))
+  return out
+
+
+def test_reading_difference_names_moved_ids_and_other_merges(tok, tok_dir, tmp_path):
+  # The same vocabulary written by transformers reads alike; two ordinary tokens with swapped ids
+  # and a missing merge do not, and the line says which and where.
+  tok.save_pretrained(tmp_path / "saved")
+  assert tokenizer_lib.reading_difference(tok, tokenizer_lib.load_tokenizer(tmp_path / "saved")
+                                          ) is None
+
+  def swap(model):
+    vocab = model["vocab"]
+    vocab["Ġred"], vocab["Ġblue"] = vocab["Ġblue"], vocab["Ġred"]
+
+  swapped = tokenizer_lib.load_tokenizer(_edited_copy(tok_dir, tmp_path / "swapped", swap))
+  first = min(tok.convert_tokens_to_ids(["Ġred", "Ġblue"]))
+  token = tok.convert_ids_to_tokens(first)
+  line = tokenizer_lib.reading_difference(tok, swapped, "the model's")
+  assert line == (f"2 of its {len(tok.get_vocab())} tokens have other ids in the model's (the "
+                  f"first: {token!r} is {first}, the model's gives "
+                  f"{swapped.convert_tokens_to_ids(token)})")
+
+  def drop_last_merge(model):
+    model["merges"] = model["merges"][:-1]
+
+  fewer = tokenizer_lib.load_tokenizer(_edited_copy(tok_dir, tmp_path / "fewer", drop_last_merge))
+  n = len(json.loads((tok_dir / "tokenizer.json").read_text())["model"]["merges"])
+  assert tokenizer_lib.reading_difference(tok, fewer) == (
+      f"its BPE merges differ from the other's from merge {n - 1} on ({n} merges against "
+      f"{n - 1})")
+
+
 def test_load_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="does not exist"):
     tokenizer_lib.load_tokenizer(tmp_path / "missing")

@@ -271,6 +271,28 @@ def special_token_ids(tok) -> dict[str, int]:
   return ids
 
 
+def reading_difference(tok, other, other_name: str = "the other") -> str | None:
+  """How `tok` reads text other than `other` (called `other_name`) does, in words: the ids of its
+  tokens or its BPE merges; None when they agree. Compares what is loaded, so one vocabulary
+  saved as tokenizer.json and as vocab.json + merges.txt agrees with itself."""
+  vocab, theirs = tok.get_vocab(), other.get_vocab()
+  moved = sorted((i, t) for t, i in vocab.items() if theirs.get(t) != i)
+  if moved:
+    i, t = moved[0]
+    there = "has none" if theirs.get(t) is None else f"gives {theirs[t]}"
+    return (f"{len(moved)} of its {len(vocab)} tokens have other ids in {other_name} (the first: "
+            f"{t!r} is {i}, {other_name} {there})")
+  if len(theirs) != len(vocab):
+    return f"{other_name} has {len(theirs) - len(vocab)} tokens more"
+  merges = [json.loads(t.backend_tokenizer.to_str())["model"].get("merges", [])
+            for t in (tok, other)]
+  if merges[0] != merges[1]:
+    k = next((k for k, (a, b) in enumerate(zip(*merges)) if a != b), min(map(len, merges)))
+    return (f"its BPE merges differ from {other_name}'s from merge {k} on ({len(merges[0])} "
+            f"merges against {len(merges[1])})")
+  return None
+
+
 def text_block(text: str) -> str:
   """A text block as BAGEL frames it: `<|im_start|>text<|im_end|>`."""
   return f"{IM_START}{text}{IM_END}"

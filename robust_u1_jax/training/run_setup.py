@@ -103,8 +103,9 @@ def tokenizer_dir(config: ml_collections.ConfigDict) -> str:
 def check_tokenizer_fits_model(config: ml_collections.ConfigDict, tokenizer,
                                mc: bagel_lib.BagelConfig) -> None:
   """Refuses a tokenizer with ids past the model's vocabulary (their embeddings would read as
-  NaN at the first step), and a `data.tokenizer_dir` whose special tokens (the image markers,
-  BAGEL's bos / eos) have other ids than in the tokenizer saved with init_from's model."""
+  NaN at the first step), and a `data.tokenizer_dir` that reads text other than the tokenizer
+  saved with init_from's model: its special tokens (the image markers, BAGEL's bos / eos) first,
+  then its ordinary tokens' ids and its merges."""
   where = _model_description(config)
   if len(tokenizer) > mc.llm.vocab_size:
     raise config_lib.ConfigError(
@@ -116,17 +117,24 @@ def check_tokenizer_fits_model(config: ml_collections.ConfigDict, tokenizer,
       or os.path.abspath(saved) == os.path.abspath(config.data.tokenizer_dir)):
     return  # the model's own tokenizer
   ours = tokenizer_lib.special_token_ids(tokenizer)
+  saved_tokenizer = tokenizer_lib.load_tokenizer(saved)
   try:
-    theirs = tokenizer_lib.special_token_ids(tokenizer_lib.load_tokenizer(saved))
+    theirs = tokenizer_lib.special_token_ids(saved_tokenizer)
   except KeyError:  # a saved tokenizer without BAGEL's special tokens: nothing to compare
     return
   differ = [f"{name} {ours[name]} (saved: {theirs[name]})" for name in ours
             if name != "pad" and ours[name] != theirs[name]]  # padding is never read
+  fix = "leave data.tokenizer_dir empty to read with the model's own"
+  field = f"config field data.tokenizer_dir = {config.data.tokenizer_dir!r}"
   if differ:
     raise config_lib.ConfigError(
-        f"config field data.tokenizer_dir = {config.data.tokenizer_dir!r} gives the special "
-        f"tokens other ids than the tokenizer saved with {where}: {', '.join(differ)}; leave "
-        "data.tokenizer_dir empty to read with the model's own")
+        f"{field} gives the special tokens other ids than the tokenizer saved with {where}: "
+        f"{', '.join(differ)}; {fix}")
+  difference = tokenizer_lib.reading_difference(tokenizer, saved_tokenizer,
+                                                  "the saved one")
+  if difference:
+    raise config_lib.ConfigError(
+        f"{field} reads text other than the tokenizer saved with {where}: {difference}; {fix}")
 
 
 def check_data_fits_model(config: ml_collections.ConfigDict, mc: bagel_lib.BagelConfig,
