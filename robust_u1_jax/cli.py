@@ -17,6 +17,8 @@
 - A quiet start: importing this module silences the start-up messages of libraries that are not
   the project's (`QUIET_ENV`; set a variable yourself to override it), and absl logging shows
   warnings and errors only unless --verbosity is given (Orbax logs every file at INFO).
+- Compiled programs are kept between commands in `cache_dirs.compiled_programs()` unless
+  JAX_COMPILATION_CACHE_DIR says elsewhere.
 - `--config` overrides: an unknown field is named, with the nearest field names (or the fields
   there); a wrong type names the field's type; a missing config file names the config files
   beside it.
@@ -38,6 +40,9 @@ from collections.abc import Callable, Sequence
 from absl import app
 from absl import flags
 from absl import logging
+import jax  # already imported by the package (flax): reading its config is free
+
+from robust_u1_jax import cache_dirs
 
 # Set before jax or transformers is imported by an entry module (both read them at import or at
 # backend start): libtpu's C++ INFO lines, and transformers' "PyTorch was not found" advisory.
@@ -48,6 +53,13 @@ QUIET_ENV = {
 }
 for _name, _value in QUIET_ENV.items():
   os.environ.setdefault(_name, _value)
+# Compiled programs persist between commands: JAX_COMPILATION_CACHE_DIR of your own puts them
+# elsewhere, JAX_ENABLE_COMPILATION_CACHE=false compiles every time. The package's flax import has
+# already read the environment into jax.config, so the default goes there (and into the
+# environment, for the processes a command starts).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", cache_dirs.compiled_programs())
+if jax.config.jax_compilation_cache_dir is None:
+  jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 
 EXIT_BAD_INPUT = 2
 TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false",

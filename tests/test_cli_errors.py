@@ -314,6 +314,24 @@ def test_quiet_environment_is_set_on_import():
       assert os.environ[name] == value
 
 
+def test_commands_keep_compiled_programs_in_the_cache_folder(tmp_path):
+  """An entry module's compiled programs land in $ROBUST_U1_CACHE/jit (so the next command
+  skips those compiles); a JAX_COMPILATION_CACHE_DIR of the user's own wins."""
+  program = ("from robust_u1_jax import cli; import jax, jax.numpy as jnp; "
+             "print(jax.config.jax_compilation_cache_dir); "
+             "jax.jit(lambda x: jnp.sin(x) * 2)(jnp.ones(3)).block_until_ready()")
+  env = {k: v for k, v in _clean_env().items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  env.update(ROBUST_U1_CACHE=str(tmp_path / "cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  run = lambda extra: subprocess.run([sys.executable, "-c", program], cwd=ROOT,
+                                     env={**env, **extra}, capture_output=True, text=True,
+                                     timeout=120, check=True)
+  assert run({}).stdout.strip() == str(tmp_path / "cache" / "jit")
+  assert os.listdir(tmp_path / "cache" / "jit")  # the jitted program was written there
+  mine = str(tmp_path / "mine")
+  assert run({"JAX_COMPILATION_CACHE_DIR": mine}).stdout.strip() == mine
+
+
 def test_every_bad_input_type_exists():
   import importlib
 

@@ -27,6 +27,7 @@ import tempfile
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
+from robust_u1_jax import cache_dirs
 from robust_u1_jax.data import answer_format, shapes
 
 ENDOFTEXT = "<|endoftext|>"
@@ -196,20 +197,14 @@ def build_tokenizer(out_dir: str | os.PathLike) -> str:
   return str(out)
 
 
-def cache_root() -> pathlib.Path:
-  """$ROBUST_U1_CACHE, else ~/.cache/robust_u1_jax."""
-  env = os.environ.get("ROBUST_U1_CACHE")
-  return pathlib.Path(env) if env else pathlib.Path.home() / ".cache" / "robust_u1_jax"
-
-
 def default_tokenizer_dir() -> str:
   """The built-in tokenizer's directory, built on first use.
 
-  Lives in <cache_root>/shapes_tokenizer/<corpus digest>, so a changed corpus (new corruption
+  Lives in <cache_dirs.root()>/shapes_tokenizer/<corpus digest>, so a changed corpus (new corruption
   names, new templates) gets a new directory instead of a stale one. Written into a temporary
   directory and renamed into place, so concurrent processes never see a half-written tokenizer.
   """
-  return _default_tokenizer_dir(str(cache_root()))
+  return _default_tokenizer_dir(str(cache_dirs.root()))
 
 
 @functools.lru_cache(maxsize=None)
