@@ -1,5 +1,5 @@
 """Where the project keeps what it builds once per machine and reuses: `$ROBUST_U1_CACHE`, else
-`~/.cache/robust_u1_jax`. Imports nothing heavy, so `cli` can read it before jax starts."""
+`~/.cache/robust_u1_jax`. Imports nothing heavy, so `cli` sets it up before any compile."""
 
 import os
 import pathlib
