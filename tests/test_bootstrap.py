@@ -328,7 +328,22 @@ def test_vit_part_beats_chance_and_changes_only_the_vit(vae_run, tmp_path, bagel
     assert json.load(f) == expected
 
 
-def test_pretrain_part_learns_and_keeps_the_vae_frozen(vae_run, tmp_path, bagel_params):
+def test_freeze_vit_leaves_the_vit_out_of_the_trained_parameters(random_bagel):
+  from robust_u1_jax.models import bagel
+  from robust_u1_jax.training import pretrain, state
+
+  model = random_bagel(bagel.preset("tiny"))
+  names = lambda patterns: {str(path[0]) for path, _ in nnx.to_flat_state(
+      nnx.state(model, state.trainable_filter(patterns)))}
+  assert "vit_model" in names(pretrain.BASE_PARAMS)
+  assert "vit_model" not in names(pretrain.BASE_PARAMS_FROZEN_VIT)
+  assert "vae" not in names(pretrain.BASE_PARAMS) | names(pretrain.BASE_PARAMS_FROZEN_VIT)
+  assert {"language_model", "connector"} <= names(pretrain.BASE_PARAMS_FROZEN_VIT)
+
+
+def test_pretrain_part_learns_and_keeps_the_vae_and_vit_frozen(vae_run, tmp_path, bagel_params):
+  """The demo's base part (pretrain.freeze_vit) trains the rest of the model and leaves the VAE
+  and the ViT bit for bit as the earlier parts wrote them."""
   vae_dir, _, _ = vae_run
   # Long enough for the zero-initialised velocity head to move (the flow loss is flat before).
   config = _config("base", {"total_steps": 50, "log_every": 1, "checkpoint_every": 50,
@@ -348,9 +363,10 @@ def test_pretrain_part_learns_and_keeps_the_vae_frozen(vae_run, tmp_path, bagel_
   assert after_loss["ce_loss"] < 0.5 * before_loss["ce_loss"], (before_loss, after_loss)
   assert after_loss["mse_loss"] < 0.9 * before_loss["mse_loss"], (before_loss, after_loss)
   before, after = bagel_params(initial), bagel_params(trained)
-  vae_keys = [k for k in before if k.startswith("vae.")]
-  assert vae_keys
-  for k in vae_keys:
+  assert config.pretrain.freeze_vit
+  frozen_keys = [k for k in before if k.startswith(("vae.", "vit_model."))]
+  assert any(k.startswith("vit_model.") for k in frozen_keys)
+  for k in frozen_keys:
     np.testing.assert_array_equal(after[k], before[k], err_msg=k)
   # ... while the rest of the model trained.
   assert not np.array_equal(after["llm2vae.kernel"], before["llm2vae.kernel"])

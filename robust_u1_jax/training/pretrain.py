@@ -1,6 +1,7 @@
 """Bootstrap, part 3: the base model, the built-in world's stand-in for a pretrained BAGEL.
 
-Everything but the VAE trains (the VAE comes frozen from part 1, `bootstrap_vae`), on CLEAN images
+Everything but the VAE trains (the VAE comes frozen from part 1, `bootstrap_vae`; the ViT from the
+vit part too with `pretrain.freeze_vit`), on CLEAN images
 only, so the model can describe and draw the world but has never seen a corruption. Each record
 of a batch gives one row of each kind, in BAGEL's block formats (data/sequence.py):
 
@@ -50,8 +51,10 @@ from robust_u1_jax.training import flow_matching, reasoning
 from robust_u1_jax.training.stage_spec import StageSpec
 from robust_u1_jax.training.state import loss_step, merge_model
 
-# Every parameter but the VAE's, which stays bit for bit as part 1 wrote it.
+# Every parameter but the VAE's, which stays bit for bit as part 1 wrote it; with
+# `pretrain.freeze_vit` the ViT's too, as the vit part wrote it.
 BASE_PARAMS = (r"^(?!vae\.)",)
+BASE_PARAMS_FROZEN_VIT = (r"^(?!vae\.|vit_model\.)",)
 DATA_STAGE = "pretrain"
 GRID_IMAGES = 4
 MAX_ANSWER_TOKENS = 96  # the world's answers are at most 77 tokens, its captions 38
@@ -291,7 +294,8 @@ def build(ctx):
     return pretrain_rows(batch, model_config, ctx.markers, rng, settings)
 
   return StageSpec(
-      trainable=BASE_PARAMS, host_inputs=host_inputs,
+      trainable=BASE_PARAMS_FROZEN_VIT if c.pretrain.freeze_vit else BASE_PARAMS,
+      host_inputs=host_inputs,
       make_step=lambda graphdef, tx: make_step(graphdef, tx, ema_decay=c.optimizer.ema_decay,
                                                **loss_weights(c)),
       samples_per_step=c.data.batch_size, evaluate=make_eval(ctx), data_stage=DATA_STAGE)
