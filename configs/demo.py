@@ -12,7 +12,7 @@ bootstrap_clip.py, bootstrap_vit.py, pretrain.py), each run by `trainer.train`:
                 (rl.clip_checkpoint, rl.clip_model='tiny')
   vit_config    stage 'bootstrap_vit': the Bagel's own ViT trained contrastively on the same
                 captions (the stand-in for SigLIP's pretraining), written into vae_config's model
-  base_config   stage 'pretrain': the whole Bagel but the VAE on clean images: answering and
+  base_config   stage 'pretrain': the whole Bagel but the VAE and ViT on clean images: answering and
                 captioning, drawing from captions, reconstructing; init_from is vit_config's workdir
 
 Variants: 'default' (the demo; its parts' minutes in `get_config`) and 'quick' (for CI: all
@@ -225,7 +225,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
 
   'default' is sized for about 15 minutes on an idle 2-core CPU (12.5 measured on 2026-12-02,
   all eight parts: vae 1.5, clip 0.6, vit 0.7, base 4.4, sft 0.6, rl 0.9, reason 2.1, eval
-  1.7), 'quick' for about 4."""
+  1.7; about 16 on the slower 2026-12-03, with the base's ViT frozen), 'quick' for about 4."""
   _check_variant(variant, "get_config")
   quick = variant == "quick"
   c = ml_collections.ConfigDict()
