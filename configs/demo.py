@@ -165,8 +165,8 @@ def base_config(variant: str = "default", init_from: str = "random") -> ml_colle
   p.answer_vae_dropout = 0.75
   # The ViT stays as the vit part trained it: at this part's learning rate it forgets what it
   # learnt there (256 clean validation questions, 2026-12-03: base 40.2 %, colour 56 %; frozen
-  # 45.7 %, colour 76 %, in 4.6 min instead of 4.8; a ViT first taught shapes, 71 % by a linear
-  # probe, keeps 71 % frozen and 36 % trained here).
+  # 45.7 %, colour 76 %, no slower; a ViT first taught shapes, 71 % by a linear probe, keeps 71 %
+  # frozen and 36 % trained here).
   p.freeze_vit = True
   # Generation rows drawn from captions (the rest reconstruct: there the model learns to copy an
   # image from its context, the skill every recovery builds on). None in the demo: rows without

@@ -15,5 +15,5 @@ def root() -> pathlib.Path:
 
 def compiled_programs() -> str:
   """JAX's persistent compilation cache for the entry modules: a second `recover` of one model
-  skips its compiles (14 s -> 9 s on a 2-core CPU with the demo's model, 2026-12-03)."""
+  skips its compiles (14 s, then 8 to 9 s on a 2-core CPU with the demo's model, 2026-12-03)."""
   return str(root() / "jit")

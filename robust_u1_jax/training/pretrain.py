@@ -1,9 +1,9 @@
 """Bootstrap, part 3: the base model, the built-in world's stand-in for a pretrained BAGEL.
 
-Everything but the VAE trains (the VAE comes frozen from part 1, `bootstrap_vae`; the ViT from the
-vit part too with `pretrain.freeze_vit`), on CLEAN images
-only, so the model can describe and draw the world but has never seen a corruption. Each record
-of a batch gives one row of each kind, in BAGEL's block formats (data/sequence.py):
+Everything but the VAE trains (the VAE comes frozen from part 1, `bootstrap_vae`; with
+`pretrain.freeze_vit` the ViT comes frozen from the vit part too), on CLEAN images only, so the
+model can describe and draw the world but has never seen a corruption. Each record of a batch
+gives one row of each kind, in BAGEL's block formats (data/sequence.py):
 
   understanding  [VAE: image] [ViT: image] [prompt] [answer]: cross-entropy on the answer
                  (`reasoning.answer_loss`); the prompt is one of the world's multiple-choice
