@@ -192,9 +192,13 @@ def test_posterior_sample_and_mean(tiny, world_images):
       model.vae.encode(images.to_model_range(batch[:, 0])), 2).reshape(mean.shape), atol=1e-6)
   keys = jax.random.split(jax.random.PRNGKey(0), 2)
   drawn = context.encode_images(model, batch, keys)
-  assert not np.allclose(drawn, mean)
-  # Per-row keys: a row's draw does not depend on the rest of the batch.
-  np.testing.assert_array_equal(context.encode_images(model, batch[1:], keys[1:])[0], drawn[1])
+  noise = np.abs(np.asarray(drawn) - np.asarray(mean)).max()
+  assert noise > 1e-3
+  # Per-row keys: a row's draw does not depend on the rest of the batch. Equal up to the float
+  # rounding of a batch of 1 against 2 (3.6e-7 on an AVX2 CPU, bitwise on others): far below the
+  # posterior noise another key would draw.
+  np.testing.assert_allclose(context.encode_images(model, batch[1:], keys[1:])[0], drawn[1],
+                             rtol=0, atol=1e-5)
   with pytest.raises(ValueError, match="vae_posterior"):
     context.posterior_key("median", keys[0])
 
