@@ -26,7 +26,8 @@ os.environ["XLA_FLAGS"] = " ".join(filter(None, (
     os.environ.get("XLA_FLAGS", ""), "--xla_cpu_enable_concurrency_optimized_scheduler=false",
     # Most of a test's time is XLA:CPU compiling the tiny model's programs, and they run on
     # inputs too small for LLVM's optimisations to pay for themselves: level 0 took the suite
-    # from 53 to 27-39 minutes on a 2-core AMD machine, every test still passing.
+    # from 53 to 27-39 minutes on a 2-core AMD machine, every test still passing. Every
+    # subprocess keeps it, the two-process runs included.
     "--xla_backend_optimization_level=0")))
 
 # After the environment above (importing jax reads it); importing starts no backend.
