@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from robust_u1_jax.benchmarks import aot, aot_steps, hlo_flops
+from robust_u1_jax.benchmarks import compiled as compiled_lib
 from robust_u1_jax.training import recovery_cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -143,15 +144,16 @@ def test_parse_oom_reads_the_tpu_compiler_refusal():
              "space hbm. Used 1.50T of 95.74G hbm. Exceeded hbm capacity by 1.41T.\n\n"
              "Total hbm usage >= 1.41T:\n    reserved        530.00M\n    program          1.50T\n"
              "\n  Largest program allocations in hbm:\n\n  1. Size: 896.00G\n")
-  oom = aot.parse_oom(message)
+  oom = compiled_lib.parse_oom(message)
   assert oom["used"] == int(1.5 * 1024 ** 4) and oom["capacity"] == int(95.74 * 1024 ** 3)
   assert oom["exceeded"] == int(1.41 * 1024 ** 4)
   assert "Size: 896.00G" in oom["details"] and oom["what"] == "the whole program"
   # The form measured for configs/sft.py:bagel_7b (remat=none) on v5p-64.
-  oom = aot.parse_oom("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required "
-                      "for HLO temporaries (38.15T) exceeds available HBM (95.74G).")
+  oom = compiled_lib.parse_oom("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory "
+                               "required for HLO temporaries (38.15T) exceeds available HBM "
+                               "(95.74G).")
   assert oom["used"] == int(38.15 * 1024 ** 4) and "lower bound" in oom["what"]
-  assert aot.parse_oom("INVALID_ARGUMENT: something else") is None
+  assert compiled_lib.parse_oom("INVALID_ARGUMENT: something else") is None
 
 
 def test_cli_passes_flags_and_explains_errors():

@@ -52,10 +52,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from robust_u1_jax.benchmarks import compiled as compiled_lib
+from robust_u1_jax.benchmarks.compiled import GIB, format_bytes, format_number
+
 DEFAULT_CONFIG = os.path.normpath(
     os.path.join(os.path.dirname(__file__), "..", "..", "configs", "sft.py")) + ":tiny"
 DEFAULT_TOPOLOGY = "cpu:8"
-GIB = 1024 ** 3
 
 # Per chip (one JAX device per chip: megacore on v4/v5p), by device_kind: HBM in GiB and peak
 # bf16 FLOP/s (Cloud TPU documentation).
@@ -266,106 +268,15 @@ class AotResult:
 
   @property
   def device_bytes(self) -> int | None:
-    """Peak bytes one device needs: arguments + outputs - aliased (donated) + temps + code."""
+    """Peak bytes one device needs (compiled.memory's total), or the compiler's count when it
+    refused the program."""
     if self.memory is None:
       if not self.oom:
         return None
       if "lower bound" in self.oom["what"]:  # temporaries only: add the argument shards
         return self.oom["used"] + self.state_bytes_per_device + self.batch_bytes_per_device
       return self.oom["used"]
-    m = self.memory
-    return (m["argument_size_in_bytes"] + m["output_size_in_bytes"] - m["alias_size_in_bytes"]
-            + m["temp_size_in_bytes"] + m["generated_code_size_in_bytes"])
-
-
-def _shard_bytes(tree) -> int:
-  total = 0
-  for leaf in jax.tree.leaves(tree):
-    shape = leaf.shape
-    sharding = getattr(leaf, "sharding", None)
-    if sharding is not None:
-      shape = sharding.shard_shape(shape)
-    total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
-  return total
-
-
-def replicated_leaves(tree, min_bytes: int = 1 << 20) -> tuple[int, int, tuple[str, ...]]:
-  """(bytes, count, three largest paths) of leaves >= min_bytes that are fully replicated on a
-  mesh of several devices: usually a sharding the step was meant to have and did not get."""
-  found = []
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    sharding = getattr(leaf, "sharding", None)
-    size = math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
-    if (size >= min_bytes and sharding is not None and len(sharding.device_set) > 1
-        and sharding.is_fully_replicated):
-      found.append((size, jax.tree_util.keystr(path)))
-  found.sort(reverse=True)
-  return sum(n for n, _ in found), len(found), tuple(p for _, p in found[:3])
-
-
-def _count(tree) -> int:
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
-
-
-def _cost(obj) -> dict[str, float]:
-  try:
-    analysis = obj.cost_analysis()
-  except Exception:  # not every backend implements it
-    return {}
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0] if analysis else {}
-  return dict(analysis or {})
-
-
-def _program_cost(lowered) -> dict[str, float]:
-  """XLA's cost analysis of the unpartitioned program (whole-step FLOPs). libtpu's client has none
-  for a lowering, so the same HLO module is analysed by the CPU client instead."""
-  cost = _cost(lowered)
-  if cost.get("flops"):
-    return cost
-  try:
-    from jax._src import xla_bridge
-    from jax._src.lib import _jax
-    module = lowered._lowering.hlo().as_hlo_module()  # pylint: disable=protected-access
-    return dict(_jax.hlo_module_cost_analysis(xla_bridge.get_backend("cpu"), module) or {})
-  except Exception:  # private hooks moved: report no program FLOPs rather than fail
-    return {}
-
-
-_UNITS = {"": 1, "K": 1024, "M": 1024 ** 2, "G": GIB, "T": 1024 ** 4}
-
-
-def _size(number: str, unit: str) -> int:
-  return int(float(number) * _UNITS[unit])
-
-
-def parse_oom(message: str) -> dict[str, Any] | None:
-  """The TPU compiler's out-of-HBM refusal -> {'used', 'capacity', 'what', 'exceeded', 'details'}.
-
-  Two forms: 'Ran out of memory in memory space hbm. Used X of Y hbm. Exceeded hbm capacity by Z'
-  (the whole program, with its largest allocations listed), and 'Ran out of memory on HBM, the
-  total memory required for HLO temporaries (X) exceeds available HBM (Y)' (temporaries alone: a
-  lower bound on what a device needs).
-  """
-  size = r"([\d.]+)([KMGT]?)"
-  used = re.search(rf"Used {size} of {size} hbm", message)
-  temps = re.search(rf"required for HLO temporaries \({size}\) exceeds available HBM \({size}\)",
-                    message)
-  if used:
-    out = {"used": _size(*used.group(1, 2)), "capacity": _size(*used.group(3, 4)),
-           "what": "the whole program"}
-  elif temps:
-    out = {"used": _size(*temps.group(1, 2)), "capacity": _size(*temps.group(3, 4)),
-           "what": "HLO temporaries alone (a lower bound)"}
-  else:
-    return None
-  over = re.search(rf"[Ee]xceeded hbm capacity by {size}", message)
-  if over:
-    out["exceeded"] = _size(*over.group(1, 2))
-  lines = [ln.rstrip() for ln in message.splitlines() if ln.strip()]
-  start = next((i for i, ln in enumerate(lines) if "largest" in ln.lower()), None)
-  out["details"] = "\n".join(lines[start:start + 40] if start is not None else lines[:12])
-  return out
+    return self.memory["total"]
 
 
 def compile_step(config_spec: str = "", topology: str = DEFAULT_TOPOLOGY,
@@ -473,39 +384,27 @@ def _compile(config, ctx, spec_name, topology, description, devices, say) -> Aot
   try:
     compiled = lowered.compile()
   except Exception as e:  # the TPU compiler refuses programs that exceed HBM
-    oom = parse_oom(str(e))
+    oom = compiled_lib.parse_oom(str(e))
     if oom is None:
       raise
   else:
-    stats = compiled.memory_analysis()
-    if stats is not None:
-      memory = {f: int(getattr(stats, f)) for f in dir(stats)
-                if f.endswith("_in_bytes") and isinstance(getattr(stats, f), (int, float))}
-    cost = _cost(compiled)
-    hlo = compiled_matmul_flops(compiled)
+    memory = compiled_lib.memory(compiled)
+    cost = compiled_lib.cost(compiled)
+    hlo = compiled_lib.matmul_flops(compiled)
   compile_s = time.perf_counter() - t0
-  program_flops = _program_cost(lowered).get("flops")
+  program_flops = compiled_lib.program_cost(lowered).get("flops")
   return AotResult(
       config=spec_name, stage=config.stage, topology=topology, description=description,
       device_kind=devices[0].device_kind, num_devices=len(devices), mesh=dict(mesh.shape),
-      inputs=described, params=_count(params) + _count(frozen), trainable=_count(params),
-      state_bytes_per_device=_shard_bytes(state), replicated_state=replicated_leaves(state),
-      batch_bytes_per_device=_shard_bytes(inputs),
+      inputs=described, params=compiled_lib.count((params, frozen)),
+      trainable=compiled_lib.count(params), state_bytes_per_device=compiled_lib.shard_bytes(state),
+      replicated_state=compiled_lib.replicated_leaves(state),
+      batch_bytes_per_device=compiled_lib.shard_bytes(inputs),
       build_s=build_s, lower_s=lower_s, compile_s=compile_s, memory=memory,
       flops_per_device=float(cost["flops"]) if cost.get("flops") else None,
       flops_program=float(program_flops) if program_flops else None,
       optimal_seconds=cost.get("optimal_seconds"), model_flops=model_flops,
       work_note=work_note, hlo=hlo, oom=oom)
-
-
-def compiled_matmul_flops(compiled):
-  """hlo_flops.count of one device's compiled program; None when its text is not available."""
-  from robust_u1_jax.benchmarks import hlo_flops
-
-  try:
-    return hlo_flops.count(compiled.as_text())
-  except Exception:  # a backend without HLO text, or a format the parser does not know
-    return None
 
 
 def describe_inputs(inputs) -> str:
@@ -544,7 +443,7 @@ def verdict(result: AotResult, hbm_gib: float | None = None) -> tuple[bool, str]
   limit, source = device_limit(result, hbm_gib)
   if need is None:
     return False, "UNKNOWN: the compiler reported no memory analysis"
-  b = lambda n: _bytes(n).strip()
+  b = lambda n: format_bytes(n).strip()
   if need <= limit and (result.oom is None or hbm_gib is not None):
     return True, (f"FITS: needs {b(need)} per device of {b(limit)} ({source}); "
                   f"{b(limit - need)} ({1 - need / limit:.0%}) to spare")
@@ -555,58 +454,43 @@ def verdict(result: AotResult, hbm_gib: float | None = None) -> tuple[bool, str]
                  f"over by {b(need - limit)} ({need / limit:.1f}x)")
 
 
-def _bytes(n: int | float | None) -> str:
-  if n is None:
-    return "-"
-  for unit, size in (("GiB", GIB), ("MiB", 1024 ** 2), ("KiB", 1024)):
-    if abs(n) >= size:
-      return f"{n / size:9.2f} {unit}"
-  return f"{n:9.0f} B"
-
-
-def _number(n: float) -> str:
-  for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-    if n >= size:
-      return f"{n / size:.3f} {unit}"
-  return f"{n:.0f}"
-
-
 def report(result: AotResult, hbm_gib: float | None = None) -> str:
   r = result
   lines = [
       f"AOT compile of the {r.stage} train step: {r.config}",
       f"  target: {r.topology} = {r.description}, {r.num_devices} x {r.device_kind}, "
       f"mesh {r.mesh}",
-      f"  model: {_number(r.params)} parameters, {_number(r.trainable)} trainable",
+      f"  model: {format_number(r.params)} parameters, {format_number(r.trainable)} trainable",
       f"  inputs: {r.inputs}",
       f"  build {r.build_s:.1f} s, lower {r.lower_s:.1f} s, compile {r.compile_s:.1f} s",
       "  per-device memory:",
-      f"    train state shards (from shardings) {_bytes(r.state_bytes_per_device)}",
-      f"    batch shards (from shardings)       {_bytes(r.batch_bytes_per_device)}",
+      f"    train state shards (from shardings) {format_bytes(r.state_bytes_per_device)}",
+      f"    batch shards (from shardings)       {format_bytes(r.batch_bytes_per_device)}",
   ]
   rep_bytes, rep_count, rep_paths = r.replicated_state
   if rep_count:
-    lines.append(f"    of the state, replicated whole on every device: {_bytes(rep_bytes).strip()} "
-                 f"in {rep_count} leaves, largest {', '.join(rep_paths)}")
+    lines.append(f"    of the state, replicated whole on every device: "
+                 f"{format_bytes(rep_bytes).strip()} in {rep_count} leaves, largest "
+                 f"{', '.join(rep_paths)}")
   if r.memory is not None:
     m = r.memory
     lines += [
-        f"    arguments        {_bytes(m['argument_size_in_bytes'])}",
-        f"    outputs          {_bytes(m['output_size_in_bytes'])}",
-        f"    aliased (donated){_bytes(m['alias_size_in_bytes'])}",
-        f"    temporaries      {_bytes(m['temp_size_in_bytes'])}",
-        f"    generated code   {_bytes(m['generated_code_size_in_bytes'])}",
-        f"    total            {_bytes(r.device_bytes)}  (arguments + outputs - aliased + "
+        f"    arguments        {format_bytes(m['argument_size_in_bytes'])}",
+        f"    outputs          {format_bytes(m['output_size_in_bytes'])}",
+        f"    aliased (donated){format_bytes(m['alias_size_in_bytes'])}",
+        f"    temporaries      {format_bytes(m['temp_size_in_bytes'])}",
+        f"    generated code   {format_bytes(m['generated_code_size_in_bytes'])}",
+        f"    total            {format_bytes(r.device_bytes)}  (arguments + outputs - aliased + "
         "temporaries + code)",
     ]
   if r.oom is not None:
-    lines += [f"    compiler refused: {r.oom['what']} {_bytes(r.oom['used']).strip()} of "
-              f"{_bytes(r.oom['capacity']).strip()} HBM"
-              + (f", exceeded by {_bytes(r.oom['exceeded']).strip()}" if "exceeded" in r.oom
+    lines += [f"    compiler refused: {r.oom['what']} {format_bytes(r.oom['used']).strip()} of "
+              f"{format_bytes(r.oom['capacity']).strip()} HBM"
+              + (f", exceeded by {format_bytes(r.oom['exceeded']).strip()}" if "exceeded" in r.oom
                  else ""),
               "    " + r.oom["details"].replace("\n", "\n    ")]
   limit, source = device_limit(r, hbm_gib)
-  lines.append(f"    limit            {_bytes(limit)}  ({source})")
+  lines.append(f"    limit            {format_bytes(limit)}  ({source})")
   lines += flops_report(r)
   lines.append("  VERDICT: " + verdict(r, hbm_gib)[1])
   return "\n".join(lines)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from robust_u1_jax.benchmarks import compiled as compiled_lib
 from robust_u1_jax.benchmarks import recovery_calls as calls
 from robust_u1_jax.benchmarks import recovery_flops, table
 from robust_u1_jax.models import bagel as bagel_lib
@@ -46,18 +47,6 @@ def _abstract(tree, sharding_of: Callable[[tuple[int, ...]], Any]):
   """Arrays (or shapes) -> ShapeDtypeStructs placed by `sharding_of(shape)`."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                      sharding=sharding_of(tuple(x.shape))), tree)
-
-
-def _memory(compiled) -> dict[str, int] | None:
-  stats = compiled.memory_analysis()
-  if stats is None:
-    return None
-  m = {f: int(getattr(stats, f)) for f in dir(stats)
-       if f.endswith("_in_bytes") and isinstance(getattr(stats, f), (int, float))}
-  m["total"] = (m["argument_size_in_bytes"] + m["output_size_in_bytes"]
-                - m["alias_size_in_bytes"] + m["temp_size_in_bytes"]
-                + m["generated_code_size_in_bytes"])
-  return m
 
 
 def compile_recovery_7b(topology: str, *, height: int = RECOVERY_7B["height"],
@@ -111,7 +100,7 @@ def compile_recovery_7b(topology: str, *, height: int = RECOVERY_7B["height"],
     model = run_setup.abstract_model(mc, mesh)
     graphdef, weights = nnx.split(model)
     out["params"] = sum(math.prod(x.shape) for x in jax.tree.leaves(weights))
-    out["weight_bytes_per_device"] = aot._shard_bytes(weights)
+    out["weight_bytes_per_device"] = compiled_lib.shard_bytes(weights)
     out["build_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -125,16 +114,16 @@ def compile_recovery_7b(topology: str, *, height: int = RECOVERY_7B["height"],
     try:
       compiled = lowered.compile()
     except Exception as e:  # the TPU compiler refuses programs that exceed HBM
-      out["oom"] = aot.parse_oom(str(e))
+      out["oom"] = compiled_lib.parse_oom(str(e))
       if out["oom"] is None:
         raise
       compiled = None
     out["compile_s"] = time.perf_counter() - t0
     say(f"  recovery compiled in {out['compile_s']:.1f} s", flush=True)
     if compiled is not None:
-      out["memory"] = _memory(compiled)
-      out["recovery_cost"] = aot._cost(compiled)
-    out["recovery_program_flops"] = aot._program_cost(lowered).get("flops")
+      out["memory"] = compiled_lib.memory(compiled)
+      out["recovery_cost"] = compiled_lib.cost(compiled)
+    out["recovery_program_flops"] = compiled_lib.program_cost(lowered).get("flops")
 
     # The loop's body alone: one guided velocity of the three stacked contexts.
     caches = jax.eval_shape(functools.partial(calls.contexts, graphdef), weights, inputs)[:3]
@@ -157,8 +146,8 @@ def compile_recovery_7b(topology: str, *, height: int = RECOVERY_7B["height"],
                                         sampler.guidance, x, t)
     step = step_lowered.compile()
     out["step_compile_s"] = time.perf_counter() - t0
-    out["step_cost"] = aot._cost(step)
-    out["step_program_flops"] = aot._program_cost(step_lowered).get("flops")
+    out["step_cost"] = compiled_lib.cost(step)
+    out["step_program_flops"] = compiled_lib.program_cost(step_lowered).get("flops")
     say(f"  denoising step compiled in {out['step_compile_s']:.1f} s", flush=True)
     if separate_step:
       # c. on the chips: the same step as three calls, each against its own (unpadded) cache.
@@ -166,7 +155,7 @@ def compile_recovery_7b(topology: str, *, height: int = RECOVERY_7B["height"],
       with jax.set_mesh(mesh):
         separate = calls.separate_cfg.lower(graphdef, weights, *caches, inputs.noisy,
                                        sampler.guidance, x, t).compile()
-      out["separate_step_cost"] = aot._cost(separate)
+      out["separate_step_cost"] = compiled_lib.cost(separate)
       say(f"  the step as three calls compiled in {time.perf_counter() - t0:.1f} s", flush=True)
 
     # The VAE is counted by XLA (its convolutions' shapes are many): encode + decode.
@@ -177,7 +166,7 @@ def compile_recovery_7b(topology: str, *, height: int = RECOVERY_7B["height"],
 
     with jax.set_mesh(mesh):
       vae_lowered = jax.jit(vae).lower(weights, inputs.corrupted)
-    out["vae_flops"] = aot._program_cost(vae_lowered).get("flops") or 0.0
+    out["vae_flops"] = compiled_lib.program_cost(vae_lowered).get("flops") or 0.0
 
   flops = recovery_flops.recovery_flops(mc, jax.tree.map(np.asarray, host), moves)
   out["flops"] = {**flops, "floor": flops["floor"] + out["vae_flops"],
@@ -197,9 +186,8 @@ def compile_recovery_7b(topology: str, *, height: int = RECOVERY_7B["height"],
 
 
 def report_7b(r: Mapping[str, Any]) -> str:
-  from robust_u1_jax.benchmarks import aot
 
-  b = lambda n: aot._bytes(n).strip()
+  b = lambda n: compiled_lib.format_bytes(n).strip()
   f = r["flops"]
   h, w = r["size"]
   lines = [
