@@ -358,8 +358,7 @@ def _compile(config, ctx, spec_name, topology, description, devices, say) -> Aot
   graphdef, params, frozen = state_lib.split_model(ctx.model, spec.trainable)
   tx = state_lib.make_optimizer(config.optimizer, config.total_steps)
   replicated = NamedSharding(mesh, P())
-  aux = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                     dict(spec.aux))
+  aux = compiled_lib.abstract(dict(spec.aux), lambda shape: replicated)
   if spec.reference:
     aux["reference"] = params
   rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -30,6 +31,12 @@ def memory(compiled) -> dict[str, int] | None:
        if f.endswith("_in_bytes") and isinstance(getattr(stats, f), (int, float))}
   m["total"] = sum(m[f] for f in PEAK_FIELDS) - m["alias_size_in_bytes"]
   return m
+
+
+def abstract(tree, sharding_of: Callable[[tuple[int, ...]], Any]):
+  """Arrays (or shapes) -> ShapeDtypeStructs placed by `sharding_of(shape)`."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                     sharding=sharding_of(tuple(x.shape))), tree)
 
 
 def shard_bytes(tree) -> int:

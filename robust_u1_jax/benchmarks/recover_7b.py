@@ -43,12 +43,6 @@ def recovery_mesh(overrides: Mapping[str, Any]) -> dict[str, int]:
   return axes
 
 
-def _abstract(tree, sharding_of: Callable[[tuple[int, ...]], Any]):
-  """Arrays (or shapes) -> ShapeDtypeStructs placed by `sharding_of(shape)`."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                     sharding=sharding_of(tuple(x.shape))), tree)
-
-
 def compile_recovery_7b(topology: str, *, height: int = RECOVERY_7B["height"],
                         width: int = RECOVERY_7B["width"], steps: int = RECOVERY_7B["steps"],
                         mesh_axes: Mapping[str, int] | None = None,
@@ -85,7 +79,7 @@ def compile_recovery_7b(topology: str, *, height: int = RECOVERY_7B["height"],
       [{"corrupted": np.zeros((height, width, 3), np.uint8),
         "corrupted_vit": np.zeros(vit_hw + (3,), np.uint8)}], mc, markers, ids)
   replicated = NamedSharding(mesh, P())
-  inputs = _abstract(host, lambda shape: replicated)
+  inputs = compiled_lib.abstract(host, lambda shape: replicated)
   keys = jax.ShapeDtypeStruct((1, 2), jnp.uint32, sharding=replicated)
   say(f"recovery AOT: {height} x {width} image (ViT {vit_hw[0]} x {vit_hw[1]}), {steps} steps, "
       f"for {topology}: {description}, {len(devices)} x {devices[0].device_kind}, mesh "
@@ -136,7 +130,7 @@ def compile_recovery_7b(topology: str, *, height: int = RECOVERY_7B["height"],
         return replicated
       return NamedSharding(mesh, sharding._fits(shape, kv_spec, mesh))
 
-    caches = [_abstract(c, cache_sharding) for c in caches]
+    caches = [compiled_lib.abstract(c, cache_sharding) for c in caches]
     n = host.noisy.latent_seq_index.shape[1]
     x = jax.ShapeDtypeStruct((1, n, mc.latent_channels), jnp.float32, sharding=replicated)
     t = jax.ShapeDtypeStruct((1,), jnp.float32, sharding=replicated)

@@ -30,7 +30,6 @@ def tokenizer_ids() -> tuple[sequence.Markers, list[int]]:
           tokenizer_lib.encode_text_block(tok, recovery_lib.INSTRUCTION))
 
 
-
 @functools.partial(jax.jit, static_argnums=0)
 def contexts(graphdef, state, inputs: recovery_lib.RecoveryInputs):
   """The three guidance contexts prefilled, as `recovery.velocity_fn` prefills them."""
