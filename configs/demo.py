@@ -80,7 +80,7 @@ def vae_config(variant: str = "default") -> ml_collections.ConfigDict:
   # 1,000 steps: 25.2 dB PSNR (25.8 after 1,200, whose 0.7 min the demo's 15 minutes needed).
   # 3,000 steps reach 28.7 dB (27.7 with seed 1), 3 more minutes on the AMD machine, and the
   # 25 % recovery claim held with seed 0 (+0.69 ± 0.33 dB) but not with seed 1 (-1.47 ± 0.36):
-  # not the only limit (README, 'Four draws'). Learning rate 6e-3: 24.3 dB after 1,000.
+  # not the only limit (docs/DEMO.md, 'Four draws'). Learning rate 6e-3: 24.3 dB after 1,000.
   _schedule(c, 80 if quick else 1000)
   c.optimizer.learning_rate = 3e-3
   c.optimizer.end_learning_rate = 1e-4
@@ -229,7 +229,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   'default' is sized for about 15 minutes on an idle 2-core CPU (12.5 measured on 2026-12-02,
   all eight parts: vae 1.5, clip 0.6, vit 0.7, base 4.4, sft 0.6, rl 0.9, reason 2.1, eval
   1.7; 14.1 on 2026-12-03 with the base's ViT frozen; 33.4 the same day on a 2-core AMD EPYC
-  machine, whose steps ran 2 to 3 times slower: README), 'quick' for about 4 (its test, which
+  machine, whose steps ran 2 to 3 times slower: docs/DEMO.md), 'quick' for about 4 (its test, which
   runs it and re-runs it, took 18 on that machine beside the rest of the test suite)."""
   _check_variant(variant, "get_config")
   quick = variant == "quick"
