@@ -8,6 +8,7 @@
   python -m robust_u1_jax.bench aot --config configs/sft.py:bagel_7b --topology v5p-64
   python -m robust_u1_jax.bench recover --topology v5p-8
   python -m robust_u1_jax.bench train_step --config configs/sft.py:gpu_1p5b   # one H200
+  python -m robust_u1_jax.bench malloc               # XLA:CPU steps: glibc's malloc vs kept memory
 
 Subcommands are listed in BENCHMARKS: each names a module of robust_u1_jax.benchmarks whose
 `run(seconds=..., config=..., threads=...)` prints its tables; a `run` that also takes topology,
@@ -40,6 +41,8 @@ BENCHMARKS = {
     "train_step": ("robust_u1_jax.benchmarks.train_step",
                    "the SFT step on one device (step time, tokens/s, model-FLOPs MFU, memory) "
                    "and a 50-step recovery"),
+    "malloc": ("robust_u1_jax.benchmarks.malloc",
+               "the demo's base step on CPU: glibc's malloc vs malloc keeping freed memory"),
 }
 
 _SECONDS = flags.DEFINE_float("seconds", 3.0, "Wall time of each measurement.")
@@ -51,7 +54,7 @@ _TOPOLOGY = flags.DEFINE_string(
 _HBM_GIB = flags.DEFINE_float("hbm_gib", None, "aot: per-device memory limit in GiB (default: "
                               "the chip's HBM).")
 _OVERRIDE = flags.DEFINE_multi_string("override", [], "aot, train_step: config override "
-                                      "field.path=value (repeatable).")
+                                      "field.path=value; malloc: rounds=N, steps=N (repeatable).")
 
 
 def usage() -> str:

@@ -17,6 +17,8 @@
 - A quiet start: importing this module silences the start-up messages of libraries that are not
   the project's (`QUIET_ENV`; set a variable yourself to override it), and absl logging shows
   warnings and errors only unless --verbosity is given (Orbax logs every file at INFO).
+- On CPU, malloc keeps freed memory for the next run of a program (`host_malloc`;
+  ROBUST_U1_MALLOC=glibc turns it off).
 - Compiled programs are kept between commands in `cache_dirs.compiled_programs()` unless
   JAX_COMPILATION_CACHE_DIR says elsewhere.
 - `--config` overrides: an unknown field is named, with the nearest field names (or the fields
@@ -43,6 +45,7 @@ from absl import logging
 import jax  # already imported by the package (flax): reading its config is free
 
 from robust_u1_jax import cache_dirs
+from robust_u1_jax import host_malloc
 
 # Set before jax or transformers is imported by an entry module (both read them at import or at
 # backend start): libtpu's C++ INFO lines, and transformers' "PyTorch was not found" advisory.
@@ -53,6 +56,8 @@ QUIET_ENV = {
 }
 for _name, _value in QUIET_ENV.items():
   os.environ.setdefault(_name, _value)
+# Before jax's backend starts its threads: on CPU, freed memory stays for the next step.
+host_malloc.configure()
 # Compiled programs persist between commands: JAX_COMPILATION_CACHE_DIR of your own puts them
 # elsewhere, JAX_ENABLE_COMPILATION_CACHE=false compiles every time. The package's flax import has
 # already read the environment into jax.config, so the default goes there (and into the

@@ -47,6 +47,12 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 import numpy as np
 import pytest
 
+from robust_u1_jax import host_malloc
+
+# Before jax starts its threads: XLA:CPU's temporaries stay in the process between runs. It also
+# goes into the environment, so pytest-xdist's workers and every command a test runs start with it.
+host_malloc.configure()
+
 
 def _random_bagel(config, seed: int = 0):
   """A Bagel with every parameter random (norm scales near 1, llm2vae nonzero), built without
