@@ -6,10 +6,11 @@ against malloc keeping freed memory (`host_malloc`), in the same run.
 
 The setting binds before the backend starts its threads, so each side runs in a process of its
 own: `rounds` x (glibc, kept), alternated so that a machine whose speed drifts favours neither.
-Each process builds the demo's base part (`configs/demo.py`, random weights: its time does not
-depend on them; the step with the largest temporaries of the demo), compiles its step and times
-`steps` steps one by one (each blocks on its result) over 4 pipeline batches in turn. It reports
-the median step time, and its own minor page faults and system CPU seconds over the timed steps.
+Each process times the demo's base part (`configs/demo.py`, random weights: its time does not
+depend on them; the step with the largest temporaries of the demo) as `bench train_step` times a
+step (`train_step.time_train_step`: the trainer's own setup, warm-up on every batch, then `steps`
+steps one by one over 4 pipeline batches). It reports the median step time, and its own minor
+page faults and system CPU seconds over the timed steps.
 Prints each process's figures, then each side's median and the ratio glibc / kept.
 """
 
@@ -17,11 +18,9 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
-import time
 from typing import Any
 
 from robust_u1_jax import host_malloc
@@ -84,31 +83,11 @@ def child(steps: int) -> None:
   import jax
 
   from robust_u1_jax import config_lib
-  from robust_u1_jax.data import multihost
-  from robust_u1_jax.data import pipeline as pipeline_lib
-  from robust_u1_jax.training import run_setup, stages, trainer
+  from robust_u1_jax.benchmarks import train_step
 
   config = config_lib.load_file(DEMO_CONFIG).base.copy_and_resolve_references()
   config.init_from = "random"
-  config = config_lib.validate(config)
-  ctx = run_setup.make_context(config, devices=jax.devices()[:1])
-  spec = stages.builder(config.stage)(ctx)
-  _, state, step_fn = trainer.initial_state(config, ctx, spec)
-  with pipeline_lib.make_pipeline(config.data, seed=config.seed, tokenizer=ctx.tokenizer,
-                                  stage=spec.data_stage or config.stage,
-                                  format_rows=trainer.inputs_and_work(ctx, spec)) as data:
-    hosts = [next(data)[0] for _ in range(BATCHES)]
-  with jax.set_mesh(ctx.mesh):
-    inputs = [multihost.global_batch(host, ctx.mesh) for host in hosts]
-    for batch in inputs:  # the compile, then each batch once
-      state, _ = jax.block_until_ready(step_fn(state, batch))
-    before = resource.getrusage(resource.RUSAGE_SELF)
-    times = []
-    for k in range(steps):
-      t0 = time.perf_counter()
-      state, _ = jax.block_until_ready(step_fn(state, inputs[k % BATCHES]))
-      times.append(time.perf_counter() - t0)
-    after = resource.getrusage(resource.RUSAGE_SELF)
-  print(json.dumps({"step_ms": 1e3 * statistics.median(times),
-                    "minor_faults": float(after.ru_minflt - before.ru_minflt),
-                    "system_s": after.ru_stime - before.ru_stime}), flush=True)
+  r = train_step.time_train_step(config_lib.validate(config), jax.devices()[0], seconds=0.0,
+                                 min_steps=steps, batches=BATCHES)
+  print(json.dumps({"step_ms": 1e3 * r["step_s"], "minor_faults": float(r["timed_minor_faults"]),
+                    "system_s": r["timed_system_s"]}), flush=True)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import os
+import resource
 import statistics
 import time
 from collections.abc import Sequence
@@ -112,7 +113,10 @@ def time_train_step(config, device, seconds: float, min_steps: int, batches: int
                                   format_rows=trainer.inputs_and_work(ctx, spec)) as data:
     # Each batch with its model FLOPs, counted as the trainer counts them.
     hosts, counts = zip(*(next(data) for _ in range(batches)))
-  mean = {k: float(np.mean([c[k] for c in counts])) for k in FLOP_KEYS}
+  # A stage without a FLOP model (the demo's pretrain) counts None: no FLOPs, tokens or MFU.
+  counted = all(c is not None for c in counts)
+  mean = ({k: float(np.mean([c[k] for c in counts])) for k in FLOP_KEYS} if counted else
+          dict.fromkeys(FLOP_KEYS, math.nan))
   count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
   out = {"params": count(state.params) + count(state.frozen), "trainable": count(state.params),
          "llm": ctx.model_config.llm, "rows": int(config.data.batch_size),
@@ -129,13 +133,16 @@ def time_train_step(config, device, seconds: float, min_steps: int, batches: int
       state, metrics = jax.block_until_ready(step_fn(state, inputs[k % batches]))
     out["warmup_s"] = time.perf_counter() - t0
     losses, times, work = [float(metrics["loss"])], [], 0.0
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     while len(times) < min_steps or time.perf_counter() - start < seconds:
       k = len(times) % batches
       t0 = time.perf_counter()
       state, metrics = jax.block_until_ready(step_fn(state, inputs[k]))
       times.append(time.perf_counter() - t0)
-      work += counts[k]["total"]
+      work += counts[k]["total"] if counted else 0.0
+    # What the host's kernel did for the timed steps (page faults: benchmarks/malloc.py).
+    after = resource.getrusage(resource.RUSAGE_SELF)
     losses.append(float(metrics["loss"]))
   out["step_peak_bytes"] = peak_bytes(device)
   step_s = statistics.median(times)
@@ -143,7 +150,10 @@ def time_train_step(config, device, seconds: float, min_steps: int, batches: int
              tokens_per_s=mean["tokens"] * len(times) / sum(times))
   out["peak_flops"] = metrics_log.peak_flops(device)
   # The timed steps' model FLOPs over their time, as the trainer's `mfu` over a logging window.
-  out["mfu"] = (flops.mfu(work, sum(times), out["peak_flops"]) if out["peak_flops"] else None)
+  out["mfu"] = (flops.mfu(work, sum(times), out["peak_flops"])
+                if out["peak_flops"] and counted else None)
+  out["timed_minor_faults"] = after.ru_minflt - usage.ru_minflt
+  out["timed_system_s"] = after.ru_stime - usage.ru_stime
   out["_trained"] = (ctx, trainer.plain_model_state(graphdef, state))
   return out
 
