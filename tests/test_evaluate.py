@@ -18,6 +18,7 @@ from robust_u1_jax.data import sequence
 from robust_u1_jax.data import tokenizer as tokenizer_lib
 from robust_u1_jax.eval import evaluation, report
 from robust_u1_jax.eval import run as eval_run
+from robust_u1_jax.inference import engine as engine_lib
 from robust_u1_jax.inference import images
 from robust_u1_jax.models import bagel
 
@@ -102,6 +103,21 @@ def test_evaluate_writes_a_complete_report(model_dir, tmp_path):
   assert "oracle_accuracy" not in conds[2]
   round_trip = data["result"]["vae_round_trip"]
   assert np.isfinite(round_trip["psnr"]) and 0 <= round_trip["ssim"] <= 1
+  # Beside each recovery, the corrupted image through the VAE alone: the engine's own round
+  # trip of the same corrupted images, scored like a recovery.
+  engine = engine_lib.Engine.load(model_dir)
+  samples = evaluation.shapes_samples(c.split, 6, engine.rules, c.seed)
+  clean_images = np.stack([s.image for s in samples])
+  corrupted = np.stack(evaluation.corrupt(clean_images, [s.index for s in samples],
+                                          evaluation.conditions(("100%",), (), ())[0], c.seed))
+  through = engine.round_trip(corrupted)
+  assert not np.array_equal(through, corrupted)
+  assert np.isclose(conds[1]["through_vae"]["psnr"],
+                    evaluation.psnr(through, clean_images).mean())
+  assert np.isclose(conds[1]["through_vae"]["ssim"],
+                    evaluation.ssim(through, clean_images).mean(), atol=1e-6)
+  for row in conds:
+    assert set(row["beyond_vae_se"]) == {"psnr", "ssim"}
   clean = data["result"]["clean"]
   assert [a["index"] for a in clean["answers"]] == list(range(6))
   assert np.isclose(clean["accuracy"], np.mean([a["correct"] for a in clean["answers"]]))
@@ -125,6 +141,15 @@ def test_evaluate_writes_a_complete_report(model_dir, tmp_path):
     assert os.path.getsize(os.path.join(c.out, name)) > 1000, name
   markdown = open(path).read()
   assert "## The paper's claims in miniature" in markdown and "## rbench" in markdown
+  assert "| condition | PSNR corrupted | PSNR through VAE | PSNR recovered | SSIM corrupted" in (
+      markdown)
+  assert all("through the VAE alone" in c["measured"] for k, c in claims.items()
+             if k.startswith("recovery beats"))
+  # Image grids: a row per sample, a column per GRID_COLUMNS entry (64-pixel cells, 2 apart).
+  assert ("Image grids, left to right: corrupted | corrupted through the VAE alone | recovered | "
+          "clean.") in markdown
+  grid = Image.open(os.path.join(c.out, "grid_00_robust_r1_pipeline_25pct.png"))
+  assert grid.size == (4 * 66 + 2, 3 * 66 + 2)
   kind_rows = [line for line in markdown.split("## Per question kind")[1].split("\n\n## ")[0]
                .splitlines() if line.startswith("| ") and not line.startswith(("| kind", "| ---"))]
   assert sorted(r.split(" | ")[0][2:] for r in kind_rows) == sorted(
@@ -178,6 +203,15 @@ def test_claims_state_what_a_perfect_recovery_reaches():
       "the VAE's round trip of the clean image: SSIM 0.701, PSNR 25.23 dB")
   assert not answers["holds"] and answers["bound"] == (
       "the clean image in the recovery's place: 37.5 (+2.7 points); the clean image alone: 42.2")
+  # What the recovery adds beyond the corrupted image through the VAE alone is stated beside the
+  # claim; the claim itself reads the corrupted image.
+  full.update(through_vae=quality(15.5, 0.38), beyond_vae_se={"psnr": 0.25, "ssim": 0.011},
+              gain_se={"psnr": 0.2, "ssim": 0.01})
+  recovery = report.claims({"conditions": [full]})[0]
+  assert recovery["holds"] and recovery["measured"] == (
+      "SSIM 0.270 -> 0.390 (+0.120 ± 0.010), PSNR 13.00 -> 16.00 dB (+3.00 ± 0.20); the "
+      "corrupted image through the VAE alone: SSIM 0.380, PSNR 15.50 dB, the recovery "
+      "+0.010 ± 0.011, +0.50 ± 0.25 dB beyond it")
 
 
 def test_the_oracle_mode_puts_the_clean_image_where_the_recovery_goes():

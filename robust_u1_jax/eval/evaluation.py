@@ -6,7 +6,8 @@ the same held-out images are corrupted deterministically (key from (seed, record
 
   recovery quality  PSNR, SSIM and CLIP similarity to the clean image of the recovery, next to the
                     same figures for the corrupted image itself (a recovery must beat doing
-                    nothing);
+                    nothing) and for the corrupted image through the VAE alone (what a recovery
+                    that copies its input gives back: the VAE smooths noise away by itself);
   answer accuracy   in four modes: the clean image; the corrupted image only; corrupted plus the
                     model's own recovery (Robust-U1, the reasoning stage's input format); the
                     recovery only. Answers are generated greedily and reduced to an option letter
@@ -44,6 +45,8 @@ PIPELINE = corruptions.PIPELINE  # the family of the claims' conditions
 # The Robust-U1 layout with a perfect recovery: the clean image where the model's recovery goes.
 ORACLE = "corrupted+clean"
 INTENSITIES = config_lib.EVAL_INTENSITIES
+# The columns of the report's image grids, left to right.
+GRID_COLUMNS = ("corrupted", "corrupted through the VAE alone", "recovered", "clean")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,10 +201,15 @@ class Evaluator:
       out.append(images)
     return np.concatenate(out)
 
+  def through_vae(self, images: np.ndarray) -> np.ndarray:
+    """The VAE's own reconstructions of `images` (posterior mean): what a recovery decodes to
+    when it copies its input's latents and restores nothing."""
+    return np.concatenate([self.engine.round_trip(images[part])
+                           for part in self._batches(len(images))])
+
   def round_trip(self, clean: np.ndarray) -> dict[str, float]:
     """Quality of the VAE's own reconstruction of the clean images: a recovery's ceiling."""
-    out = [self.engine.round_trip(clean[part]) for part in self._batches(len(clean))]
-    return _means(self.quality(np.concatenate(out), clean))
+    return _means(self.quality(self.through_vae(clean), clean))
 
   def quality(self, images: np.ndarray, clean: np.ndarray) -> dict[str, np.ndarray]:
     out = {"psnr": psnr(images, clean), "ssim": ssim(images, clean)}
@@ -254,11 +262,13 @@ class Evaluator:
   def evaluate(self, samples: Sequence[Sample], conds: Sequence[Condition], *,
                modes: Sequence[str] = MODES, progress: Callable[[str], None] = lambda _: None,
                per_sample: bool = False) -> dict[str, Any]:
-    """{'clean': {accuracy}, 'conditions': [per condition: quality and accuracy per mode,
-    'gain_se' (the standard errors of recovered - corrupted quality and of corrupted+recovered -
-    corrupted accuracy); the pipeline's: ORACLE's accuracy too; `per_sample`: each sample's
-    recovered quality, 'recovered_per_sample'], 'examples': a few (condition, corrupted,
-    recovered, clean) images for grids}."""
+    """{'clean': {accuracy}, 'conditions': [per condition: quality of the corrupted image, of the
+    corrupted image through the VAE alone ('through_vae': doing nothing in the recovery's own
+    output space) and of the recovery, accuracy per mode, 'gain_se' (the standard errors of
+    recovered - corrupted quality and of corrupted+recovered - corrupted accuracy),
+    'beyond_vae_se' (of recovered - through_vae quality); the pipeline's: ORACLE's accuracy too;
+    `per_sample`: each sample's recovered quality, 'recovered_per_sample'], 'examples': a few
+    (condition, [GRID_COLUMNS' images]) for grids}."""
     clean = np.stack([s.image for s in samples])
     indices = [s.index for s in samples]
     out: dict[str, Any] = {"num_samples": len(samples), "conditions": [], "examples": []}
@@ -269,13 +279,18 @@ class Evaluator:
       progress(cond.label)
       corrupted = np.stack(corrupt(clean, indices, cond, self.seed))
       recovered = self.recover(corrupted, indices)
+      through_vae = self.through_vae(corrupted)
       quality = {"corrupted": self.quality(corrupted, clean),
+                 "through_vae": self.quality(through_vae, clean),
                  "recovered": self.quality(recovered, clean)}
       row = {"family": cond.family, "name": cond.name, "level": cond.level, "label": cond.label,
              "num_samples": len(samples), "corrupted": _means(quality["corrupted"]),
+             "through_vae": _means(quality["through_vae"]),
              "recovered": _means(quality["recovered"]), "accuracy": {}, "by_kind": {},
              "gain_se": {m: paired_se(v, quality["corrupted"][m])
-                         for m, v in quality["recovered"].items()}}
+                         for m, v in quality["recovered"].items()},
+             "beyond_vae_se": {m: paired_se(v, quality["through_vae"][m])
+                               for m, v in quality["recovered"].items()}}
       if per_sample:
         row["recovered_per_sample"] = quality["recovered"]
       correct = {}
@@ -291,7 +306,8 @@ class Evaluator:
       if "corrupted+recovered" in modes and cond.family == PIPELINE:
         row["oracle_accuracy"] = _accuracy(self.answers(ORACLE, samples, corrupted, recovered))
       out["conditions"].append(row)
-      out["examples"].append((cond.label, corrupted[:3], recovered[:3], clean[:3]))
+      out["examples"].append((cond.label, [corrupted[:3], through_vae[:3], recovered[:3],
+                                            clean[:3]]))
     return out
 
 
