@@ -261,14 +261,16 @@ class Evaluator:
 
   def evaluate(self, samples: Sequence[Sample], conds: Sequence[Condition], *,
                modes: Sequence[str] = MODES, progress: Callable[[str], None] = lambda _: None,
-               per_sample: bool = False) -> dict[str, Any]:
+               per_sample: bool = False, vae_baseline: bool = True) -> dict[str, Any]:
     """{'clean': {accuracy}, 'conditions': [per condition: quality of the corrupted image, of the
     corrupted image through the VAE alone ('through_vae': doing nothing in the recovery's own
     output space) and of the recovery, accuracy per mode, 'gain_se' (the standard errors of
     recovered - corrupted quality and of corrupted+recovered - corrupted accuracy),
     'beyond_vae_se' (of recovered - through_vae quality); the pipeline's: ORACLE's accuracy too;
     `per_sample`: each sample's recovered quality, 'recovered_per_sample'], 'examples': a few
-    (condition, [GRID_COLUMNS' images]) for grids}."""
+    (condition, [GRID_COLUMNS' images]) for grids}. Without `vae_baseline` (a model scored only
+    for its recoveries beside another's, which has them: the VAE is frozen) neither 'through_vae'
+    nor 'examples'."""
     clean = np.stack([s.image for s in samples])
     indices = [s.index for s in samples]
     out: dict[str, Any] = {"num_samples": len(samples), "conditions": [], "examples": []}
@@ -279,18 +281,21 @@ class Evaluator:
       progress(cond.label)
       corrupted = np.stack(corrupt(clean, indices, cond, self.seed))
       recovered = self.recover(corrupted, indices)
-      through_vae = self.through_vae(corrupted)
       quality = {"corrupted": self.quality(corrupted, clean),
-                 "through_vae": self.quality(through_vae, clean),
                  "recovered": self.quality(recovered, clean)}
       row = {"family": cond.family, "name": cond.name, "level": cond.level, "label": cond.label,
              "num_samples": len(samples), "corrupted": _means(quality["corrupted"]),
-             "through_vae": _means(quality["through_vae"]),
              "recovered": _means(quality["recovered"]), "accuracy": {}, "by_kind": {},
              "gain_se": {m: paired_se(v, quality["corrupted"][m])
-                         for m, v in quality["recovered"].items()},
-             "beyond_vae_se": {m: paired_se(v, quality["through_vae"][m])
-                               for m, v in quality["recovered"].items()}}
+                         for m, v in quality["recovered"].items()}}
+      if vae_baseline:
+        through_vae = self.through_vae(corrupted)
+        baseline = self.quality(through_vae, clean)
+        row["through_vae"] = _means(baseline)
+        row["beyond_vae_se"] = {m: paired_se(v, baseline[m])
+                                for m, v in quality["recovered"].items()}
+        out["examples"].append((cond.label, [corrupted[:3], through_vae[:3], recovered[:3],
+                                              clean[:3]]))
       if per_sample:
         row["recovered_per_sample"] = quality["recovered"]
       correct = {}
@@ -306,8 +311,6 @@ class Evaluator:
       if "corrupted+recovered" in modes and cond.family == PIPELINE:
         row["oracle_accuracy"] = _accuracy(self.answers(ORACLE, samples, corrupted, recovered))
       out["conditions"].append(row)
-      out["examples"].append((cond.label, [corrupted[:3], through_vae[:3], recovered[:3],
-                                            clean[:3]]))
     return out
 
 

@@ -45,7 +45,7 @@ def claims(result: Mapping[str, Any], compare: Mapping[str, Mapping[str, Any]] |
                 f"({gain['psnr']:+.2f}{_pm(se.get('psnr'), digits=2)})")
     if "through_vae" in c:
       # Doing nothing in the recovery's own output space: what restoration adds beyond the VAE.
-      vae, vae_se = c["through_vae"], c.get("beyond_vae_se", {})
+      vae, vae_se = c["through_vae"], c["beyond_vae_se"]
       measured += (f"; the corrupted image through the VAE alone: SSIM {vae['ssim']:.3f}, PSNR "
                    f"{vae['psnr']:.2f} dB, the recovery "
                    f"{c['recovered']['ssim'] - vae['ssim']:+.3f}"

@@ -78,7 +78,8 @@ def run(c: ml_collections.ConfigDict, *, say: Callable[[str], None] = print) -> 
       continue
     say(f"  recovery quality of {name}: {path}")
     other = _evaluator(engine_lib.Engine.load(path, dtype=c.dtype), c, clip_similarity)
-    rows = other.evaluate(samples, conds, modes=(), per_sample=True)["conditions"]
+    rows = other.evaluate(samples, conds, modes=(), per_sample=True,
+                          vae_baseline=False)["conditions"]
     # Each sample's mean over the conditions: the samples, not their 15 corruptions, are the
     # independent draws a standard error counts.
     per_sample[name] = {m: np.mean([r["recovered_per_sample"][m] for r in rows], axis=0)
