@@ -1,5 +1,6 @@
 """Ahead-of-time compile of the real train step (robust_u1_jax/benchmarks/aot.py): topology names,
-input shapes from the config, per-device memory, FLOPs and the fits / does-not-fit verdict.
+input shapes from the config, per-device memory, FLOPs and the fits / does-not-fit verdict
+(benchmarks/aot_report.py).
 
 The compile tests use the tiny SFT config on the 8 fake CPU devices conftest sets up; the TPU
 topology test needs libtpu (`pip install -e ".[tpu]"`) and is skipped without it, as in CI.
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from robust_u1_jax.benchmarks import aot, aot_steps, hlo_flops
+from robust_u1_jax.benchmarks import aot, aot_report, aot_steps, hlo_flops
 from robust_u1_jax.benchmarks import compiled as compiled_lib
 from robust_u1_jax.training import recovery_cache
 
@@ -113,11 +114,11 @@ def test_cpu_topology_reports_memory_flops_and_verdict(tiny_cpu):
   assert r.hlo.flops_once < r.hlo.flops and r.hlo.unknown_trip_counts == 0
   assert r.flops_per_device == pytest.approx(r.hlo.flops_once, rel=0.5)
   assert r.model_flops["backward"] > 0 and "gen" in r.model_flops["trainable_parts"]
-  fits, line = aot.verdict(r)
+  fits, line = aot_report.verdict(r)
   assert fits and line.startswith("FITS"), line
-  fits, line = aot.verdict(r, hbm_gib=r.device_bytes / 2 / aot.GIB)
+  fits, line = aot_report.verdict(r, hbm_gib=r.device_bytes / 2 / compiled_lib.GIB)
   assert not fits and line.startswith("DOES NOT FIT") and "2.0x" in line, line
-  text = aot.report(r, hbm_gib=1e-6)
+  text = aot_report.report(r, hbm_gib=1e-6)
   assert "VERDICT: DOES NOT FIT" in text and "FLOPs per step" in text
   assert "model (flops.py)" in text and "loop bodies times their trip counts" in text
 
@@ -133,7 +134,7 @@ def test_rl_and_reasoning_steps_compile(spec, topology, overrides, trains):
   r = aot.compile_step(spec, topology, overrides, verbose=False)
   assert r.oom is None and r.memory["temp_size_in_bytes"] > 0
   assert r.memory["alias_size_in_bytes"] > 0  # the state is donated
-  assert aot.verdict(r)[0]
+  assert aot_report.verdict(r)[0]
   assert trains in r.model_flops["trainable_parts"] and r.model_flops["backward"] > 0
   assert 0 < r.model_flops["total"] / r.num_devices < r.hlo.flops
   assert r.hlo.unknown_trip_counts == 0
@@ -174,7 +175,7 @@ def test_tpu_topology_compiles_the_tiny_step():
   assert r.device_kind.startswith("TPU v5") and r.num_devices == 4
   assert r.memory["argument_size_in_bytes"] > 0 and r.memory["temp_size_in_bytes"] > 0
   assert r.flops_per_device > 0
-  fits, line = aot.verdict(r)
+  fits, line = aot_report.verdict(r)
   assert fits and "HBM of one TPU v5" in line, line
 
 

@@ -21,6 +21,7 @@ from robust_u1_jax.data.corruptions import imagenet_c_noise_blur
 from robust_u1_jax.data.corruptions import imagenet_c_weather
 from robust_u1_jax.data.corruptions import jpeg
 from robust_u1_jax.data.corruptions import ops
+from robust_u1_jax.data.corruptions import resample
 
 NAMES = list(imagenet_c.CORRUPTIONS)
 H, W = 48, 80  # non-square on purpose: every test below runs on it
@@ -150,7 +151,7 @@ def test_pixelate_matches_pil():
 
 def test_center_zoom_matches_scipy_zoom():
   factors = (1.03, 1.17, 3.0)
-  ours = jax.jit(lambda x: [ops.center_zoom(x, f) for f in factors])(IMAGE_F)
+  ours = jax.jit(lambda x: [resample.center_zoom(x, f) for f in factors])(IMAGE_F)
   for factor, zoomed in zip(factors, ours):
     crop_h, crop_w = math.ceil(H / factor), math.ceil(W / factor)
     top, left = (H - crop_h) // 2, (W - crop_w) // 2
@@ -256,7 +257,7 @@ def test_glass_blur_permutes_whole_pixels():
 def test_affine_warp_matches_scipy():
   matrix = np.array([[0.9, 0.2], [-0.15, 1.1]])
   offset = np.array([3.0, -4.0])
-  ours = ops.affine_warp(IMAGE_F, matrix, offset, order=1, mode="nearest")
+  ours = resample.affine_warp(IMAGE_F, matrix, offset, order=1, mode="nearest")
   ref = np.stack([scipy.ndimage.affine_transform(IMAGE_F[..., c], matrix, offset, order=1,
                                                  mode="nearest") for c in range(3)], -1)
   np.testing.assert_allclose(ours, ref, atol=1e-5)

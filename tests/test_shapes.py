@@ -11,6 +11,7 @@ import pytest
 
 from robust_u1_jax.data import answer_format
 from robust_u1_jax.data import shapes
+from robust_u1_jax.data import shapes_answers
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def test_deterministic_and_seeded():
   # Texts do not depend on rendering, so the tokenizer corpus can skip images.
   text_only = a.record(7, render=False)
   assert "image" not in text_only and text_only["questions"] == a[7]["questions"]
-  assert shapes.text_corpus(num_records=20) == shapes.text_corpus(num_records=20)
+  assert shapes_answers.text_corpus(num_records=20) == shapes_answers.text_corpus(num_records=20)
 
 
 def test_random_access_and_bounds():
@@ -219,7 +220,7 @@ def test_fixed_options_with_answers_a_blind_model_cannot_guess():
 def test_answer_text(sample):
   q = next(q for q in sample[0]["questions"] if len(q["options"]) >= 2)
   assert set(q["answer"]) <= set(shapes.LETTERS)
-  clean = shapes.answer_text(q)
+  clean = shapes_answers.answer_text(q)
   assert clean.endswith(f"<ANSWER>{q['answer']}<ANSWER_END>")
   assert clean.startswith("<TYPE>none<TYPE_END>")
   tags = re.findall(r"<([A-Z_]+)>", clean)
@@ -227,16 +228,16 @@ def test_answer_text(sample):
                   "CONCLUSION", "CONCLUSION_END", "ANSWER", "ANSWER_END"]
   assert answer_format.parse_answer(clean) == q["answer"]
 
-  noisy = shapes.answer_text(q, "robust_r1/gaussian_noise", strength=0.45)
+  noisy = shapes_answers.answer_text(q, "robust_r1/gaussian_noise", strength=0.45)
   assert "<TYPE>gaussian noise(0.45)<TYPE_END>" in noisy
   assert "noise" in noisy.split("<INFLUENCE>")[1]
-  both = shapes.answer_text(q, ["lens_blur", "imagenet_c/saturate"], strength=[0.2, 3])
+  both = shapes_answers.answer_text(q, ["lens_blur", "imagenet_c/saturate"], strength=[0.2, 3])
   assert "<TYPE>lens blur(0.20), saturate(3)<TYPE_END>" in both
   assert "Blur" in both and "colors and brightness" in both
-  unknown = shapes.answer_text(q, "mystery_filter")
+  unknown = shapes_answers.answer_text(q, "mystery_filter")
   assert "<TYPE>mystery filter<TYPE_END>" in unknown
   with pytest.raises(ValueError, match="one strength per corruption"):
-    shapes.answer_text(q, ["lens_blur", "fog"], strength=[0.1])
+    shapes_answers.answer_text(q, ["lens_blur", "fog"], strength=[0.1])
 
 
 def test_influence_names_the_attribute_the_corruption_destroys():
@@ -246,13 +247,13 @@ def test_influence_names_the_attribute_the_corruption_destroys():
     for q in world.record(i, render=False)["questions"]:
       by_kind.setdefault(q["kind"], q)
   def influence(kind, name):
-    return shapes.answer_text(by_kind[kind], name).split("<INFLUENCE>")[1]
+    return shapes_answers.answer_text(by_kind[kind], name).split("<INFLUENCE>")[1]
   assert "harder to judge" in influence("color", "hsv_saturation")
   assert "still reliable" in influence("color", "motion_blur")
   assert "harder to judge" in influence("count", "pixelate")
   assert "harder to judge" in influence("shape", "defocus_blur")
   assert "still reliable" in influence("count", "brightness")
-  for name in shapes.CORRUPTION_EFFECTS:  # every known corruption has an explicit effect
+  for name in shapes_answers.CORRUPTION_EFFECTS:  # every known corruption has an explicit effect
     assert "degrades the image and hides detail" not in influence("shape", name)
 
 

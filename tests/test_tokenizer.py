@@ -10,6 +10,7 @@ import transformers
 
 from robust_u1_jax.data import answer_format
 from robust_u1_jax.data import shapes
+from robust_u1_jax.data import shapes_answers
 from robust_u1_jax.data import tokenizer as tokenizer_lib
 
 
@@ -35,7 +36,7 @@ def _texts(num_records: int = 25) -> list[str]:
       for j, q in enumerate(rec["questions"]):
         prompt = answer_format.format_question(q)
         texts += [prompt, f"{prompt}\n{tokenizer_lib.RECOVERY_INSTRUCTION}",
-                  shapes.answer_text(q, names[j % 4], strength=0.23 if j % 2 else None)]
+                  shapes_answers.answer_text(q, names[j % 4], strength=0.23 if j % 2 else None)]
   return texts
 
 

@@ -23,18 +23,11 @@ the trainer's donation (`trainer.jit_step`), lowered under the mesh and compiled
                                         code path without libtpu; memory is per fake device
 
 TPU topologies need libtpu (`pip install -e ".[tpu]"`: jax 0.10.2 pins libtpu 0.0.42.*), never a
-TPU: libtpu compiles for a described slice. The report gives XLA's per-device memory
-(`compiled.memory_analysis()`: arguments, outputs, aliased (donated) bytes, temporaries, code)
-against the chip's HBM and a verdict; when a program does not fit, the TPU compiler itself refuses
-it (RESOURCE_EXHAUSTED) and the verdict quotes the compiler's numbers and largest allocations.
-
-FLOPs, three ways: the model FLOPs of the step's useful work (`flops.py`: each token through its
-own expert, the mask's attended pairs, the backward the trainable set needs); the compiled
-program's matmul FLOPs per device with every loop body counted as often as it runs
-(`hlo_flops.py`); and XLA's cost analysis, which counts each loop body (the layer scans, the
-sampler) once. The compiler's step-time estimate (`optimal_seconds`) counts loop bodies once as
-well, so it is printed but is no step time; what the compile does bound is the model-FLOPs MFU:
-at most model FLOPs / compiled matmul FLOPs, reached if every compiled matmul ran at peak.
+TPU: libtpu compiles for a described slice. The report (`aot_report.py`) gives XLA's per-device
+memory (`compiled.memory_analysis()`: arguments, outputs, aliased (donated) bytes, temporaries,
+code) against the chip's HBM and a verdict; when a program does not fit, the TPU compiler itself
+refuses it (RESOURCE_EXHAUSTED) and the verdict quotes the compiler's numbers and largest
+allocations. It also counts the step's FLOPs three ways and bounds the model-FLOPs MFU.
 """
 
 from __future__ import annotations
@@ -52,22 +45,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from robust_u1_jax.benchmarks import aot_report
 from robust_u1_jax.benchmarks import compiled as compiled_lib
-from robust_u1_jax.benchmarks.compiled import GIB, format_bytes, format_number
 
 DEFAULT_CONFIG = os.path.normpath(
     os.path.join(os.path.dirname(__file__), "..", "..", "configs", "sft.py")) + ":tiny"
 DEFAULT_TOPOLOGY = "cpu:8"
 
-# Per chip (one JAX device per chip: megacore on v4/v5p), by device_kind: HBM in GiB and peak
-# bf16 FLOP/s (Cloud TPU documentation).
-CHIPS = {
-    "TPU v4": (32.0, 275e12),
-    "TPU v5 lite": (16.0, 197e12),
-    "TPU v5": (95.0, 459e12),  # v5p
-    "TPU v5p": (95.0, 459e12),
-    "TPU v6 lite": (32.0, 918e12),
-}
 # Slice-name generation -> (libtpu name, TensorCores per chip counted in the slice name, 3-D torus).
 GENERATIONS = {"v4": ("v4", 2, True), "v5p": ("v5p", 2, True), "v5e": ("v5e", 1, False),
                "v5litepod": ("v5e", 1, False), "v6e": ("v6e", 1, False)}
@@ -237,50 +221,9 @@ def fast_tracer_errors():
 
 # ----------------------------------------------------------------------------------- compilation
 
-@dataclasses.dataclass
-class AotResult:
-  config: str
-  stage: str
-  topology: str
-  description: str
-  device_kind: str
-  num_devices: int
-  mesh: dict[str, int]
-  inputs: str  # the step's input arrays, global shapes
-  params: int  # parameters of the model
-  trainable: int
-  state_bytes_per_device: int  # the train state's shards on one device
-  # Train-state leaves of 1 MiB or more that every device holds whole: (bytes, count, largest).
-  replicated_state: tuple[int, int, tuple[str, ...]]
-  batch_bytes_per_device: int
-  build_s: float  # abstract model, stage, train state shardings
-  lower_s: float
-  compile_s: float
-  memory: dict[str, int] | None  # CompiledMemoryStats fields (bytes, per device)
-  flops_per_device: float | None  # compiled.cost_analysis()
-  flops_program: float | None  # lowered.cost_analysis(): the unpartitioned program
-  optimal_seconds: float | None  # the TPU compiler's own step-time estimate, when it gives one
-  model_flops: dict[str, Any]  # flops.step_flops of the step's work, over all devices
-  work_note: str  # what the model-FLOPs count assumes
-  # hlo_flops.count of one device's compiled program (None when refused or not readable)
-  hlo: Any = None
-  oom: dict[str, Any] | None = None  # the compiler's RESOURCE_EXHAUSTED numbers, when refused
-
-  @property
-  def device_bytes(self) -> int | None:
-    """Peak bytes one device needs (compiled.memory's total), or the compiler's count when it
-    refused the program."""
-    if self.memory is None:
-      if not self.oom:
-        return None
-      if "lower bound" in self.oom["what"]:  # temporaries only: add the argument shards
-        return self.oom["used"] + self.state_bytes_per_device + self.batch_bytes_per_device
-      return self.oom["used"]
-    return self.memory["total"]
-
-
 def compile_step(config_spec: str = "", topology: str = DEFAULT_TOPOLOGY,
-                 overrides: dict[str, Any] | None = None, *, verbose: bool = True) -> AotResult:
+                 overrides: dict[str, Any] | None = None, *, verbose: bool = True
+                 ) -> aot_report.AotResult:
   """Lowers and compiles the config's train step for `topology` without allocating weights."""
   from robust_u1_jax import config_lib
   from robust_u1_jax.benchmarks import aot_steps
@@ -336,7 +279,7 @@ def persistent_cache(enabled: bool):
     compilation_cache.reset_cache()
 
 
-def _compile(config, ctx, spec_name, topology, description, devices, say) -> AotResult:
+def _compile(config, ctx, spec_name, topology, description, devices, say) -> aot_report.AotResult:
   """`config`: the builder config (aot_steps.builder_config), the one `ctx` was made from."""
   from robust_u1_jax import flops
   from robust_u1_jax.benchmarks import aot_steps
@@ -392,7 +335,7 @@ def _compile(config, ctx, spec_name, topology, description, devices, say) -> Aot
     hlo = compiled_lib.matmul_flops(compiled)
   compile_s = time.perf_counter() - t0
   program_flops = compiled_lib.program_cost(lowered).get("flops")
-  return AotResult(
+  return aot_report.AotResult(
       config=spec_name, stage=config.stage, topology=topology, description=description,
       device_kind=devices[0].device_kind, num_devices=len(devices), mesh=dict(mesh.shape),
       inputs=described, params=compiled_lib.count((params, frozen)),
@@ -418,119 +361,6 @@ def describe_inputs(inputs) -> str:
   return ", ".join(parts)
 
 
-# ----------------------------------------------------------------------------------- the verdict
-
-def device_limit(result: AotResult, hbm_gib: float | None = None) -> tuple[int, str]:
-  """(bytes one device may use, where that number comes from)."""
-  if hbm_gib is not None:
-    return int(hbm_gib * GIB), f"--hbm_gib {hbm_gib:g}"
-  if result.oom and result.oom.get("capacity"):
-    return result.oom["capacity"], f"the TPU compiler's HBM capacity of {result.device_kind}"
-  if result.device_kind in CHIPS:
-    return int(CHIPS[result.device_kind][0] * GIB), f"HBM of one {result.device_kind} chip"
-  try:
-    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-  except (ValueError, OSError, AttributeError):
-    host = 0
-  return host // max(result.num_devices, 1), (
-      f"host memory / {result.num_devices} fake devices")
-
-
-def verdict(result: AotResult, hbm_gib: float | None = None) -> tuple[bool, str]:
-  """(fits, one line): per-device need against the chip's (or the given) memory."""
-  need = result.device_bytes
-  limit, source = device_limit(result, hbm_gib)
-  if need is None:
-    return False, "UNKNOWN: the compiler reported no memory analysis"
-  b = lambda n: format_bytes(n).strip()
-  if need <= limit and (result.oom is None or hbm_gib is not None):
-    return True, (f"FITS: needs {b(need)} per device of {b(limit)} ({source}); "
-                  f"{b(limit - need)} ({1 - need / limit:.0%}) to spare")
-  refused = "the TPU compiler refused the step: " if result.oom is not None else ""
-  at_least = "at least " if result.oom and "lower bound" in result.oom["what"] else ""
-  return False, (f"DOES NOT FIT: {refused}needs {at_least}{b(need)} per device, {source} is "
-                 f"{b(limit)}: "
-                 f"over by {b(need - limit)} ({need / limit:.1f}x)")
-
-
-def report(result: AotResult, hbm_gib: float | None = None) -> str:
-  r = result
-  lines = [
-      f"AOT compile of the {r.stage} train step: {r.config}",
-      f"  target: {r.topology} = {r.description}, {r.num_devices} x {r.device_kind}, "
-      f"mesh {r.mesh}",
-      f"  model: {format_number(r.params)} parameters, {format_number(r.trainable)} trainable",
-      f"  inputs: {r.inputs}",
-      f"  build {r.build_s:.1f} s, lower {r.lower_s:.1f} s, compile {r.compile_s:.1f} s",
-      "  per-device memory:",
-      f"    train state shards (from shardings) {format_bytes(r.state_bytes_per_device)}",
-      f"    batch shards (from shardings)       {format_bytes(r.batch_bytes_per_device)}",
-  ]
-  rep_bytes, rep_count, rep_paths = r.replicated_state
-  if rep_count:
-    lines.append(f"    of the state, replicated whole on every device: "
-                 f"{format_bytes(rep_bytes).strip()} in {rep_count} leaves, largest "
-                 f"{', '.join(rep_paths)}")
-  if r.memory is not None:
-    m = r.memory
-    lines += [
-        f"    arguments        {format_bytes(m['argument_size_in_bytes'])}",
-        f"    outputs          {format_bytes(m['output_size_in_bytes'])}",
-        f"    aliased (donated){format_bytes(m['alias_size_in_bytes'])}",
-        f"    temporaries      {format_bytes(m['temp_size_in_bytes'])}",
-        f"    generated code   {format_bytes(m['generated_code_size_in_bytes'])}",
-        f"    total            {format_bytes(r.device_bytes)}  (arguments + outputs - aliased + "
-        "temporaries + code)",
-    ]
-  if r.oom is not None:
-    lines += [f"    compiler refused: {r.oom['what']} {format_bytes(r.oom['used']).strip()} of "
-              f"{format_bytes(r.oom['capacity']).strip()} HBM"
-              + (f", exceeded by {format_bytes(r.oom['exceeded']).strip()}" if "exceeded" in r.oom
-                 else ""),
-              "    " + r.oom["details"].replace("\n", "\n    ")]
-  limit, source = device_limit(r, hbm_gib)
-  lines.append(f"    limit            {format_bytes(limit)}  ({source})")
-  lines += flops_report(r)
-  lines.append("  VERDICT: " + verdict(r, hbm_gib)[1])
-  return "\n".join(lines)
-
-
-def flops_report(r: AotResult) -> list[str]:
-  """The FLOPs, step-time and MFU lines of the report (per device)."""
-  from robust_u1_jax import flops
-
-  n = r.num_devices
-  model = r.model_flops["total"] / n
-  lines = ["  FLOPs per step, per device:",
-           f"    model (flops.py)          {model:.4g}: " + flops.describe(r.model_flops)
-           + f" over {n} devices",
-           f"      {r.work_note}"]
-  if r.hlo is not None:
-    unknown = (f"; {r.hlo.unknown_trip_counts} loops of unknown trip count counted once"
-               if r.hlo.unknown_trip_counts else "")
-    lines.append(f"    compiled matmuls          {r.hlo.flops:.4g} ({r.hlo.flops / model:.2f}x the "
-                 f"model FLOPs), loop bodies times their trip counts{unknown}")
-  if r.flops_per_device:
-    lines.append(f"    XLA cost analysis         {r.flops_per_device:.4g}, every loop body "
-                 "counted once" + (f"; whole program before partitioning {r.flops_program:.4g}"
-                                   if r.flops_program else ""))
-  peak = CHIPS.get(r.device_kind, (None, None))[1]
-  if not peak:
-    return lines
-  lines.append(f"  step time per device at 100% of {peak / 1e12:.0f} TFLOP/s: model FLOPs "
-               f"{model / peak:.3f} s" + (f", compiled matmuls {r.hlo.flops / peak:.3f} s"
-                                          if r.hlo is not None else ""))
-  if r.optimal_seconds:
-    loops = f" ({len(r.hlo.loops)} loops)" if r.hlo is not None else ""
-    lines.append(f"  compiler's estimate {r.optimal_seconds:.3f} s: it counts each loop body once"
-                 f"{loops}, so with scanned layers it is not the step's time")
-  if r.hlo is not None:
-    lines.append(f"  model-FLOPs MFU at most {model / r.hlo.flops:.1%}: every compiled matmul at "
-                 "peak (the rest is padding, expert buffers beyond their tokens, "
-                 "rematerialisation)")
-  return lines
-
-
 def run(*, seconds: float = 0.0, config: str = "", threads: int | None = None,
         topology: str = DEFAULT_TOPOLOGY, hbm_gib: float | None = None,
         overrides=()) -> dict:
@@ -540,7 +370,7 @@ def run(*, seconds: float = 0.0, config: str = "", threads: int | None = None,
     result = compile_step(config, topology or DEFAULT_TOPOLOGY, parse_overrides(overrides))
   except AotError as e:
     raise SystemExit(f"aot: {e}") from None
-  print(report(result, hbm_gib), flush=True)
-  fits, line = verdict(result, hbm_gib)
+  print(aot_report.report(result, hbm_gib), flush=True)
+  fits, line = aot_report.verdict(result, hbm_gib)
   return {**dataclasses.asdict(result), "device_bytes": result.device_bytes, "fits": fits,
           "verdict": line}

@@ -61,6 +61,7 @@ def compile_recovery_7b(topology: str, *, height: int = RECOVERY_7B["height"],
 
   from robust_u1_jax import sharding
   from robust_u1_jax.benchmarks import aot
+  from robust_u1_jax.benchmarks import aot_report
   from robust_u1_jax.inference import context as context_lib
   from robust_u1_jax.inference import engine as engine_lib
   from robust_u1_jax.inference import images as images_lib
@@ -170,7 +171,7 @@ def compile_recovery_7b(topology: str, *, height: int = RECOVERY_7B["height"],
     out["compiled_flops_per_device"] = rec["flops"] + (moves - 1) * stp["flops"]
   if rec.get("optimal_seconds") and stp.get("optimal_seconds"):
     out["estimated_s"] = rec["optimal_seconds"] + (moves - 1) * stp["optimal_seconds"]
-  peak = aot.CHIPS.get(out["device_kind"], (None, None))[1]
+  peak = aot_report.CHIPS.get(out["device_kind"], (None, None))[1]
   if peak:
     out["peak_flops_per_chip"] = peak
     out["floor_s"] = out["flops"]["floor"] / (peak * len(devices))

@@ -11,9 +11,9 @@ Robust-R1 format, five tagged fields:
   <ANSWER>X<ANSWER_END>           the option letter
 
 Data without reasoning (VQA tables) trains on the last field alone. What the fields say is the
-business of the source that knows the scene (`shapes.answer_text` for the built-in world); this
-module only writes and reads the format, so sources and the pipeline need nothing of the shapes
-world to use it.
+business of the source that knows the scene (`shapes_answers.answer_text` for the built-in world);
+this module only writes and reads the format, so sources and the pipeline need nothing of the
+shapes world to use it.
 """
 
 from __future__ import annotations

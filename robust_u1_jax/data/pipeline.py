@@ -21,6 +21,7 @@
                                                   resumed run redraws the same
   -> ViT-size copy of the corrupted image          BAGEL's ViT rule
   -> stage texts + tokenisation                   instruction / question / answer
+                                                  (stage_fields.py)
   -> skip tracking                                bad_records.SkipTracker, in the main process
   -> batch (per-process batch = data.batch_size / process_count)
      or, with data.token_budget > 0, first-fit packing into rows (packing.py), each sample
@@ -101,13 +102,12 @@ import grain
 import numpy as np
 from absl import flags
 
-from robust_u1_jax.data import answer_format
 from robust_u1_jax.data import bad_records
 from robust_u1_jax.data import corrupt_groups
 from robust_u1_jax.data import multihost
 from robust_u1_jax.data import packing
-from robust_u1_jax.data import shapes
 from robust_u1_jax.data import sources
+from robust_u1_jax.data import stage_fields
 from robust_u1_jax.data import tokenizer as tokenizer_lib
 from robust_u1_jax.data import transforms
 
@@ -121,8 +121,6 @@ HOST_FIELDS = {"sft": (), "rl": (), "reason": ("question_text", "answer_text", "
                "pretrain": ("question_text", "answer_text", "answer_letter", "caption_text")}
 MIN_TEXT_PAD = 16
 FORMAT_AHEAD = 2  # batches of model rows kept ready ahead of the training thread
-# Mixed into the question draw so it is independent of the corruption draw of the same record.
-_QUESTION_STREAM = 0x9_0E57
 
 
 # ------------------------------------------------------------------------------- record transforms
@@ -135,92 +133,6 @@ class LoadRecord(grain.transforms.Map):
 
   def map(self, index):
     return self.source[int(index)]
-
-
-def _steps_and_levels(record: Mapping[str, Any]) -> tuple[list[str], list[int | float]]:
-  """Applied corruption names with their levels: ImageNet-C severities as ints."""
-  steps = list(record.get("corruption_steps", []))
-  levels = [int(v) if name.startswith("imagenet_c/") else float(v)
-            for name, v in zip(steps, record.get("corruption_levels", []))]
-  return steps, levels
-
-
-def _steps_text(record: Mapping[str, Any]) -> str:
-  steps, levels = _steps_and_levels(record)
-  if not steps:
-    return str(record.get("corruption", "none"))
-  return "+".join(f"{name}({level})" if isinstance(level, int) else f"{name}({level:.2f})"
-                  for name, level in zip(steps, levels))
-
-
-def _answer_text(question: Mapping[str, Any], record: Mapping[str, Any]) -> str:
-  """The reasoning target: Robust-R1 format for the shapes world, the bare answer otherwise."""
-  if "target" in question:  # a shapes-world question: its reasoning text is known
-    steps, levels = _steps_and_levels(record)
-    return shapes.answer_text(question, steps or None, strength=levels or None)
-  if question.get("raw_answer"):  # written out in full by the data (Robust-R1 reasoning JSONL)
-    return str(question["answer"])
-  return answer_format.bare_answer(question["answer"])
-
-
-class StageFields(grain.transforms.Map):
-  """Adds the stage's texts, the ViT-size corrupted image and the corruption description."""
-
-  def __init__(self, stage: str, *, seed: int, instruction: str, vit_rule: Mapping[str, int]):
-    self.stage, self.seed, self.instruction = stage, int(seed), instruction
-    self.vit_rule = dict(vit_rule)
-
-  def map(self, element):
-    if bad_records.is_skip(element):
-      return element
-    out = dict(element)
-    if out["corrupted"].shape != out["clean"].shape:  # stored pairs of different sizes
-      out["corrupted"] = transforms.resize_image(out["corrupted"], out["clean"].shape[:2])
-    out["corrupted_vit"], _ = transforms.bagel_resize(out["corrupted"], **self.vit_rule)
-    if self.stage not in ("sft", "rl"):
-      out = self._question(out)
-      if self.stage == "pretrain" and not bad_records.is_skip(out):
-        out = self._caption(out)
-    else:
-      prompt = out.get("prompt")  # Robust-R1 pairs carry their own instruction
-      out["instruction"] = prompt if isinstance(prompt, str) and prompt else self.instruction
-    if not bad_records.is_skip(out):
-      out["corruption_steps"] = _steps_text(out)
-    return out
-
-  def _caption(self, out: dict) -> dict:
-    caption = out.get("caption")
-    if not isinstance(caption, str) or not caption:
-      return bad_records.skip_record(
-          f"stage {self.stage!r} needs a record with a 'caption' text (the shapes world has "
-          f"one); this one has {sorted(out)}", out.get("path"), out.get("index"))
-    out["caption_text"] = caption
-    return out
-
-  def _question(self, out: dict) -> dict:
-    questions = out.get("questions")
-    if not questions and isinstance(out.get("question"), str) and isinstance(
-        out.get("answer"), str):  # a JSONL row of reasoning data: {question, answer, ...}
-      questions = [{"question": out["question"], "answer": out["answer"], "raw_answer": True}]
-    if not questions:
-      return bad_records.skip_record(
-          f"stage {self.stage!r} needs a record with 'questions' (shapes world, VQA tables) or "
-          f"'question' and 'answer' texts (JSONL); this one has {sorted(out)}",
-          out.get("path"), out.get("index"))
-    rng = np.random.default_rng([self.seed, int(out["index"]), int(out.get("epoch", 0)),
-                                 _QUESTION_STREAM])
-    q = questions[int(rng.integers(len(questions)))]
-    question = answer_format.format_question(q)
-    recovery_question = answer_format.format_question(q, self.instruction)
-    if self.stage == "reason":
-      question = recovery_question
-    answer = _answer_text(q, out)
-    letter = (answer_format.parse_answer(answer) or "") if q.get("raw_answer") else str(q["answer"])
-    out.update(question=question, answer=answer, question_text=question, answer_letter=letter)
-    out["answer_text"] = out["answer"]
-    if self.stage == "pretrain":  # the base's two-image rows
-      out["recovery_question"] = recovery_question
-    return out
 
 
 class Tokenize(grain.transforms.Map):
@@ -495,9 +407,9 @@ def make_pipeline(data_config, *, seed: int, process_index: int = 0, process_cou
   ds = ds.batch(corrupt_groups.GROUP, batch_fn=list)
   ds = ds.map(corrupt_groups.CorruptGroup.from_config(data_config, seed))
   each = corrupt_groups.EachRecord
-  ds = ds.map(each(StageFields(stage, seed=seed, instruction=instruction or
-                               tokenizer_lib.RECOVERY_INSTRUCTION,
-                               vit_rule=transforms.resize_rule(data_config, "vit"))))
+  ds = ds.map(each(stage_fields.StageFields(
+      stage, seed=seed, instruction=instruction or tokenizer_lib.RECOVERY_INSTRUCTION,
+      vit_rule=transforms.resize_rule(data_config, "vit"))))
   text_fields = TEXT_FIELDS[stage]
   ds = ds.map(each(Tokenize(text_fields, tokenizer, data_config.tokenizer_dir)))
   keep = (*IMAGE_FIELDS, "index", "epoch", "corruption", "corruption_steps",

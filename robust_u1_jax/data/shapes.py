@@ -21,10 +21,8 @@ concluded word among the options, which BAGEL brings from Qwen2.5's language pre
 tiny from-scratch LLM did not learn in the demo's budget (its letters matched its own conclusions
 no more often than random letters; docs/design.md#the-built-in-shapes-world).
 
-`answer_text(question, corruption_name)` fills the Robust-R1 answer format
-(`answer_format.py`) from what the world knows about a question: which corruptions hurt which
-question kinds, and how the answer is found in the scene. The pipeline calls it after corrupting,
-when the corruption is known.
+The answers to the questions, which depend on the corruption applied later, are written by
+`shapes_answers.py`.
 """
 
 from collections.abc import Sequence
@@ -35,8 +33,6 @@ import math
 import random
 
 import numpy as np
-
-from robust_u1_jax.data import answer_format
 
 # Hue order matters: neighbours in this tuple are what a strong hue shift confuses.
 COLORS = {
@@ -69,36 +65,6 @@ LETTERS = "ABCDEF"
 SPLITS = ("train", "validation", "test")
 DEFAULT_SIZES = {"train": 100_000, "validation": 1_000, "test": 1_000}
 MIN_IMAGE_SIDE = 32
-
-# What each known corruption does to the scene: (effect sentence, question kinds it makes harder).
-_EFFECTS = {
-    "noise": ("Random noise speckles every pixel and hides fine detail.",
-              ("color", "shape", "existence")),
-    "blur": ("Blur smears the edges, so outlines soften and nearby objects run together.",
-             ("shape", "count", "existence")),
-    "blocks": ("Blocky artifacts break the outlines into coarse squares.",
-               ("shape", "count", "existence")),
-    "color": ("The colors and brightness are shifted away from their true values.",
-              ("color", "existence")),
-    "occlusion": ("Overlays cover parts of the image and can hide objects.", QUESTION_KINDS),
-    "warp": ("The image is warped, which bends the outlines.", ("shape", "existence")),
-    "sharpen": ("Sharpening adds halos and ringing around the edges.", ("shape",)),
-}
-# Every ImageNet-C and Robust-R1 corruption of docs/design.md#corruptions, by effect.
-CORRUPTION_EFFECTS = {
-    "gaussian_noise": "noise", "shot_noise": "noise", "impulse_noise": "noise",
-    "speckle_noise": "noise", "defocus_blur": "blur", "glass_blur": "blur", "motion_blur": "blur",
-    "zoom_blur": "blur", "gaussian_blur": "blur", "lens_blur": "blur",
-    "atmospheric_turbulence": "blur", "pixelate": "blocks", "jpeg_compression": "blocks",
-    "block_exchange": "blocks", "saturate": "color", "hsv_saturation": "color",
-    "brightness": "color", "contrast": "color", "mean_shift": "color", "color_diffusion": "color",
-    "dark_illumination": "color", "snow": "occlusion", "frost": "occlusion", "fog": "occlusion",
-    "spatter": "occlusion", "lens_flare": "occlusion", "dirty_lens": "occlusion",
-    "graffiti": "occlusion", "watermark_damage": "occlusion", "scan_lines": "occlusion",
-    "elastic_transform": "warp", "sharpness_change": "sharpen",
-}
-_ATTRIBUTE_WORDS = {"color": "the colors", "shape": "the shapes", "count": "the number of objects",
-                    "position": "the positions", "existence": "colors and shapes"}
 
 
 # ------------------------------------------------------------------------------------ randomness
@@ -290,12 +256,8 @@ def _draw_object(img_chw: np.ndarray, obj: dict, d: _Draws) -> None:
 
 # ------------------------------------------------------------------------------------- language
 
-def _a(word: str) -> str:
+def a_or_an(word: str) -> str:
   return ("an " if word[0] in "aeiou" else "a ") + word
-
-
-def _count_phrase(n: int, singular: str, plural: str) -> str:
-  return f"{NUMBER_WORDS[n]} {singular if n == 1 else plural}"
 
 
 def _caption(objects: list[dict], background: str) -> str:
@@ -305,7 +267,7 @@ def _caption(objects: list[dict], background: str) -> str:
   parts = []
   for (color, shape), members in groups.items():
     if len(members) == 1:
-      parts.append(f"{_a(color)} {shape} at the {members[0]['quadrant']}")
+      parts.append(f"{a_or_an(color)} {shape} at the {members[0]['quadrant']}")
     else:
       part = f"{NUMBER_WORDS[len(members)]} {color} {PLURALS[shape]}"
       for axis in (0, 1):  # a shared half is worth saying ("two blue squares on the left")
@@ -315,7 +277,7 @@ def _caption(objects: list[dict], background: str) -> str:
           break
       parts.append(part)
   text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-  text = f"{text} on {_a(background)} background."
+  text = f"{text} on {a_or_an(background)} background."
   return text[0].upper() + text[1:]
 
 
@@ -408,8 +370,8 @@ def _existence_question(d: _Draws, objects: list[dict]) -> dict:
   correct = "yes" if found else "no"
   target = {"color": color, "shape": shape, "present": bool(found),
             "quadrant": found[0]["quadrant"] if found else None}
-  return _mcq("existence", f"Is there {_a(color)} {shape}?", correct, f"{_a(color)} {shape}",
-              target)
+  return _mcq("existence", f"Is there {a_or_an(color)} {shape}?", correct,
+              f"{a_or_an(color)} {shape}", target)
 
 
 def _questions(d: _Draws, objects: list[dict]) -> list[dict]:
@@ -417,83 +379,6 @@ def _questions(d: _Draws, objects: list[dict]) -> list[dict]:
         _count_question(d, objects), _position_question(d, objects),
         _existence_question(d, objects)]
   return [q for q in qs if q is not None]
-
-
-# ---------------------------------------------------------------------------------- answer text
-
-def _influence(kind: str, applied: Sequence[tuple[str, object]]) -> str:
-  """The INFLUENCE field: what the applied corruptions do to questions of `kind`."""
-  if not applied:
-    return "The image is clean, so colors, shapes and counts can be read directly."
-  sentences, hurt = [], set()
-  for name, _ in applied:
-    words = answer_format.corruption_words(name)
-    effect = CORRUPTION_EFFECTS.get(name.split("/")[-1])
-    sentence, attrs = (_EFFECTS[effect] if effect else
-                       (f"The {words} degrades the image and hides detail.", QUESTION_KINDS))
-    if sentence not in sentences:
-      sentences.append(sentence)
-    hurt.update(attrs)
-  attribute = _ATTRIBUTE_WORDS[kind]
-  if kind in hurt:
-    sentences.append(f"This makes {attribute} harder to judge, so I check the recovered image.")
-  else:
-    verb = "is" if kind == "count" else "are"
-    sentences.append(f"{attribute[0].upper() + attribute[1:]} {verb} still reliable.")
-  return " ".join(sentences)
-
-
-def _reasoning_and_conclusion(q: dict) -> tuple[str, str]:
-  t, kind, subject = q["target"], q["kind"], q["subject"]
-  option = f"which is option {q['answer']}."
-  if kind in ("color", "shape"):
-    where = "" if "at the" in subject else f" It is at the {t['quadrant']}."
-    if kind == "color":
-      return (f"I look for {subject}.{where} Its color is closest to {t['color']}.",
-              f"{subject[0].upper() + subject[1:]} is {t['color']}, {option}")
-    return (f"I look for {subject}.{where} Its outline matches {_a(t['shape'])}.",
-            f"{subject[0].upper() + subject[1:]} is {_a(t['shape'])}, {option}")
-  if kind == "count":
-    n = t["count"]
-    if n == 0:
-      return (f"I check every object and find no {t['plural']}.",
-              f"There are no {t['plural']}, {option}")
-    quads = list(dict.fromkeys(t["quadrants"]))
-    where = quads[0] if len(quads) == 1 else ", ".join(quads[:-1]) + " and " + quads[-1]
-    verb = "is" if n == 1 else "are"
-    return (f"I count the {t['plural']} one by one and find {NUMBER_WORDS[n]}, at the {where}.",
-            f"There {verb} {_count_phrase(n, t['singular'], t['plural'])}, {option}")
-  if kind == "position":
-    vertical, horizontal = t["quadrant"].split()
-    where = {"quadrant": f"at the {t['quadrant']}", "horizontal": f"on the {horizontal}",
-             "vertical": f"in the {vertical} half"}[t["axis"]]
-    return (f"I find {subject}. Its center is in the {vertical} half and the {horizontal} half "
-            f"of the image.", f"{subject[0].upper() + subject[1:]} is {where}, {option}")
-  if kind == "existence":
-    thing = f"{t['color']} {t['shape']}"
-    if t["present"]:
-      return (f"I check each object for {_a(thing)}. There is one at the {t['quadrant']}.",
-              f"Yes, there is {_a(thing)}, {option}")
-    return (f"I check each object for {_a(thing)}. None of the objects is {_a(thing)}.",
-            f"No, there is no {thing}, {option}")
-  raise ValueError(f"question kind {kind!r} is unknown: allowed {', '.join(QUESTION_KINDS)}")
-
-
-def answer_text(question: dict, corruption_name: str | Sequence[str] | None = None, *,
-                strength: float | Sequence[float] | None = None) -> str:
-  """The Robust-R1 answer for `question`, ending exactly with `<ANSWER>X<ANSWER_END>`.
-
-  Args:
-    question: a question dict of a shapes-world record.
-    corruption_name: the applied corruption ("gaussian_noise", "imagenet_c/pixelate"), a list of
-      them (pipeline stages), or None / "none" for a clean image.
-    strength: optional intensity or severity per corruption, written as `name(0.45)` in TYPE.
-  """
-  applied = answer_format.applied_corruptions(corruption_name, strength)
-  reasoning, conclusion = _reasoning_and_conclusion(question)
-  return answer_format.format_answer(answer_format.type_text(applied),
-                                     _influence(question["kind"], applied), reasoning, conclusion,
-                                     question["answer"])
 
 
 # ------------------------------------------------------------------------------------- the world
@@ -563,27 +448,3 @@ class ShapesWorld:
         image[:, :, c] = img_chw[c]
       rec["image"] = image
     return rec
-
-
-def text_corpus(corruption_names: Sequence[str] = (), num_records: int = 200) -> list[str]:
-  """Every kind of text the world produces, deterministically (the tokenizer's training corpus).
-
-  Captions, prompts and answer texts of `num_records` validation records (answers cycle through
-  `corruption_names` with and without a strength), plus every vocabulary word on its own.
-  """
-  names = ["none", *sorted(set(corruption_names) | set(CORRUPTION_EFFECTS))]
-  world = ShapesWorld("validation", size=num_records, seed=0)
-  texts, k = [], 0
-  for i in range(num_records):
-    rec = world.record(i, render=False)
-    texts.append(rec["caption"])
-    for q in rec["questions"]:
-      texts.append(answer_format.format_question(q))
-      name = names[k % len(names)]
-      texts.append(answer_text(q, name, strength=(k % 5) / 4 if k % 2 else None))
-      k += 1
-  words = [*COLOR_NAMES, *SHAPES, *PLURALS.values(), *BACKGROUNDS, *QUADRANTS, *NUMBER_WORDS,
-           *QUESTION_KINDS, "yes", "no", "left", "right", "top", "bottom", "half", "center",
-           *(answer_format.corruption_words(n) for n in names)]
-  texts.extend(" ".join(words[i:i + 8]) for i in range(0, len(words), 8))
-  return texts

@@ -28,7 +28,7 @@ import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
 from robust_u1_jax import cache_dirs
-from robust_u1_jax.data import answer_format, shapes
+from robust_u1_jax.data import answer_format, shapes_answers
 
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -75,7 +75,7 @@ def _byte_alphabet() -> list[str]:
 def corruption_names() -> list[str]:
   """Corruption names for TYPE/INFLUENCE text: the registry's when importable, else the list of
   docs/design.md#corruptions that the shapes world knows."""
-  names = set(shapes.CORRUPTION_EFFECTS)
+  names = set(shapes_answers.CORRUPTION_EFFECTS)
   try:
     from robust_u1_jax.data import corruptions  # deferred: imports JAX
   except ImportError:
@@ -89,7 +89,7 @@ def corruption_names() -> list[str]:
 
 def corpus_texts() -> list[str]:
   """The deterministic training corpus."""
-  return [*shapes.text_corpus(corruption_names()), RECOVERY_INSTRUCTION,
+  return [*shapes_answers.text_corpus(corruption_names()), RECOVERY_INSTRUCTION,
           answer_format.ANSWER_FROM_RESTORED,
           string.ascii_letters, string.digits, string.punctuation,
           " ".join(string.ascii_uppercase), " ".join(string.digits)]

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from robust_u1_jax.data.corruptions import jpeg, ops
+from robust_u1_jax.data.corruptions import jpeg, ops, resample
 from robust_u1_jax.data.corruptions.imagenet_c_noise_blur import check_severity, pick
 
 BRIGHTNESS = (0.1, 0.2, 0.3, 0.4, 0.5)  # added to HSV value
@@ -64,8 +64,8 @@ def jpeg_compression(x_hwc, key, severity, *, reference_size=ops.REFERENCE_SIZE)
 
 def pixelate_matrices(n: int) -> np.ndarray:
   """(5, n, n): per severity, PIL BOX down to int(n * c) then NEAREST back up, along one axis."""
-  return np.stack([ops.resize_matrix(max(1, int(n * c)), n, "nearest")
-                   @ ops.resize_matrix(n, max(1, int(n * c)), "box") for c in PIXELATE])
+  return np.stack([resample.resize_matrix(max(1, int(n * c)), n, "nearest")
+                   @ resample.resize_matrix(n, max(1, int(n * c)), "box") for c in PIXELATE])
 
 
 @functools.lru_cache(maxsize=64)
@@ -73,16 +73,16 @@ def pixelate_tables(n: int) -> list[tuple[np.ndarray, np.ndarray]]:
   """Per severity, along an axis of n: PIL's BOX downscale to int(n * c) followed by its NEAREST
   upscale, as windows: output pixel o is the mean of input pixels lo[o]..hi[o]-1 ((n,) int32
   each; BOX weights are 0 or 1 at these scales, so a window is contiguous). Read off
-  `ops.resize_matrix`, so they are Pillow's rules exactly."""
+  `resample.resize_matrix`, so they are Pillow's rules exactly."""
   tables = []
   for c in PIXELATE:
     m = max(1, int(n * c))
-    down = ops.resize_matrix(n, m, "box")
+    down = resample.resize_matrix(n, m, "box")
     windows = [np.flatnonzero(row) for row in down]
     for i, taps in enumerate(windows):
       if taps.size == 0 or np.any(np.diff(taps) != 1) or np.ptp(down[i, taps]) > 1e-6:
         raise AssertionError(f"PIL BOX row {i} of {n} -> {m} is not a uniform window")
-    src = np.argmax(ops.resize_matrix(m, n, "nearest"), axis=1)
+    src = np.argmax(resample.resize_matrix(m, n, "nearest"), axis=1)
     tables.append((np.asarray([windows[i][0] for i in src], np.int32),
                    np.asarray([windows[i][-1] + 1 for i in src], np.int32)))
   return tables
@@ -131,7 +131,8 @@ def elastic_transform(x_hwc, key, severity, *, reference_size=ops.REFERENCE_SIZE
   dyx = ops.gaussian_blur(raw, sigma, mode="reflect", truncate=3.0) * (alpha * s)
   yy, xx = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32),
                         indexing="ij")
-  return ops.clip01(ops.warp(x_hwc, yy + dyx[..., 0], xx + dyx[..., 1], order=1, mode="reflect"))
+  return ops.clip01(resample.warp(x_hwc, yy + dyx[..., 0], xx + dyx[..., 1], order=1,
+                                  mode="reflect"))
 
 
 DIGITAL = {

@@ -23,6 +23,7 @@ import numpy as np
 import scipy.special
 
 from robust_u1_jax.data.corruptions import ops
+from robust_u1_jax.data.corruptions import resample
 
 SEVERITIES = (1, 2, 3, 4, 5)
 
@@ -253,7 +254,7 @@ def _zoom_tables(h: int, w: int) -> np.ndarray:
   table = np.zeros((len(lists), f_max, 5), np.float32)
   for s, factors in enumerate(lists):
     for i, f in enumerate(factors):
-      table[s, i] = (*ops.center_zoom_params(h, f), *ops.center_zoom_params(w, f), 1.0)
+      table[s, i] = (*resample.center_zoom_params(h, f), *resample.center_zoom_params(w, f), 1.0)
   return table
 
 
@@ -263,7 +264,7 @@ def zoom_blur(x_hwc, key, severity, *, reference_size=ops.REFERENCE_SIZE):
   table = pick(_zoom_tables(x_hwc.shape[0], x_hwc.shape[1]), severity, "zoom_blur")
 
   def add_zoom(acc, row):
-    zoomed = ops.center_zoom_with(x_hwc, (row[0], row[1]), (row[2], row[3]))
+    zoomed = resample.center_zoom_with(x_hwc, (row[0], row[1]), (row[2], row[3]))
     return acc + row[4] * zoomed, None
 
   acc, _ = jax.lax.scan(add_zoom, x_hwc.astype(jnp.float32), table)

@@ -32,6 +32,7 @@ import numpy as np
 
 from robust_u1_jax import pixels
 from robust_u1_jax.data.corruptions import ops
+from robust_u1_jax.data.corruptions import resample
 from robust_u1_jax.data.corruptions.imagenet_c_noise_blur import pick
 
 # loc, scale, zoom, threshold, blur radius, blur sigma, image blend
@@ -61,7 +62,7 @@ def _layer_shape(h: int, w: int, reference_size) -> tuple[int, int]:
 def _to_image_size(layer, h: int, w: int):
   if layer.shape[:2] == (h, w):
     return layer
-  return ops.resize(layer, h, w, "bilinear")
+  return resample.resize(layer, h, w, "bilinear")
 
 
 def plasma_fractal(key, mapsize: int, wibble_decay) -> jax.Array:
@@ -124,13 +125,13 @@ def snow(x_hwc, key, severity, *, reference_size=ops.REFERENCE_SIZE):
   h, w = x_hwc.shape[:2]
   hr, wr = _layer_shape(h, w, reference_size)
   # Zoom sampling grids are integer-sensitive, so they are tabulated per severity on the host.
-  table = [(*row[:2], *ops.center_zoom_params(hr, row[2]), *ops.center_zoom_params(wr, row[2]),
-            *row[3:]) for row in SNOW]
+  table = [(*row[:2], *resample.center_zoom_params(hr, row[2]),
+            *resample.center_zoom_params(wr, row[2]), *row[3:]) for row in SNOW]
   loc, scale, top_y, step_y, top_x, step_x, threshold, radius, sigma, blend = pick(
       table, severity, "snow")
   k_flakes, k_angle = jax.random.split(key)
   layer = loc + scale * ops.normal(k_flakes, (hr, wr))
-  layer = ops.center_zoom_with(layer, (top_y, step_y), (top_x, step_x))
+  layer = resample.center_zoom_with(layer, (top_y, step_y), (top_x, step_x))
   layer = ops.clip01(jnp.where(layer < threshold, 0.0, layer))
   angle = jax.random.uniform(k_angle, (), minval=-135.0, maxval=-45.0)
   max_radius = max(row[4] for row in SNOW)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from robust_u1_jax.data.corruptions import ops
+from robust_u1_jax.data.corruptions import resample
 
 ATLAS_FONT_SIZE = 48  # px; stamps are resampled from this, so it bounds the sharpness of big text
 
@@ -71,7 +71,7 @@ def stamp_text(atlas_nhw, widths_n, index, out_hw: tuple[int, int], centre_yx, t
   # Rotate image offsets into the text frame, then scale to atlas pixels.
   ty = (c * dy + s * dx) * zoom + (h_t - 1) / 2.0
   tx = (-s * dy + c * dx) * zoom + (word_w - 1) / 2.0
-  return ops.warp(mask, ty, tx, order=1, mode="constant", cval=0.0)
+  return resample.warp(mask, ty, tx, order=1, mode="constant", cval=0.0)
 
 
 def segment_coverage(yy, xx, p0_yx, p1_yx, thickness) -> jax.Array:

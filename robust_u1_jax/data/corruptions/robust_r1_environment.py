@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from robust_u1_jax.data.corruptions import ops
+from robust_u1_jax.data.corruptions import resample
 from robust_u1_jax.data.corruptions import robust_r1_common as common
 
 REFERENCE_SIZE = common.REFERENCE_SIZE
@@ -44,11 +45,11 @@ def atmospheric_turbulence(x_hwc, key, intensity, *, reference_size=REFERENCE_SI
   s = common.scale(x_hwc, reference_size)
   cell = max(TURBULENCE_CELL * s, 4.0)
   lattice = jax.random.normal(key, (math.ceil(h / cell) + 1, math.ceil(w / cell) + 1, 2))
-  field = ops.resize(lattice, h, w, "bicubic")
+  field = resample.resize(lattice, h, w, "bicubic")
   field = field / jnp.sqrt(jnp.mean(field ** 2, axis=(0, 1), keepdims=True) + 1e-12)
   field = field * (TURBULENCE_AMPLITUDE * s * i)
   yy, xx = common.pixel_grid(h, w)
-  warped = ops.warp(x_hwc, yy + field[..., 0], xx + field[..., 1], order=1, mode="reflect")
+  warped = resample.warp(x_hwc, yy + field[..., 0], xx + field[..., 1], order=1, mode="reflect")
   return ops.clip01(common.blur(warped, TURBULENCE_BLUR * s * i, TURBULENCE_BLUR * s))
 
 

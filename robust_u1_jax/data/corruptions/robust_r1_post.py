@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from robust_u1_jax.data.corruptions import ops
 from robust_u1_jax.data.corruptions import overlays
+from robust_u1_jax.data.corruptions import resample
 from robust_u1_jax.data.corruptions import robust_r1_common as common
 
 REFERENCE_SIZE = common.REFERENCE_SIZE
@@ -90,11 +91,11 @@ def _inpaint(x_hwc, known_hw1, sigma: float) -> jax.Array:
   fine = num / jnp.maximum(den, 1e-6)
   f = max(1, min(h, w) // INPAINT_COARSE_SIDE)
   ch, cw = max(1, h // f), max(1, w // f)
-  c_num = ops.resize(x_hwc * known_hw1, ch, cw, "box")
-  c_den = ops.resize(known_hw1, ch, cw, "box")
+  c_num = resample.resize(x_hwc * known_hw1, ch, cw, "box")
+  c_den = resample.resize(known_hw1, ch, cw, "box")
   global_mean = jnp.sum(x_hwc * known_hw1, axis=(0, 1)) / jnp.maximum(jnp.sum(known_hw1), 1e-6)
   c_val = jnp.where(c_den > 1e-3, c_num / jnp.maximum(c_den, 1e-3), global_mean)
-  coarse = ops.resize(c_val, h, w, "bilinear")
+  coarse = resample.resize(c_val, h, w, "bilinear")
   mix = jnp.clip(den / 0.3, 0.0, 1.0)
   return mix * fine + (1.0 - mix) * coarse
 
