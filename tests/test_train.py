@@ -9,10 +9,14 @@ import sys
 import time
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from robust_u1_jax import config_lib
-from robust_u1_jax.training import sft, trainer
+from robust_u1_jax.data import packing, pipeline
+from robust_u1_jax.data import tokenizer as tokenizer_lib
+from robust_u1_jax.eval import evaluation as eval_lib
+from robust_u1_jax.training import evaluation, sft, trainer
 from robust_u1_jax.training.stage_spec import StageSpec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,15 +83,37 @@ def test_sft_lowers_its_loss(tmp_path):
 
 
 @pytest.mark.slow
-def test_evaluation_writes_the_recovery_grid(tmp_path):
+def test_evaluation_scores_its_own_images_whatever_the_batch(tmp_path):
+  """The evaluation recovers the first EVAL_IMAGES validation samples, more than the training batch
+  of 8 holds (the demo's RL trains on 2): stages of any batch score the same images. Beside the
+  recoveries it scores doing nothing."""
+  from PIL import Image
+
   trainer.train(_config(2, **{"eval_every": 2, "eval_num_steps": 3}), str(tmp_path), sft.build)
   with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
     evals = [row for row in map(json.loads, f) if row.get("eval")]
   assert len(evals) == 1 and 0.0 <= evals[0]["eval_ssim"] <= 1.0
-  from PIL import Image
-  grid = Image.open(os.path.join(tmp_path, "images", "step_0000002.png"))
-  # Four validation images, three columns (corrupted | recovered | clean) of 64 px plus padding.
-  assert grid.size == (3 * 66 + 2, 4 * 66 + 2)
+
+  # The same validation samples, drawn here from the pipeline.
+  data_config = _config(2).eval_data
+  data_config.token_budget, data_config.batch_size = 0, evaluation.EVAL_IMAGES
+  data = pipeline.make_pipeline(data_config, seed=0, tokenizer=tokenizer_lib.load_tokenizer(),
+                                stage="rl")
+  samples = [row[0] for row in packing.batch_samples(next(data))]
+  data.close()
+  corrupted = np.stack([s["corrupted"] for s in samples])
+  clean = np.stack([s["clean"] for s in samples])
+  assert len(samples) == evaluation.EVAL_IMAGES > _config(2).data.batch_size
+  expected = eval_lib.ssim(corrupted, clean).mean()
+  assert evals[0]["eval_ssim_corrupted"] == pytest.approx(expected, abs=1e-6)
+
+  # The grid: its first GRID_IMAGES, corrupted | recovered | clean, 64 px cells, 2 px apart.
+  grid = np.asarray(Image.open(os.path.join(tmp_path, "images", "step_0000002.png")))
+  assert grid.shape[:2] == (evaluation.GRID_IMAGES * 66 + 2, 3 * 66 + 2)
+  for i in range(evaluation.GRID_IMAGES):
+    y = 2 + 66 * i
+    np.testing.assert_array_equal(grid[y:y + 64, 2:66], corrupted[i])
+    np.testing.assert_array_equal(grid[y:y + 64, 2 + 2 * 66:2 * 66 + 66], clean[i])
 
 
 @pytest.mark.slow
