@@ -230,9 +230,9 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   all eight parts: vae 1.5, clip 0.6, vit 0.7, base 4.4, sft 0.6, rl 0.9, reason 2.1, eval
   1.7; 14.1 on 2026-12-03 with the base's ViT frozen; 33.4 the same day on a 2-core AMD EPYC Zen
   3, whose steps ran 2 to 3 times slower, and 16.5 to 18.9 there on 2026-12-04 with malloc keeping
-  freed memory; 15.0 on an EPYC Zen 4 that day: docs/DEMO.md), 'quick' for about 4 (its test,
-  which runs it and re-runs it, took 7 to 18 on those machines beside the rest of the test
-  suite)."""
+  freed memory; 15.0 to 25.8 on an EPYC Zen 4 that day: docs/DEMO.md), 'quick' for about 4
+  (its test, which runs it and re-runs it, took 7 to 18 on those machines beside the rest of the
+  test suite)."""
   _check_variant(variant, "get_config")
   quick = variant == "quick"
   c = ml_collections.ConfigDict()
