@@ -230,7 +230,8 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   all eight parts: vae 1.5, clip 0.6, vit 0.7, base 4.4, sft 0.6, rl 0.9, reason 2.1, eval
   1.7; 14.1 on 2026-12-03 with the base's ViT frozen; 33.4 the same day on a 2-core AMD EPYC Zen
   3, whose steps ran 2 to 3 times slower, and 16.5 to 18.9 there on 2026-12-04 with malloc keeping
-  freed memory; 15.0 to 25.8 on an EPYC Zen 4 that day: docs/DEMO.md), 'quick' for about 4
+  freed memory; 15.0 to 25.8 on an EPYC Zen 4 that day, 15.3 there with guidance 1.5 / 1.5:
+  docs/DEMO.md), 'quick' for about 4
   (its test, which runs it and re-runs it, took 7 to 18 on those machines beside the rest of the
   test suite)."""
   _check_variant(variant, "get_config")
@@ -282,6 +283,23 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   c.eval.num_samples = 16 if quick else 64
   c.eval.recovery_steps = 10 if quick else 20
   c.eval.max_new_tokens = 128
+  # Guidance 1.5 / 1.5 for every recovery of the demo's model (RL's rollouts, the reasoning
+  # stage's recoveries, the evaluations; written beside each model for `recover` and `answer`),
+  # not the release's 4 / 2: the tiny model's image-free branches are barely trained, and
+  # extrapolating towards them costs precision. Measured on validation (64 images, recovered PSNR
+  # dB / SSIM at 25 % and 100 % intensity and of clean inputs, 2026-12-04): the base copying at
+  # 4 / 2 24.18 / 0.681 on clean images, unguided 25.22 / 0.704 (its VAE's round trip: 25.23);
+  # the SFT model at 4 / 2 22.07 / 0.626, 15.98 / 0.385, 22.87 / 0.656; at 1.5 / 1.5 22.65 /
+  # 0.639, 16.79 / 0.394, 23.44 / 0.665; unguided 22.24 / 0.608, 17.31 / 0.387 (2 / 2 and
+  # 2 / 1.5 between; docs/DEMO.md, "Guidance").
+  for part in ("base", "sft", "rl", "reason", "eval"):
+    c[part].guidance.text_scale = c[part].guidance.image_scale = 1.5
+  # One intensity for all four pipeline stages, drawn per record (data.intensity_draw), as the
+  # evaluation's 25 / 50 / 100 % levels apply it: drawn per stage, a record with all four mild
+  # came once in 120. SFT on validation at 1.5 / 1.5: 22.89 / 0.644 at 25 % (22.65 / 0.639 per
+  # stage), 16.72 / 0.393 at 100 % (16.79 / 0.394), 23.66 / 0.670 on clean images (23.44 / 0.665).
+  for part in ("sft", "rl", "reason"):
+    c[part].data.intensity_draw = "record"
   if quick:
     c.eval.claim_samples = 0  # the conditions' 16
     c.eval.imagenet_c_types = ("fog", "pixelate")

@@ -36,6 +36,10 @@ def get_data_config() -> ml_collections.ConfigDict:
   d.corruption = "robust_r1_pipeline"
   d.severity = 3  # ImageNet-C severity 1..5 (0: draw uniformly per record)
   d.intensity = -1.0  # Robust-R1 intensity in [0, 1] (negative: draw uniformly per record)
+  # How the pipeline draws a negative intensity: 'stage' (one per stage, as the release's
+  # generator) or 'record' (one for all four stages, as the 25 / 50 / 100 % evaluation levels
+  # apply it: mild and heavy records equally often).
+  d.intensity_draw = "stage"
   d.tokenizer_dir = ""  # empty: the built-in world's tokenizer
   d.batch_size = 8  # global batch: samples, or packed rows when token_budget > 0
   d.token_budget = 0  # packing budget in tokens per row (0: no packing)
@@ -100,6 +104,16 @@ def get_lora_config() -> ml_collections.ConfigDict:
   return lo
 
 
+def get_guidance_config() -> ml_collections.ConfigDict:
+  """BAGEL's classifier-free guidance (inference/recovery.py Guidance): the release's values."""
+  g = ml_collections.ConfigDict()
+  g.text_scale = 4.0  # cfg_text_scale
+  g.image_scale = 2.0  # cfg_img_scale (acts only with text_scale > 1, as in BAGEL)
+  g.renorm_min = 0.0
+  g.renorm_type = "text_channel"  # global | channel | text_channel
+  return g
+
+
 def get_base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stage = ""
@@ -115,6 +129,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # How an image's VAE latent enters the model: a posterior sample (BAGEL, in training and
   # inference) or the posterior mean. Drawn from the step's key, like every random draw.
   c.vae_posterior = "sample"
+  # The guidance of every recovery a stage draws: RL's rollouts, the reasoning stage's recoveries
+  # (on the fly or cached) and the recoveries of the evaluation during training.
+  c.guidance = get_guidance_config()
   c.total_steps = 1000
   c.data = get_data_config()
   c.eval_data = get_data_config()
@@ -139,6 +156,8 @@ SOURCES = ("shapes", "folder", "tfds", "jsonl", "vqa_tsv", "vqa_parquet")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "full", "dots", "minimal")  # models/layers.py: remat_policy
 ATTENTION = ("auto", "xla", "splash", "cudnn")  # models/attention.py: IMPLEMENTATIONS
+GUIDANCE_RENORMS = ("global", "channel", "text_channel")  # sampling.RENORM_TYPES
+INTENSITY_DRAWS = ("stage", "record")  # data/transforms.py: CorruptionSpec.intensity_draw
 
 
 class ConfigError(ValueError):
@@ -180,6 +199,8 @@ def validate_data(d: ml_collections.ConfigDict, prefix: str = "data") -> None:
          "0 (drawn per record) or an ImageNet-C severity 1..5")
   _check(d.intensity <= 1.0, f"{prefix}.intensity", d.intensity,
          "a Robust-R1 intensity in [0, 1], or negative to draw per record")
+  _check(d.intensity_draw in INTENSITY_DRAWS, f"{prefix}.intensity_draw", d.intensity_draw,
+         ", ".join(INTENSITY_DRAWS))
   names = _corruption_names()
   _check(d.corruption in names, f"{prefix}.corruption", d.corruption, ", ".join(names))
   _check(d.batch_size > 0, f"{prefix}.batch_size", d.batch_size, "a positive integer")
@@ -195,6 +216,13 @@ def validate_data(d: ml_collections.ConfigDict, prefix: str = "data") -> None:
          "a fraction in [0, 1)")
   _check(d.min_image_side >= 0, f"{prefix}.min_image_side", d.min_image_side,
          "0 (one VAE stride or ViT patch, whichever is larger) or a side in pixels")
+
+
+def validate_guidance(g: ml_collections.ConfigDict) -> None:
+  for name in ("text_scale", "image_scale"):
+    _check(g[name] >= 1.0, f"guidance.{name}", g[name], "a scale >= 1 (1: no guidance)")
+  _check(g.renorm_type in GUIDANCE_RENORMS, "guidance.renorm_type", g.renorm_type,
+         ", ".join(GUIDANCE_RENORMS))
 
 
 def validate_lora(lo: ml_collections.ConfigDict) -> None:
@@ -275,6 +303,7 @@ def validate_eval(c: ml_collections.ConfigDict) -> None:
   _check(c.dtype in ("float32", "bfloat16"), "dtype", c.dtype, "float32, bfloat16")
   _check(c.clip_model in CLIP_MODELS, "clip_model", c.clip_model, ", ".join(CLIP_MODELS))
   _check(c.split in ("train", "validation", "test"), "split", c.split, "train, validation, test")
+  validate_guidance(c.guidance)
 
 
 def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -309,6 +338,8 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check(o.grad_accum_steps >= 1, "optimizer.grad_accum_steps", o.grad_accum_steps, ">= 1")
   if "lora" in c:
     validate_lora(c.lora)
+  if "guidance" in c:
+    validate_guidance(c.guidance)
   validate_bootstrap(c)
   _check(c.param_dtype in DTYPES, "param_dtype", c.param_dtype, ", ".join(DTYPES))
   _check(c.compute_dtype in DTYPES, "compute_dtype", c.compute_dtype, ", ".join(DTYPES))
@@ -343,8 +374,6 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check(rl.num_steps >= 2, "rl.num_steps", rl.num_steps, "an integer >= 2")
     _check(0 <= rl.window_size <= rl.num_steps // 2, "rl.window_size", rl.window_size,
            f"in [0, rl.num_steps // 2 = {rl.num_steps // 2}]")
-    _check(rl.cfg_renorm_type in ("global", "channel", "text_channel"), "rl.cfg_renorm_type",
-           rl.cfg_renorm_type, "global, channel, text_channel")
     _check(rl.clip_model in ("vit_b32", "tiny"), "rl.clip_model", rl.clip_model, "vit_b32, tiny")
     unknown = sorted(set(rl.reward_weights) - {"ssim", "clip"})
     _check(not unknown, "rl.reward_weights", unknown, "the rewards ssim, clip")

@@ -12,7 +12,8 @@ from __future__ import annotations
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from absl import app, flags
 import numpy as np
@@ -50,10 +51,11 @@ def define_model_flags(values: flags.FlagValues) -> None:
 
 def define_sampler_flags(values: flags.FlagValues) -> None:
   """The recovery sampler's settings beyond its step count (each command has its own --steps)."""
-  flags.DEFINE_float("cfg_text", 4.0, "Text guidance scale (BAGEL's cfg_text_scale).",
+  flags.DEFINE_float("cfg_text", None, "Text guidance scale (BAGEL's cfg_text_scale). Default: "
+                     "the model's (guidance.json, written by training), else BAGEL's 4.",
                      flag_values=values)
-  flags.DEFINE_float("cfg_img", 2.0, "Image guidance scale (BAGEL's cfg_img_scale).",
-                     flag_values=values)
+  flags.DEFINE_float("cfg_img", None, "Image guidance scale (BAGEL's cfg_img_scale). Default: "
+                     "the model's (guidance.json), else BAGEL's 2.", flag_values=values)
   flags.DEFINE_float("shift", 3.0, "Timestep shift of the schedule.", flag_values=values)
   flags.DEFINE_bool("sde", False, "The released Robust-U1 sampler: one stochastic step (index 3, "
                     "noise level 0.7) among the Euler steps; needs --steps >= 5.",
@@ -77,11 +79,17 @@ def read_image(path: str, min_side: int = 0) -> np.ndarray:
 def model_rules(model: str):
   """The resize rules of the model `model` (a directory or a stage's workdir), read without
   loading it; InputError for a path that is no model directory."""
-  from robust_u1_jax.inference import engine as engine_lib
   from robust_u1_jax.inference import images as images_lib
 
+  return _beside_model(model, images_lib.ImageRules.for_model_dir)
+
+
+def _beside_model(model: str, read: Callable[[str], Any]):
+  """What `read` takes from the model directory of `model`; InputError naming the file."""
+  from robust_u1_jax.inference import engine as engine_lib
+
   try:
-    return images_lib.ImageRules.for_model_dir(engine_lib.resolve_model_dir(model))
+    return read(engine_lib.resolve_model_dir(model))
   except (OSError, ValueError) as e:
     text = str(e)
     raise InputError(f"--model {text}" if text.startswith(model) else text) from None
@@ -134,12 +142,17 @@ def make_mesh(spec: str):
 
 
 def make_sampler(values: flags.FlagValues, steps: int):
+  """The sampler of the flags; guidance not given is the model's (`guidance.json`)."""
+  import dataclasses
+
   from robust_u1_jax.inference import recovery
 
+  guidance = _beside_model(values.model, recovery.Guidance.for_model_dir)
+  given = {"text_scale": values.cfg_text, "image_scale": values.cfg_img}
   try:
     return recovery.Sampler(
         num_steps=steps, shift=values.shift,
-        guidance=recovery.Guidance(text_scale=values.cfg_text, image_scale=values.cfg_img),
+        guidance=dataclasses.replace(guidance, **{k: v for k, v in given.items() if v is not None}),
         sde_step=recovery.RELEASED_SDE_STEP if values.sde else -1)
   except ValueError as e:
     raise InputError(f"sampler: {e}") from None

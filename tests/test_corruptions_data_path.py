@@ -97,6 +97,15 @@ def _records(n, epoch=0):
 ])
 def test_a_group_is_corrupted_as_its_records_one_by_one(corruption, severity, intensity):
   single = transforms.CorruptOnTheFly(corruption, severity, intensity, seed=3)
+  _check_group(single)
+
+
+def test_a_pipeline_group_with_intensities_drawn_per_record():
+  _check_group(transforms.CorruptOnTheFly("robust_r1_pipeline", 0, -1.0, seed=3,
+                                          intensity_draw="record"))
+
+
+def _check_group(single):
   group = corrupt_groups.CorruptGroup(single)
   records = _records(corrupt_groups.GROUP)
   together = group.map(records)

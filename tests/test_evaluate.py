@@ -20,6 +20,7 @@ from robust_u1_jax.eval import evaluation, report
 from robust_u1_jax.eval import run as eval_run
 from robust_u1_jax.inference import engine as engine_lib
 from robust_u1_jax.inference import images
+from robust_u1_jax.inference import recovery
 from robust_u1_jax.models import bagel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,15 +57,19 @@ def _benchmarks(tmp_path):
   return str(tsv), str(parquet)
 
 
-@pytest.mark.slow
-def test_evaluate_writes_a_complete_report(model_dir, tmp_path):
+def _eval_config():
   import importlib.util
 
   spec = importlib.util.spec_from_file_location("eval_cfg", os.path.join(ROOT, "configs",
                                                                           "eval.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  c = module.get_config("tiny")
+  return module.get_config("tiny")
+
+
+@pytest.mark.slow
+def test_evaluate_writes_a_complete_report(model_dir, tmp_path):
+  c = _eval_config()
   tsv, parquet = _benchmarks(tmp_path)
   c.model, c.out, c.num_samples, c.batch_size = model_dir, str(tmp_path / "report"), 4, 4
   c.claim_samples = 6  # the claims' figures on more questions, the first 4 shared
@@ -181,6 +186,13 @@ def test_scoring_and_conditions():
                         "clean_with_recovery": {"accuracy": 0.49, "minus_off_se": 0.031}})
   assert rows[0]["holds"] and "within 2 points" in rows[0]["claim"]
   assert rows[0]["measured"] == "off 50.0, on 49.0 (-1.0 ± 3.1 points)"
+
+
+def test_the_config_s_guidance_is_the_recoveries_guidance():
+  c = _eval_config()
+  assert eval_run._evaluator(None, c, None).sampler.guidance == recovery.Guidance()  # 4 / 2
+  c.guidance.text_scale, c.guidance.image_scale = 1.5, 1.25
+  assert eval_run._evaluator(None, c, None).sampler.guidance == recovery.Guidance(1.5, 1.25)
 
 
 def test_paired_standard_error():

@@ -156,6 +156,26 @@ def test_bad_input_is_one_error_line_and_status_2(capsys, cli, case, model_dir, 
   assert not os.listdir(tmp_path) and not out
 
 
+def test_sampler_guidance_is_the_model_s_unless_given(tmp_path):
+  """A trained model's directory holds the guidance it was trained and evaluated with; the
+  flags given override it, BAGEL's 4 / 2 stand in for a model without one."""
+  import types
+
+  from robust_u1_jax import model_cli
+  from robust_u1_jax.inference import recovery
+
+  flags = lambda **given: types.SimpleNamespace(**{"model": str(tmp_path), "cfg_text": None,
+                                                   "cfg_img": None, "shift": 3.0, "sde": False,
+                                                   **given})
+  assert model_cli.make_sampler(flags(), 5).guidance == recovery.Guidance(4.0, 2.0)
+  recovery.Guidance(1.5, 1.25).save(str(tmp_path))
+  assert model_cli.make_sampler(flags(), 5).guidance == recovery.Guidance(1.5, 1.25)
+  assert model_cli.make_sampler(flags(cfg_text=3.0), 5).guidance == recovery.Guidance(3.0, 1.25)
+  (tmp_path / recovery.GUIDANCE_FILE).write_text('{"text_scale": 2, "strength": 1}')
+  with pytest.raises(model_cli.InputError, match="guidance.json: .*strength"):
+    model_cli.make_sampler(flags(), 5)
+
+
 def _fake_model_text(scripts):
   """Conversation.generate_text answering from `scripts`: (text, stop token name) per call (a
   random model almost never writes the reasoner's action tokens)."""

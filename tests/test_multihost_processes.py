@@ -43,7 +43,7 @@ RL = {**COMMON, "total_steps": 1, "checkpoint_every": 1, "init_from": "random",
       # 8 images, one per device of the 8-way FSDP mesh; small groups and few sampler steps.
       "data.batch_size": 8, "rl.group_size": 2, "rl.num_steps": 4, "rl.window_size": 1,
       # No guidance branches: fewer contexts to compile, the same multi-process paths.
-      "rl.cfg_text_scale": 1.0, "rl.cfg_img_scale": 1.0,
+      "guidance.text_scale": 1.0, "guidance.image_scale": 1.0,
       # Adam's first step is about lr * sign(g): with the base eps (1e-15) a gradient entry that
       # is rounding noise moves its parameter by the full lr, in the direction the summation
       # order picks. The SFT config's 1e-8 leaves such entries still.

@@ -137,3 +137,6 @@ def test_precomputed_recoveries_feed_the_reasoning_stage(tmp_path):
   other = config_lib.load(REASON, {**overrides, "seed": 1})
   with pytest.raises(ValueError, match="seed: cache 0, config 1"):
     recovery_cache.RecoveryCache.open(cache, other)
+  other = config_lib.load(REASON, {**overrides, "guidance.text_scale": 1.5})
+  with pytest.raises(ValueError, match="guidance.text_scale: cache 4.0, config 1.5"):
+    recovery_cache.RecoveryCache.open(cache, other)

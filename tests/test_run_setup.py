@@ -15,6 +15,7 @@ from flax import nnx
 from robust_u1_jax import config_lib
 from robust_u1_jax.benchmarks import aot
 from robust_u1_jax.data import tokenizer as tokenizer_lib
+from robust_u1_jax.inference import recovery
 from robust_u1_jax.models import bagel
 from robust_u1_jax.training import recovery_cache, run_setup, sft, stages, trainer
 
@@ -83,7 +84,11 @@ def test_abstract_and_real_models_agree_and_a_workdir_gives_its_model_config(tmp
 
   # A different model than the preset: a wider LLM vocabulary, saved as a stage's workdir.
   saved = bagel.Bagel(bagel.preset("tiny", 2048), rngs=nnx.Rngs(1))
+  with config.unlocked():
+    config.guidance.text_scale = 1.5
   run_setup.write_model(saved, str(tmp_path), config)
+  # The guidance of the run's recoveries, beside the model for `recover` and `answer`.
+  assert recovery.Guidance.for_model_dir(str(tmp_path / "model")) == recovery.Guidance(1.5, 2.0)
   from_workdir = config_lib.load(SFT, {**SMALL, "init_from": str(tmp_path)})
   assert run_setup.model_config(from_workdir, real.tokenizer) == saved.config
   loaded = run_setup.make_context(from_workdir).model

@@ -392,6 +392,23 @@ def test_robust_r1_pipeline_on_the_fly():
   assert all(0.0 <= v <= 1.0 for v in a["corruption_levels"])
 
 
+def test_pipeline_intensity_drawn_per_record_serves_all_four_stages():
+  clean = _rgb(32, 32, seed=9)
+  data = config_lib.get_data_config()
+  data.intensity_draw = "record"
+  corrupt = transforms.CorruptOnTheFly.from_config(data, seed=3)
+  levels = [corrupt.map({"image": clean, "index": i, "epoch": 0})["corruption_levels"]
+            for i in range(40)]
+  assert all(len(set(v)) == 1 for v in levels)  # one intensity, every stage
+  drawn = [v[0] for v in levels]
+  assert len(set(drawn)) == 40 and min(drawn) < 0.25 and max(drawn) > 0.75
+  # Per stage (the default), the four stages' intensities differ.
+  per_stage = transforms.CorruptOnTheFly.from_config(config_lib.get_data_config(), seed=3)
+  assert len(set(per_stage.map({"image": clean, "index": 0})["corruption_levels"])) == 4
+  with pytest.raises(ValueError, match="intensity_draw 'image' is invalid"):
+    transforms.corruption_spec("robust_r1_pipeline", 0, -1.0, "image")
+
+
 def test_add_epoch():
   add = transforms.AddEpoch(10)
   assert add.map_with_index(0, {"index": 0})["epoch"] == 0

@@ -324,10 +324,13 @@ class CorruptionSpec:
   name: str = ""  # qualified name for 'single'
   level: str = ""
   severity: int = 0  # 0: drawn uniformly from 1..5 per record
-  intensity: float = -1.0  # < 0: drawn uniformly from [0, 1] per record (pipeline: per stage)
+  intensity: float = -1.0  # < 0: drawn uniformly from [0, 1] per record (pipeline: see below)
+  # The pipeline's drawn intensity: 'stage' (one per stage) or 'record' (one for all stages).
+  intensity_draw: str = "stage"
 
 
-def corruption_spec(corruption: str, severity: int = 0, intensity: float = -1.0) -> CorruptionSpec:
+def corruption_spec(corruption: str, severity: int = 0, intensity: float = -1.0,
+                    intensity_draw: str = "stage") -> CorruptionSpec:
   """Resolves data.corruption / severity / intensity; raises ValueError listing valid names.
 
   A short name that exists in both families (gaussian_noise, motion_blur, jpeg_compression)
@@ -341,8 +344,10 @@ def corruption_spec(corruption: str, severity: int = 0, intensity: float = -1.0)
   if corruption == corruptions.PIPELINE:
     if intensity >= 0:
       corruptions.resolve(corruption, intensity=intensity)
+    if intensity_draw not in ("stage", "record"):
+      raise ValueError(f"intensity_draw {intensity_draw!r} is invalid: allowed stage, record")
     return CorruptionSpec("pipeline", name=corruption, level="intensity",
-                          intensity=float(intensity))
+                          intensity=float(intensity), intensity_draw=intensity_draw)
   registry = corruptions.registry()
   if corruption in registry:
     level = registry[corruption].level
@@ -365,12 +370,15 @@ def draw_corruption(spec: CorruptionSpec, seed: int, index: int,
                     epoch: int) -> tuple[str, dict[str, Any], jax.Array]:
   """(corruption name, {'severity' or 'intensity': level}, JAX key) of one record in one epoch.
 
-  For the pipeline with a drawn intensity the level is {'intensity': None}: the pipeline then
-  draws one intensity per stage from the key.
+  For the pipeline with an intensity drawn per stage the level is {'intensity': None}: the
+  pipeline then draws one intensity per stage from the key.
   """
   rng, key = record_rng(seed, index, epoch)
   if spec.mode == "pipeline":
-    return spec.name, {"intensity": spec.intensity if spec.intensity >= 0 else None}, key
+    if spec.intensity >= 0:
+      return spec.name, {"intensity": spec.intensity}, key
+    drawn = float(rng.uniform(0.0, 1.0)) if spec.intensity_draw == "record" else None
+    return spec.name, {"intensity": drawn}, key
   if spec.mode == "imagenet_c":
     name = f"imagenet_c/{IMAGENET_C_NAMES[int(rng.integers(len(IMAGENET_C_NAMES)))]}"
   else:
@@ -413,13 +421,14 @@ class CorruptOnTheFly(grain.transforms.Map):
   """
 
   def __init__(self, corruption: str, severity: int = 0, intensity: float = -1.0, *,
-               seed: int = 0):
-    self.spec = corruption_spec(corruption, severity, intensity)
+               seed: int = 0, intensity_draw: str = "stage"):
+    self.spec = corruption_spec(corruption, severity, intensity, intensity_draw)
     self.seed = int(seed)
 
   @classmethod
   def from_config(cls, data_config, seed: int) -> "CorruptOnTheFly":
-    return cls(data_config.corruption, data_config.severity, data_config.intensity, seed=seed)
+    return cls(data_config.corruption, data_config.severity, data_config.intensity, seed=seed,
+               intensity_draw=data_config.get("intensity_draw", "stage"))
 
   def map(self, element):
     if is_skip(element):

@@ -179,10 +179,11 @@ class Evaluator:
 
   def __init__(self, engine: engine_lib.Engine, *, recovery_steps: int, batch_size: int,
                max_new_tokens: int, seed: int = 0, instruction: str = recovery_lib.INSTRUCTION,
+               guidance: recovery_lib.Guidance = recovery_lib.Guidance(),
                clip_similarity: Callable | None = None):
     self.engine, self.batch_size, self.seed = engine, batch_size, seed
     self.max_new_tokens = max_new_tokens
-    self.sampler = recovery_lib.Sampler(num_steps=recovery_steps)
+    self.sampler = recovery_lib.Sampler(num_steps=recovery_steps, guidance=guidance)
     self.instruction = instruction
     self.clip_similarity = clip_similarity
 

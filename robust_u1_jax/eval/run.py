@@ -13,6 +13,7 @@ import numpy as np
 
 from robust_u1_jax.eval import evaluation, report
 from robust_u1_jax.inference import engine as engine_lib
+from robust_u1_jax.inference import recovery as recovery_lib
 
 def _clip_similarity(c: ml_collections.ConfigDict):
   if not c.clip_checkpoint:
@@ -29,6 +30,7 @@ def _clip_similarity(c: ml_collections.ConfigDict):
 def _evaluator(engine, c, clip_similarity) -> evaluation.Evaluator:
   return evaluation.Evaluator(engine, recovery_steps=c.recovery_steps, batch_size=c.batch_size,
                               max_new_tokens=c.max_new_tokens, seed=c.seed,
+                              guidance=recovery_lib.Guidance.from_config(c.guidance),
                               clip_similarity=clip_similarity)
 
 

@@ -13,6 +13,8 @@ step against their caches.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -30,6 +32,7 @@ from robust_u1_jax.models.kv_cache import KVCache
 
 Array = jax.Array
 INSTRUCTION = tokenizer_lib.RECOVERY_INSTRUCTION  # the paper's, as the data pipeline writes it
+GUIDANCE_FILE = "guidance.json"  # written beside a trained model by the trainer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +51,29 @@ class Guidance:
     lo, hi = self.interval
     if not 0.0 <= lo <= hi <= 1.0:
       raise ValueError(f"cfg interval {self.interval} must satisfy 0 <= low <= high <= 1")
+
+  @classmethod
+  def from_config(cls, g) -> Guidance:
+    """From a config's `guidance` block (config_lib.get_guidance_config)."""
+    return cls(text_scale=g.text_scale, image_scale=g.image_scale, renorm_min=g.renorm_min,
+               renorm_type=g.renorm_type)
+
+  @classmethod
+  def for_model_dir(cls, path: str) -> Guidance:
+    """The guidance a model was trained with (`guidance.json` beside it), else BAGEL's."""
+    file = os.path.join(path, GUIDANCE_FILE)
+    if not os.path.isfile(file):
+      return cls()
+    try:
+      with open(file) as f:
+        values = json.load(f)
+      return cls(**{k: tuple(v) if k == "interval" else v for k, v in values.items()})
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"{file}: {e}") from None
+
+  def save(self, path: str) -> None:
+    with open(os.path.join(path, GUIDANCE_FILE), "w") as f:
+      json.dump(dataclasses.asdict(self), f, indent=1)
 
   @property
   def uses_no_text(self) -> bool:

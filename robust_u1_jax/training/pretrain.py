@@ -241,10 +241,12 @@ def make_eval(ctx) -> Callable:
   key = jax.random.PRNGKey(c.seed)
   x_init = jax.random.normal(key, (len(shown), noisy.latent_seq_index.shape[1],
                                    config.latent_channels))
-  sampler = recovery_lib.Sampler(num_steps=p.eval_num_steps)
+  sampler = recovery_lib.Sampler(num_steps=p.eval_num_steps,
+                                 guidance=recovery_lib.Guidance.from_config(c.guidance))
   # Image guidance needs an image in the context: text to image guides by the text alone.
   draw_sampler = recovery_lib.Sampler(num_steps=p.eval_num_steps, guidance=recovery_lib.Guidance(
-      text_scale=sampler.guidance.text_scale, image_scale=1.0))
+      text_scale=sampler.guidance.text_scale, image_scale=1.0,
+      renorm_min=sampler.guidance.renorm_min, renorm_type=sampler.guidance.renorm_type))
 
   def evaluate(graphdef, state):
     params = state.ema if state.ema is not None else state.params

@@ -44,7 +44,8 @@ def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """What the cached images depend on: the recovery model and sampler, the records' corruption."""
   data = {k: v for k, v in config.data.to_dict().items() if k not in _LAYOUT_ONLY}
   return {"init_from": config.init_from, "seed": config.seed, "instruction": config.instruction,
-          "recovery_steps": config.reason.recovery_steps, "data": data}
+          "recovery_steps": config.reason.recovery_steps, "guidance": config.guidance.to_dict(),
+          "data": data}
 
 
 def _differences(a: Mapping, b: Mapping, prefix: str = "") -> list[str]:
@@ -140,7 +141,8 @@ def build(config: ml_collections.ConfigDict, directory: str, *, steps: int = 0,
 
   instruction = tokenizer_lib.encode_text_block(tokenizer, config.instruction)
   graphdef, weights = nnx.split(ctx.model)
-  sampler = recovery_lib.Sampler(num_steps=config.reason.recovery_steps)
+  sampler = recovery_lib.Sampler(num_steps=config.reason.recovery_steps,
+                                 guidance=recovery_lib.Guidance.from_config(config.guidance))
 
   @jax.jit
   def recover(weights, recovery, keys):

@@ -63,9 +63,7 @@ class RLSettings:
   @classmethod
   def from_config(cls, c) -> RLSettings:
     rl = c.rl
-    guidance = recovery_lib.Guidance(rl.cfg_text_scale, rl.cfg_img_scale,
-                                     renorm_min=rl.cfg_renorm_min,
-                                     renorm_type=rl.cfg_renorm_type)
+    guidance = recovery_lib.Guidance.from_config(c.guidance)
     return cls(rl.group_size, rl.num_steps, rl.window_size, rl.noise_level, rl.timestep_shift,
                guidance, rl.clip_low, rl.clip_high, rl.adv_clip, rl.beta,
                c.optimizer.ema_decay, c.vae_posterior, rl.updates_per_rollout, rl.inner_epochs)

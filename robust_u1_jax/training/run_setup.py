@@ -200,12 +200,14 @@ def make_context(config: ml_collections.ConfigDict, *, devices: Sequence[Any] | 
 
 def write_model(model: bagel_lib.Bagel, workdir: str, config: ml_collections.ConfigDict) -> None:
   """A run's final model as `workdir/model`, the form later stages' `init_from`,
-  `convert --to hf`, `recover` and `answer` read: an Orbax checkpoint with the tokenizer files and
-  the run's image resize rules beside it."""
+  `convert --to hf`, `recover` and `answer` read: an Orbax checkpoint with the tokenizer files,
+  the run's image resize rules and its recoveries' guidance beside it."""
   from robust_u1_jax.checkpoints import orbax_io
   from robust_u1_jax.inference import images as images_lib
+  from robust_u1_jax.inference import recovery as recovery_lib
 
   path = os.path.join(workdir, "model")
   orbax_io.save_orbax(model, path, tokenizer_dir=tokenizer_dir(config), overwrite=True)
   if jax.process_index() == 0:
     images_lib.ImageRules.from_data_config(config.data).save(path)
+    recovery_lib.Guidance.from_config(config.guidance).save(path)
