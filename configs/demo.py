@@ -284,7 +284,8 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   c.eval.recovery_steps = 10 if quick else 20
   c.eval.max_new_tokens = 128
   # Guidance 1.5 / 1.5 for every recovery of the demo's model (RL's rollouts, the reasoning
-  # stage's recoveries, the evaluations; written beside each model for `recover` and `answer`),
+  # stage's recoveries, the evaluations; written beside each model for `recover`, `answer` and
+  # `evaluate`),
   # not the release's 4 / 2: the tiny model's image-free branches are barely trained, and
   # extrapolating towards them costs precision. Measured on validation (64 images, recovered PSNR
   # dB / SSIM at 25 % and 100 % intensity and of clean inputs, 2026-12-04): the base copying at
@@ -292,7 +293,8 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   # the SFT model at 4 / 2 22.07 / 0.626, 15.98 / 0.385, 22.87 / 0.656; at 1.5 / 1.5 22.65 /
   # 0.639, 16.79 / 0.394, 23.44 / 0.665; unguided 22.24 / 0.608, 17.31 / 0.387 (2 / 2 and
   # 2 / 1.5 between; docs/DEMO.md, "Guidance").
-  for part in ("base", "sft", "rl", "reason", "eval"):
+  # The evaluation recovers with each model's own (configs/eval.py cfg_text / cfg_img).
+  for part in ("base", "sft", "rl", "reason"):
     c[part].guidance.text_scale = c[part].guidance.image_scale = 1.5
   # One intensity for all four pipeline stages, drawn per record (data.intensity_draw), as the
   # evaluation's 25 / 50 / 100 % levels apply it: drawn per stage, a record with all four mild

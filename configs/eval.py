@@ -6,8 +6,6 @@ and `configs/eval.py:bagel_7b` (the paper's settings; benchmark files from local
 
 import ml_collections
 
-from robust_u1_jax import config_lib
-
 
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -29,7 +27,10 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.robust_r1_types = ()  # Robust-R1 degradations one by one (recovery quality), or all
   c.recovery_on_clean = True  # also answer clean images with recovery on (the "does no harm" row)
   c.recovery_steps = 50
-  c.guidance = config_lib.get_guidance_config()  # of every recovery; BAGEL's release's values
+  # Guidance scales of every recovery (`recover`'s --cfg_text / --cfg_img); 0: each model's own
+  # (guidance.json beside it, written by training), else BAGEL's 4 / 2.
+  c.cfg_text = 0.0
+  c.cfg_img = 0.0
   c.batch_size = 32
   c.max_new_tokens = 160  # the world's answers in the Robust-R1 format take about 100 tokens
   # The semantic similarity of recoveries: a CLIP checkpoint (open_clip or transformers naming).

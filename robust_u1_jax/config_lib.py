@@ -303,7 +303,9 @@ def validate_eval(c: ml_collections.ConfigDict) -> None:
   _check(c.dtype in ("float32", "bfloat16"), "dtype", c.dtype, "float32, bfloat16")
   _check(c.clip_model in CLIP_MODELS, "clip_model", c.clip_model, ", ".join(CLIP_MODELS))
   _check(c.split in ("train", "validation", "test"), "split", c.split, "train, validation, test")
-  validate_guidance(c.guidance)
+  for field in ("cfg_text", "cfg_img"):
+    _check(c[field] == 0 or c[field] >= 1, field, c[field],
+           "0 (the model's own) or a guidance scale >= 1 (1: no guidance)")
 
 
 def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

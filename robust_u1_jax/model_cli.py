@@ -143,16 +143,13 @@ def make_mesh(spec: str):
 
 def make_sampler(values: flags.FlagValues, steps: int):
   """The sampler of the flags; guidance not given is the model's (`guidance.json`)."""
-  import dataclasses
-
   from robust_u1_jax.inference import recovery
 
-  guidance = _beside_model(values.model, recovery.Guidance.for_model_dir)
-  given = {"text_scale": values.cfg_text, "image_scale": values.cfg_img}
   try:
+    guidance = _beside_model(values.model, lambda path: recovery.Guidance.of_model(
+        path, values.cfg_text, values.cfg_img))
     return recovery.Sampler(
-        num_steps=steps, shift=values.shift,
-        guidance=dataclasses.replace(guidance, **{k: v for k, v in given.items() if v is not None}),
+        num_steps=steps, shift=values.shift, guidance=guidance,
         sde_step=recovery.RELEASED_SDE_STEP if values.sde else -1)
   except ValueError as e:
     raise InputError(f"sampler: {e}") from None

@@ -70,6 +70,7 @@ def test_wrong_type_is_refused():
     ("data.intensity", 1.5, "data.intensity"),
     ("data.intensity_draw", "image", "stage, record"),
     ("guidance.text_scale", 0.5, ">= 1"),
+    ("guidance.image_scale", 0.0, ">= 1"),
     ("guidance.renorm_type", "none", "global, channel, text_channel"),
     ("data.image_size", 72, "multiple of data.vae_stride"),
     ("data.image_size", 16, ">= 32"),
@@ -120,6 +121,13 @@ def test_unknown_fields_are_named_with_the_nearest_or_the_list():
       "fields"
   with pytest.raises(config_lib.ConfigError, match="did you mean optimizer.learning_rate"):
     config_lib.load(f"{SFT}:tiny", {"optimizer.learningrate": 0.1})
+
+
+def test_the_config_checks_list_what_the_code_takes():
+  """config_lib imports no JAX, so it lists these itself."""
+  from robust_u1_jax import sampling
+
+  assert config_lib.GUIDANCE_RENORMS == sampling.RENORM_TYPES
 
 
 def test_min_image_side():

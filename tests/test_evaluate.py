@@ -188,11 +188,14 @@ def test_scoring_and_conditions():
   assert rows[0]["measured"] == "off 50.0, on 49.0 (-1.0 ± 3.1 points)"
 
 
-def test_the_config_s_guidance_is_the_recoveries_guidance():
+def test_each_model_recovers_at_its_own_guidance_unless_the_config_gives_it(tmp_path):
   c = _eval_config()
-  assert eval_run._evaluator(None, c, None).sampler.guidance == recovery.Guidance()  # 4 / 2
-  c.guidance.text_scale, c.guidance.image_scale = 1.5, 1.25
-  assert eval_run._evaluator(None, c, None).sampler.guidance == recovery.Guidance(1.5, 1.25)
+  guidance = lambda: eval_run._evaluator(None, c, None, str(tmp_path)).sampler.guidance
+  assert guidance() == recovery.Guidance(4.0, 2.0)  # BAGEL's, for a model without its own
+  recovery.Guidance(1.5, 1.25).save(str(tmp_path))  # as the trainer writes it beside a model
+  assert guidance() == recovery.Guidance(1.5, 1.25)
+  c.cfg_text = 3.0
+  assert guidance() == recovery.Guidance(3.0, 1.25)
 
 
 def test_paired_standard_error():

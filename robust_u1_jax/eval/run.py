@@ -27,10 +27,12 @@ def _clip_similarity(c: ml_collections.ConfigDict):
   return evaluation.clip_similarity_fn(nnx.merge(graphdef, state))
 
 
-def _evaluator(engine, c, clip_similarity) -> evaluation.Evaluator:
+def _evaluator(engine, c, clip_similarity, model: str) -> evaluation.Evaluator:
+  """`model`'s evaluator: its own guidance unless the config gives the scales."""
+  guidance = recovery_lib.Guidance.of_model(engine_lib.resolve_model_dir(model), c.cfg_text,
+                                            c.cfg_img)
   return evaluation.Evaluator(engine, recovery_steps=c.recovery_steps, batch_size=c.batch_size,
-                              max_new_tokens=c.max_new_tokens, seed=c.seed,
-                              guidance=recovery_lib.Guidance.from_config(c.guidance),
+                              max_new_tokens=c.max_new_tokens, seed=c.seed, guidance=guidance,
                               clip_similarity=clip_similarity)
 
 
@@ -41,7 +43,7 @@ def run(c: ml_collections.ConfigDict, *, say: Callable[[str], None] = print) -> 
   os.makedirs(out_dir, exist_ok=True)
   engine = engine_lib.Engine.load(c.model, dtype=c.dtype)
   clip_similarity = _clip_similarity(c)
-  evaluator = _evaluator(engine, c, clip_similarity)
+  evaluator = _evaluator(engine, c, clip_similarity, c.model)
   # The claims read a few figures, which can afford more questions than the 15 conditions (one
   # figure on 64 questions is uncertain by about 6 points); the other conditions take the first
   # num_samples of them.
@@ -79,7 +81,7 @@ def run(c: ml_collections.ConfigDict, *, say: Callable[[str], None] = print) -> 
     if not path:
       continue
     say(f"  recovery quality of {name}: {path}")
-    other = _evaluator(engine_lib.Engine.load(path, dtype=c.dtype), c, clip_similarity)
+    other = _evaluator(engine_lib.Engine.load(path, dtype=c.dtype), c, clip_similarity, path)
     rows = other.evaluate(samples, conds, modes=(), per_sample=True,
                           vae_baseline=False)["conditions"]
     # Each sample's mean over the conditions: the samples, not their 15 corruptions, are the

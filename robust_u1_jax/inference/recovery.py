@@ -75,6 +75,15 @@ class Guidance:
     with open(os.path.join(path, GUIDANCE_FILE), "w") as f:
       json.dump(dataclasses.asdict(self), f, indent=1)
 
+  @classmethod
+  def of_model(cls, model_dir: str, text_scale: float | None = None,
+               image_scale: float | None = None) -> Guidance:
+    """The model's guidance (`for_model_dir`) with the scales given in place of its own; None or
+    0 keeps the model's (`recover --cfg_text / --cfg_img`, the evaluation's cfg_text / cfg_img)."""
+    given = {"text_scale": text_scale, "image_scale": image_scale}
+    return dataclasses.replace(cls.for_model_dir(model_dir),
+                               **{k: v for k, v in given.items() if v})
+
   @property
   def uses_no_text(self) -> bool:
     return self.text_scale > 1.0
