@@ -83,6 +83,8 @@ def test_evaluate_writes_a_complete_report(model_dir, tmp_path):
   path = eval_run.run(c, say=lines.append)
   with open(os.path.join(c.out, "report.json")) as f:
     data = json.load(f)
+  # The model has no guidance.json: its recoveries used BAGEL's, and the report says so.
+  assert data["settings"]["guidance"] == {"text_scale": 4.0, "image_scale": 2.0}
   conds = data["result"]["conditions"]
   assert [r["label"] for r in conds] == ["robust_r1_pipeline 25%", "robust_r1_pipeline 100%",
                                          "fog s3", "lens_blur 25%", "lens_blur 100%"]

@@ -67,10 +67,11 @@ class CorruptGroup(grain.transforms.Map):
     if spec.mode == "pipeline":
       from robust_u1_jax.data.corruptions import robust_r1  # deferred: heavy, pipeline only
 
-      # The config's, one per record, or None (drawn per stage from each key).
       drawn = [level["intensity"] for _, level, _ in draws]
-      intensity = (None if drawn[0] is None else drawn[0] if spec.intensity >= 0
-                   else np.asarray(drawn, np.float32))
+      if spec.intensity >= 0 or drawn[0] is None:
+        intensity = drawn[0]  # the config's, or None: each key draws one per stage
+      else:
+        intensity = np.asarray(drawn, np.float32)  # one per record
       out, plans = robust_r1.apply_pipeline_batch(images, keys, intensity, batch="map",
                                                   return_plans=True)
       infos = [{"corruption": name,

@@ -41,6 +41,7 @@ import jax
 import numpy as np
 from PIL import Image, ImageOps
 
+from robust_u1_jax import config_lib
 from robust_u1_jax.data import corruptions
 from robust_u1_jax.data import tokenizer as tokenizer_lib
 from robust_u1_jax.data.bad_records import is_skip, skip_record
@@ -344,8 +345,9 @@ def corruption_spec(corruption: str, severity: int = 0, intensity: float = -1.0,
   if corruption == corruptions.PIPELINE:
     if intensity >= 0:
       corruptions.resolve(corruption, intensity=intensity)
-    if intensity_draw not in ("stage", "record"):
-      raise ValueError(f"intensity_draw {intensity_draw!r} is invalid: allowed stage, record")
+    if intensity_draw not in config_lib.INTENSITY_DRAWS:
+      raise ValueError(f"intensity_draw {intensity_draw!r} is invalid: allowed "
+                       f"{', '.join(config_lib.INTENSITY_DRAWS)}")
     return CorruptionSpec("pipeline", name=corruption, level="intensity",
                           intensity=float(intensity), intensity_draw=intensity_draw)
   registry = corruptions.registry()
@@ -428,7 +430,7 @@ class CorruptOnTheFly(grain.transforms.Map):
   @classmethod
   def from_config(cls, data_config, seed: int) -> "CorruptOnTheFly":
     return cls(data_config.corruption, data_config.severity, data_config.intensity, seed=seed,
-               intensity_draw=data_config.get("intensity_draw", "stage"))
+               intensity_draw=data_config.intensity_draw)
 
   def map(self, element):
     if is_skip(element):

@@ -109,7 +109,11 @@ def run(c: ml_collections.ConfigDict, *, say: Callable[[str], None] = print) -> 
   names = report.figures(result, out_dir, compare_by_type=by_type or None,
                          rl_metrics=os.path.join(c.rl_workdir, "metrics.jsonl")
                          if c.rl_workdir else None)
-  settings = {**c.to_dict(), "seconds": round(time.perf_counter() - t0, 1)}
+  # The guidance the model's recoveries used (cfg_text / cfg_img 0 stand for the model's own).
+  guidance = evaluator.sampler.guidance
+  settings = {**c.to_dict(), "guidance": {"text_scale": guidance.text_scale,
+                                          "image_scale": guidance.image_scale},
+              "seconds": round(time.perf_counter() - t0, 1)}
   path = report.write(out_dir, result, title=f"Evaluation of {c.model}", settings=settings,
                       claim_rows=claim_rows, figure_names=names, benchmarks=benchmarks)
   for row in claim_rows:

@@ -107,6 +107,11 @@ class Sampler:
   sde_step: int = -1  # index of the stochastic step; -1: deterministic
   sde_noise_level: float = 0.7
 
+  @classmethod
+  def from_config(cls, config, num_steps: int) -> Sampler:
+    """A stage's sampler: `num_steps` Euler steps at the run's guidance (`config.guidance`)."""
+    return cls(num_steps=num_steps, guidance=Guidance.from_config(config.guidance))
+
   def __post_init__(self):
     if self.num_steps < 2:
       raise ValueError(f"recovery steps must be >= 2, got {self.num_steps}")

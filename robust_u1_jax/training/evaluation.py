@@ -44,8 +44,7 @@ def make_recovery_eval(ctx: RunContext, num_steps: int) -> Callable:
   groups = recovery_lib.size_groups(samples)
   inputs = [jax.tree.map(jnp.asarray, recovery_lib.recovery_inputs(
       [samples[i] for i in members], ctx.model_config, ctx.markers)) for members in groups]
-  sampler = recovery_lib.Sampler(num_steps=num_steps,
-                                 guidance=recovery_lib.Guidance.from_config(c.guidance))
+  sampler = recovery_lib.Sampler.from_config(c, num_steps)
   # Doing nothing scores the same at every evaluation: once, here.
   ssim_corrupted = float(np.concatenate([
       rewards.ssim(pixels.to_float(r.corrupted[:, 0]), pixels.to_float(r.clean)) for r in inputs

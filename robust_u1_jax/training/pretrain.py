@@ -28,6 +28,7 @@ Both kinds go through the same model in one step; the loss is their weighted sum
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from collections.abc import Callable, Mapping
@@ -241,12 +242,10 @@ def make_eval(ctx) -> Callable:
   key = jax.random.PRNGKey(c.seed)
   x_init = jax.random.normal(key, (len(shown), noisy.latent_seq_index.shape[1],
                                    config.latent_channels))
-  sampler = recovery_lib.Sampler(num_steps=p.eval_num_steps,
-                                 guidance=recovery_lib.Guidance.from_config(c.guidance))
+  sampler = recovery_lib.Sampler.from_config(c, p.eval_num_steps)
   # Image guidance needs an image in the context: text to image guides by the text alone.
-  draw_sampler = recovery_lib.Sampler(num_steps=p.eval_num_steps, guidance=recovery_lib.Guidance(
-      text_scale=sampler.guidance.text_scale, image_scale=1.0,
-      renorm_min=sampler.guidance.renorm_min, renorm_type=sampler.guidance.renorm_type))
+  draw_sampler = dataclasses.replace(
+      sampler, guidance=dataclasses.replace(sampler.guidance, image_scale=1.0))
 
   def evaluate(graphdef, state):
     params = state.ema if state.ema is not None else state.params

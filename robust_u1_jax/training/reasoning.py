@@ -167,8 +167,7 @@ def build(ctx: RunContext) -> StageSpec:
                        "needs unpacked batches of one image size (data.token_budget=0); "
                        "precompute the recoveries instead (reason.recovered_images=cache)")
     cache = None
-    on_the_fly = (recovery_lib.Sampler(num_steps=c.reason.recovery_steps,
-                                       guidance=recovery_lib.Guidance.from_config(c.guidance)),
+    on_the_fly = (recovery_lib.Sampler.from_config(c, c.reason.recovery_steps),
                   images_lib.ImageRules.from_data_config(c.data))
 
   def host_inputs(batch, rng):

@@ -141,8 +141,7 @@ def build(config: ml_collections.ConfigDict, directory: str, *, steps: int = 0,
 
   instruction = tokenizer_lib.encode_text_block(tokenizer, config.instruction)
   graphdef, weights = nnx.split(ctx.model)
-  sampler = recovery_lib.Sampler(num_steps=config.reason.recovery_steps,
-                                 guidance=recovery_lib.Guidance.from_config(config.guidance))
+  sampler = recovery_lib.Sampler.from_config(config, config.reason.recovery_steps)
 
   @jax.jit
   def recover(weights, recovery, keys):
