@@ -230,8 +230,8 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   all eight parts: vae 1.5, clip 0.6, vit 0.7, base 4.4, sft 0.6, rl 0.9, reason 2.1, eval
   1.7; 14.1 on 2026-12-03 with the base's ViT frozen; 33.4 the same day on a 2-core AMD EPYC Zen
   3, whose steps ran 2 to 3 times slower, and 16.5 to 18.9 there on 2026-12-04 with malloc keeping
-  freed memory; 15.0 to 25.8 on an EPYC Zen 4 that day, 15.3 there with guidance 1.5 / 1.5:
-  docs/DEMO.md), 'quick' for about 4
+  freed memory; 15.0 to 25.8 on an EPYC Zen 4 that day, 15.3 there with guidance 1.5 / 1.5 and
+  15.0 with the evaluation's 5 sampler steps: docs/DEMO.md), 'quick' for about 4
   (its test, which runs it and re-runs it, took 7 to 18 on those machines beside the rest of the
   test suite)."""
   _check_variant(variant, "get_config")
@@ -281,7 +281,13 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
 
   c.eval = _stage("eval", "tiny")
   c.eval.num_samples = 16 if quick else 64
-  c.eval.recovery_steps = 10 if quick else 20
+  # Five sampler steps, where the tiny model's recoveries are best. Measured on validation (the
+  # reasoning model of the 2026-12-04 run, 15 conditions x 64 images, guidance 1.5 / 1.5): mean
+  # SSIM / CLIP / PSNR 0.5721 / 0.6110 / 21.04 dB at 20 steps; 10: +0.0021, +0.0032, +0.06;
+  # 5: +0.0057 ± 0.0006, +0.0085 ± 0.0034, +0.16 ± 0.03; 3: +0.0032, +0.0045, +0.13. RL against
+  # SFT the same at 5 steps as at 20 (SSIM +0.0007 ± 0.0010, +0.0008 ± 0.0010). The eval part
+  # took 146 s instead of 179 (Zen 4): its answers, not its recoveries, are most of it.
+  c.eval.recovery_steps = 5
   c.eval.max_new_tokens = 128
   # Guidance 1.5 / 1.5 for every recovery of the demo's model (RL's rollouts, the reasoning
   # stage's recoveries, the evaluations; written beside each model for `recover`, `answer` and
