@@ -5,6 +5,7 @@ and `configs/eval.py:bagel_7b` (the paper's settings; benchmark files from local
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
@@ -27,10 +28,10 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.robust_r1_types = ()  # Robust-R1 degradations one by one (recovery quality), or all
   c.recovery_on_clean = True  # also answer clean images with recovery on (the "does no harm" row)
   c.recovery_steps = 50
-  # Guidance scales of every recovery (`recover`'s --cfg_text / --cfg_img); 0: each model's own
-  # (guidance.json beside it, written by training), else BAGEL's 4 / 2.
-  c.cfg_text = 0.0
-  c.cfg_img = 0.0
+  # Guidance scales of every recovery (`recover`'s --cfg_text / --cfg_img); unset: each model's
+  # own (guidance.json beside it, written by training), else BAGEL's 4 / 2; 1: unguided.
+  c.cfg_text = config_dict.placeholder(float)
+  c.cfg_img = config_dict.placeholder(float)
   c.batch_size = 32
   c.max_new_tokens = 160  # the world's answers in the Robust-R1 format take about 100 tokens
   # The semantic similarity of recoveries: a CLIP checkpoint (open_clip or transformers naming).

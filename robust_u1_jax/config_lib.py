@@ -304,8 +304,8 @@ def validate_eval(c: ml_collections.ConfigDict) -> None:
   _check(c.clip_model in CLIP_MODELS, "clip_model", c.clip_model, ", ".join(CLIP_MODELS))
   _check(c.split in ("train", "validation", "test"), "split", c.split, "train, validation, test")
   for field in ("cfg_text", "cfg_img"):
-    _check(c[field] == 0 or c[field] >= 1, field, c[field],
-           "0 (the model's own) or a guidance scale >= 1 (1: no guidance)")
+    _check(c[field] is None or c[field] >= 1, field, c[field],
+           "unset (the model's own) or a guidance scale >= 1 (1: no guidance)")
 
 
 def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -51,11 +51,12 @@ def define_model_flags(values: flags.FlagValues) -> None:
 
 def define_sampler_flags(values: flags.FlagValues) -> None:
   """The recovery sampler's settings beyond its step count (each command has its own --steps)."""
-  flags.DEFINE_float("cfg_text", None, "Text guidance scale (BAGEL's cfg_text_scale). Default: "
-                     "the model's (guidance.json, written by training), else BAGEL's 4.",
+  flags.DEFINE_float("cfg_text", None, "Text guidance scale (BAGEL's cfg_text_scale), >= 1 (1: "
+                     "none). Default: the model's (guidance.json, written by training), else "
+                     "BAGEL's 4.", flag_values=values)
+  flags.DEFINE_float("cfg_img", None, "Image guidance scale (BAGEL's cfg_img_scale), >= 1 (1: "
+                     "none). Default: the model's (guidance.json), else BAGEL's 2.",
                      flag_values=values)
-  flags.DEFINE_float("cfg_img", None, "Image guidance scale (BAGEL's cfg_img_scale). Default: "
-                     "the model's (guidance.json), else BAGEL's 2.", flag_values=values)
   flags.DEFINE_float("shift", 3.0, "Timestep shift of the schedule.", flag_values=values)
   flags.DEFINE_bool("sde", False, "The released Robust-U1 sampler: one stochastic step (index 3, "
                     "noise level 0.7) among the Euler steps; needs --steps >= 5.",
@@ -145,6 +146,10 @@ def make_sampler(values: flags.FlagValues, steps: int):
   """The sampler of the flags; guidance not given is the model's (`guidance.json`)."""
   from robust_u1_jax.inference import recovery
 
+  for flag in ("cfg_text", "cfg_img"):
+    scale = getattr(values, flag)
+    if scale is not None and not scale >= 1.0:
+      raise InputError(f"--{flag} {scale}: a guidance scale is >= 1 (1: no guidance)")
   try:
     guidance = _beside_model(values.model, lambda path: recovery.Guidance.of_model(
         path, values.cfg_text, values.cfg_img))

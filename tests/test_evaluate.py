@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from robust_u1_jax import config_lib
 from robust_u1_jax.checkpoints import orbax_io
 from robust_u1_jax.data import sequence
 from robust_u1_jax.data import tokenizer as tokenizer_lib
@@ -198,6 +199,11 @@ def test_each_model_recovers_at_its_own_guidance_unless_the_config_gives_it(tmp_
   assert guidance() == recovery.Guidance(1.5, 1.25)
   c.cfg_text = 3.0
   assert guidance() == recovery.Guidance(3.0, 1.25)
+  c.cfg_img = 1.0  # unguided in images, not "the model's own"
+  assert guidance() == recovery.Guidance(3.0, 1.0)
+  c.cfg_text = 0.5
+  with pytest.raises(config_lib.ConfigError, match="cfg_text = 0.5 is invalid"):
+    config_lib.validate_eval(c)
 
 
 def test_paired_standard_error():

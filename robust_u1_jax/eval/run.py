@@ -109,7 +109,7 @@ def run(c: ml_collections.ConfigDict, *, say: Callable[[str], None] = print) -> 
   names = report.figures(result, out_dir, compare_by_type=by_type or None,
                          rl_metrics=os.path.join(c.rl_workdir, "metrics.jsonl")
                          if c.rl_workdir else None)
-  # The guidance the model's recoveries used (cfg_text / cfg_img 0 stand for the model's own).
+  # The guidance the model's recoveries used (cfg_text / cfg_img unset stand for the model's own).
   guidance = evaluator.sampler.guidance
   settings = {**c.to_dict(), "guidance": {"text_scale": guidance.text_scale,
                                           "image_scale": guidance.image_scale},

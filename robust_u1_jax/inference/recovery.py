@@ -45,6 +45,10 @@ class Guidance:
   renorm_type: str = "text_channel"
 
   def __post_init__(self):
+    for name in ("text_scale", "image_scale"):
+      if not getattr(self, name) >= 1.0:  # BAGEL's sampler reads any scale <= 1 as unguided
+        raise ValueError(f"cfg {name.replace('_', ' ')} {getattr(self, name)} must be >= 1 (1: no "
+                         "guidance)")
     if self.renorm_type not in sampling.RENORM_TYPES:
       raise ValueError(f"cfg renorm type {self.renorm_type!r} is unknown; allowed: "
                        f"{', '.join(sampling.RENORM_TYPES)}")
@@ -78,11 +82,11 @@ class Guidance:
   @classmethod
   def of_model(cls, model_dir: str, text_scale: float | None = None,
                image_scale: float | None = None) -> Guidance:
-    """The model's guidance (`for_model_dir`) with the scales given in place of its own; None or
-    0 keeps the model's (`recover --cfg_text / --cfg_img`, the evaluation's cfg_text / cfg_img)."""
+    """The model's guidance (`for_model_dir`) with the scales given in place of its own; None keeps
+    the model's (`recover --cfg_text / --cfg_img`, the evaluation's cfg_text / cfg_img)."""
     given = {"text_scale": text_scale, "image_scale": image_scale}
     return dataclasses.replace(cls.for_model_dir(model_dir),
-                               **{k: v for k, v in given.items() if v})
+                               **{k: v for k, v in given.items() if v is not None})
 
   @property
   def uses_no_text(self) -> bool:
