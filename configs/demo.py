@@ -231,7 +231,8 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   1.7; 14.1 on 2026-12-03 with the base's ViT frozen; 33.4 the same day on a 2-core AMD EPYC Zen
   3, whose steps ran 2 to 3 times slower, and 16.5 to 18.9 there on 2026-12-04 with malloc keeping
   freed memory; 15.0 to 25.8 on an EPYC Zen 4 that day, 15.3 there with guidance 1.5 / 1.5 and
-  15.0 with the evaluation's 5 sampler steps: docs/DEMO.md), 'quick' for about 4
+  15.0 with the evaluation's 5 sampler steps, 13.5 with the reasoning texts at fixed widths:
+  docs/DEMO.md), 'quick' for about 4
   (its test, which runs it and re-runs it, took 7 to 18 on those machines beside the rest of the
   test suite)."""
   _check_variant(variant, "get_config")
@@ -277,6 +278,14 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   c.reason.init_from = "<the rl part's workdir>"
   _schedule(c.reason, 30 if quick else 300)
   c.reason.reason.recovery_steps = 10
+  # The world's longest reasoning-stage texts (every combination of the pipeline's four
+  # degradations, every kind of question): question 70 tokens, answer 167. As power-of-two buckets
+  # they padded to 128 and 256, the rows were 553 tokens long instead of 417, and a batch whose
+  # questions fitted 64 compiled the step again. Fixed: 2.6 to 3.1 steps a second against 1.8 to
+  # 2.2 (100 steps each in fresh processes, alternated twice; Zen 4, 2026-12-04), and the same
+  # answers to the last question (docs/DEMO.md, "What changed", item 10).
+  c.reason.data.text_widths.question = 72
+  c.reason.data.text_widths.answer = 176
   c.reason.tensorboard = False
 
   c.eval = _stage("eval", "tiny")

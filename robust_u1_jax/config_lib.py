@@ -11,6 +11,10 @@ import re
 
 import ml_collections
 
+# The text fields of the stages' batches (data/pipeline.py: TEXT_FIELDS), as data.text_widths names
+# them.
+TEXT_FIELDS = ("instruction", "question", "answer", "caption", "recovery_question")
+
 
 def get_data_config() -> ml_collections.ConfigDict:
   d = ml_collections.ConfigDict()
@@ -50,6 +54,10 @@ def get_data_config() -> ml_collections.ConfigDict:
   # Width texts are padded to in unpacked batches (0: a power-of-two bucket per batch). Multi-host
   # unpacked runs need it: every host must build rows of one length.
   d.text_pad_to = 0
+  # One text field's width in unpacked batches, in place of text_pad_to's rule (0: that rule): a
+  # field whose longest text is known pads to it, not to the next power of two, and every batch
+  # has one shape (one compile).
+  d.text_widths = ml_collections.ConfigDict({field: 0 for field in TEXT_FIELDS})
   d.shuffle = True
   d.num_epochs = 0  # 0: repeat forever
   d.worker_count = 0  # Grain worker processes (0: in the main process)
@@ -210,6 +218,11 @@ def validate_data(d: ml_collections.ConfigDict, prefix: str = "data") -> None:
          f"({d.token_budget}), exclusive")
   _check(d.text_pad_to >= 0, f"{prefix}.text_pad_to", d.text_pad_to,
          "0 (bucket per batch) or a token count")
+  for field, width in d.get("text_widths", {}).items():
+    _check(field in TEXT_FIELDS, f"{prefix}.text_widths.{field}", width,
+           f"widths of the text fields {', '.join(TEXT_FIELDS)}")
+    _check(width >= 0, f"{prefix}.text_widths.{field}", width,
+           f"0 ({prefix}.text_pad_to's rule) or a token count")
   _check(d.num_epochs >= 0, f"{prefix}.num_epochs", d.num_epochs, "0 (forever) or > 0")
   _check(d.worker_count >= 0, f"{prefix}.worker_count", d.worker_count, "an integer >= 0")
   _check(0.0 <= d.max_skip_ratio < 1.0, f"{prefix}.max_skip_ratio", d.max_skip_ratio,

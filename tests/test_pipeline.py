@@ -192,6 +192,33 @@ def test_reason_stage_questions_and_answers(tok):
     assert question.startswith(f"{tokenizer_lib.IM_START}Question: ") and "\nA. " in question
 
 
+def test_text_widths_fix_one_field_and_name_the_setting(tok):
+  data = _data("reason", shapes_size=32, batch_size=4)
+  make = lambda: next(pipeline.make_pipeline(data, seed=0, tokenizer=tok, stage="reason"))
+  bucketed = make()
+  longest = int(bucketed["answer_lengths"].max())
+  data.text_widths.answer = longest + 3
+  fixed = make()
+  assert fixed["answer_ids"].shape == (4, longest + 3)
+  np.testing.assert_array_equal(fixed["answer_ids"][:, :longest],
+                                bucketed["answer_ids"][:, :longest])
+  assert fixed["question_ids"].shape == bucketed["question_ids"].shape  # still its bucket
+  assert not pipeline.fixed_rows(data, "reason")  # the question's width still varies
+  data.text_widths.question = 128
+  assert pipeline.fixed_rows(data, "reason") and not pipeline.fixed_rows(data, "pretrain")
+  data.text_widths.answer = longest - 1
+  with pytest.raises(ValueError, match=rf"answer_ids of {longest} tokens exceeds "
+                                       rf"data.text_widths.answer={longest - 1}"):
+    make()
+
+
+def test_config_names_the_pipelines_text_fields():
+  assert set(config_lib.TEXT_FIELDS) == {f for fields in pipeline.TEXT_FIELDS.values()
+                                         for f in fields}
+  with pytest.raises(config_lib.ConfigError, match="data.text_widths.answer = -1 is invalid"):
+    _data("reason", **{"text_widths.answer": -1})
+
+
 def test_packed_pipeline_rows(tok):
   data = _data(shapes_size=64, batch_size=2, corruption="none", token_budget=256)
   p = pipeline.make_pipeline(data, seed=0, tokenizer=tok)

@@ -58,8 +58,9 @@ Batch schema (unpacked, token_budget == 0): a dict of numpy arrays, B = per-proc
                                         'imagenet_c/fog(3)'
   stage 'sft'/'rl':
     instruction_ids      (B, L) int32   `<|im_start|>instruction<|im_end|>`, right-padded with
-    instruction_lengths  (B,) int32     the pad id; L = text_pad_to, or the next power of two
-                                        >= 16 that fits the batch (few distinct shapes to jit)
+    instruction_lengths  (B,) int32     the pad id; L = text_widths.<field>, else text_pad_to,
+                                        else the next power of two >= 16 that fits the batch
+                                        (few distinct shapes to jit)
   stage 'reason'/'vqa' (one question per record, drawn from (seed, index, epoch)):
     question_ids, question_lengths      the question and its lettered options, one per line,
                                         then (reason only) the recovery instruction
@@ -209,6 +210,7 @@ class Collate:
   pad_id: int
   image_canvas: Mapping[str, tuple[int, int]] | None  # None: the source has one image size
   text_pad_to: int | None = None
+  text_widths: Mapping[str, int] = dataclasses.field(default_factory=dict)  # field -> width
 
   def _images(self, key: str, images: list[np.ndarray]) -> np.ndarray:
     if self.image_canvas is None:
@@ -225,9 +227,12 @@ class Collate:
 
   def _texts(self, key: str, seqs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     lengths = np.asarray([len(s) for s in seqs], np.int32)
-    width = self.text_pad_to or packing.text_width(int(lengths.max()), MIN_TEXT_PAD)
+    field = key.removesuffix("_ids")
+    width = (self.text_widths.get(field) or self.text_pad_to
+             or packing.text_width(int(lengths.max()), MIN_TEXT_PAD))
     if lengths.max() > width:
-      raise ValueError(f"{key} of {int(lengths.max())} tokens exceeds data.text_pad_to={width}")
+      setting = (f"text_widths.{field}" if self.text_widths.get(field) else "text_pad_to")
+      raise ValueError(f"{key} of {int(lengths.max())} tokens exceeds data.{setting}={width}")
     out = np.full((len(seqs), width), self.pad_id, np.int32)
     for i, s in enumerate(seqs):
       out[i, :len(s)] = s
@@ -341,6 +346,19 @@ class Pipeline:
       close()
 
 
+def fixed_text_widths(data_config) -> dict[str, int]:
+  """{text field: width} of the fields data.text_widths fixes (unpacked batches)."""
+  return {field: int(width) for field, width in data_config.get("text_widths", {}).items()
+          if width}
+
+
+def fixed_rows(data_config, stage: str) -> bool:
+  """Whether every unpacked batch of `stage` has one row length (data.text_pad_to or a width for
+  each of its text fields): what multi-host runs need."""
+  widths = fixed_text_widths(data_config)
+  return bool(data_config.text_pad_to) or all(f in widths for f in TEXT_FIELDS[stage])
+
+
 def _check_stage(stage: str) -> None:
   if stage not in STAGES:
     raise ValueError(f"stage={stage!r} is unknown: allowed {', '.join(STAGES)}")
@@ -449,7 +467,8 @@ def make_pipeline(data_config, *, seed: int, process_index: int = 0, process_cou
                   batch_fn=packing.CollateRows(texts, max_per_row, special["pad"], MIN_TEXT_PAD))
   else:
     collate = Collate(text_fields, special["pad"],
-                      None if data_config.source == "shapes" else canvas, text_pad_to)
+                      None if data_config.source == "shapes" else canvas, text_pad_to,
+                      fixed_text_widths(data_config))
     it = it.batch(batch_size, drop_remainder=True, batch_fn=collate)
   if format_rows is not None:
     it = it.map_with_index(FormatRows(format_rows, seed))

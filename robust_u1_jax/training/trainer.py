@@ -50,12 +50,15 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   with jax.set_mesh(mesh):
 
     process_index, process_count = multihost.data_shard(mesh)
-    if process_count > 1 and not config.data.token_budget and not config.data.text_pad_to:
+    data_stage = spec.data_stage or config.stage
+    if (process_count > 1 and not config.data.token_budget
+        and not pipeline_lib.fixed_rows(config.data, data_stage)):
       raise ValueError("a multi-host run of unpacked batches needs data.text_pad_to > 0 (the "
-                       "longest text in tokens), so every host builds rows of one length")
+                       "longest text in tokens) or data.text_widths for each text field, so "
+                       "every host builds rows of one length")
     data = pipeline_lib.make_pipeline(config.data, seed=config.seed, process_index=process_index,
                                       process_count=process_count, tokenizer=tokenizer,
-                                      stage=spec.data_stage or config.stage,
+                                      stage=data_stage,
                                       format_rows=inputs_and_work(ctx, spec))
     ckpt = checkpoint_lib.Checkpointer(workdir, every=config.checkpoint_every,
                                        keep=config.keep_checkpoints)
