@@ -146,10 +146,6 @@ def make_sampler(values: flags.FlagValues, steps: int):
   """The sampler of the flags; guidance not given is the model's (`guidance.json`)."""
   from robust_u1_jax.inference import recovery
 
-  for flag in ("cfg_text", "cfg_img"):
-    scale = getattr(values, flag)
-    if scale is not None and not scale >= 1.0:
-      raise InputError(f"--{flag} {scale}: a guidance scale is >= 1 (1: no guidance)")
   try:
     guidance = _beside_model(values.model, lambda path: recovery.Guidance.of_model(
         path, values.cfg_text, values.cfg_img))

@@ -173,7 +173,7 @@ def test_sampler_guidance_is_the_model_s_unless_given(tmp_path):
   assert model_cli.make_sampler(flags(cfg_text=3.0), 5).guidance == recovery.Guidance(3.0, 1.25)
   # 1 turns guidance off (the model's 1.5 does not come back in its place); below 1 is refused
   assert model_cli.make_sampler(flags(cfg_text=1.0), 5).guidance == recovery.Guidance(1.0, 1.25)
-  with pytest.raises(model_cli.InputError, match="--cfg_text 0.0: a guidance scale is >= 1"):
+  with pytest.raises(model_cli.InputError, match=r"text_scale \(--cfg_text\) 0.0: a scale is >= 1"):
     model_cli.make_sampler(flags(cfg_text=0.0), 5)
   (tmp_path / recovery.GUIDANCE_FILE).write_text('{"text_scale": 2, "strength": 1}')
   with pytest.raises(model_cli.InputError, match="guidance.json: .*strength"):

@@ -228,10 +228,10 @@ class Collate:
   def _texts(self, key: str, seqs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     lengths = np.asarray([len(s) for s in seqs], np.int32)
     field = key.removesuffix("_ids")
-    width = (self.text_widths.get(field) or self.text_pad_to
-             or packing.text_width(int(lengths.max()), MIN_TEXT_PAD))
+    fixed = self.text_widths.get(field)
+    width = fixed or self.text_pad_to or packing.text_width(int(lengths.max()), MIN_TEXT_PAD)
     if lengths.max() > width:
-      setting = (f"text_widths.{field}" if self.text_widths.get(field) else "text_pad_to")
+      setting = f"text_widths.{field}" if fixed else "text_pad_to"
       raise ValueError(f"{key} of {int(lengths.max())} tokens exceeds data.{setting}={width}")
     out = np.full((len(seqs), width), self.pad_id, np.int32)
     for i, s in enumerate(seqs):

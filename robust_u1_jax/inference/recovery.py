@@ -45,10 +45,11 @@ class Guidance:
   renorm_type: str = "text_channel"
 
   def __post_init__(self):
-    for name in ("text_scale", "image_scale"):
-      if not getattr(self, name) >= 1.0:  # BAGEL's sampler reads any scale <= 1 as unguided
-        raise ValueError(f"cfg {name.replace('_', ' ')} {getattr(self, name)} must be >= 1 (1: no "
-                         "guidance)")
+    # BAGEL's sampler reads any scale <= 1 as unguided; here 1 says it, and below 1 is a mistake.
+    for name, flag in (("text_scale", "cfg_text"), ("image_scale", "cfg_img")):
+      if not getattr(self, name) >= 1.0:
+        raise ValueError(f"guidance {name} (--{flag}) {getattr(self, name)}: a scale is >= 1 "
+                         "(1: no guidance)")
     if self.renorm_type not in sampling.RENORM_TYPES:
       raise ValueError(f"cfg renorm type {self.renorm_type!r} is unknown; allowed: "
                        f"{', '.join(sampling.RENORM_TYPES)}")
