@@ -226,21 +226,22 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   vae, clip, vit, base (bootstrap), sft, rl, reason, eval (training/demo.py chains their
   workdirs).
 
-  'default' is sized for about 15 minutes on an idle 2-core CPU (12.5 measured on 2026-12-02,
-  all eight parts: vae 1.5, clip 0.6, vit 0.7, base 4.4, sft 0.6, rl 0.9, reason 2.1, eval
-  1.7; 14.1 on 2026-12-03 with the base's ViT frozen; 33.4 the same day on a 2-core AMD EPYC Zen
-  3, whose steps ran 2 to 3 times slower, and 16.5 to 18.9 there on 2026-12-04 with malloc keeping
-  freed memory; 15.0 to 25.8 on an EPYC Zen 4 that day, 15.3 there with guidance 1.5 / 1.5 and
-  15.0 with the evaluation's 5 sampler steps, 13.5 with the reasoning texts at fixed widths:
-  docs/DEMO.md), 'quick' for about 4
-  (its test, which runs it and re-runs it, took 7 to 18 on those machines beside the rest of the
-  test suite)."""
+  'default' is sized for about 15 minutes on an idle 2-core CPU, 'quick' for about 4 (its test
+  runs it twice); docs/DEMO.md, "Time", has every run measured, part by part."""
   _check_variant(variant, "get_config")
   quick = variant == "quick"
   c = ml_collections.ConfigDict()
   c.stage = "demo"
   c.variant = variant
   c.seed = 0
+  # Each part's minutes in one run, from which training/demo.py estimates the minutes to go (at
+  # the pace of the parts this run has timed): the default's 13.5-minute run on a 2-core AMD EPYC
+  # Zen 4 with its compile cache filled (2026-12-04), the quick variant's 2.0 minutes there
+  # (2026-12-05).
+  minutes = (dict(vae=0.3, clip=0.2, vit=0.1, base=0.2, sft=0.1, rl=0.3, reason=0.5, eval=0.3)
+             if quick else
+             dict(vae=1.6, clip=0.7, vit=0.7, base=4.3, sft=0.5, rl=0.5, reason=2.6, eval=2.6))
+  c.minutes = ml_collections.ConfigDict(minutes)
   # Each part starts from the previous part's output; training/demo.py fills in the paths.
   c.vae, c.clip = vae_config(variant), clip_config(variant)
   c.vit = vit_config(variant, init_from="<the vae part's workdir>")

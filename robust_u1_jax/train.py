@@ -34,13 +34,15 @@ def main(argv) -> int:
   workdir = cli.output_dir(_WORKDIR.value, "--workdir")
   from robust_u1_jax.data import multihost
   from robust_u1_jax.training import demo, stages, trainer  # after the checks: fast errors
+  from robust_u1_jax.training.checkpoint import finished
 
   # A multi-process run (launch/) joins its peers before anything touches a device.
   multihost.initialize_distributed()
 
   if config.stage == "demo":
     report = demo.run(config, workdir)
-    print(f"results in {workdir}: a workdir per part, the report {report}", flush=True)
+    if report is not None:
+      print(f"results in {workdir}: a workdir per part, the report {report}", flush=True)
     return 0
   finished_before = finished(workdir, config.total_steps)  # the trainer says so itself
   trainer.train(config, workdir, stages.builder(config.stage))
@@ -49,15 +51,10 @@ def main(argv) -> int:
   return 0
 
 
-def finished(workdir: str, total_steps: int) -> bool:
-  from robust_u1_jax.training import checkpoint as checkpoint_lib
-
-  step = checkpoint_lib.latest_step(workdir)
-  return step is not None and step >= total_steps and os.path.isdir(os.path.join(workdir, "model"))
-
-
 def results_message(workdir: str, total_steps: int) -> str:
   """Where a run's results are: the model when the run reached its last step, else how to go on."""
+  from robust_u1_jax.training.checkpoint import finished
+
   if finished(workdir, total_steps):
     return (f"model: {os.path.join(workdir, 'model')}; metrics: "
             f"{os.path.join(workdir, 'metrics.jsonl')}, TensorBoard: "

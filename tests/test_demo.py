@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from robust_u1_jax import config_lib
 from robust_u1_jax.training import demo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,6 +50,39 @@ def test_quick_demo_runs_every_part_and_resumes(tmp_path):
   assert any("reward_clip_mean" in row for row in rl_rows)
   for name in ("accuracy_vs_intensity.png", "ssim_sft_vs_rl.png", "rl_rewards.png"):
     assert os.path.getsize(os.path.join(workdir, "eval", name)) > 1000, name
+  # Each part's header estimates the minutes to go.
+  assert first.count(" to go) -> ") == len(demo.PARTS)
   # A re-run finds every part finished and the report newer than every model.
   again = _train(workdir)
   assert again.count("nothing to train") == len(demo.PARTS) - 1 and "nothing to evaluate" in again
+  assert again.count("about 0.0 to go") == len(demo.PARTS)
+
+
+@pytest.mark.parametrize("variant", ["default", "quick"])
+def test_every_part_has_reference_minutes(variant):
+  minutes = config_lib.load_file(os.path.join(ROOT, "configs", f"demo.py:{variant}")).minutes
+  assert set(minutes) == set(demo.PARTS)
+  assert all(m > 0 for m in minutes.values())
+
+
+def test_minutes_to_go_scales_the_reference_by_the_pace_so_far():
+  reference = {"a": 1.0, "b": 2.0, "c": 3.0}
+  # Nothing timed yet: the reference minutes themselves.
+  assert demo.minutes_to_go(reference, {}, ["a", "b", "c"]) == pytest.approx(6.0)
+  # Part a took twice its reference: the rest at the same pace.
+  assert demo.minutes_to_go(reference, {"a": 2.0}, ["b", "c"]) == pytest.approx(10.0)
+  assert demo.minutes_to_go(reference, {"a": 2.0, "b": 1.0}, ["c"]) == pytest.approx(3.0)
+  # A part skipped (finished before) or resumed is not timed and, once done, not to run.
+  assert demo.minutes_to_go(reference, {}, []) == 0.0
+
+
+def test_a_stopped_part_stops_the_demo(tmp_path, monkeypatch, capsys):
+  from robust_u1_jax.training import trainer
+
+  ran = []
+  # A part stopped by a signal returns without its last checkpoint, as this one, which writes none.
+  monkeypatch.setattr(trainer, "train", lambda c, workdir, build: ran.append(workdir))
+  config = config_lib.load_file(os.path.join(ROOT, "configs", "demo.py:quick"))
+  assert demo.run(config, str(tmp_path)) is None
+  assert ran == [str(tmp_path / "vae")]
+  assert "stopped in its vae part; run the same command to resume" in capsys.readouterr().out

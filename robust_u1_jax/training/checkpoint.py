@@ -130,6 +130,12 @@ def latest_step(workdir: str) -> int | None:
     return m.latest_step()
 
 
+def finished(workdir: str, total_steps: int) -> bool:
+  """Whether `workdir` holds its run's last checkpoint and the model written from it."""
+  step = latest_step(workdir)
+  return step is not None and step >= total_steps and os.path.isdir(os.path.join(workdir, "model"))
+
+
 def abstract_like(state: Any) -> Any:
   """ShapeDtypeStructs with shardings: the restore target for a state on the current mesh."""
   def one(x):

@@ -7,12 +7,17 @@ Each part runs in `<workdir>/<part>` from the previous part's output (`init_from
 same trainer as every stage, so re-running skips finished parts and resumes an interrupted one
 exactly. The RL stage's semantic reward and the evaluation's CLIP similarity use the bootstrapped
 CLIP; the evaluation compares the SFT and RL models' recoveries and reads the RL reward curves.
+
+Each part's header tells the minutes so far and an estimate of the minutes to go: the config's
+reference minutes (`minutes.<part>`, one measured run) of the parts still to run, scaled by this
+run's pace, the minutes its parts run from the start took over their reference minutes.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping, Sequence
 
 import ml_collections
 
@@ -46,25 +51,54 @@ def part_config(config: ml_collections.ConfigDict, part: str, workdir: str
   return config_lib.validate(c)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Runs (or resumes) every part; returns the evaluation report's path."""
+def minutes_to_go(reference: Mapping[str, float], timed: Mapping[str, float],
+                  to_run: Sequence[str]) -> float:
+  """The reference minutes of the parts `to_run`, at the pace of the `timed` ones (part ->
+  minutes it took, run from its start): their minutes over their reference minutes, else 1."""
+  timed_reference = sum(reference[p] for p in timed)
+  pace = sum(timed.values()) / timed_reference if timed_reference > 0 else 1.0
+  return pace * sum(reference[p] for p in to_run)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> str | None:
+  """Runs (or resumes) every part; returns the evaluation report's path, or None when a part was
+  stopped (SIGINT or SIGTERM: its checkpoint saved, the later parts not started)."""
   from robust_u1_jax.eval import run as eval_run
-  from robust_u1_jax.training import stages, trainer
+  from robust_u1_jax.training import checkpoint, stages, trainer
 
   os.makedirs(workdir, exist_ok=True)
+  configs = {part: part_config(config, part, workdir) for part in PARTS}
+  # Parts with a checkpoint resume; finished ones are skipped (the evaluation runs again whenever
+  # a model is retrained). Only parts run from their start time the pace.
+  to_run = [p for p in PARTS[:-1]
+            if not checkpoint.finished(os.path.join(workdir, p), configs[p].total_steps)]
+  report = os.path.join(configs["eval"].out, "report.md")
+  if to_run or not (os.path.exists(report) and
+                    os.path.getmtime(report) > _newest_model(workdir)):
+    to_run.append("eval")
+  fresh = {p for p in to_run if checkpoint.latest_step(os.path.join(workdir, p)) is None}
+  timed, remaining = {}, list(to_run)
   t0 = time.perf_counter()
   for k, part in enumerate(PARTS, start=1):
-    c = part_config(config, part, workdir)
-    elapsed = time.perf_counter() - t0
-    print(f"\n[{k}/{len(PARTS)}] {part} ({elapsed / 60:.1f} min so far) -> "
-          f"{os.path.join(workdir, part)}", flush=True)
+    c = configs[part]
+    start = time.perf_counter()
+    to_go = minutes_to_go(config.minutes, timed, remaining)
+    print(f"\n[{k}/{len(PARTS)}] {part} ({(start - t0) / 60:.1f} min so far, about "
+          f"{to_go:.1f} to go) -> {os.path.join(workdir, part)}", flush=True)
     if part == "eval":
-      report = os.path.join(c.out, "report.md")
-      if os.path.exists(report) and os.path.getmtime(report) > _newest_model(workdir):
+      if part not in to_run:
         print(f"{report} is newer than every model; nothing to evaluate", flush=True)
         return report
       return eval_run.run(c)
     trainer.train(c, os.path.join(workdir, part), stages.builder(c.stage))
+    if not checkpoint.finished(os.path.join(workdir, part), c.total_steps):
+      # Stopped by a signal, its checkpoint saved: the later parts must not start from it.
+      print(f"the demo stopped in its {part} part; run the same command to resume", flush=True)
+      return None
+    if part in remaining:
+      remaining.remove(part)
+    if part in fresh:
+      timed[part] = (time.perf_counter() - start) / 60
   raise AssertionError("unreachable: the last part is the evaluation")
 
 
