@@ -327,12 +327,17 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     validate_eval(c)
     return c
   if c.get("stage") == "demo":  # each part is a stage config of its own
+    parts = []
     for part, sub in c.items():
       if isinstance(sub, ml_collections.ConfigDict) and "stage" in sub:
+        parts.append(part)
         try:
           validate(sub)
         except ConfigError as e:
           raise ConfigError(f"demo part {part!r} (--config.{part}.<field>): {e}") from None
+    for part in parts:  # training/demo.py's estimate of the minutes to go
+      _check(c.minutes.get(part, -1) >= 0, f"minutes.{part}", c.minutes.get(part),
+             "the part's minutes in a measured run, >= 0")
     return c
   validate_data(c.data, "data")
   if "eval_data" in c:

@@ -65,6 +65,11 @@ def test_every_part_has_reference_minutes(variant):
   assert all(m > 0 for m in minutes.values())
 
 
+def test_a_negative_reference_minute_is_refused():
+  with pytest.raises(config_lib.ConfigError, match="minutes.vae = -1.0 is invalid"):
+    config_lib.load(os.path.join(ROOT, "configs", "demo.py:quick"), {"minutes.vae": -1.0})
+
+
 def test_minutes_to_go_scales_the_reference_by_the_pace_so_far():
   reference = {"a": 1.0, "b": 2.0, "c": 3.0}
   # Nothing timed yet: the reference minutes themselves.
