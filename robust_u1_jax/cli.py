@@ -14,6 +14,8 @@
   `--verbosity=1` or ROBUST_U1_TRACEBACK=1 prints the traceback above the line.
 - Anything else is a bug, and Python prints its traceback as usual (exit status 1).
 - `--help`, `--helpshort` and `--helpfull` print the help on stdout and exit 0 (absl exits 1).
+- Ctrl-C prints `interrupted` and exits 130, as a shell reports SIGINT (a training loop catches it
+  first: it saves a checkpoint and stops cleanly, trainer.py).
 - A quiet start: importing this module silences the start-up messages of libraries that are not
   the project's (`QUIET_ENV`; set a variable yourself to override it), and absl logging shows
   warnings and errors only unless --verbosity is given (Orbax logs every file at INFO).
@@ -67,6 +69,7 @@ if jax.config.jax_compilation_cache_dir is None:
   jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 128 + 2  # 128 + SIGINT, what a shell reports for a Ctrl-C
 TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
               tuple: "a tuple, e.g. '(1, 2)'"}
 TRACEBACK_ENV = "ROBUST_U1_TRACEBACK"
@@ -120,8 +123,8 @@ def run(main: Callable[[list[str]], int | None],
 
 
 def call(main: Callable[[list[str]], int | None], argv: Sequence[str]) -> int:
-  """main(argv) as the program runs it: its exit status, a bad input reported as one line (2).
-  For tests that run an entry module in process."""
+  """main(argv) as the program runs it: its exit status, a bad input reported as one line (2),
+  Ctrl-C as `interrupted` (130). For tests that run an entry module in process."""
   try:
     return main(list(argv)) or 0
   except app.UsageError as e:
@@ -131,6 +134,12 @@ def call(main: Callable[[list[str]], int | None], argv: Sequence[str]) -> int:
     if not isinstance(e.code, str):
       raise
     return report(e.code, e)  # sys.exit("message"): a library's own way of refusing an input
+  except KeyboardInterrupt as e:  # outside a training loop: nothing unsaved, no traceback to read
+    sys.stdout.flush()
+    if show_traceback():
+      traceback.print_exception(e)
+    print("interrupted", file=sys.stderr, flush=True)
+    return EXIT_INTERRUPTED
   except Exception as e:  # pylint: disable=broad-except
     if not is_bad_input(e):
       raise

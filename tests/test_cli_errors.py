@@ -390,6 +390,12 @@ def test_call_reports_bad_input_and_raises_bugs(capsys):
     cli.call(bug, ["prog"])
   assert cli.call(lambda argv: None, ["prog"]) == 0
 
+  def interrupted(argv):
+    raise KeyboardInterrupt
+
+  assert cli.call(interrupted, ["prog"]) == 130
+  assert capsys.readouterr().err == "interrupted\n"
+
 
 def test_output_dir_and_file(tmp_path, monkeypatch):
   new = tmp_path / "a" / "b"
