@@ -15,7 +15,8 @@
 - Anything else is a bug, and Python prints its traceback as usual (exit status 1).
 - `--help`, `--helpshort` and `--helpfull` print the help on stdout and exit 0 (absl exits 1).
 - Ctrl-C prints `interrupted` and exits 130, as a shell reports SIGINT (a training loop catches it
-  first: it saves a checkpoint and stops cleanly, trainer.py).
+  first: it saves a checkpoint and stops cleanly, trainer.py). One that lands in a garbage
+  collector callback, where Python drops it, is sent again (`redeliver_interrupts`).
 - A quiet start: importing this module silences the start-up messages of libraries that are not
   the project's (`QUIET_ENV`; set a variable yourself to override it), and absl logging shows
   warnings and errors only unless --verbosity is given (Orbax logs every file at INFO).
@@ -36,8 +37,10 @@ from __future__ import annotations
 import errno
 import os
 import re
+import signal
 import sys
 import tempfile
+import threading
 import traceback
 from collections.abc import Callable, Sequence
 
@@ -114,6 +117,7 @@ class PathError(Error):
 def run(main: Callable[[list[str]], int | None],
         flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """absl's app.run(main), with this module's help, flag, logging and error behaviour."""
+  sys.unraisablehook = redeliver_interrupts(sys.unraisablehook)
   if "--helpfull" in _flag_args(sys.argv):
     app.usage(shorthelp=False, writeto_stdout=True, exitcode=0)
   if set(HELP_FLAGS) & set(_flag_args(sys.argv)):
@@ -144,6 +148,23 @@ def call(main: Callable[[list[str]], int | None], argv: Sequence[str]) -> int:
     if not is_bad_input(e):
       raise
     return report(message(e), e)
+
+
+def redeliver_interrupts(previous: Callable, delay_s: float = 0.05) -> Callable:
+  """An unraisable-exception hook that sends a dropped Ctrl-C again.
+
+  JAX runs a callback at every garbage collection, and a model being built collects often; a
+  KeyboardInterrupt raised inside such a callback is 'ignored' (printed, then dropped) and the
+  program runs on. This hook sends SIGINT again from another thread, after `delay_s`, so that it
+  reaches the code the program runs; anything else goes to `previous`."""
+
+  def hook(unraisable) -> None:
+    if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
+      threading.Timer(delay_s, os.kill, (os.getpid(), signal.SIGINT)).start()
+      return
+    previous(unraisable)
+
+  return hook
 
 
 def is_bad_input(e: BaseException) -> bool:

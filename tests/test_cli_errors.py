@@ -426,3 +426,21 @@ def test_output_dir_and_file(tmp_path, monkeypatch):
                      r"system\); give a writable folder"):
     cli.output_dir(str(tmp_path), "--workdir")
   assert cli.output_dir("gs://bucket/run", "--workdir") == "gs://bucket/run"  # not checked here
+
+
+def test_a_dropped_ctrl_c_is_sent_again(monkeypatch):
+  import signal
+  import threading
+  import types
+
+  sent, passed = [], []
+  monkeypatch.setattr(cli.os, "kill", lambda pid, sig: sent.append((pid, sig)))
+  hook = cli.redeliver_interrupts(passed.append, delay_s=0.0)
+  before = set(threading.enumerate())
+  hook(types.SimpleNamespace(exc_type=KeyboardInterrupt))
+  for thread in set(threading.enumerate()) - before:
+    thread.join()
+  assert sent == [(cli.os.getpid(), signal.SIGINT)] and not passed
+  other = types.SimpleNamespace(exc_type=ValueError)
+  hook(other)
+  assert passed == [other] and len(sent) == 1
