@@ -160,7 +160,9 @@ def redeliver_interrupts(previous: Callable, delay_s: float = 0.05) -> Callable:
 
   def hook(unraisable) -> None:
     if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
-      threading.Timer(delay_s, os.kill, (os.getpid(), signal.SIGINT)).start()
+      resend = threading.Timer(delay_s, os.kill, (os.getpid(), signal.SIGINT))
+      resend.daemon = True  # a program that is ending anyway does not wait for it
+      resend.start()
       return
     previous(unraisable)
 
