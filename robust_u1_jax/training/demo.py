@@ -68,37 +68,36 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str | None:
 
   os.makedirs(workdir, exist_ok=True)
   configs = {part: part_config(config, part, workdir) for part in PARTS}
-  # Parts with a checkpoint resume; finished ones are skipped (the evaluation runs again whenever
-  # a model is retrained). Only parts run from their start time the pace.
-  to_run = [p for p in PARTS[:-1]
-            if not checkpoint.finished(os.path.join(workdir, p), configs[p].total_steps)]
+  # Finished parts are skipped; the evaluation runs again whenever a model is (re)trained.
+  remaining = [p for p in PARTS[:-1]
+               if not checkpoint.finished(os.path.join(workdir, p), configs[p].total_steps)]
   report = os.path.join(configs["eval"].out, "report.md")
-  if to_run or not (os.path.exists(report) and
-                    os.path.getmtime(report) > _newest_model(workdir)):
-    to_run.append("eval")
-  fresh = {p for p in to_run if checkpoint.latest_step(os.path.join(workdir, p)) is None}
-  timed, remaining = {}, list(to_run)
+  if remaining or not (os.path.exists(report) and
+                       os.path.getmtime(report) > _newest_model(workdir)):
+    remaining.append("eval")
+  timed = {}  # part -> minutes, of the parts this run trained from their first step
   t0 = time.perf_counter()
   for k, part in enumerate(PARTS, start=1):
-    c = configs[part]
+    c, part_dir = configs[part], os.path.join(workdir, part)
     start = time.perf_counter()
     to_go = minutes_to_go(config.minutes, timed, remaining)
     print(f"\n[{k}/{len(PARTS)}] {part} ({(start - t0) / 60:.1f} min so far, about "
-          f"{to_go:.1f} to go) -> {os.path.join(workdir, part)}", flush=True)
+          f"{to_go:.1f} to go) -> {part_dir}", flush=True)
     if part == "eval":
-      if part not in to_run:
+      if part not in remaining:
         print(f"{report} is newer than every model; nothing to evaluate", flush=True)
         return report
       return eval_run.run(c)
-    trainer.train(c, os.path.join(workdir, part), stages.builder(c.stage))
-    if not checkpoint.finished(os.path.join(workdir, part), c.total_steps):
+    fresh = checkpoint.latest_step(part_dir) is None
+    trainer.train(c, part_dir, stages.builder(c.stage))
+    if not checkpoint.finished(part_dir, c.total_steps):
       # Stopped by a signal, its checkpoint saved: the later parts must not start from it.
       print(f"the demo stopped in its {part} part; run the same command to resume", flush=True)
       return None
     if part in remaining:
       remaining.remove(part)
-    if part in fresh:
-      timed[part] = (time.perf_counter() - start) / 60
+      if fresh:
+        timed[part] = (time.perf_counter() - start) / 60
   raise AssertionError("unreachable: the last part is the evaluation")
 
 

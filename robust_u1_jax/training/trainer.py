@@ -35,12 +35,10 @@ from robust_u1_jax.training.stage_spec import RunContext, StageSpec
 def train(config: ml_collections.ConfigDict, workdir: str,
           build_stage: Callable[[RunContext], StageSpec]) -> list[dict[str, float]]:
   """Runs (or resumes) a stage in `workdir`; returns the logged metric rows of this process."""
-  done = checkpoint_lib.latest_step(workdir)
-  if done is not None and done >= config.total_steps and os.path.isdir(
-      os.path.join(workdir, "model")):
+  if checkpoint_lib.finished(workdir, config.total_steps):
     # Before building or compiling anything: a finished stage answers at once.
-    print(f"{workdir} is already at the final step {done}; nothing to train (model: "
-          f"{os.path.join(workdir, 'model')})", flush=True)
+    print(f"{workdir} is already at the final step {checkpoint_lib.latest_step(workdir)}; "
+          f"nothing to train (model: {os.path.join(workdir, 'model')})", flush=True)
     return []
   ctx = run_setup.make_context(config)  # checks the config against the model before building
   mesh, tokenizer = ctx.mesh, ctx.tokenizer
