@@ -91,3 +91,19 @@ def test_a_stopped_part_stops_the_demo(tmp_path, monkeypatch, capsys):
   assert demo.run(config, str(tmp_path)) is None
   assert ran == [str(tmp_path / "vae")]
   assert "stopped in its vae part; run the same command to resume" in capsys.readouterr().out
+
+
+def test_a_stopped_evaluation_stops_the_demo_with_how_to_resume(tmp_path, monkeypatch, capsys):
+  from robust_u1_jax.eval import run as eval_run
+  from robust_u1_jax.training import checkpoint
+
+  monkeypatch.setattr(checkpoint, "finished", lambda workdir, total_steps: True)
+
+  def stopped(c):
+    raise KeyboardInterrupt  # Ctrl-C in the evaluation: its finished units are kept on disk
+
+  monkeypatch.setattr(eval_run, "run", stopped)
+  config = config_lib.load_file(os.path.join(ROOT, "configs", "demo.py:quick"))
+  with pytest.raises(KeyboardInterrupt):  # the entry module prints 'interrupted', exit 130
+    demo.run(config, str(tmp_path))
+  assert "stopped in its eval part; run the same command to resume" in capsys.readouterr().out

@@ -17,7 +17,7 @@ from robust_u1_jax import config_lib
 from robust_u1_jax.checkpoints import orbax_io
 from robust_u1_jax.data import sequence
 from robust_u1_jax.data import tokenizer as tokenizer_lib
-from robust_u1_jax.eval import evaluation, report
+from robust_u1_jax.eval import evaluation, partial, report
 from robust_u1_jax.eval import run as eval_run
 from robust_u1_jax.inference import engine as engine_lib
 from robust_u1_jax.inference import images
@@ -250,3 +250,84 @@ def test_the_oracle_mode_puts_the_clean_image_where_the_recovery_goes():
   # The ViT reads the slot's own image too.
   vit_images = lambda blocks: [b.image[0, 0, 0] for b in blocks if isinstance(b, sequence.Vit)]
   assert (vit_images(oracle), vit_images(ours)) == ([2, 1], [2, 3])
+
+
+class _Stop(KeyboardInterrupt):
+  """Ctrl-C, raised by the test's progress callback once enough units have finished."""
+
+
+@pytest.mark.slow
+def test_a_stopped_evaluation_resumes_to_the_report_of_an_uninterrupted_one(model_dir, tmp_path):
+  c = _eval_config()
+  c.model, c.num_samples, c.claim_samples, c.batch_size = model_dir, 2, 2, 2
+  c.recovery_steps, c.max_new_tokens = 2, 4
+  c.imagenet_c_types, c.severities, c.robust_r1_types = ("fog",), (3,), ()
+  c.intensities = ("100%",)
+  c.compare.sft = c.compare.rl = model_dir
+  c.benchmarks = {"rbench": _benchmarks(tmp_path)[0]}
+  c.benchmark_samples = 2
+
+  def evaluate(out, stop_after=None):
+    c.out, lines = str(out), []
+
+    def say(line):
+      lines.append(line)
+      if stop_after is not None and sum("] " in s for s in lines) == stop_after:
+        raise _Stop
+
+    eval_run.run(c, say=say)
+    return lines
+
+  whole = evaluate(tmp_path / "whole")
+  # 2 conditions for the model, SFT and RL; the VAE's round trip; clean images off and on; the
+  # benchmark's 3 intensities and its clean images.
+  assert sum("] " in s for s in whole) == 2 * 3 + 3 + 4
+  with pytest.raises(_Stop):
+    evaluate(tmp_path / "stopped", stop_after=5)  # in the 5th unit: 4 finished
+  kept = os.listdir(tmp_path / "stopped" / "partial")
+  assert sum(name.endswith(".npz") for name in kept) == 4 and "report.json" not in os.listdir(
+      tmp_path / "stopped")
+  resumed = evaluate(tmp_path / "stopped")
+  assert "resuming: 4 finished parts" in resumed[1]
+  progress = [s for s in resumed if "] " in s]
+  # The first four units (in the same order as before) are read back, the rest computed.
+  assert [": kept from the stopped run (" in s for s in progress] == [True] * 4 + [False] * 9
+  assert not os.path.exists(tmp_path / "stopped" / "partial")  # the report holds it all now
+
+  def report_of(out):
+    with open(out / "report.json") as f:
+      data = json.load(f)
+    for key in ("out", "seconds"):
+      data["settings"].pop(key)
+    return data
+
+  assert report_of(tmp_path / "stopped") == report_of(tmp_path / "whole")
+  for name in os.listdir(tmp_path / "whole"):
+    if name.startswith("grid_"):  # the examples kept from the stopped run drew the same grids
+      assert (tmp_path / "whole" / name).read_bytes() == (
+          tmp_path / "stopped" / name).read_bytes(), name
+
+
+def test_partial_results_keep_arrays_and_start_afresh_for_another_model(tmp_path):
+  model = tmp_path / "model"
+  model.mkdir()
+  (model / "weights").write_bytes(b"1")
+  stamp = lambda: {"config": {"seed": 0}, "files": partial.files_fingerprint([str(model)])}
+  store = partial.PartialResults(str(tmp_path), stamp())
+  unit = {"row": {"psnr": float("nan"), "per_sample": {"ssim": np.arange(3.0)}},
+          "example": (np.zeros((1, 2, 2, 3), np.uint8), np.ones(2, np.float32)), "n": np.int64(2)}
+  store.put("fog s3", unit)
+  assert len(store) == 1 and store.get("gaussian_noise s3") is None
+  got = partial.PartialResults(str(tmp_path), stamp()).get("fog s3")
+  assert np.isnan(got["row"]["psnr"]) and got["n"] == 2
+  np.testing.assert_array_equal(got["row"]["per_sample"]["ssim"], np.arange(3.0))
+  assert [a.dtype for a in got["example"]] == [np.uint8, np.float32]
+  announced = []
+  assert partial.PartialResults(str(tmp_path), stamp()).get_or_compute(
+      "fog s3", None, announced.append)["n"] == 2 and announced == [True]
+  # Another model's files (here rewritten: a new size) or another config start afresh.
+  (model / "weights").write_bytes(b"22")
+  assert len(partial.PartialResults(str(tmp_path), stamp())) == 0
+  store = partial.PartialResults(str(tmp_path), stamp())
+  store.put("fog s3", unit)
+  assert len(partial.PartialResults(str(tmp_path), {**stamp(), "config": {"seed": 1}})) == 0

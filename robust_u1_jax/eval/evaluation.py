@@ -35,6 +35,7 @@ import numpy as np
 from robust_u1_jax import config_lib, pixels
 from robust_u1_jax.data import answer_format, corruptions
 from robust_u1_jax.data import sequence
+from robust_u1_jax.eval import partial
 from robust_u1_jax.inference import engine as engine_lib
 from robust_u1_jax.inference import images as images_lib
 from robust_u1_jax.inference import reasoner
@@ -262,7 +263,9 @@ class Evaluator:
 
   def evaluate(self, samples: Sequence[Sample], conds: Sequence[Condition], *,
                modes: Sequence[str] = MODES, progress: Callable[[str], None] = lambda _: None,
-               per_sample: bool = False, vae_baseline: bool = True) -> dict[str, Any]:
+               per_sample: bool = False, vae_baseline: bool = True,
+               store: partial.PartialResults | None = None, unit_prefix: str = ""
+               ) -> dict[str, Any]:
     """{'clean': {accuracy}, 'conditions': [per condition: quality of the corrupted image, of the
     corrupted image through the VAE alone ('through_vae': doing nothing in the recovery's own
     output space) and of the recovery, accuracy per mode, 'gain_se' (the standard errors of
@@ -271,7 +274,8 @@ class Evaluator:
     `per_sample`: each sample's recovered quality, 'recovered_per_sample'], 'examples': a few
     (condition, [GRID_COLUMNS' images]) for grids}. Without `vae_baseline` (a model scored only
     for its recoveries beside another's, which has them: the VAE is frozen) neither 'through_vae'
-    nor 'examples'."""
+    nor 'examples'. With a `store`, each condition is a unit (`unit_prefix` + its label) read
+    from it when an earlier run finished it, and written to it when this one does."""
     clean = np.stack([s.image for s in samples])
     indices = [s.index for s in samples]
     out: dict[str, Any] = {"num_samples": len(samples), "conditions": [], "examples": []}
@@ -279,40 +283,55 @@ class Evaluator:
       progress("clean images")
       out["clean"] = self.clean(samples)
     for cond in conds:
-      progress(cond.label)
-      corrupted = np.stack(corrupt(clean, indices, cond, self.seed))
-      recovered = self.recover(corrupted, indices)
-      quality = {"corrupted": self.quality(corrupted, clean),
-                 "recovered": self.quality(recovered, clean)}
-      row = {"family": cond.family, "name": cond.name, "level": cond.level, "label": cond.label,
-             "num_samples": len(samples), "corrupted": _means(quality["corrupted"]),
-             "recovered": _means(quality["recovered"]), "accuracy": {}, "by_kind": {},
-             "gain_se": {m: paired_se(v, quality["corrupted"][m])
-                         for m, v in quality["recovered"].items()}}
-      if vae_baseline:
-        through_vae = self.through_vae(corrupted)
-        baseline = self.quality(through_vae, clean)
-        row["through_vae"] = _means(baseline)
-        row["beyond_vae_se"] = {m: paired_se(v, baseline[m])
-                                for m, v in quality["recovered"].items()}
-        out["examples"].append((cond.label, [corrupted[:3], through_vae[:3], recovered[:3],
-                                              clean[:3]]))
-      if per_sample:
-        row["recovered_per_sample"] = quality["recovered"]
-      correct = {}
-      for mode in modes:
-        if mode != "clean":
-          answers = self.answers(mode, samples, corrupted, recovered)
-          row["accuracy"][mode] = _accuracy(answers)
-          row["by_kind"][mode] = _accuracy_by_kind(answers)
-          correct[mode] = [a["correct"] for a in answers]
-      if {"corrupted", "corrupted+recovered"} <= set(correct):
-        row["gain_se"]["accuracy"] = paired_se(correct["corrupted+recovered"],
-                                               correct["corrupted"])
-      if "corrupted+recovered" in modes and cond.family == PIPELINE:
-        row["oracle_accuracy"] = _accuracy(self.answers(ORACLE, samples, corrupted, recovered))
-      out["conditions"].append(row)
+      compute = lambda: self._condition(cond, samples, clean, indices, modes=modes,
+                                        per_sample=per_sample, vae_baseline=vae_baseline)
+      if store is None:
+        progress(cond.label)
+        unit = compute()
+      else:
+        unit = store.get_or_compute(unit_prefix + cond.label, compute,
+                                    lambda kept: progress(cond.label + partial.kept_note(kept)))
+      out["conditions"].append(unit["row"])
+      if "example" in unit:
+        out["examples"].append((cond.label, unit["example"]))
     return out
+
+  def _condition(self, cond: Condition, samples: Sequence[Sample], clean: np.ndarray,
+                 indices: Sequence[int], *, modes: Sequence[str], per_sample: bool,
+                 vae_baseline: bool) -> dict[str, Any]:
+    """One condition of `evaluate`: {'row': its row, 'example': its grid's columns}."""
+    corrupted = np.stack(corrupt(clean, indices, cond, self.seed))
+    recovered = self.recover(corrupted, indices)
+    quality = {"corrupted": self.quality(corrupted, clean),
+               "recovered": self.quality(recovered, clean)}
+    row = {"family": cond.family, "name": cond.name, "level": cond.level, "label": cond.label,
+           "num_samples": len(samples), "corrupted": _means(quality["corrupted"]),
+           "recovered": _means(quality["recovered"]), "accuracy": {}, "by_kind": {},
+           "gain_se": {m: paired_se(v, quality["corrupted"][m])
+                       for m, v in quality["recovered"].items()}}
+    unit = {"row": row}
+    if vae_baseline:
+      through_vae = self.through_vae(corrupted)
+      baseline = self.quality(through_vae, clean)
+      row["through_vae"] = _means(baseline)
+      row["beyond_vae_se"] = {m: paired_se(v, baseline[m])
+                              for m, v in quality["recovered"].items()}
+      unit["example"] = [corrupted[:3], through_vae[:3], recovered[:3], clean[:3]]
+    if per_sample:
+      row["recovered_per_sample"] = quality["recovered"]
+    correct = {}
+    for mode in modes:
+      if mode != "clean":
+        answers = self.answers(mode, samples, corrupted, recovered)
+        row["accuracy"][mode] = _accuracy(answers)
+        row["by_kind"][mode] = _accuracy_by_kind(answers)
+        correct[mode] = [a["correct"] for a in answers]
+    if {"corrupted", "corrupted+recovered"} <= set(correct):
+      row["gain_se"]["accuracy"] = paired_se(correct["corrupted+recovered"],
+                                             correct["corrupted"])
+    if "corrupted+recovered" in modes and cond.family == PIPELINE:
+      row["oracle_accuracy"] = _accuracy(self.answers(ORACLE, samples, corrupted, recovered))
+    return unit
 
 
 def paired_se(a: Sequence[float], b: Sequence[float]) -> float:

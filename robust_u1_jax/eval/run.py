@@ -1,8 +1,11 @@
 """One evaluation run from a config (`configs/eval.py`): models loaded, conditions evaluated, the
-report written. The `evaluate` entry module and the demo's last stage call `run`."""
+report written. The `evaluate` entry module and the demo's last stage call `run`. A stopped run
+resumes: each finished unit (a condition, the clean images, a compared model's condition) is kept
+in the report folder until the report is written (eval/partial.py)."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from collections.abc import Callable
@@ -11,7 +14,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from robust_u1_jax.eval import evaluation, report
+from robust_u1_jax.eval import evaluation, partial, report
 from robust_u1_jax.inference import engine as engine_lib
 from robust_u1_jax.inference import recovery as recovery_lib
 
@@ -36,11 +39,22 @@ def _evaluator(engine, c, clip_similarity, model: str) -> evaluation.Evaluator:
                               clip_similarity=clip_similarity)
 
 
+def fingerprint(c: ml_collections.ConfigDict) -> dict[str, Any]:
+  """What an evaluation's results depend on: its config (not where the report goes) and the
+  files of the models, the CLIP checkpoint and the benchmark tables it reads."""
+  models = [c.model] + [path for path in c.compare.values() if path]
+  paths = [engine_lib.resolve_model_dir(m) for m in models] + [
+      path for path in [c.clip_checkpoint, *c.benchmarks.values()] if path]
+  return {"config": {k: v for k, v in c.to_dict().items() if k != "out"},
+          "files": partial.files_fingerprint(paths)}
+
+
 def run(c: ml_collections.ConfigDict, *, say: Callable[[str], None] = print) -> str:
   """Evaluates `c.model`; returns the path of report.md (in `c.out`)."""
   t0 = time.perf_counter()
   out_dir = c.out or os.path.join(os.path.dirname(os.path.abspath(c.model.rstrip("/"))), "eval")
   os.makedirs(out_dir, exist_ok=True)
+  store = partial.PartialResults(out_dir, fingerprint(c))
   engine = engine_lib.Engine.load(c.model, dtype=c.dtype)
   clip_similarity = _clip_similarity(c)
   evaluator = _evaluator(engine, c, clip_similarity, c.model)
@@ -53,37 +67,45 @@ def run(c: ml_collections.ConfigDict, *, say: Callable[[str], None] = print) -> 
   conds = evaluation.conditions(c.intensities, c.imagenet_c_types, c.severities,
                                 c.robust_r1_types)
   pipeline = [k for k in conds if k.family == evaluation.PIPELINE]
+  compared = {name: path for name, path in c.compare.items() if path}
   say(f"evaluating {c.model}: {len(samples)} samples x {len(conds) - len(pipeline)} "
       f"conditions; {len(claim_samples)} for the clean images and {len(pipeline)} pipeline "
-      "conditions")
-  progress = lambda label: say(f"  {label}")
+      "conditions" + (f"; the recoveries of {', '.join(compared)} too" if compared else ""))
+  if len(store):
+    say(f"  resuming: {len(store)} finished parts of a stopped evaluation kept in {store.folder}")
+  bench_conds = evaluation.conditions(("25%", "50%", "100%"), (), ())
+  units = (len(conds) * (1 + len(compared)) + 2 + bool(c.recovery_on_clean)
+           + len(c.benchmarks) * (len(bench_conds) + 1))
+  done = itertools.count(1)
+  progress = lambda label: say(f"  [{next(done)}/{units}] {label} "
+                               f"({(time.perf_counter() - t0) / 60:.1f} min so far)")
   result = evaluator.evaluate(claim_samples, pipeline, modes=evaluation.MODES[1:],
-                              progress=progress)
+                              progress=progress, store=store)
   others = evaluator.evaluate(samples, [k for k in conds if k not in pipeline],
-                              modes=evaluation.MODES[1:], progress=progress)
+                              modes=evaluation.MODES[1:], progress=progress, store=store)
   result["conditions"] += others["conditions"]
   result["examples"] += others["examples"]
   result["num_samples"] = len(samples)
   result["num_claim_samples"] = len(claim_samples)
-  result["vae_round_trip"] = evaluator.round_trip(np.stack([s.image for s in claim_samples]))
-  say("  clean images")
-  result["clean"] = evaluator.clean(claim_samples)
+  clean = np.stack([s.image for s in claim_samples])
+  result["vae_round_trip"] = _unit(store, "the VAE's round trip of the clean images", progress,
+                                   lambda: evaluator.round_trip(clean))
+  result["clean"] = _unit(store, "clean images", progress,
+                          lambda: evaluator.clean(claim_samples))
   if c.recovery_on_clean:
-    say("  clean images, recovery on")
-    on = evaluator.clean(claim_samples, recovery=True)
+    on = _unit(store, "clean images, recovery on", progress,
+               lambda: evaluator.clean(claim_samples, recovery=True))
     result["clean_with_recovery"] = {
         "accuracy": on["accuracy"], "by_kind": on["by_kind"],
         "minus_off_se": evaluation.paired_se([a["correct"] for a in on["answers"]],
                                              [a["correct"] for a in result["clean"]["answers"]])}
 
   compare, by_type, per_sample = {}, {}, {}
-  for name, path in c.compare.items():
-    if not path:
-      continue
-    say(f"  recovery quality of {name}: {path}")
+  for name, path in compared.items():
     other = _evaluator(engine_lib.Engine.load(path, dtype=c.dtype), c, clip_similarity, path)
-    rows = other.evaluate(samples, conds, modes=(), per_sample=True,
-                          vae_baseline=False)["conditions"]
+    rows = other.evaluate(samples, conds, modes=(), per_sample=True, vae_baseline=False,
+                          progress=lambda label, name=name: progress(f"{name}: {label}"),
+                          store=store, unit_prefix=f"{name}: ")["conditions"]
     # Each sample's mean over the conditions: the samples, not their 15 corruptions, are the
     # independent draws a standard error counts.
     per_sample[name] = {m: np.mean([r["recovered_per_sample"][m] for r in rows], axis=0)
@@ -98,9 +120,13 @@ def run(c: ml_collections.ConfigDict, *, say: Callable[[str], None] = print) -> 
   for name, path in c.benchmarks.items():
     say(f"  benchmark {name}: {path}")
     bench_samples = evaluation.table_samples(path, c.benchmark_samples, engine.rules)
-    bench = evaluator.evaluate(bench_samples, evaluation.conditions(
-        ("25%", "50%", "100%"), (), ()), modes=evaluation.MODES)
-    accuracy = {"clean image": {"clean": bench["clean"]["accuracy"]}}
+    prefix = f"benchmark {name}: "
+    bench = evaluator.evaluate(bench_samples, bench_conds, modes=evaluation.MODES[1:],
+                               progress=lambda label, p=prefix: progress(p + label),
+                               store=store, unit_prefix=prefix)
+    bench_clean = _unit(store, prefix + "clean images", progress,
+                        lambda: evaluator.clean(bench_samples))
+    accuracy = {"clean image": {"clean": bench_clean["accuracy"]}}
     accuracy.update({r["level"]: r["accuracy"] for r in bench["conditions"]})
     benchmarks[name] = {"path": path, "samples": len(bench_samples),
                         "modes": list(evaluation.MODES), "accuracy": accuracy}
@@ -116,11 +142,18 @@ def run(c: ml_collections.ConfigDict, *, say: Callable[[str], None] = print) -> 
               "seconds": round(time.perf_counter() - t0, 1)}
   path = report.write(out_dir, result, title=f"Evaluation of {c.model}", settings=settings,
                       claim_rows=claim_rows, figure_names=names, benchmarks=benchmarks)
+  store.remove()  # the report holds everything now
   for row in claim_rows:
     bound = f" (with a perfect recovery: {row['bound']})" if row["bound"] else ""
     say(f"  {'holds' if row['holds'] else 'FAILS'}: {row['claim']}: {row['measured']}{bound}")
   say(f"report: {path}")
   return path
+
+
+def _unit(store: partial.PartialResults, label: str, progress: Callable[[str], None],
+          compute: Callable[[], Any]) -> Any:
+  return store.get_or_compute(label, compute,
+                              lambda kept: progress(label + partial.kept_note(kept)))
 
 
 def claims_of(report_dir: str) -> list[dict[str, Any]]:

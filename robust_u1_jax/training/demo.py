@@ -5,8 +5,9 @@
 
 Each part runs in `<workdir>/<part>` from the previous part's output (`init_from`), through the
 same trainer as every stage, so re-running skips finished parts and resumes an interrupted one
-exactly. The RL stage's semantic reward and the evaluation's CLIP similarity use the bootstrapped
-CLIP; the evaluation compares the SFT and RL models' recoveries and reads the RL reward curves.
+exactly (the evaluation from the units it finished). The RL stage's semantic reward and the
+evaluation's CLIP similarity use the bootstrapped CLIP; the evaluation compares the SFT and RL
+models' recoveries and reads the RL reward curves.
 
 Each part's header tells the minutes so far and an estimate of the minutes to go: the config's
 reference minutes (`minutes.<part>`, one measured run) of the parts still to run, scaled by this
@@ -87,7 +88,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str | None:
       if part not in remaining:
         print(f"{report} is newer than every model; nothing to evaluate", flush=True)
         return report
-      return eval_run.run(c)
+      try:
+        return eval_run.run(c)
+      except KeyboardInterrupt:  # its finished units are kept (eval/partial.py)
+        print("the demo stopped in its eval part; run the same command to resume", flush=True)
+        raise
     fresh = checkpoint.latest_step(part_dir) is None
     trainer.train(c, part_dir, stages.builder(c.stage))
     if not checkpoint.finished(part_dir, c.total_steps):

@@ -1,0 +1,130 @@
+"""What an evaluation has finished so far, kept on disk so a stopped one resumes where it stopped.
+
+An evaluation is a few minutes of recoveries and answers in units (a corruption condition, the
+clean images, another model's recoveries) that do not depend on each other: every corruption and
+recovery key comes from (seed, record index), every answer is greedy. Each finished unit is written
+to `<report folder>/partial/<unit>.npz` (its JSON-able structure beside its arrays, written to a
+temporary name and renamed, so a kill leaves whole files only), and a re-run with the same config
+and models reads it back instead of computing it again: the report is the one an uninterrupted run
+writes. The folder is stamped with a fingerprint of the config and the models' files (size and
+modification time); a re-run that differs in either starts afresh. The report's writer removes the
+folder once the report is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+
+FOLDER = "partial"
+_STAMP = "fingerprint.json"
+_ARRAY = "__array__"  # a placeholder's key: {"__array__": the array's name in the .npz}
+
+
+def files_fingerprint(paths: Iterable[str]) -> list[list]:
+  """(path, size, modification time) of every file under `paths` (files or folders), sorted."""
+  out = []
+  for path in paths:
+    if os.path.isfile(path):
+      out.append([os.path.abspath(path), os.path.getsize(path), os.stat(path).st_mtime_ns])
+      continue
+    for root, dirs, files in os.walk(path):
+      dirs.sort()
+      for name in sorted(files):
+        full = os.path.join(root, name)
+        out.append([os.path.abspath(full), os.path.getsize(full), os.stat(full).st_mtime_ns])
+  return out
+
+
+class PartialResults:
+  """Finished units of one evaluation in `<out_dir>/partial`, valid for `fingerprint` (anything
+  JSON-able that names the config and the models)."""
+
+  def __init__(self, out_dir: str, fingerprint: Any):
+    self.folder = os.path.join(out_dir, FOLDER)
+    self.stamp = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str)
+                                .encode()).hexdigest()
+    stamp_path = os.path.join(self.folder, _STAMP)
+    kept = None
+    if os.path.exists(stamp_path):
+      with open(stamp_path) as f:
+        kept = json.load(f).get("stamp")
+    if kept != self.stamp:  # another config or model (or none yet): start afresh
+      shutil.rmtree(self.folder, ignore_errors=True)
+      os.makedirs(self.folder)
+      _write_atomic(stamp_path, lambda f: f.write(json.dumps({"stamp": self.stamp}).encode()))
+
+  def __len__(self) -> int:
+    return sum(name.endswith(".npz") for name in os.listdir(self.folder))
+
+  def _path(self, key: str) -> str:
+    return os.path.join(self.folder, re.sub(r"[^\w.-]+", "_", key) + ".npz")
+
+  def get(self, key: str) -> Any | None:
+    """The unit `key` as it was put, or None if it has not finished."""
+    path = self._path(key)
+    if not os.path.exists(path):
+      return None
+    with np.load(path, allow_pickle=False) as data:
+      return _decode(json.loads(str(data["structure"])), data)
+
+  def put(self, key: str, value: Any) -> Any:
+    arrays: dict[str, np.ndarray] = {}
+    structure = json.dumps(_encode(value, arrays))
+    _write_atomic(self._path(key), lambda f: np.savez(f, structure=np.asarray(structure),
+                                                      **arrays))
+    return value
+
+  def get_or_compute(self, key: str, compute: Callable[[], Any],
+                     announce: Callable[[bool], None] = lambda kept: None) -> Any:
+    """The unit `key`: kept from an earlier run, or computed and kept. `announce(kept)` is called
+    first (the progress line of a unit is shown before its work)."""
+    kept = self.get(key)
+    announce(kept is not None)
+    return kept if kept is not None else self.put(key, compute())
+
+  def remove(self) -> None:
+    shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def kept_note(kept: bool) -> str:
+  """What a unit's progress line adds when the unit was kept from a stopped run."""
+  return ": kept from the stopped run" if kept else ""
+
+
+def _write_atomic(path: str, write: Callable) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    write(f)
+  os.replace(tmp, path)
+
+
+def _encode(value: Any, arrays: dict[str, np.ndarray]) -> Any:
+  if isinstance(value, np.ndarray):
+    name = f"a{len(arrays)}"
+    arrays[name] = value
+    return {_ARRAY: name}
+  if isinstance(value, dict):
+    return {k: _encode(v, arrays) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_encode(v, arrays) for v in value]
+  if isinstance(value, np.generic):
+    return value.item()
+  return value
+
+
+def _decode(value: Any, data) -> Any:
+  if isinstance(value, dict):
+    if set(value) == {_ARRAY}:
+      return data[value[_ARRAY]]
+    return {k: _decode(v, data) for k, v in value.items()}
+  if isinstance(value, list):
+    return [_decode(v, data) for v in value]
+  return value
