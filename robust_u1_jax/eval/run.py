@@ -71,8 +71,9 @@ def run(c: ml_collections.ConfigDict, *, say: Callable[[str], None] = print) -> 
   say(f"evaluating {c.model}: {len(samples)} samples x {len(conds) - len(pipeline)} "
       f"conditions; {len(claim_samples)} for the clean images and {len(pipeline)} pipeline "
       "conditions" + (f"; the recoveries of {', '.join(compared)} too" if compared else ""))
-  if len(store):
-    say(f"  resuming: {len(store)} finished parts of a stopped evaluation kept in {store.folder}")
+  kept = len(store)
+  if kept:
+    say(f"  resuming: {kept} finished parts of a stopped evaluation kept in {store.folder}")
   bench_conds = evaluation.conditions(("25%", "50%", "100%"), (), ())
   units = (len(conds) * (1 + len(compared)) + 2 + bool(c.recovery_on_clean)
            + len(c.benchmarks) * (len(bench_conds) + 1))
@@ -139,7 +140,8 @@ def run(c: ml_collections.ConfigDict, *, say: Callable[[str], None] = print) -> 
   guidance = evaluator.sampler.guidance
   settings = {**c.to_dict(), "guidance": {"text_scale": guidance.text_scale,
                                           "image_scale": guidance.image_scale},
-              "seconds": round(time.perf_counter() - t0, 1)}
+              # this run's: a resumed one read `units_kept` of its units from the stopped one
+              "seconds": round(time.perf_counter() - t0, 1), "units_kept": kept}
   path = report.write(out_dir, result, title=f"Evaluation of {c.model}", settings=settings,
                       claim_rows=claim_rows, figure_names=names, benchmarks=benchmarks)
   store.remove()  # the report holds everything now
