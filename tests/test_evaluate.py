@@ -288,7 +288,7 @@ def test_a_stopped_evaluation_resumes_to_the_report_of_an_uninterrupted_one(mode
   assert sum(name.endswith(".npz") for name in kept) == 4 and "report.json" not in os.listdir(
       tmp_path / "stopped")
   resumed = evaluate(tmp_path / "stopped")
-  assert "resuming: 4 finished parts" in resumed[1]
+  assert "resuming a stopped evaluation: 4 of its 13 units kept in " in resumed[1]
   progress = [s for s in resumed if "] " in s]
   # The first four units (in the same order as before) are read back, the rest computed.
   assert [": kept from the stopped run (" in s for s in progress] == [True] * 4 + [False] * 9

@@ -71,12 +71,12 @@ def run(c: ml_collections.ConfigDict, *, say: Callable[[str], None] = print) -> 
   say(f"evaluating {c.model}: {len(samples)} samples x {len(conds) - len(pipeline)} "
       f"conditions; {len(claim_samples)} for the clean images and {len(pipeline)} pipeline "
       "conditions" + (f"; the recoveries of {', '.join(compared)} too" if compared else ""))
-  kept = len(store)
-  if kept:
-    say(f"  resuming: {kept} finished parts of a stopped evaluation kept in {store.folder}")
   bench_conds = evaluation.conditions(("25%", "50%", "100%"), (), ())
   units = (len(conds) * (1 + len(compared)) + 2 + bool(c.recovery_on_clean)
            + len(c.benchmarks) * (len(bench_conds) + 1))
+  kept = len(store)
+  if kept:
+    say(f"  resuming a stopped evaluation: {kept} of its {units} units kept in {store.folder}")
   done = itertools.count(1)
   progress = lambda label: say(f"  [{next(done)}/{units}] {label} "
                                f"({(time.perf_counter() - t0) / 60:.1f} min so far)")
