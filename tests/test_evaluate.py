@@ -143,12 +143,23 @@ def test_evaluate_writes_a_complete_report(model_dir, tmp_path):
   assert all(" ± " in c["measured"] for c in claims.values())
   same = claims["RL's mean SSIM above SFT's"]  # (no CLIP checkpoint here)
   assert same["measured"].endswith("(+0.0000 ± 0.0000)") and not same["holds"]
+  # Per condition too: the same recoveries, so no difference and no spread of it.
+  by_condition = data["result"]["rl_minus_sft_by_condition"]
+  assert sorted(by_condition) == sorted(r["label"] for r in conds)
+  assert all(v == {"psnr": [0.0, 0.0], "ssim": [0.0, 0.0]} for v in by_condition.values())
+  # Beside the claim, the pipeline's conditions alone (the paper's protocol for RL against SFT).
+  on_pipeline = data["result"]["rl_minus_sft_pipeline"]["ssim"]
+  assert on_pipeline["sft"] == on_pipeline["rl"] and on_pipeline["se"] == 0.0
+  assert "; on the Robust-R1 pipeline's conditions alone (the corruptions RL trains on" in (
+      same["measured"])
   assert data["benchmarks"]["rbench"]["samples"] == 3
   assert data["benchmarks"]["mmstar"]["samples"] == 2
   for name in ("accuracy_vs_intensity.png", "ssim_per_type.png", "ssim_sft_vs_rl.png"):
     assert os.path.getsize(os.path.join(c.out, name)) > 1000, name
   markdown = open(path).read()
   assert "## The paper's claims in miniature" in markdown and "## rbench" in markdown
+  assert "| fog s3 | +0.00 ± 0.00 | +0.0000 ± 0.0000 |" in markdown.split(
+      "## RL against SFT per condition")[1]
   assert "| condition | PSNR corrupted | PSNR through VAE | PSNR recovered | SSIM corrupted" in (
       markdown)
   assert all("through the VAE alone" in c["measured"] for k, c in claims.items()
@@ -204,6 +215,18 @@ def test_each_model_recovers_at_its_own_guidance_unless_the_config_gives_it(tmp_
   c.cfg_text = 0.5
   with pytest.raises(config_lib.ConfigError, match="cfg_text = 0.5 is invalid"):
     config_lib.validate_eval(c)
+
+
+def test_paired_differences_per_condition():
+  row = lambda label, ssim: {"label": label, "recovered_per_sample": {"ssim": np.asarray(ssim)}}
+  rl = [row("fog s3", [0.5, 0.7, 0.9]), row("fog s5", [0.2, 0.2])]
+  sft = [row("fog s3", [0.4, 0.5, 0.6]), row("fog s5", [0.3, 0.1])]
+  got = evaluation.paired_differences(rl, sft)
+  # fog s3: differences 0.1, 0.2, 0.3 (mean 0.2, standard deviation 0.1 over the root of 3).
+  assert np.allclose(got["fog s3"]["ssim"], [0.2, 0.1 / np.sqrt(3)])
+  assert np.allclose(got["fog s5"]["ssim"], [0.0, 0.1])
+  lines = report.rl_minus_sft_table({"rl_minus_sft_by_condition": got})
+  assert "| fog s3 | +0.2000 ± 0.0577 |" in lines
 
 
 def test_paired_standard_error():

@@ -341,6 +341,18 @@ def paired_se(a: Sequence[float], b: Sequence[float]) -> float:
   return float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else float("nan")
 
 
+def paired_differences(rows: Sequence[Mapping[str, Any]], baseline: Sequence[Mapping[str, Any]]
+                       ) -> dict[str, dict[str, list[float]]]:
+  """Per condition label and metric, [mean difference, its paired standard error] of two models'
+  recoveries of the same samples (rows of `evaluate(..., per_sample=True)`, in the same order)."""
+  out = {}
+  for row, base in zip(rows, baseline):
+    ours, theirs = row["recovered_per_sample"], base["recovered_per_sample"]
+    out[row["label"]] = {m: [float(np.mean(np.asarray(v, np.float64) - theirs[m])),
+                             paired_se(v, theirs[m])] for m, v in ours.items()}
+  return out
+
+
 def _means(metrics: Mapping[str, np.ndarray]) -> dict[str, float]:
   return {k: float(np.mean(v)) for k, v in metrics.items()}
 

@@ -101,7 +101,7 @@ def run(c: ml_collections.ConfigDict, *, say: Callable[[str], None] = print) -> 
         "minus_off_se": evaluation.paired_se([a["correct"] for a in on["answers"]],
                                              [a["correct"] for a in result["clean"]["answers"]])}
 
-  compare, by_type, per_sample = {}, {}, {}
+  compare, by_type, per_sample, rows_of = {}, {}, {}, {}
   for name, path in compared.items():
     other = _evaluator(engine_lib.Engine.load(path, dtype=c.dtype), c, clip_similarity, path)
     rows = other.evaluate(samples, conds, modes=(), per_sample=True, vae_baseline=False,
@@ -113,9 +113,24 @@ def run(c: ml_collections.ConfigDict, *, say: Callable[[str], None] = print) -> 
                         for m in rows[0]["recovered"]}
     compare[name] = {m: float(v.mean()) for m, v in per_sample[name].items()}
     by_type[name] = {r["label"]: r["recovered"]["ssim"] for r in rows}
+    rows_of[name] = rows
   if {"sft", "rl"} <= set(per_sample):
     result["rl_minus_sft_se"] = {m: evaluation.paired_se(v, per_sample["sft"][m])
                                  for m, v in per_sample["rl"].items()}
+    result["rl_minus_sft_by_condition"] = evaluation.paired_differences(rows_of["rl"],
+                                                                        rows_of["sft"])
+    # The paper compares RL with SFT on the Robust-R1 validation set: the pipeline's corruptions,
+    # the ones RL trains on, where the claims' 15 conditions are mostly ImageNet-C types.
+    pipeline_rows = {name: [r for r in rows_of[name] if r["family"] == evaluation.PIPELINE]
+                     for name in ("sft", "rl")}
+    on_pipeline = {name: {m: np.mean([r["recovered_per_sample"][m] for r in rows], axis=0)
+                          for m in rows[0]["recovered"]}
+                   for name, rows in pipeline_rows.items() if rows}
+    if on_pipeline:
+      result["rl_minus_sft_pipeline"] = {
+          m: {"sft": float(on_pipeline["sft"][m].mean()), "rl": float(v.mean()),
+              "se": evaluation.paired_se(v, on_pipeline["sft"][m])}
+          for m, v in on_pipeline["rl"].items()}
 
   benchmarks = {}
   for name, path in c.benchmarks.items():
