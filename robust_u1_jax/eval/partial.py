@@ -7,8 +7,8 @@ to `<report folder>/partial/<unit>.npz` (its JSON-able structure beside its arra
 temporary name and renamed, so a kill leaves whole files only), and a re-run with the same config
 and models reads it back instead of computing it again: the report is the one an uninterrupted run
 writes. The folder is stamped with a fingerprint of the config and the models' files (size and
-modification time); a re-run that differs in either starts afresh. The report's writer removes the
-folder once the report is written.
+modification time); a re-run that differs in either starts afresh. `eval.run` removes the folder
+once the report is written.
 """
 
 from __future__ import annotations
@@ -65,7 +65,10 @@ class PartialResults:
     return sum(name.endswith(".npz") for name in os.listdir(self.folder))
 
   def _path(self, key: str) -> str:
-    return os.path.join(self.folder, re.sub(r"[^\w.-]+", "_", key) + ".npz")
+    # Readable, and unique: two keys that differ only in punctuation get different files.
+    digest = hashlib.sha256(key.encode()).hexdigest()[:8]
+    slug = re.sub(r"[^\w.-]+", "_", key)
+    return os.path.join(self.folder, f"{slug}-{digest}.npz")
 
   def get(self, key: str) -> Any | None:
     """The unit `key` as it was put, or None if it has not finished."""

@@ -18,6 +18,7 @@ from robust_u1_jax.eval import evaluation, partial, report
 from robust_u1_jax.inference import engine as engine_lib
 from robust_u1_jax.inference import recovery as recovery_lib
 
+
 def _clip_similarity(c: ml_collections.ConfigDict):
   if not c.clip_checkpoint:
     return None
