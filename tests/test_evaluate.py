@@ -351,6 +351,11 @@ def test_partial_results_keep_arrays_and_start_afresh_for_another_model(tmp_path
   announced = []
   assert partial.PartialResults(str(tmp_path), stamp()).get_or_compute(
       "fog s3", None, announced.append)["n"] == 2 and announced == [True]
+  # A damaged unit (a disk that filled up, a copy cut short) is computed again.
+  with open(store._path("fog s3"), "wb") as f:
+    f.write(b"PK\x03\x04 not a whole npz")
+  assert store.get("fog s3") is None and len(store) == 0
+  store.put("fog s3", unit)
   # Another model's files (here rewritten: a new size) or another config start afresh.
   (model / "weights").write_bytes(b"22")
   assert len(partial.PartialResults(str(tmp_path), stamp())) == 0

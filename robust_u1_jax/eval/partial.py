@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import zipfile
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -75,8 +76,12 @@ class PartialResults:
     path = self._path(key)
     if not os.path.exists(path):
       return None
-    with np.load(path, allow_pickle=False) as data:
-      return _decode(json.loads(str(data["structure"])), data)
+    try:
+      with np.load(path, allow_pickle=False) as data:
+        return _decode(json.loads(str(data["structure"])), data)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # damaged: computed again
+      os.remove(path)
+      return None
 
   def put(self, key: str, value: Any) -> Any:
     arrays: dict[str, np.ndarray] = {}
