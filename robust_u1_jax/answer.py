@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 from absl import app, flags, logging
 
-from robust_u1_jax import model_cli
+from robust_u1_jax import files, model_cli
 
 EXCHANGE_FILE = "exchange.json"
 
@@ -101,13 +101,13 @@ def _answer(values: flags.FlagValues) -> int:
         raise model_cli.InputError(f"{os.path.join(values.out, name)}: {e.strerror or e}"
                                    ) from None
 
-  files = iter(image_files)
+  names = iter(image_files)
   for n, step in enumerate(exchange.steps, 1):
     if step.kind == "text":
       print(f"[{n}] text ({step.seconds:.2f} s)\n{printable(step.text)}")
     else:
       h, w = step.image.shape[:2]
-      where = os.path.join(values.out, next(files)) if values.out else "not saved (give --out)"
+      where = os.path.join(values.out, next(names)) if values.out else "not saved (give --out)"
       print(f"[{n}] image {w}x{h} ({step.seconds:.2f} s): {where}")
   phases = ", ".join(f"{k} {v:.2f}" for k, v in exchange.seconds.items())
   print(f"stopped by {exchange.stopped_by} after {len(exchange.steps)} steps; seconds: {phases}")
@@ -118,10 +118,8 @@ def _answer(values: flags.FlagValues) -> int:
               **exchange.record(image_files),
               "settings": settings_record(values, settings)}
     path = os.path.join(values.out, EXCHANGE_FILE)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    with files.atomic_write(path, "w") as f:  # never taken half written for a finished one
       json.dump(record, f, indent=1, ensure_ascii=False)
-    os.replace(tmp, path)  # a half-written record is never taken for a finished one
     print(f"wrote {path}")
   # One line whatever the model wrote, so scripts can take the last line.
   print(f"answer: {printable(' '.join(exchange.answer.split()))}", flush=True)

@@ -10,7 +10,6 @@ programs, or on a flag set of their own (`own_flags`), so importing this module 
 from __future__ import annotations
 
 import math
-import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 from absl import app, flags
 import numpy as np
 
-from robust_u1_jax import cli
+from robust_u1_jax import cli, files
 
 EXIT_BAD_INPUT = 2  # an unreadable image or an unusable model directory
 DTYPES = ("float32", "bfloat16")
@@ -108,14 +107,8 @@ def write_image(path: str, image: np.ndarray) -> None:
   that a resumed run would take for done. The format follows the extension."""
   from PIL import Image
 
-  directory, name = os.path.split(os.path.abspath(path))
-  tmp = os.path.join(directory, f".{name}.tmp{os.getpid()}")
-  try:
-    Image.fromarray(image).save(tmp, format=cli.image_format(path))
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  with files.atomic_write(path) as f:
+    Image.fromarray(image).save(f, format=cli.image_format(path))
 
 
 def make_mesh(spec: str):

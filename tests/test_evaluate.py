@@ -146,7 +146,10 @@ def test_evaluate_writes_a_complete_report(model_dir, tmp_path):
   # Per condition too: the same recoveries, so no difference and no spread of it.
   by_condition = data["result"]["rl_minus_sft_by_condition"]
   assert sorted(by_condition) == sorted(r["label"] for r in conds)
-  assert all(v == {"psnr": [0.0, 0.0], "ssim": [0.0, 0.0]} for v in by_condition.values())
+  for row in conds:
+    pairs = by_condition[row["label"]]
+    assert set(pairs) == {"psnr", "ssim"} and all(p["rl"] == p["sft"] and p["se"] == 0.0
+                                                  for p in pairs.values())
   # Beside the claim, the pipeline's conditions alone (the paper's protocol for RL against SFT).
   on_pipeline = data["result"]["rl_minus_sft_pipeline"]["ssim"]
   assert on_pipeline["sft"] == on_pipeline["rl"] and on_pipeline["se"] == 0.0
@@ -217,15 +220,23 @@ def test_each_model_recovers_at_its_own_guidance_unless_the_config_gives_it(tmp_
     config_lib.validate_eval(c)
 
 
-def test_paired_differences_per_condition():
-  row = lambda label, ssim: {"label": label, "recovered_per_sample": {"ssim": np.asarray(ssim)}}
-  rl = [row("fog s3", [0.5, 0.7, 0.9]), row("fog s5", [0.2, 0.2])]
-  sft = [row("fog s3", [0.4, 0.5, 0.6]), row("fog s5", [0.3, 0.1])]
-  got = evaluation.paired_differences(rl, sft)
+def test_rl_minus_sft_per_condition_and_over_conditions():
+  row = lambda label, ssim: {"label": label, "recovered": {"ssim": float(np.mean(ssim))},
+                             "recovered_per_sample": {"ssim": np.asarray(ssim)}}
+  rl = [row("fog s3", [0.5, 0.7, 0.9]), row("fog s5", [0.2, 0.2, 0.5])]
+  sft = [row("fog s3", [0.4, 0.5, 0.6]), row("fog s5", [0.3, 0.1, 0.5])]
+  by_condition = {r["label"]: evaluation.rl_minus_sft([r], [s]) for r, s in zip(rl, sft)}
   # fog s3: differences 0.1, 0.2, 0.3 (mean 0.2, standard deviation 0.1 over the root of 3).
-  assert np.allclose(got["fog s3"]["ssim"], [0.2, 0.1 / np.sqrt(3)])
-  assert np.allclose(got["fog s5"]["ssim"], [0.0, 0.1])
-  lines = report.rl_minus_sft_table({"rl_minus_sft_by_condition": got})
+  fog3 = by_condition["fog s3"]["ssim"]
+  assert np.allclose([fog3["sft"], fog3["rl"], fog3["se"]], [0.5, 0.7, 0.1 / np.sqrt(3)])
+  # fog s5: differences -0.1, 0.1, 0 (mean 0, standard deviation 0.1 over the root of 3).
+  fog5 = by_condition["fog s5"]["ssim"]
+  assert np.allclose([fog5["rl"] - fog5["sft"], fog5["se"]], [0.0, 0.1 / np.sqrt(3)])
+  # Over both: each sample averaged first (differences 0, 0.15, 0.15), not the six pairs pooled.
+  both = evaluation.rl_minus_sft(rl, sft)["ssim"]
+  assert np.allclose([both["rl"] - both["sft"], both["se"]],
+                     [0.1, np.std([0.0, 0.15, 0.15], ddof=1) / np.sqrt(3)])
+  lines = report.rl_minus_sft_table({"rl_minus_sft_by_condition": by_condition})
   assert "| fog s3 | +0.2000 ± 0.0577 |" in lines
 
 
@@ -350,7 +361,8 @@ def test_partial_results_keep_arrays_and_start_afresh_for_another_model(tmp_path
   assert [a.dtype for a in got["example"]] == [np.uint8, np.float32]
   announced = []
   assert partial.PartialResults(str(tmp_path), stamp()).get_or_compute(
-      "fog s3", None, announced.append)["n"] == 2 and announced == [True]
+      "fog s3", None, announced.append)["n"] == 2
+  assert announced == ["fog s3: kept from the stopped run"]
   # A damaged unit (a disk that filled up, a copy cut short) is computed again.
   with open(store._path("fog s3"), "wb") as f:
     f.write(b"PK\x03\x04 not a whole npz")

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 
+from robust_u1_jax import files
 from robust_u1_jax.checkpoints.key_table import CheckpointError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -158,22 +159,15 @@ def save_safetensors(tensors: Mapping[str, np.ndarray | LazyTensor]
   header["__metadata__"] = {"format": "pt"}
   blob = json.dumps(header, separators=(",", ":")).encode()
   blob += b" " * (-len(blob) % 8)  # the tensor data starts 8-byte aligned
-  tmp = path + ".tmp"
-  try:
-    with open(tmp, "wb") as f:
-      f.write(struct.pack("<Q", len(blob)))
-      f.write(blob)
-      for key, e in entries:
-        # order='C', not ascontiguousarray, which turns a 0-d array into shape (1,).
-        array = np.asarray(np.asarray(e.fetch()).astype(e.dtype, copy=False), order="C")
-        if tuple(array.shape) != tuple(e.shape):
-          raise CheckpointError(f"{path}: tensor {key!r} has shape {array.shape}, the header "
-                                f"says {tuple(e.shape)}")
-        f.write(array.tobytes())
-        if bar is not None:
-          bar.update(1)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-  os.replace(tmp, path)
+  with files.atomic_write(path) as f:
+    f.write(struct.pack("<Q", len(blob)))
+    f.write(blob)
+    for key, e in entries:
+      # order='C', not ascontiguousarray, which turns a 0-d array into shape (1,).
+      array = np.asarray(np.asarray(e.fetch()).astype(e.dtype, copy=False), order="C")
+      if tuple(array.shape) != tuple(e.shape):
+        raise CheckpointError(f"{path}: tensor {key!r} has shape {array.shape}, the header "
+                              f"says {tuple(e.shape)}")
+      f.write(array.tobytes())
+      if bar is not None:
+        bar.update(1)

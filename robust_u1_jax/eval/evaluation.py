@@ -274,8 +274,9 @@ class Evaluator:
     `per_sample`: each sample's recovered quality, 'recovered_per_sample'], 'examples': a few
     (condition, [GRID_COLUMNS' images]) for grids}. Without `vae_baseline` (a model scored only
     for its recoveries beside another's, which has them: the VAE is frozen) neither 'through_vae'
-    nor 'examples'. With a `store`, each condition is a unit (`unit_prefix` + its label) read
-    from it when an earlier run finished it, and written to it when this one does."""
+    nor 'examples'. Each condition is a unit, `unit_prefix` + its label, as `progress` is told;
+    with a `store`, read from it when an earlier run finished it, written to it when this one
+    does."""
     clean = np.stack([s.image for s in samples])
     indices = [s.index for s in samples]
     out: dict[str, Any] = {"num_samples": len(samples), "conditions": [], "examples": []}
@@ -286,11 +287,10 @@ class Evaluator:
       compute = lambda: self._condition(cond, samples, clean, indices, modes=modes,
                                         per_sample=per_sample, vae_baseline=vae_baseline)
       if store is None:
-        progress(cond.label)
+        progress(unit_prefix + cond.label)
         unit = compute()
       else:
-        unit = store.get_or_compute(unit_prefix + cond.label, compute,
-                                    lambda kept: progress(cond.label + partial.kept_note(kept)))
+        unit = store.get_or_compute(unit_prefix + cond.label, compute, progress)
       out["conditions"].append(unit["row"])
       if "example" in unit:
         out["examples"].append((cond.label, unit["example"]))
@@ -341,16 +341,21 @@ def paired_se(a: Sequence[float], b: Sequence[float]) -> float:
   return float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else float("nan")
 
 
-def paired_differences(rows: Sequence[Mapping[str, Any]], baseline: Sequence[Mapping[str, Any]]
-                       ) -> dict[str, dict[str, list[float]]]:
-  """Per condition label and metric, [mean difference, its paired standard error] of two models'
-  recoveries of the same samples (rows of `evaluate(..., per_sample=True)`, in the same order)."""
-  out = {}
-  for row, base in zip(rows, baseline):
-    ours, theirs = row["recovered_per_sample"], base["recovered_per_sample"]
-    out[row["label"]] = {m: [float(np.mean(np.asarray(v, np.float64) - theirs[m])),
-                             paired_se(v, theirs[m])] for m, v in ours.items()}
-  return out
+def rl_minus_sft(rl_rows: Sequence[Mapping[str, Any]], sft_rows: Sequence[Mapping[str, Any]]
+                 ) -> dict[str, dict[str, float]]:
+  """Per metric, {'sft', 'rl': mean recovered quality, 'se': the paired standard error of RL -
+  SFT} over conditions (rows of `evaluate(..., per_sample=True)` for the same samples). Each
+  sample is averaged over the rows first: the samples, not their corruptions, are the
+  independent draws a standard error counts."""
+  rl, sft = sample_means(rl_rows), sample_means(sft_rows)
+  return {m: {"sft": float(sft[m].mean()), "rl": float(v.mean()), "se": paired_se(v, sft[m])}
+          for m, v in rl.items()}
+
+
+def sample_means(rows: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+  """Per metric, each sample's recovered quality averaged over `rows` (conditions)."""
+  return {m: np.mean([r["recovered_per_sample"][m] for r in rows], axis=0)
+          for m in rows[0]["recovered"]}
 
 
 def _means(metrics: Mapping[str, np.ndarray]) -> dict[str, float]:

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from robust_u1_jax import files
+
 FOLDER = "partial"
 _STAMP = "fingerprint.json"
 _ARRAY = "__array__"  # a placeholder's key: {"__array__": the array's name in the .npz}
@@ -36,9 +38,9 @@ def files_fingerprint(paths: Iterable[str]) -> list[list]:
     if os.path.isfile(path):
       out.append([os.path.abspath(path), os.path.getsize(path), os.stat(path).st_mtime_ns])
       continue
-    for root, dirs, files in os.walk(path):
+    for root, dirs, names in os.walk(path):
       dirs.sort()
-      for name in sorted(files):
+      for name in sorted(names):
         full = os.path.join(root, name)
         out.append([os.path.abspath(full), os.path.getsize(full), os.stat(full).st_mtime_ns])
   return out
@@ -60,7 +62,8 @@ class PartialResults:
     if kept != self.stamp:  # another config or model (or none yet): start afresh
       shutil.rmtree(self.folder, ignore_errors=True)
       os.makedirs(self.folder)
-      _write_atomic(stamp_path, lambda f: f.write(json.dumps({"stamp": self.stamp}).encode()))
+      with files.atomic_write(stamp_path, "w") as f:
+        json.dump({"stamp": self.stamp}, f)
 
   def __len__(self) -> int:
     return sum(name.endswith(".npz") for name in os.listdir(self.folder))
@@ -86,32 +89,20 @@ class PartialResults:
   def put(self, key: str, value: Any) -> Any:
     arrays: dict[str, np.ndarray] = {}
     structure = json.dumps(_encode(value, arrays))
-    _write_atomic(self._path(key), lambda f: np.savez(f, structure=np.asarray(structure),
-                                                      **arrays))
+    with files.atomic_write(self._path(key)) as f:
+      np.savez(f, structure=np.asarray(structure), **arrays)
     return value
 
   def get_or_compute(self, key: str, compute: Callable[[], Any],
-                     announce: Callable[[bool], None] = lambda kept: None) -> Any:
-    """The unit `key`: kept from an earlier run, or computed and kept. `announce(kept)` is called
-    first (the progress line of a unit is shown before its work)."""
+                     progress: Callable[[str], None] = lambda line: None) -> Any:
+    """The unit `key`: kept from an earlier run, or computed and kept. `progress` is told the key
+    first (before the unit's work), and whether it was kept."""
     kept = self.get(key)
-    announce(kept is not None)
+    progress(key + (": kept from the stopped run" if kept is not None else ""))
     return kept if kept is not None else self.put(key, compute())
 
   def remove(self) -> None:
     shutil.rmtree(self.folder, ignore_errors=True)
-
-
-def kept_note(kept: bool) -> str:
-  """What a unit's progress line adds when the unit was kept from a stopped run."""
-  return ": kept from the stopped run" if kept else ""
-
-
-def _write_atomic(path: str, write: Callable) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    write(f)
-  os.replace(tmp, path)
 
 
 def _encode(value: Any, arrays: dict[str, np.ndarray]) -> Any:

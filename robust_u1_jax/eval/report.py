@@ -171,9 +171,11 @@ def figures(result: Mapping[str, Any], out_dir: str, *,
       ax = axes[1, 0]
       metrics = [m for m in ("ssim", "clip") if m in next(iter(difference.values()))]
       for k, metric in enumerate(metrics):
-        mean_se = [difference.get(lab, {}).get(metric, [np.nan, np.nan]) for lab in labels]
-        ax.errorbar(x + 0.15 * (k - (len(metrics) - 1) / 2), [m for m, _ in mean_se],
-                    yerr=[e for _, e in mean_se], fmt="o", capsize=3, label=metric.upper())
+        pairs = [difference[lab][metric] if lab in difference else None for lab in labels]
+        ax.errorbar(x + 0.15 * (k - (len(metrics) - 1) / 2),
+                    [p["rl"] - p["sft"] if p else np.nan for p in pairs],
+                    yerr=[p["se"] if p else np.nan for p in pairs], fmt="o", capsize=3,
+                    label=metric.upper())
       ax.axhline(0.0, color="gray", lw=0.8)
       ax.set_ylabel("RL - SFT (± one standard error)")
       ax.legend(fontsize=8)
@@ -249,7 +251,8 @@ def rl_minus_sft_table(result: Mapping[str, Any]) -> list[str]:
            "| condition | " + " | ".join(f"{m.upper()} RL - SFT" for m in metrics) + " |",
            "|" + " --- |" * (len(metrics) + 1)]
   for label in sorted(difference):
-    cells = [f"{difference[label][m][0]:+.{digits[m]}f} ± {difference[label][m][1]:.{digits[m]}f}"
+    pairs = difference[label]
+    cells = [f"{pairs[m]['rl'] - pairs[m]['sft']:+.{digits[m]}f} ± {pairs[m]['se']:.{digits[m]}f}"
              for m in metrics]
     lines.append(f"| {label} | " + " | ".join(cells) + " |")
   return lines

@@ -90,48 +90,37 @@ def run(c: ml_collections.ConfigDict, *, say: Callable[[str], None] = print) -> 
   result["num_samples"] = len(samples)
   result["num_claim_samples"] = len(claim_samples)
   clean = np.stack([s.image for s in claim_samples])
-  result["vae_round_trip"] = _unit(store, "the VAE's round trip of the clean images", progress,
-                                   lambda: evaluator.round_trip(clean))
-  result["clean"] = _unit(store, "clean images", progress,
-                          lambda: evaluator.clean(claim_samples))
+  result["vae_round_trip"] = store.get_or_compute(
+      "the VAE's round trip of the clean images", lambda: evaluator.round_trip(clean), progress)
+  result["clean"] = store.get_or_compute("clean images", lambda: evaluator.clean(claim_samples),
+                                         progress)
   if c.recovery_on_clean:
-    on = _unit(store, "clean images, recovery on", progress,
-               lambda: evaluator.clean(claim_samples, recovery=True))
+    on = store.get_or_compute("clean images, recovery on",
+                              lambda: evaluator.clean(claim_samples, recovery=True), progress)
     result["clean_with_recovery"] = {
         "accuracy": on["accuracy"], "by_kind": on["by_kind"],
         "minus_off_se": evaluation.paired_se([a["correct"] for a in on["answers"]],
                                              [a["correct"] for a in result["clean"]["answers"]])}
 
-  compare, by_type, per_sample, rows_of = {}, {}, {}, {}
+  compare, by_type, rows_of = {}, {}, {}
   for name, path in compared.items():
     other = _evaluator(engine_lib.Engine.load(path, dtype=c.dtype), c, clip_similarity, path)
     rows = other.evaluate(samples, conds, modes=(), per_sample=True, vae_baseline=False,
-                          progress=lambda label, name=name: progress(f"{name}: {label}"),
-                          store=store, unit_prefix=f"{name}: ")["conditions"]
-    # Each sample's mean over the conditions: the samples, not their 15 corruptions, are the
-    # independent draws a standard error counts.
-    per_sample[name] = {m: np.mean([r["recovered_per_sample"][m] for r in rows], axis=0)
-                        for m in rows[0]["recovered"]}
-    compare[name] = {m: float(v.mean()) for m, v in per_sample[name].items()}
-    by_type[name] = {r["label"]: r["recovered"]["ssim"] for r in rows}
+                          progress=progress, store=store, unit_prefix=f"{name}: ")["conditions"]
     rows_of[name] = rows
-  if {"sft", "rl"} <= set(per_sample):
-    result["rl_minus_sft_se"] = {m: evaluation.paired_se(v, per_sample["sft"][m])
-                                 for m, v in per_sample["rl"].items()}
-    result["rl_minus_sft_by_condition"] = evaluation.paired_differences(rows_of["rl"],
-                                                                        rows_of["sft"])
+    compare[name] = {m: float(v.mean()) for m, v in evaluation.sample_means(rows).items()}
+    by_type[name] = {r["label"]: r["recovered"]["ssim"] for r in rows}
+  if {"sft", "rl"} <= set(rows_of):
+    rl, sft = rows_of["rl"], rows_of["sft"]
+    result["rl_minus_sft_se"] = {m: d["se"] for m, d in evaluation.rl_minus_sft(rl, sft).items()}
+    result["rl_minus_sft_by_condition"] = {
+        r["label"]: evaluation.rl_minus_sft([r], [s]) for r, s in zip(rl, sft)}
     # The paper compares RL with SFT on the Robust-R1 validation set: the pipeline's corruptions,
     # the ones RL trains on, where the claims' 15 conditions are mostly ImageNet-C types.
-    pipeline_rows = {name: [r for r in rows_of[name] if r["family"] == evaluation.PIPELINE]
-                     for name in ("sft", "rl")}
-    on_pipeline = {name: {m: np.mean([r["recovered_per_sample"][m] for r in rows], axis=0)
-                          for m in rows[0]["recovered"]}
-                   for name, rows in pipeline_rows.items() if rows}
-    if on_pipeline:
-      result["rl_minus_sft_pipeline"] = {
-          m: {"sft": float(on_pipeline["sft"][m].mean()), "rl": float(v.mean()),
-              "se": evaluation.paired_se(v, on_pipeline["sft"][m])}
-          for m, v in on_pipeline["rl"].items()}
+    on_pipeline = lambda rows: [r for r in rows if r["family"] == evaluation.PIPELINE]
+    if on_pipeline(rl):
+      result["rl_minus_sft_pipeline"] = evaluation.rl_minus_sft(on_pipeline(rl),
+                                                                on_pipeline(sft))
 
   benchmarks = {}
   for name, path in c.benchmarks.items():
@@ -139,10 +128,9 @@ def run(c: ml_collections.ConfigDict, *, say: Callable[[str], None] = print) -> 
     bench_samples = evaluation.table_samples(path, c.benchmark_samples, engine.rules)
     prefix = f"benchmark {name}: "
     bench = evaluator.evaluate(bench_samples, bench_conds, modes=evaluation.MODES[1:],
-                               progress=lambda label, p=prefix: progress(p + label),
-                               store=store, unit_prefix=prefix)
-    bench_clean = _unit(store, prefix + "clean images", progress,
-                        lambda: evaluator.clean(bench_samples))
+                               progress=progress, store=store, unit_prefix=prefix)
+    bench_clean = store.get_or_compute(prefix + "clean images",
+                                       lambda: evaluator.clean(bench_samples), progress)
     accuracy = {"clean image": {"clean": bench_clean["accuracy"]}}
     accuracy.update({r["level"]: r["accuracy"] for r in bench["conditions"]})
     benchmarks[name] = {"path": path, "samples": len(bench_samples),
@@ -166,12 +154,6 @@ def run(c: ml_collections.ConfigDict, *, say: Callable[[str], None] = print) -> 
     say(f"  {'holds' if row['holds'] else 'FAILS'}: {row['claim']}: {row['measured']}{bound}")
   say(f"report: {path}")
   return path
-
-
-def _unit(store: partial.PartialResults, label: str, progress: Callable[[str], None],
-          compute: Callable[[], Any]) -> Any:
-  return store.get_or_compute(label, compute,
-                              lambda kept: progress(label + partial.kept_note(kept)))
 
 
 def claims_of(report_dir: str) -> list[dict[str, Any]]:

@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from robust_u1_jax import files
 from robust_u1_jax.data import packing
 
 MANIFEST = "manifest.json"
@@ -106,9 +107,8 @@ class RecoveryCache:
 
 def _write_png(path: str, image: np.ndarray) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  Image.fromarray(image).save(tmp, format="PNG")
-  os.replace(tmp, path)
+  with files.atomic_write(path) as f:
+    Image.fromarray(image).save(f, format="PNG")
 
 
 def build(config: ml_collections.ConfigDict, directory: str, *, steps: int = 0,
