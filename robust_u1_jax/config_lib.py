@@ -5,7 +5,9 @@ differs. Every field has a typed default so `--config.x=y` overrides are type-ch
 names are refused by the locked ConfigDict.
 """
 
+from collections.abc import Collection, Mapping
 import difflib
+import json
 import os
 import re
 
@@ -532,6 +534,24 @@ def unknown_field(config: ml_collections.ConfigDict, dotted: str) -> str | None:
     node = node[part]
     done.append(part)
   return None
+
+
+def setting_differences(saved: Mapping, config: ml_collections.ConfigDict | Mapping,
+                        ignore: Collection[str] = ()) -> list[str]:
+  """'field <saved>, now <value>' for each field whose value differs between a config saved as
+  JSON (a checkpoint's, a report's settings) and `config`, in field order. Fields only one of them
+  has are left out: a newer project adds fields whose defaults keep what an older run did.
+  `ignore`: dotted names, each also covering the fields under it."""
+  from flax import traverse_util  # deferred: config checks run before the heavy imports
+
+  if isinstance(config, ml_collections.ConfigDict):
+    config = json.loads(config.to_json_best_effort())
+  ours = traverse_util.flatten_dict(json.loads(json.dumps(config)), sep=".")
+  theirs = traverse_util.flatten_dict(json.loads(json.dumps(saved)), sep=".")
+  skipped = tuple(ignore)
+  return [f"{name} {theirs[name]!r}, now {ours[name]!r}" for name in sorted(ours)
+          if name in theirs and ours[name] != theirs[name]
+          and not any(name == i or name.startswith(i + ".") for i in skipped)]
 
 
 def load(spec: str, overrides: dict | None = None) -> ml_collections.ConfigDict:

@@ -1,6 +1,7 @@
 """Training checkpoints: state + iterator round trip, fallback past a damaged checkpoint."""
 
 import glob
+import json
 import os
 
 import jax.numpy as jnp
@@ -78,3 +79,23 @@ def test_non_finite_loss_names_step_and_losses():
     checkpoint.check_finite(3, {"loss": 1.0, "grad_norm": float("nan")})
   with pytest.raises(checkpoint.NonFiniteLoss, match=r"step 7.*'loss': nan"):
     checkpoint.check_finite(7, {"loss": float("nan"), "mse_loss": 1.0})
+
+
+def test_saved_config_reads_the_newest_checkpoints_config(tmp_path):
+  workdir = str(tmp_path)
+  assert checkpoint.saved_config(workdir) is None  # no checkpoint yet
+  ckpt = checkpoint.Checkpointer(workdir, every=1, keep=3)
+  it = CountingIterator()
+  for step in (1, 2):
+    next(it)
+    ckpt.save(step, _state(step), it, {"step": step,
+                                       "config": json.dumps({"total_steps": step, "seed": 0})})
+  ckpt.close()
+  assert checkpoint.saved_config(workdir) == {"total_steps": 2, "seed": 0}
+
+
+def test_saved_config_is_none_without_a_config_in_the_metadata(tmp_path):
+  ckpt = checkpoint.Checkpointer(str(tmp_path), every=1, keep=1)
+  ckpt.save(1, _state(1), CountingIterator(), {"step": 1})
+  ckpt.close()
+  assert checkpoint.saved_config(str(tmp_path)) is None

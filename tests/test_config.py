@@ -1,6 +1,7 @@
 """Config files, variants, overrides and validation errors."""
 
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -172,3 +173,21 @@ def test_inputs_are_checked_before_a_run(tmp_path):
       "init_from": "random", "reason.recovered_images": "cache",
       "reason.recovery_cache": missing}), recovery_cache=False)
   config_lib.check_inputs(config_lib.load(f"{SFT}:tiny", {"init_from": "gs://bucket/model"}))
+
+
+def test_setting_differences_name_each_changed_field_with_both_values():
+  config = config_lib.load(SFT + ":tiny", {"total_steps": 80, "optimizer.ema_decay": 0.9})
+  saved = json.loads(config_lib.load(SFT + ":tiny").to_json_best_effort())
+  assert config_lib.setting_differences(saved, config) == [
+      "optimizer.ema_decay 0.99, now 0.9", "total_steps 300, now 80"]
+  # Ignored names cover the fields under them; equal configs differ in nothing.
+  assert config_lib.setting_differences(saved, config, ("optimizer", "total_steps")) == []
+  assert config_lib.setting_differences(saved, config_lib.load(SFT + ":tiny")) == []
+
+
+def test_setting_differences_leave_out_fields_only_one_side_has():
+  """A newer project adds fields (their defaults keep an older run's behaviour) and drops some."""
+  saved = {"seed": 0, "retired": 1, "data": {"batch_size": 8}, "intensities": [0.23, 0.45]}
+  now = {"seed": 0, "new": 2, "data": {"batch_size": 8, "new_too": 3},
+         "intensities": (0.23, 0.9)}
+  assert config_lib.setting_differences(saved, now) == ["intensities [0.23, 0.45], now [0.23, 0.9]"]

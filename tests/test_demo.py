@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import pytest
 
 from robust_u1_jax import config_lib
@@ -107,3 +108,77 @@ def test_a_stopped_evaluation_stops_the_demo_with_how_to_resume(tmp_path, monkey
   with pytest.raises(KeyboardInterrupt):  # the entry module prints 'interrupted', exit 130
     demo.run(config, str(tmp_path))
   assert "stopped in its eval part; run the same command to resume" in capsys.readouterr().out
+
+
+class _Position:
+  """The data iterator a checkpoint saves beside the state."""
+
+  def get_state(self):
+    return {"position": 0}
+
+  def set_state(self, state):
+    pass
+
+
+def _checkpoint_part(workdir: str, part: str, config) -> None:
+  """One checkpoint in `workdir`/`part` saved with the trainer's metadata for `config`."""
+  from robust_u1_jax.training import checkpoint
+
+  c = demo.part_config(config, part, workdir)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, part), every=1, keep=1)
+  ckpt.save(1, {"w": jnp.zeros(2)}, _Position(),
+            {"stage": c.stage, "config": c.to_json_best_effort(), "step": 1})
+  ckpt.close()
+
+
+def test_a_workdir_of_another_variant_is_refused_before_anything_runs(tmp_path, monkeypatch):
+  from robust_u1_jax.training import trainer
+
+  ran = []
+  monkeypatch.setattr(trainer, "train", lambda c, workdir, build: ran.append(workdir))
+  quick = config_lib.load_file(os.path.join(ROOT, "configs", "demo.py:quick"))
+  default = config_lib.load_file(os.path.join(ROOT, "configs", "demo.py"))
+  workdir = str(tmp_path / "demo")
+  for part in ("vae", "vit"):  # the vit part's init_from names the vae part's workdir
+    _checkpoint_part(workdir, part, quick)
+  with pytest.raises(config_lib.ConfigError) as e:
+    demo.run(default, workdir)
+  message = str(e.value)
+  assert message.startswith(f"{os.path.join(workdir, 'vae')} was trained with other settings")
+  assert "variant 'quick', now 'default'" in message and "another --workdir" in message
+  assert ran == []
+  # With its own config, the workdir moved elsewhere (its chained paths differ) goes on.
+  moved = str(tmp_path / "moved")
+  os.rename(workdir, moved)
+  assert demo.run(quick, moved) is None  # the fake trainer writes no checkpoint: it stops
+  assert ran == [os.path.join(moved, "vae")]
+
+
+def test_changed_evaluation_settings_evaluate_again(tmp_path, monkeypatch, capsys):
+  from robust_u1_jax.eval import run as eval_run
+  from robust_u1_jax.training import checkpoint
+
+  monkeypatch.setattr(checkpoint, "finished", lambda workdir, total_steps: True)
+  evaluated = []
+
+  def evaluate(c):
+    evaluated.append(c.num_samples)
+    return os.path.join(c.out, "report.md")
+
+  monkeypatch.setattr(eval_run, "run", evaluate)
+  config = config_lib.load_file(os.path.join(ROOT, "configs", "demo.py:quick"))
+  workdir = str(tmp_path)
+  c = demo.part_config(config, "eval", workdir)
+  os.makedirs(c.out)
+  settings = {**json.loads(c.to_json_best_effort()), "seconds": 1.0, "units_kept": 0}
+  with open(os.path.join(c.out, "report.json"), "w") as f:
+    json.dump({"settings": settings}, f)
+  open(os.path.join(c.out, "report.md"), "w").close()
+  demo.run(config, workdir)
+  assert evaluated == [] and "nothing to evaluate" in capsys.readouterr().out
+  more = config_lib.load_file(os.path.join(ROOT, "configs", "demo.py:quick"))
+  with more.unlocked():
+    more.eval.num_samples = 32
+  demo.run(more, workdir)
+  assert evaluated == [32]
+  assert "settings differ from" in capsys.readouterr().out

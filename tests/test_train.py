@@ -34,8 +34,8 @@ def _history(workdir):
     return {row["step"]: row for row in map(json.loads, f) if not row.get("eval")}
 
 
-def _train_command(workdir, steps):
-  overrides = [f"--config.{k}={v}" for k, v in {**SMALL, "total_steps": steps}.items()]
+def _train_command(workdir, steps, **extra):
+  overrides = [f"--config.{k}={v}" for k, v in {**SMALL, "total_steps": steps, **extra}.items()]
   return [sys.executable, "-m", "robust_u1_jax.train", "--config", SFT, "--workdir", workdir,
           *overrides]
 
@@ -43,7 +43,8 @@ def _train_command(workdir, steps):
 @pytest.mark.slow
 def test_sft_resumes_exactly_after_sigkill(tmp_path):
   """Every run is a fresh process, as a user's would be: uninterrupted; killed with SIGKILL once
-  its step-4 checkpoint is complete; restarted from the killed run's workdir."""
+  its step-4 checkpoint is complete; restarted from the killed run's workdir (with a setting
+  changed that the first six steps never read)."""
   steps = 6
   straight = str(tmp_path / "straight")
   subprocess.run(_train_command(straight, steps), check=True, cwd=ROOT,
@@ -62,8 +63,11 @@ def test_sft_resumes_exactly_after_sigkill(tmp_path):
   assert os.path.isdir(marker), "the subprocess never wrote its step-4 checkpoint"
   assert not os.path.isdir(os.path.join(killed, "model")), "the run finished before the kill"
 
-  subprocess.run(_train_command(killed, steps), check=True, cwd=ROOT,
-                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  # Restarted with an evaluation cadence it never reaches: the run says what differs.
+  out = subprocess.run(_train_command(killed, steps, eval_every=1001), check=True, cwd=ROOT,
+                       capture_output=True, text=True)
+  assert f"resuming from step 4 in {killed}" in out.stdout
+  assert "with settings other than its checkpoint's: eval_every 1000, now 1001" in out.stdout
   resumed = _history(killed)
   after = list(range(5, steps + 1))
   for s in after:

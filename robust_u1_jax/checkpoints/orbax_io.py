@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
 from robust_u1_jax.checkpoints import bagel_dir, loader
 from robust_u1_jax.models.bagel import Bagel
@@ -37,16 +38,6 @@ def _nested(flat: dict[str, Any]) -> dict[str, Any]:
     for p in parents:
       node = node.setdefault(p, {})
     node[leaf] = value
-  return out
-
-
-def _flat(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in nested.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
   return out
 
 
@@ -100,7 +91,8 @@ def load_orbax(path: str, *, mesh: jax.sharding.Mesh | None = None, dtype=None, 
   variables = loader.param_variables(model)
   slots = loader.layer_slots(variables)
   with ocp.StandardCheckpointer() as checkpointer:
-    stored = set(_flat(checkpointer.metadata(params_dir).item_metadata.tree))
+    stored = set(traverse_util.flatten_dict(checkpointer.metadata(params_dir).item_metadata.tree,
+                                          sep="."))
     per_layer = stored != set(variables) and stored == set(slots)  # written before stacking
     if per_layer:
       target = {}
@@ -115,7 +107,8 @@ def load_orbax(path: str, *, mesh: jax.sharding.Mesh | None = None, dtype=None, 
         raise ValueError(f"{params_dir}: checkpoint does not fit the model of {CONFIG}: missing "
                          f"{missing[:10]}, unexpected {extra[:10]}")
       target = {p: v.get_value() for p, v in variables.items()}
-    restored = _flat(checkpointer.restore(params_dir, _nested(target)))
+    restored = traverse_util.flatten_dict(checkpointer.restore(params_dir, _nested(target)),
+                                          sep=".")
   if per_layer:
     layers_of: dict[str, list[str]] = {}
     for p, s in slots.items():

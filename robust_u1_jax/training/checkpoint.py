@@ -121,13 +121,44 @@ class Checkpointer:
     return None
 
 
-def latest_step(workdir: str) -> int | None:
-  """The newest complete checkpoint's step in `workdir`, without building any model."""
+def _read_only_manager(workdir: str) -> ocp.CheckpointManager | None:
   directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
   if not os.path.isdir(directory):
     return None
-  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False)) as m:
-    return m.latest_step()
+  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
+
+
+def latest_step(workdir: str) -> int | None:
+  """The newest complete checkpoint's step in `workdir`, without building any model."""
+  manager = _read_only_manager(workdir)
+  if manager is None:
+    return None
+  with manager:
+    return manager.latest_step()
+
+
+def saved_config(workdir: str) -> dict | None:
+  """The config (as JSON values) the newest checkpoint in `workdir` was saved with, read without
+  building any model; None without a checkpoint, or when its metadata cannot be read (the
+  trainer then falls back to the checkpoint before, `Checkpointer.restore`)."""
+  manager = _read_only_manager(workdir)
+  if manager is None:
+    return None
+  with manager:
+    step = manager.latest_step()
+    if step is None:
+      return None
+    try:
+      meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception:  # Orbax raises many types for damaged files.
+      return None
+  return config_of(meta)
+
+
+def config_of(meta: dict) -> dict | None:
+  """The config in a checkpoint's metadata (the trainer stores it as a JSON string)."""
+  config = meta.get("config")
+  return json.loads(config) if isinstance(config, str) else None
 
 
 def finished(workdir: str, total_steps: int) -> bool:

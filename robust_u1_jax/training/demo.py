@@ -16,6 +16,7 @@ run's pace, the minutes its parts run from the start took over their reference m
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -29,6 +30,12 @@ PARTS = ("vae", "clip", "vit", "base", "sft", "rl", "reason", "eval")
 INIT_FROM = {"vae": None, "clip": None, "vit": "vae", "base": "vit", "sft": "base",
              "rl": "sft", "reason": "rl"}
 CLIP_FILE = os.path.join("model", "clip.safetensors")
+# Fields that change nothing a part trains: the paths the demo chains its parts by (so a moved
+# workdir still matches its checkpoints) and how often a part logs, evaluates and checkpoints.
+SAME_TRAINING = ("init_from", "rl.clip_checkpoint", "log_every", "eval_every", "checkpoint_every",
+                 "keep_checkpoints", "tensorboard")
+# The evaluation's paths, all of them in the workdir.
+SAME_EVALUATION = ("model", "out", "clip_checkpoint", "compare", "rl_workdir")
 
 
 def part_config(config: ml_collections.ConfigDict, part: str, workdir: str
@@ -52,6 +59,36 @@ def part_config(config: ml_collections.ConfigDict, part: str, workdir: str
   return config_lib.validate(c)
 
 
+def check_parts_match(configs: Mapping[str, ml_collections.ConfigDict], workdir: str) -> None:
+  """Refuses a workdir whose parts were trained with settings other than `configs` (another
+  variant, other steps): each part starts from the one before, so continuing a part under other
+  settings, or skipping one finished under them, would mix two recipes in one report."""
+  from robust_u1_jax.training import checkpoint
+
+  for part in PARTS[:-1]:
+    part_dir = os.path.join(workdir, part)
+    saved = checkpoint.saved_config(part_dir)
+    changed = config_lib.setting_differences(saved, configs[part], SAME_TRAINING) if saved else []
+    if changed:
+      changed.sort(key=lambda change: not change.startswith("variant "))
+      more = f" (and {len(changed) - 3} more)" if len(changed) > 3 else ""
+      raise config_lib.ConfigError(
+          f"{part_dir} was trained with other settings than this config's: "
+          f"{'; '.join(changed[:3])}{more}; a workdir holds one demo: run this config in "
+          "another --workdir")
+
+
+def evaluation_changes(eval_config: ml_collections.ConfigDict) -> list[str]:
+  """How `eval_config` differs from the settings its report was written with (none without a
+  readable report)."""
+  try:
+    with open(os.path.join(eval_config.out, "report.json")) as f:
+      settings = json.load(f)["settings"]
+  except (OSError, ValueError, KeyError, TypeError):
+    return []
+  return config_lib.setting_differences(settings, eval_config, SAME_EVALUATION)
+
+
 def minutes_to_go(reference: Mapping[str, float], timed: Mapping[str, float],
                   to_run: Sequence[str]) -> float:
   """The reference minutes of the parts `to_run`, at the pace of the `timed` ones (part ->
@@ -69,12 +106,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str | None:
 
   os.makedirs(workdir, exist_ok=True)
   configs = {part: part_config(config, part, workdir) for part in PARTS}
-  # Finished parts are skipped; the evaluation runs again whenever a model is (re)trained.
+  check_parts_match(configs, workdir)
+  # Finished parts are skipped; the evaluation runs again whenever a model is (re)trained or its
+  # own settings change.
   remaining = [p for p in PARTS[:-1]
                if not checkpoint.finished(os.path.join(workdir, p), configs[p].total_steps)]
   report = os.path.join(configs["eval"].out, "report.md")
-  if remaining or not (os.path.exists(report) and
-                       os.path.getmtime(report) > _newest_model(workdir)):
+  eval_changes = evaluation_changes(configs["eval"])
+  if remaining or eval_changes or not (os.path.exists(report) and
+                                       os.path.getmtime(report) > _newest_model(workdir)):
     remaining.append("eval")
   timed = {}  # part -> minutes, of the parts this run trained from their first step
   t0 = time.perf_counter()
@@ -88,6 +128,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str | None:
       if part not in remaining:
         print(f"{report} is newer than every model; nothing to evaluate", flush=True)
         return report
+      if eval_changes:
+        print(f"the evaluation's settings differ from {report}'s ({'; '.join(eval_changes)}): "
+              "evaluating again", flush=True)
       try:
         return eval_run.run(c)
       except KeyboardInterrupt:  # its finished units are kept (eval/partial.py)

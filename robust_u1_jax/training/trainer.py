@@ -23,7 +23,7 @@ import ml_collections
 from absl import logging
 from flax import nnx
 
-from robust_u1_jax import flops
+from robust_u1_jax import config_lib, flops
 from robust_u1_jax.data import multihost, pipeline as pipeline_lib
 from robust_u1_jax.training import checkpoint as checkpoint_lib
 from robust_u1_jax.training import lora as lora_lib
@@ -63,9 +63,13 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     start = 0
     restored = ckpt.restore(checkpoint_lib.abstract_like(state), data)
     if restored is not None:
-      start, state, _ = restored
+      start, state, meta = restored
       logging.info("resumed %s from step %d", workdir, start)
       print(f"resuming from step {start} in {workdir}", flush=True)
+      saved = checkpoint_lib.config_of(meta)
+      changed = config_lib.setting_differences(saved, config) if saved else []
+      if changed:
+        print(f"  with settings other than its checkpoint's: {'; '.join(changed)}", flush=True)
     if start >= config.total_steps:
       print(f"{workdir} already holds the final step {start}; nothing to train", flush=True)
       ckpt.close()
