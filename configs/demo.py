@@ -16,7 +16,8 @@ bootstrap_clip.py, bootstrap_vit.py, pretrain.py), each run by `trainer.train`:
                 captioning, drawing from captions, reconstructing; init_from is vit_config's workdir
 
 Variants: 'default' (the demo; its parts' minutes in `get_config`) and 'quick' (for CI: all
-eight parts in 3.8 minutes on an idle 2-core CPU, 2026-12-02). VAEConfig.tiny (ch 8, z 4)
+eight parts, a few steps each, in 3.4 minutes into an empty compile cache on a 2-core AMD EPYC
+Zen 4 and 1.8 with it filled, 2026-12-05). VAEConfig.tiny (ch 8, z 4)
 reaches about 25 dB PSNR on 64 px world images within the default budget: wider VAEs (ch 16,
 z 8 or 16) measured no better per CPU second, so there is no demo preset.
 """
@@ -81,7 +82,7 @@ def vae_config(variant: str = "default") -> ml_collections.ConfigDict:
   # 3,000 steps reach 28.7 dB (27.7 with seed 1), 3 more minutes on the AMD machine, and the
   # 25 % recovery claim held with seed 0 (+0.69 ± 0.33 dB) but not with seed 1 (-1.47 ± 0.36):
   # not the only limit (docs/DEMO.md, 'Four draws'). Learning rate 6e-3: 24.3 dB after 1,000.
-  _schedule(c, 80 if quick else 1000)
+  _schedule(c, 40 if quick else 1000)
   c.optimizer.learning_rate = 3e-3
   c.optimizer.end_learning_rate = 1e-4
   c.optimizer.warmup_steps = 10 if quick else 30
@@ -100,7 +101,7 @@ def clip_config(variant: str = "default") -> ml_collections.ConfigDict:
   c.clip.max_logit_scale = 100.0
   quick = variant == "quick"
   _world(c, batch_size=64, eval_batch_size=64)
-  _schedule(c, 120 if quick else 800)
+  _schedule(c, 40 if quick else 800)
   c.optimizer.learning_rate = 2e-3
   c.optimizer.end_learning_rate = 1e-5
   c.optimizer.warmup_steps = 30
@@ -119,7 +120,7 @@ def vit_config(variant: str = "default", init_from: str = "random"
   c.init_from = init_from
   # Measured (batch 64, 2026-12-02): caption retrieval among 64 validation images 31 % after 200
   # steps, 55 % after 600 and after 1,200 (the CLIP part: 50 % after 800); 600 take 1.0 min.
-  _schedule(c, 120 if variant == "quick" else 600)
+  _schedule(c, 40 if variant == "quick" else 600)
   return c
 
 
@@ -226,7 +227,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   vae, clip, vit, base (bootstrap), sft, rl, reason, eval (training/demo.py chains their
   workdirs).
 
-  'default' is sized for about 15 minutes on an idle 2-core CPU, 'quick' for about 4 (its test
+  'default' is sized for about 15 minutes on an idle 2-core CPU, 'quick' for under 4 (its test
   runs it twice); docs/DEMO.md, "Time", has every run measured, part by part."""
   _check_variant(variant, "get_config")
   quick = variant == "quick"
@@ -236,9 +237,9 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   c.seed = 0
   # Each part's minutes in one run, from which training/demo.py estimates the minutes to go (at
   # the pace of the parts this run has timed): the default's 13.5-minute run on a 2-core AMD EPYC
-  # Zen 4 with its compile cache filled (2026-12-04), the quick variant's 2.0 minutes there
+  # Zen 4 with its compile cache filled (2026-12-04), the quick variant's 1.8 minutes there
   # (2026-12-05).
-  minutes = (dict(vae=0.3, clip=0.2, vit=0.1, base=0.2, sft=0.1, rl=0.3, reason=0.5, eval=0.3)
+  minutes = (dict(vae=0.3, clip=0.1, vit=0.1, base=0.2, sft=0.2, rl=0.2, reason=0.2, eval=0.5)
              if quick else
              dict(vae=1.6, clip=0.7, vit=0.7, base=4.3, sft=0.5, rl=0.5, reason=2.6, eval=2.6))
   c.minutes = ml_collections.ConfigDict(minutes)
@@ -249,7 +250,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
 
   c.sft = _stage("sft", "tiny")
   c.sft.init_from = "<the base part's workdir>"
-  _schedule(c.sft, 60 if quick else 400)
+  _schedule(c.sft, 30 if quick else 400)
   # The base's copy is learnt at shift 3, where the sampler spends its steps, and is lost at
   # stage I's shift 1 and condition dropout 0.3 (configs/sft.py). Measured on 64 validation
   # images, recovered SSIM / PSNR (dB) of clean, 25 % and 100 % inputs (2026-12-02): base, no SFT
@@ -277,7 +278,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
 
   c.reason = _stage("reason", "tiny")
   c.reason.init_from = "<the rl part's workdir>"
-  _schedule(c.reason, 30 if quick else 300)
+  _schedule(c.reason, 10 if quick else 300)
   c.reason.reason.recovery_steps = 10
   # The world's longest reasoning-stage texts (every combination of the pipeline's four
   # degradations, every kind of question): question 70 tokens, answer 167. As power-of-two buckets
@@ -322,4 +323,13 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     c.eval.claim_samples = 0  # the conditions' 16
     c.eval.imagenet_c_types = ("fog", "pixelate")
     c.eval.severities = (5,)
+    c.reason.optimizer.warmup_steps = 2
+  # XLA flags for the demo's process, placed before the user's own XLA_FLAGS (which win). The
+  # quick variant runs each program a few times, so it compiles at LLVM's level 0, as the tests
+  # do: into an empty compile cache it took 232 s against 272 s at XLA's default level, 89 s of
+  # compiles against 165 (Zen 4, back to back, 2026-12-05), and 204 s with the present steps (40
+  # for vae, clip and vit, 30 for sft, 10 for reason; 80, 120, 120, 60 and 30 before), 110 s with
+  # the compile cache filled. The default's steps run about half as fast at level 0 (docs/DEMO.md,
+  # "Time"), so it keeps XLA's default.
+  c.xla_flags = "--xla_backend_optimization_level=0" if quick else ""
   return c

@@ -33,6 +33,8 @@ def main(argv) -> int:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = config_lib.validate(_CONFIG.value)
   config_lib.check_inputs(config)  # before anything is built: a wrong path fails at once
+  if config.get("xla_flags"):
+    use_xla_flags(config.xla_flags)
   workdir = cli.output_dir(_WORKDIR.value, "--workdir")
   from robust_u1_jax.data import multihost
   from robust_u1_jax.training import demo, stages, trainer  # after the checks: fast errors
@@ -51,6 +53,13 @@ def main(argv) -> int:
   if not finished_before:
     print(results_message(workdir, config.total_steps), flush=True)
   return 0
+
+
+def use_xla_flags(flags: str) -> None:
+  """Puts `flags` before the user's own XLA_FLAGS, whose flags win (XLA reads a repeated flag's
+  last value). XLA reads the variable once, when the backend starts, which no step before this
+  one does."""
+  os.environ["XLA_FLAGS"] = " ".join(filter(None, (flags, os.environ.get("XLA_FLAGS", ""))))
 
 
 def results_message(workdir: str, total_steps: int) -> str:

@@ -182,3 +182,36 @@ def test_changed_evaluation_settings_evaluate_again(tmp_path, monkeypatch, capsy
   demo.run(more, workdir)
   assert evaluated == [32]
   assert "settings differ from" in capsys.readouterr().out
+
+
+def test_the_quick_variant_compiles_at_level_0_before_the_backend_starts(tmp_path,
+                                                                          monkeypatch):
+  from robust_u1_jax import train
+
+  quick = config_lib.load_file(os.path.join(ROOT, "configs", "demo.py:quick"))
+  assert quick.xla_flags == "--xla_backend_optimization_level=0"
+  assert config_lib.load_file(os.path.join(ROOT, "configs", "demo.py")).xla_flags == ""
+  monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=2")
+  train.use_xla_flags(quick.xla_flags)
+  # The user's own flags come last, so theirs win.
+  assert os.environ["XLA_FLAGS"] == ("--xla_backend_optimization_level=0 "
+                                     "--xla_backend_optimization_level=2")
+  # train.main applies them before anything starts the backend (XLA reads its flags then).
+  probe = """
+import sys
+from jax._src import xla_bridge
+from robust_u1_jax import cli, train
+
+def applied(flags):
+  print(xla_bridge.backends_are_initialized(), flags)
+  raise SystemExit(0)
+
+train.use_xla_flags = applied
+sys.argv = ["train", "--config", sys.argv[1], "--workdir", sys.argv[2]]
+cli.run(train.main)
+"""
+  out = subprocess.run([sys.executable, "-c", probe, os.path.join(ROOT, "configs", "demo.py:quick"),
+                        str(tmp_path / "demo")], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip() == "False --xla_backend_optimization_level=0"
