@@ -1,6 +1,7 @@
-"""The bootstrap stages of the built-in world (configs/demo.py, 'quick' settings): the VAE learns to
-reconstruct, the CLIP to retrieve captions and loads as the RL reward's tower, the base model's
-losses fall with the VAE left bit for bit as part 1 wrote it, and runs resume."""
+"""The bootstrap stages of the built-in world (configs/demo.py, 'quick' settings, with the steps
+each part needs to learn something measurable): the VAE learns to reconstruct, the CLIP to
+retrieve captions and loads as the RL reward's tower, the base model's losses fall with the VAE
+left bit for bit as part 1 wrote it, and runs resume."""
 
 import importlib.util
 import json
@@ -31,8 +32,17 @@ def _demo():
   return module
 
 
+# Steps after which each part has learnt something these tests can measure; the quick demo runs
+# fewer, since it checks the wiring only.
+LEARNING_STEPS = {"vae": 80, "clip": 120, "vit": 120}
+
+
 def _config(part: str, overrides=None, **kwargs) -> ml_collections.ConfigDict:
   config = getattr(_demo(), f"{part}_config")("quick", **kwargs)
+  if part in LEARNING_STEPS:
+    steps = LEARNING_STEPS[part]
+    config.update(total_steps=steps, checkpoint_every=steps // 2, eval_every=steps,
+                  log_every=max(steps // 10, 1))
   config.lock()
   for dotted, value in {**MESH, **(overrides or {})}.items():
     parent = config
