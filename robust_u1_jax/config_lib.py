@@ -539,7 +539,7 @@ def unknown_field(config: ml_collections.ConfigDict, dotted: str) -> str | None:
 def setting_differences(saved: Mapping, config: ml_collections.ConfigDict | Mapping,
                         ignore: Collection[str] = ()) -> list[str]:
   """'field <saved>, now <value>' for each field whose value differs between a config saved as
-  JSON (a checkpoint's, a report's settings) and `config`, in field order. Fields only one of them
+  JSON (a checkpoint's, a report's settings) and `config`, by field name. Fields only one of them
   has are left out: a newer project adds fields whose defaults keep what an older run did.
   `ignore`: dotted names, each also covering the fields under it."""
   from flax import traverse_util  # deferred: config checks run before the heavy imports

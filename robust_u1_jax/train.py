@@ -8,9 +8,9 @@
 Re-running with the same workdir resumes from its newest checkpoint, naming any setting that
 differs from the checkpoint's (the demo: skips finished parts and resumes the interrupted one, and
 refuses a workdir whose parts were trained with other settings); a finished workdir says so at
-once. The config, the files
-it names (init_from, the data, the recovery cache, the CLIP checkpoint) and the workdir are
-checked before any model is built: a bad one is one `error:` line and exit status 2.
+once. The config, the files it names (init_from, the data, the recovery cache, the CLIP
+checkpoint) and the workdir are checked before any model is built: a bad one is one `error:` line
+and exit status 2.
 """
 
 from robust_u1_jax import cli  # first: its quiet environment is set before jax loads
