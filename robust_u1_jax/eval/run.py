@@ -19,6 +19,10 @@ from robust_u1_jax.inference import engine as engine_lib
 from robust_u1_jax.inference import recovery as recovery_lib
 
 
+# The Robust-R1 pipeline's intensities a benchmark's questions are answered at (and clean).
+BENCHMARK_CONDITIONS = evaluation.conditions(("25%", "50%", "100%"), (), ())
+
+
 def _clip_similarity(c: ml_collections.ConfigDict):
   if not c.clip_checkpoint:
     return None
@@ -72,15 +76,50 @@ def run(c: ml_collections.ConfigDict, *, say: Callable[[str], None] = print) -> 
   say(f"evaluating {c.model}: {len(samples)} samples x {len(conds) - len(pipeline)} "
       f"conditions; {len(claim_samples)} for the clean images and {len(pipeline)} pipeline "
       "conditions" + (f"; the recoveries of {', '.join(compared)} too" if compared else ""))
-  bench_conds = evaluation.conditions(("25%", "50%", "100%"), (), ())
   units = (len(conds) * (1 + len(compared)) + 2 + bool(c.recovery_on_clean)
-           + len(c.benchmarks) * (len(bench_conds) + 1))
+           + len(c.benchmarks) * (len(BENCHMARK_CONDITIONS) + 1))
   kept = len(store)
   if kept:
     say(f"  resuming a stopped evaluation: {kept} of its {units} units kept in {store.folder}")
   done = itertools.count(1)
   progress = lambda label: say(f"  [{next(done)}/{units}] {label} "
                                f"({(time.perf_counter() - t0) / 60:.1f} min so far)")
+
+  result = _evaluate_model(evaluator, c, claim_samples, samples, conds, progress, store)
+  compare, by_type = {}, {}
+  if compared:
+    compare, by_type = _compare_models(compared, c, clip_similarity, samples, conds, result,
+                                       progress, store)
+  benchmarks = {}
+  for name, path in c.benchmarks.items():
+    say(f"  benchmark {name}: {path}")
+    benchmarks[name] = _benchmark(evaluator, name, path, c, engine.rules, progress, store)
+
+  claim_rows = report.claims(result, compare)
+  names = report.figures(result, out_dir, compare_by_type=by_type or None,
+                         rl_metrics=os.path.join(c.rl_workdir, "metrics.jsonl")
+                         if c.rl_workdir else None)
+  # The guidance the model's recoveries used (cfg_text / cfg_img unset stand for the model's own).
+  guidance = evaluator.sampler.guidance
+  settings = {**c.to_dict(), "guidance": {"text_scale": guidance.text_scale,
+                                          "image_scale": guidance.image_scale},
+              # this run's: a resumed one read `units_kept` of its units from the stopped one
+              "seconds": round(time.perf_counter() - t0, 1), "units_kept": kept}
+  path = report.write(out_dir, result, title=f"Evaluation of {c.model}", settings=settings,
+                      claim_rows=claim_rows, figure_names=names, benchmarks=benchmarks)
+  store.remove()  # the report holds everything now
+  for row in claim_rows:
+    bound = f" (with a perfect recovery: {row['bound']})" if row["bound"] else ""
+    say(f"  {'holds' if row['holds'] else 'FAILS'}: {row['claim']}: {row['measured']}{bound}")
+  say(f"report: {path}")
+  return path
+
+
+def _evaluate_model(evaluator: evaluation.Evaluator, c: ml_collections.ConfigDict,
+                    claim_samples, samples, conds, progress, store) -> dict[str, Any]:
+  """The evaluated model's result: every condition in every mode (the pipeline's on the claims'
+  samples), the VAE's round trip and the clean images' answers, with recovery on too."""
+  pipeline = [k for k in conds if k.family == evaluation.PIPELINE]
   result = evaluator.evaluate(claim_samples, pipeline, modes=evaluation.MODES[1:],
                               progress=progress, store=store)
   others = evaluator.evaluate(samples, [k for k in conds if k not in pipeline],
@@ -101,7 +140,14 @@ def run(c: ml_collections.ConfigDict, *, say: Callable[[str], None] = print) -> 
         "accuracy": on["accuracy"], "by_kind": on["by_kind"],
         "minus_off_se": evaluation.paired_se([a["correct"] for a in on["answers"]],
                                              [a["correct"] for a in result["clean"]["answers"]])}
+  return result
 
+
+def _compare_models(compared: dict[str, str], c: ml_collections.ConfigDict, clip_similarity,
+                    samples, conds, result: dict[str, Any], progress, store
+                    ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+  """The recoveries of the `compared` models (name -> path) under every condition: (their mean
+  metrics, their SSIM per condition); RL against SFT goes into `result` when both are there."""
   compare, by_type, rows_of = {}, {}, {}
   for name, path in compared.items():
     other = _evaluator(engine_lib.Engine.load(path, dtype=c.dtype), c, clip_similarity, path)
@@ -121,39 +167,22 @@ def run(c: ml_collections.ConfigDict, *, say: Callable[[str], None] = print) -> 
     if on_pipeline(rl):
       result["rl_minus_sft_pipeline"] = evaluation.rl_minus_sft(on_pipeline(rl),
                                                                 on_pipeline(sft))
+  return compare, by_type
 
-  benchmarks = {}
-  for name, path in c.benchmarks.items():
-    say(f"  benchmark {name}: {path}")
-    bench_samples = evaluation.table_samples(path, c.benchmark_samples, engine.rules)
-    prefix = f"benchmark {name}: "
-    bench = evaluator.evaluate(bench_samples, bench_conds, modes=evaluation.MODES[1:],
-                               progress=progress, store=store, unit_prefix=prefix)
-    bench_clean = store.get_or_compute(prefix + "clean images",
-                                       lambda: evaluator.clean(bench_samples), progress)
-    accuracy = {"clean image": {"clean": bench_clean["accuracy"]}}
-    accuracy.update({r["level"]: r["accuracy"] for r in bench["conditions"]})
-    benchmarks[name] = {"path": path, "samples": len(bench_samples),
-                        "modes": list(evaluation.MODES), "accuracy": accuracy}
 
-  claim_rows = report.claims(result, compare)
-  names = report.figures(result, out_dir, compare_by_type=by_type or None,
-                         rl_metrics=os.path.join(c.rl_workdir, "metrics.jsonl")
-                         if c.rl_workdir else None)
-  # The guidance the model's recoveries used (cfg_text / cfg_img unset stand for the model's own).
-  guidance = evaluator.sampler.guidance
-  settings = {**c.to_dict(), "guidance": {"text_scale": guidance.text_scale,
-                                          "image_scale": guidance.image_scale},
-              # this run's: a resumed one read `units_kept` of its units from the stopped one
-              "seconds": round(time.perf_counter() - t0, 1), "units_kept": kept}
-  path = report.write(out_dir, result, title=f"Evaluation of {c.model}", settings=settings,
-                      claim_rows=claim_rows, figure_names=names, benchmarks=benchmarks)
-  store.remove()  # the report holds everything now
-  for row in claim_rows:
-    bound = f" (with a perfect recovery: {row['bound']})" if row["bound"] else ""
-    say(f"  {'holds' if row['holds'] else 'FAILS'}: {row['claim']}: {row['measured']}{bound}")
-  say(f"report: {path}")
-  return path
+def _benchmark(evaluator: evaluation.Evaluator, name: str, path: str,
+               c: ml_collections.ConfigDict, rules, progress, store) -> dict[str, Any]:
+  """One benchmark table's accuracy per mode, clean and at each of BENCHMARK_CONDITIONS."""
+  bench_samples = evaluation.table_samples(path, c.benchmark_samples, rules)
+  prefix = f"benchmark {name}: "
+  bench = evaluator.evaluate(bench_samples, BENCHMARK_CONDITIONS, modes=evaluation.MODES[1:],
+                             progress=progress, store=store, unit_prefix=prefix)
+  bench_clean = store.get_or_compute(prefix + "clean images",
+                                     lambda: evaluator.clean(bench_samples), progress)
+  accuracy = {"clean image": {"clean": bench_clean["accuracy"]}}
+  accuracy.update({r["level"]: r["accuracy"] for r in bench["conditions"]})
+  return {"path": path, "samples": len(bench_samples), "modes": list(evaluation.MODES),
+          "accuracy": accuracy}
 
 
 def claims_of(report_dir: str) -> list[dict[str, Any]]:
