@@ -3,6 +3,8 @@
 import json
 import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 import tokenizers
@@ -48,6 +50,30 @@ def test_loads_through_the_qwen2_class(tok, tok_dir):
       p.name for p in tok_dir.iterdir()}
   assert len(tok) < 2000
   assert tok.eos_token == tokenizer_lib.IM_END and tok.pad_token == tokenizer_lib.ENDOFTEXT
+
+
+def test_qwen2_directories_load_without_pytorch(tok_dir):
+  """Ours (and Qwen2's, BAGEL's) declare Qwen2's class, loaded without AutoTokenizer's import of
+  the model configs, which imports PyTorch (about 1.4 s of every command)."""
+  probe = ("import sys; from robust_u1_jax.data import tokenizer as t; "
+           "tok = t.load_tokenizer(sys.argv[1]); print(type(tok).__name__, 'torch' in sys.modules)")
+  out = subprocess.run([sys.executable, "-c", probe, str(tok_dir)], capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split() == ["Qwen2Tokenizer", "False"]
+
+
+def test_another_declared_class_loads_through_auto_tokenizer(tok, tok_dir, tmp_path):
+  for f in tok_dir.iterdir():
+    (tmp_path / f.name).write_bytes(f.read_bytes())
+  config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+  config["tokenizer_class"] = "PreTrainedTokenizerFast"
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+  other = tokenizer_lib.load_tokenizer(tmp_path)
+  assert not isinstance(other, transformers.Qwen2Tokenizer)
+  for text in _texts(3):
+    assert other.encode(text, add_special_tokens=False) == tok.encode(text,
+                                                                      add_special_tokens=False)
 
 
 def test_round_trip_and_same_ids_as_the_raw_backend(tok, tok_dir):
