@@ -38,11 +38,10 @@ LEARNING_STEPS = {"vae": 80, "clip": 120, "vit": 120}
 
 
 def _config(part: str, overrides=None, **kwargs) -> ml_collections.ConfigDict:
-  config = getattr(_demo(), f"{part}_config")("quick", **kwargs)
+  demo = _demo()
+  config = getattr(demo, f"{part}_config")("quick", **kwargs)
   if part in LEARNING_STEPS:
-    steps = LEARNING_STEPS[part]
-    config.update(total_steps=steps, checkpoint_every=steps // 2, eval_every=steps,
-                  log_every=max(steps // 10, 1))
+    demo._schedule(config, LEARNING_STEPS[part])  # as the demo schedules its parts' steps
   config.lock()
   for dotted, value in {**MESH, **(overrides or {})}.items():
     parent = config

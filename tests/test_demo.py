@@ -53,7 +53,7 @@ def test_quick_demo_runs_every_part_and_resumes(tmp_path):
     assert os.path.getsize(os.path.join(workdir, "eval", name)) > 1000, name
   # Each part's header estimates the minutes to go.
   assert first.count(" to go) -> ") == len(demo.PARTS)
-  # A re-run finds every part finished and the report newer than every model.
+  # A re-run finds every part finished and the report of these models and settings.
   again = _train(workdir)
   assert again.count("nothing to train") == len(demo.PARTS) - 1 and "nothing to evaluate" in again
   assert again.count("about 0.0 to go") == len(demo.PARTS)
@@ -154,7 +154,8 @@ def test_a_workdir_of_another_variant_is_refused_before_anything_runs(tmp_path, 
   assert ran == [os.path.join(moved, "vae")]
 
 
-def test_changed_evaluation_settings_evaluate_again(tmp_path, monkeypatch, capsys):
+def test_the_evaluation_runs_again_for_other_settings_or_models(tmp_path, monkeypatch, capsys):
+  from robust_u1_jax.eval import partial
   from robust_u1_jax.eval import run as eval_run
   from robust_u1_jax.training import checkpoint
 
@@ -168,20 +169,31 @@ def test_changed_evaluation_settings_evaluate_again(tmp_path, monkeypatch, capsy
   monkeypatch.setattr(eval_run, "run", evaluate)
   config = config_lib.load_file(os.path.join(ROOT, "configs", "demo.py:quick"))
   workdir = str(tmp_path)
+  for part in ("reason", "sft", "rl"):  # the evaluated and compared models' folders
+    os.makedirs(os.path.join(workdir, part, "model"))
+  weights = os.path.join(workdir, "reason", "model", "weights")
+  with open(weights, "w") as f:
+    f.write("trained")
   c = demo.part_config(config, "eval", workdir)
   os.makedirs(c.out)
-  settings = {**json.loads(c.to_json_best_effort()), "seconds": 1.0, "units_kept": 0}
+  # The report of this very evaluation, as `eval_run.run` stamps it.
   with open(os.path.join(c.out, "report.json"), "w") as f:
-    json.dump({"settings": settings}, f)
+    json.dump({"settings": {"stamp": partial.stamp(eval_run.fingerprint(c))}}, f)
   open(os.path.join(c.out, "report.md"), "w").close()
   demo.run(config, workdir)
   assert evaluated == [] and "nothing to evaluate" in capsys.readouterr().out
+  # Other settings: evaluated again.
   more = config_lib.load_file(os.path.join(ROOT, "configs", "demo.py:quick"))
   with more.unlocked():
     more.eval.num_samples = 32
   demo.run(more, workdir)
   assert evaluated == [32]
-  assert "settings differ from" in capsys.readouterr().out
+  assert "written for other models or settings: evaluating again" in capsys.readouterr().out
+  # A model retrained (its file rewritten): evaluated again.
+  with open(weights, "w") as f:
+    f.write("trained again")
+  demo.run(config, workdir)
+  assert evaluated == [32, 16]
 
 
 def test_the_quick_variant_compiles_at_level_0_before_the_backend_starts(tmp_path,

@@ -46,14 +46,19 @@ def files_fingerprint(paths: Iterable[str]) -> list[list]:
   return out
 
 
+def stamp(fingerprint: Any) -> str:
+  """The digest that stands for `fingerprint` (anything JSON-able that names an evaluation's config
+  and files): kept units and a written report are this evaluation's when theirs is the same."""
+  return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()
+
+
 class PartialResults:
   """Finished units of one evaluation in `<out_dir>/partial`, valid for `fingerprint` (anything
   JSON-able that names the config and the models)."""
 
   def __init__(self, out_dir: str, fingerprint: Any):
     self.folder = os.path.join(out_dir, FOLDER)
-    self.stamp = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str)
-                                .encode()).hexdigest()
+    self.stamp = stamp(fingerprint)
     stamp_path = os.path.join(self.folder, _STAMP)
     kept = None
     if os.path.exists(stamp_path):

@@ -6,6 +6,7 @@ in the report folder until the report is written (eval/partial.py)."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import time
 from collections.abc import Callable
@@ -54,10 +55,26 @@ def fingerprint(c: ml_collections.ConfigDict) -> dict[str, Any]:
           "files": partial.files_fingerprint(paths)}
 
 
+def report_dir(c: ml_collections.ConfigDict) -> str:
+  """Where the report goes: `c.out`, else `eval` beside the model."""
+  return c.out or os.path.join(os.path.dirname(os.path.abspath(c.model.rstrip("/"))), "eval")
+
+
+def report_is_current(c: ml_collections.ConfigDict) -> bool:
+  """Whether the report folder holds this very evaluation's report: the same config and the same
+  model, CLIP and benchmark files (`fingerprint`, as the kept units of a stopped run)."""
+  try:
+    with open(os.path.join(report_dir(c), "report.json")) as f:
+      written = json.load(f)["settings"]["stamp"]
+  except (OSError, ValueError, KeyError, TypeError):
+    return False
+  return written == partial.stamp(fingerprint(c))
+
+
 def run(c: ml_collections.ConfigDict, *, say: Callable[[str], None] = print) -> str:
   """Evaluates `c.model`; returns the path of report.md (in `c.out`)."""
   t0 = time.perf_counter()
-  out_dir = c.out or os.path.join(os.path.dirname(os.path.abspath(c.model.rstrip("/"))), "eval")
+  out_dir = report_dir(c)
   os.makedirs(out_dir, exist_ok=True)
   store = partial.PartialResults(out_dir, fingerprint(c))
   engine = engine_lib.Engine.load(c.model, dtype=c.dtype)
@@ -104,7 +121,8 @@ def run(c: ml_collections.ConfigDict, *, say: Callable[[str], None] = print) -> 
   settings = {**c.to_dict(), "guidance": {"text_scale": guidance.text_scale,
                                           "image_scale": guidance.image_scale},
               # this run's: a resumed one read `units_kept` of its units from the stopped one
-              "seconds": round(time.perf_counter() - t0, 1), "units_kept": kept}
+              "seconds": round(time.perf_counter() - t0, 1), "units_kept": kept,
+              "stamp": store.stamp}  # what `report_is_current` compares
   path = report.write(out_dir, result, title=f"Evaluation of {c.model}", settings=settings,
                       claim_rows=claim_rows, figure_names=names, benchmarks=benchmarks)
   store.remove()  # the report holds everything now
@@ -187,8 +205,6 @@ def _benchmark(evaluator: evaluation.Evaluator, name: str, path: str,
 
 def claims_of(report_dir: str) -> list[dict[str, Any]]:
   """The claims recorded in a report directory's report.json."""
-  import json
-
   with open(os.path.join(report_dir, "report.json")) as f:
     return json.load(f)["claims"]
 

@@ -16,7 +16,6 @@ run's pace, the minutes its parts run from the start took over their reference m
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -34,8 +33,6 @@ CLIP_FILE = os.path.join("model", "clip.safetensors")
 # workdir still matches its checkpoints) and how often a part logs, evaluates and checkpoints.
 SAME_TRAINING = ("init_from", "rl.clip_checkpoint", "log_every", "eval_every", "checkpoint_every",
                  "keep_checkpoints", "tensorboard")
-# The evaluation's paths, all of them in the workdir.
-SAME_EVALUATION = ("model", "out", "clip_checkpoint", "compare", "rl_workdir")
 
 
 def part_config(config: ml_collections.ConfigDict, part: str, workdir: str
@@ -78,17 +75,6 @@ def check_parts_match(configs: Mapping[str, ml_collections.ConfigDict], workdir:
           "another --workdir")
 
 
-def evaluation_changes(eval_config: ml_collections.ConfigDict) -> list[str]:
-  """How `eval_config` differs from the settings its report was written with (none without a
-  readable report)."""
-  try:
-    with open(os.path.join(eval_config.out, "report.json")) as f:
-      settings = json.load(f)["settings"]
-  except (OSError, ValueError, KeyError, TypeError):
-    return []
-  return config_lib.setting_differences(settings, eval_config, SAME_EVALUATION)
-
-
 def minutes_to_go(reference: Mapping[str, float], timed: Mapping[str, float],
                   to_run: Sequence[str]) -> float:
   """The reference minutes of the parts `to_run`, at the pace of the `timed` ones (part ->
@@ -107,14 +93,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str | None:
   os.makedirs(workdir, exist_ok=True)
   configs = {part: part_config(config, part, workdir) for part in PARTS}
   check_parts_match(configs, workdir)
-  # Finished parts are skipped; the evaluation runs again whenever a model is (re)trained or its
-  # own settings change.
+  # Finished parts are skipped; the evaluation runs again unless its report is of these very
+  # models and settings.
   remaining = [p for p in PARTS[:-1]
                if not checkpoint.finished(os.path.join(workdir, p), configs[p].total_steps)]
   report = os.path.join(configs["eval"].out, "report.md")
-  eval_changes = evaluation_changes(configs["eval"])
-  if remaining or eval_changes or not (os.path.exists(report) and
-                                       os.path.getmtime(report) > _newest_model(workdir)):
+  if remaining or not eval_run.report_is_current(configs["eval"]):
     remaining.append("eval")
   timed = {}  # part -> minutes, of the parts this run trained from their first step
   t0 = time.perf_counter()
@@ -126,11 +110,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str | None:
           f"{to_go:.1f} to go) -> {part_dir}", flush=True)
     if part == "eval":
       if part not in remaining:
-        print(f"{report} is newer than every model; nothing to evaluate", flush=True)
+        print(f"{report} is of these models and settings; nothing to evaluate", flush=True)
         return report
-      if eval_changes:
-        print(f"the evaluation's settings differ from {report}'s ({'; '.join(eval_changes)}): "
-              "evaluating again", flush=True)
+      if os.path.exists(report):
+        print(f"{report} was written for other models or settings: evaluating again", flush=True)
       try:
         return eval_run.run(c)
       except KeyboardInterrupt:  # its finished units are kept (eval/partial.py)
@@ -147,9 +130,3 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str | None:
       if fresh:
         timed[part] = (time.perf_counter() - start) / 60
   raise AssertionError("unreachable: the last part is the evaluation")
-
-
-def _newest_model(workdir: str) -> float:
-  times = [os.path.getmtime(os.path.join(workdir, p, "model")) for p in PARTS[:-1]
-           if os.path.exists(os.path.join(workdir, p, "model"))]
-  return max(times, default=0.0)
