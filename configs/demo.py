@@ -27,7 +27,7 @@ import os
 
 import ml_collections
 
-from robust_u1_jax import config_lib
+from robust_u1_jax import config_defaults
 
 VARIANTS = ("default", "quick")
 
@@ -63,7 +63,7 @@ def _schedule(c: ml_collections.ConfigDict, steps: int, *, checkpoints: int = 2)
 
 def vae_config(variant: str = "default") -> ml_collections.ConfigDict:
   _check_variant(variant, "vae_config")
-  c = config_lib.get_base_config()
+  c = config_defaults.get_base_config()
   c.stage = "bootstrap_vae"
   c.variant = variant
   a = c.autoencoder = ml_collections.ConfigDict()
@@ -93,7 +93,7 @@ def vae_config(variant: str = "default") -> ml_collections.ConfigDict:
 
 def clip_config(variant: str = "default") -> ml_collections.ConfigDict:
   _check_variant(variant, "clip_config")
-  c = config_lib.get_base_config()
+  c = config_defaults.get_base_config()
   c.stage = "bootstrap_clip"
   c.variant = variant
   c.clip = ml_collections.ConfigDict()
@@ -127,7 +127,7 @@ def vit_config(variant: str = "default", init_from: str = "random"
 def base_config(variant: str = "default", init_from: str = "random") -> ml_collections.ConfigDict:
   """`init_from`: the workdir of vit_config's run (its model: the trained VAE and ViT)."""
   _check_variant(variant, "base_config")
-  c = config_lib.get_base_config()
+  c = config_defaults.get_base_config()
   c.stage = "pretrain"
   c.variant = variant
   c.init_from = init_from

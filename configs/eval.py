@@ -41,9 +41,11 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   # for the "RL above SFT" comparison; empty entries are skipped.
   c.compare = ml_collections.ConfigDict({"sft": "", "rl": ""})
   c.rl_workdir = ""  # an RL stage's workdir: its metrics.jsonl gives the reward curves
-  # Benchmark tables (VLMEvalKit TSV or Hugging Face parquet) by name: R-Bench, MMStar,
-  # RealWorldQA, MMMB ... each evaluated at the pipeline's three intensities.
-  c.benchmarks = ml_collections.ConfigDict()
+  # Benchmark tables (VLMEvalKit TSV or Hugging Face parquet) read from local paths, each
+  # evaluated at the pipeline's three intensities; empty entries are skipped. Another table: add
+  # its name here (`--config.benchmarks.<name>=` sets only the names a config has).
+  c.benchmarks = ml_collections.ConfigDict(
+      {"rbench": "", "mmstar": "", "realworldqa": "", "mmmb": ""})
   c.benchmark_samples = 0  # rows per benchmark (0: all)
   if variant == "tiny":
     c.clip_model = "tiny"

@@ -6,11 +6,11 @@ Variants: `configs/reason.py:tiny` (built-in shapes world, CPU) and `configs/rea
 
 import ml_collections
 
-from robust_u1_jax import config_lib
+from robust_u1_jax import config_defaults
 
 
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
-  c = config_lib.get_base_config()
+  c = config_defaults.get_base_config()
   c.stage = "reason"
   c.variant = variant
   c.instruction = "Please restore this corrupted image to its clean version."

@@ -9,7 +9,7 @@ shapes world at 512 pixels: one H200, `bench train_step`).
 
 import ml_collections
 
-from robust_u1_jax import config_lib
+from robust_u1_jax import config_defaults
 
 
 def _bagel_precision_and_sides(c: ml_collections.ConfigDict) -> None:
@@ -19,7 +19,7 @@ def _bagel_precision_and_sides(c: ml_collections.ConfigDict) -> None:
 
 
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
-  c = config_lib.get_base_config()
+  c = config_defaults.get_base_config()
   c.stage = "sft"
   c.variant = variant
   c.instruction = "Please restore this corrupted image to its clean version."

@@ -132,16 +132,13 @@ def _run(values: flags.FlagValues) -> int:
   missing = [f"--{n}" for n in ("model", "image", "question") if not values[n].value]
   if missing:
     raise app.UsageError(f"missing {', '.join(missing)}")
-  try:
-    return _answer(values)
-  except cli.Error as e:  # model_cli.InputError, cli.PathError
-    model_cli.error(str(e))
-    return model_cli.EXIT_BAD_INPUT
+  return _answer(values)  # a bad input (cli.Error) is reported by cli.run / cli.call
 
 
 def run(argv: Sequence[str]) -> int:
-  """The command line `argv`, on flags of its own (`model_cli.own_flags`)."""
-  return _run(model_cli.own_flags(argv, define_flags))
+  """The command line `argv` as the program runs it (`cli.call`: a bad input is one line and exit
+  status 2), on flags of its own (`model_cli.own_flags`)."""
+  return cli.call(lambda argv: _run(model_cli.own_flags(argv, define_flags)), argv)
 
 
 def main(argv) -> int:

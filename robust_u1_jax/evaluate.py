@@ -39,12 +39,11 @@ def main(argv) -> int:
                         "directory, an Orbax checkpoint or a stage's workdir)")
   config_lib.validate(config)
   config_lib.check_inputs(config)
-  with config.unlocked():  # the default report folder, checked (and created) now
-    config.out = config.out or os.path.join(
-        os.path.dirname(os.path.abspath(config.model.rstrip("/"))), "eval")
-  cli.output_dir(config.out, "--out" if _OUT.value else "the report folder (--out)")
   from robust_u1_jax.eval import run  # after the checks: fast errors
 
+  with config.unlocked():  # the default report folder, checked (and created) now
+    config.out = run.report_dir(config)
+  cli.output_dir(config.out, "--out" if _OUT.value else "the report folder (--out)")
   run.run(config)  # ends with "report: <path>"
   return 0
 

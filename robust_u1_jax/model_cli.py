@@ -10,7 +10,6 @@ programs, or on a flag set of their own (`own_flags`), so importing this module 
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,7 +18,6 @@ import numpy as np
 
 from robust_u1_jax import cli, files
 
-EXIT_BAD_INPUT = 2  # an unreadable image or an unusable model directory
 DTYPES = ("float32", "bfloat16")
 
 
@@ -168,10 +166,6 @@ def image_keys(seed: int, indices: Sequence[int]):
 
   base = jax.random.PRNGKey(seed)
   return jnp.stack([jax.random.fold_in(base, i) for i in indices])
-
-
-def error(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr, flush=True)
 
 
 def own_flags(argv: Sequence[str], define) -> flags.FlagValues:

@@ -134,7 +134,7 @@ def _recover_folder(values: flags.FlagValues, sampler, instruction: str) -> int:
   outputs = output_names(names)
   rules = model_cli.model_rules(values.model)
   cli.output_dir(out_dir, "--out")
-  skipped = [n for n in names if os.path.exists(os.path.join(out_dir, outputs[n]))]
+  skipped = {n for n in names if os.path.exists(os.path.join(out_dir, outputs[n]))}
   failed: dict[str, str] = {}
 
   def fail(name: str, message: str) -> None:
@@ -205,15 +205,12 @@ def _recover_images(values: flags.FlagValues) -> int:
     raise app.UsageError(f"missing {', '.join(missing)}")
   if values.batch < 1:
     raise app.UsageError(f"--batch must be >= 1, got {values.batch}")
-  try:
-    sampler = model_cli.make_sampler(values, 50 if values.steps is None else values.steps)
-    instruction = recovery.INSTRUCTION if values.prompt is None else values.prompt
-    if os.path.isdir(values.image):
-      return _recover_folder(values, sampler, instruction)
-    return _recover_file(values, sampler, instruction)
-  except cli.Error as e:  # model_cli.InputError, and cli.PathError of --out
-    model_cli.error(str(e))
-    return model_cli.EXIT_BAD_INPUT
+  # A bad input (model_cli.InputError, cli.PathError of --out) is reported by cli.run / cli.call.
+  sampler = model_cli.make_sampler(values, 50 if values.steps is None else values.steps)
+  instruction = recovery.INSTRUCTION if values.prompt is None else values.prompt
+  if os.path.isdir(values.image):
+    return _recover_folder(values, sampler, instruction)
+  return _recover_file(values, sampler, instruction)
 
 
 # -- cache mode: the reasoning stage's recoveries -------------------------------------------------
@@ -255,8 +252,10 @@ def _run(values: flags.FlagValues) -> int:
 
 
 def run(argv: Sequence[str]) -> int:
-  """The command line `argv`, on flags of its own (`own_flags`)."""
-  return _run(model_cli.own_flags(argv, lambda values: define_flags(values, sys_argv=argv)))
+  """The command line `argv` as the program runs it (`cli.call`: a bad input is one line and exit
+  status 2), on flags of its own (`own_flags`)."""
+  return cli.call(lambda argv: _run(model_cli.own_flags(
+      argv, lambda values: define_flags(values, sys_argv=argv))), argv)
 
 
 def main(argv) -> int:

@@ -46,25 +46,58 @@ def test_round_trip_restores_state_iterator_and_meta(tmp_path):
   ckpt.close()
 
 
-def test_damaged_latest_checkpoint_falls_back_to_previous(tmp_path, capsys):
-  ckpt = checkpoint.Checkpointer(str(tmp_path), every=1, keep=3)
+def _save_steps(workdir, steps):
+  ckpt = checkpoint.Checkpointer(str(workdir), every=1, keep=3)
   it = CountingIterator()
-  for step in (1, 2):
+  for step in steps:
     next(it)
     ckpt.save(step, _state(step), it, {"step": step})
   ckpt.close()
-  for f in glob.glob(os.path.join(tmp_path, "checkpoints", "2", "state", "**", "*"),
+
+
+def _damage(workdir, step):
+  for f in glob.glob(os.path.join(workdir, "checkpoints", str(step), "state", "**", "*"),
                      recursive=True):
     if os.path.isfile(f):
       with open(f, "r+b") as fh:
         fh.truncate(max(os.path.getsize(f) // 3, 0))
+
+
+def test_damaged_latest_checkpoint_falls_back_to_previous_and_saves_its_step_again(tmp_path,
+                                                                                   capsys):
+  _save_steps(tmp_path, (1, 2))
+  _damage(tmp_path, 2)
   fresh = CountingIterator()
   ckpt = checkpoint.Checkpointer(str(tmp_path), every=1, keep=3)
   step, state, _ = ckpt.restore(checkpoint.abstract_like(_state(0.0)), fresh)
   assert step == 1 and fresh.position == 1
   np.testing.assert_array_equal(state["w"], 1.0)
-  assert os.path.join("checkpoints", "2") in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert os.path.join("checkpoints", "2") in out and "2.damaged" in out
+  # Moved aside: the resumed run saves step 2 again, and a later run resumes from it.
+  assert ckpt.latest_step() == 1
+  next(fresh)
+  assert ckpt.save(2, _state(2.0), fresh, {"step": 2}, force=True)
   ckpt.close()
+  assert checkpoint.latest_step(str(tmp_path)) == 2
+  assert os.path.isdir(os.path.join(tmp_path, "checkpoints", "2.damaged"))
+  ckpt = checkpoint.Checkpointer(str(tmp_path), every=1, keep=3)
+  step, state, _ = ckpt.restore(checkpoint.abstract_like(_state(0.0)), CountingIterator())
+  assert step == 2
+  np.testing.assert_array_equal(state["w"], 2.0)
+  ckpt.close()
+
+
+def test_no_readable_checkpoint_stops_instead_of_starting_again(tmp_path):
+  _save_steps(tmp_path, (1, 2))
+  ckpt = checkpoint.Checkpointer(str(tmp_path), every=1, keep=3)
+  # A state of another shape (a changed model): no checkpoint fits it.
+  other = {"w": jnp.zeros((5, 3), jnp.float32), "step": jnp.asarray(0, jnp.int32)}
+  with pytest.raises(checkpoint.UnreadableCheckpoints, match=r"checkpoints.*no checkpoint can be"
+                     r" restored .*checkpoints.2.*another --workdir"):
+    ckpt.restore(checkpoint.abstract_like(other), CountingIterator())
+  ckpt.close()
+  assert checkpoint.latest_step(str(tmp_path)) == 2  # nothing moved or deleted
 
 
 def test_no_checkpoint_returns_none(tmp_path):

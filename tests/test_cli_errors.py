@@ -159,6 +159,13 @@ CASES = {
                               ["clip_checkpoint", "{missing}.safetensors"]),
     "evaluate/--out a file": ("evaluate", [f"--config={EVAL}", "--model={workdir}",
                                            "--out={file}"], ["--out {file}", "a file"]),
+    # The README's benchmark flag is a field of the config (its table missing here)
+    "evaluate/benchmark missing": ("evaluate", [f"--config={EVAL}", "--model={workdir}",
+                                                "--config.benchmarks.rbench={missing}.tsv"],
+                                   ["benchmarks.rbench", "{missing}.tsv", "no such file"]),
+    "evaluate/corruption name": ("evaluate", [f"--config={EVAL}", "--model={workdir}",
+                                              "--config.imagenet_c_types=('gaussian_nois',)"],
+                                 ["imagenet_c_types", "gaussian_nois", "gaussian_noise"]),
     "evaluate/severities": ("evaluate", [f"--config={EVAL}", "--model={workdir}",
                                          "--config.severities=(9,)"], ["severities", "1..5"]),
     # bench

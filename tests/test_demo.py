@@ -194,6 +194,15 @@ def test_the_evaluation_runs_again_for_other_settings_or_models(tmp_path, monkey
     f.write("trained again")
   demo.run(config, workdir)
   assert evaluated == [32, 16]
+  # The stamp of this evaluation, but its report.md gone (deleted, or a write that never ended):
+  # evaluated again.
+  with open(os.path.join(c.out, "report.json"), "w") as f:
+    json.dump({"settings": {"stamp": partial.stamp(eval_run.fingerprint(c))}}, f)
+  demo.run(config, workdir)
+  assert evaluated == [32, 16]
+  os.remove(os.path.join(c.out, "report.md"))
+  demo.run(config, workdir)
+  assert evaluated == [32, 16, 16]
 
 
 def test_the_quick_variant_compiles_at_level_0_before_the_backend_starts(tmp_path,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from robust_u1_jax import config_lib, sharding
+from robust_u1_jax import config_defaults, config_lib, sharding
 from robust_u1_jax.data import sequence
 from robust_u1_jax.data import shapes
 from robust_u1_jax.data import tokenizer as tokenizer_lib
@@ -118,7 +118,7 @@ def test_zero_b_merge_is_the_base_model_exactly(model):
 def test_lora_step_overfits_one_batch(model):
   cfg = model.config
   view, factors, base = _split(model, rank=4, alpha=8.0)
-  optimizer = config_lib.get_optimizer_config()
+  optimizer = config_defaults.get_optimizer_config()
   optimizer.learning_rate, optimizer.warmup_steps = 1e-2, 0
   tx = state_lib.make_optimizer(optimizer, 100)
   state = state_lib.create_state(factors, base, tx, jax.random.PRNGKey(0), False)

@@ -1,6 +1,7 @@
 """Run reporting: averaged windows, throughput fields, TensorBoard events, image grids."""
 
 import glob
+import json
 import os
 
 import jax
@@ -64,3 +65,14 @@ def test_image_grid_layout():
   assert grid.shape == (2 * 5 + 1, 2 * 6 + 1, 3)
   assert grid[1:3, 1:4].max() == 0.0 and grid[3, 1, 0] == 1.0 and grid[1, 4, 0] == 1.0
   assert grid[6:10, 1:6].max() == 0.0
+
+
+def test_read_rows_keeps_each_steps_last_row_and_skips_a_cut_line(tmp_path):
+  # A run logged steps 10 and 20 and evaluated at 20, was killed after its checkpoint at 10
+  # (mid-line), and resumed: steps 20 and its evaluation logged again.
+  path = tmp_path / "metrics.jsonl"
+  rows = [{"step": 10, "loss": 3.0}, {"step": 20, "loss": 2.0}, {"step": 20, "eval": True, "x": 1},
+          {"step": 20, "loss": 1.5}, {"step": 20, "eval": True, "x": 2}, {"step": 30, "loss": 1.0}]
+  text = "\n".join(json.dumps(r) for r in rows[:3]) + '\n{"step": 30, "lo'
+  path.write_text(text + "\n" + "\n".join(json.dumps(r) for r in rows[3:]) + "\n")
+  assert metrics_log.read_rows(str(path)) == [rows[0], rows[3], rows[4], rows[5]]

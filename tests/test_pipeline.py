@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from robust_u1_jax import config_lib
+from robust_u1_jax import config_defaults, config_lib
 from robust_u1_jax.data import answer_format
 from robust_u1_jax.data import bad_records
 from robust_u1_jax.data import packing
@@ -213,7 +213,7 @@ def test_text_widths_fix_one_field_and_name_the_setting(tok):
 
 
 def test_config_names_the_pipelines_text_fields():
-  assert set(config_lib.TEXT_FIELDS) == {f for fields in pipeline.TEXT_FIELDS.values()
+  assert set(config_defaults.TEXT_FIELDS) == {f for fields in pipeline.TEXT_FIELDS.values()
                                          for f in fields}
   with pytest.raises(config_lib.ConfigError, match="data.text_widths.answer = -1 is invalid"):
     _data("reason", **{"text_widths.answer": -1})

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from robust_u1_jax import config_lib
+from robust_u1_jax import config_defaults
 from robust_u1_jax.data import answer_format
 from robust_u1_jax.data import shapes
 from robust_u1_jax.data import sources
@@ -37,7 +37,7 @@ def _decode(record: dict) -> dict:
 
 
 def _config(source: str, path="", **kw):
-  d = config_lib.get_data_config()
+  d = config_defaults.get_data_config()
   d.source, d.path = source, str(path)
   d.update(kw)
   return d

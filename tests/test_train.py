@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from robust_u1_jax import config_lib
+from robust_u1_jax import config_defaults, config_lib
 from robust_u1_jax.data import packing, pipeline
 from robust_u1_jax.data import tokenizer as tokenizer_lib
 from robust_u1_jax.eval import evaluation as eval_lib
@@ -171,7 +171,7 @@ def test_sharded_sft_step_matches_single_device():
            "instruction_lengths": np.full(8, 6)}
   inputs = sft.sft_rows(batch, cfg, sequence.Markers(1, 2), np.random.default_rng(0),
                         (0.1, 0.3, 0.3))
-  optimizer = config_lib.get_optimizer_config()
+  optimizer = config_defaults.get_optimizer_config()
   tx = state_lib.make_optimizer(optimizer, 10)
   graphdef, params, frozen = state_lib.split_model(model, sft.GENERATION_PARAMS)
   step = sft.make_step(graphdef, tx, timestep_shift=1.0, ema_decay=0.0)
@@ -236,7 +236,7 @@ def test_grad_accumulation_matches_one_k_fold_batch(k, schedule):
   ema_decay = 0.8
 
   def run(accum, steps, batches):
-    o = config_lib.get_optimizer_config()
+    o = config_defaults.get_optimizer_config()
     # A schedule that changes at every update and clipping that engages, so any miscount shows.
     o.update(learning_rate=0.05, end_learning_rate=0.0, warmup_steps=2 * accum, grad_clip=0.5,
              weight_decay=0.01, grad_accum_steps=accum)

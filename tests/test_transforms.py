@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from robust_u1_jax import config_lib
+from robust_u1_jax import config_defaults
 from robust_u1_jax.data import bad_records
 from robust_u1_jax.data import tokenizer as tokenizer_lib
 from robust_u1_jax.data import transforms
@@ -239,7 +239,7 @@ def test_bagel_resize_pixels_and_config():
   same = _rgb(64, 32)
   assert transforms.bagel_resize(same, max_side=64, min_side=32, stride=16)[0] is same
 
-  d = config_lib.get_data_config()
+  d = config_defaults.get_data_config()
   d.vae_max_side, d.vae_min_side, d.vae_stride = 64, 32, 16
   d.vit_max_side, d.vit_min_side, d.vit_patch = 64, 32, 8
   rec = {"image": _rgb(100, 60), "index": 0}
@@ -252,7 +252,7 @@ def test_bagel_resize_pixels_and_config():
 
 
 def test_images_below_the_smallest_side_are_counted_bad_records():
-  d = config_lib.get_data_config()  # BAGEL's rules: one VAE stride (16) > one ViT patch (14)
+  d = config_defaults.get_data_config()  # BAGEL's rules: one VAE stride (16) > one ViT patch (14)
   assert transforms.min_image_side(d) == 16 == transforms.default_min_side(16, 14)
   d.min_image_side = 24
   assert transforms.min_image_side(d) == 24
@@ -284,7 +284,7 @@ def test_a_pipeline_skips_and_counts_a_tiny_image(tmp_path):
   for i in range(3):
     Image.fromarray(_rgb(48, 64, seed=i)).save(tmp_path / f"good_{i}.png")
   Image.fromarray(_rgb(1, 1)).save(tmp_path / "dot.png")
-  d = config_lib.get_data_config()
+  d = config_defaults.get_data_config()
   d.update(source="folder", path=str(tmp_path), corruption="none", batch_size=1, num_epochs=1,
            shuffle=False, max_skip_ratio=0.5, vae_max_side=64, vae_min_side=32, vae_stride=16,
            vit_max_side=64, vit_min_side=32, vit_patch=8)
@@ -382,7 +382,7 @@ def test_no_corruption_and_given_pairs():
 
 def test_robust_r1_pipeline_on_the_fly():
   clean = _rgb(32, 32, seed=9)
-  corrupt = transforms.CorruptOnTheFly.from_config(config_lib.get_data_config(), seed=3)
+  corrupt = transforms.CorruptOnTheFly.from_config(config_defaults.get_data_config(), seed=3)
   assert corrupt.spec.mode == "pipeline" and corrupt.spec.intensity < 0
   a = corrupt.map({"image": clean, "index": 4, "epoch": 0})
   b = corrupt.map({"image": clean, "index": 4, "epoch": 0})
@@ -394,7 +394,7 @@ def test_robust_r1_pipeline_on_the_fly():
 
 def test_pipeline_intensity_drawn_per_record_serves_all_four_stages():
   clean = _rgb(32, 32, seed=9)
-  data = config_lib.get_data_config()
+  data = config_defaults.get_data_config()
   data.intensity_draw = "record"
   corrupt = transforms.CorruptOnTheFly.from_config(data, seed=3)
   levels = [corrupt.map({"image": clean, "index": i, "epoch": 0})["corruption_levels"]
@@ -403,7 +403,7 @@ def test_pipeline_intensity_drawn_per_record_serves_all_four_stages():
   drawn = [v[0] for v in levels]
   assert len(set(drawn)) == 40 and min(drawn) < 0.25 and max(drawn) > 0.75
   # Per stage (the default), the four stages' intensities differ.
-  per_stage = transforms.CorruptOnTheFly.from_config(config_lib.get_data_config(), seed=3)
+  per_stage = transforms.CorruptOnTheFly.from_config(config_defaults.get_data_config(), seed=3)
   assert len(set(per_stage.map({"image": clean, "index": 0})["corruption_levels"])) == 4
   with pytest.raises(ValueError, match="intensity_draw 'image' is invalid"):
     transforms.corruption_spec("robust_r1_pipeline", 0, -1.0, "image")

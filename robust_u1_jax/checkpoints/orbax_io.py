@@ -16,6 +16,7 @@ Robust-U1 model or from a converted checkpoint alike.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 import os
 from typing import Any
 
@@ -46,10 +47,12 @@ def is_orbax_model(path: str) -> bool:
 
 
 def save_orbax(model: Bagel, path: str, *, tokenizer_dir: str | None = None,
-               overwrite: bool = False) -> str:
+               overwrite: bool = False, write_beside: Callable[[str], None] | None = None) -> str:
   """Writes `model`'s parameters and config as an Orbax model checkpoint (atomically).
 
   Every process must call it (Orbax writes each process's shards); returns the absolute path.
+  `write_beside(folder)` (process 0) adds files of the caller's into the folder before it takes
+  `path`'s place, so an interrupted save never leaves a model without them.
   """
   params = {p: v.get_value() for p, v in loader.param_variables(model).items()}
   with bagel_dir.atomic_directory(path, overwrite=overwrite, all_processes=True) as tmp:
@@ -62,6 +65,8 @@ def save_orbax(model: Bagel, path: str, *, tokenizer_dir: str | None = None,
         f.write("\n")
       if tokenizer_dir is not None:
         bagel_dir.copy_tokenizer_files(tokenizer_dir, tmp)
+      if write_beside is not None:
+        write_beside(tmp)
   return os.path.abspath(path)
 
 

@@ -373,7 +373,7 @@ def make_pipeline(data_config, *, seed: int, process_index: int = 0, process_cou
   """The batch iterator of one process (module docstring for the stages and the schema).
 
   Args:
-    data_config: a `config_lib.get_data_config()` ConfigDict (config.data or config.eval_data).
+    data_config: a `config_defaults.get_data_config()` ConfigDict (config.data or config.eval_data).
     seed: run seed: shuffling, corruption and question draws are pure functions of it.
     process_index, process_count: this process's data shard (`multihost.data_shard(mesh)`).
     tokenizer: a loaded tokenizer; None loads data.tokenizer_dir ('' = the built-in one).

@@ -262,27 +262,25 @@ class Evaluator:
             "answers": answers}
 
   def evaluate(self, samples: Sequence[Sample], conds: Sequence[Condition], *,
-               modes: Sequence[str] = MODES, progress: Callable[[str], None] = lambda _: None,
+               modes: Sequence[str] = MODES[1:], progress: Callable[[str], None] = lambda _: None,
                per_sample: bool = False, vae_baseline: bool = True,
                store: partial.PartialResults | None = None, unit_prefix: str = ""
                ) -> dict[str, Any]:
-    """{'clean': {accuracy}, 'conditions': [per condition: quality of the corrupted image, of the
+    """{'num_samples', 'conditions': [per condition: quality of the corrupted image, of the
     corrupted image through the VAE alone ('through_vae': doing nothing in the recovery's own
     output space) and of the recovery, accuracy per mode, 'gain_se' (the standard errors of
     recovered - corrupted quality and of corrupted+recovered - corrupted accuracy),
     'beyond_vae_se' (of recovered - through_vae quality); the pipeline's: ORACLE's accuracy too;
     `per_sample`: each sample's recovered quality, 'recovered_per_sample'], 'examples': a few
-    (condition, [GRID_COLUMNS' images]) for grids}. Without `vae_baseline` (a model scored only
-    for its recoveries beside another's, which has them: the VAE is frozen) neither 'through_vae'
-    nor 'examples'. Each condition is a unit, `unit_prefix` + its label, as `progress` is told;
-    with a `store`, read from it when an earlier run finished it, written to it when this one
-    does."""
+    (condition, [GRID_COLUMNS' images]) for grids}. `modes`: the answer modes scored under each
+    condition (of MODES[1:]; none for recoveries alone; clean images: `clean`). Without
+    `vae_baseline` (a model scored only for its recoveries beside another's, which has them: the
+    VAE is frozen) neither 'through_vae' nor 'examples'. Each condition is a unit, `unit_prefix`
+    + its label, as `progress` is told; with a `store`, read from it when an earlier run finished
+    it, written to it when this one does."""
     clean = np.stack([s.image for s in samples])
     indices = [s.index for s in samples]
     out: dict[str, Any] = {"num_samples": len(samples), "conditions": [], "examples": []}
-    if "clean" in modes:
-      progress("clean images")
-      out["clean"] = self.clean(samples)
     for cond in conds:
       compute = lambda: self._condition(cond, samples, clean, indices, modes=modes,
                                         per_sample=per_sample, vae_baseline=vae_baseline)

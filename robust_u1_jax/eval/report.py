@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from robust_u1_jax import pixels
+from robust_u1_jax import files, pixels
 from robust_u1_jax.eval import evaluation
 from robust_u1_jax.training import metrics_log
 
@@ -34,7 +34,7 @@ def claims(result: Mapping[str, Any], compare: Mapping[str, Mapping[str, Any]] |
   empty) is what the model reaches with a perfect recovery, measured in the same run: where a
   claim fails, whether the recovery or the model's reading is short."""
   out = []
-  pipeline = [c for c in result["conditions"] if c["family"] == "robust_r1_pipeline"]
+  pipeline = [c for c in result["conditions"] if c["family"] == evaluation.PIPELINE]
   round_trip = result.get("vae_round_trip")
   for c in pipeline:
     gain = {m: c["recovered"][m] - c["corrupted"][m] for m in ("ssim", "psnr")}
@@ -116,7 +116,7 @@ def figures(result: Mapping[str, Any], out_dir: str, *,
     plt.close(fig)
     written.append(name)
 
-  pipeline = [c for c in result["conditions"] if c["family"] == "robust_r1_pipeline"]
+  pipeline = [c for c in result["conditions"] if c["family"] == evaluation.PIPELINE]
   if pipeline and pipeline[0]["accuracy"]:
     fig, ax = plt.subplots(figsize=(7.5, 3.6))
     x = np.arange(len(pipeline), dtype=float)
@@ -137,7 +137,7 @@ def figures(result: Mapping[str, Any], out_dir: str, *,
     ax.set_ylabel("answer accuracy (%)")
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))  # off the lines
     save(fig, "accuracy_vs_intensity.png")
-  by_type = [c for c in result["conditions"] if c["family"] != "robust_r1_pipeline"]
+  by_type = [c for c in result["conditions"] if c["family"] != evaluation.PIPELINE]
   if by_type:
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(by_type)), 3.8))
     x = np.arange(len(by_type))
@@ -182,8 +182,7 @@ def figures(result: Mapping[str, Any], out_dir: str, *,
     ax.set_xticks(x, labels, rotation=70, fontsize=7)
     save(fig, "ssim_sft_vs_rl.png")
   if rl_metrics and os.path.isfile(rl_metrics):
-    rows = [json.loads(line) for line in open(rl_metrics) if line.strip()]
-    rows = [r for r in rows if "reward_total_mean" in r]
+    rows = [r for r in metrics_log.read_rows(rl_metrics) if "reward_total_mean" in r]
     if rows:
       fig, ax = plt.subplots(figsize=(5.5, 3.4))
       for key in sorted(k for k in rows[0] if k.startswith("reward_") and k.endswith("_mean")):
@@ -261,12 +260,10 @@ def rl_minus_sft_table(result: Mapping[str, Any]) -> list[str]:
 def write(out_dir: str, result: Mapping[str, Any], *, title: str,
           settings: Mapping[str, Any], claim_rows: Sequence[Mapping[str, Any]],
           figure_names: Sequence[str], benchmarks: Mapping[str, Any] | None = None) -> str:
-  """report.json and report.md in `out_dir`; returns the markdown's path."""
+  """report.md and report.json in `out_dir`, each whole or not at all (`files.atomic_write`), the
+  JSON last: its settings' stamp says the report is finished (`run.report_is_current`); returns
+  the markdown's path."""
   os.makedirs(out_dir, exist_ok=True)
-  public = {k: v for k, v in result.items() if k != "examples"}
-  with open(os.path.join(out_dir, "report.json"), "w") as f:
-    json.dump({"settings": dict(settings), "result": public, "claims": list(claim_rows),
-               "benchmarks": benchmarks or {}}, f, indent=1, default=str)
   n_claims = result.get("num_claim_samples", result["num_samples"])
   lines = [f"# {title}", "", f"{result['num_samples']} held-out samples per condition"
            + (f", {n_claims} for the figures the claims read (the Robust-R1 pipeline's "
@@ -315,6 +312,10 @@ def write(out_dir: str, result: Mapping[str, Any], *, title: str,
   lines += ["", "## Settings", "", "```json", json.dumps(dict(settings), indent=1, default=str),
             "```", ""]
   path = os.path.join(out_dir, "report.md")
-  with open(path, "w") as f:
+  with files.atomic_write(path, "w") as f:
     f.write("\n".join(lines))
+  public = {k: v for k, v in result.items() if k != "examples"}
+  with files.atomic_write(os.path.join(out_dir, "report.json"), "w") as f:
+    json.dump({"settings": dict(settings), "result": public, "claims": list(claim_rows),
+               "benchmarks": benchmarks or {}}, f, indent=1, default=str)
   return path

@@ -62,7 +62,10 @@ def report_dir(c: ml_collections.ConfigDict) -> str:
 
 def report_is_current(c: ml_collections.ConfigDict) -> bool:
   """Whether the report folder holds this very evaluation's report: the same config and the same
-  model, CLIP and benchmark files (`fingerprint`, as the kept units of a stopped run)."""
+  model, CLIP and benchmark files (`fingerprint`, as the kept units of a stopped run), its
+  report.md beside it (report.write writes the JSON last)."""
+  if not os.path.isfile(os.path.join(report_dir(c), "report.md")):
+    return False
   try:
     with open(os.path.join(report_dir(c), "report.json")) as f:
       written = json.load(f)["settings"]["stamp"]
@@ -90,11 +93,12 @@ def run(c: ml_collections.ConfigDict, *, say: Callable[[str], None] = print) -> 
                                 c.robust_r1_types)
   pipeline = [k for k in conds if k.family == evaluation.PIPELINE]
   compared = {name: path for name, path in c.compare.items() if path}
+  tables = {name: path for name, path in c.benchmarks.items() if path}
   say(f"evaluating {c.model}: {len(samples)} samples x {len(conds) - len(pipeline)} "
       f"conditions; {len(claim_samples)} for the clean images and {len(pipeline)} pipeline "
       "conditions" + (f"; the recoveries of {', '.join(compared)} too" if compared else ""))
   units = (len(conds) * (1 + len(compared)) + 2 + bool(c.recovery_on_clean)
-           + len(c.benchmarks) * (len(BENCHMARK_CONDITIONS) + 1))
+           + len(tables) * (len(BENCHMARK_CONDITIONS) + 1))
   kept = len(store)
   if kept:
     say(f"  resuming a stopped evaluation: {kept} of its {units} units kept in {store.folder}")
@@ -108,7 +112,7 @@ def run(c: ml_collections.ConfigDict, *, say: Callable[[str], None] = print) -> 
     compare, by_type = _compare_models(compared, c, clip_similarity, samples, conds, result,
                                        progress, store)
   benchmarks = {}
-  for name, path in c.benchmarks.items():
+  for name, path in tables.items():
     say(f"  benchmark {name}: {path}")
     benchmarks[name] = _benchmark(evaluator, name, path, c, engine.rules, progress, store)
 
@@ -174,6 +178,7 @@ def _compare_models(compared: dict[str, str], c: ml_collections.ConfigDict, clip
     rows_of[name] = rows
     compare[name] = {m: float(v.mean()) for m, v in evaluation.sample_means(rows).items()}
     by_type[name] = {r["label"]: r["recovered"]["ssim"] for r in rows}
+    del other  # before the next model loads: one compared model in memory at a time (7B ones)
   if {"sft", "rl"} <= set(rows_of):
     rl, sft = rows_of["rl"], rows_of["sft"]
     result["rl_minus_sft_se"] = {m: d["se"] for m, d in evaluation.rl_minus_sft(rl, sft).items()}
@@ -202,9 +207,4 @@ def _benchmark(evaluator: evaluation.Evaluator, name: str, path: str,
   return {"path": path, "samples": len(bench_samples), "modes": list(evaluation.MODES),
           "accuracy": accuracy}
 
-
-def claims_of(report_dir: str) -> list[dict[str, Any]]:
-  """The claims recorded in a report directory's report.json."""
-  with open(os.path.join(report_dir, "report.json")) as f:
-    return json.load(f)["claims"]
 

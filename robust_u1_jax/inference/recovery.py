@@ -59,7 +59,7 @@ class Guidance:
 
   @classmethod
   def from_config(cls, g) -> Guidance:
-    """From a config's `guidance` block (config_lib.get_guidance_config)."""
+    """From a config's `guidance` block (config_defaults.get_guidance_config)."""
     return cls(text_scale=g.text_scale, image_scale=g.image_scale, renorm_min=g.renorm_min,
                renorm_type=g.renorm_type)
 

@@ -6,7 +6,9 @@
   Grain's Orbax handler), so a resumed run reads exactly the batches an uninterrupted one would.
 - Restoring places every array onto the current mesh (the target's shardings), so a run can resume
   on a different topology.
-- A checkpoint that cannot be read (truncated files) is reported by path and the previous one used.
+- A checkpoint that cannot be read (truncated files) is reported by path, moved aside as
+  `<step>.damaged` (so the step can be saved again) and the previous one used; when none of a
+  run's checkpoints can be read, the run stops (UnreadableCheckpoints) rather than start again.
 """
 
 from __future__ import annotations
@@ -45,7 +47,6 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, every: int, keep: int, async_save: bool = True):
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    self.every = every
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=every, max_to_keep=keep, create=True,
         enable_async_checkpointing=async_save)
@@ -102,8 +103,12 @@ class Checkpointer:
     """Restores the newest readable checkpoint onto `abstract_state`'s shardings.
 
     Returns (step, state, meta), or None when there is no checkpoint. A checkpoint that fails to
-    load is logged with its path and skipped in favour of the one before it.
+    load is reported with its path, moved aside as `<step>.damaged` and skipped in favour of the
+    one before it: left in place, it would still be the newest step, and saving that step again
+    would fail. Raises UnreadableCheckpoints when checkpoints exist but none can be restored (a
+    model or config that no longer fits them, say): starting from step 0 would train over them.
     """
+    failures = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(
@@ -112,13 +117,41 @@ class Checkpointer:
             meta=ocp.args.JsonRestore()))
       except Exception as e:  # Orbax/tensorstore raise many types for damaged files.
         path = os.path.join(self.directory, str(step))
-        logging.error("checkpoint %s cannot be restored (%s: %s); trying the previous one",
-                      path, type(e).__name__, e)
-        print(f"checkpoint {path} cannot be restored ({type(e).__name__}); "
-              "falling back to the previous one", flush=True)
+        logging.error("checkpoint %s cannot be restored (%s: %s)", path, type(e).__name__, e)
+        failures.append((path, e))
         continue
+      if failures:
+        self._move_aside([path for path, _ in failures])
       return step, restored["state"], dict(restored["meta"])
+    if failures:
+      path, error = failures[0]
+      raise UnreadableCheckpoints(
+          f"{self.directory}: no checkpoint can be restored (the newest, {path}: "
+          f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}); a run with "
+          "another model or config needs another --workdir, or delete the checkpoints to start "
+          "again")
     return None
+
+  def _move_aside(self, paths: list[str]) -> None:
+    """Renames damaged step folders to `<step>.damaged` (process 0; every process waits): names
+    Orbax does not read as steps."""
+    if jax.process_index() == 0:
+      for path in paths:
+        aside, n = path + ".damaged", 1
+        while os.path.exists(aside):  # the same step damaged before
+          aside, n = f"{path}.damaged{n}", n + 1
+        os.replace(path, aside)
+        print(f"checkpoint {path} cannot be restored; moved to {aside}, resuming from the one "
+              "before it", flush=True)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices(f"checkpoint:move_aside:{self.directory}")
+    self.manager.reload()
+
+
+class UnreadableCheckpoints(RuntimeError):
+  """A run's checkpoints exist but none of them can be restored."""
 
 
 def _read_only_manager(workdir: str) -> ocp.CheckpointManager | None:

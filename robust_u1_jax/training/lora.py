@@ -35,10 +35,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from robust_u1_jax import config_lib
+from robust_u1_jax import config_defaults
 from robust_u1_jax.models.layers import LAYER_AXIS
 
-DEFAULT_TARGETS = config_lib.LORA_TARGETS
+DEFAULT_TARGETS = config_defaults.LORA_TARGETS
 
 
 def _dotted(path) -> str:

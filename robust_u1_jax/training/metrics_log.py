@@ -16,6 +16,7 @@ import json
 import os
 import time
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -56,6 +57,23 @@ def compiled_flops(compiled) -> float | None:
     analysis = analysis[0]
   flops = (analysis or {}).get("flops")
   return float(flops) if flops and flops > 0 else None
+
+
+def read_rows(path: str) -> list[dict[str, Any]]:
+  """A run's metrics.jsonl: its training rows and evaluation rows (`eval`: true) in step order.
+
+  A resumed run logs again the steps after its checkpoint, so each step's last row is the one
+  kept; a last line cut off by a kill is left out."""
+  rows = {}
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except ValueError:
+        continue
+      if isinstance(row, dict) and "step" in row:
+        rows[row["step"], bool(row.get("eval"))] = row
+  return [rows[key] for key in sorted(rows)]
 
 
 class MetricsLogger:

@@ -206,8 +206,9 @@ def write_model(model: bagel_lib.Bagel, workdir: str, config: ml_collections.Con
   from robust_u1_jax.inference import images as images_lib
   from robust_u1_jax.inference import recovery as recovery_lib
 
-  path = os.path.join(workdir, "model")
-  orbax_io.save_orbax(model, path, tokenizer_dir=tokenizer_dir(config), overwrite=True)
-  if jax.process_index() == 0:
-    images_lib.ImageRules.from_data_config(config.data).save(path)
-    recovery_lib.Guidance.from_config(config.guidance).save(path)
+  def write_beside(folder: str) -> None:
+    images_lib.ImageRules.from_data_config(config.data).save(folder)
+    recovery_lib.Guidance.from_config(config.guidance).save(folder)
+
+  orbax_io.save_orbax(model, os.path.join(workdir, "model"), tokenizer_dir=tokenizer_dir(config),
+                      overwrite=True, write_beside=write_beside)
