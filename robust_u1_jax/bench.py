@@ -52,7 +52,7 @@ _THREADS = flags.DEFINE_integer("threads", None, "Grain reader threads (default:
 _TOPOLOGY = flags.DEFINE_string(
     "topology", "cpu:8", "aot: TPU slice (v5p-64, v6e-256), libtpu topology (v5p:2x4x4) or cpu:N.")
 _HBM_GIB = flags.DEFINE_float("hbm_gib", None, "aot: per-device memory limit in GiB (default: "
-                              "the chip's HBM).")
+                              "the chip's HBM).", lower_bound=1e-3)
 _OVERRIDE = flags.DEFINE_multi_string("override", [], "aot, train_step: config override "
                                       "field.path=value; malloc: rounds=N, steps=N (repeatable).")
 

@@ -69,7 +69,8 @@ def read_image(path: str, min_side: int = 0) -> np.ndarray:
   from robust_u1_jax.data import transforms
 
   try:
-    return transforms.read_image(path, min_side=min_side)
+    return transforms.read_image(path, min_side=min_side,
+                                 setting="one VAE stride or ViT patch of the model's resize rule")
   except transforms.BadImageError as e:
     raise InputError(str(e)) from None
 

@@ -9,12 +9,14 @@ last step's checkpoint), then restores that checkpoint through the trainer's `Ch
 the shardings the trainer saved it from, as a resumed run would.
 
 Process 0 writes OUT_PREFIX.json ({"process_count", "device_count", "history": the logged rows,
-"restored_step", "data_state": whether this process's data position came back}) and
+"evaluations": the evaluations' rows, "restored_step", "data_state": whether this process's data
+position came back}) and
 OUT_PREFIX.npz: every array of the restored train state except the frozen weights (parameters,
 EMA, optimizer moments, step, key), gathered from all processes, keyed by path.
 """
 
 import json
+import os
 import sys
 
 
@@ -30,7 +32,7 @@ def main(argv):
 
   from robust_u1_jax import config_lib
   from robust_u1_jax.training import checkpoint as checkpoint_lib
-  from robust_u1_jax.training import stages, trainer
+  from robust_u1_jax.training import metrics_log, stages, trainer
 
   overrides = {}
   for pair in pairs:
@@ -78,8 +80,10 @@ def main(argv):
         jax.tree_util.keystr(path, simple=True, separator="."): np.asarray(x.addressable_data(0))
         for (path, _), x in zip(leaves, gathered)})
     with open(out_prefix + ".json", "w") as f:
+      evaluations = [r for r in metrics_log.read_rows(os.path.join(workdir, "metrics.jsonl"))
+                     if r.get("eval")]
       json.dump({"process_count": jax.process_count(), "device_count": jax.device_count(),
-                 "history": history, "restored_step": step,
+                 "history": history, "evaluations": evaluations, "restored_step": step,
                  "data_state": isinstance(position.state, dict)}, f)
 
 

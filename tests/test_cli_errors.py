@@ -171,6 +171,7 @@ CASES = {
     # bench
     "bench/unknown benchmark": ("bench", ["nope"], ["got nope", "choose one of data"]),
     "bench/aot topology": ("bench", ["aot", "--topology=v9x-3"], ["--topology 'v9x-3'"]),
+    "bench/aot memory": ("bench", ["aot", "--hbm_gib=-1"], ["--hbm_gib", "-1"]),
     # data.preview
     "preview/data folder missing": ("data.preview", [f"--config={SFT}",
                                                      "--config.data.source=folder",

@@ -12,6 +12,7 @@ from absl import flags
 
 from robust_u1_jax import cli, convert, sharding
 from robust_u1_jax.checkpoints import bagel_dir, loader, orbax_io
+from robust_u1_jax.inference import images, recovery
 from robust_u1_jax.models import bagel
 
 CFG = bagel.BagelConfig.tiny()
@@ -28,7 +29,12 @@ def model_dir(source, tmp_path_factory):
   (tok / "tokenizer.json").write_text('{"model": "tiny"}\n')
   (tok / "merges.txt").write_text("#version: 0.2\n")
   path = str(tmp_path_factory.mktemp("hf") / "model")
-  return bagel_dir.save_model_dir(source, path, tokenizer_dir=str(tok))
+
+  def side_files(folder):  # as a model trained here and converted to a BAGEL directory has
+    images.ImageRules(64, 32, 16, 64, 32, 8).save(folder)
+    recovery.Guidance(text_scale=1.5, image_scale=1.5).save(folder)
+
+  return bagel_dir.save_model_dir(source, path, tokenizer_dir=str(tok), write_beside=side_files)
 
 
 def run_cli(*args):
@@ -45,7 +51,9 @@ def orbax_dir(model_dir, tmp_path_factory):
 
 
 def test_cli_hf_orbax_hf_is_lossless(model_dir, orbax_dir, tmp_path, read_tensors):
-  assert sorted(os.listdir(orbax_dir)) == ["bagel_config.json", "merges.txt", "params",
+  # The trained model's image rules and guidance travel with it both ways.
+  assert sorted(os.listdir(orbax_dir)) == ["bagel_config.json", "guidance.json",
+                                          "image_rules.json", "merges.txt", "params",
                                           "tokenizer.json"]
   back = str(tmp_path / "back")
   result = run_cli("--to", "hf", "--src", orbax_dir, "--dst", back)
@@ -58,7 +66,7 @@ def test_cli_hf_orbax_hf_is_lossless(model_dir, orbax_dir, tmp_path, read_tensor
       assert a[k].dtype == b[k].dtype, k
       np.testing.assert_array_equal(a[k], b[k], err_msg=k)
   for name in ("llm_config.json", "vit_config.json", "robust_u1_config.json", "tokenizer.json",
-               "merges.txt"):
+               "merges.txt", "image_rules.json", "guidance.json"):
     with open(os.path.join(model_dir, name)) as f1, open(os.path.join(back, name)) as f2:
       assert f1.read() == f2.read(), name
 

@@ -144,7 +144,10 @@ def test_transparency_and_rotation_are_said(capsys, tmp_path):
 
 
 def test_too_small_images_are_refused(capsys, tmp_path):
-  for (h, w), kind, side in (((1, 1), "fog", 16), ((20, 40), "robust_r1_pipeline", 32)):
+  for (h, w), kind, side, setting in (
+      ((1, 1), "fog", 16, "--min_side"),
+      ((20, 40), "robust_r1_pipeline", 32,
+       "the Robust-R1 degradations' own, above --min_side 16")):
     path = tmp_path / f"small_{h}x{w}.png"
     Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(path)
     level = "--severity=1" if kind == "fog" else "--intensity=0.5"
@@ -152,7 +155,7 @@ def test_too_small_images_are_refused(capsys, tmp_path):
                            f"--out={tmp_path / 'never.png'}")
     assert rc == 2
     assert err == (f"error: {path}: {w} x {h} pixels: a side below the smallest usable {side} "
-                   "(data.min_image_side; the resize would make up nearly every pixel)\n")
+                   f"({setting}; the resize would make up nearly every pixel)\n")
   assert not (tmp_path / "never.png").exists()
   # --min_side lowers the default (not the Robust-R1 degradations' own 32).
   rc, _, err = _run_main(capsys, f"--image={tmp_path / 'small_1x1.png'}", "--type=fog",

@@ -125,14 +125,21 @@ def broken_models(model_dir, tmp_path_factory):
   for name in os.listdir(model_dir):
     if name != "bagel_config.json":
       os.symlink(os.path.join(model_dir, name), no_config / name)
+  # A tiny model without its image rules would get BAGEL's 1024-pixel ones.
+  no_rules = root / "no_rules"
+  no_rules.mkdir()
+  for name in os.listdir(model_dir):
+    if name != "image_rules.json":
+      os.symlink(os.path.join(model_dir, name), no_rules / name)
   (root / "empty").mkdir()
   return {"no_config": (no_config, "bagel_config.json"),
+          "no_rules": (no_rules, "there is no image_rules.json beside it"),
           "empty": (root / "empty", "missing tokenizer.json"),
           "absent": (root / "absent", "no such model directory")}
 
 
 @pytest.mark.parametrize("cli", [recover_cli, answer_cli], ids=["recover", "answer"])
-@pytest.mark.parametrize("case", ["no_config", "empty", "absent", "missing_image",
+@pytest.mark.parametrize("case", ["no_config", "no_rules", "empty", "absent", "missing_image",
                                   "truncated_image", "bad_mesh"])
 def test_bad_input_is_one_error_line_and_status_2(capsys, cli, case, model_dir, inputs,
                                                   broken_models, tmp_path):

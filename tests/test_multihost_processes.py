@@ -2,14 +2,14 @@
 
 Two processes on localhost, 4 fake CPU devices each, join through `jax.distributed` (gloo
 collectives) from the environment `launch/local.sh --processes 2` sets, train a tiny config with
-per-process data slices, checkpoint, and restore the checkpoint through the trainer's
-Checkpointer (tests/multihost_worker.py). The same run as one process with 8 fake devices is the
-reference: the losses, the other logged metrics and every restored array (parameters, EMA, Adam
-moments, step, key) agree. Not bit for bit: the gradients' sum over the 8 devices is added in
-another order by gloo across processes than inside one process, so they agree to float32
-rounding (measured: losses within 1e-7; parameters within 3e-9 but for a few entries of about
-3e-7, see ARRAY_ATOL). Reading other rows, or drawing other noise or dropout, would move the
-losses by about 1e-2 and the parameters by about lr = 1e-4.
+per-process data slices, evaluate (SFT), checkpoint, and restore the checkpoint through the
+trainer's Checkpointer (tests/multihost_worker.py). The same run as one process with 8 fake
+devices is the reference: the losses, the other logged metrics, the evaluation's and every
+restored array (parameters, EMA, Adam moments, step, key) agree. Not bit for bit: the
+gradients' sum over the 8 devices is added in another order by gloo across processes than inside
+one process, so they agree to float32 rounding (measured: losses within 1e-7; parameters within
+3e-9 but for a few entries of about 3e-7, see ARRAY_ATOL). Reading other rows, or drawing other
+noise or dropout, would move the losses by about 1e-2 and the parameters by about lr = 1e-4.
 """
 
 import json
@@ -38,7 +38,8 @@ COMMON = {
     # time here: corruption is keyed by record either way (test_pipeline).
     "data.corruption": "gaussian_noise",
 }
-SFT = {**COMMON, "total_steps": 3, "checkpoint_every": 3}
+# The evaluation at the last step too: every process reads the recoveries it scores.
+SFT = {**COMMON, "total_steps": 3, "checkpoint_every": 3, "eval_every": 3}
 RL = {**COMMON, "total_steps": 1, "checkpoint_every": 1, "init_from": "random",
       # 8 images, one per device of the 8-way FSDP mesh; small groups and few sampler steps.
       "data.batch_size": 8, "rl.group_size": 2, "rl.num_steps": 4, "rl.window_size": 1,
@@ -154,6 +155,10 @@ def test_sft_on_two_processes_equals_one_process(tmp_path):
   one, two = _run(tmp_path, "sft.py:tiny", SFT)
   _assert_same_run(one, two, SFT["total_steps"], metric_rtol=1e-5, metric_atol=1e-6,
                    array_atol=ARRAY_ATOL)
+  (eval_one,), (eval_two,) = one["meta"]["evaluations"], two["meta"]["evaluations"]
+  assert eval_one["step"] == eval_two["step"] == SFT["total_steps"]
+  for key in ("eval_ssim", "eval_ssim_corrupted"):
+    np.testing.assert_allclose(eval_two[key], eval_one[key], rtol=1e-5, err_msg=key)
 
 
 def test_rl_on_two_processes_equals_one_process(tmp_path):

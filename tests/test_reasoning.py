@@ -134,9 +134,12 @@ def test_precomputed_recoveries_feed_the_reasoning_stage(tmp_path):
   opened = recovery_cache.RecoveryCache.open(cache, config)
   with pytest.raises(FileNotFoundError, match="no recovery of record 99999 .epoch 0"):
     opened.load({"index": 99999, "epoch": 0, "corrupted": image})
+  # A cache of another config is a bad input: one error line from the commands (ConfigError).
   other = config_lib.load(REASON, {**overrides, "seed": 1})
-  with pytest.raises(ValueError, match="seed: cache 0, config 1"):
+  with pytest.raises(config_lib.ConfigError, match="seed: cache 0, config 1"):
     recovery_cache.RecoveryCache.open(cache, other)
   other = config_lib.load(REASON, {**overrides, "guidance.text_scale": 1.5})
-  with pytest.raises(ValueError, match="guidance.text_scale: cache 4.0, config 1.5"):
+  with pytest.raises(config_lib.ConfigError, match="guidance.text_scale: cache 4.0, config 1.5"):
     recovery_cache.RecoveryCache.open(cache, other)
+  with pytest.raises(config_lib.ConfigError, match="needs reason.recovery_cache"):
+    recovery_cache.RecoveryCache.open("", config)

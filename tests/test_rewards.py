@@ -154,6 +154,19 @@ def clip_setup(tmp_path_factory):
   return ref, config, rl.load_clip_tower(config.rl)
 
 
+@pytest.mark.torch_ref
+def test_a_clip_of_other_shapes_names_the_clip_model_field(clip_setup):
+  from robust_u1_jax.checkpoints import key_table
+
+  _, config, _ = clip_setup
+  with config.unlocked():
+    config.rl.clip_model = "vit_b32"  # the tiny CLIP's checkpoint read as a ViT-B/32
+  with pytest.raises(key_table.CheckpointError,
+                     match=r"clip.safetensors: tensor .* expects .*; rl.clip_model='vit_b32' "
+                           r"reads .* set --config.rl.clip_model to the checkpoint's"):
+    rl.load_clip_tower(config.rl)
+
+
 def _photo_u8(name, h, w):
   img = getattr(skdata, name)()[..., :3]
   return np.asarray(Image.fromarray(img).resize((w, h), Image.BICUBIC))

@@ -36,7 +36,7 @@ import functools
 import json
 import os
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -64,6 +64,11 @@ WEIGHT_FILES = ("ema.safetensors", "ema.safetensors.index.json", "model.safetens
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
                    "chat_template.json", "generation_config.json")
+# What a model trained by this project keeps beside its weights (written by the trainer, read by
+# inference/images.py and inference/recovery.py): its image resize rules and its recoveries'
+# guidance. Conversions carry them along (`copy_side_files`).
+RULES_FILE = "image_rules.json"
+GUIDANCE_FILE = "guidance.json"
 LATENT_POS_KEY = "latent_pos_embed.pos_embed"
 VIT_POS_KEY = "vit_pos_embed.pos_embed"
 # Keys a checkpoint may carry that the model rebuilds itself.
@@ -455,8 +460,17 @@ def _write_json(path: str, content: Mapping[str, Any]) -> None:
     f.write("\n")
 
 
+def copy_side_files(src_dir: str, dst_dir: str) -> list[str]:
+  """Copies the trained model's side files (RULES_FILE, GUIDANCE_FILE) that `src_dir` has."""
+  names = [n for n in (RULES_FILE, GUIDANCE_FILE) if os.path.isfile(os.path.join(src_dir, n))]
+  for name in names:
+    shutil.copy2(os.path.join(src_dir, name), os.path.join(dst_dir, name))
+  return names
+
+
 def save_model_dir(model: Bagel, path: str, *, tokenizer_dir: str | None = None,
-                   overwrite: bool = False, save_dtype=None, progress: bool = False) -> str:
+                   overwrite: bool = False, save_dtype=None, progress: bool = False,
+                   write_beside: Callable[[str], None] | None = None) -> str:
   """Writes `model` as a BAGEL model directory (atomically: temp dir, then rename).
 
   Args:
@@ -466,6 +480,7 @@ def save_model_dir(model: Bagel, path: str, *, tokenizer_dir: str | None = None,
     overwrite: replace an existing `path` (otherwise FileExistsError).
     save_dtype: cast every tensor (e.g. 'bfloat16', as BAGEL releases); default: parameter dtype.
     progress: show a tqdm bar over tensors.
+    write_beside: adds files of the caller's into the folder before it takes `path`'s place.
   Returns the absolute path. Only process 0 writes; every process must call (to gather shards).
   """
   check_destination(os.path.abspath(path), overwrite)  # on every process, before any gather
@@ -486,5 +501,7 @@ def save_model_dir(model: Bagel, path: str, *, tokenizer_dir: str | None = None,
     _write_json(os.path.join(tmp, EXTRA_CONFIG), extra_config_json(c))
     if tokenizer_dir is not None:
       copy_tokenizer_files(tokenizer_dir, tmp)
+    if write_beside is not None:
+      write_beside(tmp)
   return os.path.abspath(path)
 

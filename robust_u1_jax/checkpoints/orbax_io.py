@@ -151,20 +151,23 @@ def load_pretrained(path: str, *, mesh: jax.sharding.Mesh | None = None, dtype=N
 def hf_to_orbax(src: str, dst: str, *, overwrite: bool = False, allow_pickle: bool = False,
                 param_dtype=None, mesh: jax.sharding.Mesh | None = None,
                 progress: bool = False) -> str:
-  """BAGEL model directory -> Orbax model checkpoint (tokenizer files copied along)."""
+  """BAGEL model directory -> Orbax model checkpoint (tokenizer and side files copied along)."""
   _check_paths(src, dst, overwrite)
   model = bagel_dir.load_model_dir(src, mesh=mesh, param_dtype=param_dtype,
                                    allow_pickle=allow_pickle, progress=progress)
-  return save_orbax(model, dst, overwrite=overwrite, tokenizer_dir=_tokenizer_source(src))
+  return save_orbax(model, dst, overwrite=overwrite, tokenizer_dir=_tokenizer_source(src),
+                    write_beside=lambda folder: bagel_dir.copy_side_files(src, folder))
 
 
 def orbax_to_hf(src: str, dst: str, *, overwrite: bool = False, save_dtype=None,
                 mesh: jax.sharding.Mesh | None = None, progress: bool = False) -> str:
-  """Orbax model checkpoint -> BAGEL model directory (tokenizer files copied along)."""
+  """Orbax model checkpoint -> BAGEL model directory (tokenizer and side files copied along)."""
   _check_paths(src, dst, overwrite)
   model = load_orbax(src, mesh=mesh)
-  return bagel_dir.save_model_dir(model, dst, overwrite=overwrite, save_dtype=save_dtype,
-                                  tokenizer_dir=_tokenizer_source(src), progress=progress)
+  return bagel_dir.save_model_dir(
+      model, dst, overwrite=overwrite, save_dtype=save_dtype,
+      tokenizer_dir=_tokenizer_source(src), progress=progress,
+      write_beside=lambda folder: bagel_dir.copy_side_files(src, folder))
 
 
 def _check_paths(src: str, dst: str, overwrite: bool) -> None:

@@ -140,18 +140,22 @@ def min_image_side(data_config) -> int:
   return int(side) if side else default_min_side(data_config.vae_stride, data_config.vit_patch)
 
 
-def size_problem(image: np.ndarray, min_side: int) -> str | None:
-  """Why an image is too small to use ('W x H pixels ...'), or None."""
+def size_problem(image: np.ndarray, min_side: int, setting: str = "data.min_image_side"
+                 ) -> str | None:
+  """Why an image is too small to use ('W x H pixels ...'), or None; `setting` names where
+  `min_side` comes from."""
   h, w = image.shape[:2]
   if min(h, w) >= min_side:
     return None
-  return (f"{w} x {h} pixels: a side below the smallest usable {min_side} (data.min_image_side; "
+  return (f"{w} x {h} pixels: a side below the smallest usable {min_side} ({setting}; "
           "the resize would make up nearly every pixel)")
 
 
-def read_image(path: str, *, min_side: int = 0, notes: list[str] | None = None) -> np.ndarray:
+def read_image(path: str, *, min_side: int = 0, notes: list[str] | None = None,
+               setting: str = "data.min_image_side") -> np.ndarray:
   """The file `path` decoded by `decode_image`; BadImageError starting with the path for a file
-  that cannot be read, is no image, or has a side below `min_side` pixels."""
+  that cannot be read, is no image, or has a side below `min_side` pixels (`setting`: where that
+  comes from, for the message)."""
   try:
     with open(path, "rb") as f:
       data = f.read()
@@ -161,7 +165,7 @@ def read_image(path: str, *, min_side: int = 0, notes: list[str] | None = None) 
     image = decode_image(data, notes)
   except BadImageError as e:
     raise BadImageError(f"{path}: {e}") from None
-  problem = size_problem(image, min_side)
+  problem = size_problem(image, min_side, setting)
   if problem:
     raise BadImageError(f"{path}: {problem}")
   return image

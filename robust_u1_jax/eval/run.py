@@ -32,7 +32,7 @@ def _clip_similarity(c: ml_collections.ConfigDict):
   from robust_u1_jax.training import rl
 
   graphdef, state = rl.load_clip_tower(ml_collections.ConfigDict(
-      {"clip_checkpoint": c.clip_checkpoint, "clip_model": c.clip_model}))
+      {"clip_checkpoint": c.clip_checkpoint, "clip_model": c.clip_model}), prefix="")
   return evaluation.clip_similarity_fn(nnx.merge(graphdef, state))
 
 
@@ -78,10 +78,12 @@ def run(c: ml_collections.ConfigDict, *, say: Callable[[str], None] = print) -> 
   """Evaluates `c.model`; returns the path of report.md (in `c.out`)."""
   t0 = time.perf_counter()
   out_dir = report_dir(c)
+  # The CLIP checkpoint and the model first: one that does not load stops the run before it
+  # writes anything.
+  clip_similarity = _clip_similarity(c)
+  engine = engine_lib.Engine.load(c.model, dtype=c.dtype)
   os.makedirs(out_dir, exist_ok=True)
   store = partial.PartialResults(out_dir, fingerprint(c))
-  engine = engine_lib.Engine.load(c.model, dtype=c.dtype)
-  clip_similarity = _clip_similarity(c)
   evaluator = _evaluator(engine, c, clip_similarity, c.model)
   # The claims read a few figures, which can afford more questions than the 15 conditions (one
   # figure on 64 questions is uncertain by about 6 points); the other conditions take the first

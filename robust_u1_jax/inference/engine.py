@@ -39,6 +39,21 @@ class ModelError(ValueError):
   """A model directory that cannot be used: the message names the file or token."""
 
 
+def check_rules_fit(rules: images_lib.ImageRules, config: bagel_lib.BagelConfig,
+                    model_dir: str) -> None:
+  """ModelError unless the largest image of `rules` fits the model's latent grid: a small model
+  without its `image_rules.json` would get BAGEL's 1024-pixel rules."""
+  side = rules.vae_max_side // config.latent_downsample
+  if side > config.max_latent_size:
+    source = (f"its {images_lib.RULES_FILE}"
+              if os.path.isfile(os.path.join(model_dir, images_lib.RULES_FILE))
+              else f"BAGEL's: there is no {images_lib.RULES_FILE} beside it")
+    raise ModelError(
+        f"{model_dir}: images up to {rules.vae_max_side} px (the image rules: {source}) make "
+        f"{side} latent tokens a side, and the model takes at most {config.max_latent_size}; "
+        f"copy the {images_lib.RULES_FILE} the model was trained with into {model_dir}")
+
+
 def resolve_model_dir(path: str) -> str:
   """A stage's workdir stands for its `model/`."""
   if not os.path.exists(path):
@@ -86,7 +101,9 @@ class Engine:
     tokenizer = load_tokenizer(model_dir, tokenizer_dir)
     model = orbax_io.load_pretrained(model_dir, mesh=mesh, dtype=jnp.dtype(dtype),
                                      param_dtype=jnp.dtype(dtype), progress=progress)
-    return cls.from_model(model, tokenizer, images_lib.ImageRules.for_model_dir(model_dir), mesh)
+    rules = images_lib.ImageRules.for_model_dir(model_dir)
+    check_rules_fit(rules, model.config, model_dir)
+    return cls.from_model(model, tokenizer, rules, mesh)
 
   @classmethod
   def from_model(cls, model: bagel_lib.Bagel, tokenizer, rules: images_lib.ImageRules,

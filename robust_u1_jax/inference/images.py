@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from robust_u1_jax import pixels
+from robust_u1_jax.checkpoints.bagel_dir import RULES_FILE
 from robust_u1_jax.data import transforms
 
-RULES_FILE = "image_rules.json"  # written beside a trained model by the trainer
 
 
 @dataclasses.dataclass(frozen=True)

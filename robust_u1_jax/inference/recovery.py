@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from robust_u1_jax import sampling
+from robust_u1_jax.checkpoints.bagel_dir import GUIDANCE_FILE
 from robust_u1_jax.data import packing, sequence
 from robust_u1_jax.data import tokenizer as tokenizer_lib
 from robust_u1_jax.inference import context as context_lib
@@ -32,7 +33,6 @@ from robust_u1_jax.models.kv_cache import KVCache
 
 Array = jax.Array
 INSTRUCTION = tokenizer_lib.RECOVERY_INSTRUCTION  # the paper's, as the data pipeline writes it
-GUIDANCE_FILE = "guidance.json"  # written beside a trained model by the trainer
 
 
 @dataclasses.dataclass(frozen=True)

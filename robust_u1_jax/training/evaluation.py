@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from robust_u1_jax import pixels
 from robust_u1_jax.data import packing
@@ -50,7 +51,11 @@ def make_recovery_eval(ctx: RunContext, num_steps: int) -> Callable:
       rewards.ssim(pixels.to_float(r.corrupted[:, 0]), pixels.to_float(r.clean)) for r in inputs
   ]).mean())
 
-  @functools.partial(jax.jit, static_argnums=0)  # graph definitions hash: one compile per model
+  # Graph definitions hash: one compile per model. The outputs are replicated, so every process
+  # of a multi-host run can read them whole (a sharded output spans other hosts' devices).
+  replicated = NamedSharding(ctx.mesh, P())
+
+  @functools.partial(jax.jit, static_argnums=0, out_shardings=(replicated, replicated))
   def recover_and_score(graphdef, params, frozen, recovery):
     model = nnx.merge(graphdef, params, frozen)
     # The posterior mean and a fixed noise: the same recoveries at every evaluation.

@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from robust_u1_jax import files
+from robust_u1_jax import config_lib, files
 from robust_u1_jax.data import packing
 
 MANIFEST = "manifest.json"
@@ -66,7 +66,7 @@ def _check_manifest(directory: str, config) -> None:
     stored = json.load(f)["fingerprint"]
   diff = _differences(stored, json.loads(json.dumps(fingerprint(config))))
   if diff:
-    raise ValueError(f"{path}: the recovery cache was built for another config ("
+    raise config_lib.ConfigError(f"{path}: the recovery cache was built for another config ("
                      + "; ".join(diff) + "); rebuild it into an empty directory")
 
 
@@ -78,8 +78,9 @@ class RecoveryCache:
   def open(cls, directory: str, config) -> RecoveryCache:
     """The cache a reasoning run reads; checks it was built for this config."""
     if not directory:
-      raise ValueError("reason.recovered_images='cache' needs reason.recovery_cache: the directory "
-                       f"written by `{BUILD_COMMAND.format(dir='DIR')}`")
+      raise config_lib.ConfigError(
+          "reason.recovered_images='cache' needs reason.recovery_cache: the directory written by "
+          f"`{BUILD_COMMAND.format(dir='DIR')}`")
     if not os.path.exists(os.path.join(directory, MANIFEST)):
       raise FileNotFoundError(f"{directory}: no {MANIFEST}, so not a recovery cache; build it "
                               f"with `{BUILD_COMMAND.format(dir=directory)}`")
@@ -96,8 +97,9 @@ class RecoveryCache:
           " resumes, skipping what exists)")
     image = np.asarray(Image.open(path).convert("RGB"))
     if image.shape != sample["corrupted"].shape:
-      raise ValueError(f"{path}: recovery of {image.shape[:2]} for a corrupted image of "
-                       f"{sample['corrupted'].shape[:2]}")
+      raise config_lib.ConfigError(
+          f"{path}: recovery of {image.shape[:2]} for a corrupted image of "
+          f"{sample['corrupted'].shape[:2]}; rebuild the cache into an empty directory")
     return image
 
   def load_batch(self, batch: Mapping[str, Any]) -> list[list[np.ndarray]]:

@@ -262,9 +262,10 @@ def reward_fn_from_config(rl_config, clip_graphdef: nnx.GraphDef | None):
   return reward_fn
 
 
-def load_clip_tower(rl_config):
-  """The frozen CLIP model of the semantic reward, from `rl.clip_checkpoint`."""
-  from robust_u1_jax.checkpoints import clip_keys
+def load_clip_tower(rl_config, prefix: str = "rl."):
+  """The frozen CLIP model of the semantic reward, from `rl.clip_checkpoint` in the shapes of
+  `rl.clip_model` (`prefix`: how the config names the two fields, for the error lines)."""
+  from robust_u1_jax.checkpoints import clip_keys, key_table
   from robust_u1_jax.models import clip as clip_lib
 
   if not rl_config.clip_checkpoint:
@@ -272,7 +273,14 @@ def load_clip_tower(rl_config):
                      ".safetensors file (open_clip or transformers naming)")
   configs = {"vit_b32": clip_lib.CLIPConfig.vit_b32, "tiny": clip_lib.CLIPConfig.tiny}
   model = clip_lib.CLIP(configs[rl_config.clip_model](), rngs=nnx.Rngs(0))
-  clip_keys.load_clip(rl_config.clip_checkpoint, model)
+  try:
+    clip_keys.load_clip(rl_config.clip_checkpoint, model)
+  except key_table.CheckpointError as e:
+    raise key_table.CheckpointError(
+        f"{str(e).rstrip('.')}; {prefix}clip_model={rl_config.clip_model!r} reads a CLIP of "
+        "its shapes ('vit_b32': ViT-B/32, 'tiny': the demo's "
+        f"runs/demo/clip/model/clip.safetensors): set --config.{prefix}clip_model to the "
+        "checkpoint's") from None
   return nnx.split(model)
 
 
