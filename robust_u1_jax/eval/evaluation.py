@@ -214,10 +214,15 @@ class Evaluator:
     return _means(self.quality(self.through_vae(clean), clean))
 
   def quality(self, images: np.ndarray, clean: np.ndarray) -> dict[str, np.ndarray]:
-    out = {"psnr": psnr(images, clean), "ssim": ssim(images, clean)}
-    if self.clip_similarity is not None:
-      out["clip"] = self.clip_similarity(images, clean)
-    return out
+    """PSNR, SSIM (and CLIP similarity) of each image to its clean one, `batch_size` images at a
+    time: a condition of 500 large images at once would not fit a device."""
+    parts = []
+    for part in self._batches(len(images)):
+      out = {"psnr": psnr(images[part], clean[part]), "ssim": ssim(images[part], clean[part])}
+      if self.clip_similarity is not None:
+        out["clip"] = self.clip_similarity(images[part], clean[part])
+      parts.append(out)
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
   def answers(self, mode: str, samples: Sequence[Sample], corrupted=None, recovered=None
               ) -> list[dict[str, Any]]:
