@@ -182,6 +182,9 @@ def test_released_stochastic_step_changes_only_with_its_key(tiny, world_images):
   assert np.abs(pair[1].astype(int) - alone[0].astype(int)).max() <= 1
   with pytest.raises(ValueError, match="sde_step"):
     recovery.Sampler(num_steps=4, sde_step=3)
+  for shift in (0.0, -1.0, float("nan")):  # times of NaN or below 0 otherwise
+    with pytest.raises(ValueError, match="timestep shift must be > 0"):
+      recovery.Sampler(num_steps=4, shift=shift)
 
 
 def test_posterior_sample_and_mean(tiny, world_images):
@@ -294,6 +297,11 @@ def test_prompt_and_answer_extraction():
       answer_format.SELECT)
   assert reasoner.extract_answer("<REASONING>x<ANSWER>(B) two<ANSWER_END>", ["a", "b"]) == "B"
   assert reasoner.extract_answer("it is two", ["one", "two"]) == "B"
+  # The article "A" is no option letter; a letter alone or closed by '.', ')' or ':' is.
+  assert reasoner.extract_answer("A square.", ["circle", "square"]) == "B"
+  assert reasoner.extract_answer("A red circle, so the answer is B.", ["x", "y", "z"]) == "B"
+  assert reasoner.extract_answer("<ANSWER>A<ANSWER_END>", ["x", "y"]) == "A"
+  assert reasoner.extract_answer("C: green", ["x", "y", "z"]) == "C"
   assert reasoner.extract_answer("<ANSWER>blue<ANSWER_END>") == "blue"
   assert reasoner.cut_answers("a<ANSWER>1<ANSWER>2<ANSWER>3") == "a<ANSWER>1<ANSWER>2"
 

@@ -131,15 +131,28 @@ def broken_models(model_dir, tmp_path_factory):
   for name in os.listdir(model_dir):
     if name != "image_rules.json":
       os.symlink(os.path.join(model_dir, name), no_rules / name)
+  # Damaged side files: named in the error line.
+  damaged = {}
+  for case, name, text in (("bad_rules", "image_rules.json", "5"),
+                           ("bad_guidance", "guidance.json", "[]"),
+                           ("cut_rules", "image_rules.json", '{"vae_max')):
+    folder = root / case
+    folder.mkdir()
+    for entry in os.listdir(model_dir):
+      if entry != name:
+        os.symlink(os.path.join(model_dir, entry), folder / entry)
+    (folder / name).write_text(text)
+    damaged[case] = (folder, f"{folder / name}: ")
   (root / "empty").mkdir()
-  return {"no_config": (no_config, "bagel_config.json"),
+  return {**damaged, "no_config": (no_config, "bagel_config.json"),
           "no_rules": (no_rules, "there is no image_rules.json beside it"),
           "empty": (root / "empty", "missing tokenizer.json"),
           "absent": (root / "absent", "no such model directory")}
 
 
 @pytest.mark.parametrize("cli", [recover_cli, answer_cli], ids=["recover", "answer"])
-@pytest.mark.parametrize("case", ["no_config", "no_rules", "empty", "absent", "missing_image",
+@pytest.mark.parametrize("case", ["no_config", "no_rules", "bad_rules", "bad_guidance",
+                                  "cut_rules", "empty", "absent", "missing_image",
                                   "truncated_image", "bad_mesh"])
 def test_bad_input_is_one_error_line_and_status_2(capsys, cli, case, model_dir, inputs,
                                                   broken_models, tmp_path):

@@ -276,3 +276,47 @@ def test_total_steps_must_end_on_an_update():
   with pytest.raises(config_lib.ConfigError, match="optimizer.grad_accum_steps = 4"):
     _config(6, **{"optimizer.grad_accum_steps": 4})
   _config(8, **{"optimizer.grad_accum_steps": 4})
+
+
+@pytest.mark.slow
+def test_a_stopped_run_resumes_and_writes_its_model_only_at_the_last_step(tmp_path, monkeypatch):
+  from robust_u1_jax.training import checkpoint
+
+  workdir = str(tmp_path / "run")
+  instructions = []
+  make_pipeline = pipeline.make_pipeline
+
+  def recording(*args, **kwargs):
+    instructions.append(kwargs.get("instruction"))
+    return make_pipeline(*args, **kwargs)
+
+  monkeypatch.setattr(pipeline, "make_pipeline", recording)
+  # A signal as the run starts: it stops after step 1 with a checkpoint and no model.
+  monkeypatch.setattr(checkpoint.Checkpointer, "install_signal_handlers",
+                      lambda self: setattr(self, "stop_requested", True))
+  config = _config(4, instruction="Clean this image.")
+  assert trainer.train(config, workdir, sft.build)
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == ["1"]
+  assert not os.path.exists(os.path.join(workdir, "model"))
+  # The rows (training and evaluation) are built with the config's instruction, not the
+  # built-in one.
+  assert instructions and set(instructions) == {"Clean this image."}
+  monkeypatch.undo()
+  trainer.train(config, workdir, sft.build)
+  assert checkpoint.finished(workdir, 4)
+  # The final checkpoint without its model (a run stopped while writing it): the next run
+  # writes the model from that checkpoint instead of answering "nothing to train" forever.
+  model_files = sorted(os.listdir(os.path.join(workdir, "model")))
+  os.rename(os.path.join(workdir, "model"), str(tmp_path / "first_model"))
+  assert trainer.train(config, workdir, sft.build) == []
+  assert checkpoint.finished(workdir, 4)
+  assert sorted(os.listdir(os.path.join(workdir, "model"))) == model_files
+
+
+@pytest.mark.slow
+def test_data_that_runs_out_before_the_last_step_is_a_config_error(tmp_path):
+  # 8 records, one pass: one batch of 8 for a run of 3 steps.
+  config = _config(3, **{"data.shapes_size": 8, "data.num_epochs": 1})
+  with pytest.raises(config_lib.ConfigError, match=r"data.num_epochs = 1: the data ran out "
+                     r"before step 3"):
+    trainer.train(config, str(tmp_path), sft.build)

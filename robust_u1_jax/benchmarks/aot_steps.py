@@ -111,7 +111,8 @@ def host_batch(config, ctx, spec):
   data = config.data.copy_and_resolve_references()
   data.batch_size = HOST_ROWS
   with pipeline_lib.make_pipeline(data, seed=config.seed, tokenizer=ctx.tokenizer,
-                                  stage=spec.data_stage or config.stage) as pipeline:
+                                  stage=spec.data_stage or config.stage,
+                                  instruction=config.get("instruction")) as pipeline:
     batch = next(pipeline)
   if config.stage == "reason" and config.reason.recovered_images == "cache":
     from robust_u1_jax.training import recovery_cache

@@ -110,6 +110,7 @@ def time_train_step(config, device, seconds: float, min_steps: int, batches: int
   build_s = time.perf_counter() - t0
   with pipeline_lib.make_pipeline(config.data, seed=config.seed, tokenizer=ctx.tokenizer,
                                   stage=spec.data_stage or config.stage,
+                                  instruction=config.get("instruction"),
                                   format_rows=trainer.inputs_and_work(ctx, spec)) as data:
     # Each batch with its model FLOPs, counted as the trainer counts them.
     hosts, counts = zip(*(next(data) for _ in range(batches)))

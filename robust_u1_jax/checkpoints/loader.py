@@ -18,7 +18,6 @@ on the host beyond the model; export hands out one layer at a time.
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -190,6 +189,3 @@ def export_from(module: nnx.Module, rules: Iterable[kt.Rule], *, skip: Iterable[
   return kt.convert_to_torch(host, kt.KeyTable(rules), skip=skip)
 
 
-def matches_any(patterns: Iterable[str]) -> Callable[[str], bool]:
-  compiled = [re.compile(p) for p in patterns]
-  return lambda key: any(r.fullmatch(key) for r in compiled)

@@ -62,8 +62,9 @@ def open_tensor_files(path: str, *, allow_pickle: bool = False) -> TensorFiles:
     if not allow_pickle:
       raise ValueError(
           f"{path} is a pickle file, which can execute code when loaded; it is refused by default. "
-          "Convert it to safetensors, or pass allow_pickle=True (--allow_pickle) to load it with "
-          "torch.load(weights_only=True).")
+          "Convert it to safetensors (`python -m robust_u1_jax.convert --from hf --allow_pickle "
+          "...` writes an Orbax checkpoint every command reads), or pass allow_pickle=True to "
+          "load it with torch.load(weights_only=True).")
     return _open_pickle(path)
   raise ValueError(f"{path}: unknown checkpoint format; expected .safetensors, "
                    f".safetensors.index.json or (opt-in) one of {PICKLE_SUFFIXES}")

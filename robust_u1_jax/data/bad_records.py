@@ -13,8 +13,7 @@ more than `max_skip_ratio` of the records seen were bad.
 
 The ratio is checked once `min_seen` records (default 100) have been seen, so a single early bad
 file does not stop a run on a noisy first few records, and always at the end of an epoch (after
-`epoch_size` records, or when the pipeline calls `end_epoch()`), so a small dataset with too many
-bad files is still caught.
+`epoch_size` records), so a small dataset with too many bad files is still caught.
 
 Place the filter where the main process runs it (after Grain's multiprocess prefetch): a tracker
 inside a worker process counts only that worker's records.

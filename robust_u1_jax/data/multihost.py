@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from robust_u1_jax import config_lib
+
 BATCH_AXES = ("data", "fsdp")
 
 # The environment `initialize_distributed` reads (launch/ sets it).
@@ -113,8 +115,9 @@ def per_process_batch_size(global_batch_size: int, process_count: int) -> int:
   if process_count < 1:
     raise ValueError(f"process_count={process_count} is invalid: use an integer >= 1")
   if global_batch_size < 1 or global_batch_size % process_count:
-    raise ValueError(f"data.batch_size={global_batch_size} does not split evenly over "
-                     f"{process_count} processes: use a positive multiple of {process_count}")
+    raise config_lib.ConfigError(
+        f"data.batch_size={global_batch_size} does not split evenly over {process_count} "
+        f"processes: use a positive multiple of {process_count}")
   return global_batch_size // process_count
 
 
@@ -156,9 +159,10 @@ def data_shard(mesh: Mesh, process_index: int | None = None,
   mine = sorted(owned[process_index])
   per = len(mine)
   if mine != list(range(mine[0], mine[0] + per)) or mine[0] % per or num_slices % per:
-    raise ValueError(f"process {process_index} holds batch slices {mine} of {num_slices} over "
-                     f"axes {axes}: a per-process pipeline needs a contiguous, evenly sized block; "
-                     "reorder the mesh devices so each process owns neighbouring batch slices")
+    raise config_lib.ConfigError(
+        f"process {process_index} holds batch slices {mine} of {num_slices} over "
+        f"axes {axes}: a per-process pipeline needs a contiguous, evenly sized block; "
+        "reorder the mesh devices so each process owns neighbouring batch slices")
   return mine[0] // per, num_slices // per
 
 
@@ -191,7 +195,7 @@ def global_batch(local_batch: Any, mesh: Mesh, batch_axes: Sequence[str] = BATCH
                        "every field of a batch needs the same leading size")
     global_shape = (rows * shard_count,) + tuple(value.shape[1:])
     if global_shape[0] % (int(np.prod([mesh.shape[a] for a in batch_axes])) or 1):
-      raise ValueError(
+      raise config_lib.ConfigError(
           f"batch field {key!r}: a global batch of {global_shape[0]} rows does not split over "
           f"mesh axes {tuple(batch_axes)} of sizes {[mesh.shape[a] for a in batch_axes]}; use a "
           "data.batch_size that is a multiple of their product")

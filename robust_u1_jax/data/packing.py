@@ -38,6 +38,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from robust_u1_jax import config_lib
 from robust_u1_jax.data import sequence
 
 
@@ -69,14 +70,14 @@ class SampleTokens(grain.transforms.Map):
     n, _, latent = sequence.lengths(blocks, *self.strides)
     record = f"record {element.get('index', '?')} ({element.get('path', '')})"
     if n > self.token_budget:
-      raise ValueError(
+      raise config_lib.ConfigError(
           f"{record} needs {n} tokens, more than data.token_budget={self.token_budget}: raise "
           "the budget or lower data.vae_max_side / data.vit_max_side")
     out = {**element, "tokens": np.ones(n, np.int8)}
     if self.latent_budget:
       und_budget = self.token_budget - self.latent_budget
       if latent > self.latent_budget or n - latent > und_budget:
-        raise ValueError(
+        raise config_lib.ConfigError(
             f"{record} needs {latent} latent and {n - latent} other tokens, more than "
             f"data.latent_budget={self.latent_budget} / the {und_budget} left of "
             f"data.token_budget={self.token_budget}: move the split or lower data.vae_max_side "

@@ -103,6 +103,7 @@ import grain
 import numpy as np
 from absl import flags
 
+from robust_u1_jax import config_lib
 from robust_u1_jax.data import bad_records
 from robust_u1_jax.data import corrupt_groups
 from robust_u1_jax.data import multihost
@@ -232,7 +233,8 @@ class Collate:
     width = fixed or self.text_pad_to or packing.text_width(int(lengths.max()), MIN_TEXT_PAD)
     if lengths.max() > width:
       setting = f"text_widths.{field}" if fixed else "text_pad_to"
-      raise ValueError(f"{key} of {int(lengths.max())} tokens exceeds data.{setting}={width}")
+      raise config_lib.ConfigError(
+          f"{key} of {int(lengths.max())} tokens exceeds data.{setting}={width}")
     out = np.full((len(seqs), width), self.pad_id, np.int32)
     for i, s in enumerate(seqs):
       out[i, :len(s)] = s

@@ -105,24 +105,28 @@ class TfdsSource:
     try:
       builder = tfds.builder(self.name, data_dir=self.data_dir)
     except Exception as e:  # pylint: disable=broad-except
-      raise ValueError(f"TFDS dataset {self.name!r} is unknown or unreadable in {where}: "
-                       f"{e}") from e
+      raise config_lib.ConfigError(
+          f"TFDS dataset {self.name!r} is unknown or unreadable in {where}: "
+          f"{e}") from e
     features = builder.info.features
     if self.image_key not in features:
-      raise ValueError(f"TFDS dataset {self.name!r} has no feature {self.image_key!r}: its "
-                       f"features are {', '.join(features.keys())}")
+      raise config_lib.ConfigError(
+          f"TFDS dataset {self.name!r} has no feature {self.image_key!r}: its "
+          f"features are {', '.join(features.keys())}")
     if not isinstance(features[self.image_key], tfds.features.Image):
-      raise ValueError(f"TFDS feature {self.name}:{self.image_key} is a "
-                       f"{type(features[self.image_key]).__name__}, not a tfds.features.Image")
+      raise config_lib.ConfigError(
+          f"TFDS feature {self.name}:{self.image_key} is a "
+          f"{type(features[self.image_key]).__name__}, not a tfds.features.Image")
     try:
       return tfds.data_source(self.name, split=self.split, data_dir=self.data_dir,
                               download=False,
                               decoders={self.image_key: tfds.decode.SkipDecoding()})
     except Exception as e:  # pylint: disable=broad-except
-      raise ValueError(f"TFDS dataset {self.name!r} split {self.split!r} cannot be opened from "
-                       f"{where} (prepare it there first, e.g. ImageNet from its manual "
-                       f"download; splits: {', '.join(builder.info.splits.keys()) or 'none'}): "
-                       f"{e}") from e
+      raise config_lib.ConfigError(
+          f"TFDS dataset {self.name!r} split {self.split!r} cannot be opened from "
+          f"{where} (prepare it there first, e.g. ImageNet from its manual "
+          f"download; splits: {', '.join(builder.info.splits.keys()) or 'none'}): "
+          f"{e}") from e
 
   def __getstate__(self):
     state = dict(self.__dict__)
@@ -172,7 +176,7 @@ class JsonlSource:
     self.required, self.image_keys = tuple(required), tuple(image_keys)
     self.offsets, self.lengths, self.lines = line_spans(self.path)
     if not len(self.offsets):
-      raise ValueError(f"JSONL file {self.path} has no rows")
+      raise config_lib.ConfigError(f"JSONL file {self.path} has no rows")
     self._file = LazyFile(self.path)
 
   def __len__(self) -> int:

@@ -30,6 +30,7 @@ import threading
 
 import numpy as np
 
+from robust_u1_jax import config_lib
 from robust_u1_jax.data.bad_records import skip_record
 from robust_u1_jax.data.record_files import LazyFile, check_index, line_spans
 
@@ -100,8 +101,9 @@ def _b64(value: str) -> bytes:
 def _check_columns(path: str, columns: list[str], needed: list[str]) -> None:
   missing = [c for c in needed if c not in columns]
   if missing:
-    raise ValueError(f"VQA table {path} lacks required column(s) {', '.join(missing)}; its "
-                     f"columns are {', '.join(columns)}")
+    raise config_lib.ConfigError(
+        f"VQA table {path} lacks required column(s) {', '.join(missing)}; its "
+        f"columns are {', '.join(columns)}")
 
 
 def _letter_columns(columns: list[str]) -> list[str]:
@@ -127,7 +129,7 @@ class VqaTsvSource:
     offsets, lengths, lines = line_spans(self.path, quoted=True)
     if len(offsets) < 2:
       what = "a header but no rows" if len(offsets) else "no header"
-      raise ValueError(f"VQA TSV file {self.path} has {what}")
+      raise config_lib.ConfigError(f"VQA TSV file {self.path} has {what}")
     self._file = LazyFile(self.path)
     self.offsets, self.lengths, self.lines = offsets[1:], lengths[1:], lines[1:]
     self.columns = self._parse(offsets[0], lengths[0])
@@ -246,8 +248,9 @@ class VqaParquetSource:
       names = list(meta.schema.to_arrow_schema().names)
       _check_columns(f, names, ["question", "image"] + (["answer"] * require_answer))
       if columns is not None and names != columns:
-        raise ValueError(f"parquet files of {self.path} differ in columns: {self.files[0]} has "
-                         f"{', '.join(columns)}; {f} has {', '.join(names)}")
+        raise config_lib.ConfigError(
+            f"parquet files of {self.path} differ in columns: {self.files[0]} has "
+            f"{', '.join(columns)}; {f} has {', '.join(names)}")
       columns = columns or names
       groups += [(f, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
     self.columns = columns

@@ -56,8 +56,15 @@ class ImageRules:
     file = os.path.join(path, RULES_FILE)
     if not os.path.isfile(file):
       return cls()
-    with open(file) as f:
-      return cls.from_dict(json.load(f), source=file)
+    try:
+      with open(file) as f:
+        values = json.load(f)
+      if not isinstance(values, dict):
+        raise ValueError(f"a JSON {type(values).__name__}, not an object of image rules")
+      return cls.from_dict(values, source=file)
+    except (TypeError, ValueError) as e:
+      message = str(e)
+      raise ValueError(message if message.startswith(file) else f"{file}: {message}") from None
 
   def save(self, path: str) -> None:
     with open(os.path.join(path, RULES_FILE), "w") as f:

@@ -54,7 +54,10 @@ def extract_answer(text: str, options: Sequence[str] = ()) -> str:
   if not options:
     return answer
   letters = string.ascii_uppercase[:len(options)]
-  m = re.match(rf"^\(?([{letters}])\b", answer) or re.search(rf"\b([{letters}])[.)]", answer)
+  # A letter alone or closed by '.', ')' or ':' ("B", "(B)", "B. square"): not the article of
+  # "A red circle ...".
+  m = (re.match(rf"^\(?([{letters}])(?:[.):]|\s*$)", answer)
+       or re.search(rf"\b([{letters}])[.)]", answer))
   if m:
     return m.group(1)
   for i, option in enumerate(options):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -72,6 +73,8 @@ class Guidance:
     try:
       with open(file) as f:
         values = json.load(f)
+      if not isinstance(values, dict):
+        raise ValueError(f"a JSON {type(values).__name__}, not an object of guidance fields")
       return cls(**{k: tuple(v) if k == "interval" else v for k, v in values.items()})
     except (TypeError, ValueError) as e:
       raise ValueError(f"{file}: {e}") from None
@@ -120,6 +123,8 @@ class Sampler:
   def __post_init__(self):
     if self.num_steps < 2:
       raise ValueError(f"recovery steps must be >= 2, got {self.num_steps}")
+    if not (math.isfinite(self.shift) and self.shift > 0):  # 0 or less: NaN or negative times
+      raise ValueError(f"timestep shift must be > 0, got {self.shift}")
     if not -1 <= self.sde_step < self.num_steps - 1:
       raise ValueError(f"sde_step {self.sde_step} is outside the {self.num_steps - 1} moves "
                        "(-1 turns it off)")

@@ -39,7 +39,7 @@ def make_recovery_eval(ctx: RunContext, num_steps: int) -> Callable:
   data_config.token_budget = 0  # one sample per row, whatever the training batches pack
   data_config.batch_size = EVAL_IMAGES
   data = pipeline_lib.make_pipeline(data_config, seed=c.seed, tokenizer=ctx.tokenizer,
-                                    stage="rl")
+                                    stage="rl", instruction=c.get("instruction"))
   samples = [row[0] for row in packing.batch_samples(next(data))]
   data.close()
   groups = recovery_lib.size_groups(samples)

@@ -1,11 +1,12 @@
 """What a training run reports: TensorBoard events, a summary line every N steps, a progress bar
 with ETA, throughput and image grids at evaluation steps.
 
-Throughput: samples/s, tokens/s; `model_tflops_per_step`, the step's useful work (`flops.py`: each
-token through its own expert, the attention the mask allows, the backward the trainable set
-needs) and `mfu`, that work per second against the devices' peak; `tflops_per_device` and
-`compiled_util` from the compiled step's cost analysis, which counts whatever the program computes
-(and each loop body, such as the layer scan, once), so it is a check, not the utilisation.
+Throughput: samples/s (tokens/s where a caller counts tokens); `model_tflops_per_step`, the
+step's useful work (`flops.py`: each token through its own expert, the attention the mask allows,
+the backward the trainable set needs) and `mfu`, that work per second against the devices' peak;
+`tflops_per_device` and `compiled_util` from the compiled step's cost analysis, which counts
+whatever the program computes (and each loop body, such as the layer scan, once), so it is a
+check, not the utilisation.
 
 Only process 0 writes; every process computes the same global metrics.
 """

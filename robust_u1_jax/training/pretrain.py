@@ -1,4 +1,4 @@
-"""Bootstrap, part 3: the base model, the built-in world's stand-in for a pretrained BAGEL.
+"""Bootstrap, part 4: the base model, the built-in world's stand-in for a pretrained BAGEL.
 
 Everything but the VAE trains (the VAE comes frozen from part 1, `bootstrap_vae`; with
 `pretrain.freeze_vit` the ViT comes frozen from the vit part too), on CLEAN images only, so the
@@ -283,7 +283,8 @@ def make_eval(ctx) -> Callable:
 
 
 def build(ctx):
-  """The base-model stage for `trainer.train`; init_from is part 1's workdir (its trained VAE)."""
+  """The base-model stage for `trainer.train`; init_from is the vit part's workdir (the VAE
+  and ViT the earlier parts trained)."""
   c = ctx.config
   if c.init_from == "random":
     print("warning: pretrain from init_from='random' trains on an untrained VAE's latents; pass "

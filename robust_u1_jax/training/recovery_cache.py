@@ -9,8 +9,8 @@ deterministic sampler of the model in `init_from`, and writes each as a PNG:
                                              corrupted image's VAE size
 
 Each image's noise comes from (seed, index, epoch), so a recovery does not depend on its batch.
-Files are written atomically and existing ones are skipped: an interrupted build resumes, and
-processes of a multi-host job write their own records into one shared directory.
+Files are written atomically and existing ones are skipped: an interrupted build resumes. The
+build runs in one process (`recover --cache_dir` does not join a multi-host job).
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def build(config: ml_collections.ConfigDict, directory: str, *, steps: int = 0,
   if os.path.exists(manifest):
     _check_manifest(directory, config)
   elif jax.process_index() == 0:
-    with open(manifest, "w") as f:
+    with files.atomic_write(manifest, "w") as f:  # a half-written manifest would block the cache
       json.dump({"fingerprint": fingerprint(config), "stage": config.stage}, f, indent=1)
 
   instruction = tokenizer_lib.encode_text_block(tokenizer, config.instruction)
@@ -156,7 +156,7 @@ def build(config: ml_collections.ConfigDict, directory: str, *, steps: int = 0,
   counts = {"written": 0, "skipped": 0}
   with jax.set_mesh(mesh), pipeline_lib.make_pipeline(
       config.data, seed=config.seed, process_index=process_index, process_count=process_count,
-      tokenizer=tokenizer, stage=config.stage) as data:
+      tokenizer=tokenizer, stage=config.stage, instruction=config.instruction) as data:
     bar = tqdm.tqdm(range(steps), desc="recovering", unit="step", disable=not progress,
                     dynamic_ncols=True)
     for _ in bar:

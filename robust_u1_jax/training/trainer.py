@@ -8,9 +8,11 @@ from `run_setup.make_context`, as for the recovery cache and the AOT check; ever
 here once. The model is a Bagel unless the stage brings its own (`StageSpec.model` and `save`: the
 bootstrap CLIP).
 
-A trainer step takes one pipeline batch and makes one gradient step; with
-`optimizer.grad_accum_steps = k` the optimizer updates the parameters (and the EMA) on every k-th
-(state.py). `total_steps` and every `*_every` count trainer steps.
+A trainer step takes one pipeline batch and makes one gradient step (RL: `rl.updates_per_rollout`
+of them on one rollout); with `optimizer.grad_accum_steps = k` the optimizer updates the
+parameters (and the EMA) on every k-th (state.py). `total_steps` and every `*_every` count trainer
+steps. `workdir/model` is written when the run reaches its last step; a stopped run leaves its
+checkpoint, and the same command resumes it.
 """
 
 from __future__ import annotations
@@ -51,12 +53,13 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     data_stage = spec.data_stage or config.stage
     if (process_count > 1 and not config.data.token_budget
         and not pipeline_lib.fixed_rows(config.data, data_stage)):
-      raise ValueError("a multi-host run of unpacked batches needs data.text_pad_to > 0 (the "
-                       "longest text in tokens) or data.text_widths for each text field, so "
-                       "every host builds rows of one length")
+      raise config_lib.ConfigError(
+          "a multi-host run of unpacked batches needs data.text_pad_to > 0 (the longest text in "
+          "tokens) or data.text_widths for each text field, so every host builds rows of one "
+          "length")
     data = pipeline_lib.make_pipeline(config.data, seed=config.seed, process_index=process_index,
                                       process_count=process_count, tokenizer=tokenizer,
-                                      stage=data_stage,
+                                      stage=data_stage, instruction=config.get("instruction"),
                                       format_rows=inputs_and_work(ctx, spec))
     ckpt = checkpoint_lib.Checkpointer(workdir, every=config.checkpoint_every,
                                        keep=config.keep_checkpoints)
@@ -71,14 +74,23 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       if changed:
         print(f"  with settings other than its checkpoint's: {'; '.join(changed)}", flush=True)
     if start >= config.total_steps:
-      print(f"{workdir} already holds the final step {start}; nothing to train", flush=True)
+      # `finished` said no: the final checkpoint without its model, a run stopped while it wrote
+      # the model. Written now from that checkpoint.
+      print(f"{workdir} already holds the final step {start}; writing its model", flush=True)
       ckpt.close()
       data.close()
+      (spec.save or save_model)(workdir, graphdef, state, config)
       return []
     ckpt.install_signal_handlers()
 
     def device_inputs():
-      host, counts = next(data)
+      try:
+        host, counts = next(data)
+      except StopIteration:
+        raise config_lib.ConfigError(
+            f"data.num_epochs = {config.data.num_epochs}: the data ran out before step "
+            f"{config.total_steps} (total_steps); raise num_epochs, or 0 to repeat the data "
+            "for as many steps as the run takes") from None
       return multihost.global_batch(host, mesh), None if counts is None else counts["total"]
 
     inputs, work = device_inputs()
@@ -109,7 +121,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         if step < config.total_steps:
           inputs, work = device_inputs()
       ckpt.wait()
-      (spec.save or save_model)(workdir, graphdef, state, config)
+      if step == config.total_steps:  # a stopped run has its checkpoint, not a model yet
+        (spec.save or save_model)(workdir, graphdef, state, config)
     finally:
       log.close()
       ckpt.close()
