@@ -4,6 +4,7 @@
   python -m robust_u1_jax.bench data --long          # 10x longer measurements
   python -m robust_u1_jax.bench data --config configs/sft.py:tiny --threads 2
   python -m robust_u1_jax.bench corrupt              # JAX corruptions vs host references
+  python -m robust_u1_jax.bench model                # tiny LLM step vs PyTorch; cached denoising
   python -m robust_u1_jax.bench experts              # routed experts vs both on every token
   python -m robust_u1_jax.bench aot --config configs/sft.py:bagel_7b --topology v5p-64
   python -m robust_u1_jax.bench recover --topology v5p-8
@@ -45,16 +46,19 @@ BENCHMARKS = {
                "the demo's base step on CPU: glibc's malloc vs malloc keeping freed memory"),
 }
 
-_SECONDS = flags.DEFINE_float("seconds", 3.0, "Wall time of each measurement.")
+_SECONDS = flags.DEFINE_float("seconds", 3.0, "Wall time of each measurement.", lower_bound=0.0)
 _LONG = flags.DEFINE_bool("long", False, "Measure 10x longer (steadier numbers).")
 _CONFIG = flags.DEFINE_string("config", "", "Config file[:variant] (default: the benchmark's).")
-_THREADS = flags.DEFINE_integer("threads", None, "Grain reader threads (default: automatic).")
+_THREADS = flags.DEFINE_integer("threads", None, "Grain reader threads (default: automatic).",
+                                lower_bound=0)
 _TOPOLOGY = flags.DEFINE_string(
-    "topology", "cpu:8", "aot: TPU slice (v5p-64, v6e-256), libtpu topology (v5p:2x4x4) or cpu:N.")
+    "topology", "cpu:8", "aot, recover: TPU slice (v5p-64, v6e-256), libtpu topology (v5p:2x4x4) "
+    "or cpu:N.")
 _HBM_GIB = flags.DEFINE_float("hbm_gib", None, "aot: per-device memory limit in GiB (default: "
                               "the chip's HBM).", lower_bound=1e-3)
 _OVERRIDE = flags.DEFINE_multi_string("override", [], "aot, train_step: config override "
-                                      "field.path=value; malloc: rounds=N, steps=N (repeatable).")
+                                      "field.path=value; recover, train_step, malloc: the "
+                                      "benchmark's own options, e.g. steps=N (repeatable).")
 
 
 def usage() -> str:

@@ -381,7 +381,10 @@ def load_file(spec: str) -> ml_collections.ConfigDict:
       f"_config_{os.path.basename(path)[:-3]}", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
-  config = module.get_config(variant) if variant else module.get_config()
+  try:
+    config = module.get_config(variant) if variant else module.get_config()
+  except ValueError as e:  # an unknown variant, in the config file's own words
+    raise ConfigError(str(e)) from None
   config.lock()
   return config
 

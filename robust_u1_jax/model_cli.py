@@ -31,9 +31,10 @@ class InputError(cli.Error):
 def define_model_flags(values: flags.FlagValues) -> None:
   """The flags that load a model."""
   flags.DEFINE_string(
-      "model", None, "BAGEL / Robust-U1 model directory (ema.safetensors or model.safetensors, "
-      "ae.safetensors, llm_config.json, vit_config.json, tokenizer files), an Orbax model "
-      "checkpoint (`convert`), or a stage's workdir (its model/).", flag_values=values)
+      "model", None, "BAGEL / Robust-U1 model directory (ema.safetensors, model.safetensors or "
+      "model_bf16.safetensors, ae.safetensors, llm_config.json, vit_config.json, tokenizer "
+      "files), an Orbax model checkpoint (`convert`), or a stage's workdir (its model/).",
+      flag_values=values)
   flags.DEFINE_enum("dtype", "float32", DTYPES,
                     "Parameter and compute dtype (bfloat16 halves the memory of a 7B model).",
                     flag_values=values)
@@ -138,6 +139,12 @@ def make_sampler(values: flags.FlagValues, steps: int):
   """The sampler of the flags; guidance not given is the model's (`guidance.json`)."""
   from robust_u1_jax.inference import recovery
 
+  if steps < 2:
+    raise InputError(f"--steps {steps}: a recovery takes at least 2 sampling steps")
+  if values.sde and steps < recovery.RELEASED_SDE_STEP + 2:
+    raise InputError(f"--sde --steps {steps}: the stochastic step is step "
+                     f"{recovery.RELEASED_SDE_STEP + 1} of the recovery's moves, so --sde needs "
+                     f"--steps >= {recovery.RELEASED_SDE_STEP + 2}")
   try:
     guidance = _beside_model(values.model, lambda path: recovery.Guidance.of_model(
         path, values.cfg_text, values.cfg_img))

@@ -136,6 +136,8 @@ CASES = {
                               ["{missing}.png", "No such file"]),
     "recover/1x1 image": ("recover", ["--model={workdir}", "--image={tiny}"],
                           ["{tiny}", "1 x 1 pixels"]),
+    "recover/--sde few steps": ("recover", ["--model={workdir}", "--image={good}", "--sde",
+                                            "--steps=3"], ["--sde --steps 3", "--steps >= 5"]),
     "recover/--out extension": ("recover", ["--model={workdir}", "--image={good}",
                                             "--out={root}/r.xyz"], ["--out {root}/r.xyz"]),
     # answer
@@ -172,6 +174,11 @@ CASES = {
     "bench/unknown benchmark": ("bench", ["nope"], ["got nope", "choose one of data"]),
     "bench/aot topology": ("bench", ["aot", "--topology=v9x-3"], ["--topology 'v9x-3'"]),
     "bench/aot memory": ("bench", ["aot", "--hbm_gib=-1"], ["--hbm_gib", "-1"]),
+    "bench/unknown variant": ("bench", ["data", f"--config={SFT[:-len(':tiny')]}:nosuch"],
+                              ["unknown variant 'nosuch'", "tiny"]),
+    "bench/recover topology": ("bench", ["recover", "--topology=cpu:abc"],
+                               ["--topology 'cpu:abc'", "cpu:N"]),
+    "bench/threads": ("bench", ["data", "--threads=-3"], ["--threads", "-3"]),
     # data.preview
     "preview/data folder missing": ("data.preview", [f"--config={SFT}",
                                                      "--config.data.source=folder",

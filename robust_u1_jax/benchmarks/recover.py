@@ -338,7 +338,10 @@ def run(*, seconds: float = 3.0, config: str = "", threads: int | None = None,
                      "mesh.data, mesh.fsdp, mesh.tensor")
   if topology:
     # The host side of an AOT compile is CPU-only; decided before any backend starts.
-    aot._ensure_host_backend(int(topology[4:]) if topology.startswith("cpu:") else 0)
+    count = topology[4:] if topology.startswith("cpu:") else "0"
+    if not count.isdigit():
+      raise SystemExit(f"recover: --topology {topology!r}: use cpu:N with N an integer")
+    aot._ensure_host_backend(int(count))
   results: dict[str, Any] = {}
   setup = load_setup(config)
   llm = setup.config.llm

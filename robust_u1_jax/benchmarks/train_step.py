@@ -58,7 +58,10 @@ def split_overrides(items: Sequence[str]) -> tuple[dict[str, int], dict[str, Any
   from robust_u1_jax.benchmarks import aot
 
   given = aot.parse_overrides(items)
-  options = {k: int(given.pop(k, v)) for k, v in OPTIONS.items()}
+  try:
+    options = {k: int(given.pop(k, v)) for k, v in OPTIONS.items()}
+  except (TypeError, ValueError) as e:
+    raise SystemExit(f"train_step: --override {', '.join(OPTIONS)} take integers ({e})") from None
   if min(options["steps"], options["batches"], options["recoveries"]) < 1 or (
       options["recovery_steps"] < 2):
     raise SystemExit(f"train_step: steps, batches and recoveries must be >= 1, recovery_steps "
