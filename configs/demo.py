@@ -299,7 +299,10 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   # SFT the same at 5 steps as at 20 (SSIM +0.0007 ± 0.0010, +0.0008 ± 0.0010). The eval part
   # took 146 s instead of 179 (Zen 4): its answers, not its recoveries, are most of it.
   c.eval.recovery_steps = 5
-  c.eval.max_new_tokens = 128
+  # Room for the world's longest answer (167 tokens; the reasoning stage's text_widths.answer):
+  # the README run's answers (TYPE none, 70 to 73 tokens) are the same at 128, a model that names
+  # the pipeline's degradations writes up to 167, and a cut answer loses its ANSWER field.
+  c.eval.max_new_tokens = 176
   # Guidance 1.5 / 1.5 for every recovery of the demo's model (RL's rollouts, the reasoning
   # stage's recoveries, the evaluations; written beside each model for `recover`, `answer` and
   # `evaluate`),

@@ -33,7 +33,9 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.cfg_text = config_dict.placeholder(float)
   c.cfg_img = config_dict.placeholder(float)
   c.batch_size = 32
-  c.max_new_tokens = 160  # the world's answers in the Robust-R1 format take about 100 tokens
+  # The world's longest answers in the Robust-R1 format (every combination of the pipeline's four
+  # degradations in TYPE and INFLUENCE) take 167 tokens; a cut answer loses its ANSWER field.
+  c.max_new_tokens = 176
   # The semantic similarity of recoveries: a CLIP checkpoint (open_clip or transformers naming).
   c.clip_checkpoint = ""
   c.clip_model = "vit_b32"  # vit_b32 | tiny

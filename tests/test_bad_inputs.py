@@ -278,3 +278,25 @@ def test_tracker_argument_checks():
     bad_records.SkipTracker(1.5)
   with pytest.raises(ValueError, match="min_seen"):
     bad_records.SkipTracker(0.1, min_seen=0)
+
+
+def test_an_image_too_narrow_for_the_robust_r1_degradations_is_a_bad_record():
+  """A 300 x 1000 photo under the tiny resize rule is 16 x 64: the pipeline's degradations need
+  sides of 32, so the record is counted as bad, not a crash of the run."""
+  from robust_u1_jax.data import corrupt_groups
+
+  rng = np.random.default_rng(0)
+  wide = {"image": rng.integers(0, 256, (16, 64, 3), np.uint8), "index": 3, "path": "wide.jpg"}
+  square = [{"image": rng.integers(0, 256, (64, 64, 3), np.uint8), "index": i,
+             "path": f"{i}.png"} for i in range(2)]
+  single = transforms.CorruptOnTheFly("robust_r1_pipeline", seed=0)
+  marker = single.map(wide)
+  assert bad_records.is_skip(marker) and marker["path"] == "wide.jpg"
+  assert "64 x 16 pixels after the resize rule" in marker[bad_records.SKIP]
+  # In a group, the others are corrupted as they would be alone.
+  group = corrupt_groups.CorruptGroup(single).map([square[0], wide, square[1]])
+  assert bad_records.is_skip(group[1]) and not any(map(bad_records.is_skip, group[::2]))
+  for out, alone in zip(group[::2], map(single.map, square)):
+    np.testing.assert_array_equal(out["corrupted"], alone["corrupted"])
+  # ImageNet-C corruptions take any size.
+  assert not bad_records.is_skip(transforms.CorruptOnTheFly("fog", 3, seed=0).map(wide))

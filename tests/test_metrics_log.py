@@ -76,3 +76,13 @@ def test_read_rows_keeps_each_steps_last_row_and_skips_a_cut_line(tmp_path):
   text = "\n".join(json.dumps(r) for r in rows[:3]) + '\n{"step": 30, "lo'
   path.write_text(text + "\n" + "\n".join(json.dumps(r) for r in rows[3:]) + "\n")
   assert metrics_log.read_rows(str(path)) == [rows[0], rows[3], rows[4], rows[5]]
+
+
+def test_the_last_step_is_written_whatever_the_cadence(tmp_path):
+  log = metrics_log.MetricsLogger(str(tmp_path), total_steps=5, every=2, tensorboard=False,
+                                  show_progress=False)
+  written = [log.log_step(s, {"loss": jnp.asarray(float(s))}, samples=1) for s in range(1, 6)]
+  log.close()
+  assert [row["step"] for row in metrics_log.read_rows(str(tmp_path / "metrics.jsonl"))] == [
+      2, 4, 5]
+  assert written[4]["loss"] == 5.0  # the last window: step 5 alone

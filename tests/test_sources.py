@@ -6,6 +6,7 @@ import base64
 import csv
 import io
 import json
+import os
 import pickle
 
 import numpy as np
@@ -311,3 +312,15 @@ def test_factory_errors():
     sources.make_source(_config("folder", ""))
   with pytest.raises(FileNotFoundError, match="does not exist"):
     sources.make_source(_config("jsonl", "/no/such/file.jsonl"))
+
+
+def test_image_folder_takes_the_formats_recover_takes(tmp_path):
+  from PIL import Image
+
+  for name in ("a.bmp", "b.GIF", "c.tiff", "d.tif", "e.webp"):
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(tmp_path / name)
+  (tmp_path / "notes.txt").write_text("x")
+  source = sources.ImageFolderSource(tmp_path)
+  assert len(source) == 5
+  assert sorted(os.path.basename(str(source[i]["path"])) for i in range(5)) == [
+      "a.bmp", "b.GIF", "c.tiff", "d.tif", "e.webp"]

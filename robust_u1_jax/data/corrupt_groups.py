@@ -48,6 +48,8 @@ class CorruptGroup(grain.transforms.Map):
 
   def _map(self, records: list[Any]) -> list[Any]:
     spec = self.single.spec
+    # Images the corruption cannot take become skip markers first (`CorruptOnTheFly.map`).
+    records = [self.single.map(r) if self._too_small(r) else r for r in records]
     plain = [i for i, r in enumerate(records)
              if not bad_records.is_skip(r) and "image" in r and "target_image" not in r]
     shapes = {np.shape(records[i]["image"]) for i in plain}
@@ -56,6 +58,11 @@ class CorruptGroup(grain.transforms.Map):
     if not shared:
       return [self.single.map(r) for r in records]
     return self._corrupt_together(records)
+
+  def _too_small(self, record: Any) -> bool:
+    return (not bad_records.is_skip(record) and "image" in record
+            and "target_image" not in record
+            and transforms.corruption_size_problem(record["image"], self.single.spec) is not None)
 
   def _corrupt_together(self, records: list[dict]) -> list[dict]:
     spec, seed = self.single.spec, self.single.seed

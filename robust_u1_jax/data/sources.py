@@ -8,7 +8,7 @@ Problems with the whole source (no such folder, no images in it, a table without
 column, an unknown TFDS dataset) raise at construction, naming the path and what is allowed.
 
   shapes       robust_u1_jax.data.shapes.ShapesWorld (rendered image, caption, questions)
-  folder       ImageFolderSource: *.jpg/*.jpeg/*.png/*.webp under a folder, recursively, sorted
+  folder       ImageFolderSource: the image files (IMAGE_EXTENSIONS) under a folder, recursively
   tfds         TfdsSource: any prepared TFDS dataset via tfds.data_source (ArrayRecord, no TF)
   jsonl        JsonlSource: Robust-R1 pairs {"prompt", "image", "target_image"}
   vqa_tsv      sources_vqa.VqaTsvSource: VLMEvalKit TSV with base64 images
@@ -29,14 +29,15 @@ from robust_u1_jax.data import shapes, sources_vqa
 from robust_u1_jax.data.bad_records import skip_record
 from robust_u1_jax.data.record_files import LazyFile, check_index, line_spans
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+# The formats the decoder reads, as `recover` takes them (a GIF: its first frame).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 PAIR_KEYS = ("prompt", "image", "target_image")
 
 
 # ---------------------------------------------------------------------------------------- folder
 
 class ImageFolderSource:
-  """Every *.jpg, *.jpeg, *.png, *.webp (any case) under `root`, recursively, sorted by path.
+  """Every image file (IMAGE_EXTENSIONS, any case) under `root`, recursively, sorted by path.
 
   Record: image_bytes, path, relpath (POSIX, relative to root), index.
   """

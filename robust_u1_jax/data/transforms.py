@@ -418,6 +418,19 @@ def corrupt_image(image: np.ndarray, spec: CorruptionSpec, seed: int, index: int
                "corruption_levels": [float(next(iter(level.values())))]}
 
 
+def corruption_size_problem(image: np.ndarray, spec: CorruptionSpec) -> str | None:
+  """Why `spec` cannot corrupt `image`, or None: the Robust-R1 degradations need sides of 32
+  pixels, which a long, narrow image can lack once the resize rule has shrunk it."""
+  from robust_u1_jax.data.corruptions import robust_r1_common
+
+  robust_r1 = spec.mode == "pipeline" or spec.name.startswith("robust_r1/")
+  h, w = np.shape(image)[:2]
+  if not robust_r1 or min(h, w) >= robust_r1_common.MIN_SIDE:
+    return None
+  return (f"{w} x {h} pixels after the resize rule: a side below the Robust-R1 degradations' "
+          f"smallest {robust_r1_common.MIN_SIDE}")
+
+
 class CorruptOnTheFly(grain.transforms.Map):
   """Adds 'clean', 'corrupted', 'corruption', 'corruption_steps', 'corruption_levels'.
 
@@ -442,7 +455,7 @@ class CorruptOnTheFly(grain.transforms.Map):
     out = dict(element)
     if "target_image" in out:
       if self.spec.mode != "none":
-        raise ValueError(
+        raise config_lib.ConfigError(
             f"record {out.get('path', '')!r} already holds a corrupted/clean pair "
             f"('image', 'target_image'), but data.corruption={self.spec.name or self.spec.mode!r}: "
             "set data.corruption='none' for paired data")
@@ -452,6 +465,9 @@ class CorruptOnTheFly(grain.transforms.Map):
     if "image" not in out:
       raise KeyError(f"CorruptOnTheFly needs a decoded 'image' in the record; it has "
                      f"{sorted(out)} (run DecodeImages first)")
+    problem = corruption_size_problem(out["image"], self.spec)
+    if problem:  # a bad record, counted like any other (bad_records)
+      return skip_record(problem, out.get("path"), out.get("index"))
     clean = out.pop("image")
     corrupted, info = corrupt_image(clean, self.spec, self.seed, int(out["index"]),
                                     int(out.get("epoch", 0)))

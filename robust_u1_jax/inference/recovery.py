@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from robust_u1_jax import sampling
+from robust_u1_jax import config_lib, sampling
 from robust_u1_jax.checkpoints.bagel_dir import GUIDANCE_FILE
 from robust_u1_jax.data import packing, sequence
 from robust_u1_jax.data import tokenizer as tokenizer_lib
@@ -169,7 +169,7 @@ def recovery_inputs(samples: Sequence[Mapping[str, Any]], config: bagel_lib.Bage
   sizes = sorted({(s["corrupted"].shape[:2], s.get("corrupted_vit", s["corrupted"]).shape[:2])
                   for s in samples})
   if len(sizes) > 1:
-    raise ValueError(
+    raise config_lib.ConfigError(
         f"recovery sampling batches images of one size, got (VAE, ViT) sizes {sizes}: for a "
         "source of many sizes set data.crop_square=True and data.vae_min_side = "
         "data.vae_max_side (the RL stage), or precompute recoveries (the reasoning stage's "

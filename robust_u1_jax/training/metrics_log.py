@@ -84,6 +84,7 @@ class MetricsLogger:
                tensorboard: bool = True, step_flops: float | None = None,
                show_progress: bool = True):
     self.every = every
+    self.total_steps = total_steps
     self.is_writer = jax.process_index() == 0
     self.writer = None
     if tensorboard and self.is_writer:
@@ -103,7 +104,8 @@ class MetricsLogger:
 
   def log_step(self, step: int, metrics: Mapping[str, jax.Array], *, samples: int,
                tokens: int = 0, model_flops: float | None = None) -> dict[str, float] | None:
-    """Records one step; every `every` steps writes the averaged window and returns it.
+    """Records one step; every `every` steps, and at the run's last, writes the averaged window
+    and returns it.
 
     `model_flops`: the model FLOPs of this process's rows of the step
     (`flops.step_flops(...)['total']`); the written window sums them over processes.
@@ -112,7 +114,7 @@ class MetricsLogger:
     if model_flops:
       self._model_flops.append(model_flops)
     self.bar.update(1)
-    if step % self.every:
+    if step % self.every and step != self.total_steps:  # the last window too, however short
       return None
     host = jax.device_get(self._window)
     row = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
