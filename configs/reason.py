@@ -18,8 +18,6 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   r.recovered_images = "on_the_fly"  # on_the_fly | cache
   r.recovery_cache = ""  # directory written by `python -m robust_u1_jax.recover --cache`
   r.recovery_steps = 20
-  r.max_answer_tokens = 96
-  r.temperature = 0.3
   if variant == "tiny":
     c.model = "tiny"
     c.init_from = ""  # the RL (or SFT) checkpoint of the tiny model

@@ -97,6 +97,31 @@ def test_abstract_and_real_models_agree_and_a_workdir_gives_its_model_config(tmp
                                 saved.llm2vae.kernel.get_value())
 
 
+def test_a_bagel_directory_gives_the_config_its_weights_load_with(tmp_path, random_bagel):
+  """BAGEL's llm_config.json leaves out QK-norm and the generation expert (its code sets them):
+  the run's model config settles them from the tensors' names, as loading the weights does, and
+  takes the image-side fields of a directory this project wrote (robust_u1_config.json)."""
+  from robust_u1_jax.checkpoints import bagel_dir
+  from robust_u1_jax.data import tokenizer as tl
+
+  tok = tl.load_tokenizer()
+  source = random_bagel(bagel.BagelConfig.tiny(vocab_size=len(tok)))
+  path = str(tmp_path / "bagel")
+  bagel_dir.save_model_dir(source, path, tokenizer_dir=tl.default_tokenizer_dir())
+  llm_json = os.path.join(path, bagel_dir.LLM_CONFIG)
+  with open(llm_json) as f:
+    values = json.load(f)
+  del values["qk_norm"]  # as BAGEL's own file
+  values.pop("layer_module", None)
+  with open(llm_json, "w") as f:
+    json.dump(values, f)
+  config = config_lib.load(SFT, {**SMALL, "init_from": path})
+  read = run_setup.model_config(config, tok)
+  assert read == bagel_dir.load_model_dir(path).config
+  assert read.llm.qk_norm == source.config.llm.qk_norm and read.llm.mot == source.config.llm.mot
+  assert read.max_latent_size == source.config.max_latent_size
+
+
 def test_a_model_continues_with_the_tokenizer_it_was_saved_with(tmp_path):
   """A stage started from a model reads its text with the tokenizer saved beside it, and writes
   that one on with its own model (the built-in one is rebuilt from the world's texts, so an older

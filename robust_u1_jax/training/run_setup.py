@@ -68,7 +68,11 @@ def model_config(config: ml_collections.ConfigDict, tokenizer) -> bagel_lib.Bage
   if orbax_io.is_orbax_model(source):
     return orbax_io.read_orbax_config(source, **_overrides(config))
   if os.path.isfile(os.path.join(source, bagel_dir.LLM_CONFIG)):
-    return bagel_lib.BagelConfig.from_model_dir(source, **_overrides(config))
+    # As the weights will be read (`bagel_dir.load_model_dir`): BAGEL's llm_config.json leaves
+    # out QK-norm and the generation expert, which its tensors' names settle, and a directory
+    # this project wrote adds its image-side fields in robust_u1_config.json.
+    keys = bagel_dir.open_model_files(source).keys()
+    return bagel_dir.read_config(source, keys=keys, **_overrides(config))
   raise FileNotFoundError(
       f"init_from={config.init_from!r} is neither 'random', a BAGEL model directory "
       f"({bagel_dir.LLM_CONFIG}, ...), an Orbax model checkpoint ({orbax_io.CONFIG}, "
