@@ -83,6 +83,7 @@ BAD_INPUT_TYPES = (
     "robust_u1_jax.cli.Error",
     "robust_u1_jax.config_lib.ConfigError",
     "robust_u1_jax.checkpoints.key_table.CheckpointError",
+    "robust_u1_jax.checkpoints.bagel_dir.SideFileError",
     "robust_u1_jax.training.checkpoint.UnreadableCheckpoints",
     "robust_u1_jax.inference.engine.ModelError",
     "robust_u1_jax.data.transforms.BadImageError",

@@ -81,9 +81,9 @@ def run(image_path: str, name: str, out_path: str, *, severity=None, intensity=N
                     ) from None
   cli.output_file(out_path, "--out", image=True)
   notes: list[str] = []
-  side = smallest_side(qualified, min_side)
-  setting = "--min_side" if side == smallest_side("", min_side) else \
-      f"the Robust-R1 degradations' own, above --min_side {smallest_side('', min_side)}"
+  side, asked = smallest_side(qualified, min_side), smallest_side("", min_side)
+  setting = ("--min_side" if side == asked
+             else f"the Robust-R1 degradations' own, above --min_side {asked}")
   image = transforms.read_image(image_path, min_side=side, notes=notes, setting=setting)
   for note in notes:
     (say or print)(f"note: {image_path}: {note}")

@@ -176,6 +176,20 @@ def test_bad_input_is_one_error_line_and_status_2(capsys, cli, case, model_dir, 
   assert not os.listdir(tmp_path) and not out
 
 
+def test_damaged_side_files_are_bad_inputs_wherever_they_are_read(tmp_path):
+  """The readers themselves raise the bad-input type, so `recover`, `answer`, `evaluate` and the
+  engine all report one line naming the file."""
+  from robust_u1_jax import cli as cli_lib
+  from robust_u1_jax.inference import images, recovery
+
+  (tmp_path / "image_rules.json").write_text("5")
+  (tmp_path / "guidance.json").write_text('{"text_scale": ')
+  for read in (images.ImageRules.for_model_dir, recovery.Guidance.for_model_dir):
+    with pytest.raises(ValueError) as e:
+      read(str(tmp_path))
+    assert cli_lib.is_bad_input(e.value) and str(e.value).startswith(str(tmp_path)), e.value
+
+
 def test_sampler_guidance_is_the_model_s_unless_given(tmp_path):
   """A trained model's directory holds the guidance it was trained and evaluated with; the
   flags given override it, BAGEL's 4 / 2 stand in for a model without one."""

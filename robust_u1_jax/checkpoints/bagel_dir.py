@@ -69,6 +69,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 # guidance. Conversions carry them along (`copy_side_files`).
 RULES_FILE = "image_rules.json"
 GUIDANCE_FILE = "guidance.json"
+
+
+class SideFileError(ValueError):
+  """A model's RULES_FILE or GUIDANCE_FILE that cannot be read: the message names the file."""
 LATENT_POS_KEY = "latent_pos_embed.pos_embed"
 VIT_POS_KEY = "vit_pos_embed.pos_embed"
 # Keys a checkpoint may carry that the model rebuilds itself.

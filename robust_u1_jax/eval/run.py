@@ -38,11 +38,8 @@ def _clip_similarity(c: ml_collections.ConfigDict):
 
 def _evaluator(engine, c, clip_similarity, model: str) -> evaluation.Evaluator:
   """`model`'s evaluator: its own guidance unless the config gives the scales."""
-  try:
-    guidance = recovery_lib.Guidance.of_model(engine_lib.resolve_model_dir(model), c.cfg_text,
-                                              c.cfg_img)
-  except ValueError as e:  # a damaged guidance.json, named in the message
-    raise engine_lib.ModelError(str(e)) from None
+  guidance = recovery_lib.Guidance.of_model(engine_lib.resolve_model_dir(model), c.cfg_text,
+                                            c.cfg_img)
   return evaluation.Evaluator(engine, recovery_steps=c.recovery_steps, batch_size=c.batch_size,
                               max_new_tokens=c.max_new_tokens, seed=c.seed, guidance=guidance,
                               clip_similarity=clip_similarity)

@@ -101,10 +101,7 @@ class Engine:
     tokenizer = load_tokenizer(model_dir, tokenizer_dir)
     model = orbax_io.load_pretrained(model_dir, mesh=mesh, dtype=jnp.dtype(dtype),
                                      param_dtype=jnp.dtype(dtype), progress=progress)
-    try:
-      rules = images_lib.ImageRules.for_model_dir(model_dir)
-    except ValueError as e:  # a damaged image_rules.json, named in the message
-      raise ModelError(str(e)) from None
+    rules = images_lib.ImageRules.for_model_dir(model_dir)
     check_rules_fit(rules, model.config, model_dir)
     return cls.from_model(model, tokenizer, rules, mesh)
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from robust_u1_jax import pixels
-from robust_u1_jax.checkpoints.bagel_dir import RULES_FILE
+from robust_u1_jax.checkpoints.bagel_dir import RULES_FILE, SideFileError
 from robust_u1_jax.data import transforms
 
 
@@ -64,7 +64,7 @@ class ImageRules:
       return cls.from_dict(values, source=file)
     except (TypeError, ValueError) as e:
       message = str(e)
-      raise ValueError(message if message.startswith(file) else f"{file}: {message}") from None
+      raise SideFileError(message if message.startswith(file) else f"{file}: {message}") from None
 
   def save(self, path: str) -> None:
     with open(os.path.join(path, RULES_FILE), "w") as f:

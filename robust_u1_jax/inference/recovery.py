@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from robust_u1_jax import config_lib, sampling
-from robust_u1_jax.checkpoints.bagel_dir import GUIDANCE_FILE
+from robust_u1_jax.checkpoints.bagel_dir import GUIDANCE_FILE, SideFileError
 from robust_u1_jax.data import packing, sequence
 from robust_u1_jax.data import tokenizer as tokenizer_lib
 from robust_u1_jax.inference import context as context_lib
@@ -77,7 +77,7 @@ class Guidance:
         raise ValueError(f"a JSON {type(values).__name__}, not an object of guidance fields")
       return cls(**{k: tuple(v) if k == "interval" else v for k, v in values.items()})
     except (TypeError, ValueError) as e:
-      raise ValueError(f"{file}: {e}") from None
+      raise SideFileError(f"{file}: {e}") from None
 
   def save(self, path: str) -> None:
     with open(os.path.join(path, GUIDANCE_FILE), "w") as f:
