@@ -27,7 +27,7 @@
 #      also on the terminal. With --detach the trainers run on under nohup (closing this terminal
 #      does not stop them) and log to ~/robust_u1_jax/logs/worker_<i>.log on each worker.
 #   Ctrl-C here, or `--stop` later, sends SIGTERM to every trainer: each saves a checkpoint and
-#   exits; the same command resumes.
+#   exits (this script returns when they have); the same command resumes.
 #
 # The workdir (and init_from) must be one shared path on every worker (a Filestore NFS mount, or
 # a bucket mounted with gcsfuse): all hosts write the checkpoint together, process 0 the logs.
@@ -262,10 +262,19 @@ if ((detach)); then
 fi
 trap 'stop' INT TERM
 echo "launch/tpu_pod.sh: logs in $logs/worker_<i>.log" >&2
+# Polled, not `wait`ed in turn: a signal cuts `wait` short, and the script must not return before
+# the trainers have saved their checkpoint.
 status=0
-for pid in "${pids[@]}"; do
-  code=0
-  wait "$pid" || code=$?
-  ((code == 0 || status != 0)) || status=$code
+running=("${pids[@]}")
+while ((${#running[@]})); do
+  sleep 1
+  still=()
+  for pid in "${running[@]}"; do
+    if kill -0 "$pid" 2>/dev/null; then still+=("$pid"); continue; fi
+    code=0
+    wait "$pid" || code=$?
+    ((code == 0 || status != 0)) || status=$code
+  done
+  running=("${still[@]}")
 done
 exit "$status"

@@ -4,6 +4,7 @@
 import json
 import os
 import shlex
+import signal
 import stat
 import subprocess
 import sys
@@ -20,10 +21,18 @@ TRAIN = ["--config", "configs/sft.py:tiny", "--workdir", "/shared/runs/sft",
 TPU_ARGS = ["--name", "robust-u1", "--zone", "us-east5-a", "--accelerator", "v5p-32"]
 
 # A stand-in interpreter: records its arguments and the launch environment as JSON, one file per
-# process, then exits with FAKE_EXIT (or sleeps FAKE_SLEEP seconds first).
+# process, then exits with FAKE_EXIT (or sleeps FAKE_SLEEP seconds first). Given FAKE_SAVE_S, it
+# answers SIGTERM as the trainer does: "saves" for that long, writes <name>.saved, exits 0.
+# (FAKE_EXIT_, FAKE_SLEEP_ and FAKE_SAVE_S_ end in the process's or worker's number.)
 FAKE_PYTHON = r"""#!/usr/bin/env python3
-import json, os, sys, time
+import json, os, signal, sys, time
 name = os.environ.get("JAX_PROCESS_ID") or os.environ.get("FAKE_WORKER") or "0"
+if os.environ.get("FAKE_SAVE_S_" + name):
+  def save_and_exit(signum, frame):
+    time.sleep(float(os.environ["FAKE_SAVE_S_" + name]))
+    open(os.path.join(os.environ["FAKE_OUT"], name + ".saved"), "w").close()
+    sys.exit(0)
+  signal.signal(signal.SIGTERM, save_and_exit)
 if sys.argv[1:3] == ["-m", "pip"]:
   name = "pip_" + name
 keys = ("JAX_", "XLA_", "LIBTPU_", "ROBUST_U1_", "TPU_", "HOME", "PYTHONPATH")
@@ -267,6 +276,34 @@ def test_tpu_pod_creates_installs_and_runs_on_every_worker(tmp_path, fakes):
   assert result.returncode == 4
   assert "reusing TPU robust-u1" in result.stdout
   assert (tmp_path / "gcloud.log").read_text().count("tpu-vm create") == 1
+
+
+def test_tpu_pod_ctrl_c_returns_after_every_trainer_has_saved(tmp_path, fakes):
+  bin_dir, out = fakes
+  _script(bin_dir / "gcloud", FAKE_GCLOUD)
+  (tmp_path / "created").touch()  # the slice exists
+  env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_ROOT": str(tmp_path),
+         "FAKE_HOSTS": "2", "FAKE_OUT": str(out), "FAKE_SLEEP_0": "120", "FAKE_SLEEP_1": "120",
+         # Worker 0 saves for longer than worker 1.
+         "FAKE_SAVE_S_0": "4", "FAKE_SAVE_S_1": "1"}
+  for i in (0, 1):
+    (tmp_path / f"worker_{i}" / "robust_u1_jax").mkdir(parents=True)
+  # To files, not pipes: the workers' tee holds a pipe open after the script exits.
+  with open(tmp_path / "stderr", "w") as err:
+    proc = subprocess.Popen([TPU, *TPU_ARGS, "--no_install", "--logs", str(tmp_path / "logs"),
+                             "--", *TRAIN], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=err)
+  deadline = time.time() + 60
+  while not all((out / f"{i}.json").exists() for i in (0, 1)) and time.time() < deadline:
+    time.sleep(0.1)
+  time.sleep(0.5)  # the fakes' SIGTERM handlers are set before they record
+  proc.send_signal(signal.SIGINT)  # Ctrl-C
+  proc.wait(timeout=60)
+  stderr = (tmp_path / "stderr").read_text()
+  assert "asking every trainer to save and stop" in stderr
+  # Both trainers were still saving when the signal came: the script waited for them.
+  assert sorted(p.name for p in out.glob("*.saved")) == ["0.saved", "1.saved"], stderr
+  assert proc.returncode == 0
 
 
 def test_gpu_slurm_dry_run(tmp_path):

@@ -10,11 +10,15 @@ gradients' sum over the 8 devices is added in another order by gloo across proce
 one process, so they agree to float32 rounding (measured: losses within 1e-7; parameters within
 3e-9 but for a few entries of about 3e-7, see ARRAY_ATOL). Reading other rows, or drawing other
 noise or dropout, would move the losses by about 1e-2 and the parameters by about lr = 1e-4.
+
+A SIGTERM to one process of the pair stops both after one step, saved together (as a preemption
+notice that reaches one host of a pod first).
 """
 
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -81,13 +85,12 @@ def _env(devices: int, process_id: int | None = None, num_processes: int = 1, po
   return env
 
 
-def _run(tmp_path, config: str, overrides: dict):
-  """Starts the reference (1 process x 8 devices) and the pair (2 x 4) side by side; returns
-  (reference, pair), each {"meta": worker JSON, "arrays": restored arrays}."""
+def _start(tmp_path, config: str, overrides: dict, runs: dict) -> list:
+  """Starts the runs' workers ({name: [(devices, process_id, process_count)]}) side by side;
+  returns [(log path, log file, Popen)], in the runs' order."""
   args = [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
   config = os.path.join(ROOT, "configs", config)
   port = _free_port()
-  runs = {"one": [(8, None, 1)], "two": [(4, 0, 2), (4, 1, 2)]}
   procs = []
   for name, members in runs.items():
     for devices, process_id, count in members:
@@ -97,7 +100,12 @@ def _run(tmp_path, config: str, overrides: dict):
       procs.append((log.name, log, subprocess.Popen(
           command, cwd=ROOT, env=_env(devices, process_id, count, port), stdout=log,
           stderr=subprocess.STDOUT)))
-  deadline = time.time() + TIMEOUT_S
+  return procs
+
+
+def _wait(procs: list, timeout_s: float) -> None:
+  """Waits for every worker to exit 0; fails with the first failed one's log otherwise."""
+  deadline = time.time() + timeout_s
   failed = []
   try:
     for path, log, proc in procs:
@@ -119,13 +127,21 @@ def _run(tmp_path, config: str, overrides: dict):
     with open(path) as f:
       tail = f.read()[-6000:]
     pytest.fail(f"{os.path.basename(path)} ended with {code}:\n{tail}")
-  out = {}
-  for name in runs:
-    with open(tmp_path / f"{name}.json") as f:
-      meta = json.load(f)
-    with np.load(tmp_path / f"{name}.npz") as arrays:
-      out[name] = {"meta": meta, "arrays": dict(arrays)}
-  return out["one"], out["two"]
+
+
+def _result(tmp_path, name: str) -> dict:
+  with open(tmp_path / f"{name}.json") as f:
+    meta = json.load(f)
+  with np.load(tmp_path / f"{name}.npz") as arrays:
+    return {"meta": meta, "arrays": dict(arrays)}
+
+
+def _run(tmp_path, config: str, overrides: dict):
+  """Starts the reference (1 process x 8 devices) and the pair (2 x 4) side by side; returns
+  (reference, pair), each {"meta": worker JSON, "arrays": restored arrays}."""
+  runs = {"one": [(8, None, 1)], "two": [(4, 0, 2), (4, 1, 2)]}
+  _wait(_start(tmp_path, config, overrides, runs), TIMEOUT_S)
+  return _result(tmp_path, "one"), _result(tmp_path, "two")
 
 
 def _assert_same_run(one, two, total_steps, *, metric_rtol, metric_atol, array_atol):
@@ -169,3 +185,31 @@ def test_rl_on_two_processes_equals_one_process(tmp_path):
   # mean are sums that cancel to about 1e-7: their rounding is absolute.
   _assert_same_run(one, two, RL["total_steps"], metric_rtol=1e-4, metric_atol=1e-6,
                    array_atol=ARRAY_ATOL)
+
+
+def test_a_signal_to_one_process_stops_every_process_at_one_step(tmp_path):
+  # As when a scheduler preempts one host of a pod first: process 1 alone gets SIGTERM. Stopping
+  # alone, it would wait in the collective checkpoint save while process 0 steps on (a hang).
+  overrides = {**COMMON, "total_steps": 100_000, "checkpoint_every": 100_000,
+               "eval_every": 100_000}
+  procs = _start(tmp_path, "sft.py:tiny", overrides, {"two": [(4, 0, 2), (4, 1, 2)]})
+  metrics = tmp_path / "two" / "work" / "metrics.jsonl"
+  deadline = time.time() + TIMEOUT_S
+  while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+    if time.time() > deadline or any(proc.poll() is not None for _, _, proc in procs):
+      _wait(procs, 0)  # fails with the log of the one that ended
+      pytest.fail("the pair neither logged 3 steps nor ended")
+    time.sleep(0.5)
+  signalled_after = len(metrics.read_text().splitlines())
+  procs[1][2].send_signal(signal.SIGTERM)
+  _wait(procs, 600)
+  stops = []
+  for path, _, _ in procs:
+    with open(path) as f:
+      stops += re.findall(r"stopped at step (\d+)", f.read())
+  assert len(stops) == 2 and stops[0] == stops[1], stops
+  two = _result(tmp_path, "two")["meta"]
+  stop = int(stops[0])
+  assert stop >= signalled_after
+  assert two["restored_step"] == stop and two["data_state"]
+  assert [r["step"] for r in two["history"]] == list(range(1, stop + 1))

@@ -195,10 +195,12 @@ class JsonlSource:
 
     try:
       raw = self._file.read(int(self.offsets[i]), int(self.lengths[i]))
-      row = json.loads(raw)
+      row = json.loads(raw.strip())  # without its newline: an error's column is in the row
     except OSError as e:
       return skip(f"unreadable ({e.strerror or e})")
-    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+    except json.JSONDecodeError as e:  # not str(e): its "line 1" would count within the row
+      return skip(f"bad JSON: {e.msg} at column {e.colno}")
+    except ValueError as e:  # UnicodeDecodeError
       return skip(f"bad JSON: {e}")
     if not isinstance(row, dict):
       return skip(f"a JSON {type(row).__name__}, not an object with keys "

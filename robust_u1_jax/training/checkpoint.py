@@ -1,7 +1,10 @@
 """Checkpoints of a training run: train state, data iterator position and run metadata, via Orbax.
 
 - Saves are asynchronous (training continues while arrays are written) every `every` steps, and on
-  SIGTERM/SIGINT at the end of the current step, so a preempted TPU job loses nothing.
+  SIGTERM/SIGINT at the end of a step, so a preempted TPU job loses nothing. With several
+  processes the stop goes through JAX's preemption service: a signal to any one process stops
+  them all at one agreed step (`should_stop`), as the collective save needs; a process that
+  stopped alone would wait in the save for peers still stepping.
 - The data iterator's state is saved next to the train state, one JSON file per process (through
   Grain's Orbax handler), so a resumed run reads exactly the batches an uninterrupted one would.
 - Restoring places every array onto the current mesh (the target's shardings), so a run can resume
@@ -56,20 +59,51 @@ class Checkpointer:
                        "data": grain_checkpoint.CheckpointHandler(),
                        "meta": ocp.JsonCheckpointHandler()})
     self.stop_requested = False
+    self._synced = False  # the stop agreed through JAX's preemption service (several processes)
     self._previous_handlers = {}
 
   # -- preemption ---------------------------------------------------------------------------------
 
   def install_signal_handlers(self) -> None:
-    """SIGTERM (preemption) and SIGINT ask for a save and a clean stop after the current step."""
+    """SIGTERM (preemption) and SIGINT ask for a save and a clean stop (`should_stop`).
+
+    One process: both set `stop_requested`. Several: SIGTERM is left to JAX's preemption
+    notifier (jax.distributed installs it), which tells every process; SIGINT is turned into a
+    SIGTERM to this process, so a Ctrl-C on one host stops the pod the same way."""
+    self._synced = _preemption_service_running()
+    if jax.process_count() > 1 and not self._synced:
+      logging.warning("JAX's preemption service is off (jax_enable_preemption_service): a signal "
+                      "to only some processes stops them at different steps")
+
     def request_stop(signum, frame):
       del frame
       logging.warning("signal %d received: saving a checkpoint after this step, then stopping",
                       signum)
       self.stop_requested = True
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      self._previous_handlers[sig] = signal.signal(sig, request_stop)
+    def forward_to_preemption_service(signum, frame):
+      del frame
+      logging.warning("signal %d received: every process saves a checkpoint at the same step, "
+                      "then stops", signum)
+      os.kill(os.getpid(), signal.SIGTERM)
+
+    if self._synced:
+      handlers = {signal.SIGINT: forward_to_preemption_service}
+    else:
+      handlers = {signal.SIGTERM: request_stop, signal.SIGINT: request_stop}
+    for sig, handler in handlers.items():
+      self._previous_handlers[sig] = signal.signal(sig, handler)
+
+  def should_stop(self, step: int) -> bool:
+    """Whether the run saves and stops after `step`. Call once per step on every process: with
+    several processes it is their agreement (the step after the newest any had reached when the
+    signal came), the same step on each."""
+    if self._synced:
+      from jax.experimental import multihost_utils
+
+      self.stop_requested = self.stop_requested or \
+          multihost_utils.reached_preemption_sync_point(step)
+    return self.stop_requested
 
   def restore_signal_handlers(self) -> None:
     for sig, handler in self._previous_handlers.items():
@@ -148,6 +182,13 @@ class Checkpointer:
 
       multihost_utils.sync_global_devices(f"checkpoint:move_aside:{self.directory}")
     self.manager.reload()
+
+
+def _preemption_service_running() -> bool:
+  """Whether this is one of several processes whose jax.distributed runs the preemption service
+  (it starts with jax.distributed.initialize while jax_enable_preemption_service is on)."""
+  return (jax.process_count() > 1 and jax.distributed.is_initialized()
+          and bool(jax.config.jax_enable_preemption_service))
 
 
 class UnreadableCheckpoints(RuntimeError):

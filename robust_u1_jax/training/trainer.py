@@ -111,11 +111,11 @@ def train(config: ml_collections.ConfigDict, workdir: str,
           columns, eval_metrics = spec.evaluate(*plain_model_state(graphdef, state))
           log.log_eval(step, eval_metrics, metrics_log.image_grid(columns),
                        os.path.join(workdir, "images", f"step_{step:07d}.png"))
-        if step % config.checkpoint_every == 0 or ckpt.stop_requested or \
-            step == config.total_steps:
+        stop = ckpt.should_stop(step)
+        if step % config.checkpoint_every == 0 or stop or step == config.total_steps:
           checkpoint_lib.check_finite(step, jax.device_get(metrics))
           ckpt.save(step, state, data, {**meta, "step": step}, force=True)
-        if ckpt.stop_requested:
+        if stop:
           print(f"stopped at step {step}; checkpoint saved in {ckpt.directory}", flush=True)
           break
         if step < config.total_steps:
