@@ -37,6 +37,8 @@ die() {
 is_int() { [[ "$1" =~ ^[1-9][0-9]*$ ]]; }
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=launch/processes.sh
+source "$ROOT/launch/processes.sh"
 processes=1 devices="" backend=auto port=12355 cache="${HOME}/.cache/robust_u1_jax/jit"
 logs="" python="${PYTHON:-python3}" dry_run=0
 while (($#)); do
@@ -149,23 +151,10 @@ for ((i = 0; i < processes; i++)); do
   pids+=("$!")
 done
 echo "launch/local.sh: ${#pids[@]} process(es) started, logs in $logs" >&2
-status=0
-running=("${pids[@]}")
-while ((${#running[@]})); do
-  sleep 1
-  still=()
-  for pid in "${running[@]}"; do
-    if kill -0 "$pid" 2>/dev/null; then still+=("$pid"); continue; fi
-    code=0
-    wait "$pid" || code=$?
-    if ((code != 0 && status == 0)); then
-      status=$code
-      if ((${#pids[@]} > 1)); then
-        echo "launch/local.sh: process $pid failed ($code); stopping the others" >&2
-        stop
-      fi
-    fi
-  done
-  running=("${still[@]}")
-done
-exit "$status"
+stop_the_others() {
+  if ((${#pids[@]} > 1)); then
+    echo "launch/local.sh: process $1 failed ($2); stopping the others" >&2
+    stop
+  fi
+}
+wait_all stop_the_others "${pids[@]}" || exit $?

@@ -80,6 +80,8 @@ is_int() { [[ "$1" =~ ^[1-9][0-9]*$ ]]; }
 quote() { printf '%q ' "$@" | sed 's/ $//'; }
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=launch/processes.sh
+source "$ROOT/launch/processes.sh"
 name="" zone="" accelerator="" project="" version="" spot=0 cache="~/.cache/robust_u1_jax/jit"
 logs="" libtpu_args="$LIBTPU_DEFAULT" workers="" install=1 detach=0 stop_job=0 dry_run=0
 while (($#)); do
@@ -262,19 +264,4 @@ if ((detach)); then
 fi
 trap 'stop' INT TERM
 echo "launch/tpu_pod.sh: logs in $logs/worker_<i>.log" >&2
-# Polled, not `wait`ed in turn: a signal cuts `wait` short, and the script must not return before
-# the trainers have saved their checkpoint.
-status=0
-running=("${pids[@]}")
-while ((${#running[@]})); do
-  sleep 1
-  still=()
-  for pid in "${running[@]}"; do
-    if kill -0 "$pid" 2>/dev/null; then still+=("$pid"); continue; fi
-    code=0
-    wait "$pid" || code=$?
-    ((code == 0 || status != 0)) || status=$code
-  done
-  running=("${still[@]}")
-done
-exit "$status"
+wait_all "" "${pids[@]}" || exit $?

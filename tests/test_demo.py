@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -152,6 +153,19 @@ def test_a_workdir_of_another_variant_is_refused_before_anything_runs(tmp_path, 
   os.rename(workdir, moved)
   assert demo.run(quick, moved) is None  # the fake trainer writes no checkpoint: it stops
   assert ran == [os.path.join(moved, "vae")]
+
+
+def test_several_processes_are_refused_before_anything_runs(tmp_path, monkeypatch):
+  # As under launch/local.sh --processes 2: the bootstrap parts write their models from one host.
+  from robust_u1_jax.training import trainer
+
+  ran = []
+  monkeypatch.setattr(trainer, "train", lambda c, workdir, build: ran.append(workdir))
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  quick = config_lib.load_file(os.path.join(ROOT, "configs", "demo.py:quick"))
+  with pytest.raises(config_lib.ConfigError, match="runs in one process, here 2"):
+    demo.run(quick, str(tmp_path / "demo"))
+  assert ran == [] and not os.path.exists(tmp_path / "demo")
 
 
 def test_the_evaluation_runs_again_for_other_settings_or_models(tmp_path, monkeypatch, capsys):

@@ -15,11 +15,10 @@ from robust_u1_jax.training import metrics_log
 def test_windows_are_averaged_and_written(tmp_path):
   log = metrics_log.MetricsLogger(str(tmp_path), total_steps=4, every=2, step_flops=1e9,
                                   show_progress=False)
-  assert log.log_step(1, {"loss": jnp.asarray(1.0)}, samples=8, tokens=100) is None
-  row = log.log_step(2, {"loss": jnp.asarray(3.0)}, samples=8, tokens=100)
+  assert log.log_step(1, {"loss": jnp.asarray(1.0)}, samples=8) is None
+  row = log.log_step(2, {"loss": jnp.asarray(3.0)}, samples=8)
   assert row["loss"] == 2.0
-  assert row["samples_per_s"] > 0
-  assert row["tokens_per_s"] == pytest.approx(row["samples_per_s"] * 100 / 8)
+  assert row["samples_per_s"] == pytest.approx(8 * row["steps_per_s"])
   assert row["tflops_per_device"] > 0
   log.log_images(2, "grid", np.zeros((8, 8, 3)), path=str(tmp_path / "g" / "grid.png"))
   log.close()
@@ -86,3 +85,13 @@ def test_the_last_step_is_written_whatever_the_cadence(tmp_path):
   assert [row["step"] for row in metrics_log.read_rows(str(tmp_path / "metrics.jsonl"))] == [
       2, 4, 5]
   assert written[4]["loss"] == 5.0  # the last window: step 5 alone
+
+
+def test_packed_rows_count_the_samples_they_hold(tmp_path):
+  # 8 rows a step, packing 13 and then 19 samples: 16 samples a step, not 8.
+  log = metrics_log.MetricsLogger(str(tmp_path), total_steps=2, every=2, tensorboard=False,
+                                  show_progress=False)
+  log.log_step(1, {"loss": jnp.asarray(1.0)}, samples=8, process_samples=13)
+  row = log.log_step(2, {"loss": jnp.asarray(1.0)}, samples=8, process_samples=19)
+  log.close()
+  assert row["samples_per_s"] == pytest.approx(16 * row["steps_per_s"])

@@ -86,6 +86,14 @@ def test_sft_lowers_its_loss(tmp_path):
   assert "mfu" not in history[-1]
 
 
+def test_packed_rows_log_the_samples_they_hold(tmp_path):
+  # A 400-token budget packs 3 tiny SFT samples into each of the 8 rows.
+  history = trainer.train(_config(2, **{"data.token_budget": 400}),
+                          str(tmp_path), sft.build)
+  for row in history:
+    assert row["samples_per_s"] == pytest.approx(24 * row["steps_per_s"])
+
+
 @pytest.mark.slow
 def test_evaluation_scores_its_own_images_whatever_the_batch(tmp_path):
   """The evaluation recovers the first EVAL_IMAGES validation samples, more than the training batch

@@ -87,9 +87,17 @@ def minutes_to_go(reference: Mapping[str, float], timed: Mapping[str, float],
 def run(config: ml_collections.ConfigDict, workdir: str) -> str | None:
   """Runs (or resumes) every part; returns the evaluation report's path, or None when a part was
   stopped (SIGINT or SIGTERM: its checkpoint saved, the later parts not started)."""
+  import jax
+
   from robust_u1_jax.eval import run as eval_run
   from robust_u1_jax.training import checkpoint, stages, trainer
 
+  if jax.process_count() > 1:
+    # Its bootstrap parts gather and write their models from one host.
+    raise config_lib.ConfigError(
+        f"configs/demo.py runs in one process, here {jax.process_count()}: run it without "
+        "launch/local.sh --processes (the stages' own configs, configs/sft.py and the others, "
+        "train on several)")
   os.makedirs(workdir, exist_ok=True)
   configs = {part: part_config(config, part, workdir) for part in PARTS}
   check_parts_match(configs, workdir)

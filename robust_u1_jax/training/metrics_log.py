@@ -1,7 +1,7 @@
 """What a training run reports: TensorBoard events, a summary line every N steps, a progress bar
 with ETA, throughput and image grids at evaluation steps.
 
-Throughput: samples/s (tokens/s where a caller counts tokens); `model_tflops_per_step`, the
+Throughput: samples/s (packed rows: the samples they hold); `model_tflops_per_step`, the
 step's useful work (`flops.py`: each token through its own expert, the attention the mask allows,
 the backward the trainable set needs) and `mfu`, that work per second against the devices' peak;
 `tflops_per_device` and `compiled_util` from the compiled step's cost analysis, which counts
@@ -98,21 +98,23 @@ class MetricsLogger:
     self.bar = tqdm.tqdm(total=total_steps, initial=start_step, dynamic_ncols=True,
                          disable=not (show_progress and self.is_writer), unit="step")
     self._window: list[Mapping[str, float]] = []
-    self._model_flops: list[float] = []
+    self._counts: list[tuple[int | None, float | None]] = []
     self._t0 = time.perf_counter()
     self.history: list[dict[str, float]] = []
 
   def log_step(self, step: int, metrics: Mapping[str, jax.Array], *, samples: int,
-               tokens: int = 0, model_flops: float | None = None) -> dict[str, float] | None:
+               process_samples: int | None = None, model_flops: float | None = None
+               ) -> dict[str, float] | None:
     """Records one step; every `every` steps, and at the run's last, writes the averaged window
     and returns it.
 
-    `model_flops`: the model FLOPs of this process's rows of the step
-    (`flops.step_flops(...)['total']`); the written window sums them over processes.
+    `samples`: the step's samples over all processes. `process_samples`: this process's, where
+    the count varies (packed rows hold as many samples as fit); the written window sums them
+    over processes in place of `samples`. `model_flops`: the model FLOPs of this process's rows
+    of the step (`flops.step_flops(...)['total']`); the written window sums them over processes.
     """
     self._window.append(metrics)
-    if model_flops:
-      self._model_flops.append(model_flops)
+    self._counts.append((process_samples, model_flops))
     self.bar.update(1)
     if step % self.every and step != self.total_steps:  # the last window too, however short
       return None
@@ -120,13 +122,16 @@ class MetricsLogger:
     row = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
     seconds = (time.perf_counter() - self._t0) / len(host)
     row["steps_per_s"] = 1.0 / seconds
-    row["samples_per_s"] = samples / seconds
-    if tokens:
-      row["tokens_per_s"] = tokens / seconds
-    if self._model_flops:
-      work = float(np.mean(self._model_flops))
-      if jax.process_count() > 1:  # each process counted its own rows: the step is their sum
-        work = float(np.sum(multihost_utils.process_allgather(np.float32(work))))
+    # Given on every step or never, the same on every process (the data and stage decide).
+    counted = [all(c[i] is not None for c in self._counts) for i in (0, 1)]
+    # Per step of this process: (samples, model FLOPs); each process counted its own rows.
+    step_counts = np.mean([[c[i] or 0.0 for i in (0, 1)] for c in self._counts], axis=0)
+    if jax.process_count() > 1 and any(counted):
+      step_counts = np.sum(multihost_utils.process_allgather(step_counts.astype(np.float32)),
+                           axis=0)
+    row["samples_per_s"] = (float(step_counts[0]) if counted[0] else samples) / seconds
+    if counted[1]:
+      work = float(step_counts[1])
       row["model_tflops_per_step"] = work / 1e12
       if self.peak:
         row["mfu"] = work / seconds / (jax.device_count() * self.peak)
@@ -135,7 +140,7 @@ class MetricsLogger:
       row["tflops_per_device"] = per_device / 1e12
       if self.peak:
         row["compiled_util"] = per_device / self.peak
-    self._window, self._model_flops, self._t0 = [], [], time.perf_counter()
+    self._window, self._counts, self._t0 = [], [], time.perf_counter()
     self.history.append({"step": step, **row})
     if self.is_writer:
       self.jsonl.write(json.dumps({"step": step, **row}) + "\n")

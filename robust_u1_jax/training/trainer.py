@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
 from flax import nnx
 
@@ -91,9 +92,9 @@ def train(config: ml_collections.ConfigDict, workdir: str,
             f"data.num_epochs = {config.data.num_epochs}: the data ran out before step "
             f"{config.total_steps} (total_steps); raise num_epochs, or 0 to repeat the data "
             "for as many steps as the run takes") from None
-      return multihost.global_batch(host, mesh), None if counts is None else counts["total"]
+      return multihost.global_batch(host, mesh), counts
 
-    inputs, work = device_inputs()
+    inputs, (samples, work) = device_inputs()
     # FLOPs from the lowered program (no second compile; the jit cache compiles on first call).
     step_flops = metrics_log.compiled_flops(step_fn.lower(state, inputs))
     log = metrics_log.MetricsLogger(
@@ -104,7 +105,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       for step in range(start + 1, config.total_steps + 1):
         # Stages whose rows vary in length (bucketed) compile once per bucket.
         state, metrics = step_fn(state, inputs)
-        row = log.log_step(step, metrics, samples=spec.samples_per_step, model_flops=work)
+        row = log.log_step(step, metrics, samples=spec.samples_per_step,
+                           process_samples=samples, model_flops=work)
         if row is not None:
           checkpoint_lib.check_finite(step, row)
         if spec.evaluate is not None and step % config.eval_every == 0:
@@ -119,7 +121,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
           print(f"stopped at step {step}; checkpoint saved in {ckpt.directory}", flush=True)
           break
         if step < config.total_steps:
-          inputs, work = device_inputs()
+          inputs, (samples, work) = device_inputs()
       ckpt.wait()
       if step == config.total_steps:  # a stopped run has its checkpoint, not a model yet
         (spec.save or save_model)(workdir, graphdef, state, config)
@@ -132,15 +134,18 @@ def train(config: ml_collections.ConfigDict, workdir: str,
 
 def inputs_and_work(ctx: RunContext, spec: StageSpec) -> Callable:
   """The pipeline's last map: (batch n, generator seeded (seed, n)) -> (the step's host inputs,
-  `flops.step_flops` of this process's rows or None). It runs in a Grain thread ahead of the
-  step, so counting the FLOPs costs the training thread nothing; the logger sums the processes'
-  totals when it writes, `bench train_step` reads the same counts."""
+  (the samples packed into this process's rows, or None unpacked; their model FLOPs,
+  `flops.step_flops`'s total, or None)). It runs in a Grain thread ahead of the step, so
+  counting costs the training thread nothing; the logger sums the processes' counts when it
+  writes, `bench train_step` reads the same FLOPs."""
 
   def format_rows(batch, rng):
     host = spec.host_inputs(batch, rng)
+    samples = int(np.sum(batch["num_samples"])) if "num_samples" in batch else None
     if spec.work is None:
-      return host, None
-    return host, flops.step_flops(ctx.model_config, spec.work(host), spec.trainable)
+      return host, (samples, None)
+    work = flops.step_flops(ctx.model_config, spec.work(host), spec.trainable)["total"]
+    return host, (samples, work)
 
   return format_rows
 
