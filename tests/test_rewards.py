@@ -155,6 +155,24 @@ def clip_setup(tmp_path_factory):
 
 
 @pytest.mark.torch_ref
+@pytest.mark.slow
+def test_rl_with_the_clip_reward_trains_on_a_mesh_of_several_devices(clip_setup, tmp_path):
+  # The 8 test devices: the CLIP's weights live on the policy's mesh (they sat on device 0, and
+  # creating the train state refused the mix of devices).
+  from robust_u1_jax.training import trainer
+
+  _, config, _ = clip_setup
+  config = config_lib.load(os.path.join(ROOT, "configs", "rl.py") + ":tiny", {
+      "init_from": "random", "rl.clip_checkpoint": config.rl.clip_checkpoint,
+      "rl.clip_model": "tiny", "rl.reward_weights.clip": 0.2, "total_steps": 1,
+      "checkpoint_every": 1, "log_every": 1, "data.batch_size": 8, "rl.group_size": 2,
+      "rl.num_steps": 4, "rl.window_size": 1, "tensorboard": False, "eval_every": 1000})
+  assert jax.device_count() == 8
+  (row,) = trainer.train(config, str(tmp_path), rl.build)
+  assert np.isfinite(row["loss"]) and -1.0 <= row["reward_clip_mean"] <= 1.0
+
+
+@pytest.mark.torch_ref
 def test_a_clip_of_other_shapes_names_the_clip_model_field(clip_setup):
   from robust_u1_jax.checkpoints import key_table
 

@@ -93,7 +93,8 @@ def stage_environment(config):
     shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _abstract_clip_tower(rl_config):
+def _abstract_clip_tower(rl_config, prefix: str = "rl.", mesh=None):
+  del prefix, mesh  # shapes only
   from flax import nnx
 
   from robust_u1_jax.models import clip as clip_lib

@@ -117,6 +117,7 @@ def time_train_step(config, device, seconds: float, min_steps: int, batches: int
                                   format_rows=trainer.inputs_and_work(ctx, spec)) as data:
     # Each batch with its model FLOPs, counted as the trainer counts them.
     hosts, counts = zip(*(next(data) for _ in range(batches)))
+  counts = [work for _, work in counts]  # (packed samples, FLOPs) -> FLOPs
   # A stage without a FLOP model (the demo's pretrain) counts None: no FLOPs, tokens or MFU.
   counted = all(c is not None for c in counts)
   mean = ({k: float(np.mean([c[k] for c in counts])) for k in FLOP_KEYS} if counted else

@@ -262,9 +262,12 @@ def reward_fn_from_config(rl_config, clip_graphdef: nnx.GraphDef | None):
   return reward_fn
 
 
-def load_clip_tower(rl_config, prefix: str = "rl."):
+def load_clip_tower(rl_config, prefix: str = "rl.", mesh: jax.sharding.Mesh | None = None):
   """The frozen CLIP model of the semantic reward, from `rl.clip_checkpoint` in the shapes of
-  `rl.clip_model` (`prefix`: how the config names the two fields, for the error lines)."""
+  `rl.clip_model` (`prefix`: how the config names the two fields, for the error lines). With
+  `mesh`, its weights are placed on the mesh by the CLIP's sharding rules, as the policy's are:
+  the train state holds both, and one jitted program takes them."""
+  from robust_u1_jax import sharding
   from robust_u1_jax.checkpoints import clip_keys, key_table
   from robust_u1_jax.models import clip as clip_lib
 
@@ -272,7 +275,8 @@ def load_clip_tower(rl_config, prefix: str = "rl."):
     raise ValueError("rl.reward_weights.clip > 0 needs rl.clip_checkpoint: a CLIP ViT-B/32 "
                      ".safetensors file (open_clip or transformers naming)")
   configs = {"vit_b32": clip_lib.CLIPConfig.vit_b32, "tiny": clip_lib.CLIPConfig.tiny}
-  model = clip_lib.CLIP(configs[rl_config.clip_model](), rngs=nnx.Rngs(0))
+  create = lambda: clip_lib.CLIP(configs[rl_config.clip_model](), rngs=nnx.Rngs(0))
+  model = create() if mesh is None else sharding.create_sharded(create, clip_lib.COMPONENT, mesh)
   try:
     clip_keys.load_clip(rl_config.clip_checkpoint, model)
   except key_table.CheckpointError as e:
@@ -304,7 +308,7 @@ def build(ctx: RunContext) -> StageSpec:
   settings = RLSettings.from_config(c)
   aux, clip_graphdef = {}, None
   if c.rl.reward_weights.get("clip", 0.0) > 0:
-    clip_graphdef, aux["clip"] = load_clip_tower(c.rl)
+    clip_graphdef, aux["clip"] = load_clip_tower(c.rl, mesh=ctx.mesh)
   reward_fn = reward_fn_from_config(c.rl, clip_graphdef)
   model_config = ctx.model_config
 

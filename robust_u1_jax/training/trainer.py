@@ -92,9 +92,10 @@ def train(config: ml_collections.ConfigDict, workdir: str,
             f"data.num_epochs = {config.data.num_epochs}: the data ran out before step "
             f"{config.total_steps} (total_steps); raise num_epochs, or 0 to repeat the data "
             "for as many steps as the run takes") from None
-      return multihost.global_batch(host, mesh), counts
+      samples, work = counts
+      return multihost.global_batch(host, mesh), samples, None if work is None else work["total"]
 
-    inputs, (samples, work) = device_inputs()
+    inputs, samples, work = device_inputs()
     # FLOPs from the lowered program (no second compile; the jit cache compiles on first call).
     step_flops = metrics_log.compiled_flops(step_fn.lower(state, inputs))
     log = metrics_log.MetricsLogger(
@@ -121,7 +122,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
           print(f"stopped at step {step}; checkpoint saved in {ckpt.directory}", flush=True)
           break
         if step < config.total_steps:
-          inputs, (samples, work) = device_inputs()
+          inputs, samples, work = device_inputs()
       ckpt.wait()
       if step == config.total_steps:  # a stopped run has its checkpoint, not a model yet
         (spec.save or save_model)(workdir, graphdef, state, config)
@@ -134,8 +135,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
 
 def inputs_and_work(ctx: RunContext, spec: StageSpec) -> Callable:
   """The pipeline's last map: (batch n, generator seeded (seed, n)) -> (the step's host inputs,
-  (the samples packed into this process's rows, or None unpacked; their model FLOPs,
-  `flops.step_flops`'s total, or None)). It runs in a Grain thread ahead of the step, so
+  (the samples packed into this process's rows, None unpacked; `flops.step_flops` of those
+  rows, None for a stage without a FLOP model)). It runs in a Grain thread ahead of the step, so
   counting costs the training thread nothing; the logger sums the processes' counts when it
   writes, `bench train_step` reads the same FLOPs."""
 
@@ -144,8 +145,7 @@ def inputs_and_work(ctx: RunContext, spec: StageSpec) -> Callable:
     samples = int(np.sum(batch["num_samples"])) if "num_samples" in batch else None
     if spec.work is None:
       return host, (samples, None)
-    work = flops.step_flops(ctx.model_config, spec.work(host), spec.trainable)["total"]
-    return host, (samples, work)
+    return host, (samples, flops.step_flops(ctx.model_config, spec.work(host), spec.trainable))
 
   return format_rows
 
