@@ -95,3 +95,22 @@ def test_packed_rows_count_the_samples_they_hold(tmp_path):
   row = log.log_step(2, {"loss": jnp.asarray(1.0)}, samples=8, process_samples=19)
   log.close()
   assert row["samples_per_s"] == pytest.approx(16 * row["steps_per_s"])
+
+
+def test_processes_reading_one_data_shard_count_its_rows_once(tmp_path, monkeypatch):
+  # Two processes whose devices share the batch rows (mesh.tensor over both) count the same 13
+  # packed samples and 2e12 FLOPs: the step did that work once.
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(metrics_log.multihost_utils, "process_allgather",
+                      lambda x: np.stack([x, x]))
+  rows = {}
+  for replicas in (1, 2):
+    (tmp_path / str(replicas)).mkdir()
+    log = metrics_log.MetricsLogger(str(tmp_path / str(replicas)), total_steps=1, every=1,
+                                    tensorboard=False, show_progress=False, replicas=replicas)
+    rows[replicas] = log.log_step(1, {"loss": jnp.asarray(1.0)}, samples=8, process_samples=13,
+                                  model_flops=2e12)
+    log.close()
+  assert rows[2]["model_tflops_per_step"] == pytest.approx(2.0)
+  assert rows[1]["model_tflops_per_step"] == pytest.approx(4.0)  # two shards of the batch
+  assert rows[2]["samples_per_s"] == pytest.approx(13 * rows[2]["steps_per_s"])

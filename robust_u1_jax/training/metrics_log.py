@@ -82,8 +82,11 @@ class MetricsLogger:
 
   def __init__(self, workdir: str, *, total_steps: int, every: int, start_step: int = 0,
                tensorboard: bool = True, step_flops: float | None = None,
-               show_progress: bool = True):
+               show_progress: bool = True, replicas: int = 1):
+    """`replicas`: the processes that read each data shard (a mesh axis other than the batch's
+    spanning processes, say `mesh.tensor` over hosts); they count the same rows, once."""
     self.every = every
+    self.replicas = replicas
     self.total_steps = total_steps
     self.is_writer = jax.process_index() == 0
     self.writer = None
@@ -128,7 +131,7 @@ class MetricsLogger:
     step_counts = np.mean([[c[i] or 0.0 for i in (0, 1)] for c in self._counts], axis=0)
     if jax.process_count() > 1 and any(counted):
       step_counts = np.sum(multihost_utils.process_allgather(step_counts.astype(np.float32)),
-                           axis=0)
+                           axis=0) / self.replicas
     row["samples_per_s"] = (float(step_counts[0]) if counted[0] else samples) / seconds
     if counted[1]:
       work = float(step_counts[1])

@@ -50,6 +50,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   graphdef, state, step_fn = initial_state(config, ctx, spec)
   with jax.set_mesh(mesh):
 
+    # The data shard this process reads: processes whose devices share batch rows read one.
     process_index, process_count = multihost.data_shard(mesh)
     data_stage = spec.data_stage or config.stage
     if (process_count > 1 and not config.data.token_budget
@@ -100,7 +101,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     step_flops = metrics_log.compiled_flops(step_fn.lower(state, inputs))
     log = metrics_log.MetricsLogger(
         workdir, total_steps=config.total_steps, every=config.log_every, start_step=start,
-        tensorboard=config.tensorboard, step_flops=step_flops)
+        tensorboard=config.tensorboard, step_flops=step_flops,
+        replicas=jax.process_count() // process_count)
     meta = {"stage": config.stage, "config": config.to_json_best_effort()}
     try:
       for step in range(start + 1, config.total_steps + 1):
