@@ -132,3 +132,20 @@ def test_saved_config_is_none_without_a_config_in_the_metadata(tmp_path):
   ckpt.save(1, _state(1), CountingIterator(), {"step": 1})
   ckpt.close()
   assert checkpoint.saved_config(str(tmp_path)) is None
+
+
+def test_a_checkpoint_of_another_process_count_is_refused_by_name(tmp_path):
+  # As if two processes had saved step 1: each wrote its own data position.
+  _save_steps(tmp_path, [1])
+  data = tmp_path / "checkpoints" / "1" / "data"
+  (own,) = data.glob("process_*.json")
+  assert own.name == "process_0-of-1.json"
+  for i in (0, 1):
+    (data / f"process_{i}-of-2.json").write_text(own.read_text())
+  own.unlink()
+  ckpt = checkpoint.Checkpointer(str(tmp_path), every=1, keep=3)
+  with pytest.raises(checkpoint.UnreadableCheckpoints,
+                     match=r"checkpoints/1 was saved by 2 process\(es\), this run has 1: .* "
+                           r"resume with 2 process\(es\)"):
+    ckpt.restore(checkpoint.abstract_like(_state(0.0)), CountingIterator())
+  ckpt.close()

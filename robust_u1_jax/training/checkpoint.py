@@ -8,7 +8,8 @@
 - The data iterator's state is saved next to the train state, one JSON file per process (through
   Grain's Orbax handler), so a resumed run reads exactly the batches an uninterrupted one would.
 - Restoring places every array onto the current mesh (the target's shardings), so a run can resume
-  on a different topology.
+  on other devices; with as many processes as saved it, since each process's data position is
+  its own file (another count is refused in one line).
 - A checkpoint that cannot be read (truncated files) is reported by path, moved aside as
   `<step>.damaged` (so the step can be saved again) and the previous one used; when none of a
   run's checkpoints can be read, the run stops (UnreadableCheckpoints) rather than start again.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +29,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from grain import checkpoint as grain_checkpoint
+
+
+_DATA_FILE = re.compile(r"process_\d+-of-(\d+)\.json")  # Grain's data position per process
 
 
 class _IteratorAdapter:
@@ -144,6 +149,7 @@ class Checkpointer:
     """
     failures = []
     for step in sorted(self.manager.all_steps(), reverse=True):
+      self._check_process_count(step)
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state),
@@ -165,6 +171,19 @@ class Checkpointer:
           "another model or config needs another --workdir, or delete the checkpoints to start "
           "again")
     return None
+
+  def _check_process_count(self, step: int) -> None:
+    """Raises UnreadableCheckpoints when `step` was saved by another number of processes: each
+    process's data position is its own file (Grain's `process_<i>-of-<n>.json`), so another
+    count finds none of its own. Every process reads the same folder and decides alike."""
+    folder = os.path.join(self.directory, str(step), "data")
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    saved = {int(m.group(1)) for m in map(_DATA_FILE.fullmatch, names) if m}
+    if saved and saved != {jax.process_count()}:
+      raise UnreadableCheckpoints(
+          f"{os.path.join(self.directory, str(step))} was saved by {max(saved)} process(es), "
+          f"this run has {jax.process_count()}: each process's data position is its own; resume "
+          f"with {max(saved)} process(es) (on any devices), or start again in another --workdir")
 
   def _move_aside(self, paths: list[str]) -> None:
     """Renames damaged step folders to `<step>.damaged` (process 0; every process waits): names
