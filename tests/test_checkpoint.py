@@ -149,3 +149,17 @@ def test_a_checkpoint_of_another_process_count_is_refused_by_name(tmp_path):
                            r"resume with 2 process\(es\)"):
     ckpt.restore(checkpoint.abstract_like(_state(0.0)), CountingIterator())
   ckpt.close()
+
+
+def test_a_damaged_data_position_falls_back_before_the_collective_restore(tmp_path, capsys):
+  # Every process reads every process's position first: one that only its own process could not
+  # read would stop that process inside Orbax's restore while the others wait for it there.
+  _save_steps(tmp_path, (1, 2))
+  (position,) = (tmp_path / "checkpoints" / "2" / "data").glob("process_*.json")
+  position.write_text(position.read_text()[:5])
+  fresh = CountingIterator()
+  ckpt = checkpoint.Checkpointer(str(tmp_path), every=1, keep=3)
+  step, _, _ = ckpt.restore(checkpoint.abstract_like(_state(0.0)), fresh)
+  ckpt.close()
+  assert step == 1 and fresh.position == 1
+  assert "2.damaged" in capsys.readouterr().out

@@ -149,14 +149,19 @@ class Checkpointer:
     """
     failures = []
     for step in sorted(self.manager.all_steps(), reverse=True):
-      self._check_process_count(step)
+      path = os.path.join(self.directory, str(step))
       try:
+        # Every process's data position first, read by every process: a file only its own
+        # process could not read would stop that one inside Orbax's collective restore, the
+        # others waiting for it there.
+        self._read_data_positions(step)
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state),
             data=grain_checkpoint.CheckpointRestore(_IteratorAdapter(iterator)),
             meta=ocp.args.JsonRestore()))
+      except UnreadableCheckpoints:
+        raise
       except Exception as e:  # Orbax/tensorstore raise many types for damaged files.
-        path = os.path.join(self.directory, str(step))
         logging.error("checkpoint %s cannot be restored (%s: %s)", path, type(e).__name__, e)
         failures.append((path, e))
         continue
@@ -172,18 +177,26 @@ class Checkpointer:
           "again")
     return None
 
-  def _check_process_count(self, step: int) -> None:
-    """Raises UnreadableCheckpoints when `step` was saved by another number of processes: each
-    process's data position is its own file (Grain's `process_<i>-of-<n>.json`), so another
-    count finds none of its own. Every process reads the same folder and decides alike."""
+  def _read_data_positions(self, step: int) -> None:
+    """Parses every process's data position of `step` (Grain's `process_<i>-of-<n>.json`);
+    raises UnreadableCheckpoints when another number of processes saved them (each process's
+    position is its own, so another count finds none of its own), ValueError when one cannot be
+    read. Every process reads the same folder and decides alike."""
     folder = os.path.join(self.directory, str(step), "data")
-    names = os.listdir(folder) if os.path.isdir(folder) else []
-    saved = {int(m.group(1)) for m in map(_DATA_FILE.fullmatch, names) if m}
+    files = {name: m for name in (os.listdir(folder) if os.path.isdir(folder) else [])
+             if (m := _DATA_FILE.fullmatch(name))}
+    saved = {int(m.group(1)) for m in files.values()}
     if saved and saved != {jax.process_count()}:
       raise UnreadableCheckpoints(
           f"{os.path.join(self.directory, str(step))} was saved by {max(saved)} process(es), "
           f"this run has {jax.process_count()}: each process's data position is its own; resume "
           f"with {max(saved)} process(es) (on any devices), or start again in another --workdir")
+    for name in sorted(files):
+      try:
+        with open(os.path.join(folder, name), "rb") as f:
+          json.loads(f.read())
+      except (OSError, ValueError) as e:
+        raise ValueError(f"the data position {name} cannot be read ({e})") from None
 
   def _move_aside(self, paths: list[str]) -> None:
     """Renames damaged step folders to `<step>.damaged` (process 0; every process waits): names
