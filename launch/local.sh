@@ -144,7 +144,10 @@ trap stop INT TERM
 for ((i = 0; i < processes; i++)); do
   mapfile -t env_i < <(process_env "$i")
   if ((i == 0)); then  # process 0 reports progress: on the terminal and in its log
-    env "${env_i[@]}" "${command_line[@]}" > >(tee "$logs/process_$i.log") 2>&1 &
+    # tee ignores Ctrl-C: the signal goes to the whole group, and process 0 must still report
+    # its save (a dead tee would fail its next line).
+    env "${env_i[@]}" "${command_line[@]}" > >(trap '' INT TERM; exec tee "$logs/process_$i.log") \
+      2>&1 &
   else
     env "${env_i[@]}" "${command_line[@]}" > "$logs/process_$i.log" 2>&1 &
   fi

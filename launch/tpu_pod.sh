@@ -248,7 +248,8 @@ for ((i = 0; i < workers; i++)); do
   echo "$(quote "${ssh_cmd[@]}") > $(quote "$logs/worker_$i.log") 2>&1 &"
   ((dry_run)) && continue
   if ((i == 0)); then
-    "${ssh_cmd[@]}" > >(tee "$logs/worker_$i.log") 2>&1 &
+    # tee ignores Ctrl-C, which goes to the whole group: worker 0's ssh must keep its output.
+    "${ssh_cmd[@]}" > >(trap '' INT TERM; exec tee "$logs/worker_$i.log") 2>&1 &
   else
     "${ssh_cmd[@]}" > "$logs/worker_$i.log" 2>&1 &
   fi

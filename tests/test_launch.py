@@ -22,7 +22,8 @@ TPU_ARGS = ["--name", "robust-u1", "--zone", "us-east5-a", "--accelerator", "v5p
 
 # A stand-in interpreter: records its arguments and the launch environment as JSON, one file per
 # process, then exits with FAKE_EXIT (or sleeps FAKE_SLEEP seconds first). Given FAKE_SAVE_S, it
-# answers SIGTERM as the trainer does: "saves" for that long, writes <name>.saved, exits 0.
+# answers SIGTERM and SIGINT as the trainer does: "saves" for that long, says so on its output,
+# writes <name>.saved, exits 0.
 # (FAKE_EXIT_, FAKE_SLEEP_ and FAKE_SAVE_S_ end in the process's or worker's number.)
 FAKE_PYTHON = r"""#!/usr/bin/env python3
 import json, os, signal, sys, time
@@ -30,9 +31,11 @@ name = os.environ.get("JAX_PROCESS_ID") or os.environ.get("FAKE_WORKER") or "0"
 if os.environ.get("FAKE_SAVE_S_" + name):
   def save_and_exit(signum, frame):
     time.sleep(float(os.environ["FAKE_SAVE_S_" + name]))
+    print("checkpoint saved", flush=True)  # fails if the output's reader (tee) is gone
     open(os.path.join(os.environ["FAKE_OUT"], name + ".saved"), "w").close()
     sys.exit(0)
   signal.signal(signal.SIGTERM, save_and_exit)
+  signal.signal(signal.SIGINT, save_and_exit)
 if sys.argv[1:3] == ["-m", "pip"]:
   name = "pip_" + name
 keys = ("JAX_", "XLA_", "LIBTPU_", "ROBUST_U1_", "TPU_", "HOME", "PYTHONPATH")
@@ -149,6 +152,29 @@ def test_local_starts_the_processes_and_stops_them_when_one_fails(tmp_path, fake
   assert result.returncode == 3, (result.stdout, result.stderr)
   assert time.time() - start < 30
   assert "stopping the others" in result.stderr
+
+
+def test_local_ctrl_c_lets_every_process_save_and_log(tmp_path, fakes):
+  bin_dir, out = fakes
+  env = {"FAKE_OUT": str(out), "FAKE_SLEEP_0": "120", "FAKE_SLEEP_1": "120",
+         "FAKE_SAVE_S_0": "2", "FAKE_SAVE_S_1": "1"}
+  logs = tmp_path / "logs"
+  with open(tmp_path / "stderr", "w") as err:  # files: tee may hold a pipe open
+    proc = subprocess.Popen(
+        [LOCAL, "--processes", "2", "--backend", "cpu", "--python", str(bin_dir / "python3"),
+         "--logs", str(logs), "--", "--config", "configs/sft.py:tiny", "--workdir",
+         str(tmp_path / "work")], cwd=ROOT, env={**os.environ, **env},
+        stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+  deadline = time.time() + 60
+  while not all((out / f"{i}.json").exists() for i in (0, 1)) and time.time() < deadline:
+    time.sleep(0.1)
+  time.sleep(0.5)
+  os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: to the terminal's whole foreground group
+  proc.wait(timeout=60)
+  assert sorted(p.name for p in out.glob("*.saved")) == ["0.saved", "1.saved"]
+  assert proc.returncode == 0, (tmp_path / "stderr").read_text()
+  # Process 0 reports through tee: it must outlive the Ctrl-C, or process 0's next line fails.
+  assert "checkpoint saved" in (logs / "process_0.log").read_text()
 
 
 def _sandbox_worker(tmp_path, command, worker, fake_bin, out, wait_for=None):
@@ -292,18 +318,20 @@ def test_tpu_pod_ctrl_c_returns_after_every_trainer_has_saved(tmp_path, fakes):
   with open(tmp_path / "stderr", "w") as err:
     proc = subprocess.Popen([TPU, *TPU_ARGS, "--no_install", "--logs", str(tmp_path / "logs"),
                              "--", *TRAIN], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=err)
+                            stderr=err, start_new_session=True)
   deadline = time.time() + 60
   while not all((out / f"{i}.json").exists() for i in (0, 1)) and time.time() < deadline:
     time.sleep(0.1)
   time.sleep(0.5)  # the fakes' SIGTERM handlers are set before they record
-  proc.send_signal(signal.SIGINT)  # Ctrl-C
+  os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: to the terminal's whole foreground group
   proc.wait(timeout=60)
   stderr = (tmp_path / "stderr").read_text()
   assert "asking every trainer to save and stop" in stderr
   # Both trainers were still saving when the signal came: the script waited for them.
   assert sorted(p.name for p in out.glob("*.saved")) == ["0.saved", "1.saved"], stderr
   assert proc.returncode == 0
+  # Worker 0's output still reached its log through tee.
+  assert "checkpoint saved" in (tmp_path / "logs" / "worker_0.log").read_text()
 
 
 def test_gpu_slurm_dry_run(tmp_path):
