@@ -72,8 +72,13 @@ def test_read_rows_keeps_each_steps_last_row_and_skips_a_cut_line(tmp_path):
   path = tmp_path / "metrics.jsonl"
   rows = [{"step": 10, "loss": 3.0}, {"step": 20, "loss": 2.0}, {"step": 20, "eval": True, "x": 1},
           {"step": 20, "loss": 1.5}, {"step": 20, "eval": True, "x": 2}, {"step": 30, "loss": 1.0}]
-  text = "\n".join(json.dumps(r) for r in rows[:3]) + '\n{"step": 30, "lo'
-  path.write_text(text + "\n" + "\n".join(json.dumps(r) for r in rows[3:]) + "\n")
+  path.write_text("\n".join(json.dumps(r) for r in rows[:3]) + '\n{"step": 30, "lo')
+  # The resumed run's logger starts its rows on a line of their own.
+  log = metrics_log.MetricsLogger(str(tmp_path), total_steps=30, every=10, start_step=10,
+                                  tensorboard=False, show_progress=False)
+  with open(path, "a") as f:  # the resumed rows, as the logger writes them
+    f.write("".join(json.dumps(r) + "\n" for r in rows[3:]))
+  log.close()
   assert metrics_log.read_rows(str(path)) == [rows[0], rows[3], rows[4], rows[5]]
 
 
@@ -114,3 +119,24 @@ def test_processes_reading_one_data_shard_count_its_rows_once(tmp_path, monkeypa
   assert rows[2]["model_tflops_per_step"] == pytest.approx(2.0)
   assert rows[1]["model_tflops_per_step"] == pytest.approx(4.0)  # two shards of the batch
   assert rows[2]["samples_per_s"] == pytest.approx(13 * rows[2]["steps_per_s"])
+
+
+def test_a_resumed_run_writes_the_window_an_uninterrupted_one_would(tmp_path):
+  # Windows of 4 steps; a checkpoint at step 3 keeps steps 1-3's metrics for the resumed run.
+  def run(workdir, steps, start=0, pending=()):
+    log = metrics_log.MetricsLogger(str(workdir), total_steps=8, every=4, start_step=start,
+                                    tensorboard=False, show_progress=False, pending=pending)
+    for s in steps:
+      log.log_step(s, {"loss": jnp.asarray(float(s * s))}, samples=1)
+    log.close()
+    return log
+
+  (tmp_path / "straight").mkdir()
+  (tmp_path / "resumed").mkdir()
+  run(tmp_path / "straight", range(1, 9))
+  stopped = run(tmp_path / "resumed", range(1, 4))
+  assert stopped.pending() == [{"loss": 1.0}, {"loss": 4.0}, {"loss": 9.0}]
+  run(tmp_path / "resumed", range(4, 9), start=3, pending=stopped.pending())
+  assert (metrics_log.read_rows(str(tmp_path / "resumed" / "metrics.jsonl"))[0]["loss"]
+          == metrics_log.read_rows(str(tmp_path / "straight" / "metrics.jsonl"))[0]["loss"]
+          == 7.5)

@@ -77,14 +77,27 @@ def read_rows(path: str) -> list[dict[str, Any]]:
   return [rows[key] for key in sorted(rows)]
 
 
+def _ends_cut(path: str) -> bool:
+  """Whether the file at `path` is non-empty and its last line has no newline."""
+  with open(path, "rb") as f:
+    f.seek(0, os.SEEK_END)
+    if f.tell() == 0:
+      return False
+    f.seek(-1, os.SEEK_END)
+    return f.read(1) != b"\n"
+
+
 class MetricsLogger:
   """Accumulates step metrics and writes them out every `every` steps."""
 
   def __init__(self, workdir: str, *, total_steps: int, every: int, start_step: int = 0,
                tensorboard: bool = True, step_flops: float | None = None,
-               show_progress: bool = True, replicas: int = 1):
+               show_progress: bool = True, replicas: int = 1,
+               pending: Sequence[Mapping[str, float]] = ()):
     """`replicas`: the processes that read each data shard (a mesh axis other than the batch's
-    spanning processes, say `mesh.tensor` over hosts); they count the same rows, once."""
+    spanning processes, say `mesh.tensor` over hosts); they count the same rows, once.
+    `pending`: the metrics of the steps a checkpoint saved between two written windows
+    (`pending()` then): the resumed run writes the window an uninterrupted one would."""
     self.every = every
     self.replicas = replicas
     self.total_steps = total_steps
@@ -95,12 +108,19 @@ class MetricsLogger:
 
       self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
     # One JSON line per logged window: machine-readable history that survives restarts.
-    self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if self.is_writer else None
+    self.jsonl = None
+    if self.is_writer:
+      path = os.path.join(workdir, "metrics.jsonl")
+      self.jsonl = open(path, "a")
+      if _ends_cut(path):  # a line cut by a kill: the next row starts on a line of its own
+        self.jsonl.write("\n")
+        self.jsonl.flush()
     self.step_flops = step_flops
     self.peak = peak_flops()
     self.bar = tqdm.tqdm(total=total_steps, initial=start_step, dynamic_ncols=True,
                          disable=not (show_progress and self.is_writer), unit="step")
-    self._window: list[Mapping[str, float]] = []
+    self._window: list[Mapping[str, float]] = [dict(m) for m in pending]
+    # Of this process's steps only: the counts and the clock are its own.
     self._counts: list[tuple[int | None, float | None]] = []
     self._t0 = time.perf_counter()
     self.history: list[dict[str, float]] = []
@@ -123,7 +143,7 @@ class MetricsLogger:
       return None
     host = jax.device_get(self._window)
     row = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-    seconds = (time.perf_counter() - self._t0) / len(host)
+    seconds = (time.perf_counter() - self._t0) / len(self._counts)
     row["steps_per_s"] = 1.0 / seconds
     # Given on every step or never, the same on every process (the data and stage decide).
     counted = [all(c[i] is not None for c in self._counts) for i in (0, 1)]
@@ -155,6 +175,10 @@ class MetricsLogger:
       self.bar.write(f"step {step}: {shown}")
       self.bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if "loss" in k})
     return row
+
+  def pending(self) -> list[dict[str, float]]:
+    """The recorded steps' metrics not yet written (for a checkpoint: `pending=` on resume)."""
+    return [{k: float(v) for k, v in m.items()} for m in jax.device_get(self._window)]
 
   def log_eval(self, step: int, metrics: Mapping[str, float], grid_hwc: np.ndarray, path: str):
     """Evaluation scalars (TensorBoard, metrics.jsonl, a summary line) and its image grid."""

@@ -65,10 +65,11 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                                       format_rows=inputs_and_work(ctx, spec))
     ckpt = checkpoint_lib.Checkpointer(workdir, every=config.checkpoint_every,
                                        keep=config.keep_checkpoints)
-    start = 0
+    start, pending = 0, []
     restored = ckpt.restore(checkpoint_lib.abstract_like(state), data)
     if restored is not None:
       start, state, meta = restored
+      pending = meta.get("log_window", [])
       logging.info("resumed %s from step %d", workdir, start)
       print(f"resuming from step {start} in {workdir}", flush=True)
       saved = checkpoint_lib.config_of(meta)
@@ -102,7 +103,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     log = metrics_log.MetricsLogger(
         workdir, total_steps=config.total_steps, every=config.log_every, start_step=start,
         tensorboard=config.tensorboard, step_flops=step_flops,
-        replicas=jax.process_count() // process_count)
+        replicas=jax.process_count() // process_count, pending=pending)
     meta = {"stage": config.stage, "config": config.to_json_best_effort()}
     try:
       for step in range(start + 1, config.total_steps + 1):
@@ -119,7 +120,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         stop = ckpt.should_stop(step)
         if step % config.checkpoint_every == 0 or stop or step == config.total_steps:
           checkpoint_lib.check_finite(step, jax.device_get(metrics))
-          ckpt.save(step, state, data, {**meta, "step": step}, force=True)
+          ckpt.save(step, state, data, {**meta, "step": step, "log_window": log.pending()},
+                    force=True)
         if stop:
           print(f"stopped at step {step}; checkpoint saved in {ckpt.directory}", flush=True)
           break
