@@ -140,3 +140,13 @@ def test_a_resumed_run_writes_the_window_an_uninterrupted_one_would(tmp_path):
   assert (metrics_log.read_rows(str(tmp_path / "resumed" / "metrics.jsonl"))[0]["loss"]
           == metrics_log.read_rows(str(tmp_path / "straight" / "metrics.jsonl"))[0]["loss"]
           == 7.5)
+
+
+def test_kept_steps_of_another_version_average_what_they_share(tmp_path):
+  # Kept by an older version: no grad_norm yet, and a metric this step no longer logs.
+  log = metrics_log.MetricsLogger(str(tmp_path), total_steps=2, every=2, start_step=1,
+                                  tensorboard=False, show_progress=False,
+                                  pending=[{"loss": 1.0, "gone": 5.0}])
+  row = log.log_step(2, {"loss": jnp.asarray(3.0), "grad_norm": jnp.asarray(0.5)}, samples=1)
+  log.close()
+  assert (row["loss"], row["grad_norm"]) == (2.0, 0.5) and "gone" not in row

@@ -322,6 +322,14 @@ def test_a_stopped_run_resumes_and_writes_its_model_only_at_the_last_step(tmp_pa
   assert sorted(os.listdir(os.path.join(workdir, "model"))) == model_files
 
 
+def test_a_run_resumed_with_other_total_steps_says_its_schedule_changes(tmp_path, capsys):
+  trainer.train(_config(1), str(tmp_path), sft.build)
+  capsys.readouterr()
+  trainer.train(_config(2), str(tmp_path), sft.build)
+  out = capsys.readouterr().out
+  assert "total_steps 1, now 2" in out and "the learning-rate schedule spans total_steps" in out
+
+
 @pytest.mark.slow
 def test_data_that_runs_out_before_the_last_step_is_a_config_error(tmp_path):
   # 8 records, one pass: one batch of 8 for a run of 3 steps.

@@ -142,7 +142,9 @@ class MetricsLogger:
     if step % self.every and step != self.total_steps:  # the last window too, however short
       return None
     host = jax.device_get(self._window)
-    row = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+    # This step's metrics, each averaged over the window's steps that have it (a resumed run's
+    # kept steps may come from an older version's step).
+    row = {k: float(np.mean([m[k] for m in host if k in m])) for k in host[-1]}
     seconds = (time.perf_counter() - self._t0) / len(self._counts)
     row["steps_per_s"] = 1.0 / seconds
     # Given on every step or never, the same on every process (the data and stage decide).

@@ -76,6 +76,10 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       changed = config_lib.setting_differences(saved, config) if saved else []
       if changed:
         print(f"  with settings other than its checkpoint's: {'; '.join(changed)}", flush=True)
+      if saved and saved.get("total_steps") != config.total_steps:
+        print("  (the learning-rate schedule spans total_steps: the steps from here on follow "
+              "the new one, so the run is not the one either setting alone would train)",
+              flush=True)
     if start >= config.total_steps:
       # `finished` said no: the final checkpoint without its model, a run stopped while it wrote
       # the model. Written now from that checkpoint.
