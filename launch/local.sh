@@ -23,7 +23,8 @@
 #   --dry-run                print the environment and commands, run nothing
 #
 # Ctrl-C (or SIGTERM) is passed on: every process saves a checkpoint and stops; re-running the
-# same command resumes. When one process fails, the others are stopped (they would wait for it).
+# same command resumes. A second Ctrl-C kills them (no checkpoint). When one process fails, the
+# others are stopped (they would wait for it).
 set -euo pipefail
 
 usage() {
@@ -140,7 +141,17 @@ pids=()
 stop() {  # passes a stop request on: the trainer saves and exits
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
 }
-trap stop INT TERM
+interrupts=0
+interrupted() {  # the first Ctrl-C asks for a save; a second one kills
+  if ((interrupts++)); then
+    echo "launch/local.sh: killing the processes (no checkpoint)" >&2
+    for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+  else
+    echo "launch/local.sh: asking every process to save and stop (Ctrl-C again kills)" >&2
+    stop
+  fi
+}
+trap interrupted INT TERM
 for ((i = 0; i < processes; i++)); do
   mapfile -t env_i < <(process_env "$i")
   if ((i == 0)); then  # process 0 reports progress: on the terminal and in its log

@@ -9,7 +9,7 @@ wait_all() {
   shift
   local running=("$@") still
   while ((${#running[@]})); do
-    sleep 1
+    sleep 1 || true  # a trapped Ctrl-C ends `sleep` with 130: keep waiting (set -e)
     still=()
     for pid in "${running[@]}"; do
       if kill -0 "$pid" 2>/dev/null; then still+=("$pid"); continue; fi

@@ -27,7 +27,8 @@
 #      also on the terminal. With --detach the trainers run on under nohup (closing this terminal
 #      does not stop them) and log to ~/robust_u1_jax/logs/worker_<i>.log on each worker.
 #   Ctrl-C here, or `--stop` later, sends SIGTERM to every trainer: each saves a checkpoint and
-#   exits (this script returns when they have); the same command resumes.
+#   exits (this script returns when they have; a second Ctrl-C returns at once); the same
+#   command resumes.
 #
 # The workdir (and init_from) must be one shared path on every worker (a Filestore NFS mount, or
 # a bucket mounted with gcsfuse): all hosts write the checkpoint together, process 0 the logs.
@@ -263,6 +264,15 @@ if ((detach)); then
     "'tail -f $REMOTE_DIR/logs/worker_0.log'; stop: $0 --name $name ${where[*]} --stop"
   exit 0
 fi
-trap 'stop' INT TERM
+interrupts=0
+interrupted() {  # the first Ctrl-C asks for a save; a second one stops waiting
+  if ((interrupts++)); then
+    echo "launch/tpu_pod.sh: not waiting any more; the trainers go on saving (stop them:" \
+      "$0 --name $name ${where[*]} --stop)" >&2
+    exit 130
+  fi
+  stop
+}
+trap interrupted INT TERM
 echo "launch/tpu_pod.sh: logs in $logs/worker_<i>.log" >&2
 wait_all "" "${pids[@]}" || exit $?

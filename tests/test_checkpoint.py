@@ -159,7 +159,29 @@ def test_a_damaged_data_position_falls_back_before_the_collective_restore(tmp_pa
   position.write_text(position.read_text()[:5])
   fresh = CountingIterator()
   ckpt = checkpoint.Checkpointer(str(tmp_path), every=1, keep=3)
+  asked = []
+  restore = ckpt.manager.restore
+  ckpt.manager.restore = lambda step, **kwargs: asked.append(step) or restore(step, **kwargs)
   step, _, _ = ckpt.restore(checkpoint.abstract_like(_state(0.0)), fresh)
   ckpt.close()
   assert step == 1 and fresh.position == 1
+  assert asked == [1]  # step 2 never reached Orbax's (collective) restore
   assert "2.damaged" in capsys.readouterr().out
+
+
+def test_a_missing_data_position_falls_back_before_the_collective_restore(tmp_path,
+                                                                         monkeypatch):
+  # As if process 1 of 2 had not written its position: process 1 alone would fail in Orbax.
+  _save_steps(tmp_path, [1, 2])
+  for step in (1, 2):
+    data = tmp_path / "checkpoints" / str(step) / "data"
+    (data / "process_0-of-1.json").rename(data / "process_0-of-2.json")
+  (tmp_path / "checkpoints" / "1" / "data" / "process_1-of-2.json").write_text(
+      (tmp_path / "checkpoints" / "1" / "data" / "process_0-of-2.json").read_text())
+  ckpt = checkpoint.Checkpointer(str(tmp_path), every=1, keep=3)
+  with monkeypatch.context() as m:  # one of two processes, for the check alone
+    m.setattr(checkpoint.jax, "process_count", lambda: 2)
+    ckpt._read_data_positions(1)  # both positions there
+    with pytest.raises(ValueError, match=r"data position\(s\) process_1-of-2.json are missing"):
+      ckpt._read_data_positions(2)
+  ckpt.close()

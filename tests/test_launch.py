@@ -177,6 +177,32 @@ def test_local_ctrl_c_lets_every_process_save_and_log(tmp_path, fakes):
   assert "checkpoint saved" in (logs / "process_0.log").read_text()
 
 
+def test_local_second_ctrl_c_kills(tmp_path, fakes):
+  # Trainers that would take a minute to save: the second Ctrl-C does not wait for them.
+  bin_dir, out = fakes
+  env = {"FAKE_OUT": str(out), "FAKE_SLEEP_0": "120", "FAKE_SLEEP_1": "120",
+         "FAKE_SAVE_S_0": "60", "FAKE_SAVE_S_1": "60"}
+  with open(tmp_path / "stderr", "w") as err:
+    proc = subprocess.Popen(
+        [LOCAL, "--processes", "2", "--backend", "cpu", "--python", str(bin_dir / "python3"),
+         "--logs", str(tmp_path / "logs"), "--", "--config", "configs/sft.py:tiny",
+         "--workdir", str(tmp_path / "work")], cwd=ROOT, env={**os.environ, **env},
+        stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+  deadline = time.time() + 60
+  while not all((out / f"{i}.json").exists() for i in (0, 1)) and time.time() < deadline:
+    time.sleep(0.1)
+  time.sleep(0.5)
+  start = time.time()
+  os.killpg(proc.pid, signal.SIGINT)
+  time.sleep(1.5)
+  os.killpg(proc.pid, signal.SIGINT)
+  proc.wait(timeout=30)
+  assert time.time() - start < 20 and proc.returncode != 0
+  assert not list(out.glob("*.saved"))
+  stderr = (tmp_path / "stderr").read_text()
+  assert "Ctrl-C again kills" in stderr and "killing the processes" in stderr
+
+
 def _sandbox_worker(tmp_path, command, worker, fake_bin, out, wait_for=None):
   """Runs a worker's --command under bash, as the TPU VM's login shell would: HOME is a fresh
   folder holding ~/robust_u1_jax, `python3` is the fake."""

@@ -150,3 +150,21 @@ def test_kept_steps_of_another_version_average_what_they_share(tmp_path):
   row = log.log_step(2, {"loss": jnp.asarray(3.0), "grad_norm": jnp.asarray(0.5)}, samples=1)
   log.close()
   assert (row["loss"], row["grad_norm"]) == (2.0, 0.5) and "gone" not in row
+
+
+def test_kept_steps_average_as_the_uninterrupted_run_does(tmp_path):
+  # float32 metrics, kept as JSON floats: the window's mean must stay float32's, not float64's.
+  values = np.random.default_rng(0).random((50, 3)).astype(np.float32)
+  for n, steps in enumerate(values):
+    rows = []
+    for kept in (0, 2):
+      workdir = tmp_path / f"{n}_{kept}"
+      workdir.mkdir()
+      log = metrics_log.MetricsLogger(str(workdir), total_steps=3, every=3, start_step=kept,
+                                      tensorboard=False, show_progress=False,
+                                      pending=[{"loss": float(v)} for v in steps[:kept]])
+      for s in range(kept + 1, 4):
+        row = log.log_step(s, {"loss": jnp.asarray(steps[s - 1])}, samples=1)
+      log.close()
+      rows.append(row["loss"])
+    assert rows[0] == rows[1], steps

@@ -213,3 +213,19 @@ def test_a_signal_to_one_process_stops_every_process_at_one_step(tmp_path):
   assert stop >= signalled_after
   assert two["restored_step"] == stop and two["data_state"]
   assert [r["step"] for r in two["history"]] == list(range(1, stop + 1))
+
+  # Resumed, and signalled again before its first step (while it restores and compiles): the
+  # pair stops after that first step, not at total_steps.
+  procs = _start(tmp_path, "sft.py:tiny", overrides, {"two": [(4, 0, 2), (4, 1, 2)]})
+  log_1 = procs[1][0]
+  deadline = time.time() + TIMEOUT_S
+  while f"resuming from step {stop}" not in open(log_1).read():
+    if time.time() > deadline or any(proc.poll() is not None for _, _, proc in procs):
+      _wait(procs, 0)
+      pytest.fail("the pair neither resumed nor ended")
+    time.sleep(0.2)
+  procs[1][2].send_signal(signal.SIGTERM)
+  _wait(procs, 600)
+  for path, _, _ in procs:
+    with open(path) as f:
+      assert re.findall(r"stopped at step (\d+)", f.read()) == [str(stop + 1)], path

@@ -195,7 +195,7 @@ class JsonlSource:
 
     try:
       raw = self._file.read(int(self.offsets[i]), int(self.lengths[i]))
-      row = json.loads(raw.strip())  # without its newline: an error's column is in the row
+      row = json.loads(raw.rstrip())  # without its newline: an error's column is in the row
     except OSError as e:
       return skip(f"unreadable ({e.strerror or e})")
     except json.JSONDecodeError as e:  # not str(e): its "line 1" would count within the row

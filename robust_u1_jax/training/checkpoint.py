@@ -65,6 +65,7 @@ class Checkpointer:
                        "meta": ocp.JsonCheckpointHandler()})
     self.stop_requested = False
     self._synced = False  # the stop agreed through JAX's preemption service (several processes)
+    self._steps = 0  # should_stop's calls: the counter the processes agree on, the same on each
     self._previous_handlers = {}
 
   # -- preemption ---------------------------------------------------------------------------------
@@ -99,15 +100,19 @@ class Checkpointer:
     for sig, handler in handlers.items():
       self._previous_handlers[sig] = signal.signal(sig, handler)
 
-  def should_stop(self, step: int) -> bool:
-    """Whether the run saves and stops after `step`. Call once per step on every process: with
-    several processes it is their agreement (the step after the newest any had reached when the
-    signal came), the same step on each."""
+  def should_stop(self) -> bool:
+    """Whether the run saves and stops after the step it just took. Call once per step on every
+    process, from the run's first: with several processes it is their agreement, the same step on
+    each. JAX's service counts from 0 and agrees on the count after the highest any process had
+    reached when the signal came, so it is given this run's count of steps, not the global step:
+    a resumed run asking from step S + 1 would never meet a count of 1 agreed during its
+    restore."""
+    self._steps += 1
     if self._synced:
       from jax.experimental import multihost_utils
 
       self.stop_requested = self.stop_requested or \
-          multihost_utils.reached_preemption_sync_point(step)
+          multihost_utils.reached_preemption_sync_point(self._steps)
     return self.stop_requested
 
   def restore_signal_handlers(self) -> None:
@@ -191,6 +196,10 @@ class Checkpointer:
           f"{os.path.join(self.directory, str(step))} was saved by {max(saved)} process(es), "
           f"this run has {jax.process_count()}: each process's data position is its own; resume "
           f"with {max(saved)} process(es) (on any devices), or start again in another --workdir")
+    missing = [f"process_{i}-of-{jax.process_count()}.json" for i in range(jax.process_count())
+               if f"process_{i}-of-{jax.process_count()}.json" not in files]
+    if saved and missing:
+      raise ValueError(f"the data position(s) {', '.join(missing)} are missing")
     for name in sorted(files):
       try:
         with open(os.path.join(folder, name), "rb") as f:
@@ -218,9 +227,12 @@ class Checkpointer:
 
 def _preemption_service_running() -> bool:
   """Whether this is one of several processes whose jax.distributed runs the preemption service
-  (it starts with jax.distributed.initialize while jax_enable_preemption_service is on)."""
-  return (jax.process_count() > 1 and jax.distributed.is_initialized()
-          and bool(jax.config.jax_enable_preemption_service))
+  (started by jax.distributed.initialize while jax_enable_preemption_service was on; the flag
+  read now could have changed since, and the handle has no public accessor)."""
+  from jax._src import distributed
+
+  return (jax.process_count() > 1
+          and getattr(distributed.global_state, "preemption_sync_manager", None) is not None)
 
 
 class UnreadableCheckpoints(RuntimeError):

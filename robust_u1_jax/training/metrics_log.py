@@ -119,7 +119,9 @@ class MetricsLogger:
     self.peak = peak_flops()
     self.bar = tqdm.tqdm(total=total_steps, initial=start_step, dynamic_ncols=True,
                          disable=not (show_progress and self.is_writer), unit="step")
-    self._window: list[Mapping[str, float]] = [dict(m) for m in pending]
+    # As float32, the steps' own dtype: the window's means round as an uninterrupted run's.
+    self._window: list[Mapping[str, Any]] = [{k: np.float32(v) for k, v in m.items()}
+                                              for m in pending]
     # Of this process's steps only: the counts and the clock are its own.
     self._counts: list[tuple[int | None, float | None]] = []
     self._t0 = time.perf_counter()

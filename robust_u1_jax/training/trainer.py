@@ -121,7 +121,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
           columns, eval_metrics = spec.evaluate(*plain_model_state(graphdef, state))
           log.log_eval(step, eval_metrics, metrics_log.image_grid(columns),
                        os.path.join(workdir, "images", f"step_{step:07d}.png"))
-        stop = ckpt.should_stop(step)
+        stop = ckpt.should_stop()
         if step % config.checkpoint_every == 0 or stop or step == config.total_steps:
           checkpoint_lib.check_finite(step, jax.device_get(metrics))
           ckpt.save(step, state, data, {**meta, "step": step, "log_window": log.pending()},
