@@ -154,44 +154,47 @@ def test_local_starts_the_processes_and_stops_them_when_one_fails(tmp_path, fake
   assert "stopping the others" in result.stderr
 
 
-def test_local_ctrl_c_lets_every_process_save_and_log(tmp_path, fakes):
-  bin_dir, out = fakes
-  env = {"FAKE_OUT": str(out), "FAKE_SLEEP_0": "120", "FAKE_SLEEP_1": "120",
-         "FAKE_SAVE_S_0": "2", "FAKE_SAVE_S_1": "1"}
-  logs = tmp_path / "logs"
-  with open(tmp_path / "stderr", "w") as err:  # files: tee may hold a pipe open
-    proc = subprocess.Popen(
-        [LOCAL, "--processes", "2", "--backend", "cpu", "--python", str(bin_dir / "python3"),
-         "--logs", str(logs), "--", "--config", "configs/sft.py:tiny", "--workdir",
-         str(tmp_path / "work")], cwd=ROOT, env={**os.environ, **env},
-        stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+def _start_in_own_group(command, env, stderr_path, out):
+  """Starts a launcher as a terminal would (its own process group, so Ctrl-C can reach every
+  process it starts) and returns once both fake trainers run. stderr goes to a file: the
+  trainers' tee may hold a pipe open after the launcher exits."""
+  with open(stderr_path, "w") as err:
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err,
+                            start_new_session=True)
   deadline = time.time() + 60
   while not all((out / f"{i}.json").exists() for i in (0, 1)) and time.time() < deadline:
     time.sleep(0.1)
-  time.sleep(0.5)
+  time.sleep(0.5)  # the fakes' signal handlers are set before they record
+  return proc
+
+
+def _local_two_processes(bin_dir, tmp_path):
+  return [LOCAL, "--processes", "2", "--backend", "cpu", "--python", str(bin_dir / "python3"),
+          "--logs", str(tmp_path / "logs"), "--", "--config", "configs/sft.py:tiny",
+          "--workdir", str(tmp_path / "work")]
+
+
+def test_local_ctrl_c_lets_every_process_save_and_log(tmp_path, fakes):
+  bin_dir, out = fakes
+  env = {**os.environ, "FAKE_OUT": str(out), "FAKE_SLEEP_0": "120", "FAKE_SLEEP_1": "120",
+         "FAKE_SAVE_S_0": "2", "FAKE_SAVE_S_1": "1"}
+  proc = _start_in_own_group(_local_two_processes(bin_dir, tmp_path), env,
+                             tmp_path / "stderr", out)
   os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: to the terminal's whole foreground group
   proc.wait(timeout=60)
   assert sorted(p.name for p in out.glob("*.saved")) == ["0.saved", "1.saved"]
   assert proc.returncode == 0, (tmp_path / "stderr").read_text()
   # Process 0 reports through tee: it must outlive the Ctrl-C, or process 0's next line fails.
-  assert "checkpoint saved" in (logs / "process_0.log").read_text()
+  assert "checkpoint saved" in (tmp_path / "logs" / "process_0.log").read_text()
 
 
 def test_local_second_ctrl_c_kills(tmp_path, fakes):
   # Trainers that would take a minute to save: the second Ctrl-C does not wait for them.
   bin_dir, out = fakes
-  env = {"FAKE_OUT": str(out), "FAKE_SLEEP_0": "120", "FAKE_SLEEP_1": "120",
+  env = {**os.environ, "FAKE_OUT": str(out), "FAKE_SLEEP_0": "120", "FAKE_SLEEP_1": "120",
          "FAKE_SAVE_S_0": "60", "FAKE_SAVE_S_1": "60"}
-  with open(tmp_path / "stderr", "w") as err:
-    proc = subprocess.Popen(
-        [LOCAL, "--processes", "2", "--backend", "cpu", "--python", str(bin_dir / "python3"),
-         "--logs", str(tmp_path / "logs"), "--", "--config", "configs/sft.py:tiny",
-         "--workdir", str(tmp_path / "work")], cwd=ROOT, env={**os.environ, **env},
-        stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
-  deadline = time.time() + 60
-  while not all((out / f"{i}.json").exists() for i in (0, 1)) and time.time() < deadline:
-    time.sleep(0.1)
-  time.sleep(0.5)
+  proc = _start_in_own_group(_local_two_processes(bin_dir, tmp_path), env,
+                             tmp_path / "stderr", out)
   start = time.time()
   os.killpg(proc.pid, signal.SIGINT)
   time.sleep(1.5)
@@ -340,15 +343,8 @@ def test_tpu_pod_ctrl_c_returns_after_every_trainer_has_saved(tmp_path, fakes):
          "FAKE_SAVE_S_0": "4", "FAKE_SAVE_S_1": "1"}
   for i in (0, 1):
     (tmp_path / f"worker_{i}" / "robust_u1_jax").mkdir(parents=True)
-  # To files, not pipes: the workers' tee holds a pipe open after the script exits.
-  with open(tmp_path / "stderr", "w") as err:
-    proc = subprocess.Popen([TPU, *TPU_ARGS, "--no_install", "--logs", str(tmp_path / "logs"),
-                             "--", *TRAIN], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=err, start_new_session=True)
-  deadline = time.time() + 60
-  while not all((out / f"{i}.json").exists() for i in (0, 1)) and time.time() < deadline:
-    time.sleep(0.1)
-  time.sleep(0.5)  # the fakes' SIGTERM handlers are set before they record
+  proc = _start_in_own_group([TPU, *TPU_ARGS, "--no_install", "--logs", str(tmp_path / "logs"),
+                              "--", *TRAIN], env, tmp_path / "stderr", out)
   os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: to the terminal's whole foreground group
   proc.wait(timeout=60)
   stderr = (tmp_path / "stderr").read_text()

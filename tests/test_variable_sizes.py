@@ -146,8 +146,8 @@ def _flag(value) -> str:
 def test_sft_trains_on_packed_images_of_many_sizes(tmp_path):
   """Through the `train` command. XLA:CPU's compiler segfaulted three times in this test's
   evaluation program, in runs of the whole suite on 2 cores (CI, 2026-12-02; here, 2026-12-03,
-  inside jax's cache write; 2026-12-05, inside the compile with that cache off) and never alone
-  (7 runs): a run killed by SIGSEGV, and only that, is run again, and says so."""
+  inside jax's cache write; 2026-12-05, inside the compile with that cache off), and in none of
+  4 runs alone (2026-12-05): a run killed by SIGSEGV, and only that, is run again, and says so."""
   (tmp_path / "data").mkdir()
   overrides = _overrides(_folder(tmp_path / "data"), **{
       "data.token_budget": 160, "data.batch_size": 8,

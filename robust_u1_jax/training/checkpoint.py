@@ -188,19 +188,21 @@ class Checkpointer:
     position is its own, so another count finds none of its own), ValueError when one cannot be
     read. Every process reads the same folder and decides alike."""
     folder = os.path.join(self.directory, str(step), "data")
-    files = {name: m for name in (os.listdir(folder) if os.path.isdir(folder) else [])
-             if (m := _DATA_FILE.fullmatch(name))}
-    saved = {int(m.group(1)) for m in files.values()}
-    if saved and saved != {jax.process_count()}:
+    names = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+    saved = {int(m.group(1)) for m in map(_DATA_FILE.fullmatch, names) if m}
+    if not saved:
+      return
+    n = jax.process_count()
+    if saved != {n}:
       raise UnreadableCheckpoints(
           f"{os.path.join(self.directory, str(step))} was saved by {max(saved)} process(es), "
-          f"this run has {jax.process_count()}: each process's data position is its own; resume "
-          f"with {max(saved)} process(es) (on any devices), or start again in another --workdir")
-    missing = [f"process_{i}-of-{jax.process_count()}.json" for i in range(jax.process_count())
-               if f"process_{i}-of-{jax.process_count()}.json" not in files]
-    if saved and missing:
+          f"this run has {n}: each process's data position is its own; resume with "
+          f"{max(saved)} process(es) (on any devices), or start again in another --workdir")
+    expected = [f"process_{i}-of-{n}.json" for i in range(n)]
+    missing = [name for name in expected if name not in names]
+    if missing:
       raise ValueError(f"the data position(s) {', '.join(missing)} are missing")
-    for name in sorted(files):
+    for name in expected:
       try:
         with open(os.path.join(folder, name), "rb") as f:
           json.loads(f.read())
