@@ -203,7 +203,7 @@ def test_tracker_counts_logs_and_drops(caplog):
   assert [r["index"] for r in kept] == [0, 1, 3, 4, 6, 7, 8, 9]
   assert tracker.metrics() == {"skipped": 2, "seen": 10, "skip_ratio": 0.2}
   logged = "\n".join(m.getMessage() for m in caplog.records)
-  assert "train data: skipping bad record data/f2.jpg (index 2): broken #2" in logged
+  assert "train data: bad record data/f2.jpg (index 2): broken #2" in logged
   assert "data/f5.jpg" in logged
   assert tracker.worst()[0][:2] in (("data/f2.jpg", 1), ("data/f5.jpg", 1))
   assert [p for p, _, _ in tracker.recent()] == ["data/f2.jpg", "data/f5.jpg"]
@@ -273,6 +273,34 @@ def test_grain_pipeline_end_to_end(broken_folder):
       strict)
   with pytest.raises(bad_records.TooManyBadRecords, match="Worst files"):
     list(ds)
+
+
+def test_a_bad_record_is_replaced_by_a_good_one_drawn_from_its_index_and_epoch():
+  made = []
+
+  def make_record(index, epoch):
+    made.append((index, epoch))
+    return ({"index": index, "epoch": epoch} if index % 3 else
+            bad_records.skip_record("bad", f"f{index}", index, epoch))
+
+  tracker = bad_records.SkipTracker(0.5, enforce=False)  # counts; the caller enforces
+  replace = bad_records.ReplaceBadRecords(tracker, make_record, num_records=100, seed=0)
+  bad = bad_records.skip_record("truncated", "f6.jpg", 6, epoch=2)
+  got = replace.map(bad)
+  assert not bad_records.is_skip(got) and got["epoch"] == 2 and got["index"] % 3
+  assert made[-1] == (got["index"], 2) and all(e == 2 for _, e in made)
+  assert tracker.metrics() == {"skipped": 1, "seen": 1, "skip_ratio": 1.0}
+  with pytest.raises(bad_records.TooManyBadRecords, match="1 of 1 records over 2 processes"):
+    tracker.check(1, 1, final=True, where=" over 2 processes")
+  assert replace.map(bad) == got  # a function of the bad record (and the seed) alone
+  assert replace.map({"index": 7, "epoch": 0}) == {"index": 7, "epoch": 0}
+
+  hopeless = bad_records.ReplaceBadRecords(
+      tracker, lambda i, e: bad_records.skip_record("bad", "x", i, e), num_records=100, seed=0)
+  with pytest.raises(bad_records.TooManyBadRecords, match="all 64 records drawn to replace it"):
+    hopeless.map(bad)
+  with pytest.raises(ValueError, match="without its source index and epoch"):
+    replace.map(bad_records.skip_record("bad", "x", 3))
 
 
 def test_tracker_argument_checks():

@@ -33,6 +33,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "multihost_worker.py")
 # Both groups compile cold on 2 shared cores (process 1 never reads the persistent cache).
 TIMEOUT_S = 1500
+# A pair that should end with an error: longer only when one process waits for its ended peer.
+ERROR_TIMEOUT_S = 600
 
 COMMON = {
     "log_every": 1, "tensorboard": False, "eval_every": 1000,
@@ -103,6 +105,15 @@ def _start(tmp_path, config: str, overrides: dict, runs: dict) -> list:
   return procs
 
 
+def _kill_and_close(procs: list) -> None:
+  """Kills the workers still running (a lone peer would wait for the others) and closes logs."""
+  for _, log, proc in procs:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+    log.close()
+
+
 def _wait(procs: list, timeout_s: float) -> None:
   """Waits for every worker to exit 0; fails with the first failed one's log otherwise."""
   deadline = time.time() + timeout_s
@@ -117,11 +128,7 @@ def _wait(procs: list, timeout_s: float) -> None:
         failed.append((path, code))
         break  # a lone peer of a failed process would wait for it: stop them all
   finally:
-    for _, log, proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-      log.close()
+    _kill_and_close(procs)
   if failed:
     path, code = failed[0]
     with open(path) as f:
@@ -229,3 +236,60 @@ def test_a_signal_to_one_process_stops_every_process_at_one_step(tmp_path):
   for path, _, _ in procs:
     with open(path) as f:
       assert re.findall(r"stopped at step (\d+)", f.read()) == [str(stop + 1)], path
+
+
+def _finished(procs: list, timeout_s: float) -> list[str]:
+  """Waits for every worker to end (any exit code); returns their logs. Fails on a timeout: a
+  process left waiting for a peer that has ended."""
+  deadline = time.time() + timeout_s
+  logs = []
+  try:
+    for path, _, proc in procs:
+      try:
+        proc.wait(timeout=max(1.0, deadline - time.time()))
+      except subprocess.TimeoutExpired:
+        pytest.fail(f"{os.path.basename(path)} still runs after {timeout_s} s: it waits for a "
+                    "peer that has ended")
+  finally:
+    _kill_and_close(procs)
+  for path, _, _ in procs:
+    with open(path) as f:
+      logs.append(f.read())
+  return logs
+
+
+def test_bad_records_of_one_process_end_both_processes_together(tmp_path):
+  # 48 images, 4 of them unreadable, all among process 0's rows (the unshuffled stream's rows
+  # 0-3, 8-11, ... at 4 rows per process). Dropped, they left process 0 a batch short: it ran out
+  # of its one epoch after step 5 and raised, while process 1 waited in step 6's collectives and
+  # process 0's exit waited for process 1 (both still there after 150 s, measured). Replaced, both
+  # read 6 batches and stop after step 6 with the same error.
+  from PIL import Image
+
+  folder = tmp_path / "images"
+  folder.mkdir()
+  rng = np.random.default_rng(0)
+  for i in range(48):
+    path = folder / f"img_{i:02d}.png"
+    if i in (0, 1, 2, 8):
+      path.write_bytes(b"\x89PNG\r\n\x1a\n-truncated")
+    else:
+      Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)
+  overrides = {**COMMON, "total_steps": 10, "checkpoint_every": 100, "eval_every": 100,
+               "data.source": "folder", "data.path": str(folder), "data.shuffle": False,
+               "data.num_epochs": 1, "data.batch_size": 8, "data.max_skip_ratio": 0.5}
+  runs = {"two": [(4, 0, 2), (4, 1, 2)]}
+  logs = _finished(_start(tmp_path, "sft.py:tiny", overrides, runs), ERROR_TIMEOUT_S)
+  for log in logs:
+    assert "the data ran out before step 10" in log, log[-3000:]
+  rows = [json.loads(line) for line in (tmp_path / "two" / "work" / "metrics.jsonl").open()]
+  assert [r["step"] for r in rows] == list(range(1, 7))
+  assert "img_00.png" in logs[0] and "img_00.png" not in logs[1]  # process 0 read the bad ones
+
+  # With a ratio the 4 of 48 exceed, both processes stop on the totals of both, together.
+  (tmp_path / "strict").mkdir()
+  logs = _finished(_start(tmp_path / "strict", "sft.py:tiny",
+                          {**overrides, "data.max_skip_ratio": 0.05}, runs), ERROR_TIMEOUT_S)
+  for log in logs:
+    assert "4 of 48 records read by 2 processes were unreadable" in log, log[-3000:]
+    assert "ran out" not in log

@@ -157,8 +157,13 @@ def test_bad_files_are_counted_and_stop_the_run(tok, tmp_path):
                max_skip_ratio=0.2, num_epochs=1, shuffle=False)
   p = pipeline.make_pipeline(data, seed=0, tokenizer=tok)
   batches = list(p)
-  assert len(batches) == 7
+  # Each bad file's place is taken by a good record, so the epoch keeps its 16 rows.
+  assert len(batches) == 8
   assert p.metrics() == {"skipped": 2, "seen": 16, "skip_ratio": 2 / 16}
+  source = sorted(os.listdir(root))  # the folder source's order: bad_00, bad_01, good_00, ...
+  indices = [int(i) for b in batches for i in b["index"]]
+  assert indices[2:] == list(range(2, 16))
+  assert all(source[i].startswith("good_") for i in indices[:2])
   # Variable sizes: BAGEL's VAE rule (max 64, min 32, stride 16), placed on a 64 x 64 canvas.
   hws = {tuple(int(v) for v in hw) for b in batches for hw in b["clean_hw"]}
   rule = transforms.resize_rule(data, "vae")
@@ -173,6 +178,36 @@ def test_bad_files_are_counted_and_stop_the_run(tok, tmp_path):
                                   seed=0, tokenizer=tok)
   with pytest.raises(bad_records.TooManyBadRecords, match="bad_0"):
     _take(strict, 10)
+
+
+def _global_batches(per_process: list[list[dict]]) -> list[dict]:
+  """Each step's per-process batches, stacked in process order (multihost.global_batch's rows)."""
+  return [{k: np.concatenate([b[k] for b in step]) for k in step[0]}
+          for step in zip(*per_process)]
+
+
+def test_bad_records_leave_every_process_reading_the_batches_of_one(tok, tmp_path):
+  # The processes read different numbers of bad files. Dropped, they moved the later rows of the
+  # process that read more, and it ran out of data first: a finite num_epochs then ended one
+  # process while the other waited for it.
+  root = str(tmp_path / "images")
+  _write_folder(root, n_good=13, n_bad=3)
+  data = _data(source="folder", path=root, batch_size=4, max_skip_ratio=0.5, num_epochs=2,
+               shuffle=True, severity=0)
+  reader = pipeline.make_pipeline(data, seed=0, tokenizer=tok)
+  one = list(reader)
+  readers = [pipeline.make_pipeline(data, seed=0, process_index=i, process_count=2,
+                                    tokenizer=tok) for i in range(2)]
+  per_process = [list(r) for r in readers]
+  skipped = [r.metrics()["skipped"] for r in readers]
+  assert sum(skipped) == reader.metrics()["skipped"] == 6  # 3 bad files, 2 epochs
+  assert skipped == [1, 5]
+  assert len(one) == 8 and [len(b) for b in per_process] == [8, 8]
+  _assert_batches_equal(_global_batches(per_process), one)
+  source = sorted(os.listdir(root))
+  rows = [(int(i), int(e)) for b in one for i, e in zip(b["index"], b["epoch"])]
+  assert all(source[i].startswith("good_") for i, _ in rows)
+  assert len(set(rows)) == len(rows) - 6  # each replacement is a good record read twice
 
 
 def test_reason_stage_questions_and_answers(tok):

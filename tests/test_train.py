@@ -337,3 +337,14 @@ def test_data_that_runs_out_before_the_last_step_is_a_config_error(tmp_path):
   with pytest.raises(config_lib.ConfigError, match=r"data.num_epochs = 1: the data ran out "
                      r"before step 3"):
     trainer.train(config, str(tmp_path), sft.build)
+
+
+def test_packed_rows_on_several_processes_must_repeat_their_data(tmp_path, monkeypatch):
+  # Each process packs its own records, so a finite epoch could end at other steps on each.
+  import jax
+
+  config = _config(3, **{"data.token_budget": 512, "data.num_epochs": 2})
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with pytest.raises(config_lib.ConfigError, match=r"data.num_epochs = 2 with packed rows .* on "
+                     r"2 processes"):
+    trainer.train(config, str(tmp_path), sft.build)

@@ -278,7 +278,7 @@ def test_images_below_the_smallest_side_are_counted_bad_records():
   assert [p for p, *_ in tracker.worst()] == ["clean_8.png", "dot.png", "thin.png"]
 
 
-def test_a_pipeline_skips_and_counts_a_tiny_image(tmp_path):
+def test_a_pipeline_counts_and_replaces_a_tiny_image(tmp_path):
   from robust_u1_jax.data import pipeline
 
   for i in range(3):
@@ -290,8 +290,10 @@ def test_a_pipeline_skips_and_counts_a_tiny_image(tmp_path):
            vit_max_side=64, vit_min_side=32, vit_patch=8)
   p = pipeline.make_pipeline(d, seed=0)
   batches = list(p)
-  assert len(batches) == 3
+  assert len(batches) == 4  # dot.png (index 0) replaced by a good image
   assert p.metrics() == {"skipped": 1, "seen": 4, "skip_ratio": 0.25}
+  assert [int(b["index"][0]) for b in batches][1:] == [1, 2, 3]
+  assert int(batches[0]["index"][0]) in (1, 2, 3)
 
 
 # -------------------------------------------------------------------------------------- corruption

@@ -1,34 +1,41 @@
-"""Bad-input accounting: skip markers, and a Grain filter that counts them and stops a bad run.
+"""Bad inputs: skip markers, the tracker that counts them and stops a bad run, their replacement.
 
 Sources and transforms never raise on a broken input (unreadable, truncated, empty or non-image
 file, malformed JSONL or table row, an image with a side below data.min_image_side). They return a
 *skip marker* instead,
 
-  {'_skip': reason, 'path': file or table, 'index': record index}
+  {'_skip': reason, 'path': file or table, 'index': record index, 'epoch': its epoch, if known}
 
-and every later transform passes a marker through untouched. `SkipTracker` is the Grain filter
-step that drops the markers, so no bad record is dropped silently: each is logged (absl, with its
-path and reason), counted, and the run stops with `TooManyBadRecords` naming the worst files once
-more than `max_skip_ratio` of the records seen were bad.
+and every later transform passes a marker through untouched. `SkipTracker` counts the markers, so
+no bad record goes by silently: each is logged (absl, with its path and reason), counted, and the
+run stops with `TooManyBadRecords` naming the worst files once more than `max_skip_ratio` of the
+records seen were bad. The training pipeline then puts a good record in the bad one's place
+(`ReplaceBadRecords`), so a bad record never shifts the records after it: every process keeps its
+rows of every global batch, and a run reads the same batches whatever its number of processes.
 
 The ratio is checked once `min_seen` records (default 100) have been seen, so a single early bad
 file does not stop a run on a noisy first few records, and always at the end of an epoch (after
 `epoch_size` records), so a small dataset with too many bad files is still caught.
 
-Place the filter where the main process runs it (after Grain's multiprocess prefetch): a tracker
+Place the tracker where the main process runs it (after Grain's multiprocess prefetch): a tracker
 inside a worker process counts only that worker's records.
 """
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 import collections
 import threading
 from typing import Any
 
 from absl import logging
 import grain
+import numpy as np
 
 SKIP = "_skip"
 DEFAULT_MIN_SEEN = 100
+# Records drawn to replace a bad one before giving up: with a tenth of the data bad, all of them
+# are bad once in 1e64 replacements.
+REPLACEMENT_TRIES = 64
+_REPLACEMENT_STREAM = 0x5E71ACE  # keeps the draws apart from the run's other uses of its seed
 
 
 class TooManyBadRecords(RuntimeError):
@@ -38,10 +45,15 @@ class TooManyBadRecords(RuntimeError):
   files and the most recent skips, indented."""
 
 
-def skip_record(reason: str, path: str | None, index: int | None) -> dict:
-  """The marker a source or transform returns instead of raising on bad input."""
-  return {SKIP: str(reason), "path": "" if path is None else str(path),
-          "index": -1 if index is None else int(index)}
+def skip_record(reason: str, path: str | None, index: int | None,
+                epoch: int | None = None) -> dict:
+  """The marker a source or transform returns instead of raising on bad input. A transform after
+  the epoch is tagged passes the record's epoch on, for `ReplaceBadRecords`."""
+  marker = {SKIP: str(reason), "path": "" if path is None else str(path),
+            "index": -1 if index is None else int(index)}
+  if epoch is not None:
+    marker["epoch"] = int(epoch)
+  return marker
 
 
 def is_skip(record: Any) -> bool:
@@ -63,10 +75,13 @@ class SkipTracker(grain.transforms.Filter):
       `end_epoch()` is called.
     keep: how many worst files and most recent skips an error message names.
     name: what the data is, for messages (e.g. "train data").
+    enforce: False only counts and logs; the caller then enforces the ratio on totals of its
+      own with `check` (the trainer's, over every process, so all of them stop together).
   """
 
   def __init__(self, max_skip_ratio: float = 0.01, *, min_seen: int = DEFAULT_MIN_SEEN,
-               epoch_size: int | None = None, keep: int = 10, name: str = "data"):
+               epoch_size: int | None = None, keep: int = 10, name: str = "data",
+               enforce: bool = True):
     if not 0.0 <= max_skip_ratio < 1.0:
       raise ValueError(f"max_skip_ratio={max_skip_ratio!r} is invalid: use a fraction in [0, 1)")
     if min_seen < 1:
@@ -78,6 +93,7 @@ class SkipTracker(grain.transforms.Filter):
     self.epoch_size = epoch_size
     self.keep = int(keep)
     self.name = name
+    self.enforce = bool(enforce)
     self._lock = threading.Lock()
     self.seen = 0
     self.skipped = 0
@@ -110,12 +126,12 @@ class SkipTracker(grain.transforms.Filter):
       epoch_done = self.epoch_size is not None and self.seen % self.epoch_size == 0
       seen, skipped = self.seen, self.skipped
     if bad:
-      logging.warning("%s: skipping bad record %s (index %s): %s", self.name, path or "<no path>",
-                      index, reason)
+      logging.warning("%s: bad record %s (index %s): %s", self.name, path or "<no path>", index,
+                      reason)
     # Good records only lower the ratio, so checking at each bad record, on reaching min_seen and
     # at each epoch end catches every crossing.
-    if bad or epoch_done or seen == self.min_seen:
-      self._check(final=epoch_done, seen=seen, skipped=skipped)
+    if self.enforce and (bad or epoch_done or seen == self.min_seen):
+      self.check(seen, skipped, final=epoch_done)
     return not bad
 
   __call__ = filter
@@ -124,7 +140,7 @@ class SkipTracker(grain.transforms.Filter):
     """Enforces the ratio now, however few records were seen (call at the end of an epoch)."""
     with self._lock:
       seen, skipped = self.seen, self.skipped
-    self._check(final=True, seen=seen, skipped=skipped)
+    self.check(seen, skipped, final=True)
 
   def metrics(self) -> dict[str, float]:
     with self._lock:
@@ -142,20 +158,23 @@ class SkipTracker(grain.transforms.Filter):
     with self._lock:
       return list(self._recent)
 
-  def _check(self, *, final: bool, seen: int, skipped: int) -> None:
+  def check(self, seen: int, skipped: int, *, final: bool, where: str = "") -> None:
+    """Raises `TooManyBadRecords` when `skipped` of `seen` records is past the ratio (mid-epoch
+    only once `min_seen` were seen). The message names this tracker's worst files; `where` says
+    whose records the counts are (e.g. "over 2 processes")."""
     if not seen or (seen < self.min_seen and not final):
       return
     if skipped / seen <= self.max_skip_ratio:
       return
     worst = "\n".join(f"  {p or '<no path>'}: {c} bad record(s), latest index {i}: {r}"
-                      for p, c, i, r in self.worst())
+                      for p, c, i, r in self.worst()) or "  (none among this process's records)"
     recent = "\n".join(f"  {p or '<no path>'} (index {i}): {r}" for p, i, r in self.recent())
     raise TooManyBadRecords(
-        f"{self.name}: {skipped} of {seen} records were unreadable or unusable "
+        f"{self.name}: {skipped} of {seen} records{where} were unreadable or unusable "
         f"({skipped / seen:.2%} > max_skip_ratio {self.max_skip_ratio:.2%}"
         f"{'' if final else f', checked after at least {self.min_seen} records'}). "
         f"Fix or remove these inputs, or raise data.max_skip_ratio.\n"
-        f"Worst files:\n{worst}\nMost recent skips:\n{recent}")
+        f"Worst files:\n{worst}\nMost recent skips:\n{recent or '  (none)'}")
 
   def track(self, records: Iterable) -> Iterator:
     """Filters an iterable through the tracker and enforces the ratio when it ends."""
@@ -163,3 +182,38 @@ class SkipTracker(grain.transforms.Filter):
       if self.filter(record):
         yield record
     self.end_epoch()
+
+
+class ReplaceBadRecords(grain.transforms.Map):
+  """Counts every record with `tracker`, and puts a good record in each bad one's place.
+
+  The replacement is the first good record among `tries` records of the source drawn from
+  (seed, the bad record's index, its epoch), made by `make_record(index, epoch)`: the pipeline's
+  own per-record steps, so it is that record as its own reader makes it in that epoch (the same
+  corruption and question draws). It depends on the bad record alone, not on which process reads
+  it or what came before, so a bad record changes no other row: processes stay in step (a finite
+  `data.num_epochs` ends on every process at the same step) and a run of N processes reads the
+  batches of a run of one. The bad record is still logged and counted; its replacement is not.
+  """
+
+  def __init__(self, tracker: SkipTracker, make_record: Callable[[int, int], Any],
+               num_records: int, seed: int, tries: int = REPLACEMENT_TRIES):
+    self.tracker, self.make_record = tracker, make_record
+    self.num_records, self.seed, self.tries = int(num_records), int(seed), int(tries)
+
+  def map(self, element):
+    if self.tracker.filter(element):
+      return element
+    index, epoch = int(element.get("index", -1)), int(element.get("epoch", -1))
+    if index < 0 or epoch < 0:
+      raise ValueError(f"{self.tracker.name}: a bad record without its source index and epoch "
+                       f"({element}): every skip marker of a pipeline needs both")
+    rng = np.random.default_rng([self.seed, index, epoch, _REPLACEMENT_STREAM])
+    for other in rng.integers(self.num_records, size=self.tries):
+      record = self.make_record(int(other), epoch)
+      if not is_skip(record):
+        return record
+    raise TooManyBadRecords(
+        f"{self.tracker.name}: record {index} ({element.get('path') or '<no path>'}) is bad "
+        f"({element[SKIP]}), and so were all {self.tries} records drawn to replace it: nearly "
+        "all of this data is unreadable or unusable")

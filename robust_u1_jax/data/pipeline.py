@@ -22,7 +22,10 @@
   -> ViT-size copy of the corrupted image          BAGEL's ViT rule
   -> stage texts + tokenisation                   instruction / question / answer
                                                   (stage_fields.py)
-  -> skip tracking                                bad_records.SkipTracker, in the main process
+  -> bad records counted, replaced                bad_records.SkipTracker, in the main process;
+                                                  ReplaceBadRecords puts a record drawn from
+                                                  (seed, index, epoch) in a bad one's place, so
+                                                  no later row moves
   -> batch (per-process batch = data.batch_size / process_count)
      or, with data.token_budget > 0, first-fit packing into rows (packing.py), each sample
      measured by the stage's own block list (data/sequence.py)
@@ -342,6 +345,21 @@ class Pipeline:
     """{'skipped', 'seen', 'skip_ratio'} of the records this process has read."""
     return self.tracker.metrics()
 
+  def check_skip_ratio(self, replicas: int = 1) -> None:
+    """Enforces data.max_skip_ratio on the bad records of every process together: a collective
+    that every process calls at the same step, so all of them stop there or none does (for
+    pipelines built with enforce_skip_ratio=False). `replicas`: processes that read one data
+    shard, each of whose records they all count."""
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+    m = self.tracker.metrics()
+    counts = np.asarray(multihost_utils.process_allgather(
+        np.asarray([m["seen"], m["skipped"]], np.int32))).reshape(-1, 2)  # (processes, 2)
+    processes = counts.shape[0]
+    seen, skipped = (int(v) // replicas for v in counts.sum(0))
+    self.tracker.check(seen, skipped, final=seen >= self.epoch_size * (processes // replicas),
+                       where=f" read by {processes} processes")
+
   def close(self) -> None:
     close = getattr(self._iterator, "close", None)
     if close is not None:
@@ -366,12 +384,40 @@ def _check_stage(stage: str) -> None:
     raise ValueError(f"stage={stage!r} is unknown: allowed {', '.join(STAGES)}")
 
 
+def _record_steps(data_config, seed: int, stage: str, tokenizer, instruction: str | None
+                  ) -> tuple[list[grain.transforms.Map], list[grain.transforms.Map]]:
+  """(the steps that map one record, the steps that map a group of records) from a loaded
+  record tagged with its epoch to the record a batch holds: the pipeline's readers run them,
+  and so does `ReplaceBadRecords` for a bad record's replacement."""
+  record_steps = [transforms.DecodeImages(),
+                  transforms.ResizeImages.from_config(data_config, "vae",
+                                                      keys=("image", "target_image"))]
+  each = corrupt_groups.EachRecord
+  text_fields = TEXT_FIELDS[stage]
+  group_steps = [
+      corrupt_groups.CorruptGroup.from_config(data_config, seed),
+      each(stage_fields.StageFields(
+          stage, seed=seed, instruction=instruction or tokenizer_lib.RECOVERY_INSTRUCTION,
+          vit_rule=transforms.resize_rule(data_config, "vit"))),
+      each(Tokenize(text_fields, tokenizer, data_config.tokenizer_dir))]
+  keep = (*IMAGE_FIELDS, "index", "epoch", "corruption", "corruption_steps",
+          *(f"{f}_ids" for f in text_fields), *HOST_FIELDS[stage])
+  if data_config.token_budget > 0:
+    group_steps.append(each(packing.SampleTokens(
+        stage, vit_patch=data_config.vit_patch, vae_stride=data_config.vae_stride,
+        token_budget=data_config.token_budget, latent_budget=data_config.latent_budget)))
+    keep = keep + tuple(packing.length_features(data_config.token_budget,
+                                                data_config.latent_budget))
+  group_steps.append(each(KeepFields(keep)))
+  return record_steps, group_steps
+
+
 def make_pipeline(data_config, *, seed: int, process_index: int = 0, process_count: int = 1,
                   tokenizer=None, stage: str = "sft", split: str | None = None,
                   instruction: str | None = None, text_pad_to: int | None = None,
                   read_options: grain.ReadOptions | None = None,
-                  format_rows: Callable[[dict, np.random.Generator], Any] | None = None
-                  ) -> Pipeline:
+                  format_rows: Callable[[dict, np.random.Generator], Any] | None = None,
+                  enforce_skip_ratio: bool = True) -> Pipeline:
   """The batch iterator of one process (module docstring for the stages and the schema).
 
   Args:
@@ -389,6 +435,9 @@ def make_pipeline(data_config, *, seed: int, process_index: int = 0, process_cou
       given batch n a generator seeded with (seed, n) (the batch's step number), so a resumed run
       formats its batches as the uninterrupted run did. It runs in a Grain thread that keeps
       FORMAT_AHEAD batches ready, so the training thread only moves them to the devices.
+    enforce_skip_ratio: False counts bad records without stopping at data.max_skip_ratio; the
+      caller enforces it on totals (`Pipeline.tracker.check`), as the trainer does over every
+      process so that all of them stop at one step.
   """
   _check_stage(stage)
   if text_pad_to is None:
@@ -418,31 +467,15 @@ def make_pipeline(data_config, *, seed: int, process_index: int = 0, process_cou
   ds = ds.map(LoadRecord(source))
   ds = ds.map_with_index(transforms.AddEpoch(epoch_size * process_count))
   ds = multihost.process_slice(ds, process_index, process_count, 1 if packed else batch_size)
-  ds = ds.map(transforms.DecodeImages())
-  ds = ds.map(transforms.ResizeImages.from_config(data_config, "vae",
-                                                  keys=("image", "target_image")))
   # Records are corrupted a group at a time (one jitted call per group of one image size); the
   # per-record steps after it map over each group's records, and `Ungroup` below restores the
   # record stream once Grain's readers are done.
+  record_steps, group_steps = _record_steps(data_config, seed, stage, tokenizer, instruction)
+  for step in record_steps:
+    ds = ds.map(step)
   ds = ds.batch(corrupt_groups.GROUP, batch_fn=list)
-  ds = ds.map(corrupt_groups.CorruptGroup.from_config(data_config, seed))
-  each = corrupt_groups.EachRecord
-  ds = ds.map(each(stage_fields.StageFields(
-      stage, seed=seed, instruction=instruction or tokenizer_lib.RECOVERY_INSTRUCTION,
-      vit_rule=transforms.resize_rule(data_config, "vit"))))
-  text_fields = TEXT_FIELDS[stage]
-  ds = ds.map(each(Tokenize(text_fields, tokenizer, data_config.tokenizer_dir)))
-  keep = (*IMAGE_FIELDS, "index", "epoch", "corruption", "corruption_steps",
-          *(f"{f}_ids" for f in text_fields), *HOST_FIELDS[stage])
-  canvas = image_canvas(data_config)
-  if packed:
-    ds = ds.map(each(packing.SampleTokens(
-        stage, vit_patch=data_config.vit_patch, vae_stride=data_config.vae_stride,
-        token_budget=data_config.token_budget, latent_budget=data_config.latent_budget)))
-    keep = keep + tuple(packing.length_features(data_config.token_budget,
-                                                data_config.latent_budget))
-  ds = ds.map(each(KeepFields(keep)))
-
+  for step in group_steps:
+    ds = ds.map(step)
   it = ds.to_iter_dataset(read_options or _default_read_options(batch_size))
   if data_config.worker_count > 0:
     if not flags.FLAGS.is_parsed():
@@ -453,8 +486,21 @@ def make_pipeline(data_config, *, seed: int, process_index: int = 0, process_cou
   it = grain.experimental.FlatMapIterDataset(it, corrupt_groups.Ungroup())
   # After the worker processes, so one tracker in the main process counts every record.
   tracker = bad_records.SkipTracker(data_config.max_skip_ratio, epoch_size=epoch_size,
-                                    name=f"{data_config.source} data ({stage})")
-  it = it.filter(tracker)
+                                    name=f"{data_config.source} data ({stage})",
+                                    enforce=enforce_skip_ratio)
+
+  def make_record(index: int, epoch: int):
+    record = {**source[index], "epoch": epoch}
+    for step in record_steps:
+      record = step.map(record)
+    group = [record]
+    for step in group_steps:
+      group = step.map(group)
+    return group[0]
+
+  it = it.map(bad_records.ReplaceBadRecords(tracker, make_record, num_records, seed))
+  text_fields = TEXT_FIELDS[stage]
+  canvas = image_canvas(data_config)
   if packed:
     min_tokens = packing.min_sample_tokens(
         stage, vit_min_side=data_config.vit_min_side, vit_patch=data_config.vit_patch,

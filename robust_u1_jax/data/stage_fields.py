@@ -81,7 +81,8 @@ class StageFields(grain.transforms.Map):
     if not isinstance(caption, str) or not caption:
       return bad_records.skip_record(
           f"stage {self.stage!r} needs a record with a 'caption' text (the shapes world has "
-          f"one); this one has {sorted(out)}", out.get("path"), out.get("index"))
+          f"one); this one has {sorted(out)}", out.get("path"), out.get("index"),
+          out.get("epoch"))
     out["caption_text"] = caption
     return out
 
@@ -94,7 +95,7 @@ class StageFields(grain.transforms.Map):
       return bad_records.skip_record(
           f"stage {self.stage!r} needs a record with 'questions' (shapes world, VQA tables) or "
           f"'question' and 'answer' texts (JSONL); this one has {sorted(out)}",
-          out.get("path"), out.get("index"))
+          out.get("path"), out.get("index"), out.get("epoch"))
     rng = np.random.default_rng([self.seed, int(out["index"]), int(out.get("epoch", 0)),
                                  _QUESTION_STREAM])
     q = questions[int(rng.integers(len(questions)))]

@@ -193,7 +193,7 @@ class DecodeImages(grain.transforms.Map):
         out[dst] = decode_image(data)
       except BadImageError as e:
         path = element.get(path_key) or element.get("path")
-        return skip_record(f"{dst}: {e}", path, element.get("index"))
+        return skip_record(f"{dst}: {e}", path, element.get("index"), element.get("epoch"))
     return out
 
 
@@ -297,7 +297,8 @@ class ResizeImages(grain.transforms.Map):
         problem = size_problem(out[key], self.min_image_side)
         if problem:
           path = element.get(f"{key}_path") or element.get("path")
-          return skip_record(f"{key}: {problem}", path, element.get("index"))
+          return skip_record(f"{key}: {problem}", path, element.get("index"),
+                             element.get("epoch"))
         image = center_square(out[key]) if self.crop_square else out[key]
         out[key + self.out_suffix], _ = bagel_resize(image, **self.rule)
     return out
@@ -467,7 +468,7 @@ class CorruptOnTheFly(grain.transforms.Map):
                      f"{sorted(out)} (run DecodeImages first)")
     problem = corruption_size_problem(out["image"], self.spec)
     if problem:  # a bad record, counted like any other (bad_records)
-      return skip_record(problem, out.get("path"), out.get("index"))
+      return skip_record(problem, out.get("path"), out.get("index"), out.get("epoch"))
     clean = out.pop("image")
     corrupted, info = corrupt_image(clean, self.spec, self.seed, int(out["index"]),
                                     int(out.get("epoch", 0)))
@@ -488,8 +489,7 @@ class AddEpoch(grain.transforms.MapWithIndex):
     self.num_records = int(num_records)
 
   def map_with_index(self, index: int, element):
-    if is_skip(element):
-      return element
+    # Markers too: a bad record is replaced by a record of its own epoch (ReplaceBadRecords).
     return {**element, "epoch": int(index) // self.num_records}
 
 

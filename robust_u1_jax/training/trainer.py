@@ -43,6 +43,11 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     print(f"{workdir} is already at the final step {checkpoint_lib.latest_step(workdir)}; "
           f"nothing to train (model: {os.path.join(workdir, 'model')})", flush=True)
     return []
+  if jax.process_count() > 1 and config.data.token_budget and config.data.num_epochs:
+    raise config_lib.ConfigError(
+        f"data.num_epochs = {config.data.num_epochs} with packed rows (data.token_budget) on "
+        f"{jax.process_count()} processes: each process packs its own records, so their data "
+        "would end at different steps; use data.num_epochs = 0 (the run is total_steps long)")
   ctx = run_setup.make_context(config)  # checks the config against the model before building
   mesh, tokenizer = ctx.mesh, ctx.tokenizer
   os.makedirs(workdir, exist_ok=True)
@@ -52,6 +57,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
 
     # The data shard this process reads: processes whose devices share batch rows read one.
     process_index, process_count = multihost.data_shard(mesh)
+    replicas = jax.process_count() // process_count  # processes that read one data shard
     data_stage = spec.data_stage or config.stage
     if (process_count > 1 and not config.data.token_budget
         and not pipeline_lib.fixed_rows(config.data, data_stage)):
@@ -59,10 +65,13 @@ def train(config: ml_collections.ConfigDict, workdir: str,
           "a multi-host run of unpacked batches needs data.text_pad_to > 0 (the longest text in "
           "tokens) or data.text_widths for each text field, so every host builds rows of one "
           "length")
+    several = jax.process_count() > 1
+    # Several processes enforce data.max_skip_ratio on their totals together, at log steps.
     data = pipeline_lib.make_pipeline(config.data, seed=config.seed, process_index=process_index,
                                       process_count=process_count, tokenizer=tokenizer,
                                       stage=data_stage, instruction=config.get("instruction"),
-                                      format_rows=inputs_and_work(ctx, spec))
+                                      format_rows=inputs_and_work(ctx, spec),
+                                      enforce_skip_ratio=not several)
     ckpt = checkpoint_lib.Checkpointer(workdir, every=config.checkpoint_every,
                                        keep=config.keep_checkpoints)
     start, pending = 0, []
@@ -107,7 +116,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     log = metrics_log.MetricsLogger(
         workdir, total_steps=config.total_steps, every=config.log_every, start_step=start,
         tensorboard=config.tensorboard, step_flops=step_flops,
-        replicas=jax.process_count() // process_count, pending=pending)
+        replicas=replicas, pending=pending)
     meta = {"stage": config.stage, "config": config.to_json_best_effort()}
     try:
       for step in range(start + 1, config.total_steps + 1):
@@ -117,6 +126,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                            process_samples=samples, model_flops=work)
         if row is not None:
           checkpoint_lib.check_finite(step, row)
+        if several and (step % config.log_every == 0 or step == config.total_steps):
+          data.check_skip_ratio(replicas)
         if spec.evaluate is not None and step % config.eval_every == 0:
           columns, eval_metrics = spec.evaluate(*plain_model_state(graphdef, state))
           log.log_eval(step, eval_metrics, metrics_log.image_grid(columns),
