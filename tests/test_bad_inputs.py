@@ -297,8 +297,13 @@ def test_a_bad_record_is_replaced_by_a_good_one_drawn_from_its_index_and_epoch()
 
   hopeless = bad_records.ReplaceBadRecords(
       tracker, lambda i, e: bad_records.skip_record("bad", "x", i, e), num_records=100, seed=0)
-  with pytest.raises(bad_records.TooManyBadRecords, match="all 64 records drawn to replace it"):
+  with pytest.raises(bad_records.TooManyBadRecords, match="so is every other record"):
     hopeless.map(bad)
+  # Past the 64 draws, the records after the bad one in order.
+  rare = bad_records.ReplaceBadRecords(
+      tracker, lambda i, e: ({"index": i, "epoch": e} if i == 3 else
+                             bad_records.skip_record("bad", "x", i, e)), num_records=10**6, seed=0)
+  assert rare.map(bad)["index"] == 3  # 64 draws from a million miss it; the scan from 6 wraps
   with pytest.raises(ValueError, match="without its source index and epoch"):
     replace.map(bad_records.skip_record("bad", "x", 3))
 

@@ -210,6 +210,43 @@ def test_bad_records_leave_every_process_reading_the_batches_of_one(tok, tmp_pat
   assert len(set(rows)) == len(rows) - 6  # each replacement is a good record read twice
 
 
+def test_packed_rows_replace_a_bad_record_too(tok, tmp_path):
+  root = str(tmp_path / "images")
+  _write_folder(root, n_good=11, n_bad=1)
+  data = _data(source="folder", path=root, batch_size=2, corruption="none", token_budget=256,
+               max_skip_ratio=0.5, num_epochs=1, shuffle=False)
+  p = pipeline.make_pipeline(data, seed=0, tokenizer=tok)
+  samples = [int(i) for b in p for row, n in zip(b["index"], b["num_samples"]) for i in row[:n]]
+  assert p.metrics()["skipped"] == 1 and len(samples) == 12
+  (extra,) = [i for i in set(samples) if samples.count(i) == 2]  # in bad_00's place
+  assert sorted(samples) == sorted([*range(1, 12), extra])
+
+
+def test_several_processes_stop_together_on_the_sum_of_their_bad_records(tok, monkeypatch):
+  from jax.experimental import multihost_utils
+
+  data = _data(shapes_size=40, batch_size=4, max_skip_ratio=0.05)
+  p = pipeline.make_pipeline(data, seed=0, process_index=0, process_count=2, tokenizer=tok,
+                             enforce_skip_ratio=False)
+  gathered = []
+
+  def allgather(counts, seen_each, skipped_each):
+    gathered.append(counts.tolist())
+    return np.asarray([[seen_each, skipped_each]] * 4, np.int32)  # 4 processes, 2 per shard
+
+  # 20 seen, 1 bad per shard: 5 % is not past 5 %; 2 bad of 20 are, at the end of the epoch
+  # (40 records) or past min_seen (100), not mid-epoch.
+  monkeypatch.setattr(multihost_utils, "process_allgather", lambda c: allgather(c, 20, 1))
+  p.check_skip_ratio(replicas=2)
+  monkeypatch.setattr(multihost_utils, "process_allgather", lambda c: allgather(c, 20, 2))
+  with pytest.raises(bad_records.TooManyBadRecords,
+                     match=r"4 of 40 records read by 4 processes were unreadable"):
+    p.check_skip_ratio(replicas=2)
+  monkeypatch.setattr(multihost_utils, "process_allgather", lambda c: allgather(c, 19, 2))
+  p.check_skip_ratio(replicas=2)  # 38 of 40 records: mid-epoch, below min_seen
+  assert gathered[0] == [0, 0]  # this process's own counts, nothing read yet
+
+
 def test_reason_stage_questions_and_answers(tok):
   data = _data("reason", shapes_size=32, batch_size=4)
   batch = next(pipeline.make_pipeline(data, seed=0, tokenizer=tok, stage="reason"))

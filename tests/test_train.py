@@ -339,12 +339,12 @@ def test_data_that_runs_out_before_the_last_step_is_a_config_error(tmp_path):
     trainer.train(config, str(tmp_path), sft.build)
 
 
-def test_packed_rows_on_several_processes_must_repeat_their_data(tmp_path, monkeypatch):
+def test_packed_rows_on_several_data_shards_must_repeat_their_data(tmp_path, monkeypatch):
   # Each process packs its own records, so a finite epoch could end at other steps on each.
-  import jax
+  from robust_u1_jax.data import multihost
 
   config = _config(3, **{"data.token_budget": 512, "data.num_epochs": 2})
-  monkeypatch.setattr(jax, "process_count", lambda: 2)
-  with pytest.raises(config_lib.ConfigError, match=r"data.num_epochs = 2 with packed rows .* on "
-                     r"2 processes"):
+  monkeypatch.setattr(multihost, "data_shard", lambda mesh: (0, 2))
+  with pytest.raises(config_lib.ConfigError, match=r"data.num_epochs = 2 with packed rows .* "
+                     r"read as 2 data shards"):
     trainer.train(config, str(tmp_path), sft.build)

@@ -23,6 +23,7 @@ inside a worker process counts only that worker's records.
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 import collections
+import itertools
 import threading
 from typing import Any
 
@@ -32,8 +33,8 @@ import numpy as np
 
 SKIP = "_skip"
 DEFAULT_MIN_SEEN = 100
-# Records drawn to replace a bad one before giving up: with a tenth of the data bad, all of them
-# are bad once in 1e64 replacements.
+# Records drawn to replace a bad one before the records after it are tried in order: with a
+# tenth of the data bad, all of them are bad once in 1e64 replacements.
 REPLACEMENT_TRIES = 64
 _REPLACEMENT_STREAM = 0x5E71ACE  # keeps the draws apart from the run's other uses of its seed
 
@@ -188,12 +189,13 @@ class ReplaceBadRecords(grain.transforms.Map):
   """Counts every record with `tracker`, and puts a good record in each bad one's place.
 
   The replacement is the first good record among `tries` records of the source drawn from
-  (seed, the bad record's index, its epoch), made by `make_record(index, epoch)`: the pipeline's
-  own per-record steps, so it is that record as its own reader makes it in that epoch (the same
-  corruption and question draws). It depends on the bad record alone, not on which process reads
-  it or what came before, so a bad record changes no other row: processes stay in step (a finite
-  `data.num_epochs` ends on every process at the same step) and a run of N processes reads the
-  batches of a run of one. The bad record is still logged and counted; its replacement is not.
+  (seed, the bad record's index, its epoch), then among the records after it in the source,
+  made by `make_record(index, epoch)`: the pipeline's own per-record steps, so it is that record
+  as its own reader makes it in that epoch (the same corruption and question draws). It depends
+  on the bad record alone, not on which process reads it or what came before, so a bad record
+  changes no other row: processes stay in step (a finite `data.num_epochs` ends on every process
+  at the same step) and a run of N processes reads the batches of a run of one. The bad record
+  is still logged and counted; its replacement is not.
   """
 
   def __init__(self, tracker: SkipTracker, make_record: Callable[[int, int], Any],
@@ -208,12 +210,16 @@ class ReplaceBadRecords(grain.transforms.Map):
     if index < 0 or epoch < 0:
       raise ValueError(f"{self.tracker.name}: a bad record without its source index and epoch "
                        f"({element}): every skip marker of a pipeline needs both")
-    rng = np.random.default_rng([self.seed, index, epoch, _REPLACEMENT_STREAM])
-    for other in rng.integers(self.num_records, size=self.tries):
+    n = self.num_records
+    drawn = np.random.default_rng([self.seed, index, epoch, _REPLACEMENT_STREAM]).integers(
+        n, size=self.tries)
+    # Then every record after it: on mostly bad data a process gives up only where every process
+    # would (on its first bad record), never alone while the others wait for it in a step.
+    following = ((index + k) % n for k in range(1, n + 1))
+    for other in itertools.chain(drawn, following):
       record = self.make_record(int(other), epoch)
       if not is_skip(record):
         return record
     raise TooManyBadRecords(
         f"{self.tracker.name}: record {index} ({element.get('path') or '<no path>'}) is bad "
-        f"({element[SKIP]}), and so were all {self.tries} records drawn to replace it: nearly "
-        "all of this data is unreadable or unusable")
+        f"({element[SKIP]}), and so is every other record of the data")

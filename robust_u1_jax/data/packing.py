@@ -39,6 +39,7 @@ import grain
 import numpy as np
 
 from robust_u1_jax import config_lib
+from robust_u1_jax.data import bad_records
 from robust_u1_jax.data import sequence
 
 
@@ -62,6 +63,8 @@ class SampleTokens(grain.transforms.Map):
     self.latent_budget = int(latent_budget)
 
   def map(self, element: Mapping[str, Any]) -> dict[str, Any]:
+    if bad_records.is_skip(element):
+      return element
     try:
       blocks = self.blocks(element)
     except KeyError as e:

@@ -36,7 +36,8 @@
 
 The returned `Pipeline` is an iterator of batches (of the step's inputs with format_rows) with
 `get_state()` / `set_state()`, `metrics()` -> {'skipped', 'seen', 'skip_ratio'}
-(bad_records.TooManyBadRecords is raised from `next()` past data.max_skip_ratio), `close()`, and
+(bad_records.TooManyBadRecords is raised from `next()` past data.max_skip_ratio, or from
+`check_skip_ratio()` on several processes), `close()`, and
 attributes num_records, epoch_size (records per process per epoch) and batch_size (per process).
 On a multi-host mesh, pass `multihost.data_shard(mesh)` as (process_index, process_count), and
 turn each batch into global arrays with `multihost.global_batch(multihost.host_fields(batch)[0],
@@ -436,8 +437,8 @@ def make_pipeline(data_config, *, seed: int, process_index: int = 0, process_cou
       formats its batches as the uninterrupted run did. It runs in a Grain thread that keeps
       FORMAT_AHEAD batches ready, so the training thread only moves them to the devices.
     enforce_skip_ratio: False counts bad records without stopping at data.max_skip_ratio; the
-      caller enforces it on totals (`Pipeline.tracker.check`), as the trainer does over every
-      process so that all of them stop at one step.
+      caller enforces it with `Pipeline.check_skip_ratio` on the counts of every process, as the
+      trainer does so that all of them stop at one step.
   """
   _check_stage(stage)
   if text_pad_to is None:

@@ -43,11 +43,6 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     print(f"{workdir} is already at the final step {checkpoint_lib.latest_step(workdir)}; "
           f"nothing to train (model: {os.path.join(workdir, 'model')})", flush=True)
     return []
-  if jax.process_count() > 1 and config.data.token_budget and config.data.num_epochs:
-    raise config_lib.ConfigError(
-        f"data.num_epochs = {config.data.num_epochs} with packed rows (data.token_budget) on "
-        f"{jax.process_count()} processes: each process packs its own records, so their data "
-        "would end at different steps; use data.num_epochs = 0 (the run is total_steps long)")
   ctx = run_setup.make_context(config)  # checks the config against the model before building
   mesh, tokenizer = ctx.mesh, ctx.tokenizer
   os.makedirs(workdir, exist_ok=True)
@@ -65,6 +60,12 @@ def train(config: ml_collections.ConfigDict, workdir: str,
           "a multi-host run of unpacked batches needs data.text_pad_to > 0 (the longest text in "
           "tokens) or data.text_widths for each text field, so every host builds rows of one "
           "length")
+    if process_count > 1 and config.data.token_budget and config.data.num_epochs:
+      raise config_lib.ConfigError(
+          f"data.num_epochs = {config.data.num_epochs} with packed rows (data.token_budget) "
+          f"read as {process_count} data shards: each process packs its own records, so their "
+          "data would end at different steps; use data.num_epochs = 0 (the run is total_steps "
+          "long)")
     several = jax.process_count() > 1
     # Several processes enforce data.max_skip_ratio on their totals together, at log steps.
     data = pipeline_lib.make_pipeline(config.data, seed=config.seed, process_index=process_index,
@@ -103,6 +104,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       try:
         host, counts = next(data)
       except StopIteration:
+        if several:  # every process ends here at this step: bad records first, as one would
+          data.check_skip_ratio(replicas)
         raise config_lib.ConfigError(
             f"data.num_epochs = {config.data.num_epochs}: the data ran out before step "
             f"{config.total_steps} (total_steps); raise num_epochs, or 0 to repeat the data "
