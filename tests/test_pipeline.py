@@ -82,13 +82,13 @@ def test_process_slices_partition_each_epoch(tok, num_records):
     per_process.append([(int(b["index"][0]), int(b["epoch"][0])) for b in batches])
   for epoch in (0, 1):
     slices = [[i for i, e in pp if e == epoch] for pp in per_process]
-    assert all(len(s) == epoch_size for s in slices)
+    if epoch == 0:  # 2 * epoch_size records each reach past epoch 0
+      assert sorted(len(s) for s in slices) == [epoch_size] * (4 - num_records % 4) + [
+          epoch_size + 1] * (num_records % 4)
     union = [i for s in slices for i in s]
     assert len(set(union)) == len(union)  # no record is read by two processes
-    if num_records % 4 == 0:
-      assert sorted(union) == list(range(num_records))  # together: the whole dataset
-    else:  # the remainder is dropped so processes stay in lock-step
-      assert len(union) == 4 * epoch_size and set(union) <= set(range(num_records))
+    if epoch == 0:  # together: the whole dataset, the remainder included
+      assert sorted(union) == list(range(num_records))
   # Each epoch is shuffled anew.
   assert [i for i, e in per_process[0] if e == 0] != [i for i, e in per_process[0] if e == 1]
 
@@ -208,6 +208,18 @@ def test_bad_records_leave_every_process_reading_the_batches_of_one(tok, tmp_pat
   rows = [(int(i), int(e)) for b in one for i, e in zip(b["index"], b["epoch"])]
   assert all(source[i].startswith("good_") for i, _ in rows)
   assert len(set(rows)) == len(rows) - 6  # each replacement is a good record read twice
+
+
+def test_processes_read_the_batches_of_one_whatever_the_record_count(tok):
+  # 43 records over 2 processes and 3 shuffled epochs: the global batches of 8 straddle the
+  # epochs, as one process's do. Dropping 43 % 2 records per epoch made the batches differ.
+  data = _data(shapes_size=43, batch_size=8, num_epochs=3)
+  one = list(pipeline.make_pipeline(data, seed=4, tokenizer=tok))
+  per_process = [list(pipeline.make_pipeline(data, seed=4, process_index=i, process_count=2,
+                                             tokenizer=tok)) for i in range(2)]
+  assert len(one) == 129 // 8 and [len(b) for b in per_process] == [len(one)] * 2
+  _assert_batches_equal(_global_batches(per_process), one)
+  assert {int(e) for b in one for e in b["epoch"]} == {0, 1, 2}
 
 
 def test_packed_rows_replace_a_bad_record_too(tok, tmp_path):

@@ -3,9 +3,8 @@
 `make_pipeline(data_config, seed=..., process_index=..., process_count=..., stage=...)` builds
 
   source (data.source)                            random access, record i = f(i)
-  -> shuffle (seeded; reshuffled every epoch)     grain MapDataset.shuffle + repeat (the
-                                                  remainder of len % process_count is dropped,
-                                                  so processes stay in lock-step)
+  -> shuffle (seeded; reshuffled every epoch)     grain MapDataset.shuffle + repeat (a finite
+                                                  stream ends at its last whole global batch)
   -> load, tag 'epoch'                            transforms.AddEpoch
   -> this process's slice                         multihost.process_slice: its rows of every
                                                   global batch, so n processes read the batches
@@ -38,7 +37,8 @@ The returned `Pipeline` is an iterator of batches (of the step's inputs with for
 `get_state()` / `set_state()`, `metrics()` -> {'skipped', 'seen', 'skip_ratio'}
 (bad_records.TooManyBadRecords is raised from `next()` past data.max_skip_ratio, or from
 `check_skip_ratio()` on several processes), `close()`, and
-attributes num_records, epoch_size (records per process per epoch) and batch_size (per process).
+attributes num_records, epoch_size (records per process per epoch, rounded down) and batch_size
+(per process).
 On a multi-host mesh, pass `multihost.data_shard(mesh)` as (process_index, process_count), and
 turn each batch into global arrays with `multihost.global_batch(multihost.host_fields(batch)[0],
 mesh)`.
@@ -299,8 +299,8 @@ def _default_read_options(per_process_batch: int) -> grain.ReadOptions:
 class Pipeline:
   """Iterator over batches; checkpointable (get_state/set_state), with skip metrics.
 
-  Attributes: num_records (source length), epoch_size (records per process per epoch),
-  batch_size (per-process batch), stage, dataset (the Grain IterDataset).
+  Attributes: num_records (source length), epoch_size (records per process per epoch, rounded
+  down), batch_size (per-process batch), stage, dataset (the Grain IterDataset).
   """
 
   def __init__(self, dataset: grain.IterDataset, tracker: bad_records.SkipTracker, *,
@@ -463,11 +463,15 @@ def make_pipeline(data_config, *, seed: int, process_index: int = 0, process_cou
   # Every process walks the same record stream and tags epochs on it (record i of the stream is
   # loaded only by the process that reads it), then keeps its share: a run of its batch rows per
   # global batch, so a run's batches and corruption keys do not depend on the process count.
-  ds = ds[:epoch_size * process_count]
+  # Global batches may straddle epochs, as one process's batches do; a finite stream ends at the
+  # last whole global batch (a whole round of one record per process when packing).
   ds = ds.repeat(data_config.num_epochs or None)
+  chunk = 1 if packed else batch_size
+  if data_config.num_epochs:
+    ds = ds[:len(ds) - len(ds) % (chunk * process_count)]
   ds = ds.map(LoadRecord(source))
-  ds = ds.map_with_index(transforms.AddEpoch(epoch_size * process_count))
-  ds = multihost.process_slice(ds, process_index, process_count, 1 if packed else batch_size)
+  ds = ds.map_with_index(transforms.AddEpoch(num_records))
+  ds = multihost.process_slice(ds, process_index, process_count, chunk)
   # Records are corrupted a group at a time (one jitted call per group of one image size); the
   # per-record steps after it map over each group's records, and `Ungroup` below restores the
   # record stream once Grain's readers are done.

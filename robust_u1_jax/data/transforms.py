@@ -479,8 +479,8 @@ class CorruptOnTheFly(grain.transforms.Map):
 class AddEpoch(grain.transforms.MapWithIndex):
   """Sets record['epoch'] = position // num_records, for `CorruptOnTheFly`'s seed.
 
-  Apply after `repeat` (the position then runs over all epochs) and before corruption;
-  `num_records` is the length of the dataset being repeated (this process's slice, if sharded).
+  Apply after `repeat` (the position then runs over all epochs) and before corruption and the
+  process slice; `num_records` is the length of the dataset being repeated.
   """
 
   def __init__(self, num_records: int):
