@@ -48,7 +48,10 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   # its name here (`--config.benchmarks.<name>=` sets only the names a config has).
   c.benchmarks = ml_collections.ConfigDict(
       {"rbench": "", "mmstar": "", "realworldqa": "", "mmmb": ""})
-  c.benchmark_samples = 0  # rows per benchmark (0: all)
+  c.benchmark_samples = 0  # rows per benchmark (0: all), bad rows included
+  # Bad rows (unreadable images, malformed rows) are left out, logged and listed in the report;
+  # past this fraction of a table's rows the evaluation stops instead.
+  c.max_skip_ratio = 0.01
   if variant == "tiny":
     c.clip_model = "tiny"
     c.recovery_steps = 20

@@ -15,6 +15,7 @@ from PIL import Image
 
 from robust_u1_jax import config_lib
 from robust_u1_jax.checkpoints import orbax_io
+from robust_u1_jax.data import bad_records
 from robust_u1_jax.data import sequence
 from robust_u1_jax.data import tokenizer as tokenizer_lib
 from robust_u1_jax.eval import evaluation, partial, report
@@ -44,13 +45,15 @@ def _png(seed: int, size=(40, 56)) -> bytes:
   return buf.getvalue()
 
 
-def _benchmarks(tmp_path):
+def _benchmarks(tmp_path, bad_images=0):
+  """A 3-row TSV (then `bad_images` rows whose image is not one) and a 2-row parquet table."""
   tsv = tmp_path / "rbench.tsv"
   with open(tsv, "w", newline="") as f:
     w = csv.writer(f, delimiter="\t", lineterminator="\n")
     w.writerow(["index", "image", "question", "A", "B", "answer", "category"])
-    for i in range(3):
-      w.writerow([i, base64.b64encode(_png(i)).decode(), f"Is it {i}?", "yes", "no", "A", "mcq"])
+    for i in range(3 + bad_images):
+      image = _png(i) if i < 3 else b"GIF89a" + bytes(100)  # cut short
+      w.writerow([i, base64.b64encode(image).decode(), f"Is it {i}?", "yes", "no", "A", "mcq"])
   parquet = tmp_path / "mmstar.parquet"
   pq.write_table(pa.table({"image": [{"bytes": _png(10 + i), "path": f"{i}.png"} for i in range(2)],
                            "question": ["Which?", "What?"], "options": [["x", "y", "z"]] * 2,
@@ -68,10 +71,50 @@ def _eval_config():
   return module.get_config("tiny")
 
 
+def test_bad_benchmark_rows_are_left_out_named_and_counted(tmp_path, caplog):
+  tsv = tmp_path / "bench.tsv"
+  with open(tsv, "w", newline="") as f:
+    w = csv.writer(f, delimiter="\t", lineterminator="\n")
+    w.writerow(["index", "image", "question", "A", "B", "answer"])
+    cells = [base64.b64encode(_png(0)).decode(), "%" * 300, base64.b64encode(
+        b"not an image at all " * 10).decode(), base64.b64encode(_png(1)).decode()]
+    for i, image in enumerate(cells):
+      w.writerow([i, image, f"Is it {i}?", "yes", "no", "A"])
+  rules = images.ImageRules(64, 32, 16, 64, 32, 8)
+  samples, read = evaluation.table_samples(str(tsv), 0, rules, max_skip_ratio=0.5)
+  assert [s.index for s in samples] == [0, 3]
+  assert read["rows"] == 4 and read["bad_rows"] == 2
+  assert [row for row, _ in read["bad"]] == [1, 2]
+  assert "bad base64" in read["bad"][0][1] and "row 2: image: not an image" in read["bad"][1][1]
+  assert "benchmark " + str(tsv) in caplog.text  # each logged as it is read
+  line = report.bad_rows_line({"samples": 2, "path": str(tsv), **read})
+  assert line.startswith(f"Scored 2 of the 4 rows read from `{tsv}`; 2 bad row(s) left out: "
+                         "row 1: ")
+  assert report.bad_rows_line({"samples": 2, "path": "t.tsv", "rows": 2, "bad_rows": 0,
+                               "bad": []}) == "Scored 2 of the 2 rows read from `t.tsv`."
+  # The first two rows only: one bad of two.
+  samples, read = evaluation.table_samples(str(tsv), 2, rules, max_skip_ratio=0.5)
+  assert len(samples) == 1 and read["rows"] == 2
+  with pytest.raises(bad_records.TooManyBadRecords, match=r"benchmark .*bench.tsv: 2 of 4"):
+    evaluation.table_samples(str(tsv), 0, rules, max_skip_ratio=0.01)
+
+
+def test_a_table_without_its_columns_stops_the_run_before_the_model_loads(tmp_path):
+  tsv = tmp_path / "bench.tsv"
+  tsv.write_text("index\timage\tanswer\n0\tAAAA\tA\n")
+  c = _eval_config()
+  c.model, c.out = str(tmp_path / "no_model_here"), str(tmp_path / "report")
+  c.benchmarks = {"rbench": str(tsv)}
+  with pytest.raises(config_lib.ConfigError, match="question"):
+    eval_run.run(c, say=lambda line: None)
+  assert not os.path.exists(c.out)
+
+
 @pytest.mark.slow
 def test_evaluate_writes_a_complete_report(model_dir, tmp_path):
   c = _eval_config()
-  tsv, parquet = _benchmarks(tmp_path)
+  tsv, parquet = _benchmarks(tmp_path, bad_images=1)
+  c.max_skip_ratio = 0.5  # the TSV's fourth row is bad
   c.model, c.out, c.num_samples, c.batch_size = model_dir, str(tmp_path / "report"), 4, 4
   c.claim_samples = 6  # the claims' figures on more questions, the first 4 shared
   c.recovery_steps, c.max_new_tokens = 3, 8
@@ -156,11 +199,15 @@ def test_evaluate_writes_a_complete_report(model_dir, tmp_path):
   assert "; on the Robust-R1 pipeline's conditions alone (the corruptions RL trains on" in (
       same["measured"])
   assert data["benchmarks"]["rbench"]["samples"] == 3
+  assert data["benchmarks"]["rbench"]["rows"] == 4 and data["benchmarks"]["rbench"]["bad"] == [
+      [3, data["benchmarks"]["rbench"]["bad"][0][1]]]
   assert data["benchmarks"]["mmstar"]["samples"] == 2
   for name in ("accuracy_vs_intensity.png", "ssim_per_type.png", "ssim_sft_vs_rl.png"):
     assert os.path.getsize(os.path.join(c.out, name)) > 1000, name
   markdown = open(path).read()
   assert "## The paper's claims in miniature" in markdown and "## rbench" in markdown
+  assert "Scored 3 of the 4 rows read from" in markdown and "1 bad row(s) left out: row 3: " in (
+      markdown)
   assert "| fog s3 | +0.00 ± 0.00 | +0.0000 ± 0.0000 |" in markdown.split(
       "## RL against SFT per condition")[1]
   assert "| condition | PSNR corrupted | PSNR through VAE | PSNR recovered | SSIM corrupted" in (

@@ -47,6 +47,7 @@ PIPELINE = corruptions.PIPELINE  # the family of the claims' conditions
 ORACLE = "corrupted+clean"
 INTENSITIES = config_lib.EVAL_INTENSITIES
 # The columns of the report's image grids, left to right.
+BAD_ROWS_LISTED = 10  # a benchmark's bad rows the report names (all are logged)
 GRID_COLUMNS = ("corrupted", "corrupted through the VAE alone", "recovered", "clean")
 
 
@@ -390,24 +391,47 @@ def shapes_samples(split: str, count: int, rules: images_lib.ImageRules, seed: i
   return out
 
 
-def table_samples(path: str, count: int, rules: images_lib.ImageRules) -> list[Sample]:
-  """Records of a VLMEvalKit TSV or Hugging Face parquet benchmark file (bad rows skipped).
+def open_table(path: str):
+  """The source of a VLMEvalKit TSV or Hugging Face parquet benchmark file (its columns checked:
+  a table without the ones it needs is a ConfigError naming them)."""
+  from robust_u1_jax.data import sources_vqa
 
-  Recovery batches images of one size, so each image is cut to its centred square at the VAE
-  rule's largest side (the RL stage's `crop_square` does the same).
+  return (sources_vqa.VqaParquetSource(path) if path.endswith(".parquet")
+          else sources_vqa.VqaTsvSource(path))
+
+
+def table_samples(path: str, count: int, rules: images_lib.ImageRules,
+                  max_skip_ratio: float = 0.01) -> tuple[list[Sample], dict[str, Any]]:
+  """The first `count` rows (0: all) of a benchmark file -> (samples, what was read).
+
+  A bad row (unreadable, bad base64, an image PIL cannot read, a question without its answer
+  among the options) is logged with its row and reason and left out of the scores; past
+  `max_skip_ratio` of the rows read the evaluation stops, naming them. What was read:
+  {'rows': rows read, 'bad_rows': how many were left out, 'bad': the first BAD_ROWS_LISTED of
+  them as [row, reason]}, for the report. Recovery batches images of one size, so each image is
+  cut to its centred square at the VAE rule's largest side (the RL stage's `crop_square` does the
+  same).
   """
-  from robust_u1_jax.data import bad_records, sources_vqa, transforms
+  from robust_u1_jax.data import bad_records, transforms
 
-  source = (sources_vqa.VqaParquetSource(path) if path.endswith(".parquet")
-            else sources_vqa.VqaTsvSource(path))
-  out = []
-  for i in range(min(count, len(source)) if count > 0 else len(source)):
+  source = open_table(path)
+  rows = min(count, len(source)) if count > 0 else len(source)
+  tracker = bad_records.SkipTracker(max_skip_ratio, epoch_size=rows, name=f"benchmark {path}")
+  out, bad = [], []
+  side = rules.vae_max_side
+  for i in range(rows):
     record = source[i]
-    if bad_records.is_skip(record):
+    if not bad_records.is_skip(record):
+      try:
+        image = transforms.resize_image(transforms.center_square(
+            transforms.decode_image(record["image_bytes"])), (side, side))
+      except transforms.BadImageError as e:
+        record = bad_records.skip_record(f"row {i}: image: {e}", path, i)
+    if not tracker.filter(record):
+      bad.append([i, record[bad_records.SKIP]])
       continue
-    side = rules.vae_max_side
-    image = transforms.resize_image(transforms.center_square(
-        transforms.decode_image(record["image_bytes"])), (side, side))
     q = record["questions"][0]
     out.append(Sample(i, rules.prepare(image)[0], dict(q), record.get("category", "")))
-  return out
+  if not out:
+    raise config_lib.ConfigError(f"benchmark {path}: no row to score among its first {rows}")
+  return out, {"rows": rows, "bad_rows": len(bad), "bad": bad[:BAD_ROWS_LISTED]}

@@ -257,6 +257,17 @@ def rl_minus_sft_table(result: Mapping[str, Any]) -> list[str]:
   return lines
 
 
+def bad_rows_line(bench: Mapping[str, Any]) -> str:
+  """What of a benchmark table was scored: the rows read, and the bad ones left out."""
+  line = f"Scored {bench['samples']} of the {bench['rows']} rows read from `{bench['path']}`"
+  if not bench["bad_rows"]:
+    return line + "."
+  named = "; ".join(f"row {row}: {reason}" for row, reason in bench["bad"])
+  more = bench["bad_rows"] - len(bench["bad"])
+  return (f"{line}; {bench['bad_rows']} bad row(s) left out: {named}"
+          + (f"; {more} more in the log" if more else "") + ".")
+
+
 def write(out_dir: str, result: Mapping[str, Any], *, title: str,
           settings: Mapping[str, Any], claim_rows: Sequence[Mapping[str, Any]],
           figure_names: Sequence[str], benchmarks: Mapping[str, Any] | None = None) -> str:
@@ -300,7 +311,8 @@ def write(out_dir: str, result: Mapping[str, Any], *, title: str,
   lines += by_kind_table(result, modes)
   lines += rl_minus_sft_table(result)
   for name, bench in (benchmarks or {}).items():
-    lines += ["", f"## {name}", "", "| intensity | " + " | ".join(bench["modes"]) + " |",
+    lines += ["", f"## {name}", "", bad_rows_line(bench), "",
+              "| intensity | " + " | ".join(bench["modes"]) + " |",
               "|" + " --- |" * (len(bench["modes"]) + 1)]
     for level, accs in bench["accuracy"].items():
       lines.append(f"| {level} | " + " | ".join(_pct(accs.get(m, float("nan")))

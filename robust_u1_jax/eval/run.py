@@ -78,8 +78,11 @@ def run(c: ml_collections.ConfigDict, *, say: Callable[[str], None] = print) -> 
   """Evaluates `c.model`; returns the path of report.md (in `c.out`)."""
   t0 = time.perf_counter()
   out_dir = report_dir(c)
-  # The CLIP checkpoint and the model first: one that does not load stops the run before it
-  # writes anything.
+  # The benchmark tables' columns, the CLIP checkpoint and the model first: one that does not
+  # load stops the run before it writes anything (not hours later, at the benchmarks).
+  tables = {name: path for name, path in c.benchmarks.items() if path}
+  for path in tables.values():
+    evaluation.open_table(path)
   clip_similarity = _clip_similarity(c)
   engine = engine_lib.Engine.load(c.model, dtype=c.dtype)
   os.makedirs(out_dir, exist_ok=True)
@@ -95,7 +98,6 @@ def run(c: ml_collections.ConfigDict, *, say: Callable[[str], None] = print) -> 
                                 c.robust_r1_types)
   pipeline = [k for k in conds if k.family == evaluation.PIPELINE]
   compared = {name: path for name, path in c.compare.items() if path}
-  tables = {name: path for name, path in c.benchmarks.items() if path}
   say(f"evaluating {c.model}: {len(samples)} samples x {len(conds) - len(pipeline)} "
       f"conditions; {len(claim_samples)} for the clean images and {len(pipeline)} pipeline "
       "conditions" + (f"; the recoveries of {', '.join(compared)} too" if compared else ""))
@@ -198,7 +200,8 @@ def _compare_models(compared: dict[str, str], c: ml_collections.ConfigDict, clip
 def _benchmark(evaluator: evaluation.Evaluator, name: str, path: str,
                c: ml_collections.ConfigDict, rules, progress, store) -> dict[str, Any]:
   """One benchmark table's accuracy per mode, clean and at each of BENCHMARK_CONDITIONS."""
-  bench_samples = evaluation.table_samples(path, c.benchmark_samples, rules)
+  bench_samples, read = evaluation.table_samples(path, c.benchmark_samples, rules,
+                                                 c.max_skip_ratio)
   prefix = f"benchmark {name}: "
   bench = evaluator.evaluate(bench_samples, BENCHMARK_CONDITIONS, modes=evaluation.MODES[1:],
                              progress=progress, store=store, unit_prefix=prefix)
@@ -206,7 +209,7 @@ def _benchmark(evaluator: evaluation.Evaluator, name: str, path: str,
                                      lambda: evaluator.clean(bench_samples), progress)
   accuracy = {"clean image": {"clean": bench_clean["accuracy"]}}
   accuracy.update({r["level"]: r["accuracy"] for r in bench["conditions"]})
-  return {"path": path, "samples": len(bench_samples), "modes": list(evaluation.MODES),
+  return {"path": path, "samples": len(bench_samples), **read, "modes": list(evaluation.MODES),
           "accuracy": accuracy}
 
 
