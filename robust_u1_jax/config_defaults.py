@@ -60,7 +60,7 @@ def get_data_config() -> ml_collections.ConfigDict:
   d.num_epochs = 0  # 0: repeat forever
   d.worker_count = 0  # Grain worker processes (0: in the main process)
   d.max_skip_ratio = 0.01  # stop when more than this fraction of records is unreadable
-  # Images with a side below this many pixels are bad records (counted, skipped): the resize rule
+  # Images with a side below this many pixels are bad records (counted, replaced): the resize rule
   # would invent nearly every pixel the model sees. 0: transforms.default_min_side, one VAE stride
   # or one ViT patch, whichever is larger.
   d.min_image_side = 0

@@ -297,13 +297,19 @@ def test_a_bad_record_is_replaced_by_a_good_one_drawn_from_its_index_and_epoch()
 
   hopeless = bad_records.ReplaceBadRecords(
       tracker, lambda i, e: bad_records.skip_record("bad", "x", i, e), num_records=100, seed=0)
-  with pytest.raises(bad_records.TooManyBadRecords, match="so is every other record"):
+  # Several processes (the tracker not enforcing): past the 64 draws, up to 4096 records after
+  # the bad one in order, so no process gives up alone.
+  with pytest.raises(bad_records.TooManyBadRecords, match="so are the 64 records drawn to "
+                     "replace it and the 100 after it: nearly all"):
     hopeless.map(bad)
-  # Past the 64 draws, the records after the bad one in order.
   rare = bad_records.ReplaceBadRecords(
-      tracker, lambda i, e: ({"index": i, "epoch": e} if i == 3 else
+      tracker, lambda i, e: ({"index": i, "epoch": e} if i == 4000 else
                              bad_records.skip_record("bad", "x", i, e)), num_records=10**6, seed=0)
-  assert rare.map(bad)["index"] == 3  # 64 draws from a million miss it; the scan from 6 wraps
+  assert rare.map(bad)["index"] == 4000  # 64 draws from a million miss it; the scan finds it
+  # One process stops after the draws: nobody waits for it, and nearly all its data is bad.
+  alone = bad_records.SkipTracker(0.99)
+  with pytest.raises(bad_records.TooManyBadRecords, match="drawn to replace it: nearly all"):
+    bad_records.ReplaceBadRecords(alone, rare.make_record, num_records=10**6, seed=0).map(bad)
   with pytest.raises(ValueError, match="without its source index and epoch"):
     replace.map(bad_records.skip_record("bad", "x", 3))
 

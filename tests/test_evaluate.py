@@ -89,23 +89,28 @@ def test_bad_benchmark_rows_are_left_out_named_and_counted(tmp_path, caplog):
   assert "benchmark " + str(tsv) in caplog.text  # each logged as it is read
   line = report.bad_rows_line({"samples": 2, "path": str(tsv), **read})
   assert line.startswith(f"Scored 2 of the 4 rows read from `{tsv}`; 2 bad row(s) left out: "
-                         "row 1: ")
+                         "row 1 (line 3): bad base64")
   assert report.bad_rows_line({"samples": 2, "path": "t.tsv", "rows": 2, "bad_rows": 0,
                                "bad": []}) == "Scored 2 of the 2 rows read from `t.tsv`."
   # The first two rows only: one bad of two.
   samples, read = evaluation.table_samples(str(tsv), 2, rules, max_skip_ratio=0.5)
   assert len(samples) == 1 and read["rows"] == 2
-  with pytest.raises(bad_records.TooManyBadRecords, match=r"benchmark .*bench.tsv: 2 of 4"):
+  with pytest.raises(bad_records.TooManyBadRecords, match=r"benchmark .*bench.tsv: 2 of 4 .*"
+                     r"raise max_skip_ratio \(configs/eval.py\)"):
     evaluation.table_samples(str(tsv), 0, rules, max_skip_ratio=0.01)
 
 
-def test_a_table_without_its_columns_stops_the_run_before_the_model_loads(tmp_path):
+def test_a_bad_table_stops_the_run_before_the_model_loads(tmp_path):
+  # Not after hours of conditions, at the benchmarks.
   tsv = tmp_path / "bench.tsv"
   tsv.write_text("index\timage\tanswer\n0\tAAAA\tA\n")
   c = _eval_config()
   c.model, c.out = str(tmp_path / "no_model_here"), str(tmp_path / "report")
   c.benchmarks = {"rbench": str(tsv)}
-  with pytest.raises(config_lib.ConfigError, match="question"):
+  with pytest.raises(config_lib.ConfigError, match="question"):  # a column missing
+    eval_run.run(c, say=lambda line: None)
+  c.benchmarks = {"rbench": _benchmarks(tmp_path, bad_images=1)[0]}  # 1 bad row of 4
+  with pytest.raises(bad_records.TooManyBadRecords, match="1 of 4"):
     eval_run.run(c, say=lambda line: None)
   assert not os.path.exists(c.out)
 

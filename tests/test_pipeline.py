@@ -150,11 +150,16 @@ def _write_folder(root, n_good, n_bad):
       f.write(b"\x89PNG\r\n\x1a\n-truncated" if i % 2 else b"")
 
 
+def _unshuffled_folder(root, n_good, n_bad, **overrides):
+  """A folder of images, the bad ones first (sorted names), read once in order."""
+  _write_folder(root, n_good=n_good, n_bad=n_bad)
+  return _data(source="folder", path=root, corruption="none", num_epochs=1, shuffle=False,
+               **overrides)
+
+
 def test_bad_files_are_counted_and_stop_the_run(tok, tmp_path):
   root = str(tmp_path / "images")
-  _write_folder(root, n_good=14, n_bad=2)
-  data = _data(source="folder", path=root, batch_size=2, corruption="none",
-               max_skip_ratio=0.2, num_epochs=1, shuffle=False)
+  data = _unshuffled_folder(root, 14, 2, batch_size=2, max_skip_ratio=0.2)
   p = pipeline.make_pipeline(data, seed=0, tokenizer=tok)
   batches = list(p)
   # Each bad file's place is taken by a good record, so the epoch keeps its 16 rows.
@@ -222,11 +227,17 @@ def test_processes_read_the_batches_of_one_whatever_the_record_count(tok):
   assert {int(e) for b in one for e in b["epoch"]} == {0, 1, 2}
 
 
+def test_data_that_ends_short_of_an_epoch_is_still_checked(tok, tmp_path):
+  # 50 records end at 3 whole batches of 16: 48 records read, fewer than min_seen (100).
+  data = _unshuffled_folder(str(tmp_path / "images"), 40, 10, batch_size=16, max_skip_ratio=0.1)
+  p = pipeline.make_pipeline(data, seed=0, tokenizer=tok)
+  with pytest.raises(bad_records.TooManyBadRecords, match="10 of 48"):
+    list(p)
+
+
 def test_packed_rows_replace_a_bad_record_too(tok, tmp_path):
-  root = str(tmp_path / "images")
-  _write_folder(root, n_good=11, n_bad=1)
-  data = _data(source="folder", path=root, batch_size=2, corruption="none", token_budget=256,
-               max_skip_ratio=0.5, num_epochs=1, shuffle=False)
+  data = _unshuffled_folder(str(tmp_path / "images"), 11, 1, batch_size=2, token_budget=256,
+                            max_skip_ratio=0.5)
   p = pipeline.make_pipeline(data, seed=0, tokenizer=tok)
   samples = [int(i) for b in p for row, n in zip(b["index"], b["num_samples"]) for i in row[:n]]
   assert p.metrics()["skipped"] == 1 and len(samples) == 12
@@ -256,6 +267,8 @@ def test_several_processes_stop_together_on_the_sum_of_their_bad_records(tok, mo
     p.check_skip_ratio(replicas=2)
   monkeypatch.setattr(multihost_utils, "process_allgather", lambda c: allgather(c, 19, 2))
   p.check_skip_ratio(replicas=2)  # 38 of 40 records: mid-epoch, below min_seen
+  with pytest.raises(bad_records.TooManyBadRecords, match="4 of 38"):
+    p.check_skip_ratio(replicas=2, final=True)  # the data has ended there
   assert gathered[0] == [0, 0]  # this process's own counts, nothing read yet
 
 

@@ -33,9 +33,12 @@ import numpy as np
 
 SKIP = "_skip"
 DEFAULT_MIN_SEEN = 100
-# Records drawn to replace a bad one before the records after it are tried in order: with a
-# tenth of the data bad, all of them are bad once in 1e64 replacements.
+# Records drawn to replace a bad one: with a tenth of the data bad, all of them are bad once in
+# 1e64 replacements, so a miss means nearly all the data is bad.
 REPLACEMENT_TRIES = 64
+# With several processes a miss is followed by up to this many records after the bad one in
+# order, so that one process does not give up alone while the others wait for it in a step.
+REPLACEMENT_SCAN = 4096
 _REPLACEMENT_STREAM = 0x5E71ACE  # keeps the draws apart from the run's other uses of its seed
 
 
@@ -58,15 +61,18 @@ def skip_record(reason: str, path: str | None, index: int | None,
 
 
 def is_skip(record: Any) -> bool:
-  """Whether `record` is a skip marker (a bad input that the tracker will drop and count)."""
+  """Whether `record` is a skip marker (a bad input the tracker counts; training replaces it,
+  the evaluation leaves it out)."""
   return isinstance(record, Mapping) and SKIP in record
 
 
 class SkipTracker(grain.transforms.Filter):
-  """Counts and drops skip markers; raises `TooManyBadRecords` past `max_skip_ratio`.
+  """Counts skip markers; raises `TooManyBadRecords` past `max_skip_ratio`.
 
-  `filter(record)` returns False for a marker (Grain drops it) and True otherwise. Thread-safe.
-  `metrics()` gives {'skipped', 'seen', 'skip_ratio'} for the run's logs.
+  `filter(record)` returns False for a marker and True otherwise: as a Grain filter it drops the
+  marker (the evaluation's tables), under `ReplaceBadRecords` the marker is replaced (training).
+  Thread-safe. `metrics()` gives {'skipped', 'seen', 'skip_ratio'}, where 'skipped' counts the
+  bad records, replaced or dropped.
 
   Args:
     max_skip_ratio: largest tolerated fraction of bad records (data.max_skip_ratio).
@@ -76,13 +82,14 @@ class SkipTracker(grain.transforms.Filter):
       `end_epoch()` is called.
     keep: how many worst files and most recent skips an error message names.
     name: what the data is, for messages (e.g. "train data").
+    setting: the setting that raises the limit, for messages.
     enforce: False only counts and logs; the caller then enforces the ratio on totals of its
       own with `check` (the trainer's, over every process, so all of them stop together).
   """
 
   def __init__(self, max_skip_ratio: float = 0.01, *, min_seen: int = DEFAULT_MIN_SEEN,
                epoch_size: int | None = None, keep: int = 10, name: str = "data",
-               enforce: bool = True):
+               enforce: bool = True, setting: str = "data.max_skip_ratio"):
     if not 0.0 <= max_skip_ratio < 1.0:
       raise ValueError(f"max_skip_ratio={max_skip_ratio!r} is invalid: use a fraction in [0, 1)")
     if min_seen < 1:
@@ -94,7 +101,7 @@ class SkipTracker(grain.transforms.Filter):
     self.epoch_size = epoch_size
     self.keep = int(keep)
     self.name = name
-    self.enforce = bool(enforce)
+    self.enforce, self.setting = bool(enforce), setting
     self._lock = threading.Lock()
     self.seen = 0
     self.skipped = 0
@@ -162,7 +169,7 @@ class SkipTracker(grain.transforms.Filter):
   def check(self, seen: int, skipped: int, *, final: bool, where: str = "") -> None:
     """Raises `TooManyBadRecords` when `skipped` of `seen` records is past the ratio (mid-epoch
     only once `min_seen` were seen). The message names this tracker's worst files; `where` says
-    whose records the counts are (e.g. "over 2 processes")."""
+    whose records the counts are (e.g. " read by 2 processes")."""
     if not seen or (seen < self.min_seen and not final):
       return
     if skipped / seen <= self.max_skip_ratio:
@@ -174,7 +181,7 @@ class SkipTracker(grain.transforms.Filter):
         f"{self.name}: {skipped} of {seen} records{where} were unreadable or unusable "
         f"({skipped / seen:.2%} > max_skip_ratio {self.max_skip_ratio:.2%}"
         f"{'' if final else f', checked after at least {self.min_seen} records'}). "
-        f"Fix or remove these inputs, or raise data.max_skip_ratio.\n"
+        f"Fix or remove these inputs, or raise {self.setting}.\n"
         f"Worst files:\n{worst}\nMost recent skips:\n{recent or '  (none)'}")
 
   def track(self, records: Iterable) -> Iterator:
@@ -189,13 +196,15 @@ class ReplaceBadRecords(grain.transforms.Map):
   """Counts every record with `tracker`, and puts a good record in each bad one's place.
 
   The replacement is the first good record among `tries` records of the source drawn from
-  (seed, the bad record's index, its epoch), then among the records after it in the source,
-  made by `make_record(index, epoch)`: the pipeline's own per-record steps, so it is that record
-  as its own reader makes it in that epoch (the same corruption and question draws). It depends
-  on the bad record alone, not on which process reads it or what came before, so a bad record
-  changes no other row: processes stay in step (a finite `data.num_epochs` ends on every process
-  at the same step) and a run of N processes reads the batches of a run of one. The bad record
-  is still logged and counted; its replacement is not.
+  (seed, the bad record's index, its epoch), made by `make_record(index, epoch)`: the pipeline's
+  own per-record steps, so it is that record as its own reader makes it in that epoch (the same
+  corruption and question draws). It depends on the bad record alone, not on which process reads
+  it or what came before, so a bad record changes no other row: processes stay in step (a finite
+  `data.num_epochs` ends on every process at the same step) and a run of N processes reads the
+  batches of a run of one. The bad record is still logged and counted; its replacement is not.
+  When every draw is bad, nearly all the data is: one process (the tracker enforcing) stops
+  there; several first try up to REPLACEMENT_SCAN records after the bad one, in order, so a
+  process gives up only where every process would.
   """
 
   def __init__(self, tracker: SkipTracker, make_record: Callable[[int, int], Any],
@@ -213,13 +222,14 @@ class ReplaceBadRecords(grain.transforms.Map):
     n = self.num_records
     drawn = np.random.default_rng([self.seed, index, epoch, _REPLACEMENT_STREAM]).integers(
         n, size=self.tries)
-    # Then every record after it: on mostly bad data a process gives up only where every process
-    # would (on its first bad record), never alone while the others wait for it in a step.
-    following = ((index + k) % n for k in range(1, n + 1))
+    scan = 0 if self.tracker.enforce else min(n, REPLACEMENT_SCAN)
+    following = ((index + k) % n for k in range(1, scan + 1))
     for other in itertools.chain(drawn, following):
       record = self.make_record(int(other), epoch)
       if not is_skip(record):
         return record
     raise TooManyBadRecords(
         f"{self.tracker.name}: record {index} ({element.get('path') or '<no path>'}) is bad "
-        f"({element[SKIP]}), and so is every other record of the data")
+        f"({element[SKIP]}), and so are the {self.tries} records drawn to replace it"
+        + (f" and the {scan} after it" if scan else "") + ": nearly all of this data is "
+        "unreadable or unusable")

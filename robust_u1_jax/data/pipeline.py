@@ -76,7 +76,7 @@ Batch schema (unpacked, token_budget == 0): a dict of numpy arrays, B = per-proc
   stage 'pretrain' (the bootstrap stages, training/bootstrap_clip.py and pretrain.py): the 'vqa'
     fields, plus
     caption_ids, caption_lengths        the record's caption (shapes world; records without one
-                                        are skipped)
+                                        are bad records)
     recovery_question_ids, recovery_question_lengths  the question followed by the recovery
                                         instruction, as stage 'reason' writes it (the base's
                                         two-image rows)
@@ -320,7 +320,14 @@ class Pipeline:
     self.close()
 
   def __next__(self) -> dict[str, np.ndarray]:
-    return next(self._iterator)
+    try:
+      return next(self._iterator)
+    except StopIteration:
+      # A finite stream ends at its last whole global batch, short of a whole epoch's records:
+      # the epoch's check, however few records were seen.
+      if self.tracker.enforce:
+        self.tracker.end_epoch()
+      raise
 
   def get_state(self) -> dict[str, Any]:
     """JSON-able position: Grain's iterator state and the skip counters.
@@ -346,11 +353,12 @@ class Pipeline:
     """{'skipped', 'seen', 'skip_ratio'} of the records this process has read."""
     return self.tracker.metrics()
 
-  def check_skip_ratio(self, replicas: int = 1) -> None:
+  def check_skip_ratio(self, replicas: int = 1, final: bool = False) -> None:
     """Enforces data.max_skip_ratio on the bad records of every process together: a collective
     that every process calls at the same step, so all of them stop there or none does (for
     pipelines built with enforce_skip_ratio=False). `replicas`: processes that read one data
-    shard, each of whose records they all count."""
+    shard, each of whose records they all count; `final`: the data has ended (enforced however
+    few records were seen)."""
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
 
     m = self.tracker.metrics()
@@ -358,7 +366,7 @@ class Pipeline:
         np.asarray([m["seen"], m["skipped"]], np.int32))).reshape(-1, 2)  # (processes, 2)
     processes = counts.shape[0]
     seen, skipped = (int(v) // replicas for v in counts.sum(0))
-    self.tracker.check(seen, skipped, final=seen >= self.epoch_size * (processes // replicas),
+    self.tracker.check(seen, skipped, final=final or seen >= self.num_records,
                        where=f" read by {processes} processes")
 
   def close(self) -> None:

@@ -400,38 +400,53 @@ def open_table(path: str):
           else sources_vqa.VqaTsvSource(path))
 
 
-def table_samples(path: str, count: int, rules: images_lib.ImageRules,
-                  max_skip_ratio: float = 0.01) -> tuple[list[Sample], dict[str, Any]]:
-  """The first `count` rows (0: all) of a benchmark file -> (samples, what was read).
+def read_table(path: str, count: int, max_skip_ratio: float = 0.01,
+               keep: Callable[[int, Mapping[str, Any], np.ndarray], None] | None = None
+               ) -> dict[str, Any]:
+  """Reads the first `count` rows (0: all) of a benchmark file, decoding each image; calls
+  `keep(row, record, image)` for each good row. Returns what was read: {'rows': rows read,
+  'bad_rows': how many were bad, 'bad': the first BAD_ROWS_LISTED of them as [row, reason]}.
 
   A bad row (unreadable, bad base64, an image PIL cannot read, a question without its answer
-  among the options) is logged with its row and reason and left out of the scores; past
-  `max_skip_ratio` of the rows read the evaluation stops, naming them. What was read:
-  {'rows': rows read, 'bad_rows': how many were left out, 'bad': the first BAD_ROWS_LISTED of
-  them as [row, reason]}, for the report. Recovery batches images of one size, so each image is
-  cut to its centred square at the VAE rule's largest side (the RL stage's `crop_square` does the
-  same).
+  among the options) is logged with its row and reason; past `max_skip_ratio` of the rows read
+  it raises `TooManyBadRecords`, naming them.
   """
   from robust_u1_jax.data import bad_records, transforms
 
   source = open_table(path)
   rows = min(count, len(source)) if count > 0 else len(source)
-  tracker = bad_records.SkipTracker(max_skip_ratio, epoch_size=rows, name=f"benchmark {path}")
-  out, bad = [], []
-  side = rules.vae_max_side
+  tracker = bad_records.SkipTracker(max_skip_ratio, epoch_size=rows, name=f"benchmark {path}",
+                                    setting="max_skip_ratio (configs/eval.py)")
+  bad = []
   for i in range(rows):
     record = source[i]
     if not bad_records.is_skip(record):
       try:
-        image = transforms.resize_image(transforms.center_square(
-            transforms.decode_image(record["image_bytes"])), (side, side))
+        image = transforms.decode_image(record["image_bytes"])
       except transforms.BadImageError as e:
         record = bad_records.skip_record(f"row {i}: image: {e}", path, i)
     if not tracker.filter(record):
       bad.append([i, record[bad_records.SKIP]])
-      continue
-    q = record["questions"][0]
-    out.append(Sample(i, rules.prepare(image)[0], dict(q), record.get("category", "")))
-  if not out:
-    raise config_lib.ConfigError(f"benchmark {path}: no row to score among its first {rows}")
-  return out, {"rows": rows, "bad_rows": len(bad), "bad": bad[:BAD_ROWS_LISTED]}
+    elif keep is not None:
+      keep(i, record, image)
+  return {"rows": rows, "bad_rows": len(bad), "bad": bad[:BAD_ROWS_LISTED]}
+
+
+def table_samples(path: str, count: int, rules: images_lib.ImageRules,
+                  max_skip_ratio: float = 0.01) -> tuple[list[Sample], dict[str, Any]]:
+  """The good rows among the first `count` of a benchmark file -> (samples, what was read, as
+  `read_table` says). A bad row is left out of the scores. Recovery batches images of one size,
+  so each image is cut to its centred square at the VAE rule's largest side (the RL stage's
+  `crop_square` does the same).
+  """
+  from robust_u1_jax.data import transforms
+
+  side, out = rules.vae_max_side, []
+
+  def keep(i, record, image):
+    square = transforms.resize_image(transforms.center_square(image), (side, side))
+    out.append(Sample(i, rules.prepare(square)[0], dict(record["questions"][0]),
+                      record.get("category", "")))
+
+  read = read_table(path, count, max_skip_ratio, keep)
+  return out, read

@@ -262,7 +262,7 @@ def bad_rows_line(bench: Mapping[str, Any]) -> str:
   line = f"Scored {bench['samples']} of the {bench['rows']} rows read from `{bench['path']}`"
   if not bench["bad_rows"]:
     return line + "."
-  named = "; ".join(f"row {row}: {reason}" for row, reason in bench["bad"])
+  named = "; ".join(reason for _, reason in bench["bad"])  # each reason names its row
   more = bench["bad_rows"] - len(bench["bad"])
   return (f"{line}; {bench['bad_rows']} bad row(s) left out: {named}"
           + (f"; {more} more in the log" if more else "") + ".")

@@ -51,7 +51,8 @@ def fingerprint(c: ml_collections.ConfigDict) -> dict[str, Any]:
   models = [c.model] + [path for path in c.compare.values() if path]
   paths = [engine_lib.resolve_model_dir(m) for m in models] + [
       path for path in [c.clip_checkpoint, *c.benchmarks.values()] if path]
-  return {"config": {k: v for k, v in c.to_dict().items() if k != "out"},
+  # Not max_skip_ratio: raised after a stop on a bad table, it keeps the finished units.
+  return {"config": {k: v for k, v in c.to_dict().items() if k not in ("out", "max_skip_ratio")},
           "files": partial.files_fingerprint(paths)}
 
 
@@ -78,11 +79,12 @@ def run(c: ml_collections.ConfigDict, *, say: Callable[[str], None] = print) -> 
   """Evaluates `c.model`; returns the path of report.md (in `c.out`)."""
   t0 = time.perf_counter()
   out_dir = report_dir(c)
-  # The benchmark tables' columns, the CLIP checkpoint and the model first: one that does not
-  # load stops the run before it writes anything (not hours later, at the benchmarks).
+  # The benchmark tables' rows, the CLIP checkpoint and the model first: one that does not load
+  # stops the run before it writes anything (not hours later, at the benchmarks). Each table's
+  # images are decoded here once more than its benchmark needs.
   tables = {name: path for name, path in c.benchmarks.items() if path}
   for path in tables.values():
-    evaluation.open_table(path)
+    evaluation.read_table(path, c.benchmark_samples, c.max_skip_ratio)
   clip_similarity = _clip_similarity(c)
   engine = engine_lib.Engine.load(c.model, dtype=c.dtype)
   os.makedirs(out_dir, exist_ok=True)

@@ -105,7 +105,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         host, counts = next(data)
       except StopIteration:
         if several:  # every process ends here at this step: bad records first, as one would
-          data.check_skip_ratio(replicas)
+          data.check_skip_ratio(replicas, final=True)
         raise config_lib.ConfigError(
             f"data.num_epochs = {config.data.num_epochs}: the data ran out before step "
             f"{config.total_steps} (total_steps); raise num_epochs, or 0 to repeat the data "
