@@ -181,6 +181,10 @@ def validate_eval(c: ml_collections.ConfigDict) -> None:
          "ImageNet-C severities in 1..5")
   for field in ("num_samples", "batch_size", "max_new_tokens"):
     _check(c[field] > 0, field, c[field], "a positive integer")
+  _check(c.benchmark_samples >= 0, "benchmark_samples", c.benchmark_samples,
+         "0 (every row) or a positive integer")
+  _check(0.0 <= c.max_skip_ratio < 1.0, "max_skip_ratio", c.max_skip_ratio,
+         "a fraction in [0, 1)")
   _check(c.recovery_steps >= 2, "recovery_steps", c.recovery_steps, "an integer >= 2")
   _check(c.dtype in ("float32", "bfloat16"), "dtype", c.dtype, "float32, bfloat16")
   _check(c.clip_model in CLIP_MODELS, "clip_model", c.clip_model, ", ".join(CLIP_MODELS))

@@ -89,6 +89,17 @@ def test_impossible_values_name_the_field(field, value, message):
   assert field.split(".")[-1] in str(info.value)
 
 
+@pytest.mark.parametrize("field,value,message", [
+    ("max_skip_ratio", 1.0, "a fraction in"),
+    ("benchmark_samples", -1, "0 .every row."),
+    ("severities", (6,), "1..5"),
+])
+def test_impossible_evaluation_values_name_the_field(field, value, message):
+  with pytest.raises(config_lib.ConfigError, match=message) as info:
+    config_lib.load(os.path.join(ROOT, "configs", "eval.py") + ":tiny", {field: value})
+  assert field in str(info.value)
+
+
 def test_folder_source_needs_a_path():
   with pytest.raises(config_lib.ConfigError, match="data.path"):
     config_lib.load(f"{SFT}:tiny", {"data.source": "folder"})

@@ -83,13 +83,14 @@ class SkipTracker(grain.transforms.Filter):
     keep: how many worst files and most recent skips an error message names.
     name: what the data is, for messages (e.g. "train data").
     setting: the setting that raises the limit, for messages.
+    log: False leaves the bad records unlogged (read a second time, already logged once).
     enforce: False only counts and logs; the caller then enforces the ratio on totals of its
       own with `check` (the trainer's, over every process, so all of them stop together).
   """
 
   def __init__(self, max_skip_ratio: float = 0.01, *, min_seen: int = DEFAULT_MIN_SEEN,
                epoch_size: int | None = None, keep: int = 10, name: str = "data",
-               enforce: bool = True, setting: str = "data.max_skip_ratio"):
+               enforce: bool = True, setting: str = "data.max_skip_ratio", log: bool = True):
     if not 0.0 <= max_skip_ratio < 1.0:
       raise ValueError(f"max_skip_ratio={max_skip_ratio!r} is invalid: use a fraction in [0, 1)")
     if min_seen < 1:
@@ -101,7 +102,7 @@ class SkipTracker(grain.transforms.Filter):
     self.epoch_size = epoch_size
     self.keep = int(keep)
     self.name = name
-    self.enforce, self.setting = bool(enforce), setting
+    self.enforce, self.setting, self.log = bool(enforce), setting, bool(log)
     self._lock = threading.Lock()
     self.seen = 0
     self.skipped = 0
@@ -133,7 +134,7 @@ class SkipTracker(grain.transforms.Filter):
         self._recent.append((path, index, reason))
       epoch_done = self.epoch_size is not None and self.seen % self.epoch_size == 0
       seen, skipped = self.seen, self.skipped
-    if bad:
+    if bad and self.log:
       logging.warning("%s: bad record %s (index %s): %s", self.name, path or "<no path>", index,
                       reason)
     # Good records only lower the ratio, so checking at each bad record, on reaching min_seen and

@@ -401,22 +401,22 @@ def open_table(path: str):
 
 
 def read_table(path: str, count: int, max_skip_ratio: float = 0.01,
-               keep: Callable[[int, Mapping[str, Any], np.ndarray], None] | None = None
-               ) -> dict[str, Any]:
+               keep: Callable[[int, Mapping[str, Any], np.ndarray], None] | None = None,
+               log: bool = True) -> dict[str, Any]:
   """Reads the first `count` rows (0: all) of a benchmark file, decoding each image; calls
   `keep(row, record, image)` for each good row. Returns what was read: {'rows': rows read,
   'bad_rows': how many were bad, 'bad': the first BAD_ROWS_LISTED of them as [row, reason]}.
 
   A bad row (unreadable, bad base64, an image PIL cannot read, a question without its answer
-  among the options) is logged with its row and reason; past `max_skip_ratio` of the rows read
-  it raises `TooManyBadRecords`, naming them.
+  among the options) is logged with its row and reason (unless `log` is False); past
+  `max_skip_ratio` of the rows read it raises `TooManyBadRecords`, naming them.
   """
   from robust_u1_jax.data import bad_records, transforms
 
   source = open_table(path)
   rows = min(count, len(source)) if count > 0 else len(source)
   tracker = bad_records.SkipTracker(max_skip_ratio, epoch_size=rows, name=f"benchmark {path}",
-                                    setting="max_skip_ratio (configs/eval.py)")
+                                    setting="max_skip_ratio (configs/eval.py)", log=log)
   bad = []
   for i in range(rows):
     record = source[i]
@@ -433,7 +433,8 @@ def read_table(path: str, count: int, max_skip_ratio: float = 0.01,
 
 
 def table_samples(path: str, count: int, rules: images_lib.ImageRules,
-                  max_skip_ratio: float = 0.01) -> tuple[list[Sample], dict[str, Any]]:
+                  max_skip_ratio: float = 0.01, log: bool = True
+                  ) -> tuple[list[Sample], dict[str, Any]]:
   """The good rows among the first `count` of a benchmark file -> (samples, what was read, as
   `read_table` says). A bad row is left out of the scores. Recovery batches images of one size,
   so each image is cut to its centred square at the VAE rule's largest side (the RL stage's
@@ -448,5 +449,5 @@ def table_samples(path: str, count: int, rules: images_lib.ImageRules,
     out.append(Sample(i, rules.prepare(square)[0], dict(record["questions"][0]),
                       record.get("category", "")))
 
-  read = read_table(path, count, max_skip_ratio, keep)
+  read = read_table(path, count, max_skip_ratio, keep, log)
   return out, read

@@ -81,7 +81,7 @@ def run(c: ml_collections.ConfigDict, *, say: Callable[[str], None] = print) -> 
   out_dir = report_dir(c)
   # The benchmark tables' rows, the CLIP checkpoint and the model first: one that does not load
   # stops the run before it writes anything (not hours later, at the benchmarks). Each table's
-  # images are decoded here once more than its benchmark needs.
+  # images are decoded here once more than its benchmark needs; its bad rows are logged here.
   tables = {name: path for name, path in c.benchmarks.items() if path}
   for path in tables.values():
     evaluation.read_table(path, c.benchmark_samples, c.max_skip_ratio)
@@ -202,8 +202,9 @@ def _compare_models(compared: dict[str, str], c: ml_collections.ConfigDict, clip
 def _benchmark(evaluator: evaluation.Evaluator, name: str, path: str,
                c: ml_collections.ConfigDict, rules, progress, store) -> dict[str, Any]:
   """One benchmark table's accuracy per mode, clean and at each of BENCHMARK_CONDITIONS."""
+  # Its bad rows were logged when the run started (`run`).
   bench_samples, read = evaluation.table_samples(path, c.benchmark_samples, rules,
-                                                 c.max_skip_ratio)
+                                                 c.max_skip_ratio, log=False)
   prefix = f"benchmark {name}: "
   bench = evaluator.evaluate(bench_samples, BENCHMARK_CONDITIONS, modes=evaluation.MODES[1:],
                              progress=progress, store=store, unit_prefix=prefix)
