@@ -41,9 +41,10 @@ def main(argv) -> int:
   config_lib.check_inputs(config)
   from robust_u1_jax.eval import run  # after the checks: fast errors
 
-  with config.unlocked():  # the default report folder, checked (and created) now
+  with config.unlocked():  # the default report folder, checked now, created once the model loads
     config.out = run.report_dir(config)
-  cli.output_dir(config.out, "--out" if _OUT.value else "the report folder (--out)")
+  cli.output_dir(config.out, "--out" if _OUT.value else "the report folder (--out)",
+                 create=False)
   run.run(config)  # ends with "report: <path>"
   return 0
 

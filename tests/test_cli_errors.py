@@ -285,6 +285,29 @@ def test_bad_input_is_one_error_line(case, paths, zygote):
     assert text.format(**paths) in errors[0], errors[0]
 
 
+def test_a_bad_benchmark_table_stops_evaluate_before_it_writes_anything(paths, zygote,
+                                                                       tmp_path):
+  import base64
+  import io
+
+  from PIL import Image
+
+  png = io.BytesIO()
+  Image.new("RGB", (48, 64), (200, 30, 30)).save(png, format="PNG")
+  tsv = tmp_path / "bench.tsv"
+  rows = [base64.b64encode(image).decode() for image in (png.getvalue(), b"GIF89a" + bytes(100))]
+  tsv.write_text("index\timage\tquestion\tA\tB\tanswer\n" + "".join(
+      f"{i}\t{image}\tRed?\tyes\tno\tA\n" for i, image in enumerate(rows)))
+  out = tmp_path / "report"
+  proc = _run_forked(zygote, "evaluate", [f"--config={EVAL}", f"--model={paths['workdir']}",
+                                          f"--config.benchmarks.rbench={tsv}", f"--out={out}"])
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+  assert f"benchmark {tsv}: 1 of 2 records" in errors[0] and "max_skip_ratio" in errors[0]
+  assert "row 1: image: not an image" in proc.stderr
+  assert not out.exists()  # nor an empty report folder
+
+
 @pytest.mark.parametrize("module", ENTRY_MODULES)
 def test_help_exits_zero(module, zygote):
   proc = _run_forked(zygote, module, ["--help"])

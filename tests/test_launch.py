@@ -168,18 +168,20 @@ def _start_in_own_group(command, env, stderr_path, out):
   return proc
 
 
-def _local_two_processes(bin_dir, tmp_path):
-  return [LOCAL, "--processes", "2", "--backend", "cpu", "--python", str(bin_dir / "python3"),
-          "--logs", str(tmp_path / "logs"), "--", "--config", "configs/sft.py:tiny",
-          "--workdir", str(tmp_path / "work")]
+def _start_local_pair(tmp_path, fakes, save_s: int):
+  """launch/local.sh with two fake trainers that run for two minutes and take `save_s` seconds
+  to save on a stop, started as a terminal would; returns (launcher, the fakes' output folder)."""
+  bin_dir, out = fakes
+  env = {**os.environ, "FAKE_OUT": str(out), "FAKE_SLEEP_0": "120", "FAKE_SLEEP_1": "120",
+         "FAKE_SAVE_S_0": str(save_s), "FAKE_SAVE_S_1": str(save_s)}
+  command = [LOCAL, "--processes", "2", "--backend", "cpu", "--python", str(bin_dir / "python3"),
+             "--logs", str(tmp_path / "logs"), "--", "--config", "configs/sft.py:tiny",
+             "--workdir", str(tmp_path / "work")]
+  return _start_in_own_group(command, env, tmp_path / "stderr", out), out
 
 
 def test_local_ctrl_c_lets_every_process_save_and_log(tmp_path, fakes):
-  bin_dir, out = fakes
-  env = {**os.environ, "FAKE_OUT": str(out), "FAKE_SLEEP_0": "120", "FAKE_SLEEP_1": "120",
-         "FAKE_SAVE_S_0": "2", "FAKE_SAVE_S_1": "1"}
-  proc = _start_in_own_group(_local_two_processes(bin_dir, tmp_path), env,
-                             tmp_path / "stderr", out)
+  proc, out = _start_local_pair(tmp_path, fakes, save_s=2)
   os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: to the terminal's whole foreground group
   proc.wait(timeout=60)
   assert sorted(p.name for p in out.glob("*.saved")) == ["0.saved", "1.saved"]
@@ -190,11 +192,7 @@ def test_local_ctrl_c_lets_every_process_save_and_log(tmp_path, fakes):
 
 def test_local_second_ctrl_c_kills(tmp_path, fakes):
   # Trainers that would take a minute to save: the second Ctrl-C does not wait for them.
-  bin_dir, out = fakes
-  env = {**os.environ, "FAKE_OUT": str(out), "FAKE_SLEEP_0": "120", "FAKE_SLEEP_1": "120",
-         "FAKE_SAVE_S_0": "60", "FAKE_SAVE_S_1": "60"}
-  proc = _start_in_own_group(_local_two_processes(bin_dir, tmp_path), env,
-                             tmp_path / "stderr", out)
+  proc, out = _start_local_pair(tmp_path, fakes, save_s=60)
   start = time.time()
   os.killpg(proc.pid, signal.SIGINT)
   time.sleep(1.5)

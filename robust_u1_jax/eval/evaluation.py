@@ -46,8 +46,8 @@ PIPELINE = corruptions.PIPELINE  # the family of the claims' conditions
 # The Robust-U1 layout with a perfect recovery: the clean image where the model's recovery goes.
 ORACLE = "corrupted+clean"
 INTENSITIES = config_lib.EVAL_INTENSITIES
-# The columns of the report's image grids, left to right.
 BAD_ROWS_LISTED = 10  # a benchmark's bad rows the report names (all are logged)
+# The columns of the report's image grids, left to right.
 GRID_COLUMNS = ("corrupted", "corrupted through the VAE alone", "recovered", "clean")
 
 

@@ -127,10 +127,10 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         state, metrics = step_fn(state, inputs)
         row = log.log_step(step, metrics, samples=spec.samples_per_step,
                            process_samples=samples, model_flops=work)
-        if row is not None:
+        if row is not None:  # a written window: the same steps on every process
           checkpoint_lib.check_finite(step, row)
-        if several and (step % config.log_every == 0 or step == config.total_steps):
-          data.check_skip_ratio(replicas)
+          if several:
+            data.check_skip_ratio(replicas)
         if spec.evaluate is not None and step % config.eval_every == 0:
           columns, eval_metrics = spec.evaluate(*plain_model_state(graphdef, state))
           log.log_eval(step, eval_metrics, metrics_log.image_grid(columns),
