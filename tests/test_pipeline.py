@@ -138,6 +138,53 @@ def test_resume_through_orbax_checkpointer(tok, tmp_path):
   _assert_batches_equal(_take(resumed, 2), expected)
 
 
+def test_resume_refuses_another_record_order(tok, tmp_path):
+  """A data position saved before the stream repeated ahead of the process slice (unstamped,
+  order 1) would resume a shard of several processes onto other records: refused in one line and
+  kept in place; one process read the same stream under both orders and resumes it."""
+  import jax.numpy as jnp
+  from robust_u1_jax.training import checkpoint
+
+  data = _data(shapes_size=32, batch_size=4, corruption="none")
+  state = {"w": jnp.zeros(2)}
+
+  def save_unstamped(workdir, **shard):
+    p = pipeline.make_pipeline(data, seed=1, tokenizer=tok, **shard)
+    _take(p, 2)
+    ckpt = checkpoint.Checkpointer(workdir, every=1, keep=1, async_save=False)
+    ckpt.save(2, state, p, {"step": 2}, force=True)
+    ckpt.close()
+    position = os.path.join(workdir, "checkpoints", "2", "data", "process_0-of-1.json")
+    with open(position) as f:
+      saved = json.load(f)
+    assert saved.pop("stream_order") == pipeline.STREAM_ORDER
+    with open(position, "w") as f:
+      json.dump(saved, f)
+    return _take(p, 1)
+
+  def restore(workdir, **shard):
+    p = pipeline.make_pipeline(data, seed=1, tokenizer=tok, **shard)
+    ckpt = checkpoint.Checkpointer(workdir, every=1, keep=1, async_save=False)
+    try:
+      return ckpt.restore(checkpoint.abstract_like(state), p), p
+    finally:
+      ckpt.close()
+
+  shard = {"process_index": 0, "process_count": 2}
+  several = str(tmp_path / "several")
+  save_unstamped(several, **shard)
+  with pytest.raises(checkpoint.UnreadableCheckpoints, match="record order 1") as e:
+    restore(several, **shard)
+  assert "process_0-of-1.json" in str(e.value) and "another --workdir" in str(e.value)
+  assert os.listdir(os.path.join(several, "checkpoints")) == ["2"]  # not moved aside
+
+  one = str(tmp_path / "one")
+  expected = save_unstamped(one)
+  (step, _, _), resumed = restore(one)
+  assert step == 2
+  _assert_batches_equal(_take(resumed, 1), expected)
+
+
 def _write_folder(root, n_good, n_bad):
   rng = np.random.default_rng(0)
   os.makedirs(root)

@@ -44,9 +44,9 @@ turn each batch into global arrays with `multihost.global_batch(multihost.host_f
 mesh)`.
 
 Checkpointing: `Pipeline.get_state()` is a JSON-able dict (Grain's iterator state plus the skip
-counters); `set_state` on a NEW pipeline built with the same config and seed continues with
-exactly the batches the uninterrupted run would have read. The training loop saves it through
-Grain's Orbax handler (training/checkpoint.py).
+counters, stamped with STREAM_ORDER); `set_state` on a NEW pipeline built with the same config and
+seed continues with exactly the batches the uninterrupted run would have read. The training loop
+saves it through Grain's Orbax handler (training/checkpoint.py), which asks `check_state` first.
 
 Batch schema (unpacked, token_budget == 0): a dict of numpy arrays, B = per-process batch.
 
@@ -296,18 +296,27 @@ def _default_read_options(per_process_batch: int) -> grain.ReadOptions:
                            prefetch_buffer_size=max(2, -(-records // corrupt_groups.GROUP)))
 
 
+# The order in which a run of several processes reads the record stream, saved with every data
+# position: a position of another order points at other records, and resuming there reads other
+# batches without any error. 1 (unstamped): each process sliced every epoch before it repeated,
+# dropping num_records % process_count records an epoch. 2: the stream repeats, then each process
+# takes its rows of every global batch. One process read the same stream under both.
+STREAM_ORDER = 2
+
+
 class Pipeline:
   """Iterator over batches; checkpointable (get_state/set_state), with skip metrics.
 
   Attributes: num_records (source length), epoch_size (records per process per epoch, rounded
-  down), batch_size (per-process batch), stage, dataset (the Grain IterDataset).
+  down), batch_size (per-process batch), process_count, stage, dataset (the Grain IterDataset).
   """
 
   def __init__(self, dataset: grain.IterDataset, tracker: bad_records.SkipTracker, *,
-               num_records: int, epoch_size: int, batch_size: int, stage: str):
+               num_records: int, epoch_size: int, batch_size: int, stage: str,
+               process_count: int = 1):
     self.dataset, self.tracker = dataset, tracker
     self.num_records, self.epoch_size, self.batch_size = num_records, epoch_size, batch_size
-    self.stage = stage
+    self.stage, self.process_count = stage, process_count
     self._iterator = iter(dataset)
 
   def __iter__(self) -> "Pipeline":
@@ -337,13 +346,28 @@ class Pipeline:
     format_rows, they include the records of the FORMAT_AHEAD batches formatted ahead.
     """
     m = self.tracker.metrics()
-    return {"grain": self._iterator.get_state(),
+    return {"grain": self._iterator.get_state(), "stream_order": STREAM_ORDER,
             "skips": {"seen": int(m["seen"]), "skipped": int(m["skipped"])}}
 
+  def check_state(self, state: Mapping[str, Any]) -> None:
+    """ValueError when `state` (a saved get_state) cannot resume this pipeline at the batches its
+    run would have read: not a pipeline's state, or saved under another record order
+    (STREAM_ORDER) that changed what this pipeline's processes read."""
+    if not isinstance(state, Mapping) or "grain" not in state:
+      keys = sorted(state) if isinstance(state, Mapping) else type(state).__name__
+      raise ValueError(f"pipeline state has keys {keys}: expected 'grain' and 'skips' (a state "
+                       "from Pipeline.get_state)")
+    order = state.get("stream_order", 1)
+    if order == STREAM_ORDER or (self.process_count == 1 and order == 1):
+      return
+    raise ValueError(
+        f"its data position was saved under record order {order} and this version reads its "
+        f"{self.process_count} process(es)' records in order {STREAM_ORDER} "
+        "(data/pipeline.py STREAM_ORDER): resumed there it would read other batches than the "
+        "run it continues")
+
   def set_state(self, state: Mapping[str, Any]) -> None:
-    if "grain" not in state:
-      raise ValueError(f"pipeline state has keys {sorted(state)}: expected 'grain' and 'skips' "
-                       "(a state from Pipeline.get_state)")
+    self.check_state(state)
     self._iterator.set_state(state["grain"])
     with self.tracker._lock:  # pylint: disable=protected-access
       self.tracker.seen = int(state.get("skips", {}).get("seen", 0))
@@ -535,4 +559,4 @@ def make_pipeline(data_config, *, seed: int, process_index: int = 0, process_cou
     it = it.map_with_index(FormatRows(format_rows, seed))
     it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=FORMAT_AHEAD)
   return Pipeline(it, tracker, num_records=num_records, epoch_size=epoch_size,
-                  batch_size=batch_size, stage=stage)
+                  batch_size=batch_size, stage=stage, process_count=process_count)

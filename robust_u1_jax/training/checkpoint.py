@@ -159,7 +159,7 @@ class Checkpointer:
         # Every process's data position first, read by every process: a file only its own
         # process could not read would stop that one inside Orbax's collective restore, the
         # others waiting for it there.
-        self._read_data_positions(step)
+        self._read_data_positions(step, iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state),
             data=grain_checkpoint.CheckpointRestore(_IteratorAdapter(iterator)),
@@ -182,11 +182,12 @@ class Checkpointer:
           "again")
     return None
 
-  def _read_data_positions(self, step: int) -> None:
+  def _read_data_positions(self, step: int, iterator: Any = None) -> None:
     """Parses every process's data position of `step` (Grain's `process_<i>-of-<n>.json`);
     raises UnreadableCheckpoints when another number of processes saved them (each process's
-    position is its own, so another count finds none of its own), ValueError when one cannot be
-    read. Every process reads the same folder and decides alike."""
+    position is its own, so another count finds none of its own) or when the iterator's
+    `check_state`, where it has one, refuses a position (saved under another record order, say),
+    ValueError when one cannot be read. Every process reads the same folder and decides alike."""
     folder = os.path.join(self.directory, str(step), "data")
     names = set(os.listdir(folder)) if os.path.isdir(folder) else set()
     saved = {int(m.group(1)) for m in map(_DATA_FILE.fullmatch, names) if m}
@@ -202,12 +203,19 @@ class Checkpointer:
     missing = [name for name in expected if name not in names]
     if missing:
       raise ValueError(f"the data position(s) {', '.join(missing)} are missing")
+    check = getattr(iterator, "check_state", None)
     for name in expected:
       try:
         with open(os.path.join(folder, name), "rb") as f:
-          json.loads(f.read())
+          position = json.loads(f.read())
       except (OSError, ValueError) as e:
         raise ValueError(f"the data position {name} cannot be read ({e})") from None
+      if check is not None:
+        try:
+          check(position)
+        except ValueError as e:  # readable, but not this run's to resume: kept, not moved aside
+          raise UnreadableCheckpoints(
+              f"{os.path.join(folder, name)}: {e}; start again in another --workdir") from None
 
   def _move_aside(self, paths: list[str]) -> None:
     """Renames damaged step folders to `<step>.damaged` (process 0; every process waits): names
