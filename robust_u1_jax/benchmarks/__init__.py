@@ -15,23 +15,6 @@ import time
 from collections.abc import Callable, Mapping
 
 
-def median_time(fn: Callable[[], object], seconds: float, *, min_reps: int = 3,
-                warmup: int = 1) -> float:
-  """Median wall time of fn() in seconds, over as many calls as fit in `seconds` (>= min_reps).
-
-  `fn` must block until its result is ready (call jax.block_until_ready on JAX outputs).
-  """
-  for _ in range(warmup):  # compilation and first-touch costs are not what we measure
-    fn()
-  times = []
-  start = time.perf_counter()
-  while len(times) < min_reps or time.perf_counter() - start < seconds:
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
-
-
 @dataclasses.dataclass(frozen=True)
 class Ratio:
   """Per-round ratios of two alternated sides: median and spread (quartiles, extremes)."""

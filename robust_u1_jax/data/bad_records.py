@@ -21,7 +21,7 @@ Place the tracker where the main process runs it (after Grain's multiprocess pre
 inside a worker process counts only that worker's records.
 """
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 import collections
 import itertools
 import threading
@@ -184,13 +184,6 @@ class SkipTracker(grain.transforms.Filter):
         f"{'' if final else f', checked after at least {self.min_seen} records'}). "
         f"Fix or remove these inputs, or raise {self.setting}.\n"
         f"Worst files:\n{worst}\nMost recent skips:\n{recent or '  (none)'}")
-
-  def track(self, records: Iterable) -> Iterator:
-    """Filters an iterable through the tracker and enforces the ratio when it ends."""
-    for record in records:
-      if self.filter(record):
-        yield record
-    self.end_epoch()
 
 
 class ReplaceBadRecords(grain.transforms.Map):

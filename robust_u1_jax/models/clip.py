@@ -72,25 +72,6 @@ class CLIPConfig:
                text_width=32, text_layers=2, text_heads=4, text_mlp_dim=128)
 
   @classmethod
-  def from_open_clip_config(cls, config: Mapping[str, Any] | str, *,
-                            quick_gelu: bool = True) -> "CLIPConfig":
-    """From an open_clip model config (`ViT-B-32.json`: embed_dim, vision_cfg, text_cfg)."""
-    if isinstance(config, str):
-      with open(config) as f:
-        config = json.load(f)
-    v, t = dict(config["vision_cfg"]), dict(config["text_cfg"])
-    vw, tw = int(v["width"]), int(t["width"])
-    return cls(
-        embed_dim=int(config["embed_dim"]), image_size=int(v["image_size"]),
-        patch_size=int(v["patch_size"]), vision_width=vw, vision_layers=int(v["layers"]),
-        vision_heads=vw // int(v.get("head_width", 64)),
-        vision_mlp_dim=int(vw * float(v.get("mlp_ratio", 4.0))),
-        context_length=int(t["context_length"]), vocab_size=int(t["vocab_size"]), text_width=tw,
-        text_layers=int(t["layers"]), text_heads=int(t["heads"]),
-        text_mlp_dim=int(tw * float(t.get("mlp_ratio", 4.0))),
-        activation="quick_gelu" if quick_gelu else "gelu")
-
-  @classmethod
   def from_hf_config(cls, config: Mapping[str, Any] | str) -> "CLIPConfig":
     """From a transformers CLIPConfig dict or config.json path."""
     if isinstance(config, str):

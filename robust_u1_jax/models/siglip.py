@@ -120,14 +120,6 @@ def patchify(image_hw3, patch_size: int, max_patches_per_side: int):
   return patches, position_ids.astype(np.int32)
 
 
-def segment_mask(segment_ids_bn: Array) -> Array:
-  """(B, N) segment ids -> (B, N, N) bidirectional within-image mask.
-
-  Padding (id 0) attends to padding only, so no softmax row is empty; its outputs are discarded.
-  """
-  return segment_ids_bn[:, :, None] == segment_ids_bn[:, None, :]
-
-
 # ---------------------------------------------------------------------------------------------
 # Modules.
 

@@ -62,12 +62,6 @@ def jpeg_compression(x_hwc, key, severity, *, reference_size=ops.REFERENCE_SIZE)
   return jpeg.jpeg_compress(x_hwc, pick(JPEG_QUALITY, severity, "jpeg_compression"))
 
 
-def pixelate_matrices(n: int) -> np.ndarray:
-  """(5, n, n): per severity, PIL BOX down to int(n * c) then NEAREST back up, along one axis."""
-  return np.stack([resample.resize_matrix(max(1, int(n * c)), n, "nearest")
-                   @ resample.resize_matrix(n, max(1, int(n * c)), "box") for c in PIXELATE])
-
-
 @functools.lru_cache(maxsize=64)
 def pixelate_tables(n: int) -> list[tuple[np.ndarray, np.ndarray]]:
   """Per severity, along an axis of n: PIL's BOX downscale to int(n * c) followed by its NEAREST
