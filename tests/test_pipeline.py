@@ -139,16 +139,17 @@ def test_resume_through_orbax_checkpointer(tok, tmp_path):
 
 
 def test_resume_refuses_another_record_order(tok, tmp_path):
-  """A data position saved before the stream repeated ahead of the process slice (unstamped,
-  order 1) would resume a shard of several processes onto other records: refused in one line and
-  kept in place; one process read the same stream under both orders and resumes it."""
+  """A data position is stamped with the order its shards read the record stream in. Unstamped
+  positions (older versions) of 2 shards over 33 records may come from an order that read other
+  records: refused in one line and kept in place. Over 32 records, or on one shard, both orders
+  read one stream: they resume, as a stamped position of 2 shards does."""
   import jax.numpy as jnp
   from robust_u1_jax.training import checkpoint
 
-  data = _data(shapes_size=32, batch_size=4, corruption="none")
   state = {"w": jnp.zeros(2)}
 
-  def save_unstamped(workdir, **shard):
+  def save(workdir, records, stamp, **shard):
+    data = _data(shapes_size=records, batch_size=4, corruption="none")
     p = pipeline.make_pipeline(data, seed=1, tokenizer=tok, **shard)
     _take(p, 2)
     ckpt = checkpoint.Checkpointer(workdir, every=1, keep=1, async_save=False)
@@ -157,12 +158,15 @@ def test_resume_refuses_another_record_order(tok, tmp_path):
     position = os.path.join(workdir, "checkpoints", "2", "data", "process_0-of-1.json")
     with open(position) as f:
       saved = json.load(f)
-    assert saved.pop("stream_order") == pipeline.STREAM_ORDER
-    with open(position, "w") as f:
-      json.dump(saved, f)
+    assert saved["stream_order"] == pipeline.STREAM_ORDER
+    if not stamp:
+      del saved["stream_order"]
+      with open(position, "w") as f:
+        json.dump(saved, f)
     return _take(p, 1)
 
-  def restore(workdir, **shard):
+  def restore(workdir, records, **shard):
+    data = _data(shapes_size=records, batch_size=4, corruption="none")
     p = pipeline.make_pipeline(data, seed=1, tokenizer=tok, **shard)
     ckpt = checkpoint.Checkpointer(workdir, every=1, keep=1, async_save=False)
     try:
@@ -170,19 +174,21 @@ def test_resume_refuses_another_record_order(tok, tmp_path):
     finally:
       ckpt.close()
 
-  shard = {"process_index": 0, "process_count": 2}
-  several = str(tmp_path / "several")
-  save_unstamped(several, **shard)
-  with pytest.raises(checkpoint.UnreadableCheckpoints, match="record order 1") as e:
-    restore(several, **shard)
+  shards = {"process_index": 0, "process_count": 2}
+  refused = str(tmp_path / "refused")
+  save(refused, 33, stamp=False, **shards)
+  with pytest.raises(checkpoint.UnreadableCheckpoints, match="has no record order") as e:
+    restore(refused, 33, **shards)
   assert "process_0-of-1.json" in str(e.value) and "another --workdir" in str(e.value)
-  assert os.listdir(os.path.join(several, "checkpoints")) == ["2"]  # not moved aside
+  assert os.listdir(os.path.join(refused, "checkpoints")) == ["2"]  # not moved aside
 
-  one = str(tmp_path / "one")
-  expected = save_unstamped(one)
-  (step, _, _), resumed = restore(one)
-  assert step == 2
-  _assert_batches_equal(_take(resumed, 1), expected)
+  for name, records, stamp, shard in [("divides", 32, False, shards), ("stamped", 33, True, shards),
+                                      ("one", 33, False, {})]:
+    workdir = str(tmp_path / name)
+    expected = save(workdir, records, stamp, **shard)
+    (step, _, _), resumed = restore(workdir, records, **shard)
+    assert step == 2, name
+    _assert_batches_equal(_take(resumed, 1), expected)
 
 
 def _write_folder(root, n_good, n_bad):

@@ -296,11 +296,14 @@ def _default_read_options(per_process_batch: int) -> grain.ReadOptions:
                            prefetch_buffer_size=max(2, -(-records // corrupt_groups.GROUP)))
 
 
-# The order in which a run of several processes reads the record stream, saved with every data
-# position: a position of another order points at other records, and resuming there reads other
-# batches without any error. 1 (unstamped): each process sliced every epoch before it repeated,
-# dropping num_records % process_count records an epoch. 2: the stream repeats, then each process
-# takes its rows of every global batch. One process read the same stream under both.
+# The order in which the data shards of a run read the record stream, saved with every data
+# position: a position of another order points a shard at other records, and resuming there reads
+# other batches without any error.
+# 1 (unstamped): each epoch of the shuffled stream was cut to a multiple of the shard count before
+#   the stream repeated and was sliced (num_records % shards records dropped an epoch); the same
+#   stream as 2 where the shard count divides num_records, or with one shard.
+# 2: the whole stream repeats, then each shard takes its rows of every global batch. Stamped since
+#   the stamp came; cf0fb2c to ce3a6f6 (2026-12-05) read in order 2 without it.
 STREAM_ORDER = 2
 
 
@@ -350,23 +353,34 @@ class Pipeline:
             "skips": {"seen": int(m["seen"]), "skipped": int(m["skipped"])}}
 
   def check_state(self, state: Mapping[str, Any]) -> None:
-    """ValueError when `state` (a saved get_state) cannot resume this pipeline at the batches its
-    run would have read: not a pipeline's state, or saved under another record order
-    (STREAM_ORDER) that changed what this pipeline's processes read."""
+    """ValueError when a saved data position (a get_state) was read in another order than this
+    pipeline reads its shard (STREAM_ORDER), so that resuming from it would read other batches
+    than the run it continues. A state that is no position at all is left to `set_state`."""
+    if not isinstance(state, Mapping):
+      return
+    order = state.get("stream_order")
+    if order == STREAM_ORDER:
+      return
+    if order is not None:
+      raise ValueError(f"its data position was saved in record order {order} "
+                       f"(data/pipeline.py STREAM_ORDER), by a version other than this one (order "
+                       f"{STREAM_ORDER}): resume with the version that saved it, or start again in "
+                       "another --workdir")
+    if self.num_records % self.process_count == 0:
+      return  # orders 1 and 2 read the same stream
+    raise ValueError(
+        f"its data position has no record order (data/pipeline.py STREAM_ORDER): a version "
+        f"before cf0fb2c read {self.num_records} records over {self.process_count} data shards "
+        "in another order, and resumed here it would read other batches than the run it "
+        "continues; resume with the version that saved it, or start again in another "
+        "--workdir (a position saved by cf0fb2c to ce3a6f6 reads as this version does: add "
+        f'"stream_order": {STREAM_ORDER} to each of its process_*.json files)')
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
     if not isinstance(state, Mapping) or "grain" not in state:
       keys = sorted(state) if isinstance(state, Mapping) else type(state).__name__
       raise ValueError(f"pipeline state has keys {keys}: expected 'grain' and 'skips' (a state "
                        "from Pipeline.get_state)")
-    order = state.get("stream_order", 1)
-    if order == STREAM_ORDER or (self.process_count == 1 and order == 1):
-      return
-    raise ValueError(
-        f"its data position was saved under record order {order} and this version reads its "
-        f"{self.process_count} process(es)' records in order {STREAM_ORDER} "
-        "(data/pipeline.py STREAM_ORDER): resumed there it would read other batches than the "
-        "run it continues")
-
-  def set_state(self, state: Mapping[str, Any]) -> None:
     self.check_state(state)
     self._iterator.set_state(state["grain"])
     with self.tracker._lock:  # pylint: disable=protected-access

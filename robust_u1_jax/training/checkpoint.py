@@ -9,7 +9,8 @@
   Grain's Orbax handler), so a resumed run reads exactly the batches an uninterrupted one would.
 - Restoring places every array onto the current mesh (the target's shardings), so a run can resume
   on other devices; with as many processes as saved it, since each process's data position is
-  its own file (another count is refused in one line).
+  its own file (another count is refused in one line), and only from positions the data iterator
+  accepts (its `check_state`: a position read in another record order is refused in one line).
 - A checkpoint that cannot be read (truncated files) is reported by path, moved aside as
   `<step>.damaged` (so the step can be saved again) and the previous one used; when none of a
   run's checkpoints can be read, the run stops (UnreadableCheckpoints) rather than start again.
@@ -150,7 +151,9 @@ class Checkpointer:
     load is reported with its path, moved aside as `<step>.damaged` and skipped in favour of the
     one before it: left in place, it would still be the newest step, and saving that step again
     would fail. Raises UnreadableCheckpoints when checkpoints exist but none can be restored (a
-    model or config that no longer fits them, say): starting from step 0 would train over them.
+    model or config that no longer fits them, say): starting from step 0 would train over them;
+    and when the newest's data positions were saved by another number of processes or are
+    refused by the iterator's `check_state` (kept in place: they are readable, not this run's).
     """
     failures = []
     for step in sorted(self.manager.all_steps(), reverse=True):
@@ -214,8 +217,7 @@ class Checkpointer:
         try:
           check(position)
         except ValueError as e:  # readable, but not this run's to resume: kept, not moved aside
-          raise UnreadableCheckpoints(
-              f"{os.path.join(folder, name)}: {e}; start again in another --workdir") from None
+          raise UnreadableCheckpoints(f"{os.path.join(folder, name)}: {e}") from None
 
   def _move_aside(self, paths: list[str]) -> None:
     """Renames damaged step folders to `<step>.damaged` (process 0; every process waits): names
