@@ -8,9 +8,10 @@
 llm_config.json and vit_config.json and writes an Orbax checkpoint (params/, bagel_config.json,
 tokenizer files). `--to hf` writes the model directory back. Parameters are sharded over the
 devices while converting (`--fsdp`), so a model larger than one accelerator converts too. An
-existing destination is refused unless --overwrite. A bad input (a missing or unusable source, a
-stage's workdir given for its model, an unwritable destination) is one `error:` line and exit
-status 2.
+existing destination is refused unless --overwrite, which replaces only a model directory, an
+Orbax model checkpoint or an empty folder (never a file, the source, or a folder holding it). A
+bad input (a missing or unusable source, a stage's workdir given for its model, an unwritable
+destination) is one `error:` line and exit status 2.
 """
 
 from robust_u1_jax import cli  # first: its quiet environment is set before jax loads
@@ -29,7 +30,9 @@ _FROM = flags.DEFINE_enum("from", None, FORMATS, "Import this format into an Orb
 _TO = flags.DEFINE_enum("to", None, FORMATS, "Export an Orbax checkpoint to this format.")
 _SRC = flags.DEFINE_string("src", None, "Source directory.")
 _DST = flags.DEFINE_string("dst", None, "Destination directory (must not exist).")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing destination.")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "Replace an existing destination: a model directory, an Orbax model "
+    "checkpoint or an empty folder.")
 _ALLOW_PICKLE = flags.DEFINE_bool(
     "allow_pickle", False, "Accept pytorch_model.bin (loaded with torch.load(weights_only=True)).")
 _PARAM_DTYPE = flags.DEFINE_enum(
@@ -75,8 +78,10 @@ def main(argv) -> int:
     raise app.UsageError("give exactly one of --from hf (model dir -> Orbax) or --to hf "
                          "(Orbax -> model dir)")
   check_source(_SRC.value, to_hf=bool(_TO.value))
-  if os.path.exists(_DST.value) and not _OVERWRITE.value:
-    raise cli.PathError(f"--dst {_DST.value}: already exists; give a new folder or --overwrite")
+  try:
+    orbax_io.check_paths(_SRC.value, _DST.value, _OVERWRITE.value)
+  except (ValueError, FileExistsError) as e:
+    raise cli.PathError(f"--dst {e}") from None
   cli.output_dir(os.path.dirname(os.path.abspath(_DST.value)), f"--dst {_DST.value}: its folder",
                  create=False)
   if _FROM.value:

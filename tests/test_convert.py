@@ -2,6 +2,7 @@
 a mesh, `load_pretrained` takes either kind of directory, and bad paths fail with clear errors."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -131,10 +132,32 @@ def test_cli_errors(model_dir, orbax_dir, tmp_path, main_with_flags, capsys):
   assert not os.path.exists(str(tmp_path / "y")) and not os.path.exists(missing)
 
 
-def test_overwrite_replaces_destination(model_dir, tmp_path, main_with_flags):
+def test_overwrite_replaces_only_a_model(model_dir, orbax_dir, tmp_path, main_with_flags,
+                                         capsys):
   dst = tmp_path / "ckpt"
-  dst.mkdir()
+  shutil.copytree(orbax_dir, dst)
   (dst / "stale.txt").write_text("old")
   assert main_with_flags("--from", "hf", "--src", model_dir, "--dst", str(dst),
                          "--overwrite") == 0
   assert "stale.txt" not in os.listdir(dst) and orbax_io.is_orbax_model(str(dst))
+  # --overwrite deletes the destination whole: what is no model is refused before any load.
+  parent = tmp_path / "parent"
+  src = parent / "model"
+  shutil.copytree(model_dir, src)
+  (parent / "notes.txt").write_text("keep")
+  other = tmp_path / "other"
+  other.mkdir()
+  (other / "a.txt").write_text("keep")
+  for target, message in [(parent, "holds the source"), (src, "the source folder itself"),
+                          (src / "out", "inside the source"),
+                          (parent / "notes.txt", "a file, not a model folder"),
+                          (other, "not a model folder (no llm_config.json or bagel_config.json")]:
+    assert main_with_flags("--from", "hf", "--src", str(src), "--dst", str(target),
+                           "--overwrite") == 2, target
+    err = capsys.readouterr().err
+    assert f"error: --dst {target}: {message}" in err and "Traceback" not in err, err
+  assert sorted(os.listdir(parent)) == ["model", "notes.txt"]
+  assert (parent / "notes.txt").read_text() == "keep" and os.listdir(other) == ["a.txt"]
+  assert sorted(os.listdir(src)) == sorted(os.listdir(model_dir))
+
+

@@ -54,6 +54,7 @@ from robust_u1_jax.models.siglip import SiglipConfig
 from robust_u1_jax.models.vae import VAEConfig
 
 LLM_CONFIG = "llm_config.json"
+ORBAX_CONFIG = "bagel_config.json"  # of an Orbax model checkpoint (orbax_io.CONFIG)
 VIT_CONFIG = "vit_config.json"
 EXTRA_CONFIG = "robust_u1_config.json"
 VAE_FILE = "ae.safetensors"
@@ -401,8 +402,25 @@ def _export_entries(model: Bagel, out_dtype) -> tuple[_Entries, _Entries]:
 
 
 def check_destination(path: str, overwrite: bool) -> None:
-  if os.path.exists(path) and not overwrite:
-    raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
+  """FileExistsError, naming `path` first, unless a model may be written there: `path` is new, or
+  `overwrite` and it holds what a model write replaces (a BAGEL model directory, an Orbax model
+  checkpoint, or nothing). Any other folder or a file is refused even with `overwrite`, since the
+  write deletes it whole: a mistyped destination (a parent of the source, a home folder) must
+  not be."""
+  if not os.path.exists(path):
+    return
+  if not overwrite:
+    raise FileExistsError(f"{path}: already exists; give a new folder, or overwrite=True "
+                          "(--overwrite) to replace it")
+  if not os.path.isdir(path):
+    raise FileExistsError(f"{path}: a file, not a model folder; overwriting replaces only a "
+                          "model directory or an Orbax model checkpoint")
+  names = os.listdir(path)
+  if names and not {LLM_CONFIG, ORBAX_CONFIG} & set(names):
+    raise FileExistsError(
+        f"{path}: not a model folder (no {LLM_CONFIG} or {ORBAX_CONFIG} among its {len(names)} "
+        "entries); overwriting deletes the folder whole, so it replaces only a model directory, "
+        "an Orbax model checkpoint or an empty folder")
 
 
 def _sync(name: str, all_processes: bool) -> None:

@@ -28,7 +28,7 @@ from robust_u1_jax.checkpoints import bagel_dir, loader
 from robust_u1_jax.models.bagel import Bagel
 
 PARAMS = "params"
-CONFIG = "bagel_config.json"
+CONFIG = bagel_dir.ORBAX_CONFIG
 
 
 def _nested(flat: dict[str, Any]) -> dict[str, Any]:
@@ -152,7 +152,7 @@ def hf_to_orbax(src: str, dst: str, *, overwrite: bool = False, allow_pickle: bo
                 param_dtype=None, mesh: jax.sharding.Mesh | None = None,
                 progress: bool = False) -> str:
   """BAGEL model directory -> Orbax model checkpoint (tokenizer and side files copied along)."""
-  _check_paths(src, dst, overwrite)
+  check_paths(src, dst, overwrite)
   model = bagel_dir.load_model_dir(src, mesh=mesh, param_dtype=param_dtype,
                                    allow_pickle=allow_pickle, progress=progress)
   return save_orbax(model, dst, overwrite=overwrite, tokenizer_dir=_tokenizer_source(src),
@@ -162,7 +162,7 @@ def hf_to_orbax(src: str, dst: str, *, overwrite: bool = False, allow_pickle: bo
 def orbax_to_hf(src: str, dst: str, *, overwrite: bool = False, save_dtype=None,
                 mesh: jax.sharding.Mesh | None = None, progress: bool = False) -> str:
   """Orbax model checkpoint -> BAGEL model directory (tokenizer and side files copied along)."""
-  _check_paths(src, dst, overwrite)
+  check_paths(src, dst, overwrite)
   model = load_orbax(src, mesh=mesh)
   return bagel_dir.save_model_dir(
       model, dst, overwrite=overwrite, save_dtype=save_dtype,
@@ -170,14 +170,22 @@ def orbax_to_hf(src: str, dst: str, *, overwrite: bool = False, save_dtype=None,
       write_beside=lambda folder: bagel_dir.copy_side_files(src, folder))
 
 
-def _check_paths(src: str, dst: str, overwrite: bool) -> None:
-  # Checked before the (long) import, so a wrong flag fails at once.
+def check_paths(src: str, dst: str, overwrite: bool) -> None:
+  """A conversion from `src` to `dst` can start: `src` is a folder, `dst` is neither `src` nor a
+  folder holding it or inside it (the write replaces `dst` whole), and `bagel_dir.
+  check_destination` lets a model be written there. Errors name `dst` (or `src`) first. Checked
+  before the (long) load, so a wrong path fails at once."""
   if not os.path.isdir(src):
-    raise FileNotFoundError(f"source directory not found: {src}")
-  if os.path.abspath(src) == os.path.abspath(dst):
-    raise ValueError(f"source and destination are the same directory: {src}")
-  if os.path.exists(dst) and not overwrite:
-    raise FileExistsError(f"{dst} already exists; pass overwrite=True (--overwrite) to replace it")
+    raise FileNotFoundError(f"{src}: source directory not found")
+  source, target = os.path.realpath(src), os.path.realpath(dst)
+  if target == source:
+    raise ValueError(f"{dst}: the source folder itself; give another folder")
+  if source.startswith(target.rstrip(os.sep) + os.sep):
+    raise ValueError(f"{dst}: holds the source {src}, which writing there would delete; give a "
+                     "folder outside it")
+  if target.startswith(source + os.sep):
+    raise ValueError(f"{dst}: inside the source {src}; give a folder outside it")
+  bagel_dir.check_destination(os.path.abspath(dst), overwrite)
 
 
 def _tokenizer_source(src: str) -> str | None:
