@@ -69,6 +69,8 @@ def validate_data(d: ml_collections.ConfigDict, prefix: str = "data") -> None:
   names = _corruption_names()
   _check(d.corruption in names, f"{prefix}.corruption", d.corruption, ", ".join(names))
   _check(d.batch_size > 0, f"{prefix}.batch_size", d.batch_size, "a positive integer")
+  _check(d.shapes_size > 0, f"{prefix}.shapes_size", d.shapes_size,
+         "a positive number of records per shapes-world split")
   _check(d.token_budget >= 0, f"{prefix}.token_budget", d.token_budget, "0 (no packing) or > 0")
   _check(d.latent_budget == 0 or 0 < d.latent_budget < d.token_budget, f"{prefix}.latent_budget",
          d.latent_budget, f"0 (no split) or between 0 and {prefix}.token_budget "
@@ -93,6 +95,7 @@ def validate_guidance(g: ml_collections.ConfigDict) -> None:
     _check(g[name] >= 1.0, f"guidance.{name}", g[name], "a scale >= 1 (1: no guidance)")
   _check(g.renorm_type in GUIDANCE_RENORMS, "guidance.renorm_type", g.renorm_type,
          ", ".join(GUIDANCE_RENORMS))
+  _fraction(g.renorm_min, "guidance.renorm_min")
 
 
 def validate_lora(lo: ml_collections.ConfigDict) -> None:
@@ -114,6 +117,20 @@ CLIP_MODELS = ("tiny", "vit_b32")
 
 def _fraction(value, field: str) -> None:
   _check(0.0 <= value <= 1.0, field, value, "a fraction in [0, 1]")
+
+
+def validate_flow_settings(block: ml_collections.ConfigDict, prefix: str) -> None:
+  """The flow-matching settings that `block` has (SFT's at the top level, `pretrain`'s, `rl`'s,
+  `reason`'s): condition dropouts, the timestep shift, sampler steps."""
+  for name in ("text_dropout", "vit_dropout", "vae_dropout"):
+    if name in block:
+      _fraction(block[name], prefix + name)
+  if "timestep_shift" in block:
+    _check(block.timestep_shift > 0, f"{prefix}timestep_shift", block.timestep_shift,
+           "a number > 0")
+  for name in ("eval_num_steps", "recovery_steps"):
+    if name in block:
+      _check(block[name] >= 2, prefix + name, block[name], "an integer >= 2 (sampler steps)")
 
 
 def validate_bootstrap(c: ml_collections.ConfigDict) -> None:
@@ -142,8 +159,9 @@ def validate_bootstrap(c: ml_collections.ConfigDict) -> None:
   if "pretrain" in c:
     p = c.pretrain
     for name in ("caption_fraction", "two_image_fraction", "text_to_image_fraction",
-                 "answer_vae_dropout", "text_dropout", "vit_dropout", "vae_dropout"):
+                 "answer_vae_dropout"):
       _fraction(p[name], f"pretrain.{name}")
+    validate_flow_settings(p, "pretrain.")
     for name in ("understanding_weight", "generation_weight"):
       _check(p[name] >= 0, f"pretrain.{name}", p[name], "a weight >= 0")
     _check(p.understanding_weight + p.generation_weight > 0,
@@ -151,8 +169,6 @@ def validate_bootstrap(c: ml_collections.ConfigDict) -> None:
            (p.understanding_weight, p.generation_weight), "weights with a positive sum")
     for name in ("caption_prompt", "reconstruction_instruction"):
       _check(bool(p[name].strip()), f"pretrain.{name}", p[name], "a non-empty text")
-    _check(p.timestep_shift > 0, "pretrain.timestep_shift", p.timestep_shift, "a number > 0")
-    _check(p.eval_num_steps >= 2, "pretrain.eval_num_steps", p.eval_num_steps, "an integer >= 2")
 
 
 # The paper's evaluation intensities 25 / 50 / 100 % of the Robust-R1 pipeline
@@ -183,6 +199,9 @@ def validate_eval(c: ml_collections.ConfigDict) -> None:
     _check(c[field] > 0, field, c[field], "a positive integer")
   _check(c.benchmark_samples >= 0, "benchmark_samples", c.benchmark_samples,
          "0 (every row) or a positive integer")
+  _check(c.claim_samples >= 0, "claim_samples", c.claim_samples,
+         "0 (num_samples) or a positive integer")
+  _check(c.seed >= 0, "seed", c.seed, "an integer >= 0")
   _check(0.0 <= c.max_skip_ratio < 1.0, "max_skip_ratio", c.max_skip_ratio,
          "a fraction in [0, 1)")
   _check(c.recovery_steps >= 2, "recovery_steps", c.recovery_steps, "an integer >= 2")
@@ -205,6 +224,8 @@ def validate_optimizer(o: ml_collections.ConfigDict) -> None:
   _check(o.grad_clip >= 0, "optimizer.grad_clip", o.grad_clip, ">= 0 (0 disables clipping)")
   _check(0 <= o.ema_decay < 1, "optimizer.ema_decay", o.ema_decay, "in [0, 1) (0 disables EMA)")
   _check(o.grad_accum_steps >= 1, "optimizer.grad_accum_steps", o.grad_accum_steps, ">= 1")
+  _check(o.eps > 0, "optimizer.eps", o.eps, "a number > 0 (Adam's denominator term)")
+  _check(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, ">= 0 (0: none)")
 
 
 def validate_rl(c: ml_collections.ConfigDict) -> None:
@@ -218,8 +239,17 @@ def validate_rl(c: ml_collections.ConfigDict) -> None:
   _check(0 <= rl.window_size <= rl.num_steps // 2, "rl.window_size", rl.window_size,
          f"in [0, rl.num_steps // 2 = {rl.num_steps // 2}]")
   _check(rl.clip_model in CLIP_MODELS, "rl.clip_model", rl.clip_model, ", ".join(CLIP_MODELS))
+  validate_flow_settings(rl, "rl.")
+  _check(rl.noise_level > 0, "rl.noise_level", rl.noise_level,
+         "a number > 0 (the SDE steps' noise; 0 leaves no log-probability to train)")
+  _check(rl.adv_clip > 0, "rl.adv_clip", rl.adv_clip, "a number > 0 (advantages' bound)")
+  _check(rl.clip_alpha > 0, "rl.clip_alpha", rl.clip_alpha,
+         "a number > 0 (the CLIP reward's scale)")
   unknown = sorted(set(rl.reward_weights) - {"ssim", "clip"})
   _check(not unknown, "rl.reward_weights", unknown, "the rewards ssim, clip")
+  weights = rl.reward_weights.to_dict()
+  _check(all(w >= 0 for w in weights.values()) and sum(weights.values()) > 0,
+         "rl.reward_weights", weights, "weights >= 0 with a positive sum")
   _check(rl.reward_weights.get("clip", 0.0) == 0 or bool(rl.clip_checkpoint),
          "rl.clip_checkpoint", rl.clip_checkpoint,
          "a CLIP .safetensors file when rl.reward_weights.clip > 0")
@@ -252,6 +282,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
           validate(sub)
         except ConfigError as e:
           raise ConfigError(f"demo part {part!r} (--config.{part}.<field>): {e}") from None
+    _check(c.seed >= 0, "seed", c.seed, "an integer >= 0")
     for part in parts:  # training/demo.py's estimate of the minutes to go
       _check(c.minutes.get(part, -1) >= 0, f"minutes.{part}", c.minutes.get(part),
              "the part's minutes in a measured run, >= 0")
@@ -281,6 +312,8 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
          "'random', a BAGEL/Robust-U1 model directory, or an Orbax checkpoint directory of an "
          "earlier stage")
   _check(c.total_steps > 0, "total_steps", c.total_steps, "a positive integer")
+  _check(c.seed >= 0, "seed", c.seed, "an integer >= 0")
+  validate_flow_settings(c, "")
   # Gradient steps of the run (RL makes updates_per_rollout per trainer step): an unfinished
   # accumulation at the end would be dropped from the saved model.
   per_step = c.rl.updates_per_rollout if "rl" in c else 1
@@ -290,6 +323,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for field in ("checkpoint_every", "keep_checkpoints", "log_every", "eval_every"):
     _check(c[field] > 0, field, c[field], "a positive integer")
   if "reason" in c:
+    validate_flow_settings(c.reason, "reason.")
     _check(c.reason.recovered_images in ("on_the_fly", "cache"), "reason.recovered_images",
            c.reason.recovered_images, "on_the_fly, cache")
     _check(c.reason.recovered_images == "cache" or c.data.token_budget == 0, "data.token_budget",

@@ -82,6 +82,15 @@ def test_wrong_type_is_refused():
     ("mesh.fsdp", 0, "mesh.fsdp"),
     ("optimizer.learning_rate", -1.0, "positive"),
     ("remat", "some", "none, full, dots"),
+    # A user walkthrough trained 300 steps on text_dropout=1.5; eval_num_steps=1 was a traceback.
+    ("text_dropout", 1.5, "fraction"),
+    ("vae_dropout", -0.5, "fraction"),
+    ("timestep_shift", 0.0, "> 0"),
+    ("eval_num_steps", 1, ">= 2"),
+    ("seed", -1, ">= 0"),
+    ("optimizer.eps", 0.0, "> 0"),
+    ("guidance.renorm_min", 1.5, "fraction"),
+    ("data.shapes_size", 0, "positive"),
 ])
 def test_impossible_values_name_the_field(field, value, message):
   with pytest.raises(config_lib.ConfigError, match=message) as info:
@@ -89,10 +98,27 @@ def test_impossible_values_name_the_field(field, value, message):
   assert field.split(".")[-1] in str(info.value)
 
 
+@pytest.mark.parametrize("path,field,value,message", [
+    ("rl.py", "rl.noise_level", 0.0, "> 0"),
+    ("rl.py", "rl.adv_clip", 0.0, "> 0"),
+    ("rl.py", "rl.clip_alpha", -1.0, "> 0"),
+    ("rl.py", "rl.reward_weights.ssim", -1.0, "weights >= 0"),
+    ("rl.py", "rl.eval_num_steps", 1, ">= 2"),
+    ("rl.py", "rl.timestep_shift", 0.0, "> 0"),
+    ("reason.py", "reason.recovery_steps", 1, ">= 2"),
+])
+def test_impossible_stage_values_name_the_field(path, field, value, message):
+  overrides = {"init_from": "random", field: value}
+  with pytest.raises(config_lib.ConfigError, match=message) as info:
+    config_lib.load(os.path.join(ROOT, "configs", path) + ":tiny", overrides)
+  assert field.rsplit(".", 1)[0] in str(info.value)
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("max_skip_ratio", 1.0, "a fraction in"),
     ("benchmark_samples", -1, "0 .every row."),
     ("severities", (6,), "1..5"),
+    ("claim_samples", -1, "0 .num_samples."),
 ])
 def test_impossible_evaluation_values_name_the_field(field, value, message):
   with pytest.raises(config_lib.ConfigError, match=message) as info:
