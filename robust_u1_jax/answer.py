@@ -6,11 +6,12 @@ r"""Asks the model a question about a (corrupted) image: the released Robust-U1 
 
 The model writes text, may generate a recovered image of its input and continue from it, and ends
 with `<ANSWER>...`; every step is printed, then a last line `answer: X` (the option letter when
-options are given). With --out, the generated images are written as `step_NN.png` (NN: the step's
-number) and the whole exchange as `exchange.json`: each step's text or image file, the prompt, the
-settings, the seconds of each phase and the model. --model takes what `recover` takes; an
-unreadable or too small image, an unusable model directory or an unwritable --out is one `error:`
-line and exit status 2, found before the model loads.
+options are given, as benchmarks score it: `answer: none`, and "" in exchange.json, when the reply
+names no option, several, or one only in passing in a long text). With --out, the generated images
+are written as `step_NN.png` (NN: the step's number) and the whole exchange as `exchange.json`: each
+step's text or image file, the prompt, the settings, the seconds of each phase and the model.
+--model takes what `recover` takes; an unreadable or too small image, an unusable model directory or
+an unwritable --out is one `error:` line and exit status 2, found before the model loads.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ from absl import app, flags, logging
 from robust_u1_jax import files, model_cli
 
 EXCHANGE_FILE = "exchange.json"
+NO_OPTION = "none"  # the last line's answer when the reply names no option (or several)
+STOPS = {"end_of_text": "end_of_text", "no_stop_token": "max_new_tokens (no stop token)",
+         "max_iterations": "max_iterations"}
 
 
 def define_flags(values: flags.FlagValues = flags.FLAGS) -> None:
@@ -110,7 +114,9 @@ def _answer(values: flags.FlagValues) -> int:
       where = os.path.join(values.out, next(names)) if values.out else "not saved (give --out)"
       print(f"[{n}] image {w}x{h} ({step.seconds:.2f} s): {where}")
   phases = ", ".join(f"{k} {v:.2f}" for k, v in exchange.seconds.items())
-  print(f"stopped by {exchange.stopped_by} after {len(exchange.steps)} steps; seconds: {phases}")
+  steps = len(exchange.steps)
+  print(f"stopped by {STOPS.get(exchange.stopped_by, exchange.stopped_by)} after {steps} "
+        f"step{'' if steps == 1 else 's'}; seconds: {phases}")
 
   if values.out:
     record = {"model": os.path.abspath(values.model), "image": os.path.abspath(values.image),
@@ -122,7 +128,8 @@ def _answer(values: flags.FlagValues) -> int:
       json.dump(record, f, indent=1, ensure_ascii=False)
     print(f"wrote {path}")
   # One line whatever the model wrote, so scripts can take the last line.
-  print(f"answer: {printable(' '.join(exchange.answer.split()))}", flush=True)
+  answer = exchange.answer if exchange.answer or not values.options else NO_OPTION
+  print(f"answer: {printable(' '.join(answer.split()))}", flush=True)
   return 0
 
 

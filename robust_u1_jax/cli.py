@@ -319,7 +319,12 @@ def flag_error_text(text: str, values: flags.FlagValues, argv: Sequence[str]) ->
     try:
       current = config_lib.field_value(config_lib.load_file(config_spec(values, name, argv)),
                                        field)
-      kind = f" takes {TYPE_WORDS.get(type(current), type(current).__name__)} (now {current!r})"
+      if hasattr(current, "keys"):  # a section: its repr would run to dozens of lines
+        names = sorted(current.keys())
+        kind = (f" is a section, not a value: set its fields ({', '.join(names[:6])}"
+                f"{', ...' if len(names) > 6 else ''}), e.g. --{name}.{field}.{names[0]}=...")
+      else:
+        kind = f" takes {TYPE_WORDS.get(type(current), type(current).__name__)} (now {current!r})"
     except Exception:  # pylint: disable=broad-except
       kind = ""
     return f"--{name}.{field}={value}: {field}{kind}; {reason.splitlines()[0]}"

@@ -1,4 +1,4 @@
-"""Convert between a BAGEL / Robust-U1 model directory and an Orbax model checkpoint.
+r"""Convert between a BAGEL / Robust-U1 model directory and an Orbax model checkpoint.
 
   python -m robust_u1_jax.convert --from hf --src BAGEL-7B-MoT --dst ckpt/bagel_orbax
   python -m robust_u1_jax.convert --to hf --src ckpt/bagel_orbax --dst out/Robust-U1 \

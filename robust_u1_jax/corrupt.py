@@ -1,4 +1,4 @@
-"""Corrupt one image from the command line, or list the available corruptions.
+r"""Corrupt one image from the command line, or list the available corruptions.
 
   python -m robust_u1_jax.corrupt --list
   python -m robust_u1_jax.corrupt --image in.png --type fog --severity 3 --out fog.png

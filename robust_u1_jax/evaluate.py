@@ -1,4 +1,4 @@
-"""Evaluates a trained model: recovery quality and answer accuracy under corruption, and a report.
+r"""Evaluates a trained model: recovery quality and answer accuracy under corruption, and a report.
 
   python -m robust_u1_jax.evaluate --config configs/eval.py:tiny --model /tmp/robust_u1/reason \
       --config.clip_checkpoint=/tmp/demo/clip/model/clip.safetensors

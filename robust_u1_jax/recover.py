@@ -242,8 +242,9 @@ def _run(values: flags.FlagValues) -> int:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file at INFO
   cache_mode = values["config"].value is not None
   if cache_mode == bool(values["model"].value):
-    raise app.UsageError("give --model (recover images) or --config (the reasoning stage's "
-                         "recovery cache)")
+    raise app.UsageError(f"give {'one of --model and --config, not both' if cache_mode else 'one'}"
+                         ": --model recovers images, --config precomputes the reasoning stage's "
+                         "recovery cache")
   stray = [f"--{n}" for n in (USER_ONLY if cache_mode else CACHE_ONLY) if values[n].present]
   if stray:
     raise app.UsageError(f"{', '.join(stray)}: only used with "

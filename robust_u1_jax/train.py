@@ -1,4 +1,4 @@
-"""Trains one stage of Robust-U1.
+r"""Trains one stage of Robust-U1.
 
   python -m robust_u1_jax.train --config configs/sft.py:tiny --workdir /tmp/sft
   python -m robust_u1_jax.train --config configs/rl.py:tiny --workdir /tmp/rl \

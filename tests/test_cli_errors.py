@@ -102,6 +102,10 @@ CASES = {
     "train/wrong type": ("train", [f"--config={SFT}", "--config.data.batch_size=many",
                                    "--workdir={root}/w"],
                          ["--config.data.batch_size=many", "an integer"]),
+    # A section given a value: its fields are named, not its whole repr over dozens of lines.
+    "train/section as a value": ("train", [f"--config={SFT}", "--config.data=3",
+                                           "--workdir={root}/w"],
+                                 ["--config.data=3", "a section", "e.g. --config.data.batch_size"]),
     "train/total_steps=-5": ("train", [f"--config={SFT}", "--config.total_steps=-5",
                                        "--workdir={root}/w"], ["total_steps", "-5", "positive"]),
     "train/severity 9": ("train", [f"--config={SFT}", "--config.data.severity=9",
@@ -303,8 +307,9 @@ def test_a_bad_benchmark_table_stops_evaluate_before_it_writes_anything(paths, z
                                           f"--config.benchmarks.rbench={tsv}", f"--out={out}"])
   errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
   assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
-  assert f"benchmark {tsv}: 1 of 2 records" in errors[0] and "max_skip_ratio" in errors[0]
-  assert "row 1: image: not an image" in proc.stderr
+  assert f"benchmark {tsv}: 1 of 2 rows read" in errors[0] and "max_skip_ratio" in errors[0]
+  assert "row 1: image: not an image" in errors[0]
+  assert proc.stderr.rstrip().endswith(errors[0])  # the error is the last line, and one
   assert not out.exists()  # nor an empty report folder
 
 

@@ -95,22 +95,6 @@ def test_a_stopped_part_stops_the_demo(tmp_path, monkeypatch, capsys):
   assert "stopped in its vae part; run the same command to resume" in capsys.readouterr().out
 
 
-def test_a_stopped_evaluation_stops_the_demo_with_how_to_resume(tmp_path, monkeypatch, capsys):
-  from robust_u1_jax.eval import run as eval_run
-  from robust_u1_jax.training import checkpoint
-
-  monkeypatch.setattr(checkpoint, "finished", lambda workdir, total_steps: True)
-
-  def stopped(c):
-    raise KeyboardInterrupt  # Ctrl-C in the evaluation: its finished units are kept on disk
-
-  monkeypatch.setattr(eval_run, "run", stopped)
-  config = config_lib.load_file(os.path.join(ROOT, "configs", "demo.py:quick"))
-  with pytest.raises(KeyboardInterrupt):  # the entry module prints 'interrupted', exit 130
-    demo.run(config, str(tmp_path))
-  assert "stopped in its eval part; run the same command to resume" in capsys.readouterr().out
-
-
 class _Position:
   """The data iterator a checkpoint saves beside the state."""
 
@@ -219,34 +203,33 @@ def test_the_evaluation_runs_again_for_other_settings_or_models(tmp_path, monkey
   assert evaluated == [32, 16, 16]
 
 
-def test_the_quick_variant_compiles_at_level_0_before_the_backend_starts(tmp_path,
-                                                                          monkeypatch):
-  from robust_u1_jax import train
-
+def test_the_quick_variant_compiles_at_level_0_before_the_backend_starts(tmp_path):
   quick = config_lib.load_file(os.path.join(ROOT, "configs", "demo.py:quick"))
   assert quick.xla_flags == "--xla_backend_optimization_level=0"
   assert config_lib.load_file(os.path.join(ROOT, "configs", "demo.py")).xla_flags == ""
-  monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=2")
-  train.use_xla_flags(quick.xla_flags)
-  # The user's own flags come last, so theirs win.
-  assert os.environ["XLA_FLAGS"] == ("--xla_backend_optimization_level=0 "
-                                     "--xla_backend_optimization_level=2")
-  # train.main applies them before anything starts the backend (XLA reads its flags then).
+  # train.main applies them before anything starts the backend (XLA reads its flags then), ahead
+  # of the user's own, which win. In a process of its own: importing train defines its required
+  # --config on absl's global flags, which other tests parse.
   probe = """
-import sys
+import os, sys
 from jax._src import xla_bridge
 from robust_u1_jax import cli, train
 
+use = train.use_xla_flags
+
 def applied(flags):
-  print(xla_bridge.backends_are_initialized(), flags)
+  use(flags)
+  print(xla_bridge.backends_are_initialized(), os.environ["XLA_FLAGS"])
   raise SystemExit(0)
 
 train.use_xla_flags = applied
 sys.argv = ["train", "--config", sys.argv[1], "--workdir", sys.argv[2]]
 cli.run(train.main)
 """
+  env = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=2"}
   out = subprocess.run([sys.executable, "-c", probe, os.path.join(ROOT, "configs", "demo.py:quick"),
                         str(tmp_path / "demo")], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300)
+                       timeout=300, env=env)
   assert out.returncode == 0, out.stderr[-2000:]
-  assert out.stdout.strip() == "False --xla_backend_optimization_level=0"
+  assert out.stdout.strip() == ("False --xla_backend_optimization_level=0 "
+                                "--xla_backend_optimization_level=2")

@@ -356,12 +356,12 @@ def test_a_stopped_evaluation_resumes_to_the_report_of_an_uninterrupted_one(mode
   c.benchmarks = {"rbench": _benchmarks(tmp_path)[0]}
   c.benchmark_samples = 2
 
-  def evaluate(out, stop_after=None):
-    c.out, lines = str(out), []
+  def evaluate(out, stop_after=None, lines=None):
+    c.out, lines = str(out), [] if lines is None else lines
 
     def say(line):
       lines.append(line)
-      if stop_after is not None and sum("] " in s for s in lines) == stop_after:
+      if stop_after is not None and "] " in line and sum("] " in s for s in lines) == stop_after:
         raise _Stop
 
     eval_run.run(c, say=say)
@@ -371,8 +371,11 @@ def test_a_stopped_evaluation_resumes_to_the_report_of_an_uninterrupted_one(mode
   # 2 conditions for the model, SFT and RL; the VAE's round trip; clean images off and on; the
   # benchmark's 3 intensities and its clean images.
   assert sum("] " in s for s in whole) == 2 * 3 + 3 + 4
+  stopped = []
   with pytest.raises(_Stop):
-    evaluate(tmp_path / "stopped", stop_after=5)  # in the 5th unit: 4 finished
+    evaluate(tmp_path / "stopped", stop_after=5, lines=stopped)  # in the 5th unit: 4 finished
+  assert stopped[-1] == (f"stopped: 4 of its 13 units kept in {tmp_path / 'stopped' / 'partial'}; "
+                         "run the same command to resume")
   kept = os.listdir(tmp_path / "stopped" / "partial")
   assert sum(name.endswith(".npz") for name in kept) == 4 and "report.json" not in os.listdir(
       tmp_path / "stopped")

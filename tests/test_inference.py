@@ -303,6 +303,12 @@ def test_prompt_and_answer_extraction():
   assert reasoner.extract_answer("<ANSWER>A<ANSWER_END>", ["x", "y"]) == "A"
   assert reasoner.extract_answer("C: green", ["x", "y", "z"]) == "C"
   assert reasoner.extract_answer("<ANSWER>blue<ANSWER_END>") == "blue"
+  # VLMEvalKit's text rule: exactly one option's text, in an answer at most twice as long as the
+  # options' texts; else no option ('', scored wrong).
+  assert reasoner.extract_answer("red or blue", ["red", "blue", "green"]) == ""
+  assert reasoner.extract_answer("x" * 40 + " cyan", ["red", "cyan"]) == ""
+  assert reasoner.extract_answer("surely cyan", ["red", "cyan"]) == "B"
+  assert reasoner.extract_answer("no idea", ["red", "cyan"]) == ""
   assert reasoner.cut_answers("a<ANSWER>1<ANSWER>2<ANSWER>3") == "a<ANSWER>1<ANSWER>2"
 
 

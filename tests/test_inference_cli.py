@@ -252,6 +252,20 @@ def test_answer_with_a_generated_image(capsys, model_dir, inputs, tmp_path, monk
   assert sorted(os.listdir(out_dir)) == ["exchange.json", "step_02.png"]
 
 
+def test_answer_names_no_option_when_the_reply_does_not(capsys, model_dir, inputs, tmp_path,
+                                                       monkeypatch):
+  # A reply that mentions both options (or one in a long text) names none, as benchmarks score it.
+  monkeypatch.setattr(engine_lib.Conversation, "generate_text", _fake_model_text(
+      [("<ANSWER>red or blue, hard to tell<ANSWER_END>", "endoftext")]))
+  rc, out, err = _run(answer_cli, capsys, f"--model={model_dir}", f"--image={inputs / 'a.png'}",
+                      "--question=Which colour?", "--options=red", "--options=blue",
+                      f"--out={tmp_path / 'run'}", *FAST)
+  assert rc == 0, err
+  lines = out.strip().splitlines()
+  assert lines[-1] == "answer: none" and "stopped by end_of_text after 1 step;" in out
+  assert json.loads((tmp_path / "run" / "exchange.json").read_text())["answer"] == ""
+
+
 def test_answer_from_the_model_matches_its_record(capsys, model_dir, inputs, tmp_path):
   out_dir = tmp_path / "run"
   rc, out, err = _run(answer_cli, capsys, f"--model={model_dir}", f"--image={inputs / 'a.png'}",
@@ -276,7 +290,9 @@ def test_usage_errors(capsys, model_dir, inputs, tmp_path):
   cases = [
       (answer_cli, [f"--model={model_dir}", image, "--question=q", "--greedy",
                     "--temperature=0.5"], "--greedy or --temperature"),
-      (recover_cli, [image], "--model .* or --config"),
+      (recover_cli, [image], "give one: --model recovers images, --config precomputes"),
+      (recover_cli, [f"--model={model_dir}", f"--config={config}:tiny", image],
+       "one of --model and --config, not both"),
       (recover_cli, [f"--model={model_dir}", image, f"--cache_dir={tmp_path}"],
        "--cache_dir: only used with --config"),
       # The cache mode reads its config (with overrides) from the same command line.

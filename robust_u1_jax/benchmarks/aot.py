@@ -1,4 +1,4 @@
-"""Ahead-of-time compile of a stage's real train step for a TPU topology, on a CPU machine.
+r"""Ahead-of-time compile of a stage's real train step for a TPU topology, on a CPU machine.
 
   python -m robust_u1_jax.bench aot --config configs/sft.py:bagel_7b --topology v5p-64
   python -m robust_u1_jax.bench aot --config configs/rl.py:bagel_7b --topology v5p-64

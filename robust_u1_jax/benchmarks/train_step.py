@@ -1,8 +1,8 @@
-"""`python -m robust_u1_jax.bench train_step`: the SFT step and a recovery, timed on one device.
+r"""`python -m robust_u1_jax.bench train_step`: the SFT step and a recovery, timed on one device.
 
   python -m robust_u1_jax.bench train_step --config configs/sft.py:gpu_1p5b    # one H200
   python -m robust_u1_jax.bench train_step --config configs/sft.py:tiny        # CPU, seconds
-  python -m robust_u1_jax.bench train_step --config configs/sft.py:gpu_1p5b \\
+  python -m robust_u1_jax.bench train_step --config configs/sft.py:gpu_1p5b \
       --override remat=none --override data.batch_size=1 --override steps=20
 
 On the default device (the first of `jax.devices()`, a mesh of one), with random weights:

@@ -1,4 +1,4 @@
-"""Look at what a config feeds the model: a grid of clean / corrupted pairs, and one question.
+r"""Look at what a config feeds the model: a grid of clean / corrupted pairs, and one question.
 
   python -m robust_u1_jax.data.preview --config configs/sft.py:tiny --out grid.png [--rows 4]
   python -m robust_u1_jax.data.preview --config configs/reason.py:tiny \

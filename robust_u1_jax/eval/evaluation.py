@@ -418,17 +418,27 @@ def read_table(path: str, count: int, max_skip_ratio: float = 0.01,
   tracker = bad_records.SkipTracker(max_skip_ratio, epoch_size=rows, name=f"benchmark {path}",
                                     setting="max_skip_ratio (configs/eval.py)", log=log)
   bad = []
-  for i in range(rows):
-    record = source[i]
-    if not bad_records.is_skip(record):
-      try:
-        image = transforms.decode_image(record["image_bytes"])
-      except transforms.BadImageError as e:
-        record = bad_records.skip_record(f"row {i}: image: {e}", path, i)
-    if not tracker.filter(record):
-      bad.append([i, record[bad_records.SKIP]])
-    elif keep is not None:
-      keep(i, record, image)
+  try:
+    for i in range(rows):
+      record = source[i]
+      if not bad_records.is_skip(record):
+        try:
+          image = transforms.decode_image(record["image_bytes"])
+        except transforms.BadImageError as e:
+          record = bad_records.skip_record(f"row {i}: image: {e}", path, i)
+      if bad_records.is_skip(record):  # before the tracker, which raises on the last straw
+        bad.append([i, record[bad_records.SKIP]])
+      if tracker.filter(record) and keep is not None:
+        keep(i, record, image)
+  except bad_records.TooManyBadRecords:
+    # One line naming the rows: the tracker's own message lists files, and here the file is one.
+    m = tracker.metrics()
+    listed = "; ".join(reason for _, reason in bad[:BAD_ROWS_LISTED])
+    more = f"; and {len(bad) - BAD_ROWS_LISTED} more" if len(bad) > BAD_ROWS_LISTED else ""
+    raise bad_records.TooManyBadRecords(
+        f"benchmark {path}: {m['skipped']} of {m['seen']} rows read were unreadable or unusable "
+        f"({m['skip_ratio']:.2%} > max_skip_ratio {max_skip_ratio:.2%}): {listed}{more}. Fix or "
+        "remove these rows, or raise max_skip_ratio (configs/eval.py)") from None
   return {"rows": rows, "bad_rows": len(bad), "bad": bad[:BAD_ROWS_LISTED]}
 
 

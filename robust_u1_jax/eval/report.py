@@ -135,6 +135,7 @@ def figures(result: Mapping[str, Any], out_dir: str, *,
     ax.set_xticks(x, [c["level"] for c in pipeline])
     ax.set_xlabel("Robust-R1 pipeline intensity (bars: ± one standard error)")
     ax.set_ylabel("answer accuracy (%)")
+    ax.set_ylim(bottom=max(0.0, ax.get_ylim()[0]))  # no negative accuracies (all zero: -0.04)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))  # off the lines
     save(fig, "accuracy_vs_intensity.png")
   by_type = [c for c in result["conditions"] if c["family"] != evaluation.PIPELINE]

@@ -100,9 +100,10 @@ def run(c: ml_collections.ConfigDict, *, say: Callable[[str], None] = print) -> 
                                 c.robust_r1_types)
   pipeline = [k for k in conds if k.family == evaluation.PIPELINE]
   compared = {name: path for name, path in c.compare.items() if path}
-  say(f"evaluating {c.model}: {len(samples)} samples x {len(conds) - len(pipeline)} "
-      f"conditions; {len(claim_samples)} for the clean images and {len(pipeline)} pipeline "
-      "conditions" + (f"; the recoveries of {', '.join(compared)} too" if compared else ""))
+  say(f"evaluating {c.model}: {_count(len(samples), 'sample')} x "
+      f"{_count(len(conds) - len(pipeline), 'condition')}; {len(claim_samples)} for the clean "
+      f"images and {_count(len(pipeline), 'pipeline condition')}"
+      + (f"; the recoveries of {', '.join(compared)} too" if compared else ""))
   units = (len(conds) * (1 + len(compared)) + 2 + bool(c.recovery_on_clean)
            + len(tables) * (len(BENCHMARK_CONDITIONS) + 1))
   kept = len(store)
@@ -112,15 +113,20 @@ def run(c: ml_collections.ConfigDict, *, say: Callable[[str], None] = print) -> 
   progress = lambda label: say(f"  [{next(done)}/{units}] {label} "
                                f"({(time.perf_counter() - t0) / 60:.1f} min so far)")
 
-  result = _evaluate_model(evaluator, c, claim_samples, samples, conds, progress, store)
-  compare, by_type = {}, {}
-  if compared:
-    compare, by_type = _compare_models(compared, c, clip_similarity, samples, conds, result,
-                                       progress, store)
-  benchmarks = {}
-  for name, path in tables.items():
-    say(f"  benchmark {name}: {path}")
-    benchmarks[name] = _benchmark(evaluator, name, path, c, engine.rules, progress, store)
+  try:
+    result = _evaluate_model(evaluator, c, claim_samples, samples, conds, progress, store)
+    compare, by_type = {}, {}
+    if compared:
+      compare, by_type = _compare_models(compared, c, clip_similarity, samples, conds, result,
+                                         progress, store)
+    benchmarks = {}
+    for name, path in tables.items():
+      say(f"  benchmark {name}: {path}")
+      benchmarks[name] = _benchmark(evaluator, name, path, c, engine.rules, progress, store)
+  except KeyboardInterrupt:
+    say(f"stopped: {len(store)} of its {units} units kept in {store.folder}; run the same "
+        "command to resume")
+    raise
 
   claim_rows = report.claims(result, compare)
   names = report.figures(result, out_dir, compare_by_type=by_type or None,
@@ -141,6 +147,10 @@ def run(c: ml_collections.ConfigDict, *, say: Callable[[str], None] = print) -> 
     say(f"  {'holds' if row['holds'] else 'FAILS'}: {row['claim']}: {row['measured']}{bound}")
   say(f"report: {path}")
   return path
+
+
+def _count(n: int, noun: str) -> str:
+  return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _evaluate_model(evaluator: evaluation.Evaluator, c: ml_collections.ConfigDict,

@@ -47,8 +47,11 @@ def cut_answers(text: str, keep: int = 2) -> str:
 
 
 def extract_answer(text: str, options: Sequence[str] = ()) -> str:
-  """The final answer: the last `<ANSWER>...` content (else the whole text), reduced to its
-  option letter when options are given and one can be found."""
+  """The final answer: the last `<ANSWER>...` content (else the whole text); with options, its
+  option letter, or '' when none can be told: a letter alone or closed by '.', ')' or ':'; else
+  VLMEvalKit's text rule, the one option whose text the answer holds, in an answer at most twice
+  as long as the options' texts together (a reply that names several, or one in passing in a
+  long text, names none)."""
   found = ANSWER_RE.findall(text)
   answer = (found[-1] if found else text).strip()
   if not options:
@@ -60,11 +63,13 @@ def extract_answer(text: str, options: Sequence[str] = ()) -> str:
        or re.search(rf"\b([{letters}])[.)]", answer))
   if m:
     return m.group(1)
-  for i, option in enumerate(options):
-    body = answer_format.format_option(i, option)[3:].strip().lower()
-    if body and body in answer.lower():
-      return letters[i]
-  return answer
+  bodies = [answer_format.format_option(i, option)[3:].strip().lower()
+            for i, option in enumerate(options)]
+  if len(answer) <= 2 * sum(map(len, bodies)):
+    named = [letter for letter, body in zip(letters, bodies) if body and body in answer.lower()]
+    if len(named) == 1:
+      return named[0]
+  return ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +94,7 @@ class Exchange:
   prompt: str
   steps: list[Step]
   answer_text: str  # every text step joined, cut after the answers
-  answer: str  # the option letter, or the extracted answer
+  answer: str  # with options, the option letter ('' when the reply names none); else the answer
   stopped_by: str  # 'end_of_text' | 'no_stop_token' | 'max_iterations'
   seconds: dict[str, float]  # time per phase: context, text, image
 

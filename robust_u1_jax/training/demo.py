@@ -122,11 +122,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str | None:
         return report
       if os.path.exists(report):
         print(f"{report} was written for other models or settings: evaluating again", flush=True)
-      try:
-        return eval_run.run(c)
-      except KeyboardInterrupt:  # its finished units are kept (eval/partial.py)
-        print("the demo stopped in its eval part; run the same command to resume", flush=True)
-        raise
+      return eval_run.run(c)  # stopped, it says how many units it keeps for the same command
     fresh = checkpoint.latest_step(part_dir) is None
     trainer.train(c, part_dir, stages.builder(c.stage))
     if not checkpoint.finished(part_dir, c.total_steps):
