@@ -222,11 +222,14 @@ def test_evaluate_writes_a_complete_report(model_dir, tmp_path):
       markdown)
   assert all("through the VAE alone" in c["measured"] for k, c in claims.items()
              if k.startswith("recovery beats"))
-  # Image grids: a row per sample, a column per GRID_COLUMNS entry (64-pixel cells, 2 apart).
-  assert ("Image grids, left to right: corrupted | corrupted through the VAE alone | recovered | "
+  # Image grids: a row per sample, a column per GRID_COLUMNS entry (64-pixel cells, 2 apart),
+  # scaled 3x under a header of the columns' titles.
+  assert ("Image grids, left to right: corrupted | through the VAE alone | recovered | "
           "clean.") in markdown
-  grid = Image.open(os.path.join(c.out, "grid_00_robust_r1_pipeline_25pct.png"))
-  assert grid.size == (4 * 66 + 2, 3 * 66 + 2)
+  grid = np.asarray(Image.open(os.path.join(c.out, "grid_00_robust_r1_pipeline_25pct.png")))
+  header = grid.shape[0] - 3 * (3 * 66 + 2)
+  assert grid.shape[1] == 3 * (4 * 66 + 2) and 10 < header < 40
+  assert (grid[:header] < 100).any() and (grid[:header] > 200).mean() > 0.8  # black titles
   kind_rows = [line for line in markdown.split("## Per question kind")[1].split("\n\n## ")[0]
                .splitlines() if line.startswith("| ") and not line.startswith(("| kind", "| ---"))]
   assert sorted(r.split(" | ")[0][2:] for r in kind_rows) == sorted(
@@ -293,6 +296,11 @@ def test_rl_minus_sft_per_condition_and_over_conditions():
                      [0.1, np.std([0.0, 0.15, 0.15], ddof=1) / np.sqrt(3)])
   lines = report.rl_minus_sft_table({"rl_minus_sft_by_condition": by_condition})
   assert "| fog s3 | +0.2000 ± 0.0577 |" in lines
+  # Rows in the per-condition table's order, not alphabetical.
+  ordered = report.rl_minus_sft_table({"rl_minus_sft_by_condition": by_condition,
+                                       "conditions": [{"label": "fog s5"}, {"label": "fog s3"}]})
+  assert [line.split(" | ")[0] for line in ordered if line.startswith("| fog")] == [
+      "| fog s5", "| fog s3"]
 
 
 def test_paired_standard_error():

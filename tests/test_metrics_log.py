@@ -52,6 +52,15 @@ def test_peak_table_knows_accelerators_not_cpu():
   assert metrics_log.peak_flops(Fake()) == 197e12
 
 
+def test_titled_grid_scales_the_cells_under_their_titles():
+  black, white = np.zeros((64, 48, 3), np.uint8), np.full((64, 48, 3), 255, np.uint8)
+  out = metrics_log.titled_grid([[black], [white]], ["left", "right"])
+  plain = (metrics_log.image_grid([[black], [white]]) * 255).round().astype(np.uint8)
+  header = out.shape[0] - 3 * plain.shape[0]  # 64-pixel cells: 3x, to 192 >= 160
+  np.testing.assert_array_equal(out[header:], plain.repeat(3, 0).repeat(3, 1))
+  assert out.shape[1] == 3 * plain.shape[1] and (out[:header] < 100).any()  # the titles
+
+
 def test_image_grid_layout():
   a = np.zeros((2, 4, 5, 3), np.uint8)
   b = np.full((2, 4, 5, 3), 255, np.uint8)

@@ -48,7 +48,7 @@ ORACLE = "corrupted+clean"
 INTENSITIES = config_lib.EVAL_INTENSITIES
 BAD_ROWS_LISTED = 10  # a benchmark's bad rows the report names (all are logged)
 # The columns of the report's image grids, left to right.
-GRID_COLUMNS = ("corrupted", "corrupted through the VAE alone", "recovered", "clean")
+GRID_COLUMNS = ("corrupted", "through the VAE alone", "recovered", "clean")  # the grids' titles
 
 
 @dataclasses.dataclass(frozen=True)

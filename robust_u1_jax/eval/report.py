@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from robust_u1_jax import files, pixels
+from robust_u1_jax import files
 from robust_u1_jax.eval import evaluation
 from robust_u1_jax.training import metrics_log
 
@@ -194,9 +194,10 @@ def figures(result: Mapping[str, Any], out_dir: str, *,
       ax.legend(fontsize=8)
       save(fig, "rl_rewards.png")
   for k, (label, columns) in enumerate(result.get("examples", [])[:6]):
-    grid = metrics_log.image_grid([list(column) for column in columns])
+    grid = metrics_log.titled_grid([list(column) for column in columns],
+                                    evaluation.GRID_COLUMNS)
     name = f"grid_{k:02d}_{label.replace(' ', '_').replace('%', 'pct')}.png"
-    Image.fromarray(pixels.to_uint8(grid)).save(os.path.join(out_dir, name))
+    Image.fromarray(grid).save(os.path.join(out_dir, name))
     written.append(name)
   return written
 
@@ -250,7 +251,8 @@ def rl_minus_sft_table(result: Mapping[str, Any]) -> list[str]:
            "claims average each sample over the conditions first).", "",
            "| condition | " + " | ".join(f"{m.upper()} RL - SFT" for m in metrics) + " |",
            "|" + " --- |" * (len(metrics) + 1)]
-  for label in sorted(difference):
+  order = [c["label"] for c in result.get("conditions", []) if c["label"] in difference]
+  for label in order + sorted(set(difference) - set(order)):  # as the per-condition table
     pairs = difference[label]
     cells = [f"{pairs[m]['rl'] - pairs[m]['sft']:+.{digits[m]}f} ± {pairs[m]['se']:.{digits[m]}f}"
              for m in metrics]

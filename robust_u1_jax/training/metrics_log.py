@@ -236,3 +236,27 @@ def image_grid(columns: Sequence[Sequence[np.ndarray]], pad: int = 2) -> np.ndar
       y, x = pad + i * (h + pad), pad + j * (w + pad)
       grid[y:y + im.shape[0], x:x + im.shape[1]] = np.clip(im, 0, 1)
   return grid
+
+
+def titled_grid(columns: Sequence[Sequence[np.ndarray]], titles: Sequence[str], *,
+                pad: int = 2, min_cell: int = 160) -> np.ndarray:
+  """`image_grid` under a header naming each column, scaled up (nearest, a whole factor) until a
+  cell is at least `min_cell` pixels tall: the tiny world's 64-pixel images are too small to
+  read beside a title. uint8 (H, W, 3)."""
+  from PIL import Image, ImageDraw, ImageFont
+
+  h = max(np.asarray(im).shape[0] for col in columns for im in col)
+  w = max(np.asarray(im).shape[1] for col in columns for im in col)
+  scale = max(1, -(-min_cell // h))
+  grid = pixels.to_uint8(image_grid(columns, pad)).repeat(scale, 0).repeat(scale, 1)
+  font = ImageFont.load_default(size=max(10, min(16, 3 * scale + 5)))
+  header = int(font.size * 1.6)
+  canvas = Image.new("RGB", (grid.shape[1], grid.shape[0] + header), "white")
+  canvas.paste(Image.fromarray(grid), (0, header))
+  draw = ImageDraw.Draw(canvas)
+  cell = (w + pad) * scale
+  for j, title in enumerate(titles):
+    width = draw.textlength(title, font=font)
+    draw.text((pad * scale + j * cell + max(0, (w * scale - width) / 2), header * 0.2), title,
+              fill="black", font=font)
+  return np.asarray(canvas)
