@@ -20,7 +20,7 @@ INSTALL_REQUIRES = JAX_STACK + [
     "tensorflow-datasets==4.9.10",
     "ml-collections==1.1.0",
     "absl-py==2.5.1",
-    "pillow>=10",
+    "pillow>=10.1",  # ImageFont.load_default(size=...): the report grids' titles
     "numpy>=1.26",
     "scipy>=1.11",
     "tqdm>=4.66",

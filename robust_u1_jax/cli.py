@@ -319,12 +319,13 @@ def flag_error_text(text: str, values: flags.FlagValues, argv: Sequence[str]) ->
     try:
       current = config_lib.field_value(config_lib.load_file(config_spec(values, name, argv)),
                                        field)
-      if hasattr(current, "keys"):  # a section: its repr would run to dozens of lines
+      if hasattr(current, "keys") and len(current):  # a section: its repr runs to many lines
         names = sorted(current.keys())
-        kind = (f" is a section, not a value: set its fields ({', '.join(names[:6])}"
-                f"{', ...' if len(names) > 6 else ''}), e.g. --{name}.{field}.{names[0]}=...")
-      else:
-        kind = f" takes {TYPE_WORDS.get(type(current), type(current).__name__)} (now {current!r})"
+        # absl's reason for a section is a Python parse error of the value, no help here.
+        return (f"--{name}.{field}={value}: {field} is a section, not a value: set its fields "
+                f"({', '.join(names[:6])}{', ...' if len(names) > 6 else ''}), e.g. "
+                f"--{name}.{field}.{names[0]}=...")
+      kind = f" takes {TYPE_WORDS.get(type(current), type(current).__name__)} (now {current!r})"
     except Exception:  # pylint: disable=broad-except
       kind = ""
     return f"--{name}.{field}={value}: {field}{kind}; {reason.splitlines()[0]}"

@@ -6,6 +6,7 @@ the fields two configs differ in (`setting_differences`). The defaults: `config_
 from collections.abc import Collection, Mapping
 import difflib
 import json
+import math
 import os
 import re
 
@@ -30,8 +31,20 @@ class ConfigError(ValueError):
 
 
 def _check(ok: bool, field: str, value, allowed: str) -> None:
-  if not ok:
-    raise ConfigError(f"config field {field} = {value!r} is invalid: allowed {allowed}")
+  # inf and nan pass most comparisons (inf > 0) and reach the loss as NaN steps later.
+  if not ok or not _finite(value):
+    raise ConfigError(f"config field {field} = {value!r} is invalid: allowed {allowed}"
+                      f"{'' if _finite(value) else ' (a finite number)'}")
+
+
+def _finite(value) -> bool:
+  if isinstance(value, float):
+    return math.isfinite(value)
+  if isinstance(value, (tuple, list)):
+    return all(map(_finite, value))
+  if isinstance(value, dict):
+    return all(map(_finite, value.values()))
+  return True
 
 
 def _corruption_names() -> list[str]:

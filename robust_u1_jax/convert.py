@@ -29,7 +29,8 @@ FORMATS = ("hf",)
 _FROM = flags.DEFINE_enum("from", None, FORMATS, "Import this format into an Orbax checkpoint.")
 _TO = flags.DEFINE_enum("to", None, FORMATS, "Export an Orbax checkpoint to this format.")
 _SRC = flags.DEFINE_string("src", None, "Source directory.")
-_DST = flags.DEFINE_string("dst", None, "Destination directory (must not exist).")
+_DST = flags.DEFINE_string("dst", None, "Destination directory: a new one, or a model to replace "
+                           "with --overwrite.")
 _OVERWRITE = flags.DEFINE_bool(
     "overwrite", False, "Replace an existing destination: a model directory, an Orbax model "
     "checkpoint or an empty folder.")

@@ -152,10 +152,11 @@ def test_overwrite_replaces_only_a_model(model_dir, orbax_dir, tmp_path, main_wi
                           (src / "out", "inside the source"),
                           (parent / "notes.txt", "a file, not a model folder"),
                           (other, "not a model folder (no llm_config.json or bagel_config.json")]:
-    assert main_with_flags("--from", "hf", "--src", str(src), "--dst", str(target),
-                           "--overwrite") == 2, target
-    err = capsys.readouterr().err
-    assert f"error: --dst {target}: {message}" in err and "Traceback" not in err, err
+    for overwrite in (["--overwrite"], []):  # without it, no advice to add it
+      assert main_with_flags("--from", "hf", "--src", str(src), "--dst", str(target),
+                             *overwrite) == 2, target
+      err = capsys.readouterr().err
+      assert f"error: --dst {target}: {message}" in err and "Traceback" not in err, err
   assert sorted(os.listdir(parent)) == ["model", "notes.txt"]
   assert (parent / "notes.txt").read_text() == "keep" and os.listdir(other) == ["a.txt"]
   assert sorted(os.listdir(src)) == sorted(os.listdir(model_dir))

@@ -118,6 +118,21 @@ def test_a_bad_table_stops_the_run_before_the_model_loads(tmp_path):
   assert not os.path.exists(c.out)
 
 
+def test_an_evaluation_stopped_before_its_first_unit_says_so(tmp_path, monkeypatch):
+  c = _eval_config()
+  c.model, c.out = str(tmp_path / "model"), str(tmp_path / "report")
+
+  def stopped(*args, **kwargs):
+    raise KeyboardInterrupt  # Ctrl-C while the model loads
+
+  monkeypatch.setattr(eval_run.engine_lib.Engine, "load", stopped)
+  lines = []
+  with pytest.raises(KeyboardInterrupt):
+    eval_run.run(c, say=lines.append)
+  assert lines == ["the evaluation stopped before its first unit finished; run the same command "
+                   "to start it again"]
+
+
 @pytest.mark.slow
 def test_evaluate_writes_a_complete_report(model_dir, tmp_path):
   c = _eval_config()
@@ -382,8 +397,8 @@ def test_a_stopped_evaluation_resumes_to_the_report_of_an_uninterrupted_one(mode
   stopped = []
   with pytest.raises(_Stop):
     evaluate(tmp_path / "stopped", stop_after=5, lines=stopped)  # in the 5th unit: 4 finished
-  assert stopped[-1] == (f"stopped: 4 of its 13 units kept in {tmp_path / 'stopped' / 'partial'}; "
-                         "run the same command to resume")
+  assert stopped[-1] == ("the evaluation stopped: 4 of its 13 units kept in "
+                         f"{tmp_path / 'stopped' / 'partial'}; run the same command to resume")
   kept = os.listdir(tmp_path / "stopped" / "partial")
   assert sum(name.endswith(".npz") for name in kept) == 4 and "report.json" not in os.listdir(
       tmp_path / "stopped")

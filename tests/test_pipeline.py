@@ -181,6 +181,11 @@ def test_resume_refuses_another_record_order(tok, tmp_path):
     restore(refused, 33, **shards)
   assert "process_0-of-1.json" in str(e.value) and "another --workdir" in str(e.value)
   assert os.listdir(os.path.join(refused, "checkpoints")) == ["2"]  # not moved aside
+  # A file that holds no position at all is a damaged checkpoint, not one of another order.
+  with open(os.path.join(refused, "checkpoints", "2", "data", "process_0-of-1.json"), "w") as f:
+    json.dump({"x": 1}, f)
+  with pytest.raises(checkpoint.UnreadableCheckpoints, match="no checkpoint can be restored"):
+    restore(refused, 33, **shards)
 
   for name, records, stamp, shard in [("divides", 32, False, shards), ("stamped", 33, True, shards),
                                       ("one", 33, False, {})]:

@@ -411,18 +411,17 @@ def check_destination(path: str, overwrite: bool) -> None:
   not be."""
   if not os.path.exists(path):
     return
-  if not overwrite:
-    raise FileExistsError(f"{path}: already exists; give a new folder, or overwrite=True "
-                          "(--overwrite) to replace it")
+  only = ("overwriting replaces only a model directory, an Orbax model checkpoint or an empty "
+          "folder, deleting it whole")
   if not os.path.isdir(path):
-    raise FileExistsError(f"{path}: a file, not a model folder; overwriting replaces only a "
-                          "model directory or an Orbax model checkpoint")
+    raise FileExistsError(f"{path}: a file, not a model folder; give a new folder ({only})")
   names = os.listdir(path)
   if names and not {LLM_CONFIG, ORBAX_CONFIG} & set(names):
-    raise FileExistsError(
-        f"{path}: not a model folder (no {LLM_CONFIG} or {ORBAX_CONFIG} among its {len(names)} "
-        "entries); overwriting deletes the folder whole, so it replaces only a model directory, "
-        "an Orbax model checkpoint or an empty folder")
+    raise FileExistsError(f"{path}: not a model folder (no {LLM_CONFIG} or {ORBAX_CONFIG} among "
+                          f"its {len(names)} entries); give a new folder ({only})")
+  if not overwrite:
+    raise FileExistsError(f"{path}: already exists; give a new folder, or overwrite it "
+                          "(overwrite=True, --overwrite)")
 
 
 def _sync(name: str, all_processes: bool) -> None:

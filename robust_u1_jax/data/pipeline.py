@@ -356,8 +356,8 @@ class Pipeline:
     """ValueError when a saved data position (a get_state) was read in another order than this
     pipeline reads its shard (STREAM_ORDER), so that resuming from it would read other batches
     than the run it continues. A state that is no position at all is left to `set_state`."""
-    if not isinstance(state, Mapping):
-      return
+    if not isinstance(state, Mapping) or "grain" not in state:
+      return  # no position at all: set_state refuses it, and the checkpoint counts as damaged
     order = state.get("stream_order")
     if order == STREAM_ORDER:
       return

@@ -154,7 +154,7 @@ def figures(result: Mapping[str, Any], out_dir: str, *,
     ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(bars))
     save(fig, "ssim_per_type.png")
   if compare_by_type:
-    labels = sorted(set().union(*[set(v) for v in compare_by_type.values()]))
+    labels = _in_condition_order(result, set().union(*[set(v) for v in compare_by_type.values()]))
     # Below the two models' SSIM, RL's difference from SFT per condition: the bars above differ
     # by thousandths, which only the difference and its error show.
     difference = result.get("rl_minus_sft_by_condition")
@@ -251,13 +251,19 @@ def rl_minus_sft_table(result: Mapping[str, Any]) -> list[str]:
            "claims average each sample over the conditions first).", "",
            "| condition | " + " | ".join(f"{m.upper()} RL - SFT" for m in metrics) + " |",
            "|" + " --- |" * (len(metrics) + 1)]
-  order = [c["label"] for c in result.get("conditions", []) if c["label"] in difference]
-  for label in order + sorted(set(difference) - set(order)):  # as the per-condition table
+  for label in _in_condition_order(result, difference):
     pairs = difference[label]
     cells = [f"{pairs[m]['rl'] - pairs[m]['sft']:+.{digits[m]}f} ± {pairs[m]['se']:.{digits[m]}f}"
              for m in metrics]
     lines.append(f"| {label} | " + " | ".join(cells) + " |")
   return lines
+
+
+def _in_condition_order(result: Mapping[str, Any], labels) -> list[str]:
+  """`labels` in the per-condition table's order (any it lacks after them, sorted)."""
+  labels = set(labels)
+  order = [c["label"] for c in result.get("conditions", []) if c["label"] in labels]
+  return order + sorted(labels - set(order))
 
 
 def bad_rows_line(bench: Mapping[str, Any]) -> str:

@@ -76,7 +76,24 @@ def report_is_current(c: ml_collections.ConfigDict) -> bool:
 
 
 def run(c: ml_collections.ConfigDict, *, say: Callable[[str], None] = print) -> str:
-  """Evaluates `c.model`; returns the path of report.md (in `c.out`)."""
+  """Evaluates `c.model`; returns the path of report.md (in `c.out`). Stopped (Ctrl-C), it says
+  what it keeps for the same command to resume from."""
+  progress: dict[str, Any] = {}  # the store of finished units and their count, once known
+  try:
+    return _run(c, say, progress)
+  except KeyboardInterrupt:
+    store = progress.get("store")
+    if store is None or not len(store):
+      say("the evaluation stopped before its first unit finished; run the same command to start "
+          "it again")
+    else:
+      say(f"the evaluation stopped: {len(store)} of its {progress['units']} units kept in "
+          f"{store.folder}; run the same command to resume")
+    raise
+
+
+def _run(c: ml_collections.ConfigDict, say: Callable[[str], None],
+         progress_of: dict[str, Any]) -> str:
   t0 = time.perf_counter()
   out_dir = report_dir(c)
   # The benchmark tables' rows, the CLIP checkpoint and the model first: one that does not load
@@ -88,7 +105,7 @@ def run(c: ml_collections.ConfigDict, *, say: Callable[[str], None] = print) -> 
   clip_similarity = _clip_similarity(c)
   engine = engine_lib.Engine.load(c.model, dtype=c.dtype)
   os.makedirs(out_dir, exist_ok=True)
-  store = partial.PartialResults(out_dir, fingerprint(c))
+  store = progress_of["store"] = partial.PartialResults(out_dir, fingerprint(c))
   evaluator = _evaluator(engine, c, clip_similarity, c.model)
   # The claims read a few figures, which can afford more questions than the 15 conditions (one
   # figure on 64 questions is uncertain by about 6 points); the other conditions take the first
@@ -104,8 +121,8 @@ def run(c: ml_collections.ConfigDict, *, say: Callable[[str], None] = print) -> 
       f"{_count(len(conds) - len(pipeline), 'condition')}; {len(claim_samples)} for the clean "
       f"images and {_count(len(pipeline), 'pipeline condition')}"
       + (f"; the recoveries of {', '.join(compared)} too" if compared else ""))
-  units = (len(conds) * (1 + len(compared)) + 2 + bool(c.recovery_on_clean)
-           + len(tables) * (len(BENCHMARK_CONDITIONS) + 1))
+  units = progress_of["units"] = (len(conds) * (1 + len(compared)) + 2 + bool(c.recovery_on_clean)
+                                 + len(tables) * (len(BENCHMARK_CONDITIONS) + 1))
   kept = len(store)
   if kept:
     say(f"  resuming a stopped evaluation: {kept} of its {units} units kept in {store.folder}")
@@ -113,20 +130,15 @@ def run(c: ml_collections.ConfigDict, *, say: Callable[[str], None] = print) -> 
   progress = lambda label: say(f"  [{next(done)}/{units}] {label} "
                                f"({(time.perf_counter() - t0) / 60:.1f} min so far)")
 
-  try:
-    result = _evaluate_model(evaluator, c, claim_samples, samples, conds, progress, store)
-    compare, by_type = {}, {}
-    if compared:
-      compare, by_type = _compare_models(compared, c, clip_similarity, samples, conds, result,
-                                         progress, store)
-    benchmarks = {}
-    for name, path in tables.items():
-      say(f"  benchmark {name}: {path}")
-      benchmarks[name] = _benchmark(evaluator, name, path, c, engine.rules, progress, store)
-  except KeyboardInterrupt:
-    say(f"stopped: {len(store)} of its {units} units kept in {store.folder}; run the same "
-        "command to resume")
-    raise
+  result = _evaluate_model(evaluator, c, claim_samples, samples, conds, progress, store)
+  compare, by_type = {}, {}
+  if compared:
+    compare, by_type = _compare_models(compared, c, clip_similarity, samples, conds, result,
+                                       progress, store)
+  benchmarks = {}
+  for name, path in tables.items():
+    say(f"  benchmark {name}: {path}")
+    benchmarks[name] = _benchmark(evaluator, name, path, c, engine.rules, progress, store)
 
   claim_rows = report.claims(result, compare)
   names = report.figures(result, out_dir, compare_by_type=by_type or None,

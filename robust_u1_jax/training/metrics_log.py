@@ -249,7 +249,7 @@ def titled_grid(columns: Sequence[Sequence[np.ndarray]], titles: Sequence[str], 
   w = max(np.asarray(im).shape[1] for col in columns for im in col)
   scale = max(1, -(-min_cell // h))
   grid = pixels.to_uint8(image_grid(columns, pad)).repeat(scale, 0).repeat(scale, 1)
-  font = ImageFont.load_default(size=max(10, min(16, 3 * scale + 5)))
+  font = ImageFont.load_default(size=max(10, min(24, w * scale // 13)))  # 14 over 192 pixels
   header = int(font.size * 1.6)
   canvas = Image.new("RGB", (grid.shape[1], grid.shape[0] + header), "white")
   canvas.paste(Image.fromarray(grid), (0, header))
