@@ -120,9 +120,12 @@ def test_evaluation_scores_its_own_images_whatever_the_batch(tmp_path):
   expected = eval_lib.ssim(corrupted, clean).mean()
   assert evals[0]["eval_ssim_corrupted"] == pytest.approx(expected, abs=1e-6)
 
-  # The grid: its first GRID_IMAGES, corrupted | recovered | clean, 64 px cells, 2 px apart.
-  grid = np.asarray(Image.open(os.path.join(tmp_path, "images", "step_0000002.png")))
-  assert grid.shape[:2] == (evaluation.GRID_IMAGES * 66 + 2, 3 * 66 + 2)
+  # The grid: its first GRID_IMAGES, corrupted | recovered | clean, 64 px cells, 2 px apart,
+  # scaled 3x under the columns' titles.
+  titled = np.asarray(Image.open(os.path.join(tmp_path, "images", "step_0000002.png")))
+  header = titled.shape[0] - 3 * (evaluation.GRID_IMAGES * 66 + 2)
+  assert titled.shape[1] == 3 * (3 * 66 + 2) and 10 < header < 40
+  grid = titled[header:][::3, ::3]
   for i in range(evaluation.GRID_IMAGES):
     y = 2 + 66 * i
     np.testing.assert_array_equal(grid[y:y + 64, 2:66], corrupted[i])

@@ -177,7 +177,9 @@ def make_eval(ctx, model_config: clip_lib.CLIPConfig, embed_fn: Callable = embed
         embed_fn, graphdef, params, state.frozen, inputs, jnp.asarray(tokens))))
     n = min(GRID_IMAGES, len(images))
     retrieved = similarity.argmax(1)[:n]
-    return [list(images[:n]), [images[j] for j in retrieved]], retrieval(similarity, tokens)
+    columns = {"image": list(images[:n]),
+               "retrieved caption's image": [images[j] for j in retrieved]}
+    return columns, retrieval(similarity, tokens)
 
   return evaluate
 

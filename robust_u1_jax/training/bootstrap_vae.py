@@ -122,7 +122,7 @@ def _evaluate(graphdef, params, frozen, images, key):
 
 
 def make_eval(ctx) -> Callable:
-  """evaluate(graphdef, state) -> ([original, reconstruction (mean), (sample)] columns, metrics):
+  """evaluate(graphdef, state) -> ({image, decoded mean, decoded sample} columns, metrics):
   PSNR on eval_data.batch_size validation images, the same ones at every evaluation."""
   c = ctx.config
   images = validation_images(c, ctx.tokenizer)
@@ -133,7 +133,8 @@ def make_eval(ctx) -> Callable:
     from_mean, from_sample, psnr_mean, psnr_sample, latent_std, posterior_std = jax.device_get(
         _evaluate(graphdef, params, state.frozen, jnp.asarray(images), key))
     n = min(GRID_IMAGES, len(images))
-    columns = [list(images[:n]), list(from_mean[:n]), list(from_sample[:n])]
+    columns = {"image": list(images[:n]), "decoded mean": list(from_mean[:n]),
+               "decoded sample": list(from_sample[:n])}
     return columns, {"eval_psnr": float(np.mean(psnr_mean)),
                      "eval_psnr_sample": float(np.mean(psnr_sample)),
                      "eval_latent_std": float(latent_std),

@@ -28,7 +28,7 @@ GRID_IMAGES = 8  # the grid's rows: the first of the scored images
 
 
 def make_recovery_eval(ctx: RunContext, num_steps: int) -> Callable:
-  """evaluate(graphdef, state) -> ([corrupted, recovered, clean] columns, metrics).
+  """evaluate(graphdef, state) -> ({corrupted, recovered, clean} columns, metrics).
 
   The first EVAL_IMAGES validation samples, recovered in one batch per image size. Metrics:
   eval_ssim (the recoveries) and eval_ssim_corrupted (the corrupted images, fixed: a recovery
@@ -71,8 +71,8 @@ def make_recovery_eval(ctx: RunContext, num_steps: int) -> Callable:
       for j, i in enumerate(members):
         recovered[i], ssim[i] = images[j], scores[j]
     shown = slice(GRID_IMAGES)
-    columns = [[s["corrupted"] for s in samples[shown]], recovered[shown],
-               [s["clean"] for s in samples[shown]]]
+    columns = {"corrupted": [s["corrupted"] for s in samples[shown]],
+               "recovered": recovered[shown], "clean": [s["clean"] for s in samples[shown]]}
     return columns, {"eval_ssim": float(ssim.mean()), "eval_ssim_corrupted": ssim_corrupted}
 
   return evaluate

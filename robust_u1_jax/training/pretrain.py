@@ -274,7 +274,9 @@ def make_eval(ctx) -> Callable:
                                                 for t, s in zip(said, samples)])),
         "eval_reconstruction_psnr": float(np.mean(10 * np.log10(1 / np.maximum(mse, 1e-10)))),
     }
-    return [[s["clean"] for s in shown], list(reconstructed), list(drawn)], metrics
+    columns = {"image": [s["clean"] for s in shown], "reconstructed": list(reconstructed),
+               "drawn from its caption": list(drawn)}
+    return columns, metrics
 
   return evaluate
 

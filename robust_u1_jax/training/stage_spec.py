@@ -40,7 +40,8 @@ class StageSpec:
   samples_per_step: int
   aux: dict[str, Any] = dataclasses.field(default_factory=dict)
   reference: bool = False  # keep a frozen copy of the initial trainable params in aux
-  # (graphdef, state) -> (image columns for a grid, scalar metrics); run every eval_every steps.
+  # (graphdef, state) -> ({column title: images} for a grid, scalar metrics); run every
+  # eval_every steps.
   evaluate: Callable | None = None
   # A model of the stage's own, trained instead of the Bagel (built on the run's mesh).
   model: nnx.Module | None = None
