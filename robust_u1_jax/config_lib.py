@@ -214,7 +214,6 @@ def validate_eval(c: ml_collections.ConfigDict) -> None:
          "0 (every row) or a positive integer")
   _check(c.claim_samples >= 0, "claim_samples", c.claim_samples,
          "0 (num_samples) or a positive integer")
-  _check(c.seed >= 0, "seed", c.seed, "an integer >= 0")
   _check(0.0 <= c.max_skip_ratio < 1.0, "max_skip_ratio", c.max_skip_ratio,
          "a fraction in [0, 1)")
   _check(c.recovery_steps >= 2, "recovery_steps", c.recovery_steps, "an integer >= 2")
@@ -283,6 +282,7 @@ def validate_rl(c: ml_collections.ConfigDict) -> None:
 
 def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks every field a run depends on; returns the config for chaining."""
+  _check(c.seed >= 0, "seed", c.seed, "an integer >= 0")  # every config: stages, demo, eval
   if c.get("stage") == "eval":
     validate_eval(c)
     return c
@@ -295,7 +295,6 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
           validate(sub)
         except ConfigError as e:
           raise ConfigError(f"demo part {part!r} (--config.{part}.<field>): {e}") from None
-    _check(c.seed >= 0, "seed", c.seed, "an integer >= 0")
     for part in parts:  # training/demo.py's estimate of the minutes to go
       _check(c.minutes.get(part, -1) >= 0, f"minutes.{part}", c.minutes.get(part),
              "the part's minutes in a measured run, >= 0")
@@ -325,7 +324,6 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
          "'random', a BAGEL/Robust-U1 model directory, or an Orbax checkpoint directory of an "
          "earlier stage")
   _check(c.total_steps > 0, "total_steps", c.total_steps, "a positive integer")
-  _check(c.seed >= 0, "seed", c.seed, "an integer >= 0")
   validate_flow_settings(c, "")
   # Gradient steps of the run (RL makes updates_per_rollout per trainer step): an unfinished
   # accumulation at the end would be dropped from the saved model.

@@ -121,6 +121,7 @@ def test_impossible_stage_values_name_the_field(path, field, value, named, messa
     ("benchmark_samples", -1, "0 .every row."),
     ("severities", (6,), "1..5"),
     ("claim_samples", -1, "0 .num_samples."),
+    ("seed", -1, ">= 0"),
 ])
 def test_impossible_evaluation_values_name_the_field(field, value, message):
   with pytest.raises(config_lib.ConfigError, match=message) as info:

@@ -184,10 +184,10 @@ class MetricsLogger:
     """The recorded steps' metrics not yet written (for a checkpoint: `pending=` on resume)."""
     return [{k: float(v) for k, v in m.items()} for m in jax.device_get(self._window)]
 
-  def log_eval(self, step: int, metrics: Mapping[str, float], grid_hwc: np.ndarray,
-               columns: str, path: str):
-    """Evaluation scalars (TensorBoard, metrics.jsonl, a summary line) and its image grid, whose
-    `columns` ('corrupted | recovered | clean') name its TensorBoard image."""
+  def log_eval(self, step: int, metrics: Mapping[str, float],
+               columns: Mapping[str, Sequence[np.ndarray]], path: str):
+    """Evaluation scalars (TensorBoard, metrics.jsonl, a summary line) and the grid of its image
+    `columns` ({title: images}), drawn by the writing process only."""
     if not self.is_writer:
       return
     for k, v in metrics.items():
@@ -197,7 +197,8 @@ class MetricsLogger:
     self.jsonl.flush()
     shown = "  ".join(f"{k}={v:.4g}" for k, v in metrics.items())
     self.bar.write(f"eval at step {step}: {shown}  grid: {path}")
-    self.log_images(step, f"eval grid ({columns})", grid_hwc, path)
+    grid = titled_grid(list(columns.values()), list(columns))
+    self.log_images(step, f"eval grid ({' | '.join(columns)})", grid, path)
 
   def log_images(self, step: int, name: str, grid_hwc: np.ndarray, path: str | None = None):
     """Writes an image grid (uint8 or [0, 1] float) to TensorBoard and optionally a PNG."""

@@ -133,8 +133,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
             data.check_skip_ratio(replicas)
         if spec.evaluate is not None and step % config.eval_every == 0:
           columns, eval_metrics = spec.evaluate(*plain_model_state(graphdef, state))
-          grid = metrics_log.titled_grid(list(columns.values()), list(columns))
-          log.log_eval(step, eval_metrics, grid, " | ".join(columns),
+          log.log_eval(step, eval_metrics, columns,
                        os.path.join(workdir, "images", f"step_{step:07d}.png"))
         stop = ckpt.should_stop()
         if step % config.checkpoint_every == 0 or stop or step == config.total_steps:
