@@ -20,7 +20,8 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.num_samples = 64
   # Samples of the figures the claims read (the Robust-R1 pipeline's conditions and the clean
   # images, with recovery off and on); the other conditions take the first num_samples of them.
-  # At most num_samples: every figure on num_samples.
+  # At most num_samples: every figure on num_samples. Both at most the split's records (the
+  # built-in world's held-out splits hold 1,000).
   c.claim_samples = 0
   c.intensities = ("25%", "50%", "100%")  # Robust-R1 pipeline at I = 0.23 / 0.45 / 0.9
   c.imagenet_c_types = ("all",)  # ImageNet-C corruptions (short or qualified names), or all

@@ -13,6 +13,7 @@ import re
 import ml_collections
 
 from robust_u1_jax.config_defaults import TEXT_FIELDS
+from robust_u1_jax.data import shapes  # the standard library and numpy only: no JAX to start
 
 # --------------------------------------------------------------------------------------------------
 # Validation: every stage entry calls `validate(config)` before doing work, so an impossible value
@@ -220,6 +221,10 @@ def validate_eval(c: ml_collections.ConfigDict) -> None:
   _check(c.dtype in ("float32", "bfloat16"), "dtype", c.dtype, "float32, bfloat16")
   _check(c.clip_model in CLIP_MODELS, "clip_model", c.clip_model, ", ".join(CLIP_MODELS))
   _check(c.split in ("train", "validation", "test"), "split", c.split, "train, validation, test")
+  records = shapes.DEFAULT_SIZES[c.split]  # the held-out samples are the split's first records
+  for field in ("num_samples", "claim_samples"):
+    _check(c[field] <= records, field, c[field],
+           f"at most the world's {records:,} {c.split} records")
   for family in ("imagenet_c", "robust_r1"):
     _check_types(c[f"{family}_types"], family)
   for field in ("cfg_text", "cfg_img"):

@@ -121,12 +121,21 @@ def test_impossible_stage_values_name_the_field(path, field, value, named, messa
     ("benchmark_samples", -1, "0 .every row."),
     ("severities", (6,), "1..5"),
     ("claim_samples", -1, "0 .num_samples."),
+    # Past the split, the evaluation stopped on a record index after loading the model.
+    ("claim_samples", 1024, "at most the world's 1,000 test records"),
+    ("num_samples", 1001, "at most the world's 1,000 test records"),
     ("seed", -1, ">= 0"),
 ])
 def test_impossible_evaluation_values_name_the_field(field, value, message):
   with pytest.raises(config_lib.ConfigError, match=message) as info:
     config_lib.load(os.path.join(ROOT, "configs", "eval.py") + ":tiny", {field: value})
   assert field in str(info.value)
+
+
+def test_the_whole_test_split_can_be_read():
+  c = config_lib.load(os.path.join(ROOT, "configs", "eval.py") + ":tiny",
+                      {"claim_samples": 1000, "num_samples": 1000})
+  assert c.claim_samples == c.num_samples == 1000
 
 
 def test_folder_source_needs_a_path():

@@ -235,6 +235,16 @@ def test_evaluate_writes_a_complete_report(model_dir, tmp_path):
       "## RL against SFT per condition")[1]
   assert "| condition | PSNR corrupted | PSNR through VAE | PSNR recovered | SSIM corrupted" in (
       markdown)
+  # Beside each condition's corrupted+recovered accuracy, its gain over corrupted only with the
+  # gain's paired standard error (a few questions' gain can be the draw of the questions alone).
+  for row in conds:
+    acc, se = row["accuracy"], row["gain_se"]["accuracy"]
+    cells = next(line for line in markdown.split("## Per condition")[1].splitlines()
+                 if line.startswith(f"| {row['label']} |")).split(" | ")
+    assert cells[-2] == (f"{100 * acc['corrupted+recovered']:.1f} ("
+                         f"{100 * (acc['corrupted+recovered'] - acc['corrupted']):+.1f} ± "
+                         f"{100 * se:.1f})")
+    assert cells[-3] == f"{100 * acc['corrupted']:.1f}"
   assert all("through the VAE alone" in c["measured"] for k, c in claims.items()
              if k.startswith("recovery beats"))
   # Image grids: a row per sample, a column per GRID_COLUMNS entry (64-pixel cells, 2 apart),

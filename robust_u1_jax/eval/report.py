@@ -208,6 +208,18 @@ def _chance(answers: Sequence[Mapping[str, Any]]) -> str:
   return _pct(float(np.mean([1 / n for n in options]))) if all(options) else "-"
 
 
+def _accuracy_cell(row: Mapping[str, Any], mode: str) -> str:
+  """A condition's accuracy in `mode`; corrupted+recovered's with its gain over corrupted only
+  and that gain's paired standard error: on a condition's few questions a gain of several points
+  can be the draw of the questions alone."""
+  accuracy = row["accuracy"]
+  cell = _pct(accuracy[mode])
+  gain = 100 * (accuracy[mode] - accuracy.get("corrupted", math.nan))
+  if mode == "corrupted+recovered" and not math.isnan(gain):  # nan: no answers to compare
+    cell += f" ({gain:+.1f}{_pm(row.get('gain_se', {}).get('accuracy'), 100)})"
+  return cell
+
+
 def by_kind_table(result: Mapping[str, Any], modes: Sequence[str]) -> list[str]:
   """Markdown lines: accuracy per question kind on clean images and, per mode, its mean over
   the conditions: which kinds the model reads from the image at all, and which a recovery
@@ -312,10 +324,14 @@ def write(out_dir: str, result: Mapping[str, Any], *, title: str,
   if "through_vae" in shown:
     lines += ["Through VAE: the corrupted image encoded and decoded by the VAE alone, what a "
               "recovery that copies its input and restores nothing gives back.", ""]
+  if "corrupted+recovered" in modes and "corrupted" in modes:
+    lines += ["In brackets beside corrupted+recovered: its difference from corrupted only, ± one "
+              "standard error paired over the condition's questions. The conditions other than "
+              "the pipeline's ask the same questions, so their differences move together.", ""]
   lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
   for c in result["conditions"]:
     cells = [c["label"]] + [f"{c[k][m]:.{digits}f}" for m, digits in metrics for k in shown]
-    cells += [_pct(c["accuracy"][m]) for m in modes]
+    cells += [_accuracy_cell(c, m) for m in modes]
     lines.append("| " + " | ".join(cells) + " |")
   lines += by_kind_table(result, modes)
   lines += rl_minus_sft_table(result)
