@@ -80,6 +80,11 @@ def _answer(values: flags.FlagValues) -> int:
     raise app.UsageError(f"--temperature must be >= 0, got {temperature}")
   if values.max_iterations < 1 or values.max_new_tokens < 1:
     raise app.UsageError("--max_iterations and --max_new_tokens must be >= 1")
+  if not values.question.strip():
+    raise app.UsageError("--question is empty")
+  blank = [k for k, option in enumerate(values.options, start=1) if not option.strip()]
+  if blank:
+    raise app.UsageError(f"--options: option {blank[0]} of {len(values.options)} is empty")
   # A bad image, --model or --out fails before the model loads.
   image = model_cli.read_image(values.image,
                                model_cli.min_side(model_cli.model_rules(values.model)))

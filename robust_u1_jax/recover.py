@@ -7,16 +7,17 @@ or a stage's workdir:
   python -m robust_u1_jax.recover --model /disks/Robust-U1 --image photos/ --out restored/ \
       --dtype bfloat16 --mesh fsdp=-1 --sde
 
-A file is recovered to --out (default: `<stem>_recovered.png` beside it). A folder's files (not
-its subfolders) are recovered into the folder --out (default: `<folder>_recovered`) as
-`<stem>.png`, grouped by VAE size into batches of --batch; images already there are skipped, so a
-re-run resumes. Images come out at their VAE size (BAGEL's resize rule of the model). Image i of a
-folder's sorted listing draws its noise (that of --sde's step included) from
-fold_in(PRNGKey(--seed), i), so batching and resuming do not change it. An unreadable image or an
-unusable model directory is one `error:` line: exit status 2 (a folder goes on with its other
-images, lists the failures and exits with 1). An image with a side below the smallest the model's
-resize rule accepts (one VAE stride or ViT patch, 16 pixels for BAGEL) is refused, as training
-skips it. --out is checked before the model loads (a missing folder is created).
+A file is recovered to --out (default: `<stem>_recovered.png` beside it; a folder, existing or
+ending in `/`, gets that name inside it). A folder's files (not its subfolders) are recovered into
+the folder --out (default: `<folder>_recovered`) as `<stem>.png`, grouped by VAE size into batches
+of --batch; images already there are skipped, so a re-run resumes. Images come out at their VAE size
+(BAGEL's resize rule of the model). Image i of a folder's sorted listing draws its noise (that of
+--sde's step included) from fold_in(PRNGKey(--seed), i), so batching and resuming do not change it.
+An unreadable image or an unusable model directory is one `error:` line: exit status 2 (a folder
+goes on with its other images, lists the failures and exits with 1; a folder without files is
+refused). An image with a side below the smallest the model's resize rule accepts (one VAE stride or
+ViT patch, 16 pixels for BAGEL) is refused, as training skips it. --out is checked before the model
+loads (a missing folder is created).
 
 Precompute the reasoning stage's recoveries (reason.recovered_images=cache): every record the run
 will read in its steps, recovered by the model in `init_from`, as PNGs in a cache directory:
@@ -91,7 +92,7 @@ def _recover_file(values: flags.FlagValues, sampler, instruction: str) -> int:
   path = values.image
   name = f"{os.path.splitext(os.path.basename(path))[0]}_recovered.png"
   out = values.out or os.path.join(os.path.dirname(path), name)
-  if os.path.isdir(out):
+  if os.path.isdir(out) or out.endswith(os.sep):  # a folder, existing or to create
     out = os.path.join(out, name)
   # A bad image, --model or --out fails before the model loads.
   image = model_cli.read_image(path, model_cli.min_side(model_cli.model_rules(values.model)))
@@ -131,6 +132,9 @@ def _recover_folder(values: flags.FlagValues, sampler, instruction: str) -> int:
   t0 = time.perf_counter()
   # Hidden files are left out: an interrupted write's temporary file is one of them.
   names = sorted(e.name for e in os.scandir(folder) if e.is_file() and not e.name.startswith("."))
+  if not names:
+    raise model_cli.InputError(f"--image {values.image}: a folder without files to recover (its "
+                               "subfolders and hidden files are not read)")
   outputs = output_names(names)
   rules = model_cli.model_rules(values.model)
   cli.output_dir(out_dir, "--out")

@@ -284,12 +284,40 @@ def test_answer_from_the_model_matches_its_record(capsys, model_dir, inputs, tmp
   assert "restore" not in record["prompt"]
 
 
+def test_recover_refuses_a_folder_without_files(capsys, model_dir, tmp_path):
+  # It wrote an empty output folder and said '0 written' with status 0; a folder named like an
+  # image was taken for a folder of images the same way.
+  folder = tmp_path / "photo.png"
+  (folder / "inner").mkdir(parents=True)  # subfolders are not read
+  (folder / ".hidden.png").write_bytes(b"")  # nor hidden files (an interrupted write's)
+  rc, out, err = _run(recover_cli, capsys, f"--model={model_dir}", f"--image={folder}", *FAST)
+  assert rc == 2 and not out
+  assert err.strip() == (f"error: --image {folder}: a folder without files to recover (its "
+                         "subfolders and hidden files are not read)")
+  assert sorted(os.listdir(tmp_path)) == ["photo.png"]  # no photo.png_recovered
+
+
+@pytest.mark.slow
+def test_recover_file_into_a_folder_to_create(capsys, model_dir, inputs, tmp_path):
+  # '--out DIR/' was refused as 'a folder; give a file name', though an existing DIR was used.
+  out_dir = tmp_path / "new"
+  rc, out, err = _run(recover_cli, capsys, f"--model={model_dir}",
+                      f"--image={inputs / 'a.png'}", f"--out={out_dir}{os.sep}", *FAST)
+  assert rc == 0, err
+  assert os.listdir(out_dir) == ["a_recovered.png"]
+  assert _pixels(out_dir / "a_recovered.png").shape[:2] == (64, 64)
+
+
 def test_usage_errors(capsys, model_dir, inputs, tmp_path):
   image = f"--image={inputs / 'a.png'}"
   config = os.path.join(os.path.dirname(__file__), "..", "configs", "sft.py")
   cases = [
       (answer_cli, [f"--model={model_dir}", image, "--question=q", "--greedy",
                     "--temperature=0.5"], "--greedy or --temperature"),
+      # An empty option or question went into the prompt ('A. ' and nothing after it).
+      (answer_cli, [f"--model={model_dir}", image, "--question=q", "--options=red",
+                    "--options= "], "--options: option 2 of 2 is empty"),
+      (answer_cli, [f"--model={model_dir}", image, "--question=  "], "--question is empty"),
       (recover_cli, [image], "give one: --model recovers images, --config precomputes"),
       (recover_cli, [f"--model={model_dir}", f"--config={config}:tiny", image],
        "one of --model and --config, not both"),
