@@ -80,8 +80,6 @@ def _answer(values: flags.FlagValues) -> int:
     raise app.UsageError(f"--temperature must be >= 0, got {temperature}")
   if values.max_iterations < 1 or values.max_new_tokens < 1:
     raise app.UsageError("--max_iterations and --max_new_tokens must be >= 1")
-  if not values.question.strip():
-    raise app.UsageError("--question is empty")
   blank = [k for k, option in enumerate(values.options, start=1) if not option.strip()]
   if blank:
     raise app.UsageError(f"--options: option {blank[0]} of {len(values.options)} is empty")
@@ -141,7 +139,8 @@ def _answer(values: flags.FlagValues) -> int:
 def _run(values: flags.FlagValues) -> int:
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file at INFO
-  missing = [f"--{n}" for n in ("model", "image", "question") if not values[n].value]
+  missing = [f"--{n}" for n in ("model", "image", "question")
+             if not (values[n].value or "").strip()]  # a blank question is no question
   if missing:
     raise app.UsageError(f"missing {', '.join(missing)}")
   return _answer(values)  # a bad input (cli.Error) is reported by cli.run / cli.call

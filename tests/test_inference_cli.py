@@ -317,7 +317,7 @@ def test_usage_errors(capsys, model_dir, inputs, tmp_path):
       # An empty option or question went into the prompt ('A. ' and nothing after it).
       (answer_cli, [f"--model={model_dir}", image, "--question=q", "--options=red",
                     "--options= "], "--options: option 2 of 2 is empty"),
-      (answer_cli, [f"--model={model_dir}", image, "--question=  "], "--question is empty"),
+      (answer_cli, [f"--model={model_dir}", image, "--question=  "], "missing --question"),
       (recover_cli, [image], "give one: --model recovers images, --config precomputes"),
       (recover_cli, [f"--model={model_dir}", f"--config={config}:tiny", image],
        "one of --model and --config, not both"),

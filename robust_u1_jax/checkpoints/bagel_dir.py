@@ -35,7 +35,6 @@ import dataclasses
 import functools
 import json
 import os
-import re
 import shutil
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -350,8 +349,8 @@ def load_model_dir(path: str, *, mesh: jax.sharding.Mesh | None = None, dtype=No
   config = read_config(path, keys=files.keys(), dtype=dtype, param_dtype=param_dtype, remat=remat,
                        attention=attention)
   model = abstract_bagel(config, mesh)
-  ignored = [re.compile(p) for p in IGNORE]  # never loaded: not counted in the bar's total
-  loaded = sum(not any(r.fullmatch(k) for r in ignored) for k in files.loaders)
+  ignored = kt.matches_any(IGNORE)  # never loaded: not counted in the bar's total
+  loaded = sum(not ignored(k) for k in files.loaders)
   with _progress(loaded, f"loading {os.path.basename(path.rstrip('/'))}", progress) as bar:
     loader.load_into(model, _counted(files, bar), model_rules(config), ignore=IGNORE)
   return model

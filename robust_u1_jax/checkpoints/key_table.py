@@ -128,6 +128,12 @@ def leaf_value(leaf: Any) -> Any:
   return leaf.get_value() if hasattr(leaf, "get_value") else leaf
 
 
+def matches_any(patterns: Iterable[str]) -> Callable[[str], bool]:
+  """A predicate: does a key (or path) match one of the regexes `patterns` whole."""
+  compiled = [re.compile(p) for p in patterns]
+  return lambda key: any(r.fullmatch(key) for r in compiled)
+
+
 def convert_to_flax(
     tensors: Mapping[str, Callable[[], np.ndarray]],
     table: KeyTable,
@@ -151,11 +157,10 @@ def convert_to_flax(
       sin-cos tables).
     ignore: regexes of checkpoint keys to skip (e.g. buffers such as rotary inv_freq).
   """
-  ignore_re = [re.compile(p) for p in ignore]
-  optional_re = [re.compile(p) for p in optional]
+  ignored, is_optional = matches_any(ignore), matches_any(optional)
   unexpected, seen = [], set()
   for key in tensors:
-    if any(r.fullmatch(key) for r in ignore_re):
+    if ignored(key):
       continue
     hit = table.to_flax_path(key)
     where = (source_of or {}).get(key, source)
@@ -175,7 +180,7 @@ def convert_to_flax(
     raise CheckpointError(
         f"{source}: {len(unexpected)} unexpected tensor(s) that the model has no place for: "
         + ", ".join(unexpected[:20]) + (" ..." if len(unexpected) > 20 else ""))
-  missing = [p for p in expected if p not in seen and not any(r.fullmatch(p) for r in optional_re)]
+  missing = [p for p in expected if p not in seen and not is_optional(p)]
   if missing:
     names = []
     for p in missing[:20]:
@@ -190,10 +195,10 @@ def convert_to_torch(
     flat_state: Mapping[str, Any], table: KeyTable, *, skip: Iterable[str] = ()
 ) -> dict[str, np.ndarray]:
   """Flat Flax state -> {checkpoint key: numpy array in PyTorch layout}."""
-  skip_re = [re.compile(p) for p in skip]
+  skipped = matches_any(skip)
   out = {}
   for path, leaf in flat_state.items():
-    if any(r.fullmatch(path) for r in skip_re):
+    if skipped(path):
       continue
     hit = table.to_torch_key(path)
     if hit is None:

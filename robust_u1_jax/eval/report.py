@@ -214,10 +214,10 @@ def _accuracy_cell(row: Mapping[str, Any], mode: str) -> str:
   can be the draw of the questions alone."""
   accuracy = row["accuracy"]
   cell = _pct(accuracy[mode])
-  gain = 100 * (accuracy[mode] - accuracy.get("corrupted", math.nan))
-  if mode == "corrupted+recovered" and not math.isnan(gain):  # nan: no answers to compare
-    cell += f" ({gain:+.1f}{_pm(row.get('gain_se', {}).get('accuracy'), 100)})"
-  return cell
+  if mode != "corrupted+recovered" or "corrupted" not in accuracy:
+    return cell
+  gain = 100 * (accuracy[mode] - accuracy["corrupted"])
+  return f"{cell} ({gain:+.1f}{_pm(row.get('gain_se', {}).get('accuracy'), 100)})"
 
 
 def by_kind_table(result: Mapping[str, Any], modes: Sequence[str]) -> list[str]:
