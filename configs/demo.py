@@ -28,6 +28,7 @@ import os
 import ml_collections
 
 from robust_u1_jax import config_defaults
+from robust_u1_jax.training import demo as demo_lib
 
 VARIANTS = ("default", "quick")
 
@@ -335,4 +336,10 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   # the compile cache filled. The default's steps run about half as fast at level 0 (docs/DEMO.md,
   # "Time"), so it keeps XLA's default.
   c.xla_flags = "--xla_backend_optimization_level=0" if quick else ""
+  # The work the parts' minutes were measured at (training/demo.py part_work: steps, or the
+  # images the evaluation reads), so that a run asking more of a part (--config.vae.total_steps=
+  # 3000, --config.eval.claim_samples=1000) is estimated at its own.
+  c.minutes_work = ml_collections.ConfigDict(
+      {part: demo_lib.part_work(demo_lib.part_config(c, part, "runs/demo"))
+       for part in demo_lib.PARTS})
   return c

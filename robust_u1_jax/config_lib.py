@@ -303,6 +303,8 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for part in parts:  # training/demo.py's estimate of the minutes to go
       _check(c.minutes.get(part, -1) >= 0, f"minutes.{part}", c.minutes.get(part),
              "the part's minutes in a measured run, >= 0")
+      _check(c.minutes_work.get(part, 0) > 0, f"minutes_work.{part}",
+             c.minutes_work.get(part), "the part's work in that run (steps, images), > 0")
     return c
   validate_data(c.data, "data")
   if "eval_data" in c:

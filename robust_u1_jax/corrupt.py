@@ -5,10 +5,13 @@ r"""Corrupt one image from the command line, or list the available corruptions.
   python -m robust_u1_jax.corrupt --image in.png --type robust_r1/lens_flare --intensity 0.45 \
       --seed 1 --out flare.png
   python -m robust_u1_jax.corrupt --image in.png --type robust_r1_pipeline --out degraded.png
+  python -m robust_u1_jax.corrupt --image in.png --type fog --severity 3 --out corrupted/
 
 The image is read by the training pipeline's decoder (16-bit grey scaled, transparency composited
 on white, EXIF orientation applied; a note on stderr says when it changed something). An image
-with a side below --min_side is refused, as training skips it. A missing folder of --out is
+with a side below --min_side is refused, as training skips it. A folder --out (existing, or
+ending in `/`) gets `<stem>_<corruption>[_s<severity> | _<intensity>].png` inside it, e.g.
+`in_fog_s3.png`, as `recover` names its outputs in a folder. A missing folder of --out is
 created. A bad input (an unknown name, an out-of-range level, an unreadable or too small image, an
 unwritable --out) is one `error:` line and exit status 2.
 """
@@ -16,6 +19,7 @@ unwritable --out) is one `error:` line and exit status 2.
 from robust_u1_jax import cli  # first: its quiet environment is set before jax loads
 
 import difflib
+import os
 import sys
 
 from absl import app
@@ -41,7 +45,8 @@ _SEVERITY = flags.DEFINE_integer("severity", None, "ImageNet-C severity 1..5.")
 _INTENSITY = flags.DEFINE_float("intensity", None, "Robust-R1 intensity in [0, 1].")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the jax.random key.")
 _OUT = flags.DEFINE_string("out", None, "Output image path (format from the extension; a missing "
-                           "folder is created).")
+                           "folder is created), or a folder (existing, or ending in /) to write "
+                           "<stem>_<corruption>[_s<severity> | _<intensity>].png into.")
 _MIN_SIDE = flags.DEFINE_integer(
     "min_side", None, f"Refuse images with a side below this many pixels (default "
     f"{DEFAULT_MIN_SIDE}, from BAGEL's resize rule, as data.min_image_side; Robust-R1 "
@@ -63,11 +68,20 @@ def smallest_side(qualified: str, min_side: int | None = None) -> int:
   return side
 
 
+def output_name(image_path: str, qualified: str, severity=None, intensity=None) -> str:
+  """The file name of a corruption written into a folder --out: `in_fog_s3.png`."""
+  stem = os.path.splitext(os.path.basename(image_path))[0]
+  level = (f"_s{severity}" if severity is not None
+           else f"_{intensity:g}" if intensity is not None else "")
+  return f"{stem}_{qualified.split('/')[-1]}{level}.png"
+
+
 def run(image_path: str, name: str, out_path: str, *, severity=None, intensity=None,
-        seed: int = 0, min_side: int | None = None, say=None) -> np.ndarray:
-  """Reads `image_path` (the pipeline's decoder), corrupts it, writes `out_path`; returns the
-  corrupted image. `say(line)` gets the decoder's notes. Raises cli.Error, PathError or
-  BadImageError for a bad input, before any corruption runs."""
+        seed: int = 0, min_side: int | None = None, say=None) -> tuple[str, np.ndarray]:
+  """Reads `image_path` (the pipeline's decoder), corrupts it, writes `out_path` (into it, by
+  `output_name`, where it is a folder); returns the path written and the corrupted image.
+  `say(line)` gets the decoder's notes. Raises cli.Error, PathError or BadImageError for a bad
+  input, before any corruption runs."""
   try:
     qualified, _ = corruptions.resolve(name, severity=severity, intensity=intensity)
   except ValueError as e:
@@ -79,6 +93,8 @@ def run(image_path: str, name: str, out_path: str, *, severity=None, intensity=N
     hint = f"did you mean {' or '.join(near)}? " if near else ""
     raise cli.Error(f"--type {name}: unknown corruption; {hint}`--list` prints every name"
                     ) from None
+  if os.path.isdir(out_path) or out_path.endswith(os.sep):  # a folder, existing or to create
+    out_path = os.path.join(out_path, output_name(image_path, qualified, severity, intensity))
   cli.output_file(out_path, "--out", image=True)
   notes: list[str] = []
   side, asked = smallest_side(qualified, min_side), smallest_side("", min_side)
@@ -90,7 +106,7 @@ def run(image_path: str, name: str, out_path: str, *, severity=None, intensity=N
   out = np.asarray(corruptions.corrupt(image, name, jax.random.key(seed), severity=severity,
                                        intensity=intensity))
   Image.fromarray(out).save(out_path, format=cli.image_format(out_path))
-  return out
+  return out_path, out
 
 
 def main(argv) -> int:
@@ -104,10 +120,10 @@ def main(argv) -> int:
     raise app.UsageError(f"missing {', '.join(missing)} (or use --list)")
   if _MIN_SIDE.value is not None and _MIN_SIDE.value < 1:
     raise app.UsageError(f"--min_side must be >= 1, got {_MIN_SIDE.value}")
-  out = run(_IMAGE.value, _TYPE.value, _OUT.value, severity=_SEVERITY.value,
+  path, out = run(_IMAGE.value, _TYPE.value, _OUT.value, severity=_SEVERITY.value,
             intensity=_INTENSITY.value, seed=_SEED.value, min_side=_MIN_SIDE.value,
             say=lambda line: print(line, file=sys.stderr))
-  print(f"wrote {_OUT.value} ({out.shape[1]} x {out.shape[0]})")
+  print(f"wrote {path} ({out.shape[1]}x{out.shape[0]})")
   return 0
 
 

@@ -73,8 +73,8 @@ CASES = {
                              ["{notes}", "not an image"]),
     "corrupt/1x1 image": ("corrupt", ["--image={tiny}", *CORRUPT, "--out={root}/o.png"],
                           ["{tiny}", "1 x 1 pixels", "smallest usable 16"]),
-    "corrupt/--out a folder": ("corrupt", ["--image={good}", *CORRUPT, "--out={root}"],
-                               ["--out {root}", "a folder"]),
+    "corrupt/--out a read-only folder": ("corrupt", ["--image={good}", *CORRUPT, "--out={ro}"],
+                                         ["--out {ro}/good_fog_s3.png", "cannot"]),
     "corrupt/--out extension": ("corrupt", ["--image={good}", *CORRUPT, "--out={root}/o.xyz"],
                                 ["--out {root}/o.xyz", "unknown image extension '.xyz'"]),
     "corrupt/--out read-only": ("corrupt", ["--image={good}", *CORRUPT, "--out={ro}/o.png"],
@@ -344,7 +344,7 @@ def test_a_good_run_is_quiet_and_says_where_its_output_is(paths):
   proc = _run("corrupt", [f"--image={paths['good']}", *CORRUPT, f"--out={out}"])
   assert proc.returncode == 0, proc.stderr
   assert proc.stderr == ""  # no start-up INFO lines or advisories
-  assert proc.stdout.strip().splitlines()[-1] == f"wrote {out} (64 x 64)"
+  assert proc.stdout.strip().splitlines()[-1] == f"wrote {out} (64x64)"
   assert os.path.isfile(out)  # the missing folder was created
 
 

@@ -51,11 +51,26 @@ def test_list_prints_every_name_with_family(capsys):
   assert len(pairs) == 19 + 16 + 1
 
 
+@pytest.mark.parametrize("out, args, name", [
+    ("existing", ["--type=fog", "--severity=3"], "in_fog_s3.png"),
+    ("new/", ["--type=lens_flare", "--intensity=0.45"], "in_lens_flare_0.45.png"),
+    ("new/", ["--type=robust_r1_pipeline"], "in_robust_r1_pipeline.png"),
+])
+def test_a_folder_out_gets_a_name_inside_it(capsys, image_path, tmp_path, out, args, name):
+  (tmp_path / "existing").mkdir()
+  folder = os.path.join(tmp_path, out)  # a pathlib.Path would drop the trailing /
+  rc, printed, _ = _run_main(capsys, f"--image={image_path}", *args, f"--out={folder}")
+  written = os.path.join(folder, name)
+  assert rc == 0 and printed.strip().splitlines()[-1] == f"wrote {written} (80x48)"
+  assert Image.open(written).size == (80, 48)
+  assert os.listdir(folder) == [name]
+
+
 def test_writes_the_library_result(capsys, image_path, tmp_path):
   out_path = tmp_path / "out.png"
   rc, out, _ = _run_main(capsys, f"--image={image_path}", "--type=jpeg_compression",
                          "--severity=4", "--seed=3", f"--out={out_path}")
-  assert rc == 0 and out.strip().splitlines()[-1] == f"wrote {out_path} (80 x 48)"
+  assert rc == 0 and out.strip().splitlines()[-1] == f"wrote {out_path} (80x48)"
   written = np.asarray(Image.open(out_path))
   clean = np.asarray(Image.open(image_path))
   expected = corruptions.corrupt(clean, "imagenet_c/jpeg_compression", jax.random.key(3),

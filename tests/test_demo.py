@@ -70,6 +70,31 @@ def test_every_part_has_reference_minutes(variant):
 def test_a_negative_reference_minute_is_refused():
   with pytest.raises(config_lib.ConfigError, match="minutes.vae = -1.0 is invalid"):
     config_lib.load(os.path.join(ROOT, "configs", "demo.py:quick"), {"minutes.vae": -1.0})
+  with pytest.raises(config_lib.ConfigError, match="minutes_work.eval = 0.0 is invalid"):
+    config_lib.load(os.path.join(ROOT, "configs", "demo.py:quick"), {"minutes_work.eval": 0.0})
+
+
+def _scaled(overrides):
+  config = config_lib.load(os.path.join(ROOT, "configs", "demo.py"), overrides)
+  configs = {part: demo.part_config(config, part, "/runs/demo") for part in demo.PARTS}
+  return config.minutes, demo.scaled_minutes(config, configs)
+
+
+def test_the_estimate_follows_the_work_a_run_asks_of_a_part():
+  minutes, scaled = _scaled({})
+  assert scaled == pytest.approx(dict(minutes))  # measured at the config's own settings
+  _, longer = _scaled({"vae.total_steps": 3000, "base.total_steps": 600})
+  assert longer["vae"] == pytest.approx(3 * minutes.vae)
+  assert longer["base"] == pytest.approx(minutes.base / 2)
+  assert longer["eval"] == pytest.approx(minutes.eval)
+  # Twice the images in every condition: twice the evaluation.
+  _, twice = _scaled({"eval.claim_samples": 512, "eval.num_samples": 128})
+  assert twice["eval"] == pytest.approx(2 * minutes.eval)
+  assert twice["reason"] == pytest.approx(minutes.reason)
+  # The claims' questions alone: more, but less than in proportion (the other conditions and the
+  # compared models' recoveries stay at num_samples).
+  _, claims = _scaled({"eval.claim_samples": 1000})
+  assert minutes.eval * 1.5 < claims["eval"] < minutes.eval * 1000 / 256
 
 
 def test_minutes_to_go_scales_the_reference_by_the_pace_so_far():

@@ -248,13 +248,20 @@ def test_evaluate_writes_a_complete_report(model_dir, tmp_path):
   assert all("through the VAE alone" in c["measured"] for k, c in claims.items()
              if k.startswith("recovery beats"))
   # Image grids: a row per sample, a column per GRID_COLUMNS entry (64-pixel cells, 2 apart),
-  # scaled 3x under a header of the columns' titles.
+  # scaled 3x under a header of two lines: what the grid shows (its condition, how many images,
+  # their mean SSIM), the columns' titles.
   assert ("Image grids, left to right: corrupted | through the VAE alone | recovered | "
           "clean.") in markdown
   grid = np.asarray(Image.open(os.path.join(c.out, "grid_00_robust_r1_pipeline_25pct.png")))
   header = grid.shape[0] - 3 * (3 * 66 + 2)
-  assert grid.shape[1] == 3 * (4 * 66 + 2) and 10 < header < 40
-  assert (grid[:header] < 100).any() and (grid[:header] > 200).mean() > 0.8  # black titles
+  assert grid.shape[1] == 3 * (4 * 66 + 2) and 30 < header < 80
+  for line in (grid[:header // 2], grid[header // 2:header]):  # black text on white
+    assert (line < 100).any() and (line > 200).mean() > 0.8
+  first = conds[0]
+  assert report._grid_heading(first) == (
+      f"robust_r1_pipeline 25%: the first 3 of 6 images; mean SSIM "
+      f"{first['corrupted']['ssim']:.2f} corrupted, {first['through_vae']['ssim']:.2f} VAE alone, "
+      f"{first['recovered']['ssim']:.2f} recovered")
   kind_rows = [line for line in markdown.split("## Per question kind")[1].split("\n\n## ")[0]
                .splitlines() if line.startswith("| ") and not line.startswith(("| kind", "| ---"))]
   assert sorted(r.split(" | ")[0][2:] for r in kind_rows) == sorted(

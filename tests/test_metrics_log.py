@@ -61,6 +61,18 @@ def test_titled_grid_scales_the_cells_under_their_titles():
   assert out.shape[1] == 3 * plain.shape[1] and (out[:header] < 100).any()  # the titles
 
 
+def test_a_titled_grid_s_heading_goes_above_its_titles_and_fits_its_width():
+  black, white = np.zeros((64, 48, 3), np.uint8), np.full((64, 48, 3), 255, np.uint8)
+  plain = metrics_log.titled_grid([[black], [white]], ["left", "right"])
+  for heading in ("fog s5", "robust_r1_pipeline 100%: the first 3 of 256 images"):
+    out = metrics_log.titled_grid([[black], [white]], ["left", "right"], heading=heading)
+    above = out.shape[0] - plain.shape[0]
+    assert out.shape[1] == plain.shape[1] and above > 10
+    np.testing.assert_array_equal(out[above:], plain)  # the titles and cells as without
+    assert (out[:above] < 100).any()
+    assert (out[:above, -2:] > 200).all()  # shrunk to fit, not cut at the right edge
+
+
 def test_image_grid_layout():
   a = np.zeros((2, 4, 5, 3), np.uint8)
   b = np.full((2, 4, 5, 3), 255, np.uint8)

@@ -169,7 +169,7 @@ def main(argv, flag_values: Mapping) -> int:
   else:
     print(f"question:\n{qa[0]}\nanswer:\n{qa[1]}")
   # Last, where it is seen: the file written.
-  print(f"wrote {out} ({grid.width} x {grid.height}): {rows * cols} clean / corrupted pairs "
+  print(f"wrote {out} ({grid.width}x{grid.height}): {rows * cols} clean / corrupted pairs "
         f"from {config.data.source} ({config.data.corruption})")
   return 0
 

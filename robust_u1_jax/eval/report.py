@@ -193,13 +193,23 @@ def figures(result: Mapping[str, Any], out_dir: str, *,
       ax.set_ylabel("mean reward of the rollouts")
       ax.legend(fontsize=8)
       save(fig, "rl_rewards.png")
+  rows = {row["label"]: row for row in result["conditions"]}
   for k, (label, columns) in enumerate(result.get("examples", [])[:6]):
     grid = metrics_log.titled_grid([list(column) for column in columns],
-                                    evaluation.GRID_COLUMNS)
+                                   evaluation.GRID_COLUMNS, heading=_grid_heading(rows[label]))
     name = f"grid_{k:02d}_{label.replace(' ', '_').replace('%', 'pct')}.png"
     Image.fromarray(grid).save(os.path.join(out_dir, name))
     written.append(name)
   return written
+
+
+def _grid_heading(row: Mapping[str, Any]) -> str:
+  """What a condition's grid shows, written above it: the grids are read apart from the report."""
+  ssim = [f"{row[part]['ssim']:.2f} {name}" for part, name in
+          (("corrupted", "corrupted"), ("through_vae", "VAE alone"), ("recovered", "recovered"))
+          if part in row]
+  return (f"{row['label']}: the first 3 of {row['num_samples']} images; mean SSIM "
+          + ", ".join(ssim))
 
 
 def _chance(answers: Sequence[Mapping[str, Any]]) -> str:

@@ -10,8 +10,10 @@ evaluation's CLIP similarity use the bootstrapped CLIP; the evaluation compares 
 models' recoveries and reads the RL reward curves.
 
 Each part's header tells the minutes so far and an estimate of the minutes to go: the config's
-reference minutes (`minutes.<part>`, one measured run) of the parts still to run, scaled by this
-run's pace, the minutes its parts run from the start took over their reference minutes.
+reference minutes (`minutes.<part>`, one measured run) of the parts still to run, each scaled by
+the work this run asks of it over the work it was measured at (`minutes_work.<part>`: steps, or
+the images the evaluation reads), and all by this run's pace, the minutes its parts run from the
+start took over their (scaled) reference minutes.
 """
 
 from __future__ import annotations
@@ -75,6 +77,34 @@ def check_parts_match(configs: Mapping[str, ml_collections.ConfigDict], workdir:
           "another --workdir")
 
 
+def part_work(c: ml_collections.ConfigDict) -> float:
+  """What a part's minutes grow with: a training part's steps; the images the evaluation
+  recovers and answers (the claims' conditions and the clean images, off and on, at
+  claim_samples; every other condition, and every condition of each compared model, at
+  num_samples; benchmark tables, which the demo reads none of, not counted)."""
+  if c.stage != "eval":
+    return float(c.total_steps)
+  from robust_u1_jax.data import corruptions  # deferred: configs/demo.py calls this
+
+  names = [name for name, _ in corruptions.list_corruptions()]
+  count = lambda types, family: (sum(n.startswith(family + "/") for n in names)
+                                 if list(types) == ["all"] else len(types))
+  pipeline = len(c.intensities)
+  others = (count(c.imagenet_c_types, "imagenet_c") * len(c.severities)
+            + count(c.robust_r1_types, "robust_r1") * len(c.intensities))
+  compared = sum(bool(path) for path in c.compare.values())
+  claim = max(c.claim_samples, c.num_samples)
+  return float(claim * (pipeline + 1 + bool(c.recovery_on_clean))
+               + c.num_samples * (others + (pipeline + others) * compared))
+
+
+def scaled_minutes(config: ml_collections.ConfigDict,
+                   configs: Mapping[str, ml_collections.ConfigDict]) -> dict[str, float]:
+  """Each part's reference minutes at the work its config in `configs` (`part_config`) asks."""
+  return {part: config.minutes[part] * part_work(configs[part]) / config.minutes_work[part]
+          for part in PARTS}
+
+
 def minutes_to_go(reference: Mapping[str, float], timed: Mapping[str, float],
                   to_run: Sequence[str]) -> float:
   """The reference minutes of the parts `to_run`, at the pace of the `timed` ones (part ->
@@ -109,11 +139,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str | None:
   if remaining or not eval_run.report_is_current(configs["eval"]):
     remaining.append("eval")
   timed = {}  # part -> minutes, of the parts this run trained from their first step
+  reference = scaled_minutes(config, configs)
   t0 = time.perf_counter()
   for k, part in enumerate(PARTS, start=1):
     c, part_dir = configs[part], os.path.join(workdir, part)
     start = time.perf_counter()
-    to_go = minutes_to_go(config.minutes, timed, remaining)
+    to_go = minutes_to_go(reference, timed, remaining)
     print(f"\n[{k}/{len(PARTS)}] {part} ({(start - t0) / 60:.1f} min so far, about "
           f"{to_go:.1f} to go) -> {part_dir}", flush=True)
     if part == "eval":

@@ -242,10 +242,10 @@ def image_grid(columns: Sequence[Sequence[np.ndarray]], pad: int = 2) -> np.ndar
 
 
 def titled_grid(columns: Sequence[Sequence[np.ndarray]], titles: Sequence[str], *,
-                pad: int = 2, min_cell: int = 160) -> np.ndarray:
-  """`image_grid` under a header naming each column, scaled up (nearest, a whole factor) until a
-  cell is at least `min_cell` pixels tall: the tiny world's 64-pixel images are too small to
-  read beside a title. uint8 (H, W, 3)."""
+                heading: str = "", pad: int = 2, min_cell: int = 160) -> np.ndarray:
+  """`image_grid` under a header naming each column (and a `heading` line above, if given),
+  scaled up (nearest, a whole factor) until a cell is at least `min_cell` pixels tall: the tiny
+  world's 64-pixel images are too small to read beside a title. uint8 (H, W, 3)."""
   from PIL import Image, ImageDraw, ImageFont
 
   h = max(np.asarray(im).shape[0] for col in columns for im in col)
@@ -253,13 +253,21 @@ def titled_grid(columns: Sequence[Sequence[np.ndarray]], titles: Sequence[str], 
   scale = max(1, -(-min_cell // h))
   grid = pixels.to_uint8(image_grid(columns, pad)).repeat(scale, 0).repeat(scale, 1)
   font = ImageFont.load_default(size=max(10, min(24, w * scale // 13)))  # 14 over 192 pixels
-  header = int(font.size * 1.6)
+  line = int(font.size * 1.6)
+  header = line * (2 if heading else 1)
   canvas = Image.new("RGB", (grid.shape[1], grid.shape[0] + header), "white")
   canvas.paste(Image.fromarray(grid), (0, header))
   draw = ImageDraw.Draw(canvas)
+  if heading:  # in the column titles' size, smaller where it would not fit the width
+    size = font.size
+    while size > 8 and draw.textlength(heading, font=ImageFont.load_default(size=size)) > (
+        canvas.width - 2 * pad * scale):
+      size -= 1
+    draw.text((pad * scale, line * 0.2), heading, fill="black",
+              font=ImageFont.load_default(size=size))
   cell = (w + pad) * scale
   for j, title in enumerate(titles):
     width = draw.textlength(title, font=font)
-    draw.text((pad * scale + j * cell + max(0, (w * scale - width) / 2), header * 0.2), title,
-              fill="black", font=font)
+    draw.text((pad * scale + j * cell + max(0, (w * scale - width) / 2), header - line * 0.8),
+              title, fill="black", font=font)
   return np.asarray(canvas)
