@@ -46,7 +46,8 @@ BENCHMARKS = {
                "the demo's base step on CPU: glibc's malloc vs malloc keeping freed memory"),
 }
 
-_SECONDS = flags.DEFINE_float("seconds", 3.0, "Wall time of each measurement.", lower_bound=0.0)
+_SECONDS = flags.DEFINE_float("seconds", 3.0, "Wall time of each measurement.",
+                              lower_bound=1e-3)
 _LONG = flags.DEFINE_bool("long", False, "Measure 10x longer (steadier numbers).")
 _CONFIG = flags.DEFINE_string("config", "", "Config file[:variant] (default: the benchmark's).")
 _THREADS = flags.DEFINE_integer("threads", None, "Grain reader threads (default: automatic).",
@@ -67,7 +68,10 @@ def usage() -> str:
       lines)
 
 
-def main(argv) -> None:
+NOT_FIT = 1  # `aot`'s exit status when the step does not fit the devices' memory
+
+
+def main(argv) -> int:
   if len(argv) != 2 or argv[1] not in BENCHMARKS:
     given = " ".join(argv[1:]) or "nothing"
     raise app.UsageError(f"got {given}; choose one of {', '.join(BENCHMARKS)}\n{usage()}")
@@ -78,7 +82,10 @@ def main(argv) -> None:
   for name, flag in (("topology", _TOPOLOGY), ("hbm_gib", _HBM_GIB), ("overrides", _OVERRIDE)):
     if name in accepted:
       kwargs[name] = flag.value
-  module.run(**kwargs)
+    elif flag.present:  # a flag this benchmark would silently not use
+      raise app.UsageError(f"--{flag.name}: not used by `bench {argv[1]}`")
+  result = module.run(**kwargs)
+  return NOT_FIT if isinstance(result, dict) and result.get("fits") is False else 0
 
 
 if __name__ == "__main__":

@@ -89,6 +89,7 @@ BAD_INPUT_TYPES = (
     "robust_u1_jax.data.transforms.BadImageError",
     "robust_u1_jax.data.bad_records.TooManyBadRecords",
     "robust_u1_jax.benchmarks.aot.AotError",
+    "robust_u1_jax.files.UnreadableFile",
 )
 # File-system errors that are about the user's paths, not the program.
 BAD_PATH_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,

@@ -11,19 +11,22 @@ devices while converting (`--fsdp`), so a model larger than one accelerator conv
 existing destination is refused unless --overwrite, which replaces only a model directory, an
 Orbax model checkpoint or an empty folder (never a file, the source, or a folder holding it). A
 bad input (a missing or unusable source, a stage's workdir given for its model, an unwritable
-destination) is one `error:` line and exit status 2.
+destination, a flag of the other direction, an --fsdp beyond the devices) is one `error:` line
+and exit status 2. A source without tokenizer files converts with a note: `recover`, `answer` and
+`evaluate` need them beside the model (or --tokenizer).
 """
 
 from robust_u1_jax import cli  # first: its quiet environment is set before jax loads
 
 import os
+import sys
 
 from absl import app
 from absl import flags
 import jax
 
 from robust_u1_jax import sharding
-from robust_u1_jax.checkpoints import orbax_io
+from robust_u1_jax.checkpoints import bagel_dir, orbax_io
 
 FORMATS = ("hf",)
 _FROM = flags.DEFINE_enum("from", None, FORMATS, "Import this format into an Orbax checkpoint.")
@@ -43,10 +46,17 @@ _SAVE_DTYPE = flags.DEFINE_enum(
     "--to hf: cast tensors on write (BAGEL releases bfloat16); default: the parameter dtype.")
 _FSDP = flags.DEFINE_integer(
     "fsdp", -1, "Shard parameters over this many devices while converting (-1: all).")
+# Flags of one direction only: refused in the other, so a mistyped command does not silently
+# write another dtype than asked.
+FROM_ONLY = ("param_dtype", "allow_pickle")
+TO_ONLY = ("save_dtype",)
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar over tensors.")
 
 
 def _mesh():
+  if _FSDP.value == 0 or _FSDP.value < -1 or _FSDP.value > jax.device_count():
+    raise app.UsageError(f"--fsdp {_FSDP.value}: give 1 to {jax.device_count()} (the devices "
+                         "here), or -1 for all")
   if _FSDP.value == 1 or jax.device_count() == 1:
     return None
   fsdp = _FSDP.value
@@ -64,9 +74,25 @@ def check_source(src: str, to_hf: bool) -> None:
   if to_hf and not has_config and os.path.isdir(os.path.join(src, "model")):
     raise cli.PathError(f"--src {src}: a stage's workdir, not a model checkpoint; its model is "
                         f"--src {os.path.join(src, 'model')}")
+  if to_hf and not has_config and os.path.isfile(os.path.join(src, bagel_dir.LLM_CONFIG)):
+    raise cli.PathError(f"--src {src}: a BAGEL model directory (it has {bagel_dir.LLM_CONFIG}); "
+                        "import it with --from hf, or give an Orbax checkpoint to --to hf")
   if not to_hf and has_config:
     raise cli.PathError(f"--src {src}: an Orbax checkpoint (it has {orbax_io.CONFIG}); convert "
                         "it with --to hf, or give a BAGEL model directory to --from hf")
+
+
+def check_side_files(src: str) -> None:
+  """The files a conversion copies beside the model are readable (SideFileError naming one that
+  is not: `recover` would refuse the converted model); a note where tokenizer files are missing."""
+  from robust_u1_jax.inference import images, recovery
+
+  images.ImageRules.for_model_dir(src)
+  recovery.Guidance.for_model_dir(src)
+  if not any(os.path.isfile(os.path.join(src, name)) for name in ("tokenizer.json", "vocab.json")):
+    print(f"note: {src} has no tokenizer files (tokenizer.json, or vocab.json and merges.txt); "
+          "recover, answer and evaluate need them beside the model: copy them into --dst, or "
+          "pass --tokenizer DIR", file=sys.stderr)
 
 
 def main(argv) -> int:
@@ -78,7 +104,13 @@ def main(argv) -> int:
   if (_FROM.value is None) == (_TO.value is None):
     raise app.UsageError("give exactly one of --from hf (model dir -> Orbax) or --to hf "
                          "(Orbax -> model dir)")
+  stray = [f"--{name}" for name in (FROM_ONLY if _TO.value else TO_ONLY)
+           if flags.FLAGS[name].present]
+  if stray:
+    raise app.UsageError(f"{', '.join(stray)}: only used with --{'from' if _TO.value else 'to'} "
+                         "hf")
   check_source(_SRC.value, to_hf=bool(_TO.value))
+  check_side_files(_SRC.value)
   try:
     orbax_io.check_paths(_SRC.value, _DST.value, _OVERWRITE.value)
   except (ValueError, FileExistsError) as e:

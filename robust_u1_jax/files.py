@@ -1,11 +1,32 @@
-"""Writing a file so that no reader, and no resumed run, ever finds it half written."""
+"""Writing a file so that no reader, and no resumed run, ever finds it half written; reading a
+user's JSON file so that a broken one is named."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
-from typing import IO
+from typing import IO, Any
+
+
+class UnreadableFile(ValueError):
+  """A file that does not parse as what it should be: the message names it."""
+
+
+def read_json(path: str) -> Any:
+  """`path` parsed as JSON; UnreadableFile naming it where it does not parse (a file cut short by
+  an interrupted copy, or edited by hand), where json's own message names no file."""
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    return json.loads(data)
+  except json.JSONDecodeError as e:
+    raise UnreadableFile(f"{path}: not valid JSON ({e.msg}: line {e.lineno} column {e.colno}); "
+                         "cut short or edited by hand?") from None
+  except UnicodeDecodeError as e:
+    raise UnreadableFile(f"{path}: not valid JSON (not UTF-8 text: {e.reason} at byte "
+                         f"{e.start})") from None
 
 
 @contextlib.contextmanager

@@ -157,6 +157,26 @@ def test_parse_oom_reads_the_tpu_compiler_refusal():
   assert compiled_lib.parse_oom("INVALID_ARGUMENT: something else") is None
 
 
+@pytest.mark.parametrize("fits, status", [(True, 0), (False, 1), (None, 0)])
+def test_bench_exits_1_where_the_step_does_not_fit(monkeypatch, fits, status):
+  """A script can ask `bench aot` whether a config fits (None: a benchmark without a verdict)."""
+  import types
+
+  from absl import flags
+  from absl.testing import flagsaver
+
+  from robust_u1_jax import bench
+
+  fake = types.ModuleType("fake_aot")
+  fake.run = lambda *, seconds, config, threads, topology, hbm_gib, overrides: {"fits": fits}
+  monkeypatch.setitem(sys.modules, "fake_aot", fake)
+  monkeypatch.setitem(bench.BENCHMARKS, "aot", ("fake_aot", "a fake"))
+  with flagsaver.flagsaver():
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["bench"])
+    assert bench.main(["bench", "aot"]) == status
+
+
 def test_cli_passes_flags_and_explains_errors():
   """`bench aot` reaches the module's run with --topology and --override; errors are one line."""
   command = [sys.executable, "-m", "robust_u1_jax.bench", "aot", "--config", f"{SFT}:tiny",

@@ -183,6 +183,14 @@ CASES = {
     "bench/recover topology": ("bench", ["recover", "--topology=cpu:abc"],
                                ["--topology 'cpu:abc'", "cpu:N"]),
     "bench/threads": ("bench", ["data", "--threads=-3"], ["--threads", "-3"]),
+    "bench/aot cpu:0": ("bench", ["aot", "--topology=cpu:0"], ["--topology 'cpu:0'", ">= 1"]),
+    "bench/aot no topology": ("bench", ["aot", "--topology="], ["--topology ''"]),
+    "bench/no seconds": ("bench", ["data", "--seconds=0"], ["--seconds"]),
+    "bench/a flag it does not use": ("bench", ["data", "--topology=v5p-8"],
+                                     ["--topology: not used by `bench data`"]),
+    # Said before the RL config is validated (it lacks the init_from an RL run needs).
+    "bench/train_step of RL": ("bench", ["train_step", "--config=" + SFT.replace("sft", "rl")],
+                               ["train_step: times the SFT step", "is stage 'rl'"]),
     # data.preview
     "preview/data folder missing": ("data.preview", [f"--config={SFT}",
                                                      "--config.data.source=folder",

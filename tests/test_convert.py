@@ -1,6 +1,7 @@
 """The convert CLI and Orbax model checkpoints: hf -> orbax -> hf is lossless, Orbax restores onto
 a mesh, `load_pretrained` takes either kind of directory, and bad paths fail with clear errors."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -130,6 +131,83 @@ def test_cli_errors(model_dir, orbax_dir, tmp_path, main_with_flags, capsys):
   assert main_with_flags("--from", "hf", "--src", model_dir) == 2
   assert "error: missing --dst" in capsys.readouterr().err
   assert not os.path.exists(str(tmp_path / "y")) and not os.path.exists(missing)
+
+
+def _truncate(path, keep=100):
+  with open(path, "r+b") as f:
+    f.truncate(keep)
+
+
+def _copy(tree, tmp_path, name, change):
+  copy = tmp_path / name
+  shutil.copytree(tree, copy)
+  change(copy)
+  return str(copy)
+
+
+def test_a_broken_source_is_one_line_naming_what_is_broken(model_dir, orbax_dir, tmp_path,
+                                                          main_with_flags, capsys):
+  def bump_layers(folder):
+    config = json.loads((folder / orbax_io.CONFIG).read_text())
+    config["llm"]["num_layers"] += 1
+    (folder / orbax_io.CONFIG).write_text(json.dumps(config))
+
+  def cut_largest_array_file(folder):
+    files = [p for p in (folder / "params").rglob("*") if p.is_file()]
+    _truncate(max(files, key=lambda p: p.stat().st_size if "METADATA" not in p.name else 0))
+
+  hf, to_hf = ["--from", "hf"], ["--to", "hf"]
+  cases = [
+      (hf, _copy(model_dir, tmp_path, "ema", lambda d: _truncate(d / "ema.safetensors")),
+       "ema.safetensors: not a readable safetensors file"),
+      (hf, _copy(model_dir, tmp_path, "llm", lambda d: _truncate(d / "llm_config.json", 40)),
+       "llm_config.json: not valid JSON"),
+      (hf, _copy(model_dir, tmp_path, "guide", lambda d: _truncate(d / "guidance.json", 10)),
+       "guidance.json: not valid JSON"),
+      (to_hf, _copy(orbax_dir, tmp_path, "config", lambda d: _truncate(d / orbax_io.CONFIG, 40)),
+       "bagel_config.json: not valid JSON"),
+      (to_hf, _copy(orbax_dir, tmp_path, "meta", lambda d: (d / "params" / "_METADATA").unlink()),
+       "params: no readable _METADATA"),
+      (to_hf, _copy(orbax_dir, tmp_path, "layers", bump_layers),
+       "params: its arrays cannot be read as bagel_config.json describes them: "),
+      (to_hf, _copy(orbax_dir, tmp_path, "arrays", cut_largest_array_file),
+       "params: its arrays cannot be read as bagel_config.json describes them: "),
+  ]
+  for direction, src, message in cases:
+    assert main_with_flags(*direction, "--src", src, "--dst", str(tmp_path / "out")) == 2, src
+    err = capsys.readouterr().err
+    assert err.count("error: ") == 1 and message in err and "Traceback" not in err, err
+    assert "strict=False" not in err and err.count(os.path.basename(src) + "/") <= 2, err
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_flags_of_the_other_direction_and_a_bad_fsdp_are_refused(model_dir, orbax_dir, tmp_path,
+                                                                 main_with_flags, capsys):
+  dst = str(tmp_path / "out")
+  for args, message in [
+      (["--to", "hf", "--src", orbax_dir, "--param_dtype", "bfloat16"],
+       "--param_dtype: only used with --from hf"),
+      (["--from", "hf", "--src", model_dir, "--save_dtype", "bfloat16"],
+       "--save_dtype: only used with --to hf"),
+      (["--from", "hf", "--src", model_dir, "--fsdp", "0"], "--fsdp 0: give 1 to"),
+      (["--to", "hf", "--src", model_dir], "a BAGEL model directory (it has llm_config.json); "
+       "import it with --from hf"),
+  ]:
+    assert main_with_flags(*args, "--dst", dst) == 2, args
+    assert message in capsys.readouterr().err
+    assert not os.path.exists(dst)
+
+
+def test_a_source_without_a_tokenizer_converts_with_a_note(model_dir, tmp_path, main_with_flags,
+                                                           capsys):
+  def drop_tokenizer(folder):
+    for name in ("tokenizer.json", "merges.txt"):
+      (folder / name).unlink()
+
+  src = _copy(model_dir, tmp_path, "no_tokenizer", drop_tokenizer)
+  assert main_with_flags("--from", "hf", "--src", src, "--dst", str(tmp_path / "out")) == 0
+  assert f"note: {src} has no tokenizer files" in capsys.readouterr().err
+  assert orbax_io.is_orbax_model(str(tmp_path / "out"))
 
 
 def test_overwrite_replaces_only_a_model(model_dir, orbax_dir, tmp_path, main_with_flags,

@@ -28,6 +28,8 @@ memory (`compiled.memory_analysis()`: arguments, outputs, aliased (donated) byte
 code) against the chip's HBM and a verdict; when a program does not fit, the TPU compiler itself
 refuses it (RESOURCE_EXHAUSTED) and the verdict quotes the compiler's numbers and largest
 allocations. It also counts the step's FLOPs three ways and bounds the model-FLOPs MFU.
+`bench aot` exits with status 1 when the step does not fit (0 when it does, 2 on a bad input), so
+a script can ask.
 """
 
 from __future__ import annotations
@@ -122,7 +124,9 @@ def topology_devices(topology: str) -> tuple[list, str]:
     try:
       n = int(topology[4:])
     except ValueError:
-      raise AotError(f"--topology {topology!r}: use cpu:N with N an integer") from None
+      n = 0
+    if n < 1:
+      raise AotError(f"--topology {topology!r}: use cpu:N with N a whole number of devices, >= 1")
     _ensure_host_backend(n)
     devices = jax.devices("cpu")
     if len(devices) < n:
@@ -234,7 +238,8 @@ def compile_step(config_spec: str = "", topology: str = DEFAULT_TOPOLOGY,
   try:
     config = load_config(spec_name, overrides)
   except (config_lib.ConfigError, FileNotFoundError, KeyError, TypeError, ValueError) as e:
-    raise AotError(f"config {spec_name}: {e}") from e
+    message = str(e)  # config_lib's errors name the config file already
+    raise AotError(message if spec_name in message else f"config {spec_name}: {message}") from e
   if config.get("lora") is not None and config.lora.rank > 0:
     raise AotError("lora.rank > 0: the AOT check builds the full-training state only; LoRA "
                    "factors are initialised from real kernels (trainer.apply_lora)")
@@ -367,7 +372,7 @@ def run(*, seconds: float = 0.0, config: str = "", threads: int | None = None,
   """`python -m robust_u1_jax.bench aot`: compiles, prints the report, returns its numbers."""
   del seconds, threads  # a compile, not a timed measurement
   try:
-    result = compile_step(config, topology or DEFAULT_TOPOLOGY, parse_overrides(overrides))
+    result = compile_step(config, topology, parse_overrides(overrides))
   except AotError as e:
     raise SystemExit(f"aot: {e}") from None
   print(aot_report.report(result, hbm_gib), flush=True)

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from robust_u1_jax import sharding
+from robust_u1_jax import files, sharding
 from robust_u1_jax.checkpoints import key_table as kt
 from robust_u1_jax.checkpoints import llm_keys, loader, tensor_files, vae_keys, vit_keys
 from robust_u1_jax.models import layers
@@ -74,6 +74,12 @@ GUIDANCE_FILE = "guidance.json"
 
 class SideFileError(ValueError):
   """A model's RULES_FILE or GUIDANCE_FILE that cannot be read: the message names the file."""
+
+  @classmethod
+  def of(cls, file: str, error: Exception) -> SideFileError:
+    """`error` of reading `file`, the file named once."""
+    message = str(error)
+    return cls(message if message.startswith(file) else f"{file}: {message}")
 LATENT_POS_KEY = "latent_pos_embed.pos_embed"
 VIT_POS_KEY = "vit_pos_embed.pos_embed"
 # Keys a checkpoint may carry that the model rebuilds itself.
@@ -184,14 +190,12 @@ def read_config(path: str, *, keys=None, **llm_overrides) -> BagelConfig:
   overrides = _llm_overrides(llm_overrides)
   llm_path = os.path.join(path, LLM_CONFIG)
   if keys is not None and os.path.exists(llm_path):
-    with open(llm_path) as f:
-      overrides = {**llm_flags_from_keys(json.load(f), keys), **overrides}
+    overrides = {**llm_flags_from_keys(files.read_json(llm_path), keys), **overrides}
   config = BagelConfig.from_model_dir(path, **overrides)
   extra_path = os.path.join(path, EXTRA_CONFIG)
   if not os.path.exists(extra_path):
     return config
-  with open(extra_path) as f:
-    extra = json.load(f)
+  extra = files.read_json(extra_path)
   allowed = ("vae", "latent_patch_size", "max_latent_size", "vit_max_patches_per_side")
   unknown = sorted(set(extra) - set(allowed))
   if unknown:
@@ -345,14 +349,14 @@ def load_model_dir(path: str, *, mesh: jax.sharding.Mesh | None = None, dtype=No
     if not os.path.exists(os.path.join(path, name)):
       raise FileNotFoundError(f"{path}: missing {name} (a BAGEL model directory holds "
                               f"{LLM_CONFIG}, {VIT_CONFIG}, ema.safetensors, {VAE_FILE})")
-  files = open_model_files(path, allow_pickle=allow_pickle)
-  config = read_config(path, keys=files.keys(), dtype=dtype, param_dtype=param_dtype, remat=remat,
-                       attention=attention)
+  weights = open_model_files(path, allow_pickle=allow_pickle)
+  config = read_config(path, keys=weights.keys(), dtype=dtype, param_dtype=param_dtype,
+                       remat=remat, attention=attention)
   model = abstract_bagel(config, mesh)
   ignored = kt.matches_any(IGNORE)  # never loaded: not counted in the bar's total
-  loaded = sum(not ignored(k) for k in files.loaders)
+  loaded = sum(not ignored(k) for k in weights.loaders)
   with _progress(loaded, f"loading {os.path.basename(path.rstrip('/'))}", progress) as bar:
-    loader.load_into(model, _counted(files, bar), model_rules(config), ignore=IGNORE)
+    loader.load_into(model, _counted(weights, bar), model_rules(config), ignore=IGNORE)
   return model
 
 
@@ -419,8 +423,8 @@ def check_destination(path: str, overwrite: bool) -> None:
     raise FileExistsError(f"{path}: not a model folder (no {LLM_CONFIG} or {ORBAX_CONFIG} among "
                           f"its {len(names)} entries); give a new folder ({only})")
   if not overwrite:
-    raise FileExistsError(f"{path}: already exists; give a new folder, or overwrite it "
-                          "(overwrite=True, --overwrite)")
+    raise FileExistsError(f"{path}: already exists; give a new folder, or replace it "
+                          "(--overwrite; overwrite=True in Python)")
 
 
 def _sync(name: str, all_processes: bool) -> None:

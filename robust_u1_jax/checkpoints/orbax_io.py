@@ -24,7 +24,9 @@ import jax
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from robust_u1_jax import files
 from robust_u1_jax.checkpoints import bagel_dir, loader
+from robust_u1_jax.checkpoints.key_table import CheckpointError
 from robust_u1_jax.models.bagel import Bagel
 
 PARAMS = "params"
@@ -73,10 +75,19 @@ def save_orbax(model: Bagel, path: str, *, tokenizer_dir: str | None = None,
 def read_orbax_config(path: str, **llm_overrides):
   file = os.path.join(path, CONFIG)
   if not os.path.isfile(file):
-    raise FileNotFoundError(f"{path}: missing {CONFIG}; not an Orbax model checkpoint written by "
-                            "save_orbax (a BAGEL model directory has llm_config.json instead)")
-  with open(file) as f:
-    return bagel_dir.config_from_dict(json.load(f), source=file, **llm_overrides)
+    raise FileNotFoundError(f"{path}: missing {CONFIG}; not an Orbax model checkpoint (which "
+                            "`convert --from hf` and training write; a BAGEL model directory has "
+                            "llm_config.json instead)")
+  return bagel_dir.config_from_dict(files.read_json(file), source=file, **llm_overrides)
+
+
+def _first_sentence(error: BaseException) -> str:
+  """What first went wrong (the innermost cause: Orbax wraps TensorStore's error), without the
+  library advice that follows it (Orbax suggests options of its API)."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  text = str(error).strip()
+  return text.splitlines()[0].split(". ")[0].rstrip(".") if text else type(error).__name__
 
 
 def load_orbax(path: str, *, mesh: jax.sharding.Mesh | None = None, dtype=None, param_dtype=None,
@@ -96,8 +107,11 @@ def load_orbax(path: str, *, mesh: jax.sharding.Mesh | None = None, dtype=None, 
   variables = loader.param_variables(model)
   slots = loader.layer_slots(variables)
   with ocp.StandardCheckpointer() as checkpointer:
-    stored = set(traverse_util.flatten_dict(checkpointer.metadata(params_dir).item_metadata.tree,
-                                          sep="."))
+    metadata = checkpointer.metadata(params_dir).item_metadata
+    if metadata is None:  # Orbax returns none where its _METADATA file is missing or unreadable
+      raise CheckpointError(f"{params_dir}: no readable _METADATA; not a whole Orbax checkpoint "
+                            "(a copy cut short?): write it again")
+    stored = set(traverse_util.flatten_dict(metadata.tree, sep="."))
     per_layer = stored != set(variables) and stored == set(slots)  # written before stacking
     if per_layer:
       target = {}
@@ -109,11 +123,15 @@ def load_orbax(path: str, *, mesh: jax.sharding.Mesh | None = None, dtype=None, 
     else:
       missing, extra = sorted(set(variables) - stored), sorted(stored - set(variables))
       if missing or extra:
-        raise ValueError(f"{params_dir}: checkpoint does not fit the model of {CONFIG}: missing "
-                         f"{missing[:10]}, unexpected {extra[:10]}")
+        raise CheckpointError(f"{params_dir}: checkpoint does not fit the model of {CONFIG}: "
+                              f"missing {missing[:10]}, unexpected {extra[:10]}")
       target = {p: v.get_value() for p, v in variables.items()}
-    restored = traverse_util.flatten_dict(checkpointer.restore(params_dir, _nested(target)),
-                                          sep=".")
+    try:
+      restored = traverse_util.flatten_dict(checkpointer.restore(params_dir, _nested(target)),
+                                            sep=".")
+    except Exception as e:  # Orbax wraps TensorStore's reading errors in a bare Exception
+      raise CheckpointError(f"{params_dir}: its arrays cannot be read as {CONFIG} describes them: "
+                            f"{_first_sentence(e)}") from e
   if per_layer:
     layers_of: dict[str, list[str]] = {}
     for p, s in slots.items():

@@ -47,8 +47,7 @@ def open_tensor_files(path: str, *, allow_pickle: bool = False) -> TensorFiles:
   if not os.path.exists(path):
     raise FileNotFoundError(f"checkpoint file not found: {path}")
   if path.endswith(".index.json"):
-    with open(path) as f:
-      weight_map = json.load(f)["weight_map"]
+    weight_map = files.read_json(path)["weight_map"]
     base = os.path.dirname(path)
     loaders, file_of = {}, {}
     for shard in sorted(set(weight_map.values())):
@@ -60,13 +59,13 @@ def open_tensor_files(path: str, *, allow_pickle: bool = False) -> TensorFiles:
     return _open_safetensors(path)
   if path.endswith(PICKLE_SUFFIXES):
     if not allow_pickle:
-      raise ValueError(
-          f"{path} is a pickle file, which can execute code when loaded; it is refused by default. "
-          "Convert it to safetensors (`python -m robust_u1_jax.convert --from hf --allow_pickle "
-          "...` writes an Orbax checkpoint every command reads), or pass allow_pickle=True to "
-          "load it with torch.load(weights_only=True).")
+      raise CheckpointError(
+          f"{path}: a pickle file, which can execute code when loaded, refused by default; "
+          "convert it once with `python -m robust_u1_jax.convert --from hf --allow_pickle ...` "
+          "(an Orbax checkpoint every command reads), or load it with allow_pickle=True in Python "
+          "(torch.load(weights_only=True))")
     return _open_pickle(path)
-  raise ValueError(f"{path}: unknown checkpoint format; expected .safetensors, "
+  raise CheckpointError(f"{path}: unknown checkpoint format; expected .safetensors, "
                    f".safetensors.index.json or (opt-in) one of {PICKLE_SUFFIXES}")
 
 
@@ -78,7 +77,7 @@ def _open_safetensors(path: str) -> TensorFiles:
     handle = safe_open(path, framework="numpy")
     keys = list(handle.keys())
   except Exception as e:  # safetensors raises its own error types for truncated headers.
-    raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+    raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
 
   def loader(key):
     def load():

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from robust_u1_jax import pixels
+from robust_u1_jax import files, pixels
 from robust_u1_jax.checkpoints.bagel_dir import RULES_FILE, SideFileError
 from robust_u1_jax.data import transforms
 
@@ -57,14 +57,12 @@ class ImageRules:
     if not os.path.isfile(file):
       return cls()
     try:
-      with open(file) as f:
-        values = json.load(f)
+      values = files.read_json(file)
       if not isinstance(values, dict):
         raise ValueError(f"a JSON {type(values).__name__}, not an object of image rules")
       return cls.from_dict(values, source=file)
     except (TypeError, ValueError) as e:
-      message = str(e)
-      raise SideFileError(message if message.startswith(file) else f"{file}: {message}") from None
+      raise SideFileError.of(file, e) from None
 
   def save(self, path: str) -> None:
     with open(os.path.join(path, RULES_FILE), "w") as f:

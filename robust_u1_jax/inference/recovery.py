@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from robust_u1_jax import config_lib, sampling
+from robust_u1_jax import config_lib, files, sampling
 from robust_u1_jax.checkpoints.bagel_dir import GUIDANCE_FILE, SideFileError
 from robust_u1_jax.data import packing, sequence
 from robust_u1_jax.data import tokenizer as tokenizer_lib
@@ -71,13 +71,12 @@ class Guidance:
     if not os.path.isfile(file):
       return cls()
     try:
-      with open(file) as f:
-        values = json.load(f)
+      values = files.read_json(file)
       if not isinstance(values, dict):
         raise ValueError(f"a JSON {type(values).__name__}, not an object of guidance fields")
       return cls(**{k: tuple(v) if k == "interval" else v for k, v in values.items()})
     except (TypeError, ValueError) as e:
-      raise SideFileError(f"{file}: {e}") from None
+      raise SideFileError.of(file, e) from None
 
   def save(self, path: str) -> None:
     with open(os.path.join(path, GUIDANCE_FILE), "w") as f:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 
 import chex
@@ -27,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from robust_u1_jax import files as files_lib
 from robust_u1_jax import pixels
 from robust_u1_jax.models import attention, attention_mask, layers, qwen2_mot
 from robust_u1_jax.models.kv_cache import KVCache
@@ -86,8 +86,8 @@ class BagelConfig:
         raise FileNotFoundError(f"{path}: missing {name} (a BAGEL model directory holds "
                                 "llm_config.json, vit_config.json, ema.safetensors, "
                                 "ae.safetensors)")
-    with open(files["llm_config.json"]) as f:
-      llm = LLMConfig.from_hf_config(json.load(f), source=files["llm_config.json"], **llm_overrides)
+    llm = LLMConfig.from_hf_config(files_lib.read_json(files["llm_config.json"]),
+                                   source=files["llm_config.json"], **llm_overrides)
     vit = SiglipConfig.from_hf_config(files["vit_config.json"], drop_last_layer=True,
                                       max_patches_per_side=70)
     return cls(llm=llm, vit=vit, vae=VAEConfig.flux())

@@ -10,7 +10,6 @@ is the top id) unless `eos_token_id` is set, then its first occurrence (transfor
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from robust_u1_jax import pixels
+from robust_u1_jax import files, pixels
 from robust_u1_jax import sharding
 from robust_u1_jax.models import layers
 from robust_u1_jax.models import vit
@@ -75,8 +74,7 @@ class CLIPConfig:
   def from_hf_config(cls, config: Mapping[str, Any] | str) -> "CLIPConfig":
     """From a transformers CLIPConfig dict or config.json path."""
     if isinstance(config, str):
-      with open(config) as f:
-        config = json.load(f)
+      config = files.read_json(config)
     v, t = dict(config["vision_config"]), dict(config["text_config"])
     acts = {vit.activation_from_hf(v.get("hidden_act", "quick_gelu")),
             vit.activation_from_hf(t.get("hidden_act", "quick_gelu"))}

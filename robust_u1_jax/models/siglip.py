@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from robust_u1_jax import sharding
+from robust_u1_jax import files, sharding
 from robust_u1_jax.models import attention as attention_lib
 from robust_u1_jax.models import layers
 from robust_u1_jax.models import vit
@@ -78,8 +77,7 @@ class SiglipConfig:
     source = "config"
     if isinstance(config, str):
       source = config
-      with open(config) as f:
-        config = json.load(f)
+      config = files.read_json(config)
     config = dict(config.get("vision_config", config))
     required = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers",
                 "patch_size")
