@@ -84,7 +84,9 @@ done
 [[ -n "$workdir" ]] || die "the trainer needs --workdir DIR after --"
 config_file="${config%%:*}"
 [[ -f "$config_file" ]] || die "config file $config_file not found (paths are relative to $PWD)"
+[[ ! -e "$workdir" || -d "$workdir" ]] || die "--workdir $workdir: a file, not a folder"
 logs="${logs:-$workdir/logs}"
+[[ ! -e "$logs" || -d "$logs" ]] || die "--logs $logs: a file, not a folder"
 
 if ((processes > 1)) && [[ -z "$devices" ]]; then
   if [[ "$backend" == cpu ]]; then

@@ -199,7 +199,8 @@ def _check_types(types, family: str) -> None:
            if n.startswith(family + "/")]
   names = [t.removeprefix(family + "/") for t in types]
   _check(names == ["all"] or all(n in known for n in names), f"{family}_types", tuple(types),
-         f"('all',) or names among {', '.join(known)}")
+         f"('all',) or names among {', '.join(known)}; several on the command line as a Python "
+         f"tuple, e.g. --config.{family}_types=\"('{known[0]}','{known[-1]}')\"")
 
 
 def validate_eval(c: ml_collections.ConfigDict) -> None:

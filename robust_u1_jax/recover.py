@@ -234,8 +234,13 @@ def _build_cache(values: flags.FlagValues) -> int:
   # of reason.recovery_cache (an existing folder) does not apply here.
   config_lib.check_inputs(config, recovery_cache=False)
   cli.output_dir(directory, "--cache_dir" if values.cache_dir else "reason.recovery_cache")
-  counts = recovery_cache.build(config, directory, steps=values.steps or 0,
-                                progress=values.progress)
+  try:
+    counts = recovery_cache.build(config, directory, steps=values.steps or 0,
+                                  progress=values.progress)
+  except KeyboardInterrupt:
+    print(f"{directory}: stopped; the recoveries written are kept, and the same command resumes "
+          "after them", flush=True)
+    raise
   print(f"{directory}: {counts['written']} recoveries written, {counts['skipped']} already there",
         flush=True)
   return 0

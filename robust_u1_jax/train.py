@@ -35,7 +35,8 @@ def main(argv) -> int:
   config_lib.check_inputs(config)  # before anything is built: a wrong path fails at once
   if config.get("xla_flags"):
     use_xla_flags(config.xla_flags)
-  workdir = cli.output_dir(_WORKDIR.value, "--workdir")
+  # Checked here, created by the run once its stage is built (a run refused before leaves none).
+  workdir = cli.output_dir(_WORKDIR.value, "--workdir", create=False)
   from robust_u1_jax.data import multihost
   from robust_u1_jax.training import demo, stages, trainer  # after the checks: fast errors
   from robust_u1_jax.training.checkpoint import finished

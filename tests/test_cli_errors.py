@@ -51,9 +51,11 @@ def paths(tmp_path_factory):
   whole = (root / "good.png").read_bytes()
   (root / "truncated.png").write_bytes(whole[:len(whole) // 2])
   (root / "notes.txt").write_text("not an image\n")
+  (root / "notes.parquet").write_text("not a parquet file\n")
   Image.fromarray(np.zeros((1, 1, 3), np.uint8)).save(root / "tiny.png")
   (root / "a_file").write_text("a file where a folder belongs\n")
   (root / "workdir" / "model").mkdir(parents=True)  # a stage's workdir, for its model/
+  (root / "unfinished" / "checkpoints").mkdir(parents=True)  # a run stopped before its model
   (root / "existing").mkdir()
   return {"root": str(root), "good": str(root / "good.png"),
           "truncated": str(root / "truncated.png"), "notes": str(root / "notes.txt"),
@@ -158,6 +160,14 @@ CASES = {
                                          "--dst={existing}"],
                              ["--dst {existing}", "already exists", "--overwrite"]),
     # evaluate
+    "evaluate/unfinished workdir": ("evaluate", [f"--config={EVAL}", "--model={root}/unfinished"],
+                                    ["{root}/unfinished: a stage's workdir without its model/"]),
+    "recover/unfinished workdir": ("recover", ["--model={root}/unfinished", "--image={good}"],
+                                   ["{root}/unfinished: a stage's workdir without its model/"]),
+    # Said at start: the report would otherwise come out without its reward curves.
+    "evaluate/rl_workdir not RL's": ("evaluate", [f"--config={EVAL}", "--model={workdir}",
+                                                  "--config.rl_workdir={workdir}"],
+                                     ["rl_workdir {workdir}: no RL rewards logged"]),
     "evaluate/model missing": ("evaluate", [f"--config={EVAL}", "--model={missing}"],
                                ["--model {missing}", "no such model directory"]),
     "evaluate/clip missing": ("evaluate", [f"--config={EVAL}", "--model={workdir}",
@@ -169,6 +179,10 @@ CASES = {
     "evaluate/benchmark missing": ("evaluate", [f"--config={EVAL}", "--model={workdir}",
                                                 "--config.benchmarks.rbench={missing}.tsv"],
                                    ["benchmarks.rbench", "{missing}.tsv", "no such file"]),
+    "evaluate/benchmark not parquet": ("evaluate", [f"--config={EVAL}", "--model={workdir}",
+                                                    "--config.benchmarks.mmstar={root}/notes."
+                                                    "parquet"],
+                                       ["{root}/notes.parquet", "not a readable parquet file"]),
     "evaluate/corruption name": ("evaluate", [f"--config={EVAL}", "--model={workdir}",
                                               "--config.imagenet_c_types=('gaussian_nois',)"],
                                  ["imagenet_c_types", "gaussian_nois", "gaussian_noise"]),
@@ -197,6 +211,8 @@ CASES = {
                                                      "--config.data.path={missing}",
                                                      "--out={root}/p.png"],
                                     ["data.path", "{missing}"]),
+    "preview/eval config": ("data.preview", [f"--config={EVAL}", "--out={root}/p.png"],
+                            ["--config: stage 'eval' has no data pipeline"]),
     "preview/--out a folder": ("data.preview", [f"--config={SFT}", "--out={root}"],
                                ["--out {root}", "a folder"]),
     "preview/unknown field": ("data.preview", [f"--config={SFT}", "--config.data.sevrity=2",
@@ -281,6 +297,18 @@ def _run_forked(zygote, module: str, args: list[str], **env) -> subprocess.Compl
   zygote.stdin.flush()
   reply = json.loads(zygote.stdout.readline())
   return subprocess.CompletedProcess([module, *args], reply["rc"], reply["out"], reply["err"])
+
+
+def test_a_run_refused_while_its_stage_is_built_leaves_no_workdir(zygote, tmp_path):
+  """A LoRA target matching nothing is found once the model is built: one line, exit status 2,
+  and no empty workdir (nor its missing parents) left behind."""
+  workdir = tmp_path / "runs" / "lora"
+  proc = _run_forked(zygote, "train", [f"--config={SFT}", f"--workdir={workdir}",
+                                       "--config.lora.rank=4", "--config.lora.targets=nomatch"])
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+  assert "lora.targets = 'nomatch' selects no kernel" in errors[0]
+  assert "Traceback" not in proc.stderr and os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -250,7 +250,8 @@ def test_evaluate_writes_a_complete_report(model_dir, tmp_path):
   # Image grids: a row per sample, a column per GRID_COLUMNS entry (64-pixel cells, 2 apart),
   # scaled 3x under a header of two lines: what the grid shows (its condition, how many images,
   # their mean SSIM), the columns' titles.
-  assert ("Image grids, left to right: corrupted | through the VAE alone | recovered | "
+  assert ("Image grids of the first 6 conditions, left to right: corrupted | through the VAE "
+          "alone | recovered | "
           "clean.") in markdown
   grid = np.asarray(Image.open(os.path.join(c.out, "grid_00_robust_r1_pipeline_25pct.png")))
   header = grid.shape[0] - 3 * (3 * 66 + 2)

@@ -334,6 +334,21 @@ def test_usage_errors(capsys, model_dir, inputs, tmp_path):
     assert re.search(message, err), err
 
 
+def test_a_stopped_recovery_cache_says_how_to_go_on(capsys, tmp_path, monkeypatch):
+  from robust_u1_jax.training import recovery_cache
+
+  def stopped(*args, **kwargs):
+    raise KeyboardInterrupt  # Ctrl-C while recovering: what is written stays
+
+  monkeypatch.setattr(recovery_cache, "build", stopped)
+  config = os.path.join(os.path.dirname(__file__), "..", "configs", "reason.py")
+  rc, out, err = _run(recover_cli, capsys, f"--config={config}:tiny", "--config.init_from=random",
+                      f"--cache_dir={tmp_path / 'cache'}")
+  assert rc == 130 and "interrupted" in err, err
+  assert out.strip() == (f"{tmp_path / 'cache'}: stopped; the recoveries written are kept, and "
+                         "the same command resumes after them")
+
+
 def test_entry_points_help_and_exit_status(tmp_path):
   """Through `python -m`: --help exits 0 (absl's own exits 1), an error exits 2."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")

@@ -95,6 +95,9 @@ def test_bad_arguments_are_one_error_line_and_status_2(script, before):
       [*before, "--dry-run", "--", "--config", "configs/nope.py:tiny", "--workdir", "/shared/w"],
       [*before, "--frobnicate", "--dry-run", "--", *TRAIN],
   ]
+  if script == LOCAL:  # the one launcher that creates the workdir's logs/ on this machine
+    cases.append(["--dry-run", "--", "--config", "configs/sft.py:tiny", "--workdir",
+                  os.path.abspath(__file__)])
   for args in cases:
     result = _run(["bash", script, *args])
     assert result.returncode == 2, (args, result.stdout, result.stderr)

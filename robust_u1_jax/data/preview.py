@@ -157,6 +157,9 @@ def main(argv, flag_values: Mapping) -> int:
   config = flag_values["config"].value
   if config is None:
     raise app.UsageError("--config is required, e.g. --config configs/sft.py:tiny")
+  if "data" not in config:  # the eval and demo configs read their data otherwise
+    raise app.UsageError(f"--config: stage {config.get('stage')!r} has no data pipeline to "
+                         "preview; give a stage's (configs/sft.py, rl.py, reason.py)")
   config_lib.validate_data(config.data, "data")
   config_lib.check_data_inputs(config.data, "data")
   out, rows, cols = (flag_values[k].value for k in ("out", "rows", "cols"))

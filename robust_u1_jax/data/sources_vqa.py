@@ -230,7 +230,8 @@ class VqaParquetSource:
   """
 
   def __init__(self, path: str | os.PathLike, *, require_answer: bool = True):
-    import pyarrow.parquet as pq  # deferred: only this source needs pyarrow
+    import pyarrow as pa  # deferred: only this source needs pyarrow
+    import pyarrow.parquet as pq
 
     self.path = str(path)
     p = pathlib.Path(self.path)
@@ -244,7 +245,10 @@ class VqaParquetSource:
       raise FileNotFoundError(f"VQA parquet path {self.path} does not exist")
     groups, columns = [], None
     for f in self.files:
-      meta = pq.ParquetFile(f).metadata
+      try:
+        meta = pq.ParquetFile(f).metadata
+      except pa.ArrowException as e:  # not parquet, or cut short
+        raise config_lib.ConfigError(f"{f}: not a readable parquet file ({e})") from None
       names = list(meta.schema.to_arrow_schema().names)
       _check_columns(f, names, ["question", "image"] + (["answer"] * require_answer))
       if columns is not None and names != columns:

@@ -17,6 +17,9 @@ from robust_u1_jax.eval import evaluation
 from robust_u1_jax.training import metrics_log
 
 
+GRIDS = 6  # conditions drawn as image grids, in the table's order
+
+
 def _pct(x: float) -> str:
   return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
 
@@ -99,6 +102,13 @@ def claims(result: Mapping[str, Any], compare: Mapping[str, Mapping[str, Any]] |
   return out
 
 
+def reward_rows(rl_metrics: str) -> list[dict[str, Any]]:
+  """The logged rows of an RL run's metrics.jsonl that carry its rewards (none: not an RL run's)."""
+  if not os.path.isfile(rl_metrics):
+    return []
+  return [r for r in metrics_log.read_rows(rl_metrics) if "reward_total_mean" in r]
+
+
 def figures(result: Mapping[str, Any], out_dir: str, *,
             compare_by_type: Mapping[str, Mapping[str, float]] | None = None,
             rl_metrics: str | None = None) -> list[str]:
@@ -133,6 +143,8 @@ def figures(result: Mapping[str, Any], out_dir: str, *,
     if "clean" in result:
       ax.axhline(100 * result["clean"]["accuracy"], color="gray", ls="--", label="clean image")
     ax.set_xticks(x, [c["level"] for c in pipeline])
+    ax.set_title(f"Answer accuracy under the Robust-R1 pipeline ({pipeline[0]['num_samples']} "
+                 "questions a point)", fontsize=10)
     ax.set_xlabel("Robust-R1 pipeline intensity (bars: ± one standard error)")
     ax.set_ylabel("answer accuracy (%)")
     ax.set_ylim(bottom=max(0.0, ax.get_ylim()[0]))  # no negative accuracies (all zero: -0.04)
@@ -149,9 +161,11 @@ def figures(result: Mapping[str, Any], out_dir: str, *,
     for j, (key, label) in enumerate(bars):
       ax.bar(x + (j - (len(bars) - 1) / 2) * width, [c[key]["ssim"] for c in by_type], width,
              label=label)
-    ax.set_xticks(x, [c["label"] for c in by_type], rotation=70, fontsize=7)
+    ax.set_xticks(x, [c["label"] for c in by_type], rotation=70, fontsize=8)
     ax.set_ylabel("SSIM to the clean image")
     ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(bars))
+    ax.set_title(f"Recovery per corruption condition ({by_type[0]['num_samples']} images each)",
+                 fontsize=10, pad=24)  # above the legend
     save(fig, "ssim_per_type.png")
   if compare_by_type:
     labels = _in_condition_order(result, set().union(*[set(v) for v in compare_by_type.values()]))
@@ -167,6 +181,7 @@ def figures(result: Mapping[str, Any], out_dir: str, *,
       ax.bar(x + (k - (len(compare_by_type) - 1) / 2) * width,
              [values.get(lab, np.nan) for lab in labels], width, label=name)
     ax.set_ylabel("SSIM of the recovery")
+    ax.set_title("The SFT and RL stages' recoveries per condition", fontsize=10)
     ax.legend(fontsize=8)
     if difference:
       ax = axes[1, 0]
@@ -180,21 +195,22 @@ def figures(result: Mapping[str, Any], out_dir: str, *,
       ax.axhline(0.0, color="gray", lw=0.8)
       ax.set_ylabel("RL - SFT (± one standard error)")
       ax.legend(fontsize=8)
-    ax.set_xticks(x, labels, rotation=70, fontsize=7)
+    ax.set_xticks(x, labels, rotation=70, fontsize=8)
     save(fig, "ssim_sft_vs_rl.png")
-  if rl_metrics and os.path.isfile(rl_metrics):
-    rows = [r for r in metrics_log.read_rows(rl_metrics) if "reward_total_mean" in r]
+  if rl_metrics:
+    rows = reward_rows(rl_metrics)
     if rows:
       fig, ax = plt.subplots(figsize=(5.5, 3.4))
       for key in sorted(k for k in rows[0] if k.startswith("reward_") and k.endswith("_mean")):
         ax.plot([r["step"] for r in rows], [r.get(key, np.nan) for r in rows],
                 label=key[len("reward_"):-len("_mean")])
+      ax.set_title("The RL stage's rewards", fontsize=10)
       ax.set_xlabel("RL step")
       ax.set_ylabel("mean reward of the rollouts")
       ax.legend(fontsize=8)
       save(fig, "rl_rewards.png")
   rows = {row["label"]: row for row in result["conditions"]}
-  for k, (label, columns) in enumerate(result.get("examples", [])[:6]):
+  for k, (label, columns) in enumerate(result.get("examples", [])[:GRIDS]):
     grid = metrics_log.titled_grid([list(column) for column in columns],
                                    evaluation.GRID_COLUMNS, heading=_grid_heading(rows[label]))
     name = f"grid_{k:02d}_{label.replace(' ', '_').replace('%', 'pct')}.png"
@@ -353,7 +369,7 @@ def write(out_dir: str, result: Mapping[str, Any], *, title: str,
       lines.append(f"| {level} | " + " | ".join(_pct(accs.get(m, float("nan")))
                                                 for m in bench["modes"]) + " |")
   if figure_names:
-    lines += ["", "## Figures", "", "Image grids, left to right: "
+    lines += ["", "## Figures", "", f"Image grids of the first {GRIDS} conditions, left to right: "
               + " | ".join(evaluation.GRID_COLUMNS) + ".", ""]
     lines += [f"![{n}]({n})" for n in figure_names]
   lines += ["", "## Settings", "", "```json", json.dumps(dict(settings), indent=1, default=str),

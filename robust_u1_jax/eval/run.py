@@ -15,6 +15,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from robust_u1_jax import config_lib
 from robust_u1_jax.eval import evaluation, partial, report
 from robust_u1_jax.inference import engine as engine_lib
 from robust_u1_jax.inference import recovery as recovery_lib
@@ -99,6 +100,10 @@ def _run(c: ml_collections.ConfigDict, say: Callable[[str], None],
   # The benchmark tables' rows, the CLIP checkpoint and the model first: one that does not load
   # stops the run before it writes anything (not hours later, at the benchmarks). Each table's
   # images are decoded here once more than its benchmark needs; its bad rows are logged here.
+  rl_metrics = os.path.join(c.rl_workdir, "metrics.jsonl") if c.rl_workdir else None
+  if rl_metrics and not report.reward_rows(rl_metrics):
+    raise config_lib.ConfigError(f"rl_workdir {c.rl_workdir}: no RL rewards logged in its "
+                                 "metrics.jsonl; give the RL stage's workdir, or leave it empty")
   tables = {name: path for name, path in c.benchmarks.items() if path}
   for path in tables.values():
     evaluation.read_table(path, c.benchmark_samples, c.max_skip_ratio)
@@ -142,8 +147,7 @@ def _run(c: ml_collections.ConfigDict, say: Callable[[str], None],
 
   claim_rows = report.claims(result, compare)
   names = report.figures(result, out_dir, compare_by_type=by_type or None,
-                         rl_metrics=os.path.join(c.rl_workdir, "metrics.jsonl")
-                         if c.rl_workdir else None)
+                         rl_metrics=rl_metrics)
   # The guidance the model's recoveries used (cfg_text / cfg_img unset stand for the model's own).
   guidance = evaluator.sampler.guidance
   settings = {**c.to_dict(), "guidance": {"text_scale": guidance.text_scale,

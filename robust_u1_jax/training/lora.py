@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from robust_u1_jax import config_defaults
+from robust_u1_jax import config_defaults, config_lib
 from robust_u1_jax.models.layers import LAYER_AXIS
 
 DEFAULT_TARGETS = config_defaults.LORA_TARGETS
@@ -61,13 +61,17 @@ def target_paths(params: nnx.State, targets: str = DEFAULT_TARGETS) -> list[tupl
     if not isinstance(variable, nnx.Param) or not pattern.search(_dotted(path)):
       continue
     if len(variable.shape) != 2 + _layer_dims(variable):
-      raise ValueError(f"lora.targets={targets!r} selects {_dotted(path)} of shape "
-                       f"{variable.shape}; LoRA applies to (in, out) kernels only (with a "
-                       "leading layer axis for stacked layers)")
+      raise config_lib.ConfigError(
+          f"config field lora.targets = {targets!r} selects {_dotted(path)} of shape "
+          f"{variable.shape}; LoRA applies to (in, out) kernels only (with a leading layer axis "
+          "for stacked layers)")
     paths.append(tuple(path))
   if not paths:
-    raise ValueError(f"lora.targets={targets!r} selects no kernel among the stage's trainable "
-                     "parameters")
+    kernels = [_dotted(path) for path, v in nnx.to_flat_state(params)
+               if isinstance(v, nnx.Param) and len(v.shape) == 2 + _layer_dims(v)]
+    raise config_lib.ConfigError(
+        f"config field lora.targets = {targets!r} selects no kernel among the stage's trainable "
+        f"parameters; a regex searched in their paths, e.g. {', '.join(kernels[:3])}")
   return paths
 
 

@@ -17,8 +17,9 @@ checkpoint, and the same command resumes it.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import jax
 import ml_collections
@@ -35,6 +36,30 @@ from robust_u1_jax.training import state as state_lib
 from robust_u1_jax.training.stage_spec import RunContext, StageSpec
 
 
+@contextlib.contextmanager
+def _removed_if_left_empty(workdir: str) -> Iterator[None]:
+  """Creates `workdir` (and its missing parents) for the block, and removes what it created again
+  where the block fails leaving it empty (a bad init_from, recovery cache or LoRA target found
+  while the stage is built)."""
+  path, first_created = os.path.abspath(workdir), None
+  while not os.path.exists(path):
+    first_created, path = path, os.path.dirname(path)
+  os.makedirs(workdir, exist_ok=True)
+  try:
+    yield
+  except BaseException:
+    path = os.path.abspath(workdir)
+    while first_created is not None:
+      try:
+        os.rmdir(path)  # only an empty folder; another process may have removed it already
+      except OSError:
+        break
+      if path == first_created:
+        break
+      path = os.path.dirname(path)
+    raise
+
+
 def train(config: ml_collections.ConfigDict, workdir: str,
           build_stage: Callable[[RunContext], StageSpec]) -> list[dict[str, float]]:
   """Runs (or resumes) a stage in `workdir`; returns the logged metric rows of this process."""
@@ -45,9 +70,9 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     return []
   ctx = run_setup.make_context(config)  # checks the config against the model before building
   mesh, tokenizer = ctx.mesh, ctx.tokenizer
-  os.makedirs(workdir, exist_ok=True)
-  spec = build_stage(ctx)
-  graphdef, state, step_fn = initial_state(config, ctx, spec)
+  with _removed_if_left_empty(workdir):  # a run refused at start-up leaves no folder behind
+    spec = build_stage(ctx)
+    graphdef, state, step_fn = initial_state(config, ctx, spec)
   with jax.set_mesh(mesh):
 
     # The data shard this process reads: processes whose devices share batch rows read one.
