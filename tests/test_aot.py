@@ -116,6 +116,9 @@ def test_cpu_topology_reports_memory_flops_and_verdict(tiny_cpu):
   assert r.model_flops["backward"] > 0 and "gen" in r.model_flops["trainable_parts"]
   fits, line = aot_report.verdict(r)
   assert fits and line.startswith("FITS"), line
+  # A small need is a small share, not a spare that rounds to all of it.
+  fits, line = aot_report.verdict(r, hbm_gib=r.device_bytes * 3000 / compiled_lib.GIB)
+  assert fits and "per device (0.033 %)" in line and "(100%)" not in line, line
   fits, line = aot_report.verdict(r, hbm_gib=r.device_bytes / 2 / compiled_lib.GIB)
   assert not fits and line.startswith("DOES NOT FIT") and "2.0x" in line, line
   text = aot_report.report(r, hbm_gib=1e-6)

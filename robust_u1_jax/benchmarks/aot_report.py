@@ -103,8 +103,10 @@ def verdict(result: AotResult, hbm_gib: float | None = None) -> tuple[bool, str]
     return False, "UNKNOWN: the compiler reported no memory analysis"
   b = lambda n: format_bytes(n).strip()
   if need <= limit and (result.oom is None or hbm_gib is not None):
-    return True, (f"FITS: needs {b(need)} per device of {b(limit)} ({source}); "
-                  f"{b(limit - need)} ({1 - need / limit:.0%}) to spare")
+    used = 100 * need / limit  # a tiny config's: 0.027 %, not a spare of "100%"
+    share = f"{used:.0f} %" if used >= 1 else f"{used:.2g} %"
+    return True, (f"FITS: needs {b(need)} per device ({share}) of {b(limit)} ({source}); "
+                  f"{b(limit - need)} to spare")
   refused = "the TPU compiler refused the step: " if result.oom is not None else ""
   at_least = "at least " if result.oom and "lower bound" in result.oom["what"] else ""
   return False, (f"DOES NOT FIT: {refused}needs {at_least}{b(need)} per device, {source} is "
