@@ -1,7 +1,7 @@
 r"""`python -m robust_u1_jax.bench train_step`: the SFT step and a recovery, timed on one device.
 
   python -m robust_u1_jax.bench train_step --config configs/sft.py:gpu_1p5b    # one H200
-  python -m robust_u1_jax.bench train_step --config configs/sft.py:tiny        # CPU, seconds
+  python -m robust_u1_jax.bench train_step --config configs/sft.py:tiny        # CPU, minutes
   python -m robust_u1_jax.bench train_step --config configs/sft.py:gpu_1p5b \
       --override remat=none --override data.batch_size=1 --override steps=20
 
