@@ -143,3 +143,14 @@ def test_precomputed_recoveries_feed_the_reasoning_stage(tmp_path):
     recovery_cache.RecoveryCache.open(cache, other)
   with pytest.raises(config_lib.ConfigError, match="needs reason.recovery_cache"):
     recovery_cache.RecoveryCache.open("", config)
+  # A run longer than the steps the cache was built for is refused at start, not at the step
+  # that first misses a record; a build for more steps extends the cache (and what it covers).
+  longer = config_lib.load(REASON, {**overrides, "total_steps": 3})
+  with pytest.raises(config_lib.ConfigError,
+                     match="covers the first 2 steps of this run's batches, and the run has "
+                           "total_steps 3: extend it with .* --steps 3"):
+    recovery_cache.RecoveryCache.open(cache, longer)
+  other_batches = config_lib.load(REASON, {**overrides, "total_steps": 3, "data.batch_size": 4})
+  recovery_cache.RecoveryCache.open(cache, other_batches)  # another layout: not known here
+  assert recovery_cache.build(longer, cache, progress=False) == {"written": 8, "skipped": 16}
+  recovery_cache.RecoveryCache.open(cache, longer)

@@ -4,7 +4,8 @@
 order, corrupted the same way) for the run's steps, recovers every corrupted image with the
 deterministic sampler of the model in `init_from`, and writes each as a PNG:
 
-  <cache>/manifest.json                      what the cache was built from (checked on use)
+  <cache>/manifest.json                      what the cache was built from, and the steps a
+                                             finished build covered (both checked on use)
   <cache>/epoch_<EEEE>/<index:09d>.png       the recovery of record `index` in epoch E, at the
                                              corrupted image's VAE size
 
@@ -35,6 +36,14 @@ MANIFEST = "manifest.json"
 _LAYOUT_ONLY = ("batch_size", "token_budget", "shuffle", "num_epochs", "worker_count",
                 "max_skip_ratio")
 BUILD_COMMAND = "python -m robust_u1_jax.recover --config <the reasoning config> --cache_dir {dir}"
+
+
+# Data fields that decide which records fall into each step (the steps a cache covers).
+_STEP_LAYOUT = ("batch_size", "token_budget", "shuffle")
+
+
+def _step_layout(config) -> dict[str, Any]:
+  return json.loads(json.dumps({k: config.data.get(k) for k in _STEP_LAYOUT}))
 
 
 def record_path(directory: str, index: int, epoch: int) -> str:
@@ -85,6 +94,17 @@ class RecoveryCache:
       raise FileNotFoundError(f"{directory}: no {MANIFEST}, so not a recovery cache; build it "
                               f"with `{BUILD_COMMAND.format(dir=directory)}`")
     _check_manifest(directory, config)
+    with open(os.path.join(directory, MANIFEST)) as f:
+      covered = json.load(f).get("covered")
+    # Checked here, at start: a missing record is otherwise found at the step that reads it,
+    # losing the steps since the last checkpoint.
+    if (covered and covered["layout"] == _step_layout(config)
+        and config.total_steps > covered["steps"]):
+      raise config_lib.ConfigError(
+          f"{os.path.join(directory, MANIFEST)}: the recovery cache covers the first "
+          f"{covered['steps']} steps of this run's batches, and the run has total_steps "
+          f"{config.total_steps}: extend it with `{BUILD_COMMAND.format(dir=directory)} --steps "
+          f"{config.total_steps}` (it skips what exists)")
     return cls(directory)
 
   def load(self, sample: Mapping[str, Any]) -> np.ndarray:
@@ -174,4 +194,19 @@ def build(config: ml_collections.ConfigDict, directory: str, *, steps: int = 0,
           _write_png(record_path(directory, sample["index"], sample["epoch"]), image)
         counts["written"] += len(samples)
       bar.set_postfix(counts)
+  if jax.process_index() == 0:
+    _record_coverage(manifest, config, steps)
   return counts
+
+
+def _record_coverage(manifest: str, config, steps: int) -> None:
+  """Notes in the manifest the steps a finished build covered (the most for one layout)."""
+  with open(manifest) as f:
+    contents = json.load(f)
+  before = contents.get("covered") or {}
+  layout = _step_layout(config)
+  if before.get("layout") == layout:
+    steps = max(steps, before["steps"])
+  contents["covered"] = {"steps": steps, "layout": layout}
+  with files.atomic_write(manifest, "w") as f:
+    json.dump(contents, f, indent=1)
