@@ -375,13 +375,19 @@ def _check_writable(folder: str, where: str) -> None:
                     "folder") from None
 
 
+def names_folder(path: str) -> bool:
+  """Whether an output path names a folder: an existing one, or one to create (ending in a
+  separator), into which a command writes its default file name."""
+  return os.path.isdir(path) or path.endswith(os.sep)
+
+
 def output_file(path: str, flag: str, *, image: bool = False, create: bool = True) -> str:
   """Checks `path` can be written as a file, creating its folder if missing (not with
   `create=False`); with `image`, that its extension names an image format. PathError naming
   `flag` otherwise. Returns `path`."""
   if _remote(path):
     return path
-  if os.path.isdir(path) or path.endswith(os.sep):
+  if names_folder(path):
     raise PathError(f"{flag} {path}: a folder; give a file name, e.g. "
                     f"{os.path.join(path, 'out.png' if image else 'out')}")
   if image:

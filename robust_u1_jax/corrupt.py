@@ -93,7 +93,7 @@ def run(image_path: str, name: str, out_path: str, *, severity=None, intensity=N
     hint = f"did you mean {' or '.join(near)}? " if near else ""
     raise cli.Error(f"--type {name}: unknown corruption; {hint}`--list` prints every name"
                     ) from None
-  if os.path.isdir(out_path) or out_path.endswith(os.sep):  # a folder, existing or to create
+  if cli.names_folder(out_path):
     out_path = os.path.join(out_path, output_name(image_path, qualified, severity, intensity))
   cli.output_file(out_path, "--out", image=True)
   notes: list[str] = []
@@ -121,8 +121,8 @@ def main(argv) -> int:
   if _MIN_SIDE.value is not None and _MIN_SIDE.value < 1:
     raise app.UsageError(f"--min_side must be >= 1, got {_MIN_SIDE.value}")
   path, out = run(_IMAGE.value, _TYPE.value, _OUT.value, severity=_SEVERITY.value,
-            intensity=_INTENSITY.value, seed=_SEED.value, min_side=_MIN_SIDE.value,
-            say=lambda line: print(line, file=sys.stderr))
+                  intensity=_INTENSITY.value, seed=_SEED.value, min_side=_MIN_SIDE.value,
+                  say=lambda line: print(line, file=sys.stderr))
   print(f"wrote {path} ({out.shape[1]}x{out.shape[0]})")
   return 0
 

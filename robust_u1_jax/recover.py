@@ -92,7 +92,7 @@ def _recover_file(values: flags.FlagValues, sampler, instruction: str) -> int:
   path = values.image
   name = f"{os.path.splitext(os.path.basename(path))[0]}_recovered.png"
   out = values.out or os.path.join(os.path.dirname(path), name)
-  if os.path.isdir(out) or out.endswith(os.sep):  # a folder, existing or to create
+  if cli.names_folder(out):
     out = os.path.join(out, name)
   # A bad image, --model or --out fails before the model loads.
   image = model_cli.read_image(path, model_cli.min_side(model_cli.model_rules(values.model)))

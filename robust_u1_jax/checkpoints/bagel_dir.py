@@ -80,6 +80,8 @@ class SideFileError(ValueError):
     """`error` of reading `file`, the file named once."""
     message = str(error)
     return cls(message if message.startswith(file) else f"{file}: {message}")
+
+
 LATENT_POS_KEY = "latent_pos_embed.pos_embed"
 VIT_POS_KEY = "vit_pos_embed.pos_embed"
 # Keys a checkpoint may carry that the model rebuilds itself.

@@ -69,16 +69,13 @@ def conditions(intensities: Sequence[str], imagenet_c_types: Sequence[str],
                ) -> list[Condition]:
   """The pipeline at each intensity, each ImageNet-C type at each severity, each Robust-R1
   degradation at each intensity. Types may be 'all'."""
-  names = [n for n, _ in corruptions.list_corruptions()]
-  expand = lambda types, family: (
-      [n for n in names if n.startswith(family + "/")] if list(types) == ["all"]
-      else [t if "/" in t else f"{family}/{t}" for t in types])
   out = [Condition(corruptions.PIPELINE, corruptions.PIPELINE, level,
                    intensity=INTENSITIES[level]) for level in intensities]
   out += [Condition("imagenet_c", n, f"s{s}", severity=s)
-          for n in expand(imagenet_c_types, "imagenet_c") for s in severities]
+          for n in corruptions.expand_types(imagenet_c_types, "imagenet_c") for s in severities]
   out += [Condition("robust_r1", n, level, intensity=INTENSITIES[level])
-          for n in expand(robust_r1_types, "robust_r1") for level in intensities]
+          for n in corruptions.expand_types(robust_r1_types, "robust_r1")
+          for level in intensities]
   return out
 
 

@@ -111,8 +111,9 @@ def reward_rows(rl_metrics: str) -> list[dict[str, Any]]:
 
 def figures(result: Mapping[str, Any], out_dir: str, *,
             compare_by_type: Mapping[str, Mapping[str, float]] | None = None,
-            rl_metrics: str | None = None) -> list[str]:
-  """Writes the report's figures; returns their file names."""
+            rl_rewards: Sequence[Mapping[str, Any]] = ()) -> list[str]:
+  """Writes the report's figures (`rl_rewards`: `reward_rows` of the RL run); returns their file
+  names."""
   import matplotlib
 
   matplotlib.use("Agg")
@@ -197,18 +198,16 @@ def figures(result: Mapping[str, Any], out_dir: str, *,
       ax.legend(fontsize=8)
     ax.set_xticks(x, labels, rotation=70, fontsize=8)
     save(fig, "ssim_sft_vs_rl.png")
-  if rl_metrics:
-    rows = reward_rows(rl_metrics)
-    if rows:
-      fig, ax = plt.subplots(figsize=(5.5, 3.4))
-      for key in sorted(k for k in rows[0] if k.startswith("reward_") and k.endswith("_mean")):
-        ax.plot([r["step"] for r in rows], [r.get(key, np.nan) for r in rows],
-                label=key[len("reward_"):-len("_mean")])
-      ax.set_title("The RL stage's rewards", fontsize=10)
-      ax.set_xlabel("RL step")
-      ax.set_ylabel("mean reward of the rollouts")
-      ax.legend(fontsize=8)
-      save(fig, "rl_rewards.png")
+  if rl_rewards:
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for key in sorted(k for k in rl_rewards[0] if k.startswith("reward_") and k.endswith("_mean")):
+      ax.plot([r["step"] for r in rl_rewards], [r.get(key, np.nan) for r in rl_rewards],
+              label=key[len("reward_"):-len("_mean")])
+    ax.set_title("The RL stage's rewards", fontsize=10)
+    ax.set_xlabel("RL step")
+    ax.set_ylabel("mean reward of the rollouts")
+    ax.legend(fontsize=8)
+    save(fig, "rl_rewards.png")
   rows = {row["label"]: row for row in result["conditions"]}
   for k, (label, columns) in enumerate(result.get("examples", [])[:GRIDS]):
     grid = metrics_log.titled_grid([list(column) for column in columns],

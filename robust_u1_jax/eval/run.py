@@ -97,13 +97,15 @@ def _run(c: ml_collections.ConfigDict, say: Callable[[str], None],
          progress_of: dict[str, Any]) -> str:
   t0 = time.perf_counter()
   out_dir = report_dir(c)
+  # The RL run's rewards, for their figure, read first: a wrong rl_workdir stops the run now.
+  rl_rewards = (report.reward_rows(os.path.join(c.rl_workdir, "metrics.jsonl"))
+                if c.rl_workdir else [])
+  if c.rl_workdir and not rl_rewards:
+    raise config_lib.ConfigError(f"rl_workdir {c.rl_workdir}: no RL rewards logged in its "
+                                 "metrics.jsonl; give the RL stage's workdir, or leave it empty")
   # The benchmark tables' rows, the CLIP checkpoint and the model first: one that does not load
   # stops the run before it writes anything (not hours later, at the benchmarks). Each table's
   # images are decoded here once more than its benchmark needs; its bad rows are logged here.
-  rl_metrics = os.path.join(c.rl_workdir, "metrics.jsonl") if c.rl_workdir else None
-  if rl_metrics and not report.reward_rows(rl_metrics):
-    raise config_lib.ConfigError(f"rl_workdir {c.rl_workdir}: no RL rewards logged in its "
-                                 "metrics.jsonl; give the RL stage's workdir, or leave it empty")
   tables = {name: path for name, path in c.benchmarks.items() if path}
   for path in tables.values():
     evaluation.read_table(path, c.benchmark_samples, c.max_skip_ratio)
@@ -147,7 +149,7 @@ def _run(c: ml_collections.ConfigDict, say: Callable[[str], None],
 
   claim_rows = report.claims(result, compare)
   names = report.figures(result, out_dir, compare_by_type=by_type or None,
-                         rl_metrics=rl_metrics)
+                         rl_rewards=rl_rewards)
   # The guidance the model's recoveries used (cfg_text / cfg_img unset stand for the model's own).
   guidance = evaluator.sampler.guidance
   settings = {**c.to_dict(), "guidance": {"text_scale": guidance.text_scale,

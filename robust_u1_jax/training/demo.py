@@ -86,12 +86,9 @@ def part_work(c: ml_collections.ConfigDict) -> float:
     return float(c.total_steps)
   from robust_u1_jax.data import corruptions  # deferred: configs/demo.py calls this
 
-  names = [name for name, _ in corruptions.list_corruptions()]
-  count = lambda types, family: (sum(n.startswith(family + "/") for n in names)
-                                 if list(types) == ["all"] else len(types))
   pipeline = len(c.intensities)
-  others = (count(c.imagenet_c_types, "imagenet_c") * len(c.severities)
-            + count(c.robust_r1_types, "robust_r1") * len(c.intensities))
+  others = (len(corruptions.expand_types(c.imagenet_c_types, "imagenet_c")) * len(c.severities)
+            + len(corruptions.expand_types(c.robust_r1_types, "robust_r1")) * len(c.intensities))
   compared = sum(bool(path) for path in c.compare.values())
   claim = max(c.claim_samples, c.num_samples)
   return float(claim * (pipeline + 1 + bool(c.recovery_on_clean))

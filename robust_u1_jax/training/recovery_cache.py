@@ -69,14 +69,15 @@ def _differences(a: Mapping, b: Mapping, prefix: str = "") -> list[str]:
   return out
 
 
-def _check_manifest(directory: str, config) -> None:
+def _checked_manifest(directory: str, config) -> dict[str, Any]:
+  """The cache's manifest, refused (ConfigError) where it was built for another config."""
   path = os.path.join(directory, MANIFEST)
-  with open(path) as f:
-    stored = json.load(f)["fingerprint"]
-  diff = _differences(stored, json.loads(json.dumps(fingerprint(config))))
+  manifest = files.read_json(path)
+  diff = _differences(manifest["fingerprint"], json.loads(json.dumps(fingerprint(config))))
   if diff:
     raise config_lib.ConfigError(f"{path}: the recovery cache was built for another config ("
                      + "; ".join(diff) + "); rebuild it into an empty directory")
+  return manifest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,9 +94,7 @@ class RecoveryCache:
     if not os.path.exists(os.path.join(directory, MANIFEST)):
       raise FileNotFoundError(f"{directory}: no {MANIFEST}, so not a recovery cache; build it "
                               f"with `{BUILD_COMMAND.format(dir=directory)}`")
-    _check_manifest(directory, config)
-    with open(os.path.join(directory, MANIFEST)) as f:
-      covered = json.load(f).get("covered")
+    covered = _checked_manifest(directory, config).get("covered")
     # Checked here, at start: a missing record is otherwise found at the step that reads it,
     # losing the steps since the last checkpoint.
     if (covered and covered["layout"] == _step_layout(config)
@@ -156,7 +155,7 @@ def build(config: ml_collections.ConfigDict, directory: str, *, steps: int = 0,
   os.makedirs(directory, exist_ok=True)
   manifest = os.path.join(directory, MANIFEST)
   if os.path.exists(manifest):
-    _check_manifest(directory, config)
+    _checked_manifest(directory, config)
   elif jax.process_index() == 0:
     with files.atomic_write(manifest, "w") as f:  # a half-written manifest would block the cache
       json.dump({"fingerprint": fingerprint(config), "stage": config.stage}, f, indent=1)
@@ -201,8 +200,7 @@ def build(config: ml_collections.ConfigDict, directory: str, *, steps: int = 0,
 
 def _record_coverage(manifest: str, config, steps: int) -> None:
   """Notes in the manifest the steps a finished build covered (the most for one layout)."""
-  with open(manifest) as f:
-    contents = json.load(f)
+  contents = files.read_json(manifest)
   before = contents.get("covered") or {}
   layout = _step_layout(config)
   if before.get("layout") == layout:

@@ -89,6 +89,14 @@ def list_corruptions() -> list[tuple[str, str]]:
   return [(c.name, c.family) for c in registry().values()]
 
 
+def expand_types(types, family: str) -> list[str]:
+  """Qualified names of a config's `<family>_types`: ('all',) for every corruption of the family,
+  else each name, short ('fog') or qualified ('imagenet_c/fog')."""
+  if list(types) == ["all"]:
+    return [name for name, _ in list_corruptions() if name.startswith(family + "/")]
+  return [t if "/" in t else f"{family}/{t}" for t in types]
+
+
 def _valid_names() -> str:
   qualified = list(registry())
   short = sorted({q.split("/", 1)[1] for q in qualified})
