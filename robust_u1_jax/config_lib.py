@@ -376,7 +376,7 @@ def _check_path(field: str, path: str, kind: str, fix: str) -> None:
 
 DATA_PATH_KIND = {"folder": ("folder", "a folder of images"),
                   "jsonl": ("file", "a .jsonl file of records"),
-                  "vqa_tsv": ("file", "a VQA .tsv table"),
+                  "vqa_tsv": ("file", "a VQA .tsv (or .csv) table"),
                   "vqa_parquet": ("file", "a VQA .parquet table")}
 
 
@@ -403,7 +403,7 @@ def check_inputs(c: ml_collections.ConfigDict, *, recovery_cache: bool = True) -
     for name, path in c.compare.items():
       _check_path(f"compare.{name}", path, "folder", "a model to compare with (or empty)")
     for name, path in c.benchmarks.items():
-      _check_path(f"benchmarks.{name}", path, "file", "a VQA .tsv or .parquet table")
+      _check_path(f"benchmarks.{name}", path, "file", "a VQA .tsv, .csv or .parquet table")
     _check_path("rl_workdir", c.rl_workdir, "folder", "the RL stage's workdir (or empty)")
     return
   if c.get("stage") == "demo":

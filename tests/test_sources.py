@@ -185,9 +185,9 @@ def test_jsonl_pairs_relative_paths(tmp_path):
 
 # ------------------------------------------------------------------------------------------- TSV
 
-def _write_tsv(path, header, rows):
+def _write_tsv(path, header, rows, delimiter="\t"):
   with open(path, "w", newline="") as f:
-    w = csv.writer(f, delimiter="\t", lineterminator="\n")
+    w = csv.writer(f, delimiter=delimiter, lineterminator="\n")
     w.writerow(header)
     w.writerows(rows)
 
@@ -230,6 +230,18 @@ def test_vqa_tsv_missing_required_column(tmp_path):
   with pytest.raises(ValueError, match="lacks required column.*question.*columns are index, "
                                        "image, A, answer"):
     sources_vqa.VqaTsvSource(tmp_path / "t.tsv")
+
+
+def test_vqa_csv_is_read_comma_separated_and_a_csv_named_tsv_is_refused(tmp_path):
+  b64 = base64.b64encode(_png(_img(0))).decode()
+  header = ["index", "image", "question", "A", "B", "answer"]
+  rows = [[7, b64, "Which, of these?", "red, dark", "blue", "A"]]
+  _write_tsv(tmp_path / "bench.csv", header, rows, delimiter=",")
+  q = sources_vqa.VqaTsvSource(tmp_path / "bench.csv")[0]["questions"][0]
+  assert q["question"] == "Which, of these?" and q["options"] == ["red, dark", "blue"]
+  _write_tsv(tmp_path / "bench.tsv", header, rows, delimiter=",")
+  with pytest.raises(ValueError, match="header has no tab but has commas.*ends in .csv"):
+    sources_vqa.VqaTsvSource(tmp_path / "bench.tsv")
 
 
 # --------------------------------------------------------------------------------------- parquet

@@ -1,4 +1,4 @@
-"""VQA benchmark tables as random-access sources: VLMEvalKit TSV and Hugging Face parquet.
+"""VQA benchmark tables as random-access sources: VLMEvalKit TSV (or CSV) and Hugging Face parquet.
 
 Both give records shaped like the shapes world's, so one pipeline serves all of them:
 
@@ -119,7 +119,7 @@ class VqaTsvSource:
   and tabs, as pandas writes them; a stray unbalanced quote merges rows, exactly as pandas, which
   VLMEvalKit reads these files with, would) and parsed on access. Rows whose image is a short
   reference use the image of the row with that index, as VLMEvalKit does. require_answer=False
-  accepts test splits without answers.
+  accepts test splits without answers. A `.csv` file is read the same way, comma-separated.
   """
 
   def __init__(self, path: str | os.PathLike, *, require_answer: bool = True):
@@ -132,7 +132,12 @@ class VqaTsvSource:
       raise config_lib.ConfigError(f"VQA TSV file {self.path} has {what}")
     self._file = LazyFile(self.path)
     self.offsets, self.lengths, self.lines = offsets[1:], lengths[1:], lines[1:]
+    self.delimiter = "," if self.path.lower().endswith(".csv") else "\t"
     self.columns = self._parse(offsets[0], lengths[0])
+    if len(self.columns) == 1 and self.delimiter == "\t" and "," in self.columns[0]:
+      raise config_lib.ConfigError(
+          f"VQA table {self.path}: its header has no tab but has commas; a comma-separated "
+          "table is read as such when its name ends in .csv")
     _check_columns(self.path, self.columns, ["question", "image"] + (["answer"] * require_answer))
     self.option_columns = _letter_columns(self.columns)
     self.require_answer = require_answer
@@ -158,7 +163,7 @@ class VqaTsvSource:
     text = self._file.read(int(offset), int(length)).decode("utf-8")
     if csv.field_size_limit() < sys.maxsize // 2:
       csv.field_size_limit(sys.maxsize // 2)  # base64 images are far beyond csv's 128 KiB default
-    rows = list(csv.reader(io.StringIO(text), delimiter="\t"))
+    rows = list(csv.reader(io.StringIO(text), delimiter=self.delimiter))
     return rows[0] if rows else []
 
   def _row(self, i: int) -> dict[str, str]:
