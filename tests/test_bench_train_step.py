@@ -5,6 +5,7 @@ one-H200 config loads with its preset."""
 import math
 import os
 
+import jax
 import pytest
 
 from robust_u1_jax import config_lib, flops
@@ -55,3 +56,16 @@ def test_gpu_config_is_bagel_at_1p5b_per_expert():
                + 3 * llm.hidden_size * llm.intermediate_size)
   assert 1.30e9 < per_layer * llm.num_layers < 1.32e9
   assert flops.expert_flops_per_token(llm) == 2.0 * per_layer * llm.num_layers
+
+
+def test_a_train_state_larger_than_the_host_is_refused_before_it_is_built(monkeypatch):
+  sixteen_gib = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 16 * 2 ** 30 // 4096}
+  monkeypatch.setattr(os, "sysconf", lambda name, real=os.sysconf: sixteen_gib.get(name) or
+                      real(name))
+  cpu = jax.devices("cpu")[0]
+  # The tiny model's state fits; the 1.5B one's (3.58 B float32 weights, Adam and EMA on the
+  # generation expert's 1.5 B) does not, and is counted without allocating it.
+  train_step.check_state_fits_host(config_lib.load(f"{SFT}:tiny"), cpu, "tiny")
+  with pytest.raises(SystemExit, match=r"gpu_1p5b alone .* needs 28\.0\d GiB, and this machine "
+                                       r"has 16\.00 GiB"):
+    train_step.check_state_fits_host(config_lib.load(f"{SFT}:gpu_1p5b"), cpu, "gpu_1p5b")
