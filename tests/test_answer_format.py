@@ -20,6 +20,9 @@ def test_format_question_is_the_release_prompt_with_every_option_lettered():
   assert lines == ["Question: What color is the circle?", "Options:", *options,
                    answer_format.RESTORE, answer_format.ANSWER_FROM_RESTORED, ""]
   assert answer_format.format_question({"question": "Why?"}) == "Question: Why?\n"
+  # Without options, the request after the recovery names none.
+  assert answer_format.format_question({"question": "Why?"}, answer_format.RESTORE) == (
+      f"Question: Why?\n{answer_format.RESTORE}\n{answer_format.ANSWER_OPEN_FROM_RESTORED}\n")
 
 
 def test_format_answer_has_the_five_fields_in_order():

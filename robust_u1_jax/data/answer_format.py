@@ -39,6 +39,10 @@ RESTORE = "Please restore this corrupted image to its clean version."
 ANSWER_FROM_RESTORED = ("Based on what you observe in the restored image, please select the "
                         "correct answer from the options above.")
 SELECT = "Please select the correct answer from the options above."
+# Ours, for a question without options, where the release's request would name options that are
+# not there.
+ANSWER_OPEN_FROM_RESTORED = ("Based on what you observe in the restored image, please answer the "
+                             "question.")
 
 
 def format_option(i: int, option: str) -> str:
@@ -52,7 +56,8 @@ def prompt(question: str, options: Sequence[str] = (), *, instruction: str | Non
            ) -> str:
   """The Robust-U1 release's prompt (docs/design.md#reasoning-and-the-answer-format): the
   question, its lettered options, then the recovery `instruction` and the request to answer from
-  the restored image (`instruction=None`: answer from the image as given). The text between the
+  the restored image (`instruction=None`: answer from the image as given; a question without
+  options is asked to be answered, not to select from options). The text between the
   two images of the reasoning layout (the reasoning stage's rows, the base's two-image rows, the
   evaluation's corrupted + recovered mode) and the `answer` command's prompt, so a model trained
   on the built-in world runs the release's loop."""
@@ -61,7 +66,7 @@ def prompt(question: str, options: Sequence[str] = (), *, instruction: str | Non
     lines.append("Options:")
     lines += [format_option(i, o) for i, o in enumerate(options)]
   if instruction is not None:
-    lines += [instruction, ANSWER_FROM_RESTORED]
+    lines += [instruction, ANSWER_FROM_RESTORED if options else ANSWER_OPEN_FROM_RESTORED]
   elif options:
     lines.append(SELECT)
   return "\n".join(lines) + "\n"
