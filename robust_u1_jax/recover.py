@@ -8,13 +8,14 @@ or a stage's workdir:
       --dtype bfloat16 --mesh fsdp=-1 --sde
 
 A file is recovered to --out (default: `<stem>_recovered.png` beside it; a folder, existing or
-ending in `/`, gets that name inside it). A folder's files (not its subfolders) are recovered into
+ending in `/`, gets that name inside it). A folder's image files (named .png, .jpg, ...: not its
+subfolders, nor other files, which the summary lists as left out) are recovered into
 the folder --out (default: `<folder>_recovered`) as `<stem>.png`, grouped by VAE size into batches
 of --batch; images already there are skipped, so a re-run resumes. Images come out at their VAE size
 (BAGEL's resize rule of the model). Image i of a folder's sorted listing draws its noise (that of
 --sde's step included) from fold_in(PRNGKey(--seed), i), so batching and resuming do not change it.
 An unreadable image or an unusable model directory is one `error:` line: exit status 2 (a folder
-goes on with its other images, lists the failures and exits with 1; a folder without files is
+goes on with its other images, lists the failures and exits with 1; a folder without image files is
 refused). An image with a side below the smallest the model's resize rule accepts (one VAE stride or
 ViT patch, 16 pixels for BAGEL) is refused, as training skips it. --out is checked before the model
 loads (a missing folder is created).
@@ -130,11 +131,18 @@ def _recover_folder(values: flags.FlagValues, sampler, instruction: str) -> int:
   if os.path.abspath(out_dir) == os.path.abspath(folder):
     raise model_cli.InputError(f"--out {out_dir}: the input folder itself; give another folder")
   t0 = time.perf_counter()
-  # Hidden files are left out: an interrupted write's temporary file is one of them.
-  names = sorted(e.name for e in os.scandir(folder) if e.is_file() and not e.name.startswith("."))
+  from robust_u1_jax.data import transforms
+
+  # Hidden files are left out: an interrupted write's temporary file is one of them. So are files
+  # not named as images (notes, captions), as an image folder for training leaves them out.
+  files = sorted(e.name for e in os.scandir(folder) if e.is_file() and not e.name.startswith("."))
+  names = [n for n in files if transforms.is_image_name(n)]
+  others = [n for n in files if not transforms.is_image_name(n)]
   if not names:
-    raise model_cli.InputError(f"--image {values.image}: a folder without files to recover (its "
-                               "subfolders and hidden files are not read)")
+    raise model_cli.InputError(
+        f"--image {values.image}: a folder without image files to recover (looked for "
+        f"{', '.join('*' + e for e in transforms.IMAGE_EXTENSIONS)}, any case; its subfolders "
+        "and hidden files are not read)")
   outputs = output_names(names)
   rules = model_cli.model_rules(values.model)
   cli.output_dir(out_dir, "--out")
@@ -197,6 +205,9 @@ def _recover_folder(values: flags.FlagValues, sampler, instruction: str) -> int:
              f"{len(failed)} failed")
   if failed:
     summary += f" ({', '.join(failed)})"
+  if others:
+    listed = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+    summary += f", {len(others)} left out (not named as images: {listed})"
   print(f"{summary} in {time.perf_counter() - t0:.1f} s", flush=True)
   return EXIT_SOME_FAILED if failed else 0
 

@@ -28,9 +28,8 @@ from robust_u1_jax import config_lib
 from robust_u1_jax.data import shapes, sources_vqa
 from robust_u1_jax.data.bad_records import skip_record
 from robust_u1_jax.data.record_files import LazyFile, check_index, line_spans
+from robust_u1_jax.data.transforms import IMAGE_EXTENSIONS, is_image_name
 
-# The formats the decoder reads, as `recover` takes them (a GIF: its first frame).
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 PAIR_KEYS = ("prompt", "image", "target_image")
 
 
@@ -50,7 +49,7 @@ class ImageFolderSource:
     for dirpath, _, filenames in os.walk(self.root, followlinks=True):
       base = pathlib.Path(dirpath).relative_to(self.root)
       rel.extend((base / f).as_posix() for f in filenames
-                 if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
+                 if is_image_name(f))
     if not rel:
       raise FileNotFoundError(f"image folder {self.root} holds no images: looked for "
                               f"{', '.join('*' + e for e in IMAGE_EXTENSIONS)} (any case), "
