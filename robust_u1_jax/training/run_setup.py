@@ -74,7 +74,7 @@ def model_config(config: ml_collections.ConfigDict, tokenizer) -> bagel_lib.Bage
     keys = bagel_dir.open_model_files(source).keys()
     return bagel_dir.read_config(source, keys=keys, **_overrides(config))
   raise FileNotFoundError(
-      f"init_from={config.init_from!r} is neither 'random', a BAGEL model directory "
+      f"config field init_from = {config.init_from!r} is neither 'random', a BAGEL model directory "
       f"({bagel_dir.LLM_CONFIG}, ...), an Orbax model checkpoint ({orbax_io.CONFIG}, "
       f"{orbax_io.PARAMS}/) nor the workdir of an earlier stage (its model/)")
 
