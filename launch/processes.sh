@@ -1,5 +1,9 @@
 # Sourced by launch/local.sh and launch/tpu_pod.sh: waiting for the processes they started.
 
+# fd 3: the launcher's stderr, for what it says while wait_all runs (its traps, its ON_FAIL):
+# wait_all sends fd 2 to /dev/null while it polls.
+exec 3>&2
+
 # wait_all ON_FAIL PID...: waits until every PID has exited, polling: a trapped signal (Ctrl-C)
 # cuts `wait` short, and a launcher must return only once its trainers have saved and exited.
 # When the first PID exits non-zero, runs `ON_FAIL PID STATUS` (none when ON_FAIL is "") and
@@ -9,12 +13,14 @@ wait_all() {
   shift
   local running=("$@") still
   while ((${#running[@]})); do
-    sleep 1 || true  # a trapped Ctrl-C ends `sleep` with 130: keep waiting (set -e)
+    # A trapped Ctrl-C ends `sleep` with 130: keep waiting (set -e). Bash reports a job killed by
+    # a signal ("Killed") while it waits here: the caller reports exits its own way.
+    { sleep 1 || true; } 2> /dev/null
     still=()
     for pid in "${running[@]}"; do
       if kill -0 "$pid" 2>/dev/null; then still+=("$pid"); continue; fi
       code=0
-      wait "$pid" || code=$?
+      wait "$pid" 2> /dev/null || code=$?  # without bash's "Killed" line: the caller reports
       if ((code != 0 && status == 0)); then
         status=$code
         [[ -z "$on_fail" ]] || "$on_fail" "$pid" "$code"

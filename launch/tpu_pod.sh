@@ -25,7 +25,8 @@
 #                                    log files (/tmp/tpu_logs)
 #      One log per worker: LOGS/worker_<i>.log on this machine (default logs/tpu/NAME), worker 0's
 #      also on the terminal. With --detach the trainers run on under nohup (closing this terminal
-#      does not stop them) and log to ~/robust_u1_jax/logs/worker_<i>.log on each worker.
+#      does not stop them) and log to ~/robust_u1_jax_logs/worker_<i>.log on each worker.
+#   A worker that fails is named, and the others are asked to save and stop.
 #   Ctrl-C here, or `--stop` later, sends SIGTERM to every trainer: each saves a checkpoint and
 #   exits (this script returns when they have; a second Ctrl-C returns at once); the same
 #   command resumes.
@@ -55,7 +56,8 @@
 #   --workers N       hosts of the slice, for --dry-run (default: from TYPE; a real run asks gcloud)
 #   --no_install      skip step 2 (the checkout is already installed on every worker)
 #   --detach          start the trainers under nohup and return
-#   --stop            send SIGTERM to the trainers of a running job and exit (no `--` needed)
+#   --stop            send SIGTERM to the trainers of a running job and exit (needs --name and
+#                     --zone only; no `--`)
 #   --dry-run         print every command, run nothing
 set -euo pipefail
 
@@ -112,6 +114,21 @@ train_args=("$@")
 [[ "$name" =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] || \
   die "--name '$name' is not a valid TPU name (lowercase letters, digits, hyphens)"
 [[ -n "$zone" ]] || die "--zone is required (e.g. us-east5-a)"
+((dry_run)) || command -v gcloud > /dev/null || \
+  die "gcloud not found: install the Google Cloud CLI (https://cloud.google.com/sdk) and log in"
+
+gcloud_tpu=(gcloud compute tpus tpu-vm)
+where=(--zone "$zone")
+[[ -z "$project" ]] || where+=(--project "$project")
+REMOTE_LOGS='~/robust_u1_jax_logs'  # beside the checkout, which each install replaces
+
+if ((stop_job)); then  # the slice's name and zone are enough
+  stop_cmd=("${gcloud_tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command
+            "kill -TERM \$(cat $REMOTE_LOGS/train.pid) 2>/dev/null || true")
+  if ((dry_run)); then quote "${stop_cmd[@]}"; echo; else "${stop_cmd[@]}"; fi
+  exit 0
+fi
+
 [[ -n "$accelerator" ]] || die "--accelerator is required (e.g. v5p-64)"
 [[ "$accelerator" =~ ^(v2|v3|v4|v5p|v5litepod|v5e|v6e)-([1-9][0-9]*)$ ]] || \
   die "--accelerator '$accelerator' is not a TPU type (v4-32, v5p-64, v5litepod-16, v6e-256)"
@@ -125,17 +142,6 @@ if [[ -z "$version" ]]; then
     v5litepod|v5e) version=v2-alpha-tpuv5-lite ;;
     v6e) version=v2-alpha-tpuv6e ;;
   esac
-fi
-
-gcloud_tpu=(gcloud compute tpus tpu-vm)
-where=(--zone "$zone")
-[[ -z "$project" ]] || where+=(--project "$project")
-
-if ((stop_job)); then
-  stop_cmd=("${gcloud_tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command
-            "kill -TERM \$(cat $REMOTE_DIR/logs/train.pid) 2>/dev/null || true")
-  if ((dry_run)); then quote "${stop_cmd[@]}"; echo; else "${stop_cmd[@]}"; fi
-  exit 0
 fi
 
 config="" workdir=""
@@ -153,9 +159,9 @@ config_file="${config%%:*}"
 [[ -f "$ROOT/$config_file" ]] || \
   die "config file $config_file not found in the checkout (give it relative to $ROOT)"
 [[ "$config_file" != /* ]] || die "give --config relative to the checkout: it is copied to the workers"
-[[ "$workdir" == /* ]] || die "--workdir must be an absolute path shared by every worker"
 [[ "$workdir" != gs://* ]] || \
   die "--workdir $workdir: mount the bucket on every worker (gcsfuse) and give the mount's path"
+[[ "$workdir" == /* ]] || die "--workdir must be an absolute path shared by every worker"
 
 hosts_of() {  # hosts of a slice type: chips per host are 4 (v4, v5p, v5e/v6e beyond 8 chips)
   case "$generation" in
@@ -181,12 +187,17 @@ if ((dry_run)); then
   echo "$(quote "${describe[@]}") || $(quote "${create[@]}")"
   workers="${workers:-$(hosts_of)}"
 else
-  if state="$("${describe[@]}" 2>/dev/null)"; then
+  if state="$("${describe[@]}" 2> "${TMPDIR:-/tmp}/robust_u1_describe.$$")"; then
     echo "# 1. reusing TPU $name ($state)"
-  else
+  elif grep -qi "not.\{0,1\}found" "${TMPDIR:-/tmp}/robust_u1_describe.$$"; then
     echo "# 1. creating TPU $name ($accelerator, $version)"
     run "${create[@]}"
+  else  # another failure (login, project, permission) is no reason to create a slice
+    reason="$(grep -v '^\s*$' "${TMPDIR:-/tmp}/robust_u1_describe.$$" | tail -n 1)"
+    rm -f "${TMPDIR:-/tmp}/robust_u1_describe.$$"
+    die "gcloud could not describe TPU $name: ${reason:-no reason given}"
   fi
+  rm -f "${TMPDIR:-/tmp}/robust_u1_describe.$$"
   endpoints="$("${gcloud_tpu[@]}" describe "$name" "${where[@]}" \
     --format='value(networkEndpoints[].ipAddress)')"
   workers="$(tr ';,' '\n\n' <<< "$endpoints" | grep -c .)"
@@ -223,20 +234,20 @@ train="env ROBUST_U1_DISTRIBUTED=1 JAX_COMPILATION_CACHE_DIR=$(remote_path "$cac
 LIBTPU_INIT_ARGS=$(quote "$libtpu_args") TPU_STDERR_LOG_LEVEL=2 TPU_MIN_LOG_LEVEL=0 \
 python3 -m robust_u1_jax.train $(quote "${train_args[@]}")"
 remote_command() {  # remote_command WORKER -> the shell command worker WORKER runs
-  local start="echo \$\$ > logs/train.pid && exec $train"
+  local start="echo \$\$ > $REMOTE_LOGS/train.pid && exec $train"
   if ((detach)); then
-    echo "cd $REMOTE_DIR && mkdir -p logs && nohup bash -c $(quote "$start") \
-> logs/worker_$1.log 2>&1 < /dev/null &"
+    echo "mkdir -p $REMOTE_LOGS && cd $REMOTE_DIR && nohup bash -c $(quote "$start") \
+> $REMOTE_LOGS/worker_$1.log 2>&1 < /dev/null &"
   else
-    echo "cd $REMOTE_DIR && mkdir -p logs && $start"
+    echo "mkdir -p $REMOTE_LOGS && cd $REMOTE_DIR && $start"
   fi
 }
 echo "# 3. the trainer on the $workers worker(s)$( ((detach)) && echo ", detached")"
 pids=()
 stop() {
-  echo "launch/tpu_pod.sh: asking every trainer to save and stop" >&2
+  echo "launch/tpu_pod.sh: asking every trainer to save and stop" >&3
   "${gcloud_tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command \
-    "kill -TERM \$(cat $REMOTE_DIR/logs/train.pid) 2>/dev/null || true" || true
+    "kill -TERM \$(cat $REMOTE_LOGS/train.pid) 2>/dev/null || true" || true
 }
 ((dry_run)) || mkdir -p "$logs"
 for ((i = 0; i < workers; i++)); do
@@ -261,18 +272,24 @@ if ((dry_run)); then
 fi
 if ((detach)); then
   echo "started; logs: ${gcloud_tpu[*]} ssh $name ${where[*]} --worker=0 --command" \
-    "'tail -f $REMOTE_DIR/logs/worker_0.log'; stop: $0 --name $name ${where[*]} --stop"
+    "'tail -f $REMOTE_LOGS/worker_0.log'; stop: $0 --name $name ${where[*]} --stop"
   exit 0
 fi
 interrupts=0
 interrupted() {  # the first Ctrl-C asks for a save; a second one stops waiting
   if ((interrupts++)); then
     echo "launch/tpu_pod.sh: not waiting any more; the trainers go on saving (stop them:" \
-      "$0 --name $name ${where[*]} --stop)" >&2
+      "$0 --name $name ${where[*]} --stop)" >&3
     exit 130
   fi
   stop
 }
 trap interrupted INT TERM
 echo "launch/tpu_pod.sh: logs in $logs/worker_<i>.log" >&2
-wait_all "" "${pids[@]}" || exit $?
+stop_the_others() {  # a failed worker: the others would wait for it in their next collective
+  local i
+  for i in "${!pids[@]}"; do [[ "${pids[i]}" != "$1" ]] || break; done
+  echo "launch/tpu_pod.sh: worker $i failed (exit status $2; $logs/worker_$i.log)" >&3
+  ((workers == 1)) || stop
+}
+wait_all stop_the_others "${pids[@]}" || exit $?

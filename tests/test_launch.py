@@ -4,6 +4,7 @@
 import json
 import os
 import shlex
+import shutil
 import signal
 import stat
 import subprocess
@@ -23,11 +24,13 @@ TPU_ARGS = ["--name", "robust-u1", "--zone", "us-east5-a", "--accelerator", "v5p
 # A stand-in interpreter: records its arguments and the launch environment as JSON, one file per
 # process, then exits with FAKE_EXIT (or sleeps FAKE_SLEEP seconds first). Given FAKE_SAVE_S, it
 # answers SIGTERM and SIGINT as the trainer does: "saves" for that long, says so on its output,
-# writes <name>.saved, exits 0.
+# writes <name>.saved, exits 0; given FAKE_IGNORE_TERM, it ignores SIGTERM.
 # (FAKE_EXIT_, FAKE_SLEEP_ and FAKE_SAVE_S_ end in the process's or worker's number.)
 FAKE_PYTHON = r"""#!/usr/bin/env python3
 import json, os, signal, sys, time
 name = os.environ.get("JAX_PROCESS_ID") or os.environ.get("FAKE_WORKER") or "0"
+if os.environ.get("FAKE_IGNORE_TERM_" + name):
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
 if os.environ.get("FAKE_SAVE_S_" + name):
   def save_and_exit(signum, frame):
     time.sleep(float(os.environ["FAKE_SAVE_S_" + name]))
@@ -126,8 +129,17 @@ def test_local_dry_run_prints_each_process(tmp_path):
   ids = [w for words in _lines(result.stdout) for w in words if w.startswith("JAX_LOCAL")]
   assert ids == ["JAX_LOCAL_DEVICE_IDS=0,1,2,3", "JAX_LOCAL_DEVICE_IDS=4,5,6,7"]
   for args in (["--processes", "2"], ["--processes", "2", "--backend", "tpu"],
-               ["--backend", "npu"], ["--processes", "-1"]):
+               ["--backend", "npu"], ["--processes", "-1"],
+               # one process takes fake devices on CPU only (the count was silently dropped)
+               ["--devices_per_process", "4", "--backend", "gpu"],
+               ["--python", str(tmp_path / "no_python")], ["--cache", LOCAL]):
     assert _run([LOCAL, "--dry-run", *args, "--", *TRAIN]).returncode == 2, args
+  # `--processes --config ...`: the next option is no value.
+  result = _run([LOCAL, "--dry-run", "--processes", "--", *TRAIN])
+  assert result.returncode == 2 and result.stderr.startswith("error: --processes needs a value")
+  one = _run([LOCAL, "--dry-run", "--devices_per_process", "4", "--backend", "cpu", "--", *TRAIN],
+             env={"XLA_FLAGS": ""})
+  assert "XLA_FLAGS=--xla_force_host_platform_device_count=4" in _lines(one.stdout)[0]
 
 
 def test_local_starts_the_processes_and_stops_them_when_one_fails(tmp_path, fakes):
@@ -154,7 +166,56 @@ def test_local_starts_the_processes_and_stops_them_when_one_fails(tmp_path, fake
                 env={**env, "FAKE_EXIT_1": "3", "FAKE_SLEEP_0": "60"})
   assert result.returncode == 3, (result.stdout, result.stderr)
   assert time.time() - start < 30
-  assert "stopping the others" in result.stderr
+  # Named by its number, as its log is (it was named by its pid).
+  assert (f"process 1 failed (exit status 3; {workdir / 'logs' / 'process_1.log'})"
+          in result.stderr)
+  assert "asking the others to stop" in result.stderr
+  # Each launch appends to the logs, after a line with the date and command: the failed run's
+  # log is kept above the next one's.
+  log = (workdir / "logs" / "process_0.log").read_text()
+  assert log.count("launch/local.sh, process 0 of 2: ") == 2
+
+
+def test_local_kills_a_process_that_does_not_stop_after_another_failed(tmp_path, fakes):
+  # A process waiting in a collective for the failed one ignored the stop, and the launcher
+  # waited for its abort (about 100 s in a helper's run).
+  bin_dir, out = fakes
+  start = time.time()
+  result = _run([LOCAL, "--processes", "2", "--backend", "cpu", "--python",
+                 str(bin_dir / "python3"), "--", "--config", "configs/sft.py:tiny", "--workdir",
+                 str(tmp_path / "work")],
+                env={"FAKE_OUT": str(out), "FAKE_EXIT_1": "3", "FAKE_SLEEP_0": "60",
+                     "FAKE_IGNORE_TERM_0": "1", "ROBUST_U1_STOP_GRACE_S": "2"})
+  assert result.returncode == 3 and time.time() - start < 30, result.stderr
+  assert "killing process 0, still running" in result.stderr
+  assert "Killed" not in result.stderr  # bash's own line about its job
+
+
+def test_local_takes_a_free_port_and_refuses_a_given_one_in_use(tmp_path, fakes):
+  # A second run on the port of a running one broke into it: jax.distributed took the newcomers
+  # for restarted peers and aborted the first run, losing its steps since the last checkpoint.
+  import socket
+
+  bin_dir, out = fakes
+  train = ["--", "--config", "configs/sft.py:tiny", "--workdir", str(tmp_path / "work")]
+  command = [LOCAL, "--processes", "2", "--backend", "cpu", "--python", str(bin_dir / "python3")]
+  with socket.socket() as held, socket.socket() as default:
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    port = held.getsockname()[1]
+    result = _run([*command, "--port", str(port), *train], env={"FAKE_OUT": str(out)})
+    assert result.returncode == 2 and not _records(out), result.stderr
+    assert result.stderr.startswith(f"error: --port {port} is in use")
+    try:  # the default port held here (or by something else already: the same case)
+      default.bind(("127.0.0.1", 12355))
+      default.listen()
+    except OSError:
+      pass
+    result = _run([*command, *train], env={"FAKE_OUT": str(out)})
+  assert result.returncode == 0, result.stderr
+  taken = int(_records(out)["0"]["env"]["JAX_COORDINATOR_ADDRESS"].split(":")[1])
+  assert taken != 12355 and f"port 12355 is in use (another run?); the coordinator takes {taken}" \
+      in result.stderr
 
 
 def _start_in_own_group(command, env, stderr_path, out):
@@ -242,7 +303,7 @@ def test_tpu_pod_dry_run_and_what_each_worker_runs(tmp_path, fakes, detach):
   for i, run in enumerate(runs):
     assert f"--worker={i}" in run
     command = run[run.index("--command") + 1]
-    pid_file = tmp_path / f"worker_{i}" / "robust_u1_jax" / "logs" / "train.pid"
+    pid_file = tmp_path / f"worker_{i}" / "robust_u1_jax_logs" / "train.pid"
     home = _sandbox_worker(tmp_path, command, i, bin_dir, out,
                            wait_for=out / f"{i}.json" if detach else None)
     record = _records(out)[str(i)]
@@ -253,8 +314,8 @@ def test_tpu_pod_dry_run_and_what_each_worker_runs(tmp_path, fakes, detach):
     assert env["JAX_COMPILATION_CACHE_DIR"] == str(home / ".cache" / "robust_u1_jax" / "jit")
     assert env["LIBTPU_INIT_ARGS"].split() == _libtpu_default()
     assert int(pid_file.read_text()) == record["pid"]  # what --stop signals
-    if detach:
-      assert (home / "robust_u1_jax" / "logs" / f"worker_{i}.log").exists()
+    if detach:  # outside the checkout, which the next launch's install replaces
+      assert (home / "robust_u1_jax_logs" / f"worker_{i}.log").exists()
 
 
 def _libtpu_default():
@@ -284,7 +345,11 @@ done
 workers() { if [[ "$worker" == all ]]; then seq 0 $((FAKE_HOSTS - 1)); else echo "$worker"; fi; }
 case "$action" in
   describe)
-    [[ -f "$FAKE_ROOT/created" ]] || exit 1
+    if [[ -n "${FAKE_DESCRIBE_ERROR-}" ]]; then echo "ERROR: $FAKE_DESCRIBE_ERROR" >&2; exit 1; fi
+    if [[ ! -f "$FAKE_ROOT/created" ]]; then
+      echo "ERROR: (gcloud.compute.tpus.tpu-vm.describe) NOT_FOUND: Resource was not found" >&2
+      exit 1
+    fi
     if [[ "$format" == *ipAddress* ]]; then
       seq -s ';' 1 "$FAKE_HOSTS" | sed 's/[0-9][0-9]*/10.0.0.&/g'
     else
@@ -325,13 +390,41 @@ def test_tpu_pod_creates_installs_and_runs_on_every_worker(tmp_path, fakes):
     assert records[i]["argv"] == ["-m", "robust_u1_jax.train", *TRAIN]
     assert records[i]["env"]["ROBUST_U1_DISTRIBUTED"] == "1"
     assert (logs / f"worker_{i}.log").exists()
-  # Run again: the slice is reused; a failing worker's status is the script's.
+  # Run again: the slice is reused; a failing worker is named, the others are asked to stop,
+  # and its status is the script's.
   (out / "0.json").unlink()
   result = _run([TPU, *TPU_ARGS, "--no_install", "--logs", str(logs), "--", *TRAIN],
                 env={**env, "FAKE_EXIT_1": "4"}, timeout=300)
   assert result.returncode == 4
   assert "reusing TPU robust-u1" in result.stdout
+  assert f"worker 1 failed (exit status 4; {logs / 'worker_1.log'})" in result.stderr
+  assert "asking every trainer to save and stop" in result.stderr
   assert (tmp_path / "gcloud.log").read_text().count("tpu-vm create") == 1
+  # A describe that fails for another reason than a missing slice creates none.
+  result = _run([TPU, *TPU_ARGS, "--no_install", "--logs", str(logs), "--", *TRAIN],
+                env={**env, "FAKE_DESCRIBE_ERROR": "(gcloud.auth) You do not currently have an "
+                     "active account selected."}, timeout=300)
+  assert result.returncode == 2
+  assert (tmp_path / "gcloud.log").read_text().count("tpu-vm create") == 1
+  assert result.stderr.startswith("error: gcloud could not describe TPU robust-u1: ERROR: "
+                                  "(gcloud.auth) You do not")
+
+
+def test_tpu_pod_stop_needs_the_name_and_zone_only_and_gcloud_is_checked(tmp_path, fakes):
+  # The stop command the script itself prints lacked --accelerator, which --stop required.
+  result = _run([TPU, "--name", "robust-u1", "--zone", "us-east5-a", "--stop", "--dry-run"])
+  assert result.returncode == 0, result.stderr
+  command = _lines(result.stdout)[0]
+  assert command[command.index("--command") + 1] == ("kill -TERM $(cat ~/robust_u1_jax_logs/"
+                                                     "train.pid) 2>/dev/null || true")
+  # Without gcloud: one line (it was bash's 'gcloud: command not found' after '# 1. creating').
+  bin_dir, _ = fakes
+  for tool in ("bash", "dirname", "sed", "cat"):
+    os.symlink(shutil.which(tool), bin_dir / tool)
+  for args in (["--stop"], ["--accelerator", "v5p-32", "--", *TRAIN]):
+    result = _run(["bash", TPU, "--name", "robust-u1", "--zone", "us-east5-a", *args],
+                  env={"PATH": str(bin_dir)})
+    assert result.returncode == 2 and result.stderr.startswith("error: gcloud not found"), args
 
 
 def test_tpu_pod_ctrl_c_returns_after_every_trainer_has_saved(tmp_path, fakes):
