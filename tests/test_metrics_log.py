@@ -103,6 +103,22 @@ def test_read_rows_keeps_each_steps_last_row_and_skips_a_cut_line(tmp_path):
   assert metrics_log.read_rows(str(path)) == [rows[0], rows[3], rows[4], rows[5]]
 
 
+def test_a_resumed_run_leaves_one_row_a_step(tmp_path):
+  # A helper's run killed after step 9 and resumed from its checkpoint at 8 logged step 9 twice
+  # (8, 9, 9, 10 ...): each reader of the file had to know to keep the last row.
+  path = tmp_path / "metrics.jsonl"
+  rows = [{"step": s, "loss": float(s)} for s in range(1, 10)] + [{"step": 8, "eval": True}]
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 10, "lo')
+  log = metrics_log.MetricsLogger(str(tmp_path), total_steps=12, every=1, start_step=8,
+                                  tensorboard=False, show_progress=False)
+  log.log_step(9, {"loss": jnp.asarray(-9.0)}, samples=1)
+  log.close()
+  written = [json.loads(line) for line in path.read_text().splitlines()]
+  assert [(r["step"], r.get("eval", False)) for r in written] == [
+      *((s, False) for s in range(1, 9)), (8, True), (9, False)]
+  assert written[-1]["loss"] == -9.0 and not (tmp_path / "metrics.jsonl.tmp").exists()
+
+
 def test_the_last_step_is_written_whatever_the_cadence(tmp_path):
   log = metrics_log.MetricsLogger(str(tmp_path), total_steps=5, every=2, tensorboard=False,
                                   show_progress=False)

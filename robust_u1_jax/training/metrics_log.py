@@ -63,8 +63,9 @@ def compiled_flops(compiled) -> float | None:
 def read_rows(path: str) -> list[dict[str, Any]]:
   """A run's metrics.jsonl: its training rows and evaluation rows (`eval`: true) in step order.
 
-  A resumed run logs again the steps after its checkpoint, so each step's last row is the one
-  kept; a last line cut off by a kill is left out."""
+  A resumed run drops the rows after its checkpoint before it logs those steps again (files of
+  older versions kept both: each step's last row is the one read); a last line cut off by a
+  kill is left out."""
   rows = {}
   with open(path) as f:
     for line in f:
@@ -77,14 +78,26 @@ def read_rows(path: str) -> list[dict[str, Any]]:
   return [rows[key] for key in sorted(rows)]
 
 
-def _ends_cut(path: str) -> bool:
-  """Whether the file at `path` is non-empty and its last line has no newline."""
-  with open(path, "rb") as f:
-    f.seek(0, os.SEEK_END)
-    if f.tell() == 0:
-      return False
-    f.seek(-1, os.SEEK_END)
-    return f.read(1) != b"\n"
+def _keep_rows_up_to(path: str, step: int) -> None:
+  """Leaves in the metrics.jsonl at `path` the whole rows of steps up to `step`: a run resumed
+  from its checkpoint at `step` logs the steps after it again, and a killed run's last line may be
+  cut. Rewritten through a temporary file, so an interruption leaves the old file or the new."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    try:
+      row = json.loads(line)
+    except ValueError:
+      continue
+    if line.endswith("\n") and isinstance(row, dict) and row.get("step", step + 1) <= step:
+      kept.append(line)
+  if kept != lines:
+    with open(path + ".tmp", "w") as f:
+      f.writelines(kept)
+    os.replace(path + ".tmp", path)
 
 
 class MetricsLogger:
@@ -111,10 +124,8 @@ class MetricsLogger:
     self.jsonl = None
     if self.is_writer:
       path = os.path.join(workdir, "metrics.jsonl")
+      _keep_rows_up_to(path, start_step)
       self.jsonl = open(path, "a")
-      if _ends_cut(path):  # a line cut by a kill: the next row starts on a line of its own
-        self.jsonl.write("\n")
-        self.jsonl.flush()
     self.step_flops = step_flops
     self.peak = peak_flops()
     self.bar = tqdm.tqdm(total=total_steps, initial=start_step, dynamic_ncols=True,
