@@ -65,7 +65,7 @@ def test_a_train_state_larger_than_the_host_is_refused_before_it_is_built(monkey
   cpu = jax.devices("cpu")[0]
   # The tiny model's state fits; the 1.5B one's (3.58 B float32 weights, Adam and EMA on the
   # generation expert's 1.5 B) does not, and is counted without allocating it.
-  train_step.check_state_fits_host(config_lib.load(f"{SFT}:tiny"), cpu, "tiny")
-  with pytest.raises(SystemExit, match=r"gpu_1p5b alone .* needs 28\.0\d GiB, and this machine "
-                                       r"has 16\.00 GiB"):
-    train_step.check_state_fits_host(config_lib.load(f"{SFT}:gpu_1p5b"), cpu, "gpu_1p5b")
+  train_step._check_state_fits_host(config_lib.load(f"{SFT}:tiny"), cpu, "tiny")
+  with pytest.raises(ValueError, match=r"train_step: gpu_1p5b: the train state alone .* needs "
+                                       r"28\.0\d GiB, and this machine has 16\.00 GiB"):
+    train_step._check_state_fits_host(config_lib.load(f"{SFT}:gpu_1p5b"), cpu, "gpu_1p5b")

@@ -45,6 +45,21 @@ def test_trainer_refuses_data_fields_that_disagree_with_the_model(tmp_path, fiel
   assert not os.path.exists(workdir)  # refused at start-up: nothing written, nothing built
 
 
+def test_a_train_state_larger_than_the_host_is_refused_before_it_is_built(tmp_path, monkeypatch):
+  # The 1.5B SFT config on a 23.5 GiB CPU machine ran for 3 minutes and was killed by the kernel
+  # (a helper's run), leaving its workdir behind. Here the tiny model against a 1 MiB machine.
+  monkeypatch.setattr(os, "sysconf", lambda name, real=os.sysconf: {
+      "SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 256}.get(name) or real(name))
+  built = []
+  monkeypatch.setattr(trainer, "initial_state", lambda *a: built.append(a))
+  workdir = str(tmp_path / "run")
+  with pytest.raises(config_lib.ConfigError, match=r"the sft config 'tiny': the train state alone "
+                                                   r"\(weights, optimizer state, EMA\) needs "
+                                                   r"[\d.]+ MiB, and this machine has 1\.00 MiB"):
+    trainer.train(config_lib.load(SFT, {**SMALL, "total_steps": 1}), workdir, sft.build)
+  assert not built and not os.path.exists(workdir)
+
+
 def test_recovery_cache_and_aot_refuse_the_same_mismatch(tmp_path):
   config = config_lib.load(REASON, {**SMALL, "init_from": "random", "data.vit_patch": 16})
   directory = str(tmp_path / "cache")

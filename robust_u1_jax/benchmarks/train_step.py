@@ -6,7 +6,7 @@ r"""`python -m robust_u1_jax.bench train_step`: the SFT step and a recovery, tim
       --override remat=none --override data.batch_size=1 --override steps=20
 
 On the default device (the first of `jax.devices()`, a mesh of one), with random weights, after
-a check on a CPU that the train state fits the host's memory (`check_state_fits_host`):
+a check on a CPU that the train state fits the host's memory (`trainer.check_state_fits_host`):
   1. the trainer's own path: `run_setup.make_context`, the stage's `StageSpec`,
      `trainer.initial_state` (split, optimizer state, EMA, the jitted step with its state donated)
      and `batches` batches of the config's pipeline through the stage's `host_inputs`, placed by
@@ -91,7 +91,7 @@ def run(*, seconds: float = 3.0, config: str = "", threads: int | None = None,
                      f"{stage!r}")
   cfg = config_lib.load(config or DEFAULT_CONFIG, fields)
   device = jax.devices()[0]
-  check_state_fits_host(cfg, device, config or DEFAULT_CONFIG)
+  _check_state_fits_host(cfg, device, config or DEFAULT_CONFIG)
   print(f"train_step: building the model, its train state and {options['batches']} pipeline "
         f"batches on {device.device_kind}, then compiling the step ...", flush=True)
   out: dict[str, Any] = {"config": config or DEFAULT_CONFIG, "device_kind": device.device_kind,
@@ -107,32 +107,12 @@ def run(*, seconds: float = 3.0, config: str = "", threads: int | None = None,
 
 # ------------------------------------------------------------------------------------ the step
 
-def check_state_fits_host(config, device, name: str) -> None:
-  """On a CPU, refuses a config whose train state alone (weights, optimizer state, EMA) exceeds
-  the host's memory, counted on the abstract model in seconds, where building it would run for
-  minutes before the kernel killed the process. With LoRA, the weights alone are counted."""
-  if device.platform != "cpu":
-    return
-  from robust_u1_jax.benchmarks import aot_report
+def _check_state_fits_host(config, device, name: str) -> None:
+  """The trainer's check, on the SFT stage's trainable parameters, before the stage is built."""
   from robust_u1_jax.training import run_setup, sft, trainer
-  from robust_u1_jax.training import state as state_lib
 
-  model = run_setup.make_context(config, devices=[device], abstract=True).model
-  _, params, frozen = state_lib.split_model(model, sft.GENERATION_PARAMS)
-  tree = (params, frozen)
-  if not (config.get("lora") is not None and config.lora.rank > 0):
-    tx = state_lib.make_optimizer(config.optimizer, config.total_steps)
-    rng = jax.ShapeDtypeStruct((2,), np.uint32)
-    tree = jax.eval_shape(trainer.state_creator(config, tx, params), params, frozen, rng, {})
-  need = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
-  host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-  if need > host:
-    b = lambda n: aot_report.format_bytes(n).strip()
-    raise SystemExit(
-        f"train_step: the train state of {name} alone (weights, optimizer state, EMA) needs "
-        f"{b(need)}, and this machine has {b(host)} of memory; run it on an accelerator "
-        "(`bench aot` checks a config's memory for one without running it: README, \"Will it "
-        "fit?\")")
+  ctx = run_setup.make_context(config, devices=[device], abstract=True)
+  trainer.check_state_fits_host(config, ctx, sft.GENERATION_PARAMS, f"train_step: {name}")
 
 
 def time_train_step(config, device, seconds: float, min_steps: int, batches: int

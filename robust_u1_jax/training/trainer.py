@@ -72,6 +72,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   mesh, tokenizer = ctx.mesh, ctx.tokenizer
   with _removed_if_left_empty(workdir):  # a run refused at start-up leaves no folder behind
     spec = build_stage(ctx)
+    check_state_fits_host(config, ctx, spec.trainable,
+                          f"the {config.stage} config {config.get('variant', '')!r}")
     graphdef, state, step_fn = initial_state(config, ctx, spec)
   with jax.set_mesh(mesh):
 
@@ -214,6 +216,32 @@ def initial_state(config: ml_collections.ConfigDict, ctx: RunContext, spec: Stag
   state = state_creator(config, tx, params)(params, frozen, jax.random.PRNGKey(config.seed),
                                             spec.aux)
   return graphdef, state, jit_step(spec, graphdef, tx, jax.tree.map(lambda x: x.sharding, state))
+
+
+def check_state_fits_host(config: ml_collections.ConfigDict, ctx: RunContext,
+                          trainable, name: str) -> None:
+  """On a CPU, refuses (ConfigError) a run whose train state alone (weights, optimizer state, EMA)
+  exceeds the host's memory, counted on the abstract model in seconds, where building it would
+  run for minutes before the kernel's out-of-memory kill. With LoRA, the weights alone count."""
+  if ctx.mesh.devices.flat[0].platform != "cpu":
+    return
+  from robust_u1_jax.benchmarks import aot_report
+
+  model = run_setup.abstract_model(ctx.model_config, ctx.mesh)
+  _, params, frozen = state_lib.split_model(model, trainable)
+  tree = (params, frozen)
+  if not (config.get("lora") is not None and config.lora.rank > 0):
+    tx = state_lib.make_optimizer(config.optimizer, config.total_steps)
+    rng = jax.ShapeDtypeStruct((2,), np.uint32)
+    tree = jax.eval_shape(state_creator(config, tx, params), params, frozen, rng, {})
+  need = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+  host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  if need > host:
+    b = lambda n: aot_report.format_bytes(n).strip()
+    raise config_lib.ConfigError(
+        f"{name}: the train state alone (weights, optimizer state, EMA) needs {b(need)}, and "
+        f"this machine has {b(host)} of memory; run it on an accelerator (`bench aot` checks a "
+        "config's memory for one without running it: README, \"Will it fit?\")")
 
 
 def state_creator(config: ml_collections.ConfigDict, tx, params) -> Callable:
