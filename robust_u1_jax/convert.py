@@ -80,6 +80,8 @@ def check_source(src: str, to_hf: bool) -> None:
   if not to_hf and has_config:
     raise cli.PathError(f"--src {src}: an Orbax checkpoint (it has {orbax_io.CONFIG}); convert "
                         "it with --to hf, or give a BAGEL model directory to --from hf")
+  if not orbax_io.is_model(src):  # before the side files' checks and notes
+    raise cli.PathError(f"--src {orbax_io.not_a_model(src)}")
 
 
 def check_side_files(src: str) -> None:

@@ -54,7 +54,10 @@ def paths(tmp_path_factory):
   (root / "notes.parquet").write_text("not a parquet file\n")
   Image.fromarray(np.zeros((1, 1, 3), np.uint8)).save(root / "tiny.png")
   (root / "a_file").write_text("a file where a folder belongs\n")
-  (root / "workdir" / "model").mkdir(parents=True)  # a stage's workdir, for its model/
+  # A stage's workdir, for its model/: it looks like an Orbax model checkpoint, and the cases
+  # using it stop before it would be read.
+  (root / "workdir" / "model" / "params").mkdir(parents=True)
+  (root / "workdir" / "model" / "bagel_config.json").write_text("{}\n")
   (root / "unfinished" / "checkpoints").mkdir(parents=True)  # a run stopped before its model
   (root / "existing").mkdir()
   return {"root": str(root), "good": str(root / "good.png"),
@@ -159,6 +162,13 @@ CASES = {
                                  ["--src {workdir}", "{workdir}/model"]),
     "convert/--src missing": ("convert", ["--from=hf", "--src={missing}", "--dst={root}/o"],
                               ["--src {missing}", "no such folder"]),
+    # It printed the missing tokenizer's note, then the line.
+    "convert/--src no model": ("convert", ["--from=hf", "--src={existing}", "--dst={root}/o"],
+                               ["--src {existing} is neither a BAGEL model directory"]),
+    "convert/--src a checkpoint": ("convert", ["--to=hf", "--src={root}/unfinished/checkpoints",
+                                               "--dst={root}/o"],
+                                   ["a stage's training checkpoint: the stage's model is "
+                                    "{root}/unfinished/model once its run has finished"]),
     "convert/--dst exists": ("convert", ["--to=hf", "--src={workdir}/model",
                                          "--dst={existing}"],
                              ["--dst {existing}", "already exists", "--overwrite"]),

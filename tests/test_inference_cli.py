@@ -144,15 +144,20 @@ def broken_models(model_dir, tmp_path_factory):
     (folder / name).write_text(text)
     damaged[case] = (folder, f"{folder / name}: ")
   (root / "empty").mkdir()
+  (root / "run" / "checkpoints" / "3").mkdir(parents=True)
   return {**damaged, "no_config": (no_config, "bagel_config.json"),
           "no_rules": (no_rules, "there is no image_rules.json beside it"),
-          "empty": (root / "empty", "missing tokenizer.json"),
+          # It was 'missing tokenizer.json', as if the tokenizer were all it lacked.
+          "empty": (root / "empty", f"{root / 'empty'} is neither a BAGEL model directory"),
+          "checkpoint": (root / "run" / "checkpoints" / "3",
+                         f"a stage's training checkpoint: the stage's model is "
+                         f"{root / 'run' / 'model'} once its run has finished"),
           "absent": (root / "absent", "no such model directory")}
 
 
 @pytest.mark.parametrize("cli", [recover_cli, answer_cli], ids=["recover", "answer"])
 @pytest.mark.parametrize("case", ["no_config", "no_rules", "bad_rules", "bad_guidance",
-                                  "cut_rules", "empty", "absent", "missing_image",
+                                  "cut_rules", "empty", "checkpoint", "absent", "missing_image",
                                   "truncated_image", "bad_mesh"])
 def test_bad_input_is_one_error_line_and_status_2(capsys, cli, case, model_dir, inputs,
                                                   broken_models, tmp_path):
@@ -190,6 +195,13 @@ def test_damaged_side_files_are_bad_inputs_wherever_they_are_read(tmp_path):
     assert cli_lib.is_bad_input(e.value) and str(e.value).startswith(str(tmp_path)), e.value
 
 
+def _looks_like_an_orbax_model(folder) -> None:
+  """What tells a model's folder apart (`orbax_io.is_model`), for checks that stop before it is
+  read."""
+  (folder / "bagel_config.json").write_text("{}\n")
+  (folder / "params").mkdir()
+
+
 def test_sampler_guidance_is_the_model_s_unless_given(tmp_path):
   """A trained model's directory holds the guidance it was trained and evaluated with; the
   flags given override it, BAGEL's 4 / 2 stand in for a model without one."""
@@ -198,6 +210,7 @@ def test_sampler_guidance_is_the_model_s_unless_given(tmp_path):
   from robust_u1_jax import model_cli
   from robust_u1_jax.inference import recovery
 
+  _looks_like_an_orbax_model(tmp_path)
   flags = lambda **given: types.SimpleNamespace(**{"model": str(tmp_path), "cfg_text": None,
                                                    "cfg_img": None, "shift": 3.0, "sde": False,
                                                    **given})
@@ -359,6 +372,7 @@ def test_entry_points_help_and_exit_status(tmp_path):
   assert proc.returncode == 0, proc.stderr
   assert "--question" in proc.stdout and "--model" in proc.stdout and "--mesh" in proc.stdout
   missing = tmp_path / "missing.png"
+  _looks_like_an_orbax_model(tmp_path)  # the image is checked once the model passes its check
   proc = subprocess.run([sys.executable, "-m", "robust_u1_jax.recover", f"--model={tmp_path}",
                          f"--image={missing}"],
                         capture_output=True, text=True, env=env, timeout=120, check=False)

@@ -48,6 +48,25 @@ def is_orbax_model(path: str) -> bool:
   return os.path.isfile(os.path.join(path, CONFIG)) and os.path.isdir(os.path.join(path, PARAMS))
 
 
+def is_model(path: str) -> bool:
+  """An Orbax model checkpoint or a BAGEL model directory (by their config files)."""
+  return is_orbax_model(path) or os.path.isfile(os.path.join(path, bagel_dir.LLM_CONFIG))
+
+
+def not_a_model(path: str) -> str:
+  """Why `path` (a folder) is no model, naming what one holds; a stage's training checkpoint is
+  told apart, with where its model is."""
+  message = (f"{path} is neither a BAGEL model directory ({bagel_dir.LLM_CONFIG}, "
+             f"{bagel_dir.VIT_CONFIG}, ema.safetensors, {bagel_dir.VAE_FILE}) nor an Orbax model "
+             f"checkpoint ({CONFIG}, {PARAMS}/)")
+  parts = os.path.abspath(path).split(os.sep)
+  if "checkpoints" in parts[-2:]:
+    workdir = os.sep.join(parts[:parts.index("checkpoints", len(parts) - 2)])
+    message += (f"; it is a stage's training checkpoint: the stage's model is "
+                f"{os.path.join(workdir, 'model')} once its run has finished")
+  return message
+
+
 def save_orbax(model: Bagel, path: str, *, tokenizer_dir: str | None = None,
                overwrite: bool = False, write_beside: Callable[[str], None] | None = None) -> str:
   """Writes `model`'s parameters and config as an Orbax model checkpoint (atomically).
@@ -160,10 +179,7 @@ def load_pretrained(path: str, *, mesh: jax.sharding.Mesh | None = None, dtype=N
     return bagel_dir.load_model_dir(path, mesh=mesh, dtype=dtype, param_dtype=param_dtype,
                                     remat=remat, attention=attention, allow_pickle=allow_pickle,
                                     progress=progress)
-  raise FileNotFoundError(
-      f"{path} is neither a BAGEL model directory ({bagel_dir.LLM_CONFIG}, "
-      f"{bagel_dir.VIT_CONFIG}, ema.safetensors, {bagel_dir.VAE_FILE}) nor an Orbax model "
-      f"checkpoint ({CONFIG}, {PARAMS}/)")
+  raise FileNotFoundError(not_a_model(path))
 
 
 def hf_to_orbax(src: str, dst: str, *, overwrite: bool = False, allow_pickle: bool = False,
