@@ -58,8 +58,12 @@ def _corruption_names() -> list[str]:
 def validate_data(d: ml_collections.ConfigDict, prefix: str = "data") -> None:
   _check(d.source in SOURCES, f"{prefix}.source", d.source, f"one of {', '.join(SOURCES)}")
   if d.source != "shapes":
+    # eval_data is a copy of data made when the config is built: --config.data.path does not
+    # reach it.
     _check(bool(d.path), f"{prefix}.path", d.path,
-           f"a path or dataset name for source={d.source!r}")
+           f"a path or dataset name for source={d.source!r}" + (
+               " (the records the stage evaluates on: give --config.eval_data.path, which may "
+               "be data.path's)" if prefix == "eval_data" else ""))
   _check(d.image_size >= 32, f"{prefix}.image_size", d.image_size, "an integer >= 32")
   for kind, stride in (("vae", d.vae_stride), ("vit", d.vit_patch)):
     lo, hi = d[f"{kind}_min_side"], d[f"{kind}_max_side"]

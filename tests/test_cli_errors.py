@@ -123,6 +123,12 @@ CASES = {
                                 ["--workdir {ro}/w", "cannot"]),
     "train/init_from missing": ("train", [f"--config={SFT}", "--config.init_from={missing}",
                                           "--workdir={root}/w"], ["init_from", "{missing}"]),
+    # --config.data.path alone: eval_data is a copy made when the config was built.
+    "train/7B RL eval_data": ("train", [f"--config={ROOT}/configs/rl.py:bagel_7b",
+                                        "--config.init_from={workdir}",
+                                        "--config.data.path={root}/pairs.jsonl",
+                                        "--workdir={root}/w"],
+                              ["eval_data.path = ''", "give --config.eval_data.path"]),
     "train/init_from no model": ("train", [f"--config={SFT}", "--config.init_from={existing}",
                                            "--workdir={root}/w"],
                                  ["config field init_from = '{existing}' is neither 'random'"]),
