@@ -216,6 +216,9 @@ CASES = {
     "bench/recover topology": ("bench", ["recover", "--topology=cpu:abc"],
                                ["--topology 'cpu:abc'", "cpu:N"]),
     "bench/threads": ("bench", ["data", "--threads=-3"], ["--threads", "-3"]),
+    # Refused before parts a to d, minutes of CPU work (test_bench_recover_checks_its_topology_...)
+    "bench/recover TPU topology": ("bench", ["recover", "--topology=v9x-3"],
+                                   ["recover: --topology 'v9x-3'"]),
     "bench/aot cpu:0": ("bench", ["aot", "--topology=cpu:0"], ["--topology 'cpu:0'", ">= 1"]),
     "bench/aot no topology": ("bench", ["aot", "--topology="], ["--topology ''"]),
     "bench/no seconds": ("bench", ["data", "--seconds=0"], ["--seconds"]),
@@ -316,6 +319,11 @@ def _run_forked(zygote, module: str, args: list[str], **env) -> subprocess.Compl
   zygote.stdin.flush()
   reply = json.loads(zygote.stdout.readline())
   return subprocess.CompletedProcess([module, *args], reply["rc"], reply["out"], reply["err"])
+
+
+def test_bench_recover_checks_its_topology_before_it_benchmarks(zygote):
+  proc = _run_forked(zygote, "bench", ["recover", "--topology=v9x-3"])
+  assert proc.returncode == 2 and "recover benchmark on" not in proc.stdout, proc.stdout
 
 
 def test_a_run_refused_while_its_stage_is_built_leaves_no_workdir(zygote, tmp_path):

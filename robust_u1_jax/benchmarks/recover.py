@@ -342,6 +342,10 @@ def run(*, seconds: float = 3.0, config: str = "", threads: int | None = None,
     if not count.isdigit():
       raise SystemExit(f"recover: --topology {topology!r}: use cpu:N with N an integer")
     aot._ensure_host_backend(int(count))
+    try:  # libtpu and the slice are checked before parts a to d, minutes of CPU work
+      aot.topology_devices(topology)
+    except aot.AotError as err:
+      raise SystemExit(f"recover: {err}") from None
   results: dict[str, Any] = {}
   setup = load_setup(config)
   llm = setup.config.llm
