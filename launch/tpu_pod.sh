@@ -121,10 +121,11 @@ gcloud_tpu=(gcloud compute tpus tpu-vm)
 where=(--zone "$zone")
 [[ -z "$project" ]] || where+=(--project "$project")
 REMOTE_LOGS='~/robust_u1_jax_logs'  # beside the checkout, which each install replaces
+# What --stop and a Ctrl-C here run on every worker: the trainer saves and exits.
+REMOTE_STOP="kill -TERM \$(cat $REMOTE_LOGS/train.pid) 2>/dev/null || true"
 
 if ((stop_job)); then  # the slice's name and zone are enough
-  stop_cmd=("${gcloud_tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command
-            "kill -TERM \$(cat $REMOTE_LOGS/train.pid) 2>/dev/null || true")
+  stop_cmd=("${gcloud_tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command "$REMOTE_STOP")
   if ((dry_run)); then quote "${stop_cmd[@]}"; echo; else "${stop_cmd[@]}"; fi
   exit 0
 fi
@@ -187,17 +188,16 @@ if ((dry_run)); then
   echo "$(quote "${describe[@]}") || $(quote "${create[@]}")"
   workers="${workers:-$(hosts_of)}"
 else
-  if state="$("${describe[@]}" 2> "${TMPDIR:-/tmp}/robust_u1_describe.$$")"; then
-    echo "# 1. reusing TPU $name ($state)"
-  elif grep -qi "not.\{0,1\}found" "${TMPDIR:-/tmp}/robust_u1_describe.$$"; then
+  # Its last line is the state (warnings may come first); on a failure, what says why.
+  if said="$("${describe[@]}" 2>&1)"; then
+    echo "# 1. reusing TPU $name ($(tail -n 1 <<< "$said"))"
+  elif grep -qi "not.\{0,1\}found" <<< "$said"; then
     echo "# 1. creating TPU $name ($accelerator, $version)"
     run "${create[@]}"
   else  # another failure (login, project, permission) is no reason to create a slice
-    reason="$(grep -v '^\s*$' "${TMPDIR:-/tmp}/robust_u1_describe.$$" | tail -n 1)"
-    rm -f "${TMPDIR:-/tmp}/robust_u1_describe.$$"
+    reason="$(grep -v '^\s*$' <<< "$said" | tail -n 1)"
     die "gcloud could not describe TPU $name: ${reason:-no reason given}"
   fi
-  rm -f "${TMPDIR:-/tmp}/robust_u1_describe.$$"
   endpoints="$("${gcloud_tpu[@]}" describe "$name" "${where[@]}" \
     --format='value(networkEndpoints[].ipAddress)')"
   workers="$(tr ';,' '\n\n' <<< "$endpoints" | grep -c .)"
@@ -246,8 +246,7 @@ echo "# 3. the trainer on the $workers worker(s)$( ((detach)) && echo ", detache
 pids=()
 stop() {
   echo "launch/tpu_pod.sh: asking every trainer to save and stop" >&3
-  "${gcloud_tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command \
-    "kill -TERM \$(cat $REMOTE_LOGS/train.pid) 2>/dev/null || true" || true
+  "${gcloud_tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command "$REMOTE_STOP" || true
 }
 ((dry_run)) || mkdir -p "$logs"
 for ((i = 0; i < workers; i++)); do

@@ -131,7 +131,8 @@ CASES = {
                               ["eval_data.path = ''", "give --config.eval_data.path"]),
     "train/init_from no model": ("train", [f"--config={SFT}", "--config.init_from={existing}",
                                            "--workdir={root}/w"],
-                                 ["config field init_from = '{existing}' is neither 'random'"]),
+                                 ["config field init_from = '{existing}' is neither 'random' nor "
+                                  "the workdir", "{existing} is neither a BAGEL model"]),
     "train/data folder missing": ("train", [f"--config={SFT}", "--config.data.source=folder",
                                             "--config.data.path={missing}",
                                             "--workdir={root}/w"],

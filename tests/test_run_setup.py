@@ -58,6 +58,14 @@ def test_a_train_state_larger_than_the_host_is_refused_before_it_is_built(tmp_pa
                                                    r"[\d.]+ MiB, and this machine has 1\.00 MiB"):
     trainer.train(config_lib.load(SFT, {**SMALL, "total_steps": 1}), workdir, sft.build)
   assert not built and not os.path.exists(workdir)
+  # A stage with its own model (the demo's clip and vit parts) is counted on that model, not on
+  # the context's Bagel: a small one fits the same 1 MiB.
+  config = config_lib.load(SFT, {**SMALL, "total_steps": 1})
+  ctx = run_setup.make_context(config, abstract=True)
+  small = nnx.Linear(8, 8, rngs=nnx.Rngs(0))
+  trainer.check_state_fits_host(config, ctx, (r".",), "small", small)
+  with pytest.raises(config_lib.ConfigError, match="big: the train state alone"):
+    trainer.check_state_fits_host(config, ctx, (r".",), "big")
 
 
 def test_recovery_cache_and_aot_refuse_the_same_mismatch(tmp_path):

@@ -19,10 +19,9 @@ the numbers needs none of that, and `bench recover_7b` reads the same chip table
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
-from robust_u1_jax.benchmarks.compiled import GIB, format_bytes, format_number
+from robust_u1_jax.benchmarks.compiled import GIB, format_bytes, format_number, host_memory_bytes
 
 # Per chip (one JAX device per chip: megacore on v4/v5p), by device_kind: HBM in GiB and peak
 # bf16 FLOP/s (Cloud TPU documentation).
@@ -87,10 +86,7 @@ def device_limit(result: AotResult, hbm_gib: float | None = None) -> tuple[int, 
     return result.oom["capacity"], f"the TPU compiler's HBM capacity of {result.device_kind}"
   if result.device_kind in CHIPS:
     return int(CHIPS[result.device_kind][0] * GIB), f"HBM of one {result.device_kind} chip"
-  try:
-    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-  except (ValueError, OSError, AttributeError):
-    host = 0
+  host = host_memory_bytes()
   return host // max(result.num_devices, 1), (
       f"host memory / {result.num_devices} fake devices")
 

@@ -5,6 +5,7 @@ compiler's out-of-memory refusal, and the byte sizes of sharded shapes."""
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Callable
 from typing import Any
@@ -139,6 +140,14 @@ def matmul_flops(compiled):
     return hlo_flops.count(compiled.as_text())
   except Exception:  # a backend without HLO text, or a format the parser does not know
     return None
+
+
+def host_memory_bytes() -> int:
+  """This machine's physical memory (0 where the system does not say)."""
+  try:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  except (ValueError, OSError, AttributeError):
+    return 0
 
 
 def format_bytes(n: int | float | None) -> str:

@@ -74,9 +74,8 @@ def model_config(config: ml_collections.ConfigDict, tokenizer) -> bagel_lib.Bage
     keys = bagel_dir.open_model_files(source).keys()
     return bagel_dir.read_config(source, keys=keys, **_overrides(config))
   raise FileNotFoundError(
-      f"config field init_from = {config.init_from!r} is neither 'random', a BAGEL model directory "
-      f"({bagel_dir.LLM_CONFIG}, ...), an Orbax model checkpoint ({orbax_io.CONFIG}, "
-      f"{orbax_io.PARAMS}/) nor the workdir of an earlier stage (its model/)")
+      f"config field init_from = {config.init_from!r} is neither 'random' nor the workdir of an "
+      f"earlier stage (its model/), and {orbax_io.not_a_model(source)}")
 
 
 def _saved_tokenizer_dir(config: ml_collections.ConfigDict) -> str | None:

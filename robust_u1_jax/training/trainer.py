@@ -73,7 +73,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   with _removed_if_left_empty(workdir):  # a run refused at start-up leaves no folder behind
     spec = build_stage(ctx)
     check_state_fits_host(config, ctx, spec.trainable,
-                          f"the {config.stage} config {config.get('variant', '')!r}")
+                          f"the {config.stage} config {config.get('variant', '')!r}", spec.model)
     graphdef, state, step_fn = initial_state(config, ctx, spec)
   with jax.set_mesh(mesh):
 
@@ -218,26 +218,28 @@ def initial_state(config: ml_collections.ConfigDict, ctx: RunContext, spec: Stag
   return graphdef, state, jit_step(spec, graphdef, tx, jax.tree.map(lambda x: x.sharding, state))
 
 
-def check_state_fits_host(config: ml_collections.ConfigDict, ctx: RunContext,
-                          trainable, name: str) -> None:
+def check_state_fits_host(config: ml_collections.ConfigDict, ctx: RunContext, trainable,
+                          name: str, model: nnx.Module | None = None) -> None:
   """On a CPU, refuses (ConfigError) a run whose train state alone (weights, optimizer state, EMA)
-  exceeds the host's memory, counted on the abstract model in seconds, where building it would
-  run for minutes before the kernel's out-of-memory kill. With LoRA, the weights alone count."""
+  exceeds the host's memory, counted in seconds on `model` (a stage's own, built; default the
+  context's model, abstract), where building it would run for minutes before the kernel's
+  out-of-memory kill. With LoRA, the weights alone count."""
   if ctx.mesh.devices.flat[0].platform != "cpu":
     return
-  from robust_u1_jax.benchmarks import aot_report
+  from robust_u1_jax.benchmarks import compiled as compiled_lib
 
-  model = run_setup.abstract_model(ctx.model_config, ctx.mesh)
+  if model is None:
+    model = run_setup.abstract_model(ctx.model_config, ctx.mesh)
   _, params, frozen = state_lib.split_model(model, trainable)
   tree = (params, frozen)
-  if not (config.get("lora") is not None and config.lora.rank > 0):
+  if not lora_lib.enabled(config):
     tx = state_lib.make_optimizer(config.optimizer, config.total_steps)
     rng = jax.ShapeDtypeStruct((2,), np.uint32)
     tree = jax.eval_shape(state_creator(config, tx, params), params, frozen, rng, {})
   need = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
-  host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-  if need > host:
-    b = lambda n: aot_report.format_bytes(n).strip()
+  host = compiled_lib.host_memory_bytes()
+  if host and need > host:
+    b = lambda n: compiled_lib.format_bytes(n).strip()
     raise config_lib.ConfigError(
         f"{name}: the train state alone (weights, optimizer state, EMA) needs {b(need)}, and "
         f"this machine has {b(host)} of memory; run it on an accelerator (`bench aot` checks a "
@@ -263,9 +265,9 @@ def apply_lora(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, params
                frozen: nnx.State):
   """`split_model`'s (graphdef, trainable, frozen), or with `config.lora.rank > 0` (LoraGraphDef,
   LoRA factors of the targeted trainable kernels, the whole base model); see training/lora.py."""
-  lo = config.get("lora")
-  if lo is None or lo.rank == 0:
+  if not lora_lib.enabled(config):
     return graphdef, params, frozen
+  lo = config.lora
   key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x10AA)
   view, factors, base = lora_lib.setup(graphdef, params, frozen, lo.rank, lo.alpha, key,
                                        lo.targets)
