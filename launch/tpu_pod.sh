@@ -8,6 +8,9 @@
 #
 # Everything after `--` goes to `python -m robust_u1_jax.train` unchanged. Steps, each printed
 # before it runs (--dry-run prints them all and runs nothing, not even gcloud):
+#   0. `train --check_config` here checks the config's fields and values before any slice is
+#      made (skipped when this machine's python3 cannot import the project; paths are not looked
+#      at: they are the workers').
 #   1. `gcloud compute tpus tpu-vm describe`: the slice is reused when it exists, else created
 #      (--version: the TPU software version, by default the one for the generation; --spot).
 #   2. This checkout (the files git tracks, and untracked ones it does not ignore) is copied to
@@ -163,6 +166,26 @@ config_file="${config%%:*}"
 [[ "$workdir" != gs://* ]] || \
   die "--workdir $workdir: mount the bucket on every worker (gcsfuse) and give the mount's path"
 [[ "$workdir" == /* ]] || die "--workdir must be an absolute path shared by every worker"
+
+# 0. The config's fields and values, checked here before a slice is created or used (the paths it
+# names are the workers', checked there). A machine whose python3 cannot run the project skips it.
+check=(env PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" python3 -m robust_u1_jax.train
+       "${train_args[@]}" --check_config)
+echo "# 0. check the config here"
+if ((dry_run)); then
+  quote "${check[@]}"
+  echo
+else
+  status=0
+  said="$(cd "$ROOT" && "${check[@]}" 2>&1)" || status=$?
+  if ((status == 2)); then  # a bad config: the trainer's own error line
+    grep '^error:' <<< "$said" >&2 || echo "$said" >&2
+    exit 2
+  elif ((status != 0)); then
+    echo "# (not checked: python3 here cannot run robust_u1_jax.train, status $status; the" \
+      "workers check it)"
+  fi
+fi
 
 hosts_of() {  # hosts of a slice type: chips per host are 4 (v4, v5p, v5e/v6e beyond 8 chips)
   case "$generation" in

@@ -73,8 +73,6 @@ if jax.config.jax_compilation_cache_dir is None:
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 128 + 2  # 128 + SIGINT, what a shell reports for a Ctrl-C
-TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-              tuple: "a tuple, e.g. '(1, 2)'"}
 TRACEBACK_ENV = "ROBUST_U1_TRACEBACK"
 HELP_FLAGS = ("--help", "-help", "--helpshort", "-helpshort", "-h", "-?")
 # The project's bad-input exceptions, by the module that defines them: matched by name along the
@@ -326,10 +324,18 @@ def flag_error_text(text: str, values: flags.FlagValues, argv: Sequence[str]) ->
         return (f"--{name}.{field}={value}: {field} is a section, not a value: set its fields "
                 f"({', '.join(names[:6])}{', ...' if len(names) > 6 else ''}), e.g. "
                 f"--{name}.{field}.{names[0]}=...")
-      kind = f" takes {TYPE_WORDS.get(type(current), type(current).__name__)} (now {current!r})"
+      kind = f" takes {config_lib.takes(current)} (now {current!r})"
     except Exception:  # pylint: disable=broad-except
       kind = ""
     return f"--{name}.{field}={value}: {field}{kind}; {reason.splitlines()[0]}"
+  match = re.match(r"Unknown command line flag '([^']+)'(?:\. Did you mean: ([^?]+?) \?)?", text)
+  if match:
+    given, near = match.group(1), (match.group(2) or "").split(", ")
+    off = re.fullmatch(r"no[-_](\w+)", given)
+    if off and isinstance(values[off.group(1)].value if off.group(1) in values else None, bool):
+      return f"unknown flag --{given}: turn a flag off with --no{off.group(1)}"
+    hint = f"; did you mean {' or '.join('--' + n for n in near)}?" if near != [""] else ""
+    return f"unknown flag --{given}{hint} (--help lists the flags)"
   return f"{text.splitlines()[0]} (--help lists the flags)"
 
 

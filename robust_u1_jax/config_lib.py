@@ -496,6 +496,15 @@ def setting_differences(saved: Mapping, config: ml_collections.ConfigDict | Mapp
           and not any(name == i or name.startswith(i + ".") for i in skipped)]
 
 
+_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+               tuple: "a tuple, e.g. '(1, 2)'"}
+
+
+def takes(current) -> str:
+  """What a field holding `current` takes, in words: 'an integer', 'a number', ..."""
+  return _TYPE_WORDS.get(type(current), type(current).__name__)
+
+
 def load(spec: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
   """Loads `path.py[:variant]` like --config does, applies {'a.b': value} overrides, validates.
 
@@ -508,5 +517,11 @@ def load(spec: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
       raise ConfigError(f"{spec}: {problem}")
     *head, leaf = dotted.split(".")
     parent = field_value(config, ".".join(head)) if head else config
-    parent[leaf] = value
+    try:
+      parent[leaf] = value
+    except TypeError:  # ml_collections keeps a field's type (an int may become a float)
+      current = parent[leaf]
+      kind = ("is a section, not a value: set its fields" if hasattr(current, "keys") else
+              f"takes {takes(current)} (now {current!r})")
+      raise ConfigError(f"{spec}: {dotted}={value!r}: {dotted} {kind}") from None
   return validate(config)

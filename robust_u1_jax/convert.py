@@ -54,9 +54,10 @@ _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar over tensor
 
 
 def _mesh():
-  if _FSDP.value == 0 or _FSDP.value < -1 or _FSDP.value > jax.device_count():
-    raise app.UsageError(f"--fsdp {_FSDP.value}: give 1 to {jax.device_count()} (the devices "
-                         "here), or -1 for all")
+  count = jax.device_count()
+  if _FSDP.value == 0 or _FSDP.value < -1 or _FSDP.value > count:
+    here = "1 (the one device here)" if count == 1 else f"1 to {count} (the devices here)"
+    raise app.UsageError(f"--fsdp {_FSDP.value}: give {here}, or -1 for all")
   if _FSDP.value == 1 or jax.device_count() == 1:
     return None
   fsdp = _FSDP.value

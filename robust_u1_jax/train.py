@@ -10,7 +10,8 @@ differs from the checkpoint's (the demo: skips finished parts and resumes the in
 refuses a workdir whose parts were trained with other settings); a finished workdir says so at
 once. The config, the files it names (init_from, the data, the recovery cache, the CLIP
 checkpoint) and the workdir are checked before any model is built: a bad one is one `error:` line
-and exit status 2.
+and exit status 2. `--check_config` checks the config's fields and values alone and exits (a
+launcher's check on a machine that lacks the run's paths).
 """
 
 from robust_u1_jax import cli  # first: its quiet environment is set before jax loads
@@ -25,6 +26,10 @@ from robust_u1_jax import config_lib
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config: path.py:variant.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and the model go.")
+_CHECK_CONFIG = flags.DEFINE_bool(
+    "check_config", False, "Check the config's fields and values, then exit without training; "
+    "the paths it names are not looked at (launch/tpu_pod.sh runs this before it creates a "
+    "slice, where the paths are the workers').")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -32,6 +37,9 @@ def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = config_lib.validate(_CONFIG.value)
+  if _CHECK_CONFIG.value:
+    print(f"the {config.stage} config is valid (the paths it names were not checked)", flush=True)
+    return 0
   config_lib.check_inputs(config)  # before anything is built: a wrong path fails at once
   if config.get("xla_flags"):
     use_xla_flags(config.xla_flags)

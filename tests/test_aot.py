@@ -123,6 +123,8 @@ def test_cpu_topology_reports_memory_flops_and_verdict(tiny_cpu):
   assert not fits and line.startswith("DOES NOT FIT") and "2.0x" in line, line
   text = aot_report.report(r, hbm_gib=1e-6)
   assert "VERDICT: DOES NOT FIT" in text and "FLOPs per step" in text
+  # Its memory is dense attention's, which a reader comparing with a TPU slice must know.
+  assert "cpu:8 = 8 fake CPU devices, attention dense (a TPU slice's is splash)" in text
   assert "model (flops.py)" in text and "loop bodies times their trip counts" in text
 
 

@@ -341,6 +341,15 @@ def test_bad_vae_tensor_names_key_and_file(variant):
     bagel_dir.load_model_dir(variant(edit_ae=edit))
 
 
+def test_a_small_model_without_its_extra_config_says_what_was_assumed(variant):
+  # Without robust_u1_config.json the tiny model reads as BAGEL-7B's image side (the FLUX VAE).
+  out = variant()
+  os.remove(os.path.join(out, bagel_dir.EXTRA_CONFIG))
+  with pytest.raises(CheckpointError, match=r"shape.* \(.* has no robust_u1_config.json, so "
+                     r"BAGEL-7B's image shapes were assumed: the FLUX VAE, latent patch 2"):
+    bagel_dir.load_model_dir(out)
+
+
 @pytest.mark.parametrize("name", ["ae.safetensors", "llm_config.json", "ema.safetensors"])
 def test_missing_file_is_named(name, variant):
   out = variant()

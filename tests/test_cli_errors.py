@@ -93,6 +93,11 @@ CASES = {
                                       "--out={root}/o.png"], ["--severity=high"]),
     "corrupt/missing flag": ("corrupt", ["--image={good}", "--out={root}/o.png"],
                              ["missing --type"]),
+    "corrupt/a flag turned off the GNU way": ("corrupt", ["--image={good}", *CORRUPT,
+                                                          "--no-list"],
+                                              ["unknown flag --no-list", "with --nolist"]),
+    "corrupt/a misspelt flag": ("corrupt", ["--image={good}", *CORRUPT, "--severty=2"],
+                                ["unknown flag --severty; did you mean --severity?"]),
     # train: the config file, its fields and values, the paths it names, the workdir
     "train/no config file": ("train", ["--config=configs/nope.py:tiny", "--workdir={root}/w"],
                              ["--config configs/nope.py:tiny", "no such config file",
@@ -220,6 +225,8 @@ CASES = {
     # Refused before parts a to d, minutes of CPU work (test_bench_recover_checks_its_topology_...)
     "bench/recover TPU topology": ("bench", ["recover", "--topology=v9x-3"],
                                    ["recover: --topology 'v9x-3'"]),
+    "bench/aot override type": ("bench", ["aot", "--override=data.token_budget=abc"],
+                                ["data.token_budget='abc'", "takes an integer"]),
     "bench/aot cpu:0": ("bench", ["aot", "--topology=cpu:0"], ["--topology 'cpu:0'", ">= 1"]),
     "bench/aot no topology": ("bench", ["aot", "--topology="], ["--topology ''"]),
     "bench/no seconds": ("bench", ["data", "--seconds=0"], ["--seconds"]),

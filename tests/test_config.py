@@ -60,9 +60,13 @@ def test_override_and_unknown_field():
     config_lib.load(f"{SFT}:tiny", {"data.batchsize": 3})
 
 
-def test_wrong_type_is_refused():
-  with pytest.raises(TypeError):
+def test_wrong_type_is_refused_in_words():
+  with pytest.raises(config_lib.ConfigError, match=r"data.batch_size='many': data.batch_size "
+                     r"takes an integer \(now 8\)$"):
     config_lib.load(f"{SFT}:tiny", {"data.batch_size": "many"})
+  with pytest.raises(config_lib.ConfigError, match=r"data=1: data is a section"):
+    config_lib.load(f"{SFT}:tiny", {"data": 1})
+  assert config_lib.load(f"{SFT}:tiny", {"optimizer.learning_rate": 1}).optimizer.learning_rate == 1
 
 
 @pytest.mark.parametrize("field,value,message", [

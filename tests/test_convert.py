@@ -182,7 +182,8 @@ def test_a_broken_source_is_one_line_naming_what_is_broken(model_dir, orbax_dir,
 
 
 def test_flags_of_the_other_direction_and_a_bad_fsdp_are_refused(model_dir, orbax_dir, tmp_path,
-                                                                 main_with_flags, capsys):
+                                                                 main_with_flags, capsys,
+                                                                 monkeypatch):
   dst = str(tmp_path / "out")
   for args, message in [
       (["--to", "hf", "--src", orbax_dir, "--param_dtype", "bfloat16"],
@@ -196,6 +197,9 @@ def test_flags_of_the_other_direction_and_a_bad_fsdp_are_refused(model_dir, orba
     assert main_with_flags(*args, "--dst", dst) == 2, args
     assert message in capsys.readouterr().err
     assert not os.path.exists(dst)
+  monkeypatch.setattr(jax, "device_count", lambda: 1)
+  assert main_with_flags("--from", "hf", "--src", model_dir, "--fsdp", "4", "--dst", dst) == 2
+  assert "--fsdp 4: give 1 (the one device here), or -1 for all" in capsys.readouterr().err
 
 
 def test_a_source_without_a_tokenizer_converts_with_a_note(model_dir, tmp_path, main_with_flags,

@@ -41,6 +41,8 @@ if os.environ.get("FAKE_SAVE_S_" + name):
   signal.signal(signal.SIGINT, save_and_exit)
 if sys.argv[1:3] == ["-m", "pip"]:
   name = "pip_" + name
+if "--check_config" in sys.argv:
+  name = "check"
 keys = ("JAX_", "XLA_", "LIBTPU_", "ROBUST_U1_", "TPU_", "HOME", "PYTHONPATH")
 with open(os.path.join(os.environ["FAKE_OUT"], name + ".json"), "w") as f:
   json.dump({"argv": sys.argv[1:], "cwd": os.getcwd(), "pid": os.getpid(),
@@ -382,7 +384,10 @@ def test_tpu_pod_creates_installs_and_runs_on_every_worker(tmp_path, fakes):
   calls = (tmp_path / "gcloud.log").read_text()
   assert "tpu-vm create robust-u1" in calls  # describe failed: created
   records = _records(out)
-  assert sorted(records) == ["0", "1", "pip_0", "pip_1"]
+  assert sorted(records) == ["0", "1", "check", "pip_0", "pip_1"]
+  # The config was checked here, in the checkout, before the slice was made.
+  assert records["check"]["argv"] == ["-m", "robust_u1_jax.train", *TRAIN, "--check_config"]
+  assert records["check"]["cwd"] == ROOT
   for i in ("0", "1"):
     assert records[f"pip_{i}"]["argv"] == ["-m", "pip", "install", "-q", "-e", ".[tpu]"]
     checkout = tmp_path / f"worker_{i}" / "robust_u1_jax"
@@ -408,6 +413,22 @@ def test_tpu_pod_creates_installs_and_runs_on_every_worker(tmp_path, fakes):
   assert (tmp_path / "gcloud.log").read_text().count("tpu-vm create") == 1
   assert result.stderr.startswith("error: gcloud could not describe TPU robust-u1: ERROR: "
                                   "(gcloud.auth) You do not")
+
+
+def test_tpu_pod_refuses_a_bad_config_before_it_makes_a_slice(tmp_path):
+  # The real trainer checks the config here (python3 on PATH is this interpreter's); a fake
+  # gcloud would record a create.
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  _script(bin_dir / "gcloud", FAKE_GCLOUD)
+  os.symlink(sys.executable, bin_dir / "python3")
+  env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_ROOT": str(tmp_path), "FAKE_HOSTS": "1"}
+  result = _run([TPU, *TPU_ARGS, "--", *TRAIN, "--config.data.batch_size=-1"], env=env,
+                timeout=300)
+  assert result.returncode == 2, (result.stdout, result.stderr)
+  assert result.stderr == ("error: config field data.batch_size = -1 is invalid: allowed a "
+                           "positive integer\n")
+  assert not (tmp_path / "gcloud.log").exists()
 
 
 def test_tpu_pod_stop_needs_the_name_and_zone_only_and_gcloud_is_checked(tmp_path, fakes):

@@ -351,3 +351,25 @@ def test_packed_rows_on_several_data_shards_must_repeat_their_data(tmp_path, mon
   with pytest.raises(config_lib.ConfigError, match=r"data.num_epochs = 2 with packed rows .* "
                      r"read as 2 data shards"):
     trainer.train(config, str(tmp_path), sft.build)
+
+
+def test_a_batch_the_mesh_does_not_split_is_refused_before_the_stage_is_built(tmp_path):
+  # 8 fake devices on the data axis: 6 rows do not split. The stage (and its model) is never built.
+  def build(ctx):
+    raise AssertionError("the stage was built")
+
+  config = _config(3, **{"data.batch_size": 6})
+  with pytest.raises(config_lib.ConfigError, match=r"data.batch_size=6 does not split over mesh "
+                     r"axes \('data', 'fsdp'\) of sizes \[8, 1\]: use a multiple of 8"):
+    trainer.train(config, str(tmp_path / "run"), build)
+  assert not (tmp_path / "run").exists()
+
+
+def test_check_config_validates_and_touches_nothing(tmp_path):
+  # The paths a config names are not looked at: a launcher runs this where they do not exist.
+  command = _train_command(str(tmp_path / "run"), 3, **{"init_from": "/nowhere/model"})
+  result = subprocess.run([*command, "--check_config"], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout == "the sft config is valid (the paths it names were not checked)\n"
+  assert not (tmp_path / "run").exists()

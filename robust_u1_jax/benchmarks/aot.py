@@ -132,7 +132,9 @@ def topology_devices(topology: str) -> tuple[list, str]:
     if len(devices) < n:
       raise AotError(f"--topology {topology}: the CPU backend has {len(devices)} devices; start "
                      f"Python with XLA_FLAGS=--xla_force_host_platform_device_count={n}")
-    return devices[:n], f"{n} fake CPU devices"
+    # CPU attention is XLA's dense kernel (models/attention.py), every head's whole score matrix:
+    # long rows need more memory here than a TPU's splash attention does.
+    return devices[:n], f"{n} fake CPU devices, attention dense (a TPU slice's is splash)"
   name = libtpu_topology_name(topology)
   _ensure_host_backend()
   # libtpu reads these when its plugin starts: the slice being compiled for (else it probes the

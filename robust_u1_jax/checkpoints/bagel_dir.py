@@ -358,7 +358,18 @@ def load_model_dir(path: str, *, mesh: jax.sharding.Mesh | None = None, dtype=No
   ignored = kt.matches_any(IGNORE)  # never loaded: not counted in the bar's total
   loaded = sum(not ignored(k) for k in weights.loaders)
   with _progress(loaded, f"loading {os.path.basename(path.rstrip('/'))}", progress) as bar:
-    loader.load_into(model, _counted(weights, bar), model_rules(config), ignore=IGNORE)
+    try:
+      loader.load_into(model, _counted(weights, bar), model_rules(config), ignore=IGNORE)
+    except kt.CheckpointError as e:
+      if "expects" not in str(e) or os.path.exists(os.path.join(path, EXTRA_CONFIG)):
+        raise
+      # A small model (ours, exported) whose robust_u1_config.json was left behind reads as
+      # BAGEL-7B's image side, so its first image tensor misfits: say what was assumed.
+      raise kt.CheckpointError(
+          f"{str(e).rstrip('.')} ({path} has no {EXTRA_CONFIG}, so BAGEL-7B's image shapes "
+          f"were assumed: the FLUX VAE, latent patch {config.latent_patch_size}, "
+          f"{config.max_latent_size} latent and {config.vit.max_patches_per_side} ViT patches a "
+          "side; a model this project exported has that file beside its weights)") from None
   return model
 
 

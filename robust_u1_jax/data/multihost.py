@@ -121,6 +121,21 @@ def per_process_batch_size(global_batch_size: int, process_count: int) -> int:
   return global_batch_size // process_count
 
 
+def check_batch_fits_mesh(batch_size: int, mesh: Mesh,
+                          batch_axes: Sequence[str] = BATCH_AXES) -> None:
+  """Refuses a global batch of `batch_size` rows that the processes' data shards or the mesh's
+  batch axes do not split evenly. Every stage's step inputs hold one row per pipeline record, so
+  a trainer checks data.batch_size here before its stage builds the model."""
+  _, shard_count = data_shard(mesh, batch_axes=batch_axes)
+  per_process_batch_size(batch_size, shard_count)
+  sizes = [mesh.shape[a] for a in _batch_axes(mesh, batch_axes)]
+  split = int(np.prod(sizes)) if sizes else 1
+  if batch_size % split:
+    raise config_lib.ConfigError(
+        f"data.batch_size={batch_size} does not split over mesh axes {tuple(batch_axes)} of "
+        f"sizes {sizes}: use a multiple of {split}")
+
+
 def _batch_axes(mesh: Mesh, batch_axes: Sequence[str]) -> tuple[str, ...]:
   unknown = [a for a in batch_axes if a not in mesh.axis_names]
   if unknown:
@@ -189,16 +204,13 @@ def global_batch(local_batch: Any, mesh: Mesh, batch_axes: Sequence[str] = BATCH
       raise TypeError(f"batch field {key!r} is {kind}, not a numeric array with a batch axis: "
                       "split host-only fields off first (multihost.host_fields)")
     rows = value.shape[0]
+    if local_rows is None:
+      check_batch_fits_mesh(rows * shard_count, mesh, batch_axes)
     local_rows = rows if local_rows is None else local_rows
     if rows != local_rows:
       raise ValueError(f"batch field {key!r} has {rows} rows but other fields have {local_rows}: "
                        "every field of a batch needs the same leading size")
     global_shape = (rows * shard_count,) + tuple(value.shape[1:])
-    if global_shape[0] % (int(np.prod([mesh.shape[a] for a in batch_axes])) or 1):
-      raise config_lib.ConfigError(
-          f"batch field {key!r}: a global batch of {global_shape[0]} rows does not split over "
-          f"mesh axes {tuple(batch_axes)} of sizes {[mesh.shape[a] for a in batch_axes]}; use a "
-          "data.batch_size that is a multiple of their product")
     out.append(jax.make_array_from_process_local_data(sharding, np.asarray(value), global_shape))
   return jax.tree_util.tree_unflatten(treedef, out)
 

@@ -70,6 +70,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     return []
   ctx = run_setup.make_context(config)  # checks the config against the model before building
   mesh, tokenizer = ctx.mesh, ctx.tokenizer
+  multihost.check_batch_fits_mesh(config.data.batch_size, mesh)  # before the model is built
   with _removed_if_left_empty(workdir):  # a run refused at start-up leaves no folder behind
     spec = build_stage(ctx)
     check_state_fits_host(config, ctx, spec.trainable,
