@@ -325,6 +325,8 @@ def flag_error_text(text: str, values: flags.FlagValues, argv: Sequence[str]) ->
                 f"({', '.join(names[:6])}{', ...' if len(names) > 6 else ''}), e.g. "
                 f"--{name}.{field}.{names[0]}=...")
       kind = f" takes {config_lib.takes(current)} (now {current!r})"
+      if type(current) in (int, float, bool):  # said in words; Python's own reason adds nothing
+        return f"--{name}.{field}={value}: {field}{kind}"
     except Exception:  # pylint: disable=broad-except
       kind = ""
     return f"--{name}.{field}={value}: {field}{kind}; {reason.splitlines()[0]}"

@@ -13,7 +13,7 @@ import re
 import ml_collections
 
 from robust_u1_jax.config_defaults import TEXT_FIELDS
-from robust_u1_jax.data import shapes  # the standard library and numpy only: no JAX to start
+from robust_u1_jax.data import image_files, shapes  # the standard library and numpy only
 
 # --------------------------------------------------------------------------------------------------
 # Validation: every stage entry calls `validate(config)` before doing work, so an impossible value
@@ -86,6 +86,9 @@ def validate_data(d: ml_collections.ConfigDict, prefix: str = "data") -> None:
          ", ".join(INTENSITY_DRAWS))
   names = _corruption_names()
   _check(d.corruption in names, f"{prefix}.corruption", d.corruption, ", ".join(names))
+  if d.source == "jsonl":  # every row is a pair (sources.PAIR_KEYS), its image corrupted already
+    _check(d.corruption == "none", f"{prefix}.corruption", d.corruption,
+           f"'none' with {prefix}.source='jsonl', whose rows are corrupted/clean pairs already")
   _check(d.batch_size > 0, f"{prefix}.batch_size", d.batch_size, "a positive integer")
   _check(d.shapes_size > 0, f"{prefix}.shapes_size", d.shapes_size,
          "a positive number of records per shapes-world split")
@@ -335,6 +338,15 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check(bool(c.init_from), "init_from", c.init_from,
          "'random', a BAGEL/Robust-U1 model directory, or an Orbax checkpoint directory of an "
          "earlier stage")
+  if "lora" in c and c.lora.rank and c.init_from == "random" and not re.search(
+      c.lora.targets, "llm2vae.kernel"):
+    # The velocity head llm2vae starts at zero (models/bagel.py) and LoRA keeps it frozen, so no
+    # gradient reaches the factors: the run would end where it began.
+    raise ConfigError(
+        f"config field lora.rank = {c.lora.rank} with init_from = 'random': LoRA adapts a trained "
+        "model; on random weights its factors get no gradient (the velocity head llm2vae starts "
+        "at zero and stays frozen). Give --config.init_from, or lora.rank=0 to train the "
+        "weights themselves")
   _check(c.total_steps > 0, "total_steps", c.total_steps, "a positive integer")
   validate_flow_settings(c, "")
   # Gradient steps of the run (RL makes updates_per_rollout per trainer step): an unfinished
@@ -389,6 +401,10 @@ def check_data_inputs(d: ml_collections.ConfigDict, prefix: str = "data") -> Non
   if d.source in DATA_PATH_KIND:
     kind, what = DATA_PATH_KIND[d.source]
     _check_path(f"{prefix}.path", d.path, kind, f"{what} for {prefix}.source={d.source!r}")
+  if d.source == "folder" and d.path and not _remote(d.path) and not image_files.holds_images(
+      d.path):  # found here, not after the model is built (sources.ImageFolderSource)
+    raise ConfigError(f"config field {prefix}.path = {d.path!r}: no image files under it (looked "
+                      f"for {image_files.looked_for()}, recursively)")
   if d.source == "tfds":
     _check_path(f"{prefix}.tfds_data_dir", d.tfds_data_dir, "folder",
                 "the TFDS data folder (empty: $TFDS_DATA_DIR)")

@@ -1,12 +1,12 @@
 """Writing a file so that no reader, and no resumed run, ever finds it half written; reading a
-user's JSON file so that a broken one is named."""
+user's JSON file so that a broken one is named; telling whether files changed since."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
 
@@ -43,3 +43,20 @@ def atomic_write(path: str, mode: str = "wb") -> Iterator[IO]:
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+
+
+def files_fingerprint(paths: Iterable[str]) -> list[list]:
+  """(path, size, modification time) of every file under `paths` (files or folders), sorted: what
+  results computed from them (an evaluation's, a recovery cache's) are kept for. A model written
+  again in its place differs; so does a copy."""
+  out = []
+  for path in paths:
+    if os.path.isfile(path):
+      out.append([os.path.abspath(path), os.path.getsize(path), os.stat(path).st_mtime_ns])
+      continue
+    for root, dirs, names in os.walk(path):
+      dirs.sort()
+      for name in sorted(names):
+        full = os.path.join(root, name)
+        out.append([os.path.abspath(full), os.path.getsize(full), os.stat(full).st_mtime_ns])
+  return out

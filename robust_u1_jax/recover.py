@@ -9,7 +9,7 @@ or a stage's workdir:
 
 A file is recovered to --out (default: `<stem>_recovered.png` beside it; a folder, existing or
 ending in `/`, gets that name inside it). A folder's image files (named .png, .jpg, ...: not its
-subfolders, nor other files, which the summary lists as left out) are recovered into
+subfolders nor other files, which the summary lists) are recovered into
 the folder --out (default: `<folder>_recovered`) as `<stem>.png`, grouped by VAE size into batches
 of --batch; images already there are skipped, so a re-run resumes. Images come out at their VAE size
 (BAGEL's resize rule of the model). Image i of a folder's sorted listing draws its noise (that of
@@ -131,17 +131,19 @@ def _recover_folder(values: flags.FlagValues, sampler, instruction: str) -> int:
   if os.path.abspath(out_dir) == os.path.abspath(folder):
     raise model_cli.InputError(f"--out {out_dir}: the input folder itself; give another folder")
   t0 = time.perf_counter()
-  from robust_u1_jax.data import transforms
+  from robust_u1_jax.data import image_files
 
   # Hidden files are left out: an interrupted write's temporary file is one of them. So are files
   # not named as images (notes, captions), as an image folder for training leaves them out.
   files = sorted(e.name for e in os.scandir(folder) if e.is_file() and not e.name.startswith("."))
-  names = [n for n in files if transforms.is_image_name(n)]
-  others = [n for n in files if not transforms.is_image_name(n)]
+  names = [n for n in files if image_files.is_image_name(n)]
+  others = [n for n in files if not image_files.is_image_name(n)]
+  subfolders = sorted(e.name + os.sep for e in os.scandir(folder)
+                      if e.is_dir() and not e.name.startswith("."))
   if not names:
     raise model_cli.InputError(
         f"--image {values.image}: a folder without image files to recover (looked for "
-        f"{', '.join('*' + e for e in transforms.IMAGE_EXTENSIONS)}, any case; its subfolders "
+        f"{image_files.looked_for()}; its subfolders "
         "and hidden files are not read)")
   outputs = output_names(names)
   rules = model_cli.model_rules(values.model)
@@ -208,6 +210,9 @@ def _recover_folder(values: flags.FlagValues, sampler, instruction: str) -> int:
   if others:
     listed = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
     summary += f", {len(others)} left out (not named as images: {listed})"
+  if subfolders:  # training reads an image folder recursively; this does not
+    listed = ", ".join(subfolders[:5]) + (", ..." if len(subfolders) > 5 else "")
+    summary += f", {len(subfolders)} subfolder(s) not read ({listed}: give each as --image)"
   print(f"{summary} in {time.perf_counter() - t0:.1f} s", flush=True)
   return EXIT_SOME_FAILED if failed else 0
 

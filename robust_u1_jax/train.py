@@ -73,13 +73,14 @@ def use_xla_flags(flags: str) -> None:
 
 def results_message(workdir: str, total_steps: int) -> str:
   """Where a run's results are: the model when the run reached its last step, else how to go on."""
-  from robust_u1_jax.training.checkpoint import finished
+  from robust_u1_jax.training.checkpoint import finished, latest_step
 
   if finished(workdir, total_steps):
     return (f"model: {os.path.join(workdir, 'model')}; metrics: "
             f"{os.path.join(workdir, 'metrics.jsonl')}, TensorBoard: "
             f"{os.path.join(workdir, 'tensorboard')}")
-  return f"checkpoints in {os.path.join(workdir, 'checkpoints')}: run the same command to resume"
+  return (f"stopped at step {latest_step(workdir)} of {total_steps}; checkpoints in "
+          f"{os.path.join(workdir, 'checkpoints')}: run the same command to resume")
 
 
 if __name__ == "__main__":

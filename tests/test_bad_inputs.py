@@ -110,11 +110,15 @@ def test_malformed_jsonl_rows_become_markers(tmp_path):
   assert _reason_of(recs[1]).startswith("line 2: bad JSON: Expecting value at column 56")
   assert "line 1" not in _reason_of(recs[1])
   assert "line 3: missing key(s) target_image" in _reason_of(recs[2])
-  assert f"line 4: missing file for 'target_image': {tmp_path / 'gone.png'}" in _reason_of(recs[3])
+  assert (f"line 4 of {tmp_path / 'd.jsonl'}: missing file for 'target_image': "
+          f"{tmp_path / 'gone.png'}") in _reason_of(recs[3])
   assert recs[3]["path"] == str(tmp_path / "gone.png") and recs[3]["index"] == 3
   assert "not an object" in _reason_of(recs[4])
   assert "'image' is None, not a file path" in _reason_of(recs[5])
   assert recs[1]["path"] == str(tmp_path / "d.jsonl")
+  # A pair without its own prompt is a good row: the stage's instruction takes its place.
+  (tmp_path / "p.jsonl").write_text(json.dumps({"image": "c.png", "target_image": "t.png"}) + "\n")
+  assert not bad_records.is_skip(sources.JsonlSource(tmp_path / "p.jsonl")[0])
   # A row whose file exists but is not an image is caught by the decoder.
   (tmp_path / "t.png").write_text("oops")
   assert "target_image: not an image" in _reason_of(transforms.DecodeImages().map(src[0]))
@@ -205,6 +209,11 @@ def test_tracker_counts_logs_and_drops(caplog):
   logged = "\n".join(m.getMessage() for m in caplog.records)
   assert "train data: bad record data/f2.jpg (index 2): broken #2" in logged
   assert "data/f5.jpg" in logged
+  with caplog.at_level(logging.WARNING):  # each epoch meets a bad file again: the log says which
+    bad_records.SkipTracker(0.5, name="train data").filter(
+        {**_records(0, bad_at=(0,))[0], "epoch": 1})
+  assert caplog.records[-1].getMessage() == ("train data: bad record data/f0.jpg (index 0, "
+                                              "epoch 1): broken #0")
   assert tracker.worst()[0][:2] in (("data/f2.jpg", 1), ("data/f5.jpg", 1))
   assert [p for p, _, _ in tracker.recent()] == ["data/f2.jpg", "data/f5.jpg"]
   copy = pickle.loads(pickle.dumps(tracker))

@@ -58,7 +58,7 @@ def paths(tmp_path_factory):
   # using it stop before it would be read.
   (root / "workdir" / "model" / "params").mkdir(parents=True)
   (root / "workdir" / "model" / "bagel_config.json").write_text("{}\n")
-  (root / "unfinished" / "checkpoints").mkdir(parents=True)  # a run stopped before its model
+  (root / "unfinished" / "checkpoints" / "12").mkdir(parents=True)  # stopped before its model
   (root / "existing").mkdir()
   return {"root": str(root), "good": str(root / "good.png"),
           "truncated": str(root / "truncated.png"), "notes": str(root / "notes.txt"),
@@ -111,7 +111,8 @@ CASES = {
                              ["--config.data.batchsize", "did you mean data.batch_size"]),
     "train/wrong type": ("train", [f"--config={SFT}", "--config.data.batch_size=many",
                                    "--workdir={root}/w"],
-                         ["--config.data.batch_size=many", "an integer"]),
+                         ["--config.data.batch_size=many: data.batch_size takes an integer "
+                          "(now 8)\n"]),
     # A section given a value: its fields are named, not its whole repr over dozens of lines.
     "train/section as a value": ("train", [f"--config={SFT}", "--config.data=3",
                                            "--workdir={root}/w"],
@@ -186,9 +187,16 @@ CASES = {
                              ["--dst {existing}", "already exists", "--overwrite"]),
     # evaluate
     "evaluate/unfinished workdir": ("evaluate", [f"--config={EVAL}", "--model={root}/unfinished"],
-                                    ["{root}/unfinished: a stage's workdir without its model/"]),
+                                    ["{root}/unfinished is a stage's workdir without its model/",
+                                     "stopped at step 12"]),
     "recover/unfinished workdir": ("recover", ["--model={root}/unfinished", "--image={good}"],
-                                   ["{root}/unfinished: a stage's workdir without its model/"]),
+                                   ["{root}/unfinished is a stage's workdir without its model/"]),
+    # A later stage started from an earlier one that was stopped (a Ctrl-C exits 0).
+    "train/init_from unfinished": ("train", [f"--config={SFT}", "--workdir={root}/w",
+                                             "--config.init_from={root}/unfinished"],
+                                   ["init_from = '{root}/unfinished': {root}/unfinished is a "
+                                    "stage's workdir without its model/ yet: its run stopped at "
+                                    "step 12, before its last step; run its training command"]),
     # Said at start: the report would otherwise come out without its reward curves.
     "evaluate/rl_workdir not RL's": ("evaluate", [f"--config={EVAL}", "--model={workdir}",
                                                   "--config.rl_workdir={workdir}"],
@@ -334,16 +342,24 @@ def test_bench_recover_checks_its_topology_before_it_benchmarks(zygote):
   assert proc.returncode == 2 and "recover benchmark on" not in proc.stdout, proc.stdout
 
 
-def test_a_run_refused_while_its_stage_is_built_leaves_no_workdir(zygote, tmp_path):
+def test_a_run_refused_while_its_stage_is_built_leaves_no_workdir(zygote, tmp_path, random_bagel):
   """A LoRA target matching nothing is found once the model is built: one line, exit status 2,
   and no empty workdir (nor its missing parents) left behind."""
+  from robust_u1_jax.checkpoints import orbax_io
+  from robust_u1_jax.data import tokenizer as tokenizer_lib
+  from robust_u1_jax.models import bagel
+
+  vocab = max(len(tokenizer_lib.load_tokenizer()), 64)
+  init = orbax_io.save_orbax(random_bagel(bagel.BagelConfig.tiny(vocab_size=vocab)),
+                             str(tmp_path / "init"))
   workdir = tmp_path / "runs" / "lora"
   proc = _run_forked(zygote, "train", [f"--config={SFT}", f"--workdir={workdir}",
-                                       "--config.lora.rank=4", "--config.lora.targets=nomatch"])
+                                       f"--config.init_from={init}", "--config.lora.rank=4",
+                                       "--config.lora.targets=nomatch"])
   errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
   assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
   assert "lora.targets = 'nomatch' selects no kernel" in errors[0]
-  assert "Traceback" not in proc.stderr and os.listdir(tmp_path) == []
+  assert "Traceback" not in proc.stderr and sorted(os.listdir(tmp_path)) == ["init"]
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -356,8 +372,8 @@ def test_bad_input_is_one_error_line(case, paths, zygote):
   assert proc.returncode == 2, proc.stderr[-3000:]
   assert len(errors) == 1, proc.stderr[-3000:]
   assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-  for text in expected:
-    assert text.format(**paths) in errors[0], errors[0]
+  for text in expected:  # an expected text ending in a newline ends the line
+    assert text.format(**paths) in errors[0] + "\n", errors[0]
 
 
 def test_a_bad_benchmark_table_stops_evaluate_before_it_writes_anything(paths, zygote,

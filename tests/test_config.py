@@ -191,22 +191,38 @@ def test_min_image_side():
     config_lib.load(f"{SFT}:tiny", {"data.min_image_side": -1})
 
 
+def test_pairs_are_not_corrupted_again():
+  # The field named is the one at fault: eval_data's, once data's is set.
+  with pytest.raises(config_lib.ConfigError, match=r"^config field eval_data.corruption = "
+                     r"'robust_r1_pipeline' is invalid: allowed 'none' with eval_data.source="):
+    config_lib.load(f"{SFT}:tiny", {"data.source": "jsonl", "data.path": "p.jsonl",
+                                    "data.corruption": "none", "eval_data.source": "jsonl",
+                                    "eval_data.path": "p.jsonl"})
+
+
 def test_inputs_are_checked_before_a_run(tmp_path):
   """check_inputs: every path a config names exists and is a file or folder as it must be."""
-  (tmp_path / "images").mkdir()
+  (tmp_path / "images" / "sub").mkdir(parents=True)
+  (tmp_path / "images" / "sub" / "a.PNG").write_bytes(b"")  # any depth, any case
+  (tmp_path / "no_images").mkdir()
+  (tmp_path / "no_images" / "notes.txt").write_text("")
   (tmp_path / "rows.jsonl").write_text("{}\n")
   config_lib.check_inputs(config_lib.load(f"{SFT}:tiny"))  # the built-in world: nothing to check
   config_lib.check_inputs(config_lib.load(f"{SFT}:tiny", {
       "init_from": str(tmp_path), "data.source": "folder", "data.path": str(tmp_path / "images"),
-      "eval_data.source": "jsonl", "eval_data.path": str(tmp_path / "rows.jsonl")}))
+      "eval_data.source": "jsonl", "eval_data.path": str(tmp_path / "rows.jsonl"),
+      "eval_data.corruption": "none"}))
   missing = str(tmp_path / "missing")
   cases = [
       (SFT, {"init_from": missing}, "init_from = '.*missing': no such file or folder; give "
        "'random'"),
       (SFT, {"data.source": "folder", "data.path": missing}, "data.path = .*: no such folder"),
+      (SFT, {"data.source": "folder", "data.path": str(tmp_path / "no_images")},
+       "data.path = .*no_images': no image files under it"),
       (SFT, {"data.source": "folder", "data.path": str(tmp_path / "rows.jsonl")},
        "data.path = .*: a file, not a folder"),
-      (SFT, {"eval_data.source": "jsonl", "eval_data.path": str(tmp_path / "images")},
+      (SFT, {"eval_data.source": "jsonl", "eval_data.path": str(tmp_path / "images"),
+             "eval_data.corruption": "none"},
        "eval_data.path = .*: a folder, not a file"),
       (SFT, {"data.tokenizer_dir": missing}, "data.tokenizer_dir"),
       (os.path.join(ROOT, "configs", "rl.py"), {"init_from": "random",

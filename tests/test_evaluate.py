@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from robust_u1_jax import config_lib
+from robust_u1_jax import config_lib, files
 from robust_u1_jax.checkpoints import orbax_io
 from robust_u1_jax.data import bad_records
 from robust_u1_jax.data import sequence
@@ -450,7 +450,7 @@ def test_partial_results_keep_arrays_and_start_afresh_for_another_model(tmp_path
   model = tmp_path / "model"
   model.mkdir()
   (model / "weights").write_bytes(b"1")
-  stamp = lambda: {"config": {"seed": 0}, "files": partial.files_fingerprint([str(model)])}
+  stamp = lambda: {"config": {"seed": 0}, "files": files.files_fingerprint([str(model)])}
   store = partial.PartialResults(str(tmp_path), stamp())
   unit = {"row": {"psnr": float("nan"), "per_sample": {"ssim": np.arange(3.0)}},
           "example": (np.zeros((1, 2, 2, 3), np.uint8), np.ones(2, np.float32)), "n": np.int64(2)}

@@ -89,8 +89,13 @@ def test_recover_file_writes_the_vae_size_beside_the_input(capsys, model_dir, in
 def test_recover_folder_goes_past_bad_files_and_resumes(capsys, model_dir, inputs, tmp_path):
   out_dir = tmp_path / "out" / "recovered"
   args = (f"--model={model_dir}", f"--image={inputs}", f"--out={out_dir}", "--batch=2", *FAST)
-  rc, out, err = _run(recover_cli, capsys, *args)
+  (inputs / "more").mkdir()  # read by training (recursively), not here: said so
+  try:
+    rc, out, err = _run(recover_cli, capsys, *args)
+  finally:
+    (inputs / "more").rmdir()
   assert rc == 1
+  assert ", 1 subfolder(s) not read (more/: give each as --image) in " in out
   assert sorted(os.listdir(out_dir)) == ["a.png", "b.png", "wide.png"]
   assert _pixels(out_dir / "wide.png").shape[:2] == RULES.vae_size(60, 100)
   assert _pixels(out_dir / "a.png").shape[:2] == (64, 64)

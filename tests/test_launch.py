@@ -416,13 +416,14 @@ def test_tpu_pod_creates_installs_and_runs_on_every_worker(tmp_path, fakes):
 
 
 def test_tpu_pod_refuses_a_bad_config_before_it_makes_a_slice(tmp_path):
-  # The real trainer checks the config here (python3 on PATH is this interpreter's); a fake
-  # gcloud would record a create.
+  # The real trainer checks the config here (python3 on PATH is this interpreter's). gcloud only
+  # records its calls and fails: FAKE_GCLOUD's ssh would run the install with this interpreter.
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
-  _script(bin_dir / "gcloud", FAKE_GCLOUD)
+  _script(bin_dir / "gcloud", '#!/usr/bin/env bash\necho "gcloud $*" >> "$FAKE_ROOT/gcloud.log"\n'
+          'exit 1\n')
   os.symlink(sys.executable, bin_dir / "python3")
-  env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_ROOT": str(tmp_path), "FAKE_HOSTS": "1"}
+  env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_ROOT": str(tmp_path)}
   result = _run([TPU, *TPU_ARGS, "--", *TRAIN, "--config.data.batch_size=-1"], env=env,
                 timeout=300)
   assert result.returncode == 2, (result.stdout, result.stderr)

@@ -188,6 +188,15 @@ def test_bad_lora_config_names_the_field(field, value, message):
     config_lib.load(SFT, overrides)
 
 
+def test_lora_on_random_weights_is_refused():
+  # llm2vae starts at zero and LoRA keeps it frozen: the factors would get no gradient.
+  with pytest.raises(config_lib.ConfigError, match=r"lora.rank = 4 with init_from = 'random': "
+                     r"LoRA adapts a trained model"):
+    config_lib.load(SFT, {"lora.rank": 4})
+  config_lib.load(SFT, {"lora.rank": 4, "init_from": "/models/sft"})
+  config_lib.load(SFT, {"lora.rank": 4, "lora.targets": r"^llm2vae\.kernel$"})  # the head learns
+
+
 def test_targets_selecting_nothing_are_refused(model):
   graphdef, params, frozen = state_lib.split_model(model, sft.GENERATION_PARAMS)
   with pytest.raises(config_lib.ConfigError, match="lora.targets = .* selects no kernel"):

@@ -2,6 +2,7 @@
 batch, and the stage runs through the trainer with recoveries generated on the fly or read from a
 cache that `recovery_cache.build` wrote."""
 
+import json
 import os
 
 import jax
@@ -110,6 +111,24 @@ def test_packed_rows_label_every_sample_answer():
 def test_on_the_fly_recovery_refuses_packing():
   with pytest.raises(config_lib.ConfigError, match="data.token_budget"):
     config_lib.load(REASON, {"init_from": "random", "data.token_budget": 512})
+
+
+def test_a_recovery_cache_knows_its_model_by_its_files(tmp_path):
+  # However init_from names the model, the cache is its; another model in its place is not.
+  model = tmp_path / "sft" / "model"
+  model.mkdir(parents=True)
+  (model / "weights").write_bytes(b"12")
+  configs = [config_lib.load(REASON, {"init_from": path, "reason.recovery_cache": str(tmp_path)})
+             for path in (str(tmp_path / "sft"), str(model), str(model) + "/")]
+  assert len({recovery_cache.model_files(c) for c in configs}) == 1
+  with open(tmp_path / recovery_cache.MANIFEST, "w") as f:
+    json.dump({"fingerprint": recovery_cache.fingerprint(configs[0]), "stage": "reason",
+               "init_from": configs[0].init_from}, f)
+  recovery_cache.RecoveryCache.open(str(tmp_path), configs[2])
+  (model / "weights").write_bytes(b"345")  # another model written in its place
+  with pytest.raises(config_lib.ConfigError, match=r"another config \(the model: built from "
+                     r"'.*sft' as its files were then, and init_from '.*model/' has other files"):
+    recovery_cache.RecoveryCache.open(str(tmp_path), configs[2])
 
 
 @pytest.mark.slow

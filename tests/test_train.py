@@ -1,6 +1,7 @@
 """The training loop end to end on the built-in world: SFT learns, runs resume exactly after
 SIGKILL, a non-finite loss stops the run without touching the last good checkpoint."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ from robust_u1_jax import config_defaults, config_lib
 from robust_u1_jax.data import packing, pipeline
 from robust_u1_jax.data import tokenizer as tokenizer_lib
 from robust_u1_jax.eval import evaluation as eval_lib
+from robust_u1_jax.training import checkpoint as checkpoint_lib
 from robust_u1_jax.training import evaluation, metrics_log, sft, trainer
 from robust_u1_jax.training.stage_spec import StageSpec
 
@@ -63,6 +65,9 @@ def test_sft_resumes_exactly_after_sigkill(tmp_path):
   proc.wait()
   assert os.path.isdir(marker), "the subprocess never wrote its step-4 checkpoint"
   assert not os.path.isdir(os.path.join(killed, "model")), "the run finished before the kill"
+  from robust_u1_jax import train  # what a stopped run's last line says
+
+  assert train.results_message(killed, steps).startswith("stopped at step 4 of 6; checkpoints in")
 
   # Restarted with an evaluation cadence it never reaches: the run says what differs.
   out = subprocess.run(_train_command(killed, steps, log_every=3, eval_every=1001), check=True,
@@ -347,7 +352,7 @@ def test_packed_rows_on_several_data_shards_must_repeat_their_data(tmp_path, mon
   from robust_u1_jax.data import multihost
 
   config = _config(3, **{"data.token_budget": 512, "data.num_epochs": 2})
-  monkeypatch.setattr(multihost, "data_shard", lambda mesh: (0, 2))
+  monkeypatch.setattr(multihost, "data_shard", lambda mesh, **_: (0, 2))
   with pytest.raises(config_lib.ConfigError, match=r"data.num_epochs = 2 with packed rows .* "
                      r"read as 2 data shards"):
     trainer.train(config, str(tmp_path), sft.build)
@@ -373,3 +378,41 @@ def test_check_config_validates_and_touches_nothing(tmp_path):
   assert result.returncode == 0, result.stderr
   assert result.stdout == "the sft config is valid (the paths it names were not checked)\n"
   assert not (tmp_path / "run").exists()
+
+
+def test_an_evaluation_of_another_source_than_the_training_data_is_noted():
+  # eval_data is the config file's copy of data: overriding data.source alone leaves it behind.
+  config = _config(4, **{"data.source": "folder", "data.path": "/images", "eval_every": 2})
+  note = evaluation.other_source_note(config)
+  assert note == ("note: the evaluation every 2 steps reads eval_data.source = 'shapes', not the "
+                  "training data's data.source = 'folder'; give --config.eval_data.source and "
+                  "--config.eval_data.path to evaluate on yours")
+  assert evaluation.other_source_note(_config(4, **{"eval_every": 2})) is None
+  config = _config(4, **{"data.source": "folder", "data.path": "/images", "eval_every": 5})
+  assert evaluation.other_source_note(config) is None  # a run that never evaluates
+
+
+@pytest.mark.slow
+def test_a_resume_that_cannot_read_its_checkpoints_names_the_changed_settings(tmp_path):
+  # Packed rows read their data in another order: the saved data position cannot be restored.
+  workdir = str(tmp_path / "run")
+  trainer.train(_config(2), workdir, sft.build)
+  with pytest.raises(checkpoint_lib.UnreadableCheckpoints,
+                     match=r"no checkpoint can be restored .*; this run's settings differ from "
+                     r"the checkpoint's: data.token_budget 0, now 512; total_steps 2, now 4$"):
+    trainer.train(_config(4, **{"data.token_budget": 512}), workdir, sft.build)
+
+
+@pytest.mark.slow
+def test_a_run_refused_at_its_first_batch_leaves_no_workdir(tmp_path):
+  # As RL's recovery refuses images of two sizes: found in the first batch, after the model and
+  # the empty checkpoints/ folder were made.
+  def build(ctx):
+    def refuse(batch, rng):
+      raise config_lib.ConfigError("images of two sizes")
+
+    return dataclasses.replace(sft.build(ctx), host_inputs=refuse)
+
+  with pytest.raises(config_lib.ConfigError, match="images of two sizes"):
+    trainer.train(_config(2), str(tmp_path / "runs" / "w"), build)
+  assert os.listdir(tmp_path) == []

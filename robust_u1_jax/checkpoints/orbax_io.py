@@ -54,8 +54,15 @@ def is_model(path: str) -> bool:
 
 
 def not_a_model(path: str) -> str:
-  """Why `path` (a folder) is no model, naming what one holds; a stage's training checkpoint is
-  told apart, with where its model is."""
+  """Why `path` (a folder) is no model, naming what one holds; a stage's unfinished workdir and
+  its training checkpoints are told apart, with where the model will be."""
+  checkpoints = os.path.join(path, "checkpoints")
+  if os.path.isdir(checkpoints) and not os.path.isdir(os.path.join(path, "model")):
+    steps = sorted(int(n) for n in os.listdir(checkpoints) if n.isdigit())
+    stopped = f"at step {steps[-1]}" if steps else "before its first checkpoint"
+    return (f"{path} is a stage's workdir without its model/ yet: its run stopped {stopped}, "
+            "before its last step; run its training command again to finish it, or give a "
+            "finished one")
   message = (f"{path} is neither a BAGEL model directory ({bagel_dir.LLM_CONFIG}, "
              f"{bagel_dir.VIT_CONFIG}, ema.safetensors, {bagel_dir.VAE_FILE}) nor an Orbax model "
              f"checkpoint ({CONFIG}, {PARAMS}/)")

@@ -134,9 +134,10 @@ class SkipTracker(grain.transforms.Filter):
         self._recent.append((path, index, reason))
       epoch_done = self.epoch_size is not None and self.seen % self.epoch_size == 0
       seen, skipped = self.seen, self.skipped
-    if bad and self.log:
-      logging.warning("%s: bad record %s (index %s): %s", self.name, path or "<no path>", index,
-                      reason)
+    if bad and self.log:  # the epoch: a bad file is met (and logged) again in every epoch
+      epoch = f", epoch {element['epoch']}" if "epoch" in element else ""
+      logging.warning("%s: bad record %s (index %s%s): %s", self.name, path or "<no path>", index,
+                      epoch, reason)
     # Good records only lower the ratio, so checking at each bad record, on reaching min_seen and
     # at each epoch end catches every crossing.
     if self.enforce and (bad or epoch_done or seen == self.min_seen):

@@ -8,9 +8,10 @@ Problems with the whole source (no such folder, no images in it, a table without
 column, an unknown TFDS dataset) raise at construction, naming the path and what is allowed.
 
   shapes       robust_u1_jax.data.shapes.ShapesWorld (rendered image, caption, questions)
-  folder       ImageFolderSource: the image files (IMAGE_EXTENSIONS) under a folder, recursively
+  folder       ImageFolderSource: the image files (image_files.py) under a folder, recursively
   tfds         TfdsSource: any prepared TFDS dataset via tfds.data_source (ArrayRecord, no TF)
-  jsonl        JsonlSource: Robust-R1 pairs {"prompt", "image", "target_image"}
+  jsonl        JsonlSource: Robust-R1 pairs {"prompt", "image", "target_image"} ("prompt"
+               optional: the config's instruction), with "question" and "answer" for reasoning
   vqa_tsv      sources_vqa.VqaTsvSource: VLMEvalKit TSV with base64 images
   vqa_parquet  sources_vqa.VqaParquetSource: Hugging Face parquet (MMStar, RealWorldQA, ...)
 
@@ -28,15 +29,16 @@ from robust_u1_jax import config_lib
 from robust_u1_jax.data import shapes, sources_vqa
 from robust_u1_jax.data.bad_records import skip_record
 from robust_u1_jax.data.record_files import LazyFile, check_index, line_spans
-from robust_u1_jax.data.transforms import IMAGE_EXTENSIONS, is_image_name
+from robust_u1_jax.data.image_files import is_image_name, looked_for
 
-PAIR_KEYS = ("prompt", "image", "target_image")
+# A pair's own instruction, "prompt", is optional: rows without one get the stage's instruction.
+PAIR_KEYS = ("image", "target_image")
 
 
 # ---------------------------------------------------------------------------------------- folder
 
 class ImageFolderSource:
-  """Every image file (IMAGE_EXTENSIONS, any case) under `root`, recursively, sorted by path.
+  """Every image file (`image_files.is_image_name`) under `root`, recursively, sorted by path.
 
   Record: image_bytes, path, relpath (POSIX, relative to root), index.
   """
@@ -52,8 +54,7 @@ class ImageFolderSource:
                  if is_image_name(f))
     if not rel:
       raise FileNotFoundError(f"image folder {self.root} holds no images: looked for "
-                              f"{', '.join('*' + e for e in IMAGE_EXTENSIONS)} (any case), "
-                              "recursively")
+                              f"{looked_for()}, recursively")
     self.relpaths = sorted(rel)  # sorted, so record i is the same file on every host
 
   def __len__(self) -> int:
@@ -160,7 +161,8 @@ class TfdsSource:
 class JsonlSource:
   """Rows of a JSONL file whose image fields are paths relative to the file's directory.
 
-  Defaults are the Robust-R1 pairs {"prompt", "image", "target_image"}. Record: the row's fields,
+  Defaults are the Robust-R1 pairs {"prompt", "image", "target_image"}, "prompt" optional (the
+  reasoning stage reads "question" and "answer" besides, stage_fields.py). Record: the row's fields,
   with each image field f replaced by f + '_bytes' (the file's bytes) and its resolved path in
   'path' (for 'image') or f + '_path'; plus index and line (1-based). Blank lines are not rows.
   A row that is not JSON, not an object, lacks a required key, or names a missing or unreadable
@@ -189,8 +191,9 @@ class JsonlSource:
     i = check_index(i, len(self), repr(self))
     line = int(self.lines[i])
 
-    def skip(reason, path=self.path):
-      return skip_record(f"line {line}: {reason}", path, i)
+    def skip(reason, path=self.path):  # a bad image file is named; the line is in this file
+      where = f"line {line}" if path == self.path else f"line {line} of {self.path}"
+      return skip_record(f"{where}: {reason}", path, i)
 
     try:
       raw = self._file.read(int(self.offsets[i]), int(self.lengths[i]))

@@ -34,7 +34,6 @@ e.g. with `AddEpoch` after repeat; 0 when absent).
 from collections.abc import Sequence
 import dataclasses
 import io
-import os
 from typing import Any
 
 import grain
@@ -63,15 +62,6 @@ EXIF_ORIENTATION = 0x0112
 EXIF_TURNS = {2: "mirrored", 3: "turned 180 degrees", 4: "flipped", 5: "transposed",
               6: "turned 90 degrees clockwise", 7: "transversed", 8: "turned 90 degrees "
               "counter-clockwise"}
-
-
-# The formats `decode_image` reads, by file name (a GIF: its first frame): what an image folder
-# holds, for training (`sources.ImageFolderSource`) and for `recover`.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
-
-def is_image_name(name: str) -> bool:
-  return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
 class BadImageError(ValueError):

@@ -19,7 +19,7 @@ import os
 import re
 import shutil
 import zipfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -29,21 +29,6 @@ from robust_u1_jax import files
 FOLDER = "partial"
 _STAMP = "fingerprint.json"
 _ARRAY = "__array__"  # a placeholder's key: {"__array__": the array's name in the .npz}
-
-
-def files_fingerprint(paths: Iterable[str]) -> list[list]:
-  """(path, size, modification time) of every file under `paths` (files or folders), sorted."""
-  out = []
-  for path in paths:
-    if os.path.isfile(path):
-      out.append([os.path.abspath(path), os.path.getsize(path), os.stat(path).st_mtime_ns])
-      continue
-    for root, dirs, names in os.walk(path):
-      dirs.sort()
-      for name in sorted(names):
-        full = os.path.join(root, name)
-        out.append([os.path.abspath(full), os.path.getsize(full), os.stat(full).st_mtime_ns])
-  return out
 
 
 def stamp(fingerprint: Any) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from robust_u1_jax import config_lib
+from robust_u1_jax import config_lib, files
 from robust_u1_jax.eval import evaluation, partial, report
 from robust_u1_jax.inference import engine as engine_lib
 from robust_u1_jax.inference import recovery as recovery_lib
@@ -54,7 +54,7 @@ def fingerprint(c: ml_collections.ConfigDict) -> dict[str, Any]:
       path for path in [c.clip_checkpoint, *c.benchmarks.values()] if path]
   # Not max_skip_ratio: raised after a stop on a bad table, it keeps the finished units.
   return {"config": {k: v for k, v in c.to_dict().items() if k not in ("out", "max_skip_ratio")},
-          "files": partial.files_fingerprint(paths)}
+          "files": files.files_fingerprint(paths)}
 
 
 def report_dir(c: ml_collections.ConfigDict) -> str:

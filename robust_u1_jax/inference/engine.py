@@ -63,10 +63,6 @@ def resolve_model_dir(path: str) -> str:
                      "Orbax model checkpoint or a stage's workdir)")
   if os.path.isdir(os.path.join(path, "model")):
     return os.path.join(path, "model")
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    raise ModelError(f"{path}: a stage's workdir without its model/ yet (its run has not reached "
-                     "its last step): run its training command again to finish it, or give a "
-                     "finished one")
   from robust_u1_jax.checkpoints import orbax_io
 
   if not orbax_io.is_model(path):  # before its tokenizer is looked for, which it would lack too

@@ -170,7 +170,8 @@ class Checkpointer:
       except UnreadableCheckpoints:
         raise
       except Exception as e:  # Orbax/tensorstore raise many types for damaged files.
-        logging.error("checkpoint %s cannot be restored (%s: %s)", path, type(e).__name__, e)
+        # The first line: Orbax's tree mismatches run to hundreds of lines of both trees.
+        logging.error("checkpoint %s cannot be restored (%s)", path, _first_line(e))
         failures.append((path, e))
         continue
       if failures:
@@ -180,9 +181,8 @@ class Checkpointer:
       path, error = failures[0]
       raise UnreadableCheckpoints(
           f"{self.directory}: no checkpoint can be restored (the newest, {path}: "
-          f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}); a run with "
-          "another model or config needs another --workdir, or delete the checkpoints to start "
-          "again")
+          f"{_first_line(error)}); a run with another model or config needs another --workdir, "
+          "or delete the checkpoints to start again")
     return None
 
   def _read_data_positions(self, step: int, iterator: Any = None) -> None:
@@ -235,6 +235,10 @@ class Checkpointer:
 
       multihost_utils.sync_global_devices(f"checkpoint:move_aside:{self.directory}")
     self.manager.reload()
+
+
+def _first_line(error: Exception) -> str:
+  return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
 
 
 def _preemption_service_running() -> bool:

@@ -5,6 +5,7 @@ corrupted | recovered | clean grid to look at."""
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 
 import jax
@@ -27,6 +28,17 @@ EVAL_IMAGES = 16
 GRID_IMAGES = 8  # the grid's rows: the first of the scored images
 
 
+def other_source_note(c) -> str | None:
+  """A note when the evaluation reads another source than the training data: eval_data is a copy
+  of the config file's data, so `--config.data.source=folder` alone trains on the user's images
+  and evaluates on the built-in world's."""
+  if c.eval_data.source == c.data.source or c.eval_every > c.total_steps:
+    return None
+  return (f"note: the evaluation every {c.eval_every} steps reads eval_data.source = "
+          f"{c.eval_data.source!r}, not the training data's data.source = {c.data.source!r}; "
+          "give --config.eval_data.source and --config.eval_data.path to evaluate on yours")
+
+
 def make_recovery_eval(ctx: RunContext, num_steps: int) -> Callable:
   """evaluate(graphdef, state) -> ({corrupted, recovered, clean} columns, metrics).
 
@@ -35,6 +47,9 @@ def make_recovery_eval(ctx: RunContext, num_steps: int) -> Callable:
   below it is worse than doing nothing).
   """
   c = ctx.config
+  note = other_source_note(c)
+  if note:
+    print(note, file=sys.stderr, flush=True)
   data_config = c.eval_data.copy_and_resolve_references()
   data_config.token_budget = 0  # one sample per row, whatever the training batches pack
   data_config.batch_size = EVAL_IMAGES

@@ -17,6 +17,7 @@ build runs in one process (`recover --cache_dir` does not join a multi-host job)
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -50,12 +51,25 @@ def record_path(directory: str, index: int, epoch: int) -> str:
   return os.path.join(directory, f"epoch_{int(epoch):04d}", f"{int(index):09d}.png")
 
 
+def model_files(config: ml_collections.ConfigDict) -> str:
+  """The recovery model by its files (a digest of `files.files_fingerprint`), however init_from
+  names it (an earlier stage's workdir, its model/, a trailing /); 'random' for random weights,
+  which the seed decides."""
+  from robust_u1_jax.training import run_setup
+
+  source = run_setup.model_source(config)
+  if source == "random":
+    return "random"
+  listing = json.dumps(files.files_fingerprint([os.path.abspath(source)]))
+  return hashlib.sha256(listing.encode()).hexdigest()[:16]
+
+
 def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """What the cached images depend on: the recovery model and sampler, the records' corruption."""
   data = {k: v for k, v in config.data.to_dict().items() if k not in _LAYOUT_ONLY}
-  return {"init_from": config.init_from, "seed": config.seed, "instruction": config.instruction,
-          "recovery_steps": config.reason.recovery_steps, "guidance": config.guidance.to_dict(),
-          "data": data}
+  return {"model_files": model_files(config), "seed": config.seed,
+          "instruction": config.instruction, "recovery_steps": config.reason.recovery_steps,
+          "guidance": config.guidance.to_dict(), "data": data}
 
 
 def _differences(a: Mapping, b: Mapping, prefix: str = "") -> list[str]:
@@ -74,6 +88,10 @@ def _checked_manifest(directory: str, config) -> dict[str, Any]:
   path = os.path.join(directory, MANIFEST)
   manifest = files.read_json(path)
   diff = _differences(manifest["fingerprint"], json.loads(json.dumps(fingerprint(config))))
+  if any(d.startswith("model_files:") for d in diff):  # digests say little: name the models
+    diff = [d for d in diff if not d.startswith("model_files:")] + [
+        f"the model: built from {manifest.get('init_from')!r} as its files were then, and "
+        f"init_from {config.init_from!r} has other files (another model, or one written again)"]
   if diff:
     raise config_lib.ConfigError(f"{path}: the recovery cache was built for another config ("
                      + "; ".join(diff) + "); rebuild it into an empty directory")
@@ -158,7 +176,8 @@ def build(config: ml_collections.ConfigDict, directory: str, *, steps: int = 0,
     _checked_manifest(directory, config)
   elif jax.process_index() == 0:
     with files.atomic_write(manifest, "w") as f:  # a half-written manifest would block the cache
-      json.dump({"fingerprint": fingerprint(config), "stage": config.stage}, f, indent=1)
+      json.dump({"fingerprint": fingerprint(config), "stage": config.stage,
+                 "init_from": config.init_from}, f, indent=1)
 
   instruction = tokenizer_lib.encode_text_block(tokenizer, config.instruction)
   graphdef, weights = nnx.split(ctx.model)

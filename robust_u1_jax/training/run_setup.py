@@ -38,7 +38,7 @@ def markers(tokenizer) -> sequence.Markers:
   return sequence.Markers(special["vision_start"], special["vision_end"], special["endoftext"])
 
 
-def _model_source(config: ml_collections.ConfigDict) -> str:
+def model_source(config: ml_collections.ConfigDict) -> str:
   """`init_from` as a model path: an earlier stage's workdir means its `model/`."""
   source = config.init_from
   if source != "random" and os.path.isdir(os.path.join(source, "model")):
@@ -55,7 +55,7 @@ def model_config(config: ml_collections.ConfigDict, tokenizer) -> bagel_lib.Bage
   """The BagelConfig the run trains, read without loading weights: for `init_from='random'` the
   preset `config.model` (the tiny one sized to the tokenizer), else the config stored with the
   model `init_from` names (a BAGEL directory, an Orbax checkpoint, an earlier stage's workdir)."""
-  source = _model_source(config)
+  source = model_source(config)
   if source == "random":
     if config.model not in bagel_lib.PRESETS:
       raise config_lib.ConfigError(
@@ -73,14 +73,17 @@ def model_config(config: ml_collections.ConfigDict, tokenizer) -> bagel_lib.Bage
     # this project wrote adds its image-side fields in robust_u1_config.json.
     keys = bagel_dir.open_model_files(source).keys()
     return bagel_dir.read_config(source, keys=keys, **_overrides(config))
+  why = orbax_io.not_a_model(source)
+  if os.path.isdir(os.path.join(source, "checkpoints")):  # an earlier stage, stopped
+    raise FileNotFoundError(f"config field init_from = {config.init_from!r}: {why}")
   raise FileNotFoundError(
       f"config field init_from = {config.init_from!r} is neither 'random' nor the workdir of an "
-      f"earlier stage (its model/), and {orbax_io.not_a_model(source)}")
+      f"earlier stage (its model/), and {why}")
 
 
 def _saved_tokenizer_dir(config: ml_collections.ConfigDict) -> str | None:
   """The tokenizer folder beside init_from's model, if it has one."""
-  source = _model_source(config)
+  source = model_source(config)
   if source != "random" and os.path.isdir(source) and TOKENIZER_FILES & set(os.listdir(source)):
     return source
   return None
@@ -88,7 +91,7 @@ def _saved_tokenizer_dir(config: ml_collections.ConfigDict) -> str | None:
 
 def _model_description(config: ml_collections.ConfigDict) -> str:
   """The run's model as an error line names it."""
-  if _model_source(config) == "random":
+  if model_source(config) == "random":
     return f"the preset model={config.model!r}"
   return f"the model of init_from={config.init_from!r}"
 
@@ -165,7 +168,7 @@ def init_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   """The run's model with its weights, on `mesh`: `mc` initialised from `config.seed` for
   `init_from='random'`, else loaded (a BAGEL/Robust-U1 model directory, an Orbax model
   checkpoint, or an earlier stage's workdir)."""
-  source = _model_source(config)
+  source = model_source(config)
   if source == "random":
     # Built outside any mesh context: parameters get their shardings from the explicit rules in
     # `sharding`, and the logical names must not be read as mesh axes.

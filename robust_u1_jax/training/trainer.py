@@ -39,8 +39,9 @@ from robust_u1_jax.training.stage_spec import RunContext, StageSpec
 @contextlib.contextmanager
 def _removed_if_left_empty(workdir: str) -> Iterator[None]:
   """Creates `workdir` (and its missing parents) for the block, and removes what it created again
-  where the block fails leaving it empty (a bad init_from, recovery cache or LoRA target found
-  while the stage is built)."""
+  where the block fails leaving it empty of files (a bad init_from, recovery cache or LoRA target
+  found while the stage is built; images the first batch cannot take, with only an empty
+  checkpoints/ made)."""
   path, first_created = os.path.abspath(workdir), None
   while not os.path.exists(path):
     first_created, path = path, os.path.dirname(path)
@@ -49,9 +50,15 @@ def _removed_if_left_empty(workdir: str) -> Iterator[None]:
     yield
   except BaseException:
     path = os.path.abspath(workdir)
+    if first_created is not None:  # folders the run made inside it and left empty, deepest first
+      for folder, _, _ in sorted(os.walk(path), key=lambda entry: -entry[0].count(os.sep))[:-1]:
+        with contextlib.suppress(OSError):
+          os.rmdir(folder)
     while first_created is not None:
       try:
-        os.rmdir(path)  # only an empty folder; another process may have removed it already
+        os.rmdir(path)  # only an empty folder
+      except FileNotFoundError:
+        pass  # another process removed it already
       except OSError:
         break
       if path == first_created:
@@ -71,12 +78,14 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   ctx = run_setup.make_context(config)  # checks the config against the model before building
   mesh, tokenizer = ctx.mesh, ctx.tokenizer
   multihost.check_batch_fits_mesh(config.data.batch_size, mesh)  # before the model is built
-  with _removed_if_left_empty(workdir):  # a run refused at start-up leaves no folder behind
+  with contextlib.ExitStack() as stack:
+    # A run refused at start-up, or at its first step, leaves no folder behind.
+    stack.enter_context(_removed_if_left_empty(workdir))
     spec = build_stage(ctx)
     check_state_fits_host(config, ctx, spec.trainable,
                           f"the {config.stage} config {config.get('variant', '')!r}", spec.model)
     graphdef, state, step_fn = initial_state(config, ctx, spec)
-  with jax.set_mesh(mesh):
+    stack.enter_context(jax.set_mesh(mesh))  # after the build: parameters place themselves
 
     # The data shard this process reads: processes whose devices share batch rows read one.
     process_index, process_count = multihost.data_shard(mesh)
@@ -104,7 +113,18 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     ckpt = checkpoint_lib.Checkpointer(workdir, every=config.checkpoint_every,
                                        keep=config.keep_checkpoints)
     start, pending = 0, []
-    restored = ckpt.restore(checkpoint_lib.abstract_like(state), data)
+    try:
+      restored = ckpt.restore(checkpoint_lib.abstract_like(state), data)
+    except checkpoint_lib.UnreadableCheckpoints as e:
+      # A setting that changes the state's tree (lora.rank) or the data's (token_budget) leaves
+      # every checkpoint unreadable: name it.
+      saved = checkpoint_lib.saved_config(workdir)
+      changed = config_lib.setting_differences(saved, config) if saved else []
+      if changed:
+        raise checkpoint_lib.UnreadableCheckpoints(
+            f"{e}; this run's settings differ from the checkpoint's: {'; '.join(changed)}"
+        ) from None
+      raise
     if restored is not None:
       start, state, meta = restored
       pending = meta.get("log_window", [])
