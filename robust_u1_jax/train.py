@@ -47,7 +47,7 @@ def main(argv) -> int:
   workdir = cli.output_dir(_WORKDIR.value, "--workdir", create=False)
   from robust_u1_jax.data import multihost
   from robust_u1_jax.training import demo, stages, trainer  # after the checks: fast errors
-  from robust_u1_jax.training.checkpoint import finished
+  from robust_u1_jax.training.checkpoint import finished, results_line
 
   # A multi-process run (launch/) joins its peers before anything touches a device.
   multihost.initialize_distributed()
@@ -60,7 +60,7 @@ def main(argv) -> int:
   finished_before = finished(workdir, config.total_steps)  # the trainer says so itself
   trainer.train(config, workdir, stages.builder(config.stage))
   if not finished_before:
-    print(results_message(workdir, config.total_steps), flush=True)
+    print(results_line(workdir, config.total_steps), flush=True)
   return 0
 
 
@@ -69,18 +69,6 @@ def use_xla_flags(flags: str) -> None:
   last value). XLA reads the variable once, when the backend starts, which no step before this
   one does."""
   os.environ["XLA_FLAGS"] = " ".join(filter(None, (flags, os.environ.get("XLA_FLAGS", ""))))
-
-
-def results_message(workdir: str, total_steps: int) -> str:
-  """Where a run's results are: the model when the run reached its last step, else how to go on."""
-  from robust_u1_jax.training.checkpoint import finished, latest_step
-
-  if finished(workdir, total_steps):
-    return (f"model: {os.path.join(workdir, 'model')}; metrics: "
-            f"{os.path.join(workdir, 'metrics.jsonl')}, TensorBoard: "
-            f"{os.path.join(workdir, 'tensorboard')}")
-  return (f"stopped at step {latest_step(workdir)} of {total_steps}; checkpoints in "
-          f"{os.path.join(workdir, 'checkpoints')}: run the same command to resume")
 
 
 if __name__ == "__main__":

@@ -312,8 +312,8 @@ def test_recover_refuses_a_folder_without_files(capsys, model_dir, tmp_path):
   rc, out, err = _run(recover_cli, capsys, f"--model={model_dir}", f"--image={folder}", *FAST)
   assert rc == 2 and not out
   assert err.strip() == (f"error: --image {folder}: a folder without image files to recover "
-                         "(looked for *.jpg, *.jpeg, *.png, *.webp, *.bmp, *.gif, *.tif, *.tiff, "
-                         "any case; its subfolders and hidden files are not read)")
+                         "(looked for *.jpg, *.jpeg, *.png, *.webp, *.bmp, *.gif, *.tif, *.tiff "
+                         "(any case); its subfolders and hidden files are not read)")
   assert sorted(os.listdir(tmp_path)) == ["photo.png"]  # no photo.png_recovered
 
 

@@ -65,9 +65,8 @@ def test_sft_resumes_exactly_after_sigkill(tmp_path):
   proc.wait()
   assert os.path.isdir(marker), "the subprocess never wrote its step-4 checkpoint"
   assert not os.path.isdir(os.path.join(killed, "model")), "the run finished before the kill"
-  from robust_u1_jax import train  # what a stopped run's last line says
-
-  assert train.results_message(killed, steps).startswith("stopped at step 4 of 6; checkpoints in")
+  assert checkpoint_lib.results_line(killed, steps).startswith(
+      "stopped at step 4 of 6; checkpoints in")  # a stopped run's last line
 
   # Restarted with an evaluation cadence it never reaches: the run says what differs.
   out = subprocess.run(_train_command(killed, steps, log_every=3, eval_every=1001), check=True,

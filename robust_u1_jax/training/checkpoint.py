@@ -271,6 +271,17 @@ def latest_step(workdir: str) -> int | None:
     return manager.latest_step()
 
 
+def results_line(workdir: str, total_steps: int) -> str:
+  """Where a run's results are: its model when it reached its last step, else where it stopped
+  and how to go on."""
+  if finished(workdir, total_steps):
+    return (f"model: {os.path.join(workdir, 'model')}; metrics: "
+            f"{os.path.join(workdir, 'metrics.jsonl')}, TensorBoard: "
+            f"{os.path.join(workdir, 'tensorboard')}")
+  return (f"stopped at step {latest_step(workdir)} of {total_steps}; checkpoints in "
+          f"{os.path.join(workdir, 'checkpoints')}: run the same command to resume")
+
+
 def saved_config(workdir: str) -> dict | None:
   """The config (as JSON values) the newest checkpoint in `workdir` was saved with, read without
   building any model; None without a checkpoint, or when its metadata cannot be read (the

@@ -89,8 +89,10 @@ def _checked_manifest(directory: str, config) -> dict[str, Any]:
   manifest = files.read_json(path)
   diff = _differences(manifest["fingerprint"], json.loads(json.dumps(fingerprint(config))))
   if any(d.startswith("model_files:") for d in diff):  # digests say little: name the models
-    diff = [d for d in diff if not d.startswith("model_files:")] + [
-        f"the model: built from {manifest.get('init_from')!r} as its files were then, and "
+    # (A manifest written before the digest kept init_from in its fingerprint.)
+    built_from = manifest.get("init_from", manifest["fingerprint"].get("init_from"))
+    diff = [d for d in diff if not d.startswith(("model_files:", "init_from:"))] + [
+        f"the model: built from {built_from!r} as its files were then, and "
         f"init_from {config.init_from!r} has other files (another model, or one written again)"]
   if diff:
     raise config_lib.ConfigError(f"{path}: the recovery cache was built for another config ("
