@@ -293,6 +293,12 @@ def validate_rl(c: ml_collections.ConfigDict) -> None:
          "(data.batch_size x rl.group_size x rl.window_size): one per mini-batch")
 
 
+def lora_enabled(c: ml_collections.ConfigDict) -> bool:
+  """Whether a run trains LoRA factors (`lora.rank > 0`, training/lora.py) instead of its stage's
+  parameters."""
+  return c.get("lora") is not None and c.lora.rank > 0
+
+
 def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks every field a run depends on; returns the config for chaining."""
   _check(c.seed >= 0, "seed", c.seed, "an integer >= 0")  # every config: stages, demo, eval
@@ -338,8 +344,8 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check(bool(c.init_from), "init_from", c.init_from,
          "'random', a BAGEL/Robust-U1 model directory, or an Orbax checkpoint directory of an "
          "earlier stage")
-  if "lora" in c and c.lora.rank and c.init_from == "random" and not re.search(
-      c.lora.targets, "llm2vae.kernel"):
+  if lora_enabled(c) and c.init_from == "random" and not re.search(c.lora.targets,
+                                                                  "llm2vae.kernel"):
     # The velocity head llm2vae starts at zero (models/bagel.py) and LoRA keeps it frozen, so no
     # gradient reaches the factors: the run would end where it began.
     raise ConfigError(

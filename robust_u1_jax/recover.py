@@ -135,11 +135,12 @@ def _recover_folder(values: flags.FlagValues, sampler, instruction: str) -> int:
 
   # Hidden files are left out: an interrupted write's temporary file is one of them. So are files
   # not named as images (notes, captions), as an image folder for training leaves them out.
-  files = sorted(e.name for e in os.scandir(folder) if e.is_file() and not e.name.startswith("."))
+  entries = sorted((e for e in os.scandir(folder) if not e.name.startswith(".")),
+                   key=lambda e: e.name)
+  files = [e.name for e in entries if e.is_file()]
   names = [n for n in files if image_files.is_image_name(n)]
   others = [n for n in files if not image_files.is_image_name(n)]
-  subfolders = sorted(e.name + os.sep for e in os.scandir(folder)
-                      if e.is_dir() and not e.name.startswith("."))
+  subfolders = [e.name + os.sep for e in entries if e.is_dir()]
   if not names:
     raise model_cli.InputError(
         f"--image {values.image}: a folder without image files to recover (looked for "

@@ -233,7 +233,6 @@ def compile_step(config_spec: str = "", topology: str = DEFAULT_TOPOLOGY,
   """Lowers and compiles the config's train step for `topology` without allocating weights."""
   from robust_u1_jax import config_lib
   from robust_u1_jax.benchmarks import aot_steps
-  from robust_u1_jax.training import lora as lora_lib
   from robust_u1_jax.training import run_setup
 
   spec_name = config_spec or DEFAULT_CONFIG
@@ -243,7 +242,7 @@ def compile_step(config_spec: str = "", topology: str = DEFAULT_TOPOLOGY,
   except (config_lib.ConfigError, FileNotFoundError, KeyError, TypeError, ValueError) as e:
     message = str(e)  # config_lib's errors name the config file already
     raise AotError(message if spec_name in message else f"config {spec_name}: {message}") from e
-  if lora_lib.enabled(config):
+  if config_lib.lora_enabled(config):
     raise AotError("lora.rank > 0: the AOT check builds the full-training state only; LoRA "
                    "factors are initialised from real kernels (trainer.apply_lora)")
   say = print if verbose else (lambda *a, **k: None)

@@ -128,11 +128,15 @@ def check_batch_fits_mesh(batch_size: int, mesh: Mesh,
   a trainer checks data.batch_size here before its stage builds the model."""
   _, shard_count = data_shard(mesh, batch_axes=batch_axes)
   per_process_batch_size(batch_size, shard_count)
+  _check_split(batch_size, mesh, batch_axes)
+
+
+def _check_split(rows: int, mesh: Mesh, batch_axes: Sequence[str]) -> None:
   sizes = [mesh.shape[a] for a in _batch_axes(mesh, batch_axes)]
   split = int(np.prod(sizes)) if sizes else 1
-  if batch_size % split:
+  if rows % split:
     raise config_lib.ConfigError(
-        f"data.batch_size={batch_size} does not split over mesh axes {tuple(batch_axes)} of "
+        f"data.batch_size={rows} does not split over mesh axes {tuple(batch_axes)} of "
         f"sizes {sizes}: use a multiple of {split}")
 
 
@@ -204,8 +208,8 @@ def global_batch(local_batch: Any, mesh: Mesh, batch_axes: Sequence[str] = BATCH
       raise TypeError(f"batch field {key!r} is {kind}, not a numeric array with a batch axis: "
                       "split host-only fields off first (multihost.host_fields)")
     rows = value.shape[0]
-    if local_rows is None:
-      check_batch_fits_mesh(rows * shard_count, mesh, batch_axes)
+    if local_rows is None:  # every step: the split alone (data_shard is known)
+      _check_split(rows * shard_count, mesh, batch_axes)
     local_rows = rows if local_rows is None else local_rows
     if rows != local_rows:
       raise ValueError(f"batch field {key!r} has {rows} rows but other fields have {local_rows}: "

@@ -114,12 +114,6 @@ def init(params: nnx.State, rank: int, key: jax.Array, targets: str = DEFAULT_TA
   return nnx.from_flat_state(factors)
 
 
-def enabled(config) -> bool:
-  """Whether a run's config trains LoRA factors (`lora.rank > 0`) instead of its stage's
-  parameters."""
-  return config.get("lora") is not None and config.lora.rank > 0
-
-
 def scale(rank: int, alpha: float) -> float:
   return float(alpha) / rank
 

@@ -253,7 +253,7 @@ def check_state_fits_host(config: ml_collections.ConfigDict, ctx: RunContext, tr
     model = run_setup.abstract_model(ctx.model_config, ctx.mesh)
   _, params, frozen = state_lib.split_model(model, trainable)
   tree = (params, frozen)
-  if not lora_lib.enabled(config):
+  if not config_lib.lora_enabled(config):
     tx = state_lib.make_optimizer(config.optimizer, config.total_steps)
     rng = jax.ShapeDtypeStruct((2,), np.uint32)
     tree = jax.eval_shape(state_creator(config, tx, params), params, frozen, rng, {})
@@ -286,7 +286,7 @@ def apply_lora(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, params
                frozen: nnx.State):
   """`split_model`'s (graphdef, trainable, frozen), or with `config.lora.rank > 0` (LoraGraphDef,
   LoRA factors of the targeted trainable kernels, the whole base model); see training/lora.py."""
-  if not lora_lib.enabled(config):
+  if not config_lib.lora_enabled(config):
     return graphdef, params, frozen
   lo = config.lora
   key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x10AA)
