@@ -31,8 +31,8 @@
 #      does not stop them) and log to ~/robust_u1_jax_logs/worker_<i>.log on each worker.
 #   A worker that fails is named, and the others are asked to save and stop.
 #   Ctrl-C here, or `--stop` later, sends SIGTERM to every trainer: each saves a checkpoint and
-#   exits (this script returns when they have; a second Ctrl-C returns at once); the same
-#   command resumes.
+#   exits 143 (this script returns when they have, with that status; a second Ctrl-C returns at
+#   once); the same command resumes.
 #
 # The workdir (and init_from) must be one shared path on every worker (a Filestore NFS mount, or
 # a bucket mounted with gcsfuse): all hosts write the checkpoint together, process 0 the logs.

@@ -15,8 +15,9 @@
 - Anything else is a bug, and Python prints its traceback as usual (exit status 1).
 - `--help`, `--helpshort` and `--helpfull` print the help on stdout and exit 0 (absl exits 1).
 - Ctrl-C prints `interrupted` and exits 130, as a shell reports SIGINT (a training loop catches it
-  first: it saves a checkpoint and stops cleanly, trainer.py). One that lands in a garbage
-  collector callback, where Python drops it, is sent again (`redeliver_interrupts`).
+  first: it saves a checkpoint, stops cleanly and exits 130 too, `checkpoint.Stopped`). One that
+  lands in a garbage collector callback, where Python drops it, is sent again
+  (`redeliver_interrupts`).
 - A quiet start: importing this module silences the start-up messages of libraries that are not
   the project's (`QUIET_ENV`; set a variable yourself to override it), and absl logging shows
   warnings and errors only unless --verbosity is given (Orbax logs every file at INFO).

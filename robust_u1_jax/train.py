@@ -8,9 +8,11 @@ r"""Trains one stage of Robust-U1.
 Re-running with the same workdir resumes from its newest checkpoint, naming any setting that
 differs from the checkpoint's (the demo: skips finished parts and resumes the interrupted one, and
 refuses a workdir whose parts were trained with other settings); a finished workdir says so at
-once. The config, the files it names (init_from, the data, the recovery cache, the CLIP
-checkpoint) and the workdir are checked before any model is built: a bad one is one `error:` line
-and exit status 2. `--check_config` checks the config's fields and values alone and exits (a
+once. Ctrl-C or SIGTERM saves a checkpoint after the current step, and the command exits 130 or
+143, as a shell reports the signal, so a chain or a scheduler does not take the run as finished.
+The config, the files it names (init_from, the data, the recovery cache, the CLIP checkpoint) and
+the workdir are checked before any model is built: a bad one is one `error:` line and exit
+status 2. `--check_config` checks the config's fields and values alone and exits (a
 launcher's check on a machine that lacks the run's paths).
 """
 
@@ -47,18 +49,24 @@ def main(argv) -> int:
   workdir = cli.output_dir(_WORKDIR.value, "--workdir", create=False)
   from robust_u1_jax.data import multihost
   from robust_u1_jax.training import demo, stages, trainer  # after the checks: fast errors
-  from robust_u1_jax.training.checkpoint import finished, results_line
+  from robust_u1_jax.training.checkpoint import Stopped, finished, results_line
 
   # A multi-process run (launch/) joins its peers before anything touches a device.
   multihost.initialize_distributed()
 
   if config.stage == "demo":
-    report = demo.run(config, workdir)
-    if report is not None:
-      print(f"results in {workdir}: a workdir per part, the report {report}", flush=True)
+    try:
+      report = demo.run(config, workdir)
+    except Stopped as e:  # the demo said where it stopped
+      return e.exit_status
+    print(f"results in {workdir}: a workdir per part, the report {report}", flush=True)
     return 0
   finished_before = finished(workdir, config.total_steps)  # the trainer says so itself
-  trainer.train(config, workdir, stages.builder(config.stage))
+  try:
+    trainer.train(config, workdir, stages.builder(config.stage))
+  except Stopped as e:
+    print(results_line(workdir, config.total_steps), flush=True)
+    return e.exit_status
   if not finished_before:
     print(results_line(workdir, config.total_steps), flush=True)
   return 0

@@ -191,7 +191,7 @@ CASES = {
                                      "stopped at step 12"]),
     "recover/unfinished workdir": ("recover", ["--model={root}/unfinished", "--image={good}"],
                                    ["{root}/unfinished is a stage's workdir without its model/"]),
-    # A later stage started from an earlier one that was stopped (a Ctrl-C exits 0).
+    # A later stage started from an earlier one that was stopped (a chain that ignores its 130).
     "train/init_from unfinished": ("train", [f"--config={SFT}", "--workdir={root}/w",
                                              "--config.init_from={root}/unfinished"],
                                    ["init_from = '{root}/unfinished': {root}/unfinished is a "

@@ -4,6 +4,7 @@ claim measured, and a re-run has nothing left to do."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -108,14 +109,26 @@ def test_minutes_to_go_scales_the_reference_by_the_pace_so_far():
   assert demo.minutes_to_go(reference, {}, []) == 0.0
 
 
+def _stopped_train(ran: list):
+  """A trainer stopped by Ctrl-C at its first step, as `trainer.train` ends then."""
+  from robust_u1_jax.training import checkpoint
+
+  def train(c, workdir, build):
+    ran.append(workdir)
+    raise checkpoint.Stopped(1, signal.SIGINT, [])
+
+  return train
+
+
 def test_a_stopped_part_stops_the_demo(tmp_path, monkeypatch, capsys):
-  from robust_u1_jax.training import trainer
+  from robust_u1_jax.training import checkpoint, trainer
 
   ran = []
-  # A part stopped by a signal returns without its last checkpoint, as this one, which writes none.
-  monkeypatch.setattr(trainer, "train", lambda c, workdir, build: ran.append(workdir))
+  monkeypatch.setattr(trainer, "train", _stopped_train(ran))
   config = config_lib.load_file(os.path.join(ROOT, "configs", "demo.py:quick"))
-  assert demo.run(config, str(tmp_path)) is None
+  with pytest.raises(checkpoint.Stopped) as e:
+    demo.run(config, str(tmp_path))
+  assert e.value.exit_status == 130
   assert ran == [str(tmp_path / "vae")]
   assert "stopped in its vae part; run the same command to resume" in capsys.readouterr().out
 
@@ -142,10 +155,10 @@ def _checkpoint_part(workdir: str, part: str, config) -> None:
 
 
 def test_a_workdir_of_another_variant_is_refused_before_anything_runs(tmp_path, monkeypatch):
-  from robust_u1_jax.training import trainer
+  from robust_u1_jax.training import checkpoint, trainer
 
   ran = []
-  monkeypatch.setattr(trainer, "train", lambda c, workdir, build: ran.append(workdir))
+  monkeypatch.setattr(trainer, "train", _stopped_train(ran))
   quick = config_lib.load_file(os.path.join(ROOT, "configs", "demo.py:quick"))
   default = config_lib.load_file(os.path.join(ROOT, "configs", "demo.py"))
   workdir = str(tmp_path / "demo")
@@ -160,7 +173,8 @@ def test_a_workdir_of_another_variant_is_refused_before_anything_runs(tmp_path, 
   # With its own config, the workdir moved elsewhere (its chained paths differ) goes on.
   moved = str(tmp_path / "moved")
   os.rename(workdir, moved)
-  assert demo.run(quick, moved) is None  # the fake trainer writes no checkpoint: it stops
+  with pytest.raises(checkpoint.Stopped):
+    demo.run(quick, moved)
   assert ran == [os.path.join(moved, "vae")]
 
 

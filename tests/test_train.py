@@ -81,6 +81,28 @@ def test_sft_resumes_exactly_after_sigkill(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_run_stopped_by_ctrl_c_saves_and_exits_130(tmp_path):
+  # Not 0: `train A && train B` must not go on to B, nor a scheduler count the run as done.
+  workdir = str(tmp_path / "run")
+  proc = subprocess.Popen(_train_command(workdir, 1000, checkpoint_every=1000), cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 600
+  while not (os.path.exists(metrics) and os.path.getsize(metrics)) and proc.poll() is None \
+      and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGINT)
+  stdout, stderr = proc.communicate(timeout=600)
+  assert proc.returncode == 130, stderr[-3000:]
+  step = checkpoint_lib.latest_step(workdir)
+  assert step is not None and step < 1000
+  assert stdout.rstrip().endswith(f"stopped at step {step} of 1000; checkpoints in "
+                                  f"{os.path.join(workdir, 'checkpoints')}: run the same command "
+                                  "to resume"), stdout
+  assert "Traceback" not in stderr and "interrupted" not in stderr
+
+
+@pytest.mark.slow
 def test_sft_lowers_its_loss(tmp_path):
   history = trainer.train(_config(40, **{"optimizer.warmup_steps": 5, "log_every": 10,
                                          "checkpoint_every": 40}), str(tmp_path), sft.build)
@@ -311,7 +333,10 @@ def test_a_stopped_run_resumes_and_writes_its_model_only_at_the_last_step(tmp_pa
   monkeypatch.setattr(checkpoint.Checkpointer, "install_signal_handlers",
                       lambda self: setattr(self, "stop_requested", True))
   config = _config(4, instruction="Clean this image.")
-  assert trainer.train(config, workdir, sft.build)
+  with pytest.raises(checkpoint.Stopped) as stopped:
+    trainer.train(config, workdir, sft.build)
+  # 143: the service of several processes stops on SIGTERM, and no handler saw another signal.
+  assert stopped.value.step == 1 and stopped.value.exit_status == 143 and stopped.value.history
   assert os.listdir(os.path.join(workdir, "checkpoints")) == ["1"]
   assert not os.path.exists(os.path.join(workdir, "model"))
   # The rows (training and evaluation) are built with the config's instruction, not the

@@ -1,7 +1,9 @@
 """Checkpoints of a training run: train state, data iterator position and run metadata, via Orbax.
 
 - Saves are asynchronous (training continues while arrays are written) every `every` steps, and on
-  SIGTERM/SIGINT at the end of a step, so a preempted TPU job loses nothing. With several
+  SIGTERM/SIGINT at the end of a step, so a preempted TPU job loses nothing; the run then ends in
+  `Stopped`, whose exit status (128 + the signal) tells a scheduler or `&&` that it is not
+  finished. With several
   processes the stop goes through JAX's preemption service: a signal to any one process stops
   them all at one agreed step (`should_stop`), as the collective save needs; a process that
   stopped alone would wait in the save for peers still stepping.
@@ -51,6 +53,23 @@ class _IteratorAdapter:
     pass
 
 
+class Stopped(Exception):
+  """A run stopped by a signal after its checkpoint of `step` was saved, its files closed.
+
+  A command ends in `exit_status`, 128 + the signal's number, as a shell reports a process the
+  signal ended (130 for Ctrl-C, 143 for SIGTERM): `train A && train B` does not go on to B, a
+  Kubernetes Job does not count a preempted pod as done, and Slurm's `afterok` holds the next
+  job. `history`: the run's logged metric rows, as `trainer.train` returns them."""
+
+  def __init__(self, step: int, signum: int, history: list[dict[str, float]]):
+    super().__init__(f"stopped at step {step} by signal {signum}")
+    self.step, self.signum, self.history = step, signum, history
+
+  @property
+  def exit_status(self) -> int:
+    return 128 + self.signum
+
+
 class Checkpointer:
   """Orbax CheckpointManager over items 'state', 'data' and 'meta' in `workdir/checkpoints`."""
 
@@ -65,6 +84,7 @@ class Checkpointer:
                        "data": grain_checkpoint.CheckpointHandler(),
                        "meta": ocp.JsonCheckpointHandler()})
     self.stop_requested = False
+    self.stop_signal = signal.SIGTERM  # what stopped the run: JAX's service stops on SIGTERM
     self._synced = False  # the stop agreed through JAX's preemption service (several processes)
     self._steps = 0  # should_stop's calls: the counter the processes agree on, the same on each
     self._previous_handlers = {}
@@ -86,12 +106,15 @@ class Checkpointer:
       del frame
       logging.warning("signal %d received: saving a checkpoint after this step, then stopping",
                       signum)
+      if not self.stop_requested:  # the first (a launcher passes a Ctrl-C on as SIGTERM)
+        self.stop_signal = signum
       self.stop_requested = True
 
     def forward_to_preemption_service(signum, frame):
       del frame
       logging.warning("signal %d received: every process saves a checkpoint at the same step, "
                       "then stops", signum)
+      self.stop_signal = signum
       os.kill(os.getpid(), signal.SIGTERM)
 
     if self._synced:
@@ -115,6 +138,17 @@ class Checkpointer:
       self.stop_requested = self.stop_requested or \
           multihost_utils.reached_preemption_sync_point(self._steps)
     return self.stop_requested
+
+  def stopped(self, step: int, history: list[dict[str, float]]) -> Stopped:
+    """What a run stopped at `step` raises once it has closed its files (this checkpointer
+    included). Several processes wait for each other first: one that exited first, with a
+    non-zero status, could have the others killed (`srun --kill-on-bad-exit`) before the primary
+    process had committed the save."""
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices(f"checkpoint:stopped:{self.directory}")
+    return Stopped(step, self.stop_signal, history)
 
   def restore_signal_handlers(self) -> None:
     for sig, handler in self._previous_handlers.items():

@@ -111,9 +111,10 @@ def minutes_to_go(reference: Mapping[str, float], timed: Mapping[str, float],
   return pace * sum(reference[p] for p in to_run)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> str | None:
-  """Runs (or resumes) every part; returns the evaluation report's path, or None when a part was
-  stopped (SIGINT or SIGTERM: its checkpoint saved, the later parts not started)."""
+def run(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Runs (or resumes) every part; returns the evaluation report's path. A part stopped by a
+  signal (its checkpoint saved, the later parts not started) raises `checkpoint.Stopped`; the
+  evaluation, KeyboardInterrupt."""
   import jax
 
   from robust_u1_jax.eval import run as eval_run
@@ -152,11 +153,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str | None:
         print(f"{report} was written for other models or settings: evaluating again", flush=True)
       return eval_run.run(c)  # stopped, it says how many units it keeps for the same command
     fresh = checkpoint.latest_step(part_dir) is None
-    trainer.train(c, part_dir, stages.builder(c.stage))
-    if not checkpoint.finished(part_dir, c.total_steps):
-      # Stopped by a signal, its checkpoint saved: the later parts must not start from it.
+    try:
+      trainer.train(c, part_dir, stages.builder(c.stage))
+    except checkpoint.Stopped:  # its checkpoint saved: the later parts must not start from it
       print(f"the demo stopped in its {part} part; run the same command to resume", flush=True)
-      return None
+      raise
     if part in remaining:
       remaining.remove(part)
       if fresh:

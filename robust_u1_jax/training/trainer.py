@@ -69,7 +69,9 @@ def _removed_if_left_empty(workdir: str) -> Iterator[None]:
 
 def train(config: ml_collections.ConfigDict, workdir: str,
           build_stage: Callable[[RunContext], StageSpec]) -> list[dict[str, float]]:
-  """Runs (or resumes) a stage in `workdir`; returns the logged metric rows of this process."""
+  """Runs (or resumes) a stage in `workdir`; returns the logged metric rows of this process.
+  Stopped by a signal, it saves a checkpoint and raises `checkpoint.Stopped` (the rows in its
+  `history`)."""
   if checkpoint_lib.finished(workdir, config.total_steps):
     # Before building or compiling anything: a finished stage answers at once.
     print(f"{workdir} is already at the final step {checkpoint_lib.latest_step(workdir)}; "
@@ -200,6 +202,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       log.close()
       ckpt.close()
       data.close()
+  if step < config.total_steps:  # stopped by a signal
+    raise ckpt.stopped(step, log.history)
   return log.history
 
 
