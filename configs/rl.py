@@ -56,7 +56,8 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     # 0.5408 -> 0.5461, CLIP 0.486 -> 0.500; 0.2: 0.5473, 0.504). At lr 1e-3 it clips 40-85 %,
     # approx-KL 1e-7, and recovery falls below SFT's (SSIM 0.504, CLIP 0.448).
     rl.updates_per_rollout = 2  # one pass, two mini-batches of half the transitions each
-    # The built-in world ships no trained CLIP: SSIM only unless rl.clip_checkpoint is given.
+    # SSIM only: the built-in world ships no trained CLIP. The semantic reward needs both
+    # rl.clip_checkpoint and rl.reward_weights.clip > 0 (a checkpoint alone is noted, not read).
     rl.reward_weights.clip = 0.0
     c.data.source = "shapes"
     c.data.vae_max_side, c.data.vae_min_side, c.data.vae_stride = 64, 32, 16

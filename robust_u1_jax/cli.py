@@ -8,9 +8,10 @@
 - A bad input is one line on stderr, `error: <the file, field or flag>: <what is wrong and what
   would fix it>`, and exit status 2. Bad inputs are the project's own error types
   (`BAD_INPUT_TYPES`: config errors, unusable checkpoints and model directories, undecodable or
-  too small images, too many bad records, refused AOT configurations, `Error` and `PathError`
-  raised by the entry modules), usage and flag errors, file-system errors about a path (missing,
-  unreadable, read-only, a folder where a file belongs) and `sys.exit("message")` of a library.
+  too small images, too many bad records, a diverged run (a non-finite loss), refused AOT
+  configurations, `Error` and `PathError` raised by the entry modules), usage and flag errors,
+  file-system errors about a path (missing, unreadable, read-only, a folder where a file belongs)
+  and `sys.exit("message")` of a library.
   `--verbosity=1` or ROBUST_U1_TRACEBACK=1 prints the traceback above the line.
 - Anything else is a bug, and Python prints its traceback as usual (exit status 1).
 - `--help`, `--helpshort` and `--helpfull` print the help on stdout and exit 0 (absl exits 1).
@@ -87,6 +88,7 @@ BAD_INPUT_TYPES = (
     "robust_u1_jax.inference.engine.ModelError",
     "robust_u1_jax.data.transforms.BadImageError",
     "robust_u1_jax.data.bad_records.TooManyBadRecords",
+    "robust_u1_jax.training.checkpoint.NonFiniteLoss",  # a run its settings made diverge
     "robust_u1_jax.benchmarks.aot.AotError",
     "robust_u1_jax.files.UnreadableFile",
 )

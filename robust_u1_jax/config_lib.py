@@ -261,8 +261,9 @@ def validate_rl(c: ml_collections.ConfigDict) -> None:
   _check(rl.group_size >= 2, "rl.group_size", rl.group_size,
          "an integer >= 2 (advantages are normalised within a group)")
   _check(rl.num_steps >= 2, "rl.num_steps", rl.num_steps, "an integer >= 2")
-  _check(0 <= rl.window_size <= rl.num_steps // 2, "rl.window_size", rl.window_size,
-         f"in [0, rl.num_steps // 2 = {rl.num_steps // 2}]")
+  # An empty window samples by ODE alone: no step has a log-probability, the loss is 0/0.
+  _check(1 <= rl.window_size <= rl.num_steps // 2, "rl.window_size", rl.window_size,
+         f"in [1, rl.num_steps // 2 = {rl.num_steps // 2}] (the SDE steps trained)")
   _check(rl.clip_model in CLIP_MODELS, "rl.clip_model", rl.clip_model, ", ".join(CLIP_MODELS))
   validate_flow_settings(rl, "rl.")
   _check(rl.noise_level > 0, "rl.noise_level", rl.noise_level,
@@ -278,16 +279,17 @@ def validate_rl(c: ml_collections.ConfigDict) -> None:
   _check(rl.reward_weights.get("clip", 0.0) == 0 or bool(rl.clip_checkpoint),
          "rl.clip_checkpoint", rl.clip_checkpoint,
          "a CLIP .safetensors file when rl.reward_weights.clip > 0")
-  _check(rl.beta >= 0 and rl.clip_low > 0 and rl.clip_high > 0, "rl.beta/clip_low/clip_high",
-         (rl.beta, rl.clip_low, rl.clip_high), "beta >= 0 and positive clip ranges")
+  _check(rl.beta >= 0, "rl.beta", rl.beta, "a number >= 0 (the KL penalty's weight)")
+  for field in ("clip_low", "clip_high"):
+    _check(rl[field] > 0, f"rl.{field}", rl[field],
+           "a number > 0 (the PPO ratio's clip range below / above 1)")
   _check(rl.inner_epochs >= 1, "rl.inner_epochs", rl.inner_epochs, "an integer >= 1")
   _check(rl.updates_per_rollout >= 1 and rl.updates_per_rollout % rl.inner_epochs == 0,
          "rl.updates_per_rollout", rl.updates_per_rollout,
          f"a positive multiple of rl.inner_epochs = {rl.inner_epochs} (updates = inner epochs "
          "x mini-batches per epoch)")
-  # Each mini-batch must hold a transition: B*G*W of them (the sampler records one slot when
-  # the window is empty).
-  transitions = c.data.batch_size * rl.group_size * max(rl.window_size, 1)
+  # Each mini-batch must hold a transition: B*G*W of them.
+  transitions = c.data.batch_size * rl.group_size * rl.window_size
   _check(rl.updates_per_rollout // rl.inner_epochs <= transitions, "rl.updates_per_rollout",
          rl.updates_per_rollout, f"at most rl.inner_epochs x {transitions} transitions "
          "(data.batch_size x rl.group_size x rl.window_size): one per mini-batch")

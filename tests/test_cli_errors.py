@@ -480,6 +480,9 @@ def test_bad_input_or_bug():
   assert cli.is_bad_input(transforms.BadImageError("x"))
   assert cli.is_bad_input(FileNotFoundError(errno.ENOENT, "No such file or directory", "/x"))
   assert cli.is_bad_input(OSError(errno.EROFS, "Read-only file system", "/x"))
+  # A run that diverged: its settings' doing, told in a line (it printed a traceback).
+  from robust_u1_jax.training import checkpoint
+  assert cli.is_bad_input(checkpoint.NonFiniteLoss("non-finite loss at step 1"))
   assert not cli.is_bad_input(ValueError("a bug"))
   assert not cli.is_bad_input(KeyError("a bug"))
   assert not cli.is_bad_input(OSError(errno.EIO, "Input/output error"))

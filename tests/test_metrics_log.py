@@ -1,4 +1,5 @@
-"""Run reporting: averaged windows, throughput fields, TensorBoard events, image grids."""
+"""Run reporting: averaged windows (extremes kept), throughput fields, TensorBoard events,
+image grids."""
 
 import glob
 import json
@@ -24,6 +25,21 @@ def test_windows_are_averaged_and_written(tmp_path):
   log.close()
   assert glob.glob(os.path.join(tmp_path, "tensorboard", "events.out.tfevents.*"))
   assert os.path.exists(tmp_path / "g" / "grid.png")
+
+
+def test_a_window_keeps_its_extremes(tmp_path):
+  # RL's ratio_max_last was averaged over the window: a one-step spike did not show.
+  log = metrics_log.MetricsLogger(str(tmp_path), total_steps=3, every=3, tensorboard=False,
+                                  show_progress=False)
+  for step, (ratio_max, ratio_min, loss) in enumerate([(1.0, 0.99, 1.0), (1.5, 0.9, 2.0),
+                                                        (1.1, 0.95, 3.0)], start=1):
+    row = log.log_step(step, {"ratio_max_last": jnp.asarray(ratio_max),
+                              "ratio_min_last": jnp.asarray(ratio_min),
+                              "advantage_abs_max": jnp.asarray(loss), "loss": jnp.asarray(loss)},
+                       samples=8)
+  log.close()
+  assert row["ratio_max_last"] == 1.5 and row["ratio_min_last"] == pytest.approx(0.9)
+  assert row["advantage_abs_max"] == 3.0 and row["loss"] == 2.0
 
 
 def test_model_flops_give_mfu_against_the_peak(tmp_path, monkeypatch):

@@ -182,10 +182,25 @@ def _tiny_settings(**overrides):
     # 1 image x 2 recoveries x 1 window step: 2 transitions cannot fill 3 mini-batches.
     ({"rl.updates_per_rollout": 3, "data.batch_size": 1, "rl.group_size": 2,
       "rl.window_size": 1}, "rl.updates_per_rollout"),
+    # No SDE step: nothing has a log-probability, and the run's first loss was NaN.
+    ({"rl.window_size": 0}, "rl.window_size = 0"),
+    # Each clip field named alone (the line named three).
+    ({"rl.clip_low": 0.0}, "rl.clip_low = 0.0"),
+    ({"rl.clip_high": -1.0}, "rl.clip_high = -1.0"),
+    ({"rl.beta": -0.1}, "rl.beta = -0.1"),
 ])
 def test_update_fields_are_validated(overrides, field):
   with pytest.raises(config_lib.ConfigError, match=field.replace(".", r"\.")):
     config_lib.load(RL, {"init_from": "random", **overrides})
+
+
+def test_a_clip_checkpoint_without_its_weight_is_noted():
+  # The tiny variant weighs CLIP 0: its file was silently not read.
+  config = config_lib.load(RL, {"init_from": "random", "rl.clip_checkpoint": "clip.safetensors"})
+  note = rl.unread_clip_note(config.rl)
+  assert note.startswith("note: rl.clip_checkpoint = 'clip.safetensors' is not read")
+  assert "--config.rl.reward_weights.clip=0.2" in note
+  assert rl.unread_clip_note(config_lib.load(RL, {"init_from": "random"}).rl) is None
 
 
 def test_learning_rate_follows_the_trainer_step_with_several_updates():

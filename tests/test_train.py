@@ -19,6 +19,7 @@ from robust_u1_jax.data import tokenizer as tokenizer_lib
 from robust_u1_jax.eval import evaluation as eval_lib
 from robust_u1_jax.training import checkpoint as checkpoint_lib
 from robust_u1_jax.training import evaluation, metrics_log, sft, trainer
+from robust_u1_jax.training import state as state_lib
 from robust_u1_jax.training.stage_spec import StageSpec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,10 +105,15 @@ def test_a_run_stopped_by_ctrl_c_saves_and_exits_130(tmp_path):
 
 @pytest.mark.slow
 def test_sft_lowers_its_loss(tmp_path):
-  history = trainer.train(_config(40, **{"optimizer.warmup_steps": 5, "log_every": 10,
-                                         "checkpoint_every": 40}), str(tmp_path), sft.build)
+  config = _config(40, **{"optimizer.warmup_steps": 5, "log_every": 10, "checkpoint_every": 40})
+  history = trainer.train(config, str(tmp_path), sft.build)
   first, last = history[0]["loss"], history[-1]["loss"]
   assert last < 0.9 * first, (first, last)
+  # The learning rate is logged (a row: its steps' mean), as the optimizer's schedule has it.
+  schedule = state_lib.learning_rate_schedule(config.optimizer, 40)
+  for row in history:
+    steps = range(row["step"] - 10, row["step"])  # the schedule counts updates from 0
+    assert row["learning_rate"] == pytest.approx(np.mean([schedule(s) for s in steps]), rel=1e-5)
   # Model FLOPs of the rows (flops.py) are logged; MFU only where the device's peak is known.
   assert history[-1]["model_tflops_per_step"] > 0
   assert "mfu" not in history[-1]
@@ -196,7 +202,6 @@ def test_sharded_sft_step_matches_single_device():
   from robust_u1_jax.data import shapes
   from robust_u1_jax.data import sequence
   from robust_u1_jax.models import bagel
-  from robust_u1_jax.training import state as state_lib
 
   cfg = bagel.BagelConfig.tiny()
   model = bagel.Bagel(cfg, rngs=nnx.Rngs(0))
@@ -263,7 +268,6 @@ def test_grad_accumulation_matches_one_k_fold_batch(k, schedule):
   import jax
   import numpy as np
 
-  from robust_u1_jax.training import state as state_lib
 
   updates, b, d, h = 6, 2, 5, 7
   rng = np.random.default_rng(0)
@@ -359,7 +363,21 @@ def test_a_run_resumed_with_other_total_steps_says_its_schedule_changes(tmp_path
   capsys.readouterr()
   trainer.train(_config(2), str(tmp_path), sft.build)
   out = capsys.readouterr().out
-  assert "total_steps 1, now 2" in out and "the learning-rate schedule spans total_steps" in out
+  assert "total_steps 1, now 2" in out
+  assert "the learning-rate schedule spans the run's optimizer updates, which total_steps sets" \
+      in out
+
+
+def test_a_changed_count_of_rl_updates_is_said_to_move_the_schedule():
+  # RL's schedule spans total_steps x rl.updates_per_rollout updates: resumed with 4 instead of
+  # 2, it stood where step 1.5 would be, not 3, and nothing said so.
+  rl = os.path.join(ROOT, "configs", "rl.py") + ":tiny"
+  saved = json.loads(config_lib.load(rl, {"init_from": "random"}).to_json_best_effort())
+  now = config_lib.load(rl, {"init_from": "random", "rl.updates_per_rollout": 4})
+  changed = config_lib.setting_differences(saved, now)
+  assert changed == ["rl.updates_per_rollout 2, now 4"]
+  assert "which rl.updates_per_rollout sets:" in trainer.schedule_note(changed)
+  assert trainer.schedule_note(["rl.beta 0.0, now 0.01"]) is None
 
 
 @pytest.mark.slow

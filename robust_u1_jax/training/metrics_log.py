@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -100,6 +100,14 @@ def _keep_rows_up_to(path: str, step: int) -> None:
     os.replace(path + ".tmp", path)
 
 
+def window_reduction(name: str) -> Callable[[Sequence[float]], float]:
+  """How a logged row combines its window's steps for metric `name`: an extreme stays the
+  window's extreme (`ratio_max_last`, `advantage_abs_max`: a one-step spike must show), the rest
+  are averaged."""
+  words = name.split("_")
+  return np.max if "max" in words else np.min if "min" in words else np.mean
+
+
 class MetricsLogger:
   """Accumulates step metrics and writes them out every `every` steps."""
 
@@ -155,9 +163,9 @@ class MetricsLogger:
     if step % self.every and step != self.total_steps:  # the last window too, however short
       return None
     host = jax.device_get(self._window)
-    # This step's metrics, each averaged over the window's steps that have it (a resumed run's
-    # kept steps may come from an older version's step).
-    row = {k: float(np.mean([m[k] for m in host if k in m])) for k in host[-1]}
+    # This step's metrics, each over the window's steps that have it (a resumed run's kept steps
+    # may come from an older version's step).
+    row = {k: float(window_reduction(k)([m[k] for m in host if k in m])) for k in host[-1]}
     seconds = (time.perf_counter() - self._t0) / len(self._counts)
     row["steps_per_s"] = 1.0 / seconds
     # Given on every step or never, the same on every process (the data and stage decide).

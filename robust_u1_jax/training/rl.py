@@ -17,11 +17,13 @@ and the clip and the approximate KL act; with a single update the ratio is 1 up 
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 
 from robust_u1_jax import pixels
@@ -302,6 +304,16 @@ def update_optimizer(c, tx):
   return state_lib.make_optimizer(o, c.total_steps * u)
 
 
+def unread_clip_note(rl_config: ml_collections.ConfigDict) -> str | None:
+  """A note when a CLIP checkpoint is given but its reward weighs 0 (the tiny variant's): the run
+  would train on SSIM alone without a word."""
+  if not rl_config.clip_checkpoint or rl_config.reward_weights.get("clip", 0.0) > 0:
+    return None
+  return (f"note: rl.clip_checkpoint = {rl_config.clip_checkpoint!r} is not read: "
+          "rl.reward_weights.clip is 0, so the reward is SSIM alone; give "
+          "--config.rl.reward_weights.clip=0.2 (the released weight) for the semantic reward")
+
+
 def build(ctx: RunContext) -> StageSpec:
   """The Flow-GRPO stage (stage_spec.py's contract)."""
   c = ctx.config
@@ -309,6 +321,8 @@ def build(ctx: RunContext) -> StageSpec:
   aux, clip_graphdef = {}, None
   if c.rl.reward_weights.get("clip", 0.0) > 0:
     clip_graphdef, aux["clip"] = load_clip_tower(c.rl, mesh=ctx.mesh)
+  elif note := unread_clip_note(c.rl):
+    print(note, file=sys.stderr, flush=True)
   reward_fn = reward_fn_from_config(c.rl, clip_graphdef)
   model_config = ctx.model_config
 

@@ -67,6 +67,22 @@ def _removed_if_left_empty(workdir: str) -> Iterator[None]:
     raise
 
 
+# What the learning-rate schedule spans: total_steps x rl.updates_per_rollout updates (RL's
+# update_optimizer), grad_accum_steps micro-batches each.
+SCHEDULE_FIELDS = ("total_steps", "rl.updates_per_rollout", "optimizer.grad_accum_steps")
+
+
+def schedule_note(changed: list[str]) -> str | None:
+  """What a resumed run's changed settings (`config_lib.setting_differences`) do to its
+  learning-rate schedule, when one of them sets how many updates it spans."""
+  spans = [d.split(" ", 1)[0] for d in changed if d.split(" ", 1)[0] in SCHEDULE_FIELDS]
+  if not spans:
+    return None
+  return (f"(the learning-rate schedule spans the run's optimizer updates, which "
+          f"{' and '.join(spans)} set{'s' if len(spans) == 1 else ''}: the steps from here on "
+          "follow the new schedule, so the run is not the one either setting alone would train)")
+
+
 def train(config: ml_collections.ConfigDict, workdir: str,
           build_stage: Callable[[RunContext], StageSpec]) -> list[dict[str, float]]:
   """Runs (or resumes) a stage in `workdir`; returns the logged metric rows of this process.
@@ -136,10 +152,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       changed = config_lib.setting_differences(saved, config) if saved else []
       if changed:
         print(f"  with settings other than its checkpoint's: {'; '.join(changed)}", flush=True)
-      if saved and saved.get("total_steps") != config.total_steps:
-        print("  (the learning-rate schedule spans total_steps: the steps from here on follow "
-              "the new one, so the run is not the one either setting alone would train)",
-              flush=True)
+      if note := schedule_note(changed):
+        print(f"  {note}", flush=True)
     if start >= config.total_steps:
       # `finished` said no: the final checkpoint without its model, a run stopped while it wrote
       # the model. Written now from that checkpoint.
@@ -171,14 +185,18 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         tensorboard=config.tensorboard, step_flops=step_flops,
         replicas=replicas, pending=pending)
     meta = {"stage": config.stage, "config": config.to_json_best_effort()}
+    # Logged beside the step's metrics: the rate of the step's (first) optimizer update.
+    schedule = state_lib.learning_rate_schedule(config.optimizer, config.total_steps)
+    accum = config.optimizer.grad_accum_steps
     try:
       for step in range(start + 1, config.total_steps + 1):
         # Stages whose rows vary in length (bucketed) compile once per bucket.
         state, metrics = step_fn(state, inputs)
-        row = log.log_step(step, metrics, samples=spec.samples_per_step,
+        rate = {"learning_rate": np.float32(schedule((step - 1) // accum))}
+        row = log.log_step(step, {**metrics, **rate}, samples=spec.samples_per_step,
                            process_samples=samples, model_flops=work)
         if row is not None:  # a written window: the same steps on every process
-          checkpoint_lib.check_finite(step, row)
+          checkpoint_lib.check_finite(step, row, kept=ckpt.latest_step())
           if several:
             data.check_skip_ratio(replicas)
         if spec.evaluate is not None and step % config.eval_every == 0:
@@ -187,7 +205,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                        os.path.join(workdir, "images", f"step_{step:07d}.png"))
         stop = ckpt.should_stop()
         if step % config.checkpoint_every == 0 or stop or step == config.total_steps:
-          checkpoint_lib.check_finite(step, jax.device_get(metrics))
+          checkpoint_lib.check_finite(step, jax.device_get(metrics), kept=ckpt.latest_step())
           ckpt.save(step, state, data, {**meta, "step": step, "log_window": log.pending()},
                     force=True)
         if stop:
