@@ -197,7 +197,7 @@ def base_config(variant: str = "default", init_from: str = "random") -> ml_colle
   c.data.text_pad_to = c.eval_data.text_pad_to = 80
   _schedule(c, 10 if quick else 1200)
   if quick:
-    c.eval_every = 10 * c.total_steps  # its sampler and decoder compiles outlast the training
+    c.eval_every = 0  # its sampler and decoder compiles would outlast the training
   # Copying an image from the context appears suddenly, after 300 to 600 steps of batch 8 at 5e-3
   # on reconstruction rows alone (at 2e-3 it had not appeared after 600), later beside the answer
   # rows: after 800 steps the x0 error at t = 0.5 was 0.12 of the latents' variance with the

@@ -149,6 +149,6 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 500
   c.keep_checkpoints = 3
   c.log_every = 10
-  c.eval_every = 500
+  c.eval_every = 500  # and at the last step; 0: never
   c.tensorboard = True
   return c

@@ -363,8 +363,11 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check(c.total_steps * per_step % o.grad_accum_steps == 0, "total_steps", c.total_steps,
          f"a number whose gradient steps (x {per_step} per step) are a multiple of "
          f"optimizer.grad_accum_steps = {o.grad_accum_steps}: one update per k gradient steps")
-  for field in ("checkpoint_every", "keep_checkpoints", "log_every", "eval_every"):
+  for field in ("checkpoint_every", "keep_checkpoints", "log_every"):
     _check(c[field] > 0, field, c[field], "a positive integer")
+  _check(c.eval_every >= 0, "eval_every", c.eval_every,
+         "a positive integer (the evaluation's cadence; it also runs at the last step), or 0 for "
+         "none")
   if "reason" in c:
     validate_flow_settings(c.reason, "reason.")
     _check(c.reason.recovered_images in ("on_the_fly", "cache"), "reason.recovered_images",

@@ -37,7 +37,7 @@ TIMEOUT_S = 1500
 ERROR_TIMEOUT_S = 600
 
 COMMON = {
-    "log_every": 1, "tensorboard": False, "eval_every": 1000,
+    "log_every": 1, "tensorboard": False, "eval_every": 0,
     # A multi-process run of unpacked batches needs one text width on every process.
     "data.text_pad_to": 32,
     # One cheap corruption instead of the Robust-R1 pipeline, whose program only adds compile
@@ -198,7 +198,7 @@ def test_a_signal_to_one_process_stops_every_process_at_one_step(tmp_path):
   # As when a scheduler preempts one host of a pod first: process 1 alone gets SIGTERM. Stopping
   # alone, it would wait in the collective checkpoint save while process 0 steps on (a hang).
   overrides = {**COMMON, "total_steps": 100_000, "checkpoint_every": 100_000,
-               "eval_every": 100_000}
+               "eval_every": 0}
   procs = _start(tmp_path, "sft.py:tiny", overrides, {"two": [(4, 0, 2), (4, 1, 2)]})
   metrics = tmp_path / "two" / "work" / "metrics.jsonl"
   deadline = time.time() + TIMEOUT_S
@@ -275,7 +275,7 @@ def test_bad_records_of_one_process_end_both_processes_together(tmp_path):
       path.write_bytes(b"\x89PNG\r\n\x1a\n-truncated")
     else:
       Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)
-  overrides = {**COMMON, "total_steps": 10, "checkpoint_every": 100, "eval_every": 100,
+  overrides = {**COMMON, "total_steps": 10, "checkpoint_every": 100,
                "data.source": "folder", "data.path": str(folder), "data.shuffle": False,
                "data.num_epochs": 1, "data.batch_size": 8, "data.max_skip_ratio": 0.5}
   runs = {"two": [(4, 0, 2), (4, 1, 2)]}

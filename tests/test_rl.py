@@ -55,7 +55,7 @@ def test_rl_stage_runs_through_the_trainer(tmp_path):
                                 "checkpoint_every": 2, "data.batch_size": 8, "mesh.data": -1,
                                 "mesh.fsdp": 1, "rl.group_size": 2, "rl.num_steps": 4,
                                 "rl.window_size": 1, "tensorboard": False,
-                                "eval_every": 1000})
+                                "eval_every": 0})
   history = trainer.train(config, str(tmp_path), rl.build)
   row = history[-1]
   for key in ("loss", "clip_fraction", "approx_kl", "log_prob_drift", "advantage_mean",

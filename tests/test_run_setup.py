@@ -22,7 +22,8 @@ from robust_u1_jax.training import recovery_cache, run_setup, sft, stages, train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SFT = os.path.join(ROOT, "configs", "sft.py") + ":tiny"
 REASON = os.path.join(ROOT, "configs", "reason.py") + ":tiny"
-SMALL = {"data.batch_size": 8, "tensorboard": False, "mesh.data": -1, "mesh.fsdp": 1}
+SMALL = {"data.batch_size": 8, "tensorboard": False, "mesh.data": -1, "mesh.fsdp": 1,
+         "eval_every": 0}
 
 # Values that pass the data config's own checks (sides and image size stay multiples) but
 # disagree with the tiny model: ViT patch 8, 16 pixels per latent token.

@@ -25,7 +25,7 @@ from robust_u1_jax.training.stage_spec import StageSpec
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SFT = os.path.join(ROOT, "configs", "sft.py") + ":tiny"
 SMALL = {"data.batch_size": 8, "log_every": 1, "checkpoint_every": 2, "mesh.data": -1,
-         "mesh.fsdp": 1, "tensorboard": False, "eval_every": 1000}
+         "mesh.fsdp": 1, "tensorboard": False, "eval_every": 0}
 
 
 def _config(steps, **extra):
@@ -69,11 +69,11 @@ def test_sft_resumes_exactly_after_sigkill(tmp_path):
   assert checkpoint_lib.results_line(killed, steps).startswith(
       "stopped at step 4 of 6; checkpoints in")  # a stopped run's last line
 
-  # Restarted with an evaluation cadence it never reaches: the run says what differs.
-  out = subprocess.run(_train_command(killed, steps, log_every=3, eval_every=1001), check=True,
+  # Restarted keeping more checkpoints, which the steps never read: the run says what differs.
+  out = subprocess.run(_train_command(killed, steps, log_every=3, keep_checkpoints=4), check=True,
                        cwd=ROOT, capture_output=True, text=True)
   assert f"resuming from step 4 in {killed}" in out.stdout
-  assert "with settings other than its checkpoint's: eval_every 1000, now 1001" in out.stdout
+  assert "with settings other than its checkpoint's: keep_checkpoints 3, now 4" in out.stdout
   resumed = _history(killed)
   assert sorted(resumed) == sorted(reference) == [3, 6]
   for s in (3, 6):
@@ -131,13 +131,15 @@ def test_packed_rows_log_the_samples_they_hold(tmp_path):
 def test_evaluation_scores_its_own_images_whatever_the_batch(tmp_path):
   """The evaluation recovers the first EVAL_IMAGES validation samples, more than the training batch
   of 8 holds (the demo's RL trains on 2): stages of any batch score the same images. Beside the
-  recoveries it scores doing nothing."""
+  recoveries it scores doing nothing. A run shorter than eval_every evaluates at its last step
+  (it wrote no grid at all)."""
   from PIL import Image
 
-  trainer.train(_config(2, **{"eval_every": 2, "eval_num_steps": 3}), str(tmp_path), sft.build)
+  trainer.train(_config(2, **{"eval_every": 500, "eval_num_steps": 3}), str(tmp_path), sft.build)
   with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
     evals = [row for row in map(json.loads, f) if row.get("eval")]
-  assert len(evals) == 1 and 0.0 <= evals[0]["eval_ssim"] <= 1.0
+  assert len(evals) == 1 and evals[0]["step"] == 2 and 0.0 <= evals[0]["eval_ssim"] <= 1.0
+  assert os.listdir(os.path.join(tmp_path, "images")) == ["step_0000002.png"]
 
   # The same validation samples, drawn here from the pipeline.
   data_config = _config(2).eval_data
@@ -368,6 +370,13 @@ def test_a_run_resumed_with_other_total_steps_says_its_schedule_changes(tmp_path
       in out
 
 
+def test_evaluations_fall_every_eval_every_steps_and_at_the_last():
+  assert [s for s in range(1, 8) if trainer.evaluates_at(_config(7, eval_every=3), s)] == [3, 6, 7]
+  assert not any(trainer.evaluates_at(_config(7, eval_every=0), s) for s in range(1, 8))
+  with pytest.raises(config_lib.ConfigError, match="eval_every = -1"):
+    _config(7, eval_every=-1)
+
+
 def test_a_changed_count_of_rl_updates_is_said_to_move_the_schedule():
   # RL's schedule spans total_steps x rl.updates_per_rollout updates: resumed with 4 instead of
   # 2, it stood where step 1.5 would be, not 3, and nothing said so.
@@ -430,7 +439,7 @@ def test_an_evaluation_of_another_source_than_the_training_data_is_noted():
                   "training data's data.source = 'folder'; give --config.eval_data.source and "
                   "--config.eval_data.path to evaluate on yours")
   assert evaluation.other_source_note(_config(4, **{"eval_every": 2})) is None
-  config = _config(4, **{"data.source": "folder", "data.path": "/images", "eval_every": 5})
+  config = _config(4, **{"data.source": "folder", "data.path": "/images", "eval_every": 0})
   assert evaluation.other_source_note(config) is None  # a run that never evaluates
 
 

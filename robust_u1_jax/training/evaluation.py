@@ -32,7 +32,7 @@ def other_source_note(c) -> str | None:
   """A note when the evaluation reads another source than the training data: eval_data is a copy
   of the config file's data, so `--config.data.source=folder` alone trains on the user's images
   and evaluates on the built-in world's."""
-  if c.eval_data.source == c.data.source or c.eval_every > c.total_steps:
+  if c.eval_data.source == c.data.source or not c.eval_every:
     return None
   return (f"note: the evaluation every {c.eval_every} steps reads eval_data.source = "
           f"{c.eval_data.source!r}, not the training data's data.source = {c.data.source!r}; "

@@ -41,7 +41,7 @@ class StageSpec:
   aux: dict[str, Any] = dataclasses.field(default_factory=dict)
   reference: bool = False  # keep a frozen copy of the initial trainable params in aux
   # (graphdef, state) -> ({column title: images} for a grid, scalar metrics); run every
-  # eval_every steps.
+  # eval_every steps and at the last (trainer.evaluates_at).
   evaluate: Callable | None = None
   # A model of the stage's own, trained instead of the Bagel (built on the run's mesh).
   model: nnx.Module | None = None

@@ -72,6 +72,13 @@ def _removed_if_left_empty(workdir: str) -> Iterator[None]:
 SCHEDULE_FIELDS = ("total_steps", "rl.updates_per_rollout", "optimizer.grad_accum_steps")
 
 
+def evaluates_at(config: ml_collections.ConfigDict, step: int) -> bool:
+  """Whether a stage with an evaluation runs it after `step`: every `eval_every` steps and at the
+  last (a run shorter than eval_every still shows its grid), never with eval_every 0."""
+  every = config.eval_every
+  return bool(every) and (step % every == 0 or step == config.total_steps)
+
+
 def schedule_note(changed: list[str]) -> str | None:
   """What a resumed run's changed settings (`config_lib.setting_differences`) do to its
   learning-rate schedule, when one of them sets how many updates it spans."""
@@ -199,7 +206,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
           checkpoint_lib.check_finite(step, row, kept=ckpt.latest_step())
           if several:
             data.check_skip_ratio(replicas)
-        if spec.evaluate is not None and step % config.eval_every == 0:
+        if spec.evaluate is not None and evaluates_at(config, step):
           columns, eval_metrics = spec.evaluate(*plain_model_state(graphdef, state))
           log.log_eval(step, eval_metrics, columns,
                        os.path.join(workdir, "images", f"step_{step:07d}.png"))
