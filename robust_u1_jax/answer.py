@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from absl import app, flags, logging
 
 from robust_u1_jax import files, model_cli
+from robust_u1_jax.data import answer_format
 
 EXCHANGE_FILE = "exchange.json"
 NO_OPTION = "none"  # the last line's answer when the reply names no option (or several)
@@ -83,6 +84,9 @@ def _answer(values: flags.FlagValues) -> int:
   blank = [k for k, option in enumerate(values.options, start=1) if not option.strip()]
   if blank:
     raise app.UsageError(f"--options: option {blank[0]} of {len(values.options)} is empty")
+  if len(values.options) > len(answer_format.LETTERS):
+    raise app.UsageError(f"--options: {len(values.options)} options; at most "
+                         f"{len(answer_format.LETTERS)}, one per letter A to Z")
   # A bad image, --model or --out fails before the model loads.
   image = model_cli.read_image(values.image,
                                model_cli.min_side(model_cli.model_rules(values.model)))

@@ -168,6 +168,10 @@ CASES = {
     # answer
     "answer/not an image": ("answer", ["--model={workdir}", "--image={notes}", "--question=q"],
                             ["{notes}", "not an image"]),
+    # 27 crashed on the 27th letter, after the model loaded.
+    "answer/27 options": ("answer", ["--model={workdir}", "--image={good}", "--question=q",
+                                     *[f"--options=o{i}" for i in range(27)]],
+                          ["--options: 27 options; at most 26"]),
     "answer/--out a file": ("answer", ["--model={workdir}", "--image={good}", "--question=q",
                                        "--out={file}"], ["--out {file}", "a file, not a folder"]),
     # convert

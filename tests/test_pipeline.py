@@ -362,8 +362,9 @@ def test_text_widths_fix_one_field_and_name_the_setting(tok):
   data.text_widths.question = 128
   assert pipeline.fixed_rows(data, "reason") and not pipeline.fixed_rows(data, "pretrain")
   data.text_widths.answer = longest - 1
-  with pytest.raises(ValueError, match=rf"answer_ids of {longest} tokens exceeds "
-                                       rf"data.text_widths.answer={longest - 1}"):
+  with pytest.raises(ValueError, match=rf"data.text_widths.answer = {longest - 1}: the answer "
+                                       r"text of record \d+ of data.source 'shapes' is "
+                                       rf"{longest} tokens"):
     make()
 
 
@@ -453,3 +454,13 @@ def test_reason_stage_on_jsonl_pairs(tok, tmp_path):
     clean, corrupted = batch["clean"][i, :h, :w], batch["corrupted"][i, :h, :w]
     assert (h, w) == tuple(batch["corrupted_hw"][i])
     assert np.abs(clean.astype(int) + corrupted.astype(int) - 255).mean() < 8
+
+  # An answer wider than its fixed width names its row (it said "answer_ids of 848 tokens").
+  rows[2]["answer"] = "<REASONING>" + "long " * 200 + "<REASONING_END>\n<ANSWER>B<ANSWER_END>"
+  path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+  data = _data("reason", source="jsonl", path=str(path), corruption="none", batch_size=4,
+               shuffle=False, **{"text_widths.answer": 64})
+  with pytest.raises(config_lib.ConfigError,
+                     match=rf"data.text_widths.answer = 64: the answer text of line 3 of {path} "
+                           r"is \d+ tokens; raise data.text_widths.answer"):
+    next(pipeline.make_pipeline(data, seed=0, tokenizer=tok, stage="reason"))

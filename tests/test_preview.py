@@ -33,6 +33,28 @@ def test_preview_cli_on_tiny_config(tmp_path):
   assert "Please restore this corrupted image" in result.stdout
 
 
+def test_reasoning_rows_of_a_jsonl_show_their_question(tmp_path):
+  # preview said "jsonl records carry no questions" of rows that hold one.
+  import json
+
+  from robust_u1_jax import config_lib
+
+  rng = np.random.default_rng(0)
+  for name in ("a.png", "b.png"):
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / name)
+  row = {"image": "a.png", "target_image": "b.png", "question": "Which colour is the disc?",
+         "answer": "<ANSWER>A<ANSWER_END>", "options": ["red", "blue"]}
+  (tmp_path / "rows.jsonl").write_text(json.dumps(row) + "\n")
+  config = config_lib.load(os.path.join(ROOT, "configs", "reason.py") + ":tiny", {
+      "init_from": "random", "data.source": "jsonl", "data.path": str(tmp_path / "rows.jsonl"),
+      "data.corruption": "none"})
+  question, answer = preview.question_and_answer(config)
+  # The row's options lettered as `answer --options` letters them (they were left out).
+  from robust_u1_jax.data import answer_format
+  assert question == answer_format.prompt("Which colour is the disc?", ["red", "blue"])
+  assert answer == "<ANSWER>A<ANSWER_END>"
+
+
 def test_draw_grid_labels_and_size():
   rng = np.random.default_rng(0)
   samples = [{"clean": rng.integers(0, 255, (48, 32, 3), dtype=np.uint8),

@@ -217,3 +217,18 @@ def test_stage_modules_depend_on_the_contract_not_the_trainer():
     assert "training import trainer" not in source and "trainer." not in source.replace(
         "`trainer.", ""), module.__name__
     assert "StageSpec(" in source, module.__name__
+
+
+def test_a_model_trained_at_other_guidance_is_noted(tmp_path):
+  # The reasoning stage from the demo's RL model (1.5 / 1.5) recovered at 4 / 2 without a word.
+  recovery.Guidance(text_scale=1.5, image_scale=1.5).save(str(tmp_path))
+  config = config_lib.load(SFT, {**SMALL, "init_from": str(tmp_path)})
+  note = run_setup.guidance_note(config)
+  g = config.guidance
+  assert note.startswith(f"note: init_from's model recovers at guidance 1.5 / 1.5 (text / image, "
+                         f"its guidance.json), this run at {g.text_scale:g} / {g.image_scale:g}")
+  assert "--config.guidance.text_scale=1.5 --config.guidance.image_scale=1.5" in note
+  same = config_lib.load(SFT, {**SMALL, "init_from": str(tmp_path), "guidance.text_scale": 1.5,
+                               "guidance.image_scale": 1.5})
+  assert run_setup.guidance_note(same) is None
+  assert run_setup.guidance_note(config_lib.load(SFT, SMALL)) is None  # random weights

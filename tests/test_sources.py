@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from robust_u1_jax import config_defaults
-from robust_u1_jax.data import answer_format
+from robust_u1_jax.data import answer_format, bad_records
 from robust_u1_jax.data import shapes
 from robust_u1_jax.data import sources
 from robust_u1_jax.data import sources_vqa
@@ -181,6 +181,29 @@ def test_jsonl_pairs_relative_paths(tmp_path):
   paired = transforms.CorruptOnTheFly("none").map(out)
   np.testing.assert_array_equal(paired["clean"], _img(101))
   np.testing.assert_array_equal(paired["corrupted"], _img(1))
+
+
+def test_jsonl_text_fields_are_checked_with_their_line(tmp_path):
+  # A reasoning row with `question: 5` was blamed on its image, listing the record's inner keys.
+  Image.fromarray(_img(0)).save(tmp_path / "c.png")
+  pair = {"image": "c.png", "target_image": "c.png"}
+  good = {**pair, "question": "Which shape?", "answer": "<ANSWER>A<ANSWER_END>",
+          "options": ["circle", "square"]}
+  rows = [good, {**good, "question": 5}, {**good, "answer": ""}, {**good, "options": "circle"},
+          {**good, "options": [f"o{i}" for i in range(27)]}, {**good, "prompt": ["fix"]}, pair]
+  (tmp_path / "rows.jsonl").write_text("\n".join(map(json.dumps, rows)))
+  src = sources.make_source(_config("jsonl", tmp_path / "rows.jsonl"), stage="reason")
+  assert src[0]["options"] == ["circle", "square"]
+  reasons = [src[i][bad_records.SKIP] for i in range(1, len(rows))]
+  assert reasons == ["line 2: 'question' is 5, not a non-empty text",
+                     "line 3: 'answer' is '', not a non-empty text",
+                     "line 4: 'options' is 'circle', not a list of non-empty texts",
+                     "line 5: 'options' has 27 options; at most 26, one per letter",
+                     "line 6: 'prompt' is ['fix'], not a text",
+                     "line 7: missing key(s) question, answer (row has: image, target_image)"]
+  assert all(src[i]["path"] == str(tmp_path / "rows.jsonl") for i in range(1, len(rows)))
+  # SFT and RL read the pair alone.
+  assert "index" in sources.make_source(_config("jsonl", tmp_path / "rows.jsonl"))[6]
 
 
 # ------------------------------------------------------------------------------------------- TSV

@@ -45,11 +45,14 @@ ANSWER_OPEN_FROM_RESTORED = ("Based on what you observe in the restored image, p
                              "question.")
 
 
+LETTERS = string.ascii_uppercase  # an option's letter: at most 26 options
+
+
 def format_option(i: int, option: str) -> str:
   """'A. text' (an option given as 'A. text' already keeps its letter)."""
   if re.match(r"^[A-Z][.)]\s", option):
     return option
-  return f"{string.ascii_uppercase[i]}. {option}"
+  return f"{LETTERS[i]}. {option}"
 
 
 def prompt(question: str, options: Sequence[str] = (), *, instruction: str | None = RESTORE

@@ -209,6 +209,20 @@ class KeepFields(grain.transforms.Map):
 # ---------------------------------------------------------------------------------------- collate
 
 @dataclasses.dataclass(frozen=True)
+class _IndexIn:
+  where: str
+
+  def __call__(self, index: int) -> str:
+    return f"record {index} of {self.where}"
+
+
+def record_namer(source, data_config) -> Callable[[int], str]:
+  """index -> the record in words, for errors about a batch (which keeps no paths): the source's
+  own `record_name` (a JSONL row's line), else its index in data.path."""
+  return getattr(source, "record_name", None) or _IndexIn(
+      data_config.path or f"data.source {data_config.source!r}")
+
+@dataclasses.dataclass(frozen=True)
 class Collate:
   """Stacks per-sample records into the batch schema (module docstring)."""
   text_fields: tuple[str, ...]
@@ -216,6 +230,7 @@ class Collate:
   image_canvas: Mapping[str, tuple[int, int]] | None  # None: the source has one image size
   text_pad_to: int | None = None
   text_widths: Mapping[str, int] = dataclasses.field(default_factory=dict)  # field -> width
+  record_name: Callable[[int], str] = _IndexIn("the data")  # index -> words (`record_namer`)
 
   def _images(self, key: str, images: list[np.ndarray]) -> np.ndarray:
     if self.image_canvas is None:
@@ -230,15 +245,18 @@ class Collate:
       out[i, :im.shape[0], :im.shape[1]] = im
     return out
 
-  def _texts(self, key: str, seqs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+  def _texts(self, key: str, seqs: list[np.ndarray], samples: Sequence[Mapping[str, Any]]
+             ) -> tuple[np.ndarray, np.ndarray]:
     lengths = np.asarray([len(s) for s in seqs], np.int32)
     field = key.removesuffix("_ids")
     fixed = self.text_widths.get(field)
     width = fixed or self.text_pad_to or packing.text_width(int(lengths.max()), MIN_TEXT_PAD)
     if lengths.max() > width:
       setting = f"text_widths.{field}" if fixed else "text_pad_to"
+      longest = self.record_name(int(samples[int(lengths.argmax())]["index"]))
       raise config_lib.ConfigError(
-          f"{key} of {int(lengths.max())} tokens exceeds data.{setting}={width}")
+          f"data.{setting} = {width}: the {field} text of {longest} is "
+          f"{int(lengths.max())} tokens; raise data.{setting} to the longest text's tokens")
     out = np.full((len(seqs), width), self.pad_id, np.int32)
     for i, s in enumerate(seqs):
       out[i, :len(s)] = s
@@ -252,7 +270,7 @@ class Collate:
         batch[key] = self._images(key, values)
         batch[f"{key}_hw"] = np.asarray([v.shape[:2] for v in values], np.int32)
       elif key.endswith("_ids") and key[:-4] in self.text_fields:
-        batch[key], batch[f"{key[:-4]}_lengths"] = self._texts(key, values)
+        batch[key], batch[f"{key[:-4]}_lengths"] = self._texts(key, values, samples)
       elif isinstance(values[0], str):
         batch[key] = np.asarray(values)
       else:
@@ -493,7 +511,7 @@ def make_pipeline(data_config, *, seed: int, process_index: int = 0, process_cou
     raise ValueError(f"process_index={process_index} is outside [0, process_count="
                      f"{process_count})")
   batch_size = multihost.per_process_batch_size(data_config.batch_size, process_count)
-  source = sources.make_source(data_config, split)
+  source = sources.make_source(data_config, split, stage=stage)
   num_records = len(source)
   epoch_size = num_records // process_count
   if epoch_size < 1:
@@ -567,7 +585,7 @@ def make_pipeline(data_config, *, seed: int, process_index: int = 0, process_cou
   else:
     collate = Collate(text_fields, special["pad"],
                       None if data_config.source == "shapes" else canvas, text_pad_to,
-                      fixed_text_widths(data_config))
+                      fixed_text_widths(data_config), record_namer(source, data_config))
     it = it.batch(batch_size, drop_remainder=True, batch_fn=collate)
   if format_rows is not None:
     it = it.map_with_index(FormatRows(format_rows, seed))

@@ -33,6 +33,9 @@ from robust_u1_jax.data.image_files import is_image_name, looked_for
 
 # A pair's own instruction, "prompt", is optional: rows without one get the stage's instruction.
 PAIR_KEYS = ("image", "target_image")
+# What stages that answer read of a row besides (stage_fields.py); "options" is optional.
+QUESTION_KEYS = ("question", "answer")
+MAX_OPTIONS = 26  # one letter each
 
 
 # ---------------------------------------------------------------------------------------- folder
@@ -162,11 +165,12 @@ class JsonlSource:
   """Rows of a JSONL file whose image fields are paths relative to the file's directory.
 
   Defaults are the Robust-R1 pairs {"prompt", "image", "target_image"}, "prompt" optional (the
-  reasoning stage reads "question" and "answer" besides, stage_fields.py). Record: the row's fields,
+  reasoning stage requires "question" and "answer" besides, and reads "options" when given,
+  stage_fields.py). Record: the row's fields,
   with each image field f replaced by f + '_bytes' (the file's bytes) and its resolved path in
   'path' (for 'image') or f + '_path'; plus index and line (1-based). Blank lines are not rows.
-  A row that is not JSON, not an object, lacks a required key, or names a missing or unreadable
-  file gives a skip marker.
+  A row that is not JSON, not an object, lacks a required key, holds a text field that is not
+  text (`text_field_error`), or names a missing or unreadable file gives a skip marker.
   """
 
   def __init__(self, path: str | os.PathLike, *, required: tuple[str, ...] = PAIR_KEYS,
@@ -186,6 +190,9 @@ class JsonlSource:
 
   def __repr__(self) -> str:
     return f"JsonlSource({self.path!r}, {len(self)} rows)"
+
+  def record_name(self, i: int) -> str:
+    return f"line {int(self.lines[i])} of {self.path}"
 
   def __getitem__(self, i) -> dict:
     i = check_index(i, len(self), repr(self))
@@ -210,6 +217,8 @@ class JsonlSource:
     missing = [k for k in self.required if k not in row]
     if missing:
       return skip(f"missing key(s) {', '.join(missing)} (row has: {', '.join(row) or 'none'})")
+    if error := text_field_error(row):
+      return skip(error)
     record = {k: v for k, v in row.items() if k not in self.image_keys}
     for key in self.image_keys:
       if key not in row:
@@ -231,13 +240,37 @@ class JsonlSource:
     return record
 
 
+def text_field_error(row: dict) -> str | None:
+  """What is wrong with a row's text fields, or None: "prompt" a text (empty: the config's
+  instruction), "question" and "answer" non-empty texts, "options" a list of at most 26 non-empty
+  texts."""
+  def shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+  if "prompt" in row and not isinstance(row["prompt"], str):
+    return f"'prompt' is {shown(row['prompt'])}, not a text"
+  for key in QUESTION_KEYS:
+    if key in row and not (isinstance(row[key], str) and row[key].strip()):
+      return f"{key!r} is {shown(row[key])}, not a non-empty text"
+  options = row.get("options")
+  if options is not None:
+    if not (isinstance(options, list) and options
+            and all(isinstance(o, str) and o.strip() for o in options)):
+      return f"'options' is {shown(options)}, not a list of non-empty texts"
+    if len(options) > MAX_OPTIONS:
+      return f"'options' has {len(options)} options; at most {MAX_OPTIONS}, one per letter"
+  return None
+
+
 # --------------------------------------------------------------------------------------- factory
 
-def make_source(data_config, split: str | None = None):
+def make_source(data_config, split: str | None = None, *, stage: str = "sft"):
   """The source data_config.source names. `split` overrides data_config.split.
 
   The split selects the shapes world's split and the TFDS split; folder, jsonl and table sources
-  are selected by data_config.path alone. The shapes world's train split has data.shapes_size
+  are selected by data_config.path alone; `stage` says which fields a JSONL row must hold. The
+  shapes world's train split has data.shapes_size
   records (validation and test keep the world's default sizes) and a fixed world seed 0, so every
   run sees the same world.
   """
@@ -257,7 +290,8 @@ def make_source(data_config, split: str | None = None):
     image_key = data_config.get("tfds_image_key", "image")
     return TfdsSource(data_config.path, split, data_config.tfds_data_dir, image_key)
   if source == "jsonl":
-    return JsonlSource(data_config.path)
+    answers = stage in ("reason", "vqa", "pretrain")  # a stage that answers questions
+    return JsonlSource(data_config.path, required=PAIR_KEYS + (QUESTION_KEYS if answers else ()))
   if source == "vqa_tsv":
     return sources_vqa.VqaTsvSource(data_config.path)
   return sources_vqa.VqaParquetSource(data_config.path)

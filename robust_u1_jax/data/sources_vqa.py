@@ -24,17 +24,16 @@ import io
 import math
 import os
 import pathlib
-import string
 import sys
 import threading
 
 import numpy as np
 
 from robust_u1_jax import config_lib
+from robust_u1_jax.data.answer_format import LETTERS
 from robust_u1_jax.data.bad_records import skip_record
 from robust_u1_jax.data.record_files import LazyFile, check_index, line_spans
 
-LETTERS = string.ascii_uppercase
 OPTION_LIST_COLUMNS = ("options", "choices")
 # VLMEvalKit stores a repeated image once; other rows hold that row's `index` (<= 64 characters).
 _MAX_IMAGE_REFERENCE = 64

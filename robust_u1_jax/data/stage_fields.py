@@ -89,8 +89,9 @@ class StageFields(grain.transforms.Map):
   def _question(self, out: dict) -> dict:
     questions = out.get("questions")
     if not questions and isinstance(out.get("question"), str) and isinstance(
-        out.get("answer"), str):  # a JSONL row of reasoning data: {question, answer, ...}
-      questions = [{"question": out["question"], "answer": out["answer"], "raw_answer": True}]
+        out.get("answer"), str):  # a JSONL row of reasoning data: {question, answer, options?}
+      questions = [{"question": out["question"], "answer": out["answer"], "raw_answer": True,
+                    "options": out.get("options") or ()}]
     if not questions:
       return bad_records.skip_record(
           f"stage {self.stage!r} needs a record with 'questions' (shapes world, VQA tables) or "
@@ -100,6 +101,7 @@ class StageFields(grain.transforms.Map):
                                  _QUESTION_STREAM])
     q = questions[int(rng.integers(len(questions)))]
     question = answer_format.format_question(q)
+    # The config's instruction, not a row's prompt: the on-the-fly recovery reads it too.
     recovery_question = answer_format.format_question(q, self.instruction)
     if self.stage == "reason":
       question = recovery_question

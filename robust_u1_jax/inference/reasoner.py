@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
-import string
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -56,7 +55,7 @@ def extract_answer(text: str, options: Sequence[str] = ()) -> str:
   answer = (found[-1] if found else text).strip()
   if not options:
     return answer
-  letters = string.ascii_uppercase[:len(options)]
+  letters = answer_format.LETTERS[:len(options)]
   # A letter alone or closed by '.', ')' or ':' ("B", "(B)", "B. square"): not the article of
   # "A red circle ...".
   m = (re.match(rf"^\(?([{letters}])(?:[.):]|\s*$)", answer)

@@ -12,6 +12,7 @@ is built.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -176,10 +177,33 @@ def init_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                                    bagel_lib.COMPONENTS, mesh)
   from robust_u1_jax.checkpoints import orbax_io  # heavy imports only when loading weights
 
+  if note := guidance_note(config):
+    print(note, file=sys.stderr, flush=True)
   o = _overrides(config)
   return orbax_io.load_pretrained(source, mesh=mesh, dtype=o["dtype"],
                                   param_dtype=o["param_dtype"], remat=o["remat"],
                                   attention=o["attention"], progress=True)
+
+
+def guidance_note(config: ml_collections.ConfigDict) -> str | None:
+  """A note when the run recovers at other guidance scales than the model `init_from` names was
+  trained to (its guidance.json): a reasoning stage from the demo's RL model (1.5 / 1.5) would
+  recover at configs/reason.py's 4 / 2 without a word, and write 4 / 2 into its own model."""
+  from robust_u1_jax.checkpoints.bagel_dir import GUIDANCE_FILE
+  from robust_u1_jax.inference import recovery as recovery_lib
+
+  source = model_source(config)
+  if source == "random" or not os.path.isfile(os.path.join(source, GUIDANCE_FILE)):
+    return None
+  model = recovery_lib.Guidance.for_model_dir(source)
+  g = config.guidance
+  if (model.text_scale, model.image_scale) == (g.text_scale, g.image_scale):
+    return None
+  return (f"note: init_from's model recovers at guidance {model.text_scale:g} / "
+          f"{model.image_scale:g} (text / image, its {GUIDANCE_FILE}), this run at "
+          f"{g.text_scale:g} / {g.image_scale:g}; give --config.guidance.text_scale="
+          f"{model.text_scale:g} --config.guidance.image_scale={model.image_scale:g} to keep "
+          "the model's")
 
 
 def abstract_model(mc: bagel_lib.BagelConfig, mesh: jax.sharding.Mesh) -> bagel_lib.Bagel:
