@@ -368,6 +368,13 @@ def test_a_run_resumed_with_other_total_steps_says_its_schedule_changes(tmp_path
   assert "total_steps 1, now 2" in out
   assert "the learning-rate schedule spans the run's optimizer updates, which total_steps sets" \
       in out
+  # Finished, asked again with another setting: nothing trains, and the run says what differs
+  # (it said "nothing to train" alone).
+  assert trainer.train(_config(2, **{"optimizer.learning_rate": 0.5}), str(tmp_path),
+                       sft.build) == []
+  out = capsys.readouterr().out
+  assert "is already at the final step 2; nothing to train" in out
+  assert "its model was trained with settings other than these: optimizer.learning_rate" in out
 
 
 def test_evaluations_fall_every_eval_every_steps_and_at_the_last():

@@ -99,6 +99,10 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     # Before building or compiling anything: a finished stage answers at once.
     print(f"{workdir} is already at the final step {checkpoint_lib.latest_step(workdir)}; "
           f"nothing to train (model: {os.path.join(workdir, 'model')})", flush=True)
+    saved = checkpoint_lib.saved_config(workdir)
+    if changed := config_lib.setting_differences(saved, config) if saved else []:
+      print(f"  its model was trained with settings other than these: {'; '.join(changed)}; "
+            "give another --workdir to train with them", flush=True)
     return []
   ctx = run_setup.make_context(config)  # checks the config against the model before building
   mesh, tokenizer = ctx.mesh, ctx.tokenizer
