@@ -196,14 +196,16 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         tensorboard=config.tensorboard, step_flops=step_flops,
         replicas=replicas, pending=pending)
     meta = {"stage": config.stage, "config": config.to_json_best_effort()}
-    # Logged beside the step's metrics: the rate of the step's (first) optimizer update.
-    schedule = state_lib.learning_rate_schedule(config.optimizer, config.total_steps)
+    # Logged beside the step's metrics: the rate of the step's (first) optimizer update. Computed
+    # for every update once: a per-step call would wait for the step to read back its result.
     accum = config.optimizer.grad_accum_steps
+    rates = np.asarray(jax.vmap(state_lib.learning_rate_schedule(
+        config.optimizer, config.total_steps))(np.arange(-(-config.total_steps // accum))))
     try:
       for step in range(start + 1, config.total_steps + 1):
         # Stages whose rows vary in length (bucketed) compile once per bucket.
         state, metrics = step_fn(state, inputs)
-        rate = {"learning_rate": np.float32(schedule((step - 1) // accum))}
+        rate = {"learning_rate": rates[(step - 1) // accum]}
         row = log.log_step(step, {**metrics, **rate}, samples=spec.samples_per_step,
                            process_samples=samples, model_flops=work)
         if row is not None:  # a written window: the same steps on every process
