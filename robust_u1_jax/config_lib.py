@@ -4,6 +4,7 @@ the fields two configs differ in (`setting_differences`). The defaults: `config_
 """
 
 from collections.abc import Collection, Mapping
+from typing import Any
 import difflib
 import json
 import math
@@ -505,9 +506,9 @@ def unknown_field(config: ml_collections.ConfigDict, dotted: str) -> str | None:
   return None
 
 
-def setting_differences(saved: Mapping, config: ml_collections.ConfigDict | Mapping,
-                        ignore: Collection[str] = ()) -> list[str]:
-  """'field <saved>, now <value>' for each field whose value differs between a config saved as
+def differing_fields(saved: Mapping, config: ml_collections.ConfigDict | Mapping,
+                     ignore: Collection[str] = ()) -> list[tuple[str, Any, Any]]:
+  """(field, saved value, value) for each field whose value differs between a config saved as
   JSON (a checkpoint's, a report's settings) and `config`, by field name. Fields only one of them
   has are left out: a newer project adds fields whose defaults keep what an older run did.
   `ignore`: dotted names, each also covering the fields under it."""
@@ -518,9 +519,20 @@ def setting_differences(saved: Mapping, config: ml_collections.ConfigDict | Mapp
   ours = traverse_util.flatten_dict(json.loads(json.dumps(config)), sep=".")
   theirs = traverse_util.flatten_dict(json.loads(json.dumps(saved)), sep=".")
   skipped = tuple(ignore)
-  return [f"{name} {theirs[name]!r}, now {ours[name]!r}" for name in sorted(ours)
+  return [(name, theirs[name], ours[name]) for name in sorted(ours)
           if name in theirs and ours[name] != theirs[name]
           and not any(name == i or name.startswith(i + ".") for i in skipped)]
+
+
+def described(differences: list[tuple[str, Any, Any]]) -> list[str]:
+  """'field <saved>, now <value>' for each of `differing_fields`' differences."""
+  return [f"{name} {was!r}, now {now!r}" for name, was, now in differences]
+
+
+def setting_differences(saved: Mapping, config: ml_collections.ConfigDict | Mapping,
+                        ignore: Collection[str] = ()) -> list[str]:
+  """`differing_fields` in words (`described`)."""
+  return described(differing_fields(saved, config, ignore))
 
 
 _TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false",

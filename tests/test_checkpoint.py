@@ -107,16 +107,16 @@ def test_no_checkpoint_returns_none(tmp_path):
 
 
 def test_non_finite_loss_names_step_losses_and_the_checkpoint_kept():
-  checkpoint.check_finite(3, {"loss": 1.0, "reward_mean": float("nan")}, kept=2)
+  checkpoint.check_finite(3, {"loss": 1.0, "reward_mean": float("nan")}, kept=lambda: 2)
   with pytest.raises(checkpoint.NonFiniteLoss, match="grad_norm"):
-    checkpoint.check_finite(3, {"loss": 1.0, "grad_norm": float("nan")}, kept=2)
+    checkpoint.check_finite(3, {"loss": 1.0, "grad_norm": float("nan")}, kept=lambda: 2)
   with pytest.raises(checkpoint.NonFiniteLoss,
                      match=r"step 7.*'loss': nan.*the checkpoint of step 6 is kept"):
-    checkpoint.check_finite(7, {"loss": float("nan"), "mse_loss": 1.0}, kept=6)
+    checkpoint.check_finite(7, {"loss": float("nan"), "mse_loss": 1.0}, kept=lambda: 6)
   # It said "the last good checkpoint is kept" of a run that had none.
   with pytest.raises(checkpoint.NonFiniteLoss,
                      match="no checkpoint was saved before it, so the run starts again"):
-    checkpoint.check_finite(1, {"loss": float("nan")}, kept=None)
+    checkpoint.check_finite(1, {"loss": float("nan")}, kept=lambda: None)
 
 
 def test_saved_config_reads_the_newest_checkpoints_config(tmp_path):

@@ -27,14 +27,13 @@ from PIL import Image, ImageDraw, ImageFont
 
 from robust_u1_jax import config_lib
 from robust_u1_jax.data import packing
-from robust_u1_jax.data import pipeline
+from robust_u1_jax.data import pipeline, sources
 
 PAD = 8  # around cells
 GAP = 2  # between the clean and the corrupted tile of a cell
 LINE_HEIGHT = 12  # PIL's default bitmap font is about 11 px tall
 MIN_TILE = 128
 QUESTION_SOURCES = ("shapes", "vqa_tsv", "vqa_parquet")  # sources whose records hold questions
-# and JSONL rows where the reasoning stage reads them ('question' and 'answer' fields)
 
 
 def _define_flags() -> dict:
@@ -127,8 +126,9 @@ def take_samples(p: pipeline.Pipeline, n: int) -> list[dict]:
 
 def question_and_answer(config) -> tuple[str, str] | None:
   """(question, target answer) of the first sample the config's data gives, or None."""
+  # A JSONL row holds a question where the config's stage answers (it requires one there).
   if config.data.source not in QUESTION_SOURCES and not (
-      config.data.source == "jsonl" and config.stage == "reason"):
+      config.data.source == "jsonl" and config.stage in sources.ANSWERING_STAGES):
     return None
   stage = config.stage if config.stage in ("reason", "vqa") else "reason"
   p = pipeline.make_pipeline(config.data, seed=config.seed, stage=stage)

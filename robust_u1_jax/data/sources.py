@@ -26,16 +26,17 @@ import threading
 
 
 from robust_u1_jax import config_lib
-from robust_u1_jax.data import shapes, sources_vqa
+from robust_u1_jax.data import answer_format, shapes, sources_vqa
 from robust_u1_jax.data.bad_records import skip_record
 from robust_u1_jax.data.record_files import LazyFile, check_index, line_spans
 from robust_u1_jax.data.image_files import is_image_name, looked_for
 
 # A pair's own instruction, "prompt", is optional: rows without one get the stage's instruction.
 PAIR_KEYS = ("image", "target_image")
-# What stages that answer read of a row besides (stage_fields.py); "options" is optional.
+# What the stages that answer questions read of a JSONL row besides (stage_fields.py); "options"
+# is optional, one letter each.
+ANSWERING_STAGES = ("reason", "vqa", "pretrain")
 QUESTION_KEYS = ("question", "answer")
-MAX_OPTIONS = 26  # one letter each
 
 
 # ---------------------------------------------------------------------------------------- folder
@@ -258,8 +259,9 @@ def text_field_error(row: dict) -> str | None:
     if not (isinstance(options, list) and options
             and all(isinstance(o, str) and o.strip() for o in options)):
       return f"'options' is {shown(options)}, not a list of non-empty texts"
-    if len(options) > MAX_OPTIONS:
-      return f"'options' has {len(options)} options; at most {MAX_OPTIONS}, one per letter"
+    if len(options) > len(answer_format.LETTERS):
+      return (f"'options' has {len(options)} options; at most {len(answer_format.LETTERS)}, "
+              "one per letter")
   return None
 
 
@@ -290,7 +292,7 @@ def make_source(data_config, split: str | None = None, *, stage: str = "sft"):
     image_key = data_config.get("tfds_image_key", "image")
     return TfdsSource(data_config.path, split, data_config.tfds_data_dir, image_key)
   if source == "jsonl":
-    answers = stage in ("reason", "vqa", "pretrain")  # a stage that answers questions
+    answers = stage in ANSWERING_STAGES
     return JsonlSource(data_config.path, required=PAIR_KEYS + (QUESTION_KEYS if answers else ()))
   if source == "vqa_tsv":
     return sources_vqa.VqaTsvSource(data_config.path)

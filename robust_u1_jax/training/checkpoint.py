@@ -361,16 +361,18 @@ class NonFiniteLoss(FloatingPointError):
   """A loss went NaN or infinite: the run stops before it can overwrite a good checkpoint."""
 
 
-def check_finite(step: int, metrics: dict[str, Any], *, kept: int | None,
+def check_finite(step: int, metrics: dict[str, Any], *, kept: Callable[[], int | None],
                  keys: Callable[[str], bool] | None = None):
-  """Raises NonFiniteLoss when a loss (or the gradient norm) of `step` is NaN or infinite;
-  `kept`: the step of the run's newest checkpoint, which the error names (None: it has none)."""
+  """Raises NonFiniteLoss when a loss (or the gradient norm) of `step` is NaN or infinite.
+  `kept()`: the step of the run's newest checkpoint, which the error names (None: it has none);
+  asked only then, not at every check."""
   # A NaN gradient poisons the parameters before any loss shows it.
   keys = keys or (lambda k: "loss" in k or k == "grad_norm")
   bad = {k: float(v) for k, v in metrics.items() if keys(k) and not np.isfinite(float(v))}
   if bad:
     shown = {k: float(v) for k, v in metrics.items() if keys(k)}
     fix = "lower the learning rate or enable gradient clipping (optimizer.grad_clip)"
+    kept = kept()
     after = (f"the checkpoint of step {kept} is kept: {fix}, and the same command resumes from it"
              if kept is not None else
              f"no checkpoint was saved before it, so the run starts again from step 0: {fix}")

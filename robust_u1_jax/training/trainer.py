@@ -80,9 +80,9 @@ def evaluates_at(config: ml_collections.ConfigDict, step: int) -> bool:
 
 
 def schedule_note(changed: list[str]) -> str | None:
-  """What a resumed run's changed settings (`config_lib.setting_differences`) do to its
+  """What a resumed run's changed fields (names, `config_lib.differing_fields`) do to its
   learning-rate schedule, when one of them sets how many updates it spans."""
-  spans = [d.split(" ", 1)[0] for d in changed if d.split(" ", 1)[0] in SCHEDULE_FIELDS]
+  spans = [field for field in changed if field in SCHEDULE_FIELDS]
   if not spans:
     return None
   return (f"(the learning-rate schedule spans the run's optimizer updates, which "
@@ -160,10 +160,11 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       logging.info("resumed %s from step %d", workdir, start)
       print(f"resuming from step {start} in {workdir}", flush=True)
       saved = checkpoint_lib.config_of(meta)
-      changed = config_lib.setting_differences(saved, config) if saved else []
-      if changed:
-        print(f"  with settings other than its checkpoint's: {'; '.join(changed)}", flush=True)
-      if note := schedule_note(changed):
+      differences = config_lib.differing_fields(saved, config) if saved else []
+      if differences:
+        print(f"  with settings other than its checkpoint's: "
+              f"{'; '.join(config_lib.described(differences))}", flush=True)
+      if note := schedule_note([field for field, _, _ in differences]):
         print(f"  {note}", flush=True)
     if start >= config.total_steps:
       # `finished` said no: the final checkpoint without its model, a run stopped while it wrote
@@ -209,7 +210,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         row = log.log_step(step, {**metrics, **rate}, samples=spec.samples_per_step,
                            process_samples=samples, model_flops=work)
         if row is not None:  # a written window: the same steps on every process
-          checkpoint_lib.check_finite(step, row, kept=ckpt.latest_step())
+          checkpoint_lib.check_finite(step, row, kept=ckpt.latest_step)
           if several:
             data.check_skip_ratio(replicas)
         if spec.evaluate is not None and evaluates_at(config, step):
@@ -218,7 +219,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                        os.path.join(workdir, "images", f"step_{step:07d}.png"))
         stop = ckpt.should_stop()
         if step % config.checkpoint_every == 0 or stop or step == config.total_steps:
-          checkpoint_lib.check_finite(step, jax.device_get(metrics), kept=ckpt.latest_step())
+          checkpoint_lib.check_finite(step, jax.device_get(metrics), kept=ckpt.latest_step)
           ckpt.save(step, state, data, {**meta, "step": step, "log_window": log.pending()},
                     force=True)
         if stop:
