@@ -9,7 +9,8 @@ with `<ANSWER>...`; every step is printed, then a last line `answer: X` (the opt
 options are given, as benchmarks score it: `answer: none`, and "" in exchange.json, when the reply
 names no option, several, or one only in passing in a long text). With --out, the generated images
 are written as `step_NN.png` (NN: the step's number) and the whole exchange as `exchange.json`: each
-step's text or image file, the prompt, the settings, the seconds of each phase and the model.
+step's text or image file, the prompt, the settings, the seconds of each phase and the model; the
+folder is created once the answer is there, and an earlier answer's files in it are replaced.
 --model takes what `recover` takes; an unreadable or too small image, an unusable model directory or
 an unwritable --out is one `error:` line and exit status 2, found before the model loads.
 """
@@ -21,6 +22,7 @@ from robust_u1_jax import cli  # first: its quiet environment is set before jax 
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Sequence
 
 from absl import app, flags, logging
@@ -52,8 +54,8 @@ def define_flags(values: flags.FlagValues = flags.FLAGS) -> None:
   model_cli.define_sampler_flags(values)
   flags.DEFINE_integer("seed", 0, "Seed of the text sampling and the image noise.",
                        flag_values=values)
-  flags.DEFINE_string("out", None, "Folder for step_NN.png and exchange.json (created if missing).",
-                      flag_values=values)
+  flags.DEFINE_string("out", None, "Folder for step_NN.png and exchange.json (created if missing; "
+                      "an earlier answer's files there are replaced).", flag_values=values)
   # The shared flags are defined in `model_cli`; without this --help would list them only in full.
   flags.adopt_module_key_flags(model_cli, flag_values=values)
 
@@ -69,6 +71,18 @@ def settings_record(values: flags.FlagValues, settings) -> dict:
           "temperature": settings.temperature, "recover": settings.recover, "seed": values.seed,
           "dtype": values.dtype, "mesh": values.mesh, "posterior": "sample",
           "sampler": dataclasses.asdict(settings.sampler)}
+
+
+def _remove_earlier_answer(out: str) -> None:
+  """Removes the files an earlier answer wrote in `out`: a reused folder would otherwise hold
+  images of another exchange beside this one's."""
+  earlier = [name for name in os.listdir(out)
+             if name == EXCHANGE_FILE or re.fullmatch(r"step_\d{2,}\.png", name)]
+  for name in earlier:
+    os.remove(os.path.join(out, name))
+  if earlier:
+    print(f"removed {len(earlier)} file{'' if len(earlier) == 1 else 's'} of an earlier answer "
+          f"in {out}")
 
 
 def _answer(values: flags.FlagValues) -> int:
@@ -95,15 +109,15 @@ def _answer(values: flags.FlagValues) -> int:
                                recover=not values.no_recover,
                                sampler=model_cli.make_sampler(values, values.steps))
   if values.out:
-    cli.output_dir(values.out, "--out", create=False)  # created once the model has loaded
+    cli.output_dir(values.out, "--out", create=False)  # created once there is an answer
   engine = model_cli.load_engine(values)
-  if values.out:
-    cli.output_dir(values.out, "--out")
   exchange = reasoner.answer(engine, image, values.question, values.options, settings,
                              seed=values.seed)
   image_files = [f"step_{n:02d}.png" for n, step in enumerate(exchange.steps, 1)
                  if step.kind == "image"]
   if values.out:
+    cli.output_dir(values.out, "--out")
+    _remove_earlier_answer(values.out)
     images = [s.image for s in exchange.steps if s.kind == "image"]
     for name, generated in zip(image_files, images):
       try:

@@ -303,6 +303,10 @@ def test_prompt_and_answer_extraction():
   assert reasoner.extract_answer("<ANSWER>A<ANSWER_END>", ["x", "y"]) == "A"
   assert reasoner.extract_answer("C: green", ["x", "y", "z"]) == "C"
   assert reasoner.extract_answer("<ANSWER>blue<ANSWER_END>") == "blue"
+  # An answer field left open ends at the next field's tag, not at the end of the text.
+  assert reasoner.extract_answer("<ANSWER>E<ANSWER>D<TYPE>none<TYPE_END>") == "D"
+  assert reasoner.extract_answer("<ANSWER>blue\n<REASONING>it is<REASONING_END>") == "blue"
+  assert reasoner.extract_answer("<ANSWER>B<CONCLUSION>so A", ["x", "y"]) == "B"
   # VLMEvalKit's text rule: exactly one option's text, in an answer at most twice as long as the
   # options' texts; else no option ('', scored wrong).
   assert reasoner.extract_answer("red or blue", ["red", "blue", "green"]) == ""

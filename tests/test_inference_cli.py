@@ -284,6 +284,33 @@ def test_answer_names_no_option_when_the_reply_does_not(capsys, model_dir, input
   assert json.loads((tmp_path / "run" / "exchange.json").read_text())["answer"] == ""
 
 
+def test_answer_replaces_an_earlier_answer_and_makes_no_folder_when_stopped(
+    capsys, model_dir, inputs, tmp_path, monkeypatch):
+  out_dir = tmp_path / "run"
+  args = (f"--model={model_dir}", f"--image={inputs / 'a.png'}", "--question=Which colour?",
+          "--options=red", "--options=blue", f"--out={out_dir}", *FAST)
+
+  def stopped(*args, **kwargs):
+    raise KeyboardInterrupt
+  # Ctrl-C while the model writes: no empty --out is left behind.
+  monkeypatch.setattr(engine_lib.Conversation, "generate_text", stopped)
+  rc, _, err = _run(answer_cli, capsys, *args)
+  assert rc == 130 and err.strip() == "interrupted"
+  assert not out_dir.exists()
+
+  # A reused --out held an earlier answer's image beside this one's exchange.
+  out_dir.mkdir()
+  for name in ("step_03.png", "exchange.json", "notes.txt"):
+    (out_dir / name).write_text("earlier")
+  monkeypatch.setattr(engine_lib.Conversation, "generate_text", _fake_model_text(
+      [("<ANSWER>A<ANSWER_END>", "endoftext")]))
+  rc, out, err = _run(answer_cli, capsys, *args)
+  assert rc == 0, err
+  assert f"removed 2 files of an earlier answer in {out_dir}" in out
+  assert sorted(os.listdir(out_dir)) == ["exchange.json", "notes.txt"]
+  assert json.loads((out_dir / "exchange.json").read_text())["answer"] == "A"
+
+
 def test_answer_from_the_model_matches_its_record(capsys, model_dir, inputs, tmp_path):
   out_dir = tmp_path / "run"
   rc, out, err = _run(answer_cli, capsys, f"--model={model_dir}", f"--image={inputs / 'a.png'}",

@@ -455,6 +455,15 @@ def test_reason_stage_on_jsonl_pairs(tok, tmp_path):
     assert (h, w) == tuple(batch["corrupted_hw"][i])
     assert np.abs(clean.astype(int) + corrupted.astype(int) - 255).mean() < 8
 
+  # An answer without the format's answer field is that field alone, as `answer` reads it (a bare
+  # "C" trained as it stands, with no letter for the base's evaluation).
+  rows[1]["answer"] = " C "
+  path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+  batch = next(pipeline.make_pipeline(data, seed=0, tokenizer=tok, stage="reason"))
+  assert batch["answer_letter"].tolist() == ["B", "C", "B", "B"]
+  answer = tok.decode(batch["answer_ids"][1, :batch["answer_lengths"][1]].tolist())
+  assert answer == tokenizer_lib.text_block(answer_format.bare_answer("C"))
+
   # An answer wider than its fixed width names its row (it said "answer_ids of 848 tokens").
   rows[2]["answer"] = "<REASONING>" + "long " * 200 + "<REASONING_END>\n<ANSWER>B<ANSWER_END>"
   path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")

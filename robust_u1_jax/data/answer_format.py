@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 FIELDS = ("TYPE", "INFLUENCE", "REASONING", "CONCLUSION", "ANSWER")
+ANSWER_TAG = "<ANSWER>"
 _ANSWER_RE = re.compile(r"<ANSWER>\s*([A-Za-z])\s*<ANSWER_END>")
 
 
@@ -85,7 +86,7 @@ def format_answer(type_text: str, influence: str, reasoning: str, conclusion: st
 
 def bare_answer(letter: str) -> str:
   """The answer field alone: the target of data that carries no reasoning."""
-  return f"<ANSWER>{letter}<ANSWER_END>"
+  return f"{ANSWER_TAG}{letter}<ANSWER_END>"
 
 
 def parse_answer(text: str) -> str | None:

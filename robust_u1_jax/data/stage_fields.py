@@ -46,9 +46,12 @@ def _answer_text(question: Mapping[str, Any], record: Mapping[str, Any]) -> str:
   if "target" in question:  # a shapes-world question: its reasoning text is known
     steps, levels = _steps_and_levels(record)
     return shapes_answers.answer_text(question, steps or None, strength=levels or None)
-  if question.get("raw_answer"):  # written out in full by the data (Robust-R1 reasoning JSONL)
-    return str(question["answer"])
-  return answer_format.bare_answer(question["answer"])
+  answer = str(question["answer"])
+  # A JSONL row's answer is written out by the data (Robust-R1 reasoning), unless it has no answer
+  # field: then it is the answer alone ("B"), trained in the field that `answer` reads.
+  if question.get("raw_answer") and answer_format.ANSWER_TAG in answer:
+    return answer
+  return answer_format.bare_answer(answer.strip())
 
 
 class StageFields(grain.transforms.Map):

@@ -25,8 +25,9 @@ from robust_u1_jax.data import answer_format
 from robust_u1_jax.inference import engine as engine_lib
 from robust_u1_jax.inference import recovery as recovery_lib
 
-ANSWER_TAG = "<ANSWER>"
-ANSWER_RE = re.compile(r"<ANSWER>(.*?)(?:<ANSWER_END>|$)", re.S)
+# An answer field ends at its closing tag, at the next field's tag (a reply that never closed it
+# writes on into another field) or at the end of the text.
+ANSWER_RE = re.compile(r"<ANSWER>(.*?)(?=<[A-Z]+(?:_END)?>|$)", re.S)
 
 
 def prompt(question: str, options: Sequence[str] = (), *, recover: bool = True) -> str:
@@ -39,7 +40,7 @@ def cut_answers(text: str, keep: int = 2) -> str:
   """The text before the (keep + 1)-th `<ANSWER>` tag."""
   start = -1
   for _ in range(keep + 1):
-    start = text.find(ANSWER_TAG, start + 1)
+    start = text.find(answer_format.ANSWER_TAG, start + 1)
     if start < 0:
       return text
   return text[:start]
