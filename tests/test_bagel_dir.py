@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from robust_u1_jax import sharding
-from robust_u1_jax.checkpoints import bagel_dir, llm_keys, loader, tensor_files
+from robust_u1_jax.checkpoints import bagel_dir, bagel_export, llm_keys, loader, tensor_files
 from robust_u1_jax.checkpoints import key_table as kt
 from robust_u1_jax.checkpoints.key_table import CheckpointError
 from robust_u1_jax.data import sequence as seq
@@ -32,7 +32,7 @@ def exported(source, tmp_path_factory):
   (tok / "tokenizer.json").write_text('{"model": "tiny"}\n')
   (tok / "tokenizer_config.json").write_text('{"tokenizer_class": "Qwen2Tokenizer"}\n')
   path = str(tmp_path_factory.mktemp("export") / "model")
-  bagel_dir.save_model_dir(source, path, tokenizer_dir=str(tok))
+  bagel_export.save_model_dir(source, path, tokenizer_dir=str(tok))
   return path
 
 
@@ -93,9 +93,9 @@ def test_export_import_gives_the_same_model(source, loaded, assert_same_params):
 def test_import_export_is_bit_identical(source, exported, tmp_path, dtype, read_tensors):
   src = exported
   if dtype == "bfloat16":  # BAGEL releases bfloat16 files: read and written without a detour
-    src = bagel_dir.save_model_dir(source, str(tmp_path / "bf16"), save_dtype="bfloat16")
+    src = bagel_export.save_model_dir(source, str(tmp_path / "bf16"), save_dtype="bfloat16")
   model = bagel_dir.load_model_dir(src, param_dtype=dtype)
-  again = bagel_dir.save_model_dir(model, str(tmp_path / "again"))
+  again = bagel_export.save_model_dir(model, str(tmp_path / "again"))
   for name in ("ema.safetensors", "ae.safetensors"):
     a, b = read_tensors(os.path.join(src, name)), read_tensors(os.path.join(again, name))
     assert a.keys() == b.keys(), name
@@ -210,7 +210,7 @@ def test_export_from_a_mesh_is_bit_identical(source, exported, tmp_path, read_te
   """Each layer of a sharded stacked parameter is cut out on the devices and gathered alone."""
   mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
   model = bagel_dir.load_model_dir(exported, mesh=mesh)
-  back = bagel_dir.save_model_dir(model, str(tmp_path / "back"))
+  back = bagel_export.save_model_dir(model, str(tmp_path / "back"))
   for name in ("ema.safetensors", "ae.safetensors"):
     a, b = read_tensors(os.path.join(exported, name)), read_tensors(os.path.join(back, name))
     assert a.keys() == b.keys()
@@ -360,13 +360,13 @@ def test_missing_file_is_named(name, variant):
 
 def test_save_refuses_existing_and_leaves_nothing_on_failure(source, exported, tmp_path, variant):
   with pytest.raises(FileExistsError, match="overwrite"):
-    bagel_dir.save_model_dir(source, exported)
+    bagel_export.save_model_dir(source, exported)
   target = tmp_path / "fails"
   with pytest.raises(FileNotFoundError, match="tokenizer"):
-    bagel_dir.save_model_dir(source, str(target), tokenizer_dir=str(tmp_path / "nowhere"))
+    bagel_export.save_model_dir(source, str(target), tokenizer_dir=str(tmp_path / "nowhere"))
   assert os.listdir(tmp_path) == []  # neither the target nor a temp directory is left behind
   copy = variant()
-  bagel_dir.save_model_dir(source, copy, overwrite=True)
+  bagel_export.save_model_dir(source, copy, overwrite=True)
   assert "tokenizer.json" not in os.listdir(copy)  # replaced as a whole, not merged
   assert sorted(os.listdir(tmp_path)) == ["variant"]
 

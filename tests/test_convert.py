@@ -13,7 +13,7 @@ import pytest
 from absl import flags
 
 from robust_u1_jax import cli, convert, sharding
-from robust_u1_jax.checkpoints import bagel_dir, loader, orbax_io
+from robust_u1_jax.checkpoints import bagel_export, loader, orbax_io
 from robust_u1_jax.inference import images, recovery
 from robust_u1_jax.models import bagel
 
@@ -36,7 +36,7 @@ def model_dir(source, tmp_path_factory):
     images.ImageRules(64, 32, 16, 64, 32, 8).save(folder)
     recovery.Guidance(text_scale=1.5, image_scale=1.5).save(folder)
 
-  return bagel_dir.save_model_dir(source, path, tokenizer_dir=str(tok), write_beside=side_files)
+  return bagel_export.save_model_dir(source, path, tokenizer_dir=str(tok), write_beside=side_files)
 
 
 def run_cli(*args):

@@ -333,11 +333,11 @@ def test_engine_loads_a_released_directory(tiny, world_images, tmp_path):
   """A BAGEL-format directory whose weights are Robust-U1's `model_bf16.safetensors`."""
   import os
 
-  from robust_u1_jax.checkpoints import bagel_dir
+  from robust_u1_jax.checkpoints import bagel_export
 
   eng, model = tiny
   path = str(tmp_path / "release")
-  bagel_dir.save_model_dir(model, path, tokenizer_dir=tokenizer_lib.default_tokenizer_dir(),
+  bagel_export.save_model_dir(model, path, tokenizer_dir=tokenizer_lib.default_tokenizer_dir(),
                            save_dtype="bfloat16")
   os.rename(os.path.join(path, "ema.safetensors"), os.path.join(path, "model_bf16.safetensors"))
   RULES.save(path)

@@ -125,13 +125,13 @@ def test_a_bagel_directory_gives_the_config_its_weights_load_with(tmp_path, rand
   """BAGEL's llm_config.json leaves out QK-norm and the generation expert (its code sets them):
   the run's model config settles them from the tensors' names, as loading the weights does, and
   takes the image-side fields of a directory this project wrote (robust_u1_config.json)."""
-  from robust_u1_jax.checkpoints import bagel_dir
+  from robust_u1_jax.checkpoints import bagel_dir, bagel_export
   from robust_u1_jax.data import tokenizer as tl
 
   tok = tl.load_tokenizer()
   source = random_bagel(bagel.BagelConfig.tiny(vocab_size=len(tok)))
   path = str(tmp_path / "bagel")
-  bagel_dir.save_model_dir(source, path, tokenizer_dir=tl.default_tokenizer_dir())
+  bagel_export.save_model_dir(source, path, tokenizer_dir=tl.default_tokenizer_dir())
   llm_json = os.path.join(path, bagel_dir.LLM_CONFIG)
   with open(llm_json) as f:
     values = json.load(f)

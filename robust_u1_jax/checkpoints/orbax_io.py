@@ -25,7 +25,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from robust_u1_jax import files
-from robust_u1_jax.checkpoints import bagel_dir, loader
+from robust_u1_jax.checkpoints import bagel_dir, bagel_export, loader
 from robust_u1_jax.checkpoints.key_table import CheckpointError
 from robust_u1_jax.models.bagel import Bagel
 
@@ -83,7 +83,7 @@ def save_orbax(model: Bagel, path: str, *, tokenizer_dir: str | None = None,
   `path`'s place, so an interrupted save never leaves a model without them.
   """
   params = {p: v.get_value() for p, v in loader.param_variables(model).items()}
-  with bagel_dir.atomic_directory(path, overwrite=overwrite, all_processes=True) as tmp:
+  with bagel_export.atomic_directory(path, overwrite=overwrite, all_processes=True) as tmp:
     with ocp.StandardCheckpointer() as checkpointer:
       checkpointer.save(os.path.join(tmp, PARAMS), _nested(params))
       checkpointer.wait_until_finished()
@@ -92,7 +92,7 @@ def save_orbax(model: Bagel, path: str, *, tokenizer_dir: str | None = None,
         json.dump(bagel_dir.config_to_dict(model.config), f, indent=2, sort_keys=True)
         f.write("\n")
       if tokenizer_dir is not None:
-        bagel_dir.copy_tokenizer_files(tokenizer_dir, tmp)
+        bagel_export.copy_tokenizer_files(tokenizer_dir, tmp)
       if write_beside is not None:
         write_beside(tmp)
   return os.path.abspath(path)
@@ -197,7 +197,7 @@ def hf_to_orbax(src: str, dst: str, *, overwrite: bool = False, allow_pickle: bo
   model = bagel_dir.load_model_dir(src, mesh=mesh, param_dtype=param_dtype,
                                    allow_pickle=allow_pickle, progress=progress)
   return save_orbax(model, dst, overwrite=overwrite, tokenizer_dir=_tokenizer_source(src),
-                    write_beside=lambda folder: bagel_dir.copy_side_files(src, folder))
+                    write_beside=lambda folder: bagel_export.copy_side_files(src, folder))
 
 
 def orbax_to_hf(src: str, dst: str, *, overwrite: bool = False, save_dtype=None,
@@ -205,10 +205,10 @@ def orbax_to_hf(src: str, dst: str, *, overwrite: bool = False, save_dtype=None,
   """Orbax model checkpoint -> BAGEL model directory (tokenizer and side files copied along)."""
   check_paths(src, dst, overwrite)
   model = load_orbax(src, mesh=mesh)
-  return bagel_dir.save_model_dir(
+  return bagel_export.save_model_dir(
       model, dst, overwrite=overwrite, save_dtype=save_dtype,
       tokenizer_dir=_tokenizer_source(src), progress=progress,
-      write_beside=lambda folder: bagel_dir.copy_side_files(src, folder))
+      write_beside=lambda folder: bagel_export.copy_side_files(src, folder))
 
 
 def check_paths(src: str, dst: str, overwrite: bool) -> None:
@@ -226,7 +226,7 @@ def check_paths(src: str, dst: str, overwrite: bool) -> None:
                      "folder outside it")
   if target.startswith(source + os.sep):
     raise ValueError(f"{dst}: inside the source {src}; give a folder outside it")
-  bagel_dir.check_destination(os.path.abspath(dst), overwrite)
+  bagel_export.check_destination(os.path.abspath(dst), overwrite)
 
 
 def _tokenizer_source(src: str) -> str | None:
