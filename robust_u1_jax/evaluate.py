@@ -16,7 +16,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from robust_u1_jax import config_lib
+from robust_u1_jax import config_inputs, config_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/eval.py:tiny",
                                           "Evaluation config: path.py:variant.", lock_config=True)
@@ -38,7 +38,7 @@ def main(argv) -> int:
     raise cli.PathError(f"--model {_MODEL.value}: no such model directory (give a model "
                         "directory, an Orbax checkpoint or a stage's workdir)")
   config_lib.validate(config)
-  config_lib.check_inputs(config)
+  config_inputs.check_inputs(config)
   from robust_u1_jax.eval import run  # after the checks: fast errors
 
   with config.unlocked():  # the default report folder, checked now, created once the model loads

@@ -46,7 +46,7 @@ from collections.abc import Sequence
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from robust_u1_jax import config_lib, model_cli
+from robust_u1_jax import config_inputs, config_lib, model_cli
 
 EXIT_SOME_FAILED = 1  # folder mode: some images could not be recovered
 # Flags of one mode only: refused in the other, so a mistyped command does not silently do less.
@@ -249,7 +249,7 @@ def _build_cache(values: flags.FlagValues) -> int:
     raise app.UsageError("give --cache_dir or --config.reason.recovery_cache")
   # Checked before any model is built. The cache is what this writes, so the stage's own check
   # of reason.recovery_cache (an existing folder) does not apply here.
-  config_lib.check_inputs(config, recovery_cache=False)
+  config_inputs.check_inputs(config, recovery_cache=False)
   cli.output_dir(directory, "--cache_dir" if values.cache_dir else "reason.recovery_cache")
   try:
     counts = recovery_cache.build(config, directory, steps=values.steps or 0,

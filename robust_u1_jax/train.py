@@ -23,7 +23,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from robust_u1_jax import config_lib
+from robust_u1_jax import config_inputs, config_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config: path.py:variant.",
                                           lock_config=True)
@@ -42,7 +42,7 @@ def main(argv) -> int:
   if _CHECK_CONFIG.value:
     print(f"the {config.stage} config is valid (the paths it names were not checked)", flush=True)
     return 0
-  config_lib.check_inputs(config)  # before anything is built: a wrong path fails at once
+  config_inputs.check_inputs(config)  # before anything is built: a wrong path fails at once
   if config.get("xla_flags"):
     use_xla_flags(config.xla_flags)
   # Checked here, created by the run once its stage is built (a run refused before leaves none).

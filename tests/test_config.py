@@ -9,7 +9,7 @@ import sys
 import ml_collections
 import pytest
 
-from robust_u1_jax import config_lib
+from robust_u1_jax import config_inputs, config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
@@ -207,8 +207,8 @@ def test_inputs_are_checked_before_a_run(tmp_path):
   (tmp_path / "no_images").mkdir()
   (tmp_path / "no_images" / "notes.txt").write_text("")
   (tmp_path / "rows.jsonl").write_text("{}\n")
-  config_lib.check_inputs(config_lib.load(f"{SFT}:tiny"))  # the built-in world: nothing to check
-  config_lib.check_inputs(config_lib.load(f"{SFT}:tiny", {
+  config_inputs.check_inputs(config_lib.load(f"{SFT}:tiny"))  # the built-in world: nothing to check
+  config_inputs.check_inputs(config_lib.load(f"{SFT}:tiny", {
       "init_from": str(tmp_path), "data.source": "folder", "data.path": str(tmp_path / "images"),
       "eval_data.source": "jsonl", "eval_data.path": str(tmp_path / "rows.jsonl"),
       "eval_data.corruption": "none"}))
@@ -236,12 +236,12 @@ def test_inputs_are_checked_before_a_run(tmp_path):
   for path, overrides, message in cases:
     config = config_lib.load(f"{path}:tiny", overrides)
     with pytest.raises(config_lib.ConfigError, match=message):
-      config_lib.check_inputs(config)
+      config_inputs.check_inputs(config)
   # The command that writes the recovery cache does not need it to exist yet.
-  config_lib.check_inputs(config_lib.load(f"{ROOT}/configs/reason.py:tiny", {
+  config_inputs.check_inputs(config_lib.load(f"{ROOT}/configs/reason.py:tiny", {
       "init_from": "random", "reason.recovered_images": "cache",
       "reason.recovery_cache": missing}), recovery_cache=False)
-  config_lib.check_inputs(config_lib.load(f"{SFT}:tiny", {"init_from": "gs://bucket/model"}))
+  config_inputs.check_inputs(config_lib.load(f"{SFT}:tiny", {"init_from": "gs://bucket/model"}))
 
 
 def test_setting_differences_name_each_changed_field_with_both_values():

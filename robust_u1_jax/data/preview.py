@@ -25,7 +25,7 @@ from ml_collections import config_flags
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from robust_u1_jax import config_lib
+from robust_u1_jax import config_inputs, config_lib
 from robust_u1_jax.data import packing
 from robust_u1_jax.data import pipeline, sources
 
@@ -163,7 +163,7 @@ def main(argv, flag_values: Mapping) -> int:
     raise app.UsageError(f"--config: stage {config.get('stage')!r} has no data pipeline to "
                          "preview; give a stage's (configs/sft.py, rl.py, reason.py)")
   config_lib.validate_data(config.data, "data")
-  config_lib.check_data_inputs(config.data, "data")
+  config_inputs.check_data_inputs(config.data, "data")
   out, rows, cols = (flag_values[k].value for k in ("out", "rows", "cols"))
   if rows < 1 or cols < 1:
     raise app.UsageError(f"--rows {rows} --cols {cols}: both must be >= 1")

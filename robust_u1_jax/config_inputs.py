@@ -1,0 +1,81 @@
+"""The files and folders a validated stage config names (`check_inputs`), checked by the entry
+modules before any model is built, so a wrong path stops a run at once with the field's name (not
+after minutes of compilation).
+"""
+
+import os
+
+import ml_collections
+
+from robust_u1_jax.config_lib import ConfigError
+from robust_u1_jax.data import image_files  # the standard library only
+
+
+def _remote(path: str) -> bool:
+  return "://" in path  # gs://...: opened by the library that reads it
+
+
+def _check_path(field: str, path: str, kind: str, fix: str) -> None:
+  """`kind`: 'file', 'folder' or 'any'."""
+  if not path or _remote(path):
+    return
+  if not os.path.exists(path):
+    what = "file or folder" if kind == "any" else kind
+    raise ConfigError(f"config field {field} = {path!r}: no such {what}; give {fix}")
+  if kind == "folder" and not os.path.isdir(path):
+    raise ConfigError(f"config field {field} = {path!r}: a file, not a folder; give {fix}")
+  if kind == "file" and not os.path.isfile(path):
+    raise ConfigError(f"config field {field} = {path!r}: a folder, not a file; give {fix}")
+
+
+DATA_PATH_KIND = {"folder": ("folder", "a folder of images"),
+                  "jsonl": ("file", "a .jsonl file of records"),
+                  "vqa_tsv": ("file", "a VQA .tsv (or .csv) table"),
+                  "vqa_parquet": ("file", "a VQA .parquet table")}
+
+
+def check_data_inputs(d: ml_collections.ConfigDict, prefix: str = "data") -> None:
+  """The data source's path, TFDS data_dir and tokenizer folder exist."""
+  if d.source in DATA_PATH_KIND:
+    kind, what = DATA_PATH_KIND[d.source]
+    _check_path(f"{prefix}.path", d.path, kind, f"{what} for {prefix}.source={d.source!r}")
+  if d.source == "folder" and d.path and not _remote(d.path) and not image_files.holds_images(
+      d.path):  # found here, not after the model is built (sources.ImageFolderSource)
+    raise ConfigError(f"config field {prefix}.path = {d.path!r}: no image files under it (looked "
+                      f"for {image_files.looked_for()}, recursively)")
+  if d.source == "tfds":
+    _check_path(f"{prefix}.tfds_data_dir", d.tfds_data_dir, "folder",
+                "the TFDS data folder (empty: $TFDS_DATA_DIR)")
+  _check_path(f"{prefix}.tokenizer_dir", d.tokenizer_dir, "folder",
+              "a folder with tokenizer.json (empty: the built-in tokenizer)")
+
+
+def check_inputs(c: ml_collections.ConfigDict, *, recovery_cache: bool = True) -> None:
+  """Every file and folder a validated config reads exists (ConfigError naming the field).
+  `recovery_cache=False` leaves out reason.recovery_cache (for the command that writes it)."""
+  if c.get("stage") == "eval":
+    _check_path("model", c.model, "folder",
+                "a model directory, an Orbax checkpoint or a stage's workdir")
+    _check_path("clip_checkpoint", c.clip_checkpoint, "file",
+                "a CLIP .safetensors file (empty: no CLIP similarity)")
+    for name, path in c.compare.items():
+      _check_path(f"compare.{name}", path, "folder", "a model to compare with (or empty)")
+    for name, path in c.benchmarks.items():
+      _check_path(f"benchmarks.{name}", path, "file", "a VQA .tsv, .csv or .parquet table")
+    _check_path("rl_workdir", c.rl_workdir, "folder", "the RL stage's workdir (or empty)")
+    return
+  if c.get("stage") == "demo":
+    return  # each part reads what the earlier parts wrote
+  if c.init_from != "random":
+    _check_path("init_from", c.init_from, "any",
+                "'random', a BAGEL/Robust-U1 model directory, an Orbax checkpoint or the workdir "
+                "of an earlier stage")
+  check_data_inputs(c.data, "data")
+  if "eval_data" in c:
+    check_data_inputs(c.eval_data, "eval_data")
+  if "rl" in c:
+    _check_path("rl.clip_checkpoint", c.rl.clip_checkpoint, "file",
+                "a CLIP .safetensors file (or empty without a CLIP reward)")
+  if "reason" in c and c.reason.recovered_images == "cache" and recovery_cache:
+    _check_path("reason.recovery_cache", c.reason.recovery_cache, "folder",
+                "the folder `python -m robust_u1_jax.recover --config ... --cache_dir DIR` wrote")
