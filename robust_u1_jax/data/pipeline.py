@@ -72,6 +72,8 @@ Batch schema (unpacked, token_budget == 0): a dict of numpy arrays, B = per-proc
                                         <ANSWER_END>` for the shapes world (corruption named),
                                         `<ANSWER>X<ANSWER_END>` for VQA tables, and the row's
                                         own 'answer' for JSONL rows with 'question'/'answer'
+                                        (put in `<ANSWER>..<ANSWER_END>` when it has no such
+                                        field)
     question_text, answer_text, answer_letter  (B,) str
   stage 'pretrain' (the bootstrap stages, training/bootstrap_clip.py and pretrain.py): the 'vqa'
     fields, plus
