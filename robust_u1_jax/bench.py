@@ -12,14 +12,17 @@
   python -m robust_u1_jax.bench malloc               # XLA:CPU steps: glibc's malloc vs kept memory
 
 Subcommands are listed in BENCHMARKS: each names a module of robust_u1_jax.benchmarks whose
-`run(seconds=..., config=..., threads=...)` prints its tables; a `run` that also takes topology,
-hbm_gib or overrides receives --topology, --hbm_gib and --override.
+`run(**flags)` prints its tables. It takes, by keyword, the flags it uses (seconds, config,
+threads, topology, hbm_gib, overrides) and gets those given on the command line; a flag it does not
+take is refused, not silently dropped.
 """
 
 from robust_u1_jax import cli  # first: its quiet environment is set before jax loads
 
 import importlib
 import inspect
+from collections.abc import Callable
+from typing import Any
 
 from absl import app
 from absl import flags
@@ -53,8 +56,8 @@ _CONFIG = flags.DEFINE_string("config", "", "Config file[:variant] (default: the
 _THREADS = flags.DEFINE_integer("threads", None, "Grain reader threads (default: automatic).",
                                 lower_bound=0)
 _TOPOLOGY = flags.DEFINE_string(
-    "topology", "cpu:8", "aot, recover: TPU slice (v5p-64, v6e-256), libtpu topology (v5p:2x4x4) "
-    "or cpu:N.")
+    "topology", None, "aot (default cpu:8), recover (default: no 7B compile): TPU slice (v5p-64, "
+    "v6e-256), libtpu topology (v5p:2x4x4) or cpu:N.")
 _HBM_GIB = flags.DEFINE_float("hbm_gib", None, "aot: per-device memory limit in GiB (default: "
                               "the chip's HBM).", lower_bound=1e-3)
 _OVERRIDE = flags.DEFINE_multi_string("override", [], "aot, train_step: config override "
@@ -71,20 +74,31 @@ def usage() -> str:
 NOT_FIT = 1  # `aot`'s exit status when the step does not fit the devices' memory
 
 
-def main(argv) -> int:
+def request(argv) -> tuple[Callable[..., Any], dict[str, Any]]:
+  """The benchmark's `run` and the keyword arguments the parsed flags give it; UsageError for an
+  unknown benchmark or a flag it does not take."""
   if len(argv) != 2 or argv[1] not in BENCHMARKS:
     given = " ".join(argv[1:]) or "nothing"
     raise app.UsageError(f"got {given}; choose one of {', '.join(BENCHMARKS)}\n{usage()}")
   module = importlib.import_module(BENCHMARKS[argv[1]][0])
-  seconds = _SECONDS.value * (10 if _LONG.value else 1)
-  kwargs = dict(seconds=seconds, config=_CONFIG.value, threads=_THREADS.value)
   accepted = inspect.signature(module.run).parameters
-  for name, flag in (("topology", _TOPOLOGY), ("hbm_gib", _HBM_GIB), ("overrides", _OVERRIDE)):
-    if name in accepted:
+  kwargs = {}
+  for name, flag in (("seconds", _SECONDS), ("seconds", _LONG), ("config", _CONFIG),
+                     ("threads", _THREADS), ("topology", _TOPOLOGY), ("hbm_gib", _HBM_GIB),
+                     ("overrides", _OVERRIDE)):
+    if name not in accepted:
+      if flag.present:  # a flag this benchmark would silently not use
+        raise app.UsageError(f"--{flag.name}: not used by `bench {argv[1]}`")
+    elif name == "seconds":
+      kwargs[name] = _SECONDS.value * (10 if _LONG.value else 1)
+    elif flag.present:  # else the benchmark's own default
       kwargs[name] = flag.value
-    elif flag.present:  # a flag this benchmark would silently not use
-      raise app.UsageError(f"--{flag.name}: not used by `bench {argv[1]}`")
-  result = module.run(**kwargs)
+  return module.run, kwargs
+
+
+def main(argv) -> int:
+  run, kwargs = request(argv)
+  result = run(**kwargs)
   return NOT_FIT if isinstance(result, dict) and result.get("fits") is False else 0
 
 

@@ -6,6 +6,7 @@ The compile tests use the tiny SFT config on the 8 fake CPU devices conftest set
 topology test needs libtpu (`pip install -e ".[tpu]"`) and is skipped without it, as in CI.
 """
 
+import dataclasses
 import importlib.util
 import os
 import subprocess
@@ -126,6 +127,19 @@ def test_cpu_topology_reports_memory_flops_and_verdict(tiny_cpu):
   # Its memory is dense attention's, which a reader comparing with a TPU slice must know.
   assert "cpu:8 = 8 fake CPU devices, attention dense (a TPU slice's is splash)" in text
   assert "model (flops.py)" in text and "loop bodies times their trip counts" in text
+  # A compile time that was a read from the persistent cache says so (a 59.5 s compile read 3.4).
+  assert "persistent compilation cache" not in aot_report.report(
+      dataclasses.replace(r, compile_cached=False))
+  assert "compile 1.0 s (read from the persistent compilation cache" in aot_report.report(
+      dataclasses.replace(r, compile_s=1.0, compile_cached=True))
+
+
+def test_cache_hits_are_counted_within_the_block():
+  with aot.counted_cache_hits() as hits:
+    jax.monitoring.record_event("/jax/compilation_cache/compile_requests_use_cache")
+    jax.monitoring.record_event(aot.CACHE_HIT_EVENT)
+  jax.monitoring.record_event(aot.CACHE_HIT_EVENT)  # after the block: not counted
+  assert hits == [aot.CACHE_HIT_EVENT]
 
 
 @pytest.mark.slow
@@ -173,7 +187,7 @@ def test_bench_exits_1_where_the_step_does_not_fit(monkeypatch, fits, status):
   from robust_u1_jax import bench
 
   fake = types.ModuleType("fake_aot")
-  fake.run = lambda *, seconds, config, threads, topology, hbm_gib, overrides: {"fits": fits}
+  fake.run = lambda: {"fits": fits}
   monkeypatch.setitem(sys.modules, "fake_aot", fake)
   monkeypatch.setitem(bench.BENCHMARKS, "aot", ("fake_aot", "a fake"))
   parsed = flags.FLAGS.is_parsed()

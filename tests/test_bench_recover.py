@@ -86,9 +86,7 @@ def test_context_longer_than_the_images_is_required(setup):
     recover.recovery_rows(setup, SIZE, context=8)
 
 
-def test_topology_flag_default_is_not_a_request():
-  assert recover._topology_asked(None) is None
-  assert recover._topology_asked("v5p-8") == "v5p-8"  # a programmatic call asks for it
+def test_the_7b_recovery_steps_are_the_sampler_s():
   assert recovery.Sampler().num_steps == recover_7b.RECOVERY_7B["steps"]
 
 

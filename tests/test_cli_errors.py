@@ -244,6 +244,14 @@ CASES = {
     "bench/no seconds": ("bench", ["data", "--seconds=0"], ["--seconds"]),
     "bench/a flag it does not use": ("bench", ["data", "--topology=v5p-8"],
                                      ["--topology: not used by `bench data`"]),
+    # aot compiles (no timed measurement); malloc's length is its step count.
+    "bench/aot seconds": ("bench", ["aot", "--seconds=5"], ["--seconds: not used by `bench aot`"]),
+    "bench/aot long": ("bench", ["aot", "--long"], ["--long: not used by `bench aot`"]),
+    "bench/malloc threads": ("bench", ["malloc", "--threads=2"],
+                             ["--threads: not used by `bench malloc`"]),
+    # The 7B recovery's options shape part e, which runs with --topology only.
+    "bench/recover options without topology": ("bench", ["recover", "--override=steps=3"],
+                                               ["--override steps", "give --topology too"]),
     # Said before the RL config is validated (it lacks the init_from an RL run needs).
     "bench/train_step of RL": ("bench", ["train_step", "--config=" + SFT.replace("sft", "rl")],
                                ["train_step: times the SFT step", "is stage 'rl'"]),

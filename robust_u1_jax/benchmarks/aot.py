@@ -5,7 +5,8 @@ r"""Ahead-of-time compile of a stage's real train step for a TPU topology, on a 
   python -m robust_u1_jax.bench aot --config configs/reason.py:bagel_7b --topology v5p-64
   python -m robust_u1_jax.bench aot --config configs/sft.py:tiny --topology cpu:8
   python -m robust_u1_jax.bench aot --config configs/sft.py:bagel_7b --topology v5p-64 \
-      --override data.token_budget=8192 --override data.batch_size=64
+      --override data.token_budget=8192 --override data.latent_budget=4864 \
+      --override data.batch_size=64
 
 Nothing is allocated: the run setup is the trainer's own (`run_setup.make_context`: the same
 model config, checked against the data config) with a shape-only model whose shardings come from
@@ -40,6 +41,7 @@ import math
 import os
 import re
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -286,6 +288,27 @@ def persistent_cache(enabled: bool):
     compilation_cache.reset_cache()
 
 
+@contextlib.contextmanager
+def counted_cache_hits() -> Iterator[list[str]]:
+  """Yields a list that gathers an entry for each program the block reads from JAX's persistent
+  compilation cache: a compile time of such a program is a load, not a compile."""
+  hits: list[str] = []
+
+  def listen(event: str, **kwargs) -> None:
+    del kwargs
+    if event == CACHE_HIT_EVENT:
+      hits.append(event)
+
+  jax.monitoring.register_event_listener(listen)
+  try:
+    yield hits
+  finally:
+    jax.monitoring.unregister_event_listener(listen)
+
+
+CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"  # jax/_src/compiler.py records it
+
+
 def _compile(config, ctx, spec_name, topology, description, devices, say) -> aot_report.AotResult:
   """`config`: the builder config (aot_steps.builder_config), the one `ctx` was made from."""
   from robust_u1_jax import flops
@@ -331,7 +354,8 @@ def _compile(config, ctx, spec_name, topology, description, devices, say) -> aot
   t0 = time.perf_counter()
   memory, cost, oom, hlo = None, {}, None, None
   try:
-    compiled = lowered.compile()
+    with counted_cache_hits() as hits:
+      compiled = lowered.compile()
   except Exception as e:  # the TPU compiler refuses programs that exceed HBM
     oom = compiled_lib.parse_oom(str(e))
     if oom is None:
@@ -349,7 +373,8 @@ def _compile(config, ctx, spec_name, topology, description, devices, say) -> aot
       trainable=compiled_lib.count(params), state_bytes_per_device=compiled_lib.shard_bytes(state),
       replicated_state=compiled_lib.replicated_leaves(state),
       batch_bytes_per_device=compiled_lib.shard_bytes(inputs),
-      build_s=build_s, lower_s=lower_s, compile_s=compile_s, memory=memory,
+      build_s=build_s, lower_s=lower_s, compile_s=compile_s, compile_cached=bool(hits),
+      memory=memory,
       flops_per_device=float(cost["flops"]) if cost.get("flops") else None,
       flops_program=float(program_flops) if program_flops else None,
       optimal_seconds=cost.get("optimal_seconds"), model_flops=model_flops,
@@ -368,11 +393,9 @@ def describe_inputs(inputs) -> str:
   return ", ".join(parts)
 
 
-def run(*, seconds: float = 0.0, config: str = "", threads: int | None = None,
-        topology: str = DEFAULT_TOPOLOGY, hbm_gib: float | None = None,
+def run(*, config: str = "", topology: str = DEFAULT_TOPOLOGY, hbm_gib: float | None = None,
         overrides=()) -> dict:
   """`python -m robust_u1_jax.bench aot`: compiles, prints the report, returns its numbers."""
-  del seconds, threads  # a compile, not a timed measurement
   try:
     result = compile_step(config, topology, parse_overrides(overrides))
   except AotError as e:

@@ -53,6 +53,7 @@ class AotResult:
   build_s: float  # abstract model, stage, train state shardings
   lower_s: float
   compile_s: float
+  compile_cached: bool  # the step was read from the persistent compilation cache (cpu:N)
   memory: dict[str, int] | None  # CompiledMemoryStats fields (bytes, per device)
   flops_per_device: float | None  # compiled.cost_analysis()
   flops_program: float | None  # lowered.cost_analysis(): the unpartitioned program
@@ -118,7 +119,9 @@ def report(result: AotResult, hbm_gib: float | None = None) -> str:
       f"mesh {r.mesh}",
       f"  model: {format_number(r.params)} parameters, {format_number(r.trainable)} trainable",
       f"  inputs: {r.inputs}",
-      f"  build {r.build_s:.1f} s, lower {r.lower_s:.1f} s, compile {r.compile_s:.1f} s",
+      f"  build {r.build_s:.1f} s, lower {r.lower_s:.1f} s, compile {r.compile_s:.1f} s"
+      + (" (read from the persistent compilation cache; JAX_ENABLE_COMPILATION_CACHE=false "
+         "times a fresh compile)" if r.compile_cached else ""),
       "  per-device memory:",
       f"    train state shards (from shardings) {format_bytes(r.state_bytes_per_device)}",
       f"    batch shards (from shardings)       {format_bytes(r.batch_bytes_per_device)}",

@@ -412,10 +412,8 @@ def pipeline_row(seconds: float, *, batch: int = BATCH, size: int = SIZE,
           "ratio": timed.ratio("batch", "single")}
 
 
-def run(*, seconds: float = 3.0, config: str = "", threads: int | None = None,
-        names=None) -> dict:
+def run(*, seconds: float = 3.0, names=None) -> dict:
   """Prints the table; `seconds` is the wall time of each alternated measurement."""
-  del config, threads  # fixed shapes; the flags belong to the data benchmark
   print(f"corrupt benchmark: {BATCH} images of {SIZE} x {SIZE}, severity {SEVERITY}, uint8 in and "
         f"out; JAX on {corruptions.data_device()} (default backend {jax.default_backend()}); "
         f"host CPUs: {os.cpu_count()}; {seconds:g} s per alternated measurement", flush=True)

@@ -102,9 +102,8 @@ def forward_backward(llm_config: qwen2_mot.LLMConfig, seconds: float, *,
           "both_over_routed": timed.ratio("both", "routed")}
 
 
-def run(seconds: float = 3.0, config: str = "", threads: int | None = None) -> dict:
+def run(*, seconds: float = 3.0) -> dict:
   """Prints the measurement; `seconds` is the wall time of the alternated measurement."""
-  del config, threads  # fixed small shapes
   llm = qwen2_mot.LLMConfig.tiny(hidden_size=512, intermediate_size=2048, num_heads=8,
                                  num_kv_heads=2, head_dim=64)
   print(f"expert routing benchmark on {jax.devices()[0].device_kind}; {seconds:g} s alternated; "

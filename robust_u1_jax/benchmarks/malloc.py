@@ -32,17 +32,16 @@ SIDES = ("glibc", "keep")
 BATCHES = 4
 
 
-def run(*, seconds: float = 3.0, config: str = "", threads: int | None = None,
-        overrides: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
-  """Prints the table (module docstring); returns {side: [each process's figures]}."""
+def run(*, overrides: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
+  """Prints the table (module docstring); returns {side: [each process's figures]}. It times
+  configs/demo.py's base part, `steps` steps a round (no --seconds, --config or --threads)."""
   from robust_u1_jax.benchmarks import aot
 
-  del seconds, threads  # the step count sets the length; the pipeline's threads are its own
   given = aot.parse_overrides(overrides)
   unknown = set(given) - set(OPTIONS)
-  if config or unknown:
+  if unknown:
     raise SystemExit(f"malloc: times configs/demo.py's base part; options are "
-                     f"{', '.join(OPTIONS)} (got --config {config!r}, {sorted(unknown)})")
+                     f"{', '.join(OPTIONS)} (got {sorted(unknown)})")
   options = {k: given.get(k, v) for k, v in OPTIONS.items()}
   if not all(type(v) is int for v in options.values()) or (
       options["rounds"] < 1 or options["steps"] < 2):

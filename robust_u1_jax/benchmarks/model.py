@@ -90,10 +90,8 @@ def denoise_step_scaling(context: int, seconds: float, *, min_reps: int = 5) -> 
           "ratio_2L_over_L": timed.ratio("2L", "L")}
 
 
-def run(seconds: float = 3.0, config: str = "", threads: int | None = None, *, batch: int = 4,
-        length: int = 128, context: int = 512) -> dict:
+def run(*, seconds: float = 3.0, batch: int = 4, length: int = 128, context: int = 512) -> dict:
   """Prints both measurements; `seconds` is the wall time of each alternated measurement."""
-  del config, threads  # fixed tiny shapes; the flags belong to the data benchmark
   print(f"model benchmark on {jax.devices()[0].device_kind} ({jax.device_count()} device(s)); "
         f"{seconds:g} s per alternated measurement", flush=True)
   r = llm_forward_backward(batch, length, seconds)

@@ -307,35 +307,21 @@ def compile_times(setup: Setup, sizes: Sequence[tuple[int, int]] = COMPILE_SIZES
 
 # ------------------------------------------------------------------------------------ run
 
-def _topology_asked(topology: str | None) -> str | None:
-  """bench.py passes --topology always (its default, cpu:8, is aot's): the 7B compile, many
-  minutes, runs only when the flag is on the command line or run() is given one."""
-  if not topology:
-    return None
-  try:
-    from absl import flags
-    f = flags.FLAGS
-    if f.is_parsed() and "topology" in f and not f["topology"].present:
-      return None
-  except Exception:  # absl not parsed or not in use: a programmatic call
-    pass
-  return topology
-
-
-def run(*, seconds: float = 3.0, config: str = "", threads: int | None = None,
-        topology: str | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
-  """Prints parts a to d (and e with a topology); returns their numbers. `seconds` is the wall
-  time of each alternated measurement. Overrides: height=, width=, steps= of the 7B recovery,
-  mesh.{data,fsdp,tensor}= of its mesh."""
+def run(*, seconds: float = 3.0, config: str = "", topology: str | None = None,
+        overrides: Sequence[str] = ()) -> dict[str, Any]:
+  """Prints parts a to d (and e with a topology: the 7B compile, many minutes); returns their
+  numbers. `seconds` is the wall time of each alternated measurement. Overrides: height=, width=,
+  steps= of the 7B recovery, mesh.{data,fsdp,tensor}= of its mesh."""
   from robust_u1_jax.benchmarks import aot
 
-  del threads  # the data benchmark's flag
-  topology = _topology_asked(topology)
   opts = aot.parse_overrides(overrides)
   unknown = sorted(k for k in opts if k not in recover_7b.RECOVERY_7B and not k.startswith("mesh."))
   if unknown:
     raise SystemExit(f"recover: unknown --override {unknown}; allowed: height, width, steps, "
                      "mesh.data, mesh.fsdp, mesh.tensor")
+  if opts and not topology:  # they shape part e only
+    raise SystemExit(f"recover: --override {', '.join(sorted(opts))} sets the 7B compile of "
+                     "part e, which runs with --topology only; give --topology too")
   if topology:
     # The host side of an AOT compile is CPU-only; decided before any backend starts.
     count = topology[4:] if topology.startswith("cpu:") else "0"

@@ -78,12 +78,11 @@ def _count(n: float) -> str:
   return f"{n:.0f}"
 
 
-def run(*, seconds: float = 3.0, config: str = "", threads: int | None = None,
-        overrides: Sequence[str] = ()) -> dict[str, Any]:
+def run(*, seconds: float = 3.0, config: str = "", overrides: Sequence[str] = ()
+        ) -> dict[str, Any]:
   """Prints the step's and the recovery's figures (module docstring); returns them."""
   from robust_u1_jax import config_lib
 
-  del threads  # the data benchmark's flag
   options, fields = split_overrides(overrides)
   stage = config_lib.load_file(config or DEFAULT_CONFIG).get("stage")
   if stage != "sft":  # before validating: another stage's config may lack what it needs to run
@@ -158,7 +157,7 @@ def time_train_step(config, device, seconds: float, min_steps: int, batches: int
     for k in range(out["warmup_steps"]):
       state, metrics = jax.block_until_ready(step_fn(state, inputs[k % batches]))
     out["warmup_s"] = time.perf_counter() - t0
-    losses, times, work = [float(metrics["loss"])], [], 0.0
+    losses, times, work, tokens = [float(metrics["loss"])], [], 0.0, 0.0
     usage = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     while len(times) < min_steps or time.perf_counter() - start < seconds:
@@ -167,13 +166,14 @@ def time_train_step(config, device, seconds: float, min_steps: int, batches: int
       state, metrics = jax.block_until_ready(step_fn(state, inputs[k]))
       times.append(time.perf_counter() - t0)
       work += counts[k]["total"] if counted else 0.0
+      tokens += counts[k]["tokens"] if counted else math.nan
     # What the host's kernel did for the timed steps (page faults: benchmarks/malloc.py).
     after = resource.getrusage(resource.RUSAGE_SELF)
     losses.append(float(metrics["loss"]))
   out["step_peak_bytes"] = peak_bytes(device)
   step_s = statistics.median(times)
   out.update(step_s=step_s, step_spread=Ratio.of(times), losses=tuple(losses),
-             tokens_per_s=mean["tokens"] * len(times) / sum(times))
+             tokens_per_s=tokens / sum(times))  # the timed steps' own batches
   out["peak_flops"] = metrics_log.peak_flops(device)
   # The timed steps' model FLOPs over their time, as the trainer's `mfu` over a logging window.
   out["mfu"] = (flops.mfu(work, sum(times), out["peak_flops"])
