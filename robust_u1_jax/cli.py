@@ -16,7 +16,8 @@
 - Anything else is a bug, and Python prints its traceback as usual (exit status 1).
 - `--help`, `--helpshort` and `--helpfull` print the help on stdout and exit 0 (absl exits 1).
 - Ctrl-C prints `interrupted` and exits 130, as a shell reports SIGINT (a training loop catches it
-  first: it saves a checkpoint, stops cleanly and exits 130 too, `checkpoint.Stopped`). One that
+  first: it saves a checkpoint, stops cleanly and exits 130 too, `checkpoint.Stopped`); SIGTERM
+  within `signals.sigterm_stops` (the evaluation) stops the same way, `terminated`, 143. One that
   lands in a garbage collector callback, where Python drops it, is sent again
   (`redeliver_interrupts`).
 - A quiet start: importing this module silences the start-up messages of libraries that are not
@@ -53,6 +54,7 @@ import jax  # already imported by the package (flax): reading its config is free
 
 from robust_u1_jax import cache_dirs
 from robust_u1_jax import host_malloc
+from robust_u1_jax import signals
 
 # Set before jax or transformers is imported by an entry module (both read them at import or at
 # backend start): libtpu's C++ INFO lines, and transformers' "PyTorch was not found" advisory.
@@ -75,6 +77,7 @@ if jax.config.jax_compilation_cache_dir is None:
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 128 + 2  # 128 + SIGINT, what a shell reports for a Ctrl-C
+EXIT_TERMINATED = 128 + 15  # 128 + SIGTERM
 TRACEBACK_ENV = "ROBUST_U1_TRACEBACK"
 HELP_FLAGS = ("--help", "-help", "--helpshort", "-helpshort", "-h", "-?")
 # The project's bad-input exceptions, by the module that defines them: matched by name along the
@@ -146,8 +149,9 @@ def call(main: Callable[[list[str]], int | None], argv: Sequence[str]) -> int:
     sys.stdout.flush()
     if show_traceback():
       traceback.print_exception(e)
-    print("interrupted", file=sys.stderr, flush=True)
-    return EXIT_INTERRUPTED
+    terminated = isinstance(e, signals.Terminated)
+    print("terminated" if terminated else "interrupted", file=sys.stderr, flush=True)
+    return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
   except Exception as e:  # pylint: disable=broad-except
     if not is_bad_input(e):
       raise

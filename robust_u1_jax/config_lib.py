@@ -303,6 +303,9 @@ def lora_enabled(c: ml_collections.ConfigDict) -> bool:
   return c.get("lora") is not None and c.lora.rank > 0
 
 
+DEMO_SEED = -1  # a demo part's seed that stands for the demo's own (training/demo.py part_config)
+
+
 def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks every field a run depends on; returns the config for chaining."""
   _check(c.seed >= 0, "seed", c.seed, "an integer >= 0")  # every config: stages, demo, eval
@@ -314,6 +317,9 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for part, sub in c.items():
       if isinstance(sub, ml_collections.ConfigDict) and "stage" in sub:
         parts.append(part)
+        if sub.seed == DEMO_SEED:
+          sub = sub.copy_and_resolve_references()
+          sub.seed = c.seed
         try:
           validate(sub)
         except ConfigError as e:

@@ -113,7 +113,7 @@ def _stopped_train(ran: list):
   """A trainer stopped by Ctrl-C at its first step, as `trainer.train` ends then."""
   from robust_u1_jax.training import checkpoint
 
-  def train(c, workdir, build):
+  def train(c, workdir, build, **kwargs):
     ran.append(workdir)
     raise checkpoint.Stopped(1, signal.SIGINT, [])
 
@@ -178,12 +178,31 @@ def test_a_workdir_of_another_variant_is_refused_before_anything_runs(tmp_path, 
   assert ran == [os.path.join(moved, "vae")]
 
 
+def test_a_part_draws_with_its_own_seed_or_the_demo_s(tmp_path, monkeypatch):
+  # `--config.sft.seed=3` was overwritten by the demo's seed: a finished workdir answered
+  # "nothing to train" and the run trained nothing with it.
+  from robust_u1_jax.training import trainer
+
+  spec = os.path.join(ROOT, "configs", "demo.py:quick")
+  seeds = lambda config: {p: demo.part_config(config, p, "/runs/demo").seed for p in demo.PARTS}
+  assert set(seeds(config_lib.load(spec, {"seed": 2})).values()) == {2, 0}  # eval keeps its own
+  own = seeds(config_lib.load(spec, {"seed": 2, "sft.seed": 3}))
+  assert own["sft"] == 3 and own["rl"] == own["vae"] == 2 and own["eval"] == 0
+  workdir = str(tmp_path / "demo")
+  for part in ("vae", "sft"):
+    _checkpoint_part(workdir, part, config_lib.load(spec))
+  monkeypatch.setattr(trainer, "train", _stopped_train([]))
+  with pytest.raises(config_lib.ConfigError, match="sft was trained with other settings than "
+                                                   "this config's: seed 0, now 3"):
+    demo.run(config_lib.load(spec, {"sft.seed": 3}), workdir)
+
+
 def test_several_processes_are_refused_before_anything_runs(tmp_path, monkeypatch):
   # As under launch/local.sh --processes 2: the bootstrap parts write their models from one host.
   from robust_u1_jax.training import trainer
 
   ran = []
-  monkeypatch.setattr(trainer, "train", lambda c, workdir, build: ran.append(workdir))
+  monkeypatch.setattr(trainer, "train", lambda c, workdir, build, **kwargs: ran.append(workdir))
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   quick = config_lib.load_file(os.path.join(ROOT, "configs", "demo.py:quick"))
   with pytest.raises(config_lib.ConfigError, match="runs in one process, here 2"):

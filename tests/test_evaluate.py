@@ -6,6 +6,8 @@ import csv
 import io
 import json
 import os
+import signal
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -13,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from robust_u1_jax import config_lib, files
+from robust_u1_jax import cli, config_lib, files
 from robust_u1_jax.checkpoints import orbax_io
 from robust_u1_jax.data import bad_records
 from robust_u1_jax.data import sequence
@@ -132,6 +134,17 @@ def test_an_evaluation_stopped_before_its_first_unit_says_so(tmp_path, monkeypat
   assert lines == ["the evaluation stopped before its first unit finished; run the same command "
                    "to start it again"]
 
+  # SIGTERM (a service's stop) stops it the same way, and the command exits 143; it ended the
+  # process where it stood, without a word.
+  def terminated(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)  # the handler raises before this returns
+  monkeypatch.setattr(eval_run.engine_lib.Engine, "load", terminated)
+  lines, before = [], signal.getsignal(signal.SIGTERM)
+  assert cli.call(lambda argv: eval_run.run(c, say=lines.append), ["evaluate"]) == 143
+  assert lines[0].startswith("the evaluation stopped before its first unit finished")
+  assert signal.getsignal(signal.SIGTERM) is before  # restored after the evaluation
+
 
 @pytest.mark.slow
 def test_evaluate_writes_a_complete_report(model_dir, tmp_path):
@@ -146,10 +159,19 @@ def test_evaluate_writes_a_complete_report(model_dir, tmp_path):
   # The same model as SFT and as RL: its recoveries score the same, sample by sample.
   c.compare.sft = c.compare.rl = model_dir
   c.benchmarks = {"rbench": tsv, "mmstar": parquet}
+  # An earlier report's figures this one does not draw (another evaluation's grid conditions, an
+  # RL plot) went on standing beside it; the user's own files stay.
+  os.makedirs(c.out)
+  for name in ("grid_07_pixelate_s5.png", "rl_rewards.png", "notes.png"):
+    open(os.path.join(c.out, name), "w").close()
   lines = []
   path = eval_run.run(c, say=lines.append)
   with open(os.path.join(c.out, "report.json")) as f:
     data = json.load(f)
+  grids = sorted(name for name in os.listdir(c.out) if name.startswith("grid_"))
+  assert len(grids) == 5 and "grid_07_pixelate_s5.png" not in grids
+  assert not os.path.exists(os.path.join(c.out, "rl_rewards.png"))
+  assert os.path.exists(os.path.join(c.out, "notes.png"))
   # The model has no guidance.json: its recoveries used BAGEL's, and the report says so.
   assert data["settings"]["guidance"] == {"text_scale": 4.0, "image_scale": 2.0}
   conds = data["result"]["conditions"]
@@ -250,7 +272,7 @@ def test_evaluate_writes_a_complete_report(model_dir, tmp_path):
   # Image grids: a row per sample, a column per GRID_COLUMNS entry (64-pixel cells, 2 apart),
   # scaled 3x under a header of two lines: what the grid shows (its condition, how many images,
   # their mean SSIM), the columns' titles.
-  assert ("Image grids of the first 6 conditions, left to right: corrupted | through the VAE "
+  assert ("Image grids of the first 5 conditions, left to right: corrupted | through the VAE "
           "alone | recovered | "
           "clean.") in markdown
   grid = np.asarray(Image.open(os.path.join(c.out, "grid_00_robust_r1_pipeline_25pct.png")))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,6 +19,8 @@ from robust_u1_jax.training import metrics_log
 
 
 GRIDS = 6  # conditions drawn as image grids, in the table's order
+FIGURES = ("accuracy_vs_intensity.png", "ssim_per_type.png", "ssim_sft_vs_rl.png",
+           "rl_rewards.png")  # besides the grids, grid_NN_<condition>.png
 
 
 def _pct(x: float) -> str:
@@ -215,7 +218,18 @@ def figures(result: Mapping[str, Any], out_dir: str, *,
     name = f"grid_{k:02d}_{label.replace(' ', '_').replace('%', 'pct')}.png"
     Image.fromarray(grid).save(os.path.join(out_dir, name))
     written.append(name)
+  _remove_earlier_figures(out_dir, written)
   return written
+
+
+def _remove_earlier_figures(out_dir: str, written: Sequence[str]) -> None:
+  """Removes the figures an earlier report in `out_dir` drew that this one did not (another
+  evaluation's grid conditions, a comparison it no longer makes), which would read as this
+  report's beside it."""
+  for name in os.listdir(out_dir):
+    ours = name in FIGURES or re.fullmatch(r"grid_\d{2}_.*\.png", name)
+    if ours and name not in written:
+      os.remove(os.path.join(out_dir, name))
 
 
 def _grid_heading(row: Mapping[str, Any]) -> str:
@@ -368,7 +382,8 @@ def write(out_dir: str, result: Mapping[str, Any], *, title: str,
       lines.append(f"| {level} | " + " | ".join(_pct(accs.get(m, float("nan")))
                                                 for m in bench["modes"]) + " |")
   if figure_names:
-    lines += ["", "## Figures", "", f"Image grids of the first {GRIDS} conditions, left to right: "
+    grids = sum(name.startswith("grid_") for name in figure_names)
+    lines += ["", "## Figures", "", f"Image grids of the first {grids} conditions, left to right: "
               + " | ".join(evaluation.GRID_COLUMNS) + ".", ""]
     lines += [f"![{n}]({n})" for n in figure_names]
   lines += ["", "## Settings", "", "```json", json.dumps(dict(settings), indent=1, default=str),

@@ -15,7 +15,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from robust_u1_jax import config_lib, files
+from robust_u1_jax import config_lib, files, signals
 from robust_u1_jax.eval import evaluation, partial, report
 from robust_u1_jax.inference import engine as engine_lib
 from robust_u1_jax.inference import recovery as recovery_lib
@@ -77,12 +77,13 @@ def report_is_current(c: ml_collections.ConfigDict) -> bool:
 
 
 def run(c: ml_collections.ConfigDict, *, say: Callable[[str], None] = print) -> str:
-  """Evaluates `c.model`; returns the path of report.md (in `c.out`). Stopped (Ctrl-C), it says
-  what it keeps for the same command to resume from."""
+  """Evaluates `c.model`; returns the path of report.md (in `c.out`). Stopped (Ctrl-C or SIGTERM),
+  it says what it keeps for the same command to resume from."""
   progress: dict[str, Any] = {}  # the store of finished units and their count, once known
   try:
-    return _run(c, say, progress)
-  except KeyboardInterrupt:
+    with signals.sigterm_stops():
+      return _run(c, say, progress)
+  except KeyboardInterrupt:  # signals.Terminated too
     store = progress.get("store")
     if store is None or not len(store):
       say("the evaluation stopped before its first unit finished; run the same command to start "

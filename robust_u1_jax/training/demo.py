@@ -31,10 +31,12 @@ PARTS = ("vae", "clip", "vit", "base", "sft", "rl", "reason", "eval")
 INIT_FROM = {"vae": None, "clip": None, "vit": "vae", "base": "vit", "sft": "base",
              "rl": "sft", "reason": "rl"}
 CLIP_FILE = os.path.join("model", "clip.safetensors")
-# Fields that change nothing a part trains: the paths the demo chains its parts by (so a moved
-# workdir still matches its checkpoints) and how often a part logs, evaluates and checkpoints.
-SAME_TRAINING = ("init_from", "rl.clip_checkpoint", "log_every", "eval_every", "checkpoint_every",
-                 "keep_checkpoints", "tensorboard")
+# The paths the demo chains its parts by: a moved or copied workdir still matches its checkpoints.
+CHAINED = ("init_from", "rl.clip_checkpoint")
+# Fields that change nothing a part trains: the chained paths, how often a part logs, evaluates
+# and checkpoints, and what its evaluation grids sample.
+SAME_TRAINING = (*CHAINED, "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+                 "tensorboard", "eval_num_steps", "rl.eval_num_steps", "eval_data")
 
 
 def part_config(config: ml_collections.ConfigDict, part: str, workdir: str
@@ -52,7 +54,8 @@ def part_config(config: ml_collections.ConfigDict, part: str, workdir: str
       return c
     source = INIT_FROM[part]
     c.init_from = "random" if source is None else os.path.join(workdir, source)
-    c.seed = config.seed
+    if c.seed == config_lib.DEMO_SEED:  # else the part's own, --config.<part>.seed
+      c.seed = config.seed
     if part == "rl":
       c.rl.clip_checkpoint = os.path.join(workdir, "clip", CLIP_FILE)
   return config_lib.validate(c)
@@ -126,7 +129,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
         f"configs/demo.py runs in one process, here {jax.process_count()}: run it without "
         "launch/local.sh --processes (the stages' own configs, configs/sft.py and the others, "
         "train on several)")
-  os.makedirs(workdir, exist_ok=True)
+  # The workdir is made by the first part that runs: a demo stopped before leaves none.
   configs = {part: part_config(config, part, workdir) for part in PARTS}
   check_parts_match(configs, workdir)
   # Finished parts are skipped; the evaluation runs again unless its report is of these very
@@ -154,7 +157,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
       return eval_run.run(c)  # stopped, it says how many units it keeps for the same command
     fresh = checkpoint.latest_step(part_dir) is None
     try:
-      trainer.train(c, part_dir, stages.builder(c.stage))
+      trainer.train(c, part_dir, stages.builder(c.stage), moved_paths=CHAINED)
     except checkpoint.Stopped:  # its checkpoint saved: the later parts must not start from it
       print(f"the demo stopped in its {part} part; run the same command to resume", flush=True)
       raise
