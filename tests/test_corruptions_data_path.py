@@ -144,6 +144,21 @@ def test_ratio_and_alternation():
                                0.0, min_reps=3, warmup=1)
   assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then sides in turn
   assert len(timed.times["a"]) == 3 and timed.ratio("a", "b").rounds == 3
+  # Short calls: each measurement repeats them, the same count on both sides, for at least
+  # min_measurement_s; the times are per call.
+  import time
+  counts = {"fast": 0, "slow": 0}
+
+  def side(name, seconds):
+    def call():
+      counts[name] += 1
+      time.sleep(seconds)
+    return call
+  timed = benchmarks.alternate({"fast": side("fast", 0.001), "slow": side("slow", 0.002)}, 0.0,
+                               min_reps=2, warmup=1, min_measurement_s=0.01)
+  calls = counts["fast"] - 2  # less the warm-up call and the timing call
+  assert calls >= 2 * 4 and counts["slow"] == counts["fast"]
+  assert 0.001 <= timed.median("fast") < timed.median("slow") and timed.median("slow") >= 0.002
 
 
 def test_bench_corrupt_rows():

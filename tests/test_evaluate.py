@@ -315,7 +315,10 @@ def test_scoring_and_conditions():
   rows = report.claims({"conditions": [], "clean": {"accuracy": 0.5},
                         "clean_with_recovery": {"accuracy": 0.49, "minus_off_se": 0.031}})
   assert rows[0]["holds"] and "within 2 points" in rows[0]["claim"]
-  assert rows[0]["measured"] == "off 50.0, on 49.0 (-1.0 ± 3.1 points)"
+  assert rows[0]["measured"] == "off 50.0 %, on 49.0 % (-1.0 ± 3.1 points)"
+  # A claim that holds on a difference below the shown decimals says it (it read +0.0000).
+  rows = report.claims({"conditions": []}, {"sft": {"ssim": 0.5475125}, "rl": {"ssim": 0.5475292}})
+  assert rows[0]["holds"] and rows[0]["measured"] == "SFT 0.5475, RL 0.5475 (+1.7e-05)"
 
 
 def test_each_model_recovers_at_its_own_guidance_unless_the_config_gives_it(tmp_path):
@@ -379,7 +382,8 @@ def test_claims_state_what_a_perfect_recovery_reaches():
   assert recovery["holds"] and recovery["bound"] == (
       "the VAE's round trip of the clean image: SSIM 0.701, PSNR 25.23 dB")
   assert not answers["holds"] and answers["bound"] == (
-      "the clean image in the recovery's place: 37.5 (+2.7 points); the clean image alone: 42.2")
+      "the clean image in the recovery's place: 37.5 % (+2.7 points); the clean image alone: "
+      "42.2 %")
   # What the recovery adds beyond the corrupted image through the VAE alone is stated beside the
   # claim; the claim itself reads the corrupted image.
   full.update(through_vae=quality(15.5, 0.38), beyond_vae_se={"psnr": 0.25, "ssim": 0.011},

@@ -10,6 +10,8 @@ median of the per-round ratios with its spread (`Ratio`), never one call of each
 """
 
 import dataclasses
+import math
+import os
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -56,16 +58,26 @@ class Alternated:
 
 
 def alternate(fns: Mapping[str, Callable[[], object]], seconds: float, *, min_reps: int = 5,
-              warmup: int = 1, max_reps: int | None = None) -> Alternated:
+              warmup: int = 1, max_reps: int | None = None,
+              min_measurement_s: float = 0.0) -> Alternated:
   """Times each fn once per round, the sides in turn, for about `seconds` of wall time in all
   (at least `min_reps` rounds, at most `max_reps`).
 
   Odd rounds run the sides in reverse order, so neither always goes first (after the other's
-  cache traffic, or just after a pause). Each fn must block until its result is ready.
+  cache traffic, or just after a pause). Each fn must block until its result is ready. With
+  `min_measurement_s`, a side's measurement calls its fn as many times as the fastest side needs
+  to take that long (the same count on every side) and records the time per call: a call of a
+  millisecond or two alone is mostly the timer's and the scheduler's noise.
   """
   for fn in fns.values():
     for _ in range(warmup):  # compilation and first-touch costs are not what we measure
       fn()
+  if min_measurement_s > 0:
+    fastest = min(_time_call(fn) for fn in fns.values())
+    calls = max(1, math.ceil(min_measurement_s / max(fastest, 1e-9)))
+    fns = {name: _repeated(fn, calls) for name, fn in fns.items()}
+  else:
+    calls = 1
   names = list(fns)
   times: dict[str, list[float]] = {name: [] for name in names}
   start = time.perf_counter()
@@ -76,9 +88,30 @@ def alternate(fns: Mapping[str, Callable[[], object]], seconds: float, *, min_re
     for name in (names if rounds % 2 == 0 else names[::-1]):
       t0 = time.perf_counter()
       fns[name]()
-      times[name].append(time.perf_counter() - t0)
+      times[name].append((time.perf_counter() - t0) / calls)
     rounds += 1
   return Alternated(times)
+
+
+def _time_call(fn: Callable[[], object]) -> float:
+  t0 = time.perf_counter()
+  fn()
+  return time.perf_counter() - t0
+
+
+def _repeated(fn: Callable[[], object], calls: int) -> Callable[[], None]:
+  def run() -> None:
+    for _ in range(calls):
+      fn()
+  return run
+
+
+def usable_cpus() -> int:
+  """The CPUs this process may run on (`taskset` narrows them), not all the host's."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not on Linux
+    return os.cpu_count() or 1
 
 
 def table(header: tuple[str, ...], rows: list[tuple]) -> str:

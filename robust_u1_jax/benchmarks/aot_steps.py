@@ -132,7 +132,8 @@ def abstract_inputs(host, rows: int, mesh):
   split = math.prod(mesh.shape[a] for a in BATCH_AXES)
   if rows % split:
     raise StageError(f"data.batch_size={rows} does not split over mesh axes {BATCH_AXES} of "
-                     f"{split} devices; use a multiple of {split}")
+                     f"{split} devices; use a multiple of {split}, or fewer devices (on CPU, "
+                     f"--topology cpu:N fakes N)")
   batch = NamedSharding(mesh, P(BATCH_AXES))
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct((rows,) + x.shape[1:], x.dtype,
                                                      sharding=batch), host)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import io
 import math
-import os
 
 import jax
 import numpy as np
@@ -34,7 +33,7 @@ import skimage.feature
 import skimage.util
 
 from robust_u1_jax import pixels
-from robust_u1_jax.benchmarks import Ratio, alternate, table
+from robust_u1_jax.benchmarks import Ratio, alternate, table, usable_cpus
 from robust_u1_jax.data import corruptions
 from robust_u1_jax.data.corruptions import imagenet_c
 from robust_u1_jax.data.corruptions import imagenet_c_digital as digital
@@ -416,7 +415,7 @@ def run(*, seconds: float = 3.0, names=None) -> dict:
   """Prints the table; `seconds` is the wall time of each alternated measurement."""
   print(f"corrupt benchmark: {BATCH} images of {SIZE} x {SIZE}, severity {SEVERITY}, uint8 in and "
         f"out; JAX on {corruptions.data_device()} (default backend {jax.default_backend()}); "
-        f"host CPUs: {os.cpu_count()}; {seconds:g} s per alternated measurement", flush=True)
+        f"host CPUs: {usable_cpus()}; {seconds:g} s per alternated measurement", flush=True)
   rows = corruption_rows(seconds, names)
   print(table(("corruption", "host reference", "JAX ms", "host ms",
                "JAX / host: median [quartiles]"),

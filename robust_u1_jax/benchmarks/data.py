@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from robust_u1_jax import config_lib
-from robust_u1_jax.benchmarks import Ratio, alternate, table
+from robust_u1_jax.benchmarks import Ratio, alternate, table, usable_cpus
 from robust_u1_jax.data import corruptions
 from robust_u1_jax.data import pipeline
 from robust_u1_jax.data import sources
@@ -146,7 +146,7 @@ def run(*, seconds: float = 3.0, config: str = "", threads: int | None = None) -
   """Runs both data benchmarks, printing each table as it completes."""
   spec = config or DEFAULT_CONFIG
   print(f"devices: {jax.devices()}; corruption on {corruptions.data_device()}; host CPUs: "
-        f"{os.cpu_count()}; {seconds:g} s per measurement", flush=True)
+        f"{usable_cpus()}; {seconds:g} s per measurement", flush=True)
   results = {"parts": part_rows(spec, seconds)}
   cmp = results["pipelines"] = compare_pipelines(spec, seconds, threads=threads)
   clean, corrupted = statistics.median(cmp["clean"]), statistics.median(cmp["corrupted"])

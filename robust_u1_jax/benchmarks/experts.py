@@ -109,6 +109,7 @@ def run(*, seconds: float = 3.0) -> dict:
   print(f"expert routing benchmark on {jax.devices()[0].device_kind}; {seconds:g} s alternated; "
         f"LLM {llm.num_layers} layers, hidden {llm.hidden_size}, MLP {llm.intermediate_size}",
         flush=True)
+  print("compiling both programs (most of the wait), then timing ...", flush=True)
   r = forward_backward(llm, seconds)
   print(f"forward+backward, {r['rows']} packed rows x {r['tokens']} tokens "
         f"({r['und_tokens']} understanding, {r['gen_tokens']} generation tokens; routed "

@@ -48,7 +48,8 @@ def run(*, overrides: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
     raise SystemExit(f"malloc: rounds must be an integer >= 1 and steps >= 2; got {options}")
   results: dict[str, list[dict[str, float]]] = {side: [] for side in SIDES}
   print(f"configs/demo.py base step, {options['steps']} timed steps a process, "
-        f"{options['rounds']} rounds of {' / '.join(SIDES)}", flush=True)
+        f"{options['rounds']} round{'' if options['rounds'] == 1 else 's'} of "
+        f"{' / '.join(SIDES)}", flush=True)
   print(f"{'malloc':8s} {'median ms':>10s} {'page faults':>12s} {'system s':>9s}", flush=True)
   for _ in range(options["rounds"]):
     for side in SIDES:
@@ -83,8 +84,10 @@ def child(steps: int) -> None:
 
   from robust_u1_jax import config_lib
   from robust_u1_jax.benchmarks import train_step
+  from robust_u1_jax.training import demo
 
-  config = config_lib.load_file(DEMO_CONFIG).base.copy_and_resolve_references()
+  # The part as the demo runs it (its seed the demo's), from random weights.
+  config = demo.part_config(config_lib.load_file(DEMO_CONFIG), "base", "unused")
   config.init_from = "random"
   r = train_step.time_train_step(config_lib.validate(config), jax.devices()[0], seconds=0.0,
                                  min_steps=steps, batches=BATCHES)

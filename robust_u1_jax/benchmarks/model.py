@@ -23,6 +23,10 @@ from robust_u1_jax.data import sequence
 from robust_u1_jax.models import bagel as bagel_lib
 from robust_u1_jax.models.qwen2_mot import LLMConfig, Qwen2MoT
 
+# Each measurement lasts at least this long: the steps here take a millisecond or two, and one
+# call's ratio to another's ranged from 0.02 to 5.5 (2L/L, one core of a 2-core Xeon).
+MIN_MEASUREMENT_S = 0.02
+
 
 def llm_forward_backward(batch: int, length: int, seconds: float, *,
                          min_reps: int = 5) -> dict:
@@ -57,7 +61,8 @@ def llm_forward_backward(batch: int, length: int, seconds: float, *,
     torch.logsumexp(logits, -1).mean().backward()
 
   timed = alternate({"jax": lambda: jax.block_until_ready(jax_step(params)),
-                     "torch": torch_step}, seconds, min_reps=min_reps)
+                     "torch": torch_step}, seconds, min_reps=min_reps,
+                    min_measurement_s=MIN_MEASUREMENT_S)
   return {"jax_s": timed.median("jax"), "torch_s": timed.median("torch"),
           "torch_over_jax": timed.ratio("torch", "jax")}
 
@@ -85,7 +90,7 @@ def denoise_step_scaling(context: int, seconds: float, *, min_reps: int = 5) -> 
     return lambda: jax.block_until_ready(step(state, cache, x))
 
   timed = alternate({"L": step_fn(context), "2L": step_fn(2 * context)}, seconds,
-                    min_reps=min_reps)
+                    min_reps=min_reps, min_measurement_s=MIN_MEASUREMENT_S)
   return {"L": context, "step_s_L": timed.median("L"), "step_s_2L": timed.median("2L"),
           "ratio_2L_over_L": timed.ratio("2L", "L")}
 

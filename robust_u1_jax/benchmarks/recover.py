@@ -342,6 +342,8 @@ def run(*, seconds: float = 3.0, config: str = "", topology: str | None = None,
         f"{llm.intermediate_size}, MoT {llm.mot}, {np.dtype(llm.dtype).name}; batch 1; "
         f"{seconds:g} s per alternated measurement", flush=True)
 
+  say = lambda part: print(f"[{time.strftime('%H:%M:%S')}] {part} ...", flush=True)
+  say("a. compiling and timing one denoising step, cached and uncached")
   a = results["a"] = cached_vs_uncached(setup, size, seconds)
   print(table(("a. one denoising step", "image", "context", "noisy block", "keys / row",
                "ms"), [
@@ -351,6 +353,7 @@ def run(*, seconds: float = 3.0, config: str = "", topology: str | None = None,
        a["block"], a["row"], a["uncached_s"] * 1e3)]))
   print(f"   uncached / cached = {a['uncached_over_cached_spread']}", flush=True)
 
+  say("b. compiling and timing the cached step at two context lengths")
   b = results["b"] = context_scaling(setup, size, seconds)
   lo, hi = b["contexts"]
   print(table(("b. cached step vs context", "context", "noisy block", "attention share", "ms"),
@@ -360,6 +363,7 @@ def run(*, seconds: float = 3.0, config: str = "", topology: str | None = None,
         f"{b['flop_ratio']:.2f}x for these shapes, {b['flop_ratio_7b']:.2f}x for BAGEL-7B's "
         f"(width 3584, a {recover_7b.BLOCK_7B}-token block)", flush=True)
 
+  say("c. compiling and timing the guided velocity, batched and separate")
   c = results["c"] = cfg_batching(setup, size, seconds)
   print(table(("c. guided velocity, 3 CFG branches", "cache slots", "noisy block", "ms"), [
       ("batched: guided_velocity, one call", f"3 x {max(c['slots'])}", c["block"],
@@ -368,6 +372,7 @@ def run(*, seconds: float = 3.0, config: str = "", topology: str | None = None,
        c["block"], c["separate_s"] * 1e3)]))
   print(f"   separate / batched = {c['separate_over_batched_spread']}", flush=True)
 
+  say("d. compiling the jitted recovery cold, at each size")
   d = results["d"] = compile_times(setup)
   print(table(("d. jitted recovery, cold compile", "context", "noisy block", "steps", "lower s",
                "compile s"),
@@ -375,6 +380,7 @@ def run(*, seconds: float = 3.0, config: str = "", topology: str | None = None,
                 r["lower_s"], r["compile_s"]) for r in d]), flush=True)
 
   if topology:
+    say(f"e. compiling BAGEL-7B's recovery ahead of time for {topology} (many minutes)")
     try:
       shape = {k: int(opts.get(k, v)) for k, v in recover_7b.RECOVERY_7B.items()}
       e = recover_7b.compile_recovery_7b(topology, **shape,

@@ -27,6 +27,18 @@ def _pct(x: float) -> str:
   return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
 
 
+def _percent(x: float) -> str:
+  """An accuracy in a sentence: '34.0 %' (`_pct` is a table cell's, under a % heading)."""
+  text = _pct(x)
+  return text if text == "n/a" else f"{text} %"
+
+
+def _signed(d: float, digits: int) -> str:
+  """A difference at `digits` decimals, or in exponent form where those would show it as zero
+  (a claim that holds on +0.00002 must not read +0.0000)."""
+  return f"{d:+.1e}" if d and abs(d) < 0.5 * 10 ** -digits else f"{d:+.{digits}f}"
+
+
 def _pm(se: float | None, scale: float = 1.0, digits: int = 1) -> str:
   """' ± se' (scaled) where a standard error was measured."""
   return "" if se is None or math.isnan(se) else f" ± {scale * se:.{digits}f}"
@@ -71,14 +83,15 @@ def claims(result: Mapping[str, Any], compare: Mapping[str, Mapping[str, Any]] |
     bound = []
     if "oracle_accuracy" in full[0]:
       oracle = full[0]["oracle_accuracy"]
-      bound.append(f"the clean image in the recovery's place: {_pct(oracle)} "
+      bound.append(f"the clean image in the recovery's place: {_percent(oracle)} "
                    f"({100 * (oracle - acc['corrupted']):+.1f} points)")
     if "clean" in result:
-      bound.append(f"the clean image alone: {_pct(result['clean']['accuracy'])}")
+      bound.append(f"the clean image alone: {_percent(result['clean']['accuracy'])}")
     se = full[0].get("gain_se", {}).get("accuracy")
     out.append({"claim": "at 100 % intensity, corrupted + recovered answers >= 10 points above "
                          "corrupted only",
-                "measured": f"{_pct(acc['corrupted'])} -> {_pct(acc['corrupted+recovered'])} "
+                "measured": f"{_percent(acc['corrupted'])} -> "
+                            f"{_percent(acc['corrupted+recovered'])} "
                             f"({100 * gain:+.1f}{_pm(se, 100)} points)",
                 "holds": bool(gain >= 0.10), "bound": "; ".join(bound)})
   if compare and {"sft", "rl"} <= set(compare):
@@ -86,20 +99,20 @@ def claims(result: Mapping[str, Any], compare: Mapping[str, Mapping[str, Any]] |
       sft, rl = compare["sft"].get(metric), compare["rl"].get(metric)
       if sft is not None and rl is not None:
         se = result.get("rl_minus_sft_se", {}).get(metric)
-        measured = f"SFT {sft:.4f}, RL {rl:.4f} ({rl - sft:+.4f}{_pm(se, digits=4)})"
+        measured = f"SFT {sft:.4f}, RL {rl:.4f} ({_signed(rl - sft, 4)}{_pm(se, digits=4)})"
         pipe = result.get("rl_minus_sft_pipeline", {}).get(metric)
         if pipe:  # stated beside the claim, which reads every condition
           measured += (f"; on the Robust-R1 pipeline's conditions alone (the corruptions RL "
                        f"trains on, as the paper's Robust-R1 validation set): SFT "
                        f"{pipe['sft']:.4f}, RL {pipe['rl']:.4f} "
-                       f"({pipe['rl'] - pipe['sft']:+.4f}{_pm(pipe['se'], digits=4)})")
+                       f"({_signed(pipe['rl'] - pipe['sft'], 4)}{_pm(pipe['se'], digits=4)})")
         out.append({"claim": f"RL's mean {metric.upper()} above SFT's", "measured": measured,
                     "holds": bool(rl > sft), "bound": ""})
   if "clean_with_recovery" in result and "clean" in result:
     off, on = result["clean"]["accuracy"], result["clean_with_recovery"]["accuracy"]
     se = result["clean_with_recovery"].get("minus_off_se")
     out.append({"claim": "recovery always on keeps clean accuracy within 2 points",
-                "measured": f"off {_pct(off)}, on {_pct(on)} "
+                "measured": f"off {_percent(off)}, on {_percent(on)} "
                             f"({100 * (on - off):+.1f}{_pm(se, 100)} points)",
                 "holds": bool(abs(on - off) <= 0.02), "bound": ""})
   return out
@@ -352,7 +365,7 @@ def write(out_dir: str, result: Mapping[str, Any], *, title: str,
            if result["conditions"] and m in result["conditions"][0]["accuracy"]]
   lines += ["## Per condition", ""]
   if "clean" in result:
-    lines += [f"Accuracy on clean images: {_pct(result['clean']['accuracy'])} %.", ""]
+    lines += [f"Accuracy on clean images: {_percent(result['clean']['accuracy'])}.", ""]
   first = result["conditions"][0] if result["conditions"] else {}
   shown = [k for k in ("corrupted", "through_vae", "recovered") if k in first]
   metrics = [(m, digits) for m, digits in (("psnr", 2), ("ssim", 3), ("clip", 3))
