@@ -375,9 +375,9 @@ def test_a_run_resumed_with_other_total_steps_says_its_schedule_changes(tmp_path
   out = capsys.readouterr().out
   assert "is already at the final step 2; nothing to train" in out
   assert "its model was trained with settings other than these: optimizer.learning_rate" in out
-  # Fields named as moved paths (the demo's chained parts) are no other setting.
+  # Fields the caller counts as the same training (the demo's chained paths) are no other setting.
   assert trainer.train(_config(2, **{"optimizer.learning_rate": 0.5}), str(tmp_path), sft.build,
-                       moved_paths=("optimizer.learning_rate",)) == []
+                       same_training=("optimizer.learning_rate",)) == []
   assert "settings other than these" not in capsys.readouterr().out
 
 

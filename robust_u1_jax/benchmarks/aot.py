@@ -288,6 +288,9 @@ def persistent_cache(enabled: bool):
     compilation_cache.reset_cache()
 
 
+CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"  # jax/_src/compiler.py records it
+
+
 @contextlib.contextmanager
 def counted_cache_hits() -> Iterator[list[str]]:
   """Yields a list that gathers an entry for each program the block reads from JAX's persistent
@@ -305,8 +308,6 @@ def counted_cache_hits() -> Iterator[list[str]]:
   finally:
     jax.monitoring.unregister_event_listener(listen)
 
-
-CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"  # jax/_src/compiler.py records it
 
 
 def _compile(config, ctx, spec_name, topology, description, devices, say) -> aot_report.AotResult:

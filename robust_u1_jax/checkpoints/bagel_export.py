@@ -147,7 +147,8 @@ def copy_tokenizer_files(src_dir: str, dst_dir: str, *, required: bool = True) -
   return names
 
 
-def _write_json(path: str, content: Mapping[str, Any]) -> None:
+def write_json(path: str, content: Mapping[str, Any]) -> None:
+  """A model directory's JSON side file: sorted keys, indented, a final newline."""
   with open(path, "w") as f:
     json.dump(content, f, indent=2, sort_keys=True)
     f.write("\n")
@@ -189,9 +190,9 @@ def save_model_dir(model: Bagel, path: str, *, tokenizer_dir: str | None = None,
       tensor_files.save_safetensors(ema, os.path.join(tmp, WEIGHT_FILES[0]), bar=bar)
       tensor_files.save_safetensors(ae, os.path.join(tmp, VAE_FILE), bar=bar)
     c = model.config
-    _write_json(os.path.join(tmp, LLM_CONFIG), bagel_dir.llm_config_json(c.llm, torch_dtype))
-    _write_json(os.path.join(tmp, VIT_CONFIG), bagel_dir.vit_config_json(c.vit))
-    _write_json(os.path.join(tmp, EXTRA_CONFIG), bagel_dir.extra_config_json(c))
+    write_json(os.path.join(tmp, LLM_CONFIG), bagel_dir.llm_config_json(c.llm, torch_dtype))
+    write_json(os.path.join(tmp, VIT_CONFIG), bagel_dir.vit_config_json(c.vit))
+    write_json(os.path.join(tmp, EXTRA_CONFIG), bagel_dir.extra_config_json(c))
     if tokenizer_dir is not None:
       copy_tokenizer_files(tokenizer_dir, tmp)
     if write_beside is not None:

@@ -15,7 +15,6 @@ Robust-U1 model or from a converted checkpoint alike.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 import os
 from typing import Any
@@ -88,9 +87,7 @@ def save_orbax(model: Bagel, path: str, *, tokenizer_dir: str | None = None,
       checkpointer.save(os.path.join(tmp, PARAMS), _nested(params))
       checkpointer.wait_until_finished()
     if jax.process_index() == 0:
-      with open(os.path.join(tmp, CONFIG), "w") as f:
-        json.dump(bagel_dir.config_to_dict(model.config), f, indent=2, sort_keys=True)
-        f.write("\n")
+      bagel_export.write_json(os.path.join(tmp, CONFIG), bagel_dir.config_to_dict(model.config))
       if tokenizer_dir is not None:
         bagel_export.copy_tokenizer_files(tokenizer_dir, tmp)
       if write_beside is not None:

@@ -40,8 +40,9 @@ def _signed(d: float, digits: int) -> str:
 
 
 def _pm(se: float | None, scale: float = 1.0, digits: int = 1) -> str:
-  """' ± se' (scaled) where a standard error was measured."""
-  return "" if se is None or math.isnan(se) else f" ± {scale * se:.{digits}f}"
+  """' ± se' (scaled) where a standard error was measured, in exponent form where `digits`
+  decimals would show it as zero."""
+  return "" if se is None or math.isnan(se) else f" ± {_signed(scale * se, digits)[1:]}"
 
 
 def claims(result: Mapping[str, Any], compare: Mapping[str, Mapping[str, Any]] | None = None

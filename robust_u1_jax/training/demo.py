@@ -31,12 +31,12 @@ PARTS = ("vae", "clip", "vit", "base", "sft", "rl", "reason", "eval")
 INIT_FROM = {"vae": None, "clip": None, "vit": "vae", "base": "vit", "sft": "base",
              "rl": "sft", "reason": "rl"}
 CLIP_FILE = os.path.join("model", "clip.safetensors")
-# The paths the demo chains its parts by: a moved or copied workdir still matches its checkpoints.
-CHAINED = ("init_from", "rl.clip_checkpoint")
-# Fields that change nothing a part trains: the chained paths, how often a part logs, evaluates
-# and checkpoints, and what its evaluation grids sample.
-SAME_TRAINING = (*CHAINED, "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
-                 "tensorboard", "eval_num_steps", "rl.eval_num_steps", "eval_data")
+# Fields that change nothing a part trains: the paths the demo chains its parts by (so a moved or
+# copied workdir still matches its checkpoints), how often a part logs, evaluates and checkpoints,
+# and what its evaluation grids sample.
+SAME_TRAINING = ("init_from", "rl.clip_checkpoint", "log_every", "eval_every", "checkpoint_every",
+                 "keep_checkpoints", "tensorboard", "eval_num_steps", "rl.eval_num_steps",
+                 "eval_data")
 
 
 def part_config(config: ml_collections.ConfigDict, part: str, workdir: str
@@ -157,7 +157,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
       return eval_run.run(c)  # stopped, it says how many units it keeps for the same command
     fresh = checkpoint.latest_step(part_dir) is None
     try:
-      trainer.train(c, part_dir, stages.builder(c.stage), moved_paths=CHAINED)
+      trainer.train(c, part_dir, stages.builder(c.stage), same_training=SAME_TRAINING)
     except checkpoint.Stopped:  # its checkpoint saved: the later parts must not start from it
       print(f"the demo stopped in its {part} part; run the same command to resume", flush=True)
       raise

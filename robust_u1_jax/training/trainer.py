@@ -92,17 +92,18 @@ def schedule_note(changed: list[str]) -> str | None:
 
 def train(config: ml_collections.ConfigDict, workdir: str,
           build_stage: Callable[[RunContext], StageSpec], *,
-          moved_paths: Collection[str] = ()) -> list[dict[str, float]]:
+          same_training: Collection[str] = ()) -> list[dict[str, float]]:
   """Runs (or resumes) a stage in `workdir`; returns the logged metric rows of this process.
   Stopped by a signal, it saves a checkpoint and raises `checkpoint.Stopped` (the rows in its
-  `history`). `moved_paths`: fields naming inputs by a path that may move with the workdir (the
-  demo's chained parts), left out where the run compares its settings with its checkpoint's."""
+  `history`). `same_training`: fields the caller counts as changing nothing the run trains (the
+  demo's: the paths its parts are chained by, which move with a copied workdir, and how often a
+  part logs or evaluates), left out where the run compares its settings with its checkpoint's."""
   if checkpoint_lib.finished(workdir, config.total_steps):
     # Before building or compiling anything: a finished stage answers at once.
     print(f"{workdir} is already at the final step {checkpoint_lib.latest_step(workdir)}; "
           f"nothing to train (model: {os.path.join(workdir, 'model')})", flush=True)
     saved = checkpoint_lib.saved_config(workdir)
-    if changed := config_lib.setting_differences(saved, config, moved_paths) if saved else []:
+    if changed := config_lib.setting_differences(saved, config, same_training) if saved else []:
       print(f"  its model was trained with settings other than these: {'; '.join(changed)}; "
             "give another --workdir to train with them", flush=True)
     return []
@@ -150,7 +151,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       # A setting that changes the state's tree (lora.rank) or the data's (token_budget) leaves
       # every checkpoint unreadable: name it.
       saved = checkpoint_lib.saved_config(workdir)
-      changed = config_lib.setting_differences(saved, config, moved_paths) if saved else []
+      changed = config_lib.setting_differences(saved, config, same_training) if saved else []
       if changed:
         raise checkpoint_lib.UnreadableCheckpoints(
             f"{e}; this run's settings differ from the checkpoint's: {'; '.join(changed)}"
@@ -162,7 +163,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       logging.info("resumed %s from step %d", workdir, start)
       print(f"resuming from step {start} in {workdir}", flush=True)
       saved = checkpoint_lib.config_of(meta)
-      differences = config_lib.differing_fields(saved, config, moved_paths) if saved else []
+      differences = config_lib.differing_fields(saved, config, same_training) if saved else []
       if differences:
         print(f"  with settings other than its checkpoint's: "
               f"{'; '.join(config_lib.described(differences))}", flush=True)
