@@ -73,11 +73,12 @@ def settings_record(values: flags.FlagValues, settings) -> dict:
           "sampler": dataclasses.asdict(settings.sampler)}
 
 
-def _remove_earlier_answer(out: str) -> None:
-  """Removes the files an earlier answer wrote in `out`: a reused folder would otherwise hold
-  images of another exchange beside this one's."""
+def _remove_earlier_answer(out: str, written: Sequence[str]) -> None:
+  """Removes the images an earlier answer wrote in `out` that this one does not write over
+  (`written`): a reused folder would otherwise hold images of another exchange beside this one's
+  exchange.json."""
   earlier = [name for name in os.listdir(out)
-             if name == EXCHANGE_FILE or re.fullmatch(r"step_\d{2,}\.png", name)]
+             if re.fullmatch(r"step_\d{2,}\.png", name) and name not in written]
   for name in earlier:
     os.remove(os.path.join(out, name))
   if earlier:
@@ -117,7 +118,7 @@ def _answer(values: flags.FlagValues) -> int:
                  if step.kind == "image"]
   if values.out:
     cli.output_dir(values.out, "--out")
-    _remove_earlier_answer(values.out)
+    _remove_earlier_answer(values.out, image_files)
     images = [s.image for s in exchange.steps if s.kind == "image"]
     for name, generated in zip(image_files, images):
       try:

@@ -306,7 +306,7 @@ def test_answer_replaces_an_earlier_answer_and_makes_no_folder_when_stopped(
       [("<ANSWER>A<ANSWER_END>", "endoftext")]))
   rc, out, err = _run(answer_cli, capsys, *args)
   assert rc == 0, err
-  assert f"removed 2 files of an earlier answer in {out_dir}" in out
+  assert f"removed 1 file of an earlier answer in {out_dir}" in out
   assert sorted(os.listdir(out_dir)) == ["exchange.json", "notes.txt"]
   assert json.loads((out_dir / "exchange.json").read_text())["answer"] == "A"
 
