@@ -53,6 +53,45 @@ from robust_u1_jax import host_malloc
 # goes into the environment, so pytest-xdist's workers and every command a test runs start with it.
 host_malloc.configure()
 
+# Linux caps a process at vm.max_map_count memory mappings (65,530 by default). XLA:CPU maps each
+# compiled kernel's code, data and constants separately, three mappings a kernel, and JAX keeps
+# every program it compiled for the life of the process: test_inference.py alone left 27,000
+# mappings in its process. A pytest-xdist worker that ran half the suite reached the cap, the
+# next program could not be mapped, and the worker died of a segmentation fault in the error's
+# unwinding (the intermittent "worker crashed" of test_remat_keeps_values_and_gradients, seen in
+# CI). So each module's programs are released when it ends, and a module that alone comes near
+# the cap fails there, by name, instead of crashing a later module.
+MAX_MAPPINGS_FILE = "/proc/sys/vm/max_map_count"
+MAPPINGS_SHARE_PER_MODULE = 0.5
+
+
+def _mappings() -> tuple[int, int] | None:
+  """(this process's memory mappings, the kernel's cap), where Linux says."""
+  try:
+    with open("/proc/self/maps", "rb") as f:
+      count = sum(1 for _ in f)
+    with open(MAX_MAPPINGS_FILE) as f:
+      return count, int(f.read())
+  except (OSError, ValueError):
+    return None
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs(request):
+  yield
+  import gc
+
+  import jax
+
+  jax.clear_caches()
+  gc.collect()  # the programs a module's reference cycles still held
+  mappings = _mappings()
+  if mappings and mappings[0] > MAPPINGS_SHARE_PER_MODULE * mappings[1]:
+    pytest.fail(f"{request.module.__name__} keeps {mappings[0]} memory mappings after its "
+                f"compiled programs were released, over {MAPPINGS_SHARE_PER_MODULE:.0%} of the "
+                f"process's cap of {mappings[1]} ({MAX_MAPPINGS_FILE}): a module holding its "
+                "programs past its end (a global, a cache) would crash a later one", pytrace=False)
+
 
 def _random_bagel(config, seed: int = 0):
   """A Bagel with every parameter random (norm scales near 1, llm2vae nonzero), built without
