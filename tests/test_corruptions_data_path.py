@@ -161,6 +161,13 @@ def test_ratio_and_alternation():
   assert 0.001 <= timed.median("fast") < timed.median("slow") and timed.median("slow") >= 0.002
 
 
+def test_a_goal_is_printed_with_its_verdict():
+  assert benchmarks.goal(1.26, 1.3, at_most=True) == "(goal <= 1.3: met)"
+  assert benchmarks.goal(1.79, 1.3, at_most=True) == "(goal <= 1.3: missed)"
+  assert benchmarks.goal(0.742, 1, at_most=False) == "(goal >= 1: missed)"
+  assert benchmarks.goal(1.0, 1, at_most=False) == "(goal >= 1: met)"
+
+
 def test_bench_corrupt_rows():
   from robust_u1_jax.benchmarks import corrupt
 

@@ -114,6 +114,13 @@ def usable_cpus() -> int:
     return os.cpu_count() or 1
 
 
+def goal(value: float, bound: float, *, at_most: bool) -> str:
+  """'(goal <= 1.3: met)' or '(goal >= 1: missed)': the verdict beside the bound, so that a missed
+  goal does not read like a met one."""
+  met = value <= bound if at_most else value >= bound
+  return f"(goal {'<=' if at_most else '>='} {bound:g}: {'met' if met else 'missed'})"
+
+
 def table(header: tuple[str, ...], rows: list[tuple]) -> str:
   """Plain-text table, columns right-aligned after the first."""
   cells = [tuple(str(c) for c in header)] + [tuple(_fmt(c) for c in r) for r in rows]

@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from robust_u1_jax.benchmarks import alternate, recover_7b, table
+from robust_u1_jax.benchmarks import alternate, goal, recover_7b, table
 from robust_u1_jax.benchmarks import recovery_calls as calls
 from robust_u1_jax.benchmarks import recovery_flops as flops_lib
 from robust_u1_jax.data import sequence
@@ -359,7 +359,8 @@ def run(*, seconds: float = 3.0, config: str = "", topology: str | None = None,
   print(table(("b. cached step vs context", "context", "noisy block", "attention share", "ms"),
               [(f"instruction padded to {k} tokens", k, b["block"], b["attention_share"][k],
                 b["step_s"][k] * 1e3) for k in b["contexts"]]))
-  print(f"   {hi} / {lo} = {b['ratio_spread']} (goal <= {SCALING_GOAL}); the FLOP model predicts "
+  print(f"   {hi} / {lo} = {b['ratio_spread']} "
+        f"{goal(b['ratio_spread'].median, SCALING_GOAL, at_most=True)}; the FLOP model predicts "
         f"{b['flop_ratio']:.2f}x for these shapes, {b['flop_ratio_7b']:.2f}x for BAGEL-7B's "
         f"(width 3584, a {recover_7b.BLOCK_7B}-token block)", flush=True)
 
