@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import signal
 import time
 
@@ -440,6 +441,15 @@ def test_a_stopped_evaluation_resumes_to_the_report_of_an_uninterrupted_one(mode
   # 2 conditions for the model, SFT and RL; the VAE's round trip; clean images off and on; the
   # benchmark's 3 intensities and its clean images.
   assert sum("] " in s for s in whole) == 2 * 3 + 3 + 4
+  # Another evaluation into that folder, stopped: its finished-looking report is not this one's.
+  c.seed += 1
+  other = []
+  with pytest.raises(_Stop):
+    evaluate(tmp_path / "whole", stop_after=2, lines=other)
+  c.seed -= 1
+  assert other[-1] == (f"  {tmp_path / 'whole' / 'report.md'} is an earlier evaluation's, of "
+                       "other models or settings, until this one finishes")
+  shutil.rmtree(tmp_path / "whole" / "partial")
   stopped = []
   with pytest.raises(_Stop):
     evaluate(tmp_path / "stopped", stop_after=5, lines=stopped)  # in the 5th unit: 4 finished

@@ -4,6 +4,7 @@ SIGKILL, a non-finite loss stops the run without touching the last good checkpoi
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -379,6 +380,11 @@ def test_a_run_resumed_with_other_total_steps_says_its_schedule_changes(tmp_path
   assert trainer.train(_config(2, **{"optimizer.learning_rate": 0.5}), str(tmp_path), sft.build,
                        same_training=("optimizer.learning_rate",)) == []
   assert "settings other than these" not in capsys.readouterr().out
+  # Its checkpoints deleted, the model kept: the run trains again and says why.
+  shutil.rmtree(tmp_path / "checkpoints")
+  trainer.train(_config(2), str(tmp_path), sft.build)
+  assert "holds a model but no checkpoint in" in capsys.readouterr().out
+  assert checkpoint_lib.finished(str(tmp_path), 2)
 
 
 def test_evaluations_fall_every_eval_every_steps_and_at_the_last():

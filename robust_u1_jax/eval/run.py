@@ -66,14 +66,19 @@ def report_is_current(c: ml_collections.ConfigDict) -> bool:
   """Whether the report folder holds this very evaluation's report: the same config and the same
   model, CLIP and benchmark files (`fingerprint`, as the kept units of a stopped run), its
   report.md beside it (report.write writes the JSON last)."""
-  if not os.path.isfile(os.path.join(report_dir(c), "report.md")):
-    return False
+  written = _report_stamp(report_dir(c))
+  return written is not None and written == partial.stamp(fingerprint(c))
+
+
+def _report_stamp(out_dir: str) -> str | None:
+  """The stamp of the finished report in `out_dir` (its report.md there), None if it has none."""
+  if not os.path.isfile(os.path.join(out_dir, "report.md")):
+    return None
   try:
-    with open(os.path.join(report_dir(c), "report.json")) as f:
-      written = json.load(f)["settings"]["stamp"]
+    with open(os.path.join(out_dir, "report.json")) as f:
+      return json.load(f)["settings"]["stamp"]
   except (OSError, ValueError, KeyError, TypeError):
-    return False
-  return written == partial.stamp(fingerprint(c))
+    return None
 
 
 def run(c: ml_collections.ConfigDict, *, say: Callable[[str], None] = print) -> str:
@@ -91,6 +96,10 @@ def run(c: ml_collections.ConfigDict, *, say: Callable[[str], None] = print) -> 
     else:
       say(f"the evaluation stopped: {len(store)} of its {progress['units']} units kept in "
           f"{store.folder}; run the same command to resume")
+      out_dir = os.path.dirname(store.folder)
+      if _report_stamp(out_dir) not in (None, store.stamp):  # it would look finished
+        say(f"  {os.path.join(out_dir, 'report.md')} is an earlier evaluation's, of other "
+            "models or settings, until this one finishes")
     raise
 
 

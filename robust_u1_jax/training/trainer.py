@@ -169,6 +169,10 @@ def train(config: ml_collections.ConfigDict, workdir: str,
               f"{'; '.join(config_lib.described(differences))}", flush=True)
       if note := schedule_note([field for field, _, _ in differences]):
         print(f"  {note}", flush=True)
+    elif os.path.isdir(os.path.join(workdir, "model")):
+      # A finished run whose checkpoints were deleted: it trains again, and nothing said why.
+      print(f"{workdir} holds a model but no checkpoint in {ckpt.directory}: training again "
+            "from step 0, and its model will be written over", flush=True)
     if start >= config.total_steps:
       # `finished` said no: the final checkpoint without its model, a run stopped while it wrote
       # the model. Written now from that checkpoint.
