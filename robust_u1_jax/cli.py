@@ -301,10 +301,19 @@ def config_flag_problem(values: flags.FlagValues, argv: Sequence[str], *,
   return None
 
 
+# The folder above the package: in a checkout (an editable install), it holds configs/.
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def missing_config_file(path: str) -> str:
   folder = os.path.dirname(path) or "."
   found = sorted(n for n in os.listdir(folder) if n.endswith(".py") and not n.startswith("_")
                  ) if os.path.isdir(folder) else []
+  checkout = os.path.join(CHECKOUT, path)
+  if not found and not os.path.isabs(path) and os.path.isfile(checkout):
+    # The docs' paths (configs/sft.py:tiny) are the checkout's, run from elsewhere.
+    return (f"no such config file {path} in {os.getcwd()} (a config path is read from the "
+            f"current folder); the checkout's is {checkout}")
   beside = (f"; config files in {folder}: {', '.join(found)}" if found else
             " (give path.py:variant, e.g. configs/sft.py:tiny)")
   return f"no such config file {path}{beside}"
@@ -316,7 +325,10 @@ def flag_error_text(text: str, values: flags.FlagValues, argv: Sequence[str]) ->
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     reason = re.sub(r"^\w+(Error|Exception): ", "", lines[-1])
     match = re.match(r"flag (--\S+?)=(\S+):", text)
-    return f"{match.group(1)} {match.group(2)}: {reason}" if match else reason
+    if not match:
+      return reason
+    # The flag's value names the file: not again as the reason's own prefix ("configs/sft.py: ").
+    return f"{match.group(1)} {match.group(2)}: {re.sub(r'^[^ :]+[.]py(:[^ :]+)?: ', '', reason)}"
   match = re.match(r"flag --(\w+)\.([\w.]+)=(.*?): (.*)", text, re.S)
   if match and match.group(1) in _config_flag_names(values):
     name, field, value, reason = match.groups()

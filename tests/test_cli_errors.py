@@ -103,7 +103,8 @@ CASES = {
                              ["--config configs/nope.py:tiny", "no such config file",
                               "sft.py"]),
     "train/unknown variant": ("train", [f"--config={SFT[:-5]}:huge", "--workdir={root}/w"],
-                              ["unknown variant 'huge'", "tiny, bagel_7b"]),
+                              # the file named once, by the flag's value
+                              [f"{SFT[:-5]}:huge: unknown variant 'huge'", "tiny, bagel_7b"]),
     "train/unknown field": ("train", [f"--config={SFT}", "--config.foo=1", "--workdir={root}/w"],
                             ["--config.foo", "no field foo", "total_steps"]),
     "train/misspelt field": ("train", [f"--config={SFT}", "--config.data.batchsize=2",
@@ -506,6 +507,18 @@ def test_messages_name_the_path_and_the_fix():
       "location)"
   assert cli.message(FileNotFoundError("config file not found: c.py")) == \
       "config file not found: c.py"
+
+
+def test_a_config_path_given_from_another_folder_names_the_checkout_s(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  text = cli.missing_config_file("configs/sft.py")
+  assert text == (f"no such config file configs/sft.py in {tmp_path} (a config path is read from "
+                  f"the current folder); the checkout's is {cli.CHECKOUT}/configs/sft.py")
+  assert os.path.isfile(os.path.join(cli.CHECKOUT, "configs", "sft.py"))
+  # A folder of config files beside the given path: those are named, as before.
+  (tmp_path / "configs").mkdir()
+  (tmp_path / "configs" / "mine.py").write_text("")
+  assert cli.missing_config_file("configs/sft.py").endswith("config files in configs: mine.py")
 
 
 def test_call_reports_bad_input_and_raises_bugs(capsys):
