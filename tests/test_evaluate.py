@@ -303,6 +303,26 @@ def test_evaluate_writes_a_complete_report(model_dir, tmp_path):
   assert lines[-1] == f"report: {path}"
 
 
+def test_the_accuracy_plot_keeps_an_axis_of_ten_points_at_least(tmp_path, monkeypatch):
+  import matplotlib.figure
+
+  limits, savefig = {}, matplotlib.figure.Figure.savefig
+
+  def recording(fig, path, **kwargs):
+    limits[os.path.basename(path)] = fig.axes[0].get_ylim()
+    return savefig(fig, path, **kwargs)
+
+  monkeypatch.setattr(matplotlib.figure.Figure, "savefig", recording)
+  # A model that answers nothing right: its axis was -0.05 to 0.05 %, then 0 to 0.05 %.
+  conditions = [{"family": evaluation.PIPELINE, "label": f"{evaluation.PIPELINE} {level}",
+                 "level": level, "num_samples": 4,
+                 "accuracy": {mode: 0.0 for mode in evaluation.MODES[1:]}}
+                for level in ("25%", "50%", "100%")]
+  assert report.figures({"conditions": conditions, "clean": {"accuracy": 0.0}},
+                        str(tmp_path)) == ["accuracy_vs_intensity.png"]
+  assert limits["accuracy_vs_intensity.png"] == (0.0, 10.0)
+
+
 def test_scoring_and_conditions():
   q = {"question": "Colour?", "options": ["red", "blue"], "answer": "B"}
   assert evaluation.score("<ANSWER>B<ANSWER_END>", q) == ("B", True)
