@@ -42,6 +42,10 @@ def test_options_and_config_overrides_are_split():
   assert fields == {"remat": "dots", "data.batch_size": 1}
   with pytest.raises(SystemExit, match="recovery_steps >= 2"):
     train_step.split_overrides(["recovery_steps=1"])
+  # An override that is neither names both kinds (it listed the config's fields alone).
+  with pytest.raises(config_lib.ConfigError, match=r"no field nosuch; the fields are .*; or one of "
+                     r"train_step's own --override options: steps, batches, recovery_steps"):
+    train_step.run(config=train_step.DEFAULT_CONFIG, overrides=["nosuch=1"])
 
 
 def test_gpu_config_is_bagel_at_1p5b_per_expert():

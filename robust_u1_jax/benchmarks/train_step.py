@@ -88,7 +88,14 @@ def run(*, seconds: float = 3.0, config: str = "", overrides: Sequence[str] = ()
   if stage != "sft":  # before validating: another stage's config may lack what it needs to run
     raise SystemExit(f"train_step: times the SFT step; {config or DEFAULT_CONFIG} is stage "
                      f"{stage!r}")
-  cfg = config_lib.load(config or DEFAULT_CONFIG, fields)
+  try:
+    cfg = config_lib.load(config or DEFAULT_CONFIG, fields)
+  except config_lib.ConfigError as e:
+    if "no field" not in str(e):
+      raise
+    # An --override is this benchmark's option or the config's field: name both kinds.
+    raise config_lib.ConfigError(f"{e}; or one of train_step's own --override options: "
+                                 f"{', '.join(OPTIONS)}") from None
   device = jax.devices()[0]
   _check_state_fits_host(cfg, device, config or DEFAULT_CONFIG)
   print(f"train_step: building the model, its train state and {options['batches']} pipeline "
