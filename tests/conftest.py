@@ -1,4 +1,5 @@
-"""Test-wide setup: 8 fake CPU devices so sharding tests run on any machine.
+"""Test-wide setup: 8 fake CPU devices so sharding tests run on any machine; compiled programs
+shared through a persistent cache and released when a process holds too many (below).
 
 Markers (pytest.ini): `torch_ref` for comparisons with PyTorch reference implementations, `slow`
 for tests of tens of seconds or more; the README's command runs them all.
