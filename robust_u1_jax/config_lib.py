@@ -306,6 +306,17 @@ def lora_enabled(c: ml_collections.ConfigDict) -> bool:
 DEMO_SEED = -1  # a demo part's seed that stands for the demo's own (training/demo.py part_config)
 
 
+def resolve_demo_seed(part: ml_collections.ConfigDict, demo_seed: int
+                      ) -> ml_collections.ConfigDict:
+  """A demo part's config with its seed: the part's own (--config.sft.seed=3), else the demo's
+  (a copy where it stood for the demo's)."""
+  if part.seed != DEMO_SEED:
+    return part
+  part = part.copy_and_resolve_references()
+  part.seed = demo_seed
+  return part
+
+
 def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks every field a run depends on; returns the config for chaining."""
   _check(c.seed >= 0, "seed", c.seed, "an integer >= 0")  # every config: stages, demo, eval
@@ -317,11 +328,8 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for part, sub in c.items():
       if isinstance(sub, ml_collections.ConfigDict) and "stage" in sub:
         parts.append(part)
-        if sub.seed == DEMO_SEED:
-          sub = sub.copy_and_resolve_references()
-          sub.seed = c.seed
         try:
-          validate(sub)
+          validate(resolve_demo_seed(sub, c.seed))
         except ConfigError as e:
           raise ConfigError(f"demo part {part!r} (--config.{part}.<field>): {e}") from None
     for part in parts:  # training/demo.py's estimate of the minutes to go

@@ -309,7 +309,6 @@ def counted_cache_hits() -> Iterator[list[str]]:
     jax.monitoring.unregister_event_listener(listen)
 
 
-
 def _compile(config, ctx, spec_name, topology, description, devices, say) -> aot_report.AotResult:
   """`config`: the builder config (aot_steps.builder_config), the one `ctx` was made from."""
   from robust_u1_jax import flops

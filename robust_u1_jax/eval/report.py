@@ -19,8 +19,10 @@ from robust_u1_jax.training import metrics_log
 
 
 GRIDS = 6  # conditions drawn as image grids, in the table's order
-FIGURES = ("accuracy_vs_intensity.png", "ssim_per_type.png", "ssim_sft_vs_rl.png",
-           "rl_rewards.png")  # besides the grids, grid_NN_<condition>.png
+# The figures besides the grids (grid_NN_<condition>.png), named once: the earlier report's of
+# these names that this one does not draw are removed.
+FIGURES = ACCURACY_PLOT, SSIM_PER_TYPE, SSIM_SFT_VS_RL, RL_REWARDS = (
+    "accuracy_vs_intensity.png", "ssim_per_type.png", "ssim_sft_vs_rl.png", "rl_rewards.png")
 
 
 def _pct(x: float) -> str:
@@ -171,7 +173,7 @@ def figures(result: Mapping[str, Any], out_dir: str, *,
     low = max(0.0, low)
     ax.set_ylim(low, max(high, low + 10.0))
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))  # off the lines
-    save(fig, "accuracy_vs_intensity.png")
+    save(fig, ACCURACY_PLOT)
   by_type = [c for c in result["conditions"] if c["family"] != evaluation.PIPELINE]
   if by_type:
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(by_type)), 3.8))
@@ -188,7 +190,7 @@ def figures(result: Mapping[str, Any], out_dir: str, *,
     ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(bars))
     ax.set_title(f"Recovery per corruption condition ({by_type[0]['num_samples']} images each)",
                  fontsize=10, pad=24)  # above the legend
-    save(fig, "ssim_per_type.png")
+    save(fig, SSIM_PER_TYPE)
   if compare_by_type:
     labels = _in_condition_order(result, set().union(*[set(v) for v in compare_by_type.values()]))
     # Below the two models' SSIM, RL's difference from SFT per condition: the bars above differ
@@ -218,7 +220,7 @@ def figures(result: Mapping[str, Any], out_dir: str, *,
       ax.set_ylabel("RL - SFT (± one standard error)")
       ax.legend(fontsize=8)
     ax.set_xticks(x, labels, rotation=70, fontsize=8)
-    save(fig, "ssim_sft_vs_rl.png")
+    save(fig, SSIM_SFT_VS_RL)
   if rl_rewards:
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     for key in sorted(k for k in rl_rewards[0] if k.startswith("reward_") and k.endswith("_mean")):
@@ -228,7 +230,7 @@ def figures(result: Mapping[str, Any], out_dir: str, *,
     ax.set_xlabel("RL step")
     ax.set_ylabel("mean reward of the rollouts")
     ax.legend(fontsize=8)
-    save(fig, "rl_rewards.png")
+    save(fig, RL_REWARDS)
   rows = {row["label"]: row for row in result["conditions"]}
   for k, (label, columns) in enumerate(result.get("examples", [])[:GRIDS]):
     grid = metrics_log.titled_grid([list(column) for column in columns],

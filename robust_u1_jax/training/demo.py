@@ -42,7 +42,7 @@ SAME_TRAINING = ("init_from", "rl.clip_checkpoint", "log_every", "eval_every", "
 def part_config(config: ml_collections.ConfigDict, part: str, workdir: str
                 ) -> ml_collections.ConfigDict:
   """The part's own config, chained onto the earlier parts' outputs in `workdir`."""
-  c = config[part].copy_and_resolve_references()
+  c = config_lib.resolve_demo_seed(config[part], config.seed).copy_and_resolve_references()
   with c.unlocked():
     if part == "eval":
       c.model = os.path.join(workdir, "reason")
@@ -54,8 +54,6 @@ def part_config(config: ml_collections.ConfigDict, part: str, workdir: str
       return c
     source = INIT_FROM[part]
     c.init_from = "random" if source is None else os.path.join(workdir, source)
-    if c.seed == config_lib.DEMO_SEED:  # else the part's own, --config.<part>.seed
-      c.seed = config.seed
     if part == "rl":
       c.rl.clip_checkpoint = os.path.join(workdir, "clip", CLIP_FILE)
   return config_lib.validate(c)
