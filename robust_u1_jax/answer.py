@@ -5,12 +5,13 @@ r"""Asks the model a question about a (corrupted) image: the released Robust-U1 
       --out answers/photo
 
 The model writes text, may generate a recovered image of its input and continue from it, and ends
-with `<ANSWER>...`; every step is printed, then a last line `answer: X` (the option letter when
-options are given, as benchmarks score it: `answer: none`, and "" in exchange.json, when the reply
-names no option, several, or one only in passing in a long text). With --out, the generated images
-are written as `step_NN.png` (NN: the step's number) and the whole exchange as `exchange.json`: each
-step's text or image file, the prompt, the settings, the seconds of each phase and the model; the
-folder is created once the answer is there, and an earlier answer's files in it are replaced.
+with `<ANSWER>...`; each step is printed as it is done, then a last line `answer: X` (the option
+letter when options are given, as benchmarks score it: `answer: none`, and "" in exchange.json, when
+the reply names no option, several, or one only in passing in a long text). With --out, the
+generated images are written as `step_NN.png` (NN: the step's number) and the whole exchange as
+`exchange.json`: each step's text or image file, the prompt, the settings, the seconds of each
+phase and the model; the folder is created once the answer is there, and an earlier answer's files
+in it are replaced.
 --model takes what `recover` takes; an unreadable or too small image, an unusable model directory or
 an unwritable --out is one `error:` line and exit status 2, found before the model loads.
 """
@@ -73,6 +74,15 @@ def settings_record(values: flags.FlagValues, settings) -> dict:
           "sampler": dataclasses.asdict(settings.sampler)}
 
 
+def step_line(n: int, step, out: str | None) -> str:
+  """Step `n` as printed: its text, or its image's size (written to --out once the answer is
+  there)."""
+  if step.kind == "text":
+    return f"[{n}] text ({step.seconds:.2f} s)\n{printable(step.text)}"
+  h, w = step.image.shape[:2]
+  return f"[{n}] image {w}x{h} ({step.seconds:.2f} s)" + ("" if out else ": not saved (give --out)")
+
+
 def _remove_earlier_answer(out: str, written: Sequence[str]) -> None:
   """Removes the images an earlier answer wrote in `out` that this one does not write over
   (`written`): a reused folder would otherwise hold images of another exchange beside this one's
@@ -112,8 +122,15 @@ def _answer(values: flags.FlagValues) -> int:
   if values.out:
     cli.output_dir(values.out, "--out", create=False)  # created once there is an answer
   engine = model_cli.load_engine(values)
+  # Each step as it is done: on a large model a step takes seconds to minutes.
   exchange = reasoner.answer(engine, image, values.question, values.options, settings,
-                             seed=values.seed)
+                             seed=values.seed,
+                             on_step=lambda n, step: print(step_line(n, step, values.out),
+                                                           flush=True))
+  phases = ", ".join(f"{k} {v:.2f}" for k, v in exchange.seconds.items())
+  steps = len(exchange.steps)
+  print(f"stopped by {STOPS.get(exchange.stopped_by, exchange.stopped_by)} after {steps} "
+        f"step{'' if steps == 1 else 's'}; seconds: {phases}")
   image_files = [f"step_{n:02d}.png" for n, step in enumerate(exchange.steps, 1)
                  if step.kind == "image"]
   if values.out:
@@ -121,26 +138,12 @@ def _answer(values: flags.FlagValues) -> int:
     _remove_earlier_answer(values.out, image_files)
     images = [s.image for s in exchange.steps if s.kind == "image"]
     for name, generated in zip(image_files, images):
+      path = os.path.join(values.out, name)
       try:
-        model_cli.write_image(os.path.join(values.out, name), generated)
+        model_cli.write_image(path, generated)
       except OSError as e:
-        raise model_cli.InputError(f"{os.path.join(values.out, name)}: {e.strerror or e}"
-                                   ) from None
-
-  names = iter(image_files)
-  for n, step in enumerate(exchange.steps, 1):
-    if step.kind == "text":
-      print(f"[{n}] text ({step.seconds:.2f} s)\n{printable(step.text)}")
-    else:
-      h, w = step.image.shape[:2]
-      where = os.path.join(values.out, next(names)) if values.out else "not saved (give --out)"
-      print(f"[{n}] image {w}x{h} ({step.seconds:.2f} s): {where}")
-  phases = ", ".join(f"{k} {v:.2f}" for k, v in exchange.seconds.items())
-  steps = len(exchange.steps)
-  print(f"stopped by {STOPS.get(exchange.stopped_by, exchange.stopped_by)} after {steps} "
-        f"step{'' if steps == 1 else 's'}; seconds: {phases}")
-
-  if values.out:
+        raise model_cli.InputError(f"{path}: {e.strerror or e}") from None
+      print(f"wrote {path}")
     record = {"model": os.path.abspath(values.model), "image": os.path.abspath(values.image),
               "question": values.question, "options": list(values.options),
               **exchange.record(image_files),

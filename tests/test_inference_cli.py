@@ -19,6 +19,7 @@ from robust_u1_jax import answer as answer_cli
 from robust_u1_jax import recover as recover_cli
 from robust_u1_jax.inference import engine as engine_lib
 from robust_u1_jax.inference import images
+from robust_u1_jax.inference import reasoner
 
 RULES = images.ImageRules(64, 32, 16, 64, 32, 8)
 FAST = ("--steps=3", "--noprogress")  # three sampler steps: every code path, little compute
@@ -246,18 +247,33 @@ def _fake_model_text(scripts):
 
 @pytest.mark.slow
 def test_answer_with_a_generated_image(capsys, model_dir, inputs, tmp_path, monkeypatch):
-  monkeypatch.setattr(engine_lib.Conversation, "generate_text", _fake_model_text(
-      [("The image is noisy.", "vision_start"), ("<ANSWER>B<ANSWER_END>", "endoftext")]))
+  fake = _fake_model_text(
+      [("The image is noisy.", "vision_start"), ("<ANSWER>B<ANSWER_END>", "endoftext")])
+  printed_before = []  # what the terminal showed as each text step began
+
+  def generate_text(self, **kwargs):
+    printed_before.append(capsys.readouterr().out)
+    return fake(self, **kwargs)
+
+  monkeypatch.setattr(engine_lib.Conversation, "generate_text", generate_text)
   out_dir = tmp_path / "run"
   rc, out, err = _run(answer_cli, capsys, f"--model={model_dir}", f"--image={inputs / 'wide.png'}",
                       "--question=Which colour?", "--options=red", "--options=blue",
                       f"--out={out_dir}", *FAST)
   assert rc == 0, err
+  # Each step is shown as it is done, not all at the end: the first text and the image were
+  # printed before the model wrote its second text.
+  assert printed_before[0] == ""
+  shown = printed_before[1].strip().splitlines()
+  assert shown[0].startswith("[1] text (") and shown[1] == "The image is noisy."
+  assert re.fullmatch(r"\[2\] image 64x32 \(\d+\.\d\d s\)", shown[2])  # written at the end
   lines = out.strip().splitlines()
   assert lines[-1] == "answer: B"
-  assert lines[0].startswith("[1] text (") and lines[1] == "The image is noisy."
-  assert lines[2].startswith("[2] image 64x32 (") and lines[2].endswith(f"{out_dir}/step_02.png")
-  assert lines[3].startswith("[3] text (") and lines[4] == "<ANSWER>B<ANSWER_END>"
+  assert lines[0].startswith("[3] text (") and lines[1] == "<ANSWER>B<ANSWER_END>"
+  assert f"wrote {out_dir}/step_02.png" in lines
+  image_step = reasoner.Step("image", image=np.zeros((32, 64, 3), np.uint8), seconds=1.5)
+  assert (answer_cli.step_line(2, image_step, None)
+          == "[2] image 64x32 (1.50 s): not saved (give --out)")
   assert _pixels(out_dir / "step_02.png").shape[:2] == RULES.vae_size(60, 100)
   record = json.loads((out_dir / "exchange.json").read_text())
   assert [(s["type"], s.get("text"), s.get("image")) for s in record["steps"]] == [

@@ -16,7 +16,7 @@ import contextlib
 import dataclasses
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -111,8 +111,10 @@ class Exchange:
 
 def answer(engine: engine_lib.Engine, image: np.ndarray, question: str,
            options: Sequence[str] = (), settings: Settings = Settings(), *, seed: int = 0,
-           posterior: str = "sample") -> Exchange:
-  """Runs the interleaved loop on one uint8 image and a question."""
+           posterior: str = "sample",
+           on_step: Callable[[int, Step], None] | None = None) -> Exchange:
+  """Runs the interleaved loop on one uint8 image and a question; `on_step(n, step)` is called
+  as each step (numbered from 1) is done, for callers that show the exchange as it goes."""
   special = engine.special
   seconds: dict[str, float] = {}
   text_prompt = prompt(question, options, recover=settings.recover)
@@ -121,6 +123,12 @@ def answer(engine: engine_lib.Engine, image: np.ndarray, question: str,
     conv.add_image(image)
     conv.add_text(text_prompt)
   steps: list[Step] = []
+
+  def done(step: Step) -> None:
+    steps.append(step)
+    if on_step is not None:
+      on_step(len(steps), step)
+
   stops = (special["vision_start"], special["im_start"], special["endoftext"])
   start, stopped_by = "im_start", "max_iterations"
   for _ in range(settings.max_iterations):
@@ -131,13 +139,13 @@ def answer(engine: engine_lib.Engine, image: np.ndarray, question: str,
                                      start=start, keep=True)
     text = _clean(engine.decode(ids), special, engine)
     if text:
-      steps.append(Step("text", text=text, seconds=time.perf_counter() - t0))
+      done(Step("text", text=text, seconds=time.perf_counter() - t0))
     if stop == special["vision_start"] and settings.recover:
       t0 = time.perf_counter()
       with _timed(seconds, "image"):
         generated, _ = conv.generate_image(sampler=settings.sampler)
         conv.add_image(generated, generated=True)
-      steps.append(Step("image", image=generated, seconds=time.perf_counter() - t0))
+      done(Step("image", image=generated, seconds=time.perf_counter() - t0))
       start = "im_start"
     elif stop == special["im_start"] or (stop == special["vision_start"] and not settings.recover):
       start = "im_start"
