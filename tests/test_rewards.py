@@ -181,8 +181,10 @@ def test_a_clip_of_other_shapes_names_the_clip_model_field(clip_setup):
     config.rl.clip_model = "vit_b32"  # the tiny CLIP's checkpoint read as a ViT-B/32
   with pytest.raises(key_table.CheckpointError,
                      match=r"clip.safetensors: tensor .* expects .*; rl.clip_model='vit_b32' "
-                           r"reads .* set --config.rl.clip_model to the checkpoint's"):
+                           r"reads .* set --config.rl.clip_model to the checkpoint's") as e:
     rl.load_clip_tower(config.rl)
+  # The file as given, not its base name alone (the demo's is runs/demo/clip/model/...).
+  assert str(e.value).startswith(f"{config.rl.clip_checkpoint}: ")
 
 
 def _photo_u8(name, h, w):

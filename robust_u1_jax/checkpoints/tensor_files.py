@@ -53,7 +53,8 @@ def open_tensor_files(path: str, *, allow_pickle: bool = False) -> TensorFiles:
     for shard in sorted(set(weight_map.values())):
       part = open_tensor_files(os.path.join(base, shard))
       loaders.update(part.loaders)
-      file_of.update(part.file_of)
+      # A shard by its name in the index, beside which it lies: a list of shards stays readable.
+      file_of.update(dict.fromkeys(part.file_of, shard))
     return TensorFiles(loaders, file_of)
   if path.endswith(".safetensors"):
     return _open_safetensors(path)
@@ -72,7 +73,6 @@ def open_tensor_files(path: str, *, allow_pickle: bool = False) -> TensorFiles:
 def _open_safetensors(path: str) -> TensorFiles:
   from safetensors import safe_open
 
-  name = os.path.basename(path)
   try:
     handle = safe_open(path, framework="numpy")
     keys = list(handle.keys())
@@ -88,7 +88,7 @@ def _open_safetensors(path: str) -> TensorFiles:
         return _load_via_torch(path, key)
     return load
 
-  return TensorFiles({k: loader(k) for k in keys}, {k: name for k in keys})
+  return TensorFiles({k: loader(k) for k in keys}, dict.fromkeys(keys, path))
 
 
 def _load_via_torch(path: str, key: str) -> np.ndarray:
@@ -105,10 +105,9 @@ def _open_pickle(path: str) -> TensorFiles:
   state = torch.load(path, map_location="cpu", weights_only=True)
   if not isinstance(state, Mapping):
     raise ValueError(f"{path}: expected a state dict, found {type(state).__name__}")
-  name = os.path.basename(path)
   loaders = {k: (lambda t=t: t.detach().to(torch.float32).numpy()
                  if t.dtype == torch.bfloat16 else t.detach().numpy()) for k, t in state.items()}
-  return TensorFiles(loaders, {k: name for k in state})
+  return TensorFiles(loaders, dict.fromkeys(state, path))
 
 
 # numpy dtype name -> safetensors dtype tag.
