@@ -19,7 +19,8 @@
   first: it saves a checkpoint, stops cleanly and exits 130 too, `checkpoint.Stopped`); SIGTERM
   within `signals.sigterm_stops` (the evaluation) stops the same way, `terminated`, 143. One that
   lands in a garbage collector callback, where Python drops it, is sent again
-  (`redeliver_interrupts`).
+  (`redeliver_interrupts`). The process then ends without freeing JAX's client, which a compile
+  may still be using (`leave_at_once`).
 - A quiet start: importing this module silences the start-up messages of libraries that are not
   the project's (`QUIET_ENV`; set a variable yourself to override it), and absl logging shows
   warnings and errors only unless --verbosity is given (Orbax logs every file at INFO).
@@ -46,6 +47,7 @@ import tempfile
 import threading
 import traceback
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from absl import app
 from absl import flags
@@ -129,13 +131,15 @@ def run(main: Callable[[list[str]], int | None],
     app.usage(shorthelp=False, writeto_stdout=True, exitcode=0)
   if set(HELP_FLAGS) & set(_flag_args(sys.argv)):
     app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)
-  app.run(lambda argv: call(main, argv),
+  app.run(lambda argv: call(main, argv, on_interrupt=leave_at_once),
           flags_parser=lambda argv: parse_flags(argv, flag_values))
 
 
-def call(main: Callable[[list[str]], int | None], argv: Sequence[str]) -> int:
+def call(main: Callable[[list[str]], int | None], argv: Sequence[str], *,
+         on_interrupt: Callable[[int], int] = lambda status: status) -> int:
   """main(argv) as the program runs it: its exit status, a bad input reported as one line (2),
-  Ctrl-C as `interrupted` (130). For tests that run an entry module in process."""
+  Ctrl-C as `interrupted` (130, given to `on_interrupt`). For tests that run an entry module in
+  process."""
   try:
     return main(list(argv)) or 0
   except app.UsageError as e:
@@ -151,11 +155,34 @@ def call(main: Callable[[list[str]], int | None], argv: Sequence[str]) -> int:
       traceback.print_exception(e)
     terminated = isinstance(e, signals.Terminated)
     print("terminated" if terminated else "interrupted", file=sys.stderr, flush=True)
-    return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
+    return on_interrupt(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED)
   except Exception as e:  # pylint: disable=broad-except
     if not is_bad_input(e):
       raise
     return report(message(e), e)
+
+
+def leave_at_once(status: int) -> NoReturn:
+  """Ends the program with `status` after a stop outside a training loop, without freeing JAX's
+  client.
+
+  What Ctrl-C interrupts is most often a wait for XLA, which compiles on a thread of its own and
+  goes on after the wait is given up. Python's normal exit frees the client under that compile,
+  and the process died of a segmentation fault or an abort after printing `interrupted` (status
+  139 or 134 instead of 130; jax 0.10.2 on CPU, every time in
+  `test_ctrl_c_during_a_compile_ends_with_status_130_not_a_crash`). So every exit handler runs but
+  JAX's (which frees the client), and the process ends without the interpreter's teardown."""
+  import atexit
+
+  from jax._src import api as jax_api  # private: the exit handler JAX registers at import
+
+  jax_exit = getattr(jax_api, "clean_up", None)
+  if jax_exit is not None:
+    atexit.unregister(jax_exit)
+    atexit._run_exitfuncs()  # pylint: disable=protected-access
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(status)
 
 
 def redeliver_interrupts(previous: Callable, delay_s: float = 0.05) -> Callable:

@@ -602,3 +602,38 @@ def test_a_dropped_ctrl_c_is_sent_again(monkeypatch):
   other = types.SimpleNamespace(exc_type=ValueError)
   hook(other)
   assert passed == [other] and len(sent) == 1
+
+
+COMPILE_THEN_CTRL_C = """
+import atexit, os, signal, threading, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, whatever runs the test
+from robust_u1_jax import cli
+import jax
+import jax.numpy as jnp
+
+def main(argv):
+  atexit.register(lambda: print("the program's exit handler ran", flush=True))
+  def f(x):
+    for i in range(600):
+      x = jnp.tanh(x @ x + i)
+    return x
+  lowered = jax.jit(f).lower(jnp.ones((32, 32)))
+  threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+  t0 = time.perf_counter()
+  lowered.compile()
+  print(f"compiled in {time.perf_counter() - t0:.1f} s, before the Ctrl-C")
+
+cli.run(main)
+"""
+
+
+def test_ctrl_c_during_a_compile_ends_with_status_130_not_a_crash(tmp_path):
+  # XLA goes on compiling on a thread of its own after the wait for it is interrupted; the
+  # interpreter's normal exit freed JAX's client under it: a segmentation fault (139) after
+  # `interrupted`, every time (jax 0.10.2, CPU).
+  env = {**os.environ, "JAX_ENABLE_COMPILATION_CACHE": "false", "JAX_PLATFORMS": "cpu"}
+  run = subprocess.run([sys.executable, "-c", COMPILE_THEN_CTRL_C], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert "before the Ctrl-C" not in run.stdout, "the compile ended before the Ctrl-C: lengthen it"
+  assert (run.returncode, run.stderr) == (130, "interrupted\n"), run.stderr[-2000:]
+  assert run.stdout == "the program's exit handler ran\n"  # the exit handlers but JAX's run
