@@ -167,15 +167,6 @@ def load_engine(values: flags.FlagValues):
     raise InputError(str(e)) from None
 
 
-def image_keys(seed: int, indices: Sequence[int]):
-  """(B, 2) keys, image i's from (seed, i): its noise does not depend on its batch."""
-  import jax
-  import jax.numpy as jnp
-
-  base = jax.random.PRNGKey(seed)
-  return jnp.stack([jax.random.fold_in(base, i) for i in indices])
-
-
 def own_flags(argv: Sequence[str], define) -> flags.FlagValues:
   """`argv` (program name first) parsed into a flag set of its own, defined by `define(values)`:
   for callers in one process (tests), where the global flags may hold another entry point's."""

@@ -98,10 +98,11 @@ def _recover_file(values: flags.FlagValues, sampler, instruction: str) -> int:
   # A bad image, --model or --out fails before the model loads.
   image = model_cli.read_image(path, model_cli.min_side(model_cli.model_rules(values.model)))
   cli.output_file(out, "--out", image=True, create=False)  # created once there is a recovery
+  from robust_u1_jax.inference import engine as engine_lib
+
   engine = model_cli.load_engine(values)
-  vae_image = engine.rules.prepare(image)[0]
-  recovered, _ = engine.recover([vae_image], sampler=sampler,
-                                keys=model_cli.image_keys(values.seed, [0]),
+  recovered, _ = engine.recover([image], sampler=sampler,
+                                keys=engine_lib.image_keys(values.seed, [0]),
                                 instruction=instruction)
   cli.output_dir(os.path.dirname(os.path.abspath(out)), "--out")
   try:
@@ -125,6 +126,8 @@ def output_names(names: Sequence[str]) -> dict[str, str]:
 
 def _recover_folder(values: flags.FlagValues, sampler, instruction: str) -> int:
   import tqdm
+
+  from robust_u1_jax.inference import engine as engine_lib
 
   folder = values.image.rstrip(os.sep) or values.image
   out_dir = values.out or f"{os.path.abspath(folder)}_recovered"
@@ -193,7 +196,7 @@ def _recover_folder(values: flags.FlagValues, sampler, instruction: str) -> int:
           images.append(vae_image)
         if batch:
           recovered, _ = engine.recover(images, sampler=sampler,
-                                        keys=model_cli.image_keys(values.seed, batch),
+                                        keys=engine_lib.image_keys(values.seed, batch),
                                         instruction=instruction)
           for i, image in zip(batch, recovered):
             out = os.path.join(out_dir, outputs[names[i]])

@@ -426,3 +426,45 @@ def test_entry_points_help_and_exit_status(tmp_path):
                         capture_output=True, text=True, env=env, timeout=120, check=False)
   assert proc.returncode == 2
   assert proc.stderr.strip() == f"error: {missing}: No such file or directory"
+
+
+def _readme_python_block() -> str:
+  with open(os.path.join(os.path.dirname(__file__), "..", "README.md")) as f:
+    section = f.read().split("### From Python\n", 1)[1]
+  return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.slow
+def test_the_readme_s_python_block_runs(model_dir, tmp_path, monkeypatch, capsys):
+  code = _readme_python_block()
+  assert code.count('"runs/demo/reason"') == 1
+  monkeypatch.chdir(tmp_path)
+  names: dict = {}
+  exec(compile(code.replace('"runs/demo/reason"', repr(model_dir)), "README.md", "exec"), names)
+  assert names["recovered"].shape == (1, 64, 64, 3) and names["recovered"].dtype == np.uint8
+  assert _pixels(tmp_path / "recovered.png").shape == (64, 64, 3)
+  exchange = names["exchange"]
+  assert exchange.steps and exchange.answer in ("", "A", "B", "C", "D", "E", "F")
+  assert capsys.readouterr().out == f"{exchange.answer}\n"
+
+
+def test_a_loaded_model_recovers_at_its_own_guidance(model_dir, tmp_path):
+  import shutil
+
+  from robust_u1_jax.inference import recovery
+
+  assert engine_lib.Engine.load(model_dir).guidance == recovery.Guidance()  # none saved: BAGEL's
+  own = shutil.copytree(model_dir, tmp_path / "model")
+  recovery.Guidance(text_scale=1.5, image_scale=1.5).save(str(own))
+  eng = engine_lib.Engine.load(str(own))
+  assert eng.guidance == recovery.Guidance(text_scale=1.5, image_scale=1.5)
+  image = [_image(64, 64, 0)]
+  by_default, _ = eng.recover(image)  # 50 steps at the model's guidance, image 0's key of seed 0
+  own_guidance, _ = eng.recover(image, sampler=recovery.Sampler(guidance=eng.guidance),
+                                keys=engine_lib.image_keys(0, [0]))
+  bagel_s, _ = eng.recover(image, sampler=recovery.Sampler(), keys=engine_lib.image_keys(0, [0]))
+  np.testing.assert_array_equal(by_default, own_guidance)
+  assert np.abs(by_default.astype(int) - bagel_s).mean() > 1
+  # One batch takes one VAE size; a 60 x 100 image and a 64 x 64 one are two.
+  with pytest.raises(ValueError, match=r"VAE sizes \[\(32, 64\), \(64, 64\)\] in one batch"):
+    eng.recover([_image(64, 64, 0), _image(60, 100, 1)])

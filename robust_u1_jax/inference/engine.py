@@ -95,6 +95,9 @@ class Engine:
   tokenizer: Any
   rules: images_lib.ImageRules
   mesh: jax.sharding.Mesh | None = None
+  # The guidance the model was trained with (its guidance.json), which a sampler of its
+  # recoveries takes: recovery.Sampler(num_steps=..., guidance=engine.guidance).
+  guidance: recovery_lib.Guidance = dataclasses.field(default_factory=recovery_lib.Guidance)
 
   @classmethod
   def load(cls, path: str, *, dtype: str = "float32", mesh: jax.sharding.Mesh | None = None,
@@ -107,13 +110,16 @@ class Engine:
                                      param_dtype=jnp.dtype(dtype), progress=progress)
     rules = images_lib.ImageRules.for_model_dir(model_dir)
     check_rules_fit(rules, model.config, model_dir)
-    return cls.from_model(model, tokenizer, rules, mesh)
+    return cls.from_model(model, tokenizer, rules, mesh,
+                          guidance=recovery_lib.Guidance.for_model_dir(model_dir))
 
   @classmethod
   def from_model(cls, model: bagel_lib.Bagel, tokenizer, rules: images_lib.ImageRules,
-                 mesh: jax.sharding.Mesh | None = None) -> Engine:
+                 mesh: jax.sharding.Mesh | None = None, *,
+                 guidance: recovery_lib.Guidance | None = None) -> Engine:
     graphdef, weights = nnx.split(model)
-    return cls(graphdef, weights, model.config, tokenizer, rules, mesh)
+    return cls(graphdef, weights, model.config, tokenizer, rules, mesh,
+               guidance or recovery_lib.Guidance())
 
   @functools.cached_property
   def special(self) -> dict[str, int]:
@@ -165,13 +171,28 @@ class Engine:
   def conversation(self, seed: int = 0, posterior: str = "sample") -> Conversation:
     return Conversation(self, jax.random.PRNGKey(seed), posterior)
 
-  def recover(self, corrupted: Sequence[np.ndarray], *, sampler: recovery_lib.Sampler,
-              keys: Array, instruction: str = recovery_lib.INSTRUCTION,
+  def recover(self, corrupted: Sequence[np.ndarray], *,
+              sampler: recovery_lib.Sampler | None = None, keys: Array | None = None,
+              instruction: str = recovery_lib.INSTRUCTION,
               posterior: str = "sample") -> tuple[np.ndarray, np.ndarray]:
-    """Corrupted uint8 images of one VAE size -> (recovered uint8 images, their latents).
+    """Corrupted uint8 H x W x 3 images -> (recovered uint8 images at their VAE size (BAGEL's
+    resize rule of the model), their latents). The images must share that size, which one batch
+    takes.
 
-    `keys` (B, 2): one per image, so an image's recovery does not depend on its batch.
+    `sampler`: default, the release's 50 steps at the model's guidance. `keys` (B, 2): one per
+    image, so an image's recovery does not depend on its batch; default, image i's
+    `image_keys(0, [i])`.
     """
+    from robust_u1_jax.data import transforms
+
+    corrupted = [transforms.resize_image(image, self.rules.vae_size(*image.shape[:2]))
+                 for image in corrupted]
+    sizes = sorted({image.shape[:2] for image in corrupted})
+    if len(sizes) > 1:
+      raise ValueError(f"recover: images of VAE sizes {sizes} in one batch; recover each size "
+                       "in its own call")
+    sampler = sampler or recovery_lib.Sampler(guidance=self.guidance)
+    keys = image_keys(0, range(len(corrupted))) if keys is None else keys
     samples = [{"corrupted": image,
                 "corrupted_vit": np.asarray(images_lib.vit_resize(
                     image, self.rules.vit_size(*image.shape[:2])))} for image in corrupted]
@@ -184,6 +205,12 @@ class Engine:
     """uint8 (B, H, W, 3) images -> the VAE's own reconstructions of them (posterior mean), uint8:
     what a recovery decoded by this VAE gets nearest to, given the clean image's latents."""
     return np.asarray(self.run(_round_trip, jnp.asarray(images)))
+
+
+def image_keys(seed: int, indices: Sequence[int]) -> Array:
+  """(B, 2) keys, image i's from (seed, i): its noise does not depend on its batch."""
+  base = jax.random.PRNGKey(seed)
+  return jnp.stack([jax.random.fold_in(base, i) for i in indices])
 
 
 class Conversation:
@@ -258,10 +285,11 @@ class Conversation:
     return (ids[:-1] if stop >= 0 else ids), stop
 
   def generate_image(self, size_hw: tuple[int, int] | None = None, *,
-                     sampler: recovery_lib.Sampler = recovery_lib.Sampler(),
+                     sampler: recovery_lib.Sampler | None = None,
                      x_init: Array | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 image, latent tokens) generated from the three contexts; default size: the last
-    input image's VAE size."""
+    input image's VAE size; default sampler: the release's 50 steps at the model's guidance."""
+    sampler = sampler or recovery_lib.Sampler(guidance=self.engine.guidance)
     h, w = size_hw or self.image_hw or (None, None)
     if h is None:
       raise ValueError("generate_image needs a size: no input image to take it from")

@@ -78,7 +78,8 @@ class Settings:
   max_new_tokens: int = 512
   temperature: float = 0.3  # 0: greedy
   recover: bool = True  # False: answer from the corrupted image alone (no recovery instruction)
-  sampler: recovery_lib.Sampler = recovery_lib.Sampler()
+  # None: the release's 50 steps at the model's own guidance (`Engine.guidance`).
+  sampler: recovery_lib.Sampler | None = None
 
 
 @dataclasses.dataclass
