@@ -27,6 +27,17 @@ def test_windows_are_averaged_and_written(tmp_path):
   assert os.path.exists(tmp_path / "g" / "grid.png")
 
 
+def test_a_non_finite_value_is_written_without_tensorboardx_s_warning(tmp_path, caplog):
+  # A diverged run printed tensorboardX's "NaN or Inf found in input tensor." before its own
+  # error line (checkpoint.NonFiniteLoss), which names the step and the metric.
+  log = metrics_log.MetricsLogger(str(tmp_path), total_steps=1, every=1, show_progress=False)
+  with caplog.at_level("WARNING"):
+    row = log.log_step(1, {"loss": jnp.asarray(jnp.nan)}, samples=8)
+  log.close()
+  assert np.isnan(row["loss"]) and not caplog.records
+  assert glob.glob(os.path.join(tmp_path, "tensorboard", "events.out.tfevents.*"))
+
+
 def test_a_window_keeps_its_extremes(tmp_path):
   # RL's ratio_max_last was averaged over the window: a one-step spike did not show.
   log = metrics_log.MetricsLogger(str(tmp_path), total_steps=3, every=3, tensorboard=False,

@@ -14,6 +14,7 @@ Only process 0 writes; every process computes the same global metrics.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -127,6 +128,9 @@ class MetricsLogger:
     if tensorboard and self.is_writer:
       from tensorboardX import SummaryWriter
 
+      # A diverged run's NaN is written (TensorBoard draws it as a gap) and told by the run's own
+      # error line (checkpoint.NonFiniteLoss); tensorboardX warned of each value before it.
+      logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
       self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
     # One JSON line per logged window: machine-readable history that survives restarts.
     self.jsonl = None
