@@ -333,6 +333,14 @@ def test_bad_images():
     corruptions.corrupt(IMAGE_F[..., 0], "fog", KEY0, severity=1)
   with pytest.raises(ValueError, match="dtype"):
     corruptions.corrupt(IMAGE_U8.astype(np.int32), "fog", KEY0, severity=1)
+  # A float image on the 0..255 scale was clipped to white without a word, in a batch too (its
+  # second image here).
+  message = r"a float image takes values in \[0, 1\], got values up to 2\d\d .*give it as uint8"
+  with pytest.raises(ValueError, match=message):
+    corruptions.corrupt(IMAGE_U8.astype(np.float32), "fog", KEY0, severity=1)
+  with pytest.raises(ValueError, match=message):
+    corruptions.corrupt_batch(np.stack([IMAGE_F, IMAGE_U8.astype(np.float32)]), "fog",
+                              jax.random.split(KEY0, 2), severity=1)
 
 
 def test_corrupt_batch_matches_single_images():

@@ -333,6 +333,15 @@ def test_scoring_and_conditions():
   assert len(conds) == 1 + 19 and conds[1].label == "gaussian_noise s5"
   image = np.full((8, 8, 3), 100, np.uint8)
   assert evaluation.psnr(image[None], image[None])[0] > 90
+  # A float image in [0, 1] scores as its uint8 image does (it read 48 dB higher, on a 0..255
+  # range); batches of two shapes are named, not broadcast.
+  other = np.full((1, 8, 8, 3), 110, np.uint8)
+  uint8_psnr = evaluation.psnr(other, image[None])[0]
+  assert uint8_psnr == pytest.approx(10 * np.log10(255 ** 2 / 100))
+  assert evaluation.psnr(other / 255.0, image[None] / 255.0)[0] == pytest.approx(uint8_psnr)
+  with pytest.raises(ValueError, match=r"psnr: two B x H x W x 3 batches of one shape, got "
+                                       r"\(8, 8, 3\) and \(1, 8, 8, 3\)"):
+    evaluation.psnr(image, image[None])
   rows = report.claims({"conditions": [], "clean": {"accuracy": 0.5},
                         "clean_with_recovery": {"accuracy": 0.49, "minus_off_se": 0.031}})
   assert rows[0]["holds"] and "within 2 points" in rows[0]["claim"]

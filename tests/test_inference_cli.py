@@ -443,6 +443,7 @@ def test_the_readme_s_python_block_runs(model_dir, tmp_path, monkeypatch, capsys
   exec(compile(code.replace('"runs/demo/reason"', repr(model_dir)), "README.md", "exec"), names)
   assert names["recovered"].shape == (1, 64, 64, 3) and names["recovered"].dtype == np.uint8
   assert _pixels(tmp_path / "recovered.png").shape == (64, 64, 3)
+  assert names["quick"].shape == (1, 64, 64, 3)
   exchange = names["exchange"]
   assert exchange.steps and exchange.answer in ("", "A", "B", "C", "D", "E", "F")
   assert capsys.readouterr().out == f"{exchange.answer}\n"
@@ -468,3 +469,30 @@ def test_a_loaded_model_recovers_at_its_own_guidance(model_dir, tmp_path):
   # One batch takes one VAE size; a 60 x 100 image and a 64 x 64 one are two.
   with pytest.raises(ValueError, match=r"VAE sizes \[\(32, 64\), \(64, 64\)\] in one batch"):
     eng.recover([_image(64, 64, 0), _image(60, 100, 1)])
+
+
+def test_the_engine_names_what_is_wrong_with_an_input(model_dir):
+  # A library caller's first mistakes ended deep in the model: "shape must have length equal to
+  # the number of dimensions of x", "Need at least one array to stack", an unknown posterior
+  # taken as 'mean', a float image refused by a resize three calls down.
+  eng = engine_lib.Engine.load(model_dir)
+  image = _image(64, 64, 0)
+  cases = [
+      ((image,), {}, r"recover: takes a list of images .*got one image of shape \(64, 64, 3\): "
+                     r"give \[image\]"),
+      (([image / 255.0],), {}, r"recover: takes uint8 H x W x 3 \(RGB\) images, got float64 "
+                               r"\(a float image in \[0, 1\]: robust_u1_jax.pixels.to_uint8"),
+      (([image[..., 0]],), {}, r"got shape \(64, 64\) \(convert a gray or RGBA image"),
+      (([],), {}, "recover: no images"),
+      (([image],), {"posterior": "bogus"}, "vae_posterior 'bogus' is unknown"),
+      (([image, image],), {"keys": engine_lib.image_keys(0, [0])},
+       r"keys of shape \(1, 2\) for 2 images; give one key per image"),
+  ]
+  for args, kwargs, message in cases:
+    with pytest.raises(ValueError, match=message):
+      eng.recover(*args, **kwargs)
+  with pytest.raises(ValueError, match="add_image: takes uint8"):
+    eng.conversation().add_image(image.astype(np.float32))
+  assert eng.round_trip(np.stack([_image(60, 100, 1)])).shape == (1, 32, 64, 3)  # resized
+  assert re.fullmatch(r"Engine\([\d,]+ parameters, 2 LLM layers, images up to 64 px, guidance "
+                      r"4\.0 / 2\.0, mesh None\)", repr(eng))

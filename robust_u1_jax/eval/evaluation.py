@@ -93,8 +93,15 @@ def corrupt(images: Sequence[np.ndarray], indices: Sequence[int], condition: Con
 
 
 def psnr(images: np.ndarray, clean: np.ndarray) -> np.ndarray:
-  """Per image, data range 255."""
-  mse = ((images.astype(np.float64) - clean.astype(np.float64)) ** 2).mean(axis=(1, 2, 3))
+  """Per image of B x H x W x 3 batches of one shape, uint8 or float in [0, 1] (as `ssim`
+  takes them), in dB over the full range (255 for uint8, 1 for floats)."""
+  images, clean = np.asarray(images), np.asarray(clean)
+  if images.shape != clean.shape or images.ndim != 4:
+    raise ValueError(f"psnr: two B x H x W x 3 batches of one shape, got {images.shape} and "
+                     f"{clean.shape}")
+  # On the uint8 scale: a float image in [0, 1] read as 0..1 of 255 would score 48 dB too high.
+  scaled = [x.astype(np.float64) * (1.0 if x.dtype == np.uint8 else 255.0) for x in (images, clean)]
+  mse = ((scaled[0] - scaled[1]) ** 2).mean(axis=(1, 2, 3))
   return 10.0 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-10))
 
 

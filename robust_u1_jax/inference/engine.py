@@ -179,20 +179,20 @@ class Engine:
     resize rule of the model), their latents). The images must share that size, which one batch
     takes.
 
-    `sampler`: default, the release's 50 steps at the model's guidance. `keys` (B, 2): one per
-    image, so an image's recovery does not depend on its batch; default, image i's
-    `image_keys(0, [i])`.
+    `sampler`: default, the release's 50 steps at the model's guidance (a sampler of your own
+    takes it as `guidance=engine.guidance`; recovery.Sampler's default is BAGEL's). `keys` (B, 2):
+    one per image, so an image's recovery does not depend on its batch; default, image i's
+    `image_keys(0, [i])`. `instruction`: the text the model recovers by (the release's).
+    `posterior`: 'sample' draws the corrupted image's VAE latents, as the release does; 'mean'
+    takes their mean.
     """
-    from robust_u1_jax.data import transforms
-
-    corrupted = [transforms.resize_image(image, self.rules.vae_size(*image.shape[:2]))
-                 for image in corrupted]
-    sizes = sorted({image.shape[:2] for image in corrupted})
-    if len(sizes) > 1:
-      raise ValueError(f"recover: images of VAE sizes {sizes} in one batch; recover each size "
-                       "in its own call")
+    corrupted = self._at_vae_size(corrupted, "recover")
+    context_lib.posterior_key(posterior, None)  # an unknown setting fails here, not in a compile
     sampler = sampler or recovery_lib.Sampler(guidance=self.guidance)
     keys = image_keys(0, range(len(corrupted))) if keys is None else keys
+    if np.ndim(keys) != 2 or len(keys) != len(corrupted):
+      raise ValueError(f"recover: keys of shape {np.shape(keys)} for {len(corrupted)} images; "
+                       "give one key per image, (B, 2): image_keys(seed, range(B))")
     samples = [{"corrupted": image,
                 "corrupted_vit": np.asarray(images_lib.vit_resize(
                     image, self.rules.vit_size(*image.shape[:2])))} for image in corrupted]
@@ -201,10 +201,37 @@ class Engine:
     latents, images = self.run(_recover, inputs, keys, sampler=sampler, posterior=posterior)
     return np.asarray(images), np.asarray(latents)
 
-  def round_trip(self, images: np.ndarray) -> np.ndarray:
-    """uint8 (B, H, W, 3) images -> the VAE's own reconstructions of them (posterior mean), uint8:
-    what a recovery decoded by this VAE gets nearest to, given the clean image's latents."""
+  def round_trip(self, images: Sequence[np.ndarray]) -> np.ndarray:
+    """uint8 H x W x 3 images of one VAE size -> the VAE's own reconstructions of them at that
+    size (posterior mean), uint8: what a recovery decoded by this VAE gets nearest to, given the
+    clean image's latents."""
+    images = np.stack(self._at_vae_size(images, "round_trip"))
     return np.asarray(self.run(_round_trip, jnp.asarray(images)))
+
+  def _at_vae_size(self, images: Sequence[np.ndarray], where: str) -> list[np.ndarray]:
+    """`images` (a list or a B x H x W x 3 array) checked and resized to their VAE size, which
+    they must share: one batch is one compiled shape."""
+    from robust_u1_jax.data import transforms
+
+    if isinstance(images, np.ndarray) and images.ndim == 3:
+      raise ValueError(f"{where}: takes a list of images (or a B x H x W x 3 array), got one "
+                       f"image of shape {images.shape}: give [image]")
+    images = [images_lib.check_image(image, where) for image in images]
+    if not images:
+      raise ValueError(f"{where}: no images")
+    images = [transforms.resize_image(image, self.rules.vae_size(*image.shape[:2]))
+              for image in images]
+    sizes = sorted({image.shape[:2] for image in images})
+    if len(sizes) > 1:
+      raise ValueError(f"{where}: images of VAE sizes {sizes} in one batch; give each size "
+                       "in its own call")
+    return images
+
+  def __repr__(self) -> str:  # the dataclass's would print every weight
+    n = sum(x.size for x in jax.tree.leaves(self.weights))
+    return (f"Engine({n:,} parameters, {self.config.llm.num_layers} LLM layers, images "
+            f"up to {self.rules.vae_max_side} px, guidance {self.guidance.text_scale} / "
+            f"{self.guidance.image_scale}, mesh {dict(self.mesh.shape) if self.mesh else None})")
 
 
 def image_keys(seed: int, indices: Sequence[int]) -> Array:
@@ -247,6 +274,7 @@ class Conversation:
     A generated image (already at a VAE size) re-enters through the same resize as an input.
     """
     rules = self.engine.rules
+    image = images_lib.check_image(image, "add_image")
     if generated:
       vae_image = image
       vit_image = np.asarray(images_lib.vit_resize(image, rules.vit_size(*image.shape[:2])))

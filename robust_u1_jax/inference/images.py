@@ -83,6 +83,22 @@ class ImageRules:
     return vae, np.asarray(vit_resize(vae, self.vit_size(*vae.shape[:2])))
 
 
+def check_image(image, where: str) -> np.ndarray:
+  """`image` as the model takes it, a uint8 H x W x 3 (RGB) array; else a ValueError naming
+  `where` and the conversion (a library caller's most common mistakes: a float image, a gray or
+  RGBA one, one image where a list belongs)."""
+  image = np.asarray(image)
+  if image.ndim != 3 or image.shape[-1] != 3:
+    hint = ("one image where a list of them belongs?" if image.ndim == 4 else
+            "convert a gray or RGBA image with PIL's .convert('RGB')")
+    raise ValueError(f"{where}: takes uint8 H x W x 3 (RGB) images, got shape {image.shape} "
+                     f"({hint})")
+  if image.dtype != np.uint8:
+    raise ValueError(f"{where}: takes uint8 H x W x 3 (RGB) images, got {image.dtype} (a float "
+                     "image in [0, 1]: robust_u1_jax.pixels.to_uint8(image))")
+  return image
+
+
 def quantize(images: jax.Array) -> jax.Array:
   """Float images in [0, 1] -> uint8, as a PNG on disk holds them."""
   return pixels.to_uint8(jnp.asarray(images))

@@ -11,7 +11,9 @@ Names are qualified ("imagenet_c/fog", "robust_r1/lens_flare") or short ("fog").
 resolves by which level is given: `severity` (int 1..5) selects ImageNet-C, `intensity` (float in
 [0, 1]) selects Robust-R1 (gaussian_noise, motion_blur and jpeg_compression exist in both).
 "robust_r1_pipeline" applies the four-stage Robust-R1 pipeline (intensity optional: drawn from
-the key when omitted). Families: "imagenet_c/{noise,blur,weather,digital}" and
+the key when omitted). At intensity 1 its environment stage's dark_illumination (drawn one time in
+four) multiplies by 1 - I^2 = 0, the reference formula: a black image; the evaluation's 100 % is
+intensity 0.9. Families: "imagenet_c/{noise,blur,weather,digital}" and
 "robust_r1/<stage>".
 
 Images are H x W x 3, uint8 [0, 255] or float [0, 1], numpy or jax; the result has the input's
@@ -188,6 +190,16 @@ def _check_image(image) -> tuple[tuple[int, ...], np.dtype]:
   return shape, dtype
 
 
+def _check_float_range(images) -> None:
+  """A float image on the 0..255 scale would be clipped to white without a word (a float just
+  past 1 from a resampling is not one). Host (numpy) images only: a device array's check would
+  wait for the device."""
+  if (isinstance(images, np.ndarray) and images.dtype != np.uint8 and images.size
+      and images.max() > 1.01):
+    raise ValueError(f"a float image takes values in [0, 1], got values up to {images.max():g} "
+                     "(a 0..255 image: give it as uint8)")
+
+
 def data_device() -> jax.Device:
   """The device data-side corruption runs on: the host's first CPU device (see `corrupt`)."""
   # This process's own: in a multi-process run jax.devices() lists every process's devices.
@@ -264,6 +276,7 @@ def corrupt(image, name: str, key, *, severity=None, intensity=None):
   """
   qualified, level = resolve(name, severity=severity, intensity=intensity)
   _, dtype = _check_image(image)
+  _check_float_range(image)
   device = _placement(image)
   if qualified == PIPELINE:
     out = _robust_r1().apply_pipeline(image, key, level)
@@ -305,6 +318,7 @@ def corrupt_batch(images_bhwc, name: str, keys_b, *, severity=None, intensity=No
   else:
     qualified, level = resolve(name, severity=severity, intensity=intensity)
   _check_image(images_bhwc[0])
+  _check_float_range(images_bhwc)
   if len(keys_b) != shape[0]:
     raise ValueError(f"{len(keys_b)} keys for a batch of {shape[0]} images: need one key per image")
   dtype = np.dtype(images_bhwc.dtype)
