@@ -86,10 +86,10 @@ class ImageRules:
 def check_image(image, where: str) -> np.ndarray:
   """`image` as the model takes it, a uint8 H x W x 3 (RGB) array; else a ValueError naming
   `where` and the conversion (a library caller's most common mistakes: a float image, a gray or
-  RGBA one, one image where a list belongs)."""
+  RGBA one, a batch where one image belongs)."""
   image = np.asarray(image)
   if image.ndim != 3 or image.shape[-1] != 3:
-    hint = ("one image where a list of them belongs?" if image.ndim == 4 else
+    hint = ("a batch where one image belongs?" if image.ndim == 4 else
             "convert a gray or RGBA image with PIL's .convert('RGB')")
     raise ValueError(f"{where}: takes uint8 H x W x 3 (RGB) images, got shape {image.shape} "
                      f"({hint})")
