@@ -109,9 +109,10 @@ def _answer(values: flags.FlagValues) -> int:
   blank = [k for k, option in enumerate(values.options, start=1) if not option.strip()]
   if blank:
     raise app.UsageError(f"--options: option {blank[0]} of {len(values.options)} is empty")
-  if len(values.options) > len(answer_format.LETTERS):
-    raise app.UsageError(f"--options: {len(values.options)} options; at most "
-                         f"{len(answer_format.LETTERS)}, one per letter A to Z")
+  try:  # the prompt's own checks (at most 26 options), before the model loads
+    answer_format.prompt(values.question, values.options)
+  except ValueError as e:
+    raise app.UsageError(f"--options: {e}") from None
   # A bad image, --model or --out fails before the model loads.
   image = model_cli.read_image(values.image,
                                model_cli.min_side(model_cli.model_rules(values.model)))

@@ -180,8 +180,11 @@ def leave_at_once(status: int) -> NoReturn:
   if jax_exit is not None:
     atexit.unregister(jax_exit)
     atexit._run_exitfuncs()  # pylint: disable=protected-access
-  sys.stdout.flush()
-  sys.stderr.flush()
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except (OSError, ValueError):  # a closed pipe (`| head`) or stream: nothing more to say
+      pass
   os._exit(status)
 
 

@@ -57,3 +57,11 @@ def test_type_text_names_corruptions_with_their_strengths():
   assert answer_format.type_text([]) == "none"
   with pytest.raises(ValueError, match="one strength per corruption"):
     answer_format.applied_corruptions(["lens_blur", "fog"], [0.1])
+
+
+def test_a_prompt_refuses_options_it_cannot_letter():
+  # A string read as one option per character; a 27th option had no letter (an IndexError).
+  with pytest.raises(ValueError, match="options: a list of option texts, got the string 'red'"):
+    answer_format.prompt("Which colour?", "red")
+  with pytest.raises(ValueError, match="27 options; at most 26, one per letter A to Z"):
+    answer_format.prompt("Which?", [f"o{i}" for i in range(27)])

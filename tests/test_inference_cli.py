@@ -496,3 +496,12 @@ def test_the_engine_names_what_is_wrong_with_an_input(model_dir):
   assert eng.round_trip(np.stack([_image(60, 100, 1)])).shape == (1, 32, 64, 3)  # resized
   assert re.fullmatch(r"Engine\([\d,]+ parameters, 2 LLM layers, images up to 64 px, guidance "
                       r"4\.0 / 2\.0, mesh None\)", repr(eng))
+
+
+def test_an_exchange_s_record_needs_a_path_per_image():
+  image = reasoner.Step("image", image=np.zeros((8, 8, 3), np.uint8))
+  exchange = reasoner.Exchange("p", [reasoner.Step("text", text="t"), image], "t", "", "end", {})
+  assert [s.get("image") for s in exchange.record(["step_02.png"])["steps"]] == [None,
+                                                                                  "step_02.png"]
+  with pytest.raises(ValueError, match="record: 0 image paths for 1 image steps"):
+    exchange.record()  # it raised a bare StopIteration

@@ -65,6 +65,10 @@ def prompt(question: str, options: Sequence[str] = (), *, instruction: str | Non
   two images of the reasoning layout (the reasoning stage's rows, the base's two-image rows, the
   evaluation's corrupted + recovered mode) and the `answer` command's prompt, so a model trained
   on the built-in world runs the release's loop."""
+  if isinstance(options, str):  # it would read as one option per character
+    raise ValueError(f"options: a list of option texts, got the string {options!r}")
+  if len(options) > len(LETTERS):
+    raise ValueError(f"{len(options)} options; at most {len(LETTERS)}, one per letter A to Z")
   lines = [f"Question: {question}"]
   if options:
     lines.append("Options:")

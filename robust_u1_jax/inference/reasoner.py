@@ -99,8 +99,11 @@ class Exchange:
   stopped_by: str  # 'end_of_text' | 'no_stop_token' | 'max_iterations'
   seconds: dict[str, float]  # time per phase: context, text, image
 
-  def record(self, image_paths: Sequence[str]) -> dict[str, Any]:
+  def record(self, image_paths: Sequence[str] = ()) -> dict[str, Any]:
     """A JSON-ready record; `image_paths` for the image steps, in order."""
+    images = sum(s.kind == "image" for s in self.steps)
+    if len(image_paths) != images:
+      raise ValueError(f"record: {len(image_paths)} image paths for {images} image steps")
     paths = iter(image_paths)
     steps = [{"type": s.kind, "seconds": round(s.seconds, 3),
               **({"text": s.text} if s.kind == "text" else {"image": next(paths)})}
