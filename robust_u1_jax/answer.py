@@ -101,11 +101,13 @@ def _answer(values: flags.FlagValues) -> int:
 
   if values.greedy and values["temperature"].present:
     raise app.UsageError("give --greedy or --temperature, not both")
-  temperature = 0.0 if values.greedy else values.temperature
-  if temperature < 0:
-    raise app.UsageError(f"--temperature must be >= 0, got {temperature}")
-  if values.max_iterations < 1 or values.max_new_tokens < 1:
-    raise app.UsageError("--max_iterations and --max_new_tokens must be >= 1")
+  try:  # its checks name its fields, which the flags share
+    settings = reasoner.Settings(max_iterations=values.max_iterations,
+                                 max_new_tokens=values.max_new_tokens,
+                                 temperature=0.0 if values.greedy else values.temperature,
+                                 recover=not values.no_recover)
+  except ValueError as e:
+    raise app.UsageError(f"--{e}") from None
   blank = [k for k, option in enumerate(values.options, start=1) if not option.strip()]
   if blank:
     raise app.UsageError(f"--options: option {blank[0]} of {len(values.options)} is empty")
@@ -116,10 +118,7 @@ def _answer(values: flags.FlagValues) -> int:
   # A bad image, --model or --out fails before the model loads.
   image = model_cli.read_image(values.image,
                                model_cli.min_side(model_cli.model_rules(values.model)))
-  settings = reasoner.Settings(max_iterations=values.max_iterations,
-                               max_new_tokens=values.max_new_tokens, temperature=temperature,
-                               recover=not values.no_recover,
-                               sampler=model_cli.make_sampler(values, values.steps))
+  settings = dataclasses.replace(settings, sampler=model_cli.make_sampler(values, values.steps))
   if values.out:
     cli.output_dir(values.out, "--out", create=False)  # created once there is an answer
   engine = model_cli.load_engine(values)

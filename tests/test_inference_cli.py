@@ -381,6 +381,12 @@ def test_usage_errors(capsys, model_dir, inputs, tmp_path):
       (answer_cli, [f"--model={model_dir}", image, "--question=q", "--options=red",
                     "--options= "], "--options: option 2 of 2 is empty"),
       (answer_cli, [f"--model={model_dir}", image, "--question=  "], "missing --question"),
+      # Checked by reasoner.Settings, whose fields the flags share (a library caller got an
+      # IndexError for max_new_tokens=0, and a negative temperature ran).
+      (answer_cli, [f"--model={model_dir}", image, "--question=q", "--max_new_tokens=0"],
+       r"--max_new_tokens must be >= 1, got 0"),
+      (answer_cli, [f"--model={model_dir}", image, "--question=q", "--temperature=-1"],
+       r"--temperature must be >= 0 \(0: greedy\), got -1.0"),
       (recover_cli, [image], "give one: --model recovers images, --config precomputes"),
       (recover_cli, [f"--model={model_dir}", f"--config={config}:tiny", image],
        "one of --model and --config, not both"),
@@ -505,3 +511,11 @@ def test_an_exchange_s_record_needs_a_path_per_image():
                                                                                   "step_02.png"]
   with pytest.raises(ValueError, match="record: 0 image paths for 1 image steps"):
     exchange.record()  # it raised a bare StopIteration
+
+
+def test_reasoner_settings_name_a_bad_value():
+  for kwargs, message in (({"max_iterations": 0}, "max_iterations must be >= 1, got 0"),
+                          ({"max_new_tokens": 0}, "max_new_tokens must be >= 1, got 0"),
+                          ({"temperature": float("nan")}, "temperature must be >= 0")):
+    with pytest.raises(ValueError, match=message):
+      reasoner.Settings(**kwargs)

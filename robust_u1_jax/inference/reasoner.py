@@ -81,6 +81,14 @@ class Settings:
   # None: the release's 50 steps at the model's own guidance (`Engine.guidance`).
   sampler: recovery_lib.Sampler | None = None
 
+  def __post_init__(self):
+    # Each message starts with its field's name, which the `answer` command's flag shares.
+    for name in ("max_iterations", "max_new_tokens"):
+      if not getattr(self, name) >= 1:
+        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    if not self.temperature >= 0:  # NaN included
+      raise ValueError(f"temperature must be >= 0 (0: greedy), got {self.temperature}")
+
 
 @dataclasses.dataclass
 class Step:
