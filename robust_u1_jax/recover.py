@@ -185,15 +185,14 @@ def _recover_folder(values: flags.FlagValues, sampler, instruction: str) -> int:
           path = os.path.join(folder, names[i])
           try:
             image = model_cli.read_image(path, model_cli.min_side(rules))
-            vae_image = engine.rules.prepare(image)[0]
           except model_cli.InputError as e:  # changed since pass 1
             fail(names[i], str(e))
             continue
-          if vae_image.shape[:2] != size:
+          if rules.vae_size(*image.shape[:2]) != size:
             fail(names[i], f"{path}: changed while being recovered")
             continue
           batch.append(i)
-          images.append(vae_image)
+          images.append(image)  # the engine brings it to its VAE size
         if batch:
           recovered, _ = engine.recover(images, sampler=sampler,
                                         keys=engine_lib.image_keys(values.seed, batch),

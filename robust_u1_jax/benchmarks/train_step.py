@@ -84,18 +84,18 @@ def run(*, seconds: float = 3.0, config: str = "", overrides: Sequence[str] = ()
   from robust_u1_jax import config_lib
 
   options, fields = split_overrides(overrides)
-  stage = config_lib.load_file(config or DEFAULT_CONFIG).get("stage")
+  spec = config or DEFAULT_CONFIG
+  base = config_lib.load_file(spec)
+  stage = base.get("stage")
   if stage != "sft":  # before validating: another stage's config may lack what it needs to run
     raise SystemExit(f"train_step: times the SFT step; {config or DEFAULT_CONFIG} is stage "
                      f"{stage!r}")
-  try:
-    cfg = config_lib.load(config or DEFAULT_CONFIG, fields)
-  except config_lib.ConfigError as e:
-    if "no field" not in str(e):
-      raise
-    # An --override is this benchmark's option or the config's field: name both kinds.
-    raise config_lib.ConfigError(f"{e}; or one of train_step's own --override options: "
-                                 f"{', '.join(OPTIONS)}") from None
+  # An --override is this benchmark's option or the config's field: an unknown one names both.
+  for dotted in fields:
+    if problem := config_lib.unknown_field(base, dotted):
+      raise config_lib.ConfigError(f"{spec}: {problem}; or one of train_step's own --override "
+                                   f"options: {', '.join(OPTIONS)}")
+  cfg = config_lib.load(spec, fields)
   device = jax.devices()[0]
   _check_state_fits_host(cfg, device, config or DEFAULT_CONFIG)
   print(f"train_step: building the model, its train state and {options['batches']} pipeline "

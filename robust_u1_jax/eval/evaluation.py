@@ -391,7 +391,7 @@ def shapes_samples(split: str, count: int, rules: images_lib.ImageRules, seed: i
     record = world[i]
     q = record["questions"][int(np.random.default_rng([seed, i]).integers(
         len(record["questions"])))]
-    out.append(Sample(i, rules.prepare(record["image"])[0], dict(q), q.get("kind", "")))
+    out.append(Sample(i, rules.at_vae_size(record["image"]), dict(q), q.get("kind", "")))
   return out
 
 
@@ -460,7 +460,7 @@ def table_samples(path: str, count: int, rules: images_lib.ImageRules,
 
   def keep(i, record, image):
     square = transforms.resize_image(transforms.center_square(image), (side, side))
-    out.append(Sample(i, rules.prepare(square)[0], dict(record["questions"][0]),
+    out.append(Sample(i, rules.at_vae_size(square), dict(record["questions"][0]),
                       record.get("category", "")))
 
   read = read_table(path, count, max_skip_ratio, keep, log)

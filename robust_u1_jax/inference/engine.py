@@ -211,16 +211,13 @@ class Engine:
   def _at_vae_size(self, images: Sequence[np.ndarray], where: str) -> list[np.ndarray]:
     """`images` (a list or a B x H x W x 3 array) checked and resized to their VAE size, which
     they must share: one batch is one compiled shape."""
-    from robust_u1_jax.data import transforms
-
     if isinstance(images, np.ndarray) and images.ndim == 3:
       raise ValueError(f"{where}: takes a list of images (or a B x H x W x 3 array), got one "
                        f"image of shape {images.shape}: give [image]")
     images = [images_lib.check_image(image, where) for image in images]
     if not images:
       raise ValueError(f"{where}: no images")
-    images = [transforms.resize_image(image, self.rules.vae_size(*image.shape[:2]))
-              for image in images]
+    images = [self.rules.at_vae_size(image) for image in images]
     sizes = sorted({image.shape[:2] for image in images})
     if len(sizes) > 1:
       raise ValueError(f"{where}: images of VAE sizes {sizes} in one batch; give each size "

@@ -77,9 +77,13 @@ class ImageRules:
     return transforms.bagel_size(vae_height, vae_width, max_side=self.vit_max_side,
                                  min_side=self.vit_min_side, stride=self.vit_stride)
 
+  def at_vae_size(self, image: np.ndarray) -> np.ndarray:
+    """uint8 H x W x 3 -> the image at its VAE size (BAGEL's resize rule), uint8."""
+    return transforms.resize_image(image, self.vae_size(*image.shape[:2]))
+
   def prepare(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """uint8 H x W x 3 -> (VAE-size image, ViT-size image), both uint8."""
-    vae = transforms.resize_image(image, self.vae_size(*image.shape[:2]))
+    vae = self.at_vae_size(image)
     return vae, np.asarray(vit_resize(vae, self.vit_size(*vae.shape[:2])))
 
 
