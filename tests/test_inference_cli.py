@@ -151,6 +151,11 @@ def broken_models(model_dir, tmp_path_factory):
     damaged[case] = (folder, f"{folder / name}: ")
   (root / "empty").mkdir()
   (root / "run" / "checkpoints" / "3").mkdir(parents=True)
+  (root / "done" / "checkpoints" / "3").mkdir(parents=True)
+  (root / "done" / "model").mkdir()
+  # The demo's CLIP part: its workdir's model/ was taken for a BAGEL model lacking a tokenizer.
+  (root / "clip" / "model").mkdir(parents=True)
+  (root / "clip" / "model" / "clip.safetensors").write_bytes(b"")
   return {**damaged, "no_config": (no_config, "bagel_config.json"),
           "no_rules": (no_rules, "there is no image_rules.json beside it"),
           # It was 'missing tokenizer.json', as if the tokenizer were all it lacked.
@@ -158,12 +163,18 @@ def broken_models(model_dir, tmp_path_factory):
           "checkpoint": (root / "run" / "checkpoints" / "3",
                          f"a stage's training checkpoint: the stage's model is "
                          f"{root / 'run' / 'model'} once its run has finished"),
+          # A finished stage's model is there: not "once its run has finished".
+          "finished_checkpoint": (root / "done" / "checkpoints" / "3",
+                                  f"the stage's model is {root / 'done' / 'model'}\n"),
+          "clip": (root / "clip", f"{root / 'clip' / 'model'} holds a CLIP model "
+                   "(clip.safetensors: the RL stage's reward model"),
           "absent": (root / "absent", "no such model directory")}
 
 
 @pytest.mark.parametrize("cli", [recover_cli, answer_cli], ids=["recover", "answer"])
 @pytest.mark.parametrize("case", ["no_config", "no_rules", "bad_rules", "bad_guidance",
-                                  "cut_rules", "empty", "checkpoint", "absent", "missing_image",
+                                  "cut_rules", "empty", "checkpoint", "finished_checkpoint",
+                                  "clip", "absent", "missing_image",
                                   "truncated_image", "bad_mesh"])
 def test_bad_input_is_one_error_line_and_status_2(capsys, cli, case, model_dir, inputs,
                                                   broken_models, tmp_path):

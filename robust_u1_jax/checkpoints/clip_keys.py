@@ -22,6 +22,8 @@ from robust_u1_jax.checkpoints.vit_keys import hf_encoder_rules, layer_norm_rule
 from robust_u1_jax.models.clip import CLIP
 
 NAMINGS = ("open_clip", "hf")
+# The file the demo's CLIP part writes (open_clip naming), in its workdir's model/.
+CLIP_FILE = "clip.safetensors"
 _FUSED = re.compile(r"(.*\.attn\.in_proj_(?:weight|bias))")
 _PARTS = ("q", "k", "v")
 # Buffers and extras some checkpoints carry that the model does not use.

@@ -25,6 +25,7 @@ from flax import traverse_util
 
 from robust_u1_jax import files
 from robust_u1_jax.checkpoints import bagel_dir, bagel_export, loader
+from robust_u1_jax.checkpoints.clip_keys import CLIP_FILE
 from robust_u1_jax.checkpoints.key_table import CheckpointError
 from robust_u1_jax.models.bagel import Bagel
 
@@ -62,14 +63,18 @@ def not_a_model(path: str) -> str:
     return (f"{path} is a stage's workdir without its model/ yet: its run stopped {stopped}, "
             "before its last step; run its training command again to finish it, or give a "
             "finished one")
+  if os.path.isfile(os.path.join(path, CLIP_FILE)):
+    return (f"{path} holds a CLIP model ({CLIP_FILE}: the RL stage's reward model, "
+            "rl.clip_checkpoint), not a BAGEL model; give a BAGEL or Robust-U1 model")
   message = (f"{path} is neither a BAGEL model directory ({bagel_dir.LLM_CONFIG}, "
              f"{bagel_dir.VIT_CONFIG}, ema.safetensors, {bagel_dir.VAE_FILE}) nor an Orbax model "
              f"checkpoint ({CONFIG}, {PARAMS}/)")
   parts = os.path.abspath(path).split(os.sep)
   if "checkpoints" in parts[-2:]:
     workdir = os.sep.join(parts[:parts.index("checkpoints", len(parts) - 2)])
-    message += (f"; it is a stage's training checkpoint: the stage's model is "
-                f"{os.path.join(workdir, 'model')} once its run has finished")
+    model = os.path.join(workdir, "model")
+    message += (f"; it is a stage's training checkpoint: the stage's model is {model}"
+                + ("" if os.path.isdir(model) else " once its run has finished"))
   return message
 
 

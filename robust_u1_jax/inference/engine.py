@@ -61,10 +61,10 @@ def resolve_model_dir(path: str) -> str:
   if not os.path.isdir(path):
     raise ModelError(f"{path}: not a directory (give a BAGEL / Robust-U1 model directory, an "
                      "Orbax model checkpoint or a stage's workdir)")
-  if os.path.isdir(os.path.join(path, "model")):
-    return os.path.join(path, "model")
   from robust_u1_jax.checkpoints import orbax_io
 
+  if os.path.isdir(os.path.join(path, "model")):
+    path = os.path.join(path, "model")
   if not orbax_io.is_model(path):  # before its tokenizer is looked for, which it would lack too
     raise ModelError(orbax_io.not_a_model(path))
   return path
@@ -78,7 +78,8 @@ def load_tokenizer(model_dir: str, tokenizer_dir: str | None = None):
   files = set(os.listdir(path)) if os.path.isdir(path) else set()
   if not files & {"tokenizer.json", "vocab.json"}:
     raise ModelError(f"{path}: missing tokenizer.json (or vocab.json + merges.txt); copy the "
-                     "tokenizer files of the model there or pass --tokenizer DIR")
+                     "tokenizer files of the model there or give their folder (--tokenizer DIR, "
+                     "tokenizer_dir=)")
   tok = tokenizer_lib.load_tokenizer(path)
   try:
     tokenizer_lib.special_token_ids(tok)

@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from robust_u1_jax import sharding
+from robust_u1_jax.checkpoints.clip_keys import CLIP_FILE
 from robust_u1_jax.data import pipeline as pipeline_lib
 from robust_u1_jax.data import shapes
 from robust_u1_jax.models import clip as clip_lib
@@ -32,7 +33,6 @@ from robust_u1_jax.training.stage_spec import StageSpec
 from robust_u1_jax.training.state import TrainState, loss_step, merge_model
 
 MODELS = {"tiny": clip_lib.CLIPConfig.tiny, "vit_b32": clip_lib.CLIPConfig.vit_b32}
-CLIP_FILE = "clip.safetensors"
 DATA_STAGE = "pretrain"  # clean images with their captions
 GRID_IMAGES = 8
 

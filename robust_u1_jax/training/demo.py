@@ -25,12 +25,13 @@ from collections.abc import Mapping, Sequence
 import ml_collections
 
 from robust_u1_jax import config_lib
+from robust_u1_jax.checkpoints import clip_keys
 
 PARTS = ("vae", "clip", "vit", "base", "sft", "rl", "reason", "eval")
 # What each part starts from (None: random weights).
 INIT_FROM = {"vae": None, "clip": None, "vit": "vae", "base": "vit", "sft": "base",
              "rl": "sft", "reason": "rl"}
-CLIP_FILE = os.path.join("model", "clip.safetensors")
+CLIP_FILE = os.path.join("model", clip_keys.CLIP_FILE)
 # Fields that change nothing a part trains: the paths the demo chains its parts by (so a moved or
 # copied workdir still matches its checkpoints), how often a part logs, evaluates and checkpoints,
 # and what its evaluation grids sample.
