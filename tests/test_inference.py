@@ -301,6 +301,13 @@ def test_prompt_and_answer_extraction():
   assert reasoner.extract_answer("A square.", ["circle", "square"]) == "B"
   assert reasoner.extract_answer("A red circle, so the answer is B.", ["x", "y", "z"]) == "B"
   assert reasoner.extract_answer("<ANSWER>A<ANSWER_END>", ["x", "y"]) == "A"
+  # In the answer field a lowercase letter is the option, as the training targets' parser reads
+  # it (it named none); in free text 'a' stays an article.
+  for text in ("<ANSWER>b<ANSWER_END>", "<ANSWER> b\n<ANSWER_END>"):
+    assert reasoner.extract_answer(text, ["x", "y"]) == "B"
+  assert answer_format.parse_answer("<ANSWER>b<ANSWER_END>") == "B"
+  assert reasoner.extract_answer("<ANSWER>c<ANSWER_END>", ["x", "y"]) == ""
+  assert reasoner.extract_answer("a", ["x", "y"]) == ""
   assert reasoner.extract_answer("C: green", ["x", "y", "z"]) == "C"
   assert reasoner.extract_answer("<ANSWER>blue<ANSWER_END>") == "blue"
   # An answer field left open ends at the next field's tag, not at the end of the text.

@@ -48,7 +48,8 @@ def cut_answers(text: str, keep: int = 2) -> str:
 
 def extract_answer(text: str, options: Sequence[str] = ()) -> str:
   """The final answer: the last `<ANSWER>...` content (else the whole text); with options, its
-  option letter, or '' when none can be told: a letter alone or closed by '.', ')' or ':'; else
+  option letter, or '' when none can be told: the answer field's one letter in either case; a
+  capital letter alone or closed by '.', ')' or ':'; else
   VLMEvalKit's text rule, the one option whose text the answer holds, in an answer at most twice
   as long as the options' texts together (a reply that names several, or one in passing in a
   long text, names none)."""
@@ -57,6 +58,10 @@ def extract_answer(text: str, options: Sequence[str] = ()) -> str:
   if not options:
     return answer
   letters = answer_format.LETTERS[:len(options)]
+  # The answer field holding one letter in either case, as answer_format.parse_answer reads the
+  # training targets; outside the field a lowercase 'a' is an article.
+  if found and len(answer) == 1 and answer.upper() in letters:
+    return answer.upper()
   # A letter alone or closed by '.', ')' or ':' ("B", "(B)", "B. square"): not the article of
   # "A red circle ...".
   m = (re.match(rf"^\(?([{letters}])(?:[.):]|\s*$)", answer)
