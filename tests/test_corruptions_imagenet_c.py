@@ -358,6 +358,15 @@ def test_corrupt_batch_matches_single_images():
     assert np.abs(mixed[i].astype(int) - single).max() <= 1
   with pytest.raises(ValueError, match="one key per image"):
     corruptions.corrupt_batch(images, "contrast", keys[:2], severity=1)
+  # A list of keys is a batch of them; one key, a list of images: named, not an IndexError,
+  # TypeError or AttributeError from inside.
+  listed = corruptions.corrupt_batch(images, "gaussian_noise", list(keys), severity=4)
+  np.testing.assert_array_equal(listed, batch)
+  for key in (KEY0, jax.random.PRNGKey(0)):
+    with pytest.raises(ValueError, match=r"one key for a batch of 3 images; .*split\(key, 3\)"):
+      corruptions.corrupt_batch(images, "contrast", key, severity=1)
+  with pytest.raises(ValueError, match=r"images are a list; .*np.stack\(images\)"):
+    corruptions.corrupt_batch(list(images), "contrast", keys, severity=1)
 
 
 def test_short_names_resolve_by_level_across_families():

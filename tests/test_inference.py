@@ -303,8 +303,8 @@ def test_prompt_and_answer_extraction():
   assert reasoner.extract_answer("<ANSWER>A<ANSWER_END>", ["x", "y"]) == "A"
   # In the answer field a lowercase letter is the option, as the training targets' parser reads
   # it (it named none); in free text 'a' stays an article.
-  for text in ("<ANSWER>b<ANSWER_END>", "<ANSWER> b\n<ANSWER_END>"):
-    assert reasoner.extract_answer(text, ["x", "y"]) == "B"
+  for reply in ("<ANSWER>b<ANSWER_END>", "<ANSWER> b\n<ANSWER_END>"):
+    assert reasoner.extract_answer(reply, ["x", "y"]) == "B"
   assert answer_format.parse_answer("<ANSWER>b<ANSWER_END>") == "B"
   assert reasoner.extract_answer("<ANSWER>c<ANSWER_END>", ["x", "y"]) == ""
   assert reasoner.extract_answer("a", ["x", "y"]) == ""

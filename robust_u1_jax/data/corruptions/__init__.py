@@ -289,6 +289,18 @@ def corrupt(image, name: str, key, *, severity=None, intensity=None):
   return _restore(out, image)
 
 
+def _keys_per_image(keys_b, count: int):
+  """`keys_b` as one array of `count` keys (a list of keys is stacked); one key is refused."""
+  if not isinstance(keys_b, (list, tuple)):
+    typed = jax.dtypes.issubdtype(keys_b.dtype, jax.dtypes.prng_key)
+    if np.ndim(keys_b) == (0 if typed else 1):  # a raw key is 2 words
+      raise ValueError(f"corrupt_batch: one key for a batch of {count} images; give one key per "
+                       f"image (jax.random.split(key, {count}))")
+  if len(keys_b) != count:
+    raise ValueError(f"{len(keys_b)} keys for a batch of {count} images: need one key per image")
+  return jnp.stack(keys_b) if isinstance(keys_b, (list, tuple)) else keys_b
+
+
 def corrupt_batch(images_bhwc, name: str, keys_b, *, severity=None, intensity=None,
                   batch: str | None = None):
   """`corrupt` over a batch (B x H x W x 3) with one key per image (keys_b: B keys).
@@ -299,9 +311,13 @@ def corrupt_batch(images_bhwc, name: str, keys_b, *, severity=None, intensity=No
   apply_pipeline_batch`); host-side corruptions loop in Python. `severity` or `intensity` may
   also be a length-B sequence (one level per image).
   """
+  if isinstance(images_bhwc, (list, tuple)):
+    raise ValueError(f"corrupt_batch: images are a {type(images_bhwc).__name__}; give one array "
+                     "B x H x W x 3 (np.stack(images)), or corrupt each with `corrupt`")
   shape = tuple(np.shape(images_bhwc))
   if len(shape) != 4:
     raise ValueError(f"images shape {shape} is not B x H x W x 3")
+  keys_b = _keys_per_image(keys_b, shape[0])
   per_image = np.ndim(severity) == 1 or np.ndim(intensity) == 1
   if per_image:
     given = severity if np.ndim(severity) == 1 else intensity
@@ -319,8 +335,6 @@ def corrupt_batch(images_bhwc, name: str, keys_b, *, severity=None, intensity=No
     qualified, level = resolve(name, severity=severity, intensity=intensity)
   _check_image(images_bhwc[0])
   _check_float_range(images_bhwc)
-  if len(keys_b) != shape[0]:
-    raise ValueError(f"{len(keys_b)} keys for a batch of {shape[0]} images: need one key per image")
   dtype = np.dtype(images_bhwc.dtype)
   device = _placement(images_bhwc)
   if batch is None:
