@@ -5,9 +5,10 @@ r"""Asks the model a question about a (corrupted) image: the released Robust-U1 
       --out answers/photo
 
 The model writes text, may generate a recovered image of its input and continue from it, and ends
-with `<ANSWER>...`; each step is printed as it is done, then a last line `answer: X` (the option
-letter when options are given, as benchmarks score it: `answer: none`, and "" in exchange.json, when
-the reply names no option, several, or one only in passing in a long text). With --out, the
+with `<ANSWER>...`. A line says when the model is loaded, each step is printed as it is done, then a
+last line `answer: X` (the option letter when options are given, as benchmarks score it: `answer:
+none`, and "" in exchange.json, when the reply names no option, several, or one only in passing in
+a long text). With --out, the
 generated images are written as `step_NN.png` (NN: the step's number) and the whole exchange as
 `exchange.json`: each step's text or image file, the prompt, the settings, the seconds of each
 phase and the model; the folder is created once the answer is there, and an earlier answer's files
@@ -24,6 +25,7 @@ import dataclasses
 import json
 import os
 import re
+import time
 from collections.abc import Sequence
 
 from absl import app, flags, logging
@@ -121,7 +123,12 @@ def _answer(values: flags.FlagValues) -> int:
   settings = dataclasses.replace(settings, sampler=model_cli.make_sampler(values, values.steps))
   if values.out:
     cli.output_dir(values.out, "--out", create=False)  # created once there is an answer
+  start = time.monotonic()
   engine = model_cli.load_engine(values)
+  # Before the first step, which waits for its compiles (17 s for the demo's model on 2 CPU
+  # cores, minutes for a 7B model) with nothing on the terminal.
+  print(f"loaded {values.model} in {time.monotonic() - start:.1f} s; answering (a first run "
+        "compiles the model's programs before its first step)", flush=True)
   # Each step as it is done: on a large model a step takes seconds to minutes.
   exchange = reasoner.answer(engine, image, values.question, values.options, settings,
                              seed=values.seed,

@@ -274,7 +274,10 @@ def test_answer_with_a_generated_image(capsys, model_dir, inputs, tmp_path, monk
   assert rc == 0, err
   # Each step is shown as it is done, not all at the end: the first text and the image were
   # printed before the model wrote its second text.
-  assert printed_before[0] == ""
+  # Before it, one line: the model is loaded and the answer begins (its first step waits for
+  # the compiles).
+  assert re.fullmatch(rf"loaded {model_dir} in \d+\.\d s; answering \(a first run compiles the "
+                      r"model's programs before its first step\)\n", printed_before[0])
   shown = printed_before[1].strip().splitlines()
   assert shown[0].startswith("[1] text (") and shown[1] == "The image is noisy."
   assert re.fullmatch(r"\[2\] image 64x32 \(\d+\.\d\d s\)", shown[2])  # written at the end
