@@ -85,18 +85,9 @@ uses every GPU it sees)"
 fi
 
 # The trainer's --config and --workdir, checked here so a typo fails before anything starts.
-config="" workdir=""
-for ((i = 0; i < ${#train_args[@]}; i++)); do
-  case "${train_args[i]}" in
-    --config=*) config="${train_args[i]#--config=}" ;;
-    --config) config="${train_args[i+1]-}" ;;
-    --workdir=*) workdir="${train_args[i]#--workdir=}" ;;
-    --workdir) workdir="${train_args[i+1]-}" ;;
-  esac
-done
-[[ -n "$config" ]] || die "the trainer needs --config FILE.py:VARIANT after --"
-[[ -n "$workdir" ]] || die "the trainer needs --workdir DIR after --"
-config_file="${config%%:*}"
+# shellcheck source=launch/trainer_args.sh
+source "$ROOT/launch/trainer_args.sh"
+read_trainer_args "${train_args[@]}"
 [[ -f "$config_file" ]] || die "config file $config_file not found (paths are relative to $PWD)"
 [[ ! -e "$workdir" || -d "$workdir" ]] || die "--workdir $workdir: a file, not a folder"
 logs="${logs:-$workdir/logs}"

@@ -148,18 +148,9 @@ if [[ -z "$version" ]]; then
   esac
 fi
 
-config="" workdir=""
-for ((i = 0; i < ${#train_args[@]}; i++)); do
-  case "${train_args[i]}" in
-    --config=*) config="${train_args[i]#--config=}" ;;
-    --config) config="${train_args[i+1]-}" ;;
-    --workdir=*) workdir="${train_args[i]#--workdir=}" ;;
-    --workdir) workdir="${train_args[i+1]-}" ;;
-  esac
-done
-[[ -n "$config" ]] || die "the trainer needs --config FILE.py:VARIANT after --"
-[[ -n "$workdir" ]] || die "the trainer needs --workdir DIR after --"
-config_file="${config%%:*}"
+# shellcheck source=launch/trainer_args.sh
+source "$ROOT/launch/trainer_args.sh"
+read_trainer_args "${train_args[@]}"
 [[ -f "$ROOT/$config_file" ]] || \
   die "config file $config_file not found in the checkout (give it relative to $ROOT)"
 [[ "$config_file" != /* ]] || die "give --config relative to the checkout: it is copied to the workers"
