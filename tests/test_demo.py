@@ -226,7 +226,8 @@ def test_the_evaluation_runs_again_for_other_settings_or_models(tmp_path, monkey
   config = config_lib.load_file(os.path.join(ROOT, "configs", "demo.py:quick"))
   workdir = str(tmp_path)
   for part in ("reason", "sft", "rl"):  # the evaluated and compared models' folders
-    os.makedirs(os.path.join(workdir, part, "model"))
+    os.makedirs(os.path.join(workdir, part, "model", "params"))  # as Orbax model checkpoints
+    open(os.path.join(workdir, part, "model", "bagel_config.json"), "w").close()
   weights = os.path.join(workdir, "reason", "model", "weights")
   with open(weights, "w") as f:
     f.write("trained")
