@@ -25,7 +25,6 @@ import dataclasses
 import json
 import os
 import re
-import time
 from collections.abc import Sequence
 
 from absl import app, flags, logging
@@ -123,12 +122,7 @@ def _answer(values: flags.FlagValues) -> int:
   settings = dataclasses.replace(settings, sampler=model_cli.make_sampler(values, values.steps))
   if values.out:
     cli.output_dir(values.out, "--out", create=False)  # created once there is an answer
-  start = time.monotonic()
-  engine = model_cli.load_engine(values)
-  # Before the first step, which waits for its compiles (17 s for the demo's model on 2 CPU
-  # cores, minutes for a 7B model) with nothing on the terminal.
-  print(f"loaded {values.model} in {time.monotonic() - start:.1f} s; answering (a first run "
-        "compiles the model's programs before its first step)", flush=True)
+  engine = model_cli.load_engine(values, "answering")
   # Each step as it is done: on a large model a step takes seconds to minutes.
   exchange = reasoner.answer(engine, image, values.question, values.options, settings,
                              seed=values.seed,

@@ -10,6 +10,7 @@ programs, or on a flag set of their own (`own_flags`), so importing this module 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -155,16 +156,23 @@ def make_sampler(values: flags.FlagValues, steps: int):
     raise InputError(f"sampler: {e}") from None
 
 
-def load_engine(values: flags.FlagValues):
-  """The model of --model; InputError naming the file for a directory that cannot be used."""
+def load_engine(values: flags.FlagValues, work: str):
+  """The model of --model; InputError naming the file for a directory that cannot be used.
+  Once loaded, one line says so and names the `work` that begins: its first result waits for the
+  compiles (18 s for the demo's model on 2 CPU cores, minutes for a 7B model), which a command
+  otherwise spent with nothing on the terminal."""
   from robust_u1_jax.inference import engine
 
   mesh = make_mesh(values.mesh)
+  start = time.monotonic()
   try:
-    return engine.Engine.load(values.model, dtype=values.dtype, mesh=mesh,
-                              tokenizer_dir=values.tokenizer, progress=values.progress)
+    loaded = engine.Engine.load(values.model, dtype=values.dtype, mesh=mesh,
+                                tokenizer_dir=values.tokenizer, progress=values.progress)
   except (OSError, ValueError) as e:  # ModelError and CheckpointError are ValueErrors
     raise InputError(str(e)) from None
+  print(f"loaded {values.model} in {time.monotonic() - start:.1f} s; {work} (a first run "
+        "compiles the model's programs first)", flush=True)
+  return loaded
 
 
 def own_flags(argv: Sequence[str], define) -> flags.FlagValues:

@@ -100,7 +100,7 @@ def _recover_file(values: flags.FlagValues, sampler, instruction: str) -> int:
   cli.output_file(out, "--out", image=True, create=False)  # created once there is a recovery
   from robust_u1_jax.inference import engine as engine_lib
 
-  engine = model_cli.load_engine(values)
+  engine = model_cli.load_engine(values, "recovering")
   recovered, _ = engine.recover([image], sampler=sampler,
                                 keys=engine_lib.image_keys(values.seed, [0]),
                                 instruction=instruction)
@@ -174,8 +174,9 @@ def _recover_folder(values: flags.FlagValues, sampler, instruction: str) -> int:
 
   written = 0
   if groups:
-    engine = model_cli.load_engine(values)
-    bar = tqdm.tqdm(total=sum(map(len, groups.values())), desc="recovering", unit="image",
+    total = sum(map(len, groups.values()))
+    engine = model_cli.load_engine(values, f"recovering {total} image{'' if total == 1 else 's'}")
+    bar = tqdm.tqdm(total=total, desc="recovering", unit="image",
                     disable=not values.progress, dynamic_ncols=True)
     for size, members in groups.items():
       for start in range(0, len(members), values.batch):

@@ -76,7 +76,9 @@ def test_recover_file_writes_the_vae_size_beside_the_input(capsys, model_dir, in
   rc, out, err = _run(recover_cli, capsys, f"--model={model_dir}", f"--image={photo}", *FAST)
   assert rc == 0, err
   written = tmp_path / "photo_recovered.png"
-  assert out.strip() == f"wrote {written} (64x64)"
+  # A line once the model is loaded (the first result waits for the compiles), one when written.
+  assert re.fullmatch(rf"loaded {model_dir} in \d+\.\d s; recovering \(a first run compiles the "
+                      rf"model's programs first\)\nwrote {written} \(64x64\)", out.strip())
   assert _pixels(written).shape == (64, 64, 3)
 
   out_path = tmp_path / "new" / "wide.png"  # a missing parent folder is created
@@ -97,6 +99,7 @@ def test_recover_folder_goes_past_bad_files_and_resumes(capsys, model_dir, input
     (inputs / "more").rmdir()
   assert rc == 1
   assert ", 1 subfolder(s) not read (more/: give each as --image) in " in out
+  assert f"loaded {model_dir} in " in out and "; recovering 3 images (a first run" in out
   assert sorted(os.listdir(out_dir)) == ["a.png", "b.png", "wide.png"]
   assert _pixels(out_dir / "wide.png").shape[:2] == RULES.vae_size(60, 100)
   assert _pixels(out_dir / "a.png").shape[:2] == (64, 64)
@@ -277,7 +280,7 @@ def test_answer_with_a_generated_image(capsys, model_dir, inputs, tmp_path, monk
   # Before it, one line: the model is loaded and the answer begins (its first step waits for
   # the compiles).
   assert re.fullmatch(rf"loaded {model_dir} in \d+\.\d s; answering \(a first run compiles the "
-                      r"model's programs before its first step\)\n", printed_before[0])
+                      r"model's programs first\)\n", printed_before[0])
   shown = printed_before[1].strip().splitlines()
   assert shown[0].startswith("[1] text (") and shown[1] == "The image is noisy."
   assert re.fullmatch(r"\[2\] image 64x32 \(\d+\.\d\d s\)", shown[2])  # written at the end
