@@ -46,6 +46,18 @@ def test_trainer_refuses_data_fields_that_disagree_with_the_model(tmp_path, fiel
   assert not os.path.exists(workdir)  # refused at start-up: nothing written, nothing built
 
 
+def test_a_builder_of_another_stage_is_refused_naming_both(tmp_path):
+  # From Python, trainer.train(sft_config, workdir, stages.builder("rl")) failed inside the build
+  # with AttributeError: 'rl' (the config has no rl block).
+  config = config_lib.load(SFT, {**SMALL, "total_steps": 1})
+  workdir = str(tmp_path / "run")
+  with pytest.raises(config_lib.ConfigError, match=r"a config of stage 'sft' given the 'rl' "
+                     r"stage's builder; give stages.builder\(config.stage\)"):
+    trainer.train(config, workdir, stages.builder("rl"))
+  assert not os.path.exists(workdir)
+  assert stages.stage_of(sft.build) == "sft" and stages.stage_of(lambda ctx: None) is None
+
+
 def test_a_train_state_larger_than_the_host_is_refused_before_it_is_built(tmp_path, monkeypatch):
   # The 1.5B SFT config on a 23.5 GiB CPU machine ran for 3 minutes and was killed by the kernel
   # (a helper's run), leaving its workdir behind. Here the tiny model against a 1 MiB machine.

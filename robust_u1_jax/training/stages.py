@@ -14,3 +14,8 @@ def builder(stage: str):
     raise ValueError(f"config.stage={stage!r} has no trainer here; available: "
                      f"{', '.join(BUILDERS)}")
   return BUILDERS[stage]
+
+
+def stage_of(build) -> str | None:
+  """The stage whose builder `build` is (None: a builder of the caller's own)."""
+  return next((name for name, known in BUILDERS.items() if known is build), None)

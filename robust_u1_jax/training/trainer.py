@@ -31,7 +31,7 @@ from robust_u1_jax import config_lib, flops
 from robust_u1_jax.data import multihost, pipeline as pipeline_lib
 from robust_u1_jax.training import checkpoint as checkpoint_lib
 from robust_u1_jax.training import lora as lora_lib
-from robust_u1_jax.training import metrics_log, run_setup
+from robust_u1_jax.training import metrics_log, run_setup, stages
 from robust_u1_jax.training import state as state_lib
 from robust_u1_jax.training.stage_spec import RunContext, StageSpec
 
@@ -98,6 +98,11 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   `history`). `same_training`: fields the caller counts as changing nothing the run trains (the
   demo's: the paths its parts are chained by, which move with a copied workdir, and how often a
   part logs or evaluates), left out where the run compares its settings with its checkpoint's."""
+  built = stages.stage_of(build_stage)
+  if built not in (None, config.stage):  # it would read config.<its stage> and fail inside
+    raise config_lib.ConfigError(
+        f"a config of stage {config.stage!r} given the {built!r} stage's builder; give "
+        f"stages.builder(config.stage)")
   if checkpoint_lib.finished(workdir, config.total_steps):
     # Before building or compiling anything: a finished stage answers at once.
     print(f"{workdir} is already at the final step {checkpoint_lib.latest_step(workdir)}; "
