@@ -252,6 +252,16 @@ def test_evaluate_writes_a_complete_report(model_dir, tmp_path):
     assert os.path.getsize(os.path.join(c.out, name)) > 1000, name
   markdown = open(path).read()
   assert "## The paper's claims in miniature" in markdown and "## rbench" in markdown
+  for claim in data["claims"]:  # the verdict, and its distance from the line where measured
+    assert f" | {report._verdict(claim)} | " in markdown
+  assert any(c["margin_se"] is not None for c in data["claims"])
+  # The clean images' accuracy on the questions the other conditions ask too (the first 4 of 6),
+  # and what the columns measure.
+  first = 100 * np.mean([a["correct"] for a in clean["answers"][:4]])
+  assert (f"on the 6 questions of the claims and the pipeline's conditions, {first:.1f} % on the "
+          "first 4, which the other conditions ask.") in markdown
+  assert "Columns: PSNR (dB), SSIM" in markdown and "corrupted+recovered: the corrupted image" in (
+      markdown)
   assert "Scored 3 of the 4 rows read from" in markdown and "1 bad row(s) left out: row 3: " in (
       markdown)
   assert "| fog s3 | +0.00 ± 0.00 | +0.0000 ± 0.0000 |" in markdown.split(
@@ -285,7 +295,8 @@ def test_evaluate_writes_a_complete_report(model_dir, tmp_path):
   assert report._grid_heading(first) == (
       f"robust_r1_pipeline 25%: the first 3 of 6 images; mean SSIM "
       f"{first['corrupted']['ssim']:.2f} corrupted, {first['through_vae']['ssim']:.2f} VAE alone, "
-      f"{first['recovered']['ssim']:.2f} recovered")
+      f"{first['recovered']['ssim']:.2f} recovered; PSNR {first['corrupted']['psnr']:.1f} / "
+      f"{first['through_vae']['psnr']:.1f} / {first['recovered']['psnr']:.1f} dB")
   kind_rows = [line for line in markdown.split("## Per question kind")[1].split("\n\n## ")[0]
                .splitlines() if line.startswith("| ") and not line.startswith(("| kind", "| ---"))]
   assert sorted(r.split(" | ")[0][2:] for r in kind_rows) == sorted(
@@ -384,10 +395,15 @@ def test_rl_minus_sft_per_condition_and_over_conditions():
   both = evaluation.rl_minus_sft(rl, sft)["ssim"]
   assert np.allclose([both["rl"] - both["sft"], both["se"]],
                      [0.1, np.std([0.0, 0.15, 0.15], ddof=1) / np.sqrt(3)])
-  lines = report.rl_minus_sft_table({"rl_minus_sft_by_condition": by_condition})
+  lines = report.rl_minus_sft_table({"rl_minus_sft_by_condition": by_condition,
+                                     "num_samples": 3})
   assert "| fog s3 | +0.2000 ± 0.0577 |" in lines
+  # It says which images it compares: the first num_samples of every condition.
+  assert any("on the first 3 images of every condition (the pipeline's too)" in line
+             for line in lines)
   # Rows in the per-condition table's order, not alphabetical.
   ordered = report.rl_minus_sft_table({"rl_minus_sft_by_condition": by_condition,
+                                       "num_samples": 3,
                                        "conditions": [{"label": "fog s5"}, {"label": "fog s3"}]})
   assert [line.split(" | ")[0] for line in ordered if line.startswith("| fog")] == [
       "| fog s5", "| fog s3"]
@@ -418,7 +434,16 @@ def test_claims_state_what_a_perfect_recovery_reaches():
   # claim; the claim itself reads the corrupted image.
   full.update(through_vae=quality(15.5, 0.38), beyond_vae_se={"psnr": 0.25, "ssim": 0.011},
               gain_se={"psnr": 0.2, "ssim": 0.01})
-  recovery = report.claims({"conditions": [full]})[0]
+  full["gain_se"]["accuracy"] = 0.025
+  recovery, answers = report.claims({"conditions": [full]})
+  # Beside each verdict, how far the difference lies from the claim's line in standard errors:
+  # the recovery's nearer metric (SSIM +0.120 / 0.010 = 12.0, PSNR 3.00 / 0.20 = 15.0); the
+  # answers' gain +1.5 points against the 10 the claim asks (-8.5 / 2.5 = -3.4).
+  assert recovery["margin_se"] == pytest.approx(12.0) and answers["margin_se"] == pytest.approx(
+      -3.4)
+  assert report.margin_words(recovery) == " (12.0 standard errors clear)"
+  assert report.margin_words(answers) == " (3.4 standard errors short)"
+  assert report.margin_words({"holds": True, "margin_se": None}) == ""
   assert recovery["holds"] and recovery["measured"] == (
       "SSIM 0.270 -> 0.390 (+0.120 ± 0.010), PSNR 13.00 -> 16.00 dB (+3.00 ± 0.20); the "
       "corrupted image through the VAE alone: SSIM 0.380, PSNR 15.50 dB, the recovery "

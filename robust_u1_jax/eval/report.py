@@ -47,13 +47,21 @@ def _pm(se: float | None, scale: float = 1.0, digits: int = 1) -> str:
   return "" if se is None or math.isnan(se) else f" ± {_signed(scale * se, digits)[1:]}"
 
 
+def _margin(beyond: float, se: float | None) -> float | None:
+  """How many standard errors a difference lies `beyond` a claim's line (negative: short of it);
+  None without a standard error."""
+  return None if se is None or not se > 0 else float(beyond / se)
+
+
 def claims(result: Mapping[str, Any], compare: Mapping[str, Mapping[str, Any]] | None = None
            ) -> list[dict[str, Any]]:
-  """The paper's claims in miniature, each {'claim', 'measured', 'holds', 'bound'}; never tuned
-  on. 'measured' states each difference with its standard error (± one, paired over the same
-  samples) where the result has one; 'holds' compares the difference itself. 'bound' (may be
-  empty) is what the model reaches with a perfect recovery, measured in the same run: where a
-  claim fails, whether the recovery or the model's reading is short."""
+  """The paper's claims in miniature, each {'claim', 'measured', 'holds', 'margin_se', 'bound'};
+  never tuned on. 'measured' states each difference with its standard error (± one, paired over
+  the same samples) where the result has one; 'holds' compares the difference itself;
+  'margin_se' says how many of those standard errors it lies beyond the claim's line (negative:
+  short of it; None without one): under 2, another draw of as many samples could turn the
+  verdict. 'bound' (may be empty) is what the model reaches with a perfect recovery, measured in
+  the same run: where a claim fails, whether the recovery or the model's reading is short."""
   out = []
   pipeline = [c for c in result["conditions"] if c["family"] == evaluation.PIPELINE]
   round_trip = result.get("vae_round_trip")
@@ -73,9 +81,15 @@ def claims(result: Mapping[str, Any], compare: Mapping[str, Mapping[str, Any]] |
                    f"{_pm(vae_se.get('ssim'), digits=3)}, "
                    f"{c['recovered']['psnr'] - vae['psnr']:+.2f}"
                    f"{_pm(vae_se.get('psnr'), digits=2)} dB beyond it")
-    out.append({"claim": f"recovery beats the corrupted image at {c['level']} (SSIM, PSNR)",
+    if "clip" in c["recovered"]:  # no claim reads it; a recovery through the VAE loses most
+      measured += (f"; CLIP similarity {c['corrupted']['clip']:.3f} -> "
+                   f"{c['recovered']['clip']:.3f} (read by no claim)")
+    margins = [_margin(gain[m], se.get(m)) for m in ("ssim", "psnr")]
+    out.append({"claim": f"recovery beats the corrupted image at {c['level']} (SSIM and PSNR "
+                         "both)",
                 "measured": measured,
                 "holds": bool(gain["ssim"] > 0 and gain["psnr"] > 0),
+                "margin_se": None if None in margins else min(margins),
                 "bound": (f"the VAE's round trip of the clean image: SSIM "
                           f"{round_trip['ssim']:.3f}, PSNR {round_trip['psnr']:.2f} dB"
                           if round_trip else "")})
@@ -96,13 +110,18 @@ def claims(result: Mapping[str, Any], compare: Mapping[str, Mapping[str, Any]] |
                 "measured": f"{_percent(acc['corrupted'])} -> "
                             f"{_percent(acc['corrupted+recovered'])} "
                             f"({100 * gain:+.1f}{_pm(se, 100)} points)",
-                "holds": bool(gain >= 0.10), "bound": "; ".join(bound)})
+                "holds": bool(gain >= 0.10), "margin_se": _margin(gain - 0.10, se),
+                "bound": "; ".join(bound)})
   if compare and {"sft", "rl"} <= set(compare):
     for metric in ("ssim", "clip"):
       sft, rl = compare["sft"].get(metric), compare["rl"].get(metric)
       if sft is not None and rl is not None:
         se = result.get("rl_minus_sft_se", {}).get(metric)
-        measured = f"SFT {sft:.4f}, RL {rl:.4f} ({_signed(rl - sft, 4)}{_pm(se, digits=4)})"
+        # The comparison recovers the first num_samples images of every condition.
+        measured = (f"{result['num_samples']} images, each the mean of its "
+                    f"{len(result['conditions'])} conditions: " if "num_samples" in result
+                    else "")
+        measured += f"SFT {sft:.4f}, RL {rl:.4f} ({_signed(rl - sft, 4)}{_pm(se, digits=4)})"
         pipe = result.get("rl_minus_sft_pipeline", {}).get(metric)
         if pipe:  # stated beside the claim, which reads every condition
           measured += (f"; on the Robust-R1 pipeline's conditions alone (the corruptions RL "
@@ -110,15 +129,29 @@ def claims(result: Mapping[str, Any], compare: Mapping[str, Mapping[str, Any]] |
                        f"{pipe['sft']:.4f}, RL {pipe['rl']:.4f} "
                        f"({_signed(pipe['rl'] - pipe['sft'], 4)}{_pm(pipe['se'], digits=4)})")
         out.append({"claim": f"RL's mean {metric.upper()} above SFT's", "measured": measured,
-                    "holds": bool(rl > sft), "bound": ""})
+                    "holds": bool(rl > sft), "margin_se": _margin(rl - sft, se), "bound": ""})
   if "clean_with_recovery" in result and "clean" in result:
     off, on = result["clean"]["accuracy"], result["clean_with_recovery"]["accuracy"]
     se = result["clean_with_recovery"].get("minus_off_se")
     out.append({"claim": "recovery always on keeps clean accuracy within 2 points",
                 "measured": f"off {_percent(off)}, on {_percent(on)} "
                             f"({100 * (on - off):+.1f}{_pm(se, 100)} points)",
-                "holds": bool(abs(on - off) <= 0.02), "bound": ""})
+                "holds": bool(abs(on - off) <= 0.02),
+                "margin_se": _margin(0.02 - abs(on - off), se), "bound": ""})
   return out
+
+
+def margin_words(claim: Mapping[str, Any]) -> str:
+  """' (0.7 standard errors clear)' or ' (3.4 standard errors short)': how far the difference
+  lies from the claim's line; '' without a standard error."""
+  margin = claim.get("margin_se")
+  if margin is None:
+    return ""
+  return f" ({abs(margin):.1f} standard errors {'clear' if margin >= 0 else 'short'})"
+
+
+def _verdict(claim: Mapping[str, Any]) -> str:
+  return ("yes" if claim["holds"] else "**no**") + margin_words(claim)
 
 
 def reward_rows(rl_metrics: str) -> list[dict[str, Any]]:
@@ -162,10 +195,17 @@ def figures(result: Mapping[str, Any], out_dir: str, *,
                   yerr=[100 * e for e in se], marker="o", capsize=3, label=label, **style)
     if "clean" in result:
       ax.axhline(100 * result["clean"]["accuracy"], color="gray", ls="--", label="clean image")
+      # The pipeline's conditions ask the clean images' questions.
+      chance = [1 / a["options"] for a in result["clean"].get("answers", []) if a.get("options")]
+      if chance:
+        ax.axhline(100 * float(np.mean(chance)), color="black", lw=0.8, ls="-.",
+                   label="chance (a random option)")
     ax.set_xticks(x, [c["level"] for c in pipeline])
     ax.set_title(f"Answer accuracy under the Robust-R1 pipeline ({pipeline[0]['num_samples']} "
                  "questions a point)", fontsize=10)
-    ax.set_xlabel("Robust-R1 pipeline intensity (bars: ± one standard error)")
+    ax.set_xlabel("Robust-R1 pipeline intensity (bars: ± one binomial standard error of each "
+                  "point;\nthe report's differences are paired over the questions, with smaller "
+                  "errors)", fontsize=8)
     ax.set_ylabel("answer accuracy (%)")
     # No negative accuracies, and at least 10 points of axis: a model that answers nothing right
     # drew its line at 0 on an axis of -0.05 to 0.05 %.
@@ -186,10 +226,13 @@ def figures(result: Mapping[str, Any], out_dir: str, *,
       ax.bar(x + (j - (len(bars) - 1) / 2) * width, [c[key]["ssim"] for c in by_type], width,
              label=label)
     ax.set_xticks(x, [c["label"] for c in by_type], rotation=70, fontsize=8)
+    if "vae_round_trip" in result:  # what nothing decoded by the VAE gets past
+      ax.axhline(result["vae_round_trip"]["ssim"], color="gray", ls="--", lw=0.8,
+                 label="the clean image through the VAE")
     ax.set_ylabel("SSIM to the clean image")
-    ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(bars))
-    ax.set_title(f"Recovery per corruption condition ({by_type[0]['num_samples']} images each)",
-                 fontsize=10, pad=24)  # above the legend
+    ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2)
+    ax.set_title(f"Recovery per condition besides the Robust-R1 pipeline's "
+                 f"({by_type[0]['num_samples']} images each)", fontsize=10, pad=36)
     save(fig, SSIM_PER_TYPE)
   if compare_by_type:
     labels = _in_condition_order(result, set().union(*[set(v) for v in compare_by_type.values()]))
@@ -203,10 +246,11 @@ def figures(result: Mapping[str, Any], out_dir: str, *,
     width = 0.8 / len(compare_by_type)
     for k, (name, values) in enumerate(compare_by_type.items()):
       ax.bar(x + (k - (len(compare_by_type) - 1) / 2) * width,
-             [values.get(lab, np.nan) for lab in labels], width, label=name)
+             [values.get(lab, np.nan) for lab in labels], width, label=name.upper())
     ax.set_ylabel("SSIM of the recovery")
-    ax.set_title("The SFT and RL stages' recoveries per condition", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.set_title(f"The SFT and RL stages' recoveries per condition (the first "
+                 f"{result['num_samples']} images of each)", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # off the bars
     if difference:
       ax = axes[1, 0]
       metrics = [m for m in ("ssim", "clip") if m in next(iter(difference.values()))]
@@ -215,7 +259,7 @@ def figures(result: Mapping[str, Any], out_dir: str, *,
         ax.errorbar(x + 0.15 * (k - (len(metrics) - 1) / 2),
                     [p["rl"] - p["sft"] if p else np.nan for p in pairs],
                     yerr=[p["se"] if p else np.nan for p in pairs], fmt="o", capsize=3,
-                    label=metric.upper())
+                    label=f"{metric.upper()}, RL - SFT", color=f"C{k + 2}")
       ax.axhline(0.0, color="gray", lw=0.8)
       ax.set_ylabel("RL - SFT (± one standard error)")
       ax.legend(fontsize=8)
@@ -226,7 +270,8 @@ def figures(result: Mapping[str, Any], out_dir: str, *,
     for key in sorted(k for k in rl_rewards[0] if k.startswith("reward_") and k.endswith("_mean")):
       ax.plot([r["step"] for r in rl_rewards], [r.get(key, np.nan) for r in rl_rewards],
               label=key[len("reward_"):-len("_mean")])
-    ax.set_title("The RL stage's rewards", fontsize=10)
+    ax.set_title("The RL stage's rewards (total: the others weighted by rl.reward_weights)",
+                 fontsize=9)
     ax.set_xlabel("RL step")
     ax.set_ylabel("mean reward of the rollouts")
     ax.legend(fontsize=8)
@@ -252,13 +297,31 @@ def _remove_earlier_figures(out_dir: str, written: Sequence[str]) -> None:
       os.remove(os.path.join(out_dir, name))
 
 
+def _columns_line(metrics: Sequence[tuple[str, int]], modes: Sequence[str]) -> str:
+  """What the per-condition table's columns measure."""
+  meaning = {"psnr": "PSNR (dB)", "ssim": "SSIM",
+             "clip": "CLIP (the cosine similarity of the evaluation's CLIP image embeddings)"}
+  modes_meaning = {"corrupted": "the corrupted image alone",
+                   "corrupted+recovered": "the corrupted image and, after the question, the "
+                                          "model's recovery (Robust-U1's layout)",
+                   "recovered": "the recovery alone"}
+  line = ("Columns: " + ", ".join(meaning[m] for m, _ in metrics)
+          + " of each image to its clean one, averaged over the condition's images")
+  if modes:
+    line += ("; answer accuracy (acc.) from " + "; ".join(
+        f"{m}: {modes_meaning[m]}" for m in modes if m in modes_meaning))
+  return line + "."
+
+
 def _grid_heading(row: Mapping[str, Any]) -> str:
   """What a condition's grid shows, written above it: the grids are read apart from the report."""
   ssim = [f"{row[part]['ssim']:.2f} {name}" for part, name in
           (("corrupted", "corrupted"), ("through_vae", "VAE alone"), ("recovered", "recovered"))
           if part in row]
+  psnr = " / ".join(f"{row[part]['psnr']:.1f}" for part in ("corrupted", "through_vae",
+                                                           "recovered") if part in row)
   return (f"{row['label']}: the first 3 of {row['num_samples']} images; mean SSIM "
-          + ", ".join(ssim))
+          + ", ".join(ssim) + f"; PSNR {psnr} dB")
 
 
 def _chance(answers: Sequence[Mapping[str, Any]]) -> str:
@@ -298,7 +361,10 @@ def by_kind_table(result: Mapping[str, Any], modes: Sequence[str]) -> list[str]:
   lines = ["", "## Per question kind", "",
            "Accuracy (%) on clean images, and per mode its mean over the conditions above. "
            "Chance: what guessing an option at random scores on the same questions (a kind at "
-           "chance on clean images is one the model does not read from the image).", "",
+           "chance on clean images is one the model does not read from the image)."
+           + (" The modes' means weigh each condition alike, the pipeline's on more questions "
+              "than the others: a cell of few questions moves by several points a question."
+              if more_clean else ""), "",
            f"| kind | {questions} | chance | clean | " + " | ".join(modes) + " |",
            "|" + " --- |" * (len(modes) + 4)]
   for kind, acc in clean.items():
@@ -318,8 +384,9 @@ def rl_minus_sft_table(result: Mapping[str, Any]) -> list[str]:
   metrics = [m for m in ("psnr", "ssim", "clip") if m in next(iter(difference.values()))]
   digits = {"psnr": 2, "ssim": 4, "clip": 4}
   lines = ["", "## RL against SFT per condition", "",
-           "RL's recovery minus SFT's, ± one standard error paired over the same samples (the "
-           "claims average each sample over the conditions first).", "",
+           f"RL's recovery minus SFT's on the first {result['num_samples']} images of every "
+           "condition (the pipeline's too), ± one standard error paired over the same samples "
+           "(the claims average each sample over the conditions first).", "",
            "| condition | " + " | ".join(f"{m.upper()} RL - SFT" for m in metrics) + " |",
            "|" + " --- |" * (len(metrics) + 1)]
   for label in _in_condition_order(result, difference):
@@ -363,16 +430,25 @@ def write(out_dir: str, result: Mapping[str, Any], *, title: str,
   if claim_rows:
     lines += ["## The paper's claims in miniature", "",
               "| claim | measured | holds | with a perfect recovery |", "| --- | --- | --- | --- |"]
-    lines += [f"| {c['claim']} | {c['measured']} | {'yes' if c['holds'] else '**no**'} | "
-              f"{c.get('bound') or '-'} |" for c in claim_rows]
+    lines += [f"| {c['claim']} | {c['measured']} | {_verdict(c)} | {c.get('bound') or '-'} |"
+              for c in claim_rows]
     lines += ["", "In brackets: the difference, ± one standard error of it, paired over the same "
-              "samples (the spread another draw of as many samples would show); a claim holds on "
-              "the difference itself.", ""]
+              "samples (the spread another draw of as many samples would show). A claim holds on "
+              "the difference itself; beside the verdict, how many standard errors the difference "
+              "lies from the claim's line (under 2: another draw of as many samples could give "
+              "the other verdict).", ""]
   modes = [m for m in evaluation.MODES[1:]
            if result["conditions"] and m in result["conditions"][0]["accuracy"]]
   lines += ["## Per condition", ""]
   if "clean" in result:
-    lines += [f"Accuracy on clean images: {_percent(result['clean']['accuracy'])}.", ""]
+    answers = result["clean"]["answers"]
+    line = f"Accuracy on clean images: {_percent(result['clean']['accuracy'])}"
+    if len(answers) > result["num_samples"]:  # the other conditions ask the first num_samples
+      first = [a["correct"] for a in answers[:result["num_samples"]]]
+      line += (f" on the {len(answers)} questions of the claims and the pipeline's conditions, "
+               f"{_percent(float(np.mean(first)))} on the first {len(first)}, which the other "
+               "conditions ask")
+    lines += [line + ".", ""]
   first = result["conditions"][0] if result["conditions"] else {}
   shown = [k for k in ("corrupted", "through_vae", "recovered") if k in first]
   metrics = [(m, digits) for m, digits in (("psnr", 2), ("ssim", 3), ("clip", 3))
@@ -380,6 +456,7 @@ def write(out_dir: str, result: Mapping[str, Any], *, title: str,
   names = {"corrupted": "corrupted", "through_vae": "through VAE", "recovered": "recovered"}
   head = ["condition"] + [f"{m.upper()} {names[k]}" for m, _ in metrics for k in shown]
   head += [f"acc. {m} (%)" for m in modes]
+  lines += [_columns_line(metrics, modes), ""]
   if "through_vae" in shown:
     lines += ["Through VAE: the corrupted image encoded and decoded by the VAE alone, what a "
               "recovery that copies its input and restores nothing gives back.", ""]
@@ -406,7 +483,11 @@ def write(out_dir: str, result: Mapping[str, Any], *, title: str,
     lines += ["", "## Figures", "", f"Image grids of the first {grids} conditions, left to right: "
               + " | ".join(evaluation.GRID_COLUMNS) + ".", ""]
     lines += [f"![{n}]({n})" for n in figure_names]
-  lines += ["", "## Settings", "", "```json", json.dumps(dict(settings), indent=1, default=str),
+  lines += ["", "## Settings", ""]
+  if settings.get("cfg_text", 0) is None or settings.get("cfg_img", 0) is None:
+    lines += ["cfg_text / cfg_img null: the recoveries take the model's own guidance (guidance).",
+              ""]
+  lines += ["```json", json.dumps(dict(settings), indent=1, default=str),
             "```", ""]
   path = os.path.join(out_dir, "report.md")
   with files.atomic_write(path, "w") as f:

@@ -172,7 +172,8 @@ def _run(c: ml_collections.ConfigDict, say: Callable[[str], None],
   store.remove()  # the report holds everything now
   for row in claim_rows:
     bound = f" (with a perfect recovery: {row['bound']})" if row["bound"] else ""
-    say(f"  {'holds' if row['holds'] else 'FAILS'}: {row['claim']}: {row['measured']}{bound}")
+    say(f"  {'holds' if row['holds'] else 'FAILS'}{report.margin_words(row)}: {row['claim']}: "
+        f"{row['measured']}{bound}")
   say(f"report: {path}")
   return path
 
