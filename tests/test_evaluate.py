@@ -10,6 +10,7 @@ import shutil
 import signal
 import time
 
+import jax
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -173,6 +174,10 @@ def test_evaluate_writes_a_complete_report(model_dir, tmp_path):
   assert len(grids) == 5 and "grid_07_pixelate_s5.png" not in grids
   assert not os.path.exists(os.path.join(c.out, "rl_rewards.png"))
   assert os.path.exists(os.path.join(c.out, "notes.png"))
+  # Where it ran and on what code: another CPU may round differently and train another model.
+  assert data["settings"]["machine"]["devices"] == f"{jax.device_count()} x cpu"
+  assert data["settings"]["machine"]["cpu"].endswith(f", {os.cpu_count()} cores")
+  assert data["settings"]["code"].startswith("robust_u1_jax 0.1.0")
   # The model has no guidance.json: its recoveries used BAGEL's, and the report says so.
   assert data["settings"]["guidance"] == {"text_scale": 4.0, "image_scale": 2.0}
   conds = data["result"]["conditions"]

@@ -8,6 +8,8 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import platform
+import subprocess
 import time
 from collections.abc import Callable
 from typing import Any
@@ -166,7 +168,9 @@ def _run(c: ml_collections.ConfigDict, say: Callable[[str], None],
                                           "image_scale": guidance.image_scale},
               # this run's: a resumed one read `units_kept` of its units from the stopped one
               "seconds": round(time.perf_counter() - t0, 1), "units_kept": kept,
-              "stamp": store.stamp}  # what `report_is_current` compares
+              "stamp": store.stamp,  # what `report_is_current` compares
+              # Another CPU may round floats differently and train another model (docs/DEMO.md).
+              "machine": machine(), "code": code_version()}
   path = report.write(out_dir, result, title=f"Evaluation of {c.model}", settings=settings,
                       claim_rows=claim_rows, figure_names=names, benchmarks=benchmarks)
   store.remove()  # the report holds everything now
@@ -176,6 +180,42 @@ def _run(c: ml_collections.ConfigDict, say: Callable[[str], None],
         f"{row['measured']}{bound}")
   say(f"report: {path}")
   return path
+
+
+def machine() -> dict[str, str]:
+  """The host's processor and the devices the evaluation ran on."""
+  import jax
+
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      info = {key.strip(): value.strip() for key, value in
+              (line.split(":", 1) for line in f if ":" in line)}  # every core alike
+  except OSError:
+    info = {}
+  cpu = info.get("model name", cpu)
+  flags = info.get("flags", "").split()
+  # The vector instructions XLA:CPU compiles for, which decide how it rounds.
+  vectors = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"))
+                  if flag in flags), None)
+  devices = jax.devices()
+  return {"cpu": f"{cpu}{f' ({vectors})' if vectors else ''}, {os.cpu_count()} cores",
+          "jax": jax.__version__,
+          "devices": f"{len(devices)} x {devices[0].device_kind}"}
+
+
+def code_version() -> str:
+  """This package's version, with its git commit when it runs from a checkout."""
+  import robust_u1_jax
+
+  version = f"robust_u1_jax {robust_u1_jax.__version__}"
+  try:
+    commit = subprocess.run(
+        ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=10,
+        cwd=os.path.dirname(os.path.abspath(robust_u1_jax.__file__)), check=True).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return version
+  return f"{version} (commit {commit})" if commit else version
 
 
 def _count(n: int, noun: str) -> str:
