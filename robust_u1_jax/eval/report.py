@@ -267,13 +267,18 @@ def figures(result: Mapping[str, Any], out_dir: str, *,
     save(fig, SSIM_SFT_VS_RL)
   if rl_rewards:
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    steps = [r["step"] for r in rl_rewards]
     for key in sorted(k for k in rl_rewards[0] if k.startswith("reward_") and k.endswith("_mean")):
-      ax.plot([r["step"] for r in rl_rewards], [r.get(key, np.nan) for r in rl_rewards],
-              label=key[len("reward_"):-len("_mean")])
+      mean = np.array([r.get(key, np.nan) for r in rl_rewards])
+      line, = ax.plot(steps, mean, label=key[len("reward_"):-len("_mean")])
+      spread = key[:-len("_mean")] + "_std"  # over a step's rollouts, what GRPO's groups compare
+      if spread in rl_rewards[0]:
+        std = np.array([r.get(spread, np.nan) for r in rl_rewards])
+        ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.15, lw=0)
     ax.set_title("The RL stage's rewards (total: the others weighted by rl.reward_weights)",
                  fontsize=9)
     ax.set_xlabel("RL step")
-    ax.set_ylabel("mean reward of the rollouts")
+    ax.set_ylabel("mean reward of the rollouts (± their std)")
     ax.legend(fontsize=8)
     save(fig, RL_REWARDS)
   rows = {row["label"]: row for row in result["conditions"]}
