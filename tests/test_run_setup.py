@@ -58,6 +58,22 @@ def test_a_builder_of_another_stage_is_refused_naming_both(tmp_path):
   assert stages.stage_of(sft.build) == "sft" and stages.stage_of(lambda ctx: None) is None
 
 
+def test_a_model_that_would_keep_its_starting_weights_is_noted():
+  # The model a run writes is its EMA, which starts at the initial weights.
+  note = trainer.ema_note(config_lib.load(SFT, {"total_steps": 300,
+                                                "optimizer.ema_decay": 0.999}))
+  assert note and "still holds 74% of them after 300 steps (at 0.99: 5%" in note
+  for decay in (0.99, 0.0):
+    assert trainer.ema_note(config_lib.load(SFT, {"total_steps": 300,
+                                                  "optimizer.ema_decay": decay})) is None
+  # The demo's reasoning part holds 74 % of its RL model, by choice (configs/demo.py), and says
+  # so; its other parts' models are what their steps trained.
+  demo = config_lib.load_file(os.path.join(ROOT, "configs", "demo.py"))
+  for part in ("vae", "clip", "vit", "base", "sft", "rl"):
+    assert trainer.ema_note(demo[part]) is None, part
+  assert "still holds 74%" in trainer.ema_note(demo["reason"])
+
+
 def test_a_train_state_larger_than_the_host_is_refused_before_it_is_built(tmp_path, monkeypatch):
   # The 1.5B SFT config on a 23.5 GiB CPU machine ran for 3 minutes and was killed by the kernel
   # (a helper's run), leaving its workdir behind. Here the tiny model against a 1 MiB machine.
