@@ -16,7 +16,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.instruction = "Please restore this corrupted image to its clean version."
   r = c.reason = ml_collections.ConfigDict()
   r.recovered_images = "on_the_fly"  # on_the_fly | cache
-  r.recovery_cache = ""  # directory written by `python -m robust_u1_jax.recover --cache`
+  r.recovery_cache = ""  # folder written by `python -m robust_u1_jax.recover --cache_dir DIR`
   r.recovery_steps = 20
   if variant == "tiny":
     c.model = "tiny"

@@ -244,9 +244,29 @@ def show_traceback() -> bool:
   if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
     return True
   try:
-    return flags.FLAGS["verbosity"].present and flags.FLAGS.verbosity >= 1
+    if flags.FLAGS["verbosity"].present:
+      return flags.FLAGS.verbosity >= 1
   except (KeyError, flags.Error):
-    return False
+    pass
+  # A flag the parser refused before it reached --verbosity (an unknown --config field first).
+  given = _verbosity_in(sys.argv)
+  return given is not None and given >= 1
+
+
+def _verbosity_in(argv: Sequence[str]) -> int | None:
+  """The value of --verbosity (or -v) on a command line not parsed (yet), None without one."""
+  args = _flag_args(argv)
+  for i, arg in enumerate(args):
+    name, eq, value = arg.partition("=")
+    if name not in ("--verbosity", "-v"):
+      continue
+    if not eq:
+      value = args[i + 1] if i + 1 < len(args) else ""
+    try:
+      return int(value)
+    except ValueError:
+      return None
+  return None
 
 
 # ---------------------------------------------------------------------------------------- flags

@@ -437,6 +437,16 @@ def test_traceback_on_request(paths, zygote):
     assert proc.returncode == 2
     assert "Traceback" in proc.stderr and "ConfigError" in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: config field total_steps")
+  # An unknown field is refused while the flags are parsed, before a --verbosity after it is
+  # read: the traceback was left out.
+  for extra in (["--verbosity=1"], ["--verbosity", "1"], ["-v=1"]):
+    proc = _run_forked(zygote, "train", [f"--config={SFT}", "--config.data.batchsize=4",
+                                         f"--workdir={paths['root']}/w", *extra])
+    assert proc.returncode == 2 and "Traceback" in proc.stderr, (extra, proc.stderr)
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --config.data.batchsize")
+  proc = _run_forked(zygote, "train", [f"--config={SFT}", "--config.data.batchsize=4",
+                                       f"--workdir={paths['root']}/w", "--verbosity=0"])
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
 
 
 def test_a_good_run_is_quiet_and_says_where_its_output_is(paths):
