@@ -17,7 +17,7 @@ from flax import nnx
 from robust_u1_jax import config_lib
 from robust_u1_jax.data import tokenizer as tokenizer_lib
 from robust_u1_jax.models import vae as vae_lib
-from robust_u1_jax.training import bootstrap_clip, bootstrap_vae, stages, trainer
+from robust_u1_jax.training import bootstrap_clip, bootstrap_vae, run_setup, stages, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The tests' 8 fake devices: batches split over them (test_train.py does the same).
@@ -335,6 +335,13 @@ def test_vit_part_beats_chance_and_changes_only_the_vit(vae_run, tmp_path, bagel
     expected = json.load(f)
   with open(os.path.join(tmp_path, "model", "bagel_config.json")) as f:
     assert json.load(f) == expected
+  # Neither part trains a recovery, so neither model says what guidance it recovers at: a
+  # guidance.json there said 4 / 2, and the demo's base part noted it recovered at other guidance.
+  for model in (vae_dir, tmp_path):
+    assert not os.path.exists(os.path.join(model, "model", "guidance.json"))
+  base = _config("base", {"guidance.text_scale": 1.5, "guidance.image_scale": 1.5},
+                 init_from=str(tmp_path))  # as the demo sets every recovering part
+  assert run_setup.guidance_note(base) is None
 
 
 def test_freeze_vit_leaves_the_vit_out_of_the_trained_parameters(random_bagel):

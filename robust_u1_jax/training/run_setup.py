@@ -228,17 +228,21 @@ def make_context(config: ml_collections.ConfigDict, *, devices: Sequence[Any] | 
   return RunContext(config, mesh, build, tokenizer, markers(tokenizer), model_config=mc)
 
 
-def write_model(model: bagel_lib.Bagel, workdir: str, config: ml_collections.ConfigDict) -> None:
+def write_model(model: bagel_lib.Bagel, workdir: str, config: ml_collections.ConfigDict, *,
+                recovers: bool = True) -> None:
   """A run's final model as `workdir/model`, the form later stages' `init_from`,
   `convert --to hf`, `recover` and `answer` read: an Orbax checkpoint with the tokenizer files,
-  the run's image resize rules and its recoveries' guidance beside it."""
+  the run's image resize rules and, where the run trained the model to recover (`recovers`), its
+  recoveries' guidance beside it. The demo's vae and vit parts train no recovery: a guidance.json
+  there said 4 / 2, and the base part from them noted that it recovered at other guidance."""
   from robust_u1_jax.checkpoints import orbax_io
   from robust_u1_jax.inference import images as images_lib
   from robust_u1_jax.inference import recovery as recovery_lib
 
   def write_beside(folder: str) -> None:
     images_lib.ImageRules.from_data_config(config.data).save(folder)
-    recovery_lib.Guidance.from_config(config.guidance).save(folder)
+    if recovers:
+      recovery_lib.Guidance.from_config(config.guidance).save(folder)
 
   orbax_io.save_orbax(model, os.path.join(workdir, "model"), tokenizer_dir=tokenizer_dir(config),
                       overwrite=True, write_beside=write_beside)
