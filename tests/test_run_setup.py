@@ -62,10 +62,21 @@ def test_a_model_that_would_keep_its_starting_weights_is_noted():
   # The model a run writes is its EMA, which starts at the initial weights.
   note = trainer.ema_note(config_lib.load(SFT, {"total_steps": 300,
                                                 "optimizer.ema_decay": 0.999}))
-  assert note and "still holds 74% of them after 300 steps (at 0.99: 5%" in note
+  assert note and "still holds 74% of them after 300 optimizer updates (at 0.99: 5%" in note
   for decay in (0.99, 0.0):
     assert trainer.ema_note(config_lib.load(SFT, {"total_steps": 300,
                                                   "optimizer.ema_decay": decay})) is None
+  # The EMA moves once per optimizer update: 4 accumulated steps each make 75 of them.
+  note = trainer.ema_note(config_lib.load(SFT, {"total_steps": 300, "optimizer.ema_decay": 0.99,
+                                                "optimizer.grad_accum_steps": 4}))
+  assert note and "holds 47% of them after 75 optimizer updates" in note
+  # RL makes rl.updates_per_rollout of them a step: 60 steps of 4 are 240 (0.99^240 = 9 %).
+  rl_config = os.path.join(ROOT, "configs", "rl.py") + ":tiny"
+  assert trainer.optimizer_updates(config_lib.load(rl_config, {
+      "total_steps": 60, "rl.updates_per_rollout": 4, "init_from": "random"})) == 240
+  assert trainer.ema_note(config_lib.load(rl_config, {
+      "total_steps": 60, "rl.updates_per_rollout": 4, "optimizer.ema_decay": 0.99,
+      "init_from": "random"})) is None
   # The demo's reasoning part holds 74 % of its RL model, by choice (configs/demo.py), and says
   # so; its other parts' models are what their steps trained.
   demo = config_lib.load_file(os.path.join(ROOT, "configs", "demo.py"))

@@ -90,18 +90,25 @@ def schedule_note(changed: list[str]) -> str | None:
           "follow the new schedule, so the run is not the one either setting alone would train)")
 
 
+def optimizer_updates(config: ml_collections.ConfigDict) -> int:
+  """The optimizer updates a run makes, which its EMA averages: total_steps gradient steps (RL:
+  rl.updates_per_rollout each), one update per optimizer.grad_accum_steps of them."""
+  per_step = config.rl.updates_per_rollout if "rl" in config else 1
+  return -(-config.total_steps * per_step // config.optimizer.grad_accum_steps)
+
+
 def ema_note(config: ml_collections.ConfigDict) -> str | None:
   """A note when the model a run writes, its EMA (which starts at the initial weights), still
-  holds a fifth or more of those weights at the last step: a run's model need not be what its
-  steps trained (the demo's reasoning part holds 74 % of its RL model, by choice:
+  holds a fifth or more of those weights after the last update: a run's model need not be what
+  its steps trained (the demo's reasoning part holds 74 % of its RL model, by choice:
   configs/demo.py)."""
-  decay, steps = float(config.optimizer.ema_decay), int(config.total_steps)
-  kept = decay ** steps if decay > 0 else 0.0
+  decay, updates = float(config.optimizer.ema_decay), optimizer_updates(config)
+  kept = decay ** updates if decay > 0 else 0.0
   if kept < 0.2:
     return None
   return (f"note: the model this run writes is the EMA of its weights (optimizer.ema_decay="
           f"{decay:g}), which starts at the initial weights and still holds {kept:.0%} of them "
-          f"after {steps} steps (at 0.99: {0.99 ** steps:.0%}; at 0: none)")
+          f"after {updates} optimizer updates (at 0.99: {0.99 ** updates:.0%}; at 0: none)")
 
 
 def train(config: ml_collections.ConfigDict, workdir: str,
