@@ -33,6 +33,10 @@ class ConfigError(ValueError):
   """A config field holds a value the project cannot run with."""
 
 
+class UnknownFieldError(ConfigError):
+  """An override names a field the config does not have."""
+
+
 def _check(ok: bool, field: str, value, allowed: str) -> None:
   # inf and nan pass most comparisons (inf > 0) and reach the loss as NaN steps later.
   if not ok or not _finite(value):
@@ -491,10 +495,17 @@ def load(spec: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
   For library use and tests; entry modules use ml_collections.config_flags instead.
   """
   config = load_file(spec)
-  for dotted, value in (overrides or {}).items():
+  override(config, overrides or {}, spec)
+  return validate(config)
+
+
+def override(config: ml_collections.ConfigDict, overrides: dict, spec: str) -> None:
+  """Sets {'a.b': value} in `config` (loaded from `spec`, which errors name); UnknownFieldError
+  for a field it lacks, ConfigError for a value of the wrong type."""
+  for dotted, value in overrides.items():
     problem = unknown_field(config, dotted)
     if problem:
-      raise ConfigError(f"{spec}: {problem}")
+      raise UnknownFieldError(f"{spec}: {problem}")
     *head, leaf = dotted.split(".")
     parent = field_value(config, ".".join(head)) if head else config
     try:
@@ -504,4 +515,3 @@ def load(spec: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
       kind = ("is a section, not a value: set its fields" if hasattr(current, "keys") else
               f"takes {takes(current)} (now {current!r})")
       raise ConfigError(f"{spec}: {dotted}={value!r}: {dotted} {kind}") from None
-  return validate(config)

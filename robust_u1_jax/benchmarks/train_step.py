@@ -85,22 +85,21 @@ def run(*, seconds: float = 3.0, config: str = "", overrides: Sequence[str] = ()
 
   options, fields = split_overrides(overrides)
   spec = config or DEFAULT_CONFIG
-  base = config_lib.load_file(spec)
-  stage = base.get("stage")
+  cfg = config_lib.load_file(spec)
+  stage = cfg.get("stage")
   if stage != "sft":  # before validating: another stage's config may lack what it needs to run
-    raise SystemExit(f"train_step: times the SFT step; {config or DEFAULT_CONFIG} is stage "
-                     f"{stage!r}")
-  # An --override is this benchmark's option or the config's field: an unknown one names both.
-  for dotted in fields:
-    if problem := config_lib.unknown_field(base, dotted):
-      raise config_lib.ConfigError(f"{spec}: {problem}; or one of train_step's own --override "
-                                   f"options: {', '.join(OPTIONS)}")
-  cfg = config_lib.load(spec, fields)
+    raise SystemExit(f"train_step: times the SFT step; {spec} is stage {stage!r}")
+  try:
+    config_lib.override(cfg, fields, spec)
+  except config_lib.UnknownFieldError as e:  # this benchmark's option or the config's field
+    raise config_lib.ConfigError(f"{e}; or one of train_step's own --override options: "
+                                 f"{', '.join(OPTIONS)}") from None
+  cfg = config_lib.validate(cfg)
   device = jax.devices()[0]
-  _check_state_fits_host(cfg, device, config or DEFAULT_CONFIG)
+  _check_state_fits_host(cfg, device, spec)
   print(f"train_step: building the model, its train state and {options['batches']} pipeline "
         f"batches on {device.device_kind}, then compiling the step ...", flush=True)
-  out: dict[str, Any] = {"config": config or DEFAULT_CONFIG, "device_kind": device.device_kind,
+  out: dict[str, Any] = {"config": spec, "device_kind": device.device_kind,
                          "platform": device.platform}
   out.update(time_train_step(cfg, device, seconds, options["steps"], options["batches"]))
   print(report_step(out), flush=True)
