@@ -198,10 +198,9 @@ def figures(result: Mapping[str, Any], out_dir: str, *,
     if "clean" in result:
       ax.axhline(100 * result["clean"]["accuracy"], color="gray", ls="--", label="clean image")
       # The pipeline's conditions ask the clean images' questions.
-      chance = [1 / a["options"] for a in result["clean"].get("answers", []) if a.get("options")]
-      if chance:
-        ax.axhline(100 * float(np.mean(chance)), color="black", lw=0.8, ls="-.",
-                   label="chance (a random option)")
+      chance = chance_rate(result["clean"].get("answers", []))
+      if chance is not None:
+        ax.axhline(100 * chance, color="black", lw=0.8, ls="-.", label="chance (a random option)")
     ax.set_xticks(x, [c["level"] for c in pipeline])
     ax.set_title(f"Answer accuracy under the Robust-R1 pipeline ({pipeline[0]['num_samples']} "
                  "questions a point)", fontsize=10)
@@ -322,19 +321,25 @@ def _columns_line(metrics: Sequence[tuple[str, int]], modes: Sequence[str]) -> s
 
 def _grid_heading(row: Mapping[str, Any]) -> str:
   """What a condition's grid shows, written above it: the grids are read apart from the report."""
-  ssim = [f"{row[part]['ssim']:.2f} {name}" for part, name in
-          (("corrupted", "corrupted"), ("through_vae", "VAE alone"), ("recovered", "recovered"))
-          if part in row]
-  psnr = " / ".join(f"{row[part]['psnr']:.1f}" for part in ("corrupted", "through_vae",
-                                                           "recovered") if part in row)
-  return (f"{row['label']}: the first 3 of {row['num_samples']} images; mean SSIM "
-          + ", ".join(ssim) + f"; PSNR {psnr} dB")
+  parts = [(part, name) for part, name in (("corrupted", "corrupted"),
+                                           ("through_vae", "VAE alone"), ("recovered", "recovered"))
+           if part in row]
+  ssim = ", ".join(f"{row[part]['ssim']:.2f} {name}" for part, name in parts)
+  psnr = " / ".join(f"{row[part]['psnr']:.1f}" for part, _ in parts)
+  return (f"{row['label']}: the first 3 of {row['num_samples']} images; mean SSIM {ssim}; PSNR "
+          f"{psnr} dB")
+
+
+def chance_rate(answers: Sequence[Mapping[str, Any]]) -> float | None:
+  """The accuracy of a random option per question; None with open questions (or none)."""
+  options = [a.get("options", 0) for a in answers]
+  return float(np.mean([1 / n for n in options])) if options and all(options) else None
 
 
 def _chance(answers: Sequence[Mapping[str, Any]]) -> str:
-  """The accuracy of a random option per question, as a percentage; '-' for open questions."""
-  options = [a.get("options", 0) for a in answers]
-  return _pct(float(np.mean([1 / n for n in options]))) if all(options) else "-"
+  """`chance_rate` as a table cell: a percentage, '-' for open questions."""
+  rate = chance_rate(answers)
+  return "-" if rate is None else _pct(rate)
 
 
 def _accuracy_cell(row: Mapping[str, Any], mode: str) -> str:

@@ -171,7 +171,7 @@ def make_save(ctx) -> Callable:
     # Static attributes: only this instance's config changes, which is what save_orbax writes.
     model.config = dataclasses.replace(model.config, vae=vae_config)
     model.vae.config = vae_config
-    run_setup.write_model(model, workdir, config, recovers=False)  # an autoencoder, a ViT
+    run_setup.write_model(model, workdir, config, recovers=False)  # an autoencoder: no recovery
 
   return save
 

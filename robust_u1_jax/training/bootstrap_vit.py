@@ -98,7 +98,7 @@ def make_save(ctx):
     params = state.ema if state.ema is not None else state.params
     pair = merge_model(graphdef, params, state.frozen)
     nnx.update(model.vit_model, nnx.state(pair.vit_model))
-    run_setup.write_model(model, workdir, config, recovers=False)  # an autoencoder, a ViT
+    run_setup.write_model(model, workdir, config, recovers=False)  # a ViT: no recovery
 
   return save
 
