@@ -42,6 +42,10 @@ def get_data_config() -> ml_collections.ConfigDict:
   # generator) or 'record' (one for all four stages, as the 25 / 50 / 100 % evaluation levels
   # apply it: mild and heavy records equally often).
   d.intensity_draw = "stage"
+  # Of the records, drawn per record, those left uncorrupted: their 'corrupted' image is the clean
+  # one and a reasoning answer says so (TYPE none), which a model that should tell clean images
+  # from corrupted ones needs to see.
+  d.clean_fraction = 0.0
   d.tokenizer_dir = ""  # empty: the built-in world's tokenizer
   d.batch_size = 8  # global batch: samples, or packed rows when token_budget > 0
   d.token_budget = 0  # packing budget in tokens per row (0: no packing)

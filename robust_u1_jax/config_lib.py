@@ -90,6 +90,8 @@ def validate_data(d: ml_collections.ConfigDict, prefix: str = "data") -> None:
          "a Robust-R1 intensity in [0, 1], or negative to draw per record")
   _check(d.intensity_draw in INTENSITY_DRAWS, f"{prefix}.intensity_draw", d.intensity_draw,
          ", ".join(INTENSITY_DRAWS))
+  _check(0.0 <= d.clean_fraction < 1.0, f"{prefix}.clean_fraction", d.clean_fraction,
+         "a fraction of the records in [0, 1)")
   names = _corruption_names()
   _check(d.corruption in names, f"{prefix}.corruption", d.corruption, ", ".join(names))
   if d.source == "jsonl":  # every row is a pair (sources.PAIR_KEYS), its image corrupted already

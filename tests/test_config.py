@@ -74,6 +74,7 @@ def test_wrong_type_is_refused_in_words():
     ("data.severity", 6, "1..5"),
     ("data.intensity", 1.5, "data.intensity"),
     ("data.intensity_draw", "image", "stage, record"),
+    ("data.clean_fraction", 1.0, r"in \[0, 1\)"),
     ("guidance.text_scale", 0.5, ">= 1"),
     ("guidance.image_scale", 0.0, ">= 1"),
     ("guidance.renorm_type", "none", "global, channel, text_channel"),

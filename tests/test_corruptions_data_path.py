@@ -105,6 +105,14 @@ def test_a_pipeline_group_with_intensities_drawn_per_record():
                                           intensity_draw="record"))
 
 
+def test_a_group_with_records_drawn_clean():
+  single = transforms.CorruptOnTheFly("robust_r1_pipeline", 0, -1.0, seed=3,
+                                      intensity_draw="record", clean_fraction=0.4)
+  kinds = {single.map(r)["corruption"] for r in _records(corrupt_groups.GROUP)}
+  assert kinds == {"none", "robust_r1_pipeline"}  # the group holds both
+  _check_group(single)
+
+
 def _check_group(single):
   group = corrupt_groups.CorruptGroup(single)
   records = _records(corrupt_groups.GROUP)

@@ -470,6 +470,18 @@ def test_the_oracle_mode_puts_the_clean_image_where_the_recovery_goes():
   assert (vit_images(oracle), vit_images(ours)) == ([2, 1], [2, 3])
 
 
+def test_every_mode_gives_the_vae_the_image_its_vit_reads():
+  vae = {k: np.full((16, 16, 3), v, np.uint8) for k, v in (("clean", 1), ("corrupted", 2),
+                                                           ("recovered", 3))}
+  vit = {k: np.full((8, 8, 3), v[0, 0, 0], np.uint8) for k, v in vae.items()}
+  for mode in (*evaluation.MODES, evaluation.ORACLE):
+    blocks = evaluation.mode_blocks(mode, [1, 2], [1, 2, 3], vae, vit)
+    stack = evaluation.image_stack(mode, vae)
+    pairs = [(a.image, b.image[0, 0, 0]) for a, b in zip(blocks, blocks[1:])
+             if isinstance(a, sequence.Latent) and isinstance(b, sequence.Vit)]
+    assert pairs and all(stack[slot][0, 0, 0] == seen for slot, seen in pairs), mode
+
+
 class _Stop(KeyboardInterrupt):
   """Ctrl-C, raised by the test's progress callback once enough units have finished."""
 

@@ -347,6 +347,20 @@ def test_reason_stage_questions_and_answers(tok):
     assert question.startswith(f"{tokenizer_lib.IM_START}Question: ") and "\nA. " in question
 
 
+def test_reason_stage_records_drawn_clean_say_so(tok):
+  data = _data("reason", shapes_size=32, batch_size=16, clean_fraction=0.5)
+  batch = next(pipeline.make_pipeline(data, seed=0, tokenizer=tok, stage="reason"))
+  clean_rows = 0
+  for i in range(16):
+    answer = str(batch["answer_text"][i])
+    if np.array_equal(batch["corrupted"][i], batch["clean"][i]):
+      clean_rows += 1
+      assert answer.startswith("<TYPE>none<TYPE_END>") and "The image is clean" in answer
+    else:
+      assert "<TYPE>gaussian noise(3)<TYPE_END>" in answer
+  assert 0 < clean_rows < 16
+
+
 def test_text_widths_fix_one_field_and_name_the_setting(tok):
   data = _data("reason", shapes_size=32, batch_size=4)
   make = lambda: next(pipeline.make_pipeline(data, seed=0, tokenizer=tok, stage="reason"))

@@ -411,6 +411,32 @@ def test_pipeline_intensity_drawn_per_record_serves_all_four_stages():
     transforms.corruption_spec("robust_r1_pipeline", 0, -1.0, "image")
 
 
+def test_a_clean_fraction_leaves_records_clean_and_the_others_as_they_were():
+  clean = _rgb(32, 32, seed=9)
+  data = config_defaults.get_data_config()
+  data.intensity_draw = "record"
+  plain = transforms.CorruptOnTheFly.from_config(data, seed=3)
+  data.clean_fraction = 0.25
+  some_clean = transforms.CorruptOnTheFly.from_config(data, seed=3)
+  left_clean = 0
+  for i in range(80):
+    got = some_clean.map({"image": clean, "index": i, "epoch": 0})
+    if got["corruption"] == "none":
+      left_clean += 1
+      np.testing.assert_array_equal(got["corrupted"], clean)
+      assert got["corruption_steps"] == [] and got["corruption_levels"] == []
+    else:  # the corruption's own draws are those without a clean fraction
+      want = plain.map({"image": clean, "index": i, "epoch": 0})
+      np.testing.assert_array_equal(got["corrupted"], want["corrupted"])
+      assert got["corruption_levels"] == want["corruption_levels"]
+  assert 10 <= left_clean <= 30  # a quarter of 80, drawn
+  # Drawn per epoch too: a record clean in one epoch is not clean in all.
+  assert len({some_clean.map({"image": clean, "index": 0, "epoch": e})["corruption"]
+              for e in range(12)}) == 2
+  with pytest.raises(ValueError, match="clean_fraction 1.0 is invalid"):
+    transforms.corruption_spec("robust_r1_pipeline", 0, -1.0, "record", 1.0)
+
+
 def test_add_epoch():
   add = transforms.AddEpoch(10)
   assert add.map_with_index(0, {"index": 0})["epoch"] == 0

@@ -57,7 +57,12 @@ class CorruptGroup(grain.transforms.Map):
         shapes) == 1 and len(records) > 1
     if not shared:
       return [self.single.map(r) for r in records]
-    return self._corrupt_together(records)
+    # Records drawn clean (data.clean_fraction) are corrupted with the rest, one program for the
+    # group's shape, and given back clean.
+    clean = [transforms.drawn_clean(spec, self.single.seed, int(r["index"]),
+                                    int(r.get("epoch", 0))) for r in records]
+    return [self.single.map(r) if c else out
+            for r, c, out in zip(records, clean, self._corrupt_together(records))]
 
   def _too_small(self, record: Any) -> bool:
     return (not bad_records.is_skip(record) and "image" in record

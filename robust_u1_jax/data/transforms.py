@@ -56,6 +56,7 @@ DECODE_FIELDS = (("image_bytes", "image", "path"),
 IMAGENET_C_NAMES = tuple(imagenet_c.CORRUPTIONS)
 # Mixed into the corruption seed so that other uses of the run seed draw independent numbers.
 _CORRUPTION_STREAM = 0x5EED_C0DE
+_CLEAN_STREAM = 0x5EED_C1EA  # its own stream: a clean fraction leaves the other draws as they were
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 EXIF_ORIENTATION = 0x0112
@@ -333,17 +334,28 @@ class CorruptionSpec:
   intensity: float = -1.0  # < 0: drawn uniformly from [0, 1] per record (pipeline: see below)
   # The pipeline's drawn intensity: 'stage' (one per stage) or 'record' (one for all stages).
   intensity_draw: str = "stage"
+  clean_fraction: float = 0.0  # of the records, drawn per record, left as they are
 
 
 def corruption_spec(corruption: str, severity: int = 0, intensity: float = -1.0,
-                    intensity_draw: str = "stage") -> CorruptionSpec:
-  """Resolves data.corruption / severity / intensity; raises ValueError listing valid names.
+                    intensity_draw: str = "stage", clean_fraction: float = 0.0
+                    ) -> CorruptionSpec:
+  """Resolves data.corruption / severity / intensity / clean_fraction; raises ValueError listing
+  valid names.
 
   A short name that exists in both families (gaussian_noise, motion_blur, jpeg_compression)
   means Robust-R1 when intensity >= 0, else ImageNet-C.
   """
+  if not 0.0 <= clean_fraction < 1.0:
+    raise ValueError(f"clean_fraction {clean_fraction!r} is invalid: a fraction in [0, 1)")
   if corruption == "none":
     return CorruptionSpec("none")
+  spec = _corruption_spec(corruption, severity, intensity, intensity_draw)
+  return dataclasses.replace(spec, clean_fraction=float(clean_fraction))
+
+
+def _corruption_spec(corruption: str, severity: int, intensity: float,
+                     intensity_draw: str) -> CorruptionSpec:
   if corruption == "imagenet_c":
     corruptions.resolve(IMAGENET_C_NAMES[0], severity=severity or 1)  # validates the severity
     return CorruptionSpec("imagenet_c", level="severity", severity=int(severity))
@@ -371,6 +383,15 @@ def corruption_spec(corruption: str, severity: int = 0, intensity: float = -1.0,
   qualified, _ = corruptions.resolve(corruption, **probe)
   return CorruptionSpec("single", name=qualified, level=level, severity=int(severity),
                         intensity=float(intensity))
+
+
+def drawn_clean(spec: CorruptionSpec, seed: int, index: int, epoch: int) -> bool:
+  """Whether the record is left clean this epoch (spec.clean_fraction of them, drawn apart from
+  the corruption's own draws, which stay what they are without a clean fraction)."""
+  if spec.clean_fraction <= 0.0 or spec.mode == "none":
+    return False
+  seq = np.random.SeedSequence([int(seed), int(index), int(epoch), _CLEAN_STREAM])
+  return bool(np.random.default_rng(seq).uniform() < spec.clean_fraction)
 
 
 def draw_corruption(spec: CorruptionSpec, seed: int, index: int,
@@ -403,7 +424,7 @@ def corrupt_image(image: np.ndarray, spec: CorruptionSpec, seed: int, index: int
   Returns (corrupted image, info) with info {'corruption': name, 'corruption_steps': qualified
   names applied, 'corruption_levels': their severity or intensity}.
   """
-  if spec.mode == "none":
+  if spec.mode == "none" or drawn_clean(spec, seed, index, epoch):
     return image, {"corruption": "none", "corruption_steps": [], "corruption_levels": []}
   name, level, key = draw_corruption(spec, seed, index, epoch)
   if spec.mode == "pipeline":
@@ -441,14 +462,16 @@ class CorruptOnTheFly(grain.transforms.Map):
   """
 
   def __init__(self, corruption: str, severity: int = 0, intensity: float = -1.0, *,
-               seed: int = 0, intensity_draw: str = "stage"):
-    self.spec = corruption_spec(corruption, severity, intensity, intensity_draw)
+               seed: int = 0, intensity_draw: str = "stage", clean_fraction: float = 0.0):
+    self.spec = corruption_spec(corruption, severity, intensity, intensity_draw, clean_fraction)
     self.seed = int(seed)
 
   @classmethod
   def from_config(cls, data_config, seed: int) -> "CorruptOnTheFly":
     return cls(data_config.corruption, data_config.severity, data_config.intensity, seed=seed,
-               intensity_draw=data_config.intensity_draw)
+               intensity_draw=data_config.intensity_draw,
+               # A config saved before the field existed left every record corrupted.
+               clean_fraction=data_config.get("clean_fraction", 0.0))
 
   def map(self, element):
     if is_skip(element):

@@ -152,9 +152,10 @@ def mode_blocks(mode: str, question_ids: list[int], instructed_ids: list[int], v
 
 
 def image_stack(mode: str, vae: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-  """The row's two image slots in `mode`: (corrupted, or clean without one; the image in slot
-  1: the clean one in ORACLE, else the recovery, else the first again)."""
-  first = vae["corrupted"] if "corrupted" in vae else vae["clean"]
+  """The row's two image slots in `mode`, as `mode_blocks` reads them: (the clean image in mode
+  'clean', else the corrupted one, else the clean one; the image in slot 1: the clean one in
+  ORACLE, else the recovery, else the first again)."""
+  first = vae["corrupted"] if "corrupted" in vae and mode != "clean" else vae["clean"]
   return [first, vae["clean"] if mode == ORACLE else vae.get("recovered", first)]
 
 
