@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from robust_u1_jax import config_lib
 from robust_u1_jax.data import bad_records
 from robust_u1_jax.data import sources
 from robust_u1_jax.data import sources_vqa
@@ -150,6 +151,34 @@ def test_broken_tsv_rows_become_markers(tmp_path):
   assert "row 6 (line 8): missing answer" in _reason_of(recs[6])
   assert all(r["path"] == str(path) for r in recs[1:])
   assert [r["index"] for r in recs] == list(range(7))
+
+
+def test_tables_as_users_export_them(tmp_path):
+  """What real files hold: a byte-order mark, lowercase answers, one image written as a list,
+  a file path where the image goes, a table that is not UTF-8 text."""
+  good = base64.b64encode(_png(3)).decode()
+  path = tmp_path / "excel.tsv"
+  with open(path, "w", newline="", encoding="utf-8-sig") as f:  # Excel's UTF-8 starts with a BOM
+    w = csv.writer(f, delimiter="\t", lineterminator="\n")
+    w.writerow(["index", "image", "question", "A", "B", "answer"])
+    w.writerow([10, good, "q", "yes", "no", "b"])  # a lowercase letter
+    w.writerow([11, good, "q", "Yes", "No", "yes"])  # an option's text in another case
+    w.writerow([12, repr([good]), "q", "yes", "no", "A"])  # one image, written as a list
+    w.writerow([13, repr([good, good]), "q", "yes", "no", "A"])
+    w.writerow([14, "images/r14.png", "q", "yes", "no", "A"])
+    w.writerow([15, "10", "q", "yes", "no", "A"])  # the image of the row with index 10
+  src = sources_vqa.VqaTsvSource(path)
+  assert src.columns[0] == "index"  # not '\ufeffindex'
+  recs = [src[i] for i in range(len(src))]
+  assert [r["questions"][0]["answer"] for r in recs[:3]] == ["B", "A", "A"]
+  assert recs[2]["image_bytes"] == _png(3) and recs[5]["image_bytes"] == _png(3)
+  assert "2 images in one row; rows of one image are supported" in _reason_of(recs[3])
+  assert "image 'images/r14.png' looks like a file path" in _reason_of(recs[4])
+  for name, data in (("utf16.tsv", "index\timage\n".encode("utf-16")),
+                     ("png.tsv", _png(0))):
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(config_lib.ConfigError, match=f"{name} is not UTF-8 text"):
+      sources_vqa.VqaTsvSource(tmp_path / name)
 
 
 def test_broken_parquet_rows_become_markers(tmp_path):

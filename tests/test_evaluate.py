@@ -75,6 +75,27 @@ def _eval_config():
   return module.get_config("tiny")
 
 
+def test_letter_answers_to_questions_with_their_options_in_the_text():
+  """MMStar's and RealWorldQA's parquet tables write the options into the question and answer
+  with a letter: scored on the letter an answer starts with, as VLMEvalKit reads it."""
+  letter = {"question": "Which? Options: A. red B. blue", "options": [], "answer": "B"}
+  for text, right in (("<ANSWER>B<ANSWER_END>", True), ("<ANSWER>B. blue<ANSWER_END>", True),
+                      ("<ANSWER>(B) blue<ANSWER_END>", True), ("<ANSWER>b<ANSWER_END>", True),
+                      ("<ANSWER>C. B<ANSWER_END>", False), ("<ANSWER>Blue<ANSWER_END>", False),
+                      ("<ANSWER>A<ANSWER_END>", False)):
+    assert evaluation.score(text, letter)[1] == right, text
+  # An open answer is still matched whole, normalised.
+  assert evaluation.score("<ANSWER>Three.<ANSWER_END>", {"options": [], "answer": "three"})[1]
+  assert not evaluation.score("<ANSWER>B. blue<ANSWER_END>", {"options": [], "answer": "blue"})[1]
+
+
+def test_a_parquet_table_by_its_other_names(tmp_path):
+  _, parquet = _benchmarks(tmp_path)
+  for name in ("m.pq", "m.PARQUET"):
+    shutil.copy(parquet, tmp_path / name)
+    assert len(evaluation.open_table(str(tmp_path / name))) == 2
+
+
 def test_bad_benchmark_rows_are_left_out_named_and_counted(tmp_path, caplog):
   tsv = tmp_path / "bench.tsv"
   with open(tsv, "w", newline="") as f:
@@ -253,10 +274,30 @@ def test_evaluate_writes_a_complete_report(model_dir, tmp_path):
   assert data["benchmarks"]["rbench"]["rows"] == 4 and data["benchmarks"]["rbench"]["bad"] == [
       [3, data["benchmarks"]["rbench"]["bad"][0][1]]]
   assert data["benchmarks"]["mmstar"]["samples"] == 2
+  # Every answer of a table, per intensity and mode, as a row a user can check, and the
+  # accuracies again per category.
+  rbench = data["benchmarks"]["rbench"]
+  with open(os.path.join(c.out, rbench["answers"])) as f:
+    answers = [json.loads(line) for line in f]
+  assert len(answers) == 3 * (1 + 3 * 3)  # rows x (clean + 3 intensities x 3 modes)
+  assert {(a["intensity"], a["mode"]) for a in answers} == {
+      (level, mode) for level, accs in rbench["accuracy"].items() for mode in accs}
+  for level, accs in rbench["accuracy"].items():
+    for mode, accuracy in accs.items():
+      scored = [a for a in answers if (a["intensity"], a["mode"]) == (level, mode)]
+      assert [(a["row"], a["id"]) for a in scored] == [(0, "0"), (1, "1"), (2, "2")]
+      assert np.mean([a["correct"] for a in scored]) == pytest.approx(accuracy)
+      assert rbench["by_category"][level][mode]["mcq"] == pytest.approx(accuracy)
+  first = answers[0]
+  assert first["question"] == "Is it 0?" and first["options"] == ["yes", "no"]
+  assert first["truth"] == "A" and first["correct"] == (
+      evaluation.score(first["text"], {"options": ["yes", "no"], "answer": "A"})[1])
   for name in ("accuracy_vs_intensity.png", "ssim_per_type.png", "ssim_sft_vs_rl.png"):
     assert os.path.getsize(os.path.join(c.out, name)) > 1000, name
   markdown = open(path).read()
   assert "## The paper's claims in miniature" in markdown and "## rbench" in markdown
+  assert "(I = 0.23 / 0.45 / 0.9 at all four stages)" in markdown
+  assert "every answer in `answers_rbench.jsonl`" in markdown
   for claim in data["claims"]:  # the verdict, and its distance from the line where measured
     assert f" | {report._verdict(claim)} | " in markdown
   assert any(c["margin_se"] is not None for c in data["claims"])

@@ -10,13 +10,16 @@ re-lettered in order, and the answer with them) or from a list column 'options' 
 Without options (MMStar and RealWorldQA write them into the question), 'options' is empty and the
 answer is kept as written. A hint (VLMEvalKit's `hint` column) is put before the question as
 "Hint: ...". The answer may be a letter, a 0-based index into a list of options, or an option's
-text; anything else in a multiple-choice row is a bad row.
+text, in any case where that is unambiguous; anything else in a multiple-choice row is a bad row.
+A TSV is UTF-8 text (a byte-order mark is read past); its image is base64, another row's index
+(VLMEvalKit's repeated images) or a list of one image.
 
 A bad row (bad base64, missing or empty field, too few TSV fields, an answer that is no option)
 gives a skip marker naming the table, the row and the reason. A table without a required column
 raises at construction, listing the columns it has.
 """
 
+import ast
 import base64
 import binascii
 import csv
@@ -75,10 +78,10 @@ def vqa_record(*, image_bytes: bytes, question, options: list[tuple[str, str]], 
       if not 0 <= int(answer) < len(texts):
         raise BadRow(f"answer index {answer} is outside the {len(texts)} options")
       answer_text = LETTERS[int(answer)]
-    elif answer_text in [letter for letter, _ in options]:
-      answer_text = LETTERS[[letter for letter, _ in options].index(answer_text)]
-    elif answer_text in texts:
-      answer_text = LETTERS[texts.index(answer_text)]
+    elif (j := _find(answer_text, [letter for letter, _ in options])) is not None:
+      answer_text = LETTERS[j]
+    elif (j := _find(answer_text, texts)) is not None:
+      answer_text = LETTERS[j]
     else:
       raise BadRow(f"answer {answer_text!r} is neither a letter of the options "
                    f"({', '.join(letter for letter, _ in options)}) nor one of their texts")
@@ -88,6 +91,15 @@ def vqa_record(*, image_bytes: bytes, question, options: list[tuple[str, str]], 
        "answer": answer_text, "kind": category or "vqa", "hint": hint}
   return {"image_bytes": image_bytes, "questions": [q], "id": _text(row_id) or str(index),
           "category": category, "path": path, "index": index}
+
+
+def _find(answer: str, candidates: list[str]) -> int | None:
+  """The position of `answer` among `candidates`: as written, else the one that matches it up to
+  case ('a' for option A, 'yes' for 'Yes'), else None."""
+  if answer in candidates:
+    return candidates.index(answer)
+  folded = [j for j, c in enumerate(candidates) if c.casefold() == answer.casefold()]
+  return folded[0] if len(folded) == 1 else None
 
 
 def _b64(value: str) -> bytes:
@@ -107,6 +119,20 @@ def _check_columns(path: str, columns: list[str], needed: list[str]) -> None:
 
 def _letter_columns(columns: list[str]) -> list[str]:
   return [c for c in LETTERS if c in columns]
+
+
+def _one_image(field: str) -> str:
+  """A TSV image field written as a list (VLMEvalKit's multi-image rows): its one image, or
+  BadRow for several."""
+  try:
+    images = ast.literal_eval(field)
+  except (ValueError, SyntaxError):
+    raise BadRow("image field starts with '[' but is not a list of images") from None
+  if not isinstance(images, (list, tuple)) or not images:
+    raise BadRow("image field is an empty list")
+  if len(images) > 1:
+    raise BadRow(f"{len(images)} images in one row; rows of one image are supported")
+  return str(images[0]).strip()
 
 
 # ------------------------------------------------------------------------------------------- TSV
@@ -132,7 +158,13 @@ class VqaTsvSource:
     self._file = LazyFile(self.path)
     self.offsets, self.lengths, self.lines = offsets[1:], lengths[1:], lines[1:]
     self.delimiter = "," if self.path.lower().endswith(".csv") else "\t"
-    self.columns = self._parse(offsets[0], lengths[0])
+    try:  # utf-8-sig: a byte-order mark (as Excel writes one) is not part of the first name
+      self.columns = self._parse(offsets[0], lengths[0], encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+      raise config_lib.ConfigError(
+          f"VQA table {self.path} is not UTF-8 text ({e.reason} at byte {e.start}): a benchmark "
+          "table is a TSV or CSV in UTF-8, as VLMEvalKit writes them, or a .parquet file"
+      ) from None
     if len(self.columns) == 1 and self.delimiter == "\t" and "," in self.columns[0]:
       raise config_lib.ConfigError(
           f"VQA table {self.path}: its header has no tab but has commas; a comma-separated "
@@ -158,8 +190,8 @@ class VqaTsvSource:
   def __repr__(self) -> str:
     return f"VqaTsvSource({self.path!r}, {len(self)} rows)"
 
-  def _parse(self, offset, length) -> list[str]:
-    text = self._file.read(int(offset), int(length)).decode("utf-8")
+  def _parse(self, offset, length, encoding: str = "utf-8") -> list[str]:
+    text = self._file.read(int(offset), int(length)).decode(encoding)
     if csv.field_size_limit() < sys.maxsize // 2:
       csv.field_size_limit(sys.maxsize // 2)  # base64 images are far beyond csv's 128 KiB default
     rows = list(csv.reader(io.StringIO(text), delimiter=self.delimiter))
@@ -187,6 +219,9 @@ class VqaTsvSource:
             continue  # a bad row is reported when it is read itself
         self._by_id = by_id
     if row_id not in self._by_id:
+      if "/" in row_id or os.path.splitext(row_id)[1]:
+        raise BadRow(f"image {row_id!r} looks like a file path; a TSV row carries its image as "
+                     "base64 (or another row's index, as VLMEvalKit stores a repeated image)")
       raise BadRow(f"image refers to row index {row_id!r}, which is not in the table")
     image = self._row(self._by_id[row_id])["image"]
     if len(image) <= _MAX_IMAGE_REFERENCE:
@@ -202,7 +237,7 @@ class VqaTsvSource:
       if not image:
         raise BadRow("empty image")
       if image.startswith("["):
-        raise BadRow("several images in one row are not supported")
+        image = _one_image(image)
       if len(image) <= _MAX_IMAGE_REFERENCE:
         image = self._image_of(image)
       try:

@@ -163,14 +163,32 @@ def normalise(text: str) -> str:
   return re.sub(r"\s+", " ", re.sub(r"[^\w\s]", " ", text.lower())).strip()
 
 
+# An option letter at the start of an answer: "B", "B. yellow", "(B) yellow", "B: yellow".
+_LEADING_LETTER = re.compile(r"\(?([A-Z])(?:[.):]|\s*$)")
+
+
+def option_letter(text: str) -> str:
+  """The option letter an answer starts with ('' if none); a lone lowercase letter counts."""
+  text = text.strip()
+  if len(text) == 1 and text.isalpha():
+    return text.upper()
+  match = _LEADING_LETTER.match(text)
+  return match.group(1) if match else ""
+
+
 def score(answer_text: str, question: Mapping[str, Any]) -> tuple[str, bool]:
   """(the extracted answer, whether it is right): option letter match for multiple choice,
-  normalised exact match otherwise."""
+  normalised exact match otherwise. A question whose options are written into its text (as
+  MMStar's and RealWorldQA's parquet tables write them) and whose answer is a letter is scored on
+  the letter the answer starts with."""
   options = question.get("options") or []
   extracted = reasoner.extract_answer(answer_text, options)
+  truth = str(question["answer"]).strip()
   if options:
-    return extracted, extracted == str(question["answer"]).strip().upper()
-  return extracted, normalise(extracted) == normalise(str(question["answer"]))
+    return extracted, extracted == truth.upper()
+  if len(truth) == 1 and truth.isalpha():
+    return extracted, option_letter(extracted) == truth.upper()
+  return extracted, normalise(extracted) == normalise(truth)
 
 
 @dataclasses.dataclass
@@ -282,7 +300,8 @@ class Evaluator:
     output space) and of the recovery, accuracy per mode, 'gain_se' (the standard errors of
     recovered - corrupted quality and of corrupted+recovered - corrupted accuracy),
     'beyond_vae_se' (of recovered - through_vae quality); the pipeline's: ORACLE's accuracy too;
-    `per_sample`: each sample's recovered quality, 'recovered_per_sample'], 'examples': a few
+    `per_sample`: each sample's recovered quality, 'recovered_per_sample', and each mode's
+    answers, 'answers'], 'examples': a few
     (condition, [GRID_COLUMNS' images]) for grids}. `modes`: the answer modes scored under each
     condition (of MODES[1:]; none for recoveries alone; clean images: `clean`). Without
     `vae_baseline` (a model scored only for its recoveries beside another's, which has them: the
@@ -335,6 +354,8 @@ class Evaluator:
         row["accuracy"][mode] = _accuracy(answers)
         row["by_kind"][mode] = _accuracy_by_kind(answers)
         correct[mode] = [a["correct"] for a in answers]
+        if per_sample:
+          row.setdefault("answers", {})[mode] = answers
     if {"corrupted", "corrupted+recovered"} <= set(correct):
       row["gain_se"]["accuracy"] = paired_se(correct["corrupted+recovered"],
                                              correct["corrupted"])
@@ -401,8 +422,8 @@ def open_table(path: str):
   a table without the ones it needs is a ConfigError naming them)."""
   from robust_u1_jax.data import sources_vqa
 
-  return (sources_vqa.VqaParquetSource(path) if path.endswith(".parquet")
-          else sources_vqa.VqaTsvSource(path))
+  parquet = path.lower().endswith((".parquet", ".pq"))
+  return sources_vqa.VqaParquetSource(path) if parquet else sources_vqa.VqaTsvSource(path)
 
 
 def read_table(path: str, count: int, max_skip_ratio: float = 0.01,
@@ -461,7 +482,9 @@ def table_samples(path: str, count: int, rules: images_lib.ImageRules,
 
   def keep(i, record, image):
     square = transforms.resize_image(transforms.center_square(image), (side, side))
-    out.append(Sample(i, rules.at_vae_size(square), dict(record["questions"][0]),
+    # The table's own row id beside the question, for the answers file (run._benchmark).
+    out.append(Sample(i, rules.at_vae_size(square), dict(record["questions"][0],
+                                                          id=record.get("id", str(i))),
                       record.get("category", "")))
 
   read = read_table(path, count, max_skip_ratio, keep, log)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from robust_u1_jax import files
+from robust_u1_jax import config_lib, files
 from robust_u1_jax.eval import evaluation
 from robust_u1_jax.training import metrics_log
 
@@ -416,6 +416,12 @@ def _in_condition_order(result: Mapping[str, Any], labels) -> list[str]:
   return order + sorted(labels - set(order))
 
 
+# "25 / 50 / 100 % intensity (I = 0.23 / 0.45 / 0.9": the benchmarks' levels (run.py).
+_INTENSITIES = (" / ".join(k.rstrip("%") for k in config_lib.EVAL_INTENSITIES)
+                + " % intensity (I = "
+                + " / ".join(f"{v:g}" for v in config_lib.EVAL_INTENSITIES.values()))
+
+
 def bad_rows_line(bench: Mapping[str, Any]) -> str:
   """What of a benchmark table was scored: the rows read, and the bad ones left out."""
   line = f"Scored {bench['samples']} of the {bench['rows']} rows read from `{bench['path']}`"
@@ -425,6 +431,22 @@ def bad_rows_line(bench: Mapping[str, Any]) -> str:
   more = bench["bad_rows"] - len(bench["bad"])
   return (f"{line}; {bench['bad_rows']} bad row(s) left out: {named}"
           + (f"; {more} more in the log" if more else "") + ".")
+
+
+def write_answers(path: str, samples: Sequence[Any], answers: Mapping[tuple[str, str], Any]
+                  ) -> None:
+  """Every answer of a benchmark table as JSON lines (whole or not at all): per intensity, mode and
+  row, the question, its truth, the model's text, the answer read from it and the score.
+  `answers`: {(intensity, mode): the answers of `samples`, in their order}."""
+  with files.atomic_write(path, "w") as f:
+    for (level, mode), rows in answers.items():
+      for sample, a in zip(samples, rows, strict=True):
+        q = sample.question
+        f.write(json.dumps({
+            "row": sample.index, "id": q.get("id"), "category": sample.kind,
+            "intensity": level, "mode": mode, "question": q["question"],
+            "options": list(q.get("options") or ()), "truth": a["truth"],
+            "answer": a["answer"], "correct": a["correct"], "text": a["text"]}) + "\n")
 
 
 def write(out_dir: str, result: Mapping[str, Any], *, title: str,
@@ -485,6 +507,9 @@ def write(out_dir: str, result: Mapping[str, Any], *, title: str,
   lines += rl_minus_sft_table(result)
   for name, bench in (benchmarks or {}).items():
     lines += ["", f"## {name}", "", bad_rows_line(bench), "",
+              "Accuracy (%) per answer mode, on the clean images and under the Robust-R1 pipeline "
+              f"at {_INTENSITIES} at all four stages); per category in report.json; every answer "
+              f"in `{bench['answers']}`.", "",
               "| intensity | " + " | ".join(bench["modes"]) + " |",
               "|" + " --- |" * (len(bench["modes"]) + 1)]
     for level, accs in bench["accuracy"].items():

@@ -157,7 +157,8 @@ def _run(c: ml_collections.ConfigDict, say: Callable[[str], None],
   benchmarks = {}
   for name, path in tables.items():
     say(f"  benchmark {name}: {path}")
-    benchmarks[name] = _benchmark(evaluator, name, path, c, engine.rules, progress, store)
+    benchmarks[name] = _benchmark(evaluator, name, path, c, engine.rules, progress, store,
+                                  out_dir)
 
   claim_rows = report.claims(result, compare)
   names = report.figures(result, out_dir, compare_by_type=by_type or None,
@@ -279,19 +280,28 @@ def _compare_models(compared: dict[str, str], c: ml_collections.ConfigDict, clip
 
 
 def _benchmark(evaluator: evaluation.Evaluator, name: str, path: str,
-               c: ml_collections.ConfigDict, rules, progress, store) -> dict[str, Any]:
-  """One benchmark table's accuracy per mode, clean and at each of BENCHMARK_CONDITIONS."""
+               c: ml_collections.ConfigDict, rules, progress, store, out_dir: str
+               ) -> dict[str, Any]:
+  """One benchmark table's accuracy per mode and per category, clean and at each of
+  BENCHMARK_CONDITIONS; every answer written to `<out_dir>/answers_<name>.jsonl`."""
   # Its bad rows were logged when the run started (`run`).
   bench_samples, read = evaluation.table_samples(path, c.benchmark_samples, rules,
                                                  c.max_skip_ratio, log=False)
   prefix = f"benchmark {name}: "
   bench = evaluator.evaluate(bench_samples, BENCHMARK_CONDITIONS, modes=evaluation.MODES[1:],
-                             progress=progress, store=store, unit_prefix=prefix)
+                             progress=progress, store=store, unit_prefix=prefix, per_sample=True)
   bench_clean = store.get_or_compute(prefix + "clean images",
                                      lambda: evaluator.clean(bench_samples), progress)
   accuracy = {"clean image": {"clean": bench_clean["accuracy"]}}
   accuracy.update({r["level"]: r["accuracy"] for r in bench["conditions"]})
+  by_category = {"clean image": {"clean": bench_clean["by_kind"]}}
+  by_category.update({r["level"]: r["by_kind"] for r in bench["conditions"]})
+  answers = {("clean image", "clean"): bench_clean["answers"]}
+  answers.update({(r["level"], mode): a for r in bench["conditions"]
+                  for mode, a in r["answers"].items()})
+  answers_file = f"answers_{name}.jsonl"
+  report.write_answers(os.path.join(out_dir, answers_file), bench_samples, answers)
   return {"path": path, "samples": len(bench_samples), **read, "modes": list(evaluation.MODES),
-          "accuracy": accuracy}
+          "accuracy": accuracy, "by_category": by_category, "answers": answers_file}
 
 
