@@ -45,8 +45,9 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.compare = ml_collections.ConfigDict({"sft": "", "rl": ""})
   c.rl_workdir = ""  # an RL stage's workdir: its metrics.jsonl gives the reward curves
   # Benchmark tables (VLMEvalKit TSV or Hugging Face parquet) read from local paths, each
-  # evaluated at the pipeline's three intensities; empty entries are skipped. Another table: add
-  # its name here (`--config.benchmarks.<name>=` sets only the names a config has).
+  # evaluated on clean images and at the pipeline's three intensities, the paper's (whatever
+  # `intensities` says); empty entries are skipped. Another table: add its name here
+  # (`--config.benchmarks.<name>=` sets only the names a config has).
   c.benchmarks = ml_collections.ConfigDict(
       {"rbench": "", "mmstar": "", "realworldqa": "", "mmmb": ""})
   c.benchmark_samples = 0  # rows per benchmark (0: all), bad rows included
