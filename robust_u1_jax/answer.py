@@ -43,8 +43,9 @@ def define_flags(values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_string("image", None, "The image the question is about.", flag_values=values)
   flags.DEFINE_string("question", None, "The question.", flag_values=values)
   flags.DEFINE_multi_string(
-      "options", [], "An answer option; repeat it for each ('A. cat' or 'cat': letters are added "
-      "in order).", flag_values=values)
+      "options", [], "An answer option; repeat it for each ('cat': letters A, B, ... are added "
+      "in order; options that each carry their own letter, 'B. cat' 'C. dog', keep them).",
+      flag_values=values)
   flags.DEFINE_integer("max_iterations", 5, "Most text / image steps of the model.",
                        flag_values=values)
   flags.DEFINE_integer("max_new_tokens", 512, "Most tokens of one text step.", flag_values=values)

@@ -41,7 +41,7 @@ from robust_u1_jax import cli  # first: its quiet environment is set before jax 
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -127,14 +127,17 @@ def output_names(names: Sequence[str]) -> dict[str, str]:
 def _recover_folder(values: flags.FlagValues, sampler, instruction: str) -> int:
   import tqdm
 
-  from robust_u1_jax.inference import engine as engine_lib
-
   folder = values.image.rstrip(os.sep) or values.image
   out_dir = values.out or f"{os.path.abspath(folder)}_recovered"
   if os.path.abspath(out_dir) == os.path.abspath(folder):
     raise model_cli.InputError(f"--out {out_dir}: the input folder itself; give another folder")
-  t0 = time.perf_counter()
   from robust_u1_jax.data import image_files
+
+  if not os.path.isdir(out_dir) and image_files.is_image_name(out_dir):
+    raise model_cli.InputError(
+        f"--out {out_dir}: an image file's name, but --image {values.image} is a folder, whose "
+        "recoveries go to a folder; give a folder (created if missing)")
+  t0 = time.perf_counter()
 
   # Hidden files are left out: an interrupted write's temporary file is one of them. So are files
   # not named as images (notes, captions), as an image folder for training leaves them out.
@@ -172,41 +175,15 @@ def _recover_folder(values: flags.FlagValues, sampler, instruction: str) -> int:
       continue
     groups.setdefault(rules.vae_size(*image.shape[:2]), []).append(i)
 
-  written = 0
-  if groups:
-    total = sum(map(len, groups.values()))
-    engine = model_cli.load_engine(values, f"recovering {total} image{'' if total == 1 else 's'}")
-    bar = tqdm.tqdm(total=total, desc="recovering", unit="image",
-                    disable=not values.progress, dynamic_ncols=True)
-    for size, members in groups.items():
-      for start in range(0, len(members), values.batch):
-        chunk = members[start:start + values.batch]
-        batch, images = [], []
-        for i in chunk:
-          path = os.path.join(folder, names[i])
-          try:
-            image = model_cli.read_image(path, model_cli.min_side(rules))
-          except model_cli.InputError as e:  # changed since pass 1
-            fail(names[i], str(e))
-            continue
-          if rules.vae_size(*image.shape[:2]) != size:
-            fail(names[i], f"{path}: changed while being recovered")
-            continue
-          batch.append(i)
-          images.append(image)  # the engine brings it to its VAE size
-        if batch:
-          recovered, _ = engine.recover(images, sampler=sampler,
-                                        keys=engine_lib.image_keys(values.seed, batch),
-                                        instruction=instruction)
-          for i, image in zip(batch, recovered):
-            out = os.path.join(out_dir, outputs[names[i]])
-            try:
-              model_cli.write_image(out, image)
-              written += 1
-            except OSError as e:
-              fail(names[i], f"{out}: {e.strerror or e}")
-        bar.update(len(chunk))
-    bar.close()
+  try:
+    written = _recover_groups(values, sampler, instruction, folder, names, groups, rules,
+                              lambda i: os.path.join(out_dir, outputs[names[i]]), fail)
+  except KeyboardInterrupt:
+    done = sum(os.path.exists(os.path.join(out_dir, outputs[names[i]]))
+               for members in groups.values() for i in members)
+    print(f"{out_dir}: stopped after {done} written; they are kept, and the same command goes on "
+          "with the rest", flush=True)
+    raise
   summary = (f"{out_dir}: {written} written, {len(skipped)} skipped (already there), "
              f"{len(failed)} failed")
   if failed:
@@ -219,6 +196,53 @@ def _recover_folder(values: flags.FlagValues, sampler, instruction: str) -> int:
     summary += f", {len(subfolders)} subfolder(s) not read ({listed}: give each as --image)"
   print(f"{summary} in {time.perf_counter() - t0:.1f} s", flush=True)
   return EXIT_SOME_FAILED if failed else 0
+
+
+def _recover_groups(values: flags.FlagValues, sampler, instruction: str, folder: str,
+                    names: Sequence[str], groups: dict[tuple[int, int], list[int]], rules,
+                    out_path: Callable[[int], str], fail: Callable[[str, str], None]) -> int:
+  """Recovers the images `groups` lists (by VAE size, indices into `names`) a batch at a time,
+  writing image i to out_path(i); returns how many were written."""
+  import tqdm
+
+  from robust_u1_jax.inference import engine as engine_lib
+
+  if not groups:
+    return 0
+  written = 0
+  total = sum(map(len, groups.values()))
+  engine = model_cli.load_engine(values, f"recovering {total} image{'' if total == 1 else 's'}")
+  bar = tqdm.tqdm(total=total, desc="recovering", unit="image", disable=not values.progress,
+                  dynamic_ncols=True)
+  for size, members in groups.items():
+    for start in range(0, len(members), values.batch):
+      chunk = members[start:start + values.batch]
+      batch, images = [], []
+      for i in chunk:
+        path = os.path.join(folder, names[i])
+        try:
+          image = model_cli.read_image(path, model_cli.min_side(rules))
+        except model_cli.InputError as e:  # changed since pass 1
+          fail(names[i], str(e))
+          continue
+        if rules.vae_size(*image.shape[:2]) != size:
+          fail(names[i], f"{path}: changed while being recovered")
+          continue
+        batch.append(i)
+        images.append(image)  # the engine brings it to its VAE size
+      if batch:
+        recovered, _ = engine.recover(images, sampler=sampler,
+                                      keys=engine_lib.image_keys(values.seed, batch),
+                                      instruction=instruction)
+        for i, image in zip(batch, recovered):
+          try:
+            model_cli.write_image(out_path(i), image)
+            written += 1
+          except OSError as e:
+            fail(names[i], f"{out_path(i)}: {e.strerror or e}")
+      bar.update(len(chunk))
+  bar.close()
+  return written
 
 
 def _recover_images(values: flags.FlagValues) -> int:

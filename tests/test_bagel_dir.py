@@ -341,6 +341,35 @@ def test_bad_vae_tensor_names_key_and_file(variant):
     bagel_dir.load_model_dir(variant(edit_ae=edit))
 
 
+def test_a_misfit_names_the_shape_in_the_file_and_the_configs_it_was_read_against(variant):
+  # up_proj is (intermediate, hidden) in the file and transposed for the model: the message gives
+  # the file's shape, which a user can look up, and the transposed one as ours.
+  stored = None
+
+  def edit(t):
+    nonlocal stored
+    t[_KEY] = t[_KEY][:, :-1].copy()
+    stored = t[_KEY].shape
+
+  misshapen = variant(edit_ema=edit)
+  with pytest.raises(CheckpointError) as e:
+    bagel_dir.load_model_dir(misshapen)
+  message = str(e.value)
+  assert f"has shape {tuple(stored)} ({tuple(stored[::-1])} after the " in message
+  assert "read from" in message and "llm_config.json, vit_config.json and " in message
+  # A config that does not describe the weights: the same line names the configs.
+  shutil.rmtree(misshapen)
+  out = variant()
+  with open(os.path.join(out, "llm_config.json")) as f:
+    llm = json.load(f)
+  llm["intermediate_size"] += 8
+  with open(os.path.join(out, "llm_config.json"), "w") as f:
+    json.dump(llm, f)
+  with pytest.raises(CheckpointError, match=r"expects .* \(the model's shapes are read from .*"
+                     r"llm_config.json"):
+    bagel_dir.load_model_dir(out)
+
+
 def test_a_small_model_without_its_extra_config_says_what_was_assumed(variant):
   # Without robust_u1_config.json the tiny model reads as BAGEL-7B's image side (the FLUX VAE).
   out = variant()

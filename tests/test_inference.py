@@ -323,6 +323,22 @@ def test_prompt_and_answer_extraction():
   assert reasoner.cut_answers("a<ANSWER>1<ANSWER>2<ANSWER>3") == "a<ANSWER>1<ANSWER>2"
 
 
+def test_options_that_carry_their_own_letters():
+  """The letters a user gave are the ones the model is shown and the answer is read against."""
+  lines = lambda options: reasoner.prompt("Which?", options).splitlines()[2:2 + len(options)]
+  assert lines(["B. cat", "C. dog"]) == ["B. cat", "C. dog"]
+  assert lines(["(a) cat", "b) dog"]) == ["A. cat", "B. dog"]
+  # Not every option lettered, or a letter twice: letters in order, a stray one kept as text.
+  assert lines(["B. cat", "dog"]) == ["A. B. cat", "B. dog"]
+  assert lines(["A. Lincoln", "Washington"]) == ["A. Lincoln", "B. Washington"]
+  assert lines(["A. x", "A. y"]) == ["A. x", "B. A. y"]
+  assert lines(["A.red", "blue"]) == ["A. A.red", "B. blue"]  # no space: part of the text
+  for reply, letter in (("<ANSWER>C<ANSWER_END>", "C"), ("<ANSWER>c<ANSWER_END>", "C"),
+                        ("<ANSWER>A<ANSWER_END>", ""), ("<ANSWER>a dog<ANSWER_END>", "C"),
+                        ("<ANSWER>(B) cat<ANSWER_END>", "B")):
+    assert reasoner.extract_answer(reply, ["B. cat", "C. dog"]) == letter, reply
+
+
 def test_cache_grows_without_changing_results(tiny):
   _, model = tiny
   cache = model.init_cache(1, 8)

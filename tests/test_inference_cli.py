@@ -377,6 +377,40 @@ def test_recover_refuses_a_folder_without_files(capsys, model_dir, tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["photo.png"]  # no photo.png_recovered
 
 
+def test_a_stopped_folder_recovery_says_what_it_kept(capsys, model_dir, inputs, tmp_path,
+                                                     monkeypatch):
+  from robust_u1_jax import model_cli
+
+  write, calls = model_cli.write_image, []
+
+  def stopped_on_the_second(path, image):
+    calls.append(path)
+    if len(calls) == 2:
+      raise KeyboardInterrupt  # Ctrl-C while the folder is recovered
+    write(path, image)
+
+  monkeypatch.setattr(model_cli, "write_image", stopped_on_the_second)
+  out_dir = tmp_path / "out"
+  rc, out, err = _run(recover_cli, capsys, f"--model={model_dir}", f"--image={inputs}",
+                      f"--out={out_dir}", *FAST)
+  assert rc == 130 and err.strip().endswith("interrupted"), err
+  assert out.strip().splitlines()[-1] == (f"{out_dir}: stopped after 1 written; they are kept, "
+                                          "and the same command goes on with the rest")
+  assert len(os.listdir(out_dir)) == 1
+
+
+def test_recover_folder_refuses_an_image_name_for_its_output_folder(capsys, model_dir, inputs,
+                                                                     tmp_path):
+  # A folder named res.png was created and filled with the recoveries.
+  rc, out, err = _run(recover_cli, capsys, f"--model={model_dir}", f"--image={inputs}",
+                      f"--out={tmp_path / 'res.png'}", *FAST)
+  assert rc == 2 and not out
+  assert err.strip() == (f"error: --out {tmp_path / 'res.png'}: an image file's name, but --image "
+                         f"{inputs} is a folder, whose recoveries go to a folder; give a folder "
+                         "(created if missing)")
+  assert not os.path.exists(tmp_path / "res.png")
+
+
 @pytest.mark.slow
 def test_recover_file_into_a_folder_to_create(capsys, model_dir, inputs, tmp_path):
   # '--out DIR/' was refused as 'a folder; give a file name', though an existing DIR was used.

@@ -356,8 +356,14 @@ def load_model_dir(path: str, *, mesh: jax.sharding.Mesh | None = None, dtype=No
     try:
       loader.load_into(model, _counted(weights, bar), model_rules(config), ignore=IGNORE)
     except kt.CheckpointError as e:
-      if "expects" not in str(e) or os.path.exists(os.path.join(path, EXTRA_CONFIG)):
+      if "expects" not in str(e):
         raise
+      if os.path.exists(os.path.join(path, EXTRA_CONFIG)):
+        # The shapes come from the configs beside the weights, which a misfit may be the fault of.
+        raise kt.CheckpointError(
+            f"{str(e).rstrip('.')} (the model's shapes are read from {path}'s {LLM_CONFIG}, "
+            f"{VIT_CONFIG} and {EXTRA_CONFIG}: the weights or one of them is not this model's)"
+        ) from None
       # A small model (ours, exported) whose robust_u1_config.json was left behind reads as
       # BAGEL-7B's image side, so its first image tensor misfits: say what was assumed.
       raise kt.CheckpointError(

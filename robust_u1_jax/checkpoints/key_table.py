@@ -168,12 +168,16 @@ def convert_to_flax(
       unexpected.append(f"{key} (in {where})")
       continue
     path, transform = hit
-    array = transform.to_flax(np.asarray(tensors[key]()))
+    stored = np.asarray(tensors[key]())
+    array = transform.to_flax(stored)
     shape, dtype = expected[path]
     if tuple(array.shape) != tuple(shape):
+      # The file's own shape first, which a user can look up; the transformed one is ours.
+      converted = ("" if array.shape == stored.shape else
+                   f" ({tuple(array.shape)} after the {transform.name} transform)")
       raise CheckpointError(
-          f"{where}: tensor {key!r} has shape {tuple(array.shape)} after the {transform.name} "
-          f"transform, but the model's {path!r} expects {tuple(shape)}.")
+          f"{where}: tensor {key!r} has shape {tuple(stored.shape)}{converted}, but the "
+          f"model's {path!r} expects {tuple(shape)}.")
     seen.add(path)
     yield path, array.astype(dtype)
   if unexpected:

@@ -49,11 +49,26 @@ ANSWER_OPEN_FROM_RESTORED = ("Based on what you observe in the restored image, p
 LETTERS = string.ascii_uppercase  # an option's letter: at most 26 options
 
 
-def format_option(i: int, option: str) -> str:
-  """'A. text' (an option given as 'A. text' already keeps its letter)."""
-  if re.match(r"^[A-Z][.)]\s", option):
-    return option
-  return f"{LETTERS[i]}. {option}"
+# An option that carries its own letter: 'B. cat', 'B) cat', '(B) cat', 'b. cat'.
+_LETTERED = re.compile(r"^\(?([A-Za-z])[.)]\)?\s+(\S.*)$", re.DOTALL)
+
+
+def option_letters(options: Sequence[str]) -> tuple[str, list[str]]:
+  """(each option's letter, each option's text): the options' own letters where every option
+  carries a different one ('B. cat', 'C. dog' stay B and C), else A, B, C, ... in order, an
+  option that carries another letter than its place's kept whole ('B. cat' first is 'A. B. cat')."""
+  found = [_LETTERED.match(o) for o in options]
+  if found and all(found) and len({m.group(1).upper() for m in found}) == len(found):
+    return "".join(m.group(1).upper() for m in found), [m.group(2).strip() for m in found]
+  letters = LETTERS[:len(options)]
+  return letters, [m.group(2).strip() if m and m.group(1).upper() == letter else o.strip()
+                   for letter, m, o in zip(letters, found, options)]
+
+
+def option_lines(options: Sequence[str]) -> list[str]:
+  """'X. text' per option, lettered as `option_letters` says."""
+  letters, texts = option_letters(options)
+  return [f"{letter}. {text}" for letter, text in zip(letters, texts)]
 
 
 def prompt(question: str, options: Sequence[str] = (), *, instruction: str | None = RESTORE
@@ -72,7 +87,7 @@ def prompt(question: str, options: Sequence[str] = (), *, instruction: str | Non
   lines = [f"Question: {question}"]
   if options:
     lines.append("Options:")
-    lines += [format_option(i, o) for i, o in enumerate(options)]
+    lines += option_lines(options)
   if instruction is not None:
     lines += [instruction, ANSWER_FROM_RESTORED if options else ANSWER_OPEN_FROM_RESTORED]
   elif options:

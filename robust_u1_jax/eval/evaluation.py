@@ -163,17 +163,13 @@ def normalise(text: str) -> str:
   return re.sub(r"\s+", " ", re.sub(r"[^\w\s]", " ", text.lower())).strip()
 
 
-# An option letter at the start of an answer: "B", "B. yellow", "(B) yellow", "B: yellow".
-_LEADING_LETTER = re.compile(r"\(?([A-Z])(?:[.):]|\s*$)")
-
-
 def option_letter(text: str) -> str:
-  """The option letter an answer starts with ('' if none); a lone lowercase letter counts."""
+  """The option letter an answer starts with ('B', 'B. yellow', '(B) yellow'; a lone lowercase
+  letter too), or ''."""
   text = text.strip()
   if len(text) == 1 and text.isalpha():
     return text.upper()
-  match = _LEADING_LETTER.match(text)
-  return match.group(1) if match else ""
+  return reasoner.leading_letter(text, answer_format.LETTERS)
 
 
 def score(answer_text: str, question: Mapping[str, Any]) -> tuple[str, bool]:

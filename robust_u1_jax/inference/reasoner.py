@@ -46,6 +46,13 @@ def cut_answers(text: str, keep: int = 2) -> str:
   return text[:start]
 
 
+def leading_letter(answer: str, letters: str) -> str:
+  """The letter of `letters` that `answer` starts with, alone or closed by '.', ')' or ':' ('B',
+  '(B)', 'B. square'; not the article of 'A red circle'), or ''."""
+  m = re.match(rf"^\(?([{letters}])(?:[.):]|\s*$)", answer)
+  return m.group(1) if m else ""
+
+
 def extract_answer(text: str, options: Sequence[str] = ()) -> str:
   """The final answer: the last `<ANSWER>...` content (else the whole text); with options, its
   option letter, or '' when none can be told: the answer field's one letter in either case; a
@@ -57,19 +64,18 @@ def extract_answer(text: str, options: Sequence[str] = ()) -> str:
   answer = (found[-1] if found else text).strip()
   if not options:
     return answer
-  letters = answer_format.LETTERS[:len(options)]
+  letters, bodies = answer_format.option_letters(options)
   # The answer field holding one letter in either case, as answer_format.parse_answer reads the
   # training targets; outside the field a lowercase 'a' is an article.
   if found and len(answer) == 1 and answer.upper() in letters:
     return answer.upper()
   # A letter alone or closed by '.', ')' or ':' ("B", "(B)", "B. square"): not the article of
   # "A red circle ...".
-  m = (re.match(rf"^\(?([{letters}])(?:[.):]|\s*$)", answer)
-       or re.search(rf"\b([{letters}])[.)]", answer))
-  if m:
-    return m.group(1)
-  bodies = [answer_format.format_option(i, option)[3:].strip().lower()
-            for i, option in enumerate(options)]
+  closed = re.search(rf"\b([{letters}])[.)]", answer)
+  letter = leading_letter(answer, letters) or (closed.group(1) if closed else "")
+  if letter:
+    return letter
+  bodies = [body.lower() for body in bodies]
   if len(answer) <= 2 * sum(map(len, bodies)):
     named = [letter for letter, body in zip(letters, bodies) if body and body in answer.lower()]
     if len(named) == 1:
