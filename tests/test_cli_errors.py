@@ -194,6 +194,11 @@ CASES = {
     "evaluate/unfinished workdir": ("evaluate", [f"--config={EVAL}", "--model={root}/unfinished"],
                                     ["{root}/unfinished is a stage's workdir without its model/",
                                      "stopped at step 12"]),
+    # The demo's workdir, a folder of stages' workdirs, was told only what a model holds.
+    "recover/folder of workdirs": ("recover", ["--model={root}", "--image={good}"],
+                                   ["{root} is neither a BAGEL model directory",
+                                    "it holds stages' workdirs (workdir): give one, e.g. "
+                                    "{root}/workdir"]),
     "recover/unfinished workdir": ("recover", ["--model={root}/unfinished", "--image={good}"],
                                    ["{root}/unfinished is a stage's workdir without its model/"]),
     # A later stage started from an earlier one that was stopped (a chain that ignores its 130).

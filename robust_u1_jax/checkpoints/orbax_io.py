@@ -69,6 +69,12 @@ def not_a_model(path: str) -> str:
   message = (f"{path} is neither a BAGEL model directory ({bagel_dir.LLM_CONFIG}, "
              f"{bagel_dir.VIT_CONFIG}, ema.safetensors, {bagel_dir.VAE_FILE}) nor an Orbax model "
              f"checkpoint ({CONFIG}, {PARAMS}/)")
+  # A folder of stages' workdirs (the demo's: vae, clip, ..., reason): name them.
+  stages = sorted(n for n in os.listdir(path) if os.path.isdir(os.path.join(path, n, "model")))
+  if stages:
+    last = "reason" if "reason" in stages else stages[-1]
+    message += (f"; it holds stages' workdirs ({', '.join(stages)}): give one, e.g. "
+                f"{os.path.join(path, last)}")
   parts = os.path.abspath(path).split(os.sep)
   if "checkpoints" in parts[-2:]:
     workdir = os.sep.join(parts[:parts.index("checkpoints", len(parts) - 2)])
