@@ -143,12 +143,13 @@ def test_broken_tsv_rows_become_markers(tmp_path):
   src = sources_vqa.VqaTsvSource(path)
   recs = [src[i] for i in range(len(src))]
   assert not bad_records.is_skip(recs[0])
-  assert "row 1 (line 3): bad base64 in column 'image'" in _reason_of(recs[1])
+  # Each bad row by its place, its line and the table's own index.
+  assert "row 1 (index 2, line 3): bad base64 in column 'image'" in _reason_of(recs[1])
   assert "4 fields for 6 columns (missing column(s) B, answer)" in _reason_of(recs[2])
   assert "answer 'E' is neither a letter of the options (A, B)" in _reason_of(recs[3])
   assert "empty question" in _reason_of(recs[4])
   assert "row index '999', which is not in the table" in _reason_of(recs[5])
-  assert "row 6 (line 8): missing answer" in _reason_of(recs[6])
+  assert "row 6 (index 7, line 8): missing answer" in _reason_of(recs[6])
   assert all(r["path"] == str(path) for r in recs[1:])
   assert [r["index"] for r in recs] == list(range(7))
 
@@ -179,6 +180,14 @@ def test_tables_as_users_export_them(tmp_path):
     (tmp_path / name).write_bytes(data)
     with pytest.raises(config_lib.ConfigError, match=f"{name} is not UTF-8 text"):
       sources_vqa.VqaTsvSource(tmp_path / name)
+
+
+def test_bad_parquet_rows_are_named_by_the_table_s_id_too(tmp_path):
+  table = pa.table({"image": [{"bytes": _png(0), "path": None}, {"bytes": None, "path": None}],
+                    "question": ["a", "b"], "answer": ["x", "y"], "id": ["q7", "q8"]})
+  pq.write_table(table, tmp_path / "ids.parquet")
+  bad = sources_vqa.VqaParquetSource(tmp_path / "ids.parquet")[1]
+  assert _reason_of(bad).startswith("row 1 (index q8, row group 0 of ids.parquet): ")
 
 
 def test_broken_parquet_rows_become_markers(tmp_path):

@@ -120,6 +120,14 @@ def test_bad_benchmark_rows_are_left_out_named_and_counted(tmp_path, caplog):
                          "row 1 (line 3): bad base64")
   assert report.bad_rows_line({"samples": 2, "path": "t.tsv", "rows": 2, "bad_rows": 0,
                                "bad": []}) == "Scored 2 of the 2 rows read from `t.tsv`."
+  # A table whose index is not the row's place: both named.
+  renamed = tmp_path / "renamed.tsv"
+  renamed.write_text("".join(f"{100 + int(line.split(chr(9))[0])}{line[line.index(chr(9)):]}"
+                             if i else line for i, line in enumerate(
+                                 tsv.read_text().splitlines(keepends=True))))
+  _, read = evaluation.table_samples(str(renamed), 0, rules, max_skip_ratio=0.5)
+  assert [reason.split(":")[0] for _, reason in read["bad"]] == [
+      "row 1 (index 101, line 3)", "row 2 (index 102)"]
   # The first two rows only: one bad of two.
   samples, read = evaluation.table_samples(str(tsv), 2, rules, max_skip_ratio=0.5)
   assert len(samples) == 1 and read["rows"] == 2

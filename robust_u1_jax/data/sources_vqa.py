@@ -233,6 +233,8 @@ class VqaTsvSource:
     where = f"row {i} (line {int(self.lines[i])})"
     try:
       row = self._row(i)
+      if _text(row.get("index")) not in ("", str(i)):  # the table's own name for the row
+        where = f"row {i} (index {_text(row['index'])}, line {int(self.lines[i])})"
       image = row["image"].strip()
       if not image:
         raise BadRow("empty image")
@@ -370,13 +372,15 @@ class VqaParquetSource:
     except Exception as e:  # pylint: disable=broad-except
       # pyarrow reports damaged pages with assorted error types; the rows are lost, not the run.
       return skip_record(f"{where}: unreadable ({type(e).__name__}: {e})", file, i)
+    row_id = row.get("index", row.get("id"))
+    if _text(row_id) not in ("", str(i)):  # the table's own name for the row, beside its place
+      where = f"row {i} (index {_text(row_id)}, row group {group} of {os.path.basename(file)})"
     try:
       image_bytes = self._image_bytes(row["image"], file)
       if self.list_column and isinstance(row.get(self.list_column), (list, tuple)):
         options = [(LETTERS[j], _text(t)) for j, t in enumerate(row[self.list_column])]
       else:
         options = [(c, _text(row[c])) for c in self.option_columns if not _missing(row[c])]
-      row_id = row.get("index", row.get("id"))
       return vqa_record(image_bytes=image_bytes, question=row["question"], options=options,
                         answer=row.get("answer"), hint=row.get("hint"),
                         category=row.get("category"), row_id=row_id, path=file, index=i,

@@ -447,7 +447,8 @@ def read_table(path: str, count: int, max_skip_ratio: float = 0.01,
         try:
           image = transforms.decode_image(record["image_bytes"])
         except transforms.BadImageError as e:
-          record = bad_records.skip_record(f"row {i}: image: {e}", path, i)
+          named = f" (index {record['id']})" if record.get("id") != str(i) else ""
+          record = bad_records.skip_record(f"row {i}{named}: image: {e}", path, i)
       if bad_records.is_skip(record):  # before the tracker, which raises on the last straw
         bad.append([i, record[bad_records.SKIP]])
       if tracker.filter(record) and keep is not None:
