@@ -93,7 +93,7 @@ def test_pipeline_with_intensity(capsys, image_path, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--type=fog", "--severity=6"], "allowed 1, 2, 3, 4, 5"),
-    (["--type=fog", "--intensity=0.5"], "needs severity"),
+    (["--type=fog", "--intensity=0.5"], r"needs severity \(for imagenet_c/fog\), not intensity"),
     (["--type=lens_flare", "--intensity=1.5"], r"allowed a float in \[0, 1\]"),
     (["--type=robust_r1_pipeline", "--severity=2"], "takes an intensity"),
 ])

@@ -149,7 +149,8 @@ def resolve(name: str, *, severity=None, intensity=None) -> tuple[str, int | flo
     matching = [q for q in candidates if reg[q].level == wanted]
     if not matching:
       needs = " or ".join(f"{reg[q].level} (for {q})" for q in candidates)
-      raise ValueError(f"corruption {name!r} needs {needs}")
+      given = f", not {wanted}" if wanted else ""
+      raise ValueError(f"corruption {name!r} needs {needs}{given}")
     qualified = matching[0]
   entry = reg[qualified]
   if entry.level == "severity":
