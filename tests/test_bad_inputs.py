@@ -258,6 +258,24 @@ def test_tracker_counts_logs_and_drops(caplog):
   assert copy.metrics() == tracker.metrics() and copy.filter({"index": 11})
 
 
+def test_a_short_run_says_what_it_skipped():
+  """A run that ends before `min_seen` records (and no epoch) was never checked: it says so."""
+  tracker = bad_records.SkipTracker(0.01, name="folder data (sft)",
+                                    setting="data.max_skip_ratio")
+  assert tracker.summary() is None
+  for r in _records(12, bad_at=(2, 5, 8)):
+    tracker.filter(r)
+  assert tracker.summary() == (
+      "folder data (sft): 3 of 15 records read were unreadable or unusable (20.00%), each logged "
+      "above; past data.max_skip_ratio (1.00%), which stops a run once 100 records or a whole "
+      "epoch were read, more than this run read")
+  lenient = bad_records.SkipTracker(0.5, name="d")
+  lenient.filter(_records(0, bad_at=(0,))[0])
+  lenient.filter({"index": 1})
+  assert lenient.summary() == ("d: 1 of 2 records read were unreadable or unusable (50.00%), "
+                               "each logged above")
+
+
 def test_one_early_bad_file_does_not_stop_a_run():
   tracker = bad_records.SkipTracker(0.01, min_seen=100)
   kept = sum(tracker.filter(r) for r in _records(499, bad_at=(0,)))

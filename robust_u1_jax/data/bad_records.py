@@ -168,6 +168,19 @@ class SkipTracker(grain.transforms.Filter):
     with self._lock:
       return list(self._recent)
 
+  def summary(self) -> str | None:
+    """A line on the bad records read so far (None without any), for the end of a run: one that
+    read fewer than `min_seen` records and no whole epoch was never checked against the ratio."""
+    m = self.metrics()
+    if not m["skipped"]:
+      return None
+    line = (f"{self.name}: {m['skipped']} of {m['seen']} records read were unreadable or unusable "
+            f"({m['skip_ratio']:.2%}), each logged above")
+    if m["skip_ratio"] > self.max_skip_ratio:
+      line += (f"; past {self.setting} ({self.max_skip_ratio:.2%}), which stops a run once "
+               f"{self.min_seen} records or a whole epoch were read, more than this run read")
+    return line
+
   def check(self, seen: int, skipped: int, *, final: bool, where: str = "") -> None:
     """Raises `TooManyBadRecords` when `skipped` of `seen` records is past the ratio (mid-epoch
     only once `min_seen` were seen). The message names this tracker's worst files; `where` says

@@ -450,7 +450,8 @@ def corruption_size_problem(image: np.ndarray, spec: CorruptionSpec) -> str | No
   if not robust_r1 or min(h, w) >= robust_r1_common.MIN_SIDE:
     return None
   return (f"{w} x {h} pixels after the resize rule: a side below the Robust-R1 degradations' "
-          f"smallest {robust_r1_common.MIN_SIDE}")
+          f"smallest {robust_r1_common.MIN_SIDE} (data.crop_square=True crops every image square "
+          "first; a larger data.vae_max_side keeps more of a long image)")
 
 
 class CorruptOnTheFly(grain.transforms.Map):

@@ -271,6 +271,9 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       data.close()
   if step < config.total_steps:  # stopped by a signal
     raise ckpt.stopped(step, log.history)
+  bad = data.tracker.summary()  # a short run may end before the ratio was ever checked
+  if bad and jax.process_index() == 0:  # below the progress bar, which log.close() ended
+    print(bad + (" (this process's records)" if several else ""), flush=True)
   return log.history
 
 
