@@ -374,7 +374,8 @@ def test_a_small_model_without_its_extra_config_says_what_was_assumed(variant):
   # Without robust_u1_config.json the tiny model reads as BAGEL-7B's image side (the FLUX VAE).
   out = variant()
   os.remove(os.path.join(out, bagel_dir.EXTRA_CONFIG))
-  with pytest.raises(CheckpointError, match=r"shape.* \(.* has no robust_u1_config.json, so "
+  with pytest.raises(CheckpointError, match=r"shape.* \(the model's shapes are read from .*"
+                     r"llm_config.json, vit_config.json and, as .* has no robust_u1_config.json, "
                      r"BAGEL-7B's image shapes were assumed: the FLUX VAE, latent patch 2"):
     bagel_dir.load_model_dir(out)
 

@@ -195,6 +195,10 @@ CASES = {
                                     ["{root}/unfinished is a stage's workdir without its model/",
                                      "stopped at step 12"]),
     # The demo's workdir, a folder of stages' workdirs, was told only what a model holds.
+    # A file as init_from is no model; listing the workdirs a folder holds must not fail on it.
+    "train/init_from a file": ("train", [f"--config={SFT}", "--workdir={root}/w",
+                                         "--config.init_from={file}"],
+                               ["init_from", "{file}"]),
     "recover/folder of workdirs": ("recover", ["--model={root}", "--image={good}"],
                                    ["{root} is neither a BAGEL model directory",
                                     "it holds stages' workdirs (workdir): give one, e.g. "

@@ -69,7 +69,7 @@ def test_a_model_that_would_keep_its_starting_weights_is_noted():
   # The EMA moves once per optimizer update: 4 accumulated steps each make 75 of them.
   note = trainer.ema_note(config_lib.load(SFT, {"total_steps": 300, "optimizer.ema_decay": 0.99,
                                                 "optimizer.grad_accum_steps": 4}))
-  assert note and "holds 47% of them after 75 optimizer updates" in note
+  assert note and "holds 47% of them after 75 optimizer updates (at 0: none)" in note
   # RL makes rl.updates_per_rollout of them a step: 60 steps of 4 are 240 (0.99^240 = 9 %).
   rl_config = os.path.join(ROOT, "configs", "rl.py") + ":tiny"
   assert trainer.optimizer_updates(config_lib.load(rl_config, {

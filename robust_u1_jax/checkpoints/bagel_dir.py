@@ -358,17 +358,16 @@ def load_model_dir(path: str, *, mesh: jax.sharding.Mesh | None = None, dtype=No
     except kt.CheckpointError as e:
       if "expects" not in str(e):
         raise
-      if os.path.exists(os.path.join(path, EXTRA_CONFIG)):
-        # The shapes come from the configs beside the weights, which a misfit may be the fault of.
-        raise kt.CheckpointError(
-            f"{str(e).rstrip('.')} (the model's shapes are read from {path}'s {LLM_CONFIG}, "
-            f"{VIT_CONFIG} and {EXTRA_CONFIG}: the weights or one of them is not this model's)"
-        ) from None
-      # A small model (ours, exported) whose robust_u1_config.json was left behind reads as
-      # BAGEL-7B's image side, so its first image tensor misfits: say what was assumed.
+      # The shapes come from the configs beside the weights, which a misfit may be the fault of.
+      # Without ours, a small model (exported here, its robust_u1_config.json left behind) reads
+      # as BAGEL-7B's image side, so its first image tensor misfits: say what was assumed.
+      image_side = (f"and {EXTRA_CONFIG}" if os.path.exists(os.path.join(path, EXTRA_CONFIG)) else
+                    f"and, as {path} has no {EXTRA_CONFIG}, BAGEL-7B's image shapes were "
+                    f"assumed: the FLUX VAE, latent patch {config.latent_patch_size}, "
+                    f"{config.max_latent_size} latent and {config.vit.max_patches_per_side} ViT "
+                    "patches a side (a model this project exported has that file beside its "
+                    "weights)")
       raise kt.CheckpointError(
-          f"{str(e).rstrip('.')} ({path} has no {EXTRA_CONFIG}, so BAGEL-7B's image shapes "
-          f"were assumed: the FLUX VAE, latent patch {config.latent_patch_size}, "
-          f"{config.max_latent_size} latent and {config.vit.max_patches_per_side} ViT patches a "
-          "side; a model this project exported has that file beside its weights)") from None
+          f"{str(e).rstrip('.')} (the model's shapes are read from {path}'s {LLM_CONFIG}, "
+          f"{VIT_CONFIG} {image_side}: the weights or one of them is not this model's)") from None
   return model

@@ -70,7 +70,8 @@ def not_a_model(path: str) -> str:
              f"{bagel_dir.VIT_CONFIG}, ema.safetensors, {bagel_dir.VAE_FILE}) nor an Orbax model "
              f"checkpoint ({CONFIG}, {PARAMS}/)")
   # A folder of stages' workdirs (the demo's: vae, clip, ..., reason): name them.
-  stages = sorted(n for n in os.listdir(path) if os.path.isdir(os.path.join(path, n, "model")))
+  stages = sorted(n for n in os.listdir(path) if os.path.isdir(os.path.join(path, n, "model"))
+                  ) if os.path.isdir(path) else []
   if stages:
     last = "reason" if "reason" in stages else stages[-1]
     message += (f"; it holds stages' workdirs ({', '.join(stages)}): give one, e.g. "

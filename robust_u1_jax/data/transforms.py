@@ -388,7 +388,7 @@ def _corruption_spec(corruption: str, severity: int, intensity: float,
 def drawn_clean(spec: CorruptionSpec, seed: int, index: int, epoch: int) -> bool:
   """Whether the record is left clean this epoch (spec.clean_fraction of them, drawn apart from
   the corruption's own draws, which stay what they are without a clean fraction)."""
-  if spec.clean_fraction <= 0.0 or spec.mode == "none":
+  if spec.clean_fraction <= 0.0:  # a 'none' spec has none: corruption_spec
     return False
   seq = np.random.SeedSequence([int(seed), int(index), int(epoch), _CLEAN_STREAM])
   return bool(np.random.default_rng(seq).uniform() < spec.clean_fraction)

@@ -416,10 +416,12 @@ def _in_condition_order(result: Mapping[str, Any], labels) -> list[str]:
   return order + sorted(labels - set(order))
 
 
-# "25 / 50 / 100 % intensity (I = 0.23 / 0.45 / 0.9": the benchmarks' levels (run.py).
+# The benchmarks' levels (run.BENCHMARK_CONDITIONS): "25 / 50 / 100 % intensity (I = 0.23 /
+# 0.45 / 0.9 at all four stages)".
 _INTENSITIES = (" / ".join(k.rstrip("%") for k in config_lib.EVAL_INTENSITIES)
                 + " % intensity (I = "
-                + " / ".join(f"{v:g}" for v in config_lib.EVAL_INTENSITIES.values()))
+                + " / ".join(f"{v:g}" for v in config_lib.EVAL_INTENSITIES.values())
+                + " at all four stages)")
 
 
 def bad_rows_line(bench: Mapping[str, Any]) -> str:
@@ -508,7 +510,7 @@ def write(out_dir: str, result: Mapping[str, Any], *, title: str,
   for name, bench in (benchmarks or {}).items():
     lines += ["", f"## {name}", "", bad_rows_line(bench), "",
               "Accuracy (%) per answer mode, on the clean images and under the Robust-R1 pipeline "
-              f"at {_INTENSITIES} at all four stages); per category in report.json; every answer "
+              f"at {_INTENSITIES}; per category in report.json; every answer "
               f"in `{bench['answers']}`.", "",
               "| intensity | " + " | ".join(bench["modes"]) + " |",
               "|" + " --- |" * (len(bench["modes"]) + 1)]

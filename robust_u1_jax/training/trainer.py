@@ -106,9 +106,10 @@ def ema_note(config: ml_collections.ConfigDict) -> str | None:
   kept = decay ** updates if decay > 0 else 0.0
   if kept < 0.2:
     return None
+  lower = f"at 0.99: {0.99 ** updates:.0%}; " if decay > 0.99 else ""
   return (f"note: the model this run writes is the EMA of its weights (optimizer.ema_decay="
           f"{decay:g}), which starts at the initial weights and still holds {kept:.0%} of them "
-          f"after {updates} optimizer updates (at 0.99: {0.99 ** updates:.0%}; at 0: none)")
+          f"after {updates} optimizer updates ({lower}at 0: none)")
 
 
 def train(config: ml_collections.ConfigDict, workdir: str,
