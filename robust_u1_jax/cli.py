@@ -23,7 +23,8 @@
   may still be using (`leave_at_once`).
 - A quiet start: importing this module silences the start-up messages of libraries that are not
   the project's (`QUIET_ENV`; set a variable yourself to override it), and absl logging shows
-  warnings and errors only unless --verbosity is given (Orbax logs every file at INFO).
+  warnings and errors only, as `warning: ...` lines, unless --verbosity is given (then absl's
+  whole lines; Orbax logs every file at INFO).
 - On CPU, malloc keeps freed memory for the next run of a program (`host_malloc`;
   ROBUST_U1_MALLOC=glibc turns it off).
 - Compiled programs are kept between commands in `cache_dirs.compiled_programs()` unless
@@ -39,6 +40,7 @@ missing folder), so a bad --out or --workdir fails at once, not after a model ha
 from __future__ import annotations
 
 import errno
+import logging as std_logging
 import os
 import re
 import signal
@@ -296,7 +298,32 @@ def parse_flags(argv: Sequence[str], values: flags.FlagValues = flags.FLAGS) -> 
     sys.exit(report(text))
   if not values["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+    plain_log_lines()
   return rest
+
+
+def plain_log_lines() -> None:
+  """Log records as `warning: message` lines, written above any progress bar (tqdm's write), in
+  place of absl's handler: its prefix (level, date, thread, file:line) is for a log file, and its
+  lines, written from a data loader's thread, landed in the middle of the bar's line."""
+  root = std_logging.getLogger()
+  root.removeHandler(logging.get_absl_handler())
+  if not any(isinstance(h, _PlainLines) for h in root.handlers):
+    root.addHandler(_PlainLines())
+
+
+class _PlainLines(std_logging.Handler):
+
+  def emit(self, record: std_logging.LogRecord) -> None:
+    import tqdm
+
+    try:
+      text = f"{record.levelname.lower()}: {record.getMessage()}"
+      if record.exc_info:
+        text += "\n" + std_logging.Formatter().formatException(record.exc_info)
+      tqdm.tqdm.write(text, file=sys.stderr)
+    except Exception:  # pylint: disable=broad-except
+      self.handleError(record)
 
 
 def _config_flag_names(values: flags.FlagValues) -> list[str]:

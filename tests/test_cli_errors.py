@@ -656,3 +656,30 @@ def test_ctrl_c_during_a_compile_ends_with_status_130_not_a_crash(tmp_path):
   assert "before the Ctrl-C" not in run.stdout, "the compile ended before the Ctrl-C: lengthen it"
   assert (run.returncode, run.stderr) == (130, "interrupted\n"), run.stderr[-2000:]
   assert run.stdout == "the program's exit handler ran\n"  # the exit handlers but JAX's run
+
+
+def test_log_lines_are_plain_and_above_the_progress_bar(capsys):
+  """A warning (a bad record, logged from a data loader's thread) reads `warning: ...` on a line
+  of its own, not absl's prefixed line in the middle of the progress bar's."""
+  import logging as std_logging
+
+  from absl import logging as absl_logging
+  import tqdm
+
+  root = std_logging.getLogger()
+  saved = list(root.handlers)
+  try:
+    root.addHandler(absl_logging.get_absl_handler())  # as absl's app.run leaves it
+    cli.plain_log_lines()
+    cli.plain_log_lines()  # once is enough: no line twice
+    bar = tqdm.tqdm(total=3, file=sys.stderr, ascii=True)
+    bar.update(1)
+    absl_logging.warning("folder data: bad record %s (index %d)", "a.png", 3)
+    bar.update(1)
+    bar.close()
+  finally:
+    root.handlers[:] = saved
+  err = capsys.readouterr().err
+  assert err.count("bad record") == 1
+  assert "\rwarning: folder data: bad record a.png (index 3)\n" in err
+  assert "test_cli_errors.py" not in err  # absl's file:line prefix
