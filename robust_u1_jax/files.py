@@ -4,6 +4,8 @@ user's JSON file so that a broken one is named; telling whether files changed si
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -60,3 +62,23 @@ def files_fingerprint(paths: Iterable[str]) -> list[list]:
         full = os.path.join(root, name)
         out.append([os.path.abspath(full), os.path.getsize(full), os.stat(full).st_mtime_ns])
   return out
+
+
+@functools.cache
+def code_digest(root: str | None = None) -> str:
+  """A digest of the Python sources under `root` (this package's by default): results kept for a
+  later run (an evaluation's finished units, its report) are another code's when it differs. A
+  unit kept by another version may lack a field this one reads, and a report would mix two
+  versions' figures."""
+  if root is None:
+    root = os.path.dirname(os.path.abspath(__file__))
+  digest = hashlib.sha256()
+  for folder, dirs, names in os.walk(root):
+    dirs.sort()
+    for name in sorted(names):
+      if name.endswith(".py"):
+        path = os.path.join(folder, name)
+        digest.update(os.path.relpath(path, root).encode() + b"\0")
+        with open(path, "rb") as f:
+          digest.update(f.read() + b"\0")
+  return digest.hexdigest()[:16]

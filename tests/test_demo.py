@@ -245,7 +245,7 @@ def test_the_evaluation_runs_again_for_other_settings_or_models(tmp_path, monkey
     more.eval.num_samples = 32
   demo.run(more, workdir)
   assert evaluated == [32]
-  assert "written for other models or settings: evaluating again" in capsys.readouterr().out
+  assert "written for other models, settings or code: evaluating again" in capsys.readouterr().out
   # A model retrained (its file rewritten): evaluated again.
   with open(weights, "w") as f:
     f.write("trained again")

@@ -568,7 +568,7 @@ def test_a_stopped_evaluation_resumes_to_the_report_of_an_uninterrupted_one(mode
     evaluate(tmp_path / "whole", stop_after=2, lines=other)
   c.seed -= 1
   assert other[-1] == (f"  {tmp_path / 'whole' / 'report.md'} is an earlier evaluation's, of "
-                       "other models or settings, until this one finishes")
+                       "other models, settings or code, until this one finishes")
   shutil.rmtree(tmp_path / "whole" / "partial")
   stopped = []
   with pytest.raises(_Stop):
@@ -631,3 +631,25 @@ def test_partial_results_keep_arrays_and_start_afresh_for_another_model(tmp_path
   store = partial.PartialResults(str(tmp_path), stamp())
   store.put("fog s3", unit)
   assert len(partial.PartialResults(str(tmp_path), {**stamp(), "config": {"seed": 1}})) == 0
+
+
+def test_units_kept_by_other_code_are_not_read_back(tmp_path):
+  """The stamp holds a digest of the package's sources: a unit kept by another version of the code
+  (which may lack a field this one reads, as a benchmark unit of the code before the answers file
+  lacked its answers) starts afresh, and so does a report of other code."""
+  package = os.path.dirname(os.path.abspath(files.__file__))
+  copy = tmp_path / "package"
+  shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+  digest = files.code_digest.__wrapped__  # uncached: the copy is edited below
+  assert digest(str(copy)) == digest(package) == files.code_digest()
+  (copy / "notes.txt").write_text("not code")
+  assert digest(str(copy)) == digest(package)
+  with open(copy / "eval" / "report.py", "a") as f:
+    f.write("# one line more\n")
+  assert digest(str(copy)) != digest(package)
+  c = config_lib.load_file(os.path.join(os.path.dirname(package), "configs", "eval.py:tiny"))
+  c.model = str(tmp_path / "model")
+  os.makedirs(c.model)
+  for name in ("llm_config.json", "vit_config.json", "ema.safetensors", "ae.safetensors"):
+    (tmp_path / "model" / name).write_bytes(b"")  # a model directory as far as the stamp looks
+  assert eval_run.fingerprint(c)["code"] == files.code_digest()

@@ -6,8 +6,9 @@ recovery key comes from (seed, record index), every answer is greedy. Each finis
 to `<report folder>/partial/<unit>.npz` (its JSON-able structure beside its arrays, written to a
 temporary name and renamed, so a kill leaves whole files only), and a re-run with the same config
 and models reads it back instead of computing it again: the report is the one an uninterrupted run
-writes. The folder is stamped with a fingerprint of the config and the models' files (size and
-modification time); a re-run that differs in either starts afresh. `eval.run` removes the folder
+writes. The folder is stamped with a fingerprint of the config, the models' files (size and
+modification time) and the package's code (`files.code_digest`); a re-run that differs in any
+starts afresh. `eval.run` removes the folder
 once the report is written.
 """
 

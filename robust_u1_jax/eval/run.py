@@ -49,14 +49,14 @@ def _evaluator(engine, c, clip_similarity, model: str) -> evaluation.Evaluator:
 
 
 def fingerprint(c: ml_collections.ConfigDict) -> dict[str, Any]:
-  """What an evaluation's results depend on: its config (not where the report goes) and the
-  files of the models, the CLIP checkpoint and the benchmark tables it reads."""
+  """What an evaluation's results depend on: its config (not where the report goes), the files of
+  the models, the CLIP checkpoint and the benchmark tables it reads, and this package's code."""
   models = [c.model] + [path for path in c.compare.values() if path]
   paths = [engine_lib.resolve_model_dir(m) for m in models] + [
       path for path in [c.clip_checkpoint, *c.benchmarks.values()] if path]
   # Not max_skip_ratio: raised after a stop on a bad table, it keeps the finished units.
   return {"config": {k: v for k, v in c.to_dict().items() if k not in ("out", "max_skip_ratio")},
-          "files": files.files_fingerprint(paths)}
+          "files": files.files_fingerprint(paths), "code": files.code_digest()}
 
 
 def report_dir(c: ml_collections.ConfigDict) -> str:
@@ -101,7 +101,7 @@ def run(c: ml_collections.ConfigDict, *, say: Callable[[str], None] = print) -> 
       out_dir = os.path.dirname(store.folder)
       if _report_stamp(out_dir) not in (None, store.stamp):  # it would look finished
         say(f"  {os.path.join(out_dir, 'report.md')} is an earlier evaluation's, of other "
-            "models or settings, until this one finishes")
+            "models, settings or code, until this one finishes")
     raise
 
 

@@ -132,7 +132,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
   configs = {part: part_config(config, part, workdir) for part in PARTS}
   check_parts_match(configs, workdir)
   # Finished parts are skipped; the evaluation runs again unless its report is of these very
-  # models and settings.
+  # models, settings and code.
   remaining = [p for p in PARTS[:-1]
                if not checkpoint.finished(os.path.join(workdir, p), configs[p].total_steps)]
   report = os.path.join(configs["eval"].out, "report.md")
@@ -149,10 +149,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
           f"{to_go:.1f} to go) -> {part_dir}", flush=True)
     if part == "eval":
       if part not in remaining:
-        print(f"{report} is of these models and settings; nothing to evaluate", flush=True)
+        print(f"{report} is of these models, settings and code; nothing to evaluate", flush=True)
         return report
       if os.path.exists(report):
-        print(f"{report} was written for other models or settings: evaluating again", flush=True)
+        print(f"{report} was written for other models, settings or code: evaluating again",
+              flush=True)
       return eval_run.run(c)  # stopped, it says how many units it keeps for the same command
     fresh = checkpoint.latest_step(part_dir) is None
     try:
