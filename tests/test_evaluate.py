@@ -653,3 +653,15 @@ def test_units_kept_by_other_code_are_not_read_back(tmp_path):
   for name in ("llm_config.json", "vit_config.json", "ema.safetensors", "ae.safetensors"):
     (tmp_path / "model" / name).write_bytes(b"")  # a model directory as far as the stamp looks
   assert eval_run.fingerprint(c)["code"] == files.code_digest()
+
+
+def test_rl_minus_sft_cells_never_read_minus_zero():
+  """A difference that rounds to zero at the table's digits is shown in exponent form, as the
+  claims show one (not "-0.0000", a zero with a sign)."""
+  pairs = {"psnr": {"rl": 20.0, "sft": 20.5, "se": 0.1},
+           "ssim": {"rl": 0.60, "sft": 0.60002, "se": 0.0007},
+           "clip": {"rl": 0.7, "sft": 0.7, "se": 0.005}}
+  result = {"num_samples": 4, "conditions": [{"label": "jpeg_compression s5"}],
+            "rl_minus_sft_by_condition": {"jpeg_compression s5": pairs}}
+  row = report.rl_minus_sft_table(result)[-1]
+  assert row == "| jpeg_compression s5 | -0.50 ± 0.10 | -2.0e-05 ± 0.0007 | +0.0000 ± 0.0050 |"

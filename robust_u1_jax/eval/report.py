@@ -403,8 +403,8 @@ def rl_minus_sft_table(result: Mapping[str, Any]) -> list[str]:
            "|" + " --- |" * (len(metrics) + 1)]
   for label in _in_condition_order(result, difference):
     pairs = difference[label]
-    cells = [f"{pairs[m]['rl'] - pairs[m]['sft']:+.{digits[m]}f} ± {pairs[m]['se']:.{digits[m]}f}"
-             for m in metrics]
+    cells = [f"{_signed(pairs[m]['rl'] - pairs[m]['sft'], digits[m])} ± "
+             f"{pairs[m]['se']:.{digits[m]}f}" for m in metrics]
     lines.append(f"| {label} | " + " | ".join(cells) + " |")
   return lines
 
