@@ -300,6 +300,10 @@ def test_prompt_and_answer_extraction():
   # The article "A" is no option letter; a letter alone or closed by '.', ')' or ':' is.
   assert reasoner.extract_answer("A square.", ["circle", "square"]) == "B"
   assert reasoner.extract_answer("A red circle, so the answer is B.", ["x", "y", "z"]) == "B"
+  # Inside the reply only one closed letter names an option: two name none (VLMEvalKit's rule).
+  assert reasoner.extract_answer("It is not A. The answer is B.", ["x", "y", "z"]) == ""
+  assert reasoner.extract_answer("option C) z is unlikely, B) y it is", ["x", "y", "z"]) == ""
+  assert reasoner.extract_answer("so B. Yes, B.", ["x", "y", "z"]) == "B"
   assert reasoner.extract_answer("<ANSWER>A<ANSWER_END>", ["x", "y"]) == "A"
   # In the answer field a lowercase letter is the option, as the training targets' parser reads
   # it (it named none); in free text 'a' stays an article.

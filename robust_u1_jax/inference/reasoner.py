@@ -56,7 +56,8 @@ def leading_letter(answer: str, letters: str) -> str:
 def extract_answer(text: str, options: Sequence[str] = ()) -> str:
   """The final answer: the last `<ANSWER>...` content (else the whole text); with options, its
   option letter, or '' when none can be told: the answer field's one letter in either case; a
-  capital letter alone or closed by '.', ')' or ':'; else
+  capital letter the answer starts with, alone or closed by '.', ')' or ':', or the one letter
+  closed so inside it; else
   VLMEvalKit's text rule, the one option whose text the answer holds, in an answer at most twice
   as long as the options' texts together (a reply that names several, or one in passing in a
   long text, names none)."""
@@ -70,9 +71,10 @@ def extract_answer(text: str, options: Sequence[str] = ()) -> str:
   if found and len(answer) == 1 and answer.upper() in letters:
     return answer.upper()
   # A letter alone or closed by '.', ')' or ':' ("B", "(B)", "B. square"): not the article of
-  # "A red circle ...".
-  closed = re.search(rf"\b([{letters}])[.)]", answer)
-  letter = leading_letter(answer, letters) or (closed.group(1) if closed else "")
+  # "A red circle ...". Inside the reply, only the one letter it closes: "It is not A. The answer
+  # is B." names two, and names none (as VLMEvalKit's rule reads several letters).
+  closed = set(re.findall(rf"\b([{letters}])[.)]", answer))
+  letter = leading_letter(answer, letters) or (closed.pop() if len(closed) == 1 else "")
   if letter:
     return letter
   bodies = [body.lower() for body in bodies]
