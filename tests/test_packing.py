@@ -10,7 +10,7 @@ import grain
 import numpy as np
 import pytest
 
-from robust_u1_jax.data import packing, sequence
+from robust_u1_jax.data import bad_records, packing, sequence
 
 VIT_PATCH, VAE_STRIDE = 8, 16
 
@@ -45,8 +45,13 @@ def test_sample_tokens_count_the_stage_blocks():
   chex.assert_shape(out["tokens"], (n_text + n_vit + 2 * n_vae + 6,))
   assert out["tokens"].size == sequence.lengths(sequence.sft_blocks(rec), VIT_PATCH,
                                                 VAE_STRIDE)[0]
-  with pytest.raises(ValueError, match="record 0 .* needs .* tokens"):
-    _measure(budget=10).map(rec)
+  # Longer than a row: a bad record naming the setting (logged, counted and replaced).
+  skipped = _measure(budget=10).map({**rec, "path": "a.png"})
+  assert bad_records.is_skip(skipped) and (skipped["path"], skipped["index"]) == ("a.png", 0)
+  assert skipped["epoch"] == 0
+  assert skipped[bad_records.SKIP] == (f"needs {out['tokens'].size} tokens, more than "
+                                       "data.token_budget=10: raise the budget or lower "
+                                       "data.vae_max_side / data.vit_max_side")
   with pytest.raises(KeyError, match="stage 'sft' needs record field 'instruction_ids'"):
     _measure().map({k: v for k, v in rec.items() if k != "instruction_ids"})
 
@@ -135,10 +140,10 @@ def test_split_rows_hold_each_experts_tokens_within_its_budget():
   assert sorted(seen) == list(range(len(records))) and fuller > 0
   rec = records[0]
   _, _, latent = sequence.lengths(sequence.sft_blocks(rec), VIT_PATCH, VAE_STRIDE)
-  with pytest.raises(ValueError, match=f"record 0 .* needs {latent} latent .* "
-                                       "data.latent_budget=1 "):
-    packing.SampleTokens("sft", vit_patch=VIT_PATCH, vae_stride=VAE_STRIDE, token_budget=budget,
-                         latent_budget=1).map(rec)
+  skipped = packing.SampleTokens("sft", vit_patch=VIT_PATCH, vae_stride=VAE_STRIDE,
+                                 token_budget=budget, latent_budget=1).map(rec)
+  assert skipped[bad_records.SKIP].startswith(f"needs {latent} latent and ")
+  assert "more than data.latent_budget=1 / " in skipped[bad_records.SKIP]
 
 
 def test_packed_iterator_resumes_exactly():

@@ -375,11 +375,24 @@ def test_text_widths_fix_one_field_and_name_the_setting(tok):
   assert not pipeline.fixed_rows(data, "reason")  # the question's width still varies
   data.text_widths.question = 128
   assert pipeline.fixed_rows(data, "reason") and not pipeline.fixed_rows(data, "pretrain")
+  # A record whose text is longer is a bad record naming the setting: logged, counted and
+  # replaced (not a stop hours into a run); where most records are, the skip ratio stops the run.
   data.text_widths.answer = longest - 1
-  with pytest.raises(ValueError, match=rf"data.text_widths.answer = {longest - 1}: the answer "
-                                       r"text of record \d+ of data.source 'shapes' is "
-                                       rf"{longest} tokens"):
-    make()
+  data.max_skip_ratio = 0.9
+  p = pipeline.make_pipeline(data, seed=0, tokenizer=tok, stage="reason")
+  narrow = next(p)
+  assert narrow["answer_ids"].shape == (4, longest - 1)
+  assert p.tracker.metrics()["skipped"] >= 1
+  reasons = {reason for _, _, reason in p.tracker.recent()}
+  assert reasons == {f"the answer text is {longest} tokens, more than data.text_widths.answer = "
+                     f"{longest - 1}: raise data.text_widths.answer to hold it"}
+  data.text_widths.answer = 0
+  data.text_pad_to = longest - 1
+  p = pipeline.make_pipeline(data, seed=0, tokenizer=tok, stage="reason")
+  assert next(p)["answer_ids"].shape == (4, longest - 1)
+  assert {reason for _, _, reason in p.tracker.recent()} == {
+      f"the answer text is {longest} tokens, more than data.text_pad_to = {longest - 1}: raise "
+      "data.text_pad_to to hold it"}
 
 
 def test_config_names_the_pipelines_text_fields():
@@ -478,12 +491,16 @@ def test_reason_stage_on_jsonl_pairs(tok, tmp_path):
   answer = tok.decode(batch["answer_ids"][1, :batch["answer_lengths"][1]].tolist())
   assert answer == tokenizer_lib.text_block(answer_format.bare_answer("C"))
 
-  # An answer wider than its fixed width names its row (it said "answer_ids of 848 tokens").
+  # An answer wider than its fixed width is a bad record naming its line (it said "answer_ids of
+  # 848 tokens"): past data.max_skip_ratio the run stops with it, else another row takes its place.
   rows[2]["answer"] = "<REASONING>" + "long " * 200 + "<REASONING_END>\n<ANSWER>B<ANSWER_END>"
   path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
   data = _data("reason", source="jsonl", path=str(path), corruption="none", batch_size=4,
                shuffle=False, **{"text_widths.answer": 64})
-  with pytest.raises(config_lib.ConfigError,
-                     match=rf"data.text_widths.answer = 64: the answer text of line 3 of {path} "
-                           r"is \d+ tokens; raise data.text_widths.answer"):
+  with pytest.raises(bad_records.TooManyBadRecords,
+                     match=r"line 3: the answer text is \d+ tokens, more than "
+                           r"data.text_widths.answer = 64: raise data.text_widths.answer"):
     next(pipeline.make_pipeline(data, seed=0, tokenizer=tok, stage="reason"))
+  data.max_skip_ratio = 0.5
+  batch = next(pipeline.make_pipeline(data, seed=0, tokenizer=tok, stage="reason"))
+  assert batch["index"].tolist()[:2] == [0, 1] and batch["index"][2] != 2

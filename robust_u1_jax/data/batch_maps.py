@@ -40,12 +40,15 @@ class Tokenize(grain.transforms.Map):
   """Tokenises text fields into '<field>_ids', memoising repeated texts (instructions, prompts).
 
   Given a tokenizer directory instead of an object, it pickles as the path (Grain workers) and
-  loads the tokenizer once per process.
+  loads the tokenizer once per process. `widths` ({field: (tokens, the setting that fixes them)},
+  `text_width_limits`) makes a record whose text is longer a bad record (`bad_records`), so one
+  long answer does not stop a run hours in; `Collate` would refuse the batch.
   """
 
   def __init__(self, fields: Sequence[str], tok=None, tokenizer_dir: str = "",
-               cache_size: int = 4096):
+               cache_size: int = 4096, widths: Mapping[str, tuple[int, str]] | None = None):
     self.fields, self.tokenizer_dir, self.cache_size = tuple(fields), tokenizer_dir, cache_size
+    self.widths = dict(widths or {})
     self._tok, self._cache = tok, {}
     self._picklable_tok = tok is None
 
@@ -71,8 +74,29 @@ class Tokenize(grain.transforms.Map):
       return element
     out = dict(element)
     for field in self.fields:
-      out[f"{field}_ids"] = self._ids(out[field])
+      out[f"{field}_ids"] = ids = self._ids(out[field])
+      width, setting = self.widths.get(field, (None, ""))
+      if width is not None and len(ids) > width:
+        where = f"line {element['line']}: " if "line" in element else ""
+        return bad_records.skip_record(
+            f"{where}the {field} text is {len(ids)} tokens, more than {setting} = {width}: raise "
+            f"{setting} to hold it", element.get("path"), element.get("index"),
+            element.get("epoch"))
     return out
+
+
+def text_width_limits(fields: Sequence[str], text_pad_to: int | None,
+                      text_widths: Mapping[str, int]) -> dict[str, tuple[int, str]]:
+  """{field: (its fixed width, the setting that fixes it)} for `Tokenize`, as `Collate` pads:
+  data.text_widths.<field> first, else data.text_pad_to; a field of neither is padded to its
+  batch's longest and has no limit."""
+  limits = {}
+  for field in fields:
+    if text_widths.get(field):
+      limits[field] = (int(text_widths[field]), f"data.text_widths.{field}")
+    elif text_pad_to:
+      limits[field] = (int(text_pad_to), "data.text_pad_to")
+  return limits
 
 
 _TOKENIZER_LOCK = threading.Lock()

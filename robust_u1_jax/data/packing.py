@@ -8,9 +8,10 @@ to a record as a 'tokens' feature of ones, the only feature Grain packs.
 
 Rows are filled first-fit by Grain's `FirstFitPackIterDataset` (checkpointable: its state is the
 parent position of the open packing round), so a row holds whole samples only; a sample longer
-than the budget is refused with its index. With data.latent_budget = L > 0 a row also holds
-at most L latent (generation-expert) tokens and at most T - L others, so the two experts'
-buffers together are one row (`bagel.bound_experts`). A packed row has
+than the budget is a bad record (`bad_records`: logged, counted and replaced). With
+data.latent_budget = L > 0 a row also holds at most L latent (generation-expert) tokens and at
+most T - L others, so the two experts' buffers together are one row (`bagel.bound_experts`). A
+packed row has
 
   segment_ids                   (T,)  int32, 1..n where the row's samples go, 0 after them;
                                       T = token_budget
@@ -38,7 +39,6 @@ from typing import Any
 import grain
 import numpy as np
 
-from robust_u1_jax import config_lib
 from robust_u1_jax.data import bad_records
 from robust_u1_jax.data import sequence
 
@@ -49,7 +49,8 @@ class SampleTokens(grain.transforms.Map):
   Args:
     stage: a stage of `sequence.STAGE_BLOCKS`.
     vit_patch, vae_stride: pixels per ViT patch / per VAE latent token along a side.
-    token_budget: refuses samples longer than one row, naming the record index.
+    token_budget: a sample longer than one row becomes a skip marker (a bad record) naming the
+      setting to raise.
     latent_budget: > 0 adds 'latent_tokens' and 'und_tokens' (ones, the sample's latent tokens
       and the rest), packed within latent_budget and token_budget - latent_budget.
   """
@@ -71,20 +72,22 @@ class SampleTokens(grain.transforms.Map):
       raise KeyError(f"stage {self.stage!r} needs record field {e}; the record has "
                      f"{sorted(element)}") from None
     n, _, latent = sequence.lengths(blocks, *self.strides)
-    record = f"record {element.get('index', '?')} ({element.get('path', '')})"
+    # A record longer than a row (a long question or answer, most often) is a bad record: logged,
+    # counted against data.max_skip_ratio and replaced, not a stop hours into a run. Where most
+    # records are too long, the ratio stops the run with this reason.
+    skip = lambda reason: bad_records.skip_record(reason, element.get("path"),
+                                                  element.get("index"), element.get("epoch"))
     if n > self.token_budget:
-      raise config_lib.ConfigError(
-          f"{record} needs {n} tokens, more than data.token_budget={self.token_budget}: raise "
-          "the budget or lower data.vae_max_side / data.vit_max_side")
+      return skip(f"needs {n} tokens, more than data.token_budget={self.token_budget}: raise "
+                  "the budget or lower data.vae_max_side / data.vit_max_side")
     out = {**element, "tokens": np.ones(n, np.int8)}
     if self.latent_budget:
       und_budget = self.token_budget - self.latent_budget
       if latent > self.latent_budget or n - latent > und_budget:
-        raise config_lib.ConfigError(
-            f"{record} needs {latent} latent and {n - latent} other tokens, more than "
-            f"data.latent_budget={self.latent_budget} / the {und_budget} left of "
-            f"data.token_budget={self.token_budget}: move the split or lower data.vae_max_side "
-            "/ data.vit_max_side")
+        return skip(f"needs {latent} latent and {n - latent} other tokens, more than "
+                    f"data.latent_budget={self.latent_budget} / the {und_budget} left of "
+                    f"data.token_budget={self.token_budget}: move the split or lower "
+                    "data.vae_max_side / data.vit_max_side")
       out["latent_tokens"] = np.ones(latent, np.int8)
       out["und_tokens"] = np.ones(n - latent, np.int8)
     return out

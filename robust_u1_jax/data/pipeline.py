@@ -288,7 +288,8 @@ def _check_stage(stage: str) -> None:
     raise ValueError(f"stage={stage!r} is unknown: allowed {', '.join(STAGES)}")
 
 
-def _record_steps(data_config, seed: int, stage: str, tokenizer, instruction: str | None
+def _record_steps(data_config, seed: int, stage: str, tokenizer, instruction: str | None,
+                  text_pad_to: int | None
                   ) -> tuple[list[grain.transforms.Map], list[grain.transforms.Map]]:
   """(the steps that map one record, the steps that map a group of records) from a loaded
   record tagged with its epoch to the record a batch holds: the pipeline's readers run them,
@@ -303,7 +304,11 @@ def _record_steps(data_config, seed: int, stage: str, tokenizer, instruction: st
       each(stage_fields.StageFields(
           stage, seed=seed, instruction=instruction or tokenizer_lib.RECOVERY_INSTRUCTION,
           vit_rule=transforms.resize_rule(data_config, "vit"))),
-      each(batch_maps.Tokenize(text_fields, tokenizer, data_config.tokenizer_dir))]
+      each(batch_maps.Tokenize(
+          text_fields, tokenizer, data_config.tokenizer_dir,
+          # Packed rows take any text width that fits data.token_budget (`SampleTokens`).
+          widths=None if data_config.token_budget > 0 else batch_maps.text_width_limits(
+              text_fields, text_pad_to, fixed_text_widths(data_config))))]
   keep = (*IMAGE_FIELDS, "index", "epoch", "corruption", "corruption_steps",
           *(f"{f}_ids" for f in text_fields), *HOST_FIELDS[stage])
   if data_config.token_budget > 0:
@@ -378,7 +383,8 @@ def make_pipeline(data_config, *, seed: int, process_index: int = 0, process_cou
   # Records are corrupted a group at a time (one jitted call per group of one image size); the
   # per-record steps after it map over each group's records, and `Ungroup` below restores the
   # record stream once Grain's readers are done.
-  record_steps, group_steps = _record_steps(data_config, seed, stage, tokenizer, instruction)
+  record_steps, group_steps = _record_steps(data_config, seed, stage, tokenizer, instruction,
+                                            text_pad_to)
   for step in record_steps:
     ds = ds.map(step)
   ds = ds.batch(corrupt_groups.GROUP, batch_fn=list)
