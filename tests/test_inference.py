@@ -187,6 +187,31 @@ def test_released_stochastic_step_changes_only_with_its_key(tiny, world_images):
       recovery.Sampler(num_steps=4, shift=shift)
 
 
+def test_the_stochastic_steps_draw_noise_of_their_own(tiny, world_images, monkeypatch):
+  """The steps' keys are not split from the key that drew the initial noise (fold_in(key, i) is
+  split(key, n)[i]): a stochastic step at index 0 drew x_init's noise again, at index 1 the
+  VAE posterior's."""
+  eng, model = tiny
+  seen = {}
+  sample_latents = recovery.sample_latents
+
+  def spy(velocity, x_init, sampler, key):
+    seen.update(x_init=x_init, key=key)
+    return sample_latents(velocity, x_init, sampler, key)
+
+  monkeypatch.setattr(recovery, "sample_latents", spy)
+  keys = jax.random.PRNGKey(3)[None]  # one key per image, as `Engine.recover` passes them
+  recovery.recover(model, _inputs(eng, model, world_images[0]),
+                   dataclasses.replace(FEW_STEPS, sde_step=0), keys)
+  x_init = np.asarray(seen["x_init"])[0]
+  step_keys = jax.random.split(seen["key"][0], FEW_STEPS.num_steps - 1)  # as `sampling.sample`
+  posterior = np.asarray(jax.random.fold_in(keys[0], 1))
+  for k, step_key in enumerate(step_keys):
+    drawn = np.asarray(jax.random.normal(step_key, x_init.shape, x_init.dtype))
+    assert not np.allclose(drawn, x_init), k
+    assert not np.array_equal(np.asarray(step_key), posterior), k
+
+
 def test_posterior_sample_and_mean(tiny, world_images):
   _, model = tiny
   batch = jnp.asarray(np.stack(world_images[:2]))[:, None]
