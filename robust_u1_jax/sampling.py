@@ -41,6 +41,7 @@ class SDEStep(NamedTuple):
   mean: jax.Array  # the Gaussian's mean; the KL to a reference policy is taken between means
   std: jax.Array  # per-sample std of x_next (std_s * sqrt(-dt))
   log_prob: jax.Array  # (batch,), averaged over latent elements
+  sigma: jax.Array  # per-sample noise scale std_s = a sqrt(s / (1 - s)), which the KL divides by
 
 
 def sde_std(s: jax.Array, s_max: jax.Array, noise_level: float) -> jax.Array:
@@ -82,7 +83,7 @@ def sde_step(x: jax.Array, v: jax.Array, s: jax.Array, s_next: jax.Array, s_max:
     if key is None:
       raise ValueError("sde_step needs a PRNG key to sample, or x_next to score")
     x_next = mean + std * normal(key, x.shape, x.dtype)
-  return SDEStep(x_next, mean, std, gaussian_log_prob(x_next, mean, std))
+  return SDEStep(x_next, mean, std, gaussian_log_prob(x_next, mean, std), std_s)
 
 
 RENORM_TYPES = ("global", "channel", "text_channel")

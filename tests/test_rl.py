@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from robust_u1_jax import config_lib
+from robust_u1_jax import config_lib, sampling
 from robust_u1_jax.data import sequence
 from robust_u1_jax.data import shapes
 from robust_u1_jax.inference import recovery
@@ -220,3 +220,34 @@ def test_learning_rate_follows_the_trainer_step_with_several_updates():
   chex.assert_trees_all_close(np.asarray(sizes[::2]),
                               np.asarray([float(schedule(n)) for n in range(6)]), rtol=1e-5,
                               atol=1e-12)
+
+
+def test_the_kl_term_divides_by_the_sde_noise_scale():
+  """beta's term is mean((mu - mu_ref)^2) / (2 sigma^2) with sigma = a sqrt(s / (1 - s)), as
+  Flow-GRPO's code takes it (its betas carry over), not the exact Gaussian KL, which divides by
+  the step's variance sigma^2 (-dt) as well."""
+  settings, graphdef, tx, state, inputs = _tiny_rl(
+      1, group_size=2, num_steps=4, window_size=2, updates_per_rollout=1, inner_epochs=1,
+      beta=0.04)
+  # A reference policy away from the trained one, so the term is not 0.
+  reference = jax.tree.map(lambda p: p * 1.05, state.params)
+  state = state.replace(aux={"reference": reference})
+  rewards = jnp.array([1.0, 0.0])
+  fns = rl.make_functions(graphdef, tx, settings, lambda r, c, aux: {"total": rewards})
+  key, shuffle_key = jax.random.split(jax.random.PRNGKey(3))
+  out, _, _ = jax.jit(fns.rollout)(state, inputs, key)
+  vae_key = rl.rollout_vae_key(key)
+  advantages = grpo.group_advantages(rewards.reshape(1, 2)).reshape(-1)
+  _, per_update = jax.jit(fns.updates)(state, inputs, out, advantages, vae_key, shuffle_key)
+  terms = jax.jit(fns.policy_terms)
+  policy = terms(state.params, state.frozen, inputs, out, vae_key)
+  ref = terms(reference, state.frozen, inputs, out, vae_key)
+  s, s_next = np.asarray(out.window_t), np.asarray(out.window_t_next)  # (W,)
+  s_max = float(sampling.timesteps(settings.num_steps, settings.timestep_shift)[1])
+  sigma = settings.noise_level * np.sqrt(s / (1 - np.where(s >= 1, s_max, s)))  # s = 1 moved
+  sq = np.asarray((policy.mean - ref.mean) ** 2).reshape(2, 2, -1).mean(-1)  # (W, G)
+  expected = np.mean(sq / (2 * sigma[:, None] ** 2))
+  assert expected > 0
+  np.testing.assert_allclose(per_update["kl"][0], expected, rtol=1e-4)
+  exact = np.mean(sq / (2 * sigma[:, None] ** 2 * (s - s_next)[:, None]))
+  assert not np.isclose(per_update["kl"][0], exact, rtol=0.5)

@@ -22,7 +22,7 @@ def group_advantages(rewards_bg: jax.Array, clip: float = 5.0, eps: float = 1e-4
 class PolicyLoss(NamedTuple):
   loss: jax.Array
   policy_loss: jax.Array
-  kl: jax.Array  # beta-free KL term, mean((mu - mu_ref)^2 / (2 std^2))
+  kl: jax.Array  # beta-free KL term, mean((mu - mu_ref)^2 / (2 sigma^2)) (`mean_kl`)
   clip_fraction: jax.Array
   approx_kl: jax.Array  # E[(ratio - 1) - log ratio], the k3 estimator of KL(old || new)
   log_ratio_mean: jax.Array
@@ -57,8 +57,13 @@ def ppo_clip_loss(log_prob: jax.Array, old_log_prob: jax.Array, advantages: jax.
 
 def mean_kl(mean: jax.Array, ref_mean: jax.Array, std: jax.Array,
             mask: jax.Array | None = None) -> jax.Array:
-  """KL between Gaussians sharing std: mean over samples (those in `mask`, all when None) of
-  mean((mu - mu_ref)^2) / (2 std^2)."""
+  """The KL term: mean over samples (those in `mask`, all when None) of
+  mean((mu - mu_ref)^2) / (2 std^2).
+
+  The RL step passes the SDE's noise scale sigma = a sqrt(s / (1 - s)) as `std`, as Flow-GRPO's
+  code divides, so its betas (0 to 0.04) carry over. The exact KL between the two steps'
+  Gaussians (std sigma sqrt(-dt)) also divides by -dt, as Flow-GRPO's paper writes it: in the
+  window's steps of a 15-step sampler (shift 3) the same beta would be 17 to 40 times stronger."""
   batch = mean.shape[0]
   sq = ((mean - ref_mean) ** 2).reshape(batch, -1).mean(-1)
   return masked_mean(sq / (2 * std.reshape(batch, -1)[:, 0] ** 2), mask)

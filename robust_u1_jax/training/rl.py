@@ -187,7 +187,8 @@ def make_functions(graphdef: nnx.GraphDef, tx, s: RLSettings,
         steps.log_prob.reshape(-1), out.window_log_prob.reshape(-1), adv.reshape(-1),
         clip_low=s.clip_low, clip_high=s.clip_high, beta=s.beta, mean=flat(steps.mean),
         ref_mean=None if ref_mean is None else flat(ref_mean),
-        std=flat(jnp.broadcast_to(steps.std, steps.mean.shape)), mask=mask_t)
+        # The KL divides by the SDE's noise scale, not the step's std (grpo.mean_kl).
+        std=flat(jnp.broadcast_to(steps.sigma, steps.mean.shape)), mask=mask_t)
     return terms.loss, terms
 
   def updates(state: TrainState, inputs: RecoveryInputs, out: sampling.Rollout,
