@@ -166,7 +166,8 @@ def make_functions(graphdef: nnx.GraphDef, tx, s: RLSettings,
     return jax.lax.map(jax.checkpoint(lambda a: one(*a)),
                        (out.window_x, out.window_x_next, out.window_t, out.window_t_next))
 
-  def loss_fn(params, state: TrainState, inputs, out, advantages, vae_key, mask_t=None):
+  def loss_fn(params, state: TrainState, inputs, out, advantages, vae_key, ref_mean,
+              mask_t=None):
     # Every transition is scored and the mini-batch's are kept by `mask_t` (None: all). Gathering
     # the mini-batch instead would save the masked transitions' forward and backward passes, but
     # a mini-batch mixes samples and window steps, so it would need the group-repeated KV caches
@@ -175,10 +176,6 @@ def make_functions(graphdef: nnx.GraphDef, tx, s: RLSettings,
     # update runs the forward and backward of all B*G*W transitions (W window steps against the
     # rollout's num_steps sampler steps, so small while updates_per_rollout is).
     steps = policy_terms(params, state.frozen, inputs, out, vae_key)
-    ref_mean = None
-    if s.beta > 0:
-      ref = policy_terms(state.aux["reference"], state.frozen, inputs, out, vae_key)
-      ref_mean = jax.lax.stop_gradient(ref.mean)
     adv = jnp.broadcast_to(advantages, out.window_log_prob.shape)
     # Window steps and samples flattened into one batch of transitions (window-major: the
     # layout minibatch_masks indexes).
@@ -204,10 +201,14 @@ def make_functions(graphdef: nnx.GraphDef, tx, s: RLSettings,
                               s.inner_epochs)
     # With one mini-batch per epoch every update takes every transition: no mask, so a single
     # update is the plain full-batch loss.
+    ref_mean = None
+    if s.beta > 0:  # the frozen reference's means: one forward for all the rollout's updates
+      ref_mean = jax.lax.stop_gradient(
+          policy_terms(state.aux["reference"], state.frozen, inputs, out, vae_key).mean)
 
     def one_update(state, mask_t):
       (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-          state.params, state, inputs, out, advantages, vae_key, mask_t)
+          state.params, state, inputs, out, advantages, vae_key, ref_mean, mask_t)
       state, opt_metrics = apply_gradients(state, grads, tx, s.ema_decay)
       return state, {**terms._asdict(), **opt_metrics}
 
