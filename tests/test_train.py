@@ -10,11 +10,14 @@ import subprocess
 import sys
 import time
 
+import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from robust_u1_jax import config_defaults, config_lib
+from robust_u1_jax.checkpoints import orbax_io
 from robust_u1_jax.data import packing, pipeline
 from robust_u1_jax.data import tokenizer as tokenizer_lib
 from robust_u1_jax.eval import evaluation as eval_lib
@@ -483,3 +486,44 @@ def test_a_run_refused_at_its_first_batch_leaves_no_workdir(tmp_path):
   with pytest.raises(config_lib.ConfigError, match="images of two sizes"):
     trainer.train(_config(2), str(tmp_path / "runs" / "w"), build)
   assert os.listdir(tmp_path) == []
+
+
+def test_checkpoints_hold_the_trained_part_and_older_whole_ones_still_resume(tmp_path, monkeypatch):
+  """A checkpoint holds step, params, optimizer state, EMA and rng; the frozen weights (the whole
+  base model under LoRA) are built again from the config on resume. A checkpoint of the whole
+  state, as runs wrote before, resumes too, to the same model as an uninterrupted run."""
+  import orbax.checkpoint as ocp
+
+  from robust_u1_jax.training import checkpoint
+
+  def stopped_after_step_1(workdir):
+    with monkeypatch.context() as m:
+      m.setattr(checkpoint.Checkpointer, "install_signal_handlers",
+                lambda self: setattr(self, "stop_requested", True))
+      with pytest.raises(checkpoint.Stopped):
+        trainer.train(config, workdir, sft.build)
+
+  config = _config(3)
+  straight = str(tmp_path / "straight")
+  trainer.train(config, straight, sft.build)
+
+  resumed = str(tmp_path / "resumed")
+  stopped_after_step_1(resumed)
+  tree = ocp.StandardCheckpointer().metadata(os.path.join(resumed, "checkpoints", "1", "state"))
+  saved = tree.item_metadata.tree if hasattr(tree, "item_metadata") else tree
+  assert set(saved) == set(state_lib.SAVED_FIELDS), set(saved)
+  trainer.train(config, resumed, sft.build)
+
+  whole = str(tmp_path / "whole")
+  with monkeypatch.context() as m:  # the code before: the whole state, no marker
+    m.setattr(state_lib, "saved_part", lambda state: state)
+    m.setattr(trainer, "SAVED_PART", "not_the_marker")
+    stopped_after_step_1(whole)
+  trainer.train(config, whole, sft.build)
+
+  reference = _history(straight)
+  want = nnx.state(orbax_io.load_orbax(os.path.join(straight, "model")), nnx.Param)
+  for workdir in (resumed, whole):
+    assert _history(workdir)[3]["loss"] == reference[3]["loss"], workdir
+    got = nnx.state(orbax_io.load_orbax(os.path.join(workdir, "model")), nnx.Param)
+    chex.assert_trees_all_equal(got, want)

@@ -1,5 +1,7 @@
 """Checkpoints of a training run: train state, data iterator position and run metadata, via Orbax.
 
+The trainer saves the trained part of its state (`state.saved_part`); any pytree can be saved.
+
 - Saves are asynchronous (training continues while arrays are written) every `every` steps, and on
   SIGTERM/SIGINT at the end of a step, so a preempted TPU job loses nothing; the run then ends in
   `Stopped`, whose exit status (128 + the signal) tells a scheduler or `&&` that it is not
@@ -178,8 +180,12 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def restore(self, abstract_state: Any, iterator: Any) -> tuple[int, Any, dict] | None:
+  def restore(self, abstract_state: Any, iterator: Any,
+              target_for: Callable[[dict], Any] | None = None) -> tuple[int, Any, dict] | None:
     """Restores the newest readable checkpoint onto `abstract_state`'s shardings.
+
+    `target_for(meta)`, where given, picks the restore target from the step's metadata instead
+    (`abstract_state` or another tree: checkpoints written in another layout).
 
     Returns (step, state, meta), or None when there is no checkpoint. A checkpoint that fails to
     load is reported with its path, moved aside as `<step>.damaged` and skipped in favour of the
@@ -197,8 +203,12 @@ class Checkpointer:
         # process could not read would stop that one inside Orbax's collective restore, the
         # others waiting for it there.
         self._read_data_positions(step, iterator)
+        target = abstract_state
+        if target_for is not None:
+          target = target_for(self.manager.restore(
+              step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
         restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
+            state=ocp.args.StandardRestore(target),
             data=grain_checkpoint.CheckpointRestore(_IteratorAdapter(iterator)),
             meta=ocp.args.JsonRestore()))
       except UnreadableCheckpoints:

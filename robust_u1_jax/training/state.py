@@ -34,6 +34,18 @@ class TrainState:
   aux: dict[str, Any] = flax.struct.field(default_factory=dict)
 
 
+# What a checkpoint holds of a TrainState: what training changes. `frozen` (the whole base model
+# under LoRA, the understanding expert, ViT and VAE otherwise) and `aux` (the RL reference, the
+# reward model) are built again from the config on resume, as at the start: a checkpoint of a
+# 7B LoRA run is its factors and their optimizer state, not 30 GB of base weights again.
+SAVED_FIELDS = ("step", "params", "opt_state", "ema", "rng")
+
+
+def saved_part(state: TrainState) -> dict[str, Any]:
+  """The fields of `state` a checkpoint holds (`SAVED_FIELDS`)."""
+  return {name: getattr(state, name) for name in SAVED_FIELDS}
+
+
 def trainable_filter(patterns: Sequence[str]):
   """An nnx filter selecting parameters whose dotted path matches any regex in `patterns`."""
   compiled = [re.compile(p) for p in patterns]

@@ -69,6 +69,8 @@ def _removed_if_left_empty(workdir: str) -> Iterator[None]:
 
 # What the learning-rate schedule spans: total_steps x rl.updates_per_rollout updates (RL's
 # update_optimizer), grad_accum_steps micro-batches each.
+# The metadata key that marks a checkpoint holding `state.saved_part` (the trained part) only.
+SAVED_PART = "saved_part"
 SCHEDULE_FIELDS = ("total_steps", "rl.updates_per_rollout", "optimizer.grad_accum_steps")
 
 
@@ -174,8 +176,14 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     ckpt = checkpoint_lib.Checkpointer(workdir, every=config.checkpoint_every,
                                        keep=config.keep_checkpoints)
     start, pending = 0, []
+    # A checkpoint holds the trained part of the state (frozen weights and reward models are
+    # built from the config above, as at the start); one written before it did (no SAVED_PART in
+    # its metadata) holds the whole state and is read whole.
+    trained_part, whole = (checkpoint_lib.abstract_like(tree)
+                           for tree in (state_lib.saved_part(state), state))
     try:
-      restored = ckpt.restore(checkpoint_lib.abstract_like(state), data)
+      restored = ckpt.restore(trained_part, data, target_for=lambda meta: (
+          trained_part if meta.get(SAVED_PART) else whole))
     except checkpoint_lib.UnreadableCheckpoints as e:
       # A setting that changes the state's tree (lora.rank) or the data's (token_budget) leaves
       # every checkpoint unreadable: name it.
@@ -187,7 +195,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         ) from None
       raise
     if restored is not None:
-      start, state, meta = restored
+      start, trained, meta = restored
+      state = state.replace(**trained) if isinstance(trained, dict) else trained
       pending = meta.get("log_window", [])
       logging.info("resumed %s from step %d", workdir, start)
       print(f"resuming from step {start} in {workdir}", flush=True)
@@ -256,7 +265,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         stop = ckpt.should_stop()
         if step % config.checkpoint_every == 0 or stop or step == config.total_steps:
           checkpoint_lib.check_finite(step, jax.device_get(metrics), kept=ckpt.latest_step)
-          ckpt.save(step, state, data, {**meta, "step": step, "log_window": log.pending()},
+          ckpt.save(step, state_lib.saved_part(state), data,
+                    {**meta, "step": step, "log_window": log.pending(), SAVED_PART: True},
                     force=True)
         if stop:
           print(f"stopped at step {step}; checkpoint saved in {ckpt.directory}", flush=True)
