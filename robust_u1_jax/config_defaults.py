@@ -46,6 +46,11 @@ def get_data_config() -> ml_collections.ConfigDict:
   # one and a reasoning answer says so (TYPE none), which a model that should tell clean images
   # from corrupted ones needs to see.
   d.clean_fraction = 0.0
+  # SFT and RL: of the records with questions (the built-in world's, a VQA table's), drawn per
+  # record, those whose recovery instruction is the release's whole prompt for one of them (the
+  # question, its options, the restore and answer requests), the context in which `answer`'s loop
+  # generates its recovery. 0: the instruction alone, as the paper's stage I trains.
+  d.question_prompt_fraction = 0.0
   d.tokenizer_dir = ""  # empty: the built-in world's tokenizer
   d.batch_size = 8  # global batch: samples, or packed rows when token_budget > 0
   d.token_budget = 0  # packing budget in tokens per row (0: no packing)

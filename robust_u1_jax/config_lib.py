@@ -92,6 +92,7 @@ def validate_data(d: ml_collections.ConfigDict, prefix: str = "data") -> None:
          ", ".join(INTENSITY_DRAWS))
   _check(0.0 <= d.clean_fraction < 1.0, f"{prefix}.clean_fraction", d.clean_fraction,
          "a fraction of the records in [0, 1)")
+  _fraction(d.get("question_prompt_fraction", 0.0), f"{prefix}.question_prompt_fraction")
   names = _corruption_names()
   _check(d.corruption in names, f"{prefix}.corruption", d.corruption, ", ".join(names))
   if d.source == "jsonl":  # every row is a pair (sources.PAIR_KEYS), its image corrupted already

@@ -361,6 +361,30 @@ def test_reason_stage_records_drawn_clean_say_so(tok):
   assert 0 < clean_rows < 16
 
 
+def test_sft_records_drawn_for_a_question_prompt_recover_after_it(tok):
+  """data.question_prompt_fraction: those SFT records' instruction is the release's prompt for one
+  of the image's own questions (the context `answer` recovers in); the rest keep the instruction,
+  and their corruptions are those of a run without the option."""
+  data = _data(shapes_size=32, batch_size=16, question_prompt_fraction=0.5)
+  batch = next(pipeline.make_pipeline(data, seed=0, tokenizer=tok))
+  plain = next(pipeline.make_pipeline(_data(shapes_size=32, batch_size=16), seed=0,
+                                      tokenizer=tok))
+  np.testing.assert_array_equal(batch["corrupted"], plain["corrupted"])
+  world = shapes.ShapesWorld("train", size=32)
+  prompts = 0
+  for i in range(16):
+    text = tok.decode(batch["instruction_ids"][i, :batch["instruction_lengths"][i]].tolist())
+    if text == tokenizer_lib.text_block(tokenizer_lib.RECOVERY_INSTRUCTION):
+      continue
+    prompts += 1
+    questions = world[int(batch["index"][i])]["questions"]
+    assert text in {tokenizer_lib.text_block(answer_format.format_question(
+        q, tokenizer_lib.RECOVERY_INSTRUCTION)) for q in questions}, text
+  assert 0 < prompts < 16
+  with pytest.raises(config_lib.ConfigError, match="data.question_prompt_fraction = 1.5"):
+    _data(question_prompt_fraction=1.5)
+
+
 def test_text_widths_fix_one_field_and_name_the_setting(tok):
   data = _data("reason", shapes_size=32, batch_size=4)
   make = lambda: next(pipeline.make_pipeline(data, seed=0, tokenizer=tok, stage="reason"))

@@ -303,7 +303,8 @@ def _record_steps(data_config, seed: int, stage: str, tokenizer, instruction: st
       corrupt_groups.CorruptGroup.from_config(data_config, seed),
       each(stage_fields.StageFields(
           stage, seed=seed, instruction=instruction or tokenizer_lib.RECOVERY_INSTRUCTION,
-          vit_rule=transforms.resize_rule(data_config, "vit"))),
+          vit_rule=transforms.resize_rule(data_config, "vit"),
+          question_prompt_fraction=data_config.get("question_prompt_fraction", 0.0))),
       each(batch_maps.Tokenize(
           text_fields, tokenizer, data_config.tokenizer_dir,
           # Packed rows take any text width that fits data.token_budget (`SampleTokens`).

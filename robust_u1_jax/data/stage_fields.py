@@ -23,6 +23,8 @@ from robust_u1_jax.data import transforms
 
 # Mixed into the question draw so it is independent of the corruption draw of the same record.
 _QUESTION_STREAM = 0x9_0E57
+# The same for the draw of an SFT or RL record's question prompt (data.question_prompt_fraction).
+_PROMPT_STREAM = 0x9_0E58
 
 
 def _steps_and_levels(record: Mapping[str, Any]) -> tuple[list[str], list[int | float]]:
@@ -57,9 +59,11 @@ def _answer_text(question: Mapping[str, Any], record: Mapping[str, Any]) -> str:
 class StageFields(grain.transforms.Map):
   """Adds the stage's texts, the ViT-size corrupted image and the corruption description."""
 
-  def __init__(self, stage: str, *, seed: int, instruction: str, vit_rule: Mapping[str, int]):
+  def __init__(self, stage: str, *, seed: int, instruction: str, vit_rule: Mapping[str, int],
+               question_prompt_fraction: float = 0.0):
     self.stage, self.seed, self.instruction = stage, int(seed), instruction
     self.vit_rule = dict(vit_rule)
+    self.question_prompt_fraction = float(question_prompt_fraction)
 
   def map(self, element):
     if bad_records.is_skip(element):
@@ -75,9 +79,23 @@ class StageFields(grain.transforms.Map):
     else:
       prompt = out.get("prompt")  # Robust-R1 pairs carry their own instruction
       out["instruction"] = prompt if isinstance(prompt, str) and prompt else self.instruction
+      if self.question_prompt_fraction > 0 and out.get("questions"):
+        out["instruction"] = self._question_prompt(out)
     if not bad_records.is_skip(out):
       out["corruption_steps"] = _steps_text(out)
     return out
+
+  def _question_prompt(self, out: dict) -> str:
+    """The instruction, or for data.question_prompt_fraction of the records (drawn per record and
+    epoch) the release's prompt for one of the record's questions around it: the context in which
+    `answer` generates its recovery, so the generation path recovers there too."""
+    rng = np.random.default_rng([self.seed, int(out["index"]), int(out.get("epoch", 0)),
+                                 _PROMPT_STREAM])
+    if rng.uniform() >= self.question_prompt_fraction:
+      return out["instruction"]
+    questions = out["questions"]
+    return answer_format.format_question(questions[int(rng.integers(len(questions)))],
+                                         out["instruction"])
 
   def _caption(self, out: dict) -> dict:
     caption = out.get("caption")
