@@ -261,6 +261,11 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   # steps lost 3.5 dB on every input (0.643/20.13 on clean).
   c.sft.timestep_shift = 3.0
   c.sft.vit_dropout = c.sft.vae_dropout = 0.1
+  # Recovery after the instruction alone, as the paper's stage I, so `answer`'s loop, which draws
+  # its image after the question, draws a poorer one than `recover` (SSIM 0.28 against 0.62 under
+  # noise, severity 3). Half the records after a question prompt (data.question_prompt_fraction
+  # 0.5) draw it at 0.57, but lose 0.7 dB at 100 % in `recover` and RL's SSIM claim (2026-12-06,
+  # docs/DEMO.md, "The image `answer` draws").
   c.sft.eval_num_steps = 10
   c.sft.tensorboard = False
 
