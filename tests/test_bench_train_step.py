@@ -34,6 +34,12 @@ def test_tiny_step_and_recovery_are_timed(monkeypatch, random_bagel, capsys):
   assert f["total"] > f["forward"] > 0 and r["trainable"] < r["params"]
   rec = r["recovery"]
   assert rec["size"] == (32, 32) and rec["steps"] == 2 and rec["median_s"] > 0
+  # A compile read back from the persistent cache (the tests share one) is said to be, not timed
+  # as a compile.
+  for cached, line in ((r["warmup_cached"], "warm-up steps with the compile"),
+                       (rec["first_cached"], "first call (compile + run)")):
+    shown = next(x for x in printed.splitlines() if line in x)
+    assert isinstance(cached, bool) and (train_step._CACHED in shown) == cached, shown
 
 
 def test_options_and_config_overrides_are_split():

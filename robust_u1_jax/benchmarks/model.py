@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from robust_u1_jax.benchmarks import alternate, goal
+from robust_u1_jax.benchmarks import alternate, goal, usable_cpus
 from robust_u1_jax.data import sequence
 from robust_u1_jax.models import bagel as bagel_lib
 from robust_u1_jax.models.qwen2_mot import LLMConfig, Qwen2MoT
@@ -54,6 +54,10 @@ def llm_forward_backward(batch: int, length: int, seconds: float, *,
       num_key_value_heads=c.num_kv_heads, rope_theta=c.rope_theta, attn_implementation="sdpa")
   torch_model = transformers.Qwen2ForCausalLM(hf)
   torch_tokens = torch.from_numpy(np.array(tokens)).long()
+  # PyTorch's own default counts physical cores and XLA:CPU's the CPUs this process may use: both
+  # get the latter, so the ratio compares code, not thread pools.
+  threads = usable_cpus()
+  torch.set_num_threads(threads)
 
   def torch_step():
     torch_model.zero_grad(set_to_none=True)
@@ -64,7 +68,7 @@ def llm_forward_backward(batch: int, length: int, seconds: float, *,
                      "torch": torch_step}, seconds, min_reps=min_reps,
                     min_measurement_s=MIN_MEASUREMENT_S)
   return {"jax_s": timed.median("jax"), "torch_s": timed.median("torch"),
-          "torch_over_jax": timed.ratio("torch", "jax")}
+          "torch_over_jax": timed.ratio("torch", "jax"), "threads": threads}
 
 
 def denoise_step_scaling(context: int, seconds: float, *, min_reps: int = 5) -> dict:
@@ -100,7 +104,8 @@ def run(*, seconds: float = 3.0, batch: int = 4, length: int = 128, context: int
   print(f"model benchmark on {jax.devices()[0].device_kind} ({jax.device_count()} device(s)); "
         f"{seconds:g} s per alternated measurement", flush=True)
   r = llm_forward_backward(batch, length, seconds)
-  print(f"tiny LLM forward+backward, batch {batch} x {length} tokens: "
+  print(f"tiny LLM forward+backward, batch {batch} x {length} tokens, float32, "
+        f"{r['threads']} CPU thread(s) each: "
         f"jax {r['jax_s'] * 1e3:.2f} ms, torch {r['torch_s'] * 1e3:.2f} ms (medians); "
         f"torch/jax = {r['torch_over_jax']} "
         f"{goal(r['torch_over_jax'].median, 1, at_most=False)}", flush=True)
