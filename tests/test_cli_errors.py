@@ -262,6 +262,10 @@ CASES = {
     # The 7B recovery's options shape part e, which runs with --topology only.
     "bench/recover options without topology": ("bench", ["recover", "--override=steps=3"],
                                                ["--override steps", "give --topology too"]),
+    "bench/recover missing model": ("bench", ["recover", "--config={missing}"],
+                                    ["{missing}: no such model directory or config file"]),
+    "bench/aot missing config": ("bench", ["aot", "--config=configs/nosuch.py:tiny"],
+                                 ["no such config file configs/nosuch.py", "sft.py"]),
     # Said before the RL config is validated (it lacks the init_from an RL run needs).
     "bench/train_step of RL": ("bench", ["train_step", "--config=" + SFT.replace("sft", "rl")],
                                ["train_step: times the SFT step", "is stage 'rl'"]),

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from robust_u1_jax import config_lib
 from robust_u1_jax.benchmarks import alternate, goal, recover_7b, table
 from robust_u1_jax.benchmarks import recovery_calls as calls
 from robust_u1_jax.benchmarks import recovery_flops as flops_lib
@@ -123,6 +124,9 @@ def load_setup(spec: str = "", *, model_config: bagel_lib.BagelConfig | None = N
     engine = engine_lib.Engine.load(spec)
     return Setup(spec, engine.graphdef, engine.weights, engine.config, engine.markers,
                  engine.encode_block(recovery_lib.INSTRUCTION), engine.rules.vit_size)
+  if spec and not spec.partition(":")[0].endswith(".py") and not os.path.exists(spec):
+    raise config_lib.ConfigError(f"{spec}: no such model directory or config file (give a model "
+                                 "directory, or path.py[:variant], e.g. configs/sft.py:tiny)")
   if spec:
     from robust_u1_jax.benchmarks import aot
     from robust_u1_jax.data import tokenizer as tokenizer_lib
