@@ -72,10 +72,10 @@ def main(argv):
   assert restored is not None, f"no checkpoint of {workdir} could be restored"
   step, state, _ = restored
 
-  arrays = {"params": state.params, "ema": state.ema, "opt_state": state.opt_state,
-            "step": state.step, "rng": state.rng}
+  # A checkpoint holds the trained part of the state (`state.SAVED_FIELDS`), as a dict.
+  arrays = {name: state[name] for name in ("params", "ema", "opt_state", "step", "rng")}
   leaves = jax.tree_util.tree_flatten_with_path(arrays)[0]
-  mesh = jax.tree.leaves(state.params)[0].sharding.mesh
+  mesh = jax.tree.leaves(state["params"])[0].sharding.mesh
   # One program gathers every array onto every device, so each process can read it whole.
   gathered = jax.jit(lambda xs: xs, out_shardings=NamedSharding(mesh, P()))([x for _, x in leaves])
   if jax.process_index() == 0:
