@@ -39,7 +39,7 @@ def test_tiny_step_and_recovery_are_timed(monkeypatch, random_bagel, capsys):
   for cached, line in ((r["warmup_cached"], "warm-up steps with the compile"),
                        (rec["first_cached"], "first call (compile + run)")):
     shown = next(x for x in printed.splitlines() if line in x)
-    assert isinstance(cached, bool) and (train_step._CACHED in shown) == cached, shown
+    assert isinstance(cached, bool) and (train_step.CACHED_COMPILE in shown) == cached, shown
 
 
 def test_options_and_config_overrides_are_split():

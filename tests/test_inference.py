@@ -205,7 +205,7 @@ def test_the_stochastic_steps_draw_noise_of_their_own(tiny, world_images, monkey
                    dataclasses.replace(FEW_STEPS, sde_step=0), keys)
   x_init = np.asarray(seen["x_init"])[0]
   step_keys = jax.random.split(seen["key"][0], FEW_STEPS.num_steps - 1)  # as `sampling.sample`
-  posterior = np.asarray(jax.random.fold_in(keys[0], 1))
+  posterior = np.asarray(recovery.stream_key(keys, recovery.POSTERIOR_STREAM)[0])
   for k, step_key in enumerate(step_keys):
     drawn = np.asarray(jax.random.normal(step_key, x_init.shape, x_init.dtype))
     assert not np.allclose(drawn, x_init), k

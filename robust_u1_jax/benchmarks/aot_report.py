@@ -23,6 +23,10 @@ from typing import Any
 
 from robust_u1_jax.benchmarks.compiled import GIB, format_bytes, format_number, host_memory_bytes
 
+# After a compile time that JAX's persistent cache served (a fraction of a fresh compile's).
+CACHED_COMPILE = (" (read from the persistent compilation cache; "
+                  "JAX_ENABLE_COMPILATION_CACHE=false times a fresh compile)")
+
 # Per chip (one JAX device per chip: megacore on v4/v5p), by device_kind: HBM in GiB and peak
 # bf16 FLOP/s (Cloud TPU documentation).
 CHIPS = {
@@ -120,8 +124,7 @@ def report(result: AotResult, hbm_gib: float | None = None) -> str:
       f"  model: {format_number(r.params)} parameters, {format_number(r.trainable)} trainable",
       f"  inputs: {r.inputs}",
       f"  build {r.build_s:.1f} s, lower {r.lower_s:.1f} s, compile {r.compile_s:.1f} s"
-      + (" (read from the persistent compilation cache; JAX_ENABLE_COMPILATION_CACHE=false "
-         "times a fresh compile)" if r.compile_cached else ""),
+      + (CACHED_COMPILE if r.compile_cached else ""),
       "  per-device memory:",
       f"    train state shards (from shardings) {format_bytes(r.state_bytes_per_device)}",
       f"    batch shards (from shardings)       {format_bytes(r.batch_bytes_per_device)}",

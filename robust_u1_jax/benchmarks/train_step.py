@@ -43,10 +43,7 @@ import jax
 import numpy as np
 
 from robust_u1_jax.benchmarks import Ratio, aot
-
-# A compile read back from JAX's persistent cache takes a fraction of a fresh one: said where so.
-_CACHED = (" (the compile read from the persistent compilation cache; "
-           "JAX_ENABLE_COMPILATION_CACHE=false times a fresh one)")
+from robust_u1_jax.benchmarks.aot_report import CACHED_COMPILE
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "configs", "sft.py") + ":tiny"
@@ -210,7 +207,7 @@ def report_step(r: dict[str, Any]) -> str:
       f"{r['tokens']:,.0f} tokens in {r['slots']:,} slots (mean of {r['batches']} pipeline "
       "batches, fed in turn)",
       f"  build {r['build_s']:.1f} s, {r['warmup_steps']} warm-up steps with the compile "
-      f"{r['warmup_s']:.1f} s{_CACHED if r.get('warmup_cached') else ''}; "
+      f"{r['warmup_s']:.1f} s{CACHED_COMPILE if r['warmup_cached'] else ''}; "
       f"loss {r['losses'][0]:.4g} -> {r['losses'][1]:.4g}",
       f"  step time: {s.median * 1e3:.4g} ms median (quartiles {s.low * 1e3:.4g}-"
       f"{s.high * 1e3:.4g}, range {s.minimum * 1e3:.4g}-{s.maximum * 1e3:.4g}, {s.rounds} steps)",
@@ -280,7 +277,7 @@ def report_recovery(r: dict[str, Any]) -> str:
       f"{r['vit_size'][1]}), {r['steps']} steps, three-context guidance: context "
       f"{r['context']} tokens, noisy block {r['block']}",
       f"  first call (compile + run) {r['first_s']:.2f} s"
-      f"{_CACHED if r.get('first_cached') else ''}; then {s.median:.3g} s median "
+      f"{CACHED_COMPILE if r['first_cached'] else ''}; then {s.median:.3g} s median "
       f"(quartiles {s.low:.3g}-{s.high:.3g}, range {s.minimum:.3g}-{s.maximum:.3g}, "
       f"{s.rounds} recoveries)",
   ])

@@ -14,7 +14,6 @@ from typing import Any
 import grain
 import numpy as np
 
-from robust_u1_jax import config_lib
 from robust_u1_jax.data import bad_records
 from robust_u1_jax.data import packing
 from robust_u1_jax.data import tokenizer as tokenizer_lib
@@ -87,9 +86,9 @@ class Tokenize(grain.transforms.Map):
 
 def text_width_limits(fields: Sequence[str], text_pad_to: int | None,
                       text_widths: Mapping[str, int]) -> dict[str, tuple[int, str]]:
-  """{field: (its fixed width, the setting that fixes it)} for `Tokenize`, as `Collate` pads:
-  data.text_widths.<field> first, else data.text_pad_to; a field of neither is padded to its
-  batch's longest and has no limit."""
+  """{field: (its fixed width, the setting that fixes it)}, which `Tokenize` refuses longer texts
+  at and `Collate` pads to: data.text_widths.<field> first, else data.text_pad_to; a field of
+  neither is padded to its batch's longest and has no limit."""
   limits = {}
   for field in fields:
     if text_widths.get(field):
@@ -129,29 +128,13 @@ class KeepFields(grain.transforms.Map):
 # ---------------------------------------------------------------------------------------- collate
 
 @dataclasses.dataclass(frozen=True)
-class _IndexIn:
-  where: str
-
-  def __call__(self, index: int) -> str:
-    return f"record {index} of {self.where}"
-
-
-def record_namer(source, data_config) -> Callable[[int], str]:
-  """index -> the record in words, for errors about a batch (which keeps no paths): the source's
-  own `record_name` (a JSONL row's line), else its index in data.path."""
-  return getattr(source, "record_name", None) or _IndexIn(
-      data_config.path or f"data.source {data_config.source!r}")
-
-
-@dataclasses.dataclass(frozen=True)
 class Collate:
   """Stacks per-sample records into the batch schema (module docstring)."""
   text_fields: tuple[str, ...]
   pad_id: int
   image_canvas: Mapping[str, tuple[int, int]] | None  # None: the source has one image size
-  text_pad_to: int | None = None
-  text_widths: Mapping[str, int] = dataclasses.field(default_factory=dict)  # field -> width
-  record_name: Callable[[int], str] = _IndexIn("the data")  # index -> words (`record_namer`)
+  # field -> (fixed width, its setting), `text_width_limits`; other fields pad to a power of two
+  widths: Mapping[str, tuple[int, str]] = dataclasses.field(default_factory=dict)
 
   def _images(self, key: str, images: list[np.ndarray]) -> np.ndarray:
     if self.image_canvas is None:
@@ -166,18 +149,14 @@ class Collate:
       out[i, :im.shape[0], :im.shape[1]] = im
     return out
 
-  def _texts(self, key: str, seqs: list[np.ndarray], samples: Sequence[Mapping[str, Any]]
-             ) -> tuple[np.ndarray, np.ndarray]:
+  def _texts(self, key: str, seqs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     lengths = np.asarray([len(s) for s in seqs], np.int32)
     field = key.removesuffix("_ids")
-    fixed = self.text_widths.get(field)
-    width = fixed or self.text_pad_to or packing.text_width(int(lengths.max()), MIN_TEXT_PAD)
-    if lengths.max() > width:
-      setting = f"text_widths.{field}" if fixed else "text_pad_to"
-      longest = self.record_name(int(samples[int(lengths.argmax())]["index"]))
-      raise config_lib.ConfigError(
-          f"data.{setting} = {width}: the {field} text of {longest} is "
-          f"{int(lengths.max())} tokens; raise data.{setting} to the longest text's tokens")
+    width, setting = self.widths.get(field, (0, ""))
+    width = width or packing.text_width(int(lengths.max()), MIN_TEXT_PAD)
+    if lengths.max() > width:  # `Tokenize` makes such a record a bad record first
+      raise ValueError(f"{setting} = {width}: a {field} text of {int(lengths.max())} tokens "
+                       "reached the batch")
     out = np.full((len(seqs), width), self.pad_id, np.int32)
     for i, s in enumerate(seqs):
       out[i, :len(s)] = s
@@ -191,7 +170,7 @@ class Collate:
         batch[key] = self._images(key, values)
         batch[f"{key}_hw"] = np.asarray([v.shape[:2] for v in values], np.int32)
       elif key.endswith("_ids") and key[:-4] in self.text_fields:
-        batch[key], batch[f"{key[:-4]}_lengths"] = self._texts(key, values, samples)
+        batch[key], batch[f"{key[:-4]}_lengths"] = self._texts(key, values)
       elif isinstance(values[0], str):
         batch[key] = np.asarray(values)
       else:

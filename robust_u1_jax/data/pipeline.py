@@ -276,6 +276,13 @@ def fixed_text_widths(data_config) -> dict[str, int]:
           if width}
 
 
+def text_limits(data_config, stage: str, text_pad_to: int | None) -> dict[str, tuple[int, str]]:
+  """The fixed text widths of an unpacked `stage` batch, one rule for the records `Tokenize`
+  refuses and the widths `Collate` pads to (`batch_maps.text_width_limits`)."""
+  return batch_maps.text_width_limits(TEXT_FIELDS[stage], text_pad_to,
+                                      fixed_text_widths(data_config))
+
+
 def fixed_rows(data_config, stage: str) -> bool:
   """Whether every unpacked batch of `stage` has one row length (data.text_pad_to or a width for
   each of its text fields): what multi-host runs need."""
@@ -308,8 +315,8 @@ def _record_steps(data_config, seed: int, stage: str, tokenizer, instruction: st
       each(batch_maps.Tokenize(
           text_fields, tokenizer, data_config.tokenizer_dir,
           # Packed rows take any text width that fits data.token_budget (`SampleTokens`).
-          widths=None if data_config.token_budget > 0 else batch_maps.text_width_limits(
-              text_fields, text_pad_to, fixed_text_widths(data_config))))]
+          widths=None if data_config.token_budget > 0 else text_limits(data_config, stage,
+                                                                        text_pad_to)))]
   keep = (*IMAGE_FIELDS, "index", "epoch", "corruption", "corruption_steps",
           *(f"{f}_ids" for f in text_fields), *HOST_FIELDS[stage])
   if data_config.token_budget > 0:
@@ -431,8 +438,7 @@ def make_pipeline(data_config, *, seed: int, process_index: int = 0, process_cou
   else:
     collate = batch_maps.Collate(
         text_fields, special["pad"], None if data_config.source == "shapes" else canvas,
-        text_pad_to, fixed_text_widths(data_config),
-        batch_maps.record_namer(source, data_config))
+        text_limits(data_config, stage, text_pad_to))
     it = it.batch(batch_size, drop_remainder=True, batch_fn=collate)
   if format_rows is not None:
     it = it.map_with_index(batch_maps.FormatRows(format_rows, seed))

@@ -192,9 +192,6 @@ class JsonlSource:
   def __repr__(self) -> str:
     return f"JsonlSource({self.path!r}, {len(self)} rows)"
 
-  def record_name(self, i: int) -> str:
-    return f"line {int(self.lines[i])} of {self.path}"
-
   def __getitem__(self, i) -> dict:
     i = check_index(i, len(self), repr(self))
     line = int(self.lines[i])

@@ -58,6 +58,14 @@ def _text(value) -> str:
   return "" if _missing(value) else str(value).strip()
 
 
+def row_label(i: int, row_id=None, place: str = "") -> str:
+  """'row i' in a message, with the table's own index where it differs from i, and `place` (its
+  line, its row group): 'row 5 (index 105, line 7)'."""
+  named = _text(row_id)
+  parts = ([f"index {named}"] if named not in ("", str(i)) else []) + ([place] if place else [])
+  return f"row {i} ({', '.join(parts)})" if parts else f"row {i}"
+
+
 def vqa_record(*, image_bytes: bytes, question, options: list[tuple[str, str]], answer,
                hint=None, category=None, row_id=None, path: str, index: int,
                require_answer: bool = True) -> dict:
@@ -230,11 +238,11 @@ class VqaTsvSource:
 
   def __getitem__(self, i) -> dict:
     i = check_index(i, len(self), repr(self))
-    where = f"row {i} (line {int(self.lines[i])})"
+    line = f"line {int(self.lines[i])}"
+    where = row_label(i, None, line)
     try:
       row = self._row(i)
-      if _text(row.get("index")) not in ("", str(i)):  # the table's own name for the row
-        where = f"row {i} (index {_text(row['index'])}, line {int(self.lines[i])})"
+      where = row_label(i, row.get("index"), line)
       image = row["image"].strip()
       if not image:
         raise BadRow("empty image")
@@ -366,15 +374,15 @@ class VqaParquetSource:
     i = check_index(i, len(self), repr(self))
     k = int(np.searchsorted(self.starts, i, side="right") - 1)
     file, group = self.groups[k]
-    where = f"row {i} (row group {group} of {os.path.basename(file)})"
+    place = f"row group {group} of {os.path.basename(file)}"
+    where = row_label(i, None, place)
     try:
       row = self._group(k).slice(i - int(self.starts[k]), 1).to_pylist()[0]
     except Exception as e:  # pylint: disable=broad-except
       # pyarrow reports damaged pages with assorted error types; the rows are lost, not the run.
       return skip_record(f"{where}: unreadable ({type(e).__name__}: {e})", file, i)
     row_id = row.get("index", row.get("id"))
-    if _text(row_id) not in ("", str(i)):  # the table's own name for the row, beside its place
-      where = f"row {i} (index {_text(row_id)}, row group {group} of {os.path.basename(file)})"
+    where = row_label(i, row_id, place)
     try:
       image_bytes = self._image_bytes(row["image"], file)
       if self.list_column and isinstance(row.get(self.list_column), (list, tuple)):

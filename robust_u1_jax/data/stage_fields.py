@@ -85,12 +85,15 @@ class StageFields(grain.transforms.Map):
       out["corruption_steps"] = _steps_text(out)
     return out
 
+  def _rng(self, out: dict, stream: int) -> np.random.Generator:
+    """The record's draws of `stream` in this epoch, whatever the batch or process reads it."""
+    return np.random.default_rng([self.seed, int(out["index"]), int(out.get("epoch", 0)), stream])
+
   def _question_prompt(self, out: dict) -> str:
     """The instruction, or for data.question_prompt_fraction of the records (drawn per record and
     epoch) the release's prompt for one of the record's questions around it: the context in which
     `answer` generates its recovery, so the generation path recovers there too."""
-    rng = np.random.default_rng([self.seed, int(out["index"]), int(out.get("epoch", 0)),
-                                 _PROMPT_STREAM])
+    rng = self._rng(out, _PROMPT_STREAM)
     if rng.uniform() >= self.question_prompt_fraction:
       return out["instruction"]
     questions = out["questions"]
@@ -118,8 +121,7 @@ class StageFields(grain.transforms.Map):
           f"stage {self.stage!r} needs a record with 'questions' (shapes world, VQA tables) or "
           f"'question' and 'answer' texts (JSONL); this one has {sorted(out)}",
           out.get("path"), out.get("index"), out.get("epoch"))
-    rng = np.random.default_rng([self.seed, int(out["index"]), int(out.get("epoch", 0)),
-                                 _QUESTION_STREAM])
+    rng = self._rng(out, _QUESTION_STREAM)
     q = questions[int(rng.integers(len(questions)))]
     question = answer_format.format_question(q)
     # The config's instruction, not a row's prompt: the on-the-fly recovery reads it too.

@@ -433,7 +433,7 @@ def read_table(path: str, count: int, max_skip_ratio: float = 0.01,
   among the options) is logged with its row and reason (unless `log` is False); past
   `max_skip_ratio` of the rows read it raises `TooManyBadRecords`, naming them.
   """
-  from robust_u1_jax.data import bad_records, transforms
+  from robust_u1_jax.data import bad_records, sources_vqa, transforms
 
   source = open_table(path)
   rows = min(count, len(source)) if count > 0 else len(source)
@@ -447,8 +447,8 @@ def read_table(path: str, count: int, max_skip_ratio: float = 0.01,
         try:
           image = transforms.decode_image(record["image_bytes"])
         except transforms.BadImageError as e:
-          named = f" (index {record['id']})" if record.get("id") != str(i) else ""
-          record = bad_records.skip_record(f"row {i}{named}: image: {e}", path, i)
+          record = bad_records.skip_record(
+              f"{sources_vqa.row_label(i, record.get('id'))}: image: {e}", path, i)
       if bad_records.is_skip(record):  # before the tracker, which raises on the last straw
         bad.append([i, record[bad_records.SKIP]])
       if tracker.filter(record) and keep is not None:

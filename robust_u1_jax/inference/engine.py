@@ -377,7 +377,7 @@ def _generate_image(graphdef, weights, contexts, noisy, x_init, key, *, sampler,
 def _recover(graphdef, weights, inputs, keys, *, sampler, posterior):
   posterior_keys = None
   if posterior == "sample":
-    posterior_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+    posterior_keys = recovery_lib.stream_key(keys, recovery_lib.POSTERIOR_STREAM)
   latents, images = recovery_lib.recover(nnx.merge(graphdef, weights), inputs, sampler, keys,
                                          posterior_key=posterior_keys)
   return latents, images_lib.quantize(images)

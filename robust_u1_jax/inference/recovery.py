@@ -249,14 +249,15 @@ def velocity_fn(model: bagel_lib.Bagel, inputs: RecoveryInputs, guidance: Guidan
   return guided_velocity(model, context(inputs.full), no_text, no_image, noisy, guidance)
 
 
-# The streams `recover` draws from its key. fold_in(key, i) is split(key, n)[i] (threefry, as
+# The streams a recovery draws from its key. fold_in(key, i) is split(key, n)[i] (threefry, as
 # jax_threefry_partitionable computes it), so the steps' keys must not be split from the key
 # itself: the stochastic step at index 0 drew the initial noise again, and at index 1 the VAE
-# posterior's key (`engine._recover`).
-_NOISE_STREAM, _STEPS_STREAM = 0, 2
+# posterior's key.
+_NOISE_STREAM, POSTERIOR_STREAM, _STEPS_STREAM = 0, 1, 2
 
 
-def _fold(key: Array, stream: int) -> Array:
+def stream_key(key: Array, stream: int) -> Array:
+  """`key`'s stream `stream` (one of the constants above): one key, or one per row (B, 2)."""
   fold = jax.vmap(jax.random.fold_in, (0, None)) if sampling.is_per_row(key) else jax.random.fold_in
   return fold(key, stream)
 
@@ -264,7 +265,7 @@ def _fold(key: Array, stream: int) -> Array:
 def initial_noise(key: Array, batch: int, shape: tuple[int, ...]) -> Array:
   """x at t = 1: from one key, or from one key per row (B, 2) so that a sample's noise does not
   depend on its batch."""
-  return sampling.normal(_fold(key, _NOISE_STREAM), (batch,) + shape, jnp.float32)
+  return sampling.normal(stream_key(key, _NOISE_STREAM), (batch,) + shape, jnp.float32)
 
 
 def sample_latents(velocity: VelocityFn, x_init: Array, sampler: Sampler, key: Array
@@ -290,7 +291,7 @@ def recover(model: bagel_lib.Bagel, inputs: RecoveryInputs, sampler: Sampler, ke
   shape = (inputs.noisy.latent_seq_index.shape[1], model.config.latent_channels)
   if x_init is None:
     x_init = initial_noise(key, b, shape)
-  latents = sample_latents(velocity, x_init, sampler, _fold(key, _STEPS_STREAM)).x_final
+  latents = sample_latents(velocity, x_init, sampler, stream_key(key, _STEPS_STREAM)).x_final
   h, w = inputs.corrupted.shape[2:4]
   images = context_lib.decode_latents(model, latents, h, w)
   return jax.lax.stop_gradient(latents), jax.lax.stop_gradient(images)
