@@ -92,6 +92,7 @@ def check_side_files(src: str) -> None:
 
   images.ImageRules.for_model_dir(src)
   recovery.Guidance.for_model_dir(src)
+  recovery.instruction_of_model(src)
   if not any(os.path.isfile(os.path.join(src, name)) for name in ("tokenizer.json", "vocab.json")):
     print(f"note: {src} has no tokenizer files (tokenizer.json, or vocab.json and merges.txt); "
           "recover, answer and evaluate need them beside the model: copy them into --dst, or "

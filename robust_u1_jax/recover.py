@@ -77,8 +77,8 @@ def define_flags(values: flags.FlagValues = flags.FLAGS,
       "out", None, "Output image (a file in) or folder (a folder in); default: "
       "<stem>_recovered.png beside the image, or <folder>_recovered.", flag_values=values)
   model_cli.define_sampler_flags(values)
-  flags.DEFINE_string("prompt", None, "Instruction (default: the one the SFT stage trains with, "
-                      "inference/recovery.py INSTRUCTION).", flag_values=values)
+  flags.DEFINE_string("prompt", None, "Instruction (default: the one the model was trained with, "
+                      "its instruction.json; else the paper's).", flag_values=values)
   flags.DEFINE_integer("seed", 0, "Seed of the noise.", flag_values=values)
   flags.DEFINE_integer("batch", 8, "Images of one size recovered together (folder mode).",
                        flag_values=values)
@@ -89,7 +89,7 @@ def define_flags(values: flags.FlagValues = flags.FLAGS,
 # -- user mode: files and folders -----------------------------------------------------------------
 
 
-def _recover_file(values: flags.FlagValues, sampler, instruction: str) -> int:
+def _recover_file(values: flags.FlagValues, sampler, instruction: str | None) -> int:
   path = values.image
   name = f"{os.path.splitext(os.path.basename(path))[0]}_recovered.png"
   out = values.out or os.path.join(os.path.dirname(path), name)
@@ -124,7 +124,7 @@ def output_names(names: Sequence[str]) -> dict[str, str]:
           for n in names}
 
 
-def _recover_folder(values: flags.FlagValues, sampler, instruction: str) -> int:
+def _recover_folder(values: flags.FlagValues, sampler, instruction: str | None) -> int:
   import tqdm
 
   folder = values.image.rstrip(os.sep) or values.image
@@ -198,7 +198,7 @@ def _recover_folder(values: flags.FlagValues, sampler, instruction: str) -> int:
   return EXIT_SOME_FAILED if failed else 0
 
 
-def _recover_groups(values: flags.FlagValues, sampler, instruction: str, folder: str,
+def _recover_groups(values: flags.FlagValues, sampler, instruction: str | None, folder: str,
                     names: Sequence[str], groups: dict[tuple[int, int], list[int]], rules,
                     out_path: Callable[[int], str], fail: Callable[[str, str], None]) -> int:
   """Recovers the images `groups` lists (by VAE size, indices into `names`) a batch at a time,
@@ -246,8 +246,6 @@ def _recover_groups(values: flags.FlagValues, sampler, instruction: str, folder:
 
 
 def _recover_images(values: flags.FlagValues) -> int:
-  from robust_u1_jax.inference import recovery
-
   missing = [f"--{n}" for n in ("model", "image") if not values[n].value]
   if missing:
     raise app.UsageError(f"missing {', '.join(missing)}")
@@ -255,10 +253,10 @@ def _recover_images(values: flags.FlagValues) -> int:
     raise app.UsageError(f"--batch must be >= 1, got {values.batch}")
   # A bad input (model_cli.InputError, cli.PathError of --out) is reported by cli.run / cli.call.
   sampler = model_cli.make_sampler(values, 50 if values.steps is None else values.steps)
-  instruction = recovery.INSTRUCTION if values.prompt is None else values.prompt
+  # None: the model's own (its instruction.json, else the paper's).
   if os.path.isdir(values.image):
-    return _recover_folder(values, sampler, instruction)
-  return _recover_file(values, sampler, instruction)
+    return _recover_folder(values, sampler, values.prompt)
+  return _recover_file(values, sampler, values.prompt)
 
 
 # -- cache mode: the reasoning stage's recoveries -------------------------------------------------

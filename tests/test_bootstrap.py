@@ -335,10 +335,12 @@ def test_vit_part_beats_chance_and_changes_only_the_vit(vae_run, tmp_path, bagel
     expected = json.load(f)
   with open(os.path.join(tmp_path, "model", "bagel_config.json")) as f:
     assert json.load(f) == expected
-  # Neither part trains a recovery, so neither model says what guidance it recovers at: a
-  # guidance.json there said 4 / 2, and the demo's base part noted it recovered at other guidance.
+  # Neither part trains a recovery, so neither model says what guidance or instruction it
+  # recovers by: a guidance.json there said 4 / 2, and the demo's base part noted it recovered at
+  # other guidance.
   for model in (vae_dir, tmp_path):
-    assert not os.path.exists(os.path.join(model, "model", "guidance.json"))
+    for side_file in ("guidance.json", "instruction.json"):
+      assert not os.path.exists(os.path.join(model, "model", side_file))
   base = _config("base", {"guidance.text_scale": 1.5, "guidance.image_scale": 1.5},
                  init_from=str(tmp_path))  # as the demo sets every recovering part
   assert run_setup.guidance_note(base) is None

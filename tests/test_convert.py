@@ -35,6 +35,7 @@ def model_dir(source, tmp_path_factory):
   def side_files(folder):  # as a model trained here and converted to a BAGEL directory has
     images.ImageRules(64, 32, 16, 64, 32, 8).save(folder)
     recovery.Guidance(text_scale=1.5, image_scale=1.5).save(folder)
+    recovery.save_instruction(folder, "Make this picture clean again.")
 
   return bagel_export.save_model_dir(source, path, tokenizer_dir=str(tok), write_beside=side_files)
 
@@ -53,10 +54,10 @@ def orbax_dir(model_dir, tmp_path_factory):
 
 
 def test_cli_hf_orbax_hf_is_lossless(model_dir, orbax_dir, tmp_path, read_tensors):
-  # The trained model's image rules and guidance travel with it both ways.
+  # The trained model's image rules, guidance and instruction travel with it both ways.
   assert sorted(os.listdir(orbax_dir)) == ["bagel_config.json", "guidance.json",
-                                          "image_rules.json", "merges.txt", "params",
-                                          "tokenizer.json"]
+                                          "image_rules.json", "instruction.json", "merges.txt",
+                                          "params", "tokenizer.json"]
   back = str(tmp_path / "back")
   result = run_cli("--to", "hf", "--src", orbax_dir, "--dst", back)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -68,7 +69,7 @@ def test_cli_hf_orbax_hf_is_lossless(model_dir, orbax_dir, tmp_path, read_tensor
       assert a[k].dtype == b[k].dtype, k
       np.testing.assert_array_equal(a[k], b[k], err_msg=k)
   for name in ("llm_config.json", "vit_config.json", "robust_u1_config.json", "tokenizer.json",
-               "merges.txt", "image_rules.json", "guidance.json"):
+               "merges.txt", "image_rules.json", "guidance.json", "instruction.json"):
     with open(os.path.join(model_dir, name)) as f1, open(os.path.join(back, name)) as f2:
       assert f1.read() == f2.read(), name
 

@@ -209,10 +209,13 @@ def test_damaged_side_files_are_bad_inputs_wherever_they_are_read(tmp_path):
 
   (tmp_path / "image_rules.json").write_text("5")
   (tmp_path / "guidance.json").write_text('{"text_scale": ')
-  for read in (images.ImageRules.for_model_dir, recovery.Guidance.for_model_dir):
-    with pytest.raises(ValueError) as e:
-      read(str(tmp_path))
-    assert cli_lib.is_bad_input(e.value) and str(e.value).startswith(str(tmp_path)), e.value
+  for text in ('{"instruction": ', '{"instruction": ""}', '["Restore it."]'):
+    (tmp_path / "instruction.json").write_text(text)
+    for read in (images.ImageRules.for_model_dir, recovery.Guidance.for_model_dir,
+                 recovery.instruction_of_model):
+      with pytest.raises(ValueError) as e:
+        read(str(tmp_path))
+      assert cli_lib.is_bad_input(e.value) and str(e.value).startswith(str(tmp_path)), e.value
 
 
 def _looks_like_an_orbax_model(folder) -> None:
@@ -526,6 +529,35 @@ def test_a_loaded_model_recovers_at_its_own_guidance(model_dir, tmp_path):
   # One batch takes one VAE size; a 60 x 100 image and a 64 x 64 one are two.
   with pytest.raises(ValueError, match=r"VAE sizes \[\(32, 64\), \(64, 64\)\] in one batch"):
     eng.recover([_image(64, 64, 0), _image(60, 100, 1)])
+
+
+def test_a_loaded_model_recovers_and_asks_by_its_own_instruction(model_dir, tmp_path,
+                                                                 monkeypatch):
+  """A model trained with its own `config.instruction` keeps it beside itself; `recover`, the
+  evaluation and the answer loop's prompt use it (they used the paper's whatever the model)."""
+  import shutil
+
+  from robust_u1_jax.eval import evaluation
+  from robust_u1_jax.inference import recovery
+
+  words = "Make this picture clean again."
+  assert engine_lib.Engine.load(model_dir).instruction == recovery.INSTRUCTION  # none saved
+  own = shutil.copytree(model_dir, tmp_path / "model")
+  recovery.save_instruction(str(own), words)
+  eng = engine_lib.Engine.load(str(own))
+  assert eng.instruction == words
+  image, few = [_image(64, 64, 0)], recovery.Sampler(num_steps=3, guidance=eng.guidance)
+  by_default, _ = eng.recover(image, sampler=few)
+  in_its_words, _ = eng.recover(image, sampler=few, instruction=words)
+  in_the_paper_s, _ = eng.recover(image, sampler=few, instruction=recovery.INSTRUCTION)
+  np.testing.assert_array_equal(by_default, in_its_words)
+  assert not np.array_equal(by_default, in_the_paper_s)
+  assert evaluation.Evaluator(eng, recovery_steps=3, batch_size=1,
+                              max_new_tokens=1).instruction == words
+  monkeypatch.setattr(engine_lib.Conversation, "generate_text",
+                      _fake_model_text([("<ANSWER>A<ANSWER_END>", "endoftext")]))
+  exchange = reasoner.answer(eng, image[0], "Which colour?", ["red", "blue"])
+  assert words in exchange.prompt and recovery.INSTRUCTION not in exchange.prompt
 
 
 def test_the_engine_names_what_is_wrong_with_an_input(model_dir):

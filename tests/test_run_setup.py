@@ -152,6 +152,7 @@ def test_abstract_and_real_models_agree_and_a_workdir_gives_its_model_config(tmp
   run_setup.write_model(saved, str(tmp_path), config)
   # The guidance of the run's recoveries, beside the model for `recover` and `answer`.
   assert recovery.Guidance.for_model_dir(str(tmp_path / "model")) == recovery.Guidance(1.5, 2.0)
+  assert recovery.instruction_of_model(str(tmp_path / "model")) == config.instruction
   from_workdir = config_lib.load(SFT, {**SMALL, "init_from": str(tmp_path)})
   assert run_setup.model_config(from_workdir, real.tokenizer) == saved.config
   loaded = run_setup.make_context(from_workdir).model
@@ -271,3 +272,16 @@ def test_a_model_trained_at_other_guidance_is_noted(tmp_path):
                                "guidance.image_scale": 1.5})
   assert run_setup.guidance_note(same) is None
   assert run_setup.guidance_note(config_lib.load(SFT, SMALL)) is None  # random weights
+
+
+def test_a_model_trained_by_another_instruction_is_noted(tmp_path):
+  recovery.save_instruction(str(tmp_path), "Make this picture clean again.")
+  config = config_lib.load(SFT, {**SMALL, "init_from": str(tmp_path)})
+  assert run_setup.instruction_note(config) == (
+      "note: init_from's model recovers by the instruction 'Make this picture clean again.' (its "
+      f"instruction.json), this run by {config.instruction!r}; give "
+      "--config.instruction='Make this picture clean again.' to keep the model's")
+  same = config_lib.load(SFT, {**SMALL, "init_from": str(tmp_path),
+                               "instruction": "Make this picture clean again."})
+  assert run_setup.instruction_note(same) is None
+  assert run_setup.instruction_note(config_lib.load(SFT, SMALL)) is None  # random weights

@@ -60,14 +60,16 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
                    "chat_template.json", "generation_config.json")
 # What a model trained by this project keeps beside its weights (written by the trainer, read by
-# inference/images.py and inference/recovery.py): its image resize rules and its recoveries'
-# guidance. Conversions carry them along (`copy_side_files`).
+# inference/images.py and inference/recovery.py): its image resize rules, its recoveries'
+# guidance and the instruction it recovers by. Conversions carry them along (`copy_side_files`).
 RULES_FILE = "image_rules.json"
 GUIDANCE_FILE = "guidance.json"
+INSTRUCTION_FILE = "instruction.json"
+SIDE_FILES = (RULES_FILE, GUIDANCE_FILE, INSTRUCTION_FILE)
 
 
 class SideFileError(ValueError):
-  """A model's RULES_FILE or GUIDANCE_FILE that cannot be read: the message names the file."""
+  """A model's side file (SIDE_FILES) that cannot be read: the message names the file."""
 
   @classmethod
   def of(cls, file: str, error: Exception) -> SideFileError:

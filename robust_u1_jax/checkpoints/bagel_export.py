@@ -22,10 +22,10 @@ import numpy as np
 from robust_u1_jax.checkpoints import bagel_dir
 from robust_u1_jax.checkpoints import key_table as kt
 from robust_u1_jax.checkpoints import loader, tensor_files
-from robust_u1_jax.checkpoints.bagel_dir import (EXTRA_CONFIG, GUIDANCE_FILE, LATENT_POS_KEY,
-                                                 LLM_CONFIG, ORBAX_CONFIG, RULES_FILE,
-                                                 TOKENIZER_FILES, VAE_FILE, VAE_PREFIX,
-                                                 VIT_CONFIG, VIT_POS_KEY, WEIGHT_FILES)
+from robust_u1_jax.checkpoints.bagel_dir import (EXTRA_CONFIG, LATENT_POS_KEY, LLM_CONFIG,
+                                                 ORBAX_CONFIG, SIDE_FILES, TOKENIZER_FILES,
+                                                 VAE_FILE, VAE_PREFIX, VIT_CONFIG, VIT_POS_KEY,
+                                                 WEIGHT_FILES)
 from robust_u1_jax.models import layers
 from robust_u1_jax.models.bagel import Bagel
 
@@ -155,8 +155,8 @@ def write_json(path: str, content: Mapping[str, Any]) -> None:
 
 
 def copy_side_files(src_dir: str, dst_dir: str) -> list[str]:
-  """Copies the trained model's side files (RULES_FILE, GUIDANCE_FILE) that `src_dir` has."""
-  names = [n for n in (RULES_FILE, GUIDANCE_FILE) if os.path.isfile(os.path.join(src_dir, n))]
+  """Copies the trained model's side files (SIDE_FILES) that `src_dir` has."""
+  names = [n for n in SIDE_FILES if os.path.isfile(os.path.join(src_dir, n))]
   for name in names:
     shutil.copy2(os.path.join(src_dir, name), os.path.join(dst_dir, name))
   return names

@@ -99,6 +99,9 @@ class Engine:
   # The guidance the model was trained with (its guidance.json), which a sampler of its
   # recoveries takes: recovery.Sampler(num_steps=..., guidance=engine.guidance).
   guidance: recovery_lib.Guidance = dataclasses.field(default_factory=recovery_lib.Guidance)
+  # The instruction it was trained to recover by (its instruction.json): `recover`'s default, and
+  # the answer loop's restore request.
+  instruction: str = recovery_lib.INSTRUCTION
 
   @classmethod
   def load(cls, path: str, *, dtype: str = "float32", mesh: jax.sharding.Mesh | None = None,
@@ -112,15 +115,17 @@ class Engine:
     rules = images_lib.ImageRules.for_model_dir(model_dir)
     check_rules_fit(rules, model.config, model_dir)
     return cls.from_model(model, tokenizer, rules, mesh,
-                          guidance=recovery_lib.Guidance.for_model_dir(model_dir))
+                          guidance=recovery_lib.Guidance.for_model_dir(model_dir),
+                          instruction=recovery_lib.instruction_of_model(model_dir))
 
   @classmethod
   def from_model(cls, model: bagel_lib.Bagel, tokenizer, rules: images_lib.ImageRules,
                  mesh: jax.sharding.Mesh | None = None, *,
-                 guidance: recovery_lib.Guidance | None = None) -> Engine:
+                 guidance: recovery_lib.Guidance | None = None,
+                 instruction: str = recovery_lib.INSTRUCTION) -> Engine:
     graphdef, weights = nnx.split(model)
     return cls(graphdef, weights, model.config, tokenizer, rules, mesh,
-               guidance or recovery_lib.Guidance())
+               guidance or recovery_lib.Guidance(), instruction)
 
   @functools.cached_property
   def special(self) -> dict[str, int]:
@@ -174,7 +179,7 @@ class Engine:
 
   def recover(self, corrupted: Sequence[np.ndarray], *,
               sampler: recovery_lib.Sampler | None = None, keys: Array | None = None,
-              instruction: str = recovery_lib.INSTRUCTION,
+              instruction: str | None = None,
               posterior: str = "sample") -> tuple[np.ndarray, np.ndarray]:
     """Corrupted uint8 H x W x 3 images -> (recovered uint8 images at their VAE size (BAGEL's
     resize rule of the model), their latents). The images must share that size, which one batch
@@ -183,7 +188,8 @@ class Engine:
     `sampler`: default, the release's 50 steps at the model's guidance (a sampler of your own
     takes it as `guidance=engine.guidance`; recovery.Sampler's default is BAGEL's). `keys` (B, 2):
     one per image, so an image's recovery does not depend on its batch; default, image i's
-    `image_keys(0, [i])`. `instruction`: the text the model recovers by (the release's).
+    `image_keys(0, [i])`. `instruction`: the text the model recovers by (default: the model's,
+    `Engine.instruction`).
     `posterior`: 'sample' draws the corrupted image's VAE latents, as the release does; 'mean'
     takes their mean.
     """
@@ -198,7 +204,7 @@ class Engine:
                 "corrupted_vit": np.asarray(images_lib.vit_resize(
                     image, self.rules.vit_size(*image.shape[:2])))} for image in corrupted]
     inputs = recovery_lib.recovery_inputs(samples, self.config, self.markers,
-                                          self.encode_block(instruction))
+                                          self.encode_block(instruction or self.instruction))
     latents, images = self.run(_recover, inputs, keys, sampler=sampler, posterior=posterior)
     return np.asarray(images), np.asarray(latents)
 

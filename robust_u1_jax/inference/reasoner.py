@@ -30,10 +30,11 @@ from robust_u1_jax.inference import recovery as recovery_lib
 ANSWER_RE = re.compile(r"<ANSWER>(.*?)(?=<[A-Z]+(?:_END)?>|$)", re.S)
 
 
-def prompt(question: str, options: Sequence[str] = (), *, recover: bool = True) -> str:
-  """The release's prompt: question, lettered options, restore instruction, answer instruction."""
-  return answer_format.prompt(question, options,
-                              instruction=answer_format.RESTORE if recover else None)
+def prompt(question: str, options: Sequence[str] = (), *, recover: bool = True,
+           instruction: str = answer_format.RESTORE) -> str:
+  """The release's prompt: question, lettered options, restore `instruction` (a model's own:
+  `Engine.instruction`), answer instruction."""
+  return answer_format.prompt(question, options, instruction=instruction if recover else None)
 
 
 def cut_answers(text: str, keep: int = 2) -> str:
@@ -142,7 +143,8 @@ def answer(engine: engine_lib.Engine, image: np.ndarray, question: str,
   as each step (numbered from 1) is done, for callers that show the exchange as it goes."""
   special = engine.special
   seconds: dict[str, float] = {}
-  text_prompt = prompt(question, options, recover=settings.recover)
+  text_prompt = prompt(question, options, recover=settings.recover,
+                       instruction=engine.instruction)
   with _timed(seconds, "context"):
     conv = engine.conversation(seed, posterior)
     conv.add_image(image)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from robust_u1_jax import config_lib, files, sampling
-from robust_u1_jax.checkpoints.bagel_dir import GUIDANCE_FILE, SideFileError
+from robust_u1_jax.checkpoints.bagel_dir import GUIDANCE_FILE, INSTRUCTION_FILE, SideFileError
 from robust_u1_jax.data import packing, sequence
 from robust_u1_jax.data import tokenizer as tokenizer_lib
 from robust_u1_jax.inference import context as context_lib
@@ -102,6 +102,28 @@ class Guidance:
 
 
 NO_GUIDANCE = Guidance(text_scale=1.0, image_scale=1.0)
+
+
+def instruction_of_model(path: str) -> str:
+  """The instruction a model was trained to recover by (`instruction.json` beside it: a run's
+  `config.instruction`), else the paper's. The answer loop's prompt holds it too, as the
+  training's question prompts and reasoning records do."""
+  file = os.path.join(path, INSTRUCTION_FILE)
+  if not os.path.isfile(file):
+    return INSTRUCTION
+  try:
+    values = files.read_json(file)
+    text = values.get("instruction") if isinstance(values, dict) else None
+    if not isinstance(text, str) or not text.strip():
+      raise ValueError('not {"instruction": "<a text>"}')
+    return text
+  except (TypeError, ValueError) as e:
+    raise SideFileError.of(file, e) from None
+
+
+def save_instruction(path: str, instruction: str) -> None:
+  with open(os.path.join(path, INSTRUCTION_FILE), "w") as f:
+    json.dump({"instruction": instruction}, f, indent=1)
 
 
 @dataclasses.dataclass(frozen=True)

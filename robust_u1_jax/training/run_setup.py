@@ -12,6 +12,7 @@ is built.
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -177,8 +178,9 @@ def init_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                                    bagel_lib.COMPONENTS, mesh)
   from robust_u1_jax.checkpoints import orbax_io  # heavy imports only when loading weights
 
-  if note := guidance_note(config):
-    print(note, file=sys.stderr, flush=True)
+  for note in (guidance_note(config), instruction_note(config)):
+    if note:
+      print(note, file=sys.stderr, flush=True)
   o = _overrides(config)
   return orbax_io.load_pretrained(source, mesh=mesh, dtype=o["dtype"],
                                   param_dtype=o["param_dtype"], remat=o["remat"],
@@ -204,6 +206,25 @@ def guidance_note(config: ml_collections.ConfigDict) -> str | None:
           f"{g.text_scale:g} / {g.image_scale:g}; give --config.guidance.text_scale="
           f"{model.text_scale:g} --config.guidance.image_scale={model.image_scale:g} to keep "
           "the model's")
+
+
+def instruction_note(config: ml_collections.ConfigDict) -> str | None:
+  """A note when the run recovers by another instruction than the one the model `init_from` names
+  was trained with (its instruction.json): RL from an SFT model trained with its own
+  `--config.instruction` would otherwise train the default's recoveries without a word."""
+  from robust_u1_jax.checkpoints.bagel_dir import INSTRUCTION_FILE
+  from robust_u1_jax.inference import recovery as recovery_lib
+
+  source = model_source(config)
+  if (source == "random" or "instruction" not in config
+      or not os.path.isfile(os.path.join(source, INSTRUCTION_FILE))):
+    return None
+  model = recovery_lib.instruction_of_model(source)
+  if model == config.instruction:
+    return None
+  return (f"note: init_from's model recovers by the instruction {model!r} (its "
+          f"{INSTRUCTION_FILE}), this run by {config.instruction!r}; give "
+          f"--config.instruction={shlex.quote(model)} to keep the model's")
 
 
 def abstract_model(mc: bagel_lib.BagelConfig, mesh: jax.sharding.Mesh) -> bagel_lib.Bagel:
@@ -233,8 +254,9 @@ def write_model(model: bagel_lib.Bagel, workdir: str, config: ml_collections.Con
   """A run's final model as `workdir/model`, the form later stages' `init_from`,
   `convert --to hf`, `recover` and `answer` read: an Orbax checkpoint with the tokenizer files,
   the run's image resize rules and, where the run trained the model to recover (`recovers`), its
-  recoveries' guidance beside it. The demo's vae and vit parts train no recovery: a guidance.json
-  there said 4 / 2, and the base part from them noted that it recovered at other guidance."""
+  recoveries' guidance and instruction beside it. The demo's vae and vit parts train no
+  recovery: a guidance.json there said 4 / 2, and the base part from them noted that it recovered
+  at other guidance."""
   from robust_u1_jax.checkpoints import orbax_io
   from robust_u1_jax.inference import images as images_lib
   from robust_u1_jax.inference import recovery as recovery_lib
@@ -243,6 +265,7 @@ def write_model(model: bagel_lib.Bagel, workdir: str, config: ml_collections.Con
     images_lib.ImageRules.from_data_config(config.data).save(folder)
     if recovers:
       recovery_lib.Guidance.from_config(config.guidance).save(folder)
+      recovery_lib.save_instruction(folder, config.get("instruction") or recovery_lib.INSTRUCTION)
 
   orbax_io.save_orbax(model, os.path.join(workdir, "model"), tokenizer_dir=tokenizer_dir(config),
                       overwrite=True, write_beside=write_beside)
