@@ -231,6 +231,26 @@ def test_a_model_continues_with_the_tokenizer_it_was_saved_with(tmp_path):
     run_setup.make_context(override)
 
 
+def test_a_model_without_its_tokenizer_is_not_read_with_the_built_in_one(tmp_path):
+  """BAGEL's weights copied without their tokenizer files trained on the built-in tokenizer's
+  ids without a word; a model built with the built-in tokenizer (its vocabulary) still is."""
+  from robust_u1_jax.checkpoints import orbax_io
+
+  n = len(tokenizer_lib.load_tokenizer())
+  for name, vocab in (("other", n + 64), ("own", n)):
+    orbax_io.save_orbax(bagel.Bagel(bagel.preset("tiny", vocab), rngs=nnx.Rngs(0)),
+                        str(tmp_path / name))
+  other = config_lib.load(SFT, {**SMALL, "init_from": str(tmp_path / "other")})
+  with pytest.raises(config_lib.ConfigError,
+                     match=rf"the model of init_from=.*other' has no tokenizer files beside it "
+                           rf"\(tokenizer.json, or vocab.json and merges.txt\), and its "
+                           rf"vocabulary \({n + 64:,} ids\) is not the built-in tokenizer's "
+                           rf"\({n:,}\); copy the tokenizer"):
+    run_setup.make_context(other)
+  own = config_lib.load(SFT, {**SMALL, "init_from": str(tmp_path / "own")})
+  assert len(run_setup.make_context(own).tokenizer) == n
+
+
 def test_a_tokenizer_past_the_model_vocabulary_is_refused(tmp_path):
   """Ids past the embedding table read as NaN at the first step: refused before anything is
   built, naming the tokenizer and the model."""

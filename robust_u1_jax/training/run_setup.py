@@ -121,6 +121,15 @@ def check_tokenizer_fits_model(config: ml_collections.ConfigDict, tokenizer,
         f"vocab_size {mc.llm.vocab_size} of {where}; set --config.data.tokenizer_dir to the "
         "tokenizer the model was trained with")
   saved = _saved_tokenizer_dir(config)
+  if (saved is None and not config.data.tokenizer_dir and model_source(config) != "random"
+      and len(tokenizer) != mc.llm.vocab_size):
+    # The built-in tokenizer stands in: right for a model built with it (its vocabulary is the
+    # tokenizer's), wrong for BAGEL's (Qwen2's 152k ids) copied without its tokenizer files.
+    raise config_lib.ConfigError(
+        f"{where} has no tokenizer files beside it (tokenizer.json, or vocab.json and "
+        f"merges.txt), and its vocabulary ({mc.llm.vocab_size:,} ids) is not the built-in "
+        f"tokenizer's ({len(tokenizer):,}); copy the tokenizer it was trained with beside it, or "
+        "set --config.data.tokenizer_dir")
   if (not config.data.tokenizer_dir or saved is None
       or os.path.abspath(saved) == os.path.abspath(config.data.tokenizer_dir)):
     return  # the model's own tokenizer
