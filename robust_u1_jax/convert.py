@@ -12,8 +12,9 @@ existing destination is refused unless --overwrite, which replaces only a model 
 Orbax model checkpoint or an empty folder (never a file, the source, or a folder holding it). A
 bad input (a missing or unusable source, a stage's workdir given for its model, an unwritable
 destination, a flag of the other direction, an --fsdp beyond the devices) is one `error:` line
-and exit status 2. A source without tokenizer files converts with a note: `recover`, `answer` and
-`evaluate` need them beside the model (or --tokenizer).
+and exit status 2. A source without tokenizer files converts with a note (`recover`, `answer`,
+`evaluate` and training read them beside the model), as does one whose bfloat16 weights the
+float32 default widens.
 """
 
 from robust_u1_jax import cli  # first: its quiet environment is set before jax loads
@@ -25,7 +26,7 @@ from absl import app
 from absl import flags
 import jax
 
-from robust_u1_jax import sharding
+from robust_u1_jax import files, sharding
 from robust_u1_jax.checkpoints import bagel_dir, orbax_io
 
 FORMATS = ("hf",)
@@ -95,8 +96,23 @@ def check_side_files(src: str) -> None:
   recovery.instruction_of_model(src)
   if not any(os.path.isfile(os.path.join(src, name)) for name in ("tokenizer.json", "vocab.json")):
     print(f"note: {src} has no tokenizer files (tokenizer.json, or vocab.json and merges.txt); "
-          "recover, answer and evaluate need them beside the model: copy them into --dst, or "
-          "pass --tokenizer DIR", file=sys.stderr)
+          "recover, answer, evaluate and a stage started from the model read them beside it: "
+          "copy them into --dst (or give recover and answer --tokenizer DIR, a stage "
+          "--config.data.tokenizer_dir=DIR)", file=sys.stderr)
+
+
+def upcast_note(src: str, param_dtype: str) -> str | None:
+  """A note when --from hf widens the weights its llm_config.json declares (BAGEL releases
+  bfloat16): the Orbax checkpoint, and a model written back from it, double in size."""
+  try:
+    declared = files.read_json(os.path.join(src, bagel_dir.LLM_CONFIG)).get("torch_dtype")
+  except (OSError, ValueError, AttributeError):  # the conversion itself names a bad file
+    return None
+  if declared not in ("bfloat16", "float16") or param_dtype != "float32":
+    return None
+  return (f"note: {src}'s {bagel_dir.LLM_CONFIG} says its weights are {declared}; the checkpoint "
+          "stores them as float32 (--param_dtype), twice their size: --param_dtype bfloat16 "
+          f"keeps them as they are, --to hf --save_dtype {declared} writes them back so")
 
 
 def main(argv) -> int:
@@ -122,6 +138,8 @@ def main(argv) -> int:
   cli.output_dir(os.path.dirname(os.path.abspath(_DST.value)), f"--dst {_DST.value}: its folder",
                  create=False)
   if _FROM.value:
+    if note := upcast_note(_SRC.value, _PARAM_DTYPE.value):
+      print(note, file=sys.stderr)
     out = orbax_io.hf_to_orbax(_SRC.value, _DST.value, overwrite=_OVERWRITE.value,
                                allow_pickle=_ALLOW_PICKLE.value, param_dtype=_PARAM_DTYPE.value,
                                mesh=_mesh(), progress=_PROGRESS.value)

@@ -215,6 +215,21 @@ def test_a_source_without_a_tokenizer_converts_with_a_note(model_dir, tmp_path, 
   assert orbax_io.is_orbax_model(str(tmp_path / "out"))
 
 
+def test_bfloat16_weights_widened_to_float32_are_noted(model_dir, tmp_path):
+  """A BAGEL release (bfloat16) came back from --from hf and --to hf twice its size, unsaid."""
+  def declare_bfloat16(folder):
+    config = json.loads((folder / "llm_config.json").read_text())
+    (folder / "llm_config.json").write_text(json.dumps({**config, "torch_dtype": "bfloat16"}))
+
+  src = _copy(model_dir, tmp_path, "bf16", declare_bfloat16)
+  assert convert.upcast_note(src, "float32") == (
+      f"note: {src}'s llm_config.json says its weights are bfloat16; the checkpoint stores them "
+      "as float32 (--param_dtype), twice their size: --param_dtype bfloat16 keeps them as they "
+      "are, --to hf --save_dtype bfloat16 writes them back so")
+  assert convert.upcast_note(src, "bfloat16") is None
+  assert convert.upcast_note(model_dir, "float32") is None  # float32 weights
+
+
 def test_overwrite_replaces_only_a_model(model_dir, orbax_dir, tmp_path, main_with_flags,
                                          capsys):
   dst = tmp_path / "ckpt"

@@ -153,13 +153,23 @@ def broken_models(model_dir, tmp_path_factory):
     (folder / name).write_text(text)
     damaged[case] = (folder, f"{folder / name}: ")
   (root / "empty").mkdir()
+  # A BAGEL directory copied without its llm_config.json was "neither a BAGEL model directory
+  # nor an Orbax model checkpoint", as was an Orbax checkpoint without its config.
+  (root / "no_llm_config").mkdir()
+  for name in ("vit_config.json", "ema.safetensors"):
+    (root / "no_llm_config" / name).write_text("{}")
   (root / "run" / "checkpoints" / "3").mkdir(parents=True)
   (root / "done" / "checkpoints" / "3").mkdir(parents=True)
   (root / "done" / "model").mkdir()
   # The demo's CLIP part: its workdir's model/ was taken for a BAGEL model lacking a tokenizer.
   (root / "clip" / "model").mkdir(parents=True)
   (root / "clip" / "model" / "clip.safetensors").write_bytes(b"")
-  return {**damaged, "no_config": (no_config, "bagel_config.json"),
+  return {**damaged,
+          "no_config": (no_config, f"{no_config} has an Orbax model checkpoint's params/ but no "
+                                   "bagel_config.json"),
+          "no_llm_config": (root / "no_llm_config",
+                            f"{root / 'no_llm_config'} has a BAGEL model directory's "
+                            "ema.safetensors, vit_config.json but no llm_config.json"),
           "no_rules": (no_rules, "there is no image_rules.json beside it"),
           # It was 'missing tokenizer.json', as if the tokenizer were all it lacked.
           "empty": (root / "empty", f"{root / 'empty'} is neither a BAGEL model directory"),
@@ -175,9 +185,9 @@ def broken_models(model_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize("cli", [recover_cli, answer_cli], ids=["recover", "answer"])
-@pytest.mark.parametrize("case", ["no_config", "no_rules", "bad_rules", "bad_guidance",
-                                  "cut_rules", "empty", "checkpoint", "finished_checkpoint",
-                                  "clip", "absent", "missing_image",
+@pytest.mark.parametrize("case", ["no_config", "no_llm_config", "no_rules", "bad_rules",
+                                  "bad_guidance", "cut_rules", "empty", "checkpoint",
+                                  "finished_checkpoint", "clip", "absent", "missing_image",
                                   "truncated_image", "bad_mesh"])
 def test_bad_input_is_one_error_line_and_status_2(capsys, cli, case, model_dir, inputs,
                                                   broken_models, tmp_path):

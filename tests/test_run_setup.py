@@ -251,6 +251,15 @@ def test_a_model_without_its_tokenizer_is_not_read_with_the_built_in_one(tmp_pat
   assert len(run_setup.make_context(own).tokenizer) == n
 
 
+def test_a_mesh_the_devices_do_not_fill_is_a_config_error():
+  """A plain ValueError (a traceback from `train`, on every host of a pod) before."""
+  for axes, says in (({"mesh.tensor": 3}, r"8 devices are not divisible by the fixed axes"),
+                     ({"mesh.data": 1, "mesh.fsdp": 16}, r"need 16 devices, but 8 are available")):
+    with pytest.raises(config_lib.ConfigError, match=rf"^config field mesh: .*{says}.*; set "
+                                                     r"--config\.mesh\.<axis>"):
+      run_setup.make_context(config_lib.load(SFT, {**SMALL, **axes}))
+
+
 def test_a_tokenizer_past_the_model_vocabulary_is_refused(tmp_path):
   """Ids past the embedding table read as NaN at the first step: refused before anything is
   built, naming the tokenizer and the model."""

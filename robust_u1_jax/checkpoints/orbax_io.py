@@ -66,6 +66,14 @@ def not_a_model(path: str) -> str:
   if os.path.isfile(os.path.join(path, CLIP_FILE)):
     return (f"{path} holds a CLIP model ({CLIP_FILE}: the RL stage's reward model, "
             "rl.clip_checkpoint), not a BAGEL model; give a BAGEL or Robust-U1 model")
+  held = set(os.listdir(path)) if os.path.isdir(path) else set()
+  bagel_files = {bagel_dir.VIT_CONFIG, bagel_dir.VAE_FILE, *bagel_dir.WEIGHT_FILES}
+  if held & bagel_files:  # is_model found no LLM_CONFIG, or this would be a model
+    return (f"{path} has a BAGEL model directory's {', '.join(sorted(held & bagel_files))} but "
+            f"no {bagel_dir.LLM_CONFIG}: copy it from the model's release")
+  if PARAMS in held:
+    return (f"{path} has an Orbax model checkpoint's {PARAMS}/ but no {CONFIG}: copy it from "
+            "where the checkpoint was written")
   message = (f"{path} is neither a BAGEL model directory ({bagel_dir.LLM_CONFIG}, "
              f"{bagel_dir.VIT_CONFIG}, ema.safetensors, {bagel_dir.VAE_FILE}) nor an Orbax model "
              f"checkpoint ({CONFIG}, {PARAMS}/)")

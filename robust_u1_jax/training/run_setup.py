@@ -248,7 +248,11 @@ def make_context(config: ml_collections.ConfigDict, *, devices: Sequence[Any] | 
   """The run's RunContext: mesh over `devices` (default all), tokenizer, markers, model config
   (checked against the data config) and the model, built on first use: with its weights, or
   shape-only when `abstract` (the AOT check)."""
-  mesh = sharding.make_mesh(config.mesh, devices)
+  try:
+    mesh = sharding.make_mesh(config.mesh, devices)
+  except ValueError as e:  # the devices are known only now: `--check_config` cannot tell
+    raise config_lib.ConfigError(f"config field {e}; set --config.mesh.<axis> (one axis may be "
+                                 "-1: the devices left)") from None
   tokenizer = tokenizer_lib.load_tokenizer(tokenizer_dir(config))
   mc = model_config(config, tokenizer)
   check_tokenizer_fits_model(config, tokenizer, mc)
