@@ -56,8 +56,7 @@ def test_recovery_flops_floor_below_the_implementation(setup):
   # One denoising call, all three branches: each block token once per branch through its own
   # expert, against its own context and the block.
   per_step = sum(
-      recovery_flops.step_flops(llm, f["block"], k + f["block"], both_experts=False)
-      for k in f["tokens"])
+      recovery_flops.step_flops(llm, f["block"], k + f["block"]) for k in f["tokens"])
   assert np.isclose(f["denoise_linear"] + f["denoise_attention"], 4 * per_step)
   assert 0 < f["floor"] < f["library"]
 

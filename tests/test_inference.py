@@ -150,6 +150,26 @@ def test_guidance_off_equals_no_guidance_and_branches_batch(tiny, world_images):
     assert not np.allclose(batched, plain, atol=1e-3)
 
 
+def test_each_expert_runs_on_its_own_tokens_only(tiny, world_images):
+  """The rows bound each expert's buffer: the noisy block's understanding expert runs on its two
+  markers, not on its every latent token (which doubled a denoising step's matmuls), and the
+  velocity is the unbounded rows' (to float rounding: the buffers' shapes differ)."""
+  eng, model = tiny
+  inputs = _inputs(eng, model, world_images[0])
+  for rows in (inputs.full, inputs.no_text, inputs.noisy):
+    assert rows.max_und == rows.token_kind.shape[1] - rows.latent_seq_index.shape[1]
+  assert inputs.noisy.max_und == 2
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 16, model.config.latent_channels))
+  t = jnp.full((1,), 0.7)
+  bounded = recovery.velocity_fn(model, inputs, recovery.Guidance())(x, t)
+  unbounded = dataclasses.replace(inputs, **{
+      name: getattr(inputs, name).replace(max_und=None)
+      for name in ("full", "no_text", "no_image", "noisy")})
+  np.testing.assert_allclose(
+      bounded, recovery.velocity_fn(model, unbounded, recovery.Guidance())(x, t),
+      rtol=1e-5, atol=1e-5)
+
+
 def test_conversation_image_equals_recovery_of_the_same_context(tiny, world_images):
   """[image][instruction] in a conversation generates what `recover` does from the same noise."""
   eng, model = tiny

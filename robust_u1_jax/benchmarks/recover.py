@@ -238,13 +238,11 @@ def context_scaling(setup: Setup, size: tuple[int, int], seconds: float,
   timed = alternate({str(k): fn for k, fn in steps.items()}, seconds, min_reps=min_reps)
   short, long = contexts[0], contexts[-1]
   block = int(noisy.token_kind.shape[1])
-  model = {k: flops_lib.step_flops(setup.config.llm, block, k + block, both_experts=True)
-           for k in (short, long)}
+  model = {k: flops_lib.step_flops(setup.config.llm, block, k + block) for k in (short, long)}
   # The same contexts at BAGEL-7B's width, against a 1024 x 656 image's block (2,626 tokens).
   llm_7b = LLMConfig.bagel_7b()
   block_7b = recover_7b.BLOCK_7B
-  model_7b = {k: flops_lib.step_flops(llm_7b, block_7b, k + block_7b, both_experts=True)
-              for k in (short, long)}
+  model_7b = {k: flops_lib.step_flops(llm_7b, block_7b, k + block_7b) for k in (short, long)}
   return {"size": size, "block": block, "contexts": tuple(contexts),
           "step_s": {k: timed.median(str(k)) for k in contexts},
           "ratio": timed.ratio(str(long), str(short)).median,

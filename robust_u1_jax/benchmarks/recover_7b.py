@@ -215,7 +215,7 @@ def report_7b(r: Mapping[str, Any]) -> str:
       ("VAE encode + decode (XLA count)", r["vae_flops"] / 1e15),
       ("floor total (analytic)", f["floor"] / 1e15),
       ("issue's estimate", ISSUE_FLOOR_FLOPS / 1e15),
-      ("this implementation (analytic: both experts, padded slots, ViT x2)",
+      ("this implementation (analytic: padded slots, ViT x2)",
        f["library"] / 1e15),
   ]
   if r.get("compiled_flops_per_device"):

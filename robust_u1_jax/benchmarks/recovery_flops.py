@@ -32,15 +32,15 @@ def pair_flops(llm) -> float:
   return 4.0 * llm.num_layers * llm.num_heads * llm.head_dim
 
 
-def step_flops(llm, block: int, keys: int, *, both_experts: bool) -> float:
-  """One denoising call of `block` tokens against `keys` keys (cache slots + the block)."""
-  experts = 2 if both_experts and llm.mot else 1
-  return block * (experts * token_flops(llm) + keys * pair_flops(llm))
+def step_flops(llm, block: int, keys: int) -> float:
+  """One denoising call of `block` tokens, each through its own expert, against `keys` keys
+  (cache slots + the block)."""
+  return block * (token_flops(llm) + keys * pair_flops(llm))
 
 
-def attention_share(llm, block: int, keys: int, *, both_experts: bool = True) -> float:
+def attention_share(llm, block: int, keys: int) -> float:
   """The attention's share of `step_flops`: what grows with the context."""
-  return block * keys * pair_flops(llm) / step_flops(llm, block, keys, both_experts=both_experts)
+  return block * keys * pair_flops(llm) / step_flops(llm, block, keys)
 
 
 def _visible_pairs(rows: bagel_lib.SequenceInputs) -> int:
@@ -58,9 +58,10 @@ def recovery_flops(config: bagel_lib.BagelConfig, inputs: recovery_lib.RecoveryI
 
   floor: each token through its own expert once, each query against the keys the mask lets it
     see, the ViT once; what any implementation of these shapes must compute.
-  library: what this implementation computes: both experts over every token of the mixed rows
-    (a per-token route runs the two and selects), every query against all cache slots of the
-    stacked branches (the short text-only context padded to the longest), the ViT once per
+  library: what this implementation computes: each token through its own expert too (the rows'
+    expert buffers are bounded, `bagel.bound_experts`: the code before ran the understanding
+    expert over every token of the noisy block as well), every query against all cache slots of
+    the stacked branches (the short text-only context padded to the longest), the ViT once per
     context that holds the image.
   """
   llm, vit = config.llm, config.vit
@@ -69,7 +70,6 @@ def recovery_flops(config: bagel_lib.BagelConfig, inputs: recovery_lib.RecoveryI
   block = int(inputs.noisy.token_kind.shape[1])
   n_latent = int(inputs.noisy.latent_seq_index.shape[1])
   n_vit = int(inputs.full.vit_patches.shape[1])
-  experts = 2 if llm.mot else 1
   # Denoising: `moves` calls, each answering every branch.
   d_linear = moves * branches * block * token_flops(llm)
   d_attention = moves * sum(block * (k + block) for k in tokens) * pair_flops(llm)
@@ -89,10 +89,10 @@ def recovery_flops(config: bagel_lib.BagelConfig, inputs: recovery_lib.RecoveryI
   parts = {"denoise_linear": d_linear, "denoise_attention": d_attention, "heads": heads,
            "prefill_linear": p_linear, "prefill_attention": p_attention, "vit": vit_flops}
   floor = sum(parts.values())
-  library = (experts * (d_linear + p_linear) + d_attention_lib + heads + p_attention_lib
+  library = (d_linear + p_linear + d_attention_lib + heads + p_attention_lib
              + vit_runs * vit_flops)
   return {**parts, "floor": floor, "library": library,
           "step_floor": (d_linear + d_attention + heads) / moves,
-          "step_library": (experts * d_linear + d_attention_lib + heads) / moves,
+          "step_library": (d_linear + d_attention_lib + heads) / moves,
           "tokens": tuple(tokens), "block": block, "n_vit": n_vit, "n_latent": n_latent}
 

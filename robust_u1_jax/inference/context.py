@@ -101,11 +101,20 @@ def gather_latents(tokens_bnc: Array, rows: bagel_lib.SequenceInputs) -> Array:
 
 def rows(blocks_per_row: Sequence[Sequence[sequence.Block]], config: bagel_lib.BagelConfig,
          markers: sequence.Markers, *, min_length: int = 0) -> bagel_lib.SequenceInputs:
-  """Numpy rows, one sample each, padded to the longest (and at least `min_length` tokens)."""
+  """Numpy rows, one sample each, padded to the longest (and at least `min_length` tokens), each
+  expert's buffer bounded by the rows' tokens (`bagel.bound_experts`): without the bound the
+  understanding expert also ran over every latent token, which doubled a denoising step's
+  matmuls (the noisy block is all latents but its two markers)."""
   seq_len, max_vit, max_latent = sequence.max_lengths(blocks_per_row, config)
-  return sequence.build_rows([[b] for b in blocks_per_row], config, markers,
-                             seq_len=max(seq_len, min_length), max_vit=max_vit,
-                             max_latent=max_latent)
+  return bagel_lib.bound_experts(sequence.build_rows(
+      [[b] for b in blocks_per_row], config, markers, seq_len=max(seq_len, min_length),
+      max_vit=max_vit, max_latent=max_latent))
+
+
+def noisy_rows(height: int, width: int, n: int, config: bagel_lib.BagelConfig,
+               markers: sequence.Markers) -> bagel_lib.SequenceInputs:
+  """`n` rows of one noisy latent block of an image's size: what every denoising step runs."""
+  return rows([[sequence.Latent(height, width, noisy=True)]] * n, config, markers)
 
 
 def image_blocks(vae_image: np.ndarray, vit_image: np.ndarray, *, vae: bool = True,

@@ -325,8 +325,7 @@ class Conversation:
     h, w = size_hw or self.image_hw or (None, None)
     if h is None:
       raise ValueError("generate_image needs a size: no input image to take it from")
-    noisy = context_lib.rows([[sequence.Latent(h, w, noisy=True)]], self.engine.config,
-                             self.engine.markers)
+    noisy = context_lib.noisy_rows(h, w, 1, self.engine.config, self.engine.markers)
     if x_init is None:
       n = noisy.latent_seq_index.shape[1]
       x_init = jax.random.normal(self._next_key(), (1, n, self.engine.config.latent_channels))

@@ -204,8 +204,7 @@ def recovery_inputs(samples: Sequence[Mapping[str, Any]], config: bagel_lib.Bage
         target=False, **use) for s in samples], config, markers)
 
   corrupted = np.stack([s["corrupted"] for s in samples])
-  noisy = context_lib.rows([[sequence.Latent(*corrupted.shape[1:3], noisy=True)]] * len(samples),
-                           config, markers)
+  noisy = context_lib.noisy_rows(*corrupted.shape[1:3], len(samples), config, markers)
   return RecoveryInputs(full=rows(), no_text=rows(use_text=False),
                         no_image=rows(use_vit=False, use_vae=False), noisy=noisy,
                         corrupted=corrupted[:, None],

@@ -237,8 +237,7 @@ def make_eval(ctx) -> Callable:
       markers, instruction))
   captions = jax.tree.map(jnp.asarray, context_lib.rows(
       [[sequence.Text(s["caption_ids"])] for s in shown], config, markers))
-  noisy = jax.tree.map(jnp.asarray, context_lib.rows(
-      [[sequence.Latent(h, w, noisy=True)]] * len(shown), config, markers))
+  noisy = jax.tree.map(jnp.asarray, context_lib.noisy_rows(h, w, len(shown), config, markers))
   key = jax.random.PRNGKey(c.seed)
   x_init = jax.random.normal(key, (len(shown), noisy.latent_seq_index.shape[1],
                                    config.latent_channels))
