@@ -168,11 +168,17 @@ def test_a_broken_source_is_one_line_naming_what_is_broken(model_dir, orbax_dir,
       (to_hf, _copy(orbax_dir, tmp_path, "config", lambda d: _truncate(d / orbax_io.CONFIG, 40)),
        "bagel_config.json: not valid JSON"),
       (to_hf, _copy(orbax_dir, tmp_path, "meta", lambda d: (d / "params" / "_METADATA").unlink()),
-       "params: no readable _METADATA"),
+       "params: not a whole Orbax checkpoint (no _METADATA; a copy cut short?)"),
+      # Its array files gone, its _METADATA there: it said "no readable _METADATA".
+      (to_hf, _copy(orbax_dir, tmp_path, "data", lambda d: shutil.rmtree(d / "params" / "d")),
+       "params: not a whole Orbax checkpoint (its _METADATA is there, its array files are not "
+       "readable; a copy cut short?)"),
       (to_hf, _copy(orbax_dir, tmp_path, "layers", bump_layers),
-       "params: its arrays cannot be read as bagel_config.json describes them: "),
+       "params: its arrays cannot be read (a file cut short, or other shapes than "
+       "bagel_config.json describes): "),
       (to_hf, _copy(orbax_dir, tmp_path, "arrays", cut_largest_array_file),
-       "params: its arrays cannot be read as bagel_config.json describes them: "),
+       "params: its arrays cannot be read (a file cut short, or other shapes than "
+       "bagel_config.json describes): "),
   ]
   for direction, src, message in cases:
     assert main_with_flags(*direction, "--src", src, "--dst", str(tmp_path / "out")) == 2, src

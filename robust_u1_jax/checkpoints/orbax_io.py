@@ -151,9 +151,11 @@ def load_orbax(path: str, *, mesh: jax.sharding.Mesh | None = None, dtype=None, 
   slots = loader.layer_slots(variables)
   with ocp.StandardCheckpointer() as checkpointer:
     metadata = checkpointer.metadata(params_dir).item_metadata
-    if metadata is None:  # Orbax returns none where its _METADATA file is missing or unreadable
-      raise CheckpointError(f"{params_dir}: no readable _METADATA; not a whole Orbax checkpoint "
-                            "(a copy cut short?): write it again")
+    if metadata is None:  # Orbax returns none where its _METADATA file or its arrays' are gone
+      lost = ("no _METADATA" if not os.path.isfile(os.path.join(params_dir, "_METADATA"))
+              else "its _METADATA is there, its array files are not readable")
+      raise CheckpointError(f"{params_dir}: not a whole Orbax checkpoint ({lost}; a copy cut "
+                            "short?): write or copy it again")
     stored = set(traverse_util.flatten_dict(metadata.tree, sep="."))
     per_layer = stored != set(variables) and stored == set(slots)  # written before stacking
     if per_layer:
@@ -173,8 +175,8 @@ def load_orbax(path: str, *, mesh: jax.sharding.Mesh | None = None, dtype=None, 
       restored = traverse_util.flatten_dict(checkpointer.restore(params_dir, _nested(target)),
                                             sep=".")
     except Exception as e:  # Orbax wraps TensorStore's reading errors in a bare Exception
-      raise CheckpointError(f"{params_dir}: its arrays cannot be read as {CONFIG} describes them: "
-                            f"{_first_sentence(e)}") from e
+      raise CheckpointError(f"{params_dir}: its arrays cannot be read (a file cut short, or "
+                            f"other shapes than {CONFIG} describes): {_first_sentence(e)}") from e
   if per_layer:
     layers_of: dict[str, list[str]] = {}
     for p, s in slots.items():
