@@ -331,6 +331,7 @@ def test_bad_ema_tensor_names_key_and_file(edit, key, words, variant):
     bagel_dir.load_model_dir(variant(edit_ema=edit))
   message = str(e.value)
   assert key in message and "ema.safetensors" in message and words in message
+  assert "more layers than the weights hold" not in message  # a key of a layer it holds
 
 
 def test_bad_vae_tensor_names_key_and_file(variant):
@@ -368,6 +369,22 @@ def test_a_misfit_names_the_shape_in_the_file_and_the_configs_it_was_read_agains
   with pytest.raises(CheckpointError, match=r"expects .* \(the model's shapes are read from .*"
                      r"llm_config.json"):
     bagel_dir.load_model_dir(out)
+
+
+def test_a_config_of_more_layers_than_the_weights_says_so(variant):
+  """It listed the extra layer's every tensor (2,438 characters for one layer) and no cause."""
+  out = variant()
+  with open(os.path.join(out, "llm_config.json")) as f:
+    llm = json.load(f)
+  last = llm["num_hidden_layers"]
+  llm["num_hidden_layers"] += 1
+  with open(os.path.join(out, "llm_config.json"), "w") as f:
+    json.dump(llm, f)
+  with pytest.raises(CheckpointError, match=rf"tensor\(s\) missing from the checkpoint, all of "
+                     rf"layer {last}, past its last \(the model's config describes more layers "
+                     r"than the weights hold\): language_model\.model\.layers\.") as e:
+    bagel_dir.load_model_dir(out)
+  assert len(str(e.value)) < 1500
 
 
 def test_a_small_model_without_its_extra_config_says_what_was_assumed(variant):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -186,13 +186,32 @@ def convert_to_flax(
         + ", ".join(unexpected[:20]) + (" ..." if len(unexpected) > 20 else ""))
   missing = [p for p in expected if p not in seen and not is_optional(p)]
   if missing:
-    names = []
-    for p in missing[:20]:
-      hit = table.to_torch_key(p)
-      names.append(f"{hit[0] if hit else '?'} (model path {p})")
+    keys = [(table.to_torch_key(p) or ("?",))[0] for p in missing]
+    names = [f"{k} (model path {p})" for k, p in zip(keys[:8], missing)]
     raise CheckpointError(
-        f"{source}: {len(missing)} tensor(s) missing from the checkpoint: " + ", ".join(names)
-        + (" ..." if len(missing) > 20 else ""))
+        f"{source}: {len(missing)} tensor(s) missing from the checkpoint"
+        + _extra_layers(keys, tensors) + ": " + ", ".join(names)
+        + (" ..." if len(missing) > 8 else ""))
+
+
+_LAYER_KEY = re.compile(r"^(.*\.layers)\.(\d+)\.")
+
+
+def _extra_layers(missing: Sequence[str], present: Iterable[str]) -> str:
+  """', all of layers a to b, past the checkpoint's last' where every missing key lies in a layer
+  the checkpoint does not have: a config that describes more layers than the weights hold, where
+  the list alone reads as damaged weights."""
+  held: dict[str, int] = {}
+  for key in present:
+    if m := _LAYER_KEY.match(key):
+      held[m.group(1)] = max(held.get(m.group(1), -1), int(m.group(2)))
+  found = [_LAYER_KEY.match(key) for key in missing]
+  if not all(m and m.group(1) in held and int(m.group(2)) > held[m.group(1)] for m in found):
+    return ""
+  layers = sorted({int(m.group(2)) for m in found})
+  span = f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers[0]} to {layers[-1]}"
+  return (f", all of {span}, past its last (the model's config describes more layers than the "
+          "weights hold)")
 
 
 def convert_to_torch(
