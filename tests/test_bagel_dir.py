@@ -321,10 +321,15 @@ def _misshapen(t):
   t[_KEY] = t[_KEY][:, :-1].copy()
 
 
+def _integers(t):
+  t[_KEY] = t[_KEY].astype(np.int32)
+
+
 @pytest.mark.parametrize("edit, key, words", [
     (_missing, _KEY, "missing"),
     (_unexpected, "language_model.model.layers.7.mlp.up_proj.weight", "unexpected"),
     (_misshapen, _KEY, "shape"),
+    (_integers, _KEY, "holds int32 values, but the model's"),  # converted without a word
 ])
 def test_bad_ema_tensor_names_key_and_file(edit, key, words, variant):
   with pytest.raises(CheckpointError) as e:

@@ -171,6 +171,10 @@ def convert_to_flax(
     stored = np.asarray(tensors[key]())
     array = transform.to_flax(stored)
     shape, dtype = expected[path]
+    # Integers cast to a float parameter would read as weights.
+    if stored.dtype.kind in "biu" and np.dtype(dtype).kind not in "biu":
+      raise CheckpointError(f"{where}: tensor {key!r} holds {stored.dtype} values, but the "
+                            f"model's {path!r} is a {np.dtype(dtype).name} weight")
     if tuple(array.shape) != tuple(shape):
       # The file's own shape first, which a user can look up; the transformed one is ours.
       converted = ("" if array.shape == stored.shape else
