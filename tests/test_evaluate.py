@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import time
+import types
 
 import jax
 import numpy as np
@@ -420,7 +421,8 @@ def test_each_model_recovers_at_its_own_guidance_unless_the_config_gives_it(tmp_
   c = _eval_config()
   (tmp_path / "bagel_config.json").write_text("{}\n")  # a model's folder, to its side files
   (tmp_path / "params").mkdir()
-  guidance = lambda: eval_run._evaluator(None, c, None, str(tmp_path)).sampler.guidance
+  engine = types.SimpleNamespace(instruction=recovery.INSTRUCTION)  # all the evaluator reads
+  guidance = lambda: eval_run._evaluator(engine, c, None, str(tmp_path)).sampler.guidance
   assert guidance() == recovery.Guidance(4.0, 2.0)  # BAGEL's, for a model without its own
   recovery.Guidance(1.5, 1.25).save(str(tmp_path))  # as the trainer writes it beside a model
   assert guidance() == recovery.Guidance(1.5, 1.25)
