@@ -199,13 +199,13 @@ class Evaluator:
   """Recovers and answers held-out samples under corruption conditions with one model."""
 
   def __init__(self, engine: engine_lib.Engine, *, recovery_steps: int, batch_size: int,
-               max_new_tokens: int, seed: int = 0, instruction: str | None = None,
+               max_new_tokens: int, seed: int = 0,
                guidance: recovery_lib.Guidance = recovery_lib.Guidance(),
                clip_similarity: Callable | None = None):
     self.engine, self.batch_size, self.seed = engine, batch_size, seed
     self.max_new_tokens = max_new_tokens
     self.sampler = recovery_lib.Sampler(num_steps=recovery_steps, guidance=guidance)
-    self.instruction = instruction or engine.instruction  # None: the model's own
+    self.instruction = engine.instruction  # the model's own (its instruction.json)
     self.clip_similarity = clip_similarity
 
   def _batches(self, n: int):

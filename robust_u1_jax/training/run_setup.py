@@ -196,6 +196,14 @@ def init_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                                   attention=o["attention"], progress=True)
 
 
+def _trained_with(config: ml_collections.ConfigDict, side_file: str) -> str | None:
+  """init_from's model folder where it holds `side_file` (what it was trained with), else None."""
+  source = model_source(config)
+  if source == "random" or not os.path.isfile(os.path.join(source, side_file)):
+    return None
+  return source
+
+
 def guidance_note(config: ml_collections.ConfigDict) -> str | None:
   """A note when the run recovers at other guidance scales than the model `init_from` names was
   trained to (its guidance.json): a reasoning stage from the demo's RL model (1.5 / 1.5) would
@@ -203,8 +211,8 @@ def guidance_note(config: ml_collections.ConfigDict) -> str | None:
   from robust_u1_jax.checkpoints.bagel_dir import GUIDANCE_FILE
   from robust_u1_jax.inference import recovery as recovery_lib
 
-  source = model_source(config)
-  if source == "random" or not os.path.isfile(os.path.join(source, GUIDANCE_FILE)):
+  source = _trained_with(config, GUIDANCE_FILE)
+  if source is None:
     return None
   model = recovery_lib.Guidance.for_model_dir(source)
   g = config.guidance
@@ -224,9 +232,8 @@ def instruction_note(config: ml_collections.ConfigDict) -> str | None:
   from robust_u1_jax.checkpoints.bagel_dir import INSTRUCTION_FILE
   from robust_u1_jax.inference import recovery as recovery_lib
 
-  source = model_source(config)
-  if (source == "random" or "instruction" not in config
-      or not os.path.isfile(os.path.join(source, INSTRUCTION_FILE))):
+  source = _trained_with(config, INSTRUCTION_FILE)
+  if source is None or "instruction" not in config:
     return None
   model = recovery_lib.instruction_of_model(source)
   if model == config.instruction:
