@@ -293,3 +293,50 @@ def test_bad_records_of_one_process_end_both_processes_together(tmp_path):
   for log in logs:
     assert "4 of 48 records read by 2 processes were unreadable" in log, log[-3000:]
     assert "ran out" not in log
+
+
+CHECKPOINT_WORKER = os.path.join(ROOT, "tests", "checkpoint_worker.py")
+
+
+def _restore_with_fault(tmp_path, fault: str) -> tuple[list[dict], list[str]]:
+  """Two processes save steps 1 and 2, then restore with `fault` in one process's read of step 2
+  (tests/checkpoint_worker.py); returns each process's result and log."""
+  port = _free_port()
+  procs = []
+  for process_id in (0, 1):
+    log = open(tmp_path / f"checkpoint_{process_id}.log", "w")
+    command = [sys.executable, CHECKPOINT_WORKER, str(tmp_path / "work"),
+               str(tmp_path / "result"), fault]
+    procs.append((log.name, log, subprocess.Popen(
+        command, cwd=ROOT, env=_env(2, process_id, 2, port), stdout=log,
+        stderr=subprocess.STDOUT)))
+  logs = _finished(procs, 120)
+  results = []
+  for process_id, log in enumerate(logs):
+    path = tmp_path / f"result_{process_id}.json"
+    assert path.is_file(), log[-3000:]
+    results.append(json.loads(path.read_text()))
+  return results, logs
+
+
+@pytest.mark.parametrize("fault", ["state:1", "data:0"])
+def test_a_checkpoint_one_process_cannot_read_is_skipped_by_every_process(tmp_path, fault):
+  # Orbax's restore ends in a barrier. A process failing before it met its peer's barrier with
+  # the barrier of its restore of step 1: one went on from step 2, the other from step 1, and
+  # their next collectives paired unrelated ones (seen: a garbage gathered value, a barrier name
+  # mismatch, a wait until the coordination service ended them 5 minutes later). Now both fail
+  # step 2 and resume from step 1.
+  results, logs = _restore_with_fault(tmp_path, fault)
+  for result in results:
+    assert result == {"step": 1, "value": 1.0, "position": 1, "next": [1, 1]}, result
+  assert sorted(os.listdir(tmp_path / "work" / "checkpoints")) == ["1", "2.damaged"]
+  bad, good = (logs[1], logs[0]) if fault.endswith("1") else (logs[0], logs[1])
+  assert "injected" in bad and "checkpoints/2 cannot be restored" in bad
+  assert f"process(es) {fault[-1]} could not read it" in good
+
+
+def test_a_checkpoint_one_process_refuses_stops_every_process(tmp_path):
+  results, _ = _restore_with_fault(tmp_path, "refuse:1")
+  assert "injected: not this run's position" in results[1]["error"]
+  assert results[0]["error"].endswith("checkpoints/2: refused by process(es) 1 (see their logs)")
+  assert sorted(os.listdir(tmp_path / "work" / "checkpoints")) == ["1", "2"]  # kept in place

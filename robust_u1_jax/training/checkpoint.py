@@ -18,6 +18,8 @@ The trainer saves the trained part of its state (`state.saved_part`); any pytree
 - A checkpoint that cannot be read (truncated files) is reported by path, moved aside as
   `<step>.damaged` (so the step can be saved again) and the previous one used; when none of a
   run's checkpoints can be read, the run stops (UnreadableCheckpoints) rather than start again.
+  With several processes, a step that any one of them cannot read is skipped by all of them, so
+  every process resumes from the same step.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import json
 import os
 import re
 import signal
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -195,39 +198,76 @@ class Checkpointer:
     and when the newest's data positions were saved by another number of processes or are
     refused by the iterator's `check_state` (kept in place: they are readable, not this run's).
     """
-    failures = []
+    failures = []  # (path, the first line of why)
     for step in sorted(self.manager.all_steps(), reverse=True):
       path = os.path.join(self.directory, str(step))
-      try:
-        # Every process's data position first, read by every process: a file only its own
-        # process could not read would stop that one inside Orbax's collective restore, the
-        # others waiting for it there.
-        self._read_data_positions(step, iterator)
-        target = abstract_state
-        if target_for is not None:
-          target = target_for(self.manager.restore(
-              step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target),
-            data=grain_checkpoint.CheckpointRestore(_IteratorAdapter(iterator)),
-            meta=ocp.args.JsonRestore()))
-      except UnreadableCheckpoints:
-        raise
-      except Exception as e:  # Orbax/tensorstore raise many types for damaged files.
-        # The first line: Orbax's tree mismatches run to hundreds of lines of both trees.
-        logging.error("checkpoint %s cannot be restored (%s)", path, _first_line(e))
-        failures.append((path, e))
+      status, restored, error = self._try_restore(step, abstract_state, iterator, target_for)
+      statuses = self._gather(status)
+      if _REFUSED in statuses:
+        if status == _REFUSED:
+          raise error
+        raise UnreadableCheckpoints(
+            f"{path}: refused by process(es) {_which(statuses, _REFUSED)} (see their logs)")
+      if statuses != [_RESTORED] * len(statuses):
+        why = (_first_line(error) if status == _FAILED else
+               f"process(es) {_which(statuses, _FAILED)} could not read it")
+        logging.error("checkpoint %s cannot be restored (%s)", path, why)
+        failures.append((path, why))
         continue
       if failures:
         self._move_aside([path for path, _ in failures])
-      return step, restored["state"], dict(restored["meta"])
+      return restored
     if failures:
-      path, error = failures[0]
+      path, why = failures[0]
       raise UnreadableCheckpoints(
-          f"{self.directory}: no checkpoint can be restored (the newest, {path}: "
-          f"{_first_line(error)}); a run with another model or config needs another --workdir, "
-          "or delete the checkpoints to start again")
+          f"{self.directory}: no checkpoint can be restored (the newest, {path}: {why}); a run "
+          "with another model or config needs another --workdir, or delete the checkpoints to "
+          "start again")
     return None
+
+  def _try_restore(self, step, abstract_state, iterator, target_for):
+    """This process's restore of `step`: (_RESTORED, (step, state, meta), None), or (_FAILED,
+    _PEER_FAILED or _REFUSED, None, the error).
+
+    Orbax's restore is collective: it ends in one barrier across processes. A process that fails
+    before a barrier (a file only it reads, a transient read error) meets its peers' barrier with
+    one of another name, so they fail that restore too and every process has met as many barriers:
+    left out, the peers would pass theirs paired with the failed process's barrier of the step
+    before, and train from another step than it."""
+    try:
+      # Every process's data position first, read by every process: a file only its own process
+      # could not read would stop that one inside Orbax's collective restore, the others waiting
+      # for it there.
+      self._read_data_positions(step, iterator)
+      target = abstract_state
+      if target_for is not None:
+        target = target_for(self.manager.restore(
+            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target),
+          data=grain_checkpoint.CheckpointRestore(_IteratorAdapter(iterator)),
+          meta=ocp.args.JsonRestore()))
+    except Exception as e:  # Orbax/tensorstore raise many types for damaged files.
+      if jax.process_count() > 1 and not _raised_in_barrier(e):
+        from jax.experimental import multihost_utils
+
+        try:
+          multihost_utils.sync_global_devices(f"checkpoint:restore failed:{self.directory}")
+        except AssertionError:  # a peer read its files: its barrier had Orbax's name
+          pass
+      if isinstance(e, UnreadableCheckpoints):
+        return _REFUSED, None, e
+      return (_PEER_FAILED if _raised_in_barrier(e) else _FAILED), None, e
+    return _RESTORED, (step, restored["state"], dict(restored["meta"])), None
+
+  @staticmethod
+  def _gather(status: int) -> list[int]:
+    """Every process's status of one restore, in process order."""
+    if jax.process_count() == 1:
+      return [status]
+    from jax.experimental import multihost_utils
+
+    return [int(x) for x in multihost_utils.process_allgather(np.int32(status))]
 
   def _read_data_positions(self, step: int, iterator: Any = None) -> None:
     """Parses every process's data position of `step` (Grain's `process_<i>-of-<n>.json`);
@@ -297,6 +337,22 @@ def _preemption_service_running() -> bool:
 
 class UnreadableCheckpoints(RuntimeError):
   """A run's checkpoints exist but none of them can be restored."""
+
+
+# A process's restore of one step (`_try_restore`): _PEER_FAILED, its own files read, it failed
+# at the barrier where another process met it failed.
+_RESTORED, _FAILED, _PEER_FAILED, _REFUSED = range(4)
+
+
+def _which(statuses: list[int], status: int) -> str:
+  return ", ".join(str(i) for i, s in enumerate(statuses) if s == status)
+
+
+def _raised_in_barrier(error: Exception) -> bool:
+  """Whether `error` came from a barrier across processes (JAX's `sync_global_devices`, which
+  Orbax's restore ends in), not from reading files before it."""
+  return any(frame.f_code.co_name == "sync_global_devices"
+             for frame, _ in traceback.walk_tb(error.__traceback__))
 
 
 def _read_only_manager(workdir: str) -> ocp.CheckpointManager | None:
