@@ -243,6 +243,11 @@ def guided_velocity(model: bagel_lib.Bagel, full: KVCache, no_text: KVCache | No
     v = jnp.split(v_all, branches)
     if branches == 1:
       return v[0]
+    # A gradient of the guided velocity (Flow-GRPO's log-probs) reaches the full context's
+    # branch only, as Flow-GRPO detaches its unconditional prediction: the branches without
+    # text or image are the same weights, and differentiated they would pull the update back by
+    # (scale - 1) times their own (docs/design.md, "Flow-GRPO").
+    v = [v[0]] + [jax.lax.stop_gradient(u) for u in v[1:]]
     guided = ((t_b > lo) & (t_b <= hi))[:, None, None]
     text_scale = jnp.where(guided, guidance.text_scale, 1.0)
     image_scale = jnp.where(guided, guidance.image_scale, 1.0)
