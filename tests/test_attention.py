@@ -140,10 +140,25 @@ def test_key_mask_tiles_skip_all_invalid_key_tiles():
                                         [True, True, True, True]])
 
 
-def test_denoise_on_splash_equals_xla():
+def _count_splash_calls(monkeypatch) -> dict[str, int]:
+  """Counts the traces of splash's two kernels: the fallback to xla is silent, so a model that
+  never reached splash would compare xla with xla."""
+  calls = {"packed": 0, "key_mask": 0}
+  for name in calls:
+    kernel = getattr(splash, name)
+
+    def counted(*args, _name=name, _kernel=kernel, **kwargs):
+      calls[_name] += 1
+      return _kernel(*args, **kwargs)
+    monkeypatch.setattr(splash, name, counted)
+  return calls
+
+
+def test_denoise_on_splash_equals_xla(monkeypatch):
   """The noisy block against cached contexts of different lengths (the guidance branches
   concatenated, shorter ones padded with invalid slots), padding latents in one row: the
   language model's denoising hidden states on splash equal xla's."""
+  calls = _count_splash_calls(monkeypatch)
   config = qwen2_mot.LLMConfig.tiny(num_layers=2)
   rng = np.random.RandomState(0)
 
@@ -169,8 +184,10 @@ def test_denoise_on_splash_equals_xla():
     return run(model)
 
   xla = hidden("xla")
+  assert calls == {"packed": 0, "key_mask": 0}
   with attn.emulate("tpu"):
     fused = hidden("splash")
+  assert calls["key_mask"] > 0, calls  # the cached contexts' KeyMask
   _assert_close(fused, xla, atol=1e-5)
 
 
@@ -295,9 +312,10 @@ def test_cudnn_call_is_wrapped_like_xla(monkeypatch):
   assert not calls  # float32: xla
 
 
-def test_decoder_on_splash_equals_xla_under_remat():
+def test_decoder_on_splash_equals_xla_under_remat(monkeypatch):
   """The language model's own call sites (a PackedMask through the scanned, rematerialised
   layers): loss and gradients on splash (interpret mode, as on a TPU) equal xla's."""
+  calls = _count_splash_calls(monkeypatch)
   t = 128
   layout = am.stack_layouts([am.pack_samples(
       [[("text", 9), ("image", 20), ("noisy", 30), ("text", 7)], [("text", 40)]], t)[0]])
@@ -320,10 +338,12 @@ def test_decoder_on_splash_equals_xla_under_remat():
     return run(model)
 
   xla = loss_and_grads("xla")
+  assert calls == {"packed": 0, "key_mask": 0}
   with attn.emulate("tpu"):
-    splash = loss_and_grads("splash")
-  np.testing.assert_allclose(splash[0], xla[0], rtol=1e-5)
-  _assert_close(nnx.state(splash[1]), nnx.state(xla[1]), atol=1e-5)
+    fused = loss_and_grads("splash")
+  assert calls["packed"] > 0, calls
+  np.testing.assert_allclose(fused[0], xla[0], rtol=1e-5)
+  _assert_close(nnx.state(fused[1]), nnx.state(xla[1]), atol=1e-5)
 
 
 def test_attention_field_is_validated():

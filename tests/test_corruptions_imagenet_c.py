@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 import pytest
 import scipy.ndimage
+import scipy.stats
 import skimage.color
 import skimage.data
 from skimage.metrics import structural_similarity
@@ -287,6 +288,81 @@ def test_blur_scales_with_image_size():
   halved = blurred_big.reshape(H, 2, W, 2, 3).mean(axis=(1, 3))
   assert _psnr(halved, _outputs("gaussian_blur")[4], peak=1.0) > 35.0
   assert ops.size_scale(448, 600) == 2.0 and ops.size_scale(48, 80, None) == 1.0
+
+
+# ---------------------------------------------------------------------- noise statistics
+
+# The published ImageNet-C noise tables (Hendrycks & Dietterich's corruptions.py, as in the
+# `imagecorruptions` package), written out here rather than read from the module under test, so
+# that a wrong table in the module fails instead of defining its own expectation.
+PUBLISHED_NOISE = {
+    "gaussian_noise": (0.08, 0.12, 0.18, 0.26, 0.38),  # x + N(0, c)
+    "speckle_noise": (0.15, 0.2, 0.35, 0.45, 0.6),  # x + x N(0, c)
+    "shot_noise": (60, 25, 12, 5, 3),  # Poisson(x c) / c
+    "impulse_noise": (0.03, 0.06, 0.09, 0.17, 0.27),  # salt-and-pepper amount
+}
+GREY = 128  # 8-bit mid grey, the value every pixel of the flat test image holds
+FLAT_U8 = np.full((128, 128, 3), GREY, np.uint8)
+N_FLAT = FLAT_U8.size  # 49152 independent noise draws per severity
+LEVELS = np.arange(256)
+
+
+def _gaussian_levels(mean: float, std: float) -> np.ndarray:
+  """P(output level) of round(clip(N(mean, std), 0, 1) * 255): the mass beyond 0 and 1 lands on
+  levels 0 and 255, as the corruption's clip puts it there."""
+  inner = scipy.stats.norm.cdf(((LEVELS[1:] - 0.5) / 255 - mean) / std)
+  return np.diff(np.concatenate([[0.0], inner, [1.0]]))
+
+
+def _poisson_levels(x: float, c: float) -> np.ndarray:
+  """P(output level) of round(clip(Poisson(x c) / c, 0, 1) * 255), in float32 as the program
+  computes it (a count on an exact half level must round the same way)."""
+  k = np.arange(512)  # the Poisson(<= 60) tail beyond 512 is far below float64 resolution
+  level = np.round(np.minimum(k.astype(np.float32) / np.float32(c), 1) * np.float32(255))
+  return np.bincount(level.astype(int), weights=scipy.stats.poisson.pmf(k, x * c), minlength=256)
+
+
+def _expected_noise_levels(name: str, c: float) -> np.ndarray:
+  x = GREY / 255
+  if name == "gaussian_noise":
+    return _gaussian_levels(x, c)
+  if name == "speckle_noise":
+    return _gaussian_levels(x, x * c)
+  return _poisson_levels(x, c)
+
+
+@pytest.mark.parametrize("name", ["gaussian_noise", "speckle_noise", "shot_noise"])
+def test_noise_std_on_flat_grey_matches_published_table(name):
+  """On flat grey every output value is one independent draw of the severity's noise, so the
+  sample mean and std must be those of the published noise model. The model is exact, clip to
+  [0, 1] and uint8 rounding included: unclipped, severities 4-5 would expect up to 20% more
+  std than a mid-grey pixel can show (gaussian 0.38 -> 0.317 after clipping)."""
+  for severity, c in zip(imagenet_c.SEVERITIES, PUBLISHED_NOISE[name]):
+    out = corruptions.corrupt(FLAT_U8, name, KEY0, severity=severity)
+    assert out.dtype == np.uint8
+    p = _expected_noise_levels(name, c)
+    mean = (p * LEVELS).sum()
+    std = np.sqrt((p * (LEVELS - mean) ** 2).sum())
+    values = out.astype(np.float64)
+    # Standard errors over 49152 draws: mean std / 222, std about std / 314 (0.32%, a little
+    # more for the Poisson's heavier tail). 5 standard errors for the mean and 2% for the std
+    # keep a flake out, while the closest wrong table value (a neighbour severity) is >= 20% off.
+    assert abs(values.mean() - mean) < 5 * std / np.sqrt(N_FLAT), (name, severity)
+    np.testing.assert_allclose(values.std(), std, rtol=0.02, err_msg=f"{name} severity {severity}")
+
+
+def test_impulse_noise_fraction_on_flat_grey_matches_published_table():
+  """Salt and pepper: a fraction `amount` of the values becomes 0 or 255, half each; the rest
+  stay grey exactly."""
+  for severity, amount in zip(imagenet_c.SEVERITIES, PUBLISHED_NOISE["impulse_noise"]):
+    out = corruptions.corrupt(FLAT_U8, "impulse_noise", KEY0, severity=severity)
+    assert set(np.unique(out)) <= {0, GREY, 255}, severity
+    # 5 binomial standard errors (0.0038 at amount 0.03, 0.010 at 0.27): no flake, while the
+    # table's neighbouring amounts are >= 0.03 apart.
+    for observed, expected in (((out != GREY).mean(), amount), ((out == 0).mean(), amount / 2),
+                               ((out == 255).mean(), amount / 2)):
+      se = np.sqrt(expected * (1 - expected) / N_FLAT)
+      assert abs(observed - expected) < 5 * se, (severity, observed, expected)
 
 
 # ------------------------------------------------------------------------------ registry

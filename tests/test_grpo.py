@@ -58,6 +58,20 @@ class PolicyLossTest(chex.TestCase):
     chex.assert_trees_all_equal(g, jnp.zeros(2))
 
   @chex.variants(with_jit=True, without_jit=True)
+  def test_each_side_of_the_trust_region_has_its_own_bound(self):
+    # clip_low 0.1 bounds ratios below 1, clip_high 0.2 above: the ratios 1.15 and 0.85 lie
+    # inside one bound and outside the other, so swapped bounds clip the other one.
+    old = jnp.zeros(4)
+    lp = jnp.log(jnp.array([1.15, 0.85, 1.25, 0.95]))
+    adv = jnp.array([1.0, -1.0, 1.0, -1.0])
+    loss = _loss(clip_low=0.1, clip_high=0.2)
+    out = self.variant(loss)(lp, old, adv)
+    chex.assert_trees_all_close(out.clip_fraction, 0.5)  # 0.85 and 1.25
+    g = self.variant(jax.grad(lambda x: loss(x, old, adv).loss))(lp)
+    # Unclipped, d/dlp of -A r / 4 is -A r / 4; clipped, 0.
+    chex.assert_trees_all_close(g, jnp.array([-1.15 / 4, 0.0, 0.0, 0.95 / 4]), rtol=1e-5)
+
+  @chex.variants(with_jit=True, without_jit=True)
   def test_kl_is_zero_when_policy_equals_reference(self):
     mean = jax.random.normal(jax.random.PRNGKey(0), (3, 4, 2))
     std = jnp.full((3,), 0.3)

@@ -1,6 +1,9 @@
 """Shared layers against their PyTorch references (transformers Qwen2, diffusers, brute force),
 each jitted and eager."""
 
+import contextlib
+import io
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -9,6 +12,7 @@ import pytest
 import torch
 from diffusers.models import embeddings as diffusers_embeddings
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name, print_saved_residuals
 from transformers import Qwen2Config
 from transformers.models.qwen2 import modeling_qwen2
 
@@ -149,12 +153,39 @@ def test_dense_and_norm_carry_logical_names():
   assert layers.RMSNorm(4).scale.get_metadata()["out_sharding"] == ("norm",)
 
 
+def _saved_residuals(policy) -> list[str]:
+  """What `jax.checkpoint(f, policy=policy)` keeps for the backward pass, besides the inputs,
+  for an `f` with one plain matmul, one batched einsum, elementwise work, the four names
+  'minimal' saves and one name it does not. Distinct shapes tell the residuals apart."""
+  def f(w, x, y):
+    plain = x @ w  # (3, 6): a weight matmul, no batch dimension
+    batched = jnp.einsum("bij,bjk->bik", y, y)  # (2, 5, 5): like the attention's einsums
+    named = [checkpoint_name(jnp.sin(plain) * i, n) for i, n in enumerate(layers.MINIMAL_SAVED)]
+    other = checkpoint_name(jnp.cos(plain), "mlp_hidden")
+    return jnp.sum(jnp.sin(batched)) + sum(jnp.sum(jnp.sin(a) * jnp.sin(other)) for a in named)
+
+  args = jnp.ones((4, 6)), jnp.ones((3, 4)), jnp.ones((2, 5, 5))
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):  # the public API prints "f32[3,6] <where from>" lines
+    print_saved_residuals(jax.checkpoint(f, policy=policy), *args)
+  return [line for line in out.getvalue().splitlines() if "from the argument" not in line]
+
+
 def test_remat_policy_names():
   assert layers.remat_policy("none") is None
   assert layers.remat_policy("full") is jax.checkpoint_policies.nothing_saveable
-  assert callable(layers.remat_policy("minimal"))
+  assert layers.remat_policy("dots") is jax.checkpoint_policies.dots_with_no_batch_dims_saveable
   with pytest.raises(ValueError, match="'none', 'full', 'dots', 'minimal'"):
     layers.remat_policy("sometimes")
+  # 'minimal' is built per call by save_only_these_names (no module-level policy to compare by
+  # identity), so it is checked by what it saves; the others too, which also pins the behaviour
+  # the docstring promises ('dots' keeps plain matmuls, not the attention's batched einsums).
+  assert _saved_residuals(layers.remat_policy("full")) == []
+  dots = _saved_residuals(layers.remat_policy("dots"))
+  assert len(dots) == 1 and dots[0].startswith("f32[3,6] output of dot_general"), dots
+  minimal = _saved_residuals(layers.remat_policy("minimal"))
+  assert sorted(line.split("'")[1] for line in minimal) == sorted(layers.MINIMAL_SAVED), minimal
+  assert all(line.startswith("f32[3,6] named ") for line in minimal), minimal
 
 
 def test_stack_and_scan_match_a_loop_over_layers():

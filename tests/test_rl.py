@@ -275,3 +275,23 @@ def test_the_policy_gradient_reaches_the_full_context_branch_only():
   assert max(moved) > 1e-3  # the full branch's velocity depends on the trained parameters
   for g, f in zip(jax.tree.leaves(grad_guided), jax.tree.leaves(grad_full)):
     np.testing.assert_allclose(g, 1.5 * 2.0 * f, rtol=1e-4, atol=1e-5)  # batched branches round
+
+
+def test_each_recovery_is_scored_against_its_own_clean_image():
+  # Rows are image-major: recoveries i*G .. i*G + G - 1 come from image i's context (the contexts'
+  # KV caches repeated row by row) and form its group (advantages over reshape(-1, G)), so the
+  # clean images must repeat the same way, not tile.
+  settings, graphdef, tx, state, inputs = _tiny_rl(3, group_size=2, num_steps=2, window_size=1)
+  seen = {}
+
+  def recording(recovered, clean, aux):
+    jax.debug.callback(lambda c: seen.update(clean=np.asarray(c)), clean)
+    return {"total": jnp.zeros(recovered.shape[0])}
+
+  fns = rl.make_functions(graphdef, tx, settings, recording)
+  out, recovered, clean = jax.jit(fns.rollout)(state, inputs, jax.random.PRNGKey(4))
+  assert recovered.shape[0] == 6
+  expected = np.repeat(np.asarray(inputs.clean, np.float32) / 255.0, 2, axis=0)
+  np.testing.assert_allclose(np.asarray(clean), expected, atol=1e-6)
+  jax.block_until_ready(jax.jit(fns.step)(state, inputs))
+  np.testing.assert_allclose(seen["clean"], expected, atol=1e-6)

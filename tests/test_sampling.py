@@ -26,6 +26,20 @@ class ScheduleTest(chex.TestCase):
     # shift 3 keeps more of the schedule at high noise than no shift.
     assert float(t[25]) > float(timesteps(1.0)[25])
 
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_schedule_matches_the_sd3_shift_formula(self):
+    # Ends and monotonicity hold for any warp of [1, 0] (t ** (1 / shift) passes them): the
+    # interior must be BAGEL's / SD3's shift * t / (1 + (shift - 1) * t) of a uniform grid.
+    timesteps = self.variant(lambda shift: sampling.timesteps(11, shift))
+    grid = np.linspace(1.0, 0.0, 11)
+    for shift in (1.0, 3.0):
+      expected = shift * grid / (1 + (shift - 1) * grid)
+      chex.assert_trees_all_close(timesteps(shift), expected, rtol=1e-6, atol=1e-7)
+    # Worked points of the closed form, independent of the line above: 3 * 0.5 / 2 = 0.75,
+    # 3 * 0.1 / 1.2 = 0.25, 3 * 0.9 / 2.8 = 27 / 28.
+    t = np.asarray(timesteps(3.0))
+    np.testing.assert_allclose(t[[1, 5, 9]], [27 / 28, 0.75, 0.25], rtol=1e-6)
+
   def test_schedule_needs_both_ends(self):
     with self.assertRaisesRegex(ValueError, "num_steps"):
       sampling.timesteps(1, 1.0)

@@ -260,8 +260,8 @@ def test_influence_names_the_attribute_the_corruption_destroys():
 def test_caption_mentions_every_object(sample):
   for rec in sample[:100]:
     cap = rec["caption"]
-    assert cap[0].isupper() and cap.endswith(f"on a {rec['background']} background.") or \
-        cap.endswith(f"on an {rec['background']} background.")
+    assert cap[0].isupper() and (cap.endswith(f"on a {rec['background']} background.")
+                                 or cap.endswith(f"on an {rec['background']} background."))
     for o in rec["objects"]:
       assert o["color"] in cap
       assert o["shape"] in cap  # "cross" is also inside "crosses"
