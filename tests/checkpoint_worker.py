@@ -85,7 +85,9 @@ def main(argv):
   ckpt = checkpoint_lib.Checkpointer(workdir, every=1, keep=5, async_save=False)
   abstract = {"w": jax.ShapeDtypeStruct((8,), jnp.float32, sharding=sharding)}
   try:
-    step, state, _ = ckpt.restore(abstract, data)
+    # As the trainer restores: the step's metadata first (one collective restore), then the
+    # state (another).
+    step, state, _ = ckpt.restore(abstract, data, target_for=lambda meta: abstract)
     value = float(np.asarray(state["w"].addressable_data(0))[0])
     result = {"step": step, "value": value, "position": data.position}
     result["next"] = [int(s) for s in multihost_utils.process_allgather(np.int32(step))]
