@@ -11,6 +11,7 @@ from skimage import color, data, transform
 from skimage.metrics import structural_similarity
 
 from robust_u1_jax.data.corruptions import robust_r1 as rr
+from robust_u1_jax.data.corruptions import robust_r1_capture
 from robust_u1_jax.data.corruptions import robust_r1_transmission
 
 NAMES = list(rr.DEGRADATIONS)
@@ -49,6 +50,43 @@ def test_table_stages_weights_and_eval_levels():
   }
   assert all(d.weight > 0 and d.name == n for n, d in rr.DEGRADATIONS.items())
   assert rr.EVAL_INTENSITIES == {25: 0.23, 50: 0.45, 100: 0.9}
+
+
+def test_stage_weights_are_the_release_values():
+  # The Robust-R1 release's draw weights (add_degradation/generate_degradation.py, as the module
+  # docstring records them), written out here: uniform within each stage. Checking the draw
+  # frequencies against the module's own table cannot see a changed weight.
+  release = {
+      "lens_blur": 20, "lens_flare": 20, "motion_blur": 20, "dirty_lens": 20, "hsv_saturation": 20,
+      "jpeg_compression": 25, "block_exchange": 25, "mean_shift": 25, "scan_lines": 25,
+      "dark_illumination": 25, "atmospheric_turbulence": 25, "gaussian_noise": 25,
+      "color_diffusion": 25,
+      "sharpness_change": 33, "graffiti": 33, "watermark_damage": 34,
+  }
+  assert {n: d.weight for n, d in rr.DEGRADATIONS.items()} == release
+
+
+@pytest.mark.parametrize("side,reference_size,intensity", [(64, 64, 0.9), (64, 64, 0.45),
+                                                           (128, 256, 0.9)])
+def test_motion_blur_spreads_a_point_over_the_documented_length(side, reference_size, intensity):
+  # The documented kernel: n uniform taps on a line of length 30 I s px (s = side / reference
+  # size), n = max(2, ceil(30 s)) + 1. A single bright pixel on black spreads into that kernel; its
+  # spread (second moment about its centre) is the taps' L^2 (n + 1) / (12 (n - 1)) whatever the
+  # random angle, plus at most 0.5 px^2 from the bilinear taps. A wrong length moves it by far more.
+  s = side / reference_size
+  length = 30.0 * s * intensity
+  n = max(2, int(np.ceil(30.0 * s))) + 1
+  expected = length ** 2 * (n + 1) / (12 * (n - 1))
+  x = np.zeros((side, side, 1), np.float32)
+  x[side // 2, side // 2] = 1.0
+  for seed in (0, 1, 2):
+    y = np.asarray(robust_r1_capture.motion_blur(x, jax.random.key(seed), intensity,
+                                                 reference_size=reference_size))[..., 0]
+    assert y.sum() == pytest.approx(1.0, abs=1e-4)  # the kernel stays inside the image
+    yy, xx = np.mgrid[:side, :side]
+    cy, cx = (y * yy).sum(), (y * xx).sum()
+    spread = (y * ((yy - cy) ** 2 + (xx - cx) ** 2)).sum()
+    assert expected - 1e-3 <= spread <= expected + 0.5, (seed, spread, expected)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -58,6 +58,42 @@ def test_cached_greedy_decode_equals_uncached_argmax(tiny, world_images):
   np.testing.assert_array_equal(np.argmax(np.asarray(logits), -1), ids)
 
 
+def test_batched_answers_equal_uncached_argmax_of_each_row(random_bagel, world_images):
+  """`Engine.generate_batch`, every evaluation answer: greedy by default, each row's
+  `Latent(image=k)` reading image k of its stack (rows of the corrupted + recovered layout, two
+  images in other orders), equal to one uncached forward's argmax per row."""
+  tok = tokenizer_lib.load_tokenizer()
+  model = random_bagel(bagel.BagelConfig.tiny(vocab_size=len(tok)), seed=1)
+  # The random model's text barely depends on its VAE tokens (its greedy answer was the same
+  # whatever the second image); scaled up, they steer it, so a row reading the wrong image of its
+  # stack answers otherwise.
+  model.vae2llm.kernel.set_value(model.vae2llm.kernel.get_value() * 30)
+  eng = engine.Engine.from_model(model, tok, RULES)
+  question = eng.encode_block("What colour is the largest shape?")
+  vit = lambda im: np.asarray(images.vit_resize(im, RULES.vit_size(*im.shape[:2])))
+
+  def blocks(first, second):
+    return [sequence.Latent(64, 64, image=0), sequence.Vit(sequence.vit_input(vit(first))),
+            sequence.Text(question), sequence.Latent(64, 64, image=1),
+            sequence.Vit(sequence.vit_input(vit(second)))]
+
+  # Images far apart (one the other's negative), so reading the wrong one changes the answer.
+  pairs = [(world_images[0], 255 - world_images[0]), (255 - world_images[1], world_images[1])]
+  rows = [blocks(a, b) for a, b in pairs]
+  stacks = np.stack([np.stack(pair) for pair in pairs])
+  outs = eng.generate_batch(rows, stacks, max_new_tokens=10)  # no temperature: the default's
+  assert [len(ids) for ids in outs] == [10, 10]  # the random model never writes <|im_end|>
+
+  for row, stack, ids in zip(rows, stacks, outs):
+    fed = [eng.special["im_start"]] + ids[:-1]
+    inputs = context.rows([row + [sequence.Text(fed)]], model.config, eng.markers)
+    latents = context.gather_latents(context.encode_images(model, jnp.asarray(stack)[None]),
+                                     inputs)
+    hidden = model(jax.tree.map(jnp.asarray, inputs), latents, jnp.zeros(latents.shape[:2]))
+    logits = model.text_logits(hidden)[0, -len(fed):]
+    np.testing.assert_array_equal(np.argmax(np.asarray(logits), -1), ids)
+
+
 def test_text_generation_stops_at_a_stop_token(tiny, world_images):
   eng, _ = tiny
   conv = eng.conversation(seed=0, posterior="mean")
@@ -324,6 +360,33 @@ def test_reasoner_loop_follows_the_stop_tokens(tiny, world_images, monkeypatch):
                                 "seconds": round(ex.steps[1].seconds, 3)}
   assert "Please restore this corrupted image" in record["prompt"]
   assert "B. square" in record["prompt"]
+
+
+def test_reasoner_without_recovery_draws_no_image(tiny, world_images, monkeypatch):
+  """`answer --no_recover`: a <|vision_start|> the model writes is passed over, not answered
+  with a recovery; the loop goes on to the answer."""
+  eng, _ = tiny
+  sp = eng.special
+  script = [(eng.tokenizer.encode("<TYPE>noise", add_special_tokens=False), sp["vision_start"]),
+            (eng.tokenizer.encode("<ANSWER>B<ANSWER_END>", add_special_tokens=False),
+             sp["endoftext"])]
+  calls, drawn = [], []
+
+  def scripted(self, **kw):
+    calls.append(kw)
+    return script[len(calls) - 1]
+
+  def draw(self, **kw):
+    drawn.append(kw)
+    raise AssertionError("an image was drawn without recovery")
+
+  monkeypatch.setattr(engine.Conversation, "generate_text", scripted)
+  monkeypatch.setattr(engine.Conversation, "generate_image", draw)
+  settings = reasoner.Settings(max_iterations=5, sampler=FEW_STEPS, recover=False)
+  ex = reasoner.answer(eng, world_images[0], "Which shape?", ["circle", "square", "star"],
+                       settings)
+  assert [s.kind for s in ex.steps] == ["text", "text"] and not drawn
+  assert ex.stopped_by == "end_of_text" and len(calls) == 2 and ex.answer == "B"
 
 
 def test_reasoner_runs_on_the_random_model(tiny, world_images):

@@ -13,7 +13,7 @@ from flax import nnx
 from PIL import Image
 
 from robust_u1_jax import config_lib
-from robust_u1_jax.data import packing
+from robust_u1_jax.data import answer_format, packing, shapes, shapes_answers, stage_fields
 from robust_u1_jax.data import pipeline as pipeline_lib
 from robust_u1_jax.data import tokenizer as tokenizer_lib
 from robust_u1_jax.inference import images, recovery
@@ -106,6 +106,35 @@ def test_packed_rows_label_every_sample_answer():
     where = np.nonzero((labels[r] >= 0) & (labels[r] != markers.end_of_text))[0]
     np.testing.assert_array_equal(inputs.text_ids[r][where + 1], labels[r][where])
     np.testing.assert_array_equal(images[r, 1::2][:len(row)].max(axis=(1, 2, 3)), 7)
+
+
+def test_reasoning_rows_pair_each_question_with_its_own_answer():
+  # Shapes records ask several questions (colour, shape, count, ...) with different answers; the
+  # row's question and its answer must come from the same drawn question, or the stage trains the
+  # model to answer one question with another's reasoning and letter.
+  instruction = "Please restore this corrupted image to its clean version."
+  fields = stage_fields.StageFields("reason", seed=0, instruction=instruction,
+                                    vit_rule={"max_side": 64, "min_side": 32, "stride": 8})
+  world = shapes.ShapesWorld("train", size=24)
+  not_first = 0
+  for index in range(len(world)):
+    rec = world.record(index)
+    questions = rec["questions"]
+    assert len(questions) >= 2
+    out = fields.map({**rec, "clean": rec["image"], "corrupted": rec["image"], "epoch": 0})
+    # Which of the record's questions the row asks: its prompt is that question's, exactly.
+    asked = [q for q in questions
+             if out["question"] == answer_format.format_question(q, instruction)]
+    assert len(asked) == 1, out["question"]
+    q = asked[0]
+    # The clean record has no corruption steps: the answer text is the question's own.
+    assert out["answer"] == shapes_answers.answer_text(q), (q["question"], out["answer"])
+    assert out["answer_letter"] == q["answer"]
+    assert answer_format.parse_answer(out["answer"]) == q["answer"]
+    # Count rows where pairing with the record's first question instead would be visible.
+    not_first += shapes_answers.answer_text(q) != shapes_answers.answer_text(questions[0])
+  # The draw must pick other questions than the first, so a wrong pairing shows above.
+  assert not_first >= len(world) // 3, not_first
 
 
 def test_on_the_fly_recovery_refuses_packing():

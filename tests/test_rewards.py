@@ -95,11 +95,15 @@ class RewardTest(chex.TestCase):
   def test_reward_set_weights_and_registry(self):
     clean = _photo("astronaut", (48, 48))
     r, c = _to_jax(_degrade(clean, 3), clean)
-    rs = rewards.build_rewards({"ssim": 1.0, "clip": 0.2}, embed_image=lambda x: x.mean((1, 2)))
-    parts = self.variant(lambda r, c: rs(r, c))(r, c)  # as the RL step calls it, in its jit
-    assert set(parts) == {"ssim", "clip", "total"}
-    chex.assert_shape(list(parts.values()), (1,))
-    chex.assert_trees_all_close(parts["total"], parts["ssim"] + 0.2 * parts["clip"], rtol=1e-6)
+    # Weights other than the release's 1.0 / 0.2 too: a weight of 1.0 would hide one ignored.
+    for w_ssim, w_clip in ((1.0, 0.2), (0.5, 0.3)):
+      rs = rewards.build_rewards({"ssim": w_ssim, "clip": w_clip},
+                                 embed_image=lambda x: x.mean((1, 2)))
+      parts = self.variant(lambda r, c: rs(r, c))(r, c)  # as the RL step calls it, in its jit
+      assert set(parts) == {"ssim", "clip", "total"}
+      chex.assert_shape(list(parts.values()), (1,))
+      chex.assert_trees_all_close(parts["total"], w_ssim * parts["ssim"] + w_clip * parts["clip"],
+                                  rtol=1e-6)
     ssim_only_set = rewards.build_rewards({"ssim": 1.0, "clip": 0.0})
     ssim_only = self.variant(lambda r, c: ssim_only_set(r, c))(r, c)
     assert set(ssim_only) == {"ssim", "total"}
