@@ -137,6 +137,26 @@ def test_bad_benchmark_rows_are_left_out_named_and_counted(tmp_path, caplog):
     evaluation.table_samples(str(tsv), 0, rules, max_skip_ratio=0.01)
 
 
+def test_a_benchmark_image_is_cut_to_its_centred_square_not_stretched(tmp_path):
+  # 32 x 128 pixels: red, green, blue quarters of width 48, 32, 48. Its centred square is the
+  # green middle alone; stretched to a square, the red and blue would stay in it.
+  pixels = np.zeros((32, 128, 3), np.uint8)
+  pixels[:, :48, 0] = pixels[:, 48:80, 1] = pixels[:, 80:, 2] = 255
+  buf = io.BytesIO()
+  Image.fromarray(pixels).save(buf, format="PNG")
+  tsv = tmp_path / "wide.tsv"
+  with open(tsv, "w", newline="") as f:
+    w = csv.writer(f, delimiter="\t", lineterminator="\n")
+    w.writerow(["index", "image", "question", "A", "B", "answer"])
+    w.writerow([0, base64.b64encode(buf.getvalue()).decode(), "Which colour?", "red", "green",
+                "B"])
+  rules = images.ImageRules(64, 32, 16, 64, 32, 8)
+  (sample,), _ = evaluation.table_samples(str(tsv), 0, rules, log=False)
+  assert sample.image.shape == (64, 64, 3)
+  square = sample.image.astype(int)
+  assert square[..., 1].min() >= 250 and square[..., 0].max() <= 5 and square[..., 2].max() <= 5
+
+
 def test_a_bad_table_stops_the_run_before_the_model_loads(tmp_path):
   # Not after hours of conditions, at the benchmarks.
   tsv = tmp_path / "bench.tsv"
@@ -667,3 +687,169 @@ def test_rl_minus_sft_cells_never_read_minus_zero():
             "rl_minus_sft_by_condition": {"jpeg_compression s5": pairs}}
   row = report.rl_minus_sft_table(result)[-1]
   assert row == "| jpeg_compression s5 | -0.50 ± 0.10 | -2.0e-05 ± 0.0007 | +0.0000 ± 0.0050 |"
+
+
+# -- paired standard errors, conditions, modes: on stubs and fixed per-sample numbers -------------
+
+
+def _expected_paired_se(a, b):
+  """The paired standard error from its definition (`evaluation.paired_se`'s docstring): the
+  sample standard deviation (ddof=1, the n - 1 of an unbiased variance) of the per-sample
+  differences a[i] - b[i], over the root of n. Written out here, not read from the code."""
+  d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+  return float(np.std(d, ddof=1) / np.sqrt(d.size))
+
+
+class _StubEvaluator(evaluation.Evaluator):
+  """An Evaluator without a model: each image's quality is its mean pixel value (so a sample's
+  score is the value its image was filled with), recoveries and answers are fixed per sample."""
+
+  def __init__(self, recovered=(), correct=None):
+    self.seed, self.batch_size, self.clip_similarity = 0, 2, None
+    self.recovered = np.asarray(recovered, np.uint8)
+    self.correct = correct or {}
+    self.calls = []
+
+  def recover(self, corrupted, indices):
+    self.calls.append(("recover", np.asarray(corrupted).copy(), list(indices)))
+    return np.stack([np.full((8, 8, 3), v, np.uint8) for v in self.recovered])
+
+  def quality(self, images, clean):
+    value = np.asarray(images, np.float64).mean(axis=(1, 2, 3))
+    return {"psnr": value, "ssim": value / 255}
+
+  def answers(self, mode, samples, corrupted=None, recovered=None):
+    self.calls.append(("answers", mode, corrupted, recovered))
+    return [{"index": s.index, "kind": "k", "correct": bool(c)}
+            for s, c in zip(samples, self.correct.get(mode, [True] * len(samples)))]
+
+
+def _samples(n):
+  return [evaluation.Sample(i, np.zeros((8, 8, 3), np.uint8), {"answer": "A"}) for i in range(n)]
+
+
+def test_a_conditions_gain_standard_errors_pair_each_sample_with_itself(monkeypatch):
+  # Fixed per-sample scores, in an order neither sorted nor symmetric: a standard error paired
+  # against the wrong sample (sorted, reversed, the recovery with itself) gives another number.
+  corrupted_values = [10, 80, 20, 40]
+  recovered_values = [15, 100, 21, 50]  # differences 5, 20, 1, 10
+  right = {"corrupted": [True, False, True, False],
+           "corrupted+recovered": [True, True, False, False]}
+  monkeypatch.setattr(evaluation, "corrupt", lambda images, indices, cond, seed: [
+      np.full((8, 8, 3), v, np.uint8) for v in corrupted_values])
+  stub = _StubEvaluator(recovered_values, right)
+  cond = evaluation.Condition("imagenet_c", "imagenet_c/fog", "s3", severity=3)
+  row = stub.evaluate(_samples(4), [cond], modes=("corrupted", "corrupted+recovered"),
+                      vae_baseline=False)["conditions"][0]
+  se = _expected_paired_se(recovered_values, corrupted_values)
+  assert row["gain_se"]["psnr"] == pytest.approx(se)
+  assert row["gain_se"]["ssim"] == pytest.approx(se / 255)
+  # Answers: differences 0, +1, -1, 0 (paired), not those against the corrupted answers sorted.
+  assert row["gain_se"]["accuracy"] == pytest.approx(
+      _expected_paired_se(right["corrupted+recovered"], right["corrupted"]))
+  assert row["gain_se"]["accuracy"] == pytest.approx(np.sqrt(2 / 3) / 2)
+
+
+def test_clean_accuracy_with_recovery_on_pairs_on_against_off(monkeypatch):
+  class Store:  # computes every unit: nothing stored
+    def get_or_compute(self, label, compute, progress):
+      return compute()
+
+  on, off = [True, True, False, True, False], [True, False, False, False, True]
+  stub = types.SimpleNamespace(
+      evaluate=lambda *a, **k: {"conditions": [], "examples": []},
+      round_trip=lambda clean: {"ssim": 1.0, "psnr": 40.0},
+      clean=lambda samples, recovery=False: {
+          "accuracy": float(np.mean(on if recovery else off)), "by_kind": {},
+          "answers": [{"correct": c} for c in (on if recovery else off)]})
+  c = types.SimpleNamespace(recovery_on_clean=True)
+  result = eval_run._evaluate_model(stub, c, _samples(5), _samples(5), [], lambda _: None,
+                                    Store())
+  # Differences 0, +1, 0, +1, -1: a standard error of on - off, not of on against itself (0).
+  assert result["clean_with_recovery"]["minus_off_se"] == pytest.approx(
+      _expected_paired_se(on, off))
+  assert result["clean_with_recovery"]["minus_off_se"] > 0.3
+
+
+def test_each_condition_has_its_labels_intensity_or_severity():
+  conds = evaluation.conditions(("25%", "50%", "100%"), ("gaussian_noise", "fog"), (3, 5),
+                                ("all",))
+  by_label = {(c.family, c.label): c for c in conds}
+  intensity = {"25%": 0.23, "50%": 0.45, "100%": 0.9}  # the paper's, EVAL_INTENSITIES
+  for (family, label), c in by_label.items():
+    level = label.split()[-1]
+    if family == "imagenet_c":
+      assert (c.severity, c.intensity) == ({"s3": 3, "s5": 5}[level], None), label
+    else:  # the pipeline and every Robust-R1 degradation
+      assert (c.intensity, c.severity) == (intensity[level], None), label
+  # Every level of every type is there, each once.
+  assert len(by_label) == len(conds)
+  assert {c.level for c in conds if c.family == "robust_r1"} == set(intensity)
+  assert {c.label for c in conds if c.family == "imagenet_c"} == {
+      "gaussian_noise s3", "gaussian_noise s5", "fog s3", "fog s5"}
+
+
+def test_two_samples_of_one_image_get_different_corruptions():
+  # The key is (seed, record index): two records with the same image are two draws, and the same
+  # record is the same draw for every model.
+  image = np.full((32, 32, 3), 128, np.uint8)
+  for cond in evaluation.conditions(("100%",), ("gaussian_noise",), (3,)):
+    first, second = evaluation.corrupt([image, image], [3, 4], cond, seed=0)
+    assert not np.array_equal(first, second), cond.label
+    again = evaluation.corrupt([image], [3], cond, seed=0)[0]
+    assert np.array_equal(first, again), cond.label
+
+
+def test_clean_images_with_recovery_on_answer_beside_their_own_recovery():
+  stub = _StubEvaluator(recovered=[7, 9])
+  samples = [evaluation.Sample(i, np.full((8, 8, 3), v, np.uint8), {"answer": "A"})
+             for i, v in ((11, 1), (12, 2))]
+  stub.clean(samples, recovery=True)
+  (_, recovered_from, indices), (_, mode, corrupted, recovered) = stub.calls
+  # The clean image in the corrupted image's place, and the model's recovery of it beside it
+  # (not the clean image twice: that would be ORACLE's layout, not recovery always on).
+  assert indices == [11, 12] and [x[0, 0, 0] for x in recovered_from] == [1, 2]
+  assert mode == "corrupted+recovered" and [x[0, 0, 0] for x in corrupted] == [1, 2]
+  assert [x[0, 0, 0] for x in recovered] == [7, 9]
+
+
+def test_the_reasoning_layout_asks_the_instructed_question():
+  vae = {k: np.full((16, 16, 3), v, np.uint8) for k, v in (("clean", 1), ("corrupted", 2),
+                                                           ("recovered", 3))}
+  vit = {k: np.full((8, 8, 3), v[0, 0, 0], np.uint8) for k, v in vae.items()}
+  question, instructed = [1, 2], [5, 6, 7]
+  for mode in ("corrupted+recovered", evaluation.ORACLE):
+    texts = [list(b.ids) for b in evaluation.mode_blocks(mode, question, instructed, vae, vit)
+             if type(b) is sequence.Text]  # (Open, a Text too, opens the recovery's turn)
+    # The recovery is asked for by the instruction (Robust-U1's input format), as in training.
+    assert texts == [instructed], mode
+  for mode in evaluation.MODES:
+    if mode != "corrupted+recovered":
+      texts = [list(b.ids) for b in evaluation.mode_blocks(mode, question, instructed, vae, vit)
+               if type(b) is sequence.Text]
+      assert texts == [question], mode
+
+
+def test_rl_against_sft_on_the_pipeline_reads_the_pipelines_conditions_alone(monkeypatch):
+  # Per model, a pipeline condition and an ImageNet-C one; RL gains on the pipeline and loses on
+  # fog, so the pipeline's figure with fog mixed in is another number.
+  def rows(pipeline, fog):
+    return [{"family": family, "label": label, "recovered": {"ssim": float(np.mean(v))},
+             "recovered_per_sample": {"ssim": np.asarray(v)}}
+            for family, label, v in (("robust_r1_pipeline", "robust_r1_pipeline 100%", pipeline),
+                                     ("imagenet_c", "fog s5", fog))]
+
+  per_model = {"sft": rows([0.4, 0.5, 0.6], [0.5, 0.5, 0.5]),
+               "rl": rows([0.5, 0.7, 0.6], [0.1, 0.2, 0.3])}
+  monkeypatch.setattr(engine_lib.Engine, "load", staticmethod(lambda path, dtype: path))
+  monkeypatch.setattr(eval_run, "_evaluator", lambda engine, c, clip, path: types.SimpleNamespace(
+      evaluate=lambda *a, **k: {"conditions": per_model[path]}))
+  result = {}
+  eval_run._compare_models({"sft": "sft", "rl": "rl"}, types.SimpleNamespace(dtype="float32"),
+                           None, _samples(3), [], result, lambda _: None, None)
+  pipe = result["rl_minus_sft_pipeline"]["ssim"]
+  # Differences 0.1, 0.2, 0.0 on the pipeline alone.
+  assert [pipe["sft"], pipe["rl"]] == pytest.approx([0.5, 0.6])
+  assert pipe["se"] == pytest.approx(_expected_paired_se([0.5, 0.7, 0.6], [0.4, 0.5, 0.6]))
+  # Every condition's figure is the one that mixes them.
+  assert result["rl_minus_sft_se"]["ssim"] != pytest.approx(pipe["se"])
