@@ -3,6 +3,7 @@
 
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -224,13 +225,19 @@ def test_local_takes_a_free_port_and_refuses_a_given_one_in_use(tmp_path, fakes)
 
 def _start_in_own_group(command, env, stderr_path, out):
   """Starts a launcher as a terminal would (its own process group, so Ctrl-C can reach every
-  process it starts) and returns once both fake trainers run. stderr goes to a file: the
-  trainers' tee may hold a pipe open after the launcher exits."""
+  process it starts) and returns once both fake trainers run and the launcher has said so.
+  stderr goes to a file: the trainers' tee may hold a pipe open after the launcher exits."""
   with open(stderr_path, "w") as err:
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err,
                             start_new_session=True)
   deadline = time.time() + 60
-  while not all((out / f"{i}.json").exists() for i in (0, 1)) and time.time() < deadline:
+  # The launcher's line after its loop of starts (and its Ctrl-C trap) too, not the fakes' files
+  # alone: on a loaded machine a Ctrl-C that came while the loop still ran was lost to the
+  # tpu_pod launcher (no trap yet) and missed local.sh's last pid (two failures in one run).
+  ready = re.compile(r"process\(es\) started|logs in .*worker_<i>\.log")
+  while time.time() < deadline and not (
+      all((out / f"{i}.json").exists() for i in (0, 1))
+      and ready.search(stderr_path.read_text())):
     time.sleep(0.1)
   time.sleep(0.5)  # the fakes' signal handlers are set before they record
   return proc
