@@ -223,13 +223,23 @@ def test_local_takes_a_free_port_and_refuses_a_given_one_in_use(tmp_path, fakes)
       in result.stderr
 
 
+def _as_from_a_terminal():
+  """In the launcher's child before exec: Ctrl-C's and SIGTERM's default disposition, unblocked,
+  as a shell starts a command. A signal ignored or blocked when bash starts cannot be trapped,
+  and in the full suite (-n 2) the launchers' traps never ran in two runs of this session (their
+  lines missing, the second Ctrl-C not killing), while these tests passed alone."""
+  signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
+  signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _start_in_own_group(command, env, stderr_path, out):
   """Starts a launcher as a terminal would (its own process group, so Ctrl-C can reach every
   process it starts) and returns once both fake trainers run and the launcher has said so.
   stderr goes to a file: the trainers' tee may hold a pipe open after the launcher exits."""
   with open(stderr_path, "w") as err:
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_as_from_a_terminal)
   deadline = time.time() + 60
   # The launcher's line after its loop of starts (and its Ctrl-C trap) too, not the fakes' files
   # alone: on a loaded machine a Ctrl-C that came while the loop still ran was lost to the
