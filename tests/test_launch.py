@@ -242,8 +242,8 @@ def _start_in_own_group(command, env, stderr_path, out):
                             start_new_session=True, preexec_fn=_as_from_a_terminal)
   deadline = time.time() + 60
   # The launcher's line after its loop of starts (and its Ctrl-C trap) too, not the fakes' files
-  # alone: on a loaded machine a Ctrl-C that came while the loop still ran was lost to the
-  # tpu_pod launcher (no trap yet) and missed local.sh's last pid (two failures in one run).
+  # alone: a Ctrl-C while that loop still ran would reach tpu_pod.sh before its trap and miss
+  # local.sh's last pid.
   ready = re.compile(r"process\(es\) started|logs in .*worker_<i>\.log")
   while time.time() < deadline and not (
       all((out / f"{i}.json").exists() for i in (0, 1))

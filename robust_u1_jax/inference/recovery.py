@@ -231,7 +231,13 @@ def guided_velocity(model: bagel_lib.Bagel, full: KVCache, no_text: KVCache | No
                     guidance: Guidance) -> VelocityFn:
   """v(x_t, t) of the noisy block against cached contexts, guided: the branches in use answer in
   one model call (their caches stacked along the batch)."""
-  caches = [full] + [no_text] * guidance.uses_no_text + [no_image] * guidance.uses_no_image
+  # A gradient of the guided velocity (Flow-GRPO's log-probs) reaches the full context's
+  # branch only, as Flow-GRPO detaches its unconditional prediction: the branches without text
+  # or image are the same weights, and differentiated they would pull the update back by
+  # (scale - 1) times their own (docs/design.md, "Flow-GRPO"). Their caches are constants too,
+  # so the backward pass leaves their prefills alone.
+  caches = ([full] + [jax.lax.stop_gradient(no_text)] * guidance.uses_no_text
+            + [jax.lax.stop_gradient(no_image)] * guidance.uses_no_image)
   branches = len(caches)
   cache = kv_cache.concatenate(caches) if branches > 1 else full
   tiled = jax.tree.map(lambda x: jnp.concatenate([x] * branches, axis=0), noisy)
@@ -243,11 +249,7 @@ def guided_velocity(model: bagel_lib.Bagel, full: KVCache, no_text: KVCache | No
     v = jnp.split(v_all, branches)
     if branches == 1:
       return v[0]
-    # A gradient of the guided velocity (Flow-GRPO's log-probs) reaches the full context's
-    # branch only, as Flow-GRPO detaches its unconditional prediction: the branches without
-    # text or image are the same weights, and differentiated they would pull the update back by
-    # (scale - 1) times their own (docs/design.md, "Flow-GRPO").
-    v = [v[0]] + [jax.lax.stop_gradient(u) for u in v[1:]]
+    v = [v[0]] + [jax.lax.stop_gradient(u) for u in v[1:]]  # see `caches` above
     guided = ((t_b > lo) & (t_b <= hi))[:, None, None]
     text_scale = jnp.where(guided, guidance.text_scale, 1.0)
     image_scale = jnp.where(guided, guidance.image_scale, 1.0)

@@ -248,7 +248,8 @@ class Checkpointer:
           data=grain_checkpoint.CheckpointRestore(_IteratorAdapter(iterator)),
           meta=ocp.args.JsonRestore()))
     except Exception as e:  # Orbax/tensorstore raise many types for damaged files.
-      if jax.process_count() > 1 and not _raised_in_barrier(e):
+      in_barrier = _raised_in_barrier(e)
+      if jax.process_count() > 1 and not in_barrier:
         from jax.experimental import multihost_utils
 
         try:
@@ -257,7 +258,7 @@ class Checkpointer:
           pass
       if isinstance(e, UnreadableCheckpoints):
         return _REFUSED, None, e
-      return (_PEER_FAILED if _raised_in_barrier(e) else _FAILED), None, e
+      return (_PEER_FAILED if in_barrier else _FAILED), None, e
     return _RESTORED, (step, restored["state"], dict(restored["meta"])), None
 
   @staticmethod
