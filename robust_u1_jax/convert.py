@@ -11,10 +11,10 @@ devices while converting (`--fsdp`), so a model larger than one accelerator conv
 existing destination is refused unless --overwrite, which replaces only a model directory, an
 Orbax model checkpoint or an empty folder (never a file, the source, or a folder holding it). A
 bad input (a missing or unusable source, a stage's workdir given for its model, an unwritable
-destination, a flag of the other direction, an --fsdp beyond the devices) is one `error:` line
-and exit status 2. A source without tokenizer files converts with a note (`recover`, `answer`,
-`evaluate` and training read them beside the model), as does one whose bfloat16 weights the
-float32 default widens.
+destination, a flag of the other direction, an --fsdp beyond the devices, a NaN or infinite
+weight) is one `error:` line and exit status 2. A source without tokenizer files converts with a
+note (`recover`, `answer`, `evaluate` and training read them beside the model), as does one whose
+bfloat16 weights the float32 default widens.
 """
 
 from robust_u1_jax import cli  # first: its quiet environment is set before jax loads

@@ -8,7 +8,9 @@ import subprocess
 import sys
 
 import jax
+import ml_dtypes
 import numpy as np
+import safetensors.numpy
 import pytest
 from absl import flags
 
@@ -157,8 +159,25 @@ def test_a_broken_source_is_one_line_naming_what_is_broken(model_dir, orbax_dir,
     files = [p for p in (folder / "params").rglob("*") if p.is_file()]
     _truncate(max(files, key=lambda p: p.stat().st_size if "METADATA" not in p.name else 0))
 
+  def nan_in(name, dtype):
+    def change(folder):
+      tensors = safetensors.numpy.load_file(str(folder / name))
+      key = sorted(tensors)[0]
+      tensors[key] = tensors[key].astype(dtype)
+      tensors[key].reshape(-1)[[0, -1]] = [np.nan, np.inf]
+      safetensors.numpy.save_file(tensors, str(folder / name))
+      return key
+    return change
+
+  nan_key = sorted(safetensors.numpy.load_file(os.path.join(model_dir, "ema.safetensors")))[0]
+  vae_key = sorted(safetensors.numpy.load_file(os.path.join(model_dir, "ae.safetensors")))[0]
   hf, to_hf = ["--from", "hf"], ["--to", "hf"]
   cases = [
+      # A damaged weight is named with its file, whatever its dtype; it used to convert silently.
+      (hf, _copy(model_dir, tmp_path, "nan", nan_in("ema.safetensors", np.float32)),
+       f"ema.safetensors: tensor '{nan_key}' holds 2 NaN or infinite value(s)"),
+      (hf, _copy(model_dir, tmp_path, "nan16", nan_in("ae.safetensors", ml_dtypes.bfloat16)),
+       f"ae.safetensors: tensor '{vae_key}' holds 2 NaN or infinite value(s)"),
       (hf, _copy(model_dir, tmp_path, "ema", lambda d: _truncate(d / "ema.safetensors")),
        "ema.safetensors: not a readable safetensors file"),
       (hf, _copy(model_dir, tmp_path, "llm", lambda d: _truncate(d / "llm_config.json", 40)),

@@ -182,6 +182,14 @@ def convert_to_flax(
       raise CheckpointError(
           f"{where}: tensor {key!r} has shape {tuple(stored.shape)}{converted}, but the "
           f"model's {path!r} expects {tuple(shape)}.")
+    # A NaN or infinite weight turns every output NaN, many steps from its cause: refused here,
+    # where the key and file can still be named.
+    if stored.dtype.kind == "f" or stored.dtype.name == "bfloat16":  # bfloat16 is kind "V"
+      bad = int(np.size(stored) - np.count_nonzero(np.isfinite(stored)))
+      if bad:
+        raise CheckpointError(
+            f"{where}: tensor {key!r} holds {bad} NaN or infinite value(s) of {np.size(stored)} "
+            "(a damaged file, or weights saved after a run diverged)")
     seen.add(path)
     yield path, array.astype(dtype)
   if unexpected:
