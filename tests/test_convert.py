@@ -207,6 +207,15 @@ def test_a_broken_source_is_one_line_naming_what_is_broken(model_dir, orbax_dir,
     assert not os.path.exists(tmp_path / "out")
 
 
+def test_a_damaged_checkpoint_is_the_command_s_only_line(orbax_dir, tmp_path):
+  # In its own process, as a user runs it: Orbax warned in a line of its own above the error.
+  src = _copy(orbax_dir, tmp_path, "meta", lambda d: (d / "params" / "_METADATA").unlink())
+  out = run_cli("--to", "hf", "--src", src, "--dst", str(tmp_path / "out"))
+  assert out.returncode == 2 and out.stderr.splitlines() == [
+      f"error: {src}/params: not a whole Orbax checkpoint (no _METADATA; a copy cut short?): "
+      "write or copy it again"], out.stderr
+
+
 def test_flags_of_the_other_direction_and_a_bad_fsdp_are_refused(model_dir, orbax_dir, tmp_path,
                                                                  main_with_flags, capsys,
                                                                  monkeypatch):

@@ -15,7 +15,9 @@ Robust-U1 model or from a converted checkpoint alike.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+import contextlib
+import logging
 import os
 from typing import Any
 
@@ -133,6 +135,23 @@ def _first_sentence(error: BaseException) -> str:
   return text.splitlines()[0].split(". ")[0].rstrip(".") if text else type(error).__name__
 
 
+class _OrbaxWarnings(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR or "orbax" not in record.pathname
+
+
+@contextlib.contextmanager
+def _without_orbax_warnings() -> Iterator[None]:
+  """Drops Orbax's warnings (absl's logger) for the block: reading a damaged checkpoint's
+  metadata, it warns in a line of its own above the error that names what is missing."""
+  absl_logger, quiet = logging.getLogger("absl"), _OrbaxWarnings()
+  absl_logger.addFilter(quiet)
+  try:
+    yield
+  finally:
+    absl_logger.removeFilter(quiet)
+
+
 def load_orbax(path: str, *, mesh: jax.sharding.Mesh | None = None, dtype=None, param_dtype=None,
                remat: str | None = None, attention: str | None = None) -> Bagel:
   """Restores a `save_orbax` checkpoint onto `mesh` (device 0 without one).
@@ -150,7 +169,8 @@ def load_orbax(path: str, *, mesh: jax.sharding.Mesh | None = None, dtype=None, 
   variables = loader.param_variables(model)
   slots = loader.layer_slots(variables)
   with ocp.StandardCheckpointer() as checkpointer:
-    metadata = checkpointer.metadata(params_dir).item_metadata
+    with _without_orbax_warnings():
+      metadata = checkpointer.metadata(params_dir).item_metadata
     if metadata is None:  # Orbax returns none where its _METADATA file or its arrays' are gone
       lost = ("no _METADATA" if not os.path.isfile(os.path.join(params_dir, "_METADATA"))
               else "its _METADATA is there, its array files are not readable")
