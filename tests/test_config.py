@@ -121,6 +121,15 @@ def test_impossible_stage_values_name_the_field(path, field, value, named, messa
   assert f"config field {named} = " in str(info.value)
 
 
+def test_a_shorter_token_budget_alone_names_the_latent_budget_it_keeps():
+  # As the README's `bench aot` example shortens the 7B rows: the split must shorten with them.
+  with pytest.raises(config_lib.ConfigError) as info:
+    config_lib.load(os.path.join(ROOT, "configs", "sft.py:bagel_7b"), {"data.token_budget": 8192})
+  message = str(info.value)
+  assert message.startswith("config field data.latent_budget = 19456 is invalid"), message
+  assert "data.token_budget (8192)" in message and "changed alone keeps its variant's" in message
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("max_skip_ratio", 1.0, "a fraction in"),
     ("benchmark_samples", -1, "0 .every row."),
