@@ -2,6 +2,8 @@
 
   python tests/multihost_worker.py CONFIG WORKDIR OUT_PREFIX [field=json_value ...]
 
+('{process}' in WORKDIR: this process's index, a folder each, as on hosts' own disks.)
+
 Joins its peers through `multihost.initialize_distributed()` (the JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES and JAX_PROCESS_ID the test sets, as `launch/local.sh --processes N` does; none
 for the one-process reference), trains CONFIG with the overrides in WORKDIR (the trainer saves its
@@ -39,6 +41,7 @@ def main(argv):
     key, value = pair.split("=", 1)
     overrides[key] = json.loads(value)
   config = config_lib.load(config_path, overrides)
+  workdir = workdir.replace("{process}", str(jax.process_index()))  # a folder per process
 
   # The restore target is the state as the trainer saved it (shapes, dtypes, shardings).
   saved = {}

@@ -27,6 +27,8 @@ import time
 import numpy as np
 import pytest
 
+from robust_u1_jax.training import shared_workdir
+
 pytestmark = pytest.mark.slow  # minutes: three processes compile the tiny model's steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,9 +89,10 @@ def _env(devices: int, process_id: int | None = None, num_processes: int = 1, po
   return env
 
 
-def _start(tmp_path, config: str, overrides: dict, runs: dict) -> list:
-  """Starts the runs' workers ({name: [(devices, process_id, process_count)]}) side by side;
-  returns [(log path, log file, Popen)], in the runs' order."""
+def _start(tmp_path, config: str, overrides: dict, runs: dict, work: str = "work") -> list:
+  """Starts the runs' workers ({name: [(devices, process_id, process_count)]}) side by side, each
+  run in its folder's `work` ('{process}' in it: the worker's process index); returns
+  [(log path, log file, Popen)], in the runs' order."""
   args = [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
   config = os.path.join(ROOT, "configs", config)
   port = _free_port()
@@ -97,7 +100,7 @@ def _start(tmp_path, config: str, overrides: dict, runs: dict) -> list:
   for name, members in runs.items():
     for devices, process_id, count in members:
       log = open(tmp_path / f"{name}_{process_id or 0}.log", "w")
-      command = [sys.executable, WORKER, config, str(tmp_path / name / "work"),
+      command = [sys.executable, WORKER, config, str(tmp_path / name / work),
                  str(tmp_path / name), *args]
       procs.append((log.name, log, subprocess.Popen(
           command, cwd=ROOT, env=_env(devices, process_id, count, port), stdout=log,
@@ -178,6 +181,7 @@ def test_sft_on_two_processes_equals_one_process(tmp_path):
   one, two = _run(tmp_path, "sft.py:tiny", SFT)
   _assert_same_run(one, two, SFT["total_steps"], metric_rtol=1e-5, metric_atol=1e-6,
                    array_atol=ARRAY_ATOL)
+  assert shared_workdir.MARKER not in os.listdir(tmp_path / "two" / "work")  # checked, removed
   (eval_one,), (eval_two,) = one["meta"]["evaluations"], two["meta"]["evaluations"]
   assert eval_one["step"] == eval_two["step"] == SFT["total_steps"]
   for key in ("eval_ssim", "eval_ssim_corrupted"):
@@ -293,6 +297,28 @@ def test_bad_records_of_one_process_end_both_processes_together(tmp_path):
   for log in logs:
     assert "4 of 48 records read by 2 processes were unreadable" in log, log[-3000:]
     assert "ran out" not in log
+
+
+def test_a_workdir_on_each_host_s_own_disk_stops_every_process_at_start_up(tmp_path):
+  # `--workdir /tmp/run` on a pod: every host its own folder. The processes used to train on,
+  # each deciding from its own folder whether its stage was finished and where to resume; now
+  # each says so in one line before anything is built, and leaves no folder behind.
+  runs = {"apart": [(4, 0, 2), (4, 1, 2)]}
+  overrides = {**COMMON, "total_steps": 2, "checkpoint_every": 2}
+  logs = _finished(_start(tmp_path, "sft.py:tiny", overrides, runs, work="work_{process}"),
+                   ERROR_TIMEOUT_S)
+  for log in logs:
+    assert "process(es) 1 of 2 cannot see the file process 0 wrote there" in log, log[-3000:]
+    assert "not each host's own disk" in log
+  assert not (tmp_path / "apart").exists()
+
+  # A workdir process 0 cannot write into: said on every process, none left waiting for it.
+  (tmp_path / "blocked").mkdir()
+  (tmp_path / "blocked" / "a_file").write_text("")
+  logs = _finished(_start(tmp_path, "sft.py:tiny", overrides, {"blocked": runs["apart"]},
+                          work="a_file/work"), ERROR_TIMEOUT_S)
+  assert "a_file/work: process 0 cannot write there (Not a directory)" in logs[0], logs[0][-3000:]
+  assert "a_file/work: process 0 cannot write there (see its log)" in logs[1], logs[1][-3000:]
 
 
 CHECKPOINT_WORKER = os.path.join(ROOT, "tests", "checkpoint_worker.py")

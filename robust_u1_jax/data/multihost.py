@@ -110,6 +110,20 @@ def _connect_cpu_collectives() -> None:
   assert int(total.addressable_data(0)) == devices.size, total
 
 
+def process_values(value: int) -> list[int]:
+  """Every process's `value` (an int32), in process order: one collective across processes."""
+  if jax.process_count() == 1:
+    return [int(value)]
+  from jax.experimental import multihost_utils
+
+  return [int(x) for x in multihost_utils.process_allgather(np.int32(value))]
+
+
+def on_every_process(flag: bool) -> bool:
+  """Whether `flag` holds on every process: for a decision the processes must take together."""
+  return all(process_values(int(flag)))
+
+
 def per_process_batch_size(global_batch_size: int, process_count: int) -> int:
   """global_batch_size / process_count, refusing batches that do not split evenly."""
   if process_count < 1:

@@ -38,6 +38,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from grain import checkpoint as grain_checkpoint
 
+from robust_u1_jax.data import multihost
+
 
 _DATA_FILE = re.compile(r"process_\d+-of-(\d+)\.json")  # Grain's data position per process
 
@@ -202,7 +204,7 @@ class Checkpointer:
     for step in sorted(self.manager.all_steps(), reverse=True):
       path = os.path.join(self.directory, str(step))
       status, restored, error = self._try_restore(step, abstract_state, iterator, target_for)
-      statuses = self._gather(status)
+      statuses = multihost.process_values(status)  # every process's, in process order
       if _REFUSED in statuses:
         if status == _REFUSED:
           raise error
@@ -260,15 +262,6 @@ class Checkpointer:
         return _REFUSED, None, e
       return (_PEER_FAILED if in_barrier else _FAILED), None, e
     return _RESTORED, (step, restored["state"], dict(restored["meta"])), None
-
-  @staticmethod
-  def _gather(status: int) -> list[int]:
-    """Every process's status of one restore, in process order."""
-    if jax.process_count() == 1:
-      return [status]
-    from jax.experimental import multihost_utils
-
-    return [int(x) for x in multihost_utils.process_allgather(np.int32(status))]
 
   def _read_data_positions(self, step: int, iterator: Any = None) -> None:
     """Parses every process's data position of `step` (Grain's `process_<i>-of-<n>.json`);

@@ -31,7 +31,7 @@ from robust_u1_jax import config_lib, flops
 from robust_u1_jax.data import multihost, pipeline as pipeline_lib
 from robust_u1_jax.training import checkpoint as checkpoint_lib
 from robust_u1_jax.training import lora as lora_lib
-from robust_u1_jax.training import metrics_log, run_setup, stages
+from robust_u1_jax.training import metrics_log, run_setup, shared_workdir, stages
 from robust_u1_jax.training import state as state_lib
 from robust_u1_jax.training.stage_spec import RunContext, StageSpec
 
@@ -127,7 +127,10 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     raise config_lib.ConfigError(
         f"a config of stage {config.stage!r} given the {built!r} stage's builder; give "
         f"stages.builder(config.stage)")
-  if checkpoint_lib.finished(workdir, config.total_steps):
+  shared_workdir.check(workdir)  # several processes: one folder, or one error line on each
+  # Decided together: a process that returned here alone would leave its peers waiting in their
+  # first collective.
+  if multihost.on_every_process(checkpoint_lib.finished(workdir, config.total_steps)):
     # Before building or compiling anything: a finished stage answers at once.
     print(f"{workdir} is already at the final step {checkpoint_lib.latest_step(workdir)}; "
           f"nothing to train (model: {os.path.join(workdir, 'model')})", flush=True)
