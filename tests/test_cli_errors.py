@@ -398,6 +398,7 @@ def test_bad_input_is_one_error_line(case, paths, zygote):
   assert proc.returncode == 2, proc.stderr[-3000:]
   assert len(errors) == 1, proc.stderr[-3000:]
   assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert proc.stdout == "", proc.stdout[-3000:]  # checked before any work says it has begun
   for text in expected:  # an expected text ending in a newline ends the line
     assert text.format(**paths) in errors[0] + "\n", errors[0]
 

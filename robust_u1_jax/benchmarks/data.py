@@ -145,6 +145,7 @@ def degradation_costs(image_size: int, seconds: float) -> list[tuple[str, float]
 def run(*, seconds: float = 3.0, config: str = "", threads: int | None = None) -> dict:
   """Runs both data benchmarks, printing each table as it completes."""
   spec = config or DEFAULT_CONFIG
+  _load_config(spec)  # a bad config or variant is the command's one line, before any other
   print(f"devices: {jax.devices()}; corruption on {corruptions.data_device()}; host CPUs: "
         f"{usable_cpus()}; {seconds:g} s per measurement", flush=True)
   results = {"parts": part_rows(spec, seconds)}
