@@ -12,7 +12,7 @@ a long text). With --out, the
 generated images are written as `step_NN.png` (NN: the step's number) and the whole exchange as
 `exchange.json`: each step's text or image file, the prompt, the settings, the seconds of each
 phase and the model; the folder is created once the answer is there, and an earlier answer's files
-in it are replaced.
+in it are replaced (step images without its exchange.json are refused: they are not an answer's).
 --model takes what `recover` takes; an unreadable or too small image, an unusable model directory or
 an unwritable --out is one `error:` line and exit status 2, found before the model loads.
 """
@@ -85,12 +85,27 @@ def step_line(n: int, step, out: str | None) -> str:
   return f"[{n}] image {w}x{h} ({step.seconds:.2f} s)" + ("" if out else ": not saved (give --out)")
 
 
+def _step_files(out: str) -> list[str]:
+  return sorted(name for name in os.listdir(out) if re.fullmatch(r"step_\d{2,}\.png", name))
+
+
+def _check_no_foreign_steps(out: str) -> None:
+  """Refuses an --out holding step images without an earlier answer's exchange.json: files of
+  the user's own, which this answer would write over or remove."""
+  if not os.path.isdir(out) or os.path.exists(os.path.join(out, EXCHANGE_FILE)):
+    return
+  if steps := _step_files(out):
+    more = f" and {len(steps) - 1} more" if len(steps) > 1 else ""
+    raise cli.PathError(f"--out {out}: holds {steps[0]}{more} but no {EXCHANGE_FILE}, so no "
+                        "earlier answer wrote them, and this one would replace them; give "
+                        "another folder")
+
+
 def _remove_earlier_answer(out: str, written: Sequence[str]) -> None:
   """Removes the images an earlier answer wrote in `out` that this one does not write over
   (`written`): a reused folder would otherwise hold images of another exchange beside this one's
   exchange.json."""
-  earlier = [name for name in os.listdir(out)
-             if re.fullmatch(r"step_\d{2,}\.png", name) and name not in written]
+  earlier = [name for name in _step_files(out) if name not in written]
   for name in earlier:
     os.remove(os.path.join(out, name))
   if earlier:
@@ -123,6 +138,7 @@ def _answer(values: flags.FlagValues) -> int:
   settings = dataclasses.replace(settings, sampler=model_cli.make_sampler(values, values.steps))
   if values.out:
     cli.output_dir(values.out, "--out", create=False)  # created once there is an answer
+    _check_no_foreign_steps(values.out)
   engine = model_cli.load_engine(values, "answering")
   # Each step as it is done: on a large model a step takes seconds to minutes.
   exchange = reasoner.answer(engine, image, values.question, values.options, settings,

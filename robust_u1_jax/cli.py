@@ -485,15 +485,20 @@ def names_folder(path: str) -> bool:
   return os.path.isdir(path) or path.endswith(os.sep)
 
 
-def output_file(path: str, flag: str, *, image: bool = False, create: bool = True) -> str:
+def output_file(path: str, flag: str, *, image: bool = False, create: bool = True,
+                input_path: str | None = None) -> str:
   """Checks `path` can be written as a file, creating its folder if missing (not with
-  `create=False`); with `image`, that its extension names an image format. PathError naming
-  `flag` otherwise. Returns `path`."""
+  `create=False`); with `image`, that its extension names an image format; that it is not the
+  file `input_path` (a command's input, which writing would destroy). PathError naming `flag`
+  otherwise. Returns `path`."""
   if _remote(path):
     return path
   if names_folder(path):
     raise PathError(f"{flag} {path}: a folder; give a file name, e.g. "
                     f"{os.path.join(path, 'out.png' if image else 'out')}")
+  if (input_path and os.path.exists(path) and os.path.exists(input_path)
+      and os.path.samefile(path, input_path)):
+    raise PathError(f"{flag} {path}: the input itself; give another file, so it is kept")
   if image:
     image_format(path, flag)
   folder = os.path.dirname(os.path.abspath(path))

@@ -95,7 +95,7 @@ def run(image_path: str, name: str, out_path: str, *, severity=None, intensity=N
                     ) from None
   if cli.names_folder(out_path):
     out_path = os.path.join(out_path, output_name(image_path, qualified, severity, intensity))
-  cli.output_file(out_path, "--out", image=True)
+  cli.output_file(out_path, "--out", image=True, input_path=image_path)
   notes: list[str] = []
   side, asked = smallest_side(qualified, min_side), smallest_side("", min_side)
   setting = ("--min_side" if side == asked

@@ -3,7 +3,9 @@ r"""Evaluates a trained model: recovery quality and answer accuracy under corrup
   python -m robust_u1_jax.evaluate --config configs/eval.py:tiny --model /tmp/robust_u1/reason \
       --config.clip_checkpoint=/tmp/demo/clip/model/clip.safetensors
 
-writes report.md, report.json and PNG figures into --out (default: <model's parent>/eval). The
+writes report.md, report.json and PNG figures into --out (default: <model's parent>/eval). A
+folder holding another evaluation's report (other models, settings or code), or the units a
+stopped one kept, is refused unless --overwrite: the demo's report is in its models' parent. The
 config, the files it names (the model, the CLIP checkpoint, benchmark tables, models to compare)
 and --out are checked before any model loads; a bad one (or a model directory that cannot be used)
 is one `error:` line and exit status 2.
@@ -23,6 +25,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/eval.py:tiny",
 _MODEL = flags.DEFINE_string("model", None, "The model: a model directory, an Orbax checkpoint or "
                              "a stage's workdir (overrides config.model).")
 _OUT = flags.DEFINE_string("out", None, "Report directory (overrides config.out).")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "Replace what the report folder holds of another evaluation (other "
+    "models, settings or code): its report, or the units a stopped one kept.")
 
 
 def main(argv) -> int:
@@ -43,8 +48,11 @@ def main(argv) -> int:
 
   with config.unlocked():  # the default report folder, checked now, created once the model loads
     config.out = run.report_dir(config)
-  cli.output_dir(config.out, "--out" if _OUT.value else "the report folder (--out)",
-                 create=False)
+  named = "--out" if _OUT.value else "the report folder (--out)"
+  cli.output_dir(config.out, named, create=False)
+  if not _OVERWRITE.value and (other := run.other_evaluation(config)):
+    raise cli.PathError(f"{named} {config.out}: holds {other} (other models, settings or code); "
+                        "give another --out, or --overwrite to replace it")
   run.run(config)  # ends with "report: <path>"
   return 0
 

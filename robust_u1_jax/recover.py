@@ -46,7 +46,7 @@ from collections.abc import Callable, Sequence
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from robust_u1_jax import config_inputs, config_lib, model_cli
+from robust_u1_jax import config_inputs, config_lib, model_cli, signals
 
 EXIT_SOME_FAILED = 1  # folder mode: some images could not be recovered
 # Flags of one mode only: refused in the other, so a mistyped command does not silently do less.
@@ -97,7 +97,8 @@ def _recover_file(values: flags.FlagValues, sampler, instruction: str | None) ->
     out = os.path.join(out, name)
   # A bad image, --model or --out fails before the model loads.
   image = model_cli.read_image(path, model_cli.min_side(model_cli.model_rules(values.model)))
-  cli.output_file(out, "--out", image=True, create=False)  # created once there is a recovery
+  # Created once there is a recovery.
+  cli.output_file(out, "--out", image=True, create=False, input_path=path)
   from robust_u1_jax.inference import engine as engine_lib
 
   engine = model_cli.load_engine(values, "recovering")
@@ -176,13 +177,15 @@ def _recover_folder(values: flags.FlagValues, sampler, instruction: str | None) 
     groups.setdefault(rules.vae_size(*image.shape[:2]), []).append(i)
 
   try:
-    written = _recover_groups(values, sampler, instruction, folder, names, groups, rules,
-                              lambda i: os.path.join(out_dir, outputs[names[i]]), fail)
+    with signals.sigterm_stops():  # SIGTERM, too, says what it keeps
+      written = _recover_groups(values, sampler, instruction, folder, names, groups, rules,
+                                lambda i: os.path.join(out_dir, outputs[names[i]]), fail)
   except KeyboardInterrupt:
     done = sum(os.path.exists(os.path.join(out_dir, outputs[names[i]]))
                for members in groups.values() for i in members)
     print(f"{out_dir}: stopped after {done} written; they are kept, and the same command goes on "
-          "with the rest", flush=True)
+          "with the rest" if done else f"{out_dir}: stopped before the first recovery was "
+          "written; the same command starts again", flush=True)
     raise
   summary = (f"{out_dir}: {written} written, {len(skipped)} skipped (already there), "
              f"{len(failed)} failed")
@@ -277,8 +280,9 @@ def _build_cache(values: flags.FlagValues) -> int:
   config_inputs.check_inputs(config, recovery_cache=False)
   cli.output_dir(directory, "--cache_dir" if values.cache_dir else "reason.recovery_cache")
   try:
-    counts = recovery_cache.build(config, directory, steps=values.steps or 0,
-                                  progress=values.progress)
+    with signals.sigterm_stops():
+      counts = recovery_cache.build(config, directory, steps=values.steps or 0,
+                                    progress=values.progress)
   except KeyboardInterrupt:
     print(f"{directory}: stopped; the recoveries written are kept, and the same command resumes "
           "after them", flush=True)

@@ -60,6 +60,12 @@ def paths(tmp_path_factory):
   (root / "workdir" / "model" / "bagel_config.json").write_text("{}\n")
   (root / "unfinished" / "checkpoints" / "12").mkdir(parents=True)  # stopped before its model
   (root / "existing").mkdir()
+  # Another evaluation's report, and a stopped one's kept units (their stamps not this run's).
+  (root / "reported").mkdir()
+  (root / "reported" / "report.md").write_text("# an earlier evaluation\n")
+  (root / "reported" / "report.json").write_text('{"settings": {"stamp": "another"}}\n')
+  (root / "stopped" / "partial").mkdir(parents=True)
+  (root / "stopped" / "partial" / "fingerprint.json").write_text('{"stamp": "another"}\n')
   return {"root": str(root), "good": str(root / "good.png"),
           "truncated": str(root / "truncated.png"), "notes": str(root / "notes.txt"),
           "tiny": str(root / "tiny.png"), "file": str(root / "a_file"),
@@ -80,6 +86,12 @@ CASES = {
                           ["{tiny}", "1 x 1 pixels", "smallest usable 16"]),
     "corrupt/--out a read-only folder": ("corrupt", ["--image={good}", *CORRUPT, "--out={ro}"],
                                          ["--out {ro}/good_fog_s3.png", "cannot"]),
+    # Written over its input, the image was lost (a folder --out was refused; a file was not).
+    "corrupt/--out the input": ("corrupt", ["--image={good}", *CORRUPT, "--out={good}"],
+                                ["--out {good}: the input itself"]),
+    "recover/--out the input": ("recover", ["--model={workdir}", "--image={good}",
+                                            "--out={root}/./good.png"],  # another spelling
+                                ["--out {root}/./good.png: the input itself"]),
     "corrupt/--out extension": ("corrupt", ["--image={good}", *CORRUPT, "--out={root}/o.xyz"],
                                 ["--out {root}/o.xyz", "unknown image extension '.xyz'"]),
     "corrupt/--out read-only": ("corrupt", ["--image={good}", *CORRUPT, "--out={ro}/o.png"],
@@ -220,6 +232,17 @@ CASES = {
     "evaluate/clip missing": ("evaluate", [f"--config={EVAL}", "--model={workdir}",
                                            "--config.clip_checkpoint={missing}.safetensors"],
                               ["clip_checkpoint", "{missing}.safetensors"]),
+    # The README's command on the demo's models wrote its report over the demo's.
+    "evaluate/another evaluation's report": (
+        "evaluate", [f"--config={EVAL}", "--model={workdir}", "--out={root}/reported"],
+        ["--out {root}/reported: holds the report of another evaluation", "--overwrite"]),
+    "evaluate/a stopped evaluation's units": (
+        "evaluate", [f"--config={EVAL}", "--model={workdir}", "--out={root}/stopped"],
+        ["--out {root}/stopped: holds the units another, stopped evaluation kept"]),
+    # Past that check with --overwrite, to the model's own error.
+    "evaluate/--overwrite": ("evaluate", [f"--config={EVAL}", "--model={workdir}",
+                                          "--out={root}/reported", "--overwrite"],
+                             ["{workdir}/model: missing tokenizer.json"]),
     "evaluate/--out a file": ("evaluate", [f"--config={EVAL}", "--model={workdir}",
                                            "--out={file}"], ["--out {file}", "a file"]),
     # The README's benchmark flag is a field of the config (its table missing here)

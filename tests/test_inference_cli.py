@@ -7,6 +7,7 @@ compile again); one test goes through the real entry points for --help and the e
 
 import json
 import os
+import signal
 import re
 import subprocess
 import sys
@@ -357,6 +358,23 @@ def test_answer_replaces_an_earlier_answer_and_makes_no_folder_when_stopped(
   assert json.loads((out_dir / "exchange.json").read_text())["answer"] == "A"
 
 
+def test_answer_refuses_an_out_holding_step_images_no_answer_wrote(capsys, model_dir, inputs,
+                                                                   tmp_path):
+  # A user's own frames, no exchange.json beside them: they were overwritten and removed as "an
+  # earlier answer's".
+  out_dir = tmp_path / "frames"
+  out_dir.mkdir()
+  for name in ("step_01.png", "step_02.png"):
+    (out_dir / name).write_text("mine")
+  rc, out, err = _run(answer_cli, capsys, f"--model={model_dir}", f"--image={inputs / 'a.png'}",
+                      "--question=Which colour?", f"--out={out_dir}", *FAST)
+  assert rc == 2 and out == "", out
+  assert err.strip() == (f"error: --out {out_dir}: holds step_01.png and 1 more but no "
+                         "exchange.json, so no earlier answer wrote them, and this one would "
+                         "replace them; give another folder")
+  assert [(out_dir / n).read_text() for n in ("step_01.png", "step_02.png")] == ["mine"] * 2
+
+
 def test_answer_from_the_model_matches_its_record(capsys, model_dir, inputs, tmp_path):
   out_dir = tmp_path / "run"
   rc, out, err = _run(answer_cli, capsys, f"--model={model_dir}", f"--image={inputs / 'a.png'}",
@@ -390,26 +408,34 @@ def test_recover_refuses_a_folder_without_files(capsys, model_dir, tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["photo.png"]  # no photo.png_recovered
 
 
+@pytest.mark.parametrize("stop,at,code,said", [("ctrl-c", 2, 130, "interrupted"),
+                                                ("ctrl-c", 1, 130, "interrupted"),
+                                                ("sigterm", 2, 143, "terminated")])
 def test_a_stopped_folder_recovery_says_what_it_kept(capsys, model_dir, inputs, tmp_path,
-                                                     monkeypatch):
+                                                     monkeypatch, stop, at, code, said):
   from robust_u1_jax import model_cli
 
   write, calls = model_cli.write_image, []
 
   def stopped_on_the_second(path, image):
     calls.append(path)
-    if len(calls) == 2:
-      raise KeyboardInterrupt  # Ctrl-C while the folder is recovered
+    if len(calls) == at:  # while the folder is recovered
+      if stop == "ctrl-c":
+        raise KeyboardInterrupt
+      # A service's stop: it used to end the process where it stood, saying nothing.
+      os.kill(os.getpid(), signal.SIGTERM)
     write(path, image)
 
   monkeypatch.setattr(model_cli, "write_image", stopped_on_the_second)
   out_dir = tmp_path / "out"
   rc, out, err = _run(recover_cli, capsys, f"--model={model_dir}", f"--image={inputs}",
                       f"--out={out_dir}", *FAST)
-  assert rc == 130 and err.strip().endswith("interrupted"), err
-  assert out.strip().splitlines()[-1] == (f"{out_dir}: stopped after 1 written; they are kept, "
-                                          "and the same command goes on with the rest")
-  assert len(os.listdir(out_dir)) == 1
+  assert rc == code and err.strip().endswith(said), err
+  assert out.strip().splitlines()[-1] == (
+      f"{out_dir}: stopped after 1 written; they are kept, and the same command goes on with the "
+      "rest" if at == 2 else
+      f"{out_dir}: stopped before the first recovery was written; the same command starts again")
+  assert len(os.listdir(out_dir)) == at - 1
 
 
 def test_recover_folder_refuses_an_image_name_for_its_output_folder(capsys, model_dir, inputs,

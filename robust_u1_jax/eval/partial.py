@@ -38,6 +38,15 @@ def stamp(fingerprint: Any) -> str:
   return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def kept_stamp(out_dir: str) -> str | None:
+  """The stamp of the units a stopped evaluation kept in `out_dir`, None if it kept none."""
+  try:
+    with open(os.path.join(out_dir, FOLDER, _STAMP)) as f:
+      return json.load(f).get("stamp")
+  except (OSError, ValueError, AttributeError):
+    return None
+
+
 class PartialResults:
   """Finished units of one evaluation in `<out_dir>/partial`, valid for `fingerprint` (anything
   JSON-able that names the config and the models)."""
@@ -46,11 +55,7 @@ class PartialResults:
     self.folder = os.path.join(out_dir, FOLDER)
     self.stamp = stamp(fingerprint)
     stamp_path = os.path.join(self.folder, _STAMP)
-    kept = None
-    if os.path.exists(stamp_path):
-      with open(stamp_path) as f:
-        kept = json.load(f).get("stamp")
-    if kept != self.stamp:  # another config or model (or none yet): start afresh
+    if kept_stamp(out_dir) != self.stamp:  # another config or model (or none yet): start afresh
       shutil.rmtree(self.folder, ignore_errors=True)
       os.makedirs(self.folder)
       with files.atomic_write(stamp_path, "w") as f:

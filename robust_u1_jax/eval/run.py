@@ -72,6 +72,19 @@ def report_is_current(c: ml_collections.ConfigDict) -> bool:
   return written is not None and written == partial.stamp(fingerprint(c))
 
 
+def other_evaluation(c: ml_collections.ConfigDict) -> str | None:
+  """What the report folder holds of another evaluation (other models, settings or code), which
+  running `c` there would replace: its finished report, or the units a stopped one kept; None
+  when it holds neither (or only this evaluation's, which `c` completes or writes again)."""
+  out_dir = report_dir(c)
+  kept = {"the report of another evaluation": _report_stamp(out_dir),
+          "the units another, stopped evaluation kept": partial.kept_stamp(out_dir)}
+  if all(stamp is None for stamp in kept.values()):
+    return None  # the fingerprint reads every model file's size and time: only when needed
+  own = partial.stamp(fingerprint(c))
+  return next((what for what, stamp in kept.items() if stamp not in (None, own)), None)
+
+
 def _report_stamp(out_dir: str) -> str | None:
   """The stamp of the finished report in `out_dir` (its report.md there), None if it has none."""
   if not os.path.isfile(os.path.join(out_dir, "report.md")):
