@@ -20,6 +20,7 @@ from robust_u1_jax import cli  # first: its quiet environment is set before jax 
 
 import difflib
 import os
+import re
 import sys
 
 from absl import app
@@ -85,8 +86,11 @@ def run(image_path: str, name: str, out_path: str, *, severity=None, intensity=N
   try:
     qualified, _ = corruptions.resolve(name, severity=severity, intensity=intensity)
   except ValueError as e:
-    if not str(e).startswith("unknown corruption"):
-      raise cli.Error(str(e)) from None  # a level that does not fit the corruption
+    if not str(e).startswith("unknown corruption"):  # a level that does not fit the corruption
+      level = re.fullmatch(r"(severity|intensity) (\S+) for (\S+) is invalid: (.*)", str(e),
+                           re.DOTALL)
+      raise cli.Error(f"--{level[1]} {level[2]}: not a level of {level[3]}; {level[4]}" if level
+                      else str(e)) from None
     names = [n for line in list_lines() for n in (line.split("\t")[0],
                                                   line.split("\t")[0].split("/")[-1])]
     near = difflib.get_close_matches(name, sorted(set(names)), n=3, cutoff=0.6)
@@ -98,9 +102,11 @@ def run(image_path: str, name: str, out_path: str, *, severity=None, intensity=N
   cli.output_file(out_path, "--out", image=True, input_path=image_path)
   notes: list[str] = []
   side, asked = smallest_side(qualified, min_side), smallest_side("", min_side)
-  setting = ("--min_side" if side == asked
-             else f"the Robust-R1 degradations' own, above --min_side {asked}")
-  image = transforms.read_image(image_path, min_side=side, notes=notes, setting=setting)
+  # `corrupt` resizes nothing: its limits are training's, and the degradations' own.
+  setting, why = (("--min_side", "training skips such an image") if side == asked else
+                  (f"the Robust-R1 degradations' own, above --min_side {asked}",
+                   "their kernels and warps are sized for no less"))
+  image = transforms.read_image(image_path, min_side=side, notes=notes, setting=setting, why=why)
   for note in notes:
     (say or print)(f"note: {image_path}: {note}")
   out = np.asarray(corruptions.corrupt(image, name, jax.random.key(seed), severity=severity,

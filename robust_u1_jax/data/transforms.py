@@ -141,22 +141,25 @@ def min_image_side(data_config) -> int:
   return int(side) if side else default_min_side(data_config.vae_stride, data_config.vit_patch)
 
 
-def size_problem(image: np.ndarray, min_side: int, setting: str = "data.min_image_side"
-                 ) -> str | None:
+RESIZE_MAKES_IT_UP = "the resize would make up nearly every pixel"
+
+
+def size_problem(image: np.ndarray, min_side: int, setting: str = "data.min_image_side",
+                 why: str = RESIZE_MAKES_IT_UP) -> str | None:
   """Why an image is too small to use ('W x H pixels ...'), or None; `setting` names where
-  `min_side` comes from."""
+  `min_side` comes from, `why` what a smaller side would do."""
   h, w = image.shape[:2]
   if min(h, w) >= min_side:
     return None
-  return (f"{w} x {h} pixels: a side below the smallest usable {min_side} ({setting}; "
-          "the resize would make up nearly every pixel)")
+  return f"{w} x {h} pixels: a side below the smallest usable {min_side} ({setting}; {why})"
 
 
 def read_image(path: str, *, min_side: int = 0, notes: list[str] | None = None,
-               setting: str = "data.min_image_side") -> np.ndarray:
+               setting: str = "data.min_image_side", why: str = RESIZE_MAKES_IT_UP
+               ) -> np.ndarray:
   """The file `path` decoded by `decode_image`; BadImageError starting with the path for a file
   that cannot be read, is no image, or has a side below `min_side` pixels (`setting`: where that
-  comes from, for the message)."""
+  comes from, `why`: what a smaller side would do, for the message)."""
   try:
     with open(path, "rb") as f:
       data = f.read()
@@ -166,7 +169,7 @@ def read_image(path: str, *, min_side: int = 0, notes: list[str] | None = None,
     image = decode_image(data, notes)
   except BadImageError as e:
     raise BadImageError(f"{path}: {e}") from None
-  problem = size_problem(image, min_side, setting)
+  problem = size_problem(image, min_side, setting, why)
   if problem:
     raise BadImageError(f"{path}: {problem}")
   return image
