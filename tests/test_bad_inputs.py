@@ -299,7 +299,21 @@ def test_too_many_bad_records_names_the_worst_files():
   worst = msg.split("Worst files:")[1]
   assert worst.index("bench.tsv: 4 bad record(s), latest index 3: row 3: bad base64") < \
       worst.index("img/")
-  assert "img/b.jpg (index 9): truncated" in msg.split("Most recent skips:")[1]
+  # Each of the last 3 skips is its file's latest, shown above: not listed twice (it was).
+  assert "img/b.jpg: 1 bad record(s), latest index 9: truncated" in worst
+  assert msg.count("img/b.jpg") == 1 and "recent skips" not in msg
+
+  # A table's earlier bad rows among the last skips are listed below its line.
+  tracker = bad_records.SkipTracker(0.01, min_seen=100, keep=3)
+  for r in _records(94, bad_at=()):
+    tracker.filter(r)
+  with pytest.raises(bad_records.TooManyBadRecords) as e:
+    for i in range(6):
+      tracker.filter(bad_records.skip_record(f"row {i}: bad base64", "bench.tsv", i))
+  worst, recent = str(e.value).split("Worst files:")[1].split("Other recent skips:")
+  assert worst.strip() == "bench.tsv: 6 bad record(s), latest index 5: row 5: bad base64"
+  assert [line.strip() for line in recent.strip().splitlines()] == [
+      "bench.tsv (index 3): row 3: bad base64", "bench.tsv (index 4): row 4: bad base64"]
 
 
 def test_ratio_crossed_before_min_seen_is_caught_at_min_seen():

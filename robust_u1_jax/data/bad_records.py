@@ -46,7 +46,7 @@ class TooManyBadRecords(RuntimeError):
   """More than `max_skip_ratio` of the records seen were unreadable or unusable.
 
   An entry module reports it as one `error:` line (robust_u1_jax/cli.py) followed by the worst
-  files and the most recent skips, indented."""
+  files and the other most recent skips, indented."""
 
 
 def skip_record(reason: str, path: str | None, index: int | None,
@@ -189,15 +189,19 @@ class SkipTracker(grain.transforms.Filter):
       return
     if skipped / seen <= self.max_skip_ratio:
       return
+    ranked = self.worst()
     worst = "\n".join(f"  {p or '<no path>'}: {c} bad record(s), latest index {i}: {r}"
-                      for p, c, i, r in self.worst()) or "  (none among this process's records)"
-    recent = "\n".join(f"  {p or '<no path>'} (index {i}): {r}" for p, i, r in self.recent())
+                      for p, c, i, r in ranked) or "  (none among this process's records)"
+    # A skip the worst files' lines already show (a file's latest) is not listed twice.
+    shown = {(p, i) for p, _, i, _ in ranked}
+    recent = "\n".join(f"  {p or '<no path>'} (index {i}): {r}" for p, i, r in self.recent()
+                       if (p, i) not in shown)
     raise TooManyBadRecords(
         f"{self.name}: {skipped} of {seen} records{where} were unreadable or unusable "
         f"({skipped / seen:.2%} > max_skip_ratio {self.max_skip_ratio:.2%}"
         f"{'' if final else f', checked after at least {self.min_seen} records'}). "
         f"Fix or remove these inputs, or raise {self.setting}.\n"
-        f"Worst files:\n{worst}\nMost recent skips:\n{recent or '  (none)'}")
+        f"Worst files:\n{worst}" + (f"\nOther recent skips:\n{recent}" if recent else ""))
 
 
 class ReplaceBadRecords(grain.transforms.Map):
