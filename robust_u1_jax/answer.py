@@ -8,8 +8,8 @@ The model writes text, may generate a recovered image of its input and continue 
 with `<ANSWER>...`. A line says when the model is loaded, each step is printed as it is done, then a
 last line `answer: X` (the option letter when options are given, as benchmarks score it: `answer:
 none`, and "" in exchange.json, when the reply names no option, several, or one only in passing in
-a long text). With --out, the
-generated images are written as `step_NN.png` (NN: the step's number) and the whole exchange as
+a long text; without options, the `<ANSWER>` field's text, or the whole reply on that one line
+when the model wrote no such field). With --out, the generated images are written as `step_NN.png` (NN: the step's number) and the whole exchange as
 `exchange.json`: each step's text or image file, the prompt, the settings, the seconds of each
 phase and the model; the folder is created once the answer is there, and an earlier answer's files
 in it are replaced (step images without its exchange.json are refused: they are not an answer's).
