@@ -9,10 +9,12 @@ with `<ANSWER>...`. A line says when the model is loaded, each step is printed a
 last line `answer: X` (the option letter when options are given, as benchmarks score it: `answer:
 none`, and "" in exchange.json, when the reply names no option, several, or one only in passing in
 a long text; without options, the `<ANSWER>` field's text, or the whole reply on that one line
-when the model wrote no such field). With --out, the generated images are written as `step_NN.png` (NN: the step's number) and the whole exchange as
-`exchange.json`: each step's text or image file, the prompt, the settings, the seconds of each
-phase and the model; the folder is created once the answer is there, and an earlier answer's files
-in it are replaced (step images without its exchange.json are refused: they are not an answer's).
+when the model wrote no such field). With --out, the generated images are written as
+`step_NN.png` (NN: the step's number) and the whole exchange as `exchange.json`: each step's text
+or image file, the prompt, the settings, the seconds of each phase and the model; the folder is
+created once the answer is there, and an earlier answer's files in it are replaced (step images
+that no answer wrote, with neither an exchange.json nor an interrupted write's marker beside
+them, are refused).
 --model takes what `recover` takes; an unreadable or too small image, an unusable model directory or
 an unwritable --out is one `error:` line and exit status 2, found before the model loads.
 """
@@ -33,6 +35,7 @@ from robust_u1_jax import files, model_cli
 from robust_u1_jax.data import answer_format
 
 EXCHANGE_FILE = "exchange.json"
+WRITING = ".answer_writing"  # beside the step images until exchange.json is written
 NO_OPTION = "none"  # the last line's answer when the reply names no option (or several)
 STOPS = {"end_of_text": "end_of_text", "no_stop_token": "max_new_tokens (no stop token)",
          "max_iterations": "max_iterations"}
@@ -90,9 +93,11 @@ def _step_files(out: str) -> list[str]:
 
 
 def _check_no_foreign_steps(out: str) -> None:
-  """Refuses an --out holding step images without an earlier answer's exchange.json: files of
-  the user's own, which this answer would write over or remove."""
-  if not os.path.isdir(out) or os.path.exists(os.path.join(out, EXCHANGE_FILE)):
+  """Refuses an --out holding step images without an earlier answer's exchange.json (or the
+  marker of one whose write was cut short): files of the user's own, which this answer would
+  write over or remove."""
+  if not os.path.isdir(out) or any(os.path.exists(os.path.join(out, name))
+                                   for name in (EXCHANGE_FILE, WRITING)):
     return
   if steps := _step_files(out):
     more = f" and {len(steps) - 1} more" if len(steps) > 1 else ""
@@ -153,6 +158,8 @@ def _answer(values: flags.FlagValues) -> int:
                  if step.kind == "image"]
   if values.out:
     cli.output_dir(values.out, "--out")
+    with open(os.path.join(values.out, WRITING), "w"):  # this answer's images, until the record
+      pass
     _remove_earlier_answer(values.out, image_files)
     images = [s.image for s in exchange.steps if s.kind == "image"]
     for name, generated in zip(image_files, images):
@@ -169,6 +176,7 @@ def _answer(values: flags.FlagValues) -> int:
     path = os.path.join(values.out, EXCHANGE_FILE)
     with files.atomic_write(path, "w") as f:  # never taken half written for a finished one
       json.dump(record, f, indent=1, ensure_ascii=False)
+    os.remove(os.path.join(values.out, WRITING))
     print(f"wrote {path}")
   # One line whatever the model wrote, so scripts can take the last line.
   answer = exchange.answer if exchange.answer or not values.options else NO_OPTION

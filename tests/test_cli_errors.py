@@ -66,6 +66,7 @@ def paths(tmp_path_factory):
   (root / "reported" / "report.json").write_text('{"settings": {"stamp": "another"}}\n')
   (root / "stopped" / "partial").mkdir(parents=True)
   (root / "stopped" / "partial" / "fingerprint.json").write_text('{"stamp": "another"}\n')
+  (root / "stopped" / "partial" / "fog_s3.npz").write_bytes(b"a kept unit")
   return {"root": str(root), "good": str(root / "good.png"),
           "truncated": str(root / "truncated.png"), "notes": str(root / "notes.txt"),
           "tiny": str(root / "tiny.png"), "file": str(root / "a_file"),

@@ -171,8 +171,19 @@ def test_a_broken_source_is_one_line_naming_what_is_broken(model_dir, orbax_dir,
 
   nan_key = sorted(safetensors.numpy.load_file(os.path.join(model_dir, "ema.safetensors")))[0]
   vae_key = sorted(safetensors.numpy.load_file(os.path.join(model_dir, "ae.safetensors")))[0]
+  def diverged(folder):  # an Orbax model whose one weight a diverged run left infinite
+    model = orbax_io.load_orbax(orbax_dir)
+    kernel = model.llm2vae.kernel
+    kernel.set_value(kernel.get_value().at[0, 0].set(np.inf))
+    shutil.rmtree(folder)
+    orbax_io.save_orbax(model, str(folder), tokenizer_dir=orbax_dir)
+
   hf, to_hf = ["--from", "hf"], ["--to", "hf"]
   cases = [
+      # Exported silently before: the BAGEL directory's every output was NaN.
+      (to_hf, _copy(orbax_dir, tmp_path, "inf", diverged),
+       "/inf: model parameter 'llm2vae.kernel' (tensor 'llm2vae.weight') holds 1 NaN or "
+       "infinite value(s) of "),
       # A damaged weight is named with its file, whatever its dtype; it used to convert silently.
       (hf, _copy(model_dir, tmp_path, "nan", nan_in("ema.safetensors", np.float32)),
        f"ema.safetensors: tensor '{nan_key}' holds 2 NaN or infinite value(s)"),

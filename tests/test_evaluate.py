@@ -630,10 +630,13 @@ def test_partial_results_keep_arrays_and_start_afresh_for_another_model(tmp_path
   (model / "weights").write_bytes(b"1")
   stamp = lambda: {"config": {"seed": 0}, "files": files.files_fingerprint([str(model)])}
   store = partial.PartialResults(str(tmp_path), stamp())
+  # Stamped, no unit yet: nothing kept (`evaluate` refused another run here as if it were).
+  assert partial.kept_stamp(str(tmp_path)) is None
   unit = {"row": {"psnr": float("nan"), "per_sample": {"ssim": np.arange(3.0)}},
           "example": (np.zeros((1, 2, 2, 3), np.uint8), np.ones(2, np.float32)), "n": np.int64(2)}
   store.put("fog s3", unit)
   assert len(store) == 1 and store.get("gaussian_noise s3") is None
+  assert partial.kept_stamp(str(tmp_path)) == store.stamp
   got = partial.PartialResults(str(tmp_path), stamp()).get("fog s3")
   assert np.isnan(got["row"]["psnr"]) and got["n"] == 2
   np.testing.assert_array_equal(got["row"]["per_sample"]["ssim"], np.arange(3.0))

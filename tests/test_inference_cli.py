@@ -374,6 +374,13 @@ def test_answer_refuses_an_out_holding_step_images_no_answer_wrote(capsys, model
                          "replace them; give another folder")
   assert [(out_dir / n).read_text() for n in ("step_01.png", "step_02.png")] == ["mine"] * 2
 
+  # An answer whose write was cut short (its images, not yet its exchange.json) is its own.
+  (out_dir / answer_cli.WRITING).write_text("")
+  rc, out, err = _run(answer_cli, capsys, f"--model={model_dir}", f"--image={inputs / 'a.png'}",
+                      "--question=Which colour?", "--no_recover", f"--out={out_dir}", *FAST)
+  assert rc == 0, err
+  assert sorted(os.listdir(out_dir)) == ["exchange.json"]  # the marker gone with the record
+
 
 def test_answer_from_the_model_matches_its_record(capsys, model_dir, inputs, tmp_path):
   out_dir = tmp_path / "run"

@@ -57,10 +57,13 @@ def _export_entries(model: Bagel, out_dtype) -> tuple[_Entries, _Entries]:
     shape = jax.eval_shape(transform.to_torch, jax.ShapeDtypeStruct(layer_shape, value.dtype)).shape
     dtype = np.dtype(out_dtype or value.dtype)
 
-    def fetch(value=value, layer=slot.layer, transform=transform):
+    def fetch(value=value, layer=slot.layer, transform=transform, path=path, key=key):
       # One layer of a stacked parameter is cut out on its devices, then gathered alone.
       part = value if layer is None else loader.take_layer(value, layer)
-      return transform.to_torch(_host_value(part))
+      array = _host_value(part)
+      if bad := kt.non_finite(array):  # every process gathers it: all raise together
+        raise kt.CheckpointError(f"model parameter {path!r} (tensor {key!r}) {bad}")
+      return transform.to_torch(array)
 
     entry = (key, tensor_files.LazyTensor(tuple(shape), dtype, fetch))
     (ae if path.startswith(VAE_PREFIX) else ema).append(entry)

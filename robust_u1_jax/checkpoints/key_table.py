@@ -134,6 +134,15 @@ def matches_any(patterns: Iterable[str]) -> Callable[[str], bool]:
   return lambda key: any(r.fullmatch(key) for r in compiled)
 
 
+def non_finite(array: np.ndarray) -> str:
+  """'holds N NaN or infinite value(s) of M (...)' for a float array holding any, else ''."""
+  if not (array.dtype.kind == "f" or array.dtype.name == "bfloat16"):  # bfloat16 is kind "V"
+    return ""
+  bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+  return (f"holds {bad} NaN or infinite value(s) of {np.size(array)} (a damaged file, or "
+          "weights saved after a run diverged)") if bad else ""
+
+
 def convert_to_flax(
     tensors: Mapping[str, Callable[[], np.ndarray]],
     table: KeyTable,
@@ -184,12 +193,8 @@ def convert_to_flax(
           f"model's {path!r} expects {tuple(shape)}.")
     # A NaN or infinite weight turns every output NaN, many steps from its cause: refused here,
     # where the key and file can still be named.
-    if stored.dtype.kind == "f" or stored.dtype.name == "bfloat16":  # bfloat16 is kind "V"
-      bad = int(np.size(stored) - np.count_nonzero(np.isfinite(stored)))
-      if bad:
-        raise CheckpointError(
-            f"{where}: tensor {key!r} holds {bad} NaN or infinite value(s) of {np.size(stored)} "
-            "(a damaged file, or weights saved after a run diverged)")
+    if bad := non_finite(stored):
+      raise CheckpointError(f"{where}: tensor {key!r} {bad}")
     seen.add(path)
     yield path, array.astype(dtype)
   if unexpected:

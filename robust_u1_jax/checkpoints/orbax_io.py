@@ -244,10 +244,13 @@ def orbax_to_hf(src: str, dst: str, *, overwrite: bool = False, save_dtype=None,
   """Orbax model checkpoint -> BAGEL model directory (tokenizer and side files copied along)."""
   check_paths(src, dst, overwrite)
   model = load_orbax(src, mesh=mesh)
-  return bagel_export.save_model_dir(
-      model, dst, overwrite=overwrite, save_dtype=save_dtype,
-      tokenizer_dir=_tokenizer_source(src), progress=progress,
-      write_beside=lambda folder: bagel_export.copy_side_files(src, folder))
+  try:
+    return bagel_export.save_model_dir(
+        model, dst, overwrite=overwrite, save_dtype=save_dtype,
+        tokenizer_dir=_tokenizer_source(src), progress=progress,
+        write_beside=lambda folder: bagel_export.copy_side_files(src, folder))
+  except CheckpointError as e:  # a weight it cannot write: named with the checkpoint's folder
+    raise CheckpointError(f"{src}: {e}") from None
 
 
 def check_paths(src: str, dst: str, overwrite: bool) -> None:

@@ -193,7 +193,7 @@ class SkipTracker(grain.transforms.Filter):
     worst = "\n".join(f"  {p or '<no path>'}: {c} bad record(s), latest index {i}: {r}"
                       for p, c, i, r in ranked) or "  (none among this process's records)"
     # A skip the worst files' lines already show (a file's latest) is not listed twice.
-    shown = {(p, i) for p, _, i, _ in ranked}
+    shown = {(p, i) for p, _, i, _ in ranked if p}  # records without a path are told apart
     recent = "\n".join(f"  {p or '<no path>'} (index {i}): {r}" for p, i, r in self.recent()
                        if (p, i) not in shown)
     raise TooManyBadRecords(

@@ -39,9 +39,13 @@ def stamp(fingerprint: Any) -> str:
 
 
 def kept_stamp(out_dir: str) -> str | None:
-  """The stamp of the units a stopped evaluation kept in `out_dir`, None if it kept none."""
+  """The stamp of the units a stopped evaluation kept in `out_dir`, None if it kept none (a run
+  stopped before its first unit leaves the stamp alone)."""
+  folder = os.path.join(out_dir, FOLDER)
   try:
-    with open(os.path.join(out_dir, FOLDER, _STAMP)) as f:
+    if not any(name.endswith(".npz") for name in os.listdir(folder)):
+      return None
+    with open(os.path.join(folder, _STAMP)) as f:
       return json.load(f).get("stamp")
   except (OSError, ValueError, AttributeError):
     return None

@@ -32,15 +32,17 @@ def check(workdir: str) -> None:
   # A number drawn by process 0 for this run: a marker that a run before left on a host's own
   # disk does not pass for this one.
   token = str(multihost.process_values(int(np.random.default_rng().integers(1, 2**31 - 1)))[0])
-  marker = os.path.join(workdir, MARKER)
+  # The token in the name too: a network filesystem's cache of an earlier run's file (gcsfuse
+  # keeps an object's type for a minute) cannot stand in for this one.
+  marker = os.path.join(workdir, f"{MARKER}.{token}")
   created, unwritable = [], None  # the folders process 0 made, deepest first; why it could not
   if jax.process_index() == 0:
-    path = os.path.abspath(workdir)
-    while not os.path.exists(path):
-      created.append(path)
-      path = os.path.dirname(path)
+    path = folder = os.path.abspath(workdir)  # 'a/../b' makes no 'a'
+    while not os.path.exists(folder):
+      created.append(folder)
+      folder = os.path.dirname(folder)
     try:
-      os.makedirs(workdir, exist_ok=True)
+      os.makedirs(path, exist_ok=True)
       with open(marker, "w") as f:
         f.write(token)
     except OSError as e:  # told on every process below: raised here, the others would wait
@@ -59,12 +61,15 @@ def check(workdir: str) -> None:
       with contextlib.suppress(OSError):
         os.rmdir(folder)
   multihost_utils.sync_global_devices("shared_workdir: marker removed")
+  where = f"--workdir {workdir}" + ("" if os.path.isabs(workdir) else
+                                     f" ({os.path.abspath(workdir)} here)")
   if not seen_by[0]:
     raise config_lib.ConfigError(
-        f"--workdir {workdir}: process 0 cannot write there ({unwritable or 'see its log'})")
+        f"{where}: process 0 cannot write there ({unwritable or 'see its log'})")
   blind = [str(i) for i, ok in enumerate(seen_by) if not ok]
   if blind:
     raise config_lib.ConfigError(
-        f"--workdir {workdir}: process(es) {', '.join(blind)} of {len(seen_by)} cannot see the "
-        "file process 0 wrote there; with several processes the workdir must be one folder that "
-        "every host shares (NFS, or a bucket mounted with gcsfuse), not each host's own disk")
+        f"{where}: process(es) {', '.join(blind)} of {len(seen_by)} cannot see the file process "
+        "0 wrote there; with several processes the workdir must be one folder that every host "
+        "shares (NFS, or a bucket mounted with gcsfuse), at one path (a relative one resolves "
+        "from each process's folder), not each host's own disk")
