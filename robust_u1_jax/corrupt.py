@@ -20,7 +20,6 @@ from robust_u1_jax import cli  # first: its quiet environment is set before jax 
 
 import difflib
 import os
-import re
 import sys
 
 from absl import app
@@ -85,12 +84,12 @@ def run(image_path: str, name: str, out_path: str, *, severity=None, intensity=N
   input, before any corruption runs."""
   try:
     qualified, _ = corruptions.resolve(name, severity=severity, intensity=intensity)
+  except corruptions.LevelError as e:
+    raise cli.Error(f"--{e.level} {e.value}: not a level of {e.name}; allowed {e.allowed}"
+                    ) from None
   except ValueError as e:
-    if not str(e).startswith("unknown corruption"):  # a level that does not fit the corruption
-      level = re.fullmatch(r"(severity|intensity) (\S+) for (\S+) is invalid: (.*)", str(e),
-                           re.DOTALL)
-      raise cli.Error(f"--{level[1]} {level[2]}: not a level of {level[3]}; {level[4]}" if level
-                      else str(e)) from None
+    if not str(e).startswith("unknown corruption"):  # a level of the other kind
+      raise cli.Error(str(e)) from None
     names = [n for line in list_lines() for n in (line.split("\t")[0],
                                                   line.split("\t")[0].split("/")[-1])]
     near = difflib.get_close_matches(name, sorted(set(names)), n=3, cutoff=0.6)

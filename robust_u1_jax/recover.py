@@ -183,9 +183,10 @@ def _recover_folder(values: flags.FlagValues, sampler, instruction: str | None) 
   except KeyboardInterrupt:
     done = sum(os.path.exists(os.path.join(out_dir, outputs[names[i]]))
                for members in groups.values() for i in members)
-    print(f"{out_dir}: stopped after {done} written; they are kept, and the same command goes on "
-          "with the rest" if done else f"{out_dir}: stopped before the first recovery was "
-          "written; the same command starts again", flush=True)
+    kept = (f"stopped after {done} written; they are kept, and the same command goes on with "
+            "the rest" if done else
+            "stopped before the first recovery was written; the same command starts again")
+    print(f"{out_dir}: {kept}", flush=True)
     raise
   summary = (f"{out_dir}: {written} written, {len(skipped)} skipped (already there), "
              f"{len(failed)} failed")

@@ -105,10 +105,19 @@ def _valid_names() -> str:
   return ", ".join(qualified + [PIPELINE]) + "; short names: " + ", ".join(short)
 
 
+class LevelError(ValueError):
+  """A severity or intensity the corruption does not take; its parts for a caller's own words
+  (`corrupt` names its flag)."""
+
+  def __init__(self, level: str, value, name: str, allowed: str):
+    super().__init__(f"{level} {value!r} for {name} is invalid: allowed {allowed}")
+    self.level, self.value, self.name, self.allowed = level, value, name, allowed
+
+
 def _check_severity(name: str, severity) -> int:
   if (isinstance(severity, bool) or not isinstance(severity, (int, np.integer))
       or int(severity) not in SEVERITIES):
-    raise ValueError(f"severity {severity!r} for {name} is invalid: allowed 1, 2, 3, 4, 5")
+    raise LevelError("severity", severity, name, "1, 2, 3, 4, 5")
   return int(severity)
 
 
@@ -118,7 +127,7 @@ def _check_intensity(name: str, intensity) -> float:
   except (TypeError, ValueError):
     value = float("nan")
   if isinstance(intensity, bool) or not 0.0 <= value <= 1.0:
-    raise ValueError(f"intensity {intensity!r} for {name} is invalid: allowed a float in [0, 1]")
+    raise LevelError("intensity", intensity, name, "a float in [0, 1]")
   return value
 
 
