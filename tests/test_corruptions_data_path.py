@@ -3,6 +3,7 @@ group of records at a time with the per-record results, and the benchmarks' alte
 
 import math
 import os
+import types
 
 import chex
 import jax
@@ -152,21 +153,28 @@ def test_ratio_and_alternation():
                                0.0, min_reps=3, warmup=1)
   assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then sides in turn
   assert len(timed.times["a"]) == 3 and timed.ratio("a", "b").rounds == 3
-  # Short calls: each measurement repeats them, the same count on both sides, for at least
-  # min_measurement_s; the times are per call.
-  import time
+
+
+def test_short_calls_are_repeated_and_timed_per_call(monkeypatch):
+  # Each measurement repeats a short call, the same count on both sides, for at least
+  # min_measurement_s, and records the time per call. The clock is the test's own (binary
+  # fractions of a second, exact in floats): the real one made this test flaky under load.
+  clock = types.SimpleNamespace(now=0.0)
+  monkeypatch.setattr(benchmarks, "time", types.SimpleNamespace(perf_counter=lambda: clock.now))
   counts = {"fast": 0, "slow": 0}
 
-  def side(name, seconds):
+  def side(name, ticks):
     def call():
       counts[name] += 1
-      time.sleep(seconds)
+      clock.now += ticks / 1024
     return call
-  timed = benchmarks.alternate({"fast": side("fast", 0.001), "slow": side("slow", 0.002)}, 0.0,
-                               min_reps=2, warmup=1, min_measurement_s=0.01)
-  calls = counts["fast"] - 2  # less the warm-up call and the timing call
-  assert calls >= 2 * 4 and counts["slow"] == counts["fast"]
-  assert 0.001 <= timed.median("fast") < timed.median("slow") and timed.median("slow") >= 0.002
+  timed = benchmarks.alternate({"fast": side("fast", 1), "slow": side("slow", 2)}, 0.0,
+                               min_reps=2, warmup=1, min_measurement_s=10 / 1024)
+  # The fastest side's one timed call took 1/1024 s, so a measurement is 10 calls; each side:
+  # 1 warm-up + 1 timing call + 2 rounds of 10.
+  assert counts == {"fast": 22, "slow": 22}
+  assert timed.times == {"fast": [1 / 1024] * 2, "slow": [2 / 1024] * 2}
+  assert timed.ratio("slow", "fast").median == 2.0
 
 
 def test_a_goal_is_printed_with_its_verdict():
