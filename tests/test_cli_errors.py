@@ -64,6 +64,10 @@ def paths(tmp_path_factory):
   (root / "reported").mkdir()
   (root / "reported" / "report.md").write_text("# an earlier evaluation\n")
   (root / "reported" / "report.json").write_text('{"settings": {"stamp": "another"}}\n')
+  # An evaluation's report from before reports were stamped.
+  (root / "unstamped").mkdir()
+  (root / "unstamped" / "report.md").write_text("# an earlier evaluation\n")
+  (root / "unstamped" / "report.json").write_text('{"settings": {"model": "m"}}\n')
   (root / "stopped" / "partial").mkdir(parents=True)
   (root / "stopped" / "partial" / "fingerprint.json").write_text('{"stamp": "another"}\n')
   (root / "stopped" / "partial" / "fog_s3.npz").write_bytes(b"a kept unit")
@@ -237,6 +241,9 @@ CASES = {
     "evaluate/another evaluation's report": (
         "evaluate", [f"--config={EVAL}", "--model={workdir}", "--out={root}/reported"],
         ["--out {root}/reported: holds the report of another evaluation", "--overwrite"]),
+    "evaluate/an unstamped report": (
+        "evaluate", [f"--config={EVAL}", "--model={workdir}", "--out={root}/unstamped"],
+        ["--out {root}/unstamped: holds the report of another evaluation", "--overwrite"]),
     "evaluate/a stopped evaluation's units": (
         "evaluate", [f"--config={EVAL}", "--model={workdir}", "--out={root}/stopped"],
         ["--out {root}/stopped: holds the units another, stopped evaluation kept"]),

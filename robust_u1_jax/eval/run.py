@@ -59,6 +59,9 @@ def fingerprint(c: ml_collections.ConfigDict) -> dict[str, Any]:
           "files": files.files_fingerprint(paths), "code": files.code_digest()}
 
 
+UNSTAMPED = "unstamped"  # partial.stamp's digests are hex: no evaluation's stamp reads so
+
+
 def report_dir(c: ml_collections.ConfigDict) -> str:
   """Where the report goes: `c.out`, else `eval` beside the model."""
   return c.out or os.path.join(os.path.dirname(os.path.abspath(c.model.rstrip("/"))), "eval")
@@ -86,14 +89,19 @@ def other_evaluation(c: ml_collections.ConfigDict) -> str | None:
 
 
 def _report_stamp(out_dir: str) -> str | None:
-  """The stamp of the finished report in `out_dir` (its report.md there), None if it has none."""
-  if not os.path.isfile(os.path.join(out_dir, "report.md")):
+  """The stamp of the finished report in `out_dir` (its report.md there), None if it has none.
+  A report.json that names no stamp (an older version's report, or a damaged one) is `UNSTAMPED`:
+  no evaluation's own, so another's as far as anyone can tell. None without report.json: a
+  write cut short between report.md and report.json (written last), whose units are kept."""
+  json_path = os.path.join(out_dir, "report.json")
+  if not (os.path.isfile(os.path.join(out_dir, "report.md")) and os.path.isfile(json_path)):
     return None
   try:
-    with open(os.path.join(out_dir, "report.json")) as f:
-      return json.load(f)["settings"]["stamp"]
+    with open(json_path) as f:
+      stamp = json.load(f)["settings"]["stamp"]
   except (OSError, ValueError, KeyError, TypeError):
-    return None
+    return UNSTAMPED
+  return stamp if isinstance(stamp, str) else UNSTAMPED
 
 
 def run(c: ml_collections.ConfigDict, *, say: Callable[[str], None] = print) -> str:
