@@ -496,7 +496,10 @@ def test_traceback_on_request(paths, zygote):
 
 def test_a_good_run_is_quiet_and_says_where_its_output_is(paths):
   out = os.path.join(paths["root"], "new_folder", "fog.png")
-  proc = _run("corrupt", [f"--image={paths['good']}", *CORRUPT, f"--out={out}"])
+  # A compile cache of its own: the tests' shared one, written without a lock, may be read
+  # mid-write by another test's process, and JAX says so on stderr.
+  proc = _run("corrupt", [f"--image={paths['good']}", *CORRUPT, f"--out={out}"],
+              JAX_COMPILATION_CACHE_DIR=os.path.join(paths["root"], "jit_cache"))
   assert proc.returncode == 0, proc.stderr
   assert proc.stderr == ""  # no start-up INFO lines or advisories
   assert proc.stdout.strip().splitlines()[-1] == f"wrote {out} (64x64)"

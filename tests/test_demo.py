@@ -26,7 +26,7 @@ def _train(workdir: str) -> str:
   out = subprocess.run(
       [sys.executable, "-m", "robust_u1_jax.train", "--config",
        os.path.join(ROOT, "configs", "demo.py") + ":quick", "--workdir", workdir],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=2400)
   assert out.returncode == 0, out.stderr[-3000:]
   return out.stdout
 

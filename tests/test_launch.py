@@ -249,6 +249,9 @@ def _start_in_own_group(command, env, stderr_path, out):
       all((out / f"{i}.json").exists() for i in (0, 1))
       and ready.search(stderr_path.read_text())):
     time.sleep(0.1)
+  if time.time() >= deadline:
+    pytest.fail(f"the launcher had not started both processes after 60 s: "
+                f"{stderr_path.read_text()[-2000:]}")
   time.sleep(0.5)  # the fakes' signal handlers are set before they record
   return proc
 
@@ -301,7 +304,10 @@ def test_local_second_ctrl_c_kills(tmp_path, fakes):
   proc, out = _start_local_pair(tmp_path, fakes, save_s=60)
   start = time.time()
   os.killpg(proc.pid, signal.SIGINT)
-  time.sleep(1.5)
+  # The second once the launcher has taken the first: two pending SIGINTs are one.
+  deadline = time.time() + 30
+  while "Ctrl-C again kills" not in (tmp_path / "stderr").read_text() and time.time() < deadline:
+    time.sleep(0.05)
   os.killpg(proc.pid, signal.SIGINT)
   proc.wait(timeout=30)
   assert time.time() - start < 20 and proc.returncode != 0
@@ -323,6 +329,8 @@ def _sandbox_worker(tmp_path, command, worker, fake_bin, out, wait_for=None):
     deadline = time.time() + 30
     while not os.path.exists(wait_for) and time.time() < deadline:
       time.sleep(0.1)
+    if not os.path.exists(wait_for):
+      pytest.fail(f"the detached trainer wrote no {wait_for} in 30 s")
   return home
 
 

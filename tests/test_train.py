@@ -60,15 +60,21 @@ def test_sft_resumes_exactly_after_sigkill(tmp_path):
   reference = _history(straight)
 
   killed = str(tmp_path / "killed")
-  proc = subprocess.Popen(_train_command(killed, steps, log_every=3), cwd=ROOT,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  marker = os.path.join(killed, "checkpoints", "4", "meta")
-  deadline = time.time() + 600
-  while not os.path.isdir(marker) and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.02)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert os.path.isdir(marker), "the subprocess never wrote its step-4 checkpoint"
+  # Step 6's checkpoint follows step 4's by about 0.4 s: a test process stalled that long (the
+  # other test worker's load) kills too late, and that try is run again.
+  for _ in range(3):
+    shutil.rmtree(killed, ignore_errors=True)
+    proc = subprocess.Popen(_train_command(killed, steps, log_every=3), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = os.path.join(killed, "checkpoints", "4", "meta")
+    deadline = time.time() + 600
+    while not os.path.isdir(marker) and proc.poll() is None and time.time() < deadline:
+      time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert os.path.isdir(marker), "the subprocess never wrote its step-4 checkpoint"
+    if checkpoint_lib.latest_step(killed) == 4:
+      break
   assert not os.path.isdir(os.path.join(killed, "model")), "the run finished before the kill"
   assert checkpoint_lib.results_line(killed, steps).startswith(
       "stopped at step 4 of 6; checkpoints in")  # a stopped run's last line
