@@ -140,7 +140,8 @@ def _answer(values: flags.FlagValues) -> int:
   # A bad image, --model or --out fails before the model loads.
   image = model_cli.read_image(values.image,
                                model_cli.min_side(model_cli.model_rules(values.model)))
-  settings = dataclasses.replace(settings, sampler=model_cli.make_sampler(values, values.steps))
+  settings = dataclasses.replace(settings, sampler=model_cli.make_sampler(values, values.steps),
+                                 image_progress=values.progress)
   if values.out:
     cli.output_dir(values.out, "--out", create=False)  # created once there is an answer
     _check_no_foreign_steps(values.out)

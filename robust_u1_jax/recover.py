@@ -104,7 +104,8 @@ def _recover_file(values: flags.FlagValues, sampler, instruction: str | None) ->
   engine = model_cli.load_engine(values, "recovering")
   recovered, _ = engine.recover([image], sampler=sampler,
                                 keys=engine_lib.image_keys(values.seed, [0]),
-                                instruction=instruction)
+                                instruction=instruction,
+                                progress="recovering" if values.progress else None)
   cli.output_dir(os.path.dirname(os.path.abspath(out)), "--out")
   try:
     model_cli.write_image(out, recovered[0])

@@ -167,11 +167,13 @@ VelocityFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x_bnc, t_b) -> v_bn
 
 def sample(velocity: VelocityFn, x_init: jax.Array, schedule: jax.Array, key: jax.Array, *,
            window_start: jax.Array | int = 0, window_size: int = 0,
-           noise_level: float = 0.7) -> Rollout:
+           noise_level: float = 0.7, on_step: Callable[[jax.Array], None] | None = None
+           ) -> Rollout:
   """Runs the sampler over `schedule` (from timesteps()); steps in
   [window_start, window_start + window_size) are SDE steps whose transitions are recorded, the rest
   are Euler steps. window_size 0 is plain ODE sampling. jit-friendly: one lax.scan over steps.
-  `key`: one key, or one per row (B, 2).
+  `key`: one key, or one per row (B, 2). `on_step`: a host function the program calls with each
+  step's index once it is taken (a progress bar's, `inference.step_progress.tick`).
   """
   num_moves = schedule.shape[0] - 1
   batch = x_init.shape[0]
@@ -190,6 +192,8 @@ def sample(velocity: VelocityFn, x_init: jax.Array, schedule: jax.Array, key: ja
     in_window = (i >= window_start) & (i < window_start + window_size)
     sde = sde_step(x, v, t, t_next, s_max, noise_level, key=step_key)
     x_next = jnp.where(in_window, sde.x_next, euler_step(x, v, t, t_next))
+    if on_step is not None:
+      jax.debug.callback(on_step, i, x_next[0, 0, 0])  # after the step: x_next is its result
     if window_size:
       slot = jnp.clip(i - window_start, 0, window_size - 1)
       write = lambda buf, val: jnp.where(in_window, buf.at[slot].set(val), buf)

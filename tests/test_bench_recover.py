@@ -47,6 +47,12 @@ def test_cfg_batching(setup):
   assert _positive(r["separate_over_batched"])
 
 
+def test_step_bar_cost(setup):
+  # step_bar_cost asserts that the recoveries with and without the host calls are the same.
+  r = recover.step_bar_cost(setup, SIZE, 0.0, steps=3, min_reps=1)
+  assert _positive(r["plain_s"]) and _positive(r["ticks_over_plain"])
+
+
 def test_recovery_flops_floor_below_the_implementation(setup):
   inputs = recover.recovery_rows(setup, SIZE)
   f = recovery_flops.recovery_flops(setup.config, inputs, moves=4)

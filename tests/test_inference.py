@@ -3,6 +3,7 @@ a batch equals its samples one by one, guidance with scales of 1 equals no guida
 guidance branches equal separate calls, and one ViT resize for every path."""
 
 import dataclasses
+import types
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,8 @@ from robust_u1_jax import sampling
 from robust_u1_jax.data import answer_format, sequence
 from robust_u1_jax.data import shapes
 from robust_u1_jax.data import tokenizer as tokenizer_lib
-from robust_u1_jax.inference import context, engine, images, reasoner, recovery, text
+from robust_u1_jax.inference import context, engine, images, reasoner, recovery, step_progress
+from robust_u1_jax.inference import text
 from robust_u1_jax.models import bagel
 
 RULES = images.ImageRules(64, 32, 16, 64, 32, 8)  # the tiny world's resize rules
@@ -155,6 +157,43 @@ def test_recovery_batch_equals_one_by_one(tiny, world_images):
   # The posterior sample moves the recovery; the mean is deterministic.
   mean, _ = eng.recover(world_images[:1], sampler=FEW_STEPS, keys=keys[:1], posterior="mean")
   assert not np.array_equal(mean[0], together[0])
+
+
+def test_a_recovery_s_steps_show_as_a_bar_and_change_nothing(tiny, world_images, monkeypatch):
+  # The sampler is one compiled scan: the bar is fed from inside it, step by step.
+  eng, _ = tiny
+  shown = []
+
+  class Bar:  # what tqdm is asked to show
+    def __init__(self, *, total, initial, desc, **unused):
+      shown.append(("open", desc, initial, total))
+
+    def update(self, n):
+      shown.append(n)
+
+    def close(self):
+      shown.append("close")
+  monkeypatch.setattr(step_progress, "tqdm", types.SimpleNamespace(tqdm=Bar))
+  keys = engine.image_keys(0, [0])
+  plain, _ = eng.recover(world_images[:1], sampler=FEW_STEPS, keys=keys)
+  assert not shown
+  barred, _ = eng.recover(world_images[:1], sampler=FEW_STEPS, keys=keys, progress="recovering")
+  # Opened at the first step (not during the compile), one update per move, closed at the end.
+  assert shown == [("open", "recovering", 1, 4), 1, 1, 1, "close"]
+  np.testing.assert_array_equal(barred, plain)
+  # The reasoner's drawn image the same way.
+  shown.clear()
+  conv = eng.conversation(seed=0, posterior="mean")
+  conv.add_image(world_images[0])
+  conv.add_text(recovery.INSTRUCTION)
+  conv.generate_image(sampler=FEW_STEPS, progress="image")
+  assert shown == [("open", "image", 1, 4), 1, 1, 1, "close"]
+  # A program compiled with the bar's calls, run outside a bar, shows nothing; one bar at a time.
+  step_progress.tick(0, 0.0)
+  with step_progress.bar(4, "a"):
+    with pytest.raises(RuntimeError, match="another recovery's bar is open"):
+      with step_progress.bar(4, "b"):
+        pass
 
 
 def _inputs(eng, model, image):

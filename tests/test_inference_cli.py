@@ -87,6 +87,11 @@ def test_recover_file_writes_the_vae_size_beside_the_input(capsys, model_dir, in
                     f"--image={inputs / 'wide.png'}", f"--out={out_path}", *FAST)
   assert rc == 0, err
   assert _pixels(out_path).shape[:2] == RULES.vae_size(60, 100) == (32, 64)
+  # Without --noprogress, a bar over the sampler's steps (a 7B model's take seconds each).
+  rc, _, err = _run(recover_cli, capsys, f"--model={model_dir}", f"--image={photo}",
+                    f"--out={tmp_path / 'barred.png'}", "--steps=3")
+  assert rc == 0, err
+  assert re.search(r"recovering: 100%.*\b3/3\b", err.replace("\r", "\n").splitlines()[-1]), err
 
 
 @pytest.mark.slow

@@ -16,7 +16,9 @@ work slows both alike:
   c. the three CFG branches answered by one batched call (`recovery.guided_velocity`) vs three
      `denoise_velocity` calls + `sampling.cfg_velocity`;
   d. the compile time of a whole jitted recovery (`engine._recover`, what `Engine.recover` runs:
-     VAE encode, three prefills, the 50-step sampler, VAE decode), once per image size.
+     VAE encode, three prefills, the 50-step sampler, VAE decode), once per image size;
+  f. a whole recovery (10 steps) whose program calls the host after each step, as the commands'
+     step bar is fed (`inference/step_progress.py`), vs the program without the calls.
 With --topology (a TPU slice such as v5p-8 needs libtpu; cpu:N runs the same path on fake CPU
 devices), also:
   e. BAGEL-7B's recovery of a 1024 x 656 image in bfloat16, 50 steps, three-context CFG, compiled
@@ -37,6 +39,7 @@ a 1024 x 656 image has in BAGEL-7B (2,626 of 8,416 tokens).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -307,11 +310,36 @@ def compile_times(setup: Setup, sizes: Sequence[tuple[int, int]] = COMPILE_SIZES
   return out
 
 
+def step_bar_cost(setup: Setup, size: tuple[int, int], seconds: float, *, steps: int = 10,
+                  min_reps: int = 5) -> dict[str, Any]:
+  """f. `engine._recover` with the step bar's host call after each step vs without. The calls
+  reach `step_progress.tick` outside a bar (no tqdm drawn): what is timed is the program's wait
+  on the host, once per step."""
+  from robust_u1_jax.inference import engine as engine_lib
+  from robust_u1_jax.inference import recovery as recovery_lib
+  from robust_u1_jax.inference import step_progress
+
+  sampler = recovery_lib.Sampler(num_steps=steps)
+  inputs = _device(recovery_rows(setup, size))
+  keys = jax.random.split(jax.random.PRNGKey(0), 1)
+  run = lambda on_step: _blocking(functools.partial(
+      engine_lib._recover, sampler=sampler, posterior="sample", on_step=on_step),
+      setup.graphdef, setup.state, inputs, keys)
+  plain, ticked = run(None), run(step_progress.tick)
+  # One computation on both sides: the calls must change nothing the recovery computes.
+  np.testing.assert_array_equal(np.asarray(plain()[1]), np.asarray(ticked()[1]))
+  timed = alternate({"ticks": ticked, "plain": plain}, seconds, min_reps=min_reps)
+  ratio = timed.ratio("ticks", "plain")
+  return {"size": size, "steps": steps, "plain_s": timed.median("plain"),
+          "ticks_s": timed.median("ticks"), "ticks_over_plain": ratio.median,
+          "ticks_over_plain_spread": ratio}
+
+
 # ------------------------------------------------------------------------------------ run
 
 def run(*, seconds: float = 3.0, config: str = "", topology: str | None = None,
         overrides: Sequence[str] = ()) -> dict[str, Any]:
-  """Prints parts a to d (and e with a topology: the 7B compile, many minutes); returns their
+  """Prints parts a to d and f (and e with a topology: the 7B compile, many minutes); returns their
   numbers. `seconds` is the wall time of each alternated measurement. Overrides: height=, width=,
   steps= of the 7B recovery, mesh.{data,fsdp,tensor}= of its mesh."""
   from robust_u1_jax.benchmarks import aot
@@ -381,6 +409,13 @@ def run(*, seconds: float = 3.0, config: str = "", topology: str | None = None,
                "compile s"),
               [(f"{r['size'][0]}x{r['size'][1]}", r["context"], r["block"], r["steps"],
                 r["lower_s"], r["compile_s"]) for r in d]), flush=True)
+
+  say("f. compiling and timing a whole recovery, with the step bar's host calls and without")
+  f = results["f"] = step_bar_cost(setup, size, seconds)
+  print(table(("f. whole recovery", "image", "steps", "ms"), [
+      ("with a host call after each step", f"{size[0]}x{size[1]}", f["steps"], f["ticks_s"] * 1e3),
+      ("without", f"{size[0]}x{size[1]}", f["steps"], f["plain_s"] * 1e3)]))
+  print(f"   with / without = {f['ticks_over_plain_spread']}", flush=True)
 
   if topology:
     say(f"e. compiling BAGEL-7B's recovery ahead of time for {topology} (many minutes)")

@@ -13,6 +13,7 @@ is decoded and images are generated.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -28,6 +29,7 @@ from robust_u1_jax.data import sequence
 from robust_u1_jax.inference import context as context_lib
 from robust_u1_jax.inference import images as images_lib
 from robust_u1_jax.inference import recovery as recovery_lib
+from robust_u1_jax.inference import step_progress
 from robust_u1_jax.inference import text as text_lib
 from robust_u1_jax.models import bagel as bagel_lib
 
@@ -179,8 +181,8 @@ class Engine:
 
   def recover(self, corrupted: Sequence[np.ndarray], *,
               sampler: recovery_lib.Sampler | None = None, keys: Array | None = None,
-              instruction: str | None = None,
-              posterior: str = "sample") -> tuple[np.ndarray, np.ndarray]:
+              instruction: str | None = None, posterior: str = "sample",
+              progress: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Corrupted uint8 H x W x 3 images -> (recovered uint8 images at their VAE size (BAGEL's
     resize rule of the model), their latents). The images must share that size, which one batch
     takes.
@@ -191,7 +193,8 @@ class Engine:
     `image_keys(0, [i])`. `instruction`: the text the model recovers by (default: the model's,
     `Engine.instruction`).
     `posterior`: 'sample' draws the corrupted image's VAE latents, as the release does; 'mean'
-    takes their mean.
+    takes their mean. `progress`: a bar of this name over the sampling steps, on stderr (None:
+    no bar; the program compiled without it).
     """
     corrupted = self._at_vae_size(corrupted, "recover")
     context_lib.posterior_key(posterior, None)  # an unknown setting fails here, not in a compile
@@ -205,8 +208,10 @@ class Engine:
                     image, self.rules.vit_size(*image.shape[:2])))} for image in corrupted]
     inputs = recovery_lib.recovery_inputs(samples, self.config, self.markers,
                                           self.encode_block(instruction or self.instruction))
-    latents, images = self.run(_recover, inputs, keys, sampler=sampler, posterior=posterior)
-    return np.asarray(images), np.asarray(latents)
+    with _step_bar(progress, sampler):
+      latents, images = self.run(_recover, inputs, keys, sampler=sampler, posterior=posterior,
+                                 on_step=step_progress.tick if progress else None)
+      return np.asarray(images), np.asarray(latents)
 
   def round_trip(self, images: Sequence[np.ndarray]) -> np.ndarray:
     """uint8 H x W x 3 images of one VAE size -> the VAE's own reconstructions of them at that
@@ -318,9 +323,11 @@ class Conversation:
 
   def generate_image(self, size_hw: tuple[int, int] | None = None, *,
                      sampler: recovery_lib.Sampler | None = None,
-                     x_init: Array | None = None) -> tuple[np.ndarray, np.ndarray]:
+                     x_init: Array | None = None,
+                     progress: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 image, latent tokens) generated from the three contexts; default size: the last
-    input image's VAE size; default sampler: the release's 50 steps at the model's guidance."""
+    input image's VAE size; default sampler: the release's 50 steps at the model's guidance;
+    `progress` as Engine.recover's."""
     sampler = sampler or recovery_lib.Sampler(guidance=self.engine.guidance)
     h, w = size_hw or self.image_hw or (None, None)
     if h is None:
@@ -329,9 +336,15 @@ class Conversation:
     if x_init is None:
       n = noisy.latent_seq_index.shape[1]
       x_init = jax.random.normal(self._next_key(), (1, n, self.engine.config.latent_channels))
-    latents, image = self.engine.run(_generate_image, self.contexts, noisy, x_init,
-                                     self._next_key(), sampler=sampler, size_hw=(h, w))
-    return np.asarray(images_lib.quantize(image))[0], np.asarray(latents)
+    with _step_bar(progress, sampler):
+      latents, image = self.engine.run(_generate_image, self.contexts, noisy, x_init,
+                                       self._next_key(), sampler=sampler, size_hw=(h, w),
+                                       on_step=step_progress.tick if progress else None)
+      return np.asarray(images_lib.quantize(image))[0], np.asarray(latents)
+
+
+def _step_bar(name: str | None, sampler: recovery_lib.Sampler):
+  return step_progress.bar(sampler.num_steps, name) if name else contextlib.nullcontext()
 
 
 # -- jitted computations: (graphdef, weights, ...) with the graph definition static ---------------
@@ -368,23 +381,24 @@ def _generate_text(graphdef, weights, cache, start, key, *, max_new_tokens, temp
                            stop_ids=stop_ids)
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("sampler", "size_hw"))
-def _generate_image(graphdef, weights, contexts, noisy, x_init, key, *, sampler, size_hw):
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("sampler", "size_hw", "on_step"))
+def _generate_image(graphdef, weights, contexts, noisy, x_init, key, *, sampler, size_hw,
+                    on_step=None):
   model = nnx.merge(graphdef, weights)
   g = sampler.guidance
   velocity = recovery_lib.guided_velocity(model, contexts.full, contexts.no_text,
                                           contexts.no_image, noisy, g)
-  latents = recovery_lib.sample_latents(velocity, x_init, sampler, key).x_final
+  latents = recovery_lib.sample_latents(velocity, x_init, sampler, key, on_step=on_step).x_final
   return latents, context_lib.decode_latents(model, latents, *size_hw)
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("sampler", "posterior"))
-def _recover(graphdef, weights, inputs, keys, *, sampler, posterior):
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("sampler", "posterior", "on_step"))
+def _recover(graphdef, weights, inputs, keys, *, sampler, posterior, on_step=None):
   posterior_keys = None
   if posterior == "sample":
     posterior_keys = recovery_lib.stream_key(keys, recovery_lib.POSTERIOR_STREAM)
   latents, images = recovery_lib.recover(nnx.merge(graphdef, weights), inputs, sampler, keys,
-                                         posterior_key=posterior_keys)
+                                         posterior_key=posterior_keys, on_step=on_step)
   return latents, images_lib.quantize(images)
 
 

@@ -94,6 +94,7 @@ class Settings:
   recover: bool = True  # False: answer from the corrupted image alone (no recovery instruction)
   # None: the release's 50 steps at the model's own guidance (`Engine.guidance`).
   sampler: recovery_lib.Sampler | None = None
+  image_progress: bool = False  # a bar over each image's sampling steps, on stderr
 
   def __post_init__(self):
     # Each message starts with its field's name, which the `answer` command's flag shares.
@@ -170,7 +171,8 @@ def answer(engine: engine_lib.Engine, image: np.ndarray, question: str,
     if stop == special["vision_start"] and settings.recover:
       t0 = time.perf_counter()
       with _timed(seconds, "image"):
-        generated, _ = conv.generate_image(sampler=settings.sampler)
+        generated, _ = conv.generate_image(
+            sampler=settings.sampler, progress="image" if settings.image_progress else None)
         conv.add_image(generated, generated=True)
       done(Step("image", image=generated, seconds=time.perf_counter() - t0))
       start = "im_start"

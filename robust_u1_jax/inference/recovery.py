@@ -296,30 +296,32 @@ def initial_noise(key: Array, batch: int, shape: tuple[int, ...]) -> Array:
   return sampling.normal(stream_key(key, _NOISE_STREAM), (batch,) + shape, jnp.float32)
 
 
-def sample_latents(velocity: VelocityFn, x_init: Array, sampler: Sampler, key: Array
-                   ) -> sampling.Rollout:
-  """Runs `sampler` from x_init (Euler, plus its stochastic step if it has one)."""
+def sample_latents(velocity: VelocityFn, x_init: Array, sampler: Sampler, key: Array, *,
+                   on_step: Callable[..., None] | None = None) -> sampling.Rollout:
+  """Runs `sampler` from x_init (Euler, plus its stochastic step if it has one); `on_step` as
+  sampling.sample's."""
   return sampling.sample(velocity, x_init, sampling.timesteps(sampler.num_steps, sampler.shift),
                          key, window_start=max(sampler.sde_step, 0),
                          window_size=int(sampler.sde_step >= 0),
-                         noise_level=sampler.sde_noise_level)
+                         noise_level=sampler.sde_noise_level, on_step=on_step)
 
 
 def recover(model: bagel_lib.Bagel, inputs: RecoveryInputs, sampler: Sampler, key: Array, *,
-            x_init: Array | None = None, posterior_key: Array | None = None
-            ) -> tuple[Array, Array]:
+            x_init: Array | None = None, posterior_key: Array | None = None,
+            on_step: Callable[..., None] | None = None) -> tuple[Array, Array]:
   """(latent tokens (B, N, C), recovered images in [0, 1] (B, H, W, 3)); no gradient.
 
   `key`: one key, or one per image (B, 2); it draws the initial noise unless `x_init` is given,
   and the stochastic step's noise. `posterior_key` None encodes the corrupted image by the
-  posterior mean, else by a sample.
+  posterior mean, else by a sample. `on_step`: as sampling.sample's.
   """
   velocity = velocity_fn(model, inputs, sampler.guidance, posterior_key=posterior_key)
   b = inputs.corrupted.shape[0]
   shape = (inputs.noisy.latent_seq_index.shape[1], model.config.latent_channels)
   if x_init is None:
     x_init = initial_noise(key, b, shape)
-  latents = sample_latents(velocity, x_init, sampler, stream_key(key, _STEPS_STREAM)).x_final
+  latents = sample_latents(velocity, x_init, sampler, stream_key(key, _STEPS_STREAM),
+                           on_step=on_step).x_final
   h, w = inputs.corrupted.shape[2:4]
   images = context_lib.decode_latents(model, latents, h, w)
   return jax.lax.stop_gradient(latents), jax.lax.stop_gradient(images)
