@@ -78,13 +78,31 @@ def _eval_config():
 
 def test_letter_answers_to_questions_with_their_options_in_the_text():
   """MMStar's and RealWorldQA's parquet tables write the options into the question and answer
-  with a letter: scored on the letter an answer starts with, as VLMEvalKit reads it."""
+  with a letter: scored as if the options were the question's own, as VLMEvalKit reads them."""
   letter = {"question": "Which? Options: A. red B. blue", "options": [], "answer": "B"}
   for text, right in (("<ANSWER>B<ANSWER_END>", True), ("<ANSWER>B. blue<ANSWER_END>", True),
                       ("<ANSWER>(B) blue<ANSWER_END>", True), ("<ANSWER>b<ANSWER_END>", True),
-                      ("<ANSWER>C. B<ANSWER_END>", False), ("<ANSWER>Blue<ANSWER_END>", False),
+                      ("<ANSWER>C. B<ANSWER_END>", False), ("<ANSWER>Blue<ANSWER_END>", True),
                       ("<ANSWER>A<ANSWER_END>", False)):
     assert evaluation.score(text, letter)[1] == right, text
+  # As the tables write them, and replies as a model that was not trained on the answer format
+  # writes them: the letter standing alone, or the one option's text (VLMEvalKit's rules).
+  mmstar = {"question": "How many cars?\nOptions: A: 3, B: 4, C: 5, D: 6", "answer": "B"}
+  realworldqa = {"question": "Is the light green?\nA. Yes\nB. No\nPlease answer directly with "
+                             "only the letter of the correct option and nothing else.",
+                 "answer": "B"}
+  assert evaluation.written_options(mmstar["question"]) == ["A. 3", "B. 4", "C. 5", "D. 6"]
+  assert evaluation.written_options(realworldqa["question"]) == ["A. Yes", "B. No"]
+  assert evaluation.written_options("Is it A. or not?") == []  # one letter lists nothing
+  for question in (mmstar, realworldqa):
+    for text, scored in (("The answer is B.", "B"), ("Answer: B", "B"), ("b", "B"),
+                         ("It is not A. The answer is B.", ""), ("A", "A")):
+      assert evaluation.score(text, question) == (scored, scored == "B"), (question, text)
+  assert evaluation.score("4", mmstar) == ("B", True)
+  assert evaluation.score("No.", realworldqa) == ("B", True)
+  # A text that lists no options: the letter the reply names, of A to D (or to the answer's).
+  assert evaluation.score("I think the answer is E", {"question": "?", "answer": "E"}) == (
+      "E", True)
   # An open answer is still matched whole, normalised.
   assert evaluation.score("<ANSWER>Three.<ANSWER_END>", {"options": [], "answer": "three"})[1]
   assert not evaluation.score("<ANSWER>B. blue<ANSWER_END>", {"options": [], "answer": "blue"})[1]
@@ -327,6 +345,13 @@ def test_evaluate_writes_a_complete_report(model_dir, tmp_path):
   assert "## The paper's claims in miniature" in markdown and "## rbench" in markdown
   assert "(I = 0.23 / 0.45 / 0.9 at all four stages)" in markdown
   assert "every answer in `answers_rbench.jsonl`" in markdown
+  # How the table was scored, its chance and the replies that named no option, under it.
+  unnamed = sum(not a["answer"] for a in answers)
+  assert rbench["chance"] == 0.5 and rbench["no_option"] == [unnamed, len(answers)]
+  assert ("Scored as VLMEvalKit reads replies, without its GPT judge: a multiple-choice reply by "
+          "the option letter it names") in markdown
+  assert (f"Chance (a random option): 50.0 %. Replies naming no option (scored wrong): {unnamed} "
+          f"of {len(answers)}, every mode and intensity.") in markdown
   for claim in data["claims"]:  # the verdict, and its distance from the line where measured
     assert f" | {report._verdict(claim)} | " in markdown
   assert any(c["margin_se"] is not None for c in data["claims"])

@@ -290,9 +290,9 @@ def test_the_stochastic_steps_draw_noise_of_their_own(tiny, world_images, monkey
   seen = {}
   sample_latents = recovery.sample_latents
 
-  def spy(velocity, x_init, sampler, key):
+  def spy(velocity, x_init, sampler, key, **options):
     seen.update(x_init=x_init, key=key)
-    return sample_latents(velocity, x_init, sampler, key)
+    return sample_latents(velocity, x_init, sampler, key, **options)
 
   monkeypatch.setattr(recovery, "sample_latents", spy)
   keys = jax.random.PRNGKey(3)[None]  # one key per image, as `Engine.recover` passes them
@@ -458,8 +458,13 @@ def test_prompt_and_answer_extraction():
     assert reasoner.extract_answer(reply, ["x", "y"]) == "B"
   assert answer_format.parse_answer("<ANSWER>b<ANSWER_END>") == "B"
   assert reasoner.extract_answer("<ANSWER>c<ANSWER_END>", ["x", "y"]) == ""
-  assert reasoner.extract_answer("a", ["x", "y"]) == ""
+  assert reasoner.extract_answer("a", ["x", "y"]) == "A"  # a reply of one letter names it
   assert reasoner.extract_answer("C: green", ["x", "y", "z"]) == "C"
+  # VLMEvalKit's rule: the one letter standing as a word, punctuation aside; 'A' and 'I' before a
+  # lowercase word are words.
+  for reply in ("answer: B", "The answer is (B), the square", "I think B", "B because it is"):
+    assert reasoner.extract_answer(reply, ["x", "y", "z"]) == "B", reply
+  assert reasoner.extract_answer("A triangle, B or C", ["x", "y", "z"]) == ""
   assert reasoner.extract_answer("<ANSWER>blue<ANSWER_END>") == "blue"
   # An answer field left open ends at the next field's tag, not at the end of the text.
   assert reasoner.extract_answer("<ANSWER>E<ANSWER>D<TYPE>none<TYPE_END>") == "D"

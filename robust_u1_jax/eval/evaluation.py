@@ -163,28 +163,53 @@ def normalise(text: str) -> str:
   return re.sub(r"\s+", " ", re.sub(r"[^\w\s]", " ", text.lower())).strip()
 
 
-def option_letter(text: str) -> str:
-  """The option letter an answer starts with ('B', 'B. yellow', '(B) yellow'; a lone lowercase
-  letter too), or ''."""
-  text = text.strip()
-  if len(text) == 1 and text.isalpha():
-    return text.upper()
-  return reasoner.leading_letter(text, answer_format.LETTERS)
+# An option written into a question's text, as MMStar's ("Options: A: 3, B: 4") and RealWorldQA's
+# ("A. Yes\nB. No") parquet tables write them: its letter, after a space, a comma, a colon or at
+# the start, closed by '.', ')' or ':'; its text runs to the next option or the line's end. The
+# letters must run A, B, C, ... for a text to count as listing options.
+_WRITTEN_OPTION = re.compile(r"(?:^|(?<=[\s,:]))\(?([A-Z])[.):][ \t]")
+
+
+def written_options(question: str) -> list[str]:
+  """The options a question's text lists, as 'X. text', when it lists at least two with distinct
+  letters in order from A; else []."""
+  marks = list(_WRITTEN_OPTION.finditer(question))
+  letters = "".join(m.group(1) for m in marks)
+  if len(marks) < 2 or letters != answer_format.LETTERS[:len(marks)]:
+    return []
+  ends = [m.start() for m in marks[1:]] + [len(question)]
+  return [f"{m.group(1)}. {question[m.end():end].split(chr(10))[0].strip().rstrip(',').strip()}"
+          for m, end in zip(marks, ends)]
+
+
+def scored_options(question: Mapping[str, Any]) -> list[str]:
+  """The options a question is scored against: its own; else, when its answer is a letter, the
+  ones its text lists (`written_options`: MMStar's and RealWorldQA's parquet tables)."""
+  options = list(question.get("options") or ())
+  truth = str(question["answer"]).strip()
+  if options or not (len(truth) == 1 and truth.isalpha()):
+    return options
+  written = written_options(str(question.get("question", "")))
+  return written if truth.upper() in answer_format.LETTERS[:len(written)] else []
 
 
 def score(answer_text: str, question: Mapping[str, Any]) -> tuple[str, bool]:
-  """(the extracted answer, whether it is right): option letter match for multiple choice,
-  normalised exact match otherwise. A question whose options are written into its text (as
-  MMStar's and RealWorldQA's parquet tables write them) and whose answer is a letter is scored on
-  the letter the answer starts with."""
-  options = question.get("options") or []
-  extracted = reasoner.extract_answer(answer_text, options)
+  """(the extracted answer, whether it is right): option letter match for multiple choice
+  (`scored_options`, `reasoner.extract_answer`), normalised exact match otherwise. A letter
+  answer to a question whose text lists no options is scored on the letter of A to D (or to the
+  answer's letter) that the reply names (`reasoner.named_letter`)."""
+  options = scored_options(question)
   truth = str(question["answer"]).strip()
   if options:
+    extracted = reasoner.extract_answer(answer_text, options)
     return extracted, extracted == truth.upper()
+  answer, in_field = reasoner.answer_field(answer_text)
   if len(truth) == 1 and truth.isalpha():
-    return extracted, option_letter(extracted) == truth.upper()
-  return extracted, normalise(extracted) == normalise(truth)
+    truth = truth.upper()
+    letters = answer_format.LETTERS[:max(4, answer_format.LETTERS.index(truth) + 1)]
+    letter = reasoner.named_letter(answer, letters, field=in_field)
+    return letter, letter == truth
+  return answer, normalise(answer) == normalise(truth)
 
 
 @dataclasses.dataclass
@@ -271,7 +296,7 @@ class Evaluator:
         extracted, right = score(text, sample.question)
         results.append({"index": sample.index, "kind": sample.kind, "answer": extracted,
                         "truth": sample.question["answer"], "correct": bool(right),
-                        "options": len(sample.question.get("options") or ()), "text": text})
+                        "options": len(scored_options(sample.question)), "text": text})
     return results
 
   def clean(self, samples: Sequence[Sample], *, recovery: bool = False) -> dict[str, Any]:

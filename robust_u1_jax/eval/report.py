@@ -435,6 +435,26 @@ def bad_rows_line(bench: Mapping[str, Any]) -> str:
           + (f"; {more} more in the log" if more else "") + ".")
 
 
+def benchmark_scoring_line(bench: Mapping[str, Any]) -> str:
+  """How a benchmark's answers were scored, and what reads a score apart from chance."""
+  line = f"Scored as VLMEvalKit reads replies, without its GPT judge: {SCORING}."
+  if bench.get("chance") is not None:
+    line += f" Chance (a random option): {_percent(bench['chance'])}."
+  missing, asked = bench.get("no_option") or (0, 0)
+  if asked:
+    line += (f" Replies naming no option (scored wrong): {missing} of {asked}, every mode and "
+             "intensity.")
+  return line
+
+
+# How `evaluation.score` reads an answer, for the reports.
+SCORING = ("a multiple-choice reply by the option letter it names (the answer field's letter, a "
+           "letter it starts with, the one letter standing as a word of it, else the one option "
+           "whose text it holds; options written into the question, as MMStar's and "
+           "RealWorldQA's parquet tables write them, read from its text), an open answer by "
+           "exact match, lowercased and without punctuation")
+
+
 def write_answers(path: str, samples: Sequence[Any], answers: Mapping[tuple[str, str], Any]
                   ) -> None:
   """Every answer of a benchmark table as JSON lines (whole or not at all): per intensity, mode and
@@ -517,6 +537,7 @@ def write(out_dir: str, result: Mapping[str, Any], *, title: str,
     for level, accs in bench["accuracy"].items():
       lines.append(f"| {level} | " + " | ".join(_pct(accs.get(m, float("nan")))
                                                 for m in bench["modes"]) + " |")
+    lines += ["", benchmark_scoring_line(bench)]
   if figure_names:
     grids = sum(name.startswith("grid_") for name in figure_names)
     lines += ["", "## Figures", "", f"Image grids of the first {grids} conditions, left to right: "

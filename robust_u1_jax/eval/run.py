@@ -322,7 +322,11 @@ def _benchmark(evaluator: evaluation.Evaluator, name: str, path: str,
                   for mode, a in r["answers"].items()})
   answers_file = f"answers_{name}.jsonl"
   report.write_answers(os.path.join(out_dir, answers_file), bench_samples, answers)
+  # A score near chance, or one of a model that named no option, reads apart from these.
+  chosen = [a for rows in answers.values() for a in rows if a["options"]]
   return {"path": path, "samples": len(bench_samples), **read, "modes": list(evaluation.MODES),
-          "accuracy": accuracy, "by_category": by_category, "answers": answers_file}
+          "accuracy": accuracy, "by_category": by_category, "answers": answers_file,
+          "chance": report.chance_rate(bench_clean["answers"]),
+          "no_option": [sum(not a["answer"] for a in chosen), len(chosen)]}
 
 

@@ -54,28 +54,46 @@ def leading_letter(answer: str, letters: str) -> str:
   return m.group(1) if m else ""
 
 
+# VLMEvalKit's option matching (`can_infer_option`) reads a reply as words once these characters
+# are spaces, and an option letter as a word that is the letter.
+_WORD_EDGE = r"[\s.()\[\],:;!*#{}]"
+
+
+def named_letter(answer: str, letters: str, *, field: bool = False) -> str:
+  """The option letter of `letters` that `answer` names, or '': the whole answer one letter in
+  either case (in the answer field, or a reply of one letter); a capital letter the answer starts
+  with, alone or closed by '.', ')' or ':' ('' when it is none of `letters`); else, as VLMEvalKit
+  reads a reply, the one letter that stands as a word of it, punctuation aside ("Answer: B", "the
+  answer is (C) as shown"). Several such letters name none ("It is not A. The answer is B."); 'A'
+  and 'I' followed by a lowercase word are the English words ("A red circle", "I think")."""
+  answer = answer.strip()
+  if len(answer) == 1 and answer.upper() in letters and (field or answer.isalpha()):
+    return answer.upper()
+  letter = leading_letter(answer, answer_format.LETTERS)  # "C. B" names C, no option of A, B
+  if letter:
+    return letter if letter in letters else ""
+  standing = {m.group(1) for m in re.finditer(
+      rf"(?:^|(?<={_WORD_EDGE}))([{letters}])(?={_WORD_EDGE}|$)", answer)
+      if not (m.group(1) in "AI" and re.match(r"\s+[a-z]", answer[m.end():]))}
+  return standing.pop() if len(standing) == 1 else ""
+
+
+def answer_field(text: str) -> tuple[str, bool]:
+  """(the last `<ANSWER>` field's content, stripped, else the whole text; whether there was one)."""
+  found = ANSWER_RE.findall(text)
+  return (found[-1] if found else text).strip(), bool(found)
+
+
 def extract_answer(text: str, options: Sequence[str] = ()) -> str:
   """The final answer: the last `<ANSWER>...` content (else the whole text); with options, its
-  option letter, or '' when none can be told: the answer field's one letter in either case; a
-  capital letter the answer starts with, alone or closed by '.', ')' or ':', or the one letter
-  closed so inside it; else
-  VLMEvalKit's text rule, the one option whose text the answer holds, in an answer at most twice
-  as long as the options' texts together (a reply that names several, or one in passing in a
-  long text, names none)."""
-  found = ANSWER_RE.findall(text)
-  answer = (found[-1] if found else text).strip()
+  option letter (`named_letter`), or '' when none can be told: else VLMEvalKit's text rule, the
+  one option whose text the answer holds, in an answer at most twice as long as the options'
+  texts together (a reply that names several, or one in passing in a long text, names none)."""
+  answer, in_field = answer_field(text)
   if not options:
     return answer
   letters, bodies = answer_format.option_letters(options)
-  # The answer field holding one letter in either case, as answer_format.parse_answer reads the
-  # training targets; outside the field a lowercase 'a' is an article.
-  if found and len(answer) == 1 and answer.upper() in letters:
-    return answer.upper()
-  # A letter alone or closed by '.', ')' or ':' ("B", "(B)", "B. square"): not the article of
-  # "A red circle ...". Inside the reply, only the one letter it closes: "It is not A. The answer
-  # is B." names two, and names none (as VLMEvalKit's rule reads several letters).
-  closed = set(re.findall(rf"\b([{letters}])[.)]", answer))
-  letter = leading_letter(answer, letters) or (closed.pop() if len(closed) == 1 else "")
+  letter = named_letter(answer, letters, field=in_field)
   if letter:
     return letter
   bodies = [body.lower() for body in bodies]
