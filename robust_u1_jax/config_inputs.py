@@ -28,6 +28,28 @@ def _check_path(field: str, path: str, kind: str, fix: str) -> None:
     raise ConfigError(f"config field {field} = {path!r}: a folder, not a file; give {fix}")
 
 
+TABLE_EXTENSIONS = (".tsv", ".csv", ".parquet", ".pq")
+_TABLE = "a VQA .tsv, .csv or .parquet table, or a folder of .parquet shards"
+
+
+def check_table(field: str, path: str) -> None:
+  """A benchmark table: a file of a table's extension, or a folder holding .parquet files (a
+  Hugging Face dataset's shards)."""
+  _check_path(field, path, "any", _TABLE)
+  if not path or _remote(path):
+    return
+  if os.path.isdir(path):
+    if not any(name.endswith(".parquet") for _, _, names in os.walk(path)
+               for name in names):
+      raise ConfigError(f"config field {field} = {path!r}: a folder without .parquet files; "
+                        f"give {_TABLE}")
+  elif not path.lower().endswith(TABLE_EXTENSIONS):
+    extension = os.path.splitext(path)[1]
+    raise ConfigError(f"config field {field} = {path!r}: "
+                      f"{f'a {extension} file' if extension else 'no file extension'}; give "
+                      f"{_TABLE}")
+
+
 DATA_PATH_KIND = {"folder": ("folder", "a folder of images"),
                   "jsonl": ("file", "a .jsonl file of records"),
                   "vqa_tsv": ("file", "a VQA .tsv (or .csv) table"),
@@ -61,7 +83,7 @@ def check_inputs(c: ml_collections.ConfigDict, *, recovery_cache: bool = True) -
     for name, path in c.compare.items():
       _check_path(f"compare.{name}", path, "folder", "a model to compare with (or empty)")
     for name, path in c.benchmarks.items():
-      _check_path(f"benchmarks.{name}", path, "file", "a VQA .tsv, .csv or .parquet table")
+      check_table(f"benchmarks.{name}", path)
     _check_path("rl_workdir", c.rl_workdir, "folder", "the RL stage's workdir (or empty)")
     return
   if c.get("stage") == "demo":

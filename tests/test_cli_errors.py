@@ -257,6 +257,14 @@ CASES = {
     "evaluate/benchmark missing": ("evaluate", [f"--config={EVAL}", "--model={workdir}",
                                                 "--config.benchmarks.rbench={missing}.tsv"],
                                    ["benchmarks.rbench", "{missing}.tsv", "no such file"]),
+    # A file of no table's extension was read as a TSV: "has a header but no rows".
+    "evaluate/benchmark extension": ("evaluate", [f"--config={EVAL}", "--model={workdir}",
+                                                  "--config.benchmarks.rbench={notes}"],
+                                     ["benchmarks.rbench", "a .txt file; give a VQA .tsv, .csv "
+                                      "or .parquet table, or a folder of .parquet shards"]),
+    "evaluate/benchmark folder": ("evaluate", [f"--config={EVAL}", "--model={workdir}",
+                                               "--config.benchmarks.mmstar={existing}"],
+                                  ["benchmarks.mmstar", "a folder without .parquet files"]),
     "evaluate/benchmark not parquet": ("evaluate", [f"--config={EVAL}", "--model={workdir}",
                                                     "--config.benchmarks.mmstar={root}/notes."
                                                     "parquet"],

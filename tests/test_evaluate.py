@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from robust_u1_jax import cli, config_lib, files
+from robust_u1_jax import cli, config_inputs, config_lib, files
 from robust_u1_jax.checkpoints import orbax_io
 from robust_u1_jax.data import bad_records
 from robust_u1_jax.data import sequence
@@ -113,6 +113,14 @@ def test_a_parquet_table_by_its_other_names(tmp_path):
   for name in ("m.pq", "m.PARQUET"):
     shutil.copy(parquet, tmp_path / name)
     assert len(evaluation.open_table(str(tmp_path / name))) == 2
+  # A Hugging Face dataset's shards: the folder is the table, its rows in the shards' order.
+  shards = tmp_path / "realworldqa" / "data"
+  shards.mkdir(parents=True)
+  for k in range(2):
+    shutil.copy(parquet, shards / f"test-0000{k}-of-00002.parquet")
+  config_inputs.check_table("benchmarks.realworldqa", str(tmp_path / "realworldqa"))
+  table = evaluation.open_table(str(tmp_path / "realworldqa"))
+  assert len(table) == 4 and table[2]["questions"][0]["question"] == "Which?"
 
 
 def test_bad_benchmark_rows_are_left_out_named_and_counted(tmp_path, caplog):

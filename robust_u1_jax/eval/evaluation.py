@@ -24,6 +24,7 @@ Every batch is one jitted call (recoveries: `Engine.recover`; answers: `Engine.g
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -439,11 +440,12 @@ def shapes_samples(split: str, count: int, rules: images_lib.ImageRules, seed: i
 
 
 def open_table(path: str):
-  """The source of a VLMEvalKit TSV or Hugging Face parquet benchmark file (its columns checked:
-  a table without the ones it needs is a ConfigError naming them)."""
+  """The source of a VLMEvalKit TSV (or CSV) or Hugging Face parquet benchmark file, or of a
+  folder of parquet shards (its columns checked: a table without the ones it needs is a
+  ConfigError naming them)."""
   from robust_u1_jax.data import sources_vqa
 
-  parquet = path.lower().endswith((".parquet", ".pq"))
+  parquet = path.lower().endswith((".parquet", ".pq")) or os.path.isdir(path)
   return sources_vqa.VqaParquetSource(path) if parquet else sources_vqa.VqaTsvSource(path)
 
 
