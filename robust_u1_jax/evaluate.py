@@ -5,7 +5,9 @@ r"""Evaluates a trained model: recovery quality and answer accuracy under corrup
 
 writes report.md, report.json and PNG figures into --out (default: <model's parent>/eval). A
 folder holding another evaluation's report (other models, settings or code), or the units a
-stopped one kept, is refused unless --overwrite: the demo's report is in its models' parent. The
+stopped one kept, is refused unless --overwrite: the demo's report is in its models' parent. A
+folder holding this very evaluation's report (the same models, files, settings and code) has
+nothing left to evaluate, unless --overwrite. The
 config, the files it names (the model, the CLIP checkpoint, benchmark tables, models to compare)
 and --out are checked before any model loads; a bad one (or a model directory that cannot be used)
 is one `error:` line and exit status 2.
@@ -27,7 +29,8 @@ _MODEL = flags.DEFINE_string("model", None, "The model: a model directory, an Or
 _OUT = flags.DEFINE_string("out", None, "Report directory (overrides config.out).")
 _OVERWRITE = flags.DEFINE_bool(
     "overwrite", False, "Replace what the report folder holds of another evaluation (other "
-    "models, settings or code): its report, or the units a stopped one kept.")
+    "models, settings or code): its report, or the units a stopped one kept; or evaluate again "
+    "where its report is this evaluation's.")
 
 
 def main(argv) -> int:
@@ -53,6 +56,11 @@ def main(argv) -> int:
   if not _OVERWRITE.value and (other := run.other_evaluation(config)):
     raise cli.PathError(f"{named} {config.out}: holds {other} (other models, settings or code); "
                         "give another --out, or --overwrite to replace it")
+  if not _OVERWRITE.value and run.report_is_current(config):  # as `train` finds a stage done
+    print(f"nothing to evaluate: the report in {config.out} is of these models, files, settings "
+          "and code; --overwrite evaluates again\nreport: "
+          f"{os.path.join(config.out, 'report.md')}", flush=True)
+    return 0
   run.run(config)  # ends with "report: <path>"
   return 0
 

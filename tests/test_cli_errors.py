@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from robust_u1_jax import cli
+from robust_u1_jax import cli, config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SFT = os.path.join(ROOT, "configs", "sft.py") + ":tiny"
@@ -500,6 +500,29 @@ def test_traceback_on_request(paths, zygote):
   proc = _run_forked(zygote, "train", [f"--config={SFT}", "--config.data.batchsize=4",
                                        f"--workdir={paths['root']}/w", "--verbosity=0"])
   assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def test_an_evaluation_whose_report_is_current_has_nothing_to_do(paths, zygote):
+  # The report of this very evaluation: the same config (but --out), model files and code.
+  from robust_u1_jax.eval import partial
+  from robust_u1_jax.eval import run as eval_run
+
+  c = config_lib.load(EVAL, {"model": paths["workdir"]})
+  out = os.path.join(paths["root"], "current")
+  os.makedirs(out)
+  with open(os.path.join(out, "report.md"), "w") as f:
+    f.write("# this evaluation\n")
+  with open(os.path.join(out, "report.json"), "w") as f:
+    json.dump({"settings": {"stamp": partial.stamp(eval_run.fingerprint(c))}}, f)
+  args = [f"--config={EVAL}", f"--model={paths['workdir']}", f"--out={out}"]
+  proc = _run_forked(zygote, "evaluate", args)
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.splitlines() == [
+      f"nothing to evaluate: the report in {out} is of these models, files, settings and code; "
+      "--overwrite evaluates again", f"report: {out}/report.md"]
+  # --overwrite evaluates again: here it gets as far as the stub model's own error.
+  proc = _run_forked(zygote, "evaluate", [*args, "--overwrite"])
+  assert proc.returncode == 2 and "missing tokenizer.json" in proc.stderr
 
 
 def test_a_good_run_is_quiet_and_says_where_its_output_is(paths):
