@@ -159,7 +159,7 @@ def test_bad_benchmark_rows_are_left_out_named_and_counted(tmp_path, caplog):
   samples, read = evaluation.table_samples(str(tsv), 2, rules, max_skip_ratio=0.5)
   assert len(samples) == 1 and read["rows"] == 2
   with pytest.raises(bad_records.TooManyBadRecords, match=r"benchmark .*bench.tsv: 2 of 4 .*"
-                     r"raise max_skip_ratio \(configs/eval.py\)"):
+                     r"raise it \(--config.max_skip_ratio\)"):
     evaluation.table_samples(str(tsv), 0, rules, max_skip_ratio=0.01)
 
 

@@ -465,7 +465,7 @@ def read_table(path: str, count: int, max_skip_ratio: float = 0.01,
   source = open_table(path)
   rows = min(count, len(source)) if count > 0 else len(source)
   tracker = bad_records.SkipTracker(max_skip_ratio, epoch_size=rows, name=f"benchmark {path}",
-                                    setting="max_skip_ratio (configs/eval.py)", log=log)
+                                    setting="--config.max_skip_ratio", log=log)
   bad = []
   try:
     for i in range(rows):
@@ -488,7 +488,7 @@ def read_table(path: str, count: int, max_skip_ratio: float = 0.01,
     raise bad_records.TooManyBadRecords(
         f"benchmark {path}: {m['skipped']} of {m['seen']} rows read were unreadable or unusable "
         f"({m['skip_ratio']:.2%} > max_skip_ratio {max_skip_ratio:.2%}): {listed}{more}. Fix or "
-        "remove these rows, or raise max_skip_ratio (configs/eval.py)") from None
+        "remove these rows, or raise it (--config.max_skip_ratio)") from None
   return {"rows": rows, "bad_rows": len(bad), "bad": bad[:BAD_ROWS_LISTED]}
 
 
