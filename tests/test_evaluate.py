@@ -157,7 +157,9 @@ def test_bad_benchmark_rows_are_left_out_named_and_counted(tmp_path, caplog):
       "row 1 (index 101, line 3)", "row 2 (index 102)"]
   # The first two rows only: one bad of two.
   samples, read = evaluation.table_samples(str(tsv), 2, rules, max_skip_ratio=0.5)
-  assert len(samples) == 1 and read["rows"] == 2
+  assert len(samples) == 1 and read["rows"] == 2 and read["table_rows"] == 4
+  assert report.bad_rows_line({"samples": 1, "path": "t.tsv", **read}).startswith(
+      "Scored 1 of the 2 rows read from `t.tsv` (the first of its 4: --config.benchmark_samples);")
   with pytest.raises(bad_records.TooManyBadRecords, match=r"benchmark .*bench.tsv: 2 of 4 .*"
                      r"raise it \(--config.max_skip_ratio\)"):
     evaluation.table_samples(str(tsv), 0, rules, max_skip_ratio=0.01)

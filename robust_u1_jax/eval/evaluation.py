@@ -454,7 +454,8 @@ def read_table(path: str, count: int, max_skip_ratio: float = 0.01,
                log: bool = True) -> dict[str, Any]:
   """Reads the first `count` rows (0: all) of a benchmark file, decoding each image; calls
   `keep(row, record, image)` for each good row. Returns what was read: {'rows': rows read,
-  'bad_rows': how many were bad, 'bad': the first BAD_ROWS_LISTED of them as [row, reason]}.
+  'table_rows': the table's, 'bad_rows': how many were bad, 'bad': the first BAD_ROWS_LISTED of
+  them as [row, reason]}.
 
   A bad row (unreadable, bad base64, an image PIL cannot read, a question without its answer
   among the options) is logged with its row and reason (unless `log` is False); past
@@ -489,7 +490,8 @@ def read_table(path: str, count: int, max_skip_ratio: float = 0.01,
         f"benchmark {path}: {m['skipped']} of {m['seen']} rows read were unreadable or unusable "
         f"({m['skip_ratio']:.2%} > max_skip_ratio {max_skip_ratio:.2%}): {listed}{more}. Fix or "
         "remove these rows, or raise it (--config.max_skip_ratio)") from None
-  return {"rows": rows, "bad_rows": len(bad), "bad": bad[:BAD_ROWS_LISTED]}
+  return {"rows": rows, "table_rows": len(source), "bad_rows": len(bad),
+          "bad": bad[:BAD_ROWS_LISTED]}
 
 
 def table_samples(path: str, count: int, rules: images_lib.ImageRules,

@@ -427,6 +427,8 @@ _INTENSITIES = (" / ".join(k.rstrip("%") for k in config_lib.EVAL_INTENSITIES)
 def bad_rows_line(bench: Mapping[str, Any]) -> str:
   """What of a benchmark table was scored: the rows read, and the bad ones left out."""
   line = f"Scored {bench['samples']} of the {bench['rows']} rows read from `{bench['path']}`"
+  if bench.get("table_rows", bench["rows"]) > bench["rows"]:
+    line += f" (the first of its {bench['table_rows']}: --config.benchmark_samples)"
   if not bench["bad_rows"]:
     return line + "."
   named = "; ".join(reason for _, reason in bench["bad"])  # each reason names its row
