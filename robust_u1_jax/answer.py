@@ -139,7 +139,7 @@ def _answer(values: flags.FlagValues) -> int:
     raise app.UsageError(f"--options: {e}") from None
   # A bad image, --model or --out fails before the model loads.
   image = model_cli.read_image(values.image,
-                               model_cli.min_side(model_cli.model_rules(values.model)))
+                               model_cli.model_rules(values.model).min_side)
   settings = dataclasses.replace(settings, sampler=model_cli.make_sampler(values, values.steps),
                                  image_progress=values.progress)
   if values.out:

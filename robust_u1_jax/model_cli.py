@@ -69,10 +69,10 @@ def read_image(path: str, min_side: int = 0) -> np.ndarray:
   """uint8 RGB pixels of an image file, through the one decoder training uses; InputError for a
   file that is missing, no image, or has a side below `min_side`."""
   from robust_u1_jax.data import transforms
+  from robust_u1_jax.inference import images as images_lib
 
   try:
-    return transforms.read_image(path, min_side=min_side,
-                                 setting="one VAE stride or ViT patch of the model's resize rule")
+    return transforms.read_image(path, min_side=min_side, setting=images_lib.MIN_SIDE_SETTING)
   except transforms.BadImageError as e:
     raise InputError(str(e)) from None
 
@@ -94,13 +94,6 @@ def _beside_model(model: str, read: Callable[[str], Any]):
   except (OSError, ValueError) as e:
     text = str(e)
     raise InputError(f"--model {text}" if text.startswith(model) else text) from None
-
-
-def min_side(rules) -> int:
-  """The smallest image side a model takes (data.min_image_side's default)."""
-  from robust_u1_jax.data import transforms
-
-  return transforms.default_min_side(rules.vae_stride, rules.vit_stride)
 
 
 def write_image(path: str, image: np.ndarray) -> None:

@@ -96,7 +96,7 @@ def _recover_file(values: flags.FlagValues, sampler, instruction: str | None) ->
   if cli.names_folder(out):
     out = os.path.join(out, name)
   # A bad image, --model or --out fails before the model loads.
-  image = model_cli.read_image(path, model_cli.min_side(model_cli.model_rules(values.model)))
+  image = model_cli.read_image(path, model_cli.model_rules(values.model).min_side)
   # Created once there is a recovery.
   cli.output_file(out, "--out", image=True, create=False, input_path=path)
   from robust_u1_jax.inference import engine as engine_lib
@@ -171,7 +171,7 @@ def _recover_folder(values: flags.FlagValues, sampler, instruction: str | None) 
   for i in tqdm.tqdm(pending, desc="reading", unit="image", disable=not values.progress,
                      dynamic_ncols=True):
     try:
-      image = model_cli.read_image(os.path.join(folder, names[i]), model_cli.min_side(rules))
+      image = model_cli.read_image(os.path.join(folder, names[i]), rules.min_side)
     except model_cli.InputError as e:
       fail(names[i], str(e))
       continue
@@ -226,7 +226,7 @@ def _recover_groups(values: flags.FlagValues, sampler, instruction: str | None, 
       for i in chunk:
         path = os.path.join(folder, names[i])
         try:
-          image = model_cli.read_image(path, model_cli.min_side(rules))
+          image = model_cli.read_image(path, rules.min_side)
         except model_cli.InputError as e:  # changed since pass 1
           fail(names[i], str(e))
           continue

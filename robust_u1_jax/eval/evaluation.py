@@ -451,15 +451,16 @@ def open_table(path: str):
 
 def read_table(path: str, count: int, max_skip_ratio: float = 0.01,
                keep: Callable[[int, Mapping[str, Any], np.ndarray], None] | None = None,
-               log: bool = True) -> dict[str, Any]:
+               log: bool = True, min_side: int = 0) -> dict[str, Any]:
   """Reads the first `count` rows (0: all) of a benchmark file, decoding each image; calls
   `keep(row, record, image)` for each good row. Returns what was read: {'rows': rows read,
   'table_rows': the table's, 'bad_rows': how many were bad, 'bad': the first BAD_ROWS_LISTED of
   them as [row, reason]}.
 
-  A bad row (unreadable, bad base64, an image PIL cannot read, a question without its answer
-  among the options) is logged with its row and reason (unless `log` is False); past
-  `max_skip_ratio` of the rows read it raises `TooManyBadRecords`, naming them.
+  A bad row (unreadable, bad base64, an image PIL cannot read or with a side below `min_side`,
+  which training skips too, a question without its answer among the options) is logged with its
+  row and reason (unless `log` is False); past `max_skip_ratio` of the rows read it raises
+  `TooManyBadRecords`, naming them.
   """
   from robust_u1_jax.data import bad_records, sources_vqa, transforms
 
@@ -474,9 +475,12 @@ def read_table(path: str, count: int, max_skip_ratio: float = 0.01,
       if not bad_records.is_skip(record):
         try:
           image = transforms.decode_image(record["image_bytes"])
+          problem = transforms.size_problem(image, min_side, images_lib.MIN_SIDE_SETTING)
         except transforms.BadImageError as e:
+          problem = str(e)
+        if problem:
           record = bad_records.skip_record(
-              f"{sources_vqa.row_label(i, record.get('id'))}: image: {e}", path, i)
+              f"{sources_vqa.row_label(i, record.get('id'))}: image: {problem}", path, i)
       if bad_records.is_skip(record):  # before the tracker, which raises on the last straw
         bad.append([i, record[bad_records.SKIP]])
       if tracker.filter(record) and keep is not None:
@@ -513,5 +517,5 @@ def table_samples(path: str, count: int, rules: images_lib.ImageRules,
                                                           id=record.get("id", str(i))),
                       record.get("category", "")))
 
-  read = read_table(path, count, max_skip_ratio, keep, log)
+  read = read_table(path, count, max_skip_ratio, keep, log, rules.min_side)
   return out, read

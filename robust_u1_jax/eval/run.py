@@ -20,6 +20,7 @@ import numpy as np
 from robust_u1_jax import config_lib, files, signals
 from robust_u1_jax.eval import evaluation, partial, report
 from robust_u1_jax.inference import engine as engine_lib
+from robust_u1_jax.inference import images as images_lib
 from robust_u1_jax.inference import recovery as recovery_lib
 
 
@@ -140,8 +141,11 @@ def _run(c: ml_collections.ConfigDict, say: Callable[[str], None],
   # stops the run before it writes anything (not hours later, at the benchmarks). Each table's
   # images are decoded here once more than its benchmark needs; its bad rows are logged here.
   tables = {name: path for name, path in c.benchmarks.items() if path}
-  for path in tables.values():
-    evaluation.read_table(path, c.benchmark_samples, c.max_skip_ratio)
+  if tables:
+    rules = images_lib.ImageRules.for_model_dir(engine_lib.resolve_model_dir(c.model))
+    for path in tables.values():
+      evaluation.read_table(path, c.benchmark_samples, c.max_skip_ratio,
+                            min_side=rules.min_side)
   clip_similarity = _clip_similarity(c)
   engine = engine_lib.Engine.load(c.model, dtype=c.dtype)
   os.makedirs(out_dir, exist_ok=True)

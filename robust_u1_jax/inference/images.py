@@ -27,6 +27,10 @@ from robust_u1_jax.data import transforms
 
 
 
+# Where `ImageRules.min_side` comes from, for the messages of images below it.
+MIN_SIDE_SETTING = "one VAE stride or ViT patch of the model's resize rule"
+
+
 @dataclasses.dataclass(frozen=True)
 class ImageRules:
   """BAGEL's two resize rules; the defaults are BAGEL-7B's, the tiny world scales them down."""
@@ -36,6 +40,12 @@ class ImageRules:
   vit_max_side: int = 980
   vit_min_side: int = 224
   vit_stride: int = 14
+
+  @property
+  def min_side(self) -> int:
+    """The smallest image side the model takes (data.min_image_side's default): one VAE stride
+    or ViT patch, whichever is larger; a smaller side is made up by the resize."""
+    return transforms.default_min_side(self.vae_stride, self.vit_stride)
 
   @classmethod
   def from_data_config(cls, d) -> ImageRules:
