@@ -204,11 +204,11 @@ def score(answer_text: str, question: Mapping[str, Any]) -> tuple[str, bool]:
   if options:
     extracted = reasoner.extract_answer(answer_text, options)
     return extracted, extracted == truth.upper()
-  answer, in_field = reasoner.answer_field(answer_text)
+  answer = reasoner.answer_field(answer_text)
   if len(truth) == 1 and truth.isalpha():
     truth = truth.upper()
     letters = answer_format.LETTERS[:max(4, answer_format.LETTERS.index(truth) + 1)]
-    letter = reasoner.named_letter(answer, letters, field=in_field)
+    letter = reasoner.named_letter(answer, letters)
     return letter, letter == truth
   return answer, normalise(answer) == normalise(truth)
 

@@ -59,15 +59,15 @@ def leading_letter(answer: str, letters: str) -> str:
 _WORD_EDGE = r"[\s.()\[\],:;!*#{}]"
 
 
-def named_letter(answer: str, letters: str, *, field: bool = False) -> str:
+def named_letter(answer: str, letters: str) -> str:
   """The option letter of `letters` that `answer` names, or '': the whole answer one letter in
-  either case (in the answer field, or a reply of one letter); a capital letter the answer starts
+  either case (the answer field's, or a reply of one letter); a capital letter the answer starts
   with, alone or closed by '.', ')' or ':' ('' when it is none of `letters`); else, as VLMEvalKit
   reads a reply, the one letter that stands as a word of it, punctuation aside ("Answer: B", "the
   answer is (C) as shown"). Several such letters name none ("It is not A. The answer is B."); 'A'
   and 'I' followed by a lowercase word are the English words ("A red circle", "I think")."""
   answer = answer.strip()
-  if len(answer) == 1 and answer.upper() in letters and (field or answer.isalpha()):
+  if len(answer) == 1 and answer.upper() in letters:
     return answer.upper()
   letter = leading_letter(answer, answer_format.LETTERS)  # "C. B" names C, no option of A, B
   if letter:
@@ -78,10 +78,10 @@ def named_letter(answer: str, letters: str, *, field: bool = False) -> str:
   return standing.pop() if len(standing) == 1 else ""
 
 
-def answer_field(text: str) -> tuple[str, bool]:
-  """(the last `<ANSWER>` field's content, stripped, else the whole text; whether there was one)."""
+def answer_field(text: str) -> str:
+  """The last `<ANSWER>` field's content, stripped, else the whole text."""
   found = ANSWER_RE.findall(text)
-  return (found[-1] if found else text).strip(), bool(found)
+  return (found[-1] if found else text).strip()
 
 
 def extract_answer(text: str, options: Sequence[str] = ()) -> str:
@@ -89,11 +89,11 @@ def extract_answer(text: str, options: Sequence[str] = ()) -> str:
   option letter (`named_letter`), or '' when none can be told: else VLMEvalKit's text rule, the
   one option whose text the answer holds, in an answer at most twice as long as the options'
   texts together (a reply that names several, or one in passing in a long text, names none)."""
-  answer, in_field = answer_field(text)
+  answer = answer_field(text)
   if not options:
     return answer
   letters, bodies = answer_format.option_letters(options)
-  letter = named_letter(answer, letters, field=in_field)
+  letter = named_letter(answer, letters)
   if letter:
     return letter
   bodies = [body.lower() for body in bodies]
