@@ -80,6 +80,10 @@ def validate_data(d: ml_collections.ConfigDict, prefix: str = "data") -> None:
     _check(hi % stride == 0, f"{prefix}.{kind}_max_side", hi,
            f"a multiple of {stride_name} ({stride})")
   if d.source == "shapes":
+    # A path given without its source trained on the built-in world, silently.
+    _check(not d.path, f"{prefix}.path", d.path,
+           f"empty with {prefix}.source='shapes' (the built-in world reads no path); for your "
+           f"own data give --config.{prefix}.source too: " + ", ".join(SOURCES[1:]))
     _check(d.image_size % d.vae_stride == 0 and d.image_size % d.vit_patch == 0,
            f"{prefix}.image_size", d.image_size,
            f"a multiple of {prefix}.vae_stride ({d.vae_stride}) and {prefix}.vit_patch "
@@ -395,6 +399,11 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
          "none")
   if "reason" in c:
     validate_flow_settings(c.reason, "reason.")
+    for prefix in ("data", "eval_data"):  # found at start, not when the first batch is read
+      if prefix in c:
+        _check(c[prefix].source != "folder", f"{prefix}.source", c[prefix].source,
+               "a source of question records for the reasoning stage (an image folder holds "
+               "no questions): shapes, jsonl, vqa_tsv, vqa_parquet or tfds")
     _check(c.reason.recovered_images in ("on_the_fly", "cache"), "reason.recovered_images",
            c.reason.recovered_images, "on_the_fly, cache")
     _check(c.reason.recovered_images == "cache" or c.data.token_budget == 0, "data.token_budget",

@@ -43,7 +43,12 @@ def test_every_variant_loads_and_validates(path):
   variants = _variants(path)
   assert variants, f"{path} names no variant"
   for variant in variants:
-    config = config_lib.load(f"{path}:{variant}", _user_paths(path))
+    paths = _user_paths(path)
+    raw = config_lib.load_file(f"{path}:{variant}")
+    for prefix in ("data", "eval_data"):  # the built-in world's variants read no path
+      if prefix in raw and raw[prefix].source == "shapes":
+        paths.pop(f"{prefix}.path", None)
+    config = config_lib.load(f"{path}:{variant}", paths)
     assert isinstance(config, ml_collections.ConfigDict)
     assert config.is_locked
 
@@ -155,6 +160,23 @@ def test_the_whole_test_split_can_be_read():
 def test_folder_source_needs_a_path():
   with pytest.raises(config_lib.ConfigError, match="data.path"):
     config_lib.load(f"{SFT}:tiny", {"data.source": "folder"})
+
+
+def test_a_path_without_its_source_is_refused():
+  # It trained on the built-in world without a word.
+  with pytest.raises(config_lib.ConfigError, match=r"data.path = '/data/set' is invalid: allowed "
+                     r"empty with data.source='shapes' .* give --config.data.source too"):
+    config_lib.load(f"{SFT}:tiny", {"data.path": "/data/set"})
+  with pytest.raises(config_lib.ConfigError, match="eval_data.path"):
+    config_lib.load(f"{SFT}:tiny", {"eval_data.path": "/data/val.jsonl"})
+
+
+def test_the_reasoning_stage_refuses_an_image_folder_at_start():
+  reason = os.path.join(ROOT, "configs", "reason.py")
+  with pytest.raises(config_lib.ConfigError, match=r"data.source = 'folder' .*an image folder "
+                     "holds no questions"):
+    config_lib.load(f"{reason}:tiny", {"data.source": "folder", "data.path": "/data/images",
+                                       "init_from": "/data/model"})
 
 
 def test_config_flags_override_on_the_command_line(tmp_path):
