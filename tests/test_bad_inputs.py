@@ -269,6 +269,14 @@ def test_a_short_run_says_what_it_skipped():
       "folder data (sft): 3 of 15 records read were unreadable or unusable (20.00%), each logged "
       "above; past data.max_skip_ratio (1.00%), which stops a run once 100 records or a whole "
       "epoch were read, more than this run read")
+  # A whole epoch read ahead of a short run's last batch: its check raised where no step took it.
+  epoch = bad_records.SkipTracker(0.01, name="d", epoch_size=4, setting="data.max_skip_ratio")
+  with pytest.raises(bad_records.TooManyBadRecords):
+    for r in _records(3, bad_at=(1,)):
+      epoch.filter(r)
+  assert epoch.summary().endswith(
+      "past data.max_skip_ratio (1.00%), which stops a run once 100 records or a whole epoch were "
+      "read, as the records read ahead of this run's last batch were: the run had ended")
   lenient = bad_records.SkipTracker(0.5, name="d")
   lenient.filter(_records(0, bad_at=(0,))[0])
   lenient.filter({"index": 1})

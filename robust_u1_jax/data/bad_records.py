@@ -111,6 +111,7 @@ class SkipTracker(grain.transforms.Filter):
     self._per_path: dict[str, int] = collections.Counter()
     self._last_reason: dict[str, tuple[int, str]] = {}
     self._recent: collections.deque = collections.deque(maxlen=self.keep)
+    self.crossed = False  # a check raised: the ratio stopped (or would have stopped) the run
 
   # Locks do not pickle; Grain may copy transforms into worker processes.
   def __getstate__(self):
@@ -177,8 +178,11 @@ class SkipTracker(grain.transforms.Filter):
     line = (f"{self.name}: {m['skipped']} of {m['seen']} records read were unreadable or unusable "
             f"({m['skip_ratio']:.2%}), each logged above")
     if m["skip_ratio"] > self.max_skip_ratio:
+      # A check that raised in records read ahead of the batches the run took stopped nothing.
       line += (f"; past {self.setting} ({self.max_skip_ratio:.2%}), which stops a run once "
-               f"{self.min_seen} records or a whole epoch were read, more than this run read")
+               f"{self.min_seen} records or a whole epoch were read, "
+               + ("as the records read ahead of this run's last batch were: the run had ended"
+                  if self.crossed else "more than this run read"))
     return line
 
   def check(self, seen: int, skipped: int, *, final: bool, where: str = "") -> None:
@@ -196,6 +200,7 @@ class SkipTracker(grain.transforms.Filter):
     shown = {(p, i) for p, _, i, _ in ranked if p}  # records without a path are told apart
     recent = "\n".join(f"  {p or '<no path>'} (index {i}): {r}" for p, i, r in self.recent()
                        if (p, i) not in shown)
+    self.crossed = True
     raise TooManyBadRecords(
         f"{self.name}: {skipped} of {seen} records{where} were unreadable or unusable "
         f"({skipped / seen:.2%} > max_skip_ratio {self.max_skip_ratio:.2%}"
