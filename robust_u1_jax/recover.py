@@ -289,8 +289,12 @@ def _build_cache(values: flags.FlagValues) -> int:
     print(f"{directory}: stopped; the recoveries written are kept, and the same command resumes "
           "after them", flush=True)
     raise
-  print(f"{directory}: {counts['written']} recoveries written, {counts['skipped']} already there",
-        flush=True)
+  if counts["bad"]:
+    print(counts["bad"], flush=True)
+  repeated = (f", {counts['repeated']} read again (a bad record's replacement, another epoch)"
+              if counts["repeated"] else "")
+  print(f"{directory}: {counts['written']} recoveries written, {counts['skipped']} already there"
+        f"{repeated}", flush=True)
   return 0
 
 

@@ -2,6 +2,8 @@
 batch, and the stage runs through the trainer with recoveries generated on the fly or read from a
 cache that `recovery_cache.build` wrote."""
 
+import base64
+import io
 import json
 import os
 
@@ -160,6 +162,31 @@ def test_a_recovery_cache_knows_its_model_by_its_files(tmp_path):
     recovery_cache.RecoveryCache.open(str(tmp_path), configs[2])
 
 
+def test_a_cache_build_counts_repeated_records_and_says_what_was_bad(tmp_path):
+  # A table of 8 rows, one of them no image: the bad row's replacement is another row of the
+  # same epoch, read twice. The build said "already there" of it in an empty folder, and nothing
+  # of the bad row.
+  tsv = tmp_path / "rows.tsv"
+  lines = ["index\timage\tquestion\tA\tB\tanswer"]
+  for i in range(8):
+    pixels = np.random.default_rng(i).integers(0, 256, (64, 64, 3), np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    image = base64.b64encode(buf.getvalue() if i != 5 else b"no image").decode()
+    lines.append(f"{i}\t{image}\tIs it {i}?\tyes\tno\tA")
+  tsv.write_text("\n".join(lines) + "\n")
+  cache = str(tmp_path / "cache")
+  config = config_lib.load(REASON, {
+      "init_from": "random", "total_steps": 1, "data.batch_size": 8, "mesh.data": -1,
+      "mesh.fsdp": 1, "reason.recovery_steps": 2, "reason.recovered_images": "cache",
+      "reason.recovery_cache": cache, "data.source": "vqa_tsv", "data.path": str(tsv),
+      "data.max_skip_ratio": 0.5})
+  counts = recovery_cache.build(config, cache, progress=False)
+  assert (counts["written"], counts["skipped"], counts["repeated"]) == (7, 0, 1)
+  assert counts["bad"].startswith("vqa_tsv data (reason): 1 of 8 records read were unreadable")
+  assert len(os.listdir(os.path.join(cache, "epoch_0000"))) == 7
+
+
 @pytest.mark.slow
 def test_precomputed_recoveries_feed_the_reasoning_stage(tmp_path):
   cache = str(tmp_path / "cache")
@@ -168,13 +195,15 @@ def test_precomputed_recoveries_feed_the_reasoning_stage(tmp_path):
                "reason.recovery_steps": 2, "reason.recovered_images": "cache",
                "reason.recovery_cache": cache}
   config = config_lib.load(REASON, overrides)
-  assert recovery_cache.build(config, cache, progress=False) == {"written": 16, "skipped": 0}
+  assert recovery_cache.build(config, cache, progress=False) == {"written": 16, "skipped": 0,
+                                                                    "repeated": 0, "bad": None}
   files = sorted(os.listdir(os.path.join(cache, "epoch_0000")))
   assert len(files) == 16
   image = np.asarray(Image.open(os.path.join(cache, "epoch_0000", files[0])))
   assert image.shape == (64, 64, 3) and image.std() > 0
   # Re-running resumes: nothing is recomputed.
-  assert recovery_cache.build(config, cache, progress=False) == {"written": 0, "skipped": 16}
+  assert recovery_cache.build(config, cache, progress=False) == {"written": 0, "skipped": 16,
+                                                                    "repeated": 0, "bad": None}
 
   history = trainer.train(config, str(tmp_path / "run"), reasoning.build)
   assert len(history) == 2 and np.isfinite(history[-1]["ce_loss"])
@@ -200,5 +229,6 @@ def test_precomputed_recoveries_feed_the_reasoning_stage(tmp_path):
     recovery_cache.RecoveryCache.open(cache, longer)
   other_batches = config_lib.load(REASON, {**overrides, "total_steps": 3, "data.batch_size": 4})
   recovery_cache.RecoveryCache.open(cache, other_batches)  # another layout: not known here
-  assert recovery_cache.build(longer, cache, progress=False) == {"written": 8, "skipped": 16}
+  assert recovery_cache.build(longer, cache, progress=False) == {"written": 8, "skipped": 16,
+                                                                     "repeated": 0, "bad": None}
   recovery_cache.RecoveryCache.open(cache, longer)

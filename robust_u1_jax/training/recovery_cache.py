@@ -153,10 +153,12 @@ def _write_png(path: str, image: np.ndarray) -> None:
 
 
 def build(config: ml_collections.ConfigDict, directory: str, *, steps: int = 0,
-          progress: bool = True) -> dict[str, int]:
+          progress: bool = True) -> dict[str, Any]:
   """Writes the recoveries of every record the run reads in `steps` steps (0: total_steps).
 
-  Returns {'written', 'skipped'} counts of this process.
+  Returns this process's counts, {'written', 'skipped': there before this build, 'repeated':
+  records the run reads again (a bad record's replacement is another record; a second epoch)},
+  and 'bad': the data's bad-records summary line, None when every record was good.
   """
   import tqdm
   from flax import nnx
@@ -193,27 +195,38 @@ def build(config: ml_collections.ConfigDict, directory: str, *, steps: int = 0,
 
   base_key = jax.random.PRNGKey(config.seed)
   process_index, process_count = multihost.data_shard(mesh)
-  counts = {"written": 0, "skipped": 0}
-  with jax.set_mesh(mesh), pipeline_lib.make_pipeline(
+  counts = {"written": 0, "skipped": 0, "repeated": 0}
+  seen: set[str] = set()  # this build's records
+  # The batches are drawn outside the mesh: a bad record's replacement is made where it is drawn,
+  # and its corruption program would take the mesh for its own.
+  with pipeline_lib.make_pipeline(
       config.data, seed=config.seed, process_index=process_index, process_count=process_count,
       tokenizer=tokenizer, stage=config.stage, instruction=config.instruction) as data:
     bar = tqdm.tqdm(range(steps), desc="recovering", unit="step", disable=not progress,
                     dynamic_ncols=True)
     for _ in bar:
-      samples = [s for row in packing.batch_samples(next(data)) for s in row]
-      pending = [s for s in samples
-                 if not os.path.exists(record_path(directory, s["index"], s["epoch"]))]
-      counts["skipped"] += len(samples) - len(pending)
+      pending = []
+      for s in (s for row in packing.batch_samples(next(data)) for s in row):
+        path = record_path(directory, s["index"], s["epoch"])
+        if path in seen:
+          counts["repeated"] += 1
+        elif os.path.exists(path):
+          counts["skipped"] += 1
+        else:
+          pending.append(s)
+        seen.add(path)
       for members in recovery_lib.size_groups(pending):
         samples = [pending[i] for i in members]
         inputs = recovery_lib.recovery_inputs(samples, ctx.model_config, markers, instruction)
         keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(base_key, int(s["index"])),
                                              int(s["epoch"])) for s in samples])
-        images = np.asarray(jax.device_get(recover(weights, inputs, keys)))
+        with jax.set_mesh(mesh):
+          images = np.asarray(jax.device_get(recover(weights, inputs, keys)))
         for sample, image in zip(samples, images):
           _write_png(record_path(directory, sample["index"], sample["epoch"]), image)
         counts["written"] += len(samples)
       bar.set_postfix(counts)
+    counts["bad"] = data.tracker.summary()
   if jax.process_index() == 0:
     _record_coverage(manifest, config, steps)
   return counts
