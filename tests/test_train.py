@@ -460,8 +460,9 @@ def test_an_evaluation_of_another_source_than_the_training_data_is_noted():
   # eval_data is the config file's copy of data: overriding data.source alone leaves it behind.
   config = _config(4, **{"data.source": "folder", "data.path": "/images", "eval_every": 2})
   note = evaluation.other_source_note(config)
-  assert note == ("note: the evaluation every 2 steps reads eval_data.source = 'shapes', not the "
-                  "training data's data.source = 'folder'; give --config.eval_data.source and "
+  assert note == ("note: the evaluation (every 2 steps and at the last) reads eval_data.source = "
+                  "'shapes', not the training data's data.source = 'folder'; give "
+                  "--config.eval_data.source and "
                   "--config.eval_data.path to evaluate on yours")
   assert evaluation.other_source_note(_config(4, **{"eval_every": 2})) is None
   config = _config(4, **{"data.source": "folder", "data.path": "/images", "eval_every": 0})

@@ -34,8 +34,9 @@ def other_source_note(c) -> str | None:
   and evaluates on the built-in world's."""
   if c.eval_data.source == c.data.source or not c.eval_every:
     return None
-  return (f"note: the evaluation every {c.eval_every} steps reads eval_data.source = "
-          f"{c.eval_data.source!r}, not the training data's data.source = {c.data.source!r}; "
+  return (f"note: the evaluation (every {c.eval_every} steps and at the last) reads "
+          f"eval_data.source = {c.eval_data.source!r}, not the training data's data.source = "
+          f"{c.data.source!r}; "
           "give --config.eval_data.source and --config.eval_data.path to evaluate on yours")
 
 
