@@ -4,8 +4,8 @@ r"""Evaluates a trained model: recovery quality and answer accuracy under corrup
       --config.clip_checkpoint=/tmp/demo/clip/model/clip.safetensors
 
 writes report.md, report.json and PNG figures into --out (default: <model's parent>/eval). A
-folder holding another evaluation's report (other models, settings or code), or the units a
-stopped one kept, is refused unless --overwrite: the demo's report is in its models' parent. A
+folder holding another evaluation's report (other models, files, settings or code), or the units
+a stopped one kept, is refused unless --overwrite: the demo's report is in its models' parent. A
 folder holding this very evaluation's report (the same models, files, settings and code) has
 nothing left to evaluate, unless --overwrite. The
 config, the files it names (the model, the CLIP checkpoint, benchmark tables, models to compare)
@@ -54,8 +54,8 @@ def main(argv) -> int:
   named = "--out" if _OUT.value else "the report folder (--out)"
   cli.output_dir(config.out, named, create=False)
   if not _OVERWRITE.value and (other := run.other_evaluation(config)):
-    raise cli.PathError(f"{named} {config.out}: holds {other} (other models, settings or code); "
-                        "give another --out, or --overwrite to replace it")
+    raise cli.PathError(f"{named} {config.out}: holds {other} (other models, files, settings or "
+                        "code); give another --out, or --overwrite to replace it")
   if not _OVERWRITE.value and run.report_is_current(config):  # as `train` finds a stage done
     print(f"nothing to evaluate: the report in {config.out} is of these models, files, settings "
           "and code; --overwrite evaluates again\nreport: "

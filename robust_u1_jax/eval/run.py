@@ -77,9 +77,9 @@ def report_is_current(c: ml_collections.ConfigDict) -> bool:
 
 
 def other_evaluation(c: ml_collections.ConfigDict) -> str | None:
-  """What the report folder holds of another evaluation (other models, settings or code), which
-  running `c` there would replace: its finished report, or the units a stopped one kept; None
-  when it holds neither (or only this evaluation's, which `c` completes or writes again)."""
+  """What the report folder holds of another evaluation (other models, files, settings or code),
+  which running `c` there would replace: its finished report, or the units a stopped one kept;
+  None when it holds neither (or only this evaluation's, which `c` completes or writes again)."""
   out_dir = report_dir(c)
   kept = {"the report of another evaluation": _report_stamp(out_dir),
           "the units another, stopped evaluation kept": partial.kept_stamp(out_dir)}
