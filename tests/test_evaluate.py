@@ -144,7 +144,7 @@ def test_bad_benchmark_rows_are_left_out_named_and_counted(tmp_path, caplog):
   _, small_read = evaluation.table_samples(str(small), 0, rules, max_skip_ratio=0.9)
   assert [row for row, _ in small_read["bad"]] == [1, 2, 3]
   assert small_read["bad"][2][1] == (
-      "row 3 (line 5): image: 8 x 8 pixels: a side below the smallest usable 16 (one VAE stride "
+      "row 3: image: 8 x 8 pixels: a side below the smallest usable 16 (one VAE stride "
       "or ViT patch of the model's resize rule; the resize would make up nearly every pixel)")
   assert "bad base64" in read["bad"][0][1] and "row 2: image: not an image" in read["bad"][1][1]
   assert caplog.text.count("benchmark " + str(tsv)) == 2  # each logged as it is read

@@ -19,7 +19,8 @@ LOCAL = os.path.join(ROOT, "launch", "local.sh")
 TPU = os.path.join(ROOT, "launch", "tpu_pod.sh")
 SLURM = os.path.join(ROOT, "launch", "gpu_slurm.sbatch")
 TRAIN = ["--config", "configs/sft.py:tiny", "--workdir", "/shared/runs/sft",
-         "--config.total_steps=3", "--config.data.path=a file with spaces.jsonl"]
+         "--config.total_steps=3", "--config.data.source=folder",
+         "--config.data.path=a folder with spaces"]
 TPU_ARGS = ["--name", "robust-u1", "--zone", "us-east5-a", "--accelerator", "v5p-32"]
 
 # A stand-in interpreter: records its arguments and the launch environment as JSON, one file per
@@ -304,10 +305,12 @@ def test_local_second_ctrl_c_kills(tmp_path, fakes):
   proc, out = _start_local_pair(tmp_path, fakes, save_s=60)
   start = time.time()
   os.killpg(proc.pid, signal.SIGINT)
-  # The second once the launcher has taken the first: two pending SIGINTs are one.
+  # The second once the launcher has taken the first (two pending SIGINTs are one), and a while
+  # after, as a person presses it: sent at once, under load, it went unanswered.
   deadline = time.time() + 30
   while "Ctrl-C again kills" not in (tmp_path / "stderr").read_text() and time.time() < deadline:
     time.sleep(0.05)
+  time.sleep(1.5)
   os.killpg(proc.pid, signal.SIGINT)
   proc.wait(timeout=30)
   assert time.time() - start < 20 and proc.returncode != 0

@@ -141,11 +141,12 @@ def _run(c: ml_collections.ConfigDict, say: Callable[[str], None],
   # stops the run before it writes anything (not hours later, at the benchmarks). Each table's
   # images are decoded here once more than its benchmark needs; its bad rows are logged here.
   tables = {name: path for name, path in c.benchmarks.items() if path}
-  if tables:
-    rules = images_lib.ImageRules.for_model_dir(engine_lib.resolve_model_dir(c.model))
-    for path in tables.values():
-      evaluation.read_table(path, c.benchmark_samples, c.max_skip_ratio,
-                            min_side=rules.min_side)
+  try:  # the model's smallest image side; a model that cannot be read fails to load below
+    min_side = images_lib.ImageRules.for_model_dir(engine_lib.resolve_model_dir(c.model)).min_side
+  except (OSError, ValueError):
+    min_side = 0
+  for path in tables.values():
+    evaluation.read_table(path, c.benchmark_samples, c.max_skip_ratio, min_side=min_side)
   clip_similarity = _clip_similarity(c)
   engine = engine_lib.Engine.load(c.model, dtype=c.dtype)
   os.makedirs(out_dir, exist_ok=True)
