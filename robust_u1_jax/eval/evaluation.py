@@ -179,8 +179,9 @@ def written_options(question: str) -> list[str]:
   if len(marks) < 2 or letters != answer_format.LETTERS[:len(marks)]:
     return []
   ends = [m.start() for m in marks[1:]] + [len(question)]
-  return [f"{m.group(1)}. {question[m.end():end].split(chr(10))[0].strip().rstrip(',').strip()}"
-          for m, end in zip(marks, ends)]
+  texts = (question[m.end():end].partition("\n")[0].strip().rstrip(",").strip()
+           for m, end in zip(marks, ends))
+  return [f"{m.group(1)}. {text}" for m, text in zip(marks, texts)]
 
 
 def scored_options(question: Mapping[str, Any]) -> list[str]:
