@@ -29,8 +29,8 @@ _MODEL = flags.DEFINE_string("model", None, "The model: a model directory, an Or
 _OUT = flags.DEFINE_string("out", None, "Report directory (overrides config.out).")
 _OVERWRITE = flags.DEFINE_bool(
     "overwrite", False, "Replace what the report folder holds of another evaluation (other "
-    "models, files, settings or code): its report, or the units a stopped one kept; or evaluate again "
-    "where its report is this evaluation's.")
+    "models, files, settings or code): its report, or the units a stopped one kept; or evaluate "
+    "again where its report is this evaluation's.")
 
 
 def main(argv) -> int:
