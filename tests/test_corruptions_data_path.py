@@ -16,6 +16,7 @@ from robust_u1_jax.data import bad_records
 from robust_u1_jax.data import corrupt_groups
 from robust_u1_jax.data import corruptions
 from robust_u1_jax.data import transforms
+from robust_u1_jax.data.corruptions import placement
 from robust_u1_jax.data.corruptions import robust_r1 as rr
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "sft.py") + ":tiny"
@@ -38,7 +39,7 @@ def test_numpy_images_are_corrupted_on_the_host_cpu():
   with jax.default_device(other):
     _, key = transforms.record_rng(0, 1, 0)
     assert key.devices() == {device}  # record keys are made on the host
-    placed = corruptions._put((image, key), corruptions._placement(image))
+    placed = corruptions._put((image, key), placement.of(image))
     assert all(a.devices() == {device} for a in placed)
     out = corruptions.corrupt(image, "contrast", jax.random.key(0), severity=2)
   assert isinstance(out, np.ndarray) and out.dtype == np.uint8
@@ -48,6 +49,33 @@ def test_numpy_images_are_corrupted_on_the_host_cpu():
                                 severity=2)
   assert out_dev.devices() == {other}
   np.testing.assert_array_equal(np.asarray(out_dev), out)
+
+
+def test_data_side_corruption_runs_inside_a_caller_s_mesh():
+  """A bad record's replacement is made in whatever thread draws the batch, which can be inside
+  the mesh of a trainer or the recovery cache; jit would refuse a host image against that mesh."""
+  image, images = _images(1)[0], _images(2)
+  key, keys = jax.random.key(4), jax.random.split(jax.random.key(5), 2)
+  single = transforms.CorruptOnTheFly("robust_r1_pipeline", 0, -1.0, seed=3,
+                                      intensity_draw="record")
+  calls = {
+      "corrupt": lambda: corruptions.corrupt(image, "contrast", key, severity=2),
+      "pipeline": lambda: corruptions.corrupt(image, "robust_r1_pipeline", key, intensity=0.5),
+      "batch": lambda: corruptions.corrupt_batch(images, "contrast", [key, key], severity=2),
+      "batch pipeline": lambda: corruptions.corrupt_batch(images, "robust_r1_pipeline", keys,
+                                                          intensity=0.5, batch="vmap"),
+      "plan": lambda: rr.apply_pipeline(image, key, 0.5, return_plan=True)[0],
+      "group": lambda: np.stack([r["corrupted"] for r in corrupt_groups.CorruptGroup(
+          single).map(_records(corrupt_groups.GROUP))]),
+  }
+  outside = {name: call() for name, call in calls.items()}
+  mesh = jax.make_mesh((len(jax.devices()),), ("data",))
+  assert len(jax.devices()) > 1  # one host device against a mesh of several
+  with jax.set_mesh(mesh):
+    for name, call in calls.items():
+      np.testing.assert_array_equal(call(), outside[name], err_msg=name)
+    # and the caller's mesh is back
+    assert jax.sharding.get_abstract_mesh().shape == {"data": len(jax.devices())}
 
 
 # ------------------------------------------------------------------------------ batch forms

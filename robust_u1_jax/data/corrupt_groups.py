@@ -10,7 +10,7 @@ Records that cannot share a call (ImageNet-C's per-record names, sizes that diff
 group) are corrupted one by one, as before. `EachRecord` applies a per-record transform to every
 record of a group; `Ungroup` flattens the groups again after Grain's reader threads.
 
-Everything runs on the host CPU (`corruptions.data_device`): the keys are made there and the
+Everything runs on the host CPU (`placement.data_device`): the keys are made there and the
 images never leave it, whatever the default backend (docs/design.md#the-data-path).
 """
 
@@ -25,6 +25,7 @@ import numpy as np
 
 from robust_u1_jax.data import bad_records
 from robust_u1_jax.data import corruptions
+from robust_u1_jax.data.corruptions import placement
 from robust_u1_jax.data import transforms
 
 # Records per group: one call corrupts them all when they share a size. More amortises more
@@ -43,7 +44,7 @@ class CorruptGroup(grain.transforms.Map):
     return cls(transforms.CorruptOnTheFly.from_config(data_config, seed))
 
   def map(self, records: Sequence[Any]) -> list[Any]:
-    with jax.default_device(corruptions.data_device()):  # keys are made on the host too
+    with placement.running_on(placement.data_device()):  # keys are made on the host too
       return self._map(list(records))
 
   def _map(self, records: list[Any]) -> list[Any]:

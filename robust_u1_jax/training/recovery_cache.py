@@ -197,8 +197,6 @@ def build(config: ml_collections.ConfigDict, directory: str, *, steps: int = 0,
   process_index, process_count = multihost.data_shard(mesh)
   counts = {"written": 0, "skipped": 0, "repeated": 0}
   seen: set[str] = set()  # this build's records
-  # The batches are drawn outside the mesh: a bad record's replacement is made where it is drawn,
-  # and its corruption program would take the mesh for its own.
   with pipeline_lib.make_pipeline(
       config.data, seed=config.seed, process_index=process_index, process_count=process_count,
       tokenizer=tokenizer, stage=config.stage, instruction=config.instruction) as data:

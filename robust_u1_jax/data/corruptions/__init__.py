@@ -21,14 +21,14 @@ dtype, shape and array kind (numpy in, numpy out). Same image, name, level and k
 result, and a uint8 image gives exactly its float image's result, rounded.
 
 Where it runs: a numpy image (the data path's) is corrupted on the host CPU (`data_device`),
-whatever the default backend, so a TPU host never sends records to the chip and back; a jax array
-is corrupted on the device holding it. Each call is one jitted program, pixel conversions
-(`robust_u1_jax.pixels`) included: uint8 goes in and comes out. A single image's program takes
-its level as a traced argument (one compilation per name and image shape serves every level);
-`corrupt_batch` binds one severity for the whole batch into its program (constant kernel sizes
-and tables run faster) and loops over the images inside it ('map', on a CPU: each image runs only
-its own branches), or vectorises them ('vmap', on accelerators). Host-side corruptions
-(`is_host_side`) run in Python.
+whatever the default backend and outside any mesh the caller has set (`placement`), so a TPU host
+never sends records to the chip and back; a jax array is corrupted on the device holding it. Each
+call is one jitted program, pixel conversions (`robust_u1_jax.pixels`) included: uint8 goes in and
+comes out. A single image's program takes its level as a traced argument (one compilation per name
+and image shape serves every level); `corrupt_batch` binds one severity for the whole batch into
+its program (constant kernel sizes and tables run faster) and loops over the images inside it
+('map', on a CPU: each image runs only its own branches), or vectorises them ('vmap', on
+accelerators). Host-side corruptions (`is_host_side`) run in Python.
 """
 
 from collections.abc import Callable
@@ -43,6 +43,8 @@ import numpy as np
 from robust_u1_jax import pixels
 from robust_u1_jax.data.corruptions import imagenet_c
 from robust_u1_jax.data.corruptions import ops
+from robust_u1_jax.data.corruptions import placement
+from robust_u1_jax.data.corruptions.placement import data_device  # noqa: F401 (the package's API)
 
 PIPELINE = "robust_r1_pipeline"
 SEVERITIES = imagenet_c.SEVERITIES
@@ -210,17 +212,6 @@ def _check_float_range(images) -> None:
                      "(a 0..255 image: give it as uint8)")
 
 
-def data_device() -> jax.Device:
-  """The device data-side corruption runs on: the host's first CPU device (see `corrupt`)."""
-  # This process's own: in a multi-process run jax.devices() lists every process's devices.
-  return jax.local_devices(backend="cpu")[0]
-
-
-def _placement(images):
-  """numpy images are corrupted on the host CPU; jax arrays where they live."""
-  return data_device() if isinstance(images, np.ndarray) else None
-
-
 def _put(args, device):
   return args if device is None else jax.device_put(args, device)
 
@@ -284,10 +275,15 @@ def corrupt(image, name: str, key, *, severity=None, intensity=None):
   preparation must not send every record to the accelerator and back. A jax array is corrupted
   on the device that holds it.
   """
+  with placement.running_on(placement.of(image)):
+    return _corrupt(image, name, key, severity, intensity)
+
+
+def _corrupt(image, name, key, severity, intensity):
   qualified, level = resolve(name, severity=severity, intensity=intensity)
   _, dtype = _check_image(image)
   _check_float_range(image)
-  device = _placement(image)
+  device = placement.of(image)
   if qualified == PIPELINE:
     out = _robust_r1().apply_pipeline(image, key, level)
   elif is_host_side(qualified):
@@ -324,6 +320,11 @@ def corrupt_batch(images_bhwc, name: str, keys_b, *, severity=None, intensity=No
   if isinstance(images_bhwc, (list, tuple)):
     raise ValueError(f"corrupt_batch: images are a {type(images_bhwc).__name__}; give one array "
                      "B x H x W x 3 (np.stack(images)), or corrupt each with `corrupt`")
+  with placement.running_on(placement.of(images_bhwc)):
+    return _corrupt_batch(images_bhwc, name, keys_b, severity, intensity, batch)
+
+
+def _corrupt_batch(images_bhwc, name, keys_b, severity, intensity, batch):
   shape = tuple(np.shape(images_bhwc))
   if len(shape) != 4:
     raise ValueError(f"images shape {shape} is not B x H x W x 3")
@@ -346,7 +347,7 @@ def corrupt_batch(images_bhwc, name: str, keys_b, *, severity=None, intensity=No
   _check_image(images_bhwc[0])
   _check_float_range(images_bhwc)
   dtype = np.dtype(images_bhwc.dtype)
-  device = _placement(images_bhwc)
+  device = placement.of(images_bhwc)
   if batch is None:
     platform = device.platform if device is not None else next(
         iter(images_bhwc.devices())).platform

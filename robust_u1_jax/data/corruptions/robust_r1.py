@@ -36,6 +36,7 @@ import numpy as np
 
 from robust_u1_jax import pixels
 from robust_u1_jax.data.corruptions import ops
+from robust_u1_jax.data.corruptions import placement
 from robust_u1_jax.data.corruptions import robust_r1_capture as _capture
 from robust_u1_jax.data.corruptions import robust_r1_common as _common
 from robust_u1_jax.data.corruptions import robust_r1_environment as _environment
@@ -150,11 +151,6 @@ def _jitted(fn: Callable, reference_size: int | None) -> Callable:
   return jax.jit(functools.partial(fn, reference_size=reference_size))
 
 
-def _data_device(image):
-  """numpy images are degraded on the host CPU (see corruptions.corrupt); jax arrays in place."""
-  return jax.local_devices(backend="cpu")[0] if isinstance(image, np.ndarray) else None
-
-
 def _run(deg: Degradation, x_hwc, key, intensity, reference_size) -> jax.Array:
   if deg.host_side:
     out = deg.fn(np.asarray(x_hwc, np.float32), key, float(intensity),
@@ -258,8 +254,9 @@ def apply_pipeline(image, key, intensity=None, *, reference_size: int | None = R
   program = _pipeline_program(tuple(table.values()), reference_size,
                               _intensity_kind(intensity), np.dtype(dtype), "")
   args = (image, key, np.float32(0.0 if intensity is None else intensity))
-  device = _data_device(image)
-  out, idx, intens = program(*(args if device is None else jax.device_put(args, device)))
+  device = placement.of(image)
+  with placement.running_on(device):
+    out, idx, intens = program(*(args if device is None else jax.device_put(args, device)))
   if isinstance(image, np.ndarray):
     out = np.asarray(out)
   if not return_plan:
@@ -301,17 +298,18 @@ def apply_pipeline_batch(images_bhwc, keys_b, intensity=None, *, batch: str = "m
   dtype = np.dtype(images_bhwc.dtype)
   kind = _intensity_kind(intensity)
   level = np.asarray(0.0 if intensity is None else intensity, np.float32)
-  device = _data_device(images_bhwc)
+  device = placement.of(images_bhwc)
   args = (images_bhwc, keys_b, level)
   args = args if device is None else jax.device_put(args, device)
   members = _stage_members(table)
-  if batch == "map":
-    program = _pipeline_program(tuple(table.values()), reference_size, kind, dtype, "map")
-    out, idx, intens = program(*args)
-  elif batch == "vmap":
-    out, idx, intens = _grouped(*args, kind, members, reference_size, dtype)
-  else:
+  if batch not in ("map", "vmap"):
     raise ValueError(f"batch={batch!r} is not 'map' or 'vmap'")
+  with placement.running_on(device):
+    if batch == "map":
+      program = _pipeline_program(tuple(table.values()), reference_size, kind, dtype, "map")
+      out, idx, intens = program(*args)
+    else:
+      out, idx, intens = _grouped(*args, kind, members, reference_size, dtype)
   if isinstance(images_bhwc, np.ndarray):
     out = np.asarray(out)
   if not return_plans:
