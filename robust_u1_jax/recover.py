@@ -129,6 +129,8 @@ def output_names(names: Sequence[str]) -> dict[str, str]:
 def _recover_folder(values: flags.FlagValues, sampler, instruction: str | None) -> int:
   import tqdm
 
+  from robust_u1_jax import progress
+
   folder = values.image.rstrip(os.sep) or values.image
   out_dir = values.out or f"{os.path.abspath(folder)}_recovered"
   if os.path.abspath(out_dir) == os.path.abspath(folder):
@@ -168,7 +170,7 @@ def _recover_folder(values: flags.FlagValues, sampler, instruction: str | None) 
   # the model loads); pass 2 decodes a batch at a time, so a large folder never sits in memory.
   groups: dict[tuple[int, int], list[int]] = {}
   pending = [i for i, n in enumerate(names) if n not in skipped]
-  for i in tqdm.tqdm(pending, desc="reading", unit="image", disable=not values.progress,
+  for i in progress.bar(pending, desc="reading", unit="image", disable=not values.progress,
                      dynamic_ncols=True):
     try:
       image = model_cli.read_image(os.path.join(folder, names[i]), rules.min_side)
@@ -208,8 +210,7 @@ def _recover_groups(values: flags.FlagValues, sampler, instruction: str | None, 
                     out_path: Callable[[int], str], fail: Callable[[str, str], None]) -> int:
   """Recovers the images `groups` lists (by VAE size, indices into `names`) a batch at a time,
   writing image i to out_path(i); returns how many were written."""
-  import tqdm
-
+  from robust_u1_jax import progress
   from robust_u1_jax.inference import engine as engine_lib
 
   if not groups:
@@ -217,7 +218,7 @@ def _recover_groups(values: flags.FlagValues, sampler, instruction: str | None, 
   written = 0
   total = sum(map(len, groups.values()))
   engine = model_cli.load_engine(values, f"recovering {total} image{'' if total == 1 else 's'}")
-  bar = tqdm.tqdm(total=total, desc="recovering", unit="image", disable=not values.progress,
+  bar = progress.bar(total=total, desc="recovering", unit="image", disable=not values.progress,
                   dynamic_ncols=True)
   for size, members in groups.items():
     for start in range(0, len(members), values.batch):

@@ -461,7 +461,7 @@ def test_a_bad_benchmark_table_stops_evaluate_before_it_writes_anything(paths, z
   errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
   assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
   assert f"benchmark {tsv}: 1 of 2 rows read" in errors[0] and "max_skip_ratio" in errors[0]
-  assert "row 1: image: not an image" in errors[0]
+  assert "row 1 (line 3): image: not an image" in errors[0]
   assert proc.stderr.rstrip().endswith(errors[0])  # the error is the last line, and one
   assert not out.exists()  # nor an empty report folder
 

@@ -144,10 +144,14 @@ def test_bad_benchmark_rows_are_left_out_named_and_counted(tmp_path, caplog):
   _, small_read = evaluation.table_samples(str(small), 0, rules, max_skip_ratio=0.9)
   assert [row for row, _ in small_read["bad"]] == [1, 2, 3]
   assert small_read["bad"][2][1] == (
-      "row 3: image: 8 x 8 pixels: a side below the smallest usable 16 (one VAE stride "
+      "row 3 (line 5): image: 8 x 8 pixels: a side below the smallest usable 16 (one VAE stride "
       "or ViT patch of the model's resize rule; the resize would make up nearly every pixel)")
-  assert "bad base64" in read["bad"][0][1] and "row 2: image: not an image" in read["bad"][1][1]
-  assert caplog.text.count("benchmark " + str(tsv)) == 2  # each logged as it is read
+  assert "bad base64" in read["bad"][0][1] and "row 2 (line 4): image: not an image" in read[
+      "bad"][1][1]
+  # Each logged as it is read, naming the file once and the row by its place.
+  assert caplog.text.count("benchmark " + str(tsv)) == 2
+  assert f"benchmark {tsv}: bad row 1 (line 3): bad base64" in caplog.text
+  assert "index" not in caplog.text
   caplog.clear()
   evaluation.table_samples(str(tsv), 0, rules, max_skip_ratio=0.5, log=False)
   assert str(tsv) not in caplog.text  # read again, already logged
@@ -163,7 +167,7 @@ def test_bad_benchmark_rows_are_left_out_named_and_counted(tmp_path, caplog):
                                  tsv.read_text().splitlines(keepends=True))))
   _, read = evaluation.table_samples(str(renamed), 0, rules, max_skip_ratio=0.5)
   assert [reason.split(":")[0] for _, reason in read["bad"]] == [
-      "row 1 (index 101, line 3)", "row 2 (index 102)"]
+      "row 1 (index 101, line 3)", "row 2 (index 102, line 4)"]
   # The first two rows only: one bad of two.
   samples, read = evaluation.table_samples(str(tsv), 2, rules, max_skip_ratio=0.5)
   assert len(samples) == 1 and read["rows"] == 2 and read["table_rows"] == 4
@@ -381,8 +385,8 @@ def test_evaluate_writes_a_complete_report(model_dir, tmp_path):
           "first 4, which the other conditions ask.") in markdown
   assert "Columns: PSNR (dB), SSIM" in markdown and "corrupted+recovered: the corrupted image" in (
       markdown)
-  assert "Scored 3 of the 4 rows read from" in markdown and "1 bad row(s) left out: row 3: " in (
-      markdown)
+  assert "Scored 3 of the 4 rows read from" in markdown
+  assert "1 bad row(s) left out: row 3 (line 5): " in markdown
   assert "| fog s3 | +0.00 ± 0.00 | +0.0000 ± 0.0000 |" in markdown.split(
       "## RL against SFT per condition")[1]
   assert "| condition | PSNR corrupted | PSNR through VAE | PSNR recovered | SSIM corrupted" in (

@@ -164,7 +164,7 @@ def test_a_recovery_s_steps_show_as_a_bar_and_change_nothing(tiny, world_images,
   eng, _ = tiny
   shown = []
 
-  class Bar:  # what tqdm is asked to show
+  class Bar:  # what the bar is asked to show
     def __init__(self, *, total, initial, desc, **unused):
       shown.append(("open", desc, initial, total))
 
@@ -173,7 +173,7 @@ def test_a_recovery_s_steps_show_as_a_bar_and_change_nothing(tiny, world_images,
 
     def close(self):
       shown.append("close")
-  monkeypatch.setattr(step_progress, "tqdm", types.SimpleNamespace(tqdm=Bar))
+  monkeypatch.setattr(step_progress, "progress", types.SimpleNamespace(bar=Bar))
   keys = engine.image_keys(0, [0])
   plain, _ = eng.recover(world_images[:1], sampler=FEW_STEPS, keys=keys)
   assert not shown

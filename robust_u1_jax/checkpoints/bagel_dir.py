@@ -308,10 +308,10 @@ def open_model_files(path: str, *, allow_pickle: bool = False) -> tensor_files.T
 
 def progress_bar(total: int, desc: str, enabled: bool):
   """A tqdm bar over tensors, shown on process 0 when `enabled`."""
-  from tqdm.auto import tqdm  # deferred: only conversions show progress
+  from robust_u1_jax import progress  # deferred: only conversions show progress
 
-  return tqdm(total=total, desc=desc, unit="tensor",
-              disable=not enabled or jax.process_index() != 0)
+  return progress.bar(total=total, desc=desc, unit="tensor",
+                      disable=not enabled or jax.process_index() != 0)
 
 
 def _counted(files: tensor_files.TensorFiles, bar) -> tensor_files.TensorFiles:

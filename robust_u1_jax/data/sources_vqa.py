@@ -67,9 +67,10 @@ def row_label(i: int, row_id=None, place: str = "") -> str:
 
 
 def vqa_record(*, image_bytes: bytes, question, options: list[tuple[str, str]], answer,
-               hint=None, category=None, row_id=None, path: str, index: int,
+               hint=None, category=None, row_id=None, path: str, index: int, where: str = "",
                require_answer: bool = True) -> dict:
-  """The record of one VQA row. `options` are (original letter, text); raises BadRow.
+  """The record of one VQA row. `options` are (original letter, text); raises BadRow. `where`:
+  the row's `row_label`, kept for what later finds the row bad (its image, say).
 
   Without require_answer a missing answer is kept as "" (benchmark test splits).
   """
@@ -98,7 +99,8 @@ def vqa_record(*, image_bytes: bytes, question, options: list[tuple[str, str]], 
   q = {"question": f"Hint: {hint}\n{question}" if hint else question, "options": texts,
        "answer": answer_text, "kind": category or "vqa", "hint": hint}
   return {"image_bytes": image_bytes, "questions": [q], "id": _text(row_id) or str(index),
-          "category": category, "path": path, "index": index}
+          "category": category, "path": path, "index": index,
+          "where": where or row_label(index, row_id)}
 
 
 def _find(answer: str, candidates: list[str]) -> int | None:
@@ -258,6 +260,7 @@ class VqaTsvSource:
       return vqa_record(image_bytes=image_bytes, question=row["question"], options=options,
                         answer=row.get("answer"), hint=row.get("hint"),
                         category=row.get("category"), row_id=row.get("index"), path=self.path,
+                        where=where,
                         index=i, require_answer=self.require_answer)
     except BadRow as e:
       return skip_record(f"{where}: {e}", self.path, i)
@@ -392,6 +395,7 @@ class VqaParquetSource:
       return vqa_record(image_bytes=image_bytes, question=row["question"], options=options,
                         answer=row.get("answer"), hint=row.get("hint"),
                         category=row.get("category"), row_id=row_id, path=file, index=i,
+                        where=where,
                         require_answer=self.require_answer)
     except BadRow as e:
       return skip_record(f"{where}: {e}", file, i)

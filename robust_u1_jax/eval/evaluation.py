@@ -29,6 +29,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -463,12 +464,14 @@ def read_table(path: str, count: int, max_skip_ratio: float = 0.01,
   row and reason (unless `log` is False); past `max_skip_ratio` of the rows read it raises
   `TooManyBadRecords`, naming them.
   """
-  from robust_u1_jax.data import bad_records, sources_vqa, transforms
+  from robust_u1_jax.data import bad_records, transforms
 
   source = open_table(path)
   rows = min(count, len(source)) if count > 0 else len(source)
+  # Logged here, once per row: the tracker's line would name the file twice and call the row's
+  # place an index beside the table's own index column.
   tracker = bad_records.SkipTracker(max_skip_ratio, epoch_size=rows, name=f"benchmark {path}",
-                                    setting="--config.max_skip_ratio", log=log)
+                                    setting="--config.max_skip_ratio", log=False)
   bad = []
   try:
     for i in range(rows):
@@ -480,10 +483,11 @@ def read_table(path: str, count: int, max_skip_ratio: float = 0.01,
         except transforms.BadImageError as e:
           problem = str(e)
         if problem:
-          record = bad_records.skip_record(
-              f"{sources_vqa.row_label(i, record.get('id'))}: image: {problem}", path, i)
+          record = bad_records.skip_record(f"{record['where']}: image: {problem}", path, i)
       if bad_records.is_skip(record):  # before the tracker, which raises on the last straw
         bad.append([i, record[bad_records.SKIP]])
+        if log:
+          logging.warning("benchmark %s: bad %s", path, record[bad_records.SKIP])
       if tracker.filter(record) and keep is not None:
         keep(i, record, image)
   except bad_records.TooManyBadRecords:

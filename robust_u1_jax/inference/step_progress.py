@@ -13,7 +13,7 @@ import contextlib
 import threading
 from collections.abc import Iterator
 
-import tqdm
+from robust_u1_jax import progress
 
 _lock = threading.Lock()
 _active: dict | None = None  # the running recovery's: total, desc, its tqdm once the first tick
@@ -28,7 +28,7 @@ def tick(step, *after) -> None:
       return
     if _active["tqdm"] is None:
       # The sampler's steps are the schedule's points, the noise at t = 1 the first of them.
-      _active["tqdm"] = tqdm.tqdm(total=_active["total"], initial=1, desc=_active["desc"],
+      _active["tqdm"] = progress.bar(total=_active["total"], initial=1, desc=_active["desc"],
                                   unit="step", dynamic_ncols=True)
     _active["tqdm"].update(1)
 

@@ -22,10 +22,9 @@ from typing import Any
 
 import jax
 import numpy as np
-import tqdm
 from jax.experimental import multihost_utils
 
-from robust_u1_jax import pixels
+from robust_u1_jax import pixels, progress
 
 # Dense bf16 peak FLOP/s per chip (vendor figures); MFU is reported only on these devices.
 PEAK_FLOPS = {
@@ -140,7 +139,7 @@ class MetricsLogger:
       self.jsonl = open(path, "a")
     self.step_flops = step_flops
     self.peak = peak_flops()
-    self.bar = tqdm.tqdm(total=total_steps, initial=start_step, dynamic_ncols=True,
+    self.bar = progress.bar(total=total_steps, initial=start_step, dynamic_ncols=True,
                          disable=not (show_progress and self.is_writer), unit="step")
     # As float32, the steps' own dtype: the window's means round as an uninterrupted run's.
     self._window: list[Mapping[str, Any]] = [{k: np.float32(v) for k, v in m.items()}

@@ -160,9 +160,9 @@ def build(config: ml_collections.ConfigDict, directory: str, *, steps: int = 0,
   records the run reads again (a bad record's replacement is another record; a second epoch)},
   and 'bad': the data's bad-records summary line, None when every record was good.
   """
-  import tqdm
   from flax import nnx
 
+  from robust_u1_jax import progress
   from robust_u1_jax.data import multihost, pipeline as pipeline_lib
   from robust_u1_jax.data import tokenizer as tokenizer_lib
   from robust_u1_jax.inference import images as images_lib
@@ -200,7 +200,7 @@ def build(config: ml_collections.ConfigDict, directory: str, *, steps: int = 0,
   with pipeline_lib.make_pipeline(
       config.data, seed=config.seed, process_index=process_index, process_count=process_count,
       tokenizer=tokenizer, stage=config.stage, instruction=config.instruction) as data:
-    bar = tqdm.tqdm(range(steps), desc="recovering", unit="step", disable=not progress,
+    bar = progress.bar(range(steps), desc="recovering", unit="step", disable=not progress,
                     dynamic_ncols=True)
     for _ in bar:
       pending = []
