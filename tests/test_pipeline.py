@@ -119,6 +119,23 @@ def test_resume_reads_the_same_batches_across_an_epoch(tok):
   assert matched > 0
 
 
+def test_resume_on_data_of_another_size_says_so(tok, caplog):
+  # Images added to a folder between a stop and its resume: the order is drawn over the records
+  # there are, so the resumed run reads other batches. It goes on, and says why.
+  p = pipeline.make_pipeline(_data(shapes_size=24, batch_size=4), seed=7, tokenizer=tok)
+  _take(p, 2)
+  state = json.loads(json.dumps(p.get_state()))
+  assert state["records"] == 24
+  same = pipeline.make_pipeline(_data(shapes_size=24, batch_size=4), seed=7, tokenizer=tok)
+  same.set_state(state)
+  assert "records" not in caplog.text
+  grown = pipeline.make_pipeline(_data(shapes_size=28, batch_size=4), seed=7, tokenizer=tok)
+  grown.set_state(state)
+  assert ("the data holds 28 records now, 24 when this position was saved: the resumed run "
+          "reads other batches") in caplog.text
+  assert len(_take(grown, 1)) == 1
+
+
 def test_resume_through_orbax_checkpointer(tok, tmp_path):
   import jax.numpy as jnp
   from robust_u1_jax.training import checkpoint

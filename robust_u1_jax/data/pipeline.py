@@ -105,6 +105,7 @@ from typing import Any
 import grain
 import numpy as np
 from absl import flags
+from absl import logging
 
 from robust_u1_jax.data import bad_records
 from robust_u1_jax.data import batch_maps
@@ -207,6 +208,7 @@ class Pipeline:
     """
     m = self.tracker.metrics()
     return {"grain": self._iterator.get_state(), "stream_order": STREAM_ORDER,
+            "records": self.num_records,
             "skips": {"seen": int(m["seen"]), "skipped": int(m["skipped"])}}
 
   def check_state(self, state: Mapping[str, Any]) -> None:
@@ -239,6 +241,15 @@ class Pipeline:
       raise ValueError(f"pipeline state has keys {keys}: expected 'grain' and 'skips' (a state "
                        "from Pipeline.get_state)")
     self.check_state(state)
+    saved = state.get("records")
+    if saved is not None and saved != self.num_records:
+      # Files added or removed since the position was saved (only the count is compared): the
+      # stream's order is drawn over the records there are, so the rest differs. Said, not
+      # refused: adding data to a stopped run is a choice, not a mistake.
+      logging.warning(
+          "the data holds %d records now, %d when this position was saved: the resumed run "
+          "reads other batches from here than the run it continues would have", self.num_records,
+          saved)
     self._iterator.set_state(state["grain"])
     with self.tracker._lock:  # pylint: disable=protected-access
       self.tracker.seen = int(state.get("skips", {}).get("seen", 0))
