@@ -9,6 +9,13 @@ BUILDERS = {"sft": sft.build, "rl": rl.build, "reason": reasoning.build,
             "bootstrap_vit": bootstrap_vit.build, "pretrain": pretrain.build}
 
 
+# The data stage a builder's StageSpec reads (its `data_stage`), where it is not the stage itself:
+# known before the builder runs, so a config its data cannot serve is refused before the build.
+DATA_STAGES = {"bootstrap_vae": bootstrap_vae.DATA_STAGE,
+               "bootstrap_clip": bootstrap_clip.DATA_STAGE,
+               "bootstrap_vit": bootstrap_vit.DATA_STAGE, "pretrain": pretrain.DATA_STAGE}
+
+
 def builder(stage: str):
   if stage not in BUILDERS:
     raise ValueError(f"config.stage={stage!r} has no trainer here; available: "

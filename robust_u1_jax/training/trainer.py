@@ -114,6 +114,25 @@ def ema_note(config: ml_collections.ConfigDict) -> str | None:
           f"after {updates} optimizer updates ({lower}at 0: none)")
 
 
+def _check_shards_agree(config: ml_collections.ConfigDict, process_count: int,
+                        data_stage: str) -> None:
+  """Refuses data that `process_count` data shards would batch differently: before the model is
+  built, so a pod reads no weights to learn it."""
+  if process_count == 1:
+    return
+  if not config.data.token_budget and not pipeline_lib.fixed_rows(config.data, data_stage):
+    raise config_lib.ConfigError(
+        "a multi-host run of unpacked batches needs data.text_pad_to > 0 (the longest text in "
+        "tokens) or data.text_widths for each text field, so every host builds rows of one "
+        "length")
+  if config.data.token_budget and config.data.num_epochs:
+    raise config_lib.ConfigError(
+        f"data.num_epochs = {config.data.num_epochs} with packed rows (data.token_budget) "
+        f"read as {process_count} data shards: each process packs its own records, so their "
+        "data would end at different steps; use data.num_epochs = 0 (the run is total_steps "
+        "long)")
+
+
 def train(config: ml_collections.ConfigDict, workdir: str,
           build_stage: Callable[[RunContext], StageSpec], *,
           same_training: Collection[str] = ()) -> list[dict[str, float]]:
@@ -142,6 +161,10 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   ctx = run_setup.make_context(config)  # checks the config against the model before building
   mesh, tokenizer = ctx.mesh, ctx.tokenizer
   multihost.check_batch_fits_mesh(config.data.batch_size, mesh)  # before the model is built
+  # The data shard this process reads: processes whose devices share batch rows read one.
+  process_index, process_count = multihost.data_shard(mesh)
+  if built is not None:  # a builder of our own: its data stage is known before it runs
+    _check_shards_agree(config, process_count, stages.DATA_STAGES.get(built, built))
   if (note := ema_note(config)) and jax.process_index() == 0:
     print(note, flush=True)
   with contextlib.ExitStack() as stack:
@@ -153,22 +176,10 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     graphdef, state, step_fn = initial_state(config, ctx, spec)
     stack.enter_context(jax.set_mesh(mesh))  # after the build: parameters place themselves
 
-    # The data shard this process reads: processes whose devices share batch rows read one.
-    process_index, process_count = multihost.data_shard(mesh)
     replicas = jax.process_count() // process_count  # processes that read one data shard
     data_stage = spec.data_stage or config.stage
-    if (process_count > 1 and not config.data.token_budget
-        and not pipeline_lib.fixed_rows(config.data, data_stage)):
-      raise config_lib.ConfigError(
-          "a multi-host run of unpacked batches needs data.text_pad_to > 0 (the longest text in "
-          "tokens) or data.text_widths for each text field, so every host builds rows of one "
-          "length")
-    if process_count > 1 and config.data.token_budget and config.data.num_epochs:
-      raise config_lib.ConfigError(
-          f"data.num_epochs = {config.data.num_epochs} with packed rows (data.token_budget) "
-          f"read as {process_count} data shards: each process packs its own records, so their "
-          "data would end at different steps; use data.num_epochs = 0 (the run is total_steps "
-          "long)")
+    if built is None:
+      _check_shards_agree(config, process_count, data_stage)
     several = jax.process_count() > 1
     # Several processes enforce data.max_skip_ratio on their totals together, at log steps.
     data = pipeline_lib.make_pipeline(config.data, seed=config.seed, process_index=process_index,
