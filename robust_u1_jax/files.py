@@ -47,21 +47,30 @@ def atomic_write(path: str, mode: str = "wb") -> Iterator[IO]:
       os.remove(tmp)
 
 
-def files_fingerprint(paths: Iterable[str]) -> list[list]:
+def files_fingerprint(paths: Iterable[str], *, relative: bool = False) -> list[list]:
   """(path, size, modification time) of every file under `paths` (files or folders), sorted: what
   results computed from them (an evaluation's, a recovery cache's) are kept for. A model written
-  again in its place differs; so does a copy."""
+  again in its place differs; so does a copy. `relative`: each file's path within the folder
+  given (a file's: its name), so a folder moved whole (`mv`, `cp -a`) keeps its fingerprint."""
   out = []
   for path in paths:
     if os.path.isfile(path):
-      out.append([os.path.abspath(path), os.path.getsize(path), os.stat(path).st_mtime_ns])
+      name = os.path.basename(path) if relative else os.path.abspath(path)
+      out.append([name, os.path.getsize(path), os.stat(path).st_mtime_ns])
       continue
     for root, dirs, names in os.walk(path):
       dirs.sort()
       for name in sorted(names):
         full = os.path.join(root, name)
-        out.append([os.path.abspath(full), os.path.getsize(full), os.stat(full).st_mtime_ns])
+        shown = os.path.relpath(full, path) if relative else os.path.abspath(full)
+        out.append([shown, os.path.getsize(full), os.stat(full).st_mtime_ns])
   return out
+
+
+def files_digest(paths: Iterable[str], *, relative: bool = False) -> str:
+  """A short digest of `files_fingerprint(paths, relative=relative)`."""
+  listing = json.dumps(files_fingerprint(paths, relative=relative))
+  return hashlib.sha256(listing.encode()).hexdigest()[:16]
 
 
 @functools.cache

@@ -176,6 +176,28 @@ def test_trainer_run_with_lora_changes_only_the_targeted_kernels(tmp_path, rando
   for p in after:
     np.testing.assert_array_equal(resumed[p], after[p], err_msg=p)
 
+  # The factors are the checkpoint, the base is read from init_from again: resumed onto another
+  # base, they would sit on weights they were not trained with. Refused before the model is built;
+  # the same model moved whole resumes.
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "3"))
+  shutil.rmtree(os.path.join(workdir, "model"))
+  other = orbax_io.save_orbax(random_bagel(initial.config, seed=1), str(tmp_path / "other"))
+  with pytest.raises(config_lib.ConfigError, match=r"init_from '.*other' is not the model this "
+                     r"run started from \('.*init'\): its checkpoint holds only its LoRA factors"):
+    trainer.train(config_lib.load(SFT, {**overrides, "total_steps": 3, "init_from": other}),
+                  workdir, sft.build)
+  moved = str(tmp_path / "moved")
+  os.rename(init_dir, moved)
+  history = trainer.train(config_lib.load(SFT, {**overrides, "total_steps": 3, "init_from": moved}),
+                          workdir, sft.build)
+  assert [row["step"] for row in history] == [3]
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "3"))
+  shutil.rmtree(os.path.join(workdir, "model"))
+  orbax_io.save_orbax(random_bagel(initial.config, seed=2), init_dir)  # written again in place
+  with pytest.raises(config_lib.ConfigError, match=r"init_from '.*init' holds another model "
+                     r"than when this run started \(its files changed\)"):
+    trainer.train(config, workdir, sft.build)
+
 
 @pytest.mark.parametrize("field,value,message", [
     ("lora.rank", -1, "lora.rank"),

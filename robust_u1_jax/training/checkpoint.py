@@ -380,6 +380,12 @@ def saved_config(workdir: str) -> dict | None:
   """The config (as JSON values) the newest checkpoint in `workdir` was saved with, read without
   building any model; None without a checkpoint, or when its metadata cannot be read (the
   trainer then falls back to the checkpoint before, `Checkpointer.restore`)."""
+  meta = saved_meta(workdir)
+  return None if meta is None else config_of(meta)
+
+
+def saved_meta(workdir: str) -> dict | None:
+  """The metadata of the newest checkpoint in `workdir`, as `saved_config` reads it."""
   manager = _read_only_manager(workdir)
   if manager is None:
     return None
@@ -391,7 +397,7 @@ def saved_config(workdir: str) -> dict | None:
       meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     except Exception:  # Orbax raises many types for damaged files.
       return None
-  return config_of(meta)
+  return meta if isinstance(meta, dict) else None
 
 
 def config_of(meta: dict) -> dict | None:

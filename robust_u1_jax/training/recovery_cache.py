@@ -17,7 +17,6 @@ build runs in one process (`recover --cache_dir` does not join a multi-host job)
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -60,8 +59,7 @@ def model_files(config: ml_collections.ConfigDict) -> str:
   source = run_setup.model_source(config)
   if source == "random":
     return "random"
-  listing = json.dumps(files.files_fingerprint([os.path.abspath(source)]))
-  return hashlib.sha256(listing.encode()).hexdigest()[:16]
+  return files.files_digest([os.path.abspath(source)])
 
 
 def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:

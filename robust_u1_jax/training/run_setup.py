@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from robust_u1_jax import config_lib, sharding
+from robust_u1_jax import config_lib, files, sharding
 from robust_u1_jax.data import sequence
 from robust_u1_jax.data import tokenizer as tokenizer_lib
 from robust_u1_jax.models import bagel as bagel_lib
@@ -46,6 +46,16 @@ def model_source(config: ml_collections.ConfigDict) -> str:
   if source != "random" and os.path.isdir(os.path.join(source, "model")):
     return os.path.join(source, "model")
   return source
+
+
+def init_files(config: ml_collections.ConfigDict) -> str:
+  """The model `init_from` names, by its files (a digest of their paths within it, sizes and
+  times): a resumed run whose base is now another model is told apart from one whose base was
+  moved whole. 'random' for random weights."""
+  source = model_source(config)
+  if source == "random":
+    return "random"
+  return files.files_digest([source], relative=True)
 
 
 def _overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:

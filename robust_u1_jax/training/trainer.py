@@ -133,6 +133,26 @@ def _check_shards_agree(config: ml_collections.ConfigDict, process_count: int,
         "long)")
 
 
+def check_same_base(meta: dict | None, config: ml_collections.ConfigDict, base: str) -> None:
+  """Refuses to resume a run onto another base model than it started from. Its checkpoint holds
+  only the weights the run trains (its trainable patterns', or LoRA's factors); the rest is read
+  from init_from again, so a changed one would put them on a model they were not trained with.
+  `base`: `run_setup.init_files(config)`. A checkpoint written before the stamp is not checked."""
+  if not meta or meta.get("init_files") in (None, base):
+    return
+  was = (checkpoint_lib.config_of(meta) or {}).get("init_from")
+  now = config.init_from
+  what = (f"init_from {now!r} holds another model than when this run started (its files changed)"
+          if was == now else f"init_from {now!r} is not the model this run started from ({was!r})")
+  lora = config.get("lora")
+  trained = ("its LoRA factors" if lora and lora.rank
+             else "the weights its trainable patterns select")
+  raise config_lib.ConfigError(
+      f"{what}: its checkpoint holds only {trained}, the rest is read from init_from, so the "
+      "resumed run would put them on another base; resume with the model it started from (a "
+      "copy keeps its files' times with `cp -a`), or start again in another --workdir")
+
+
 def train(config: ml_collections.ConfigDict, workdir: str,
           build_stage: Callable[[RunContext], StageSpec], *,
           same_training: Collection[str] = ()) -> list[dict[str, float]]:
@@ -158,6 +178,9 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       print(f"  its model was trained with settings other than these: {'; '.join(changed)}; "
             "give another --workdir to train with them", flush=True)
     return []
+  base = run_setup.init_files(config)
+  if "init_from" not in same_training:
+    check_same_base(checkpoint_lib.saved_meta(workdir), config, base)
   ctx = run_setup.make_context(config)  # checks the config against the model before building
   mesh, tokenizer = ctx.mesh, ctx.tokenizer
   multihost.check_batch_fits_mesh(config.data.batch_size, mesh)  # before the model is built
@@ -255,7 +278,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         workdir, total_steps=config.total_steps, every=config.log_every, start_step=start,
         tensorboard=config.tensorboard, step_flops=step_flops,
         replicas=replicas, pending=pending)
-    meta = {"stage": config.stage, "config": config.to_json_best_effort()}
+    meta = {"stage": config.stage, "config": config.to_json_best_effort(), "init_files": base}
     # Logged beside the step's metrics: the rate of the step's (first) optimizer update. Computed
     # for every update once: a per-step call would wait for the step to read back its result.
     accum = config.optimizer.grad_accum_steps
