@@ -38,6 +38,7 @@ from __future__ import annotations
 
 from robust_u1_jax import cli  # first: its quiet environment is set before jax loads
 
+import collections
 import os
 import sys
 import time
@@ -117,13 +118,19 @@ def _recover_file(values: flags.FlagValues, sampler, instruction: str | None) ->
 
 
 def output_names(names: Sequence[str]) -> dict[str, str]:
-  """Input file name -> output file name: `<stem>.png`, or `<name>.png` where stems collide."""
-  stems: dict[str, int] = {}
+  """Input file name -> output file name: `<stem>.png`, or `<name>.png` where that could be
+  another input's output: a stem shared (a.jpg, a.png), or another input's `<name>.png` (a.jpg
+  beside a.jpg.png). Names are distinct, so the `<name>.png`s are; the `<stem>.png`s kept are
+  of distinct stems and none is a `<name>.png`."""
+  stems = collections.Counter(os.path.splitext(n)[0] for n in names)
+  longs = {f"{n}.png" for n in names}
+  out = {}
   for name in names:
-    stem = os.path.splitext(name)[0]
-    stems[stem] = stems.get(stem, 0) + 1
-  return {n: f"{os.path.splitext(n)[0] if stems[os.path.splitext(n)[0]] == 1 else n}.png"
-          for n in names}
+    short = f"{os.path.splitext(name)[0]}.png"
+    # Its own `<name>.png` is short only for a name without an extension, which keeps it.
+    taken = stems[os.path.splitext(name)[0]] > 1 or (short in longs and short != f"{name}.png")
+    out[name] = f"{name}.png" if taken else short
+  return out
 
 
 def _recover_folder(values: flags.FlagValues, sampler, instruction: str | None) -> int:

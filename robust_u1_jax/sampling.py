@@ -165,40 +165,46 @@ class Rollout(NamedTuple):
 VelocityFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x_bnc, t_b) -> v_bnc
 
 
+def _move_keys(key: jax.Array, num_moves: int) -> jax.Array:
+  """One key per move (M, ...), from one key or one per row (B, 2) -> (M, B, 2)."""
+  if is_per_row(key):
+    return jnp.swapaxes(jax.vmap(lambda k: jax.random.split(k, num_moves))(key), 0, 1)
+  return jax.random.split(key, num_moves)
+
+
+def _move(velocity: VelocityFn, x: jax.Array, schedule: jax.Array, i: jax.Array,
+          step_key: jax.Array, window_start: jax.Array, window_size: int, noise_level: float):
+  """Move i of the schedule from x: (x_next, its SDE transition, whether it is a window step)."""
+  t, t_next = schedule[i], schedule[i + 1]
+  v = velocity(x, jnp.full((x.shape[0],), t, x.dtype))
+  in_window = (i >= window_start) & (i < window_start + window_size)
+  sde = sde_step(x, v, t, t_next, schedule[1], noise_level, key=step_key)
+  return jnp.where(in_window, sde.x_next, euler_step(x, v, t, t_next)), sde, in_window
+
+
 def sample(velocity: VelocityFn, x_init: jax.Array, schedule: jax.Array, key: jax.Array, *,
            window_start: jax.Array | int = 0, window_size: int = 0,
-           noise_level: float = 0.7, on_step: Callable[[jax.Array], None] | None = None
-           ) -> Rollout:
+           noise_level: float = 0.7) -> Rollout:
   """Runs the sampler over `schedule` (from timesteps()); steps in
   [window_start, window_start + window_size) are SDE steps whose transitions are recorded, the rest
   are Euler steps. window_size 0 is plain ODE sampling. jit-friendly: one lax.scan over steps.
-  `key`: one key, or one per row (B, 2). `on_step`: a host function the program calls with each
-  step's index once it is taken (a progress bar's, `inference.step_progress.tick`).
+  `key`: one key, or one per row (B, 2).
   """
   num_moves = schedule.shape[0] - 1
   batch = x_init.shape[0]
-  s_max = schedule[1]
-  if is_per_row(key):
-    keys = jnp.swapaxes(jax.vmap(lambda k: jax.random.split(k, num_moves))(key), 0, 1)
-  else:
-    keys = jax.random.split(key, num_moves)
+  keys = _move_keys(key, num_moves)
   window_start = jnp.asarray(window_start, jnp.int32)
 
   def body(carry, inputs):
     x, rec = carry
     i, step_key = inputs
-    t, t_next = schedule[i], schedule[i + 1]
-    v = velocity(x, jnp.full((batch,), t, x.dtype))
-    in_window = (i >= window_start) & (i < window_start + window_size)
-    sde = sde_step(x, v, t, t_next, s_max, noise_level, key=step_key)
-    x_next = jnp.where(in_window, sde.x_next, euler_step(x, v, t, t_next))
-    if on_step is not None:
-      jax.debug.callback(on_step, i, x_next[0, 0, 0])  # after the step: x_next is its result
+    x_next, sde, in_window = _move(velocity, x, schedule, i, step_key, window_start, window_size,
+                                   noise_level)
     if window_size:
       slot = jnp.clip(i - window_start, 0, window_size - 1)
       write = lambda buf, val: jnp.where(in_window, buf.at[slot].set(val), buf)
       rec = dict(x=write(rec["x"], x), x_next=write(rec["x_next"], x_next),
-                 t=write(rec["t"], t), t_next=write(rec["t_next"], t_next),
+                 t=write(rec["t"], schedule[i]), t_next=write(rec["t_next"], schedule[i + 1]),
                  log_prob=write(rec["log_prob"], sde.log_prob), mean=write(rec["mean"], sde.mean))
     return (x_next, rec), None
 
@@ -211,6 +217,19 @@ def sample(velocity: VelocityFn, x_init: jax.Array, schedule: jax.Array, key: ja
   (x_final, rec), _ = jax.lax.scan(body, (x_init, rec0), (jnp.arange(num_moves), keys))
   return Rollout(x_final, rec["x"], rec["x_next"], rec["t"], rec["t_next"], rec["log_prob"],
                  rec["mean"])
+
+
+def sample_move(velocity: VelocityFn, x: jax.Array, schedule: jax.Array, key: jax.Array,
+                i: jax.Array, *, window_start: jax.Array | int = 0, window_size: int = 0,
+                noise_level: float = 0.7) -> jax.Array:
+  """x after move `i` (traced) of `sample`'s run, from x after the moves before it: the same
+  move, key included, so a host that runs the moves one program call at a time (to show them as
+  they happen: a progress bar) ends where `sample` does. Each call is a program of its own, which
+  JAX's persistent cache keeps; a host callback inside `sample`'s scan would make the whole
+  recovery a program the cache refuses, compiled again on every run."""
+  keys = _move_keys(key, schedule.shape[0] - 1)
+  return _move(velocity, x, schedule, i, keys[i], jnp.asarray(window_start, jnp.int32),
+               window_size, noise_level)[0]
 
 
 def sample_token(logits: jax.Array, key: jax.Array, temperature: float) -> jax.Array:

@@ -48,9 +48,9 @@ def test_cfg_batching(setup):
 
 
 def test_step_bar_cost(setup):
-  # step_bar_cost asserts that the recoveries with and without the host calls are the same.
+  # step_bar_cost asserts that the recoveries a move at a time and in one program are the same.
   r = recover.step_bar_cost(setup, SIZE, 0.0, steps=3, min_reps=1)
-  assert _positive(r["plain_s"]) and _positive(r["ticks_over_plain"])
+  assert _positive(r["plain_s"]) and _positive(r["moves_over_plain"])
 
 
 def test_recovery_flops_floor_below_the_implementation(setup):

@@ -15,7 +15,7 @@ from robust_u1_jax import sampling
 from robust_u1_jax.data import answer_format, sequence
 from robust_u1_jax.data import shapes
 from robust_u1_jax.data import tokenizer as tokenizer_lib
-from robust_u1_jax.inference import context, engine, images, reasoner, recovery, step_progress
+from robust_u1_jax.inference import context, engine, images, reasoner, recovery
 from robust_u1_jax.inference import text
 from robust_u1_jax.models import bagel
 
@@ -159,8 +159,11 @@ def test_recovery_batch_equals_one_by_one(tiny, world_images):
   assert not np.array_equal(mean[0], together[0])
 
 
-def test_a_recovery_s_steps_show_as_a_bar_and_change_nothing(tiny, world_images, monkeypatch):
-  # The sampler is one compiled scan: the bar is fed from inside it, step by step.
+def test_a_recovery_s_steps_show_as_a_bar_and_change_nothing(tiny, world_images, monkeypatch,
+                                                             tmp_path):
+  # With a bar the sampler's moves run one program call each, so the host sees each step; the
+  # result is the one program's, and every program is one JAX's persistent cache keeps (a host
+  # callback in the sampler's scan made the recovery a program compiled again on every run).
   eng, _ = tiny
   shown = []
 
@@ -173,27 +176,51 @@ def test_a_recovery_s_steps_show_as_a_bar_and_change_nothing(tiny, world_images,
 
     def close(self):
       shown.append("close")
-  monkeypatch.setattr(step_progress, "progress", types.SimpleNamespace(bar=Bar))
+  monkeypatch.setattr(engine, "progress_lib", types.SimpleNamespace(bar=Bar))
   keys = engine.image_keys(0, [0])
-  plain, _ = eng.recover(world_images[:1], sampler=FEW_STEPS, keys=keys)
+  plain, plain_latents = eng.recover(world_images[:1], sampler=FEW_STEPS, keys=keys)
   assert not shown
-  barred, _ = eng.recover(world_images[:1], sampler=FEW_STEPS, keys=keys, progress="recovering")
-  # Opened at the first step (not during the compile), one update per move, closed at the end.
+  barred, barred_latents = eng.recover(world_images[:1], sampler=FEW_STEPS, keys=keys,
+                                       progress="recovering")
+  # Opened once the first move is done (its compile behind it), one update per move, closed.
   assert shown == [("open", "recovering", 1, 4), 1, 1, 1, "close"]
   np.testing.assert_array_equal(barred, plain)
+  np.testing.assert_array_equal(barred_latents, plain_latents)
+  # The stochastic step too: its key is the one the scan gives that move.
+  sde = dataclasses.replace(FEW_STEPS, sde_step=1)
+  np.testing.assert_array_equal(
+      eng.recover(world_images[:1], sampler=sde, keys=keys, progress="recovering")[0],
+      eng.recover(world_images[:1], sampler=sde, keys=keys)[0])
   # The reasoner's drawn image the same way.
   shown.clear()
-  conv = eng.conversation(seed=0, posterior="mean")
-  conv.add_image(world_images[0])
-  conv.add_text(recovery.INSTRUCTION)
-  conv.generate_image(sampler=FEW_STEPS, progress="image")
+  drawn = []
+  for progress in (None, "image"):
+    conv = eng.conversation(seed=0, posterior="mean")
+    conv.add_image(world_images[0])
+    conv.add_text(recovery.INSTRUCTION)
+    drawn.append(conv.generate_image(sampler=FEW_STEPS, progress=progress))
   assert shown == [("open", "image", 1, 4), 1, 1, 1, "close"]
-  # A program compiled with the bar's calls, run outside a bar, shows nothing; one bar at a time.
-  step_progress.tick(0, 0.0)
-  with step_progress.bar(4, "a"):
-    with pytest.raises(RuntimeError, match="another recovery's bar is open"):
-      with step_progress.bar(4, "b"):
-        pass
+  np.testing.assert_array_equal(drawn[0][0], drawn[1][0])
+  np.testing.assert_array_equal(drawn[0][1], drawn[1][1])
+
+
+def test_a_barred_recovery_compiles_programs_the_persistent_cache_keeps(tiny, world_images,
+                                                                       caplog):
+  # JAX writes no persistent cache entry for a program with a host callback: a bar fed from
+  # inside the sampler's scan made `recover` compile the whole recovery again on every run.
+  eng, _ = tiny
+
+  def refused() -> list[str]:
+    return [r.getMessage() for r in caplog.records if "host callbacks" in r.getMessage()]
+
+  with jax.explain_cache_misses(True), caplog.at_level("WARNING", logger="jax._src.compiler"):
+    jax.jit(lambda x: jax.debug.callback(lambda v: None, x) or x + 1)(np.float32(1))
+    assert refused()  # what the check sees: a program with a callback, refused
+    caplog.clear()
+    jax.clear_caches()  # compiled anew, so each program reaches the persistent cache's writer
+    eng.recover(world_images[:1], sampler=FEW_STEPS, keys=engine.image_keys(0, [0]),
+                progress="recovering")
+    assert not refused()
 
 
 def _inputs(eng, model, image):

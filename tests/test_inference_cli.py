@@ -131,6 +131,16 @@ def test_recover_folder_goes_past_bad_files_and_resumes(capsys, model_dir, input
   assert {n: os.stat(out_dir / n).st_mtime_ns for n in os.listdir(out_dir)} == before
 
 
+def test_folder_output_names_never_collide():
+  # a.jpg and a.png share a stem, so a.jpg's file is a.jpg.png, which is a.jpg.png's `<stem>.png`:
+  # each input keeps a file of its own (two recoveries were written to one file, one lost).
+  names = ["a.jpg", "a.png", "a.jpg.png", "b.jpg", "b.jpg.png", "c.webp", "d"]
+  out = recover_cli.output_names(names)
+  assert out == {"a.jpg": "a.jpg.png", "a.png": "a.png.png", "a.jpg.png": "a.jpg.png.png",
+                 "b.jpg": "b.png", "b.jpg.png": "b.jpg.png.png", "c.webp": "c.png", "d": "d.png"}
+  assert len(set(out.values())) == len(names)
+
+
 @pytest.fixture(scope="module")
 def broken_models(model_dir, tmp_path_factory):
   """{case: (model path, what its error line must say)}."""

@@ -17,8 +17,8 @@ work slows both alike:
      `denoise_velocity` calls + `sampling.cfg_velocity`;
   d. the compile time of a whole jitted recovery (`engine._recover`, what `Engine.recover` runs:
      VAE encode, three prefills, the 50-step sampler, VAE decode), once per image size;
-  f. a whole recovery (10 steps) whose program calls the host after each step, as the commands'
-     step bar is fed (`inference/step_progress.py`), vs the program without the calls.
+  f. a whole recovery (10 steps) as the commands' step bar runs it, one program call per move
+     (`engine.sample_moves`), vs the one program.
 With --topology (a TPU slice such as v5p-8 needs libtpu; cpu:N runs the same path on fake CPU
 devices), also:
   e. BAGEL-7B's recovery of a 1024 x 656 image in bfloat16, 50 steps, three-context CFG, compiled
@@ -312,27 +312,32 @@ def compile_times(setup: Setup, sizes: Sequence[tuple[int, int]] = COMPILE_SIZES
 
 def step_bar_cost(setup: Setup, size: tuple[int, int], seconds: float, *, steps: int = 10,
                   min_reps: int = 5) -> dict[str, Any]:
-  """f. `engine._recover` with the step bar's host call after each step vs without. The calls
-  reach `step_progress.tick` outside a bar (no tqdm drawn): what is timed is the program's wait
-  on the host, once per step."""
+  """f. A recovery as the commands' step bar runs it (`engine._recovery_start`, one
+  `_sample_move` call per move, each waited for, `_decode`) vs the one program `engine._recover`:
+  the bar's cost is a dispatch and a wait per move."""
   from robust_u1_jax.inference import engine as engine_lib
   from robust_u1_jax.inference import recovery as recovery_lib
-  from robust_u1_jax.inference import step_progress
 
   sampler = recovery_lib.Sampler(num_steps=steps)
   inputs = _device(recovery_rows(setup, size))
   keys = jax.random.split(jax.random.PRNGKey(0), 1)
-  run = lambda on_step: _blocking(functools.partial(
-      engine_lib._recover, sampler=sampler, posterior="sample", on_step=on_step),
-      setup.graphdef, setup.state, inputs, keys)
-  plain, ticked = run(None), run(step_progress.tick)
-  # One computation on both sides: the calls must change nothing the recovery computes.
-  np.testing.assert_array_equal(np.asarray(plain()[1]), np.asarray(ticked()[1]))
-  timed = alternate({"ticks": ticked, "plain": plain}, seconds, min_reps=min_reps)
-  ratio = timed.ratio("ticks", "plain")
+  call = lambda fn, *args, **static: fn(setup.graphdef, setup.state, *args, **static)
+  plain = _blocking(functools.partial(engine_lib._recover, sampler=sampler, posterior="sample"),
+                    setup.graphdef, setup.state, inputs, keys)
+
+  def moves():
+    contexts, x, key = call(engine_lib._recovery_start, inputs, keys, sampler=sampler,
+                            posterior="sample")
+    x = engine_lib.sample_moves(call, contexts, x, key, sampler)
+    return jax.block_until_ready(call(engine_lib._decode, x, size_hw=size, quantize=True))
+
+  # One computation on both sides: the bar must change nothing the recovery computes.
+  np.testing.assert_array_equal(np.asarray(plain()[1]), np.asarray(moves()))
+  timed = alternate({"moves": moves, "plain": plain}, seconds, min_reps=min_reps)
+  ratio = timed.ratio("moves", "plain")
   return {"size": size, "steps": steps, "plain_s": timed.median("plain"),
-          "ticks_s": timed.median("ticks"), "ticks_over_plain": ratio.median,
-          "ticks_over_plain_spread": ratio}
+          "moves_s": timed.median("moves"), "moves_over_plain": ratio.median,
+          "moves_over_plain_spread": ratio}
 
 
 # ------------------------------------------------------------------------------------ run
@@ -410,12 +415,12 @@ def run(*, seconds: float = 3.0, config: str = "", topology: str | None = None,
               [(f"{r['size'][0]}x{r['size'][1]}", r["context"], r["block"], r["steps"],
                 r["lower_s"], r["compile_s"]) for r in d]), flush=True)
 
-  say("f. compiling and timing a whole recovery, with the step bar's host calls and without")
+  say("f. compiling and timing a whole recovery, a call per move (the step bar's) and one program")
   f = results["f"] = step_bar_cost(setup, size, seconds)
   print(table(("f. whole recovery", "image", "steps", "ms"), [
-      ("with a host call after each step", f"{size[0]}x{size[1]}", f["steps"], f["ticks_s"] * 1e3),
-      ("without", f"{size[0]}x{size[1]}", f["steps"], f["plain_s"] * 1e3)]))
-  print(f"   with / without = {f['ticks_over_plain_spread']}", flush=True)
+      ("one program call per move", f"{size[0]}x{size[1]}", f["steps"], f["moves_s"] * 1e3),
+      ("one program", f"{size[0]}x{size[1]}", f["steps"], f["plain_s"] * 1e3)]))
+  print(f"   per move / one program = {f['moves_over_plain_spread']}", flush=True)
 
   if topology:
     say(f"e. compiling BAGEL-7B's recovery ahead of time for {topology} (many minutes)")

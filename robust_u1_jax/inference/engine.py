@@ -13,7 +13,6 @@ is decoded and images are generated.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import os
@@ -25,11 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from robust_u1_jax import progress as progress_lib
 from robust_u1_jax.data import sequence
 from robust_u1_jax.inference import context as context_lib
 from robust_u1_jax.inference import images as images_lib
 from robust_u1_jax.inference import recovery as recovery_lib
-from robust_u1_jax.inference import step_progress
 from robust_u1_jax.inference import text as text_lib
 from robust_u1_jax.models import bagel as bagel_lib
 
@@ -194,7 +193,7 @@ class Engine:
     `Engine.instruction`).
     `posterior`: 'sample' draws the corrupted image's VAE latents, as the release does; 'mean'
     takes their mean. `progress`: a bar of this name over the sampling steps, on stderr (None:
-    no bar; the program compiled without it).
+    no bar): the moves then run one program call each (`_sample_moves`), to the same result.
     """
     corrupted = self._at_vae_size(corrupted, "recover")
     context_lib.posterior_key(posterior, None)  # an unknown setting fails here, not in a compile
@@ -208,10 +207,36 @@ class Engine:
                     image, self.rules.vit_size(*image.shape[:2])))} for image in corrupted]
     inputs = recovery_lib.recovery_inputs(samples, self.config, self.markers,
                                           self.encode_block(instruction or self.instruction))
-    with _step_bar(progress, sampler):
-      latents, images = self.run(_recover, inputs, keys, sampler=sampler, posterior=posterior,
-                                 on_step=step_progress.tick if progress else None)
+    if not progress:
+      latents, images = self.run(_recover, inputs, keys, sampler=sampler, posterior=posterior)
       return np.asarray(images), np.asarray(latents)
+    contexts, x_init, steps_key = self.run(_recovery_start, inputs, keys, sampler=sampler,
+                                           posterior=posterior)
+    latents = self._sample_moves(contexts, x_init, steps_key, sampler, progress)
+    images = self.run(_decode, latents, size_hw=corrupted[0].shape[:2], quantize=True)
+    return np.asarray(images), np.asarray(latents)
+
+  def _sample_moves(self, contexts: recovery_lib.SamplerContexts, x: Array, key: Array,
+                    sampler: recovery_lib.Sampler, name: str) -> Array:
+    """The sampler's run as `recovery.sample_latents` makes it, one program call per move, with
+    a bar over the steps: programs that JAX's persistent cache keeps (a host callback inside the
+    sampler's scan would make the recovery a program it refuses, compiled again on every run).
+    The bar opens once the first move is done, its compile behind it."""
+    bar = None
+
+    def moved():
+      nonlocal bar
+      if bar is None:
+        # The schedule's points: the noise at t = 1 is the first, each move adds one.
+        bar = progress_lib.bar(total=sampler.num_steps, initial=1, desc=name, unit="step",
+                               dynamic_ncols=True)
+      bar.update(1)
+
+    try:
+      return sample_moves(self.run, contexts, x, key, sampler, moved)
+    finally:
+      if bar is not None:
+        bar.close()
 
   def round_trip(self, images: Sequence[np.ndarray]) -> np.ndarray:
     """uint8 H x W x 3 images of one VAE size -> the VAE's own reconstructions of them at that
@@ -336,15 +361,16 @@ class Conversation:
     if x_init is None:
       n = noisy.latent_seq_index.shape[1]
       x_init = jax.random.normal(self._next_key(), (1, n, self.engine.config.latent_channels))
-    with _step_bar(progress, sampler):
-      latents, image = self.engine.run(_generate_image, self.contexts, noisy, x_init,
-                                       self._next_key(), sampler=sampler, size_hw=(h, w),
-                                       on_step=step_progress.tick if progress else None)
-      return np.asarray(images_lib.quantize(image))[0], np.asarray(latents)
-
-
-def _step_bar(name: str | None, sampler: recovery_lib.Sampler):
-  return step_progress.bar(sampler.num_steps, name) if name else contextlib.nullcontext()
+    key = self._next_key()
+    if progress:
+      contexts = recovery_lib.SamplerContexts(self.contexts.full, self.contexts.no_text,
+                                              self.contexts.no_image, noisy)
+      latents = self.engine._sample_moves(contexts, x_init, key, sampler, progress)
+      image = self.engine.run(_decode, latents, size_hw=(h, w))
+    else:
+      latents, image = self.engine.run(_generate_image, self.contexts, noisy, x_init, key,
+                                       sampler=sampler, size_hw=(h, w))
+    return np.asarray(images_lib.quantize(image))[0], np.asarray(latents)
 
 
 # -- jitted computations: (graphdef, weights, ...) with the graph definition static ---------------
@@ -381,25 +407,59 @@ def _generate_text(graphdef, weights, cache, start, key, *, max_new_tokens, temp
                            stop_ids=stop_ids)
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("sampler", "size_hw", "on_step"))
-def _generate_image(graphdef, weights, contexts, noisy, x_init, key, *, sampler, size_hw,
-                    on_step=None):
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("sampler", "size_hw"))
+def _generate_image(graphdef, weights, contexts, noisy, x_init, key, *, sampler, size_hw):
   model = nnx.merge(graphdef, weights)
   g = sampler.guidance
   velocity = recovery_lib.guided_velocity(model, contexts.full, contexts.no_text,
                                           contexts.no_image, noisy, g)
-  latents = recovery_lib.sample_latents(velocity, x_init, sampler, key, on_step=on_step).x_final
+  latents = recovery_lib.sample_latents(velocity, x_init, sampler, key).x_final
   return latents, context_lib.decode_latents(model, latents, *size_hw)
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("sampler", "posterior", "on_step"))
-def _recover(graphdef, weights, inputs, keys, *, sampler, posterior, on_step=None):
-  posterior_keys = None
-  if posterior == "sample":
-    posterior_keys = recovery_lib.stream_key(keys, recovery_lib.POSTERIOR_STREAM)
+def sample_moves(run, contexts: recovery_lib.SamplerContexts, x: Array, key: Array,
+                 sampler: recovery_lib.Sampler, moved=lambda: None) -> Array:
+  """The sampler's moves from x, one `_sample_move` call each, waited for, `moved()` after each;
+  `run(fn, *args, **static)` calls a program on the weights (`Engine.run`)."""
+  for i in range(sampler.num_steps - 1):
+    x = jax.block_until_ready(run(_sample_move, contexts, x, key, np.int32(i), sampler=sampler))
+    moved()
+  return x
+
+
+def _posterior_keys(keys, posterior: str):
+  if posterior != "sample":
+    return None
+  return recovery_lib.stream_key(keys, recovery_lib.POSTERIOR_STREAM)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("sampler", "posterior"))
+def _recover(graphdef, weights, inputs, keys, *, sampler, posterior):
   latents, images = recovery_lib.recover(nnx.merge(graphdef, weights), inputs, sampler, keys,
-                                         posterior_key=posterior_keys, on_step=on_step)
+                                         posterior_key=_posterior_keys(keys, posterior))
   return latents, images_lib.quantize(images)
+
+
+# `_recover` in parts, for a bar over its steps (`Engine._sample_moves`): the start, one move per
+# call, the decode.
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("sampler", "posterior"))
+def _recovery_start(graphdef, weights, inputs, keys, *, sampler, posterior):
+  return recovery_lib.recovery_start(nnx.merge(graphdef, weights), inputs, sampler, keys,
+                                     posterior_key=_posterior_keys(keys, posterior))
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("sampler",))
+def _sample_move(graphdef, weights, contexts, x, key, i, *, sampler):
+  model = nnx.merge(graphdef, weights)
+  velocity = recovery_lib.guided_velocity(model, *contexts, sampler.guidance)
+  return recovery_lib.sample_move(velocity, x, sampler, key, i)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("size_hw", "quantize"))
+def _decode(graphdef, weights, latents, *, size_hw, quantize=False):
+  # Quantized in the decode's program as `_recover` does: the same rounding, fused the same way.
+  images = context_lib.decode_latents(nnx.merge(graphdef, weights), latents, *size_hw)
+  return images_lib.quantize(images) if quantize else images
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -17,7 +17,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -226,6 +226,15 @@ def batch_recovery_inputs(batch: Mapping[str, Any], config: bagel_lib.BagelConfi
 VelocityFn = Callable[[Array, Array], Array]  # (x_bnc, t_b) -> v_bnc
 
 
+class SamplerContexts(NamedTuple):
+  """What a guided velocity reads besides the model: the three contexts' caches (None for a
+  branch the guidance does not use) and the noisy block's rows."""
+  full: KVCache
+  no_text: KVCache | None
+  no_image: KVCache | None
+  noisy: bagel_lib.SequenceInputs
+
+
 def guided_velocity(model: bagel_lib.Bagel, full: KVCache, no_text: KVCache | None,
                     no_image: KVCache | None, noisy: bagel_lib.SequenceInputs,
                     guidance: Guidance) -> VelocityFn:
@@ -264,6 +273,14 @@ def velocity_fn(model: bagel_lib.Bagel, inputs: RecoveryInputs, guidance: Guidan
                 repeat: int = 1, posterior_key: Array | None = None) -> VelocityFn:
   """Prefills the guidance contexts of `inputs` once (each row's context serving `repeat`
   samples in a row) and returns their guided velocity."""
+  return guided_velocity(model, *contexts(model, inputs, guidance, repeat=repeat,
+                                          posterior_key=posterior_key), guidance)
+
+
+def contexts(model: bagel_lib.Bagel, inputs: RecoveryInputs, guidance: Guidance, *,
+             repeat: int = 1, posterior_key: Array | None = None) -> SamplerContexts:
+  """The prefilled guidance contexts of `inputs` and their noisy block (`velocity_fn`'s), as data
+  a program can return: `guided_velocity(model, *contexts, guidance)` is their velocity."""
   cond = context_lib.encode_images(model, inputs.corrupted, posterior_key)
 
   def context(rows: bagel_lib.SequenceInputs) -> KVCache:
@@ -274,14 +291,14 @@ def velocity_fn(model: bagel_lib.Bagel, inputs: RecoveryInputs, guidance: Guidan
   no_text = context(inputs.no_text) if guidance.uses_no_text else None
   no_image = context(inputs.no_image) if guidance.uses_no_image else None
   noisy = jax.tree.map(lambda x: jnp.repeat(x, repeat, axis=0), inputs.noisy)
-  return guided_velocity(model, context(inputs.full), no_text, no_image, noisy, guidance)
+  return SamplerContexts(context(inputs.full), no_text, no_image, noisy)
 
 
 # The streams a recovery draws from its key. fold_in(key, i) is split(key, n)[i] (threefry, as
 # jax_threefry_partitionable computes it), so the steps' keys must not be split from the key
 # itself: the stochastic step at index 0 drew the initial noise again, and at index 1 the VAE
 # posterior's key.
-_NOISE_STREAM, POSTERIOR_STREAM, _STEPS_STREAM = 0, 1, 2
+_NOISE_STREAM, POSTERIOR_STREAM, STEPS_STREAM = 0, 1, 2
 
 
 def stream_key(key: Array, stream: int) -> Array:
@@ -296,32 +313,48 @@ def initial_noise(key: Array, batch: int, shape: tuple[int, ...]) -> Array:
   return sampling.normal(stream_key(key, _NOISE_STREAM), (batch,) + shape, jnp.float32)
 
 
-def sample_latents(velocity: VelocityFn, x_init: Array, sampler: Sampler, key: Array, *,
-                   on_step: Callable[..., None] | None = None) -> sampling.Rollout:
-  """Runs `sampler` from x_init (Euler, plus its stochastic step if it has one); `on_step` as
-  sampling.sample's."""
+def sample_latents(velocity: VelocityFn, x_init: Array, sampler: Sampler, key: Array
+                   ) -> sampling.Rollout:
+  """Runs `sampler` from x_init (Euler, plus its stochastic step if it has one)."""
   return sampling.sample(velocity, x_init, sampling.timesteps(sampler.num_steps, sampler.shift),
                          key, window_start=max(sampler.sde_step, 0),
                          window_size=int(sampler.sde_step >= 0),
-                         noise_level=sampler.sde_noise_level, on_step=on_step)
+                         noise_level=sampler.sde_noise_level)
+
+
+def sample_move(velocity: VelocityFn, x: Array, sampler: Sampler, key: Array, i: Array) -> Array:
+  """x after move `i` of `sample_latents`' run, from x after the moves before it
+  (`sampling.sample_move`): moves called one by one end where `sample_latents` does."""
+  return sampling.sample_move(velocity, x, sampling.timesteps(sampler.num_steps, sampler.shift),
+                              key, i, window_start=max(sampler.sde_step, 0),
+                              window_size=int(sampler.sde_step >= 0),
+                              noise_level=sampler.sde_noise_level)
+
+
+def recovery_start(model: bagel_lib.Bagel, inputs: RecoveryInputs, sampler: Sampler,
+                   key: Array, *, x_init: Array | None = None, posterior_key: Array | None = None
+                   ) -> tuple[SamplerContexts, Array, Array]:
+  """`recover` up to its sampler: (the prefilled contexts, x at t = 1, the steps' key)."""
+  ctx = contexts(model, inputs, sampler.guidance, posterior_key=posterior_key)
+  if x_init is None:
+    shape = (inputs.noisy.latent_seq_index.shape[1], model.config.latent_channels)
+    x_init = initial_noise(key, inputs.corrupted.shape[0], shape)
+  return ctx, x_init, stream_key(key, STEPS_STREAM)
 
 
 def recover(model: bagel_lib.Bagel, inputs: RecoveryInputs, sampler: Sampler, key: Array, *,
-            x_init: Array | None = None, posterior_key: Array | None = None,
-            on_step: Callable[..., None] | None = None) -> tuple[Array, Array]:
+            x_init: Array | None = None, posterior_key: Array | None = None
+            ) -> tuple[Array, Array]:
   """(latent tokens (B, N, C), recovered images in [0, 1] (B, H, W, 3)); no gradient.
 
   `key`: one key, or one per image (B, 2); it draws the initial noise unless `x_init` is given,
   and the stochastic step's noise. `posterior_key` None encodes the corrupted image by the
-  posterior mean, else by a sample. `on_step`: as sampling.sample's.
+  posterior mean, else by a sample.
   """
-  velocity = velocity_fn(model, inputs, sampler.guidance, posterior_key=posterior_key)
-  b = inputs.corrupted.shape[0]
-  shape = (inputs.noisy.latent_seq_index.shape[1], model.config.latent_channels)
-  if x_init is None:
-    x_init = initial_noise(key, b, shape)
-  latents = sample_latents(velocity, x_init, sampler, stream_key(key, _STEPS_STREAM),
-                           on_step=on_step).x_final
+  contexts_, x_init, steps_key = recovery_start(model, inputs, sampler, key, x_init=x_init,
+                                                posterior_key=posterior_key)
+  velocity = guided_velocity(model, *contexts_, sampler.guidance)
+  latents = sample_latents(velocity, x_init, sampler, steps_key).x_final
   h, w = inputs.corrupted.shape[2:4]
   images = context_lib.decode_latents(model, latents, h, w)
   return jax.lax.stop_gradient(latents), jax.lax.stop_gradient(images)
