@@ -159,10 +159,29 @@ def call(main: Callable[[list[str]], int | None], argv: Sequence[str], *,
     print("terminated" if terminated else "interrupted", file=sys.stderr, flush=True)
     return on_interrupt(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED)
   except Exception as e:  # pylint: disable=broad-except
+    if (line := out_of_memory(e)) is not None:
+      report(line, e)
+      return 1
     if not is_bad_input(e):
       raise
     return report(message(e), e)
 
+
+def out_of_memory(e: BaseException) -> str | None:
+  """The error line for a device that ran out of memory (XLA's RESOURCE_EXHAUSTED: inputs too
+  large for it, not a bug to trace back), None for any other error."""
+  text = str(e)
+  if "RESOURCE_EXHAUSTED" not in text or not any(
+      c.__name__ == "JaxRuntimeError" for c in type(e).__mro__):
+    return None
+  import jax
+
+  asked = re.search(r"allocating (\d+) bytes", text)
+  size = f" allocating {int(asked.group(1)) / 2**30:.1f} GiB" if asked else ""
+  devices = jax.devices()
+  return (f"out of memory on {len(devices)} {devices[0].device_kind} device(s){size} (XLA: "
+          f"{text.strip().splitlines()[0][:200]}): the inputs are too large for this memory; give "
+          "smaller ones (a shorter text, a smaller image or batch) or more devices")
 
 def leave_at_once(status: int) -> NoReturn:
   """Ends the program with `status` after a stop outside a training loop, without freeing JAX's

@@ -643,6 +643,19 @@ def test_call_reports_bad_input_and_raises_bugs(capsys):
   assert cli.call(interrupted, ["prog"]) == 130
   assert capsys.readouterr().err == "interrupted\n"
 
+  # A device out of memory (a 26,000-character question to `answer` asked 25 GiB of the tiny
+  # model): the inputs' size, in a line, not a traceback through the model.
+  def too_large(argv):
+    import jax
+    import jax.numpy as jnp
+
+    jax.jit(lambda: jnp.ones((2**42,), jnp.uint8))().block_until_ready()
+
+  assert cli.call(too_large, ["prog"]) == 1
+  err = capsys.readouterr().err
+  assert err.startswith("error: out of memory on ") and "allocating 4096.0 GiB (XLA: " in err
+  assert err.count("\n") == 1 and "give smaller ones" in err
+
 
 def test_output_dir_and_file(tmp_path, monkeypatch):
   new = tmp_path / "a" / "b"
