@@ -269,6 +269,19 @@ def test_model_safetensors_and_sharded_index_load(source, tmp_path, variant, rea
   assert_same_params(source, bagel_dir.load_model_dir(index_dir))
 
 
+def test_a_folder_of_two_weight_files_says_which_it_reads(variant, caplog):
+  # Robust-U1's model_bf16.safetensors copied beside BAGEL's ema.safetensors loaded BAGEL, and
+  # nothing said so.
+  both = variant()
+  shutil.copy(os.path.join(both, "ema.safetensors"), os.path.join(both, "model_bf16.safetensors"))
+  for _ in range(2):
+    assert bagel_dir.find_weight_file(both) == os.path.join(both, "ema.safetensors")
+  notes = [r.getMessage() for r in caplog.records if "weight files" in r.getMessage()]
+  assert notes == [f"{os.path.abspath(both)} holds 2 weight files: reading ema.safetensors, not "
+                   f"model_bf16.safetensors (this order: {', '.join(bagel_dir.WEIGHT_FILES)}); "
+                   "move the one you mean into a folder of its own if it is another"]
+
+
 def test_sincos_tables_are_optional(source, variant, assert_same_params):
   def drop(t):
     del t["latent_pos_embed.pos_embed"], t["vit_pos_embed.pos_embed"]
@@ -348,12 +361,13 @@ def test_bad_vae_tensor_names_key_and_file(variant):
 
 
 def test_a_misfit_names_the_shape_in_the_file_and_the_configs_it_was_read_against(variant):
-  # up_proj is (intermediate, hidden) in the file and transposed for the model: the message gives
-  # the file's shape, which a user can look up, and the transposed one as ours.
-  stored = None
+  # up_proj is (intermediate, hidden) in the file and transposed for the model: the message
+  # compares shapes as the file stores them, which a user can look up, the model's layout after.
+  stored = wanted = None
 
   def edit(t):
-    nonlocal stored
+    nonlocal stored, wanted
+    wanted = t[_KEY].shape
     t[_KEY] = t[_KEY][:, :-1].copy()
     stored = t[_KEY].shape
 
@@ -361,7 +375,9 @@ def test_a_misfit_names_the_shape_in_the_file_and_the_configs_it_was_read_agains
   with pytest.raises(CheckpointError) as e:
     bagel_dir.load_model_dir(misshapen)
   message = str(e.value)
-  assert f"has shape {tuple(stored)} ({tuple(stored[::-1])} after the " in message
+  assert (f"has shape {tuple(stored)}, but the model's 'language_model.layers.1.gen.mlp.up_proj."
+          f"kernel' expects {tuple(wanted)} there ({tuple(wanted[::-1])} in the model's "
+          "layout)") in message
   assert "read from" in message and "llm_config.json, vit_config.json and " in message
   # A config that does not describe the weights: the same line names the configs.
   shutil.rmtree(misshapen)

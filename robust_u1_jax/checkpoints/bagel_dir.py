@@ -37,6 +37,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 from flax import nnx
 
 from robust_u1_jax import files, sharding
@@ -284,11 +285,20 @@ def find_weight_file(path: str) -> str:
   """The non-VAE weight file of a model directory, in `WEIGHT_FILES` order."""
   if not os.path.isdir(path):
     raise FileNotFoundError(f"model directory not found: {path}")
-  for name in WEIGHT_FILES:
-    file = os.path.join(path, name)
-    if os.path.exists(file):
-      return file
-  raise FileNotFoundError(f"{path}: no weight file; expected one of {list(WEIGHT_FILES)}")
+  present = [name for name in WEIGHT_FILES if os.path.exists(os.path.join(path, name))]
+  if not present:
+    raise FileNotFoundError(f"{path}: no weight file; expected one of {list(WEIGHT_FILES)}")
+  if len(present) > 1:
+    _note_unread_weights(os.path.abspath(path), tuple(present))
+  return os.path.join(path, present[0])
+
+
+@functools.cache  # once per folder: a command finds the file more than once
+def _note_unread_weights(path: str, present: tuple[str, ...]) -> None:
+  # Robust-U1's model_bf16.safetensors copied into a BAGEL folder would otherwise load as BAGEL.
+  logging.warning("%s holds %d weight files: reading %s, not %s (this order: %s); move the one "
+                  "you mean into a folder of its own if it is another", path, len(present),
+                  present[0], ", ".join(present[1:]), ", ".join(WEIGHT_FILES))
 
 
 def open_model_files(path: str, *, allow_pickle: bool = False) -> tensor_files.TensorFiles:

@@ -185,12 +185,13 @@ def convert_to_flax(
       raise CheckpointError(f"{where}: tensor {key!r} holds {stored.dtype} values, but the "
                             f"model's {path!r} is a {np.dtype(dtype).name} weight")
     if tuple(array.shape) != tuple(shape):
-      # The file's own shape first, which a user can look up; the transformed one is ours.
-      converted = ("" if array.shape == stored.shape else
-                   f" ({tuple(array.shape)} after the {transform.name} transform)")
+      # Shapes as the file stores them, which a user can look up, compared like with like; the
+      # model's own layout after.
+      wanted = tuple(transform.to_torch(np.empty(shape, np.float32)).shape)
+      layout = "" if wanted == tuple(shape) else f" ({tuple(shape)} in the model's layout)"
       raise CheckpointError(
-          f"{where}: tensor {key!r} has shape {tuple(stored.shape)}{converted}, but the "
-          f"model's {path!r} expects {tuple(shape)}.")
+          f"{where}: tensor {key!r} has shape {tuple(stored.shape)}, but the model's {path!r} "
+          f"expects {wanted} there{layout}.")
     # A NaN or infinite weight turns every output NaN, many steps from its cause: refused here,
     # where the key and file can still be named.
     if bad := non_finite(stored):
