@@ -452,6 +452,9 @@ def flag_error_text(text: str, values: flags.FlagValues, argv: Sequence[str]) ->
     if off and isinstance(values[off.group(1)].value if off.group(1) in values else None, bool):
       return f"unknown flag --{given}: turn a flag off with --no{off.group(1)}"
     hint = f"; did you mean {' or '.join('--' + n for n in near)}?" if near != [""] else ""
+    field = re.fullmatch(r"config\.(\S+)", given)
+    if field and "override" in values and not _config_flag_names(values):  # `bench`
+      hint = f"; a config field here is --override {field.group(1)}"
     return f"unknown flag --{given}{hint} (--help lists the flags)"
   return f"{text.splitlines()[0]} (--help lists the flags)"
 

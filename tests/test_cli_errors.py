@@ -289,6 +289,14 @@ CASES = {
     "bench/aot override type": ("bench", ["aot", "--override=data.token_budget=abc"],
                                 ["data.token_budget='abc'", "takes an integer"]),
     "bench/aot cpu:0": ("bench", ["aot", "--topology=cpu:0"], ["--topology 'cpu:0'", ">= 1"]),
+    # bench sets config fields with --override: the flag train takes points there.
+    "bench/a config field as train gives it": (
+        "bench", ["aot", "--config.data.batch_size=4"],
+        ["unknown flag --config.data.batch_size; a config field here is --override "
+         "data.batch_size"]),
+    "bench/aot mesh": ("bench", ["aot", f"--config={SFT}", "--topology=cpu:8",
+                                 "--override=mesh.tensor=3"],
+                       ["not divisible by the fixed axes", "set --override mesh.<axis>"]),
     "bench/aot no topology": ("bench", ["aot", "--topology="], ["--topology ''"]),
     "bench/no seconds": ("bench", ["data", "--seconds=0"], ["--seconds"]),
     "bench/a flag it does not use": ("bench", ["data", "--topology=v5p-8"],

@@ -258,7 +258,9 @@ def compile_step(config_spec: str = "", topology: str = DEFAULT_TOPOLOGY,
         # Cheap: the model is built when the stage asks for it.
         ctx = run_setup.make_context(build_config, devices=devices, abstract=True)
       except (config_lib.ConfigError, FileNotFoundError, ValueError) as e:
-        raise AotError(f"config {spec_name}: {e}") from e
+        # The library says how a command line sets a field; here it is an --override.
+        text = str(e).replace("--config.", "--override ")
+        raise AotError(f"config {spec_name}: {text}") from e
       say(f"AOT: {spec_name} (stage {config.stage}) for {topology}: {description}, "
           f"{len(devices)} x {devices[0].device_kind}, mesh {dict(ctx.mesh.shape)}", flush=True)
       with fast_tracer_errors(), persistent_cache(topology.startswith("cpu:")):
