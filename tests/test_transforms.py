@@ -130,7 +130,16 @@ def test_decode_notes_say_what_changed():
   rgba = np.full((3, 4, 4), 255, np.uint8)
   notes = []
   transforms.decode_image(_encode(Image.fromarray(rgba, "RGBA"), "PNG"), notes)
+  assert notes == []  # an alpha channel, opaque everywhere: nothing was composited
+  rgba[1, 2, 3] = 0
+  transforms.decode_image(_encode(Image.fromarray(rgba, "RGBA"), "PNG"), notes)
   assert notes == ["transparent pixels composited on white"]
+  notes = []
+  frames = [Image.fromarray(_rgb(4, 6)), Image.fromarray(255 - _rgb(4, 6))]
+  gif = io.BytesIO()
+  frames[0].save(gif, "GIF", save_all=True, append_images=frames[1:])
+  transforms.decode_image(gif.getvalue(), notes)
+  assert notes == ["its first frame read, of 2"]
   exif = Image.Exif()
   exif[0x0112] = 8
   notes = []

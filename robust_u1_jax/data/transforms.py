@@ -74,9 +74,13 @@ class BadImageError(ValueError):
 def pil_to_rgb(img: Image.Image, notes: list[str] | None = None) -> np.ndarray:
   """A PIL image of any mode as uint8 H x W x 3 (see the module docstring for the rules).
 
-  `notes`, when given, gets a line for each change a user should hear of (transparency, rotation).
+  `notes`, when given, gets a line for each change a user should hear of (transparency, rotation,
+  the frames of an animation left out).
   """
   notes = [] if notes is None else notes
+  frames = getattr(img, "n_frames", 1)
+  if frames > 1:  # PIL opens an animated GIF, PNG or WEBP at its first frame
+    notes.append(f"its first frame read, of {frames}")
   try:
     orientation = img.getexif().get(EXIF_ORIENTATION, 1)
     img = ImageOps.exif_transpose(img)
@@ -95,8 +99,9 @@ def pil_to_rgb(img: Image.Image, notes: list[str] | None = None) -> np.ndarray:
     grey8 = np.clip(np.rint(grey * scale), 0, 255).astype(np.uint8)
     return np.repeat(grey8[:, :, None], 3, axis=2)
   if mode in _ALPHA_MODES or "transparency" in img.info:
-    notes.append("transparent pixels composited on white")
     rgba = img.convert("RGBA")
+    if rgba.getchannel("A").getextrema()[0] < 255:  # an alpha channel of 255 everywhere is none
+      notes.append("transparent pixels composited on white")
     white = Image.new("RGB", rgba.size, (255, 255, 255))
     white.paste(rgba.convert("RGB"), mask=rgba.getchannel("A"))
     img = white
