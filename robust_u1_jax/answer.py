@@ -27,6 +27,7 @@ import dataclasses
 import json
 import os
 import re
+import sys
 from collections.abc import Sequence
 
 from absl import app, flags, logging
@@ -118,6 +119,21 @@ def _remove_earlier_answer(out: str, written: Sequence[str]) -> None:
           f"in {out}")
 
 
+def _check_option_letters(options: Sequence[str]) -> None:
+  """Refuses options that all carry letters, some the same ('A. cat', 'A. dog': they would be
+  lettered anew, 'B. A. dog'); notes a single option that reads as a list of several."""
+  letters = [answer_format.own_letter(o) for o in options]
+  if len(options) > 1 and all(letters) and len(set(letters)) < len(letters):
+    twice = next(x for x in letters if letters.count(x) > 1)
+    same = [repr(o) for o, x in zip(options, letters) if x == twice]
+    raise app.UsageError(f"--options: {' and '.join(same)} carry the same letter {twice}; give "
+                         "each option its own letter, or none (then they are lettered A, B, ... "
+                         "in order)")
+  if len(options) == 1 and ("," in options[0] or "/" in options[0]):
+    print(f"note: --options gives one option, {options[0]!r}; give each option with its own "
+          "--options", file=sys.stderr)
+
+
 def _answer(values: flags.FlagValues) -> int:
   from robust_u1_jax.inference import reasoner
 
@@ -137,6 +153,7 @@ def _answer(values: flags.FlagValues) -> int:
     answer_format.prompt(values.question, values.options)
   except ValueError as e:
     raise app.UsageError(f"--options: {e}") from None
+  _check_option_letters(values.options)
   # A bad image, --model or --out fails before the model loads.
   image = model_cli.read_image(values.image,
                                model_cli.model_rules(values.model).min_side)

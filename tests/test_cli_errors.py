@@ -190,6 +190,10 @@ CASES = {
     "answer/27 options": ("answer", ["--model={workdir}", "--image={good}", "--question=q",
                                      *[f"--options=o{i}" for i in range(27)]],
                           ["--options: 27 options; at most 26"]),
+    # Lettered anew, the second would have read 'B. A. dog'.
+    "answer/one letter twice": ("answer", ["--model={workdir}", "--image={good}", "--question=q",
+                                           "--options=A. cat", "--options=a) dog"],
+                                ["--options: 'A. cat' and 'a) dog' carry the same letter A"]),
     "answer/--out a file": ("answer", ["--model={workdir}", "--image={good}", "--question=q",
                                        "--out={file}"], ["--out {file}", "a file, not a folder"]),
     # convert

@@ -131,6 +131,15 @@ def test_recover_folder_goes_past_bad_files_and_resumes(capsys, model_dir, input
   assert {n: os.stat(out_dir / n).st_mtime_ns for n in os.listdir(out_dir)} == before
 
 
+def test_one_option_that_reads_as_several_is_noted(capsys):
+  answer_cli._check_option_letters(["red, green, blue"])
+  assert capsys.readouterr().err == ("note: --options gives one option, 'red, green, blue'; give "
+                                     "each option with its own --options\n")
+  answer_cli._check_option_letters(["A. red", "B. green"])  # letters of their own: as given
+  answer_cli._check_option_letters(["red", "green"])
+  assert capsys.readouterr().err == ""
+
+
 def test_folder_output_names_never_collide():
   # a.jpg and a.png share a stem, so a.jpg's file is a.jpg.png, which is a.jpg.png's `<stem>.png`:
   # each input keeps a file of its own (two recoveries were written to one file, one lost).

@@ -53,6 +53,12 @@ LETTERS = string.ascii_uppercase  # an option's letter: at most 26 options
 _LETTERED = re.compile(r"^\(?([A-Za-z])[.)]\)?\s+(\S.*)$", re.DOTALL)
 
 
+def own_letter(option: str) -> str | None:
+  """The letter an option carries ('B. cat', '(b) cat': B), or None."""
+  found = _LETTERED.match(option)
+  return found.group(1).upper() if found else None
+
+
 def option_letters(options: Sequence[str]) -> tuple[str, list[str]]:
   """(each option's letter, each option's text): the options' own letters where every option
   carries a different one ('B. cat', 'C. dog' stay B and C), else A, B, C, ... in order, an
