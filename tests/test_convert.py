@@ -3,6 +3,7 @@ a mesh, `load_pretrained` takes either kind of directory, and bad paths fail wit
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -94,6 +95,13 @@ def test_load_pretrained_takes_either_directory(source, model_dir, orbax_dir, tm
   assert_same_params(source, orbax_io.load_pretrained(model_dir))
   with pytest.raises(FileNotFoundError, match="neither a BAGEL model directory"):
     orbax_io.load_pretrained(str(tmp_path))
+  # Hugging Face's cache: the model two folders down. The message names it.
+  hub = tmp_path / "hub" / "models--ByteDance-Seed--BAGEL-7B-MoT"
+  snapshot = hub / "snapshots" / "0123abc"
+  shutil.copytree(model_dir, snapshot)
+  with pytest.raises(FileNotFoundError, match=r"neither a BAGEL model directory .*; a model is "
+                     rf"below it: {re.escape(str(snapshot))}$"):
+    orbax_io.load_pretrained(str(tmp_path / "hub"))
 
 
 def test_save_orbax_in_process_round_trip(source, tmp_path, assert_same_params):

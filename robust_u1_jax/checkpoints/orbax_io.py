@@ -55,6 +55,27 @@ def is_model(path: str) -> bool:
   return is_orbax_model(path) or os.path.isfile(os.path.join(path, bagel_dir.LLM_CONFIG))
 
 
+def models_below(path: str, depth: int = 4, limit: int = 200) -> list[str]:
+  """Model folders under `path` (not `path` itself), at most `depth` levels down, of the first
+  `limit` folders looked at, in order."""
+  found, seen = [], 0
+  level = [path] if os.path.isdir(path) else []
+  for _ in range(depth):
+    below = []
+    for folder in level:
+      try:
+        names = sorted(os.listdir(folder))
+      except OSError:
+        continue
+      for name in names:
+        child = os.path.join(folder, name)
+        if os.path.isdir(child) and seen < limit:
+          seen += 1
+          (found if is_model(child) else below).append(child)
+    level = below
+  return found
+
+
 def not_a_model(path: str) -> str:
   """Why `path` (a folder) is no model, naming what one holds; a stage's unfinished workdir and
   its training checkpoints are told apart, with where the model will be."""
@@ -86,6 +107,9 @@ def not_a_model(path: str) -> str:
     last = "reason" if "reason" in stages else stages[-1]
     message += (f"; it holds stages' workdirs ({', '.join(stages)}): give one, e.g. "
                 f"{os.path.join(path, last)}")
+  elif below := models_below(path):
+    # A download's layout: a folder above the model, Hugging Face's cache (snapshots/<hash>/).
+    message += f"; a model is below it: {', '.join(below[:3])}{' ...' if len(below) > 3 else ''}"
   parts = os.path.abspath(path).split(os.sep)
   if "checkpoints" in parts[-2:]:
     workdir = os.sep.join(parts[:parts.index("checkpoints", len(parts) - 2)])
