@@ -3,6 +3,7 @@ alternative weight files (model.safetensors, sharded index, opt-in pickle), shar
 
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -264,9 +265,20 @@ def test_model_safetensors_and_sharded_index_load(source, tmp_path, variant, rea
     name = f"model-{i + 1:05d}-of-00002.safetensors"
     tensor_files.save_safetensors({k: tensors[k] for k in part}, os.path.join(index_dir, name))
     weight_map.update({k: name for k in part})
-  with open(os.path.join(index_dir, "model.safetensors.index.json"), "w") as f:
+  index = os.path.join(index_dir, "model.safetensors.index.json")
+  with open(index, "w") as f:
     json.dump({"metadata": {}, "weight_map": weight_map}, f)
   assert_same_params(source, bagel_dir.load_model_dir(index_dir))
+  # A shard's tensor is named with the shard's path; a shard missing, with the index naming it.
+  second = os.path.join(index_dir, "model-00002-of-00002.safetensors")
+  part = read_tensors(second)
+  tensor_files.save_safetensors({k: v.astype(np.int32) for k, v in part.items()}, second)
+  with pytest.raises(CheckpointError, match=rf"^{re.escape(second)}: tensor '.*' holds int32"):
+    bagel_dir.load_model_dir(index_dir)
+  os.remove(second)
+  with pytest.raises(FileNotFoundError, match=rf"not found: {re.escape(second)}, a shard that "
+                     rf"{re.escape(index)} lists"):
+    bagel_dir.load_model_dir(index_dir)
 
 
 def test_a_folder_of_two_weight_files_says_which_it_reads(variant, caplog):

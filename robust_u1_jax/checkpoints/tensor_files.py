@@ -51,10 +51,13 @@ def open_tensor_files(path: str, *, allow_pickle: bool = False) -> TensorFiles:
     base = os.path.dirname(path)
     loaders, file_of = {}, {}
     for shard in sorted(set(weight_map.values())):
-      part = open_tensor_files(os.path.join(base, shard))
+      shard_path = os.path.join(base, shard)
+      if not os.path.exists(shard_path):
+        raise FileNotFoundError(f"checkpoint file not found: {shard_path}, a shard that {path} "
+                                "lists; download it, or the index that goes with these shards")
+      part = open_tensor_files(shard_path)
       loaders.update(part.loaders)
-      # A shard by its name in the index, beside which it lies: a list of shards stays readable.
-      file_of.update(dict.fromkeys(part.file_of, shard))
+      file_of.update(dict.fromkeys(part.file_of, shard_path))
     return TensorFiles(loaders, file_of)
   if path.endswith(".safetensors"):
     return _open_safetensors(path)
