@@ -415,9 +415,11 @@ def apply_lora(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, params
   view, factors, base = lora_lib.setup(graphdef, params, frozen, lo.rank, lo.alpha, key,
                                        lo.targets)
   total = sum(int(x.size) for x in jax.tree.leaves(params))
+  leaves = jax.tree.leaves(factors)  # an (A, B) pair per kernel, stacked over the layers
+  matrices = sum(int(np.prod(x.shape[:-2])) for x in leaves) // 2
   print(f"LoRA rank {lo.rank}: {lora_lib.num_params(factors):,} trainable parameters on "
-        f"{len(jax.tree.leaves(factors)) // 2} kernels (of {total:,} the stage would train "
-        "fully)", flush=True)
+        f"{len(leaves) // 2} kernels, {matrices} weight matrices over the layers (of {total:,} "
+        "the stage would train fully)", flush=True)
   return view, factors, base
 
 
