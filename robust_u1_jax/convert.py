@@ -27,7 +27,7 @@ from absl import flags
 import jax
 
 from robust_u1_jax import files, sharding
-from robust_u1_jax.checkpoints import bagel_dir, orbax_io
+from robust_u1_jax.checkpoints import bagel_dir, orbax_io, tensor_files
 
 FORMATS = ("hf",)
 _FROM = flags.DEFINE_enum("from", None, FORMATS, "Import this format into an Orbax checkpoint.")
@@ -102,17 +102,27 @@ def check_side_files(src: str) -> None:
 
 
 def upcast_note(src: str, param_dtype: str) -> str | None:
-  """A note when --from hf widens the weights its llm_config.json declares (BAGEL releases
-  bfloat16): the Orbax checkpoint, and a model written back from it, double in size."""
+  """A note when --from hf widens the weights (BAGEL releases bfloat16): the Orbax checkpoint,
+  and a model written back from it, double in size. The weights' dtype is read from their files'
+  headers; where those cannot say (a pickle), from llm_config.json's torch_dtype."""
   try:
-    declared = files.read_json(os.path.join(src, bagel_dir.LLM_CONFIG)).get("torch_dtype")
-  except (OSError, ValueError, AttributeError):  # the conversion itself names a bad file
+    stored = tensor_files.stored_float_dtype(bagel_dir.find_weight_file(src))
+  except OSError:  # the conversion itself names a missing file
+    stored = None
+  declared = None
+  if stored is None:
+    try:
+      declared = files.read_json(os.path.join(src, bagel_dir.LLM_CONFIG)).get("torch_dtype")
+    except (OSError, ValueError, AttributeError):  # the conversion itself names a bad file
+      return None
+  dtype = stored or declared
+  if dtype not in ("bfloat16", "float16") or param_dtype != "float32":
     return None
-  if declared not in ("bfloat16", "float16") or param_dtype != "float32":
-    return None
-  return (f"note: {src}'s {bagel_dir.LLM_CONFIG} says its weights are {declared}; the checkpoint "
-          "stores them as float32 (--param_dtype), twice their size: --param_dtype bfloat16 "
-          f"keeps them as they are, --to hf --save_dtype {declared} writes them back so")
+  said = (f"its weights are stored as {dtype}" if stored else
+          f"its {bagel_dir.LLM_CONFIG} says its weights are {dtype}")
+  return (f"note: {src}: {said}; the checkpoint stores them as float32 (--param_dtype), twice "
+          "their size: --param_dtype bfloat16 keeps them as they are, --to hf --save_dtype "
+          f"{dtype} writes them back so")
 
 
 def main(argv) -> int:

@@ -274,13 +274,25 @@ def test_bfloat16_weights_widened_to_float32_are_noted(model_dir, tmp_path):
     config = json.loads((folder / "llm_config.json").read_text())
     (folder / "llm_config.json").write_text(json.dumps({**config, "torch_dtype": "bfloat16"}))
 
-  src = _copy(model_dir, tmp_path, "bf16", declare_bfloat16)
-  assert convert.upcast_note(src, "float32") == (
-      f"note: {src}'s llm_config.json says its weights are bfloat16; the checkpoint stores them "
-      "as float32 (--param_dtype), twice their size: --param_dtype bfloat16 keeps them as they "
-      "are, --to hf --save_dtype bfloat16 writes them back so")
-  assert convert.upcast_note(src, "bfloat16") is None
+  def store(dtype):
+    def change(folder):
+      path = str(folder / "ema.safetensors")
+      tensors = safetensors.numpy.load_file(path)
+      safetensors.numpy.save_file({k: v.astype(dtype) for k, v in tensors.items()}, path)
+    return change
+
+  # The weights' headers say it, whatever the config says (a float16 shard went unnoted).
+  for name, dtype in (("bfloat16", ml_dtypes.bfloat16), ("float16", np.float16)):
+    src = _copy(model_dir, tmp_path, name, store(dtype))
+    assert convert.upcast_note(src, "float32") == (
+        f"note: {src}: its weights are stored as {name}; the checkpoint stores them as float32 "
+        "(--param_dtype), twice their size: --param_dtype bfloat16 keeps them as they are, "
+        f"--to hf --save_dtype {name} writes them back so")
+    assert convert.upcast_note(src, "bfloat16") is None
   assert convert.upcast_note(model_dir, "float32") is None  # float32 weights
+  # A config that declares bfloat16 over float32 weights widens nothing.
+  said = _copy(model_dir, tmp_path, "said", declare_bfloat16)
+  assert convert.upcast_note(said, "float32") is None
 
 
 def test_overwrite_replaces_only_a_model(model_dir, orbax_dir, tmp_path, main_with_flags,

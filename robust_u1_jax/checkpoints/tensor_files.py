@@ -73,6 +73,37 @@ def open_tensor_files(path: str, *, allow_pickle: bool = False) -> TensorFiles:
                    f".safetensors.index.json or (opt-in) one of {PICKLE_SUFFIXES}")
 
 
+_SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
+
+
+def stored_float_dtype(path: str) -> str | None:
+  """The float dtype most of the tensors of a .safetensors file (or the shards of an index) are
+  stored in, read from their headers alone; None for another format or an unreadable file."""
+  if path.endswith(".index.json"):
+    try:
+      shards = sorted(set(files.read_json(path)["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+      return None
+    paths = [os.path.join(os.path.dirname(path), s) for s in shards]
+  elif path.endswith(".safetensors"):
+    paths = [path]
+  else:
+    return None
+  from safetensors import safe_open
+
+  counts: dict[str, int] = {}
+  try:
+    for shard in paths:
+      with safe_open(shard, framework="numpy") as handle:
+        for key in handle.keys():
+          dtype = _SAFETENSORS_DTYPES.get(handle.get_slice(key).get_dtype())
+          if dtype:
+            counts[dtype] = counts.get(dtype, 0) + 1
+  except Exception:  # pylint: disable=broad-except  # the conversion itself names a bad file
+    return None
+  return max(counts, key=counts.get) if counts else None
+
+
 def _open_safetensors(path: str) -> TensorFiles:
   from safetensors import safe_open
 
