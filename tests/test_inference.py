@@ -217,9 +217,11 @@ def test_a_barred_recovery_compiles_programs_the_persistent_cache_keeps(tiny, wo
     jax.jit(lambda x: jax.debug.callback(lambda v: None, x) or x + 1)(np.float32(1))
     assert refused()  # what the check sees: a program with a callback, refused
     caplog.clear()
-    jax.clear_caches()  # compiled anew, so each program reaches the persistent cache's writer
-    eng.recover(world_images[:1], sampler=FEW_STEPS, keys=engine.image_keys(0, [0]),
-                progress="recovering")
+    # A sampler and an image size of this test's own: each program compiles here (not from this
+    # process's memory; jax.clear_caches would make every later test in the worker compile again),
+    # so each reaches the persistent cache's writer.
+    eng.recover([world_images[0][:48]], sampler=recovery.Sampler(num_steps=3),
+                keys=engine.image_keys(0, [0]), progress="recovering")
     assert not refused()
 
 
