@@ -183,6 +183,7 @@ def out_of_memory(e: BaseException) -> str | None:
           f"{text.strip().splitlines()[0][:200]}): the inputs are too large for this memory; give "
           "smaller ones (a shorter text, a smaller image or batch) or more devices")
 
+
 def leave_at_once(status: int) -> NoReturn:
   """Ends the program with `status` after a stop outside a training loop, without freeing JAX's
   client.

@@ -56,10 +56,7 @@ def model_files(config: ml_collections.ConfigDict) -> str:
   which the seed decides."""
   from robust_u1_jax.training import run_setup
 
-  source = run_setup.model_source(config)
-  if source == "random":
-    return "random"
-  return files.files_digest([os.path.abspath(source)])
+  return run_setup.init_files(config, relative=False)
 
 
 def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:

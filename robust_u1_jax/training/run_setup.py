@@ -48,14 +48,15 @@ def model_source(config: ml_collections.ConfigDict) -> str:
   return source
 
 
-def init_files(config: ml_collections.ConfigDict) -> str:
+def init_files(config: ml_collections.ConfigDict, *, relative: bool = True) -> str:
   """The model `init_from` names, by its files (a digest of their paths within it, sizes and
   times): a resumed run whose base is now another model is told apart from one whose base was
-  moved whole. 'random' for random weights."""
+  moved whole. `relative=False`: by their absolute paths, so a moved copy differs too. 'random'
+  for random weights, which the seed decides."""
   source = model_source(config)
   if source == "random":
     return "random"
-  return files.files_digest([source], relative=True)
+  return files.files_digest([os.path.abspath(source)], relative=relative)
 
 
 def _overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
