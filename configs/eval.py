@@ -51,6 +51,10 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.benchmarks = ml_collections.ConfigDict(
       {"rbench": "", "mmstar": "", "realworldqa": "", "mmmb": ""})
   c.benchmark_samples = 0  # rows per benchmark (0: all), bad rows included
+  # 'whole': each image at its size by the model's resize rule, as `answer` takes it (each size
+  # compiles its own programs); 'square': its centred square (one size, one compile; what the crop
+  # cuts off is not seen, so scores are not comparable with published ones).
+  c.benchmark_images = "whole"
   # Bad rows (unreadable images, malformed rows) are left out, logged and listed in the report;
   # past this fraction of a table's rows the evaluation stops instead.
   c.max_skip_ratio = 0.01

@@ -3,6 +3,7 @@ modules before any model is built, so a wrong path stops a run at once with the 
 after minutes of compilation).
 """
 
+import glob
 import os
 
 import ml_collections
@@ -28,13 +29,22 @@ def _check_path(field: str, path: str, kind: str, fix: str) -> None:
     raise ConfigError(f"config field {field} = {path!r}: a folder, not a file; give {fix}")
 
 
-TABLE_EXTENSIONS = (".tsv", ".csv", ".parquet", ".pq")
-_TABLE = "a VQA .tsv, .csv or .parquet table, or a folder of .parquet shards"
+PARQUET_EXTENSIONS = (".parquet", ".pq")
+TABLE_EXTENSIONS = (".tsv", ".csv", *PARQUET_EXTENSIONS)
+_TABLE = ("a VQA .tsv, .csv or .parquet table, a folder of .parquet shards or a pattern of "
+          "them (data/test-*.parquet)")
 
 
 def check_table(field: str, path: str) -> None:
-  """A benchmark table: a file of a table's extension, or a folder holding .parquet files (a
-  Hugging Face dataset's shards)."""
+  """A benchmark table: a file of a table's extension, a folder holding .parquet files (a
+  Hugging Face dataset's shards), or a pattern of such shards (`data/test-*.parquet`)."""
+  from robust_u1_jax.data import sources_vqa
+
+  if path and not _remote(path) and sources_vqa.is_pattern(path):
+    if not any(f.endswith(".parquet") for f in glob.glob(path, recursive=True)):
+      raise ConfigError(f"config field {field} = {path!r}: the pattern matches no .parquet "
+                        f"file; give {_TABLE}")
+    return
   _check_path(field, path, "any", _TABLE)
   if not path or _remote(path):
     return

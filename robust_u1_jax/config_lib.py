@@ -225,6 +225,10 @@ def _check_types(types, family: str) -> None:
          f"tuple, e.g. --config.{family}_types=\"('{known[0]}','{known[-1]}')\"")
 
 
+# How the evaluation takes a benchmark's images (configs/eval.py's benchmark_images).
+BENCHMARK_IMAGES = ("whole", "square")
+
+
 def validate_eval(c: ml_collections.ConfigDict) -> None:
   """configs/eval.py (the model itself is checked when it loads)."""
   levels = tuple(EVAL_INTENSITIES)
@@ -232,10 +236,21 @@ def validate_eval(c: ml_collections.ConfigDict) -> None:
          f"a subset of {', '.join(levels)}")
   _check(all(1 <= s <= 5 for s in c.severities), "severities", c.severities,
          "ImageNet-C severities in 1..5")
-  for field in ("num_samples", "batch_size", "max_new_tokens"):
+  for field in ("batch_size", "max_new_tokens"):
     _check(c[field] > 0, field, c[field], "a positive integer")
+  tables = any(c.benchmarks.values())
+  _check(c.num_samples > 0 or (c.num_samples == 0 and tables), "num_samples", c.num_samples,
+         "a positive integer, or 0 beside a benchmark table (--config.benchmarks.<name>=FILE) "
+         "to evaluate the tables alone")
+  if c.num_samples == 0:
+    others = [f"compare.{k}" for k, v in c.compare.items() if v] + ["rl_workdir"] * bool(
+        c.rl_workdir)
+    _check(not others, "num_samples", 0, f"a positive integer: {', '.join(others)} compare "
+           "models on the built-in world's images, which num_samples = 0 leaves out")
   _check(c.benchmark_samples >= 0, "benchmark_samples", c.benchmark_samples,
          "0 (every row) or a positive integer")
+  _check(c.benchmark_images in BENCHMARK_IMAGES, "benchmark_images", c.benchmark_images,
+         ", ".join(BENCHMARK_IMAGES))
   _check(c.claim_samples >= 0, "claim_samples", c.claim_samples,
          "0 (num_samples) or a positive integer")
   _check(0.0 <= c.max_skip_ratio < 1.0, "max_skip_ratio", c.max_skip_ratio,

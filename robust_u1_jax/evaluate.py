@@ -54,8 +54,8 @@ def main(argv) -> int:
   named = "--out" if _OUT.value else "the report folder (--out)"
   cli.output_dir(config.out, named, create=False)
   if not _OVERWRITE.value and (other := run.other_evaluation(config)):
-    raise cli.PathError(f"{named} {config.out}: holds {other} (other models, files, settings or "
-                        "code); give another --out, or --overwrite to replace it")
+    raise cli.PathError(f"{named} {config.out}: holds {other}; give another --out, or "
+                        "--overwrite to replace it")
   if not _OVERWRITE.value and run.report_is_current(config):  # as `train` finds a stage done
     print(f"nothing to evaluate: the report in {config.out} is of these models, files, settings "
           "and code; --overwrite evaluates again\nreport: "

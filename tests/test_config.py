@@ -143,12 +143,24 @@ def test_a_shorter_token_budget_alone_names_the_latent_budget_it_keeps():
     # Past the split, the evaluation stopped on a record index after loading the model.
     ("claim_samples", 1024, "at most the world's 1,000 test records"),
     ("num_samples", 1001, "at most the world's 1,000 test records"),
+    # 0 evaluates benchmark tables alone: without one there is nothing to evaluate.
+    ("num_samples", 0, "or 0 beside a benchmark table"),
+    ("benchmark_images", "crop", "whole, square"),
     ("seed", -1, ">= 0"),
 ])
 def test_impossible_evaluation_values_name_the_field(field, value, message):
   with pytest.raises(config_lib.ConfigError, match=message) as info:
     config_lib.load(os.path.join(ROOT, "configs", "eval.py") + ":tiny", {field: value})
   assert field in str(info.value)
+
+
+def test_benchmark_tables_alone_compare_no_models():
+  eval_py = os.path.join(ROOT, "configs", "eval.py") + ":tiny"
+  alone = {"num_samples": 0, "benchmarks.rbench": "R-Bench.tsv"}
+  assert config_lib.load(eval_py, alone).num_samples == 0
+  with pytest.raises(config_lib.ConfigError, match="compare.sft compare models on the built-in "
+                     "world's images, which num_samples = 0 leaves out"):
+    config_lib.load(eval_py, {**alone, "compare.sft": "runs/demo/sft"})
 
 
 def test_the_whole_test_split_can_be_read():

@@ -20,7 +20,7 @@ from PIL import Image
 
 from robust_u1_jax import cli, config_inputs, config_lib, files
 from robust_u1_jax.checkpoints import orbax_io
-from robust_u1_jax.data import bad_records
+from robust_u1_jax.data import answer_format, bad_records
 from robust_u1_jax.data import sequence
 from robust_u1_jax.data import tokenizer as tokenizer_lib
 from robust_u1_jax.eval import evaluation, partial, report
@@ -31,6 +31,7 @@ from robust_u1_jax.inference import recovery
 from robust_u1_jax.models import bagel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORLD = (64, 64)  # the built-in world's image size, at the test model's rules
 
 
 @pytest.fixture(scope="module")
@@ -51,16 +52,18 @@ def _png(seed: int, size=(40, 56)) -> bytes:
 
 
 def _benchmarks(tmp_path, bad_images=0):
-  """A 3-row TSV (then `bad_images` rows whose image is not one) and a 2-row parquet table."""
+  """A 3-row TSV (then `bad_images` rows whose image is not one) and a 2-row parquet table, of
+  images of the world's size: no programs of another size to compile."""
   tsv = tmp_path / "rbench.tsv"
   with open(tsv, "w", newline="") as f:
     w = csv.writer(f, delimiter="\t", lineterminator="\n")
     w.writerow(["index", "image", "question", "A", "B", "answer", "category"])
     for i in range(3 + bad_images):
-      image = _png(i) if i < 3 else b"GIF89a" + bytes(100)  # cut short
+      image = _png(i, WORLD) if i < 3 else b"GIF89a" + bytes(100)  # cut short
       w.writerow([i, base64.b64encode(image).decode(), f"Is it {i}?", "yes", "no", "A", "mcq"])
   parquet = tmp_path / "mmstar.parquet"
-  pq.write_table(pa.table({"image": [{"bytes": _png(10 + i), "path": f"{i}.png"} for i in range(2)],
+  pq.write_table(pa.table({"image": [{"bytes": _png(10 + i, WORLD), "path": f"{i}.png"}
+                                     for i in range(2)],
                            "question": ["Which?", "What?"], "options": [["x", "y", "z"]] * 2,
                            "answer": ["B", "C"]}), parquet)
   return str(tsv), str(parquet)
@@ -78,8 +81,16 @@ def _eval_config():
 
 def test_letter_answers_to_questions_with_their_options_in_the_text():
   """MMStar's and RealWorldQA's parquet tables write the options into the question and answer
-  with a letter: scored as if the options were the question's own, as VLMEvalKit reads them."""
-  letter = {"question": "Which? Options: A. red B. blue", "options": [], "answer": "B"}
+  with a letter: asked and scored with those options as the question's own, as the same tables'
+  VLMEvalKit TSVs (whose questions list them too) are."""
+  letter = evaluation.benchmark_question(
+      {"question": "Which? Options: A. red B. blue", "options": [], "answer": "B"})
+  assert letter["options"] == ["A. red", "B. blue"]
+  # Asked as multiple choice: the options and the request to select one, as a TSV's row is.
+  assert answer_format.format_question(letter).endswith(
+      "Options:\nA. red\nB. blue\n" + answer_format.SELECT + "\n")
+  assert answer_format.format_question(letter, "Restore it.").endswith(
+      answer_format.ANSWER_FROM_RESTORED + "\n")
   for text, right in (("<ANSWER>B<ANSWER_END>", True), ("<ANSWER>B. blue<ANSWER_END>", True),
                       ("<ANSWER>(B) blue<ANSWER_END>", True), ("<ANSWER>b<ANSWER_END>", True),
                       ("<ANSWER>C. B<ANSWER_END>", False), ("<ANSWER>Blue<ANSWER_END>", True),
@@ -87,10 +98,11 @@ def test_letter_answers_to_questions_with_their_options_in_the_text():
     assert evaluation.score(text, letter)[1] == right, text
   # As the tables write them, and replies as a model that was not trained on the answer format
   # writes them: the letter standing alone, or the one option's text (VLMEvalKit's rules).
-  mmstar = {"question": "How many cars?\nOptions: A: 3, B: 4, C: 5, D: 6", "answer": "B"}
-  realworldqa = {"question": "Is the light green?\nA. Yes\nB. No\nPlease answer directly with "
-                             "only the letter of the correct option and nothing else.",
-                 "answer": "B"}
+  mmstar = evaluation.benchmark_question(
+      {"question": "How many cars?\nOptions: A: 3, B: 4, C: 5, D: 6", "answer": "B"})
+  realworldqa = evaluation.benchmark_question(
+      {"question": "Is the light green?\nA. Yes\nB. No\nPlease answer directly with only the "
+                   "letter of the correct option and nothing else.", "answer": "B"})
   assert evaluation.written_options(mmstar["question"]) == ["A. 3", "B. 4", "C. 5", "D. 6"]
   assert evaluation.written_options(realworldqa["question"]) == ["A. Yes", "B. No"]
   assert evaluation.written_options("Is it A. or not?") == []  # one letter lists nothing
@@ -101,8 +113,14 @@ def test_letter_answers_to_questions_with_their_options_in_the_text():
   assert evaluation.score("4", mmstar) == ("B", True)
   assert evaluation.score("No.", realworldqa) == ("B", True)
   # A text that lists no options: the letter the reply names, of A to D (or to the answer's).
+  assert evaluation.benchmark_question({"question": "?", "answer": "E"}) == {
+      "question": "?", "answer": "E"}
   assert evaluation.score("I think the answer is E", {"question": "?", "answer": "E"}) == (
       "E", True)
+  # Options of its own are kept; an open answer lists none.
+  own = {"question": "A. x B. y", "options": ["p", "q"], "answer": "B"}
+  assert evaluation.benchmark_question(own) == own
+  assert "options" not in evaluation.benchmark_question({"question": "A. x B. y", "answer": "y"})
   # An open answer is still matched whole, normalised.
   assert evaluation.score("<ANSWER>Three.<ANSWER_END>", {"options": [], "answer": "three"})[1]
   assert not evaluation.score("<ANSWER>B. blue<ANSWER_END>", {"options": [], "answer": "blue"})[1]
@@ -121,6 +139,24 @@ def test_a_parquet_table_by_its_other_names(tmp_path):
   config_inputs.check_table("benchmarks.realworldqa", str(tmp_path / "realworldqa"))
   table = evaluation.open_table(str(tmp_path / "realworldqa"))
   assert len(table) == 4 and table[2]["questions"][0]["question"] == "Which?"
+  # A dataset's folder with another split's shards beside them would mix the splits: refused,
+  # naming them; a pattern of one split's shards is the table.
+  shutil.copy(parquet, shards / "train-00000-of-00001.parquet")
+  with pytest.raises(config_lib.ConfigError, match=(
+      f"{tmp_path}/realworldqa: holds the shards of several splits \\(test, train\\), which one "
+      f"table would mix; give one split's: a pattern such as '{shards}/test-\\*.parquet'")):
+    evaluation.open_table(str(tmp_path / "realworldqa"))
+  pattern = str(shards / "test-*.parquet")
+  config_inputs.check_table("benchmarks.realworldqa", pattern)
+  assert len(evaluation.open_table(pattern)) == 4
+  with pytest.raises(config_lib.ConfigError, match="the pattern matches no .parquet file"):
+    config_inputs.check_table("benchmarks.realworldqa", str(shards / "dev-*.parquet"))
+  # The parquet converter's layout: a folder per split.
+  for split in ("test", "train"):
+    (tmp_path / "converted" / split).mkdir(parents=True)
+    shutil.copy(parquet, tmp_path / "converted" / split / "0000.parquet")
+  with pytest.raises(config_lib.ConfigError, match=r"\(test, train\).*converted/test/\*.parquet"):
+    evaluation.open_table(str(tmp_path / "converted"))
 
 
 def test_bad_benchmark_rows_are_left_out_named_and_counted(tmp_path, caplog):
@@ -178,24 +214,79 @@ def test_bad_benchmark_rows_are_left_out_named_and_counted(tmp_path, caplog):
     evaluation.table_samples(str(tsv), 0, rules, max_skip_ratio=0.01)
 
 
-def test_a_benchmark_image_is_cut_to_its_centred_square_not_stretched(tmp_path):
-  # 32 x 128 pixels: red, green, blue quarters of width 48, 32, 48. Its centred square is the
-  # green middle alone; stretched to a square, the red and blue would stay in it.
-  pixels = np.zeros((32, 128, 3), np.uint8)
-  pixels[:, :48, 0] = pixels[:, 48:80, 1] = pixels[:, 80:, 2] = 255
-  buf = io.BytesIO()
-  Image.fromarray(pixels).save(buf, format="PNG")
+def test_a_table_in_another_encoding_is_told_to_be_converted(tmp_path):
+  tsv = tmp_path / "mmmb_zh.tsv"
+  rows = ["index\timage\tquestion\tA\tB\tanswer"] + [
+      f"{i}\t{base64.b64encode(_png(i)).decode()}\t图中是什么颜色？\t红\t绿\tA" for i in range(3)]
+  tsv.write_bytes("\n".join(rows).encode("gbk"))
+  with pytest.raises(bad_records.TooManyBadRecords, match=(
+      r"3 of 3 rows .*not UTF-8 text.*The table is not UTF-8 text, as VLMEvalKit writes its "
+      r"TSVs: convert it \(e.g. iconv -f GBK -t UTF-8")):
+    evaluation.read_table(str(tsv), 0, log=False)
+  # Chance where a table mixes multiple-choice rows with open ones: over the former, said so.
+  line = report.benchmark_scoring_line({"chance": 0.5, "chance_rows": [3, 5]})
+  assert "Chance (a random option) on its 3 multiple-choice rows of 5: 50.0 %." in line
+  assert "Chance (a random option): 50.0 %." in report.benchmark_scoring_line(
+      {"chance": 0.5, "chance_rows": [5, 5]})
+
+
+def test_a_benchmark_image_is_kept_whole_or_cut_to_its_centred_square(tmp_path):
+  # 40 x 80 pixels: red, green, blue bands of width 20, 40, 20. Its centred square is the green
+  # middle alone; stretched to a square, the red and blue would stay in it.
+  pixels = np.zeros((40, 80, 3), np.uint8)
+  pixels[:, :20, 0] = pixels[:, 20:60, 1] = pixels[:, 60:, 2] = 255
+  # A strip of 16 x 128: 16 x 64 at the model's size, too narrow for the Robust-R1 degradations.
+  strip = np.full((16, 128, 3), 128, np.uint8)
   tsv = tmp_path / "wide.tsv"
   with open(tsv, "w", newline="") as f:
     w = csv.writer(f, delimiter="\t", lineterminator="\n")
     w.writerow(["index", "image", "question", "A", "B", "answer"])
-    w.writerow([0, base64.b64encode(buf.getvalue()).decode(), "Which colour?", "red", "green",
-                "B"])
+    for i, image in enumerate((pixels, strip)):
+      buf = io.BytesIO()
+      Image.fromarray(image).save(buf, format="PNG")
+      w.writerow([i, base64.b64encode(buf.getvalue()).decode(), "Which colour?", "red", "green",
+                  "B"])
   rules = images.ImageRules(64, 32, 16, 64, 32, 8)
-  (sample,), _ = evaluation.table_samples(str(tsv), 0, rules, log=False)
-  assert sample.image.shape == (64, 64, 3)
-  square = sample.image.astype(int)
+  # By default whole, at its VAE size by the model's rule, as `answer` takes it: every colour.
+  (sample,), read = evaluation.table_samples(str(tsv), 0, rules, max_skip_ratio=0.5, log=False)
+  assert sample.image.shape == (32, 64, 3) == rules.at_vae_size(pixels).shape
+  assert [sample.image[:, x, c].min() >= 250 for x, c in ((2, 0), (32, 1), (-3, 2))] == [True] * 3
+  assert read["bad"] == [[1, "row 1 (line 3): image: 64 x 16 pixels at the model's image size: a "
+                             "side below the Robust-R1 degradations' smallest 32 "
+                             "(--config.benchmark_images=square cuts it square)"]]
+  samples, read = evaluation.table_samples(str(tsv), 0, rules, log=False, images="square")
+  assert [s.image.shape for s in samples] == [(64, 64, 3)] * 2 and not read["bad"]
+  square = samples[0].image.astype(int)
   assert square[..., 1].min() >= 250 and square[..., 0].max() <= 5 and square[..., 2].max() <= 5
+  with pytest.raises(ValueError, match="benchmark images 'crop': one of whole, square"):
+    evaluation.table_samples(str(tsv), 0, rules, images="crop")
+
+
+def test_images_of_several_sizes_are_scored_as_each_would_be_alone(model_dir):
+  """A benchmark's whole images: batches of one size each, every result in its sample's place and
+  the same as that sample's batch alone gives."""
+  engine = engine_lib.Engine.load(model_dir)
+  evaluator = evaluation.Evaluator(engine, recovery_steps=2, batch_size=2, max_new_tokens=2)
+  rng = np.random.default_rng(0)
+  shapes = [(32, 48), (48, 32), (32, 48), (48, 32), (32, 48)]
+  question = {"question": "Which?", "options": ["x", "y"], "answer": "A"}
+  samples = [evaluation.Sample(10 + i, rng.integers(0, 255, (h, w, 3), np.uint8), question)
+             for i, (h, w) in enumerate(shapes)]
+  # In batches of one size, at most 2, in order of each size's first image.
+  assert evaluator._batches([s.image for s in samples]) == [[0, 2], [4], [1, 3]]
+  cond = evaluation.Condition("imagenet_c", "imagenet_c/fog", "s3", severity=3)
+  evaluate = lambda chosen: evaluator.evaluate(
+      chosen, [cond], modes=("corrupted",), per_sample=True, vae_baseline=False)["conditions"][0]
+  out = evaluate(samples[:4])
+  # The second size's samples alone: the same batch, so the same results, in their places.
+  alone = evaluate([samples[1], samples[3]])
+  for k, j in ((1, 0), (3, 1)):
+    for metric in ("psnr", "ssim"):
+      assert out["recovered_per_sample"][metric][k] == alone["recovered_per_sample"][metric][j]
+    assert out["answers"]["corrupted"][k] == alone["answers"]["corrupted"][j]
+    assert out["answers"]["corrupted"][k]["index"] == 10 + k
+  recovered = evaluator.recover([s.image for s in samples[:4]], [s.index for s in samples[:4]])
+  assert [r.shape[:2] for r in recovered] == [engine.rules.vae_size(*s) for s in shapes[:4]]
 
 
 def test_a_bad_table_stops_the_run_before_the_model_loads(tmp_path):
@@ -211,6 +302,36 @@ def test_a_bad_table_stops_the_run_before_the_model_loads(tmp_path):
   with pytest.raises(bad_records.TooManyBadRecords, match="1 of 4"):
     eval_run.run(c, say=lambda line: None)
   assert not os.path.exists(c.out)
+
+
+def test_benchmark_tables_alone(model_dir, tmp_path):
+  """num_samples = 0: a real model on benchmark files, without the built-in world's images."""
+  c = _eval_config()
+  c.model, c.out, c.num_samples, c.batch_size = model_dir, str(tmp_path / "report"), 0, 2
+  c.recovery_steps, c.max_new_tokens, c.benchmark_samples = 2, 2, 2
+  c.benchmarks.rbench = _benchmarks(tmp_path)[0]
+  lines = []
+  path = eval_run.run(c, say=lines.append)
+  assert "on 1 benchmark table alone (num_samples = 0: not on the built-in world)" in lines[0]
+  assert [line.split("] ")[1].split(" (")[0] for line in lines if "] " in line] == [
+      "benchmark rbench: robust_r1_pipeline 25%", "benchmark rbench: robust_r1_pipeline 50%",
+      "benchmark rbench: robust_r1_pipeline 100%", "benchmark rbench: clean images"]
+  text = open(path).read()
+  assert "The benchmark tables alone (num_samples = 0)" in text and "## rbench" in text
+  assert "claims in miniature" not in text and "Per condition" not in text
+  with open(os.path.join(c.out, "report.json")) as f:
+    data = json.load(f)
+  assert data["result"] == {} and data["claims"] == []
+  assert data["benchmarks"]["rbench"]["samples"] == 2
+  assert not [name for name in os.listdir(c.out) if name.endswith(".png")]
+
+
+def test_a_report_without_conditions_keeps_its_tables_whole():
+  answers = [{"kind": "colour", "correct": True, "options": 2}]
+  result = {"num_samples": 1, "conditions": [],
+            "clean": {"accuracy": 1.0, "by_kind": {"colour": 1.0}, "answers": answers}}
+  table = [line for line in report._world_lines(result, []) if line.startswith("|")]
+  assert table and {line.count("|") for line in table} == {5}  # header, rule and rows alike
 
 
 def test_an_evaluation_stopped_before_its_first_unit_says_so(tmp_path, monkeypatch):
@@ -704,6 +825,31 @@ def test_partial_results_keep_arrays_and_start_afresh_for_another_model(tmp_path
   store = partial.PartialResults(str(tmp_path), stamp())
   store.put("fog s3", unit)
   assert len(partial.PartialResults(str(tmp_path), {**stamp(), "config": {"seed": 1}})) == 0
+
+
+def test_another_evaluation_in_the_folder_is_refused_naming_what_differs(model_dir, tmp_path):
+  c = _eval_config()
+  c.model, c.out = model_dir, str(tmp_path / "out")
+  partial.PartialResults(c.out, eval_run.fingerprint(c)).put("fog s3", {"n": 1})
+  # The same model however it is spelled: relative, through a link, by its stage's workdir.
+  stage = tmp_path / "stage"
+  stage.mkdir()
+  os.symlink(model_dir, stage / "model")
+  for spelled in (os.path.relpath(model_dir), str(stage / "model"), str(stage)):
+    c.model = spelled
+    assert eval_run.other_evaluation(c) is None, spelled
+  kept = "the units another, stopped evaluation kept, which differs in: "
+  c.num_samples = 8
+  assert eval_run.other_evaluation(c) == kept + "config field num_samples 64 -> 8"
+  c.num_samples, c.benchmarks.rbench = 64, str(tmp_path / "b.tsv")
+  (tmp_path / "b.tsv").write_text("index\n")
+  assert eval_run.other_evaluation(c) == kept + (
+      f"config field benchmarks.rbench '' -> '{tmp_path}/b.tsv'; file {tmp_path}/b.tsv added")
+  c.benchmarks.rbench = ""
+  weights = sorted(os.listdir(model_dir))[0]
+  os.utime(os.path.join(model_dir, weights), ns=(0, 0))
+  assert eval_run.other_evaluation(c) == kept + (
+      f"file {os.path.realpath(model_dir)}/{weights} of another size or modification time")
 
 
 def test_units_kept_by_other_code_are_not_read_back(tmp_path):

@@ -494,6 +494,12 @@ def test_prompt_and_answer_extraction():
   for reply in ("answer: B", "The answer is (B), the square", "I think B", "B because it is"):
     assert reasoner.extract_answer(reply, ["x", "y", "z"]) == "B", reply
   assert reasoner.extract_answer("A triangle, B or C", ["x", "y", "z"]) == ""
+  # ... unless the word after it is a verb or offers another option: then it is the letter, and a
+  # reply that offers two options names none.
+  for reply in ("Option A is correct.", "A is correct", "I think A is right.", "A seems best"):
+    assert reasoner.extract_answer(reply, ["x", "y", "z"]) == "A", reply
+  for reply in ("A or B", "Either A or C", "A and B are both wrong, C", "A nor B"):
+    assert reasoner.extract_answer(reply, ["x", "y", "z"]) == "", reply
   assert reasoner.extract_answer("<ANSWER>blue<ANSWER_END>") == "blue"
   # An answer field left open ends at the next field's tag, not at the end of the text.
   assert reasoner.extract_answer("<ANSWER>E<ANSWER>D<TYPE>none<TYPE_END>") == "D"

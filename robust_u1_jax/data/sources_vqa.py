@@ -23,10 +23,12 @@ import ast
 import base64
 import binascii
 import csv
+import glob
 import io
 import math
 import os
 import pathlib
+import re
 import sys
 import threading
 
@@ -272,6 +274,44 @@ class VqaTsvSource:
 
 # --------------------------------------------------------------------------------------- parquet
 
+# A Hugging Face dataset's shard names its split: data/test-00000-of-00002.parquet (the hub's
+# layout; a fingerprint may follow the count), or sits in a folder named for it
+# (default/test/0000.parquet, the parquet converter's).
+_SHARD = re.compile(r"^(.+?)-\d{5}-of-\d{5}(?:-[0-9a-f]+)?\.parquet$")
+_SPLIT_FOLDERS = ("train", "test", "validation", "val", "dev", "testmini")
+
+
+def is_pattern(path: str) -> bool:
+  """Whether a table's path is a glob pattern of parquet shards (`data/test-*.parquet`)."""
+  return any(ch in path for ch in "*?[")
+
+
+def _split_of(file: str) -> str | None:
+  shard = _SHARD.match(os.path.basename(file))
+  if shard:
+    return shard.group(1)
+  folder = os.path.basename(os.path.dirname(file))
+  return folder if folder in _SPLIT_FOLDERS else None
+
+
+def _check_one_split(folder: str, files: list[str]) -> None:
+  """A folder of parquet shards is one table: a dataset's folder holding several splits (its
+  train and test shards) would mix them silently."""
+  splits = {}
+  for f in files:
+    splits.setdefault(_split_of(f), f)
+  splits.pop(None, None)
+  if len(splits) > 1:
+    name = "test" if "test" in splits else min(splits)
+    first = splits[name]
+    shards = f"{name}-*.parquet" if _SHARD.match(os.path.basename(first)) else "*.parquet"
+    pattern = os.path.join(os.path.dirname(first), shards)
+    raise config_lib.ConfigError(
+        f"{folder}: holds the shards of several splits ({', '.join(sorted(splits))}), which one "
+        f"table would mix; give one split's: a pattern such as '{pattern}', its folder or one "
+        ".parquet file")
+
+
 class VqaParquetSource:
   """Hugging Face parquet VQA tables: one .parquet file, or every .parquet under a folder.
 
@@ -287,10 +327,16 @@ class VqaParquetSource:
 
     self.path = str(path)
     p = pathlib.Path(self.path)
-    if p.is_dir():
+    if is_pattern(self.path):  # one split's shards: data/test-*.parquet
+      self.files = sorted(f for f in glob.glob(self.path, recursive=True)
+                          if f.endswith(".parquet"))
+      if not self.files:
+        raise FileNotFoundError(f"no .parquet files match {self.path}")
+    elif p.is_dir():
       self.files = [str(f) for f in sorted(p.rglob("*.parquet"))]
       if not self.files:
         raise FileNotFoundError(f"folder {self.path} holds no .parquet files")
+      _check_one_split(self.path, self.files)
     elif p.is_file():
       self.files = [self.path]
     else:

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from robust_u1_jax import config_lib, pixels
+from robust_u1_jax import config_inputs, config_lib, pixels
 from robust_u1_jax.data import answer_format, corruptions
 from robust_u1_jax.data import sequence
 from robust_u1_jax.eval import partial
@@ -185,23 +185,27 @@ def written_options(question: str) -> list[str]:
   return [f"{m.group(1)}. {text}" for m, text in zip(marks, texts)]
 
 
-def scored_options(question: Mapping[str, Any]) -> list[str]:
-  """The options a question is scored against: its own; else, when its answer is a letter, the
-  ones its text lists (`written_options`: MMStar's and RealWorldQA's parquet tables)."""
-  options = list(question.get("options") or ())
+def benchmark_question(question: Mapping[str, Any]) -> dict[str, Any]:
+  """A benchmark row's question as it is asked and scored: with its own options; else, when its
+  answer is a letter, with the options its text lists (`written_options`: MMStar's and
+  RealWorldQA's parquet tables), so that it is asked as multiple choice, as the same table's
+  VLMEvalKit TSV asks it (whose questions list the options too)."""
+  question = dict(question)
   truth = str(question["answer"]).strip()
-  if options or not (len(truth) == 1 and truth.isalpha()):
-    return options
+  if question.get("options") or not (len(truth) == 1 and truth.isalpha()):
+    return question
   written = written_options(str(question.get("question", "")))
-  return written if truth.upper() in answer_format.LETTERS[:len(written)] else []
+  if truth.upper() in answer_format.LETTERS[:len(written)]:
+    question["options"] = written
+  return question
 
 
 def score(answer_text: str, question: Mapping[str, Any]) -> tuple[str, bool]:
   """(the extracted answer, whether it is right): option letter match for multiple choice
-  (`scored_options`, `reasoner.extract_answer`), normalised exact match otherwise. A letter
-  answer to a question whose text lists no options is scored on the letter of A to D (or to the
-  answer's letter) that the reply names (`reasoner.named_letter`)."""
-  options = scored_options(question)
+  (`reasoner.extract_answer`), normalised exact match otherwise. A letter answer to a question
+  without options is scored on the letter of A to D (or to the answer's letter) that the reply
+  names (`reasoner.named_letter`)."""
+  options = question.get("options") or ()
   truth = str(question["answer"]).strip()
   if options:
     extracted = reasoner.extract_answer(answer_text, options)
@@ -236,51 +240,68 @@ class Evaluator:
     self.instruction = engine.instruction  # the model's own (its instruction.json)
     self.clip_similarity = clip_similarity
 
-  def _batches(self, n: int):
-    for start in range(0, n, self.batch_size):
-      yield slice(start, min(start + self.batch_size, n))
+  def _batches(self, images: Sequence[np.ndarray]) -> list[list[int]]:
+    """Indices of `images` in batches of at most `batch_size` images of one size (one compiled
+    shape each), in order: the built-in world's images, all of one size, in consecutive runs."""
+    by_size: dict[tuple[int, ...], list[int]] = {}
+    for i, image in enumerate(images):
+      by_size.setdefault(np.shape(image), []).append(i)
+    return [same[start:start + self.batch_size] for same in by_size.values()
+            for start in range(0, len(same), self.batch_size)]
 
-  def recover(self, corrupted: Sequence[np.ndarray], indices: Sequence[int]) -> np.ndarray:
-    """Deterministic recoveries (posterior mean, noise from (seed, index))."""
-    out = []
+  def _per_image(self, fn: Callable[..., Sequence[Any]], *images: Sequence[np.ndarray]) -> list:
+    """`fn(batch, *stacked)` on each batch of `images[0]`'s sizes (`_batches`: `batch` its
+    indices, `stacked` that batch of each of `images`); what it returns per image, in order."""
+    out = [None] * len(images[0])
+    for batch in self._batches(images[0]):
+      results = fn(batch, *(np.stack([each[i] for i in batch]) for each in images))
+      for i, result in zip(batch, results):
+        out[i] = result
+    return out
+
+  def recover(self, corrupted: Sequence[np.ndarray], indices: Sequence[int]):
+    """Deterministic recoveries (posterior mean, noise from (seed, index)), as `stacked`."""
     base = jax.random.PRNGKey(self.seed + 1)
-    for part in self._batches(len(corrupted)):
-      keys = jnp.stack([jax.random.fold_in(base, int(i)) for i in indices[part]])
-      images, _ = self.engine.recover(corrupted[part], sampler=self.sampler, keys=keys,
-                                      instruction=self.instruction, posterior="mean")
-      out.append(images)
-    return np.concatenate(out)
 
-  def through_vae(self, images: np.ndarray) -> np.ndarray:
+    def recover(batch, images):
+      keys = jnp.stack([jax.random.fold_in(base, int(indices[i])) for i in batch])
+      return self.engine.recover(images, sampler=self.sampler, keys=keys,
+                                 instruction=self.instruction, posterior="mean")[0]
+
+    return stacked(self._per_image(recover, corrupted))
+
+  def through_vae(self, images: Sequence[np.ndarray]):
     """The VAE's own reconstructions of `images` (posterior mean): what a recovery decodes to
-    when it copies its input's latents and restores nothing."""
-    return np.concatenate([self.engine.round_trip(images[part])
-                           for part in self._batches(len(images))])
+    when it copies its input's latents and restores nothing. As `stacked`."""
+    return stacked(self._per_image(lambda _, batch: self.engine.round_trip(batch), images))
 
-  def round_trip(self, clean: np.ndarray) -> dict[str, float]:
+  def round_trip(self, clean: Sequence[np.ndarray]) -> dict[str, float]:
     """Quality of the VAE's own reconstruction of the clean images: a recovery's ceiling."""
     return _means(self.quality(self.through_vae(clean), clean))
 
-  def quality(self, images: np.ndarray, clean: np.ndarray) -> dict[str, np.ndarray]:
-    """PSNR, SSIM (and CLIP similarity) of each image to its clean one, `batch_size` images at a
-    time: a condition of 500 large images at once would not fit a device."""
-    parts = []
-    for part in self._batches(len(images)):
-      out = {"psnr": psnr(images[part], clean[part]), "ssim": ssim(images[part], clean[part])}
+  def quality(self, images: Sequence[np.ndarray], clean: Sequence[np.ndarray]
+              ) -> dict[str, np.ndarray]:
+    """PSNR, SSIM (and CLIP similarity) of each image to its clean one, `batch_size` images of one
+    size at a time: a condition of 500 large images at once would not fit a device."""
+    def measure(_, batch, clean_batch):
+      out = {"psnr": psnr(batch, clean_batch), "ssim": ssim(batch, clean_batch)}
       if self.clip_similarity is not None:
-        out["clip"] = self.clip_similarity(images[part], clean[part])
-      parts.append(out)
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        out["clip"] = self.clip_similarity(batch, clean_batch)
+      return [{k: v[j] for k, v in out.items()} for j in range(len(batch))]
+
+    rows = self._per_image(measure, images, clean)
+    return {k: np.array([row[k] for row in rows]) for k in rows[0]}
 
   def answers(self, mode: str, samples: Sequence[Sample], corrupted=None, recovered=None
               ) -> list[dict[str, Any]]:
     """Greedy answers of every sample in `mode`, scored."""
     eng = self.engine
     rules = eng.rules
-    results = []
-    for part in self._batches(len(samples)):
+    results = [None] * len(samples)
+    for batch in self._batches([s.image for s in samples]):
       rows, stacks = [], []
-      for j, sample in enumerate(samples[part], start=part.start):
+      for j in batch:
+        sample = samples[j]
         vae = {"clean": sample.image}
         if corrupted is not None:
           vae["corrupted"] = corrupted[j]
@@ -294,19 +315,19 @@ class Evaluator:
             vae, vit))
         stacks.append(image_stack(mode, vae))
       ids = eng.generate_batch(rows, np.asarray(stacks), max_new_tokens=self.max_new_tokens)
-      for sample, row_ids in zip(samples[part], ids):
-        text = eng.decode(row_ids)
+      for j, row_ids in zip(batch, ids):
+        sample, text = samples[j], eng.decode(row_ids)
         extracted, right = score(text, sample.question)
-        results.append({"index": sample.index, "kind": sample.kind, "answer": extracted,
-                        "truth": sample.question["answer"], "correct": bool(right),
-                        "options": len(scored_options(sample.question)), "text": text})
+        results[j] = {"index": sample.index, "kind": sample.kind, "answer": extracted,
+                      "truth": sample.question["answer"], "correct": bool(right),
+                      "options": len(sample.question.get("options") or ()), "text": text}
     return results
 
   def clean(self, samples: Sequence[Sample], *, recovery: bool = False) -> dict[str, Any]:
     """Accuracy on clean images (`recovery`: with recovery always on, the clean image in the
     corrupted image's place and its recovery beside it), by kind, and the answers."""
     if recovery:
-      clean = np.stack([s.image for s in samples])
+      clean = stacked([s.image for s in samples])
       answers = self.answers("corrupted+recovered", samples, clean,
                              self.recover(clean, [s.index for s in samples]))
     else:
@@ -332,7 +353,7 @@ class Evaluator:
     VAE is frozen) neither 'through_vae' nor 'examples'. Each condition is a unit, `unit_prefix`
     + its label, as `progress` is told; with a `store`, read from it when an earlier run finished
     it, written to it when this one does."""
-    clean = np.stack([s.image for s in samples])
+    clean = stacked([s.image for s in samples])
     indices = [s.index for s in samples]
     out: dict[str, Any] = {"num_samples": len(samples), "conditions": [], "examples": []}
     for cond in conds:
@@ -352,7 +373,7 @@ class Evaluator:
                  indices: Sequence[int], *, modes: Sequence[str], per_sample: bool,
                  vae_baseline: bool) -> dict[str, Any]:
     """One condition of `evaluate`: {'row': its row, 'example': its grid's columns}."""
-    corrupted = np.stack(corrupt(clean, indices, cond, self.seed))
+    corrupted = stacked(corrupt(clean, indices, cond, self.seed))
     recovered = self.recover(corrupted, indices)
     quality = {"corrupted": self.quality(corrupted, clean),
                "recovered": self.quality(recovered, clean)}
@@ -386,6 +407,12 @@ class Evaluator:
     if "corrupted+recovered" in modes and cond.family == PIPELINE:
       row["oracle_accuracy"] = _accuracy(self.answers(ORACLE, samples, corrupted, recovered))
     return unit
+
+
+def stacked(images: Sequence[np.ndarray]):
+  """Images of one size as one B x H x W x 3 array; of several sizes (a benchmark's, kept whole),
+  the list."""
+  return np.stack(images) if len({np.shape(x) for x in images}) == 1 else list(images)
 
 
 def paired_se(a: Sequence[float], b: Sequence[float]) -> float:
@@ -443,25 +470,29 @@ def shapes_samples(split: str, count: int, rules: images_lib.ImageRules, seed: i
 
 def open_table(path: str):
   """The source of a VLMEvalKit TSV (or CSV) or Hugging Face parquet benchmark file, or of a
-  folder of parquet shards (its columns checked: a table without the ones it needs is a
+  folder or pattern of parquet shards (its columns checked: a table without the ones it needs is a
   ConfigError naming them)."""
   from robust_u1_jax.data import sources_vqa
 
-  parquet = path.lower().endswith((".parquet", ".pq")) or os.path.isdir(path)
+  parquet = (path.lower().endswith(config_inputs.PARQUET_EXTENSIONS) or os.path.isdir(path)
+             or sources_vqa.is_pattern(path))
   return sources_vqa.VqaParquetSource(path) if parquet else sources_vqa.VqaTsvSource(path)
 
 
 def read_table(path: str, count: int, max_skip_ratio: float = 0.01,
                keep: Callable[[int, Mapping[str, Any], np.ndarray], None] | None = None,
-               log: bool = True, min_side: int = 0) -> dict[str, Any]:
+               log: bool = True, rules: images_lib.ImageRules | None = None,
+               images: str = "whole") -> dict[str, Any]:
   """Reads the first `count` rows (0: all) of a benchmark file, decoding each image; calls
-  `keep(row, record, image)` for each good row. Returns what was read: {'rows': rows read,
-  'table_rows': the table's, 'bad_rows': how many were bad, 'bad': the first BAD_ROWS_LISTED of
-  them as [row, reason]}.
+  `keep(row, record, image)` for each good row, its image as the model takes it (`model_image`,
+  with `rules`; else as decoded). Returns what was read: {'rows': rows read, 'table_rows': the
+  table's, 'bad_rows': how many were bad, 'bad': the first BAD_ROWS_LISTED of them as [row,
+  reason]}.
 
-  A bad row (unreadable, bad base64, an image PIL cannot read or with a side below `min_side`,
-  which training skips too, a question without its answer among the options) is logged with its
-  row and reason (unless `log` is False); past `max_skip_ratio` of the rows read it raises
+  A bad row (unreadable, bad base64, an image PIL cannot read or with a side below the rules'
+  smallest, which training skips too, or one narrower at the model's size than the Robust-R1
+  degradations take; a question without its answer among the options) is logged with its row and
+  reason (unless `log` is False); past `max_skip_ratio` of the rows read it raises
   `TooManyBadRecords`, naming them.
   """
   from robust_u1_jax.data import bad_records, transforms
@@ -479,7 +510,11 @@ def read_table(path: str, count: int, max_skip_ratio: float = 0.01,
       if not bad_records.is_skip(record):
         try:
           image = transforms.decode_image(record["image_bytes"])
-          problem = transforms.size_problem(image, min_side, images_lib.MIN_SIDE_SETTING)
+          problem = rules and transforms.size_problem(image, rules.min_side,
+                                                      images_lib.MIN_SIDE_SETTING)
+          if rules and not problem:
+            image = model_image(image, rules, images)
+            problem = _too_narrow(image)
         except transforms.BadImageError as e:
           problem = str(e)
         if problem:
@@ -495,32 +530,60 @@ def read_table(path: str, count: int, max_skip_ratio: float = 0.01,
     m = tracker.metrics()
     listed = "; ".join(reason for _, reason in bad[:BAD_ROWS_LISTED])
     more = f"; and {len(bad) - BAD_ROWS_LISTED} more" if len(bad) > BAD_ROWS_LISTED else ""
+    fix = ("Fix or remove these rows, or raise it (--config.max_skip_ratio)"
+           if not all(": not UTF-8 text" in reason for _, reason in bad) else
+           "The table is not UTF-8 text, as VLMEvalKit writes its TSVs: convert it (e.g. iconv "
+           "-f GBK -t UTF-8 in.tsv > out.tsv, naming its encoding)")
     raise bad_records.TooManyBadRecords(
         f"benchmark {path}: {m['skipped']} of {m['seen']} rows read were unreadable or unusable "
-        f"({m['skip_ratio']:.2%} > max_skip_ratio {max_skip_ratio:.2%}): {listed}{more}. Fix or "
-        "remove these rows, or raise it (--config.max_skip_ratio)") from None
+        f"({m['skip_ratio']:.2%} > max_skip_ratio {max_skip_ratio:.2%}): {listed}{more}. "
+        f"{fix}") from None
   return {"rows": rows, "table_rows": len(source), "bad_rows": len(bad),
           "bad": bad[:BAD_ROWS_LISTED]}
 
 
-def table_samples(path: str, count: int, rules: images_lib.ImageRules,
-                  max_skip_ratio: float = 0.01, log: bool = True
-                  ) -> tuple[list[Sample], dict[str, Any]]:
-  """The good rows among the first `count` of a benchmark file -> (samples, what was read, as
-  `read_table` says). A bad row is left out of the scores. Recovery batches images of one size,
-  so each image is cut to its centred square at the VAE rule's largest side (the RL stage's
-  `crop_square` does the same).
-  """
+def _too_narrow(image: np.ndarray) -> str | None:
+  """Why the Robust-R1 degradations, which every benchmark intensity applies, cannot corrupt an
+  image at the model's size (a long, narrow one, shrunk by the resize rule), or None."""
+  from robust_u1_jax.data.corruptions import robust_r1_common
+
+  h, w = image.shape[:2]
+  if min(h, w) >= robust_r1_common.MIN_SIDE:
+    return None
+  return (f"{w} x {h} pixels at the model's image size: a side below the Robust-R1 "
+          f"degradations' smallest {robust_r1_common.MIN_SIDE} (--config.benchmark_images=square "
+          "cuts it square)")
+
+
+def model_image(image: np.ndarray, rules: images_lib.ImageRules, images: str = "whole"
+                ) -> np.ndarray:
+  """A benchmark image as the evaluation gives it to the model: `images` 'whole', at its VAE size
+  by the model's resize rule, as `recover` and `answer` take it; 'square', its centred square at
+  the rule's largest side (one size for every image)."""
   from robust_u1_jax.data import transforms
 
-  side, out = rules.vae_max_side, []
+  if images not in config_lib.BENCHMARK_IMAGES:
+    raise ValueError(f"benchmark images {images!r}: one of "
+                     f"{', '.join(config_lib.BENCHMARK_IMAGES)}")
+  if images == "square":
+    side = rules.vae_max_side
+    image = transforms.resize_image(transforms.center_square(image), (side, side))
+  return rules.at_vae_size(image)
+
+
+def table_samples(path: str, count: int, rules: images_lib.ImageRules,
+                  max_skip_ratio: float = 0.01, log: bool = True, images: str = "whole"
+                  ) -> tuple[list[Sample], dict[str, Any]]:
+  """The good rows among the first `count` of a benchmark file -> (samples, what was read, as
+  `read_table` says), each image as `model_image` makes it. A bad row is left out of the scores.
+  Whole images are batched by size (`Evaluator._batches`), each size its own compiled programs.
+  """
+  out = []
 
   def keep(i, record, image):
-    square = transforms.resize_image(transforms.center_square(image), (side, side))
     # The table's own row id beside the question, for the answers file (run._benchmark).
-    out.append(Sample(i, rules.at_vae_size(square), dict(record["questions"][0],
-                                                          id=record.get("id", str(i))),
-                      record.get("category", "")))
+    question = dict(benchmark_question(record["questions"][0]), id=record.get("id", str(i)))
+    out.append(Sample(i, image, question, record.get("category", "")))
 
-  read = read_table(path, count, max_skip_ratio, keep, log, rules.min_side)
+  read = read_table(path, count, max_skip_ratio, keep, log, rules, images)
   return out, read

@@ -41,14 +41,25 @@ def stamp(fingerprint: Any) -> str:
 def kept_stamp(out_dir: str) -> str | None:
   """The stamp of the units a stopped evaluation kept in `out_dir`, None if it kept none (a run
   stopped before its first unit leaves the stamp alone)."""
+  return _kept(out_dir).get("stamp")
+
+
+def kept_fingerprint(out_dir: str) -> Any | None:
+  """The fingerprint of the units a stopped evaluation kept in `out_dir` (None: it kept none, or
+  an older version's, which wrote its stamp alone)."""
+  return _kept(out_dir).get("fingerprint")
+
+
+def _kept(out_dir: str) -> dict[str, Any]:
   folder = os.path.join(out_dir, FOLDER)
   try:
     if not any(name.endswith(".npz") for name in os.listdir(folder)):
-      return None
+      return {}
     with open(os.path.join(folder, _STAMP)) as f:
-      return json.load(f).get("stamp")
-  except (OSError, ValueError, AttributeError):
-    return None
+      kept = json.load(f)
+  except (OSError, ValueError):
+    return {}
+  return kept if isinstance(kept, dict) else {}
 
 
 class PartialResults:
@@ -62,8 +73,8 @@ class PartialResults:
     if kept_stamp(out_dir) != self.stamp:  # another config or model (or none yet): start afresh
       shutil.rmtree(self.folder, ignore_errors=True)
       os.makedirs(self.folder)
-      with files.atomic_write(stamp_path, "w") as f:
-        json.dump({"stamp": self.stamp}, f)
+      with files.atomic_write(stamp_path, "w") as f:  # the fingerprint: what a refusal names
+        json.dump({"stamp": self.stamp, "fingerprint": fingerprint}, f, default=str)
 
   def __len__(self) -> int:
     return sum(name.endswith(".npz") for name in os.listdir(self.folder))

@@ -377,7 +377,7 @@ def by_kind_table(result: Mapping[str, Any], modes: Sequence[str]) -> list[str]:
            + (" The modes' means weigh each condition alike, the pipeline's on more questions "
               "than the others: a cell of few questions moves by several points a question."
               if more_clean else ""), "",
-           f"| kind | {questions} | chance | clean | " + " | ".join(modes) + " |",
+           f"| kind | {questions} | chance | clean |" + "".join(f" {m} |" for m in modes),
            "|" + " --- |" * (len(modes) + 4)]
   for kind, acc in clean.items():
     cells = [kind, counts[kind], _chance([a for a in answers if a["kind"] == kind]), _pct(acc)]
@@ -441,7 +441,9 @@ def benchmark_scoring_line(bench: Mapping[str, Any]) -> str:
   """How a benchmark's answers were scored, and what reads a score apart from chance."""
   line = f"Scored as VLMEvalKit reads replies, without its GPT judge: {SCORING}."
   if bench.get("chance") is not None:
-    line += f" Chance (a random option): {_percent(bench['chance'])}."
+    chosen, rows = bench.get("chance_rows") or (0, 0)
+    of = f" on its {chosen} multiple-choice rows of {rows}" if chosen < rows else ""
+    line += f" Chance (a random option){of}: {_percent(bench['chance'])}."
   missing, asked = bench.get("no_option") or (0, 0)
   if asked:
     line += (f" Replies naming no option (scored wrong): {missing} of {asked}, every mode and "
@@ -453,8 +455,8 @@ def benchmark_scoring_line(bench: Mapping[str, Any]) -> str:
 SCORING = ("a multiple-choice reply by the option letter it names (the answer field's letter, a "
            "letter it starts with, the one letter standing as a word of it, else the one option "
            "whose text it holds; options written into the question, as MMStar's and "
-           "RealWorldQA's parquet tables write them, read from its text), an open answer by "
-           "exact match, lowercased and without punctuation")
+           "RealWorldQA's parquet tables write them, are its options, asked and scored), an open "
+           "answer by exact match, lowercased and without punctuation")
 
 
 def write_answers(path: str, samples: Sequence[Any], answers: Mapping[tuple[str, str], Any]
@@ -480,8 +482,38 @@ def write(out_dir: str, result: Mapping[str, Any], *, title: str,
   JSON last: its settings' stamp says the report is finished (`run.report_is_current`); returns
   the markdown's path."""
   os.makedirs(out_dir, exist_ok=True)
+  lines = [f"# {title}", ""] + (_world_lines(result, claim_rows) if result else [
+      "The benchmark tables alone (num_samples = 0): no image of the built-in world, so no claim "
+      "of the paper's is read."])
+  lines += benchmark_lines(benchmarks or {})
+  if figure_names:
+    grids = sum(name.startswith("grid_") for name in figure_names)
+    lines += ["", "## Figures", "", f"Image grids of the first {grids} conditions, left to right: "
+              + " | ".join(evaluation.GRID_COLUMNS) + ".", ""]
+    lines += [f"![{n}]({n})" for n in figure_names]
+  lines += ["", "## Settings", ""]
+  if settings.get("cfg_text", 0) is None or settings.get("cfg_img", 0) is None:
+    lines += ["cfg_text / cfg_img null: the recoveries take the model's own guidance (guidance).",
+              ""]
+  shown = {k: v for k, v in settings.items() if k != "fingerprint"}  # report.json keeps it all
+  lines += ["```json", json.dumps(shown, indent=1, default=str),
+            "```", ""]
+  path = os.path.join(out_dir, "report.md")
+  with files.atomic_write(path, "w") as f:
+    f.write("\n".join(lines))
+  public = {k: v for k, v in result.items() if k != "examples"}
+  with files.atomic_write(os.path.join(out_dir, "report.json"), "w") as f:
+    json.dump({"settings": dict(settings), "result": public, "claims": list(claim_rows),
+               "benchmarks": benchmarks or {}}, f, indent=1, default=str)
+  return path
+
+
+def _world_lines(result: Mapping[str, Any], claim_rows: Sequence[Mapping[str, Any]]
+                 ) -> list[str]:
+  """The report's part on the built-in world: the claims, the conditions, the question kinds,
+  RL against SFT."""
   n_claims = result.get("num_claim_samples", result["num_samples"])
-  lines = [f"# {title}", "", f"{result['num_samples']} held-out samples per condition"
+  lines = [f"{result['num_samples']} held-out samples per condition"
            + (f", {n_claims} for the figures the claims read (the Robust-R1 pipeline's "
               "conditions and the clean images)." if n_claims != result["num_samples"]
               else "."), ""]
@@ -507,7 +539,10 @@ def write(out_dir: str, result: Mapping[str, Any], *, title: str,
                f"{_percent(float(np.mean(asked)))} on the first {len(asked)}, which the other "
                "conditions ask")
     lines += [line + ".", ""]
-  first = result["conditions"][0] if result["conditions"] else {}
+  if not result["conditions"]:
+    return lines + ["No corruption condition was evaluated (intensities, imagenet_c_types and "
+                    "robust_r1_types all empty)."] + by_kind_table(result, modes)
+  first = result["conditions"][0]
   shown = [k for k in ("corrupted", "through_vae", "recovered") if k in first]
   metrics = [(m, digits) for m, digits in (("psnr", 2), ("ssim", 3), ("clip", 3))
              if m in first.get("recovered", {})]
@@ -528,8 +563,13 @@ def write(out_dir: str, result: Mapping[str, Any], *, title: str,
     cells += [_accuracy_cell(c, m) for m in modes]
     lines.append("| " + " | ".join(cells) + " |")
   lines += by_kind_table(result, modes)
-  lines += rl_minus_sft_table(result)
-  for name, bench in (benchmarks or {}).items():
+  return lines + rl_minus_sft_table(result)
+
+
+def benchmark_lines(benchmarks: Mapping[str, Any]) -> list[str]:
+  """The report's part on each benchmark table."""
+  lines = []
+  for name, bench in benchmarks.items():
     lines += ["", f"## {name}", "", bad_rows_line(bench), "",
               "Accuracy (%) per answer mode, on the clean images and under the Robust-R1 pipeline "
               f"at {_INTENSITIES}; per category in report.json; every answer "
@@ -540,22 +580,4 @@ def write(out_dir: str, result: Mapping[str, Any], *, title: str,
       lines.append(f"| {level} | " + " | ".join(_pct(accs.get(m, float("nan")))
                                                 for m in bench["modes"]) + " |")
     lines += ["", benchmark_scoring_line(bench)]
-  if figure_names:
-    grids = sum(name.startswith("grid_") for name in figure_names)
-    lines += ["", "## Figures", "", f"Image grids of the first {grids} conditions, left to right: "
-              + " | ".join(evaluation.GRID_COLUMNS) + ".", ""]
-    lines += [f"![{n}]({n})" for n in figure_names]
-  lines += ["", "## Settings", ""]
-  if settings.get("cfg_text", 0) is None or settings.get("cfg_img", 0) is None:
-    lines += ["cfg_text / cfg_img null: the recoveries take the model's own guidance (guidance).",
-              ""]
-  lines += ["```json", json.dumps(dict(settings), indent=1, default=str),
-            "```", ""]
-  path = os.path.join(out_dir, "report.md")
-  with files.atomic_write(path, "w") as f:
-    f.write("\n".join(lines))
-  public = {k: v for k, v in result.items() if k != "examples"}
-  with files.atomic_write(os.path.join(out_dir, "report.json"), "w") as f:
-    json.dump({"settings": dict(settings), "result": public, "claims": list(claim_rows),
-               "benchmarks": benchmarks or {}}, f, indent=1, default=str)
-  return path
+  return lines

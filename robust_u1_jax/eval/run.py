@@ -5,19 +5,21 @@ in the report folder until the report is written (eval/partial.py)."""
 
 from __future__ import annotations
 
+import glob
 import itertools
 import json
 import os
 import platform
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import ml_collections
 import numpy as np
 
 from robust_u1_jax import config_lib, files, signals
+from robust_u1_jax.data import sources_vqa
 from robust_u1_jax.eval import evaluation, partial, report
 from robust_u1_jax.inference import engine as engine_lib
 from robust_u1_jax.inference import images as images_lib
@@ -50,14 +52,50 @@ def _evaluator(engine, c, clip_similarity, model: str) -> evaluation.Evaluator:
 
 
 def fingerprint(c: ml_collections.ConfigDict) -> dict[str, Any]:
-  """What an evaluation's results depend on: its config (not where the report goes), the files of
-  the models, the CLIP checkpoint and the benchmark tables it reads, and this package's code."""
+  """What an evaluation's results depend on: its config (not where the report goes; each path as
+  the absolute path it names, so `runs/x` and `$PWD/runs/x` are one evaluation), the files of the
+  models, the CLIP checkpoint and the benchmark tables it reads, and this package's code."""
+  absolute = lambda path: os.path.realpath(path) if path else path
+  model_path = lambda path: absolute(engine_lib.resolve_model_dir(path)) if path else path
   models = [c.model] + [path for path in c.compare.values() if path]
-  paths = [engine_lib.resolve_model_dir(m) for m in models] + [
-      path for path in [c.clip_checkpoint, *c.benchmarks.values()] if path]
+  tables = [file for path in c.benchmarks.values() if path for file in (
+      sorted(glob.glob(path, recursive=True)) if sources_vqa.is_pattern(path) else [path])]
+  paths = [model_path(m) for m in models] + [
+      absolute(path) for path in [c.clip_checkpoint, *tables] if path]
   # Not max_skip_ratio: raised after a stop on a bad table, it keeps the finished units.
-  return {"config": {k: v for k, v in c.to_dict().items() if k not in ("out", "max_skip_ratio")},
-          "files": files.files_fingerprint(paths), "code": files.code_digest()}
+  config = {k: v for k, v in c.to_dict().items() if k not in ("out", "max_skip_ratio")}
+  config.update(model=model_path(c.model), clip_checkpoint=absolute(c.clip_checkpoint),
+                rl_workdir=absolute(c.rl_workdir),
+                compare={k: model_path(v) for k, v in c.compare.items()},
+                benchmarks={k: absolute(v) for k, v in c.benchmarks.items()})
+  return {"config": config, "files": files.files_fingerprint(paths), "code": files.code_digest()}
+
+
+def differences(kept: Mapping[str, Any], own: Mapping[str, Any], at_most: int = 3) -> str:
+  """What differs between two evaluations' fingerprints, in words: the config fields (with both
+  values), the files (added, removed, or of another size or time), the code."""
+  own = json.loads(json.dumps(own, default=str))  # as it was kept: tuples as lists
+  said = []
+  old, new = _flat(kept.get("config", {})), _flat(own["config"])
+  fields = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+  said += [f"config field {k} {old.get(k)!r} -> {new.get(k)!r}" for k in fields[:at_most]]
+  old_files = {path: rest for path, *rest in kept.get("files", [])}
+  new_files = {path: rest for path, *rest in own["files"]}
+  changed = sorted(p for p in old_files.keys() | new_files.keys()
+                   if old_files.get(p) != new_files.get(p))
+  said += [f"file {p} " + ("added" if p not in old_files else "gone" if p not in new_files else
+                           "of another size or modification time") for p in changed[:at_most]]
+  more = max(len(fields) - at_most, 0) + max(len(changed) - at_most, 0)
+  if kept.get("code") != own["code"]:
+    said.append("this package's code")
+  return "; ".join(said) + (f"; and {more} more" if more else "")
+
+
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in tree.items():
+    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, Mapping) else {prefix + k: v})
+  return out
 
 
 UNSTAMPED = "unstamped"  # partial.stamp's digests are hex: no evaluation's stamp reads so
@@ -78,15 +116,23 @@ def report_is_current(c: ml_collections.ConfigDict) -> bool:
 
 def other_evaluation(c: ml_collections.ConfigDict) -> str | None:
   """What the report folder holds of another evaluation (other models, files, settings or code),
-  which running `c` there would replace: its finished report, or the units a stopped one kept;
-  None when it holds neither (or only this evaluation's, which `c` completes or writes again)."""
+  which running `c` there would replace, with what differs: its finished report, or the units a
+  stopped one kept; None when it holds neither (or only this evaluation's, which `c` completes
+  or writes again)."""
   out_dir = report_dir(c)
-  kept = {"the report of another evaluation": _report_stamp(out_dir),
-          "the units another, stopped evaluation kept": partial.kept_stamp(out_dir)}
-  if all(stamp is None for stamp in kept.values()):
+  kept = {"the report of another evaluation": (_report_stamp(out_dir), _report_fingerprint),
+          "the units another, stopped evaluation kept": (partial.kept_stamp(out_dir),
+                                                         partial.kept_fingerprint)}
+  if all(stamp is None for stamp, _ in kept.values()):
     return None  # the fingerprint reads every model file's size and time: only when needed
-  own = partial.stamp(fingerprint(c))
-  return next((what for what, stamp in kept.items() if stamp not in (None, own)), None)
+  own = fingerprint(c)
+  for what, (stamp, read) in kept.items():
+    if stamp not in (None, partial.stamp(own)):
+      theirs = read(out_dir)
+      if not theirs:  # an older version's, which kept its stamp alone
+        return f"{what} (other models, files, settings or code)"
+      return f"{what}, which differs in: {differences(theirs, own) or 'its stamp'}"
+  return None
 
 
 def _report_stamp(out_dir: str) -> str | None:
@@ -103,6 +149,14 @@ def _report_stamp(out_dir: str) -> str | None:
   except (OSError, ValueError, KeyError, TypeError):
     return UNSTAMPED
   return stamp if isinstance(stamp, str) else UNSTAMPED
+
+
+def _report_fingerprint(out_dir: str) -> Any | None:
+  try:
+    with open(os.path.join(out_dir, "report.json")) as f:
+      return json.load(f)["settings"].get("fingerprint")
+  except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    return None
 
 
 def run(c: ml_collections.ConfigDict, *, say: Callable[[str], None] = print) -> str:
@@ -141,33 +195,41 @@ def _run(c: ml_collections.ConfigDict, say: Callable[[str], None],
   # stops the run before it writes anything (not hours later, at the benchmarks). Each table's
   # images are decoded here once more than its benchmark needs; its bad rows are logged here.
   tables = {name: path for name, path in c.benchmarks.items() if path}
-  try:  # the model's smallest image side; a model that cannot be read fails to load below
-    min_side = images_lib.ImageRules.for_model_dir(engine_lib.resolve_model_dir(c.model)).min_side
+  try:  # the model's resize rules; a model that cannot be read fails to load below
+    rules = images_lib.ImageRules.for_model_dir(engine_lib.resolve_model_dir(c.model))
   except (OSError, ValueError):
-    min_side = 0
+    rules = None
   for path in tables.values():
-    evaluation.read_table(path, c.benchmark_samples, c.max_skip_ratio, min_side=min_side)
+    evaluation.read_table(path, c.benchmark_samples, c.max_skip_ratio, rules=rules,
+                          images=c.benchmark_images)
   clip_similarity = _clip_similarity(c)
   engine = engine_lib.Engine.load(c.model, dtype=c.dtype)
   os.makedirs(out_dir, exist_ok=True)
-  store = progress_of["store"] = partial.PartialResults(out_dir, fingerprint(c))
+  own = fingerprint(c)
+  store = progress_of["store"] = partial.PartialResults(out_dir, own)
   evaluator = _evaluator(engine, c, clip_similarity, c.model)
   # The claims read a few figures, which can afford more questions than the 15 conditions (one
   # figure on 64 questions is uncertain by about 6 points); the other conditions take the first
-  # num_samples of them.
-  claim_samples = evaluation.shapes_samples(c.split, max(c.claim_samples, c.num_samples),
-                                            engine.rules, c.seed)
+  # num_samples of them. num_samples = 0: the benchmark tables alone.
+  world = c.num_samples > 0
+  claim_samples = (evaluation.shapes_samples(c.split, max(c.claim_samples, c.num_samples),
+                                             engine.rules, c.seed) if world else [])
   samples = claim_samples[:c.num_samples]
   conds = evaluation.conditions(c.intensities, c.imagenet_c_types, c.severities,
-                                c.robust_r1_types)
+                                c.robust_r1_types) if world else []
   pipeline = [k for k in conds if k.family == evaluation.PIPELINE]
   compared = {name: path for name, path in c.compare.items() if path}
-  say(f"evaluating {c.model}: {_count(len(samples), 'sample')} x "
-      f"{_count(len(conds) - len(pipeline), 'condition')}; {len(claim_samples)} for the clean "
-      f"images and {_count(len(pipeline), 'pipeline condition')}"
-      + (f"; the recoveries of {', '.join(compared)} too" if compared else ""))
-  units = progress_of["units"] = (len(conds) * (1 + len(compared)) + 2 + bool(c.recovery_on_clean)
-                                 + len(tables) * (len(BENCHMARK_CONDITIONS) + 1))
+  if world:
+    say(f"evaluating {c.model}: {_count(len(samples), 'sample')} x "
+        f"{_count(len(conds) - len(pipeline), 'condition')}; {len(claim_samples)} for the clean "
+        f"images and {_count(len(pipeline), 'pipeline condition')}"
+        + (f"; the recoveries of {', '.join(compared)} too" if compared else ""))
+  else:
+    say(f"evaluating {c.model} on {_count(len(tables), 'benchmark table')} alone (num_samples "
+        "= 0: not on the built-in world)")
+  units = progress_of["units"] = (
+      (len(conds) * (1 + len(compared)) + 2 + bool(c.recovery_on_clean)) * world
+      + len(tables) * (len(BENCHMARK_CONDITIONS) + 1))
   kept = len(store)
   if kept:
     say(f"  resuming a stopped evaluation: {kept} of its {units} units kept in {store.folder}")
@@ -175,20 +237,21 @@ def _run(c: ml_collections.ConfigDict, say: Callable[[str], None],
   progress = lambda label: say(f"  [{next(done)}/{units}] {label} "
                                f"({(time.perf_counter() - t0) / 60:.1f} min so far)")
 
-  result = _evaluate_model(evaluator, c, claim_samples, samples, conds, progress, store)
-  compare, by_type = {}, {}
-  if compared:
-    compare, by_type = _compare_models(compared, c, clip_similarity, samples, conds, result,
-                                       progress, store)
+  result, compare, by_type = {}, {}, {}
+  if world:
+    result = _evaluate_model(evaluator, c, claim_samples, samples, conds, progress, store)
+    if compared:
+      compare, by_type = _compare_models(compared, c, clip_similarity, samples, conds, result,
+                                         progress, store)
   benchmarks = {}
   for name, path in tables.items():
     say(f"  benchmark {name}: {path}")
     benchmarks[name] = _benchmark(evaluator, name, path, c, engine.rules, progress, store,
                                   out_dir)
 
-  claim_rows = report.claims(result, compare)
+  claim_rows = report.claims(result, compare) if world else []
   names = report.figures(result, out_dir, compare_by_type=by_type or None,
-                         rl_rewards=rl_rewards)
+                         rl_rewards=rl_rewards) if world else []
   # The guidance the model's recoveries used (cfg_text / cfg_img unset stand for the model's own).
   guidance = evaluator.sampler.guidance
   settings = {**c.to_dict(), "guidance": {"text_scale": guidance.text_scale,
@@ -196,6 +259,7 @@ def _run(c: ml_collections.ConfigDict, say: Callable[[str], None],
               # this run's: a resumed one read `units_kept` of its units from the stopped one
               "seconds": round(time.perf_counter() - t0, 1), "units_kept": kept,
               "stamp": store.stamp,  # what `report_is_current` compares
+              "fingerprint": own,  # what a refusal of another evaluation names
               # Another CPU may round floats differently and train another model (docs/DEMO.md).
               "machine": machine(), "code": code_version()}
   path = report.write(out_dir, result, title=f"Evaluation of {c.model}", settings=settings,
@@ -312,10 +376,13 @@ def _benchmark(evaluator: evaluation.Evaluator, name: str, path: str,
   BENCHMARK_CONDITIONS; every answer written to `<out_dir>/answers_<name>.jsonl`."""
   # Its bad rows were logged when the run started (`run`).
   bench_samples, read = evaluation.table_samples(path, c.benchmark_samples, rules,
-                                                 c.max_skip_ratio, log=False)
+                                                 c.max_skip_ratio, log=False,
+                                                 images=c.benchmark_images)
   prefix = f"benchmark {name}: "
+  # Answers only: no VAE baseline, whose round trips and grid images no benchmark reports.
   bench = evaluator.evaluate(bench_samples, BENCHMARK_CONDITIONS, modes=evaluation.MODES[1:],
-                             progress=progress, store=store, unit_prefix=prefix, per_sample=True)
+                             progress=progress, store=store, unit_prefix=prefix, per_sample=True,
+                             vae_baseline=False)
   bench_clean = store.get_or_compute(prefix + "clean images",
                                      lambda: evaluator.clean(bench_samples), progress)
   accuracy = {"clean image": {"clean": bench_clean["accuracy"]}}
@@ -327,11 +394,14 @@ def _benchmark(evaluator: evaluation.Evaluator, name: str, path: str,
                   for mode, a in r["answers"].items()})
   answers_file = f"answers_{name}.jsonl"
   report.write_answers(os.path.join(out_dir, answers_file), bench_samples, answers)
-  # A score near chance, or one of a model that named no option, reads apart from these.
+  # A score near chance, or one of a model that named no option, reads apart from these: chance
+  # over the multiple-choice rows where a table mixes them with open ones (RealWorldQA).
   chosen = [a for rows in answers.values() for a in rows if a["options"]]
+  multiple_choice = [a for a in bench_clean["answers"] if a["options"]]
   return {"path": path, "samples": len(bench_samples), **read, "modes": list(evaluation.MODES),
           "accuracy": accuracy, "by_category": by_category, "answers": answers_file,
-          "chance": report.chance_rate(bench_clean["answers"]),
+          "chance": report.chance_rate(multiple_choice),
+          "chance_rows": [len(multiple_choice), len(bench_clean["answers"])],
           "no_option": [sum(not a["answer"] for a in chosen), len(chosen)]}
 
 

@@ -59,13 +59,20 @@ def leading_letter(answer: str, letters: str) -> str:
 _WORD_EDGE = r"[\s.()\[\],:;!*#{}]"
 
 
+# What follows 'A' or 'I' when it is the option letter, not the English word: a verb ("A is
+# right", "Option A seems best") or a word that offers another option ("A or B").
+_AFTER_LETTER = re.compile(r"\s+(?:is|was|seems|looks|appears|would|could|might|must|should|may|"
+                           r"can|fits|matches|or|and|nor)\b")
+
+
 def named_letter(answer: str, letters: str) -> str:
   """The option letter of `letters` that `answer` names, or '': the whole answer one letter in
   either case (the answer field's, or a reply of one letter); a capital letter the answer starts
   with, alone or closed by '.', ')' or ':' ('' when it is none of `letters`); else, as VLMEvalKit
   reads a reply, the one letter that stands as a word of it, punctuation aside ("Answer: B", "the
-  answer is (C) as shown"). Several such letters name none ("It is not A. The answer is B."); 'A'
-  and 'I' followed by a lowercase word are the English words ("A red circle", "I think")."""
+  answer is (C) as shown"). Several such letters name none ("It is not A. The answer is B.", "A or
+  B"); 'A' and 'I' before a lowercase word are the English words ("A red circle", "I think"),
+  unless that word is a verb or "or", "and", "nor" ("Option A is correct", "A or B")."""
   answer = answer.strip()
   if len(answer) == 1 and answer.upper() in letters:
     return answer.upper()
@@ -74,7 +81,8 @@ def named_letter(answer: str, letters: str) -> str:
     return letter if letter in letters else ""
   standing = {m.group(1) for m in re.finditer(
       rf"(?:^|(?<={_WORD_EDGE}))([{letters}])(?={_WORD_EDGE}|$)", answer)
-      if not (m.group(1) in "AI" and re.match(r"\s+[a-z]", answer[m.end():]))}
+      if not (m.group(1) in "AI" and re.match(r"\s+[a-z]", answer[m.end():])
+              and not _AFTER_LETTER.match(answer[m.end():]))}
   return standing.pop() if len(standing) == 1 else ""
 
 
