@@ -265,7 +265,8 @@ CASES = {
     "evaluate/benchmark extension": ("evaluate", [f"--config={EVAL}", "--model={workdir}",
                                                   "--config.benchmarks.rbench={notes}"],
                                      ["benchmarks.rbench", "a .txt file; give a VQA .tsv, .csv "
-                                      "or .parquet table, or a folder of .parquet shards"]),
+                                      "or .parquet table, a folder of .parquet shards or a "
+                                      "pattern of them (data/test-*.parquet)"]),
     "evaluate/benchmark folder": ("evaluate", [f"--config={EVAL}", "--model={workdir}",
                                                "--config.benchmarks.mmstar={existing}"],
                                   ["benchmarks.mmstar", "a folder without .parquet files"]),
