@@ -155,6 +155,7 @@ def load_engine(values: flags.FlagValues, work: str):
   compiles (18 s for the demo's model on 2 CPU cores, minutes for a 7B model), which a command
   otherwise spent with nothing on the terminal."""
   from robust_u1_jax.inference import engine
+  from robust_u1_jax.inference import recovery as recovery_lib
 
   mesh = make_mesh(values.mesh)
   start = time.monotonic()
@@ -165,6 +166,9 @@ def load_engine(values: flags.FlagValues, work: str):
     raise InputError(str(e)) from None
   print(f"loaded {values.model} in {time.monotonic() - start:.1f} s; {work} (a first run "
         "compiles the model's programs first)", flush=True)
+  note = recovery_lib.untrained_note(engine.resolve_model_dir(values.model))
+  if note:
+    print(note, flush=True)
   return loaded
 
 

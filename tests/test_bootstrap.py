@@ -16,6 +16,7 @@ from flax import nnx
 
 from robust_u1_jax import config_lib
 from robust_u1_jax.data import tokenizer as tokenizer_lib
+from robust_u1_jax.inference import recovery
 from robust_u1_jax.models import vae as vae_lib
 from robust_u1_jax.training import bootstrap_clip, bootstrap_vae, run_setup, stages, trainer
 
@@ -341,6 +342,9 @@ def test_vit_part_beats_chance_and_changes_only_the_vit(vae_run, tmp_path, bagel
   for model in (vae_dir, tmp_path):
     for side_file in ("guidance.json", "instruction.json"):
       assert not os.path.exists(os.path.join(model, "model", side_file))
+  # What they say instead: `recover` and `answer` note that such a model draws noise.
+  assert "the bootstrap_vit stage, which trains no recovery" in recovery.untrained_note(
+      os.path.join(tmp_path, "model"))
   base = _config("base", {"guidance.text_scale": 1.5, "guidance.image_scale": 1.5},
                  init_from=str(tmp_path))  # as the demo sets every recovering part
   assert run_setup.guidance_note(base) is None

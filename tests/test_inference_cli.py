@@ -21,6 +21,7 @@ from robust_u1_jax import recover as recover_cli
 from robust_u1_jax.inference import engine as engine_lib
 from robust_u1_jax.inference import images
 from robust_u1_jax.inference import reasoner
+from robust_u1_jax.inference import recovery
 
 RULES = images.ImageRules(64, 32, 16, 64, 32, 8)
 FAST = ("--steps=3", "--noprogress")  # three sampler steps: every code path, little compute
@@ -92,6 +93,16 @@ def test_recover_file_writes_the_vae_size_beside_the_input(capsys, model_dir, in
                     f"--out={tmp_path / 'barred.png'}", "--steps=3")
   assert rc == 0, err
   assert re.search(r"recovering: 100%.*\b3/3\b", err.replace("\r", "\n").splitlines()[-1]), err
+  # A model whose stage trained no recovery (the demo's vae and vit parts) draws noise: said so.
+  recovery.save_no_recovery(model_dir, "bootstrap_vae")
+  try:
+    rc, out, err = _run(recover_cli, capsys, f"--model={model_dir}", f"--image={photo}",
+                        f"--out={tmp_path / 'noise.png'}", *FAST)
+  finally:
+    os.remove(os.path.join(model_dir, "no_recovery.json"))
+  assert rc == 0, err
+  assert (f"note: {model_dir} is the model of the bootstrap_vae stage, which trains no recovery: "
+          "its language model never learned to recover an image or to answer") in out
 
 
 @pytest.mark.slow

@@ -66,7 +66,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 RULES_FILE = "image_rules.json"
 GUIDANCE_FILE = "guidance.json"
 INSTRUCTION_FILE = "instruction.json"
-SIDE_FILES = (RULES_FILE, GUIDANCE_FILE, INSTRUCTION_FILE)
+# Written by a stage that trains no recovery (the demo's vae and vit parts): its language model is
+# untrained, so `recover` and `answer` say so.
+NO_RECOVERY_FILE = "no_recovery.json"
+SIDE_FILES = (RULES_FILE, GUIDANCE_FILE, INSTRUCTION_FILE, NO_RECOVERY_FILE)
 
 
 class SideFileError(ValueError):

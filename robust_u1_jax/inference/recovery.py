@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from robust_u1_jax import config_lib, files, sampling
-from robust_u1_jax.checkpoints.bagel_dir import GUIDANCE_FILE, INSTRUCTION_FILE, SideFileError
+from robust_u1_jax.checkpoints.bagel_dir import (GUIDANCE_FILE, INSTRUCTION_FILE,
+                                                 NO_RECOVERY_FILE, SideFileError)
 from robust_u1_jax.data import packing, sequence
 from robust_u1_jax.data import tokenizer as tokenizer_lib
 from robust_u1_jax.inference import context as context_lib
@@ -119,6 +120,26 @@ def instruction_of_model(path: str) -> str:
     return text
   except (TypeError, ValueError) as e:
     raise SideFileError.of(file, e) from None
+
+
+def untrained_note(path: str) -> str | None:
+  """A note for a model whose stage trained no recovery (`no_recovery.json` beside it, naming the
+  stage), else None: what it draws and writes is noise."""
+  file = os.path.join(path, NO_RECOVERY_FILE)
+  if not os.path.isfile(file):
+    return None
+  try:
+    stage = f"the {files.read_json(file)['stage']} stage"
+  except (OSError, ValueError, TypeError, KeyError):
+    stage = "a stage"
+  return (f"note: {path} is the model of {stage}, which trains no recovery: its language model "
+          "never learned to recover an image or to answer, so what it draws and writes is noise; "
+          "give a later stage's model (the demo's: runs/demo/rl or runs/demo/reason)")
+
+
+def save_no_recovery(path: str, stage: str) -> None:
+  with open(os.path.join(path, NO_RECOVERY_FILE), "w") as f:
+    json.dump({"stage": stage}, f, indent=1)
 
 
 def save_instruction(path: str, instruction: str) -> None:

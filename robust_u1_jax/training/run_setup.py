@@ -297,6 +297,8 @@ def write_model(model: bagel_lib.Bagel, workdir: str, config: ml_collections.Con
     if recovers:
       recovery_lib.Guidance.from_config(config.guidance).save(folder)
       recovery_lib.save_instruction(folder, config.get("instruction") or recovery_lib.INSTRUCTION)
+    else:  # `recover` and `answer` say its output is noise
+      recovery_lib.save_no_recovery(folder, config.stage)
 
   orbax_io.save_orbax(model, os.path.join(workdir, "model"), tokenizer_dir=tokenizer_dir(config),
                       overwrite=True, write_beside=write_beside)
