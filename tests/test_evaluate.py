@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import time
@@ -319,6 +320,10 @@ def test_benchmark_tables_alone(model_dir, tmp_path):
   text = open(path).read()
   assert "The benchmark tables alone (num_samples = 0)" in text and "## rbench" in text
   assert "claims in miniature" not in text and "Per condition" not in text
+  # Each intensity's corrupted + recovered beside its gain over corrupted only, ± its paired error.
+  row = next(line for line in text.splitlines() if line.startswith("| 100% |"))
+  assert re.fullmatch(r"\| 100% \| n/a \| [\d.]+ \| [\d.]+ \([+-][\d.]+ ± [\d.]+\) \| [\d.]+ \|",
+                      row), row
   with open(os.path.join(c.out, "report.json")) as f:
     data = json.load(f)
   assert data["result"] == {} and data["claims"] == []

@@ -577,7 +577,11 @@ def benchmark_lines(benchmarks: Mapping[str, Any]) -> list[str]:
               "| intensity | " + " | ".join(bench["modes"]) + " |",
               "|" + " --- |" * (len(bench["modes"]) + 1)]
     for level, accs in bench["accuracy"].items():
-      lines.append(f"| {level} | " + " | ".join(_pct(accs.get(m, float("nan")))
-                                                for m in bench["modes"]) + " |")
-    lines += ["", benchmark_scoring_line(bench)]
+      row = {"accuracy": {m: accs.get(m, float("nan")) for m in bench["modes"]},
+             "gain_se": {"accuracy": bench.get("gain_se", {}).get(level)}}
+      lines.append(f"| {level} | " + " | ".join(
+          _accuracy_cell(row, m) if m in accs else "n/a" for m in bench["modes"]) + " |")
+    lines += ["", "In brackets beside corrupted+recovered: its difference from corrupted only, ± "
+              "one standard error paired over the table's questions.",
+              "", benchmark_scoring_line(bench)]
   return lines

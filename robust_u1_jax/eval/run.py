@@ -387,6 +387,8 @@ def _benchmark(evaluator: evaluation.Evaluator, name: str, path: str,
                                      lambda: evaluator.clean(bench_samples), progress)
   accuracy = {"clean image": {"clean": bench_clean["accuracy"]}}
   accuracy.update({r["level"]: r["accuracy"] for r in bench["conditions"]})
+  # Corrupted + recovered against corrupted only, paired over the table's questions.
+  gain_se = {r["level"]: r["gain_se"].get("accuracy") for r in bench["conditions"]}
   by_category = {"clean image": {"clean": bench_clean["by_kind"]}}
   by_category.update({r["level"]: r["by_kind"] for r in bench["conditions"]})
   answers = {("clean image", "clean"): bench_clean["answers"]}
@@ -399,7 +401,8 @@ def _benchmark(evaluator: evaluation.Evaluator, name: str, path: str,
   chosen = [a for rows in answers.values() for a in rows if a["options"]]
   multiple_choice = [a for a in bench_clean["answers"] if a["options"]]
   return {"path": path, "samples": len(bench_samples), **read, "modes": list(evaluation.MODES),
-          "accuracy": accuracy, "by_category": by_category, "answers": answers_file,
+          "accuracy": accuracy, "gain_se": gain_se, "by_category": by_category,
+          "answers": answers_file,
           "chance": report.chance_rate(multiple_choice),
           "chance_rows": [len(multiple_choice), len(bench_clean["answers"])],
           "no_option": [sum(not a["answer"] for a in chosen), len(chosen)]}
