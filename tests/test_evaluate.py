@@ -305,18 +305,25 @@ def test_a_bad_table_stops_the_run_before_the_model_loads(tmp_path):
   assert not os.path.exists(c.out)
 
 
-def test_benchmark_tables_alone(model_dir, tmp_path):
-  """num_samples = 0: a real model on benchmark files, without the built-in world's images."""
+def test_benchmark_tables_alone(model_dir, tmp_path, monkeypatch):
+  """num_samples = 0: a real model on benchmark files, without the built-in world's images; a
+  table in units of BENCHMARK_UNIT_ROWS rows (2 here), so a stop loses at most one."""
+  monkeypatch.setattr(eval_run, "BENCHMARK_UNIT_ROWS", 2)
   c = _eval_config()
   c.model, c.out, c.num_samples, c.batch_size = model_dir, str(tmp_path / "report"), 0, 2
-  c.recovery_steps, c.max_new_tokens, c.benchmark_samples = 2, 2, 2
-  c.benchmarks.rbench = _benchmarks(tmp_path)[0]
+  c.recovery_steps, c.max_new_tokens = 2, 2
+  tsv = _benchmarks(tmp_path)[0]
+  with open(tsv, "a") as f:  # a fourth row: two units of two rows
+    f.write("3" + open(tsv).read().splitlines()[1][1:] + "\n")
+  c.benchmarks.rbench = tsv
   lines = []
   path = eval_run.run(c, say=lines.append)
   assert "on 1 benchmark table alone (num_samples = 0: not on the built-in world)" in lines[0]
-  assert [line.split("] ")[1].split(" (")[0] for line in lines if "] " in line] == [
-      "benchmark rbench: robust_r1_pipeline 25%", "benchmark rbench: robust_r1_pipeline 50%",
-      "benchmark rbench: robust_r1_pipeline 100%", "benchmark rbench: clean images"]
+  units = [line.split("] ")[1].split(" (")[0] for line in lines if "] " in line]
+  assert units == [f"benchmark rbench: rows {rows} of 4, {unit}" for rows in ("1-2", "3-4")
+                   for unit in ("robust_r1_pipeline 25%", "robust_r1_pipeline 50%",
+                                "robust_r1_pipeline 100%", "clean images")]
+  assert all("/8] " in line for line in lines if "] " in line)
   text = open(path).read()
   assert "The benchmark tables alone (num_samples = 0)" in text and "## rbench" in text
   assert "claims in miniature" not in text and "Per condition" not in text
@@ -327,8 +334,19 @@ def test_benchmark_tables_alone(model_dir, tmp_path):
   with open(os.path.join(c.out, "report.json")) as f:
     data = json.load(f)
   assert data["result"] == {} and data["claims"] == []
-  assert data["benchmarks"]["rbench"]["samples"] == 2
+  bench = data["benchmarks"]["rbench"]
+  assert bench["samples"] == 4
   assert not [name for name in os.listdir(c.out) if name.endswith(".png")]
+  # The units' answers make the table's: every row once per intensity and mode, in order, and
+  # the accuracies theirs.
+  with open(os.path.join(c.out, "answers_rbench.jsonl")) as f:
+    written = [json.loads(line) for line in f]
+  assert len(written) == 4 * (1 + 3 * 3)
+  for level, accs in bench["accuracy"].items():
+    for mode, value in accs.items():
+      given = [a for a in written if (a["intensity"], a["mode"]) == (level, mode)]
+      assert [a["row"] for a in given] == [0, 1, 2, 3]
+      assert value == np.mean([a["correct"] for a in given])
 
 
 def test_a_report_without_conditions_keeps_its_tables_whole():

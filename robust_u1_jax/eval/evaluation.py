@@ -332,7 +332,7 @@ class Evaluator:
                              self.recover(clean, [s.index for s in samples]))
     else:
       answers = self.answers("clean", samples)
-    return {"accuracy": _accuracy(answers), "by_kind": _accuracy_by_kind(answers),
+    return {"accuracy": accuracy(answers), "by_kind": accuracy_by_kind(answers),
             "answers": answers}
 
   def evaluate(self, samples: Sequence[Sample], conds: Sequence[Condition], *,
@@ -396,8 +396,8 @@ class Evaluator:
     for mode in modes:
       if mode != "clean":
         answers = self.answers(mode, samples, corrupted, recovered)
-        row["accuracy"][mode] = _accuracy(answers)
-        row["by_kind"][mode] = _accuracy_by_kind(answers)
+        row["accuracy"][mode] = accuracy(answers)
+        row["by_kind"][mode] = accuracy_by_kind(answers)
         correct[mode] = [a["correct"] for a in answers]
         if per_sample:
           row.setdefault("answers", {})[mode] = answers
@@ -405,7 +405,7 @@ class Evaluator:
       row["gain_se"]["accuracy"] = paired_se(correct["corrupted+recovered"],
                                              correct["corrupted"])
     if "corrupted+recovered" in modes and cond.family == PIPELINE:
-      row["oracle_accuracy"] = _accuracy(self.answers(ORACLE, samples, corrupted, recovered))
+      row["oracle_accuracy"] = accuracy(self.answers(ORACLE, samples, corrupted, recovered))
     return unit
 
 
@@ -443,14 +443,14 @@ def _means(metrics: Mapping[str, np.ndarray]) -> dict[str, float]:
   return {k: float(np.mean(v)) for k, v in metrics.items()}
 
 
-def _accuracy(answers: Sequence[Mapping[str, Any]]) -> float:
+def accuracy(answers: Sequence[Mapping[str, Any]]) -> float:
   return float(np.mean([a["correct"] for a in answers])) if answers else float("nan")
 
 
-def _accuracy_by_kind(answers: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+def accuracy_by_kind(answers: Sequence[Mapping[str, Any]]) -> dict[str, float]:
   """Accuracy per question kind (the world's colour, shape, ...; a benchmark's category)."""
   kinds = sorted({a["kind"] for a in answers})
-  return {k: _accuracy([a for a in answers if a["kind"] == k]) for k in kinds}
+  return {k: accuracy([a for a in answers if a["kind"] == k]) for k in kinds}
 
 
 def shapes_samples(split: str, count: int, rules: images_lib.ImageRules, seed: int = 0

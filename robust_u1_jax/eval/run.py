@@ -28,6 +28,9 @@ from robust_u1_jax.inference import recovery as recovery_lib
 
 # The Robust-R1 pipeline's intensities a benchmark's questions are answered at (and clean).
 BENCHMARK_CONDITIONS = evaluation.conditions(("25%", "50%", "100%"), (), ())
+# A benchmark's rows per unit of work (each intensity, and the clean images): what a stop loses at
+# most. A 7B model's unit of 256 rows is minutes; a whole table's (MMStar: 1,500) was hours.
+BENCHMARK_UNIT_ROWS = 256
 
 
 def _clip_similarity(c: ml_collections.ConfigDict):
@@ -199,9 +202,11 @@ def _run(c: ml_collections.ConfigDict, say: Callable[[str], None],
     rules = images_lib.ImageRules.for_model_dir(engine_lib.resolve_model_dir(c.model))
   except (OSError, ValueError):
     rules = None
+  table_units = 0
   for path in tables.values():
-    evaluation.read_table(path, c.benchmark_samples, c.max_skip_ratio, rules=rules,
-                          images=c.benchmark_images)
+    read = evaluation.read_table(path, c.benchmark_samples, c.max_skip_ratio, rules=rules,
+                                 images=c.benchmark_images)
+    table_units += -(-(read["rows"] - read["bad_rows"]) // BENCHMARK_UNIT_ROWS)
   clip_similarity = _clip_similarity(c)
   engine = engine_lib.Engine.load(c.model, dtype=c.dtype)
   os.makedirs(out_dir, exist_ok=True)
@@ -229,7 +234,7 @@ def _run(c: ml_collections.ConfigDict, say: Callable[[str], None],
         "= 0: not on the built-in world)")
   units = progress_of["units"] = (
       (len(conds) * (1 + len(compared)) + 2 + bool(c.recovery_on_clean)) * world
-      + len(tables) * (len(BENCHMARK_CONDITIONS) + 1))
+      + table_units * (len(BENCHMARK_CONDITIONS) + 1))
   kept = len(store)
   if kept:
     say(f"  resuming a stopped evaluation: {kept} of its {units} units kept in {store.folder}")
@@ -373,38 +378,51 @@ def _benchmark(evaluator: evaluation.Evaluator, name: str, path: str,
                c: ml_collections.ConfigDict, rules, progress, store, out_dir: str
                ) -> dict[str, Any]:
   """One benchmark table's accuracy per mode and per category, clean and at each of
-  BENCHMARK_CONDITIONS; every answer written to `<out_dir>/answers_<name>.jsonl`."""
+  BENCHMARK_CONDITIONS, in units of at most BENCHMARK_UNIT_ROWS rows per intensity; every answer
+  written to `<out_dir>/answers_<name>.jsonl`."""
   # Its bad rows were logged when the run started (`run`).
   bench_samples, read = evaluation.table_samples(path, c.benchmark_samples, rules,
                                                  c.max_skip_ratio, log=False,
                                                  images=c.benchmark_images)
-  prefix = f"benchmark {name}: "
-  # Answers only: no VAE baseline, whose round trips and grid images no benchmark reports.
-  bench = evaluator.evaluate(bench_samples, BENCHMARK_CONDITIONS, modes=evaluation.MODES[1:],
-                             progress=progress, store=store, unit_prefix=prefix, per_sample=True,
-                             vae_baseline=False)
-  bench_clean = store.get_or_compute(prefix + "clean images",
-                                     lambda: evaluator.clean(bench_samples), progress)
-  accuracy = {"clean image": {"clean": bench_clean["accuracy"]}}
-  accuracy.update({r["level"]: r["accuracy"] for r in bench["conditions"]})
+  answers = {("clean image", "clean"): []}
+  answers.update({(k.level, mode): [] for k in BENCHMARK_CONDITIONS
+                  for mode in evaluation.MODES[1:]})
+  n = len(bench_samples)
+  for start in range(0, n, BENCHMARK_UNIT_ROWS):
+    part = bench_samples[start:start + BENCHMARK_UNIT_ROWS]
+    span = f"rows {start + 1}-{start + len(part)} of {n}, " if n > BENCHMARK_UNIT_ROWS else ""
+    prefix = f"benchmark {name}: {span}"
+    # Answers only: no VAE baseline, whose round trips and grid images no benchmark reports.
+    bench = evaluator.evaluate(part, BENCHMARK_CONDITIONS, modes=evaluation.MODES[1:],
+                               progress=progress, store=store, unit_prefix=prefix,
+                               per_sample=True, vae_baseline=False)
+    clean = store.get_or_compute(prefix + "clean images", lambda: evaluator.clean(part),
+                                 progress)
+    answers["clean image", "clean"] += clean["answers"]
+    for r in bench["conditions"]:
+      for mode, given in r["answers"].items():
+        answers[r["level"], mode] += given
+  accuracy, by_category = {}, {}
+  for (level, mode), given in answers.items():
+    accuracy.setdefault(level, {})[mode] = evaluation.accuracy(given)
+    by_category.setdefault(level, {})[mode] = evaluation.accuracy_by_kind(given)
   # Corrupted + recovered against corrupted only, paired over the table's questions.
-  gain_se = {r["level"]: r["gain_se"].get("accuracy") for r in bench["conditions"]}
-  by_category = {"clean image": {"clean": bench_clean["by_kind"]}}
-  by_category.update({r["level"]: r["by_kind"] for r in bench["conditions"]})
-  answers = {("clean image", "clean"): bench_clean["answers"]}
-  answers.update({(r["level"], mode): a for r in bench["conditions"]
-                  for mode, a in r["answers"].items()})
+  correct = lambda level, mode: [a["correct"] for a in answers[level, mode]]
+  gain_se = {k.level: evaluation.paired_se(correct(k.level, "corrupted+recovered"),
+                                           correct(k.level, "corrupted"))
+             for k in BENCHMARK_CONDITIONS}
   answers_file = f"answers_{name}.jsonl"
   report.write_answers(os.path.join(out_dir, answers_file), bench_samples, answers)
   # A score near chance, or one of a model that named no option, reads apart from these: chance
   # over the multiple-choice rows where a table mixes them with open ones (RealWorldQA).
   chosen = [a for rows in answers.values() for a in rows if a["options"]]
-  multiple_choice = [a for a in bench_clean["answers"] if a["options"]]
-  return {"path": path, "samples": len(bench_samples), **read, "modes": list(evaluation.MODES),
+  clean_answers = answers["clean image", "clean"]
+  multiple_choice = [a for a in clean_answers if a["options"]]
+  return {"path": path, "samples": n, **read, "modes": list(evaluation.MODES),
           "accuracy": accuracy, "gain_se": gain_se, "by_category": by_category,
           "answers": answers_file,
           "chance": report.chance_rate(multiple_choice),
-          "chance_rows": [len(multiple_choice), len(bench_clean["answers"])],
+          "chance_rows": [len(multiple_choice), len(clean_answers)],
           "no_option": [sum(not a["answer"] for a in chosen), len(chosen)]}
 
 
