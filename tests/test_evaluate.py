@@ -336,7 +336,9 @@ def test_benchmark_tables_alone(model_dir, tmp_path, monkeypatch):
   assert data["result"] == {} and data["claims"] == []
   bench = data["benchmarks"]["rbench"]
   assert bench["samples"] == 4
-  assert not [name for name in os.listdir(c.out) if name.endswith(".png")]
+  # Its figure, in its section: accuracy against intensity per mode (no figure of the world's).
+  assert [name for name in os.listdir(c.out) if name.endswith(".png")] == ["benchmark_rbench.png"]
+  assert "![rbench](benchmark_rbench.png)" in text and "## Figures" not in text
   # The units' answers make the table's: every row once per intensity and mode, in order, and
   # the accuracies theirs.
   with open(os.path.join(c.out, "answers_rbench.jsonl")) as f:
@@ -347,6 +349,19 @@ def test_benchmark_tables_alone(model_dir, tmp_path, monkeypatch):
       given = [a for a in written if (a["intensity"], a["mode"]) == (level, mode)]
       assert [a["row"] for a in given] == [0, 1, 2, 3]
       assert value == np.mean([a["correct"] for a in given])
+
+
+def test_a_benchmark_report_shows_its_categories_beside_each_other():
+  by_kind = lambda clean, corrupted, recovered: {"clean": clean, "corrupted": corrupted,
+                                                 "corrupted+recovered": recovered}
+  bench = {"by_category": {"clean image": {"clean": {"blur": 0.5, "noise": 0.75}},
+                           "100%": by_kind({}, {"blur": 0.25, "noise": 0.5},
+                                           {"blur": 0.5, "noise": 0.5})}}
+  assert report.category_table(bench)[-4:] == [
+      "| category | clean | 100% |", "| --- | --- | --- |", "| blur | 50.0 | 25.0 -> 50.0 |",
+      "| noise | 75.0 | 50.0 -> 50.0 |"]
+  one = {"by_category": {"clean image": {"clean": {"mcq": 0.5}}}}
+  assert report.category_table(one) == []  # one category: the table above says it all
 
 
 def test_a_report_without_conditions_keeps_its_tables_whole():

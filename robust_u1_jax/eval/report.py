@@ -165,9 +165,11 @@ def reward_rows(rl_metrics: str) -> list[dict[str, Any]]:
 
 def figures(result: Mapping[str, Any], out_dir: str, *,
             compare_by_type: Mapping[str, Mapping[str, float]] | None = None,
-            rl_rewards: Sequence[Mapping[str, Any]] = ()) -> list[str]:
-  """Writes the report's figures (`rl_rewards`: `reward_rows` of the RL run); returns their file
-  names."""
+            rl_rewards: Sequence[Mapping[str, Any]] = (),
+            benchmarks: Mapping[str, Any] | None = None) -> list[str]:
+  """Writes the report's figures (`rl_rewards`: `reward_rows` of the RL run; `benchmarks`: each
+  table's accuracy against intensity, `benchmark_figure`); returns their file names. `result`
+  may be empty (the benchmark tables alone)."""
   import matplotlib
 
   matplotlib.use("Agg")
@@ -181,7 +183,8 @@ def figures(result: Mapping[str, Any], out_dir: str, *,
     plt.close(fig)
     written.append(name)
 
-  pipeline = [c for c in result["conditions"] if c["family"] == evaluation.PIPELINE]
+  conditions = result.get("conditions", [])
+  pipeline = [c for c in conditions if c["family"] == evaluation.PIPELINE]
   if pipeline and pipeline[0]["accuracy"]:
     fig, ax = plt.subplots(figsize=(7.5, 3.6))
     x = np.arange(len(pipeline), dtype=float)
@@ -215,7 +218,7 @@ def figures(result: Mapping[str, Any], out_dir: str, *,
     ax.set_ylim(low, max(high, low + 10.0))
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))  # off the lines
     save(fig, ACCURACY_PLOT)
-  by_type = [c for c in result["conditions"] if c["family"] != evaluation.PIPELINE]
+  by_type = [c for c in conditions if c["family"] != evaluation.PIPELINE]
   if by_type:
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(by_type)), 3.8))
     x = np.arange(len(by_type))
@@ -282,7 +285,9 @@ def figures(result: Mapping[str, Any], out_dir: str, *,
     ax.set_ylabel("mean reward of the rollouts (± their std)")
     ax.legend(fontsize=8)
     save(fig, RL_REWARDS)
-  rows = {row["label"]: row for row in result["conditions"]}
+  for name, bench in (benchmarks or {}).items():
+    save(benchmark_figure(name, bench, plt), benchmark_figure_name(name))
+  rows = {row["label"]: row for row in conditions}
   for k, (label, columns) in enumerate(result.get("examples", [])[:GRIDS]):
     grid = metrics_log.titled_grid([list(column) for column in columns],
                                    evaluation.GRID_COLUMNS, heading=_grid_heading(rows[label]))
@@ -293,12 +298,43 @@ def figures(result: Mapping[str, Any], out_dir: str, *,
   return written
 
 
+def benchmark_figure_name(name: str) -> str:
+  return f"benchmark_{name}.png"
+
+
+def benchmark_figure(name: str, bench: Mapping[str, Any], plt):
+  """A benchmark table's accuracy against the pipeline's intensity per answer mode, beside its
+  clean images' and chance: what its table says, at a glance."""
+  levels = [level for level in bench["accuracy"] if level != "clean image"]
+  fig, ax = plt.subplots(figsize=(6.5, 3.4))
+  x = np.arange(len(levels), dtype=float)
+  modes = [m for m in evaluation.MODES[1:] if m in bench["accuracy"][levels[0]]]
+  for k, mode in enumerate(modes):
+    acc = np.array([bench["accuracy"][level][mode] for level in levels])
+    se = np.sqrt(acc * (1 - acc) / max(bench["samples"], 1))  # binomial, one standard error
+    ax.errorbar(x + 0.06 * (k - (len(modes) - 1) / 2), 100 * acc, yerr=100 * se, marker="o",
+                capsize=3, label=mode)
+  ax.axhline(100 * bench["accuracy"]["clean image"]["clean"], color="gray", ls="--",
+             label="clean image")
+  if bench.get("chance") is not None:
+    ax.axhline(100 * bench["chance"], color="black", lw=0.8, ls="-.", label="chance")
+  ax.set_xticks(x, levels)
+  ax.set_xlabel("Robust-R1 pipeline intensity (bars: ± one binomial standard error)", fontsize=8)
+  ax.set_ylabel("answer accuracy (%)")
+  low, high = ax.get_ylim()
+  low = max(0.0, low)
+  ax.set_ylim(low, max(high, low + 10.0))
+  ax.set_title(f"{name}: {bench['samples']} questions a point", fontsize=10)
+  ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
+  return fig
+
+
 def _remove_earlier_figures(out_dir: str, written: Sequence[str]) -> None:
   """Removes the figures an earlier report in `out_dir` drew that this one did not (another
   evaluation's grid conditions, a comparison it no longer makes), which would read as this
   report's beside it."""
   for name in os.listdir(out_dir):
-    ours = name in FIGURES or re.fullmatch(r"grid_\d{2}_.*\.png", name)
+    ours = name in FIGURES or re.fullmatch(r"(grid_\d{2}_|benchmark_).*\.png", name)
     if ours and name not in written:
       os.remove(os.path.join(out_dir, name))
 
@@ -437,6 +473,28 @@ def bad_rows_line(bench: Mapping[str, Any]) -> str:
           + (f"; {more} more in the log" if more else "") + ".")
 
 
+def category_table(bench: Mapping[str, Any]) -> list[str]:
+  """Markdown lines: a benchmark's accuracy per category (of two or more), clean and at each
+  intensity corrupted only -> corrupted + recovered."""
+  by_category = bench.get("by_category", {})
+  clean = by_category.get("clean image", {}).get("clean", {})
+  if len(clean) < 2:
+    return []
+  levels = [level for level in by_category if level != "clean image"]
+  lines = ["", "Accuracy (%) per category: clean, then at each intensity corrupted only -> "
+           "corrupted + recovered.", "",
+           "| category | clean |" + "".join(f" {level} |" for level in levels),
+           "|" + " --- |" * (len(levels) + 2)]
+  for category, acc in clean.items():
+    cells = [category or "(none)", _pct(acc)]
+    for level in levels:
+      modes = by_category[level]
+      cells.append(f"{_pct(modes.get('corrupted', {}).get(category))} -> "
+                   f"{_pct(modes.get('corrupted+recovered', {}).get(category))}")
+    lines.append("| " + " | ".join(cells) + " |")
+  return lines
+
+
 def benchmark_scoring_line(bench: Mapping[str, Any]) -> str:
   """How a benchmark's answers were scored, and what reads a score apart from chance."""
   line = f"Scored as VLMEvalKit reads replies, without its GPT judge: {SCORING}."
@@ -485,7 +543,8 @@ def write(out_dir: str, result: Mapping[str, Any], *, title: str,
   lines = [f"# {title}", ""] + (_world_lines(result, claim_rows) if result else [
       "The benchmark tables alone (num_samples = 0): no image of the built-in world, so no claim "
       "of the paper's is read."])
-  lines += benchmark_lines(benchmarks or {})
+  lines += benchmark_lines(benchmarks or {}, figure_names)
+  figure_names = [n for n in figure_names if not n.startswith("benchmark_")]  # in their sections
   if figure_names:
     grids = sum(name.startswith("grid_") for name in figure_names)
     lines += ["", "## Figures", "", f"Image grids of the first {grids} conditions, left to right: "
@@ -566,13 +625,14 @@ def _world_lines(result: Mapping[str, Any], claim_rows: Sequence[Mapping[str, An
   return lines + rl_minus_sft_table(result)
 
 
-def benchmark_lines(benchmarks: Mapping[str, Any]) -> list[str]:
-  """The report's part on each benchmark table."""
+def benchmark_lines(benchmarks: Mapping[str, Any], figure_names: Sequence[str] = ()
+                    ) -> list[str]:
+  """The report's part on each benchmark table, its figure too where one was drawn."""
   lines = []
   for name, bench in benchmarks.items():
     lines += ["", f"## {name}", "", bad_rows_line(bench), "",
               "Accuracy (%) per answer mode, on the clean images and under the Robust-R1 pipeline "
-              f"at {_INTENSITIES}; per category in report.json; every answer "
+              f"at {_INTENSITIES}; every answer "
               f"in `{bench['answers']}`.", "",
               "| intensity | " + " | ".join(bench["modes"]) + " |",
               "|" + " --- |" * (len(bench["modes"]) + 1)]
@@ -584,4 +644,7 @@ def benchmark_lines(benchmarks: Mapping[str, Any]) -> list[str]:
     lines += ["", "In brackets beside corrupted+recovered: its difference from corrupted only, ± "
               "one standard error paired over the table's questions.",
               "", benchmark_scoring_line(bench)]
+    lines += category_table(bench)
+    if benchmark_figure_name(name) in figure_names:
+      lines += ["", f"![{name}]({benchmark_figure_name(name)})"]
   return lines
