@@ -21,6 +21,7 @@ from robust_u1_jax.data import shapes
 from robust_u1_jax.data import sources
 from robust_u1_jax.data import sources_vqa
 from robust_u1_jax.data import transforms
+from robust_u1_jax.inference import reasoner
 
 
 def _img(seed: int, h: int = 8, w: int = 6) -> np.ndarray:
@@ -223,7 +224,7 @@ def test_vqa_tsv_vlmevalkit(tmp_path):
       # A question over several lines with a tab (quoted by the writer), a hint, four options.
       [102, b64[1], 'Which\tshape is "it"?\nPick one.', "Look left.", "a", "b", "c", "d", "D",
        "shape"],
-      # Option C empty, D present: re-lettered A, B, C, and the answer D -> C.
+      # Option C empty, D present: the letters kept, A, B, D, as VLMEvalKit asks and scores it.
       [103, b64[2], "Count?", "nan", "one", "two", "", "four", "D", ""],
       # VLMEvalKit image reference: the image of row index 101.
       [104, "101", "Again?", "", "yes", "no", "", "", "A", "existence"],
@@ -242,7 +243,10 @@ def test_vqa_tsv_vlmevalkit(tmp_path):
   assert q1["options"] == ["a", "b", "c", "d"] and q1["answer"] == "D"
   assert "\nC. c\nD. d\n" in answer_format.format_question(q1)
   q2 = src[2]["questions"][0]
-  assert q2["options"] == ["one", "two", "four"] and q2["answer"] == "C" and q2["kind"] == "vqa"
+  assert q2["options"] == ["A. one", "B. two", "D. four"] and q2["answer"] == "D"
+  assert q2["kind"] == "vqa" and "\nB. two\nD. four\n" in answer_format.format_question(q2)
+  assert reasoner.extract_answer("<ANSWER>D<ANSWER_END>", q2["options"]) == "D"
+  assert reasoner.extract_answer("<ANSWER>C<ANSWER_END>", q2["options"]) == ""
   np.testing.assert_array_equal(_decode(src[3])["image"], _img(0))
   assert pickle.loads(pickle.dumps(src))[1]["questions"] == src[1]["questions"]
   assert len(sources.make_source(_config("vqa_tsv", tmp_path / "bench.tsv"))) == 4

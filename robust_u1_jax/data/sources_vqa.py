@@ -5,8 +5,9 @@ Both give records shaped like the shapes world's, so one pipeline serves all of 
   {'image_bytes', 'questions': [{'question', 'options', 'answer', 'kind', 'hint'}], 'id',
    'category', 'path' (the table), 'index' (row position)}
 
-Options come from single-letter columns A, B, C, ... (empty or NaN ones dropped; the rest are
-re-lettered in order, and the answer with them) or from a list column 'options' / 'choices'.
+Options come from single-letter columns A, B, C, ... (empty or NaN ones dropped; where that skips
+a letter, A, B, D, the options keep their letters as 'D. text', as VLMEvalKit asks them) or from a
+list column 'options' / 'choices'.
 Without options (MMStar and RealWorldQA write them into the question), 'options' is empty and the
 answer is kept as written. A hint (VLMEvalKit's `hint` column) is put before the question as
 "Hint: ...". The answer may be a letter, a 0-based index into a list of options, or an option's
@@ -80,6 +81,10 @@ def vqa_record(*, image_bytes: bytes, question, options: list[tuple[str, str]], 
   if not question:
     raise BadRow("empty question")
   texts = [t for _, t in options]
+  letters = [letter for letter, _ in options]
+  # A table whose options skip a letter (A, B, D) keeps its letters, as VLMEvalKit asks and scores
+  # it; options lettered A, B, C, ... in order stay bare texts.
+  kept = letters != list(LETTERS[:len(letters)])
   answer_text = _text(answer)
   if _missing(answer):
     if require_answer:
@@ -88,16 +93,18 @@ def vqa_record(*, image_bytes: bytes, question, options: list[tuple[str, str]], 
     if isinstance(answer, (int, np.integer)) and not isinstance(answer, bool):
       if not 0 <= int(answer) < len(texts):
         raise BadRow(f"answer index {answer} is outside the {len(texts)} options")
-      answer_text = LETTERS[int(answer)]
-    elif (j := _find(answer_text, [letter for letter, _ in options])) is not None:
-      answer_text = LETTERS[j]
+      answer_text = (letters if kept else LETTERS)[int(answer)]
+    elif (j := _find(answer_text, letters)) is not None:
+      answer_text = (letters if kept else LETTERS)[j]
     elif (j := _find(answer_text, texts)) is not None:
-      answer_text = LETTERS[j]
+      answer_text = (letters if kept else LETTERS)[j]
     else:
       raise BadRow(f"answer {answer_text!r} is neither a letter of the options "
                    f"({', '.join(letter for letter, _ in options)}) nor one of their texts")
   hint = _text(hint)
   category = _text(category)
+  if kept:
+    texts = [f"{letter}. {text}" for letter, text in options]
   q = {"question": f"Hint: {hint}\n{question}" if hint else question, "options": texts,
        "answer": answer_text, "kind": category or "vqa", "hint": hint}
   return {"image_bytes": image_bytes, "questions": [q], "id": _text(row_id) or str(index),
