@@ -364,6 +364,34 @@ def test_a_benchmark_report_shows_its_categories_beside_each_other():
   assert report.category_table(one) == []  # one category: the table above says it all
 
 
+def test_a_table_of_several_image_sizes_says_so_before_the_model_loads(model_dir, tmp_path,
+                                                                     monkeypatch):
+  tsv = tmp_path / "sizes.tsv"
+  with open(tsv, "w", newline="") as f:
+    w = csv.writer(f, delimiter="\t", lineterminator="\n")
+    w.writerow(["index", "image", "question", "A", "B", "answer"])
+    for i, size in enumerate([(64, 64), (40, 80), (64, 64)]):
+      w.writerow([i, base64.b64encode(_png(i, size)).decode(), "Which?", "x", "y", "A"])
+  c = _eval_config()
+  c.model, c.out, c.num_samples, c.benchmarks.rbench = model_dir, str(tmp_path / "r"), 0, str(tsv)
+
+  def not_loaded(*args, **kwargs):
+    raise RuntimeError("not loaded")
+
+  monkeypatch.setattr(engine_lib.Engine, "load", not_loaded)
+  lines = []
+  with pytest.raises(RuntimeError, match="not loaded"):
+    eval_run.run(c, say=lines.append)
+  assert lines[0] == ("benchmark rbench: 3 images in 2 sizes at the model's resize rule, each "
+                      "size compiling its own programs (--config.benchmark_images=square: one "
+                      "size)")
+  c.benchmark_images = "square"
+  lines.clear()
+  with pytest.raises(RuntimeError, match="not loaded"):
+    eval_run.run(c, say=lines.append)
+  assert not any("sizes at the model's resize rule" in line for line in lines)
+
+
 def test_a_report_without_conditions_keeps_its_tables_whole():
   answers = [{"kind": "colour", "correct": True, "options": 2}]
   result = {"num_samples": 1, "conditions": [],

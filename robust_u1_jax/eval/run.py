@@ -5,6 +5,7 @@ in the report folder until the report is written (eval/partial.py)."""
 
 from __future__ import annotations
 
+import collections
 import glob
 import itertools
 import json
@@ -203,10 +204,16 @@ def _run(c: ml_collections.ConfigDict, say: Callable[[str], None],
   except (OSError, ValueError):
     rules = None
   table_units = 0
-  for path in tables.values():
+  for name, path in tables.items():
+    sizes = collections.Counter()
     read = evaluation.read_table(path, c.benchmark_samples, c.max_skip_ratio, rules=rules,
-                                 images=c.benchmark_images)
+                                 images=c.benchmark_images,
+                                 keep=lambda i, record, image: sizes.update([image.shape[:2]]))
     table_units += -(-(read["rows"] - read["bad_rows"]) // BENCHMARK_UNIT_ROWS)
+    if len(sizes) > 1:  # each compiles the model's programs: minutes each for a 7B model
+      say(f"benchmark {name}: {sum(sizes.values())} images in {len(sizes)} sizes at the model's "
+          "resize rule, each size compiling its own programs (--config.benchmark_images=square: "
+          "one size)")
   clip_similarity = _clip_similarity(c)
   engine = engine_lib.Engine.load(c.model, dtype=c.dtype)
   os.makedirs(out_dir, exist_ok=True)
