@@ -17,7 +17,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.dtype = "float32"
   c.seed = 0
   c.split = "test"  # the built-in world's held-out split: never trained or tuned on
-  c.num_samples = 64
+  c.num_samples = 64  # 0: no image of the built-in world, the benchmark tables alone
   # Samples of the figures the claims read (the Robust-R1 pipeline's conditions and the clean
   # images, with recovery off and on); the other conditions take the first num_samples of them.
   # At most num_samples: every figure on num_samples. Both at most the split's records (the
