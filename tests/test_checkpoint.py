@@ -116,7 +116,12 @@ def test_non_finite_loss_names_step_losses_and_the_checkpoint_kept():
   # It said "the last good checkpoint is kept" of a run that had none.
   with pytest.raises(checkpoint.NonFiniteLoss,
                      match="no checkpoint was saved before it, so the run starts again"):
+    checkpoint.check_finite(2, {"loss": float("nan")}, kept=lambda: None)
+  # The first step's loss comes before any update: no learning rate or clipping made it.
+  with pytest.raises(checkpoint.NonFiniteLoss, match="step 1.*it came before any update, so "
+                     "from the data or the model, not the learning rate") as info:
     checkpoint.check_finite(1, {"loss": float("nan")}, kept=lambda: None)
+  assert "grad_clip" not in str(info.value)
 
 
 def test_saved_config_reads_the_newest_checkpoints_config(tmp_path):

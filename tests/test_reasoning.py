@@ -88,6 +88,49 @@ def test_reason_stage_runs_through_the_trainer(tmp_path):
   assert np.isfinite(history[-1]["ce_loss"]) and 0 <= history[-1]["token_accuracy"] <= 1
 
 
+def test_a_recovery_on_the_fly_of_non_square_images_is_the_precomputed_ones(tmp_path):
+  # 96 x 80 photos are 48 x 64 at the tiny rule, on a 64 x 64 canvas. The step stacked the
+  # corrupted image and its recovery at their own size, where the rows read latents at canvas
+  # positions: the gather fell outside them and the loss was NaN from step 1.
+  rng = np.random.default_rng(0)
+  table = tmp_path / "photos.tsv"
+  with open(table, "w") as f:
+    f.write("index\timage\tquestion\tA\tB\tanswer\n")
+    for i in range(2):
+      buf = io.BytesIO()
+      Image.fromarray(rng.integers(0, 255, (80, 96, 3), np.uint8)).save(buf, format="PNG")
+      f.write(f"{i}\t{base64.b64encode(buf.getvalue()).decode()}\tWhich?\tx\ty\tA\n")
+  config = config_lib.load(REASON, {"init_from": "random", "data.batch_size": 2,
+                                    "data.source": "vqa_tsv", "data.path": str(table)})
+  tok, batch, markers, instruction = _batch(config)
+  assert batch["corrupted"].shape[1:3] == (64, 64) and batch["corrupted_hw"][0].tolist() == [48, 64]
+  cfg = bagel.BagelConfig.tiny(vocab_size=len(tok))
+  model = bagel.Bagel(cfg, rngs=nnx.Rngs(0))
+  graphdef, params, frozen = state_lib.split_model(model, reasoning.UNDERSTANDING_PARAMS)
+  tx = state_lib.make_optimizer(config.optimizer, 10)
+  state = state_lib.create_state(params, frozen, tx, jax.random.PRNGKey(0), False)
+  sampler = recovery.Sampler(num_steps=2, guidance=recovery.NO_GUIDANCE)
+  rules = images.ImageRules.from_data_config(config.data)
+  step = reasoning.make_step(graphdef, tx, 0.0, (sampler, rules))
+  inputs, labels, (recovery_inputs, on_canvas) = reasoning.reasoning_rows(
+      batch, cfg, markers, instruction)
+  _, metrics = jax.jit(step)(state, jax.tree.map(jnp.asarray, (inputs, labels, (
+      recovery_inputs, on_canvas))))
+  assert np.isfinite(float(metrics["ce_loss"]))
+  # The same recoveries made beforehand (the step's keys) and given as a cache gives them: the
+  # same loss.
+  _, key = jax.random.split(state.rng)
+  recover_key, vae_key = jax.random.split(key)
+  _, recovered = recovery.recover(model, jax.tree.map(jnp.asarray, recovery_inputs), sampler,
+                                  recover_key)
+  recovered = np.asarray(images.quantize(recovered))
+  assert recovered.shape[1:3] == (48, 64)
+  cached = reasoning.reasoning_rows(batch, cfg, markers, instruction,
+                                    [[image] for image in recovered])
+  loss, _ = reasoning.answer_loss(model, *jax.tree.map(jnp.asarray, cached), vae_key)
+  np.testing.assert_allclose(float(metrics["ce_loss"]), float(loss), rtol=1e-5)
+
+
 def test_packed_rows_label_every_sample_answer():
   config = config_lib.load(REASON, {"init_from": "random", "data.batch_size": 2,
                                     "data.token_budget": 768,

@@ -438,6 +438,9 @@ def check_finite(step: int, metrics: dict[str, Any], *, kept: Callable[[], int |
   if bad:
     shown = {k: float(v) for k, v in metrics.items() if keys(k)}
     fix = "lower the learning rate or enable gradient clipping (optimizer.grad_clip)"
+    if step == 1:  # taken before any update: no learning rate or clipping made it
+      fix = ("it came before any update, so from the data or the model, not the learning rate: "
+             "check them, e.g. `python -m robust_u1_jax.data.preview` with this config")
     kept = kept()
     after = (f"the checkpoint of step {kept} is kept: {fix}, and the same command resumes from it"
              if kept is not None else

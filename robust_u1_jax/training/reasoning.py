@@ -44,8 +44,9 @@ def reasoning_rows(batch: Mapping[str, Any], config: BagelConfig, markers: seque
   """Host side: a pipeline batch, packed or not -> (SequenceInputs, next-token labels (B, T) with
   -1 off the answers, then either
 
-    recovered None (on the fly): RecoveryInputs for the in-step recovery (unpacked batches of one
-      image size), or
+    recovered None (on the fly): (RecoveryInputs for the in-step recovery (unpacked batches of one
+      image size), the corrupted images on the batch's canvas (B, 1, H, W, 3), where the rows
+      read their latents and the step puts each recovery beside them), or
     recovered[row][sample] uint8 images (precomputed): the VAE image stack (B, 2S, H, W, 3) of
       each sample's corrupted and recovered image.)
   """
@@ -73,8 +74,9 @@ def reasoning_rows(batch: Mapping[str, Any], config: BagelConfig, markers: seque
   for r, start, blocks in answers:
     sequence.write_labels(labels[r], start, blocks, config, markers)
   if recovered is None:
-    return inputs, labels, recovery_lib.batch_recovery_inputs(batch, config, markers,
-                                                              instruction_ids)
+    return inputs, labels, (
+        recovery_lib.batch_recovery_inputs(batch, config, markers, instruction_ids),
+        sequence.image_stack(batch, ("corrupted",)))
   on_canvas = sequence.place_like(batch["corrupted"], recovered)
   return inputs, labels, sequence.image_stack({**batch, "recovered": on_canvas},
                                               ("corrupted", "recovered"))
@@ -133,12 +135,17 @@ def make_step(graphdef: nnx.GraphDef, tx, ema_decay: float,
       images = third
     else:
       sampler, rules = on_the_fly
+      recovery_inputs, corrupted_on_canvas = third
       model = merge_model(graphdef, state.params, state.frozen)
-      _, recovered = recovery_lib.recover(model, third, sampler, recover_key)
+      _, recovered = recovery_lib.recover(model, recovery_inputs, sampler, recover_key)
       recovered = images_lib.quantize(recovered)
-      vit_hw = rules.vit_size(*recovered.shape[1:3])
+      h, w = recovered.shape[1:3]
+      vit_hw = rules.vit_size(h, w)
       inputs = with_recovered_patches(inputs, recovered, vit_hw, model.config.vit.patch_size)
-      images = jnp.concatenate([third.corrupted, recovered[:, None]], axis=1)
+      # Top-left on the canvas, as the rows read each image's latents (a non-square image's
+      # canvas is larger than it: read at its own size, the rows' latents fell outside it).
+      on_canvas = jnp.zeros_like(corrupted_on_canvas[:, 0]).at[:, :h, :w].set(recovered)
+      images = jnp.concatenate([corrupted_on_canvas, on_canvas[:, None]], axis=1)
 
     def loss_fn(params):
       return answer_loss(merge_model(graphdef, params, state.frozen), inputs, labels, images,
