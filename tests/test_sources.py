@@ -249,6 +249,12 @@ def test_vqa_tsv_vlmevalkit(tmp_path):
   assert reasoner.extract_answer("<ANSWER>C<ANSWER_END>", q2["options"]) == ""
   np.testing.assert_array_equal(_decode(src[3])["image"], _img(0))
   assert pickle.loads(pickle.dumps(src))[1]["questions"] == src[1]["questions"]
+  # Missing cells are the ones pandas reads as missing, as VLMEvalKit reads its TSVs: "None" and
+  # "NA" are no options, "none" is one (an answer "C" to it was a bad row).
+  _write_tsv(tmp_path / "none.tsv", header, [
+      [1, b64[0], "Which?", "nan", "red", "None", "none", "NA", "C", ""]])
+  q = sources_vqa.VqaTsvSource(tmp_path / "none.tsv")[0]["questions"][0]
+  assert q["options"] == ["A. red", "C. none"] and q["answer"] == "C" and q["hint"] == ""
   assert len(sources.make_source(_config("vqa_tsv", tmp_path / "bench.tsv"))) == 4
 
 

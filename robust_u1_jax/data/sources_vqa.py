@@ -5,7 +5,8 @@ Both give records shaped like the shapes world's, so one pipeline serves all of 
   {'image_bytes', 'questions': [{'question', 'options', 'answer', 'kind', 'hint'}], 'id',
    'category', 'path' (the table), 'index' (row position)}
 
-Options come from single-letter columns A, B, C, ... (empty or NaN ones dropped; where that skips
+Options come from single-letter columns A, B, C, ... (missing ones dropped: a TSV's cells as pandas
+reads them, `TSV_MISSING`, a parquet table's nulls; where that skips
 a letter, A, B, D, the options keep their letters as 'D. text', as VLMEvalKit asks them) or from a
 list column 'options' / 'choices'.
 Without options (MMStar and RealWorldQA write them into the question), 'options' is empty and the
@@ -49,12 +50,20 @@ class BadRow(ValueError):
   """A table row that cannot become a record; the message says why."""
 
 
+# The cells pandas reads as missing (`read_csv`'s default na_values), as VLMEvalKit reads its TSVs:
+# an option "NA" or "None" is no option there; "none" and "n.a." are texts. A parquet table's
+# strings are texts, whatever they say.
+TSV_MISSING = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan",
+                         "1.#IND", "1.#QNAN", "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a",
+                         "nan", "null"})
+
+
 def _missing(value) -> bool:
   if value is None:
     return True
   if isinstance(value, float) and math.isnan(value):
     return True
-  return isinstance(value, str) and value.strip().lower() in ("", "nan", "none")
+  return isinstance(value, str) and not value.strip()
 
 
 def _text(value) -> str:
@@ -252,9 +261,9 @@ class VqaTsvSource:
     line = f"line {int(self.lines[i])}"
     where = row_label(i, None, line)
     try:
-      row = self._row(i)
+      row = {k: None if v in TSV_MISSING else v for k, v in self._row(i).items()}
       where = row_label(i, row.get("index"), line)
-      image = row["image"].strip()
+      image = (row["image"] or "").strip()
       if not image:
         raise BadRow("empty image")
       if image.startswith("["):
