@@ -53,6 +53,13 @@ def test_reasoning_rows_of_a_jsonl_show_their_question(tmp_path):
   from robust_u1_jax.data import answer_format
   assert question == answer_format.prompt("Which colour is the disc?", ["red", "blue"])
   assert answer == "<ANSWER>A<ANSWER_END>"
+  # Through the SFT stage the same rows show no question: said of the stage, not of the rows.
+  config = config_lib.load(os.path.join(ROOT, "configs", "sft.py") + ":tiny", {
+      "init_from": "random", "data.source": "jsonl", "data.path": str(tmp_path / "rows.jsonl"),
+      "data.corruption": "none"})
+  assert preview.question_and_answer(config) is None
+  assert preview.no_questions_line(config).startswith(
+      "the sft stage reads no question from jsonl records; the reason stage does")
 
 
 def test_draw_grid_labels_and_size():

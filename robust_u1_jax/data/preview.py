@@ -139,6 +139,14 @@ def question_and_answer(config) -> tuple[str, str] | None:
   return str(first["question_text"]), str(first["answer_text"])
 
 
+def no_questions_line(config) -> str:
+  """What the preview says where it shows no question."""
+  if config.data.source == "jsonl":  # its rows may hold questions all the same
+    return (f"the {config.stage} stage reads no question from jsonl records; the reason stage "
+            "does (--config configs/reason.py:<variant> shows a row's question and answer)")
+  return f"{config.data.source} records carry no questions"
+
+
 def preview(config, out_path: str, rows: int, cols: int) -> tuple[Image.Image, tuple | None]:
   """Writes the grid to `out_path`; returns (grid, (question, answer) or None)."""
   if rows < 1 or cols < 1:
@@ -170,7 +178,7 @@ def main(argv, flag_values: Mapping) -> int:
   cli.output_file(out, "--out", image=True)
   grid, qa = preview(config, out, rows, cols)
   if qa is None:
-    print(f"{config.data.source} records carry no questions")
+    print(no_questions_line(config))
   else:
     print(f"question:\n{qa[0]}\nanswer:\n{qa[1]}")
   # Last, where it is seen: the file written.
