@@ -111,8 +111,10 @@ def test_malformed_jsonl_rows_become_markers(tmp_path):
   assert _reason_of(recs[1]).startswith("line 2: bad JSON: Expecting value at column 56")
   assert "line 1" not in _reason_of(recs[1])
   assert "line 3: missing key(s) target_image" in _reason_of(recs[2])
+  # Read from the JSONL's folder, which a relative path's message says.
   assert (f"line 4 of {tmp_path / 'd.jsonl'}: missing file for 'target_image': "
-          f"{tmp_path / 'gone.png'}") in _reason_of(recs[3])
+          f"{tmp_path / 'gone.png'} (a relative path is read from the JSONL's folder)"
+          ) in _reason_of(recs[3])
   assert recs[3]["path"] == str(tmp_path / "gone.png") and recs[3]["index"] == 3
   assert "not an object" in _reason_of(recs[4])
   assert "'image' is None, not a file path" in _reason_of(recs[5])

@@ -229,7 +229,8 @@ class JsonlSource:
         with open(file, "rb") as f:
           record[f"{key}_bytes"] = f.read()
       except FileNotFoundError:
-        return skip(f"missing file for {key!r}: {file}", file)
+        beside = "" if os.path.isabs(rel) else " (a relative path is read from the JSONL's folder)"
+        return skip(f"missing file for {key!r}: {file}{beside}", file)
       except OSError as e:
         return skip(f"unreadable file for {key!r}: {e.strerror or e}", file)
       record["path" if key == "image" else f"{key}_path"] = file
