@@ -459,6 +459,17 @@ def field_value(config: ml_collections.ConfigDict, dotted: str):
   return node
 
 
+_SHORT_NAMES = {"lr": "learning_rate", "steps": "total_steps", "bs": "batch_size"}
+
+
+def _leaf_paths(tree, prefix: str = "") -> list[str]:
+  out = []
+  for k, v in tree.items():
+    is_section = isinstance(v, (ml_collections.ConfigDict, dict))
+    out += _leaf_paths(v, f"{prefix}{k}.") if is_section else [prefix + k]
+  return out
+
+
 def unknown_field(config: ml_collections.ConfigDict, dotted: str) -> str | None:
   """None when `dotted` ('data.batch_size') names a field of `config`; else 'no field X' with
   the nearest names, or the fields there when none is near."""
@@ -470,9 +481,13 @@ def unknown_field(config: ml_collections.ConfigDict, dotted: str) -> str | None:
     if part not in node:
       prefix = f"{where}." if where else ""
       names = sorted(node.keys())
-      near = difflib.get_close_matches(part, names, n=3, cutoff=0.6)
+      # A field of that name elsewhere (`data.batch_size` for `batch_size`; `lr` is
+      # `optimizer.learning_rate`) before the names that are spelt alike here.
+      wanted = _SHORT_NAMES.get(part, part)
+      near = [path for path in _leaf_paths(config) if path.rsplit(".", 1)[-1] == wanted][:3]
+      near = near or [prefix + n for n in difflib.get_close_matches(part, names, n=3, cutoff=0.6)]
       if near:
-        return f"no field {prefix}{part}; did you mean {' or '.join(prefix + n for n in near)}?"
+        return f"no field {prefix}{part}; did you mean {' or '.join(near)}?"
       return f"no field {prefix}{part}; the fields {f'of {where} ' if where else ''}are " + \
           ", ".join(names)
     node = node[part]

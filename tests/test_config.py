@@ -219,6 +219,12 @@ def test_unknown_fields_are_named_with_the_nearest_or_the_list():
       "fields"
   with pytest.raises(config_lib.ConfigError, match="did you mean optimizer.learning_rate"):
     config_lib.load(f"{SFT}:tiny", {"optimizer.learningrate": 0.1})
+  # A field's name where it is not, and the short names people type: the fields of that name
+  # (`--config.lr` suggested lora).
+  assert config_lib.unknown_field(c, "lr") == (
+      "no field lr; did you mean optimizer.learning_rate?")
+  assert config_lib.unknown_field(c, "batch_size") == (
+      "no field batch_size; did you mean data.batch_size or eval_data.batch_size?")
 
 
 def test_the_config_checks_list_what_the_code_takes():
