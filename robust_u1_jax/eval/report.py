@@ -186,37 +186,22 @@ def figures(result: Mapping[str, Any], out_dir: str, *,
   conditions = result.get("conditions", [])
   pipeline = [c for c in conditions if c["family"] == evaluation.PIPELINE]
   if pipeline and pipeline[0]["accuracy"]:
-    fig, ax = plt.subplots(figsize=(7.5, 3.6))
-    x = np.arange(len(pipeline), dtype=float)
     lines = [(mode, [c["accuracy"][mode] for c in pipeline], {})
              for mode in evaluation.MODES[1:] if mode in pipeline[0]["accuracy"]]
     if "oracle_accuracy" in pipeline[0]:
       lines.append((f"{evaluation.ORACLE} (a perfect recovery)",
                     [c["oracle_accuracy"] for c in pipeline], {"ls": ":", "color": "gray"}))
-    for k, (label, acc, style) in enumerate(lines):
-      # Bars: one binomial standard error; the lines sit side by side so the bars stay apart.
-      se = [math.sqrt(a * (1 - a) / c["num_samples"]) for a, c in zip(acc, pipeline)]
-      ax.errorbar(x + 0.06 * (k - (len(lines) - 1) / 2), [100 * a for a in acc],
-                  yerr=[100 * e for e in se], marker="o", capsize=3, label=label, **style)
-    if "clean" in result:
-      ax.axhline(100 * result["clean"]["accuracy"], color="gray", ls="--", label="clean image")
-      # The pipeline's conditions ask the clean images' questions.
-      chance = chance_rate(result["clean"].get("answers", []))
-      if chance is not None:
-        ax.axhline(100 * chance, color="black", lw=0.8, ls="-.", label="chance (a random option)")
-    ax.set_xticks(x, [c["level"] for c in pipeline])
-    ax.set_title(f"Answer accuracy under the Robust-R1 pipeline ({pipeline[0]['num_samples']} "
-                 "questions a point)", fontsize=10)
-    ax.set_xlabel("Robust-R1 pipeline intensity (bars: ± one binomial standard error of each "
-                  "point;\nthe report's differences are paired over the questions, with smaller "
-                  "errors)", fontsize=8)
-    ax.set_ylabel("answer accuracy (%)")
-    # No negative accuracies, and at least 10 points of axis: a model that answers nothing right
-    # drew its line at 0 on an axis of -0.05 to 0.05 %.
-    low, high = ax.get_ylim()
-    low = max(0.0, low)
-    ax.set_ylim(low, max(high, low + 10.0))
-    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))  # off the lines
+    # The pipeline's conditions ask the clean images' questions.
+    clean = result.get("clean")
+    fig = accuracy_plot(
+        plt, [c["level"] for c in pipeline], lines, [c["num_samples"] for c in pipeline],
+        clean=clean["accuracy"] if clean else None,
+        chance=chance_rate(clean.get("answers", [])) if clean else None,
+        title=f"Answer accuracy under the Robust-R1 pipeline ({pipeline[0]['num_samples']} "
+              "questions a point)",
+        xlabel="Robust-R1 pipeline intensity (bars: ± one binomial standard error of each "
+               "point;\nthe report's differences are paired over the questions, with smaller "
+               "errors)", size=(7.5, 3.6))
     save(fig, ACCURACY_PLOT)
   by_type = [c for c in conditions if c["family"] != evaluation.PIPELINE]
   if by_type:
@@ -306,26 +291,43 @@ def benchmark_figure(name: str, bench: Mapping[str, Any], plt):
   """A benchmark table's accuracy against the pipeline's intensity per answer mode, beside its
   clean images' and chance: what its table says, at a glance."""
   levels = [level for level in bench["accuracy"] if level != "clean image"]
-  fig, ax = plt.subplots(figsize=(6.5, 3.4))
+  lines = [(mode, [bench["accuracy"][level][mode] for level in levels], {})
+           for mode in evaluation.MODES[1:] if mode in bench["accuracy"][levels[0]]]
+  return accuracy_plot(
+      plt, levels, lines, [bench["samples"]] * len(levels),
+      clean=bench["accuracy"]["clean image"]["clean"], chance=bench.get("chance"),
+      title=f"{name}: {bench['samples']} questions a point",
+      xlabel="Robust-R1 pipeline intensity (bars: ± one binomial standard error)",
+      size=(6.5, 3.4))
+
+
+def accuracy_plot(plt, levels: Sequence[str], lines, questions: Sequence[int], *,
+                  clean: float | None, chance: float | None, title: str, xlabel: str,
+                  size: tuple[float, float]):
+  """Accuracy against intensity: `lines` of (label, accuracy per level, line style), each point
+  with one binomial standard error over its `questions`, beside the clean images' accuracy and
+  chance (None: not drawn)."""
+  fig, ax = plt.subplots(figsize=size)
   x = np.arange(len(levels), dtype=float)
-  modes = [m for m in evaluation.MODES[1:] if m in bench["accuracy"][levels[0]]]
-  for k, mode in enumerate(modes):
-    acc = np.array([bench["accuracy"][level][mode] for level in levels])
-    se = np.sqrt(acc * (1 - acc) / max(bench["samples"], 1))  # binomial, one standard error
-    ax.errorbar(x + 0.06 * (k - (len(modes) - 1) / 2), 100 * acc, yerr=100 * se, marker="o",
-                capsize=3, label=mode)
-  ax.axhline(100 * bench["accuracy"]["clean image"]["clean"], color="gray", ls="--",
-             label="clean image")
-  if bench.get("chance") is not None:
-    ax.axhline(100 * bench["chance"], color="black", lw=0.8, ls="-.", label="chance")
+  for k, (label, acc, style) in enumerate(lines):
+    # Bars: one binomial standard error; the lines sit side by side so the bars stay apart.
+    se = [math.sqrt(a * (1 - a) / max(n, 1)) for a, n in zip(acc, questions)]
+    ax.errorbar(x + 0.06 * (k - (len(lines) - 1) / 2), [100 * a for a in acc],
+                yerr=[100 * e for e in se], marker="o", capsize=3, label=label, **style)
+  if clean is not None:
+    ax.axhline(100 * clean, color="gray", ls="--", label="clean image")
+  if chance is not None:
+    ax.axhline(100 * chance, color="black", lw=0.8, ls="-.", label="chance (a random option)")
   ax.set_xticks(x, levels)
-  ax.set_xlabel("Robust-R1 pipeline intensity (bars: ± one binomial standard error)", fontsize=8)
+  ax.set_title(title, fontsize=10)
+  ax.set_xlabel(xlabel, fontsize=8)
   ax.set_ylabel("answer accuracy (%)")
+  # No negative accuracies, and at least 10 points of axis: a model that answers nothing right
+  # drew its line at 0 on an axis of -0.05 to 0.05 %.
   low, high = ax.get_ylim()
   low = max(0.0, low)
   ax.set_ylim(low, max(high, low + 10.0))
-  ax.set_title(f"{name}: {bench['samples']} questions a point", fontsize=10)
-  ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
+  ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))  # off the lines
   return fig
 
 
