@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from robust_u1_jax import config_defaults
-from robust_u1_jax.data import answer_format, bad_records
+from robust_u1_jax.data import answer_format, bad_records, image_files
 from robust_u1_jax.data import shapes
 from robust_u1_jax.data import sources
 from robust_u1_jax.data import sources_vqa
@@ -58,6 +58,10 @@ def test_image_folder_recursive_sorted_case_insensitive(tmp_path):
                                                            else {}))
   (tmp_path / "notes.txt").write_text("not an image")
   (tmp_path / "a" / "x.png.bak").write_bytes(b"x")
+  # Hidden ones are not the user's images: a notebook's copies, macOS's resource forks.
+  (tmp_path / ".ipynb_checkpoints").mkdir()
+  Image.fromarray(_img(5)).save(tmp_path / ".ipynb_checkpoints" / "e.png")
+  (tmp_path / "a" / "._x.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
 
   src = sources.ImageFolderSource(tmp_path)
   assert len(src) == 5
@@ -81,8 +85,11 @@ def test_image_folder_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="does not exist"):
     sources.ImageFolderSource(tmp_path / "nope")
   (tmp_path / "readme.md").write_text("x")
+  (tmp_path / ".hidden").mkdir()
+  (tmp_path / ".hidden" / "a.png").write_bytes(b"x")
   with pytest.raises(FileNotFoundError, match=r"no images.*\*\.webp"):
     sources.ImageFolderSource(tmp_path)
+  assert not image_files.holds_images(str(tmp_path))
 
 
 # ------------------------------------------------------------------------------------------ tfds

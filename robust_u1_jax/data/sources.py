@@ -29,7 +29,7 @@ from robust_u1_jax import config_lib
 from robust_u1_jax.data import answer_format, shapes, sources_vqa
 from robust_u1_jax.data.bad_records import skip_record
 from robust_u1_jax.data.record_files import LazyFile, check_index, line_spans
-from robust_u1_jax.data.image_files import is_image_name, looked_for
+from robust_u1_jax.data.image_files import image_paths, looked_for
 
 # A pair's own instruction, "prompt", is optional: rows without one get the stage's instruction.
 PAIR_KEYS = ("image", "target_image")
@@ -42,7 +42,8 @@ QUESTION_KEYS = ("question", "answer")
 # ---------------------------------------------------------------------------------------- folder
 
 class ImageFolderSource:
-  """Every image file (`image_files.is_image_name`) under `root`, recursively, sorted by path.
+  """Every image file under `root`, recursively, sorted by path (`image_files.image_paths`:
+  hidden files and folders left out).
 
   Record: image_bytes, path, relpath (POSIX, relative to root), index.
   """
@@ -51,11 +52,7 @@ class ImageFolderSource:
     self.root = pathlib.Path(root)
     if not self.root.is_dir():
       raise FileNotFoundError(f"image folder {self.root} does not exist or is not a directory")
-    rel = []
-    for dirpath, _, filenames in os.walk(self.root, followlinks=True):
-      base = pathlib.Path(dirpath).relative_to(self.root)
-      rel.extend((base / f).as_posix() for f in filenames
-                 if is_image_name(f))
+    rel = list(image_paths(str(self.root)))
     if not rel:
       raise FileNotFoundError(f"image folder {self.root} holds no images: looked for "
                               f"{looked_for()}, recursively")
