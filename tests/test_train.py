@@ -176,6 +176,26 @@ def test_evaluation_scores_its_own_images_whatever_the_batch(tmp_path):
     np.testing.assert_array_equal(grid[y:y + 64, 2 + 2 * 66:2 * 66 + 66], clean[i])
 
 
+def test_evaluation_on_a_small_folder_scores_each_image_once(tmp_path):
+  """A folder of 3 images fills the evaluation's batch of EVAL_IMAGES by repeating them; the
+  evaluation keeps each once, so its mean and grid count no image twice."""
+  from PIL import Image
+
+  for i in range(3):
+    Image.fromarray(np.full((64, 64, 3), 60 * i, np.uint8)).save(tmp_path / f"{i}.png")
+  data_config = _config(2, **{"eval_data.source": "folder",
+                              "eval_data.path": str(tmp_path)}).eval_data
+  data_config.token_budget, data_config.batch_size = 0, evaluation.EVAL_IMAGES
+  data = pipeline.make_pipeline(data_config, seed=0, tokenizer=tokenizer_lib.load_tokenizer(),
+                                stage="rl")
+  samples = [row[0] for row in packing.batch_samples(next(data))]
+  data.close()
+  assert len(samples) == evaluation.EVAL_IMAGES
+  kept = evaluation.once_each(samples)
+  assert sorted(int(s["index"]) for s in kept) == [0, 1, 2]
+  assert [s["index"] for s in kept] == [s["index"] for s in samples[:3]]
+
+
 @pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_good_checkpoint(tmp_path):
   workdir = str(tmp_path)

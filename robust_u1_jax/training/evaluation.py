@@ -40,12 +40,25 @@ def other_source_note(c) -> str | None:
           "give --config.eval_data.source and --config.eval_data.path to evaluate on yours")
 
 
+def once_each(samples: list[dict]) -> list[dict]:
+  """Each source record's first sample: a source of fewer than EVAL_IMAGES records fills the
+  batch by repeating them (the pipeline repeats epochs), which would count them twice in the mean
+  and draw them twice in the grid."""
+  seen: set[int] = set()
+  kept = []
+  for sample in samples:
+    if int(sample["index"]) not in seen:
+      seen.add(int(sample["index"]))
+      kept.append(sample)
+  return kept
+
+
 def make_recovery_eval(ctx: RunContext, num_steps: int) -> Callable:
   """evaluate(graphdef, state) -> ({corrupted, recovered, clean} columns, metrics).
 
-  The first EVAL_IMAGES validation samples, recovered in one batch per image size. Metrics:
-  eval_ssim (the recoveries) and eval_ssim_corrupted (the corrupted images, fixed: a recovery
-  below it is worse than doing nothing).
+  The first EVAL_IMAGES validation samples (fewer where the source holds fewer), recovered in one
+  batch per image size. Metrics: eval_ssim (the recoveries) and eval_ssim_corrupted (the corrupted
+  images, fixed: a recovery below it is worse than doing nothing).
   """
   c = ctx.config
   note = other_source_note(c)
@@ -56,7 +69,7 @@ def make_recovery_eval(ctx: RunContext, num_steps: int) -> Callable:
   data_config.batch_size = EVAL_IMAGES
   data = pipeline_lib.make_pipeline(data_config, seed=c.seed, tokenizer=ctx.tokenizer,
                                     stage="rl", instruction=c.get("instruction"))
-  samples = [row[0] for row in packing.batch_samples(next(data))]
+  samples = once_each([row[0] for row in packing.batch_samples(next(data))])
   data.close()
   groups = recovery_lib.size_groups(samples)
   inputs = [jax.tree.map(jnp.asarray, recovery_lib.recovery_inputs(
