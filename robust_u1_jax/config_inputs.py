@@ -4,6 +4,7 @@ after minutes of compilation).
 """
 
 import glob
+import json
 import os
 
 import ml_collections
@@ -82,6 +83,77 @@ def check_data_inputs(d: ml_collections.ConfigDict, prefix: str = "data") -> Non
               "a folder with tokenizer.json (empty: the built-in tokenizer)")
 
 
+# How many of a folder's images `check_one_size` reads the header of, spread over its sorted list.
+SIZE_PEEK = 64
+
+
+def _model_sizes(path: str, d: ml_collections.ConfigDict) -> tuple | None:
+  """(VAE, ViT) sizes the pipeline gives the image at `path`, from its header; None unreadable."""
+  from PIL import Image
+
+  from robust_u1_jax.data import transforms  # JAX: imported only for a stage that needs this
+
+  try:
+    with Image.open(path) as img:
+      w, h = img.size
+      if img.getexif().get(transforms.EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # a quarter turn
+        h, w = w, h
+  except Exception:  # noqa: BLE001 (the pipeline names and skips a bad file)
+    return None
+  if d.crop_square:
+    h = w = min(h, w)
+  return tuple(transforms.bagel_size(h, w, **transforms.resize_rule(d, kind))
+               for kind in ("vae", "vit"))
+
+
+def _peeked_images(d: ml_collections.ConfigDict) -> list[tuple[str, str]]:
+  """(name shown, file) of up to SIZE_PEEK images spread over a folder's sorted list or a JSONL's
+  rows (their "image", the corrupted one the step recovers)."""
+  if d.source == "folder":
+    names = sorted(image_files.image_paths(d.path))
+    return [(n, os.path.join(d.path, n)) for n in names[::max(1, len(names) // SIZE_PEEK)]]
+  with open(d.path, encoding="utf-8", errors="replace") as f:
+    lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+  base, out = os.path.dirname(os.path.abspath(d.path)), []
+  for i, line in lines[::max(1, len(lines) // SIZE_PEEK)]:
+    try:
+      image = json.loads(line)["image"]
+    except (ValueError, KeyError, TypeError):
+      continue  # the source names a bad row when it reads it
+    if isinstance(image, str):
+      out.append((f"line {i} ({image})", os.path.join(base, image)))
+  return out
+
+
+def check_one_size(c: ml_collections.ConfigDict) -> None:
+  """A stage that samples recoveries in its step (RL; reasoning with recoveries made on the fly)
+  takes images of one model size: a folder or JSONL of several is refused here, before the model
+  is built and its step compiled, not at the first batch that mixes them. Reads the headers of
+  SIZE_PEEK images spread over the data, so data whose odd images are rare still fails later, at
+  that batch, with the same fix."""
+  d = c.data
+  samples_in_step = c.stage == "rl" or (
+      c.stage == "reason" and c.reason.recovered_images == "on_the_fly")
+  if (not samples_in_step or d.source not in ("folder", "jsonl") or not d.path
+      or _remote(d.path) or not os.path.exists(d.path)):
+    return
+  seen: dict[tuple, str] = {}
+  for shown, path in _peeked_images(d)[:SIZE_PEEK]:
+    sizes = _model_sizes(path, d)
+    if sizes is not None:
+      seen.setdefault(sizes, shown)
+    if len(seen) > 1:
+      listed = "; ".join(f"{name}: VAE {v[1]}x{v[0]}, ViT {t[1]}x{t[0]}"
+                         for (v, t), name in seen.items())
+      fix = ("set data.crop_square=True and data.vae_min_side = data.vae_max_side (and "
+             "data.vit_min_side = data.vit_max_side)")
+      if c.stage == "reason":
+        fix += ", or precompute the recoveries (reason.recovered_images=cache)"
+      raise ConfigError(
+          f"config field data.path = {d.path!r}: images of several model sizes, width x height "
+          f"({listed}), but the {c.stage} stage samples recoveries of one size per batch; {fix}")
+
+
 def check_inputs(c: ml_collections.ConfigDict, *, recovery_cache: bool = True) -> None:
   """Every file and folder a validated config reads exists (ConfigError naming the field).
   `recovery_cache=False` leaves out reason.recovery_cache (for the command that writes it)."""
@@ -103,6 +175,7 @@ def check_inputs(c: ml_collections.ConfigDict, *, recovery_cache: bool = True) -
                 "'random', a BAGEL/Robust-U1 model directory, an Orbax checkpoint or the workdir "
                 "of an earlier stage")
   check_data_inputs(c.data, "data")
+  check_one_size(c)
   if "eval_data" in c:
     check_data_inputs(c.eval_data, "eval_data")
   if "rl" in c:

@@ -294,6 +294,42 @@ def test_inputs_are_checked_before_a_run(tmp_path):
   config_inputs.check_inputs(config_lib.load(f"{SFT}:tiny", {"init_from": "gs://bucket/model"}))
 
 
+def test_images_of_several_sizes_are_refused_before_a_stage_that_samples_them(tmp_path):
+  """RL and on-the-fly reasoning recover a batch of one size: a folder or JSONL of several sizes
+  is refused at the config check, naming two files and their sizes, not after the compile."""
+  from PIL import Image
+
+  RL, REASON = (os.path.join(ROOT, "configs", name) for name in ("rl.py", "reason.py"))
+  (tmp_path / "mixed").mkdir()
+  (tmp_path / "square").mkdir()
+  for name, (w, h) in {"a.png": (64, 64), "b.png": (96, 64), "c.jpg": (64, 64)}.items():
+    Image.new("RGB", (w, h)).save(tmp_path / "mixed" / name)
+    Image.new("RGB", (h, h)).save(tmp_path / "square" / name)
+  rows = [{"image": f"mixed/{n}", "target_image": f"mixed/{n}", "question": "q?", "answer": "A"}
+          for n in ("a.png", "b.png")]
+  (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+  def check(path, **overrides):
+    config_inputs.check_inputs(config_lib.load(f"{path}:tiny", {"init_from": "random",
+                                                                 **overrides}))
+
+  folder = {"data.source": "folder", "data.path": str(tmp_path / "mixed")}
+  with pytest.raises(config_lib.ConfigError, match=r"mixed': images of several model sizes, "
+                     r"width x height \(a.png: VAE 64x64, ViT 64x64; b.png: VAE 64x48.*the rl "
+                     r"stage .*crop_square=True"):
+    check(RL, **folder)
+  check(SFT, **folder)  # SFT's step samples nothing
+  check(RL, **folder, **{"data.crop_square": True, "data.vae_min_side": 64})
+  check(RL, **{**folder, "data.path": str(tmp_path / "square")})
+  jsonl = {"data.source": "jsonl", "data.path": str(tmp_path / "rows.jsonl"),
+           "data.corruption": "none"}
+  with pytest.raises(config_lib.ConfigError, match=r"line 1 \(mixed/a.png\).*line 2 "
+                     r"\(mixed/b.png\).*reason stage .*reason.recovered_images=cache"):
+    check(REASON, **jsonl)
+  check(REASON, **jsonl, **{"reason.recovered_images": "cache",
+                            "reason.recovery_cache": str(tmp_path)})
+
+
 def test_setting_differences_name_each_changed_field_with_both_values():
   config = config_lib.load(SFT + ":tiny", {"total_steps": 80, "optimizer.ema_decay": 0.9})
   saved = json.loads(config_lib.load(SFT + ":tiny").to_json_best_effort())
