@@ -112,10 +112,13 @@ def _peeked_images(d: ml_collections.ConfigDict) -> list[tuple[str, str]]:
   if d.source == "folder":
     names = sorted(image_files.image_paths(d.path))
     return [(n, os.path.join(d.path, n)) for n in names[::max(1, len(names) // SIZE_PEEK)]]
-  with open(d.path, encoding="utf-8", errors="replace") as f:
-    lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+  with open(d.path, encoding="utf-8", errors="replace") as f:  # two streamed passes, no copy
+    step = max(1, sum(1 for line in f if line.strip()) // SIZE_PEEK)
+    f.seek(0)
+    rows = (row for row in enumerate(f, 1) if row[1].strip())
+    lines = [row for k, row in enumerate(rows) if k % step == 0]
   base, out = os.path.dirname(os.path.abspath(d.path)), []
-  for i, line in lines[::max(1, len(lines) // SIZE_PEEK)]:
+  for i, line in lines:
     try:
       image = json.loads(line)["image"]
     except (ValueError, KeyError, TypeError):
