@@ -210,8 +210,10 @@ def test_jsonl_text_fields_are_checked_with_their_line(tmp_path):
                      "line 6: 'prompt' is ['fix'], not a text",
                      "line 7: missing key(s) question, answer (row has: image, target_image)"]
   assert all(src[i]["path"] == str(tmp_path / "rows.jsonl") for i in range(1, len(rows)))
-  # SFT and RL read the pair alone.
-  assert "index" in sources.make_source(_config("jsonl", tmp_path / "rows.jsonl"))[6]
+  # SFT and RL read the pair and its prompt alone: whatever the question fields hold, they train.
+  sft = sources.make_source(_config("jsonl", tmp_path / "rows.jsonl"))
+  assert all(bad_records.SKIP not in sft[i] for i in (1, 2, 3, 4, 6))
+  assert sft[5][bad_records.SKIP] == "line 6: 'prompt' is ['fix'], not a text"
 
 
 # ------------------------------------------------------------------------------------------- TSV

@@ -212,7 +212,7 @@ class JsonlSource:
     missing = [k for k in self.required if k not in row]
     if missing:
       return skip(f"missing key(s) {', '.join(missing)} (row has: {', '.join(row) or 'none'})")
-    if error := text_field_error(row):
+    if error := text_field_error(row, questions=set(QUESTION_KEYS) <= set(self.required)):
       return skip(error)
     record = {k: v for k, v in row.items() if k not in self.image_keys}
     for key in self.image_keys:
@@ -236,16 +236,19 @@ class JsonlSource:
     return record
 
 
-def text_field_error(row: dict) -> str | None:
+def text_field_error(row: dict, questions: bool = True) -> str | None:
   """What is wrong with a row's text fields, or None: "prompt" a text (empty: the config's
-  instruction), "question" and "answer" non-empty texts, "options" a list of at most 26 non-empty
-  texts."""
+  instruction), and where the stage reads them (`questions`), "question" and "answer" non-empty
+  texts, "options" a list of at most 26 non-empty texts: a stage that does not read them (SFT, RL)
+  trains on a row whatever they hold."""
   def shown(value) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
   if "prompt" in row and not isinstance(row["prompt"], str):
     return f"'prompt' is {shown(row['prompt'])}, not a text"
+  if not questions:
+    return None
   for key in QUESTION_KEYS:
     if key in row and not (isinstance(row[key], str) and row[key].strip()):
       return f"{key!r} is {shown(row[key])}, not a non-empty text"
