@@ -273,8 +273,10 @@ def test_images_of_several_sizes_are_scored_as_each_would_be_alone(model_dir):
   question = {"question": "Which?", "options": ["x", "y"], "answer": "A"}
   samples = [evaluation.Sample(10 + i, rng.integers(0, 255, (h, w, 3), np.uint8), question)
              for i, (h, w) in enumerate(shapes)]
-  # In batches of one size, at most 2, in order of each size's first image.
-  assert evaluator._batches([s.image for s in samples]) == [[0, 2], [4], [1, 3]]
+  # In batches of one size, at most 2, in order of each size's first image; a size's remainder
+  # after a full batch padded to its length (one compiled shape per size), a lone batch not.
+  assert evaluator._batches([s.image for s in samples]) == [[0, 2], [4, 4], [1, 3]]
+  assert evaluator._batches([s.image for s in samples[:3]]) == [[0, 2], [1]]
   cond = evaluation.Condition("imagenet_c", "imagenet_c/fog", "s3", severity=3)
   evaluate = lambda chosen: evaluator.evaluate(
       chosen, [cond], modes=("corrupted",), per_sample=True, vae_baseline=False)["conditions"][0]
@@ -286,6 +288,12 @@ def test_images_of_several_sizes_are_scored_as_each_would_be_alone(model_dir):
       assert out["recovered_per_sample"][metric][k] == alone["recovered_per_sample"][metric][j]
     assert out["answers"]["corrupted"][k] == alone["answers"]["corrupted"][j]
     assert out["answers"]["corrupted"][k]["index"] == 10 + k
+  # The padded remainder: its repeat is counted once, and the full batches score as before.
+  every = evaluate(samples)
+  assert [a["index"] for a in every["answers"]["corrupted"]] == [10, 11, 12, 13, 14]
+  assert len(every["recovered_per_sample"]["psnr"]) == 5
+  for k in range(4):
+    assert every["recovered_per_sample"]["ssim"][k] == out["recovered_per_sample"]["ssim"][k]
   recovered = evaluator.recover([s.image for s in samples[:4]], [s.index for s in samples[:4]])
   assert [r.shape[:2] for r in recovered] == [engine.rules.vae_size(*s) for s in shapes[:4]]
 

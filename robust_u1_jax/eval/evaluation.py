@@ -241,13 +241,22 @@ class Evaluator:
     self.clip_similarity = clip_similarity
 
   def _batches(self, images: Sequence[np.ndarray]) -> list[list[int]]:
-    """Indices of `images` in batches of at most `batch_size` images of one size (one compiled
-    shape each), in order: the built-in world's images, all of one size, in consecutive runs."""
+    """Indices of `images` in batches of at most `batch_size` images of one size, in order: the
+    built-in world's images, all of one size, in consecutive runs. A size's last batch, short of
+    its full ones, repeats its last index to their length: each size compiles one set of programs
+    (minutes each for a 7B model), not a second for its remainder. The repeat's results are its
+    original's, written to the same place."""
     by_size: dict[tuple[int, ...], list[int]] = {}
     for i, image in enumerate(images):
       by_size.setdefault(np.shape(image), []).append(i)
-    return [same[start:start + self.batch_size] for same in by_size.values()
-            for start in range(0, len(same), self.batch_size)]
+    batches = []
+    for same in by_size.values():
+      for start in range(0, len(same), self.batch_size):
+        batch = same[start:start + self.batch_size]
+        if start:  # a remainder after full batches
+          batch = batch + batch[-1:] * (self.batch_size - len(batch))
+        batches.append(batch)
+    return batches
 
   def _per_image(self, fn: Callable[..., Sequence[Any]], *images: Sequence[np.ndarray]) -> list:
     """`fn(batch, *stacked)` on each batch of `images[0]`'s sizes (`_batches`: `batch` its
