@@ -88,7 +88,8 @@ SIZE_PEEK = 64
 
 
 def _model_sizes(path: str, d: ml_collections.ConfigDict) -> tuple | None:
-  """(VAE, ViT) sizes the pipeline gives the image at `path`, from its header; None unreadable."""
+  """(VAE, ViT) sizes the pipeline gives the image at `path`, from its header; None for one it
+  skips (unreadable, too small)."""
   from PIL import Image
 
   from robust_u1_jax.data import transforms  # JAX: imported only for a stage that needs this
@@ -100,6 +101,8 @@ def _model_sizes(path: str, d: ml_collections.ConfigDict) -> tuple | None:
         h, w = w, h
   except Exception:  # noqa: BLE001 (the pipeline names and skips a bad file)
     return None
+  if min(h, w) < transforms.min_image_side(d):
+    return None  # skipped as a bad record: no size of the batch's
   if d.crop_square:
     h = w = min(h, w)
   return tuple(transforms.bagel_size(h, w, **transforms.resize_rule(d, kind))

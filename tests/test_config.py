@@ -305,6 +305,8 @@ def test_images_of_several_sizes_are_refused_before_a_stage_that_samples_them(tm
   for name, (w, h) in {"a.png": (64, 64), "b.png": (96, 64), "c.jpg": (64, 64)}.items():
     Image.new("RGB", (w, h)).save(tmp_path / "mixed" / name)
     Image.new("RGB", (h, h)).save(tmp_path / "square" / name)
+  Image.new("RGB", (8, 8)).save(tmp_path / "square" / "d.png")  # too small: a bad record
+  (tmp_path / "square" / "e.png").write_bytes(b"not an image")
   rows = [{"image": f"mixed/{n}", "target_image": f"mixed/{n}", "question": "q?", "answer": "A"}
           for n in ("a.png", "b.png")]
   (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
