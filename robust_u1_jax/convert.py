@@ -122,7 +122,7 @@ def upcast_note(src: str, param_dtype: str) -> str | None:
           f"its {bagel_dir.LLM_CONFIG} says its weights are {dtype}")
   return (f"note: {src}: {said}; the checkpoint stores them as float32 (--param_dtype), twice "
           "their size: --param_dtype bfloat16 keeps them as they are, --to hf --save_dtype "
-          f"{dtype} writes them back so")
+          f"{dtype} writes them back as {dtype}")
 
 
 def main(argv) -> int:
@@ -147,9 +147,8 @@ def main(argv) -> int:
     raise cli.PathError(f"--dst {e}") from None
   cli.output_dir(os.path.dirname(os.path.abspath(_DST.value)), f"--dst {_DST.value}: its folder",
                  create=False)
+  note = upcast_note(_SRC.value, _PARAM_DTYPE.value) if _FROM.value else None
   if _FROM.value:
-    if note := upcast_note(_SRC.value, _PARAM_DTYPE.value):
-      print(note, file=sys.stderr)
     out = orbax_io.hf_to_orbax(_SRC.value, _DST.value, overwrite=_OVERWRITE.value,
                                allow_pickle=_ALLOW_PICKLE.value, param_dtype=_PARAM_DTYPE.value,
                                mesh=_mesh(), progress=_PROGRESS.value)
@@ -158,6 +157,8 @@ def main(argv) -> int:
                                save_dtype=_SAVE_DTYPE.value, mesh=_mesh(),
                                progress=_PROGRESS.value)
   print(f"wrote {out}")
+  if note:  # after it, not above an error of the conversion's (a truncated file, a shape)
+    print(note, file=sys.stderr)
   return 0
 
 

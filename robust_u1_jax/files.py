@@ -7,8 +7,9 @@ import contextlib
 import functools
 import hashlib
 import json
+import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import IO, Any
 
 
@@ -29,6 +30,48 @@ def read_json(path: str) -> Any:
   except UnicodeDecodeError as e:
     raise UnreadableFile(f"{path}: not valid JSON (not UTF-8 text: {e.reason} at byte "
                          f"{e.start})") from None
+
+
+REQUIRED = object()
+_KINDS = {int: "a whole number >= 1", float: "a finite number", bool: "true or false",
+          str: "a text"}
+
+
+def json_field(values: Mapping[str, Any], key: str, source: str, kind: type,
+               default: Any = REQUIRED) -> Any:
+  """`values[key]` of a JSON config as `kind` (int: a whole number >= 1; float: a finite number;
+  bool; str), `default` where it is missing or null. UnreadableFile naming `source`, the field and
+  its value where it is required and missing, or not of its kind: a hand-edited model config is
+  named, not met deep in the model's construction (an int() of a text, a negative layer count)."""
+  value = values.get(key)
+  if value is None:
+    if default is REQUIRED:
+      raise UnreadableFile(f"{source}: required field {key!r} " + (
+          f"= null: not {_KINDS[kind]}" if key in values else "missing"))
+    return default
+  if kind is float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+  elif kind is int:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+  else:
+    ok = isinstance(value, kind)
+  if not ok:
+    raise UnreadableFile(f"{source}: field {key!r} = {json.dumps(value)}: not {_KINDS[kind]}")
+  return kind(value)
+
+
+@contextlib.contextmanager
+def naming(source: str) -> Iterator[None]:
+  """A config read inside the block whose ValueError names no file names `source`, as an
+  UnreadableFile: a model config's own checks (heads that do not divide, an unknown activation)
+  say what is wrong, not in which file."""
+  try:
+    yield
+  except UnreadableFile:
+    raise
+  except ValueError as e:
+    message = str(e)
+    raise UnreadableFile(message if source in message else f"{source}: {message}") from None
 
 
 @contextlib.contextmanager

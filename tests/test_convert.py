@@ -186,8 +186,36 @@ def test_a_broken_source_is_one_line_naming_what_is_broken(model_dir, orbax_dir,
     shutil.rmtree(folder)
     orbax_io.save_orbax(model, str(folder), tokenizer_dir=orbax_dir)
 
+  def edit(name, **fields):
+    def change(folder):
+      config = json.loads((folder / name).read_text())
+      for key, value in fields.items():
+        section, _, key = key.rpartition("__")
+        (config[section] if section else config)[key] = value
+      (folder / name).write_text(json.dumps(config))
+    return change
+
   hf, to_hf = ["--from", "hf"], ["--to", "hf"]
   cases = [
+      # A hand-edited config: a traceback from int(), or from JAX at a negative layer count.
+      (hf, _copy(model_dir, tmp_path, "abc", edit("vit_config.json", hidden_size="abc")),
+       "vit_config.json: field 'hidden_size' = \"abc\": not a whole number >= 1"),
+      (hf, _copy(model_dir, tmp_path, "neg", edit("llm_config.json", num_hidden_layers=-1)),
+       "llm_config.json: field 'num_hidden_layers' = -1: not a whole number >= 1"),
+      (hf, _copy(model_dir, tmp_path, "null", edit("llm_config.json", num_attention_heads=None)),
+       "llm_config.json: required field 'num_attention_heads' = null: not a whole number >= 1"),
+      (hf, _copy(model_dir, tmp_path, "eps", edit("llm_config.json", rms_norm_eps="1e-6x")),
+       "llm_config.json: field 'rms_norm_eps' = \"1e-6x\": not a finite number"),
+      (hf, _copy(model_dir, tmp_path, "act", edit("vit_config.json", hidden_act="relu6")),
+       "vit_config.json: hidden_act 'relu6' is not supported"),
+      (hf, _copy(model_dir, tmp_path, "heads", edit("vit_config.json", num_attention_heads=5)),
+       "vit_config.json: SiglipConfig: hidden_size"),
+      (to_hf, _copy(orbax_dir, tmp_path, "typo", edit(orbax_io.CONFIG, latent_patch_sise=2)),
+       "bagel_config.json: unknown field(s) ['latent_patch_sise'] in 'top level'"),
+      (to_hf, _copy(orbax_dir, tmp_path, "mult", edit(orbax_io.CONFIG, vae__ch_mult=[1, "2"])),
+       "bagel_config.json (vae): field 'ch_mult' = \"2\": not a whole number >= 1"),
+      (to_hf, _copy(orbax_dir, tmp_path, "dtype", edit(orbax_io.CONFIG, llm__dtype="float33")),
+       "bagel_config.json: dtype 'float33' is not a dtype's name"),
       # Exported silently before: the BAGEL directory's every output was NaN.
       (to_hf, _copy(orbax_dir, tmp_path, "inf", diverged),
        "/inf: model parameter 'llm2vae.kernel' (tensor 'llm2vae.weight') holds 1 NaN or "
@@ -287,7 +315,7 @@ def test_bfloat16_weights_widened_to_float32_are_noted(model_dir, tmp_path):
     assert convert.upcast_note(src, "float32") == (
         f"note: {src}: its weights are stored as {name}; the checkpoint stores them as float32 "
         "(--param_dtype), twice their size: --param_dtype bfloat16 keeps them as they are, "
-        f"--to hf --save_dtype {name} writes them back so")
+        f"--to hf --save_dtype {name} writes them back as {name}")
     assert convert.upcast_note(src, "bfloat16") is None
   assert convert.upcast_note(model_dir, "float32") is None  # float32 weights
   # A config that declares bfloat16 over float32 weights widens nothing.

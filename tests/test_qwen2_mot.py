@@ -256,7 +256,7 @@ def test_config_from_hf_dicts():
     qwen2_mot.LLMConfig.from_hf_config({**bagel, "model_type": "llama"})
   with pytest.raises(ValueError, match="rope scaling 'yarn'"):
     qwen2_mot.LLMConfig.from_hf_config({**bagel, "rope_scaling": {"rope_type": "yarn"}})
-  with pytest.raises(ValueError, match="missing required field 'hidden_size'"):
+  with pytest.raises(ValueError, match="required field 'hidden_size' missing"):
     qwen2_mot.LLMConfig.from_hf_config({k: v for k, v in bagel.items() if k != "hidden_size"},
                                        source="llm_config.json")
 

@@ -130,13 +130,33 @@ def config_to_dict(config: BagelConfig) -> dict[str, Any]:
           "max_latent_size": config.max_latent_size}
 
 
+# What a model config's fields hold, by their annotation (the dataclasses' `from __future__
+# import annotations` keeps them as text): each read with `files.json_field`.
+_FIELD_KINDS = {"int": int, "float": float, "bool": bool, "str": str}
+
+
 def _fields(cls, values: Mapping[str, Any], source: str, section: str) -> dict[str, Any]:
-  allowed = {f.name for f in dataclasses.fields(cls)}
-  unknown = sorted(set(values) - allowed)
+  """`values` of the dataclass `cls`, each of its field's kind; UnreadableFile naming `source`
+  and the field for an unknown field or a value of another kind."""
+  if not isinstance(values, Mapping):
+    raise files.UnreadableFile(f"{source}: section {section!r} = {values!r}: not an object")
+  kinds = {f.name: f.type for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - set(kinds))
   if unknown:
-    raise ValueError(f"{source}: unknown field(s) {unknown} in {section!r}; allowed: "
-                     f"{sorted(allowed)}")
-  return dict(values)
+    raise files.UnreadableFile(f"{source}: unknown field(s) {unknown} in {section!r}; allowed: "
+                               f"{sorted(kinds)}")
+  out = dict(values)
+  for key in values:
+    kind = _FIELD_KINDS.get(str(kinds[key]))
+    if kind is not None:
+      out[key] = files.json_field(values, key, f"{source} ({section})", kind)
+    elif str(kinds[key]).startswith("tuple[int"):
+      if not isinstance(values[key], list) or not values[key]:
+        raise files.UnreadableFile(f"{source} ({section}): field {key!r} = {values[key]!r}: "
+                                   "not a list of whole numbers >= 1")
+      out[key] = tuple(files.json_field({key: v}, key, f"{source} ({section})", int)
+                       for v in values[key])
+  return out
 
 
 def config_from_dict(d: Mapping[str, Any], *, source: str = "config", **llm_overrides
@@ -144,19 +164,24 @@ def config_from_dict(d: Mapping[str, Any], *, source: str = "config", **llm_over
   """BagelConfig from `config_to_dict`'s output; `llm_overrides` (dtype, remat, ...) win."""
   missing = [k for k in ("llm", "vit", "vae") if k not in d]
   if missing:
-    raise ValueError(f"{source}: missing section(s) {missing}")
+    raise files.UnreadableFile(f"{source}: missing section(s) {missing}")
   llm = _fields(LLMConfig, d["llm"], source, "llm")
-  for key in ("dtype", "param_dtype"):
-    if key in llm:
-      llm[key] = jnp.dtype(llm[key])
-  vae = _fields(VAEConfig, d["vae"], source, "vae")
-  if "ch_mult" in vae:
-    vae["ch_mult"] = tuple(vae["ch_mult"])
-  top = _fields(BagelConfig, {k: v for k, v in d.items() if k not in ("llm", "vit", "vae")},
-                source, "top level")
-  return BagelConfig(llm=LLMConfig(**{**llm, **_llm_overrides(llm_overrides)}),
-                     vit=SiglipConfig(**_fields(SiglipConfig, d["vit"], source, "vit")),
-                     vae=VAEConfig(**vae), **top)
+  with files.naming(source):  # an unknown dtype; the configs' own checks
+    for key in ("dtype", "param_dtype"):
+      if key in llm:
+        llm[key] = _dtype(llm[key])
+    top = _fields(BagelConfig, {k: v for k, v in d.items() if k not in ("llm", "vit", "vae")},
+                  source, "top level")
+    return BagelConfig(llm=LLMConfig(**{**llm, **_llm_overrides(llm_overrides)}),
+                       vit=SiglipConfig(**_fields(SiglipConfig, d["vit"], source, "vit")),
+                       vae=VAEConfig(**_fields(VAEConfig, d["vae"], source, "vae")), **top)
+
+
+def _dtype(name: Any):
+  try:
+    return jnp.dtype(name)
+  except TypeError:
+    raise ValueError(f"dtype {name!r} is not a dtype's name (float32, bfloat16, ...)") from None
 
 
 def _llm_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -201,17 +226,17 @@ def read_config(path: str, *, keys=None, **llm_overrides) -> BagelConfig:
   allowed = ("vae", "latent_patch_size", "max_latent_size", "vit_max_patches_per_side")
   unknown = sorted(set(extra) - set(allowed))
   if unknown:
-    raise ValueError(f"{extra_path}: unknown field(s) {unknown}; allowed: {list(allowed)}")
-  changes = {k: int(extra[k]) for k in ("latent_patch_size", "max_latent_size") if k in extra}
-  if "vae" in extra:
-    vae = _fields(VAEConfig, extra["vae"], extra_path, "vae")
-    if "ch_mult" in vae:
-      vae["ch_mult"] = tuple(vae["ch_mult"])
-    changes["vae"] = VAEConfig(**vae)
-  if "vit_max_patches_per_side" in extra:
-    changes["vit"] = dataclasses.replace(
-        config.vit, max_patches_per_side=int(extra["vit_max_patches_per_side"]))
-  return dataclasses.replace(config, **changes)
+    raise files.UnreadableFile(f"{extra_path}: unknown field(s) {unknown}; allowed: "
+                               f"{list(allowed)}")
+  changes = {k: files.json_field(extra, k, extra_path, int)
+             for k in ("latent_patch_size", "max_latent_size") if k in extra}
+  with files.naming(extra_path):  # the configs' own checks
+    if "vae" in extra:
+      changes["vae"] = VAEConfig(**_fields(VAEConfig, extra["vae"], extra_path, "vae"))
+    if "vit_max_patches_per_side" in extra:
+      changes["vit"] = dataclasses.replace(config.vit, max_patches_per_side=files.json_field(
+          extra, "vit_max_patches_per_side", extra_path, int))
+    return dataclasses.replace(config, **changes)
 
 
 def llm_config_json(c: LLMConfig, torch_dtype: str) -> dict[str, Any]:

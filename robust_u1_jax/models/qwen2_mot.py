@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from robust_u1_jax import sharding
+from robust_u1_jax import files, sharding
 from robust_u1_jax.models import attention, layers
 from robust_u1_jax.models.kv_cache import KVCache
 
@@ -115,38 +115,41 @@ class LLMConfig:
     BAGEL's file is a Qwen2 config plus `qk_norm` and `layer_module` ("Qwen2MoTDecoderLayer" for
     the MoT model). Qwen3 configs imply QK-norm and read `attention_bias` (default False).
     """
-    def need(key):
-      if key not in hf:
-        raise ValueError(f"{source}: missing required field {key!r}")
-      return hf[key]
+    def field(key, kind, default=files.REQUIRED):
+      return files.json_field(hf, key, source, kind, default)
 
-    model_type = hf.get("model_type", "qwen2")
+    model_type = field("model_type", str, "qwen2")
     if model_type not in ("qwen2", "qwen3"):
-      raise ValueError(f"{source}: model_type {model_type!r} is not a Qwen2-family decoder; "
-                       "allowed: qwen2, qwen3")
-    if hf.get("hidden_act", "silu") != "silu":
-      raise ValueError(f"{source}: hidden_act {hf['hidden_act']!r} unsupported; only 'silu'")
+      raise files.UnreadableFile(f"{source}: model_type {model_type!r} is not a Qwen2-family "
+                                 "decoder; allowed: qwen2, qwen3")
+    if field("hidden_act", str, "silu") != "silu":
+      raise files.UnreadableFile(f"{source}: hidden_act {hf['hidden_act']!r} unsupported; only "
+                                 "'silu'")
     rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    if not isinstance(rope, Mapping):
+      raise files.UnreadableFile(f"{source}: field 'rope_scaling' = {rope!r}: not an object")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
-      raise ValueError(f"{source}: rope scaling {rope_type!r} unsupported; only 'default'")
-    if hf.get("use_sliding_window", False):
-      raise ValueError(f"{source}: use_sliding_window=true is unsupported")
-    theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
-    hidden, heads = int(need("hidden_size")), int(need("num_attention_heads"))
-    head_dim = hf.get("head_dim") or hidden // heads
+      raise files.UnreadableFile(f"{source}: rope scaling {rope_type!r} unsupported; only "
+                                 "'default'")
+    if field("use_sliding_window", bool, False):
+      raise files.UnreadableFile(f"{source}: use_sliding_window=true is unsupported")
+    theta = field("rope_theta", float, files.json_field(rope, "rope_theta", source, float,
+                                                         10000.0))
+    hidden, heads = field("hidden_size", int), field("num_attention_heads", int)
     is_qwen3 = model_type == "qwen3"
     kw = dict(
-        vocab_size=int(need("vocab_size")), hidden_size=hidden,
-        intermediate_size=int(need("intermediate_size")),
-        num_layers=int(need("num_hidden_layers")), num_heads=heads,
-        num_kv_heads=int(hf.get("num_key_value_heads") or heads), head_dim=int(head_dim),
-        rope_theta=float(theta), rms_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        qk_norm=bool(hf.get("qk_norm", is_qwen3)),
-        attention_bias=bool(hf.get("attention_bias", not is_qwen3)),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        mot="MoT" in str(hf.get("layer_module", "")))
-    return cls(**{**kw, **overrides})
+        vocab_size=field("vocab_size", int), hidden_size=hidden,
+        intermediate_size=field("intermediate_size", int),
+        num_layers=field("num_hidden_layers", int), num_heads=heads,
+        num_kv_heads=field("num_key_value_heads", int, heads),
+        head_dim=field("head_dim", int, hidden // heads), rope_theta=theta,
+        rms_eps=field("rms_norm_eps", float, 1e-6), qk_norm=field("qk_norm", bool, is_qwen3),
+        attention_bias=field("attention_bias", bool, not is_qwen3),
+        tie_word_embeddings=field("tie_word_embeddings", bool, False),
+        mot="MoT" in field("layer_module", str, ""))
+    with files.naming(source):  # the config's own checks: heads that do not divide, ...
+      return cls(**{**kw, **overrides})
 
 
 class Expert(nnx.Module):

@@ -79,23 +79,24 @@ class SiglipConfig:
       source = config
       config = files.read_json(config)
     config = dict(config.get("vision_config", config))
-    required = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers",
-                "patch_size")
-    missing = [k for k in required if k not in config]
-    if missing:
-      raise ValueError(f"{source}: SigLIP vision config is missing {missing}")
-    patch = int(config["patch_size"])
-    layers_ = int(config["num_hidden_layers"]) - (1 if drop_last_layer else 0)
+
+    def field(key, kind, default=files.REQUIRED):
+      return files.json_field(config, key, source, kind, default)
+
+    patch = field("patch_size", int)
+    layers_ = field("num_hidden_layers", int) - (1 if drop_last_layer else 0)
     if max_patches_per_side is None:
       if "image_size" not in config:
-        raise ValueError(f"{source}: no image_size; pass max_patches_per_side explicitly")
-      max_patches_per_side = int(config["image_size"]) // patch
-    return cls(
-        hidden_size=int(config["hidden_size"]), mlp_dim=int(config["intermediate_size"]),
-        num_heads=int(config["num_attention_heads"]), num_layers=layers_, patch_size=patch,
-        max_patches_per_side=int(max_patches_per_side),
-        layer_norm_eps=float(config.get("layer_norm_eps", 1e-6)),
-        activation=vit.activation_from_hf(config.get("hidden_act", "gelu_pytorch_tanh")))
+        raise files.UnreadableFile(f"{source}: no image_size; pass max_patches_per_side "
+                                   "explicitly")
+      max_patches_per_side = field("image_size", int) // patch
+    with files.naming(source):  # an unknown activation, heads that do not divide the width
+      return cls(
+          hidden_size=field("hidden_size", int), mlp_dim=field("intermediate_size", int),
+          num_heads=field("num_attention_heads", int), num_layers=layers_, patch_size=patch,
+          max_patches_per_side=int(max_patches_per_side),
+          layer_norm_eps=field("layer_norm_eps", float, 1e-6),
+          activation=vit.activation_from_hf(field("hidden_act", str, "gelu_pytorch_tanh")))
 
 
 # ---------------------------------------------------------------------------------------------
