@@ -50,7 +50,8 @@ def define_flags(values: flags.FlagValues = flags.FLAGS) -> None:
       "options", [], "An answer option; repeat it for each ('cat': letters A, B, ... are added "
       "in order; options that each carry their own letter, 'B. cat' 'C. dog', keep them).",
       flag_values=values)
-  flags.DEFINE_integer("max_iterations", 5, "Most text / image steps of the model.",
+  flags.DEFINE_integer("max_iterations", 5, "Most rounds of the model: each writes a text step, "
+                       "then an image step where the text asks for one (the release's loop).",
                        flag_values=values)
   flags.DEFINE_integer("max_new_tokens", 512, "Most tokens of one text step.", flag_values=values)
   flags.DEFINE_float("temperature", 0.3, "Text sampling temperature.", flag_values=values)
@@ -170,7 +171,9 @@ def _answer(values: flags.FlagValues) -> int:
                                                            flush=True))
   phases = ", ".join(f"{k} {v:.2f}" for k, v in exchange.seconds.items())
   steps = len(exchange.steps)
-  print(f"stopped by {STOPS.get(exchange.stopped_by, exchange.stopped_by)} after {steps} "
+  rounds = (f" ({settings.max_iterations} round{'' if settings.max_iterations == 1 else 's'})"
+            if exchange.stopped_by == "max_iterations" else "")
+  print(f"stopped by {STOPS.get(exchange.stopped_by, exchange.stopped_by)}{rounds} after {steps} "
         f"step{'' if steps == 1 else 's'}; seconds: {phases}")
   image_files = [f"step_{n:02d}.png" for n, step in enumerate(exchange.steps, 1)
                  if step.kind == "image"]

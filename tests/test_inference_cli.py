@@ -366,6 +366,17 @@ def test_answer_names_no_option_when_the_reply_does_not(capsys, model_dir, input
   assert json.loads((tmp_path / "run" / "exchange.json").read_text())["answer"] == ""
 
 
+def test_answer_stopped_by_its_rounds_says_how_many(capsys, model_dir, inputs, monkeypatch):
+  # --max_iterations counts rounds (text, then an image where asked): 2 rounds made 4 steps, and
+  # "after 4 steps" beside --max_iterations=2 read as a miscount.
+  monkeypatch.setattr(engine_lib.Conversation, "generate_text", _fake_model_text(
+      [("Noisy.", "vision_start"), ("Better.", "vision_start")]))
+  rc, out, err = _run(answer_cli, capsys, f"--model={model_dir}", f"--image={inputs / 'a.png'}",
+                      "--question=Which colour?", "--max_iterations=2", "--steps=1", *FAST)
+  assert rc == 0, err
+  assert "stopped by max_iterations (2 rounds) after 4 steps;" in out, out
+
+
 def test_answer_replaces_an_earlier_answer_and_makes_no_folder_when_stopped(
     capsys, model_dir, inputs, tmp_path, monkeypatch):
   out_dir = tmp_path / "run"
