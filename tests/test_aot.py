@@ -122,6 +122,8 @@ def test_cpu_topology_reports_memory_flops_and_verdict(tiny_cpu):
   assert fits and "per device (0.033 %)" in line and "(100%)" not in line, line
   fits, line = aot_report.verdict(r, hbm_gib=r.device_bytes / 2 / compiled_lib.GIB)
   assert not fits and line.startswith("DOES NOT FIT") and "2.0x" in line, line
+  # The 7B config's 32k-token rows "did not fit" cpu:8 at 26.7x, though they fit v5p-64.
+  assert "fake CPU devices run XLA's dense attention" in line, line
   text = aot_report.report(r, hbm_gib=1e-6)
   assert "VERDICT: DOES NOT FIT" in text and "FLOPs per step" in text
   # Its memory is dense attention's, which a reader comparing with a TPU slice must know.

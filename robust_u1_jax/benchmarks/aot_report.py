@@ -110,9 +110,13 @@ def verdict(result: AotResult, hbm_gib: float | None = None) -> tuple[bool, str]
                   f"{b(limit - need)} to spare")
   refused = "the TPU compiler refused the step: " if result.oom is not None else ""
   at_least = "at least " if result.oom and "lower bound" in result.oom["what"] else ""
+  dense = ("; fake CPU devices run XLA's dense attention, whose (T x T) scores a TPU slice's "
+           "splash attention never holds: long rows that fit a TPU need far more here "
+           "(--topology of the slice, with libtpu, for its verdict)"
+           if result.device_kind.lower() == "cpu" else "")
   return False, (f"DOES NOT FIT: {refused}needs {at_least}{b(need)} per device, {source} is "
                  f"{b(limit)}: "
-                 f"over by {b(need - limit)} ({need / limit:.1f}x)")
+                 f"over by {b(need - limit)} ({need / limit:.1f}x){dense}")
 
 
 def report(result: AotResult, hbm_gib: float | None = None) -> str:
