@@ -47,7 +47,9 @@ EXTRAS = {
     "cuda": ["jax[cuda12]==0.10.2"],
     # jax 0.10.2's own `tpu` extra pins libtpu 0.0.42.*: on TPU VMs, and on any CPU machine for
     # ahead-of-time compiles against a TPU topology (`python -m robust_u1_jax.bench aot`).
-    "tpu": ["jax[tpu]==0.10.2"],
+    # gcsfs: JAX reads and writes a gs:// compilation cache (`tpu_pod.sh --cache`) through
+    # etils.epath, which without it warns once and caches nothing.
+    "tpu": ["jax[tpu]==0.10.2", "gcsfs>=2024.2"],
 }
 
 setuptools.setup(

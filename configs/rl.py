@@ -88,6 +88,9 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.data.vae_min_side = c.data.vae_max_side = 512
     c.data.batch_size = 32
     c.data.worker_count = 8
+    # One text width on every host of a pod (unpacked rows): the paper's instruction is 12 tokens;
+    # a pair's own prompt may be longer, and one past 128 is a bad record naming this setting.
+    c.data.text_widths.instruction = 128
   else:
     raise ValueError(f"configs/rl.py: unknown variant {variant!r}; choose one of: tiny, bagel_7b")
   c.eval_data.update({k: v for k, v in c.data.items() if k not in ("split", "shuffle")})

@@ -12,7 +12,7 @@
 #
 # Options:
 #   --processes N            processes (default 1)
-#   --devices_per_process K  CPU: fake devices per process (default 4 when N > 1, also for one
+#   --devices_per_process K  CPU: fake devices per process (default 4 when N > 1, 1 for one
 #                            process); GPU: GPUs per process when N > 1 (default: all GPUs / N)
 #   --backend B              cpu | gpu | tpu | auto (default auto: what jax finds)
 #   --port P                 coordinator port on localhost when N > 1 (default 12355, or the
@@ -27,7 +27,7 @@
 #
 # Ctrl-C (or SIGTERM) is passed on: every process saves a checkpoint and stops, and the script
 # exits as they do, 130 or 143 (not 0: the run is not finished); re-running the same command
-# resumes. A second Ctrl-C kills them (no checkpoint). When one process fails, the
+# resumes. A second Ctrl-C kills them (no checkpoint; exit 130). When one process fails, the
 # others are asked to stop, and killed if they still run 20 s later (ROBUST_U1_STOP_GRACE_S; a
 # step waiting for the failed process never ends, nor does a save); re-running resumes from the
 # last checkpoint.
@@ -199,6 +199,7 @@ number_of() {  # number_of PID -> the process's number (its log's)
 }
 stop_the_others() {
   local i others=() pid
+  ((interrupts < 2)) || return 0  # killed as the second Ctrl-C asked: no failure to report
   i="$(number_of "$1")"
   echo "launch/local.sh: process $i failed (exit status $2; $logs/process_$i.log)" >&3
   for pid in "${pids[@]}"; do [[ "$pid" == "$1" ]] || others+=("$pid"); done
@@ -221,4 +222,5 @@ killer=""
 status=0
 wait_all stop_the_others "${pids[@]}" || status=$?
 [[ -z "$killer" ]] || kill "$killer" 2> /dev/null || true
+((interrupts < 2)) || exit 130  # as a shell reports the Ctrl-C that ended it
 exit "$status"

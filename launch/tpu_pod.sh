@@ -11,8 +11,10 @@
 #   0. `train --check_config` here checks the config's fields and values before any slice is
 #      made (skipped when this machine's python3 cannot import the project; paths are not looked
 #      at: they are the workers').
-#   1. `gcloud compute tpus tpu-vm describe`: the slice is reused when it exists, else created
-#      (--version: the TPU software version, by default the one for the generation; --spot).
+#   1. `gcloud compute tpus tpu-vm describe`: the slice is reused when it exists, is READY and is
+#      of the --accelerator type (a preempted or stopped one, or another type, is refused with
+#      the command that deletes or starts it), else created (--version: the TPU software
+#      version, by default the one for the generation; --spot).
 #   2. This checkout (the files git tracks, and untracked ones it does not ignore) is copied to
 #      every worker and installed there with `pip install -e ".[tpu]"` (jax 0.10.2 and the libtpu
 #      it pins); --no_install skips the step.
@@ -151,17 +153,28 @@ fi
 # shellcheck source=launch/trainer_args.sh
 source "$ROOT/launch/trainer_args.sh"
 read_trainer_args "${train_args[@]}"
+[[ "$config_file" != /* ]] || die "--config $config_file: give it relative to the checkout \
+($ROOT), which is copied to the workers"
 [[ -f "$ROOT/$config_file" ]] || \
   die "config file $config_file not found in the checkout (give it relative to $ROOT)"
-[[ "$config_file" != /* ]] || die "give --config relative to the checkout: it is copied to the workers"
 [[ "$workdir" != gs://* ]] || \
   die "--workdir $workdir: mount the bucket on every worker (gcsfuse) and give the mount's path"
 [[ "$workdir" == /* ]] || die "--workdir must be an absolute path shared by every worker"
 
+hosts_of() {  # hosts of a slice type: chips per host are 4 (v4, v5p, v5e/v6e beyond 8 chips)
+  case "$generation" in
+    v2|v3) echo $(( (size + 7) / 8 )) ;;  # TensorCores, 8 a host
+    v4|v5p) echo $(( (size / 2 + 3) / 4 )) ;;  # TensorCores, 2 a chip
+    *) if ((size <= 8)); then echo 1; else echo $((size / 4)); fi ;;  # chips
+  esac
+}
+
 # 0. The config's fields and values, checked here before a slice is created or used (the paths it
-# names are the workers', checked there). A machine whose python3 cannot run the project skips it.
+# names are the workers', checked there), as a run of the slice's hosts reads them (unpacked
+# batches need one text width on every host). A machine whose python3 cannot run the project
+# skips it.
 check=(env PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" python3 -m robust_u1_jax.train
-       "${train_args[@]}" --check_config)
+       "${train_args[@]}" --check_config "--check_processes=$(hosts_of)")
 echo "# 0. check the config here"
 if ((dry_run)); then
   quote "${check[@]}"
@@ -178,11 +191,21 @@ else
   fi
 fi
 
-hosts_of() {  # hosts of a slice type: chips per host are 4 (v4, v5p, v5e/v6e beyond 8 chips)
-  case "$generation" in
-    v2|v3) echo $(( (size + 7) / 8 )) ;;  # TensorCores, 8 a host
-    v4|v5p) echo $(( (size / 2 + 3) / 4 )) ;;  # TensorCores, 2 a chip
-    *) if ((size <= 8)); then echo 1; else echo $((size / 4)); fi ;;  # chips
+reuse_or_die() {  # reuse_or_die STATE TYPE: an existing slice runs the trainers only when READY
+  local state="$1" type="$2" delete
+  delete="$(quote "${gcloud_tpu[@]}" delete "$name" "${where[@]}")"
+  # gcloud names v5e slices v5litepod-N; --accelerator takes either.
+  [[ "${type/v5litepod-/v5e-}" == "${accelerator/v5litepod-/v5e-}" ]] || die "TPU $name is a \
+$type, not the $accelerator asked for: give --accelerator $type, another --name, or delete it \
+first ($delete)"
+  case "$state" in
+    READY) ;;
+    PREEMPTED|TERMINATED) die "TPU $name is $state and cannot run again: delete it ($delete), \
+then the same command creates it anew and the trainers resume from the workdir's checkpoint" ;;
+    STOPPED) die "TPU $name is STOPPED: start it ($(quote "${gcloud_tpu[@]}" start "$name" \
+"${where[@]}")), then run this command again" ;;
+    *) die "TPU $name is ${state:-in no state gcloud names}, not READY: run this command again \
+once it is" ;;
   esac
 }
 
@@ -193,7 +216,8 @@ run() {  # prints a step's command, then runs it unless --dry-run
 }
 
 # 1. The slice.
-describe=("${gcloud_tpu[@]}" describe "$name" "${where[@]}" --format='value(state)')
+describe=("${gcloud_tpu[@]}" describe "$name" "${where[@]}"
+          --format='value(state,acceleratorType)')
 create=("${gcloud_tpu[@]}" create "$name" "${where[@]}" --accelerator-type "$accelerator"
         --version "$version")
 ((spot)) && create+=(--spot)
@@ -202,9 +226,11 @@ if ((dry_run)); then
   echo "$(quote "${describe[@]}") || $(quote "${create[@]}")"
   workers="${workers:-$(hosts_of)}"
 else
-  # Its last line is the state (warnings may come first); on a failure, what says why.
+  # Its last line is the state and type (warnings may come first); on a failure, what says why.
   if said="$("${describe[@]}" 2>&1)"; then
-    echo "# 1. reusing TPU $name ($(tail -n 1 <<< "$said"))"
+    read -r state type <<< "$(tail -n 1 <<< "$said")"
+    reuse_or_die "$state" "$type"
+    echo "# 1. reusing TPU $name ($state, $type)"
   elif grep -qi "not.\{0,1\}found" <<< "$said"; then
     echo "# 1. creating TPU $name ($accelerator, $version)"
     run "${create[@]}"
@@ -266,8 +292,8 @@ stop() {
 for ((i = 0; i < workers; i++)); do
   ssh_cmd=("${gcloud_tpu[@]}" ssh "$name" "${where[@]}" "--worker=$i" --command
            "$(remote_command "$i")")
-  if ((detach)); then
-    run "${ssh_cmd[@]}"
+  if ((detach)); then  # at once on every worker: a slice's last host waits for none before it
+    if ((dry_run)); then run "${ssh_cmd[@]}"; else run "${ssh_cmd[@]}" & pids+=("$!"); fi
     continue
   fi
   echo "$(quote "${ssh_cmd[@]}") > $(quote "$logs/worker_$i.log") 2>&1 &"
@@ -284,6 +310,11 @@ if ((dry_run)); then
   exit 0
 fi
 if ((detach)); then
+  failed=0
+  for i in "${!pids[@]}"; do
+    wait "${pids[i]}" || { echo "launch/tpu_pod.sh: worker $i did not start" >&2; failed=1; }
+  done
+  ((failed == 0)) || exit 1
   echo "started; logs: ${gcloud_tpu[*]} ssh $name ${where[*]} --worker=0 --command" \
     "'tail -f $REMOTE_LOGS/worker_0.log'; stop: $0 --name $name ${where[*]} --stop"
   exit 0

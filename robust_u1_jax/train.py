@@ -32,6 +32,10 @@ _CHECK_CONFIG = flags.DEFINE_bool(
     "check_config", False, "Check the config's fields and values, then exit without training; "
     "the paths it names are not looked at (launch/tpu_pod.sh runs this before it creates a "
     "slice, where the paths are the workers').")
+_CHECK_PROCESSES = flags.DEFINE_integer(
+    "check_processes", 1, "With --check_config: the processes the run will have (tpu_pod.sh "
+    "passes its slice's hosts), so that what every host must batch alike is checked too.",
+    lower_bound=1)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -40,6 +44,11 @@ def main(argv) -> int:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = config_lib.validate(_CONFIG.value)
   if _CHECK_CONFIG.value:
+    if _CHECK_PROCESSES.value > 1 and config.stage != "demo":
+      from robust_u1_jax.training import stages, trainer
+
+      trainer.check_shards_agree(config, _CHECK_PROCESSES.value,
+                                 stages.DATA_STAGES.get(config.stage, config.stage))
     print(f"the {config.stage} config is valid (the paths it names were not checked)", flush=True)
     return 0
   config_inputs.check_inputs(config)  # before anything is built: a wrong path fails at once

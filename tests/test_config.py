@@ -53,6 +53,17 @@ def test_every_variant_loads_and_validates(path):
     assert config.is_locked
 
 
+@pytest.mark.parametrize("name", ["sft.py", "rl.py", "reason.py"])
+def test_pod_variants_batch_alike_on_every_host(name):
+  # rl.py:bagel_7b read unpacked rows of per-batch text widths, which a run of several hosts
+  # refuses: it stopped on a pod after the slice was made.
+  from robust_u1_jax.training import trainer
+
+  path = os.path.join(ROOT, "configs", name)
+  config = config_lib.load(f"{path}:bagel_7b", _user_paths(path))
+  trainer.check_shards_agree(config, 8, config.stage)
+
+
 def test_unknown_variant_names_the_choices():
   with pytest.raises(ValueError, match="tiny, bagel_7b"):
     config_lib.load(f"{SFT}:huge")

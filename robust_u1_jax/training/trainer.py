@@ -114,7 +114,7 @@ def ema_note(config: ml_collections.ConfigDict) -> str | None:
           f"after {updates} optimizer updates ({lower}at 0: none)")
 
 
-def _check_shards_agree(config: ml_collections.ConfigDict, process_count: int,
+def check_shards_agree(config: ml_collections.ConfigDict, process_count: int,
                         data_stage: str) -> None:
   """Refuses data that `process_count` data shards would batch differently: before the model is
   built, so a pod reads no weights to learn it."""
@@ -187,7 +187,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   # The data shard this process reads: processes whose devices share batch rows read one.
   process_index, process_count = multihost.data_shard(mesh)
   if built is not None:  # a builder of our own: its data stage is known before it runs
-    _check_shards_agree(config, process_count, stages.DATA_STAGES.get(built, built))
+    check_shards_agree(config, process_count, stages.DATA_STAGES.get(built, built))
   if (note := ema_note(config)) and jax.process_index() == 0:
     print(note, flush=True)
   with contextlib.ExitStack() as stack:
@@ -202,7 +202,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     replicas = jax.process_count() // process_count  # processes that read one data shard
     data_stage = spec.data_stage or config.stage
     if built is None:
-      _check_shards_agree(config, process_count, data_stage)
+      check_shards_agree(config, process_count, data_stage)
     several = jax.process_count() > 1
     # Several processes enforce data.max_skip_ratio on their totals together, at log steps.
     data = pipeline_lib.make_pipeline(config.data, seed=config.seed, process_index=process_index,
