@@ -110,7 +110,7 @@ fi
 
 # The coordinator's port: a second run on the port of a running one would break into its
 # processes (jax.distributed reads the newcomers as restarted peers and aborts the run).
-if ((processes > 1 && !dry_run)); then
+if ((processes > 1)); then  # in a dry run too: it prints the port the run would take
   if [[ -n "$port" ]]; then
     ! port_in_use "$port" || die "--port $port is in use (another run's coordinator?): give \
 another --port, or leave it out to take a free one"

@@ -212,7 +212,11 @@ def test_local_takes_a_free_port_and_refuses_a_given_one_in_use(tmp_path, fakes)
     result = _run([*command, "--port", str(port), *train], env={"FAKE_OUT": str(out)})
     assert result.returncode == 2 and not _records(out), result.stderr
     assert result.stderr.startswith(f"error: --port {port} is in use")
-    try:  # the default port held here (or by something else already: the same case)
+    # The default port held here (or by something else already: the same case). SO_REUSEADDR:
+    # a run's connections just closed on it (TIME_WAIT) refused the bind while nothing listened,
+    # so the launcher found it free and the test failed.
+    default.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
       default.bind(("127.0.0.1", 12355))
       default.listen()
     except OSError:
