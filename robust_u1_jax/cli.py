@@ -332,13 +332,21 @@ def plain_log_lines() -> None:
     root.addHandler(_PlainLines())
 
 
+# Library warnings that every clean stop logs, which read as problems: Orbax's on each process at a
+# SIGTERM or Ctrl-C, where the trainer's own line says where it stopped and saved.
+EXPECTED_WARNINGS = ("Reached preemption sync point",)
+
+
 class _PlainLines(std_logging.Handler):
 
   def emit(self, record: std_logging.LogRecord) -> None:
     import tqdm
 
     try:
-      text = f"{record.levelname.lower()}: {record.getMessage()}"
+      message = record.getMessage()
+      if record.levelno < std_logging.ERROR and any(w in message for w in EXPECTED_WARNINGS):
+        return
+      text = f"{record.levelname.lower()}: {message}"
       if record.exc_info:
         text += "\n" + std_logging.Formatter().formatException(record.exc_info)
       tqdm.tqdm.write(text, file=sys.stderr)

@@ -771,6 +771,9 @@ def test_log_lines_are_plain_and_above_the_progress_bar(capsys):
     bar = tqdm.tqdm(total=3, file=sys.stderr, ascii=True)
     bar.update(1)
     absl_logging.warning("folder data: bad record %s (index %d)", "a.png", 3)
+    # Orbax's, at every clean stop on every process: it read as a problem.
+    std_logging.getLogger("absl").warning("[process=0][thread=save_finalize] Reached preemption "
+                                          "sync point, step=%d", 15)
     bar.update(1)
     bar.close()
   finally:
@@ -779,3 +782,4 @@ def test_log_lines_are_plain_and_above_the_progress_bar(capsys):
   assert err.count("bad record") == 1
   assert "\rwarning: folder data: bad record a.png (index 3)\n" in err
   assert "test_cli_errors.py" not in err  # absl's file:line prefix
+  assert "preemption" not in err
