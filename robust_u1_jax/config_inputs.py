@@ -105,8 +105,9 @@ def _model_sizes(path: str, d: ml_collections.ConfigDict) -> tuple | None:
     return None  # skipped as a bad record: no size of the batch's
   if d.crop_square:
     h = w = min(h, w)
-  return tuple(transforms.bagel_size(h, w, **transforms.resize_rule(d, kind))
-               for kind in ("vae", "vit"))
+  vae = transforms.bagel_size(h, w, **transforms.resize_rule(d, "vae"))
+  # The ViT copy is resized from the VAE-size image (stage_fields.StageFields), not the file's.
+  return vae, transforms.bagel_size(*vae, **transforms.resize_rule(d, "vit"))
 
 
 def _peeked_images(d: ml_collections.ConfigDict) -> list[tuple[str, str]]:
@@ -151,8 +152,7 @@ def check_one_size(c: ml_collections.ConfigDict) -> None:
     if len(seen) > 1:
       listed = "; ".join(f"{name}: VAE {v[1]}x{v[0]}, ViT {t[1]}x{t[0]}"
                          for (v, t), name in seen.items())
-      fix = ("set data.crop_square=True and data.vae_min_side = data.vae_max_side (and "
-             "data.vit_min_side = data.vit_max_side)")
+      fix = "set data.crop_square=True and data.vae_min_side = data.vae_max_side"
       if c.stage == "reason":
         fix += ", or precompute the recoveries (reason.recovered_images=cache)"
       raise ConfigError(

@@ -341,6 +341,17 @@ def test_images_of_several_sizes_are_refused_before_a_stage_that_samples_them(tm
     check(REASON, **jsonl)
   check(REASON, **jsonl, **{"reason.recovered_images": "cache",
                             "reason.recovery_cache": str(tmp_path)})
+  # The ViT copy is resized from the VAE-size image: photos of any shape cropped square to one VAE
+  # size are one size (the check read the ViT size from the file and refused this variant).
+  photos = {f"p{i}.png": size for i, size in enumerate([(640, 480), (1000, 300), (513, 900)])}
+  for name, size in photos.items():
+    Image.new("RGB", size).save(tmp_path / name)
+  (tmp_path / "photos.jsonl").write_text("".join(
+      json.dumps({"image": n, "target_image": n}) + "\n" for n in photos))
+  pairs = {"data.path": str(tmp_path / "photos.jsonl"),
+           "eval_data.path": str(tmp_path / "photos.jsonl"), "rl.reward_weights.clip": 0.0}
+  config_inputs.check_inputs(config_lib.load(f"{RL}:bagel_7b", {"init_from": str(tmp_path),
+                                                                **pairs}))
 
 
 def test_setting_differences_name_each_changed_field_with_both_values():
