@@ -512,6 +512,20 @@ def test_a_resume_that_cannot_read_its_checkpoints_names_the_changed_settings(tm
     trainer.train(_config(4, **{"data.token_budget": 512}), workdir, sft.build)
 
 
+def test_a_resume_with_another_lora_rank_is_one_line_before_anything_is_built():
+  # Resumed at rank 8 from rank-4 checkpoints: three error lines of Orbax's shape errors, cut
+  # off mid-word, and the rank last. The alpha scales the update and shapes nothing.
+  saved = json.loads(_config(4, **{"lora.rank": 4, "init_from": "/m"}).to_json_best_effort())
+  with pytest.raises(checkpoint_lib.UnreadableCheckpoints,
+                     match=r"^/w/checkpoints: saved by a run that trained a state of another "
+                     r"shape: lora.rank 4, now 8; resume with the checkpoint's settings"):
+    trainer.check_same_state(saved, _config(4, **{"lora.rank": 8, "init_from": "/m"}),
+                             where="/w/checkpoints")
+  trainer.check_same_state(saved, _config(6, **{"lora.rank": 4, "lora.alpha": 8.0,
+                                                "init_from": "/m"}))
+  trainer.check_same_state(None, _config(4))  # no checkpoint yet
+
+
 @pytest.mark.slow
 def test_a_run_refused_at_its_first_batch_leaves_no_workdir(tmp_path):
   # As RL's recovery refuses images of two sizes: found in the first batch, after the model and

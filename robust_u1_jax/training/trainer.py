@@ -133,6 +133,24 @@ def check_shards_agree(config: ml_collections.ConfigDict, process_count: int,
         "long)")
 
 
+# Settings that shape the trained state: a checkpoint saved under others cannot be read into it
+# (Orbax's shape errors, one per checkpoint, named the cause last).
+STATE_SHAPING = ("lora.rank", "lora.targets")
+
+
+def check_same_state(saved: dict | None, config: ml_collections.ConfigDict,
+                     ignore: Collection[str] = (), where: str = "the checkpoints") -> None:
+  """Refuses, before anything is built, to resume checkpoints (in `where`) whose config (`saved`)
+  trained a state of another shape than `config`'s."""
+  changed = [d for d in (config_lib.differing_fields(saved, config, ignore) if saved else [])
+             if d[0] in STATE_SHAPING]
+  if changed:
+    raise checkpoint_lib.UnreadableCheckpoints(
+        f"{where}: saved by a run that trained a state of another shape: "
+        f"{'; '.join(config_lib.described(changed))}; resume with the checkpoint's settings, or "
+        "give another --workdir to train with these")
+
+
 def check_same_base(meta: dict | None, config: ml_collections.ConfigDict, base: str) -> None:
   """Refuses to resume a run onto another base model than it started from. Its checkpoint holds
   only the weights the run trains (its trainable patterns', or LoRA's factors); the rest is read
@@ -178,6 +196,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       print(f"  its model was trained with settings other than these: {'; '.join(changed)}; "
             "give another --workdir to train with them", flush=True)
     return []
+  check_same_state(checkpoint_lib.saved_config(workdir), config, same_training,
+                   os.path.join(workdir, "checkpoints"))
   base = run_setup.init_files(config)
   if "init_from" not in same_training:
     check_same_base(checkpoint_lib.saved_meta(workdir), config, base)
