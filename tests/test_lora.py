@@ -15,7 +15,7 @@ from robust_u1_jax.data import sequence
 from robust_u1_jax.data import shapes
 from robust_u1_jax.data import tokenizer as tokenizer_lib
 from robust_u1_jax.models import bagel
-from robust_u1_jax.training import flow_matching, lora, sft, trainer
+from robust_u1_jax.training import flow_matching, lora, reasoning, sft, trainer
 from robust_u1_jax.training import state as state_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -225,3 +225,10 @@ def test_targets_selecting_nothing_are_refused(model):
     lora.setup(graphdef, params, frozen, 2, 4.0, jax.random.PRNGKey(0), r"\.und\.")
   with pytest.raises(config_lib.ConfigError, match=r"\(in, out\) kernels only"):
     lora.setup(graphdef, params, frozen, 2, 4.0, jax.random.PRNGKey(0), r"\.gen\..*scale$")
+  # The reasoning stage trains the understanding expert: the default targets the other one, and
+  # the line names targets that work there (the user had to guess them; `q_proj` hit a bias).
+  graphdef, params, frozen = state_lib.split_model(model, reasoning.UNDERSTANDING_PARAMS)
+  with pytest.raises(config_lib.ConfigError, match=r"e.g. language_model\.layers\.und\..*; the "
+                     r"default targets the generation expert.*lora.targets='\\.\(q\|k\|v\|o\)"):
+    lora.setup(graphdef, params, frozen, 2, 4.0, jax.random.PRNGKey(0), lora.DEFAULT_TARGETS)
+  lora.setup(graphdef, params, frozen, 2, 4.0, jax.random.PRNGKey(0), lora.ATTENTION_TARGETS)

@@ -39,6 +39,8 @@ from robust_u1_jax import config_defaults, config_lib
 from robust_u1_jax.models.layers import LAYER_AXIS
 
 DEFAULT_TARGETS = config_defaults.LORA_TARGETS
+# The attention kernels of whichever expert a stage trains.
+ATTENTION_TARGETS = r"\.(q|k|v|o)_proj\.kernel$"
 
 
 def _dotted(path) -> str:
@@ -69,9 +71,14 @@ def target_paths(params: nnx.State, targets: str = DEFAULT_TARGETS) -> list[tupl
   if not paths:
     kernels = [_dotted(path) for path, v in nnx.to_flat_state(params)
                if isinstance(v, nnx.Param) and len(v.shape) == 2 + _layer_dims(v)]
+    shown = [k for k in kernels if ".layers." in k][:4] or kernels[:4]  # the decoder's first
+    hint = ""
+    if targets == DEFAULT_TARGETS:  # the reasoning stage trains the understanding expert
+      hint = ("; the default targets the generation expert, which stages I and II train: "
+              f"this stage's attention, for one, is lora.targets='{ATTENTION_TARGETS}'")
     raise config_lib.ConfigError(
         f"config field lora.targets = {targets!r} selects no kernel among the stage's trainable "
-        f"parameters; a regex searched in their paths, e.g. {', '.join(kernels[:3])}")
+        f"parameters; a regex searched in their paths, e.g. {', '.join(shown)}{hint}")
   return paths
 
 
