@@ -152,7 +152,10 @@ def check_one_size(c: ml_collections.ConfigDict) -> None:
     if len(seen) > 1:
       listed = "; ".join(f"{name}: VAE {v[1]}x{v[0]}, ViT {t[1]}x{t[0]}"
                          for (v, t), name in seen.items())
-      fix = "set data.crop_square=True and data.vae_min_side = data.vae_max_side"
+      unset = [s for s, done in (("data.crop_square=True", d.crop_square),
+                                  ("data.vae_min_side = data.vae_max_side",
+                                   d.vae_min_side == d.vae_max_side)) if not done]
+      fix = f"set {' and '.join(unset)}"
       if c.stage == "reason":
         fix += ", or precompute the recoveries (reason.recovered_images=cache)"
       raise ConfigError(

@@ -331,6 +331,12 @@ def test_images_of_several_sizes_are_refused_before_a_stage_that_samples_them(tm
                      r"width x height \(a.png: VAE 64x64, ViT 64x64; b.png: VAE 64x48.*the rl "
                      r"stage .*crop_square=True"):
     check(RL, **folder)
+  (tmp_path / "sides").mkdir()
+  for name, side in (("a.png", 64), ("b.png", 48)):
+    Image.new("RGB", (side, side)).save(tmp_path / "sides" / name)
+  with pytest.raises(config_lib.ConfigError, match=r"batch; set data.vae_min_side = "
+                     r"data.vae_max_side$"):  # it named crop_square too, which was set
+    check(RL, **{**folder, "data.path": str(tmp_path / "sides"), "data.crop_square": True})
   check(SFT, **folder)  # SFT's step samples nothing
   check(RL, **folder, **{"data.crop_square": True, "data.vae_min_side": 64})
   check(RL, **{**folder, "data.path": str(tmp_path / "square")})

@@ -232,3 +232,8 @@ def test_targets_selecting_nothing_are_refused(model):
                      r"default targets the generation expert.*lora.targets='\\.\(q\|k\|v\|o\)"):
     lora.setup(graphdef, params, frozen, 2, 4.0, jax.random.PRNGKey(0), lora.DEFAULT_TARGETS)
   lora.setup(graphdef, params, frozen, 2, 4.0, jax.random.PRNGKey(0), lora.ATTENTION_TARGETS)
+  # A rank of 1000 on the tiny model's 64-wide kernels trained 2,048,000 factors, unsaid.
+  with pytest.raises(config_lib.ConfigError, match=r"lora.rank = 1000 is above the side of the "
+                     r"kernel language_model.layers.und.k_proj.kernel \(32\).*lora.rank <= 32"):
+    lora.setup(graphdef, params, frozen, 1000, 4.0, jax.random.PRNGKey(0),
+               lora.ATTENTION_TARGETS)

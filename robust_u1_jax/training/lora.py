@@ -102,6 +102,12 @@ def init(params: nnx.State, rank: int, key: jax.Array, targets: str = DEFAULT_TA
     raise ValueError(f"LoRA rank must be positive, got {rank}")
   flat = dict(nnx.to_flat_state(params))
   paths = target_paths(params, targets)
+  side, narrowest = min((min(flat[p].shape[-2:]), p) for p in paths)
+  if rank > side:  # A @ B then holds more numbers than the kernel, and no lower rank
+    raise config_lib.ConfigError(
+        f"config field lora.rank = {rank} is above the side of the kernel "
+        f"{_dotted(narrowest)} ({side}): its factors would hold more than the kernel; give "
+        f"lora.rank <= {side}, or 0 to train the kernels themselves")
   keys = jax.random.split(key, len(paths))
   factors = {}
   for path, k in zip(paths, keys):
