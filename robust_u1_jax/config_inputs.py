@@ -110,26 +110,52 @@ def _model_sizes(path: str, d: ml_collections.ConfigDict) -> tuple | None:
   return vae, transforms.bagel_size(*vae, **transforms.resize_rule(d, "vit"))
 
 
+def _peeked_rows(path: str) -> list[tuple[int, object]]:
+  """(line number, parsed row or None where it does not parse) of up to SIZE_PEEK rows spread
+  over a JSONL file; read in two streamed passes, holding no copy of the file."""
+  with open(path, encoding="utf-8", errors="replace") as f:
+    step = max(1, sum(1 for line in f if line.strip()) // SIZE_PEEK)
+    f.seek(0)
+    rows = (row for row in enumerate(f, 1) if row[1].strip())
+    lines = [row for k, row in enumerate(rows) if k % step == 0][:SIZE_PEEK]
+  out = []
+  for i, line in lines:
+    try:
+      out.append((i, json.loads(line)))
+    except ValueError:
+      out.append((i, None))  # the source names a bad row when it reads it
+  return out
+
+
 def _peeked_images(d: ml_collections.ConfigDict) -> list[tuple[str, str]]:
   """(name shown, file) of up to SIZE_PEEK images spread over a folder's sorted list or a JSONL's
   rows (their "image", the corrupted one the step recovers)."""
   if d.source == "folder":
     names = sorted(image_files.image_paths(d.path))
     return [(n, os.path.join(d.path, n)) for n in names[::max(1, len(names) // SIZE_PEEK)]]
-  with open(d.path, encoding="utf-8", errors="replace") as f:  # two streamed passes, no copy
-    step = max(1, sum(1 for line in f if line.strip()) // SIZE_PEEK)
-    f.seek(0)
-    rows = (row for row in enumerate(f, 1) if row[1].strip())
-    lines = [row for k, row in enumerate(rows) if k % step == 0]
-  base, out = os.path.dirname(os.path.abspath(d.path)), []
-  for i, line in lines:
-    try:
-      image = json.loads(line)["image"]
-    except (ValueError, KeyError, TypeError):
-      continue  # the source names a bad row when it reads it
-    if isinstance(image, str):
-      out.append((f"line {i} ({image})", os.path.join(base, image)))
-  return out
+  base = os.path.dirname(os.path.abspath(d.path))
+  return [(f"line {i} ({row['image']})", os.path.join(base, row["image"]))
+          for i, row in _peeked_rows(d.path)
+          if isinstance(row, dict) and isinstance(row.get("image"), str)]
+
+
+def check_questions(c: ml_collections.ConfigDict) -> None:
+  """The reasoning stage on a JSONL without questions (Robust-R1 pairs, which SFT and RL read) is
+  refused here, not after the model is built, at a first batch whose every row is bad: none of
+  SIZE_PEEK rows spread over the file holds both texts it trains on (sources.QUESTION_KEYS)."""
+  d = c.data
+  if c.stage != "reason" or d.source != "jsonl" or not d.path or _remote(d.path) or (
+      not os.path.isfile(d.path)):
+    return
+  rows = _peeked_rows(d.path)
+  if rows and not any(isinstance(row, dict) and "question" in row and "answer" in row
+                      for _, row in rows):
+    i, row = rows[0]
+    held = ", ".join(row) if isinstance(row, dict) else "no JSON object"
+    raise ConfigError(
+        f"config field data.path = {d.path!r}: no row of the {len(rows)} read holds the "
+        f"'question' and 'answer' texts the reasoning stage trains on (line {i} has: {held}); "
+        "Robust-R1 pairs without them train the SFT and RL stages")
 
 
 def check_one_size(c: ml_collections.ConfigDict) -> None:
@@ -184,6 +210,7 @@ def check_inputs(c: ml_collections.ConfigDict, *, recovery_cache: bool = True) -
                 "'random', a BAGEL/Robust-U1 model directory, an Orbax checkpoint or the workdir "
                 "of an earlier stage")
   check_data_inputs(c.data, "data")
+  check_questions(c)
   check_one_size(c)
   if "eval_data" in c:
     check_data_inputs(c.eval_data, "eval_data")

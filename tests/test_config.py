@@ -347,6 +347,15 @@ def test_images_of_several_sizes_are_refused_before_a_stage_that_samples_them(tm
     check(REASON, **jsonl)
   check(REASON, **jsonl, **{"reason.recovered_images": "cache",
                             "reason.recovery_cache": str(tmp_path)})
+  # Pairs without questions: the reasoning stage found every row bad at its first batch.
+  (tmp_path / "pairs.jsonl").write_text("".join(
+      json.dumps({"image": "square/a.png", "target_image": "square/a.png"}) + "\n"
+      for _ in range(3)))
+  pairs_only = {**jsonl, "data.path": str(tmp_path / "pairs.jsonl")}
+  with pytest.raises(config_lib.ConfigError, match=r"pairs.jsonl': no row of the 3 read holds the "
+                     r"'question' and 'answer' texts .*line 1 has: image, target_image"):
+    check(REASON, **pairs_only)
+  check(RL, **pairs_only)
   # The ViT copy is resized from the VAE-size image: photos of any shape cropped square to one VAE
   # size are one size (the check read the ViT size from the file and refused this variant).
   photos = {f"p{i}.png": size for i, size in enumerate([(640, 480), (1000, 300), (513, 900)])}
