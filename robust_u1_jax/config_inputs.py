@@ -83,7 +83,8 @@ def check_data_inputs(d: ml_collections.ConfigDict, prefix: str = "data") -> Non
               "a folder with tokenizer.json (empty: the built-in tokenizer)")
 
 
-# How many of a folder's images `check_one_size` reads the header of, spread over its sorted list.
+# How many images (their headers) or JSONL rows the start-up checks of the data read, spread over
+# a folder's sorted list or a file's rows.
 SIZE_PEEK = 64
 
 

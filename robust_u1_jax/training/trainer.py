@@ -115,7 +115,7 @@ def ema_note(config: ml_collections.ConfigDict) -> str | None:
 
 
 def check_shards_agree(config: ml_collections.ConfigDict, process_count: int,
-                        data_stage: str) -> None:
+                       data_stage: str) -> None:
   """Refuses data that `process_count` data shards would batch differently: before the model is
   built, so a pod reads no weights to learn it."""
   if process_count == 1:
