@@ -128,27 +128,37 @@ def _peeked_rows(path: str) -> list[tuple[int, object]]:
   return out
 
 
-def _peeked_images(d: ml_collections.ConfigDict) -> list[tuple[str, str]]:
+def _peeked_images(d: ml_collections.ConfigDict, rows: list[tuple[int, object]]
+                   ) -> list[tuple[str, str]]:
   """(name shown, file) of up to SIZE_PEEK images spread over a folder's sorted list or a JSONL's
-  rows (their "image", the corrupted one the step recovers)."""
+  `rows` (their "image", the corrupted one the step recovers)."""
   if d.source == "folder":
     names = sorted(image_files.image_paths(d.path))
     return [(n, os.path.join(d.path, n)) for n in names[::max(1, len(names) // SIZE_PEEK)]]
   base = os.path.dirname(os.path.abspath(d.path))
   return [(f"line {i} ({row['image']})", os.path.join(base, row["image"]))
-          for i, row in _peeked_rows(d.path)
-          if isinstance(row, dict) and isinstance(row.get("image"), str)]
+          for i, row in rows if isinstance(row, dict) and isinstance(row.get("image"), str)]
 
 
-def check_questions(c: ml_collections.ConfigDict) -> None:
+def check_data_rows(c: ml_collections.ConfigDict) -> None:
+  """What a stage needs of its folder's or JSONL's rows, read from SIZE_PEEK of them spread over
+  it (the JSONL once for both checks): `check_questions`, `check_one_size`."""
+  d = c.data
+  if c.stage not in ("rl", "reason") or d.source not in ("folder", "jsonl") or not d.path or (
+      _remote(d.path) or not os.path.exists(d.path)):
+    return  # the other stages need neither: SFT's data is read as it trains
+  rows = _peeked_rows(d.path) if d.source == "jsonl" and os.path.isfile(d.path) else []
+  check_questions(c, rows)
+  check_one_size(c, rows)
+
+
+def check_questions(c: ml_collections.ConfigDict, rows: list[tuple[int, object]]) -> None:
   """The reasoning stage on a JSONL without questions (Robust-R1 pairs, which SFT and RL read) is
   refused here, not after the model is built, at a first batch whose every row is bad: none of
-  SIZE_PEEK rows spread over the file holds both texts it trains on (sources.QUESTION_KEYS)."""
-  d = c.data
-  if c.stage != "reason" or d.source != "jsonl" or not d.path or _remote(d.path) or (
-      not os.path.isfile(d.path)):
+  the JSONL's peeked `rows` holds both texts it trains on (sources.QUESTION_KEYS)."""
+  if c.stage != "reason" or c.data.source != "jsonl":
     return
-  rows = _peeked_rows(d.path)
+  d = c.data
   if rows and not any(isinstance(row, dict) and "question" in row and "answer" in row
                       for _, row in rows):
     i, row = rows[0]
@@ -159,7 +169,7 @@ def check_questions(c: ml_collections.ConfigDict) -> None:
         "Robust-R1 pairs without them train the SFT and RL stages")
 
 
-def check_one_size(c: ml_collections.ConfigDict) -> None:
+def check_one_size(c: ml_collections.ConfigDict, rows: list[tuple[int, object]]) -> None:
   """A stage that samples recoveries in its step (RL; reasoning with recoveries made on the fly)
   takes images of one model size: a folder or JSONL of several is refused here, before the model
   is built and its step compiled, not at the first batch that mixes them. Reads the headers of
@@ -168,11 +178,10 @@ def check_one_size(c: ml_collections.ConfigDict) -> None:
   d = c.data
   samples_in_step = c.stage == "rl" or (
       c.stage == "reason" and c.reason.recovered_images == "on_the_fly")
-  if (not samples_in_step or d.source not in ("folder", "jsonl") or not d.path
-      or _remote(d.path) or not os.path.exists(d.path)):
+  if not samples_in_step:
     return
   seen: dict[tuple, str] = {}
-  for shown, path in _peeked_images(d)[:SIZE_PEEK]:
+  for shown, path in _peeked_images(d, rows)[:SIZE_PEEK]:
     sizes = _model_sizes(path, d)
     if sizes is not None:
       seen.setdefault(sizes, shown)
@@ -211,8 +220,7 @@ def check_inputs(c: ml_collections.ConfigDict, *, recovery_cache: bool = True) -
                 "'random', a BAGEL/Robust-U1 model directory, an Orbax checkpoint or the workdir "
                 "of an earlier stage")
   check_data_inputs(c.data, "data")
-  check_questions(c)
-  check_one_size(c)
+  check_data_rows(c)
   if "eval_data" in c:
     check_data_inputs(c.eval_data, "eval_data")
   if "rl" in c:

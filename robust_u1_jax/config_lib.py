@@ -462,14 +462,6 @@ def field_value(config: ml_collections.ConfigDict, dotted: str):
 _SHORT_NAMES = {"lr": "learning_rate", "steps": "total_steps", "bs": "batch_size"}
 
 
-def _leaf_paths(tree, prefix: str = "") -> list[str]:
-  out = []
-  for k, v in tree.items():
-    is_section = isinstance(v, (ml_collections.ConfigDict, dict))
-    out += _leaf_paths(v, f"{prefix}{k}.") if is_section else [prefix + k]
-  return out
-
-
 def unknown_field(config: ml_collections.ConfigDict, dotted: str) -> str | None:
   """None when `dotted` ('data.batch_size') names a field of `config`; else 'no field X' with
   the nearest names, or the fields there when none is near."""
@@ -483,8 +475,11 @@ def unknown_field(config: ml_collections.ConfigDict, dotted: str) -> str | None:
       names = sorted(node.keys())
       # A field of that name elsewhere (`data.batch_size` for `batch_size`; `lr` is
       # `optimizer.learning_rate`) before the names that are spelt alike here.
+      from flax import traverse_util  # deferred: config checks run before the heavy imports
+
       wanted = _SHORT_NAMES.get(part, part)
-      near = [path for path in _leaf_paths(config) if path.rsplit(".", 1)[-1] == wanted][:3]
+      near = [path for path in traverse_util.flatten_dict(config.to_dict(), sep=".")
+              if path.rsplit(".", 1)[-1] == wanted][:3]
       near = near or [prefix + n for n in difflib.get_close_matches(part, names, n=3, cutoff=0.6)]
       if near:
         return f"no field {prefix}{part}; did you mean {' or '.join(near)}?"

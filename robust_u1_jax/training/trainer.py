@@ -196,11 +196,12 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       print(f"  its model was trained with settings other than these: {'; '.join(changed)}; "
             "give another --workdir to train with them", flush=True)
     return []
-  check_same_state(checkpoint_lib.saved_config(workdir), config, same_training,
+  meta = checkpoint_lib.saved_meta(workdir)  # read once for the checks of a resume
+  check_same_state(meta and checkpoint_lib.config_of(meta), config, same_training,
                    os.path.join(workdir, "checkpoints"))
   base = run_setup.init_files(config)
   if "init_from" not in same_training:
-    check_same_base(checkpoint_lib.saved_meta(workdir), config, base)
+    check_same_base(meta, config, base)
   ctx = run_setup.make_context(config)  # checks the config against the model before building
   mesh, tokenizer = ctx.mesh, ctx.tokenizer
   multihost.check_batch_fits_mesh(config.data.batch_size, mesh)  # before the model is built
