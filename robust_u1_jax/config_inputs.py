@@ -102,13 +102,7 @@ def _model_sizes(path: str, d: ml_collections.ConfigDict) -> tuple | None:
         h, w = w, h
   except Exception:  # noqa: BLE001 (the pipeline names and skips a bad file)
     return None
-  if min(h, w) < transforms.min_image_side(d):
-    return None  # skipped as a bad record: no size of the batch's
-  if d.crop_square:
-    h = w = min(h, w)
-  vae = transforms.bagel_size(h, w, **transforms.resize_rule(d, "vae"))
-  # The ViT copy is resized from the VAE-size image (stage_fields.StageFields), not the file's.
-  return vae, transforms.bagel_size(*vae, **transforms.resize_rule(d, "vit"))
+  return transforms.pipeline_sizes(h, w, d)
 
 
 def _peeked_rows(path: str) -> list[tuple[int, object]]:

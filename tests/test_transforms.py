@@ -260,6 +260,33 @@ def test_bagel_resize_pixels_and_config():
     transforms.resize_rule(d, "clip")
 
 
+@pytest.mark.parametrize("variant", ["bagel", "crop_square", "small_rules"])
+def test_pipeline_sizes_are_the_sizes_the_transforms_give(variant):
+  """config_inputs reads an image's model sizes from its header by `pipeline_sizes`: they must be
+  the shapes that ResizeImages and StageFields give its pixels."""
+  from robust_u1_jax.data import stage_fields
+
+  d = config_defaults.get_data_config()
+  if variant == "crop_square":
+    d.crop_square = True
+  if variant == "small_rules":
+    d.vae_max_side, d.vae_min_side, d.vae_stride = 64, 32, 16
+    d.vit_max_side, d.vit_min_side, d.vit_patch = 48, 24, 8
+    d.min_image_side = 20
+  resize = transforms.ResizeImages.from_config(d, "vae", keys=("clean", "corrupted"))
+  fields = stage_fields.StageFields("sft", seed=0, instruction="recover",
+                                    vit_rule=transforms.resize_rule(d, "vit"))
+  for h, w in [(19, 300), (21, 21), (300, 40), (333, 500), (1200, 700), (90, 1600)]:
+    image = np.zeros((h, w, 3), np.uint8)
+    out = resize.map({"clean": image, "corrupted": image, "index": 0})
+    sizes = transforms.pipeline_sizes(h, w, d)
+    if bad_records.is_skip(out):
+      assert sizes is None, (h, w)
+      continue
+    out = fields.map(out)
+    assert sizes == (out["clean"].shape[:2], out["corrupted_vit"].shape[:2]), (h, w)
+
+
 def test_images_below_the_smallest_side_are_counted_bad_records():
   d = config_defaults.get_data_config()  # BAGEL's rules: one VAE stride (16) > one ViT patch (14)
   assert transforms.min_image_side(d) == 16 == transforms.default_min_side(16, 14)

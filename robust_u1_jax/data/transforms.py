@@ -264,6 +264,19 @@ def resize_rule(data_config, kind: str) -> dict[str, int]:
   raise ValueError(f"resize kind {kind!r} is unknown: allowed 'vae', 'vit'")
 
 
+def pipeline_sizes(height: int, width: int, data_config
+                   ) -> tuple[tuple[int, int], tuple[int, int]] | None:
+  """(VAE, ViT) (height, width) a training pipeline gives an image of this size: what
+  `ResizeImages` (crop_square, then the VAE rule) and `StageFields` (the ViT rule, applied to the
+  VAE-size image) do to its pixels; None for an image they skip as too small."""
+  if min(height, width) < min_image_side(data_config):
+    return None
+  if data_config.get("crop_square", False):
+    height = width = min(height, width)
+  vae = bagel_size(height, width, **resize_rule(data_config, "vae"))
+  return vae, bagel_size(*vae, **resize_rule(data_config, "vit"))
+
+
 def center_square(image: np.ndarray) -> np.ndarray:
   """The largest centred square of an H x W x C image."""
   h, w = image.shape[:2]
