@@ -448,7 +448,7 @@ def flag_error_text(text: str, values: flags.FlagValues, argv: Sequence[str]) ->
         return (f"--{name}.{field}={value}: {field} is a section, not a value: set its fields "
                 f"({', '.join(names[:6])}{', ...' if len(names) > 6 else ''}), e.g. "
                 f"--{name}.{field}.{names[0]}=...")
-      kind = f" takes {config_lib.takes(current)} (now {current!r})"
+      kind = f" {config_lib.takes(current)}"
       if type(current) in (int, float, bool):  # said in words; Python's own reason adds nothing
         return f"--{name}.{field}={value}: {field}{kind}"
     except Exception:  # pylint: disable=broad-except

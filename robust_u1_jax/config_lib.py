@@ -524,8 +524,10 @@ _TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "tru
 
 
 def takes(current) -> str:
-  """What a field holding `current` takes, in words: 'an integer', 'a number', ..."""
-  return _TYPE_WORDS.get(type(current), type(current).__name__)
+  """What a field holding `current` takes, in words, with the config's value: 'takes an integer
+  (the config has 8)'."""
+  kind = _TYPE_WORDS.get(type(current), type(current).__name__)
+  return f"takes {kind} (the config has {current!r})"
 
 
 def load(spec: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
@@ -552,5 +554,5 @@ def override(config: ml_collections.ConfigDict, overrides: dict, spec: str) -> N
     except TypeError:  # ml_collections keeps a field's type (an int may become a float)
       current = parent[leaf]
       kind = ("is a section, not a value: set its fields" if hasattr(current, "keys") else
-              f"takes {takes(current)} (now {current!r})")
+              takes(current))
       raise ConfigError(f"{spec}: {dotted}={value!r}: {dotted} {kind}") from None

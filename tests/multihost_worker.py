@@ -55,6 +55,7 @@ def main(argv):
   try:
     history = trainer.train(config, workdir, stages.builder(config.stage))
   except checkpoint_lib.Stopped as e:  # the tests' SIGTERM
+    print(e, flush=True)  # "stopped at step N by signal 15", which the tests read
     history = e.history
   checkpoint_lib.Checkpointer.save = save
 

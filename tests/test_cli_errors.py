@@ -130,7 +130,7 @@ CASES = {
     "train/wrong type": ("train", [f"--config={SFT}", "--config.data.batch_size=many",
                                    "--workdir={root}/w"],
                          ["--config.data.batch_size=many: data.batch_size takes an integer "
-                          "(now 8)\n"]),
+                          "(the config has 8)\n"]),
     # A section given a value: its fields are named, not its whole repr over dozens of lines.
     "train/section as a value": ("train", [f"--config={SFT}", "--config.data=3",
                                            "--workdir={root}/w"],

@@ -78,7 +78,7 @@ def test_override_and_unknown_field():
 
 def test_wrong_type_is_refused_in_words():
   with pytest.raises(config_lib.ConfigError, match=r"data.batch_size='many': data.batch_size "
-                     r"takes an integer \(now 8\)$"):
+                     r"takes an integer \(the config has 8\)$"):
     config_lib.load(f"{SFT}:tiny", {"data.batch_size": "many"})
   with pytest.raises(config_lib.ConfigError, match=r"data=1: data is a section"):
     config_lib.load(f"{SFT}:tiny", {"data": 1})

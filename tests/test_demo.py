@@ -130,7 +130,10 @@ def test_a_stopped_part_stops_the_demo(tmp_path, monkeypatch, capsys):
     demo.run(config, str(tmp_path))
   assert e.value.exit_status == 130
   assert ran == [str(tmp_path / "vae")]
-  assert "stopped in its vae part; run the same command to resume" in capsys.readouterr().out
+  steps = demo.part_config(config, "vae", str(tmp_path)).total_steps
+  assert (f"the demo stopped in its vae part at step 1 of {steps}, its checkpoint "
+          f"in {tmp_path / 'vae' / 'checkpoints'}; run the same command to resume"
+          in capsys.readouterr().out)
 
 
 class _Position:

@@ -110,6 +110,7 @@ def test_a_run_stopped_by_ctrl_c_saves_and_exits_130(tmp_path):
   assert stdout.rstrip().endswith(f"stopped at step {step} of 1000; checkpoints in "
                                   f"{os.path.join(workdir, 'checkpoints')}: run the same command "
                                   "to resume"), stdout
+  assert stdout.count("stopped at step") == 1, stdout  # the trainer said it too, above its bar
   assert "Traceback" not in stderr and "interrupted" not in stderr
 
 
@@ -409,6 +410,13 @@ def test_a_run_resumed_with_other_total_steps_says_its_schedule_changes(tmp_path
   assert trainer.train(_config(2, **{"optimizer.learning_rate": 0.5}), str(tmp_path), sft.build,
                        same_training=("optimizer.learning_rate",)) == []
   assert "settings other than these" not in capsys.readouterr().out
+  # Its model lost and total_steps lowered: the model written is of the checkpoint's later step,
+  # and said so (it said "already holds the final step 2" and that the new schedule applies).
+  shutil.rmtree(tmp_path / "model")
+  assert trainer.train(_config(1), str(tmp_path), sft.build) == []
+  out = capsys.readouterr().out
+  assert (f"{tmp_path}'s checkpoint is of step 2, past total_steps=1: writing the model of step 2"
+          in out) and "total_steps 2, now 1" in out and "schedule" not in out
   # Its checkpoints deleted, the model kept: the run trains again and says why.
   shutil.rmtree(tmp_path / "checkpoints")
   trainer.train(_config(2), str(tmp_path), sft.build)

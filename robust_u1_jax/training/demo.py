@@ -158,8 +158,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
     fresh = checkpoint.latest_step(part_dir) is None
     try:
       trainer.train(c, part_dir, stages.builder(c.stage), same_training=SAME_TRAINING)
-    except checkpoint.Stopped:  # its checkpoint saved: the later parts must not start from it
-      print(f"the demo stopped in its {part} part; run the same command to resume", flush=True)
+    except checkpoint.Stopped as e:  # its checkpoint saved: the later parts must not start from it
+      print(f"the demo stopped in its {part} part at step {e.step} of {c.total_steps}, its "
+            f"checkpoint in {os.path.join(part_dir, 'checkpoints')}; run the same command to "
+            "resume", flush=True)
       raise
     if part in remaining:
       remaining.remove(part)

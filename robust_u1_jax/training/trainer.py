@@ -263,7 +263,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       if differences:
         print(f"  with settings other than its checkpoint's: "
               f"{'; '.join(config_lib.described(differences))}", flush=True)
-      if note := schedule_note([field for field, _, _ in differences]):
+      note = schedule_note([field for field, _, _ in differences])
+      if note and start < config.total_steps:  # no step left to follow a schedule
         print(f"  {note}", flush=True)
     elif os.path.isdir(os.path.join(workdir, "model")):
       # A finished run whose checkpoints were deleted: it trains again, and nothing said why.
@@ -272,7 +273,12 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     if start >= config.total_steps:
       # `finished` said no: the final checkpoint without its model, a run stopped while it wrote
       # the model. Written now from that checkpoint.
-      print(f"{workdir} already holds the final step {start}; writing its model", flush=True)
+      if start > config.total_steps:  # a run does not go back to an earlier step
+        print(f"{workdir}'s checkpoint is of step {start}, past total_steps={config.total_steps}: "
+              f"writing the model of step {start} (for a shorter run, give another --workdir)",
+              flush=True)
+      else:
+        print(f"{workdir} already holds the final step {start}; writing its model", flush=True)
       ckpt.close()
       data.close()
       (spec.save or save_model)(workdir, graphdef, state, config)
@@ -326,8 +332,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
           ckpt.save(step, state_lib.saved_part(state), data,
                     {**meta, "step": step, "log_window": log.pending(), SAVED_PART: True},
                     force=True)
-        if stop:
-          print(f"stopped at step {step}; checkpoint saved in {ckpt.directory}", flush=True)
+        if stop:  # the caller says where it stopped (checkpoint.results_line), below the bar
           break
         if step < config.total_steps:
           inputs, samples, work = device_inputs()
