@@ -48,6 +48,14 @@ def main(argv) -> int:
   config_lib.validate(config)
   config_inputs.check_inputs(config)
   from robust_u1_jax.eval import run  # after the checks: fast errors
+  from robust_u1_jax.inference import engine
+
+  for name, path in config.compare.items():  # found now, not after the main model has loaded
+    if path:
+      try:
+        engine.resolve_model_dir(path)
+      except engine.ModelError as e:
+        raise cli.PathError(f"config field compare.{name}: {e}") from None
 
   with config.unlocked():  # the default report folder, checked now, created once the model loads
     config.out = run.report_dir(config)

@@ -211,6 +211,13 @@ def test_broken_parquet_rows_become_markers(tmp_path):
   b64 = pa.table({"image": ["%%%not base64%%%"], "question": ["q"], "answer": ["x"]})
   pq.write_table(b64, tmp_path / "b.parquet")
   assert "bad base64" in _reason_of(sources_vqa.VqaParquetSource(tmp_path / "b.parquet")[0])
+  # An image column of numbers holds no image of a known form (it read "missing image (int)").
+  ints = pa.table({"image": [7, None], "question": ["q", "r"], "answer": ["x", "y"]})
+  pq.write_table(ints, tmp_path / "i.parquet")
+  src = sources_vqa.VqaParquetSource(tmp_path / "i.parquet")
+  assert _reason_of(src[0]).endswith("image of type int: not image bytes, a base64 string or a "
+                                     "{bytes, path} struct")
+  assert _reason_of(src[1]).endswith(": missing image")
 
   no_answer = pa.table({"image": [_png(0)], "question": ["q"], "choices": [["a", "b"]]})
   pq.write_table(no_answer, tmp_path / "n.parquet")

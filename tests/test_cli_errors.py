@@ -251,6 +251,13 @@ CASES = {
     "evaluate/a stopped evaluation's units": (
         "evaluate", [f"--config={EVAL}", "--model={workdir}", "--out={root}/stopped"],
         ["--out {root}/stopped: holds the units another, stopped evaluation kept"]),
+    # A model to compare with was found only once the main model had loaded (minutes for 7B),
+    # its report folder made.
+    "evaluate/compare not a model": ("evaluate", [f"--config={EVAL}", "--model={workdir}",
+                                                  "--config.compare.sft={root}/unfinished",
+                                                  "--out={root}/compared"],
+                                     ["config field compare.sft: {root}/unfinished is a stage's "
+                                      "workdir without its model/"]),
     # Past that check with --overwrite, to the model's own error.
     "evaluate/--overwrite": ("evaluate", [f"--config={EVAL}", "--model={workdir}",
                                           "--out={root}/reported", "--overwrite"],

@@ -317,8 +317,13 @@ def test_benchmark_tables_alone(model_dir, tmp_path, monkeypatch):
   """num_samples = 0: a real model on benchmark files, without the built-in world's images; a
   table in units of BENCHMARK_UNIT_ROWS rows (2 here), so a stop loses at most one."""
   monkeypatch.setattr(eval_run, "BENCHMARK_UNIT_ROWS", 2)
+  # The model of a part that trains no recovery (the demo's vae): said first, in the report too
+  # (it was scored without a word).
+  untrained = str(tmp_path / "vae_model")
+  shutil.copytree(model_dir, untrained)
+  recovery.save_no_recovery(untrained, "bootstrap_vae")
   c = _eval_config()
-  c.model, c.out, c.num_samples, c.batch_size = model_dir, str(tmp_path / "report"), 0, 2
+  c.model, c.out, c.num_samples, c.batch_size = untrained, str(tmp_path / "report"), 0, 2
   c.recovery_steps, c.max_new_tokens = 2, 2
   tsv = _benchmarks(tmp_path)[0]
   with open(tsv, "a") as f:  # a fourth row: two units of two rows
@@ -326,6 +331,9 @@ def test_benchmark_tables_alone(model_dir, tmp_path, monkeypatch):
   c.benchmarks.rbench = tsv
   lines = []
   path = eval_run.run(c, say=lines.append)
+  note = recovery.untrained_note(untrained)
+  assert lines[0] == note and "bootstrap_vae stage, which trains no recovery" in note
+  lines = lines[1:]
   assert "on 1 benchmark table alone (num_samples = 0: not on the built-in world)" in lines[0]
   units = [line.split("] ")[1].split(" (")[0] for line in lines if "] " in line]
   assert units == [f"benchmark rbench: rows {rows} of 4, {unit}" for rows in ("1-2", "3-4")
@@ -341,7 +349,8 @@ def test_benchmark_tables_alone(model_dir, tmp_path, monkeypatch):
                       row), row
   with open(os.path.join(c.out, "report.json")) as f:
     data = json.load(f)
-  assert data["result"] == {} and data["claims"] == []
+  assert data["result"] == {} and data["claims"] == [] and data["notes"] == [note]
+  assert text.splitlines()[2] == f"**{note}**"
   bench = data["benchmarks"]["rbench"]
   assert bench["samples"] == 4
   # Its figure, in its section: accuracy against intensity per mode (no figure of the world's).
@@ -401,7 +410,7 @@ def test_a_table_of_several_image_sizes_says_so_before_the_model_loads(model_dir
 
 
 def test_a_report_without_conditions_keeps_its_tables_whole():
-  answers = [{"kind": "colour", "correct": True, "options": 2}]
+  answers = [{"kind": "colour", "answer": "A", "correct": True, "options": 2}]
   result = {"num_samples": 1, "conditions": [],
             "clean": {"accuracy": 1.0, "by_kind": {"colour": 1.0}, "answers": answers}}
   table = [line for line in report._world_lines(result, []) if line.startswith("|")]
@@ -462,7 +471,7 @@ def test_evaluate_writes_a_complete_report(model_dir, tmp_path):
   assert os.path.exists(os.path.join(c.out, "notes.png"))
   # Where it ran and on what code: another CPU may round differently and train another model.
   assert data["settings"]["machine"]["devices"] == f"{jax.device_count()} x cpu"
-  assert data["settings"]["machine"]["cpu"].endswith(f", {os.cpu_count()} cores")
+  assert re.search(rf", (\d+ of its )?{os.cpu_count()} cores$", data["settings"]["machine"]["cpu"])
   assert data["settings"]["code"].startswith("robust_u1_jax 0.1.0")
   # The model has no guidance.json: its recoveries used BAGEL's, and the report says so.
   assert data["settings"]["guidance"] == {"text_scale": 4.0, "image_scale": 2.0}
@@ -627,6 +636,18 @@ def test_evaluate_writes_a_complete_report(model_dir, tmp_path):
     ours = [a for a in clean["answers"] if a["kind"] == kind]
     assert all(a["options"] == world_options[kind] for a in ours if kind in world_options)
     assert chance == f"{100 * np.mean([1 / a['options'] for a in ours]):.1f}"
+  # Replies naming no option, counted apart (a model at 0 % names none, or names wrong ones):
+  # each condition's and mode's of all its questions, and a wrong answer at least.
+  for row in conds:
+    for mode, (missing, asked) in row["no_option"].items():
+      assert asked == row["num_samples"] and missing <= round((1 - row["accuracy"][mode]) * asked)
+  assert set(conds[0]["no_option"]) == set(evaluation.MODES[1:])
+  said = re.search(r"Replies naming no option \(scored wrong\): (\d+) of (\d+) on clean images, "
+                   r"(\d+) of (\d+) under the conditions \(every mode\)\.", markdown)
+  assert said and [int(n) for n in said.groups()] == [
+      sum(not a["answer"] for a in clean["answers"]), len(clean["answers"]),
+      sum(r["no_option"][m][0] for r in conds for m in r["no_option"]),
+      sum(r["no_option"][m][1] for r in conds for m in r["no_option"])]
   assert ("4 held-out samples per condition, 6 for the figures the claims read (the Robust-R1 "
           "pipeline's conditions and the clean images).") in markdown
   assert lines[-1] == f"report: {path}"
@@ -918,8 +939,18 @@ def test_another_evaluation_in_the_folder_is_refused_naming_what_differs(model_d
   c.num_samples, c.benchmarks.rbench = 64, str(tmp_path / "b.tsv")
   (tmp_path / "b.tsv").write_text("index\n")
   assert eval_run.other_evaluation(c) == kept + (
-      f"config field benchmarks.rbench '' -> '{tmp_path}/b.tsv'; file {tmp_path}/b.tsv added")
+      f"config field benchmarks.rbench '' -> '{tmp_path}/b.tsv'; file {tmp_path}/b.tsv read by "
+      "this evaluation only")
+  # A file the kept units read and this evaluation does not is "gone" only when it is.
+  c.out = str(tmp_path / "with_table")
+  partial.PartialResults(c.out, eval_run.fingerprint(c)).put("fog s3", {"n": 1})
   c.benchmarks.rbench = ""
+  assert eval_run.other_evaluation(c) == kept + (
+      f"config field benchmarks.rbench '{tmp_path}/b.tsv' -> ''; file {tmp_path}/b.tsv read by "
+      "the other evaluation only")
+  os.remove(tmp_path / "b.tsv")
+  assert eval_run.other_evaluation(c).endswith(f"file {tmp_path}/b.tsv gone")
+  c.out = str(tmp_path / "out")
   weights = sorted(os.listdir(model_dir))[0]
   os.utime(os.path.join(model_dir, weights), ns=(0, 0))
   assert eval_run.other_evaluation(c) == kept + (
@@ -958,6 +989,10 @@ def test_rl_minus_sft_cells_never_read_minus_zero():
             "rl_minus_sft_by_condition": {"jpeg_compression s5": pairs}}
   row = report.rl_minus_sft_table(result)[-1]
   assert row == "| jpeg_compression s5 | -0.50 ± 0.10 | -2.0e-05 ± 0.0007 | +0.0000 ± 0.0050 |"
+  # Nor a standard error that rounds to zero: "± 0.00" and "± 0.0000" said nothing.
+  pairs["psnr"]["se"], pairs["clip"]["se"] = 0.0004, 4.1e-06
+  row = report.rl_minus_sft_table(result)[-1]
+  assert row == "| jpeg_compression s5 | -0.50 ± 4.0e-04 | -2.0e-05 ± 0.0007 | +0.0000 ± 4.1e-06 |"
 
 
 # -- paired standard errors, conditions, modes: on stubs and fixed per-sample numbers -------------
@@ -991,7 +1026,7 @@ class _StubEvaluator(evaluation.Evaluator):
 
   def answers(self, mode, samples, corrupted=None, recovered=None):
     self.calls.append(("answers", mode, corrupted, recovered))
-    return [{"index": s.index, "kind": "k", "correct": bool(c)}
+    return [{"index": s.index, "kind": "k", "answer": "A", "correct": bool(c)}
             for s, c in zip(samples, self.correct.get(mode, [True] * len(samples)))]
 
 
@@ -1124,3 +1159,12 @@ def test_rl_against_sft_on_the_pipeline_reads_the_pipelines_conditions_alone(mon
   assert pipe["se"] == pytest.approx(_expected_paired_se([0.5, 0.7, 0.6], [0.4, 0.5, 0.6]))
   # Every condition's figure is the one that mixes them.
   assert result["rl_minus_sft_se"]["ssim"] != pytest.approx(pipe["se"])
+
+
+def test_the_machine_names_the_cores_a_pinned_run_had(monkeypatch):
+  """A run pinned to one core (taskset) may train another model: the report said "2 cores"."""
+  monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {1}, raising=False)
+  monkeypatch.setattr(os, "cpu_count", lambda: 2)
+  assert eval_run.machine()["cpu"].endswith(", 1 of its 2 cores")
+  monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+  assert eval_run.machine()["cpu"].endswith(", 2 cores")

@@ -58,8 +58,8 @@ def test_the_clean_accuracy_claim_reads_the_size_of_the_change(on, se, holds, ma
 
 
 def test_the_per_kind_table_averages_each_mode_over_the_conditions():
-  answers = [{"kind": "colour", "correct": True, "options": 2},
-             {"kind": "shape", "correct": False, "options": 4}]
+  answers = [{"kind": "colour", "answer": "A", "correct": True, "options": 2},
+             {"kind": "shape", "answer": "", "correct": False, "options": 4}]
   by_kind = lambda colour, shape: {"corrupted": {"colour": colour, "shape": shape}}
   result = {"num_samples": 2,
             "clean": {"by_kind": {"colour": 1.0, "shape": 0.0}, "answers": answers},
@@ -68,3 +68,9 @@ def test_the_per_kind_table_averages_each_mode_over_the_conditions():
   # The mean over the two conditions (the heading says so), not the best or the last of them.
   assert "| colour | 1 | 50.0 | 100.0 | 50.0 |" in lines
   assert "| shape | 1 | 25.0 | 0.0 | 25.0 |" in lines
+  # The reply that named no option is counted apart (conditions without counts add none).
+  assert lines[-1] == "Replies naming no option (scored wrong): 1 of 2 on clean images."
+  result["conditions"][0]["no_option"] = {"corrupted": [2, 2], "recovered": [1, 2]}
+  assert report.by_kind_table(result, ["corrupted"])[-1] == (
+      "Replies naming no option (scored wrong): 1 of 2 on clean images, 2 of 2 under the "
+      "conditions (every mode).")

@@ -324,8 +324,8 @@ def _check_one_split(folder: str, files: list[str]) -> None:
     pattern = os.path.join(os.path.dirname(first), shards)
     raise config_lib.ConfigError(
         f"{folder}: holds the shards of several splits ({', '.join(sorted(splits))}), which one "
-        f"table would mix; give one split's: a pattern such as '{pattern}', its folder or one "
-        ".parquet file")
+        f"table would mix; give one split's: a pattern such as '{pattern}', a folder of its "
+        "shards alone or one .parquet file")
 
 
 class VqaParquetSource:
@@ -433,7 +433,10 @@ class VqaParquetSource:
         return _b64(value)
       except (binascii.Error, ValueError) as e:
         raise BadRow(f"bad base64 in column 'image' ({e})") from None
-    raise BadRow(f"missing image ({type(value).__name__})")
+    if value is None or isinstance(value, str):
+      raise BadRow("missing image")
+    raise BadRow(f"image of type {type(value).__name__}: not image bytes, a base64 string or a "
+                 "{bytes, path} struct")
 
   def __getitem__(self, i) -> dict:
     i = check_index(i, len(self), repr(self))

@@ -408,6 +408,9 @@ class Evaluator:
         row["accuracy"][mode] = accuracy(answers)
         row["by_kind"][mode] = accuracy_by_kind(answers)
         correct[mode] = [a["correct"] for a in answers]
+        # What reads 0 % apart from wrong answers: replies that name no option at all.
+        row.setdefault("no_option", {})[mode] = [sum(not a["answer"] for a in answers),
+                                                 len(answers)]
         if per_sample:
           row.setdefault("answers", {})[mode] = answers
     if {"corrupted", "corrupted+recovered"} <= set(correct):

@@ -423,6 +423,12 @@ def by_kind_table(result: Mapping[str, Any], modes: Sequence[str]) -> list[str]:
       accs = [c["by_kind"][m][kind] for c in conds if kind in c["by_kind"].get(m, {})]
       cells.append(_pct(float(np.mean(accs))) if accs else "-")
     lines.append("| " + " | ".join(cells) + " |")
+  counts = [c["no_option"][m] for c in conds if "no_option" in c for m in modes
+            if m in c["no_option"]]
+  lines += ["", "Replies naming no option (scored wrong): "
+            f"{sum(not a['answer'] for a in answers)} of {len(answers)} on clean images"
+            + (f", {sum(n for n, _ in counts)} of {sum(k for _, k in counts)} under the conditions "
+               "(every mode)" if counts else "") + "."]
   return lines
 
 
@@ -441,8 +447,9 @@ def rl_minus_sft_table(result: Mapping[str, Any]) -> list[str]:
            "|" + " --- |" * (len(metrics) + 1)]
   for label in _in_condition_order(result, difference):
     pairs = difference[label]
-    cells = [f"{_signed(pairs[m]['rl'] - pairs[m]['sft'], digits[m])} ± "
-             f"{pairs[m]['se']:.{digits[m]}f}" for m in metrics]
+    # The error in exponent form too where its decimals would read 0.00 (it was unreadable).
+    cells = [_signed(pairs[m]["rl"] - pairs[m]["sft"], digits[m])
+             + _pm(pairs[m]["se"], digits=digits[m]) for m in metrics]
     lines.append(f"| {label} | " + " | ".join(cells) + " |")
   return lines
 
@@ -537,12 +544,14 @@ def write_answers(path: str, samples: Sequence[Any], answers: Mapping[tuple[str,
 
 def write(out_dir: str, result: Mapping[str, Any], *, title: str,
           settings: Mapping[str, Any], claim_rows: Sequence[Mapping[str, Any]],
-          figure_names: Sequence[str], benchmarks: Mapping[str, Any] | None = None) -> str:
+          figure_names: Sequence[str], benchmarks: Mapping[str, Any] | None = None,
+          notes: Sequence[str] = ()) -> str:
   """report.md and report.json in `out_dir`, each whole or not at all (`files.atomic_write`), the
   JSON last: its settings' stamp says the report is finished (`run.report_is_current`); returns
-  the markdown's path."""
+  the markdown's path. `notes`: what a reader must know first (a model trained no recovery)."""
   os.makedirs(out_dir, exist_ok=True)
-  lines = [f"# {title}", ""] + (_world_lines(result, claim_rows) if result else [
+  lines = [f"# {title}", ""] + [f"**{note}**\n" for note in notes]
+  lines += (_world_lines(result, claim_rows) if result else [
       "The benchmark tables alone (num_samples = 0): no image of the built-in world, so no claim "
       "of the paper's is read."])
   lines += benchmark_lines(benchmarks or {}, figure_names)
@@ -554,8 +563,8 @@ def write(out_dir: str, result: Mapping[str, Any], *, title: str,
     lines += [f"![{n}]({n})" for n in figure_names]
   lines += ["", "## Settings", ""]
   if settings.get("cfg_text", 0) is None or settings.get("cfg_img", 0) is None:
-    lines += ["cfg_text / cfg_img null: the recoveries take the model's own guidance (guidance).",
-              ""]
+    lines += ["cfg_text / cfg_img null: the recoveries take the model's own guidance (its "
+              "scales are the `guidance` field below).", ""]
   shown = {k: v for k, v in settings.items() if k != "fingerprint"}  # report.json keeps it all
   lines += ["```json", json.dumps(shown, indent=1, default=str),
             "```", ""]
@@ -564,7 +573,8 @@ def write(out_dir: str, result: Mapping[str, Any], *, title: str,
     f.write("\n".join(lines))
   public = {k: v for k, v in result.items() if k != "examples"}
   with files.atomic_write(os.path.join(out_dir, "report.json"), "w") as f:
-    json.dump({"settings": dict(settings), "result": public, "claims": list(claim_rows),
+    json.dump({"notes": list(notes), "settings": dict(settings), "result": public,
+               "claims": list(claim_rows),
                "benchmarks": benchmarks or {}}, f, indent=1, default=str)
   return path
 

@@ -87,8 +87,15 @@ def differences(kept: Mapping[str, Any], own: Mapping[str, Any], at_most: int = 
   new_files = {path: rest for path, *rest in own["files"]}
   changed = sorted(p for p in old_files.keys() | new_files.keys()
                    if old_files.get(p) != new_files.get(p))
-  said += [f"file {p} " + ("added" if p not in old_files else "gone" if p not in new_files else
-                           "of another size or modification time") for p in changed[:at_most]]
+
+  def change(path: str) -> str:  # a file one evaluation reads and the other does not is no loss
+    if path not in old_files:
+      return "read by this evaluation only"
+    if path not in new_files:
+      return "read by the other evaluation only" if os.path.exists(path) else "gone"
+    return "of another size or modification time"
+
+  said += [f"file {p} {change(p)}" for p in changed[:at_most]]
   more = max(len(fields) - at_most, 0) + max(len(changed) - at_most, 0)
   if kept.get("code") != own["code"]:
     said.append("this package's code")
@@ -216,6 +223,13 @@ def _run(c: ml_collections.ConfigDict, say: Callable[[str], None],
           "one size)")
   clip_similarity = _clip_similarity(c)
   engine = engine_lib.Engine.load(c.model, dtype=c.dtype)
+  compared = {name: path for name, path in c.compare.items() if path}
+  # A bootstrap part's model (the demo's vae or vit) recovers and answers noise: said, not scored
+  # as if it had been trained to.
+  notes = [note for note in (recovery_lib.untrained_note(engine_lib.resolve_model_dir(path))
+                             for path in [c.model, *compared.values()]) if note]
+  for note in notes:
+    say(note)
   os.makedirs(out_dir, exist_ok=True)
   own = fingerprint(c)
   store = progress_of["store"] = partial.PartialResults(out_dir, own)
@@ -230,7 +244,6 @@ def _run(c: ml_collections.ConfigDict, say: Callable[[str], None],
   conds = evaluation.conditions(c.intensities, c.imagenet_c_types, c.severities,
                                 c.robust_r1_types) if world else []
   pipeline = [k for k in conds if k.family == evaluation.PIPELINE]
-  compared = {name: path for name, path in c.compare.items() if path}
   if world:
     say(f"evaluating {c.model}: {_count(len(samples), 'sample')} x "
         f"{_count(len(conds) - len(pipeline), 'condition')}; {len(claim_samples)} for the clean "
@@ -275,7 +288,8 @@ def _run(c: ml_collections.ConfigDict, say: Callable[[str], None],
               # Another CPU may round floats differently and train another model (docs/DEMO.md).
               "machine": machine(), "code": code_version()}
   path = report.write(out_dir, result, title=f"Evaluation of {c.model}", settings=settings,
-                      claim_rows=claim_rows, figure_names=names, benchmarks=benchmarks)
+                      claim_rows=claim_rows, figure_names=names, benchmarks=benchmarks,
+                      notes=notes)
   store.remove()  # the report holds everything now
   for row in claim_rows:
     bound = f" (with a perfect recovery: {row['bound']})" if row["bound"] else ""
@@ -302,7 +316,11 @@ def machine() -> dict[str, str]:
   vectors = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"))
                   if flag in flags), None)
   devices = jax.devices()
-  return {"cpu": f"{cpu}{f' ({vectors})' if vectors else ''}, {os.cpu_count()} cores",
+  # The cores the process may run on (taskset pins it), which XLA:CPU splits its work over.
+  usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  cores = (f"{usable} cores" if usable == os.cpu_count() else
+           f"{usable} of its {os.cpu_count()} cores")
+  return {"cpu": f"{cpu}{f' ({vectors})' if vectors else ''}, {cores}",
           "jax": jax.__version__,
           "devices": f"{len(devices)} x {devices[0].device_kind}"}
 
