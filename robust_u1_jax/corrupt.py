@@ -10,16 +10,17 @@ r"""Corrupt one image from the command line, or list the available corruptions.
 The image is read by the training pipeline's decoder (16-bit grey scaled, transparency composited
 on white, EXIF orientation applied; a note on stderr says when it changed something). An image
 with a side below --min_side is refused, as training skips it. A folder --out (existing, or
-ending in `/`) gets `<stem>_<corruption>[_s<severity> | _<intensity>].png` inside it, e.g.
-`in_fog_s3.png`, as `recover` names its outputs in a folder. A missing folder of --out is
-created. A bad input (an unknown name, an out-of-range level, an unreadable or too small image, an
-unwritable --out) is one `error:` line and exit status 2.
+ending in `/`) gets `<stem>_<corruption>[_s<severity> | _<intensity>][_seed<seed>].png` inside
+it, e.g. `in_fog_s3.png` (the seed named where it is not 0), and a note where that replaces a
+file. A missing folder of --out is created. A bad input (an unknown name, an out-of-range level,
+an unreadable or too small image, an unwritable --out) is one `error:` line and exit status 2.
 """
 
 from robust_u1_jax import cli  # first: its quiet environment is set before jax loads
 
 import difflib
 import os
+import re
 import sys
 
 from absl import app
@@ -46,7 +47,8 @@ _INTENSITY = flags.DEFINE_float("intensity", None, "Robust-R1 intensity in [0, 1
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the jax.random key.")
 _OUT = flags.DEFINE_string("out", None, "Output image path (format from the extension; a missing "
                            "folder is created), or a folder (existing, or ending in /) to write "
-                           "<stem>_<corruption>[_s<severity> | _<intensity>].png into.")
+                           "<stem>_<corruption>[_s<severity> | _<intensity>][_seed<seed>].png "
+                           "into (a note says where it replaces a file).")
 _MIN_SIDE = flags.DEFINE_integer(
     "min_side", None, f"Refuse images with a side below this many pixels (default "
     f"{DEFAULT_MIN_SIDE}, from BAGEL's resize rule, as data.min_image_side; Robust-R1 "
@@ -68,12 +70,14 @@ def smallest_side(qualified: str, min_side: int | None = None) -> int:
   return side
 
 
-def output_name(image_path: str, qualified: str, severity=None, intensity=None) -> str:
-  """The file name of a corruption written into a folder --out: `in_fog_s3.png`."""
+def output_name(image_path: str, qualified: str, severity=None, intensity=None,
+                seed: int = 0) -> str:
+  """The file name of a corruption written into a folder --out: `in_fog_s3.png`, and
+  `in_fog_s3_seed2.png` for another seed than 0 (another draw of the same corruption)."""
   stem = os.path.splitext(os.path.basename(image_path))[0]
   level = (f"_s{severity}" if severity is not None
            else f"_{intensity:g}" if intensity is not None else "")
-  return f"{stem}_{qualified.split('/')[-1]}{level}.png"
+  return f"{stem}_{qualified.split('/')[-1]}{level}{f'_seed{seed}' if seed else ''}.png"
 
 
 def run(image_path: str, name: str, out_path: str, *, severity=None, intensity=None,
@@ -88,18 +92,21 @@ def run(image_path: str, name: str, out_path: str, *, severity=None, intensity=N
     raise cli.Error(f"--{e.level} {e.value}: not a level of {e.name}; allowed {e.allowed}"
                     ) from None
   except ValueError as e:
-    if not str(e).startswith("unknown corruption"):  # a level of the other kind
-      raise cli.Error(str(e)) from None
+    if not str(e).startswith("unknown corruption"):  # a level missing, or of the other kind
+      raise cli.Error(re.sub(r"\b(severity|intensity)\b", r"--\1", str(e))) from None
     names = [n for line in list_lines() for n in (line.split("\t")[0],
                                                   line.split("\t")[0].split("/")[-1])]
-    near = difflib.get_close_matches(name, sorted(set(names)), n=3, cutoff=0.6)
+    near = difflib.get_close_matches(name.lower(), sorted(set(names)), n=3, cutoff=0.6)
     hint = f"did you mean {' or '.join(near)}? " if near else ""
     raise cli.Error(f"--type {name}: unknown corruption; {hint}`--list` prints every name"
                     ) from None
-  if cli.names_folder(out_path):
-    out_path = os.path.join(out_path, output_name(image_path, qualified, severity, intensity))
-  cli.output_file(out_path, "--out", image=True, input_path=image_path)
   notes: list[str] = []
+  if cli.names_folder(out_path):
+    out_path = os.path.join(out_path,
+                            output_name(image_path, qualified, severity, intensity, seed))
+    if os.path.exists(out_path):  # a name of ours, not the user's: `photo.jpg` after `photo.png`
+      notes.append(f"replacing {out_path}")
+  cli.output_file(out_path, "--out", image=True, input_path=image_path)
   side, asked = smallest_side(qualified, min_side), smallest_side("", min_side)
   # `corrupt` resizes nothing: its limits are training's, and the degradations' own.
   setting, why = (("--min_side", "training skips such an image") if side == asked else
@@ -107,7 +114,8 @@ def run(image_path: str, name: str, out_path: str, *, severity=None, intensity=N
                    "their kernels and warps are sized for no less"))
   image = transforms.read_image(image_path, min_side=side, notes=notes, setting=setting, why=why)
   for note in notes:
-    (say or print)(f"note: {image_path}: {note}")
+    (say or print)(f"note: {note}" if note.startswith("replacing ") else
+                   f"note: {image_path}: {note}")
   out = np.asarray(corruptions.corrupt(image, name, jax.random.key(seed), severity=severity,
                                        intensity=intensity))
   Image.fromarray(out).save(out_path, format=cli.image_format(out_path))

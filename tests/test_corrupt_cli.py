@@ -55,15 +55,20 @@ def test_list_prints_every_name_with_family(capsys):
     ("existing", ["--type=fog", "--severity=3"], "in_fog_s3.png"),
     ("new/", ["--type=lens_flare", "--intensity=0.45"], "in_lens_flare_0.45.png"),
     ("new/", ["--type=robust_r1_pipeline"], "in_robust_r1_pipeline.png"),
+    # Another seed, another draw: it replaced seed 0's file without a word.
+    ("new/", ["--type=fog", "--severity=3", "--seed=2"], "in_fog_s3_seed2.png"),
 ])
 def test_a_folder_out_gets_a_name_inside_it(capsys, image_path, tmp_path, out, args, name):
   (tmp_path / "existing").mkdir()
   folder = os.path.join(tmp_path, out)  # a pathlib.Path would drop the trailing /
-  rc, printed, _ = _run_main(capsys, f"--image={image_path}", *args, f"--out={folder}")
+  rc, printed, errors = _run_main(capsys, f"--image={image_path}", *args, f"--out={folder}")
   written = os.path.join(folder, name)
   assert rc == 0 and printed.strip().splitlines()[-1] == f"wrote {written} (80x48)"
   assert Image.open(written).size == (80, 48)
-  assert os.listdir(folder) == [name]
+  assert os.listdir(folder) == [name] and "replacing" not in errors
+  # The same name again (`in.jpg` after `in.png` gets it too): said before it is replaced.
+  rc, _, errors = _run_main(capsys, f"--image={image_path}", *args, f"--out={folder}")
+  assert rc == 0 and f"note: replacing {written}" in errors
 
 
 def test_writes_the_library_result(capsys, image_path, tmp_path):
@@ -95,10 +100,14 @@ def test_pipeline_with_intensity(capsys, image_path, tmp_path):
     # The flag named (it read "severity 6 for imagenet_c/fog is invalid").
     (["--type=fog", "--severity=6"],
      r"^error: --severity 6: not a level of imagenet_c/fog; allowed 1, 2, 3, 4, 5$"),
-    (["--type=fog", "--intensity=0.5"], r"needs severity \(for imagenet_c/fog\), not intensity"),
+    # The flags named, not the library's keyword arguments.
+    (["--type=fog", "--intensity=0.5"],
+     r"needs --severity \(for imagenet_c/fog\), not --intensity"),
+    (["--type=fog"], r"^error: corruption 'fog' needs --severity \(for imagenet_c/fog\)$"),
+    (["--type=FOG", "--severity=2"], r"--type FOG: unknown corruption; did you mean fog\?"),
     (["--type=lens_flare", "--intensity=1.5"],
      r"^error: --intensity 1.5: not a level of \S+lens_flare; allowed a float in \[0, 1\]$"),
-    (["--type=robust_r1_pipeline", "--severity=2"], "takes an intensity"),
+    (["--type=robust_r1_pipeline", "--severity=2"], "takes an --intensity"),
 ])
 def test_bad_levels_exit_2(capsys, image_path, tmp_path, args, message):
   out_path = tmp_path / "never.png"

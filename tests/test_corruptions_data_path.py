@@ -51,6 +51,23 @@ def test_numpy_images_are_corrupted_on_the_host_cpu():
   np.testing.assert_array_equal(np.asarray(out_dev), out)
 
 
+def test_a_float64_image_comes_back_float64_and_other_inputs_are_named():
+  """numpy's default float: corrupted in float32, given back in its own dtype (it came back
+  float32, with JAX's truncation warning); a PIL image or an empty array get a sentence."""
+  x = np.random.default_rng(0).uniform(size=(48, 48, 3))
+  for name, level in (("fog", {"severity": 3}), ("robust_r1_pipeline", {"intensity": 0.45})):
+    out = corruptions.corrupt(x, name, jax.random.key(0), **level)
+    assert out.dtype == np.float64
+    np.testing.assert_array_equal(out, corruptions.corrupt(x.astype(np.float32), name,
+                                                           jax.random.key(0), **level))
+  from PIL import Image
+
+  with pytest.raises(ValueError, match=r"of type Image: give an H x W x 3 array .*convert"):
+    corruptions.corrupt(Image.new("RGB", (48, 48)), "fog", jax.random.key(0), severity=3)
+  with pytest.raises(ValueError, match=r"image shape \(0, 4, 3\) is empty"):
+    corruptions.corrupt(np.zeros((0, 4, 3), np.uint8), "fog", jax.random.key(0), severity=3)
+
+
 def test_data_side_corruption_runs_inside_a_caller_s_mesh():
   """A bad record's replacement is made in whatever thread draws the batch, which can be inside
   the mesh of a trainer or the recovery cache; jit would refuse a host image against that mesh."""

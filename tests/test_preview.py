@@ -82,3 +82,27 @@ def test_draw_grid_labels_and_size():
   x4 = preview.PAD + (2 * tile + preview.GAP + preview.PAD)
   y4 = preview.PAD + (tile + 2 * preview.LINE_HEIGHT + 4 + preview.PAD)
   assert (pixels[y4:y4 + tile, x4:x4 + 2 * tile] == 255).all()
+
+
+def test_a_config_training_would_refuse_is_previewed_with_a_note(tmp_path, monkeypatch, capsys):
+  """RL on a folder of two model sizes: training refuses it at start; the preview drew it
+  without a word, though its help says it shows what training reads."""
+  import types
+
+  from robust_u1_jax import config_lib
+
+  (tmp_path / "mixed").mkdir()
+  for name, size in (("a.png", (64, 64)), ("b.png", (64, 48))):
+    Image.new("RGB", size).save(tmp_path / "mixed" / name)
+  config = config_lib.load(os.path.join(ROOT, "configs", "rl.py") + ":tiny", {
+      "init_from": "random", "data.source": "folder", "data.path": str(tmp_path / "mixed")})
+  drawn = []
+  monkeypatch.setattr(preview, "preview", lambda c, out, rows, cols: drawn.append(out) or (
+      Image.new("RGB", (8, 8)), None))
+  flag = lambda value: types.SimpleNamespace(value=value)
+  out = str(tmp_path / "grid.png")
+  assert preview.main(["preview"], {"config": flag(config), "out": flag(out), "rows": flag(1),
+                                    "cols": flag(1)}) == 0
+  assert drawn == [out]
+  err = capsys.readouterr().err
+  assert err.startswith("note: train would refuse this config: ") and "several model sizes" in err

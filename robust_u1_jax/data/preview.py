@@ -17,6 +17,7 @@ from __future__ import annotations
 from robust_u1_jax import cli  # first: its quiet environment is set before jax loads
 
 import math
+import sys
 from collections.abc import Mapping, Sequence
 
 from absl import app
@@ -172,6 +173,10 @@ def main(argv, flag_values: Mapping) -> int:
                          "preview; give a stage's (configs/sft.py, rl.py, reason.py)")
   config_lib.validate_data(config.data, "data")
   config_inputs.check_data_inputs(config.data, "data")
+  try:  # the stage's own needs of the rows (RL's one size): the data is still worth a look
+    config_inputs.check_data_rows(config)
+  except config_lib.ConfigError as e:
+    print(f"note: train would refuse this config: {e}", file=sys.stderr, flush=True)
   out, rows, cols = (flag_values[k].value for k in ("out", "rows", "cols"))
   if rows < 1 or cols < 1:
     raise app.UsageError(f"--rows {rows} --cols {cols}: both must be >= 1")
@@ -182,8 +187,9 @@ def main(argv, flag_values: Mapping) -> int:
   else:
     print(f"question:\n{qa[0]}\nanswer:\n{qa[1]}")
   # Last, where it is seen: the file written.
-  print(f"wrote {out} ({grid.width}x{grid.height}): {rows * cols} clean / corrupted pairs "
-        f"from {config.data.source} ({config.data.corruption})")
+  pairs = rows * cols
+  print(f"wrote {out} ({grid.width}x{grid.height}): {pairs} clean / corrupted "
+        f"pair{'' if pairs == 1 else 's'} from {config.data.source} ({config.data.corruption})")
   return 0
 
 

@@ -12,9 +12,11 @@ environment, 33 / 33 / 34 for sharpness_change / graffiti / watermark_damage).
 
 Each degradation's parameterisation is documented in its stage module (`robust_r1_capture`,
 `robust_r1_transmission`, `robust_r1_environment`, `robust_r1_post`): the release's formulas
-where they are continuous and identity at I = 0 (gaussian noise sigma 75 I / 255, JPEG quality
-max(5, int(100 - 95 I)), dark illumination x (1 - I^2), saturation x (1 - I), ...), otherwise
-reworked to be, and pixel sizes scaled to the image (`robust_r1_common`).
+where they are continuous and identity at I = 0 (gaussian noise sigma 75 I / 255, dark
+illumination x (1 - I^2), saturation x (1 - I), ...), otherwise reworked to be, and pixel sizes
+scaled to the image (`robust_r1_common`). One exception keeps the release's formula: JPEG at
+quality max(5, int(100 - 95 I)) is a round trip at quality 100 at I = 0, which still subsamples
+the colour (a mean change of a few levels), so the pipeline at I = 0 is near the image, not it.
 
 All 16 are pure JAX with a traced intensity (`host_side=False`): jit them once per image shape
 and vmap them over a batch. `pipeline` is the whole four-stage pipeline as one pure JAX function
