@@ -393,7 +393,7 @@ def config_flag_problem(values: flags.FlagValues, argv: Sequence[str], *,
     if not spec:
       continue
     if not os.path.isfile(path):
-      return f"--{name} {spec}: {missing_config_file(path)}"
+      return f"--{name} {spec}: {config_lib.missing_config_file(path)}"
     try:
       config = config_lib.load_file(spec)
     except (ValueError, TypeError, OSError) as e:
@@ -404,24 +404,6 @@ def config_flag_problem(values: flags.FlagValues, argv: Sequence[str], *,
       if problem:
         return f"--{name}.{match.group(1)}: {spec} has {problem}"
   return None
-
-
-# The folder above the package: in a checkout (an editable install), it holds configs/.
-CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def missing_config_file(path: str) -> str:
-  folder = os.path.dirname(path) or "."
-  found = sorted(n for n in os.listdir(folder) if n.endswith(".py") and not n.startswith("_")
-                 ) if os.path.isdir(folder) else []
-  checkout = os.path.join(CHECKOUT, path)
-  if not found and not os.path.isabs(path) and os.path.isfile(checkout):
-    # The docs' paths (configs/sft.py:tiny) are the checkout's, run from elsewhere.
-    return (f"no such config file {path} in {os.getcwd()} (a config path is read from the "
-            f"current folder); the checkout's is {checkout}")
-  beside = (f"; config files in {folder}: {', '.join(found)}" if found else
-            " (give path.py:variant, e.g. configs/sft.py:tiny)")
-  return f"no such config file {path}{beside}"
 
 
 def flag_error_text(text: str, values: flags.FlagValues, argv: Sequence[str]) -> str:

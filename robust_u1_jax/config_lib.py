@@ -433,13 +433,33 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 # Loading config files (entry modules use ml_collections.config_flags; these serve library use,
 # tests and the messages of robust_u1_jax.cli).
 
+# The folder above the package: in a checkout (an editable install), it holds configs/.
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def missing_config_file(path: str) -> str:
+  """Why `path` names no config file, with the config files beside it or, given from another
+  folder, the checkout's own."""
+  folder = os.path.dirname(path) or "."
+  found = sorted(n for n in os.listdir(folder) if n.endswith(".py") and not n.startswith("_")
+                 ) if os.path.isdir(folder) else []
+  checkout = os.path.join(CHECKOUT, path)
+  if not found and not os.path.isabs(path) and os.path.isfile(checkout):
+    # The docs' paths (configs/sft.py:tiny) are the checkout's, run from elsewhere.
+    return (f"no such config file {path} in {os.getcwd()} (a config path is read from the "
+            f"current folder); the checkout's is {checkout}")
+  beside = (f"; config files in {folder}: {', '.join(found)}" if found else
+            " (give path.py:variant, e.g. configs/sft.py:tiny)")
+  return f"no such config file {path}{beside}"
+
+
 def load_file(spec: str) -> ml_collections.ConfigDict:
   """`path.py[:variant]` -> its get_config() result, locked; no overrides, not validated."""
   import importlib.util
 
   path, _, variant = spec.partition(":")
   if not os.path.exists(path):
-    raise FileNotFoundError(f"config file not found: {path}")
+    raise FileNotFoundError(missing_config_file(path))
   module_spec = importlib.util.spec_from_file_location(
       f"_config_{os.path.basename(path)[:-3]}", path)
   module = importlib.util.module_from_spec(module_spec)

@@ -620,14 +620,19 @@ def test_messages_name_the_path_and_the_fix():
 
 def test_a_config_path_given_from_another_folder_names_the_checkout_s(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
-  text = cli.missing_config_file("configs/sft.py")
+  text = config_lib.missing_config_file("configs/sft.py")
   assert text == (f"no such config file configs/sft.py in {tmp_path} (a config path is read from "
-                  f"the current folder); the checkout's is {cli.CHECKOUT}/configs/sft.py")
-  assert os.path.isfile(os.path.join(cli.CHECKOUT, "configs", "sft.py"))
+                  f"the current folder); the checkout's is {config_lib.CHECKOUT}/configs/sft.py")
+  assert os.path.isfile(os.path.join(config_lib.CHECKOUT, "configs", "sft.py"))
+  # The library's loader says so too (the README's Python recipe; it said "config file not found").
+  with pytest.raises(FileNotFoundError) as e:
+    config_lib.load("configs/sft.py:tiny")
+  assert str(e.value) == text
   # A folder of config files beside the given path: those are named, as before.
   (tmp_path / "configs").mkdir()
   (tmp_path / "configs" / "mine.py").write_text("")
-  assert cli.missing_config_file("configs/sft.py").endswith("config files in configs: mine.py")
+  assert config_lib.missing_config_file("configs/sft.py").endswith(
+      "config files in configs: mine.py")
 
 
 def test_call_reports_bad_input_and_raises_bugs(capsys):

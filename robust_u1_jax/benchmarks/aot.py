@@ -173,11 +173,8 @@ PLACEHOLDERS = {"init_from": "random", "data.path": "unused", "eval_data.path": 
 def load_config(spec: str, overrides: dict[str, Any] | None = None):
   """The run's config; the PLACEHOLDERS fields it leaves unset (the 7B variants' init_from,
   dataset paths and reward model) are filled in, since nothing is loaded."""
-  from robust_u1_jax import cli, config_lib
+  from robust_u1_jax import config_lib
 
-  path = spec.partition(":")[0]
-  if not os.path.exists(path):  # named with the config files beside it, as --config flags are
-    raise config_lib.ConfigError(cli.missing_config_file(path))
   overrides = dict(overrides or {})
   while True:
     try:
