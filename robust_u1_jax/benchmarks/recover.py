@@ -432,4 +432,7 @@ def run(*, seconds: float = 3.0, config: str = "", topology: str | None = None,
       raise SystemExit(f"recover: {err}") from None
     results["e"] = e
     print(recover_7b.report_7b(e), flush=True)
+  else:
+    print("e. BAGEL-7B's recovery compiled ahead of time: not run (give --topology: v5p-8, or "
+          "cpu:8 without libtpu)", flush=True)
   return results
