@@ -662,6 +662,9 @@ def test_the_engine_names_what_is_wrong_with_an_input(model_dir):
                                r"\(a float image in \[0, 1\]: robust_u1_jax.pixels.to_uint8"),
       (([image[..., 0]],), {}, r"got shape \(64, 64\) \(convert a gray or RGBA image"),
       (([],), {}, "recover: no images"),
+      # Below the smallest side `recover` and `answer` hold files to: it came back 32 x 32.
+      (([image[:8, :12]],), {}, r"recover: an image of 12 x 8 pixels: a side below the smallest "
+                                r"usable 16 \(one VAE stride or ViT patch"),
       (([image],), {"posterior": "bogus"}, "vae_posterior 'bogus' is unknown"),
       (([image, image],), {"keys": engine_lib.image_keys(0, [0])},
        r"keys of shape \(1, 2\) for 2 images; give one key per image"),
@@ -671,6 +674,8 @@ def test_the_engine_names_what_is_wrong_with_an_input(model_dir):
       eng.recover(*args, **kwargs)
   with pytest.raises(ValueError, match="add_image: takes uint8"):
     eng.conversation().add_image(image.astype(np.float32))
+  with pytest.raises(ValueError, match="add_image: an image of 8 x 8 pixels: a side below"):
+    eng.conversation().add_image(image[:8, :8])
   assert eng.round_trip(np.stack([_image(60, 100, 1)])).shape == (1, 32, 64, 3)  # resized
   assert re.fullmatch(r"Engine\([\d,]+ parameters, 2 LLM layers, images up to 64 px, guidance "
                       r"4\.0 / 2\.0, mesh None\)", repr(eng))

@@ -1,6 +1,7 @@
 """The data preview CLI: a labelled grid of clean / corrupted pairs and one question."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -106,3 +107,21 @@ def test_a_config_training_would_refuse_is_previewed_with_a_note(tmp_path, monke
   assert drawn == [out]
   err = capsys.readouterr().err
   assert err.startswith("note: train would refuse this config: ") and "several model sizes" in err
+
+
+def test_bad_records_in_the_preview_are_counted_at_its_end(tmp_path, capsys):
+  """Its replacements are copies of other cells: said, as a training run's end says its bad
+  records (a preview of few rows ended without a count)."""
+  from robust_u1_jax import config_lib
+
+  rng = np.random.default_rng(0)
+  for i in range(5):
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+  (tmp_path / "bad.png").write_text("text")
+  config = config_lib.load(os.path.join(ROOT, "configs", "sft.py") + ":tiny", {
+      "data.source": "folder", "data.path": str(tmp_path), "data.corruption": "gaussian_noise",
+      "data.max_skip_ratio": 0.5})
+  preview.preview(config, str(tmp_path / "grid.png"), 1, 6)
+  last = capsys.readouterr().err.strip().splitlines()[-1]
+  assert re.fullmatch(r"folder data \(sft\): \d+ of \d+ records read were unreadable or unusable "
+                      r".*; each took the place of a copy of another record, as in training", last)

@@ -157,6 +157,12 @@ def test_tfds_source_errors(tfds_dir):
     sources.TfdsSource("robust_u1_tiny_images", "test", data_dir=tfds_dir)
   with pytest.raises(ValueError, match="no_such_dataset_xyz"):
     sources.TfdsSource("no_such_dataset_xyz", "train", data_dir=tfds_dir)
+  # Not prepared there: said before TFDS warns of a missing variant folder.
+  empty = os.path.join(tfds_dir, "empty")
+  os.makedirs(empty, exist_ok=True)
+  with pytest.raises(ValueError, match=f"'robust_u1_tiny_images:1.0.0' is not prepared in {empty}: "
+                     f"no folder {empty}/robust_u1_tiny_images; prepare it there first"):
+    sources.TfdsSource("robust_u1_tiny_images:1.0.0", "train", data_dir=empty)
 
 
 # ----------------------------------------------------------------------------------------- jsonl

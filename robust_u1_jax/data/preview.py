@@ -157,6 +157,9 @@ def preview(config, out_path: str, rows: int, cols: int) -> tuple[Image.Image, t
     samples = take_samples(p, rows * cols)
   finally:
     p.close()
+  if bad := p.tracker.summary():  # as training ends: its cells hold other records' copies
+    print(f"{bad}; each took the place of a copy of another record, as in training",
+          file=sys.stderr, flush=True)
   grid = draw_grid(samples, rows, cols)
   grid.save(out_path)
   return grid, question_and_answer(config)

@@ -251,7 +251,7 @@ class Engine:
     if isinstance(images, np.ndarray) and images.ndim == 3:
       raise ValueError(f"{where}: takes a list of images (or a B x H x W x 3 array), got one "
                        f"image of shape {images.shape}: give [image]")
-    images = [images_lib.check_image(image, where) for image in images]
+    images = [images_lib.check_image(image, where, self.rules.min_side) for image in images]
     if not images:
       raise ValueError(f"{where}: no images")
     images = [self.rules.at_vae_size(image) for image in images]
@@ -308,7 +308,7 @@ class Conversation:
     A generated image (already at a VAE size) re-enters through the same resize as an input.
     """
     rules = self.engine.rules
-    image = images_lib.check_image(image, "add_image")
+    image = images_lib.check_image(image, "add_image", 0 if generated else rules.min_side)
     if generated:
       vae_image = image
       vit_image = np.asarray(images_lib.vit_resize(image, rules.vit_size(*image.shape[:2])))

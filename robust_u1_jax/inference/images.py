@@ -97,8 +97,9 @@ class ImageRules:
     return vae, np.asarray(vit_resize(vae, self.vit_size(*vae.shape[:2])))
 
 
-def check_image(image, where: str) -> np.ndarray:
-  """`image` as the model takes it, a uint8 H x W x 3 (RGB) array; else a ValueError naming
+def check_image(image, where: str, min_side: int = 0) -> np.ndarray:
+  """`image` as the model takes it, a uint8 H x W x 3 (RGB) array with no side below `min_side`
+  (`ImageRules.min_side`, which `recover` and `answer` hold files to); else a ValueError naming
   `where` and the conversion (a library caller's most common mistakes: a float image, a gray or
   RGBA one, a batch where one image belongs)."""
   image = np.asarray(image)
@@ -110,6 +111,8 @@ def check_image(image, where: str) -> np.ndarray:
   if image.dtype != np.uint8:
     raise ValueError(f"{where}: takes uint8 H x W x 3 (RGB) images, got {image.dtype} (a float "
                      "image in [0, 1]: robust_u1_jax.pixels.to_uint8(image))")
+  if problem := transforms.size_problem(image, min_side, MIN_SIDE_SETTING):
+    raise ValueError(f"{where}: an image of {problem}")
   return image
 
 
