@@ -118,6 +118,11 @@ def run(image_path: str, name: str, out_path: str, *, severity=None, intensity=N
                    f"note: {image_path}: {note}")
   out = np.asarray(corruptions.corrupt(image, name, jax.random.key(seed), severity=severity,
                                        intensity=intensity))
+  if qualified == corruptions.PIPELINE:  # what the key drew, as the data preview labels it
+    from robust_u1_jax.data.corruptions import robust_r1
+
+    plan = robust_r1.sample_plan(jax.random.key(seed), intensity)
+    print("drew " + ", ".join(f"{stage} {step} {level:.2f}" for stage, step, level in plan))
   Image.fromarray(out).save(out_path, format=cli.image_format(out_path))
   return out_path, out
 

@@ -86,14 +86,21 @@ def test_writes_the_library_result(capsys, image_path, tmp_path):
 
 def test_pipeline_with_intensity(capsys, image_path, tmp_path):
   out_path = tmp_path / "pipe.png"
-  rc, _, _ = _run_main(capsys, f"--image={image_path}", "--type=robust_r1_pipeline",
-                       "--intensity=0.45", "--seed=1", f"--out={out_path}")
-  assert rc == 0
-  written = np.asarray(Image.open(out_path))
-  clean = np.asarray(Image.open(image_path))
-  assert written.shape == clean.shape and not np.array_equal(written, clean)
-  expected = corruptions.corrupt(clean, "robust_r1_pipeline", jax.random.key(1), intensity=0.45)
-  np.testing.assert_array_equal(written, expected)
+  from robust_u1_jax.data.corruptions import robust_r1
+
+  for intensity in ([], ["--intensity=0.45"]):  # drawn per stage, or given
+    rc, printed, _ = _run_main(capsys, f"--image={image_path}", "--type=robust_r1_pipeline",
+                               *intensity, "--seed=1", f"--out={out_path}")
+    assert rc == 0
+    written = np.asarray(Image.open(out_path))
+    clean = np.asarray(Image.open(image_path))
+    assert written.shape == clean.shape and not np.array_equal(written, clean)
+    level = 0.45 if intensity else None
+    expected, plan = robust_r1.apply_pipeline(clean, jax.random.key(1), level, return_plan=True)
+    np.testing.assert_array_equal(written, expected)
+    # What it drew, in the order applied (it said nothing of the degradations).
+    assert printed.splitlines()[0] == "drew " + ", ".join(f"{stage} {step} {v:.2f}"
+                                                          for stage, step, v in plan)
 
 
 @pytest.mark.parametrize("args, message", [
