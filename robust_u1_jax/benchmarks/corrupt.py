@@ -375,7 +375,7 @@ def corruption_rows(seconds: float, names=None, *, batch: int = BATCH, size: int
     host_images = images
     if name == "glass_blur":
       host_images, scale = images[:GLASS_HOST_IMAGES], batch / GLASS_HOST_IMAGES
-      label += f" (x{scale:g})"
+      label += f" (timed on {GLASS_HOST_IMAGES} images, x{scale:g})"
 
     def jax_side(name=name):
       corruptions.corrupt_batch(images, name, keys, severity=SEVERITY)
@@ -416,8 +416,9 @@ def run(*, seconds: float = 3.0, names=None) -> dict:
   print(f"corrupt benchmark: {BATCH} images of {SIZE} x {SIZE}, severity {SEVERITY}, uint8 in and "
         f"out; JAX on {corruptions.data_device()} (default backend {jax.default_backend()}); "
         f"host CPUs: {usable_cpus()}; {seconds:g} s per alternated measurement", flush=True)
+  print("JAX / host per corruption, median [quartiles] of the alternated rounds:", flush=True)
   rows = corruption_rows(seconds, names)
-  print(table(("corruption", "host reference", "JAX ms", "host ms",
+  print(table(("corruption", "host reference", f"JAX ms / {BATCH}", f"host ms / {BATCH}",
                "JAX / host: median [quartiles]"),
               [(r["name"], r["reference"], 1e3 * r["jax_s"], 1e3 * r["host_s"], r["ratio"].short())
                for r in rows]))
