@@ -676,6 +676,8 @@ def test_the_engine_names_what_is_wrong_with_an_input(model_dir):
     eng.conversation().add_image(image.astype(np.float32))
   with pytest.raises(ValueError, match="add_image: an image of 8 x 8 pixels: a side below"):
     eng.conversation().add_image(image[:8, :8])
+  with pytest.raises(engine_lib.ModelError, match=r"^no model directory given \(an empty path\)$"):
+    engine_lib.Engine.load("")  # it said ": no such model directory"
   assert eng.round_trip(np.stack([_image(60, 100, 1)])).shape == (1, 32, 64, 3)  # resized
   assert re.fullmatch(r"Engine\([\d,]+ parameters, 2 LLM layers, images up to 64 px, guidance "
                       r"4\.0 / 2\.0, mesh None\)", repr(eng))

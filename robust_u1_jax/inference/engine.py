@@ -57,6 +57,8 @@ def check_rules_fit(rules: images_lib.ImageRules, config: bagel_lib.BagelConfig,
 
 def resolve_model_dir(path: str) -> str:
   """A stage's workdir stands for its `model/`."""
+  if not path:
+    raise ModelError("no model directory given (an empty path)")
   if not os.path.exists(path):
     raise ModelError(f"{path}: no such model directory")
   if not os.path.isdir(path):
