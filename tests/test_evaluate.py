@@ -24,7 +24,7 @@ from robust_u1_jax.checkpoints import orbax_io
 from robust_u1_jax.data import answer_format, bad_records
 from robust_u1_jax.data import sequence
 from robust_u1_jax.data import tokenizer as tokenizer_lib
-from robust_u1_jax.eval import evaluation, partial, report
+from robust_u1_jax.eval import evaluation, figures, partial, report
 from robust_u1_jax.eval import run as eval_run
 from robust_u1_jax.inference import engine as engine_lib
 from robust_u1_jax.inference import images
@@ -619,7 +619,7 @@ def test_evaluate_writes_a_complete_report(model_dir, tmp_path):
   for line in (grid[:header // 2], grid[header // 2:header]):  # black text on white
     assert (line < 100).any() and (line > 200).mean() > 0.8
   first = conds[0]
-  assert report._grid_heading(first) == (
+  assert figures.grid_heading(first) == (
       f"robust_r1_pipeline 25%: the first 3 of 6 images; mean SSIM "
       f"{first['corrupted']['ssim']:.2f} corrupted, {first['through_vae']['ssim']:.2f} VAE alone, "
       f"{first['recovered']['ssim']:.2f} recovered; PSNR {first['corrupted']['psnr']:.1f} / "
@@ -668,8 +668,8 @@ def test_the_accuracy_plot_keeps_an_axis_of_ten_points_at_least(tmp_path, monkey
                  "level": level, "num_samples": 4,
                  "accuracy": {mode: 0.0 for mode in evaluation.MODES[1:]}}
                 for level in ("25%", "50%", "100%")]
-  assert report.figures({"conditions": conditions, "clean": {"accuracy": 0.0}},
-                        str(tmp_path)) == ["accuracy_vs_intensity.png"]
+  assert figures.figures({"conditions": conditions, "clean": {"accuracy": 0.0}},
+                         str(tmp_path)) == ["accuracy_vs_intensity.png"]
   assert limits["accuracy_vs_intensity.png"] == (0.0, 10.0)
 
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from robust_u1_jax import config_lib, files, signals
 from robust_u1_jax.data import sources_vqa
-from robust_u1_jax.eval import evaluation, partial, report
+from robust_u1_jax.eval import evaluation, figures, partial, report
 from robust_u1_jax.inference import engine as engine_lib
 from robust_u1_jax.inference import images as images_lib
 from robust_u1_jax.inference import recovery as recovery_lib
@@ -197,7 +197,7 @@ def _run(c: ml_collections.ConfigDict, say: Callable[[str], None],
   t0 = time.perf_counter()
   out_dir = report_dir(c)
   # The RL run's rewards, for their figure, read first: a wrong rl_workdir stops the run now.
-  rl_rewards = (report.reward_rows(os.path.join(c.rl_workdir, "metrics.jsonl"))
+  rl_rewards = (figures.reward_rows(os.path.join(c.rl_workdir, "metrics.jsonl"))
                 if c.rl_workdir else [])
   if c.rl_workdir and not rl_rewards:
     raise config_lib.ConfigError(f"rl_workdir {c.rl_workdir}: no RL rewards logged in its "
@@ -275,7 +275,7 @@ def _run(c: ml_collections.ConfigDict, say: Callable[[str], None],
                                   out_dir)
 
   claim_rows = report.claims(result, compare) if world else []
-  names = report.figures(result, out_dir, compare_by_type=by_type or None,
+  names = figures.figures(result, out_dir, compare_by_type=by_type or None,
                          rl_rewards=rl_rewards, benchmarks=benchmarks)
   # The guidance the model's recoveries used (cfg_text / cfg_img unset stand for the model's own).
   guidance = evaluator.sampler.guidance
