@@ -24,7 +24,7 @@ from robust_u1_jax.checkpoints import orbax_io
 from robust_u1_jax.data import answer_format, bad_records
 from robust_u1_jax.data import sequence
 from robust_u1_jax.data import tokenizer as tokenizer_lib
-from robust_u1_jax.eval import evaluation, figures, partial, report
+from robust_u1_jax.eval import evaluation, figures, partial, report, tables
 from robust_u1_jax.eval import run as eval_run
 from robust_u1_jax.inference import engine as engine_lib
 from robust_u1_jax.inference import images
@@ -131,14 +131,14 @@ def test_a_parquet_table_by_its_other_names(tmp_path):
   _, parquet = _benchmarks(tmp_path)
   for name in ("m.pq", "m.PARQUET"):
     shutil.copy(parquet, tmp_path / name)
-    assert len(evaluation.open_table(str(tmp_path / name))) == 2
+    assert len(tables.open_table(str(tmp_path / name))) == 2
   # A Hugging Face dataset's shards: the folder is the table, its rows in the shards' order.
   shards = tmp_path / "realworldqa" / "data"
   shards.mkdir(parents=True)
   for k in range(2):
     shutil.copy(parquet, shards / f"test-0000{k}-of-00002.parquet")
   config_inputs.check_table("benchmarks.realworldqa", str(tmp_path / "realworldqa"))
-  table = evaluation.open_table(str(tmp_path / "realworldqa"))
+  table = tables.open_table(str(tmp_path / "realworldqa"))
   assert len(table) == 4 and table[2]["questions"][0]["question"] == "Which?"
   # A dataset's folder with another split's shards beside them would mix the splits: refused,
   # naming them; a pattern of one split's shards is the table.
@@ -146,10 +146,10 @@ def test_a_parquet_table_by_its_other_names(tmp_path):
   with pytest.raises(config_lib.ConfigError, match=(
       f"{tmp_path}/realworldqa: holds the shards of several splits \\(test, train\\), which one "
       f"table would mix; give one split's: a pattern such as '{shards}/test-\\*.parquet'")):
-    evaluation.open_table(str(tmp_path / "realworldqa"))
+    tables.open_table(str(tmp_path / "realworldqa"))
   pattern = str(shards / "test-*.parquet")
   config_inputs.check_table("benchmarks.realworldqa", pattern)
-  assert len(evaluation.open_table(pattern)) == 4
+  assert len(tables.open_table(pattern)) == 4
   with pytest.raises(config_lib.ConfigError, match="the pattern matches no .parquet file"):
     config_inputs.check_table("benchmarks.realworldqa", str(shards / "dev-*.parquet"))
   # The parquet converter's layout: a folder per split.
@@ -157,7 +157,7 @@ def test_a_parquet_table_by_its_other_names(tmp_path):
     (tmp_path / "converted" / split).mkdir(parents=True)
     shutil.copy(parquet, tmp_path / "converted" / split / "0000.parquet")
   with pytest.raises(config_lib.ConfigError, match=r"\(test, train\).*converted/test/\*.parquet"):
-    evaluation.open_table(str(tmp_path / "converted"))
+    tables.open_table(str(tmp_path / "converted"))
 
 
 def test_bad_benchmark_rows_are_left_out_named_and_counted(tmp_path, caplog):
@@ -170,7 +170,7 @@ def test_bad_benchmark_rows_are_left_out_named_and_counted(tmp_path, caplog):
     for i, image in enumerate(cells):
       w.writerow([i, image, f"Is it {i}?", "yes", "no", "A"])
   rules = images.ImageRules(64, 32, 16, 64, 32, 8)
-  samples, read = evaluation.table_samples(str(tsv), 0, rules, max_skip_ratio=0.5)
+  samples, read = tables.table_samples(str(tsv), 0, rules, max_skip_ratio=0.5)
   assert [s.index for s in samples] == [0, 3]
   assert read["rows"] == 4 and read["bad_rows"] == 2
   assert [row for row, _ in read["bad"]] == [1, 2]
@@ -178,7 +178,7 @@ def test_bad_benchmark_rows_are_left_out_named_and_counted(tmp_path, caplog):
   small = tmp_path / "small.tsv"
   small.write_text(tsv.read_text().replace(
       base64.b64encode(_png(1)).decode(), base64.b64encode(_png(1, size=(8, 8))).decode()))
-  _, small_read = evaluation.table_samples(str(small), 0, rules, max_skip_ratio=0.9)
+  _, small_read = tables.table_samples(str(small), 0, rules, max_skip_ratio=0.9)
   assert [row for row, _ in small_read["bad"]] == [1, 2, 3]
   assert small_read["bad"][2][1] == (
       "row 3 (line 5): image: 8 x 8 pixels: a side below the smallest usable 16 (one VAE stride "
@@ -190,7 +190,7 @@ def test_bad_benchmark_rows_are_left_out_named_and_counted(tmp_path, caplog):
   assert f"benchmark {tsv}: bad row 1 (line 3): bad base64" in caplog.text
   assert "index" not in caplog.text
   caplog.clear()
-  evaluation.table_samples(str(tsv), 0, rules, max_skip_ratio=0.5, log=False)
+  tables.table_samples(str(tsv), 0, rules, max_skip_ratio=0.5, log=False)
   assert str(tsv) not in caplog.text  # read again, already logged
   line = report.bad_rows_line({"samples": 2, "path": str(tsv), **read})
   assert line.startswith(f"Scored 2 of the 4 rows read from `{tsv}`; 2 bad row(s) left out: "
@@ -202,17 +202,17 @@ def test_bad_benchmark_rows_are_left_out_named_and_counted(tmp_path, caplog):
   renamed.write_text("".join(f"{100 + int(line.split(chr(9))[0])}{line[line.index(chr(9)):]}"
                              if i else line for i, line in enumerate(
                                  tsv.read_text().splitlines(keepends=True))))
-  _, read = evaluation.table_samples(str(renamed), 0, rules, max_skip_ratio=0.5)
+  _, read = tables.table_samples(str(renamed), 0, rules, max_skip_ratio=0.5)
   assert [reason.split(":")[0] for _, reason in read["bad"]] == [
       "row 1 (index 101, line 3)", "row 2 (index 102, line 4)"]
   # The first two rows only: one bad of two.
-  samples, read = evaluation.table_samples(str(tsv), 2, rules, max_skip_ratio=0.5)
+  samples, read = tables.table_samples(str(tsv), 2, rules, max_skip_ratio=0.5)
   assert len(samples) == 1 and read["rows"] == 2 and read["table_rows"] == 4
   assert report.bad_rows_line({"samples": 1, "path": "t.tsv", **read}).startswith(
       "Scored 1 of the 2 rows read from `t.tsv` (the first of its 4: --config.benchmark_samples);")
   with pytest.raises(bad_records.TooManyBadRecords, match=r"benchmark .*bench.tsv: 2 of 4 .*"
                      r"raise it \(--config.max_skip_ratio\)"):
-    evaluation.table_samples(str(tsv), 0, rules, max_skip_ratio=0.01)
+    tables.table_samples(str(tsv), 0, rules, max_skip_ratio=0.01)
 
 
 def test_a_table_in_another_encoding_is_told_to_be_converted(tmp_path):
@@ -223,7 +223,7 @@ def test_a_table_in_another_encoding_is_told_to_be_converted(tmp_path):
   with pytest.raises(bad_records.TooManyBadRecords, match=(
       r"3 of 3 rows .*not UTF-8 text.*The table is not UTF-8 text, as VLMEvalKit writes its "
       r"TSVs: convert it \(e.g. iconv -f GBK -t UTF-8")):
-    evaluation.read_table(str(tsv), 0, log=False)
+    tables.read_table(str(tsv), 0, log=False)
   # Chance where a table mixes multiple-choice rows with open ones: over the former, said so.
   line = report.benchmark_scoring_line({"chance": 0.5, "chance_rows": [3, 5]})
   assert "Chance (a random option) on its 3 multiple-choice rows of 5: 50.0 %." in line
@@ -249,18 +249,18 @@ def test_a_benchmark_image_is_kept_whole_or_cut_to_its_centred_square(tmp_path):
                   "B"])
   rules = images.ImageRules(64, 32, 16, 64, 32, 8)
   # By default whole, at its VAE size by the model's rule, as `answer` takes it: every colour.
-  (sample,), read = evaluation.table_samples(str(tsv), 0, rules, max_skip_ratio=0.5, log=False)
+  (sample,), read = tables.table_samples(str(tsv), 0, rules, max_skip_ratio=0.5, log=False)
   assert sample.image.shape == (32, 64, 3) == rules.at_vae_size(pixels).shape
   assert [sample.image[:, x, c].min() >= 250 for x, c in ((2, 0), (32, 1), (-3, 2))] == [True] * 3
   assert read["bad"] == [[1, "row 1 (line 3): image: 64 x 16 pixels at the model's image size: a "
                              "side below the Robust-R1 degradations' smallest 32 "
                              "(--config.benchmark_images=square cuts it square)"]]
-  samples, read = evaluation.table_samples(str(tsv), 0, rules, log=False, images="square")
+  samples, read = tables.table_samples(str(tsv), 0, rules, log=False, images="square")
   assert [s.image.shape for s in samples] == [(64, 64, 3)] * 2 and not read["bad"]
   square = samples[0].image.astype(int)
   assert square[..., 1].min() >= 250 and square[..., 0].max() <= 5 and square[..., 2].max() <= 5
   with pytest.raises(ValueError, match="benchmark images 'crop': one of whole, square"):
-    evaluation.table_samples(str(tsv), 0, rules, images="crop")
+    tables.table_samples(str(tsv), 0, rules, images="crop")
 
 
 def test_images_of_several_sizes_are_scored_as_each_would_be_alone(model_dir):

@@ -21,7 +21,7 @@ import numpy as np
 
 from robust_u1_jax import config_lib, files, signals
 from robust_u1_jax.data import sources_vqa
-from robust_u1_jax.eval import evaluation, figures, partial, report
+from robust_u1_jax.eval import evaluation, figures, partial, report, tables
 from robust_u1_jax.inference import engine as engine_lib
 from robust_u1_jax.inference import images as images_lib
 from robust_u1_jax.inference import recovery as recovery_lib
@@ -62,10 +62,10 @@ def fingerprint(c: ml_collections.ConfigDict) -> dict[str, Any]:
   absolute = lambda path: os.path.realpath(path) if path else path
   model_path = lambda path: absolute(engine_lib.resolve_model_dir(path)) if path else path
   models = [c.model] + [path for path in c.compare.values() if path]
-  tables = [file for path in c.benchmarks.values() if path for file in (
+  table_files = [file for path in c.benchmarks.values() if path for file in (
       sorted(glob.glob(path, recursive=True)) if sources_vqa.is_pattern(path) else [path])]
   paths = [model_path(m) for m in models] + [
-      absolute(path) for path in [c.clip_checkpoint, *tables] if path]
+      absolute(path) for path in [c.clip_checkpoint, *table_files] if path]
   # Not max_skip_ratio: raised after a stop on a bad table, it keeps the finished units.
   config = {k: v for k, v in c.to_dict().items() if k not in ("out", "max_skip_ratio")}
   config.update(model=model_path(c.model), clip_checkpoint=absolute(c.clip_checkpoint),
@@ -205,17 +205,17 @@ def _run(c: ml_collections.ConfigDict, say: Callable[[str], None],
   # The benchmark tables' rows, the CLIP checkpoint and the model first: one that does not load
   # stops the run before it writes anything (not hours later, at the benchmarks). Each table's
   # images are decoded here once more than its benchmark needs; its bad rows are logged here.
-  tables = {name: path for name, path in c.benchmarks.items() if path}
+  table_paths = {name: path for name, path in c.benchmarks.items() if path}
   try:  # the model's resize rules; a model that cannot be read fails to load below
     rules = images_lib.ImageRules.for_model_dir(engine_lib.resolve_model_dir(c.model))
   except (OSError, ValueError):
     rules = None
   table_units = 0
-  for name, path in tables.items():
+  for name, path in table_paths.items():
     sizes = collections.Counter()
-    read = evaluation.read_table(path, c.benchmark_samples, c.max_skip_ratio, rules=rules,
-                                 images=c.benchmark_images,
-                                 keep=lambda i, record, image: sizes.update([image.shape[:2]]))
+    read = tables.read_table(path, c.benchmark_samples, c.max_skip_ratio, rules=rules,
+                             images=c.benchmark_images,
+                             keep=lambda i, record, image: sizes.update([image.shape[:2]]))
     table_units += -(-(read["rows"] - read["bad_rows"]) // BENCHMARK_UNIT_ROWS)
     if len(sizes) > 1:  # each compiles the model's programs: minutes each for a 7B model
       say(f"benchmark {name}: {sum(sizes.values())} images in {len(sizes)} sizes at the model's "
@@ -250,7 +250,7 @@ def _run(c: ml_collections.ConfigDict, say: Callable[[str], None],
         f"images and {_count(len(pipeline), 'pipeline condition')}"
         + (f"; the recoveries of {', '.join(compared)} too" if compared else ""))
   else:
-    say(f"evaluating {c.model} on {_count(len(tables), 'benchmark table')} alone (num_samples "
+    say(f"evaluating {c.model} on {_count(len(table_paths), 'benchmark table')} alone (num_samples "
         "= 0: not on the built-in world)")
   units = progress_of["units"] = (
       (len(conds) * (1 + len(compared)) + 2 + bool(c.recovery_on_clean)) * world
@@ -269,7 +269,7 @@ def _run(c: ml_collections.ConfigDict, say: Callable[[str], None],
       compare, by_type = _compare_models(compared, c, clip_similarity, samples, conds, result,
                                          progress, store)
   benchmarks = {}
-  for name, path in tables.items():
+  for name, path in table_paths.items():
     say(f"  benchmark {name}: {path}")
     benchmarks[name] = _benchmark(evaluator, name, path, c, engine.rules, progress, store,
                                   out_dir)
@@ -406,9 +406,9 @@ def _benchmark(evaluator: evaluation.Evaluator, name: str, path: str,
   BENCHMARK_CONDITIONS, in units of at most BENCHMARK_UNIT_ROWS rows per intensity; every answer
   written to `<out_dir>/answers_<name>.jsonl`."""
   # Its bad rows were logged when the run started (`run`).
-  bench_samples, read = evaluation.table_samples(path, c.benchmark_samples, rules,
-                                                 c.max_skip_ratio, log=False,
-                                                 images=c.benchmark_images)
+  bench_samples, read = tables.table_samples(path, c.benchmark_samples, rules,
+                                             c.max_skip_ratio, log=False,
+                                             images=c.benchmark_images)
   answers = {("clean image", "clean"): []}
   answers.update({(k.level, mode): [] for k in BENCHMARK_CONDITIONS
                   for mode in evaluation.MODES[1:]})
