@@ -84,39 +84,41 @@ def run(image_path: str, name: str, out_path: str, *, severity=None, intensity=N
         seed: int = 0, min_side: int | None = None, say=None) -> tuple[str, np.ndarray]:
   """Reads `image_path` (the pipeline's decoder), corrupts it, writes `out_path` (into it, by
   `output_name`, where it is a folder); returns the path written and the corrupted image.
-  `say(line)` gets the decoder's notes. Raises cli.Error, PathError or BadImageError for a bad
-  input, before any corruption runs."""
+  `say(line)` gets the notes (what the decoder changed, a file replaced); the pipeline's drawn
+  degradations are printed on stdout. Raises cli.Error, PathError or BadImageError for a bad
+  input, before any corruption runs. `name` in any case (--type FOG is fog)."""
+  say = say or print
   try:
-    qualified, _ = corruptions.resolve(name, severity=severity, intensity=intensity)
+    qualified, _ = corruptions.resolve(name.lower(), severity=severity, intensity=intensity)
   except corruptions.LevelError as e:
     raise cli.Error(f"--{e.level} {e.value}: not a level of {e.name}; allowed {e.allowed}"
                     ) from None
   except ValueError as e:
     if not str(e).startswith("unknown corruption"):  # a level missing, or of the other kind
-      raise cli.Error(re.sub(r"\b(severity|intensity)\b", r"--\1", str(e))) from None
+      flags_named = re.sub(r"\b(an|a) (severity|intensity)\b", r"--\2", str(e))
+      raise cli.Error(re.sub(r"(?<!-)\b(severity|intensity)\b", r"--\1", flags_named)) from None
     names = [n for line in list_lines() for n in (line.split("\t")[0],
                                                   line.split("\t")[0].split("/")[-1])]
     near = difflib.get_close_matches(name.lower(), sorted(set(names)), n=3, cutoff=0.6)
     hint = f"did you mean {' or '.join(near)}? " if near else ""
     raise cli.Error(f"--type {name}: unknown corruption; {hint}`--list` prints every name"
                     ) from None
-  notes: list[str] = []
   if cli.names_folder(out_path):
     out_path = os.path.join(out_path,
                             output_name(image_path, qualified, severity, intensity, seed))
     if os.path.exists(out_path):  # a name of ours, not the user's: `photo.jpg` after `photo.png`
-      notes.append(f"replacing {out_path}")
+      say(f"note: replacing {out_path}")
   cli.output_file(out_path, "--out", image=True, input_path=image_path)
   side, asked = smallest_side(qualified, min_side), smallest_side("", min_side)
   # `corrupt` resizes nothing: its limits are training's, and the degradations' own.
   setting, why = (("--min_side", "training skips such an image") if side == asked else
                   (f"the Robust-R1 degradations' own, above --min_side {asked}",
                    "their kernels and warps are sized for no less"))
+  notes: list[str] = []
   image = transforms.read_image(image_path, min_side=side, notes=notes, setting=setting, why=why)
   for note in notes:
-    (say or print)(f"note: {note}" if note.startswith("replacing ") else
-                   f"note: {image_path}: {note}")
-  out = np.asarray(corruptions.corrupt(image, name, jax.random.key(seed), severity=severity,
+    say(f"note: {image_path}: {note}")
+  out = np.asarray(corruptions.corrupt(image, qualified, jax.random.key(seed), severity=severity,
                                        intensity=intensity))
   if qualified == corruptions.PIPELINE:  # what the key drew, as the data preview labels it
     from robust_u1_jax.data.corruptions import robust_r1

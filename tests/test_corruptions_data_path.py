@@ -60,6 +60,11 @@ def test_a_float64_image_comes_back_float64_and_other_inputs_are_named():
     assert out.dtype == np.float64
     np.testing.assert_array_equal(out, corruptions.corrupt(x.astype(np.float32), name,
                                                            jax.random.key(0), **level))
+    keys = jax.random.split(jax.random.key(0), 2)
+    batch = corruptions.corrupt_batch(np.stack([x, x]), name, keys, **level)
+    assert batch.dtype == np.float64
+    np.testing.assert_array_equal(batch, corruptions.corrupt_batch(
+        np.stack([x, x]).astype(np.float32), name, keys, **level))
   from PIL import Image
 
   with pytest.raises(ValueError, match=r"of type Image: give an H x W x 3 array .*convert"):

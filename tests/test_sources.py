@@ -155,13 +155,14 @@ def test_tfds_source_errors(tfds_dir):
     sources.TfdsSource("robust_u1_tiny_images", "train", data_dir=tfds_dir, image_key="label")
   with pytest.raises(ValueError, match="split 'test' cannot be opened"):
     sources.TfdsSource("robust_u1_tiny_images", "test", data_dir=tfds_dir)
-  with pytest.raises(ValueError, match="no_such_dataset_xyz"):
+  with pytest.raises(ValueError, match="'no_such_dataset_xyz' is unknown to TFDS and not prepared"):
     sources.TfdsSource("no_such_dataset_xyz", "train", data_dir=tfds_dir)
   # Not prepared there: said before TFDS warns of a missing variant folder.
   empty = os.path.join(tfds_dir, "empty")
   os.makedirs(empty, exist_ok=True)
   with pytest.raises(ValueError, match=f"'robust_u1_tiny_images:1.0.0' is not prepared in {empty}: "
-                     f"no folder {empty}/robust_u1_tiny_images; prepare it there first"):
+                     f"no folder {empty}/robust_u1_tiny_images; prepare it there first, or give "
+                     "data.tfds_data_dir$"):
     sources.TfdsSource("robust_u1_tiny_images:1.0.0", "train", data_dir=empty)
 
 

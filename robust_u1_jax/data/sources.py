@@ -105,11 +105,19 @@ class TfdsSource:
     import tensorflow_datasets as tfds  # deferred: slow to import, only needed for this source
 
     where = self.data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
-    folder = os.path.join(os.path.expanduser(where), re.split(r"[/:]", self.name)[0])
+    base = re.split(r"[/:]", self.name)[0]
+    folder = os.path.join(os.path.expanduser(where), base)
     if "://" not in where and not os.path.isdir(folder):  # TFDS would warn of a variant first
+      try:
+        tfds.builder_cls(base)
+      except tfds.core.registered.DatasetNotFoundError:
+        raise config_lib.ConfigError(
+            f"TFDS dataset {self.name!r} is unknown to TFDS and not prepared in {where} (no "
+            f"folder {folder})") from None
+      how = " (ImageNet from its manual download)" if base.startswith("imagenet") else ""
       raise config_lib.ConfigError(
           f"TFDS dataset {self.name!r} is not prepared in {where}: no folder {folder}; prepare "
-          "it there first (ImageNet from its manual download), or give data.tfds_data_dir")
+          f"it there first{how}, or give data.tfds_data_dir")
     try:
       builder = tfds.builder(self.name, data_dir=self.data_dir)
     except Exception as e:  # pylint: disable=broad-except

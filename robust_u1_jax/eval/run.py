@@ -276,7 +276,7 @@ def _run(c: ml_collections.ConfigDict, say: Callable[[str], None],
 
   claim_rows = report.claims(result, compare) if world else []
   names = figures.figures(result, out_dir, compare_by_type=by_type or None,
-                         rl_rewards=rl_rewards, benchmarks=benchmarks)
+                          rl_rewards=rl_rewards, benchmarks=benchmarks)
   # The guidance the model's recoveries used (cfg_text / cfg_img unset stand for the model's own).
   guidance = evaluator.sampler.guidance
   settings = {**c.to_dict(), "guidance": {"text_scale": guidance.text_scale,

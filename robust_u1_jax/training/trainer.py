@@ -332,7 +332,9 @@ def train(config: ml_collections.ConfigDict, workdir: str,
           ckpt.save(step, state_lib.saved_part(state), data,
                     {**meta, "step": step, "log_window": log.pending(), SAVED_PART: True},
                     force=True)
-        if stop:  # the caller says where it stopped (checkpoint.results_line), below the bar
+        if stop:
+          # Its caller says where it stopped, below the bar (train.py: checkpoint.results_line;
+          # the demo: its part and step), from the Stopped raised below.
           break
         if step < config.total_steps:
           inputs, samples, work = device_inputs()

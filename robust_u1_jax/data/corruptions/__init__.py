@@ -18,9 +18,9 @@ intensity 0.9. Families: "imagenet_c/{noise,blur,weather,digital}" and
 
 Images are H x W x 3, uint8 [0, 255] or float [0, 1], numpy or jax; the result has the input's
 dtype, shape and array kind (numpy in, numpy out). Same image, name, level and key give the same
-result, and a uint8 image gives its float image's result, rounded, to within one level (in up to
-about 2 % of the pixels for pixelate, fewer for the others: the two dtypes compile to programs
-that XLA may round differently).
+result, and a uint8 image gives exactly the result of its float image as `ops.to_float` makes it,
+rounded (a float image made otherwise, numpy's u8 / 255, is one ulp off at half the levels, which
+pixelate's rounding can turn into one level in a few % of the pixels).
 
 Where it runs: a numpy image (the data path's) is corrupted on the host CPU (`data_device`),
 whatever the default backend and outside any mesh the caller has set (`placement`), so a TPU host
@@ -254,7 +254,7 @@ def _program(qualified: str, level, out_dtype: np.dtype, batch: str) -> Callable
 
   def convert(image, key, lv):  # per image: float copies of the whole batch cost 2x on a CPU
     # The barriers keep the conversions out of the corruption's fusions, so a uint8 image gets
-    # the float image's result, rounded, to within one level (fused, the two differed more).
+    # exactly the float image's result, rounded (fused, XLA may round differently in between).
     x = jax.lax.optimization_barrier(pixels.to_float(image))
     return ops.from_float(jax.lax.optimization_barrier(one(x, key, lv)), out_dtype)
 
@@ -275,6 +275,13 @@ def _restore(out, like):
   return np.asarray(out) if isinstance(like, np.ndarray) else out
 
 
+def _in_float32(images) -> bool:
+  """Whether a numpy float image of another width (float64, numpy's default) is corrupted in JAX's
+  float32 and given back in its own dtype (JAX would truncate it with a warning, and keep it)."""
+  return (isinstance(images, np.ndarray) and np.issubdtype(images.dtype, np.floating)
+          and images.dtype != np.float32)
+
+
 def corrupt(image, name: str, key, *, severity=None, intensity=None):
   """Corrupts one H x W x 3 image (uint8 or float [0, 1]); returns the same dtype, shape, kind.
 
@@ -282,8 +289,8 @@ def corrupt(image, name: str, key, *, severity=None, intensity=None):
   preparation must not send every record to the accelerator and back. A jax array is corrupted
   on the device that holds it.
   """
-  if isinstance(image, np.ndarray) and image.dtype not in (np.uint8, np.float32):
-    _check_image(image)  # float64 (numpy's default) is corrupted in JAX's float32 and given back
+  if _in_float32(image):
+    _check_image(image)
     return corrupt(image.astype(np.float32), name, key, severity=severity,
                    intensity=intensity).astype(image.dtype)
   with placement.running_on(placement.of(image)):
@@ -331,6 +338,9 @@ def corrupt_batch(images_bhwc, name: str, keys_b, *, severity=None, intensity=No
   if isinstance(images_bhwc, (list, tuple)):
     raise ValueError(f"corrupt_batch: images are a {type(images_bhwc).__name__}; give one array "
                      "B x H x W x 3 (np.stack(images)), or corrupt each with `corrupt`")
+  if _in_float32(images_bhwc):
+    return corrupt_batch(images_bhwc.astype(np.float32), name, keys_b, severity=severity,
+                         intensity=intensity, batch=batch).astype(images_bhwc.dtype)
   with placement.running_on(placement.of(images_bhwc)):
     return _corrupt_batch(images_bhwc, name, keys_b, severity, intensity, batch)
 
