@@ -424,6 +424,40 @@ def test_a_run_resumed_with_other_total_steps_says_its_schedule_changes(tmp_path
   assert checkpoint_lib.finished(str(tmp_path), 2)
 
 
+def test_a_run_stopped_by_bad_records_keeps_its_steps(tmp_path, capsys):
+  """Past data.max_skip_ratio mid-run, the steps since the last checkpoint were lost: they are
+  saved, and the run resumes from them once the data is mended."""
+  from PIL import Image
+
+  from robust_u1_jax.data import bad_records
+
+  folder = tmp_path / "images"
+  folder.mkdir()
+  rng = np.random.default_rng(0)
+  for i in range(24):
+    path = folder / f"img_{i:02d}.png"
+    if i in (5, 17):
+      path.write_bytes(b"not an image")
+    else:
+      Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)
+  workdir = str(tmp_path / "run")
+  data = {"data.source": "folder", "data.path": str(folder), "data.corruption": "gaussian_noise",
+          "data.num_epochs": 0, "checkpoint_every": 100}
+  with pytest.raises(bad_records.TooManyBadRecords):
+    trainer.train(_config(12, **data, **{"data.max_skip_ratio": 0.05}), workdir, sft.build)
+  step = max(_history(workdir))
+  assert 1 <= step < 12 and checkpoint_lib.latest_step(workdir) == step
+  assert (f"checkpoint of step {step} in {os.path.join(workdir, 'checkpoints')}: with the data "
+          "mended (or data.max_skip_ratio raised) the same command resumes there"
+          in capsys.readouterr().out)
+  for i in (5, 17):  # mended
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(
+        folder / f"img_{i:02d}.png")
+  trainer.train(_config(12, **data, **{"data.max_skip_ratio": 0.05}), workdir, sft.build)
+  assert f"resuming from step {step}" in capsys.readouterr().out
+  assert checkpoint_lib.finished(workdir, 12)
+
+
 def test_evaluations_fall_every_eval_every_steps_and_at_the_last():
   assert [s for s in range(1, 8) if trainer.evaluates_at(_config(7, eval_every=3), s)] == [3, 6, 7]
   assert not any(trainer.evaluates_at(_config(7, eval_every=0), s) for s in range(1, 8))

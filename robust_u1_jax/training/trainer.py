@@ -28,7 +28,7 @@ from absl import logging
 from flax import nnx
 
 from robust_u1_jax import config_lib, flops
-from robust_u1_jax.data import multihost, pipeline as pipeline_lib
+from robust_u1_jax.data import bad_records, multihost, pipeline as pipeline_lib
 from robust_u1_jax.training import checkpoint as checkpoint_lib
 from robust_u1_jax.training import lora as lora_lib
 from robust_u1_jax.training import metrics_log, run_setup, shared_workdir, stages
@@ -341,6 +341,17 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       ckpt.wait()
       if step == config.total_steps:  # a stopped run has its checkpoint, not a model yet
         (spec.save or save_model)(workdir, graphdef, state, config)
+    except bad_records.TooManyBadRecords:
+      # Raised after a step (every process at the same one): the steps since the last checkpoint
+      # trained on good records, and are kept for the run resumed on mended data.
+      if step > start and ckpt.latest_step() != step:
+        ckpt.save(step, state_lib.saved_part(state), data,
+                  {**meta, "step": step, "log_window": log.pending(), SAVED_PART: True},
+                  force=True)
+        ckpt.wait()
+      print(f"checkpoint of step {step} in {ckpt.directory}: with the data mended (or "
+            "data.max_skip_ratio raised) the same command resumes there", flush=True)
+      raise
     finally:
       log.close()
       ckpt.close()
