@@ -303,6 +303,20 @@ def test_a_model_trained_at_other_guidance_is_noted(tmp_path):
   assert run_setup.guidance_note(config_lib.load(SFT, SMALL)) is None  # random weights
 
 
+def test_rl_from_a_model_that_trains_no_recovery_is_noted(tmp_path):
+  # RL from the demo's vae or vit part: its rollouts are noise and its rewards barely move.
+  recovery.save_no_recovery(str(tmp_path), "bootstrap_vit")
+  rl = os.path.join(ROOT, "configs", "rl.py") + ":tiny"
+  config = config_lib.load(rl, {"init_from": str(tmp_path)})
+  assert run_setup.untrained_note(config) == (
+      "note: init_from's model is the bootstrap_vit stage's, which trains no recovery: the rl "
+      "stage's recoveries from it are noise; give an SFT or RL model (the demo's: runs/demo/sft, "
+      "runs/demo/rl)")
+  # A stage whose step samples no recovery (SFT teaches it): no note.
+  assert run_setup.untrained_note(config_lib.load(SFT, {**SMALL, "init_from": str(tmp_path)})) \
+      is None
+
+
 def test_a_model_trained_by_another_instruction_is_noted(tmp_path):
   recovery.save_instruction(str(tmp_path), "Make this picture clean again.")
   config = config_lib.load(SFT, {**SMALL, "init_from": str(tmp_path)})

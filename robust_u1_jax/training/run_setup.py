@@ -198,7 +198,7 @@ def init_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                                    bagel_lib.COMPONENTS, mesh)
   from robust_u1_jax.checkpoints import orbax_io  # heavy imports only when loading weights
 
-  for note in (guidance_note(config), instruction_note(config)):
+  for note in (guidance_note(config), instruction_note(config), untrained_note(config)):
     if note:
       print(note, file=sys.stderr, flush=True)
   o = _overrides(config)
@@ -252,6 +252,26 @@ def instruction_note(config: ml_collections.ConfigDict) -> str | None:
   return (f"note: init_from's model recovers by the instruction {model!r} (its "
           f"{INSTRUCTION_FILE}), this run by {config.instruction!r}; give "
           f"--config.instruction={shlex.quote(model)} to keep the model's")
+
+
+def untrained_note(config: ml_collections.ConfigDict) -> str | None:
+  """A note when a stage that samples the model's recoveries in its step (RL; reasoning with
+  recoveries made on the fly) starts from a model that never learned to recover (the demo's vae
+  or vit part, its no_recovery.json): its recoveries are noise, and RL's rewards barely move."""
+  from robust_u1_jax.checkpoints.bagel_dir import NO_RECOVERY_FILE
+
+  samples = config.stage == "rl" or (config.stage == "reason"
+                                     and config.reason.recovered_images == "on_the_fly")
+  source = _trained_with(config, NO_RECOVERY_FILE) if samples else None
+  if source is None:
+    return None
+  try:
+    stage = f"the {files.read_json(os.path.join(source, NO_RECOVERY_FILE))['stage']} stage"
+  except (OSError, ValueError, TypeError, KeyError):
+    stage = "a stage"
+  return (f"note: init_from's model is {stage}'s, which trains no recovery: the "
+          f"{config.stage} stage's recoveries from it are noise; give an SFT or RL model (the "
+          "demo's: runs/demo/sft, runs/demo/rl)")
 
 
 def abstract_model(mc: bagel_lib.BagelConfig, mesh: jax.sharding.Mesh) -> bagel_lib.Bagel:
