@@ -940,7 +940,7 @@ def test_another_evaluation_in_the_folder_is_refused_naming_what_differs(model_d
   (tmp_path / "b.tsv").write_text("index\n")
   assert eval_run.other_evaluation(c) == kept + (
       f"config field benchmarks.rbench '' -> '{tmp_path}/b.tsv'; file {tmp_path}/b.tsv read by "
-      "this evaluation only")
+      f"this evaluation only ({eval_run.TABLES_ALONE})")  # how not to evaluate everything again
   # A file the kept units read and this evaluation does not is "gone" only when it is.
   c.out = str(tmp_path / "with_table")
   partial.PartialResults(c.out, eval_run.fingerprint(c)).put("fog s3", {"n": 1})

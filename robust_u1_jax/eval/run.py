@@ -142,8 +142,23 @@ def other_evaluation(c: ml_collections.ConfigDict) -> str | None:
       theirs = read(out_dir)
       if not theirs:  # an older version's, which kept its stamp alone
         return f"{what} (other models, files, settings or code)"
-      return f"{what}, which differs in: {differences(theirs, own) or 'its stamp'}"
+      said = f"{what}, which differs in: {differences(theirs, own) or 'its stamp'}"
+      return said + (f" ({TABLES_ALONE})" if _tables_added(theirs, own) else "")
   return None
+
+
+# Scoring tables added to a finished evaluation without evaluating its images and tables again.
+TABLES_ALONE = ("a table added: evaluated alone into another --out, with --config.num_samples=0 "
+                "and only the new --config.benchmarks.*, nothing is evaluated twice")
+
+
+def _tables_added(kept: Mapping[str, Any], own: Mapping[str, Any]) -> bool:
+  """Whether `own` differs from the `kept` evaluation only in tables it adds (same code)."""
+  own = json.loads(json.dumps(own, default=str))
+  old, new = _flat(kept.get("config", {})), _flat(own["config"])
+  fields = [k for k in old.keys() | new.keys() if old.get(k) != new.get(k)]
+  return (kept.get("code") == own["code"] and bool(fields)
+          and all(k.startswith("benchmarks.") and not old.get(k) for k in fields))
 
 
 def _report_stamp(out_dir: str) -> str | None:
