@@ -480,6 +480,11 @@ def test_prompt_and_answer_extraction():
   assert reasoner.extract_answer("It is not A. The answer is B.", ["x", "y", "z"]) == ""
   assert reasoner.extract_answer("option C) z is unlikely, B) y it is", ["x", "y", "z"]) == ""
   assert reasoner.extract_answer("so B. Yes, B.", ["x", "y", "z"]) == "B"
+  # A letter in passing, before the last four words, names none (VLMEvalKit's rule): a model's
+  # noise named "B" in 3,551 characters.
+  assert reasoner.extract_answer("stolock B warpedffiti and so on for many more words",
+                                 ["x", "y"]) == ""
+  assert reasoner.extract_answer("the answer is (C) as shown", ["x", "y", "z"]) == "C"
   assert reasoner.extract_answer("<ANSWER>A<ANSWER_END>", ["x", "y"]) == "A"
   # In the answer field a lowercase letter is the option, as the training targets' parser reads
   # it (it named none); in free text 'a' stays an article.

@@ -72,7 +72,9 @@ def named_letter(answer: str, letters: str) -> str:
   reads a reply, the one letter that stands as a word of it, punctuation aside ("Answer: B", "the
   answer is (C) as shown"). Several such letters name none ("It is not A. The answer is B.", "A or
   B"); 'A' and 'I' before a lowercase word are the English words ("A red circle", "I think"),
-  unless that word is a verb or "or", "and", "nor" ("Option A is correct", "A or B")."""
+  unless that word is a verb or "or", "and", "nor" ("Option A is correct", "A or B"); and, as
+  VLMEvalKit reads it, a letter first standing before the last four words names none (a letter in
+  passing in a long text)."""
   answer = answer.strip()
   if len(answer) == 1 and answer.upper() in letters:
     return answer.upper()
@@ -83,7 +85,11 @@ def named_letter(answer: str, letters: str) -> str:
       rf"(?:^|(?<={_WORD_EDGE}))([{letters}])(?={_WORD_EDGE}|$)", answer)
       if not (m.group(1) in "AI" and re.match(r"\s+[a-z]", answer[m.end():])
               and not _AFTER_LETTER.match(answer[m.end():]))}
-  return standing.pop() if len(standing) == 1 else ""
+  if len(standing) != 1:
+    return ""
+  letter = standing.pop()
+  words = [w for w in re.split(f"{_WORD_EDGE}+", answer) if w]
+  return letter if words.index(letter) >= len(words) - 4 else ""
 
 
 def answer_field(text: str) -> str:
