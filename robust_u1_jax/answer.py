@@ -122,8 +122,15 @@ def _remove_earlier_answer(out: str, written: Sequence[str]) -> None:
 
 def _check_option_letters(options: Sequence[str]) -> None:
   """Refuses options that all carry letters, some the same ('A. cat', 'A. dog': they would be
-  lettered anew, 'B. A. dog'); notes a single option that reads as a list of several."""
+  lettered anew, 'B. A. dog'), and options of which only some carry one ('cyan', 'A. red' were
+  'A. cyan', 'B. A. red'); notes a single option that reads as a list of several."""
   letters = [answer_format.own_letter(o) for o in options]
+  if any(letters) and not all(letters):
+    carries = next(o for o, x in zip(options, letters) if x)
+    bare = next(o for o, x in zip(options, letters) if not x)
+    raise app.UsageError(f"--options: {carries!r} carries a letter and {bare!r} none; give each "
+                         "option its own letter, or none (then they are lettered A, B, ... in "
+                         "order)")
   if len(options) > 1 and all(letters) and len(set(letters)) < len(letters):
     twice = next(x for x in letters if letters.count(x) > 1)
     same = [repr(o) for o, x in zip(options, letters) if x == twice]

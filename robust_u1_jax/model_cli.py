@@ -129,12 +129,17 @@ def make_mesh(spec: str):
     raise InputError(f"--mesh {spec!r}: {e}") from None
 
 
+MAX_STEPS = 10_000  # sampler steps: 200x the release's, past any use of a finer Euler path
+
+
 def make_sampler(values: flags.FlagValues, steps: int):
   """The sampler of the flags; guidance not given is the model's (`guidance.json`)."""
   from robust_u1_jax.inference import recovery
 
   if steps < 2:
     raise InputError(f"--steps {steps}: a recovery takes at least 2 sampling steps")
+  if steps > MAX_STEPS:  # else found as an out-of-memory blamed on the inputs, or a traceback
+    raise InputError(f"--steps {steps}: at most {MAX_STEPS} (the release samples 50)")
   if values.sde and steps < recovery.RELEASED_SDE_STEP + 2:
     raise InputError(f"--sde --steps {steps}: the stochastic step is step "
                      f"{recovery.RELEASED_SDE_STEP + 1} of the recovery's moves, so --sde needs "

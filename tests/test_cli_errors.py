@@ -181,6 +181,10 @@ CASES = {
                           ["{tiny}", "1 x 1 pixels"]),
     "recover/--sde few steps": ("recover", ["--model={workdir}", "--image={good}", "--sde",
                                             "--steps=3"], ["--sde --steps 3", "--steps >= 5"]),
+    # A huge count was an out-of-memory blamed on the inputs, or a traceback.
+    "recover/--steps huge": ("recover", ["--model={workdir}", "--image={good}",
+                                         "--steps=1000000000000"],
+                             ["--steps 1000000000000: at most 10000 (the release samples 50)"]),
     "recover/--out extension": ("recover", ["--model={workdir}", "--image={good}",
                                             "--out={root}/r.xyz"], ["--out {root}/r.xyz"]),
     # answer
@@ -194,6 +198,11 @@ CASES = {
     "answer/one letter twice": ("answer", ["--model={workdir}", "--image={good}", "--question=q",
                                            "--options=A. cat", "--options=a) dog"],
                                 ["--options: 'A. cat' and 'a) dog' carry the same letter A"]),
+    # Some lettered, some not: 'cyan', 'A. red' were asked as 'A. cyan', 'B. A. red'.
+    "answer/some options lettered": ("answer", ["--model={workdir}", "--image={good}",
+                                                "--question=q", "--options=cyan",
+                                                "--options=A. red"],
+                                     ["--options: 'A. red' carries a letter and 'cyan' none"]),
     "answer/--out a file": ("answer", ["--model={workdir}", "--image={good}", "--question=q",
                                        "--out={file}"], ["--out {file}", "a file, not a folder"]),
     # convert
