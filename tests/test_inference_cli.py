@@ -698,3 +698,17 @@ def test_reasoner_settings_name_a_bad_value():
                           ({"temperature": float("nan")}, "temperature must be >= 0")):
     with pytest.raises(ValueError, match=message):
       reasoner.Settings(**kwargs)
+
+
+def test_the_untrained_note_names_the_demo_s_later_parts_beside_it(tmp_path):
+  """A demo elsewhere than runs/demo: the note named runs/demo/rl, which was not there."""
+  for part in ("vae", "rl", "reason"):
+    os.makedirs(tmp_path / part / "model")
+  recovery.save_no_recovery(str(tmp_path / "vae" / "model"), "bootstrap_vae")
+  note = recovery.untrained_note(str(tmp_path / "vae" / "model"))
+  assert note.endswith(f"(the demo's: {tmp_path}/rl or {tmp_path}/reason)")
+  alone = tmp_path / "elsewhere" / "vae" / "model"
+  os.makedirs(alone)
+  recovery.save_no_recovery(str(alone), "bootstrap_vae")
+  assert recovery.untrained_note(str(alone)).endswith(
+      "(the demo's: runs/demo/rl or runs/demo/reason)")

@@ -132,9 +132,15 @@ def untrained_note(path: str) -> str | None:
     stage = f"the {files.read_json(file)['stage']} stage"
   except (OSError, ValueError, TypeError, KeyError):
     stage = "a stage"
+  # The demo's later parts beside it, where it is one of its parts (runs/demo/vae/model).
+  demo = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+  later = [os.path.join(demo, part) for part in ("rl", "reason")
+           if os.path.isdir(os.path.join(demo, part))]
+  if len(later) < 2:
+    later = ["runs/demo/rl", "runs/demo/reason"]
   return (f"note: {path} is the model of {stage}, which trains no recovery: its language model "
           "never learned to recover an image or to answer, so what it draws and writes is noise; "
-          "give a later stage's model (the demo's: runs/demo/rl or runs/demo/reason)")
+          f"give a later stage's model (the demo's: {later[0]} or {later[1]})")
 
 
 def save_no_recovery(path: str, stage: str) -> None:
