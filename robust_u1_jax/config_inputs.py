@@ -9,7 +9,7 @@ import os
 
 import ml_collections
 
-from robust_u1_jax.config_lib import ConfigError
+from robust_u1_jax.config_lib import ConfigError, samples_recoveries
 from robust_u1_jax.data import image_files  # the standard library only
 
 
@@ -170,9 +170,7 @@ def check_one_size(c: ml_collections.ConfigDict, rows: list[tuple[int, object]])
   SIZE_PEEK images spread over the data, so data whose odd images are rare still fails later, at
   that batch, with the same fix."""
   d = c.data
-  samples_in_step = c.stage == "rl" or (
-      c.stage == "reason" and c.reason.recovered_images == "on_the_fly")
-  if not samples_in_step:
+  if not samples_recoveries(c):
     return
   seen: dict[tuple, str] = {}
   for shown, path in _peeked_images(d, rows)[:SIZE_PEEK]:

@@ -325,6 +325,13 @@ def validate_rl(c: ml_collections.ConfigDict) -> None:
          "(data.batch_size x rl.group_size x rl.window_size): one per mini-batch")
 
 
+def samples_recoveries(c: ml_collections.ConfigDict) -> bool:
+  """Whether a stage's step samples the model's recoveries: RL's rollouts, and the reasoning
+  stage's recoveries made on the fly (not read from a cache)."""
+  return c.get("stage") == "rl" or (c.get("stage") == "reason"
+                                    and c.reason.recovered_images == "on_the_fly")
+
+
 def lora_enabled(c: ml_collections.ConfigDict) -> bool:
   """Whether a run trains LoRA factors (`lora.rank > 0`, training/lora.py) instead of its stage's
   parameters."""

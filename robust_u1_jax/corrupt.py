@@ -118,13 +118,15 @@ def run(image_path: str, name: str, out_path: str, *, severity=None, intensity=N
   image = transforms.read_image(image_path, min_side=side, notes=notes, setting=setting, why=why)
   for note in notes:
     say(f"note: {image_path}: {note}")
-  out = np.asarray(corruptions.corrupt(image, qualified, jax.random.key(seed), severity=severity,
-                                       intensity=intensity))
-  if qualified == corruptions.PIPELINE:  # what the key drew, as the data preview labels it
+  key = jax.random.key(seed)
+  if qualified == corruptions.PIPELINE:  # with what the key drew, as the data preview labels it
     from robust_u1_jax.data.corruptions import robust_r1
 
-    plan = robust_r1.sample_plan(jax.random.key(seed), intensity)
+    out, plan = robust_r1.apply_pipeline(image, key, intensity, return_plan=True)
     print("drew " + ", ".join(f"{stage} {step} {level:.2f}" for stage, step, level in plan))
+  else:
+    out = corruptions.corrupt(image, qualified, key, severity=severity, intensity=intensity)
+  out = np.asarray(out)
   Image.fromarray(out).save(out_path, format=cli.image_format(out_path))
   return out_path, out
 

@@ -310,7 +310,7 @@ def test_rl_from_a_model_that_trains_no_recovery_is_noted(tmp_path):
   config = config_lib.load(rl, {"init_from": str(tmp_path)})
   assert run_setup.untrained_note(config) == (
       "note: init_from's model is the bootstrap_vit stage's, which trains no recovery: the rl "
-      "stage's recoveries from it are noise; give an SFT or RL model (the demo's: runs/demo/sft, "
+      "stage's recoveries from it are noise; give an SFT or RL model (the demo's: runs/demo/sft or "
       "runs/demo/rl)")
   # A stage whose step samples no recovery (SFT teaches it): no note.
   assert run_setup.untrained_note(config_lib.load(SFT, {**SMALL, "init_from": str(tmp_path)})) \

@@ -79,10 +79,8 @@ def differences(kept: Mapping[str, Any], own: Mapping[str, Any], at_most: int = 
   """What differs between two evaluations' fingerprints, in words: the config fields (with both
   values), the files (added, removed, or of another size or time), the code."""
   own = json.loads(json.dumps(own, default=str))  # as it was kept: tuples as lists
-  said = []
-  old, new = _flat(kept.get("config", {})), _flat(own["config"])
-  fields = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-  said += [f"config field {k} {old.get(k)!r} -> {new.get(k)!r}" for k in fields[:at_most]]
+  old, new, fields = _config_changes(kept, own)
+  said = [f"config field {k} {old.get(k)!r} -> {new.get(k)!r}" for k in fields[:at_most]]
   old_files = {path: rest for path, *rest in kept.get("files", [])}
   new_files = {path: rest for path, *rest in own["files"]}
   changed = sorted(p for p in old_files.keys() | new_files.keys()
@@ -142,6 +140,7 @@ def other_evaluation(c: ml_collections.ConfigDict) -> str | None:
       theirs = read(out_dir)
       if not theirs:  # an older version's, which kept its stamp alone
         return f"{what} (other models, files, settings or code)"
+      own = json.loads(json.dumps(own, default=str))  # as it was kept: tuples as lists
       said = f"{what}, which differs in: {differences(theirs, own) or 'its stamp'}"
       return said + (f" ({TABLES_ALONE})" if _tables_added(theirs, own) else "")
   return None
@@ -154,11 +153,16 @@ TABLES_ALONE = ("a table added: evaluated alone into another --out, with --confi
 
 def _tables_added(kept: Mapping[str, Any], own: Mapping[str, Any]) -> bool:
   """Whether `own` differs from the `kept` evaluation only in tables it adds (same code)."""
-  own = json.loads(json.dumps(own, default=str))
-  old, new = _flat(kept.get("config", {})), _flat(own["config"])
-  fields = [k for k in old.keys() | new.keys() if old.get(k) != new.get(k)]
+  old, _, fields = _config_changes(kept, own)
   return (kept.get("code") == own["code"] and bool(fields)
           and all(k.startswith("benchmarks.") and not old.get(k) for k in fields))
+
+
+def _config_changes(kept: Mapping[str, Any], own: Mapping[str, Any]
+                    ) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+  """(kept's config fields, own's, the sorted names of those that differ), flat ('a.b')."""
+  old, new = _flat(kept.get("config", {})), _flat(own["config"])
+  return old, new, sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
 
 
 def _report_stamp(out_dir: str) -> str | None:

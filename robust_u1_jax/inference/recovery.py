@@ -122,25 +122,37 @@ def instruction_of_model(path: str) -> str:
     raise SideFileError.of(file, e) from None
 
 
-def untrained_note(path: str) -> str | None:
-  """A note for a model whose stage trained no recovery (`no_recovery.json` beside it, naming the
-  stage), else None: what it draws and writes is noise."""
+def untrained_stage(path: str) -> str | None:
+  """'the <stage> stage' of a model whose stage trained no recovery (`no_recovery.json` beside it,
+  naming the stage; 'a stage' where it names none), else None."""
   file = os.path.join(path, NO_RECOVERY_FILE)
   if not os.path.isfile(file):
     return None
   try:
-    stage = f"the {files.read_json(file)['stage']} stage"
+    return f"the {files.read_json(file)['stage']} stage"
   except (OSError, ValueError, TypeError, KeyError):
-    stage = "a stage"
-  # The demo's later parts beside it, where it is one of its parts (runs/demo/vae/model).
+    return "a stage"
+
+
+def demo_parts(path: str, parts: Sequence[str]) -> str:
+  """'A or B' of the demo's `parts` beside the model at `path` where it is one of a demo's parts
+  (runs/demo/vae/model), else of runs/demo's."""
   demo = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-  later = [os.path.join(demo, part) for part in ("rl", "reason")
-           if os.path.isdir(os.path.join(demo, part))]
-  if len(later) < 2:
-    later = ["runs/demo/rl", "runs/demo/reason"]
+  beside = [os.path.join(demo, part) for part in parts]
+  if not all(os.path.isdir(p) for p in beside):
+    beside = [f"runs/demo/{part}" for part in parts]
+  return " or ".join(beside)
+
+
+def untrained_note(path: str) -> str | None:
+  """A note for a model whose stage trained no recovery, else None: what it draws and writes is
+  noise."""
+  stage = untrained_stage(path)
+  if stage is None:
+    return None
   return (f"note: {path} is the model of {stage}, which trains no recovery: its language model "
           "never learned to recover an image or to answer, so what it draws and writes is noise; "
-          f"give a later stage's model (the demo's: {later[0]} or {later[1]})")
+          f"give a later stage's model (the demo's: {demo_parts(path, ('rl', 'reason'))})")
 
 
 def save_no_recovery(path: str, stage: str) -> None:

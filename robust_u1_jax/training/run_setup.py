@@ -258,20 +258,15 @@ def untrained_note(config: ml_collections.ConfigDict) -> str | None:
   """A note when a stage that samples the model's recoveries in its step (RL; reasoning with
   recoveries made on the fly) starts from a model that never learned to recover (the demo's vae
   or vit part, its no_recovery.json): its recoveries are noise, and RL's rewards barely move."""
-  from robust_u1_jax.checkpoints.bagel_dir import NO_RECOVERY_FILE
+  from robust_u1_jax.inference import recovery as recovery_lib
 
-  samples = config.stage == "rl" or (config.stage == "reason"
-                                     and config.reason.recovered_images == "on_the_fly")
-  source = _trained_with(config, NO_RECOVERY_FILE) if samples else None
-  if source is None:
+  source = model_source(config) if config_lib.samples_recoveries(config) else "random"
+  stage = None if source == "random" else recovery_lib.untrained_stage(source)
+  if stage is None:
     return None
-  try:
-    stage = f"the {files.read_json(os.path.join(source, NO_RECOVERY_FILE))['stage']} stage"
-  except (OSError, ValueError, TypeError, KeyError):
-    stage = "a stage"
   return (f"note: init_from's model is {stage}'s, which trains no recovery: the "
           f"{config.stage} stage's recoveries from it are noise; give an SFT or RL model (the "
-          "demo's: runs/demo/sft, runs/demo/rl)")
+          f"demo's: {recovery_lib.demo_parts(source, ('sft', 'rl'))})")
 
 
 def abstract_model(mc: bagel_lib.BagelConfig, mesh: jax.sharding.Mesh) -> bagel_lib.Bagel:

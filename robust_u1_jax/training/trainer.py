@@ -196,12 +196,12 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       print(f"  its model was trained with settings other than these: {'; '.join(changed)}; "
             "give another --workdir to train with them", flush=True)
     return []
-  meta = checkpoint_lib.saved_meta(workdir)  # read once for the checks of a resume
-  check_same_state(meta and checkpoint_lib.config_of(meta), config, same_training,
+  kept_meta = checkpoint_lib.saved_meta(workdir)  # read once for the checks of a resume
+  check_same_state(kept_meta and checkpoint_lib.config_of(kept_meta), config, same_training,
                    os.path.join(workdir, "checkpoints"))
   base = run_setup.init_files(config)
   if "init_from" not in same_training:
-    check_same_base(meta, config, base)
+    check_same_base(kept_meta, config, base)
   ctx = run_setup.make_context(config)  # checks the config against the model before building
   mesh, tokenizer = ctx.mesh, ctx.tokenizer
   multihost.check_batch_fits_mesh(config.data.batch_size, mesh)  # before the model is built
@@ -306,6 +306,11 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         tensorboard=config.tensorboard, step_flops=step_flops,
         replicas=replicas, pending=pending)
     meta = {"stage": config.stage, "config": config.to_json_best_effort(), "init_files": base}
+
+    def save_checkpoint(step: int) -> None:  # `state` and the log window as they are now
+      ckpt.save(step, state_lib.saved_part(state), data,
+                {**meta, "step": step, "log_window": log.pending(), SAVED_PART: True}, force=True)
+
     # Logged beside the step's metrics: the rate of the step's (first) optimizer update. Computed
     # for every update once: a per-step call would wait for the step to read back its result.
     accum = config.optimizer.grad_accum_steps
@@ -329,9 +334,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         stop = ckpt.should_stop()
         if step % config.checkpoint_every == 0 or stop or step == config.total_steps:
           checkpoint_lib.check_finite(step, jax.device_get(metrics), kept=ckpt.latest_step)
-          ckpt.save(step, state_lib.saved_part(state), data,
-                    {**meta, "step": step, "log_window": log.pending(), SAVED_PART: True},
-                    force=True)
+          save_checkpoint(step)
         if stop:
           # Its caller says where it stopped, below the bar (train.py: checkpoint.results_line;
           # the demo: its part and step), from the Stopped raised below.
@@ -344,10 +347,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     except bad_records.TooManyBadRecords:
       # Raised after a step (every process at the same one): the steps since the last checkpoint
       # trained on good records, and are kept for the run resumed on mended data.
-      if step > start and ckpt.latest_step() != step:
-        ckpt.save(step, state_lib.saved_part(state), data,
-                  {**meta, "step": step, "log_window": log.pending(), SAVED_PART: True},
-                  force=True)
+      if ckpt.latest_step() != step:
+        save_checkpoint(step)
         ckpt.wait()
       print(f"checkpoint of step {step} in {ckpt.directory}: with the data mended (or "
             "data.max_skip_ratio raised) the same command resumes there", flush=True)
