@@ -9,14 +9,15 @@ with `<ANSWER>...`. A line says when the model is loaded, each step is printed a
 last line `answer: X` (the option letter when options are given, as benchmarks score it: `answer:
 none`, and "" in exchange.json, when the reply names no option, several, or one only in passing in
 a long text; without options, the `<ANSWER>` field's text, or the whole reply on that one line
-when the model wrote no such field). With --out, the generated images are written as
-`step_NN.png` (NN: the step's number) and the whole exchange as `exchange.json`: each step's text
-or image file, the prompt, the settings, the seconds of each phase and the model; the folder is
-created once the answer is there, and an earlier answer's files in it are replaced (step images
-that no answer wrote, with neither an exchange.json nor an interrupted write's marker beside
-them, are refused).
---model takes what `recover` takes; an unreadable or too small image, an unusable model directory or
-an unwritable --out is one `error:` line and exit status 2, found before the model loads.
+when the model wrote no such field). A note says when the rounds ran out before that field.
+With --out, the generated images are written as `step_NN.png` (NN: the step's number) and the
+whole exchange as `exchange.json`: each step's text or image file, the prompt, the settings, the
+seconds of each phase and the model; the folder is created once the answer is there, and an
+earlier answer's files in it are replaced (step images that no answer wrote, with neither an
+exchange.json nor an interrupted write's marker beside them, are refused).
+--model takes what `recover` takes; an unreadable or too small image, an unusable model
+directory, or an --out that is unwritable or named as an image file is one `error:` line and exit
+status 2, found before the model loads.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from collections.abc import Sequence
 from absl import app, flags, logging
 
 from robust_u1_jax import files, model_cli
-from robust_u1_jax.data import answer_format
+from robust_u1_jax.data import answer_format, image_files
 
 EXCHANGE_FILE = "exchange.json"
 WRITING = ".answer_writing"  # beside the step images until exchange.json is written
@@ -108,6 +109,15 @@ def _check_no_foreign_steps(out: str) -> None:
                         "another folder")
 
 
+def _check_out_is_no_image_name(out: str) -> None:
+  """Refuses an --out that names an image file ('answer.png'), which would be made a folder: the
+  generated images are each step's own file in it."""
+  if image_files.is_image_name(out) and not os.path.isdir(out):
+    raise cli.PathError(f"--out {out}: names an image file, but --out is the folder for the "
+                        f"step images and {EXCHANGE_FILE}; give a folder, e.g. "
+                        f"{os.path.splitext(out)[0]}")
+
+
 def _remove_earlier_answer(out: str, written: Sequence[str]) -> None:
   """Removes the images an earlier answer wrote in `out` that this one does not write over
   (`written`): a reused folder would otherwise hold images of another exchange beside this one's
@@ -168,6 +178,7 @@ def _answer(values: flags.FlagValues) -> int:
   settings = dataclasses.replace(settings, sampler=model_cli.make_sampler(values, values.steps),
                                  image_progress=values.progress)
   if values.out:
+    _check_out_is_no_image_name(values.out)
     cli.output_dir(values.out, "--out", create=False)  # created once there is an answer
     _check_no_foreign_steps(values.out)
   engine = model_cli.load_engine(values, "answering")
@@ -182,15 +193,19 @@ def _answer(values: flags.FlagValues) -> int:
             if exchange.stopped_by == "max_iterations" else "")
   print(f"stopped by {STOPS.get(exchange.stopped_by, exchange.stopped_by)}{rounds} after {steps} "
         f"step{'' if steps == 1 else 's'}; seconds: {phases}")
-  image_files = [f"step_{n:02d}.png" for n, step in enumerate(exchange.steps, 1)
+  if (exchange.stopped_by == "max_iterations"
+      and answer_format.ANSWER_TAG not in exchange.answer_text):
+    print(f"note: the rounds ran out before the model wrote its {answer_format.ANSWER_TAG} field; "
+          f"give more than --max_iterations={settings.max_iterations}", file=sys.stderr)
+  image_names = [f"step_{n:02d}.png" for n, step in enumerate(exchange.steps, 1)
                  if step.kind == "image"]
   if values.out:
     cli.output_dir(values.out, "--out")
     with open(os.path.join(values.out, WRITING), "w"):  # this answer's images, until the record
       pass
-    _remove_earlier_answer(values.out, image_files)
+    _remove_earlier_answer(values.out, image_names)
     images = [s.image for s in exchange.steps if s.kind == "image"]
-    for name, generated in zip(image_files, images):
+    for name, generated in zip(image_names, images):
       path = os.path.join(values.out, name)
       try:
         model_cli.write_image(path, generated)
@@ -199,7 +214,7 @@ def _answer(values: flags.FlagValues) -> int:
       print(f"wrote {path}")
     record = {"model": os.path.abspath(values.model), "image": os.path.abspath(values.image),
               "question": values.question, "options": list(values.options),
-              **exchange.record(image_files),
+              **exchange.record(image_names),
               "settings": settings_record(values, settings)}
     path = os.path.join(values.out, EXCHANGE_FILE)
     with files.atomic_write(path, "w") as f:  # never taken half written for a finished one

@@ -205,6 +205,11 @@ CASES = {
                                      ["--options: 'A. red' carries a letter and 'cyan' none"]),
     "answer/--out a file": ("answer", ["--model={workdir}", "--image={good}", "--question=q",
                                        "--out={file}"], ["--out {file}", "a file, not a folder"]),
+    # It made a folder of that name.
+    "answer/--out an image name": ("answer", ["--model={workdir}", "--image={good}",
+                                              "--question=q", "--out={root}/answer.png"],
+                                   ["--out {root}/answer.png: names an image file",
+                                    "give a folder, e.g. {root}/answer"]),
     # convert
     "convert/workdir as --src": ("convert", ["--to=hf", "--src={workdir}", "--dst={root}/hf"],
                                  ["--src {workdir}", "{workdir}/model"]),
@@ -233,6 +238,11 @@ CASES = {
                                    ["{root} is neither a BAGEL model directory",
                                     "it holds stages' workdirs (workdir): give one, e.g. "
                                     "{root}/workdir"]),
+    # The demo's eval/ beside its stages was told only what a model holds.
+    "recover/an evaluation's folder": ("recover", ["--model={root}/unstamped", "--image={good}"],
+                                       ["{root}/unstamped is an evaluation's output "
+                                        "(report.json), not a model; the model it evaluated is "
+                                        "m"]),
     "recover/unfinished workdir": ("recover", ["--model={root}/unfinished", "--image={good}"],
                                    ["{root}/unfinished is a stage's workdir without its model/"]),
     # A later stage started from an earlier one that was stopped (a chain that ignores its 130).

@@ -375,6 +375,9 @@ def test_answer_stopped_by_its_rounds_says_how_many(capsys, model_dir, inputs, m
                       "--question=Which colour?", "--max_iterations=2", "--steps=1", *FAST)
   assert rc == 0, err
   assert "stopped by max_iterations (2 rounds) after 4 steps;" in out, out
+  # Its answer line said "none" without a word on why: the rounds ran out before an answer.
+  assert ("note: the rounds ran out before the model wrote its <ANSWER> field; give more than "
+          "--max_iterations=2") in err, err
 
 
 def test_answer_replaces_an_earlier_answer_and_makes_no_folder_when_stopped(

@@ -33,6 +33,7 @@ from robust_u1_jax.models.bagel import Bagel
 
 PARAMS = "params"
 CONFIG = bagel_dir.ORBAX_CONFIG
+REPORT = "report.json"  # an evaluation's, which a user may take for the model it evaluated
 
 
 def _nested(flat: dict[str, Any]) -> dict[str, Any]:
@@ -76,6 +77,18 @@ def models_below(path: str, depth: int = 4, limit: int = 200) -> list[str]:
   return found
 
 
+def _evaluated_model(report_dir: str) -> str | None:
+  """The model an evaluation's report names in its settings, or None where it names none."""
+  import json
+
+  try:
+    with open(os.path.join(report_dir, REPORT)) as f:
+      model = json.load(f).get("settings", {}).get("model")
+  except (OSError, ValueError, AttributeError):
+    return None
+  return model if isinstance(model, str) else None
+
+
 def not_a_model(path: str) -> str:
   """Why `path` (a folder) is no model, naming what one holds; a stage's unfinished workdir and
   its training checkpoints are told apart, with where the model will be."""
@@ -89,6 +102,10 @@ def not_a_model(path: str) -> str:
   if os.path.isfile(os.path.join(path, CLIP_FILE)):
     return (f"{path} holds a CLIP model ({CLIP_FILE}: the RL stage's reward model, "
             "rl.clip_checkpoint), not a BAGEL model; give a BAGEL or Robust-U1 model")
+  if os.path.isfile(os.path.join(path, REPORT)):
+    evaluated = _evaluated_model(path)
+    return (f"{path} is an evaluation's output ({REPORT}), not a model"
+            + (f"; the model it evaluated is {evaluated}" if evaluated else ""))
   held = set(os.listdir(path)) if os.path.isdir(path) else set()
   bagel_files = {bagel_dir.VIT_CONFIG, bagel_dir.VAE_FILE, *bagel_dir.WEIGHT_FILES}
   if held & bagel_files:  # is_model found no LLM_CONFIG, or this would be a model
