@@ -24,7 +24,10 @@ def bar(iterable=None, **kwargs) -> tqdm.tqdm:
   if _is_terminal(stream):
     return tqdm.tqdm(iterable, file=stream, **kwargs)
   kwargs.pop("dynamic_ncols", None)  # a file has no width to follow
-  return tqdm.tqdm(iterable, file=_Lines(stream), mininterval=LINE_INTERVAL_S, **kwargs)
+  # tqdm offers a frame at twice the lines' rate: at the same rate, a frame arriving a hair under
+  # the interval after the last line (clocks read at other moments) waited a whole interval more.
+  return tqdm.tqdm(iterable, file=_Lines(stream, LINE_INTERVAL_S),
+                   mininterval=LINE_INTERVAL_S / 2, **kwargs)
 
 
 def _is_terminal(stream) -> bool:
@@ -53,13 +56,15 @@ class _Lines:
     self.pending = frame
     now = self.clock()
     if self.last_written is None or now - self.last_written >= self.interval_s:
-      self._write_pending()
+      self._write_pending(now)
 
-  def _write_pending(self) -> None:
+  def _write_pending(self, now: float | None = None) -> None:
+    """Writes the newest frame; the interval counts from `now`, when it came (not from when its
+    write ended: a slow pipe would hold back the frame a full interval later)."""
     if self.pending:
       self.stream.write(self.pending + "\n")
       self.stream.flush()
-      self.pending, self.last_written = "", self.clock()
+      self.pending, self.last_written = "", self.clock() if now is None else now
 
   def flush(self) -> None:
     self.stream.flush()

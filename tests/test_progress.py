@@ -30,6 +30,24 @@ def test_frames_become_lines_at_most_one_per_interval_and_the_last_stands():
   assert out.getvalue().splitlines() == ["0%|     | 0/9", "step 3/9", "step 4/9"]
 
 
+def test_the_interval_counts_from_a_frame_s_arrival_not_its_write_s_end():
+  # A folder recovery piped to a log stayed at 0 % to its end: the interval counted from when the
+  # first line's write ended, so the frame tqdm offered one interval later was held back.
+  clock = _Clock()
+
+  class SlowPipe(io.StringIO):
+    def write(self, text):
+      clock.now += 0.5  # a write that takes time
+      return super().write(text)
+
+  out = SlowPipe()
+  lines = progress._Lines(out, interval_s=30.0, clock=clock)
+  lines.write("\r  0%|     | 0/9")
+  clock.now = 30.0
+  lines.write("\r 33%|##   | 3/9")
+  assert out.getvalue().splitlines() == ["0%|     | 0/9", "33%|##   | 3/9"]
+
+
 def test_a_bar_on_a_pipe_writes_lines_around_other_lines(monkeypatch):
   out = io.StringIO()  # no terminal: isatty() is False
   monkeypatch.setattr(progress, "LINE_INTERVAL_S", 3600.0)
