@@ -104,6 +104,22 @@ def test_pipeline_with_intensity(capsys, image_path, tmp_path):
                                                           for stage, step, v in plan)
 
 
+@pytest.mark.parametrize("args", [["--type=robust_r1_pipeline", "--seed=2"],  # draws it
+                                  ["--type=dark_illumination"]])
+def test_a_black_image_of_dark_illumination_at_intensity_1_is_said(capsys, image_path, tmp_path,
+                                                                   args):
+  # The release's 1 - I^2 at I = 1 writes a black image, which read as a failed write.
+  rc, printed, err = _run_main(capsys, f"--image={image_path}", "--intensity=1.0", *args,
+                               f"--out={tmp_path / 'dark.png'}")
+  assert rc == 0 and np.asarray(Image.open(tmp_path / "dark.png")).max() == 0
+  assert ("note: dark_illumination at intensity 1 multiplies the image by 1 - I^2 = 0, the "
+          "release's formula: it is black but for what later degradations draw (the "
+          "evaluation's 100 % is intensity 0.9)") in err, (printed, err)
+  rc, _, err = _run_main(capsys, f"--image={image_path}", "--intensity=0.9", *args,
+                         f"--out={tmp_path / 'dark.png'}")
+  assert rc == 0 and "note: dark" not in err
+
+
 @pytest.mark.parametrize("args, message", [
     # The flag named (it read "severity 6 for imagenet_c/fog is invalid").
     (["--type=fog", "--severity=6"],
