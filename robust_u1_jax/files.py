@@ -32,6 +32,15 @@ def read_json(path: str) -> Any:
                          f"{e.start})") from None
 
 
+def read_json_object(path: str, what: str = "fields") -> dict[str, Any]:
+  """`read_json(path)` where it must be an object (a config): UnreadableFile naming the file where
+  it parses as another kind (a list, a number), whose fields would be met as a traceback."""
+  values = read_json(path)
+  if not isinstance(values, dict):
+    raise UnreadableFile(f"{path}: a JSON {type(values).__name__}, not an object of {what}")
+  return values
+
+
 REQUIRED = object()
 _KINDS = {int: "a whole number >= 1", float: "a finite number", bool: "true or false",
           str: "a text"}

@@ -488,3 +488,73 @@ def test_save_safetensors_streams_any_tensor(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["t.safetensors"]  # no temp file left behind
   with pytest.raises(ValueError, match="dtype object"):
     tensor_files.save_safetensors({"o": np.array([None])}, path)
+
+
+def test_a_conv_weight_of_another_rank_names_its_key_and_shape(variant):
+  # The conv's layout change (a transpose of four axes) met a 2-D tensor first: a traceback
+  # ending "axes don't match array", or that line alone from `recover`.
+  def edit(t):
+    t["decoder.conv_out.weight"] = t["decoder.conv_out.weight"][:, :, 0, 0].copy()
+
+  with pytest.raises(CheckpointError, match=r"ae\.safetensors: tensor 'decoder\.conv_out\.weight' "
+                     r"has shape \(\d+, \d+\), but the model's .* expects \(\d+, \d+, 3, 3\)"):
+    bagel_dir.load_model_dir(variant(edit_ae=edit))
+
+
+def test_a_renamed_key_is_named_both_as_unexpected_and_as_missing(variant):
+  # Only the unexpected half was named: the key the model looked for was left to guess.
+  renamed = _KEY.replace("up_proj", "up_projj")
+
+  def edit(t):
+    t[renamed] = t.pop(_KEY)
+
+  with pytest.raises(CheckpointError) as e:
+    bagel_dir.load_model_dir(variant(edit_ema=edit))
+  message = str(e.value)
+  assert f"1 unexpected tensor(s) that the model has no place for: {renamed} (in " in message
+  assert f"; and 1 tensor(s) missing from the checkpoint: {_KEY} (model path " in message
+
+
+def test_weights_of_more_layers_than_the_config_says_so(variant):
+  # The reverse of the test above this one's neighbour: it listed the layer's every tensor.
+  out = variant()
+  with open(os.path.join(out, "llm_config.json")) as f:
+    llm = json.load(f)
+  llm["num_hidden_layers"] -= 1
+  with open(os.path.join(out, "llm_config.json"), "w") as f:
+    json.dump(llm, f)
+  with pytest.raises(CheckpointError, match=rf"unexpected tensor\(s\) that the model has no place "
+                     rf"for, all of layer {llm['num_hidden_layers']}, past the model's last \(the "
+                     r"weights hold more layers than the model's config describes\): "):
+    bagel_dir.load_model_dir(out)
+
+
+@pytest.mark.parametrize("name, text, words", [
+    # Valid JSON of another kind met `.get` deep in the config's reading: a traceback.
+    ("llm_config.json", "[1, 2]", "a JSON list, not an object of fields"),
+    ("vit_config.json", "[1, 2]", "a JSON list, not an object of fields"),
+    (bagel_dir.EXTRA_CONFIG, "[1, 2]", "a JSON list, not an object of fields"),
+    ("image_rules.json", '{"vae_max_side": "x"}',
+     "field 'vae_max_side' = \"x\": not a whole number >= 1"),  # int()'s own words, no field
+])
+def test_a_config_file_of_another_kind_is_named(variant, name, text, words):
+  out = variant()
+  with open(os.path.join(out, name), "w") as f:
+    f.write(text)
+  from robust_u1_jax.inference import images
+
+  # The image rules are read by the engine, not by the weights' loader.
+  read = images.ImageRules.for_model_dir if name == "image_rules.json" else bagel_dir.load_model_dir
+  with pytest.raises(ValueError, match=re.escape(f"{os.path.join(out, name)}: {words}")):
+    read(out)
+
+
+@pytest.mark.parametrize("index", [{"metadata": {}}, {"weight_map": []},
+                                   {"weight_map": {"a": 3}}])
+def test_an_index_without_its_weight_map_is_named(tmp_path, index):
+  # It was a KeyError's traceback: 'weight_map'.
+  path = tmp_path / "model.safetensors.index.json"
+  path.write_text(json.dumps(index))
+  with pytest.raises(ValueError, match=re.escape(f"{path}: ")) as e:
+    tensor_files.open_tensor_files(str(path))
+  assert "weight_map" in str(e.value)

@@ -217,12 +217,12 @@ def read_config(path: str, *, keys=None, **llm_overrides) -> BagelConfig:
   overrides = _llm_overrides(llm_overrides)
   llm_path = os.path.join(path, LLM_CONFIG)
   if keys is not None and os.path.exists(llm_path):
-    overrides = {**llm_flags_from_keys(files.read_json(llm_path), keys), **overrides}
+    overrides = {**llm_flags_from_keys(files.read_json_object(llm_path), keys), **overrides}
   config = BagelConfig.from_model_dir(path, **overrides)
   extra_path = os.path.join(path, EXTRA_CONFIG)
   if not os.path.exists(extra_path):
     return config
-  extra = files.read_json(extra_path)
+  extra = files.read_json_object(extra_path)
   allowed = ("vae", "latent_patch_size", "max_latent_size", "vit_max_patches_per_side")
   unknown = sorted(set(extra) - set(allowed))
   if unknown:

@@ -167,69 +167,83 @@ def convert_to_flax(
     ignore: regexes of checkpoint keys to skip (e.g. buffers such as rotary inv_freq).
   """
   ignored, is_optional = matches_any(ignore), matches_any(optional)
-  unexpected, seen = [], set()
+  unexpected, seen, where_of = [], set(), {}
   for key in tensors:
     if ignored(key):
       continue
     hit = table.to_flax_path(key)
     where = (source_of or {}).get(key, source)
     if hit is None or hit[0] not in expected:
-      unexpected.append(f"{key} (in {where})")
+      unexpected.append(key)
+      where_of[key] = where
       continue
     path, transform = hit
     stored = np.asarray(tensors[key]())
-    array = transform.to_flax(stored)
     shape, dtype = expected[path]
     # Integers cast to a float parameter would read as weights.
     if stored.dtype.kind in "biu" and np.dtype(dtype).kind not in "biu":
       raise CheckpointError(f"{where}: tensor {key!r} holds {stored.dtype} values, but the "
                             f"model's {path!r} is a {np.dtype(dtype).name} weight")
-    if tuple(array.shape) != tuple(shape):
-      # Shapes as the file stores them, which a user can look up, compared like with like; the
-      # model's own layout after.
-      wanted = tuple(transform.to_torch(np.empty(shape, np.float32)).shape)
-      layout = "" if wanted == tuple(shape) else f" ({tuple(shape)} in the model's layout)"
-      raise CheckpointError(
-          f"{where}: tensor {key!r} has shape {tuple(stored.shape)}, but the model's {path!r} "
-          f"expects {wanted} there{layout}.")
+    try:
+      array = transform.to_flax(stored)
+    except ValueError:  # a layout change of another rank (a conv's transpose of a 2-D tensor)
+      array = None
+    if array is None or tuple(array.shape) != tuple(shape):
+      raise _misfit(where, key, stored, path, shape, transform)
     # A NaN or infinite weight turns every output NaN, many steps from its cause: refused here,
     # where the key and file can still be named.
     if bad := non_finite(stored):
       raise CheckpointError(f"{where}: tensor {key!r} {bad}")
     seen.add(path)
     yield path, array.astype(dtype)
+  # Both halves in one message: a renamed key is one unexpected and one missing tensor.
+  problems = []
   if unexpected:
-    raise CheckpointError(
-        f"{source}: {len(unexpected)} unexpected tensor(s) that the model has no place for: "
-        + ", ".join(unexpected[:20]) + (" ..." if len(unexpected) > 20 else ""))
+    model_keys = [hit[0] for p in expected if (hit := table.to_torch_key(p))]
+    past = _layers_past(unexpected, model_keys, "the model's last (the weights hold more layers "
+                        "than the model's config describes)")
+    problems.append(f"{len(unexpected)} unexpected tensor(s) that the model has no place for"
+                    + past + ": " + ", ".join(f"{k} (in {where_of[k]})" for k in unexpected[:20])
+                    + (" ..." if len(unexpected) > 20 else ""))
   missing = [p for p in expected if p not in seen and not is_optional(p)]
   if missing:
     keys = [(table.to_torch_key(p) or ("?",))[0] for p in missing]
     names = [f"{k} (model path {p})" for k, p in zip(keys[:8], missing)]
-    raise CheckpointError(
-        f"{source}: {len(missing)} tensor(s) missing from the checkpoint"
-        + _extra_layers(keys, tensors) + ": " + ", ".join(names)
-        + (" ..." if len(missing) > 8 else ""))
+    past = _layers_past(keys, tensors, "its last (the model's config describes more layers than "
+                        "the weights hold)")
+    problems.append(f"{len(missing)} tensor(s) missing from the checkpoint{past}: "
+                    + ", ".join(names) + (" ..." if len(missing) > 8 else ""))
+  if problems:
+    raise CheckpointError(f"{source}: " + "; and ".join(problems))
+
+
+def _misfit(where: str, key: str, stored: np.ndarray, path: str, shape: Sequence[int],
+            transform: Transform) -> CheckpointError:
+  """A tensor of another shape than its parameter's: the shapes as the file stores them, which a
+  user can look up, compared like with like; the model's own layout after."""
+  wanted = tuple(transform.to_torch(np.empty(shape, np.float32)).shape)
+  layout = "" if wanted == tuple(shape) else f" ({tuple(shape)} in the model's layout)"
+  return CheckpointError(f"{where}: tensor {key!r} has shape {tuple(stored.shape)}, but the "
+                         f"model's {path!r} expects {wanted} there{layout}.")
 
 
 _LAYER_KEY = re.compile(r"^(.*\.layers)\.(\d+)\.")
 
 
-def _extra_layers(missing: Sequence[str], present: Iterable[str]) -> str:
-  """', all of layers a to b, past the checkpoint's last' where every missing key lies in a layer
-  the checkpoint does not have: a config that describes more layers than the weights hold, where
-  the list alone reads as damaged weights."""
+def _layers_past(keys: Sequence[str], others: Iterable[str], last: str) -> str:
+  """', all of layers a to b, past <last>' where every one of `keys` lies in a layer past the
+  last of `others`' (same stack): a config that describes other layers than the weights hold,
+  where the list alone reads as damaged weights."""
   held: dict[str, int] = {}
-  for key in present:
+  for key in others:
     if m := _LAYER_KEY.match(key):
       held[m.group(1)] = max(held.get(m.group(1), -1), int(m.group(2)))
-  found = [_LAYER_KEY.match(key) for key in missing]
+  found = [_LAYER_KEY.match(key) for key in keys]
   if not all(m and m.group(1) in held and int(m.group(2)) > held[m.group(1)] for m in found):
     return ""
   layers = sorted({int(m.group(2)) for m in found})
   span = f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers[0]} to {layers[-1]}"
-  return (f", all of {span}, past its last (the model's config describes more layers than the "
-          "weights hold)")
+  return f", all of {span}, past {last}"
 
 
 def convert_to_torch(

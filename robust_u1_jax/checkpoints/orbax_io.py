@@ -164,7 +164,7 @@ def read_orbax_config(path: str, **llm_overrides):
     raise FileNotFoundError(f"{path}: missing {CONFIG}; not an Orbax model checkpoint (which "
                             "`convert --from hf` and training write; a BAGEL model directory has "
                             "llm_config.json instead)")
-  return bagel_dir.config_from_dict(files.read_json(file), source=file, **llm_overrides)
+  return bagel_dir.config_from_dict(files.read_json_object(file), source=file, **llm_overrides)
 
 
 def _first_sentence(error: BaseException) -> str:

@@ -47,7 +47,13 @@ def open_tensor_files(path: str, *, allow_pickle: bool = False) -> TensorFiles:
   if not os.path.exists(path):
     raise FileNotFoundError(f"checkpoint file not found: {path}")
   if path.endswith(".index.json"):
-    weight_map = files.read_json(path)["weight_map"]
+    weight_map = files.read_json_object(path).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+      raise files.UnreadableFile(f"{path}: no \"weight_map\" object of tensor names and their "
+                                 "shard files, as a sharded checkpoint's index holds")
+    if bad := [v for v in weight_map.values() if not isinstance(v, str)]:
+      raise files.UnreadableFile(f"{path}: weight_map names a shard as {json.dumps(bad[0])}, not "
+                                 "a file name")
     base = os.path.dirname(path)
     loaders, file_of = {}, {}
     for shard in sorted(set(weight_map.values())):

@@ -58,7 +58,7 @@ class ImageRules:
     unknown = sorted(set(values) - names)
     if unknown:
       raise ValueError(f"{source}: unknown fields {unknown}; allowed: {sorted(names)}")
-    return cls(**{k: int(v) for k, v in values.items()})
+    return cls(**{k: files.json_field(values, k, source, int) for k in values})
 
   @classmethod
   def for_model_dir(cls, path: str) -> ImageRules:
@@ -67,10 +67,7 @@ class ImageRules:
     if not os.path.isfile(file):
       return cls()
     try:
-      values = files.read_json(file)
-      if not isinstance(values, dict):
-        raise ValueError(f"a JSON {type(values).__name__}, not an object of image rules")
-      return cls.from_dict(values, source=file)
+      return cls.from_dict(files.read_json_object(file, "image rules"), source=file)
     except (TypeError, ValueError) as e:
       raise SideFileError.of(file, e) from None
 

@@ -72,9 +72,7 @@ class Guidance:
     if not os.path.isfile(file):
       return cls()
     try:
-      values = files.read_json(file)
-      if not isinstance(values, dict):
-        raise ValueError(f"a JSON {type(values).__name__}, not an object of guidance fields")
+      values = files.read_json_object(file, "guidance fields")
       return cls(**{k: tuple(v) if k == "interval" else v for k, v in values.items()})
     except (TypeError, ValueError) as e:
       raise SideFileError.of(file, e) from None

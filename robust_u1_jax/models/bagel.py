@@ -86,7 +86,7 @@ class BagelConfig:
         raise FileNotFoundError(f"{path}: missing {name} (a BAGEL model directory holds "
                                 "llm_config.json, vit_config.json, ema.safetensors, "
                                 "ae.safetensors)")
-    llm = LLMConfig.from_hf_config(files_lib.read_json(files["llm_config.json"]),
+    llm = LLMConfig.from_hf_config(files_lib.read_json_object(files["llm_config.json"]),
                                    source=files["llm_config.json"], **llm_overrides)
     vit = SiglipConfig.from_hf_config(files["vit_config.json"], drop_last_layer=True,
                                       max_patches_per_side=70)

@@ -77,7 +77,7 @@ class SiglipConfig:
     source = "config"
     if isinstance(config, str):
       source = config
-      config = files.read_json(config)
+      config = files.read_json_object(config)
     config = dict(config.get("vision_config", config))
 
     def field(key, kind, default=files.REQUIRED):
