@@ -624,6 +624,9 @@ def test_evaluate_writes_a_complete_report(model_dir, tmp_path):
       f"{first['corrupted']['ssim']:.2f} corrupted, {first['through_vae']['ssim']:.2f} VAE alone, "
       f"{first['recovered']['ssim']:.2f} recovered; PSNR {first['corrupted']['psnr']:.1f} / "
       f"{first['through_vae']['psnr']:.1f} / {first['recovered']['psnr']:.1f} dB")
+  # Fewer images than a grid's rows read "the first 3 of 2 images".
+  assert figures.grid_heading({**first, "num_samples": 2}).startswith(
+      "robust_r1_pipeline 25%: all 2 images; mean SSIM ")
   kind_rows = [line for line in markdown.split("## Per question kind")[1].split("\n\n## ")[0]
                .splitlines() if line.startswith("| ") and not line.startswith(("| kind", "| ---"))]
   assert sorted(r.split(" | ")[0][2:] for r in kind_rows) == sorted(

@@ -48,6 +48,7 @@ ORACLE = "corrupted+clean"
 INTENSITIES = config_lib.EVAL_INTENSITIES
 # The columns of the report's image grids, left to right.
 GRID_COLUMNS = ("corrupted", "through the VAE alone", "recovered", "clean")  # the grids' titles
+GRID_ROWS = 3  # images a condition's grid shows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -395,7 +396,7 @@ class Evaluator:
       row["through_vae"] = _means(baseline)
       row["beyond_vae_se"] = {m: paired_se(v, baseline[m])
                               for m, v in quality["recovered"].items()}
-      unit["example"] = [corrupted[:3], through_vae[:3], recovered[:3], clean[:3]]
+      unit["example"] = [x[:GRID_ROWS] for x in (corrupted, through_vae, recovered, clean)]
     if per_sample:
       row["recovered_per_sample"] = quality["recovered"]
     correct = {}

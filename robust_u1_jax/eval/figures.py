@@ -213,5 +213,7 @@ def grid_heading(row: Mapping[str, Any]) -> str:
            if part in row]
   ssim = ", ".join(f"{row[part]['ssim']:.2f} {name}" for part, name in parts)
   psnr = " / ".join(f"{row[part]['psnr']:.1f}" for part, _ in parts)
-  return (f"{row['label']}: the first 3 of {row['num_samples']} images; mean SSIM {ssim}; PSNR "
-          f"{psnr} dB")
+  n = row["num_samples"]
+  shown = f"the first {evaluation.GRID_ROWS} of {n} images" if n > evaluation.GRID_ROWS else (
+      "its one image" if n == 1 else f"all {n} images")
+  return f"{row['label']}: {shown}; mean SSIM {ssim}; PSNR {psnr} dB"
