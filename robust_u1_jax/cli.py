@@ -20,7 +20,8 @@
   within `signals.sigterm_stops` (the evaluation) stops the same way, `terminated`, 143. One that
   lands in a garbage collector callback, where Python drops it, is sent again
   (`redeliver_interrupts`). The process then ends without freeing JAX's client, which a compile
-  may still be using (`leave_at_once`).
+  may still be using (`leave_at_once`). Once the work is done, a Ctrl-C during the exit is
+  ignored: the program's status stands (`exits_with`).
 - A quiet start: importing this module silences the start-up messages of libraries that are not
   the project's (`QUIET_ENV`; set a variable yourself to override it), and absl logging shows
   warnings and errors only, as `warning: ...` lines, unless --verbosity is given (then absl's
@@ -133,8 +134,19 @@ def run(main: Callable[[list[str]], int | None],
     app.usage(shorthelp=False, writeto_stdout=True, exitcode=0)
   if set(HELP_FLAGS) & set(_flag_args(sys.argv)):
     app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)
-  app.run(lambda argv: call(main, argv, on_interrupt=leave_at_once),
+  app.run(lambda argv: exits_with(call(main, argv, on_interrupt=leave_at_once)),
           flags_parser=lambda argv: parse_flags(argv, flag_values))
+
+
+def exits_with(status: int) -> int:
+  """`status`, the program's, which a Ctrl-C during the exit that follows (the interpreter's
+  teardown, JAX's: up to half a second) keeps: the work is done and its output written, where the
+  interrupt killed the process silently (status 130 after `wrote ...`). Ignored, not handled: the
+  interpreter puts a handler of its own back to the default as it finalizes, and keeps an
+  ignored signal ignored."""
+  if threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+  return status
 
 
 def call(main: Callable[[list[str]], int | None], argv: Sequence[str], *,

@@ -9,8 +9,10 @@ a compile. The helpers of cli.py are tested in process below.
 import errno
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 from absl import app
 import numpy as np
@@ -783,6 +785,24 @@ def test_ctrl_c_during_a_compile_ends_with_status_130_not_a_crash(tmp_path):
   assert "before the Ctrl-C" not in run.stdout, "the compile ended before the Ctrl-C: lengthen it"
   assert (run.returncode, run.stderr) == (130, "interrupted\n"), run.stderr[-2000:]
   assert run.stdout == "the program's exit handler ran\n"  # the exit handlers but JAX's run
+
+
+def test_ctrl_c_after_the_work_is_done_keeps_its_status(tmp_path):
+  # `convert` interrupted just after `wrote ...` exited 130 without a word, its output whole: the
+  # interrupt killed the process in the interpreter's teardown.
+  Image.fromarray(np.full((64, 64, 3), 100, np.uint8)).save(tmp_path / "in.png")
+  proc = subprocess.Popen([sys.executable, "-m", "robust_u1_jax.corrupt",
+                           f"--image={tmp_path / 'in.png'}", "--type=fog", "--severity=3",
+                           f"--out={tmp_path / 'out.png'}"], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+  for line in proc.stdout:
+    if line.startswith("wrote "):
+      time.sleep(0.1)
+      proc.send_signal(signal.SIGINT)
+      break
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, (proc.returncode, err[-2000:])
 
 
 def test_log_lines_are_plain_and_above_the_progress_bar(capsys):

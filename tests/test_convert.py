@@ -353,3 +353,23 @@ def test_overwrite_replaces_only_a_model(model_dir, orbax_dir, tmp_path, main_wi
   assert sorted(os.listdir(src)) == sorted(os.listdir(model_dir))
 
 
+
+
+def test_an_interrupted_write_leaves_no_partial_folder_though_its_writers_go_on(tmp_path):
+  # Ctrl-C during `convert` left <dst>.partial/params.orbax-checkpoint-tmp/: TensorStore's writes,
+  # in their own threads, created it again after the folder was removed.
+  import threading
+  import time
+
+  dst = tmp_path / "model"
+  writer = []
+  with pytest.raises(KeyboardInterrupt):
+    with bagel_export.atomic_directory(str(dst)) as tmp:
+      def late_write():  # a write still in flight when the interrupt reaches the block
+        time.sleep(0.3)
+        os.makedirs(os.path.join(tmp, "params.orbax-checkpoint-tmp"), exist_ok=True)
+      writer.append(threading.Thread(target=late_write))
+      writer[0].start()
+      raise KeyboardInterrupt
+  writer[0].join()
+  assert os.listdir(tmp_path) == []

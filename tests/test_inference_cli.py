@@ -194,6 +194,10 @@ def broken_models(model_dir, tmp_path_factory):
   (root / "no_llm_config").mkdir()
   for name in ("vit_config.json", "ema.safetensors"):
     (root / "no_llm_config" / name).write_text("{}")
+  # Its config without its weights: told only what a model holds.
+  no_params = root / "no_params"
+  no_params.mkdir()
+  os.symlink(os.path.join(model_dir, "bagel_config.json"), no_params / "bagel_config.json")
   (root / "run" / "checkpoints" / "3").mkdir(parents=True)
   (root / "done" / "checkpoints" / "3").mkdir(parents=True)
   (root / "done" / "model").mkdir()
@@ -203,6 +207,8 @@ def broken_models(model_dir, tmp_path_factory):
   return {**damaged,
           "no_config": (no_config, f"{no_config} has an Orbax model checkpoint's params/ but no "
                                    "bagel_config.json"),
+          "no_params": (no_params, f"{no_params} has an Orbax model checkpoint's "
+                                   "bagel_config.json but no params/, its weights"),
           "no_llm_config": (root / "no_llm_config",
                             f"{root / 'no_llm_config'} has a BAGEL model directory's "
                             "ema.safetensors, vit_config.json but no llm_config.json"),
@@ -221,8 +227,8 @@ def broken_models(model_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize("cli", [recover_cli, answer_cli], ids=["recover", "answer"])
-@pytest.mark.parametrize("case", ["no_config", "no_llm_config", "no_rules", "bad_rules",
-                                  "bad_guidance", "cut_rules", "empty", "checkpoint",
+@pytest.mark.parametrize("case", ["no_config", "no_params", "no_llm_config", "no_rules",
+                                  "bad_rules", "bad_guidance", "cut_rules", "empty", "checkpoint",
                                   "finished_checkpoint", "clip", "absent", "missing_image",
                                   "truncated_image", "bad_mesh"])
 def test_bad_input_is_one_error_line_and_status_2(capsys, cli, case, model_dir, inputs,

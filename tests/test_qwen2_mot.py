@@ -2,6 +2,7 @@
 BAGEL key table round trip, sharded forward, remat."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -256,6 +257,15 @@ def test_config_from_hf_dicts():
     qwen2_mot.LLMConfig.from_hf_config({**bagel, "model_type": "llama"})
   with pytest.raises(ValueError, match="rope scaling 'yarn'"):
     qwen2_mot.LLMConfig.from_hf_config({**bagel, "rope_scaling": {"rope_type": "yarn"}})
+  # The file's field names, not LLMConfig's (it read "LLMConfig: num_heads 3 is not a multiple
+  # of num_kv_heads 2" about a file that has neither).
+  for edit, words in (({"num_attention_heads": 30}, "llm_config.json: num_attention_heads 30 is "
+                       "not a multiple of num_key_value_heads 4"),
+                      ({"head_dim": 7}, "llm_config.json: head_dim = 7: RoPE needs it even"),
+                      ({"tie_word_embeddings": True}, "llm_config.json: tie_word_embeddings = "
+                       "true is unsupported")):
+    with pytest.raises(ValueError, match=re.escape(words)):
+      qwen2_mot.LLMConfig.from_hf_config({**bagel, **edit}, source="llm_config.json")
   with pytest.raises(ValueError, match="required field 'hidden_size' missing"):
     qwen2_mot.LLMConfig.from_hf_config({k: v for k, v in bagel.items() if k != "hidden_size"},
                                        source="llm_config.json")

@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -117,15 +118,15 @@ def atomic_directory(path: str, *, overwrite: bool = False, all_processes: bool 
   check_destination(path, overwrite)
   tmp, old = path + ".partial", path + ".replaced"
   main = jax.process_index() == 0
-  if main:
-    shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted write
-    os.makedirs(tmp)
-  _sync(f"atomic_directory:start:{path}", all_processes)
-  try:
+  try:  # from its creation: an interrupt between it and the write would leave it too
+    if main:
+      shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted write
+      os.makedirs(tmp)
+    _sync(f"atomic_directory:start:{path}", all_processes)
     yield tmp
   except BaseException:
     if main:
-      shutil.rmtree(tmp, ignore_errors=True)
+      remove_settled(tmp)
     raise
   _sync(f"atomic_directory:written:{path}", all_processes)
   if main:
@@ -135,6 +136,21 @@ def atomic_directory(path: str, *, overwrite: bool = False, all_processes: bool 
     os.rename(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
   _sync(f"atomic_directory:done:{path}", all_processes)
+
+
+def remove_settled(folder: str, *, quiet_s: float = 1.0, limit_s: float = 10.0) -> None:
+  """Removes `folder` until it has stayed away `quiet_s` (at most `limit_s`): the writes of an
+  interrupted Orbax save go on in TensorStore's threads for a moment and create it again, which
+  left `<dst>.partial/` beside a `convert` stopped by Ctrl-C."""
+  start = last_seen = time.monotonic()
+  while True:
+    if os.path.lexists(folder):
+      shutil.rmtree(folder, ignore_errors=True)
+      last_seen = time.monotonic()
+    now = time.monotonic()
+    if now - last_seen >= quiet_s or now - start >= limit_s:
+      return
+    time.sleep(0.05)
 
 
 def copy_tokenizer_files(src_dir: str, dst_dir: str, *, required: bool = True) -> list[str]:

@@ -114,6 +114,9 @@ def not_a_model(path: str) -> str:
   if PARAMS in held:
     return (f"{path} has an Orbax model checkpoint's {PARAMS}/ but no {CONFIG}: copy it from "
             "where the checkpoint was written")
+  if CONFIG in held:
+    return (f"{path} has an Orbax model checkpoint's {CONFIG} but no {PARAMS}/, its weights: "
+            "copy the folder from where the checkpoint was written")
   message = (f"{path} is neither a BAGEL model directory ({bagel_dir.LLM_CONFIG}, "
              f"{bagel_dir.VIT_CONFIG}, ema.safetensors, {bagel_dir.VAE_FILE}) nor an Orbax model "
              f"checkpoint ({CONFIG}, {PARAMS}/)")

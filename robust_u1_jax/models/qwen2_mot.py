@@ -148,7 +148,17 @@ class LLMConfig:
         attention_bias=field("attention_bias", bool, not is_qwen3),
         tie_word_embeddings=field("tie_word_embeddings", bool, False),
         mot="MoT" in field("layer_module", str, ""))
-    with files.naming(source):  # the config's own checks: heads that do not divide, ...
+    # The config's own checks, in the file's field names (LLMConfig's are the model's).
+    if heads % kw["num_kv_heads"]:
+      raise files.UnreadableFile(f"{source}: num_attention_heads {heads} is not a multiple of "
+                                 f"num_key_value_heads {kw['num_kv_heads']}")
+    if kw["head_dim"] % 2:
+      named = "head_dim" if "head_dim" in hf else "hidden_size / num_attention_heads"
+      raise files.UnreadableFile(f"{source}: {named} = {kw['head_dim']}: RoPE needs it even")
+    if kw["tie_word_embeddings"]:
+      raise files.UnreadableFile(f"{source}: tie_word_embeddings = true is unsupported (BAGEL "
+                                 "unties the embeddings)")
+    with files.naming(source):  # the rest of the config's own checks
       return cls(**{**kw, **overrides})
 
 
