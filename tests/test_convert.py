@@ -239,9 +239,11 @@ def test_a_broken_source_is_one_line_naming_what_is_broken(model_dir, orbax_dir,
       (to_hf, _copy(orbax_dir, tmp_path, "data", lambda d: shutil.rmtree(d / "params" / "d")),
        "params: not a whole Orbax checkpoint (its _METADATA is there, its array files are not "
        "readable; a copy cut short?)"),
+      # Orbax's own error named the shapes, not the array.
       (to_hf, _copy(orbax_dir, tmp_path, "layers", bump_layers),
-       "params: its arrays cannot be read (a file cut short, or other shapes than "
-       "bagel_config.json describes): "),
+       "params: array 'language_model.layers.gen.input_norm.scale' has shape (2, 64), but the "
+       "model of bagel_config.json expects (3, 64) (and 27 more arrays): the checkpoint and its "
+       "bagel_config.json do not match"),
       (to_hf, _copy(orbax_dir, tmp_path, "arrays", cut_largest_array_file),
        "params: its arrays cannot be read (a file cut short, or other shapes than "
        "bagel_config.json describes): "),

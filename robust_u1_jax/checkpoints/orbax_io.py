@@ -220,7 +220,9 @@ def load_orbax(path: str, *, mesh: jax.sharding.Mesh | None = None, dtype=None, 
               else "its _METADATA is there, its array files are not readable")
       raise CheckpointError(f"{params_dir}: not a whole Orbax checkpoint ({lost}; a copy cut "
                             "short?): write or copy it again")
-    stored = set(traverse_util.flatten_dict(metadata.tree, sep="."))
+    stored_shapes = {p: getattr(m, "shape", None)
+                     for p, m in traverse_util.flatten_dict(metadata.tree, sep=".").items()}
+    stored = set(stored_shapes)
     per_layer = stored != set(variables) and stored == set(slots)  # written before stacking
     if per_layer:
       target = {}
@@ -235,6 +237,7 @@ def load_orbax(path: str, *, mesh: jax.sharding.Mesh | None = None, dtype=None, 
         raise CheckpointError(f"{params_dir}: checkpoint does not fit the model of {CONFIG}: "
                               f"missing {missing[:10]}, unexpected {extra[:10]}")
       target = {p: v.get_value() for p, v in variables.items()}
+    _check_shapes(params_dir, stored_shapes, target)
     try:
       restored = traverse_util.flatten_dict(checkpointer.restore(params_dir, _nested(target)),
                                             sep=".")
@@ -254,6 +257,18 @@ def load_orbax(path: str, *, mesh: jax.sharding.Mesh | None = None, dtype=None, 
   for p, variable in variables.items():
     variable.set_value(restored[p])
   return model
+
+
+def _check_shapes(params_dir: str, stored: dict[str, Any], target: dict[str, Any]) -> None:
+  """Names the first array whose stored shape differs from the model's (a config edited, or of
+  another checkpoint), where Orbax's error names shapes alone."""
+  misfits = [(p, tuple(stored[p]), tuple(t.shape)) for p, t in target.items()
+             if stored.get(p) is not None and tuple(stored[p]) != tuple(t.shape)]
+  if misfits:
+    p, have, want = misfits[0]
+    more = f" (and {len(misfits) - 1} more arrays)" if len(misfits) > 1 else ""
+    raise CheckpointError(f"{params_dir}: array {p!r} has shape {have}, but the model of {CONFIG} "
+                          f"expects {want}{more}: the checkpoint and its {CONFIG} do not match")
 
 
 def load_pretrained(path: str, *, mesh: jax.sharding.Mesh | None = None, dtype=None,
