@@ -276,8 +276,8 @@ def test_a_short_run_says_what_it_skipped():
     tracker.filter(r)
   assert tracker.summary() == (
       "folder data (sft): 3 of 15 records read were unreadable or unusable (20.00%), each logged "
-      "above; past data.max_skip_ratio (1.00%), which stops a run once 100 records or a whole "
-      "epoch were read, more than this run read")
+      "as it was read; past data.max_skip_ratio (1.00%), which stops a run once 100 records or a "
+      "whole epoch were read, more than this run read")
   # A whole epoch read ahead of a short run's last batch: its check raised where no step took it.
   epoch = bad_records.SkipTracker(0.01, name="d", epoch_size=4, setting="data.max_skip_ratio")
   with pytest.raises(bad_records.TooManyBadRecords):
@@ -290,7 +290,7 @@ def test_a_short_run_says_what_it_skipped():
   lenient.filter(_records(0, bad_at=(0,))[0])
   lenient.filter({"index": 1})
   assert lenient.summary() == ("d: 1 of 2 records read were unreadable or unusable (50.00%), "
-                               "each logged above")
+                               "each logged as it was read")
 
 
 def test_one_early_bad_file_does_not_stop_a_run():

@@ -3,6 +3,7 @@ SIGKILL, a non-finite loss stops the run without touching the last good checkpoi
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import signal
@@ -424,7 +425,7 @@ def test_a_run_resumed_with_other_total_steps_says_its_schedule_changes(tmp_path
   assert checkpoint_lib.finished(str(tmp_path), 2)
 
 
-def test_a_run_stopped_by_bad_records_keeps_its_steps(tmp_path, capsys):
+def test_a_run_stopped_by_bad_records_keeps_its_steps(tmp_path, capsys, caplog):
   """Past data.max_skip_ratio mid-run, the steps since the last checkpoint were lost: they are
   saved, and the run resumes from them once the data is mended."""
   from PIL import Image
@@ -436,7 +437,7 @@ def test_a_run_stopped_by_bad_records_keeps_its_steps(tmp_path, capsys):
   rng = np.random.default_rng(0)
   for i in range(24):
     path = folder / f"img_{i:02d}.png"
-    if i in (5, 17):
+    if i in (5, 11, 17):
       path.write_bytes(b"not an image")
     else:
       Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)
@@ -450,12 +451,17 @@ def test_a_run_stopped_by_bad_records_keeps_its_steps(tmp_path, capsys):
   assert (f"checkpoint of step {step} in {os.path.join(workdir, 'checkpoints')}: with the data "
           "mended (or data.max_skip_ratio raised) the same command resumes there"
           in capsys.readouterr().out)
-  for i in (5, 17):  # mended
+  for i in (5, 11, 17):  # mended
     Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(
         folder / f"img_{i:02d}.png")
-  trainer.train(_config(12, **data, **{"data.max_skip_ratio": 0.05}), workdir, sft.build)
+  # The 3 bad of 24 counted before the stop were carried into the resumed run's ratio: it stopped
+  # again at its next epoch's end (3 of 48), and again, until the good records outweighed them.
+  with caplog.at_level(logging.WARNING):
+    trainer.train(_config(12, **data, **{"data.max_skip_ratio": 0.05}), workdir, sft.build)
   assert f"resuming from step {step}" in capsys.readouterr().out
   assert checkpoint_lib.finished(workdir, 12)
+  logged = "\n".join(r.getMessage() for r in caplog.records)
+  assert "the 3 bad of 24 records counted before this resume are set aside" in logged, logged
 
 
 def test_evaluations_fall_every_eval_every_steps_and_at_the_last():

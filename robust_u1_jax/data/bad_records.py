@@ -147,6 +147,19 @@ class SkipTracker(grain.transforms.Filter):
 
   __call__ = filter
 
+  def restore_counts(self, seen: int, skipped: int) -> None:
+    """The counts of a saved position, which a resumed run goes on from (so it stops where the
+    run it continues would have), unless they are past the ratio: the run stopped for them
+    (`TooManyBadRecords` saves that position), and resumed, as its stop line says, once the data
+    is mended, so they are set aside. A record still bad is counted again when it is read."""
+    if seen and skipped / seen > self.max_skip_ratio:
+      logging.warning("%s: the %d bad of %d records counted before this resume are set aside (the "
+                      "run stopped for them); those still bad are counted again as they are read",
+                      self.name, skipped, seen)
+      seen = skipped = 0
+    with self._lock:
+      self.seen, self.skipped = seen, skipped
+
   def end_epoch(self) -> None:
     """Enforces the ratio now, however few records were seen (call at the end of an epoch)."""
     with self._lock:
@@ -176,7 +189,7 @@ class SkipTracker(grain.transforms.Filter):
     if not m["skipped"]:
       return None
     line = (f"{self.name}: {m['skipped']} of {m['seen']} records read were unreadable or unusable "
-            f"({m['skip_ratio']:.2%}), each logged above")
+            f"({m['skip_ratio']:.2%}), each logged as it was read")
     if m["skip_ratio"] > self.max_skip_ratio:
       # A check that raised in records read ahead of the batches the run took stopped nothing.
       line += (f"; past {self.setting} ({self.max_skip_ratio:.2%}), which stops a run once "
