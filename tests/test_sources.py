@@ -92,6 +92,22 @@ def test_image_folder_errors(tmp_path):
   assert not image_files.holds_images(str(tmp_path))
 
 
+def test_image_folder_leaves_out_pipes_and_folders_met_again(tmp_path):
+  # A named pipe called zz.png blocked the reader for good, Ctrl-C and SIGTERM ignored; a link to
+  # the folder above made 40 files 1,558 records (each 19 levels of sub/loop/ deep).
+  Image.fromarray(_img(1)).save(tmp_path / "a.png")
+  (tmp_path / "sub").mkdir()
+  Image.fromarray(_img(2)).save(tmp_path / "sub" / "b.png")
+  os.mkfifo(tmp_path / "zz.png")
+  os.symlink("..", tmp_path / "sub" / "loop")
+  os.symlink("gone.png", tmp_path / "sub" / "dangling.png")  # kept: the reader names it
+  (tmp_path / "elsewhere").mkdir()
+  Image.fromarray(_img(3)).save(tmp_path / "elsewhere" / "c.png")
+  os.symlink(tmp_path / "elsewhere", tmp_path / "sub" / "linked")  # followed once
+  assert sorted(image_files.image_paths(str(tmp_path))) == [
+      "a.png", "elsewhere/c.png", "sub/b.png", "sub/dangling.png"]
+
+
 # ------------------------------------------------------------------------------------------ tfds
 
 TFDS_IMAGES = {"train": [_img(10 + i, 6 + i, 5) for i in range(5)],

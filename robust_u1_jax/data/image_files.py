@@ -17,17 +17,41 @@ def looked_for() -> str:
 
 
 def image_paths(root: str):
-  """The image files under `root`, recursively, each relative to it (POSIX), in walk order.
+  """The image files under `root`, recursively (symlinked folders followed), each relative to it
+  (POSIX), in walk order.
 
   Hidden files and folders are left out, as `recover` leaves them out: a notebook's
   `.ipynb_checkpoints` copies, macOS's `._photo.jpg` resource forks (not images), an interrupted
-  write's temporary file."""
-  for folder, dirs, names in os.walk(root, followlinks=True):
-    dirs[:] = [d for d in dirs if not d.startswith(".")]
-    base = os.path.relpath(folder, root)
-    for name in names:
-      if not name.startswith(".") and is_image_name(name):
-        yield name if base == "." else os.path.join(base, name).replace(os.sep, "/")
+  write's temporary file. So are names of images that are no regular file (a named pipe would
+  block the reader for good; a broken link is kept, for the reader to name) and a folder met a
+  second time through a link (a link to a folder above it would repeat the data without end)."""
+  visited = set()
+  pending = [(root, "")]
+  while pending:
+    folder, base = pending.pop(0)
+    try:
+      st = os.stat(folder)
+      if (st.st_dev, st.st_ino) in visited:
+        continue
+      visited.add((st.st_dev, st.st_ino))
+      with os.scandir(folder) as listing:  # by name: which path reaches a folder seen twice
+        entries = sorted(listing, key=lambda entry: entry.name)
+    except OSError:  # unreadable: left out, as os.walk leaves it
+      continue
+    below = []
+    for entry in entries:
+      if entry.name.startswith("."):
+        continue
+      relative = f"{base}/{entry.name}" if base else entry.name
+      try:
+        is_dir = entry.is_dir()
+      except OSError:
+        is_dir = False
+      if is_dir:
+        below.append((entry.path, relative))
+      elif is_image_name(entry.name) and (entry.is_file() or not os.path.exists(entry.path)):
+        yield relative
+    pending[:0] = below  # depth first, as os.walk goes
 
 
 def holds_images(root: str) -> bool:
