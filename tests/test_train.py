@@ -628,3 +628,20 @@ def test_checkpoints_hold_the_trained_part_and_older_whole_ones_still_resume(tmp
     assert _history(workdir)[3]["loss"] == reference[3]["loss"], workdir
     got = nnx.state(orbax_io.load_orbax(os.path.join(workdir, "model")), nnx.Param)
     chex.assert_trees_all_equal(got, want)
+
+
+def test_a_second_ctrl_c_stops_at_once(tmp_path):
+  # A run whose reader hung (a named pipe among its images, a hung mount) acknowledged every
+  # Ctrl-C and SIGTERM and went on waiting: only SIGKILL ended it.
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path), every=1, keep=1)
+  ckpt.install_signal_handlers()
+  try:
+    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGTERM)  # a service's repeated stop still saves first
+    assert ckpt.stop_requested and ckpt.stop_signal == signal.SIGTERM
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(5)  # the handler raises in the main thread, ending the wait
+  finally:
+    ckpt.restore_signal_handlers()
+    ckpt.close()

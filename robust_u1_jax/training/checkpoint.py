@@ -99,7 +99,9 @@ class Checkpointer:
   # -- preemption ---------------------------------------------------------------------------------
 
   def install_signal_handlers(self) -> None:
-    """SIGTERM (preemption) and SIGINT ask for a save and a clean stop (`should_stop`).
+    """SIGTERM (preemption) and SIGINT ask for a save and a clean stop (`should_stop`); a second
+    SIGINT stops at once (KeyboardInterrupt), where the first waits on a step or a read that does
+    not end.
 
     One process: both set `stop_requested`. Several: SIGTERM is left to JAX's preemption
     notifier (jax.distributed installs it), which tells every process; SIGINT is turned into a
@@ -111,8 +113,14 @@ class Checkpointer:
 
     def request_stop(signum, frame):
       del frame
-      logging.warning("signal %d received: saving a checkpoint after this step, then stopping",
-                      signum)
+      if self.stop_requested and signum == signal.SIGINT:
+        # A step, a save or a read (a hung mount) that does not end: the user's way out.
+        logging.warning("signal %d received again: stopping at once, without a checkpoint of "
+                        "the steps since the last", signum)
+        raise KeyboardInterrupt
+      again = " (Ctrl-C again stops at once, without it)" if signum == signal.SIGINT else ""
+      logging.warning("signal %d received: saving a checkpoint after this step, then stopping%s",
+                      signum, again)
       if not self.stop_requested:  # the first (a launcher passes a Ctrl-C on as SIGTERM)
         self.stop_signal = signum
       self.stop_requested = True
