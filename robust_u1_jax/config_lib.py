@@ -108,9 +108,9 @@ def validate_data(d: ml_collections.ConfigDict, prefix: str = "data") -> None:
   _check(d.token_budget >= 0, f"{prefix}.token_budget", d.token_budget, "0 (no packing) or > 0")
   _check(d.latent_budget == 0 or 0 < d.latent_budget < d.token_budget, f"{prefix}.latent_budget",
          d.latent_budget, f"0 (no split) or between 0 and {prefix}.token_budget "
-         f"({d.token_budget}), exclusive: a {prefix}.token_budget changed alone keeps its "
-         f"variant's {prefix}.latent_budget, so give the generation expert's share of the new "
-         "rows too")
+         f"({d.token_budget}), exclusive: the generation expert's share of each packed row, "
+         f"which a variant sets beside its token_budget (a {prefix}.token_budget given alone "
+         "keeps the variant's share)")
   _check(d.text_pad_to >= 0, f"{prefix}.text_pad_to", d.text_pad_to,
          "0 (bucket per batch) or a token count")
   for field, width in d.get("text_widths", {}).items():
