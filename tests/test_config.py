@@ -143,7 +143,8 @@ def test_a_shorter_token_budget_alone_names_the_latent_budget_it_keeps():
     config_lib.load(os.path.join(ROOT, "configs", "sft.py:bagel_7b"), {"data.token_budget": 8192})
   message = str(info.value)
   assert message.startswith("config field data.latent_budget = 19456 is invalid"), message
-  assert "data.token_budget (8192)" in message and "token_budget given alone keeps the variant's share" in message
+  assert "data.token_budget (8192)" in message
+  assert "token_budget given alone keeps the variant's share" in message
 
 
 @pytest.mark.parametrize("field,value,message", [

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -539,7 +540,8 @@ def test_reason_stage_on_jsonl_pairs(tok, tmp_path):
   data = _data("reason", source="jsonl", path=str(path), corruption="none", batch_size=4,
                shuffle=False, **{"text_widths.answer": 64})
   with pytest.raises(bad_records.TooManyBadRecords,
-                     match=r"line 3: the answer text is \d+ tokens, more than "
+                     match=rf"line 3 of {re.escape(str(path))}: the answer text is \d+ tokens, "
+                           r"more than "
                            r"data.text_widths.answer = 64: raise data.text_widths.answer"):
     next(pipeline.make_pipeline(data, seed=0, tokenizer=tok, stage="reason"))
   data.max_skip_ratio = 0.5

@@ -245,7 +245,7 @@ class JsonlSource:
       except OSError as e:
         return skip(f"unreadable file for {key!r}: {e.strerror or e}", file)
       record["path" if key == "image" else f"{key}_path"] = file
-    record.update(index=i, line=line)
+    record.update(index=i, line=line, line_file=self.path)  # a later map's bad-record line
     record.setdefault("path", self.path)
     return record
 
