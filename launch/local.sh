@@ -26,8 +26,9 @@
 #   --dry-run                print the environment and commands, run nothing
 #
 # Ctrl-C (or SIGTERM) is passed on: every process saves a checkpoint and stops, and the script
-# exits as they do, 130 or 143 (not 0: the run is not finished); re-running the same command
-# resumes. A second Ctrl-C kills them (no checkpoint; exit 130). When one process fails, the
+# exits as they do (not 0: the run is not finished): 130 for a terminal's Ctrl-C, which reaches
+# every process, 143 for a SIGTERM, or a SIGINT sent to the script alone (passed on as SIGTERM);
+# re-running the same command resumes. A second Ctrl-C kills them (no checkpoint; exit 130). When one process fails, the
 # others are asked to stop, and killed if they still run 20 s later (ROBUST_U1_STOP_GRACE_S; a
 # step waiting for the failed process never ends, nor does a save); re-running resumes from the
 # last checkpoint.

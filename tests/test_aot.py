@@ -78,7 +78,9 @@ def test_abstract_inputs_take_the_batch_size_and_split_rows():
   inputs = aot_steps.abstract_inputs(host, 16, mesh)
   assert inputs["rows"].shape == (16, 5, 3) and inputs["images"].dtype == np.uint8
   assert inputs["rows"].sharding.shard_shape((16, 5, 3)) == (2, 5, 3)
-  with pytest.raises(aot_steps.StageError, match="multiple of 8"):
+  # The flag that changes the batch is named, beside the device count.
+  with pytest.raises(aot_steps.StageError, match=r"multiple of 8 \(--override "
+                     r"data.batch_size=16\), or fewer devices"):
     aot_steps.abstract_inputs(host, 12, mesh)
 
 

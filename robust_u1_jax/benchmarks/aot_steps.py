@@ -132,7 +132,8 @@ def abstract_inputs(host, rows: int, mesh):
   split = math.prod(mesh.shape[a] for a in BATCH_AXES)
   if rows % split:
     raise StageError(f"data.batch_size={rows} does not split over mesh axes {BATCH_AXES} of "
-                     f"{split} devices; use a multiple of {split}, or fewer devices (on CPU, "
+                     f"{split} devices; give a multiple of {split} (--override "
+                     f"data.batch_size={split * -(-rows // split)}), or fewer devices (on CPU, "
                      f"--topology cpu:N fakes N)")
   batch = NamedSharding(mesh, P(BATCH_AXES))
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct((rows,) + x.shape[1:], x.dtype,
@@ -165,7 +166,7 @@ def stage_work(config, mc, host, rows: int) -> tuple[list, str]:
 def _fill(inputs, work, scale) -> str:
   slots = np.asarray(inputs.token_kind).size * scale
   used = work.count * (work.und_tokens + work.gen_tokens)
-  return (f"model FLOPs of the compiled rows: {used / slots:.0%} of their {slots:.0f} token slots "
+  return (f"model FLOPs of the compiled rows: {used / slots:.0%} of their {slots:,.0f} token slots "
           "hold tokens (the rest is padding), the mask's attended pairs counted exactly")
 
 

@@ -54,7 +54,8 @@ def shard_bytes(tree) -> int:
 
 def replicated_leaves(tree, min_bytes: int = 1 << 20) -> tuple[int, int, tuple[str, ...]]:
   """(bytes, count, three largest paths) of leaves >= min_bytes that are fully replicated on a
-  mesh of several devices: usually a sharding the step was meant to have and did not get."""
+  mesh of several devices: by design (the timestep embedder's second layer, docs/PERFORMANCE.md)
+  or a sharding the step was meant to have and did not get, which the largest paths tell."""
   found = []
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     sharding = getattr(leaf, "sharding", None)

@@ -211,7 +211,7 @@ def report_step(r: dict[str, Any]) -> str:
       f"loss {r['losses'][0]:.4g} -> {r['losses'][1]:.4g}",
       f"  step time: {s.median * 1e3:.4g} ms median (quartiles {s.low * 1e3:.4g}-"
       f"{s.high * 1e3:.4g}, range {s.minimum * 1e3:.4g}-{s.maximum * 1e3:.4g}, {s.rounds} steps)",
-      f"  tokens/s: {r['tokens_per_s']:,.0f}",
+      f"  tokens/s: {r['tokens_per_s']:,.0f} (the timed steps' tokens over their whole time)",
       f"  model FLOPs per step (mean): {f['total'] / 1e12:.4g} TFLOP ({flops_parts(f)})",
       f"  model-FLOPs MFU: {mfu}",
       f"  peak device memory after the steps: {_gib(r['step_peak_bytes'])}",

@@ -426,7 +426,7 @@ def check_state_fits_host(config: ml_collections.ConfigDict, ctx: RunContext, tr
     raise config_lib.ConfigError(
         f"{name}: the train state alone (weights, optimizer state, EMA) needs {b(need)}, and "
         f"this machine has {b(host)} of memory; run it on an accelerator (`bench aot` checks a "
-        "config's memory for one without running it: README, \"Will it fit?\")")
+        "config's memory on a TPU slice without one: README, \"Will it fit?\")")
 
 
 def state_creator(config: ml_collections.ConfigDict, tx, params) -> Callable:
