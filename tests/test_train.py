@@ -451,6 +451,9 @@ def test_a_run_stopped_by_bad_records_keeps_its_steps(tmp_path, capsys, caplog):
   assert (f"checkpoint of step {step} in {os.path.join(workdir, 'checkpoints')}: with the data "
           "mended (or data.max_skip_ratio raised) the same command resumes there"
           in capsys.readouterr().out)
+  stops = checkpoint_lib.Checkpointer(workdir, every=100, keep=1)
+  assert stops.stopped_for_bad_records(step) and not stops.stopped_for_bad_records(step - 1)
+  stops.close()
   for i in (5, 11, 17):  # mended
     Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(
         folder / f"img_{i:02d}.png")
@@ -630,15 +633,20 @@ def test_checkpoints_hold_the_trained_part_and_older_whole_ones_still_resume(tmp
     chex.assert_trees_all_equal(got, want)
 
 
-def test_a_second_ctrl_c_stops_at_once(tmp_path):
+def test_a_second_ctrl_c_stops_at_once(tmp_path, monkeypatch):
   # A run whose reader hung (a named pipe among its images, a hung mount) acknowledged every
   # Ctrl-C and SIGTERM and went on waiting: only SIGKILL ended it.
+  monkeypatch.setattr(checkpoint_lib, "AGAIN_AFTER_S", 0.3)
   ckpt = checkpoint_lib.Checkpointer(str(tmp_path), every=1, keep=1)
   ckpt.install_signal_handlers()
   try:
     os.kill(os.getpid(), signal.SIGTERM)
     os.kill(os.getpid(), signal.SIGTERM)  # a service's repeated stop still saves first
+    os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C, after a SIGTERM, too
+    # The same Ctrl-C passed on twice (`timeout` forwards what the terminal sent the group).
+    os.kill(os.getpid(), signal.SIGINT)
     assert ckpt.stop_requested and ckpt.stop_signal == signal.SIGTERM
+    time.sleep(0.4)
     with pytest.raises(KeyboardInterrupt):
       os.kill(os.getpid(), signal.SIGINT)
       time.sleep(5)  # the handler raises in the main thread, ending the wait

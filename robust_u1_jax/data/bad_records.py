@@ -147,18 +147,18 @@ class SkipTracker(grain.transforms.Filter):
 
   __call__ = filter
 
-  def restore_counts(self, seen: int, skipped: int) -> None:
-    """The counts of a saved position, which a resumed run goes on from (so it stops where the
-    run it continues would have), unless they are past the ratio: the run stopped for them
-    (`TooManyBadRecords` saves that position), and resumed, as its stop line says, once the data
-    is mended, so they are set aside. A record still bad is counted again when it is read."""
-    if seen and skipped / seen > self.max_skip_ratio:
+  def set_aside(self) -> None:
+    """Restarts the counts of a run resumed from the checkpoint its bad-records stop saved
+    (`Checkpointer.stopped_for_bad_records`): resumed, as its stop line says, once the data is
+    mended, it would otherwise stop again for the records it stopped for. A record still bad is
+    counted again when it is read."""
+    with self._lock:
+      seen, skipped = self.seen, self.skipped
+      self.seen = self.skipped = 0
+    if skipped:
       logging.warning("%s: the %d bad of %d records counted before this resume are set aside (the "
                       "run stopped for them); those still bad are counted again as they are read",
                       self.name, skipped, seen)
-      seen = skipped = 0
-    with self._lock:
-      self.seen, self.skipped = seen, skipped
 
   def end_epoch(self) -> None:
     """Enforces the ratio now, however few records were seen (call at the end of an epoch)."""

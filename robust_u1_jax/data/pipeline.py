@@ -251,8 +251,9 @@ class Pipeline:
           "reads other batches from here than the run it continues would have", self.num_records,
           saved)
     self._iterator.set_state(state["grain"])
-    self.tracker.restore_counts(int(state.get("skips", {}).get("seen", 0)),
-                                int(state.get("skips", {}).get("skipped", 0)))
+    with self.tracker._lock:  # pylint: disable=protected-access
+      self.tracker.seen = int(state.get("skips", {}).get("seen", 0))
+      self.tracker.skipped = int(state.get("skips", {}).get("skipped", 0))
 
   def metrics(self) -> dict[str, float]:
     """{'skipped', 'seen', 'skip_ratio'} of the records this process has read."""

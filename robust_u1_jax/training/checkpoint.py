@@ -28,6 +28,7 @@ import json
 import os
 import re
 import signal
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -38,10 +39,15 @@ import orbax.checkpoint as ocp
 from absl import logging
 from grain import checkpoint as grain_checkpoint
 
+from robust_u1_jax import files
 from robust_u1_jax.data import multihost
 
 
 _DATA_FILE = re.compile(r"process_\d+-of-(\d+)\.json")  # Grain's data position per process
+# Beside the checkpoints: the step at which a run stopped for its bad records.
+BAD_RECORDS_STOP = "bad_records_stop.json"
+# A second SIGINT this long after the first is the user's; sooner, the same one passed on twice.
+AGAIN_AFTER_S = 1.0
 
 
 class _IteratorAdapter:
@@ -95,13 +101,15 @@ class Checkpointer:
     self._synced = False  # the stop agreed through JAX's preemption service (several processes)
     self._steps = 0  # should_stop's calls: the counter the processes agree on, the same on each
     self._previous_handlers = {}
+    self._first_interrupt: float | None = None  # when the first SIGINT came (time.monotonic)
 
   # -- preemption ---------------------------------------------------------------------------------
 
   def install_signal_handlers(self) -> None:
-    """SIGTERM (preemption) and SIGINT ask for a save and a clean stop (`should_stop`); a second
-    SIGINT stops at once (KeyboardInterrupt), where the first waits on a step or a read that does
-    not end.
+    """SIGTERM (preemption) and SIGINT ask for a save and a clean stop (`should_stop`). One
+    process: a second SIGINT, AGAIN_AFTER_S or more after the first, stops at once
+    (KeyboardInterrupt), where the first waits on a step or a read that does not end; sooner, it
+    is the same Ctrl-C passed on twice.
 
     One process: both set `stop_requested`. Several: SIGTERM is left to JAX's preemption
     notifier (jax.distributed installs it), which tells every process; SIGINT is turned into a
@@ -113,12 +121,18 @@ class Checkpointer:
 
     def request_stop(signum, frame):
       del frame
-      if self.stop_requested and signum == signal.SIGINT:
+      now = time.monotonic()
+      if signum == signal.SIGINT and self._first_interrupt is not None:
+        if now - self._first_interrupt < AGAIN_AFTER_S:
+          return  # the same Ctrl-C once more (`timeout` passes on what the terminal sent too)
         # A step, a save or a read (a hung mount) that does not end: the user's way out.
-        logging.warning("signal %d received again: stopping at once, without a checkpoint of "
-                        "the steps since the last", signum)
+        logging.warning("Ctrl-C again: stopping at once, without a checkpoint of the steps since "
+                        "the last")
         raise KeyboardInterrupt
-      again = " (Ctrl-C again stops at once, without it)" if signum == signal.SIGINT else ""
+      again = ""
+      if signum == signal.SIGINT:
+        self._first_interrupt = now
+        again = " (Ctrl-C again stops at once, without it)"
       logging.warning("signal %d received: saving a checkpoint after this step, then stopping%s",
                       signum, again)
       if not self.stop_requested:  # the first (a launcher passes a Ctrl-C on as SIGTERM)
@@ -182,6 +196,21 @@ class Checkpointer:
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
+
+  def mark_bad_records_stop(self, step: int) -> None:
+    """Records that the run stopped at `step` for its bad records (process 0; call once the
+    step's checkpoint is saved), for the run resumed from it (`stopped_for_bad_records`)."""
+    if jax.process_index() == 0:
+      with files.atomic_write(os.path.join(self.directory, BAD_RECORDS_STOP), "w") as f:
+        json.dump({"step": step}, f)
+
+  def stopped_for_bad_records(self, step: int) -> bool:
+    """Whether the run stopped at `step` for its bad records (`mark_bad_records_stop`)."""
+    try:
+      with open(os.path.join(self.directory, BAD_RECORDS_STOP)) as f:
+        return json.load(f).get("step") == step
+    except (OSError, ValueError, AttributeError):
+      return False
 
   def close(self) -> None:
     self.manager.wait_until_finished()

@@ -258,6 +258,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       pending = meta.get("log_window", [])
       logging.info("resumed %s from step %d", workdir, start)
       print(f"resuming from step {start} in {workdir}", flush=True)
+      if ckpt.stopped_for_bad_records(start):
+        data.tracker.set_aside()
       saved = checkpoint_lib.config_of(meta)
       differences = config_lib.differing_fields(saved, config, same_training) if saved else []
       if differences:
@@ -350,6 +352,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       if ckpt.latest_step() != step:
         save_checkpoint(step)
         ckpt.wait()
+      ckpt.mark_bad_records_stop(step)  # its counts are set aside when it resumes there
       print(f"checkpoint of step {step} in {ckpt.directory}: with the data mended (or "
             "data.max_skip_ratio raised) the same command resumes there", flush=True)
       raise
