@@ -789,7 +789,8 @@ def test_ctrl_c_during_a_compile_ends_with_status_130_not_a_crash(tmp_path):
 
 def test_ctrl_c_after_the_work_is_done_keeps_its_status(tmp_path):
   # `convert` interrupted just after `wrote ...` exited 130 without a word, its output whole: the
-  # interrupt killed the process in the interpreter's teardown.
+  # interrupt killed the process in the interpreter's teardown. `corrupt` is quicker to start;
+  # its piped stdout is flushed as it exits, so the line comes with the teardown under way.
   Image.fromarray(np.full((64, 64, 3), 100, np.uint8)).save(tmp_path / "in.png")
   proc = subprocess.Popen([sys.executable, "-m", "robust_u1_jax.corrupt",
                            f"--image={tmp_path / 'in.png'}", "--type=fog", "--severity=3",

@@ -60,6 +60,12 @@ def skip_record(reason: str, path: str | None, index: int | None,
   return marker
 
 
+def line_place(line: int, lines_file: str | None, path: str | None) -> str:
+  """'line N' of a record read from a line of `lines_file` (a JSONL), ' of <lines_file>' added
+  where the bad record's `path` names another file (the row's image)."""
+  return f"line {line}" if not lines_file or path == lines_file else f"line {line} of {lines_file}"
+
+
 def is_skip(record: Any) -> bool:
   """Whether `record` is a skip marker (a bad input the tracker counts; training replaces it,
   the evaluation leaves it out)."""

@@ -76,18 +76,13 @@ class Tokenize(grain.transforms.Map):
       out[f"{field}_ids"] = ids = self._ids(out[field])
       width, setting = self.widths.get(field, (None, ""))
       if width is not None and len(ids) > width:
-        where = (f"line {element['line']}{_of_file(element)}: " if "line" in element else "")
+        where = (bad_records.line_place(element["line"], element.get("line_file"),
+                                        element.get("path")) + ": " if "line" in element else "")
         return bad_records.skip_record(
             f"{where}the {field} text is {len(ids)} tokens, more than {setting} = {width}: raise "
             f"{setting} to hold it", element.get("path"), element.get("index"),
             element.get("epoch"))
     return out
-
-
-def _of_file(element) -> str:
-  """' of <the JSONL>' where a record's path names its image, not the file its line is in."""
-  file = element.get("line_file")
-  return f" of {file}" if file and file != element.get("path") else ""
 
 
 def text_width_limits(fields: Sequence[str], text_pad_to: int | None,

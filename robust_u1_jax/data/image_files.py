@@ -26,9 +26,9 @@ def image_paths(root: str):
   block the reader for good; a broken link is kept, for the reader to name) and a folder met a
   second time through a link (a link to a folder above it would repeat the data without end)."""
   visited = set()
-  pending = [(root, "")]
+  pending = [(root, "")]  # a stack: depth first, as os.walk goes
   while pending:
-    folder, base = pending.pop(0)
+    folder, base = pending.pop()
     try:
       st = os.stat(folder)
       if (st.st_dev, st.st_ino) in visited:
@@ -51,7 +51,7 @@ def image_paths(root: str):
         below.append((entry.path, relative))
       elif is_image_name(entry.name) and (entry.is_file() or not os.path.exists(entry.path)):
         yield relative
-    pending[:0] = below  # depth first, as os.walk goes
+    pending.extend(reversed(below))  # the first by name on top
 
 
 def holds_images(root: str) -> bool:

@@ -28,7 +28,7 @@ import threading
 
 from robust_u1_jax import config_lib
 from robust_u1_jax.data import answer_format, shapes, sources_vqa
-from robust_u1_jax.data.bad_records import skip_record
+from robust_u1_jax.data.bad_records import line_place, skip_record
 from robust_u1_jax.data.record_files import LazyFile, check_index, line_spans
 from robust_u1_jax.data.image_files import image_paths, looked_for
 
@@ -208,8 +208,7 @@ class JsonlSource:
     line = int(self.lines[i])
 
     def skip(reason, path=self.path):  # a bad image file is named; the line is in this file
-      where = f"line {line}" if path == self.path else f"line {line} of {self.path}"
-      return skip_record(f"{where}: {reason}", path, i)
+      return skip_record(f"{line_place(line, self.path, path)}: {reason}", path, i)
 
     try:
       raw = self._file.read(int(self.offsets[i]), int(self.lengths[i]))
