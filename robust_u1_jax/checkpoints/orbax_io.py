@@ -79,12 +79,10 @@ def models_below(path: str, depth: int = 4, limit: int = 200) -> list[str]:
 
 def _evaluated_model(report_dir: str) -> str | None:
   """The model an evaluation's report names in its settings, or None where it names none."""
-  import json
-
   try:
-    with open(os.path.join(report_dir, REPORT)) as f:
-      model = json.load(f).get("settings", {}).get("model")
-  except (OSError, ValueError, AttributeError):
+    model = files.read_json_object(os.path.join(report_dir, REPORT)).get("settings", {}).get(
+        "model")
+  except (OSError, ValueError, AttributeError):  # unreadable, or settings not an object
     return None
   return model if isinstance(model, str) else None
 
