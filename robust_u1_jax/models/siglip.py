@@ -90,10 +90,14 @@ class SiglipConfig:
         raise files.UnreadableFile(f"{source}: no image_size; pass max_patches_per_side "
                                    "explicitly")
       max_patches_per_side = field("image_size", int) // patch
-    with files.naming(source):  # an unknown activation, heads that do not divide the width
+    hidden, heads = field("hidden_size", int), field("num_attention_heads", int)
+    if hidden % heads:  # the file's field names (SiglipConfig's own check names its own)
+      raise files.UnreadableFile(f"{source}: hidden_size {hidden} is not a multiple of "
+                                 f"num_attention_heads {heads}")
+    with files.naming(source):  # an unknown activation
       return cls(
-          hidden_size=field("hidden_size", int), mlp_dim=field("intermediate_size", int),
-          num_heads=field("num_attention_heads", int), num_layers=layers_, patch_size=patch,
+          hidden_size=hidden, mlp_dim=field("intermediate_size", int),
+          num_heads=heads, num_layers=layers_, patch_size=patch,
           max_patches_per_side=int(max_patches_per_side),
           layer_norm_eps=field("layer_norm_eps", float, 1e-6),
           activation=vit.activation_from_hf(field("hidden_act", str, "gelu_pytorch_tanh")))
