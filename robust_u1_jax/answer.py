@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from absl import app, flags, logging
 
 from robust_u1_jax import files, model_cli
-from robust_u1_jax.data import answer_format, image_files
+from robust_u1_jax.data import answer_format
 
 EXCHANGE_FILE = "exchange.json"
 WRITING = ".answer_writing"  # beside the step images until exchange.json is written
@@ -109,15 +109,6 @@ def _check_no_foreign_steps(out: str) -> None:
                         "another folder")
 
 
-def _check_out_is_no_image_name(out: str) -> None:
-  """Refuses an --out that names an image file ('answer.png'), which would be made a folder: the
-  generated images are each step's own file in it."""
-  if image_files.is_image_name(out) and not os.path.isdir(out):
-    raise cli.PathError(f"--out {out}: names an image file, but --out is the folder for the "
-                        f"step images and {EXCHANGE_FILE}; give a folder, e.g. "
-                        f"{os.path.splitext(out)[0]}")
-
-
 def _remove_earlier_answer(out: str, written: Sequence[str]) -> None:
   """Removes the images an earlier answer wrote in `out` that this one does not write over
   (`written`): a reused folder would otherwise hold images of another exchange beside this one's
@@ -178,8 +169,8 @@ def _answer(values: flags.FlagValues) -> int:
   settings = dataclasses.replace(settings, sampler=model_cli.make_sampler(values, values.steps),
                                  image_progress=values.progress)
   if values.out:
-    _check_out_is_no_image_name(values.out)
-    cli.output_dir(values.out, "--out", create=False)  # created once there is an answer
+    cli.output_dir(values.out, "--out", create=False,  # created once there is an answer
+                   of=f"the step images and {EXCHANGE_FILE}")
     _check_no_foreign_steps(values.out)
   engine = model_cli.load_engine(values, "answering")
   # Each step as it is done: on a large model a step takes seconds to minutes.

@@ -60,6 +60,7 @@ import jax  # already imported by the package (flax): reading its config is free
 from robust_u1_jax import cache_dirs
 from robust_u1_jax import host_malloc
 from robust_u1_jax import signals
+from robust_u1_jax.data import image_files  # the standard library only
 
 # Set before jax or transformers is imported by an entry module (both read them at import or at
 # backend start): libtpu's C++ INFO lines, and transformers' "PyTorch was not found" advisory.
@@ -468,13 +469,17 @@ def _remote(path: str) -> bool:
   return "://" in path  # gs://, s3://...: checked by the library that writes there
 
 
-def output_dir(path: str, flag: str, *, create: bool = True) -> str:
+def output_dir(path: str, flag: str, *, create: bool = True, of: str | None = None) -> str:
   """Checks a file can be written in the folder `path`, creating it (and its parents) if missing;
   PathError naming `flag` otherwise. `create=False` creates nothing: the nearest existing folder
   on the path must be writable (for a command that creates its output only once it has one).
-  Returns `path`."""
+  `of`: what the folder is for, where a new one named as an image file (`res.png`) is refused,
+  as a user who meant a file would find a folder there. Returns `path`."""
   if _remote(path):
     return path
+  if of and not os.path.isdir(path) and image_files.is_image_name(path):
+    raise PathError(f"{flag} {path}: an image file's name, but it is the folder of {of}; give a "
+                    f"folder, e.g. {os.path.splitext(path)[0]}")
   if os.path.exists(path) and not os.path.isdir(path):
     raise PathError(f"{flag} {path}: a file, not a folder; give a folder (created if missing)")
   if not create and not os.path.exists(path):

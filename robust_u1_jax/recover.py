@@ -144,10 +144,8 @@ def _recover_folder(values: flags.FlagValues, sampler, instruction: str | None) 
     raise model_cli.InputError(f"--out {out_dir}: the input folder itself; give another folder")
   from robust_u1_jax.data import image_files
 
-  if not os.path.isdir(out_dir) and image_files.is_image_name(out_dir):
-    raise model_cli.InputError(
-        f"--out {out_dir}: an image file's name, but --image {values.image} is a folder, whose "
-        "recoveries go to a folder; give a folder (created if missing)")
+  cli.output_dir(out_dir, "--out", create=False,
+                 of=f"the recoveries of the folder --image {values.image}")
   t0 = time.perf_counter()
 
   # Hidden files are left out: an interrupted write's temporary file is one of them. So are files

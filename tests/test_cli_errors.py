@@ -210,8 +210,9 @@ CASES = {
     # It made a folder of that name.
     "answer/--out an image name": ("answer", ["--model={workdir}", "--image={good}",
                                               "--question=q", "--out={root}/answer.png"],
-                                   ["--out {root}/answer.png: names an image file",
-                                    "give a folder, e.g. {root}/answer"]),
+                                   ["--out {root}/answer.png: an image file's name, but it is "
+                                    "the folder of the step images and exchange.json; give a "
+                                    "folder, e.g. {root}/answer"]),
     # convert
     "convert/workdir as --src": ("convert", ["--to=hf", "--src={workdir}", "--dst={root}/hf"],
                                  ["--src {workdir}", "{workdir}/model"]),

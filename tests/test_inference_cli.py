@@ -506,9 +506,9 @@ def test_recover_folder_refuses_an_image_name_for_its_output_folder(capsys, mode
   rc, out, err = _run(recover_cli, capsys, f"--model={model_dir}", f"--image={inputs}",
                       f"--out={tmp_path / 'res.png'}", *FAST)
   assert rc == 2 and not out
-  assert err.strip() == (f"error: --out {tmp_path / 'res.png'}: an image file's name, but --image "
-                         f"{inputs} is a folder, whose recoveries go to a folder; give a folder "
-                         "(created if missing)")
+  assert err.strip() == (f"error: --out {tmp_path / 'res.png'}: an image file's name, but it is "
+                         f"the folder of the recoveries of the folder --image {inputs}; give a "
+                         f"folder, e.g. {tmp_path / 'res'}")
   assert not os.path.exists(tmp_path / "res.png")
 
 
